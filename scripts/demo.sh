@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job: train a small MLP on scikit-learn's digits, prune it one-shot with
+# WoodFisher vs global magnitude vs diagonal Fisher, print the table, save the plot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh >/dev/null
+.venv/bin/python -m woodfisher demo --out out/demo "$@"

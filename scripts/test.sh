@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: installs everything, compile-checks the CUDA sources with nvcc,
+# runs the test suite (Triton kernels under TRITON_INTERPRET=1 on CPU) and the
+# quick benchmarks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+bash scripts/check_cuda_compile.sh
+.venv/bin/python -m pytest -q -rs tests "$@"

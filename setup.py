@@ -1,0 +1,48 @@
+"""Build of woodfisher_kernels (+ the `woodfisher` pruner package in python/).
+
+The CUDA extension ``woodfisher_kernels._C`` is built only where torch has CUDA and
+nvcc is found (compile for sm_90; override with TORCH_CUDA_ARCH_LIST). Elsewhere the
+package is pure Python and falls back to Triton / torch.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+
+def cuda_extensions():
+    if os.environ.get("WOODFISHER_NO_CUDA", "0") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    sources = sorted(glob.glob("csrc/*.cu")) + ["csrc/bindings.cpp"]
+    ext = CUDAExtension(
+        name="woodfisher_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="woodfisher_kernels",
+    version="0.1.0",
+    description="Fast blockwise inverse-Fisher kernels and a WoodFisher (OBS) pruner for PyTorch",
+    packages=find_packages(include=["woodfisher_kernels", "woodfisher_kernels.*"]) + ["woodfisher"],
+    package_dir={"woodfisher": "python/woodfisher"},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    extras_require={"triton": ["triton"], "plots": ["matplotlib"], "demo": ["scikit-learn", "matplotlib"]},
+    entry_points={"console_scripts": ["woodfisher=woodfisher.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

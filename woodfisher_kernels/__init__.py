@@ -1,0 +1,40 @@
+"""woodfisher_kernels: blockwise inverse-Fisher kernels for WoodFisher / OBS pruning.
+
+Public ops (B blocks of size c, k or m gradients, G groups of size q):
+
+- :func:`fisher_inverse` (B, m, c) -> (B, c, c) from I/damp, one fused launch
+- :func:`woodbury_update_` in place on (B, c, c) with (B, k, c)
+- :func:`lowrank_inverse`, :class:`LowRankInverse`, :func:`choose_form`,
+  :func:`blockwise_inverse` (automatic choice of form)
+- :func:`obs_saliency`, :func:`obs_update` (plain OBS and WoodTaylor)
+- :func:`gather_rows`, :func:`gather_subblocks`, :func:`group_obs_saliency`,
+  :func:`group_obs_update` (group OBS, N:M)
+- :func:`inverse_diagonal`; blocking helpers :func:`to_blocks`, :func:`from_blocks`
+
+Every op takes ``backend="auto" | "cuda" | "triton" | "torch"`` where a fast kernel exists.
+"""
+from ._dispatch import available as available_backends
+from .blocking import from_blocks, num_blocks, to_blocks, valid_mask
+from .lowrank import LowRankInverse, choose_form
+from .ops import (
+    blockwise_inverse,
+    fisher_inverse,
+    gather_rows,
+    gather_subblocks,
+    group_obs_saliency,
+    group_obs_update,
+    inverse_diagonal,
+    lowrank_inverse,
+    obs_saliency,
+    obs_update,
+    woodbury_update_,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends", "blockwise_inverse", "choose_form", "fisher_inverse", "from_blocks",
+    "gather_rows", "gather_subblocks", "group_obs_saliency", "group_obs_update",
+    "inverse_diagonal", "LowRankInverse", "lowrank_inverse", "num_blocks", "obs_saliency",
+    "obs_update", "to_blocks", "valid_mask", "woodbury_update_",
+]

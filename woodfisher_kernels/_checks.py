@@ -1,0 +1,79 @@
+"""Input validation shared by every public op.
+
+Every check raises ``ValueError`` naming the offending argument, and runs before
+any output (or in-place target) is touched, so a refused call changes nothing.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_tensor(name: str, x, ndim: int, dtypes=FLOAT_DTYPES, finite: bool = True) -> None:
+    """Check that ``x`` is a tensor of ``ndim`` non-empty dims with an allowed dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if any(s == 0 for s in x.shape):
+        raise ValueError(f"{name} has an empty dimension: shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = ", ".join(str(d) for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({names}), got {x.dtype}")
+    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, shape=None) -> None:
+    """Check device, dtype and (optionally) shape of ``x`` against ``ref``."""
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+    if x.is_floating_point() and x.dtype != ref.dtype:
+        raise ValueError(f"{name} has dtype {x.dtype} but {ref_name} has dtype {ref.dtype}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def check_positive(name: str, value) -> float:
+    """Check a finite, strictly positive scalar and return it as a float."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_square_blocks(name: str, inv: torch.Tensor) -> None:
+    """Check a (B, c, c) batch of square blocks."""
+    check_tensor(name, inv, 3)
+    if inv.shape[1] != inv.shape[2]:
+        raise ValueError(f"{name} must hold square blocks (B, c, c), got shape {tuple(inv.shape)}")
+
+
+def check_mask(name: str, mask: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """Check a boolean mask with the same shape and device as ``ref``."""
+    check_tensor(name, mask, ref.dim(), dtypes=(torch.bool,), finite=False)
+    if mask.device != ref.device:
+        raise ValueError(f"{name} is on {mask.device} but {ref_name} is on {ref.device}")
+    if tuple(mask.shape) != tuple(ref.shape):
+        raise ValueError(f"{name} must have shape {tuple(ref.shape)}, got {tuple(mask.shape)}")
+
+
+def check_index(name: str, index: torch.Tensor, num_blocks: int, block_size: int, device) -> None:
+    """Check a (B, G, q) int64 index tensor with entries in [0, block_size)."""
+    check_tensor(name, index, 3, dtypes=(torch.int64, torch.int32), finite=False)
+    if index.device != device:
+        raise ValueError(f"{name} is on {index.device} but the blocks are on {device}")
+    if index.shape[0] != num_blocks:
+        raise ValueError(f"{name} must have {num_blocks} blocks in dim 0, got shape {tuple(index.shape)}")
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= block_size:
+        raise ValueError(f"{name} entries must lie in [0, {block_size}), got range [{lo}, {hi}]")

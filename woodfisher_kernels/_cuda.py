@@ -1,0 +1,1 @@
+"""CUDA extension backend: registers ops when ``woodfisher_kernels._C`` is built."""

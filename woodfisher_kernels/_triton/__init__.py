@@ -1,0 +1,1 @@
+"""Triton backend: registers ops when triton is importable."""
