@@ -12,8 +12,12 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
-def check_tensor(name: str, x, ndim: int, dtypes=FLOAT_DTYPES, finite: bool = True) -> None:
-    """Check that ``x`` is a tensor of ``ndim`` non-empty dims with an allowed dtype."""
+def check_tensor(name: str, x, ndim: int, dtypes=FLOAT_DTYPES, finite: bool = False) -> None:
+    """Check that ``x`` is a tensor of ``ndim`` non-empty dims with an allowed dtype.
+
+    ``finite=True`` also refuses NaN/Inf; ops call :func:`check_finite` last instead,
+    after every cheap structural check.
+    """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim:
@@ -23,7 +27,13 @@ def check_tensor(name: str, x, ndim: int, dtypes=FLOAT_DTYPES, finite: bool = Tr
     if dtypes is not None and x.dtype not in dtypes:
         names = ", ".join(str(d) for d in dtypes)
         raise ValueError(f"{name} must have dtype in ({names}), got {x.dtype}")
-    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if finite:
+        check_finite(name, x)
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """Refuse NaN / Inf entries (one pass over ``x``; a device sync on GPU)."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
 
 

@@ -21,12 +21,6 @@ for _name in ("woodbury_update_", "fisher_inverse", "obs_saliency", "obs_update"
     register(_name, "torch", getattr(reference, _name))
 
 
-def _check_grads(grads, block_size=None, name="grads"):
-    chk.check_tensor(name, grads, 3)
-    if block_size is not None and grads.shape[2] != block_size:
-        raise ValueError(f"{name} must have block size {block_size} in dim 2, got shape {tuple(grads.shape)}")
-
-
 def _num_samples(num_samples, grads):
     return float(grads.shape[1]) if num_samples is None else chk.check_positive("num_samples", num_samples)
 
@@ -50,14 +44,15 @@ def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float,
     Returns:
         ``inv`` (modified in place).
     """
-    chk.check_square_blocks("inv", inv) if check_finite else chk.check_tensor("inv", inv, 3, finite=False)
-    if inv.shape[1] != inv.shape[2]:
-        raise ValueError(f"inv must hold square blocks (B, c, c), got shape {tuple(inv.shape)}")
-    chk.check_tensor("grads", grads, 3, finite=check_finite)
+    chk.check_square_blocks("inv", inv)
+    chk.check_tensor("grads", grads, 3)
     chk.check_same("grads", grads, "inv", inv)
     if grads.shape[0] != inv.shape[0] or grads.shape[2] != inv.shape[2]:
         raise ValueError(f"grads must have shape ({inv.shape[0]}, k, {inv.shape[2]}), got {tuple(grads.shape)}")
     n = chk.check_positive("num_samples", num_samples)
+    if check_finite:
+        chk.check_finite("inv", inv)
+        chk.check_finite("grads", grads)
     impl = select("woodbury_update_", backend, inv)
     target = inv if inv.is_contiguous() else inv.contiguous()
     impl(target, grads.contiguous(), n)
@@ -80,18 +75,24 @@ def fisher_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float
     Returns:
         (B, c, c) inverses, dtype of ``grads``.
     """
-    chk.check_tensor("grads", grads, 3, finite=check_finite)
+    chk.check_tensor("grads", grads, 3)
     d = chk.check_positive("damp", damp)
     n = _num_samples(num_samples, grads)
-    return select("fisher_inverse", backend, grads)(grads.contiguous(), d, n)
+    impl = select("fisher_inverse", backend, grads)
+    if check_finite:
+        chk.check_finite("grads", grads)
+    return impl(grads.contiguous(), d, n)
 
 
 def lowrank_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None,
                     *, check_finite: bool = True) -> LowRankInverse:
     """Low-rank representation of ``(damp I + G^T G / N)^-1`` for grads (B, m, c), m < c."""
-    chk.check_tensor("grads", grads, 3, finite=check_finite)
+    chk.check_tensor("grads", grads, 3)
     d = chk.check_positive("damp", damp)
-    return LowRankInverse(grads, d, _num_samples(num_samples, grads))
+    n = _num_samples(num_samples, grads)
+    if check_finite:
+        chk.check_finite("grads", grads)
+    return LowRankInverse(grads, d, n)
 
 
 def blockwise_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None, *,
@@ -105,7 +106,7 @@ def blockwise_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[fl
     """
     if form not in ("auto", "sequential", "lowrank"):
         raise ValueError(f"form must be 'auto', 'sequential' or 'lowrank', got {form!r}")
-    chk.check_tensor("grads", grads, 3)
+    chk.check_tensor("grads", grads, 3, finite=True)
     if form == "auto":
         b, m, c = grads.shape
         form = choose_form(m, c, b, memory_budget, grads.element_size())
@@ -118,6 +119,7 @@ def _check_inverse(inv: Inverse) -> None:
     if isinstance(inv, LowRankInverse):
         return
     chk.check_square_blocks("inv", inv)
+    chk.check_finite("inv", inv)
 
 
 def _check_weights(inv: Inverse, weights, loss_grad):
@@ -125,9 +127,11 @@ def _check_weights(inv: Inverse, weights, loss_grad):
     chk.check_tensor("weights", weights, 2)
     ref = inv.factor if isinstance(inv, LowRankInverse) else inv
     chk.check_same("weights", weights, "inv", ref, shape=(b, c))
+    chk.check_finite("weights", weights)
     if loss_grad is not None:
         chk.check_tensor("loss_grad", loss_grad, 2)
         chk.check_same("loss_grad", loss_grad, "inv", ref, shape=(b, c))
+        chk.check_finite("loss_grad", loss_grad)
 
 
 def inverse_diagonal(inv: Inverse) -> torch.Tensor:

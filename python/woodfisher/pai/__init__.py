@@ -1,0 +1,20 @@
+"""Pruning at initialization with scalable second-order criteria.
+
+Hutchinson and empirical-Fisher diagonals (linear time and memory), OBD-style
+saliencies built on them, the SNIP / GraSP / SynFlow / magnitude / random baselines,
+BatchNorm statistics warm-up and layer-collapse detection. Masks come from
+woodfisher.masks.select_masks, shared with the WoodFisher pruner.
+"""
+from .criteria import BASELINES, CRITERIA, DATA_FREE, SECOND_ORDER, compute_scores, synflow_scores
+from .estimators import (DiagonalEstimate, fisher_diagonal, hessian_gradient_product, hutchinson_diagonal,
+                         loss_gradient, rademacher)
+from .prune import PaIResult, prune_at_init
+from .training import attach_masks, detach_masks, train
+from .warmup import preserved_batchnorm_state, warmup_batchnorm
+
+__all__ = [
+    "BASELINES", "CRITERIA", "DATA_FREE", "SECOND_ORDER", "DiagonalEstimate", "PaIResult",
+    "attach_masks", "compute_scores", "detach_masks", "fisher_diagonal", "hessian_gradient_product",
+    "hutchinson_diagonal", "loss_gradient", "preserved_batchnorm_state", "prune_at_init", "rademacher",
+    "synflow_scores", "train", "warmup_batchnorm",
+]

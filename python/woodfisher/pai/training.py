@@ -1,0 +1,84 @@
+"""Training a model pruned at initialization with its masks held fixed.
+
+Masks follow the torch.nn.utils.prune convention: ``weight`` becomes
+``weight_orig * weight_mask`` (a buffer) in a forward pre-hook, so pruned weights stay
+exactly zero whatever the optimizer does to ``weight_orig``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, Iterable, Optional
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import prune as torch_prune
+from tqdm.auto import tqdm
+
+from ._common import LossFn, check_positive_int, model_device, resolve_loss
+
+
+def _module_of(model: nn.Module, param_name: str):
+    mod_name, _, attr = param_name.rpartition(".")
+    return (model.get_submodule(mod_name) if mod_name else model), attr
+
+
+def attach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
+    """Register ``<attr>_mask`` buffers (torch prune convention) for every mask {name: bool}."""
+    for name, m in masks.items():
+        mod, attr = _module_of(model, name)
+        if not isinstance(getattr(mod, attr, None), torch.Tensor):
+            raise ValueError(f"masks: model has no tensor {name!r}")
+        torch_prune.custom_from_mask(mod, attr, m.to(getattr(mod, attr).device))
+    return model
+
+
+def detach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
+    """Make the masking permanent (pruned entries 0) and remove the hooks."""
+    for name in masks:
+        mod, attr = _module_of(model, name)
+        if torch_prune.is_pruned(mod):
+            torch_prune.remove(mod, attr)
+    return model
+
+
+def train(model: nn.Module, loader: Iterable, *, epochs: float = 1.0, max_steps: Optional[int] = None,
+          lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4, nesterov: bool = True,
+          loss_fn: Optional[LossFn] = None, progress: bool = True) -> dict:
+    """SGD (momentum, cosine learning rate to 0) for ``epochs`` passes or ``max_steps`` steps.
+
+    Args:
+        loader: yields (inputs, targets) batches; must have a length when epochs is used.
+        epochs: may be fractional; max_steps caps the step count.
+    Returns:
+        {"steps", "seconds", "final_loss" (mean over the last 50 steps)}.
+    """
+    loss_fn = resolve_loss(loss_fn)
+    if not epochs > 0:
+        raise ValueError(f"epochs must be > 0, got {epochs}")
+    total = int(math.ceil(epochs * len(loader)))
+    if max_steps is not None:
+        total = min(total, check_positive_int(max_steps, "max_steps"))
+    device = model_device(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
+                          weight_decay=weight_decay, nesterov=nesterov and momentum > 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    model.train()
+    step, recent, t0 = 0, [], time.perf_counter()
+    bar = tqdm(total=total, desc="train", disable=not progress, leave=False)
+    while step < total:
+        for x, y, *_ in loader:
+            x, y = x.to(device), y.to(device)
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            recent = (recent + [loss.item()])[-50:]
+            step += 1
+            bar.update(1)
+            if step >= total:
+                break
+    bar.close()
+    model.eval()
+    return {"steps": step, "seconds": time.perf_counter() - t0, "final_loss": sum(recent) / max(len(recent), 1)}

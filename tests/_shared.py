@@ -1,0 +1,60 @@
+"""Helpers shared by the kernel-library tests: float64 references and tolerances."""
+from __future__ import annotations
+
+import torch
+
+import woodfisher_kernels as wk
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def dense_fisher(grads: torch.Tensor, damp: float, num_samples=None) -> torch.Tensor:
+    """float64 F = damp I + G^T G / N per block; grads (B, m, c) -> (B, c, c)."""
+    g = grads.double()
+    n = g.shape[1] if num_samples is None else num_samples
+    eye = torch.eye(g.shape[-1], dtype=torch.float64, device=g.device)
+    return damp * eye + g.transpose(1, 2) @ g / n
+
+
+def dense_inverse(grads, damp, num_samples=None) -> torch.Tensor:
+    """float64 torch.linalg.inv of :func:`dense_fisher`."""
+    return torch.linalg.inv(dense_fisher(grads, damp, num_samples))
+
+
+def inverse_tolerance(fisher64: torch.Tensor, dtype) -> float:
+    """Relative max-entry tolerance for an inverse computed in ``dtype``.
+
+    A backward-stable inversion has relative error O(cond(F) * eps); the factor 64
+    covers the accumulation over up to a few hundred rank-one steps (measured
+    errors are below 6 eps * cond for the torch backend). float64 gets the same rule.
+    """
+    eps = EPS32 if dtype == torch.float32 else torch.finfo(torch.float64).eps
+    cond = torch.linalg.cond(fisher64).max().item()
+    return 64.0 * eps * max(cond, 1.0)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| / max |ref|, per block, worst block."""
+    x, ref = x.double(), ref.double()
+    dims = tuple(range(1, ref.dim()))
+    num = (x - ref).abs().amax(dim=dims)
+    den = ref.abs().amax(dim=dims).clamp_min(torch.finfo(torch.float64).tiny)
+    return (num / den).max().item()
+
+
+def backend_params():
+    """(backend, device) pairs to test on this machine: torch always; triton when it
+    is registered (interpreted on CPU); cuda and torch-on-GPU when a GPU is present."""
+    avail = wk.available_backends("fisher_inverse")
+    pairs = [("torch", "cpu")]
+    if "triton" in avail:
+        pairs.append(("triton", "cuda" if torch.cuda.is_available() else "cpu"))
+    if torch.cuda.is_available():
+        pairs.append(("torch", "cuda"))
+        if "cuda" in avail:
+            pairs.append(("cuda", "cuda"))
+    return pairs
+
+
+def is_interpreted(backend: str, device: str) -> bool:
+    return backend == "triton" and device == "cpu"

@@ -1,0 +1,124 @@
+"""Bad input gets a ValueError naming the argument, and nothing is modified."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import woodfisher_kernels as wk
+
+
+def _inv(b=2, c=5):
+    return wk.fisher_inverse(torch.randn(b, 7, c), 0.5)
+
+
+def _assert_refused(fn, match, *watched):
+    before = [t.clone() for t in watched]  # NaN-aware exact comparison below
+    with pytest.raises(ValueError, match=match):
+        fn()
+    for t, b in zip(watched, before):
+        assert torch.allclose(t, b, rtol=0, atol=0, equal_nan=True), "a refused call modified its input"
+
+
+GOOD_GRADS = torch.randn(2, 3, 5)
+
+
+@pytest.mark.parametrize("grads,match", [
+    (GOOD_GRADS.half(), "grads must have dtype"),
+    (GOOD_GRADS.long(), "grads must have dtype"),
+    (GOOD_GRADS[0], "grads must have 3 dimensions"),
+    (torch.randn(2, 0, 5), "grads has an empty dimension"),
+    (torch.randn(0, 3, 5), "grads has an empty dimension"),
+    (torch.randn(2, 3, 4), r"grads must have shape \(2, k, 5\)"),
+    (torch.randn(3, 3, 5), r"grads must have shape \(2, k, 5\)"),
+    (GOOD_GRADS.double(), "grads has dtype torch.float64 but inv"),
+    (torch.full((2, 3, 5), float("nan")), "grads contains NaN"),
+    (torch.full((2, 3, 5), float("inf")), "grads contains NaN or Inf"),
+    ([[1.0]], "grads must be a torch.Tensor"),
+])
+def test_woodbury_update_refuses_bad_grads(grads, match):
+    inv = _inv()
+    _assert_refused(lambda: wk.woodbury_update_(inv, grads, 3.0), match, inv)
+
+
+def test_woodbury_update_refuses_other_device():
+    inv = _inv()
+    meta = torch.empty(2, 3, 5, device="meta")
+    _assert_refused(lambda: wk.woodbury_update_(inv, meta, 3.0), "grads is on meta", inv)
+
+
+@pytest.mark.parametrize("num_samples", [0, -1.0, float("nan"), float("inf"), "3", True])
+def test_woodbury_update_refuses_bad_num_samples(num_samples):
+    inv = _inv()
+    _assert_refused(lambda: wk.woodbury_update_(inv, GOOD_GRADS, num_samples), "num_samples", inv)
+
+
+def test_woodbury_update_refuses_bad_inverse_and_backend():
+    inv = _inv()
+    bad = inv.clone()
+    bad[0, 0, 0] = float("nan")
+    _assert_refused(lambda: wk.woodbury_update_(bad, GOOD_GRADS, 3.0), "inv contains NaN", bad)
+    rect = torch.randn(2, 5, 4)
+    _assert_refused(lambda: wk.woodbury_update_(rect, GOOD_GRADS, 3.0), "inv must hold square", rect)
+    _assert_refused(lambda: wk.woodbury_update_(inv, GOOD_GRADS, 3.0, backend="gpu"), "backend must be", inv)
+    _assert_refused(lambda: wk.woodbury_update_(inv, GOOD_GRADS, 3.0, backend="cuda"), "backend='cuda'", inv)
+    inv64 = inv.double()
+    grads64 = GOOD_GRADS.double()
+    if "triton" in wk.available_backends("woodbury_update_"):
+        _assert_refused(lambda: wk.woodbury_update_(inv64, grads64, 3.0, backend="triton"),
+                        "float32 only", inv64)
+
+
+@pytest.mark.parametrize("damp", [0, -1e-5, float("nan"), None])
+def test_fisher_inverse_refuses_bad_damp(damp):
+    with pytest.raises(ValueError, match="damp"):
+        wk.fisher_inverse(GOOD_GRADS, damp)
+    with pytest.raises(ValueError, match="damp"):
+        wk.lowrank_inverse(GOOD_GRADS, damp)
+
+
+def test_fisher_inverse_refuses_bad_num_samples_and_form():
+    with pytest.raises(ValueError, match="num_samples"):
+        wk.fisher_inverse(GOOD_GRADS, 0.1, num_samples=0)
+    with pytest.raises(ValueError, match="form"):
+        wk.blockwise_inverse(GOOD_GRADS, 0.1, form="dense")
+
+
+def test_obs_ops_refuse_bad_inputs():
+    inv = _inv()
+    w = torch.randn(2, 5)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"weights must have shape \(2, 5\)"):
+        wk.obs_saliency(inv, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="weights contains NaN"):
+        wk.obs_saliency(inv, torch.full((2, 5), float("nan")))
+    with pytest.raises(ValueError, match="loss_grad"):
+        wk.obs_saliency(inv, w, torch.randn(3, 5))
+    with pytest.raises(ValueError, match="prune_mask must have dtype"):
+        wk.obs_update(inv, w, mask.float())
+    with pytest.raises(ValueError, match="prune_mask must have shape"):
+        wk.obs_update(inv, w, mask[:, :4])
+    with pytest.raises(ValueError, match="weights has dtype"):
+        wk.obs_update(inv, w.double(), mask)
+    _assert_refused(lambda: wk.obs_update(inv, w, mask, backend="nope"), "backend", inv, w, mask)
+
+
+def test_group_ops_refuse_bad_index():
+    inv = _inv()
+    w = torch.randn(2, 5)
+    with pytest.raises(ValueError, match=r"index entries must lie in \[0, 5\)"):
+        wk.gather_rows(inv, torch.full((2, 1, 2), 5))
+    with pytest.raises(ValueError, match="index must have 2 blocks"):
+        wk.gather_subblocks(inv, torch.zeros(3, 1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="index must have dtype"):
+        wk.group_obs_saliency(inv, w, torch.zeros(2, 1, 2))
+    groups = torch.tensor([[[0, 1]], [[2, 3]]])
+    with pytest.raises(ValueError, match="prune must have shape"):
+        wk.group_obs_update(inv, w, groups, torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_non_contiguous_inverse_is_updated_in_place():
+    inv = _inv().transpose(1, 2)                       # a symmetric view, not contiguous
+    expected = inv.contiguous().clone()
+    wk.woodbury_update_(expected, GOOD_GRADS, 3.0)
+    wk.woodbury_update_(inv, GOOD_GRADS, 3.0)
+    assert torch.allclose(inv, expected, atol=1e-6)
