@@ -21,12 +21,16 @@ def cuda_extensions():
     if torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    # csrc/*.cu are the launchers (no torch headers); bindings.cpp registers the torch ops.
+    # csrc/driver and csrc/emu belong to the standalone CMake / emulator builds only.
     sources = sorted(glob.glob("csrc/*.cu")) + ["csrc/bindings.cpp"]
+    # No -std flag: torch adds the standard its headers need (C++17 or C++20), and
+    # no --use_fast_math: divisions and square roots stay IEEE like the torch reference.
     ext = CUDAExtension(
         name="woodfisher_kernels._C",
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
@@ -37,7 +41,7 @@ setup(
     name="woodfisher_kernels",
     version="0.1.0",
     description="Fast blockwise inverse-Fisher kernels and a WoodFisher (OBS) pruner for PyTorch",
-    packages=find_packages(include=["woodfisher_kernels", "woodfisher_kernels.*"]) + ["woodfisher"],
+    packages=find_packages(include=["woodfisher_kernels", "woodfisher_kernels.*"]) + ["woodfisher", "woodfisher.pai"],
     package_dir={"woodfisher": "python/woodfisher"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tqdm"],

@@ -79,10 +79,14 @@ def time_call(fn: Callable[[], object], device: torch.device, *, repeats: int = 
     With ``budget_s``, repeats are cut (to no fewer than 3) when one call is long.
     Returns ``{"median_s", "min_s", "times_s", "repeats"}``.
     """
-    for _ in range(warmup):
+    for i in range(warmup):
         if setup is not None:
             setup()
+        t0 = time.perf_counter()
         fn()
+        sync(device)
+        if budget_s is not None and time.perf_counter() - t0 > budget_s / 8:
+            break                                   # long calls: one warm-up is enough
     sync(device)
     times = []
     while len(times) < repeats:

@@ -45,12 +45,17 @@ def reference_loop_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: 
     return inv
 
 
+def _build(update_, grads: torch.Tensor, damp: float, num_samples: Optional[float]) -> torch.Tensor:
+    """Run an in-place update form from I/damp over all m gradients: (B, m, c) -> (B, c, c)."""
+    damp, n = _validate(grads, damp, num_samples)
+    b, _, c = grads.shape
+    return update_(_identity_over_damp(b, c, damp, grads), grads, n)
+
+
 def reference_loop_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None
                            ) -> torch.Tensor:
     """(a) the paper's loop from I/damp; grads (B, m, c) -> (B, c, c)."""
-    damp, n = _validate(grads, damp, num_samples)
-    b, _, c = grads.shape
-    return reference_loop_update_(_identity_over_damp(b, c, damp, grads), grads, n)
+    return _build(reference_loop_update_, grads, damp, num_samples)
 
 
 def batched_einsum_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float) -> torch.Tensor:
@@ -71,6 +76,4 @@ def batched_einsum_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: 
 def batched_einsum_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None
                            ) -> torch.Tensor:
     """(b) the per-gradient einsum + baddbmm form from I/damp; grads (B, m, c) -> (B, c, c)."""
-    damp, n = _validate(grads, damp, num_samples)
-    b, _, c = grads.shape
-    return batched_einsum_update_(_identity_over_damp(b, c, damp, grads), grads, n)
+    return _build(batched_einsum_update_, grads, damp, num_samples)

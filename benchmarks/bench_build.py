@@ -96,13 +96,12 @@ def accuracy(out, grads: torch.Tensor, damp: float, n: float, samples: int = 4) 
 
 
 def _probe(meth: Method, blocks: int, grads: int, c: int, n: float, cfg: Dict, device) -> float:
-    """Seconds per (block x gradient) of one untimed-warm call on a small problem."""
+    """Seconds per block of a warm call on ``blocks`` blocks and ``grads`` gradients."""
     g = make_grads(blocks, grads, c, device, cfg["grad_scale"])
-    meth.run(g, n)
-    t = cm.time_call(lambda: meth.run(g, n), device, repeats=1, warmup=0)["median_s"]
+    t = cm.time_call(lambda: meth.run(g, n), device, repeats=2, warmup=1)["min_s"]
     del g
     _free(device)
-    return t / (blocks * grads)
+    return t / blocks
 
 
 def run_method(meth: Method, c: int, m: int, d: int, cfg: Dict, device) -> Dict:
@@ -113,17 +112,29 @@ def run_method(meth: Method, c: int, m: int, d: int, cfg: Dict, device) -> Dict:
     if meth.name == "ref_loop":
         blocks = min(blocks, cfg["ref_max_blocks"])
     n = float(m)
-    probe_grads = min(m, 4) if meth.per_gradient else m
-    per_unit = _probe(meth, 1, probe_grads, c, n, cfg, device)       # seconds per block-gradient
-    guess = int(cfg["call_budget_s"] / max(per_unit * m, 1e-12))
-    if guess >= 8 and blocks >= 8:                                   # refine past launch overheads
-        per_unit = _probe(meth, min(blocks, guess // 4), probe_grads, c, n, cfg, device)
-    budget_units = cfg["call_budget_s"] / max(per_unit, 1e-12)
+    budget = cfg["call_budget_s"]
     grads_used = m
-    if meth.per_gradient and budget_units < m:
-        grads_used, blocks = max(1, int(budget_units)), 1
+    if meth.name == "einsum_baddbmm":
+        # batched over blocks, sequential over gradients: keep every block that fits and
+        # time a prefix of the gradients (time is linear in the number of gradients)
+        per_grad = _probe(meth, blocks, 2, c, n, cfg, device) * blocks / 2
+        if per_grad > budget:
+            blocks = max(1, int(blocks * budget / per_grad))
+            per_grad = budget
+        grads_used = max(1, min(m, int(budget / per_grad)))
+    elif meth.name == "ref_loop":
+        # Python loop: cost per (block, gradient) is constant, so scale both ways
+        per_unit = _probe(meth, 1, min(m, 4), c, n, cfg, device) / min(m, 4)
+        units = max(1, int(budget / per_unit))
+        grads_used = min(m, units)
+        blocks = max(1, min(blocks, units // m))
     else:
-        blocks = max(1, min(blocks, int(budget_units // m)))
+        per_block = _probe(meth, 1, m, c, n, cfg, device)
+        guess = int(budget / per_block)
+        if guess >= 8 and blocks >= 8:                       # refine past launch overheads
+            nb = min(blocks, guess // 4)
+            per_block = _probe(meth, nb, m, c, n, cfg, device)
+        blocks = max(1, min(blocks, int(budget / per_block)))
     g = make_grads(blocks, grads_used, c, device, cfg["grad_scale"])
     holder = {}
 

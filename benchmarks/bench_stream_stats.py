@@ -9,6 +9,7 @@ that does not fit the memory or time budget runs on fewer blocks and is extrapol
 """
 from __future__ import annotations
 
+import inspect
 from typing import Dict, List
 
 import torch
@@ -18,6 +19,20 @@ import baselines
 import woodfisher_kernels as wk
 from bench_build import _free, make_grads
 from woodfisher_kernels import reference
+from woodfisher_kernels._dispatch import select
+
+
+def _no_check_kw(op) -> Dict:
+    """``check_finite=False`` where the public op accepts it (validation passes untimed)."""
+    return {"check_finite": False} if "check_finite" in inspect.signature(op).parameters else {}
+
+
+def _impl(op_name: str, backend: str, inv):
+    """The registered backend function itself, without the public op's validation."""
+    fn = select(op_name, backend, inv)
+    if op_name == "obs_saliency":
+        return lambda inv, w, mask: fn(inv, w, None)
+    return lambda inv, w, mask: fn(inv, w, mask, None)
 
 
 def _backends(op: str, device) -> List[str]:
@@ -146,35 +161,30 @@ def run_stats(shapes, d: int, cfg: Dict, device, progress=None) -> List[Dict]:
             continue
         backends = ["torch"] if lowrank else _backends("obs_update", device)
         extra = {"m": m, "form": form}
+        # nominal costs per block (float32): saliency reads diag, w, writes rho
+        costs = {"obs_saliency": (3.0 * c, cm.FP32 * 3 * c)}
+        if lowrank:   # F^-1 v from the m x c factor
+            costs["obs_update"] = (4.0 * m * c, cm.FP32 * (m * c + 4 * c) + c)
+        else:
+            costs["obs_update"] = (2.0 * c * c, cm.FP32 * (c * c + 3 * c) + c)
         for backend in backends:
-            name = "lowrank" if lowrank else backend
-            # nominal costs per block (float32): saliency reads diag, w, writes rho
-            sal_flops, sal_bytes = 3.0 * c, cm.FP32 * 3 * c
-            if lowrank:   # F^-1 v from the m x c factor
-                upd_flops, upd_bytes = 4.0 * m * c, cm.FP32 * (m * c + 4 * c) + c
-            else:
-                upd_flops, upd_bytes = 2.0 * c * c, cm.FP32 * (c * c + 3 * c) + c
-
-            def run_sal(backend=backend, name=name):
-                kw = {} if lowrank else {"backend": backend}
-                holder = {}
-                t = cm.time_call(lambda: holder.setdefault("o", wk.obs_saliency(inv, weights, **kw)),
-                                 device, **timing_kw)
-                err = _stats_error("obs_saliency", inv, grads, weights, mask, cfg, holder["o"])
-                return _record("stats", name, c, {**extra, "op": "obs_saliency"}, d, blocks, t,
-                               sal_flops, sal_bytes, err=err)
-
-            def run_upd(backend=backend, name=name):
-                kw = {} if lowrank else {"backend": backend}
-                holder = {}
-                t = cm.time_call(lambda: holder.setdefault("o", wk.obs_update(inv, weights, mask, **kw)),
-                                 device, **timing_kw)
-                err = _stats_error("obs_update", inv, grads, weights, mask, cfg, holder["o"])
-                return _record("stats", name, c, {**extra, "op": "obs_update"}, d, blocks, t,
-                               upd_flops, upd_bytes, err=err)
-
-            _try(records, run_sal, "stats", name, c, {**extra, "op": "obs_saliency"}, progress)
-            _try(records, run_upd, "stats", name, c, {**extra, "op": "obs_update"}, progress)
+            for op_name in ("obs_saliency", "obs_update"):
+                op = getattr(wk, op_name)
+                kw = {} if lowrank else {"backend": backend, **_no_check_kw(op)}
+                variants = [("lowrank" if lowrank else backend,
+                             lambda op=op, kw=kw: op(inv, weights, *([mask] if op is wk.obs_update else []), **kw))]
+                if not lowrank and not _no_check_kw(op):
+                    # the public op validates (a full isfinite pass over inv); time the kernel alone too
+                    impl = _impl(op_name, backend, inv)
+                    variants.append((f"{backend} (impl only)", lambda impl=impl: impl(inv, weights, mask)))
+                for name, call in variants:
+                    def run(call=call, name=name, op_name=op_name):
+                        holder = {}
+                        t = cm.time_call(lambda: holder.__setitem__("o", call()), device, **timing_kw)
+                        err = _stats_error(op_name, inv, grads, weights, mask, cfg, holder["o"])
+                        return _record("stats", name, c, {**extra, "op": op_name}, d, blocks, t,
+                                       *costs[op_name], err=err)
+                    _try(records, run, "stats", name, c, {**extra, "op": op_name}, progress)
         del grads, inv, weights, mask
         _free(device)
     return records

@@ -42,6 +42,14 @@ def _row(rec: Dict, peaks: Dict, first: List[str]) -> str:
 HEAD = ("| time (full d) | how | GFLOP/s | % peak | GB/s | % BW | speed-up vs a / b / c | rel. err vs fp64 |")
 
 
+def _peak_detail(result: Dict) -> str:
+    if "peaks_end_of_run" not in result:
+        return ""
+    a, b = result["peaks_start_of_run"], result["peaks_end_of_run"]
+    return (f", the better of the start ({a['fp32_peak_tflops'] * 1e3:.4g} GFLOP/s, {a['mem_bandwidth_gbs']:.4g} GB/s)"
+            f" and end ({b['fp32_peak_tflops'] * 1e3:.4g} GFLOP/s, {b['mem_bandwidth_gbs']:.4g} GB/s) of the run")
+
+
 def make_markdown(result: Dict) -> str:
     """The human-readable side-by-side report."""
     info, peaks, cfg = result["device"], result["peaks"], result["config"]
@@ -52,7 +60,7 @@ def make_markdown(result: Dict) -> str:
            + ".", "",
            f"Measured on this machine in the same run: float32 peak **{peaks['fp32_peak_tflops'] * 1e3:.4g} GFLOP/s** "
            f"(sgemm n = {peaks['sgemm_n']}, TF32 off), memory bandwidth **{peaks['mem_bandwidth_gbs']:.4g} GB/s** "
-           f"(copy, read + write).", ""]
+           f"(copy, read + write)" + _peak_detail(result) + ". Percentages and the roofline use these.", ""]
     if result.get("notes"):
         out += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + [""]
     out += ["Times are medians after warm-up ("
@@ -63,6 +71,7 @@ def make_markdown(result: Dict) -> str:
             "Errors: max over sampled blocks of ||F^-1 V - ref||_F / ||ref||_F against a float64 "
             "Cholesky solve of the dense F (4 random probes).", "",
             "## Build of the blockwise inverse from m gradients", "",
+            "Summary (time for all blocks of d):", "", compact_table(result),
             "| c | m | method " + HEAD, "|---" * 11 + "|"]
     for r in (x for x in result["records"] if x["section"] == "build"):
         out.append(_row(r, peaks, [str(r["c"]), str(r["m"]), r["method"]]))
@@ -129,3 +138,27 @@ def evaluate_targets(result: Dict) -> List[Dict]:
                         "goal": f"intensity {ai:.1f} > ridge {ridge:.1f} and % peak > % BW",
                         "value": f"{pf:.1f}% peak, {pb:.1f}% BW", "met": ai > ridge and pf > pb})
     return out
+
+
+def compact_table(result: Dict) -> str:
+    """One row per build shape: whole-model time of every method and the key ratios."""
+    recs = [r for r in result["records"] if r["section"] == "build"]
+    order = [m for m in ("ref_loop", "einsum_baddbmm", "torch", "lowrank", "cuda", "triton")
+             if any(r["method"] == m for r in recs)]
+    names = {"ref_loop": "(a) loop", "einsum_baddbmm": "(b) einsum+baddbmm", "torch": "(c) torch",
+             "lowrank": "low-rank", "cuda": "CUDA", "triton": "Triton"}
+    out = ["| c | m | " + " | ".join(names[m] for m in order) + " | best | best vs (a) | best vs (b) |",
+           "|---" * (len(order) + 5) + "|"]
+    for c, m in dict.fromkeys((r["c"], r["m"]) for r in recs):
+        row = {r["method"]: r for r in recs if (r["c"], r["m"]) == (c, m) and "time_full_s" in r}
+        cells = [human_time(row[k]["time_full_s"]) + ("*" if row[k]["scaled"] else "") if k in row else "n/a"
+                 for k in order]
+        fast = [k for k in row if k not in ("ref_loop", "einsum_baddbmm")]
+        if fast:
+            best = min(fast, key=lambda k: row[k]["time_full_s"])
+            sv = row[best].get("speedup_vs", {})
+            tail = [names[best], _fmt(sv.get("ref_loop"), ".3g") + "x", _fmt(sv.get("einsum_baddbmm"), ".3g") + "x"]
+        else:
+            tail = ["-", "-", "-"]
+        out.append(f"| {c} | {m} | " + " | ".join(cells + tail) + " |")
+    return "\n".join(out) + "\n\n\\* extrapolated from fewer blocks (and/or gradients) to all d / c blocks.\n"

@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 bash scripts/check_cuda_compile.sh
-.venv/bin/python -m pytest -q -rs tests "$@"
+.venv/bin/python -m pytest -q -rs tests benchmarks --benchmark-disable "$@"

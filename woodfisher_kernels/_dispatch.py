@@ -8,18 +8,30 @@ tensors under ``TRITON_INTERPRET=1`` (used by the CPU test suite).
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 _REGISTRY: Dict[str, Dict[str, Callable]] = {}
+_LIMITS: Dict[tuple, Callable[[], int]] = {}
 _LOADED = False
 
 
-def register(op: str, backend: str, fn: Callable) -> None:
-    """Register ``fn`` as the ``backend`` implementation of ``op``."""
+def register(op: str, backend: str, fn: Callable, max_block_size: Optional[Callable[[], int]] = None) -> None:
+    """Register ``fn`` as the ``backend`` implementation of ``op``.
+
+    ``max_block_size`` (optional) returns the largest block size c the implementation
+    handles on the current device; ``auto`` skips it for larger blocks.
+    """
     _REGISTRY.setdefault(op, {})[backend] = fn
+    if max_block_size is not None:
+        _LIMITS[(op, backend)] = max_block_size
+
+
+def _fits(op: str, backend: str, x: torch.Tensor) -> bool:
+    limit = _LIMITS.get((op, backend))
+    return limit is None or x.shape[-1] <= limit()
 
 
 def _load_backends() -> None:
@@ -53,7 +65,7 @@ def select(op: str, backend: str, x: torch.Tensor) -> Callable:
     if backend == "auto":
         if x.is_cuda and x.dtype == torch.float32:
             for name in ("cuda", "triton"):
-                if name in impls:
+                if name in impls and _fits(op, name, x):
                     return impls[name]
         return impls["torch"]
     if backend not in impls:
@@ -70,4 +82,7 @@ def select(op: str, backend: str, x: torch.Tensor) -> Callable:
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got device {x.device}"
             )
+    if not _fits(op, backend, x):
+        raise ValueError(f"backend={backend!r} handles block sizes up to "
+                         f"{_LIMITS[(op, backend)]()}, got {x.shape[-1]}")
     return impls[backend]

@@ -115,23 +115,26 @@ def blockwise_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[fl
     return fisher_inverse(grads, damp, num_samples, backend=backend, check_finite=False)
 
 
-def _check_inverse(inv: Inverse) -> None:
+def _check_inverse(inv: Inverse, check_finite: bool = True) -> None:
     if isinstance(inv, LowRankInverse):
         return
     chk.check_square_blocks("inv", inv)
-    chk.check_finite("inv", inv)
+    if check_finite:
+        chk.check_finite("inv", inv)
 
 
-def _check_weights(inv: Inverse, weights, loss_grad):
+def _check_weights(inv: Inverse, weights, loss_grad, check_finite: bool = True):
     b, c, _ = inv.shape
     chk.check_tensor("weights", weights, 2)
     ref = inv.factor if isinstance(inv, LowRankInverse) else inv
     chk.check_same("weights", weights, "inv", ref, shape=(b, c))
-    chk.check_finite("weights", weights)
+    if check_finite:
+        chk.check_finite("weights", weights)
     if loss_grad is not None:
         chk.check_tensor("loss_grad", loss_grad, 2)
         chk.check_same("loss_grad", loss_grad, "inv", ref, shape=(b, c))
-        chk.check_finite("loss_grad", loss_grad)
+        if check_finite:
+            chk.check_finite("loss_grad", loss_grad)
 
 
 def inverse_diagonal(inv: Inverse) -> torch.Tensor:
@@ -143,7 +146,7 @@ def inverse_diagonal(inv: Inverse) -> torch.Tensor:
 
 
 def obs_saliency(inv: Inverse, weights: torch.Tensor, loss_grad: Optional[torch.Tensor] = None,
-                 *, backend: str = "auto") -> torch.Tensor:
+                 *, backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """OBS pruning statistic of every weight, fused with the diagonal extraction.
 
     Plain (Eq. 10): ``rho_q = w_q^2 / (2 [F^-1]_qq)``. WoodTaylor (Eq. 22), when
@@ -152,11 +155,13 @@ def obs_saliency(inv: Inverse, weights: torch.Tensor, loss_grad: Optional[torch.
     Args:
         inv: (B, c, c) inverses or a LowRankInverse.
         weights: (B, c) blocked weights. loss_grad: (B, c) or None.
+        check_finite: refuse NaN/Inf inputs; this reads the whole inverse, which costs
+            far more than the statistic itself (pass False for inverses you just built).
     Returns:
         rho: (B, c).
     """
-    _check_inverse(inv)
-    _check_weights(inv, weights, loss_grad)
+    _check_inverse(inv, check_finite)
+    _check_weights(inv, weights, loss_grad, check_finite)
     if isinstance(inv, LowRankInverse):
         return inv.saliency(weights, loss_grad)
     g = None if loss_grad is None else loss_grad.contiguous()
@@ -164,7 +169,8 @@ def obs_saliency(inv: Inverse, weights: torch.Tensor, loss_grad: Optional[torch.
 
 
 def obs_update(inv: Inverse, weights: torch.Tensor, prune_mask: torch.Tensor,
-               loss_grad: Optional[torch.Tensor] = None, *, backend: str = "auto") -> torch.Tensor:
+               loss_grad: Optional[torch.Tensor] = None, *, backend: str = "auto",
+               check_finite: bool = True) -> torch.Tensor:
     """OBS weight update for all blocks at once; returns new weights (B, c).
 
     ``w + dw`` with ``dw = -F^-1 v (- h)``, ``v_q = (w_q - h_q) / [F^-1]_qq`` on the
@@ -173,10 +179,10 @@ def obs_update(inv: Inverse, weights: torch.Tensor, prune_mask: torch.Tensor,
 
     Args:
         inv: (B, c, c) or LowRankInverse. weights: (B, c). prune_mask: (B, c) bool.
-        loss_grad: (B, c) or None.
+        loss_grad: (B, c) or None. check_finite: as in :func:`obs_saliency`.
     """
-    _check_inverse(inv)
-    _check_weights(inv, weights, loss_grad)
+    _check_inverse(inv, check_finite)
+    _check_weights(inv, weights, loss_grad, check_finite)
     chk.check_mask("prune_mask", prune_mask, "weights", weights)
     if isinstance(inv, LowRankInverse):
         return inv.update(weights, prune_mask, loss_grad)

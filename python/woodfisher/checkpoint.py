@@ -34,7 +34,8 @@ def _torch_load(path: str, trust_pickle: bool):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not trust_pickle:
-            lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln]
+            lines = [ln.strip().split(" by default.")[0] for ln in str(err).splitlines()
+                     if "Unsupported global" in ln]
             raise ValueError(
                 f"checkpoint {path!r} cannot be loaded safely (weights_only=True): it pickles "
                 f"Python objects, and unpickling them can run arbitrary code. If you trust this "

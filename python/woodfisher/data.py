@@ -22,10 +22,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 __all__ = ["MNIST_MEAN", "MNIST_STD", "load_mnist", "load_cifar10", "load_digits", "load_dataset",
-           "read_idx", "subset", "make_loader", "evaluate", "DATASETS"]
+           "read_idx", "subset", "make_loader", "evaluate", "DATASETS", "DATA_SHAPES"]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 DATASETS = ("mnist", "cifar10", "digits")
+#: one sample's input shape per dataset
+DATA_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "digits": (64,)}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
@@ -79,8 +81,10 @@ def load_mnist(root: Union[str, os.PathLike], split: str = "train") -> TensorDat
     root = _check_dir(root, "MNIST")
     prefix = "train" if _check_split(split) == "train" else "t10k"
     dirs = [root, os.path.join(root, "raw"), os.path.join(root, "MNIST", "raw")]
-    images = read_idx(_find_file(dirs, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"], "MNIST images"))
-    labels = read_idx(_find_file(dirs, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"], "MNIST labels"))
+    images = read_idx(_find_file(dirs, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"],
+                                 "MNIST images"))
+    labels = read_idx(_find_file(dirs, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"],
+                                 "MNIST labels"))
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise ValueError(f"MNIST files in {root!r} disagree: images {images.shape}, labels {labels.shape}")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
@@ -98,7 +102,8 @@ def load_cifar10(root: Union[str, os.PathLike], split: str = "train") -> TensorD
     folder = next((d for d in (root, os.path.join(root, "cifar-10-batches-py"))
                    if os.path.isfile(os.path.join(d, names[0]))), None)
     if folder is None:
-        raise FileNotFoundError(f"CIFAR-10: {names[0]!r} not found in {root!r} or {os.path.join(root, 'cifar-10-batches-py')!r}")
+        raise FileNotFoundError(f"CIFAR-10: {names[0]!r} not found in {root!r} or "
+                                f"{os.path.join(root, 'cifar-10-batches-py')!r}")
     xs: List[np.ndarray] = []
     ys: List[np.ndarray] = []
     for name in names:
@@ -136,7 +141,8 @@ def load_digits(split: str = "train", seed: int = 0, test_fraction: float = 0.25
     return TensorDataset(x[idx], y[idx])
 
 
-def load_dataset(name: str, root: Optional[Union[str, os.PathLike]], split: str = "train", seed: int = 0) -> Dataset:
+def load_dataset(name: str, root: Optional[Union[str, os.PathLike]], split: str = "train",
+                 seed: int = 0) -> Dataset:
     """Dispatch by name: "mnist" / "cifar10" (need ``root``) or "digits" (bundled with scikit-learn)."""
     if name == "digits":
         return load_digits(split, seed=seed)

@@ -26,6 +26,7 @@ exactly zero after every update instead.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -33,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .damping import auto_damp
 from .fisher import eval_mode, split_batch
 from .layout import PrunableLayer
+from .masks import select_masks
 
 try:
     from tqdm.auto import tqdm
@@ -178,3 +181,45 @@ def kfac_update(weight2d: torch.Tensor, prune2d: torch.Tensor, s_inv: torch.Tens
     diag = torch.outer(torch.diagonal(s_inv), torch.diagonal(a_inv))
     v = torch.where(prune2d, w / diag, torch.zeros_like(w))
     return (w - s_inv @ v @ a_inv).masked_fill(prune2d, 0.0)
+
+
+def kfac_step(model, loader, layers, a, target, keep, fpp, timings):
+    """One K-FAC OBS step of :func:`woodfisher.prune_one_shot` (whole layers).
+
+    ``a`` holds prune_one_shot's arguments; uses ``num_grads * fisher_batch_size``
+    samples. Returns (new weights, keep-masks, damp) as {param_name: tensor}.
+    """
+    t0 = time.perf_counter()
+    factors = kfac_factors(model, loader, layers, loss_fn=a["loss_fn"],
+                           num_samples=a["num_grads"] * a["fisher_batch_size"],
+                           sampled_fisher=a["sampled_fisher"], seed=a["seed"], progress=a["progress"])
+    timings["gradients"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    damp = a["damp"]
+    if damp == "auto":  # mean diagonal of S (x) A is mean(diag S) * mean(diag A)
+        numel = sum(l.numel for l in layers)
+        total = sum(float(torch.diagonal(f.S).sum() * torch.diagonal(f.A).sum()) for f in factors.values())
+        damp = auto_damp(total, 1, numel)
+    invs = {n: kfac_inverse(f, damp) for n, f in factors.items()}
+    timings["inverse"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    w2 = {l.param_name: l.effective_weight().reshape(l.shape[0], -1) for l in layers}
+    scores = {}
+    for l in layers:
+        n = l.param_name
+        rho = kfac_saliency(w2[n], *invs[n]).reshape(l.shape)
+        scores[n] = rho / fpp[n] ** a["beta"] if fpp else rho
+    masks = select_masks(scores, target, a["mode"], a["min_density"], pruned=keep)
+    masks = {n: masks[n] & keep[n] for n in masks}
+    timings["select"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    new = {}
+    for l in layers:
+        n = l.param_name
+        if a["obs_update"]:
+            prune = ~masks[n].reshape(l.shape[0], -1)
+            new[n] = kfac_update(w2[n], prune, *invs[n]).reshape(l.shape)
+        else:
+            new[n] = l.effective_weight() * masks[n]
+    timings["update"] += time.perf_counter() - t0
+    return new, masks, damp

@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-ROW_TILE = 32
+from ._common import SUM
+
+ROW_TILE = 16
 COL_TILE = 128
 
 
@@ -34,7 +36,7 @@ def _rows_times(base, vec_ptr, rows, c, BN: tl.constexpr):
         cmask = cols < c
         f = tl.load(base + rows[:, None] * c + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         v = tl.load(vec_ptr + cols, mask=cmask, other=0.0)
-        acc += tl.sum(f * v[None, :], axis=1)
+        acc += tl.reduce(f * v[None, :], 1, SUM)
     return acc
 
 
@@ -91,25 +93,27 @@ def _update_kernel(inv_ptr, w_ptr, p_ptr, lg_ptr, t_ptr, out_ptr, c,
                 t = tl.where(pc, wc / dc, 0.0)
             f = tl.load(base + rows[:, None] * c + cols[None, :],
                         mask=rmask[:, None] & cmask[None, :], other=0.0)
-            acc += tl.sum(f * t[None, :], axis=1)
+            acc += tl.reduce(f * t[None, :], 1, SUM)
         w = tl.load(wb + rows, mask=rmask, other=0.0)
         pruned = tl.load(pb + rows, mask=rmask, other=0) != 0
         tl.store(out_ptr + b * c + rows, tl.where(pruned, 0.0, w - acc), mask=rmask)
 
 
-def _tiles(c: int):
+def tile_config(c: int):
+    """(constexprs {BM, BN}, launch options) for blocks of size c (both kernels)."""
     size = triton.next_power_of_2(c)
-    return min(ROW_TILE, size), min(COL_TILE, size)
+    bm, bn = min(ROW_TILE, size), min(COL_TILE, size)
+    return {"BM": bm, "BN": bn}, {"num_warps": 8 if bm * bn >= 2048 else 4}
 
 
 def obs_saliency(inv: torch.Tensor, weights: torch.Tensor, loss_grad=None) -> torch.Tensor:
     """rho (B, c) = (w - h)^2 / (2 diag(inv)), h = inv @ loss_grad or 0. One launch."""
     num_blocks, c = weights.shape
     out = torch.empty_like(weights)
-    bm, bn = _tiles(c)
+    consts, opts = tile_config(c)
     lg = weights if loss_grad is None else loss_grad     # placeholder pointer when unused
-    _saliency_kernel[(num_blocks, triton.cdiv(c, bm))](
-        inv, weights, lg, out, c, HAS_LG=loss_grad is not None, BM=bm, BN=bn, num_warps=4)
+    _saliency_kernel[(num_blocks, triton.cdiv(c, consts["BM"]))](
+        inv, weights, lg, out, c, HAS_LG=loss_grad is not None, **consts, **opts)
     return out
 
 
@@ -118,12 +122,12 @@ def obs_update(inv: torch.Tensor, weights: torch.Tensor, prune_mask: torch.Tenso
     """New weights (B, c) = w - inv v (- h); pruned entries exactly 0. One launch."""
     num_blocks, c = weights.shape
     out = torch.empty_like(weights)
-    bm, bn = _tiles(c)
+    consts, opts = tile_config(c)
     mask = prune_mask.view(torch.uint8)
     if loss_grad is None:
-        grid, lg, scratch = (num_blocks, triton.cdiv(c, bm)), weights, weights   # unused pointers
+        grid, lg, scratch = (num_blocks, triton.cdiv(c, consts["BM"])), weights, weights   # unused pointers
     else:
         grid, lg, scratch = (num_blocks, 1), loss_grad, torch.empty_like(weights)
     _update_kernel[grid](inv, weights, mask, lg, scratch, out, c,
-                         HAS_LG=loss_grad is not None, BM=bm, BN=bn, num_warps=4)
+                         HAS_LG=loss_grad is not None, **consts, **opts)
     return out

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import SUM
+
 REG_MAX_BLOCK = 64      # largest padded block size kept entirely in registers
 TILE = 64               # tile edge of the tiled variant
 REG_CHUNK = 16          # gradients per chunk, register variant (tl.dot needs >= 16)
@@ -40,28 +42,27 @@ TILED_CHUNK = 32        # gradients per chunk, tiled variant
 
 
 @triton.jit
-def _subspace_factor(s, num_samples, K: tl.constexpr):
-    """Replay K rank-one Sherman-Morrison steps inside the span of K gradients.
+def _subspace_factor(s, num_samples, count, K: tl.constexpr):
+    """Replay ``count`` (<= K) rank-one Sherman-Morrison steps inside the span of K gradients.
 
     ``s`` (K, K) is ``G F G^T`` (symmetric). Step i uses ``u_i = U c_i`` (``U = F G^T``,
     ``c_i`` the i-th column of the running coefficient matrix) and ``d_i = N + s_ii``;
     both ``s`` and the coefficients are updated as ``F`` would be. Returns ``a`` (K, K)
-    with columns ``c_i / sqrt(d_i)``: the K corrections sum to ``(U a)(U a)^T``.
-    Zero (padded) gradients give ``U c_i = 0`` and change nothing.
+    with columns ``c_i / sqrt(d_i)`` (zero beyond ``count``): the corrections sum to
+    ``(U a)(U a)^T``. Zero (padded) gradients give ``U c_i = 0`` and change nothing.
+    Sums use ``tl.reduce(.., SUM)`` (see ``_common``: faster in the interpreter).
     """
     idx = tl.arange(0, K)
     rows = idx[:, None]
     cols = idx[None, :]
     coef = tl.where(rows == cols, 1.0, 0.0)
     out = tl.zeros((K, K), dtype=tl.float32)
-    for i in range(K):
-        srow = tl.sum(tl.where(rows == i, s, 0.0), axis=0)      # s[i, :]
-        scol = tl.sum(tl.where(cols == i, s, 0.0), axis=1)      # s[:, i] (= s[i, :]^T)
-        ci = tl.sum(tl.where(cols == i, coef, 0.0), axis=1)     # coef[:, i]
-        d = num_samples + tl.sum(tl.where(idx == i, srow, 0.0), axis=0)
-        rd = 1.0 / d
+    for i in range(count):
+        srow = tl.reduce(tl.where(rows == i, s, 0.0), 0, SUM)             # s[i, :] = s[:, i]^T
+        ci = tl.reduce(tl.where(cols == i, coef, 0.0), 1, SUM)            # coef[:, i]
+        rd = 1.0 / (num_samples + tl.reduce(tl.where(idx == i, srow, 0.0), 0, SUM))
         coef -= ci[:, None] * (srow[None, :] * rd)
-        s -= scol[:, None] * (srow[None, :] * rd)
+        s -= srow[:, None] * (srow[None, :] * rd)
         out = tl.where(cols == i, ci[:, None] * tl.sqrt(rd), out)
     return out
 
@@ -89,23 +90,10 @@ def _woodbury_reg_kernel(inv_ptr, g_ptr, c, k, num_samples, inv_damp,
         u = tl.dot(f, tl.trans(g), input_precision="ieee")                     # (C, K)
         s = tl.dot(g, u, input_precision="ieee")                               # (K, K)
         s = 0.5 * (s + tl.trans(s))
-        w = tl.dot(u, _subspace_factor(s, num_samples, K), input_precision="ieee")
-        f -= tl.dot(w, tl.trans(w), input_precision="ieee")
+        a = _subspace_factor(s, num_samples, tl.minimum(k - start, K), K)
+        w = tl.dot(u, a, input_precision="ieee")
+        f = tl.dot(-w, tl.trans(w), f, input_precision="ieee")
     tl.store(base + offs, f, mask=blk)
-
-
-@triton.jit
-def _block_tile(base, rows, cols, c, start, inv_damp, INIT: tl.constexpr):
-    """(BM, BM) tile of the current inverse; I/damp (no memory read) before the first chunk."""
-    m = (rows < c)[:, None] & (cols < c)[None, :]
-    ptrs = base + rows[:, None] * c + cols[None, :]
-    if INIT:
-        f = tl.load(ptrs, mask=m & (start > 0), other=0.0)
-        eye = m & (rows[:, None] == cols[None, :]) & (start == 0)
-        f = tl.where(eye, inv_damp, f)
-    else:
-        f = tl.load(ptrs, mask=m, other=0.0)
-    return f
 
 
 @triton.jit
@@ -124,6 +112,9 @@ def _woodbury_tiled_kernel(inv_ptr, g_ptr, w_ptr, c, k, num_samples, inv_damp,
     for start in range(0, k, K):
         gk = start + kk
         kmask = gk < k
+        # tiles of F come from memory, except I/damp (never read) before the first chunk of INIT
+        from_mem = (start > 0) | (INIT == 0)
+        from_eye = (start == 0) & (INIT == 1)
         # pass 1: U = F G^T (row tile by row tile) and S = G U
         s = tl.zeros((K, K), dtype=tl.float32)
         for r0 in range(0, c, BM):
@@ -134,14 +125,16 @@ def _woodbury_tiled_kernel(inv_ptr, g_ptr, w_ptr, c, k, num_samples, inv_damp,
                 cols = c0 + tile
                 gt = tl.load(gbase + gk[None, :] * c + cols[:, None],
                              mask=(cols < c)[:, None] & kmask[None, :], other=0.0)   # (BM, K)
-                f = _block_tile(base, rows, cols, c, start, inv_damp, INIT)
+                fm = rmask[:, None] & (cols < c)[None, :]
+                f = tl.load(base + rows[:, None] * c + cols[None, :], mask=fm & from_mem, other=0.0)
+                f = tl.where(fm & from_eye & (rows[:, None] == cols[None, :]), inv_damp, f)
                 u = tl.dot(f, gt, u, input_precision="ieee")
             tl.store(wbase + rows[:, None] * K + kk[None, :], u, mask=rmask[:, None])
             gr = tl.load(gbase + gk[:, None] * c + rows[None, :],
                          mask=kmask[:, None] & rmask[None, :], other=0.0)            # (K, BM)
             s = tl.dot(gr, u, s, input_precision="ieee")
         s = 0.5 * (s + tl.trans(s))
-        a = _subspace_factor(s, num_samples, K)
+        a = _subspace_factor(s, num_samples, tl.minimum(k - start, K), K)
         tl.debug_barrier()
         # pass 1b: W = U A, in place in the scratch buffer
         for r0 in range(0, c, BM):
@@ -159,10 +152,12 @@ def _woodbury_tiled_kernel(inv_ptr, g_ptr, w_ptr, c, k, num_samples, inv_damp,
                 cols = c0 + tile
                 cmask = cols < c
                 wc = tl.load(wbase + cols[:, None] * K + kk[None, :], mask=cmask[:, None], other=0.0)
-                f = _block_tile(base, rows, cols, c, start, inv_damp, INIT)
-                f -= tl.dot(wr, tl.trans(wc), input_precision="ieee")
-                tl.store(base + rows[:, None] * c + cols[None, :], f,
-                         mask=rmask[:, None] & cmask[None, :])
+                fm = rmask[:, None] & cmask[None, :]
+                ptrs = base + rows[:, None] * c + cols[None, :]
+                f = tl.load(ptrs, mask=fm & from_mem, other=0.0)
+                f = tl.where(fm & from_eye & (rows[:, None] == cols[None, :]), inv_damp, f)
+                f = tl.dot(-wr, tl.trans(wc), f, input_precision="ieee")
+                tl.store(ptrs, f, mask=fm)
         tl.debug_barrier()
 
 
@@ -175,22 +170,26 @@ def use_tiled(block_size: int) -> bool:
     return _padded(block_size) > REG_MAX_BLOCK
 
 
+def launch_config(block_size: int, num_grads: int, tiled=None):
+    """(kernel, constexprs, launch options) for blocks of ``block_size`` and ``num_grads``
+    gradients; ``INIT`` is added by the caller. ``tiled`` forces the variant."""
+    if tiled is None:
+        tiled = use_tiled(block_size)
+    if not tiled:
+        size = _padded(block_size)
+        return _woodbury_reg_kernel, {"C": size, "K": REG_CHUNK}, {"num_warps": 8 if size >= 64 else 4}
+    chunk = REG_CHUNK if num_grads <= REG_CHUNK else TILED_CHUNK
+    return _woodbury_tiled_kernel, {"K": chunk, "BM": TILE}, {"num_warps": 8, "num_stages": 2}
+
+
 def _launch(inv: torch.Tensor, grads: torch.Tensor, num_samples: float, inv_damp: float,
             init: bool, tiled=None) -> None:
     num_blocks, num_grads, c = grads.shape
-    if tiled is None:
-        tiled = use_tiled(c)
-    if not tiled:
-        size = _padded(c)
-        _woodbury_reg_kernel[(num_blocks,)](
-            inv, grads, c, num_grads, float(num_samples), float(inv_damp),
-            C=size, K=REG_CHUNK, INIT=init, num_warps=4 if size >= 64 else 2)
-        return
-    chunk = REG_CHUNK if num_grads <= REG_CHUNK else TILED_CHUNK
-    scratch = torch.empty((num_blocks, c, chunk), dtype=torch.float32, device=grads.device)
-    _woodbury_tiled_kernel[(num_blocks,)](
-        inv, grads, scratch, c, num_grads, float(num_samples), float(inv_damp),
-        K=chunk, BM=TILE, INIT=init, num_warps=8)
+    kernel, consts, opts = launch_config(c, num_grads, tiled)
+    args = [inv, grads, c, num_grads, float(num_samples), float(inv_damp)]
+    if kernel is _woodbury_tiled_kernel:       # scratch for U = F G^T, then W = U A
+        args.insert(2, torch.empty((num_blocks, c, consts["K"]), dtype=torch.float32, device=grads.device))
+    kernel[(num_blocks,)](*args, INIT=init, **consts, **opts)
 
 
 def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float, *, tiled=None) -> None:

@@ -9,12 +9,12 @@ from .criteria import BASELINES, CRITERIA, DATA_FREE, SECOND_ORDER, compute_scor
 from .estimators import (DiagonalEstimate, fisher_diagonal, hessian_gradient_product, hutchinson_diagonal,
                          loss_gradient, rademacher)
 from .prune import PaIResult, prune_at_init
-from .training import attach_masks, detach_masks, train
+from .training import attach_masks, make_permanent, train
 from .warmup import preserved_batchnorm_state, warmup_batchnorm
 
 __all__ = [
     "BASELINES", "CRITERIA", "DATA_FREE", "SECOND_ORDER", "DiagonalEstimate", "PaIResult",
-    "attach_masks", "compute_scores", "detach_masks", "fisher_diagonal", "hessian_gradient_product",
+    "attach_masks", "compute_scores", "make_permanent", "fisher_diagonal", "hessian_gradient_product",
     "hutchinson_diagonal", "loss_gradient", "preserved_batchnorm_state", "prune_at_init", "rademacher",
     "synflow_scores", "train", "warmup_batchnorm",
 ]

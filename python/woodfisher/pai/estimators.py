@@ -54,17 +54,21 @@ def _check_seen(n: int):
 def hutchinson_diagonal(model: nn.Module, loader: Iterable, *, params: Optional[Sequence[str]] = None,
                         loss_fn: Optional[LossFn] = None, num_probes: int = 1,
                         num_batches: Optional[int] = None, hvp: str = "autograd",
-                        generator: Optional[torch.Generator] = None, progress: bool = False) -> DiagonalEstimate:
+                        generator: Optional[torch.Generator] = None, probe_batch: int = 8,
+                        progress: bool = False) -> DiagonalEstimate:
     """Hutchinson estimate of diag(H) of the mean loss, ``num_probes`` probes per batch.
 
     Args:
         loader: yields (inputs, targets); the model is used in its current mode.
         num_probes: Rademacher probes per batch (>= 1); the error falls like 1/sqrt(probes).
         hvp: "autograd" (double backward) or "func" (torch.func forward-over-reverse).
+        probe_batch: probes per vectorised Hessian-vector product (vmap over probes;
+            memory grows with it, results do not depend on it beyond rounding).
     Returns:
         DiagonalEstimate with diag {name: (shape)} and the mean gradient {name: (shape)}.
     """
     check_positive_int(num_probes, "num_probes")
+    check_positive_int(probe_batch, "probe_batch")
     if hvp not in HVP_METHODS:
         raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
     named, loss_fn, device = _setup(model, params, loss_fn)
@@ -73,32 +77,43 @@ def hutchinson_diagonal(model: nn.Module, loader: Iterable, *, params: Optional[
     seen = 0
     for x, y in tqdm(batches(loader, num_batches, device), desc="hutchinson", disable=not progress, leave=False):
         b = x.shape[0]
-        probes = [[rademacher(p.shape, generator, device, p.dtype) for p in plist] for _ in range(num_probes)]
-        if hvp == "autograd":
-            loss = loss_fn(model(x), y)
-            g = torch.autograd.grad(loss, plist, create_graph=True)
-            hzs = [torch.autograd.grad(g, plist, grad_outputs=z, retain_graph=k < num_probes - 1)
-                   for k, z in enumerate(probes)]
-            g = [t.detach() for t in g]
-        else:
-            primals = tuple(p.detach() for p in plist)
-
-            def loss_of(*ps):
-                return loss_fn(functional_call(model, dict(zip(names, ps)), (x,)), y)
-
-            grad_fn = grad(loss_of, argnums=tuple(range(len(plist))))
-            hzs = []
-            for z in probes:
-                g, hz = jvp(grad_fn, primals, tuple(z))
-                hzs.append(hz)
+        zhz, g = [torch.zeros_like(p) for p in plist], None
+        for start in range(0, num_probes, probe_batch):
+            k = min(probe_batch, num_probes - start)
+            zs = [rademacher((k, *p.shape), generator, device, p.dtype) for p in plist]
+            g, hzs = _hvps(model, names, plist, loss_fn, x, y, zs, hvp)
+            for acc, z, hz in zip(zhz, zs, hzs):
+                acc += (z * hz).sum(0)
         for i, n in enumerate(names):
-            est = sum(z[i] * hz[i] for z, hz in zip(probes, hzs)) / num_probes
-            diag_sum[n] += b * est.detach()
-            grad_sum[n] += b * g[i].detach()
+            diag_sum[n] += (b / num_probes) * zhz[i]
+            grad_sum[n] += b * g[i]
         seen += b
     _check_seen(seen)
     return DiagonalEstimate({n: d / seen for n, d in diag_sum.items()},
                             {n: g / seen for n, g in grad_sum.items()}, seen, num_probes)
+
+
+def _hvps(model, names, plist, loss_fn, x, y, zs, hvp):
+    """Gradient and Hessian-vector products for k probes at once.
+
+    zs: list over params of (k, *shape) probes. Returns (grads [shape], H z [(k, *shape)]).
+    """
+    if hvp == "autograd":
+        g = torch.autograd.grad(loss_fn(model(x), y), plist, create_graph=True)
+        if zs[0].shape[0] == 1:
+            hz = torch.autograd.grad(g, plist, grad_outputs=[z[0] for z in zs])
+            return [t.detach() for t in g], [h.unsqueeze(0) for h in hz]
+        hz = torch.autograd.grad(g, plist, grad_outputs=zs, is_grads_batched=True)
+        return [t.detach() for t in g], list(hz)
+
+    def loss_of(*ps):
+        return loss_fn(functional_call(model, dict(zip(names, ps)), (x,)), y)
+
+    grad_fn = grad(loss_of, argnums=tuple(range(len(plist))))
+    primals = tuple(p.detach() for p in plist)
+    g, _ = jvp(grad_fn, primals, tuple(z[0] for z in zs))
+    hz = vmap(lambda *t: jvp(grad_fn, primals, t)[1])(*zs)
+    return list(g), list(hz)
 
 
 def _per_sample_grads(model, names, plist, loss_fn, x, y, chunk_size):

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..masks import check_sparsity, select_masks, sparsity_of
+from ..pruner import PruneResult
 from ._common import LossFn, check_loader, check_positive_int, has_batchnorm, prunable_parameters
 from .criteria import CRITERIA, DATA_FREE, compute_scores, linearize, synflow_scores
 from .estimators import HVP_METHODS
@@ -18,21 +19,12 @@ from .warmup import preserved_batchnorm_state, warmup_batchnorm
 
 
 @dataclass
-class PaIResult:
-    """Same fields as woodfisher's PruneResult, plus ``collapsed``.
-
-    masks: {param_name: bool keep-mask}; layers: [{name, shape, numel, nnz, sparsity}];
-    sparsity: overall fraction of zeros; collapsed: names of layers whose density fell
-    below ``collapse_density`` (or to zero); config / timings: arguments and seconds
-    per phase (warmup, scoring, masking). ``damp`` is unused here (always None).
+class PaIResult(PruneResult):
+    """woodfisher's PruneResult (masks, layers, sparsity, damp=None, config, timings) plus
+    ``collapsed``: names of layers left with no weight or a density below
+    ``collapse_density``. timings: seconds for warmup, scoring, masking.
     """
-    masks: Dict[str, torch.Tensor]
-    layers: List[dict]
-    sparsity: float
-    collapsed: List[str]
-    config: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
-    damp: Optional[float] = None
+    collapsed: List[str] = field(default_factory=list)
 
 
 def layer_table(masks: Dict[str, torch.Tensor]) -> List[dict]:
@@ -142,8 +134,8 @@ def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsi
                   min_density=min_density, synflow_iterations=synflow_iterations, hvp=hvp,
                   train_mode=train_mode, collapse_density=collapse_density, seed=seed,
                   loss_fn=getattr(loss_fn, "__name__", "cross_entropy") if loss_fn else "cross_entropy")
-    return PaIResult(masks=masks, layers=layers, sparsity=sparsity_of(masks), collapsed=collapsed,
-                     config=config, timings=timings)
+    return PaIResult(masks=masks, layers=layers, sparsity=sparsity_of(masks), damp=None, config=config,
+                     timings=timings, collapsed=collapsed)
 
 
 def _iterative_synflow(model, names, input_shape, sparsity, mode, min_density, iterations, progress):

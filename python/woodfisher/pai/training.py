@@ -1,45 +1,23 @@
 """Training a model pruned at initialization with its masks held fixed.
 
-Masks follow the torch.nn.utils.prune convention: ``weight`` becomes
-``weight_orig * weight_mask`` (a buffer) in a forward pre-hook, so pruned weights stay
-exactly zero whatever the optimizer does to ``weight_orig``.
+Masks follow the torch.nn.utils.prune convention (woodfisher.gradual.apply_masks,
+re-exported here as ``attach_masks``): ``weight`` becomes ``weight_orig * weight_mask``
+(a buffer) in a forward pre-hook, so pruned weights stay exactly zero whatever the
+optimizer does to ``weight_orig``; ``make_permanent`` removes the hooks.
 """
 from __future__ import annotations
 
 import math
 import time
-from typing import Dict, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
+from ..gradual import apply_masks as attach_masks  # noqa: F401  (re-exported: torch prune convention)
+from ..gradual import make_permanent  # noqa: F401
 from ._common import LossFn, check_positive_int, model_device, resolve_loss
-
-
-def _module_of(model: nn.Module, param_name: str):
-    mod_name, _, attr = param_name.rpartition(".")
-    return (model.get_submodule(mod_name) if mod_name else model), attr
-
-
-def attach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
-    """Register ``<attr>_mask`` buffers (torch prune convention) for every mask {name: bool}."""
-    for name, m in masks.items():
-        mod, attr = _module_of(model, name)
-        if not isinstance(getattr(mod, attr, None), torch.Tensor):
-            raise ValueError(f"masks: model has no tensor {name!r}")
-        torch_prune.custom_from_mask(mod, attr, m.to(getattr(mod, attr).device))
-    return model
-
-
-def detach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
-    """Make the masking permanent (pruned entries 0) and remove the hooks."""
-    for name in masks:
-        mod, attr = _module_of(model, name)
-        if torch_prune.is_pruned(mod):
-            torch_prune.remove(mod, attr)
-    return model
 
 
 def train(model: nn.Module, loader: Iterable, *, epochs: float = 1.0, max_steps: Optional[int] = None,

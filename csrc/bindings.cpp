@@ -1,0 +1,188 @@
+// Torch op registration for the csrc/ launchers: the only file that includes torch.
+//
+// Ops (namespace woodfisher_kernels, CUDA float32 contiguous tensors, run on the current
+// CUDA stream of the tensors' device):
+//   woodbury_update_(Tensor(a!) inv, Tensor grads, float num_samples) -> ()
+//   fisher_inverse(Tensor grads, float damp, float num_samples) -> Tensor
+//   obs_saliency(Tensor inv, Tensor weights, Tensor? loss_grad) -> Tensor
+//   obs_update(Tensor inv, Tensor weights, Tensor prune_mask, Tensor? loss_grad) -> Tensor
+// plus, for tests and benchmarks, the same Woodbury ops with an explicit kernel choice
+// (path 0 = auto, 1 = shared-memory, 2 = tiled) and _limits() -> [shared max c, max c].
+// Loaded from Python as the extension module woodfisher_kernels._C (no Python functions).
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "woodfisher_kernels.h"
+
+namespace {
+
+using woodfisher::WoodburyPath;
+
+void check_cuda(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "woodfisher_kernels.", op, ": CUDA error: ",
+              cudaGetErrorString(err));
+}
+
+void check_tensor(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype,
+                  const at::Tensor* like = nullptr) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+  if (like != nullptr) {
+    TORCH_CHECK_VALUE(t.device() == like->device(), name, " is on ", t.device(),
+                      " but inv is on ", like->device());
+  }
+}
+
+void check_block_size(int64_t c) {
+  const int64_t limit = woodfisher::max_block_size();
+  TORCH_CHECK_VALUE(c <= limit, "block size ", c, " exceeds the CUDA backend's limit ", limit,
+                    " on this device; use backend='torch' or the low-rank form");
+}
+
+// Kernel choice; call after the device guard (limits depend on the device).
+WoodburyPath to_path(int64_t path, int64_t c) {
+  TORCH_CHECK_VALUE(path >= 0 && path <= 2, "path must be 0 (auto), 1 (shared) or 2 (tiled)");
+  const auto p = static_cast<WoodburyPath>(path);
+  if (p == WoodburyPath::kShared) {
+    const int64_t limit = woodfisher::woodbury_shared_max_block_size();
+    TORCH_CHECK_VALUE(c <= limit, "the shared-memory kernel holds blocks up to c=", limit,
+                      ", got c=", c);
+  }
+  return p;
+}
+
+void woodbury_update_path_(const at::Tensor& inv, const at::Tensor& grads, double num_samples,
+                           int64_t path) {
+  check_tensor(inv, "inv", 3, at::kFloat);
+  check_tensor(grads, "grads", 3, at::kFloat, &inv);
+  const int64_t B = inv.size(0), c = inv.size(1), k = grads.size(1);
+  TORCH_CHECK_VALUE(inv.size(2) == c, "inv must hold square blocks, got ", inv.sizes());
+  TORCH_CHECK_VALUE(grads.size(0) == B && grads.size(2) == c, "grads must have shape (", B,
+                    ", k, ", c, "), got ", grads.sizes());
+  TORCH_CHECK_VALUE(num_samples > 0, "num_samples must be > 0, got ", num_samples);
+  const c10::cuda::CUDAGuard guard(inv.device());
+  check_block_size(c);
+  const WoodburyPath kernel = to_path(path, c);
+  check_cuda(woodfisher::woodbury_update(inv.data_ptr<float>(), grads.data_ptr<float>(), B, c, k,
+                                         static_cast<float>(num_samples),
+                                         c10::cuda::getCurrentCUDAStream().stream(), kernel),
+             "woodbury_update_");
+}
+
+void woodbury_update_(const at::Tensor& inv, const at::Tensor& grads, double num_samples) {
+  woodbury_update_path_(inv, grads, num_samples, 0);
+}
+
+at::Tensor fisher_inverse_path(const at::Tensor& grads, double damp, double num_samples,
+                               int64_t path) {
+  check_tensor(grads, "grads", 3, at::kFloat);
+  TORCH_CHECK_VALUE(damp > 0, "damp must be > 0, got ", damp);
+  TORCH_CHECK_VALUE(num_samples > 0, "num_samples must be > 0, got ", num_samples);
+  const int64_t B = grads.size(0), k = grads.size(1), c = grads.size(2);
+  const c10::cuda::CUDAGuard guard(grads.device());
+  check_block_size(c);
+  const WoodburyPath kernel = to_path(path, c);
+  at::Tensor out = at::empty({B, c, c}, grads.options());
+  check_cuda(woodfisher::fisher_inverse(out.data_ptr<float>(), grads.data_ptr<float>(), B, c, k,
+                                        static_cast<float>(damp),
+                                        static_cast<float>(num_samples),
+                                        c10::cuda::getCurrentCUDAStream().stream(), kernel),
+             "fisher_inverse");
+  return out;
+}
+
+at::Tensor fisher_inverse(const at::Tensor& grads, double damp, double num_samples) {
+  return fisher_inverse_path(grads, damp, num_samples, 0);
+}
+
+// Shared checks of obs_saliency / obs_update; returns the loss gradient pointer or nullptr.
+const float* check_obs(const at::Tensor& inv, const at::Tensor& weights,
+                       const std::optional<at::Tensor>& loss_grad) {
+  check_tensor(inv, "inv", 3, at::kFloat);
+  check_tensor(weights, "weights", 2, at::kFloat, &inv);
+  const int64_t B = inv.size(0), c = inv.size(1);
+  TORCH_CHECK_VALUE(inv.size(2) == c, "inv must hold square blocks, got ", inv.sizes());
+  TORCH_CHECK_VALUE(weights.size(0) == B && weights.size(1) == c, "weights must have shape (",
+                    B, ", ", c, "), got ", weights.sizes());
+  if (!loss_grad.has_value()) return nullptr;
+  check_tensor(*loss_grad, "loss_grad", 2, at::kFloat, &inv);
+  TORCH_CHECK_VALUE(loss_grad->sizes() == weights.sizes(), "loss_grad must have shape ",
+                    weights.sizes(), ", got ", loss_grad->sizes());
+  return loss_grad->data_ptr<float>();
+}
+
+at::Tensor obs_saliency(const at::Tensor& inv, const at::Tensor& weights,
+                        const std::optional<at::Tensor>& loss_grad) {
+  const float* x = check_obs(inv, weights, loss_grad);
+  const c10::cuda::CUDAGuard guard(inv.device());
+  check_block_size(inv.size(1));
+  at::Tensor rho = at::empty_like(weights);
+  check_cuda(woodfisher::obs_saliency(rho.data_ptr<float>(), inv.data_ptr<float>(),
+                                      weights.data_ptr<float>(), x, inv.size(0), inv.size(1),
+                                      c10::cuda::getCurrentCUDAStream().stream()),
+             "obs_saliency");
+  return rho;
+}
+
+at::Tensor obs_update(const at::Tensor& inv, const at::Tensor& weights,
+                      const at::Tensor& prune_mask, const std::optional<at::Tensor>& loss_grad) {
+  const float* x = check_obs(inv, weights, loss_grad);
+  check_tensor(prune_mask, "prune_mask", 2, at::kBool, &inv);
+  TORCH_CHECK_VALUE(prune_mask.sizes() == weights.sizes(), "prune_mask must have shape ",
+                    weights.sizes(), ", got ", prune_mask.sizes());
+  const c10::cuda::CUDAGuard guard(inv.device());
+  check_block_size(inv.size(1));
+  at::Tensor out = at::empty_like(weights);
+  static_assert(sizeof(bool) == sizeof(uint8_t), "bool masks are read as bytes");
+  check_cuda(woodfisher::obs_update(out.data_ptr<float>(), inv.data_ptr<float>(),
+                                    weights.data_ptr<float>(),
+                                    reinterpret_cast<const uint8_t*>(prune_mask.data_ptr<bool>()),
+                                    x, inv.size(0), inv.size(1),
+                                    c10::cuda::getCurrentCUDAStream().stream()),
+             "obs_update");
+  return out;
+}
+
+std::vector<int64_t> limits() {
+  return {woodfisher::woodbury_shared_max_block_size(), woodfisher::max_block_size()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(woodfisher_kernels, m) {
+  m.def("woodbury_update_(Tensor(a!) inv, Tensor grads, float num_samples) -> ()");
+  m.def("fisher_inverse(Tensor grads, float damp, float num_samples) -> Tensor");
+  m.def("obs_saliency(Tensor inv, Tensor weights, Tensor? loss_grad) -> Tensor");
+  m.def("obs_update(Tensor inv, Tensor weights, Tensor prune_mask, Tensor? loss_grad) -> Tensor");
+  m.def("_woodbury_update_path_(Tensor(a!) inv, Tensor grads, float num_samples, int path) -> ()");
+  m.def("_fisher_inverse_path(Tensor grads, float damp, float num_samples, int path) -> Tensor");
+  m.def("_limits() -> int[]", &limits);
+}
+
+TORCH_LIBRARY_IMPL(woodfisher_kernels, CUDA, m) {
+  m.impl("woodbury_update_", &woodbury_update_);
+  m.impl("fisher_inverse", &fisher_inverse);
+  m.impl("obs_saliency", &obs_saliency);
+  m.impl("obs_update", &obs_update);
+  m.impl("_woodbury_update_path_", &woodbury_update_path_);
+  m.impl("_fisher_inverse_path", &fisher_inverse_path);
+}
+
+// A Python extension module with no functions: importing it runs the registrations above.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,220 @@
+"""Reports: per-layer sparsity tables (like the paper's Table S6), JSON, plots.
+
+A table is a list of row dicts ``{"layer", "shape", "params", "nnz", "sparsity"
+(percent), "flops_dense", "flops_sparse"}`` (the FLOPs keys only when an input shape
+is given); :func:`format_table` renders it as markdown with a total row.
+Plots use matplotlib's Agg backend (files only, no display needed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .flops import layer_flops
+from .models import prunable_weights
+
+__all__ = ["sparsity_table", "table_totals", "format_table", "to_jsonable", "write_json",
+           "plot_accuracy_vs_sparsity", "plot_layer_sparsity"]
+
+Row = Dict[str, Any]
+
+
+def _rows_from_model(model: nn.Module, names: Optional[Sequence[str]]) -> List[Row]:
+    params = dict(model.named_parameters())
+    names = list(names) if names is not None else prunable_weights(model)
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ValueError(f"names: no such parameter(s) {unknown}")
+    rows = []
+    for n in names:
+        w = params[n].detach()
+        nnz = int(torch.count_nonzero(w))
+        rows.append({"layer": n, "shape": tuple(w.shape), "params": w.numel(), "nnz": nnz,
+                     "sparsity": 100.0 * (1.0 - nnz / max(w.numel(), 1))})
+    return rows
+
+
+def _rows_from_result(result: Any) -> List[Row]:
+    rows = []
+    for layer in result.layers:
+        numel = int(layer["numel"])
+        rows.append({"layer": layer["name"], "shape": tuple(layer["shape"]), "params": numel,
+                     "nnz": int(layer["nnz"]), "sparsity": 100.0 * float(layer["sparsity"])})
+    return rows
+
+
+def sparsity_table(result_or_model: Any, *, model: Optional[nn.Module] = None,
+                   input_shape: Optional[Sequence[int]] = None,
+                   names: Optional[Sequence[str]] = None) -> List[Row]:
+    """Per-layer rows: layer, shape, params, nnz, sparsity (%), and FLOPs when possible.
+
+    Args:
+        result_or_model: a PruneResult (uses its ``layers``) or an ``nn.Module`` (counts
+            the zeros of ``names``, default every Linear/Conv weight).
+        model: the model, for FLOPs when the first argument is a PruneResult.
+        input_shape: one sample's shape; when given (and a model is known) adds
+            ``flops_dense`` / ``flops_sparse`` per layer (see :mod:`woodfisher.flops`).
+        names: parameter names to list (module case only).
+    """
+    if isinstance(result_or_model, nn.Module):
+        model = result_or_model
+        rows = _rows_from_model(model, names)
+    elif hasattr(result_or_model, "layers"):
+        rows = _rows_from_result(result_or_model)
+    else:
+        raise ValueError("result_or_model must be a PruneResult or nn.Module, "
+                         f"got {type(result_or_model).__name__}")
+    if input_shape is not None and model is not None:
+        by_weight = {str(s["weight"]): s for s in layer_flops(model, input_shape).values()}
+        for row in rows:
+            s = by_weight.get(row["layer"])
+            if s is not None:
+                row["flops_dense"] = int(s["params"]) * int(s["uses"])
+                row["flops_sparse"] = int(row["nnz"]) * int(s["uses"])
+    return rows
+
+
+def table_totals(rows: Sequence[Row]) -> Row:
+    """Totals over rows: params, nnz, overall sparsity (%) and FLOPs sums where present."""
+    params = sum(int(r["params"]) for r in rows)
+    nnz = sum(int(r["nnz"]) for r in rows)
+    total: Row = {"layer": "total", "shape": "", "params": params, "nnz": nnz,
+                  "sparsity": 100.0 * (1.0 - nnz / max(params, 1))}
+    for key in ("flops_dense", "flops_sparse"):
+        if rows and all(key in r for r in rows):
+            total[key] = sum(int(r[key]) for r in rows)
+    return total
+
+
+def _fmt_int(x: int) -> str:
+    return f"{int(x):,}"
+
+
+def format_table(rows: Sequence[Row], title: Optional[str] = None) -> str:
+    """Markdown table of ``rows`` plus a total row (readable as plain text too)."""
+    if not rows:
+        raise ValueError("rows is empty")
+    has_flops = all("flops_dense" in r for r in rows)
+    head = ["layer", "shape", "params", "nnz", "sparsity %"]
+    if has_flops:
+        head += ["FLOPs dense", "FLOPs sparse"]
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in [*rows, table_totals(rows)]:
+        shape = "x".join(str(s) for s in r["shape"]) if r["shape"] != "" else ""
+        cells = [str(r["layer"]), shape, _fmt_int(r["params"]), _fmt_int(r["nnz"]), f"{r['sparsity']:.2f}"]
+        if has_flops:
+            cells += [_fmt_int(r["flops_dense"]), _fmt_int(r["flops_sparse"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert tensors / numpy / tuples / dataclass-like objects to JSON-serialisable values."""
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if callable(obj):
+        return getattr(obj, "__name__", repr(obj))
+    return repr(obj)
+
+
+def write_json(path: Union[str, os.PathLike], obj: Any) -> str:
+    """Write ``obj`` (made JSON-serialisable) with indentation; returns the path."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(to_jsonable(obj), f, indent=2)
+        f.write("\n")
+    return path
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(plt, fig, path: Union[str, os.PathLike]) -> str:
+    fig.tight_layout()
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+Curve = Sequence[Tuple[float, float, float]]  # (sparsity %, accuracy %, std %)
+
+
+def plot_accuracy_vs_sparsity(curves: Mapping[str, Curve], path: Union[str, os.PathLike],
+                              title: str = "One-shot pruning", dense_accuracy: Optional[float] = None,
+                              zoom: Optional[Tuple[float, float, float, float]] = None) -> str:
+    """Accuracy (%) vs sparsity (%) per method; ``curves[method] = [(sparsity, acc, std), ...]``.
+
+    ``zoom=(x0, x1, y0, y1)`` adds a second panel showing only that window.
+    """
+    if not curves:
+        raise ValueError("curves is empty")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(12 if zoom else 7, 4.5), dpi=120, squeeze=False)
+    markers = "osD^v<>px*h"
+    for ax in axes[0]:
+        for i, (method, pts) in enumerate(curves.items()):
+            pts = sorted(pts)
+            errs = [p[2] if len(p) > 2 else 0.0 for p in pts]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=errs if any(errs) else None,
+                        marker=markers[i % len(markers)], markersize=4, capsize=2, linewidth=1.5, label=method)
+        if dense_accuracy is not None:
+            ax.axhline(dense_accuracy, color="gray", linestyle="--", linewidth=1,
+                       label=f"dense ({dense_accuracy:.2f}%)")
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_title(title)
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    if zoom:
+        axes[0][1].set_xlim(zoom[0], zoom[1])
+        axes[0][1].set_ylim(zoom[2], zoom[3])
+        axes[0][1].set_title("zoom")
+    return _save(plt, fig, path)
+
+
+def plot_layer_sparsity(tables: Mapping[str, Sequence[Row]], path: Union[str, os.PathLike],
+                        title: str = "Per-layer sparsity") -> str:
+    """Grouped bars of per-layer sparsity (%), one group per layer, one bar per table (method)."""
+    if not tables or not all(tables.values()):
+        raise ValueError("tables must be a non-empty {label: rows} mapping with non-empty rows")
+    plt = _pyplot()
+    layers = [r["layer"] for r in next(iter(tables.values()))]
+    width = 0.8 / len(tables)
+    extra = 2.5 if len(tables) > 1 else 0.0  # room for the legend on the right
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers) + 2) + extra, 4.5), dpi=120)
+    for i, (label, rows) in enumerate(tables.items()):
+        by_layer = {r["layer"]: r["sparsity"] for r in rows}
+        xs = [j + (i - (len(tables) - 1) / 2) * width for j in range(len(layers))]
+        ax.bar(xs, [by_layer.get(n, 0.0) for n in layers], width=width, label=label)
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels([n.removesuffix(".weight") for n in layers], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("sparsity (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    if len(tables) > 1:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return _save(plt, fig, path)

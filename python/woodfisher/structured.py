@@ -1,0 +1,160 @@
+"""Group OBS: N:M semi-structured patterns and whole rows / filters.
+
+Both use the group statistic of :func:`woodfisher_kernels.group_obs_saliency` on the
+blockwise inverse, exact (``rho_Q = w_Q^T ([F^-1]_QQ)^-1 w_Q / 2``) or the paper's
+Eq. 18 relaxation (``group_exact=False``), and remove the chosen groups together
+with :func:`woodfisher_kernels.group_obs_update` (the sum of the groups' updates,
+the group version of the simultaneous-removal approximation).
+
+* ``pattern="N:M"`` (e.g. ``"2:4"``): in every run of M consecutive weights of a row
+  (the row-major flattening of the weight, so for a conv ``in * kh * kw`` per filter)
+  keep N. For each run all ``C(M, M-N)`` subsets of M-N weights are scored with the
+  group statistic and the cheapest one is pruned. Needs the row length and the block
+  size to be multiples of M, so that a run never crosses a row or a block.
+* ``pattern="rows"``: remove whole output rows (Linear) / filters (Conv) as groups.
+  Needs whole-layer blocks or a block size that is a multiple of the row length.
+  Exact statistics solve one ``q x q`` system per row (q = row length).
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+import woodfisher_kernels as wk
+
+from .layout import PrunableLayer
+
+Pattern = Tuple  # ("nm", n, m) or ("rows",)
+
+
+def parse_pattern(pattern) -> Optional[Pattern]:
+    """None, ``"N:M"`` with 0 < N < M, or ``"rows"``; anything else is a ValueError."""
+    if pattern is None:
+        return None
+    if pattern == "rows":
+        return ("rows",)
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern) if isinstance(pattern, str) else None
+    if match is None:
+        raise ValueError(f"pattern must be None, 'N:M' (e.g. '2:4') or 'rows', got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"pattern 'N:M' needs 0 < N < M, got {pattern!r}")
+    return ("nm", n, m)
+
+
+def pattern_sparsity(parsed: Pattern) -> Optional[float]:
+    """The sparsity an N:M pattern fixes (1 - N/M); None for rows."""
+    return 1.0 - parsed[1] / parsed[2] if parsed[0] == "nm" else None
+
+
+def check_pattern_layers(parsed: Pattern, layers: List[PrunableLayer]) -> None:
+    """Refuse layers whose rows / blocks do not fit the pattern (naming the layer)."""
+    for layer in layers:
+        if parsed[0] == "nm":
+            m = parsed[2]
+            if layer.row_length % m or layer.block_size % m:
+                raise ValueError(f"pattern '{parsed[1]}:{m}': layer {layer.name!r} has rows of "
+                                 f"{layer.row_length} entries and blocks of {layer.block_size}; "
+                                 f"both must be multiples of {m}")
+        elif layer.block_size % layer.row_length:
+            raise ValueError(f"pattern 'rows': block_size {layer.block_size} of layer {layer.name!r} "
+                             f"must be a multiple of its row length {layer.row_length} (or None)")
+
+
+def consecutive_groups(layer: PrunableLayer, size: int, device=None) -> torch.Tensor:
+    """(B, c // size, size) int64 indices of the runs of ``size`` entries of every block."""
+    c = layer.block_size
+    idx = torch.arange(c, device=device).view(c // size, size)
+    return idx.unsqueeze(0).expand(layer.num_blocks, -1, -1).contiguous()
+
+
+def nm_choose(inv, weights: torch.Tensor, layer: PrunableLayer, n: int, m: int, *,
+              exact: bool = True, magnitude: bool = False) -> torch.Tensor:
+    """For every run of m weights, the m-n entries to prune: (B, c // m, m - n) indices.
+
+    The subset minimising the group statistic among all ``C(m, m - n)`` subsets, or
+    with ``magnitude=True`` the m-n smallest ``|w|``.
+    """
+    runs = consecutive_groups(layer, m, weights.device)                   # (B, G, m)
+    q = m - n
+    if magnitude:
+        w_runs = torch.gather(weights.abs(), 1, runs.flatten(1)).view(runs.shape)
+        order = torch.argsort(w_runs, dim=2, stable=True)[..., :q]
+        return torch.gather(runs, 2, order)
+    subsets = torch.tensor(list(itertools.combinations(range(m), q)), device=weights.device)  # (S, q)
+    b, g, _ = runs.shape
+    cand = runs[:, :, subsets]                                            # (B, G, S, q)
+    rho = wk.group_obs_saliency(inv, weights, cand.reshape(b, -1, q), exact=exact)
+    best = rho.view(b, g, -1).argmin(dim=2)                               # (B, G)
+    return torch.gather(cand, 2, best.view(b, g, 1, 1).expand(b, g, 1, q)).squeeze(2)
+
+
+def groups_to_mask(groups: torch.Tensor, prune: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, G, q) groups and (B, G) flags -> (B, c) bool prune mask."""
+    mask = torch.zeros(groups.shape[0], block_size, dtype=torch.bool, device=groups.device)
+    mask.scatter_(1, groups.flatten(1), prune.unsqueeze(-1).expand(groups.shape).flatten(1))
+    return mask
+
+
+def row_saliency(inv, weights: torch.Tensor, layer: PrunableLayer, exact: bool = True) -> torch.Tensor:
+    """Group statistic of every output row / filter: (B, c // row) -> rows (out,)."""
+    groups = consecutive_groups(layer, layer.row_length, weights.device)
+    rho = wk.group_obs_saliency(inv, weights, groups, exact=exact)
+    return rho.flatten()[: layer.shape[0]]
+
+
+def select_rows(scores: Dict[str, torch.Tensor], sizes: Dict[str, int], sparsity: float,
+                mode: str) -> Dict[str, torch.Tensor]:
+    """{name: (out,) bool rows to prune} reaching ``sparsity`` of entries.
+
+    layerwise: ``round(sparsity * out)`` cheapest rows of each layer; global: rows of
+    all layers ranked by statistic per entry (``rho_Q / |Q|``), pruned cheapest first
+    while the pruned entries stay within ``sparsity`` of the total.
+    """
+    if mode == "layerwise":
+        out = {}
+        for name, s in scores.items():
+            k = int(round(sparsity * s.numel()))
+            mask = torch.zeros_like(s, dtype=torch.bool)
+            mask[torch.argsort(s.double(), stable=True)[:k]] = True
+            out[name] = mask
+        return out
+    names = list(scores)
+    per_entry = torch.cat([scores[n].double().cpu() / sizes[n] for n in names])
+    size = torch.cat([torch.full((scores[n].numel(),), sizes[n], dtype=torch.float64) for n in names])
+    total = float(size.sum())
+    order = torch.argsort(per_entry, stable=True)
+    within = torch.cumsum(size[order], 0) <= sparsity * total + 0.5
+    flags = torch.zeros_like(per_entry, dtype=torch.bool)
+    flags[order[within]] = True
+    out, start = {}, 0
+    for n in names:
+        k = scores[n].numel()
+        out[n] = flags[start:start + k].to(scores[n].device)
+        start += k
+    return out
+
+
+def rows_to_groups(layer: PrunableLayer, rows: torch.Tensor, device=None):
+    """(out,) row flags -> ((B, G, row) groups, (B, G) flags) in block layout."""
+    groups = consecutive_groups(layer, layer.row_length, device)
+    flags = torch.zeros(groups.shape[0] * groups.shape[1], dtype=torch.bool, device=device)
+    flags[: rows.numel()] = rows.to(device)
+    return groups, flags.view(groups.shape[0], groups.shape[1])
+
+
+def nm_magnitude(layers: List[PrunableLayer], n: int, m: int, keep: Dict[str, torch.Tensor]):
+    """N:M by |w| (no Fisher): returns ({param_name: weights}, updated keep-masks)."""
+    new = {}
+    for l in layers:
+        name = l.param_name
+        w = l.blocks(l.effective_weight())
+        groups = nm_choose(None, w, l, n, m, magnitude=True)
+        flags = torch.ones(groups.shape[:2], dtype=torch.bool, device=w.device)
+        prune = l.unblock(groups_to_mask(groups, flags, l.block_size))
+        keep[name] = keep[name] & ~prune
+        new[name] = l.effective_weight() * keep[name]
+    return new, keep

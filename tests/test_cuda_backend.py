@@ -1,0 +1,208 @@
+"""The CUDA backend (csrc/, loaded as woodfisher_kernels._C).
+
+GPU tests (marked ``gpu``; skipped without CUDA by conftest) run both Woodbury kernels
+(block in shared memory, tiled rank-K) against float64 dense inverses, check padding and
+exact symmetry, and the OBS ops (plain and WoodTaylor) against reference.py in float64.
+With a GPU but without the built extension they fail with the build command (set
+WOODFISHER_NO_CUDA=1 to skip them on purpose). CPU tests check that the backend module
+imports cleanly without the extension and then registers nothing.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import sys
+
+import pytest
+import torch
+
+import woodfisher_kernels as wk
+from woodfisher_kernels import _cuda, _dispatch, reference
+from woodfisher_kernels.blocking import to_blocks, valid_mask
+
+from _shared import dense_fisher, inverse_tolerance, rel_err
+
+OPS = ("woodbury_update_", "fisher_inverse", "obs_saliency", "obs_update")
+BLOCK_SIZES = (1, 7, 50, 64, 128, 200, 257)
+NUM_GRADS = (1, 16, 130)
+NUM_BLOCKS = (1, 3, 1000)
+MAX_ENTRIES = 1 << 24  # cap on B * c * c so the float64 references stay small
+DAMP = 0.5
+OBS_TOL = 2e-5  # float32 (w - h)^2 / 2d and w - F v - h vs float64: measured ~2e-7
+
+
+@pytest.fixture
+def ext():
+    """The cuda backend module, or a failure explaining how to build it."""
+    if not _cuda.AVAILABLE:
+        if os.environ.get("WOODFISHER_NO_CUDA") == "1":
+            pytest.skip("WOODFISHER_NO_CUDA=1: CUDA extension deliberately not built")
+        pytest.fail("a GPU is present but woodfisher_kernels._C is not built; run "
+                    "`pip install --no-build-isolation --no-deps -e .` first")
+    return _cuda
+
+
+def _grads(b, m, c, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(b, m, c, generator=gen).cuda()
+
+
+def _shape_cases():
+    seen = set()
+    for c, m, b in itertools.product(BLOCK_SIZES, NUM_GRADS, NUM_BLOCKS):
+        b = min(b, max(1, MAX_ENTRIES // (c * c)))
+        if (c, m, b) not in seen:
+            seen.add((c, m, b))
+            yield pytest.param(c, m, b, id=f"c{c}-m{m}-B{b}")
+
+
+SHAPE_CASES = list(_shape_cases())
+
+
+def _skip_if_too_big_for_shared(ext, path, c):
+    if path == "shared" and c > ext.limits()[0]:
+        pytest.skip(f"c={c} exceeds the shared-memory kernel on this device")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["shared", "tiled"])
+@pytest.mark.parametrize("c, m, b", SHAPE_CASES)
+def test_fisher_inverse_matches_dense_inverse(ext, path, c, m, b):
+    _skip_if_too_big_for_shared(ext, path, c)
+    grads = _grads(b, m, c)
+    inv = ext.fisher_inverse(grads, DAMP, float(m), path)
+    fisher = dense_fisher(grads, DAMP)
+    assert rel_err(inv, torch.linalg.inv(fisher)) <= inverse_tolerance(fisher, torch.float32)
+    # Both kernels subtract the same rounded products for (r, j) and (j, r).
+    assert torch.equal(inv, inv.transpose(1, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["shared", "tiled"])
+@pytest.mark.parametrize("c, m, b", SHAPE_CASES)
+def test_woodbury_update_continues_an_inverse(ext, path, c, m, b):
+    _skip_if_too_big_for_shared(ext, path, c)
+    first, more = _grads(b, m, c, seed=1), _grads(b, m, c, seed=2)
+    n = 2.0 * m
+    inv64 = torch.linalg.inv(dense_fisher(first, DAMP, n))
+    inv = (0.5 * (inv64 + inv64.transpose(1, 2))).float()  # exactly symmetric input
+    ext.woodbury_update_(inv, more, n, path)
+    fisher = dense_fisher(torch.cat([first, more], dim=1), DAMP, n)
+    assert rel_err(inv, torch.linalg.inv(fisher)) <= inverse_tolerance(fisher, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["shared", "tiled"])
+@pytest.mark.parametrize("c", [64, 257])
+def test_padding_stays_decoupled(ext, path, c):
+    _skip_if_too_big_for_shared(ext, path, c)
+    numel, m, damp = 1000, 40, 0.3
+    flat = torch.randn(m, numel, generator=torch.Generator().manual_seed(3)).cuda()
+    grads = to_blocks(flat, c).transpose(0, 1).contiguous()  # (B, m, c)
+    real = valid_mask(numel, c, device="cuda")
+    assert not real[-1].all(), "the last block must be padded"
+    inv = ext.fisher_inverse(grads, damp, float(m), path)
+    last, keep = inv[-1], real[-1]
+    pad_diag = (torch.tensor(1.0) / torch.tensor(damp)).item()  # float32 1/damp, as in the kernel
+    npad = int((~keep).sum())
+    assert torch.equal(last[~keep][:, ~keep], torch.eye(npad, device="cuda") * pad_diag)
+    assert not last[~keep][:, keep].any() and not last[keep][:, ~keep].any()
+    fisher = dense_fisher(grads[-1:, :, keep], damp)
+    assert rel_err(last[keep][:, keep][None], torch.linalg.inv(fisher)) <= inverse_tolerance(
+        fisher, torch.float32)
+
+    weights = to_blocks(torch.randn(numel, generator=torch.Generator().manual_seed(4)).cuda(), c)
+    loss_grad = to_blocks(0.1 * torch.randn(numel, generator=torch.Generator().manual_seed(5)).cuda(), c)
+    mask = (torch.rand(weights.shape, generator=torch.Generator().manual_seed(6)) < 0.3).cuda() & real
+    for g in (None, loss_grad):
+        assert not ext.obs_saliency(inv, weights, g)[~real].any()
+        assert not ext.obs_update(inv, weights, mask, g)[~real].any()
+
+
+def _obs_inputs(b, c, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.randn(b, c, generator=gen).cuda()
+    loss_grad = 0.1 * torch.randn(b, c, generator=gen).cuda()
+    mask = (torch.rand(b, c, generator=gen) < 1 / 3).cuda()
+    return weights, loss_grad, mask
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("taylor", [False, True], ids=["plain", "woodtaylor"])
+@pytest.mark.parametrize("c, b", [(1, 1000), (7, 3), (50, 1000), (64, 3), (128, 300), (200, 3),
+                                  (257, 200)])
+def test_obs_ops_match_reference(ext, c, b, taylor):
+    inv = ext.fisher_inverse(_grads(b, 16, c), DAMP, 16.0)
+    weights, loss_grad, mask = _obs_inputs(b, c)
+    g = loss_grad if taylor else None
+    g64 = loss_grad.double() if taylor else None
+    rho = ext.obs_saliency(inv, weights, g)
+    assert rel_err(rho, reference.obs_saliency(inv.double(), weights.double(), g64)) <= OBS_TOL
+    new = ext.obs_update(inv, weights, mask, g)
+    want = reference.obs_update(inv.double(), weights.double(), mask, g64)
+    assert rel_err(new, want) <= OBS_TOL
+    assert not new[mask].any() and not torch.signbit(new[mask]).any()  # exactly +0
+
+
+@pytest.mark.gpu
+def test_public_ops_dispatch_to_cuda(ext):
+    grads = _grads(3, 16, 50)
+    assert _dispatch.select("fisher_inverse", "auto", grads) is ext.fisher_inverse
+    inv = wk.fisher_inverse(grads, DAMP)
+    assert torch.equal(inv, ext.fisher_inverse(grads, DAMP, 16.0))
+    weights, _, mask = _obs_inputs(3, 50)
+    assert torch.equal(wk.obs_update(inv, weights, mask, backend="cuda"),
+                       ext.obs_update(inv, weights, mask))
+
+
+@pytest.mark.gpu
+def test_runs_on_the_current_stream(ext):
+    grads = _grads(64, 130, 64)
+    expected = ext.fisher_inverse(grads, DAMP, 130.0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        inv = ext.fisher_inverse(grads, DAMP, 130.0)
+        ext.woodbury_update_(inv, grads, 130.0)
+    stream.synchronize()
+    again = expected.clone()
+    ext.woodbury_update_(again, grads, 130.0)
+    assert torch.equal(inv, again)
+
+
+@pytest.mark.gpu
+def test_limits_and_refusals(ext):
+    shared_max, max_c = ext.limits()
+    optin = torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    assert 4 * (shared_max ** 2 + 3 * shared_max) <= optin < 4 * ((shared_max + 1) ** 2 + 3 * (shared_max + 1))
+    assert shared_max < max_c
+    grads = _grads(1, 1, shared_max + 1)
+    with pytest.raises(ValueError, match="shared-memory kernel"):
+        ext.fisher_inverse(grads, DAMP, 1.0, "shared")
+    assert ext.fisher_inverse(grads, DAMP, 1.0, "auto").shape == (1, shared_max + 1, shared_max + 1)
+
+
+@pytest.mark.skipif(_cuda.AVAILABLE, reason="the CUDA extension is built here")
+def test_without_extension_nothing_is_registered():
+    assert "woodfisher_kernels._C" not in sys.modules
+    for op in OPS:
+        assert "cuda" not in wk.available_backends(op)
+        with pytest.raises(ValueError, match="backend='cuda' is not available"):
+            _dispatch.select(op, "cuda", torch.zeros(1, 2, 2))
+
+
+def test_unloadable_extension_warns_and_registers_nothing(monkeypatch):
+    """A stale _C (e.g. built for another torch) must not break `import woodfisher_kernels`."""
+    recorded = []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setitem(sys.modules, "woodfisher_kernels._C", None)  # import -> ImportError
+    monkeypatch.delattr(wk, "_C", raising=False)
+    monkeypatch.setattr(_dispatch, "register", lambda *args: recorded.append(args))
+    try:
+        with pytest.warns(RuntimeWarning, match="failed to load"):
+            importlib.reload(_cuda)
+        assert _cuda.AVAILABLE is False and recorded == []
+    finally:
+        monkeypatch.undo()
+        importlib.reload(_cuda)  # back to the real state (re-registers where built)

@@ -1,0 +1,64 @@
+"""Automatic dampening: the relative rule and the held-out search."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import woodfisher as wf
+from woodfisher.damping import AUTO_ALPHA
+from _pruner_shared import per_sample_grads, same_state, state_copy, tiny_data, tiny_mlp
+
+NAMES = ["0.weight", "2.weight"]
+
+
+def test_auto_damp_is_alpha_times_mean_fisher_diagonal():
+    model, loader = tiny_mlp(seed=0), tiny_data(seed=0)
+    grads = per_sample_grads(copy.deepcopy(model), loader, NAMES, 20)
+    expect = AUTO_ALPHA * torch.cat([g.square().mean(0) for g in grads.values()]).mean()
+    res = wf.prune_one_shot(model, loader, sparsity=0.5, num_grads=20, damp="auto", progress=False)
+    assert res.damp == pytest.approx(float(expect), rel=1e-12)
+
+
+def test_auto_damp_is_scale_equivariant():
+    """loss x s -> gradients x s -> damp x s^2, and the same masks and weights."""
+    base, loader = tiny_mlp(seed=1), tiny_data(seed=1)
+    results, models = [], []
+    for s in (1.0, 7.0):
+        m = copy.deepcopy(base)
+        loss = lambda out, y, s=s: s * nn.functional.cross_entropy(out, y)  # noqa: E731
+        results.append(wf.prune_one_shot(m, loader, sparsity=0.5, num_grads=20, damp="auto", loss_fn=loss,
+                                         progress=False))
+        models.append(m)
+    assert results[1].damp == pytest.approx(49.0 * results[0].damp, rel=1e-10)
+    for n in NAMES:
+        assert torch.equal(results[0].masks[n], results[1].masks[n])
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-12)
+
+
+def test_search_damp_picks_the_grid_value_with_lowest_heldout_loss():
+    model, loader = tiny_mlp(seed=2), tiny_data(seed=2)
+    heldout = tiny_data(seed=3)
+    before = state_copy(model)
+    grid = [1e-4, 1e-2, 1.0, 100.0]
+    best, losses = wf.search_damp(model, loader, heldout, sparsity=0.6, grid=grid, num_grads=16)
+    assert same_state(model, before)  # the search prunes copies only
+    assert set(losses) == set(grid) and best in grid
+    for d in grid:  # independent recomputation of each held-out loss
+        m = copy.deepcopy(model)
+        wf.prune_one_shot(m, loader, sparsity=0.6, damp=d, num_grads=16, progress=False)
+        with torch.no_grad():
+            ce = torch.cat([nn.functional.cross_entropy(m(x), y, reduction="none") for x, y in heldout]).mean()
+        assert losses[d] == pytest.approx(float(ce), rel=1e-10)
+    assert losses[best] == min(losses.values())
+
+
+def test_search_damp_default_grid_is_relative_to_auto():
+    model, loader = tiny_mlp(seed=4), tiny_data(seed=4)
+    best, losses = wf.search_damp(model, loader, tiny_data(seed=5), sparsity=0.5, num_grads=12)
+    auto = wf.prune_one_shot(copy.deepcopy(model), loader, sparsity=0.0, damp="auto", num_grads=12,
+                             progress=False).damp
+    assert sorted(losses) == pytest.approx([auto * 10.0 ** k for k in range(-3, 2)], rel=1e-12)

@@ -1,0 +1,91 @@
+"""N:M patterns and whole-row group OBS against float64 dense references."""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+import woodfisher as wf
+from _pruner_shared import per_sample_grads, tiny_data, tiny_mlp
+
+NAMES = ["0.weight", "2.weight"]
+DAMP = 1e-2
+
+
+def _dense_inverses(model, loader, m):
+    grads = per_sample_grads(model, loader, NAMES, m)
+    return {n: torch.linalg.inv(DAMP * torch.eye(g.shape[1], dtype=torch.float64) + g.T @ g / m)
+            for n, g in grads.items()}
+
+
+def _group_stat(inv, w, q, exact):
+    sub = inv[q][:, q]
+    if exact:
+        return 0.5 * w[q] @ torch.linalg.solve(sub, w[q])
+    return w[q].sum() ** 2 / (2 * sub.sum())
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_two_four_pattern_is_exact_and_minimises_group_statistic(exact):
+    model, loader = tiny_mlp(seed=0, sizes=(8, 4, 4)), tiny_data(features=8, seed=0)
+    ref = copy.deepcopy(model)
+    res = wf.prune_one_shot(model, loader, sparsity=0.5, pattern="2:4", group_exact=exact, num_grads=24,
+                            damp=DAMP, progress=False)
+    invs = _dense_inverses(ref, loader, 24)
+    params, new_params = dict(ref.named_parameters()), dict(model.named_parameters())
+    for n in NAMES:
+        keep = res.masks[n].flatten()
+        assert torch.all(keep.view(-1, 4).sum(1) == 2)  # every run of 4 keeps exactly 2
+        w, inv = params[n].detach().flatten(), invs[n]
+        dw = torch.zeros_like(w)
+        for start in range(0, w.numel(), 4):
+            pairs = [torch.tensor([start + a, start + b]) for a, b in itertools.combinations(range(4), 2)]
+            stats = torch.stack([_group_stat(inv, w, q, exact) for q in pairs])
+            best = pairs[int(stats.argmin())]
+            assert set((~keep).nonzero().flatten().tolist()) >= set(best.tolist())
+            if exact:
+                dw -= inv[:, best] @ torch.linalg.solve(inv[best][:, best], w[best])
+            else:
+                e = inv[:, best].sum(1)
+                dw -= w[best].sum() * e / inv[best][:, best].sum()
+        expect = (w + dw).masked_fill(~keep, 0.0)
+        torch.testing.assert_close(new_params[n].detach().flatten(), expect, rtol=1e-7, atol=1e-10)
+
+
+def test_magnitude_two_four_prunes_smallest_pair():
+    model = tiny_mlp(seed=1, sizes=(8, 4, 4))
+    w = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = wf.prune_one_shot(model, None, sparsity=0.5, pattern="2:4", method="magnitude", progress=False)
+    for n in NAMES:
+        runs = w[n].abs().view(-1, 4)
+        pruned = ~res.masks[n].view(-1, 4)
+        assert torch.all(pruned.sum(1) == 2)
+        assert torch.all(runs[pruned].view(-1, 2).max(1).values <= runs[~pruned].view(-1, 2).min(1).values)
+
+
+def test_nm_needs_rows_multiple_of_m():
+    model = tiny_mlp(seed=1)  # rows of 6 and 5 entries
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="multiples of 4"):
+        wf.prune_one_shot(model, tiny_data(), sparsity=0.5, pattern="2:4", progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_rows_layerwise_removes_cheapest_rows_with_group_update():
+    model, loader = tiny_mlp(seed=2, sizes=(6, 6, 4)), tiny_data(seed=2)
+    ref = copy.deepcopy(model)
+    res = wf.prune_one_shot(model, loader, sparsity=0.5, pattern="rows", mode="layerwise", num_grads=24,
+                            damp=DAMP, progress=False)
+    invs = _dense_inverses(ref, loader, 24)
+    params = dict(ref.named_parameters())
+    for n in NAMES:
+        w = params[n].detach()
+        rows, cols = w.shape
+        stats = torch.stack([_group_stat(invs[n], w.flatten(), torch.arange(r * cols, (r + 1) * cols), True)
+                             for r in range(rows)])
+        expect_rows = set(torch.argsort(stats)[: rows // 2].tolist())
+        pruned_rows = {r for r in range(rows) if not res.masks[n][r].any()}
+        assert pruned_rows == expect_rows
+        assert all(res.masks[n][r].all() for r in range(rows) if r not in pruned_rows)

@@ -1,0 +1,102 @@
+"""Bad input -> ValueError with a clear message, and the model is left unchanged."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import woodfisher as wf
+from _pruner_shared import same_state, state_copy, tiny_data, tiny_mlp
+
+BAD = [
+    (dict(sparsity=1.0), "sparsity"),
+    (dict(sparsity=-0.1), "sparsity"),
+    (dict(sparsity="half"), "sparsity"),
+    (dict(num_grads=0), "num_grads"),
+    (dict(fisher_batch_size=0), "fisher_batch_size"),
+    (dict(block_size=0), "block_size"),
+    (dict(num_steps=0), "num_steps"),
+    (dict(method="hessian"), "method"),
+    (dict(mode="joint"), "mode"),
+    (dict(damp=-1.0), "damp"),
+    (dict(damp="big"), "damp"),
+    (dict(beta=-0.5), "beta"),
+    (dict(backend="opencl"), "backend"),
+    (dict(pattern="4:2"), "pattern"),
+    (dict(pattern="two-four"), "pattern"),
+    (dict(pattern="1:2", sparsity=0.7), "fixes the sparsity"),
+    (dict(modules=["fc9"]), "fc9"),
+    (dict(modules=["1"]), "ReLU"),
+    (dict(method="kfac", woodtaylor=True), "woodtaylor"),
+    (dict(memory_budget=100), "memory_budget"),
+    (dict(inverse_form="cholesky"), "inverse_form"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD, ids=[str(k) for k, _ in BAD])
+def test_bad_arguments_raise_and_change_nothing(kwargs, match):
+    model = tiny_mlp()
+    before = state_copy(model)
+    args = dict(sparsity=0.5, num_grads=8, progress=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        wf.prune_one_shot(model, tiny_data(), **args)
+    assert same_state(model, before)
+
+
+def test_no_prunable_module():
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="no prunable module"):
+        wf.prune_one_shot(model, [(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))], sparsity=0.5)
+
+
+@pytest.mark.parametrize("method", ["woodfisher", "diag_fisher", "kfac"])
+def test_empty_loader(method):
+    model = tiny_mlp()
+    before = state_copy(model)
+    with pytest.raises(ValueError, match="empty"):
+        wf.prune_one_shot(model, [], sparsity=0.5, method=method, progress=False)
+    assert same_state(model, before)
+
+
+def test_missing_loader_for_fisher_methods():
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match="loader"):
+        wf.prune_one_shot(model, None, sparsity=0.5)
+
+
+def test_nan_gradients_name_the_layer_and_change_nothing():
+    model = tiny_mlp()
+    with torch.no_grad():
+        model[2].bias[0] = float("inf")  # finite inputs, non-finite output -> NaN/Inf gradients
+    before = state_copy(model)
+    with pytest.raises(ValueError, match="layer '0' contain NaN or Inf"):
+        wf.prune_one_shot(model, tiny_data(), sparsity=0.5, num_grads=8, progress=False)
+    assert same_state(model, before)
+
+
+def test_failure_in_a_later_step_restores_the_weights():
+    """A loader that breaks on its second pass: the first step's pruning is undone."""
+    class Flaky:
+        def __init__(self):
+            self.passes = 0
+            self.data = tiny_data()
+
+        def __iter__(self):
+            self.passes += 1
+            if self.passes > 1:
+                return iter([(torch.full((8, 6), float("nan"), dtype=torch.float64),
+                              torch.zeros(8, dtype=torch.long))])
+            return iter(self.data)
+
+    model = tiny_mlp()
+    before = state_copy(model)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        wf.prune_one_shot(model, Flaky(), sparsity=0.5, num_steps=2, num_grads=8, progress=False)
+    assert same_state(model, before)
+
+
+def test_bad_loader_items():
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match="inputs, targets"):
+        wf.prune_one_shot(model, [torch.randn(4, 6)], sparsity=0.5, progress=False)

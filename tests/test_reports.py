@@ -1,0 +1,95 @@
+"""FLOPs counting and reports, checked against hand-computed values on tiny models."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from woodfisher.flops import count_flops, flops_per_param, layer_flops
+from woodfisher.reports import (format_table, plot_accuracy_vs_sparsity, plot_layer_sparsity,
+                                sparsity_table, table_totals, to_jsonable, write_json)
+
+
+class Tiny(nn.Module):
+    """conv 1->2 3x3 pad 1 (4x4 out), conv 2->3 3x3 stride 2 pad 1 (2x2 out), fc 12->5 (used twice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+        self.down = nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 5, bias=False)
+
+    def forward(self, x):
+        x = self.down(torch.relu(self.conv(x))).flatten(1)
+        return self.head(self.fc(self.fc(x)))
+
+
+def _tiny_with_zeros():
+    torch.manual_seed(0)
+    model = Tiny()
+    with torch.no_grad():
+        model.conv.weight.view(-1)[:5] = 0.0    # 18 entries, 13 nonzero
+        model.down.weight.view(-1)[::2] = 0.0   # 54 entries, 27 nonzero
+        model.head.weight[:, :6] = 0.0          # 60 entries, 30 nonzero
+    return model
+
+
+def test_flops_hand_computed():
+    model = _tiny_with_zeros()
+    stats = layer_flops(model, (1, 4, 4))
+    # uses per weight entry = output positions: 4*4, 2*2, and the fc is called twice
+    assert {n: s["uses"] for n, s in stats.items()} == {"conv": 16, "down": 4, "fc": 2, "head": 1}
+    assert count_flops(model, (1, 4, 4)) == {"conv": 18 * 16, "down": 54 * 4, "fc": 144 * 2, "head": 60}
+    nnz_fc = int(torch.count_nonzero(model.fc.weight))
+    assert count_flops(model, (1, 4, 4), sparse=True) == {"conv": 13 * 16, "down": 27 * 4,
+                                                          "fc": nnz_fc * 2, "head": 30}
+    assert flops_per_param(model, (1, 4, 4))["down.weight"] == 4
+    assert model.training  # restored
+    with pytest.raises(ValueError, match="input_shape"):
+        layer_flops(model, ())
+
+
+def test_sparsity_table_from_model_and_totals():
+    model = _tiny_with_zeros()
+    rows = sparsity_table(model, input_shape=(1, 4, 4), names=["conv.weight", "down.weight", "head.weight"])
+    by = {r["layer"]: r for r in rows}
+    assert by["conv.weight"]["shape"] == (2, 1, 3, 3)
+    assert by["conv.weight"]["nnz"] == 13 and by["conv.weight"]["sparsity"] == pytest.approx(100 * 5 / 18)
+    assert by["down.weight"]["flops_sparse"] == 27 * 4 and by["down.weight"]["flops_dense"] == 54 * 4
+    total = table_totals(rows)
+    assert total["params"] == 18 + 54 + 60 and total["nnz"] == 13 + 27 + 30
+    assert total["sparsity"] == pytest.approx(100 * (1 - 70 / 132))
+    assert total["flops_sparse"] == 13 * 16 + 27 * 4 + 30
+    text = format_table(rows, title="tiny")
+    lines = [l for l in text.splitlines() if l.startswith("| ")]
+    assert len(lines) == 1 + 3 + 1  # header, rows, total
+    assert lines[-1].split("|")[1].strip() == "total" and "46.97" in lines[-1]
+    with pytest.raises(ValueError, match="no such parameter"):
+        sparsity_table(model, names=["nope.weight"])
+
+
+def test_sparsity_table_from_prune_result_like():
+    result = SimpleNamespace(layers=[dict(name="head.weight", shape=(5, 12), numel=60, nnz=15, sparsity=0.75)])
+    rows = sparsity_table(result, model=_tiny_with_zeros(), input_shape=(1, 4, 4))
+    assert rows[0]["sparsity"] == pytest.approx(75.0)
+    assert rows[0]["flops_sparse"] == 15 and rows[0]["flops_dense"] == 60
+    with pytest.raises(ValueError, match="result_or_model"):
+        sparsity_table(42)
+
+
+def test_json_and_plots(tmp_path):
+    obj = {"t": torch.tensor([1.0, 2.0]), "s": torch.tensor(3), "shape": (2, 3), "f": float("nan"), "fn": len}
+    path = write_json(tmp_path / "sub" / "r.json", obj)
+    assert json.load(open(path)) == {"t": [1.0, 2.0], "s": 3, "shape": [2, 3], "f": "nan", "fn": "len"}
+    assert to_jsonable({1: (torch.zeros(1),)}) == {"1": [0.0]}
+    curves = {"a": [(50, 90.0, 1.0), (10, 95.0, 0.5)], "b": [(10, 94.0, 0.0), (50, 80.0, 0.0)]}
+    png = plot_accuracy_vs_sparsity(curves, tmp_path / "acc.png", dense_accuracy=96.0)
+    rows = sparsity_table(_tiny_with_zeros())
+    png2 = plot_layer_sparsity({"x": rows, "y": rows}, tmp_path / "layers.png")
+    for p in (png, png2):
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError):
+        plot_accuracy_vs_sparsity({}, tmp_path / "x.png")
