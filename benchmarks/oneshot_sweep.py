@@ -22,7 +22,7 @@ Usage (from the repo root):
     OMP_NUM_THREADS=1 python benchmarks/oneshot_sweep.py --model resnet20 --eval-samples 2000 \
         --seeds 0 --fisher-batch-sizes 1 50
     python benchmarks/oneshot_sweep.py --quick          # tiny subset, < 30 s (CI)
-Writes ``<out>/oneshot_<model>.csv`` and ``<out>/oneshot_<model>.png``.
+Writes ``<out>/oneshot_<model>.csv``, ``.png``, ``_summary.md`` (mean +- std table) and ``.log``.
 """
 from __future__ import annotations
 
@@ -125,7 +125,10 @@ def run(args) -> List[dict]:
     dense = load_checkpoint(spec.factory(), os.path.join(args.data_root, "checkpoints", setup["ckpt"]),
                             trust_pickle=setup["trust_pickle"]).eval()
     train = setup["loader"](args.data_root, "train")
-    test = subset(setup["loader"](args.data_root, "test"), args.eval_samples, seed=0)
+    full_test = setup["loader"](args.data_root, "test")
+    test = subset(full_test, args.eval_samples, seed=0)
+    note = (f"fixed random test subset: {len(test)} of {len(full_test)} (seed 0)"
+            if len(test) < len(full_test) else "")
     modules, loss_fn = setup["modules"], spec.loss_fn
     dense_acc = evaluate(dense, test)
     log(f"{model_name}: dense accuracy {100 * dense_acc:.2f}% on {len(test)} test samples "
@@ -134,7 +137,7 @@ def run(args) -> List[dict]:
     rows: List[dict] = []
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
 
-    def record(method, mode, s, seed, model, fbs="", note="", secs=0.0):
+    def record(method, mode, s, seed, model, fbs="", secs=0.0):
         acc = evaluate(model, test)
         rows.append(dict(model=model_name, method=method, mode=mode, sparsity_target=s,
                          sparsity_actual=round(overall_sparsity(model, modules), 6), seed=seed,

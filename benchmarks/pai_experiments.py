@@ -158,16 +158,18 @@ def one_run(a, spec, train_set, test_set, crit, sparsity, wu, seed, setting):
     torch.manual_seed(seed)
     model = build_model(a.model).to(a.device)
     params = None if a.all_layers else (list(spec.prunable) if spec.prunable else None)
-    score_loader = make_loader(subset(train_set, a.score_samples, seed=seed), a.score_batch_size, shuffle=True, seed=seed)
+    score_loader = make_loader(subset(train_set, a.score_samples, seed=seed), a.score_batch_size,
+                               shuffle=True, seed=seed)
     res = prune_at_init(model, score_loader, sparsity=sparsity, criterion=crit, mode=a.mode, loss_fn=spec.loss_fn,
                         params=params, num_probes=a.num_probes, min_density=a.min_density,
-                        warmup_batches=a.warmup_batches if wu == "on" else 0, seed=seed, progress=False)
+                        warmup_batches=min(a.warmup_batches, len(score_loader)) if wu == "on" else 0,
+                        seed=seed, progress=False)
     row = dict(model=a.model, criterion=crit, sparsity=sparsity, warmup=wu, seed=seed, mode=a.mode,
                min_density=a.min_density,
                actual_sparsity=round(res.sparsity, 5), num_collapsed=len(res.collapsed),
                collapsed=";".join(res.collapsed), score_seconds=round(sum(res.timings.values()), 3),
                num_probes=a.num_probes, score_samples=a.score_samples,
-               warmup_batches=a.warmup_batches if wu == "on" else 0,
+               warmup_batches=min(a.warmup_batches, len(score_loader)) if wu == "on" else 0,
                params="default" if params else "all", device=a.device, torch=torch.__version__, setting=setting)
     if a.collapse_only:
         row["layers"] = res.layers
@@ -190,11 +192,13 @@ def plot(a):
     path = os.path.join(a.out, f"pai_{a.model}.csv")
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    groups = {}
+    groups, dense = {}, [float(r["test_acc"]) for r in rows if float(r["sparsity"]) == 0]
+    rows = [r for r in rows if float(r["sparsity"]) > 0]
     for r in rows:
         md = float(r.get("min_density") or 0)
-        groups.setdefault((r["criterion"], r["warmup"], md), {}).setdefault(float(r["sparsity"]), []).append(float(r["test_acc"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+        by_s = groups.setdefault((r["criterion"], r["warmup"], md), {})
+        by_s.setdefault(float(r["sparsity"]), []).append(float(r["test_acc"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for i, ((crit, wu, md), by_s) in enumerate(sorted(groups.items())):
         xs = sorted(by_s)
         mean = [sum(by_s[s]) / len(by_s[s]) for s in xs]
@@ -203,11 +207,18 @@ def plot(a):
         style = "--" if wu == "off" else (":" if md > 0 else "-")
         label = crit if wu in ("n/a", "on") else f"{crit} (no warm-up)"
         label += f" (min density {md:g})" if md > 0 else ""
-        line, = ax.plot([100 * s for s in xs], [100 * m for m in mean], style, marker="o", ms=3, label=label,
+        dens = [100 * (1 - s) for s in xs]  # log density axis spreads out 90..99% sparsity
+        line, = ax.plot(dens, [100 * m for m in mean], style, marker="o", ms=3, label=label,
                         color=f"C{CRITERIA.index(crit)}")
-        ax.fill_between([100 * s for s in xs], [100 * v for v in lo], [100 * v for v in hi], alpha=0.12,
-                        color=line.get_color())
-    ax.set_xlabel("sparsity (%)")
+        ax.fill_between(dens, [100 * v for v in lo], [100 * v for v in hi], alpha=0.12, color=line.get_color())
+    if dense:
+        ax.axhline(100 * sum(dense) / len(dense), color="gray", ls="--", lw=1, label="dense (same schedule)")
+    ticks = sorted({float(r["sparsity"]) for r in rows})
+    ax.set_xscale("log")
+    ax.set_xticks([100 * (1 - s) for s in ticks], [f"{100 * s:g}" for s in ticks])
+    ax.minorticks_off()
+    ax.invert_xaxis()
+    ax.set_xlabel("sparsity (%) (log density axis)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{a.model}: prune at init + train ({rows[0]['setting'].split(':')[0]}, {rows[0]['device']})")
     ax.legend(fontsize=7, ncol=2)
@@ -281,6 +292,7 @@ def summary(a) -> str:
             md = float(r.get("min_density") or 0)
             key = r["criterion"] + ("" if r["warmup"] in ("n/a", "on") else " (no warm-up)") + \
                 (f" (min density {md:g})" if md > 0 else "")
+            key = "dense (no pruning)" if float(r["sparsity"]) == 0 else key
             if key not in keys:
                 keys.append(key)
             c = cells.setdefault((key, float(r["sparsity"])), [[], 0])

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default=None, help="semi-structured N:M pattern, e.g. 2:4")
     p.add_argument("--modules", nargs="+", default=None,
                    help="module or weight names to prune (default: the model's standard set)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the gradient sampling")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order for the Fisher gradients (and label sampling)")
     p.add_argument("--out", default="out/prune", help="output directory (default: out/prune)")
     p.set_defaults(func=cmd_prune)
 
@@ -168,8 +168,10 @@ def _dataset_name(args: argparse.Namespace, spec) -> str:
 def _test_set(args: argparse.Namespace, data: str):
     from .data import load_dataset, subset
 
-    seed = getattr(args, "seed", 0)
-    return subset(load_dataset(data, args.data_dir, "test", seed=seed), args.eval_samples, seed=seed)
+    if args.eval_samples is not None and args.eval_samples < 1:
+        raise ValueError(f"--eval-samples must be >= 1, got {args.eval_samples}")
+    # fixed split and subset (seed 0): --seed only drives the pruning's sampling
+    return subset(load_dataset(data, args.data_dir, "test"), args.eval_samples, seed=0)
 
 
 def _write_outputs(out: str, rows, report: Dict, title: str, model=None, masks=None) -> List[str]:
@@ -202,7 +204,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     spec, model = _load_model(args)
     data = _dataset_name(args, spec)
     test = _test_set(args, data)
-    train = load_dataset(data, args.data_dir, "train", seed=args.seed)
+    train = load_dataset(data, args.data_dir, "train")
     batch = args.fisher_batch_size * max(1, 256 // args.fisher_batch_size)
     loader = make_loader(train, batch, shuffle=True, seed=args.seed)
     modules = args.modules if args.modules is not None else (list(spec.prunable) if spec.prunable else None)

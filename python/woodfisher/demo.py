@@ -112,13 +112,13 @@ def _run(out_dir, sparsities, seed, methods, epochs, num_grads, hidden, progress
     arch = "-".join(str(h) for h in (64, *hidden, 10))
     print(f"trained digits MLP {arch} on {len(train)} samples in {t_train:.1f} s")
     m = num_grads
-    loader = make_loader(train, 256, shuffle=True, seed=seed)
     results: Dict[str, List[float]] = {}
     tables: Dict[str, list] = {}
     for label, kwargs in methods.items():
         accs = []
         for s in sparsities:
             pruned = copy.deepcopy(model)
+            loader = make_loader(train, 256, shuffle=True, seed=seed)  # same data order for every run
             res = prune_one_shot(pruned, loader, sparsity=s, num_grads=m, seed=seed, progress=progress, **kwargs)
             accs.append(evaluate(pruned, test))
             if s == max(sparsities):

@@ -77,12 +77,12 @@ def hutchinson_diagonal(model: nn.Module, loader: Iterable, *, params: Optional[
     seen = 0
     for x, y in tqdm(batches(loader, num_batches, device), desc="hutchinson", disable=not progress, leave=False):
         b = x.shape[0]
-        zhz, g = [torch.zeros_like(p) for p in plist], None
+        zhz = [torch.zeros_like(p) for p in plist]
+        g, hvp_fn = _hvp_closure(model, names, plist, loss_fn, x, y, hvp)
         for start in range(0, num_probes, probe_batch):
             k = min(probe_batch, num_probes - start)
             zs = [rademacher((k, *p.shape), generator, device, p.dtype) for p in plist]
-            g, hzs = _hvps(model, names, plist, loss_fn, x, y, zs, hvp)
-            for acc, z, hz in zip(zhz, zs, hzs):
+            for acc, z, hz in zip(zhz, zs, hvp_fn(zs)):
                 acc += (z * hz).sum(0)
         for i, n in enumerate(names):
             diag_sum[n] += (b / num_probes) * zhz[i]
@@ -93,27 +93,30 @@ def hutchinson_diagonal(model: nn.Module, loader: Iterable, *, params: Optional[
                             {n: g / seen for n, g in grad_sum.items()}, seen, num_probes)
 
 
-def _hvps(model, names, plist, loss_fn, x, y, zs, hvp):
-    """Gradient and Hessian-vector products for k probes at once.
+def _hvp_closure(model, names, plist, loss_fn, x, y, hvp):
+    """Mean-loss gradient on (x, y) and a function mapping probes to Hessian-vector products.
 
-    zs: list over params of (k, *shape) probes. Returns (grads [shape], H z [(k, *shape)]).
+    The returned function takes a list over params of (k, *shape) probes and returns the
+    list of H z, (k, *shape) each; the gradient graph is built once per batch.
     """
     if hvp == "autograd":
         g = torch.autograd.grad(loss_fn(model(x), y), plist, create_graph=True)
-        if zs[0].shape[0] == 1:
-            hz = torch.autograd.grad(g, plist, grad_outputs=[z[0] for z in zs])
-            return [t.detach() for t in g], [h.unsqueeze(0) for h in hz]
-        hz = torch.autograd.grad(g, plist, grad_outputs=zs, is_grads_batched=True)
-        return [t.detach() for t in g], list(hz)
+
+        def hvp_fn(zs):
+            if zs[0].shape[0] == 1:
+                hz = torch.autograd.grad(g, plist, grad_outputs=[z[0] for z in zs], retain_graph=True)
+                return [h.unsqueeze(0) for h in hz]
+            return list(torch.autograd.grad(g, plist, grad_outputs=zs, retain_graph=True, is_grads_batched=True))
+
+        return [t.detach() for t in g], hvp_fn
 
     def loss_of(*ps):
         return loss_fn(functional_call(model, dict(zip(names, ps)), (x,)), y)
 
     grad_fn = grad(loss_of, argnums=tuple(range(len(plist))))
     primals = tuple(p.detach() for p in plist)
-    g, _ = jvp(grad_fn, primals, tuple(z[0] for z in zs))
-    hz = vmap(lambda *t: jvp(grad_fn, primals, t)[1])(*zs)
-    return list(g), list(hz)
+    g = grad_fn(*primals)
+    return [t.detach() for t in g], lambda zs: list(vmap(lambda *t: jvp(grad_fn, primals, t)[1])(*zs))
 
 
 def _per_sample_grads(model, names, plist, loss_fn, x, y, chunk_size):
