@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh >/dev/null
-.venv/bin/python -m woodfisher demo --out out/demo "$@"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/python -m woodfisher demo --out out/demo "$@"

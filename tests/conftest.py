@@ -2,6 +2,11 @@
 
 TRITON_INTERPRET must be set before triton is imported, so it is set here, at the
 top of the first module pytest loads.
+
+Never call torch.set_num_threads in tests or library code: with the MKL of torch 2.13's
+CPU wheel, changing the thread count mid-process makes later batched LU factorisations
+(torch.linalg.inv of blocks of 200+) fail ("Pivots given to lu_solve ..."). Set
+OMP_NUM_THREADS before the process starts instead.
 """
 import os
 

@@ -18,15 +18,6 @@ from woodfisher.pai import (attach_masks, compute_scores, fisher_diagonal, hutch
 from woodfisher.pai.estimators import hessian_gradient_product, loss_gradient
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP barrier stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_mlp(seed=0, bn=False):
     torch.manual_seed(seed)
     layers = [nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)]
