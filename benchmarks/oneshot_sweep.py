@@ -158,14 +158,15 @@ def run(args) -> List[dict]:
                 log(f"time budget reached: skipping fbs={fbs} seed={seed} and later")
                 break
             loader_fn = lambda: make_loader(train, max(fbs, 250 // fbs * fbs), shuffle=True, seed=seed)  # noqa: E731
-            t0 = time.perf_counter()
-            stats = fisher_stats(dense, loader_fn(), resolve_layers(dense, modules), args.num_grads, fbs,
-                                 args.damp, loss_fn, seed)
-            secs = time.perf_counter() - t0
-            log(f" Fisher statistics (m={args.num_grads}, fbs={fbs}, seed={seed}): {secs:.1f} s")
-            if args.check and seed == args.seeds[0] and fbs == min(args.fisher_batch_sizes):
-                check_against_pruner(dense, loader_fn, modules, stats, loss_fn, args, fbs, seed, log)
-            for s in args.sparsities:
+            if args.woodfisher:
+                t0 = time.perf_counter()
+                stats = fisher_stats(dense, loader_fn(), resolve_layers(dense, modules), args.num_grads, fbs,
+                                     args.damp, loss_fn, seed)
+                secs = time.perf_counter() - t0
+                log(f" Fisher statistics (m={args.num_grads}, fbs={fbs}, seed={seed}): {secs:.1f} s")
+                if args.check and seed == args.seeds[0] and fbs == min(args.fisher_batch_sizes):
+                    check_against_pruner(dense, loader_fn, modules, stats, loss_fn, args, fbs, seed, log)
+            for s in (args.sparsities if args.woodfisher else []):
                 for label, mode, diag in (("woodfisher", "global", False), ("woodfisher", "layerwise", False),
                                           ("diag_fisher", "global", True)):
                     m = copy.deepcopy(dense)
@@ -252,6 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--damp", type=float, default=1e-5)
     p.add_argument("--eval-samples", type=int, default=None, help="fixed test subset (default: all)")
     p.add_argument("--methods", nargs="+", default=["kfac"], help="extra methods: kfac (or none)")
+    p.add_argument("--no-woodfisher", dest="woodfisher", action="store_false",
+                   help="skip WoodFisher / diagonal Fisher (e.g. to add K-FAC rows to an earlier run)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; stop starting new seeds after")
     p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
