@@ -202,7 +202,9 @@ class GradientCollector:
                              "no gradient could be computed (empty data loader?)")
         if self.count < self.num_grads:
             warnings.warn(f"loader ran out after {self.count} of num_grads={self.num_grads} gradients "
-                          f"({self.samples} samples); the Fisher uses {self.count}", stacklevel=3)
+                          f"({self.samples} samples); kept gradients are averaged over {self.count}, while "
+                          f"streamed ones keep the normaliser num_grads (their Fisher term is scaled "
+                          f"by {self.count}/{self.num_grads})", stacklevel=3)
         if loss_sum is not None:
             self.loss_grad = {k: v / self.count for k, v in loss_sum.items()}
 
