@@ -37,7 +37,7 @@ from torch import nn
 from .damping import auto_damp
 from .fisher import eval_mode, split_batch
 from .layout import PrunableLayer
-from .masks import select_masks
+from .masks import select_kept_masks
 
 try:
     from tqdm.auto import tqdm
@@ -207,10 +207,8 @@ def kfac_step(model, loader, layers, a, target, keep, fpp, timings):
     scores = {}
     for l in layers:
         n = l.param_name
-        rho = kfac_saliency(w2[n], *invs[n]).reshape(l.shape)
-        scores[n] = rho / fpp[n] ** a["beta"] if fpp else rho
-    masks = select_masks(scores, target, a["mode"], a["min_density"], pruned=keep)
-    masks = {n: masks[n] & keep[n] for n in masks}
+        scores[n] = kfac_saliency(w2[n], *invs[n]).reshape(l.shape)
+    masks = select_kept_masks(scores, target, a["mode"], a["min_density"], keep, fpp, a["beta"])
     timings["select"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     new = {}

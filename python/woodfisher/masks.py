@@ -81,3 +81,15 @@ def sparsity_of(masks: Dict[str, torch.Tensor]) -> float:
     """Overall fraction of pruned entries."""
     total = sum(m.numel() for m in masks.values())
     return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+
+
+def select_kept_masks(scores: Scores, sparsity: float, mode: str, min_density: float,
+                      keep: Dict[str, torch.Tensor], flops: Optional[Dict[str, float]] = None,
+                      beta: float = 0.0) -> Dict[str, torch.Tensor]:
+    """:func:`select_masks` for a pruning step: scores divided by ``flops[name] ** beta``
+    (the FLOPs-aware statistic, when ``flops`` is given), and entries outside the
+    previous keep-masks ``keep`` stay pruned."""
+    if flops:
+        scores = {n: s / flops[n] ** beta for n, s in scores.items()}
+    masks = select_masks(scores, sparsity, mode, min_density, pruned=keep)
+    return {n: masks[n] & keep[n] for n in masks}

@@ -36,7 +36,7 @@ from .fisher import GradientCollector, split_batch
 from .flops import flops_per_param
 from .kfac import check_kfac_layer, kfac_step
 from .layout import PrunableLayer, resolve_layers
-from .masks import check_sparsity, select_masks, sparsity_of
+from .masks import check_sparsity, select_kept_masks, select_masks, sparsity_of
 
 MODES = ("global", "layerwise")
 FORMS = ("auto", "sequential", "lowrank", "stream")
@@ -241,11 +241,9 @@ def _woodfisher_step(model, loader, layers, a, target, keep_prev, fpp, parsed, t
     scores = {}
     for l in layers:
         n = l.param_name
-        rho = l.unblock(wk.obs_saliency(invs[n], w[n], lg.get(n), backend=backend,
-                                         check_finite=False))
-        scores[n] = rho / fpp[n] ** a["beta"] if fpp else rho
-    masks = select_masks(scores, target, a["mode"], a["min_density"], pruned=keep_prev)
-    masks = {n: masks[n] & keep_prev[n] for n in masks}
+        scores[n] = l.unblock(wk.obs_saliency(invs[n], w[n], lg.get(n), backend=backend,
+                                              check_finite=False))
+    masks = select_kept_masks(scores, target, a["mode"], a["min_density"], keep_prev, fpp, a["beta"])
     timings["select"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     for l in layers:
