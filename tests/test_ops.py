@@ -324,8 +324,8 @@ def test_triton_backend_is_registered_and_interpreted_on_cpu():
 
 
 def test_block_size_limit_of_a_backend_is_enforced(monkeypatch):
-    """A backend registered with a block-size limit refuses larger blocks explicitly."""
-    monkeypatch.setitem(_dispatch._LIMITS, ("fisher_inverse", "torch"), lambda: 4)
+    """A backend with a block-size limit refuses larger blocks explicitly."""
+    monkeypatch.setattr(_dispatch.backend_module("torch"), "max_block_size", lambda op: 4, raising=False)
     with pytest.raises(ValueError, match="handles block sizes up to 4"):
         _dispatch.select("fisher_inverse", "torch", torch.zeros(1, 2, 5))
     assert _dispatch._fits("fisher_inverse", "torch", torch.zeros(1, 2, 4))

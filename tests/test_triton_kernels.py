@@ -201,7 +201,7 @@ def test_public_ops_run_the_triton_kernels(op, monkeypatch):
         calls.append(op)
         return impl(*args, **kwargs)
 
-    monkeypatch.setitem(_dispatch._REGISTRY[op], "triton", spy)
+    monkeypatch.setitem(_dispatch.backend_module("triton").IMPLS, op, spy)
     OPS[op]()
     assert calls == [op]
 

@@ -1,8 +1,8 @@
-"""CUDA extension backend: registers ops when ``woodfisher_kernels._C`` is built.
+"""CUDA extension backend (available when ``woodfisher_kernels._C`` is built and loads).
 
 The extension (csrc/, built by setup.py where torch has CUDA and nvcc exists) registers
 torch ops in the ``torch.ops.woodfisher_kernels`` namespace; this module wraps them as
-backend ``"cuda"`` implementations. Without the extension it registers nothing.
+backend ``"cuda"`` implementations (``IMPLS``). Without the extension ``available()`` is False.
 
 Inputs arrive validated, contiguous, float32 and on a CUDA device (see :mod:`.ops`).
 Shapes: B blocks of size c, k gradients per block.
@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
-
-from ._dispatch import register
 
 # Kernel choice for the Woodbury ops (tests / benchmarks): automatic, block kept in
 # shared memory (c <= limits()[0]), or tiled rank-K streaming from global memory / L2.
@@ -71,11 +69,19 @@ def limits() -> List[int]:
     return list(_ops()._limits())
 
 
-def max_block_size() -> int:
+def available() -> bool:
+    """True when the compiled extension loaded."""
+    return AVAILABLE
+
+
+def max_block_size(op: str = "fisher_inverse") -> int:
     """Largest block size c any CUDA kernel handles on the current device."""
     return limits()[1]
 
 
-if AVAILABLE:
-    for _op in (woodbury_update_, fisher_inverse, obs_saliency, obs_update):
-        register(_op.__name__, "cuda", _op, max_block_size=max_block_size)
+IMPLS: Dict[str, Callable] = {
+    "woodbury_update_": woodbury_update_,
+    "fisher_inverse": fisher_inverse,
+    "obs_saliency": obs_saliency,
+    "obs_update": obs_update,
+}

@@ -1,46 +1,70 @@
-"""Backend registry and selection: ``"auto" | "cuda" | "triton" | "torch"``.
+"""Backend selection: one table of ops, one table of backends.
 
-Backends register implementations with :func:`register`; public ops look them up
-with :func:`select`. ``auto`` picks the CUDA extension for CUDA float32 tensors
-when it is built, else Triton on CUDA, else torch. Triton also runs on CPU
-tensors under ``TRITON_INTERPRET=1`` (used by the CPU test suite).
+``OPS`` lists the ops that have fast implementations; ``BACKENDS`` maps a backend name
+to the module that implements them. A backend module has no import-time side effects
+and exposes:
+
+- ``IMPLS``: ``{op name: callable}`` with the signature of the torch reference
+  (:mod:`woodfisher_kernels.reference`);
+- ``available() -> bool``: whether it can run in this process (cheap after the first call);
+- ``max_block_size(op) -> int | None`` (optional): largest block size c it handles on the
+  current device (None = no limit).
+
+Backend modules are imported lazily, on the first call that needs them. ``auto`` ranks the
+available backends with the cost model of :mod:`._cost` for CUDA float32 tensors, and
+uses torch otherwise. Triton also runs on CPU tensors under ``TRITON_INTERPRET=1``
+(used by the CPU test suite).
 """
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 from typing import Callable, Dict, Optional
 
 import torch
 
-BACKENDS = ("auto", "cuda", "triton", "torch")
-_REGISTRY: Dict[str, Dict[str, Callable]] = {}
-_LIMITS: Dict[tuple, Callable[[], int]] = {}
-_LOADED = False
+from . import _cost
+
+OPS = ("woodbury_update_", "fisher_inverse", "obs_saliency", "obs_update")
+BACKENDS: Dict[str, str] = {  # name -> module, in order of preference
+    "cuda": "woodfisher_kernels._cuda",
+    "triton": "woodfisher_kernels._triton",
+    "torch": "woodfisher_kernels.reference",
+}
+CHOICES = ("auto",) + tuple(BACKENDS)
+_MODULES: Dict[str, Optional[ModuleType]] = {}
 
 
-def register(op: str, backend: str, fn: Callable, max_block_size: Optional[Callable[[], int]] = None) -> None:
-    """Register ``fn`` as the ``backend`` implementation of ``op``.
+def backend_module(name: str) -> Optional[ModuleType]:
+    """The module of backend ``name`` when it can run here, else None (imported once)."""
+    if name not in _MODULES:
+        module = importlib.import_module(BACKENDS[name])
+        usable = getattr(module, "available", lambda: True)()
+        _MODULES[name] = module if usable else None
+    return _MODULES[name]
 
-    ``max_block_size`` (optional) returns the largest block size c the implementation
-    handles on the current device; ``auto`` skips it for larger blocks.
-    """
-    _REGISTRY.setdefault(op, {})[backend] = fn
-    if max_block_size is not None:
-        _LIMITS[(op, backend)] = max_block_size
+
+def implementations(op: str) -> Dict[str, Callable]:
+    """{backend: implementation of ``op``} for the backends available in this process."""
+    out = {}
+    for name in BACKENDS:
+        module = backend_module(name)
+        if module is not None and op in module.IMPLS:
+            out[name] = module.IMPLS[op]
+    return out
+
+
+def max_block_size(op: str, backend: str) -> Optional[int]:
+    """Largest block size ``backend`` handles for ``op`` here (None = no limit)."""
+    module = backend_module(backend)
+    limit = getattr(module, "max_block_size", None) if module is not None else None
+    return None if limit is None else limit(op)
 
 
 def _fits(op: str, backend: str, x: torch.Tensor) -> bool:
-    limit = _LIMITS.get((op, backend))
-    return limit is None or x.shape[-1] <= limit()
-
-
-def _load_backends() -> None:
-    """Import optional backends once; each registers what it can run."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    from . import _cuda, _triton  # noqa: F401  (import for registration side effects)
+    limit = max_block_size(op, backend)
+    return limit is None or x.shape[-1] <= limit
 
 
 def triton_interpret() -> bool:
@@ -49,29 +73,30 @@ def triton_interpret() -> bool:
 
 def available(op: str) -> tuple:
     """Backends that have an implementation of ``op`` in this process."""
-    _load_backends()
-    return tuple(b for b in ("cuda", "triton", "torch") if b in _REGISTRY.get(op, {}))
+    return tuple(implementations(op))
 
 
-def select(op: str, backend: str, x: torch.Tensor) -> Callable:
+def select(op: str, backend: str, x: torch.Tensor, num_grads: Optional[int] = None) -> Callable:
     """Return the implementation of ``op`` for ``backend`` on tensors like ``x``.
 
-    Raises ``ValueError`` (naming ``backend``) when the request cannot be honoured.
+    ``x`` is the (B, c, c) inverse or the (B, m, c) gradients; ``num_grads`` is the k of
+    an update (for the cost model). Raises ``ValueError`` (naming ``backend``) when the
+    request cannot be honoured.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _load_backends()
-    impls = _REGISTRY.get(op, {})
+    if backend not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+    impls = implementations(op)
     if backend == "auto":
         if x.is_cuda and x.dtype == torch.float32:
-            for name in ("cuda", "triton"):
-                if name in impls and _fits(op, name, x):
-                    return impls[name]
+            fitting = [name for name in impls if _fits(op, name, x)]
+            ranked = _cost.rank(op, tuple(x.shape), num_grads, x.device, fitting)
+            if ranked:
+                return impls[ranked[0]]
         return impls["torch"]
     if backend not in impls:
         raise ValueError(
             f"backend={backend!r} is not available for {op} in this installation "
-            f"(available: {available(op)})"
+            f"(available: {tuple(impls)})"
         )
     if backend in ("cuda", "triton"):
         if x.dtype != torch.float32:
@@ -84,5 +109,5 @@ def select(op: str, backend: str, x: torch.Tensor) -> Callable:
             )
     if not _fits(op, backend, x):
         raise ValueError(f"backend={backend!r} handles block sizes up to "
-                         f"{_LIMITS[(op, backend)]()}, got {x.shape[-1]}")
+                         f"{max_block_size(op, backend)}, got {x.shape[-1]}")
     return impls[backend]

@@ -12,14 +12,10 @@ import torch
 
 from . import _checks as chk
 from . import reference
-from ._dispatch import register, select
+from ._dispatch import select
 from .lowrank import LowRankInverse, choose_form
 
 Inverse = Union[torch.Tensor, LowRankInverse]
-
-for _name in ("woodbury_update_", "fisher_inverse", "obs_saliency", "obs_update"):
-    register(_name, "torch", getattr(reference, _name))
-
 
 def _num_samples(num_samples, grads):
     return float(grads.shape[1]) if num_samples is None else chk.check_positive("num_samples", num_samples)
@@ -53,7 +49,7 @@ def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float,
     if check_finite:
         chk.check_finite("inv", inv)
         chk.check_finite("grads", grads)
-    impl = select("woodbury_update_", backend, inv)
+    impl = select("woodbury_update_", backend, inv, grads.shape[1])
     target = inv if inv.is_contiguous() else inv.contiguous()
     impl(target, grads.contiguous(), n)
     if target is not inv:

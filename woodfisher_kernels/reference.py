@@ -135,3 +135,7 @@ def group_obs_update(rows, weights, groups, prune, exact: bool = True) -> torch.
     mask = torch.zeros_like(weights, dtype=torch.bool)
     mask.scatter_(1, groups.long().flatten(1), prune.unsqueeze(-1).expand(groups.shape).flatten(1))
     return new.masked_fill(mask, 0.0)
+
+
+IMPLS = {"woodbury_update_": woodbury_update_, "fisher_inverse": fisher_inverse,
+         "obs_saliency": obs_saliency, "obs_update": obs_update}

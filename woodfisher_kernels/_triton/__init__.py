@@ -1,4 +1,4 @@
-"""Triton backend: registers its ops when triton is importable.
+"""Triton backend (available when triton is importable).
 
 Ops (all float32, contiguous inputs, validated by :mod:`woodfisher_kernels.ops`):
 
@@ -10,16 +10,25 @@ Ops (all float32, contiguous inputs, validated by :mod:`woodfisher_kernels.ops`)
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before
 triton is first imported).
 """
+from typing import Callable, Dict
+
 try:
     import triton  # noqa: F401
 except ImportError:  # the package works without triton (torch / cuda backends)
     triton = None
 
+IMPLS: Dict[str, Callable] = {}
 if triton is not None:
-    from .._dispatch import register
     from . import obs, woodbury
 
-    register("woodbury_update_", "triton", woodbury.woodbury_update_)
-    register("fisher_inverse", "triton", woodbury.fisher_inverse)
-    register("obs_saliency", "triton", obs.obs_saliency)
-    register("obs_update", "triton", obs.obs_update)
+    IMPLS = {
+        "woodbury_update_": woodbury.woodbury_update_,
+        "fisher_inverse": woodbury.fisher_inverse,
+        "obs_saliency": obs.obs_saliency,
+        "obs_update": obs.obs_update,
+    }
+
+
+def available() -> bool:
+    """True when triton is importable."""
+    return triton is not None
