@@ -7,7 +7,8 @@
 //   obs_saliency(Tensor inv, Tensor weights, Tensor? loss_grad) -> Tensor
 //   obs_update(Tensor inv, Tensor weights, Tensor prune_mask, Tensor? loss_grad) -> Tensor
 // plus, for tests and benchmarks, the same Woodbury ops with an explicit kernel choice
-// (path 0 = auto, 1 = shared-memory, 2 = tiled) and _limits() -> [shared max c, max c].
+// (path 0 = auto, 1 = shared-memory, 2 = tiled) and _limits() -> [largest c of the
+// shared-memory Woodbury kernel, of the Woodbury ops, of the OBS ops].
 // Loaded from Python as the extension module woodfisher_kernels._C (no Python functions).
 #include <Python.h>
 
@@ -45,8 +46,7 @@ void check_tensor(const at::Tensor& t, const char* name, int64_t dim, at::Scalar
   }
 }
 
-void check_block_size(int64_t c) {
-  const int64_t limit = woodfisher::max_block_size();
+void check_block_size(int64_t c, int64_t limit) {
   TORCH_CHECK_VALUE(c <= limit, "block size ", c, " exceeds the CUDA backend's limit ", limit,
                     " on this device; use backend='torch' or the low-rank form");
 }
@@ -73,7 +73,7 @@ void woodbury_update_path_(const at::Tensor& inv, const at::Tensor& grads, doubl
                     ", k, ", c, "), got ", grads.sizes());
   TORCH_CHECK_VALUE(num_samples > 0, "num_samples must be > 0, got ", num_samples);
   const c10::cuda::CUDAGuard guard(inv.device());
-  check_block_size(c);
+  check_block_size(c, woodfisher::woodbury_max_block_size());
   const WoodburyPath kernel = to_path(path, c);
   check_cuda(woodfisher::woodbury_update(inv.data_ptr<float>(), grads.data_ptr<float>(), B, c, k,
                                          static_cast<float>(num_samples),
@@ -92,7 +92,7 @@ at::Tensor fisher_inverse_path(const at::Tensor& grads, double damp, double num_
   TORCH_CHECK_VALUE(num_samples > 0, "num_samples must be > 0, got ", num_samples);
   const int64_t B = grads.size(0), k = grads.size(1), c = grads.size(2);
   const c10::cuda::CUDAGuard guard(grads.device());
-  check_block_size(c);
+  check_block_size(c, woodfisher::woodbury_max_block_size());
   const WoodburyPath kernel = to_path(path, c);
   at::Tensor out = at::empty({B, c, c}, grads.options());
   check_cuda(woodfisher::fisher_inverse(out.data_ptr<float>(), grads.data_ptr<float>(), B, c, k,
@@ -127,7 +127,7 @@ at::Tensor obs_saliency(const at::Tensor& inv, const at::Tensor& weights,
                         const std::optional<at::Tensor>& loss_grad) {
   const float* x = check_obs(inv, weights, loss_grad);
   const c10::cuda::CUDAGuard guard(inv.device());
-  check_block_size(inv.size(1));
+  check_block_size(inv.size(1), woodfisher::max_block_size());
   at::Tensor rho = at::empty_like(weights);
   check_cuda(woodfisher::obs_saliency(rho.data_ptr<float>(), inv.data_ptr<float>(),
                                       weights.data_ptr<float>(), x, inv.size(0), inv.size(1),
@@ -143,7 +143,7 @@ at::Tensor obs_update(const at::Tensor& inv, const at::Tensor& weights,
   TORCH_CHECK_VALUE(prune_mask.sizes() == weights.sizes(), "prune_mask must have shape ",
                     weights.sizes(), ", got ", prune_mask.sizes());
   const c10::cuda::CUDAGuard guard(inv.device());
-  check_block_size(inv.size(1));
+  check_block_size(inv.size(1), woodfisher::max_block_size());
   at::Tensor out = at::empty_like(weights);
   static_assert(sizeof(bool) == sizeof(uint8_t), "bool masks are read as bytes");
   check_cuda(woodfisher::obs_update(out.data_ptr<float>(), inv.data_ptr<float>(),
@@ -156,7 +156,8 @@ at::Tensor obs_update(const at::Tensor& inv, const at::Tensor& weights,
 }
 
 std::vector<int64_t> limits() {
-  return {woodfisher::woodbury_shared_max_block_size(), woodfisher::max_block_size()};
+  return {woodfisher::woodbury_shared_max_block_size(), woodfisher::woodbury_max_block_size(),
+          woodfisher::max_block_size()};
 }
 
 }  // namespace

@@ -51,6 +51,9 @@ __device__ __forceinline__ float warp_dot(const float* a, const float* x, int n,
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
+// True when p may be accessed with 16-byte vector loads.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 // Grid size for a CTA-per-block loop over `count` items (grid-stride beyond 2^31 - 1).
 inline unsigned grid_for(int64_t count) {
   const int64_t cap = 0x7fffffff;

@@ -1,6 +1,7 @@
 // Woodbury launchers: argument checks and the choice between the shared-memory kernel
-// (block resident on chip, c <= woodbury_shared_max_block_size(), 239 on sm_90) and the
-// tiled rank-K kernel (any larger c up to max_block_size()). One launch per call.
+// (block resident on chip while it fits with this k's chunk width: c <= 207 for k >= 29 on
+// sm_90, larger for smaller k) and the tiled kernel (block in global memory / L2, any c up
+// to woodbury_max_block_size(), 1448 on sm_90). One launch per call.
 #include "wf_compat.cuh"
 #include "woodbury_internal.h"
 
@@ -25,7 +26,13 @@ cudaError_t run_woodbury(detail::WoodburyArgs a, int64_t block_size, int64_t num
   cudaError_t err = detail::smem_optin_bytes(&limit);
   if (err != cudaSuccess) return err;
   bool shared = path == WoodburyPath::kShared;
-  if (path == WoodburyPath::kAuto) shared = a.block_size <= detail::woodbury_shared_max_c(limit);
+  if (shared && a.block_size > detail::woodbury_shared_max_c(limit, detail::kMaxChunk)) {
+    return cudaErrorInvalidValue;  // an explicit request holds for every k
+  }
+  if (path == WoodburyPath::kAuto) {
+    shared = detail::woodbury_shared_smem_bytes(a.block_size, detail::chunk_width(a.num_grads)) <=
+             static_cast<size_t>(limit);
+  }
   return shared ? detail::launch_woodbury_shared(a, limit, stream)
                 : detail::launch_woodbury_tiled(a, limit, stream);
 }
@@ -35,14 +42,20 @@ cudaError_t run_woodbury(detail::WoodburyArgs a, int64_t block_size, int64_t num
 int woodbury_shared_max_block_size() {
   int limit = 0;
   if (detail::smem_optin_bytes(&limit) != cudaSuccess) return 0;
-  return detail::woodbury_shared_max_c(limit);
+  return detail::woodbury_shared_max_c(limit, detail::kMaxChunk);
+}
+
+int woodbury_max_block_size() {
+  int limit = 0;
+  if (detail::smem_optin_bytes(&limit) != cudaSuccess) return 0;
+  return detail::woodbury_tiled_max_c(limit, detail::kMaxChunk);
 }
 
 int max_block_size() {
   int limit = 0;
   if (detail::smem_optin_bytes(&limit) != cudaSuccess) return 0;
-  // The tiled kernel with K = 1 needs (2c + 256) floats; obs_update needs 2c floats.
-  const int64_t c = (static_cast<int64_t>(limit) / static_cast<int64_t>(sizeof(float)) - 256) / 2;
+  // obs_update keeps h and v (2c floats) in shared memory.
+  const int64_t c = static_cast<int64_t>(limit) / static_cast<int64_t>(2 * sizeof(float));
   return static_cast<int>(c < kIntMax ? c : kIntMax);
 }
 

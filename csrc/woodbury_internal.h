@@ -9,6 +9,14 @@
 namespace woodfisher {
 namespace detail {
 
+constexpr int kMaxChunk = 32;  // gradients per rank-K chunk
+
+// Chunk width for k gradients: min(k, kMaxChunk) rounded up to a multiple of 4 (>= 4).
+inline int chunk_width(int num_grads) {
+  const int k = num_grads < 1 ? 1 : (num_grads < kMaxChunk ? num_grads : kMaxChunk);
+  return (k + 3) / 4 * 4;
+}
+
 struct WoodburyArgs {
   float* inv;          // (B, c, c), read (unless init) and written
   const float* grads;  // (B, k, c)
@@ -20,14 +28,14 @@ struct WoodburyArgs {
   bool init;           // start from init_diag * I instead of reading inv
 };
 
-// Shared-memory kernel: (c*c + 3c) floats per CTA.
-size_t woodbury_shared_smem_bytes(int block_size);
-int woodbury_shared_max_c(int smem_limit);
+// Shared-memory kernel, chunks of `chunk` gradients (a multiple of 4, <= kMaxChunk).
+size_t woodbury_shared_smem_bytes(int block_size, int chunk);
+int woodbury_shared_max_c(int smem_limit, int chunk);
 cudaError_t launch_woodbury_shared(const WoodburyArgs& a, int smem_limit, cudaStream_t stream);
 
-// Tiled rank-K kernel: chunk of K <= 16 gradients, (2 K c + 256) floats per CTA.
-// Returns the chunk size for block size c, or 0 if even K = 1 does not fit.
-int woodbury_tiled_chunk(int block_size, int num_grads, int smem_limit);
+// Tiled kernel (block in global memory): U^T (chunk x c) and fixed-size tiles in shared memory.
+size_t woodbury_tiled_smem_bytes(int block_size, int chunk);
+int woodbury_tiled_max_c(int smem_limit, int chunk);
 cudaError_t launch_woodbury_tiled(const WoodburyArgs& a, int smem_limit, cudaStream_t stream);
 
 }  // namespace detail

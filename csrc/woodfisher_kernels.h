@@ -20,15 +20,21 @@
 namespace woodfisher {
 
 // Which Woodbury kernel runs: the block kept in shared memory (c small enough), the
-// tiled rank-K kernel that streams the block from global memory / L2, or automatic.
+// tiled kernel that streams the block from global memory / L2, or automatic (shared
+// whenever the block fits with this call's chunk width). Both apply the k gradients in
+// register-blocked rank-K chunks of up to 32 gradients.
 enum class WoodburyPath : int { kAuto = 0, kShared = 1, kTiled = 2 };
 
-// Largest block size c that the shared-memory kernel accepts on the current device
-// ((c*c + 3c) floats of dynamic shared memory). Returns 0 on error.
+// Largest block size c that the shared-memory kernel accepts for any k on the current
+// device (block + chunk buffers in dynamic shared memory; 207 on sm_90). Returns 0 on error.
 int woodbury_shared_max_block_size();
 
-// Largest block size c that any kernel here accepts on the current device (the tiled
-// kernel and obs_update keep O(c) vectors in shared memory). Returns 0 on error.
+// Largest block size c of woodbury_update / fisher_inverse on the current device (the
+// tiled kernel keeps U^T, 32 x c floats, in shared memory; 1448 on sm_90). 0 on error.
+int woodbury_max_block_size();
+
+// Largest block size c of obs_saliency / obs_update on the current device (obs_update
+// keeps 2c floats in shared memory). Returns 0 on error.
 int max_block_size();
 
 // inv[b] <- (inv[b]^-1 + grads[b]^T grads[b] / num_samples)^-1 by k successive rank-one

@@ -16,8 +16,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 # Kernel choice for the Woodbury ops (tests / benchmarks): automatic, block kept in
-# shared memory (c <= limits()[0]), or tiled rank-K streaming from global memory / L2.
+# shared memory (c <= limits()[0] for any k), or tiled (block in global memory / L2).
+# Both apply the gradients in register-blocked rank-K chunks of up to 32.
 PATHS = {"auto": 0, "shared": 1, "tiled": 2}
+WOODBURY_OPS = ("woodbury_update_", "fisher_inverse")
 
 
 def _load_extension() -> bool:
@@ -65,7 +67,8 @@ def obs_update(inv: torch.Tensor, weights: torch.Tensor, prune_mask: torch.Tenso
 
 
 def limits() -> List[int]:
-    """[largest c of the shared-memory Woodbury kernel, largest c of any kernel] (current device)."""
+    """Largest block sizes c on the current device: [shared-memory Woodbury kernel (any k),
+    Woodbury ops (tiled kernel), OBS ops]."""
     return list(_ops()._limits())
 
 
@@ -75,8 +78,8 @@ def available() -> bool:
 
 
 def max_block_size(op: str = "fisher_inverse") -> int:
-    """Largest block size c any CUDA kernel handles on the current device."""
-    return limits()[1]
+    """Largest block size c the CUDA kernels of ``op`` handle on the current device."""
+    return limits()[1] if op in WOODBURY_OPS else limits()[2]
 
 
 IMPLS: Dict[str, Callable] = {

@@ -121,6 +121,63 @@ void check_woodbury(int64_t B, int c, int k, WoodburyPath path, const char* name
   report((std::string("woodbury_update/") + name).c_str(), B, c, k, max_rel_err(inv.host(), want2), 1e-4);
 }
 
+// lambda_max(G^T G / N) of one block by power iteration (double).
+double lambda_max(const float* G, int c, int k, double N) {
+  DVec x(c, 1.0), y(c), t(k);
+  double lam = 0;
+  for (int it = 0; it < 200; ++it) {
+    for (int i = 0; i < k; ++i) {
+      t[i] = 0;
+      for (int j = 0; j < c; ++j) t[i] += G[i * c + j] * x[j];
+    }
+    double norm = 0;
+    for (int j = 0; j < c; ++j) {
+      y[j] = 0;
+      for (int i = 0; i < k; ++i) y[j] += G[i * c + j] * t[i];
+      norm += y[j] * y[j];
+    }
+    norm = std::sqrt(norm);
+    lam = norm / N;
+    for (int j = 0; j < c; ++j) x[j] = y[j] / norm;
+  }
+  return lam;
+}
+
+// Ill-conditioned build, kappa = lambda_max(G^T G / N) / damp up to ~1e9. Every block must
+// be accurate as float32 allows (max error <= eps32 kappa, relative to max |entry|) or
+// entirely NaN (the K x K factorisation found F no longer positive definite): never finite
+// garbage.
+void check_ill_conditioned(int64_t B, int c, int k, float damp, WoodburyPath path, const char* name,
+                           std::mt19937& g) {
+  const Vec G = normal(B * k * c, g);
+  Dev<float> inv(static_cast<size_t>(B * c * c));
+  Dev<float> d1(G);
+  CUDA_OK(woodfisher::fisher_inverse(inv.ptr, d1.ptr, B, c, k, damp, float(k), nullptr, path));
+  const Vec got = inv.host();
+  DVec want(B * c * c, 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int r = 0; r < c; ++r) want[(b * c + r) * c + r] = 1.0 / damp;
+  ref_woodbury(want, G, B, c, k, k);
+  double worst = 0, kappa = 0;  // error in units of eps32 kappa; 0 for an all-NaN block
+  int poisoned = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const size_t off = static_cast<size_t>(b) * c * c, n = static_cast<size_t>(c) * c;
+    size_t nans = 0;
+    for (size_t e = 0; e < n; ++e) nans += std::isnan(got[off + e]);
+    kappa = lambda_max(&G[b * k * c], c, k, k) / damp;
+    if (nans == n) {
+      ++poisoned;
+      continue;
+    }
+    const Vec blk(got.begin() + off, got.begin() + off + n);
+    const DVec ref(want.begin() + off, want.begin() + off + n);
+    worst = std::fmax(worst, max_rel_err(blk, ref) / (1.1920929e-7 * kappa));
+  }
+  std::printf("  (damp %.0e, kappa ~%.1e: %d of %lld block(s) NaN-poisoned)\n", damp, kappa, poisoned,
+              static_cast<long long>(B));
+  report((std::string("ill-conditioned/") + name).c_str(), B, c, k, worst, 1.0);
+}
+
 // OBS statistic and update on the inverse built from k gradients, plain and WoodTaylor.
 void check_obs(int64_t B, int c, int k, std::mt19937& g) {
   const float damp = 0.5f;
@@ -173,16 +230,17 @@ int main(int argc, char** argv) {
   std::vector<std::string> custom;  // cases given as BxCxK, e.g. 3x239x4
   for (int a = quick ? 2 : 1; a < argc; ++a) custom.push_back(argv[a]);
   const int shared_max = woodfisher::woodbury_shared_max_block_size();
-  std::printf("woodfisher_driver: shared-memory kernel up to c=%d, any kernel up to c=%d\n",
-              shared_max, woodfisher::max_block_size());
+  std::printf("woodfisher_driver: shared-memory kernel up to c=%d, Woodbury ops up to c=%d, OBS ops up to c=%d\n",
+              shared_max, woodfisher::woodbury_max_block_size(), woodfisher::max_block_size());
   std::mt19937 g(1234);
 
   struct Case { int64_t B; int c, k; };
   std::vector<Case> cases = quick
-      ? std::vector<Case>{{1, 1, 1}, {3, 7, 5}, {2, 33, 17}, {1, 50, 35}, {1, 257, 3}}
+      ? std::vector<Case>{{1, 1, 1}, {3, 7, 5}, {2, 33, 17}, {1, 50, 35}, {2, 64, 40}, {1, 130, 33},
+                          {1, 257, 3}, {1, 260, 34}}
       : std::vector<Case>{{1, 1, 1},    {1000, 1, 16}, {3, 7, 130},  {1000, 7, 16},
                           {1000, 50, 16}, {3, 50, 130}, {1000, 64, 130}, {3, 128, 130},
-                          {3, 200, 130}, {1, 239, 16},  {3, 257, 130}, {2, 600, 33}};
+                          {3, 200, 130}, {1, 207, 16},  {3, 257, 130}, {2, 600, 33}, {1, 1448, 40}};
   if (!custom.empty()) cases.clear();
   for (const std::string& spec : custom) {
     long long B = 0;
@@ -198,6 +256,15 @@ int main(int argc, char** argv) {
     check_woodbury(t.B, t.c, t.k, WoodburyPath::kTiled, "tiled", g);
     check_obs(t.B, t.c, t.k, g);
   }
+  if (custom.empty()) {
+    for (const WoodburyPath path : {WoodburyPath::kShared, WoodburyPath::kTiled}) {
+      const char* name = path == WoodburyPath::kShared ? "shared" : "tiled";
+      for (const float damp : {1e-5f, 1e-9f}) {
+        check_ill_conditioned(2, 64, 40, damp, path, name, g);   // k < c: accurate
+        check_ill_conditioned(2, 68, 100, damp, path, name, g);  // k > c: eps32 kappa, or NaN
+      }
+    }
+  }
   // The shared-memory kernel refuses a block it cannot hold instead of misbehaving.
   Dev<float> dummy(1);
   const cudaError_t refused = woodfisher::woodbury_update(
@@ -206,6 +273,12 @@ int main(int argc, char** argv) {
   failures += !refused_ok;
   cudaGetLastError();
   std::printf("shared kernel refuses c=%d: %s\n", shared_max + 1, refused_ok ? "ok" : "FAIL");
+  const int wmax = woodfisher::woodbury_max_block_size();  // and the tiled kernel beyond its limit
+  const bool refused_tiled = woodfisher::woodbury_update(dummy.ptr, nullptr, 1, wmax + 1, 0, 1.0f, nullptr,
+                                                         WoodburyPath::kTiled) == cudaErrorInvalidValue;
+  failures += !refused_tiled;
+  cudaGetLastError();
+  std::printf("tiled kernel refuses c=%d: %s\n", wmax + 1, refused_tiled ? "ok" : "FAIL");
   std::printf("woodfisher_driver: %s (%d failure(s))\n", failures ? "FAILED" : "passed", failures);
   return failures ? 1 : 0;
 }

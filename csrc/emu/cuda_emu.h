@@ -34,6 +34,10 @@
 #define __align__(n) alignas(n)
 
 struct uint3 { unsigned x, y, z; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
@@ -106,21 +110,33 @@ inline void syncwarp(unsigned mask) {
   wait(kWarpBarrier);
 }
 
-template <class T>
-T shfl_xor(unsigned mask, T v, int lane_mask) {
+// Every lane publishes v, then reads the value of lane src_lane(own lane).
+template <class T, class SrcLane>
+T shuffle(unsigned mask, T v, SrcLane src_lane) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a large type");
-  if (lane_mask < 0 || lane_mask >= kWarpSize) fail("shuffle lane mask out of range");
   Cta& c = cta();
   const unsigned tid = c.current->tid;
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   c.shfl[tid] = bits;
   syncwarp(mask);
-  const unsigned src = (tid & ~31u) | ((tid & 31u) ^ static_cast<unsigned>(lane_mask));
+  const unsigned src = (tid & ~31u) | src_lane(tid & 31u);
   T out;
   std::memcpy(&out, &c.shfl[src], sizeof(T));
   syncwarp(mask);
   return out;
+}
+
+template <class T>
+T shfl_xor(unsigned mask, T v, int lane_mask) {
+  if (lane_mask < 0 || lane_mask >= kWarpSize) fail("shuffle lane mask out of range");
+  return shuffle(mask, v, [&](unsigned lane) { return lane ^ static_cast<unsigned>(lane_mask); });
+}
+
+template <class T>
+T shfl_idx(unsigned mask, T v, int src_lane) {
+  if (src_lane < 0 || src_lane >= kWarpSize) fail("shuffle source lane out of range");
+  return shuffle(mask, v, [&](unsigned) { return static_cast<unsigned>(src_lane); });
 }
 
 inline void fiber_main() {
@@ -237,6 +253,7 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
 #define __syncthreads() ::emu::syncthreads()
 #define __syncwarp() ::emu::syncwarp(0xffffffffu)
 #define __shfl_xor_sync(mask, v, m) ::emu::shfl_xor((mask), (v), (m))
+#define __shfl_sync(mask, v, lane) ::emu::shfl_idx((mask), (v), (lane))
 
 // Runtime API subset (one emulated sm_90 device, host memory as device memory).
 inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }

@@ -1,0 +1,238 @@
+// Device pieces shared by the two register-blocked rank-K Woodbury kernels
+// (woodbury_shared.cu: block resident in shared memory; woodbury_tiled.cu: block in
+// global memory / L2). One CTA of kRkThreads threads per block; K <= kMaxChunk gradients
+// per chunk; a chunk G (kc x c, padded with zero rows to kk, a multiple of 4) does
+//
+//   U   = F G^T                 (c x kk)  register tiles of 4 rows x 4 gradients
+//   S   = G U                   (kk x kk) 4 x 4 tiles, rows split over lanes, shuffle-reduced
+//   L   = chol(S + N I)         double precision, warp 0, pivots >= N (see chol_phase)
+//   V   = U L^-T                forward substitution, one thread per row
+//   F  -= V V^T                 4 x 4 register tiles, upper 64 x 64 macro tiles only,
+//                               each written to both halves (F stays exactly symmetric)
+//
+// which equals kc successive rank-one updates u = F g, F -= u u^T / (N + g.u) in exact
+// arithmetic (F - U S^-1 U^T). U and V live in shared memory as U^T (kk x ldu).
+#pragma once
+
+#include "wf_compat.cuh"
+#include "woodbury_internal.h"
+
+namespace woodfisher {
+namespace detail {
+
+constexpr int kRkThreads = 256;
+constexpr int kRkWarps = kRkThreads / kWarp;
+constexpr int kMacro = 64;  // edge of a macro tile of the F update (16 x 16 threads x 4 x 4)
+
+__device__ __forceinline__ void ld4(float (&v)[4], const float* p) {
+  const float4 t = *reinterpret_cast<const float4*>(p);
+  v[0] = t.x;
+  v[1] = t.y;
+  v[2] = t.z;
+  v[3] = t.w;
+}
+
+__device__ __forceinline__ void st4(float* p, float a, float b, float c, float d) {
+  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+}
+
+// p[0..4) from global memory, entries at or beyond n read as 0; one 16-byte load when kVec
+// (the caller guarantees 16-byte alignment and n % 4 == 0 then).
+template <bool kVec>
+__device__ __forceinline__ void ld4_global(float (&v)[4], const float* p, int n) {
+  if (kVec && n >= 4) {
+    ld4(v, p);
+    return;
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q) v[q] = q < n ? p[q] : 0.0f;
+}
+
+// p[0..min(n, 4)) = v; one 16-byte store when kVec.
+template <bool kVec>
+__device__ __forceinline__ void st4_global(float* p, const float (&v)[4], int n) {
+  if (kVec && n >= 4) {
+    st4(p, v[0], v[1], v[2], v[3]);
+    return;
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if (q < n) p[q] = v[q];
+  }
+}
+
+// S[i][l] = sum_r G[i][r] U[r][l] for i, l < kk (S is symmetric up to rounding; the
+// Cholesky reads its lower triangle). U^T is in shared memory (Ut[l * ldu + r], zero for r
+// in [c, ldu)); load_g(g, i0, r) fills g[a][q] = G[i0 + a][r + q] (0 beyond c / kc). Tile
+// (i0, l0) of 4 x 4 per lane group, rows split over `nsl` lanes and summed with an xor
+// butterfly (the same bits in every lane). All threads call it.
+template <class LoadG>
+__device__ __forceinline__ void s_phase(float* S, int lds, int c, int kc, int kk, const float* Ut,
+                                        int ldu, int tid, LoadG load_g) {
+  const int groups = kk / 4, tiles = groups * groups;
+  int tpw = 1;  // tiles per warp: a power of two with 8 * tpw >= tiles
+  while (tpw * kRkWarps < tiles) tpw *= 2;
+  const int warp = tid / kWarp, lane = tid % kWarp;
+  if (warp * tpw >= tiles) return;  // whole warp idle (uniform)
+  const int tile = warp * tpw + lane % tpw, slice = lane / tpw, nsl = kWarp / tpw;
+  const int i0 = (tile % groups) * 4, l0 = (tile / groups) * 4;
+  float acc[4][4];
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
+  }
+  if (tile < tiles && i0 < kc && l0 <= i0) {
+    for (int r = slice * 4; r < c; r += nsl * 4) {
+      float g[4][4], u[4][4];
+      load_g(g, i0, r);
+#pragma unroll
+      for (int b = 0; b < 4; ++b) ld4(u[b], Ut + (l0 + b) * ldu + r);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+#pragma unroll
+        for (int a = 0; a < 4; ++a) {
+#pragma unroll
+          for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(g[a][q], u[b][q], acc[a][b]);
+        }
+      }
+    }
+  }
+  for (int off = tpw; off < kWarp; off *= 2) {
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+#pragma unroll
+      for (int b = 0; b < 4; ++b) acc[a][b] += __shfl_xor_sync(kFullMask, acc[a][b], off);
+    }
+  }
+  if (tile < tiles && slice == 0) {
+#pragma unroll
+    for (int a = 0; a < 4; ++a) st4(S + (i0 + a) * lds + l0, acc[a][0], acc[a][1], acc[a][2], acc[a][3]);
+  }
+}
+
+// Cholesky L L^T = S + N I of the leading kc x kc part (lower triangle of S), in double,
+// by warp 0 (lane = row, the row in registers, columns broadcast by shuffles). For a positive
+// definite F every pivot is N + g^T F' g >= N. A pivot below N by less than the rounding
+// bound (c + kc) eps32 S_jj is floored at N; a larger violation means F has lost
+// definiteness in float32 (kappa ~ 1 / eps32), and the pivot becomes NaN, which poisons the
+// whole block: the result is accurate or visibly invalid, never silently wrong.
+// Overwrites S with Lt[i][l] = L[l][i] (l > i) and writes rinv[i] = 1 / L[i][i].
+__device__ __forceinline__ void chol_phase(float* S, int lds, float* rinv, int c, int kc, float num_samples,
+                                           int lane) {
+  const double n = num_samples, tol = (c + kc) * 1.1920928955078125e-7;  // (c + kc) eps32
+  double a[kMaxChunk];
+#pragma unroll
+  for (int l4 = 0; l4 < kMaxChunk; l4 += 4) {
+    float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (lane < kc && l4 <= lane) ld4(s4, S + lane * lds + l4);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) a[l4 + q] = (l4 + q <= lane && l4 + q < kc) ? s4[q] : 0.0;
+  }
+  double own_s = 0.0;  // S[lane][lane] + N
+#pragma unroll
+  for (int l = 0; l < kMaxChunk; ++l) {
+    if (l == lane) {
+      a[l] += n;
+      own_s = a[l];
+    }
+  }
+  __syncwarp();  // S is read by every lane before Lt overwrites it
+  double own_rd = 0.0;  // 1 / L[lane][lane]
+#pragma unroll
+  for (int j = 0; j < kMaxChunk; ++j) {
+    if (j >= kc) break;
+    const double piv = __shfl_sync(kFullMask, a[j], j), s_jj = __shfl_sync(kFullMask, own_s, j);
+    const double d = sqrt(piv >= n ? piv : (piv >= n - tol * fabs(s_jj) ? n : -1.0));  // -1: NaN
+    const double rd = 1.0 / d;
+    if (lane == j) own_rd = rd;
+    a[j] = lane == j ? d : (lane > j ? a[j] * rd : 0.0);
+#pragma unroll
+    for (int l = j + 1; l < kMaxChunk; ++l) {
+      if (l >= kc) break;
+      const double llj = __shfl_sync(kFullMask, a[j], l);
+      if (lane >= l) a[l] = fma(-a[j], llj, a[l]);
+    }
+  }
+  if (lane < kc) {
+    rinv[lane] = static_cast<float>(own_rd);
+#pragma unroll
+    for (int l = 0; l < kMaxChunk; ++l) {
+      if (l < lane) S[l * lds + lane] = static_cast<float>(a[l]);
+    }
+  }
+}
+
+// V = U L^-T in place (Ut[i * ldu + r], i < kc): for each pair of rows r, r + 1, L v = u by
+// forward substitution (right-looking: x_l -= L[l][i] v_i, L's column i read as Lt's row i).
+// rinv is padded to a multiple of 4 entries.
+__device__ __forceinline__ void v_phase(float* Ut, int ldu, int c, int kc, const float* Lt, int lds,
+                                        const float* rinv, int tid) {
+  for (int r = 2 * tid; r < c; r += 2 * kRkThreads) {
+    float x[kMaxChunk][2];
+#pragma unroll
+    for (int i = 0; i < kMaxChunk; ++i) {
+      const float2 t = i < kc ? *reinterpret_cast<const float2*>(Ut + i * ldu + r) : make_float2(0.0f, 0.0f);
+      x[i][0] = t.x;
+      x[i][1] = t.y;
+    }
+#pragma unroll
+    for (int i4 = 0; i4 < kMaxChunk; i4 += 4) {
+      if (i4 >= kc) break;
+      float ri[4];
+      ld4(ri, rinv + i4);
+#pragma unroll
+      for (int i = i4; i < i4 + 4; ++i) {
+        if (i >= kc) break;
+        x[i][0] *= ri[i - i4];
+        x[i][1] *= ri[i - i4];
+#pragma unroll
+        for (int l4 = (i + 1) / 4 * 4; l4 < kMaxChunk; l4 += 4) {
+          if (l4 >= kc) break;
+          float lt[4];
+          ld4(lt, Lt + i * lds + l4);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            if (l4 + q > i && l4 + q < kc) {
+              x[l4 + q][0] = fmaf(-lt[q], x[i][0], x[l4 + q][0]);
+              x[l4 + q][1] = fmaf(-lt[q], x[i][1], x[l4 + q][1]);
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kMaxChunk; ++i) {
+      if (i < kc) *reinterpret_cast<float2*>(Ut + i * ldu + r) = make_float2(x[i][0], x[i][1]);
+    }
+  }
+}
+
+// f[a][b] -= sum_{i < kc} V[row0 + a][i] V[col0 + b][i], in order of i (the product for
+// (r, j) and for (j, r) is the same fma chain, so a symmetric F stays exactly symmetric).
+__device__ __forceinline__ void rank_k_tile(float (&f)[4][4], const float* Vt, int ldu, int row0,
+                                            int col0, int kc) {
+#pragma unroll
+  for (int i = 0; i < kMaxChunk; ++i) {
+    if (i >= kc) break;
+    float vr[4], vc[4];
+    ld4(vr, Vt + i * ldu + row0);
+    ld4(vc, Vt + i * ldu + col0);
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+#pragma unroll
+      for (int b = 0; b < 4; ++b) f[a][b] = fmaf(-vr[a], vc[b], f[a][b]);
+    }
+  }
+}
+
+// Thread (ty, tx) of the 16 x 16 grid of the F update: 4 warps of 4 x 8 lanes per row of
+// warps, so a warp's 4-float loads of V touch 4 and 8 distinct vectors (one wavefront each).
+__device__ __forceinline__ void update_coords(int tid, int* ty, int* tx) {
+  const int warp = tid / kWarp, lane = tid % kWarp;
+  *ty = (warp / 2) * 4 + lane / 8;
+  *tx = (warp % 2) * 8 + lane % 8;
+}
+
+}  // namespace detail
+}  // namespace woodfisher
