@@ -1,6 +1,7 @@
 """Helpers shared by the kernel-library tests: float64 references and tolerances."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import woodfisher_kernels as wk
@@ -54,6 +55,16 @@ def backend_params():
         if "cuda" in avail:
             pairs.append(("cuda", "cuda"))
     return pairs
+
+
+def device_marks(device: str) -> list:
+    """``gpu`` for parameters that run on a CUDA device, so ``pytest -m gpu`` selects them."""
+    return [pytest.mark.gpu] if device == "cuda" else []
+
+
+def marked_backend_params():
+    """:func:`backend_params` as pytest params, the CUDA-device ones marked ``gpu``."""
+    return [pytest.param(b, d, marks=device_marks(d), id=f"{b}-{d}") for b, d in backend_params()]
 
 
 def is_interpreted(backend: str, device: str) -> bool:

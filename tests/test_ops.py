@@ -15,8 +15,8 @@ import torch
 import woodfisher_kernels as wk
 from woodfisher_kernels import _dispatch
 
-from _shared import (backend_params, dense_fisher, dense_inverse, inverse_tolerance,
-                     is_interpreted, rel_err)
+from _shared import (backend_params, dense_fisher, dense_inverse, device_marks, inverse_tolerance,
+                     is_interpreted, marked_backend_params, rel_err)
 
 BLOCK_SIZES = (1, 7, 50, 64, 128, 200, 257)
 NUM_GRADS = (1, 16, 130)
@@ -30,7 +30,8 @@ def _cases():
             continue
         if is_interpreted(backend, device) and c >= 128 and m == 130 and b > 1:
             continue
-        yield pytest.param(backend, device, c, m, b, id=f"{backend}-{device}-c{c}-m{m}-B{b}")
+        yield pytest.param(backend, device, c, m, b, marks=device_marks(device),
+                           id=f"{backend}-{device}-c{c}-m{m}-B{b}")
 
 
 def _grads(b, m, c, device, seed=0):
@@ -76,7 +77,7 @@ def test_float64_torch_reference_is_exact(c, m):
     assert rel_err(inv, torch.linalg.inv(fisher)) <= inverse_tolerance(fisher, torch.float64)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", marked_backend_params())
 def test_sequential_rank_one_loop_equals_op(backend, device):
     """The op equals the paper's Eq. 2 applied one gradient at a time (float64 loop)."""
     grads = _grads(2, 20, 9, device)
@@ -118,7 +119,7 @@ def digits_grads():
     return grads["0.weight"].flatten(1)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", marked_backend_params())
 @pytest.mark.parametrize("c,m", [(50, 130), (64, 16), (257, 130)])
 def test_real_gradients_blocks(digits_grads, backend, device, c, m):
     """Blocks of real per-sample gradients (last block padded); damp at 1% of the mean
@@ -137,7 +138,7 @@ def test_real_gradients_blocks(digits_grads, backend, device, c, m):
 # ----------------------------------------------------------------- padding
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", marked_backend_params())
 def test_padded_entries_stay_decoupled(backend, device):
     d, c = 23, 10                                 # 3 blocks, the last one with 7 padded entries
     flat = torch.randn(16, d)
@@ -159,7 +160,7 @@ def _spd_inverse(b, c, device, seed=3):
     return wk.fisher_inverse(grads, DAMP, backend="torch"), dense_inverse(grads.cpu(), DAMP)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", marked_backend_params())
 @pytest.mark.parametrize("c", [1, 7, 64, 200])
 @pytest.mark.parametrize("taylor", [False, True])
 def test_obs_saliency_and_update_match_float64(backend, device, c, taylor):

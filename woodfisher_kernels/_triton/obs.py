@@ -12,7 +12,8 @@ reduce ``F x`` on the fly; nothing but (B, c) vectors is written.
   ``v`` needs ``h`` on every pruned entry, i.e. a full pass over F first, so each block
   is handled by one program in two passes: pass 1 writes ``t = v + loss_grad`` to a
   (B, c) scratch vector, a barrier, pass 2 forms ``new = w - F t`` (``= w - F v - h``).
-Pruned entries are written as exact zeros; padded lanes are masked.
+Pruned entries are written as exact zeros; padded lanes are masked. Divisions are
+correctly rounded (``div_rn``), as in the torch reference.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUM
+from ._common import SUM, div_rn
 
 ROW_TILE = 16
 COL_TILE = 128
@@ -51,7 +52,7 @@ def _saliency_kernel(inv_ptr, w_ptr, lg_ptr, out_ptr, c,
     resid = tl.load(w_ptr + b * c + rows, mask=rmask, other=0.0)
     if HAS_LG:
         resid -= _rows_times(base, lg_ptr + b * c, rows, c, BN)
-    tl.store(out_ptr + b * c + rows, resid * resid / (2.0 * diag), mask=rmask)
+    tl.store(out_ptr + b * c + rows, div_rn(resid * resid, 2.0 * diag), mask=rmask)
 
 
 @triton.jit
@@ -74,7 +75,7 @@ def _update_kernel(inv_ptr, w_ptr, p_ptr, lg_ptr, t_ptr, out_ptr, c,
             pruned = tl.load(pb + rows, mask=rmask, other=0) != 0
             diag = tl.load(base + rows * (c + 1), mask=rmask, other=1.0)
             lg = tl.load(lg_ptr + b * c + rows, mask=rmask, other=0.0)
-            tl.store(tb + rows, tl.where(pruned, (w - h) / diag, 0.0) + lg, mask=rmask)
+            tl.store(tb + rows, tl.where(pruned, div_rn(w - h, diag), 0.0) + lg, mask=rmask)
         tl.debug_barrier()
     # pass 2: new = w - F t (t = v, computed per column tile, for plain OBS)
     for r0 in range(first, c, step):
@@ -90,7 +91,7 @@ def _update_kernel(inv_ptr, w_ptr, p_ptr, lg_ptr, t_ptr, out_ptr, c,
                 pc = tl.load(pb + cols, mask=cmask, other=0) != 0
                 wc = tl.load(wb + cols, mask=cmask, other=0.0)
                 dc = tl.load(base + cols * (c + 1), mask=cmask, other=1.0)
-                t = tl.where(pc, wc / dc, 0.0)
+                t = tl.where(pc, div_rn(wc, dc), 0.0)
             f = tl.load(base + rows[:, None] * c + cols[None, :],
                         mask=rmask[:, None] & cmask[None, :], other=0.0)
             acc += tl.reduce(f * t[None, :], 1, SUM)

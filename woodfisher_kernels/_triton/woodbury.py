@@ -5,27 +5,24 @@ For every block b (one program per block) and k gradients ``G = grads[b]`` (k, c
     inv[b] <- (inv[b]^-1 + G^T G / N)^-1
 
 which equals k successive rank-one updates ``u = F g; F <- F - u u^T / (N + g^T u)``.
-The k updates are applied in chunks of K gradients in their *blocked* form: with
-``U = F G_K^T`` (c, K) and ``S = G_K F G_K^T`` (K, K), the K rank-one steps are replayed
-inside the K-dimensional subspace (:func:`_subspace_factor`, an O(K^3) right-looking
-Cholesky-like recurrence on S, kept in registers) which yields a (K, K) coefficient
-matrix ``A`` such that the K rank-one corrections sum to ``(U A)(U A)^T``. So one chunk
-costs three ``tl.dot`` products (``F G^T``, ``G U``, ``U A``) and one rank-K update
-``F -= W W^T``: the same ~4 K c^2 flops as K rank-one updates, as matrix products.
 
-Two variants (chosen by the padded block size ``C = max(16, next_pow2(c))``):
+* k <= ``SEQ_MAX_GRADS``: exactly those rank-one updates, one gradient at a time (no
+  padding of a single streamed gradient to a matrix-product chunk).
+* larger k: chunks of K gradients in *blocked* form. With ``U = F G_K^T`` (c, K) and
+  ``S = G_K F G_K^T`` (K, K), the K rank-one steps are replayed inside the K-dimensional
+  subspace (:func:`_subspace_factor`, O(K^3), in float64) which yields ``A`` (K, K) such
+  that the K corrections sum to ``(U A)(U A)^T``: three ``tl.dot`` products and one
+  rank-K update ``F -= W W^T``, the same ~4 K c^2 flops as K rank-one updates.
 
-* register-resident (``C <= REG_MAX_BLOCK`` = 64): the whole padded block lives in
-  registers for all k gradients; the inverse is read once and written once per launch
-  (not read at all when starting from ``I / damp``).
-* tiled (larger blocks): the block stays in global memory (L2-resident for
-  c <= ~256 on an H100) and is streamed in ``BM x BM`` tiles, twice per chunk of K
-  gradients (once to form ``U``, once for ``F -= W W^T``); ``U`` / ``W`` (c, K) live in
-  a small scratch buffer. Chunks of K = 32 gradients keep the traffic per flop low.
+Two variants by padded block size ``C = max(16, next_pow2(c))``: register-resident
+(``C <= REG_MAX_BLOCK``: the block stays in registers for all k gradients; read once,
+written once, not read at all from I / damp) and tiled (:mod:`.woodbury_tiled`).
 
-All matrix products use ``input_precision="ieee"`` (true float32 FMA, no TF32), accepted
-by ``tl.dot`` in triton 3.x. Padded rows / columns of the block and padded gradients
-are masked to zero, so they never couple with real entries.
+Precision: matrix products with ``input_precision="ieee"`` (float32 FMA, no TF32);
+float32 divisions / square roots correctly rounded (``div_rn`` / ``sqrt_rn``); the K x K
+subspace factor in float64. Every pivot ``N + g^T F' g`` goes through ``safe_pivot``: a
+block is accurate to ~eps32 * kappa, or NaN when float32 lost positive definiteness.
+Padded rows / columns and padded gradients are masked to zero and never couple.
 """
 from __future__ import annotations
 
@@ -33,43 +30,58 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUM
+from ._common import EPS32, SUM, div_rn, safe_pivot, sqrt_rn
 
 REG_MAX_BLOCK = 64      # largest padded block size kept entirely in registers
-TILE = 64               # tile edge of the tiled variant
 REG_CHUNK = 16          # gradients per chunk, register variant (tl.dot needs >= 16)
-TILED_CHUNK = 32        # gradients per chunk, tiled variant
+SEQ_MAX_GRADS = 4       # up to this many gradients: plain rank-one steps, no chunk padding
 
 
 @triton.jit
-def _subspace_factor(s, num_samples, count, K: tl.constexpr):
+def _subspace_factor(s, num_samples, count, tol, K: tl.constexpr):
     """Replay ``count`` (<= K) rank-one Sherman-Morrison steps inside the span of K gradients.
 
     ``s`` (K, K) is ``G F G^T`` (symmetric). Step i uses ``u_i = U c_i`` (``U = F G^T``,
-    ``c_i`` the i-th column of the running coefficient matrix) and ``d_i = N + s_ii``;
-    both ``s`` and the coefficients are updated as ``F`` would be. Returns ``a`` (K, K)
-    with columns ``c_i / sqrt(d_i)`` (zero beyond ``count``): the corrections sum to
-    ``(U a)(U a)^T``. Zero (padded) gradients give ``U c_i = 0`` and change nothing.
-    Sums use ``tl.reduce(.., SUM)`` (see ``_common``: faster in the interpreter).
+    ``c_i`` the i-th column of the running coefficient matrix) and the pivot
+    ``d_i = N + s_ii`` (``safe_pivot``, against the scale ``N + |G F G^T|_ii``); both ``s``
+    and the coefficients are updated as ``F`` would be. Returns ``a`` (K, K) float32 with
+    columns ``c_i / sqrt(d_i)`` (zero beyond ``count``): the corrections sum to
+    ``(U a)(U a)^T``. Computed in float64; zero (padded) gradients change nothing.
     """
+    s = s.to(tl.float64)
+    n = num_samples                     # float32 scalar; promoted to float64 below
     idx = tl.arange(0, K)
     rows = idx[:, None]
     cols = idx[None, :]
-    coef = tl.where(rows == cols, 1.0, 0.0)
-    out = tl.zeros((K, K), dtype=tl.float32)
+    coef = tl.where(rows == cols, 1.0, 0.0).to(tl.float64)
+    out = tl.zeros((K, K), dtype=tl.float64)
+    diag0 = tl.abs(tl.reduce(tl.where(rows == cols, s, 0.0), 1, SUM))
     for i in range(count):
         srow = tl.reduce(tl.where(rows == i, s, 0.0), 0, SUM)             # s[i, :] = s[:, i]^T
         ci = tl.reduce(tl.where(cols == i, coef, 0.0), 1, SUM)            # coef[:, i]
-        rd = 1.0 / (num_samples + tl.reduce(tl.where(idx == i, srow, 0.0), 0, SUM))
+        sii = tl.reduce(tl.where(idx == i, srow, 0.0), 0, SUM)
+        scale = n + tl.reduce(tl.where(idx == i, diag0, 0.0), 0, SUM)
+        rd = 1.0 / safe_pivot(n + sii, n, scale, tol)                     # float64: IEEE
         coef -= ci[:, None] * (srow[None, :] * rd)
         s -= srow[:, None] * (srow[None, :] * rd)
-        out = tl.where(cols == i, ci[:, None] * tl.sqrt(rd), out)
-    return out
+        out = tl.where(cols == i, ci[:, None] * tl.sqrt(rd), out)         # NaN when rd < 0
+    return out.to(tl.float32)
 
 
 @triton.jit
-def _woodbury_reg_kernel(inv_ptr, g_ptr, c, k, num_samples, inv_damp,
-                         C: tl.constexpr, K: tl.constexpr, INIT: tl.constexpr):
+def _rank_one_step(f, g, num_samples, tol):
+    """One Sherman-Morrison step on a register block f (C, C) with gradient g (C,)."""
+    u = tl.reduce(f * g[None, :], 1, SUM)                                 # F g (F symmetric)
+    gu = g * u
+    d = safe_pivot(num_samples + tl.reduce(gu, 0, SUM), num_samples,
+                   num_samples + tl.reduce(tl.abs(gu), 0, SUM), tol)
+    w = u * sqrt_rn(div_rn(tl.full(u.shape, 1.0, tl.float32), d))
+    return f - w[:, None] * w[None, :]
+
+
+@triton.jit
+def _woodbury_reg_kernel(inv_ptr, g_ptr, c, k, num_samples, inv_damp, tol,
+                         C: tl.constexpr, K: tl.constexpr, INIT: tl.constexpr, SEQ: tl.constexpr):
     """One program per block; the (C, C) block stays in registers for all k gradients."""
     b = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, C)
@@ -82,83 +94,23 @@ def _woodbury_reg_kernel(inv_ptr, g_ptr, c, k, num_samples, inv_damp,
     else:
         f = tl.load(base + offs, mask=blk, other=0.0)
     gbase = g_ptr + b * k * c
-    kk = tl.arange(0, K)
-    for start in range(0, k, K):
-        gk = start + kk
-        g = tl.load(gbase + gk[:, None] * c + idx[None, :],
-                    mask=(gk < k)[:, None] & real[None, :], other=0.0)       # (K, C)
-        u = tl.dot(f, tl.trans(g), input_precision="ieee")                     # (C, K)
-        s = tl.dot(g, u, input_precision="ieee")                               # (K, K)
-        s = 0.5 * (s + tl.trans(s))
-        a = _subspace_factor(s, num_samples, tl.minimum(k - start, K), K)
-        w = tl.dot(u, a, input_precision="ieee")
-        f = tl.dot(-w, tl.trans(w), f, input_precision="ieee")
+    if SEQ:
+        for i in range(k):
+            g = tl.load(gbase + i * c + idx, mask=real, other=0.0)
+            f = _rank_one_step(f, g, num_samples, tol)
+    else:
+        kk = tl.arange(0, K)
+        for start in range(0, k, K):
+            gk = start + kk
+            g = tl.load(gbase + gk[:, None] * c + idx[None, :],
+                        mask=(gk < k)[:, None] & real[None, :], other=0.0)       # (K, C)
+            u = tl.dot(f, tl.trans(g), input_precision="ieee")                     # (C, K)
+            s = tl.dot(g, u, input_precision="ieee")                               # (K, K)
+            s = 0.5 * (s + tl.trans(s))
+            a = _subspace_factor(s, num_samples, tl.minimum(k - start, K), tol, K)
+            w = tl.dot(u, a, input_precision="ieee")
+            f = tl.dot(-w, tl.trans(w), f, input_precision="ieee")
     tl.store(base + offs, f, mask=blk)
-
-
-@triton.jit
-def _woodbury_tiled_kernel(inv_ptr, g_ptr, w_ptr, c, k, num_samples, inv_damp,
-                           K: tl.constexpr, BM: tl.constexpr, INIT: tl.constexpr):
-    """One program per block; the block is streamed in (BM, BM) tiles, K gradients per chunk.
-
-    ``w_ptr`` is a (B, c, K) float32 scratch buffer holding U = F G^T, then W = U A.
-    """
-    b = tl.program_id(0).to(tl.int64)
-    base = inv_ptr + b * c * c
-    gbase = g_ptr + b * k * c
-    wbase = w_ptr + b * c * K
-    tile = tl.arange(0, BM)
-    kk = tl.arange(0, K)
-    for start in range(0, k, K):
-        gk = start + kk
-        kmask = gk < k
-        # tiles of F come from memory, except I/damp (never read) before the first chunk of INIT
-        from_mem = (start > 0) | (INIT == 0)
-        from_eye = (start == 0) & (INIT == 1)
-        # pass 1: U = F G^T (row tile by row tile) and S = G U
-        s = tl.zeros((K, K), dtype=tl.float32)
-        for r0 in range(0, c, BM):
-            rows = r0 + tile
-            rmask = rows < c
-            u = tl.zeros((BM, K), dtype=tl.float32)
-            for c0 in range(0, c, BM):
-                cols = c0 + tile
-                gt = tl.load(gbase + gk[None, :] * c + cols[:, None],
-                             mask=(cols < c)[:, None] & kmask[None, :], other=0.0)   # (BM, K)
-                fm = rmask[:, None] & (cols < c)[None, :]
-                f = tl.load(base + rows[:, None] * c + cols[None, :], mask=fm & from_mem, other=0.0)
-                f = tl.where(fm & from_eye & (rows[:, None] == cols[None, :]), inv_damp, f)
-                u = tl.dot(f, gt, u, input_precision="ieee")
-            tl.store(wbase + rows[:, None] * K + kk[None, :], u, mask=rmask[:, None])
-            gr = tl.load(gbase + gk[:, None] * c + rows[None, :],
-                         mask=kmask[:, None] & rmask[None, :], other=0.0)            # (K, BM)
-            s = tl.dot(gr, u, s, input_precision="ieee")
-        s = 0.5 * (s + tl.trans(s))
-        a = _subspace_factor(s, num_samples, tl.minimum(k - start, K), K)
-        tl.debug_barrier()
-        # pass 1b: W = U A, in place in the scratch buffer
-        for r0 in range(0, c, BM):
-            rows = r0 + tile
-            ptrs = wbase + rows[:, None] * K + kk[None, :]
-            u = tl.load(ptrs, mask=(rows < c)[:, None], other=0.0)
-            tl.store(ptrs, tl.dot(u, a, input_precision="ieee"), mask=(rows < c)[:, None])
-        tl.debug_barrier()
-        # pass 2: F -= W W^T, tile by tile
-        for r0 in range(0, c, BM):
-            rows = r0 + tile
-            rmask = rows < c
-            wr = tl.load(wbase + rows[:, None] * K + kk[None, :], mask=rmask[:, None], other=0.0)
-            for c0 in range(0, c, BM):
-                cols = c0 + tile
-                cmask = cols < c
-                wc = tl.load(wbase + cols[:, None] * K + kk[None, :], mask=cmask[:, None], other=0.0)
-                fm = rmask[:, None] & cmask[None, :]
-                ptrs = base + rows[:, None] * c + cols[None, :]
-                f = tl.load(ptrs, mask=fm & from_mem, other=0.0)
-                f = tl.where(fm & from_eye & (rows[:, None] == cols[None, :]), inv_damp, f)
-                f = tl.dot(-wr, tl.trans(wc), f, input_precision="ieee")
-                tl.store(ptrs, f, mask=fm)
-        tl.debug_barrier()
 
 
 def _padded(c: int) -> int:
@@ -170,25 +122,49 @@ def use_tiled(block_size: int) -> bool:
     return _padded(block_size) > REG_MAX_BLOCK
 
 
+def pivot_tolerance(block_size: int, chunk: int) -> float:
+    """Rounding bound (c + K) eps32 of a pivot, relative to its scale (see ``safe_pivot``)."""
+    return float((block_size + chunk) * EPS32)
+
+
 def launch_config(block_size: int, num_grads: int, tiled=None):
     """(kernel, constexprs, launch options) for blocks of ``block_size`` and ``num_grads``
     gradients; ``INIT`` is added by the caller. ``tiled`` forces the variant."""
+    from . import woodbury_tiled
+
     if tiled is None:
         tiled = use_tiled(block_size)
-    if not tiled:
-        size = _padded(block_size)
-        return _woodbury_reg_kernel, {"C": size, "K": REG_CHUNK}, {"num_warps": 8 if size >= 64 else 4}
-    chunk = REG_CHUNK if num_grads <= REG_CHUNK else TILED_CHUNK
-    return _woodbury_tiled_kernel, {"K": chunk, "BM": TILE}, {"num_warps": 8, "num_stages": 2}
+    seq = num_grads <= SEQ_MAX_GRADS
+    if tiled:
+        return woodbury_tiled.launch_config(num_grads, seq)
+    size = _padded(block_size)
+    return _woodbury_reg_kernel, {"C": size, "K": REG_CHUNK, "SEQ": seq}, {"num_warps": _reg_warps(block_size, seq)}
+
+
+def _reg_warps(block_size: int, seq: bool) -> int:
+    """Warps of the register variant: 4 up to C = 32; for C = 64, 8 (<= 128 registers, two
+    programs per SM) when c % 16 == 0 and chunks use tl.dot, else 16 (the masked,
+    unvectorised variants need up to 170 registers at 8 warps; 126 at 16, no spills)."""
+    if _padded(block_size) < 64:
+        return 4
+    return 8 if block_size % 16 == 0 and not seq else 16
 
 
 def _launch(inv: torch.Tensor, grads: torch.Tensor, num_samples: float, inv_damp: float,
             init: bool, tiled=None) -> None:
+    from . import woodbury_tiled
+
     num_blocks, num_grads, c = grads.shape
+    if num_grads == 0:
+        if init:
+            inv.copy_(torch.eye(c, dtype=inv.dtype, device=inv.device).expand_as(inv) * inv_damp)
+        return
     kernel, consts, opts = launch_config(c, num_grads, tiled)
-    args = [inv, grads, c, num_grads, float(num_samples), float(inv_damp)]
-    if kernel is _woodbury_tiled_kernel:       # scratch for U = F G^T, then W = U A
-        args.insert(2, torch.empty((num_blocks, c, consts["K"]), dtype=torch.float32, device=grads.device))
+    tol = pivot_tolerance(c, 1 if consts["SEQ"] else consts["K"])
+    args = [inv, grads, c, num_grads, float(num_samples), float(inv_damp), tol]
+    if kernel is woodbury_tiled.KERNEL:       # scratch for U = F G^T, then W = U A
+        width = 1 if consts["SEQ"] else consts["K"]
+        args.insert(2, torch.empty((num_blocks, c, width), dtype=torch.float32, device=grads.device))
     kernel[(num_blocks,)](*args, INIT=init, **consts, **opts)
 
 
