@@ -15,6 +15,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 
 import baselines  # noqa: E402
+
 import woodfisher_kernels as wk  # noqa: E402
 
 

@@ -58,7 +58,7 @@ def test_config_file_and_flag_override(digits_ckpt, tmp_path):
                                "no_obs_update": True, "block-size": "layer", "damp": "auto"}))
     args = parse_args(["prune", "--config", str(cfg), "--sparsity", "0.7", "--model", "digits_mlp"])
     assert args.sparsity == 0.7 and args.method == "global_magnitude" and args.num_grads == 32
-    assert args.no_obs_update is True and args.block_size is None and args.damp == "auto"
+    assert args.obs_update is False and args.block_size is None and args.damp == "auto"
     out = tmp_path / "run"
     assert _prune(digits_ckpt, out, "--config", str(cfg), "--sparsity", "0.7") == 0
     report = json.loads((out / "report.json").read_text())
@@ -104,7 +104,7 @@ def test_report_on_pruned_checkpoint(digits_ckpt, tmp_path, capsys):
     assert main(["report", "--model", "digits_mlp", "--checkpoint", str(out / "pruned.pt"),
                  "--out", str(tmp_path / "rep")]) == 0
     printed = capsys.readouterr().out
-    total_line = [l for l in printed.splitlines() if l.startswith("| total")][0]
+    total_line = [line for line in printed.splitlines() if line.startswith("| total")][0]
     sparsity = float(total_line.split("|")[5])
     assert abs(sparsity - 60.0) < 0.1 and "accuracy:" in printed  # layerwise: each layer rounds
     assert (tmp_path / "rep" / "layer_sparsity.png").is_file()

@@ -13,8 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from woodfisher.pai import (attach_masks, compute_scores, fisher_diagonal, hutchinson_diagonal, prune_at_init,
-                            synflow_scores)
+from woodfisher.pai import (
+    attach_masks,
+    compute_scores,
+    fisher_diagonal,
+    hutchinson_diagonal,
+    prune_at_init,
+    synflow_scores,
+)
 from woodfisher.pai.estimators import hessian_gradient_product, loss_gradient
 
 
@@ -143,7 +149,8 @@ def test_snip_matches_closed_form_softmax_regression():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(5, 3, bias=False)).double()
     data = tiny_data(3)
-    x = torch.cat([d[0] for d in data]); y = torch.cat([d[1] for d in data])
+    x = torch.cat([d[0] for d in data])
+    y = torch.cat([d[1] for d in data])
     w = model[0].weight.detach()
     grad = (torch.softmax(x @ w.T, 1) - F.one_hot(y, 3).double()).T @ x / x.shape[0]
     scores = compute_scores(model, data, "snip")
@@ -257,7 +264,9 @@ def test_masks_stay_zero_during_training():
     attach_masks(model, res.masks)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
     for x, y in data * 3:
-        opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
     for n, m in res.masks.items():
         mod = model[int(n.split(".")[0])]
         assert torch.all(mod.weight[~m] == 0) and hasattr(mod, "weight_mask")

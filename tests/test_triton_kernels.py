@@ -16,17 +16,15 @@ Tolerances:
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from _shared import EPS32, dense_fisher, dense_inverse, inverse_tolerance, rel_err  # noqa: E402
+
 import woodfisher_kernels as wk  # noqa: E402
 from woodfisher_kernels import _dispatch, reference  # noqa: E402
-
-from _shared import EPS32, dense_fisher, dense_inverse, inverse_tolerance, rel_err  # noqa: E402
 
 triton_wb = pytest.importorskip("woodfisher_kernels._triton.woodbury")
 triton_obs = pytest.importorskip("woodfisher_kernels._triton.obs")
@@ -58,8 +56,10 @@ INVERSE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("c,m,tiled", INVERSE_CASES, ids=[f"c{c}-m{m}-{'tiled' if t or triton_wb.use_tiled(c) else 'reg'}"
-                                                          for c, m, t in INVERSE_CASES])
+INVERSE_IDS = [f"c{c}-m{m}-{'tiled' if t or triton_wb.use_tiled(c) else 'reg'}" for c, m, t in INVERSE_CASES]
+
+
+@pytest.mark.parametrize("c,m,tiled", INVERSE_CASES, ids=INVERSE_IDS)
 def test_fisher_inverse_from_damp(c, m, tiled):
     """(damp I + G^T G / m)^-1 built from I/damp in one launch, both kernel variants."""
     grads = _randn(2, m, c, seed=c + m)

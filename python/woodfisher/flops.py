@@ -18,7 +18,11 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
-__all__ = ["FLOP_MODULES", "layer_flops", "count_flops", "flops_per_param"]
+from .batches import peek, to_batch
+from .state import eval_mode
+
+__all__ = ["FLOP_MODULES", "layer_flops", "count_flops", "flops_per_param", "flops_per_param_of_batch",
+           "layer_flops_per_param"]
 
 FLOP_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -52,12 +56,10 @@ def layer_flops(model: nn.Module, input_shape: Sequence[int],
         entry["uses"] = int(entry["uses"]) + int(uses)  # a module called twice counts twice
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, FLOP_MODULES)]
-    was_training = model.training
-    model.eval()
     try:
-        model(torch.zeros((1, *[int(s) for s in input_shape]), dtype=first.dtype, device=device))
+        with eval_mode(model):
+            model(torch.zeros((1, *[int(s) for s in input_shape]), dtype=first.dtype, device=device))
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     for entry in stats.values():
@@ -75,3 +77,56 @@ def count_flops(model: nn.Module, input_shape: Sequence[int], sparse: bool = Fal
 def flops_per_param(model: nn.Module, input_shape: Sequence[int]) -> Dict[str, int]:
     """{weight param name: FLOPs each of its entries costs per sample} (``uses`` above)."""
     return {str(s["weight"]): int(s["uses"]) for s in layer_flops(model, input_shape).values()}
+
+
+def _out_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if hasattr(module, "nf"):  # HuggingFace Conv1D
+        return int(module.nf)
+    return module.out_channels
+
+
+@torch.no_grad()
+def flops_per_param_of_batch(model: nn.Module, batch, targets) -> Dict[str, float]:
+    """{target name: FLOPs per weight entry and sample}, measured on the first sample of ``batch``.
+
+    Args:
+        model: the network (run once in eval mode; every module's flag restored).
+        batch: a :class:`woodfisher.Batch` (its first sample is used).
+        targets: the :class:`woodfisher.targets.PruneTarget` weights; each must be the
+            ``weight`` of a module called in the forward pass (Linear / Conv / HF Conv1D).
+    Raises:
+        ValueError: a target whose module was not called (e.g. ``nn.MultiheadAttention``'s
+            ``in_proj_weight``, read without a submodule call), naming it.
+    """
+    one = batch.take(0, 1)
+    uses: Dict[str, int] = {}
+    handles = []
+    for t in targets:
+        if t.attr != "weight" or t.kind not in ("linear", "conv", "conv1d_hf") or t.module is None:
+            continue
+
+        def hook(module, _inputs, output, name=t.name):
+            uses[name] = uses.get(name, 0) + output.numel() // _out_channels(module)
+        handles.append(t.module.register_forward_hook(hook))
+    try:
+        with eval_mode(model):
+            model(*one.args, **one.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [t.label for t in targets if uses.get(t.name, 0) <= 0]
+    if missing:
+        raise ValueError(f"layers {missing} were not called in the forward pass; cannot count their FLOPs "
+                         "(beta > 0 needs every pruned weight to belong to a Linear / Conv module that runs)")
+    return {t.name: float(uses[t.name]) for t in targets}
+
+
+def layer_flops_per_param(model: nn.Module, loader, targets, batch_adapter=None) -> Dict[str, float]:
+    """:func:`flops_per_param_of_batch` on the first batch of ``loader`` (a re-iterable loader is not
+    consumed; a single-pass iterator loses that batch)."""
+    first, _ = peek(loader)
+    if first is None:
+        raise ValueError("loader is empty: cannot measure FLOPs per parameter")
+    return flops_per_param_of_batch(model, to_batch(first, batch_adapter), targets)

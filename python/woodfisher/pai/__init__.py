@@ -6,8 +6,14 @@ BatchNorm statistics warm-up and layer-collapse detection. Masks come from
 woodfisher.masks.select_masks, shared with the WoodFisher pruner.
 """
 from .criteria import BASELINES, CRITERIA, DATA_FREE, SECOND_ORDER, compute_scores, synflow_scores
-from .estimators import (DiagonalEstimate, fisher_diagonal, hessian_gradient_product, hutchinson_diagonal,
-                         loss_gradient, rademacher)
+from .estimators import (
+                         DiagonalEstimate,
+                         fisher_diagonal,
+                         hessian_gradient_product,
+                         hutchinson_diagonal,
+                         loss_gradient,
+                         rademacher,
+)
 from .prune import PaIResult, prune_at_init
 from .training import attach_masks, make_permanent, train
 from .warmup import preserved_batchnorm_state, warmup_batchnorm

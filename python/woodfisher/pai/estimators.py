@@ -19,8 +19,16 @@ import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vmap
 from tqdm.auto import tqdm
 
-from ._common import (BN_TYPES, LossFn, batches, check_positive_int, model_device, prunable_parameters,
-                      resolve_loss, zeros_like_dict)
+from ._common import (
+    BN_TYPES,
+    LossFn,
+    batches,
+    check_positive_int,
+    model_device,
+    prunable_parameters,
+    resolve_loss,
+    zeros_like_dict,
+)
 
 HVP_METHODS = ("autograd", "func")
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..masks import check_sparsity, select_masks, sparsity_of
-from ..pruner import PruneResult
+from ..result import PruneResult
 from ._common import LossFn, check_loader, check_positive_int, has_batchnorm, prunable_parameters
 from .criteria import CRITERIA, DATA_FREE, compute_scores, linearize, synflow_scores
 from .estimators import HVP_METHODS

@@ -12,19 +12,18 @@ import time
 import torch
 
 from ..models import MODEL_SPECS
-from .criteria import CRITERIA
+from ..pai.criteria import CRITERIA
+from ._common import dataset_name, require, sparsity_type, test_set, write_outputs
 
 
-def add_subparser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``pai`` subcommand on an argparse subparsers object."""
-    from ..cli import _sparsity
-
     p = subparsers.add_parser("pai", help="prune at initialization (Hutchinson / Fisher diagonal, SNIP, "
                                           "GraSP, SynFlow, ...) and optionally train")
     p.add_argument("--model", choices=sorted(MODEL_SPECS), help="architecture, freshly initialised (required)")
     p.add_argument("--data", choices=["mnist", "cifar10", "digits"], help="dataset (default: the model's own)")
     p.add_argument("--data-dir", help="directory with the dataset files (not needed for digits)")
-    p.add_argument("--sparsity", type=_sparsity, help="target fraction of zeros in [0, 1) (required)")
+    p.add_argument("--sparsity", type=sparsity_type, help="target fraction of zeros in [0, 1) (required)")
     p.add_argument("--criterion", default="hutchinson", choices=CRITERIA)
     p.add_argument("--mode", default="global", choices=["global", "layerwise"])
     p.add_argument("--num-probes", type=int, default=8, help="Hutchinson probes per scoring batch")
@@ -45,30 +44,29 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/pai", help="output directory (default: out/pai)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--config", help="JSON file of option values (flags override it)")
-    p.set_defaults(func=cmd_pai)
+    p.set_defaults(func=run)
     return p
 
 
-def cmd_pai(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..checkpoint import save_state_dict
-    from ..cli import _dataset_name, _require, _test_set, _write_outputs
     from ..data import evaluate, load_dataset, make_loader, subset
+    from ..pai.prune import prune_at_init
+    from ..pai.training import attach_masks, make_permanent, train
     from ..reports import format_table, sparsity_table, table_totals
-    from .prune import prune_at_init
-    from .training import attach_masks, make_permanent, train
 
-    _require(args, "model", "sparsity")
+    require(args, "model", "sparsity")
     for name in ("score_samples", "score_batch_size", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.train_epochs < 0:
         raise ValueError(f"--train-epochs must be >= 0, got {args.train_epochs}")
     spec = MODEL_SPECS[args.model]
-    data = _dataset_name(args, spec)
+    data = dataset_name(args, spec)
     torch.manual_seed(args.seed)
     model = spec.factory().to(args.device)
     train_set = load_dataset(data, args.data_dir, "train", seed=args.seed)
-    test = _test_set(args, data)
+    test = test_set(args, data)
     score_loader = make_loader(subset(train_set, args.score_samples, seed=args.seed), args.score_batch_size,
                                shuffle=True, seed=args.seed)
     modules = None if args.modules == ["all"] else (args.modules or (list(spec.prunable) if spec.prunable else None))
@@ -97,7 +95,7 @@ def cmd_pai(args: argparse.Namespace) -> int:
     files = [save_state_dict(model, os.path.join(args.out, "pruned.pt"))]
     torch.save({k: v.detach().cpu() for k, v in result.masks.items()}, os.path.join(args.out, "masks.pt"))
     files.append(os.path.join(args.out, "masks.pt"))
-    files += _write_outputs(args.out, rows, report, title)
+    files += write_outputs(args.out, rows, report, title)
     print(format_table(rows, title=title))
     if result.collapsed:
         print(f"LAYER COLLAPSE: {', '.join(result.collapsed)} pruned to (near) 100% (try --min-density)")
