@@ -30,8 +30,7 @@ cudaError_t run_woodbury(detail::WoodburyArgs a, int64_t block_size, int64_t num
     return cudaErrorInvalidValue;  // an explicit request holds for every k
   }
   if (path == WoodburyPath::kAuto) {
-    shared = detail::woodbury_shared_smem_bytes(a.block_size, detail::chunk_width(a.num_grads)) <=
-             static_cast<size_t>(limit);
+    shared = detail::auto_path(a.block_size, a.num_grads, limit) == WoodburyPath::kShared;
   }
   return shared ? detail::launch_woodbury_shared(a, limit, stream)
                 : detail::launch_woodbury_tiled(a, limit, stream);

@@ -38,5 +38,12 @@ size_t woodbury_tiled_smem_bytes(int block_size, int chunk);
 int woodbury_tiled_max_c(int smem_limit, int chunk);
 cudaError_t launch_woodbury_tiled(const WoodburyArgs& a, int smem_limit, cudaStream_t stream);
 
+// The kernel WoodburyPath::kAuto runs for (c, k): shared while the block fits with this k's chunk.
+inline WoodburyPath auto_path(int block_size, int num_grads, int smem_limit) {
+  return woodbury_shared_smem_bytes(block_size, chunk_width(num_grads)) <= static_cast<size_t>(smem_limit)
+             ? WoodburyPath::kShared
+             : WoodburyPath::kTiled;
+}
+
 }  // namespace detail
 }  // namespace woodfisher

@@ -111,99 +111,109 @@ __device__ __forceinline__ void s_phase(float* S, int lds, int c, int kc, int kk
   }
 }
 
-// Cholesky L L^T = S + N I of the leading kc x kc part (lower triangle of S), in double,
-// by warp 0 (lane = row, the row in registers, columns broadcast by shuffles). For a positive
-// definite F every pivot is N + g^T F' g >= N. A pivot below N by less than the rounding
-// bound (c + kc) eps32 S_jj is floored at N; a larger violation means F has lost
-// definiteness in float32 (kappa ~ 1 / eps32), and the pivot becomes NaN, which poisons the
-// whole block: the result is accurate or visibly invalid, never silently wrong.
-// Overwrites S with Lt[i][l] = L[l][i] (l > i) and writes rinv[i] = 1 / L[i][i].
-__device__ __forceinline__ void chol_phase(float* S, int lds, float* rinv, int c, int kc, float num_samples,
-                                           int lane) {
+// Cholesky L L^T = S + N I of the leading kc x kc part (lower triangle of S), in double, by
+// warp 0 in the double buffer A (kc x (kc + 1), shared memory; lane i owns row i of the
+// trailing update, columns read as broadcasts). For a positive definite F every pivot is
+// N + g^T F' g >= N. A pivot below N by less than the rounding bound (c + kc) eps32 (N +
+// |S_jj|) is floored at N; a larger violation means F has lost definiteness in float32
+// (kappa ~ 1 / eps32), and the pivot becomes NaN, which poisons the whole block: the result
+// is accurate or visibly invalid, never silently wrong. Overwrites S with
+// Lt[i][l] = L[l][i] (l > i) and writes rinv[i] = 1 / L[i][i] (i < kc).
+__device__ __forceinline__ void chol_phase(float* S, int lds, double* A, float* rinv, int c, int kc,
+                                           float num_samples, int lane) {
   const double n = num_samples, tol = (c + kc) * 1.1920928955078125e-7;  // (c + kc) eps32
-  double a[kMaxChunk];
-#pragma unroll
-  for (int l4 = 0; l4 < kMaxChunk; l4 += 4) {
-    float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (lane < kc && l4 <= lane) ld4(s4, S + lane * lds + l4);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) a[l4 + q] = (l4 + q <= lane && l4 + q < kc) ? s4[q] : 0.0;
+  const int lda = kc + 1;
+  for (int e = lane; e < kc * kc; e += kWarp) {
+    const int i = e / kc, l = e % kc;
+    if (l <= i) A[i * lda + l] = static_cast<double>(S[i * lds + l]) + (i == l ? n : 0.0);
   }
-  double own_s = 0.0;  // S[lane][lane] + N
-#pragma unroll
-  for (int l = 0; l < kMaxChunk; ++l) {
-    if (l == lane) {
-      a[l] += n;
-      own_s = a[l];
-    }
-  }
-  __syncwarp();  // S is read by every lane before Lt overwrites it
+  __syncwarp();
   double own_rd = 0.0;  // 1 / L[lane][lane]
-#pragma unroll
-  for (int j = 0; j < kMaxChunk; ++j) {
-    if (j >= kc) break;
-    const double piv = __shfl_sync(kFullMask, a[j], j), s_jj = __shfl_sync(kFullMask, own_s, j);
-    const double d = sqrt(piv >= n ? piv : (piv >= n - tol * fabs(s_jj) ? n : -1.0));  // -1: NaN
+  for (int j = 0; j < kc; ++j) {
+    const double piv = A[j * lda + j], s_jj = fabs(static_cast<double>(S[j * lds + j]));
+    const double d = sqrt(piv >= n ? piv : (piv >= n - tol * (n + s_jj) ? n : -1.0));  // -1: NaN
     const double rd = 1.0 / d;
     if (lane == j) own_rd = rd;
-    a[j] = lane == j ? d : (lane > j ? a[j] * rd : 0.0);
-#pragma unroll
-    for (int l = j + 1; l < kMaxChunk; ++l) {
-      if (l >= kc) break;
-      const double llj = __shfl_sync(kFullMask, a[j], l);
-      if (lane >= l) a[l] = fma(-a[j], llj, a[l]);
+    __syncwarp();  // A[j][j] read by every lane
+    if (lane > j && lane < kc) A[lane * lda + j] *= rd;
+    if (lane == j) A[j * lda + j] = d;
+    __syncwarp();
+    if (lane > j && lane < kc) {
+      const double lij = A[lane * lda + j];
+#pragma unroll 4
+      for (int l = j + 1; l <= lane; ++l) A[lane * lda + l] = fma(-lij, A[l * lda + j], A[lane * lda + l]);
     }
+    __syncwarp();
   }
   if (lane < kc) {
     rinv[lane] = static_cast<float>(own_rd);
-#pragma unroll
-    for (int l = 0; l < kMaxChunk; ++l) {
-      if (l < lane) S[l * lds + lane] = static_cast<float>(a[l]);
-    }
+    for (int l = 0; l < lane; ++l) S[l * lds + lane] = static_cast<float>(A[lane * lda + l]);
   }
 }
 
 // V = U L^-T in place (Ut[i * ldu + r], i < kc): for each pair of rows r, r + 1, L v = u by
-// forward substitution (right-looking: x_l -= L[l][i] v_i, L's column i read as Lt's row i).
+// forward substitution (right-looking: x_l -= L[l][i] v_i, L's column i read as Lt's row i),
+// in two halves of kHalf gradients so that only kHalf x 2 values are live: the second half
+// first subtracts L[l][j] v_j of the first (v_j read back), then solves its own triangle.
 // rinv is padded to a multiple of 4 entries.
+constexpr int kHalf = kMaxChunk / 2;
+
 __device__ __forceinline__ void v_phase(float* Ut, int ldu, int c, int kc, const float* Lt, int lds,
                                         const float* rinv, int tid) {
   for (int r = 2 * tid; r < c; r += 2 * kRkThreads) {
-    float x[kMaxChunk][2];
 #pragma unroll
-    for (int i = 0; i < kMaxChunk; ++i) {
-      const float2 t = i < kc ? *reinterpret_cast<const float2*>(Ut + i * ldu + r) : make_float2(0.0f, 0.0f);
-      x[i][0] = t.x;
-      x[i][1] = t.y;
-    }
+    for (int h = 0; h < kMaxChunk; h += kHalf) {
+      if (h >= kc) break;
+      float x[kHalf][2];
 #pragma unroll
-    for (int i4 = 0; i4 < kMaxChunk; i4 += 4) {
-      if (i4 >= kc) break;
-      float ri[4];
-      ld4(ri, rinv + i4);
+      for (int i = 0; i < kHalf; ++i) {
+        const float2 t = h + i < kc ? *reinterpret_cast<const float2*>(Ut + (h + i) * ldu + r) : make_float2(0.0f, 0.0f);
+        x[i][0] = t.x;
+        x[i][1] = t.y;
+      }
 #pragma unroll
-      for (int i = i4; i < i4 + 4; ++i) {
-        if (i >= kc) break;
-        x[i][0] *= ri[i - i4];
-        x[i][1] *= ri[i - i4];
+      for (int j = 0; j < h; ++j) {  // earlier half: x_l -= L[l][j] v_j
+        const float2 v = *reinterpret_cast<const float2*>(Ut + j * ldu + r);
 #pragma unroll
-        for (int l4 = (i + 1) / 4 * 4; l4 < kMaxChunk; l4 += 4) {
-          if (l4 >= kc) break;
+        for (int l4 = 0; l4 < kHalf; l4 += 4) {
+          if (h + l4 >= kc) break;
           float lt[4];
-          ld4(lt, Lt + i * lds + l4);
+          ld4(lt, Lt + j * lds + h + l4);
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
-            if (l4 + q > i && l4 + q < kc) {
-              x[l4 + q][0] = fmaf(-lt[q], x[i][0], x[l4 + q][0]);
-              x[l4 + q][1] = fmaf(-lt[q], x[i][1], x[l4 + q][1]);
+            x[l4 + q][0] = fmaf(-lt[q], v.x, x[l4 + q][0]);
+            x[l4 + q][1] = fmaf(-lt[q], v.y, x[l4 + q][1]);
+          }
+        }
+      }
+#pragma unroll
+      for (int i4 = 0; i4 < kHalf; i4 += 4) {  // own triangle
+        if (h + i4 >= kc) break;
+        float ri[4];
+        ld4(ri, rinv + h + i4);
+#pragma unroll
+        for (int i = i4; i < i4 + 4; ++i) {
+          x[i][0] *= ri[i - i4];
+          x[i][1] *= ri[i - i4];
+#pragma unroll
+          for (int l4 = (i + 1) / 4 * 4; l4 < kHalf; l4 += 4) {
+            if (h + l4 >= kc) break;
+            float lt[4];
+            ld4(lt, Lt + (h + i) * lds + h + l4);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              if (l4 + q > i) {
+                x[l4 + q][0] = fmaf(-lt[q], x[i][0], x[l4 + q][0]);
+                x[l4 + q][1] = fmaf(-lt[q], x[i][1], x[l4 + q][1]);
+              }
             }
           }
         }
       }
-    }
 #pragma unroll
-    for (int i = 0; i < kMaxChunk; ++i) {
-      if (i < kc) *reinterpret_cast<float2*>(Ut + i * ldu + r) = make_float2(x[i][0], x[i][1]);
+      for (int i = 0; i < kHalf; ++i) {
+        if (h + i < kc) *reinterpret_cast<float2*>(Ut + (h + i) * ldu + r) = make_float2(x[i][0], x[i][1]);
+      }
     }
   }
 }

@@ -4,7 +4,8 @@
 // One CTA of 256 threads per block (grid-stride over blocks). Shared memory (floats),
 // with ld = round_up(c, 4) and kk = chunk width (<= 32, a multiple of 4):
 //   F  [ld][ld]      the block (zero padding beyond c)
-//   Gt [ld][kk + 4]  the chunk's gradients, transposed (zero rows/columns beyond c / kc)
+//   Gt [ld][kk + 4]  the chunk's gradients, transposed (zero rows/columns beyond c / kc);
+//                    then the Cholesky's double buffer (at least kk (kk + 1) doubles)
 //   Ut [kk][ld]      U^T, then V^T
 //   S  [kk][kk + 4]  S, then L^T;   rinv [kk]
 // F is read from global memory once (or set to I/damp without reading it) and written
@@ -22,7 +23,8 @@ struct SharedLayout {
   __host__ __device__ SharedLayout(int c, int kk_) : ld((c + 3) / 4 * 4), kk(kk_), ldg(kk_ + 4), lds(kk_ + 4) {}
   __host__ __device__ int f() const { return 0; }
   __host__ __device__ int gt() const { return ld * ld; }
-  __host__ __device__ int ut() const { return gt() + ld * ldg; }
+  __host__ __device__ int gt_floats() const { return ld * ldg > 2 * kk * (kk + 1) ? ld * ldg : 2 * kk * (kk + 1); }
+  __host__ __device__ int ut() const { return gt() + gt_floats(); }
   __host__ __device__ int s() const { return ut() + kk * ld; }
   __host__ __device__ int rinv() const { return s() + kk * lds; }
   __host__ __device__ int floats() const { return rinv() + kk; }
@@ -158,7 +160,7 @@ woodbury_shared_kernel(float* __restrict__ inv, const float* __restrict__ grads,
         }
       });
       __syncthreads();
-      if (tid < kWarp) chol_phase(S, L.lds, rinv, c, kc, num_samples, tid);
+      if (tid < kWarp) chol_phase(S, L.lds, reinterpret_cast<double*>(Gt), rinv, c, kc, num_samples, tid);
       __syncthreads();
       v_phase(Ut, L.ld, c, kc, S, L.lds, rinv, tid);
       __syncthreads();

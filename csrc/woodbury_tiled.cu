@@ -6,7 +6,8 @@
 // ld = round_up(c, 4):
 //   Ut [kk][ld]          U^T, then V^T (this bounds c: 1448 for kk = 32 on sm_90)
 //   Ft [2][32][128]      double-buffered tiles F[j0 .. j0+32)[r0 .. r0+128) of the U pass
-//   Gs [2][32][kk + 4]   the matching gradient tiles, transposed
+//   Gs [2][32][kk + 4]   the matching gradient tiles, transposed; then the Cholesky's
+//                        double buffer (kk (kk + 1) doubles fit for kk <= 32)
 //   S  [kk][kk + 4], rinv [kk]
 // Per chunk F is read once for U = F G^T (128-row x 32-column tiles; the next tile is
 // loaded into registers while the current one is used) and once more, upper 64 x 64 macro
@@ -218,7 +219,7 @@ woodbury_tiled_kernel(float* inv, const float* __restrict__ grads, int64_t num_b
         }
       });
       __syncthreads();
-      if (tid < kWarp) chol_phase(S, L.lds, rinv, c, kc, num_samples, tid);
+      if (tid < kWarp) chol_phase(S, L.lds, reinterpret_cast<double*>(Gs), rinv, c, kc, num_samples, tid);
       __syncthreads();
       v_phase(Ut, L.ld, c, kc, S, L.lds, rinv, tid);
       __syncthreads();

@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # Compile check of the CUDA sources without a GPU (CI):
-#  1. every csrc/*.cu with nvcc for sm_90 (compile only; ptxas register / smem report with
-#     VERBOSE=1);
+#  1. every csrc/*.cu with nvcc for sm_90 (compile only; the ptxas register / smem report is
+#     kept for step 4 and printed with VERBOSE=1);
 #  2. csrc/bindings.cpp syntax-checked with g++ against the torch headers of .venv (the CPU
 #     wheel ships them, except the generated c10/cuda/impl/cuda_cmake_macros.h, which is
 #     bypassed with -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE) and the CUDA include dir;
 #  3. the launchers + driver built as plain C++ against the CPU emulator (csrc/emu), with
 #     AddressSanitizer/UBSan where available, and run on small cases: executes the kernels'
 #     index logic and barriers against double-precision references (skip: WF_SKIP_EMU=1);
-#  4. optionally (WF_CHECK_CMAKE=1) configure + build the standalone CMake project.
-# Fails on any error. About a minute on 2 cores.
+#  4. the static goals of the Woodbury kernels (benchmarks/static_model.py --check: FFMA per
+#     shared/global load >= 4 in the SASS of the shared-memory build kernel, no spills,
+#     >= 2 CTAs per SM at c = 128, the cost model's geometry equal to the launchers');
+#  5. every Triton kernel variant compiled for sm_90 with a real launch's argument
+#     specialization (scripts/triton_spec_compile.py --quick: no spills, no non-IEEE division /
+#     square root) with the installed triton, and with triton 3.6 (the GPU image's version) in
+#     the side venv .venv-triton36 (created on first use; WF_TRITON36=0 skips it, and a
+#     failed install only warns); WF_SKIP_TRITON=1 skips step 5;
+#  6. optionally (WF_CHECK_CMAKE=1) configure + build the standalone CMake project.
+# Fails on any error. About 3-4 minutes on 2 cores (steps 5: ~2 minutes with a cold cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-$(command -v nvcc || true)}
@@ -22,16 +30,21 @@ CXX=${CXX:-g++}
 PY=${PYTHON:-.venv/bin/python}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-ptxas_flags=()
-[ "${VERBOSE:-0}" = "1" ] && ptxas_flags=(-Xptxas -v)
-
-# 1. nvcc, two files at a time.
+# 1. nvcc, two files at a time; object + ptxas report per file in $tmp.
+compile_one() {
+  if ! "$NVCC" -std=c++17 -O3 -arch=sm_90 -Icsrc -Xcompiler -Wall -Xptxas -v -c "$1" \
+      -o "$tmp/$(basename "$1").o" 2> "$tmp/$(basename "$1").ptxas.log"; then
+    cat "$tmp/$(basename "$1").ptxas.log" >&2
+    return 1
+  fi
+  [ "${VERBOSE:-0}" = "1" ] && cat "$tmp/$(basename "$1").ptxas.log"
+  return 0
+}
 pids=()
 n=0
 for f in csrc/*.cu; do
   [ -e "$f" ] || continue
-  "$NVCC" -std=c++17 -O3 -arch=sm_90 -Icsrc -Xcompiler -Wall "${ptxas_flags[@]}" \
-    -c "$f" -o "$tmp/$(basename "$f").o" &
+  compile_one "$f" &
   pids+=($!)
   n=$((n + 1))
   if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
@@ -64,6 +77,7 @@ fi
 # 3. CPU emulator build + run.
 if [ "${WF_SKIP_EMU:-0}" != "1" ]; then
   # AddressSanitizer (exact-size emulated allocations) catches out-of-bounds indexing.
+  # shellcheck disable=SC2054  # the commas belong to the -fsanitize value
   san=(-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer)
   echo 'int main() { return 0; }' > "$tmp/san.cpp"
   "$CXX" "${san[@]}" "$tmp/san.cpp" -o "$tmp/san" 2>/dev/null || san=()
@@ -85,10 +99,58 @@ if [ -n "$bind_pid" ]; then
   echo "check_cuda_compile: bindings.cpp syntax-checked against torch $("$PY" -c 'import torch; print(torch.__version__)') headers (-std=$std)"
 fi
 
-# 4. Standalone CMake project.
+# 4. Static goals of the Woodbury kernels (SASS, ptxas, occupancy, cost-model geometry).
+if [ -x "$PY" ] && "$PY" -c "import torch" 2>/dev/null; then
+  driver=()
+  [ -x "$tmp/driver_emu" ] && driver=(--driver "$tmp/driver_emu")
+  if ! "$PY" benchmarks/static_model.py --check --no-triton --build-dir "$tmp" "${driver[@]}" > "$tmp/static.log" 2>&1; then
+    cat "$tmp/static.log"
+    echo "check_cuda_compile: static kernel goals FAILED" >&2
+    exit 1
+  fi
+  echo "check_cuda_compile: static goals met ($(grep -c '\[met\]' "$tmp/static.log") checks: FFMA/load, spills, CTAs/SM, cost-model geometry)"
+fi
+
+# 5. Triton variants with the real launch specialization, installed triton and triton 3.6.
+triton_spec() {  # triton_spec PYTHON LABEL
+  if ! "$1" -c "import triton.backends.nvidia" 2>/dev/null; then
+    echo "check_cuda_compile: $2 has no triton NVIDIA backend; Triton variants NOT compiled"
+    return 0
+  fi
+  if ! TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 "$1" scripts/triton_spec_compile.py --quick \
+      > "$tmp/triton_$2.log" 2>&1; then
+    grep -E '"error"|"stl": [1-9]|"non_ieee": \["|SUMMARY|Error' "$tmp/triton_$2.log" | tail -20
+    echo "check_cuda_compile: Triton variants FAILED ($2)" >&2
+    return 1
+  fi
+  echo "check_cuda_compile: $(grep SUMMARY "$tmp/triton_$2.log" | sed 's/^SUMMARY //')"
+}
+if [ "${WF_SKIP_TRITON:-0}" != "1" ] && [ -x "$PY" ]; then
+  triton_spec "$PY" installed
+  if [ "${WF_TRITON36:-1}" != "0" ]; then
+    side=.venv-triton36
+    if [ ! -x "$side/bin/python" ] || ! "$side/bin/python" -c "import triton, torch" 2>/dev/null; then
+      # only triton in the side venv; torch and the package come from .venv through a .pth file
+      { python3 -m venv "$side" && "$side/bin/python" -m pip install -q --disable-pip-version-check "triton==3.6.0" \
+          && "$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+             > "$("$side/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_woodfisher_venv.pth"; } \
+        > "$tmp/triton36_install.log" 2>&1 || true
+    fi
+    if "$side/bin/python" -c "import triton, torch; assert triton.__version__.startswith('3.6')" 2>/dev/null; then
+      triton_spec "$side/bin/python" triton36
+    else
+      echo "check_cuda_compile: WARNING: triton 3.6 side venv unavailable (see pip); 3.6 variants NOT compiled" >&2
+    fi
+  fi
+fi
+
+# 6. Standalone CMake project.
 if [ "${WF_CHECK_CMAKE:-0}" = "1" ]; then
-  cmake -S . -B "$tmp/cmake" -DCMAKE_CUDA_COMPILER="$NVCC" > "$tmp/cmake.log" 2>&1 \
-    && cmake --build "$tmp/cmake" -j 2 >> "$tmp/cmake.log" 2>&1 \
-    || { cat "$tmp/cmake.log"; echo "check_cuda_compile: CMake build FAILED" >&2; exit 1; }
+  if ! { cmake -S . -B "$tmp/cmake" -DCMAKE_CUDA_COMPILER="$NVCC" > "$tmp/cmake.log" 2>&1 \
+          && cmake --build "$tmp/cmake" -j 2 >> "$tmp/cmake.log" 2>&1; }; then
+    cat "$tmp/cmake.log"
+    echo "check_cuda_compile: CMake build FAILED" >&2
+    exit 1
+  fi
   echo "check_cuda_compile: CMake project configured and built"
 fi

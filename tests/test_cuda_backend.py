@@ -59,6 +59,10 @@ def _shape_cases():
 
 
 SHAPE_CASES = list(_shape_cases())
+# Chunks of 32 gradients (partial, exact, one more), chunk widths padded to 4, the largest
+# shared-memory block, a tiled block with 16-byte vector loads.
+CHUNK_CASES = [pytest.param(c, m, 3, id=f"chunks-c{c}-m{m}")
+               for c, m in [(64, 31), (64, 32), (64, 33), (64, 65), (128, 3), (204, 40), (260, 40)]]
 
 
 def _skip_if_too_big_for_shared(ext, path, c):
@@ -68,7 +72,7 @@ def _skip_if_too_big_for_shared(ext, path, c):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["shared", "tiled"])
-@pytest.mark.parametrize("c, m, b", SHAPE_CASES)
+@pytest.mark.parametrize("c, m, b", SHAPE_CASES + CHUNK_CASES)
 def test_fisher_inverse_matches_dense_inverse(ext, path, c, m, b):
     _skip_if_too_big_for_shared(ext, path, c)
     grads = _grads(b, m, c)
@@ -185,19 +189,6 @@ def test_limits_and_refusals(ext):
         ext.fisher_inverse(_grads(1, 1, woodbury_max + 1), DAMP, 1.0)
     with pytest.raises(ValueError, match="handles block sizes up to"):
         wk.fisher_inverse(_grads(1, 1, woodbury_max + 1), DAMP, backend="cuda")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("path", ["shared", "tiled"])
-@pytest.mark.parametrize("c, m", [(64, 31), (64, 32), (64, 33), (64, 65), (128, 3), (204, 40), (260, 40)])
-def test_chunk_boundaries(ext, path, c, m):
-    """Chunks of 32 gradients (partial, exact, one more), widths padded to 4, both kernels."""
-    _skip_if_too_big_for_shared(ext, path, c)
-    grads = _grads(3, m, c, seed=c + m)
-    inv = ext.fisher_inverse(grads, DAMP, float(m), path)
-    fisher = dense_fisher(grads, DAMP)
-    assert rel_err(inv, torch.linalg.inv(fisher)) <= inverse_tolerance(fisher, torch.float32)
-    assert torch.equal(inv, inv.transpose(1, 2))
 
 
 @pytest.mark.gpu

@@ -79,7 +79,7 @@ def chunk_width(k: int) -> int:
 def cuda_shared_smem(c: int, kk: int) -> int:
     """Dynamic shared memory (bytes) of the CUDA shared-memory kernel (csrc/woodbury_shared.cu)."""
     ld = 4 * math.ceil(c / 4)
-    return 4 * (ld * ld + ld * (kk + 4) + kk * ld + kk * (kk + 4) + kk)
+    return 4 * (ld * ld + max(ld * (kk + 4), 2 * kk * (kk + 1)) + kk * ld + kk * (kk + 4) + kk)
 
 
 def cuda_tiled_smem(c: int, kk: int) -> int:

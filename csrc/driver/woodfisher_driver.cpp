@@ -5,6 +5,8 @@
 //   woodfisher_driver           full size grid (c up to 600, B up to 1000)
 //   woodfisher_driver --quick   small grid (used with the CPU emulator build)
 //   woodfisher_driver [--quick] BxCxK ...   only the given cases
+//   woodfisher_driver --resources CxK ...   JSON lines: kernel path, chunk width and dynamic
+//                                           shared memory of the Woodbury launch for (c, k)
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -12,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "woodbury_internal.h"
 #include "woodfisher_kernels.h"
 
 namespace {
@@ -218,6 +221,28 @@ void check_obs(int64_t B, int c, int k, std::mt19937& g) {
   }
 }
 
+// --resources CxK ...: what a Woodbury launch uses on the current device (no kernel runs).
+int print_resources(int argc, char** argv) {
+  int limit = 0;
+  CUDA_OK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
+  for (int a = 2; a < argc; ++a) {
+    int c = 0, k = 0;
+    if (std::sscanf(argv[a], "%dx%d", &c, &k) != 2 || c < 1 || k < 0) {
+      std::fprintf(stderr, "bad case '%s' (expected CxK)\n", argv[a]);
+      return 2;
+    }
+    namespace d = woodfisher::detail;
+    const int kk = d::chunk_width(k);
+    const bool shared = d::auto_path(c, k, limit) == WoodburyPath::kShared;
+    const bool fits = shared || c <= woodfisher::woodbury_max_block_size();
+    std::printf("{\"c\": %d, \"k\": %d, \"chunk\": %d, \"path\": \"%s\", \"smem\": %zu, \"shared_smem\": %zu, "
+                "\"tiled_smem\": %zu}\n", c, k, kk, fits ? (shared ? "shared" : "tiled") : "none",
+                shared ? d::woodbury_shared_smem_bytes(c, kk) : d::woodbury_tiled_smem_bytes(c, kk),
+                d::woodbury_shared_smem_bytes(c, kk), d::woodbury_tiled_smem_bytes(c, kk));
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -226,6 +251,7 @@ int main(int argc, char** argv) {
     std::printf("woodfisher_driver: no CUDA device; nothing run\n");
     return 0;
   }
+  if (argc > 1 && std::strcmp(argv[1], "--resources") == 0) return print_resources(argc, argv);
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   std::vector<std::string> custom;  // cases given as BxCxK, e.g. 3x239x4
   for (int a = quick ? 2 : 1; a < argc; ++a) custom.push_back(argv[a]);

@@ -10,7 +10,7 @@ which equals k successive rank-one updates ``u = F g; F <- F - u u^T / (N + g^T 
   padding of a single streamed gradient to a matrix-product chunk).
 * larger k: chunks of K gradients in *blocked* form. With ``U = F G_K^T`` (c, K) and
   ``S = G_K F G_K^T`` (K, K), the K rank-one steps are replayed inside the K-dimensional
-  subspace (:func:`_subspace_factor`, O(K^3), in float64) which yields ``A`` (K, K) such
+  subspace (:func:`._common.subspace_factor`, O(K^3), in float64) which yields ``A`` (K, K) such
   that the K corrections sum to ``(U A)(U A)^T``: three ``tl.dot`` products and one
   rank-K update ``F -= W W^T``, the same ~4 K c^2 flops as K rank-one updates.
 
@@ -30,42 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import EPS32, SUM, div_rn, safe_pivot, sqrt_rn
+from . import woodbury_tiled
+from ._common import EPS32, REG_LIMIT, SUM, div_rn, safe_pivot, sqrt_rn, subspace_factor
 
 REG_MAX_BLOCK = 64      # largest padded block size kept entirely in registers
 REG_CHUNK = 16          # gradients per chunk, register variant (tl.dot needs >= 16)
 SEQ_MAX_GRADS = 4       # up to this many gradients: plain rank-one steps, no chunk padding
-
-
-@triton.jit
-def _subspace_factor(s, num_samples, count, tol, K: tl.constexpr):
-    """Replay ``count`` (<= K) rank-one Sherman-Morrison steps inside the span of K gradients.
-
-    ``s`` (K, K) is ``G F G^T`` (symmetric). Step i uses ``u_i = U c_i`` (``U = F G^T``,
-    ``c_i`` the i-th column of the running coefficient matrix) and the pivot
-    ``d_i = N + s_ii`` (``safe_pivot``, against the scale ``N + |G F G^T|_ii``); both ``s``
-    and the coefficients are updated as ``F`` would be. Returns ``a`` (K, K) float32 with
-    columns ``c_i / sqrt(d_i)`` (zero beyond ``count``): the corrections sum to
-    ``(U a)(U a)^T``. Computed in float64; zero (padded) gradients change nothing.
-    """
-    s = s.to(tl.float64)
-    n = num_samples                     # float32 scalar; promoted to float64 below
-    idx = tl.arange(0, K)
-    rows = idx[:, None]
-    cols = idx[None, :]
-    coef = tl.where(rows == cols, 1.0, 0.0).to(tl.float64)
-    out = tl.zeros((K, K), dtype=tl.float64)
-    diag0 = tl.abs(tl.reduce(tl.where(rows == cols, s, 0.0), 1, SUM))
-    for i in range(count):
-        srow = tl.reduce(tl.where(rows == i, s, 0.0), 0, SUM)             # s[i, :] = s[:, i]^T
-        ci = tl.reduce(tl.where(cols == i, coef, 0.0), 1, SUM)            # coef[:, i]
-        sii = tl.reduce(tl.where(idx == i, srow, 0.0), 0, SUM)
-        scale = n + tl.reduce(tl.where(idx == i, diag0, 0.0), 0, SUM)
-        rd = 1.0 / safe_pivot(n + sii, n, scale, tol)                     # float64: IEEE
-        coef -= ci[:, None] * (srow[None, :] * rd)
-        s -= srow[:, None] * (srow[None, :] * rd)
-        out = tl.where(cols == i, ci[:, None] * tl.sqrt(rd), out)         # NaN when rd < 0
-    return out.to(tl.float32)
 
 
 @triton.jit
@@ -107,7 +77,7 @@ def _woodbury_reg_kernel(inv_ptr, g_ptr, c, k, num_samples, inv_damp, tol,
             u = tl.dot(f, tl.trans(g), input_precision="ieee")                     # (C, K)
             s = tl.dot(g, u, input_precision="ieee")                               # (K, K)
             s = 0.5 * (s + tl.trans(s))
-            a = _subspace_factor(s, num_samples, tl.minimum(k - start, K), tol, K)
+            a = subspace_factor(s, num_samples, tl.minimum(k - start, K), tol, K)
             w = tl.dot(u, a, input_precision="ieee")
             f = tl.dot(-w, tl.trans(w), f, input_precision="ieee")
     tl.store(base + offs, f, mask=blk)
@@ -130,30 +100,24 @@ def pivot_tolerance(block_size: int, chunk: int) -> float:
 def launch_config(block_size: int, num_grads: int, tiled=None):
     """(kernel, constexprs, launch options) for blocks of ``block_size`` and ``num_grads``
     gradients; ``INIT`` is added by the caller. ``tiled`` forces the variant."""
-    from . import woodbury_tiled
-
     if tiled is None:
         tiled = use_tiled(block_size)
     seq = num_grads <= SEQ_MAX_GRADS
     if tiled:
         return woodbury_tiled.launch_config(num_grads, seq)
     size = _padded(block_size)
-    return _woodbury_reg_kernel, {"C": size, "K": REG_CHUNK, "SEQ": seq}, {"num_warps": _reg_warps(block_size, seq)}
+    return _woodbury_reg_kernel, {"C": size, "K": REG_CHUNK, "SEQ": seq}, {"num_warps": _reg_warps(size), **REG_LIMIT}
 
 
-def _reg_warps(block_size: int, seq: bool) -> int:
-    """Warps of the register variant: 4 up to C = 32; for C = 64, 8 (<= 128 registers, two
-    programs per SM) when c % 16 == 0 and chunks use tl.dot, else 16 (the masked,
-    unvectorised variants need up to 170 registers at 8 warps; 126 at 16, no spills)."""
-    if _padded(block_size) < 64:
-        return 4
-    return 8 if block_size % 16 == 0 and not seq else 16
+def _reg_warps(size: int) -> int:
+    """Warps of the register variant: 4 up to C = 32, 8 for C = 64 (<= 128 registers and two
+    programs per SM when c % 16 == 0; up to 170 registers, one program, for the masked,
+    unvectorised chunked variants; no spills with triton 3.6 or 3.9)."""
+    return 4 if size < 64 else 8
 
 
 def _launch(inv: torch.Tensor, grads: torch.Tensor, num_samples: float, inv_damp: float,
             init: bool, tiled=None) -> None:
-    from . import woodbury_tiled
-
     num_blocks, num_grads, c = grads.shape
     if num_grads == 0:
         if init:

@@ -1,5 +1,5 @@
 """Tiled Triton Woodbury kernel: the block stays in global memory (L2) and is streamed in
-``(BM, BM)`` tiles (the algorithm and precision notes are in :mod:`.woodbury`).
+``(BM, BM)`` tiles (the algorithm and precision notes are in :mod:`.woodbury`, which launches it).
 
 * ``SEQ``: one rank-one step per gradient: pass 1 ``u = F g`` (and ``g^T u``) tile by
   tile into a (c,) scratch vector, pass 2 ``F -= w w^T`` with ``w = u / sqrt(d)``.
@@ -14,15 +14,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import SUM, div_rn, safe_pivot, sqrt_rn
-from .woodbury import _subspace_factor
+from ._common import REG_LIMIT, SUM, div_rn, safe_pivot, sqrt_rn, subspace_factor
 
 TILE = 32          # tile edge
 CHUNK = 32         # gradients per chunk (k > 16)
 SMALL_CHUNK = 16   # chunk for SEQ_MAX_GRADS < k <= 16
-# 4 warps, no software pipelining: every variant compiles for sm_90 without spills and
-# fits 2 programs per SM (K = 32: <= 204 registers; scripts/triton_spec_compile.py).
-OPTIONS = {"num_warps": 4, "num_stages": 1}
+# 4 warps, no software pipelining: every variant compiles for sm_90 without spills (triton
+# 3.6 and 3.9) and fits 2 programs per SM (K = 32: <= 204 registers; see
+# scripts/triton_spec_compile.py).
+OPTIONS = {"num_warps": 4, "num_stages": 1, **REG_LIMIT}
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def _woodbury_tiled_kernel(inv_ptr, g_ptr, w_ptr, c, k, num_samples, inv_damp, t
                              mask=kmask[:, None] & rmask[None, :], other=0.0)            # (K, BM)
                 s = tl.dot(gr, u, s, input_precision="ieee")
             s = 0.5 * (s + tl.trans(s))
-            a = _subspace_factor(s, num_samples, tl.minimum(k - start, K), tol, K)
+            a = subspace_factor(s, num_samples, tl.minimum(k - start, K), tol, K)
             tl.debug_barrier()
             for r0 in range(0, c, BM):                    # pass 1b: W = U A, in place
                 rows = r0 + tile
