@@ -36,23 +36,28 @@ __device__ __forceinline__ void st4(float* p, float a, float b, float c, float d
   *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
 }
 
-// p[0..4) from global memory, entries at or beyond n read as 0; one 16-byte load when kVec
-// (the caller guarantees 16-byte alignment and n % 4 == 0 then).
+// p[0..4) from global memory, entries at or beyond n read as 0. kVec: one 16-byte load; the
+// caller guarantees a 16-byte aligned p and n == 0 or n >= 4 (c % 4 == 0, 4-float offsets).
 template <bool kVec>
 __device__ __forceinline__ void ld4_global(float (&v)[4], const float* p, int n) {
-  if (kVec && n >= 4) {
-    ld4(v, p);
+  if (kVec) {
+    if (n >= 4) {
+      ld4(v, p);
+    } else {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) v[q] = 0.0f;
+    }
     return;
   }
 #pragma unroll
   for (int q = 0; q < 4; ++q) v[q] = q < n ? p[q] : 0.0f;
 }
 
-// p[0..min(n, 4)) = v; one 16-byte store when kVec.
+// p[0..min(n, 4)) = v; kVec: one 16-byte store, under ld4_global's conditions.
 template <bool kVec>
 __device__ __forceinline__ void st4_global(float* p, const float (&v)[4], int n) {
-  if (kVec && n >= 4) {
-    st4(p, v[0], v[1], v[2], v[3]);
+  if (kVec) {
+    if (n >= 4) st4(p, v[0], v[1], v[2], v[3]);
     return;
   }
 #pragma unroll

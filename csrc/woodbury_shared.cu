@@ -30,31 +30,49 @@ struct SharedLayout {
   __host__ __device__ int floats() const { return rinv() + kk; }
 };
 
+// Global <-> shared copies of the block move kCopyBatch independent 16-byte vectors per thread
+// per step (16 KB per CTA in flight: enough, with 2-3 CTAs per SM, to cover HBM latency).
+constexpr int kCopyBatch = 4;
+
 // F (ld x ld, shared) from global memory (c x c), or I/damp; zero padding.
 template <bool kVec>
 __device__ void load_block(float* F, int ld, const float* src, int c, bool init, float init_diag, int tid) {
-  const int quads = ld / 4;
-  for (int e = tid; e < ld * quads; e += kRkThreads) {
-    const int r = e / quads, j = (e % quads) * 4;
-    float v[4];
-    if (init) {
+  const int quads = ld / 4, total = ld * quads;
+  for (int e0 = tid; e0 < total; e0 += kRkThreads * kCopyBatch) {
+    float v[kCopyBatch][4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) v[q] = (r == j + q && r < c) ? init_diag : 0.0f;
-    } else {
-      ld4_global<kVec>(v, src + static_cast<int64_t>(r) * c + j, r < c ? c - j : 0);
+    for (int s = 0; s < kCopyBatch; ++s) {  // all loads first, then all stores
+      const int e = e0 + s * kRkThreads, r = e / quads, j = (e % quads) * 4;
+      if (init || e >= total) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) v[s][q] = (init && r == j + q && r < c) ? init_diag : 0.0f;
+      } else {
+        ld4_global<kVec>(v[s], src + static_cast<int64_t>(r) * c + j, r < c ? c - j : 0);
+      }
     }
-    st4(F + r * ld + j, v[0], v[1], v[2], v[3]);
+#pragma unroll
+    for (int s = 0; s < kCopyBatch; ++s) {
+      const int e = e0 + s * kRkThreads;
+      if (e < total) st4(F + (e / quads) * ld + (e % quads) * 4, v[s][0], v[s][1], v[s][2], v[s][3]);
+    }
   }
 }
 
 template <bool kVec>
 __device__ void store_block(float* dst, const float* F, int ld, int c, int tid) {
-  const int quads = ld / 4;
-  for (int e = tid; e < c * quads; e += kRkThreads) {
-    const int r = e / quads, j = (e % quads) * 4;
-    float v[4];
-    ld4(v, F + r * ld + j);
-    st4_global<kVec>(dst + static_cast<int64_t>(r) * c + j, v, c - j);
+  const int quads = ld / 4, total = c * quads;
+  for (int e0 = tid; e0 < total; e0 += kRkThreads * kCopyBatch) {
+    float v[kCopyBatch][4];
+#pragma unroll
+    for (int s = 0; s < kCopyBatch; ++s) {
+      const int e = e0 + s * kRkThreads;
+      if (e < total) ld4(v[s], F + (e / quads) * ld + (e % quads) * 4);
+    }
+#pragma unroll
+    for (int s = 0; s < kCopyBatch; ++s) {
+      const int e = e0 + s * kRkThreads, r = e / quads, j = (e % quads) * 4;
+      if (e < total) st4_global<kVec>(dst + static_cast<int64_t>(r) * c + j, v[s], c - j);
+    }
   }
 }
 

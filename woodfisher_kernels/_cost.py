@@ -19,9 +19,14 @@ The model is a roofline per kernel (:func:`predict`), with the flop / byte count
   batched Cholesky and triangular solve: ~7 c^3 flops per chunk of c gradients for the
   nominal 4 c^3, F read and written by separate kernels, ~10 launches per chunk.
 
-Efficiencies (fraction of the float32 FMA peak an implementation's inner loops reach) are
-the static model's estimates (benchmarks/static_model.py, benchmarks/results/kernels_static.md:
-issue mix of the SASS / PTX hot loops, occupancy); none is measured on a GPU yet.
+``EFFICIENCY`` (the fraction of the float32 FMA peak an implementation's inner loops reach) is
+an estimate, not a measurement: the CUDA kernels' hot loops issue 16 FFMA per 2 vector shared
+loads (SASS, benchmarks/results/kernels_static.md), discounted for barriers, the serial K x K
+factorisation and (tiled) one CTA per SM; Triton's FMA-based ``tl.dot`` and cuBLAS batched
+small GEMMs get lower figures. No GPU has run the kernels yet: ``scripts/gpu_check.sh`` measures
+them, and the constants should then be replaced by measured values. The occupancy, shared
+memory and kernel paths used here are checked against the build in CI
+(``benchmarks/static_model.py --check``).
 """
 from __future__ import annotations
 
@@ -121,10 +126,23 @@ class Prediction:
     bound: str            # "compute" | "memory" | "launch"
 
 
-# Fraction of the FMA peak reached by the inner loops (static model, see module docstring).
+# Fraction of the FMA peak reached by the inner loops (estimates, see the module docstring).
 EFFICIENCY = {"cuda_shared": 0.70, "cuda_tiled": 0.55, "triton_reg": 0.40, "triton_tiled": 0.35,
               "torch_small": 0.25, "torch": 0.60}
-BANDWIDTH_EFFICIENCY = {"cuda": 0.85, "triton": 0.80, "torch": 0.75}
+# Fraction of HBM bandwidth: DRAM_EFFICIENCY at best; the CUDA kernels are further limited by the
+# bytes each SM keeps in flight (Little's law over DRAM_LATENCY_S); Triton and torch: estimates.
+DRAM_EFFICIENCY = 0.9
+DRAM_LATENCY_S = 700e-9
+BANDWIDTH_EFFICIENCY = {"cuda": DRAM_EFFICIENCY, "triton": 0.80, "torch": 0.75}
+# 16-byte loads in flight per thread: the shared kernel's block copy (kCopyBatch), the tiled
+# kernel's prefetched 4 x 4 tile.
+CUDA_LOADS_IN_FLIGHT = {"shared": 4, "tiled": 4}
+
+
+def little_fraction(spec: DeviceSpec, inflight_bytes_per_sm: float) -> float:
+    """Share of HBM bandwidth that ``inflight_bytes_per_sm`` outstanding bytes per SM sustain."""
+    needed = spec.hbm_bytes_s / spec.sms * DRAM_LATENCY_S
+    return min(1.0, inflight_bytes_per_sm / needed)
 
 
 def _roofline(spec, blocks, slots, executed, nominal, hbm_bytes, reread_bytes, eff, bw_eff, launches):
@@ -157,14 +175,17 @@ def _cuda_woodbury(spec, b, c, k, init):
         first = init and i == 0
         ex += (0.0 if first else 2.0 * c * c * kk) + 2.0 * c * kk * kk + 2.0 * c * c * kc * _upper_macro_fraction(c)
         reread += 4.0 * c * c * (1.0 if first else 2.5)     # tiled kernel: F streamed per chunk
-    if cuda_path(c, k, spec) == "shared":
-        slots = spec.sms * ctas_per_sm(cuda_shared_smem(c, kk), 128, 256)
-        return _roofline(spec, b, slots, ex, nominal, _compulsory(c, k, init), 0.0, EFFICIENCY["cuda_shared"],
-                         BANDWIDTH_EFFICIENCY["cuda"], 1)
-    slots = spec.sms * ctas_per_sm(cuda_tiled_smem(c, kk), 192, 256)
+    path = cuda_path(c, k, spec)
+    if path == "shared":
+        per_sm = ctas_per_sm(cuda_shared_smem(c, kk), 128, 256)
+        bw = DRAM_EFFICIENCY * little_fraction(spec, per_sm * 256 * 16 * CUDA_LOADS_IN_FLIGHT[path])
+        return _roofline(spec, b, spec.sms * per_sm, ex, nominal, _compulsory(c, k, init), 0.0,
+                         EFFICIENCY["cuda_shared"], bw, 1)
+    per_sm = ctas_per_sm(cuda_tiled_smem(c, kk), 192, 256)
+    bw = DRAM_EFFICIENCY * little_fraction(spec, per_sm * 256 * 16 * CUDA_LOADS_IN_FLIGHT[path])
     hbm = _compulsory(c, k, init)
-    return _roofline(spec, b, slots, ex, nominal, hbm, max(0.0, reread - hbm), EFFICIENCY["cuda_tiled"],
-                     BANDWIDTH_EFFICIENCY["cuda"], 1)
+    return _roofline(spec, b, spec.sms * per_sm, ex, nominal, hbm, max(0.0, reread - hbm), EFFICIENCY["cuda_tiled"],
+                     bw, 1)
 
 
 def _triton_woodbury(spec, b, c, k, init):
