@@ -1,7 +1,7 @@
 """Static performance model of the CUDA and Triton kernels, generated from the build (no GPU).
 
-    python benchmarks/static_model.py --out benchmarks/results      # kernels_static.{md,json}
-    python benchmarks/static_model.py --check --build-dir DIR --driver EXE   # CI goals only
+    python -m benchmarks.static_model --out benchmarks/results      # kernels_static.{md,json}
+    python -m benchmarks.static_model --check --build-dir DIR --driver EXE   # CI goals only
 
 Per kernel: registers, spills (ptxas, sm_90) and the SASS instruction mix (cuobjdump: FFMA,
 shared / global loads and stores, FFMA per load). Per kernel and case (op, c, k): the
@@ -30,10 +30,9 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from woodfisher_kernels import _cost
 
-from woodfisher_kernels import _cost  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CUDA_SOURCES = ("woodbury_shared", "woodbury_tiled", "obs")
 RESNET50 = 25_557_032
@@ -229,7 +228,7 @@ def fmt_s(x):
 
 def markdown(res):
     L = ["# Static performance model of the kernels (no GPU run)", "",
-         f"Generated {res['date']} by `python benchmarks/static_model.py --out benchmarks/results` from the build: "
+         f"Generated {res['date']} by `python -m benchmarks.static_model --out benchmarks/results` from the build: "
          f"{res['toolchain']['nvcc']}, triton {res['toolchain'].get('triton')} (sm_90). Registers / spills from ptxas, "
          "instruction mix from `cuobjdump -sass` (static counts), shared memory from the C++ launchers, predicted "
          "times from `woodfisher_kernels/_cost.py` (roofline per implementation; efficiencies are estimates). "
@@ -273,6 +272,7 @@ def main(argv=None):
         return 2
     with tempfile.TemporaryDirectory() as work:
         build_dir = args.build_dir or work
+        os.makedirs(build_dir, exist_ok=True)
         build_cuda(build_dir)
         kernels = cuda_kernels(build_dir)
         grid = sorted({(c, k) for _, c, k in CASES} | {(c, k) for c in (1, 7, 64, 128, 204, 205, 230, 236, 1448, 1449)

@@ -8,7 +8,7 @@
 #  3. the launchers + driver built as plain C++ against the CPU emulator (csrc/emu), with
 #     AddressSanitizer/UBSan where available, and run on small cases: executes the kernels'
 #     index logic and barriers against double-precision references (skip: WF_SKIP_EMU=1);
-#  4. the static goals of the Woodbury kernels (benchmarks/static_model.py --check: FFMA per
+#  4. the static goals of the Woodbury kernels (python -m benchmarks.static_model --check: FFMA per
 #     shared/global load >= 4 in the SASS of the shared-memory build kernel, no spills,
 #     >= 2 CTAs per SM at c = 128, the cost model's geometry equal to the launchers');
 #  5. every Triton kernel variant compiled for sm_90 with a real launch's argument
@@ -103,7 +103,7 @@ fi
 if [ -x "$PY" ] && "$PY" -c "import torch" 2>/dev/null; then
   driver=()
   [ -x "$tmp/driver_emu" ] && driver=(--driver "$tmp/driver_emu")
-  if ! "$PY" benchmarks/static_model.py --check --no-triton --build-dir "$tmp" "${driver[@]}" > "$tmp/static.log" 2>&1; then
+  if ! "$PY" -m benchmarks.static_model --check --no-triton --build-dir "$tmp" "${driver[@]}" > "$tmp/static.log" 2>&1; then
     cat "$tmp/static.log"
     echo "check_cuda_compile: static kernel goals FAILED" >&2
     exit 1

@@ -16,7 +16,7 @@ whether the PTX holds non-IEEE float32 division / square root
 compile, spills, or uses a non-IEEE instruction. ``--cases`` compiles only the variants that
 the given calls (``build`` = fisher_inverse, ``update`` = woodbury_update_, ``:c:k``) launch
 and tags each row with its case; ``--cubin-dir`` keeps every variant's cubin (for
-benchmarks/static_model.py, which disassembles them). Uses triton's private
+python -m benchmarks.static_model, which disassembles them). Uses triton's private
 ``create_function_from_signature`` and ``JITFunction._pack_args`` (triton 3.6 - 3.9).
 """
 import argparse

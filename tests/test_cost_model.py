@@ -5,7 +5,7 @@ more than 2x slower than the best candidate; the order of the ranking), the deci
 roofline argument fixes (the fused kernels win where they keep the block on chip; the
 one-CTA-per-block tiled kernel loses when blocks are fewer than SMs), and that the model's
 geometry matches the kernels' launch rules. The model's agreement with the compiled
-kernels' resources is checked by benchmarks/static_model.py --check in CI.
+kernels' resources is checked by python -m benchmarks.static_model --check in CI.
 """
 from __future__ import annotations
 

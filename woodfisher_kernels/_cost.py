@@ -26,7 +26,7 @@ factorisation and (tiled) one CTA per SM; Triton's FMA-based ``tl.dot`` and cuBL
 small GEMMs get lower figures. No GPU has run the kernels yet: ``scripts/gpu_check.sh`` measures
 them, and the constants should then be replaced by measured values. The occupancy, shared
 memory and kernel paths used here are checked against the build in CI
-(``benchmarks/static_model.py --check``).
+(``python -m benchmarks.static_model --check``).
 """
 from __future__ import annotations
 
