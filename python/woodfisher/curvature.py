@@ -32,6 +32,7 @@ import woodfisher_kernels as wk
 from .batches import peek, to_batch
 from .config import PruneConfig
 from .damping import FisherStats, resolve_damp
+from .diagonal import empirical_fisher_diagonal
 from .flops import flops_per_param_of_batch
 from .gradients import GradientCollector, compute_dtype
 from .kfac import kfac_factors, kfac_inverse
@@ -216,13 +217,9 @@ def _estimate(model, loader, targets: List[PruneTarget], config: PruneConfig) ->
 def _diagonal(collector, targets, config, curv) -> None:
     """c = 1: each 1x1 block is 1 / (damp + sum g^2 / N)."""
     t0 = time.perf_counter()
-    sq = {t.name: 0.0 for t in targets}
-    for chunk in collector.chunks(min(config.num_grads, 256)):
-        for n, g in chunk.items():
-            sq[n] = sq[n] + g.square().sum(0)
-    count = collector.count
-    curv.stats = FisherStats(sum(float(v.double().sum()) for v in sq.values()), count,
-                             sum(t.numel for t in targets))
+    fd = empirical_fisher_diagonal(collector, min(config.num_grads, 256))
+    sq, count = fd.sum_sq, fd.count
+    curv.stats = FisherStats(fd.total(), count, sum(t.numel for t in targets))
     curv.damp = resolve_damp(config.damp, curv.stats)
     curv.inverses = {t.name: t.canonical((1.0 / (curv.damp + sq[t.name] / count))).view(-1, 1, 1)
                      for t in targets}

@@ -60,7 +60,7 @@ class GradientCollector:
         loader: iterable of batches (read through ``batch_adapter``).
         targets: the pruned weights (:func:`woodfisher.targets.resolve_targets`).
         loss_fn: ``loss_fn(predictions, targets)`` -> mean loss (None: see :mod:`woodfisher.batches`).
-        num_grads: m >= 1.
+        num_grads: m >= 1, or None for every sample the loader yields (it must end).
         fisher_batch_size: samples averaged per gradient (>= 1).
         sampled_fisher: draw targets from the model's predictive distribution
             ``softmax(predictions)`` over the last dim instead of using the loader's (the
@@ -79,7 +79,7 @@ class GradientCollector:
     """
 
     def __init__(self, model: nn.Module, loader, targets: List[PruneTarget], *,
-                 loss_fn: Optional[Callable] = None, num_grads: int = 128,
+                 loss_fn: Optional[Callable] = None, num_grads: Optional[int] = 128,
                  fisher_batch_size: int = 1, sampled_fisher: bool = False, seed: int = 0,
                  keep_masks: Optional[Dict[str, torch.Tensor]] = None,
                  want_loss_grad: bool = False, progress: bool = True,
@@ -87,7 +87,8 @@ class GradientCollector:
         self.model, self.loader, self.targets = model, loader, targets
         self.inner = unwrap_model(model)[0]
         self.loss_fn = loss_fn
-        self.num_grads, self.fbs = int(num_grads), int(fisher_batch_size)
+        self.num_grads = None if num_grads is None else int(num_grads)
+        self.fbs = int(fisher_batch_size)
         self.sampled, self.seed = bool(sampled_fisher), seed
         self.keep = keep_masks or {}
         self.want_loss_grad, self.progress, self.desc = want_loss_grad, progress, desc
@@ -105,7 +106,7 @@ class GradientCollector:
 
     def _groups(self, device) -> Iterator[Batch]:
         """Yields batches of G groups, every batched leaf shaped (G, fbs, ...), until num_grads groups."""
-        left = self.num_grads
+        left = float("inf") if self.num_grads is None else self.num_grads
         pending: Optional[Batch] = None
         for item in self.loader:
             batch = self._cast(to_batch(item, self.adapter), device)
@@ -211,7 +212,7 @@ class GradientCollector:
         if self.count == 0:
             raise ValueError(f"loader yielded fewer than fisher_batch_size={self.fbs} samples: "
                              "no gradient could be computed (empty data loader?)")
-        if self.count < self.num_grads:
+        if self.num_grads is not None and self.count < self.num_grads:
             warnings.warn(f"loader ran out after {self.count} of num_grads={self.num_grads} gradients "
                           f"({self.samples} samples); kept gradients are averaged over {self.count}, while "
                           f"streamed ones keep the normaliser num_grads (their Fisher term is scaled "

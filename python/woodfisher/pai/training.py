@@ -9,35 +9,40 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..batches import check_loss_fn, compute_loss, to_batch
+from ..config import check_int
 from ..gradual import apply_masks as attach_masks  # noqa: F401  (re-exported: torch prune convention)
 from ..gradual import make_permanent  # noqa: F401
-from ._common import LossFn, check_positive_int, model_device, resolve_loss
 
 
 def train(model: nn.Module, loader: Iterable, *, epochs: float = 1.0, max_steps: Optional[int] = None,
           lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4, nesterov: bool = True,
-          loss_fn: Optional[LossFn] = None, progress: bool = True) -> dict:
+          loss_fn: Optional[Callable] = None, progress: bool = True,
+          batch_adapter: Optional[Callable] = None) -> dict:
     """SGD (momentum, cosine learning rate to 0) for ``epochs`` passes or ``max_steps`` steps.
 
     Args:
-        loader: yields (inputs, targets) batches; must have a length when epochs is used.
+        loader: batches (see :mod:`woodfisher.batches`); must have a length when epochs is used.
         epochs: may be fractional; max_steps caps the step count.
+        loss_fn: ``loss_fn(predictions, targets)`` (default: the package's default loss).
     Returns:
         {"steps", "seconds", "final_loss" (mean over the last 50 steps)}.
+    Raises:
+        ValueError: epochs <= 0, max_steps < 1, a bad loss_fn.
     """
-    loss_fn = resolve_loss(loss_fn)
+    check_loss_fn(loss_fn)
     if not epochs > 0:
         raise ValueError(f"epochs must be > 0, got {epochs}")
     total = int(math.ceil(epochs * len(loader)))
     if max_steps is not None:
-        total = min(total, check_positive_int(max_steps, "max_steps"))
-    device = model_device(model)
+        total = min(total, check_int("max_steps", max_steps))
+    device = next(model.parameters()).device
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
                           weight_decay=weight_decay, nesterov=nesterov and momentum > 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -45,9 +50,9 @@ def train(model: nn.Module, loader: Iterable, *, epochs: float = 1.0, max_steps:
     step, recent, t0 = 0, [], time.perf_counter()
     bar = tqdm(total=total, desc="train", disable=not progress, leave=False)
     while step < total:
-        for x, y, *_ in loader:
-            x, y = x.to(device), y.to(device)
-            loss = loss_fn(model(x), y)
+        for item in loader:
+            batch = to_batch(item, batch_adapter).to(device)
+            loss = compute_loss(model(*batch.args, **batch.kwargs), batch.target, loss_fn)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
