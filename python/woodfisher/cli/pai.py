@@ -1,4 +1,5 @@
-"""``python -m woodfisher pai``: prune a freshly initialised model, optionally train it.
+"""``python -m woodfisher pai``: prune a freshly initialised model (or the initial weights in
+``--checkpoint``) before training, optionally train it with the masks held fixed.
 
 Writes to --out: masks.pt, pruned.pt (state dict, masks made permanent), sparsity.md,
 report.json (config, timings, collapsed layers, accuracy) and layer_sparsity.png.
@@ -6,23 +7,20 @@ report.json (config, timings, collapsed layers, accuracy) and layer_sparsity.png
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
 from ..models import MODEL_SPECS
 from ..pai.criteria import CRITERIA
-from ._common import dataset_name, require, sparsity_type, test_set, write_outputs
+from ._common import add_model_args, dataset_name, load_model, require, sparsity_type, test_set, write_outputs
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``pai`` subcommand on an argparse subparsers object."""
     p = subparsers.add_parser("pai", help="prune at initialization (Hutchinson / Fisher diagonal, SNIP, "
                                           "GraSP, SynFlow, ...) and optionally train")
-    p.add_argument("--model", choices=sorted(MODEL_SPECS), help="architecture, freshly initialised (required)")
-    p.add_argument("--data", choices=["mnist", "cifar10", "digits"], help="dataset (default: the model's own)")
-    p.add_argument("--data-dir", help="directory with the dataset files (not needed for digits)")
+    add_model_args(p, "initial weights to prune (default: a fresh initialisation seeded by --seed)")
     p.add_argument("--sparsity", type=sparsity_type, help="target fraction of zeros in [0, 1) (required)")
     p.add_argument("--criterion", default="hutchinson", choices=CRITERIA)
     p.add_argument("--mode", default="global", choices=["global", "layerwise"])
@@ -39,32 +37,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (cosine to 0)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--eval-samples", type=int, default=None, help="test subset size (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed for the initialisation, probes and data order")
     p.add_argument("--out", default="out/pai", help="output directory (default: out/pai)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--config", help="JSON file of option values (flags override it)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import save_state_dict
+    from ..config import check_int
     from ..data import evaluate, load_dataset, make_loader, subset
     from ..pai.prune import prune_at_init
     from ..pai.training import attach_masks, make_permanent, train
     from ..reports import format_table, sparsity_table, table_totals
 
     require(args, "model", "sparsity")
-    for name in ("score_samples", "score_batch_size", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("score_samples", "score_batch_size", "batch_size", "num_probes", "synflow_iterations"):
+        check_int("--" + name.replace("_", "-"), getattr(args, name))
+    check_int("--warmup-batches", args.warmup_batches, low=0)
     if args.train_epochs < 0:
         raise ValueError(f"--train-epochs must be >= 0, got {args.train_epochs}")
-    spec = MODEL_SPECS[args.model]
-    data = dataset_name(args, spec)
     torch.manual_seed(args.seed)
-    model = spec.factory().to(args.device)
+    if args.checkpoint:
+        spec, model = load_model(args)
+    else:
+        spec = MODEL_SPECS[args.model]
+        model = spec.factory().to(args.device)
+    data = dataset_name(args, spec)
     train_set = load_dataset(data, args.data_dir, "train", seed=args.seed)
     test = test_set(args, data)
     score_loader = make_loader(subset(train_set, args.score_samples, seed=args.seed), args.score_batch_size,
@@ -91,11 +89,7 @@ def run(args: argparse.Namespace) -> int:
               "criterion": args.criterion, "collapsed": result.collapsed, "accuracy_at_init": acc_init,
               "accuracy_after_training": acc, "train": train_stats, "seconds": seconds, "timings": result.timings,
               "config": result.config, "layers": rows, "totals": table_totals(rows)}
-    os.makedirs(args.out, exist_ok=True)
-    files = [save_state_dict(model, os.path.join(args.out, "pruned.pt"))]
-    torch.save({k: v.detach().cpu() for k, v in result.masks.items()}, os.path.join(args.out, "masks.pt"))
-    files.append(os.path.join(args.out, "masks.pt"))
-    files += write_outputs(args.out, rows, report, title)
+    files = write_outputs(args.out, rows, report, title, model=model, masks=result.masks)
     print(format_table(rows, title=title))
     if result.collapsed:
         print(f"LAYER COLLAPSE: {', '.join(result.collapsed)} pruned to (near) 100% (try --min-density)")
