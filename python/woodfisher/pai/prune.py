@@ -115,28 +115,30 @@ def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsi
     _check_args(sparsity, criterion, mode, num_probes, num_batches, warmup_batches, min_density, hvp,
                 synflow_iterations, train_mode, collapse_density, loss_fn)
     targets = pai_targets(model, params)
+    inner = unwrap_model(model)[0]
+    warm = warmup_batches > 0 and bool(batchnorm_modules(inner))
+    needs_data = criterion not in DATA_FREE or (criterion == "synflow" and input_shape is None)
     example = None
-    if loader is not None:
+    if loader is not None and (needs_data or warm):  # a loader the call does not read is not touched
         first, loader = peek(loader)
         if first is None:
             raise ValueError("loader is empty: it yielded no batch")
         example = to_batch(first, batch_adapter)
         if example.size == 0:
             raise ValueError("loader yielded an empty batch")
-    elif criterion not in DATA_FREE or (criterion == "synflow" and input_shape is None):
+    elif loader is None and needs_data:
         raise ValueError(f"loader is required for criterion={criterion!r}"
                          + (" (or pass input_shape)" if criterion == "synflow" else ""))
     if train_mode and criterion.startswith("fisher"):
         warnings.warn(f"criterion={criterion!r} takes per-sample gradients in eval mode (batch statistics "
                       "would couple the samples); train_mode=True has no effect on it", stacklevel=2)
-    inner = unwrap_model(model)[0]
     keep = {t.name: t.keep_mask() for t in targets}
     snapshot, bn_saved = Snapshot(targets), batchnorm_state(inner)
     timings: Dict[str, float] = {}
     try:
         t0 = time.perf_counter()
         warmed = 0
-        if warmup_batches > 0 and loader is not None and batchnorm_modules(inner):
+        if warm and loader is not None:
             warm_loader = loader
             if is_single_pass(loader):  # keep the warm-up batches for scoring too
                 warm_loader = list(itertools.islice(loader, warmup_batches))
