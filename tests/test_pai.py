@@ -313,3 +313,23 @@ def test_cli_pai_writes_outputs(tmp_path):
     assert main(["pai", "--model", "digits_mlp", "--sparsity", "0.5", "--score-samples", "0", "--out", str(out)]) == 2
     with pytest.raises(SystemExit):  # argparse rejects the sparsity before anything runs
         main(["pai", "--model", "digits_mlp", "--sparsity", "1.5", "--out", str(out)])
+
+
+def test_cli_pai_prunes_the_initial_weights_of_a_checkpoint(tmp_path):
+    """--checkpoint: the given initial weights are scored and pruned (no training: pruned.pt is
+    the checkpoint with the masked entries set to 0)."""
+    from woodfisher.cli import main
+    from woodfisher.models import MODEL_SPECS
+    torch.manual_seed(123)
+    init = {k: v.clone() for k, v in MODEL_SPECS["digits_mlp"].factory().state_dict().items()}
+    torch.save(init, tmp_path / "init.pt")
+    out = tmp_path / "pai"
+    assert main(["pai", "--model", "digits_mlp", "--checkpoint", str(tmp_path / "init.pt"), "--sparsity", "0.7",
+                 "--criterion", "magnitude", "--out", str(out)]) == 0
+    masks = torch.load(out / "masks.pt", weights_only=True)
+    state = torch.load(out / "pruned.pt", weights_only=True)
+    for n, m in masks.items():
+        torch.testing.assert_close(state[n], init[n] * m, rtol=0, atol=0)
+    w = torch.cat([init[n].abs().flatten() for n in masks])  # global magnitude: the kept set is the top 30%
+    kept = torch.cat([masks[n].flatten() for n in masks])
+    assert torch.equal(kept, w >= torch.topk(w, int(kept.sum())).values.min())
