@@ -37,10 +37,10 @@ def _apply(targets: List[PruneTarget], curvature: Curvature, config: PruneConfig
             t.write(new[t.name], keep[t.name])
 
 
-def _result(targets, config, damp, forms, timings) -> PruneResult:
+def _result(model, targets, config, damp, forms, timings) -> PruneResult:
     masks = {t.name: t.keep_mask() for t in targets}
     if config.keep_masks:  # last: a failure here is undone by hold_target_masks, then by the snapshot
-        hold_target_masks(targets, masks)
+        hold_target_masks(targets, masks, model)
     return PruneResult(masks=masks, layers=layer_rows(masks, forms), sparsity=sparsity_of(masks), damp=damp,
                        config={**config.as_dict(), "modules": [t.name for t in targets]}, timings=timings)
 
@@ -73,7 +73,7 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
         with display(config.progress):
             _apply(targets, curvature, config, config.final_sparsity, timings)
         timings["total"] = time.perf_counter() - start
-        return _result(targets, config, curvature.damp, curvature.forms, timings)
+        return _result(model, targets, config, curvature.damp, curvature.forms, timings)
     except BaseException:
         snapshot.restore()
         raise
@@ -108,7 +108,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                 _apply(targets, curvature, config, target, timings)
                 damp, forms = curvature.damp, curvature.forms
         timings["total"] = time.perf_counter() - start
-        return _result(targets, config, damp, forms, timings)
+        return _result(model, targets, config, damp, forms, timings)
     except BaseException:
         snapshot.restore()
         raise

@@ -6,8 +6,9 @@
   ``<attr>_mask`` is added, and a forward pre-hook computes ``<attr> = <attr>_orig *
   <attr>_mask``: the pruned entries stay exactly 0 whatever the optimizer does.
   ``prune_one_shot(..., keep_masks=True)`` calls it on the pruned weights. Any parameter
-  can hold a mask (``attn.in_proj_weight`` too); a tied Parameter gets the mask on every
-  module that holds it; weights already under a mask (torch.nn.utils.prune, or a
+  can hold a mask (``attn.in_proj_weight`` too; ``attn.out_proj.weight``, which the attention
+  reads without calling ``out_proj``, is recomputed by a pre-hook of the attention module);
+  a tied Parameter gets the mask on every module that holds it; weights already under a mask (torch.nn.utils.prune, or a
   ``torch.ao.pruning`` parametrization) have that mask updated instead.
 - :func:`make_permanent` removes every such reparametrisation (the zeros stay, the
   Parameter gets its name and place back): call it before ``save_pretrained`` /
@@ -58,6 +59,28 @@ def _release(module: nn.Module, attr: str) -> None:
     _move(module, attr, index)
 
 
+class _RefreshFrom:
+    """Forward pre-hook of a module that reads ``child.<attr>`` without calling ``child`` (an
+    ``nn.MultiheadAttention`` reads ``out_proj.weight``): recomputes ``<attr> = <attr>_orig * <attr>_mask``
+    before each of its forwards, as ``child``'s own pre-hook would. An object (not a closure), so
+    ``copy.deepcopy`` of the model points the copy's hook at the copy's ``child``."""
+
+    def __init__(self, child: nn.Module, attr: str):
+        self.child, self.attr = child, attr
+
+    def __call__(self, module, args):
+        child, attr = self.child, self.attr
+        if hasattr(child, attr + "_mask"):
+            setattr(child, attr, getattr(child, attr + "_orig") * getattr(child, attr + "_mask"))
+
+
+def _readers(model: Optional[nn.Module]) -> Dict[int, nn.Module]:
+    """{id(child): module that reads the child's weight without calling it} (MHA out_proj)."""
+    if model is None:
+        return {}
+    return {id(m.out_proj): m for m in unwrap_model(model)[0].modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def _checked(targets: List[PruneTarget], masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     out = {}
     for t in targets:
@@ -69,11 +92,15 @@ def _checked(targets: List[PruneTarget], masks: Dict[str, torch.Tensor]) -> Dict
     return out
 
 
-def hold_target_masks(targets: List[PruneTarget], masks: Dict[str, torch.Tensor]) -> None:
-    """:func:`attach_masks` on resolved targets; all or nothing (a failure undoes what was attached)."""
+def hold_target_masks(targets: List[PruneTarget], masks: Dict[str, torch.Tensor],
+                      model: Optional[nn.Module] = None) -> None:
+    """:func:`attach_masks` on resolved targets of ``model``; all or nothing (a failure undoes what was
+    attached)."""
     masks = _checked(targets, masks)
+    readers = _readers(model)
     snapshot = Snapshot(targets)
     attached: List[Tuple[nn.Module, str]] = []
+    hooks = []
     try:
         for t in targets:
             keep = masks[t.name]
@@ -83,9 +110,13 @@ def hold_target_masks(targets: List[PruneTarget], masks: Dict[str, torch.Tensor]
                 for module, attr in t._holders():
                     _hold(module, attr, keep)
                     attached.append((module, attr))
+                    if id(module) in readers:
+                        hooks.append(readers[id(module)].register_forward_pre_hook(_RefreshFrom(module, attr)))
             else:  # already under a mask: update it
                 t.write(t.effective_weight() * keep, keep)
     except BaseException:
+        for handle in hooks:
+            handle.remove()
         for module, attr in reversed(attached):
             _release(module, attr)
         snapshot.restore()
@@ -107,7 +138,7 @@ def attach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
     """
     if not isinstance(masks, dict) or not masks:
         raise ValueError("masks must be a non-empty dict {weight name: bool keep-mask}")
-    hold_target_masks(resolve_targets(model, list(masks)), masks)
+    hold_target_masks(resolve_targets(model, list(masks)), masks, model)
     return model
 
 
@@ -117,7 +148,11 @@ def make_permanent(model: nn.Module) -> nn.Module:
     Each ``<attr>_orig`` Parameter becomes ``<attr>`` again, at its place in
     ``named_parameters()``; any parameter name (``in_proj_weight`` too) and tied weights are handled.
     """
-    for module in unwrap_model(model)[0].modules():
+    modules = list(unwrap_model(model)[0].modules())
+    for module in modules:
+        for key in [k for k, h in module._forward_pre_hooks.items() if isinstance(h, _RefreshFrom)]:
+            del module._forward_pre_hooks[key]
+    for module in modules:
         names = [getattr(h, "_tensor_name", None) for h in list(module._forward_pre_hooks.values())]
         for attr in names:
             if attr is not None and attr + "_orig" in module._parameters:

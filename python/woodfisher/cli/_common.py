@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -65,12 +65,16 @@ def is_import_path(text: Optional[str]) -> bool:
     return isinstance(text, str) and ":" in text
 
 
-def add_model_args(p: argparse.ArgumentParser, checkpoint_help: str):
-    """The model and data flags; returns the help group "required arguments" (holding --model)."""
+def add_model_args(p: argparse.ArgumentParser, checkpoint_help: str, *required_flags: Tuple[tuple, dict]) -> None:
+    """The model and data flags; ``required_flags`` ((args, kwargs) of add_argument) join --model in the help
+    group of required arguments, first in the usage line."""
     required = p.add_argument_group("required arguments (on the command line or in --config)")
     required.add_argument("--model", type=model_type, required=True, metavar="NAME|MODULE:FACTORY",
-                   help=f"a built-in architecture ({', '.join(sorted(MODEL_SPECS))}) or your own: the import path "
-                        "of a function that returns the nn.Module, e.g. mypkg.models:build or models.py:build")
+                          help=f"a built-in architecture ({', '.join(sorted(MODEL_SPECS))}) or your own: the import "
+                               "path of a function that returns the nn.Module, e.g. mypkg.models:build or "
+                               "models.py:build")
+    for args, kwargs in required_flags:
+        required.add_argument(*args, required=True, **kwargs)
     p.add_argument("--checkpoint", help=checkpoint_help + " (required for built-in models; optional for a "
                    "factory that loads its own weights)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -95,7 +99,6 @@ def add_model_args(p: argparse.ArgumentParser, checkpoint_help: str):
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--config", help="JSON file of option values (flags override it); it may name --model, "
                    "--data, ... too")
-    return required
 
 
 def require(args: argparse.Namespace, *names: str) -> None:
