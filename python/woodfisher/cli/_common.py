@@ -161,6 +161,16 @@ def load_model(args: argparse.Namespace):
     return spec, model.to(args.device)
 
 
+def factory_loader(args: argparse.Namespace) -> Optional[Any]:
+    """The batches of the --data factory (a fresh call), or None when --data is not an import path."""
+    if not is_import_path(args.data):
+        return None
+    loader = call_factory(args.data, "--data")
+    if loader is None or not hasattr(loader, "__iter__"):
+        raise ValueError(f"--data {args.data!r} returned {type(loader).__name__}, not an iterable of batches")
+    return loader
+
+
 def user_functions(args: argparse.Namespace, spec) -> Dict[str, Any]:
     """loss_fn and batch_adapter from --loss / --batch-adapter (a built-in model's loss by default)."""
     out = {"loss_fn": spec.loss_fn if spec is not None else None, "batch_adapter": None}

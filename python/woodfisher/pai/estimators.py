@@ -28,12 +28,12 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
 
 from ..batches import Batch, compute_loss, to_batch
 from ..config import check_int
 from ..diagonal import empirical_fisher_diagonal
 from ..gradients import GradientCollector, compute_dtype
+from ..progress import progress_bar
 from ..targets import PruneTarget, resolve_targets, unwrap_model
 
 HVP_METHODS = ("autograd", "func")
@@ -126,11 +126,23 @@ class BatchLoss:
         return {t.name: v.reshape(t.shape) for t, v in zip(self.targets, tensors)}
 
 
+def tracked(items: Iterable, desc: str, unit: str, enabled: bool, total: Optional[int] = None) -> Iterator:
+    """``items``, counted by a phase of the active progress display (:mod:`woodfisher.progress`),
+    else by a bar of its own when ``enabled``."""
+    bar = progress_bar(total, desc, unit, enabled=enabled)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
+
+
 def batch_mean(f: BatchLoss, loader: Iterable, num_batches: Optional[int], fn, desc: str,
                progress: bool) -> tuple:
     """(sample-weighted mean over the batches of the tensors ``fn(batch)`` returns, samples seen)."""
     total, seen = None, 0
-    for batch in tqdm(f.batches(loader, num_batches), desc=desc, disable=not progress, leave=False):
+    for batch in tracked(f.batches(loader, num_batches), desc, "batch", progress):
         b = batch.size
         parts = fn(batch)
         total = [b * p for p in parts] if total is None else [t + b * p for t, p in zip(total, parts)]

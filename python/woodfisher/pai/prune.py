@@ -10,16 +10,16 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from ..batches import check_loss_fn, is_single_pass, peek, to_batch
 from ..config import check_int
 from ..masks import check_min_density, check_sparsity, select_kept_masks, sparsity_of
+from ..progress import display, phase
 from ..result import PruneResult, layer_rows
 from ..state import Snapshot, eval_mode
 from ..targets import PruneTarget, unwrap_model
 from .criteria import CRITERIA, DATA_FREE, compute_scores, linearize, synflow_scores
-from .estimators import HVP_METHODS, Params, check_num_batches, pai_targets
+from .estimators import HVP_METHODS, Params, check_num_batches, pai_targets, tracked
 from .warmup import (
     as_in_training,
     batchnorm_modules,
@@ -135,40 +135,43 @@ def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsi
     keep = {t.name: t.keep_mask() for t in targets}
     snapshot, bn_saved = Snapshot(targets), batchnorm_state(inner)
     timings: Dict[str, float] = {}
-    try:
-        t0 = time.perf_counter()
-        warmed = 0
-        if warm and loader is not None:
-            warm_loader = loader
-            if is_single_pass(loader):  # keep the warm-up batches for scoring too
-                warm_loader = list(itertools.islice(loader, warmup_batches))
-                loader = itertools.chain(warm_loader, loader)
-            warmed = warmup_batchnorm(model, warm_loader, warmup_batches, progress=progress,
-                                      batch_adapter=batch_adapter)
-        timings["warmup"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ctx = eval_mode(inner)
-        with ctx, (preserved_batchnorm_state(inner) if train_mode else contextlib.nullcontext()):
-            if train_mode:
-                as_in_training(ctx)
-            if criterion == "synflow":
-                masks = _iterative_synflow(model, targets, keep, input_shape, example, sparsity, mode, min_density,
-                                           synflow_iterations, progress)
-            else:
-                scores = compute_scores(model, loader, criterion, params=targets, loss_fn=loss_fn,
-                                        num_probes=num_probes, num_batches=num_batches, hvp=hvp,
-                                        generator=torch.Generator().manual_seed(seed), input_shape=input_shape,
-                                        progress=progress, batch_adapter=batch_adapter)
-                timings["scoring"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                masks = select_kept_masks(scores, sparsity, mode, min_density, keep)
-        timings["scoring" if criterion == "synflow" else "masking"] = time.perf_counter() - t0
-        for t in targets:
-            t.write(t.param.detach(), masks[t.name])
-    except BaseException:
-        snapshot.restore()
-        restore_batchnorm_state(bn_saved)
-        raise
+    with display(progress, "woodfisher pai"):
+        try:
+            t0 = time.perf_counter()
+            warmed = 0
+            if warm and loader is not None:
+                warm_loader = loader
+                if is_single_pass(loader):  # keep the warm-up batches for scoring too
+                    warm_loader = list(itertools.islice(loader, warmup_batches))
+                    loader = itertools.chain(warm_loader, loader)
+                warmed = warmup_batchnorm(model, warm_loader, warmup_batches, batch_adapter=batch_adapter)
+            timings["warmup"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ctx = eval_mode(inner)
+            with ctx, (preserved_batchnorm_state(inner) if train_mode else contextlib.nullcontext()):
+                if train_mode:
+                    as_in_training(ctx)
+                if criterion == "synflow":
+                    masks = _iterative_synflow(model, targets, keep, input_shape, example, sparsity, mode,
+                                               min_density, synflow_iterations, progress)
+                else:
+                    with phase("scoring"):
+                        scores = compute_scores(model, loader, criterion, params=targets, loss_fn=loss_fn,
+                                                num_probes=num_probes, num_batches=num_batches, hvp=hvp,
+                                                generator=torch.Generator().manual_seed(seed),
+                                                input_shape=input_shape, progress=progress,
+                                                batch_adapter=batch_adapter)
+                    timings["scoring"] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    with phase("masking"):
+                        masks = select_kept_masks(scores, sparsity, mode, min_density, keep)
+            timings["scoring" if criterion == "synflow" else "masking"] = time.perf_counter() - t0
+            for t in targets:
+                t.write(t.param.detach(), masks[t.name])
+        except BaseException:
+            snapshot.restore()
+            restore_batchnorm_state(bn_saved)
+            raise
     config = _call_config(targets, sparsity, criterion, mode, num_probes, num_batches, warmup_batches, warmed,
                           min_density, synflow_iterations, hvp, train_mode, collapse_density, seed, loss_fn,
                           batch_adapter)
@@ -203,7 +206,7 @@ def _iterative_synflow(model, targets, keep, input_shape, example, sparsity, mod
     """SynFlow with the exponential schedule s_k = 1 - (1 - s)^(k / n), k = 1..n (Tanaka et al. 2020, Alg. 1)."""
     net = linearize(model)
     masks = keep
-    for k in tqdm(range(1, iterations + 1), desc="synflow", disable=not progress, leave=False):
+    for k in tracked(range(1, iterations + 1), "synflow", "round", progress, total=iterations):
         s_k = 1.0 - (1.0 - sparsity) ** (k / iterations)
         scores = synflow_scores(model, input_shape, params=targets, masks=masks, example=example, _linearized=net)
         masks = select_kept_masks(scores, s_k, mode, min_density, masks)

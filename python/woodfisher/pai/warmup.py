@@ -2,35 +2,32 @@
 
 At initialisation BatchNorm running statistics are (mean 0, var 1), so a model scored
 in eval mode sees activations that grow or vanish with depth; data-dependent criteria
-then misjudge whole layers (layer collapse). The warm-up runs a few forward passes in
-train mode without gradients so that the running statistics match the data.
+then misjudge whole layers (layer collapse). The warm-up re-estimates the running
+statistics on a few batches: it is the package's :func:`woodfisher.recalibrate_bn`
+(cumulative average, BatchNorm layers in train mode, every other module in eval mode,
+no gradients, every flag restored).
 
-"Train mode" here means the modes the caller's training would use: a model already in
-train mode keeps every submodule's own flag (a BatchNorm the caller froze in eval mode
-stays frozen, and is neither warmed up nor updated); a model in eval mode is switched to
-train mode as a whole. Every flag is restored afterwards (:class:`woodfisher.state.eval_mode`).
+"Train mode" for scoring (``prune_at_init(train_mode=True)``) means the modes the
+caller's training would use: a model already in train mode keeps every submodule's own
+flag (a BatchNorm the caller froze in eval mode stays frozen); a model in eval mode is
+switched to train mode as a whole. Every flag is restored afterwards
+(:class:`woodfisher.state.eval_mode`).
 """
 from __future__ import annotations
 
 import contextlib
-import itertools
-from typing import Callable, Iterable, Iterator, List, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from ..batches import peek, to_batch
 from ..config import check_int
+from ..finetune import _bn_layers as batchnorm_modules
+from ..finetune import recalibrate_bn
 from ..state import eval_mode
-from ..targets import unwrap_model
 
-BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
-
-
-def batchnorm_modules(model: nn.Module) -> List[nn.Module]:
-    """BatchNorm layers that keep running statistics."""
-    return [m for m in model.modules() if isinstance(m, BN_TYPES) and m.track_running_stats]
+__all__ = ["as_in_training", "batchnorm_modules", "batchnorm_state", "preserved_batchnorm_state",
+           "restore_batchnorm_state", "warmup_batchnorm"]
 
 
 def as_in_training(ctx: eval_mode) -> None:
@@ -44,51 +41,19 @@ def as_in_training(ctx: eval_mode) -> None:
         ctx.model.train()
 
 
-@torch.no_grad()
-def warmup_batchnorm(model: nn.Module, loader: Iterable, num_batches: int, *, cumulative: bool = True,
-                     progress: bool = False, batch_adapter: Optional[Callable] = None) -> int:
-    """Update BatchNorm running statistics with ``num_batches`` train-mode forward passes.
+def warmup_batchnorm(model: nn.Module, loader: Iterable, num_batches: int, *,
+                     batch_adapter: Optional[Callable] = None) -> int:
+    """Re-estimate the BatchNorm running statistics on the first ``num_batches`` batches of ``loader``
+    (:func:`woodfisher.recalibrate_bn`; a single-pass loader loses the batches read here, and one more:
+    :func:`woodfisher.pai.prune_at_init` hands it a list of them).
 
-    Args:
-        loader: batches (see :mod:`woodfisher.batches`); a single-pass loader loses the
-            batches read here (:func:`woodfisher.pai.prune_at_init` replays them).
-        cumulative: reset the statistics and average them equally over the warm-up
-            batches (momentum=None for the duration); False keeps each layer's momentum,
-            as plain train-mode passes would.
     Returns:
-        the number of samples seen (0 when no BatchNorm would be in train mode: nothing is
-        run). Parameters and every module's train/eval flag are left unchanged.
+        the number of samples seen (0 when the model has no BatchNorm: nothing is run).
     Raises:
-        ValueError: ``num_batches`` < 1, an empty loader.
+        ValueError: ``num_batches`` < 1, an empty loader (the statistics are then left as they were).
     """
     check_int("warmup_batches", num_batches)
-    first, loader = peek(loader)
-    if first is None:
-        raise ValueError("loader is empty: it yielded no batch")
-    inner = unwrap_model(model)[0]
-    ctx = eval_mode(inner)
-    with ctx:
-        as_in_training(ctx)
-        bns = [m for m in batchnorm_modules(inner) if m.training]
-        if not bns:
-            return 0
-        device = next(inner.parameters()).device
-        momenta = [m.momentum for m in bns]
-        if cumulative:
-            for m in bns:
-                m.reset_running_stats()
-                m.momentum = None
-        seen = 0
-        try:
-            for item in tqdm(itertools.islice(loader, num_batches), desc="bn warm-up", disable=not progress,
-                             leave=False):
-                batch = to_batch(item, batch_adapter).to(device)
-                inner(*batch.args, **batch.kwargs)
-                seen += batch.size
-        finally:
-            for m, mom in zip(bns, momenta):
-                m.momentum = mom
-    return seen
+    return recalibrate_bn(model, loader, num_batches, batch_adapter=batch_adapter)
 
 
 def batchnorm_state(model: nn.Module) -> list:
