@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check \
   torch==2.13.0 triton numpy tqdm matplotlib scikit-learn \
-  pytest pytest-benchmark hypothesis pybind11 ninja setuptools wheel 2>&1 \
+  pytest pytest-benchmark hypothesis pybind11 ninja setuptools wheel onnx onnxscript onnxruntime 2>&1 \
   | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . 2>&1 \
   | grep -v "^WARNING: Location" || true

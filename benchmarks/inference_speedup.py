@@ -1,0 +1,244 @@
+"""Inference latency and throughput of a pruned model: dense vs its sparse exports, one run.
+
+CPU: the dense pruned model (the yardstick, measured in the same run, interleaved with the
+exports) against ``woodfisher.export.to_sparse`` with CSR and BSR (4 x 4) weights, for
+
+- ``mlp``: 1024-4096-4096-1024 MLP (ReLU), all three weights pruned;
+- ``transformer``: ``nn.TransformerEncoderLayer(512, 8, 2048, batch_first=True)``, sequences of
+  32 tokens; the FFN weights (linear1, linear2: 2/3 of the layer's weights) are pruned and
+  exported, attention stays dense (``nn.MultiheadAttention`` reads its weights directly);
+- ``resnet20``: the CIFAR ResNet-20 of ``woodfisher.models``, the 18 residual 3x3 convs pruned,
+  exported with ``conv=True`` (im2col + CSR GEMM);
+
+at 50-95% sparsity and batch sizes 1 and 64. GPU (when one with compute capability >= 8.0 is
+present): float16 dense vs ``to_semi_structured`` (2:4) for the MLP and the transformer layer.
+
+Masks are layerwise magnitude masks of the randomly initialised weights (``select_masks``):
+the time of a sparse product depends on how many non-zeros there are and how they spread,
+not on the criterion that chose them (WoodFisher's unstructured masks look the same to the
+kernel). Timing: per configuration the dense and exported models are called in turn, each
+sample a loop of calls lasting >= ``--min-sample-ms``; latency = median over samples.
+
+    OMP_NUM_THREADS=2 python benchmarks/inference_speedup.py --out benchmarks/results
+    python benchmarks/inference_speedup.py --device cuda --out benchmarks/results   # 2:4 on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import device_info, pick_device, sync  # noqa: E402
+from woodfisher.export import to_dense, to_semi_structured, to_sparse  # noqa: E402
+from woodfisher.masks import select_masks  # noqa: E402
+from woodfisher.models import RESNET20_PRUNABLE, CifarResNet, resnet20  # noqa: E402
+
+SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+BATCHES = (1, 64)
+
+
+def build(name: str, quick: bool):
+    """(model, prunable weight names, one sample's input shape) for a benchmark model."""
+    torch.manual_seed(0)
+    if name == "mlp":
+        width, hidden = (64, 128) if quick else (1024, 4096)
+        model = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                              nn.Linear(hidden, width))
+        return model, ["0.weight", "2.weight", "4.weight"], (width,)
+    if name == "transformer":
+        d_model, heads, ffn, tokens = (32, 2, 64, 4) if quick else (512, 8, 2048, 32)
+        model = nn.TransformerEncoderLayer(d_model, heads, ffn, dropout=0.0, batch_first=True)
+        return model, ["linear1.weight", "linear2.weight"], (tokens, d_model)
+    if name == "resnet20":
+        model = CifarResNet(1, (4, 8, 8)) if quick else resnet20()
+        residual = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and ".conv" in n]
+        assert quick or residual == RESNET20_PRUNABLE
+        return model, residual, (3, 32, 32)
+    raise ValueError(f"model must be mlp, transformer or resnet20, got {name!r}")
+
+
+def magnitude_masks(model: nn.Module, names: List[str], sparsity: float, nm: bool = False) -> Dict[str, torch.Tensor]:
+    """Layerwise magnitude keep-masks at ``sparsity`` (or 2:4: the 2 largest of every 4 in a row)."""
+    weights = {n: model.get_parameter(n).detach() for n in names}
+    if not nm:
+        return select_masks({n: w.abs() for n, w in weights.items()}, sparsity, mode="layerwise")
+    masks = {}
+    for n, w in weights.items():
+        runs = w.abs().reshape(w.shape[0], -1, 4)
+        keep = torch.zeros_like(runs, dtype=torch.bool).scatter_(-1, runs.topk(2, dim=-1).indices, True)
+        masks[n] = keep.reshape(w.shape)
+    return masks
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, samples: int,
+                min_sample_s: float) -> Dict[str, Dict[str, float]]:
+    """Median seconds per call of each fn, the fns called in turn (drift on a shared machine hits all alike)."""
+    loops = {}
+    for key, fn in fns.items():                       # warm up, then size each sample's loop
+        fn()
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        loops[key] = max(1, min(1000, int(min_sample_s / max(time.perf_counter() - t0, 1e-7))))
+    times = {key: [] for key in fns}
+    for _ in range(samples):
+        for key, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(loops[key]):
+                fn()
+            sync(device)
+            times[key].append((time.perf_counter() - t0) / loops[key])
+    return {key: {"median_s": statistics.median(ts), "min_s": min(ts), "samples": len(ts), "loops": loops[key]}
+            for key, ts in times.items()}
+
+
+def _max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double().cpu(), ref.double().cpu()
+    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def cpu_rows(name: str, args, device) -> List[dict]:
+    model, names, shape = build(name, args.quick)
+    model.eval()
+    formats = {"csr": {"layout": "csr"}} if name == "resnet20" else {"csr": {"layout": "csr"},
+                                                                   "bsr4": {"layout": "bsr", "blocksize": 4}}
+    rows = []
+    for sparsity in args.sparsities:
+        masks = magnitude_masks(model, names, sparsity)
+        dense = to_dense(model, masks)
+        exported = {key: to_sparse(model, masks, names=[n[: -len(".weight")] for n in names],
+                                   conv=name == "resnet20", **kw) for key, kw in formats.items()}
+        for batch in args.batches:
+            x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
+            with torch.inference_mode():
+                ref = dense(x)
+                errors = {key: _max_rel_err(m(x), ref) for key, m in exported.items()}
+                fns = {"dense": lambda: dense(x), **{key: (lambda m=m: m(x)) for key, m in exported.items()}}
+                timed = interleaved(fns, device, args.samples, args.min_sample_ms / 1e3)
+            for key in exported:
+                rows.append(_row(name, sparsity, batch, key, timed["dense"], timed[key], errors[key]))
+            print(_line(rows[-len(exported):]), flush=True)
+    return rows
+
+
+def gpu_rows(name: str, args, device) -> List[dict]:
+    """float16 dense vs 2:4 semi-structured (the N:M pattern fixes the sparsity at 50%)."""
+    if name == "resnet20":
+        return []
+    model, names, shape = build(name, args.quick)
+    model.eval()
+    masks = magnitude_masks(model, names, 0.5, nm=True)
+    dense = to_dense(model, masks).to(device, torch.float16)
+    semi = to_semi_structured(model, masks, names=[n[: -len(".weight")] for n in names], dtype=torch.float16,
+                              device=device)
+    rows = []
+    for batch in args.batches:
+        x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch)).to(device, torch.float16)
+        with torch.inference_mode():
+            error = _max_rel_err(semi(x), dense(x))
+            timed = interleaved({"dense": lambda: dense(x), "2:4": lambda: semi(x)}, device, args.samples,
+                                args.min_sample_ms / 1e3)
+        rows.append(_row(name, 0.5, batch, "2:4 fp16", timed["dense"], timed["2:4"], error))
+        print(_line(rows[-1:]), flush=True)
+    return rows
+
+
+def _row(model, sparsity, batch, fmt, dense, sparse, error) -> dict:
+    return {"model": model, "sparsity": sparsity, "batch": batch, "format": fmt,
+            "dense_ms": dense["median_s"] * 1e3, "sparse_ms": sparse["median_s"] * 1e3,
+            "speedup": dense["median_s"] / sparse["median_s"],
+            "dense_per_s": batch / dense["median_s"], "sparse_per_s": batch / sparse["median_s"],
+            "max_rel_err": error, "samples": sparse["samples"], "loops": [dense["loops"], sparse["loops"]]}
+
+
+def _line(rows) -> str:
+    head = rows[0]
+    parts = [f"{r['format']} {r['sparse_ms']:.3f} ms ({r['speedup']:.2f}x)" for r in rows]
+    return (f"{head['model']:<11} s={head['sparsity']:.2f} b={head['batch']:<3} dense {head['dense_ms']:.3f} ms | "
+            + " | ".join(parts))
+
+
+def markdown(result: dict) -> str:
+    info = result["device"]
+    lines = [f"# Inference speed-up of pruned models: {info['device_name']} ({info['device_type']})", "",
+             f"torch {info['torch']}, {info['cpu_threads']} threads (OMP_NUM_THREADS={info['omp_num_threads']}), "
+             f"{result['date']}. {result['note']}", "",
+             "Latency = median time of one forward call at the batch size; throughput = samples/s; speed-up = "
+             "dense latency / exported latency (> 1: the export is faster). The dense pruned model is timed "
+             "in the same run, interleaved with the exports. `max rel err` = max |exported - dense| / max |dense| "
+             "on the timed batch.", ""]
+    for model in dict.fromkeys(r["model"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["model"] == model]
+        lines += [f"## {model}: {result['models'][model]}", "",
+                  "| sparsity | batch | format | dense ms | exported ms | speed-up | dense samples/s | "
+                  "exported samples/s | max rel err |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            speed = f"**{r['speedup']:.2f}x**" if r["speedup"] >= 1 else f"{r['speedup']:.2f}x"
+            lines.append(f"| {100 * r['sparsity']:.0f}% | {r['batch']} | {r['format']} | {r['dense_ms']:.3f} | "
+                         f"{r['sparse_ms']:.3f} | {speed} | {r['dense_per_s']:.4g} | {r['sparse_per_s']:.4g} | "
+                         f"{r['max_rel_err']:.1e} |")
+        lines.append("")
+    slow = [r for r in result["rows"] if r["speedup"] < 1]
+    lines += ["## Where sparsity does not pay", "",
+              f"{len(slow)} of {len(result['rows'])} configurations are slower than the dense model:", ""]
+    for model in dict.fromkeys(r["model"] for r in slow):
+        for fmt in dict.fromkeys(r["format"] for r in slow if r["model"] == model):
+            cases = ", ".join(f"{100 * r['sparsity']:.0f}%/b{r['batch']}" for r in slow
+                              if r["model"] == model and r["format"] == fmt)
+            lines.append(f"- {model}, {fmt}: {cases}")
+    return "\n".join(lines) + "\n"
+
+
+MODELS = {"mlp": "1024-4096-4096-1024 MLP, all 3 weights pruned and exported",
+          "transformer": "TransformerEncoderLayer(512, 8 heads, FFN 2048), 32 tokens per sample; FFN pruned and "
+                         "exported (2/3 of the weights), attention dense",
+          "resnet20": "CIFAR ResNet-20, the 18 residual 3x3 convs pruned and exported as im2col + CSR"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu (CSR/BSR) or cuda (2:4 semi-structured); default cpu")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--samples", type=int, default=15, help="timed samples per model and configuration")
+    parser.add_argument("--min-sample-ms", type=float, default=20.0, help="each sample loops calls for this long")
+    parser.add_argument("--quick", action="store_true", help="tiny models (smoke test)")
+    parser.add_argument("--out", default=None, help="folder for inference_<device>.json / .md")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    load = os.getloadavg()
+    rows = []
+    for name in args.models:
+        rows += gpu_rows(name, args, device) if device.type == "cuda" else cpu_rows(name, args, device)
+    note = ("The machine was shared with other jobs while this ran (load average "
+            f"{load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores): "
+            "single timings are noisy; medians of interleaved samples are reported.")
+    result = {"device": device_info(device), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "note": note, "quick": args.quick, "models": {m: MODELS[m] for m in args.models},
+              "settings": {k: getattr(args, k) for k in ("sparsities", "batches", "samples", "min_sample_ms")},
+              "masks": "layerwise magnitude of the random initial weights (2:4 on the GPU)", "rows": rows}
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"inference_{device.type}")
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(result))
+        print(f"wrote {stem}.json, {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
