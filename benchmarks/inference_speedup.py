@@ -6,7 +6,9 @@ exports) against ``woodfisher.export.to_sparse`` with CSR and BSR (4 x 4) weight
 - ``mlp``: 1024-4096-4096-1024 MLP (ReLU), all three weights pruned;
 - ``transformer``: ``nn.TransformerEncoderLayer(512, 8, 2048, batch_first=True)``, sequences of
   32 tokens; the FFN weights (linear1, linear2: 2/3 of the layer's weights) are pruned and
-  exported, attention stays dense (``nn.MultiheadAttention`` reads its weights directly);
+  exported, attention stays dense (``nn.MultiheadAttention`` reads its weights directly). In
+  eval mode the dense layer runs torch's fused fast path, which a sparse weight cannot enter;
+  the row ``dense, fused path off`` times the dense layer without it, to separate the two effects;
 - ``resnet20``: the CIFAR ResNet-20 of ``woodfisher.models``, the 18 residual 3x3 convs pruned,
   exported with ``conv=True`` (im2col + CSR GEMM);
 
@@ -60,7 +62,8 @@ def build(name: str, quick: bool):
         return model, ["linear1.weight", "linear2.weight"], (tokens, d_model)
     if name == "resnet20":
         model = CifarResNet(1, (4, 8, 8)) if quick else resnet20()
-        residual = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and ".conv" in n]
+        residual = [f"{name}.weight" for name, module in model.named_modules()
+                    if isinstance(module, nn.Conv2d) and ".conv" in name]
         assert quick or residual == RESNET20_PRUNABLE
         return model, residual, (3, 32, 32)
     raise ValueError(f"model must be mlp, transformer or resnet20, got {name!r}")
@@ -68,14 +71,14 @@ def build(name: str, quick: bool):
 
 def magnitude_masks(model: nn.Module, names: List[str], sparsity: float, nm: bool = False) -> Dict[str, torch.Tensor]:
     """Layerwise magnitude keep-masks at ``sparsity`` (or 2:4: the 2 largest of every 4 in a row)."""
-    weights = {n: model.get_parameter(n).detach() for n in names}
+    weights = {name: model.get_parameter(name).detach() for name in names}
     if not nm:
-        return select_masks({n: w.abs() for n, w in weights.items()}, sparsity, mode="layerwise")
+        return select_masks({name: weight.abs() for name, weight in weights.items()}, sparsity, mode="layerwise")
     masks = {}
-    for n, w in weights.items():
-        runs = w.abs().reshape(w.shape[0], -1, 4)
+    for name, weight in weights.items():
+        runs = weight.abs().reshape(weight.shape[0], -1, 4)
         keep = torch.zeros_like(runs, dtype=torch.bool).scatter_(-1, runs.topk(2, dim=-1).indices, True)
-        masks[n] = keep.reshape(w.shape)
+        masks[name] = keep.reshape(weight.shape)
     return masks
 
 
@@ -117,14 +120,18 @@ def cpu_rows(name: str, args, device) -> List[dict]:
     for sparsity in args.sparsities:
         masks = magnitude_masks(model, names, sparsity)
         dense = to_dense(model, masks)
-        exported = {key: to_sparse(model, masks, names=[n[: -len(".weight")] for n in names],
+        exported = {key: to_sparse(model, masks, names=[name[: -len(".weight")] for name in names],
                                    conv=name == "resnet20", **kw) for key, kw in formats.items()}
+        if name == "transformer":          # what the sparse layer loses by leaving the fused fast path
+            exported["dense, fused path off"] = to_dense(model, masks)
+            exported["dense, fused path off"].linear1.register_forward_pre_hook(lambda module, args: None)
         for batch in args.batches:
-            x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
+            inputs = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
             with torch.inference_mode():
-                ref = dense(x)
-                errors = {key: _max_rel_err(m(x), ref) for key, m in exported.items()}
-                fns = {"dense": lambda: dense(x), **{key: (lambda m=m: m(x)) for key, m in exported.items()}}
+                ref = dense(inputs)
+                errors = {key: _max_rel_err(module(inputs), ref) for key, module in exported.items()}
+                fns = {"dense": lambda: dense(inputs),
+                       **{key: (lambda module=module: module(inputs)) for key, module in exported.items()}}
                 timed = interleaved(fns, device, args.samples, args.min_sample_ms / 1e3)
             for key in exported:
                 rows.append(_row(name, sparsity, batch, key, timed["dense"], timed[key], errors[key]))
@@ -140,14 +147,14 @@ def gpu_rows(name: str, args, device) -> List[dict]:
     model.eval()
     masks = magnitude_masks(model, names, 0.5, nm=True)
     dense = to_dense(model, masks).to(device, torch.float16)
-    semi = to_semi_structured(model, masks, names=[n[: -len(".weight")] for n in names], dtype=torch.float16,
+    semi = to_semi_structured(model, masks, names=[name[: -len(".weight")] for name in names], dtype=torch.float16,
                               device=device)
     rows = []
     for batch in args.batches:
-        x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch)).to(device, torch.float16)
+        inputs = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch)).to(device, torch.float16)
         with torch.inference_mode():
-            error = _max_rel_err(semi(x), dense(x))
-            timed = interleaved({"dense": lambda: dense(x), "2:4": lambda: semi(x)}, device, args.samples,
+            error = _max_rel_err(semi(inputs), dense(inputs))
+            timed = interleaved({"dense": lambda: dense(inputs), "2:4": lambda: semi(inputs)}, device, args.samples,
                                 args.min_sample_ms / 1e3)
         rows.append(_row(name, 0.5, batch, "2:4 fp16", timed["dense"], timed["2:4"], error))
         print(_line(rows[-1:]), flush=True)
@@ -164,7 +171,7 @@ def _row(model, sparsity, batch, fmt, dense, sparse, error) -> dict:
 
 def _line(rows) -> str:
     head = rows[0]
-    parts = [f"{r['format']} {r['sparse_ms']:.3f} ms ({r['speedup']:.2f}x)" for r in rows]
+    parts = [f"{row['format']} {row['sparse_ms']:.3f} ms ({row['speedup']:.2f}x)" for row in rows]
     return (f"{head['model']:<11} s={head['sparsity']:.2f} b={head['batch']:<3} dense {head['dense_ms']:.3f} ms | "
             + " | ".join(parts))
 
@@ -177,27 +184,45 @@ def markdown(result: dict) -> str:
              "Latency = median time of one forward call at the batch size; throughput = samples/s; speed-up = "
              "dense latency / exported latency (> 1: the export is faster). The dense pruned model is timed "
              "in the same run, interleaved with the exports. `max rel err` = max |exported - dense| / max |dense| "
-             "on the timed batch.", ""]
-    for model in dict.fromkeys(r["model"] for r in result["rows"]):
-        rows = [r for r in result["rows"] if r["model"] == model]
+             "on the timed batch.", ""] + summary_table(result["rows"]) + [""]
+    for model in dict.fromkeys(row["model"] for row in result["rows"]):
+        rows = [row for row in result["rows"] if row["model"] == model]
         lines += [f"## {model}: {result['models'][model]}", "",
                   "| sparsity | batch | format | dense ms | exported ms | speed-up | dense samples/s | "
                   "exported samples/s | max rel err |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-        for r in rows:
-            speed = f"**{r['speedup']:.2f}x**" if r["speedup"] >= 1 else f"{r['speedup']:.2f}x"
-            lines.append(f"| {100 * r['sparsity']:.0f}% | {r['batch']} | {r['format']} | {r['dense_ms']:.3f} | "
-                         f"{r['sparse_ms']:.3f} | {speed} | {r['dense_per_s']:.4g} | {r['sparse_per_s']:.4g} | "
-                         f"{r['max_rel_err']:.1e} |")
+        for row in rows:
+            lines.append(f"| {100 * row['sparsity']:.0f}% | {row['batch']} | {row['format']} | "
+                         f"{row['dense_ms']:.3f} | {row['sparse_ms']:.3f} | {_speedup(row['speedup'])} | "
+                         f"{row['dense_per_s']:.4g} | {row['sparse_per_s']:.4g} | {row['max_rel_err']:.1e} |")
         lines.append("")
-    slow = [r for r in result["rows"] if r["speedup"] < 1]
+    sparse_rows = [row for row in result["rows"] if not row["format"].startswith("dense")]
+    slow = [row for row in sparse_rows if row["speedup"] < 1]
     lines += ["## Where sparsity does not pay", "",
-              f"{len(slow)} of {len(result['rows'])} configurations are slower than the dense model:", ""]
-    for model in dict.fromkeys(r["model"] for r in slow):
-        for fmt in dict.fromkeys(r["format"] for r in slow if r["model"] == model):
-            cases = ", ".join(f"{100 * r['sparsity']:.0f}%/b{r['batch']}" for r in slow
-                              if r["model"] == model and r["format"] == fmt)
+              f"{len(slow)} of {len(sparse_rows)} exported configurations are slower than the dense model "
+              "(sparsity/batch):", ""]
+    for model in dict.fromkeys(row["model"] for row in slow):
+        for fmt in dict.fromkeys(row["format"] for row in slow if row["model"] == model):
+            cases = ", ".join(f"{100 * row['sparsity']:.0f}%/b{row['batch']}" for row in slow
+                              if row["model"] == model and row["format"] == fmt)
             lines.append(f"- {model}, {fmt}: {cases}")
     return "\n".join(lines) + "\n"
+
+
+def summary_table(rows: List[dict]) -> List[str]:
+    """Speed-up (dense latency / exported latency) by model, format and batch, one column per sparsity."""
+    levels = sorted(dict.fromkeys(row["sparsity"] for row in rows))
+    lines = ["| model | format | batch | " + " | ".join(f"{100 * level:.0f}%" for level in levels) + " |",
+             "|---|---|---:|" + "---:|" * len(levels)]
+    for key in dict.fromkeys((row["model"], row["format"], row["batch"]) for row in rows):
+        cells = {row["sparsity"]: row["speedup"] for row in rows if (row["model"], row["format"], row["batch"]) == key}
+        lines.append("| {} | {} | {} | ".format(*key) + " | ".join(
+            _speedup(cells[level]) if level in cells else "" for level in levels) + " |")
+    return lines
+
+
+def _speedup(value: float) -> str:
+    """Bold when the export is at least as fast as the dense model."""
+    return f"**{value:.2f}x**" if value >= 1 else f"{value:.2f}x"
 
 
 MODELS = {"mlp": "1024-4096-4096-1024 MLP, all 3 weights pruned and exported",
@@ -226,16 +251,16 @@ def main(argv=None) -> int:
             f"{load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores): "
             "single timings are noisy; medians of interleaved samples are reported.")
     result = {"device": device_info(device), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "note": note, "quick": args.quick, "models": {m: MODELS[m] for m in args.models},
-              "settings": {k: getattr(args, k) for k in ("sparsities", "batches", "samples", "min_sample_ms")},
+              "note": note, "quick": args.quick, "models": {name: MODELS[name] for name in args.models},
+              "settings": {key: getattr(args, key) for key in ("sparsities", "batches", "samples", "min_sample_ms")},
               "masks": "layerwise magnitude of the random initial weights (2:4 on the GPU)", "rows": rows}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"inference_{device.type}")
-        with open(stem + ".json", "w") as f:
-            json.dump(result, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(markdown(result))
+        with open(stem + ".json", "w") as handle:
+            json.dump(result, handle, indent=1)
+        with open(stem + ".md", "w") as handle:
+            handle.write(markdown(result))
         print(f"wrote {stem}.json, {stem}.md")
     return 0
 

@@ -95,13 +95,13 @@ def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple
                         for child, _ in module.named_children()}
     modules = dict(model.named_modules())
     if names is None:
-        return [(n, m) for n, m in modules.items() if type(m) in types and n not in inside_attention
-                and sparsity(m.weight) >= min_sparsity]
+        return [(name, module) for name, module in modules.items() if type(module) in types
+                and name not in inside_attention and sparsity(module.weight) >= min_sparsity]
     if isinstance(names, str):
         raise ValueError(f"names must be a list of module names, got the string {names!r}")
     chosen = []
-    for name in _unique(n[: -len(".weight")] if n.endswith(".weight") else n for n in names):
-        kinds = " or ".join(t.__name__ for t in types)
+    kinds = " or ".join(kind.__name__ for kind in types)
+    for name in _unique(entry[: -len(".weight")] if entry.endswith(".weight") else entry for entry in names):
         if name in inside_attention:
             raise ValueError(f"names: {name!r} belongs to an nn.MultiheadAttention, which reads its weight "
                              f"directly; it cannot be swapped")

@@ -75,7 +75,7 @@ def _load_masks(path: Optional[str]):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"masks file not found: {path!r}")
     masks = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(masks, dict) or not all(isinstance(v, torch.Tensor) for v in masks.values()):
+    if not isinstance(masks, dict) or not all(isinstance(value, torch.Tensor) for value in masks.values()):
         raise ValueError(f"--masks {path!r} holds no {{'<module>.weight': bool tensor}} dict")
     return masks
 

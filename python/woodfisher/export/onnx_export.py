@@ -51,7 +51,7 @@ def to_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch
         are missing.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
-    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+    if not inputs or not all(isinstance(tensor, torch.Tensor) for tensor in inputs):
         raise ValueError("example_inputs must be a tensor or a non-empty sequence of tensors")
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))

@@ -60,8 +60,8 @@ def _sparse_mm(weight: torch.Tensor, bias: Optional[torch.Tensor], rows: torch.T
     ``torch.inference_mode``); several: ``addmm(bias, W, rows^T)^T``.
     """
     if rows.shape[0] == 1:
-        y = torch.mv(weight, rows[0]) if bias is None else torch.addmv(bias, weight, rows[0])
-        return y.unsqueeze(0)
+        product = torch.mv(weight, rows[0]) if bias is None else torch.addmv(bias, weight, rows[0])
+        return product.unsqueeze(0)
     if bias is None:
         return torch.mm(weight, rows.t()).t()
     return torch.addmm(bias.unsqueeze(1), weight, rows.t()).t()
@@ -90,9 +90,9 @@ class SparseLinear(nn.Module):
         """The sparse twin of ``linear`` (its exact zeros are not stored)."""
         return cls(_sparse_weight(linear.weight, layout, blocksize or DEFAULT_BLOCKSIZE, name), linear.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _sparse_mm(self.weight, self.bias, x.reshape(-1, self.in_features))
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        product = _sparse_mm(self.weight, self.bias, inputs.reshape(-1, self.in_features))
+        return product.reshape(*inputs.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -135,17 +135,21 @@ class SparseConv2d(nn.Module):
         weight = _sparse_weight(conv.weight.flatten(1), layout, blocksize or DEFAULT_BLOCKSIZE, name)
         return cls(weight, conv.bias, conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
-            return self.forward(x.unsqueeze(0)).squeeze(0)
-        n, _, h, w = x.shape
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.dim() == 3:
+            return self.forward(inputs.unsqueeze(0)).squeeze(0)
+        batch, _, height, width = inputs.shape
         out_h, out_w = (
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, p, d, k, s in zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride))
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)   # (N, K, L)
-        rows = cols.transpose(1, 2).reshape(n * out_h * out_w, -1)                       # (N L, K)
-        y = _sparse_mm(self.weight, self.bias, rows)                                     # (N L, out)
-        return y.reshape(n, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+            (size + 2 * pad - dil * (kernel - 1) - 1) // step + 1
+            for size, pad, dil, kernel, step in zip((height, width), self.padding, self.dilation, self.kernel_size,
+                                                    self.stride))
+        cols = F.unfold(inputs, self.kernel_size, self.dilation, self.padding, self.stride)   # (N, K, L)
+        cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)                                # (K, N L)
+        if self.bias is None:
+            product = torch.mm(self.weight, cols)                                             # (out, N L)
+        else:
+            product = torch.addmm(self.bias.unsqueeze(1), self.weight, cols)
+        return product.view(self.out_channels, batch, out_h, out_w).transpose(0, 1)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -216,7 +220,7 @@ def load_sparse(model: nn.Module, state: Union[str, os.PathLike, Mapping[str, to
         state = read_state_dict(state)
     out = to_dense(model)
     modules = dict(out.named_modules())
-    sparse_keys = [k for k, v in state.items() if v.layout in LAYOUTS.values()]
+    sparse_keys = [key for key, value in state.items() if value.layout in LAYOUTS.values()]
     swapped: Dict[str, nn.Module] = {}
     for key in sparse_keys:
         name = key[: -len(".weight")]
@@ -229,11 +233,11 @@ def load_sparse(model: nn.Module, state: Union[str, os.PathLike, Mapping[str, to
                                          module.stride, module.padding, module.dilation)
         else:
             raise ValueError(f"state: sparse tensor {key!r} is not the weight of an nn.Linear or nn.Conv2d")
-    dense = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in swapped}
+    dense = {key: value for key, value in state.items() if key.rsplit(".", 1)[0] not in swapped}
     for name, module in swapped.items():
         swap(out, name, module)
     missing, unexpected = out.load_state_dict(dense, strict=False)
-    missing = [k for k in missing if k.rsplit(".", 1)[0] not in swapped]
+    missing = [key for key in missing if key.rsplit(".", 1)[0] not in swapped]
     if missing or unexpected:
         raise ValueError(f"state does not match {type(model).__name__}: missing keys {missing[:6]}, "
                          f"unexpected keys {unexpected[:6]}")
