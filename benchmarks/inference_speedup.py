@@ -19,7 +19,9 @@ Masks are layerwise magnitude masks of the randomly initialised weights (``selec
 the time of a sparse product depends on how many non-zeros there are and how they spread,
 not on the criterion that chose them (WoodFisher's unstructured masks look the same to the
 kernel). Timing: per configuration the dense and exported models are called in turn, each
-sample a loop of calls lasting >= ``--min-sample-ms``; latency = median over samples.
+sample a loop of calls lasting >= ``--min-sample-ms``; latency = median over samples; speed-up =
+median over samples of dense time / exported time of the same round (pairs measured seconds
+apart, so that the load of a shared machine cancels out).
 
     OMP_NUM_THREADS=2 python benchmarks/inference_speedup.py --out benchmarks/results
     python benchmarks/inference_speedup.py --device cuda --out benchmarks/results   # 2:4 on a GPU
@@ -102,8 +104,8 @@ def interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, samp
                 fn()
             sync(device)
             times[key].append((time.perf_counter() - t0) / loops[key])
-    return {key: {"median_s": statistics.median(ts), "min_s": min(ts), "samples": len(ts), "loops": loops[key]}
-            for key, ts in times.items()}
+    return {key: {"median_s": statistics.median(ts), "min_s": min(ts), "samples": len(ts), "loops": loops[key],
+                  "times_s": ts} for key, ts in times.items()}
 
 
 def _max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -164,7 +166,7 @@ def gpu_rows(name: str, args, device) -> List[dict]:
 def _row(model, sparsity, batch, fmt, dense, sparse, error) -> dict:
     return {"model": model, "sparsity": sparsity, "batch": batch, "format": fmt,
             "dense_ms": dense["median_s"] * 1e3, "sparse_ms": sparse["median_s"] * 1e3,
-            "speedup": dense["median_s"] / sparse["median_s"],
+            "speedup": statistics.median(ref / got for ref, got in zip(dense["times_s"], sparse["times_s"])),
             "dense_per_s": batch / dense["median_s"], "sparse_per_s": batch / sparse["median_s"],
             "max_rel_err": error, "samples": sparse["samples"], "loops": [dense["loops"], sparse["loops"]]}
 
@@ -180,11 +182,12 @@ def markdown(result: dict) -> str:
     info = result["device"]
     lines = [f"# Inference speed-up of pruned models: {info['device_name']} ({info['device_type']})", "",
              f"torch {info['torch']}, {info['cpu_threads']} threads (OMP_NUM_THREADS={info['omp_num_threads']}), "
-             f"{result['date']}. {result['note']}", "",
-             "Latency = median time of one forward call at the batch size; throughput = samples/s; speed-up = "
-             "dense latency / exported latency (> 1: the export is faster). The dense pruned model is timed "
-             "in the same run, interleaved with the exports. `max rel err` = max |exported - dense| / max |dense| "
-             "on the timed batch.", ""] + summary_table(result["rows"]) + [""]
+             f"{result['date']}.", ""] + [f"- {note}" for note in result["notes"]] + [
+             "", "Latency = median time of one forward call at the batch size; throughput = samples/s; speed-up = "
+             "median over rounds of dense time / exported time, each round timing the dense pruned model and its "
+             "exports one after the other (> 1: the export is faster; bold). `max rel err` = "
+             "max |exported - dense| / max |dense| on the timed batch.", "", "## Speed-up summary", ""]
+    lines += summary_table(result["rows"]) + [""]
     for model in dict.fromkeys(row["model"] for row in result["rows"]):
         rows = [row for row in result["rows"] if row["model"] == model]
         lines += [f"## {model}: {result['models'][model]}", "",
@@ -225,6 +228,8 @@ def _speedup(value: float) -> str:
     return f"**{value:.2f}x**" if value >= 1 else f"{value:.2f}x"
 
 
+MASKS = ("layerwise magnitude of the random initial weights (2:4 on the GPU); the speed of a sparse product "
+         "depends on the number and spread of the non-zeros, not on the criterion that chose them")
 MODELS = {"mlp": "1024-4096-4096-1024 MLP, all 3 weights pruned and exported",
           "transformer": "TransformerEncoderLayer(512, 8 heads, FFN 2048), 32 tokens per sample; FFN pruned and "
                          "exported (2/3 of the weights), attention dense",
@@ -247,13 +252,19 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models:
         rows += gpu_rows(name, args, device) if device.type == "cuda" else cpu_rows(name, args, device)
-    note = ("The machine was shared with other jobs while this ran (load average "
-            f"{load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores): "
-            "single timings are noisy; medians of interleaved samples are reported.")
+    notes = [f"The machine was shared with other jobs while this ran (load average {load[0]:.1f} at the start, "
+             f"{os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores): single timings are noisy; medians of "
+             "interleaved samples are reported.",
+             f"Masks: {MASKS}.", "Models: " + "; ".join(f"{name}: {MODELS[name]}" for name in args.models) + "."]
+    if args.quick:
+        notes.insert(0, "QUICK MODE (smoke test): tiny stand-in models, not the ones named below; times mean nothing.")
+    if device.type == "cpu":
+        notes.append("2:4 semi-structured weights need an NVIDIA GPU (compute capability >= 8.0): "
+                     "`--device cuda` there writes inference_cuda.json / .md.")
     result = {"device": device_info(device), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "note": note, "quick": args.quick, "models": {name: MODELS[name] for name in args.models},
+              "notes": notes, "quick": args.quick, "models": {name: MODELS[name] for name in args.models},
               "settings": {key: getattr(args, key) for key in ("sparsities", "batches", "samples", "min_sample_ms")},
-              "masks": "layerwise magnitude of the random initial weights (2:4 on the GPU)", "rows": rows}
+              "masks": MASKS, "rows": rows}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"inference_{device.type}")

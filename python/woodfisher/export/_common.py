@@ -41,7 +41,9 @@ def to_dense(model: nn.Module, masks: Masks = None) -> nn.Module:
     Args:
         model: the pruned model (plain weights with zeros, or held by ``torch.nn.utils.prune``).
         masks: optional ``{"<module>.weight": bool keep-mask of the weight's shape}``; the copy's
-            weights are multiplied by them (entries outside a mask become exact zeros).
+            weights are multiplied by them (entries outside a mask become exact zeros). Masks only
+            zero entries: WoodFisher's OBS update also changed the kept weights, so export the
+            pruned model itself (or its ``pruned.pt``), not the dense weights plus its masks.
     Returns:
         a new model (``copy.deepcopy``), every ``weight_orig``/``weight_mask`` pair folded into a
         plain ``weight``; same dtype, device and training mode as ``model``. Its ``state_dict()``

@@ -35,7 +35,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="architecture: a name of woodfisher.models.MODEL_SPECS or 'package.module:factory'")
     parser.add_argument("--checkpoint", required=True,
                         help="pruned state dict (pruned.pt, exact zeros), or dense weights used with --masks")
-    parser.add_argument("--masks", default=None, help="masks.pt ({'<module>.weight': bool keep-mask}) to fold in")
+    parser.add_argument("--masks", default=None,
+                        help="masks.pt ({'<module>.weight': bool keep-mask}) to fold into --checkpoint (masks only "
+                             "zero weights: for a WoodFisher result, whose OBS update moved the kept weights, "
+                             "export its pruned.pt)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="output format")
     parser.add_argument("--out", required=True, help="output file (.pt, or .onnx for --format onnx)")
     parser.add_argument("--names", nargs="+", default=None,

@@ -47,10 +47,16 @@ def _sparse_weight(weight: torch.Tensor, layout: str, blocksize: Optional[int], 
         return weight.to_sparse_bsr((blocksize, blocksize))
 
 
-def _check_sparse(weight: torch.Tensor, shape: Tuple[int, int], what: str) -> None:
+def _register_weights(module: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      shape: Tuple[int, int]) -> None:
+    """Check and keep ``weight`` (sparse CSR/BSR of ``shape``) and ``bias`` (``(shape[0],)`` or None) as buffers."""
     if weight.layout not in LAYOUTS.values() or tuple(weight.shape) != shape:
-        raise ValueError(f"{what} must be a sparse CSR/BSR tensor of shape {shape}, got "
+        raise ValueError(f"weight must be a sparse CSR/BSR tensor of shape {shape}, got "
                          f"{weight.layout} {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != shape[:1]:
+        raise ValueError(f"bias must have shape ({shape[0]},), got {tuple(bias.shape)}")
+    module.register_buffer("weight", weight)
+    module.register_buffer("bias", None if bias is None else bias.detach().clone())
 
 
 def _sparse_mm(weight: torch.Tensor, bias: Optional[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
@@ -78,11 +84,7 @@ class SparseLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
         super().__init__()
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[-1])
-        _check_sparse(weight, (self.out_features, self.in_features), "weight")
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        _register_weights(self, weight, bias, (self.out_features, self.in_features))
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, layout: str = "csr", blocksize: Optional[int] = None,
@@ -118,11 +120,7 @@ class SparseConv2d(nn.Module):
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
         cols = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        _check_sparse(weight, (self.out_channels, cols), "weight")
-        if bias is not None and tuple(bias.shape) != (self.out_channels,):
-            raise ValueError(f"bias must have shape ({self.out_channels},), got {tuple(bias.shape)}")
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        _register_weights(self, weight, bias, (self.out_channels, cols))
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, layout: str = "csr", blocksize: Optional[int] = None,
