@@ -181,7 +181,8 @@ def _line(rows) -> str:
 def markdown(result: dict) -> str:
     info = result["device"]
     lines = [f"# Inference speed-up of pruned models: {info['device_name']} ({info['device_type']})", "",
-             f"torch {info['torch']}, {info['cpu_threads']} threads (OMP_NUM_THREADS={info['omp_num_threads']}), "
+             f"torch {info['torch']}, torch threads: {info['cpu_threads']} "
+             f"(OMP_NUM_THREADS={info['omp_num_threads']}), "
              f"{result['date']}.", ""] + [f"- {note}" for note in result["notes"]] + [
              "", "Latency = median time of one forward call at the batch size; throughput = samples/s; speed-up = "
              "median over rounds of dense time / exported time, each round timing the dense pruned model and its "
@@ -253,8 +254,9 @@ def main(argv=None) -> int:
     for name in args.models:
         rows += gpu_rows(name, args, device) if device.type == "cuda" else cpu_rows(name, args, device)
     notes = [f"The machine was shared with other jobs while this ran (load average {load[0]:.1f} at the start, "
-             f"{os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores): single timings are noisy; medians of "
-             "interleaved samples are reported.",
+             f"{os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores): absolute times are inflated and noisy, "
+             "compare the speed-ups (medians of per-round ratios). The transformer's control row `dense, fused path "
+             "off` compares two nearly identical dense models: its spread around 1.0x shows the noise level.",
              f"Masks: {MASKS}.", "Models: " + "; ".join(f"{name}: {MODELS[name]}" for name in args.models) + "."]
     if args.quick:
         notes.insert(0, "QUICK MODE (smoke test): tiny stand-in models, not the ones named below; times mean nothing.")

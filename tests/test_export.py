@@ -122,7 +122,7 @@ def test_sparse_masks_from_the_pruner_float32():
             for i in range(2)]
     pruned = _mlp(dtype=torch.float32)
     result = prune_one_shot(pruned, data, sparsity=0.9, num_grads=16, block_size=64, progress=False)
-    sparse = to_sparse(pruned)
+    sparse = to_sparse(pruned, min_sparsity=0.0)
     assert all(isinstance(layer, SparseLinear) for layer in sparse.layers)
     for name, keep in result.masks.items():
         assert sparse.get_buffer(name).values().numel() <= int(keep.sum())
@@ -199,8 +199,10 @@ def test_min_sparsity_keeps_denser_layers_dense():
     model = _mlp()
     masks = _random_masks(model, 0.9)
     masks["layers.1.weight"] = torch.ones(32, 64, dtype=torch.bool)
-    sparse = to_sparse(model, masks)                                   # default min_sparsity 0.5
-    assert [type(module).__name__ for module in sparse.layers] == ["SparseLinear", "Linear", "SparseLinear"]
+    masks["layers.2.weight"] = torch.rand(10, 32, generator=_gen(10)) >= 0.6       # 60% zeros: below 0.7
+    sparse = to_sparse(model, masks)                                   # default min_sparsity 0.7
+    assert [type(module).__name__ for module in sparse.layers] == ["SparseLinear", "Linear", "Linear"]
+    assert isinstance(to_sparse(model, masks, min_sparsity=0.5).layers[2], SparseLinear)
 
 
 # ---- 2:4 semi-structured -------------------------------------------------------------

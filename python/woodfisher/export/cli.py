@@ -42,9 +42,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--format", required=True, choices=FORMATS, help="output format")
     parser.add_argument("--out", required=True, help="output file (.pt, or .onnx for --format onnx)")
     parser.add_argument("--names", nargs="+", default=None,
-                        help="layers to convert (csr, bsr, 2:4); default: every Linear with >= --min-sparsity zeros")
-    parser.add_argument("--min-sparsity", type=float, default=0.5,
-                        help="csr/bsr: layers with fewer zeros stay dense (default 0.5)")
+                        help="layers to convert (default: csr/bsr every Linear with >= --min-sparsity zeros, "
+                             "2:4 every Linear holding zeros)")
+    parser.add_argument("--min-sparsity", type=float, default=0.7,
+                        help="csr/bsr: layers with a smaller fraction of zeros stay dense (default 0.7)")
     parser.add_argument("--conv", action="store_true", help="csr/bsr: also convert Conv2d (im2col; slower on CPU)")
     parser.add_argument("--blocksize", type=int, default=None, help="bsr: square block size (default 4)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="2:4: weight dtype on the GPU")

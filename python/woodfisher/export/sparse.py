@@ -166,7 +166,7 @@ def _check_layout(layout: str, blocksize: Optional[int]) -> None:
 
 
 def to_sparse(model: nn.Module, masks: Masks = None, *, layout: str = "csr", blocksize: Optional[int] = None,
-              names: Optional[Sequence[str]] = None, min_sparsity: float = 0.5, conv: bool = False) -> nn.Module:
+              names: Optional[Sequence[str]] = None, min_sparsity: float = 0.7, conv: bool = False) -> nn.Module:
     """A copy of the pruned ``model`` whose sparse layers compute with ``torch.sparse`` weights.
 
     Args:
@@ -179,7 +179,8 @@ def to_sparse(model: nn.Module, masks: Masks = None, *, layout: str = "csr", blo
             ``nn.Conv2d`` with ``conv=True``) whose weight has at least ``min_sparsity`` zeros.
             Linear layers inside ``nn.MultiheadAttention`` stay dense (attention reads them directly).
         min_sparsity: fraction of zeros in [0, 1] below which a layer stays dense when ``names``
-            is None (default 0.5: below it CSR was never faster in our measurements).
+            is None (default 0.7: at 50% CSR was slower than dense in every configuration of
+            ``benchmarks/results/inference_cpu.md``; from 70% on some configurations pay).
         conv: also convert ``nn.Conv2d`` (im2col + sparse GEMM; correct but slower than dense on CPU).
     Returns:
         a new model: :class:`SparseLinear` / :class:`SparseConv2d` in place of the converted layers,
