@@ -5,17 +5,13 @@ Every export takes the pruned model (weights with exact zeros, or held by
 works on a copy (the caller's model is never modified), and returns a model whose outputs
 equal the dense pruned model's within the round-off of its dtype:
 
-=====================  ==========================================  ==============================
-function               result                                      where it pays
-=====================  ==========================================  ==============================
-:func:`to_dense`       copy with masks folded, exact zeros          (today's ``pruned.pt`` format)
-:func:`to_sparse`      :class:`SparseLinear` (and, with             CPU, high sparsity; see
-                       ``conv=True``, :class:`SparseConv2d`) on      ``benchmarks/results/
-                       CSR or BSR weights                           inference_cpu.md``
-:func:`to_semi_structured`  2:4 ``SparseSemiStructuredTensor``      NVIDIA GPU, capability >= 8.0,
-                       Linear weights, fp16/bf16                    float16/bfloat16
-:func:`to_onnx`        ``.onnx`` file, dense with exact zeros       runtimes that exploit zeros
-=====================  ==========================================  ==============================
+- :func:`to_dense`: a copy with the masks folded and exact zeros (today's ``pruned.pt`` format).
+- :func:`to_sparse`: :class:`SparseLinear` (and, with ``conv=True``, :class:`SparseConv2d`) on
+  ``torch.sparse`` CSR or BSR weights, for CPU inference at high sparsity (where it pays:
+  ``benchmarks/results/inference_cpu.md``).
+- :func:`to_semi_structured`: 2:4 ``SparseSemiStructuredTensor`` Linear weights in float16 /
+  bfloat16, for NVIDIA GPUs of compute capability >= 8.0.
+- :func:`to_onnx`: a ``.onnx`` file, dense with exact zeros (optional dependency ``[onnx]``).
 
 :func:`load_sparse` rebuilds a CSR/BSR model from its saved state dict;
 :func:`check_semi_structured` validates the 2:4 pattern without a GPU. The command line
