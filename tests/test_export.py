@@ -356,7 +356,7 @@ def test_cli_export_formats(pruned_files, fmt, capsys):
     assert all(torch.equal(first[key].to_dense(), second[key].to_dense()) for key in first)
 
 
-def test_cli_bad_input_writes_nothing(pruned_files):
+def test_cli_bad_input_writes_nothing(pruned_files, monkeypatch):
     folder, _ = pruned_files
     out = folder / "sub" / "out.pt"
     common = ["--checkpoint", folder / "pruned.pt", "--out", out]
@@ -371,6 +371,9 @@ def test_cli_bad_input_writes_nothing(pruned_files):
         _cli("--model", "digits_mlp", "--format", "2:4", "--device", "cpu", *common)
     with pytest.raises(ValueError, match="names: 'nope'"):
         _cli("--model", "digits_mlp", "--format", "csr", "--names", "nope", *common)
+    monkeypatch.setattr("woodfisher.export.onnx_available", lambda: False)
+    with pytest.raises(ValueError, match="pip install"):
+        _cli("--model", "digits_mlp", "--format", "onnx", *common)
     assert not (folder / "sub").exists()
 
 

@@ -91,12 +91,15 @@ def _max_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
 def run_export(args: argparse.Namespace) -> int:
     """Run ``woodfisher export`` (see the module docstring); returns 0, raises ValueError on bad input."""
     from ..checkpoint import load_checkpoint, save_state_dict
-    from . import load_sparse, to_dense, to_onnx, to_semi_structured, to_sparse
+    from . import load_sparse, onnx_available, to_dense, to_onnx, to_semi_structured, to_sparse
+    from .onnx_export import ONNX_HINT
 
     factory, shape = _factory(args.model)
     shape = tuple(args.input_shape) if args.input_shape else shape
     if args.blocksize is not None and args.format != "bsr":
         raise ValueError("--blocksize applies to --format bsr only")
+    if args.format == "onnx" and not onnx_available():
+        raise ValueError(ONNX_HINT)
     model = load_checkpoint(factory(), args.checkpoint, trust_pickle=args.trust_pickle).eval()
     masks = _load_masks(args.masks)
     dense = to_dense(model, masks)
@@ -120,10 +123,7 @@ def run_export(args: argparse.Namespace) -> int:
             exported = to_dense(dense).to(dtype)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.format == "onnx":
-        try:
-            to_onnx(dense, sample, args.out)
-        except ImportError as err:
-            raise ValueError(str(err)) from None
+        to_onnx(dense, sample, args.out)
         diff = _onnx_diff(args.out, sample, ref)
     else:
         save_state_dict(exported, args.out)
