@@ -42,6 +42,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import device_info, pick_device, sync  # noqa: E402
+
 from woodfisher.export import to_dense, to_semi_structured, to_sparse  # noqa: E402
 from woodfisher.masks import select_masks  # noqa: E402
 from woodfisher.models import RESNET20_PRUNABLE, CifarResNet, resnet20  # noqa: E402

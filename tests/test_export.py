@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from woodfisher import prune_one_shot
 from woodfisher.checkpoint import save_state_dict
 from woodfisher.export import (
@@ -371,7 +372,7 @@ def test_cli_bad_input_writes_nothing(pruned_files, monkeypatch):
         _cli("--model", "digits_mlp", "--format", "2:4", "--device", "cpu", *common)
     with pytest.raises(ValueError, match="names: 'nope'"):
         _cli("--model", "digits_mlp", "--format", "csr", "--names", "nope", *common)
-    monkeypatch.setattr("woodfisher.export.onnx_available", lambda: False)
+    monkeypatch.setattr("woodfisher.export.onnx_export.onnx_available", lambda: False)
     with pytest.raises(ValueError, match="pip install"):
         _cli("--model", "digits_mlp", "--format", "onnx", *common)
     assert not (folder / "sub").exists()

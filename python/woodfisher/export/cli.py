@@ -91,8 +91,10 @@ def _max_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
 def run_export(args: argparse.Namespace) -> int:
     """Run ``woodfisher export`` (see the module docstring); returns 0, raises ValueError on bad input."""
     from ..checkpoint import load_checkpoint, save_state_dict
-    from . import load_sparse, onnx_available, to_dense, to_onnx, to_semi_structured, to_sparse
-    from .onnx_export import ONNX_HINT
+    from ._common import to_dense
+    from .onnx_export import ONNX_HINT, onnx_available, to_onnx
+    from .semi import to_semi_structured
+    from .sparse import load_sparse, to_sparse
 
     factory, shape = _factory(args.model)
     shape = tuple(args.input_shape) if args.input_shape else shape
