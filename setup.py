@@ -42,7 +42,7 @@ setup(
     version="0.1.0",
     description="Fast blockwise inverse-Fisher kernels and a WoodFisher (OBS) pruner for PyTorch",
     packages=(find_packages(include=["woodfisher_kernels", "woodfisher_kernels.*"])
-              + ["woodfisher", "woodfisher.pai", "woodfisher.export"]),
+              + ["woodfisher"] + ["woodfisher." + name for name in find_packages("python/woodfisher")]),
     package_dir={"woodfisher": "python/woodfisher"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
