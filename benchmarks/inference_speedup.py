@@ -85,28 +85,39 @@ def magnitude_masks(model: nn.Module, names: List[str], sparsity: float, nm: boo
     return masks
 
 
+def clock_for(device: torch.device):
+    """(name, clock): the CPU time of this thread when torch computes on one CPU thread (it leaves out the
+    time the process waits for a core on a shared machine), else wall-clock time."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return "thread CPU time", time.thread_time
+    return "wall-clock time", time.perf_counter
+
+
 def interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, samples: int,
                 min_sample_s: float) -> Dict[str, Dict[str, float]]:
-    """Median seconds per call of each fn, the fns called in turn (drift on a shared machine hits all alike)."""
+    """Median seconds per call of each fn by :func:`clock_for`, the fns called in turn (drift hits all alike);
+    ``wall_median_s`` is the wall-clock median."""
+    clock = clock_for(device)[1]
     loops = {}
     for key, fn in fns.items():                       # warm up, then size each sample's loop
         fn()
         sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         sync(device)
-        loops[key] = max(1, min(1000, int(min_sample_s / max(time.perf_counter() - t0, 1e-7))))
-    times = {key: [] for key in fns}
+        loops[key] = max(1, min(1000, int(min_sample_s / max(clock() - t0, 1e-7))))
+    times, walls = {key: [] for key in fns}, {key: [] for key in fns}
     for _ in range(samples):
         for key, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0, wall0 = clock(), time.perf_counter()
             for _ in range(loops[key]):
                 fn()
             sync(device)
-            times[key].append((time.perf_counter() - t0) / loops[key])
+            times[key].append((clock() - t0) / loops[key])
+            walls[key].append((time.perf_counter() - wall0) / loops[key])
     return {key: {"median_s": statistics.median(ts), "min_s": min(ts), "samples": len(ts), "loops": loops[key],
-                  "times_s": ts} for key, ts in times.items()}
+                  "times_s": ts, "wall_median_s": statistics.median(walls[key])} for key, ts in times.items()}
 
 
 def _max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -171,6 +182,7 @@ def _row(model, sparsity, batch, fmt, dense, sparse, error) -> dict:
             "dense_best_ms": dense["min_s"] * 1e3, "sparse_best_ms": sparse["min_s"] * 1e3,
             "speedup_best": dense["min_s"] / sparse["min_s"],
             "dense_per_s": batch / dense["median_s"], "sparse_per_s": batch / sparse["median_s"],
+            "dense_wall_ms": dense["wall_median_s"] * 1e3, "sparse_wall_ms": sparse["wall_median_s"] * 1e3,
             "max_rel_err": error, "samples": sparse["samples"], "loops": [dense["loops"], sparse["loops"]]}
 
 
@@ -187,7 +199,8 @@ def markdown(result: dict) -> str:
              f"torch {info['torch']}, torch threads: {info['cpu_threads']} "
              f"(OMP_NUM_THREADS={info['omp_num_threads']}), "
              f"{result['date']}.", ""] + [f"- {note}" for note in result["notes"]] + [
-             "", "Latency = median time of one forward call at the batch size; throughput = samples/s; speed-up = "
+             "", f"Times are {result['clock']} (wall-clock medians are in the JSON). "
+             "Latency = median time of one forward call at the batch size; throughput = samples/s; speed-up = "
              "median over rounds of dense time / exported time, each round timing the dense pruned model and its "
              "exports one after the other (> 1: the export is faster; bold); best-of speed-up = fastest dense "
              "sample / fastest exported sample (closest to an idle machine). `max rel err` = "
@@ -260,9 +273,11 @@ def main(argv=None) -> int:
     for name in args.models:
         rows += gpu_rows(name, args, device) if device.type == "cuda" else cpu_rows(name, args, device)
     notes = [f"The machine was shared with other jobs while this ran (load average {load[0]:.1f} at the start, "
-             f"{os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores): absolute times are inflated and noisy, "
-             "compare the speed-ups (medians of per-round ratios). The transformer's control row `dense, fused path "
-             "off` compares two nearly identical dense models: its spread around 1.0x shows the noise level.",
+             f"{os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores). "
+             + ("With one torch thread the times are the thread's CPU time, which leaves out the waits for a core; "
+                "caches and memory bandwidth were still shared. " if clock_for(device)[0] == "thread CPU time" else "")
+             + "The transformer's control row `dense, fused path off` compares two nearly identical dense models: "
+             "its spread around 1.0x shows the noise level.",
              f"Masks: {MASKS}.", "Models: " + "; ".join(f"{name}: {MODELS[name]}" for name in args.models) + "."]
     if args.quick:
         notes.insert(0, "QUICK MODE (smoke test): tiny stand-in models, not the ones named below; times mean nothing.")
@@ -270,7 +285,8 @@ def main(argv=None) -> int:
         notes.append("2:4 semi-structured weights need an NVIDIA GPU (compute capability >= 8.0): "
                      "`--device cuda` there writes inference_cuda.json / .md.")
     result = {"device": device_info(device), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "notes": notes, "quick": args.quick, "models": {name: MODELS[name] for name in args.models},
+              "notes": notes, "clock": clock_for(device)[0], "quick": args.quick,
+              "models": {name: MODELS[name] for name in args.models},
               "settings": {key: getattr(args, key) for key in ("sparsities", "batches", "samples", "min_sample_ms")},
               "masks": MASKS, "rows": rows}
     if args.out:
