@@ -21,6 +21,7 @@ gradients (:mod:`.gradients`) -> curvature (:mod:`.curvature`) -> statistic, mas
 update (:mod:`.methods`, :mod:`.masks`) -> writing (:mod:`.engine`). The block inverses,
 OBS statistics and updates are computed by the public ops of :mod:`woodfisher_kernels`.
 """
+from . import export as export  # deployment: dense / CSR / BSR / 2:4 / ONNX exports
 from .batches import Batch
 from .config import PruneConfig
 from .curvature import Curvature

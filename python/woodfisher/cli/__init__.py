@@ -1,4 +1,4 @@
-"""Command line: ``python -m woodfisher demo | prune | report | pai`` (also ``woodfisher ...``).
+"""Command line: ``python -m woodfisher demo | prune | report | pai | export`` (also ``woodfisher ...``).
 
 One module per subcommand (``add_parser(subparsers)`` + ``run(args)``), listed once in
 :data:`COMMANDS`; shared helpers in :mod:`._common`. Every subcommand takes
@@ -12,12 +12,12 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import demo, pai, prune, report
+from . import demo, export, pai, prune, report
 from ._config import config_defaults, load_config
 
 __all__ = ["build_parser", "parse_args", "main", "COMMANDS"]
 
-COMMANDS = (demo, prune, report, pai)
+COMMANDS = (demo, prune, report, pai, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
