@@ -25,6 +25,7 @@ outputs since log_softmax is idempotent.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Tuple
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 __all__ = ["Batch", "default_adapter", "to_batch", "is_single_pass", "peek", "default_loss", "logits_of",
-           "compute_loss", "sample_targets", "check_loss_fn"]
+           "compute_loss", "sample_targets", "check_loss_fn", "check_loader", "describe", "loader_errors"]
 
 ADAPTER_HINT = ("pass batch_adapter=lambda b: woodfisher.Batch(args=(inputs,), kwargs={}, target=targets) "
                 "to say which part is which")
@@ -171,6 +172,42 @@ def to_batch(item: Any, adapter: Optional[Callable[[Any], Any]] = None) -> Batch
         return Batch(tuple(out[0]), dict(out[1]), out[2])
     raise ValueError(f"batch_adapter must return a woodfisher.Batch or (args tuple, kwargs dict, target), "
                      f"got {type(out).__name__}")
+
+
+def check_loader(loader: Any) -> None:
+    """``loader`` must be an iterable of batches (a DataLoader, a list, a generator...)."""
+    if not isinstance(loader, collections.abc.Iterable) or isinstance(loader, (str, bytes)):
+        raise ValueError(f"loader must be an iterable of batches (a DataLoader, a list, a generator), "
+                         f"got {type(loader).__name__}")
+
+
+def describe(batch: Batch) -> str:
+    """The shapes and dtypes of a batch's tensors, for messages: ``"args (8, 7) float32; target (8,) int64"``."""
+    parts = []
+    for label, tree in (("args", batch.args), ("kwargs", batch.kwargs), ("target", batch.target)):
+        leaves = [x for x in pytree.tree_leaves(tree) if _is_tensor(x)]
+        if leaves:
+            parts.append(label + " " + ", ".join(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+                                                 + ("" if x.device.type == "cpu" else f" on {x.device}")
+                                                 for x in leaves))
+    return "; ".join(parts) or "no tensors"
+
+
+@contextlib.contextmanager
+def loader_errors(batch: Batch):
+    """Re-raise an error of the model or the loss on ``batch`` as a ValueError naming the loader.
+
+    Wrong input shapes or dtypes, out-of-range class targets, inputs on a device the model
+    cannot use: the message gives the batch's shapes (:func:`describe`) and the original
+    error (chained). Running out of memory is not a bad input and passes through.
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of the caller's model on the caller's data
+        raise ValueError(f"loader: the model or the loss failed on a batch with {describe(batch)}: "
+                         f"{type(err).__name__}: {err}") from err
 
 
 def is_single_pass(loader: Iterable) -> bool:

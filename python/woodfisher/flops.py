@@ -17,9 +17,12 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
-from .batches import peek, to_batch
+from .batches import loader_errors, peek, to_batch
+from .gradients import compute_dtype, compute_state, prepare_batch
 from .state import eval_mode
+from .targets import unwrap_model
 
 __all__ = ["FLOP_MODULES", "layer_flops", "count_flops", "flops_per_param", "flops_per_param_of_batch",
            "layer_flops_per_param"]
@@ -92,14 +95,20 @@ def flops_per_param_of_batch(model: nn.Module, batch, targets) -> Dict[str, floa
     """{target name: FLOPs per weight entry and sample}, measured on the first sample of ``batch``.
 
     Args:
-        model: the network (run once in eval mode; every module's flag restored).
-        batch: a :class:`woodfisher.Batch` (its first sample is used).
+        model: the network (run once in eval mode, every module's flag restored; half-precision
+            models in float32, as the gradients are).
+        batch: a :class:`woodfisher.Batch` (its first sample is used, moved to the model's device).
         targets: the :class:`woodfisher.targets.PruneTarget` weights; each must be the
             ``weight`` of a module called in the forward pass (Linear / Conv / HF Conv1D).
     Raises:
         ValueError: a target whose module was not called (e.g. ``nn.MultiheadAttention``'s
-            ``in_proj_weight``, read without a submodule call), naming it.
+            ``in_proj_weight``, read without a submodule call), naming it; a batch the model
+            fails on (naming the loader).
     """
+    inner = unwrap_model(model)[0]
+    dtype = compute_dtype(targets[0].param.dtype)
+    params, buffers = compute_state(inner, dtype)
+    batch = prepare_batch(batch, targets[0].param.device, dtype)
     one = batch.take(0, 1)
     uses: Dict[str, int] = {}
     handles = []
@@ -111,8 +120,8 @@ def flops_per_param_of_batch(model: nn.Module, batch, targets) -> Dict[str, floa
             uses[name] = uses.get(name, 0) + output.numel() // _out_channels(module)
         handles.append(t.module.register_forward_hook(hook))
     try:
-        with eval_mode(model):
-            model(*one.args, **one.kwargs)
+        with eval_mode(model), loader_errors(batch):
+            functional_call(inner, (params, buffers), one.args, one.kwargs)
     finally:
         for h in handles:
             h.remove()
