@@ -2,14 +2,21 @@
 
 Scores are dicts ``{param_name: Tensor}`` of the parameters' shapes; higher score =
 more important. Masks are bool tensors of the same shapes, True = keep.
+
+Also the one rule for *layer collapse* (:func:`collapsed`, used by every pruner and
+reported in ``PruneResult.collapsed``) and for a sparsity that would keep no weight at
+all (:func:`check_keeps_weights`).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch
 
 Scores = Dict[str, torch.Tensor]
+
+#: A layer keeping less than this fraction of its entries counts as collapsed.
+COLLAPSE_DENSITY = 1e-3
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -85,6 +92,52 @@ def select_masks(scores: Scores, sparsity: float, mode: str = "global",
         masks[n] = masks[n] | chosen[offset:offset + s.numel()].view_as(s)
         offset += s.numel()
     return masks
+
+
+def collapsed(masks: Mapping[str, torch.Tensor], collapse_density: float = COLLAPSE_DENSITY) -> List[str]:
+    """Names of the keep-masks with no entry kept, or a kept fraction below ``collapse_density``.
+
+    Args:
+        masks: {name: bool keep-mask}.
+        collapse_density: in [0, 1); 0 flags only layers with nothing kept.
+    Returns:
+        names in the order of ``masks``.
+    """
+    if isinstance(collapse_density, bool) or not isinstance(collapse_density, (int, float)) \
+            or not 0.0 <= collapse_density < 1.0:
+        raise ValueError(f"collapse_density must lie in [0, 1), got {collapse_density!r}")
+    out = []
+    for name, keep in masks.items():
+        nnz = int(keep.sum())
+        if nnz == 0 or nnz < collapse_density * keep.numel():
+            out.append(name)
+    return out
+
+
+def check_keeps_weights(sparsity: float, sizes: Mapping[str, int], mode: str = "global",
+                        min_density: float = 0.0) -> None:
+    """Refuse a ``sparsity`` that would prune every entry of ``sizes`` ({name: numel}).
+
+    :func:`select_masks` keeps ``total - round(sparsity * total)`` entries (global mode) or
+    ``numel - round(sparsity * numel)`` per weight (layerwise), at least the
+    ``min_density`` floors; when that is 0 everywhere the model would be emptied.
+
+    Raises:
+        ValueError: naming ``sparsity`` (the value passed) and the largest one that keeps a weight.
+    """
+    floors = sum(int(round(min_density * n)) for n in sizes.values())
+    total = sum(sizes.values())
+    if mode == "layerwise":
+        kept = sum(n - int(round(sparsity * n)) for n in sizes.values())
+        count = max(sizes.values())
+    else:
+        kept = total - int(round(sparsity * total))
+        count = total
+    if max(kept, floors) <= 0:
+        where = (f"no entry in any of the {len(sizes)} weights (the largest has {count})" if mode == "layerwise"
+                 else f"none of the {total} prunable entries")
+        raise ValueError(f"sparsity={sparsity!r} would prune every weight: {mode} mode keeps {where}; "
+                         f"use sparsity < {1.0 - 0.5 / count:.6g}")
 
 
 def sparsity_of(masks: Dict[str, torch.Tensor]) -> float:

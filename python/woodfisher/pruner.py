@@ -45,5 +45,5 @@ def prune_one_shot(model: nn.Module, loader: Optional[Iterable], config: Optiona
             model is left unchanged.
     """
     if config is None and "sparsity" not in options:
-        raise ValueError("sparsity is required (a fraction in [0, 1))")
+        PruneConfig.from_options(**options)  # raises: unknown option names first, else "sparsity is required"
     return engine.run(model, loader, resolve_config(config, options))
