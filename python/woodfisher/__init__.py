@@ -9,7 +9,8 @@ Main entry points:
 - :func:`estimate_curvature` + :func:`prune_with`: the same in two phases (one gradient
   collection for a whole sweep of sparsities).
 - :class:`GradualPruner`, :func:`polynomial_sparsity`: gradual pruning on a schedule,
-  masks kept with ``torch.nn.utils.prune``; :func:`make_permanent`.
+  masks kept with ``torch.nn.utils.prune`` (:func:`apply_masks`, the order of the model's
+  parameters kept); :func:`make_permanent`.
 - :func:`select_masks`: the shared mask selection; :func:`search_damp`, :func:`auto_damp`.
 - :class:`Batch`: what a ``batch_adapter`` returns for loaders of any format.
 
@@ -24,7 +25,7 @@ from .curvature import Curvature
 from .damping import auto_damp
 from .flops import layer_flops_per_param
 from .gradients import GradientCollector
-from .gradual import GradualPruner, make_permanent, polynomial_sparsity
+from .gradual import GradualPruner, apply_masks, make_permanent, polynomial_sparsity
 from .masks import check_sparsity, select_masks, sparsity_of
 from .methods import METHODS
 from .pruner import estimate_curvature, prune_one_shot, prune_with
@@ -37,7 +38,7 @@ PrunableLayer = PruneTarget
 resolve_layers = resolve_targets
 
 __all__ = [
-    "auto_damp", "Batch", "check_sparsity", "Curvature", "estimate_curvature", "GradientCollector",
+    "apply_masks", "auto_damp", "Batch", "check_sparsity", "Curvature", "estimate_curvature", "GradientCollector",
     "GradualPruner", "make_permanent", "METHODS", "polynomial_sparsity", "PrunableLayer", "prune_one_shot",
     "prune_with", "PruneConfig", "PruneResult", "PruneTarget", "resolve_layers", "resolve_targets",
     "search_damp", "select_masks", "sparsity_of", "layer_flops_per_param",
