@@ -91,10 +91,11 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     acc_after = evaluate(model, test, device=args.device)
     rows = sparsity_table(result, model=model, input_shape=spec.input_shape)
-    title = f"{args.model} {args.method} ({args.mode}) at {100 * args.sparsity:.1f}% target sparsity"
+    title = f"{args.model} {args.method} ({args.mode}) at {100 * args.sparsity:.1f}% target sparsity" + (
+        f", damp {result.damp:.3g}" if result.damp is not None else "")
     report = {"model": args.model, "data": data, "checkpoint": args.checkpoint,
               "eval_samples": len(test), "accuracy_before": acc_before, "accuracy_after": acc_after,
-              "sparsity": result.sparsity, "damp": result.damp, "seconds": seconds,
+              "sparsity": result.sparsity, "damp": result.damp, "collapsed": result.collapsed, "seconds": seconds,
               "timings": result.timings, "config": result.config, "layers": rows,
               "totals": table_totals(rows)}
     files = write_outputs(args.out, rows, report, title, model=model, masks=result.masks)
