@@ -156,7 +156,7 @@ def test_block_size_larger_than_a_weight_is_a_whole_weight_block():
 
 def test_gradual_pruner_inputs():
     model = tiny_mlp()
-    with pytest.raises(ValueError, match=r"sparsity=0\.999999"):
+    with pytest.raises(ValueError, match=r"final_sparsity=0\.999999 would prune every weight"):
         wf.GradualPruner(model, tiny_data(), final_sparsity=0.999999, end_step=2, **OPTS)
     pruner = wf.GradualPruner(model, tiny_data(), final_sparsity=0.5, end_step=2, **OPTS)
     before = snapshot(model)
@@ -191,3 +191,35 @@ def test_cpu_loader_for_a_cuda_model():
     assert all(torch.equal(res.masks[n].cpu(), res_ref.masks[n]) for n in res.masks)
     res = wf.prune_one_shot(tiny_mlp().cuda(), tiny_data(), sparsity=0.5, beta=1.0, **OPTS)
     assert res.sparsity == pytest.approx(0.5, abs=0.02)
+
+
+def test_search_damp_and_prune_with_inputs():
+    model = tiny_mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="heldout must be an iterable of held-out batches, got NoneType"):
+        wf.search_damp(model, tiny_data(), None, sparsity=0.5, **OPTS)
+    bad = [(torch.randn(8, 7, dtype=torch.float64), torch.zeros(8, dtype=torch.long))]
+    with pytest.raises(ValueError, match=r"heldout: the model or the loss failed .* \(8, 7\)"):
+        wf.search_damp(model, tiny_data(), bad, sparsity=0.5, grid=[1e-3], **OPTS)
+    with pytest.raises(ValueError, match="curvature must be a woodfisher.Curvature"):
+        wf.prune_with(model, {}, 0.5)
+    assert_unchanged(before, snapshot(model))
+
+
+def test_adapter_and_loss_failures_are_named():
+    refused(tiny_mlp(), tiny_data(), "batch_adapter failed on a loader item", sparsity=0.5,
+            batch_adapter=lambda item: item[5])
+    per_sample = lambda out, y: nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    for options in (dict(method="kfac"), dict(fisher_batch_size=2)):
+        refused(tiny_mlp(), tiny_data(), r"loss_fn must return the mean loss as a scalar tensor, got \(", sparsity=0.5,
+                loss_fn=per_sample, **options)
+
+
+@pytest.mark.parametrize("method", ["woodfisher", "kfac"])
+def test_empty_batches_are_skipped(method):
+    data = tiny_data()
+    with_empty = [(data[0][0][:0], data[0][1][:0])] + data
+    a, b = tiny_mlp(), tiny_mlp()
+    ra = wf.prune_one_shot(a, with_empty, sparsity=0.5, method=method, **OPTS)
+    rb = wf.prune_one_shot(b, data, sparsity=0.5, method=method, **OPTS)
+    assert all(torch.equal(ra.masks[n], rb.masks[n]) for n in ra.masks)

@@ -135,3 +135,14 @@ def test_refused_half_model_is_unchanged(method, dtype):
     with pytest.raises(ValueError, match="NaN or Inf"):
         prune(model, SecondPassNaN(), dict(method=method, num_steps=2, block_size=8))
     assert_unchanged(before, snapshot(model))
+
+
+@pytest.mark.parametrize("method", ["woodfisher", "kfac", "diag_fisher"])
+def test_curvature_of_a_masked_half_model_changes_nothing(method):
+    """The float32 pass must not leave float32 copies of the masked weights behind."""
+    model = base_model().to(torch.float16)
+    wf.apply_masks(model, {"2.weight": torch.rand(16, 24, generator=torch.Generator().manual_seed(0)) > 0.5})
+    before = snapshot(model)
+    wf.estimate_curvature(model, loader(torch.float16), method=method, num_grads=16, progress=False)
+    assert_unchanged(before, snapshot(model))
+    assert model[2].weight.dtype == torch.float16

@@ -164,7 +164,11 @@ def to_batch(item: Any, adapter: Optional[Callable[[Any], Any]] = None) -> Batch
     """Apply ``adapter`` (or :func:`default_adapter`) and check what it returned."""
     if adapter is None:
         return default_adapter(item)
-    out = adapter(item)
+    try:
+        out = adapter(item)
+    except Exception as err:  # noqa: BLE001 - the caller's adapter on the caller's data
+        raise ValueError(f"batch_adapter failed on a loader item ({type(item).__name__}): "
+                         f"{type(err).__name__}: {err}") from err
     if isinstance(out, Batch):
         return out
     if isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], (tuple, list)) \
@@ -194,8 +198,8 @@ def describe(batch: Batch) -> str:
 
 
 @contextlib.contextmanager
-def loader_errors(batch: Batch):
-    """Re-raise an error of the model or the loss on ``batch`` as a ValueError naming the loader.
+def loader_errors(batch: Batch, name: str = "loader"):
+    """Re-raise an error of the model or the loss on ``batch`` as a ValueError naming ``name`` (the loader).
 
     Wrong input shapes or dtypes, out-of-range class targets, inputs on a device the model
     cannot use: the message gives the batch's shapes (:func:`describe`) and the original
@@ -206,7 +210,7 @@ def loader_errors(batch: Batch):
     except torch.OutOfMemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the caller's model on the caller's data
-        raise ValueError(f"loader: the model or the loss failed on a batch with {describe(batch)}: "
+        raise ValueError(f"{name}: the model or the loss failed on a batch with {describe(batch)}: "
                          f"{type(err).__name__}: {err}") from err
 
 
@@ -261,7 +265,12 @@ def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torc
                              "batches, include 'labels' in dict batches, pass sampled_fisher=True to draw "
                              f"targets from the model, or {ADAPTER_HINT}")
         return loss
-    return (default_loss if loss_fn is None else loss_fn)(logits_of(outputs), target)
+    loss = (default_loss if loss_fn is None else loss_fn)(logits_of(outputs), target)
+    if not _is_tensor(loss) or loss.numel() != 1:
+        shape = tuple(loss.shape) if _is_tensor(loss) else type(loss).__name__
+        raise ValueError(f"loss_fn must return the mean loss as a scalar tensor, got {shape} "
+                         "(reduction='none'? use the mean)")
+    return loss
 
 
 def sample_targets(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -20,8 +20,10 @@ from .targets import PruneTarget
 __all__ = ["check_prunable"]
 
 
-def check_prunable(targets: List[PruneTarget], config: PruneConfig, sparsity: Optional[float] = None) -> None:
-    """Refuse weights that cannot be pruned to ``sparsity`` (default: ``config.final_sparsity``).
+def check_prunable(targets: List[PruneTarget], config: PruneConfig, sparsity: Optional[float] = None,
+                   name: str = "sparsity") -> None:
+    """Refuse weights that cannot be pruned to ``sparsity`` (default: ``config.final_sparsity``;
+    ``name``: what the caller called it, for the message).
 
     Raises:
         ValueError: a weight with NaN / Inf entries (naming it and the count), every entry of
@@ -37,4 +39,4 @@ def check_prunable(targets: List[PruneTarget], config: PruneConfig, sparsity: Op
                          "(sparsity 1.0); there is nothing left to prune")
     mode = config.method_impl.fixed_mode or config.mode
     check_keeps_weights(config.final_sparsity if sparsity is None else sparsity,
-                        {t.name: t.numel for t in targets}, mode, config.min_density)
+                        {t.name: t.numel for t in targets}, mode, config.min_density, name)

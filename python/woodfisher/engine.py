@@ -68,6 +68,9 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
         ValueError: bad options, a model whose weights do not match the curvature, or weights
             that cannot be pruned (:func:`woodfisher.checks.check_prunable`); the model is unchanged.
     """
+    if not isinstance(curvature, Curvature):
+        raise ValueError(f"curvature must be a woodfisher.Curvature (from estimate_curvature), got "
+                         f"{type(curvature).__name__}")
     config = curvature.config.replace(sparsity=sparsity, **options)
     targets = curvature.targets(model)
     config.method_impl.check_targets(targets, config)

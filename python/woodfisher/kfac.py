@@ -135,6 +135,8 @@ def kfac_factors(model: nn.Module, loader, layers: List[PruneTarget], *,
                 batch = prepare_batch(to_batch(item, batch_adapter), device, dtype)
                 batch = batch.take(0, min(left, batch.size))
                 n = batch.size
+                if n == 0:  # an empty batch adds nothing
+                    continue
                 if sampled_fisher:
                     batch = batch.without_target()
                 seen.clear()

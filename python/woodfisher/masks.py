@@ -115,7 +115,7 @@ def collapsed(masks: Mapping[str, torch.Tensor], collapse_density: float = COLLA
 
 
 def check_keeps_weights(sparsity: float, sizes: Mapping[str, int], mode: str = "global",
-                        min_density: float = 0.0) -> None:
+                        min_density: float = 0.0, name: str = "sparsity") -> None:
     """Refuse a ``sparsity`` that would prune every entry of ``sizes`` ({name: numel}).
 
     :func:`select_masks` keeps ``total - round(sparsity * total)`` entries (global mode) or
@@ -123,7 +123,8 @@ def check_keeps_weights(sparsity: float, sizes: Mapping[str, int], mode: str = "
     ``min_density`` floors; when that is 0 everywhere the model would be emptied.
 
     Raises:
-        ValueError: naming ``sparsity`` (the value passed) and the largest one that keeps a weight.
+        ValueError: naming ``sparsity`` (as ``name``, with the value passed) and the largest value
+            that keeps a weight.
     """
     floors = sum(int(round(min_density * n)) for n in sizes.values())
     total = sum(sizes.values())
@@ -136,8 +137,8 @@ def check_keeps_weights(sparsity: float, sizes: Mapping[str, int], mode: str = "
     if max(kept, floors) <= 0:
         where = (f"no entry in any of the {len(sizes)} weights (the largest has {count})" if mode == "layerwise"
                  else f"none of the {total} prunable entries")
-        raise ValueError(f"sparsity={sparsity!r} would prune every weight: {mode} mode keeps {where}; "
-                         f"use sparsity < {1.0 - 0.5 / count:.6g}")
+        raise ValueError(f"{name}={sparsity!r} would prune every weight: {mode} mode keeps {where}; "
+                         f"use {name} < {1.0 - 0.5 / count:.6g}")
 
 
 def sparsity_of(masks: Dict[str, torch.Tensor]) -> float:

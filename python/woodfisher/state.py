@@ -2,7 +2,9 @@
 
 - :class:`eval_mode`: the model in eval mode for a pass, then every submodule's own
   train/eval flag restored (a frozen BatchNorm inside a training model stays frozen; the
-  recursive ``model.train(flag)`` would not do that).
+  recursive ``model.train(flag)`` would not do that), and the derived ``weight`` tensors of
+  ``torch.nn.utils.prune`` put back (a functional pass on float32 views would leave float32
+  copies behind).
 - :class:`Snapshot`: the weights and masks of the pruned targets (and the model's buffers),
   restored exactly when a call fails half-way (a refused call changes nothing).
 - :func:`clone_model`: ``copy.deepcopy`` that also works on models holding
@@ -22,20 +24,34 @@ from .targets import PruneTarget, unwrap_model
 __all__ = ["eval_mode", "Snapshot", "clone_model"]
 
 
+def _derived(model: nn.Module):
+    """[(module, attribute, tensor)] of the tensors ``torch.nn.utils.prune`` pre-hooks derive."""
+    out = []
+    for module in model.modules():
+        for hook in getattr(module, "_forward_pre_hooks", {}).values():
+            attr = getattr(hook, "_tensor_name", None)
+            if attr is not None and isinstance(getattr(module, attr, None), torch.Tensor):
+                out.append((module, attr, getattr(module, attr)))
+    return out
+
+
 class eval_mode:
-    """Context manager: model in eval mode, every submodule's flag restored on exit."""
+    """Context manager: model in eval mode; on exit every submodule's flag and every derived prune tensor restored."""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __enter__(self):
         self.flags = [(m, m.training) for m in self.model.modules()]
+        self.derived = _derived(self.model)
         self.model.eval()
         return self.model
 
     def __exit__(self, *exc):
         for m, flag in self.flags:
             m.training = flag
+        for module, attr, value in self.derived:
+            setattr(module, attr, value)
         return False
 
 
@@ -68,12 +84,7 @@ def clone_model(model: nn.Module) -> nn.Module:
     by a forward pre-hook) is a non-leaf tensor after a forward pass with gradients; it is
     detached for the copy and put back on the original afterwards.
     """
-    derived = []
-    for module in model.modules():
-        for hook in getattr(module, "_forward_pre_hooks", {}).values():
-            attr = getattr(hook, "_tensor_name", None)
-            if attr is not None and isinstance(getattr(module, attr, None), torch.Tensor):
-                derived.append((module, attr, getattr(module, attr)))
+    derived = _derived(model)
     try:
         for module, attr, value in derived:
             setattr(module, attr, value.detach())
