@@ -223,3 +223,12 @@ def test_empty_batches_are_skipped(method):
     ra = wf.prune_one_shot(a, with_empty, sparsity=0.5, method=method, **OPTS)
     rb = wf.prune_one_shot(b, data, sparsity=0.5, method=method, **OPTS)
     assert all(torch.equal(ra.masks[n], rb.masks[n]) for n in ra.masks)
+
+
+def test_numpy_scalars_are_numbers_and_bools_are_not():
+    np = pytest.importorskip("numpy")
+    a, b = tiny_mlp(), tiny_mlp()
+    ra = wf.prune_one_shot(a, tiny_data(), sparsity=np.float32(0.5), min_density=np.float64(0.1), **OPTS)
+    rb = wf.prune_one_shot(b, tiny_data(), sparsity=0.5, min_density=0.1, **OPTS)
+    assert all(torch.equal(ra.masks[n], rb.masks[n]) for n in ra.masks)
+    refused(tiny_mlp(), tiny_data(), "sparsity must be a number in \\[0, 1\\), got True", sparsity=True)

@@ -32,7 +32,7 @@ ONE_STEP = {
     "woodtaylor": dict(block_size=8, woodtaylor=True, damp=1e-6),
     "beta": dict(block_size=8, beta=1.0),
     "nm-2:4": dict(block_size=8, pattern="2:4", sparsity=0.5),
-    "rows": dict(pattern="rows"),
+    "rows": dict(pattern="rows", sparsity=0.4),
     "sampled-fisher": dict(block_size=8, sampled_fisher=True),
     "diag_fisher": dict(method="diag_fisher"),
     "kfac": dict(method="kfac", damp=1e-6),
@@ -41,6 +41,7 @@ ONE_STEP = {
     "magnitude-2:4": dict(method="magnitude", pattern="2:4", sparsity=0.5),
 }
 MULTI_STEP = {"woodfisher-3-steps": dict(block_size=8, num_steps=3)}
+REFERENCE = {}
 
 
 def scaled_loss(outputs, target):
@@ -86,8 +87,9 @@ def test_half_model_pruned_in_float32_written_in_its_dtype(name, dtype):
     for n, p in half.named_parameters():
         if n in result.masks:
             assert torch.equal(p != 0, result.masks[n]), "pruned entries are exact zeros, kept ones are not"
-    reference = prune(copy.deepcopy(original), loader(torch.float32), options)
-    assert overlap(kept(result), kept(reference)) >= 0.95
+    if name not in REFERENCE:  # the float32 run of the original model, shared by both dtypes
+        REFERENCE[name] = kept(prune(copy.deepcopy(original), loader(torch.float32), options))
+    assert overlap(kept(result), REFERENCE[name]) >= 0.95
     if name in MULTI_STEP:  # later steps start from weights rounded to the model's dtype
         return
     exact = prune(same, [(x.float(), y) for x, y in loader(dtype)], options)

@@ -9,6 +9,7 @@ all (:func:`check_keeps_weights`).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Dict, List, Mapping, Optional
 
 import torch
@@ -19,9 +20,14 @@ Scores = Dict[str, torch.Tensor]
 COLLAPSE_DENSITY = 1e-3
 
 
+def _is_real(value) -> bool:
+    """A real number (int, float, numpy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_sparsity(sparsity: float) -> float:
-    """Sparsity must lie in [0, 1)."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    """Sparsity must be a real number in [0, 1) (numpy scalars accepted); returns it as a float."""
+    if not _is_real(sparsity):
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
@@ -30,8 +36,7 @@ def check_sparsity(sparsity: float) -> float:
 
 def check_min_density(min_density, sparsity: float = 0.0) -> float:
     """``min_density`` must lie in [0, 1] and be keepable at ``sparsity`` (min_density <= 1 - sparsity)."""
-    if isinstance(min_density, bool) or not isinstance(min_density, (int, float)) \
-            or not 0.0 <= float(min_density) <= 1.0:
+    if not _is_real(min_density) or not 0.0 <= float(min_density) <= 1.0:
         raise ValueError(f"min_density must lie in [0, 1], got {min_density!r}")
     if float(min_density) > 1.0 - float(sparsity) + 1e-12:
         raise ValueError(f"min_density={min_density} cannot be kept at sparsity={sparsity}: every weight would "
