@@ -71,7 +71,7 @@ def test_unsafe_files_are_reported_as_unsafe_and_load_when_trusted(files):
                                         ("unsafe", "--trust-pickle")])
 def test_cli_reports_bad_checkpoints_in_one_line(files, name, match, tmp_path, capsys):
     code = main(["prune", "--model", "digits_mlp", "--checkpoint", files[name], "--sparsity", "0.5",
-                 "--out", str(tmp_path / "o")])
+                 "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("woodfisher: error: ") and err.count("\n") == 1 and match in err
@@ -82,7 +82,7 @@ def test_cli_reports_bad_checkpoints_in_one_line(files, name, match, tmp_path, c
 
 def test_cli_unreadable_paths_exit_2(files, tmp_path, capsys):
     assert main(["prune", "--model", "digits_mlp", "--checkpoint", str(files["dir"]), "--sparsity", "0.5",
-                 "--out", str(tmp_path / "o")]) == 2
+                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert capsys.readouterr().err.startswith("woodfisher: error: checkpoint file not found")
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -143,7 +143,7 @@ def test_refused_half_model_is_unchanged(method, dtype):
 def test_curvature_of_a_masked_half_model_changes_nothing(method):
     """The float32 pass must not leave float32 copies of the masked weights behind."""
     model = base_model().to(torch.float16)
-    wf.apply_masks(model, {"2.weight": torch.rand(16, 24, generator=torch.Generator().manual_seed(0)) > 0.5})
+    wf.attach_masks(model, {"2.weight": torch.rand(16, 24, generator=torch.Generator().manual_seed(0)) > 0.5})
     before = snapshot(model)
     wf.estimate_curvature(model, loader(torch.float16), method=method, num_grads=16, progress=False)
     assert_unchanged(before, snapshot(model))

@@ -205,7 +205,8 @@ def test_load_state_dict_fitting_only_the_first_layer_changes_nothing():
     target = model_in_training()
     p2 = _pruner(target)
     before = snapshot(target)
-    with pytest.raises(ValueError, match=r"masks\['fc2.weight'\] has shape \(4, 9\)"):
+    with pytest.raises(ValueError, match=r"masks\['fc2.weight'\] must be a tensor of the weight's shape "
+                                         r"\(4, 10\), got \(4, 9\)"):
         p2.load_state_dict(state)
     state["masks"]["fc2.weight"] = torch.full((4, 10), 2.0)  # right shape, not a mask
     with pytest.raises(ValueError, match="bool keep-mask"):
@@ -217,7 +218,7 @@ def test_load_state_dict_fitting_only_the_first_layer_changes_nothing():
     assert p2.last_step is None
 
 
-def test_apply_masks_and_make_permanent_refuse_before_touching():
+def test_attach_masks_and_make_permanent_refuse_before_touching():
     model = model_in_training()
     before = snapshot(model)
     good = torch.ones(10, 48, dtype=torch.bool)
@@ -226,9 +227,9 @@ def test_apply_masks_and_make_permanent_refuse_before_touching():
                          ({"fc1.weight": good, "fc1": good}, "same weight"),
                          ({}, "non-empty")]:
         with pytest.raises(ValueError, match=match):
-            wf.apply_masks(model, masks)
+            wf.attach_masks(model, masks)
         assert_unchanged(before, snapshot(model))
-    wf.apply_masks(model, {"conv.weight": torch.ones(3, 2, 3, 3, dtype=torch.bool), "fc1.weight": good})
+    wf.attach_masks(model, {"conv.weight": torch.ones(3, 2, 3, 3, dtype=torch.bool), "fc1.weight": good})
     model.fc1.weight_mask = torch.ones(5, 5)  # a broken pair in the second module
     before = snapshot(model)
     with pytest.raises(ValueError, match="fc1.weight_mask has shape"):

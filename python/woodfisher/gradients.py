@@ -39,13 +39,9 @@ from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
 from .batches import Batch, compute_loss, describe, loader_errors, logits_of, sample_targets, to_batch
+from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
-
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover - tqdm is a dependency, this only guards odd installs
-    tqdm = None
 
 __all__ = ["GradientCollector", "compute_dtype", "compute_state", "prepare_batch"]
 
@@ -57,12 +53,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF else dtype
 
 
-def compute_state(module: nn.Module, dtype: torch.dtype, detach: bool = True):
-    """({name: parameter}, {name: buffer}) of ``module`` for ``torch.func.functional_call``,
-    floating ones in ``dtype`` (a differentiable cast when ``detach`` is False; the tensors
-    themselves where the dtype already matches)."""
+def compute_state(module: nn.Module, dtype: torch.dtype):
+    """({name: parameter}, {name: buffer}) of ``module`` for ``torch.func.functional_call``: detached,
+    floating ones in ``dtype`` (the same storage where the dtype already matches)."""
     def cast(v):
-        v = v.detach() if detach else v
+        v = v.detach()
         return v.to(dtype) if v.is_floating_point() else v
 
     return ({k: cast(v) for k, v in module.named_parameters()}, {k: cast(v) for k, v in module.named_buffers()})
@@ -102,7 +97,8 @@ class GradientCollector:
         want_loss_grad: also compute the mean loss gradient (WoodTaylor): the mean of the
             m gradients, or, with ``sampled_fisher``, of extra gradients taken with the
             loader's targets.
-        progress: show a tqdm bar (rate and ETA).
+        progress: show a progress bar (rate and ETA): a phase of the active
+            :mod:`woodfisher.progress` display, else a tqdm bar of its own.
         batch_adapter: loader item -> :class:`woodfisher.Batch` (None: the default reading).
 
     After :meth:`chunks` is exhausted: ``count`` (gradients produced), ``samples``
@@ -208,9 +204,7 @@ class GradientCollector:
         device = next(iter(params.values())).device
         gen = torch.Generator().manual_seed(int(self.seed))
         loss_sum = None
-        bar = None
-        if tqdm is not None and self.progress:
-            bar = tqdm(total=self.num_grads, desc=self.desc, unit="grad", leave=False)
+        bar = progress_bar(self.num_grads, self.desc, "grad", enabled=self.progress)
         try:
             with eval_mode(self.model):
                 for groups in self._groups(device):
@@ -227,12 +221,10 @@ class GradientCollector:
                         loss_sum = part if loss_sum is None else {k: loss_sum[k] + part[k] for k in part}
                     self.count += count
                     self.samples += count * self.fbs
-                    if bar is not None:
-                        bar.update(count)
+                    bar.update(count)
                     yield piece
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         if self.count == 0:
             raise ValueError(f"loader yielded fewer than fisher_batch_size={self.fbs} samples: "
                              "no gradient could be computed (empty data loader?)")

@@ -10,7 +10,7 @@ Pruning happens at steps ``t = t0, t0 + dt, ..., t0 + n dt`` (``start_step``,
 buffer, ``weight = weight_orig * weight_mask`` recomputed before every forward), so an
 ordinary training loop fine-tunes only the surviving weights. The optimizer keeps
 working whenever it was built: the same Parameter objects stay in the same order of
-``model.parameters()`` (:mod:`woodfisher.reparam`), so resuming a run with an optimizer's
+``model.parameters()`` (:func:`woodfisher.attach_masks`), so resuming a run with an optimizer's
 ``state_dict`` works whether the optimizer is built before or after
 :meth:`GradualPruner.load_state_dict`. :func:`make_permanent` removes the
 reparametrisation (pruned entries stay 0, the parameters' order is kept).
@@ -29,13 +29,16 @@ from torch import nn
 
 from .checks import check_prunable
 from .config import PruneConfig, check_int
+from .finetune import attach_masks, make_permanent
 from .masks import check_sparsity
 from .pruner import PruneResult, prune_one_shot
-from .reparam import apply_masks, make_permanent
 from .state import Snapshot
 from .targets import resolve_targets
 
 __all__ = ["polynomial_sparsity", "GradualPruner", "apply_masks", "make_permanent"]
+
+#: Former name of :func:`woodfisher.attach_masks`, kept working.
+apply_masks = attach_masks
 
 _SCHEDULE = ("final_sparsity", "initial_sparsity", "start_step", "end_step", "frequency")
 
