@@ -130,3 +130,14 @@ def test_sweep_quick_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     csv = (tmp_path / "oneshot_mlpnet.csv").read_text().splitlines()
     assert csv[0].startswith("model,") and len(csv) > 1
+
+
+def test_export_subcommand_through_main(digits_ckpt, tmp_path):
+    """`woodfisher export` is wired into the CLI: a pruned checkpoint becomes a CSR model file."""
+    out = tmp_path / "run"
+    assert _prune(digits_ckpt, out, "--sparsity", "0.8", "--method", "global_magnitude") == 0
+    target = tmp_path / "csr.pt"
+    assert main(["export", "--model", "digits_mlp", "--checkpoint", str(out / "pruned.pt"), "--format", "csr",
+                 "--out", str(target), "--min-sparsity", "0.5", "--device", "cpu"]) == 0
+    state = torch.load(target, weights_only=True)
+    assert any(v.layout == torch.sparse_csr for v in state.values() if isinstance(v, torch.Tensor))
