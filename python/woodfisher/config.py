@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 from . import structured as st
 from .batches import check_loss_fn
 from .damping import check_damp
+from .distributed.group import check_group, describe_group
 from .masks import check_min_density, check_sparsity
 from .methods import METHODS
 
@@ -82,6 +83,9 @@ class PruneConfig:
         min_density: every weight keeps at least this fraction of its entries.
         batch_adapter: ``adapter(loader item) -> woodfisher.Batch`` (see :mod:`woodfisher.batches`);
             None = the default reading of (inputs, targets) tuples, dicts and tensors.
+        group: the ``torch.distributed`` process group to prune over: "auto" (the default group
+            when one is initialised with more than one process), None (never: each process
+            prunes on its own) or a ProcessGroup; see :mod:`woodfisher.distributed`.
     Raises:
         ValueError: naming the field, for any value outside its domain or a combination
             the method does not support.
@@ -110,6 +114,7 @@ class PruneConfig:
     inverse_form: str = "auto"
     min_density: float = 0.0
     batch_adapter: Optional[Callable] = None
+    group: Any = "auto"
 
     def __post_init__(self):
         check_sparsity(self.sparsity)
@@ -140,6 +145,7 @@ class PruneConfig:
                 raise ValueError(f"modules must be None or a non-empty list of names, got {self.modules!r}")
             object.__setattr__(self, "modules", modules)
         st.parse_pattern(self.pattern)
+        check_group(self.group)
         METHODS[self.method].check(self)
 
     # ---- derived -------------------------------------------------------------------
@@ -183,7 +189,9 @@ class PruneConfig:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if callable(v):
+            if f.name == "group":
+                v = describe_group(v)
+            elif callable(v):
                 v = getattr(v, "__name__", repr(v))
             elif isinstance(v, tuple):
                 v = list(v)

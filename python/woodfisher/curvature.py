@@ -32,6 +32,9 @@ import woodfisher_kernels as wk
 from .batches import peek, to_batch
 from .config import PruneConfig
 from .damping import FisherStats, resolve_damp
+from .distributed.estimate import estimate_sharded
+from .distributed.fsdp import full_parameters
+from .distributed.group import active_group
 from .flops import flops_per_param_of_batch
 from .gradients import GradientCollector, compute_dtype
 from .kfac import kfac_factors, kfac_inverse
@@ -58,6 +61,9 @@ class Curvature:
         flops: {weight name: FLOPs per entry and sample} when ``config.beta > 0``.
         grads: {weight name: (m, numel)} kept gradients (for :meth:`with_damp`), None when streamed.
         timings: seconds spent on gradients and inverses.
+        shard: None, or (estimated across the ranks of a process group) the blocks this rank
+            holds: ``inverses`` and ``loss_grad`` then cover only those blocks
+            (:mod:`woodfisher.distributed`).
     """
 
     kind: str
@@ -72,6 +78,7 @@ class Curvature:
     flops: Optional[Dict[str, float]] = None
     grads: Optional[Dict[str, torch.Tensor]] = None
     timings: Dict[str, float] = field(default_factory=dict)
+    shard: Optional[Any] = None
 
     def targets(self, model: nn.Module) -> List[PruneTarget]:
         """The weights of ``model`` this curvature is about (same names, shapes and blocks)."""
@@ -163,9 +170,10 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
     """
     config = resolve_config(config, options)
     method = config.method_impl
-    targets = resolve_targets(model, config.modules, method.block_size(config))
-    method.check_targets(targets, config)
-    return _estimate(model, loader, targets, config)
+    with full_parameters(model):
+        targets = resolve_targets(model, config.modules, method.block_size(config))
+        method.check_targets(targets, config)
+        return _estimate(model, loader, targets, config)
 
 
 def _estimate(model, loader, targets: List[PruneTarget], config: PruneConfig) -> Curvature:
@@ -182,6 +190,9 @@ def _estimate(model, loader, targets: List[PruneTarget], config: PruneConfig) ->
         curv.flops = flops_per_param_of_batch(model, to_batch(first, config.batch_adapter), targets)
     if kind == "none":
         return curv
+    group = active_group(config.group)
+    if group is not None:  # sharded across the ranks of a process group
+        return estimate_sharded(model, loader, targets, config, curv, group)
     if kind == "kfac":
         return _kfac(model, loader, targets, config, curv)
     itemsize = stat_itemsize(targets)

@@ -16,6 +16,8 @@ from torch import nn
 from .batches import is_single_pass
 from .config import PruneConfig
 from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
+from .distributed.fsdp import full_parameters
+from .distributed.group import active_group
 from .masks import sparsity_of
 from .methods import StepContext
 from .result import PruneResult, layer_rows
@@ -56,6 +58,11 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
     Raises:
         ValueError: bad options, or a model whose weights do not match the curvature.
     """
+    with full_parameters(model):  # FSDP: the full weights for the call, re-sharded after
+        return _prune_with(model, curvature, sparsity, options)
+
+
+def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> PruneResult:
     config = curvature.config.replace(sparsity=sparsity, **options)
     targets = curvature.targets(model)
     config.method_impl.check_targets(targets, config)
@@ -84,7 +91,8 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     if config.num_steps > 1 and config.needs_data and is_single_pass(loader):
         raise ValueError(f"num_steps={config.num_steps} needs a loader that can be iterated once per step; "
                          "got a single-pass iterator (a generator?): pass a list or a DataLoader, or num_steps=1")
-    if method.curvature in ("blockwise", "diagonal"):  # refuse an impossible memory budget up front
+    if method.curvature in ("blockwise", "diagonal") and active_group(config.group) is None:
+        # refuse an impossible memory budget up front (a sharded run checks its own shard)
         plan_memory(targets, config.num_grads, stat_itemsize(targets), config.memory_budget,
                     config.damp == "auto")
     s0 = sparsity_of({t.name: t.keep_mask() for t in targets})

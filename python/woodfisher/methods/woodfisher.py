@@ -18,6 +18,7 @@ import torch
 import woodfisher_kernels as wk
 
 from .. import structured as st
+from ..distributed.step import sharded_step
 from .base import PruningMethod
 
 
@@ -29,6 +30,8 @@ class WoodFisher(PruningMethod):
     summary = "OBS with the blockwise inverse empirical Fisher (WoodFisher)"
 
     def step(self, ctx):
+        if ctx.curvature.shard is not None:  # blocks spread across ranks (woodfisher.distributed)
+            return sharded_step(ctx)
         t0 = time.perf_counter()
         curv, cfg = ctx.curvature, ctx.config
         invs, lg = curv.inverses, curv.loss_grad or {}
