@@ -25,7 +25,7 @@ from .methods import METHODS
 __all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "check_int"]
 
 MODES = ("global", "layerwise")
-FORMS = ("auto", "sequential", "lowrank", "stream")
+FORMS = ("auto", "sequential", "lowrank", "stream", "offload")
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
 
@@ -73,13 +73,16 @@ class PruneConfig:
             :mod:`woodfisher.targets`); stored as a tuple.
         pattern: None, "N:M" (e.g. "2:4"; fixes the sparsity at 1 - N/M) or "rows".
         group_exact: exact group statistic (True) or the paper's Eq. 18 relaxation.
-        memory_budget: bytes for gradients + inverses; gradients are streamed into dense
-            inverses when keeping them does not fit.
+        memory_budget: device bytes for gradients + inverses; gradients are streamed into dense
+            inverses when keeping them does not fit, and on a GPU the inverses are offloaded to
+            host memory when neither fits (:mod:`woodfisher.offload`).
         sampled_fisher: targets drawn from the model's predictive distribution (paper Sec. 6.3).
         seed: seeds the target sampling.
         progress: tqdm progress bars.
         backend: kernel backend of :mod:`woodfisher_kernels` ("auto" | "cuda" | "triton" | "torch").
-        inverse_form: "auto" | "sequential" | "lowrank" | "stream" (force a form).
+        inverse_form: "auto" | "sequential" | "lowrank" | "stream" | "offload" (force a form;
+            "offload" keeps gradients and inverses in host memory, streamed through the kernels
+            in chunks that fit ``memory_budget``, on any device).
         min_density: every weight keeps at least this fraction of its entries.
         batch_adapter: ``adapter(loader item) -> woodfisher.Batch`` (see :mod:`woodfisher.batches`);
             None = the default reading of (inputs, targets) tuples, dicts and tensors.
@@ -135,6 +138,8 @@ class PruneConfig:
             raise ValueError("batch_adapter must be callable(loader item) -> woodfisher.Batch, or None")
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("inverse_form", self.inverse_form, FORMS)
+        if self.inverse_form == "offload" and self.memory_budget is None:
+            raise ValueError("inverse_form='offload' needs memory_budget (device bytes) to size its chunks")
         check_min_density(self.min_density, self.sparsity)
         for name in ("obs_update", "woodtaylor", "group_exact", "sampled_fisher", "progress"):
             _check_bool(name, getattr(self, name))

@@ -38,6 +38,7 @@ from .distributed.group import active_group
 from .flops import flops_per_param_of_batch
 from .gradients import GradientCollector, compute_dtype
 from .kfac import kfac_factors, kfac_inverse
+from .offload import estimate_offloaded, offload_fits
 from .targets import Layout, PruneTarget, resolve_targets
 
 __all__ = ["Curvature", "estimate_curvature", "plan_memory", "resolve_config", "stat_itemsize"]
@@ -112,13 +113,21 @@ def resolve_config(config: Optional[PruneConfig], options: dict, sparsity: float
 
 
 def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
-                memory_budget: Optional[int], auto_damp: bool = False) -> Tuple[str, Optional[int]]:
-    """("keep", None) to keep all gradients, or ("stream", k) to stream k at a time.
+                memory_budget: Optional[int], auto_damp: bool = False,
+                inverse_form: str = "auto") -> Tuple[str, Optional[int]]:
+    """("keep", None) to keep all gradients, ("stream", k) to stream k at a time, or ("offload", None).
 
     Keeping costs ``m * D`` gradient entries plus each weight's cheaper inverse form;
     streaming costs the dense ``B c^2`` inverses (float64 Gram blocks with ``auto_damp``)
-    plus a buffer of k gradients. Raises ValueError when neither fits ``memory_budget`` (bytes).
+    plus a buffer of k gradients; offloading (:mod:`woodfisher.offload`: forced by
+    ``inverse_form="offload"``, else only for weights on an accelerator) costs one chunk of
+    blocks on the device. Raises ValueError when nothing fits ``memory_budget`` (bytes).
     """
+    if inverse_form == "offload":
+        if memory_budget is not None and not offload_fits(targets, num_grads, itemsize, memory_budget):
+            raise ValueError(f"memory_budget={memory_budget} bytes cannot hold one block of every weight on the "
+                             "device, even offloaded; use a smaller block_size or fewer num_grads")
+        return "offload", None
     d = sum(t.numel for t in targets)
     m = num_grads
     grad_bytes = m * d * itemsize
@@ -129,9 +138,12 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
         return "keep", None
     if stream_seq + d * itemsize <= memory_budget:
         return "stream", max(1, min(m, (memory_budget - stream_seq) // (d * itemsize)))
+    if targets[0].param.device.type != "cpu" and offload_fits(targets, m, itemsize, memory_budget):
+        return "offload", None
     raise ValueError(f"memory_budget={memory_budget} bytes is too small: keeping the gradients needs "
                      f"{grad_bytes + min(seq, low)}, streaming needs at least {stream_seq + d * itemsize}; "
-                     "use a smaller block_size or fewer num_grads")
+                     "use a smaller block_size or fewer num_grads (or inverse_form='offload': inverses in host "
+                     "memory, streamed through the device in chunks; automatic for weights on a GPU)")
 
 
 def stat_itemsize(targets: List[PruneTarget]) -> int:
@@ -197,8 +209,11 @@ def _estimate(model, loader, targets: List[PruneTarget], config: PruneConfig) ->
         return _kfac(model, loader, targets, config, curv)
     itemsize = stat_itemsize(targets)
     m = config.num_grads
-    plan, k = plan_memory(targets, m, itemsize, config.memory_budget, config.damp == "auto") \
-        if kind == "blockwise" else ("diag", None)
+    plan, k = plan_memory(targets, m, itemsize, config.memory_budget, config.damp == "auto",
+                          config.inverse_form) if kind == "blockwise" else ("diag", None)
+    if plan == "offload":  # the device must also hold one loader batch of gradients
+        first, loader = peek(loader)
+        groups = 0 if first is None else to_batch(first, config.batch_adapter).size // config.fisher_batch_size
     if config.inverse_form == "stream" and kind == "blockwise":
         plan, k = "stream", k or min(m, 32)
     collector = GradientCollector(model, loader, targets, want_loss_grad=config.woodtaylor, keep_masks=keep,
@@ -217,6 +232,8 @@ def _estimate(model, loader, targets: List[PruneTarget], config: PruneConfig) ->
         curv.inverses, curv.forms = _blockwise_from_grads(grads, curv.layouts, curv.damp, collector.count, config)
         curv.grads = grads
         curv.timings["inverse"] += time.perf_counter() - t0
+    elif plan == "offload":  # gradients and inverses in host memory (woodfisher.offload)
+        estimate_offloaded(collector, targets, config, curv, max(1, min(m, groups)))
     else:
         _stream(collector, targets, config, curv, k)
     if config.woodtaylor:

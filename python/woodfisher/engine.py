@@ -94,7 +94,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     if method.curvature in ("blockwise", "diagonal") and active_group(config.group) is None:
         # refuse an impossible memory budget up front (a sharded run checks its own shard)
         plan_memory(targets, config.num_grads, stat_itemsize(targets), config.memory_budget,
-                    config.damp == "auto")
+                    config.damp == "auto", config.inverse_form)
     s0 = sparsity_of({t.name: t.keep_mask() for t in targets})
     final = config.final_sparsity
     steps = [max(s0, s0 + (final - s0) * (i + 1) / config.num_steps) for i in range(config.num_steps)]
