@@ -207,3 +207,15 @@ def run_dying(rank, world, port, out_dir):
     except Exception as exc:  # noqa: BLE001 - recorded for the test
         error = (type(exc).__name__, str(exc)[:500])
     torch.save({"error": error}, os.path.join(out_dir, f"dying.rank{rank}.pt"))
+
+
+def run_cli(rank, world, port, out_dir, checkpoint):
+    """``woodfisher prune`` as torchrun starts it: the environment variables, then the command."""
+    warnings.simplefilter("ignore")
+    from woodfisher.cli import main
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    code = main(["prune", "--model", "digits_mlp", "--checkpoint", checkpoint, "--num-grads", "64",
+                 "--block-size", "50", "--sparsity", "0.8", "--no-progress", "--out", out_dir])
+    torch.save({"code": code, "initialised_after": dist.is_initialized()}, os.path.join(out_dir, f"cli.rank{rank}.pt"))

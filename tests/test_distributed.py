@@ -8,6 +8,7 @@ bounded in time (collectives time out after 120 s, the test after ``LIMIT`` s).
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -189,3 +190,24 @@ def test_a_dying_rank_is_an_error_not_a_hang(tmp_path):
     assert res["error"] is not None
     assert time.monotonic() - start < 150
     assert not os.path.exists(os.path.join(tmp_path, "dying.rank1.pt"))
+
+
+def test_cli_prune_under_torchrun_environment(tmp_path):
+    """What ``torchrun --nproc-per-node 2 -m woodfisher prune ...`` does: env vars, gloo on the CPU."""
+    from woodfisher.checkpoint import save_state_dict
+    from woodfisher.data import load_digits
+    from woodfisher.demo import train_digits_mlp
+
+    ckpt = str(save_state_dict(train_digits_mlp(load_digits("train"), epochs=2, seed=0), tmp_path / "digits.pt"))
+    out = tmp_path / "run"
+    out.mkdir()
+    assert _spawn(worker.run_cli, 2, (str(out), ckpt), LIMIT) == [0, 0]
+    for r in range(2):
+        res = torch.load(out / f"cli.rank{r}.pt", weights_only=False)
+        assert res == {"code": 0, "initialised_after": False}   # the command made and destroyed its group
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and abs(report["sparsity"] - 0.8) < 1e-3
+    masks = torch.load(out / "masks.pt", weights_only=True)
+    state = torch.load(out / "pruned.pt", weights_only=True)
+    for name, keep in masks.items():
+        assert torch.all(state[name][~keep] == 0)

@@ -84,7 +84,8 @@ class OffloadPlan:
         """A table of the plan (bytes)."""
         host = f"{self.host} ({'pinned' if self.pinned else 'pageable'})"
         lines = [f"offload plan: device {self.device} budget {self.budget:,} B, planned peak {self.device_bytes:,} B "
-                 f"(reserve {self.reserve:,} B for one loader batch of gradients and model-sized vectors, + one chunk); host {host} {self.host_bytes:,} B",
+                 f"(reserve {self.reserve:,} B for one loader batch of gradients and model-sized vectors, "
+                 f"+ one chunk); host {host} {self.host_bytes:,} B",
                  f"{'weight':32s} {'form':10s} {'blocks':>7s} {'chunk':>6s} {'device/chunk':>14s} "
                  f"{'host grads':>12s} {'host inverse':>13s}"]
         for name, v in self.layers.items():

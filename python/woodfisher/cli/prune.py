@@ -3,6 +3,10 @@
 Every option of :class:`woodfisher.PruneConfig` that makes sense on a command line is a
 flag whose destination is the field's name, so a ``--config`` file takes the API's names
 (``{"num_grads": 256, "obs_update": false}``; the flag spellings work too).
+
+Under ``torchrun`` the command prunes collectively over all ranks (:mod:`.cli._dist`):
+``torchrun --nproc-per-node 4 -m woodfisher prune --device cuda ...`` (NCCL) or
+``--device cpu`` (gloo); ``--num-grads`` is the total over all ranks.
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", type=int, default=None, help="bytes for gradients + inverses")
     p.add_argument("--sampled-fisher", action="store_true", help="draw targets from the model's predictions")
     p.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "torch"], help="kernel backend")
-    p.add_argument("--inverse-form", default="auto", choices=["auto", "sequential", "lowrank", "stream"],
+    p.add_argument("--inverse-form", default="auto", choices=["auto", "sequential", "lowrank", "stream", "offload"],
                    help="force a form of the block inverses")
     p.add_argument("--min-density", type=float, default=0.0, help="minimum fraction kept per layer")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
@@ -66,10 +70,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ._dist import torchrun_group
+
+    with torchrun_group(args) as (rank, world):  # torchrun: one collective call on every rank
+        return _run(args, rank, world)
+
+
+def _run(args: argparse.Namespace, rank: int, world: int) -> int:
     from ..config import PruneConfig
     from ..data import evaluate, load_dataset, make_loader
     from ..pruner import prune_one_shot
     from ..reports import format_table, sparsity_table, table_totals
+    from ._dist import shard
 
     require(args, "sparsity")
     for name in ("num_grads", "fisher_batch_size", "num_steps"):
@@ -82,17 +94,19 @@ def run(args: argparse.Namespace) -> int:
         options["modules"] = list(spec.prunable)
     config = PruneConfig(loss_fn=spec.loss_fn, **options)  # every option checked before any data is read
     test = test_set(args, data)
-    train = load_dataset(data, args.data_dir, "train")
+    train = shard(load_dataset(data, args.data_dir, "train"), rank, world)
     batch = args.fisher_batch_size * max(1, 256 // args.fisher_batch_size)
     loader = make_loader(train, batch, shuffle=True, seed=args.seed)
-    acc_before = evaluate(model, test, device=args.device)
+    acc_before = evaluate(model, test, device=args.device) if rank == 0 else None
     t0 = time.perf_counter()
     result = prune_one_shot(model, loader, config)
     seconds = time.perf_counter() - t0
+    if rank:  # every rank holds the same pruned model; rank 0 reports
+        return 0
     acc_after = evaluate(model, test, device=args.device)
     rows = sparsity_table(result, model=model, input_shape=spec.input_shape)
     title = f"{args.model} {args.method} ({args.mode}) at {100 * args.sparsity:.1f}% target sparsity"
-    report = {"model": args.model, "data": data, "checkpoint": args.checkpoint,
+    report = {"model": args.model, "data": data, "checkpoint": args.checkpoint, "world_size": world,
               "eval_samples": len(test), "accuracy_before": acc_before, "accuracy_after": acc_after,
               "sparsity": result.sparsity, "damp": result.damp, "seconds": seconds,
               "timings": result.timings, "config": result.config, "layers": rows,
