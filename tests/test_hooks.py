@@ -118,3 +118,19 @@ def test_hook_refuses_bad_arguments():
             FisherHook(model, **kwargs)
     with pytest.raises(ValueError, match="no gradient"):
         FisherHook(model, num_grads=4, damp=1e-3).curvature()
+
+
+def test_fine_tuning_example_reaches_its_sparsity():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "gradual_with_fisher_hook.py"
+    spec = importlib.util.spec_from_file_location("gradual_with_fisher_hook", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--pretrain-epochs", "8", "--epochs", "4", "--prune-every", "2", "--num-grads", "16",
+                        "--final-sparsity", "0.8"])
+    sparsities = [s for _, s, _ in out["history"]]
+    assert len(sparsities) == 2 and sparsities[0] < sparsities[1]
+    assert abs(sparsities[-1] - 0.8) < 1e-3
+    assert out["final"] > 0.5   # far above chance (0.1) after fine-tuning at 80% sparsity
