@@ -26,8 +26,10 @@ from woodfisher.masks import select_masks
 from woodfisher.models import MLPNet, resnet20
 
 
-def _init(rank, world, port, timeout):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+def _init(rank, world, port, timeout, backend="gloo"):
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout))
 
 
@@ -67,6 +69,10 @@ def _r20():
 def _compare(name, rank, world, make, loaders, wrap=None, **opts):
     """Prune a fresh model on every rank and (rank 0) the single-process reference."""
     model = make()
+    device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if device.type == "cuda":  # NCCL: the same code, every tensor on this rank's GPU
+        model, loaders = model.to(device), [[(x.to(device), y.to(device)) for x, y in p] for p in loaders]
+        make = (lambda base: lambda: base().to(device))(make)
     if wrap is not None:
         model = wrap(model)
     res = prune_one_shot(model, loaders[rank], progress=False, **opts)
@@ -75,7 +81,7 @@ def _compare(name, rank, world, make, loaders, wrap=None, **opts):
         ref = make()
         ref_res = prune_one_shot(ref, [b for part in loaders for b in part], progress=False, group=None, **opts)
         out["ref_masks"], out["ref_weights"] = ref_res.masks, _weights(ref)
-    return out
+    return {k: ({n: v.cpu() for n, v in d.items()} if isinstance(d, dict) else d) for k, d in out.items()}
 
 
 def _memory(rank, world, make, loaders, **opts):
@@ -139,9 +145,9 @@ def _failure(rank, world, loaders):
     return {"error": error, "unchanged": all(torch.equal(before[k], v) for k, v in _weights(model).items())}
 
 
-def run_suite(rank, world, port, out_dir, scenarios):
+def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
     warnings.simplefilter("ignore")
-    _init(rank, world, port, timeout=120)
+    _init(rank, world, port, timeout=120, backend=backend)
     try:
         mnist = _loaders(world, 16, (1, 28, 28), 10, 8)
         cifar = _loaders(world, 4, (3, 32, 32), 10, 4, seed=1)

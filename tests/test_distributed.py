@@ -130,6 +130,19 @@ def test_masks_identical_weights_within_roundoff(request, world, scenario):
             assert torch.equal(v, first["masks"][k])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank (2 GPUs)")
+def test_nccl_on_gpus_runs_the_same_code(tmp_path):
+    """The NCCL path: the same scenarios, every tensor on the rank's GPU (backend chosen by device)."""
+    scenarios = ["mlp_global", "mlp_layerwise", "r20", "ddp"]
+    assert _spawn(worker.run_suite, 2, (str(tmp_path), scenarios, "nccl"), LIMIT) == [0, 0]
+    for name in scenarios:
+        first = _load(str(tmp_path), name, 2)[0]
+        masks = {_strip(k): v for k, v in first["masks"].items()}
+        for key, keep in first["ref_masks"].items():
+            assert torch.equal(masks[key], keep), name
+
+
 def test_woodtaylor_matches_single_process(request):
     first = _results(request, 2, "mlp_woodtaylor")[0]
     # the mean loss gradient is summed in another order: masks may differ only at exact near-ties

@@ -69,6 +69,7 @@ def route_gradients(chunks: Optional[Iterator[Dict[str, torch.Tensor]]], targets
         counts[plan.rank] = rows
         counts = all_reduce_(counts, group).tolist()
         send = _send_buffer(chunk, targets, plan, dtype, comm)
+        chunk = None  # only the send buffer of this round's full gradients stays alive
         recv = torch.empty(sum(counts) * own, dtype=dtype, device=comm)
         dist.all_to_all_single(recv, send, [k * own for k in counts],
                                [rows * plan.coordinates(r) for r in range(plan.world)], group=group)

@@ -32,7 +32,8 @@ from .sharding import ShardPlan, block_cost, plan_shards
 
 __all__ = ["Shard", "estimate_sharded", "check_sharded", "plan_for"]
 
-#: Gradients per rank and exchange round (a rank holds at most this many full gradients).
+#: At most this many gradients per rank and exchange round (a rank holds a few copies of one
+#: round's full gradients while it cuts them into blocks: the rounds are sized to ~1/4 of its share).
 CHUNK = 64
 
 
@@ -74,8 +75,8 @@ def plan_for(targets, config, world: int, rank: int):
 def _check_budget(plan: ShardPlan, targets, m: int, itemsize: int, budget) -> None:
     if budget is None:
         return
-    chunk = min(CHUNK, share(m, plan.world, 0))
-    need = itemsize * (m * plan.coordinates() + plan.load() + 2 * chunk * sum(t.numel for t in targets))
+    chunk = min(CHUNK, -(-share(m, plan.world, 0) // 4))
+    need = itemsize * (m * plan.coordinates() + plan.load() + 3 * chunk * sum(t.numel for t in targets))
     if need > budget:
         raise ValueError(f"memory_budget={budget} bytes is too small for this rank's shard: it needs {need} "
                          f"(gradient slices, inverses of its blocks and a buffer of {chunk} gradients); "
@@ -108,7 +109,7 @@ def estimate_sharded(model, loader, targets, config, curv, group):
                                   fisher_batch_size=config.fisher_batch_size, sampled_fisher=config.sampled_fisher,
                                   seed=config.seed + rank, progress=config.progress and rank == 0,
                                   batch_adapter=config.batch_adapter)
-    chunk = max(1, min(CHUNK, max(shares)))
+    chunk = max(1, min(CHUNK, -(-max(shares) // 4)))
     chunks = collector.chunks(chunk) if shares[rank] else None
     owned, per_rank = route_gradients(chunks, targets, plan, shares, chunk, group, dtype, targets[0].param.device)
     count = sum(per_rank)
