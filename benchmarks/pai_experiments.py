@@ -23,7 +23,7 @@ import torch
 
 from woodfisher.data import evaluate, load_dataset, make_loader, subset
 from woodfisher.models import MODEL_SPECS, build_model
-from woodfisher.pai import CRITERIA, DATA_FREE, attach_masks, prune_at_init, train
+from woodfisher.pai import CRITERIA, attach_masks, prune_at_init, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.environ.get("WOODFISHER_DATA", os.path.join(HERE, "..", "..", "shared", "data"))

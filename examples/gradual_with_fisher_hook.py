@@ -5,7 +5,7 @@ schedule of :func:`woodfisher.polynomial_sparsity`. A :class:`woodfisher.FisherH
 the gradients of the optimizer steps the fine-tuning does anyway, folds them ``buffer`` at
 a time into running block inverses (``woodbury_update_``), and at each pruning step the
 window of the last ``num_grads`` steps is the curvature of :func:`woodfisher.prune_with`.
-Masks are held by ``torch.nn.utils.prune`` between steps (:func:`woodfisher.gradual.apply_masks`).
+Masks are held by ``torch.nn.utils.prune`` between steps (:func:`woodfisher.attach_masks`).
 
     python examples/gradual_with_fisher_hook.py            # ~10 s on a CPU
 """
@@ -16,10 +16,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from woodfisher import FisherHook, make_permanent, polynomial_sparsity, prune_with
+from woodfisher import FisherHook, attach_masks, make_permanent, polynomial_sparsity, prune_with
 from woodfisher.data import evaluate, load_digits
 from woodfisher.demo import train_digits_mlp
-from woodfisher.gradual import apply_masks
 
 
 def main(argv=None) -> dict:
@@ -51,7 +50,7 @@ def main(argv=None) -> dict:
             target = polynomial_sparsity(epoch, final_sparsity=args.final_sparsity, start_step=0, end_step=last,
                                          frequency=args.prune_every)
             result = prune_with(model, hook.curvature(), target)   # the last num_grads steps' Fisher
-            apply_masks(model, result.masks)                      # pruned weights stay 0 while training
+            attach_masks(model, result.masks)                     # pruned weights stay 0 while training
             hook.reset()                                          # a new window on the new weights
             history.append((epoch, result.sparsity, evaluate(model, test)))
             print(f"epoch {epoch:2d}: pruned to {100 * result.sparsity:5.1f}%, "

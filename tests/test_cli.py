@@ -83,8 +83,9 @@ def test_bad_inputs_give_clear_errors(digits_ckpt, tmp_path, capsys):
     assert main(["prune", "--model", "mlpnet", "--checkpoint", mlp_ckpt, "--sparsity", "0.5",
                  "--data-dir", str(missing), "--out", str(tmp_path / "o")]) == 2
     assert "no-such-dir" in capsys.readouterr().err
-    assert _prune(digits_ckpt, tmp_path / "o2") == 2  # no sparsity
-    assert "--sparsity is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # no sparsity: argparse's required flag
+        _prune(digits_ckpt, tmp_path / "o2")
+    assert exc.value.code == 2 and "required: --sparsity" in capsys.readouterr().err
     assert main(["prune", "--model", "digits_mlp", "--sparsity", "0.5"]) == 2
     assert "--checkpoint is required" in capsys.readouterr().err
     assert main(["report", "--model", "mlpnet", "--checkpoint", digits_ckpt]) == 2
@@ -129,3 +130,14 @@ def test_sweep_quick_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     csv = (tmp_path / "oneshot_mlpnet.csv").read_text().splitlines()
     assert csv[0].startswith("model,") and len(csv) > 1
+
+
+def test_export_subcommand_through_main(digits_ckpt, tmp_path):
+    """`woodfisher export` is wired into the CLI: a pruned checkpoint becomes a CSR model file."""
+    out = tmp_path / "run"
+    assert _prune(digits_ckpt, out, "--sparsity", "0.8", "--method", "global_magnitude") == 0
+    target = tmp_path / "csr.pt"
+    assert main(["export", "--model", "digits_mlp", "--checkpoint", str(out / "pruned.pt"), "--format", "csr",
+                 "--out", str(target), "--min-sparsity", "0.5", "--device", "cpu"]) == 0
+    state = torch.load(target, weights_only=True)
+    assert any(v.layout == torch.sparse_csr for v in state.values() if isinstance(v, torch.Tensor))

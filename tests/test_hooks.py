@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import woodfisher_kernels as wk
-from woodfisher import prune_with
-from woodfisher.gradual import apply_masks
+from woodfisher import attach_masks, prune_with
 from woodfisher.hooks import FisherHook
 from woodfisher.targets import resolve_targets
 
@@ -100,7 +99,7 @@ def test_gradual_loop_with_masks_held_by_torch_prune():
             target = [0.3, 0.6][len(done)] if len(done) < 2 else None
             if target is not None:
                 res = prune_with(model, hook.curvature(), target)
-                apply_masks(model, res.masks)
+                attach_masks(model, res.masks)
                 done.append(res.sparsity)
                 hook.reset()   # new window on the reparametrised weights
     assert len(done) == 2 and done[1] > done[0]

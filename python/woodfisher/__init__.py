@@ -9,7 +9,10 @@ Main entry points:
 - :func:`estimate_curvature` + :func:`prune_with`: the same in two phases (one gradient
   collection for a whole sweep of sparsities).
 - :class:`GradualPruner`, :func:`polynomial_sparsity`: gradual pruning on a schedule,
-  masks kept with ``torch.nn.utils.prune``; :func:`make_permanent`.
+  masks kept with ``torch.nn.utils.prune``.
+- Fine-tuning after one-shot pruning: ``prune_one_shot(..., keep_masks=True)`` or
+  :func:`attach_masks` (masks held with ``torch.nn.utils.prune``), :func:`make_permanent`,
+  :func:`recalibrate_bn` (BatchNorm statistics of the pruned model).
 - :class:`FisherHook`: the Fisher fed from the training loop (running block inverses from
   the optimizer's gradients, :mod:`.hooks`), for gradual pruning without extra data passes.
 - Under a ``torch.distributed`` process group the pruning calls are collective and the
@@ -23,13 +26,15 @@ gradients (:mod:`.gradients`) -> curvature (:mod:`.curvature`) -> statistic, mas
 update (:mod:`.methods`, :mod:`.masks`) -> writing (:mod:`.engine`). The block inverses,
 OBS statistics and updates are computed by the public ops of :mod:`woodfisher_kernels`.
 """
+from . import export as export  # deployment: dense / CSR / BSR / 2:4 / ONNX exports
 from .batches import Batch
 from .config import PruneConfig
 from .curvature import Curvature
 from .damping import auto_damp
+from .finetune import attach_masks, make_permanent, recalibrate_bn
 from .flops import layer_flops_per_param
 from .gradients import GradientCollector
-from .gradual import GradualPruner, make_permanent, polynomial_sparsity
+from .gradual import GradualPruner, polynomial_sparsity
 from .hooks import FisherHook
 from .masks import check_sparsity, select_masks, sparsity_of
 from .methods import METHODS
@@ -46,6 +51,6 @@ __all__ = [
     "auto_damp", "Batch", "check_sparsity", "Curvature", "estimate_curvature", "FisherHook", "GradientCollector",
     "GradualPruner", "make_permanent", "METHODS", "polynomial_sparsity", "PrunableLayer", "prune_one_shot",
     "prune_with", "PruneConfig", "PruneResult", "PruneTarget", "resolve_layers", "resolve_targets",
-    "search_damp", "select_masks", "sparsity_of", "layer_flops_per_param",
+    "search_damp", "select_masks", "sparsity_of", "layer_flops_per_param", "attach_masks", "recalibrate_bn",
 ]
 

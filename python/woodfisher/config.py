@@ -86,6 +86,9 @@ class PruneConfig:
         min_density: every weight keeps at least this fraction of its entries.
         batch_adapter: ``adapter(loader item) -> woodfisher.Batch`` (see :mod:`woodfisher.batches`);
             None = the default reading of (inputs, targets) tuples, dicts and tensors.
+        keep_masks: after pruning, hold the masks with ``torch.nn.utils.prune``
+            (:func:`woodfisher.attach_masks`) so fine-tuning cannot revive pruned weights;
+            :func:`woodfisher.make_permanent` removes them.
         group: the ``torch.distributed`` process group to prune over: "auto" (the default group
             when one is initialised with more than one process), None (never: each process
             prunes on its own) or a ProcessGroup; see :mod:`woodfisher.distributed`.
@@ -117,6 +120,7 @@ class PruneConfig:
     inverse_form: str = "auto"
     min_density: float = 0.0
     batch_adapter: Optional[Callable] = None
+    keep_masks: bool = False
     group: Any = "auto"
 
     def __post_init__(self):
@@ -141,7 +145,7 @@ class PruneConfig:
         if self.inverse_form == "offload" and self.memory_budget is None:
             raise ValueError("inverse_form='offload' needs memory_budget (device bytes) to size its chunks")
         check_min_density(self.min_density, self.sparsity)
-        for name in ("obs_update", "woodtaylor", "group_exact", "sampled_fisher", "progress"):
+        for name in ("obs_update", "woodtaylor", "group_exact", "sampled_fisher", "progress", "keep_masks"):
             _check_bool(name, getattr(self, name))
         check_int("seed", self.seed, low=0)
         if self.modules is not None:

@@ -18,8 +18,10 @@ from .config import PruneConfig
 from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
+from .finetune import hold_target_masks
 from .masks import sparsity_of
 from .methods import StepContext
+from .progress import display
 from .result import PruneResult, layer_rows
 from .state import Snapshot
 from .targets import PruneTarget, resolve_targets
@@ -32,12 +34,15 @@ def _apply(targets: List[PruneTarget], curvature: Curvature, config: PruneConfig
     keep = {t.name: t.keep_mask() for t in targets}
     ctx = StepContext(targets, curvature, config, sparsity, keep, timings)
     new, keep = config.method_impl.step(ctx)
-    for t in targets:
-        t.write(new[t.name], keep[t.name])
+    with ctx.timed("update"):
+        for t in targets:
+            t.write(new[t.name], keep[t.name])
 
 
-def _result(targets, config, damp, forms, timings) -> PruneResult:
+def _result(model, targets, config, damp, forms, timings) -> PruneResult:
     masks = {t.name: t.keep_mask() for t in targets}
+    if config.keep_masks:  # last: a failure here is undone by hold_target_masks, then by the snapshot
+        hold_target_masks(targets, masks, model)
     return PruneResult(masks=masks, layers=layer_rows(masks, forms), sparsity=sparsity_of(masks), damp=damp,
                        config={**config.as_dict(), "modules": [t.name for t in targets]}, timings=timings)
 
@@ -72,12 +77,13 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
     start = time.perf_counter()
     snapshot = Snapshot(targets)
     try:
-        _apply(targets, curvature, config, config.final_sparsity, timings)
+        with display(config.progress):
+            _apply(targets, curvature, config, config.final_sparsity, timings)
+        timings["total"] = time.perf_counter() - start
+        return _result(model, targets, config, curvature.damp, curvature.forms, timings)
     except BaseException:
         snapshot.restore()
         raise
-    timings["total"] = time.perf_counter() - start
-    return _result(targets, config, curvature.damp, curvature.forms, timings)
 
 
 def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> PruneResult:
@@ -102,14 +108,15 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     snapshot = Snapshot(targets)
     damp, forms = None, {}
     try:
-        for target in steps:
-            curvature = _estimate(model, loader, targets, config)
-            for phase in ("gradients", "inverse"):
-                timings[phase] += curvature.timings[phase]
-            _apply(targets, curvature, config, target, timings)
-            damp, forms = curvature.damp, curvature.forms
+        with display(config.progress):
+            for target in steps:
+                curvature = _estimate(model, loader, targets, config)
+                for phase in ("gradients", "inverse"):
+                    timings[phase] += curvature.timings[phase]
+                _apply(targets, curvature, config, target, timings)
+                damp, forms = curvature.damp, curvature.forms
+        timings["total"] = time.perf_counter() - start
+        return _result(model, targets, config, damp, forms, timings)
     except BaseException:
         snapshot.restore()
         raise
-    timings["total"] = time.perf_counter() - start
-    return _result(targets, config, damp, forms, timings)

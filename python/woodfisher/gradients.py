@@ -34,13 +34,9 @@ from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
 from .batches import Batch, compute_loss, logits_of, sample_targets, to_batch
+from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
-
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover - tqdm is a dependency, this only guards odd installs
-    tqdm = None
 
 __all__ = ["GradientCollector", "compute_dtype"]
 
@@ -60,7 +56,7 @@ class GradientCollector:
         loader: iterable of batches (read through ``batch_adapter``).
         targets: the pruned weights (:func:`woodfisher.targets.resolve_targets`).
         loss_fn: ``loss_fn(predictions, targets)`` -> mean loss (None: see :mod:`woodfisher.batches`).
-        num_grads: m >= 1.
+        num_grads: m >= 1, or None for every sample the loader yields (it must end).
         fisher_batch_size: samples averaged per gradient (>= 1).
         sampled_fisher: draw targets from the model's predictive distribution
             ``softmax(predictions)`` over the last dim instead of using the loader's (the
@@ -70,7 +66,8 @@ class GradientCollector:
         want_loss_grad: also compute the mean loss gradient (WoodTaylor): the mean of the
             m gradients, or, with ``sampled_fisher``, of extra gradients taken with the
             loader's targets.
-        progress: show a tqdm bar (rate and ETA).
+        progress: show a progress bar (rate and ETA): a phase of the active
+            :mod:`woodfisher.progress` display, else a tqdm bar of its own.
         batch_adapter: loader item -> :class:`woodfisher.Batch` (None: the default reading).
 
     After :meth:`chunks` is exhausted: ``count`` (gradients produced), ``samples``
@@ -79,7 +76,7 @@ class GradientCollector:
     """
 
     def __init__(self, model: nn.Module, loader, targets: List[PruneTarget], *,
-                 loss_fn: Optional[Callable] = None, num_grads: int = 128,
+                 loss_fn: Optional[Callable] = None, num_grads: Optional[int] = 128,
                  fisher_batch_size: int = 1, sampled_fisher: bool = False, seed: int = 0,
                  keep_masks: Optional[Dict[str, torch.Tensor]] = None,
                  want_loss_grad: bool = False, progress: bool = True,
@@ -87,7 +84,8 @@ class GradientCollector:
         self.model, self.loader, self.targets = model, loader, targets
         self.inner = unwrap_model(model)[0]
         self.loss_fn = loss_fn
-        self.num_grads, self.fbs = int(num_grads), int(fisher_batch_size)
+        self.num_grads = None if num_grads is None else int(num_grads)
+        self.fbs = int(fisher_batch_size)
         self.sampled, self.seed = bool(sampled_fisher), seed
         self.keep = keep_masks or {}
         self.want_loss_grad, self.progress, self.desc = want_loss_grad, progress, desc
@@ -105,7 +103,7 @@ class GradientCollector:
 
     def _groups(self, device) -> Iterator[Batch]:
         """Yields batches of G groups, every batched leaf shaped (G, fbs, ...), until num_grads groups."""
-        left = self.num_grads
+        left = float("inf") if self.num_grads is None else self.num_grads
         pending: Optional[Batch] = None
         for item in self.loader:
             batch = self._cast(to_batch(item, self.adapter), device)
@@ -186,9 +184,7 @@ class GradientCollector:
         device = next(iter(params.values())).device
         gen = torch.Generator().manual_seed(int(self.seed))
         loss_sum = None
-        bar = None
-        if tqdm is not None and self.progress:
-            bar = tqdm(total=self.num_grads, desc=self.desc, unit="grad", leave=False)
+        bar = progress_bar(self.num_grads, self.desc, "grad", enabled=self.progress)
         try:
             with eval_mode(self.model):
                 for groups in self._groups(device):
@@ -202,16 +198,14 @@ class GradientCollector:
                         loss_sum = part if loss_sum is None else {k: loss_sum[k] + part[k] for k in part}
                     self.count += count
                     self.samples += count * self.fbs
-                    if bar is not None:
-                        bar.update(count)
+                    bar.update(count)
                     yield piece
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         if self.count == 0:
             raise ValueError(f"loader yielded fewer than fisher_batch_size={self.fbs} samples: "
                              "no gradient could be computed (empty data loader?)")
-        if self.count < self.num_grads:
+        if self.num_grads is not None and self.count < self.num_grads:
             warnings.warn(f"loader ran out after {self.count} of num_grads={self.num_grads} gradients "
                           f"({self.samples} samples); kept gradients are averaged over {self.count}, while "
                           f"streamed ones keep the normaliser num_grads (their Fisher term is scaled "

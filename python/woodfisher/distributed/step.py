@@ -14,7 +14,6 @@ WoodTaylor Eqs. 21-23), each rank on the blocks it owns:
 """
 from __future__ import annotations
 
-import time
 from typing import Dict, List, Tuple
 
 import torch
@@ -69,37 +68,34 @@ def _gather(targets, plan, group, new_own: Dict[str, torch.Tensor], keep_own: Di
 
 def sharded_step(ctx) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """One pruning step of a sharded curvature (collective): ({name: new weights}, {name: keep-mask})."""
-    t0 = time.perf_counter()
     curv, cfg = ctx.curvature, ctx.config
     plan, group = curv.shard.plan, curv.shard.group
     dtype = ctx._dtype()
     lg_all = curv.loss_grad or {}
     owned: List[tuple] = []
-    with local_phase(group):  # local: a NaN statistic must stop every rank before the collectives
-        for t in ctx.targets:
-            start, stop = plan.range(t.name)
-            w = t.blocks(t.effective_weight().to(dtype))[start:stop]
-            lg = lg_all.get(t.name)
-            score, index, prior = _scores(ctx, t, curv.inverses[t.name], w, lg, start, stop)
-            if torch.isnan(score).any():
-                raise ValueError(f"scores for {t.name!r} contain NaN")
-            owned.append((t, w, lg, score, index, prior))
-    flags = select_sharded([o[3] for o in owned], [o[4] for o in owned], [t.numel for t in ctx.targets],
-                           ctx.sparsity, ctx.mode, cfg.min_density, group)
-    ctx.timings["select"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
+    with ctx.timed("select"):
+        with local_phase(group):  # local: a NaN statistic must stop every rank before the collectives
+            for t in ctx.targets:
+                start, stop = plan.range(t.name)
+                w = t.blocks(t.effective_weight().to(dtype))[start:stop]
+                lg = lg_all.get(t.name)
+                score, index, prior = _scores(ctx, t, curv.inverses[t.name], w, lg, start, stop)
+                if torch.isnan(score).any():
+                    raise ValueError(f"scores for {t.name!r} contain NaN")
+                owned.append((t, w, lg, score, index, prior))
+        flags = select_sharded([o[3] for o in owned], [o[4] for o in owned], [t.numel for t in ctx.targets],
+                               ctx.sparsity, ctx.mode, cfg.min_density, group)
     new_own, keep_own = {}, {}
-    with local_phase(group):
-        for (t, w, lg, _, _, prior), flag in zip(owned, flags):
-            kept = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-            kept[:flag.numel()] = flag & prior     # the real entries come first, the padding last
-            kept = kept.view_as(w)
-            keep_own[t.name] = kept
-            if w.shape[0] == 0 or not cfg.obs_update:
-                new_own[t.name] = w * kept
-            else:  # padding is "pruned" as in the single-process step: its weights are 0 and decoupled
-                new_own[t.name] = wk.obs_update(curv.inverses[t.name], w, ~kept, lg, backend=cfg.backend,
-                                                check_finite=False)
-    new, keep = _gather(ctx.targets, plan, group, new_own, keep_own, dtype)
-    ctx.timings["update"] += time.perf_counter() - t0
-    return new, keep
+    with ctx.timed("update"):
+        with local_phase(group):
+            for (t, w, lg, _, _, prior), flag in zip(owned, flags):
+                kept = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+                kept[:flag.numel()] = flag & prior     # the real entries come first, the padding last
+                kept = kept.view_as(w)
+                keep_own[t.name] = kept
+                if w.shape[0] == 0 or not cfg.obs_update:
+                    new_own[t.name] = w * kept
+                else:  # padding is "pruned" as in the single-process step: its weights are 0 and decoupled
+                    new_own[t.name] = wk.obs_update(curv.inverses[t.name], w, ~kept, lg, backend=cfg.backend,
+                                                    check_finite=False)
+        return _gather(ctx.targets, plan, group, new_own, keep_own, dtype)
