@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import device_info  # noqa: E402
+from _common import device_info, write_results  # noqa: E402
 
 
 def _bytes_of(inv) -> int:
@@ -192,10 +192,8 @@ def main(argv=None) -> int:
         with open(args.render) as f:
             report = json.load(f)
         report["explanation"] = EXPLANATION.format(cores=report["cores"])
-        with open(args.render, "w") as f:
-            json.dump(report, f, indent=1)
-        with open(os.path.splitext(args.render)[0] + ".md", "w") as f:
-            f.write(_markdown(report))
+        stem = os.path.splitext(args.render)[0]
+        write_results(os.path.dirname(stem), os.path.basename(stem), report, _markdown(report))
         return 0
     if any(args.num_grads % w or (args.num_grads // w) % args.batch for w in args.worlds):
         raise SystemExit("--num-grads must split into whole batches on every rank of every world size")
@@ -218,12 +216,7 @@ def main(argv=None) -> int:
     text = _markdown(report)
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"distributed_{args.device}")
-        with open(stem + ".json", "w") as f:
-            json.dump(report, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(text)
+        print("wrote", write_results(args.out, f"distributed_{args.device}", report, text) + ".{json,md}")
     return 0
 
 
