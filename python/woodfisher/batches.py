@@ -28,6 +28,7 @@ outputs since log_softmax is idempotent.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Tuple
@@ -37,7 +38,8 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 __all__ = ["Batch", "default_adapter", "to_batch", "is_single_pass", "peek", "default_loss", "logits_of",
-           "model_loss", "compute_loss", "sample_targets", "check_loss_fn"]
+           "model_loss", "compute_loss", "sample_targets", "check_loss_fn", "check_loader", "describe",
+           "loader_errors"]
 
 ADAPTER_HINT = ("pass batch_adapter=lambda b: woodfisher.Batch(args=(inputs,), kwargs={}, target=targets) "
                 "to say which part is which")
@@ -208,7 +210,11 @@ def to_batch(item: Any, adapter: Optional[Callable[[Any], Any]] = None) -> Batch
     """Apply ``adapter`` (or :func:`default_adapter`) and check what it returned."""
     if adapter is None:
         return default_adapter(item)
-    out = adapter(item)
+    try:
+        out = adapter(item)
+    except Exception as err:  # noqa: BLE001 - the caller's adapter on the caller's data
+        raise ValueError(f"batch_adapter failed on a loader item ({type(item).__name__}): "
+                         f"{type(err).__name__}: {err}") from err
     if isinstance(out, Batch):
         return out
     if isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], (tuple, list)) \
@@ -216,6 +222,42 @@ def to_batch(item: Any, adapter: Optional[Callable[[Any], Any]] = None) -> Batch
         return Batch(tuple(out[0]), dict(out[1]), out[2])
     raise ValueError(f"batch_adapter must return a woodfisher.Batch or (args tuple, kwargs dict, target), "
                      f"got {type(out).__name__}")
+
+
+def check_loader(loader: Any) -> None:
+    """``loader`` must be an iterable of batches (a DataLoader, a list, a generator...)."""
+    if not isinstance(loader, collections.abc.Iterable) or isinstance(loader, (str, bytes)):
+        raise ValueError(f"loader must be an iterable of batches (a DataLoader, a list, a generator), "
+                         f"got {type(loader).__name__}")
+
+
+def describe(batch: Batch) -> str:
+    """The shapes and dtypes of a batch's tensors, for messages: ``"args (8, 7) float32; target (8,) int64"``."""
+    parts = []
+    for label, tree in (("args", batch.args), ("kwargs", batch.kwargs), ("target", batch.target)):
+        leaves = [x for x in pytree.tree_leaves(tree) if _is_tensor(x)]
+        if leaves:
+            parts.append(label + " " + ", ".join(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+                                                 + ("" if x.device.type == "cpu" else f" on {x.device}")
+                                                 for x in leaves))
+    return "; ".join(parts) or "no tensors"
+
+
+@contextlib.contextmanager
+def loader_errors(batch: Batch, name: str = "loader"):
+    """Re-raise an error of the model or the loss on ``batch`` as a ValueError naming ``name`` (the loader).
+
+    Wrong input shapes or dtypes, out-of-range class targets, inputs on a device the model
+    cannot use: the message gives the batch's shapes (:func:`describe`) and the original
+    error (chained). Running out of memory is not a bad input and passes through.
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of the caller's model on the caller's data
+        raise ValueError(f"{name}: the model or the loss failed on a batch with {describe(batch)}: "
+                         f"{type(err).__name__}: {err}") from err
 
 
 def is_single_pass(loader: Iterable) -> bool:
@@ -283,7 +325,12 @@ def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torc
         raise ValueError("the batch has no targets and the model returned no loss: yield (inputs, targets) "
                          "batches, include 'labels' in dict batches, pass sampled_fisher=True to draw "
                          f"targets from the model, or {ADAPTER_HINT}")
-    return (default_loss if loss_fn is None else loss_fn)(logits_of(outputs), target)
+    loss = (default_loss if loss_fn is None else loss_fn)(logits_of(outputs), target)
+    if not _is_tensor(loss) or loss.numel() != 1:
+        shape = tuple(loss.shape) if _is_tensor(loss) else type(loss).__name__
+        raise ValueError(f"loss_fn must return the mean loss as a scalar tensor, got {shape} "
+                         "(reduction='none'? use the mean)")
+    return loss
 
 
 def sample_targets(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

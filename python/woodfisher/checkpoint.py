@@ -3,7 +3,8 @@
 :func:`load_checkpoint` reads a file with ``torch.load(weights_only=True)`` (no code
 runs while unpickling). A file that needs arbitrary unpickling (for example one that
 stores an optimizer or LR-scheduler class) is refused with a clear message unless
-the caller passes ``trust_pickle=True``.
+the caller passes ``trust_pickle=True``; an empty, truncated or corrupt file (or one not
+written by ``torch.save``) is reported as such, never as an unsafe pickle.
 
 The state dict found in the file is normalised before a strict load:
 
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
+import warnings
+import zipfile
 from typing import Dict, Mapping, Union
 
 import torch
@@ -30,18 +34,69 @@ _WRAPPER = "._layer."
 
 
 def _torch_load(path: str, trust_pickle: bool):
+    """``torch.load`` of ``path`` on the CPU, its failures sorted into corrupt, unsafe and untrusted."""
+    with open(path, "rb") as f:  # an unreadable file fails here, with its own OSError
+        head = f.read(32)
+    if not head:
+        raise ValueError(f"checkpoint {path!r} is empty (0 bytes): it is not a torch.save file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing; the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        unsafe = [ln.strip().split(" was not an allowed global")[0] for ln in str(err).splitlines()
+                  if "Unsupported global" in ln]
+        if not _pickle_intact(path):  # random bytes, a plain pickle, a cut file: never call it unsafe
+            raise _corrupt(path, err) from None
         if not trust_pickle:
-            lines = [ln.strip().split(" by default.")[0] for ln in str(err).splitlines()
-                     if "Unsupported global" in ln]
+            why = ("it pickles Python objects" if unsafe else
+                   "it uses pickle instructions the safe loader does not read (pickle_protocol > 3?)")
             raise ValueError(
-                f"checkpoint {path!r} cannot be loaded safely (weights_only=True): it pickles "
-                f"Python objects, and unpickling them can run arbitrary code. If you trust this "
-                f"file, pass trust_pickle=True (CLI: --trust-pickle). Detail: "
-                f"{lines[0] if lines else type(err).__name__}") from None
-    return torch.load(path, map_location="cpu", weights_only=False)
+                f"checkpoint {path!r} cannot be loaded safely (weights_only=True): {why}, and unpickling "
+                f"can run arbitrary code. If you trust this file, pass trust_pickle=True (CLI: --trust-pickle). "
+                f"Detail: {unsafe[0] if unsafe else _detail(err)}") from None
+    except Exception as err:  # noqa: BLE001 - truncated zip archives, bad records: torch raises many kinds
+        raise _corrupt(path, err) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - a trusted pickle that still cannot be read
+        raise ValueError(f"checkpoint {path!r} could not be unpickled even with trust_pickle=True "
+                         f"({_detail(err)})") from None
+
+
+def _pickle_intact(path: str) -> bool:
+    """Whether ``path`` is a torch.save file whose pickled records parse completely (opcodes only,
+    nothing executed): the ``data.pkl`` of a zip archive, or the magic number, protocol, system
+    info, object and storage-key records of the legacy format. False for random bytes, a plain
+    pickle, or a file cut inside its records (whose last class name would be a fragment)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                with archive.open(name) as f:
+                    for _ in pickletools.genops(f):
+                        pass
+            return True
+        with open(path, "rb") as f:
+            for _ in range(5):
+                for _ in pickletools.genops(f):
+                    pass
+        return True
+    except Exception:  # noqa: BLE001 - any parse failure means the records are not intact
+        return False
+
+
+def _detail(err: BaseException) -> str:
+    """``"Type: the informative line of the message"`` (torch's unpickling errors open with a long preamble)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    best = [ln for ln in lines if "Unsupported" in ln or "load key" in ln]
+    line = (best or lines or [""])[0].split(". ")[0][:200]
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def _corrupt(path: str, err: BaseException) -> ValueError:
+    return ValueError(f"checkpoint {path!r} is corrupt or truncated, or not a file written by torch.save "
+                      f"({os.path.getsize(path)} bytes; {_detail(err)})")
 
 
 def normalise_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -92,8 +147,9 @@ def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], trust_pickl
     Returns:
         ``model``.
     Raises:
-        FileNotFoundError if ``path`` does not exist; ValueError if the file needs
-        unpickling and ``trust_pickle`` is False, or if its keys / shapes do not match.
+        FileNotFoundError if ``path`` does not exist; ValueError if the file is empty,
+        truncated or corrupt (said so), needs unpickling and ``trust_pickle`` is False (said
+        so), or if its keys / shapes do not match.
     """
     state = read_state_dict(path, trust_pickle)
     expected = model.state_dict()

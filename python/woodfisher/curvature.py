@@ -29,7 +29,8 @@ from torch import nn
 
 import woodfisher_kernels as wk
 
-from .batches import peek, to_batch
+from .batches import check_loader, peek, to_batch
+from .checks import check_prunable
 from .config import PruneConfig
 from .damping import FisherStats, resolve_damp
 from .diagonal import empirical_fisher_diagonal
@@ -190,6 +191,7 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
     with full_parameters(model):  # FSDP: the full weights for the call
         targets = resolve_targets(model, config.modules, method.block_size(config))
         method.check_targets(targets, config)
+        check_prunable(targets, config)
         with display(config.progress):
             return _estimate(model, loader, targets, config)
 
@@ -203,6 +205,8 @@ def _estimate(model, loader, targets: List[PruneTarget], config: PruneConfig) ->
 def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConfig) -> Curvature:
     if config.needs_data and loader is None:
         raise ValueError(f"loader is required for method={config.method!r} (and for beta > 0)")
+    if config.needs_data:
+        check_loader(loader)
     kind = config.method_impl.curvature
     keep = {t.name: t.keep_mask() for t in targets}
     curv = Curvature(kind, config, {t.name: t.layout() for t in targets}, keep=keep,

@@ -109,19 +109,26 @@ def _run(out_dir, sparsities, seed, methods, epochs, num_grads, hidden, progress
     print(f"trained digits MLP {arch} on {len(train)} samples in {t_train:.1f} s")
     m = num_grads
     results: Dict[str, List[float]] = {}
+    damps: Dict[str, List[Optional[float]]] = {}
     tables: Dict[str, list] = {}
     for label, kwargs in methods.items():
-        accs = []
+        accs, damps[label] = [], []
         for s in sparsities:
             pruned = copy.deepcopy(model)
             loader = make_loader(train, 256, shuffle=True, seed=seed)  # same data order for every run
             res = prune_one_shot(pruned, loader, sparsity=s, num_grads=m, seed=seed, progress=progress, **kwargs)
             accs.append(evaluate(pruned, test))
+            damps[label].append(res.damp)
             if s == max(sparsities):
                 tables[label] = sparsity_table(res, model=pruned, input_shape=(64,))
         results[label] = accs
     print()
     text = _print_table(sparsities, results, dense)
+    used = [f"damp used by {label} (per sparsity): " + ", ".join("-" if d is None else f"{d:.3g}" for d in ds)
+            for label, ds in damps.items() if any(d is not None for d in ds)]
+    if used:
+        print("\n".join(used))
+        text += "\n" + "\n".join(used)
     os.makedirs(out_dir, exist_ok=True)
     curves = {k: [(100 * s, 100 * a, 0.0) for s, a in zip(sparsities, v)] for k, v in results.items()}
     files = [plot_accuracy_vs_sparsity(curves, os.path.join(out_dir, "accuracy_vs_sparsity.png"),
@@ -131,7 +138,7 @@ def _run(out_dir, sparsities, seed, methods, epochs, num_grads, hidden, progress
                                  title=f"Per-layer sparsity at {100 * max(sparsities):.0f}% overall")]
     summary = {"dataset": "scikit-learn digits", "train_samples": len(train), "test_samples": len(test),
                "model": f"digits_mlp{hidden}", "seed": seed, "num_grads": m, "dense_accuracy": dense,
-               "sparsities": list(sparsities), "accuracy": results, "methods": methods,
+               "sparsities": list(sparsities), "accuracy": results, "damp": damps, "methods": methods,
                "layer_sparsity_at_max": tables, "table": text,
                "seconds": time.perf_counter() - t_start}
     files.append(write_json(os.path.join(out_dir, "results.json"), summary))

@@ -4,22 +4,27 @@
 the method scores, the masks are selected, the update is written. :func:`run` is the
 whole of :func:`woodfisher.prune_one_shot`: ``num_steps`` steps that raise the sparsity
 linearly from the current to the target, each with fresh curvature. Both are
-transactional: if anything fails, the weights and masks are restored bit for bit.
+transactional: everything is checked before anything is written (:mod:`woodfisher.checks`),
+and if anything fails later, the weights, masks and buffers are restored bit for bit.
+Layers left (nearly) empty are reported in ``PruneResult.collapsed`` with a warning
+(:func:`woodfisher.masks.collapsed`, the rule pruning at initialisation uses too).
 """
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Dict, Iterable, List, Optional
 
 from torch import nn
 
 from .batches import is_single_pass
+from .checks import check_prunable
 from .config import PruneConfig
 from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
 from .finetune import hold_target_masks
-from .masks import sparsity_of
+from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
 from .methods import StepContext
 from .progress import display
 from .result import PruneResult, layer_rows
@@ -43,8 +48,14 @@ def _result(model, targets, config, damp, forms, timings) -> PruneResult:
     masks = {t.name: t.keep_mask() for t in targets}
     if config.keep_masks:  # last: a failure here is undone by hold_target_masks, then by the snapshot
         hold_target_masks(targets, masks, model)
+    empty = collapsed(masks)
+    if empty:
+        warnings.warn(f"layer collapse: {empty} keep less than {COLLAPSE_DENSITY:g} of their entries at "
+                      f"sparsity={config.sparsity!r} (mode={config.mode!r}); pass min_density > 0 to keep a "
+                      "floor in every layer", stacklevel=4)
     return PruneResult(masks=masks, layers=layer_rows(masks, forms), sparsity=sparsity_of(masks), damp=damp,
-                       config={**config.as_dict(), "modules": [t.name for t in targets]}, timings=timings)
+                       config={**config.as_dict(), "modules": [t.name for t in targets]}, timings=timings,
+                       collapsed=empty)
 
 
 def _timings() -> Dict[str, float]:
@@ -61,8 +72,12 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
     Returns:
         :class:`PruneResult`.
     Raises:
-        ValueError: bad options, or a model whose weights do not match the curvature.
+        ValueError: bad options, a model whose weights do not match the curvature, or weights
+            that cannot be pruned (:func:`woodfisher.checks.check_prunable`); the model is unchanged.
     """
+    if not isinstance(curvature, Curvature):
+        raise ValueError(f"curvature must be a woodfisher.Curvature (from estimate_curvature), got "
+                         f"{type(curvature).__name__}")
     with full_parameters(model):  # FSDP: the full weights for the call, re-sharded after
         return _prune_with(model, curvature, sparsity, options)
 
@@ -71,11 +86,12 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
     config = curvature.config.replace(sparsity=sparsity, **options)
     targets = curvature.targets(model)
     config.method_impl.check_targets(targets, config)
+    check_prunable(targets, config)
     if config.beta > 0 and not curvature.flops:
         raise ValueError("beta > 0 needs a curvature estimated with beta > 0 (it measures FLOPs per parameter)")
     timings = dict(curvature.timings, select=0.0, update=0.0)
     start = time.perf_counter()
-    snapshot = Snapshot(targets)
+    snapshot = Snapshot(targets, model)
     try:
         with display(config.progress):
             _apply(targets, curvature, config, config.final_sparsity, timings)
@@ -92,6 +108,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     method = config.method_impl
     targets = resolve_targets(model, config.modules, method.block_size(config))
     method.check_targets(targets, config)
+    check_prunable(targets, config)
     if config.needs_data and loader is None:
         raise ValueError(f"loader is required for method={config.method!r} (and for beta > 0)")
     if config.num_steps > 1 and config.needs_data and is_single_pass(loader):
@@ -105,7 +122,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     final = config.final_sparsity
     steps = [max(s0, s0 + (final - s0) * (i + 1) / config.num_steps) for i in range(config.num_steps)]
     timings = _timings()
-    snapshot = Snapshot(targets)
+    snapshot = Snapshot(targets, model)
     damp, forms = None, {}
     try:
         with display(config.progress):

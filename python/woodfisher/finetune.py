@@ -82,12 +82,17 @@ def _readers(model: Optional[nn.Module]) -> Dict[int, nn.Module]:
 
 
 def _checked(targets: List[PruneTarget], masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Every mask checked (a tensor of the weight's shape holding only 0 / 1) before anything is touched."""
     out = {}
     for t in targets:
         keep = masks[t.name]
         if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != tuple(t.shape):
             got = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
             raise ValueError(f"masks[{t.name!r}] must be a tensor of the weight's shape {tuple(t.shape)}, got {got}")
+        if keep.is_meta or (keep.dtype != torch.bool and (keep.is_complex() or not bool(((keep == 0) | (keep == 1))
+                                                                                          .all()))):
+            raise ValueError(f"masks[{t.name!r}] must be a bool keep-mask (or hold only 0 and 1), got a "
+                             f"{'meta' if keep.is_meta else keep.dtype} tensor with other values")
         out[t.name] = keep.to(device=t.param.device, dtype=torch.bool)
     return out
 
@@ -134,11 +139,17 @@ def attach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
     Returns:
         ``model``; weights are zeroed where the mask is False.
     Raises:
-        ValueError: an unknown name or a mask of the wrong shape (nothing is changed).
+        ValueError: an unknown name, two names of one weight, a mask of the wrong shape or with
+            values other than 0 / 1 (all checked first: nothing is changed).
     """
     if not isinstance(masks, dict) or not masks:
         raise ValueError("masks must be a non-empty dict {weight name: bool keep-mask}")
-    hold_target_masks(resolve_targets(model, list(masks)), masks, model)
+    targets = resolve_targets(model, list(masks))
+    if len(targets) != len(masks) or any(t.name not in masks for t in targets):
+        named = [n for n in masks if n not in {t.name for t in targets}]
+        raise ValueError(f"masks: {named} name the same weight as another entry (or a module holding "
+                         f"several weights); give one entry per weight, as PruneResult.masks does")
+    hold_target_masks(targets, masks, model)
     return model
 
 
@@ -147,8 +158,19 @@ def make_permanent(model: nn.Module) -> nn.Module:
 
     Each ``<attr>_orig`` Parameter becomes ``<attr>`` again, at its place in
     ``named_parameters()``; any parameter name (``in_proj_weight`` too) and tied weights are handled.
+
+    Raises:
+        ValueError: an ``<attr>_mask`` whose shape differs from its ``<attr>_orig`` (checked for
+            every module first: nothing is changed).
     """
     modules = list(unwrap_model(model)[0].modules())
+    for mname, module in unwrap_model(model)[0].named_modules():
+        for key, orig in module._parameters.items():
+            mask = module._buffers.get(key[:-5] + "_mask") if key.endswith("_orig") else None
+            if mask is not None and mask.shape != orig.shape:
+                where = f"{mname}." if mname else ""
+                raise ValueError(f"model: {where}{key[:-5]}_mask has shape {tuple(mask.shape)}, "
+                                 f"{where}{key} has {tuple(orig.shape)}")
     for module in modules:
         for key in [k for k, h in module._forward_pre_hooks.items() if isinstance(h, _RefreshFrom)]:
             del module._forward_pre_hooks[key]

@@ -20,8 +20,10 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
-from .batches import peek, to_batch
+from .batches import loader_errors, peek, to_batch
+from .gradients import compute_dtype, compute_state, prepare_batch
 from .state import eval_mode
 from .targets import is_hf_conv1d, unwrap_model
 
@@ -130,16 +132,20 @@ def flops_per_param_of_batch(model: nn.Module, batch, targets) -> Dict[str, floa
     """{target name: FLOPs per weight entry and sample}, measured on the first sample of ``batch``.
 
     Args:
-        model: the network (its unwrapped module is run once in eval mode; every module's
-            flag restored).
-        batch: a :class:`woodfisher.Batch` (its first sample is used).
+        model: the network (its unwrapped module is run once in eval mode, every module's
+            flag restored; half-precision models in float32, as the gradients are).
+        batch: a :class:`woodfisher.Batch` (its first sample is used, moved to the model's device).
         targets: the :class:`woodfisher.targets.PruneTarget` weights: weights of Linear /
             Conv / HF Conv1D modules called in the forward pass, or projections of an
             ``nn.MultiheadAttention`` (counted from its query and key lengths).
     Raises:
-        ValueError: a target that is none of these (e.g. a named embedding), naming it.
+        ValueError: a target that is none of these (e.g. a named embedding), naming it; a batch
+            the model fails on (naming the loader).
     """
     inner = unwrap_model(model)[0]
+    dtype = compute_dtype(targets[0].param.dtype)
+    params, buffers = compute_state(inner, dtype)
+    batch = prepare_batch(batch, targets[0].param.device, dtype)
     one = batch.take(0, 1)
     uses: Dict[str, float] = {}
     handles, covered = _attention_hooks(inner, targets, uses)
@@ -151,8 +157,8 @@ def flops_per_param_of_batch(model: nn.Module, batch, targets) -> Dict[str, floa
             uses[name] = uses.get(name, 0) + output.numel() // _out_channels(module)
         handles.append(t.module.register_forward_hook(hook))
     try:
-        with eval_mode(model):
-            inner(*one.args, **one.kwargs)
+        with eval_mode(model), loader_errors(batch):
+            functional_call(inner, (params, buffers), one.args, one.kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -18,14 +18,19 @@ The model is put in eval mode while gradients are collected (every submodule's o
 restored afterwards): BatchNorm then uses its running statistics, so every sample's
 gradient depends on that sample only, and dropout is off. Half-precision models
 (float16 / bfloat16) are differentiated in float32: the parameters, buffers and floating
-inputs are upcast for the computation, so the statistics never underflow.
+inputs are upcast for the computation (:func:`compute_state`, :func:`prepare_batch`), so
+the statistics never underflow; floating inputs of another dtype than the model's are
+cast to it too (float32 data for a float64 model).
+
+An error of the model or the loss on a batch is a ValueError naming the loader
+(:func:`woodfisher.batches.loader_errors`); a loader that runs out before ``num_grads``
+gradients is a ValueError naming ``num_grads``.
 
 Already-pruned weights (keep-mask False) get their gradient entries zeroed, so they stay
 decoupled from the rest of the Fisher and are never revived.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -33,12 +38,12 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
-from .batches import Batch, compute_loss, logits_of, sample_targets, to_batch
+from .batches import Batch, compute_loss, describe, loader_errors, logits_of, sample_targets, to_batch
 from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
 
-__all__ = ["GradientCollector", "compute_dtype"]
+__all__ = ["GradientCollector", "compute_dtype", "compute_state", "prepare_batch"]
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -46,6 +51,32 @@ HALF = (torch.float16, torch.bfloat16)
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are computed in: float32 for half-precision weights, else the weights' dtype."""
     return torch.float32 if dtype in HALF else dtype
+
+
+def compute_state(module: nn.Module, dtype: torch.dtype):
+    """({name: parameter}, {name: buffer}) of ``module`` for ``torch.func.functional_call``: detached,
+    floating ones in ``dtype`` (the same storage where the dtype already matches)."""
+    def cast(v):
+        v = v.detach()
+        return v.to(dtype) if v.is_floating_point() else v
+
+    return ({k: cast(v) for k, v in module.named_parameters()}, {k: cast(v) for k, v in module.named_buffers()})
+
+
+def prepare_batch(batch: Batch, device, dtype: torch.dtype) -> Batch:
+    """``batch`` on ``device`` with its floating tensors in ``dtype`` (the model's compute dtype).
+
+    Raises:
+        ValueError: naming the loader, for tensors without data (meta device).
+    """
+    leaves = [x for x in batch._leaves()[0] if isinstance(x, torch.Tensor)]
+    if any(x.is_meta for x in leaves):
+        raise ValueError(f"loader yields tensors on the meta device (no data): {describe(batch)}")
+    batch = batch.to(device)
+    leaves, spec = batch._leaves()
+    if any(isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype for x in leaves):
+        batch = batch.map_batched(lambda x: x.to(dtype) if x.is_floating_point() else x)
+    return batch
 
 
 class GradientCollector:
@@ -95,18 +126,12 @@ class GradientCollector:
         self._use_vmap = True
 
     # ---- data -------------------------------------------------------------------
-    def _cast(self, batch: Batch, device) -> Batch:
-        batch = batch.to(device)
-        if self.dtype != self.targets[0].param.dtype:
-            batch = batch.map_batched(lambda x: x.to(self.dtype) if x.is_floating_point() else x)
-        return batch
-
     def _groups(self, device) -> Iterator[Batch]:
         """Yields batches of G groups, every batched leaf shaped (G, fbs, ...), until num_grads groups."""
         left = float("inf") if self.num_grads is None else self.num_grads
         pending: Optional[Batch] = None
         for item in self.loader:
-            batch = self._cast(to_batch(item, self.adapter), device)
+            batch = prepare_batch(to_batch(item, self.adapter), device, self.dtype)
             if batch.target is None and not self.sampled and "labels" not in batch.kwargs:
                 compute_loss(None, None, self.loss_fn)  # raises: no targets and no model loss
             pending = batch if pending is None else Batch.cat([pending, batch])
@@ -176,11 +201,7 @@ class GradientCollector:
 
     def _pieces(self) -> Iterator[Dict[str, torch.Tensor]]:
         """{name: (G, numel)} per loader step, masked and checked."""
-        def cast(v):
-            return v.detach().to(self.dtype) if v.is_floating_point() else v.detach()
-
-        params = {k: cast(v) for k, v in self.inner.named_parameters()}
-        buffers = {k: cast(v) for k, v in self.inner.named_buffers()}
+        params, buffers = compute_state(self.inner, self.dtype)
         device = next(iter(params.values())).device
         gen = torch.Generator().manual_seed(int(self.seed))
         loss_sum = None
@@ -189,11 +210,14 @@ class GradientCollector:
             with eval_mode(self.model):
                 for groups in self._groups(device):
                     count = groups.size
-                    labelled = self._sampled(params, buffers, groups, gen) if self.sampled else groups
-                    piece = self._masked(self._group_grads(params, buffers, labelled), count)
+                    with loader_errors(groups.map_batched(lambda x: x.flatten(0, 1))):
+                        labelled = self._sampled(params, buffers, groups, gen) if self.sampled else groups
+                        grads = self._group_grads(params, buffers, labelled)
+                        extra = self._group_grads(params, buffers, groups) \
+                            if self.want_loss_grad and self.sampled else None
+                    piece = self._masked(grads, count)
                     if self.want_loss_grad:
-                        lg = piece if not self.sampled else \
-                            self._masked(self._group_grads(params, buffers, groups), count)
+                        lg = piece if extra is None else self._masked(extra, count)
                         part = {k: v.sum(0) for k, v in lg.items()}
                         loss_sum = part if loss_sum is None else {k: loss_sum[k] + part[k] for k in part}
                     self.count += count
@@ -206,10 +230,9 @@ class GradientCollector:
             raise ValueError(f"loader yielded fewer than fisher_batch_size={self.fbs} samples: "
                              "no gradient could be computed (empty data loader?)")
         if self.num_grads is not None and self.count < self.num_grads:
-            warnings.warn(f"loader ran out after {self.count} of num_grads={self.num_grads} gradients "
-                          f"({self.samples} samples); kept gradients are averaged over {self.count}, while "
-                          f"streamed ones keep the normaliser num_grads (their Fisher term is scaled "
-                          f"by {self.count}/{self.num_grads})", stacklevel=3)
+            raise ValueError(f"num_grads={self.num_grads} with fisher_batch_size={self.fbs} needs "
+                             f"{self.num_grads * self.fbs} samples, but the loader ran out after {self.count} "
+                             f"gradients ({self.samples} samples); pass num_grads <= {self.count} or more data")
         if loss_sum is not None:
             self.loss_grad = {k: v / self.count for k, v in loss_sum.items()}
 

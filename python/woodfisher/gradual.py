@@ -9,22 +9,38 @@ Pruning happens at steps ``t = t0, t0 + dt, ..., t0 + n dt`` (``start_step``,
 ``torch.nn.utils.prune.custom_from_mask`` (``weight_orig`` parameter, ``weight_mask``
 buffer, ``weight = weight_orig * weight_mask`` recomputed before every forward), so an
 ordinary training loop fine-tunes only the surviving weights. The optimizer keeps
-working: prune re-registers the same Parameter object as ``weight_orig``.
-:func:`make_permanent` removes the reparametrisation (pruned entries stay 0).
+working whenever it was built: the same Parameter objects stay in the same order of
+``model.parameters()`` (:func:`woodfisher.attach_masks`), so resuming a run with an optimizer's
+``state_dict`` works whether the optimizer is built before or after
+:meth:`GradualPruner.load_state_dict`. :func:`make_permanent` removes the
+reparametrisation (pruned entries stay 0, the parameters' order is kept).
+
+Every method is failure-atomic: :meth:`GradualPruner.step` and
+:meth:`GradualPruner.load_state_dict` check everything first and restore the weights,
+masks and reparametrisations if anything fails later.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
 from torch import nn
-from torch.nn.utils import prune as torch_prune
 
-from .config import PruneConfig
+from .checks import check_prunable
+from .config import PruneConfig, check_int
+from .finetune import attach_masks, make_permanent
 from .masks import check_sparsity
 from .pruner import PruneResult, prune_one_shot
+from .state import Snapshot
 from .targets import resolve_targets
+
+__all__ = ["polynomial_sparsity", "GradualPruner", "apply_masks", "make_permanent"]
+
+#: Former name of :func:`woodfisher.attach_masks`, kept working.
+apply_masks = attach_masks
+
+_SCHEDULE = ("final_sparsity", "initial_sparsity", "start_step", "end_step", "frequency")
 
 
 def polynomial_sparsity(step: int, *, final_sparsity: float, start_step: int, end_step: int,
@@ -40,34 +56,6 @@ def polynomial_sparsity(step: int, *, final_sparsity: float, start_step: int, en
     last = start_step + ((min(step, end_step) - start_step) // frequency) * frequency
     frac = (last - start_step) / (end_step - start_step)
     return float(final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - frac) ** 3)
-
-
-def apply_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> None:
-    """Hold ``masks`` ({"<module>.weight": keep}) with torch.nn.utils.prune on ``model``."""
-    named = dict(model.named_modules())
-    for pname, keep in masks.items():
-        mname = pname[: -len(".weight")] if pname.endswith(".weight") else pname
-        if mname not in named:
-            raise ValueError(f"masks: no module named {mname!r} in the model")
-        module = named[mname]
-        keep = keep.to(device=next(module.parameters()).device)
-        if hasattr(module, "weight_mask"):
-            with torch.no_grad():
-                module.weight_mask.copy_(keep.to(module.weight_mask.dtype))
-                module.weight_orig.mul_(module.weight_mask)
-                setattr(module, "weight", module.weight_orig * module.weight_mask)
-        else:
-            torch_prune.custom_from_mask(module, "weight", keep)
-            with torch.no_grad():
-                module.weight_orig.mul_(module.weight_mask)
-
-
-def make_permanent(model: nn.Module) -> nn.Module:
-    """Remove every ``torch.nn.utils.prune`` weight reparametrisation (weights keep their zeros)."""
-    for module in model.modules():
-        if hasattr(module, "weight_orig") and hasattr(module, "weight_mask"):
-            torch_prune.remove(module, "weight")
-    return model
 
 
 class GradualPruner:
@@ -109,7 +97,8 @@ class GradualPruner:
         if "sparsity" in prune_kwargs:
             raise ValueError("pass final_sparsity, not sparsity, to GradualPruner")
         self.config = PruneConfig.from_options(sparsity=float(final_sparsity), **prune_kwargs)
-        resolve_targets(model, self.config.modules, self.config.block_size)
+        check_prunable(resolve_targets(model, self.config.modules, self.config.block_size), self.config,
+                       final_sparsity, "final_sparsity")
         self.model, self.loader = model, loader
         self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
@@ -126,13 +115,25 @@ class GradualPruner:
                                    initial_sparsity=self.initial_sparsity)
 
     def step(self, step: int, loader: Optional[Iterable] = None) -> Optional[PruneResult]:
-        """Prune if ``step`` is scheduled and not done yet; returns the result or None."""
+        """Prune if ``step`` is scheduled and not done yet; returns the result or None.
+
+        Raises:
+            ValueError: ``step`` not an int, or anything :func:`woodfisher.prune_one_shot`
+                refuses; the model, its masks and the pruner's progress are then unchanged.
+        """
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"step must be an int, got {step!r}")
         if not self.is_pruning_step(step) or (self.last_step is not None and step <= self.last_step):
             return None
         target = self.target_sparsity(step)
+        snapshot = Snapshot(resolve_targets(self.model, self.config.modules), self.model)
         result = prune_one_shot(self.model, loader if loader is not None else self.loader,
                                 self.config.replace(sparsity=target))
-        apply_masks(self.model, result.masks)
+        try:
+            apply_masks(self.model, result.masks)  # undoes its own partial work when it fails
+        except BaseException:
+            snapshot.restore()
+            raise
         self.last_step = step
         self.history.append({"step": step, "target": target, "sparsity": result.sparsity,
                              "damp": result.damp})
@@ -150,20 +151,42 @@ class GradualPruner:
                 "last_step": self.last_step, "history": list(self.history),
                 "masks": {k: v.cpu() for k, v in self.masks().items()} if self.last_step is not None else {}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore progress and re-apply the masks (call before ``model.load_state_dict``).
 
         The model then has the ``weight_orig`` / ``weight_mask`` entries that a
-        checkpoint of a model under pruning holds.
+        checkpoint of a model under pruning holds, in the order of its parameters, so an
+        optimizer built before or after this call loads its saved state correctly.
+
+        Raises:
+            ValueError: a state that is not a GradualPruner state_dict, a different schedule,
+                or masks that do not fit this pruner's weights (names, shapes, values); all of it
+                is checked before the model is touched, which is unchanged then.
         """
-        if not isinstance(state, dict) or "schedule" not in state or "last_step" not in state:
-            raise ValueError("state is not a GradualPruner state_dict")
-        mine = self.state_dict()["schedule"]
-        diff = {k: (v, state["schedule"].get(k)) for k, v in mine.items()
-                if not math.isclose(float(v), float(state["schedule"].get(k, float("nan"))))}
+        if not isinstance(state, Mapping) or any(k not in state for k in ("schedule", "last_step", "history",
+                                                                          "masks")):
+            raise ValueError("state is not a GradualPruner state_dict (keys schedule, last_step, history, masks)")
+        theirs, mine = state["schedule"], self.state_dict()["schedule"]
+        if not isinstance(theirs, Mapping) or any(not _is_number(theirs.get(k)) for k in _SCHEDULE):
+            raise ValueError(f"state['schedule'] must hold the numbers {list(_SCHEDULE)}, got {theirs!r}")
+        diff = {k: (v, theirs[k]) for k, v in mine.items() if not math.isclose(float(v), float(theirs[k]))}
         if diff:
-            raise ValueError(f"state has a different schedule: {diff}")
-        if state["masks"]:
-            apply_masks(self.model, state["masks"])
-        self.last_step = state["last_step"]
-        self.history = list(state["history"])
+            raise ValueError(f"state has a different schedule (this pruner's value, the state's): {diff}")
+        last, history, masks = state["last_step"], state["history"], state["masks"]
+        if last is not None:
+            check_int("state['last_step']", last, low=0)
+        if not isinstance(history, (list, tuple)) or not all(isinstance(h, Mapping) for h in history):
+            raise ValueError(f"state['history'] must be a list of dicts, got {type(history).__name__}")
+        if not isinstance(masks, Mapping) or (last is None) != (len(masks) == 0):
+            raise ValueError("state['masks'] must be a dict of keep-masks, empty exactly when no step was done")
+        if masks:
+            expected = [t.name for t in resolve_targets(self.model, self.config.modules)]
+            if sorted(masks) != sorted(expected):
+                raise ValueError(f"state holds masks for {sorted(masks)}, this pruner prunes {sorted(expected)}")
+            apply_masks(self.model, masks)  # checks every mask before it touches the model
+        self.last_step = last
+        self.history = [dict(h) for h in history]
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

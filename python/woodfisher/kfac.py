@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .batches import compute_loss, logits_of, sample_targets, to_batch
+from .batches import compute_loss, loader_errors, logits_of, sample_targets, to_batch
+from .gradients import compute_dtype, compute_state, prepare_batch
 from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
@@ -103,18 +104,20 @@ def kfac_factors(model: nn.Module, loader, layers: List[PruneTarget], *,
 
     The per-sample output gradient is recovered from the mean loss as
     ``batch_size * dL/ds``. With ``sampled_fisher`` the targets are drawn from
-    ``softmax(outputs)``. Returns {weight name: KFACFactors}.
+    ``softmax(outputs)``. Half-precision models run in float32 (as the gradients of the
+    other methods do). Returns {weight name: KFACFactors}.
 
     Raises:
         ValueError: an unsupported weight (:func:`check_kfac_layer`), a layer whose forward
-            never ran, NaN/Inf activations or gradients, or an empty loader.
+            never ran, NaN/Inf activations or gradients, a batch the model fails on (naming the
+            loader), or an empty loader.
     """
     for layer in layers:
         check_kfac_layer(layer)
     inner = unwrap_model(model)[0]
-    params = dict(inner.named_parameters())
-    buffers = dict(inner.named_buffers())
-    device = next(iter(params.values())).device
+    dtype = compute_dtype(layers[0].param.dtype)
+    params, buffers = compute_state(inner, dtype)  # detached; float32 copies for half-precision models
+    device = layers[0].param.device
     gen = torch.Generator().manual_seed(int(seed))
     sums = {layer.name: [0.0, 0.0, 0] for layer in layers}
     seen: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -132,24 +135,28 @@ def kfac_factors(model: nn.Module, loader, layers: List[PruneTarget], *,
             for item in loader:
                 if left <= 0:
                     break
-                batch = to_batch(item, batch_adapter).to(device)
+                batch = prepare_batch(to_batch(item, batch_adapter), device, dtype)
                 batch = batch.take(0, min(left, batch.size))
                 n = batch.size
+                if n == 0:  # an empty batch adds nothing
+                    continue
                 if sampled_fisher:
                     batch = batch.without_target()
                 seen.clear()
                 # the unwrapped module on the weights as leaves of their own: outputs get gradients even
                 # when the caller froze the weights, and the caller's tensors get none
                 leaves = {layer.key: params[layer.key].detach().requires_grad_(True) for layer in layers}
-                out = functional_call(inner, ({**params, **leaves}, buffers), batch.args, batch.kwargs)
-                target = sample_targets(logits_of(out), gen) if sampled_fisher else batch.target
-                loss = compute_loss(out, target, loss_fn)
+                with loader_errors(batch):
+                    out = functional_call(inner, ({**params, **leaves}, buffers), batch.args, batch.kwargs)
+                    target = sample_targets(logits_of(out), gen) if sampled_fisher else batch.target
+                    loss = compute_loss(out, target, loss_fn)
                 missing = [layer.name for layer in layers if layer.name not in seen]
                 if missing:
                     raise ValueError(f"method='kfac': the forward of the modules of {missing} never ran (the "
                                      "model reads these weights directly); K-FAC needs their inputs and outputs")
                 outs = [seen[layer.name][1] for layer in layers]
-                grads = torch.autograd.grad(loss, outs, allow_unused=True)
+                with loader_errors(batch):
+                    grads = torch.autograd.grad(loss, outs, allow_unused=True)
                 for layer, out_l, g in zip(layers, outs, grads):
                     a = _patches(layer, seen[layer.name][0]).double()
                     if g is None:

@@ -2,19 +2,32 @@
 
 Scores are dicts ``{param_name: Tensor}`` of the parameters' shapes; higher score =
 more important. Masks are bool tensors of the same shapes, True = keep.
+
+Also the one rule for *layer collapse* (:func:`collapsed`, used by every pruner and
+reported in ``PruneResult.collapsed``) and for a sparsity that would keep no weight at
+all (:func:`check_keeps_weights`).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import numbers
+from typing import Dict, List, Mapping, Optional
 
 import torch
 
 Scores = Dict[str, torch.Tensor]
 
+#: A layer keeping less than this fraction of its entries counts as collapsed.
+COLLAPSE_DENSITY = 1e-3
+
+
+def _is_real(value) -> bool:
+    """A real number (int, float, numpy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
 
 def check_sparsity(sparsity: float) -> float:
-    """Sparsity must lie in [0, 1)."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    """Sparsity must be a real number in [0, 1) (numpy scalars accepted); returns it as a float."""
+    if not _is_real(sparsity):
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
@@ -23,8 +36,7 @@ def check_sparsity(sparsity: float) -> float:
 
 def check_min_density(min_density, sparsity: float = 0.0) -> float:
     """``min_density`` must lie in [0, 1] and be keepable at ``sparsity`` (min_density <= 1 - sparsity)."""
-    if isinstance(min_density, bool) or not isinstance(min_density, (int, float)) \
-            or not 0.0 <= float(min_density) <= 1.0:
+    if not _is_real(min_density) or not 0.0 <= float(min_density) <= 1.0:
         raise ValueError(f"min_density must lie in [0, 1], got {min_density!r}")
     if float(min_density) > 1.0 - float(sparsity) + 1e-12:
         raise ValueError(f"min_density={min_density} cannot be kept at sparsity={sparsity}: every weight would "
@@ -97,6 +109,53 @@ def select_masks(scores: Scores, sparsity: float, mode: str = "global",
         masks[n] = masks[n] | chosen[offset:offset + s.numel()].view_as(s)
         offset += s.numel()
     return masks
+
+
+def collapsed(masks: Mapping[str, torch.Tensor], collapse_density: float = COLLAPSE_DENSITY) -> List[str]:
+    """Names of the keep-masks with no entry kept, or a kept fraction below ``collapse_density``.
+
+    Args:
+        masks: {name: bool keep-mask}.
+        collapse_density: in [0, 1); 0 flags only layers with nothing kept.
+    Returns:
+        names in the order of ``masks``.
+    """
+    if isinstance(collapse_density, bool) or not isinstance(collapse_density, (int, float)) \
+            or not 0.0 <= collapse_density < 1.0:
+        raise ValueError(f"collapse_density must lie in [0, 1), got {collapse_density!r}")
+    out = []
+    for name, keep in masks.items():
+        nnz = int(keep.sum())
+        if nnz == 0 or nnz < collapse_density * keep.numel():
+            out.append(name)
+    return out
+
+
+def check_keeps_weights(sparsity: float, sizes: Mapping[str, int], mode: str = "global",
+                        min_density: float = 0.0, name: str = "sparsity") -> None:
+    """Refuse a ``sparsity`` that would prune every entry of ``sizes`` ({name: numel}).
+
+    :func:`select_masks` keeps ``total - round(sparsity * total)`` entries (global mode) or
+    ``numel - round(sparsity * numel)`` per weight (layerwise), at least the
+    ``min_density`` floors; when that is 0 everywhere the model would be emptied.
+
+    Raises:
+        ValueError: naming ``sparsity`` (as ``name``, with the value passed) and the largest value
+            that keeps a weight.
+    """
+    floors = sum(int(round(min_density * n)) for n in sizes.values())
+    total = sum(sizes.values())
+    if mode == "layerwise":
+        kept = sum(n - int(round(sparsity * n)) for n in sizes.values())
+        count = max(sizes.values())
+    else:
+        kept = total - int(round(sparsity * total))
+        count = total
+    if max(kept, floors) <= 0:
+        where = (f"no entry in any of the {len(sizes)} weights (the largest has {count})" if mode == "layerwise"
+                 else f"none of the {total} prunable entries")
+        raise ValueError(f"{name}={sparsity!r} would prune every weight: {mode} mode keeps {where}; "
+                         f"use {name} < {1.0 - 0.5 / count:.6g}")
 
 
 def sparsity_of(masks: Dict[str, torch.Tensor]) -> float:

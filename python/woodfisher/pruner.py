@@ -41,14 +41,20 @@ def prune_one_shot(model: nn.Module, loader: Optional[Iterable], config: Optiona
             ``sparsity=0.8, method="woodfisher", mode="global", block_size=1000,
             num_grads=1000, fisher_batch_size=1, damp="auto", num_steps=4``.
     Returns:
-        :class:`PruneResult` (masks, per-weight table, sparsity, damp, timings).
+        :class:`PruneResult` (masks, per-weight table, sparsity, damp, timings, collapsed);
+        weights left (nearly) empty are listed in ``collapsed`` and warned about.
     Raises:
-        ValueError: any bad option (naming it), a missing or empty loader, a single-pass
-            loader with ``num_steps > 1``, NaN/Inf gradients (naming the weight); the
-            model is left unchanged.
+        ValueError: any bad option (naming it and quoting the value), a sparsity that would
+            prune every weight, a model that is not a module, on the meta device, of a
+            non-floating dtype, with NaN/Inf or all-zero weights; a missing, non-iterable or
+            empty loader, one that runs out before ``num_grads`` gradients, a single-pass
+            loader with ``num_steps > 1``, a batch the model or the loss fails on (naming the
+            loader, with the batch's shapes), NaN/Inf gradients (naming the weight). Every
+            check runs before anything is written; whatever fails later (any exception,
+            KeyboardInterrupt included), the model is restored bit for bit.
     """
     if config is None and "sparsity" not in options:
-        raise ValueError("sparsity is required (a fraction in [0, 1))")
+        PruneConfig.from_options(**options)  # raises: unknown option names first, else "sparsity is required"
     config = resolve_config(config, options)
     with full_parameters(model):  # FSDP: the full weights for the call, re-sharded after
         return engine.run(model, loader, config)

@@ -22,6 +22,9 @@ class PruneResult:
         damp: the dampening used (None for magnitude baselines).
         config: the options of the call (callables by name).
         timings: seconds per phase: gradients, inverse, select, update, total.
+        collapsed: names of the pruned weights left with no entry, or with a kept fraction
+            below :data:`woodfisher.masks.COLLAPSE_DENSITY` (layer collapse; a warning is
+            issued too); empty when none.
     """
 
     masks: Dict[str, torch.Tensor]
@@ -30,6 +33,7 @@ class PruneResult:
     damp: Optional[float]
     config: dict
     timings: Dict[str, float] = field(default_factory=dict)
+    collapsed: List[str] = field(default_factory=list)
 
 
 def layer_rows(masks: Dict[str, torch.Tensor], forms: Optional[Dict[str, Optional[str]]] = None) -> List[dict]:

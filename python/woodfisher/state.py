@@ -3,8 +3,8 @@
 - :class:`eval_mode`: the model in eval mode for a pass, then every submodule's own
   train/eval flag restored (a frozen BatchNorm inside a training model stays frozen; the
   recursive ``model.train(flag)`` would not do that).
-- :class:`Snapshot`: the weights and masks of the pruned targets, restored exactly when
-  a call fails half-way (a refused call changes nothing).
+- :class:`Snapshot`: the weights and masks of the pruned targets (and the model's buffers),
+  restored exactly when a call fails half-way (a refused call changes nothing).
 - :func:`clone_model`: ``copy.deepcopy`` that also works on models holding
   ``torch.nn.utils.prune`` masks (their derived ``weight`` attribute is a non-leaf tensor,
   which deepcopy refuses).
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .targets import PruneTarget
+from .targets import PruneTarget, unwrap_model
 
 __all__ = ["eval_mode", "Snapshot", "clone_model", "derived_weights_kept"]
 
@@ -43,14 +43,19 @@ class eval_mode:
 
 
 class Snapshot:
-    """Copies of the storage and masks of ``targets``; :meth:`restore` writes them back bit for bit."""
+    """Copies of the storage and masks of ``targets`` and of every buffer of ``model`` (when
+    given); :meth:`restore` writes them back bit for bit (NaN payloads included)."""
 
-    def __init__(self, targets: List[PruneTarget]):
+    def __init__(self, targets: List[PruneTarget], model: Optional[nn.Module] = None):
         self.saved = [(t, t.param.detach().clone(), [m.detach().clone() for m in t._mask_buffers()])
                       for t in targets]
+        buffers = unwrap_model(model)[0].buffers() if model is not None else ()
+        self.buffers = [(b, b.detach().clone()) for b in buffers]
 
     @torch.no_grad()
     def restore(self) -> None:
+        for buf, value in self.buffers:
+            buf.copy_(value)
         for t, weight, masks in self.saved:
             t.param.copy_(weight)
             for buf, mask in zip(t._mask_buffers(), masks):

@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 from .layout import BlockLayout, Layout
 
 __all__ = ["PRUNABLE_TYPES", "BlockLayout", "Layout", "PruneTarget", "resolve_targets", "unwrap_model",
-           "default_target_names"]
+           "default_target_names", "check_model"]
 
 #: Module types whose ``weight`` is pruned by default (plus HF ``Conv1D`` and MHA projections).
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -279,6 +279,16 @@ def _within(name: str, parent: str) -> bool:
     return not parent or name == parent or name.startswith(parent + ".")
 
 
+def check_model(model: nn.Module) -> None:
+    """``model`` must be an ``nn.Module`` whose parameters and buffers hold data (none on the meta device)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise ValueError(f"model: {meta[:4]}{'...' if len(meta) > 4 else ''} are on the meta device (no data); "
+                         "materialise the model first (e.g. model.to_empty(device=...) and load its weights)")
+
+
 def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
                     block_size: Optional[int] = None) -> List[PruneTarget]:
     """The pruned weights of ``model``, each once, in registration order.
@@ -289,17 +299,20 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             ``"layer1"`` or an ``nn.MultiheadAttention``: the default targets inside it) or
             parameter names (``"fc1.weight"``, ``"attn.in_proj_weight"``), optionally with
             the wrapper prefix (``"module.fc1"``); None = the default targets.
-        block_size: entries per Fisher block (int >= 1), or None for whole-weight blocks.
+        block_size: entries per Fisher block (int >= 1), or None for whole-weight blocks; a weight
+            smaller than ``block_size`` is one whole-weight block (blocks never span two weights).
     Returns:
         list of :class:`PruneTarget`.
     Raises:
-        ValueError: unknown name (named), a named module without any prunable weight, a named
-            parameter that is not a floating tensor of >= 2 dims, no prunable weight,
-            or a bad ``block_size``.
+        ValueError: ``model`` not an ``nn.Module`` or on the meta device, unknown name (named), a
+            named module without any prunable weight, a named parameter that is not a floating
+            tensor of >= 2 dims, a weight of a non-floating dtype, no prunable weight, or a bad
+            ``block_size``.
     """
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                    or block_size < 1):
         raise ValueError(f"block_size must be None (whole layers) or an int >= 1, got {block_size!r}")
+    check_model(model)
     inner, prefix = unwrap_model(model)
     entries = _entries(inner)
     if modules is None:
@@ -327,6 +340,9 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             raise ValueError(f"modules: {name!r} is reparametrised by torch.nn.utils.parametrize without a "
                              "'mask' (only mask parametrizations such as torch.ao.pruning's FakeSparsity can "
                              "be pruned); remove the parametrization first")
+        if not p.is_floating_point():
+            raise ValueError(f"model: weight {prefix + name!r} has dtype {p.dtype}; only floating-point weights "
+                             "(float16, bfloat16, float32, float64) can be pruned")
         c = p.numel() if block_size is None else min(block_size, p.numel())
         targets.append(PruneTarget(prefix + name, info["key"], info["module"], info["attr"], kind, c,
                                    info["reparam"], tuple(prefix + n for n, _ in info["owners"]),

@@ -13,10 +13,11 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .batches import compute_loss, to_batch
+from .batches import check_loader, compute_loss, loader_errors, to_batch
 from .curvature import estimate_curvature
 from .damping import check_damp
 from .engine import prune_with
+from .gradients import prepare_batch
 from .pruner import prune_one_shot
 from .state import clone_model, eval_mode
 
@@ -26,14 +27,17 @@ __all__ = ["search_damp", "heldout_loss"]
 @torch.no_grad()
 def heldout_loss(model, loader, loss_fn: Optional[Callable] = None, batch_adapter: Optional[Callable] = None
                  ) -> float:
-    """Sample-weighted mean loss over ``loader`` (eval mode; every module's flag restored)."""
-    device = next(model.parameters()).device
+    """Sample-weighted mean loss over ``loader`` (eval mode; every module's flag restored); floating
+    inputs are cast to the model's dtype. A batch the model fails on is a ValueError naming heldout."""
+    check_loader(loader)
+    param = next(p for p in model.parameters() if p.is_floating_point())
     total, n = 0.0, 0
     with eval_mode(model):
         for item in loader:
-            batch = to_batch(item, batch_adapter).to(device)
-            out = model(*batch.args, **batch.kwargs)
-            total += float(compute_loss(out, batch.target, loss_fn)) * batch.size
+            batch = prepare_batch(to_batch(item, batch_adapter), param.device, param.dtype)
+            with loader_errors(batch, "heldout"):
+                out = model(*batch.args, **batch.kwargs)
+                total += float(compute_loss(out, batch.target, loss_fn)) * batch.size
             n += batch.size
     if n == 0:
         raise ValueError("heldout loader is empty")
@@ -60,6 +64,10 @@ def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Seque
     """
     if "damp" in options:
         raise ValueError("search_damp chooses damp itself; do not pass damp")
+    try:
+        check_loader(heldout)
+    except ValueError:
+        raise ValueError(f"heldout must be an iterable of held-out batches, got {type(heldout).__name__}") from None
     options.setdefault("progress", False)
     adapter = options.get("batch_adapter")
     reuse = options.get("num_steps", 1) == 1 and options.get("method", "woodfisher") == "woodfisher" \

@@ -3,8 +3,9 @@
 One module per subcommand (``add_parser(subparsers)`` + ``run(args)``), listed once in
 :data:`COMMANDS`; shared helpers in :mod:`._common`. Every subcommand takes
 ``--config file.json`` (keys = option names, see :mod:`._config`); flags given on the
-command line override the file. Errors in the inputs are printed as one line
-``woodfisher: error: ...`` (exit code 2).
+command line override the file. Errors in the inputs (bad values, missing, empty, corrupt
+or unsafe files, unreadable paths) are printed as one line ``woodfisher: error: ...``
+(exit code 2), never as a traceback.
 """
 from __future__ import annotations
 
@@ -61,10 +62,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit code (2 on bad input, with a one-line message)."""
+    """Entry point; returns the exit code (2 on bad input or an unreadable / unwritable path, with a
+    one-line message)."""
     try:
         args = parse_args(argv)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"woodfisher: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # OSError: FileNotFoundError, PermissionError, IsADirectoryError...
+        print(f"woodfisher: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if text else type(err).__name__

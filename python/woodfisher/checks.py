@@ -1,0 +1,42 @@
+"""Checks of the caller's weights that every pruning call makes before it changes anything.
+
+:func:`check_prunable` refuses weights holding NaN / Inf (no saliency can rank them), a
+model whose pruned weights are all zero already, and a sparsity that would prune every
+entry (:func:`woodfisher.masks.check_keeps_weights`). The checks of options are in
+:class:`woodfisher.PruneConfig`, those of the model's structure in
+:func:`woodfisher.targets.resolve_targets`, those of the data where it is read
+(:mod:`woodfisher.batches`, :mod:`woodfisher.gradients`).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .config import PruneConfig
+from .masks import check_keeps_weights
+from .targets import PruneTarget
+
+__all__ = ["check_prunable"]
+
+
+def check_prunable(targets: List[PruneTarget], config: PruneConfig, sparsity: Optional[float] = None,
+                   name: str = "sparsity") -> None:
+    """Refuse weights that cannot be pruned to ``sparsity`` (default: ``config.final_sparsity``;
+    ``name``: what the caller called it, for the message).
+
+    Raises:
+        ValueError: a weight with NaN / Inf entries (naming it and the count), every entry of
+            the pruned weights already zero, or a sparsity that keeps no entry (naming the value).
+    """
+    for t in targets:
+        bad = int((~torch.isfinite(t.effective_weight())).sum())
+        if bad:
+            raise ValueError(f"model: weight {t.name!r} holds {bad} NaN or Inf entries of {t.numel}; "
+                             "no saliency can rank them (fix or reload the weights first)")
+    if all(not bool(t.keep_mask().any()) for t in targets):
+        raise ValueError(f"model: every entry of the {len(targets)} pruned weights is already zero "
+                         "(sparsity 1.0); there is nothing left to prune")
+    mode = config.method_impl.fixed_mode or config.mode
+    check_keeps_weights(config.final_sparsity if sparsity is None else sparsity,
+                        {t.name: t.numel for t in targets}, mode, config.min_density, name)
