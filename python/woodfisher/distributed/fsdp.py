@@ -45,11 +45,15 @@ def _check(model: nn.Module) -> None:
 def full_parameters(model: nn.Module):
     """Context: the full parameters of an FSDP model, written back to the shards on exit (collective).
 
-    A no-op for models that are not FSDP-wrapped (plain, DataParallel, DDP).
+    A no-op for models that are not FSDP-wrapped (plain, DataParallel, DDP) and for
+    anything that is not a module (the pruning call refuses it).
 
     Raises:
         ValueError: FSDP2 / DTensor parameters, nested FSDP units, or ``use_orig_params=False``.
     """
+    if not isinstance(model, nn.Module):  # refused with a ValueError by the call's own checks
+        yield model
+        return
     _check(model)
     if not is_fsdp(model):
         with nullcontext():
