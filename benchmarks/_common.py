@@ -206,3 +206,15 @@ def relative_error(approx: torch.Tensor, ref: torch.Tensor) -> float:
     a = approx.double().flatten(1)
     r = ref.double().flatten(1)
     return float(((a - r).norm(dim=1) / r.norm(dim=1)).max())
+
+
+def write_results(out_dir: str, stem: str, result: Dict, markdown: str) -> str:
+    """Write ``<out_dir>/<stem>.json`` (``result``) and ``<stem>.md`` (``markdown``); returns the path stem."""
+    import json
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, stem)
+    with open(path + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(path + ".md", "w") as f:
+        f.write(markdown)
+    return path

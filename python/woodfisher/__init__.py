@@ -13,6 +13,11 @@ Main entry points:
 - Fine-tuning after one-shot pruning: ``prune_one_shot(..., keep_masks=True)`` or
   :func:`attach_masks` (masks held with ``torch.nn.utils.prune``), :func:`make_permanent`,
   :func:`recalibrate_bn` (BatchNorm statistics of the pruned model).
+- :class:`FisherHook`: the Fisher fed from the training loop (running block inverses from
+  the optimizer's gradients, :mod:`.hooks`), for gradual pruning without extra data passes.
+- Under a ``torch.distributed`` process group the pruning calls are collective and the
+  blocks are sharded across ranks (:mod:`.distributed`); inverses too large for a GPU are
+  offloaded to host memory (:mod:`.offload`).
 - :func:`select_masks`: the shared mask selection; :func:`search_damp`, :func:`auto_damp`.
 - :class:`Batch`: what a ``batch_adapter`` returns for loaders of any format.
 
@@ -30,6 +35,7 @@ from .finetune import attach_masks, make_permanent, recalibrate_bn
 from .flops import layer_flops_per_param
 from .gradients import GradientCollector
 from .gradual import GradualPruner, polynomial_sparsity
+from .hooks import FisherHook
 from .masks import check_sparsity, select_masks, sparsity_of
 from .methods import METHODS
 from .pruner import estimate_curvature, prune_one_shot, prune_with
@@ -42,7 +48,7 @@ PrunableLayer = PruneTarget
 resolve_layers = resolve_targets
 
 __all__ = [
-    "auto_damp", "Batch", "check_sparsity", "Curvature", "estimate_curvature", "GradientCollector",
+    "auto_damp", "Batch", "check_sparsity", "Curvature", "estimate_curvature", "FisherHook", "GradientCollector",
     "GradualPruner", "make_permanent", "METHODS", "polynomial_sparsity", "PrunableLayer", "prune_one_shot",
     "prune_with", "PruneConfig", "PruneResult", "PruneTarget", "resolve_layers", "resolve_targets",
     "search_damp", "select_masks", "sparsity_of", "layer_flops_per_param", "attach_masks", "recalibrate_bn",

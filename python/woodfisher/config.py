@@ -18,13 +18,14 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 from . import structured as st
 from .batches import check_loss_fn
 from .damping import check_damp
+from .distributed.group import check_group, describe_group
 from .masks import check_min_density, check_sparsity
 from .methods import METHODS
 
 __all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "check_int"]
 
 MODES = ("global", "layerwise")
-FORMS = ("auto", "sequential", "lowrank", "stream")
+FORMS = ("auto", "sequential", "lowrank", "stream", "offload")
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
 
@@ -72,19 +73,25 @@ class PruneConfig:
             :mod:`woodfisher.targets`); stored as a tuple.
         pattern: None, "N:M" (e.g. "2:4"; fixes the sparsity at 1 - N/M) or "rows".
         group_exact: exact group statistic (True) or the paper's Eq. 18 relaxation.
-        memory_budget: bytes for gradients + inverses; gradients are streamed into dense
-            inverses when keeping them does not fit.
+        memory_budget: device bytes for gradients + inverses; gradients are streamed into dense
+            inverses when keeping them does not fit, and on a GPU the inverses are offloaded to
+            host memory when neither fits (:mod:`woodfisher.offload`).
         sampled_fisher: targets drawn from the model's predictive distribution (paper Sec. 6.3).
         seed: seeds the target sampling.
         progress: tqdm progress bars.
         backend: kernel backend of :mod:`woodfisher_kernels` ("auto" | "cuda" | "triton" | "torch").
-        inverse_form: "auto" | "sequential" | "lowrank" | "stream" (force a form).
+        inverse_form: "auto" | "sequential" | "lowrank" | "stream" | "offload" (force a form;
+            "offload" keeps gradients and inverses in host memory, streamed through the kernels
+            in chunks that fit ``memory_budget``, on any device).
         min_density: every weight keeps at least this fraction of its entries.
         batch_adapter: ``adapter(loader item) -> woodfisher.Batch`` (see :mod:`woodfisher.batches`);
             None = the default reading of (inputs, targets) tuples, dicts and tensors.
         keep_masks: after pruning, hold the masks with ``torch.nn.utils.prune``
             (:func:`woodfisher.attach_masks`) so fine-tuning cannot revive pruned weights;
             :func:`woodfisher.make_permanent` removes them.
+        group: the ``torch.distributed`` process group to prune over: "auto" (the default group
+            when one is initialised with more than one process), None (never: each process
+            prunes on its own) or a ProcessGroup; see :mod:`woodfisher.distributed`.
     Raises:
         ValueError: naming the field, for any value outside its domain or a combination
             the method does not support.
@@ -114,6 +121,7 @@ class PruneConfig:
     min_density: float = 0.0
     batch_adapter: Optional[Callable] = None
     keep_masks: bool = False
+    group: Any = "auto"
 
     def __post_init__(self):
         check_sparsity(self.sparsity)
@@ -134,6 +142,8 @@ class PruneConfig:
             raise ValueError("batch_adapter must be callable(loader item) -> woodfisher.Batch, or None")
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("inverse_form", self.inverse_form, FORMS)
+        if self.inverse_form == "offload" and self.memory_budget is None:
+            raise ValueError("inverse_form='offload' needs memory_budget (device bytes) to size its chunks")
         check_min_density(self.min_density, self.sparsity)
         for name in ("obs_update", "woodtaylor", "group_exact", "sampled_fisher", "progress", "keep_masks"):
             _check_bool(name, getattr(self, name))
@@ -144,6 +154,7 @@ class PruneConfig:
                 raise ValueError(f"modules must be None or a non-empty list of names, got {self.modules!r}")
             object.__setattr__(self, "modules", modules)
         st.parse_pattern(self.pattern)
+        check_group(self.group)
         METHODS[self.method].check(self)
 
     # ---- derived -------------------------------------------------------------------
@@ -187,7 +198,9 @@ class PruneConfig:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if callable(v):
+            if f.name == "group":
+                v = describe_group(v)
+            elif callable(v):
                 v = getattr(v, "__name__", repr(v))
             elif isinstance(v, tuple):
                 v = list(v)

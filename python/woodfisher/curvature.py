@@ -34,9 +34,13 @@ from .checks import check_prunable
 from .config import PruneConfig
 from .damping import FisherStats, resolve_damp
 from .diagonal import empirical_fisher_diagonal
+from .distributed.estimate import estimate_sharded
+from .distributed.fsdp import full_parameters
+from .distributed.group import active_group
 from .flops import flops_per_param_of_batch
 from .gradients import GradientCollector, compute_dtype
 from .kfac import kfac_factors, kfac_inverse
+from .offload import estimate_offloaded, offload_fits
 from .progress import display, phase
 from .state import derived_weights_kept
 from .targets import Layout, PruneTarget, resolve_targets, unwrap_model
@@ -62,6 +66,9 @@ class Curvature:
         flops: {weight name: FLOPs per entry and sample} when ``config.beta > 0``.
         grads: {weight name: (m, numel)} kept gradients (for :meth:`with_damp`), None when streamed.
         timings: seconds spent on gradients and inverses.
+        shard: None, or (estimated across the ranks of a process group) the blocks this rank
+            holds: ``inverses`` and ``loss_grad`` then cover only those blocks
+            (:mod:`woodfisher.distributed`).
     """
 
     kind: str
@@ -76,6 +83,7 @@ class Curvature:
     flops: Optional[Dict[str, float]] = None
     grads: Optional[Dict[str, torch.Tensor]] = None
     timings: Dict[str, float] = field(default_factory=dict)
+    shard: Optional[Any] = None
 
     def targets(self, model: nn.Module) -> List[PruneTarget]:
         """The weights of ``model`` this curvature is about (same names, shapes and blocks)."""
@@ -109,13 +117,21 @@ def resolve_config(config: Optional[PruneConfig], options: dict, sparsity: float
 
 
 def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
-                memory_budget: Optional[int], auto_damp: bool = False) -> Tuple[str, Optional[int]]:
-    """("keep", None) to keep all gradients, or ("stream", k) to stream k at a time.
+                memory_budget: Optional[int], auto_damp: bool = False,
+                inverse_form: str = "auto") -> Tuple[str, Optional[int]]:
+    """("keep", None) to keep all gradients, ("stream", k) to stream k at a time, or ("offload", None).
 
     Keeping costs ``m * D`` gradient entries plus each weight's cheaper inverse form;
     streaming costs the dense ``B c^2`` inverses (float64 Gram blocks with ``auto_damp``)
-    plus a buffer of k gradients. Raises ValueError when neither fits ``memory_budget`` (bytes).
+    plus a buffer of k gradients; offloading (:mod:`woodfisher.offload`: forced by
+    ``inverse_form="offload"``, else only for weights on an accelerator) costs one chunk of
+    blocks on the device. Raises ValueError when nothing fits ``memory_budget`` (bytes).
     """
+    if inverse_form == "offload":
+        if memory_budget is not None and not offload_fits(targets, num_grads, itemsize, memory_budget):
+            raise ValueError(f"memory_budget={memory_budget} bytes cannot hold one block of every weight on the "
+                             "device, even offloaded; use a smaller block_size or fewer num_grads")
+        return "offload", None
     d = sum(t.numel for t in targets)
     m = num_grads
     grad_bytes = m * d * itemsize
@@ -126,9 +142,12 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
         return "keep", None
     if stream_seq + d * itemsize <= memory_budget:
         return "stream", max(1, min(m, (memory_budget - stream_seq) // (d * itemsize)))
+    if targets[0].param.device.type != "cpu" and offload_fits(targets, m, itemsize, memory_budget):
+        return "offload", None
     raise ValueError(f"memory_budget={memory_budget} bytes is too small: keeping the gradients needs "
                      f"{grad_bytes + min(seq, low)}, streaming needs at least {stream_seq + d * itemsize}; "
-                     "use a smaller block_size or fewer num_grads")
+                     "use a smaller block_size or fewer num_grads (or inverse_form='offload': inverses in host "
+                     "memory, streamed through the device in chunks; automatic for weights on a GPU)")
 
 
 def stat_itemsize(targets: List[PruneTarget]) -> int:
@@ -169,11 +188,12 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
     """
     config = resolve_config(config, options)
     method = config.method_impl
-    targets = resolve_targets(model, config.modules, method.block_size(config))
-    method.check_targets(targets, config)
-    check_prunable(targets, config)
-    with display(config.progress):
-        return _estimate(model, loader, targets, config)
+    with full_parameters(model):  # FSDP: the full weights for the call
+        targets = resolve_targets(model, config.modules, method.block_size(config))
+        method.check_targets(targets, config)
+        check_prunable(targets, config)
+        with display(config.progress):
+            return _estimate(model, loader, targets, config)
 
 
 def _estimate(model, loader, targets: List[PruneTarget], config: PruneConfig) -> Curvature:
@@ -198,12 +218,18 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         curv.flops = flops_per_param_of_batch(model, to_batch(first, config.batch_adapter), targets)
     if kind == "none":
         return curv
+    group = active_group(config.group)
+    if group is not None:  # sharded across the ranks of a process group
+        return estimate_sharded(model, loader, targets, config, curv, group)
     if kind == "kfac":
         return _kfac(model, loader, targets, config, curv)
     itemsize = stat_itemsize(targets)
     m = config.num_grads
-    plan, k = plan_memory(targets, m, itemsize, config.memory_budget, config.damp == "auto") \
-        if kind == "blockwise" else ("diag", None)
+    plan, k = plan_memory(targets, m, itemsize, config.memory_budget, config.damp == "auto",
+                          config.inverse_form) if kind == "blockwise" else ("diag", None)
+    if plan == "offload":  # the device must also hold one loader batch of gradients
+        first, loader = peek(loader)
+        groups = 0 if first is None else to_batch(first, config.batch_adapter).size // config.fisher_batch_size
     if config.inverse_form == "stream" and kind == "blockwise":
         plan, k = "stream", k or min(m, 32)
     collector = GradientCollector(model, loader, targets, want_loss_grad=config.woodtaylor, keep_masks=keep,
@@ -222,6 +248,8 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         curv.inverses, curv.forms = _blockwise_from_grads(grads, curv.layouts, curv.damp, collector.count, config)
         curv.grads = grads
         curv.timings["inverse"] += time.perf_counter() - t0
+    elif plan == "offload":  # gradients and inverses in host memory (woodfisher.offload)
+        estimate_offloaded(collector, targets, config, curv, max(1, min(m, groups)))
     else:
         _stream(collector, targets, config, curv, k)
     if config.woodtaylor:

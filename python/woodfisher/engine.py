@@ -21,6 +21,8 @@ from .batches import is_single_pass
 from .checks import check_prunable
 from .config import PruneConfig
 from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
+from .distributed.fsdp import full_parameters
+from .distributed.group import active_group
 from .finetune import hold_target_masks
 from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
 from .methods import StepContext
@@ -76,6 +78,11 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
     if not isinstance(curvature, Curvature):
         raise ValueError(f"curvature must be a woodfisher.Curvature (from estimate_curvature), got "
                          f"{type(curvature).__name__}")
+    with full_parameters(model):  # FSDP: the full weights for the call, re-sharded after
+        return _prune_with(model, curvature, sparsity, options)
+
+
+def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> PruneResult:
     config = curvature.config.replace(sparsity=sparsity, **options)
     targets = curvature.targets(model)
     config.method_impl.check_targets(targets, config)
@@ -107,9 +114,10 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     if config.num_steps > 1 and config.needs_data and is_single_pass(loader):
         raise ValueError(f"num_steps={config.num_steps} needs a loader that can be iterated once per step; "
                          "got a single-pass iterator (a generator?): pass a list or a DataLoader, or num_steps=1")
-    if method.curvature in ("blockwise", "diagonal"):  # refuse an impossible memory budget up front
+    if method.curvature in ("blockwise", "diagonal") and active_group(config.group) is None:
+        # refuse an impossible memory budget up front (a sharded run checks its own shard)
         plan_memory(targets, config.num_grads, stat_itemsize(targets), config.memory_budget,
-                    config.damp == "auto")
+                    config.damp == "auto", config.inverse_form)
     s0 = sparsity_of({t.name: t.keep_mask() for t in targets})
     final = config.final_sparsity
     steps = [max(s0, s0 + (final - s0) * (i + 1) / config.num_steps) for i in range(config.num_steps)]

@@ -45,10 +45,21 @@ def check_min_density(min_density, sparsity: float = 0.0) -> float:
 
 
 def _keep_top(score: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """Keep the ``num_keep`` largest entries; among equal scores the lower flat index first.
+
+    The tie rule is part of the contract (``torch.topk`` leaves it unspecified): it makes
+    masks reproducible, and :mod:`woodfisher.distributed.select` reproduces it exactly.
+    Equal means equal as numbers (``-0.0 == 0.0``; ``-inf`` ties with ``-inf``).
+    """
     flat = score.flatten()
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    if num_keep > 0:
-        keep[torch.topk(flat, num_keep, sorted=False).indices] = True
+    if num_keep <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if num_keep >= flat.numel():
+        return torch.ones_like(score, dtype=torch.bool)
+    kth = torch.topk(flat, num_keep, sorted=False).values.min()
+    keep = flat > kth
+    ties = flat == kth
+    keep |= ties & (ties.cumsum(0) <= num_keep - int(keep.sum()))
     return keep.view_as(score)
 
 
@@ -64,7 +75,8 @@ def select_masks(scores: Scores, sparsity: float, mode: str = "global",
         min_density: every layer keeps at least this fraction (guards layer collapse).
         pruned: {name: bool keep-mask} of weights already pruned; they stay pruned.
     Returns:
-        {name: bool keep-mask}.
+        {name: bool keep-mask}. Ties are broken toward the lower index in the order of
+        ``scores`` (layer after layer, each flattened row-major), see :func:`_keep_top`.
     """
     sparsity = check_sparsity(sparsity)
     if mode not in ("global", "layerwise"):

@@ -18,6 +18,7 @@ from torch import nn
 from . import engine
 from .config import PruneConfig
 from .curvature import Curvature, estimate_curvature, resolve_config
+from .distributed.fsdp import full_parameters
 from .engine import prune_with
 from .result import PruneResult
 
@@ -29,8 +30,10 @@ def prune_one_shot(model: nn.Module, loader: Optional[Iterable], config: Optiona
     """Prune ``model`` in place to ``sparsity`` over its prunable weights.
 
     Args:
-        model: the network; wrappers (DataParallel, DDP, torch.compile) are seen through,
-            tied weights are pruned once. Pruned entries become exact zeros.
+        model: the network; wrappers (DataParallel, DDP, FSDP, torch.compile) are seen through,
+            tied weights are pruned once. Pruned entries become exact zeros. Under a
+            ``torch.distributed`` process group (option ``group``) the call is collective:
+            see :mod:`woodfisher.distributed`.
         loader: iterable of batches for the Fisher: ``(inputs, targets)``, dicts (HF) or
             tensors (see :mod:`woodfisher.batches`); None for magnitude methods.
         config: a :class:`PruneConfig`; keyword ``options`` override its fields.
@@ -52,4 +55,6 @@ def prune_one_shot(model: nn.Module, loader: Optional[Iterable], config: Optiona
     """
     if config is None and "sparsity" not in options:
         PruneConfig.from_options(**options)  # raises: unknown option names first, else "sparsity is required"
-    return engine.run(model, loader, resolve_config(config, options))
+    config = resolve_config(config, options)
+    with full_parameters(model):  # FSDP: the full weights for the call, re-sharded after
+        return engine.run(model, loader, config)

@@ -17,9 +17,10 @@ Rules (one place for all of them, the pruner, pruning at initialisation and repo
   name ``named_parameters()`` gives it; sparsity is counted over unique tensors;
 - a default target that is also held by an ``nn.Embedding`` (a tied LM head) is left out
   unless the caller names it;
-- wrappers (``nn.DataParallel``, ``DistributedDataParallel``, ``torch.compile``) are seen
-  through: the pruner works on the wrapped module and reports names with the wrapper's
-  prefix (``"module.fc1.weight"``), as the caller's ``state_dict()`` names them;
+- wrappers (``nn.DataParallel``, ``DistributedDataParallel``, ``torch.compile``, an FSDP root
+  inside :func:`woodfisher.distributed.full_parameters`) are seen through: the pruner works
+  on the wrapped module and reports names with the wrapper's prefix (``"module.fc1.weight"``),
+  as the caller's ``named_parameters()`` names them;
 - reparametrised weights are pruned in their real storage: ``torch.nn.utils.prune``
   (``weight_orig`` + ``weight_mask``) and ``torch.nn.utils.parametrize`` with a mask
   (``torch.ao.pruning``'s ``FakeSparsity``); targets keep the logical name ``"<m>.weight"``.
@@ -56,6 +57,9 @@ def unwrap_model(model: nn.Module) -> Tuple[nn.Module, str]:
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model, prefix = model.module, prefix + "module."
+        elif type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "_fsdp_wrapped_module"):
+            # FSDP1: only meaningful inside summon_full_params (woodfisher.distributed.full_parameters)
+            model, prefix = model._fsdp_wrapped_module, prefix + "_fsdp_wrapped_module."
         elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
             model, prefix = model._orig_mod, prefix + "_orig_mod."
         else:

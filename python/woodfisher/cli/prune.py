@@ -11,6 +11,10 @@ and written to report.json (``phases``).
 Every option of :class:`woodfisher.PruneConfig` that makes sense on a command line is a
 flag whose destination is the field's name, so a ``--config`` file takes the API's names
 (``{"num_grads": 256, "obs_update": false}``; the flag spellings work too).
+
+Under ``torchrun`` the command prunes collectively over all ranks (:mod:`.cli._dist`):
+``torchrun --nproc-per-node 4 -m woodfisher prune --device cuda ...`` (NCCL) or
+``--device cpu`` (gloo); ``--num-grads`` is the total over all ranks.
 """
 from __future__ import annotations
 
@@ -66,7 +70,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", type=int, default=None, help="bytes for gradients + inverses")
     p.add_argument("--sampled-fisher", action="store_true", help="draw targets from the model's predictions")
     p.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "torch"], help="kernel backend")
-    p.add_argument("--inverse-form", default="auto", choices=["auto", "sequential", "lowrank", "stream"],
+    p.add_argument("--inverse-form", default="auto", choices=["auto", "sequential", "lowrank", "stream", "offload"],
                    help="force a form of the block inverses")
     p.add_argument("--min-density", type=float, default=0.0, help="minimum fraction kept per layer")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
@@ -79,9 +83,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _calibration(args: argparse.Namespace, data: Optional[str]):
-    """The loader of the Fisher batches: the --data factory's, or the built-in training set's."""
+def _calibration(args: argparse.Namespace, data: Optional[str], rank: int = 0, world: int = 1):
+    """The loader of the Fisher batches: the --data factory's, or the built-in training set's
+    (under torchrun, rank r reads every ``world``-th sample from r; a factory shards its own data)."""
     from ..data import load_dataset, make_loader
+    from ._dist import shard
 
     if is_import_path(args.data):
         loader = call_factory(args.data, "--data")
@@ -91,12 +97,19 @@ def _calibration(args: argparse.Namespace, data: Optional[str]):
     if data is None:
         raise ValueError("--data is required for your own model: the import path of a function returning "
                          "calibration batches (e.g. mypkg.data:calibration_loader), or a built-in dataset name")
-    train = load_dataset(data, args.data_dir, "train")
+    train = shard(load_dataset(data, args.data_dir, "train"), rank, world)
     batch = args.fisher_batch_size * max(1, 256 // args.fisher_batch_size)
     return make_loader(train, batch, shuffle=True, seed=args.seed)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ._dist import torchrun_group
+
+    with torchrun_group(args) as (rank, world):  # torchrun: one collective call on every rank
+        return _run(args, rank, world)
+
+
+def _run(args: argparse.Namespace, rank: int, world: int) -> int:
     from ..config import PruneConfig
     from ..progress import display, phase
     from ..pruner import prune_one_shot
@@ -106,24 +119,27 @@ def run(args: argparse.Namespace) -> int:
     for name in ("num_grads", "fisher_batch_size", "num_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    with display(args.progress, "woodfisher prune") as shown:
+    with display(args.progress and rank == 0, "woodfisher prune") as shown:
         with phase("data"):
             spec, model = load_model(args)
             data = dataset_name(args, spec)
             options = {f: getattr(args, f) for f in CONFIG_FIELDS}
+            options["progress"] = options["progress"] and rank == 0  # one progress line under torchrun
             if options["modules"] is None and spec is not None and spec.prunable:
                 options["modules"] = list(spec.prunable)
             # every option checked before any data is read
             config = PruneConfig(**user_functions(args, spec), **options)
             metric, measure, samples = evaluator(args, data, user_functions(args, spec))
-            loader = _calibration(args, data)
+            loader = _calibration(args, data, rank, world)
         before = after = None
-        if measure is not None:
+        if measure is not None and rank == 0:
             with phase("evaluation"):
                 before = measure(model)
         t0 = time.perf_counter()
         result = prune_one_shot(model, loader, config)
         seconds = time.perf_counter() - t0
+        if rank:  # under torchrun every rank holds the same pruned model; rank 0 reports
+            return 0
         if measure is not None:
             with phase("evaluation"):
                 after = measure(model)
@@ -132,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
             title = f"{args.model} {args.method} ({args.mode}) at {100 * args.sparsity:.1f}% target sparsity" + (
                 f", damp {result.damp:.3g}" if result.damp is not None else "")
             report = {"model": args.model, "data": data or args.data, "checkpoint": args.checkpoint,
-                      "metric": metric, f"{metric}_before": before, f"{metric}_after": after,
+                      "world_size": world, "metric": metric, f"{metric}_before": before, f"{metric}_after": after,
                       "eval_samples": samples, "sparsity": result.sparsity, "damp": result.damp,
                       "collapsed": result.collapsed,
                       "seconds": seconds, "timings": result.timings, "phases": dict(shown.seconds),

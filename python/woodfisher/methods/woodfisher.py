@@ -16,7 +16,23 @@ import torch
 import woodfisher_kernels as wk
 
 from .. import structured as st
+from ..distributed.step import sharded_step
+from ..offload import OffloadedInverse
 from .base import PruningMethod
+
+
+def _saliency(inv, w, lg, backend):
+    """obs_saliency of a (B, c, c) / LowRankInverse, or chunk by chunk of an offloaded inverse."""
+    if isinstance(inv, OffloadedInverse):
+        return inv.saliency(w, lg, backend)
+    return wk.obs_saliency(inv, w, lg, backend=backend, check_finite=False)
+
+
+def _update(inv, w, prune, lg, backend):
+    """obs_update, as :func:`_saliency`."""
+    if isinstance(inv, OffloadedInverse):
+        return inv.update(w, prune, lg, backend)
+    return wk.obs_update(inv, w, prune, lg, backend=backend, check_finite=False)
 
 
 class WoodFisher(PruningMethod):
@@ -27,6 +43,8 @@ class WoodFisher(PruningMethod):
     summary = "OBS with the blockwise inverse empirical Fisher (WoodFisher)"
 
     def step(self, ctx):
+        if ctx.curvature.shard is not None:  # blocks spread across ranks (woodfisher.distributed)
+            return sharded_step(ctx)
         curv, cfg = ctx.curvature, ctx.config
         invs, lg = curv.inverses, curv.loss_grad or {}
         parsed = st.parse_pattern(cfg.pattern)
@@ -34,8 +52,7 @@ class WoodFisher(PruningMethod):
             w = ctx.blocked_weights()
             if parsed is not None:
                 return self._group_step(ctx, parsed, invs, w)
-            scores = {t.name: t.unblock(wk.obs_saliency(invs[t.name], w[t.name], lg.get(t.name),
-                                                        backend=cfg.backend, check_finite=False))
+            scores = {t.name: t.unblock(_saliency(invs[t.name], w[t.name], lg.get(t.name), cfg.backend))
                       for t in ctx.targets}
             masks = ctx.select(scores)
         new = {}
@@ -43,8 +60,7 @@ class WoodFisher(PruningMethod):
             for t in ctx.targets:
                 n = t.name
                 if cfg.obs_update:
-                    new[n] = t.unblock(wk.obs_update(invs[n], w[n], ~t.blocks(masks[n]), lg.get(n),
-                                                     backend=cfg.backend, check_finite=False))
+                    new[n] = t.unblock(_update(invs[n], w[n], ~t.blocks(masks[n]), lg.get(n), cfg.backend))
                 else:
                     new[n] = t.effective_weight() * masks[n]
         return new, masks

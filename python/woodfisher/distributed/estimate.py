@@ -1,0 +1,143 @@
+"""Phase one across ranks: data-parallel gradients -> the inverses of the blocks each rank owns.
+
+Called by :func:`woodfisher.estimate_curvature` (and so by :func:`woodfisher.prune_one_shot`)
+when a process group with more than one rank is active (option ``group``). The result is an
+ordinary :class:`woodfisher.curvature.Curvature` whose ``inverses`` hold only this rank's
+blocks (``inverses[name]`` is ``(owned blocks, c, c)``, a LowRankInverse of them, or
+``(owned, 1, 1)`` for the diagonal Fisher) and whose ``shard`` says which
+(:class:`Shard`); :func:`woodfisher.prune_with` then runs the sharded step
+(:mod:`woodfisher.distributed.step`).
+
+The damp is resolved from Fisher statistics summed over ranks; WoodTaylor's mean loss
+gradient is summed over ranks too. Supported: methods "woodfisher" and "diag_fisher",
+global or layerwise masks, min_density, beta, WoodTaylor, sampled Fisher (rank r draws with
+seed ``seed + r``). Refused with a ValueError: "kfac" and group patterns (N:M, rows).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import woodfisher_kernels as wk
+
+from ..damping import FisherStats, resolve_damp
+from ..gradients import GradientCollector, compute_dtype
+from .collect import route_gradients
+from .group import all_reduce_, local_phase, share
+from .sharding import ShardPlan, block_cost, plan_shards
+
+__all__ = ["Shard", "estimate_sharded", "check_sharded", "plan_for"]
+
+#: At most this many gradients per rank and exchange round (a rank holds a few copies of one
+#: round's full gradients while it cuts them into blocks: the rounds are sized to ~1/4 of its share).
+CHUNK = 64
+
+
+@dataclass
+class Shard:
+    """Which blocks this rank's curvature holds: the plan and the process group."""
+
+    plan: ShardPlan
+    group: Any
+
+
+def check_sharded(config) -> None:
+    """Refuse what the sharded path does not do (ValueError naming the option)."""
+    if config.method_impl.curvature not in ("blockwise", "diagonal"):
+        raise ValueError(f"method={config.method!r} has no distributed implementation; with a process group "
+                         "use method='woodfisher' or 'diag_fisher' (or a magnitude method), or pass group=None "
+                         "to prune on each process independently")
+    if config.pattern is not None:
+        raise ValueError(f"pattern={config.pattern!r} is not supported across processes; pass group=None")
+
+
+def _form(t, m: int, config, kind: str) -> str:
+    if kind == "diagonal":
+        return "diagonal"
+    if config.inverse_form in ("sequential", "lowrank"):
+        return config.inverse_form
+    return wk.choose_form(m, t.block_size)
+
+
+def plan_for(targets, config, world: int, rank: int):
+    """({name: form}, :class:`ShardPlan`) of ``targets`` for ``world`` ranks."""
+    kind = config.method_impl.curvature
+    m = config.num_grads
+    forms = {t.name: _form(t, m, config, kind) for t in targets}
+    costs = {t.name: block_cost(forms[t.name], t.block_size, m) for t in targets}
+    return forms, plan_shards([(t.name, t.num_blocks, t.block_size) for t in targets], costs, world, rank)
+
+
+def _check_budget(plan: ShardPlan, targets, m: int, itemsize: int, budget) -> None:
+    if budget is None:
+        return
+    chunk = min(CHUNK, -(-share(m, plan.world, 0) // 4))
+    need = itemsize * (m * plan.coordinates() + plan.load() + 3 * chunk * sum(t.numel for t in targets))
+    if need > budget:
+        raise ValueError(f"memory_budget={budget} bytes is too small for this rank's shard: it needs {need} "
+                         f"(gradient slices, inverses of its blocks and a buffer of {chunk} gradients); "
+                         "use more ranks, a smaller block_size or fewer num_grads")
+
+
+def _inverse(g: torch.Tensor, form: str, damp: float, count: int, backend: str):
+    """Inverse of owned blocks g (n, m, c) in ``form``; an empty (0, c, c) tensor for n = 0."""
+    n, _, c = g.shape
+    if form == "diagonal":
+        return (1.0 / (damp + g.square().sum(1) / count)).view(n, 1, 1)
+    if n == 0:
+        return g.new_zeros(0, c, c)
+    return wk.blockwise_inverse(g, damp, count, form=form, backend=backend)
+
+
+def estimate_sharded(model, loader, targets, config, curv, group):
+    """Fill ``curv`` (a Curvature with layouts and keep-masks) with this rank's share (collective)."""
+    check_sharded(config)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    m = config.num_grads
+    dtype = compute_dtype(targets[0].param.dtype)
+    forms, plan = plan_for(targets, config, world, rank)
+    with local_phase(group):
+        _check_budget(plan, targets, m, torch.empty((), dtype=dtype).element_size(), config.memory_budget)
+    shares = [share(m, world, r) for r in range(world)]
+    t0 = time.perf_counter()
+    collector = GradientCollector(model, loader, targets, want_loss_grad=config.woodtaylor, keep_masks=curv.keep,
+                                  loss_fn=config.loss_fn, num_grads=max(1, shares[rank]),
+                                  fisher_batch_size=config.fisher_batch_size, sampled_fisher=config.sampled_fisher,
+                                  seed=config.seed + rank, progress=config.progress and rank == 0,
+                                  batch_adapter=config.batch_adapter)
+    chunk = max(1, min(CHUNK, -(-max(shares) // 4)))
+    chunks = collector.chunks(chunk) if shares[rank] else None
+    owned, per_rank = route_gradients(chunks, targets, plan, shares, chunk, group, dtype, targets[0].param.device)
+    count = sum(per_rank)
+    curv.timings["gradients"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sum_sq = torch.tensor([sum(float(g.double().square().sum()) for g in owned.values())], dtype=torch.float64)
+    curv.stats = FisherStats(float(all_reduce_(sum_sq, group)), count, sum(t.numel for t in targets))
+    curv.damp = resolve_damp(config.damp, curv.stats)
+    with local_phase(group):
+        curv.inverses = {t.name: _inverse(owned[t.name], forms[t.name], curv.damp, count, config.backend)
+                         for t in targets}
+    curv.forms = {n: ("lowrank" if isinstance(v, wk.LowRankInverse) else forms[n]) for n, v in curv.inverses.items()}
+    if config.woodtaylor:
+        curv.loss_grad = _loss_grad(collector, targets, plan, group, count, dtype)
+    curv.shard = Shard(plan, group)
+    curv.timings["inverse"] += time.perf_counter() - t0
+    return curv
+
+
+def _loss_grad(collector, targets, plan, group, count, dtype):
+    """{name: (owned blocks, c)} mean loss gradient over all ranks' gradients (WoodTaylor)."""
+    device = targets[0].param.device
+    local = collector.loss_grad or {}
+    flat = torch.cat([(local[t.name] * collector.count if t.name in local else
+                       torch.zeros(t.numel, dtype=dtype, device=device)).reshape(-1) for t in targets])
+    flat = all_reduce_(flat, group) / count
+    out, offset = {}, 0
+    for t in targets:
+        out[t.name] = t.blocks(flat[offset:offset + t.numel])[slice(*plan.range(t.name))]
+        offset += t.numel
+    return out

@@ -1,0 +1,126 @@
+"""The process group a pruning call runs over, and the few collectives it needs.
+
+Pruning is distributed with ``torch.distributed``, the engine data-parallel training already
+uses: NCCL for CUDA tensors, gloo for CPU tensors. Nothing here chooses a backend: the
+caller initialises the process group (``torchrun`` + ``init_process_group``, or the CLI,
+which picks NCCL when the model is on a GPU and gloo otherwise) and every collective runs on
+the device that backend works on (:func:`comm_device`), so one code path serves both.
+
+Failures: a rank that fails in a local phase (a NaN gradient, an empty loader, a bad option)
+must not leave the others waiting in a collective. :func:`agree` is called after each
+local phase: every rank learns whether any rank failed and all of them raise (a ValueError
+when the failing rank raised one, else a RuntimeError), naming the rank and its message.
+A rank that dies outright is reported by the backend (gloo: "connection closed by peer")
+or, at the latest, when the group's ``timeout`` (``init_process_group(timeout=...)``) expires.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["active_group", "check_group", "describe_group", "comm_device", "agree", "local_phase",
+           "all_gather_flat", "all_reduce_", "share"]
+
+
+def check_group(value: Any) -> Any:
+    """``group`` must be "auto", None or a ``torch.distributed.ProcessGroup``; ValueError otherwise."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    if dist.is_available() and isinstance(value, dist.ProcessGroup):
+        return value
+    raise ValueError(f"group must be 'auto', None or a torch.distributed.ProcessGroup, got {value!r}")
+
+
+def describe_group(value: Any) -> Any:
+    """A JSON-friendly description of a ``group`` option (for reports)."""
+    if value is None or isinstance(value, str):
+        return value
+    return f"ProcessGroup(size={dist.get_world_size(value)})"
+
+
+def active_group(value: Any) -> Optional["dist.ProcessGroup"]:
+    """The group a call is distributed over, or None for a single-process call.
+
+    ``"auto"``: the default group when ``torch.distributed`` is initialised with more than
+    one process; a ProcessGroup: that group when it has more than one process; None: never.
+    """
+    if value is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    group = dist.group.WORLD if isinstance(value, str) else value
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def comm_device(group) -> torch.device:
+    """Where collective buffers must live: the current CUDA device for NCCL, else the CPU."""
+    if "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def share(total: int, world: int, rank: int) -> int:
+    """Rank ``rank``'s part of ``total`` items split as evenly as possible (lower ranks first)."""
+    return total // world + (1 if rank < total % world else 0)
+
+
+def agree(group, error: Optional[BaseException]) -> None:
+    """Collective: raise on every rank if ``error`` is not None on any rank.
+
+    The failing rank re-raises its own exception; the others raise ValueError (when the
+    first failing rank raised a ValueError) or RuntimeError naming that rank and its message.
+    """
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=comm_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not int(flag.item()):
+        return
+    mine = None if error is None else (isinstance(error, ValueError), f"{type(error).__name__}: {error}")
+    every: List[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    if error is not None:
+        raise error
+    rank, (is_value, message) = next((r, e) for r, e in enumerate(every) if e is not None)
+    raise (ValueError if is_value else RuntimeError)(f"rank {rank} failed, so this rank stops too: {message}")
+
+
+@contextmanager
+def local_phase(group):
+    """``with local_phase(group): ...`` runs local work, then :func:`agree` (collective).
+
+    Every rank must enter it the same number of times.
+    """
+    error = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised by agree, on every rank
+        error = exc
+    agree(group, error)
+
+
+def all_reduce_(tensor: torch.Tensor, group, op=None) -> torch.Tensor:
+    """In-place all-reduce (sum by default) through the group's device; returns ``tensor``."""
+    dev = comm_device(group)
+    buf = tensor.to(dev)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM if op is None else op, group=group)
+    if buf is not tensor:
+        tensor.copy_(buf)
+    return tensor
+
+
+def all_gather_flat(flat: torch.Tensor, group) -> List[torch.Tensor]:
+    """Every rank's 1-D tensor (sizes may differ), in rank order, on ``flat``'s device.
+
+    gloo's all_gather needs equal sizes: pieces are padded to the largest.
+    """
+    dev = comm_device(group)
+    world = dist.get_world_size(group)
+    sizes = torch.zeros(world, dtype=torch.int64, device=dev)
+    sizes[dist.get_rank(group)] = flat.numel()
+    dist.all_reduce(sizes, group=group)
+    width = int(sizes.max())
+    mine = torch.zeros(width, dtype=flat.dtype, device=dev)
+    mine[:flat.numel()] = flat.to(dev)
+    out = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(out, mine, group=group)
+    return [o[:int(n)].to(flat.device) for o, n in zip(out, sizes)]

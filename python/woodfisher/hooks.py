@@ -1,0 +1,173 @@
+"""The Fisher fed from the training loop: running block inverses from the optimizer's gradients.
+
+M-FAC's "dynamic" use of the inverse Fisher: the gradients a training loop computes anyway
+are the Fisher's gradients, so gradual pruning needs no extra pass over the data.
+:class:`FisherHook` reads the gradients of the pruned weights before each optimizer step
+(``optimizer.register_step_pre_hook``; or call :meth:`FisherHook.observe` yourself), buffers
+``buffer`` of them and folds them into running dense block inverses with one
+:func:`woodfisher_kernels.woodbury_update_` launch (paper Eq. 2, k rank-one updates at once):
+
+    F^-1 <- (F + G_k^T G_k / N)^-1,   starting from I / damp,
+
+so after N gradients it holds exactly ``(damp I + (1/N) sum_i g_i g_i^T)^-1`` blockwise, the
+inverse :func:`woodfisher.estimate_curvature` builds from the same N gradients. Each
+gradient is the mini-batch mean gradient of one step (the "fisher mini-batch" is the
+training batch). :meth:`FisherHook.curvature` hands the inverses to
+:func:`woodfisher.prune_with`; call :meth:`FisherHook.reset` after pruning (or whenever the
+masks or the weights' parametrisation change) to start a new window.
+
+With DDP the gradients are already averaged over ranks, so every rank holds the same
+inverses. Weights already pruned when the window starts get zero gradients (they stay out
+of the Fisher, as in :mod:`woodfisher.gradients`).
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+import woodfisher_kernels as wk
+
+from .config import PruneConfig, check_int
+from .curvature import Curvature
+from .damping import FisherStats, check_damp
+from .gradients import compute_dtype
+from .targets import resolve_targets
+
+__all__ = ["FisherHook"]
+
+
+class FisherHook:
+    """Running blockwise inverse empirical Fisher fed by a training loop.
+
+    Args:
+        model: the network being trained (DDP / DataParallel wrappers are seen through).
+        num_grads: N, gradients in the Fisher window (also the normaliser 1/N).
+        damp: lambda > 0 (a number: the inverse starts at I / lambda before any gradient).
+        block_size: c (None = whole weights; the inverses are dense ``B c^2`` floats).
+        buffer: k, gradients per ``woodbury_update_`` launch (1 <= k <= N; default min(16, N)).
+        every: use the gradients of one optimizer step in ``every``.
+        modules: weights to track, as :class:`woodfisher.PruneConfig` ``modules``.
+        backend: kernel backend.
+    Attributes:
+        count: gradients folded in or buffered in the current window (at most N).
+        inverses: {weight name: (B, c, c)} running inverses (the buffer is not yet in them).
+    Raises:
+        ValueError: bad arguments (naming them).
+
+    Example::
+
+        hook = FisherHook(model, num_grads=64, damp=1e-4, block_size=128, buffer=16).attach(optimizer)
+        for step, (x, y) in enumerate(loader):
+            optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
+            if hook.ready and step in prune_steps:
+                woodfisher.prune_with(model, hook.curvature(), sparsity_at(step))
+                hook.reset()
+    """
+
+    def __init__(self, model: nn.Module, *, num_grads: int, damp: float, block_size: Optional[int] = None,
+                 buffer: Optional[int] = None, every: int = 1, modules=None, backend: str = "auto"):
+        check_int("num_grads", num_grads)
+        if isinstance(check_damp(damp), str):
+            raise ValueError("damp must be a number > 0 for a running inverse (it starts at I / damp), got 'auto'")
+        buffer = min(16, num_grads) if buffer is None else buffer
+        check_int("buffer", buffer)
+        check_int("every", every)
+        if buffer > num_grads:
+            raise ValueError(f"buffer must be <= num_grads ({num_grads}), got {buffer}")
+        self.config = PruneConfig(sparsity=0.0, block_size=block_size, num_grads=num_grads, damp=float(damp),
+                                  modules=modules, backend=backend, progress=False, group=None)
+        self.model, self.buffer_size, self.every = model, buffer, every
+        self.steps = 0
+        self._handle = None
+        self.reset()
+
+    # ---- window ---------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new window: inverses back to I / damp, weights and masks read again."""
+        self.targets = resolve_targets(self.model, self.config.modules, self.config.block_size)
+        self.dtype = compute_dtype(self.targets[0].param.dtype)
+        self.keep = {t.name: t.keep_mask() for t in self.targets}
+        self.inverses: Dict[str, torch.Tensor] = {}
+        for t in self.targets:
+            eye = torch.eye(t.block_size, dtype=self.dtype, device=t.param.device) / self.config.damp
+            self.inverses[t.name] = eye.expand(t.num_blocks, -1, -1).contiguous()
+        self.count = 0
+        self.stats = FisherStats(numel=sum(t.numel for t in self.targets))
+        self.seconds = 0.0
+        self._pending: List[Dict[str, torch.Tensor]] = []
+
+    @property
+    def ready(self) -> bool:
+        """True once the window holds N gradients (later steps are ignored until :meth:`reset`)."""
+        return self.count >= self.config.num_grads
+
+    # ---- feeding --------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer) -> "FisherHook":
+        """Read the gradients before every ``optimizer.step()``; returns self."""
+        self.detach()
+        self._handle = optimizer.register_step_pre_hook(self._before_step)
+        return self
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self.observe()
+
+    def detach(self) -> None:
+        """Stop reading the optimizer's steps."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @torch.no_grad()
+    def observe(self) -> bool:
+        """Take the current ``.grad`` of the tracked weights (one optimizer step); True if used."""
+        self.steps += 1
+        if self.ready or (self.steps - 1) % self.every:
+            return False
+        grads = {}
+        for t in self.targets:
+            g = t.param.grad
+            g = torch.zeros(t.shape, dtype=self.dtype, device=t.param.device) if g is None else g.to(self.dtype)
+            if not bool(torch.isfinite(g).all()):
+                raise ValueError(f"gradient of {t.name!r} contains NaN or Inf; step not used")
+            grads[t.name] = (g * self.keep[t.name]).reshape(-1)
+        self._pending.append(grads)
+        self.count += 1
+        if len(self._pending) == self.buffer_size or self.ready:
+            self.flush()
+        return True
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Fold the buffered gradients into the inverses (one ``woodbury_update_`` per weight)."""
+        if not self._pending:
+            return
+        start = time.perf_counter()
+        for t in self.targets:
+            g = torch.stack([p[t.name] for p in self._pending])
+            self.stats.sum_sq += float(g.double().square().sum())
+            wk.woodbury_update_(self.inverses[t.name], t.grad_blocks(g), self.config.num_grads,
+                                backend=self.config.backend, check_finite=False)
+        self.stats.count += len(self._pending)
+        self._pending = []
+        self.seconds += time.perf_counter() - start
+
+    # ---- pruning --------------------------------------------------------------------
+    def curvature(self) -> Curvature:
+        """The current window as a :class:`woodfisher.curvature.Curvature` for :func:`woodfisher.prune_with`.
+
+        The inverses are the hook's own tensors (not copies): prune, then :meth:`reset`.
+        Before N gradients the Fisher term is scaled by ``count / N`` (the normaliser is N).
+        Raises:
+            ValueError: no gradient observed yet.
+        """
+        if self.count == 0:
+            raise ValueError("FisherHook has observed no gradient yet: run optimizer steps first")
+        self.flush()
+        config = self.config.replace(modules=tuple(t.name for t in self.targets))
+        return Curvature("blockwise", config, {t.name: t.layout() for t in self.targets},
+                         inverses=dict(self.inverses), forms={t.name: "stream" for t in self.targets},
+                         damp=self.config.damp, stats=self.stats, keep=dict(self.keep),
+                         timings={"gradients": 0.0, "inverse": self.seconds})

@@ -1,0 +1,86 @@
+"""Measuring tensor memory: a CPU stand-in for ``torch.cuda.max_memory_allocated``.
+
+:class:`TensorMemoryMeter` is a ``TorchDispatchMode`` that sees every tensor an op returns
+while it is active, counts the bytes of each new storage until the last tensor that
+references it (views included) is garbage, and keeps the peak. Storages created outside the
+meter (the model's weights, the data) are never counted, nor are allocations declared as
+host memory with :func:`host_allocations` (the pinned host store of
+:mod:`woodfisher.offload`), so on a CPU-only machine the meter measures what would live on
+the accelerator. On CUDA, ``torch.cuda.max_memory_allocated`` is the authoritative figure.
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import Dict, List
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["TensorMemoryMeter", "host_allocations"]
+
+_HOST_DEPTH = [0]
+
+
+@contextmanager
+def host_allocations():
+    """Context: tensors created inside are host memory (not counted by a :class:`TensorMemoryMeter`)."""
+    _HOST_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _HOST_DEPTH[0] -= 1
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, meta, subclasses)
+        return 0
+
+
+class TensorMemoryMeter(TorchDispatchMode):
+    """``with TensorMemoryMeter() as meter: ...`` then ``meter.peak`` (bytes).
+
+    Attributes:
+        peak: largest number of bytes of counted storages alive at once.
+        current: bytes of counted storages alive now.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: Dict[int, List[int]] = {}   # storage pointer -> [bytes, tensors referencing it]
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, ptr: int) -> None:
+        rec = self.live.get(ptr)
+        if rec is None:
+            return
+        rec[1] -= 1
+        if rec[1] == 0:
+            self.current -= rec[0]
+            del self.live[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            ptr = _storage_ptr(t)
+            if ptr == 0:
+                continue
+            rec = self.live.get(ptr)
+            if rec is None:
+                if _HOST_DEPTH[0]:
+                    continue
+                inputs = {_storage_ptr(a) for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+                if ptr in inputs:  # a view or in-place result of a storage made outside the meter
+                    continue
+                rec = self.live[ptr] = [t.untyped_storage().nbytes(), 0]
+                self.current += rec[0]
+                self.peak = max(self.peak, self.current)
+            rec[1] += 1
+            weakref.finalize(t, self._release, ptr)
+        return out

@@ -1,0 +1,226 @@
+"""Distributed WoodFisher on 2 and 3 gloo processes (CPU) against the single-process run.
+
+Each world size is one spawn of processes that runs every scenario of ``_dist_worker`` (a
+spawn costs seconds of imports); the processes write their results and the assertions are
+here. "The same gradients": rank 0's reference run reads the ranks' batches one after the
+other, which is the rank-major gradient order of the distributed collection. Every spawn is
+bounded in time (collectives time out after 120 s, the test after ``LIMIT`` s).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import _dist_worker as worker
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+LIMIT = 420
+COMPARED = ["mlp_global", "mlp_layerwise", "mlp_whole_layers", "mlp_two_steps_diag", "r20", "ddp", "fsdp",
+            "empty_shard"]
+SUITES = {2: COMPARED + ["mlp_woodtaylor", "memory_r20", "memory_mlp", "two_phase", "ties", "failure"],
+          3: ["mlp_global", "mlp_whole_layers", "r20", "empty_shard", "memory_r20", "memory_mlp", "memory_small",
+              "ties"]}
+PREFIXES = ("_fsdp_wrapped_module.", "module.")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, world, args, limit):
+    """Run fn(rank, world, port, *args) in ``world`` processes; fail the test after ``limit`` s.
+
+    Plain processes (not torch's spawn context, which kills the others when one exits: the
+    test of a dying rank needs the survivors to run on), forked from a forkserver that
+    imported everything once (each fresh interpreter would spend seconds importing torch).
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["_dist_worker"])  # torch, woodfisher, torch._dynamo imported once
+    port = _free_port()
+    procs = [ctx.Process(target=fn, args=(rank, world, port, *args), daemon=True) for rank in range(world)]
+    # the forkserver starts with the first process: one thread per process, and the tests
+    # directory on its path (Python 3.11's forkserver ignores the parent's sys.path)
+    env = {"OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    deadline = time.monotonic() + limit
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    if alive:
+        pytest.fail(f"distributed run did not finish within {limit} s (a hang)")
+    return [p.exitcode for p in procs]
+
+
+def _load(out, name, world):
+    runs = [torch.load(os.path.join(out, f"{name}.rank{r}.pt"), weights_only=False) for r in range(world)]
+    for r, res in enumerate(runs):
+        assert "crash" not in res, f"rank {r} crashed in {name}:\n{res['crash']}"
+    return runs
+
+
+def _run_suite(world, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp(f"dist{world}"))
+    codes = _spawn(worker.run_suite, world, (out, SUITES[world]), LIMIT)
+    assert codes == [0] * world, f"exit codes {codes}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def suite2(tmp_path_factory):
+    return _run_suite(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def suite3(tmp_path_factory):
+    return _run_suite(3, tmp_path_factory)
+
+
+def _results(request, world, scenario):
+    return _load(request.getfixturevalue(f"suite{world}"), scenario, world)
+
+
+def _cases(*scenarios):
+    return [(w, s) for w in sorted(SUITES) for s in scenarios if s in SUITES[w]]
+
+
+def _strip(name: str) -> str:
+    for p in PREFIXES:
+        if name.startswith(p):
+            return name[len(p):]
+    return name
+
+
+@pytest.mark.parametrize("world,scenario", _cases(*COMPARED))
+def test_masks_identical_weights_within_roundoff(request, world, scenario):
+    runs = _results(request, world, scenario)
+    first = runs[0]
+    ref_masks = first["ref_masks"]
+    masks = {_strip(k): v for k, v in first["masks"].items()}
+    assert set(masks) == set(ref_masks)
+    for name, keep in ref_masks.items():
+        assert torch.equal(masks[name], keep), f"{scenario}: mask of {name} differs in {(masks[name] != keep).sum()}"
+    weights = {_strip(k): v for k, v in first["weights"].items()}
+    for name, ref in first["ref_weights"].items():
+        scale = float(ref.abs().max()) if ref.numel() else 1.0
+        assert torch.allclose(weights[name], ref, rtol=0, atol=1e-5 * max(scale, 1e-3)), \
+            f"{scenario}: {name} differs by {float((weights[name] - ref).abs().max())}"
+    for r, res in enumerate(runs[1:], 1):  # every rank ends with the same model and masks
+        for k, v in res["weights"].items():
+            assert torch.equal(v, first["weights"][k]), f"{scenario}: rank {r} has other weights in {k}"
+        for k, v in res["masks"].items():
+            assert torch.equal(v, first["masks"][k])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank (2 GPUs)")
+def test_nccl_on_gpus_runs_the_same_code(tmp_path):
+    """The NCCL path: the same scenarios, every tensor on the rank's GPU (backend chosen by device)."""
+    scenarios = ["mlp_global", "mlp_layerwise", "r20", "ddp"]
+    assert _spawn(worker.run_suite, 2, (str(tmp_path), scenarios, "nccl"), LIMIT) == [0, 0]
+    for name in scenarios:
+        first = _load(str(tmp_path), name, 2)[0]
+        masks = {_strip(k): v for k, v in first["masks"].items()}
+        for key, keep in first["ref_masks"].items():
+            assert torch.equal(masks[key], keep), name
+
+
+def test_woodtaylor_matches_single_process(request):
+    first = _results(request, 2, "mlp_woodtaylor")[0]
+    # the mean loss gradient is summed in another order: masks may differ only at exact near-ties
+    agree = sum(int((first["masks"][k] == v).sum()) for k, v in first["ref_masks"].items())
+    total = sum(v.numel() for v in first["ref_masks"].values())
+    assert agree >= total - 2
+    for name, ref in first["ref_weights"].items():
+        both = first["masks"].get(name, torch.ones_like(ref, dtype=torch.bool))
+        assert torch.allclose(first["weights"][name][both], ref[both], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("world,scenario", _cases("memory_r20", "memory_mlp"))
+def test_inverse_memory_per_rank_is_total_over_world(request, world, scenario):
+    runs = _results(request, world, scenario)
+    total, max_block = runs[0]["total"], runs[0]["max_block"]
+    owned = [r["owned"] for r in runs]
+    assert sum(owned) == total  # the shards are a partition of the blocks
+    assert max(owned) <= total / world + max_block, (owned, total, max_block)
+
+
+def test_a_rank_may_own_no_block(request):
+    runs = _results(request, 3, "memory_small")  # two whole-layer blocks, three ranks
+    assert any(sum(r["owned_blocks"].values()) == 0 for r in runs)
+
+
+def test_two_phase_api_and_layerwise_override(request):
+    first = _results(request, 2, "two_phase")[0]
+    for sparsity in (0.5, 0.9):
+        for name, keep in first[f"ref{sparsity}"].items():
+            assert torch.equal(first[sparsity][name], keep)
+
+
+@pytest.mark.parametrize("world", sorted(SUITES))
+def test_distributed_selection_breaks_ties_like_select_masks(request, world):
+    for r, res in enumerate(_results(request, world, "ties")):
+        for key, value in res.items():
+            if key == "seconds":
+                continue
+            got, ref = value
+            for g, e in zip(got, ref):
+                assert torch.equal(g, e), f"rank {r}, {key}"
+
+
+def test_failure_on_one_rank_raises_on_every_rank(request):
+    runs = _results(request, 2, "failure")
+    for r, res in enumerate(runs):
+        assert res["error"] is not None and res["error"][0] == "ValueError", res["error"]
+        assert "NaN" in res["error"][1]
+        assert res["unchanged"], f"rank {r} changed its model in a failed call"
+    assert "rank 1" in runs[0]["error"][1]
+
+
+def test_a_dying_rank_is_an_error_not_a_hang(tmp_path):
+    start = time.monotonic()
+    codes = _spawn(worker.run_dying, 2, (str(tmp_path),), 150)
+    assert codes == [0, 3], codes
+    res = torch.load(os.path.join(tmp_path, "dying.rank0.pt"), weights_only=False)
+    assert res["error"] is not None
+    assert time.monotonic() - start < 150
+    assert not os.path.exists(os.path.join(tmp_path, "dying.rank1.pt"))
+
+
+def test_cli_prune_under_torchrun_environment(tmp_path):
+    """What ``torchrun --nproc-per-node 2 -m woodfisher prune ...`` does: env vars, gloo on the CPU."""
+    from woodfisher.checkpoint import save_state_dict
+    from woodfisher.data import load_digits
+    from woodfisher.demo import train_digits_mlp
+
+    ckpt = str(save_state_dict(train_digits_mlp(load_digits("train"), epochs=2, seed=0), tmp_path / "digits.pt"))
+    out = tmp_path / "run"
+    out.mkdir()
+    assert _spawn(worker.run_cli, 2, (str(out), ckpt), LIMIT) == [0, 0]
+    for r in range(2):
+        res = torch.load(out / f"cli.rank{r}.pt", weights_only=False)
+        assert res == {"code": 0, "initialised_after": False}   # the command made and destroyed its group
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and abs(report["sparsity"] - 0.8) < 1e-3
+    masks = torch.load(out / "masks.pt", weights_only=True)
+    state = torch.load(out / "pruned.pt", weights_only=True)
+    for name, keep in masks.items():
+        assert torch.all(state[name][~keep] == 0)
