@@ -9,7 +9,6 @@ is extrapolated linearly and labelled as such in the record.
 """
 from __future__ import annotations
 
-import copy
 import gc
 from typing import Callable, Dict, List, Optional
 
@@ -79,8 +78,7 @@ def _free(device):
 def _apply(out, idx: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
     """Sampled blocks of the built inverse applied to probes (S, c, r)."""
     if isinstance(out, LowRankInverse):
-        sub = copy.copy(out)
-        sub.factor, sub.diag_cached = out.factor[idx], out.diag_cached[idx]
+        sub = out.select(idx)
         return sub.matmat(probes)
     return torch.bmm(out[idx], probes)
 

@@ -109,7 +109,7 @@ def test_group_ops_refuse_bad_index():
         wk.gather_rows(inv, torch.full((2, 1, 2), 5))
     with pytest.raises(ValueError, match="index must have 2 blocks"):
         wk.gather_subblocks(inv, torch.zeros(3, 1, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match="index must have dtype"):
+    with pytest.raises(ValueError, match="groups must have dtype"):
         wk.group_obs_saliency(inv, w, torch.zeros(2, 1, 2))
     groups = torch.tensor([[[0, 1]], [[2, 3]]])
     with pytest.raises(ValueError, match="prune must have shape"):

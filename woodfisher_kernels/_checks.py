@@ -77,13 +77,17 @@ def check_mask(name: str, mask: torch.Tensor, ref_name: str, ref: torch.Tensor) 
         raise ValueError(f"{name} must have shape {tuple(ref.shape)}, got {tuple(mask.shape)}")
 
 
-def check_index(name: str, index: torch.Tensor, num_blocks: int, block_size: int, device) -> None:
-    """Check a (B, G, q) int64 index tensor with entries in [0, block_size)."""
+def check_index(name: str, index: torch.Tensor, num_blocks: int, device) -> None:
+    """Check a (B, G, q) int64 / int32 index tensor on ``device`` (entries: :func:`check_index_range`)."""
     check_tensor(name, index, 3, dtypes=(torch.int64, torch.int32), finite=False)
     if index.device != device:
         raise ValueError(f"{name} is on {index.device} but the blocks are on {device}")
     if index.shape[0] != num_blocks:
         raise ValueError(f"{name} must have {num_blocks} blocks in dim 0, got shape {tuple(index.shape)}")
+
+
+def check_index_range(name: str, index: torch.Tensor, block_size: int) -> None:
+    """Check that every entry of ``index`` lies in [0, block_size) (reads the tensor)."""
     lo, hi = int(index.min()), int(index.max())
     if lo < 0 or hi >= block_size:
         raise ValueError(f"{name} entries must lie in [0, {block_size}), got range [{lo}, {hi}]")
