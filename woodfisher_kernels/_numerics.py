@@ -104,13 +104,14 @@ def condition_estimate(grads: torch.Tensor, damp: float, num_samples: Optional[f
 
 def _failure_message(op: str, dtype, idx: torch.Tensor, total: int, kappa: torch.Tensor, damp_text: str,
                      tried64: bool) -> str:
+    """The ValueError text: which blocks, the damp, the measured kappa, what to change."""
     worst = float(kappa.max()) if kappa.numel() else float("nan")
     first = idx[:5].tolist()
     head = (f"{op}: {idx.numel()} of {total} blocks (first: {first}) gave a non-finite inverse or a "
             f"diagonal entry <= 0 in {str(dtype).replace('torch.', '')}")
     if tried64:
         head += " and again when recomputed in float64"
-    return (f"{head}, at {damp_text}; measured kappa = lambda_max(G^T G / N) / damp = {worst:.3g} "
+    return (f"{head}, at {damp_text}; measured kappa = {worst:.3g} "
             f"(float32 keeps no digits beyond kappa ~ 1e6). Increase damp (the pruner's damp='auto' "
             f"chooses it from the gradients' scale)"
             + ("." if tried64 or dtype == torch.float64 else
@@ -159,7 +160,8 @@ def guarded_fisher_inverse(impl, grads: torch.Tensor, damp: float, num_samples: 
         bad = bad_blocks(out)
     repair("fisher_inverse", (out,), bad, on_failure,
            lambda idx: _wrap(woodbury_blocks(grads[idx].double(), num_samples, None, damp)),
-           lambda idx: gram_lmax(grads[idx]) / (num_samples * damp), f"damp={damp:g}")
+           lambda idx: gram_lmax(grads[idx]) / (num_samples * damp),
+           f"damp={damp:g} (kappa = lambda_max(G^T G / N) / damp)")
     return out
 
 
@@ -185,5 +187,5 @@ def guarded_woodbury_update_(impl, inv: torch.Tensor, grads: torch.Tensor, num_s
 
     repair("woodbury_update_", (new,), bad, on_failure,
            lambda idx: _wrap(woodbury_blocks(grads[idx].double(), num_samples, inv[idx].double())),
-           kappa_of, "the damp of the inverse (1 / lambda_max(inv))")
+           kappa_of, "the damp of the inverse, 1 / lambda_max(inv) (kappa = lambda_max(inv) lambda_max(G^T G / N))")
     inv.copy_(new)

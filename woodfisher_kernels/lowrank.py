@@ -100,7 +100,7 @@ class LowRankInverse:
             return ~torch.isfinite(fixed[0].sum(dim=(1, 2))) | ~(fixed[1] > 0).all(dim=1)
 
         num.repair("lowrank_inverse", (factor, diag), bad, on_failure, recompute64, kappa_of,
-                   f"damp={self.damp:g}", check)
+                   f"damp={self.damp:g} (kappa = lambda_max(G^T G / N) / damp)", check)
         self.factor, self.diag_cached = factor, diag
 
     @property
