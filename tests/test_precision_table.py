@@ -24,11 +24,10 @@ import itertools
 
 import pytest
 import torch
+from _shared import backend_params, is_interpreted
 
 import woodfisher_kernels as wk
 from woodfisher_kernels import testing
-
-from _shared import backend_params, is_interpreted
 
 SIZES = (64, 257)
 DAMPS = (1e-8, 1e-5, 1e-1)
