@@ -36,16 +36,15 @@ import time
 from typing import Dict, List
 
 import torch
+from woodfisher import GradientCollector, prune_one_shot, resolve_layers, select_masks
+from woodfisher.checkpoint import load_checkpoint
+from woodfisher.data import evaluate, load_cifar10, load_mnist, make_loader, subset
+from woodfisher.models import MLPNET_PRUNABLE, MODEL_SPECS, RESNET20_PRUNABLE
+from woodfisher.reports import plot_accuracy_vs_sparsity
+
+import woodfisher_kernels as wk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "python"))
-
-import woodfisher_kernels as wk  # noqa: E402
-from woodfisher import GradientCollector, prune_one_shot, resolve_layers, select_masks  # noqa: E402
-from woodfisher.checkpoint import load_checkpoint  # noqa: E402
-from woodfisher.data import evaluate, load_cifar10, load_mnist, make_loader, subset  # noqa: E402
-from woodfisher.models import MLPNET_PRUNABLE, MODEL_SPECS, RESNET20_PRUNABLE  # noqa: E402
-from woodfisher.reports import plot_accuracy_vs_sparsity  # noqa: E402
 
 SPARSITIES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98]
 FIELDS = ["model", "method", "mode", "sparsity_target", "sparsity_actual", "seed", "accuracy",

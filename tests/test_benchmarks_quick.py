@@ -5,17 +5,13 @@ Baselines (a) (paper loop) and (b) (einsum + baddbmm per gradient) must equal
 ``side_by_side.py --quick`` and the ResNet-50 step script (tiny stand-in model) run.
 """
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
-
-import baselines  # noqa: E402
-import woodfisher_kernels as wk  # noqa: E402
+import woodfisher_kernels as wk
+from benchmarks import _common as cm
+from benchmarks import baselines, resnet50_step, side_by_side
 
 
 def _dense_reference(grads, damp, n):
@@ -56,7 +52,6 @@ def test_baselines_refuse_bad_input():
 
 
 def test_float64_apply_reference_both_paths():
-    import _common as cm
     g = torch.randn(2, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     v = torch.randn(2, 7, 3, dtype=torch.float64)
     want = _dense_reference(g, 0.2, 5.0) @ v
@@ -69,7 +64,6 @@ def test_float64_apply_reference_both_paths():
 
 
 def test_side_by_side_quick_runs(tmp_path):
-    import side_by_side
     res = side_by_side.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     recs = [r for r in res["records"] if "error" not in r]
     methods = {r["method"] for r in recs if r["section"] == "build"}
@@ -86,7 +80,6 @@ def test_side_by_side_quick_runs(tmp_path):
 
 
 def test_resnet50_step_smoke_runs():
-    import resnet50_step
     res = resnet50_step.main(["--model", "smoke", "--device", "cpu", "--api", "ops", "--no-warmup",
                               "--sparsity", "0.5"])
     run = res["runs"][0]
