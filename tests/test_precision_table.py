@@ -29,33 +29,15 @@ from _shared import backend_params, is_interpreted
 import woodfisher_kernels as wk
 from woodfisher_kernels import testing
 
-SIZES = (64, 257)
-DAMPS = (1e-8, 1e-5, 1e-1)
-SCALES = (1e-6, 1.0, 1e6)
 TRITON_SUBSET = {(1e-8, 1e-6), (1e-5, 1.0), (1e-1, 1e6), (1e-8, 1.0)}      # (damp, scale) on c = 64
-STREAM_CHUNK = 64
-
-
-def _grads(b, m, c, scale, rank1, seed=0):
-    gen = torch.Generator().manual_seed(seed + 7 * c + m)
-    if rank1:
-        g = torch.randn(b, m, 1, generator=gen, dtype=torch.float64) * torch.randn(b, 1, c, generator=gen,
-                                                                                     dtype=torch.float64)
-    else:
-        g = torch.randn(b, m, c, generator=gen, dtype=torch.float64)
-    return (g * scale).float()
-
-
-def _table():
-    for c, half, damp, scale, rank1 in itertools.product(SIZES, (True, False), DAMPS, SCALES, (False, True)):
-        yield c, (c // 2 if half else 2 * c + 1), damp, scale, rank1
 
 
 def _cases():
-    for (backend, device), (c, m, damp, scale, rank1) in itertools.product(backend_params(), _table()):
+    for (backend, device), (c, m, damp, scale, rank1) in itertools.product(backend_params(),
+                                                                           testing.precision_cases()):
         if (backend, device) == ("torch", "cuda"):
             continue                                    # same code as torch on the CPU
-        forms = ("build", "stream") + (("lowrank",) if backend == "torch" else ())
+        forms = testing.FORMS if backend == "torch" else ("build", "stream")
         if is_interpreted(backend, device):
             small = c == 64 and (damp, scale) in TRITON_SUBSET
             one_big = (c, m, damp, scale, rank1) == (257, 128, 1e-5, 1.0, False)
@@ -67,26 +49,14 @@ def _cases():
                                id=f"{backend}-{form}-c{c}-m{m}-d{damp:g}-s{scale:g}{'-rank1' if rank1 else ''}")
 
 
-def _build(form, backend, grads, damp):
-    b, m, c = grads.shape
-    if form == "build":
-        return wk.fisher_inverse(grads, damp, backend=backend)
-    if form == "lowrank":
-        return wk.lowrank_inverse(grads, damp).dense()
-    inv = torch.eye(c, device=grads.device).div(damp).expand(b, c, c).contiguous()
-    for start in range(0, m, STREAM_CHUNK):
-        wk.woodbury_update_(inv, grads[:, start:start + STREAM_CHUNK].contiguous(), m, backend=backend)
-    return inv
-
-
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN from a kernel: recomputed
 @pytest.mark.parametrize("backend,device,form,c,m,damp,scale,rank1", list(_cases()))
 def test_stated_accuracy_or_stated_error(backend, device, form, c, m, damp, scale, rank1):
-    grads = _grads(1 if is_interpreted(backend, device) else 2, m, c, scale, rank1)
+    grads = testing.synthetic_grads(1 if is_interpreted(backend, device) else 2, m, c, scale, rank1)
     ref = testing.svd_inverse(grads, damp)
     kappa = float(ref.kappa.max())
     try:
-        inv = _build(form, backend, grads.to(device), damp).cpu()
+        inv = testing.build_inverse(form, grads.to(device), damp, backend).cpu()
     except ValueError as exc:
         limit_dtype = torch.float32 if form == "stream" else torch.float64
         assert wk.error_bound(kappa, limit_dtype) >= 1.0, f"refused at kappa {kappa:.3g}: {exc}"
@@ -103,8 +73,8 @@ def test_stated_accuracy_or_stated_error(backend, device, form, c, m, damp, scal
 
 def test_the_table_reaches_every_regime():
     """The table covers accurate float32, float32 failures recomputed in float64, and refusals."""
-    kappas = [float(testing.svd_inverse(_grads(1, m, c, s, r), d).kappa.max())
-              for c, m, d, s, r in _table() if c == 64]
+    kappas = [float(testing.svd_inverse(testing.synthetic_grads(1, m, c, s, r), d).kappa.max())
+              for c, m, d, s, r in testing.precision_cases(block_sizes=(64,))]
     bounds = [wk.error_bound(k) for k in kappas]
     assert min(bounds) < 1e-5 and any(1e-3 < b < 1 for b in bounds)
     assert any(b >= 1 and wk.error_bound(k, torch.float64) < 1e-3 for k, b in zip(kappas, bounds))
@@ -112,10 +82,8 @@ def test_the_table_reaches_every_regime():
 
 
 def test_condition_estimate_brackets_the_exact_kappa():
-    for c, m, damp, scale, rank1 in _table():
-        if c != 64 or damp != 1e-5:
-            continue
-        grads = _grads(2, m, c, scale, rank1)
+    for c, m, damp, scale, rank1 in testing.precision_cases(block_sizes=(64,), damps=(1e-5,)):
+        grads = testing.synthetic_grads(2, m, c, scale, rank1)
         exact = testing.svd_inverse(grads, damp).kappa
         est = wk.condition_estimate(grads, damp)
         upper = wk.condition_estimate(grads, damp, upper=True)

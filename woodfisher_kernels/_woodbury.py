@@ -75,10 +75,16 @@ def woodbury_blocks(grads: torch.Tensor, num_samples: float, inv: Optional[torch
     k_max = max(1, min(chunk or chunk_size(c), num_grads))
     out = torch.empty(num_blocks, c, c, dtype=dtype, device=device)
     bad = torch.zeros(num_blocks, dtype=torch.bool, device=device)
-    u_buf = torch.empty(tile, c, k_max, dtype=dtype, device=device)
-    s_buf = torch.empty(tile, k_max, k_max, dtype=dtype, device=device)
-    w_buf = torch.empty(tile, k_max, c, dtype=dtype, device=device)
-    eye = torch.eye(k_max, dtype=torch.float64, device=device)
+    buffers = {}                          # (t, k) -> contiguous scratch (out= on a slice is slow)
+
+    def scratch(t: int, k: int):
+        if (t, k) not in buffers:
+            buffers[(t, k)] = (torch.empty(t, c, k, dtype=dtype, device=device),
+                               torch.empty(t, k, k, dtype=dtype, device=device),
+                               torch.empty(t, k, c, dtype=dtype, device=device),
+                               torch.eye(k, dtype=torch.float64, device=device).expand(t, k, k))
+        return buffers[(t, k)]
+
     eye_c = None if inv is not None else torch.eye(c, dtype=dtype, device=device).div_(damp).unsqueeze(0)
     for b0 in range(0, num_blocks, tile):
         o = out[b0:b0 + tile]
@@ -88,7 +94,7 @@ def woodbury_blocks(grads: torch.Tensor, num_samples: float, inv: Optional[torch
         for j in range(0, num_grads, k_max):
             gk = g[:, j:j + k_max]
             k = gk.shape[1]
-            u, s, w = u_buf[:t, :, :k], s_buf[:t, :k, :k], w_buf[:t, :k]
+            u, s, w, eye = scratch(t, k)
             first = j == 0 and inv is None
             if first:                                   # U = G^T / damp: S = G G^T / damp + N I
                 torch.bmm(gk, gk.transpose(1, 2), out=s)
@@ -101,7 +107,7 @@ def woodbury_blocks(grads: torch.Tensor, num_samples: float, inv: Optional[torch
             s64.diagonal(dim1=1, dim2=2).add_(num_samples)
             chol, info = torch.linalg.cholesky_ex(s64)
             failed |= info != 0
-            linv = torch.linalg.solve_triangular(chol, eye[:k, :k].expand(t, k, k), upper=False)
+            linv = torch.linalg.solve_triangular(chol, eye, upper=False)
             if first:                                   # W = L^-1 G / damp; F^-1 = I / damp - W^T W
                 torch.bmm(linv.div_(damp).to(dtype), gk, out=w)
                 torch.baddbmm(eye_c, w.transpose(1, 2), w, alpha=-1.0, out=o)

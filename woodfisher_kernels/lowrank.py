@@ -11,7 +11,7 @@ products (each ~m^2 c flops: only the lower block-triangle of the Gram and the n
 blocks of the triangular L^-1 are multiplied); only the m x m factorisation (Cholesky
 and triangular inverse of K, ~m^3 / 2 flops) runs in float64, and the diagonal is
 accumulated in float64. This keeps the diagonal within 1e-6 of a float64 computation on
-ResNet-20 gradients at damp 1e-5 (benchmarks/results/lowrank_cpu.md). The stated bound
+ResNet-20 gradients at damp 1e-5 (benchmarks/results/cpu_fallback.md). The stated bound
 of :mod:`._numerics` holds; blocks that fail (non-finite factor, diagonal <= 0, K not
 positive definite in float64) are recomputed in float64 or refused (``on_failure``).
 

@@ -10,20 +10,27 @@ Public and stable, so test suites and benchmark scripts never import private mod
 - :func:`svd_inverse`: float64 reference built from the SVD of the gradients, accurate
   at any kappa (no cancellation; see its docstring), with the exact kappa;
 - :func:`diag_error`, :func:`spectral_error`: the per-block relative errors that the
-  stated bound (:func:`woodfisher_kernels.error_bound`) is about.
+  stated bound (:func:`woodfisher_kernels.error_bound`) is about;
+- :func:`precision_cases`, :func:`synthetic_grads`, :func:`build_inverse`: the precision
+  table (tests/test_precision_table.py, benchmarks/precision_table.py) and its three
+  ways of building an inverse (one-shot, streaming, low-rank).
 
 Shapes: B blocks of size c, m gradients per block.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Tuple
+import itertools
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
 from . import _dispatch
+from .ops import fisher_inverse, lowrank_inverse, woodbury_update_
 
 __all__ = ["implementation", "backends", "dense_fisher", "dense_inverse", "SvdReference", "svd_inverse",
-           "diag_error", "spectral_error"]
+           "diag_error", "spectral_error", "precision_cases", "synthetic_grads", "build_inverse", "FORMS"]
+
+FORMS = ("build", "stream", "lowrank")
 
 
 def backends(op: str) -> Tuple[str, ...]:
@@ -100,3 +107,40 @@ def diag_error(inv: torch.Tensor, ref_diag: torch.Tensor) -> torch.Tensor:
 def spectral_error(inv: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Relative error in the spectral norm per block: ``||inv - ref||_2 / ||ref||_2`` -> (B,)."""
     return torch.linalg.matrix_norm(inv.double() - ref, 2) / torch.linalg.matrix_norm(ref, 2)
+
+
+def precision_cases(block_sizes=(64, 257), damps=(1e-8, 1e-5, 1e-1), scales=(1e-6, 1.0, 1e6)
+                    ) -> Iterator[Tuple[int, int, float, float, bool]]:
+    """The precision table: (c, m, damp, scale, rank1) for m in {c // 2, 2c + 1}, Gaussian and rank-1."""
+    for c, half, damp, scale, rank1 in itertools.product(block_sizes, (True, False), damps, scales, (False, True)):
+        yield c, (c // 2 if half else 2 * c + 1), damp, scale, rank1
+
+
+def synthetic_grads(num_blocks: int, m: int, c: int, scale: float = 1.0, rank1: bool = False,
+                    seed: int = 0) -> torch.Tensor:
+    """float32 (B, m, c) gradients: i.i.d. Gaussian, or rank-1 ``a_i v^T`` per block, times ``scale``."""
+    gen = torch.Generator().manual_seed(seed + 7 * c + m)
+    if rank1:
+        g = torch.randn(num_blocks, m, 1, generator=gen, dtype=torch.float64) * \
+            torch.randn(num_blocks, 1, c, generator=gen, dtype=torch.float64)
+    else:
+        g = torch.randn(num_blocks, m, c, generator=gen, dtype=torch.float64)
+    return (g * scale).float()
+
+
+def build_inverse(form: str, grads: torch.Tensor, damp: float, backend: str = "auto", *,
+                  on_failure: str = "recompute", stream_chunk: int = 64) -> torch.Tensor:
+    """Dense (B, c, c) inverse by ``form``: "build" (``fisher_inverse``), "stream" (``woodbury_update_``
+    from I/damp, ``stream_chunk`` gradients at a time, N = m) or "lowrank" (``lowrank_inverse``, torch)."""
+    b, m, c = grads.shape
+    if form == "build":
+        return fisher_inverse(grads, damp, backend=backend, on_failure=on_failure)
+    if form == "lowrank":
+        return lowrank_inverse(grads, damp, on_failure=on_failure).dense()
+    if form != "stream":
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    inv = torch.eye(c, device=grads.device, dtype=grads.dtype).div(damp).expand(b, c, c).contiguous()
+    for start in range(0, m, stream_chunk):
+        woodbury_update_(inv, grads[:, start:start + stream_chunk].contiguous(), m, backend=backend,
+                         on_failure=on_failure)
+    return inv
