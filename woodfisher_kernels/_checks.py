@@ -37,6 +37,14 @@ def check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+def check_all_finite(enabled: bool, **tensors) -> None:
+    """:func:`check_finite` on every tensor given by keyword (None skipped) when ``enabled``."""
+    if enabled:
+        for name, x in tensors.items():
+            if x is not None:
+                check_finite(name, x)
+
+
 def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, shape=None) -> None:
     """Check device, dtype and (optionally) shape of ``x`` against ``ref``."""
     if x.device != ref.device:

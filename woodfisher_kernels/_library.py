@@ -62,17 +62,10 @@ def _(inv, grads, num_samples, backend, on_failure, check_finite):
     return None
 
 
-def _finite(check_finite: bool, **tensors) -> None:
-    if check_finite:
-        for name, x in tensors.items():
-            if x is not None:
-                chk.check_finite(name, x)
-
-
 @_op("obs_saliency")
 def obs_saliency(inv: Tensor, weights: Tensor, loss_grad: Optional[Tensor], backend: str,
                  check_finite: bool) -> Tensor:
-    _finite(check_finite, inv=inv, weights=weights, loss_grad=loss_grad)
+    chk.check_all_finite(check_finite, inv=inv, weights=weights, loss_grad=loss_grad)
     return select("obs_saliency", backend, inv)(inv, weights, loss_grad)
 
 
@@ -84,7 +77,7 @@ def _(inv, weights, loss_grad, backend, check_finite):
 @_op("obs_update")
 def obs_update(inv: Tensor, weights: Tensor, prune_mask: Tensor, loss_grad: Optional[Tensor], backend: str,
                check_finite: bool) -> Tensor:
-    _finite(check_finite, inv=inv, weights=weights, loss_grad=loss_grad)
+    chk.check_all_finite(check_finite, inv=inv, weights=weights, loss_grad=loss_grad)
     return select("obs_update", backend, inv)(inv, weights, prune_mask, loss_grad)
 
 
@@ -95,7 +88,7 @@ def _(inv, weights, prune_mask, loss_grad, backend, check_finite):
 
 @_op("inverse_diagonal")
 def inverse_diagonal(inv: Tensor, check_finite: bool) -> Tensor:
-    _finite(check_finite, inv=inv)
+    chk.check_all_finite(check_finite, inv=inv)
     return torch.diagonal(inv, dim1=1, dim2=2).clone()
 
 
@@ -106,7 +99,7 @@ def _(inv, check_finite):
 
 @_op("gather_rows")
 def gather_rows(inv: Tensor, index: Tensor) -> Tensor:
-    _finite(True, inv=inv)
+    chk.check_all_finite(True, inv=inv)
     chk.check_index_range("index", index, inv.shape[-1])
     return reference.gather_rows(inv, index)
 
@@ -118,7 +111,7 @@ def _(inv, index):
 
 @_op("gather_subblocks")
 def gather_subblocks(inv: Tensor, index: Tensor) -> Tensor:
-    _finite(True, inv=inv)
+    chk.check_all_finite(True, inv=inv)
     chk.check_index_range("index", index, inv.shape[-1])
     return reference.subblocks_from_rows(reference.gather_rows(inv, index), index)
 
@@ -130,7 +123,7 @@ def _(inv, index):
 
 @_op("group_obs_saliency")
 def group_obs_saliency(inv: Tensor, weights: Tensor, groups: Tensor, exact: bool) -> Tensor:
-    _finite(True, inv=inv, weights=weights)
+    chk.check_all_finite(True, inv=inv, weights=weights)
     chk.check_index_range("groups", groups, inv.shape[-1])
     return reference.group_obs_saliency(reference.gather_rows(inv, groups), weights, groups, exact)
 
@@ -142,7 +135,7 @@ def _(inv, weights, groups, exact):
 
 @_op("group_obs_update")
 def group_obs_update(inv: Tensor, weights: Tensor, groups: Tensor, prune: Tensor, exact: bool) -> Tensor:
-    _finite(True, inv=inv, weights=weights)
+    chk.check_all_finite(True, inv=inv, weights=weights)
     chk.check_index_range("groups", groups, inv.shape[-1])
     return reference.group_obs_update(reference.gather_rows(inv, groups), weights, groups, prune, exact)
 

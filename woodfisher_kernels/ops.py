@@ -169,13 +169,6 @@ def _check_weights(inv: Inverse, weights, loss_grad):
         chk.check_same("loss_grad", loss_grad, "weights", weights, shape=(b, c))
 
 
-def _finite(check_finite: bool, **tensors) -> None:
-    if check_finite:
-        for name, x in tensors.items():
-            if x is not None:
-                chk.check_finite(name, x)
-
-
 def _contig(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if x is None else x.contiguous()
 
@@ -207,7 +200,7 @@ def obs_saliency(inv: Inverse, weights: torch.Tensor, loss_grad: Optional[torch.
     _check_weights(inv, weights, loss_grad)
     _check_choice("backend", backend, CHOICES)
     if isinstance(inv, LowRankInverse):
-        _finite(check_finite, weights=weights, loss_grad=loss_grad)
+        chk.check_all_finite(check_finite, weights=weights, loss_grad=loss_grad)
         return inv.saliency(weights, loss_grad)
     return lib.obs_saliency(inv.contiguous(), weights.contiguous(), _contig(loss_grad), backend, check_finite)
 
@@ -230,7 +223,7 @@ def obs_update(inv: Inverse, weights: torch.Tensor, prune_mask: torch.Tensor,
     chk.check_mask("prune_mask", prune_mask, "weights", weights)
     _check_choice("backend", backend, CHOICES)
     if isinstance(inv, LowRankInverse):
-        _finite(check_finite, weights=weights, loss_grad=loss_grad)
+        chk.check_all_finite(check_finite, weights=weights, loss_grad=loss_grad)
         return inv.update(weights, prune_mask, loss_grad)
     return lib.obs_update(inv.contiguous(), weights.contiguous(), prune_mask.contiguous(), _contig(loss_grad),
                           backend, check_finite)
