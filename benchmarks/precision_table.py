@@ -41,9 +41,9 @@ def _one(form: str, backend: str, grads: torch.Tensor, damp: float, ref) -> Dict
     return {"outcome": outcome, "error": float(err.max())}
 
 
-def run(device: torch.device, backends: List[str], num_blocks: int) -> List[Dict]:
+def run(device: torch.device, backends: List[str], num_blocks: int, block_sizes=(64, 257)) -> List[Dict]:
     rows = []
-    for c, m, damp, scale, rank1 in testing.precision_cases():
+    for c, m, damp, scale, rank1 in testing.precision_cases(block_sizes):
         grads = testing.synthetic_grads(num_blocks, m, c, scale, rank1)
         ref = testing.svd_inverse(grads, damp)
         kappa = float(ref.kappa.max())
@@ -93,19 +93,22 @@ def main(argv=None) -> List[Dict]:
     p.add_argument("--device", default="auto")
     p.add_argument("--triton", action="store_true", help="include Triton on the CPU (interpreter; slow)")
     p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="c = 16 only (smoke run, seconds; writes *_quick)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = cm.pick_device(args.device)
     found = testing.backends("fisher_inverse")
     backends = ["torch"] + [b for b in ("triton", "cuda") if b in found and (device.type == "cuda" or
                                                                            (b == "triton" and args.triton))]
-    rows = run(device, backends, args.blocks)
+    rows = run(device, backends, args.blocks, (16,) if args.quick else (64, 257))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         info = cm.device_info(device)
-        with open(os.path.join(args.out, f"precision_{device.type}.json"), "w") as f:
+        tag = "_quick" if args.quick else ""
+        with open(os.path.join(args.out, f"precision_{device.type}{tag}.json"), "w") as f:
             json.dump({"device": info, "rows": rows}, f, indent=1)
-        with open(os.path.join(args.out, "PRECISION.md" if device.type == "cpu" else "PRECISION_cuda.md"), "w") as f:
+        name = "PRECISION" + ("" if device.type == "cpu" else "_cuda") + tag + ".md"
+        with open(os.path.join(args.out, name), "w") as f:
             f.write(markdown(rows, info))
     return rows
 
