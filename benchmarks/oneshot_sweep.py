@@ -8,14 +8,10 @@ m < c); MLPNet prunes fc1-fc3, ResNet-20 the 18 residual 3x3 convs.
 Reuse of the statistics: with one pruning step the Fisher gradients and blockwise
 inverses depend only on the dense model, the data order (seed) and the Fisher
 settings, not on the target sparsity or the joint/independent mode. The sweep
-therefore computes them ONCE per (seed, Fisher setting) with the package's own public
-pieces (``GradientCollector``, ``woodfisher_kernels.blockwise_inverse``,
-``obs_saliency``, ``select_masks``, ``obs_update``) and prunes a fresh copy of the
-dense model at every sparsity from them. The diagonal Fisher uses the same
-gradients with blocks of size 1 (exactly what ``prune_one_shot(method="diag_fisher")``
-does). Before a sweep, one point per method is checked against ``prune_one_shot`` on
-the same data order (same masks, same weights); the check is logged. K-FAC and the
-magnitude baselines call ``prune_one_shot`` directly.
+therefore estimates them ONCE per (seed, Fisher setting, method) with
+``woodfisher.estimate_curvature`` and prunes a fresh copy of the dense model at every
+sparsity with ``woodfisher.prune_with`` (the same code path as ``prune_one_shot``).
+K-FAC and the magnitude baselines call ``prune_one_shot`` directly.
 
 Usage (from the repo root):
     OMP_NUM_THREADS=1 python benchmarks/oneshot_sweep.py --model mlpnet
@@ -36,13 +32,12 @@ import time
 from typing import Dict, List
 
 import torch
-from woodfisher import GradientCollector, prune_one_shot, resolve_layers, select_masks
+
+from woodfisher import estimate_curvature, prune_one_shot, prune_with
 from woodfisher.checkpoint import load_checkpoint
 from woodfisher.data import evaluate, load_cifar10, load_mnist, make_loader, subset
 from woodfisher.models import MLPNET_PRUNABLE, MODEL_SPECS, RESNET20_PRUNABLE
 from woodfisher.reports import plot_accuracy_vs_sparsity
-
-import woodfisher_kernels as wk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,59 +52,10 @@ SETUP = {
 }
 
 
-def fisher_stats(model, loader, layers, num_grads, fbs, damp, loss_fn, seed) -> Dict[str, object]:
-    """{param_name: blockwise inverse} from ONE pass of gradients; also the diagonal-Fisher
-    inverses (blocks of size 1) from the same gradients under key ("diag", name)."""
-    keep = {l.param_name: l.keep_mask() for l in layers}
-    collector = GradientCollector(model, loader, layers, loss_fn=loss_fn, num_grads=num_grads,
-                                  fisher_batch_size=fbs, seed=seed, keep_masks=keep, progress=True)
-    grads = collector.collect()
-    diag_layers = resolve_layers(model, [l.name for l in layers], 1)
-    stats: Dict[object, object] = {}
-    for l, d in zip(layers, diag_layers):
-        g = grads[l.param_name]
-        stats[l.param_name] = wk.blockwise_inverse(l.grad_blocks(g), damp, collector.count)
-        stats[("diag", l.param_name)] = wk.blockwise_inverse(d.grad_blocks(g), damp, collector.count)
-    return stats
-
-
-@torch.no_grad()
-def obs_prune(model, modules, stats, sparsity, mode, diag=False) -> None:
-    """One OBS step from precomputed inverses (what prune_one_shot does with num_steps=1)."""
-    layers = resolve_layers(model, modules, 1 if diag else None)
-    invs = {l.param_name: stats[("diag", l.param_name) if diag else l.param_name] for l in layers}
-    keep = {l.param_name: l.keep_mask() for l in layers}
-    w = {l.param_name: l.blocks(l.effective_weight()) for l in layers}
-    scores = {n: l.unblock(wk.obs_saliency(invs[n], w[n])) for l in layers for n in [l.param_name]}
-    masks = select_masks(scores, sparsity, mode, pruned=keep)
-    for l in layers:
-        n = l.param_name
-        keep_n = masks[n] & keep[n]
-        l.write(l.unblock(wk.obs_update(invs[n], w[n], ~l.blocks(keep_n))), keep_n)
-
-
 def overall_sparsity(model, modules) -> float:
     params = dict(model.named_parameters())
     total = sum(params[n].numel() for n in modules)
     return 1.0 - sum(int(torch.count_nonzero(params[n])) for n in modules) / total
-
-
-def check_against_pruner(dense, loader_fn, modules, stats, loss_fn, args, fbs, seed, log) -> None:
-    """Same masks and weights as prune_one_shot at 50% for woodfisher joint and diag_fisher."""
-    for method, diag in (("woodfisher", False), ("diag_fisher", True)):
-        a, b = copy.deepcopy(dense), copy.deepcopy(dense)
-        obs_prune(a, modules, stats, 0.5, "global", diag)
-        prune_one_shot(b, loader_fn(), sparsity=0.5, method=method, mode="global", loss_fn=loss_fn,
-                       num_grads=args.num_grads, fisher_batch_size=fbs, damp=args.damp, modules=modules,
-                       seed=seed, progress=False)
-        pa = {k: v.detach() for k, v in a.named_parameters()}
-        pb = {k: v.detach() for k, v in b.named_parameters()}
-        same_masks = all(torch.equal(pa[n] != 0, pb[n] != 0) for n in modules)
-        err = max(float((pa[n] - pb[n]).abs().max() / pb[n].abs().max().clamp_min(1e-12)) for n in modules)
-        log(f"check vs prune_one_shot ({method}, 50%, fbs={fbs}, seed={seed}): "
-            f"identical masks={same_masks}, max relative weight difference={err:.2e}")
-        if not same_masks or err > 1e-3:
-            raise RuntimeError(f"cached sweep path disagrees with prune_one_shot for {method}")
 
 
 def run(args) -> List[dict]:
@@ -157,20 +103,19 @@ def run(args) -> List[dict]:
                 log(f"time budget reached: skipping fbs={fbs} seed={seed} and later")
                 break
             loader_fn = lambda: make_loader(train, max(fbs, 250 // fbs * fbs), shuffle=True, seed=seed)  # noqa: E731
-            if args.woodfisher:
+            curvatures = {}
+            for method in (("woodfisher", "diag_fisher") if args.woodfisher else ()):
                 t0 = time.perf_counter()
-                stats = fisher_stats(dense, loader_fn(), resolve_layers(dense, modules), args.num_grads, fbs,
-                                     args.damp, loss_fn, seed)
+                curvatures[method] = estimate_curvature(dense, loader_fn(), method=method, loss_fn=loss_fn,
+                                                        num_grads=args.num_grads, fisher_batch_size=fbs,
+                                                        damp=args.damp, modules=modules, seed=seed)
                 secs = time.perf_counter() - t0
-                log(f" Fisher statistics (m={args.num_grads}, fbs={fbs}, seed={seed}): {secs:.1f} s")
-                if args.check and seed == args.seeds[0] and fbs == min(args.fisher_batch_sizes):
-                    check_against_pruner(dense, loader_fn, modules, stats, loss_fn, args, fbs, seed, log)
+                log(f" Fisher statistics ({method}, m={args.num_grads}, fbs={fbs}, seed={seed}): {secs:.1f} s")
             for s in (args.sparsities if args.woodfisher else []):
-                for label, mode, diag in (("woodfisher", "global", False), ("woodfisher", "layerwise", False),
-                                          ("diag_fisher", "global", True)):
+                for label, mode in (("woodfisher", "global"), ("woodfisher", "layerwise"), ("diag_fisher", "global")):
                     m = copy.deepcopy(dense)
-                    obs_prune(m, modules, stats, s, mode, diag)
-                    record(label, mode, s, seed, m, fbs, secs=secs)
+                    prune_with(m, curvatures[label], s, mode=mode)
+                    record(label, mode, s, seed, m, fbs, secs=curvatures[label].timings["gradients"])
             if "kfac" in args.methods:
                 for s in args.sparsities:
                     m = copy.deepcopy(dense)
@@ -255,7 +200,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-woodfisher", dest="woodfisher", action="store_false",
                    help="skip WoodFisher / diagonal Fisher (e.g. to add K-FAC rows to an earlier run)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; stop starting new seeds after")
-    p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="skip the magnitude baselines (e.g. when adding a Fisher setting to an earlier run)")
     p.add_argument("--replot", action="store_true", help="only redo the PNG and summary from the CSV in --out")

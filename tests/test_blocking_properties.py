@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import torch
+from _shared import dense_inverse, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import woodfisher_kernels as wk
-
-from _shared import dense_inverse, rel_err
 
 
 @settings(max_examples=40, deadline=None)

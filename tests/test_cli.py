@@ -58,7 +58,7 @@ def test_config_file_and_flag_override(digits_ckpt, tmp_path):
                                "no_obs_update": True, "block-size": "layer", "damp": "auto"}))
     args = parse_args(["prune", "--config", str(cfg), "--sparsity", "0.7", "--model", "digits_mlp"])
     assert args.sparsity == 0.7 and args.method == "global_magnitude" and args.num_grads == 32
-    assert args.no_obs_update is True and args.block_size is None and args.damp == "auto"
+    assert args.obs_update is False and args.block_size is None and args.damp == "auto"
     out = tmp_path / "run"
     assert _prune(digits_ckpt, out, "--config", str(cfg), "--sparsity", "0.7") == 0
     report = json.loads((out / "report.json").read_text())
@@ -83,8 +83,9 @@ def test_bad_inputs_give_clear_errors(digits_ckpt, tmp_path, capsys):
     assert main(["prune", "--model", "mlpnet", "--checkpoint", mlp_ckpt, "--sparsity", "0.5",
                  "--data-dir", str(missing), "--out", str(tmp_path / "o")]) == 2
     assert "no-such-dir" in capsys.readouterr().err
-    assert _prune(digits_ckpt, tmp_path / "o2") == 2  # no sparsity
-    assert "--sparsity is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # no sparsity: argparse's required flag
+        _prune(digits_ckpt, tmp_path / "o2")
+    assert exc.value.code == 2 and "required: --sparsity" in capsys.readouterr().err
     assert main(["prune", "--model", "digits_mlp", "--sparsity", "0.5"]) == 2
     assert "--checkpoint is required" in capsys.readouterr().err
     assert main(["report", "--model", "mlpnet", "--checkpoint", digits_ckpt]) == 2
@@ -104,7 +105,7 @@ def test_report_on_pruned_checkpoint(digits_ckpt, tmp_path, capsys):
     assert main(["report", "--model", "digits_mlp", "--checkpoint", str(out / "pruned.pt"),
                  "--out", str(tmp_path / "rep")]) == 0
     printed = capsys.readouterr().out
-    total_line = [l for l in printed.splitlines() if l.startswith("| total")][0]
+    total_line = [line for line in printed.splitlines() if line.startswith("| total")][0]
     sparsity = float(total_line.split("|")[5])
     assert abs(sparsity - 60.0) < 0.1 and "accuracy:" in printed  # layerwise: each layer rounds
     assert (tmp_path / "rep" / "layer_sparsity.png").is_file()
@@ -129,3 +130,14 @@ def test_sweep_quick_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     csv = (tmp_path / "oneshot_mlpnet.csv").read_text().splitlines()
     assert csv[0].startswith("model,") and len(csv) > 1
+
+
+def test_export_subcommand_through_main(digits_ckpt, tmp_path):
+    """`woodfisher export` is wired into the CLI: a pruned checkpoint becomes a CSR model file."""
+    out = tmp_path / "run"
+    assert _prune(digits_ckpt, out, "--sparsity", "0.8", "--method", "global_magnitude") == 0
+    target = tmp_path / "csr.pt"
+    assert main(["export", "--model", "digits_mlp", "--checkpoint", str(out / "pruned.pt"), "--format", "csr",
+                 "--out", str(target), "--min-sparsity", "0.5", "--device", "cpu"]) == 0
+    state = torch.load(target, weights_only=True)
+    assert any(v.layout == torch.sparse_csr for v in state.values() if isinstance(v, torch.Tensor))

@@ -16,12 +16,11 @@ import sys
 
 import pytest
 import torch
+from _shared import dense_fisher, inverse_tolerance, rel_err
 
 import woodfisher_kernels as wk
 from woodfisher_kernels import _cuda, _dispatch, reference
 from woodfisher_kernels.blocking import to_blocks, valid_mask
-
-from _shared import dense_fisher, inverse_tolerance, rel_err
 
 OPS = ("woodbury_update_", "fisher_inverse", "obs_saliency", "obs_update")
 BLOCK_SIZES = (1, 7, 50, 64, 128, 200, 257)

@@ -17,10 +17,26 @@ import torch
 from torch import nn
 
 from woodfisher.checkpoint import load_checkpoint, normalise_state_dict, read_state_dict, save_state_dict
-from woodfisher.data import (MNIST_MEAN, MNIST_STD, evaluate, load_cifar10, load_dataset, load_digits,
-                             load_mnist, read_idx, subset)
-from woodfisher.models import (MLPNet, MODEL_SPECS, RESNET20_PRUNABLE, build_model, digits_mlp,
-                               prunable_weights, resnet20)
+from woodfisher.data import (
+    MNIST_MEAN,
+    MNIST_STD,
+    evaluate,
+    load_cifar10,
+    load_dataset,
+    load_digits,
+    load_mnist,
+    read_idx,
+    subset,
+)
+from woodfisher.models import (
+    MODEL_SPECS,
+    RESNET20_PRUNABLE,
+    MLPNet,
+    build_model,
+    digits_mlp,
+    prunable_weights,
+    resnet20,
+)
 
 DATA = Path(os.environ.get("WOODFISHER_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 MLPNET_CKPT = DATA / "checkpoints" / "mlpnet_mnist.ckpt"

@@ -11,12 +11,10 @@ import itertools
 
 import pytest
 import torch
+from _shared import backend_params, dense_fisher, dense_inverse, inverse_tolerance, is_interpreted, rel_err
 
 import woodfisher_kernels as wk
 from woodfisher_kernels import _dispatch
-
-from _shared import (backend_params, dense_fisher, dense_inverse, inverse_tolerance,
-                     is_interpreted, rel_err)
 
 BLOCK_SIZES = (1, 7, 50, 64, 128, 200, 257)
 NUM_GRADS = (1, 16, 130)

@@ -13,8 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from woodfisher.pai import (attach_masks, compute_scores, fisher_diagonal, hutchinson_diagonal, prune_at_init,
-                            synflow_scores)
+from woodfisher.pai import (
+    attach_masks,
+    compute_scores,
+    fisher_diagonal,
+    hutchinson_diagonal,
+    prune_at_init,
+    synflow_scores,
+)
 from woodfisher.pai.estimators import hessian_gradient_product, loss_gradient
 
 
@@ -86,7 +92,7 @@ def test_hutchinson_error_falls_like_inverse_sqrt_probes():
     gen = torch.Generator().manual_seed(2)
     probe_counts, repeats, rms = [1, 4, 16, 64], 40, []
     for p in probe_counts:
-        sq = [(flat(hutchinson_diagonal(model, data, params=NAMES, num_probes=p, probe_batch=1,
+        sq = [(flat(hutchinson_diagonal(model, data, params=NAMES, num_probes=p, probe_batch=p,
                                         generator=gen).diag, NAMES) - exact).square().sum() for _ in range(repeats)]
         rms.append(torch.stack(sq).mean().sqrt().item())
     theory = [sigma.square().sum().sqrt().item() / math.sqrt(p) for p in probe_counts]
@@ -119,31 +125,33 @@ def _loop_fisher(model, data, names):
     return sq / n
 
 
-def tiny_conv_bn():
-    torch.manual_seed(14)
-    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)).double()
-
-
 @pytest.mark.parametrize("train_mode", [False, True])
 def test_fisher_diagonal_equals_loop(train_mode):
-    if train_mode:  # BatchNorm in train mode: per-sample passes (each sample's own statistics)
-        model, names = tiny_conv_bn(), ["0.weight", "1.weight", "4.weight"]
-        data = [(torch.randn(b, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (b,))) for b in (5, 3)]
-    else:  # eval mode: vmap over per-sample gradients
-        model, names, data = tiny_mlp(bn=True), ["1.weight", "1.bias", "3.weight"], tiny_data()
+    """Per-sample gradients use the running BatchNorm statistics whatever the model's mode
+    (batch statistics would couple the samples); the mode flags are left as they were."""
+    model, names, data = tiny_mlp(bn=True), ["1.weight", "3.weight"], tiny_data()
+    with torch.no_grad():
+        model[0].running_mean.copy_(torch.linspace(-1, 1, 5))
+        model[0].running_var.copy_(torch.linspace(0.5, 2, 5))
     model.train(train_mode)
+    model[0].train(not train_mode)
+    flags = [m.training for m in model.modules()]
     est = fisher_diagonal(model, data, params=names, chunk_size=4)
+    assert [m.training for m in model.modules()] == flags
+    model.eval()
     torch.testing.assert_close(flat(est.diag, names), _loop_fisher(model, data, names), rtol=1e-10, atol=1e-14)
-    if not train_mode:  # the mean of per-sample gradients is the gradient of the mean loss
-        g = loss_gradient(model, data, params=names)
-        torch.testing.assert_close(flat(est.grad, names), flat(g, names), rtol=1e-10, atol=1e-14)
+    # the mean of per-sample gradients is the gradient of the mean loss
+    g = loss_gradient(model, data, params=names)
+    torch.testing.assert_close(flat(est.grad, names), flat(g, names), rtol=1e-10, atol=1e-14)
+    assert est.num_samples == sum(x.shape[0] for x, _ in data)
 
 
 def test_snip_matches_closed_form_softmax_regression():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(5, 3, bias=False)).double()
     data = tiny_data(3)
-    x = torch.cat([d[0] for d in data]); y = torch.cat([d[1] for d in data])
+    x = torch.cat([d[0] for d in data])
+    y = torch.cat([d[1] for d in data])
     w = model[0].weight.detach()
     grad = (torch.softmax(x @ w.T, 1) - F.one_hot(y, 3).double()).T @ x / x.shape[0]
     scores = compute_scores(model, data, "snip")
@@ -257,7 +265,9 @@ def test_masks_stay_zero_during_training():
     attach_masks(model, res.masks)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
     for x, y in data * 3:
-        opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
     for n, m in res.masks.items():
         mod = model[int(n.split(".")[0])]
         assert torch.all(mod.weight[~m] == 0) and hasattr(mod, "weight_mask")
@@ -303,3 +313,23 @@ def test_cli_pai_writes_outputs(tmp_path):
     assert main(["pai", "--model", "digits_mlp", "--sparsity", "0.5", "--score-samples", "0", "--out", str(out)]) == 2
     with pytest.raises(SystemExit):  # argparse rejects the sparsity before anything runs
         main(["pai", "--model", "digits_mlp", "--sparsity", "1.5", "--out", str(out)])
+
+
+def test_cli_pai_prunes_the_initial_weights_of_a_checkpoint(tmp_path):
+    """--checkpoint: the given initial weights are scored and pruned (no training: pruned.pt is
+    the checkpoint with the masked entries set to 0)."""
+    from woodfisher.cli import main
+    from woodfisher.models import MODEL_SPECS
+    torch.manual_seed(123)
+    init = {k: v.clone() for k, v in MODEL_SPECS["digits_mlp"].factory().state_dict().items()}
+    torch.save(init, tmp_path / "init.pt")
+    out = tmp_path / "pai"
+    assert main(["pai", "--model", "digits_mlp", "--checkpoint", str(tmp_path / "init.pt"), "--sparsity", "0.7",
+                 "--criterion", "magnitude", "--out", str(out)]) == 0
+    masks = torch.load(out / "masks.pt", weights_only=True)
+    state = torch.load(out / "pruned.pt", weights_only=True)
+    for n, m in masks.items():
+        torch.testing.assert_close(state[n], init[n] * m, rtol=0, atol=0)
+    w = torch.cat([init[n].abs().flatten() for n in masks])  # global magnitude: the kept set is the top 30%
+    kept = torch.cat([masks[n].flatten() for n in masks])
+    assert torch.equal(kept, w >= torch.topk(w, int(kept.sum())).values.min())

@@ -5,10 +5,11 @@ import copy
 
 import pytest
 import torch
+from _pruner_shared import per_sample_grads, tiny_data, tiny_mlp
 from torch import nn
 
 import woodfisher as wf
-from _pruner_shared import per_sample_grads, tiny_data, tiny_mlp
+from woodfisher.batches import sample_targets
 
 NAMES = ["0.weight", "2.weight"]
 
@@ -80,7 +81,7 @@ def test_whole_layer_woodfisher_matches_dense_obs(mode, pre_pruned):
         model, loader, dict(sparsity=0.6, mode=mode, num_grads=24, damp=1e-3),
         dict(m=24, damp=1e-3, sparsity=0.6, mode=mode))
     if mode == "layerwise":
-        assert [l["nnz"] for l in res.layers] == [30 - 18, 20 - 12]
+        assert [layer["nnz"] for layer in res.layers] == [30 - 18, 20 - 12]
     assert res.sparsity == pytest.approx(0.6, abs=0.01)
     assert res.damp == 1e-3 and set(res.timings) >= {"gradients", "inverse", "select", "update", "total"}
 
@@ -166,8 +167,8 @@ def test_streaming_matches_kept_gradients():
     """A memory_budget too small for 24 kept gradients streams them 3 at a time."""
     ra, rb = _run_both({}, {"memory_budget": (30 ** 2 + 20 ** 2 + 3 * 50) * 8},
                        sparsity=0.6, num_grads=24, damp=1e-3)
-    assert [l["inverse"] for l in rb.layers] == ["stream", "stream"]
-    assert [l["inverse"] for l in ra.layers] != ["stream", "stream"]
+    assert [layer["inverse"] for layer in rb.layers] == ["stream", "stream"]
+    assert [layer["inverse"] for layer in ra.layers] != ["stream", "stream"]
 
 
 def test_streaming_auto_damp_matches_kept():
@@ -203,12 +204,9 @@ def test_sampled_labels_follow_the_predictive_distribution():
     with torch.no_grad():
         model[0].weight.zero_()
         model[0].bias.copy_(torch.log(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)))
-    layers = wf.resolve_layers(model)
     x = torch.zeros(4000, 3, dtype=torch.float64)
-    coll = wf.GradientCollector(model, [(x, torch.zeros(4000, dtype=torch.long))], layers,
-                                num_grads=4000, sampled_fisher=True, seed=3, progress=False)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    labels = coll._sample_labels(params, {}, x.view(4000, 1, 3), torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        labels = sample_targets(model(x), torch.Generator().manual_seed(3))
     freq = torch.bincount(labels.flatten(), minlength=3).double() / 4000
     torch.testing.assert_close(freq, torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64), atol=0.03, rtol=0)
 
@@ -280,8 +278,9 @@ def test_diag_fisher_is_obs_with_a_diagonal_fisher():
                             progress=False)
     grads = per_sample_grads(ref, loader, NAMES, 16)
     params = dict(ref.named_parameters())
-    rho = torch.cat([wf.baselines.diag_fisher_saliency(params[n].detach().flatten(), grads[n].square().mean(0),
-                                                       1e-3) for n in NAMES])
+    # closed form: rho = w^2 / (2 [F^-1]_qq) with F = damp + mean g^2 per weight
+    rho = torch.cat([params[n].detach().flatten().square() * (1e-3 + grads[n].square().mean(0)) / 2.0
+                     for n in NAMES])
     prune = torch.zeros_like(rho, dtype=torch.bool)
     prune[torch.argsort(rho)[:25]] = True
     got = torch.cat([~res.masks[n].flatten() for n in NAMES])
@@ -301,7 +300,7 @@ def test_magnitude_baselines(method, mode):
         got = torch.cat([~res.masks[n].flatten() for n in NAMES])
         assert torch.equal(got, w <= w.kthvalue(25).values)
     else:
-        assert [l["nnz"] for l in res.layers] == [15, 10]
+        assert [layer["nnz"] for layer in res.layers] == [15, 10]
 
 
 def _float32_vs_float64(device):

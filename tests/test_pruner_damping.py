@@ -5,11 +5,11 @@ import copy
 
 import pytest
 import torch
+from _pruner_shared import per_sample_grads, same_state, state_copy, tiny_data, tiny_mlp
 from torch import nn
 
 import woodfisher as wf
 from woodfisher.damping import AUTO_ALPHA
-from _pruner_shared import per_sample_grads, same_state, state_copy, tiny_data, tiny_mlp
 
 NAMES = ["0.weight", "2.weight"]
 

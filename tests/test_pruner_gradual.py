@@ -5,10 +5,10 @@ import io
 
 import pytest
 import torch
+from _pruner_shared import tiny_data, tiny_mlp
 from torch import nn
 
 import woodfisher as wf
-from _pruner_shared import tiny_data, tiny_mlp
 
 SCHEDULE = dict(final_sparsity=0.8, start_step=2, end_step=8, frequency=2, initial_sparsity=0.05)
 

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 import torch
+from _pruner_shared import per_sample_grads, tiny_data, tiny_mlp
 
 import woodfisher as wf
-from _pruner_shared import per_sample_grads, tiny_data, tiny_mlp
 
 NAMES = ["0.weight", "2.weight"]
 DAMP = 1e-2

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _pruner_shared import same_state, state_copy, tiny_data, tiny_mlp
 from torch import nn
 
 import woodfisher as wf
-from _pruner_shared import same_state, state_copy, tiny_data, tiny_mlp
 
 BAD = [
     (dict(sparsity=1.0), "sparsity"),

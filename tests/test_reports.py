@@ -7,8 +7,15 @@ import torch
 from torch import nn
 
 from woodfisher.flops import count_flops, flops_per_param, layer_flops
-from woodfisher.reports import (format_table, plot_accuracy_vs_sparsity, plot_layer_sparsity,
-                                sparsity_table, table_totals, to_jsonable, write_json)
+from woodfisher.reports import (
+    format_table,
+    plot_accuracy_vs_sparsity,
+    plot_layer_sparsity,
+    sparsity_table,
+    table_totals,
+    to_jsonable,
+    write_json,
+)
 
 
 class Tiny(nn.Module):
@@ -63,7 +70,7 @@ def test_sparsity_table_from_model_and_totals():
     assert total["sparsity"] == pytest.approx(100 * (1 - 70 / 132))
     assert total["flops_sparse"] == 13 * 16 + 27 * 4 + 30
     text = format_table(rows, title="tiny")
-    lines = [l for l in text.splitlines() if l.startswith("| ")]
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(lines) == 1 + 3 + 1  # header, rows, total
     assert lines[-1].split("|")[1].strip() == "total" and "46.97" in lines[-1]
     with pytest.raises(ValueError, match="no such parameter"):

@@ -20,10 +20,10 @@ import torch
 
 pytest.importorskip("triton")
 
+from _shared import EPS32, dense_fisher, dense_inverse, inverse_tolerance, rel_err  # noqa: E402
+
 import woodfisher_kernels as wk  # noqa: E402
 from woodfisher_kernels import _dispatch, reference  # noqa: E402
-
-from _shared import EPS32, dense_fisher, dense_inverse, inverse_tolerance, rel_err  # noqa: E402
 
 triton_wb = pytest.importorskip("woodfisher_kernels._triton.woodbury")
 triton_obs = pytest.importorskip("woodfisher_kernels._triton.obs")

@@ -3,23 +3,48 @@
 Main entry points:
 
 - :func:`prune_one_shot` -> :class:`PruneResult`: one-shot pruning with WoodFisher or a
-  baseline ("magnitude", "global_magnitude", "diag_fisher", "kfac"), joint or
-  layerwise, multi-step, WoodTaylor, FLOPs-aware, N:M and row patterns.
+  baseline (the registry :data:`woodfisher.methods.METHODS`), joint or layerwise,
+  multi-step, WoodTaylor, FLOPs-aware, N:M and row patterns; options are the fields of
+  :class:`PruneConfig`.
+- :func:`estimate_curvature` + :func:`prune_with`: the same in two phases (one gradient
+  collection for a whole sweep of sparsities).
 - :class:`GradualPruner`, :func:`polynomial_sparsity`: gradual pruning on a schedule,
-  masks kept with ``torch.nn.utils.prune``; :func:`make_permanent`.
+  masks kept with ``torch.nn.utils.prune``.
+- Fine-tuning after one-shot pruning: ``prune_one_shot(..., keep_masks=True)`` or
+  :func:`attach_masks` (masks held with ``torch.nn.utils.prune``), :func:`make_permanent`,
+  :func:`recalibrate_bn` (BatchNorm statistics of the pruned model).
 - :func:`select_masks`: the shared mask selection; :func:`search_damp`, :func:`auto_damp`.
+- :class:`Batch`: what a ``batch_adapter`` returns for loaders of any format.
 
-The numerical work goes through the public ops of :mod:`woodfisher_kernels` only.
+The pipeline of a step: targets (:mod:`.targets`) -> batches (:mod:`.batches`) ->
+gradients (:mod:`.gradients`) -> curvature (:mod:`.curvature`) -> statistic, masks and
+update (:mod:`.methods`, :mod:`.masks`) -> writing (:mod:`.engine`). The block inverses,
+OBS statistics and updates are computed by the public ops of :mod:`woodfisher_kernels`.
 """
-from .damping import auto_damp, search_damp
-from .fisher import GradientCollector
-from .gradual import GradualPruner, make_permanent, polynomial_sparsity
-from .layout import PrunableLayer, resolve_layers
+from . import export as export  # deployment: dense / CSR / BSR / 2:4 / ONNX exports
+from .batches import Batch
+from .config import PruneConfig
+from .curvature import Curvature
+from .damping import auto_damp
+from .finetune import attach_masks, make_permanent, recalibrate_bn
+from .flops import layer_flops_per_param
+from .gradients import GradientCollector
+from .gradual import GradualPruner, polynomial_sparsity
 from .masks import check_sparsity, select_masks, sparsity_of
-from .pruner import PruneResult, layer_flops_per_param, prune_one_shot
+from .methods import METHODS
+from .pruner import estimate_curvature, prune_one_shot, prune_with
+from .result import PruneResult
+from .targets import PruneTarget, resolve_targets
+from .tuning import search_damp
+
+#: Former names, kept working.
+PrunableLayer = PruneTarget
+resolve_layers = resolve_targets
 
 __all__ = [
-    "auto_damp", "check_sparsity", "GradientCollector", "GradualPruner",
-    "layer_flops_per_param", "make_permanent", "polynomial_sparsity", "PrunableLayer", "prune_one_shot", "PruneResult",
-    "resolve_layers", "search_damp", "select_masks", "sparsity_of",
+    "auto_damp", "Batch", "check_sparsity", "Curvature", "estimate_curvature", "GradientCollector",
+    "GradualPruner", "make_permanent", "METHODS", "polynomial_sparsity", "PrunableLayer", "prune_one_shot",
+    "prune_with", "PruneConfig", "PruneResult", "PruneTarget", "resolve_layers", "resolve_targets",
+    "search_damp", "select_masks", "sparsity_of", "layer_flops_per_param", "attach_masks", "recalibrate_bn",
 ]
+

@@ -1,79 +1,195 @@
-"""JSON config files for the CLI: keys are option names, command-line flags win.
+"""The options of a pruning run: one frozen, validated dataclass.
 
-A config ``{"sparsity": 0.9, "num-grads": 256, "no-obs-update": true}`` sets the
-defaults of a subcommand's parser before the command line is parsed again, so any
-flag also given on the command line overrides the file. Keys may use dashes or
-underscores; unknown keys, wrong types and values outside an option's choices are
-refused with a ValueError naming the key.
+:class:`PruneConfig` holds every option of :func:`woodfisher.prune_one_shot`,
+:func:`woodfisher.estimate_curvature` / :func:`woodfisher.prune_with`, the
+:class:`woodfisher.GradualPruner` and the CLI (whose flags and config-file keys are these
+field names). It is validated once, in ``__post_init__``: a bad value raises a
+ValueError naming the field, before anything runs. Method-specific rules (which patterns
+and modes a method supports, whether it needs data) come from the method registry
+(:mod:`woodfisher.methods`), so adding a method never touches this file.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-from typing import Any, Dict, Union
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
-__all__ = ["load_config", "config_defaults"]
+from . import structured as st
+from .batches import check_loss_fn
+from .damping import check_damp
+from .masks import check_min_density, check_sparsity
+from .methods import METHODS
 
+__all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "check_int"]
 
-def load_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Read a JSON object from ``path``."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path!r}")
-    with open(path) as f:
-        try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"config file {path!r} is not valid JSON: {err}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"config file {path!r} must hold a JSON object {{option: value}}")
-    return cfg
+MODES = ("global", "layerwise")
+FORMS = ("auto", "sequential", "lowrank", "stream")
+BACKENDS = ("auto", "cuda", "triton", "torch")
 
 
-def _convert(action: argparse.Action, key: str, value: Any) -> Any:
-    flag = action.option_strings[0] if action.option_strings else key
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        if not isinstance(value, bool):
-            raise ValueError(f"config key {key!r} ({flag}) must be true or false, got {value!r}")
-        # true means "the flag is given", as on the command line
-        return (not value) if isinstance(action, argparse._StoreFalseAction) else value
-    if value is None:
-        return None
-
-    def one(v: Any) -> Any:
-        if isinstance(v, (dict, list)):
-            raise ValueError(f"config key {key!r} ({flag}) got a nested value {v!r}")
-        if action.type is not None:
-            try:
-                v = action.type(str(v))
-            except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
-                raise ValueError(f"config key {key!r} ({flag}): {err}") from None
-        if action.choices is not None and v not in action.choices:
-            raise ValueError(f"config key {key!r} ({flag}) must be one of {list(action.choices)}, got {v!r}")
-        return v
-
-    if action.nargs in ("+", "*"):
-        values = value if isinstance(value, list) else [value]
-        return [one(v) for v in values]
-    return one(value)
+def check_int(name: str, value: Any, low: int = 1) -> int:
+    """``value`` must be an int (not a bool) >= ``low``; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
 
 
-def config_defaults(parser: argparse.ArgumentParser, cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Map config keys to ``parser`` destinations with converted, validated values."""
-    actions = {}
-    for action in parser._actions:
-        if action.dest in ("help", "config") or action.dest is argparse.SUPPRESS:
-            continue
-        actions[action.dest] = action
-        for opt in action.option_strings:
-            actions[opt.lstrip("-").replace("-", "_")] = action
-    out: Dict[str, Any] = {}
-    for key, value in cfg.items():
-        norm = str(key).lstrip("-").replace("-", "_")
-        if norm not in actions:
-            known = sorted({a.option_strings[0].lstrip("-") for a in actions.values() if a.option_strings})
-            raise ValueError(f"config key {key!r} is not an option of this command; known: {known}")
-        action = actions[norm]
-        out[action.dest] = _convert(action, str(key), value)
-    return out
+def _check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Every option of a pruning run (field names = keyword arguments = CLI config keys).
+
+    Attributes:
+        sparsity: target fraction of zeros over the pruned weights, in [0, 1).
+        method: a name of :data:`woodfisher.methods.METHODS`: "woodfisher" (OBS with the
+            blockwise inverse empirical Fisher, paper Eqs. 2, 10, 11), "magnitude"
+            (layerwise |w|), "global_magnitude", "diag_fisher" (OBS with a diagonal Fisher),
+            "kfac" (K-FAC OBS).
+        mode: "global" (joint ranking across weights) or "layerwise" (independent).
+        loss_fn: ``loss_fn(predictions, targets)`` -> mean loss; None = the model's own
+            ``outputs.loss`` when it returns one, else :func:`woodfisher.batches.default_loss`.
+        block_size: Fisher block size c (entries), or None for whole-weight blocks.
+        num_grads: m, gradients in the Fisher ("fisher subsample size").
+        fisher_batch_size: samples averaged per gradient ("fisher mini-batch size").
+        damp: lambda > 0 of ``F = lambda I + G^T G / N``, or "auto"
+            (:func:`woodfisher.damping.auto_damp`).
+        num_steps: steps from the current to the target sparsity, the gradients and
+            inverses recomputed before each (the paper's recomputation).
+        obs_update: apply the OBS weight update (False: prune by mask only, OBD-style).
+        woodtaylor: add the first-order term (WoodTaylor, paper Eqs. 21-23).
+        beta: FLOPs-aware statistic ``rho / flops_per_param ** beta`` (paper Sec. 5.4).
+        modules: module or parameter names to prune (None = every Linear / Conv weight, see
+            :mod:`woodfisher.targets`); stored as a tuple.
+        pattern: None, "N:M" (e.g. "2:4"; fixes the sparsity at 1 - N/M) or "rows".
+        group_exact: exact group statistic (True) or the paper's Eq. 18 relaxation.
+        memory_budget: bytes for gradients + inverses; gradients are streamed into dense
+            inverses when keeping them does not fit.
+        sampled_fisher: targets drawn from the model's predictive distribution (paper Sec. 6.3).
+        seed: seeds the target sampling.
+        progress: tqdm progress bars.
+        backend: kernel backend of :mod:`woodfisher_kernels` ("auto" | "cuda" | "triton" | "torch").
+        inverse_form: "auto" | "sequential" | "lowrank" | "stream" (force a form).
+        min_density: every weight keeps at least this fraction of its entries.
+        batch_adapter: ``adapter(loader item) -> woodfisher.Batch`` (see :mod:`woodfisher.batches`);
+            None = the default reading of (inputs, targets) tuples, dicts and tensors.
+        keep_masks: after pruning, hold the masks with ``torch.nn.utils.prune``
+            (:func:`woodfisher.attach_masks`) so fine-tuning cannot revive pruned weights;
+            :func:`woodfisher.make_permanent` removes them.
+    Raises:
+        ValueError: naming the field, for any value outside its domain or a combination
+            the method does not support.
+    """
+
+    sparsity: float
+    method: str = "woodfisher"
+    mode: str = "global"
+    loss_fn: Optional[Callable] = None
+    block_size: Optional[int] = None
+    num_grads: int = 128
+    fisher_batch_size: int = 1
+    damp: Union[float, str] = 1e-5
+    num_steps: int = 1
+    obs_update: bool = True
+    woodtaylor: bool = False
+    beta: float = 0.0
+    modules: Optional[Tuple[str, ...]] = None
+    pattern: Optional[str] = None
+    group_exact: bool = True
+    memory_budget: Optional[int] = None
+    sampled_fisher: bool = False
+    seed: int = 0
+    progress: bool = True
+    backend: str = "auto"
+    inverse_form: str = "auto"
+    min_density: float = 0.0
+    batch_adapter: Optional[Callable] = None
+    keep_masks: bool = False
+
+    def __post_init__(self):
+        check_sparsity(self.sparsity)
+        _check_choice("method", self.method, tuple(METHODS))
+        _check_choice("mode", self.mode, MODES)
+        for name in ("num_grads", "fisher_batch_size", "num_steps"):
+            check_int(name, getattr(self, name))
+        if self.block_size is not None:
+            check_int("block_size", self.block_size)
+        check_damp(self.damp)
+        beta = self.beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        if self.memory_budget is not None:
+            check_int("memory_budget", self.memory_budget)
+        check_loss_fn(self.loss_fn)
+        if self.batch_adapter is not None and not callable(self.batch_adapter):
+            raise ValueError("batch_adapter must be callable(loader item) -> woodfisher.Batch, or None")
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("inverse_form", self.inverse_form, FORMS)
+        check_min_density(self.min_density, self.sparsity)
+        for name in ("obs_update", "woodtaylor", "group_exact", "sampled_fisher", "progress", "keep_masks"):
+            _check_bool(name, getattr(self, name))
+        check_int("seed", self.seed, low=0)
+        if self.modules is not None:
+            modules = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
+            if not modules or not all(isinstance(m, str) for m in modules):
+                raise ValueError(f"modules must be None or a non-empty list of names, got {self.modules!r}")
+            object.__setattr__(self, "modules", modules)
+        st.parse_pattern(self.pattern)
+        METHODS[self.method].check(self)
+
+    # ---- derived -------------------------------------------------------------------
+    @property
+    def method_impl(self):
+        """The method object of :data:`woodfisher.methods.METHODS`."""
+        return METHODS[self.method]
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether a loader is required (curvature or FLOPs-aware statistic)."""
+        return self.method_impl.curvature != "none" or self.beta > 0
+
+    @property
+    def final_sparsity(self) -> float:
+        """The sparsity reached at the end: ``sparsity``, or the one an N:M pattern fixes."""
+        parsed = st.parse_pattern(self.pattern)
+        fixed = st.pattern_sparsity(parsed) if parsed is not None else None
+        return self.sparsity if fixed is None else fixed
+
+    def replace(self, **changes) -> "PruneConfig":
+        """A validated copy with ``changes`` (unknown names are a ValueError)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; options are the fields of PruneConfig")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_options(cls, **options) -> "PruneConfig":
+        """Build from keyword options, refusing unknown names with a ValueError naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; options are the fields of PruneConfig")
+        if "sparsity" not in options:
+            raise ValueError("sparsity is required")
+        return cls(**options)
+
+    def as_dict(self) -> Dict[str, Any]:
+        """Plain values for reports: callables by name, tuples as lists."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if callable(v):
+                v = getattr(v, "__name__", repr(v))
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out

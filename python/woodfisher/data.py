@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from .state import eval_mode
+
 __all__ = ["MNIST_MEAN", "MNIST_STD", "load_mnist", "load_cifar10", "load_digits", "load_dataset",
            "read_idx", "subset", "make_loader", "evaluate", "DATASETS", "DATA_SHAPES"]
 
@@ -177,20 +179,16 @@ def evaluate(model: nn.Module, data: Union[Dataset, Iterable[Tuple[torch.Tensor,
              batch_size: int = 1000, device: Optional[Union[str, torch.device]] = None) -> float:
     """Top-1 accuracy in [0, 1] of ``model`` on a Dataset or an iterable of (inputs, targets).
 
-    The model is put in eval mode for the pass and restored to its previous mode.
+    The model is put in eval mode for the pass; every submodule's own flag is restored.
     """
     loader = make_loader(data, batch_size) if isinstance(data, Dataset) else data
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    try:
+    with eval_mode(model):
         for x, y in loader:
             pred = model(x.to(device)).argmax(dim=1)
             correct += int((pred.cpu() == y).sum())
             total += int(y.numel())
-    finally:
-        model.train(was_training)
     if total == 0:
         raise ValueError("evaluate: the data is empty")
     return correct / total

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from .layout import resolve_layers
+from .config import PruneConfig
 from .masks import check_sparsity
 from .pruner import PruneResult, prune_one_shot
+from .targets import resolve_targets
 
 
 def polynomial_sparsity(step: int, *, final_sparsity: float, start_step: int, end_step: int,
@@ -78,7 +79,8 @@ class GradualPruner:
         final_sparsity: s_f in [0, 1). initial_sparsity: s_i (default 0.05).
         start_step, end_step, frequency: pruning at start_step + k * frequency up to
             end_step (``end_step - start_step`` must be a multiple of ``frequency``).
-        prune_kwargs: passed to :func:`prune_one_shot` (method, mode, block_size, ...).
+        prune_kwargs: the other :class:`woodfisher.PruneConfig` fields (method, mode, block_size, ...),
+            validated here.
 
     Typical loop::
 
@@ -106,7 +108,8 @@ class GradualPruner:
                              f"({final_sparsity})")
         if "sparsity" in prune_kwargs:
             raise ValueError("pass final_sparsity, not sparsity, to GradualPruner")
-        resolve_layers(model, prune_kwargs.get("modules"), prune_kwargs.get("block_size"))
+        self.config = PruneConfig.from_options(sparsity=float(final_sparsity), **prune_kwargs)
+        resolve_targets(model, self.config.modules, self.config.block_size)
         self.model, self.loader = model, loader
         self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
@@ -128,7 +131,7 @@ class GradualPruner:
             return None
         target = self.target_sparsity(step)
         result = prune_one_shot(self.model, loader if loader is not None else self.loader,
-                                sparsity=target, **self.prune_kwargs)
+                                self.config.replace(sparsity=target))
         apply_masks(self.model, result.masks)
         self.last_step = step
         self.history.append({"step": step, "target": target, "sparsity": result.sparsity,
@@ -137,9 +140,7 @@ class GradualPruner:
 
     def masks(self) -> Dict[str, torch.Tensor]:
         """Current keep-masks {"<module>.weight": bool} of the pruned layers."""
-        layers = resolve_layers(self.model, self.prune_kwargs.get("modules"))
-        return {l.param_name: l.keep_mask() if not l.reparametrised else l.module.weight_mask.bool().clone()
-                for l in layers}
+        return {t.name: t.keep_mask() for t in resolve_targets(self.model, self.config.modules)}
 
     def state_dict(self) -> dict:
         """Schedule, progress and masks (save it next to ``model.state_dict()``)."""

@@ -1,4 +1,4 @@
-"""K-FAC OBS pruning baseline (Linear and Conv2d layers, whole-layer Kronecker blocks).
+"""K-FAC OBS pruning baseline (Linear, HF Conv1D and Conv2d layers, whole-layer Kronecker blocks).
 
 For a Linear layer ``s = W a`` with W of shape (out, in), one sample's weight gradient
 is ``g a^T`` (g = dL/ds). Flattening W row-major, ``vec_row(g a^T) = g (x) a`` (Kronecker
@@ -10,11 +10,21 @@ The order matters: ``A (x) S`` is the Fisher of the *column-major* flattening, t
 mistake the WoodFisher paper's reviewers pointed out. With one sample the
 factorisation is exact (tested against the dense Fisher).
 
+HuggingFace's ``Conv1D`` (GPT-2) is a Linear layer with its weight stored transposed,
+``(in, out)``: its factors are the Linear ones, for the canonical ``(out, in)`` weight.
+Sequence inputs ``(N, T, in)`` give one row per position, as the conv positions below.
+
+The model is run unwrapped (``torch.compile`` / DataParallel wrappers are not called) with
+``torch.func.functional_call`` on detached copies of the pruned weights, so frozen weights
+(``requires_grad=False``) work and the caller's parameters receive no gradient.
+
 Conv2d uses the standard unfolding (KFC, Grosse & Martens 2016): a are the
 ``in * kh * kw`` input patches at each of the T output positions (``F.unfold``, the
 same order as the row-major flattening of the (out, in, kh, kw) weight), g the output
 gradients at those positions, ``A = E_{n,t}[a a^T]`` and ``S = T * E_{n,t}[g g^T]``.
-Conv1d/Conv3d and grouped or non-zero-padded convolutions are refused.
+Conv1d/Conv3d, grouped or non-zero-padded convolutions, weights shared by several modules
+(tied) and weights whose module forward never runs (``nn.MultiheadAttention`` reads
+``out_proj.weight`` directly) are refused with a ValueError naming the weight.
 
 Damping (factored Tikhonov with the pi correction of Martens & Grosse 2015):
 ``A + pi sqrt(lambda) I`` and ``S + sqrt(lambda)/pi I`` with
@@ -26,23 +36,18 @@ exactly zero after every update instead.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
-from .damping import auto_damp
-from .fisher import eval_mode, split_batch
-from .layout import PrunableLayer
-from .masks import select_kept_masks
-
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover
-    tqdm = None
+from .batches import compute_loss, logits_of, sample_targets, to_batch
+from .progress import progress_bar
+from .state import eval_mode
+from .targets import PruneTarget, unwrap_model
 
 
 @dataclass
@@ -54,99 +59,115 @@ class KFACFactors:
     samples: int
 
 
-def check_kfac_layer(layer: PrunableLayer) -> None:
-    """Refuse layers the K-FAC baseline does not model, naming them."""
+def check_kfac_layer(layer: PruneTarget) -> None:
+    """Refuse weights the K-FAC baseline does not model, naming them."""
     m = layer.module
-    if isinstance(m, nn.Linear):
+    if layer.attr != "weight" or layer.kind not in ("linear", "conv", "conv1d_hf"):
+        raise ValueError(f"method='kfac' supports the weights of Linear, HF Conv1D and Conv2d modules only; "
+                         f"{layer.label!r} is not one")
+    if len(layer.owners) > 1:
+        raise ValueError(f"method='kfac' models one layer per weight; {layer.label!r} is shared by modules "
+                         f"{list(layer.owners)} (tied weights): use method='woodfisher'")
+    if isinstance(m, nn.Linear) or layer.kind == "conv1d_hf":
         return
     if isinstance(m, nn.Conv2d):
         if m.groups != 1 or isinstance(m.padding, str) or m.padding_mode != "zeros":
             raise ValueError(f"method='kfac' supports Conv2d with groups=1, numeric zero padding only; "
-                             f"layer {layer.name!r} is {m}")
+                             f"layer {layer.label!r} is {m}")
         return
-    raise ValueError(f"method='kfac' supports Linear and Conv2d layers only; layer {layer.name!r} "
+    raise ValueError(f"method='kfac' supports Linear and Conv2d layers only; layer {layer.label!r} "
                      f"is a {type(m).__name__}")
 
 
-def _patches(layer: PrunableLayer, x: torch.Tensor) -> torch.Tensor:
+def _patches(layer: PruneTarget, x: torch.Tensor) -> torch.Tensor:
     """Inputs -> (rows, in') with one row per (sample, position)."""
     m = layer.module
-    if isinstance(m, nn.Linear):
+    if not isinstance(m, nn.Conv2d):  # Linear, HF Conv1D: one row per position of the last dim
         return x.reshape(-1, x.shape[-1])
     cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _out_grads(layer: PrunableLayer, g: torch.Tensor) -> torch.Tensor:
+def _out_grads(layer: PruneTarget, g: torch.Tensor) -> torch.Tensor:
     """Output gradients -> (rows, out), rows in the order of :func:`_patches`."""
-    if isinstance(layer.module, nn.Linear):
+    if not isinstance(layer.module, nn.Conv2d):
         return g.reshape(-1, g.shape[-1])
     return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
 
 
-def kfac_factors(model: nn.Module, loader, layers: List[PrunableLayer], *,
+def kfac_factors(model: nn.Module, loader, layers: List[PruneTarget], *,
                  loss_fn: Optional[Callable] = None, num_samples: int = 128,
                  sampled_fisher: bool = False, seed: int = 0,
-                 progress: bool = True) -> Dict[str, KFACFactors]:
+                 progress: bool = True, batch_adapter: Optional[Callable] = None) -> Dict[str, KFACFactors]:
     """Estimate A and S of every layer from ``num_samples`` samples (model in eval mode).
 
     The per-sample output gradient is recovered from the mean loss as
     ``batch_size * dL/ds``. With ``sampled_fisher`` the targets are drawn from
-    ``softmax(outputs)``. Returns {param_name: KFACFactors}.
+    ``softmax(outputs)``. Returns {weight name: KFACFactors}.
+
+    Raises:
+        ValueError: an unsupported weight (:func:`check_kfac_layer`), a layer whose forward
+            never ran, NaN/Inf activations or gradients, or an empty loader.
     """
     for layer in layers:
         check_kfac_layer(layer)
-    loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
-    device = next(model.parameters()).device
+    inner = unwrap_model(model)[0]
+    params = dict(inner.named_parameters())
+    buffers = dict(inner.named_buffers())
+    device = next(iter(params.values())).device
     gen = torch.Generator().manual_seed(int(seed))
-    sums = {l.param_name: [0.0, 0.0, 0] for l in layers}
+    sums = {layer.name: [0.0, 0.0, 0] for layer in layers}
     seen: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(layer):
         def fn(module, inputs, output):
-            seen[layer.param_name] = (inputs[0].detach(), output)
+            seen[layer.name] = (inputs[0].detach(), output)
         return fn
 
-    handles = [l.module.register_forward_hook(hook(l)) for l in layers]
+    handles = [layer.module.register_forward_hook(hook(layer)) for layer in layers]
     left = int(num_samples)
-    bar = tqdm(total=left, desc="K-FAC factors", unit="sample", leave=False) \
-        if (tqdm is not None and progress) else None
+    bar = progress_bar(left, "K-FAC factors", "sample", enabled=progress)
     try:
         with eval_mode(model), torch.enable_grad():
-            for batch in loader:
+            for item in loader:
                 if left <= 0:
                     break
-                x, y = split_batch(batch)
-                x, y = x[:left].to(device), y[:left].to(device)
-                n = x.shape[0]
-                seen.clear()
-                out = model(x)
+                batch = to_batch(item, batch_adapter).to(device)
+                batch = batch.take(0, min(left, batch.size))
+                n = batch.size
                 if sampled_fisher:
-                    probs = torch.softmax(out.detach().double(), dim=1).cpu()
-                    y = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(device)
-                loss = loss_fn(out, y)
-                outs = [seen[l.param_name][1] for l in layers]
+                    batch = batch.without_target()
+                seen.clear()
+                # the unwrapped module on the weights as leaves of their own: outputs get gradients even
+                # when the caller froze the weights, and the caller's tensors get none
+                leaves = {layer.key: params[layer.key].detach().requires_grad_(True) for layer in layers}
+                out = functional_call(inner, ({**params, **leaves}, buffers), batch.args, batch.kwargs)
+                target = sample_targets(logits_of(out), gen) if sampled_fisher else batch.target
+                loss = compute_loss(out, target, loss_fn)
+                missing = [layer.name for layer in layers if layer.name not in seen]
+                if missing:
+                    raise ValueError(f"method='kfac': the forward of the modules of {missing} never ran (the "
+                                     "model reads these weights directly); K-FAC needs their inputs and outputs")
+                outs = [seen[layer.name][1] for layer in layers]
                 grads = torch.autograd.grad(loss, outs, allow_unused=True)
-                for l, g in zip(layers, grads):
-                    a = _patches(l, seen[l.param_name][0]).double()
+                for layer, out_l, g in zip(layers, outs, grads):
+                    a = _patches(layer, seen[layer.name][0]).double()
                     if g is None:
-                        g = torch.zeros_like(outs[layers.index(l)])
-                    go = _out_grads(l, g.detach()).double() * n
+                        g = torch.zeros_like(out_l)
+                    go = _out_grads(layer, g.detach()).double() * n
                     positions = a.shape[0] // n
                     if not (torch.isfinite(a).all() and torch.isfinite(go).all()):
-                        raise ValueError(f"activations or gradients of layer {l.name!r} contain NaN or Inf")
-                    acc = sums[l.param_name]
+                        raise ValueError(f"activations or gradients of layer {layer.label!r} contain NaN or Inf")
+                    acc = sums[layer.name]
                     acc[0] = acc[0] + a.T @ a / positions
                     acc[1] = acc[1] + go.T @ go
                     acc[2] += n
                 left -= n
-                if bar is not None:
-                    bar.update(n)
+                bar.update(n)
     finally:
         for h in handles:
             h.remove()
-        if bar is not None:
-            bar.close()
+        bar.close()
     total = int(num_samples) - left
     if total <= 0:
         raise ValueError("loader yielded no samples (empty data loader?)")
@@ -181,43 +202,3 @@ def kfac_update(weight2d: torch.Tensor, prune2d: torch.Tensor, s_inv: torch.Tens
     diag = torch.outer(torch.diagonal(s_inv), torch.diagonal(a_inv))
     v = torch.where(prune2d, w / diag, torch.zeros_like(w))
     return (w - s_inv @ v @ a_inv).masked_fill(prune2d, 0.0)
-
-
-def kfac_step(model, loader, layers, a, target, keep, fpp, timings):
-    """One K-FAC OBS step of :func:`woodfisher.prune_one_shot` (whole layers).
-
-    ``a`` holds prune_one_shot's arguments; uses ``num_grads * fisher_batch_size``
-    samples. Returns (new weights, keep-masks, damp) as {param_name: tensor}.
-    """
-    t0 = time.perf_counter()
-    factors = kfac_factors(model, loader, layers, loss_fn=a["loss_fn"],
-                           num_samples=a["num_grads"] * a["fisher_batch_size"],
-                           sampled_fisher=a["sampled_fisher"], seed=a["seed"], progress=a["progress"])
-    timings["gradients"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    damp = a["damp"]
-    if damp == "auto":  # mean diagonal of S (x) A is mean(diag S) * mean(diag A)
-        numel = sum(l.numel for l in layers)
-        total = sum(float(torch.diagonal(f.S).sum() * torch.diagonal(f.A).sum()) for f in factors.values())
-        damp = auto_damp(total, 1, numel)
-    invs = {n: kfac_inverse(f, damp) for n, f in factors.items()}
-    timings["inverse"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    w2 = {l.param_name: l.effective_weight().reshape(l.shape[0], -1) for l in layers}
-    scores = {}
-    for l in layers:
-        n = l.param_name
-        scores[n] = kfac_saliency(w2[n], *invs[n]).reshape(l.shape)
-    masks = select_kept_masks(scores, target, a["mode"], a["min_density"], keep, fpp, a["beta"])
-    timings["select"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    new = {}
-    for l in layers:
-        n = l.param_name
-        if a["obs_update"]:
-            prune = ~masks[n].reshape(l.shape[0], -1)
-            new[n] = kfac_update(w2[n], prune, *invs[n]).reshape(l.shape)
-        else:
-            new[n] = l.effective_weight() * masks[n]
-    timings["update"] += time.perf_counter() - t0
-    return new, masks, damp

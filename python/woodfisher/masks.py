@@ -21,6 +21,17 @@ def check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
+def check_min_density(min_density, sparsity: float = 0.0) -> float:
+    """``min_density`` must lie in [0, 1] and be keepable at ``sparsity`` (min_density <= 1 - sparsity)."""
+    if isinstance(min_density, bool) or not isinstance(min_density, (int, float)) \
+            or not 0.0 <= float(min_density) <= 1.0:
+        raise ValueError(f"min_density must lie in [0, 1], got {min_density!r}")
+    if float(min_density) > 1.0 - float(sparsity) + 1e-12:
+        raise ValueError(f"min_density={min_density} cannot be kept at sparsity={sparsity}: every weight would "
+                         f"keep more than the {1.0 - float(sparsity):g} of its entries the sparsity allows")
+    return float(min_density)
+
+
 def _keep_top(score: torch.Tensor, num_keep: int) -> torch.Tensor:
     flat = score.flatten()
     keep = torch.zeros_like(flat, dtype=torch.bool)
@@ -46,8 +57,7 @@ def select_masks(scores: Scores, sparsity: float, mode: str = "global",
     sparsity = check_sparsity(sparsity)
     if mode not in ("global", "layerwise"):
         raise ValueError(f"mode must be 'global' or 'layerwise', got {mode!r}")
-    if not 0.0 <= min_density <= 1.0:
-        raise ValueError(f"min_density must lie in [0, 1], got {min_density}")
+    check_min_density(min_density)
     if not scores:
         raise ValueError("scores is empty: no prunable parameter")
     prepared = {}

@@ -25,7 +25,7 @@ import torch
 
 import woodfisher_kernels as wk
 
-from .layout import PrunableLayer
+from .targets import PruneTarget
 
 Pattern = Tuple  # ("nm", n, m) or ("rows",)
 
@@ -50,7 +50,7 @@ def pattern_sparsity(parsed: Pattern) -> Optional[float]:
     return 1.0 - parsed[1] / parsed[2] if parsed[0] == "nm" else None
 
 
-def check_pattern_layers(parsed: Pattern, layers: List[PrunableLayer]) -> None:
+def check_pattern_layers(parsed: Pattern, layers: List[PruneTarget]) -> None:
     """Refuse layers whose rows / blocks do not fit the pattern (naming the layer)."""
     for layer in layers:
         if parsed[0] == "nm":
@@ -64,14 +64,14 @@ def check_pattern_layers(parsed: Pattern, layers: List[PrunableLayer]) -> None:
                              f"must be a multiple of its row length {layer.row_length} (or None)")
 
 
-def consecutive_groups(layer: PrunableLayer, size: int, device=None) -> torch.Tensor:
+def consecutive_groups(layer: PruneTarget, size: int, device=None) -> torch.Tensor:
     """(B, c // size, size) int64 indices of the runs of ``size`` entries of every block."""
     c = layer.block_size
     idx = torch.arange(c, device=device).view(c // size, size)
     return idx.unsqueeze(0).expand(layer.num_blocks, -1, -1).contiguous()
 
 
-def nm_choose(inv, weights: torch.Tensor, layer: PrunableLayer, n: int, m: int, *,
+def nm_choose(inv, weights: torch.Tensor, layer: PruneTarget, n: int, m: int, *,
               exact: bool = True, magnitude: bool = False) -> torch.Tensor:
     """For every run of m weights, the m-n entries to prune: (B, c // m, m - n) indices.
 
@@ -99,11 +99,11 @@ def groups_to_mask(groups: torch.Tensor, prune: torch.Tensor, block_size: int) -
     return mask
 
 
-def row_saliency(inv, weights: torch.Tensor, layer: PrunableLayer, exact: bool = True) -> torch.Tensor:
+def row_saliency(inv, weights: torch.Tensor, layer: PruneTarget, exact: bool = True) -> torch.Tensor:
     """Group statistic of every output row / filter: (B, c // row) -> rows (out,)."""
     groups = consecutive_groups(layer, layer.row_length, weights.device)
     rho = wk.group_obs_saliency(inv, weights, groups, exact=exact)
-    return rho.flatten()[: layer.shape[0]]
+    return rho.flatten()[: layer.out_features]
 
 
 def select_rows(scores: Dict[str, torch.Tensor], sizes: Dict[str, int], sparsity: float,
@@ -138,7 +138,7 @@ def select_rows(scores: Dict[str, torch.Tensor], sizes: Dict[str, int], sparsity
     return out
 
 
-def rows_to_groups(layer: PrunableLayer, rows: torch.Tensor, device=None):
+def rows_to_groups(layer: PruneTarget, rows: torch.Tensor, device=None):
     """(out,) row flags -> ((B, G, row) groups, (B, G) flags) in block layout."""
     groups = consecutive_groups(layer, layer.row_length, device)
     flags = torch.zeros(groups.shape[0] * groups.shape[1], dtype=torch.bool, device=device)
@@ -146,15 +146,15 @@ def rows_to_groups(layer: PrunableLayer, rows: torch.Tensor, device=None):
     return groups, flags.view(groups.shape[0], groups.shape[1])
 
 
-def nm_magnitude(layers: List[PrunableLayer], n: int, m: int, keep: Dict[str, torch.Tensor]):
+def nm_magnitude(layers: List[PruneTarget], n: int, m: int, keep: Dict[str, torch.Tensor]):
     """N:M by |w| (no Fisher): returns ({param_name: weights}, updated keep-masks)."""
     new = {}
-    for l in layers:
-        name = l.param_name
-        w = l.blocks(l.effective_weight())
-        groups = nm_choose(None, w, l, n, m, magnitude=True)
+    for layer in layers:
+        name = layer.param_name
+        w = layer.blocks(layer.effective_weight())
+        groups = nm_choose(None, w, layer, n, m, magnitude=True)
         flags = torch.ones(groups.shape[:2], dtype=torch.bool, device=w.device)
-        prune = l.unblock(groups_to_mask(groups, flags, l.block_size))
+        prune = layer.unblock(groups_to_mask(groups, flags, layer.block_size))
         keep[name] = keep[name] & ~prune
-        new[name] = l.effective_weight() * keep[name]
+        new[name] = layer.effective_weight() * keep[name]
     return new, keep

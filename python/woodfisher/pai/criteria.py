@@ -1,6 +1,7 @@
 """Saliency criteria for pruning at initialization (higher score = keep).
 
-Second-order (OBD-style, built on a diagonal curvature estimate ``d`` of H or F):
+Second-order (OBD-style, built on a diagonal curvature estimate ``d`` of H or F; LeCun et
+al. 1990, "Optimal Brain Damage", Eq. 6):
     hutchinson        0.5 * w^2 * |diag H|       curvature magnitude (the default)
     obd_hutchinson    0.5 * w^2 * diag H         the signed OBD saliency; negative-curvature
                                                  weights rank lowest
@@ -14,17 +15,24 @@ Baselines:
     synflow   |w * dR/dw|, R = 1^T f_|W|(1) (Tanaka et al. 2020, data-free, run iteratively)
     magnitude |w|
     random    uniform random scores
+
+``w`` is the weight the model computes with (storage times any ``torch.nn.utils.prune``
+mask); scores are float32 for half-precision models.
 """
 from __future__ import annotations
 
-import copy
-from typing import Dict, Iterable, Optional, Sequence
+import itertools
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..batches import Batch, is_single_pass, logits_of, peek, to_batch
+from ..gradients import compute_dtype
+from ..state import clone_model
+from ..targets import PRUNABLE_TYPES, resolve_targets, unwrap_model
 from . import estimators as est
-from ._common import PRUNABLE_TYPES, LossFn, model_device, prunable_parameters
+from .estimators import Params, pai_targets
 
 SECOND_ORDER = ("hutchinson", "obd_hutchinson", "hutchinson_taylor", "fisher", "fisher_taylor")
 BASELINES = ("snip", "grasp", "synflow", "magnitude", "random")
@@ -44,81 +52,115 @@ def taylor2_saliency(weight: torch.Tensor, grad: torch.Tensor, diag: torch.Tenso
     return (-grad * weight + 0.5 * weight.square() * diag).abs()
 
 
-def synflow_scores(model: nn.Module, input_shape: Sequence[int], *, params: Optional[Sequence[str]] = None,
-                   masks: Optional[Dict[str, torch.Tensor]] = None, _linearized: Optional[nn.Module] = None) -> Scores:
-    """SynFlow scores |w * dR/dw| of a sign-linearised float64 copy of ``model``.
-
-    The copy takes |.| of every floating parameter and buffer, runs in eval mode on an
-    all-ones input of shape (1, *input_shape); R is the sum of the output of the last
-    Linear/Conv layer executed (the logits, so a final (log-)softmax is ignored).
-    ``masks`` {name: bool keep} zero pruned weights first. Returns {name: (shape)} float32.
-    """
-    names = list(prunable_parameters(model, params))
-    net = _linearized if _linearized is not None else linearize(model)
-    net_params = dict(net.named_parameters())
-    if masks:
-        with torch.no_grad():
-            for n, m in masks.items():
-                net_params[n].mul_(m.to(net_params[n].device))
-    outputs = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out))
-             for m in net.modules() if isinstance(m, PRUNABLE_TYPES)]
-    try:
-        x = torch.ones((1, *input_shape), dtype=torch.float64, device=model_device(net))
-        net(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    plist = [net_params[n] for n in names]
-    grads = torch.autograd.grad(outputs[-1].sum(), plist)
-    return {n: (g * p).abs().detach().float() for n, g, p in zip(names, grads, plist)}
-
-
 def linearize(model: nn.Module) -> nn.Module:
-    """float64 eval-mode copy with |.| applied to every floating parameter and buffer."""
-    net = copy.deepcopy(model).double().eval()
+    """float64 eval-mode copy of the (unwrapped) model, |.| applied to every floating parameter and buffer.
+
+    Every ``nn.Embedding`` of the copy reads an all-ones one-hot input: its output is the
+    sum of its (absolute) rows at every position (SynFlow's all-ones input, for token inputs).
+    """
+    net = clone_model(unwrap_model(model)[0]).double().eval()
     with torch.no_grad():
         for t in list(net.parameters()) + list(net.buffers()):
             if t.is_floating_point():
                 t.abs_()
+    for m in net.modules():
+        if isinstance(m, nn.Embedding):
+            m.register_forward_pre_hook(lambda _m, args: (torch.zeros_like(args[0], dtype=torch.long), *args[1:]))
+            m.register_forward_hook(lambda mod, _args, out: mod.weight.sum(0).expand_as(out).contiguous())
     return net
 
 
-def compute_scores(model: nn.Module, loader: Optional[Iterable], criterion: str, *,
-                   params: Optional[Sequence[str]] = None, loss_fn: Optional[LossFn] = None,
-                   num_probes: int = 1, num_batches: Optional[int] = None, hvp: str = "autograd",
-                   generator: Optional[torch.Generator] = None, input_shape: Optional[Sequence[int]] = None,
-                   progress: bool = False) -> Scores:
+def synflow_input(example: Optional[Batch], input_shape: Optional[Sequence[int]]) -> Batch:
+    """SynFlow's all-ones input: ``(1, *input_shape)`` float64, or one sample shaped like ``example``
+    (a batch the loader yields) with every tensor input set to ones (float64 for floating ones)."""
+    if input_shape is not None:
+        return Batch((torch.ones((1, *input_shape), dtype=torch.float64),), {}, None)
+    if example is None:
+        raise ValueError("synflow needs input_shape or a loader to read the input shape from")
+    one = example.take(0, 1).without_target()
+    return one.map_batched(lambda x: torch.ones_like(x, dtype=torch.float64 if x.is_floating_point() else x.dtype))
+
+
+def synflow_scores(model: nn.Module, input_shape: Optional[Sequence[int]] = None, *, params: Params = None,
+                   masks: Optional[Dict[str, torch.Tensor]] = None, example: Optional[Batch] = None,
+                   _linearized: Optional[nn.Module] = None) -> Scores:
+    """SynFlow scores |w * dR/dw| of a sign-linearised float64 copy of ``model`` (:func:`linearize`).
+
+    The copy runs in eval mode on an all-ones input (:func:`synflow_input`); R is the sum of
+    the output of the last Linear/Conv layer executed (the logits, so a final (log-)softmax
+    is ignored), or of the model's predictions when no such layer runs. ``masks``
+    {name: bool keep} zero pruned weights of the copy first (cumulative on ``_linearized``).
+    Returns:
+        {name: (shape)} float32 scores.
+    """
+    targets = pai_targets(model, params)
+    net = _linearized if _linearized is not None else linearize(model)
+    prefix = unwrap_model(model)[1]
+    copies = {prefix + c.name: c for c in resolve_targets(net, [t.name[len(prefix):] for t in targets])}
+    with torch.no_grad():
+        for n, m in (masks or {}).items():
+            copies[n].param.mul_(m.to(copies[n].param.device))
+    plist = [copies[t.name].param.requires_grad_(True) for t in targets]
+    outputs = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+             for m in net.modules() if isinstance(m, PRUNABLE_TYPES)]
+    try:
+        batch = synflow_input(example, input_shape).to(plist[0].device)
+        with torch.enable_grad():
+            out = net(*batch.args, **batch.kwargs)
+            r = (outputs[-1] if outputs else logits_of(out)).sum()
+            grads = torch.autograd.grad(r, plist)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {t.name: (g * copies[t.name].effective_weight()).abs().detach().float() for t, g in zip(targets, grads)}
+
+
+def compute_scores(model: nn.Module, loader: Optional[Iterable], criterion: str, *, params: Params = None,
+                   loss_fn: Optional[Callable] = None, num_probes: int = 1, num_batches: Optional[int] = None,
+                   hvp: str = "autograd", generator: Optional[torch.Generator] = None,
+                   input_shape: Optional[Sequence[int]] = None, progress: bool = False,
+                   batch_adapter: Optional[Callable] = None) -> Scores:
     """One-shot scores {name: (shape)} for ``criterion`` (synflow: one iteration).
 
-    The model is used in its current train/eval mode; callers set it (prune_at_init
-    scores in eval mode so that warmed-up BatchNorm statistics are used).
+    The model is used in its current train/eval mode (the Fisher criteria take per-sample
+    gradients in eval mode); callers set it (prune_at_init scores in eval mode so that
+    warmed-up BatchNorm statistics are used). GraSP reads the loader twice: a single-pass
+    loader's first ``num_batches`` batches are kept in memory for it.
+    Raises:
+        ValueError: unknown criterion, bad names, no / empty loader for a data criterion.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    named = prunable_parameters(model, params)
-    names = list(named)
-    w = {n: p.detach() for n, p in named.items()}
-    kw = dict(params=names, loss_fn=loss_fn, num_batches=num_batches, progress=progress)
+    targets = pai_targets(model, params)
+    dtype = compute_dtype(targets[0].param.dtype)
+    w = {t.name: t.effective_weight().to(dtype) for t in targets}
     if criterion == "magnitude":
         return {n: t.abs() for n, t in w.items()}
     if criterion == "random":
         return {n: torch.rand(t.shape, generator=generator).to(t.device) for n, t in w.items()}
     if criterion == "synflow":
-        if input_shape is None:
-            raise ValueError("synflow needs input_shape (or a loader to read it from)")
-        return synflow_scores(model, input_shape, params=names)
+        example = None
+        if input_shape is None and loader is not None:
+            first, _ = peek(loader)
+            example = None if first is None else to_batch(first, batch_adapter)
+        return synflow_scores(model, input_shape, params=targets, example=example)
+    if loader is None:
+        raise ValueError(f"loader is required for criterion={criterion!r}")
+    kw = dict(params=targets, loss_fn=loss_fn, num_batches=num_batches, progress=progress, batch_adapter=batch_adapter)
     if criterion == "snip":
         g = est.loss_gradient(model, loader, **kw)
-        return {n: (g[n] * w[n]).abs() for n in names}
+        return {n: (g[n] * w[n]).abs() for n in w}
     if criterion == "grasp":
+        if is_single_pass(loader):
+            loader = list(itertools.islice(loader, num_batches))
         g = est.loss_gradient(model, loader, **kw)
         hg = est.hessian_gradient_product(model, loader, g, **kw)
-        return {n: w[n] * hg[n] for n in names}
+        return {n: w[n] * hg[n] for n in w}
     if criterion.startswith("fisher"):
         d = est.fisher_diagonal(model, loader, **kw)
     else:
         d = est.hutchinson_diagonal(model, loader, num_probes=num_probes, hvp=hvp, generator=generator, **kw)
     if criterion.endswith("taylor"):
-        return {n: taylor2_saliency(w[n], d.grad[n], d.diag[n]) for n in names}
-    return {n: obd_saliency(w[n], d.diag[n], absolute=(criterion == "hutchinson")) for n in names}
+        return {n: taylor2_saliency(w[n], d.grad[n], d.diag[n]) for n in w}
+    return {n: obd_saliency(w[n], d.diag[n], absolute=(criterion == "hutchinson")) for n in w}

@@ -2,20 +2,32 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..masks import check_sparsity, select_masks, sparsity_of
-from ..pruner import PruneResult
-from ._common import LossFn, check_loader, check_positive_int, has_batchnorm, prunable_parameters
+from ..batches import check_loss_fn, is_single_pass, peek, to_batch
+from ..config import check_int
+from ..masks import check_min_density, check_sparsity, select_kept_masks, sparsity_of
+from ..progress import display, phase
+from ..result import PruneResult, layer_rows
+from ..state import Snapshot, eval_mode
+from ..targets import PruneTarget, unwrap_model
 from .criteria import CRITERIA, DATA_FREE, compute_scores, linearize, synflow_scores
-from .estimators import HVP_METHODS
-from .warmup import preserved_batchnorm_state, warmup_batchnorm
+from .estimators import HVP_METHODS, Params, check_num_batches, pai_targets, tracked
+from .warmup import (
+    as_in_training,
+    batchnorm_modules,
+    batchnorm_state,
+    preserved_batchnorm_state,
+    restore_batchnorm_state,
+    warmup_batchnorm,
+)
 
 
 @dataclass
@@ -27,125 +39,175 @@ class PaIResult(PruneResult):
     collapsed: List[str] = field(default_factory=list)
 
 
-def layer_table(masks: Dict[str, torch.Tensor]) -> List[dict]:
-    """[{name, shape, numel, nnz, sparsity}] of keep-masks, in order."""
-    rows = []
-    for n, m in masks.items():
-        nnz = int(m.sum())
-        rows.append(dict(name=n, shape=list(m.shape), numel=m.numel(), nnz=nnz, sparsity=1.0 - nnz / m.numel()))
-    return rows
-
-
 def collapsed_layers(layers: List[dict], collapse_density: float) -> List[str]:
     """Layers with no weight left or a density below ``collapse_density``."""
     return [r["name"] for r in layers if r["nnz"] == 0 or r["nnz"] / r["numel"] < collapse_density]
 
 
-def _check_args(sparsity, criterion, mode, num_probes, warmup_batches, min_density, hvp,
-                synflow_iterations, collapse_density):
+def _check_args(sparsity, criterion, mode, num_probes, num_batches, warmup_batches, min_density, hvp,
+                synflow_iterations, train_mode, collapse_density, loss_fn):
     check_sparsity(sparsity)
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if mode not in ("global", "layerwise"):
         raise ValueError(f"mode must be 'global' or 'layerwise', got {mode!r}")
-    check_positive_int(num_probes, "num_probes")
-    check_positive_int(warmup_batches, "warmup_batches", minimum=0)
-    check_positive_int(synflow_iterations, "synflow_iterations")
-    if isinstance(min_density, bool) or not isinstance(min_density, (int, float)) or not 0.0 <= min_density <= 1.0:
-        raise ValueError(f"min_density must lie in [0, 1], got {min_density!r}")
-    if min_density > 1.0 - sparsity + 1e-12:
-        raise ValueError(f"min_density={min_density} cannot be kept at sparsity={sparsity}")
+    check_int("num_probes", num_probes)
+    check_num_batches(num_batches)
+    check_int("warmup_batches", warmup_batches, low=0)
+    check_int("synflow_iterations", synflow_iterations)
+    check_min_density(min_density, sparsity)
     if hvp not in HVP_METHODS:
         raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
-    if not 0.0 <= collapse_density < 1.0:
+    if not isinstance(train_mode, bool):
+        raise ValueError(f"train_mode must be True or False, got {train_mode!r}")
+    if isinstance(collapse_density, bool) or not isinstance(collapse_density, (int, float)) \
+            or not 0.0 <= collapse_density < 1.0:
         raise ValueError(f"collapse_density must lie in [0, 1), got {collapse_density!r}")
+    check_loss_fn(loss_fn)
 
 
 def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsity: float,
-                  criterion: str = "hutchinson", mode: str = "global", loss_fn: Optional[LossFn] = None,
-                  params: Optional[Sequence[str]] = None, num_probes: int = 8, num_batches: Optional[int] = None,
+                  criterion: str = "hutchinson", mode: str = "global", loss_fn: Optional[Callable] = None,
+                  params: Params = None, num_probes: int = 8, num_batches: Optional[int] = None,
                   warmup_batches: int = 10, min_density: float = 0.0, synflow_iterations: int = 100,
                   hvp: str = "autograd", train_mode: bool = False, input_shape: Optional[Sequence[int]] = None,
-                  collapse_density: float = 1e-3, seed: int = 0, progress: bool = True) -> PaIResult:
+                  collapse_density: float = 1e-3, seed: int = 0, progress: bool = True,
+                  batch_adapter: Optional[Callable] = None) -> PaIResult:
     """Prune ``model`` before training; its pruned weights are set to exactly 0 in place.
 
+    The weights are the package's prune targets (:func:`woodfisher.targets.resolve_targets`):
+    wrapped models (DataParallel, DDP, torch.compile) are seen through and masks are keyed
+    as the caller's ``state_dict`` names the weights (``"module.fc.weight"``); tied weights
+    are one target; a weight under ``torch.nn.utils.prune`` (or a mask parametrization) is
+    scored and its mask updated. Entries already pruned (mask 0, or exact zeros) stay pruned
+    and count towards ``sparsity``; the reported sparsity is the true one. Half-precision
+    models are scored with float32 statistics. Every module's train/eval flag and, apart
+    from the warm-up, every BatchNorm buffer are left as they were; a call that fails
+    restores the weights and BatchNorm buffers.
+
     Args:
-        loader: yields (inputs, targets); needed by data-dependent criteria and the
-            warm-up (synflow only reads the input shape from it, or takes ``input_shape``).
+        loader: batches (see :mod:`woodfisher.batches`; tuples, dicts, any format through
+            ``batch_adapter``); needed by data-dependent criteria and the warm-up (synflow only
+            reads the input structure from its first batch, or takes ``input_shape``).
+            Single-pass loaders (generators) are fine: no batch is lost to a peek or the warm-up.
         sparsity: target fraction of zeros over the scored weights, in [0, 1).
-        criterion: one of CRITERIA (see woodfisher.pai.criteria).
+        criterion: one of CRITERIA (see :mod:`woodfisher.pai.criteria`).
         mode: "global" (one threshold) or "layerwise" (each layer at ``sparsity``).
-        params: names of the parameters / modules to prune (default: every Linear/Conv weight).
+        loss_fn: ``loss_fn(predictions, targets)`` (default: :func:`woodfisher.batches.default_loss`,
+            or the model's ``outputs.loss``).
+        params: names of the weights / modules to prune (default: the package's default targets).
         num_probes: Hutchinson probes per batch; num_batches: scoring batches (None = all).
         warmup_batches: BatchNorm warm-up passes before scoring (0 = off; no-op without BN).
         min_density: each layer keeps at least this fraction of its weights.
         synflow_iterations: SynFlow rounds (exponential schedule to ``sparsity``).
-        train_mode: score in train mode (batch statistics); default eval mode, which uses the
-            (warmed-up) running statistics; BN buffers are restored after train-mode scoring.
+        train_mode: score with the modes of training (batch statistics; see
+            :mod:`woodfisher.pai.warmup`); default eval mode, which uses the (warmed-up) running
+            statistics. BN buffers are restored after train-mode scoring. The Fisher criteria
+            always take their per-sample gradients in eval mode.
         collapse_density: layers below this density are reported in ``collapsed``.
+        batch_adapter: loader item -> :class:`woodfisher.Batch`.
     Returns:
         PaIResult.
+    Raises:
+        ValueError: bad arguments or names, no / empty loader where one is needed, before
+            anything is modified.
     """
-    _check_args(sparsity, criterion, mode, num_probes, warmup_batches, min_density, hvp,
-                synflow_iterations, collapse_density)
-    names = list(prunable_parameters(model, params))
+    _check_args(sparsity, criterion, mode, num_probes, num_batches, warmup_batches, min_density, hvp,
+                synflow_iterations, train_mode, collapse_density, loss_fn)
+    targets = pai_targets(model, params)
+    inner = unwrap_model(model)[0]
+    warm = warmup_batches > 0 and bool(batchnorm_modules(inner))
     needs_data = criterion not in DATA_FREE or (criterion == "synflow" and input_shape is None)
-    if loader is not None or needs_data:
-        first_x, _ = check_loader(loader)
-        input_shape = tuple(first_x.shape[1:]) if input_shape is None else tuple(input_shape)
-    gen = torch.Generator().manual_seed(seed)
-    timings = {}
-    was_training = model.training
+    example = None
+    if loader is not None and (needs_data or warm):  # a loader the call does not read is not touched
+        first, loader = peek(loader)
+        if first is None:
+            raise ValueError("loader is empty: it yielded no batch")
+        example = to_batch(first, batch_adapter)
+        if example.size == 0:
+            raise ValueError("loader yielded an empty batch")
+    elif loader is None and needs_data:
+        raise ValueError(f"loader is required for criterion={criterion!r}"
+                         + (" (or pass input_shape)" if criterion == "synflow" else ""))
+    if train_mode and criterion.startswith("fisher"):
+        warnings.warn(f"criterion={criterion!r} takes per-sample gradients in eval mode (batch statistics "
+                      "would couple the samples); train_mode=True has no effect on it", stacklevel=2)
+    keep = {t.name: t.keep_mask() for t in targets}
+    snapshot, bn_saved = Snapshot(targets), batchnorm_state(inner)
+    timings: Dict[str, float] = {}
+    with display(progress, "woodfisher pai"):
+        try:
+            t0 = time.perf_counter()
+            warmed = 0
+            if warm and loader is not None:
+                warm_loader = loader
+                if is_single_pass(loader):  # keep the warm-up batches for scoring too
+                    warm_loader = list(itertools.islice(loader, warmup_batches))
+                    loader = itertools.chain(warm_loader, loader)
+                warmed = warmup_batchnorm(model, warm_loader, warmup_batches, batch_adapter=batch_adapter)
+            timings["warmup"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ctx = eval_mode(inner)
+            with ctx, (preserved_batchnorm_state(inner) if train_mode else contextlib.nullcontext()):
+                if train_mode:
+                    as_in_training(ctx)
+                if criterion == "synflow":
+                    masks = _iterative_synflow(model, targets, keep, input_shape, example, sparsity, mode,
+                                               min_density, synflow_iterations, progress)
+                else:
+                    with phase("scoring"):
+                        scores = compute_scores(model, loader, criterion, params=targets, loss_fn=loss_fn,
+                                                num_probes=num_probes, num_batches=num_batches, hvp=hvp,
+                                                generator=torch.Generator().manual_seed(seed),
+                                                input_shape=input_shape, progress=progress,
+                                                batch_adapter=batch_adapter)
+                    timings["scoring"] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    with phase("masking"):
+                        masks = select_kept_masks(scores, sparsity, mode, min_density, keep)
+            timings["scoring" if criterion == "synflow" else "masking"] = time.perf_counter() - t0
+            for t in targets:
+                t.write(t.param.detach(), masks[t.name])
+        except BaseException:
+            snapshot.restore()
+            restore_batchnorm_state(bn_saved)
+            raise
+    config = _call_config(targets, sparsity, criterion, mode, num_probes, num_batches, warmup_batches, warmed,
+                          min_density, synflow_iterations, hvp, train_mode, collapse_density, seed, loss_fn,
+                          batch_adapter)
+    return _result(masks, config, timings, collapse_density, progress)
 
-    t0 = time.perf_counter()
-    warmed = 0
-    if warmup_batches > 0 and loader is not None and has_batchnorm(model):
-        warmed = warmup_batchnorm(model, loader, warmup_batches, progress=progress)
-    timings["warmup"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    model.train(train_mode)
-    try:
-        with preserved_batchnorm_state(model) if train_mode else contextlib.nullcontext():
-            if criterion == "synflow":
-                masks = _iterative_synflow(model, names, input_shape, sparsity, mode, min_density,
-                                           synflow_iterations, progress)
-            else:
-                scores = compute_scores(model, loader, criterion, params=names, loss_fn=loss_fn,
-                                        num_probes=num_probes, num_batches=num_batches, hvp=hvp,
-                                        generator=gen, input_shape=input_shape, progress=progress)
-                timings["scoring"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                masks = select_masks(scores, sparsity, mode=mode, min_density=min_density)
-    finally:
-        model.train(was_training)
-    timings["scoring" if criterion == "synflow" else "masking"] = time.perf_counter() - t0
+def _call_config(targets: List[PruneTarget], sparsity, criterion, mode, num_probes, num_batches, warmup_batches,
+                  warmed, min_density, synflow_iterations, hvp, train_mode, collapse_density, seed, loss_fn,
+                  batch_adapter) -> dict:
+    """The options of a call, as recorded in ``PaIResult.config`` (callables by name)."""
+    def name_of(fn, default):
+        return default if fn is None else getattr(fn, "__name__", type(fn).__name__)
 
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, m in masks.items():
-            named[n].mul_(m.to(named[n].device, named[n].dtype))
-    layers = layer_table(masks)
+    return dict(sparsity=sparsity, criterion=criterion, mode=mode, params=[t.name for t in targets],
+                num_probes=num_probes, num_batches=num_batches, warmup_batches=warmup_batches,
+                warmup_samples=warmed, min_density=min_density, synflow_iterations=synflow_iterations, hvp=hvp,
+                train_mode=train_mode, collapse_density=collapse_density, seed=seed,
+                loss_fn=name_of(loss_fn, "default_loss"), batch_adapter=name_of(batch_adapter, None))
+
+
+def _result(masks, config, timings, collapse_density, progress) -> PaIResult:
+    layers = layer_rows(masks)
     collapsed = collapsed_layers(layers, collapse_density)
     if collapsed and progress:
-        warnings.warn(f"layer collapse: {collapsed} pruned to (near) 100%; consider min_density > 0")
-    config = dict(sparsity=sparsity, criterion=criterion, mode=mode, params=names, num_probes=num_probes,
-                  num_batches=num_batches, warmup_batches=warmup_batches, warmup_samples=warmed,
-                  min_density=min_density, synflow_iterations=synflow_iterations, hvp=hvp,
-                  train_mode=train_mode, collapse_density=collapse_density, seed=seed,
-                  loss_fn=getattr(loss_fn, "__name__", "cross_entropy") if loss_fn else "cross_entropy")
+        warnings.warn(f"layer collapse: {collapsed} pruned to (near) 100%; consider min_density > 0", stacklevel=3)
     return PaIResult(masks=masks, layers=layers, sparsity=sparsity_of(masks), damp=None, config=config,
                      timings=timings, collapsed=collapsed)
 
 
-def _iterative_synflow(model, names, input_shape, sparsity, mode, min_density, iterations, progress):
-    """SynFlow with the exponential schedule s_k = 1 - (1 - s)^(k / n), k = 1..n."""
-    from tqdm.auto import tqdm
-
+def _iterative_synflow(model, targets, keep, input_shape, example, sparsity, mode, min_density, iterations,
+                       progress) -> Dict[str, torch.Tensor]:
+    """SynFlow with the exponential schedule s_k = 1 - (1 - s)^(k / n), k = 1..n (Tanaka et al. 2020, Alg. 1)."""
     net = linearize(model)
-    masks = None
-    for k in tqdm(range(1, iterations + 1), desc="synflow", disable=not progress, leave=False):
+    masks = keep
+    for k in tracked(range(1, iterations + 1), "synflow", "round", progress, total=iterations):
         s_k = 1.0 - (1.0 - sparsity) ** (k / iterations)
-        scores = synflow_scores(model, input_shape, params=names, masks=masks, _linearized=net)
-        masks = select_masks(scores, s_k, mode=mode, min_density=min_density, pruned=masks)
+        scores = synflow_scores(model, input_shape, params=targets, masks=masks, example=example, _linearized=net)
+        masks = select_kept_masks(scores, s_k, mode, min_density, masks)
     return masks

@@ -1,0 +1,303 @@
+"""From what a loader yields to a model call and a loss: batch adapters and the default loss.
+
+A loader item becomes a :class:`Batch` ``(args, kwargs, target)``: the model is called as
+``model(*args, **kwargs)`` and the loss is ``loss_fn(outputs, target)``. The default
+adapter (:func:`default_adapter`) understands
+
+- ``(x, y)`` and ``(x, y, extra...)`` (extras ignored), ``((x1, x2), y)`` (several inputs),
+  ``({"a": a, "b": b}, y)`` (keyword inputs), ``(x,)`` (unlabelled);
+- a dict (HuggingFace style ``input_ids``, ``attention_mask``, ``labels``): everything is
+  passed as keyword arguments; with ``labels`` the model computes its own loss
+  (``outputs.loss``), without them the batch is unlabelled;
+- a bare tensor: unlabelled inputs (fine with ``sampled_fisher=True``, which draws targets
+  from the model's predictive distribution: no dummy targets needed).
+
+It never guesses: a tuple whose target position is ambiguous (a later element with the
+batch dim that could be the target as well: a float second element followed by an integer
+one, ``(x, mask, y)``, or a second element shaped like the inputs, ``(input_ids,
+attention_mask, labels)``) or not a tensor is refused with a ValueError that shows the
+adapter to pass, e.g. ``batch_adapter=lambda b: Batch((b[0], b[1]), {}, b[2])``.
+
+Outputs may be a tensor, a dict or a HuggingFace ``ModelOutput``: the loss is then
+``outputs.loss`` when the model computed one (labels in the batch) and no ``loss_fn`` is
+given, else ``loss_fn(logits, target)``. The default loss (:func:`default_loss`) is the mean
+cross-entropy over the class dimension (last dimension for sequence outputs (N, T, V)
+with targets (N, T); dimension 1 otherwise), which is also right for log-probability
+outputs since log_softmax is idempotent.
+"""
+from __future__ import annotations
+
+import collections.abc
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+
+__all__ = ["Batch", "default_adapter", "to_batch", "is_single_pass", "peek", "default_loss", "logits_of",
+           "model_loss", "compute_loss", "sample_targets", "check_loss_fn"]
+
+ADAPTER_HINT = ("pass batch_adapter=lambda b: woodfisher.Batch(args=(inputs,), kwargs={}, target=targets) "
+                "to say which part is which")
+
+
+@dataclass
+class Batch:
+    """One batch as the model and the loss see it.
+
+    Attributes:
+        args: positional inputs of ``model(*args, **kwargs)``.
+        kwargs: keyword inputs.
+        target: the loss target, or None (the model computes its loss, or unlabelled data).
+    """
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    target: Any = None
+
+    def _leaves(self):
+        return pytree.tree_flatten((self.args, self.kwargs, self.target))
+
+    @property
+    def size(self) -> int:
+        """Samples in the batch: the leading dim of the first tensor input."""
+        for leaf in pytree.tree_leaves((self.args, self.kwargs)):
+            if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
+                return int(leaf.shape[0])
+        raise ValueError("a batch must hold at least one input tensor with a batch dimension")
+
+    def batched(self) -> Any:
+        """Pytree of (args, kwargs, target) with True where a leaf is a tensor with the batch dim."""
+        n = self.size
+        return pytree.tree_map(lambda x: isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == n,
+                               (self.args, self.kwargs, self.target))
+
+    def map_batched(self, fn: Callable[[torch.Tensor], Any]) -> "Batch":
+        """Apply ``fn`` to every batched leaf (others are kept)."""
+        flags = pytree.tree_leaves(self.batched())
+        leaves, spec = self._leaves()
+        out = [fn(x) if f else x for x, f in zip(leaves, flags)]
+        args, kwargs, target = pytree.tree_unflatten(out, spec)
+        return Batch(tuple(args), dict(kwargs), target)
+
+    def to(self, device) -> "Batch":
+        leaves, spec = self._leaves()
+        out = [x.to(device) if isinstance(x, torch.Tensor) else x for x in leaves]
+        args, kwargs, target = pytree.tree_unflatten(out, spec)
+        return Batch(tuple(args), dict(kwargs), target)
+
+    def take(self, start: int, stop: int) -> "Batch":
+        """Samples ``start:stop``."""
+        return self.map_batched(lambda x: x[start:stop])
+
+    @staticmethod
+    def cat(batches: "list[Batch]") -> "Batch":
+        """Concatenate batches of the same structure along the batch dim (ValueError if they differ)."""
+        if len(batches) == 1:
+            return batches[0]
+        first_leaves, spec = batches[0]._leaves()
+        flags = pytree.tree_leaves(batches[0].batched())
+        columns = [[x] for x in first_leaves]
+        for b in batches[1:]:
+            leaves, other = b._leaves()
+            if other != spec:
+                raise ValueError("consecutive batches have different structures; cannot group their samples")
+            for col, x in zip(columns, leaves):
+                col.append(x)
+        out = []
+        for col, batched in zip(columns, flags):
+            if not batched:
+                out.append(col[0])
+                continue
+            if any(x.shape[1:] != col[0].shape[1:] for x in col):
+                raise ValueError(f"consecutive batches hold samples of different shapes "
+                                 f"({[tuple(x.shape[1:]) for x in col]}); a Fisher gradient over several samples "
+                                 "(fisher_batch_size > 1) needs them in one batch: use fisher_batch_size "
+                                 "dividing the loader's batch size, or pad the samples")
+            out.append(torch.cat(col))
+        args, kwargs, target = pytree.tree_unflatten(out, spec)
+        return Batch(tuple(args), dict(kwargs), target)
+
+    def without_target(self) -> "Batch":
+        """The same inputs with the target (and a dict's ``labels``) removed."""
+        kwargs = {k: v for k, v in self.kwargs.items() if k != "labels"}
+        return Batch(self.args, kwargs, None)
+
+
+def _is_tensor(x) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def _inputs(x) -> Tuple[tuple, dict]:
+    if isinstance(x, collections.abc.Mapping):
+        return (), dict(x)
+    if isinstance(x, (tuple, list)):
+        return tuple(x), {}
+    return (x,), {}
+
+
+def _first_tensor(x) -> Optional[torch.Tensor]:
+    return next((leaf for leaf in pytree.tree_leaves(x) if _is_tensor(leaf) and leaf.dim() >= 1), None)
+
+
+def _adapter_example(length: int, target: int) -> str:
+    rest = ", ".join(f"b[{i}]" for i in range(length) if i != target)
+    return (f"e.g. batch_adapter=lambda b: woodfisher.Batch(args=({rest},), kwargs={{}}, target=b[{target}]) "
+            "(inputs as positional args or keyword args of the model, the loss target, or target=None)")
+
+
+def _ambiguous(x, y: torch.Tensor, rest: list) -> bool:
+    """Whether a later element of ``(x, y, *rest)`` could be the target as well as ``y``.
+
+    Extras that are not tensors with the batch dim never are. A batched extra makes the
+    reading ambiguous when ``y`` is float and the extra is integer (``(x, mask, labels)``)
+    or when ``y`` has the shape of the first input (``(input_ids, attention_mask, labels)``).
+    """
+    first = _first_tensor(x)
+    if first is None:
+        return False
+    n = first.shape[0]
+    extras = [r for r in rest if _is_tensor(r) and r.dim() >= 1 and r.shape[0] == n]
+    if not extras:
+        return False
+    if y.shape == first.shape:
+        return True
+    return y.is_floating_point() and any(not r.is_floating_point() for r in extras)
+
+
+def default_adapter(item: Any) -> Batch:
+    """The default reading of a loader item (see the module docstring).
+
+    Raises:
+        ValueError: an item it cannot read without guessing, with an example adapter.
+    """
+    if isinstance(item, Batch):
+        return item
+    if _is_tensor(item):
+        return Batch((item,), {}, None)
+    if isinstance(item, collections.abc.Mapping):
+        kwargs = dict(item)
+        return Batch((), kwargs, kwargs.get("labels"))
+    if isinstance(item, (tuple, list)) and len(item) == 1:
+        args, kwargs = _inputs(item[0])
+        return Batch(args, kwargs, None)
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        x, y, rest = item[0], item[1], list(item[2:])
+        if not _is_tensor(y):
+            raise ValueError(f"loader items should be (inputs, targets) batches; the second element is a "
+                             f"{type(y).__name__}, not a target tensor; {_adapter_example(len(item), 1)}")
+        if _ambiguous(x, y, rest):
+            raise ValueError(f"ambiguous batch of {len(item)} tensors {[_describe(t) for t in item]}: more than "
+                             f"one element after the inputs could be the target, and the pruner does not guess; "
+                             f"say which is which, {_adapter_example(len(item), len(item) - 1)}")
+        args, kwargs = _inputs(x)
+        return Batch(args, kwargs, y)
+    raise ValueError(f"loader must yield (inputs, targets) batches, a dict of tensors or a tensor, got "
+                     f"{type(item).__name__}; {ADAPTER_HINT}")
+
+
+def _describe(x) -> str:
+    if _is_tensor(x):
+        return f"{str(x.dtype).replace('torch.', '')}{tuple(x.shape)}"
+    return type(x).__name__
+
+
+def to_batch(item: Any, adapter: Optional[Callable[[Any], Any]] = None) -> Batch:
+    """Apply ``adapter`` (or :func:`default_adapter`) and check what it returned."""
+    if adapter is None:
+        return default_adapter(item)
+    out = adapter(item)
+    if isinstance(out, Batch):
+        return out
+    if isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], (tuple, list)) \
+            and isinstance(out[1], collections.abc.Mapping):
+        return Batch(tuple(out[0]), dict(out[1]), out[2])
+    raise ValueError(f"batch_adapter must return a woodfisher.Batch or (args tuple, kwargs dict, target), "
+                     f"got {type(out).__name__}")
+
+
+def is_single_pass(loader: Iterable) -> bool:
+    """True for loaders that can be iterated once (generators, iterators), False for re-iterables."""
+    return isinstance(loader, collections.abc.Iterator)
+
+
+def peek(loader: Iterable) -> Tuple[Any, Iterable]:
+    """(first item or None, a loader that still yields every item, the first included)."""
+    if not is_single_pass(loader):
+        return next(iter(loader), None), loader
+    first = next(loader, None)
+    return first, (loader if first is None else itertools.chain([first], loader))
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The prediction tensor of a model's outputs (tensor, dict / ModelOutput ``logits``, or tuple[0])."""
+    if _is_tensor(outputs):
+        return outputs
+    if isinstance(outputs, collections.abc.Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    if isinstance(outputs, (tuple, list)) and outputs and _is_tensor(outputs[0]):
+        return outputs[0]
+    raise ValueError(f"cannot find the predictions in the model's outputs ({type(outputs).__name__}); "
+                     "return a tensor, or a dict / ModelOutput with 'logits', or pass loss_fn")
+
+
+def default_loss(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy; class dim last for (N, T, V) outputs with (N, T) targets, else dim 1.
+
+    Args:
+        outputs: logits or log-probabilities, (N, C) or (N, C, d1, ...) or (N, T, V).
+        target: class indices (N,) / (N, d1, ...) / (N, T), or class probabilities of the outputs' shape.
+    Returns:
+        scalar loss (mean over samples / positions).
+    """
+    if not target.is_floating_point() and outputs.dim() == target.dim() + 1 and outputs.dim() > 2 \
+            and outputs.shape[:-1] == target.shape:
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), target.reshape(-1))
+    return F.cross_entropy(outputs, target)
+
+
+def model_loss(outputs: Any) -> Optional[torch.Tensor]:
+    """The loss a model returned itself (dict / ModelOutput ``loss``, e.g. HF with ``labels``), or None."""
+    if isinstance(outputs, collections.abc.Mapping):
+        return outputs.get("loss")
+    return None
+
+
+def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torch.Tensor:
+    """The scalar loss of one batch.
+
+    Without ``loss_fn``: the model's own ``outputs.loss`` when it computed one (HF models
+    given ``labels``: shifted for causal LMs, as the model defines it), else
+    :func:`default_loss` (predictions, target). With ``loss_fn``: ``loss_fn(predictions,
+    target)``. The predictions are the outputs, or their ``logits`` (:func:`logits_of`).
+
+    Raises:
+        ValueError: no target and no model loss (unlabelled data needs ``sampled_fisher``).
+    """
+    own = model_loss(outputs) if loss_fn is None else None
+    if own is not None:
+        return own
+    if target is None:
+        raise ValueError("the batch has no targets and the model returned no loss: yield (inputs, targets) "
+                         "batches, include 'labels' in dict batches, pass sampled_fisher=True to draw "
+                         f"targets from the model, or {ADAPTER_HINT}")
+    return (default_loss if loss_fn is None else loss_fn)(logits_of(outputs), target)
+
+
+def sample_targets(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Class indices drawn from ``softmax(logits)`` over the last dim: (..., K) -> (...) int64.
+
+    Classification outputs (N, K) give (N,); sequence outputs (N, T, V) give (N, T). The
+    draw runs on the CPU generator (reproducible across devices) in float64.
+    """
+    probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
+    flat = probs.reshape(-1, probs.shape[-1])
+    labels = torch.multinomial(flat, 1, generator=generator).squeeze(1)
+    return labels.reshape(probs.shape[:-1]).to(logits.device)
+
+
+def check_loss_fn(loss_fn: Any) -> None:
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError("loss_fn must be callable(outputs, targets) or None")

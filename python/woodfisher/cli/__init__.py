@@ -1,0 +1,70 @@
+"""Command line: ``python -m woodfisher demo | prune | report | pai | export`` (also ``woodfisher ...``).
+
+One module per subcommand (``add_parser(subparsers)`` + ``run(args)``), listed once in
+:data:`COMMANDS`; shared helpers in :mod:`._common`. Every subcommand takes
+``--config file.json`` (keys = option names, see :mod:`._config`); flags given on the
+command line override the file. Errors in the inputs are printed as one line
+``woodfisher: error: ...`` (exit code 2).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from . import demo, export, pai, prune, report
+from ._config import config_defaults, load_config
+
+__all__ = ["build_parser", "parse_args", "main", "COMMANDS"]
+
+COMMANDS = (demo, prune, report, pai, export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every subcommand of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="woodfisher", description="WoodFisher (OBS) pruning for PyTorch")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(c.__name__.rsplit(".", 1)[1]
+                                                                       for c in COMMANDS) + "}")
+    sub.required = True
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise RuntimeError("parser has no subcommands")  # pragma: no cover
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse ``argv``; a ``--config`` file sets the subcommand's defaults, flags override.
+
+    Required flags are required by argparse (shown so in ``--help`` and the usage line),
+    unless the config file gives them.
+    """
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    command = next((a for a in argv if a in {c.__name__.rsplit(".", 1)[1] for c in COMMANDS}), None)
+    if known.config and command is not None:
+        sub = _subparser(parser, command)
+        defaults = config_defaults(sub, load_config(known.config))
+        sub.set_defaults(**defaults)
+        for action in sub._actions:
+            if action.dest in defaults:
+                action.required = False
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the exit code (2 on bad input, with a one-line message)."""
+    try:
+        args = parse_args(argv)
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"woodfisher: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,292 @@
+"""Phase one of a pruning step: the curvature (gradients -> block inverses, damp resolved once).
+
+:func:`estimate_curvature` collects the gradients of the pruned weights
+(:mod:`woodfisher.gradients`) and builds what the method needs, through the public ops
+of :mod:`woodfisher_kernels`:
+
+- ``"blockwise"`` (WoodFisher): per weight, the blocks ``(damp I + G^T G / N)^-1`` in the
+  form :func:`woodfisher_kernels.choose_form` picks (dense "sequential" or "lowrank"
+  factors, paper Eq. 2 / Woodbury), or, when ``memory_budget`` cannot hold the gradients,
+  "stream": gradients fed k at a time into dense inverses with ``woodbury_update_`` (with
+  ``damp="auto"`` the streamed gradients are summed into ``G^T G`` blocks instead, and the
+  blocks inverted once lambda is known);
+- ``"diagonal"``: ``1 / (damp + mean g^2)`` per weight (blocks of size 1);
+- ``"kfac"``: Kronecker factors (:mod:`woodfisher.kfac`).
+
+The damp is resolved once per step (:func:`woodfisher.damping.resolve_damp`) from the
+Fisher statistics gathered with the gradients. The result, a :class:`Curvature`, can be
+reused by :func:`woodfisher.prune_with` for many sparsities (a sweep collects gradients
+once), and re-damped without new gradients (:meth:`Curvature.with_damp`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import woodfisher_kernels as wk
+
+from .batches import peek, to_batch
+from .config import PruneConfig
+from .damping import FisherStats, resolve_damp
+from .diagonal import empirical_fisher_diagonal
+from .flops import flops_per_param_of_batch
+from .gradients import GradientCollector, compute_dtype
+from .kfac import kfac_factors, kfac_inverse
+from .progress import display, phase
+from .state import derived_weights_kept
+from .targets import Layout, PruneTarget, resolve_targets, unwrap_model
+
+__all__ = ["Curvature", "estimate_curvature", "plan_memory", "resolve_config", "stat_itemsize"]
+
+
+@dataclass
+class Curvature:
+    """The curvature of one pruning step, reusable for several sparsities.
+
+    Attributes:
+        kind: "none" (magnitude), "blockwise", "diagonal" or "kfac".
+        config: the options it was estimated with.
+        layouts: {weight name: :class:`woodfisher.targets.Layout`} (shape, kind, block size).
+        inverses: {weight name: (B, c, c) tensor | LowRankInverse | (B, 1, 1) diagonal |
+            (S^-1, A^-1) K-FAC factors}; empty for "none".
+        forms: {weight name: "sequential" | "lowrank" | "stream" | "diagonal" | "kfac"}.
+        damp: the lambda used (None for "none").
+        stats: the Fisher statistics the damp was resolved from.
+        loss_grad: {weight name: (B, c) mean loss gradient} (WoodTaylor) or None.
+        keep: {weight name: bool keep-mask} when the gradients were taken (masked there).
+        flops: {weight name: FLOPs per entry and sample} when ``config.beta > 0``.
+        grads: {weight name: (m, numel)} kept gradients (for :meth:`with_damp`), None when streamed.
+        timings: seconds spent on gradients and inverses.
+    """
+
+    kind: str
+    config: PruneConfig
+    layouts: Dict[str, Layout]
+    inverses: Dict[str, Any] = field(default_factory=dict)
+    forms: Dict[str, Optional[str]] = field(default_factory=dict)
+    damp: Optional[float] = None
+    stats: Optional[FisherStats] = None
+    loss_grad: Optional[Dict[str, torch.Tensor]] = None
+    keep: Dict[str, torch.Tensor] = field(default_factory=dict)
+    flops: Optional[Dict[str, float]] = None
+    grads: Optional[Dict[str, torch.Tensor]] = None
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def targets(self, model: nn.Module) -> List[PruneTarget]:
+        """The weights of ``model`` this curvature is about (same names, shapes and blocks)."""
+        targets = resolve_targets(model, list(self.layouts), None)
+        for t in targets:
+            layout = self.layouts[t.name]
+            if tuple(t.shape) != tuple(layout.shape):
+                raise ValueError(f"weight {t.name!r} has shape {tuple(t.shape)}, the curvature was estimated "
+                                 f"for {tuple(layout.shape)}")
+            t.block_size = layout.block_size
+        return targets
+
+    def with_damp(self, damp: float) -> "Curvature":
+        """The same gradients inverted with another lambda (blockwise curvature with kept gradients only)."""
+        if self.kind != "blockwise" or self.grads is None:
+            raise ValueError("with_damp needs a blockwise curvature whose gradients were kept (not streamed); "
+                             "estimate the curvature again with the new damp")
+        config = self.config.replace(damp=damp)
+        value = resolve_damp(damp, self.stats)
+        invs, forms = _blockwise_from_grads(self.grads, self.layouts, value, self.stats.count, config)
+        return replace(self, config=config, inverses=invs, forms=forms, damp=value)
+
+
+def resolve_config(config: Optional[PruneConfig], options: dict, sparsity: float = 0.0) -> PruneConfig:
+    """A PruneConfig from ``config`` and/or keyword options (options override)."""
+    if config is None:
+        return PruneConfig.from_options(**{"sparsity": sparsity, **options})
+    if not isinstance(config, PruneConfig):
+        raise ValueError(f"config must be a woodfisher.PruneConfig, got {type(config).__name__}")
+    return config.replace(**options) if options else config
+
+
+def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
+                memory_budget: Optional[int], auto_damp: bool = False) -> Tuple[str, Optional[int]]:
+    """("keep", None) to keep all gradients, or ("stream", k) to stream k at a time.
+
+    Keeping costs ``m * D`` gradient entries plus each weight's cheaper inverse form;
+    streaming costs the dense ``B c^2`` inverses (float64 Gram blocks with ``auto_damp``)
+    plus a buffer of k gradients. Raises ValueError when neither fits ``memory_budget`` (bytes).
+    """
+    d = sum(t.numel for t in targets)
+    m = num_grads
+    grad_bytes = m * d * itemsize
+    seq = sum(t.num_blocks * t.block_size ** 2 for t in targets) * itemsize
+    stream_seq = seq * (8 // itemsize if auto_damp else 1)
+    low = sum(t.num_blocks * (m * t.block_size + m * m) for t in targets) * itemsize
+    if memory_budget is None or grad_bytes + min(seq, low) <= memory_budget:
+        return "keep", None
+    if stream_seq + d * itemsize <= memory_budget:
+        return "stream", max(1, min(m, (memory_budget - stream_seq) // (d * itemsize)))
+    raise ValueError(f"memory_budget={memory_budget} bytes is too small: keeping the gradients needs "
+                     f"{grad_bytes + min(seq, low)}, streaming needs at least {stream_seq + d * itemsize}; "
+                     "use a smaller block_size or fewer num_grads")
+
+
+def stat_itemsize(targets: List[PruneTarget]) -> int:
+    """Bytes per entry of gradients and inverses (float32 for half-precision weights)."""
+    return torch.empty((), dtype=compute_dtype(targets[0].param.dtype)).element_size()
+
+
+def _blockwise_from_grads(grads, layouts, damp, count, config):
+    """{name: inverse} (form by choose_form, or forced) and {name: form} from kept gradients."""
+    budget = None if config.memory_budget is None else config.memory_budget - sum(
+        g.numel() * g.element_size() for g in grads.values())
+    form = "auto" if config.inverse_form == "stream" else config.inverse_form
+    invs, forms = {}, {}
+    with phase("inverses", total=len(grads), unit="weight") as bar:
+        for name, g in grads.items():
+            invs[name] = wk.blockwise_inverse(layouts[name].grad_blocks(g), damp, count, form=form,
+                                              memory_budget=budget, backend=config.backend)
+            forms[name] = "lowrank" if isinstance(invs[name], wk.LowRankInverse) else "sequential"
+            bar.update(1)
+    return invs, forms
+
+
+def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Optional[PruneConfig] = None,
+                       **options) -> Curvature:
+    """Gradients and block inverses of the pruned weights of ``model`` (phase one of a step).
+
+    Args:
+        model: the network (not modified; its current zeros count as pruned).
+        loader: batches for the Fisher (see :mod:`woodfisher.batches`); may be None for
+            magnitude methods without ``beta``.
+        config: a :class:`PruneConfig`; keyword ``options`` (its field names) override it,
+            or build one (``sparsity`` defaults to 0 here: it is used by :func:`prune_with`).
+    Returns:
+        :class:`Curvature`.
+    Raises:
+        ValueError: bad options, no loader where one is needed, an empty loader, NaN/Inf
+            gradients (naming the weight), or a ``memory_budget`` that fits nothing.
+    """
+    config = resolve_config(config, options)
+    method = config.method_impl
+    targets = resolve_targets(model, config.modules, method.block_size(config))
+    method.check_targets(targets, config)
+    with display(config.progress):
+        return _estimate(model, loader, targets, config)
+
+
+def _estimate(model, loader, targets: List[PruneTarget], config: PruneConfig) -> Curvature:
+    """Phase one for resolved ``targets``; the model's prune-derived weights are left as they were."""
+    with derived_weights_kept(unwrap_model(model)[0]):
+        return _estimate_steps(model, loader, targets, config)
+
+
+def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConfig) -> Curvature:
+    if config.needs_data and loader is None:
+        raise ValueError(f"loader is required for method={config.method!r} (and for beta > 0)")
+    kind = config.method_impl.curvature
+    keep = {t.name: t.keep_mask() for t in targets}
+    curv = Curvature(kind, config, {t.name: t.layout() for t in targets}, keep=keep,
+                     timings={"gradients": 0.0, "inverse": 0.0})
+    if config.beta > 0:
+        first, loader = peek(loader)
+        if first is None:
+            raise ValueError("loader is empty: cannot measure FLOPs per parameter")
+        curv.flops = flops_per_param_of_batch(model, to_batch(first, config.batch_adapter), targets)
+    if kind == "none":
+        return curv
+    if kind == "kfac":
+        return _kfac(model, loader, targets, config, curv)
+    itemsize = stat_itemsize(targets)
+    m = config.num_grads
+    plan, k = plan_memory(targets, m, itemsize, config.memory_budget, config.damp == "auto") \
+        if kind == "blockwise" else ("diag", None)
+    if config.inverse_form == "stream" and kind == "blockwise":
+        plan, k = "stream", k or min(m, 32)
+    collector = GradientCollector(model, loader, targets, want_loss_grad=config.woodtaylor, keep_masks=keep,
+                                  loss_fn=config.loss_fn, num_grads=m, fisher_batch_size=config.fisher_batch_size,
+                                  sampled_fisher=config.sampled_fisher, seed=config.seed, progress=config.progress,
+                                  batch_adapter=config.batch_adapter)
+    if plan == "diag":
+        _diagonal(collector, targets, config, curv)
+    elif plan == "keep":
+        t0 = time.perf_counter()
+        grads = collector.collect()
+        curv.timings["gradients"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        curv.stats = FisherStats.from_grads(grads)
+        curv.damp = resolve_damp(config.damp, curv.stats)
+        curv.inverses, curv.forms = _blockwise_from_grads(grads, curv.layouts, curv.damp, collector.count, config)
+        curv.grads = grads
+        curv.timings["inverse"] += time.perf_counter() - t0
+    else:
+        _stream(collector, targets, config, curv, k)
+    if config.woodtaylor:
+        curv.loss_grad = {t.name: t.blocks(collector.loss_grad[t.name]) for t in targets}
+    return curv
+
+
+def _diagonal(collector, targets, config, curv) -> None:
+    """c = 1: each 1x1 block is 1 / (damp + sum g^2 / N)."""
+    t0 = time.perf_counter()
+    fd = empirical_fisher_diagonal(collector, min(config.num_grads, 256))
+    sq, count = fd.sum_sq, fd.count
+    curv.stats = FisherStats(fd.total(), count, sum(t.numel for t in targets))
+    curv.damp = resolve_damp(config.damp, curv.stats)
+    curv.inverses = {t.name: t.canonical((1.0 / (curv.damp + sq[t.name] / count))).view(-1, 1, 1)
+                     for t in targets}
+    curv.forms = {t.name: "diagonal" for t in targets}
+    curv.timings["gradients"] += time.perf_counter() - t0
+
+
+def _stream(collector, targets, config, curv, k) -> None:
+    """Gradients k at a time: Woodbury updates of dense inverses, or Gram blocks when damp is "auto"."""
+    t0 = time.perf_counter()
+    m, auto = config.num_grads, config.damp == "auto"
+    dtype = collector.dtype
+    curv.stats = FisherStats(numel=sum(t.numel for t in targets))
+    if not auto:
+        curv.damp = resolve_damp(config.damp, curv.stats)
+    acc = {}
+    for t in targets:  # Gram blocks in float64: their rounding would be amplified by cond(F) when inverted
+        eye = torch.eye(t.block_size, dtype=torch.float64 if auto else dtype, device=t.param.device)
+        acc[t.name] = (torch.zeros_like(eye) if auto else eye.div(curv.damp)).expand(t.num_blocks, -1, -1).contiguous()
+    for chunk in collector.chunks(k):
+        curv.stats.sum_sq += sum(float(g.double().square().sum()) for g in chunk.values())
+        for t in targets:
+            blocks = t.grad_blocks(chunk[t.name])
+            if auto:  # G^T G of the chunk, summed
+                blocks = blocks.double()
+                acc[t.name].baddbmm_(blocks.transpose(1, 2), blocks)
+            else:
+                wk.woodbury_update_(acc[t.name], blocks, m, backend=config.backend, check_finite=False)
+    curv.stats.count = collector.count
+    if auto:
+        curv.damp = resolve_damp("auto", curv.stats)
+        with phase("inverses"):
+            for t in targets:
+                gram = acc.pop(t.name).div_(m)
+                gram.diagonal(dim1=1, dim2=2).add_(curv.damp)
+                acc[t.name] = torch.cholesky_inverse(torch.linalg.cholesky(gram)).to(dtype)
+    curv.inverses = acc
+    curv.forms = {t.name: "stream" for t in targets}
+    elapsed = time.perf_counter() - t0
+    curv.timings["inverse"] += elapsed
+
+
+def _kfac(model, loader, targets, config, curv) -> Curvature:
+    t0 = time.perf_counter()
+    factors = kfac_factors(model, loader, targets, loss_fn=config.loss_fn,
+                           num_samples=config.num_grads * config.fisher_batch_size,
+                           sampled_fisher=config.sampled_fisher, seed=config.seed, progress=config.progress,
+                           batch_adapter=config.batch_adapter)
+    curv.timings["gradients"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # mean diagonal of S (x) A is mean(diag S) * mean(diag A): one "gradient" of that scale
+    total = sum(float(torch.diagonal(f.S).sum() * torch.diagonal(f.A).sum()) for f in factors.values())
+    curv.stats = FisherStats(total, 1, sum(t.numel for t in targets))
+    curv.damp = resolve_damp(config.damp, curv.stats)
+    with phase("inverses"):
+        curv.inverses = {n: kfac_inverse(f, curv.damp) for n, f in factors.items()}
+    curv.forms = {t.name: "kfac" for t in targets}
+    curv.timings["inverse"] += time.perf_counter() - t0
+    return curv

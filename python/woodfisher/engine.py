@@ -1,0 +1,114 @@
+"""Phase two of a pruning step, and the steps of a run.
+
+:func:`prune_with` applies one step from a :class:`woodfisher.curvature.Curvature`:
+the method scores, the masks are selected, the update is written. :func:`run` is the
+whole of :func:`woodfisher.prune_one_shot`: ``num_steps`` steps that raise the sparsity
+linearly from the current to the target, each with fresh curvature. Both are
+transactional: if anything fails, the weights and masks are restored bit for bit.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, Iterable, List, Optional
+
+from torch import nn
+
+from .batches import is_single_pass
+from .config import PruneConfig
+from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
+from .finetune import hold_target_masks
+from .masks import sparsity_of
+from .methods import StepContext
+from .progress import display
+from .result import PruneResult, layer_rows
+from .state import Snapshot
+from .targets import PruneTarget, resolve_targets
+
+__all__ = ["prune_with", "run"]
+
+
+def _apply(targets: List[PruneTarget], curvature: Curvature, config: PruneConfig, sparsity: float,
+           timings: Dict[str, float]) -> None:
+    keep = {t.name: t.keep_mask() for t in targets}
+    ctx = StepContext(targets, curvature, config, sparsity, keep, timings)
+    new, keep = config.method_impl.step(ctx)
+    with ctx.timed("update"):
+        for t in targets:
+            t.write(new[t.name], keep[t.name])
+
+
+def _result(model, targets, config, damp, forms, timings) -> PruneResult:
+    masks = {t.name: t.keep_mask() for t in targets}
+    if config.keep_masks:  # last: a failure here is undone by hold_target_masks, then by the snapshot
+        hold_target_masks(targets, masks, model)
+    return PruneResult(masks=masks, layers=layer_rows(masks, forms), sparsity=sparsity_of(masks), damp=damp,
+                       config={**config.as_dict(), "modules": [t.name for t in targets]}, timings=timings)
+
+
+def _timings() -> Dict[str, float]:
+    return {"gradients": 0.0, "inverse": 0.0, "select": 0.0, "update": 0.0}
+
+
+def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **options) -> PruneResult:
+    """Prune ``model`` in place to ``sparsity`` with a curvature estimated before (phase two).
+
+    ``model`` must hold the weights the curvature was estimated on (the same model, or a
+    copy of it: a sweep prunes copies with one curvature). ``options`` override selection
+    options of the curvature's config (mode, min_density, obs_update, beta, ...).
+
+    Returns:
+        :class:`PruneResult`.
+    Raises:
+        ValueError: bad options, or a model whose weights do not match the curvature.
+    """
+    config = curvature.config.replace(sparsity=sparsity, **options)
+    targets = curvature.targets(model)
+    config.method_impl.check_targets(targets, config)
+    if config.beta > 0 and not curvature.flops:
+        raise ValueError("beta > 0 needs a curvature estimated with beta > 0 (it measures FLOPs per parameter)")
+    timings = dict(curvature.timings, select=0.0, update=0.0)
+    start = time.perf_counter()
+    snapshot = Snapshot(targets)
+    try:
+        with display(config.progress):
+            _apply(targets, curvature, config, config.final_sparsity, timings)
+        timings["total"] = time.perf_counter() - start
+        return _result(model, targets, config, curvature.damp, curvature.forms, timings)
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
+def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> PruneResult:
+    """Every step of :func:`woodfisher.prune_one_shot` (see there); transactional."""
+    start = time.perf_counter()
+    method = config.method_impl
+    targets = resolve_targets(model, config.modules, method.block_size(config))
+    method.check_targets(targets, config)
+    if config.needs_data and loader is None:
+        raise ValueError(f"loader is required for method={config.method!r} (and for beta > 0)")
+    if config.num_steps > 1 and config.needs_data and is_single_pass(loader):
+        raise ValueError(f"num_steps={config.num_steps} needs a loader that can be iterated once per step; "
+                         "got a single-pass iterator (a generator?): pass a list or a DataLoader, or num_steps=1")
+    if method.curvature in ("blockwise", "diagonal"):  # refuse an impossible memory budget up front
+        plan_memory(targets, config.num_grads, stat_itemsize(targets), config.memory_budget,
+                    config.damp == "auto")
+    s0 = sparsity_of({t.name: t.keep_mask() for t in targets})
+    final = config.final_sparsity
+    steps = [max(s0, s0 + (final - s0) * (i + 1) / config.num_steps) for i in range(config.num_steps)]
+    timings = _timings()
+    snapshot = Snapshot(targets)
+    damp, forms = None, {}
+    try:
+        with display(config.progress):
+            for target in steps:
+                curvature = _estimate(model, loader, targets, config)
+                for phase in ("gradients", "inverse"):
+                    timings[phase] += curvature.timings[phase]
+                _apply(targets, curvature, config, target, timings)
+                damp, forms = curvature.damp, curvature.forms
+        timings["total"] = time.perf_counter() - start
+        return _result(model, targets, config, damp, forms, timings)
+    except BaseException:
+        snapshot.restore()
+        raise

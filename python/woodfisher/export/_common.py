@@ -1,0 +1,123 @@
+"""What every export format shares: a private copy of the model with the masks folded in,
+and the choice of the layers that a format converts.
+
+Masks are ``{"<module>.weight": bool keep-mask}`` (the ``PruneResult.masks`` convention);
+a module held by ``torch.nn.utils.prune`` (``weight_orig`` * ``weight_mask``) is folded
+too. The caller's model is never modified: everything happens on ``copy.deepcopy``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
+
+import torch
+from torch import nn
+
+from ..gradual import make_permanent
+
+Masks = Optional[Dict[str, torch.Tensor]]
+
+
+def _no_fused_fast_path(module: nn.Module, args):
+    """No-op forward pre-hook: its presence turns off the fused fast path of
+    ``nn.TransformerEncoderLayer`` (``torch._transformer_encoder_layer_fwd``), which reads
+    ``linear1.weight`` / ``linear2.weight`` directly and cannot take a sparse weight."""
+    return None
+
+
+def _module_of(model: nn.Module, pname: str, arg: str) -> nn.Module:
+    mname = pname[: -len(".weight")] if pname.endswith(".weight") else None
+    modules = dict(model.named_modules())
+    if mname is None or mname not in modules or not isinstance(getattr(modules[mname], "weight", None),
+                                                               torch.Tensor):
+        raise ValueError(f"{arg}: {pname!r} is not the weight of a module of {type(model).__name__} "
+                         f"(expected '<module>.weight')")
+    return modules[mname]
+
+
+def to_dense(model: nn.Module, masks: Masks = None) -> nn.Module:
+    """The dense export (today's ``pruned.pt`` format): a copy with exact zeros and no masks left.
+
+    Args:
+        model: the pruned model (plain weights with zeros, or held by ``torch.nn.utils.prune``).
+        masks: optional ``{"<module>.weight": bool keep-mask of the weight's shape}``; the copy's
+            weights are multiplied by them (entries outside a mask become exact zeros). Masks only
+            zero entries: WoodFisher's OBS update also changed the kept weights, so export the
+            pruned model itself (or its ``pruned.pt``), not the dense weights plus its masks.
+    Returns:
+        a new model (``copy.deepcopy``), every ``weight_orig``/``weight_mask`` pair folded into a
+        plain ``weight``; same dtype, device and training mode as ``model``. Its ``state_dict()``
+        has the keys of the unpruned architecture.
+    Raises:
+        ValueError naming ``masks`` for a key that is no module weight, a non-bool mask or a
+        shape mismatch (checked before anything is copied).
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for pname, keep in (masks or {}).items():
+        module = _module_of(model, pname, "masks")
+        weight = getattr(module, "weight_orig", module.weight)
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != weight.shape:
+            got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+            raise ValueError(f"masks[{pname!r}] must be a bool tensor of shape {tuple(weight.shape)}, got {got}")
+    out = make_permanent(_copy(model))
+    with torch.no_grad():
+        for pname, keep in (masks or {}).items():
+            weight = _module_of(out, pname, "masks").weight
+            weight.mul_(keep.to(device=weight.device, dtype=weight.dtype))
+    return out
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copies modules held by ``torch.nn.utils.prune``: their ``weight``
+    attribute (``weight_orig * weight_mask``, a non-leaf tensor that deepcopy refuses) is copied detached."""
+    memo = {id(value): value.detach().clone() for module in model.modules() for value in vars(module).values()
+            if isinstance(value, torch.Tensor) and not value.is_leaf}
+    return copy.deepcopy(model, memo)
+
+
+def sparsity(weight: torch.Tensor) -> float:
+    """Fraction of exact zeros of a dense tensor."""
+    return 1.0 - int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
+
+
+def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple[Type[nn.Module], ...],
+                  min_sparsity: float) -> List[Tuple[str, nn.Module]]:
+    """``[(module name, module)]`` to convert.
+
+    ``names`` (module or ``"<module>.weight"`` names) must each be a module of ``types`` that is
+    called through its own ``forward``; ``None`` picks every such module whose weight has at
+    least ``min_sparsity`` exact zeros. Linear layers inside ``nn.MultiheadAttention`` are
+    never picked: attention reads their weights directly, never calling them.
+    """
+    if not 0.0 <= float(min_sparsity) <= 1.0:
+        raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity!r}")
+    inside_attention = {f"{parent}.{child}" if parent else child
+                        for parent, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
+                        for child, _ in module.named_children()}
+    modules = dict(model.named_modules())
+    if names is None:
+        return [(name, module) for name, module in modules.items() if type(module) in types
+                and name not in inside_attention and sparsity(module.weight) >= min_sparsity]
+    if isinstance(names, str):
+        raise ValueError(f"names must be a list of module names, got the string {names!r}")
+    chosen = []
+    kinds = " or ".join(kind.__name__ for kind in types)
+    for name in _unique(entry[: -len(".weight")] if entry.endswith(".weight") else entry for entry in names):
+        if name in inside_attention:
+            raise ValueError(f"names: {name!r} belongs to an nn.MultiheadAttention, which reads its weight "
+                             f"directly; it cannot be swapped")
+        if name not in modules or type(modules[name]) not in types:
+            raise ValueError(f"names: {name!r} is not a {kinds} module of {type(model).__name__}")
+        chosen.append((name, modules[name]))
+    return chosen
+
+
+def _unique(items: Iterable[str]) -> List[str]:
+    return list(dict.fromkeys(items))
+
+
+def swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule ``name`` (with the fast-path guard hook)."""
+    new.register_forward_pre_hook(_no_fused_fast_path)
+    model.set_submodule(name, new)

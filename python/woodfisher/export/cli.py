@@ -1,0 +1,146 @@
+"""``woodfisher export``: a pruned checkpoint (or dense weights + masks) -> a deployable file.
+
+Formats (``--format``):
+
+- ``dense``: state dict with exact zeros, masks folded (the ``pruned.pt`` format).
+- ``csr`` / ``bsr``: state dict whose converted weights are ``torch.sparse`` CSR / BSR
+  tensors; load it with ``woodfisher.export.load_sparse(factory(), path)``.
+- ``2:4``: validates the 2:4 pattern and torch's tile, refuses a device without 2:4 sparse
+  tensor cores, converts on the GPU and checks the outputs, then writes the dense weights in
+  ``--dtype`` (compressed semi-structured tensors are built on the GPU at load time:
+  ``to_semi_structured(model)``).
+- ``onnx``: a single ``.onnx`` file (zeros kept), batch dimension dynamic.
+
+Every format is checked before it is written: its outputs on a random batch of 2 are
+compared with the dense pruned model's (ONNX through onnxruntime when it is installed).
+Bad input raises ValueError with a one-line message and writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import nn
+
+FORMATS = ("dense", "csr", "bsr", "2:4", "onnx")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options of ``woodfisher export`` to ``parser`` (and ``func=run_export``)."""
+    parser.add_argument("--model", required=True,
+                        help="architecture: a name of woodfisher.models.MODEL_SPECS or 'package.module:factory'")
+    parser.add_argument("--checkpoint", required=True,
+                        help="pruned state dict (pruned.pt, exact zeros), or dense weights used with --masks")
+    parser.add_argument("--masks", default=None,
+                        help="masks.pt ({'<module>.weight': bool keep-mask}) to fold into --checkpoint (masks only "
+                             "zero weights: for a WoodFisher result, whose OBS update moved the kept weights, "
+                             "export its pruned.pt)")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="output format")
+    parser.add_argument("--out", required=True, help="output file (.pt, or .onnx for --format onnx)")
+    parser.add_argument("--names", nargs="+", default=None,
+                        help="layers to convert (default: csr/bsr every Linear with >= --min-sparsity zeros, "
+                             "2:4 every Linear holding zeros)")
+    parser.add_argument("--min-sparsity", type=float, default=0.7,
+                        help="csr/bsr: layers with a smaller fraction of zeros stay dense (default 0.7)")
+    parser.add_argument("--conv", action="store_true", help="csr/bsr: also convert Conv2d (im2col; slower on CPU)")
+    parser.add_argument("--blocksize", type=int, default=None, help="bsr: square block size (default 4)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="2:4: weight dtype on the GPU")
+    parser.add_argument("--device", default="cuda", help="2:4: the GPU to convert on (default cuda)")
+    parser.add_argument("--input-shape", type=int, nargs="+", default=None,
+                        help="one sample's shape, e.g. 3 32 32 (default: the named model's)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow full unpickling of a checkpoint that weights_only loading refuses")
+    parser.set_defaults(func=run_export)
+    return parser
+
+
+def _factory(spec: str) -> Tuple[Callable[[], nn.Module], Optional[Tuple[int, ...]]]:
+    from ..models import MODEL_SPECS
+
+    if spec in MODEL_SPECS:
+        return MODEL_SPECS[spec].factory, MODEL_SPECS[spec].input_shape
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr) if attr else None
+    except (ImportError, AttributeError, ValueError):
+        factory = None
+    if not callable(factory):
+        raise ValueError(f"--model must be one of {sorted(MODEL_SPECS)} or 'package.module:factory', got {spec!r}")
+    return factory, None
+
+
+def _load_masks(path: Optional[str]):
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"masks file not found: {path!r}")
+    masks = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(masks, dict) or not all(isinstance(value, torch.Tensor) for value in masks.values()):
+        raise ValueError(f"--masks {path!r} holds no {{'<module>.weight': bool tensor}} dict")
+    return masks
+
+
+def _max_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.detach().double().cpu() - ref.detach().double().cpu()).abs().max())
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Run ``woodfisher export`` (see the module docstring); returns 0, raises ValueError on bad input."""
+    from ..checkpoint import load_checkpoint, save_state_dict
+    from ._common import to_dense
+    from .onnx_export import ONNX_HINT, onnx_available, to_onnx
+    from .semi import to_semi_structured
+    from .sparse import load_sparse, to_sparse
+
+    factory, shape = _factory(args.model)
+    shape = tuple(args.input_shape) if args.input_shape else shape
+    if args.blocksize is not None and args.format != "bsr":
+        raise ValueError("--blocksize applies to --format bsr only")
+    if args.format == "onnx" and not onnx_available():
+        raise ValueError(ONNX_HINT)
+    model = load_checkpoint(factory(), args.checkpoint, trust_pickle=args.trust_pickle).eval()
+    masks = _load_masks(args.masks)
+    dense = to_dense(model, masks)
+    sample = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)) if shape else None
+    if args.format == "onnx" and sample is None:
+        raise ValueError("--format onnx needs --input-shape for a model that is not in MODEL_SPECS")
+    with torch.no_grad():
+        ref = dense(sample) if sample is not None else None
+        if args.format == "dense":
+            exported, diff = dense, 0.0
+        elif args.format in ("csr", "bsr"):
+            exported = to_sparse(dense, layout=args.format, blocksize=args.blocksize, names=args.names,
+                                 min_sparsity=args.min_sparsity, conv=args.conv)
+            diff = _max_diff(exported(sample), ref) if sample is not None else None
+        elif args.format == "2:4":
+            dtype = DTYPES[args.dtype]
+            gpu = to_semi_structured(dense, names=args.names, dtype=dtype, device=args.device)
+            device = next(gpu.parameters()).device
+            half = to_dense(dense).to(device=device, dtype=dtype)
+            diff = _max_diff(gpu(sample.to(device, dtype)), half(sample.to(device, dtype))) if shape else None
+            exported = to_dense(dense).to(dtype)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.format == "onnx":
+        to_onnx(dense, sample, args.out)
+        diff = _onnx_diff(args.out, sample, ref)
+    else:
+        save_state_dict(exported, args.out)
+        if args.format in ("csr", "bsr"):
+            load_sparse(factory(), args.out)              # the file loads back
+    note = "not checked" if diff is None else f"max |output - dense output| = {diff:.3g} on a random batch of 2"
+    print(f"wrote {args.out} (format {args.format}; {note})")
+    return 0
+
+
+def _onnx_diff(path: str, sample: torch.Tensor, ref: torch.Tensor) -> Optional[float]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: sample.numpy()})[0]
+    return _max_diff(torch.from_numpy(got), ref)

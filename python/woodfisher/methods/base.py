@@ -1,0 +1,136 @@
+"""The protocol every pruning method implements, and the step context it receives.
+
+A method is one small object (see :mod:`woodfisher.methods` for the registry):
+
+- ``name``: the registry key (``method="..."``);
+- ``curvature``: what :func:`woodfisher.estimate_curvature` must build for it: "none",
+  "blockwise", "diagonal" or "kfac";
+- ``patterns``: the group patterns it supports ("nm", "rows"); ``woodtaylor``: whether it
+  supports the first-order term; ``fixed_mode``: a mode it always uses (or None);
+- ``check(config)`` / ``check_targets(targets, config)``: refuse what it cannot do;
+- ``block_size(config)``: the Fisher block size it needs;
+- ``step(ctx) -> (new weights, keep-masks)``: one pruning step given the curvature.
+
+:class:`ScoreMethod` is the shortcut for a score-only baseline: implement ``scores(ctx)``
+(higher = keep) and the shared selection and zeroing do the rest.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from .. import structured as st
+from ..gradients import compute_dtype
+from ..masks import select_kept_masks
+from ..progress import phase
+
+Tensors = Dict[str, torch.Tensor]
+_PHASES = {"select": "selection", "update": "update"}
+
+
+@dataclass
+class StepContext:
+    """What one pruning step works with.
+
+    Attributes:
+        targets: the pruned weights (:class:`woodfisher.targets.PruneTarget`).
+        curvature: the :class:`woodfisher.curvature.Curvature` of this step.
+        config: the :class:`woodfisher.PruneConfig`.
+        sparsity: the step's target sparsity over all targets.
+        keep: {name: bool keep-mask} before the step (pruned entries stay pruned).
+        timings: seconds per phase, updated in place ("select", "update"; see :meth:`timed`).
+    """
+
+    targets: List[Any]
+    curvature: Any
+    config: Any
+    sparsity: float
+    keep: Tensors
+    timings: Dict[str, float]
+
+    @property
+    def mode(self) -> str:
+        fixed = self.config.method_impl.fixed_mode
+        return fixed if fixed is not None else self.config.mode
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Time a block as phase ``name`` ("select" or "update"): added to :attr:`timings` and shown
+        on the active :mod:`woodfisher.progress` display."""
+        start = time.perf_counter()
+        try:
+            with phase(_PHASES.get(name, name)):
+                yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def select(self, scores: Tensors) -> Tensors:
+        """Keep-masks from ``scores`` (higher = keep): FLOPs-aware when beta > 0, pruned stay pruned."""
+        return select_kept_masks(scores, self.sparsity, self.mode, self.config.min_density, self.keep,
+                                 self.curvature.flops, self.config.beta)
+
+    def blocked_weights(self) -> Tensors:
+        """{name: (B, c)} effective weights in the curvature's dtype."""
+        dtype = self._dtype()
+        return {t.name: t.blocks(t.effective_weight().to(dtype)) for t in self.targets}
+
+    def _dtype(self) -> torch.dtype:
+        return compute_dtype(self.targets[0].param.dtype)
+
+
+class PruningMethod:
+    """Base of every method; subclasses set the class attributes and implement :meth:`step`."""
+
+    name: ClassVar[str] = ""
+    curvature: ClassVar[str] = "none"
+    patterns: ClassVar[Tuple[str, ...]] = ()
+    woodtaylor: ClassVar[bool] = False
+    fixed_mode: ClassVar[Optional[str]] = None
+    summary: ClassVar[str] = ""
+
+    def check(self, config) -> None:
+        """Refuse option combinations this method does not support (ValueError naming them)."""
+        if config.woodtaylor and not self.woodtaylor:
+            raise ValueError(f"woodtaylor=True is not supported by method {self.name!r}")
+        parsed = st.parse_pattern(config.pattern)
+        if parsed is None:
+            return
+        if parsed[0] not in self.patterns:
+            raise ValueError(f"pattern={config.pattern!r} is not supported by method {self.name!r} "
+                             f"(it supports {list(self.patterns) or 'no pattern'})")
+        if config.num_steps != 1 or config.woodtaylor:
+            raise ValueError("pattern needs num_steps=1 and woodtaylor=False")
+        fixed = st.pattern_sparsity(parsed)
+        if fixed is not None and abs(fixed - config.sparsity) > 1e-9 and config.sparsity != 0:
+            raise ValueError(f"pattern {config.pattern!r} fixes the sparsity at {fixed}; "
+                             f"got sparsity={config.sparsity}")
+
+    def check_targets(self, targets, config) -> None:
+        """Refuse weights this method cannot prune (e.g. a pattern that does not fit a row)."""
+        parsed = st.parse_pattern(config.pattern)
+        if parsed is not None:
+            st.check_pattern_layers(parsed, targets)
+
+    def block_size(self, config) -> Optional[int]:
+        """The Fisher block size this method needs (None = whole weights)."""
+        return config.block_size
+
+    def step(self, ctx: StepContext) -> Tuple[Tensors, Tensors]:
+        """One pruning step: ({name: new weights}, {name: keep-mask}); pruned entries are zeroed by the caller."""
+        raise NotImplementedError
+
+
+class ScoreMethod(PruningMethod):
+    """A method that only scores weights (higher = keep); selection and zeroing are shared."""
+
+    def scores(self, ctx: StepContext) -> Tensors:
+        raise NotImplementedError
+
+    def step(self, ctx: StepContext) -> Tuple[Tensors, Tensors]:
+        with ctx.timed("select"):
+            keep = ctx.select(self.scores(ctx))
+        return {t.name: t.effective_weight() for t in ctx.targets}, keep

@@ -1,0 +1,38 @@
+"""K-FAC OBS baseline (Linear, HF Conv1D and Conv2d weights, whole-layer Kronecker blocks; :mod:`woodfisher.kfac`)."""
+from __future__ import annotations
+
+from ..kfac import check_kfac_layer, kfac_saliency, kfac_update
+from .base import PruningMethod
+
+
+class KFAC(PruningMethod):
+    name = "kfac"
+    curvature = "kfac"
+    summary = "OBS with a K-FAC (Kronecker-factored) Fisher per layer"
+
+    def block_size(self, config):
+        return None
+
+    def check_targets(self, targets, config):
+        super().check_targets(targets, config)
+        for t in targets:
+            check_kfac_layer(t)
+
+    def step(self, ctx):
+        invs = ctx.curvature.inverses
+        with ctx.timed("select"):
+            # canonical (out, in') matrices: HF Conv1D weights are stored transposed
+            w2 = {t.name: t.canonical(t.effective_weight()).reshape(t.out_features, -1) for t in ctx.targets}
+            scores = {t.name: t.from_canonical(kfac_saliency(w2[t.name], *invs[t.name]).flatten())
+                      for t in ctx.targets}
+            masks = ctx.select(scores)
+        new = {}
+        with ctx.timed("update"):
+            for t in ctx.targets:
+                n = t.name
+                if ctx.config.obs_update:
+                    prune = ~t.canonical(masks[n]).reshape(t.out_features, -1)
+                    new[n] = t.from_canonical(kfac_update(w2[n], prune, *invs[n]).flatten())
+                else:
+                    new[n] = t.effective_weight() * masks[n]
+        return new, masks

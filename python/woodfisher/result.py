@@ -1,0 +1,42 @@
+"""What a pruning call returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+__all__ = ["PruneResult", "layer_rows"]
+
+
+@dataclass
+class PruneResult:
+    """What :func:`woodfisher.prune_one_shot` (and :func:`woodfisher.prune_with`) did.
+
+    Attributes:
+        masks: {weight name (e.g. "fc1.weight"): bool keep-mask of the weight's shape}.
+        layers: one dict per pruned weight: name, shape, numel, nnz, sparsity, and
+            ``inverse`` (the Fisher form used: "sequential", "lowrank", "stream",
+            "diagonal", "kfac" or None for magnitude).
+        sparsity: overall fraction of zeros over the pruned weights (unique tensors).
+        damp: the dampening used (None for magnitude baselines).
+        config: the options of the call (callables by name).
+        timings: seconds per phase: gradients, inverse, select, update, total.
+    """
+
+    masks: Dict[str, torch.Tensor]
+    layers: List[dict]
+    sparsity: float
+    damp: Optional[float]
+    config: dict
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def layer_rows(masks: Dict[str, torch.Tensor], forms: Optional[Dict[str, Optional[str]]] = None) -> List[dict]:
+    """[{name, shape, numel, nnz, sparsity, inverse}] of keep-masks, in order."""
+    rows = []
+    for name, keep in masks.items():
+        nnz = int(keep.sum())
+        rows.append(dict(name=name, shape=tuple(keep.shape), numel=keep.numel(), nnz=nnz,
+                         sparsity=1.0 - nnz / keep.numel(), inverse=(forms or {}).get(name)))
+    return rows

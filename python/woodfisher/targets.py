@@ -1,0 +1,330 @@
+"""What is pruned: parameters (not modules), each once, and how each is cut into Fisher blocks.
+
+A :class:`PruneTarget` is one weight Parameter, named as the caller's model names it. By
+default the targets are the ``weight`` of every ``nn.Linear`` / ``nn.Conv{1,2,3}d``, of
+HuggingFace's ``Conv1D`` (GPT-2; weight stored ``(in, out)``) and the input projections
+of ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight``), which that
+module reads without calling a submodule. ``modules=`` accepts parameter names
+(``"attn.in_proj_weight"``, any name of a tied Parameter), names of modules with a
+``weight`` (meaning that weight, e.g. an ``nn.Embedding`` named on purpose) and names of
+any other module (meaning the default targets inside it: ``"encoder.layers.0"``, or an
+``nn.MultiheadAttention``'s projections). Biases and normalisation layers are never
+pruned by default.
+
+Rules (one place for all of them, the pruner, pruning at initialisation and reports):
+
+- a Parameter shared by several modules (tied weights) is one target, under the first
+  name ``named_parameters()`` gives it; sparsity is counted over unique tensors;
+- a default target that is also held by an ``nn.Embedding`` (a tied LM head) is left out
+  unless the caller names it;
+- wrappers (``nn.DataParallel``, ``DistributedDataParallel``, ``torch.compile``) are seen
+  through: the pruner works on the wrapped module and reports names with the wrapper's
+  prefix (``"module.fc1.weight"``), as the caller's ``state_dict()`` names them;
+- reparametrised weights are pruned in their real storage: ``torch.nn.utils.prune``
+  (``weight_orig`` + ``weight_mask``) and ``torch.nn.utils.parametrize`` with a mask
+  (``torch.ao.pruning``'s ``FakeSparsity``); targets keep the logical name ``"<m>.weight"``.
+
+Blocks: see :mod:`woodfisher.layout` (canonical (out, in, ...) order, HF ``Conv1D`` transposed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .layout import BlockLayout, Layout
+
+__all__ = ["PRUNABLE_TYPES", "BlockLayout", "Layout", "PruneTarget", "resolve_targets", "unwrap_model",
+           "default_target_names"]
+
+#: Module types whose ``weight`` is pruned by default (plus HF ``Conv1D`` and MHA projections).
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers.pytorch_utils.Conv1D (no import of transformers needed)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def unwrap_model(model: nn.Module) -> Tuple[nn.Module, str]:
+    """(wrapped module, name prefix) through DataParallel / DDP / torch.compile wrappers."""
+    prefix = ""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model, prefix = model.module, prefix + "module."
+        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+            model, prefix = model._orig_mod, prefix + "_orig_mod."
+        else:
+            return model, prefix
+
+
+@dataclass
+class PruneTarget(BlockLayout):
+    """One pruned weight.
+
+    Attributes:
+        name: the caller's name of the weight, e.g. ``"fc1.weight"``, ``"module.fc1.weight"``
+            (wrapped), ``"attn.in_proj_weight"``; keys of masks and reports.
+        key: its key in the unwrapped model's ``named_parameters()`` (``"fc1.weight_orig"``
+            under torch.nn.utils.prune), for ``torch.func.functional_call``.
+        module: the module that owns the attribute; ``attr``: its attribute name (``"weight"``).
+        kind: ``"linear"`` (``(out, in)``, also raw MHA projections), ``"conv"``,
+            ``"conv1d_hf"`` (``(in, out)`` storage).
+        block_size: ``c``, entries per Fisher block (``numel`` for a whole-layer block).
+        reparam: ``None``, ``"prune"`` (torch.nn.utils.prune) or ``"parametrize"``.
+        owners: names of every module that holds this Parameter (several when tied).
+        holders: (module, logical attribute) of every module that holds it (masks of
+            tied weights are kept on each of them).
+    """
+
+    name: str
+    key: str
+    module: nn.Module
+    attr: str
+    kind: str
+    block_size: int
+    reparam: Optional[str] = None
+    owners: Tuple[str, ...] = ()
+    holders: Tuple[Tuple[nn.Module, str], ...] = ()
+
+    @property
+    def param_name(self) -> str:
+        """Alias of :attr:`name` (the key of masks)."""
+        return self.name
+
+    @property
+    def label(self) -> str:
+        """Short name for messages: the module name for ``<module>.weight``, else the parameter name."""
+        return self.name[: -len(".weight")] if self.name.endswith(".weight") else self.name
+
+    @property
+    def reparametrised(self) -> bool:
+        return self.reparam is not None
+
+    @property
+    def param(self) -> torch.Tensor:
+        """The Parameter that stores the weight (``weight_orig`` / ``original`` when reparametrised)."""
+        if self.reparam == "prune":
+            return getattr(self.module, self.attr + "_orig")
+        if self.reparam == "parametrize":
+            return self.module.parametrizations[self.attr].original
+        return getattr(self.module, self.attr)
+
+    def _holders(self) -> Tuple[Tuple[nn.Module, str], ...]:
+        return self.holders or ((self.module, self.attr),)
+
+    def _mask_buffers(self) -> List[torch.Tensor]:
+        """Every mask applied to the weight: ``<attr>_mask`` / parametrization masks of each holder."""
+        masks = []
+        for module, attr in self._holders():
+            if self.reparam == "prune" and hasattr(module, attr + "_mask"):
+                masks.append(getattr(module, attr + "_mask"))
+            elif self.reparam == "parametrize" and parametrize.is_parametrized(module, attr):
+                masks += [p.mask for p in module.parametrizations[attr]]
+        return masks
+
+    def refresh(self) -> None:
+        """Recompute the derived ``<attr> = <attr>_orig * <attr>_mask`` of torch.nn.utils.prune holders now
+        (their forward pre-hook would do it at the next call; a stale tensor must not be read before)."""
+        if self.reparam != "prune":
+            return
+        with torch.no_grad():
+            for module, attr in self._holders():
+                if hasattr(module, attr + "_mask"):
+                    setattr(module, attr, getattr(module, attr + "_orig") * getattr(module, attr + "_mask"))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.param.shape
+
+    def layout(self) -> Layout:
+        return Layout(self.name, self.shape, self.kind, self.block_size)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the model computes with (storage times every mask)."""
+        w = self.param.detach()
+        for mask in self._mask_buffers():
+            w = w * mask
+        return w
+
+    def keep_mask(self) -> torch.Tensor:
+        """Current keep-mask: ``effective weight != 0`` (exact zeros count as pruned and stay pruned)."""
+        return self.effective_weight() != 0
+
+    @torch.no_grad()
+    def write(self, weight: torch.Tensor, keep: torch.Tensor) -> None:
+        """Store new weights (pruned entries forced to exactly 0) and the keep-mask."""
+        keep = keep.reshape(self.shape)
+        param = self.param
+        param.copy_(weight.reshape(self.shape).to(param.dtype) * keep)
+        for mask in self._mask_buffers():
+            mask.copy_(keep.to(mask.dtype))
+        self.refresh()
+
+
+def _logical(module_name: str, param_attr: str) -> Tuple[str, str, Optional[str]]:
+    """(owner module path, logical attribute, reparam) of a named_parameters entry."""
+    parts = module_name.split(".") if module_name else []
+    if len(parts) >= 2 and parts[-2] == "parametrizations" and param_attr == "original":
+        return ".".join(parts[:-2]), parts[-1], "parametrize"
+    if param_attr.endswith("_orig"):
+        return module_name, param_attr[: -len("_orig")], "prune"
+    return module_name, param_attr, None
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _entries(model: nn.Module) -> Dict[str, dict]:
+    """{logical param name: info} for every unique Parameter of the (unwrapped) model.
+
+    ``holders`` lists (module name, module, logical attribute) of every module holding the
+    Parameter, once per module object (a shared submodule is listed once).
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
+    holders: Dict[int, List[Tuple[str, nn.Module, str]]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            owner_name, logical, _ = _logical(mod_name, pname)
+            owner = modules[owner_name]
+            if all(m is not owner for _, m, _ in holders.get(id(p), [])):
+                holders.setdefault(id(p), []).append((owner_name, owner, logical))
+    out: Dict[str, dict] = {}
+    for key, p in model.named_parameters():
+        mod_name, _, attr = key.rpartition(".")
+        owner_name, logical, reparam = _logical(mod_name, attr)
+        owner = modules[owner_name]
+        if reparam == "prune" and not hasattr(owner, logical + "_mask"):
+            reparam, logical = None, attr
+        out[_join(owner_name, logical)] = dict(key=key, module=owner, attr=logical, reparam=reparam, param=p,
+                                               owners=[(n, m) for n, m, _ in holders.get(id(p), [])],
+                                               holders=[(m, a) for _, m, a in holders.get(id(p), [])])
+    return out
+
+
+def _kind(module: nn.Module, attr: str) -> Optional[str]:
+    """Kind of a prunable weight, or None when this (module, attribute) is not a prunable weight."""
+    if attr == "weight":
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return "conv"
+        if isinstance(module, nn.Linear):
+            return "linear"
+        if is_hf_conv1d(module):
+            return "conv1d_hf"
+    if isinstance(module, nn.MultiheadAttention) and attr in _MHA_WEIGHTS:
+        return "linear"
+    return None
+
+
+def _mask_reparam_ok(info: dict) -> bool:
+    """False for a torch.nn.utils.parametrize chain that is not made of masks (e.g. weight norm)."""
+    if info["reparam"] != "parametrize":
+        return True
+    return all(hasattr(f, "mask") for f in info["module"].parametrizations[info["attr"]])
+
+
+def default_target_names(model: nn.Module) -> List[str]:
+    """Logical names of the default targets of ``model`` (unwrapped), in registration order."""
+    names = []
+    for name, info in _entries(unwrap_model(model)[0]).items():
+        if _kind(info["module"], info["attr"]) is None or not _mask_reparam_ok(info):
+            continue
+        if any(isinstance(o, nn.Embedding) for _, o in info["owners"]):
+            continue  # tied LM head: prune the embedding only when named
+        names.append(name)
+    return names
+
+
+def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module) -> List[str]:
+    """Logical parameter names for a user-given name.
+
+    A parameter name (any name of a tied Parameter) or a module with a ``weight`` gives
+    that weight; any other module gives the default targets held by it or its submodules
+    (``"enc.layers.0.self_attn"``: ``in_proj_weight`` and ``out_proj.weight``).
+    """
+    if not isinstance(raw, str):
+        raise ValueError(f"modules must hold module or parameter names (str), got {raw!r}")
+    by_id = {id(info["param"]): name for name, info in entries.items()}
+    aliases = {}
+    for key, p in model.named_parameters(remove_duplicate=False):
+        mod_name, _, attr = key.rpartition(".")
+        owner_name, logical, _ = _logical(mod_name, attr)
+        aliases.setdefault(_join(owner_name, logical), by_id.get(id(p)))
+    for cand in (raw, _join(raw, "weight")):
+        if cand in entries:
+            return [cand]
+        if aliases.get(cand) is not None:
+            return [aliases[cand]]
+    modules = dict(model.named_modules(remove_duplicate=False))
+    if raw not in modules:
+        raise ValueError(f"modules: no module or parameter named {raw!r} in the model")
+    inside = [name for name in default_target_names(model)
+              if any(_within(owner, raw) for owner, _ in entries[name]["owners"])]
+    if not inside:
+        raise ValueError(f"modules: {raw!r} is a {type(modules[raw]).__name__} without a weight to prune "
+                         "(and holds no Linear / Conv / attention projection weight)")
+    return inside
+
+
+def _within(name: str, parent: str) -> bool:
+    return not parent or name == parent or name.startswith(parent + ".")
+
+
+def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
+                    block_size: Optional[int] = None) -> List[PruneTarget]:
+    """The pruned weights of ``model``, each once, in registration order.
+
+    Args:
+        model: the network (wrappers are seen through, see the module docstring).
+        modules: module names (``"fc1"``: its weight; a module without a weight, e.g.
+            ``"layer1"`` or an ``nn.MultiheadAttention``: the default targets inside it) or
+            parameter names (``"fc1.weight"``, ``"attn.in_proj_weight"``), optionally with
+            the wrapper prefix (``"module.fc1"``); None = the default targets.
+        block_size: entries per Fisher block (int >= 1), or None for whole-weight blocks.
+    Returns:
+        list of :class:`PruneTarget`.
+    Raises:
+        ValueError: unknown name (named), a named module without any prunable weight, a named
+            parameter that is not a floating tensor of >= 2 dims, no prunable weight,
+            or a bad ``block_size``.
+    """
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                   or block_size < 1):
+        raise ValueError(f"block_size must be None (whole layers) or an int >= 1, got {block_size!r}")
+    inner, prefix = unwrap_model(model)
+    entries = _entries(inner)
+    if modules is None:
+        chosen = default_target_names(inner)
+    else:
+        if isinstance(modules, str):
+            modules = [modules]
+        chosen = []
+        for raw in modules:
+            stripped = raw[len(prefix):] if prefix and isinstance(raw, str) and raw.startswith(prefix) else raw
+            chosen += [name for name in _lookup(entries, stripped, inner) if name not in chosen]
+    if not chosen:
+        raise ValueError("the model has no prunable module (Linear / Conv1d/2d/3d or a named weight)")
+    targets = []
+    for name in chosen:
+        info = entries[name]
+        p = info["param"]
+        kind = _kind(info["module"], info["attr"])
+        if kind is None:
+            if not p.is_floating_point() or p.dim() < 2:
+                raise ValueError(f"modules: {name!r} has shape {tuple(p.shape)}; only weights with >= 2 dims "
+                                 f"(rows = dim 0) can be pruned")
+            kind = "linear" if p.dim() == 2 else "conv"
+        if not _mask_reparam_ok(info):
+            raise ValueError(f"modules: {name!r} is reparametrised by torch.nn.utils.parametrize without a "
+                             "'mask' (only mask parametrizations such as torch.ao.pruning's FakeSparsity can "
+                             "be pruned); remove the parametrization first")
+        c = p.numel() if block_size is None else min(block_size, p.numel())
+        targets.append(PruneTarget(prefix + name, info["key"], info["module"], info["attr"], kind, c,
+                                   info["reparam"], tuple(prefix + n for n, _ in info["owners"]),
+                                   tuple(info["holders"])))
+    return targets

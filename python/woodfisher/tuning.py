@@ -1,0 +1,88 @@
+"""Tuning above the pruner: choosing the damp on held-out data.
+
+:func:`search_damp` collects the gradients once (:func:`woodfisher.estimate_curvature`),
+re-inverts them for every candidate lambda (:meth:`Curvature.with_damp`), prunes a copy of
+the model with each (:func:`woodfisher.prune_with`) and keeps the lambda with the lowest
+held-out loss. Runs that cannot reuse one curvature (``num_steps > 1``, streamed
+gradients, non-blockwise methods) prune each copy from scratch with
+:func:`woodfisher.prune_one_shot`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from .batches import compute_loss, to_batch
+from .curvature import estimate_curvature
+from .damping import check_damp
+from .engine import prune_with
+from .pruner import prune_one_shot
+from .state import clone_model, eval_mode
+
+__all__ = ["search_damp", "heldout_loss"]
+
+
+@torch.no_grad()
+def heldout_loss(model, loader, loss_fn: Optional[Callable] = None, batch_adapter: Optional[Callable] = None
+                 ) -> float:
+    """Sample-weighted mean loss over ``loader`` (eval mode; every module's flag restored)."""
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    with eval_mode(model):
+        for item in loader:
+            batch = to_batch(item, batch_adapter).to(device)
+            out = model(*batch.args, **batch.kwargs)
+            total += float(compute_loss(out, batch.target, loss_fn)) * batch.size
+            n += batch.size
+    if n == 0:
+        raise ValueError("heldout loader is empty")
+    return total / n
+
+
+def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Sequence[float]] = None,
+                loss_fn: Optional[Callable] = None, **options) -> Tuple[float, Dict[float, float]]:
+    """Choose lambda on a log grid by the held-out loss after pruning.
+
+    Every candidate prunes a copy of ``model`` (the model itself is unchanged; models
+    holding ``torch.nn.utils.prune`` masks are copied too).
+
+    Args:
+        model, loader: as for :func:`woodfisher.prune_one_shot`. heldout: held-out batches.
+        sparsity: target sparsity of the search.
+        grid: candidate lambdas (> 0); default ``auto * 10**k`` for k in -3..1, where ``auto``
+            is the :func:`woodfisher.damping.auto_damp` value of the same gradients.
+        options: other :class:`woodfisher.PruneConfig` fields (``damp`` is not allowed).
+    Returns:
+        (best lambda, {lambda: held-out loss}).
+    Raises:
+        ValueError: ``damp`` among the options, an empty or bad grid, or any bad option.
+    """
+    if "damp" in options:
+        raise ValueError("search_damp chooses damp itself; do not pass damp")
+    options.setdefault("progress", False)
+    adapter = options.get("batch_adapter")
+    reuse = options.get("num_steps", 1) == 1 and options.get("method", "woodfisher") == "woodfisher" \
+        and options.get("inverse_form", "auto") != "stream"
+    curvature = None
+    if reuse or grid is None:
+        curvature = estimate_curvature(model, loader, sparsity=sparsity, damp="auto", loss_fn=loss_fn, **options)
+        reuse = reuse and curvature.grads is not None
+    if grid is None:
+        grid = [curvature.damp * 10.0 ** k for k in range(-3, 2)]
+    try:
+        grid = [check_damp(float(d)) for d in grid]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"grid must be a sequence of numbers > 0, got {grid!r}") from exc
+    if not grid:
+        raise ValueError("grid is empty")
+    losses = {}
+    for d in grid:
+        trial = clone_model(model)
+        if reuse:
+            prune_with(trial, curvature.with_damp(d), sparsity)
+        else:
+            prune_one_shot(trial, loader, sparsity=sparsity, damp=d, loss_fn=loss_fn, **options)
+        losses[d] = heldout_loss(trial, heldout, loss_fn, adapter)
+    best = min(losses, key=lambda d: (losses[d], d))
+    return best, losses
