@@ -7,11 +7,12 @@ With ``L`` the Cholesky factor of ``K = N*damp*I + G G^T`` (B, m, m) and ``A = L
 products ``F^-1 v`` cost O(m c) per block and the c x c inverse is never formed.
 
 Precision and speed: the Gram matrix ``G G^T`` and ``A = L^-1 G`` are float32 matrix
-products (each ~m^2 c flops: only the lower block-triangle of the Gram and the nonzero
-blocks of the triangular L^-1 are multiplied); only the m x m factorisation (Cholesky
-and triangular inverse of K, ~m^3 / 2 flops) runs in float64, and the diagonal is
-accumulated in float64. This keeps the diagonal within 1e-6 of a float64 computation on
-ResNet-20 gradients at damp 1e-5 (benchmarks/results/cpu_fallback.md). The stated bound
+products (each ~1.25 m^2 c flops: only the lower block-triangle of the Gram and the
+nonzero blocks of the triangular L^-1 are multiplied, in 4 row blocks); only the m x m
+factorisation (Cholesky and triangular inverse of K, ~4 m^3 / 3 flops) runs in float64,
+and the diagonal sums the squares of each row block in float32 and the blocks in
+float64. This keeps the diagonal within 1e-6 of a float64 computation on ResNet-20
+gradients at damp 1e-5 (benchmarks/results/cpu_fallback.md). The stated bound
 of :mod:`._numerics` holds; blocks that fail (non-finite factor, diagonal <= 0, K not
 positive definite in float64) are recomputed in float64 or refused (``on_failure``).
 
@@ -30,10 +31,11 @@ from . import _numerics as num
 from . import reference
 
 ROW_STEP_MIN = 128        # rows of the Gram / of L^-1 G per product (block-triangular products)
+ROW_BLOCKS = 4            # about m / 4 rows per product: 1.25 m^2 c flops each, still large products
 
 
 def _row_steps(m: int):
-    step = max(ROW_STEP_MIN, -(-m // 8))
+    step = max(ROW_STEP_MIN, -(-m // ROW_BLOCKS))
     return [(r0, min(m, r0 + step)) for r0 in range(0, m, step)]
 
 
@@ -53,11 +55,14 @@ def lowrank_factor(grads: torch.Tensor, damp: float, num_samples: float
     eye = torch.eye(m, dtype=torch.float64, device=grads.device).expand(num_blocks, m, m)
     linv = torch.linalg.solve_triangular(chol, eye, upper=False).to(grads.dtype)
     factor = torch.empty_like(grads)
-    for r0, r1 in steps:                                         # L^-1 is lower triangular
-        factor[:, r0:r1] = torch.bmm(linv[:, r0:r1, :r1], grads[:, :r1])
     sq = torch.zeros(num_blocks, c, dtype=torch.float64, device=grads.device)
-    for c0 in range(0, c, 4096):
-        sq[:, c0:c0 + 4096] = factor[:, :, c0:c0 + 4096].to(torch.float64).square().sum(1)
+    for r0, r1 in steps:                                         # L^-1 is lower triangular
+        rows = factor[:, r0:r1]
+        if rows.is_contiguous():
+            torch.bmm(linv[:, r0:r1, :r1], grads[:, :r1], out=rows)
+        else:
+            rows.copy_(torch.bmm(linv[:, r0:r1, :r1], grads[:, :r1]))
+        sq += rows.square().sum(1)                               # partial sums of <= m / 4 squares
     diag = ((1.0 - sq) / damp).to(grads.dtype)
     bad = (info != 0) | ~torch.isfinite(factor.sum(dim=(1, 2))) | ~(diag > 0).all(dim=1)
     return factor, diag, bad
