@@ -124,11 +124,11 @@ def measure_peaks(device: torch.device, *, quick: bool = False) -> Dict[str, flo
     b = torch.randn(n, n, device=device)
     t = time_call(lambda: torch.mm(a, b), device, repeats=3 if quick else 10, warmup=1)
     flops = 2.0 * n ** 3
-    del a, b
+    a = b = None                 # free the buffers (the timed lambda is done with them)
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     tc = time_call(lambda: dst.copy_(src), device, repeats=3 if quick else 10, warmup=1)
-    del src, dst
+    src = dst = None
     return {"fp32_peak_tflops": flops / t["min_s"] / 1e12, "sgemm_n": n,
             "mem_bandwidth_gbs": 2 * numel * FP32 / tc["min_s"] / 1e9,
             "copy_bytes": 2 * numel * FP32,

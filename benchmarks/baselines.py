@@ -16,13 +16,18 @@ from typing import Optional
 
 import torch
 
-from woodfisher_kernels import _checks as chk
+
+def _positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _validate(grads: torch.Tensor, damp: float, num_samples: Optional[float]):
-    chk.check_tensor("grads", grads, 3, finite=False)
-    damp = chk.check_positive("damp", damp)
-    n = float(grads.shape[1]) if num_samples is None else chk.check_positive("num_samples", num_samples)
+    if not isinstance(grads, torch.Tensor) or grads.dim() != 3:
+        raise ValueError("grads must be a (B, m, c) tensor")
+    damp = _positive("damp", damp)
+    n = float(grads.shape[1]) if num_samples is None else _positive("num_samples", num_samples)
     return damp, n
 
 

@@ -9,15 +9,14 @@ is extrapolated linearly and labelled as such in the record.
 """
 from __future__ import annotations
 
-import copy
 import gc
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-import _common as cm
-import baselines
 import woodfisher_kernels as wk
+from benchmarks import _common as cm
+from benchmarks import baselines
 from woodfisher_kernels import LowRankInverse
 
 
@@ -39,7 +38,9 @@ def _torch_mem(m, c):
 def build_methods(device: torch.device, damp: float) -> List[Method]:
     """Methods runnable on ``device`` (fused kernels only on CUDA: the Triton
     interpreter on CPU is a correctness tool, not a timing)."""
-    dense_mem = lambda m, c: cm.FP32 * (c * c + m * c + 3 * c)
+    def dense_mem(m, c):
+        return cm.FP32 * (c * c + m * c + 3 * c)
+
     methods = [
         Method("ref_loop", "(a) paper loop: per block, per gradient",
                lambda g, n: baselines.reference_loop_inverse(g, damp, n),
@@ -79,8 +80,7 @@ def _free(device):
 def _apply(out, idx: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
     """Sampled blocks of the built inverse applied to probes (S, c, r)."""
     if isinstance(out, LowRankInverse):
-        sub = copy.copy(out)
-        sub.factor, sub.diag_cached = out.factor[idx], out.diag_cached[idx]
+        sub = out.select(idx)
         return sub.matmat(probes)
     return torch.bmm(out[idx], probes)
 
@@ -99,7 +99,7 @@ def _probe(meth: Method, blocks: int, grads: int, c: int, n: float, cfg: Dict, d
     """Seconds per block of a warm call on ``blocks`` blocks and ``grads`` gradients."""
     g = make_grads(blocks, grads, c, device, cfg["grad_scale"])
     t = cm.time_call(lambda: meth.run(g, n), device, repeats=2, warmup=1)["min_s"]
-    del g
+    g = None
     _free(device)
     return t / blocks
 
@@ -144,7 +144,7 @@ def run_method(meth: Method, c: int, m: int, d: int, cfg: Dict, device) -> Dict:
     timing = cm.time_call(call, device, repeats=cfg["repeats"], warmup=cfg["warmup"],
                           budget_s=cfg["call_budget_s"] * 4)
     err = accuracy(holder.pop("out"), g, cfg["damp"], n) if cfg["check_error"] else None
-    del g
+    g = None
     _free(device)
     scale = (full_blocks / blocks) * (m / grads_used)
     flops = meth.flops(grads_used, c) * blocks

@@ -14,12 +14,11 @@ from typing import Dict, List
 
 import torch
 
-import _common as cm
-import baselines
 import woodfisher_kernels as wk
-from bench_build import _free, make_grads
-from woodfisher_kernels import reference
-from woodfisher_kernels._dispatch import select
+from benchmarks import _common as cm
+from benchmarks import baselines
+from benchmarks.bench_build import _free, make_grads
+from woodfisher_kernels import testing
 
 
 def _no_check_kw(op) -> Dict:
@@ -29,7 +28,7 @@ def _no_check_kw(op) -> Dict:
 
 def _impl(op_name: str, backend: str, inv):
     """The registered backend function itself, without the public op's validation."""
-    fn = select(op_name, backend, inv)
+    fn = testing.implementation(op_name, backend)
     if op_name == "obs_saliency":
         return lambda inv, w, mask: fn(inv, w, None)
     return lambda inv, w, mask: fn(inv, w, mask, None)
@@ -109,7 +108,7 @@ def run_streaming(block_sizes, ks, d: int, cfg: Dict, device, progress=None) -> 
                         rec["speedup_vs"] = {"einsum_baddbmm": b_per_grad / rec["time_per_gradient_full_s"]}
                     return rec
                 _try(records, run_k, "stream", backend, c, {"k": k}, progress)
-        del inv, grads, eye
+        inv = grads = eye = None
         _free(device)
     return records
 
@@ -133,15 +132,12 @@ def _stats_error(op, inv, grads, weights, mask, cfg, out) -> float:
     w64 = weights[idx].double()
     if isinstance(inv, torch.Tensor):
         inv64 = inv[idx].double()
-        diag = torch.diagonal(inv64, dim1=1, dim2=2)
-        matvec = lambda v: torch.bmm(inv64, v.unsqueeze(-1)).squeeze(-1)
     else:
-        lr64 = wk.LowRankInverse(grads[idx].double(), cfg["damp"], float(grads.shape[1]))
-        diag, matvec = lr64.diag(), lr64.matvec
+        inv64 = wk.LowRankInverse(grads[idx].double(), cfg["damp"], float(grads.shape[1]))
     if op == "obs_saliency":
-        ref = reference.saliency_from(diag, matvec, w64)
+        ref = wk.obs_saliency(inv64, w64, backend="torch")
     else:
-        ref = reference.update_from(diag, matvec, w64, mask[idx])
+        ref = wk.obs_update(inv64, w64, mask[idx], backend="torch")
     return cm.relative_error(out[idx], ref)
 
 
@@ -185,6 +181,6 @@ def run_stats(shapes, d: int, cfg: Dict, device, progress=None) -> List[Dict]:
                         return _record("stats", name, c, {**extra, "op": op_name}, d, blocks, t,
                                        *costs[op_name], err=err)
                     _try(records, run, "stats", name, c, {**extra, "op": op_name}, progress)
-        del grads, inv, weights, mask
+        grads = inv = weights = mask = None
         _free(device)
     return records

@@ -6,9 +6,6 @@ to run each benchmark once as a smoke test. Full mode: ``--bench-full`` (or
 where the cuda / triton backends are benchmarked too.
 """
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_addoption(parser):

@@ -9,8 +9,8 @@ inverses and gradient slices it holds, its peak tensor memory (a second run unde
 :class:`woodfisher.memory.TensorMemoryMeter` on CPU, ``torch.cuda.max_memory_allocated`` on
 GPU) and its peak RSS.
 
-    OMP_NUM_THREADS=1 python benchmarks/distributed_scaling.py --worlds 1 2 4 --out benchmarks/results
-    python benchmarks/distributed_scaling.py --device cuda --worlds 1 2 4 8 --out benchmarks/results  # NCCL
+    OMP_NUM_THREADS=1 python -m benchmarks.distributed_scaling --worlds 1 2 4 --out benchmarks/results
+    python -m benchmarks.distributed_scaling --device cuda --worlds 1 2 4 8 --out benchmarks/results  # NCCL
 
 The backend follows the device (gloo for cpu, nccl for cuda): the pruning code is the same.
 """
@@ -31,9 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import device_info, write_results  # noqa: E402
+from benchmarks._common import device_info, write_results
 
 
 def _bytes_of(inv) -> int:

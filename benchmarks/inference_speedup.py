@@ -23,8 +23,8 @@ sample a loop of calls lasting >= ``--min-sample-ms``; latency = median over sam
 median over samples of dense time / exported time of the same round (pairs measured seconds
 apart, so that the load of a shared machine cancels out).
 
-    OMP_NUM_THREADS=2 python benchmarks/inference_speedup.py --out benchmarks/results
-    python benchmarks/inference_speedup.py --device cuda --out benchmarks/results   # 2:4 on a GPU
+    OMP_NUM_THREADS=2 python -m benchmarks.inference_speedup --out benchmarks/results
+    python -m benchmarks.inference_speedup --device cuda --out benchmarks/results   # 2:4 on a GPU
 """
 from __future__ import annotations
 
@@ -40,12 +40,10 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import device_info, pick_device, sync  # noqa: E402
-
-from woodfisher.export import to_dense, to_semi_structured, to_sparse  # noqa: E402
-from woodfisher.masks import select_masks  # noqa: E402
-from woodfisher.models import RESNET20_PRUNABLE, CifarResNet, resnet20  # noqa: E402
+from benchmarks._common import device_info, pick_device, sync
+from woodfisher.export import to_dense, to_semi_structured, to_sparse
+from woodfisher.masks import select_masks
+from woodfisher.models import RESNET20_PRUNABLE, CifarResNet, resnet20
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 BATCHES = (1, 64)

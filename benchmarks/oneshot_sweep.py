@@ -14,10 +14,10 @@ sparsity with ``woodfisher.prune_with`` (the same code path as ``prune_one_shot`
 K-FAC and the magnitude baselines call ``prune_one_shot`` directly.
 
 Usage (from the repo root):
-    OMP_NUM_THREADS=1 python benchmarks/oneshot_sweep.py --model mlpnet
-    OMP_NUM_THREADS=1 python benchmarks/oneshot_sweep.py --model resnet20 --eval-samples 2000 \
+    OMP_NUM_THREADS=1 python -m benchmarks.oneshot_sweep --model mlpnet
+    OMP_NUM_THREADS=1 python -m benchmarks.oneshot_sweep --model resnet20 --eval-samples 2000 \
         --seeds 0 --fisher-batch-sizes 1 50
-    python benchmarks/oneshot_sweep.py --quick          # tiny subset, < 30 s (CI)
+    python -m benchmarks.oneshot_sweep --quick          # tiny subset, < 30 s (CI)
 Writes ``<out>/oneshot_<model>.csv``, ``.png``, ``_summary.md`` (mean +- std table) and ``.log``.
 """
 from __future__ import annotations

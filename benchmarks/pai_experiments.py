@@ -6,9 +6,9 @@ resumed); ``--plot`` redraws ``pai_<model>.png`` from the CSV. ``--collapse-only
 skips training and records the per-layer densities / collapsed layers instead
 (``pai_<model>_collapse.csv``).
 
-Full runs (GPU):  python benchmarks/pai_experiments.py --model resnet20 --device cuda \
+Full runs (GPU):  python -m benchmarks.pai_experiments --model resnet20 --device cuda \
                       --epochs 160 --batch-size 128 --augment --seeds 0 1 2
-Quick CPU runs:   python benchmarks/pai_experiments.py --model mlpnet --quick
+Quick CPU runs:   python -m benchmarks.pai_experiments --model mlpnet --quick
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import sys
 import time
 
 import torch
-
 from woodfisher.data import evaluate, load_dataset, make_loader, subset
 from woodfisher.models import MODEL_SPECS, build_model
 from woodfisher.pai import CRITERIA, attach_masks, prune_at_init, train
@@ -233,7 +232,6 @@ def estimator_check(out: str, seed: int = 0) -> str:
     relative L2 error vs number of probes (10 repeats each) against the theory
     sqrt(sum_i sum_{j!=i} H_ij^2 / P) / ||diag H||. Writes pai_hutchinson_error.{csv,png}."""
     from torch.func import functional_call, hessian
-
     from woodfisher.data import load_digits
     from woodfisher.pai import hutchinson_diagonal
     torch.manual_seed(seed)

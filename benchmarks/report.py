@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-from _common import human_time
+from benchmarks._common import human_time
 
 GPU_TARGETS = {
     "fused_pct_peak": 50.0,        # % of measured float32 peak, c in {64, 128}, m >= 64
@@ -91,7 +91,7 @@ def make_markdown(result: Dict) -> str:
     tg = result.get("targets") or []
     if not tg:
         out.append("Not evaluated: the targets are for an H100 in float32 and need the fused "
-                   "CUDA / Triton kernels on a GPU; run `python benchmarks/side_by_side.py --full` there.")
+                   "CUDA / Triton kernels on a GPU; run `python -m benchmarks.side_by_side --full` there.")
     else:
         out += ["| target | goal | measured | met |", "|---|---|---|---|"]
         out += [f"| {t['target']} | {t['goal']} | {t['value']} | {'yes' if t['met'] else 'NO'} |" for t in tg]

@@ -1,8 +1,8 @@
 """End to end: one one-shot WoodFisher pruning step of torchvision's ResNet-50 (GPU).
 
-    python benchmarks/resnet50_step.py --out benchmarks/results                 # both paper settings
-    python benchmarks/resnet50_step.py --setting 1000x80 --sparsity 0.6
-    python benchmarks/resnet50_step.py --model smoke --device cpu              # tiny CPU smoke run
+    python -m benchmarks.resnet50_step --out benchmarks/results                 # both paper settings
+    python -m benchmarks.resnet50_step --setting 1000x80 --sparsity 0.6
+    python -m benchmarks.resnet50_step --model smoke --device cpu              # tiny CPU smoke run
 
 Paper settings: block 1000 with m = 80 gradients of fisher mini-batch 100, and block
 2000 with m = 160 (the paper reports 15 to 47 minutes per step on its hardware).
@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import _common as cm  # noqa: E402
+from benchmarks import _common as cm
 
 SETTINGS = {"1000x80": (1000, 80), "2000x160": (2000, 160)}
 PAPER_MINUTES = (15, 47)
@@ -42,7 +39,7 @@ def smoke_model(num_classes: int = 10) -> nn.Module:
 def build_model(name: str, device) -> tuple:
     """(model, num_classes, image size) with random weights."""
     if name == "resnet50":
-        import torchvision   # GPU machine only
+        import torchvision  # GPU machine only
         return torchvision.models.resnet50(weights=None).to(device), 1000, 224
     return smoke_model().to(device), 10, 16
 
@@ -69,8 +66,9 @@ def prunable(model: nn.Module):
 
 def step_with_ops(model, loader, c: int, m: int, sparsity: float, damp: float, device, backend: str):
     """One global WoodFisher step with the public ops; returns {phase: seconds}."""
-    import woodfisher_kernels as wk
     from woodfisher.masks import select_masks
+
+    import woodfisher_kernels as wk
 
     layers = prunable(model)
     t = {}

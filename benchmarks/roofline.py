@@ -1,6 +1,6 @@
 """Roofline plot of a side-by-side result: achieved FLOP/s against arithmetic intensity.
 
-    python benchmarks/roofline.py benchmarks/results/kernels_cpu.json [out.png]
+    python -m benchmarks.roofline benchmarks/results/kernels_cpu.json [out.png]
 
 Ceilings are the float32 peak and memory bandwidth measured in the same run. Each
 point is one record, at its nominal flops / bytes (the models are in the JSON).

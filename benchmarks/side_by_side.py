@@ -1,8 +1,8 @@
 """Side-by-side kernel benchmark: one run, ratios, device named, roofline.
 
-    python benchmarks/side_by_side.py --full --out benchmarks/results    # GPU (H100 / H200)
-    python benchmarks/side_by_side.py --out benchmarks/results           # CPU profile (scaled d)
-    python benchmarks/side_by_side.py --quick                            # CI smoke run (< 60 s)
+    python -m benchmarks.side_by_side --full --out benchmarks/results    # GPU (H100 / H200)
+    python -m benchmarks.side_by_side --out benchmarks/results           # CPU profile (scaled d)
+    python -m benchmarks.side_by_side --quick                            # CI smoke run (< 60 s)
 
 Sections: build of the blockwise inverse (baselines (a) paper loop, (b) einsum +
 baddbmm per gradient, (c) torch fallback; low-rank path; fused CUDA / Triton kernels
@@ -16,17 +16,14 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-import _common as cm  # noqa: E402
-from bench_build import run_build  # noqa: E402
-from bench_stream_stats import run_stats, run_streaming  # noqa: E402
-from report import evaluate_targets, make_markdown  # noqa: E402
+from benchmarks import _common as cm
+from benchmarks.bench_build import run_build
+from benchmarks.bench_stream_stats import run_stats, run_streaming
+from benchmarks.report import evaluate_targets, make_markdown
 
 RESNET50_PARAMS = 25_557_032
 BUILD_SHAPES = [(50, 1024), (64, 64), (128, 128), (128, 256), (256, 256), (1000, 80), (1000, 400),
@@ -173,7 +170,7 @@ def main(argv=None):
         with open(base + ".md", "w") as f:
             f.write(md)
         if not args.no_plot:
-            from roofline import plot_roofline
+            from benchmarks.roofline import plot_roofline
             plot_roofline(result, os.path.join(out_dir, f"roofline_{tag}.png"))
         print(f"[side_by_side] wrote {base}.json / .md in {result['wall_s']} s", flush=True)
     else:

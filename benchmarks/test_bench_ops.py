@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-import baselines
 import woodfisher_kernels as wk
+from benchmarks import baselines
 
 FULL = os.environ.get("WF_BENCH_FULL", "0") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

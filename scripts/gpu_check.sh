@@ -286,11 +286,11 @@ if [ "$DRY" = "1" ]; then
   run sbs 240 120 "$W/sbs.log" env GFR_SBS_DEVICE=cpu GFR_D="${GFR_D:-1024}" "$PY" "$HELP/sbs_profile.py" "$W" \
     $(( T_SBS / 2 ))
   publish
-  run r50 240 10 "$W/r50.log" "$PY" benchmarks/resnet50_step.py --model smoke --device cpu --out "$W"
+  run r50 240 10 "$W/r50.log" "$PY" -m benchmarks.resnet50_step --model smoke --device cpu --out "$W"
 else
   run sbs 120 90 "$W/sbs.log" "$PY" "$HELP/sbs_profile.py" "$W" $(( T_SBS - 15 ))
   publish
-  run r50 110 30 "$W/r50.log" "$PY" benchmarks/resnet50_step.py --setting 1000x80 --out "$W"
+  run r50 110 30 "$W/r50.log" "$PY" -m benchmarks.resnet50_step --setting 1000x80 --out "$W"
 fi
 publish
 

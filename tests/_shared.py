@@ -5,21 +5,9 @@ import pytest
 import torch
 
 import woodfisher_kernels as wk
+from woodfisher_kernels.testing import dense_fisher, dense_inverse  # noqa: F401  (re-exported for the tests)
 
 EPS32 = torch.finfo(torch.float32).eps
-
-
-def dense_fisher(grads: torch.Tensor, damp: float, num_samples=None) -> torch.Tensor:
-    """float64 F = damp I + G^T G / N per block; grads (B, m, c) -> (B, c, c)."""
-    g = grads.double()
-    n = g.shape[1] if num_samples is None else num_samples
-    eye = torch.eye(g.shape[-1], dtype=torch.float64, device=g.device)
-    return damp * eye + g.transpose(1, 2) @ g / n
-
-
-def dense_inverse(grads, damp, num_samples=None) -> torch.Tensor:
-    """float64 torch.linalg.inv of :func:`dense_fisher`."""
-    return torch.linalg.inv(dense_fisher(grads, damp, num_samples))
 
 
 def inverse_tolerance(fisher64: torch.Tensor, dtype) -> float:

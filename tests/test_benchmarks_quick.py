@@ -5,18 +5,13 @@ Baselines (a) (paper loop) and (b) (einsum + baddbmm per gradient) must equal
 ``side_by_side.py --quick`` and the ResNet-50 step script (tiny stand-in model) run.
 """
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
-
-import baselines  # noqa: E402
-
-import woodfisher_kernels as wk  # noqa: E402
+import woodfisher_kernels as wk
+from benchmarks import _common as cm
+from benchmarks import baselines, cpu_fallback, precision_table, previous, resnet50_step, side_by_side
 
 
 def _dense_reference(grads, damp, n):
@@ -57,7 +52,6 @@ def test_baselines_refuse_bad_input():
 
 
 def test_float64_apply_reference_both_paths():
-    import _common as cm
     g = torch.randn(2, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     v = torch.randn(2, 7, 3, dtype=torch.float64)
     want = _dense_reference(g, 0.2, 5.0) @ v
@@ -70,7 +64,6 @@ def test_float64_apply_reference_both_paths():
 
 
 def test_side_by_side_quick_runs(tmp_path):
-    import side_by_side
     res = side_by_side.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     recs = [r for r in res["records"] if "error" not in r]
     methods = {r["method"] for r in recs if r["section"] == "build"}
@@ -87,9 +80,33 @@ def test_side_by_side_quick_runs(tmp_path):
 
 
 def test_resnet50_step_smoke_runs():
-    import resnet50_step
     res = resnet50_step.main(["--model", "smoke", "--device", "cpu", "--api", "ops", "--no-warmup",
                               "--sparsity", "0.5"])
     run = res["runs"][0]
     assert set(run["phases_s"]) == {"gradients", "inverse", "select", "update"}
     assert abs(run["sparsity"] - 0.5) < 0.01
+
+
+def test_previous_fallback_computes_the_same_inverse():
+    g = torch.randn(3, 20, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    want = _dense_reference(g, 0.3, 20.0)
+    torch.testing.assert_close(previous.fisher_inverse(g, 0.3, 20.0), want)
+    a, diag = previous.lowrank_factor(g[:, :5], 0.3, 5.0)
+    torch.testing.assert_close(diag, torch.diagonal(_dense_reference(g[:, :5], 0.3, 5.0), dim1=1, dim2=2))
+
+
+def test_cpu_fallback_quick_runs(tmp_path):
+    res = cpu_fallback.main(["--quick", "--out", str(tmp_path)])
+    for row in res["build"]:
+        for r in row["methods"].values():
+            assert r["gflops"] > 0 and 0 < r["pct_of_peak"] and r["rel_err_vs_float64"] <= r["bound"]
+    assert res["lowrank"]["diag_max_rel_err_vs_float64"] < 1e-5
+    assert (tmp_path / "cpu_fallback_quick.md").read_text().startswith("# CPU fallback")
+
+
+def test_precision_table_quick_runs(tmp_path):
+    rows = precision_table.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    for row in rows:
+        for res in row["results"].values():
+            assert res["outcome"] == "ValueError" or res["error"] <= row["bound"]
+    assert "| c | m | damp |" in (tmp_path / "PRECISION_quick.md").read_text()

@@ -390,11 +390,8 @@ def test_sparse_forward_matches_f_linear_for_bias_free_layers():
 
 def test_inference_benchmark_quick_writes_results(tmp_path):
     import json
-    import os
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import inference_speedup
+    from benchmarks import inference_speedup
 
     assert inference_speedup.main(["--quick", "--samples", "1", "--min-sample-ms", "0", "--sparsities", "0.9",
                                    "--batches", "1", "3", "--out", str(tmp_path)]) == 0

@@ -109,7 +109,7 @@ def test_group_ops_refuse_bad_index():
         wk.gather_rows(inv, torch.full((2, 1, 2), 5))
     with pytest.raises(ValueError, match="index must have 2 blocks"):
         wk.gather_subblocks(inv, torch.zeros(3, 1, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match="index must have dtype"):
+    with pytest.raises(ValueError, match="groups must have dtype"):
         wk.group_obs_saliency(inv, w, torch.zeros(2, 1, 2))
     groups = torch.tensor([[[0, 1]], [[2, 3]]])
     with pytest.raises(ValueError, match="prune must have shape"):
@@ -122,3 +122,13 @@ def test_non_contiguous_inverse_is_updated_in_place():
     wk.woodbury_update_(expected, GOOD_GRADS, 3.0)
     wk.woodbury_update_(inv, GOOD_GRADS, 3.0)
     assert torch.allclose(inv, expected, atol=1e-6)
+
+
+def test_huge_finite_inputs_are_not_mistaken_for_inf():
+    """The finiteness check sums the input first; a sum that overflows is re-checked entrywise."""
+    inv = _inv()
+    huge = torch.full((2, 5), 3e38)
+    assert wk.obs_update(inv, huge, torch.zeros(2, 5, dtype=torch.bool)).shape == (2, 5)
+    with pytest.raises(ValueError, match="weights contains NaN or Inf"):
+        wk.obs_update(inv, torch.cat([huge[:, :4], torch.full((2, 1), float("inf"))], 1),
+                      torch.zeros(2, 5, dtype=torch.bool))

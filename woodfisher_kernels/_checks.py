@@ -32,9 +32,24 @@ def check_tensor(name: str, x, ndim: int, dtypes=FLOAT_DTYPES, finite: bool = Fa
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
-    """Refuse NaN / Inf entries (one pass over ``x``; a device sync on GPU)."""
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    """Refuse NaN / Inf entries (a device sync on GPU).
+
+    One read of ``x`` for its sum, which is finite unless an entry is not (or the sum
+    overflows: only then the exact entrywise test runs), instead of the several passes
+    and temporaries of ``isfinite(x).all()``.
+    """
+    if not x.is_floating_point() or bool(torch.isfinite(x.sum())):
+        return
+    if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def check_all_finite(enabled: bool, **tensors) -> None:
+    """:func:`check_finite` on every tensor given by keyword (None skipped) when ``enabled``."""
+    if enabled:
+        for name, x in tensors.items():
+            if x is not None:
+                check_finite(name, x)
 
 
 def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, shape=None) -> None:
@@ -77,13 +92,17 @@ def check_mask(name: str, mask: torch.Tensor, ref_name: str, ref: torch.Tensor) 
         raise ValueError(f"{name} must have shape {tuple(ref.shape)}, got {tuple(mask.shape)}")
 
 
-def check_index(name: str, index: torch.Tensor, num_blocks: int, block_size: int, device) -> None:
-    """Check a (B, G, q) int64 index tensor with entries in [0, block_size)."""
+def check_index(name: str, index: torch.Tensor, num_blocks: int, device) -> None:
+    """Check a (B, G, q) int64 / int32 index tensor on ``device`` (entries: :func:`check_index_range`)."""
     check_tensor(name, index, 3, dtypes=(torch.int64, torch.int32), finite=False)
     if index.device != device:
         raise ValueError(f"{name} is on {index.device} but the blocks are on {device}")
     if index.shape[0] != num_blocks:
         raise ValueError(f"{name} must have {num_blocks} blocks in dim 0, got shape {tuple(index.shape)}")
+
+
+def check_index_range(name: str, index: torch.Tensor, block_size: int) -> None:
+    """Check that every entry of ``index`` lies in [0, block_size) (reads the tensor)."""
     lo, hi = int(index.min()), int(index.max())
     if lo < 0 or hi >= block_size:
         raise ValueError(f"{name} entries must lie in [0, {block_size}), got range [{lo}, {hi}]")

@@ -3,51 +3,132 @@
     F^-1 = (1/damp) * (I - G^T (N*damp*I + G G^T)^-1 G),   G = grads (B, m, c)
 
 With ``L`` the Cholesky factor of ``K = N*damp*I + G G^T`` (B, m, m) and ``A = L^-1 G``
-(B, m, c), ``F^-1 = (I - A^T A) / damp``: the diagonal and products ``F^-1 v`` cost
-O(m c) per block and the c x c inverse is never formed. The Gram matrix and its
-Cholesky factor are computed in float64 (m^3 / 3 flops, small next to m^2 c), which
-keeps the diagonal ``(1 - ||A[:, q]||^2) / damp`` accurate when damp is tiny.
+(B, m, c), ``F^-1 = (I - A^T A) / damp``: the diagonal ``(1 - ||A[:, q]||^2) / damp`` and
+products ``F^-1 v`` cost O(m c) per block and the c x c inverse is never formed.
+
+Precision and speed: the Gram matrix ``G G^T`` and ``A = L^-1 G`` are float32 matrix
+products (each ~1.25 m^2 c flops: only the lower block-triangle of the Gram and the
+nonzero blocks of the triangular L^-1 are multiplied, in 4 row blocks); only the m x m
+factorisation (Cholesky and triangular inverse of K, ~4 m^3 / 3 flops) runs in float64,
+and the diagonal sums the squares of each row block in float32 and the blocks in
+float64. This keeps the diagonal within 1e-6 of a float64 computation on ResNet-20
+gradients at damp 1e-5 (benchmarks/results/cpu_fallback.md). The stated bound
+of :mod:`._numerics` holds; blocks that fail (non-finite factor, diagonal <= 0, K not
+positive definite in float64) are recomputed in float64 or refused (``on_failure``).
+
+For m >= c the low-rank form has no memory advantage (m c >= c^2) and its float32
+factor loses everything to the cancellation in I - A^T A, so :class:`LowRankInverse`
+then holds the dense (B, c, c) inverse of the torch Woodbury path instead (same
+interface, ``factor`` is None).
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
+from . import _numerics as num
 from . import reference
+
+ROW_STEP_MIN = 128        # rows of the Gram / of L^-1 G per product (block-triangular products)
+ROW_BLOCKS = 4            # about m / 4 rows per product: 1.25 m^2 c flops each, still large products
+
+
+def _row_steps(m: int):
+    step = max(ROW_STEP_MIN, -(-m // ROW_BLOCKS))
+    return [(r0, min(m, r0 + step)) for r0 in range(0, m, step)]
+
+
+def lowrank_factor(grads: torch.Tensor, damp: float, num_samples: float
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, diag, bad)``: A = L^-1 G (B, m, c) and diag(F^-1) (B, c) in the grads' dtype,
+    bad (B,) bool flags of failed blocks (see module docstring for the precision)."""
+    num_blocks, m, c = grads.shape
+    steps = _row_steps(m)
+    gram = torch.zeros(num_blocks, m, m, dtype=grads.dtype, device=grads.device)
+    for r0, r1 in steps:                                         # lower block-triangle of G G^T
+        gram[:, r0:r1, :r1] = torch.bmm(grads[:, r0:r1], grads[:, :r1].transpose(1, 2))
+    low = torch.tril(gram.to(torch.float64), -1)
+    k64 = low + low.transpose(1, 2)
+    k64.diagonal(dim1=1, dim2=2).copy_(gram.diagonal(dim1=1, dim2=2)).add_(num_samples * damp)
+    chol, info = torch.linalg.cholesky_ex(k64)
+    eye = torch.eye(m, dtype=torch.float64, device=grads.device).expand(num_blocks, m, m)
+    linv = torch.linalg.solve_triangular(chol, eye, upper=False).to(grads.dtype)
+    factor = torch.empty_like(grads)
+    sq = torch.zeros(num_blocks, c, dtype=torch.float64, device=grads.device)
+    for r0, r1 in steps:                                         # L^-1 is lower triangular
+        rows = factor[:, r0:r1]
+        if rows.is_contiguous():
+            torch.bmm(linv[:, r0:r1, :r1], grads[:, :r1], out=rows)
+        else:
+            rows.copy_(torch.bmm(linv[:, r0:r1, :r1], grads[:, :r1]))
+        sq += rows.square().sum(1)                               # partial sums of <= m / 4 squares
+    diag = ((1.0 - sq) / damp).to(grads.dtype)
+    bad = (info != 0) | ~torch.isfinite(factor.sum(dim=(1, 2))) | ~(diag > 0).all(dim=1)
+    return factor, diag, bad
 
 
 class LowRankInverse:
-    """Blockwise ``(damp I + G^T G / num_samples)^-1`` kept as factors, never c x c.
+    """Blockwise ``(damp I + G^T G / num_samples)^-1`` kept as factors, never c x c (m < c).
 
+    Args:
+        grads: (B, m, c) gradients (float32 or float64).
+        damp, num_samples: the scalars of F (> 0).
+        on_failure: "recompute" (float64 for failed blocks) or "raise" (ValueError).
     Attributes:
-        factor: (B, m, c) ``A = L^-1 G`` in the gradients' dtype.
+        factor: (B, m, c) ``A = L^-1 G`` in the gradients' dtype (None when m >= c).
         damp, num_samples: the scalars of F.
         diag_cached: (B, c) the inverse's diagonal.
+    Raises:
+        ValueError: failed blocks that float64 cannot fix, or any with on_failure="raise".
     """
 
-    def __init__(self, grads: torch.Tensor, damp: float, num_samples: float):
-        dtype = grads.dtype
-        g64 = grads.to(torch.float64)
-        gram = torch.bmm(g64, g64.transpose(1, 2))                     # (B, m, m)
-        gram.diagonal(dim1=1, dim2=2).add_(num_samples * damp)
-        chol = torch.linalg.cholesky(gram)
-        a64 = torch.linalg.solve_triangular(chol, g64, upper=False)    # (B, m, c)
+    def __init__(self, grads: torch.Tensor, damp: float, num_samples: float, on_failure: str = "recompute"):
         self.damp = float(damp)
         self.num_samples = float(num_samples)
-        self.diag_cached = ((1.0 - a64.square().sum(1)) / damp).to(dtype)
-        self.factor = a64.to(dtype)
+        num_blocks, m, c = grads.shape
+        self._dense: Optional[torch.Tensor] = None
+        kappa_of = lambda idx: num.gram_lmax(grads[idx]) / (self.num_samples * self.damp)  # noqa: E731
+        if m >= c:
+            self.factor = None
+            self._dense = num.guarded_fisher_inverse(reference.fisher_inverse, grads, self.damp,
+                                                     self.num_samples, on_failure)
+            self.diag_cached = torch.diagonal(self._dense, dim1=1, dim2=2)
+            return
+        factor, diag, bad = lowrank_factor(grads, self.damp, self.num_samples)
+
+        def recompute64(idx):
+            a64, d64, bad64 = lowrank_factor(grads[idx].double(), self.damp, self.num_samples)
+            return (a64, d64), bad64
+
+        def check(fixed):
+            return ~torch.isfinite(fixed[0].sum(dim=(1, 2))) | ~(fixed[1] > 0).all(dim=1)
+
+        num.repair("lowrank_inverse", (factor, diag), bad, on_failure, recompute64, kappa_of,
+                   f"damp={self.damp:g} (kappa = lambda_max(G^T G / N) / damp)", check)
+        self.factor, self.diag_cached = factor, diag
 
     @property
     def shape(self):
-        b, _, c = self.factor.shape
+        b, c = self.diag_cached.shape
         return torch.Size((b, c, c))
 
     @property
     def dtype(self):
-        return self.factor.dtype
+        return self.diag_cached.dtype
 
     @property
     def device(self):
-        return self.factor.device
+        return self.diag_cached.device
+
+    def select(self, index: torch.Tensor) -> "LowRankInverse":
+        """The inverse of blocks ``index`` (1-D long tensor) only, sharing nothing."""
+        sub = LowRankInverse.__new__(LowRankInverse)
+        sub.damp, sub.num_samples = self.damp, self.num_samples
+        sub.factor = None if self.factor is None else self.factor[index]
+        sub._dense = None if self._dense is None else self._dense[index]
+        sub.diag_cached = self.diag_cached[index]
+        return sub
 
     def diag(self) -> torch.Tensor:
         """Diagonal of F^-1, (B, c)."""
@@ -55,6 +136,8 @@ class LowRankInverse:
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
         """F^-1 v for v (B, c, r) -> (B, c, r)."""
+        if self._dense is not None:
+            return torch.bmm(self._dense, v)
         a = self.factor
         return (v - torch.bmm(a.transpose(1, 2), torch.bmm(a, v))) / self.damp
 
@@ -64,6 +147,8 @@ class LowRankInverse:
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows F^-1[b, index[b, g, i], :] -> (B, G, q, c) (F^-1 is symmetric)."""
+        if self._dense is not None:
+            return reference.gather_rows(self._dense, index)
         a = self.factor
         cols = torch.gather(a, 2, index.long().flatten(1).unsqueeze(1).expand(-1, a.shape[1], -1))
         rows = -torch.bmm(cols.transpose(1, 2), a)                    # (B, G*q, c)
@@ -72,7 +157,9 @@ class LowRankInverse:
 
     def dense(self) -> torch.Tensor:
         """The full (B, c, c) inverse (for tests and small blocks)."""
-        b, _, c = self.factor.shape
+        if self._dense is not None:
+            return self._dense.clone()
+        b, c = self.diag_cached.shape
         eye = torch.eye(c, dtype=self.dtype, device=self.device).expand(b, c, c)
         return self.matmat(eye.contiguous())
 

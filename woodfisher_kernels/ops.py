@@ -1,8 +1,12 @@
-"""Public ops: validate, then dispatch to the cuda | triton | torch backend.
+"""Public ops: validate, then call the torch.library op (:mod:`._library`), which dispatches
+to the cuda | triton | torch backend.
 
 Shapes: B blocks of size c; k (or m) gradients per block; G groups of q entries.
 Every op refuses bad input with a ValueError naming the argument, before anything
 is written, and every op has exactly one torch reference in :mod:`.reference`.
+Inverses built in float32 follow the accuracy guarantee of :mod:`._numerics`
+(:func:`error_bound`); blocks that fail are recomputed in float64 or refused
+(``on_failure="recompute" | "raise"``).
 """
 from __future__ import annotations
 
@@ -11,25 +15,36 @@ from typing import Optional, Union
 import torch
 
 from . import _checks as chk
+from . import _library as lib
 from . import reference
-from ._dispatch import select
+from ._dispatch import CHOICES
+from ._numerics import ON_FAILURE
 from .lowrank import LowRankInverse, choose_form
 
 Inverse = Union[torch.Tensor, LowRankInverse]
+
 
 def _num_samples(num_samples, grads):
     return float(grads.shape[1]) if num_samples is None else chk.check_positive("num_samples", num_samples)
 
 
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float, *,
-                     backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
-    """Apply k successive Sherman-Morrison updates to every block, in place.
+                     backend: str = "auto", check_finite: bool = True,
+                     on_failure: str = "recompute") -> torch.Tensor:
+    """Apply k successive Sherman-Morrison updates to every block, in place (paper's Eq. 2).
 
     For each block b and each gradient g = grads[b, i] in order::
 
         u = inv[b] g;  inv[b] <- inv[b] - u u^T / (num_samples + g^T u)
 
-    i.e. ``inv[b] <- (inv[b]^-1 + grads[b]^T grads[b] / num_samples)^-1``.
+    i.e. ``inv[b] <- (inv[b]^-1 + grads[b]^T grads[b] / num_samples)^-1``. Transactional:
+    the new blocks are computed into scratch memory (one (B, c, c) buffer) and written to
+    ``inv`` only when every block succeeded; on any error ``inv`` is left bit-for-bit as it was.
 
     Args:
         inv: (B, c, c) symmetric positive definite inverses, float32 (float64 on torch).
@@ -37,8 +52,13 @@ def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float,
         num_samples: N > 0, the Fisher's normaliser (usually the total gradient count m).
         backend: "auto" | "cuda" | "triton" | "torch".
         check_finite: refuse NaN/Inf inputs (costs one pass over the inputs).
+        on_failure: "recompute" (failed blocks, see :mod:`._numerics`, redone in float64)
+            or "raise".
     Returns:
         ``inv`` (modified in place).
+    Raises:
+        ValueError: bad input, or blocks that failed (with ``on_failure="raise"``, or even
+            in float64), naming the inverse's damp and the measured kappa.
     """
     chk.check_square_blocks("inv", inv)
     chk.check_tensor("grads", grads, 3)
@@ -46,20 +66,18 @@ def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float,
     if grads.shape[0] != inv.shape[0] or grads.shape[2] != inv.shape[2]:
         raise ValueError(f"grads must have shape ({inv.shape[0]}, k, {inv.shape[2]}), got {tuple(grads.shape)}")
     n = chk.check_positive("num_samples", num_samples)
-    if check_finite:
-        chk.check_finite("inv", inv)
-        chk.check_finite("grads", grads)
-    impl = select("woodbury_update_", backend, inv, grads.shape[1])
+    _check_choice("backend", backend, CHOICES)
+    _check_choice("on_failure", on_failure, ON_FAILURE)
     target = inv if inv.is_contiguous() else inv.contiguous()
-    impl(target, grads.contiguous(), n)
+    lib.woodbury_update_(target, grads.contiguous(), n, backend, on_failure, check_finite)
     if target is not inv:
         inv.copy_(target)
     return inv
 
 
 def fisher_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None, *,
-                   backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
-    """Blockwise inverse empirical Fisher built from I/damp by m rank-one updates.
+                   backend: str = "auto", check_finite: bool = True, on_failure: str = "recompute") -> torch.Tensor:
+    """Blockwise inverse empirical Fisher built from I/damp by m rank-one updates (Eq. 2).
 
     ``out[b] = (damp I + grads[b]^T grads[b] / N)^-1``; the fused kernels start from
     I/damp in registers and never read an initial inverse from memory.
@@ -68,37 +86,45 @@ def fisher_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float
         grads: (B, m, c) gradient slices (zero-padded entries stay decoupled).
         damp: lambda > 0.
         num_samples: N > 0; defaults to m.
+        backend, check_finite, on_failure: as in :func:`woodbury_update_`.
     Returns:
         (B, c, c) inverses, dtype of ``grads``.
+    Raises:
+        ValueError: bad input, or failed blocks (see :func:`woodbury_update_`).
     """
     chk.check_tensor("grads", grads, 3)
     d = chk.check_positive("damp", damp)
     n = _num_samples(num_samples, grads)
-    impl = select("fisher_inverse", backend, grads)
-    if check_finite:
-        chk.check_finite("grads", grads)
-    return impl(grads.contiguous(), d, n)
+    _check_choice("backend", backend, CHOICES)
+    _check_choice("on_failure", on_failure, ON_FAILURE)
+    return lib.fisher_inverse(grads.contiguous(), d, n, backend, on_failure, check_finite)
 
 
 def lowrank_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None,
-                    *, check_finite: bool = True) -> LowRankInverse:
-    """Low-rank representation of ``(damp I + G^T G / N)^-1`` for grads (B, m, c), m < c."""
+                    *, check_finite: bool = True, on_failure: str = "recompute") -> LowRankInverse:
+    """Low-rank representation of ``(damp I + G^T G / N)^-1`` for grads (B, m, c), m < c.
+
+    For m >= c the returned object holds the dense inverse instead (see :mod:`.lowrank`).
+    Raises ValueError as :func:`fisher_inverse`.
+    """
     chk.check_tensor("grads", grads, 3)
     d = chk.check_positive("damp", damp)
     n = _num_samples(num_samples, grads)
+    _check_choice("on_failure", on_failure, ON_FAILURE)
     if check_finite:
         chk.check_finite("grads", grads)
-    return LowRankInverse(grads, d, n)
+    return LowRankInverse(grads.contiguous(), d, n, on_failure)
 
 
 def blockwise_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None, *,
                       form: str = "auto", memory_budget: Optional[int] = None,
-                      backend: str = "auto") -> Inverse:
+                      backend: str = "auto", on_failure: str = "recompute") -> Inverse:
     """Dense (B, c, c) inverse or :class:`LowRankInverse`, chosen by :func:`choose_form`.
 
     Args:
         grads: (B, m, c). form: "auto" | "sequential" | "lowrank".
         memory_budget: bytes available for the representation (None = unlimited).
+        backend, on_failure: as in :func:`fisher_inverse`.
     """
     if form not in ("auto", "sequential", "lowrank"):
         raise ValueError(f"form must be 'auto', 'sequential' or 'lowrank', got {form!r}")
@@ -107,30 +133,44 @@ def blockwise_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[fl
         b, m, c = grads.shape
         form = choose_form(m, c, b, memory_budget, grads.element_size())
     if form == "lowrank":
-        return lowrank_inverse(grads, damp, num_samples, check_finite=False)
-    return fisher_inverse(grads, damp, num_samples, backend=backend, check_finite=False)
+        return lowrank_inverse(grads, damp, num_samples, check_finite=False, on_failure=on_failure)
+    return fisher_inverse(grads, damp, num_samples, backend=backend, check_finite=False, on_failure=on_failure)
 
 
-def _check_inverse(inv: Inverse, check_finite: bool = True) -> None:
-    if isinstance(inv, LowRankInverse):
-        return
-    chk.check_square_blocks("inv", inv)
-    if check_finite:
-        chk.check_finite("inv", inv)
+def condition_estimate(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None, *,
+                       iters: int = 20, upper: bool = False) -> torch.Tensor:
+    """Per-block ``kappa = lambda_max(G^T G / N) / damp``: (B, m, c) -> (B,) float64.
+
+    Power iteration (a lower estimate) or, with ``upper=True``, ``||G||_F^2 / (N damp)``;
+    details, cost and use in :func:`woodfisher_kernels._numerics.condition_estimate`.
+    A float32 inverse is accurate to :func:`error_bound` ``(kappa)``; warn when
+    ``2**-23 * kappa > 1e-3``. Raises ValueError on bad input.
+    """
+    chk.check_tensor("grads", grads, 3)
+    d = chk.check_positive("damp", damp)
+    n = _num_samples(num_samples, grads)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
+    return lib.condition_estimate(grads.contiguous(), d, n, iters, bool(upper))
 
 
-def _check_weights(inv: Inverse, weights, loss_grad, check_finite: bool = True):
+def _check_inverse(inv: Inverse) -> None:
+    if not isinstance(inv, LowRankInverse):
+        chk.check_square_blocks("inv", inv)
+
+
+def _check_weights(inv: Inverse, weights, loss_grad):
     b, c, _ = inv.shape
     chk.check_tensor("weights", weights, 2)
-    ref = inv.factor if isinstance(inv, LowRankInverse) else inv
-    chk.check_same("weights", weights, "inv", ref, shape=(b, c))
-    if check_finite:
-        chk.check_finite("weights", weights)
+    chk.check_same("weights", weights, "inv", inv.diag() if isinstance(inv, LowRankInverse) else inv,
+                   shape=(b, c))
     if loss_grad is not None:
         chk.check_tensor("loss_grad", loss_grad, 2)
-        chk.check_same("loss_grad", loss_grad, "inv", ref, shape=(b, c))
-        if check_finite:
-            chk.check_finite("loss_grad", loss_grad)
+        chk.check_same("loss_grad", loss_grad, "weights", weights, shape=(b, c))
+
+
+def _contig(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if x is None else x.contiguous()
 
 
 def inverse_diagonal(inv: Inverse) -> torch.Tensor:
@@ -138,7 +178,7 @@ def inverse_diagonal(inv: Inverse) -> torch.Tensor:
     _check_inverse(inv)
     if isinstance(inv, LowRankInverse):
         return inv.diag()
-    return torch.diagonal(inv, dim1=1, dim2=2).clone()
+    return lib.inverse_diagonal(inv, True)
 
 
 def obs_saliency(inv: Inverse, weights: torch.Tensor, loss_grad: Optional[torch.Tensor] = None,
@@ -156,62 +196,73 @@ def obs_saliency(inv: Inverse, weights: torch.Tensor, loss_grad: Optional[torch.
     Returns:
         rho: (B, c).
     """
-    _check_inverse(inv, check_finite)
-    _check_weights(inv, weights, loss_grad, check_finite)
+    _check_inverse(inv)
+    _check_weights(inv, weights, loss_grad)
+    _check_choice("backend", backend, CHOICES)
     if isinstance(inv, LowRankInverse):
+        chk.check_all_finite(check_finite, weights=weights, loss_grad=loss_grad)
         return inv.saliency(weights, loss_grad)
-    g = None if loss_grad is None else loss_grad.contiguous()
-    return select("obs_saliency", backend, inv)(inv.contiguous(), weights.contiguous(), g)
+    return lib.obs_saliency(inv.contiguous(), weights.contiguous(), _contig(loss_grad), backend, check_finite)
 
 
 def obs_update(inv: Inverse, weights: torch.Tensor, prune_mask: torch.Tensor,
                loss_grad: Optional[torch.Tensor] = None, *, backend: str = "auto",
                check_finite: bool = True) -> torch.Tensor:
-    """OBS weight update for all blocks at once; returns new weights (B, c).
+    """OBS weight update for all blocks at once (Eq. 11); returns new weights (B, c).
 
     ``w + dw`` with ``dw = -F^-1 v (- h)``, ``v_q = (w_q - h_q) / [F^-1]_qq`` on the
     pruned set P (``prune_mask``), 0 elsewhere; entries in P are exactly 0 afterwards.
-    ``h = F^-1 loss_grad`` (WoodTaylor) or 0.
+    ``h = F^-1 loss_grad`` (WoodTaylor, Eq. 23) or 0.
 
     Args:
         inv: (B, c, c) or LowRankInverse. weights: (B, c). prune_mask: (B, c) bool.
         loss_grad: (B, c) or None. check_finite: as in :func:`obs_saliency`.
     """
-    _check_inverse(inv, check_finite)
-    _check_weights(inv, weights, loss_grad, check_finite)
+    _check_inverse(inv)
+    _check_weights(inv, weights, loss_grad)
     chk.check_mask("prune_mask", prune_mask, "weights", weights)
+    _check_choice("backend", backend, CHOICES)
     if isinstance(inv, LowRankInverse):
+        chk.check_all_finite(check_finite, weights=weights, loss_grad=loss_grad)
         return inv.update(weights, prune_mask, loss_grad)
-    g = None if loss_grad is None else loss_grad.contiguous()
-    impl = select("obs_update", backend, inv)
-    return impl(inv.contiguous(), weights.contiguous(), prune_mask.contiguous(), g)
+    return lib.obs_update(inv.contiguous(), weights.contiguous(), prune_mask.contiguous(), _contig(loss_grad),
+                          backend, check_finite)
+
+
+def _check_index(name: str, inv: Inverse, index: torch.Tensor) -> None:
+    _check_inverse(inv)
+    chk.check_index(name, index, inv.shape[0], inv.device)
 
 
 def gather_rows(inv: Inverse, index: torch.Tensor) -> torch.Tensor:
     """Rows of the inverse for each group: index (B, G, q) -> (B, G, q, c)."""
-    _check_inverse(inv)
-    b, c, _ = inv.shape
-    chk.check_index("index", index, b, c, inv.device)
+    _check_index("index", inv, index)
     if isinstance(inv, LowRankInverse):
+        chk.check_index_range("index", index, inv.shape[-1])
         return inv.rows(index)
-    return reference.gather_rows(inv, index)
+    return lib.gather_rows(inv.contiguous(), index.contiguous())
 
 
 def gather_subblocks(inv: Inverse, index: torch.Tensor) -> torch.Tensor:
     """[F^-1]_QQ for each group Q = index[b, g]: (B, G, q) -> (B, G, q, q)."""
-    return reference.subblocks_from_rows(gather_rows(inv, index), index)
+    _check_index("index", inv, index)
+    if isinstance(inv, LowRankInverse):
+        return reference.subblocks_from_rows(gather_rows(inv, index), index)
+    return lib.gather_subblocks(inv.contiguous(), index.contiguous())
 
 
 def group_obs_saliency(inv: Inverse, weights: torch.Tensor, groups: torch.Tensor,
                        *, exact: bool = True) -> torch.Tensor:
-    """Statistic for removing each group Q at once: groups (B, G, q) -> rho (B, G).
+    """Statistic for removing each group Q at once (Sec. 6.1): groups (B, G, q) -> rho (B, G).
 
     exact: ``rho_Q = w_Q^T ([F^-1]_QQ)^-1 w_Q / 2``; otherwise the paper's Eq. 18
     relaxation ``(1_Q^T w)^2 / (2 * 1_Q^T F^-1 1_Q)``.
     """
     _check_weights(inv, weights, None)
-    rows = gather_rows(inv, groups)
-    return reference.group_obs_saliency(rows, weights, groups, exact)
+    _check_index("groups", inv, groups)
+    if isinstance(inv, LowRankInverse):
+        return reference.group_obs_saliency(gather_rows(inv, groups), weights, groups, exact)
+    return lib.group_obs_saliency(inv.contiguous(), weights.contiguous(), groups.contiguous(), bool(exact))
 
 
 def group_obs_update(inv: Inverse, weights: torch.Tensor, groups: torch.Tensor,
@@ -223,6 +274,9 @@ def group_obs_update(inv: Inverse, weights: torch.Tensor, groups: torch.Tensor,
     removed groups are exactly 0 afterwards. Groups removed together should not overlap.
     """
     _check_weights(inv, weights, None)
-    rows = gather_rows(inv, groups)
+    _check_index("groups", inv, groups)
     chk.check_mask("prune", prune, "groups[..., 0]", groups[..., 0])
-    return reference.group_obs_update(rows, weights, groups, prune, exact)
+    if isinstance(inv, LowRankInverse):
+        return reference.group_obs_update(gather_rows(inv, groups), weights, groups, prune, exact)
+    return lib.group_obs_update(inv.contiguous(), weights.contiguous(), groups.contiguous(), prune.contiguous(),
+                                bool(exact))

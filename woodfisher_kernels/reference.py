@@ -3,43 +3,31 @@
 Batched over blocks (no Python loop over blocks); any float dtype, float64 included.
 Shapes: B blocks of size c, k (or m) gradients per block, G groups of size q.
 
-Sequential Sherman-Morrison over k gradients equals one rank-k Woodbury update
-(the product of the k rank-one corrections). We apply it in chunks of at most
-``c`` gradients as ``inv -= W^T W`` with ``W = L^-1 (inv G^T)^T`` and ``L`` the Cholesky
-factor of ``N I + G inv G^T``; this keeps every block symmetric and costs the same
-~4 k c^2 flops per block as the rank-one loop, but as batched matrix products.
+The Woodbury build / update live in :mod:`._woodbury` (chunks of 16 or 32 gradients,
+float64 K x K factorisation, cache-sized tiles of blocks). Their functions here also
+carry a ``checked`` attribute, an out-of-place variant returning ``(result, bad)`` with
+per-block failure flags, which the public ops use for their float64 recomputation and
+to keep ``woodbury_update_`` transactional without an extra copy.
 """
 from __future__ import annotations
 
 import torch
 
-
-def _chunk_size(block_size: int) -> int:
-    return max(block_size, 16)
+from ._woodbury import woodbury_blocks
 
 
 def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float) -> None:
     """inv (B, c, c) <- (inv^-1 + grads^T grads / num_samples)^-1, in place; grads (B, k, c)."""
-    num_blocks, num_grads, _ = grads.shape
-    step = _chunk_size(inv.shape[-1])
-    for start in range(0, num_grads, step):
-        g = grads[:, start:start + step]                       # (B, K, c)
-        u = torch.bmm(inv, g.transpose(1, 2))                  # (B, c, K) = inv g^T
-        s = torch.bmm(g, u)                                    # (B, K, K) = g inv g^T
-        s.diagonal(dim1=1, dim2=2).add_(num_samples)
-        s = 0.5 * (s + s.transpose(1, 2))
-        chol = torch.linalg.cholesky(s)
-        w = torch.linalg.solve_triangular(chol, u.transpose(1, 2), upper=False)  # (B, K, c)
-        inv.baddbmm_(w.transpose(1, 2), w, beta=1.0, alpha=-1.0)
+    inv.copy_(woodbury_blocks(grads, num_samples, inv)[0])
 
 
 def fisher_inverse(grads: torch.Tensor, damp: float, num_samples: float) -> torch.Tensor:
     """(damp I + grads^T grads / num_samples)^-1 per block; grads (B, m, c) -> (B, c, c)."""
-    num_blocks, _, c = grads.shape
-    inv = torch.eye(c, dtype=grads.dtype, device=grads.device).div_(damp)
-    inv = inv.expand(num_blocks, c, c).contiguous()
-    woodbury_update_(inv, grads, num_samples)
-    return inv
+    return woodbury_blocks(grads, num_samples, None, damp)[0]
+
+
+woodbury_update_.checked = lambda inv, grads, num_samples: woodbury_blocks(grads, num_samples, inv)
+fisher_inverse.checked = lambda grads, damp, num_samples: woodbury_blocks(grads, num_samples, None, damp)
 
 
 def _matvec(inv: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -82,11 +70,6 @@ def gather_rows(inv: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows inv[b, index[b, g, i], :] -> (B, G, q, c)."""
     batch = torch.arange(inv.shape[0], device=inv.device).view(-1, 1, 1)
     return inv[batch, index.long()]
-
-
-def gather_subblocks(inv: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Sub-blocks inv[b][Q, Q] for every group Q = index[b, g] -> (B, G, q, q)."""
-    return subblocks_from_rows(gather_rows(inv, index), index)
 
 
 def subblocks_from_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

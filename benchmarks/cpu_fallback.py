@@ -1,0 +1,214 @@
+"""CPU fallback speed (issue 10), side by side with the machine's sgemm peak of the same run.
+
+Part 1, blockwise build: ``fisher_inverse(backend="torch")`` against the previous torch
+fallback (:mod:`benchmarks.previous`) for c in {64, 128, 256}, m = c, 2^27 bytes of
+inverses (8192 / 2048 / 512 blocks). Every repeat times a 2048^3 sgemm right before the
+call, so each "% of peak" is a ratio of two measurements seconds apart, both in CPU time
+of this process (a shared host's other jobs do not count); medians over the repeats.
+Flop rate = nominal 4 m c^2 flops per block over the CPU time. Accuracy: 4 blocks against
+the float64 SVD reference.
+
+Part 2, ResNet-20 low-rank inverse: the 18 residual 3x3 convs of the CIFAR-10 ResNet-20
+(whole-layer blocks, c = 2304..36864), m = 1000 per-sample gradients (seed 0), damp 1e-5:
+``lowrank_inverse`` against the previous float64 factorisation; largest relative error of
+the diagonal against the float64 one, and the global OBS masks (Eq. 10 statistic, one
+threshold over all layers) at 50 / 70 / 80% sparsity from both.
+
+Usage (repository root):
+    OMP_NUM_THREADS=2 python -m benchmarks.cpu_fallback --out benchmarks/results
+    python -m benchmarks.cpu_fallback --quick            # tiny synthetic shapes (CI smoke)
+Writes ``<out>/cpu_fallback.json`` and ``.md`` (``cpu_fallback_quick.*`` with --quick).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+import woodfisher_kernels as wk
+from benchmarks import _common as cm
+from benchmarks import previous
+from woodfisher_kernels import testing
+
+SPARSITIES = (0.5, 0.7, 0.8)
+
+
+def _timed(fn) -> Tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def _side_by_side(calls: Dict[str, Callable], flops: float, repeats: int, peak_n: int) -> Dict[str, Dict]:
+    """Per method: median wall and CPU seconds, GFLOP/s, and % of the sgemm peak timed just before each call.
+
+    Methods are interleaved within every repeat (sgemm, method 1, sgemm, method 2, ...), and
+    the percentage compares CPU seconds (``time.process_time``) of the call and of the sgemm:
+    on a shared host the wall clock also counts the time other jobs hold the cores. The
+    speed-up of method 1 over method k is the median over repeats of their CPU-time ratio.
+    """
+    a = torch.randn(peak_n, peak_n)
+    peak_flops = 2.0 * peak_n ** 3
+
+    def sgemm():
+        torch.mm(a, a)
+    for fn in list(calls.values()) + [sgemm]:
+        fn()                                                     # warm-up
+    log = {name: {"wall": [], "cpu": [], "peak": []} for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            peak_cpu = _timed(sgemm)[1]
+            wall, cpu = _timed(fn)
+            log[name]["wall"].append(wall)
+            log[name]["cpu"].append(cpu)
+            log[name]["peak"].append(peak_flops / peak_cpu)
+    first = log[next(iter(calls))]["cpu"]
+    out = {}
+    for name, rec in log.items():
+        ratios = [flops / cpu / peak for cpu, peak in zip(rec["cpu"], rec["peak"])]
+        out[name] = {"median_s": statistics.median(rec["wall"]), "median_cpu_s": statistics.median(rec["cpu"]),
+                     "times_s": [round(t, 5) for t in rec["wall"]], "cpu_times_s": [round(t, 5) for t in rec["cpu"]],
+                     "gflops": flops / statistics.median(rec["cpu"]) / 1e9,
+                     "pct_of_peak": 100 * statistics.median(ratios),
+                     "peak_gflops_median": statistics.median(rec["peak"]) / 1e9,
+                     "speedup_of_first": statistics.median(c / f for c, f in zip(rec["cpu"], first))}
+    return out
+
+
+def run_build(sizes: List[int], inverse_bytes: int, repeats: int, peak_n: int, damp: float = 1e-3) -> List[Dict]:
+    rows = []
+    for c in sizes:
+        blocks = max(1, inverse_bytes // (4 * c * c))
+        grads = torch.randn(blocks, c, c, generator=torch.Generator().manual_seed(c))
+        flops = 4.0 * c * c * c * blocks
+        res = _side_by_side({"torch fallback": lambda: wk.fisher_inverse(grads, damp, backend="torch"),
+                             "previous": lambda: previous.fisher_inverse(grads, damp, float(c))},
+                            flops, repeats, peak_n)
+        idx = torch.arange(min(4, blocks))
+        ref = testing.svd_inverse(grads[idx], damp)
+        for name, fn in (("torch fallback", lambda g: wk.fisher_inverse(g, damp, backend="torch")),
+                         ("previous", lambda g: previous.fisher_inverse(g, damp, float(c)))):
+            res[name]["rel_err_vs_float64"] = float(testing.spectral_error(fn(grads[idx]), ref.inverse).max())
+            res[name]["bound"] = float(wk.error_bound(ref.kappa.max()))
+        rows.append({"c": c, "m": c, "blocks": blocks, "nominal_gflop": flops / 1e9, "methods": res,
+                     "speedup": res["previous"]["speedup_of_first"]})
+        print(f"[build] c={c} B={blocks}: " + ", ".join(
+            f"{k} {v['gflops']:.1f} GFLOP/s ({v['pct_of_peak']:.0f}% of peak)" for k, v in res.items()), flush=True)
+    return rows
+
+
+def resnet20_gradients(data_root: str, num_grads: int):
+    """{name: (m, numel) gradients}, {name: weights (numel,)} of ResNet-20's 18 residual convs."""
+    from woodfisher import GradientCollector, resolve_layers
+    from woodfisher.checkpoint import load_checkpoint
+    from woodfisher.data import load_cifar10, make_loader
+    from woodfisher.models import MODEL_SPECS, RESNET20_PRUNABLE
+    spec = MODEL_SPECS["resnet20"]
+    model = load_checkpoint(spec.factory(), os.path.join(data_root, "checkpoints", "resnet20_cifar10.pth.tar"),
+                            trust_pickle=False).eval()
+    layers = resolve_layers(model, RESNET20_PRUNABLE)
+    loader = make_loader(load_cifar10(data_root, "train"), 64, shuffle=True, seed=0)
+    grads = GradientCollector(model, loader, layers, loss_fn=spec.loss_fn, num_grads=num_grads,
+                              progress=False).collect()
+    return grads, {lay.param_name: lay.param.detach().flatten().clone() for lay in layers}
+
+
+def _global_keep(scores: Dict[str, torch.Tensor], sparsity: float) -> Dict[str, torch.Tensor]:
+    flat = torch.cat([s.flatten().double() for s in scores.values()])
+    k = int(round(sparsity * flat.numel()))
+    threshold = flat.kthvalue(k).values if k > 0 else flat.min() - 1
+    return {n: s.double() > threshold for n, s in scores.items()}
+
+
+def run_lowrank(grads: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor], damp: float, repeats: int,
+                peak_n: int) -> Dict:
+    blocks = {n: g.unsqueeze(0).contiguous() for n, g in grads.items()}
+    m = next(iter(blocks.values())).shape[1]
+    flops = sum(2.0 * m * m * g.shape[-1] for g in blocks.values())      # ~Gram + L^-1 G, block-triangular
+    res = _side_by_side({"lowrank_inverse": lambda: [wk.lowrank_inverse(g, damp) for g in blocks.values()],
+                         "previous float64": lambda: [previous.lowrank_factor(g, damp, float(m))
+                                                      for g in blocks.values()]}, flops, repeats, peak_n)
+    new = {n: wk.lowrank_inverse(g, damp).diag()[0] for n, g in blocks.items()}
+    old = {n: previous.lowrank_factor(g, damp, float(m))[1][0] for n, g in blocks.items()}
+    diag_err = max(float(((new[n].double() - old[n].double()) / old[n].double()).abs().max()) for n in new)
+    masks = {}
+    for s in SPARSITIES:
+        keep_new = _global_keep({n: weights[n].square() / (2 * new[n]) for n in new}, s)
+        keep_old = _global_keep({n: weights[n].square() / (2 * old[n]) for n in old}, s)
+        masks[str(s)] = sum(int((keep_new[n] != keep_old[n]).sum()) for n in new)
+    speedup = res["previous float64"]["speedup_of_first"]
+    print(f"[lowrank] m={m}: {speedup:.2f}x, diag rel. error {diag_err:.2e}, mask differences {masks}", flush=True)
+    return {"m": m, "damp": damp, "layers": len(blocks), "numel": sum(g.shape[-1] for g in blocks.values()),
+            "methods": res, "speedup": speedup, "diag_max_rel_err_vs_float64": diag_err,
+            "mask_entries_differing": masks}
+
+
+def markdown(result: Dict) -> str:
+    info = result["device"]
+    lines = ["# CPU fallback: blockwise build and ResNet-20 low-rank inverse", "",
+             f"Device: {info['device_name']}, torch {info['torch']}, {info['cpu_threads']} threads "
+             f"(OMP_NUM_THREADS={info['omp_num_threads']}). {result['note']}", "",
+             "## Blockwise build, m = c (nominal 4 m c^2 flops per block)", "",
+             "Times are medians; GFLOP/s and % of peak use CPU time (see the note), wall time is listed too.", "",
+             "| c | blocks | method | CPU time | wall time | GFLOP/s | % of sgemm peak (same run) "
+             "| rel. error vs float64 |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for row in result["build"]:
+        for name, r in row["methods"].items():
+            lines.append(f"| {row['c']} | {row['blocks']} | {name} | {cm.human_time(r['median_cpu_s'])} | "
+                         f"{cm.human_time(r['median_s'])} | {r['gflops']:.1f} | {r['pct_of_peak']:.0f}% | "
+                         f"{r['rel_err_vs_float64']:.1e} |")
+        lines.append(f"| | | speed-up | {row['speedup']:.2f}x | | | | |")
+    lr = result.get("lowrank")
+    if lr:
+        lines += ["", f"## Low-rank inverse, {lr['layers']} layers, {lr['numel']:,} weights, m = {lr['m']}, "
+                  f"damp {lr['damp']:g}", "", "| method | CPU time | wall time | % of sgemm peak (2 m^2 c flops) |",
+                  "|---|---:|---:|---:|"]
+        for name, r in lr["methods"].items():
+            lines.append(f"| {name} | {cm.human_time(r['median_cpu_s'])} | {cm.human_time(r['median_s'])} | "
+                         f"{r['pct_of_peak']:.0f}% |")
+        lines += ["", f"Speed-up {lr['speedup']:.2f}x; diagonal: largest relative error vs float64 "
+                  f"{lr['diag_max_rel_err_vs_float64']:.1e}; global masks, entries that differ: "
+                  + ", ".join(f"{float(s):.0%}: {d}" for s, d in lr["mask_entries_differing"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> Dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny synthetic shapes (seconds)")
+    p.add_argument("--data-root", default=os.path.join("..", "shared", "data"))
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--out", default=None, help="directory for cpu_fallback[_quick].json / .md")
+    p.add_argument("--note", default="", help="free text for the report (e.g. 'host shared with other jobs')")
+    args = p.parse_args(argv)
+    device = torch.device("cpu")
+    repeats = args.repeats or (2 if args.quick else 5)
+    peak_n = 512 if args.quick else 2048
+    result = {"device": cm.device_info(device), "note": args.note, "repeats": repeats}
+    result["build"] = run_build([16, 32] if args.quick else [64, 128, 256], 2 ** 18 if args.quick else 2 ** 27,
+                                repeats, peak_n)
+    if args.quick:
+        gen = torch.Generator().manual_seed(0)
+        grads = {f"l{i}": torch.randn(40, 300 * (i + 1), generator=gen) * 0.05 for i in range(2)}
+        weights = {n: torch.randn(g.shape[1], generator=gen) for n, g in grads.items()}
+    else:
+        grads, weights = resnet20_gradients(args.data_root, 1000)
+    result["lowrank"] = run_lowrank(grads, weights, 1e-5, max(1, repeats // 2 + 1), peak_n)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        base = os.path.join(args.out, "cpu_fallback" + ("_quick" if args.quick else ""))
+        with open(base + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(base + ".md", "w") as f:
+            f.write(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Conditioning, the stated float32 accuracy, and what happens to blocks that fail.
+
+Conditioning of a block (DESIGN.md section 1): ``kappa = lambda_max(G^T G / N) / damp``,
+so ``cond(F) = 1 + kappa`` for ``F = damp I + G^T G / N``.
+
+Guarantee (float32 inputs, every backend): each block returned by ``fisher_inverse``,
+``woodbury_update_`` (with kappa that of the accumulated Fisher) or ``lowrank_inverse``
+has relative errors -- largest diagonal entry, and the whole inverse in spectral norm --
+of at most :func:`error_bound` ``(kappa) = 8 eps32 (1 + kappa)``, ``eps32 = 2^-23``.
+So 3 correct digits are guaranteed up to kappa ~ 1e3, none beyond kappa ~ 1e6; warn
+when ``eps32 * kappa > 1e-3`` (:func:`condition_estimate`). Measured against a float64
+SVD reference over c in {64, 257}, m in {c/2, 2c+1}, damp in {1e-8, 1e-5, 1e-1},
+gradient scales 1e-6..1e6, Gaussian and rank-1 gradients (tests/test_precision_table.py,
+benchmarks/results/PRECISION.md): at most 3.7 eps32 (1 + kappa), reached at kappa ~ 0;
+about 0.1 eps32 kappa for Gaussian gradients with m > c (2e-3 at kappa 3e5); near eps32
+when m < c or the gradients have low rank, even at kappa 1e8 (rounding then only
+touches directions that damp dominates).
+
+Failed blocks: a result holding NaN / Inf or a diagonal entry <= 0, or (torch path) a
+K x K system not positive definite in float64. ``on_failure="recompute"`` (default)
+recomputes them in float64 with the torch path and stores them rounded to float32 (they
+then meet the bound with eps64: a block at kappa 1e8 comes back accurate to ~1e-7);
+``on_failure="raise"`` raises a ValueError naming damp and the measured kappa and
+suggesting a larger damp (``damp="auto"`` in the pruner). A ValueError also comes when
+float64 fails too: one-shot builds only beyond ``8 eps64 (1 + kappa) >= 1`` (kappa ~ 5e14);
+a streaming update from a float32 running inverse already beyond ``8 eps32 (1 + kappa) >= 1``
+(kappa ~ 1e6), since that inverse holds no correct digit to start from. Float64 inputs
+are never recomputed (ValueError). The in-place ``woodbury_update_`` is transactional:
+new blocks go to scratch memory and are committed once all succeeded, so on any error
+(ValueError, or a backend raising) its input is left bit-for-bit as it was.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from . import _checks as chk
+from ._woodbury import bad_blocks, woodbury_blocks
+
+ON_FAILURE = ("recompute", "raise")
+ERROR_FACTOR = 8.0
+WARN_LEVEL = 1e-3          # eps32 * kappa above this: float32 results may lose most digits
+
+
+def error_bound(kappa, dtype: torch.dtype = torch.float32):
+    """Stated relative-error bound ``8 eps(dtype) (1 + kappa)`` of a returned inverse block.
+
+    Args:
+        kappa: float or tensor, ``lambda_max(G^T G / N) / damp`` (:func:`condition_estimate`).
+        dtype: the dtype the inverse was computed in.
+    Returns:
+        The bound, same type as ``kappa``.
+    """
+    return ERROR_FACTOR * torch.finfo(dtype).eps * (1.0 + kappa)
+
+
+def _power_lmax(apply: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, iters: int) -> torch.Tensor:
+    """Rayleigh quotient after ``iters`` power steps of a PSD operator: (B,) float64, <= lambda_max."""
+    v = start
+    for _ in range(iters):
+        v = apply(v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny))
+    v = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+    return (v * apply(v)).sum(1).double().clamp_min(0.0)
+
+
+def gram_lmax(grads: torch.Tensor, iters: int = 20) -> torch.Tensor:
+    """lambda_max(G^T G) per block by power iteration on the smaller of G G^T, G^T G: (B,) float64."""
+    num_blocks, m, c = grads.shape
+    gen = torch.Generator(device=grads.device).manual_seed(0)
+    if m <= c:
+        start = torch.randn(num_blocks, m, generator=gen, device=grads.device, dtype=grads.dtype)
+        return _power_lmax(lambda v: torch.bmm(grads, torch.bmm(v.unsqueeze(1), grads).transpose(1, 2)).squeeze(2),
+                           start, iters)
+    start = torch.randn(num_blocks, c, generator=gen, device=grads.device, dtype=grads.dtype)
+    return _power_lmax(lambda v: torch.bmm(torch.bmm(grads, v.unsqueeze(2)).transpose(1, 2), grads).squeeze(1),
+                       start, iters)
+
+
+def condition_estimate(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None, *,
+                       iters: int = 20, upper: bool = False) -> torch.Tensor:
+    """Estimate ``kappa = lambda_max(G^T G / N) / damp`` of every block (cond(F) = 1 + kappa).
+
+    Power iteration (``iters`` steps from a fixed pseudo-random start, on G G^T when
+    m <= c, else G^T G; cost ~4 iters m c flops per block) returns a Rayleigh quotient,
+    a lower bound that converges to lambda_max. ``upper=True`` returns the cheap upper
+    bound ``||G||_F^2 / (N damp)`` instead (at most min(m, c) times too large).
+
+    Use: float32 results lose about log10(eps32 * kappa) + 7 of their 7 digits; warn when
+    ``2**-23 * kappa > 1e-3`` (see :func:`error_bound` for the stated guarantee).
+
+    Args:
+        grads: (B, m, c) gradient blocks (float32 or float64).
+        damp: lambda > 0.
+        num_samples: N > 0 (default m).
+        iters: power steps >= 1 (20: within a few percent for typical gradient spectra).
+        upper: return the Frobenius upper bound instead of the estimate.
+    Returns:
+        (B,) float64 kappa per block.
+    Raises:
+        ValueError: bad grads, damp, num_samples or iters.
+    """
+    chk.check_tensor("grads", grads, 3)
+    d = chk.check_positive("damp", damp)
+    n = float(grads.shape[1]) if num_samples is None else chk.check_positive("num_samples", num_samples)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
+    chk.check_finite("grads", grads)
+    if upper:
+        return grads.double().square().sum(dim=(1, 2)) / (n * d)
+    return gram_lmax(grads, iters) / (n * d)
+
+
+def _failure_message(op: str, dtype, idx: torch.Tensor, total: int, kappa: torch.Tensor, damp_text: str,
+                     tried64: bool) -> str:
+    """The ValueError text: which blocks, the damp, the measured kappa, what to change."""
+    worst = float(kappa.max()) if kappa.numel() else float("nan")
+    first = idx[:5].tolist()
+    head = (f"{op}: {idx.numel()} of {total} blocks (first: {first}) gave a non-finite inverse or a "
+            f"diagonal entry <= 0 in {str(dtype).replace('torch.', '')}")
+    if tried64:
+        head += " and again when recomputed in float64"
+    return (f"{head}, at {damp_text}; measured kappa = {worst:.3g} "
+            f"(float32 keeps no digits beyond kappa ~ 1e6). Increase damp (the pruner's damp='auto' "
+            f"chooses it from the gradients' scale)"
+            + ("." if tried64 or dtype == torch.float64 else
+               ", or pass on_failure='recompute' to recompute these blocks in float64."))
+
+
+def repair(op: str, outs: Tuple[torch.Tensor, ...], bad: torch.Tensor, on_failure: str,
+           recompute64: Callable[[torch.Tensor], Tuple[Tuple[torch.Tensor, ...], torch.Tensor]],
+           kappa_of: Callable[[torch.Tensor], torch.Tensor], damp_text: str,
+           check: Callable[[Tuple[torch.Tensor, ...]], torch.Tensor] = lambda t: bad_blocks(t[0])) -> None:
+    """Fix the failed blocks (``bad``, (B,) bool) of ``outs`` in place, or raise ValueError.
+
+    ``outs`` are per-block results (dim 0 = block); ``recompute64(idx) -> (results64, bad64)``
+    recomputes blocks ``idx`` in float64; ``check(results)`` flags blocks still failed after
+    rounding back; ``kappa_of(idx)`` estimates their kappa for the message.
+    """
+    if not bool(bad.any()):
+        return
+    idx = bad.nonzero().squeeze(1)
+    dtype = outs[0].dtype
+    if on_failure == "raise" or dtype == torch.float64:
+        raise ValueError(_failure_message(op, dtype, idx, bad.numel(), kappa_of(idx), damp_text, False))
+    results64, bad64 = recompute64(idx)
+    fixed = tuple(r.to(o.dtype) for r, o in zip(results64, outs))
+    still = bad64 | check(fixed)
+    if bool(still.any()):
+        raise ValueError(_failure_message(op, dtype, idx[still], bad.numel(), kappa_of(idx[still]),
+                                          damp_text, True))
+    for o, f in zip(outs, fixed):
+        o[idx] = f
+
+
+def _wrap(result):
+    out, bad = result
+    return (out,), bad
+
+
+def guarded_fisher_inverse(impl, grads: torch.Tensor, damp: float, num_samples: float,
+                           on_failure: str) -> torch.Tensor:
+    """``impl(grads, damp, N)`` with failed blocks recomputed in float64 or refused."""
+    checked = getattr(impl, "checked", None)
+    if checked is not None:
+        out, bad = checked(grads, damp, num_samples)
+    else:
+        out = impl(grads, damp, num_samples)
+        bad = bad_blocks(out)
+    repair("fisher_inverse", (out,), bad, on_failure,
+           lambda idx: _wrap(woodbury_blocks(grads[idx].double(), num_samples, None, damp)),
+           lambda idx: gram_lmax(grads[idx]) / (num_samples * damp),
+           f"damp={damp:g} (kappa = lambda_max(G^T G / N) / damp)")
+    return out
+
+
+def guarded_woodbury_update_(impl, inv: torch.Tensor, grads: torch.Tensor, num_samples: float,
+                             on_failure: str) -> None:
+    """``impl`` on scratch, failed blocks recomputed in float64 or refused, then one commit to ``inv``.
+
+    For the message, an update's kappa is ``lambda_max(inv) * lambda_max(G^T G / N)``: the
+    inverse's smallest curvature ``1 / lambda_max(inv)`` plays the role of damp.
+    """
+    checked = getattr(impl, "checked", None)
+    if checked is not None:
+        new, bad = checked(inv, grads, num_samples)
+    else:
+        new = inv.clone()
+        impl(new, grads, num_samples)
+        bad = bad_blocks(new)
+
+    def kappa_of(idx):
+        inv_lmax = _power_lmax(lambda v: torch.bmm(inv[idx], v.unsqueeze(2)).squeeze(2),
+                               torch.ones(idx.numel(), inv.shape[-1], dtype=inv.dtype, device=inv.device), 20)
+        return gram_lmax(grads[idx]) * inv_lmax / num_samples
+
+    repair("woodbury_update_", (new,), bad, on_failure,
+           lambda idx: _wrap(woodbury_blocks(grads[idx].double(), num_samples, inv[idx].double())),
+           kappa_of, "the damp of the inverse, 1 / lambda_max(inv) (kappa = lambda_max(inv) lambda_max(G^T G / N))")
+    inv.copy_(new)
