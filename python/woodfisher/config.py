@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from . import structured as st
 from .batches import check_loss_fn
@@ -21,11 +21,29 @@ from .damping import check_damp
 from .masks import check_min_density, check_sparsity
 from .methods import METHODS
 
-__all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "check_int"]
+__all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "SCHEDULES", "check_int", "auto_num_steps",
+           "AUTO_BLOCK_PER_GRAD", "AUTO_STEP_KEEP"]
 
 MODES = ("global", "layerwise")
 FORMS = ("auto", "sequential", "lowrank", "stream")
 BACKENDS = ("auto", "cuda", "triton", "torch")
+SCHEDULES = ("geometric", "linear")
+#: ``block_size="auto"``: c = AUTO_BLOCK_PER_GRAD * (gradients of the step), the paper's c ~ m regime.
+AUTO_BLOCK_PER_GRAD = 1
+#: ``num_steps="auto"``: every step keeps at least this fraction of the weights still unpruned.
+AUTO_STEP_KEEP = 0.5
+
+
+def auto_num_steps(start: float, final: float, keep: float = AUTO_STEP_KEEP) -> int:
+    """Steps for ``num_steps="auto"``: the fewest whose geometric schedule keeps >= ``keep`` per step.
+
+    From density ``1 - start`` to ``1 - final``, n = ceil(log((1 - final) / (1 - start)) / log(keep))
+    (at least 1): e.g. 50% -> 1 step, 80% -> 3, 90% -> 4, 95% -> 5 with ``keep = 0.5``.
+    """
+    ratio = (1.0 - final) / max(1.0 - start, 1e-12)
+    if ratio >= keep:
+        return 1
+    return max(1, math.ceil(math.log(ratio) / math.log(keep) - 1e-9))
 
 
 def check_int(name: str, value: Any, low: int = 1) -> int:
@@ -58,13 +76,23 @@ class PruneConfig:
         mode: "global" (joint ranking across weights) or "layerwise" (independent).
         loss_fn: ``loss_fn(predictions, targets)`` -> mean loss; None = the model's own
             ``outputs.loss`` when it returns one, else :func:`woodfisher.batches.default_loss`.
-        block_size: Fisher block size c (entries), or None for whole-weight blocks.
-        num_grads: m, gradients in the Fisher ("fisher subsample size").
+        block_size: Fisher block size c (entries); "auto" (default): c = the number of
+            gradients of a step (:data:`AUTO_BLOCK_PER_GRAD` times it; the paper's c ~ m
+            regime, where F^-1 has a non-constant diagonal); None: whole-weight blocks.
+        num_grads: m, gradients in the Fisher ("fisher subsample size") over the whole call:
+            with several steps each step gets ``num_grads // steps`` of them (the first
+            ``num_grads % steps`` steps one more), so the data read stays the same.
         fisher_batch_size: samples averaged per gradient ("fisher mini-batch size").
-        damp: lambda > 0 of ``F = lambda I + G^T G / N``, or "auto"
-            (:func:`woodfisher.damping.auto_damp`).
+        damp: lambda > 0 of ``F = lambda I + G^T G / N``, or "auto" (default): lambda =
+            1e-2 times the mean diagonal of the empirical Fisher
+            (:func:`woodfisher.damping.auto_damp`); the paper's absolute value is ``damp=1e-5``.
         num_steps: steps from the current to the target sparsity, the gradients and
-            inverses recomputed before each (the paper's recomputation).
+            inverses recomputed before each (the paper's recomputation); "auto" (default):
+            :func:`auto_num_steps` (1 step up to 50% from dense, 3 at 80%, 4 at 90%; always
+            1 with a pattern). :func:`woodfisher.estimate_curvature` is always one step.
+        step_schedule: the sparsities of the steps: "geometric" (default; every step prunes
+            the same fraction of the weights still unpruned) or "linear" (equal increments
+            of sparsity).
         obs_update: apply the OBS weight update (False: prune by mask only, OBD-style).
         woodtaylor: add the first-order term (WoodTaylor, paper Eqs. 21-23).
         beta: FLOPs-aware statistic ``rho / flops_per_param ** beta`` (paper Sec. 5.4).
@@ -91,11 +119,12 @@ class PruneConfig:
     method: str = "woodfisher"
     mode: str = "global"
     loss_fn: Optional[Callable] = None
-    block_size: Optional[int] = None
+    block_size: Optional[Union[int, str]] = "auto"
     num_grads: int = 128
     fisher_batch_size: int = 1
-    damp: Union[float, str] = 1e-5
-    num_steps: int = 1
+    damp: Union[float, str] = "auto"
+    num_steps: Union[int, str] = "auto"
+    step_schedule: str = "geometric"
     obs_update: bool = True
     woodtaylor: bool = False
     beta: float = 0.0
@@ -115,9 +144,15 @@ class PruneConfig:
         check_sparsity(self.sparsity)
         _check_choice("method", self.method, tuple(METHODS))
         _check_choice("mode", self.mode, MODES)
-        for name in ("num_grads", "fisher_batch_size", "num_steps"):
+        for name in ("num_grads", "fisher_batch_size"):
             check_int(name, getattr(self, name))
-        if self.block_size is not None:
+        if self.num_steps != "auto":
+            check_int("num_steps", self.num_steps)
+            if self.num_steps > self.num_grads:
+                raise ValueError(f"num_steps={self.num_steps} needs num_grads >= num_steps (num_grads={self.num_grads} "
+                                 "is the total over all steps)")
+        _check_choice("step_schedule", self.step_schedule, SCHEDULES)
+        if self.block_size is not None and self.block_size != "auto":
             check_int("block_size", self.block_size)
         check_damp(self.damp)
         beta = self.beta
@@ -152,6 +187,34 @@ class PruneConfig:
     def needs_data(self) -> bool:
         """Whether a loader is required (curvature or FLOPs-aware statistic)."""
         return self.method_impl.curvature != "none" or self.beta > 0
+
+    def steps(self, start: float = 0.0) -> List[Tuple[float, int]]:
+        """The steps of a call from sparsity ``start``: [(target sparsity, gradients of the step)].
+
+        ``num_steps`` ("auto": :func:`auto_num_steps`, 1 with a pattern or for a method
+        without curvature) steps on ``step_schedule``; ``num_grads`` split over them. A
+        step never lowers the sparsity below ``start``.
+        """
+        final = self.final_sparsity
+        n = self.num_steps
+        if n == "auto":
+            n = 1 if self.pattern is not None or self.method_impl.curvature == "none" else \
+                min(auto_num_steps(start, final), self.num_grads)
+        if self.step_schedule == "linear" or final <= start:
+            targets = [start + (final - start) * (i + 1) / n for i in range(n)]
+        else:
+            d0, d1 = 1.0 - start, 1.0 - final
+            targets = [1.0 - d0 * (d1 / d0) ** ((i + 1) / n) for i in range(n)]
+        targets[-1] = final
+        base, extra = divmod(self.num_grads, n)
+        return [(max(start, s), base + (i < extra)) for i, s in enumerate(targets)]
+
+    @property
+    def fisher_block_size(self) -> Optional[int]:
+        """Block size c for this config's ``num_grads`` (None = whole weights): resolves "auto"."""
+        if self.block_size == "auto":
+            return max(1, AUTO_BLOCK_PER_GRAD * self.num_grads)
+        return self.block_size
 
     @property
     def final_sparsity(self) -> float:

@@ -56,7 +56,8 @@ class Curvature:
         loss_grad: {weight name: (B, c) mean loss gradient} (WoodTaylor) or None.
         keep: {weight name: bool keep-mask} when the gradients were taken (masked there).
         flops: {weight name: FLOPs per entry and sample} when ``config.beta > 0``.
-        grads: {weight name: (m, numel)} kept gradients (for :meth:`with_damp`), None when streamed.
+        grads: {weight name: (B, m, c)} kept gradients in the blocks' layout (for :meth:`with_damp`),
+            None when streamed.
         timings: seconds spent on gradients and inverses.
     """
 
@@ -133,13 +134,13 @@ def stat_itemsize(targets: List[PruneTarget]) -> int:
 
 
 def _blockwise_from_grads(grads, layouts, damp, count, config):
-    """{name: inverse} (form by choose_form, or forced) and {name: form} from kept gradients."""
+    """{name: inverse} (form by choose_form, or forced) and {name: form} from kept (B, m, c) gradients."""
     budget = None if config.memory_budget is None else config.memory_budget - sum(
         g.numel() * g.element_size() for g in grads.values())
     form = "auto" if config.inverse_form == "stream" else config.inverse_form
     invs, forms = {}, {}
     for name, g in grads.items():
-        invs[name] = wk.blockwise_inverse(layouts[name].grad_blocks(g), damp, count, form=form,
+        invs[name] = wk.blockwise_inverse(g, damp, count, form=form,
                                           memory_budget=budget, backend=config.backend)
         forms[name] = "lowrank" if isinstance(invs[name], wk.LowRankInverse) else "sequential"
     return invs, forms
@@ -198,10 +199,10 @@ def _estimate(model, loader, targets: List[PruneTarget], config: PruneConfig) ->
         _diagonal(collector, targets, config, curv)
     elif plan == "keep":
         t0 = time.perf_counter()
-        grads = collector.collect()
+        grads = collector.collect(blocked=True)
         curv.timings["gradients"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        curv.stats = FisherStats.from_grads(grads)
+        curv.stats = FisherStats(collector.sum_sq, collector.count, sum(t.numel for t in targets))
         curv.damp = resolve_damp(config.damp, curv.stats)
         curv.inverses, curv.forms = _blockwise_from_grads(grads, curv.layouts, curv.damp, collector.count, config)
         curv.grads = grads
@@ -221,8 +222,7 @@ def _diagonal(collector, targets, config, curv) -> None:
         for n, g in chunk.items():
             sq[n] = sq[n] + g.square().sum(0)
     count = collector.count
-    curv.stats = FisherStats(sum(float(v.double().sum()) for v in sq.values()), count,
-                             sum(t.numel for t in targets))
+    curv.stats = FisherStats(collector.sum_sq, count, sum(t.numel for t in targets))
     curv.damp = resolve_damp(config.damp, curv.stats)
     curv.inverses = {t.name: t.canonical((1.0 / (curv.damp + sq[t.name] / count))).view(-1, 1, 1)
                      for t in targets}
@@ -243,7 +243,6 @@ def _stream(collector, targets, config, curv, k) -> None:
         eye = torch.eye(t.block_size, dtype=torch.float64 if auto else dtype, device=t.param.device)
         acc[t.name] = (torch.zeros_like(eye) if auto else eye.div(curv.damp)).expand(t.num_blocks, -1, -1).contiguous()
     for chunk in collector.chunks(k):
-        curv.stats.sum_sq += sum(float(g.double().square().sum()) for g in chunk.values())
         for t in targets:
             blocks = t.grad_blocks(chunk[t.name])
             if auto:  # G^T G of the chunk, summed
@@ -251,7 +250,7 @@ def _stream(collector, targets, config, curv, k) -> None:
                 acc[t.name].baddbmm_(blocks.transpose(1, 2), blocks)
             else:
                 wk.woodbury_update_(acc[t.name], blocks, m, backend=config.backend, check_finite=False)
-    curv.stats.count = collector.count
+    curv.stats.sum_sq, curv.stats.count = collector.sum_sq, collector.count
     if auto:
         curv.damp = resolve_damp("auto", curv.stats)
         for t in targets:

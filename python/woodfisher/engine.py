@@ -2,9 +2,11 @@
 
 :func:`prune_with` applies one step from a :class:`woodfisher.curvature.Curvature`:
 the method scores, the masks are selected, the update is written. :func:`run` is the
-whole of :func:`woodfisher.prune_one_shot`: ``num_steps`` steps that raise the sparsity
-linearly from the current to the target, each with fresh curvature. Both are
-transactional: if anything fails, the weights and masks are restored bit for bit.
+whole of :func:`woodfisher.prune_one_shot`: the steps of :meth:`PruneConfig.steps` from
+the current to the target sparsity, each with fresh curvature from its share of the
+``num_grads`` gradients. Both are transactional: if anything fails, the weights and masks
+are restored bit for bit. Both report how much the mask overlaps magnitude pruning's
+(:mod:`woodfisher.diagnostics`) and warn when a curvature method degenerated to it.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import nn
 from .batches import is_single_pass
 from .config import PruneConfig
 from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
+from .diagnostics import magnitude_overlap, warn_if_degenerate
 from .masks import sparsity_of
 from .methods import StepContext
 from .result import PruneResult, layer_rows
@@ -34,10 +37,24 @@ def _apply(targets: List[PruneTarget], curvature: Curvature, config: PruneConfig
         t.write(new[t.name], keep[t.name])
 
 
-def _result(targets, config, damp, forms, timings) -> PruneResult:
+def _start(targets: List[PruneTarget]):
+    """(weights, keep-masks) before a call, for the overlap with magnitude pruning."""
+    return {t.name: t.effective_weight().clone() for t in targets}, {t.name: t.keep_mask() for t in targets}
+
+
+def _result(targets, config, damp, forms, timings, start, extra=None, stacklevel: int = 4) -> PruneResult:
     masks = {t.name: t.keep_mask() for t in targets}
-    return PruneResult(masks=masks, layers=layer_rows(masks, forms), sparsity=sparsity_of(masks), damp=damp,
-                       config={**config.as_dict(), "modules": [t.name for t in targets]}, timings=timings)
+    sparsity = sparsity_of(masks)
+    overlap = None
+    if config.pattern is None:
+        overlap, count = magnitude_overlap(start[0], start[1], masks, sparsity,
+                                           config.method_impl.fixed_mode or config.mode, config.min_density)
+        if config.method_impl.curvature != "none":
+            warn_if_degenerate(overlap, count, config.method, f"block_size={config.block_size}, num_grads="
+                               f"{config.num_grads}, damp={config.damp}, num_steps={config.num_steps}", stacklevel)
+    return PruneResult(masks=masks, layers=layer_rows(masks, forms), sparsity=sparsity, damp=damp,
+                       config={**config.as_dict(), "modules": [t.name for t in targets], **(extra or {})},
+                       timings=timings, magnitude_overlap=overlap)
 
 
 def _timings() -> Dict[str, float]:
@@ -63,6 +80,7 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
         raise ValueError("beta > 0 needs a curvature estimated with beta > 0 (it measures FLOPs per parameter)")
     timings = dict(curvature.timings, select=0.0, update=0.0)
     start = time.perf_counter()
+    before = _start(targets)
     snapshot = Snapshot(targets)
     try:
         _apply(targets, curvature, config, config.final_sparsity, timings)
@@ -70,38 +88,42 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
         snapshot.restore()
         raise
     timings["total"] = time.perf_counter() - start
-    return _result(targets, config, curvature.damp, curvature.forms, timings)
+    return _result(targets, config, curvature.damp, curvature.forms, timings, before, stacklevel=3)
 
 
 def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> PruneResult:
     """Every step of :func:`woodfisher.prune_one_shot` (see there); transactional."""
     start = time.perf_counter()
     method = config.method_impl
-    targets = resolve_targets(model, config.modules, method.block_size(config))
+    targets = resolve_targets(model, config.modules, None)
+    before = _start(targets)
+    steps = config.steps(sparsity_of(before[1]))
+    configs = [config.replace(num_grads=m, num_steps=1) for _, m in steps]
+    targets = resolve_targets(model, config.modules, method.block_size(configs[0]))
     method.check_targets(targets, config)
     if config.needs_data and loader is None:
         raise ValueError(f"loader is required for method={config.method!r} (and for beta > 0)")
-    if config.num_steps > 1 and config.needs_data and is_single_pass(loader):
-        raise ValueError(f"num_steps={config.num_steps} needs a loader that can be iterated once per step; "
-                         "got a single-pass iterator (a generator?): pass a list or a DataLoader, or num_steps=1")
+    if len(steps) > 1 and config.needs_data and is_single_pass(loader):
+        raise ValueError(f"num_steps={config.num_steps} ({len(steps)} steps) needs a loader that can be iterated "
+                         "once per step; got a single-pass iterator (a generator?): pass a list or a DataLoader, "
+                         "or num_steps=1")
     if method.curvature in ("blockwise", "diagonal"):  # refuse an impossible memory budget up front
-        plan_memory(targets, config.num_grads, stat_itemsize(targets), config.memory_budget,
+        plan_memory(targets, configs[0].num_grads, stat_itemsize(targets), config.memory_budget,
                     config.damp == "auto")
-    s0 = sparsity_of({t.name: t.keep_mask() for t in targets})
-    final = config.final_sparsity
-    steps = [max(s0, s0 + (final - s0) * (i + 1) / config.num_steps) for i in range(config.num_steps)]
     timings = _timings()
     snapshot = Snapshot(targets)
     damp, forms = None, {}
     try:
-        for target in steps:
-            curvature = _estimate(model, loader, targets, config)
+        for (target, _), step_config in zip(steps, configs):
+            targets = resolve_targets(model, config.modules, method.block_size(step_config))
+            curvature = _estimate(model, loader, targets, step_config)
             for phase in ("gradients", "inverse"):
                 timings[phase] += curvature.timings[phase]
-            _apply(targets, curvature, config, target, timings)
+            _apply(targets, curvature, step_config, target, timings)
             damp, forms = curvature.damp, curvature.forms
     except BaseException:
         snapshot.restore()
         raise
     timings["total"] = time.perf_counter() - start
-    return _result(targets, config, damp, forms, timings)
+    extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": method.block_size(configs[0])}
+    return _result(targets, config, damp, forms, timings, before, extra)

@@ -21,7 +21,12 @@ class PruneResult:
         sparsity: overall fraction of zeros over the pruned weights (unique tensors).
         damp: the dampening used (None for magnitude baselines).
         config: the options of the call (callables by name).
-        timings: seconds per phase: gradients, inverse, select, update, total.
+        timings: seconds per phase: gradients, inverse, select (statistics and mask
+            selection), update, total.
+        magnitude_overlap: fraction of the weights this call pruned that magnitude pruning
+            (global or layerwise, as ``mode``) of the starting weights would also have pruned
+            at the same sparsity (:func:`woodfisher.diagnostics.magnitude_overlap`); near 1 means
+            the mask degenerated to magnitude pruning. None for patterns or when nothing was pruned.
     """
 
     masks: Dict[str, torch.Tensor]
@@ -30,6 +35,7 @@ class PruneResult:
     damp: Optional[float]
     config: dict
     timings: Dict[str, float] = field(default_factory=dict)
+    magnitude_overlap: Optional[float] = None
 
 
 def layer_rows(masks: Dict[str, torch.Tensor], forms: Optional[Dict[str, Optional[str]]] = None) -> List[dict]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -32,13 +32,28 @@ def damp_type(text: str):
     return value
 
 
-def block_size_type(text: str) -> Optional[int]:
-    if text.lower() in ("layer", "none", "whole"):
-        return None
+def steps_type(text: str) -> Union[int, str]:
+    if text == "auto":
+        return "auto"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"block size must be a positive int or 'layer', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"num steps must be a positive int or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"num steps must be >= 1, got {value}")
+    return value
+
+
+def block_size_type(text: str) -> Optional[Union[int, str]]:
+    if text.lower() in ("layer", "none", "whole"):
+        return None
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"block size must be a positive int, 'auto' or 'layer', got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"block size must be >= 1, got {value}")
     return value
