@@ -212,7 +212,8 @@ def run_search(args) -> None:
 
 def run_sweep(args) -> None:
     path = os.path.join(args.out, f"quality_{args.model}.csv")
-    runner = Runner(args, path, args.test, "test set" if args.test_samples is None else f"test subset ({len(args.test)})")
+    name = "test set" if args.test_samples is None else f"test subset ({len(args.test)})"
+    runner = Runner(args, path, args.test, name)
     with open(os.path.join(args.out, f"quality_best_{args.model}.json")) as f:
         best = json.load(f)
     sp, seeds = args.sparsities, args.seeds

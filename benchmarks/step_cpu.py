@@ -79,10 +79,10 @@ def build(name: str, n: int, device):
 
 def worker(args) -> dict:
     """One repeat of every measurement for one model with the importable ``woodfisher``."""
+    import _common as cm
     import torch
     import torch.nn.functional as F
 
-    import _common as cm
     import woodfisher as wf
     from woodfisher.targets import resolve_targets
 
@@ -225,9 +225,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.models, args.num_grads, args.repeats = ["mlpnet"], 64, 1
     sys.path.insert(0, HERE)
-    import torch
-
     import _common as cm
+    import torch
     impls = {"after": ""}
     if args.before:
         impls = {f"before ({args.before})": extract(args.before), "after": ""}

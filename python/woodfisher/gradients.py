@@ -36,6 +36,7 @@ decoupled from the rest of the Fisher and are never revived.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional
@@ -88,11 +89,43 @@ def chunk_samples(numel: int, itemsize: int, fisher_batch_size: int, chunk_bytes
     return groups * fisher_batch_size
 
 
+def _plain(batch: Batch) -> Optional[int]:
+    """Samples of a plain batch (positional tensors and a tensor target or None, one batch dim), else None."""
+    if batch.kwargs or not batch.args or not all(isinstance(a, torch.Tensor) and a.dim() >= 1 for a in batch.args):
+        return None
+    n = batch.args[0].shape[0]
+    if any(a.shape[0] != n for a in batch.args):
+        return None
+    t = batch.target
+    if t is not None and not (isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n):
+        return None
+    return n
+
+
+def _size(batch: Batch) -> int:
+    n = _plain(batch)
+    return batch.size if n is None else n
+
+
 def _signature(batch: Batch):
     """Structure and per-sample shapes of a batch: batches with equal signatures can be concatenated."""
+    if _plain(batch) is not None:  # fast path (no pytree walk): loaders of batch 1 yield many of these
+        t = batch.target
+        return ("plain", tuple((a.shape[1:], a.dtype) for a in batch.args),
+                None if t is None else (t.shape[1:], t.dtype))
     leaves, spec = pytree.tree_flatten((batch.args, batch.kwargs, batch.target))
     flags = pytree.tree_leaves(batch.batched())
     return spec, tuple(tuple(x.shape[1:]) if f else None for x, f in zip(leaves, flags))
+
+
+def _cat(batches: List[Batch]) -> Batch:
+    """:meth:`Batch.cat`, with a fast path for plain batches of equal signatures."""
+    if len(batches) > 1 and all(_plain(b) is not None for b in batches) \
+            and len({_signature(b) for b in batches}) == 1:
+        args = tuple(torch.cat([b.args[i] for b in batches]) for i in range(len(batches[0].args)))
+        target = None if batches[0].target is None else torch.cat([b.target for b in batches])
+        return Batch(args, {}, target)
+    return Batch.cat(batches)
 
 
 class GradientCollector:
@@ -163,22 +196,25 @@ class GradientCollector:
         """
         left = self.num_grads * self.fbs
         pending: List[Batch] = []
-        have = 0
+        have, sig = 0, None
         for item in self.loader:
             batch = to_batch(item, self.adapter)
             if batch.target is None and not self.sampled and "labels" not in batch.kwargs:
                 compute_loss(None, None, self.loss_fn)  # raises: no targets and no model loss
-            if pending and have % self.fbs == 0 and _signature(batch) != _signature(pending[0]):
-                for piece in self._split(Batch.cat(pending), min(have, left)):
+            this = _signature(batch)
+            if pending and have % self.fbs == 0 and this != sig:
+                for piece in self._split(_cat(pending), min(have, left)):
                     left -= piece.size
                     yield self._cast(piece, device)
                 pending, have = [], 0
                 if left == 0:
                     return
+            if not pending:
+                sig = this
             pending.append(batch)
-            have += batch.size
+            have += _size(batch)
             if have >= min(self.chunk, left):
-                cat = Batch.cat(pending)
+                cat = _cat(pending)
                 full = min(have // self.chunk * self.chunk, left) if have < left else left
                 for piece in self._split(cat, full):
                     left -= piece.size
@@ -189,7 +225,7 @@ class GradientCollector:
                 return
         whole = min(have // self.fbs * self.fbs, left)
         if whole:
-            for piece in self._split(Batch.cat(pending), whole):
+            for piece in self._split(_cat(pending), whole):
                 yield self._cast(piece, device)
 
     def _split(self, batch: Batch, n: int) -> Iterator[Batch]:
@@ -334,7 +370,16 @@ class GradientCollector:
         """
         out: Dict[str, torch.Tensor] = {}
         by_name = {t.name: t for t in self.targets}
-        for piece in self._pieces():
+        pieces = self._pieces()
+        first = next(pieces, None)
+        if first is not None and self.count == self.num_grads:  # one chunk: no buffer, no copy for B = 1
+            for _ in pieces:  # finishes the pass (statistics, warnings)
+                pass
+            if not blocked:
+                return first
+            return {n: wk.to_blocks(by_name[n].canonical(g, batch_dims=1), by_name[n].block_size).transpose(0, 1)
+                    .contiguous() for n, g in first.items()}
+        for piece in itertools.chain([first] if first is not None else [], pieces):
             start, stop = self.count - next(iter(piece.values())).shape[0], self.count
             for n, g in piece.items():
                 t = by_name[n]
