@@ -172,6 +172,9 @@ def search_candidates(model_name: str, best_steps: Optional[int]) -> Dict[str, d
     out["old defaults"] = dict(block_size=None, damp=1e-5, num_steps=1)
     out["defaults, m=256"] = dict(num_grads=256)
     out["defaults, m=512"] = dict(num_grads=512)
+    out["defaults, 8 steps"] = dict(num_steps=8)
+    out["defaults, m=1024"] = dict(num_grads=1024)
+    out["defaults, m=1024, 8 steps"] = dict(num_grads=1024, num_steps=8)
     return out
 
 
