@@ -41,11 +41,14 @@ setup(
     name="woodfisher_kernels",
     version="0.1.0",
     description="Fast blockwise inverse-Fisher kernels and a WoodFisher (OBS) pruner for PyTorch",
-    packages=find_packages(include=["woodfisher_kernels", "woodfisher_kernels.*"]) + ["woodfisher", "woodfisher.pai"],
+    packages=find_packages(include=["woodfisher_kernels", "woodfisher_kernels.*"])
+    + ["woodfisher"] + ["woodfisher." + p for p in find_packages("python/woodfisher")],
     package_dir={"woodfisher": "python/woodfisher"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
-    extras_require={"triton": ["triton"], "plots": ["matplotlib"], "demo": ["scikit-learn", "matplotlib"]},
+    # hf: only the tests use transformers (tiny BERT / GPT-2 from configs); the package never imports it
+    extras_require={"triton": ["triton"], "plots": ["matplotlib"], "demo": ["scikit-learn", "matplotlib"],
+                    "hf": ["transformers>=4.40,<6"]},
     entry_points={"console_scripts": ["woodfisher=woodfisher.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -7,8 +7,9 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+# transformers: test-only (the extra "hf"), pinned; it does not depend on torch, so the CPU torch stays
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-  torch==2.13.0 triton numpy tqdm matplotlib scikit-learn \
+  torch==2.13.0 triton numpy tqdm matplotlib scikit-learn transformers==5.18.0 \
   pytest pytest-benchmark hypothesis pybind11 ninja setuptools wheel 2>&1 \
   | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . 2>&1 \

@@ -83,8 +83,9 @@ def test_bad_inputs_give_clear_errors(digits_ckpt, tmp_path, capsys):
     assert main(["prune", "--model", "mlpnet", "--checkpoint", mlp_ckpt, "--sparsity", "0.5",
                  "--data-dir", str(missing), "--out", str(tmp_path / "o")]) == 2
     assert "no-such-dir" in capsys.readouterr().err
-    assert _prune(digits_ckpt, tmp_path / "o2") == 2  # no sparsity
-    assert "--sparsity is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # no sparsity: argparse's required flag
+        _prune(digits_ckpt, tmp_path / "o2")
+    assert exc.value.code == 2 and "required: --sparsity" in capsys.readouterr().err
     assert main(["prune", "--model", "digits_mlp", "--sparsity", "0.5"]) == 2
     assert "--checkpoint is required" in capsys.readouterr().err
     assert main(["report", "--model", "mlpnet", "--checkpoint", digits_ckpt]) == 2

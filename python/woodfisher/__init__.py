@@ -9,7 +9,10 @@ Main entry points:
 - :func:`estimate_curvature` + :func:`prune_with`: the same in two phases (one gradient
   collection for a whole sweep of sparsities).
 - :class:`GradualPruner`, :func:`polynomial_sparsity`: gradual pruning on a schedule,
-  masks kept with ``torch.nn.utils.prune``; :func:`make_permanent`.
+  masks kept with ``torch.nn.utils.prune``.
+- Fine-tuning after one-shot pruning: ``prune_one_shot(..., keep_masks=True)`` or
+  :func:`attach_masks` (masks held with ``torch.nn.utils.prune``), :func:`make_permanent`,
+  :func:`recalibrate_bn` (BatchNorm statistics of the pruned model).
 - :func:`select_masks`: the shared mask selection; :func:`search_damp`, :func:`auto_damp`.
 - :class:`Batch`: what a ``batch_adapter`` returns for loaders of any format.
 
@@ -22,9 +25,10 @@ from .batches import Batch
 from .config import PruneConfig
 from .curvature import Curvature
 from .damping import auto_damp
+from .finetune import attach_masks, make_permanent, recalibrate_bn
 from .flops import layer_flops_per_param
 from .gradients import GradientCollector
-from .gradual import GradualPruner, make_permanent, polynomial_sparsity
+from .gradual import GradualPruner, polynomial_sparsity
 from .masks import check_sparsity, select_masks, sparsity_of
 from .methods import METHODS
 from .pruner import estimate_curvature, prune_one_shot, prune_with
@@ -40,6 +44,6 @@ __all__ = [
     "auto_damp", "Batch", "check_sparsity", "Curvature", "estimate_curvature", "GradientCollector",
     "GradualPruner", "make_permanent", "METHODS", "polynomial_sparsity", "PrunableLayer", "prune_one_shot",
     "prune_with", "PruneConfig", "PruneResult", "PruneTarget", "resolve_layers", "resolve_targets",
-    "search_damp", "select_masks", "sparsity_of", "layer_flops_per_param",
+    "search_damp", "select_masks", "sparsity_of", "layer_flops_per_param", "attach_masks", "recalibrate_bn",
 ]
 

@@ -4,20 +4,23 @@ A loader item becomes a :class:`Batch` ``(args, kwargs, target)``: the model is 
 ``model(*args, **kwargs)`` and the loss is ``loss_fn(outputs, target)``. The default
 adapter (:func:`default_adapter`) understands
 
-- ``(x, y)`` and ``(x, y, extra...)`` (extras ignored), ``((x1, x2), y)`` (several inputs);
+- ``(x, y)`` and ``(x, y, extra...)`` (extras ignored), ``((x1, x2), y)`` (several inputs),
+  ``({"a": a, "b": b}, y)`` (keyword inputs), ``(x,)`` (unlabelled);
 - a dict (HuggingFace style ``input_ids``, ``attention_mask``, ``labels``): everything is
   passed as keyword arguments; with ``labels`` the model computes its own loss
   (``outputs.loss``), without them the batch is unlabelled;
 - a bare tensor: unlabelled inputs (fine with ``sampled_fisher=True``, which draws targets
-  from the model's predictive distribution).
+  from the model's predictive distribution: no dummy targets needed).
 
-It never guesses: a tuple whose target position is ambiguous (a float second element
-followed by an integer one, e.g. ``(x, mask, y)``) or not a tensor is refused with a
-ValueError that shows how to pass ``batch_adapter=lambda b: Batch((b[0],), {}, b[2])``.
+It never guesses: a tuple whose target position is ambiguous (a later element with the
+batch dim that could be the target as well: a float second element followed by an integer
+one, ``(x, mask, y)``, or a second element shaped like the inputs, ``(input_ids,
+attention_mask, labels)``) or not a tensor is refused with a ValueError that shows the
+adapter to pass, e.g. ``batch_adapter=lambda b: Batch((b[0], b[1]), {}, b[2])``.
 
 Outputs may be a tensor, a dict or a HuggingFace ``ModelOutput``: the loss is then
-``outputs.loss`` when the model computed one (labels in the batch), else
-``loss_fn(logits, target)``. The default loss (:func:`default_loss`) is the mean
+``outputs.loss`` when the model computed one (labels in the batch) and no ``loss_fn`` is
+given, else ``loss_fn(logits, target)``. The default loss (:func:`default_loss`) is the mean
 cross-entropy over the class dimension (last dimension for sequence outputs (N, T, V)
 with targets (N, T); dimension 1 otherwise), which is also right for log-probability
 outputs since log_softmax is idempotent.
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 __all__ = ["Batch", "default_adapter", "to_batch", "is_single_pass", "peek", "default_loss", "logits_of",
-           "compute_loss", "sample_targets", "check_loss_fn"]
+           "model_loss", "compute_loss", "sample_targets", "check_loss_fn"]
 
 ADAPTER_HINT = ("pass batch_adapter=lambda b: woodfisher.Batch(args=(inputs,), kwargs={}, target=targets) "
                 "to say which part is which")
@@ -135,8 +138,41 @@ def _inputs(x) -> Tuple[tuple, dict]:
     return (x,), {}
 
 
+def _first_tensor(x) -> Optional[torch.Tensor]:
+    return next((leaf for leaf in pytree.tree_leaves(x) if _is_tensor(leaf) and leaf.dim() >= 1), None)
+
+
+def _adapter_example(length: int, target: int) -> str:
+    rest = ", ".join(f"b[{i}]" for i in range(length) if i != target)
+    return (f"e.g. batch_adapter=lambda b: woodfisher.Batch(args=({rest},), kwargs={{}}, target=b[{target}]) "
+            "(inputs as positional args or keyword args of the model, the loss target, or target=None)")
+
+
+def _ambiguous(x, y: torch.Tensor, rest: list) -> bool:
+    """Whether a later element of ``(x, y, *rest)`` could be the target as well as ``y``.
+
+    Extras that are not tensors with the batch dim never are. A batched extra makes the
+    reading ambiguous when ``y`` is float and the extra is integer (``(x, mask, labels)``)
+    or when ``y`` has the shape of the first input (``(input_ids, attention_mask, labels)``).
+    """
+    first = _first_tensor(x)
+    if first is None:
+        return False
+    n = first.shape[0]
+    extras = [r for r in rest if _is_tensor(r) and r.dim() >= 1 and r.shape[0] == n]
+    if not extras:
+        return False
+    if y.shape == first.shape:
+        return True
+    return y.is_floating_point() and any(not r.is_floating_point() for r in extras)
+
+
 def default_adapter(item: Any) -> Batch:
-    """The default reading of a loader item (see the module docstring)."""
+    """The default reading of a loader item (see the module docstring).
+
+    Raises:
+        ValueError: an item it cannot read without guessing, with an example adapter.
+    """
     if isinstance(item, Batch):
         return item
     if _is_tensor(item):
@@ -144,19 +180,28 @@ def default_adapter(item: Any) -> Batch:
     if isinstance(item, collections.abc.Mapping):
         kwargs = dict(item)
         return Batch((), kwargs, kwargs.get("labels"))
+    if isinstance(item, (tuple, list)) and len(item) == 1:
+        args, kwargs = _inputs(item[0])
+        return Batch(args, kwargs, None)
     if isinstance(item, (tuple, list)) and len(item) >= 2:
         x, y, rest = item[0], item[1], list(item[2:])
         if not _is_tensor(y):
             raise ValueError(f"loader items should be (inputs, targets) batches; the second element is a "
-                             f"{type(y).__name__}, not a target tensor; {ADAPTER_HINT}")
-        later_labels = [r for r in rest if _is_tensor(r) and not r.is_floating_point() and r.dim() >= 1]
-        if y.is_floating_point() and later_labels:
-            raise ValueError("ambiguous batch: the second element is a float tensor and a later one looks like "
-                             f"integer labels; which is the target? {ADAPTER_HINT}")
+                             f"{type(y).__name__}, not a target tensor; {_adapter_example(len(item), 1)}")
+        if _ambiguous(x, y, rest):
+            raise ValueError(f"ambiguous batch of {len(item)} tensors {[_describe(t) for t in item]}: more than "
+                             f"one element after the inputs could be the target, and the pruner does not guess; "
+                             f"say which is which, {_adapter_example(len(item), len(item) - 1)}")
         args, kwargs = _inputs(x)
         return Batch(args, kwargs, y)
     raise ValueError(f"loader must yield (inputs, targets) batches, a dict of tensors or a tensor, got "
                      f"{type(item).__name__}; {ADAPTER_HINT}")
+
+
+def _describe(x) -> str:
+    if _is_tensor(x):
+        return f"{str(x.dtype).replace('torch.', '')}{tuple(x.shape)}"
+    return type(x).__name__
 
 
 def to_batch(item: Any, adapter: Optional[Callable[[Any], Any]] = None) -> Batch:
@@ -213,17 +258,31 @@ def default_loss(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(outputs, target)
 
 
+def model_loss(outputs: Any) -> Optional[torch.Tensor]:
+    """The loss a model returned itself (dict / ModelOutput ``loss``, e.g. HF with ``labels``), or None."""
+    if isinstance(outputs, collections.abc.Mapping):
+        return outputs.get("loss")
+    return None
+
+
 def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torch.Tensor:
-    """The scalar loss of one batch: ``outputs.loss`` when the model computed one and no target is
-    given, else ``loss_fn(predictions, target)`` (default :func:`default_loss`); the predictions are
-    the outputs themselves, or their ``logits`` (:func:`logits_of`)."""
+    """The scalar loss of one batch.
+
+    Without ``loss_fn``: the model's own ``outputs.loss`` when it computed one (HF models
+    given ``labels``: shifted for causal LMs, as the model defines it), else
+    :func:`default_loss` (predictions, target). With ``loss_fn``: ``loss_fn(predictions,
+    target)``. The predictions are the outputs, or their ``logits`` (:func:`logits_of`).
+
+    Raises:
+        ValueError: no target and no model loss (unlabelled data needs ``sampled_fisher``).
+    """
+    own = model_loss(outputs) if loss_fn is None else None
+    if own is not None:
+        return own
     if target is None:
-        loss = outputs.get("loss") if isinstance(outputs, collections.abc.Mapping) else None
-        if loss is None:
-            raise ValueError("the batch has no targets and the model returned no loss: yield (inputs, targets) "
-                             "batches, include 'labels' in dict batches, pass sampled_fisher=True to draw "
-                             f"targets from the model, or {ADAPTER_HINT}")
-        return loss
+        raise ValueError("the batch has no targets and the model returned no loss: yield (inputs, targets) "
+                         "batches, include 'labels' in dict batches, pass sampled_fisher=True to draw "
+                         f"targets from the model, or {ADAPTER_HINT}")
     return (default_loss if loss_fn is None else loss_fn)(logits_of(outputs), target)
 
 

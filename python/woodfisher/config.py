@@ -110,6 +110,9 @@ class PruneConfig:
         min_density: every weight keeps at least this fraction of its entries.
         batch_adapter: ``adapter(loader item) -> woodfisher.Batch`` (see :mod:`woodfisher.batches`);
             None = the default reading of (inputs, targets) tuples, dicts and tensors.
+        keep_masks: after pruning, hold the masks with ``torch.nn.utils.prune``
+            (:func:`woodfisher.attach_masks`) so fine-tuning cannot revive pruned weights;
+            :func:`woodfisher.make_permanent` removes them.
     Raises:
         ValueError: naming the field, for any value outside its domain or a combination
             the method does not support.
@@ -139,6 +142,7 @@ class PruneConfig:
     inverse_form: str = "auto"
     min_density: float = 0.0
     batch_adapter: Optional[Callable] = None
+    keep_masks: bool = False
 
     def __post_init__(self):
         check_sparsity(self.sparsity)
@@ -166,7 +170,7 @@ class PruneConfig:
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("inverse_form", self.inverse_form, FORMS)
         check_min_density(self.min_density, self.sparsity)
-        for name in ("obs_update", "woodtaylor", "group_exact", "sampled_fisher", "progress"):
+        for name in ("obs_update", "woodtaylor", "group_exact", "sampled_fisher", "progress", "keep_masks"):
             _check_bool(name, getattr(self, name))
         check_int("seed", self.seed, low=0)
         if self.modules is not None:

@@ -35,7 +35,9 @@ from .damping import FisherStats, resolve_damp
 from .flops import flops_per_param_of_batch
 from .gradients import GradientCollector, compute_dtype
 from .kfac import kfac_factors, kfac_inverse
-from .targets import Layout, PruneTarget, resolve_targets
+from .progress import display, phase
+from .state import derived_weights_kept
+from .targets import Layout, PruneTarget, resolve_targets, unwrap_model
 
 __all__ = ["Curvature", "estimate_curvature", "plan_memory", "resolve_config", "stat_itemsize"]
 
@@ -139,10 +141,12 @@ def _blockwise_from_grads(grads, layouts, damp, count, config):
         g.numel() * g.element_size() for g in grads.values())
     form = "auto" if config.inverse_form == "stream" else config.inverse_form
     invs, forms = {}, {}
-    for name, g in grads.items():
-        invs[name] = wk.blockwise_inverse(g, damp, count, form=form,
-                                          memory_budget=budget, backend=config.backend)
-        forms[name] = "lowrank" if isinstance(invs[name], wk.LowRankInverse) else "sequential"
+    with phase("inverses", total=len(grads), unit="weight") as bar:
+        for name, g in grads.items():
+            invs[name] = wk.blockwise_inverse(g, damp, count, form=form,
+                                              memory_budget=budget, backend=config.backend)
+            forms[name] = "lowrank" if isinstance(invs[name], wk.LowRankInverse) else "sequential"
+            bar.update(1)
     return invs, forms
 
 
@@ -166,10 +170,17 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
     method = config.method_impl
     targets = resolve_targets(model, config.modules, method.block_size(config))
     method.check_targets(targets, config)
-    return _estimate(model, loader, targets, config)
+    with display(config.progress):
+        return _estimate(model, loader, targets, config)
 
 
 def _estimate(model, loader, targets: List[PruneTarget], config: PruneConfig) -> Curvature:
+    """Phase one for resolved ``targets``; the model's prune-derived weights are left as they were."""
+    with derived_weights_kept(unwrap_model(model)[0]):
+        return _estimate_steps(model, loader, targets, config)
+
+
+def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConfig) -> Curvature:
     if config.needs_data and loader is None:
         raise ValueError(f"loader is required for method={config.method!r} (and for beta > 0)")
     kind = config.method_impl.curvature
@@ -253,10 +264,11 @@ def _stream(collector, targets, config, curv, k) -> None:
     curv.stats.sum_sq, curv.stats.count = collector.sum_sq, collector.count
     if auto:
         curv.damp = resolve_damp("auto", curv.stats)
-        for t in targets:
-            gram = acc.pop(t.name).div_(m)
-            gram.diagonal(dim1=1, dim2=2).add_(curv.damp)
-            acc[t.name] = torch.cholesky_inverse(torch.linalg.cholesky(gram)).to(dtype)
+        with phase("inverses"):
+            for t in targets:
+                gram = acc.pop(t.name).div_(m)
+                gram.diagonal(dim1=1, dim2=2).add_(curv.damp)
+                acc[t.name] = torch.cholesky_inverse(torch.linalg.cholesky(gram)).to(dtype)
     curv.inverses = acc
     curv.forms = {t.name: "stream" for t in targets}
     elapsed = time.perf_counter() - t0
@@ -275,7 +287,8 @@ def _kfac(model, loader, targets, config, curv) -> Curvature:
     total = sum(float(torch.diagonal(f.S).sum() * torch.diagonal(f.A).sum()) for f in factors.values())
     curv.stats = FisherStats(total, 1, sum(t.numel for t in targets))
     curv.damp = resolve_damp(config.damp, curv.stats)
-    curv.inverses = {n: kfac_inverse(f, curv.damp) for n, f in factors.items()}
+    with phase("inverses"):
+        curv.inverses = {n: kfac_inverse(f, curv.damp) for n, f in factors.items()}
     curv.forms = {t.name: "kfac" for t in targets}
     curv.timings["inverse"] += time.perf_counter() - t0
     return curv

@@ -19,8 +19,10 @@ from .batches import is_single_pass
 from .config import PruneConfig
 from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
 from .diagnostics import magnitude_overlap, warn_if_degenerate
+from .finetune import hold_target_masks
 from .masks import sparsity_of
 from .methods import StepContext
+from .progress import display
 from .result import PruneResult, layer_rows
 from .state import Snapshot
 from .targets import PruneTarget, resolve_targets
@@ -33,8 +35,9 @@ def _apply(targets: List[PruneTarget], curvature: Curvature, config: PruneConfig
     keep = {t.name: t.keep_mask() for t in targets}
     ctx = StepContext(targets, curvature, config, sparsity, keep, timings)
     new, keep = config.method_impl.step(ctx)
-    for t in targets:
-        t.write(new[t.name], keep[t.name])
+    with ctx.timed("update"):
+        for t in targets:
+            t.write(new[t.name], keep[t.name])
 
 
 def _start(targets: List[PruneTarget]):
@@ -42,7 +45,7 @@ def _start(targets: List[PruneTarget]):
     return {t.name: t.effective_weight().clone() for t in targets}, {t.name: t.keep_mask() for t in targets}
 
 
-def _result(targets, config, damp, forms, timings, start, extra=None, stacklevel: int = 4) -> PruneResult:
+def _result(model, targets, config, damp, forms, timings, start, extra=None, stacklevel: int = 4) -> PruneResult:
     masks = {t.name: t.keep_mask() for t in targets}
     sparsity = sparsity_of(masks)
     overlap = None
@@ -52,6 +55,8 @@ def _result(targets, config, damp, forms, timings, start, extra=None, stacklevel
         if config.method_impl.curvature != "none":
             warn_if_degenerate(overlap, count, config.method, f"block_size={config.block_size}, num_grads="
                                f"{config.num_grads}, damp={config.damp}, num_steps={config.num_steps}", stacklevel)
+    if config.keep_masks:  # last: a failure here is undone by hold_target_masks, then by the snapshot
+        hold_target_masks(targets, masks, model)
     return PruneResult(masks=masks, layers=layer_rows(masks, forms), sparsity=sparsity, damp=damp,
                        config={**config.as_dict(), "modules": [t.name for t in targets], **(extra or {})},
                        timings=timings, magnitude_overlap=overlap)
@@ -83,12 +88,13 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
     before = _start(targets)
     snapshot = Snapshot(targets)
     try:
-        _apply(targets, curvature, config, config.final_sparsity, timings)
+        with display(config.progress):
+            _apply(targets, curvature, config, config.final_sparsity, timings)
+        timings["total"] = time.perf_counter() - start
+        return _result(model, targets, config, curvature.damp, curvature.forms, timings, before, stacklevel=3)
     except BaseException:
         snapshot.restore()
         raise
-    timings["total"] = time.perf_counter() - start
-    return _result(targets, config, curvature.damp, curvature.forms, timings, before, stacklevel=3)
 
 
 def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> PruneResult:
@@ -114,16 +120,17 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     snapshot = Snapshot(targets)
     damp, forms = None, {}
     try:
-        for (target, _), step_config in zip(steps, configs):
-            targets = resolve_targets(model, config.modules, method.block_size(step_config))
-            curvature = _estimate(model, loader, targets, step_config)
-            for phase in ("gradients", "inverse"):
-                timings[phase] += curvature.timings[phase]
-            _apply(targets, curvature, step_config, target, timings)
-            damp, forms = curvature.damp, curvature.forms
+        with display(config.progress):
+            for (target, _), step_config in zip(steps, configs):
+                targets = resolve_targets(model, config.modules, method.block_size(step_config))
+                curvature = _estimate(model, loader, targets, step_config)
+                for phase in ("gradients", "inverse"):
+                    timings[phase] += curvature.timings[phase]
+                _apply(targets, curvature, step_config, target, timings)
+                damp, forms = curvature.damp, curvature.forms
+        timings["total"] = time.perf_counter() - start
+        extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": method.block_size(configs[0])}
+        return _result(model, targets, config, damp, forms, timings, before, extra, stacklevel=4)
     except BaseException:
         snapshot.restore()
         raise
-    timings["total"] = time.perf_counter() - start
-    extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": method.block_size(configs[0])}
-    return _result(targets, config, damp, forms, timings, before, extra)

@@ -1,4 +1,4 @@
-"""FLOPs of Linear / Conv layers, dense and sparse, measured with forward hooks.
+"""FLOPs of Linear / Conv / HF Conv1D layers and attention projections, dense and sparse, measured with hooks.
 
 Convention: one multiply-accumulate = one FLOP (the convention under which ResNet-50
 has ~4.1 GFLOPs, as in the pruning literature); biases, BN, activations and pooling
@@ -9,17 +9,21 @@ for a Linear on a vector), so
     dense FLOPs = numel * uses,   sparse FLOPs = nnz(weight) * uses.
 
 ``uses`` is also the FLOPs-per-parameter factor of the FLOPs-aware statistic
-rho / flops_per_param^beta (paper Sec. 5.4).
+rho / flops_per_param^beta (paper Sec. 5.4). HuggingFace's ``Conv1D`` is a Linear layer
+(``uses`` = positions of its output, whose last dim is ``nf``); the projections an
+``nn.MultiheadAttention`` reads directly are counted from its query / key lengths
+(:func:`flops_per_param_of_batch`).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .batches import peek, to_batch
 from .state import eval_mode
+from .targets import is_hf_conv1d, unwrap_model
 
 __all__ = ["FLOP_MODULES", "layer_flops", "count_flops", "flops_per_param", "flops_per_param_of_batch",
            "layer_flops_per_param"]
@@ -47,15 +51,15 @@ def layer_flops(model: nn.Module, input_shape: Sequence[int],
 
     def hook(module: nn.Module, _inputs, output: torch.Tensor) -> None:
         name = names[module]
-        channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-        uses = output.numel() // channels  # batch of one sample
+        uses = output.numel() // _out_channels(module)  # batch of one sample
         w = module.weight
         entry = stats.setdefault(name, {"weight": f"{name}.weight" if name else "weight",
                                         "shape": tuple(w.shape), "params": w.numel(),
                                         "nnz": int(torch.count_nonzero(w)), "uses": 0})
         entry["uses"] = int(entry["uses"]) + int(uses)  # a module called twice counts twice
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, FLOP_MODULES)]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, FLOP_MODULES) or is_hf_conv1d(m)]
     try:
         with eval_mode(model):
             model(torch.zeros((1, *[int(s) for s in input_shape]), dtype=first.dtype, device=device))
@@ -82,9 +86,43 @@ def flops_per_param(model: nn.Module, input_shape: Sequence[int]) -> Dict[str, i
 def _out_channels(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.out_features
-    if hasattr(module, "nf"):  # HuggingFace Conv1D
+    if is_hf_conv1d(module):  # HuggingFace Conv1D: (in, out) weight, outputs (..., nf)
         return int(module.nf)
     return module.out_channels
+
+
+def _seq_len(x: torch.Tensor, batch_first: bool) -> int:
+    """Sequence length of an MHA input: (L, E) unbatched, (N, L, E) batch-first, else (L, N, E)."""
+    return int(x.shape[1] if (x.dim() == 3 and batch_first) else x.shape[0])
+
+
+def _attention_hooks(inner: nn.Module, targets, uses: Dict[str, float]) -> Tuple[list, set]:
+    """Hooks on every nn.MultiheadAttention whose projections are targets (it reads them without calling
+    a submodule): ``in_proj_weight`` rows serve the query (L_q uses) and key / value (L_k uses each),
+    ``q_proj_weight`` L_q, ``k_proj_weight`` / ``v_proj_weight`` L_k, ``out_proj.weight`` L_q.
+    Returns (hook handles, names of the targets they count)."""
+    handles, covered = [], set()
+    for mha in (m for m in inner.modules() if isinstance(m, nn.MultiheadAttention)):
+        mine = {}
+        for t in targets:
+            if t.module is mha and t.attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                mine[t.name] = t.attr
+            elif t.module is mha.out_proj and t.attr == "weight":
+                mine[t.name] = "out_proj"
+        if not mine:
+            continue
+        covered |= set(mine)
+
+        def hook(module, args, kwargs, _output, mine=mine):
+            query = args[0] if args else kwargs["query"]
+            key = args[1] if len(args) > 1 else kwargs.get("key", query)
+            lq, lk = _seq_len(query, module.batch_first), _seq_len(key, module.batch_first)
+            per = {"in_proj_weight": (lq + 2 * lk) / 3, "q_proj_weight": lq, "k_proj_weight": lk,
+                   "v_proj_weight": lk, "out_proj": lq}
+            for name, attr in mine.items():
+                uses[name] = uses.get(name, 0) + per[attr]
+        handles.append(mha.register_forward_hook(hook, with_kwargs=True))
+    return handles, covered
 
 
 @torch.no_grad()
@@ -92,19 +130,21 @@ def flops_per_param_of_batch(model: nn.Module, batch, targets) -> Dict[str, floa
     """{target name: FLOPs per weight entry and sample}, measured on the first sample of ``batch``.
 
     Args:
-        model: the network (run once in eval mode; every module's flag restored).
+        model: the network (its unwrapped module is run once in eval mode; every module's
+            flag restored).
         batch: a :class:`woodfisher.Batch` (its first sample is used).
-        targets: the :class:`woodfisher.targets.PruneTarget` weights; each must be the
-            ``weight`` of a module called in the forward pass (Linear / Conv / HF Conv1D).
+        targets: the :class:`woodfisher.targets.PruneTarget` weights: weights of Linear /
+            Conv / HF Conv1D modules called in the forward pass, or projections of an
+            ``nn.MultiheadAttention`` (counted from its query and key lengths).
     Raises:
-        ValueError: a target whose module was not called (e.g. ``nn.MultiheadAttention``'s
-            ``in_proj_weight``, read without a submodule call), naming it.
+        ValueError: a target that is none of these (e.g. a named embedding), naming it.
     """
+    inner = unwrap_model(model)[0]
     one = batch.take(0, 1)
-    uses: Dict[str, int] = {}
-    handles = []
+    uses: Dict[str, float] = {}
+    handles, covered = _attention_hooks(inner, targets, uses)
     for t in targets:
-        if t.attr != "weight" or t.kind not in ("linear", "conv", "conv1d_hf") or t.module is None:
+        if t.name in covered or t.attr != "weight" or t.kind not in ("linear", "conv", "conv1d_hf"):
             continue
 
         def hook(module, _inputs, output, name=t.name):
@@ -112,14 +152,15 @@ def flops_per_param_of_batch(model: nn.Module, batch, targets) -> Dict[str, floa
         handles.append(t.module.register_forward_hook(hook))
     try:
         with eval_mode(model):
-            model(*one.args, **one.kwargs)
+            inner(*one.args, **one.kwargs)
     finally:
         for h in handles:
             h.remove()
     missing = [t.label for t in targets if uses.get(t.name, 0) <= 0]
     if missing:
         raise ValueError(f"layers {missing} were not called in the forward pass; cannot count their FLOPs "
-                         "(beta > 0 needs every pruned weight to belong to a Linear / Conv module that runs)")
+                         "(beta > 0 needs every pruned weight to belong to a Linear / Conv / HF Conv1D module "
+                         "that runs, or to an nn.MultiheadAttention)")
     return {t.name: float(uses[t.name]) for t in targets}
 
 

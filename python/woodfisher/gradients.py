@@ -49,13 +49,9 @@ from torch.utils import _pytree as pytree
 import woodfisher_kernels as wk
 
 from .batches import Batch, compute_loss, logits_of, sample_targets, to_batch
+from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
-
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover - tqdm is a dependency, this only guards odd installs
-    tqdm = None
 
 __all__ = ["GradientCollector", "compute_dtype", "chunk_samples", "CHUNK_BYTES", "MAX_CHUNK_SAMPLES"]
 
@@ -146,7 +142,8 @@ class GradientCollector:
         want_loss_grad: also compute the mean loss gradient (WoodTaylor): the mean of the
             m gradients, or, with ``sampled_fisher``, of extra gradients taken with the
             loader's targets.
-        progress: show a tqdm bar (rate and ETA).
+        progress: show a progress bar (rate and ETA): a phase of the active
+            :mod:`woodfisher.progress` display, else a tqdm bar of its own.
         batch_adapter: loader item -> :class:`woodfisher.Batch` (None: the default reading).
         chunk_bytes: memory for one chunk's gradients (see :func:`chunk_samples`).
 
@@ -310,9 +307,7 @@ class GradientCollector:
         gen = torch.Generator().manual_seed(int(self.seed))
         self.count, self.samples, self.sum_sq = 0, 0, 0.0
         loss_sum = None
-        bar = None
-        if tqdm is not None and self.progress:
-            bar = tqdm(total=self.num_grads, desc=self.desc, unit="grad", leave=False)
+        bar = progress_bar(self.num_grads, self.desc, "grad", enabled=self.progress)
         try:
             with eval_mode(self.model):
                 for flat in self._sample_chunks(device):
@@ -329,12 +324,10 @@ class GradientCollector:
                         loss_sum = part if loss_sum is None else {k: loss_sum[k] + part[k] for k in part}
                     self.count += count
                     self.samples += count * self.fbs
-                    if bar is not None:
-                        bar.update(count)
+                    bar.update(count)
                     yield piece
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         if self.count == 0:
             raise ValueError(f"loader yielded fewer than fisher_batch_size={self.fbs} samples: "
                              "no gradient could be computed (empty data loader?)")

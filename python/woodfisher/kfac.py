@@ -1,4 +1,4 @@
-"""K-FAC OBS pruning baseline (Linear and Conv2d layers, whole-layer Kronecker blocks).
+"""K-FAC OBS pruning baseline (Linear, HF Conv1D and Conv2d layers, whole-layer Kronecker blocks).
 
 For a Linear layer ``s = W a`` with W of shape (out, in), one sample's weight gradient
 is ``g a^T`` (g = dL/ds). Flattening W row-major, ``vec_row(g a^T) = g (x) a`` (Kronecker
@@ -9,6 +9,14 @@ product, out-factor first), so the Fisher block is
 The order matters: ``A (x) S`` is the Fisher of the *column-major* flattening, the
 mistake the WoodFisher paper's reviewers pointed out. With one sample the
 factorisation is exact (tested against the dense Fisher).
+
+HuggingFace's ``Conv1D`` (GPT-2) is a Linear layer with its weight stored transposed,
+``(in, out)``: its factors are the Linear ones, for the canonical ``(out, in)`` weight.
+Sequence inputs ``(N, T, in)`` give one row per position, as the conv positions below.
+
+The model is run unwrapped (``torch.compile`` / DataParallel wrappers are not called) with
+``torch.func.functional_call`` on detached copies of the pruned weights, so frozen weights
+(``requires_grad=False``) work and the caller's parameters receive no gradient.
 
 Conv2d uses the standard unfolding (KFC, Grosse & Martens 2016): a are the
 ``in * kh * kw`` input patches at each of the T output positions (``F.unfold``, the
@@ -34,15 +42,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from .batches import compute_loss, logits_of, sample_targets, to_batch
+from .progress import progress_bar
 from .state import eval_mode
-from .targets import PruneTarget
-
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover
-    tqdm = None
+from .targets import PruneTarget, unwrap_model
 
 
 @dataclass
@@ -57,13 +62,13 @@ class KFACFactors:
 def check_kfac_layer(layer: PruneTarget) -> None:
     """Refuse weights the K-FAC baseline does not model, naming them."""
     m = layer.module
-    if layer.attr != "weight" or layer.kind not in ("linear", "conv"):
-        raise ValueError(f"method='kfac' supports the weights of Linear and Conv2d modules only; "
+    if layer.attr != "weight" or layer.kind not in ("linear", "conv", "conv1d_hf"):
+        raise ValueError(f"method='kfac' supports the weights of Linear, HF Conv1D and Conv2d modules only; "
                          f"{layer.label!r} is not one")
     if len(layer.owners) > 1:
         raise ValueError(f"method='kfac' models one layer per weight; {layer.label!r} is shared by modules "
                          f"{list(layer.owners)} (tied weights): use method='woodfisher'")
-    if isinstance(m, nn.Linear):
+    if isinstance(m, nn.Linear) or layer.kind == "conv1d_hf":
         return
     if isinstance(m, nn.Conv2d):
         if m.groups != 1 or isinstance(m.padding, str) or m.padding_mode != "zeros":
@@ -77,7 +82,7 @@ def check_kfac_layer(layer: PruneTarget) -> None:
 def _patches(layer: PruneTarget, x: torch.Tensor) -> torch.Tensor:
     """Inputs -> (rows, in') with one row per (sample, position)."""
     m = layer.module
-    if isinstance(m, nn.Linear):
+    if not isinstance(m, nn.Conv2d):  # Linear, HF Conv1D: one row per position of the last dim
         return x.reshape(-1, x.shape[-1])
     cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
@@ -85,7 +90,7 @@ def _patches(layer: PruneTarget, x: torch.Tensor) -> torch.Tensor:
 
 def _out_grads(layer: PruneTarget, g: torch.Tensor) -> torch.Tensor:
     """Output gradients -> (rows, out), rows in the order of :func:`_patches`."""
-    if isinstance(layer.module, nn.Linear):
+    if not isinstance(layer.module, nn.Conv2d):
         return g.reshape(-1, g.shape[-1])
     return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
 
@@ -106,7 +111,10 @@ def kfac_factors(model: nn.Module, loader, layers: List[PruneTarget], *,
     """
     for layer in layers:
         check_kfac_layer(layer)
-    device = next(model.parameters()).device
+    inner = unwrap_model(model)[0]
+    params = dict(inner.named_parameters())
+    buffers = dict(inner.named_buffers())
+    device = next(iter(params.values())).device
     gen = torch.Generator().manual_seed(int(seed))
     sums = {layer.name: [0.0, 0.0, 0] for layer in layers}
     seen: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -118,8 +126,7 @@ def kfac_factors(model: nn.Module, loader, layers: List[PruneTarget], *,
 
     handles = [layer.module.register_forward_hook(hook(layer)) for layer in layers]
     left = int(num_samples)
-    bar = tqdm(total=left, desc="K-FAC factors", unit="sample", leave=False) \
-        if (tqdm is not None and progress) else None
+    bar = progress_bar(left, "K-FAC factors", "sample", enabled=progress)
     try:
         with eval_mode(model), torch.enable_grad():
             for item in loader:
@@ -131,7 +138,10 @@ def kfac_factors(model: nn.Module, loader, layers: List[PruneTarget], *,
                 if sampled_fisher:
                     batch = batch.without_target()
                 seen.clear()
-                out = model(*batch.args, **batch.kwargs)
+                # the unwrapped module on the weights as leaves of their own: outputs get gradients even
+                # when the caller froze the weights, and the caller's tensors get none
+                leaves = {layer.key: params[layer.key].detach().requires_grad_(True) for layer in layers}
+                out = functional_call(inner, ({**params, **leaves}, buffers), batch.args, batch.kwargs)
                 target = sample_targets(logits_of(out), gen) if sampled_fisher else batch.target
                 loss = compute_loss(out, target, loss_fn)
                 missing = [layer.name for layer in layers if layer.name not in seen]
@@ -153,13 +163,11 @@ def kfac_factors(model: nn.Module, loader, layers: List[PruneTarget], *,
                     acc[1] = acc[1] + go.T @ go
                     acc[2] += n
                 left -= n
-                if bar is not None:
-                    bar.update(n)
+                bar.update(n)
     finally:
         for h in handles:
             h.remove()
-        if bar is not None:
-            bar.close()
+        bar.close()
     total = int(num_samples) - left
     if total <= 0:
         raise ValueError("loader yielded no samples (empty data loader?)")

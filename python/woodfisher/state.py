@@ -8,18 +8,21 @@
 - :func:`clone_model`: ``copy.deepcopy`` that also works on models holding
   ``torch.nn.utils.prune`` masks (their derived ``weight`` attribute is a non-leaf tensor,
   which deepcopy refuses).
+- :func:`derived_weights_kept`: those derived weights restored after passes that run the
+  model on substituted parameters (gradient collection, K-FAC factors, FLOPs counting).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import List
+from typing import Iterator, List, Tuple
 
 import torch
 from torch import nn
 
 from .targets import PruneTarget
 
-__all__ = ["eval_mode", "Snapshot", "clone_model"]
+__all__ = ["eval_mode", "Snapshot", "clone_model", "derived_weights_kept"]
 
 
 class eval_mode:
@@ -52,8 +55,36 @@ class Snapshot:
             t.param.copy_(weight)
             for buf, mask in zip(t._mask_buffers(), masks):
                 buf.copy_(mask)
-            if t.reparam == "prune":
-                setattr(t.module, t.attr, t.param * getattr(t.module, t.attr + "_mask"))
+            t.refresh()
+
+
+def _derived(model: nn.Module) -> List[Tuple[nn.Module, str, torch.Tensor]]:
+    """(module, attribute, tensor) of every ``torch.nn.utils.prune``-derived weight (``weight_orig * weight_mask``,
+    recomputed by a forward pre-hook)."""
+    out = []
+    for module in model.modules():
+        for hook in getattr(module, "_forward_pre_hooks", {}).values():
+            attr = getattr(hook, "_tensor_name", None)
+            if attr is not None and isinstance(getattr(module, attr, None), torch.Tensor):
+                out.append((module, attr, getattr(module, attr)))
+    return out
+
+
+@contextlib.contextmanager
+def derived_weights_kept(model: nn.Module) -> Iterator[None]:
+    """Restore the ``torch.nn.utils.prune``-derived weights on exit.
+
+    Forward passes with substituted parameters (``torch.func.functional_call``) leave the
+    derived ``weight`` attribute computed from the substitutes (a non-leaf tensor, which
+    ``copy.deepcopy`` refuses, and stale values); passes that do not write weights run
+    inside this context so the model keeps the tensors it had.
+    """
+    saved = _derived(model)
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
 
 
 def clone_model(model: nn.Module) -> nn.Module:
@@ -63,16 +94,7 @@ def clone_model(model: nn.Module) -> nn.Module:
     by a forward pre-hook) is a non-leaf tensor after a forward pass with gradients; it is
     detached for the copy and put back on the original afterwards.
     """
-    derived = []
-    for module in model.modules():
-        for hook in getattr(module, "_forward_pre_hooks", {}).values():
-            attr = getattr(hook, "_tensor_name", None)
-            if attr is not None and isinstance(getattr(module, attr, None), torch.Tensor):
-                derived.append((module, attr, getattr(module, attr)))
-    try:
-        for module, attr, value in derived:
+    with derived_weights_kept(model):
+        for module, attr, value in _derived(model):
             setattr(module, attr, value.detach())
         return copy.deepcopy(model)
-    finally:
-        for module, attr, value in derived:
-            setattr(module, attr, value)

@@ -4,9 +4,12 @@ A :class:`PruneTarget` is one weight Parameter, named as the caller's model name
 default the targets are the ``weight`` of every ``nn.Linear`` / ``nn.Conv{1,2,3}d``, of
 HuggingFace's ``Conv1D`` (GPT-2; weight stored ``(in, out)``) and the input projections
 of ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight``), which that
-module reads without calling a submodule. ``modules=`` accepts module names (meaning
-their weight) or any parameter name (``"attn.in_proj_weight"``). Biases and
-normalisation layers are never pruned by default.
+module reads without calling a submodule. ``modules=`` accepts parameter names
+(``"attn.in_proj_weight"``, any name of a tied Parameter), names of modules with a
+``weight`` (meaning that weight, e.g. an ``nn.Embedding`` named on purpose) and names of
+any other module (meaning the default targets inside it: ``"encoder.layers.0"``, or an
+``nn.MultiheadAttention``'s projections). Biases and normalisation layers are never
+pruned by default.
 
 Rules (one place for all of them, the pruner, pruning at initialisation and reports):
 
@@ -21,11 +24,7 @@ Rules (one place for all of them, the pruner, pruning at initialisation and repo
   (``weight_orig`` + ``weight_mask``) and ``torch.nn.utils.parametrize`` with a mask
   (``torch.ao.pruning``'s ``FakeSparsity``); targets keep the logical name ``"<m>.weight"``.
 
-Blocks: a weight is laid out in *canonical* (out, in, *kernel) order (``Conv1D`` weights
-are transposed), flattened row-major (``numel``) and cut into blocks of ``c``
-consecutive entries with :func:`woodfisher_kernels.to_blocks`; a block never spans two
-targets and the zero padding of the last block is never pruned. Rows (output channels)
-are contiguous, which the "rows" and N:M patterns rely on.
+Blocks: see :mod:`woodfisher.layout` (canonical (out, in, ...) order, HF ``Conv1D`` transposed).
 """
 from __future__ import annotations
 
@@ -34,8 +33,9 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-import woodfisher_kernels as wk
+from .layout import BlockLayout, Layout
 
 __all__ = ["PRUNABLE_TYPES", "BlockLayout", "Layout", "PruneTarget", "resolve_targets", "unwrap_model",
            "default_target_names"]
@@ -45,7 +45,7 @@ PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module) -> bool:
     """transformers.pytorch_utils.Conv1D (no import of transformers needed)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
@@ -60,75 +60,6 @@ def unwrap_model(model: nn.Module) -> Tuple[nn.Module, str]:
             model, prefix = model._orig_mod, prefix + "_orig_mod."
         else:
             return model, prefix
-
-
-class BlockLayout:
-    """How a weight of ``shape`` / ``kind`` is cut into blocks of ``block_size`` (mixin).
-
-    Subclasses provide ``shape``, ``kind`` and ``block_size``.
-    """
-
-    shape: torch.Size
-    kind: str
-    block_size: int
-
-    @property
-    def numel(self) -> int:
-        return self.shape.numel()
-
-    @property
-    def num_blocks(self) -> int:
-        return wk.num_blocks(self.numel, self.block_size)
-
-    @property
-    def out_features(self) -> int:
-        """Rows (output channels / features) of the canonical layout."""
-        return self.shape[1] if self.kind == "conv1d_hf" else self.shape[0]
-
-    @property
-    def row_length(self) -> int:
-        """Entries per output row / filter: ``numel // out``."""
-        return self.numel // self.out_features
-
-    def canonical(self, x: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
-        """Weight-shaped ``x`` (with ``batch_dims`` leading dims) -> canonical (out, in, ...) order, flat."""
-        lead = x.shape[:batch_dims]
-        x = x.reshape(*lead, *self.shape)
-        if self.kind == "conv1d_hf":
-            x = x.transpose(-1, -2)
-        return x.reshape(*lead, self.numel)
-
-    def from_canonical(self, flat: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`canonical` for one weight: (numel,) -> weight shape."""
-        if self.kind == "conv1d_hf":
-            return flat.reshape(self.shape[1], self.shape[0]).T
-        return flat.reshape(self.shape)
-
-    def blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """Weight-shaped tensor -> (B, c) in canonical order, zero (False) padded."""
-        flat = self.canonical(x)
-        if flat.dtype == torch.bool:
-            return wk.to_blocks(flat.to(torch.uint8), self.block_size).bool()
-        return wk.to_blocks(flat, self.block_size)
-
-    def grad_blocks(self, grads: torch.Tensor) -> torch.Tensor:
-        """Gradients (m, *shape) or (m, numel) -> (B, m, c) contiguous, the layout of the kernel ops."""
-        flat = self.canonical(grads, batch_dims=1)
-        return wk.to_blocks(flat, self.block_size).transpose(0, 1).contiguous()
-
-    def unblock(self, xb: torch.Tensor) -> torch.Tensor:
-        """(B, c) -> weight shape, dropping the padding."""
-        return self.from_canonical(wk.from_blocks(xb, self.numel))
-
-
-@dataclass(frozen=True)
-class Layout(BlockLayout):
-    """The layout of one weight without the weight: name, shape, kind, block size."""
-
-    name: str
-    shape: torch.Size
-    kind: str
-    block_size: int
 
 
 @dataclass
@@ -146,6 +77,8 @@ class PruneTarget(BlockLayout):
         block_size: ``c``, entries per Fisher block (``numel`` for a whole-layer block).
         reparam: ``None``, ``"prune"`` (torch.nn.utils.prune) or ``"parametrize"``.
         owners: names of every module that holds this Parameter (several when tied).
+        holders: (module, logical attribute) of every module that holds it (masks of
+            tied weights are kept on each of them).
     """
 
     name: str
@@ -156,6 +89,7 @@ class PruneTarget(BlockLayout):
     block_size: int
     reparam: Optional[str] = None
     owners: Tuple[str, ...] = ()
+    holders: Tuple[Tuple[nn.Module, str], ...] = ()
 
     @property
     def param_name(self) -> str:
@@ -180,12 +114,28 @@ class PruneTarget(BlockLayout):
             return self.module.parametrizations[self.attr].original
         return getattr(self.module, self.attr)
 
+    def _holders(self) -> Tuple[Tuple[nn.Module, str], ...]:
+        return self.holders or ((self.module, self.attr),)
+
     def _mask_buffers(self) -> List[torch.Tensor]:
-        if self.reparam == "prune":
-            return [getattr(self.module, self.attr + "_mask")]
-        if self.reparam == "parametrize":
-            return [p.mask for p in self.module.parametrizations[self.attr]]
-        return []
+        """Every mask applied to the weight: ``<attr>_mask`` / parametrization masks of each holder."""
+        masks = []
+        for module, attr in self._holders():
+            if self.reparam == "prune" and hasattr(module, attr + "_mask"):
+                masks.append(getattr(module, attr + "_mask"))
+            elif self.reparam == "parametrize" and parametrize.is_parametrized(module, attr):
+                masks += [p.mask for p in module.parametrizations[attr]]
+        return masks
+
+    def refresh(self) -> None:
+        """Recompute the derived ``<attr> = <attr>_orig * <attr>_mask`` of torch.nn.utils.prune holders now
+        (their forward pre-hook would do it at the next call; a stale tensor must not be read before)."""
+        if self.reparam != "prune":
+            return
+        with torch.no_grad():
+            for module, attr in self._holders():
+                if hasattr(module, attr + "_mask"):
+                    setattr(module, attr, getattr(module, attr + "_orig") * getattr(module, attr + "_mask"))
 
     @property
     def shape(self) -> torch.Size:
@@ -213,8 +163,7 @@ class PruneTarget(BlockLayout):
         param.copy_(weight.reshape(self.shape).to(param.dtype) * keep)
         for mask in self._mask_buffers():
             mask.copy_(keep.to(mask.dtype))
-        if self.reparam == "prune":  # the prune pre-hook recomputes .weight; refresh it now too
-            setattr(self.module, self.attr, param * getattr(self.module, self.attr + "_mask"))
+        self.refresh()
 
 
 def _logical(module_name: str, param_attr: str) -> Tuple[str, str, Optional[str]]:
@@ -232,13 +181,19 @@ def _join(*parts: str) -> str:
 
 
 def _entries(model: nn.Module) -> Dict[str, dict]:
-    """{logical param name: info} for every unique Parameter of the (unwrapped) model."""
-    modules = dict(model.named_modules())
-    owners: Dict[int, List[Tuple[str, nn.Module]]] = {}
+    """{logical param name: info} for every unique Parameter of the (unwrapped) model.
+
+    ``holders`` lists (module name, module, logical attribute) of every module holding the
+    Parameter, once per module object (a shared submodule is listed once).
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
+    holders: Dict[int, List[Tuple[str, nn.Module, str]]] = {}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
-        for _, p in mod.named_parameters(recurse=False):
-            if all(m is not mod for _, m in owners.get(id(p), [])):
-                owners.setdefault(id(p), []).append((mod_name, mod))
+        for pname, p in mod.named_parameters(recurse=False):
+            owner_name, logical, _ = _logical(mod_name, pname)
+            owner = modules[owner_name]
+            if all(m is not owner for _, m, _ in holders.get(id(p), [])):
+                holders.setdefault(id(p), []).append((owner_name, owner, logical))
     out: Dict[str, dict] = {}
     for key, p in model.named_parameters():
         mod_name, _, attr = key.rpartition(".")
@@ -247,7 +202,8 @@ def _entries(model: nn.Module) -> Dict[str, dict]:
         if reparam == "prune" and not hasattr(owner, logical + "_mask"):
             reparam, logical = None, attr
         out[_join(owner_name, logical)] = dict(key=key, module=owner, attr=logical, reparam=reparam, param=p,
-                                               owners=owners.get(id(p), []))
+                                               owners=[(n, m) for n, m, _ in holders.get(id(p), [])],
+                                               holders=[(m, a) for _, m, a in holders.get(id(p), [])])
     return out
 
 
@@ -258,7 +214,7 @@ def _kind(module: nn.Module, attr: str) -> Optional[str]:
             return "conv"
         if isinstance(module, nn.Linear):
             return "linear"
-        if _is_hf_conv1d(module):
+        if is_hf_conv1d(module):
             return "conv1d_hf"
     if isinstance(module, nn.MultiheadAttention) and attr in _MHA_WEIGHTS:
         return "linear"
@@ -284,8 +240,13 @@ def default_target_names(model: nn.Module) -> List[str]:
     return names
 
 
-def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module) -> str:
-    """Logical parameter name for a user-given module or parameter name (any name of a tied Parameter)."""
+def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module) -> List[str]:
+    """Logical parameter names for a user-given name.
+
+    A parameter name (any name of a tied Parameter) or a module with a ``weight`` gives
+    that weight; any other module gives the default targets held by it or its submodules
+    (``"enc.layers.0.self_attn"``: ``in_proj_weight`` and ``out_proj.weight``).
+    """
     if not isinstance(raw, str):
         raise ValueError(f"modules must hold module or parameter names (str), got {raw!r}")
     by_id = {id(info["param"]): name for name, info in entries.items()}
@@ -296,13 +257,22 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module) -> str:
         aliases.setdefault(_join(owner_name, logical), by_id.get(id(p)))
     for cand in (raw, _join(raw, "weight")):
         if cand in entries:
-            return cand
+            return [cand]
         if aliases.get(cand) is not None:
-            return aliases[cand]
-    modules = dict(model.named_modules())
-    if raw in modules:
-        raise ValueError(f"modules: {raw!r} is a {type(modules[raw]).__name__} without a weight to prune")
-    raise ValueError(f"modules: no module or parameter named {raw!r} in the model")
+            return [aliases[cand]]
+    modules = dict(model.named_modules(remove_duplicate=False))
+    if raw not in modules:
+        raise ValueError(f"modules: no module or parameter named {raw!r} in the model")
+    inside = [name for name in default_target_names(model)
+              if any(_within(owner, raw) for owner, _ in entries[name]["owners"])]
+    if not inside:
+        raise ValueError(f"modules: {raw!r} is a {type(modules[raw]).__name__} without a weight to prune "
+                         "(and holds no Linear / Conv / attention projection weight)")
+    return inside
+
+
+def _within(name: str, parent: str) -> bool:
+    return not parent or name == parent or name.startswith(parent + ".")
 
 
 def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
@@ -311,14 +281,15 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
 
     Args:
         model: the network (wrappers are seen through, see the module docstring).
-        modules: module names (``"fc1"``: its weight) or parameter names (``"fc1.weight"``,
-            ``"attn.in_proj_weight"``), optionally with the wrapper prefix (``"module.fc1"``);
-            None = the default targets.
+        modules: module names (``"fc1"``: its weight; a module without a weight, e.g.
+            ``"layer1"`` or an ``nn.MultiheadAttention``: the default targets inside it) or
+            parameter names (``"fc1.weight"``, ``"attn.in_proj_weight"``), optionally with
+            the wrapper prefix (``"module.fc1"``); None = the default targets.
         block_size: entries per Fisher block (int >= 1), or None for whole-weight blocks.
     Returns:
         list of :class:`PruneTarget`.
     Raises:
-        ValueError: unknown name (named), a named module without weight, a named
+        ValueError: unknown name (named), a named module without any prunable weight, a named
             parameter that is not a floating tensor of >= 2 dims, no prunable weight,
             or a bad ``block_size``.
     """
@@ -335,9 +306,7 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
         chosen = []
         for raw in modules:
             stripped = raw[len(prefix):] if prefix and isinstance(raw, str) and raw.startswith(prefix) else raw
-            name = _lookup(entries, stripped, inner)
-            if name not in chosen:
-                chosen.append(name)
+            chosen += [name for name in _lookup(entries, stripped, inner) if name not in chosen]
     if not chosen:
         raise ValueError("the model has no prunable module (Linear / Conv1d/2d/3d or a named weight)")
     targets = []
@@ -356,5 +325,6 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
                              "be pruned); remove the parametrization first")
         c = p.numel() if block_size is None else min(block_size, p.numel())
         targets.append(PruneTarget(prefix + name, info["key"], info["module"], info["attr"], kind, c,
-                                   info["reparam"], tuple(prefix + n for n, _ in info["owners"])))
+                                   info["reparam"], tuple(prefix + n for n, _ in info["owners"]),
+                                   tuple(info["holders"])))
     return targets

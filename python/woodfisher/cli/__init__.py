@@ -39,15 +39,25 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse ``argv``; a ``--config`` file sets the subcommand's defaults, flags override."""
+    """Parse ``argv``; a ``--config`` file sets the subcommand's defaults, flags override.
+
+    Required flags are required by argparse (shown so in ``--help`` and the usage line),
+    unless the config file gives them.
+    """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    if getattr(args, "config", None):
-        sub = _subparser(parser, args.command)
-        sub.set_defaults(**config_defaults(sub, load_config(args.config)))
-        args = parser.parse_args(argv)
-    return args
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    command = next((a for a in argv if a in {c.__name__.rsplit(".", 1)[1] for c in COMMANDS}), None)
+    if known.config and command is not None:
+        sub = _subparser(parser, command)
+        defaults = config_defaults(sub, load_config(known.config))
+        sub.set_defaults(**defaults)
+        for action in sub._actions:
+            if action.dest in defaults:
+                action.required = False
+    return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,9 +1,18 @@
-"""Helpers shared by the subcommands: argument types, model and data loading, output files."""
+"""Helpers shared by the subcommands: argument types, model and data loading, output files.
+
+Models and data are built-in names or the user's own, given as import paths of factories
+(``--model mypkg.models:build --data mypkg.data:calibration_loader``, or ``file.py:build``):
+each factory is called with no argument and returns the ``nn.Module`` / an iterable of
+batches. The current directory is importable, as with ``python -m``.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
-from typing import Dict, List, Optional, Union
+import sys
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -55,19 +64,52 @@ def block_size_type(text: str) -> Optional[Union[int, str]]:
     return value
 
 
-def add_model_args(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
-    p.add_argument("--model", choices=sorted(MODEL_SPECS), help="architecture (required)")
-    p.add_argument("--checkpoint", help=checkpoint_help)
+def model_type(text: str) -> str:
+    """A built-in model name or an import path ``package.module:factory`` / ``file.py:factory``."""
+    if text in MODEL_SPECS or is_import_path(text):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (built-in models: {', '.join(sorted(MODEL_SPECS))}; "
+                                     "or your own as an import path 'package.module:factory' or 'file.py:factory')")
+
+
+def is_import_path(text: Optional[str]) -> bool:
+    return isinstance(text, str) and ":" in text
+
+
+def add_model_args(p: argparse.ArgumentParser, checkpoint_help: str, *required_flags: Tuple[tuple, dict]) -> None:
+    """The model and data flags; ``required_flags`` ((args, kwargs) of add_argument) join --model in the help
+    group of required arguments, first in the usage line."""
+    required = p.add_argument_group("required arguments (on the command line or in --config)")
+    required.add_argument("--model", type=model_type, required=True, metavar="NAME|MODULE:FACTORY",
+                          help=f"a built-in architecture ({', '.join(sorted(MODEL_SPECS))}) or your own: the import "
+                               "path of a function that returns the nn.Module, e.g. mypkg.models:build or "
+                               "models.py:build")
+    for args, kwargs in required_flags:
+        required.add_argument(*args, required=True, **kwargs)
+    p.add_argument("--checkpoint", help=checkpoint_help + " (required for built-in models; optional for a "
+                   "factory that loads its own weights)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow full unpickling of a checkpoint that weights_only loading refuses "
                         "(only for files you trust)")
-    p.add_argument("--data", choices=["mnist", "cifar10", "digits"],
-                   help="dataset (default: the model's own: mlpnet->mnist, resnet20->cifar10, digits_mlp->digits)")
+    p.add_argument("--data", metavar="NAME|MODULE:FACTORY",
+                   help="calibration data: a built-in dataset (mnist, cifar10, digits; default: the model's own) or "
+                        "the import path of a function returning an iterable of batches, e.g. "
+                        "mypkg.data:calibration_loader (tuples, dicts or tensors, see woodfisher.batches)")
+    p.add_argument("--eval-data", metavar="MODULE:FACTORY",
+                   help="held-out batches for your own model: import path of a function returning them; the mean "
+                        "loss before and after is reported")
+    p.add_argument("--loss", metavar="MODULE:FUNCTION",
+                   help="import path of loss_fn(predictions, targets) (default: the model's own outputs.loss, "
+                        "else cross-entropy)")
+    p.add_argument("--batch-adapter", metavar="MODULE:FUNCTION",
+                   help="import path of batch_adapter(loader item) -> woodfisher.Batch, for loaders the default "
+                        "reading refuses as ambiguous")
     p.add_argument("--data-dir", help="directory with the dataset files (MNIST idx / CIFAR-10 python batches)")
     p.add_argument("--eval-samples", type=int, default=None,
                    help="evaluate on a fixed random subset of this many test samples (default: all)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--config", help="JSON file of option values (flags override it)")
+    p.add_argument("--config", help="JSON file of option values (flags override it); it may name --model, "
+                   "--data, ... too")
 
 
 def require(args: argparse.Namespace, *names: str) -> None:
@@ -76,23 +118,109 @@ def require(args: argparse.Namespace, *names: str) -> None:
             raise ValueError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
 
 
+def load_object(path: str, flag: str) -> Any:
+    """The object named by ``package.module:attr`` or ``path/to/file.py:attr`` (ValueError naming ``flag``)."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{flag} {path!r}: expected an import path 'package.module:name' or 'file.py:name'")
+    if module_name.endswith(".py") or os.sep in module_name:
+        if not os.path.isfile(module_name):
+            raise FileNotFoundError(f"{flag} {path!r}: file {module_name!r} not found")
+        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(module_name))[0],
+                                                      module_name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:  # the console script does not add it
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"{flag} {path!r}: cannot import module {module_name!r} ({err})") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{flag} {path!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def call_factory(path: str, flag: str) -> Any:
+    """Call the function named by import path ``path`` with no arguments."""
+    factory = load_object(path, flag)
+    if not callable(factory):
+        raise ValueError(f"{flag} {path!r} is a {type(factory).__name__}, not a function to call")
+    return factory()
+
+
 def load_model(args: argparse.Namespace):
+    """(built-in ModelSpec or None, model on ``args.device``) for a built-in name or a factory import path."""
     from ..checkpoint import load_checkpoint
 
-    require(args, "model", "checkpoint")
-    spec = MODEL_SPECS[args.model]
-    model = load_checkpoint(spec.factory(), args.checkpoint, trust_pickle=args.trust_pickle)
+    require(args, "model")
+    if is_import_path(args.model):
+        model = call_factory(args.model, "--model")
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"--model {args.model!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        spec = None
+    else:
+        require(args, "checkpoint")
+        spec = MODEL_SPECS[args.model]
+        model = spec.factory()
+    if args.checkpoint is not None:
+        load_checkpoint(model, args.checkpoint, trust_pickle=args.trust_pickle)
     return spec, model.to(args.device)
 
 
-def dataset_name(args: argparse.Namespace, spec) -> str:
+def user_functions(args: argparse.Namespace, spec) -> Dict[str, Any]:
+    """loss_fn and batch_adapter from --loss / --batch-adapter (a built-in model's loss by default)."""
+    out = {"loss_fn": spec.loss_fn if spec is not None else None, "batch_adapter": None}
+    for key, flag in (("loss_fn", "--loss"), ("batch_adapter", "--batch-adapter")):
+        path = getattr(args, flag[2:].replace("-", "_"))
+        if path is not None:
+            out[key] = load_object(path, flag)
+            if not callable(out[key]):
+                raise ValueError(f"{flag} {path!r} is not callable")
+    return out
+
+
+def dataset_name(args: argparse.Namespace, spec) -> Optional[str]:
+    """The built-in dataset to use, or None when --data is a factory (or absent for a factory model)."""
     from ..data import DATA_SHAPES
 
+    if is_import_path(args.data):
+        return None
+    if args.data is not None and args.data not in DATA_SHAPES:
+        raise ValueError(f"--data {args.data!r} is neither a built-in dataset ({', '.join(sorted(DATA_SHAPES))}) "
+                         "nor an import path 'package.module:factory'")
+    if spec is None:
+        return args.data
     data = args.data or spec.dataset
     if DATA_SHAPES[data] != spec.input_shape:
         raise ValueError(f"--data {data} (inputs {DATA_SHAPES[data]}) does not fit --model {args.model} "
                          f"(inputs {spec.input_shape})")
     return data
+
+
+def evaluator(args: argparse.Namespace, data: Optional[str], functions: Dict[str, Any]):
+    """(metric name, model -> value, test samples or None) for the before / after evaluation, or Nones.
+
+    --eval-data: the held-out mean loss (a fresh loader per evaluation, so single-pass
+    factories work); a built-in dataset at hand: the test accuracy.
+    """
+    if args.eval_data is not None:
+        from ..tuning import heldout_loss
+
+        def loss(model):
+            return heldout_loss(model, call_factory(args.eval_data, "--eval-data"), functions["loss_fn"],
+                                functions["batch_adapter"])
+        return "loss", loss, None
+    if data is not None and (data == "digits" or args.data_dir is not None):
+        from ..data import evaluate
+
+        test = test_set(args, data)
+        return "accuracy", (lambda model: evaluate(model, test, device=args.device)), len(test)
+    return None, None, None
 
 
 def test_set(args: argparse.Namespace, data: str):

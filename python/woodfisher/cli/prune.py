@@ -1,5 +1,13 @@
 """``woodfisher prune``: one-shot prune a model and write the pruned weights and reports.
 
+The model is a built-in one (``--model resnet20 --checkpoint w.pt``) or the user's own:
+``--model mypkg.models:build [--checkpoint w.pt] --data mypkg.data:calibration_loader
+[--eval-data mypkg.data:val_loader] [--loss ...] [--batch-adapter ...]`` (import paths of
+functions called with no argument; see :mod:`._common`), on the command line or in a
+``--config`` file. One progress line follows every phase (data, gradients, inverses,
+selection, update, evaluation, writing) and the seconds of each are printed at the end
+and written to report.json (``phases``).
+
 Every option of :class:`woodfisher.PruneConfig` that makes sense on a command line is a
 flag whose destination is the field's name, so a ``--config`` file takes the API's names
 (``{"num_grads": 256, "obs_update": false}``; the flag spellings work too).
@@ -8,18 +16,22 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Optional
 
 from ..methods import METHODS
 from ._common import (
     add_model_args,
     block_size_type,
+    call_factory,
     damp_type,
     dataset_name,
+    evaluator,
+    is_import_path,
     load_model,
     require,
     sparsity_type,
     steps_type,
-    test_set,
+    user_functions,
     write_outputs,
 )
 
@@ -32,8 +44,8 @@ CONFIG_FIELDS = ("sparsity", "method", "mode", "block_size", "num_grads", "fishe
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="one-shot prune a model and write the pruned weights and reports")
-    add_model_args(p, "checkpoint of the dense model (required)")
-    p.add_argument("--sparsity", type=sparsity_type, help="target fraction of zeros in [0, 1) (required)")
+    add_model_args(p, "checkpoint of the dense model",
+                   (("--sparsity",), dict(type=sparsity_type, help="target fraction of zeros in [0, 1)")))
     p.add_argument("--method", default="woodfisher", choices=list(METHODS),
                    help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()))
     p.add_argument("--mode", default="global", choices=["global", "layerwise"],
@@ -64,7 +76,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--inverse-form", default="auto", choices=["auto", "sequential", "lowrank", "stream"],
                    help="force a form of the block inverses")
     p.add_argument("--min-density", type=float, default=0.0, help="minimum fraction kept per layer")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="one progress line over every phase: data, gradients, inverses, selection, update, "
+                        "evaluation, writing")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the data order for the Fisher gradients (and label sampling)")
     p.add_argument("--out", default="out/prune", help="output directory (default: out/prune)")
@@ -72,9 +86,26 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _calibration(args: argparse.Namespace, data: Optional[str]):
+    """The loader of the Fisher batches: the --data factory's, or the built-in training set's."""
+    from ..data import load_dataset, make_loader
+
+    if is_import_path(args.data):
+        loader = call_factory(args.data, "--data")
+        if loader is None or not hasattr(loader, "__iter__"):
+            raise ValueError(f"--data {args.data!r} returned {type(loader).__name__}, not an iterable of batches")
+        return loader
+    if data is None:
+        raise ValueError("--data is required for your own model: the import path of a function returning "
+                         "calibration batches (e.g. mypkg.data:calibration_loader), or a built-in dataset name")
+    train = load_dataset(data, args.data_dir, "train")
+    batch = args.fisher_batch_size * max(1, 256 // args.fisher_batch_size)
+    return make_loader(train, batch, shuffle=True, seed=args.seed)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..config import PruneConfig
-    from ..data import evaluate, load_dataset, make_loader
+    from ..progress import display, phase
     from ..pruner import prune_one_shot
     from ..reports import format_table, sparsity_table, table_totals
 
@@ -82,37 +113,47 @@ def run(args: argparse.Namespace) -> int:
     for name in ("num_grads", "fisher_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    spec, model = load_model(args)
-    data = dataset_name(args, spec)
-    options = {f: getattr(args, f) for f in CONFIG_FIELDS}
-    if options["modules"] is None and spec.prunable:
-        options["modules"] = list(spec.prunable)
-    config = PruneConfig(loss_fn=spec.loss_fn, **options)  # every option checked before any data is read
-    test = test_set(args, data)
-    train = load_dataset(data, args.data_dir, "train")
-    batch = args.fisher_batch_size * max(1, 256 // args.fisher_batch_size)
-    loader = make_loader(train, batch, shuffle=True, seed=args.seed)
-    acc_before = evaluate(model, test, device=args.device)
-    t0 = time.perf_counter()
-    result = prune_one_shot(model, loader, config)
-    seconds = time.perf_counter() - t0
-    acc_after = evaluate(model, test, device=args.device)
-    rows = sparsity_table(result, model=model, input_shape=spec.input_shape)
-    title = f"{args.model} {args.method} ({args.mode}) at {100 * args.sparsity:.1f}% target sparsity"
-    report = {"model": args.model, "data": data, "checkpoint": args.checkpoint,
-              "eval_samples": len(test), "accuracy_before": acc_before, "accuracy_after": acc_after,
-              "sparsity": result.sparsity, "damp": result.damp, "seconds": seconds,
-              "magnitude_overlap": result.magnitude_overlap,
-              "timings": result.timings, "config": result.config, "layers": rows,
-              "totals": table_totals(rows)}
-    files = write_outputs(args.out, rows, report, title, model=model, masks=result.masks)
+    with display(args.progress, "woodfisher prune") as shown:
+        with phase("data"):
+            spec, model = load_model(args)
+            data = dataset_name(args, spec)
+            options = {f: getattr(args, f) for f in CONFIG_FIELDS}
+            if options["modules"] is None and spec is not None and spec.prunable:
+                options["modules"] = list(spec.prunable)
+            # every option checked before any data is read
+            config = PruneConfig(**user_functions(args, spec), **options)
+            metric, measure, samples = evaluator(args, data, user_functions(args, spec))
+            loader = _calibration(args, data)
+        before = after = None
+        if measure is not None:
+            with phase("evaluation"):
+                before = measure(model)
+        t0 = time.perf_counter()
+        result = prune_one_shot(model, loader, config)
+        seconds = time.perf_counter() - t0
+        if measure is not None:
+            with phase("evaluation"):
+                after = measure(model)
+        with phase("writing"):
+            rows = sparsity_table(result, model=model, input_shape=spec.input_shape if spec is not None else None)
+            title = f"{args.model} {args.method} ({args.mode}) at {100 * args.sparsity:.1f}% target sparsity"
+            report = {"model": args.model, "data": data or args.data, "checkpoint": args.checkpoint,
+                      "metric": metric, f"{metric}_before": before, f"{metric}_after": after,
+                      "eval_samples": samples, "sparsity": result.sparsity, "damp": result.damp,
+                      "seconds": seconds, "timings": result.timings, "phases": dict(shown.seconds),
+                      "config": result.config, "layers": rows, "totals": table_totals(rows)}
+            files = write_outputs(args.out, rows, report, title, model=model, masks=result.masks)
     print(format_table(rows, title=title))
     damp = f"damp {result.damp:.3g}; " if result.damp is not None else ""
-    steps = result.config.get("steps") or []
+    if metric == "accuracy":
+        print(f"accuracy before: {100 * before:.2f}%  after: {100 * after:.2f}%  (test set, {samples} samples)")
+    elif metric == "loss":
+        print(f"held-out loss before: {before:.4f}  after: {after:.4f}")
+    steps = len(result.config.get("steps") or [1])
     overlap = "" if result.magnitude_overlap is None or args.method in ("magnitude", "global_magnitude") else \
         f"; mask overlap with {args.mode} magnitude pruning {100 * result.magnitude_overlap:.1f}%"
-    print(f"accuracy before: {100 * acc_before:.2f}%  after: {100 * acc_after:.2f}%  "
-          f"(test set, {len(test)} samples); sparsity {100 * result.sparsity:.2f}% of the pruned weights; "
-          f"{damp}{len(steps)} step(s); pruning took {seconds:.1f} s{overlap}")
+    print(f"sparsity {100 * result.sparsity:.2f}% of the pruned weights; {damp}{steps} step(s); "
+          f"pruning took {seconds:.1f} s{overlap}")
+    print("time per phase: " + shown.summary())
     print("wrote: " + ", ".join(files))
     return 0

@@ -1,37 +1,49 @@
-"""``woodfisher report``: per-layer sparsity / FLOPs table (and accuracy) of a checkpoint."""
+"""``woodfisher report``: per-layer sparsity / FLOPs table (and accuracy or loss) of a model.
+
+The model is a built-in one with its checkpoint, or the user's own (``--model
+mypkg.models:build [--checkpoint w.pt]``); the table lists the weights the pruner
+prunes by default (:func:`woodfisher.resolve_targets`: unique tensors, tied weights once),
+or a built-in model's standard set.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 
-from ._common import add_model_args, dataset_name, load_model, test_set, write_outputs
+from ._common import add_model_args, dataset_name, evaluator, load_model, user_functions, write_outputs
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    r = sub.add_parser("report", help="per-layer sparsity / FLOPs table (and accuracy) of a checkpoint")
-    add_model_args(r, "checkpoint to inspect (required)")
+    r = sub.add_parser("report", help="per-layer sparsity / FLOPs table (and accuracy or loss) of a model")
+    add_model_args(r, "checkpoint to inspect")
     r.add_argument("--out", default=None, help="also write sparsity.md, report.json, layer_sparsity.png here")
     r.set_defaults(func=run)
     return r
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import evaluate
     from ..reports import format_table, sparsity_table, table_totals
+    from ..targets import resolve_targets
 
     spec, model = load_model(args)
     data = dataset_name(args, spec)
-    accuracy, test_len = None, 0
-    if data == "digits" or args.data_dir is not None:  # evaluate when the data is at hand
-        test = test_set(args, data)
-        accuracy, test_len = evaluate(model, test, device=args.device), len(test)
-    rows = sparsity_table(model, input_shape=spec.input_shape, names=list(spec.prunable) if spec.prunable else None)
-    title = f"{args.model}: {os.path.basename(args.checkpoint)}"
+    metric, measure, samples = evaluator(args, data, user_functions(args, spec))
+    value = measure(model) if measure is not None else None
+    if spec is not None:
+        names = list(spec.prunable) if spec.prunable else None
+    else:
+        names = [t.key for t in resolve_targets(model)]
+    rows = sparsity_table(model, input_shape=spec.input_shape if spec is not None else None, names=names)
+    title = f"{args.model}: {os.path.basename(args.checkpoint) if args.checkpoint else 'factory weights'}"
     print(format_table(rows, title=title))
-    if accuracy is not None:
-        print(f"accuracy: {100 * accuracy:.2f}% (test set, {test_len} samples)")
+    if metric == "accuracy":
+        print(f"accuracy: {100 * value:.2f}% (test set, {samples} samples)")
+    elif metric == "loss":
+        print(f"held-out loss: {value:.4f}")
     if args.out:
-        report = {"model": args.model, "checkpoint": args.checkpoint, "data": data, "accuracy": accuracy,
-                  "eval_samples": test_len, "layers": rows, "totals": table_totals(rows)}
+        report = {"model": args.model, "checkpoint": args.checkpoint, "data": data or args.data, "metric": metric,
+                  "value": value, "eval_samples": samples, "layers": rows, "totals": table_totals(rows)}
+        if metric == "accuracy":
+            report["accuracy"] = value
         print("wrote: " + ", ".join(write_outputs(args.out, rows, report, title)))
     return 0

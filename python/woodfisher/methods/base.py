@@ -16,16 +16,20 @@ A method is one small object (see :mod:`woodfisher.methods` for the registry):
 """
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from .. import structured as st
 from ..gradients import compute_dtype
 from ..masks import select_kept_masks
+from ..progress import phase
 
 Tensors = Dict[str, torch.Tensor]
+_PHASES = {"select": "selection", "update": "update"}
 
 
 @dataclass
@@ -38,7 +42,7 @@ class StepContext:
         config: the :class:`woodfisher.PruneConfig`.
         sparsity: the step's target sparsity over all targets.
         keep: {name: bool keep-mask} before the step (pruned entries stay pruned).
-        timings: seconds per phase, updated in place ("select", "update").
+        timings: seconds per phase, updated in place ("select", "update"; see :meth:`timed`).
     """
 
     targets: List[Any]
@@ -52,6 +56,17 @@ class StepContext:
     def mode(self) -> str:
         fixed = self.config.method_impl.fixed_mode
         return fixed if fixed is not None else self.config.mode
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Time a block as phase ``name`` ("select" or "update"): added to :attr:`timings` and shown
+        on the active :mod:`woodfisher.progress` display."""
+        start = time.perf_counter()
+        try:
+            with phase(_PHASES.get(name, name)):
+                yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     def select(self, scores: Tensors) -> Tensors:
         """Keep-masks from ``scores`` (higher = keep): FLOPs-aware when beta > 0, pruned stay pruned."""
@@ -116,5 +131,6 @@ class ScoreMethod(PruningMethod):
         raise NotImplementedError
 
     def step(self, ctx: StepContext) -> Tuple[Tensors, Tensors]:
-        keep = ctx.select(self.scores(ctx))
+        with ctx.timed("select"):
+            keep = ctx.select(self.scores(ctx))
         return {t.name: t.effective_weight() for t in ctx.targets}, keep

@@ -1,7 +1,5 @@
-"""K-FAC OBS baseline (Linear and Conv2d weights, whole-layer Kronecker blocks; :mod:`woodfisher.kfac`)."""
+"""K-FAC OBS baseline (Linear, HF Conv1D and Conv2d weights, whole-layer Kronecker blocks; :mod:`woodfisher.kfac`)."""
 from __future__ import annotations
-
-import time
 
 from ..kfac import check_kfac_layer, kfac_saliency, kfac_update
 from .base import PruningMethod
@@ -21,19 +19,20 @@ class KFAC(PruningMethod):
             check_kfac_layer(t)
 
     def step(self, ctx):
-        t0 = time.perf_counter()
         invs = ctx.curvature.inverses
-        w2 = {t.name: t.effective_weight().reshape(t.shape[0], -1) for t in ctx.targets}
-        scores = {t.name: kfac_saliency(w2[t.name], *invs[t.name]).reshape(t.shape) for t in ctx.targets}
-        masks = ctx.select(scores)
-        ctx.timings["select"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
+        with ctx.timed("select"):
+            # canonical (out, in') matrices: HF Conv1D weights are stored transposed
+            w2 = {t.name: t.canonical(t.effective_weight()).reshape(t.out_features, -1) for t in ctx.targets}
+            scores = {t.name: t.from_canonical(kfac_saliency(w2[t.name], *invs[t.name]).flatten())
+                      for t in ctx.targets}
+            masks = ctx.select(scores)
         new = {}
-        for t in ctx.targets:
-            n = t.name
-            if ctx.config.obs_update:
-                new[n] = kfac_update(w2[n], ~masks[n].reshape(t.shape[0], -1), *invs[n]).reshape(t.shape)
-            else:
-                new[n] = t.effective_weight() * masks[n]
-        ctx.timings["update"] += time.perf_counter() - t0
+        with ctx.timed("update"):
+            for t in ctx.targets:
+                n = t.name
+                if ctx.config.obs_update:
+                    prune = ~t.canonical(masks[n]).reshape(t.out_features, -1)
+                    new[n] = t.from_canonical(kfac_update(w2[n], prune, *invs[n]).flatten())
+                else:
+                    new[n] = t.effective_weight() * masks[n]
         return new, masks

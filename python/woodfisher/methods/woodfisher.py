@@ -11,8 +11,6 @@ entries exactly 0. Group patterns ("N:M", "rows") use the group statistic and up
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 import woodfisher_kernels as wk
@@ -29,30 +27,26 @@ class WoodFisher(PruningMethod):
     summary = "OBS with the blockwise inverse empirical Fisher (WoodFisher)"
 
     def step(self, ctx):
-        t0 = time.perf_counter()
         curv, cfg = ctx.curvature, ctx.config
         invs, lg = curv.inverses, curv.loss_grad or {}
-        w = ctx.blocked_weights()
         parsed = st.parse_pattern(cfg.pattern)
-        if parsed is not None:
-            out = self._group_step(ctx, parsed, invs, w)
-            ctx.timings["select"] += time.perf_counter() - t0
-            return out
-        scores = {t.name: t.unblock(wk.obs_saliency(invs[t.name], w[t.name], lg.get(t.name), backend=cfg.backend,
-                                                    check_finite=False))
-                  for t in ctx.targets}
-        masks = ctx.select(scores)
-        ctx.timings["select"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
+        with ctx.timed("select"):
+            w = ctx.blocked_weights()
+            if parsed is not None:
+                return self._group_step(ctx, parsed, invs, w)
+            scores = {t.name: t.unblock(wk.obs_saliency(invs[t.name], w[t.name], lg.get(t.name),
+                                                        backend=cfg.backend, check_finite=False))
+                      for t in ctx.targets}
+            masks = ctx.select(scores)
         new = {}
-        for t in ctx.targets:
-            n = t.name
-            if cfg.obs_update:
-                new[n] = t.unblock(wk.obs_update(invs[n], w[n], ~t.blocks(masks[n]), lg.get(n), backend=cfg.backend,
-                                                 check_finite=False))
-            else:
-                new[n] = t.effective_weight() * masks[n]
-        ctx.timings["update"] += time.perf_counter() - t0
+        with ctx.timed("update"):
+            for t in ctx.targets:
+                n = t.name
+                if cfg.obs_update:
+                    new[n] = t.unblock(wk.obs_update(invs[n], w[n], ~t.blocks(masks[n]), lg.get(n),
+                                                     backend=cfg.backend, check_finite=False))
+                else:
+                    new[n] = t.effective_weight() * masks[n]
         return new, masks
 
     def _group_step(self, ctx, parsed, invs, w):

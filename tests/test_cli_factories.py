@@ -1,0 +1,134 @@
+"""The CLI on the user's own model and data: factories by import path, a config naming them, one progress line."""
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from woodfisher.cli import build_parser, main
+
+PKG = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        """Keyword inputs and HF-style outputs: {"logits", "loss" when labels are given}."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, features, labels=None):
+            logits = self.fc2(torch.relu(self.fc1(features)))
+            out = {"logits": logits}
+            if labels is not None:
+                out["loss"] = nn.functional.cross_entropy(logits, labels)
+            return out
+
+
+    def build():
+        torch.manual_seed(0)
+        return Net()
+
+
+    def _batches(seed, n=32):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 6, generator=g)
+        y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+        return [{"features": x[i:i + 8], "labels": y[i:i + 8]} for i in range(0, n, 8)]
+
+
+    def calibration_loader():
+        return iter(_batches(1))  # single pass: a generator-like loader
+
+
+    def val_loader():
+        return _batches(2)
+
+
+    not_a_module = 3
+''')
+
+
+@pytest.fixture
+def user_pkg(tmp_path, monkeypatch):
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "stuff.py").write_text(PKG)
+    (tmp_path / "models.py").write_text(PKG)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
+        del sys.modules[name]
+
+
+def test_prune_a_factory_model_with_factory_data(user_pkg, capsys):
+    from mypkg.stuff import build
+
+    ckpt = user_pkg / "w.pt"
+    trained = build()
+    with torch.no_grad():
+        trained.fc1.bias.add_(1.0)  # the checkpoint differs from the factory's weights
+    torch.save(trained.state_dict(), ckpt)
+    out = user_pkg / "run"
+    code = main(["prune", "--model", "mypkg.stuff:build", "--checkpoint", str(ckpt), "--data",
+                 "mypkg.stuff:calibration_loader", "--eval-data", "mypkg.stuff:val_loader", "--sparsity", "0.5",
+                 "--num-grads", "32", "--out", str(out), "--progress"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "held-out loss before" in captured.out and "time per phase: data" in captured.out
+    for phase in ("data", "evaluation", "Fisher gradients", "inverses", "selection", "update", "writing"):
+        assert f"woodfisher prune: {phase}" in captured.err, phase  # one line, every phase shown
+    report = json.loads((out / "report.json").read_text())
+    assert report["metric"] == "loss" and report["loss_after"] > 0 and report["sparsity"] == pytest.approx(0.5)
+    assert set(report["phases"]) >= {"data", "evaluation", "Fisher gradients", "inverses", "selection", "update"}
+    state = torch.load(out / "pruned.pt", weights_only=True)
+    masks = torch.load(out / "masks.pt", weights_only=True)
+    assert set(masks) == {"fc1.weight", "fc2.weight"}
+    kept = state["fc1.weight"][masks["fc1.weight"]]
+    assert torch.all(state["fc1.weight"][~masks["fc1.weight"]] == 0) and kept.abs().mean() > 0
+    assert torch.equal(state["fc1.bias"], trained.fc1.bias)  # the checkpoint was loaded (biases are not pruned)
+
+
+def test_a_config_file_names_the_factories_and_a_file_path_works(user_pkg, capsys):
+    cfg = user_pkg / "cfg.json"
+    cfg.write_text(json.dumps({"model": "models.py:build", "data": "mypkg.stuff:calibration_loader",
+                               "sparsity": 0.6, "num_grads": 16, "method": "kfac", "progress": False}))
+    out = user_pkg / "run2"
+    assert main(["prune", "--config", str(cfg), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["method"] == "kfac" and report["sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert report["metric"] is None and "time per phase" in capsys.readouterr().out
+    assert main(["report", "--model", "models.py:build", "--eval-data", "mypkg.stuff:val_loader"]) == 0
+    printed = capsys.readouterr().out
+    assert "| fc1.weight |" in printed and "held-out loss" in printed
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model", "nosuchpkg.models:build", "--data", "mypkg.stuff:val_loader"], "cannot import module 'nosuchpkg"),
+    (["--model", "mypkg.stuff:nothere", "--data", "mypkg.stuff:val_loader"], "has no attribute 'nothere'"),
+    (["--model", "mypkg.stuff:val_loader", "--data", "mypkg.stuff:val_loader"], "not a torch.nn.Module"),
+    (["--model", "mypkg.stuff:not_a_module", "--data", "mypkg.stuff:val_loader"], "not a function"),
+    (["--model", "mypkg.stuff:build"], "--data is required for your own model"),
+    (["--model", "mypkg.stuff:build", "--data", "mypkg.stuff:build"], "batch"),
+    (["--model", "missing.py:build", "--data", "mypkg.stuff:val_loader"], "not found"),
+])
+def test_bad_factories_give_one_line_errors(user_pkg, capsys, argv, match):
+    assert main(["prune", *argv, "--sparsity", "0.5", "--no-progress", "--out", str(user_pkg / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("woodfisher: error:") and match in err
+
+
+def test_help_shows_the_required_flags():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if hasattr(a, "choices") and a.choices and "prune" in a.choices)
+    prune = sub.choices["prune"]
+    usage = " ".join(prune.format_usage().split())
+    assert "--model NAME|MODULE:FACTORY" in usage and "[--model" not in usage
+    assert "--model NAME|MODULE:FACTORY --sparsity SPARSITY [" in usage and "[--sparsity" not in usage
+    assert "required arguments" in prune.format_help()
+    with pytest.raises(SystemExit):
+        main(["prune", "--sparsity", "0.5"])
