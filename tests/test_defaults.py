@@ -114,3 +114,12 @@ def test_degenerate_mask_warns_and_the_defaults_do_not():
         warnings.simplefilter("error")
         res = wf.prune_one_shot(_wide_model(), loader, sparsity=0.7, num_grads=64, progress=False)
     assert res.magnitude_overlap < 0.99
+
+
+def test_auto_steps_with_a_single_pass_loader_prune_in_one_step():
+    data = tiny_data(n=32, batch=8)
+    ref = wf.prune_one_shot(tiny_mlp(), data, sparsity=0.8, num_grads=32, num_steps=1, progress=False)
+    with pytest.warns(UserWarning, match="read only once"):
+        got = wf.prune_one_shot(tiny_mlp(), iter(data), sparsity=0.8, num_grads=32, progress=False)
+    assert got.config["steps"] == [[0.8, 32]]
+    assert all(torch.equal(ref.masks[k], got.masks[k]) for k in ref.masks)

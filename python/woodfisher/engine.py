@@ -11,6 +11,7 @@ are restored bit for bit. Both report how much the mask overlaps magnitude pruni
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Dict, Iterable, List, Optional
 
 from torch import nn
@@ -104,15 +105,19 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     targets = resolve_targets(model, config.modules, None)
     before = _start(targets)
     steps = config.steps(sparsity_of(before[1]))
+    if len(steps) > 1 and config.num_steps == "auto" and is_single_pass(loader):
+        warnings.warn(f"num_steps='auto' would recompute the Fisher in {len(steps)} steps, but the loader can be "
+                      "read only once (a generator?): pruning in one step; pass a list or a DataLoader to get "
+                      "the recomputation", UserWarning, stacklevel=3)
+        steps = config.replace(num_steps=1).steps(sparsity_of(before[1]))
     configs = [config.replace(num_grads=m, num_steps=1) for _, m in steps]
     targets = resolve_targets(model, config.modules, method.block_size(configs[0]))
     method.check_targets(targets, config)
     if config.needs_data and loader is None:
         raise ValueError(f"loader is required for method={config.method!r} (and for beta > 0)")
     if len(steps) > 1 and config.needs_data and is_single_pass(loader):
-        raise ValueError(f"num_steps={config.num_steps} ({len(steps)} steps) needs a loader that can be iterated "
-                         "once per step; got a single-pass iterator (a generator?): pass a list or a DataLoader, "
-                         "or num_steps=1")
+        raise ValueError(f"num_steps={config.num_steps} needs a loader that can be iterated once per step; got a "
+                         "single-pass iterator (a generator?): pass a list or a DataLoader, or num_steps=1")
     if method.curvature in ("blockwise", "diagonal"):  # refuse an impossible memory budget up front
         plan_memory(targets, configs[0].num_grads, stat_itemsize(targets), config.memory_budget,
                     config.damp == "auto")
