@@ -151,30 +151,29 @@ class Runner:
 
 def search_candidates(model_name: str, best_steps: Optional[int]) -> Dict[str, dict]:
     """Stage 1: the step count (c = m per step, damp auto, geometric); stage 2: variations at the best
-    count; and the defaults with each changed default reverted (num_grads = the default)."""
+    count (block sizes pinned, so a setting means the same whatever the package's defaults); and
+    the package's defaults with each default reverted to its previous value one at a time."""
     fbs = PAPER[model_name]["fisher_batch_size"]
     base = dict(num_grads=PAPER_M, fisher_batch_size=fbs)
     out = {"paper": dict(PAPER[model_name])}
     for n in (2, 4, 8, 16):
-        out[f"m1000 steps{n}"] = dict(base, num_steps=n)
+        out[f"m1000 steps{n}"] = dict(base, num_steps=n, block_size=-(-PAPER_M // n))
     if best_steps is not None:
         n = best_steps
-        out[f"m1000 steps{n} linear"] = dict(base, num_steps=n, step_schedule="linear")
+        c = -(-PAPER_M // n)
+        out[f"m1000 steps{n} linear"] = dict(base, num_steps=n, block_size=c, step_schedule="linear")
         out[f"m1000 steps{n} whole-layer"] = dict(base, num_steps=n, block_size=None)
-        out[f"m1000 steps{n} c=4m"] = dict(base, num_steps=n, block_size=4 * (PAPER_M // n))
-        out[f"m1000 steps{n} damp1e-5"] = dict(base, num_steps=n, damp=1e-5)
-        out[f"m1000 steps{2 * n}"] = dict(base, num_steps=2 * n)
+        for r in (2, 4, 8, 16, 32):
+            out[f"m1000 steps{n} c={r}m"] = dict(base, num_steps=n, block_size=r * (PAPER_M // n))
+        out[f"m1000 steps{n} damp1e-5"] = dict(base, num_steps=n, block_size=c, damp=1e-5)
+        out[f"m1000 steps{2 * n}"] = dict(base, num_steps=2 * n, block_size=-(-PAPER_M // (2 * n)))
     out["defaults"] = {}
     out["defaults, damp 1e-5"] = dict(damp=1e-5)
     out["defaults, whole-layer blocks"] = dict(block_size=None)
     out["defaults, 1 step"] = dict(num_steps=1)
     out["defaults, linear schedule"] = dict(step_schedule="linear")
-    out["old defaults"] = dict(block_size=None, damp=1e-5, num_steps=1)
-    out["defaults, m=256"] = dict(num_grads=256)
-    out["defaults, m=512"] = dict(num_grads=512)
-    out["defaults, 8 steps"] = dict(num_steps=8)
-    out["defaults, m=1024"] = dict(num_grads=1024)
-    out["defaults, m=1024, 8 steps"] = dict(num_grads=1024, num_steps=8)
+    out["defaults, m=128"] = dict(num_grads=128)
+    out["old defaults"] = dict(block_size=None, num_grads=128, damp=1e-5, num_steps=1)
     return out
 
 
@@ -190,10 +189,23 @@ def best_multistep(csv_path: str, s: float) -> Optional[str]:
     return max(acc, key=lambda k: sum(acc[k]) / len(acc[k])) if acc else None
 
 
+def _extra(item: str):
+    """'NAME={json options}' -> (NAME, options), e.g. 'm=512, 8 steps={"num_grads": 512, "num_steps": 8}'."""
+    name, sep, options = item.partition("={")
+    if not sep:
+        raise ValueError(f"--extra takes NAME={{json options}}, got {item!r}")
+    return name, json.loads("{" + options)
+
+
 def run_search(args) -> None:
     path = os.path.join(args.out, f"quality_search_{args.model}.csv")
     runner = Runner(args, path, args.heldout, f"held-out train split ({HELDOUT} images)")
     s = args.search_sparsity
+    if args.only_extra:
+        for item in args.extra:
+            name, options = _extra(item)
+            runner.one_shot(name, options, [s], args.search_seeds)
+        return
     stage1 = search_candidates(args.model, None)
     for name in [k for k in stage1 if k.startswith("m1000")]:
         runner.one_shot(name, stage1[name], [s], args.search_seeds)
@@ -205,6 +217,10 @@ def run_search(args) -> None:
             runner.reused(name, options, [s], args.search_seeds)
         elif name not in stage1 or not name.startswith("m1000"):
             runner.one_shot(name, options, [s], args.search_seeds)
+    for item in args.extra:
+        name, options = _extra(item)
+        cands[name] = options
+        runner.one_shot(name, options, [s], args.search_seeds)
     best = best_multistep(path, s)
     chosen = {"setting": best, "options": cands.get(best) or stage1[best], "chosen_at_sparsity": s,
               "chosen_on": runner.eval_name, "device": device_name()}
@@ -271,6 +287,9 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="table + plot from the sweep's CSV")
     p.add_argument("--search-sparsity", type=float, default=0.8)
     p.add_argument("--search-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--extra", nargs="*", default=[], metavar="NAME=JSON",
+                   help="more search candidates: a name and prune_one_shot options as JSON")
+    p.add_argument("--only-extra", action="store_true", help="run only the --extra candidates")
     p.add_argument("--sparsities", type=float, nargs="+", default=SWEEP_SPARSITIES)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--test-samples", type=int, default=None, help="fixed test subset (default: the full test set)")

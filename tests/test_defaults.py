@@ -13,14 +13,14 @@ from torch import nn
 
 import woodfisher as wf
 from woodfisher.cli import parse_args
-from woodfisher.config import AUTO_STEP_KEEP, auto_num_steps
+from woodfisher.config import AUTO_BLOCK_PER_GRAD, AUTO_STEP_GRADS, AUTO_STEP_KEEP, auto_num_steps
 from woodfisher.diagnostics import magnitude_overlap
 
 
 def test_defaults_are_auto_and_documented_values():
     cfg = wf.PruneConfig(sparsity=0.8)
     assert (cfg.block_size, cfg.damp, cfg.num_steps, cfg.step_schedule) == ("auto", "auto", "auto", "geometric")
-    assert cfg.fisher_block_size == cfg.num_grads  # c = m of the step
+    assert cfg.fisher_block_size == AUTO_BLOCK_PER_GRAD * cfg.num_grads  # c = 4 m of the step
     assert wf.PruneConfig(sparsity=0.8, block_size=None).fisher_block_size is None
     assert wf.PruneConfig(sparsity=0.8, block_size=50).fisher_block_size == 50
 
@@ -49,24 +49,35 @@ def test_bad_new_options_raise_before_anything_changes(kwargs, match):
 
 
 @pytest.mark.parametrize("start,final", [(0.0, 0.5), (0.0, 0.8), (0.0, 0.9), (0.0, 0.95), (0.3, 0.9), (0.5, 0.6)])
-def test_auto_steps_is_the_fewest_geometric_steps_keeping_half(start, final):
-    n = auto_num_steps(start, final)
+def test_auto_steps_is_the_fewest_geometric_steps_keeping_the_fraction(start, final):
+    n = auto_num_steps(start, final, 10 ** 6, grads_per_step=(1, 10 ** 9))  # gradient bounds never bind
     ratio = (1 - final) / (1 - start)
     assert ratio ** (1 / n) >= AUTO_STEP_KEEP - 1e-12  # every step keeps >= the fraction
     if n > 1:
         assert ratio ** (1 / (n - 1)) < AUTO_STEP_KEEP  # one step fewer would not
-    plan = wf.PruneConfig(sparsity=final, num_grads=100).steps(start)
-    assert len(plan) == n and sum(m for _, m in plan) == 100 and max(m for _, m in plan) - min(m for _, m in plan) <= 1
+    plan = wf.PruneConfig(sparsity=final, num_grads=1000).steps(start)
+    assert sum(m for _, m in plan) == 1000 and max(m for _, m in plan) - min(m for _, m in plan) <= 1
     densities = [1 - start] + [1 - s for s, _ in plan]
     ratios = [b / a for a, b in zip(densities, densities[1:])]
     assert all(math.isclose(r, ratios[0], rel_tol=1e-9) for r in ratios) and plan[-1][0] == final
 
 
+@pytest.mark.parametrize("num_grads,final,steps", [(512, 0.1, 4), (512, 0.5, 4), (512, 0.7, 6), (512, 0.8, 8),
+                                                   (512, 0.95, 8), (128, 0.8, 2), (1000, 0.8, 8), (1000, 0.95, 14),
+                                                   (40, 0.9, 1)])
+def test_auto_steps_keep_the_gradients_of_a_step_within_bounds(num_grads, final, steps):
+    plan = wf.PruneConfig(sparsity=final, num_grads=num_grads).steps(0.0)
+    fewest, most = AUTO_STEP_GRADS
+    assert len(plan) == steps
+    grads = [m for _, m in plan]
+    assert max(grads) <= max(most, -(-num_grads // steps)) and (min(grads) >= fewest or steps == 1)
+
+
 def test_step_plan_edge_cases():
-    assert wf.PruneConfig(sparsity=0.9, method="global_magnitude").steps(0.0) == [(0.9, 128)]  # no curvature
-    assert wf.PruneConfig(sparsity=0.5, pattern="2:4").steps(0.0) == [(0.5, 128)]
-    assert len(wf.PruneConfig(sparsity=0.99, num_grads=3).steps(0.0)) == 3  # never more steps than gradients
-    assert wf.PruneConfig(sparsity=0.5, num_steps=2).steps(0.7) == [(0.7, 64), (0.7, 64)]  # never unprunes
+    assert wf.PruneConfig(sparsity=0.9, method="global_magnitude").steps(0.0) == [(0.9, 512)]  # no curvature
+    assert wf.PruneConfig(sparsity=0.5, pattern="2:4").steps(0.0) == [(0.5, 512)]
+    assert wf.PruneConfig(sparsity=0.5).steps(0.7) == [(0.7, 512)]  # nothing to prune: one step
+    assert wf.PruneConfig(sparsity=0.5, num_steps=2).steps(0.7) == [(0.7, 256), (0.7, 256)]  # never unprunes
     lin = wf.PruneConfig(sparsity=0.8, num_steps=4, step_schedule="linear", num_grads=10).steps(0.0)
     assert [s for s, _ in lin] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and [m for _, m in lin] == [3, 3, 2, 2]
 
@@ -117,9 +128,10 @@ def test_degenerate_mask_warns_and_the_defaults_do_not():
 
 
 def test_auto_steps_with_a_single_pass_loader_prune_in_one_step():
-    data = tiny_data(n=32, batch=8)
-    ref = wf.prune_one_shot(tiny_mlp(), data, sparsity=0.8, num_grads=32, num_steps=1, progress=False)
+    data = tiny_data(n=128, batch=8)
+    assert len(wf.PruneConfig(sparsity=0.8, num_grads=128).steps()) == 2
+    ref = wf.prune_one_shot(tiny_mlp(), data, sparsity=0.8, num_grads=128, num_steps=1, progress=False)
     with pytest.warns(UserWarning, match="read only once"):
-        got = wf.prune_one_shot(tiny_mlp(), iter(data), sparsity=0.8, num_grads=32, progress=False)
-    assert got.config["steps"] == [[0.8, 32]]
+        got = wf.prune_one_shot(tiny_mlp(), iter(data), sparsity=0.8, num_grads=128, progress=False)
+    assert got.config["steps"] == [[0.8, 128]]
     assert all(torch.equal(ref.masks[k], got.masks[k]) for k in ref.masks)

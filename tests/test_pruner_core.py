@@ -154,20 +154,21 @@ def test_multi_step_equals_successive_one_shot_calls_and_keeps_pruned():
 
 
 def test_auto_schedule_is_geometric_with_the_gradients_split():
-    """Defaults: num_steps="auto" from 12% to 80% -> 3 steps (each keeps >= half of the unpruned weights),
-    densities 0.88 * (0.2 / 0.88) ** (i / 3), num_grads=16 split 6 + 5 + 5, block size = the step's m."""
-    base, loader = tiny_mlp(seed=4), tiny_data(seed=5)
+    """Defaults: num_steps="auto" from 12% to 80% with 200 gradients -> 3 steps (at least 64 gradients
+    each), densities 0.88 * (0.2 / 0.88) ** (i / 3), split 67 + 67 + 66, block size 4 m of the step."""
+    base, loader = tiny_mlp(seed=4), tiny_data(n=200, batch=8, seed=5)
     with torch.no_grad():
         base[0].weight[2] = 0.0
     multi, single = copy.deepcopy(base), copy.deepcopy(base)
-    res = wf.prune_one_shot(multi, loader, sparsity=0.8, num_grads=16, progress=False)
+    res = wf.prune_one_shot(multi, loader, sparsity=0.8, num_grads=200, progress=False)
     targets = [1 - 0.88 * (0.2 / 0.88) ** (i / 3) for i in (1, 2, 3)]
-    assert res.config["steps"] == [[pytest.approx(t), m] for t, m in zip(targets, (6, 5, 5))]
-    for target, m in zip(targets, (6, 5, 5)):
-        wf.prune_one_shot(single, loader, sparsity=target, num_grads=m, num_steps=1, block_size=m, progress=False)
+    assert res.config["steps"] == [[pytest.approx(t), m] for t, m in zip(targets, (67, 67, 66))]
+    for target, m in zip(targets, (67, 67, 66)):
+        wf.prune_one_shot(single, loader, sparsity=target, num_grads=m, num_steps=1, block_size=4 * m,
+                          progress=False)
     for p, q in zip(multi.parameters(), single.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
-    assert res.config["fisher_block_size"] == 6 and res.damp is not None
+    assert res.config["fisher_block_size"] == 4 * 67 and res.damp is not None
 
 
 def _run_both(kw_a, kw_b, seed=8, **common):

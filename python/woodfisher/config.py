@@ -22,28 +22,39 @@ from .masks import check_min_density, check_sparsity
 from .methods import METHODS
 
 __all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "SCHEDULES", "check_int", "auto_num_steps",
-           "AUTO_BLOCK_PER_GRAD", "AUTO_STEP_KEEP"]
+           "AUTO_BLOCK_PER_GRAD", "AUTO_STEP_KEEP", "AUTO_STEP_GRADS"]
 
 MODES = ("global", "layerwise")
 FORMS = ("auto", "sequential", "lowrank", "stream")
 BACKENDS = ("auto", "cuda", "triton", "torch")
 SCHEDULES = ("geometric", "linear")
-#: ``block_size="auto"``: c = AUTO_BLOCK_PER_GRAD * (gradients of the step), the paper's c ~ m regime.
-AUTO_BLOCK_PER_GRAD = 1
-#: ``num_steps="auto"``: every step keeps at least this fraction of the weights still unpruned.
-AUTO_STEP_KEEP = 0.5
+#: ``block_size="auto"``: c = AUTO_BLOCK_PER_GRAD * (gradients of the step). Measured on held-out
+#: training data (benchmarks/results/ONESHOT.md): c = m makes F^-1 noisy, c >> m (whole layers)
+#: makes its diagonal nearly constant (the mask degenerates to magnitude); 2m-8m is best.
+AUTO_BLOCK_PER_GRAD = 4
+#: ``num_steps="auto"``: every step keeps at least this fraction of the weights still unpruned ...
+AUTO_STEP_KEEP = 0.8
+#: ... within (fewest, most) gradients per step when ``num_grads`` allows: no step holds more gradients
+#: than the most (the memory of a step), none has fewer than the fewest (the Fisher's noise).
+AUTO_STEP_GRADS = (64, 128)
 
 
-def auto_num_steps(start: float, final: float, keep: float = AUTO_STEP_KEEP) -> int:
-    """Steps for ``num_steps="auto"``: the fewest whose geometric schedule keeps >= ``keep`` per step.
+def auto_num_steps(start: float, final: float, num_grads: int, keep: float = AUTO_STEP_KEEP,
+                   grads_per_step: Tuple[int, int] = AUTO_STEP_GRADS) -> int:
+    """Steps for ``num_steps="auto"`` from sparsity ``start`` to ``final`` with ``num_grads`` gradients.
 
-    From density ``1 - start`` to ``1 - final``, n = ceil(log((1 - final) / (1 - start)) / log(keep))
-    (at least 1): e.g. 50% -> 1 step, 80% -> 3, 90% -> 4, 95% -> 5 with ``keep = 0.5``.
+    n = ceil(log((1 - final) / (1 - start)) / log(keep)) (the fewest geometric steps that each
+    keep >= ``keep`` of the unpruned weights), then brought into [ceil(num_grads / most),
+    max(1, num_grads // fewest)] with (fewest, most) = ``grads_per_step``; 1 when nothing is
+    pruned. With the defaults (keep 0.8, 64-128 gradients, num_grads 512): 10% -> 4 steps,
+    50% -> 4, 70% -> 6, 80% and above -> 8.
     """
-    ratio = (1.0 - final) / max(1.0 - start, 1e-12)
-    if ratio >= keep:
+    if final <= start:
         return 1
-    return max(1, math.ceil(math.log(ratio) / math.log(keep) - 1e-9))
+    fewest, most = grads_per_step
+    ratio = (1.0 - final) / max(1.0 - start, 1e-12)
+    n = 1 if ratio >= keep else math.ceil(math.log(ratio) / math.log(keep) - 1e-9)
+    return max(1, min(max(n, -(-num_grads // most)), num_grads // fewest))
 
 
 def check_int(name: str, value: Any, low: int = 1) -> int:
@@ -76,20 +87,23 @@ class PruneConfig:
         mode: "global" (joint ranking across weights) or "layerwise" (independent).
         loss_fn: ``loss_fn(predictions, targets)`` -> mean loss; None = the model's own
             ``outputs.loss`` when it returns one, else :func:`woodfisher.batches.default_loss`.
-        block_size: Fisher block size c (entries); "auto" (default): c = the number of
-            gradients of a step (:data:`AUTO_BLOCK_PER_GRAD` times it; the paper's c ~ m
-            regime, where F^-1 has a non-constant diagonal); None: whole-weight blocks.
-        num_grads: m, gradients in the Fisher ("fisher subsample size") over the whole call:
-            with several steps each step gets ``num_grads // steps`` of them (the first
-            ``num_grads % steps`` steps one more), so the data read stays the same.
+        block_size: Fisher block size c (entries); "auto" (default): c = 4 times the number
+            of gradients of a step (:data:`AUTO_BLOCK_PER_GRAD`; blocks a few times larger
+            than m, where ``F^-1`` is neither noisy nor nearly diagonal); None: whole-weight
+            blocks (the paper's one-shot setting).
+        num_grads: m, gradients in the Fisher ("fisher subsample size") over the whole call
+            (default 512): with several steps each step gets ``num_grads // steps`` of them
+            (the first ``num_grads % steps`` steps one more), so the samples read stay the same.
         fisher_batch_size: samples averaged per gradient ("fisher mini-batch size").
         damp: lambda > 0 of ``F = lambda I + G^T G / N``, or "auto" (default): lambda =
             1e-2 times the mean diagonal of the empirical Fisher
             (:func:`woodfisher.damping.auto_damp`); the paper's absolute value is ``damp=1e-5``.
         num_steps: steps from the current to the target sparsity, the gradients and
             inverses recomputed before each (the paper's recomputation); "auto" (default):
-            :func:`auto_num_steps` (1 step up to 50% from dense, 3 at 80%, 4 at 90%; always
-            1 with a pattern). :func:`woodfisher.estimate_curvature` is always one step.
+            :func:`auto_num_steps` (each step keeps >= 80% of the unpruned weights, with 64 to
+            128 gradients per step when ``num_grads`` allows: 8 steps from dense to 80% with
+            512 gradients; always 1 with a pattern). :func:`woodfisher.estimate_curvature` is
+            always one step.
         step_schedule: the sparsities of the steps: "geometric" (default; every step prunes
             the same fraction of the weights still unpruned) or "linear" (equal increments
             of sparsity).
@@ -123,7 +137,7 @@ class PruneConfig:
     mode: str = "global"
     loss_fn: Optional[Callable] = None
     block_size: Optional[Union[int, str]] = "auto"
-    num_grads: int = 128
+    num_grads: int = 512
     fisher_batch_size: int = 1
     damp: Union[float, str] = "auto"
     num_steps: Union[int, str] = "auto"
@@ -203,7 +217,7 @@ class PruneConfig:
         n = self.num_steps
         if n == "auto":
             n = 1 if self.pattern is not None or self.method_impl.curvature == "none" else \
-                min(auto_num_steps(start, final), self.num_grads)
+                auto_num_steps(start, final, self.num_grads)
         if self.step_schedule == "linear" or final <= start:
             targets = [start + (final - start) * (i + 1) / n for i in range(n)]
         else:

@@ -52,7 +52,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="global = joint ranking across layers, layerwise = independent")
     p.add_argument("--block-size", type=block_size_type, default="auto",
                    help="Fisher block (chunk) size, 'auto' (default: the gradients of a step) or 'layer'")
-    p.add_argument("--num-grads", type=int, default=128,
+    p.add_argument("--num-grads", type=int, default=512,
                    help="number of gradients m (fisher subsample size), over all steps")
     p.add_argument("--fisher-batch-size", type=int, default=1, help="samples averaged per gradient")
     p.add_argument("--damp", type=damp_type, default="auto",
