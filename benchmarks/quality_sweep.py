@@ -245,7 +245,30 @@ def run_sweep(args) -> None:
 LABEL_ORDER = ["global magnitude", "paper (1 step)", "defaults", "best multi-step"]
 
 
+def search_report(args) -> None:
+    """``quality_search_<model>.md``: the held-out accuracy of every searched setting (CSV order)."""
+    path = os.path.join(args.out, f"quality_search_{args.model}.csv")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    table: Dict[str, Dict[float, List[float]]] = {}
+    for r in rows:
+        table.setdefault(r["setting"], {}).setdefault(float(r["sparsity"]), []).append(100 * float(r["accuracy"]))
+    sparsities = sorted({s for v in table.values() for s in v})
+    lines = [f"Held-out accuracy % ({rows[0]['eval']}; seeds: {sorted({r['seed'] for r in rows})})", "",
+             "| setting | options | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |",
+             "|---|---|" + "---:|" * len(sparsities)]
+    options = {r["setting"]: r["options"] for r in rows}
+    for name, by_s in table.items():
+        cells = [f"{sum(by_s[s]) / len(by_s[s]):.2f}" if s in by_s else "" for s in sparsities]
+        lines.append(f"| {name} | `{options[name]}` | " + " | ".join(cells) + " |")
+    with open(os.path.join(args.out, f"quality_search_{args.model}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def report(args) -> None:
+    search_report(args)
     path = os.path.join(args.out, f"quality_{args.model}.csv")
     with open(path) as f:
         rows = list(csv.DictReader(f))
