@@ -118,8 +118,8 @@ def _one_step(model, loader, c, m, batch, args, api, device):
     if api == "pruner":
         import woodfisher
         res = woodfisher.prune_one_shot(model, loader, sparsity=args.sparsity, block_size=c, num_grads=m,
-                                        fisher_batch_size=batch, damp=args.damp, mode="global",
-                                        progress=True, backend=args.backend)
+                                        fisher_batch_size=batch, damp=args.damp, mode="global", num_steps=1,
+                                        progress=True, backend=args.backend)  # one step, as in the paper
         phases = {k: v for k, v in res.timings.items() if k != "total"}
         return phases, sorted({l.get("inverse") for l in res.layers if l.get("inverse")}), res.sparsity
     phases, forms = step_with_ops(model, loader, c, m, args.sparsity, args.damp, device, args.backend)

@@ -62,9 +62,10 @@ def test_offloaded_curvature_is_reusable_and_reports_its_plan():
     text = plan.describe()
     for name in ("fc1.weight", "fc2.weight", "fc3.weight", "host", "budget"):
         assert name in text
-    # host store = the dense inverse exactly
+    # host store = the dense inverse (up to the rounding of per-sample gradients taken in other chunk sizes)
     full = estimate_curvature(_model(), loader, num_grads=M, block_size=32, damp=1e-4, progress=False)
-    assert torch.equal(inv.host_inverse, full.inverses["fc1.weight"])
+    torch.testing.assert_close(inv.host_inverse, full.inverses["fc1.weight"], rtol=0,
+                               atol=1e-6 * float(full.inverses["fc1.weight"].abs().max()))
     a, b = _model(), _model()
     ra = prune_with(a, curv, 0.5)
     rb = prune_with(b, full, 0.5)

@@ -77,8 +77,8 @@ def test_whole_layer_woodfisher_matches_dense_obs(mode, pre_pruned):
         with torch.no_grad():
             model[0].weight[0, :3] = 0.0
             model[2].weight[1, 1] = 0.0
-    res = _check_against_reference(
-        model, loader, dict(sparsity=0.6, mode=mode, num_grads=24, damp=1e-3),
+    res = _check_against_reference(  # the paper's settings: whole-layer blocks, one step
+        model, loader, dict(sparsity=0.6, mode=mode, num_grads=24, damp=1e-3, block_size=None, num_steps=1),
         dict(m=24, damp=1e-3, sparsity=0.6, mode=mode))
     if mode == "layerwise":
         assert [layer["nnz"] for layer in res.layers] == [30 - 18, 20 - 12]
@@ -136,19 +136,39 @@ def test_obd_mode_only_masks():
 
 
 def test_multi_step_equals_successive_one_shot_calls_and_keeps_pruned():
+    """The paper's recomputation: linear schedule, each step with its share of num_grads."""
     base, loader = tiny_mlp(seed=4), tiny_data(seed=5)
     with torch.no_grad():
         base[0].weight[2] = 0.0  # 6 of 50 weights already pruned: s0 = 0.12
     multi, single = copy.deepcopy(base), copy.deepcopy(base)
-    kw = dict(num_grads=16, damp=1e-2, progress=False)
-    res = wf.prune_one_shot(multi, loader, sparsity=0.7, num_steps=3, **kw)
+    kw = dict(damp=1e-2, block_size=None, progress=False)
+    res = wf.prune_one_shot(multi, loader, sparsity=0.7, num_steps=3, num_grads=48, step_schedule="linear", **kw)
     for target in (0.12 + 0.58 / 3, 0.12 + 2 * 0.58 / 3, 0.7):
-        wf.prune_one_shot(single, loader, sparsity=target, **kw)
+        wf.prune_one_shot(single, loader, sparsity=target, num_grads=16, num_steps=1, **kw)
     for p, q in zip(multi.parameters(), single.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
     assert torch.all(multi[0].weight[2] == 0)
     assert not res.masks["0.weight"][2].any()
     assert res.sparsity == pytest.approx(0.7, abs=0.01)
+    assert res.config["steps"] == [[pytest.approx(t), 16] for t in (0.12 + 0.58 / 3, 0.12 + 2 * 0.58 / 3, 0.7)]
+
+
+def test_auto_schedule_is_geometric_with_the_gradients_split():
+    """Defaults: num_steps="auto" from 12% to 80% with 200 gradients -> 3 steps (at least 64 gradients
+    each), densities 0.88 * (0.2 / 0.88) ** (i / 3), split 67 + 67 + 66, block size 4 m of the step."""
+    base, loader = tiny_mlp(seed=4), tiny_data(n=200, batch=8, seed=5)
+    with torch.no_grad():
+        base[0].weight[2] = 0.0
+    multi, single = copy.deepcopy(base), copy.deepcopy(base)
+    res = wf.prune_one_shot(multi, loader, sparsity=0.8, num_grads=200, progress=False)
+    targets = [1 - 0.88 * (0.2 / 0.88) ** (i / 3) for i in (1, 2, 3)]
+    assert res.config["steps"] == [[pytest.approx(t), m] for t, m in zip(targets, (67, 67, 66))]
+    for target, m in zip(targets, (67, 67, 66)):
+        wf.prune_one_shot(single, loader, sparsity=target, num_grads=m, num_steps=1, block_size=4 * m,
+                          progress=False)
+    for p, q in zip(multi.parameters(), single.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    assert res.config["fisher_block_size"] == 4 * 67 and res.damp is not None
 
 
 def _run_both(kw_a, kw_b, seed=8, **common):
@@ -166,7 +186,7 @@ def _run_both(kw_a, kw_b, seed=8, **common):
 def test_streaming_matches_kept_gradients():
     """A memory_budget too small for 24 kept gradients streams them 3 at a time."""
     ra, rb = _run_both({}, {"memory_budget": (30 ** 2 + 20 ** 2 + 3 * 50) * 8},
-                       sparsity=0.6, num_grads=24, damp=1e-3)
+                       sparsity=0.6, num_grads=24, damp=1e-3, block_size=None, num_steps=1)
     assert [layer["inverse"] for layer in rb.layers] == ["stream", "stream"]
     assert [layer["inverse"] for layer in ra.layers] != ["stream", "stream"]
 

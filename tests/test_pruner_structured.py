@@ -32,7 +32,7 @@ def test_two_four_pattern_is_exact_and_minimises_group_statistic(exact):
     model, loader = tiny_mlp(seed=0, sizes=(8, 4, 4)), tiny_data(features=8, seed=0)
     ref = copy.deepcopy(model)
     res = wf.prune_one_shot(model, loader, sparsity=0.5, pattern="2:4", group_exact=exact, num_grads=24,
-                            damp=DAMP, progress=False)
+                            damp=DAMP, block_size=None, progress=False)
     invs = _dense_inverses(ref, loader, 24)
     params, new_params = dict(ref.named_parameters()), dict(model.named_parameters())
     for n in NAMES:

@@ -116,7 +116,8 @@ def test_woodfisher_matches_the_dense_reference_and_beats_global_magnitude(name)
     names = [t.name for t in resolve_targets(model)]
     before = {k: v.detach().clone().flatten() for k, v in model.named_parameters() if k in names}
     masks, new, fishers = _reference(model, loader, names, 48, 1e-3, 0.5)
-    wf = prune_one_shot(model, loader, sparsity=0.5, num_grads=48, damp=1e-3, progress=False)
+    wf = prune_one_shot(model, loader, sparsity=0.5, num_grads=48, damp=1e-3, block_size=None, num_steps=1,
+                        progress=False)  # the reference's setting: whole-weight blocks, one step
     params = dict(model.named_parameters())
     for k in names:
         assert torch.equal(wf.masks[k], masks[k]), k

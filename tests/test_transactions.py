@@ -57,7 +57,7 @@ def model_in_training():
 
 
 class FailsOnPass:
-    """A loader whose pass number ``n`` raises (after yielding one batch)."""
+    """A loader whose pass number ``n`` raises at its start (a step reads only its share of the gradients)."""
 
     def __init__(self, n, error=RuntimeError("disk gone")):
         self.n, self.error, self.passes = n, error, 0
@@ -65,7 +65,7 @@ class FailsOnPass:
     def __iter__(self):
         self.passes += 1
         for i, batch in enumerate(data()):
-            if self.passes == self.n and i == 1:
+            if self.passes == self.n and i == 0:
                 raise self.error
             yield batch
 

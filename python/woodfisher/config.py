@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from . import structured as st
 from .batches import check_loss_fn
@@ -22,11 +22,40 @@ from .distributed.group import check_group, describe_group
 from .masks import check_min_density, check_sparsity
 from .methods import METHODS
 
-__all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "check_int"]
+__all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "SCHEDULES", "check_int", "auto_num_steps",
+           "AUTO_BLOCK_PER_GRAD", "AUTO_STEP_KEEP", "AUTO_STEP_GRADS"]
 
 MODES = ("global", "layerwise")
 FORMS = ("auto", "sequential", "lowrank", "stream", "offload")
 BACKENDS = ("auto", "cuda", "triton", "torch")
+SCHEDULES = ("geometric", "linear")
+#: ``block_size="auto"``: c = AUTO_BLOCK_PER_GRAD * (gradients of the step). Measured on held-out
+#: training data (benchmarks/results/ONESHOT.md): c = m makes F^-1 noisy, c >> m (whole layers)
+#: makes its diagonal nearly constant (the mask degenerates to magnitude); 2m-8m is best.
+AUTO_BLOCK_PER_GRAD = 4
+#: ``num_steps="auto"``: every step keeps at least this fraction of the weights still unpruned ...
+AUTO_STEP_KEEP = 0.8
+#: ... within (fewest, most) gradients per step when ``num_grads`` allows: no step holds more gradients
+#: than the most (the memory of a step), none has fewer than the fewest (the Fisher's noise).
+AUTO_STEP_GRADS = (64, 128)
+
+
+def auto_num_steps(start: float, final: float, num_grads: int, keep: float = AUTO_STEP_KEEP,
+                   grads_per_step: Tuple[int, int] = AUTO_STEP_GRADS) -> int:
+    """Steps for ``num_steps="auto"`` from sparsity ``start`` to ``final`` with ``num_grads`` gradients.
+
+    n = ceil(log((1 - final) / (1 - start)) / log(keep)) (the fewest geometric steps that each
+    keep >= ``keep`` of the unpruned weights), then brought into [ceil(num_grads / most),
+    max(1, num_grads // fewest)] with (fewest, most) = ``grads_per_step``; 1 when nothing is
+    pruned. With the defaults (keep 0.8, 64-128 gradients, num_grads 512): 10% -> 4 steps,
+    50% -> 4, 70% -> 6, 80% and above -> 8.
+    """
+    if final <= start:
+        return 1
+    fewest, most = grads_per_step
+    ratio = (1.0 - final) / max(1.0 - start, 1e-12)
+    n = 1 if ratio >= keep else math.ceil(math.log(ratio) / math.log(keep) - 1e-9)
+    return max(1, min(max(n, -(-num_grads // most)), num_grads // fewest))
 
 
 def check_int(name: str, value: Any, low: int = 1) -> int:
@@ -59,13 +88,27 @@ class PruneConfig:
         mode: "global" (joint ranking across weights) or "layerwise" (independent).
         loss_fn: ``loss_fn(predictions, targets)`` -> mean loss; None = the model's own
             ``outputs.loss`` when it returns one, else :func:`woodfisher.batches.default_loss`.
-        block_size: Fisher block size c (entries), or None for whole-weight blocks.
-        num_grads: m, gradients in the Fisher ("fisher subsample size").
+        block_size: Fisher block size c (entries); "auto" (default): c = 4 times the number
+            of gradients of a step (:data:`AUTO_BLOCK_PER_GRAD`; blocks a few times larger
+            than m, where ``F^-1`` is neither noisy nor nearly diagonal; rounded up to a
+            multiple of M for an N:M pattern, whole weights for ``pattern="rows"``); None:
+            whole-weight blocks (the paper's one-shot setting).
+        num_grads: m, gradients in the Fisher ("fisher subsample size") over the whole call
+            (default 512): with several steps each step gets ``num_grads // steps`` of them
+            (the first ``num_grads % steps`` steps one more), so the samples read stay the same.
         fisher_batch_size: samples averaged per gradient ("fisher mini-batch size").
-        damp: lambda > 0 of ``F = lambda I + G^T G / N``, or "auto"
-            (:func:`woodfisher.damping.auto_damp`).
+        damp: lambda > 0 of ``F = lambda I + G^T G / N``, or "auto" (default): lambda =
+            1e-2 times the mean diagonal of the empirical Fisher
+            (:func:`woodfisher.damping.auto_damp`); the paper's absolute value is ``damp=1e-5``.
         num_steps: steps from the current to the target sparsity, the gradients and
-            inverses recomputed before each (the paper's recomputation).
+            inverses recomputed before each (the paper's recomputation); "auto" (default):
+            :func:`auto_num_steps` (each step keeps >= 80% of the unpruned weights, with 64 to
+            128 gradients per step when ``num_grads`` allows: 8 steps from dense to 80% with
+            512 gradients; always 1 with a pattern). :func:`woodfisher.estimate_curvature` is
+            always one step.
+        step_schedule: the sparsities of the steps: "geometric" (default; every step prunes
+            the same fraction of the weights still unpruned) or "linear" (equal increments
+            of sparsity).
         obs_update: apply the OBS weight update (False: prune by mask only, OBD-style).
         woodtaylor: add the first-order term (WoodTaylor, paper Eqs. 21-23).
         beta: FLOPs-aware statistic ``rho / flops_per_param ** beta`` (paper Sec. 5.4).
@@ -101,11 +144,12 @@ class PruneConfig:
     method: str = "woodfisher"
     mode: str = "global"
     loss_fn: Optional[Callable] = None
-    block_size: Optional[int] = None
-    num_grads: int = 128
+    block_size: Optional[Union[int, str]] = "auto"
+    num_grads: int = 512
     fisher_batch_size: int = 1
-    damp: Union[float, str] = 1e-5
-    num_steps: int = 1
+    damp: Union[float, str] = "auto"
+    num_steps: Union[int, str] = "auto"
+    step_schedule: str = "geometric"
     obs_update: bool = True
     woodtaylor: bool = False
     beta: float = 0.0
@@ -127,9 +171,15 @@ class PruneConfig:
         check_sparsity(self.sparsity)
         _check_choice("method", self.method, tuple(METHODS))
         _check_choice("mode", self.mode, MODES)
-        for name in ("num_grads", "fisher_batch_size", "num_steps"):
+        for name in ("num_grads", "fisher_batch_size"):
             check_int(name, getattr(self, name))
-        if self.block_size is not None:
+        if self.num_steps != "auto":
+            check_int("num_steps", self.num_steps)
+            if self.num_steps > self.num_grads:
+                raise ValueError(f"num_steps={self.num_steps} needs num_grads >= num_steps (num_grads={self.num_grads} "
+                                 "is the total over all steps)")
+        _check_choice("step_schedule", self.step_schedule, SCHEDULES)
+        if self.block_size is not None and self.block_size != "auto":
             check_int("block_size", self.block_size)
         check_damp(self.damp)
         beta = self.beta
@@ -167,6 +217,38 @@ class PruneConfig:
     def needs_data(self) -> bool:
         """Whether a loader is required (curvature or FLOPs-aware statistic)."""
         return self.method_impl.curvature != "none" or self.beta > 0
+
+    def steps(self, start: float = 0.0) -> List[Tuple[float, int]]:
+        """The steps of a call from sparsity ``start``: [(target sparsity, gradients of the step)].
+
+        ``num_steps`` ("auto": :func:`auto_num_steps`, 1 with a pattern or for a method
+        without curvature) steps on ``step_schedule``; ``num_grads`` split over them. A
+        step never lowers the sparsity below ``start``.
+        """
+        final = self.final_sparsity
+        n = self.num_steps
+        if n == "auto":
+            n = 1 if self.pattern is not None or self.method_impl.curvature == "none" else \
+                auto_num_steps(start, final, self.num_grads)
+        if self.step_schedule == "linear" or final <= start:
+            targets = [start + (final - start) * (i + 1) / n for i in range(n)]
+        else:
+            d0, d1 = 1.0 - start, 1.0 - final
+            targets = [1.0 - d0 * (d1 / d0) ** ((i + 1) / n) for i in range(n)]
+        targets[-1] = final
+        base, extra = divmod(self.num_grads, n)
+        return [(max(start, s), base + (i < extra)) for i, s in enumerate(targets)]
+
+    @property
+    def fisher_block_size(self) -> Optional[int]:
+        """Block size c for this config's ``num_grads`` (None = whole weights): resolves "auto"."""
+        if self.block_size == "auto":
+            parsed = st.parse_pattern(self.pattern)
+            if parsed is not None and parsed[0] == "rows":
+                return None  # whole rows in a block: whole layers
+            c = max(1, AUTO_BLOCK_PER_GRAD * self.num_grads)
+            return c if parsed is None else -(-c // parsed[2]) * parsed[2]  # N:M: a multiple of M
+        return self.block_size
 
     @property
     def final_sparsity(self) -> float:

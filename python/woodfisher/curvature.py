@@ -38,7 +38,7 @@ from .distributed.estimate import estimate_sharded
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
 from .flops import flops_per_param_of_batch
-from .gradients import GradientCollector, compute_dtype
+from .gradients import CHUNK_BYTES, GradientCollector, compute_dtype
 from .kfac import kfac_factors, kfac_inverse
 from .offload import estimate_offloaded, offload_fits
 from .progress import display, phase
@@ -64,7 +64,8 @@ class Curvature:
         loss_grad: {weight name: (B, c) mean loss gradient} (WoodTaylor) or None.
         keep: {weight name: bool keep-mask} when the gradients were taken (masked there).
         flops: {weight name: FLOPs per entry and sample} when ``config.beta > 0``.
-        grads: {weight name: (m, numel)} kept gradients (for :meth:`with_damp`), None when streamed.
+        grads: {weight name: (B, m, c)} kept gradients in the blocks' layout (for :meth:`with_damp`),
+            None when streamed.
         timings: seconds spent on gradients and inverses.
         shard: None, or (estimated across the ranks of a process group) the blocks this rank
             holds: ``inverses`` and ``loss_grad`` then cover only those blocks
@@ -156,14 +157,14 @@ def stat_itemsize(targets: List[PruneTarget]) -> int:
 
 
 def _blockwise_from_grads(grads, layouts, damp, count, config):
-    """{name: inverse} (form by choose_form, or forced) and {name: form} from kept gradients."""
+    """{name: inverse} (form by choose_form, or forced) and {name: form} from kept (B, m, c) gradients."""
     budget = None if config.memory_budget is None else config.memory_budget - sum(
         g.numel() * g.element_size() for g in grads.values())
     form = "auto" if config.inverse_form == "stream" else config.inverse_form
     invs, forms = {}, {}
     with phase("inverses", total=len(grads), unit="weight") as bar:
         for name, g in grads.items():
-            invs[name] = wk.blockwise_inverse(layouts[name].grad_blocks(g), damp, count, form=form,
+            invs[name] = wk.blockwise_inverse(g, damp, count, form=form,
                                               memory_budget=budget, backend=config.backend)
             forms[name] = "lowrank" if isinstance(invs[name], wk.LowRankInverse) else "sequential"
             bar.update(1)
@@ -232,18 +233,22 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         groups = 0 if first is None else to_batch(first, config.batch_adapter).size // config.fisher_batch_size
     if config.inverse_form == "stream" and kind == "blockwise":
         plan, k = "stream", k or min(m, 32)
+    chunk_bytes = CHUNK_BYTES  # gradients buffered per chunk; under a memory budget, what the plan reserved
+    if config.memory_budget is not None and plan in ("offload", "stream"):
+        per_grad = sum(t.numel for t in targets) * itemsize
+        chunk_bytes = per_grad * max(1, groups if plan == "offload" else k)
     collector = GradientCollector(model, loader, targets, want_loss_grad=config.woodtaylor, keep_masks=keep,
                                   loss_fn=config.loss_fn, num_grads=m, fisher_batch_size=config.fisher_batch_size,
                                   sampled_fisher=config.sampled_fisher, seed=config.seed, progress=config.progress,
-                                  batch_adapter=config.batch_adapter)
+                                  batch_adapter=config.batch_adapter, chunk_bytes=chunk_bytes)
     if plan == "diag":
         _diagonal(collector, targets, config, curv)
     elif plan == "keep":
         t0 = time.perf_counter()
-        grads = collector.collect()
+        grads = collector.collect(blocked=True)
         curv.timings["gradients"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        curv.stats = FisherStats.from_grads(grads)
+        curv.stats = FisherStats(collector.sum_sq, collector.count, sum(t.numel for t in targets))
         curv.damp = resolve_damp(config.damp, curv.stats)
         curv.inverses, curv.forms = _blockwise_from_grads(grads, curv.layouts, curv.damp, collector.count, config)
         curv.grads = grads
@@ -283,7 +288,6 @@ def _stream(collector, targets, config, curv, k) -> None:
         eye = torch.eye(t.block_size, dtype=torch.float64 if auto else dtype, device=t.param.device)
         acc[t.name] = (torch.zeros_like(eye) if auto else eye.div(curv.damp)).expand(t.num_blocks, -1, -1).contiguous()
     for chunk in collector.chunks(k):
-        curv.stats.sum_sq += sum(float(g.double().square().sum()) for g in chunk.values())
         for t in targets:
             blocks = t.grad_blocks(chunk[t.name])
             if auto:  # G^T G of the chunk, summed
@@ -291,7 +295,7 @@ def _stream(collector, targets, config, curv, k) -> None:
                 acc[t.name].baddbmm_(blocks.transpose(1, 2), blocks)
             else:
                 wk.woodbury_update_(acc[t.name], blocks, m, backend=config.backend, check_finite=False)
-    curv.stats.count = collector.count
+    curv.stats.sum_sq, curv.stats.count = collector.sum_sq, collector.count
     if auto:
         curv.damp = resolve_damp("auto", curv.stats)
         with phase("inverses"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -23,16 +24,17 @@ from .reports import plot_accuracy_vs_sparsity, plot_layer_sparsity, sparsity_ta
 
 __all__ = ["DEMO_METHODS", "DEMO_SPARSITIES", "train_digits_mlp", "run_demo"]
 
-#: label -> prune_one_shot keyword arguments. WoodFisher uses whole-layer blocks (the
-#: low-rank form is chosen automatically since m < c); the dampening is relative to the
-#: Fisher scale ("auto"), the same rule for WoodFisher and the diagonal Fisher. The
-#: second WoodFisher row recomputes the Fisher 3 times on the way to the target (the
-#: paper's "recompute" variant, still without any retraining).
+#: label -> prune_one_shot keyword arguments. "WoodFisher (defaults)" is what a new user
+#: gets: Fisher blocks as large as the number of gradients of a step (block_size="auto"),
+#: dampening relative to the Fisher scale (damp="auto") and, for high sparsities, several
+#: steps that recompute the Fisher on the way (num_steps="auto"; the num_grads gradients
+#: are split over them). The paper's one-shot setting (whole-layer blocks, damp 1e-5, one
+#: step) is one row for comparison; the diagonal Fisher uses the same defaults.
 DEMO_METHODS: Dict[str, dict] = {
-    "WoodFisher (joint)": dict(method="woodfisher", mode="global", damp="auto"),
-    "WoodFisher (joint, 3 steps)": dict(method="woodfisher", mode="global", damp="auto", num_steps=3),
+    "WoodFisher (defaults)": dict(method="woodfisher"),
+    "WoodFisher (paper: layer blocks, 1 step)": dict(method="woodfisher", block_size=None, damp=1e-5, num_steps=1),
     "Global magnitude": dict(method="global_magnitude"),
-    "Diagonal Fisher (joint)": dict(method="diag_fisher", mode="global", damp="auto"),
+    "Diagonal Fisher (joint)": dict(method="diag_fisher"),
 }
 DEMO_HIDDEN = (128, 64)
 
@@ -53,6 +55,12 @@ def train_digits_mlp(train: torch.utils.data.Dataset, hidden: Sequence[int] = (6
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     return model.eval()
+
+
+def kwargs_curvature(kwargs: dict) -> bool:
+    """Whether the method of these prune_one_shot kwargs uses a Fisher (not a magnitude baseline)."""
+    from .methods import METHODS
+    return METHODS[kwargs.get("method", "woodfisher")].curvature != "none"
 
 
 def _print_table(sparsities: Sequence[float], results: Dict[str, List[float]], dense: float) -> str:
@@ -110,15 +118,19 @@ def _run(out_dir, sparsities, seed, methods, epochs, num_grads, hidden, progress
     m = num_grads
     results: Dict[str, List[float]] = {}
     damps: Dict[str, List[Optional[float]]] = {}
+    overlaps: Dict[str, List[Optional[float]]] = {}
     tables: Dict[str, list] = {}
     for label, kwargs in methods.items():
-        accs, damps[label] = [], []
+        accs, damps[label], overlaps[label] = [], [], []
         for s in sparsities:
             pruned = copy.deepcopy(model)
             loader = make_loader(train, 256, shuffle=True, seed=seed)  # same data order for every run
-            res = prune_one_shot(pruned, loader, sparsity=s, num_grads=m, seed=seed, progress=progress, **kwargs)
+            with warnings.catch_warnings():  # the overlap is printed below instead
+                warnings.filterwarnings("ignore", ".*the same weights as magnitude pruning", UserWarning)
+                res = prune_one_shot(pruned, loader, sparsity=s, num_grads=m, seed=seed, progress=progress, **kwargs)
             accs.append(evaluate(pruned, test))
             damps[label].append(res.damp)
+            overlaps[label].append(res.magnitude_overlap)
             if s == max(sparsities):
                 tables[label] = sparsity_table(res, model=pruned, input_shape=(64,))
         results[label] = accs
@@ -129,6 +141,11 @@ def _run(out_dir, sparsities, seed, methods, epochs, num_grads, hidden, progress
     if used:
         print("\n".join(used))
         text += "\n" + "\n".join(used)
+    print("\npruned weights shared with global magnitude pruning (1.0 = the same mask):")
+    for label, values in overlaps.items():
+        if kwargs_curvature(methods[label]):
+            print(f"  {label}: " + ", ".join(f"{100 * s:.0f}%: {v:.3f}" for s, v in zip(sparsities, values)
+                                          if v is not None))
     os.makedirs(out_dir, exist_ok=True)
     curves = {k: [(100 * s, 100 * a, 0.0) for s, a in zip(sparsities, v)] for k, v in results.items()}
     files = [plot_accuracy_vs_sparsity(curves, os.path.join(out_dir, "accuracy_vs_sparsity.png"),
@@ -138,7 +155,8 @@ def _run(out_dir, sparsities, seed, methods, epochs, num_grads, hidden, progress
                                  title=f"Per-layer sparsity at {100 * max(sparsities):.0f}% overall")]
     summary = {"dataset": "scikit-learn digits", "train_samples": len(train), "test_samples": len(test),
                "model": f"digits_mlp{hidden}", "seed": seed, "num_grads": m, "dense_accuracy": dense,
-               "sparsities": list(sparsities), "accuracy": results, "damp": damps, "methods": methods,
+               "sparsities": list(sparsities), "accuracy": results, "damp": damps,
+               "magnitude_overlap": overlaps, "methods": methods,
                "layer_sparsity_at_max": tables, "table": text,
                "seconds": time.perf_counter() - t_start}
     files.append(write_json(os.path.join(out_dir, "results.json"), summary))

@@ -2,11 +2,13 @@
 
 :func:`prune_with` applies one step from a :class:`woodfisher.curvature.Curvature`:
 the method scores, the masks are selected, the update is written. :func:`run` is the
-whole of :func:`woodfisher.prune_one_shot`: ``num_steps`` steps that raise the sparsity
-linearly from the current to the target, each with fresh curvature. Both are
-transactional: everything is checked before anything is written (:mod:`woodfisher.checks`),
-and if anything fails later, the weights, masks and buffers are restored bit for bit.
-Layers left (nearly) empty are reported in ``PruneResult.collapsed`` with a warning
+whole of :func:`woodfisher.prune_one_shot`: the steps of :meth:`PruneConfig.steps` from
+the current to the target sparsity, each with fresh curvature from its share of the
+``num_grads`` gradients. Both are transactional: everything is checked before anything is
+written (:mod:`woodfisher.checks`), and if anything fails later, the weights, masks and
+buffers are restored bit for bit. Both report how much the mask overlaps magnitude
+pruning's (:mod:`woodfisher.diagnostics`) and warn when a curvature method degenerated to
+it. Layers left (nearly) empty are reported in ``PruneResult.collapsed`` with a warning
 (:func:`woodfisher.masks.collapsed`, the rule pruning at initialisation uses too).
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .batches import is_single_pass
 from .checks import check_prunable
 from .config import PruneConfig
 from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
+from .diagnostics import magnitude_overlap, warn_if_degenerate
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
 from .finetune import hold_target_masks
@@ -44,18 +47,31 @@ def _apply(targets: List[PruneTarget], curvature: Curvature, config: PruneConfig
             t.write(new[t.name], keep[t.name])
 
 
-def _result(model, targets, config, damp, forms, timings) -> PruneResult:
+def _start(targets: List[PruneTarget]):
+    """(weights, keep-masks) before a call, for the overlap with magnitude pruning."""
+    return {t.name: t.effective_weight().clone() for t in targets}, {t.name: t.keep_mask() for t in targets}
+
+
+def _result(model, targets, config, damp, forms, timings, start, extra=None, stacklevel: int = 4) -> PruneResult:
     masks = {t.name: t.keep_mask() for t in targets}
+    sparsity = sparsity_of(masks)
+    overlap = None
+    if config.pattern is None:
+        overlap, count = magnitude_overlap(start[0], start[1], masks, sparsity,
+                                           config.method_impl.fixed_mode or config.mode, config.min_density)
+        if config.method_impl.curvature != "none":
+            warn_if_degenerate(overlap, count, config.method, f"block_size={config.block_size}, num_grads="
+                               f"{config.num_grads}, damp={config.damp}, num_steps={config.num_steps}", stacklevel)
     if config.keep_masks:  # last: a failure here is undone by hold_target_masks, then by the snapshot
         hold_target_masks(targets, masks, model)
     empty = collapsed(masks)
     if empty:
         warnings.warn(f"layer collapse: {empty} keep less than {COLLAPSE_DENSITY:g} of their entries at "
                       f"sparsity={config.sparsity!r} (mode={config.mode!r}); pass min_density > 0 to keep a "
-                      "floor in every layer", stacklevel=4)
-    return PruneResult(masks=masks, layers=layer_rows(masks, forms), sparsity=sparsity_of(masks), damp=damp,
-                       config={**config.as_dict(), "modules": [t.name for t in targets]}, timings=timings,
-                       collapsed=empty)
+                      "floor in every layer", stacklevel=stacklevel)
+    return PruneResult(masks=masks, layers=layer_rows(masks, forms), sparsity=sparsity, damp=damp,
+                       config={**config.as_dict(), "modules": [t.name for t in targets], **(extra or {})},
+                       timings=timings, collapsed=empty, magnitude_overlap=overlap)
 
 
 def _timings() -> Dict[str, float]:
@@ -91,12 +107,13 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
         raise ValueError("beta > 0 needs a curvature estimated with beta > 0 (it measures FLOPs per parameter)")
     timings = dict(curvature.timings, select=0.0, update=0.0)
     start = time.perf_counter()
+    before = _start(targets)
     snapshot = Snapshot(targets, model)
     try:
         with display(config.progress):
             _apply(targets, curvature, config, config.final_sparsity, timings)
         timings["total"] = time.perf_counter() - start
-        return _result(model, targets, config, curvature.damp, curvature.forms, timings)
+        return _result(model, targets, config, curvature.damp, curvature.forms, timings, before, stacklevel=4)
     except BaseException:
         snapshot.restore()
         raise
@@ -106,34 +123,42 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     """Every step of :func:`woodfisher.prune_one_shot` (see there); transactional."""
     start = time.perf_counter()
     method = config.method_impl
-    targets = resolve_targets(model, config.modules, method.block_size(config))
+    targets = resolve_targets(model, config.modules, None)
+    before = _start(targets)
+    steps = config.steps(sparsity_of(before[1]))
+    if len(steps) > 1 and config.num_steps == "auto" and is_single_pass(loader):
+        warnings.warn(f"num_steps='auto' would recompute the Fisher in {len(steps)} steps, but the loader can be "
+                      "read only once (a generator?): pruning in one step; pass a list or a DataLoader to get "
+                      "the recomputation", UserWarning, stacklevel=3)
+        steps = config.replace(num_steps=1).steps(sparsity_of(before[1]))
+    configs = [config.replace(num_grads=m, num_steps=1) for _, m in steps]
+    targets = resolve_targets(model, config.modules, method.block_size(configs[0]))
     method.check_targets(targets, config)
     check_prunable(targets, config)
     if config.needs_data and loader is None:
         raise ValueError(f"loader is required for method={config.method!r} (and for beta > 0)")
-    if config.num_steps > 1 and config.needs_data and is_single_pass(loader):
-        raise ValueError(f"num_steps={config.num_steps} needs a loader that can be iterated once per step; "
-                         "got a single-pass iterator (a generator?): pass a list or a DataLoader, or num_steps=1")
+    if len(steps) > 1 and config.needs_data and is_single_pass(loader):
+        raise ValueError(f"num_steps={config.num_steps} needs a loader that can be iterated once per step; got a "
+                         "single-pass iterator (a generator?): pass a list or a DataLoader, or num_steps=1")
     if method.curvature in ("blockwise", "diagonal") and active_group(config.group) is None:
         # refuse an impossible memory budget up front (a sharded run checks its own shard)
-        plan_memory(targets, config.num_grads, stat_itemsize(targets), config.memory_budget,
+        plan_memory(targets, configs[0].num_grads, stat_itemsize(targets), config.memory_budget,
                     config.damp == "auto", config.inverse_form)
-    s0 = sparsity_of({t.name: t.keep_mask() for t in targets})
-    final = config.final_sparsity
-    steps = [max(s0, s0 + (final - s0) * (i + 1) / config.num_steps) for i in range(config.num_steps)]
     timings = _timings()
     snapshot = Snapshot(targets, model)
     damp, forms = None, {}
     try:
         with display(config.progress):
-            for target in steps:
-                curvature = _estimate(model, loader, targets, config)
+            for (target, _), step_config in zip(steps, configs):
+                targets = resolve_targets(model, config.modules, method.block_size(step_config))
+                curvature = _estimate(model, loader, targets, step_config)
                 for phase in ("gradients", "inverse"):
                     timings[phase] += curvature.timings[phase]
-                _apply(targets, curvature, config, target, timings)
+                _apply(targets, curvature, step_config, target, timings)
                 damp, forms = curvature.damp, curvature.forms
         timings["total"] = time.perf_counter() - start
-        return _result(model, targets, config, damp, forms, timings)
+        extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": method.block_size(configs[0])}
+        return _result(model, targets, config, damp, forms, timings, before, extra, stacklevel=4)
     except BaseException:
         snapshot.restore()
         raise

@@ -1,11 +1,22 @@
 """Gradients of the pruned weights for the empirical (or sampled) Fisher.
 
 Each of the ``num_grads`` gradients ("fisher subsample size", m) is the gradient of the
-mean loss over ``fisher_batch_size`` samples ("fisher mini-batch size"). They are computed
-with ``torch.func`` (``functional_call`` + ``vmap`` + ``grad``), vmapped over groups of
-samples, so ``fisher_batch_size=1`` gives exact per-sample gradients in one batched call
-per loader batch; models or losses that ``vmap`` cannot trace fall back to a plain
-autograd loop over the groups (same numbers, slower).
+mean loss over ``fisher_batch_size`` samples ("fisher mini-batch size"). How fast they come
+depends on the work, not on the loader's batch size: the samples the loader yields are
+buffered into *chunks* (as many samples as a memory budget for the chunk's gradients
+allows, :func:`chunk_samples`), and each chunk is one call:
+
+- ``fisher_batch_size=1``: exact per-sample gradients with ``torch.func``
+  (``functional_call`` + ``vmap`` + ``grad``) over the whole chunk, so a loader of
+  batch 1 costs what a loader of batch 256 costs;
+- ``fisher_batch_size > 1``: one plain batched backward per group of samples (no
+  ``vmap``: a group is a mini-batch, and autograd reduces it at full speed);
+- models or losses that ``vmap`` cannot trace fall back to the per-group autograd loop
+  (same numbers, slower).
+
+Masking and the NaN/Inf check stay off the critical path: the keep-masks are applied in
+place, and the finiteness of a chunk is read from the per-weight sums of squares that the
+Fisher statistics need anyway (one host synchronisation per chunk).
 
 Batches go through the batch adapter (:mod:`woodfisher.batches`), so tuples, dicts
 (HuggingFace) and bare tensors work, and the loss is the model's own ``outputs.loss`` when
@@ -31,6 +42,8 @@ decoupled from the rest of the Fisher and are never revived.
 """
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -38,14 +51,21 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
+import woodfisher_kernels as wk
+
 from .batches import Batch, compute_loss, describe, loader_errors, logits_of, sample_targets, to_batch
 from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
 
-__all__ = ["GradientCollector", "compute_dtype", "compute_state", "prepare_batch"]
+__all__ = ["GradientCollector", "compute_dtype", "compute_state", "prepare_batch", "chunk_samples", "CHUNK_BYTES",
+           "MAX_CHUNK_SAMPLES"]
 
 HALF = (torch.float16, torch.bfloat16)
+#: Default memory (bytes) for the gradients of one chunk.
+CHUNK_BYTES = 256 * 2 ** 20
+#: At most this many samples per chunk (bounds the activations a ``vmap`` call keeps, and the buffered inputs).
+MAX_CHUNK_SAMPLES = 256
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,12 +99,69 @@ def prepare_batch(batch: Batch, device, dtype: torch.dtype) -> Batch:
     return batch
 
 
+def chunk_samples(numel: int, itemsize: int, fisher_batch_size: int, chunk_bytes: int = CHUNK_BYTES,
+                  max_samples: int = MAX_CHUNK_SAMPLES) -> int:
+    """Samples per chunk: whole groups of ``fisher_batch_size``, as many as ``chunk_bytes`` holds.
+
+    Args:
+        numel: entries of all pruned weights (one gradient is ``numel * itemsize`` bytes).
+        itemsize: bytes per entry of the compute dtype.
+        fisher_batch_size: samples per gradient (a chunk holds whole groups).
+        chunk_bytes: memory for the chunk's gradients, one per group.
+        max_samples: cap on the samples of a chunk (at least one group is always taken).
+    Returns:
+        a multiple of ``fisher_batch_size``, >= ``fisher_batch_size``.
+    """
+    groups = max(1, int(chunk_bytes) // max(1, numel * itemsize))
+    groups = max(1, min(groups, max_samples // fisher_batch_size))
+    return groups * fisher_batch_size
+
+
+def _plain(batch: Batch) -> Optional[int]:
+    """Samples of a plain batch (positional tensors and a tensor target or None, one batch dim), else None."""
+    if batch.kwargs or not batch.args or not all(isinstance(a, torch.Tensor) and a.dim() >= 1 for a in batch.args):
+        return None
+    n = batch.args[0].shape[0]
+    if any(a.shape[0] != n for a in batch.args):
+        return None
+    t = batch.target
+    if t is not None and not (isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n):
+        return None
+    return n
+
+
+def _size(batch: Batch) -> int:
+    n = _plain(batch)
+    return batch.size if n is None else n
+
+
+def _signature(batch: Batch):
+    """Structure and per-sample shapes of a batch: batches with equal signatures can be concatenated."""
+    if _plain(batch) is not None:  # fast path (no pytree walk): loaders of batch 1 yield many of these
+        t = batch.target
+        return ("plain", tuple((a.shape[1:], a.dtype) for a in batch.args),
+                None if t is None else (t.shape[1:], t.dtype))
+    leaves, spec = pytree.tree_flatten((batch.args, batch.kwargs, batch.target))
+    flags = pytree.tree_leaves(batch.batched())
+    return spec, tuple(tuple(x.shape[1:]) if f else None for x, f in zip(leaves, flags))
+
+
+def _cat(batches: List[Batch]) -> Batch:
+    """:meth:`Batch.cat`, with a fast path for plain batches of equal signatures."""
+    if len(batches) > 1 and all(_plain(b) is not None for b in batches) \
+            and len({_signature(b) for b in batches}) == 1:
+        args = tuple(torch.cat([b.args[i] for b in batches]) for i in range(len(batches[0].args)))
+        target = None if batches[0].target is None else torch.cat([b.target for b in batches])
+        return Batch(args, {}, target)
+    return Batch.cat(batches)
+
+
 class GradientCollector:
     """Computes m masked gradients of the pruned weights, chunk by chunk.
 
     Args:
         model: the network (not modified; wrappers are seen through).
-        loader: iterable of batches (read through ``batch_adapter``).
+        loader: iterable of batches (read through ``batch_adapter``); any batch size.
         targets: the pruned weights (:func:`woodfisher.targets.resolve_targets`).
         loss_fn: ``loss_fn(predictions, targets)`` -> mean loss (None: see :mod:`woodfisher.batches`).
         num_grads: m >= 1, or None for every sample the loader yields (it must end).
@@ -100,10 +177,15 @@ class GradientCollector:
         progress: show a progress bar (rate and ETA): a phase of the active
             :mod:`woodfisher.progress` display, else a tqdm bar of its own.
         batch_adapter: loader item -> :class:`woodfisher.Batch` (None: the default reading).
+        chunk_bytes: memory for one chunk's gradients (see :func:`chunk_samples`).
 
-    After :meth:`chunks` is exhausted: ``count`` (gradients produced), ``samples``
-    (samples used) and ``loss_grad`` ({name: (numel,)} or None). Gradients are flat
-    (k, numel) in the weight's storage order, in :attr:`dtype`.
+    After a pass (:meth:`collect` or :meth:`chunks` exhausted): ``count`` (gradients
+    produced), ``samples`` (samples used), ``sum_sq`` (float64 sum of the squared masked
+    gradient entries, for :class:`woodfisher.damping.FisherStats`) and ``loss_grad``
+    ({name: (numel,)} or None). Gradients are flat (k, numel) in the weight's storage
+    order, in :attr:`dtype`.
+    Raises (during the pass): ValueError for an empty loader, unlabelled batches without a
+    model loss, or NaN/Inf gradients (naming the weight).
     """
 
     def __init__(self, model: nn.Module, loader, targets: List[PruneTarget], *,
@@ -111,7 +193,8 @@ class GradientCollector:
                  fisher_batch_size: int = 1, sampled_fisher: bool = False, seed: int = 0,
                  keep_masks: Optional[Dict[str, torch.Tensor]] = None,
                  want_loss_grad: bool = False, progress: bool = True,
-                 desc: str = "Fisher gradients", batch_adapter: Optional[Callable] = None):
+                 desc: str = "Fisher gradients", batch_adapter: Optional[Callable] = None,
+                 chunk_bytes: int = CHUNK_BYTES):
         self.model, self.loader, self.targets = model, loader, targets
         self.inner = unwrap_model(model)[0]
         self.loss_fn = loss_fn
@@ -122,102 +205,148 @@ class GradientCollector:
         self.want_loss_grad, self.progress, self.desc = want_loss_grad, progress, desc
         self.adapter = batch_adapter
         self.dtype = compute_dtype(targets[0].param.dtype)
-        self.count, self.samples, self.loss_grad = 0, 0, None
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self.chunk = chunk_samples(sum(t.numel for t in targets), itemsize, self.fbs, chunk_bytes)
+        self.count, self.samples, self.sum_sq, self.loss_grad = 0, 0, 0.0, None
         self._use_vmap = True
 
     # ---- data -------------------------------------------------------------------
-    def _groups(self, device) -> Iterator[Batch]:
-        """Yields batches of G groups, every batched leaf shaped (G, fbs, ...), until num_grads groups."""
-        left = float("inf") if self.num_grads is None else self.num_grads
-        pending: Optional[Batch] = None
+    def _sample_chunks(self, device) -> Iterator[Batch]:
+        """Flat batches of whole groups (at most :attr:`chunk` samples each) until num_grads groups.
+
+        Consecutive loader batches are concatenated; a batch whose samples have another
+        shape (e.g. sequences padded to another length) starts a new chunk, unless a group
+        is still incomplete (then :meth:`Batch.cat` says why it cannot be completed).
+        """
+        left = float("inf") if self.num_grads is None else self.num_grads * self.fbs
+        pending: List[Batch] = []
+        have, sig = 0, None
         for item in self.loader:
-            batch = prepare_batch(to_batch(item, self.adapter), device, self.dtype)
+            batch = to_batch(item, self.adapter)
             if batch.target is None and not self.sampled and "labels" not in batch.kwargs:
                 compute_loss(None, None, self.loss_fn)  # raises: no targets and no model loss
-            pending = batch if pending is None else Batch.cat([pending, batch])
-            have = pending.size
-            take = min(have // self.fbs, left)
-            if take:
-                n = take * self.fbs
-                head = pending.take(0, n)
-                yield head.map_batched(lambda x: x.reshape(take, self.fbs, *x.shape[1:]))
-                pending = pending.take(n, have) if n < have else None
-                left -= take
+            this = _signature(batch)
+            if pending and have % self.fbs == 0 and this != sig:
+                for piece in self._split(_cat(pending), min(have, left)):
+                    left -= piece.size
+                    yield prepare_batch(piece, device, self.dtype)
+                pending, have = [], 0
+                if left == 0:
+                    return
+            if not pending:
+                sig = this
+            pending.append(batch)
+            have += _size(batch)
+            if have >= min(self.chunk, left):
+                cat = _cat(pending)
+                full = min(have // self.chunk * self.chunk, left) if have < left else left
+                for piece in self._split(cat, full):
+                    left -= piece.size
+                    yield prepare_batch(piece, device, self.dtype)
+                pending = [cat.take(full, have)] if full < have else []
+                have -= full
             if left == 0:
                 return
+        whole = min(have // self.fbs * self.fbs, left)
+        if whole:
+            for piece in self._split(_cat(pending), whole):
+                yield prepare_batch(piece, device, self.dtype)
+
+    def _split(self, batch: Batch, n: int) -> Iterator[Batch]:
+        """The first ``n`` samples of ``batch`` (a multiple of fisher_batch_size) in chunks."""
+        n = n // self.fbs * self.fbs
+        for start in range(0, n, self.chunk):
+            yield batch.take(start, min(start + self.chunk, n))
 
     # ---- gradients --------------------------------------------------------------
-    def _group_grads(self, params, buffers, groups: Batch) -> Dict[str, torch.Tensor]:
-        """{key: (G, *shape)} gradients of the mean loss of each group."""
+    def _loss_fn(self, params, buffers):
         model, loss_fn = self.inner, self.loss_fn
-        keys = [t.key for t in self.targets]
-        fixed = {k: v for k, v in params.items() if k not in keys}
+        fixed = {k: v for k, v in params.items() if k not in self._keys}
 
         def group_loss(sub, args, kwargs, target):
             out = functional_call(model, ({**fixed, **sub}, buffers), tuple(args), dict(kwargs))
             return compute_loss(out, target, loss_fn)
+        return group_loss
 
-        sub = {k: params[k] for k in keys}
-        inputs = (groups.args, groups.kwargs, groups.target)
-        if self._use_vmap:
+    def _chunk_grads(self, params, buffers, flat: Batch) -> Dict[str, torch.Tensor]:
+        """{key: (G, *shape)} gradients of the mean loss of each of the chunk's G groups."""
+        group_loss = self._loss_fn(params, buffers)
+        sub = {k: params[k] for k in self._keys}
+        count = flat.size // self.fbs
+        if self._use_vmap and self.fbs == 1:
+            groups = flat.map_batched(lambda x: x.reshape(count, 1, *x.shape[1:]))
             dims = pytree.tree_map(lambda f: 0 if f else None, groups.batched())
             try:
-                return vmap(grad(group_loss), in_dims=(None, *dims), randomness="different")(sub, *inputs)
+                return vmap(grad(group_loss), in_dims=(None, *dims), randomness="different")(
+                    sub, groups.args, groups.kwargs, groups.target)
             except Exception:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
                 self._use_vmap = False
-        out = {k: [] for k in keys}
-        for g in range(groups.size):
-            one = groups.map_batched(lambda x, g=g: x[g])
+        out = {k: [] for k in self._keys}
+        for g in range(count):  # one batched backward per group
+            one = flat.take(g * self.fbs, (g + 1) * self.fbs)
             s = {k: v.detach().requires_grad_(True) for k, v in sub.items()}
             with torch.enable_grad():
-                gs = torch.autograd.grad(group_loss(s, one.args, one.kwargs, one.target), [s[k] for k in keys],
+                gs = torch.autograd.grad(group_loss(s, one.args, one.kwargs, one.target), [s[k] for k in self._keys],
                                          allow_unused=True)
-            for k, gk in zip(keys, gs):
+            for k, gk in zip(self._keys, gs):
                 out[k].append(torch.zeros_like(s[k]) if gk is None else gk)
         return {k: torch.stack(v) for k, v in out.items()}
 
-    def _sampled(self, params, buffers, groups: Batch, gen) -> Batch:
-        """The groups with targets drawn from the model's predictions (dict ``labels`` dropped)."""
-        bare = groups.without_target()
-        count = groups.size
-        flat = bare.map_batched(lambda x: x.reshape(-1, *x.shape[2:]))
+    def _sampled(self, params, buffers, flat: Batch, gen) -> Batch:
+        """The samples with targets drawn from the model's predictions (dict ``labels`` dropped)."""
+        bare = flat.without_target()
         with torch.no_grad():
-            out = functional_call(self.inner, (params, buffers), flat.args, flat.kwargs)
-        labels = sample_targets(logits_of(out), gen)
-        return Batch(bare.args, bare.kwargs, labels.reshape(count, self.fbs, *labels.shape[1:]))
+            out = functional_call(self.inner, (params, buffers), bare.args, bare.kwargs)
+        return Batch(bare.args, bare.kwargs, sample_targets(logits_of(out), gen))
 
     def _masked(self, grads: Dict[str, torch.Tensor], count: int) -> Dict[str, torch.Tensor]:
+        """{name: (G, numel)} masked in place; one fused finiteness check, the sum of squares added up."""
         flat = {}
         for t in self.targets:
-            g = grads[t.key].reshape(count, t.numel)
-            keep = self.keep.get(t.name)
+            g = grads[t.key].detach().reshape(count, t.numel)
+            keep = self._keep_flat.get(t.name)
             if keep is not None:
-                g = g * keep.reshape(1, -1).to(g.dtype)
-            if not bool(torch.isfinite(g).all()):
-                raise ValueError(f"gradients of layer {t.label!r} contain NaN or Inf; "
-                                 "check the model, the data and the loss")
-            flat[t.name] = g.detach()
+                g.mul_(keep)
+            flat[t.name] = g
+        # per-gradient norms in the compute dtype, their squares summed in float64: one sync per chunk
+        sums = torch.stack([torch.linalg.vector_norm(g, dim=1).double().square().sum() for g in flat.values()])
+        for (name, g), s in zip(flat.items(), sums.tolist()):
+            if not math.isfinite(s):
+                if not bool(torch.isfinite(g).all()):
+                    label = next(t.label for t in self.targets if t.name == name)
+                    raise ValueError(f"gradients of layer {label!r} contain NaN or Inf; "
+                                     "check the model, the data and the loss")
+                s = float(g.double().square().sum())  # finite entries whose float32 squares overflowed
+            self.sum_sq += s
         return flat
 
     def _pieces(self) -> Iterator[Dict[str, torch.Tensor]]:
-        """{name: (G, numel)} per loader step, masked and checked."""
+        """{name: (G, numel)} per chunk, masked and checked."""
         params, buffers = compute_state(self.inner, self.dtype)
         device = next(iter(params.values())).device
+        self._keys = [t.key for t in self.targets]
+        self._keep_flat = {n: k.reshape(1, -1).to(device=device, dtype=self.dtype) for n, k in self.keep.items()
+                           if not bool(k.all())}
         gen = torch.Generator().manual_seed(int(self.seed))
+        self.count, self.samples, self.sum_sq = 0, 0, 0.0
         loss_sum = None
         bar = progress_bar(self.num_grads, self.desc, "grad", enabled=self.progress)
         try:
             with eval_mode(self.model):
-                for groups in self._groups(device):
-                    count = groups.size
-                    with loader_errors(groups.map_batched(lambda x: x.flatten(0, 1))):
-                        labelled = self._sampled(params, buffers, groups, gen) if self.sampled else groups
-                        grads = self._group_grads(params, buffers, labelled)
-                        extra = self._group_grads(params, buffers, groups) \
+                for flat in self._sample_chunks(device):
+                    count = flat.size // self.fbs
+                    with loader_errors(flat):
+                        labelled = self._sampled(params, buffers, flat, gen) if self.sampled else flat
+                        grads = self._chunk_grads(params, buffers, labelled)
+                        extra = self._chunk_grads(params, buffers, flat) \
                             if self.want_loss_grad and self.sampled else None
                     piece = self._masked(grads, count)
                     if self.want_loss_grad:
-                        lg = piece if extra is None else self._masked(extra, count)
+                        lg = piece
+                        if extra is not None:
+                            saved = self.sum_sq  # the loss-gradient pass is not part of the Fisher
+                            lg = self._masked(extra, count)
+                            self.sum_sq = saved
                         part = {k: v.sum(0) for k, v in lg.items()}
                         loss_sum = part if loss_sum is None else {k: loss_sum[k] + part[k] for k in part}
                     self.count += count
@@ -252,7 +381,43 @@ class GradientCollector:
         if have:
             yield {n: torch.cat([p[n] for p in pending]) for n in pending[0]}
 
-    def collect(self) -> Dict[str, torch.Tensor]:
-        """All gradients at once: {name: (m, numel)}."""
-        parts = list(self._pieces())
-        return {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+    def collect(self, blocked: bool = False) -> Dict[str, torch.Tensor]:
+        """All gradients at once: {name: (m, numel)}, or with ``blocked`` {name: (B, m, c)}.
+
+        The blocked form is :meth:`woodfisher.targets.BlockLayout.grad_blocks` of the flat
+        one (canonical order, zero padded), written chunk by chunk into one buffer.
+        """
+        out: Dict[str, torch.Tensor] = {}
+        by_name = {t.name: t for t in self.targets}
+        pieces = self._pieces()
+        if self.num_grads is None:  # length unknown until the loader ends: concatenate
+            flat = {}
+            for piece in pieces:
+                for n, g in piece.items():
+                    flat.setdefault(n, []).append(g)
+            flat = {n: torch.cat(v) for n, v in flat.items()}
+            if not blocked:
+                return flat
+            return {n: wk.to_blocks(by_name[n].canonical(g, batch_dims=1), by_name[n].block_size).transpose(0, 1)
+                    .contiguous() for n, g in flat.items()}
+        first = next(pieces, None)
+        if first is not None and self.count == self.num_grads:  # one chunk: no buffer, no copy for B = 1
+            for _ in pieces:  # finishes the pass (statistics, warnings)
+                pass
+            if not blocked:
+                return first
+            return {n: wk.to_blocks(by_name[n].canonical(g, batch_dims=1), by_name[n].block_size).transpose(0, 1)
+                    .contiguous() for n, g in first.items()}
+        for piece in itertools.chain([first] if first is not None else [], pieces):
+            start, stop = self.count - next(iter(piece.values())).shape[0], self.count
+            for n, g in piece.items():
+                t = by_name[n]
+                if n not in out:
+                    shape = (t.num_blocks, self.num_grads, t.block_size) if blocked else (self.num_grads, t.numel)
+                    out[n] = g.new_empty(shape)  # every entry is written (the blocks' padding as zeros)
+                if blocked:  # (G, B, c) view of the canonical gradients, written transposed
+                    blocks = wk.to_blocks(t.canonical(g, batch_dims=1), t.block_size)
+                    out[n][:, start:stop].copy_(blocks.transpose(0, 1))
+                else:
+                    out[n][start:stop].copy_(g)
+        return out

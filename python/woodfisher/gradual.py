@@ -97,8 +97,8 @@ class GradualPruner:
         if "sparsity" in prune_kwargs:
             raise ValueError("pass final_sparsity, not sparsity, to GradualPruner")
         self.config = PruneConfig.from_options(sparsity=float(final_sparsity), **prune_kwargs)
-        check_prunable(resolve_targets(model, self.config.modules, self.config.block_size), self.config,
-                       final_sparsity, "final_sparsity")
+        check_prunable(resolve_targets(model, self.config.modules, self.config.method_impl.block_size(self.config)),
+                       self.config, final_sparsity, "final_sparsity")
         self.model, self.loader = model, loader
         self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency

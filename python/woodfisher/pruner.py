@@ -39,7 +39,11 @@ def prune_one_shot(model: nn.Module, loader: Optional[Iterable], config: Optiona
         config: a :class:`PruneConfig`; keyword ``options`` override its fields.
         **options: the fields of :class:`PruneConfig` (``sparsity`` is required), e.g.
             ``sparsity=0.8, method="woodfisher", mode="global", block_size=1000,
-            num_grads=1000, fisher_batch_size=1, damp="auto", num_steps=4``.
+            num_grads=1000, fisher_batch_size=1, damp="auto", num_steps=4``. The defaults
+            (``block_size``, ``damp`` and ``num_steps`` "auto") give a real second-order mask:
+            Fisher blocks as large as the gradients of a step, relative damping, and several
+            steps toward a high sparsity, ``num_grads`` being the total over the steps; the
+            paper's one-shot setting is ``block_size=None, damp=1e-5, num_steps=1``.
     Returns:
         :class:`PruneResult` (masks, per-weight table, sparsity, damp, timings, collapsed);
         weights left (nearly) empty are listed in ``collapsed`` and warned about.

@@ -25,6 +25,10 @@ class PruneResult:
         collapsed: names of the pruned weights left with no entry, or with a kept fraction
             below :data:`woodfisher.masks.COLLAPSE_DENSITY` (layer collapse; a warning is
             issued too); empty when none.
+        magnitude_overlap: fraction of the weights this call pruned that magnitude pruning
+            (global or layerwise, as ``mode``) of the starting weights would also have pruned
+            at the same sparsity (:func:`woodfisher.diagnostics.magnitude_overlap`); near 1 means
+            the mask degenerated to magnitude pruning. None for patterns or when nothing was pruned.
     """
 
     masks: Dict[str, torch.Tensor]
@@ -34,6 +38,7 @@ class PruneResult:
     config: dict
     timings: Dict[str, float] = field(default_factory=dict)
     collapsed: List[str] = field(default_factory=list)
+    magnitude_overlap: Optional[float] = None
 
 
 def layer_rows(masks: Dict[str, torch.Tensor], forms: Optional[Dict[str, Optional[str]]] = None) -> List[dict]:

@@ -3,7 +3,7 @@
 :func:`search_damp` collects the gradients once (:func:`woodfisher.estimate_curvature`),
 re-inverts them for every candidate lambda (:meth:`Curvature.with_damp`), prunes a copy of
 the model with each (:func:`woodfisher.prune_with`) and keeps the lambda with the lowest
-held-out loss. Runs that cannot reuse one curvature (``num_steps > 1``, streamed
+held-out loss. Runs that cannot reuse one curvature (more than one step, streamed
 gradients, non-blockwise methods) prune each copy from scratch with
 :func:`woodfisher.prune_one_shot`.
 """
@@ -14,12 +14,14 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from .batches import check_loader, compute_loss, loader_errors, to_batch
-from .curvature import estimate_curvature
+from .curvature import estimate_curvature, resolve_config
 from .damping import check_damp
 from .engine import prune_with
 from .gradients import prepare_batch
+from .masks import sparsity_of
 from .pruner import prune_one_shot
 from .state import clone_model, eval_mode
+from .targets import resolve_targets
 
 __all__ = ["search_damp", "heldout_loss"]
 
@@ -70,8 +72,9 @@ def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Seque
         raise ValueError(f"heldout must be an iterable of held-out batches, got {type(heldout).__name__}") from None
     options.setdefault("progress", False)
     adapter = options.get("batch_adapter")
-    reuse = options.get("num_steps", 1) == 1 and options.get("method", "woodfisher") == "woodfisher" \
-        and options.get("inverse_form", "auto") != "stream"
+    config = resolve_config(None, {**options, "loss_fn": loss_fn}, sparsity)
+    start = sparsity_of({t.name: t.keep_mask() for t in resolve_targets(model, config.modules, None)})
+    reuse = len(config.steps(start)) == 1 and config.method == "woodfisher" and config.inverse_form != "stream"
     curvature = None
     if reuse or grid is None:
         curvature = estimate_curvature(model, loader, sparsity=sparsity, damp="auto", loss_fn=loss_fn, **options)

@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -29,25 +29,36 @@ def sparsity_type(text: str) -> float:
     return value
 
 
-def damp_type(text: str):
-    if text == "auto":
-        return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"damp must be a number > 0 or 'auto', got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"damp must be > 0, got {text!r}")
-    return value
+def _auto_or_positive(convert, what: str):
+    """An argparse type: the string "auto", or ``convert(text)`` > 0."""
+    def parse(text: str):
+        if text == "auto":
+            return "auto"
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number > 0 or 'auto', got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{what} must be > 0, got {text!r}")
+        return value
+    parse.__name__ = what.replace(" ", "_")
+    return parse
 
 
-def block_size_type(text: str) -> Optional[int]:
+damp_type = _auto_or_positive(float, "damp")
+steps_type = _auto_or_positive(int, "num steps")
+
+
+def block_size_type(text: str) -> Optional[Union[int, str]]:
     if text.lower() in ("layer", "none", "whole"):
         return None
+    if text.lower() == "auto":
+        return "auto"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"block size must be a positive int or 'layer', got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"block size must be a positive int, 'auto' or 'layer', got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"block size must be >= 1, got {value}")
     return value

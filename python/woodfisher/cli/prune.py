@@ -34,12 +34,14 @@ from ._common import (
     load_model,
     require,
     sparsity_type,
+    steps_type,
     user_functions,
     write_outputs,
 )
 
 #: PruneConfig fields that are flags of this command (same names as the API).
 CONFIG_FIELDS = ("sparsity", "method", "mode", "block_size", "num_grads", "fisher_batch_size", "damp", "num_steps",
+                 "step_schedule",
                  "obs_update", "woodtaylor", "beta", "pattern", "modules", "seed", "group_exact", "memory_budget",
                  "sampled_fisher", "backend", "inverse_form", "min_density", "progress")
 
@@ -52,12 +54,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()))
     p.add_argument("--mode", default="global", choices=["global", "layerwise"],
                    help="global = joint ranking across layers, layerwise = independent")
-    p.add_argument("--block-size", type=block_size_type, default=None,
-                   help="Fisher block (chunk) size, or 'layer' for whole-layer blocks (default)")
-    p.add_argument("--num-grads", type=int, default=128, help="number of gradients m (fisher subsample size)")
+    p.add_argument("--block-size", type=block_size_type, default="auto",
+                   help="Fisher block (chunk) size, 'auto' (default: the gradients of a step) or 'layer'")
+    p.add_argument("--num-grads", type=int, default=512,
+                   help="number of gradients m (fisher subsample size), over all steps")
     p.add_argument("--fisher-batch-size", type=int, default=1, help="samples averaged per gradient")
-    p.add_argument("--damp", type=damp_type, default=1e-5, help="dampening lambda, or 'auto' (default 1e-5)")
-    p.add_argument("--num-steps", type=int, default=1, help="pruning steps with Fisher recomputation")
+    p.add_argument("--damp", type=damp_type, default="auto",
+                   help="dampening lambda, or 'auto' (default: relative to the Fisher; the paper's is 1e-5)")
+    p.add_argument("--num-steps", type=steps_type, default="auto",
+                   help="pruning steps with Fisher recomputation, or 'auto' (default: more steps for higher sparsity)")
+    p.add_argument("--step-schedule", default="geometric", choices=["geometric", "linear"],
+                   help="sparsities of the steps: geometric (default) or linear")
     p.add_argument("--obs-update", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the OBS weight update (--no-obs-update: only zero the pruned weights)")
     p.add_argument("--woodtaylor", action="store_true", help="use the WoodTaylor statistic (first-order term)")
@@ -116,7 +123,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
     from ..reports import format_table, sparsity_table, table_totals
 
     require(args, "sparsity")
-    for name in ("num_grads", "fisher_batch_size", "num_steps"):
+    for name in ("num_grads", "fisher_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     with display(args.progress and rank == 0, "woodfisher prune") as shown:
@@ -160,7 +167,11 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
         print(f"accuracy before: {100 * before:.2f}%  after: {100 * after:.2f}%  (test set, {samples} samples)")
     elif metric == "loss":
         print(f"held-out loss before: {before:.4f}  after: {after:.4f}")
-    print(f"sparsity {100 * result.sparsity:.2f}% of the pruned weights; {damp}pruning took {seconds:.1f} s")
+    steps = len(result.config.get("steps") or [1])
+    overlap = "" if result.magnitude_overlap is None or args.method in ("magnitude", "global_magnitude") else \
+        f"; mask overlap with {args.mode} magnitude pruning {100 * result.magnitude_overlap:.1f}%"
+    print(f"sparsity {100 * result.sparsity:.2f}% of the pruned weights; {damp}{steps} step(s); "
+          f"pruning took {seconds:.1f} s{overlap}")
     print("time per phase: " + shown.summary())
     print("wrote: " + ", ".join(files))
     return 0

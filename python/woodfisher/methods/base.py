@@ -102,8 +102,8 @@ class PruningMethod:
         if parsed[0] not in self.patterns:
             raise ValueError(f"pattern={config.pattern!r} is not supported by method {self.name!r} "
                              f"(it supports {list(self.patterns) or 'no pattern'})")
-        if config.num_steps != 1 or config.woodtaylor:
-            raise ValueError("pattern needs num_steps=1 and woodtaylor=False")
+        if config.num_steps not in (1, "auto") or config.woodtaylor:
+            raise ValueError("pattern needs num_steps=1 (or 'auto') and woodtaylor=False")
         fixed = st.pattern_sparsity(parsed)
         if fixed is not None and abs(fixed - config.sparsity) > 1e-9 and config.sparsity != 0:
             raise ValueError(f"pattern {config.pattern!r} fixes the sparsity at {fixed}; "
@@ -117,7 +117,7 @@ class PruningMethod:
 
     def block_size(self, config) -> Optional[int]:
         """The Fisher block size this method needs (None = whole weights)."""
-        return config.block_size
+        return config.fisher_block_size
 
     def step(self, ctx: StepContext) -> Tuple[Tensors, Tensors]:
         """One pruning step: ({name: new weights}, {name: keep-mask}); pruned entries are zeroed by the caller."""

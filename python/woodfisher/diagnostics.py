@@ -1,0 +1,64 @@
+"""Is the second-order mask really second-order? Overlap with magnitude pruning.
+
+With whole-layer Fisher blocks much larger than the number of gradients (c >> m) and a
+small damp, the diagonal of ``F^-1`` is almost constant over a block, so the WoodFisher
+statistic ``rho_q = w_q^2 / (2 [F^-1]_qq)`` (paper Eq. 10) ranks weights almost exactly
+as ``|w_q|`` does: the mask degenerates to magnitude pruning and only the OBS update is
+second-order. :func:`magnitude_overlap` measures this for a call, and
+:func:`warn_if_degenerate` says so.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .masks import select_kept_masks
+
+__all__ = ["magnitude_overlap", "warn_if_degenerate", "DEGENERATE_OVERLAP", "MIN_WARN_COUNT"]
+
+#: An overlap at or above this is reported as a mask that degenerated to magnitude pruning.
+DEGENERATE_OVERLAP = 0.99
+#: No warning below this many pruned weights.
+MIN_WARN_COUNT = 1000
+
+
+def magnitude_overlap(weights: Dict[str, torch.Tensor], keep_before: Dict[str, torch.Tensor],
+                      keep_after: Dict[str, torch.Tensor], sparsity: float, mode: str,
+                      min_density: float = 0.0) -> Tuple[Optional[float], int]:
+    """Fraction of the newly pruned weights that magnitude pruning would also have pruned.
+
+    Args:
+        weights: {name: weight} before the call (the starting point of both rankings).
+        keep_before, keep_after: {name: bool keep-mask} before and after the call.
+        sparsity: the sparsity the call reached (magnitude pruning is asked for the same).
+        mode: "global" (compare with global magnitude) or "layerwise" (layerwise magnitude).
+        min_density: the call's per-weight floor (applied to magnitude pruning too).
+    Returns:
+        (overlap, count): overlap = |P_call & P_mag| / |P_mag| in [0, 1], where P are the
+        entries pruned by the call and by magnitude pruning of the starting weights, None
+        when magnitude pruning prunes nothing new; count = |P_mag|.
+    """
+    scores = {n: w.detach().abs() for n, w in weights.items()}
+    mag = select_kept_masks(scores, sparsity, mode, min_density, keep_before)
+    mag_new = sum(int((keep_before[n] & ~mag[n]).sum()) for n in weights)
+    if mag_new == 0:
+        return None, 0
+    both = sum(int((keep_before[n] & ~mag[n] & ~keep_after[n]).sum()) for n in weights)
+    return both / mag_new, mag_new
+
+
+def warn_if_degenerate(overlap: Optional[float], count: int, method: str, config_text: str,
+                       stacklevel: int = 2) -> None:
+    """A UserWarning when a curvature method's mask overlaps magnitude's by >= :data:`DEGENERATE_OVERLAP`
+    (only when at least :data:`MIN_WARN_COUNT` weights were pruned: on tiny layers equal masks are common)."""
+    if overlap is None or overlap < DEGENERATE_OVERLAP or count < MIN_WARN_COUNT:
+        return
+    warnings.warn(f"method={method!r} pruned {100 * overlap:.1f}% the same weights as magnitude pruning would "
+                  f"({config_text}): the Fisher barely changed the mask (only the weight update is "
+                  "second-order). Usual causes: Fisher blocks much larger than the number of gradients "
+                  "(c >> m makes the diagonal of F^-1 nearly constant; block_size='auto' ties c to m), a damp "
+                  "that dominates the Fisher (damp='auto' is relative to it), or too few gradients; "
+                  "num_steps='auto' recomputes the Fisher on the way to a high sparsity",
+                  UserWarning, stacklevel=stacklevel + 1)

@@ -1,0 +1,188 @@
+"""The chunked gradient collection against a plain autograd loop, in float64.
+
+Whatever the loader's batch size (1, 7, 64) and the chunk size, the per-sample (vmap) and
+per-group (batched backward) paths must give the gradients of a sample-by-sample autograd
+reference to float64 rounding, in the same order; the Fisher statistics, the keep-masks
+and the blocked layout come out of the same pass.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from _pruner_shared import per_sample_grads
+from torch import nn
+
+import woodfisher as wf
+from woodfisher.gradients import CHUNK_BYTES, MAX_CHUNK_SAMPLES, GradientCollector, chunk_samples
+from woodfisher.targets import resolve_targets
+
+NAMES = ["conv.weight", "fc.weight"]
+
+
+class ConvNet(nn.Module):
+    """conv 3x3 -> BatchNorm (running statistics) -> ReLU -> fc; float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3 * 4 * 4, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def setup(n: int = 70, seed: int = 0):
+    torch.manual_seed(seed)
+    model = ConvNet().double()
+    with torch.no_grad():  # non-trivial running statistics
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, 2, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return model, x, y
+
+
+def loader_of(x, y, batch):
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, x.shape[0], batch)]
+
+
+def reference(model, x, y, m, fbs):
+    """{name: (m, numel)}: means over groups of fbs consecutive per-sample autograd gradients (eval mode:
+    BatchNorm on its running statistics, as the collector uses it)."""
+    per = per_sample_grads(copy.deepcopy(model).eval(), [(x, y)], NAMES, m * fbs)
+    return {n: g.view(m, fbs, -1).mean(1) for n, g in per.items()}
+
+
+@pytest.mark.parametrize("loader_batch", [1, 7, 64])
+@pytest.mark.parametrize("fbs", [1, 3])
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_chunked_gradients_equal_autograd_reference(loader_batch, fbs, chunk):
+    model, x, y = setup()
+    m = 21
+    targets = resolve_targets(model, NAMES)
+    numel = sum(t.numel for t in targets)
+    kw = {} if chunk is None else {"chunk_bytes": chunk * fbs * numel * 8}  # chunk groups per chunk
+    col = GradientCollector(model, loader_of(x, y, loader_batch), targets, num_grads=m, fisher_batch_size=fbs,
+                            progress=False, **kw)
+    got = col.collect()
+    ref = reference(model, x, y, m, fbs)
+    for n in NAMES:
+        assert got[n].dtype == torch.float64 and got[n].shape == ref[n].shape
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-14)
+    assert col.count == m and col.samples == m * fbs
+    expect_sq = sum(float(ref[n].square().sum()) for n in NAMES)
+    assert col.sum_sq == pytest.approx(expect_sq, rel=1e-12)
+    assert model.training and model.bn.training  # collected in eval mode, the flags restored
+
+
+def test_vmap_fallback_and_chunk_sizes_agree():
+    model, x, y = setup(seed=3)
+    targets = resolve_targets(model, NAMES)
+    fast = GradientCollector(model, loader_of(x, y, 1), targets, num_grads=30, progress=False).collect()
+    slow = GradientCollector(model, loader_of(x, y, 64), targets, num_grads=30, progress=False)
+    slow._use_vmap = False
+    for n, g in slow.collect().items():
+        torch.testing.assert_close(g, fast[n], rtol=1e-12, atol=1e-14)
+
+
+def test_blocked_layout_keep_masks_and_statistics():
+    """collect(blocked=True) is grad_blocks of the flat gradients; pruned entries are zero in both."""
+    model, x, y = setup(seed=5)
+    with torch.no_grad():
+        model.conv.weight[0] = 0.0
+        model.fc.weight[:, :7] = 0.0
+    targets = resolve_targets(model, NAMES, block_size=10)  # 54 and 192 entries: padded last blocks
+    keep = {t.name: t.keep_mask() for t in targets}
+    flat = GradientCollector(model, loader_of(x, y, 7), targets, num_grads=25, keep_masks=keep,
+                             progress=False, chunk_bytes=4 * 246 * 8)
+    got_flat = flat.collect()
+    blocked = GradientCollector(model, loader_of(x, y, 7), targets, num_grads=25, keep_masks=keep,
+                                progress=False, chunk_bytes=4 * 246 * 8).collect(blocked=True)
+    ref = reference(model, x, y, 25, 1)
+    for t in targets:
+        masked = ref[t.name] * keep[t.name].reshape(1, -1)
+        torch.testing.assert_close(got_flat[t.name], masked, rtol=1e-12, atol=1e-14)
+        assert torch.equal(blocked[t.name], t.grad_blocks(got_flat[t.name]))
+        assert blocked[t.name].shape == (t.num_blocks, 25, 10)
+    assert flat.sum_sq == pytest.approx(sum(float((ref[t.name] * keep[t.name].reshape(1, -1)).square().sum())
+                                            for t in targets), rel=1e-12)
+
+
+def test_nan_gradient_names_the_layer_and_huge_finite_gradients_pass():
+    model, x, y = setup(seed=7)
+    targets = resolve_targets(model, NAMES)
+    bad = x.clone()
+    bad[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'conv'"):
+        GradientCollector(model, loader_of(bad, y, 8), targets, num_grads=10, progress=False).collect()
+    # float32 model with gradients whose float32 squares overflow: finite, so accepted, summed in float64
+    big = ConvNet()
+    with torch.no_grad():
+        big.fc.weight.mul_(1e21)
+    tg = resolve_targets(big, NAMES)
+    col = GradientCollector(big, loader_of(x.float(), y, 8), tg, num_grads=4, progress=False)
+    got = col.collect()
+    assert all(bool(torch.isfinite(g).all()) for g in got.values())
+    expect = sum(float(g.double().square().sum()) for g in got.values())
+    assert math.isfinite(col.sum_sq) and col.sum_sq == pytest.approx(expect, rel=1e-6)
+
+
+def test_samples_of_another_shape_start_a_new_chunk():
+    """Per-sample gradients of batches whose samples differ in shape (e.g. other padded lengths)."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(3, 4)).double()
+    g = torch.Generator().manual_seed(9)
+    batches = [(torch.randn(b, 2, length, generator=g, dtype=torch.float64), torch.randint(0, 4, (b,), generator=g))
+               for b, length in ((3, 8), (2, 8), (4, 11), (3, 5))]
+    names = ["0.weight", "3.weight"]
+    targets = resolve_targets(model, names)
+    got = GradientCollector(model, batches, targets, num_grads=12, progress=False).collect()
+    ref = per_sample_grads(model, batches, names, 12)
+    for n in names:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="different shapes"):  # a group of 2 would span two shapes
+        GradientCollector(model, batches, targets, num_grads=6, fisher_batch_size=2, progress=False).collect()
+
+
+def test_short_loader_raises_naming_num_grads():
+    model, x, y = setup(n=10, seed=11)
+    targets = resolve_targets(model, NAMES)
+    col = GradientCollector(model, loader_of(x, y, 4), targets, num_grads=8, fisher_batch_size=3, progress=False)
+    with pytest.raises(ValueError, match=r"num_grads=8 .* ran out after 3 gradients"):
+        col.collect(blocked=True)
+
+
+def test_num_grads_none_takes_every_sample():
+    model, x, y = setup(n=10, seed=11)
+    targets = resolve_targets(model, NAMES)
+    col = GradientCollector(model, loader_of(x, y, 4), targets, num_grads=None, fisher_batch_size=3, progress=False)
+    got = col.collect(blocked=True)
+    assert col.count == 3 and all(v.shape[1] == 3 for v in got.values())
+
+
+def test_chunk_samples_rule():
+    assert chunk_samples(1000, 4, 1) == MAX_CHUNK_SAMPLES  # small weights: the cap
+    assert chunk_samples(10 ** 6, 4, 1) == CHUNK_BYTES // (4 * 10 ** 6)
+    assert chunk_samples(10 ** 9, 4, 1) == 1  # never fewer than one group
+    assert chunk_samples(1000, 4, 50) == 50 * (MAX_CHUNK_SAMPLES // 50)
+    assert chunk_samples(1000, 4, 1000) == 1000  # one group even above the cap
+
+
+def test_prune_one_shot_same_result_for_any_loader_batch():
+    """The pruning step does not depend on how the loader batches the same samples."""
+    results = []
+    for batch in (1, 7, 64):
+        model, x, y = setup(seed=13)
+        res = wf.prune_one_shot(model, loader_of(x, y, batch), sparsity=0.5, num_grads=20, progress=False)
+        results.append((res, [p.detach().clone() for p in model.parameters()]))
+    for res, params in results[1:]:
+        for n in NAMES:
+            assert torch.equal(res.masks[n], results[0][0].masks[n])
+        for p, q in zip(params, results[0][1]):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
