@@ -49,7 +49,8 @@ setup(
     extras_require={"triton": ["triton"], "plots": ["matplotlib"], "demo": ["scikit-learn", "matplotlib"],
                     "onnx": ["onnx", "onnxscript", "onnxruntime"],
                     # hf: only the tests use transformers (tiny BERT / GPT-2 from configs); the package never imports it
-                    "hf": ["transformers>=4.40,<6"]},
+                    "hf": ["transformers>=4.40,<6"],
+                    "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff==0.17.6"]},
     entry_points={"console_scripts": ["woodfisher=woodfisher.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

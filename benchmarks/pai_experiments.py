@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+
 from woodfisher.data import evaluate, load_dataset, make_loader, subset
 from woodfisher.models import MODEL_SPECS, build_model
 from woodfisher.pai import CRITERIA, attach_masks, prune_at_init, train
@@ -232,6 +233,7 @@ def estimator_check(out: str, seed: int = 0) -> str:
     relative L2 error vs number of probes (10 repeats each) against the theory
     sqrt(sum_i sum_{j!=i} H_ij^2 / P) / ||diag H||. Writes pai_hutchinson_error.{csv,png}."""
     from torch.func import functional_call, hessian
+
     from woodfisher.data import load_digits
     from woodfisher.pai import hutchinson_diagonal
     torch.manual_seed(seed)

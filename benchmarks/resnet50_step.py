@@ -66,9 +66,8 @@ def prunable(model: nn.Module):
 
 def step_with_ops(model, loader, c: int, m: int, sparsity: float, damp: float, device, backend: str):
     """One global WoodFisher step with the public ops; returns {phase: seconds}."""
-    from woodfisher.masks import select_masks
-
     import woodfisher_kernels as wk
+    from woodfisher.masks import select_masks
 
     layers = prunable(model)
     t = {}
@@ -121,7 +120,7 @@ def _one_step(model, loader, c, m, batch, args, api, device):
                                         fisher_batch_size=batch, damp=args.damp, mode="global", num_steps=1,
                                         progress=True, backend=args.backend)  # one step, as in the paper
         phases = {k: v for k, v in res.timings.items() if k != "total"}
-        return phases, sorted({l.get("inverse") for l in res.layers if l.get("inverse")}), res.sparsity
+        return phases, sorted({row.get("inverse") for row in res.layers if row.get("inverse")}), res.sparsity
     phases, forms = step_with_ops(model, loader, c, m, args.sparsity, args.damp, device, args.backend)
     ws = [p for _, p in prunable(model)]
     return phases, forms, sum(int((p == 0).sum()) for p in ws) / sum(p.numel() for p in ws)

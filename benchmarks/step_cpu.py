@@ -82,9 +82,8 @@ def worker(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from benchmarks import _common as cm
-
     import woodfisher as wf
+    from benchmarks import _common as cm
     from woodfisher.targets import resolve_targets
 
     device = torch.device(args.device)
@@ -225,8 +224,9 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.models, args.num_grads, args.repeats = ["mlpnet"], 64, 1
-    from benchmarks import _common as cm
     import torch
+
+    from benchmarks import _common as cm
     impls = {"after": ""}
     if args.before:
         impls = {f"before ({args.before})": extract(args.before), "after": ""}

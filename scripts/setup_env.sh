@@ -10,7 +10,7 @@ fi
 # transformers (extra "hf") and onnx/onnxruntime (extra "onnx"): test-only; neither pulls another torch
 .venv/bin/python -m pip install -q --disable-pip-version-check \
   torch==2.13.0 triton numpy tqdm matplotlib scikit-learn transformers==5.18.0 \
-  pytest pytest-benchmark hypothesis pybind11 ninja setuptools wheel onnx onnxscript onnxruntime 2>&1 \
+  pytest pytest-benchmark hypothesis ruff==0.17.6 pybind11 ninja setuptools wheel onnx onnxscript onnxruntime 2>&1 \
   | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . 2>&1 \
   | grep -v "^WARNING: Location" || true

@@ -31,6 +31,7 @@ import woodfisher_kernels as wk
 
 from .batches import check_loader, peek, to_batch
 from .checks import check_prunable
+from .conditioning import layer_inverse, warn_ill_conditioned
 from .config import PruneConfig
 from .damping import FisherStats, resolve_damp
 from .diagonal import empirical_fisher_diagonal
@@ -67,6 +68,8 @@ class Curvature:
         grads: {weight name: (B, m, c)} kept gradients in the blocks' layout (for :meth:`with_damp`),
             None when streamed.
         timings: seconds spent on gradients and inverses.
+        kappa: {weight name: largest ``kappa = lambda_max(G^T G / N) / damp`` of its blocks}
+            for kept float32 blockwise gradients (:mod:`woodfisher.conditioning`); empty otherwise.
         shard: None, or (estimated across the ranks of a process group) the blocks this rank
             holds: ``inverses`` and ``loss_grad`` then cover only those blocks
             (:mod:`woodfisher.distributed`).
@@ -85,6 +88,7 @@ class Curvature:
     grads: Optional[Dict[str, torch.Tensor]] = None
     timings: Dict[str, float] = field(default_factory=dict)
     shard: Optional[Any] = None
+    kappa: Dict[str, float] = field(default_factory=dict)
 
     def targets(self, model: nn.Module) -> List[PruneTarget]:
         """The weights of ``model`` this curvature is about (same names, shapes and blocks)."""
@@ -104,8 +108,8 @@ class Curvature:
                              "estimate the curvature again with the new damp")
         config = self.config.replace(damp=damp)
         value = resolve_damp(damp, self.stats)
-        invs, forms = _blockwise_from_grads(self.grads, self.layouts, value, self.stats.count, config)
-        return replace(self, config=config, inverses=invs, forms=forms, damp=value)
+        invs, forms, kappa = _blockwise_from_grads(self.grads, self.layouts, value, self.stats.count, config)
+        return replace(self, config=config, inverses=invs, forms=forms, damp=value, kappa=kappa)
 
 
 def resolve_config(config: Optional[PruneConfig], options: dict, sparsity: float = 0.0) -> PruneConfig:
@@ -157,18 +161,19 @@ def stat_itemsize(targets: List[PruneTarget]) -> int:
 
 
 def _blockwise_from_grads(grads, layouts, damp, count, config):
-    """{name: inverse} (form by choose_form, or forced) and {name: form} from kept (B, m, c) gradients."""
+    """{name: inverse} (form by choose_form, or forced), {name: form}, {name: kappa} from kept (B, m, c) gradients."""
     budget = None if config.memory_budget is None else config.memory_budget - sum(
         g.numel() * g.element_size() for g in grads.values())
     form = "auto" if config.inverse_form == "stream" else config.inverse_form
-    invs, forms = {}, {}
+    invs, forms, kappa = {}, {}, {}
     with phase("inverses", total=len(grads), unit="weight") as bar:
         for name, g in grads.items():
-            invs[name] = wk.blockwise_inverse(g, damp, count, form=form,
-                                              memory_budget=budget, backend=config.backend)
+            invs[name], k = layer_inverse(name, g, damp, count, form, budget, config.backend)
+            if k is not None:
+                kappa[name] = k
             forms[name] = "lowrank" if isinstance(invs[name], wk.LowRankInverse) else "sequential"
             bar.update(1)
-    return invs, forms
+    return invs, forms, kappa
 
 
 def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Optional[PruneConfig] = None,
@@ -194,7 +199,9 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
         method.check_targets(targets, config)
         check_prunable(targets, config)
         with display(config.progress):
-            return _estimate(model, loader, targets, config)
+            curv = _estimate(model, loader, targets, config)
+    warn_ill_conditioned(curv.kappa, curv.forms, curv.damp)
+    return curv
 
 
 def _estimate(model, loader, targets: List[PruneTarget], config: PruneConfig) -> Curvature:
@@ -250,7 +257,8 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         t0 = time.perf_counter()
         curv.stats = FisherStats(collector.sum_sq, collector.count, sum(t.numel for t in targets))
         curv.damp = resolve_damp(config.damp, curv.stats)
-        curv.inverses, curv.forms = _blockwise_from_grads(grads, curv.layouts, curv.damp, collector.count, config)
+        curv.inverses, curv.forms, curv.kappa = _blockwise_from_grads(grads, curv.layouts, curv.damp,
+                                                                      collector.count, config)
         curv.grads = grads
         curv.timings["inverse"] += time.perf_counter() - t0
     elif plan == "offload":  # gradients and inverses in host memory (woodfisher.offload)
@@ -294,7 +302,10 @@ def _stream(collector, targets, config, curv, k) -> None:
                 blocks = blocks.double()
                 acc[t.name].baddbmm_(blocks.transpose(1, 2), blocks)
             else:
-                wk.woodbury_update_(acc[t.name], blocks, m, backend=config.backend, check_finite=False)
+                try:
+                    wk.woodbury_update_(acc[t.name], blocks, m, backend=config.backend, check_finite=False)
+                except ValueError as err:
+                    raise ValueError(f"layer {t.name!r}, damp={curv.damp:.3g}: {err}") from err
     curv.stats.sum_sq, curv.stats.count = collector.sum_sq, collector.count
     if auto:
         curv.damp = resolve_damp("auto", curv.stats)

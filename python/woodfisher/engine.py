@@ -21,6 +21,7 @@ from torch import nn
 
 from .batches import is_single_pass
 from .checks import check_prunable
+from .conditioning import warn_ill_conditioned
 from .config import PruneConfig
 from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
 from .diagnostics import magnitude_overlap, warn_if_degenerate
@@ -146,7 +147,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                     config.damp == "auto", config.inverse_form)
     timings = _timings()
     snapshot = Snapshot(targets, model)
-    damp, forms = None, {}
+    damp, forms, kappa = None, {}, {}
     try:
         with display(config.progress):
             for (target, _), step_config in zip(steps, configs):
@@ -156,6 +157,8 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                     timings[phase] += curvature.timings[phase]
                 _apply(targets, curvature, step_config, target, timings)
                 damp, forms = curvature.damp, curvature.forms
+                kappa.update({n: max(k, kappa.get(n, 0.0)) for n, k in curvature.kappa.items()})
+        warn_ill_conditioned(kappa, forms, damp, stacklevel=3)  # once per call, the worst step of each layer
         timings["total"] = time.perf_counter() - start
         extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": method.block_size(configs[0])}
         return _result(model, targets, config, damp, forms, timings, before, extra, stacklevel=4)

@@ -1,0 +1,90 @@
+"""The pruner's conditioning report: kappa per layer, one warning naming the layers, failures naming them."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import woodfisher as wf
+from woodfisher.conditioning import EPS32, WARN_LEVEL, ill_conditioned
+
+SCALE = 100.0  # inputs x100: the gradients' scale squared (1e4) over damp 1e-5 makes kappa huge
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _data(scale=SCALE, n=64):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 20, generator=g) * scale
+    y = torch.randint(0, 4, (n,), generator=g)
+    return [(x[i:i + 16], y[i:i + 16]) for i in range(0, n, 16)]
+
+
+OPTS = dict(num_grads=64, block_size=16, num_steps=1, progress=False)  # m = 64 >= c = 16: dense blocks
+
+
+def _exact_kappa(curv, name, damp):
+    """lambda_max(G^T G / N) / damp per layer, from a float64 eigendecomposition of every block."""
+    g = curv.grads[name].double()
+    gram = g.transpose(1, 2) @ g / curv.stats.count
+    return float(torch.linalg.eigvalsh(gram)[:, -1].max()) / damp
+
+
+def test_kappa_per_layer_matches_float64_eigenvalues():
+    with pytest.warns(UserWarning, match="ill-conditioned"):  # kappa ~ 1e4-1e5 at damp 0.1 with inputs x100
+        curv = wf.estimate_curvature(_model(), _data(), damp=1e-1, **OPTS)
+    assert set(curv.kappa) == {"1.weight", "3.weight"}
+    for name, kappa in curv.kappa.items():
+        exact = _exact_kappa(curv, name, 1e-1)
+        assert kappa <= exact * (1 + 1e-6) and kappa >= 0.9 * exact, (name, kappa, exact)
+
+
+def test_ill_conditioned_layers_are_named_in_one_warning():
+    with pytest.warns(UserWarning, match=r"ill-conditioned for float32 at damp=1e-05: .*'1.weight' \(kappa") as rec:
+        wf.prune_one_shot(_model(), _data(), sparsity=0.5, damp=1e-5, **OPTS)
+    msgs = [str(w.message) for w in rec if "ill-conditioned" in str(w.message)]
+    assert len(msgs) == 1 and "damp='auto'" in msgs[0]
+
+
+def test_no_warning_with_auto_damp_or_well_scaled_data():
+    for data, damp in ((_data(), "auto"), (_data(scale=1e-2), 1e-1)):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            res = wf.prune_one_shot(_model(), data, sparsity=0.5, damp=damp, **OPTS)
+        assert not [w for w in rec if "ill-conditioned" in str(w.message)], (damp, res.damp)
+
+
+def test_multi_step_call_warns_once():
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        wf.prune_one_shot(_model(), _data(), sparsity=0.7, damp=1e-5, num_grads=64, block_size=8, num_steps=2,
+                          progress=False)
+    assert len([w for w in rec if "ill-conditioned" in str(w.message)]) == 1
+
+
+def test_rule_skips_lowrank_and_well_conditioned_layers():
+    limit = WARN_LEVEL / EPS32
+    kappa = {"a": 2 * limit, "b": 2 * limit, "c": 0.5 * limit, "d": 2 * limit}
+    forms = {"a": "sequential", "b": "lowrank", "c": "sequential", "d": "stream"}
+    assert ill_conditioned(kappa, forms) == {"a": 2 * limit, "d": 2 * limit}
+
+
+def test_float64_model_records_no_kappa():
+    model = _model().double()
+    data = [(x.double(), y) for x, y in _data(scale=1.0)]
+    curv = wf.estimate_curvature(model, data, damp=1e-5, **OPTS)
+    assert curv.kappa == {}
+
+
+def test_failed_blocks_raise_naming_the_layer_and_change_nothing():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # streamed dense inverses from float32 start beyond what float32 holds: refused, not NaN weights
+    with pytest.raises(ValueError, match=r"layer '1.weight', damp=1e-12: .*kappa = .*damp='auto'"):
+        wf.prune_one_shot(model, _data(scale=1e3), sparsity=0.5, damp=1e-12, inverse_form="stream", **OPTS)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
