@@ -117,7 +117,8 @@ triton_spec() {  # triton_spec PYTHON LABEL
     echo "check_cuda_compile: $2 has no triton NVIDIA backend; Triton variants NOT compiled"
     return 0
   fi
-  if ! TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 "$1" scripts/triton_spec_compile.py --quick \
+  if ! TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+      "$1" scripts/triton_spec_compile.py --quick \
       > "$tmp/triton_$2.log" 2>&1; then
     grep -E '"error"|"stl": [1-9]|"non_ieee": \["|SUMMARY|Error' "$tmp/triton_$2.log" | tail -20
     echo "check_cuda_compile: Triton variants FAILED ($2)" >&2

@@ -1,7 +1,7 @@
 """Compile every Triton kernel variant woodfisher_kernels launches, with the argument
 specialization of a real GPU launch, for CUDA sm_90, on a machine without a GPU.
 
-    TRITON_INTERPRET=0 python scripts/triton_spec_compile.py [--quick] [--json FILE]
+    TRITON_INTERPRET=0 PYTHONPATH=. python scripts/triton_spec_compile.py [--quick] [--json FILE]
         [--cases build:128:128,update:128:1,...] [--cubin-dir DIR]
 
 The backend's public launch functions run on small CPU tensors with every kernel's
@@ -29,18 +29,17 @@ import tempfile
 import time
 
 os.environ["TRITON_INTERPRET"] = "0"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.compiler import compile as tcompile  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.compiler import compile as tcompile
+from triton.runtime.jit import create_function_from_signature
 
-from woodfisher_kernels._triton import obs as ob  # noqa: E402
-from woodfisher_kernels._triton import woodbury as wb  # noqa: E402
-from woodfisher_kernels._triton import woodbury_tiled as wt  # noqa: E402
+from woodfisher_kernels._triton import obs as ob
+from woodfisher_kernels._triton import woodbury as wb
+from woodfisher_kernels._triton import woodbury_tiled as wt
 
 TARGET = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(TARGET)

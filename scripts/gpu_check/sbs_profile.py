@@ -14,19 +14,15 @@ import os
 import sys
 import time
 
-# benchmarks/ as a package (python -m benchmarks.<name>) or as plain modules that import each
-# other by name (older layout): both import through the package with these two paths.
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
+# the repository root is on PYTHONPATH (scripts/gpu_check.sh exports it): benchmarks is a package
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import _common as cm  # noqa: E402
-from benchmarks import side_by_side as sbs  # noqa: E402
-from benchmarks.bench_build import build_methods, make_grads, run_build  # noqa: E402
-from benchmarks.bench_stream_stats import run_stats, run_streaming  # noqa: E402
-from benchmarks.report import evaluate_targets, make_markdown  # noqa: E402
-from woodfisher_kernels import _cuda  # noqa: E402
+from benchmarks import _common as cm
+from benchmarks import side_by_side as sbs
+from benchmarks.bench_build import build_methods, make_grads, run_build
+from benchmarks.bench_stream_stats import run_stats, run_streaming
+from benchmarks.report import evaluate_targets, make_markdown
+from woodfisher_kernels import _cuda
 
 BUILD_SHAPES = [(64, 64), (128, 128), (256, 256), (64, 16), (128, 16), (256, 64)]
 
