@@ -42,7 +42,7 @@ def test_report_means_and_goals(sweep_dir):
     defaults_gap = 100 * (statistics.mean(ACC["defaults"][0.8]) - 0.50)           # 22 points: met
     assert f"at 80%: {defaults_gap:+.2f} points, **met**" in text
     best_gap = 100 * (statistics.mean(ACC["best multi-step"][0.8]) - statistics.mean(ACC["paper (1 step)"][0.8]))
-    assert f"at 80%: {best_gap:+.2f} points, **missed**" in text                  # paper is 28 points below dense: reachable
+    assert f"at 80%: {best_gap:+.2f} points, **missed**" in text        # paper: 28 points below dense, reachable
     gap90 = 100 * (statistics.mean(ACC["best multi-step"][0.9]) - statistics.mean(ACC["paper (1 step)"][0.9]))
     assert f"best multi-step − paper (1 step) at 90%: {gap90:+.2f} points" in text
     assert "python -m benchmarks.quality_sweep --model tiny --sweep" in text
