@@ -142,7 +142,7 @@ def report(out: str, model: str) -> str:
                                       f"chosen at {100 * best['chosen_at_sparsity']:g}% on the {best['chosen_on']}, "
                                       f"see `quality_search_{model}.md`)" if best else "not chosen"),
              "", "Made by (the sweep is resumable; `--sparsities` / `--seeds` / `--settings` run a part of it):", ""]
-    lines += commands(model, best) + [""] + table(curves) + [""] + goal_lines(curves, dense)
+    lines += commands(model, best) + [""] + table(curves) + [""] + goal_lines(curves, dense) + ["", seconds(rows)]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, f"quality_{model}.md"), "w") as f:
         f.write(text)
@@ -151,6 +151,15 @@ def report(out: str, model: str) -> str:
                               title=f"One-shot pruning, {model} ({rows[0]['eval_samples']} test images)",
                               dense_accuracy=dense)
     return text
+
+
+def seconds(rows: List[dict]) -> str:
+    """Mean seconds of one pruning call per setting (the paper's: its curvature + one prune_with; no evaluation)."""
+    by: Dict[str, List[float]] = {}
+    for r in rows:
+        by.setdefault(r["setting"], []).append(float(r["seconds"]))
+    return "Seconds per pruning call, mean over the rows (shared machine, evaluation excluded): " + ", ".join(
+        f"{k} {mean(by[k]):.1f}" for k in ordered({k: {} for k in by})) + "."
 
 
 def rows_options(rows: List[dict], setting: str) -> str:

@@ -25,7 +25,7 @@ def sweep_dir(tmp_path):
                 for seed, a in enumerate(accs):
                     writer.writerow(dict(model="tiny", setting=setting, sparsity=s, seed=seed, accuracy=a,
                                          dense_accuracy=DENSE, eval="test set", eval_samples=10, options="{}",
-                                         device="cpu"))
+                                         seconds=seed, device="cpu"))
     best = {"setting": "m1000 steps8", "options": {"num_steps": 8}, "chosen_at_sparsity": 0.8,
             "chosen_on": "held-out"}
     (tmp_path / "quality_best_tiny.json").write_text(json.dumps(best))
@@ -46,6 +46,7 @@ def test_report_means_and_goals(sweep_dir):
     gap90 = 100 * (statistics.mean(ACC["best multi-step"][0.9]) - statistics.mean(ACC["paper (1 step)"][0.9]))
     assert f"best multi-step − paper (1 step) at 90%: {gap90:+.2f} points" in text
     assert "python -m benchmarks.quality_sweep --model tiny --sweep" in text
+    assert "global magnitude 0.0, paper (1 step) 1.0, defaults 1.0, best multi-step 1.0." in text   # seeds 0 1 2
 
 
 def test_goal_out_of_reach_is_named(sweep_dir):
