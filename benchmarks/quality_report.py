@@ -121,8 +121,9 @@ def search_report(out: str, model: str) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def report(out: str, model: str) -> str:
-    """Writes ``quality_<model>.md`` and ``.png`` from ``quality_<model>.csv``; returns the Markdown."""
+def report(out: str, model: str, made_by: Optional[List[str]] = None) -> str:
+    """Writes ``quality_<model>.md`` and ``.png`` from ``quality_<model>.csv``; returns the Markdown.
+    ``made_by``: the command lines shown (default: the search, sweep and report of ``model``)."""
     search_report(out, model)
     rows = read_rows(os.path.join(out, f"quality_{model}.csv"))
     curves = curves_of(rows)
@@ -142,7 +143,8 @@ def report(out: str, model: str) -> str:
                                       f"chosen at {100 * best['chosen_at_sparsity']:g}% on the {best['chosen_on']}, "
                                       f"see `quality_search_{model}.md`)" if best else "not chosen"),
              "", "Made by (the sweep is resumable; `--sparsities` / `--seeds` / `--settings` run a part of it):", ""]
-    lines += commands(model, best) + [""] + table(curves) + [""] + goal_lines(curves, dense) + ["", seconds(rows)]
+    lines += ["```"] + made_by + ["```"] if made_by else commands(model, best)
+    lines += [""] + table(curves) + [""] + goal_lines(curves, dense) + ["", seconds(rows)]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, f"quality_{model}.md"), "w") as f:
         f.write(text)

@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     if args.sweep:
         run_sweep(args)
     if args.report:
-        print(report(args.out, args.model))
+        print(report(args.out, args.model, ["python -m benchmarks.quality_sweep --quick"] if args.quick else None))
     return 0
 
 
