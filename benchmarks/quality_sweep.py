@@ -13,11 +13,13 @@ Rows: ``quality_search_<model>.csv``; the chosen setting: ``quality_best_<model>
 paper's setting (whole-layer blocks, m = 1000, damp 1e-5, one step: one curvature per seed
 serves every sparsity), the defaults (``prune_one_shot(model, loader, sparsity=s)`` with
 only the model's pruned weights and loss given), and the chosen multi-step setting.
-Rows: ``quality_<model>.csv``; ``--report`` writes ``quality_<model>.png`` and
-``quality_<model>.md`` (mean +- std over seeds).
+Rows: ``quality_<model>.csv``; ``--report`` (``quality_report.py``) writes ``quality_<model>.png``
+and ``quality_<model>.md`` (the commands, mean +- std over seeds, the goals met or missed).
+``--sparsities``, ``--seeds`` and ``--settings`` run a part of the sweep, in the order given.
 
     OMP_NUM_THREADS=1 python -m benchmarks.quality_sweep --model resnet20 --search
     OMP_NUM_THREADS=1 python -m benchmarks.quality_sweep --model resnet20 --sweep
+    OMP_NUM_THREADS=1 python -m benchmarks.quality_sweep --model resnet20 --sweep --sparsities 0.8 --settings defaults
     python -m benchmarks.quality_sweep --model resnet20 --report
     python -m benchmarks.quality_sweep --quick     # tiny smoke run (MLPNet, m = 32, 500 test images)
 """
@@ -37,12 +39,12 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils.data import Subset
 
-from benchmarks.oneshot_sweep import SETUP, _mean_std
+from benchmarks.oneshot_sweep import SETUP
+from benchmarks.quality_report import report
 from woodfisher import estimate_curvature, prune_one_shot, prune_with
 from woodfisher.checkpoint import load_checkpoint
 from woodfisher.data import evaluate, make_loader, subset
 from woodfisher.models import MODEL_SPECS
-from woodfisher.reports import plot_accuracy_vs_sparsity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ["model", "setting", "sparsity", "seed", "accuracy", "dense_accuracy", "eval", "eval_samples",
@@ -233,67 +235,15 @@ def run_sweep(args) -> None:
     with open(os.path.join(args.out, f"quality_best_{args.model}.json")) as f:
         best = json.load(f)
     sp, seeds = args.sparsities, args.seeds
-    runner.one_shot("global magnitude", dict(method="global_magnitude"), sp, [0])
-    runner.one_shot("defaults", {}, sp, seeds)
-    runner.one_shot("best multi-step", best["options"], sp, seeds)
-    runner.reused("paper (1 step)", PAPER[args.model], sp, seeds)
+    runs = {"global magnitude": lambda: runner.one_shot("global magnitude", dict(method="global_magnitude"), sp, [0]),
+            "defaults": lambda: runner.one_shot("defaults", {}, sp, seeds),
+            "best multi-step": lambda: runner.one_shot("best multi-step", best["options"], sp, seeds),
+            "paper (1 step)": lambda: runner.reused("paper (1 step)", PAPER[args.model], sp, seeds)}
+    for setting in args.settings:      # in the order given (global magnitude is deterministic: seed 0 only)
+        runs[setting]()
 
 
-LABEL_ORDER = ["global magnitude", "paper (1 step)", "defaults", "best multi-step"]
-
-
-def search_report(args) -> None:
-    """``quality_search_<model>.md``: the held-out accuracy of every searched setting (CSV order)."""
-    path = os.path.join(args.out, f"quality_search_{args.model}.csv")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    table: Dict[str, Dict[float, List[float]]] = {}
-    for r in rows:
-        table.setdefault(r["setting"], {}).setdefault(float(r["sparsity"]), []).append(100 * float(r["accuracy"]))
-    sparsities = sorted({s for v in table.values() for s in v})
-    lines = [f"Held-out accuracy % ({rows[0]['eval']}; seeds: {sorted({r['seed'] for r in rows})})", "",
-             "| setting | options | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |",
-             "|---|---|" + "---:|" * len(sparsities)]
-    options = {r["setting"]: r["options"] for r in rows}
-    for name, by_s in table.items():
-        cells = [f"{sum(by_s[s]) / len(by_s[s]):.2f}" if s in by_s else "" for s in sparsities]
-        lines.append(f"| {name} | `{options[name]}` | " + " | ".join(cells) + " |")
-    with open(os.path.join(args.out, f"quality_search_{args.model}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def report(args) -> None:
-    search_report(args)
-    path = os.path.join(args.out, f"quality_{args.model}.csv")
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    curves: Dict[str, Dict[float, List[float]]] = {}
-    for r in rows:
-        curves.setdefault(r["setting"], {}).setdefault(100 * float(r["sparsity"]), []).append(
-            100 * float(r["accuracy"]))
-    labels = [k for k in LABEL_ORDER if k in curves]
-    sparsities = sorted({s for c in curves.values() for s in c})
-    lines = ["| sparsity % | " + " | ".join(labels) + " |", "|---:|" + "---:|" * len(labels)]
-    for s in sparsities:
-        cells = []
-        for k in labels:
-            a = curves[k].get(s)
-            if not a:
-                cells.append("")
-                continue
-            m, sd = _mean_std(a)
-            cells.append(f"{m:.2f} ± {sd:.2f} (n={len(a)})" if len(a) > 1 else f"{m:.2f}")
-        lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
-    with open(os.path.join(args.out, f"quality_{args.model}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    pts = {k: [(s, *_mean_std(a)) for s, a in sorted(curves[k].items())] for k in labels}
-    plot_accuracy_vs_sparsity(pts, os.path.join(args.out, f"quality_{args.model}.png"),
-                              title=f"One-shot pruning, {args.model}: defaults vs paper vs multi-step "
-                                    f"({rows[0]['eval_samples']} test images)",
-                              dense_accuracy=100 * float(rows[0]["dense_accuracy"]))
+SWEEP_ORDER = ["global magnitude", "defaults", "best multi-step", "paper (1 step)"]
 
 
 def main(argv=None) -> int:
@@ -312,6 +262,8 @@ def main(argv=None) -> int:
     p.add_argument("--only-extra", action="store_true", help="run only the --extra candidates")
     p.add_argument("--sparsities", type=float, nargs="+", default=SWEEP_SPARSITIES)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--settings", nargs="+", choices=SWEEP_ORDER, default=SWEEP_ORDER, metavar="SETTING",
+                   help=f"--sweep: which settings, in this order (default: all: {SWEEP_ORDER})")
     p.add_argument("--test-samples", type=int, default=None, help="fixed test subset (default: the full test set)")
     p.add_argument("--quick", action="store_true", help="smoke run: mlpnet, m=32, one seed, 500 test images")
     args = p.parse_args(argv)
@@ -335,7 +287,7 @@ def main(argv=None) -> int:
     if args.sweep:
         run_sweep(args)
     if args.report:
-        report(args)
+        print(report(args.out, args.model, ["python -m benchmarks.quality_sweep --quick"] if args.quick else None))
     return 0
 
 

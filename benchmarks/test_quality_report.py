@@ -1,0 +1,61 @@
+"""quality_report on a synthetic sweep CSV: the means, stds and goal verdicts against numbers computed here."""
+import csv
+import json
+import statistics
+
+import pytest
+
+from benchmarks.quality_report import report
+from benchmarks.quality_sweep import FIELDS
+
+ACC = {"global magnitude": {0.8: [0.50]},
+       "paper (1 step)": {0.8: [0.60, 0.62, 0.64], 0.9: [0.20, 0.22, 0.21]},
+       "defaults": {0.8: [0.70, 0.74, 0.72]},
+       "best multi-step": {0.8: [0.66, 0.68, 0.70], 0.9: [0.40, 0.50, 0.45]}}
+DENSE = 0.9
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    with open(tmp_path / "quality_tiny.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for setting, by_s in ACC.items():
+            for s, accs in by_s.items():
+                for seed, a in enumerate(accs):
+                    writer.writerow(dict(model="tiny", setting=setting, sparsity=s, seed=seed, accuracy=a,
+                                         dense_accuracy=DENSE, eval="test set", eval_samples=10, options="{}",
+                                         seconds=seed, device="cpu"))
+    best = {"setting": "m1000 steps8", "options": {"num_steps": 8}, "chosen_at_sparsity": 0.8,
+            "chosen_on": "held-out"}
+    (tmp_path / "quality_best_tiny.json").write_text(json.dumps(best))
+    return tmp_path
+
+
+def test_report_means_and_goals(sweep_dir):
+    text = report(str(sweep_dir), "tiny")
+    assert (sweep_dir / "quality_tiny.png").stat().st_size > 0
+    assert (sweep_dir / "quality_tiny.md").read_text() == text
+    paper = [100 * a for a in ACC["paper (1 step)"][0.8]]
+    cell = f"{statistics.mean(paper):.2f} ± {statistics.stdev(paper):.2f} (n=3)"
+    assert f"| 80 | 50.00 (n=1) | {cell} |" in text
+    defaults_gap = 100 * (statistics.mean(ACC["defaults"][0.8]) - 0.50)           # 22 points: met
+    assert f"at 80%: {defaults_gap:+.2f} points, **met**" in text
+    best_gap = 100 * (statistics.mean(ACC["best multi-step"][0.8]) - statistics.mean(ACC["paper (1 step)"][0.8]))
+    assert f"at 80%: {best_gap:+.2f} points, **missed**" in text        # paper: 28 points below dense, reachable
+    gap90 = 100 * (statistics.mean(ACC["best multi-step"][0.9]) - statistics.mean(ACC["paper (1 step)"][0.9]))
+    assert f"best multi-step − paper (1 step) at 90%: {gap90:+.2f} points" in text
+    assert "python -m benchmarks.quality_sweep --model tiny --sweep" in text
+    assert "global magnitude 0.0, paper (1 step) 1.0, defaults 1.0, best multi-step 1.0." in text   # seeds 0 1 2
+
+
+def test_goal_out_of_reach_is_named(sweep_dir):
+    rows = list(csv.DictReader(open(sweep_dir / "quality_tiny.csv")))
+    for r in rows:
+        r["dense_accuracy"] = 0.65        # the paper's setting is < 10 points below dense at 80%
+    with open(sweep_dir / "quality_tiny.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    assert "**missed, out of reach here** (paper (1 step) is only 3.00 points below the dense model)" in \
+        report(str(sweep_dir), "tiny")

@@ -1,0 +1,21 @@
+"""step_cpu's Markdown on a synthetic report: the ratio bound and the below-goal explanation."""
+from benchmarks.step_cpu import markdown
+
+
+def entry(yardstick, floor, bs1, bs64):
+    return {"numel": 1000, "yardstick_s": yardstick, "floor_s": floor, "grads_bs1_s": bs1, "grads_bs64_s": bs64,
+            "ratio_bs1": yardstick / bs1, "ratio_bs64": yardstick / bs64}
+
+
+def test_bound_and_goal_lines():
+    report = {"device": {"device_name": "test cpu"}, "note": "synthetic", "num_grads": 8, "repeats": 1,
+              "models": {"small": {"after": entry(0.1, 0.4, 1.0, 0.5)},        # bound 0.25 < 0.5
+                         "slow": {"after": entry(1.0, 0.1, 4.0, 2.5)},         # 0.25 / 0.4, bound 10
+                         "big": {"after": entry(2.0, 0.1, 3.0, 2.5)}}}         # 0.67 / 0.8: meets
+    text = markdown(report)
+    assert "| small | after | 1,000 | 0.100 | 1.000 | **0.10** | 0.500 | **0.20** | 0.400 | 0.25 |" in text
+    assert "- small: ratio 0.10 / 0.20 (loader batch 1 / 64) is below 0.5, and can't reach it here" in text
+    assert "bounded at ratio <= 0.25" in text
+    assert "- slow: ratio 0.25 / 0.40 (loader batch 1 / 64) is below 0.5 (the memory floor bounds it at 10.00)." \
+        in text
+    assert "- meet the 0.5 goal with both loaders: big." in text
