@@ -193,7 +193,8 @@ def below_goal(report: dict, goal: float = 0.5) -> list:
                              f"gradient entries once takes {r['floor_s']:.3f} s against {r['yardstick_s']:.3f} s for "
                              f"the batched fwd+bwd, so any method that materialises per-sample gradients is bounded "
                              f"at ratio <= {bound:.2f} on this machine (the batched pass is cheap next to the "
-                             f"gradients' size)." if bound < goal else f" (the memory floor bounds it at {bound:.2f})."))
+                             f"gradients' size)." if bound < goal else
+                             f" (the memory floor bounds it at {bound:.2f})."))
     met = [m for m, by_impl in report["models"].items() if "after" in by_impl and
            min(v for k, v in by_impl["after"].items() if k.startswith("ratio_bs")) >= goal]
     if met:
