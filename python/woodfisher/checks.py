@@ -29,14 +29,14 @@ def check_prunable(targets: List[PruneTarget], config: PruneConfig, sparsity: Op
         ValueError: a weight with NaN / Inf entries (naming it and the count), every entry of
             the pruned weights already zero, or a sparsity that keeps no entry (naming the value).
     """
-    for t in targets:
-        bad = int((~torch.isfinite(t.effective_weight())).sum())
+    for target in targets:
+        bad = int((~torch.isfinite(target.effective_weight())).sum())
         if bad:
-            raise ValueError(f"model: weight {t.name!r} holds {bad} NaN or Inf entries of {t.numel}; "
+            raise ValueError(f"model: weight {target.name!r} holds {bad} NaN or Inf entries of {target.numel}; "
                              "no saliency can rank them (fix or reload the weights first)")
-    if all(not bool(t.keep_mask().any()) for t in targets):
+    if all(not bool(target.keep_mask().any()) for target in targets):
         raise ValueError(f"model: every entry of the {len(targets)} pruned weights is already zero "
                          "(sparsity 1.0); there is nothing left to prune")
     mode = config.method_impl.fixed_mode or config.mode
     check_keeps_weights(config.final_sparsity if sparsity is None else sparsity,
-                        {t.name: t.numel for t in targets}, mode, config.min_density, name)
+                        {target.name: target.numel for target in targets}, mode, config.min_density, name)

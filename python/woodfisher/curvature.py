@@ -93,12 +93,12 @@ class Curvature:
     def targets(self, model: nn.Module) -> List[PruneTarget]:
         """The weights of ``model`` this curvature is about (same names, shapes and blocks)."""
         targets = resolve_targets(model, list(self.layouts), None)
-        for t in targets:
-            layout = self.layouts[t.name]
-            if tuple(t.shape) != tuple(layout.shape):
-                raise ValueError(f"weight {t.name!r} has shape {tuple(t.shape)}, the curvature was estimated "
+        for target in targets:
+            layout = self.layouts[target.name]
+            if tuple(target.shape) != tuple(layout.shape):
+                raise ValueError(f"weight {target.name!r} has shape {tuple(target.shape)}, the curvature was estimated "
                                  f"for {tuple(layout.shape)}")
-            t.block_size = layout.block_size
+            target.block_size = layout.block_size
         return targets
 
     def with_damp(self, damp: float) -> "Curvature":
@@ -137,12 +137,12 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
             raise ValueError(f"memory_budget={memory_budget} bytes cannot hold one block of every weight on the "
                              "device, even offloaded; use a smaller block_size or fewer num_grads")
         return "offload", None
-    d = sum(t.numel for t in targets)
+    d = sum(target.numel for target in targets)
     m = num_grads
     grad_bytes = m * d * itemsize
-    seq = sum(t.num_blocks * t.block_size ** 2 for t in targets) * itemsize
+    seq = sum(target.num_blocks * target.block_size ** 2 for target in targets) * itemsize
     stream_seq = seq * (8 // itemsize if auto_damp else 1)
-    low = sum(t.num_blocks * (m * t.block_size + m * m) for t in targets) * itemsize
+    low = sum(target.num_blocks * (m * target.block_size + m * m) for target in targets) * itemsize
     if memory_budget is None or grad_bytes + min(seq, low) <= memory_budget:
         return "keep", None
     if stream_seq + d * itemsize <= memory_budget:
@@ -216,8 +216,8 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
     if config.needs_data:
         check_loader(loader)
     kind = config.method_impl.curvature
-    keep = {t.name: t.keep_mask() for t in targets}
-    curv = Curvature(kind, config, {t.name: t.layout() for t in targets}, keep=keep,
+    keep = {target.name: target.keep_mask() for target in targets}
+    curv = Curvature(kind, config, {target.name: target.layout() for target in targets}, keep=keep,
                      timings={"gradients": 0.0, "inverse": 0.0})
     if config.beta > 0:
         first, loader = peek(loader)
@@ -242,7 +242,7 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         plan, k = "stream", k or min(m, 32)
     chunk_bytes = CHUNK_BYTES  # gradients buffered per chunk; under a memory budget, what the plan reserved
     if config.memory_budget is not None and plan in ("offload", "stream"):
-        per_grad = sum(t.numel for t in targets) * itemsize
+        per_grad = sum(target.numel for target in targets) * itemsize
         chunk_bytes = per_grad * max(1, groups if plan == "offload" else k)
     collector = GradientCollector(model, loader, targets, want_loss_grad=config.woodtaylor, keep_masks=keep,
                                   loss_fn=config.loss_fn, num_grads=m, fisher_batch_size=config.fisher_batch_size,
@@ -255,7 +255,7 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         grads = collector.collect(blocked=True)
         curv.timings["gradients"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        curv.stats = FisherStats(collector.sum_sq, collector.count, sum(t.numel for t in targets))
+        curv.stats = FisherStats(collector.sum_sq, collector.count, sum(target.numel for target in targets))
         curv.damp = resolve_damp(config.damp, curv.stats)
         curv.inverses, curv.forms, curv.kappa = _blockwise_from_grads(grads, curv.layouts, curv.damp,
                                                                       collector.count, config)
@@ -266,7 +266,7 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
     else:
         _stream(collector, targets, config, curv, k)
     if config.woodtaylor:
-        curv.loss_grad = {t.name: t.blocks(collector.loss_grad[t.name]) for t in targets}
+        curv.loss_grad = {target.name: target.blocks(collector.loss_grad[target.name]) for target in targets}
     return curv
 
 
@@ -275,11 +275,11 @@ def _diagonal(collector, targets, config, curv) -> None:
     t0 = time.perf_counter()
     fd = empirical_fisher_diagonal(collector, min(config.num_grads, 256))
     sq, count = fd.sum_sq, fd.count
-    curv.stats = FisherStats(fd.total(), count, sum(t.numel for t in targets))
+    curv.stats = FisherStats(fd.total(), count, sum(target.numel for target in targets))
     curv.damp = resolve_damp(config.damp, curv.stats)
-    curv.inverses = {t.name: t.canonical((1.0 / (curv.damp + sq[t.name] / count))).view(-1, 1, 1)
-                     for t in targets}
-    curv.forms = {t.name: "diagonal" for t in targets}
+    curv.inverses = {target.name: target.canonical((1.0 / (curv.damp + sq[target.name] / count))).view(-1, 1, 1)
+                     for target in targets}
+    curv.forms = {target.name: "diagonal" for target in targets}
     curv.timings["gradients"] += time.perf_counter() - t0
 
 
@@ -288,34 +288,36 @@ def _stream(collector, targets, config, curv, k) -> None:
     t0 = time.perf_counter()
     m, auto = config.num_grads, config.damp == "auto"
     dtype = collector.dtype
-    curv.stats = FisherStats(numel=sum(t.numel for t in targets))
+    curv.stats = FisherStats(numel=sum(target.numel for target in targets))
     if not auto:
         curv.damp = resolve_damp(config.damp, curv.stats)
     acc = {}
-    for t in targets:  # Gram blocks in float64: their rounding would be amplified by cond(F) when inverted
-        eye = torch.eye(t.block_size, dtype=torch.float64 if auto else dtype, device=t.param.device)
-        acc[t.name] = (torch.zeros_like(eye) if auto else eye.div(curv.damp)).expand(t.num_blocks, -1, -1).contiguous()
+    for target in targets:  # Gram blocks in float64: their rounding would be amplified by cond(F) when inverted
+        eye = torch.eye(target.block_size, dtype=torch.float64 if auto else dtype, device=target.param.device)
+        acc[target.name] = (
+            (torch.zeros_like(eye) if auto else eye.div(curv.damp)).expand(target.num_blocks, -1, -1).contiguous()
+        )
     for chunk in collector.chunks(k):
-        for t in targets:
-            blocks = t.grad_blocks(chunk[t.name])
+        for target in targets:
+            blocks = target.grad_blocks(chunk[target.name])
             if auto:  # G^T G of the chunk, summed
                 blocks = blocks.double()
-                acc[t.name].baddbmm_(blocks.transpose(1, 2), blocks)
+                acc[target.name].baddbmm_(blocks.transpose(1, 2), blocks)
             else:
                 try:
-                    wk.woodbury_update_(acc[t.name], blocks, m, backend=config.backend, check_finite=False)
+                    wk.woodbury_update_(acc[target.name], blocks, m, backend=config.backend, check_finite=False)
                 except ValueError as err:
-                    raise ValueError(f"layer {t.name!r}, damp={curv.damp:.3g}: {err}") from err
+                    raise ValueError(f"layer {target.name!r}, damp={curv.damp:.3g}: {err}") from err
     curv.stats.sum_sq, curv.stats.count = collector.sum_sq, collector.count
     if auto:
         curv.damp = resolve_damp("auto", curv.stats)
         with phase("inverses"):
-            for t in targets:
-                gram = acc.pop(t.name).div_(m)
+            for target in targets:
+                gram = acc.pop(target.name).div_(m)
                 gram.diagonal(dim1=1, dim2=2).add_(curv.damp)
-                acc[t.name] = torch.cholesky_inverse(torch.linalg.cholesky(gram)).to(dtype)
+                acc[target.name] = torch.cholesky_inverse(torch.linalg.cholesky(gram)).to(dtype)
     curv.inverses = acc
-    curv.forms = {t.name: "stream" for t in targets}
+    curv.forms = {target.name: "stream" for target in targets}
     elapsed = time.perf_counter() - t0
     curv.timings["inverse"] += elapsed
 
@@ -330,10 +332,10 @@ def _kfac(model, loader, targets, config, curv) -> Curvature:
     t0 = time.perf_counter()
     # mean diagonal of S (x) A is mean(diag S) * mean(diag A): one "gradient" of that scale
     total = sum(float(torch.diagonal(f.S).sum() * torch.diagonal(f.A).sum()) for f in factors.values())
-    curv.stats = FisherStats(total, 1, sum(t.numel for t in targets))
+    curv.stats = FisherStats(total, 1, sum(target.numel for target in targets))
     curv.damp = resolve_damp(config.damp, curv.stats)
     with phase("inverses"):
         curv.inverses = {n: kfac_inverse(f, curv.damp) for n, f in factors.items()}
-    curv.forms = {t.name: "kfac" for t in targets}
+    curv.forms = {target.name: "kfac" for target in targets}
     curv.timings["inverse"] += time.perf_counter() - t0
     return curv

@@ -40,21 +40,23 @@ __all__ = ["prune_with", "run"]
 
 def _apply(targets: List[PruneTarget], curvature: Curvature, config: PruneConfig, sparsity: float,
            timings: Dict[str, float]) -> None:
-    keep = {t.name: t.keep_mask() for t in targets}
+    keep = {target.name: target.keep_mask() for target in targets}
     ctx = StepContext(targets, curvature, config, sparsity, keep, timings)
     new, keep = config.method_impl.step(ctx)
     with ctx.timed("update"):
-        for t in targets:
-            t.write(new[t.name], keep[t.name])
+        for target in targets:
+            target.write(new[target.name], keep[target.name])
 
 
 def _start(targets: List[PruneTarget]):
     """(weights, keep-masks) before a call, for the overlap with magnitude pruning."""
-    return {t.name: t.effective_weight().clone() for t in targets}, {t.name: t.keep_mask() for t in targets}
+    return {target.name: target.effective_weight().clone() for target in targets}, {
+        target.name: target.keep_mask() for target in targets
+    }
 
 
 def _result(model, targets, config, damp, forms, timings, start, extra=None, stacklevel: int = 4) -> PruneResult:
-    masks = {t.name: t.keep_mask() for t in targets}
+    masks = {target.name: target.keep_mask() for target in targets}
     sparsity = sparsity_of(masks)
     overlap = None
     if config.pattern is None:
@@ -71,7 +73,7 @@ def _result(model, targets, config, damp, forms, timings, start, extra=None, sta
                       f"sparsity={config.sparsity!r} (mode={config.mode!r}); pass min_density > 0 to keep a "
                       "floor in every layer", stacklevel=stacklevel)
     return PruneResult(masks=masks, layers=layer_rows(masks, forms), sparsity=sparsity, damp=damp,
-                       config={**config.as_dict(), "modules": [t.name for t in targets], **(extra or {})},
+                       config={**config.as_dict(), "modules": [target.name for target in targets], **(extra or {})},
                        timings=timings, collapsed=empty, magnitude_overlap=overlap)
 
 

@@ -84,16 +84,18 @@ def _readers(model: Optional[nn.Module]) -> Dict[int, nn.Module]:
 def _checked(targets: List[PruneTarget], masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Every mask checked (a tensor of the weight's shape holding only 0 / 1) before anything is touched."""
     out = {}
-    for t in targets:
-        keep = masks[t.name]
-        if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != tuple(t.shape):
+    for target in targets:
+        keep = masks[target.name]
+        if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != tuple(target.shape):
             got = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
-            raise ValueError(f"masks[{t.name!r}] must be a tensor of the weight's shape {tuple(t.shape)}, got {got}")
+            raise ValueError(
+                f"masks[{target.name!r}] must be a tensor of the weight's shape {tuple(target.shape)}, got {got}"
+            )
         if keep.is_meta or (keep.dtype != torch.bool and (keep.is_complex() or not bool(((keep == 0) | (keep == 1))
                                                                                           .all()))):
-            raise ValueError(f"masks[{t.name!r}] must be a bool keep-mask (or hold only 0 and 1), got a "
+            raise ValueError(f"masks[{target.name!r}] must be a bool keep-mask (or hold only 0 and 1), got a "
                              f"{'meta' if keep.is_meta else keep.dtype} tensor with other values")
-        out[t.name] = keep.to(device=t.param.device, dtype=torch.bool)
+        out[target.name] = keep.to(device=target.param.device, dtype=torch.bool)
     return out
 
 
@@ -107,18 +109,18 @@ def hold_target_masks(targets: List[PruneTarget], masks: Dict[str, torch.Tensor]
     attached: List[Tuple[nn.Module, str]] = []
     hooks = []
     try:
-        for t in targets:
-            keep = masks[t.name]
-            if t.reparam is None:
+        for target in targets:
+            keep = masks[target.name]
+            if target.reparam is None:
                 with torch.no_grad():
-                    t.param.mul_(keep)
-                for module, attr in t._holders():
+                    target.param.mul_(keep)
+                for module, attr in target._holders():
                     _hold(module, attr, keep)
                     attached.append((module, attr))
                     if id(module) in readers:
                         hooks.append(readers[id(module)].register_forward_pre_hook(_RefreshFrom(module, attr)))
             else:  # already under a mask: update it
-                t.write(t.effective_weight() * keep, keep)
+                target.write(target.effective_weight() * keep, keep)
     except BaseException:
         for handle in hooks:
             handle.remove()
@@ -145,8 +147,8 @@ def attach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
     if not isinstance(masks, dict) or not masks:
         raise ValueError("masks must be a non-empty dict {weight name: bool keep-mask}")
     targets = resolve_targets(model, list(masks))
-    if len(targets) != len(masks) or any(t.name not in masks for t in targets):
-        named = [n for n in masks if n not in {t.name for t in targets}]
+    if len(targets) != len(masks) or any(target.name not in masks for target in targets):
+        named = [n for n in masks if n not in {target.name for target in targets}]
         raise ValueError(f"masks: {named} name the same weight as another entry (or a module holding "
                          f"several weights); give one entry per weight, as PruneResult.masks does")
     hold_target_masks(targets, masks, model)

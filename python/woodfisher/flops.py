@@ -106,11 +106,16 @@ def _attention_hooks(inner: nn.Module, targets, uses: Dict[str, float]) -> Tuple
     handles, covered = [], set()
     for mha in (m for m in inner.modules() if isinstance(m, nn.MultiheadAttention)):
         mine = {}
-        for t in targets:
-            if t.module is mha and t.attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
-                mine[t.name] = t.attr
-            elif t.module is mha.out_proj and t.attr == "weight":
-                mine[t.name] = "out_proj"
+        for target in targets:
+            if target.module is mha and target.attr in (
+                "in_proj_weight",
+                "q_proj_weight",
+                "k_proj_weight",
+                "v_proj_weight",
+            ):
+                mine[target.name] = target.attr
+            elif target.module is mha.out_proj and target.attr == "weight":
+                mine[target.name] = "out_proj"
         if not mine:
             continue
         covered |= set(mine)
@@ -149,25 +154,25 @@ def flops_per_param_of_batch(model: nn.Module, batch, targets) -> Dict[str, floa
     one = batch.take(0, 1)
     uses: Dict[str, float] = {}
     handles, covered = _attention_hooks(inner, targets, uses)
-    for t in targets:
-        if t.name in covered or t.attr != "weight" or t.kind not in ("linear", "conv", "conv1d_hf"):
+    for target in targets:
+        if target.name in covered or target.attr != "weight" or target.kind not in ("linear", "conv", "conv1d_hf"):
             continue
 
-        def hook(module, _inputs, output, name=t.name):
+        def hook(module, _inputs, output, name=target.name):
             uses[name] = uses.get(name, 0) + output.numel() // _out_channels(module)
-        handles.append(t.module.register_forward_hook(hook))
+        handles.append(target.module.register_forward_hook(hook))
     try:
         with eval_mode(model), loader_errors(batch):
             functional_call(inner, (params, buffers), one.args, one.kwargs)
     finally:
         for h in handles:
             h.remove()
-    missing = [t.label for t in targets if uses.get(t.name, 0) <= 0]
+    missing = [target.label for target in targets if uses.get(target.name, 0) <= 0]
     if missing:
         raise ValueError(f"layers {missing} were not called in the forward pass; cannot count their FLOPs "
                          "(beta > 0 needs every pruned weight to belong to a Linear / Conv / HF Conv1D module "
                          "that runs, or to an nn.MultiheadAttention)")
-    return {t.name: float(uses[t.name]) for t in targets}
+    return {target.name: float(uses[target.name]) for target in targets}
 
 
 def layer_flops_per_param(model: nn.Module, loader, targets, batch_adapter=None) -> Dict[str, float]:

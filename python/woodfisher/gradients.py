@@ -206,7 +206,7 @@ class GradientCollector:
         self.adapter = batch_adapter
         self.dtype = compute_dtype(targets[0].param.dtype)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        self.chunk = chunk_samples(sum(t.numel for t in targets), itemsize, self.fbs, chunk_bytes)
+        self.chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes)
         self.count, self.samples, self.sum_sq, self.loss_grad = 0, 0, 0.0, None
         self._use_vmap = True
 
@@ -302,18 +302,18 @@ class GradientCollector:
     def _masked(self, grads: Dict[str, torch.Tensor], count: int) -> Dict[str, torch.Tensor]:
         """{name: (G, numel)} masked in place; one fused finiteness check, the sum of squares added up."""
         flat = {}
-        for t in self.targets:
-            g = grads[t.key].detach().reshape(count, t.numel)
-            keep = self._keep_flat.get(t.name)
+        for target in self.targets:
+            g = grads[target.key].detach().reshape(count, target.numel)
+            keep = self._keep_flat.get(target.name)
             if keep is not None:
                 g.mul_(keep)
-            flat[t.name] = g
+            flat[target.name] = g
         # per-gradient norms in the compute dtype, their squares summed in float64: one sync per chunk
         sums = torch.stack([torch.linalg.vector_norm(g, dim=1).double().square().sum() for g in flat.values()])
         for (name, g), s in zip(flat.items(), sums.tolist()):
             if not math.isfinite(s):
                 if not bool(torch.isfinite(g).all()):
-                    label = next(t.label for t in self.targets if t.name == name)
+                    label = next(target.label for target in self.targets if target.name == name)
                     raise ValueError(f"gradients of layer {label!r} contain NaN or Inf; "
                                      "check the model, the data and the loss")
                 s = float(g.double().square().sum())  # finite entries whose float32 squares overflowed
@@ -324,7 +324,7 @@ class GradientCollector:
         """{name: (G, numel)} per chunk, masked and checked."""
         params, buffers = compute_state(self.inner, self.dtype)
         device = next(iter(params.values())).device
-        self._keys = [t.key for t in self.targets]
+        self._keys = [target.key for target in self.targets]
         self._keep_flat = {n: k.reshape(1, -1).to(device=device, dtype=self.dtype) for n, k in self.keep.items()
                            if not bool(k.all())}
         gen = torch.Generator().manual_seed(int(self.seed))

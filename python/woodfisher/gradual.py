@@ -141,7 +141,7 @@ class GradualPruner:
 
     def masks(self) -> Dict[str, torch.Tensor]:
         """Current keep-masks {"<module>.weight": bool} of the pruned layers."""
-        return {t.name: t.keep_mask() for t in resolve_targets(self.model, self.config.modules)}
+        return {target.name: target.keep_mask() for target in resolve_targets(self.model, self.config.modules)}
 
     def state_dict(self) -> dict:
         """Schedule, progress and masks (save it next to ``model.state_dict()``)."""
@@ -180,7 +180,7 @@ class GradualPruner:
         if not isinstance(masks, Mapping) or (last is None) != (len(masks) == 0):
             raise ValueError("state['masks'] must be a dict of keep-masks, empty exactly when no step was done")
         if masks:
-            expected = [t.name for t in resolve_targets(self.model, self.config.modules)]
+            expected = [target.name for target in resolve_targets(self.model, self.config.modules)]
             if sorted(masks) != sorted(expected):
                 raise ValueError(f"state holds masks for {sorted(masks)}, this pruner prunes {sorted(expected)}")
             apply_masks(self.model, masks)  # checks every mask before it touches the model

@@ -89,13 +89,13 @@ class FisherHook:
         """Start a new window: inverses back to I / damp, weights and masks read again."""
         self.targets = resolve_targets(self.model, self.config.modules, self.config.block_size)
         self.dtype = compute_dtype(self.targets[0].param.dtype)
-        self.keep = {t.name: t.keep_mask() for t in self.targets}
+        self.keep = {target.name: target.keep_mask() for target in self.targets}
         self.inverses: Dict[str, torch.Tensor] = {}
-        for t in self.targets:
-            eye = torch.eye(t.block_size, dtype=self.dtype, device=t.param.device) / self.config.damp
-            self.inverses[t.name] = eye.expand(t.num_blocks, -1, -1).contiguous()
+        for target in self.targets:
+            eye = torch.eye(target.block_size, dtype=self.dtype, device=target.param.device) / self.config.damp
+            self.inverses[target.name] = eye.expand(target.num_blocks, -1, -1).contiguous()
         self.count = 0
-        self.stats = FisherStats(numel=sum(t.numel for t in self.targets))
+        self.stats = FisherStats(numel=sum(target.numel for target in self.targets))
         self.seconds = 0.0
         self._pending: List[Dict[str, torch.Tensor]] = []
 
@@ -127,12 +127,16 @@ class FisherHook:
         if self.ready or (self.steps - 1) % self.every:
             return False
         grads = {}
-        for t in self.targets:
-            g = t.param.grad
-            g = torch.zeros(t.shape, dtype=self.dtype, device=t.param.device) if g is None else g.to(self.dtype)
+        for target in self.targets:
+            g = target.param.grad
+            g = (
+                torch.zeros(target.shape, dtype=self.dtype, device=target.param.device)
+                if g is None
+                else g.to(self.dtype)
+            )
             if not bool(torch.isfinite(g).all()):
-                raise ValueError(f"gradient of {t.name!r} contains NaN or Inf; step not used")
-            grads[t.name] = (g * self.keep[t.name]).reshape(-1)
+                raise ValueError(f"gradient of {target.name!r} contains NaN or Inf; step not used")
+            grads[target.name] = (g * self.keep[target.name]).reshape(-1)
         self._pending.append(grads)
         self.count += 1
         if len(self._pending) == self.buffer_size or self.ready:
@@ -145,10 +149,10 @@ class FisherHook:
         if not self._pending:
             return
         start = time.perf_counter()
-        for t in self.targets:
-            g = torch.stack([p[t.name] for p in self._pending])
+        for target in self.targets:
+            g = torch.stack([p[target.name] for p in self._pending])
             self.stats.sum_sq += float(g.double().square().sum())
-            wk.woodbury_update_(self.inverses[t.name], t.grad_blocks(g), self.config.num_grads,
+            wk.woodbury_update_(self.inverses[target.name], target.grad_blocks(g), self.config.num_grads,
                                 backend=self.config.backend, check_finite=False)
         self.stats.count += len(self._pending)
         self._pending = []
@@ -166,8 +170,8 @@ class FisherHook:
         if self.count == 0:
             raise ValueError("FisherHook has observed no gradient yet: run optimizer steps first")
         self.flush()
-        config = self.config.replace(modules=tuple(t.name for t in self.targets))
-        return Curvature("blockwise", config, {t.name: t.layout() for t in self.targets},
-                         inverses=dict(self.inverses), forms={t.name: "stream" for t in self.targets},
+        config = self.config.replace(modules=tuple(target.name for target in self.targets))
+        return Curvature("blockwise", config, {target.name: target.layout() for target in self.targets},
+                         inverses=dict(self.inverses), forms={target.name: "stream" for target in self.targets},
                          damp=self.config.damp, stats=self.stats, keep=dict(self.keep),
                          timings={"gradients": 0.0, "inverse": self.seconds})

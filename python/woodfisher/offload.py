@@ -48,8 +48,8 @@ def _form(t, m: int, inverse_form: str) -> str:
 
 def offload_fits(targets, num_grads: int, itemsize: int, budget: int, inverse_form: str = "auto") -> bool:
     """Whether one block of every weight fits ``budget`` bytes on the device (the least offload needs)."""
-    return all(_per_block(_form(t, num_grads, inverse_form), num_grads, t.block_size, itemsize) <= budget
-               for t in targets)
+    return all(_per_block(_form(target, num_grads, inverse_form), num_grads, target.block_size, itemsize) <= budget
+               for target in targets)
 
 
 @dataclass
@@ -106,21 +106,21 @@ def plan_offload(targets, num_grads: int, itemsize: int, budget: int, batch_grou
         ValueError: the budget does not hold one loader batch of gradients plus one block.
     """
     device = targets[0].param.device
-    numel = sum(t.numel for t in targets)
+    numel = sum(target.numel for target in targets)
     # collecting one loader batch holds ~6 copies of its gradients (vmap output, masked, concatenated,
     # blocked, ...); the step holds model-sized vectors (weights, new weights, float64 scores and masks)
     reserve = 6 * batch_groups * numel * itemsize + numel * (4 * itemsize + 3 * 8)
     plan = OffloadPlan(str(device), "cpu", device.type == "cuda", int(budget), reserve)
-    for t in targets:
-        form = _form(t, num_grads, inverse_form)
-        per = _per_block(form, num_grads, t.block_size, itemsize)
+    for target in targets:
+        form = _form(target, num_grads, inverse_form)
+        per = _per_block(form, num_grads, target.block_size, itemsize)
         chunk = (budget - reserve) // per
         if chunk < 1:
             raise ValueError(f"memory_budget={budget} bytes is too small to offload: the gradients of one loader "
-                             f"batch and model-sized vectors ({reserve} B) plus one block of {t.name!r} ({per} B) "
+                             f"batch and model-sized vectors ({reserve} B) plus one block of {target.name!r} ({per} B) "
                              "must fit; use smaller loader batches, a smaller block_size or fewer num_grads")
-        c, b = t.block_size, t.num_blocks
-        plan.layers[t.name] = dict(form=form, blocks=b, chunk=int(min(chunk, b)), per_block=per,
+        c, b = target.block_size, target.num_blocks
+        plan.layers[target.name] = dict(form=form, blocks=b, chunk=int(min(chunk, b)), per_block=per,
                                    host_grads=b * num_grads * c * itemsize,
                                    host_inverse=b * c * c * itemsize if form == "sequential" else 0)
     return plan
@@ -180,33 +180,37 @@ def estimate_offloaded(collector, targets, config, curv, batch_groups: int) -> N
     plan = plan_offload(targets, m, itemsize, config.memory_budget, batch_groups, config.inverse_form)
     if config.progress:
         print(plan.describe(), file=sys.stderr)
-    grads = {t.name: _host_empty((t.num_blocks, m, t.block_size), dtype, plan.pinned) for t in targets}
-    stats = FisherStats(numel=sum(t.numel for t in targets))
+    grads = {
+        target.name: _host_empty((target.num_blocks, m, target.block_size), dtype, plan.pinned) for target in targets
+    }
+    stats = FisherStats(numel=sum(target.numel for target in targets))
     for chunk in collector.chunks(max(1, batch_groups)):
         k = next(iter(chunk.values())).shape[0]
         stats.sum_sq += sum(float(row.double().pow_(2).sum()) for g in chunk.values() for row in g)  # 1 row in f64
-        for t in targets:
-            grads[t.name][:, stats.count:stats.count + k].copy_(t.grad_blocks(chunk[t.name]), non_blocking=True)
+        for target in targets:
+            grads[target.name][:, stats.count : stats.count + k].copy_(
+                target.grad_blocks(chunk[target.name]), non_blocking=True
+            )
         stats.count += k
     curv.timings["gradients"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     curv.stats, count = stats, stats.count
     curv.damp = resolve_damp(config.damp, stats)
     device = targets[0].param.device
-    for t in targets:
-        spec = plan.layers[t.name]
-        host_grads = grads.pop(t.name)[:, :count]
+    for target in targets:
+        spec = plan.layers[target.name]
+        host_grads = grads.pop(target.name)[:, :count]
         inv = None
         if spec["form"] == "sequential":
-            inv = _host_empty((t.num_blocks, t.block_size, t.block_size), dtype, plan.pinned)
-            for start in range(0, t.num_blocks, spec["chunk"]):
+            inv = _host_empty((target.num_blocks, target.block_size, target.block_size), dtype, plan.pinned)
+            for start in range(0, target.num_blocks, spec["chunk"]):
                 g = host_grads[start:start + spec["chunk"]].to(device, non_blocking=True)
                 inv[start:start + g.shape[0]].copy_(wk.fisher_inverse(g, curv.damp, count, backend=config.backend,
                                                                       check_finite=False), non_blocking=True)
             host_grads = None
-        curv.inverses[t.name] = OffloadedInverse(spec["form"], inv, host_grads, curv.damp, count, spec["chunk"],
-                                                 device, t.num_blocks, t.block_size, plan)
-        curv.forms[t.name] = "offload-" + spec["form"]
+        curv.inverses[target.name] = OffloadedInverse(spec["form"], inv, host_grads, curv.damp, count, spec["chunk"],
+                                                 device, target.num_blocks, target.block_size, plan)
+        curv.forms[target.name] = "offload-" + spec["form"]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     curv.timings["inverse"] += time.perf_counter() - t0

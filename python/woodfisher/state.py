@@ -47,8 +47,8 @@ class Snapshot:
     given); :meth:`restore` writes them back bit for bit (NaN payloads included)."""
 
     def __init__(self, targets: List[PruneTarget], model: Optional[nn.Module] = None):
-        self.saved = [(t, t.param.detach().clone(), [m.detach().clone() for m in t._mask_buffers()])
-                      for t in targets]
+        self.saved = [(target, target.param.detach().clone(), [m.detach().clone() for m in target._mask_buffers()])
+                      for target in targets]
         buffers = unwrap_model(model)[0].buffers() if model is not None else ()
         self.buffers = [(b, b.detach().clone()) for b in buffers]
 

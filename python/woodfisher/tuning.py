@@ -73,7 +73,7 @@ def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Seque
     options.setdefault("progress", False)
     adapter = options.get("batch_adapter")
     config = resolve_config(None, {**options, "loss_fn": loss_fn}, sparsity)
-    start = sparsity_of({t.name: t.keep_mask() for t in resolve_targets(model, config.modules, None)})
+    start = sparsity_of({target.name: target.keep_mask() for target in resolve_targets(model, config.modules, None)})
     reuse = len(config.steps(start)) == 1 and config.method == "woodfisher" and config.inverse_form != "stream"
     curvature = None
     if reuse or grid is None:

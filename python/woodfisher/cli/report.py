@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if spec is not None:
         names = list(spec.prunable) if spec.prunable else None
     else:
-        names = [t.key for t in resolve_targets(model)]
+        names = [target.key for target in resolve_targets(model)]
     rows = sparsity_table(model, input_shape=spec.input_shape if spec is not None else None, names=names)
     title = f"{args.model}: {os.path.basename(args.checkpoint) if args.checkpoint else 'factory weights'}"
     print(format_table(rows, title=title))

@@ -29,9 +29,9 @@ def _send_buffer(chunk: Optional[Dict[str, torch.Tensor]], targets, plan: ShardP
     """This rank's chunk as one flat buffer: for each destination rank, each weight's owned blocks (n, k, c)."""
     if chunk is None:
         return torch.zeros(0, dtype=dtype, device=device)
-    blocks = {t.name: t.grad_blocks(chunk[t.name]) for t in targets}   # (B, k, c)
-    pieces = [blocks[t.name][slice(*plan.range(t.name, r))].reshape(-1)
-              for r in range(plan.world) for t in targets]
+    blocks = {target.name: target.grad_blocks(chunk[target.name]) for target in targets}   # (B, k, c)
+    pieces = [blocks[target.name][slice(*plan.range(target.name, r))].reshape(-1)
+              for r in range(plan.world) for target in targets]
     return torch.cat(pieces).to(device)
 
 
@@ -56,8 +56,10 @@ def route_gradients(chunks: Optional[Iterator[Dict[str, torch.Tensor]]], targets
     comm = comm_device(group)
     own = plan.coordinates()
     starts = [sum(shares[:r]) for r in range(plan.world)]
-    owned = {t.name: torch.zeros(plan.owned(t.name), sum(shares), t.block_size, dtype=dtype, device=device)
-             for t in targets}
+    owned = {
+        target.name: torch.zeros(plan.owned(target.name), sum(shares), target.block_size, dtype=dtype, device=device)
+        for target in targets
+    }
     per_rank = [0] * plan.world
     for _ in range(-(-max(shares) // chunk_size)):
         chunk = None
@@ -76,9 +78,11 @@ def route_gradients(chunks: Optional[Iterator[Dict[str, torch.Tensor]]], targets
         offset = 0
         for src, k in enumerate(counts):
             at = starts[src] + per_rank[src]
-            for t in targets:
-                n = plan.owned(t.name) * k * t.block_size
-                owned[t.name][:, at:at + k] = recv[offset:offset + n].view(plan.owned(t.name), k, t.block_size)
+            for target in targets:
+                n = plan.owned(target.name) * k * target.block_size
+                owned[target.name][:, at : at + k] = recv[offset : offset + n].view(
+                    plan.owned(target.name), k, target.block_size
+                )
                 offset += n
             per_rank[src] += k
     with local_phase(group):  # run the collector to its end (it sets count and loss_grad there)

@@ -67,16 +67,18 @@ def plan_for(targets, config, world: int, rank: int):
     """({name: form}, :class:`ShardPlan`) of ``targets`` for ``world`` ranks."""
     kind = config.method_impl.curvature
     m = config.num_grads
-    forms = {t.name: _form(t, m, config, kind) for t in targets}
-    costs = {t.name: block_cost(forms[t.name], t.block_size, m) for t in targets}
-    return forms, plan_shards([(t.name, t.num_blocks, t.block_size) for t in targets], costs, world, rank)
+    forms = {target.name: _form(target, m, config, kind) for target in targets}
+    costs = {target.name: block_cost(forms[target.name], target.block_size, m) for target in targets}
+    return forms, plan_shards(
+        [(target.name, target.num_blocks, target.block_size) for target in targets], costs, world, rank
+    )
 
 
 def _check_budget(plan: ShardPlan, targets, m: int, itemsize: int, budget) -> None:
     if budget is None:
         return
     chunk = min(CHUNK, -(-share(m, plan.world, 0) // 4))
-    need = itemsize * (m * plan.coordinates() + plan.load() + 3 * chunk * sum(t.numel for t in targets))
+    need = itemsize * (m * plan.coordinates() + plan.load() + 3 * chunk * sum(target.numel for target in targets))
     if need > budget:
         raise ValueError(f"memory_budget={budget} bytes is too small for this rank's shard: it needs {need} "
                          f"(gradient slices, inverses of its blocks and a buffer of {chunk} gradients); "
@@ -116,11 +118,11 @@ def estimate_sharded(model, loader, targets, config, curv, group):
     curv.timings["gradients"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     sum_sq = torch.tensor([sum(float(g.double().square().sum()) for g in owned.values())], dtype=torch.float64)
-    curv.stats = FisherStats(float(all_reduce_(sum_sq, group)), count, sum(t.numel for t in targets))
+    curv.stats = FisherStats(float(all_reduce_(sum_sq, group)), count, sum(target.numel for target in targets))
     curv.damp = resolve_damp(config.damp, curv.stats)
     with local_phase(group):
-        curv.inverses = {t.name: _inverse(owned[t.name], forms[t.name], curv.damp, count, config.backend)
-                         for t in targets}
+        curv.inverses = {target.name: _inverse(owned[target.name], forms[target.name], curv.damp, count, config.backend)
+                         for target in targets}
     curv.forms = {n: ("lowrank" if isinstance(v, wk.LowRankInverse) else forms[n]) for n, v in curv.inverses.items()}
     if config.woodtaylor:
         curv.loss_grad = _loss_grad(collector, targets, plan, group, count, dtype)
@@ -133,11 +135,11 @@ def _loss_grad(collector, targets, plan, group, count, dtype):
     """{name: (owned blocks, c)} mean loss gradient over all ranks' gradients (WoodTaylor)."""
     device = targets[0].param.device
     local = collector.loss_grad or {}
-    flat = torch.cat([(local[t.name] * collector.count if t.name in local else
-                       torch.zeros(t.numel, dtype=dtype, device=device)).reshape(-1) for t in targets])
+    flat = torch.cat([(local[target.name] * collector.count if target.name in local else
+                       torch.zeros(target.numel, dtype=dtype, device=device)).reshape(-1) for target in targets])
     flat = all_reduce_(flat, group) / count
     out, offset = {}, 0
-    for t in targets:
-        out[t.name] = t.blocks(flat[offset:offset + t.numel])[slice(*plan.range(t.name))]
-        offset += t.numel
+    for target in targets:
+        out[target.name] = target.blocks(flat[offset:offset + target.numel])[slice(*plan.range(target.name))]
+        offset += target.numel
     return out

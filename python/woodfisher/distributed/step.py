@@ -49,20 +49,27 @@ def _scores(ctx, t, inv, w, lg, start, stop):
 
 def _gather(targets, plan, group, new_own: Dict[str, torch.Tensor], keep_own: Dict[str, torch.Tensor], dtype):
     """All ranks' new blocks and keep-flags -> {name: weight-shaped} on every rank (collective)."""
-    all_w = all_gather_flat(torch.cat([new_own[t.name].reshape(-1) for t in targets]), group)
-    all_k = all_gather_flat(torch.cat([keep_own[t.name].reshape(-1) for t in targets]).to(torch.uint8), group)
-    parts_w = {t.name: [] for t in targets}
-    parts_k = {t.name: [] for t in targets}
+    all_w = all_gather_flat(torch.cat([new_own[target.name].reshape(-1) for target in targets]), group)
+    all_k = all_gather_flat(torch.cat([keep_own[target.name].reshape(-1) for target in targets]).to(torch.uint8), group)
+    parts_w = {target.name: [] for target in targets}
+    parts_k = {target.name: [] for target in targets}
     for r in range(plan.world):
         offset = 0
-        for t in targets:
-            size = plan.owned(t.name, r) * t.block_size
-            parts_w[t.name].append(all_w[r][offset:offset + size])
-            parts_k[t.name].append(all_k[r][offset:offset + size])
+        for target in targets:
+            size = plan.owned(target.name, r) * target.block_size
+            parts_w[target.name].append(all_w[r][offset:offset + size])
+            parts_k[target.name].append(all_k[r][offset:offset + size])
             offset += size
-    new = {t.name: t.unblock(torch.cat(parts_w[t.name]).view(t.num_blocks, t.block_size).to(dtype))
-           for t in targets}
-    keep = {t.name: t.unblock(torch.cat(parts_k[t.name]).view(t.num_blocks, t.block_size)).bool() for t in targets}
+    new = {
+        target.name: target.unblock(
+            torch.cat(parts_w[target.name]).view(target.num_blocks, target.block_size).to(dtype)
+        )
+        for target in targets
+    }
+    keep = {
+        target.name: target.unblock(torch.cat(parts_k[target.name]).view(target.num_blocks, target.block_size)).bool()
+        for target in targets
+    }
     return new, keep
 
 

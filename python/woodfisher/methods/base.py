@@ -76,7 +76,7 @@ class StepContext:
     def blocked_weights(self) -> Tensors:
         """{name: (B, c)} effective weights in the curvature's dtype."""
         dtype = self._dtype()
-        return {t.name: t.blocks(t.effective_weight().to(dtype)) for t in self.targets}
+        return {target.name: target.blocks(target.effective_weight().to(dtype)) for target in self.targets}
 
     def _dtype(self) -> torch.dtype:
         return compute_dtype(self.targets[0].param.dtype)
@@ -133,4 +133,4 @@ class ScoreMethod(PruningMethod):
     def step(self, ctx: StepContext) -> Tuple[Tensors, Tensors]:
         with ctx.timed("select"):
             keep = ctx.select(self.scores(ctx))
-        return {t.name: t.effective_weight() for t in ctx.targets}, keep
+        return {target.name: target.effective_weight() for target in ctx.targets}, keep

@@ -15,24 +15,27 @@ class KFAC(PruningMethod):
 
     def check_targets(self, targets, config):
         super().check_targets(targets, config)
-        for t in targets:
-            check_kfac_layer(t)
+        for target in targets:
+            check_kfac_layer(target)
 
     def step(self, ctx):
         invs = ctx.curvature.inverses
         with ctx.timed("select"):
             # canonical (out, in') matrices: HF Conv1D weights are stored transposed
-            w2 = {t.name: t.canonical(t.effective_weight()).reshape(t.out_features, -1) for t in ctx.targets}
-            scores = {t.name: t.from_canonical(kfac_saliency(w2[t.name], *invs[t.name]).flatten())
-                      for t in ctx.targets}
+            w2 = {
+                target.name: target.canonical(target.effective_weight()).reshape(target.out_features, -1)
+                for target in ctx.targets
+            }
+            scores = {target.name: target.from_canonical(kfac_saliency(w2[target.name], *invs[target.name]).flatten())
+                      for target in ctx.targets}
             masks = ctx.select(scores)
         new = {}
         with ctx.timed("update"):
-            for t in ctx.targets:
-                n = t.name
+            for target in ctx.targets:
+                n = target.name
                 if ctx.config.obs_update:
-                    prune = ~t.canonical(masks[n]).reshape(t.out_features, -1)
-                    new[n] = t.from_canonical(kfac_update(w2[n], prune, *invs[n]).flatten())
+                    prune = ~target.canonical(masks[n]).reshape(target.out_features, -1)
+                    new[n] = target.from_canonical(kfac_update(w2[n], prune, *invs[n]).flatten())
                 else:
-                    new[n] = t.effective_weight() * masks[n]
+                    new[n] = target.effective_weight() * masks[n]
         return new, masks

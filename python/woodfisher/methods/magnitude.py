@@ -14,7 +14,7 @@ class GlobalMagnitude(ScoreMethod):
     summary = "|w| ranked across all pruned weights"
 
     def scores(self, ctx):
-        return {t.name: t.effective_weight().abs() for t in ctx.targets}
+        return {target.name: target.effective_weight().abs() for target in ctx.targets}
 
 
 class Magnitude(GlobalMagnitude):

@@ -52,17 +52,21 @@ class WoodFisher(PruningMethod):
             w = ctx.blocked_weights()
             if parsed is not None:
                 return self._group_step(ctx, parsed, invs, w)
-            scores = {t.name: t.unblock(_saliency(invs[t.name], w[t.name], lg.get(t.name), cfg.backend))
-                      for t in ctx.targets}
+            scores = {
+                target.name: target.unblock(
+                    _saliency(invs[target.name], w[target.name], lg.get(target.name), cfg.backend)
+                )
+                for target in ctx.targets
+            }
             masks = ctx.select(scores)
         new = {}
         with ctx.timed("update"):
-            for t in ctx.targets:
-                n = t.name
+            for target in ctx.targets:
+                n = target.name
                 if cfg.obs_update:
-                    new[n] = t.unblock(_update(invs[n], w[n], ~t.blocks(masks[n]), lg.get(n), cfg.backend))
+                    new[n] = target.unblock(_update(invs[n], w[n], ~target.blocks(masks[n]), lg.get(n), cfg.backend))
                 else:
-                    new[n] = t.effective_weight() * masks[n]
+                    new[n] = target.effective_weight() * masks[n]
         return new, masks
 
     def _group_step(self, ctx, parsed, invs, w):
@@ -70,22 +74,26 @@ class WoodFisher(PruningMethod):
         exact = cfg.group_exact
         rows = None
         if parsed[0] == "rows":
-            scores = {t.name: st.row_saliency(invs[t.name], w[t.name], t, exact) for t in ctx.targets}
+            scores = {
+                target.name: st.row_saliency(invs[target.name], w[target.name], target, exact) for target in ctx.targets
+            }
             if ctx.curvature.flops:
                 scores = {n: s / ctx.curvature.flops[n] ** cfg.beta for n, s in scores.items()}
-            rows = st.select_rows(scores, {t.name: t.row_length for t in ctx.targets}, ctx.sparsity, ctx.mode)
+            rows = st.select_rows(
+                scores, {target.name: target.row_length for target in ctx.targets}, ctx.sparsity, ctx.mode
+            )
         new = {}
-        for t in ctx.targets:
-            n = t.name
+        for target in ctx.targets:
+            n = target.name
             if parsed[0] == "nm":
-                groups = st.nm_choose(invs[n], w[n], t, parsed[1], parsed[2], exact=exact)
+                groups = st.nm_choose(invs[n], w[n], target, parsed[1], parsed[2], exact=exact)
                 flags = groups.new_ones(groups.shape[:2], dtype=torch.bool)
             else:
-                groups, flags = st.rows_to_groups(t, rows[n], w[n].device)
-            prune = st.groups_to_mask(groups, flags, t.block_size)
-            new[n] = (t.unblock(wk.group_obs_update(invs[n], w[n], groups, flags, exact=exact))
-                      if cfg.obs_update else t.unblock(w[n].masked_fill(prune, 0.0)))
-            keep[n] = keep[n] & ~t.unblock(prune)
+                groups, flags = st.rows_to_groups(target, rows[n], w[n].device)
+            prune = st.groups_to_mask(groups, flags, target.block_size)
+            new[n] = (target.unblock(wk.group_obs_update(invs[n], w[n], groups, flags, exact=exact))
+                      if cfg.obs_update else target.unblock(w[n].masked_fill(prune, 0.0)))
+            keep[n] = keep[n] & ~target.unblock(prune)
         return new, keep
 
 

@@ -90,7 +90,7 @@ class BatchLoss:
     def __init__(self, model: nn.Module, targets: List[PruneTarget], loss_fn: Optional[Callable] = None,
                  batch_adapter: Optional[Callable] = None):
         self.inner = unwrap_model(model)[0]
-        self.targets, self.keys = targets, [t.key for t in targets]
+        self.targets, self.keys = targets, [target.key for target in targets]
         self.loss_fn, self.adapter = loss_fn, batch_adapter
         self.model_dtype = targets[0].param.dtype
         self.dtype = compute_dtype(self.model_dtype)
@@ -242,8 +242,12 @@ def fisher_diagonal(model: nn.Module, loader: Iterable, *, params: Params = None
                                   progress=progress, desc="fisher", batch_adapter=batch_adapter)
     fd = empirical_fisher_diagonal(collector, chunk_size)
     diag, mean = fd.diag, collector.loss_grad
-    return DiagonalEstimate({t.name: diag[t.name].reshape(t.shape) for t in targets},
-                            {t.name: mean[t.name].reshape(t.shape) for t in targets}, collector.samples, 0)
+    return DiagonalEstimate(
+        {target.name: diag[target.name].reshape(target.shape) for target in targets},
+        {target.name: mean[target.name].reshape(target.shape) for target in targets},
+        collector.samples,
+        0,
+    )
 
 
 def loss_gradient(model: nn.Module, loader: Iterable, *, params: Params = None,

@@ -132,7 +132,7 @@ def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsi
     if train_mode and criterion.startswith("fisher"):
         warnings.warn(f"criterion={criterion!r} takes per-sample gradients in eval mode (batch statistics "
                       "would couple the samples); train_mode=True has no effect on it", stacklevel=2)
-    keep = {t.name: t.keep_mask() for t in targets}
+    keep = {target.name: target.keep_mask() for target in targets}
     snapshot, bn_saved = Snapshot(targets), batchnorm_state(inner)
     timings: Dict[str, float] = {}
     with display(progress, "woodfisher pai"):
@@ -166,8 +166,8 @@ def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsi
                     with phase("masking"):
                         masks = select_kept_masks(scores, sparsity, mode, min_density, keep)
             timings["scoring" if criterion == "synflow" else "masking"] = time.perf_counter() - t0
-            for t in targets:
-                t.write(t.param.detach(), masks[t.name])
+            for target in targets:
+                target.write(target.param.detach(), masks[target.name])
         except BaseException:
             snapshot.restore()
             restore_batchnorm_state(bn_saved)
@@ -185,7 +185,7 @@ def _call_config(targets: List[PruneTarget], sparsity, criterion, mode, num_prob
     def name_of(fn, default):
         return default if fn is None else getattr(fn, "__name__", type(fn).__name__)
 
-    return dict(sparsity=sparsity, criterion=criterion, mode=mode, params=[t.name for t in targets],
+    return dict(sparsity=sparsity, criterion=criterion, mode=mode, params=[target.name for target in targets],
                 num_probes=num_probes, num_batches=num_batches, warmup_batches=warmup_batches,
                 warmup_samples=warmed, min_density=min_density, synflow_iterations=synflow_iterations, hvp=hvp,
                 train_mode=train_mode, collapse_density=collapse_density, seed=seed,
