@@ -58,10 +58,12 @@ def lowrank_factor(grads: torch.Tensor, damp: float, num_samples: float
     factor = torch.linalg.solve_triangular(chol.to(grads.dtype).transpose(1, 2), grads.transpose(1, 2),
                                            upper=True, left=False).transpose(1, 2)
     sq = torch.zeros(num_blocks, c, dtype=torch.float64, device=grads.device)
-    for r0, r1 in steps:
-        sq += factor[:, r0:r1].square().sum(1)                   # partial sums of <= m / 4 squares
+    for r0, r1 in steps:                                         # partial sums of <= m / 4 squares
+        rows = factor[:, r0:r1]
+        sq += torch.einsum("bmc,bmc->bc", rows, rows)            # one read of A, no squared copy
     diag = ((1.0 - sq) / damp).to(grads.dtype)
-    bad = (info != 0) | ~torch.isfinite(factor.sum(dim=(1, 2))) | ~(diag > 0).all(dim=1)
+    # a NaN / Inf (or an overflowing entry) in A gives a NaN / -Inf diagonal entry: one check covers both
+    bad = (info != 0) | ~(torch.isfinite(diag) & (diag > 0)).all(dim=1)
     return factor, diag, bad
 
 
