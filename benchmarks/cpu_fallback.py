@@ -15,7 +15,7 @@ the diagonal against the float64 one, and the global OBS masks (Eq. 10 statistic
 threshold over all layers) at 50 / 70 / 80% sparsity from both.
 
 Usage (repository root):
-    OMP_NUM_THREADS=2 python -m benchmarks.cpu_fallback --out benchmarks/results
+    OMP_NUM_THREADS=1 python -m benchmarks.cpu_fallback --data-root ../shared/data --out benchmarks/results
     python -m benchmarks.cpu_fallback --quick            # tiny synthetic shapes (CI smoke)
 Writes ``<out>/cpu_fallback.json`` and ``.md`` (``cpu_fallback_quick.*`` with --quick).
 """

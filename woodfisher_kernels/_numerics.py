@@ -11,8 +11,8 @@ So 3 correct digits are guaranteed up to kappa ~ 1e3, none beyond kappa ~ 1e6; w
 when ``eps32 * kappa > 1e-3`` (:func:`condition_estimate`). Measured against a float64
 SVD reference over c in {64, 257}, m in {c/2, 2c+1}, damp in {1e-8, 1e-5, 1e-1},
 gradient scales 1e-6..1e6, Gaussian and rank-1 gradients (tests/test_precision_table.py,
-benchmarks/results/PRECISION.md): at most 3.7 eps32 (1 + kappa), reached at kappa ~ 0;
-about 0.1 eps32 kappa for Gaussian gradients with m > c (2e-3 at kappa 3e5); near eps32
+benchmarks/results/PRECISION.md): at most 2.3 eps32 (1 + kappa), reached at kappa ~ 0;
+about 0.1-0.2 eps32 kappa for Gaussian gradients with m > c (3e-3..6e-3 at kappa 3e5); near eps32
 when m < c or the gradients have low rank, even at kappa 1e8 (rounding then only
 touches directions that damp dominates).
 

@@ -2,7 +2,7 @@
 ``woodbury_update_`` (any float dtype), batched over blocks.
 
 Maths (DESIGN.md section 1). Sequential Sherman-Morrison over k gradients equals one
-rank-k Woodbury update, applied here in chunks of at most ``CHUNK`` gradients G (K, c)::
+rank-k Woodbury update, applied here in chunks of K = :func:`chunk_size` (c) gradients G (K, c)::
 
     U = F^-1 G^T (c, K),  S = N I + G U (K, K),  F^-1 <- F^-1 - W^T W,  W = L^-1 U^T
 
@@ -30,13 +30,14 @@ from typing import Optional, Tuple
 
 import torch
 
-CHUNK_SMALL, CHUNK = 16, 32   # gradients per K x K factorisation (more: faster products, slower LAPACK)
-TILE_BYTES = 4 << 20      # inverse bytes per tile (fits the L2 cache of one or two cores)
+CHUNK_SMALL, CHUNK, CHUNK_LARGE = 16, 32, 64   # gradients per K x K factorisation (more: faster
+TILE_BYTES = 4 << 20      # products, slower LAPACK); inverse bytes per tile (L2 of one or two cores)
 
 
 def chunk_size(block_size: int) -> int:
-    """K for blocks of size c: 16 below c = 128 (the LAPACK calls dominate there), else 32."""
-    return CHUNK_SMALL if block_size < 128 else CHUNK
+    """K for blocks of size c: 16 below c = 128 (the LAPACK calls dominate there), 32 below
+    c = 256, else 64 (the c x c products dominate: cpu_fallback.md)."""
+    return CHUNK_SMALL if block_size < 128 else CHUNK if block_size < 256 else CHUNK_LARGE
 
 
 def tile_size(num_blocks: int, block_size: int, itemsize: int) -> int:

@@ -6,15 +6,16 @@ With ``L`` the Cholesky factor of ``K = N*damp*I + G G^T`` (B, m, m) and ``A = L
 (B, m, c), ``F^-1 = (I - A^T A) / damp``: the diagonal ``(1 - ||A[:, q]||^2) / damp`` and
 products ``F^-1 v`` cost O(m c) per block and the c x c inverse is never formed.
 
-Precision and speed: the Gram matrix ``G G^T`` and ``A = L^-1 G`` are float32 matrix
-products (each ~1.25 m^2 c flops: only the lower block-triangle of the Gram and the
-nonzero blocks of the triangular L^-1 are multiplied, in 4 row blocks); only the m x m
-factorisation (Cholesky and triangular inverse of K, ~4 m^3 / 3 flops) runs in float64,
-and the diagonal sums the squares of each row block in float32 and the blocks in
-float64. This keeps the diagonal within 1e-6 of a float64 computation on ResNet-20
-gradients at damp 1e-5 (benchmarks/results/cpu_fallback.md). The stated bound
-of :mod:`._numerics` holds; blocks that fail (non-finite factor, diagonal <= 0, K not
-positive definite in float64) are recomputed in float64 or refused (``on_failure``).
+Precision and speed: the Gram matrix ``G G^T`` is a float32 product (~1.25 m^2 c flops:
+only its lower block-triangle, in 4 row blocks); only the m x m Cholesky factorisation of
+K (~m^3 / 3 flops) runs in float64; ``A = L^-1 G`` is one float32 triangular solve (m^2 c
+flops) with that factor rounded to float32, solved from the right on the transposed views
+(``A^T = G^T L^-T``) so that G is not copied; the diagonal sums the squares of each row
+block of A in float32 and the blocks in float64. This keeps the diagonal within 1e-6 of
+a float64 computation on ResNet-20 gradients at damp 1e-5
+(benchmarks/results/cpu_fallback.md). The stated bound of :mod:`._numerics` holds;
+blocks that fail (non-finite factor, diagonal <= 0, K not positive definite in float64)
+are recomputed in float64 or refused (``on_failure``).
 
 For m >= c the low-rank form has no memory advantage (m c >= c^2) and its float32
 factor loses everything to the cancellation in I - A^T A, so :class:`LowRankInverse`
@@ -30,7 +31,7 @@ import torch
 from . import _numerics as num
 from . import reference
 
-ROW_STEP_MIN = 128        # rows of the Gram / of L^-1 G per product (block-triangular products)
+ROW_STEP_MIN = 128        # rows of the Gram per product (block-triangular products)
 ROW_BLOCKS = 4            # about m / 4 rows per product: 1.25 m^2 c flops each, still large products
 
 
@@ -52,19 +53,17 @@ def lowrank_factor(grads: torch.Tensor, damp: float, num_samples: float
     k64 = low + low.transpose(1, 2)
     k64.diagonal(dim1=1, dim2=2).copy_(gram.diagonal(dim1=1, dim2=2)).add_(num_samples * damp)
     chol, info = torch.linalg.cholesky_ex(k64)
-    eye = torch.eye(m, dtype=torch.float64, device=grads.device).expand(num_blocks, m, m)
-    linv = torch.linalg.solve_triangular(chol, eye, upper=False).to(grads.dtype)
-    factor = torch.empty_like(grads)
+    # A^T = G^T L^-T: a right-side solve on the transposed views needs no copy of G (column-major
+    # as LAPACK wants it) and returns A^T column-major, i.e. A row-major (a left solve copies G).
+    factor = torch.linalg.solve_triangular(chol.to(grads.dtype).transpose(1, 2), grads.transpose(1, 2),
+                                           upper=True, left=False).transpose(1, 2)
     sq = torch.zeros(num_blocks, c, dtype=torch.float64, device=grads.device)
-    for r0, r1 in steps:                                         # L^-1 is lower triangular
+    for r0, r1 in steps:                                         # partial sums of <= m / 4 squares
         rows = factor[:, r0:r1]
-        if rows.is_contiguous():
-            torch.bmm(linv[:, r0:r1, :r1], grads[:, :r1], out=rows)
-        else:
-            rows.copy_(torch.bmm(linv[:, r0:r1, :r1], grads[:, :r1]))
-        sq += rows.square().sum(1)                               # partial sums of <= m / 4 squares
+        sq += torch.einsum("bmc,bmc->bc", rows, rows)            # one read of A, no squared copy
     diag = ((1.0 - sq) / damp).to(grads.dtype)
-    bad = (info != 0) | ~torch.isfinite(factor.sum(dim=(1, 2))) | ~(diag > 0).all(dim=1)
+    # a NaN / Inf (or an overflowing entry) in A gives a NaN / -Inf diagonal entry: one check covers both
+    bad = (info != 0) | ~(torch.isfinite(diag) & (diag > 0)).all(dim=1)
     return factor, diag, bad
 
 

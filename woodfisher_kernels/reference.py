@@ -3,7 +3,7 @@
 Batched over blocks (no Python loop over blocks); any float dtype, float64 included.
 Shapes: B blocks of size c, k (or m) gradients per block, G groups of size q.
 
-The Woodbury build / update live in :mod:`._woodbury` (chunks of 16 or 32 gradients,
+The Woodbury build / update live in :mod:`._woodbury` (chunks of 16, 32 or 64 gradients,
 float64 K x K factorisation, cache-sized tiles of blocks). Their functions here also
 carry a ``checked`` attribute, an out-of-place variant returning ``(result, bad)`` with
 per-block failure flags, which the public ops use for their float64 recomputation and
