@@ -25,6 +25,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
+from ..models import MODEL_SPECS
+
 FORMATS = ("dense", "csr", "bsr", "2:4", "onnx")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -32,7 +34,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of ``woodfisher export`` to ``parser`` (and ``func=run_export``)."""
     parser.add_argument("--model", required=True,
-                        help="architecture: a name of woodfisher.models.MODEL_SPECS or 'package.module:factory'")
+                        help=f"architecture: a built-in one ({', '.join(sorted(MODEL_SPECS))}) or the import path "
+                             "'package.module:factory' of a function that returns the nn.Module")
     parser.add_argument("--checkpoint", required=True,
                         help="pruned state dict (pruned.pt, exact zeros), or dense weights used with --masks")
     parser.add_argument("--masks", default=None,
@@ -45,11 +48,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="layers to convert (default: csr/bsr every Linear with >= --min-sparsity zeros, "
                              "2:4 every Linear holding zeros)")
     parser.add_argument("--min-sparsity", type=float, default=0.7,
-                        help="csr/bsr: layers with a smaller fraction of zeros stay dense (default 0.7)")
+                        help="csr/bsr: layers with a smaller fraction of zeros stay dense")
     parser.add_argument("--conv", action="store_true", help="csr/bsr: also convert Conv2d (im2col; slower on CPU)")
     parser.add_argument("--blocksize", type=int, default=None, help="bsr: square block size (default 4)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="2:4: weight dtype on the GPU")
-    parser.add_argument("--device", default="cuda", help="2:4: the GPU to convert on (default cuda)")
+    parser.add_argument("--device", default="cuda", help="2:4: the GPU to convert on")
     parser.add_argument("--input-shape", type=int, nargs="+", default=None,
                         help="one sample's shape, e.g. 3 32 32 (default: the named model's)")
     parser.add_argument("--trust-pickle", action="store_true",
@@ -59,8 +62,6 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def _factory(spec: str) -> Tuple[Callable[[], nn.Module], Optional[Tuple[int, ...]]]:
-    from ..models import MODEL_SPECS
-
     if spec in MODEL_SPECS:
         return MODEL_SPECS[spec].factory, MODEL_SPECS[spec].input_shape
     module_name, _, attr = spec.partition(":")
