@@ -13,7 +13,10 @@ Formats (``--format``):
 
 Every format is checked before it is written: its outputs on a random batch of 2 are
 compared with the dense pruned model's (ONNX through onnxruntime when it is installed).
-Bad input raises ValueError with a one-line message and writes nothing.
+csr / bsr / 2:4 print the layers they converted; a conversion that converts no layer is
+refused (nothing sparse enough, or only convolutions, which need ``--conv``). Bad input
+(including an ``--out`` whose folder does not exist) raises ValueError with a one-line
+message and writes nothing.
 """
 from __future__ import annotations
 
@@ -124,7 +127,13 @@ def run_export(args: argparse.Namespace) -> int:
             half = to_dense(dense).to(device=device, dtype=dtype)
             diff = _max_diff(gpu(sample.to(device, dtype)), half(sample.to(device, dtype))) if shape else None
             exported = to_dense(dense).to(dtype)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    converted = _converted(exported if args.format != "2:4" else gpu, dense, args) if args.format in (
+        "csr", "bsr", "2:4") else None
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):  # as to_onnx: the folder is not created
+        raise ValueError(f"--out {args.out!r}: folder {folder!r} does not exist")
+    if converted:
+        print(converted)
     if args.format == "onnx":
         to_onnx(dense, sample, args.out)
         diff = _onnx_diff(args.out, sample, ref)
@@ -135,6 +144,31 @@ def run_export(args: argparse.Namespace) -> int:
     note = "not checked" if diff is None else f"max |output - dense output| = {diff:.3g} on a random batch of 2"
     print(f"wrote {args.out} (format {args.format}; {note})")
     return 0
+
+
+def _converted(exported: nn.Module, dense: nn.Module, args: argparse.Namespace) -> str:
+    """``"converted to csr: fc1 (91.2% zeros), ..."``; ValueError saying why when no layer was converted."""
+    from ._common import sparsity
+    from .sparse import SparseConv2d, SparseLinear
+
+    semi = getattr(torch.sparse, "SparseSemiStructuredTensor", ())
+    modules = dict(dense.named_modules())
+    names = [name for name, module in exported.named_modules() if isinstance(module, (SparseLinear, SparseConv2d))
+             or isinstance(getattr(module, "weight", None), semi)]
+    if names:
+        return f"converted to {args.format}: " + ", ".join(
+            f"{name} ({100 * sparsity(modules[name].weight):.1f}% zeros)" for name in names)
+    linears = [(sparsity(m.weight), name) for name, m in modules.items() if isinstance(m, nn.Linear)]
+    convs = [(sparsity(m.weight), name) for name, m in modules.items() if isinstance(m, nn.Conv2d)]
+    kinds = linears + (convs if args.conv else [])
+    why = [f"no {'Linear or Conv2d' if args.conv else 'Linear'} layer has >= {args.min_sparsity:g} zeros "
+           f"(--min-sparsity; the sparsest: {max(kinds)[1]}, {100 * max(kinds)[0]:.1f}%)" if kinds else
+           f"the model has no {'Linear or Conv2d' if args.conv else 'Linear'} layer"]
+    sparse_convs = [name for value, name in convs if value >= args.min_sparsity]
+    if convs and not args.conv:
+        why.append(f"its {len(convs)} Conv2d layers ({len(sparse_convs)} sparse enough) are converted only with "
+                   "--conv (im2col; slower than dense on CPU)")
+    raise ValueError(f"--format {args.format} converted no layer, nothing written: " + "; ".join(why))
 
 
 def _onnx_diff(path: str, sample: torch.Tensor, ref: torch.Tensor) -> Optional[float]:
