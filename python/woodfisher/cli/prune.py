@@ -66,7 +66,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-steps", type=steps_type, default="auto",
                    help="pruning steps with Fisher recomputation, or 'auto' (default: more steps for higher sparsity)")
     p.add_argument("--step-schedule", default="geometric", choices=["geometric", "linear"],
-                   help="sparsities of the steps: geometric (default) or linear")
+                   help="sparsities of the steps: geometric or linear")
     p.add_argument("--obs-update", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the OBS weight update (--no-obs-update: only zero the pruned weights)")
     p.add_argument("--woodtaylor", action="store_true", help="use the WoodTaylor statistic (first-order term)")
