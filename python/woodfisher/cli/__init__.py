@@ -4,8 +4,10 @@ One module per subcommand (``add_parser(subparsers)`` + ``run(args)``), listed o
 :data:`COMMANDS`; shared helpers in :mod:`._common`. Every subcommand takes
 ``--config file.json`` (keys = option names, see :mod:`._config`); flags given on the
 command line override the file. Errors in the inputs (bad values, missing, empty, corrupt
-or unsafe files, unreadable paths) are printed as one line ``woodfisher: error: ...``
-(exit code 2), never as a traceback.
+or unsafe files, unreadable paths, and argparse's own: see :class:`._common.Parser`) are
+printed as one line ``woodfisher: error: ...`` (exit code 2), never as a traceback or a
+usage block; ``--help`` shows every option's default. The library's warnings are printed as
+one line ``note: ...`` each.
 """
 from __future__ import annotations
 
