@@ -67,14 +67,14 @@ def warn_if_degenerate(overlap: Optional[float], count: int, config, stacklevel:
                       f"nearly constant; block_size={default['block_size']!r} ties c to m)")
     if config.damp != default["damp"]:
         causes.append(f"a damp that dominates the Fisher (damp={default['damp']!r} is relative to it)")
+    remedy = "more gradients per step (num_grads) or more steps (num_steps, each recomputing the Fisher) help"
     if causes:
-        why = "Usual causes: " + "; ".join(causes) + "; or too few gradients per step. "
+        why = "Usual causes: " + "; ".join(causes) + "; or too few gradients per step: " + remedy
     else:
         why = (f"block_size={default['block_size']!r} and damp={default['damp']!r} (the defaults) already fit the "
-               "blocks and the damp to the gradients: ")
+               f"blocks and the damp to the gradients: {remedy}")
     warnings.warn(f"method={config.method!r} pruned {100 * overlap:.1f}% the same weights as magnitude pruning "
                   f"would (block_size={config.block_size}, num_grads={config.num_grads}, damp={config.damp}, "
                   f"num_steps={config.num_steps}): the Fisher barely changed the mask (only the weight update is "
-                  f"second-order). {why}more gradients per step (num_grads) or more steps (num_steps, each "
-                  "recomputing the Fisher) help",
+                  f"second-order). {why}",
                   UserWarning, stacklevel=stacklevel + 1)
