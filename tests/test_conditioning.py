@@ -88,3 +88,24 @@ def test_failed_blocks_raise_naming_the_layer_and_change_nothing():
     with pytest.raises(ValueError, match=r"layer '1.weight', damp=1e-12: .*kappa = .*damp='auto'"):
         wf.prune_one_shot(model, _data(scale=1e3), sparsity=0.5, damp=1e-12, inverse_form="stream", **OPTS)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_auto_damp_warning_explains_itself_and_its_advice_works():
+    """damp='auto' is one value per model: a layer whose Fisher is far above the model's mean gets
+    too little of it; the warning says so (not "pass damp='auto'") and the damp it suggests silences it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 16), nn.ReLU(), nn.Linear(16, 4))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 200, generator=g) * 1e-3  # first layer's gradients ~0: the mean diagonal is tiny
+    y = torch.randint(0, 4, (64,), generator=g)
+    data = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    with pytest.warns(UserWarning, match="ill-conditioned") as rec:
+        curv = wf.estimate_curvature(model, data, damp="auto", **OPTS)
+    msg = next(str(w.message) for w in rec if "ill-conditioned" in str(w.message))
+    assert "'2.weight'" in msg and "one value for the whole model" in msg and "pass damp='auto'" not in msg
+    suggested = float(msg.split("pass damp >= ")[1].split(" ")[0])
+    assert suggested > curv.damp
+    with warnings.catch_warnings(record=True) as rec2:
+        warnings.simplefilter("always")
+        wf.estimate_curvature(model, data, damp=suggested * 1.01, **OPTS)
+    assert not [w for w in rec2 if "ill-conditioned" in str(w.message)]

@@ -178,9 +178,13 @@ def test_sparse_validation_errors():
     with pytest.raises(ValueError, match="blocksize applies"):
         to_sparse(model, layout="csr", blocksize=4)
     with pytest.raises(ValueError, match="blocksize 3 must divide"):
-        to_sparse(model, layout="bsr", blocksize=3, min_sparsity=0.0)
+        to_sparse(model, layout="bsr", blocksize=3, min_sparsity=0.0, names=["layers.0"])
     with pytest.raises(ValueError, match=r"blocksize 4 must divide .*'layers.2' \(weight as a matrix: 10 x 32\)"):
-        to_sparse(model, layout="bsr", min_sparsity=0.0)                      # default 4 x 4 blocks
+        to_sparse(model, layout="bsr", min_sparsity=0.0, names=["layers.2"])  # default 4 x 4 blocks, named
+    # chosen by default: the layers the blocks tile are converted, the 10-class head stays dense
+    default = to_sparse(model, layout="bsr", min_sparsity=0.0)
+    kinds = {name: type(module).__name__ for name, module in default.named_modules() if name.startswith("layers.")}
+    assert kinds["layers.0"] == "SparseLinear" and kinds["layers.2"] == "Linear", kinds
     with pytest.raises(ValueError, match="names: 'fc9'"):
         to_sparse(model, names=["fc9"])
     with pytest.raises(ValueError, match="min_sparsity"):

@@ -54,16 +54,28 @@ def ill_conditioned(kappa: Dict[str, float], forms: Dict[str, Optional[str]]) ->
     return {n: k for n, k in kappa.items() if forms.get(n) in ("sequential", "stream") and EPS32 * k > WARN_LEVEL}
 
 
-def warn_ill_conditioned(kappa: Dict[str, float], forms: Dict[str, Optional[str]], damp,
+def warn_ill_conditioned(kappa: Dict[str, float], forms: Dict[str, Optional[str]], damp, auto: bool = False,
                          stacklevel: int = 2) -> None:
-    """One UserWarning naming every dense float32 layer with ``eps32 * kappa > 1e-3`` (none: no warning)."""
+    """One UserWarning naming every dense float32 layer with ``eps32 * kappa > 1e-3`` (none: no warning).
+
+    The message gives the smallest damp that brings every listed layer under the level
+    (``damp * kappa * eps32 / 1e-3``) and, when ``auto`` (the damp came from ``damp="auto"``),
+    says why the automatic value was too small for them.
+    """
     bad = ill_conditioned(kappa, forms)
     if not bad:
         return
     worst = sorted(bad.items(), key=lambda kv: -kv[1])
     listed = ", ".join(f"{n!r} (kappa {k:.2g})" for n, k in worst[:8]) + (" ..." if len(worst) > 8 else "")
     bound = float(wk.error_bound(worst[0][1]))
+    needed = damp * worst[0][1] * EPS32 / WARN_LEVEL
+    if auto:
+        advice = (f"damp='auto' is one value for the whole model (1e-2 x the mean Fisher diagonal over every pruned "
+                  f"weight) and these layers' Fisher is larger than that mean; pass damp >= {needed:.2g} to bring "
+                  f"them under the level, or prune them in float64 (a float64 model)")
+    else:
+        advice = f"pass damp='auto' (relative to the Fisher's scale) or damp >= {needed:.2g}"
     warnings.warn(f"Fisher blocks too ill-conditioned for float32 at damp={damp:.3g}: {listed}; the dense "
                   f"float32 inverses of these layers may be off by up to {min(bound, 1.0):.1g} (relative; "
-                  f"bound 8 eps32 (1 + kappa)). Pass damp='auto' (relative to the Fisher's scale) or a larger damp",
+                  f"bound 8 eps32 (1 + kappa), eps32 kappa > {WARN_LEVEL:g}); {advice}",
                   UserWarning, stacklevel=stacklevel + 1)

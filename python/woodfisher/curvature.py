@@ -200,7 +200,7 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
         check_prunable(targets, config)
         with display(config.progress):
             curv = _estimate(model, loader, targets, config)
-    warn_ill_conditioned(curv.kappa, curv.forms, curv.damp)
+    warn_ill_conditioned(curv.kappa, curv.forms, curv.damp, config.damp == "auto")
     return curv
 
 

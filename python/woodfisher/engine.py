@@ -159,7 +159,8 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                 _apply(targets, curvature, step_config, target, timings)
                 damp, forms = curvature.damp, curvature.forms
                 kappa.update({n: max(k, kappa.get(n, 0.0)) for n, k in curvature.kappa.items()})
-        warn_ill_conditioned(kappa, forms, damp, stacklevel=3)  # once per call, the worst step of each layer
+        # once per call, with the worst step of each layer
+        warn_ill_conditioned(kappa, forms, damp, config.damp == "auto", stacklevel=3)
         timings["total"] = time.perf_counter() - start
         extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": method.block_size(configs[0])}
         return _result(model, targets, config, damp, forms, timings, before, extra, stacklevel=4)

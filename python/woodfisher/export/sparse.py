@@ -176,7 +176,8 @@ def to_sparse(model: nn.Module, masks: Masks = None, *, layout: str = "csr", blo
         layout: ``"csr"`` (every non-zero stored) or ``"bsr"`` (square ``blocksize`` blocks that hold
             a non-zero are stored whole; default 4 x 4; both weight dimensions must be multiples).
         names: modules (or ``"<module>.weight"``) to convert; default every ``nn.Linear`` (and
-            ``nn.Conv2d`` with ``conv=True``) whose weight has at least ``min_sparsity`` zeros.
+            ``nn.Conv2d`` with ``conv=True``) whose weight has at least ``min_sparsity`` zeros
+            (for ``"bsr"``, and whose dimensions the blocks divide: a 10-class head stays dense).
             Linear layers inside ``nn.MultiheadAttention`` stay dense (attention reads them directly).
         min_sparsity: fraction of zeros in [0, 1] below which a layer stays dense when ``names``
             is None (default 0.7: at 50% CSR was slower than dense in every configuration of
@@ -187,12 +188,16 @@ def to_sparse(model: nn.Module, masks: Masks = None, *, layout: str = "csr", blo
         outputs equal to :func:`to_dense` ``(model, masks)`` up to float round-off of the summation order.
     Raises:
         ValueError naming the argument: bad layout/blocksize/masks/names/min_sparsity, a blocksize
-        that does not divide a layer, a dtype other than float32/float64, an unsupported conv.
+        that does not divide a layer named in ``names``, a dtype other than float32/float64, an unsupported conv.
     """
     _check_layout(layout, blocksize)
     out = to_dense(model, masks)
     types = (nn.Linear, nn.Conv2d) if conv else (nn.Linear,)
     layers = select_layers(out, names, types, min_sparsity)
+    if layout == "bsr" and names is None:  # chosen by default: skip the layers the blocks cannot tile
+        size = blocksize or DEFAULT_BLOCKSIZE
+        layers = [(name, module) for name, module in layers
+                  if not (module.weight.shape[0] % size or module.weight[0].numel() % size)]
     swapped = {name: (SparseConv2d if isinstance(module, nn.Conv2d) else SparseLinear).from_dense(
         module, layout, blocksize, name) for name, module in layers}
     for name, module in swapped.items():
