@@ -121,7 +121,8 @@ class PruneConfig:
             host memory when neither fits (:mod:`woodfisher.offload`).
         sampled_fisher: targets drawn from the model's predictive distribution (paper Sec. 6.3).
         seed: seeds the target sampling.
-        progress: tqdm progress bars.
+        progress: one tqdm progress line over the phases, drawn when stderr is a terminal (tqdm's rule;
+            see :mod:`woodfisher.progress`); False: none.
         backend: kernel backend of :mod:`woodfisher_kernels` ("auto" | "cuda" | "triton" | "torch").
         inverse_form: "auto" | "sequential" | "lowrank" | "stream" | "offload" (force a form;
             "offload" keeps gradients and inverses in host memory, streamed through the kernels

@@ -9,6 +9,7 @@ second-order. :func:`magnitude_overlap` measures this for a call, and
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -49,16 +50,31 @@ def magnitude_overlap(weights: Dict[str, torch.Tensor], keep_before: Dict[str, t
     return both / mag_new, mag_new
 
 
-def warn_if_degenerate(overlap: Optional[float], count: int, method: str, config_text: str,
-                       stacklevel: int = 2) -> None:
+def warn_if_degenerate(overlap: Optional[float], count: int, config, stacklevel: int = 2) -> None:
     """A UserWarning when a curvature method's mask overlaps magnitude's by >= :data:`DEGENERATE_OVERLAP`
-    (only when at least :data:`MIN_WARN_COUNT` weights were pruned: on tiny layers equal masks are common)."""
+    (only when at least :data:`MIN_WARN_COUNT` weights were pruned: on tiny layers equal masks are common).
+
+    ``config`` is the call's :class:`woodfisher.PruneConfig`: the warning names only the causes its
+    options can have (a block size or a damp set by hand; at their defaults, which already fit the
+    blocks and the damp to the gradients, only more gradients per step or more steps help).
+    """
     if overlap is None or overlap < DEGENERATE_OVERLAP or count < MIN_WARN_COUNT:
         return
-    warnings.warn(f"method={method!r} pruned {100 * overlap:.1f}% the same weights as magnitude pruning would "
-                  f"({config_text}): the Fisher barely changed the mask (only the weight update is "
-                  "second-order). Usual causes: Fisher blocks much larger than the number of gradients "
-                  "(c >> m makes the diagonal of F^-1 nearly constant; block_size='auto' ties c to m), a damp "
-                  "that dominates the Fisher (damp='auto' is relative to it), or too few gradients; "
-                  "num_steps='auto' recomputes the Fisher on the way to a high sparsity",
+    default = {field.name: field.default for field in dataclasses.fields(config)}
+    causes = []
+    if config.block_size != default["block_size"]:
+        causes.append(f"Fisher blocks much larger than the number of gradients (c >> m makes the diagonal of F^-1 "
+                      f"nearly constant; block_size={default['block_size']!r} ties c to m)")
+    if config.damp != default["damp"]:
+        causes.append(f"a damp that dominates the Fisher (damp={default['damp']!r} is relative to it)")
+    remedy = "more gradients per step (num_grads) or more steps (num_steps, each recomputing the Fisher) help"
+    if causes:
+        why = "Usual causes: " + "; ".join(causes) + "; or too few gradients per step: " + remedy
+    else:
+        why = (f"block_size={default['block_size']!r} and damp={default['damp']!r} (the defaults) already fit the "
+               f"blocks and the damp to the gradients: {remedy}")
+    warnings.warn(f"method={config.method!r} pruned {100 * overlap:.1f}% the same weights as magnitude pruning "
+                  f"would (block_size={config.block_size}, num_grads={config.num_grads}, damp={config.damp}, "
+                  f"num_steps={config.num_steps}): the Fisher barely changed the mask (only the weight update is "
+                  f"second-order). {why}",
                   UserWarning, stacklevel=stacklevel + 1)

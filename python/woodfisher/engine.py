@@ -63,8 +63,7 @@ def _result(model, targets, config, damp, forms, timings, start, extra=None, sta
         overlap, count = magnitude_overlap(start[0], start[1], masks, sparsity,
                                            config.method_impl.fixed_mode or config.mode, config.min_density)
         if config.method_impl.curvature != "none":
-            warn_if_degenerate(overlap, count, config.method, f"block_size={config.block_size}, num_grads="
-                               f"{config.num_grads}, damp={config.damp}, num_steps={config.num_steps}", stacklevel)
+            warn_if_degenerate(overlap, count, config, stacklevel)
     if config.keep_masks:  # last: a failure here is undone by hold_target_masks, then by the snapshot
         hold_target_masks(targets, masks, model)
     empty = collapsed(masks)

@@ -15,12 +15,16 @@ command, :func:`woodfisher.prune_one_shot` around a call when none is active):
   ``enabled`` is False).
 
 Without an active display, :func:`phase` does nothing, so library calls with
-``progress=False`` print nothing.
+``progress=False`` print nothing. ``progress=True`` (the API's default) draws only when
+stderr is a terminal (tqdm's ``disable=None``); ``force=True`` (the CLI's ``--progress``)
+draws anyway, and then ends its line on close so that what follows starts on a fresh one.
+:func:`write_line` prints a message (a CLI note) on a line of its own while a display runs.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 import time
 from typing import Dict, Iterator, List, Optional
 
@@ -29,7 +33,7 @@ try:
 except ImportError:  # pragma: no cover - tqdm is a dependency, this only guards odd installs
     tqdm = None
 
-__all__ = ["Progress", "display", "current", "phase", "progress_bar"]
+__all__ = ["Progress", "display", "current", "phase", "progress_bar", "write_line"]
 
 _OPEN = "{desc} [{elapsed}]"
 _COUNTED = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}]"
@@ -69,20 +73,24 @@ class Progress:
     """One display for the phases of a run, and the seconds spent in each.
 
     Args:
-        enabled: draw the tqdm line (False: only time the phases).
+        enabled: draw the tqdm line when stderr is a terminal (False: only time the phases).
         desc: prefix of the line, e.g. ``"woodfisher prune"``.
+        force: draw it even when stderr is not a terminal (a file, a pipe).
 
     Attributes:
         seconds: {phase name: seconds spent in it, nested phases excluded}, in first-seen order.
     """
 
-    def __init__(self, enabled: bool = True, desc: str = "woodfisher"):
+    def __init__(self, enabled: bool = True, desc: str = "woodfisher", force: bool = False):
         self.desc = desc
         self.seconds: Dict[str, float] = {}
         self.stack: List[list] = []  # [phase, started (perf_counter), seconds of its nested phases]
         self.bar = None
-        if enabled and tqdm is not None:
-            self.bar = tqdm(total=None, desc=desc, leave=False, dynamic_ncols=True, bar_format=_OPEN)
+        self.stream = sys.stderr  # tqdm's default file, read now as tqdm reads it
+        if (enabled or force) and tqdm is not None:
+            bar = tqdm(total=None, desc=desc, leave=False, dynamic_ncols=True, bar_format=_OPEN,
+                       disable=False if force else None)  # None: tqdm's rule, off when stderr is no terminal
+            self.bar = None if bar.disable else bar
 
     def start(self, name: str, total: Optional[int] = None, unit: str = "it") -> _Phase:
         """Begin phase ``name`` (``total`` steps of ``unit`` when known); close the handle to end it."""
@@ -95,11 +103,13 @@ class Progress:
     def _show(self, handle: _Phase) -> None:
         if self.bar is None:
             return
-        self.bar.reset(total=handle.total)
+        # label, unit and format first: reset() redraws, and must not show the new count under the old label
+        self.bar.set_description_str(f"{self.desc}: {handle.name}", refresh=False)
         self.bar.unit = handle.unit
         self.bar.bar_format = _OPEN if handle.total is None else _COUNTED
+        self.bar.total = handle.total
+        self.bar.reset(total=handle.total)
         self.bar.n = handle.done
-        self.bar.set_description_str(f"{self.desc}: {handle.name}", refresh=False)
         self.bar.refresh()
 
     def _end(self, handle: _Phase) -> None:
@@ -121,6 +131,9 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+            if not _isatty(self.stream):  # a forced line in a file: end it, so the next output starts a line
+                self.stream.write("\n")
+                self.stream.flush()
 
     def summary(self) -> str:
         """``"data 1.2 s, gradients 3.4 s, ..."`` (phases in the order they first ran)."""
@@ -133,13 +146,13 @@ def current() -> Optional[Progress]:
 
 
 @contextlib.contextmanager
-def display(enabled: bool = True, desc: str = "woodfisher") -> Iterator[Progress]:
-    """Activate a :class:`Progress` for the block, or keep using the one already active."""
+def display(enabled: bool = True, desc: str = "woodfisher", force: bool = False) -> Iterator[Progress]:
+    """Activate a :class:`Progress` ``(enabled, desc, force)`` for the block, or keep using the one already active."""
     active = _ACTIVE.get()
     if active is not None:
         yield active
         return
-    prog = Progress(enabled, desc)
+    prog = Progress(enabled, desc, force)
     token = _ACTIVE.set(prog)
     try:
         yield prog
@@ -163,7 +176,8 @@ def phase(name: str, total: Optional[int] = None, unit: str = "it") -> Iterator[
 
 
 def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True):
-    """A counted loop: a phase of the active display, else its own tqdm bar when ``enabled``.
+    """A counted loop: a phase of the active display, else its own tqdm bar when ``enabled``
+    (and stderr is a terminal).
 
     Returns a handle with ``update(n)`` and ``close()`` (call ``close`` when the loop ends).
     """
@@ -171,5 +185,25 @@ def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True):
     if active is not None:
         return active.start(desc, total, unit)
     if enabled and tqdm is not None:
-        return tqdm(total=total, desc=desc, unit=unit, leave=False)
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None)
     return _Null()
+
+
+def write_line(text: str) -> None:
+    """Print ``text`` to stderr on a line of its own, above the active display's line if one is drawn."""
+    active = _ACTIVE.get()
+    bar = active.bar if active is not None else None
+    if bar is None:
+        print(text, file=sys.stderr, flush=True)
+    elif _isatty(sys.stderr):
+        tqdm.write(text, file=sys.stderr)  # clears the line, prints, redraws it
+    else:
+        sys.stderr.write("\n" + text + "\n")  # a forced line in a file: the text on a line of its own
+        sys.stderr.flush()
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False

@@ -4,16 +4,20 @@ One module per subcommand (``add_parser(subparsers)`` + ``run(args)``), listed o
 :data:`COMMANDS`; shared helpers in :mod:`._common`. Every subcommand takes
 ``--config file.json`` (keys = option names, see :mod:`._config`); flags given on the
 command line override the file. Errors in the inputs (bad values, missing, empty, corrupt
-or unsafe files, unreadable paths) are printed as one line ``woodfisher: error: ...``
-(exit code 2), never as a traceback.
+or unsafe files, unreadable paths, and argparse's own: see :class:`._common.Parser`) are
+printed as one line ``woodfisher: error: ...`` (exit code 2), never as a traceback or a
+usage block; ``--help`` shows every option's default. The library's warnings are printed as
+one line ``note: ...`` each.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from . import demo, export, pai, prune, report
+from ._common import Parser, one_line
 from ._config import config_defaults, load_config
 
 __all__ = ["build_parser", "parse_args", "main", "COMMANDS"]
@@ -23,7 +27,7 @@ COMMANDS = (demo, prune, report, pai, export)
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser with every subcommand of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(prog="woodfisher", description="WoodFisher (OBS) pruning for PyTorch")
+    parser = Parser(prog="woodfisher", description="WoodFisher (OBS) pruning for PyTorch")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(c.__name__.rsplit(".", 1)[1]
                                                                        for c in COMMANDS) + "}")
     sub.required = True
@@ -47,7 +51,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(prog="woodfisher", add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     command = next((a for a in argv if a in {c.__name__.rsplit(".", 1)[1] for c in COMMANDS}), None)
@@ -63,15 +67,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit code (2 on bad input or an unreadable / unwritable path, with a
-    one-line message)."""
-    try:
-        args = parse_args(argv)
-        return int(args.func(args) or 0)
-    except (ValueError, OSError) as err:  # OSError: FileNotFoundError, PermissionError, IsADirectoryError...
-        print(f"woodfisher: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+    one-line message). Warnings of the library (UserWarning) are printed as one line ``note: ...``."""
+    with warnings.catch_warnings():  # restores warnings.showwarning afterwards
+        warnings.showwarning = _notes(warnings.showwarning)
+        try:
+            args = parse_args(argv)
+            return int(args.func(args) or 0)
+        except (ValueError, OSError) as err:  # OSError: FileNotFoundError, PermissionError, IsADirectoryError...
+            print(f"woodfisher: error: {one_line(err)}", file=sys.stderr)
+            return 2
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text if text else type(err).__name__
+def _notes(show_other):
+    """A ``warnings.showwarning`` that prints a UserWarning as one line ``note: ...`` on a line of its own
+    (no source line) and passes any other category to ``show_other``."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not issubclass(category, UserWarning):
+            show_other(message, category, filename, lineno, file, line)
+            return
+        from ..progress import write_line
+
+        write_line(f"note: {one_line(message)}")
+    return show

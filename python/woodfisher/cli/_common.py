@@ -19,6 +19,37 @@ import torch
 from ..models import MODEL_SPECS
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with each option's default appended, except where the help already says it
+    (``(default: ...)``) or where there is none to show (None, a plain on/off flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or isinstance(
+                action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line ``woodfisher: error: ... (see woodfisher CMD --help)``
+    (exit code 2), like every other bad input of the CLI, instead of the whole usage block; its
+    help lists the defaults (:class:`HelpFormatter`). Subparsers of a ``Parser`` are ``Parser`` too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"woodfisher: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(err) -> str:
+    """The text of an error (or a message) on one line; the exception's type name when it has no text."""
+    text = " ".join(str(err).split())
+    return text if text else type(err).__name__
+
+
 def sparsity_type(text: str) -> float:
     try:
         value = float(text)
@@ -107,7 +138,7 @@ def add_model_args(p: argparse.ArgumentParser, checkpoint_help: str, *required_f
     p.add_argument("--data-dir", help="directory with the dataset files (MNIST idx / CIFAR-10 python batches)")
     p.add_argument("--eval-samples", type=int, default=None,
                    help="evaluate on a fixed random subset of this many test samples (default: all)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--config", help="JSON file of option values (flags override it); it may name --model, "
                    "--data, ... too")
 

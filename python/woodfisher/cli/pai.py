@@ -39,26 +39,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         if action.dest == "checkpoint":
             action.help = ("initial weights to prune (optional: a built-in model is freshly initialised, seeded by "
                            "--seed; your own factory's model is used as it returns it)")
-    p.add_argument("--criterion", default="hutchinson", choices=CRITERIA)
-    p.add_argument("--mode", default="global", choices=["global", "layerwise"])
+    p.add_argument("--criterion", default="hutchinson", choices=CRITERIA,
+                   help="saliency of a weight at initialization: hutchinson / obd_hutchinson / hutchinson_taylor "
+                        "(Hessian diagonal by Hutchinson probes), fisher / fisher_taylor (empirical Fisher diagonal), "
+                        "snip, grasp, synflow, magnitude or random (formulas: woodfisher.pai.criteria)")
+    p.add_argument("--mode", default="global", choices=["global", "layerwise"],
+                   help="global = one ranking across layers, layerwise = the same sparsity in every layer")
     p.add_argument("--num-probes", type=int, default=8, help="Hutchinson probes per scoring batch")
     p.add_argument("--score-samples", type=int, default=512,
                    help="training samples of a built-in dataset used for scoring (a --data factory's loader is "
                         "used whole)")
-    p.add_argument("--score-batch-size", type=int, default=128)
+    p.add_argument("--score-batch-size", type=int, default=128,
+                   help="samples per scoring batch of a built-in dataset")
     p.add_argument("--warmup-batches", type=int, default=10, help="BatchNorm warm-up batches before scoring")
     p.add_argument("--no-warmup", action="store_true", help="skip the BatchNorm warm-up")
     p.add_argument("--min-density", type=float, default=0.0, help="minimum fraction kept per layer")
-    p.add_argument("--synflow-iterations", type=int, default=100)
+    p.add_argument("--synflow-iterations", type=int, default=100,
+                   help="synflow: rounds of scoring and pruning (exponential schedule to --sparsity)")
     p.add_argument("--modules", nargs="+", default=None,
                    help="weights to prune (default: the model's standard set; 'all' = every default target)")
     p.add_argument("--train-epochs", type=float, default=0.0, help="train the pruned model (0 = no training)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (cosine to 0)")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay of the training")
     p.add_argument("--seed", type=int, default=0, help="seed for the initialisation, probes and data order")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="one progress line over every phase")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="one progress line over every phase (default: on when stderr is a terminal; --progress "
+                        "forces it)")
     p.add_argument("--out", default="out/pai", help="output directory (default: out/pai)")
     p.set_defaults(func=run)
     return p
@@ -111,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     if args.train_epochs < 0:
         raise ValueError(f"--train-epochs must be >= 0, got {args.train_epochs}")
     torch.manual_seed(args.seed)
-    with display(args.progress, "woodfisher pai") as shown:
+    progress = args.progress is not False  # None: when stderr is a terminal
+    with display(progress, "woodfisher pai", force=args.progress is True) as shown:
         with phase("data"):
             spec, model = _initial_model(args)
             data = dataset_name(args, spec)
@@ -126,14 +134,14 @@ def run(args: argparse.Namespace) -> int:
                                warmup_batches=0 if args.no_warmup else args.warmup_batches,
                                min_density=args.min_density, synflow_iterations=args.synflow_iterations,
                                input_shape=spec.input_shape if spec is not None else None, seed=args.seed,
-                               progress=args.progress, **functions)
+                               progress=progress, **functions)
         seconds = time.perf_counter() - t0
         at_init, after, train_stats = _evaluate(measure, model), None, None
         if args.train_epochs > 0:
             attach_masks(model, result.masks)
             loader = _loader(args, data, None, args.batch_size)
             train_stats = train(model, loader, epochs=args.train_epochs, lr=args.lr, weight_decay=args.weight_decay,
-                                progress=args.progress, **functions)
+                                progress=progress, **functions)
             make_permanent(model)
             after = _evaluate(measure, model)
         with phase("writing"):

@@ -22,6 +22,7 @@ import argparse
 import time
 from typing import Optional
 
+from ..config import AUTO_BLOCK_PER_GRAD
 from ..methods import METHODS
 from ._common import (
     add_model_args,
@@ -55,7 +56,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--mode", default="global", choices=["global", "layerwise"],
                    help="global = joint ranking across layers, layerwise = independent")
     p.add_argument("--block-size", type=block_size_type, default="auto",
-                   help="Fisher block (chunk) size, 'auto' (default: the gradients of a step) or 'layer'")
+                   help=f"Fisher block (chunk) size c: a number, 'layer' (whole layers) or 'auto' (default: c = "
+                        f"{AUTO_BLOCK_PER_GRAD} x the gradients of a step)")
     p.add_argument("--num-grads", type=int, default=512,
                    help="number of gradients m (fisher subsample size), over all steps")
     p.add_argument("--fisher-batch-size", type=int, default=1, help="samples averaged per gradient")
@@ -64,7 +66,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-steps", type=steps_type, default="auto",
                    help="pruning steps with Fisher recomputation, or 'auto' (default: more steps for higher sparsity)")
     p.add_argument("--step-schedule", default="geometric", choices=["geometric", "linear"],
-                   help="sparsities of the steps: geometric (default) or linear")
+                   help="sparsities of the steps: geometric or linear")
     p.add_argument("--obs-update", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the OBS weight update (--no-obs-update: only zero the pruned weights)")
     p.add_argument("--woodtaylor", action="store_true", help="use the WoodTaylor statistic (first-order term)")
@@ -80,9 +82,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--inverse-form", default="auto", choices=["auto", "sequential", "lowrank", "stream", "offload"],
                    help="force a form of the block inverses")
     p.add_argument("--min-density", type=float, default=0.0, help="minimum fraction kept per layer")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="one progress line over every phase: data, gradients, inverses, selection, update, "
-                        "evaluation, writing")
+                        "evaluation, writing (default: on when stderr is a terminal; --progress forces it)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the data order for the Fisher gradients (and label sampling)")
     p.add_argument("--out", default="out/prune", help="output directory (default: out/prune)")
@@ -126,12 +128,13 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
     for name in ("num_grads", "fisher_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    with display(args.progress and rank == 0, "woodfisher prune") as shown:
+    shown_here = rank == 0 and args.progress is not False  # None: when stderr is a terminal
+    with display(shown_here, "woodfisher prune", force=shown_here and args.progress is True) as shown:
         with phase("data"):
             spec, model = load_model(args)
             data = dataset_name(args, spec)
             options = {f: getattr(args, f) for f in CONFIG_FIELDS}
-            options["progress"] = options["progress"] and rank == 0  # one progress line under torchrun
+            options["progress"] = shown_here  # one progress line under torchrun
             if options["modules"] is None and spec is not None and spec.prunable:
                 options["modules"] = list(spec.prunable)
             # every option checked before any data is read

@@ -13,7 +13,10 @@ Formats (``--format``):
 
 Every format is checked before it is written: its outputs on a random batch of 2 are
 compared with the dense pruned model's (ONNX through onnxruntime when it is installed).
-Bad input raises ValueError with a one-line message and writes nothing.
+csr / bsr / 2:4 print the layers they converted; a conversion that converts no layer is
+refused (nothing sparse enough, or only convolutions, which need ``--conv``). Bad input
+(including an ``--out`` whose folder does not exist) raises ValueError with a one-line
+message and writes nothing.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
+from ..models import MODEL_SPECS
+
 FORMATS = ("dense", "csr", "bsr", "2:4", "onnx")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -32,7 +37,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of ``woodfisher export`` to ``parser`` (and ``func=run_export``)."""
     parser.add_argument("--model", required=True,
-                        help="architecture: a name of woodfisher.models.MODEL_SPECS or 'package.module:factory'")
+                        help=f"architecture: a built-in one ({', '.join(sorted(MODEL_SPECS))}) or the import path "
+                             "'package.module:factory' of a function that returns the nn.Module")
     parser.add_argument("--checkpoint", required=True,
                         help="pruned state dict (pruned.pt, exact zeros), or dense weights used with --masks")
     parser.add_argument("--masks", default=None,
@@ -45,11 +51,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="layers to convert (default: csr/bsr every Linear with >= --min-sparsity zeros, "
                              "2:4 every Linear holding zeros)")
     parser.add_argument("--min-sparsity", type=float, default=0.7,
-                        help="csr/bsr: layers with a smaller fraction of zeros stay dense (default 0.7)")
+                        help="csr/bsr: layers with a smaller fraction of zeros stay dense")
     parser.add_argument("--conv", action="store_true", help="csr/bsr: also convert Conv2d (im2col; slower on CPU)")
     parser.add_argument("--blocksize", type=int, default=None, help="bsr: square block size (default 4)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="2:4: weight dtype on the GPU")
-    parser.add_argument("--device", default="cuda", help="2:4: the GPU to convert on (default cuda)")
+    parser.add_argument("--device", default="cuda", help="2:4: the GPU to convert on")
     parser.add_argument("--input-shape", type=int, nargs="+", default=None,
                         help="one sample's shape, e.g. 3 32 32 (default: the named model's)")
     parser.add_argument("--trust-pickle", action="store_true",
@@ -59,8 +65,6 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def _factory(spec: str) -> Tuple[Callable[[], nn.Module], Optional[Tuple[int, ...]]]:
-    from ..models import MODEL_SPECS
-
     if spec in MODEL_SPECS:
         return MODEL_SPECS[spec].factory, MODEL_SPECS[spec].input_shape
     module_name, _, attr = spec.partition(":")
@@ -123,7 +127,13 @@ def run_export(args: argparse.Namespace) -> int:
             half = to_dense(dense).to(device=device, dtype=dtype)
             diff = _max_diff(gpu(sample.to(device, dtype)), half(sample.to(device, dtype))) if shape else None
             exported = to_dense(dense).to(dtype)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    converted = _converted(exported if args.format != "2:4" else gpu, dense, args) if args.format in (
+        "csr", "bsr", "2:4") else None
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):  # as to_onnx: the folder is not created
+        raise ValueError(f"--out {args.out!r}: folder {folder!r} does not exist")
+    if converted:
+        print(converted)
     if args.format == "onnx":
         to_onnx(dense, sample, args.out)
         diff = _onnx_diff(args.out, sample, ref)
@@ -134,6 +144,31 @@ def run_export(args: argparse.Namespace) -> int:
     note = "not checked" if diff is None else f"max |output - dense output| = {diff:.3g} on a random batch of 2"
     print(f"wrote {args.out} (format {args.format}; {note})")
     return 0
+
+
+def _converted(exported: nn.Module, dense: nn.Module, args: argparse.Namespace) -> str:
+    """``"converted to csr: fc1 (91.2% zeros), ..."``; ValueError saying why when no layer was converted."""
+    from ._common import sparsity
+    from .sparse import SparseConv2d, SparseLinear
+
+    semi = getattr(torch.sparse, "SparseSemiStructuredTensor", ())
+    modules = dict(dense.named_modules())
+    names = [name for name, module in exported.named_modules() if isinstance(module, (SparseLinear, SparseConv2d))
+             or isinstance(getattr(module, "weight", None), semi)]
+    if names:
+        return f"converted to {args.format}: " + ", ".join(
+            f"{name} ({100 * sparsity(modules[name].weight):.1f}% zeros)" for name in names)
+    linears = [(sparsity(m.weight), name) for name, m in modules.items() if isinstance(m, nn.Linear)]
+    convs = [(sparsity(m.weight), name) for name, m in modules.items() if isinstance(m, nn.Conv2d)]
+    kinds = linears + (convs if args.conv else [])
+    why = [f"no {'Linear or Conv2d' if args.conv else 'Linear'} layer has >= {args.min_sparsity:g} zeros "
+           f"(--min-sparsity; the sparsest: {max(kinds)[1]}, {100 * max(kinds)[0]:.1f}%)" if kinds else
+           f"the model has no {'Linear or Conv2d' if args.conv else 'Linear'} layer"]
+    sparse_convs = [name for value, name in convs if value >= args.min_sparsity]
+    if convs and not args.conv:
+        why.append(f"its {len(convs)} Conv2d layers ({len(sparse_convs)} sparse enough) are converted only with "
+                   "--conv (im2col; slower than dense on CPU)")
+    raise ValueError(f"--format {args.format} converted no layer, nothing written: " + "; ".join(why))
 
 
 def _onnx_diff(path: str, sample: torch.Tensor, ref: torch.Tensor) -> Optional[float]:

@@ -1,0 +1,233 @@
+"""What the command line prints: one-line argparse errors, --help with defaults, the progress line
+(off when stderr is no terminal, labels that name what is counted), export's converted layers and
+library warnings as ``note:`` lines."""
+import argparse
+import io
+import re
+import sys
+import warnings
+
+import pytest
+import torch
+
+import woodfisher as wf
+from woodfisher import diagnostics
+from woodfisher.checkpoint import save_state_dict
+from woodfisher.cli import build_parser, main, parse_args
+from woodfisher.config import AUTO_BLOCK_PER_GRAD
+from woodfisher.data import load_digits
+from woodfisher.demo import train_digits_mlp
+from woodfisher.models import MODEL_SPECS
+from woodfisher.progress import Progress, display, phase, write_line
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory):
+    model = train_digits_mlp(load_digits("train"), epochs=2, seed=0)
+    return str(save_state_dict(model, tmp_path_factory.mktemp("ckpt") / "digits.pt"))
+
+
+def _subparsers():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+# ---- 1. argparse errors --------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,command,match", [
+    (["prune", "--model", "digits_mlp", "--checkpoint", "x.pt", "--sparsity", "1.5"], "prune", "[0, 1)"),
+    (["prune", "--model", "resnet21"], "prune", "invalid choice: 'resnet21'"),
+    (["prune", "--model", "digits_mlp", "--sparsity", "0.5", "--damp", "-3"], "prune", "damp must be > 0"),
+    (["pai", "--sparsity", "1.5"], "pai", "[0, 1)"),
+    (["export", "--model", "digits_mlp", "--format", "zip"], "export", "invalid choice: 'zip'"),
+    (["prunee"], "", "invalid choice: 'prunee'"),
+    ([], "", "required"),
+])
+def test_argparse_errors_are_one_line_with_a_help_hint(argv, command, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("woodfisher: error: ") and "usage:" not in err
+    assert match in err and err.rstrip().endswith(f"(see {' '.join(['woodfisher', command]).strip()} --help)")
+
+
+# ---- 2. --help -------------------------------------------------------------------------
+
+def test_every_option_has_help_and_the_defaults_are_shown():
+    _, commands = _subparsers()
+    for name, sub in commands.items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            text = formatter._expand_help(action)
+            assert action.help, f"{name} {action.option_strings[0]} has no help"
+            if action.default not in (None, False):
+                assert "(default" in text, f"{name} {action.option_strings[0]}: {text!r}"
+            if action.default not in (None, False) and "(default:" not in action.help:
+                assert f"(default: {action.default})" in text  # the parser's own default, not retyped
+    prune = commands["prune"]
+    help_of = {a.dest: prune._get_formatter()._expand_help(a) for a in prune._actions}
+    assert f"{AUTO_BLOCK_PER_GRAD} x the gradients of a step" in help_of["block_size"]
+    assert "(default: 512)" in help_of["num_grads"]
+    export_model = next(a for a in commands["export"]._actions if a.dest == "model")
+    assert all(model in export_model.help for model in MODEL_SPECS)
+    pai_help = {a.dest: a.help for a in commands["pai"]._actions}
+    assert all(pai_help[dest] for dest in ("criterion", "mode", "score_batch_size", "synflow_iterations",
+                                           "weight_decay"))
+
+
+# ---- 3. progress -------------------------------------------------------------------------
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_follows_the_terminal_unless_forced(monkeypatch, capsys):
+    with display(True, "test") as shown, phase("work", total=2, unit="step") as bar:
+        bar.update(2)
+    assert shown.bar is None and capsys.readouterr().err == ""     # stderr is no terminal: nothing drawn
+    with display(True, "test", force=True), phase("work", total=2, unit="step") as bar:
+        bar.update(2)
+    err = capsys.readouterr().err
+    assert re.search(r"test: work: \d/2 step", err) and err.endswith("\n")  # forced: drawn, its line ended
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with display(True, "test") as shown, phase("work", total=2, unit="step") as bar:
+        bar.update(2)
+        assert shown.bar is not None
+    assert re.search(r"test: work: \d/2 step", terminal.getvalue())
+
+
+def test_write_line_starts_on_a_fresh_line_while_a_forced_line_is_drawn(capsys):
+    with display(True, "test", force=True):
+        with phase("work"):
+            write_line("note: hello")
+    err = capsys.readouterr().err
+    assert "\nnote: hello\n" in err
+
+
+def _counted(err):
+    """{(label, total, unit)} of every drawn 'label: n/total unit' fragment of a progress line."""
+    return {(m.group(1), int(m.group(3)), m.group(4))
+            for m in re.finditer(r"(?:^|: )([A-Za-z][\w ]*): (\d+)/(\d+) (\w+) \[", err.replace("\r", "\n"),
+                                 flags=re.M)}
+
+
+def test_phase_labels_name_what_they_count(capsys):
+    prog = Progress(desc="run", force=True)
+    first = prog.start("Fisher gradients", 5, "grad")
+    first.update(5)
+    first.close()
+    second = prog.start("inverses", 2, "weight")
+    second.update(1)
+    second.close()
+    prog.close()
+    assert _counted(capsys.readouterr().err) == {("Fisher gradients", 5, "grad"), ("inverses", 2, "weight")}
+
+
+def test_cli_progress_default_off_forced_labels_right_and_errors_on_a_fresh_line(digits_ckpt, tmp_path, capsys):
+    base = ["prune", "--model", "digits_mlp", "--checkpoint", digits_ckpt, "--sparsity", "0.8",
+            "--num-grads", "32", "--num-steps", "1"]
+    assert parse_args(base).progress is None
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert "\r" not in capsys.readouterr().err                     # stderr captured, not a terminal: no line
+    assert main([*base, "--out", str(tmp_path / "b"), "--progress"]) == 0
+    err = capsys.readouterr().err
+    weights = len(torch.load(tmp_path / "b" / "masks.pt", weights_only=True))
+    assert _counted(err) == {("Fisher gradients", 32, "grad"), ("inverses", weights, "weight")}
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main([*base, "--out", str(blocker / "sub"), "--progress"]) == 2  # fails after the line was drawn
+    err = capsys.readouterr().err
+    assert "\r" in err and err.split("\n")[-2].startswith("woodfisher: error: ")
+
+
+# ---- 4. export ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def conv_pruned(tmp_path_factory):
+    """ResNet-20 with every convolution 80% zeros and its only Linear (fc) dense."""
+    torch.manual_seed(0)
+    model = MODEL_SPECS["resnet20"].factory()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                weight = module.weight
+                weight[weight.abs() <= weight.abs().flatten().kthvalue(int(0.8 * weight.numel())).values] = 0
+    convs = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    return str(save_state_dict(model, tmp_path_factory.mktemp("r20") / "pruned.pt")), convs
+
+
+def test_export_refuses_a_conversion_that_converts_nothing(conv_pruned, tmp_path, capsys):
+    path, convs = conv_pruned
+    out = tmp_path / "x.pt"
+    argv = ["export", "--model", "resnet20", "--checkpoint", path, "--format", "csr", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("woodfisher: error: --format csr converted no layer")
+    assert "'fc'" not in err and "fc, 0.0%" in err and "--conv" in err and f"{len(convs)} Conv2d" in err
+    assert not out.exists()
+    assert main([*argv, "--min-sparsity", "0.5", "--conv"]) == 0
+    printed = capsys.readouterr().out
+    listed = re.findall(r"(\S+) \((\d+\.\d)% zeros\)", printed.split("converted to csr: ")[1].splitlines()[0])
+    assert [name for name, _ in listed] == convs and all(float(pct) >= 79.0 for _, pct in listed)
+    assert out.is_file()
+
+
+def test_export_names_the_converted_layers(digits_ckpt, tmp_path, capsys):
+    assert main(["export", "--model", "digits_mlp", "--checkpoint", digits_ckpt, "--format", "csr",
+                 "--min-sparsity", "0", "--out", str(tmp_path / "x.pt")]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("converted to csr: ")][0]
+    state = torch.load(digits_ckpt, weights_only=True)
+    expected = [key[: -len(".weight")] for key in state if key.endswith(".weight")]
+    assert [name for name, _ in re.findall(r"(\S+) \((\d+\.\d)% zeros\)", line)] == expected
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_export_refuses_an_out_folder_that_does_not_exist(digits_ckpt, tmp_path, capsys, fmt):
+    out = tmp_path / "missing" / "x.pt"
+    assert main(["export", "--model", "digits_mlp", "--checkpoint", digits_ckpt, "--format", fmt,
+                 "--min-sparsity", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err and str(tmp_path / "missing") in err
+    assert not (tmp_path / "missing").exists()
+
+
+# ---- 5. the degenerate-mask warning ----------------------------------------------------------
+
+def _warning(config):
+    with pytest.warns(UserWarning) as record:
+        diagnostics.warn_if_degenerate(1.0, diagnostics.MIN_WARN_COUNT, config)
+    return str(record[0].message)
+
+
+def test_degenerate_warning_names_only_the_causes_that_apply():
+    defaults = _warning(wf.PruneConfig(sparsity=0.9))
+    assert "ties c to m" not in defaults and "relative to it" not in defaults and "Usual causes" not in defaults
+    assert "(the defaults)" in defaults and "num_grads" in defaults and "num_steps" in defaults
+    by_hand = _warning(wf.PruneConfig(sparsity=0.9, block_size=None, damp=1e-5))
+    assert "Usual causes" in by_hand and "ties c to m" in by_hand and "relative to it" in by_hand
+    block_only = _warning(wf.PruneConfig(sparsity=0.9, block_size=None))
+    assert "ties c to m" in block_only and "relative to it" not in block_only
+
+
+def test_cli_prints_library_warnings_as_note_lines(digits_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(diagnostics, "DEGENERATE_OVERLAP", 0.0)   # every mask counts as degenerate
+    monkeypatch.setattr(diagnostics, "MIN_WARN_COUNT", 0)
+    assert main(["prune", "--model", "digits_mlp", "--checkpoint", digits_ckpt, "--sparsity", "0.8",
+                 "--num-grads", "32", "--num-steps", "1", "--out", str(tmp_path / "o")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    notes = [line for line in lines if line.startswith("note: method='woodfisher' pruned")]
+    assert len(notes) == 1 and "(the defaults)" in notes[0]
+    assert not any("UserWarning" in line or "warnings.warn" in line for line in lines)
+    with warnings.catch_warnings(record=True) as record:             # the library still warns
+        warnings.simplefilter("always")
+        model = train_digits_mlp(load_digits("train"), epochs=1, seed=0)
+        wf.prune_one_shot(model, [(torch.randn(8, 64), torch.randint(0, 10, (8,)))] * 4, sparsity=0.8,
+                          num_grads=32, num_steps=1, progress=False)
+    assert any(issubclass(w.category, UserWarning) and "same weights as magnitude" in str(w.message)
+               for w in record)
