@@ -387,37 +387,39 @@ class GradientCollector:
         The blocked form is :meth:`woodfisher.targets.BlockLayout.grad_blocks` of the flat
         one (canonical order, zero padded), written chunk by chunk into one buffer.
         """
-        out: Dict[str, torch.Tensor] = {}
-        by_name = {t.name: t for t in self.targets}
-        pieces = self._pieces()
-        if self.num_grads is None:  # length unknown until the loader ends: concatenate
-            flat = {}
-            for piece in pieces:
-                for n, g in piece.items():
-                    flat.setdefault(n, []).append(g)
-            flat = {n: torch.cat(v) for n, v in flat.items()}
+        by_name = {target.name: target for target in self.targets}
+
+        def finished(flat: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            """{name: (m, numel)} in the requested form."""
             if not blocked:
                 return flat
-            return {n: wk.to_blocks(by_name[n].canonical(g, batch_dims=1), by_name[n].block_size).transpose(0, 1)
-                    .contiguous() for n, g in flat.items()}
+            return {name: wk.to_blocks(by_name[name].canonical(g, batch_dims=1), by_name[name].block_size)
+                    .transpose(0, 1).contiguous() for name, g in flat.items()}
+
+        pieces = self._pieces()
+        if self.num_grads is None:  # length unknown until the loader ends: concatenate
+            parts: Dict[str, List[torch.Tensor]] = {}
+            for piece in pieces:
+                for name, g in piece.items():
+                    parts.setdefault(name, []).append(g)
+            return finished({name: torch.cat(gs) for name, gs in parts.items()})
         first = next(pieces, None)
         if first is not None and self.count == self.num_grads:  # one chunk: no buffer, no copy for B = 1
             for _ in pieces:  # finishes the pass (statistics, warnings)
                 pass
-            if not blocked:
-                return first
-            return {n: wk.to_blocks(by_name[n].canonical(g, batch_dims=1), by_name[n].block_size).transpose(0, 1)
-                    .contiguous() for n, g in first.items()}
+            return finished(first)
+        out: Dict[str, torch.Tensor] = {}
         for piece in itertools.chain([first] if first is not None else [], pieces):
             start, stop = self.count - next(iter(piece.values())).shape[0], self.count
-            for n, g in piece.items():
-                t = by_name[n]
-                if n not in out:
-                    shape = (t.num_blocks, self.num_grads, t.block_size) if blocked else (self.num_grads, t.numel)
-                    out[n] = g.new_empty(shape)  # every entry is written (the blocks' padding as zeros)
+            for name, g in piece.items():
+                target = by_name[name]
+                if name not in out:
+                    shape = (target.num_blocks, self.num_grads, target.block_size) if blocked else \
+                        (self.num_grads, target.numel)
+                    out[name] = g.new_empty(shape)  # every entry is written (the blocks' padding as zeros)
                 if blocked:  # (G, B, c) view of the canonical gradients, written transposed
-                    blocks = wk.to_blocks(t.canonical(g, batch_dims=1), t.block_size)
-                    out[n][:, start:stop].copy_(blocks.transpose(0, 1))
+                    blocks = wk.to_blocks(target.canonical(g, batch_dims=1), target.block_size)
+                    out[name][:, start:stop].copy_(blocks.transpose(0, 1))
                 else:
-                    out[n][start:stop].copy_(g)
+                    out[name][start:stop].copy_(g)
         return out
