@@ -1,0 +1,33 @@
+"""The README's Quick start snippets run as written on a small model (README stays true)."""
+from __future__ import annotations
+
+import pathlib
+import re
+
+import torch
+from torch import nn
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _quick_start_blocks():
+    text = README.read_text()
+    section = text[text.index("## Quick start"):text.index("## Pruning your own model")]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_quick_start_snippets_run():
+    blocks = _quick_start_blocks()
+    assert len(blocks) >= 4
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(1024, 20, generator=g), torch.randint(0, 4, (1024,), generator=g)
+    loader = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 1024, 64)]  # enough for the snippets' num_grads
+    namespace = {"model": model, "train_loader": loader, "loader": loader}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the README's own code
+    res = namespace["res"]
+    assert 0.79 <= res.sparsity <= 0.81
+    assert all(float((p == 0).float().mean()) > 0.5 for n, p in model.named_parameters() if n.endswith("weight")
+               and p.dim() == 2)
