@@ -32,7 +32,7 @@ WARN_LEVEL = 1e-3
 
 def layer_inverse(name: str, grads: torch.Tensor, damp: float, count: int, form: str,
                   memory_budget: Optional[int], backend: str) -> Tuple[object, Optional[float]]:
-    """(inverse of the layer's blocks, largest kappa of its blocks; None for float64 gradients).
+    """(inverse of the layer's blocks, largest kappa of its blocks; None for float64 gradients or the low-rank form).
 
     Args:
         name: the weight's name (for messages). grads: (B, m, c) gradient blocks.
@@ -44,8 +44,8 @@ def layer_inverse(name: str, grads: torch.Tensor, damp: float, count: int, form:
         inv = wk.blockwise_inverse(grads, damp, count, form=form, memory_budget=memory_budget, backend=backend)
     except ValueError as err:
         raise ValueError(f"layer {name!r}, damp={damp:.3g}: {err}") from err
-    if grads.dtype != torch.float32 or not grads.numel():
-        return inv, None
+    if grads.dtype != torch.float32 or not grads.numel() or isinstance(inv, wk.LowRankInverse):
+        return inv, None  # only dense float32 blocks are ever warned about: no power iteration for the others
     return inv, float(wk.condition_estimate(grads, damp, count).max())
 
 

@@ -69,7 +69,7 @@ class Curvature:
             None when streamed.
         timings: seconds spent on gradients and inverses.
         kappa: {weight name: largest ``kappa = lambda_max(G^T G / N) / damp`` of its blocks}
-            for kept float32 blockwise gradients (:mod:`woodfisher.conditioning`); empty otherwise.
+            for kept float32 gradients inverted in the dense form (:mod:`woodfisher.conditioning`).
         shard: None, or (estimated across the ranks of a process group) the blocks this rank
             holds: ``inverses`` and ``loss_grad`` then cover only those blocks
             (:mod:`woodfisher.distributed`).
