@@ -2,12 +2,14 @@
 
 The CUDA extension ``woodfisher_kernels._C`` is built only where torch has CUDA and
 nvcc is found (compile for sm_90; override with TORCH_CUDA_ARCH_LIST). Elsewhere the
-package is pure Python and falls back to Triton / torch.
+package falls back to Triton / torch on GPUs. The CPU kernel ``woodfisher_kernels._cpu_kernels``
+(plain C) is built wherever a C compiler is found (WOODFISHER_NO_CPU_KERNELS=1 skips it);
+without it the CPU runs the torch fallback.
 """
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 
 def cuda_extensions():
@@ -35,7 +37,19 @@ def cuda_extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def cpu_extensions():
+    """The fused CPU Woodbury kernel (csrc/cpu, plain C, loaded with ctypes by
+    woodfisher_kernels/_cpu.py). Optional: without a C compiler the package installs
+    without it and the CPU uses the torch fallback."""
+    if os.environ.get("WOODFISHER_NO_CPU_KERNELS", "0") == "1":
+        return []
+    return [Extension("woodfisher_kernels._cpu_kernels", sources=["csrc/cpu/woodbury_cpu.c"],
+                      depends=["csrc/cpu/woodbury_cpu_kernel.h"], extra_compile_args=["-O3", "-Wno-psabi"],
+                      libraries=["m"], optional=True)]
+
+
 ext_modules, cmdclass = cuda_extensions()
+ext_modules = cpu_extensions() + ext_modules
 
 setup(
     name="woodfisher_kernels",

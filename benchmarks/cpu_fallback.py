@@ -1,11 +1,16 @@
 """CPU fallback speed (issue 10), side by side with the machine's sgemm peak of the same run.
 
 Part 1, blockwise build: ``fisher_inverse(backend="torch")`` against the previous torch
-fallback (:mod:`benchmarks.previous`) for c in {64, 128, 256}, m = c, 2^27 bytes of
-inverses (8192 / 2048 / 512 blocks). Every repeat times a 2048^3 sgemm right before the
-call, so each "% of peak" is a ratio of two measurements seconds apart, both in CPU time
-of this process (a shared host's other jobs do not count); medians over the repeats.
-Flop rate = nominal 4 m c^2 flops per block over the CPU time. Accuracy: 4 blocks against
+fallback (:mod:`benchmarks.previous`) for c in {64, 128, 256}, m = c, at two sizes:
+2^27 bytes of inverses (8192 / 2048 / 512 blocks: the build streams its gradients in and
+its inverses out of main memory) and 2 MiB (the L2 cache of one core: the kernel's own
+speed). Every repeat times a 2048^3 sgemm right before the call, so each "% of peak" is a
+ratio of two measurements seconds apart, both in CPU time of this process (a shared host's
+other jobs do not count); medians over the repeats. Flop rate = nominal 4 m c^2 flops per
+block over the CPU time. Every repeat also times a copy of the bytes the build must move
+(read the m x c gradients, write the c x c inverse of every block once): that memory
+floor bounds any build of that size, and "ceiling" = the % of peak a build running at the
+floor would reach (the roofline: min(1, flops / floor / peak)). Accuracy: 4 blocks against
 the float64 SVD reference.
 
 Part 2, ResNet-20 low-rank inverse: the 18 residual 3x3 convs of the CIFAR-10 ResNet-20
@@ -36,6 +41,7 @@ from benchmarks import previous
 from woodfisher_kernels import testing
 
 SPARSITIES = (0.5, 0.7, 0.8)
+CPU_KERNEL = "C kernel (backend cpu)"
 
 
 def _timed(fn) -> Tuple[float, float]:
@@ -45,29 +51,40 @@ def _timed(fn) -> Tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def _side_by_side(calls: Dict[str, Callable], flops: float, repeats: int, peak_n: int) -> Dict[str, Dict]:
+def _side_by_side(calls: Dict[str, Callable], flops: float, repeats: int, peak_n: int,
+                  moved_bytes: int = 0) -> Dict[str, Dict]:
     """Per method: median wall and CPU seconds, GFLOP/s, and % of the sgemm peak timed just before each call.
 
     Methods are interleaved within every repeat (sgemm, method 1, sgemm, method 2, ...), and
     the percentage compares CPU seconds (``time.process_time``) of the call and of the sgemm:
     on a shared host the wall clock also counts the time other jobs hold the cores. The
     speed-up of method 1 over method k is the median over repeats of their CPU-time ratio.
+    With ``moved_bytes`` > 0 every call is also preceded by a copy of ``moved_bytes / 2``
+    bytes (``moved_bytes`` moved): the memory floor of the call, and its roofline ceiling
+    ``min(1, flops / floor / peak)`` as a % of the same repeat's peak.
     """
     a = torch.randn(peak_n, peak_n)
     peak_flops = 2.0 * peak_n ** 3
+    src = torch.empty(max(1, moved_bytes // 8)).normal_()
+    dst = torch.empty_like(src)
 
     def sgemm():
         torch.mm(a, a)
-    for fn in list(calls.values()) + [sgemm]:
+
+    def copy():
+        dst.copy_(src)
+    for fn in list(calls.values()) + [sgemm, copy]:
         fn()                                                     # warm-up
-    log = {name: {"wall": [], "cpu": [], "peak": []} for name in calls}
+    log = {name: {"wall": [], "cpu": [], "peak": [], "floor": []} for name in calls}
     for _ in range(repeats):
         for name, fn in calls.items():
             peak_cpu = _timed(sgemm)[1]
+            floor_cpu = _timed(copy)[1] if moved_bytes else 0.0
             wall, cpu = _timed(fn)
             log[name]["wall"].append(wall)
             log[name]["cpu"].append(cpu)
             log[name]["peak"].append(peak_flops / peak_cpu)
+            log[name]["floor"].append(floor_cpu)
     first = log[next(iter(calls))]["cpu"]
     out = {}
     for name, rec in log.items():
@@ -78,25 +95,42 @@ def _side_by_side(calls: Dict[str, Callable], flops: float, repeats: int, peak_n
                      "pct_of_peak": 100 * statistics.median(ratios),
                      "peak_gflops_median": statistics.median(rec["peak"]) / 1e9,
                      "speedup_of_first": statistics.median(c / f for c, f in zip(rec["cpu"], first))}
+        if moved_bytes:
+            ceilings = [min(1.0, flops / max(fl, 1e-9) / peak) for fl, peak in zip(rec["floor"], rec["peak"])]
+            out[name].update({"memory_floor_cpu_s": statistics.median(rec["floor"]),
+                              "memory_gb_per_s": moved_bytes / max(statistics.median(rec["floor"]), 1e-9) / 1e9,
+                              "ceiling_pct_of_peak": 100 * statistics.median(ceilings),
+                              "pct_of_ceiling": 100 * statistics.median(r / c for r, c in zip(ratios, ceilings))})
+    return out
+
+
+def _build_methods(damp: float, num_samples: float) -> Dict[str, Callable]:
+    """{name: grads -> inverses}: the C kernel (when built), the torch fallback, the previous fallback."""
+    out = {}
+    if "cpu" in wk.available_backends("fisher_inverse"):
+        out[CPU_KERNEL] = lambda g: wk.fisher_inverse(g, damp, backend="cpu")
+    out["torch fallback"] = lambda g: wk.fisher_inverse(g, damp, backend="torch")
+    out["previous"] = lambda g: previous.fisher_inverse(g, damp, num_samples)
     return out
 
 
 def run_build(sizes: List[int], inverse_bytes: int, repeats: int, peak_n: int, damp: float = 1e-3) -> List[Dict]:
+    """One row per c: both methods at m = c with ``inverse_bytes`` of float32 inverses."""
     rows = []
     for c in sizes:
         blocks = max(1, inverse_bytes // (4 * c * c))
         grads = torch.randn(blocks, c, c, generator=torch.Generator().manual_seed(c))
         flops = 4.0 * c * c * c * blocks
-        res = _side_by_side({"torch fallback": lambda: wk.fisher_inverse(grads, damp, backend="torch"),
-                             "previous": lambda: previous.fisher_inverse(grads, damp, float(c))},
-                            flops, repeats, peak_n)
+        methods = {name: fn for name, fn in _build_methods(damp, float(c)).items()}
+        res = _side_by_side({name: (lambda fn=fn: fn(grads)) for name, fn in methods.items()},
+                            flops, repeats, peak_n, moved_bytes=2 * 4 * c * c * blocks)
         idx = torch.arange(min(4, blocks))
         ref = testing.svd_inverse(grads[idx], damp)
-        for name, fn in (("torch fallback", lambda g: wk.fisher_inverse(g, damp, backend="torch")),
-                         ("previous", lambda g: previous.fisher_inverse(g, damp, float(c)))):
+        for name, fn in methods.items():
             res[name]["rel_err_vs_float64"] = float(testing.spectral_error(fn(grads[idx]), ref.inverse).max())
             res[name]["bound"] = float(wk.error_bound(ref.kappa.max()))
-        rows.append({"c": c, "m": c, "blocks": blocks, "nominal_gflop": flops / 1e9, "methods": res,
+        rows.append({"c": c, "m": c, "blocks": blocks, "inverse_bytes": 4 * c * c * blocks,
+                     "nominal_gflop": flops / 1e9, "methods": res,
                      "speedup": res["previous"]["speedup_of_first"]})
         print(f"[build] c={c} B={blocks}: " + ", ".join(
             f"{k} {v['gflops']:.1f} GFLOP/s ({v['pct_of_peak']:.0f}% of peak)" for k, v in res.items()), flush=True)
@@ -149,22 +183,57 @@ def run_lowrank(grads: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor]
             "mask_entries_differing": masks}
 
 
+def _goal_lines(result: Dict, goal: float = 40.0) -> List[str]:
+    """One line per c: the fastest build's % of peak against the 40% goal, in memory and in L2."""
+    out = []
+    for row in result.get("build", []):
+        best = next(iter(row["methods"]))                # the C kernel when built, else the torch fallback
+        r = row["methods"][best]
+        line = (f"- c = {row['c']}, {best}: {r['pct_of_peak']:.0f}% of peak in main memory "
+                f"({'meets' if r['pct_of_peak'] >= goal else 'misses'} the {goal:.0f}% goal")
+        if "ceiling_pct_of_peak" in r:
+            line += f"; the memory floor caps that size at {r['ceiling_pct_of_peak']:.0f}%"
+        cached = [x for x in result.get("build_in_cache", []) if x["c"] == row["c"]]
+        if cached:
+            line += f"), {cached[0]['methods'][best]['pct_of_peak']:.0f}% with the inverses in L2"
+        else:
+            line += ")"
+        out.append(line + ".")
+    return out + [""] if out else out
+
+
 def markdown(result: Dict) -> str:
     info = result["device"]
     lines = ["# CPU fallback: blockwise build and ResNet-20 low-rank inverse", "",
              f"Device: {info['device_name']}, torch {info['torch']}, {info['cpu_threads']} threads "
              f"(OMP_NUM_THREADS={info['omp_num_threads']}). {result['note']}", "",
              "## Blockwise build, m = c (nominal 4 m c^2 flops per block)", "",
-             "Times are medians; GFLOP/s and % of peak use CPU time (see the note), wall time is listed too.", "",
-             "| c | blocks | method | CPU time | wall time | GFLOP/s | % of sgemm peak (same run) "
-             "| rel. error vs float64 |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for row in result["build"]:
-        for name, r in row["methods"].items():
-            lines.append(f"| {row['c']} | {row['blocks']} | {name} | {cm.human_time(r['median_cpu_s'])} | "
-                         f"{cm.human_time(r['median_s'])} | {r['gflops']:.1f} | {r['pct_of_peak']:.0f}% | "
-                         f"{r['rel_err_vs_float64']:.1e} |")
-        lines.append(f"| | | speed-up | {row['speedup']:.2f}x | | | | |")
+             "Times are medians; GFLOP/s and % of peak use CPU time (see the note), wall time is listed too. "
+             "Memory floor: a copy of the bytes the build must move (gradients in, inverses out), timed before "
+             "every call; ceiling: the % of peak of a build that ran at that floor, min(1, flops / floor / peak).",
+             ""]
+    for key, title in (("build", "inverses in main memory"), ("build_in_cache", "inverses in L2 (the kernel's "
+                                                                                "own speed)")):
+        if not result.get(key):
+            continue
+        lines += [f"### {title}", "",
+                  "| c | blocks | MiB of inverses | method | CPU time | wall time | GFLOP/s "
+                  "| % of sgemm peak (same run) | memory floor | ceiling (% of peak) | % of ceiling "
+                  "| speed-up over previous | rel. error vs float64 |",
+                  "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in result[key]:
+            mib = row.get("inverse_bytes", 4 * row["c"] ** 2 * row["blocks"]) / 2 ** 20
+            prev = row["methods"]["previous"]["speedup_of_first"]
+            for name, r in row["methods"].items():
+                floor = (f"{cm.human_time(r['memory_floor_cpu_s'])} ({r['memory_gb_per_s']:.2f} GB/s) | "
+                         f"{r['ceiling_pct_of_peak']:.0f}% | {r['pct_of_ceiling']:.0f}%"
+                         if "memory_floor_cpu_s" in r else " | ")
+                lines.append(f"| {row['c']} | {row['blocks']} | {mib:g} | {name} | "
+                             f"{cm.human_time(r['median_cpu_s'])} | {cm.human_time(r['median_s'])} | "
+                             f"{r['gflops']:.1f} | {r['pct_of_peak']:.0f}% | "
+                             f"{floor} | {prev / r['speedup_of_first']:.2f}x | {r['rel_err_vs_float64']:.1e} |")
+        lines.append("")
+    lines += _goal_lines(result)
     lr = result.get("lowrank")
     if lr:
         lines += ["", f"## Low-rank inverse, {lr['layers']} layers, {lr['numel']:,} weights, m = {lr['m']}, "
@@ -191,8 +260,10 @@ def main(argv=None) -> Dict:
     repeats = args.repeats or (2 if args.quick else 5)
     peak_n = 512 if args.quick else 2048
     result = {"device": cm.device_info(device), "note": args.note, "repeats": repeats}
-    result["build"] = run_build([16, 32] if args.quick else [64, 128, 256], 2 ** 18 if args.quick else 2 ** 27,
-                                repeats, peak_n)
+    sizes = [16, 32] if args.quick else [64, 128, 256]
+    result["build"] = run_build(sizes, 2 ** 18 if args.quick else 2 ** 27, repeats, peak_n)
+    if not args.quick:      # the kernel's own speed: inverses in L2, short calls, more repeats
+        result["build_in_cache"] = run_build(sizes, 2 ** 21, 4 * repeats, peak_n)
     if args.quick:
         gen = torch.Generator().manual_seed(0)
         grads = {f"l{i}": torch.randn(40, 300 * (i + 1), generator=gen) * 0.05 for i in range(2)}

@@ -3,8 +3,8 @@
     pytest benchmarks -q --benchmark-disable          # CI smoke run (< 60 s on 2 cores)
     pytest benchmarks --bench-full                    # GPU: large shapes, cuda/triton/torch
 
-On CPU only the torch backend is benchmarked (the Triton interpreter is a correctness
-tool, not a timing). On CUDA each call is followed by ``torch.cuda.synchronize``.
+On CPU the C kernel (where built) and the torch backend are benchmarked (the Triton
+interpreter is a correctness tool, not a timing). On CUDA each call is followed by ``torch.cuda.synchronize``.
 """
 import os
 
@@ -23,9 +23,8 @@ DAMP = 1e-5
 
 
 def backends(op):
-    if DEVICE.type != "cuda":
-        return ["torch"]
-    return [b for b in ("cuda", "triton", "torch") if b in wk.available_backends(op)]
+    wanted = ("cuda", "triton", "torch") if DEVICE.type == "cuda" else ("cpu", "torch")
+    return [b for b in wanted if b in wk.available_backends(op)]
 
 
 def synced(fn):

@@ -32,10 +32,13 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def backend_params():
-    """(backend, device) pairs to test on this machine: torch always; triton when it
-    is registered (interpreted on CPU); cuda and torch-on-GPU when a GPU is present."""
+    """(backend, device) pairs to test on this machine: torch always; the fused C kernel
+    when it is built; triton when it is registered (interpreted on CPU); cuda and
+    torch-on-GPU when a GPU is present."""
     avail = wk.available_backends("fisher_inverse")
     pairs = [("torch", "cpu")]
+    if "cpu" in avail:
+        pairs.append(("cpu", "cpu"))
     if "triton" in avail:
         pairs.append(("triton", "cuda" if torch.cuda.is_available() else "cpu"))
     if torch.cuda.is_available():

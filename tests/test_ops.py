@@ -8,6 +8,8 @@ Triton interpreter on CPU gets B <= 3 (it executes every program instance in Num
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 
 import pytest
 import torch
@@ -317,10 +319,20 @@ def test_choose_form_and_blockwise_inverse():
 # ----------------------------------------------------------------- dispatch
 
 
-def test_auto_backend_on_cpu_is_torch():
-    from woodfisher_kernels import reference
+def test_auto_backend_on_cpu_is_the_c_kernel_for_float32_within_its_block_size_else_torch():
+    from woodfisher_kernels import _cpu, reference
 
-    assert _dispatch.select("fisher_inverse", "auto", torch.zeros(1, 1, 1)) is reference.fisher_inverse
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler here, so `pip install -e .` did not build the C kernel")
+    assert _cpu.available(), "a C compiler is present, so `pip install -e .` must have built the C kernel"
+    assert _dispatch.select("fisher_inverse", "auto", torch.zeros(1, 1, 1)) is _cpu.fisher_inverse
+    assert _dispatch.select("woodbury_update_", "auto", torch.zeros(1, 8, 8)) is _cpu.woodbury_update_
+    too_wide = torch.zeros(1, 1, _cpu.MAX_BLOCK_SIZE + 1)
+    assert _dispatch.select("fisher_inverse", "auto", too_wide) is reference.fisher_inverse
+    assert _dispatch.select("fisher_inverse", "auto", torch.zeros(1, 1, 1, dtype=torch.float64)) \
+        is reference.fisher_inverse
+    with pytest.raises(ValueError, match="float32"):
+        _dispatch.select("fisher_inverse", "cpu", torch.zeros(1, 1, 1, dtype=torch.float64))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only dispatch rules")

@@ -18,7 +18,7 @@ The tensor ops are torch.library custom ops (namespace ``woodfisher_ops``, see
 :mod:`woodfisher_kernels.testing` gives tests and benchmarks specific implementations and
 float64 references.
 
-Every op takes ``backend="auto" | "cuda" | "triton" | "torch"`` where a fast kernel exists.
+Every op takes ``backend="auto" | "cuda" | "triton" | "cpu" | "torch"`` where a fast kernel exists.
 """
 from ._dispatch import available as available_backends
 from ._numerics import error_bound

@@ -11,8 +11,9 @@ and exposes:
   current device (None = no limit).
 
 Backend modules are imported lazily, on the first call that needs them. ``auto`` ranks the
-available backends with the cost model of :mod:`._cost` for CUDA float32 tensors, and
-uses torch otherwise. Triton also runs on CPU tensors under ``TRITON_INTERPRET=1``
+available backends with the cost model of :mod:`._cost` for CUDA float32 tensors, uses the
+fused C kernel (``cpu``, when built) for CPU float32 tensors within its block-size limit,
+and torch otherwise. Triton also runs on CPU tensors under ``TRITON_INTERPRET=1``
 (used by the CPU test suite).
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ OPS = ("woodbury_update_", "fisher_inverse", "obs_saliency", "obs_update")
 BACKENDS: Dict[str, str] = {  # name -> module, in order of preference
     "cuda": "woodfisher_kernels._cuda",
     "triton": "woodfisher_kernels._triton",
+    "cpu": "woodfisher_kernels._cpu",
     "torch": "woodfisher_kernels.reference",
 }
 CHOICES = ("auto",) + tuple(BACKENDS)
@@ -92,15 +94,19 @@ def select(op: str, backend: str, x: torch.Tensor, num_grads: Optional[int] = No
             ranked = _cost.rank(op, tuple(x.shape), num_grads, x.device, fitting)
             if ranked:
                 return impls[ranked[0]]
+        elif x.device.type == "cpu" and x.dtype == torch.float32 and "cpu" in impls and _fits(op, "cpu", x):
+            return impls["cpu"]
         return impls["torch"]
     if backend not in impls:
         raise ValueError(
             f"backend={backend!r} is not available for {op} in this installation "
             f"(available: {tuple(impls)})"
         )
-    if backend in ("cuda", "triton"):
+    if backend in ("cuda", "triton", "cpu"):
         if x.dtype != torch.float32:
             raise ValueError(f"backend={backend!r} supports float32 only, got {x.dtype}")
+        if backend == "cpu" and x.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got device {x.device}")
         if backend == "cuda" and not x.is_cuda:
             raise ValueError(f"backend='cuda' needs CUDA tensors, got device {x.device}")
         if backend == "triton" and not x.is_cuda and not triton_interpret():

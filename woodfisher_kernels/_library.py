@@ -1,7 +1,7 @@
 """The public tensor ops declared once with ``torch.library`` (namespace ``woodfisher_ops``).
 
 Each op has a schema (inferred from the annotations below), one implementation shared by
-the CPU and CUDA dispatch keys (it picks the cuda | triton | torch backend through
+the CPU and CUDA dispatch keys (it picks the cuda | triton | cpu | torch backend through
 :mod:`._dispatch` at run time) and a fake (meta) implementation, so the ops run under
 ``torch.compile`` (``fullgraph=True``) and pass ``torch.library.opcheck``. The namespace
 differs from the C++ extension's ``woodfisher_kernels`` (raw CUDA kernels, csrc/).

@@ -1,5 +1,5 @@
 """Public ops: validate, then call the torch.library op (:mod:`._library`), which dispatches
-to the cuda | triton | torch backend.
+to the cuda | triton | cpu | torch backend.
 
 Shapes: B blocks of size c; k (or m) gradients per block; G groups of q entries.
 Every op refuses bad input with a ValueError naming the argument, before anything
@@ -50,7 +50,7 @@ def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float,
         inv: (B, c, c) symmetric positive definite inverses, float32 (float64 on torch).
         grads: (B, k, c) gradient slices, same dtype and device.
         num_samples: N > 0, the Fisher's normaliser (usually the total gradient count m).
-        backend: "auto" | "cuda" | "triton" | "torch".
+        backend: "auto" | "cuda" | "triton" | "cpu" | "torch".
         check_finite: refuse NaN/Inf inputs (costs one pass over the inputs).
         on_failure: "recompute" (failed blocks, see :mod:`._numerics`, redone in float64)
             or "raise".

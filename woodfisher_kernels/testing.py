@@ -34,7 +34,7 @@ FORMS = ("build", "stream", "lowrank")
 
 
 def backends(op: str) -> Tuple[str, ...]:
-    """Backends ("cuda", "triton", "torch") with an implementation of ``op`` in this process."""
+    """Backends ("cuda", "triton", "cpu", "torch") with an implementation of ``op`` in this process."""
     if op not in _dispatch.OPS:
         raise ValueError(f"op must be one of {_dispatch.OPS}, got {op!r}")
     return _dispatch.available(op)
@@ -42,7 +42,7 @@ def backends(op: str) -> Tuple[str, ...]:
 
 def implementation(op: str, backend: str) -> Callable:
     """The raw implementation of ``op`` ("fisher_inverse", "woodbury_update_", "obs_saliency",
-    "obs_update") in ``backend`` ("cuda" | "triton" | "torch"), with the signature of
+    "obs_update") in ``backend`` ("cuda" | "triton" | "cpu" | "torch"), with the signature of
     :mod:`woodfisher_kernels.reference`; inputs must be contiguous and valid (float32 for
     cuda / triton). Raises ValueError when the backend has no implementation here."""
     found = _dispatch.implementations(op) if op in _dispatch.OPS else {}

@@ -27,7 +27,7 @@ __all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "SCHEDULES", "check_int"
 
 MODES = ("global", "layerwise")
 FORMS = ("auto", "sequential", "lowrank", "stream", "offload")
-BACKENDS = ("auto", "cuda", "triton", "torch")
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 SCHEDULES = ("geometric", "linear")
 #: ``block_size="auto"``: c = AUTO_BLOCK_PER_GRAD * (gradients of the step). Measured on held-out
 #: training data (benchmarks/results/ONESHOT.md): c = m makes F^-1 noisy, c >> m (whole layers)
@@ -123,7 +123,7 @@ class PruneConfig:
         seed: seeds the target sampling.
         progress: one tqdm progress line over the phases, drawn when stderr is a terminal (tqdm's rule;
             see :mod:`woodfisher.progress`); False: none.
-        backend: kernel backend of :mod:`woodfisher_kernels` ("auto" | "cuda" | "triton" | "torch").
+        backend: kernel backend of :mod:`woodfisher_kernels` ("auto" | "cuda" | "triton" | "cpu" | "torch").
         inverse_form: "auto" | "sequential" | "lowrank" | "stream" | "offload" (force a form;
             "offload" keeps gradients and inverses in host memory, streamed through the kernels
             in chunks that fit ``memory_budget``, on any device).

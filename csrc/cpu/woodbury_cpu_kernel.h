@@ -1,0 +1,204 @@
+/* Body of the CPU Woodbury kernel, included by woodbury_cpu.c once per instruction set with
+   WF_FN(name) naming this instance's functions (name_v4, name_v3, name_base) and, on x86-64 with
+   GCC, the target selected by a "#pragma GCC target" around the include: the vector types below
+   are then lowered to that set's registers (AVX-512, AVX2 + FMA, or the baseline). See the .c file
+   for the mathematics, precision and failure flags. */
+static inline vf WF_FN(ld)(const float *p) { return *(const vfu *)p; }
+static inline void WF_FN(st)(float *p, vf v) { *(vfu *)p = v; }
+static inline vf WF_FN(bc)(float x) { vf v = {x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; return v; }
+static inline float WF_FN(hsum)(vf v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* ut (kp x cp) = g (kp x cp) . o (cp x cp): rows of g four at a time, 64 (then 16) columns of o
+   in 16 vector registers. ut = (o g^T)^T as o is symmetric. */
+static inline void WF_FN(gemm_ut)(const float *g, const float *o, float *ut, int kp, int cp) {
+  for (int k = 0; k < kp; k += 4) {
+    const float *g0 = g + (size_t)k * cp, *g1 = g0 + cp, *g2 = g1 + cp, *g3 = g2 + cp;
+    int j = 0;
+    for (; j + 64 <= cp; j += 64) {
+      vf a00 = WF_FN(bc)(0), a01 = WF_FN(bc)(0), a02 = WF_FN(bc)(0), a03 = WF_FN(bc)(0), a10 = WF_FN(bc)(0), a11 = WF_FN(bc)(0), a12 = WF_FN(bc)(0), a13 = WF_FN(bc)(0);
+      vf a20 = WF_FN(bc)(0), a21 = WF_FN(bc)(0), a22 = WF_FN(bc)(0), a23 = WF_FN(bc)(0), a30 = WF_FN(bc)(0), a31 = WF_FN(bc)(0), a32 = WF_FN(bc)(0), a33 = WF_FN(bc)(0);
+      for (int i = 0; i < cp; i++) {
+        const float *orow = o + (size_t)i * cp + j;
+        vf o0 = WF_FN(ld)(orow), o1 = WF_FN(ld)(orow + 16), o2 = WF_FN(ld)(orow + 32), o3 = WF_FN(ld)(orow + 48);
+        vf b0 = WF_FN(bc)(g0[i]), b1 = WF_FN(bc)(g1[i]), b2 = WF_FN(bc)(g2[i]), b3 = WF_FN(bc)(g3[i]);
+        a00 += b0 * o0; a01 += b0 * o1; a02 += b0 * o2; a03 += b0 * o3;
+        a10 += b1 * o0; a11 += b1 * o1; a12 += b1 * o2; a13 += b1 * o3;
+        a20 += b2 * o0; a21 += b2 * o1; a22 += b2 * o2; a23 += b2 * o3;
+        a30 += b3 * o0; a31 += b3 * o1; a32 += b3 * o2; a33 += b3 * o3;
+      }
+      float *u0 = ut + (size_t)k * cp + j;
+      WF_FN(st)(u0, a00); WF_FN(st)(u0 + 16, a01); WF_FN(st)(u0 + 32, a02); WF_FN(st)(u0 + 48, a03); u0 += cp;
+      WF_FN(st)(u0, a10); WF_FN(st)(u0 + 16, a11); WF_FN(st)(u0 + 32, a12); WF_FN(st)(u0 + 48, a13); u0 += cp;
+      WF_FN(st)(u0, a20); WF_FN(st)(u0 + 16, a21); WF_FN(st)(u0 + 32, a22); WF_FN(st)(u0 + 48, a23); u0 += cp;
+      WF_FN(st)(u0, a30); WF_FN(st)(u0 + 16, a31); WF_FN(st)(u0 + 32, a32); WF_FN(st)(u0 + 48, a33);
+    }
+    for (; j < cp; j += 16) {
+      vf a0 = WF_FN(bc)(0), a1 = WF_FN(bc)(0), a2 = WF_FN(bc)(0), a3 = WF_FN(bc)(0);
+      for (int i = 0; i < cp; i++) {
+        vf ov = WF_FN(ld)(o + (size_t)i * cp + j);
+        a0 += WF_FN(bc)(g0[i]) * ov; a1 += WF_FN(bc)(g1[i]) * ov; a2 += WF_FN(bc)(g2[i]) * ov; a3 += WF_FN(bc)(g3[i]) * ov;
+      }
+      float *u0 = ut + (size_t)k * cp + j;
+      WF_FN(st)(u0, a0); WF_FN(st)(u0 + cp, a1); WF_FN(st)(u0 + 2 * cp, a2); WF_FN(st)(u0 + 3 * cp, a3);
+    }
+  }
+}
+
+/* o (cp x cp) -= w^T w, w (kp x cp): a 4 x 64 (then 4 x 16) tile of w^T w in registers per pass over k. */
+static inline void WF_FN(syrk_sub)(const float *w, float *o, int kp, int cp) {
+  /* the products are summed over k in registers first and subtracted from o once per chunk:
+     one rounding at o's magnitude, as the torch fallback's baddbmm (not one per gradient) */
+  for (int i = 0; i < cp; i += 4) {
+    int j = 0;
+    for (; j + 64 <= cp; j += 64) {
+      float *r0 = o + (size_t)i * cp + j, *r1 = r0 + cp, *r2 = r1 + cp, *r3 = r2 + cp;
+      vf a00 = WF_FN(bc)(0), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+      vf a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+      for (int k = 0; k < kp; k++) {
+        const float *wk = w + (size_t)k * cp;
+        vf w0 = WF_FN(ld)(wk + j), w1 = WF_FN(ld)(wk + j + 16), w2 = WF_FN(ld)(wk + j + 32);
+        vf w3 = WF_FN(ld)(wk + j + 48);
+        vf b0 = WF_FN(bc)(wk[i]), b1 = WF_FN(bc)(wk[i + 1]), b2 = WF_FN(bc)(wk[i + 2]), b3 = WF_FN(bc)(wk[i + 3]);
+        a00 += b0 * w0; a01 += b0 * w1; a02 += b0 * w2; a03 += b0 * w3;
+        a10 += b1 * w0; a11 += b1 * w1; a12 += b1 * w2; a13 += b1 * w3;
+        a20 += b2 * w0; a21 += b2 * w1; a22 += b2 * w2; a23 += b2 * w3;
+        a30 += b3 * w0; a31 += b3 * w1; a32 += b3 * w2; a33 += b3 * w3;
+      }
+      WF_FN(st)(r0, WF_FN(ld)(r0) - a00); WF_FN(st)(r0 + 16, WF_FN(ld)(r0 + 16) - a01);
+      WF_FN(st)(r0 + 32, WF_FN(ld)(r0 + 32) - a02); WF_FN(st)(r0 + 48, WF_FN(ld)(r0 + 48) - a03);
+      WF_FN(st)(r1, WF_FN(ld)(r1) - a10); WF_FN(st)(r1 + 16, WF_FN(ld)(r1 + 16) - a11);
+      WF_FN(st)(r1 + 32, WF_FN(ld)(r1 + 32) - a12); WF_FN(st)(r1 + 48, WF_FN(ld)(r1 + 48) - a13);
+      WF_FN(st)(r2, WF_FN(ld)(r2) - a20); WF_FN(st)(r2 + 16, WF_FN(ld)(r2 + 16) - a21);
+      WF_FN(st)(r2 + 32, WF_FN(ld)(r2 + 32) - a22); WF_FN(st)(r2 + 48, WF_FN(ld)(r2 + 48) - a23);
+      WF_FN(st)(r3, WF_FN(ld)(r3) - a30); WF_FN(st)(r3 + 16, WF_FN(ld)(r3 + 16) - a31);
+      WF_FN(st)(r3 + 32, WF_FN(ld)(r3 + 32) - a32); WF_FN(st)(r3 + 48, WF_FN(ld)(r3 + 48) - a33);
+    }
+    for (; j < cp; j += 16) {
+      float *r0 = o + (size_t)i * cp + j;
+      vf a0 = WF_FN(bc)(0), a1 = a0, a2 = a0, a3 = a0;
+      for (int k = 0; k < kp; k++) {
+        const float *wk = w + (size_t)k * cp;
+        vf wv = WF_FN(ld)(wk + j);
+        a0 += WF_FN(bc)(wk[i]) * wv; a1 += WF_FN(bc)(wk[i + 1]) * wv;
+        a2 += WF_FN(bc)(wk[i + 2]) * wv; a3 += WF_FN(bc)(wk[i + 3]) * wv;
+      }
+      WF_FN(st)(r0, WF_FN(ld)(r0) - a0); WF_FN(st)(r0 + cp, WF_FN(ld)(r0 + cp) - a1);
+      WF_FN(st)(r0 + 2 * cp, WF_FN(ld)(r0 + 2 * cp) - a2); WF_FN(st)(r0 + 3 * cp, WF_FN(ld)(r0 + 3 * cp) - a3);
+    }
+  }
+}
+
+/* One block. grads: m x c (row-major); inv_in: c x c, or NULL to start from I / damp; out: c x c.
+   Scratch (64-byte aligned): o cp x cp, gk / ut / w kmax8 x cp floats, linv kmax8^2 floats,
+   s / l kmax8^2 doubles (kmax8 = kmax rounded up to 8). Returns 1 when the block failed. */
+static inline int WF_FN(one_block)(const float *grads, int m, int c, const float *inv_in, float damp, double num_samples,
+                        int kmax, float *out, float *o, float *gk, float *ut, float *w, double *s, double *l,
+                        float *linv) {
+  int cp = (c + VL - 1) / VL * VL;
+  int failed = 0;
+  memset(o, 0, sizeof(float) * cp * cp);
+  if (inv_in) {
+    for (int i = 0; i < c; i++) memcpy(o + (size_t)i * cp, inv_in + (size_t)i * c, sizeof(float) * c);
+    for (int i = c; i < cp; i++) o[(size_t)i * cp + i] = 1.0f;
+  } else {
+    for (int i = 0; i < cp; i++) o[(size_t)i * cp + i] = 1.0f / damp;
+  }
+  for (int j0 = 0; j0 < m; j0 += kmax) {
+    int k = m - j0 < kmax ? m - j0 : kmax;
+    int kp = (k + 7) / 8 * 8;
+    memset(gk, 0, sizeof(float) * kp * cp);
+    for (int r = 0; r < k; r++) memcpy(gk + (size_t)r * cp, grads + (size_t)(j0 + r) * c, sizeof(float) * c);
+    int first = (j0 == 0 && !inv_in);
+    if (first) {
+      float inv_d = 1.0f / damp;
+      for (size_t q = 0; q < (size_t)kp * cp; q++) ut[q] = gk[q] * inv_d;
+    } else {
+      WF_FN(gemm_ut)(gk, o, ut, kp, cp);
+    }
+    /* S = N I + gk ut^T (kp x kp): float products, float64 from here on */
+    for (int a = 0; a < kp; a++) {
+      for (int b = 0; b <= a; b++) {
+        vf acc = WF_FN(bc)(0);
+        const float *x = gk + (size_t)a * cp, *y = ut + (size_t)b * cp;
+        for (int j = 0; j < cp; j += 16) acc += WF_FN(ld)(x + j) * WF_FN(ld)(y + j);
+        s[a * kp + b] = s[b * kp + a] = WF_FN(hsum)(acc);
+      }
+      s[a * kp + a] += num_samples;
+    }
+    /* right-looking Cholesky S = U^T U in float64; row j of U overwrites row j of s from the
+       diagonal on (whole rows are updated: the entries left of the diagonal are never read) */
+    int nv = kp / 8;
+    for (int j = 0; j < kp; j++) {
+      double piv = s[j * kp + j];
+      if (!(piv > 0) || !isfinite(piv)) { failed = 1; piv = 1.0; }
+      vd rd = {0}; rd += 1.0 / sqrt(piv);
+      vdu *uj = (vdu *)(s + j * kp);
+      for (int v = 0; v < nv; v++) uj[v] *= rd;
+      for (int a = j + 1; a < kp; a++) {
+        vd f = {0}; f += s[j * kp + a];
+        vdu *sa = (vdu *)(s + a * kp);
+        for (int v = 0; v < nv; v++) sa[v] -= f * uj[v];
+      }
+    }
+    /* l <- L^-1 = U^-T (lower), by rows: l[a] = (e_a - sum_{q<a} U[q][a] l[q]) / U[a][a] */
+    for (int a = 0; a < kp; a++) {
+      double rd = 1.0 / s[a * kp + a];
+      for (int v = 0; v < nv; v++) {          /* one 8-wide slice of row a, kept in a register */
+        vd acc = {0};
+        if (v == a / 8) acc[a % 8] = 1.0;
+        for (int q = 8 * v; q < a; q++) acc -= s[q * kp + a] * *(const vdu *)(l + q * kp + 8 * v);
+        acc *= rd;
+        *(vdu *)(l + a * kp + 8 * v) = acc;
+        for (int r = 0; r < 8; r++) linv[a * kp + 8 * v + r] = (float)acc[r];
+      }
+    }
+    /* W = linv ut (kp x cp) */
+    for (int a = 0; a < kp; a++) {
+      float *wa = w + (size_t)a * cp;
+      for (int j = 0; j < cp; j += 16) {
+        vf acc = WF_FN(bc)(0);
+        for (int q = 0; q <= a; q++) acc += WF_FN(bc)(linv[a * kp + q]) * WF_FN(ld)(ut + (size_t)q * cp + j);
+        WF_FN(st)(wa + j, acc);
+      }
+    }
+    WF_FN(syrk_sub)(w, o, kp, cp);
+  }
+  vf acc = WF_FN(bc)(0);
+  for (int i = 0; i < c; i++) {
+    const float *oi = o + (size_t)i * cp;
+    memcpy(out + (size_t)i * c, oi, sizeof(float) * c);
+    if (!(oi[i] > 0)) failed = 1;
+    for (int j = 0; j < cp; j += 16) acc += WF_FN(ld)(oi + j);
+  }
+  if (!isfinite(WF_FN(hsum)(acc))) failed = 1;
+  return failed;
+}
+
+/* Blocks lo..: the loop of wf_woodbury_blocks for this instruction set (see there). */
+static int WF_FN(blocks)(const float *grads, const float *inv, float *out, unsigned char *bad, long nblocks,
+                         int m, int c, float damp, double num_samples, int kmax) {
+  int cp = (c + VL - 1) / VL * VL;
+  int k8 = (kmax + 7) / 8 * 8;
+  size_t nf = (size_t)cp * cp + 3 * (size_t)k8 * cp + (size_t)k8 * k8;
+  float *fbuf = (float *)aligned_alloc(64, (nf * sizeof(float) + 63) / 64 * 64);
+  double *dbuf = (double *)aligned_alloc(64, (2 * (size_t)k8 * k8 * sizeof(double) + 63) / 64 * 64);
+  if (!fbuf || !dbuf) { free(fbuf); free(dbuf); return -1; }
+  float *o = fbuf, *gk = o + (size_t)cp * cp, *ut = gk + (size_t)k8 * cp, *w = ut + (size_t)k8 * cp;
+  float *linv = w + (size_t)k8 * cp;
+  double *s = dbuf, *l = dbuf + (size_t)k8 * k8;
+  for (long b = 0; b < nblocks; b++) {
+    bad[b] = (unsigned char)WF_FN(one_block)(grads + (size_t)b * m * c, m, c, inv ? inv + (size_t)b * c * c : NULL,
+                                             damp, num_samples, kmax, out + (size_t)b * c * c, o, gk, ut, w, s, l,
+                                             linv);
+  }
+  free(fbuf);
+  free(dbuf);
+  return 0;
+}

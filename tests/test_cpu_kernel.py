@@ -1,0 +1,96 @@
+"""The fused C kernel (backend "cpu", csrc/cpu/woodbury_cpu.c) against float64 references.
+
+It must compute what the torch fallback computes: the same inverses within the stated
+float32 bound, the same failure flags, any block size (padding to 16 / K to 8 is exact),
+any number of gradients (remainder chunks), build and update, and a result that does not
+depend on how the blocks are split over threads. The op-level tests (test_ops.py,
+test_precision_table.py) also run on this backend through ``backend_params``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import woodfisher_kernels as wk
+from woodfisher_kernels import _cpu, _woodbury, testing
+
+pytestmark = pytest.mark.skipif(not _cpu.available(), reason="the C kernel is not built here (no C compiler)")
+
+
+def _grads(b, m, c, seed=0, scale=0.1):
+    return torch.randn(b, m, c, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("c", [1, 15, 16, 17, 64, 100, 130])
+@pytest.mark.parametrize("m", [0, 1, 9, 33])
+def test_build_matches_float64_within_the_stated_bound(c, m):
+    damp = 1e-2
+    grads = _grads(3, m, c, seed=c * 100 + m)
+    out, bad = _cpu.woodbury_blocks(grads, max(m, 1), None, damp)
+    ref = testing.svd_inverse(grads, damp, max(m, 1))
+    assert not bad.any()
+    err = testing.spectral_error(out, ref.inverse)
+    assert (err <= wk.error_bound(ref.kappa)).all(), (err, wk.error_bound(ref.kappa))
+    torch.testing.assert_close(out, out.transpose(1, 2), rtol=0, atol=1e-5 * float(out.abs().max()))
+
+
+@pytest.mark.parametrize("c,k", [(20, 5), (64, 64), (48, 3)])
+@pytest.mark.parametrize("chunk", [1, 8, 13, 64])
+def test_update_matches_float64_for_any_chunk(c, k, chunk):
+    damp, n = 1e-1, 50.0
+    start = _grads(2, 40, c, seed=1)
+    inv = _cpu.woodbury_blocks(start, n, None, damp)[0]
+    new_grads = _grads(2, k, c, seed=2)
+    out, bad = _cpu.woodbury_blocks(new_grads, n, inv, chunk=chunk)
+    both = torch.cat([start, new_grads], dim=1)
+    ref = testing.svd_inverse(both, damp, n)
+    assert not bad.any()
+    assert (testing.spectral_error(out, ref.inverse) <= wk.error_bound(ref.kappa)).all()
+
+
+def test_same_result_as_the_torch_fallback_and_independent_of_threads():
+    grads = _grads(7, 40, 72, seed=3)
+    one, _ = _cpu.woodbury_blocks(grads, 40.0, None, 1e-3, threads=1)
+    split, _ = _cpu.woodbury_blocks(grads, 40.0, None, 1e-3, threads=3)
+    assert torch.equal(one, split)                      # blocks are independent: bitwise equal
+    torch_out, _ = _woodbury.woodbury_blocks(grads, 40.0, None, 1e-3)
+    torch.testing.assert_close(one, torch_out, rtol=1e-4, atol=1e-4 * float(torch_out.abs().max()))
+
+
+def test_failure_flags_match_the_torch_fallback():
+    """An indefinite starting inverse makes S indefinite; a non-finite one gives a non-finite result."""
+    c = 24
+    inv = torch.eye(c).repeat(4, 1, 1)
+    inv[1] = -torch.eye(c)                              # S = N I + G (-I) G^T: indefinite
+    inv[2, 3, 5] = inv[2, 5, 3] = float("inf")
+    grads = _grads(4, 10, c, seed=4, scale=3.0)
+    _, bad = _cpu.woodbury_blocks(grads, 1.0, inv)
+    _, bad_torch = _woodbury.woodbury_blocks(grads, 1.0, inv)
+    assert bad.tolist() == bad_torch.tolist() == [False, True, True, False]
+
+
+def test_public_ops_use_it_and_recompute_failed_blocks_in_float64():
+    c = 24
+    inv = torch.eye(c).repeat(2, 1, 1) * 1e-3
+    grads = _grads(2, 6, c, seed=5, scale=1e3)           # kappa ~1e12: float32 rounding may fail blocks
+    new = inv.clone()
+    wk.woodbury_update_(new, grads, 1.0, backend="cpu")
+    ref = torch.linalg.inv(torch.linalg.inv(inv.double()) + grads.double().transpose(1, 2) @ grads.double())
+    assert torch.isfinite(new).all() and (torch.diagonal(new, dim1=1, dim2=2) > 0).all()
+    assert float(testing.spectral_error(new, ref).max()) < 1e-2
+    with pytest.raises(ValueError, match="backend"):
+        wk.fisher_inverse(grads.double(), 1e-3, backend="cpu")
+
+
+@pytest.mark.parametrize("isa", _cpu.ISAS)
+def test_every_instruction_set_instance_is_correct(isa):
+    """Each compiled instance (AVX-512, AVX2 + FMA, baseline) the CPU runs gives the same inverses."""
+    grads = _grads(3, 21, 40, seed=6)
+    if _cpu.ISAS.index(isa) > _cpu.ISAS.index(_cpu.best_isa()):
+        with pytest.raises(RuntimeError, match="does not support"):
+            _cpu.woodbury_blocks(grads, 21.0, None, 1e-2, isa=isa)
+        return
+    out, bad = _cpu.woodbury_blocks(grads, 21.0, None, 1e-2, isa=isa)
+    ref = testing.svd_inverse(grads, 1e-2, 21.0)
+    assert not bad.any()
+    assert (testing.spectral_error(out, ref.inverse) <= wk.error_bound(ref.kappa)).all()

@@ -1,0 +1,154 @@
+"""Fused CPU backend ``"cpu"``: the blockwise Woodbury build / update in C (csrc/cpu).
+
+The kernel (``woodfisher_kernels._cpu_kernels``, a plain C shared library built by setup.py
+wherever a C compiler is found and loaded here with ctypes) computes exactly what the torch
+fallback :func:`woodfisher_kernels._woodbury.woodbury_blocks` computes (same K-gradient
+Woodbury chunks, float32 products, float64 K x K factorisation, same failure flags), one
+block at a time with the block's inverse kept in cache and the products in register tiles,
+instead of batched library calls on small matrices. The OBS statistics and update are the
+torch reference's (they are a few matrix-vector products per block).
+
+Float32 CPU tensors only; blocks are split across ``torch.get_num_threads()`` threads
+(ctypes releases the GIL during the call). Without the library ``available()`` is False and
+``backend="auto"`` uses the torch fallback. Speed: benchmarks/results/cpu_fallback.md.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from . import reference
+
+#: Gradients per K x K system by block size. Small K is faster (the K^2 c and K^3 parts cost
+#: relatively more at small c: c = 64 runs 1.5x faster with K = 8 than with K = 32), large K
+#: more accurate (every chunk rounds the inverse once, so the error grows with m / K): the
+#: smallest K that keeps the precision table within the stated bound (tests/test_precision_table.py).
+CHUNK_SMALL, CHUNK, CHUNK_LARGE = 8, 16, 32
+#: Largest block size the kernel takes: one block's inverse must stay in a core's L2 cache
+#: (c = 512: 1 MiB). Larger blocks go to the torch fallback (tiles of blocks over MKL).
+MAX_BLOCK_SIZE = 512
+_LIB: Optional[ctypes.CDLL] = None
+_LOADED = False
+
+
+def _library() -> Optional[ctypes.CDLL]:
+    """The compiled kernel, or None when it was not built (loaded once)."""
+    global _LIB, _LOADED
+    if not _LOADED:
+        _LOADED = True
+        spec = importlib.util.find_spec(f"{__package__}._cpu_kernels")
+        if spec is not None and spec.origin:
+            try:
+                lib = ctypes.CDLL(spec.origin)
+            except OSError:
+                lib = None
+            if lib is not None:
+                fn = lib.wf_woodbury_blocks
+                fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_int, ctypes.c_int,
+                                                                         ctypes.c_float, ctypes.c_double, ctypes.c_int]
+                fn.restype = ctypes.c_int
+                lib.wf_best_isa.restype = ctypes.c_int
+                _LIB = lib
+    return _LIB
+
+
+def available() -> bool:
+    """True when the compiled CPU kernel loaded."""
+    return _library() is not None
+
+
+#: Instruction sets the kernel is compiled for (x86-64 with GCC; elsewhere only "baseline").
+ISAS = ("baseline", "x86-64-v3", "x86-64-v4")
+
+
+def best_isa() -> str:
+    """The instruction set the kernel runs with on this CPU (one of :data:`ISAS`)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU kernel woodfisher_kernels._cpu_kernels is not built")
+    return ISAS[lib.wf_best_isa()]
+
+
+def max_block_size(op: str = "fisher_inverse") -> Optional[int]:
+    """Largest block size c of the fused Woodbury ops (None = no limit for the torch-based ones)."""
+    return MAX_BLOCK_SIZE if op in ("woodbury_update_", "fisher_inverse") else None
+
+
+def chunk_size(block_size: int) -> int:
+    """K, gradients per K x K system, for blocks of size c: 8 below c = 128, 16 below 256, else 32."""
+    return CHUNK_SMALL if block_size < 128 else CHUNK if block_size < 256 else CHUNK_LARGE
+
+
+def woodbury_blocks(grads: torch.Tensor, num_samples: float, inv: Optional[torch.Tensor] = None,
+                    damp: Optional[float] = None, chunk: Optional[int] = None,
+                    threads: Optional[int] = None, isa: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out, bad)`` as :func:`woodfisher_kernels._woodbury.woodbury_blocks`, in C.
+
+    Args:
+        grads: (B, m, c) float32 CPU gradients. num_samples: N > 0.
+        inv: (B, c, c) float32 inverses (not modified), or None to start from I / damp.
+        damp: lambda > 0 when ``inv`` is None. chunk: K in 1..64 (default :func:`chunk_size`).
+        threads: threads to split the blocks over (default ``torch.get_num_threads()``); the
+            result does not depend on it (blocks are independent).
+        isa: force one of :data:`ISAS` the CPU supports (tests); default :func:`best_isa`.
+    Returns:
+        out (B, c, c) new inverses, bad (B,) bool failure flags.
+    Raises:
+        RuntimeError: the library is not built, could not allocate its scratch, or the CPU
+            lacks the forced ``isa``.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU kernel woodfisher_kernels._cpu_kernels is not built")
+    grads = grads.contiguous()
+    inv = None if inv is None else inv.contiguous()
+    num_blocks, m, c = grads.shape
+    k = chunk or chunk_size(c)
+    out = torch.empty(num_blocks, c, c, dtype=torch.float32)
+    bad = torch.zeros(num_blocks, dtype=torch.uint8)
+    lam = 1.0 if damp is None else float(damp)
+    code = -1 if isa is None else ISAS.index(isa)
+
+    def part(lo: int, hi: int) -> int:
+        def at(t, per_block):
+            return None if t is None else t.data_ptr() + lo * per_block * t.element_size()
+        return lib.wf_woodbury_blocks(code, at(grads, m * c), at(inv, c * c), at(out, c * c), at(bad, 1),
+                                      hi - lo, m, c, lam, float(num_samples), k)
+
+    threads = max(1, min(threads or torch.get_num_threads(), num_blocks))
+    bounds = [num_blocks * i // threads for i in range(threads + 1)]
+    if threads == 1:
+        codes = [part(0, num_blocks)]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            codes = list(pool.map(part, bounds[:-1], bounds[1:]))
+    if any(rc == -2 for rc in codes):
+        raise RuntimeError(f"this CPU does not support isa={isa!r} (best: {best_isa()!r})")
+    if any(rc != 0 for rc in codes):
+        raise RuntimeError(f"the CPU kernel could not allocate its scratch (c = {c}, K = {k})")
+    return out, bad.bool()
+
+
+def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float) -> None:
+    """inv (B, c, c) <- (inv^-1 + grads^T grads / num_samples)^-1, in place; grads (B, k, c)."""
+    inv.copy_(woodbury_blocks(grads, num_samples, inv)[0])
+
+
+def fisher_inverse(grads: torch.Tensor, damp: float, num_samples: float) -> torch.Tensor:
+    """(damp I + grads^T grads / num_samples)^-1 per block; grads (B, m, c) -> (B, c, c)."""
+    return woodbury_blocks(grads, num_samples, None, damp)[0]
+
+
+woodbury_update_.checked = lambda inv, grads, num_samples: woodbury_blocks(grads, num_samples, inv)
+fisher_inverse.checked = lambda grads, damp, num_samples: woodbury_blocks(grads, num_samples, None, damp)
+
+IMPLS: Dict[str, Callable] = {
+    "woodbury_update_": woodbury_update_,
+    "fisher_inverse": fisher_inverse,
+    "obs_saliency": reference.obs_saliency,
+    "obs_update": reference.obs_update,
+}
