@@ -104,24 +104,36 @@ def _side_by_side(calls: Dict[str, Callable], flops: float, repeats: int, peak_n
     return out
 
 
-def _build_methods(damp: float, num_samples: float) -> Dict[str, Callable]:
-    """{name: grads -> inverses}: the C kernel (when built), the torch fallback, the previous fallback."""
+def _build_methods(damp: float, num_samples: float, raw: bool = False) -> Dict[str, Callable]:
+    """{name: grads -> inverses}: the C kernel (when built), the torch fallback, the previous fallback.
+
+    ``raw``: the backends' implementations without the public op's input checks and dispatch
+    (:func:`woodfisher_kernels.testing.implementation`; ~1-2 ms a call, which would dominate the
+    short in-cache calls), else the public ``fisher_inverse`` as users call it.
+    """
     out = {}
-    if "cpu" in wk.available_backends("fisher_inverse"):
-        out[CPU_KERNEL] = lambda g: wk.fisher_inverse(g, damp, backend="cpu")
-    out["torch fallback"] = lambda g: wk.fisher_inverse(g, damp, backend="torch")
+    for name, backend in ((CPU_KERNEL, "cpu"), ("torch fallback", "torch")):
+        if backend not in wk.available_backends("fisher_inverse"):
+            continue
+        if raw:
+            impl = testing.implementation("fisher_inverse", backend)
+            out[name] = lambda g, impl=impl: impl(g, damp, num_samples)
+        else:
+            out[name] = lambda g, backend=backend: wk.fisher_inverse(g, damp, backend=backend)
     out["previous"] = lambda g: previous.fisher_inverse(g, damp, num_samples)
     return out
 
 
-def run_build(sizes: List[int], inverse_bytes: int, repeats: int, peak_n: int, damp: float = 1e-3) -> List[Dict]:
-    """One row per c: both methods at m = c with ``inverse_bytes`` of float32 inverses."""
+def run_build(sizes: List[int], inverse_bytes: int, repeats: int, peak_n: int, damp: float = 1e-3,
+              raw: bool = False) -> List[Dict]:
+    """One row per c: every method at m = c with ``inverse_bytes`` of float32 inverses (``raw``: see
+    :func:`_build_methods`)."""
     rows = []
     for c in sizes:
         blocks = max(1, inverse_bytes // (4 * c * c))
         grads = torch.randn(blocks, c, c, generator=torch.Generator().manual_seed(c))
         flops = 4.0 * c * c * c * blocks
-        methods = {name: fn for name, fn in _build_methods(damp, float(c)).items()}
+        methods = _build_methods(damp, float(c), raw)
         res = _side_by_side({name: (lambda fn=fn: fn(grads)) for name, fn in methods.items()},
                             flops, repeats, peak_n, moved_bytes=2 * 4 * c * c * blocks)
         idx = torch.arange(min(4, blocks))
@@ -212,8 +224,8 @@ def markdown(result: Dict) -> str:
              "Memory floor: a copy of the bytes the build must move (gradients in, inverses out), timed before "
              "every call; ceiling: the % of peak of a build that ran at that floor, min(1, flops / floor / peak).",
              ""]
-    for key, title in (("build", "inverses in main memory"), ("build_in_cache", "inverses in L2 (the kernel's "
-                                                                                "own speed)")):
+    for key, title in (("build", "inverses in main memory, the public op"),
+                       ("build_in_cache", "inverses in L2, the backends' implementations (the kernel's own speed)")):
         if not result.get(key):
             continue
         lines += [f"### {title}", "",
@@ -263,7 +275,7 @@ def main(argv=None) -> Dict:
     sizes = [16, 32] if args.quick else [64, 128, 256]
     result["build"] = run_build(sizes, 2 ** 18 if args.quick else 2 ** 27, repeats, peak_n)
     if not args.quick:      # the kernel's own speed: inverses in L2, short calls, more repeats
-        result["build_in_cache"] = run_build(sizes, 2 ** 21, 4 * repeats, peak_n)
+        result["build_in_cache"] = run_build(sizes, 2 ** 21, 4 * repeats, peak_n, raw=True)
     if args.quick:
         gen = torch.Generator().manual_seed(0)
         grads = {f"l{i}": torch.randn(40, 300 * (i + 1), generator=gen) * 0.05 for i in range(2)}
