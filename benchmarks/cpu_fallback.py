@@ -19,6 +19,9 @@ Part 2, ResNet-20 low-rank inverse: the 18 residual 3x3 convs of the CIFAR-10 Re
 the diagonal against the float64 one, and the global OBS masks (Eq. 10 statistic, one
 threshold over all layers) at 50 / 70 / 80% sparsity from both.
 
+Part 3, the inverse phase of a whole pruning step: ``prune_one_shot`` with the defaults on
+MLPNet, ResNet-20 and a MobileNet-like net, C kernel against torch fallback.
+
 Usage (repository root):
     OMP_NUM_THREADS=1 python -m benchmarks.cpu_fallback --data-root ../shared/data --out benchmarks/results
     python -m benchmarks.cpu_fallback --quick            # tiny synthetic shapes (CI smoke)
@@ -214,6 +217,32 @@ def _goal_lines(result: Dict, goal: float = 40.0) -> List[str]:
     return out + [""] if out else out
 
 
+def run_step(models: List[str], num_grads: int, repeats: int) -> List[Dict]:
+    """Part 3: ``prune_one_shot`` with the package defaults at 80% on random CIFAR / MNIST-shaped
+    inputs (:func:`benchmarks.step_cpu.build`), the C kernel against the torch fallback
+    (``backend="cpu"`` / ``"torch"``, alternated in every repeat); seconds per phase (medians)."""
+    from benchmarks.step_cpu import build
+    from woodfisher import prune_one_shot
+    backends = [b for b in ("cpu", "torch") if b in wk.available_backends("fisher_inverse")]
+    rows = []
+    for name in models:
+        log = {b: [] for b in backends}
+        for rep in range(repeats + 1):                  # repeat 0: warm-up (vmap tracing, allocator)
+            for backend in backends:
+                model, x, y, modules = build(name, num_grads, torch.device("cpu"))
+                loader = [(x[i:i + 64], y[i:i + 64]) for i in range(0, num_grads, 64)]
+                res = prune_one_shot(model, loader, sparsity=0.8, modules=modules, num_grads=num_grads,
+                                     backend=backend, progress=False)
+                if rep:
+                    log[backend].append(dict(res.timings))
+        row = {"model": name, "num_grads": num_grads, "phases": {
+            b: {k: statistics.median(t[k] for t in runs) for k in runs[0]} for b, runs in log.items()}}
+        rows.append(row)
+        print(f"[step] {name}: " + ", ".join(f"{b} inverse {v['inverse']:.2f} s of {v['total']:.2f} s"
+                                           for b, v in row["phases"].items()), flush=True)
+    return rows
+
+
 def markdown(result: Dict) -> str:
     info = result["device"]
     lines = ["# CPU fallback: blockwise build and ResNet-20 low-rank inverse", "",
@@ -257,6 +286,17 @@ def markdown(result: Dict) -> str:
         lines += ["", f"Speed-up {lr['speedup']:.2f}x; diagonal: largest relative error vs float64 "
                   f"{lr['diag_max_rel_err_vs_float64']:.1e}; global masks, entries that differ: "
                   + ", ".join(f"{float(s):.0%}: {d}" for s, d in lr["mask_entries_differing"].items()) + "."]
+    if result.get("step"):
+        lines += ["", "## The inverse phase of a pruning step", "",
+                  "`prune_one_shot(model, loader, sparsity=0.8, num_grads=512)` with the package defaults "
+                  "(block size, damp and steps 'auto': 8 steps of 64 gradients, blocks of 256), random inputs, "
+                  "loader batch 64; seconds per phase, medians over repeats after a warm-up call, wall clock.", "",
+                  "| model | backend | gradients | inverse | saliency + selection | update | total |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for row in result["step"]:
+            for backend, ph in row["phases"].items():
+                cells = [ph.get(k, 0.0) for k in ("gradients", "inverse", "select", "update", "total")]
+                lines.append(f"| {row['model']} | {backend} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -283,6 +323,8 @@ def main(argv=None) -> Dict:
     else:
         grads, weights = resnet20_gradients(args.data_root, 1000)
     result["lowrank"] = run_lowrank(grads, weights, 1e-5, max(1, repeats // 2 + 1), peak_n)
+    if not args.quick:
+        result["step"] = run_step(["mlpnet", "resnet20", "mobilenet"], 512, max(1, repeats // 2 + 1))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         base = os.path.join(args.out, "cpu_fallback" + ("_quick" if args.quick else ""))

@@ -98,8 +98,9 @@ def main(argv=None) -> List[Dict]:
     args = p.parse_args(argv)
     device = cm.pick_device(args.device)
     found = testing.backends("fisher_inverse")
-    backends = ["torch"] + [b for b in ("triton", "cuda") if b in found and (device.type == "cuda" or
-                                                                           (b == "triton" and args.triton))]
+    backends = ["torch"] + [b for b in ("cpu", "triton", "cuda") if b in found and (
+        (b == "cpu" and device.type == "cpu") or (b != "cpu" and device.type == "cuda")
+        or (b == "triton" and args.triton))]
     rows = run(device, backends, args.blocks, (16,) if args.quick else (64, 257))
     if args.out:
         os.makedirs(args.out, exist_ok=True)

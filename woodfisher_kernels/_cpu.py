@@ -22,6 +22,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import reference
+from ._woodbury import woodbury_ops
 
 #: Gradients per K x K system by block size. Small K is faster (the K^2 c and K^3 parts cost
 #: relatively more at small c: c = 64 runs 1.5x faster with K = 8 than with K = 32), large K
@@ -133,18 +134,7 @@ def woodbury_blocks(grads: torch.Tensor, num_samples: float, inv: Optional[torch
     return out, bad.bool()
 
 
-def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float) -> None:
-    """inv (B, c, c) <- (inv^-1 + grads^T grads / num_samples)^-1, in place; grads (B, k, c)."""
-    inv.copy_(woodbury_blocks(grads, num_samples, inv)[0])
-
-
-def fisher_inverse(grads: torch.Tensor, damp: float, num_samples: float) -> torch.Tensor:
-    """(damp I + grads^T grads / num_samples)^-1 per block; grads (B, m, c) -> (B, c, c)."""
-    return woodbury_blocks(grads, num_samples, None, damp)[0]
-
-
-woodbury_update_.checked = lambda inv, grads, num_samples: woodbury_blocks(grads, num_samples, inv)
-fisher_inverse.checked = lambda grads, damp, num_samples: woodbury_blocks(grads, num_samples, None, damp)
+woodbury_update_, fisher_inverse = woodbury_ops(woodbury_blocks)
 
 IMPLS: Dict[str, Callable] = {
     "woodbury_update_": woodbury_update_,

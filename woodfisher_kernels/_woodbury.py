@@ -26,7 +26,7 @@ The tile loop is a loop over groups of blocks, not over blocks.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -120,3 +120,20 @@ def woodbury_blocks(grads: torch.Tensor, num_samples: float, inv: Optional[torch
                     torch.baddbmm(inv[b0:b0 + tile], w.transpose(1, 2), w, alpha=-1.0, out=o)
         bad[b0:b0 + t] = failed | bad_blocks(o)
     return out, bad
+
+
+def woodbury_ops(blocks: Callable) -> Tuple[Callable, Callable]:
+    """``(woodbury_update_, fisher_inverse)`` of a backend from its ``blocks`` function (the
+    signature of :func:`woodbury_blocks`), each with the ``checked`` out-of-place variant
+    returning ``(result, bad)`` that the public ops use (:mod:`._numerics`)."""
+    def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float) -> None:
+        """inv (B, c, c) <- (inv^-1 + grads^T grads / num_samples)^-1, in place; grads (B, k, c)."""
+        inv.copy_(blocks(grads, num_samples, inv)[0])
+
+    def fisher_inverse(grads: torch.Tensor, damp: float, num_samples: float) -> torch.Tensor:
+        """(damp I + grads^T grads / num_samples)^-1 per block; grads (B, m, c) -> (B, c, c)."""
+        return blocks(grads, num_samples, None, damp)[0]
+
+    woodbury_update_.checked = lambda inv, grads, num_samples: blocks(grads, num_samples, inv)
+    fisher_inverse.checked = lambda grads, damp, num_samples: blocks(grads, num_samples, None, damp)
+    return woodbury_update_, fisher_inverse

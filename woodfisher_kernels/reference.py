@@ -13,21 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ._woodbury import woodbury_blocks
+from ._woodbury import woodbury_blocks, woodbury_ops
 
-
-def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float) -> None:
-    """inv (B, c, c) <- (inv^-1 + grads^T grads / num_samples)^-1, in place; grads (B, k, c)."""
-    inv.copy_(woodbury_blocks(grads, num_samples, inv)[0])
-
-
-def fisher_inverse(grads: torch.Tensor, damp: float, num_samples: float) -> torch.Tensor:
-    """(damp I + grads^T grads / num_samples)^-1 per block; grads (B, m, c) -> (B, c, c)."""
-    return woodbury_blocks(grads, num_samples, None, damp)[0]
-
-
-woodbury_update_.checked = lambda inv, grads, num_samples: woodbury_blocks(grads, num_samples, inv)
-fisher_inverse.checked = lambda grads, damp, num_samples: woodbury_blocks(grads, num_samples, None, damp)
+woodbury_update_, fisher_inverse = woodbury_ops(woodbury_blocks)
 
 
 def _matvec(inv: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
