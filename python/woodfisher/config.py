@@ -74,6 +74,12 @@ def check_int(name: str, value: Any, low: int = 1) -> int:
     return value
 
 
+def _check_int_or(name: str, value: Any, others: str) -> None:
+    """``value`` must be an int >= 1 (the caller has accepted ``others``); the message lists both."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1 or {others}, got {value!r}")
+
+
 def _check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -185,13 +191,13 @@ class PruneConfig:
         for name in ("num_grads", "fisher_batch_size"):
             check_int(name, getattr(self, name))
         if self.num_steps != "auto":
-            check_int("num_steps", self.num_steps)
+            _check_int_or("num_steps", self.num_steps, "'auto'")
             if self.num_steps > self.num_grads:
                 raise ValueError(f"num_steps={self.num_steps} needs num_grads >= num_steps (num_grads={self.num_grads} "
                                  "is the total over all steps)")
         _check_choice("step_schedule", self.step_schedule, SCHEDULES)
         if self.block_size is not None and self.block_size != "auto":
-            check_int("block_size", self.block_size)
+            _check_int_or("block_size", self.block_size, "'auto' or None (whole layers)")
         check_damp(self.damp)
         beta = self.beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
