@@ -30,7 +30,7 @@ from .distributed.group import active_group
 from .finetune import hold_target_masks
 from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
 from .methods import StepContext
-from .progress import display
+from .progress import display, step_label
 from .result import PruneResult, layer_rows
 from .state import Snapshot
 from .targets import PruneTarget, resolve_targets
@@ -178,12 +178,13 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     damp, forms, kappa = None, {}, {}
     try:
         with display(config.progress):
-            for (target, _), step_config in zip(steps, configs):
-                targets = resolve_targets(model, config.modules, method.block_size(step_config))
-                curvature = _estimate(model, loader, targets, step_config)
-                for phase in ("gradients", "inverse"):
-                    timings[phase] += curvature.timings[phase]
-                _apply(targets, curvature, step_config, target, timings)
+            for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
+                with step_label(f"step {i + 1}/{len(steps)}" if len(steps) > 1 else None):
+                    targets = resolve_targets(model, config.modules, method.block_size(step_config))
+                    curvature = _estimate(model, loader, targets, step_config)
+                    for phase in ("gradients", "inverse"):
+                        timings[phase] += curvature.timings[phase]
+                    _apply(targets, curvature, step_config, target, timings)
                 damp, forms = curvature.damp, curvature.forms
                 kappa.update({n: max(k, kappa.get(n, 0.0)) for n, k in curvature.kappa.items()})
         # once per call, with the worst step of each layer
