@@ -232,3 +232,29 @@ def test_numpy_scalars_are_numbers_and_bools_are_not():
     rb = wf.prune_one_shot(b, tiny_data(), sparsity=0.5, min_density=0.1, **OPTS)
     assert all(torch.equal(ra.masks[n], rb.masks[n]) for n in ra.masks)
     refused(tiny_mlp(), tiny_data(), "sparsity must be a number in \\[0, 1\\), got True", sparsity=True)
+
+
+def test_prune_with_refuses_options_the_curvature_fixed():
+    """prune_with cannot change what the curvature was estimated with: a different method, damp,
+    block size, WoodTaylor or set of modules is a ValueError naming the option, not a silent no-op
+    (or a TypeError deep inside); the curvature's own values and selection options still work."""
+    model = tiny_mlp()
+    curvature = wf.estimate_curvature(model, tiny_data(), block_size=8, **OPTS)
+    before = snapshot(model)
+    for option, match in [(dict(method="kfac"), "method='kfac' cannot be changed by prune_with"),
+                          (dict(method="diag_fisher"), "method='diag_fisher'"),
+                          (dict(damp=0.1), r"damp=0\.1 .*with_damp"),
+                          (dict(block_size=4), "block_size=4 .*estimated with block_size=8"),
+                          (dict(num_grads=4), "num_grads=4"),
+                          (dict(woodtaylor=True), "woodtaylor=True"),
+                          (dict(modules=["0"]), "modules="),
+                          (dict(num_steps=4), "num_steps=4 .*prune_one_shot")]:
+        with pytest.raises(ValueError, match=match):
+            wf.prune_with(model, curvature, 0.5, **option)
+    assert_unchanged(before, snapshot(model))
+    reference = wf.prune_with(tiny_mlp(), curvature, 0.5).masks
+    same = dict(method="woodfisher", damp=curvature.damp, block_size=8, num_steps=1, modules=None, progress=False)
+    masks = wf.prune_with(tiny_mlp(), curvature, 0.5, **same).masks
+    assert masks.keys() == reference.keys() and all(torch.equal(masks[n], reference[n]) for n in masks)
+    layerwise = wf.prune_with(tiny_mlp(), curvature, 0.5, mode="layerwise")
+    assert all(abs(row["sparsity"] - 0.5) <= 1 / row["numel"] for row in layerwise.layers)

@@ -197,3 +197,31 @@ def test_single_pass_loader_with_several_steps_is_refused_up_front():
     with pytest.raises(ValueError, match="num_steps=2 needs a loader that can be iterated once per step"):
         prune_one_shot(model, _gen(tiny_data(), handed), sparsity=0.5, num_steps=2, progress=False)
     assert handed == [] and same_state(model, before)
+
+
+class KeywordMLP(nn.Module):
+    """A plain model called with a keyword input: ``model(x=...)``, no ``labels`` argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_mlp()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_dict_batch_for_a_model_without_labels_names_the_keys_and_the_adapter():
+    """A dict batch is passed as keyword arguments; a model that takes no ``labels`` is refused with the
+    batch's keys and shapes and an adapter that works (it gives the masks of the same data as tuples)."""
+    tuples = tiny_data()
+    dicts = [{"x": x, "labels": y} for x, y in tuples]
+    model = KeywordMLP()
+    before = state_copy(model)
+    with pytest.raises(ValueError, match=r"kwargs x=\(\d+, 6\) float64, labels=\(\d+,\) int64.*"
+                                         r"unexpected keyword argument 'labels'.*batch_adapter=lambda b"):
+        prune_one_shot(model, dicts, sparsity=0.5, num_grads=16, progress=False)
+    assert same_state(model, before)
+    adapter = lambda b: Batch(kwargs={k: v for k, v in b.items() if k != "labels"}, target=b["labels"])  # noqa: E731
+    got = prune_one_shot(model, dicts, sparsity=0.5, num_grads=16, progress=False, batch_adapter=adapter).masks
+    ref = prune_one_shot(KeywordMLP(), tuples, sparsity=0.5, num_grads=16, progress=False).masks
+    assert got.keys() == ref.keys() and all(torch.equal(got[n], ref[n]) for n in got)

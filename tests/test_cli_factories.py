@@ -132,3 +132,26 @@ def test_help_shows_the_required_flags():
     assert "required arguments" in prune.format_help()
     with pytest.raises(SystemExit):
         main(["prune", "--sparsity", "0.5"])
+
+
+def test_export_loads_the_same_factories_as_prune(user_pkg, capsys):
+    """``woodfisher export --model mypkg.stuff:build`` after ``woodfisher prune --model mypkg.stuff:build``:
+    run as the console script runs (no current directory on sys.path: ``python -P``), from the folder
+    holding the package, and with a ``file.py:factory`` path; a missing attribute is named."""
+    import subprocess
+
+    out = user_pkg / "run"
+    assert main(["prune", "--model", "mypkg.stuff:build", "--data", "mypkg.stuff:val_loader", "--sparsity", "0.8",
+                 "--num-grads", "16", "--no-progress", "--out", str(out)]) == 0
+    capsys.readouterr()
+    cli = "import sys; from woodfisher.cli import main; sys.exit(main(sys.argv[1:]))"
+    for model in ("mypkg.stuff:build", "models.py:build"):
+        target = user_pkg / f"{model.split(':')[0]}.csr.pt"
+        done = subprocess.run([sys.executable, "-P", "-c", cli, "export", "--model", model, "--checkpoint",
+                               str(out / "pruned.pt"), "--format", "csr", "--min-sparsity", "0.5", "--input-shape",
+                               "6", "--out", str(target)], cwd=user_pkg, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert "converted to csr: fc1" in done.stdout and target.is_file()
+    assert main(["export", "--model", "mypkg.stuff:nothere", "--checkpoint", str(out / "pruned.pt"),
+                 "--format", "dense", "--out", str(user_pkg / "x.pt")]) == 2
+    assert "module 'mypkg.stuff' has no attribute 'nothere'" in capsys.readouterr().err

@@ -231,3 +231,22 @@ def test_cli_prints_library_warnings_as_note_lines(digits_ckpt, tmp_path, capsys
                           num_grads=32, num_steps=1, progress=False)
     assert any(issubclass(w.category, UserWarning) and "same weights as magnitude" in str(w.message)
                for w in record)
+
+
+def test_a_multi_step_run_shows_which_step_each_phase_belongs_to(capsys):
+    """num_steps > 1 restarts the gradient count at every step: the line says which step it is at
+    ("Fisher gradients, step 2/3: ..."), and a one-step run keeps the plain phase names."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    loader = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
+    with display(True, "run", force=True):
+        wf.prune_one_shot(model, loader, sparsity=0.7, num_grads=24, num_steps=3)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    for step in (1, 2, 3):
+        assert re.search(rf"run: Fisher gradients, step {step}/3: \d+/8 grad", err), step
+        assert f"run: inverses, step {step}/3: " in err and f"run: update, step {step}/3 " in err
+    assert "step 4/3" not in err
+    with display(True, "run", force=True):
+        wf.prune_one_shot(model, loader, sparsity=0.8, num_grads=24, num_steps=1)
+    err = capsys.readouterr().err
+    assert "run: Fisher gradients: " in err and ", step" not in err

@@ -365,8 +365,10 @@ def test_cli_bad_input_writes_nothing(pruned_files, monkeypatch):
     folder, _ = pruned_files
     out = folder / "sub" / "out.pt"
     common = ["--checkpoint", folder / "pruned.pt", "--out", out]
-    with pytest.raises(ValueError, match="--model must be one of"):
+    with pytest.raises(ValueError, match="--model 'nomodule:nothing': cannot import module 'nomodule'"):
         _cli("--model", "nomodule:nothing", "--format", "csr", *common)
+    with pytest.raises(ValueError, match="--model must be one of"):
+        _cli("--model", "vgg16", "--format", "csr", *common)
     with pytest.raises(ValueError, match="--blocksize applies"):
         _cli("--model", "digits_mlp", "--format", "csr", "--blocksize", "4", *common)
     with pytest.raises(ValueError, match="masks"):

@@ -345,3 +345,21 @@ def test_float32_model_agrees_with_float64():
 @pytest.mark.gpu
 def test_cuda_float32_model_agrees_with_cpu_float64():
     _float32_vs_float64("cuda")
+
+
+def test_result_and_curvature_print_as_short_summaries():
+    """``print(res)`` / ``print(curv)`` (or a notebook cell ending in one) show what was done in one line,
+    not every mask and inverse: the length does not grow with the model."""
+    lines = {}
+    for width in (8, 256):
+        model = tiny_mlp(sizes=(6, width, 4))
+        curvature = wf.estimate_curvature(model, tiny_data(), num_grads=16, block_size=8, progress=False)
+        result = wf.prune_with(model, curvature, 0.5)
+        total = 6 * width + width * 4
+        kept = sum(int(m.sum()) for m in result.masks.values())
+        lines[width] = (repr(result), repr(curvature))
+        assert f"sparsity={result.sparsity:.4f}" in lines[width][0]
+        assert f"({kept}/{total} entries kept)" in lines[width][0] and "method='woodfisher'" in lines[width][0]
+        assert f"damp={curvature.damp:.3g}" in lines[width][1] and "weights=2" in lines[width][1]
+        assert all("tensor(" not in text and "\n" not in text for text in lines[width])
+    assert all(abs(len(a) - len(b)) <= 8 for a, b in zip(lines[8], lines[256]))

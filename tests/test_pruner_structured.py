@@ -89,3 +89,47 @@ def test_rows_layerwise_removes_cheapest_rows_with_group_update():
         pruned_rows = {r for r in range(rows) if not res.masks[n][r].any()}
         assert pruned_rows == expect_rows
         assert all(res.masks[n][r].all() for r in range(rows) if r not in pruned_rows)
+
+
+def test_nm_pattern_fixes_the_sparsity_when_it_is_omitted():
+    """pattern="N:M" alone is a complete request (sparsity 1 - N/M, the same call as with it); a
+    pattern that fixes no sparsity ("rows") still needs one."""
+    loader = tiny_data(features=8, seed=0)
+    for method in ("woodfisher", "magnitude"):
+        model, ref = tiny_mlp(seed=0, sizes=(8, 4, 4)), tiny_mlp(seed=0, sizes=(8, 4, 4))
+        options = dict(pattern="1:4", method=method, num_grads=24, progress=False)
+        res = wf.prune_one_shot(model, loader, **options)
+        expected = wf.prune_one_shot(ref, loader, sparsity=0.75, **options)
+        assert res.sparsity == 0.75 and res.masks.keys() == expected.masks.keys()
+        for n in NAMES:
+            assert torch.all(res.masks[n].view(-1, 4).sum(1) == 1)
+            assert torch.equal(res.masks[n], expected.masks[n])
+            assert torch.equal(model.get_parameter(n), ref.get_parameter(n))
+    assert wf.PruneConfig.from_options(pattern="2:4").sparsity == 0.5
+    model = tiny_mlp(seed=0, sizes=(8, 4, 4))
+    before = copy.deepcopy(model.state_dict())
+    for options in (dict(pattern="rows"), dict()):
+        with pytest.raises(ValueError, match="sparsity is required"):
+            wf.prune_one_shot(model, loader, **options)
+    with pytest.raises(ValueError, match="pattern must be None, 'N:M'"):
+        wf.prune_one_shot(model, loader, pattern="2-4")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_nm_refusal_names_every_unfit_weight_and_the_way_out():
+    """A CNN stem (3 x 3 x 3 = 27 entries per filter) does not fit 2:4: the error names every weight that
+    does not fit, and pruning the others through ``modules=`` (as it says) gives exact 2:4 rows there."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5), torch.nn.Linear(5, 4)).double()
+    loader = [(torch.randn(8, 3, 6, 6, dtype=torch.float64), torch.randint(0, 4, (8,))) for _ in range(4)]
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"layer '0\.weight' has rows of 27 entries .* multiples of 4 \(weights that "
+                                         r"do not fit: \['0\.weight', '5\.weight'\]\); modules= naming the other 2"):
+        wf.prune_one_shot(model, loader, pattern="2:4", num_grads=16, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    res = wf.prune_one_shot(model, loader, pattern="2:4", num_grads=16, progress=False,
+                            modules=["2.weight", "4.weight"])
+    assert sorted(res.masks) == ["2.weight", "4.weight"] and res.sparsity == 0.5
+    assert all(torch.all(keep.reshape(-1, 4).sum(1) == 2) for keep in res.masks.values())
+    assert torch.equal(model[0].weight, before["0.weight"]) and torch.equal(model[5].weight, before["5.weight"])

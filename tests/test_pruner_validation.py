@@ -16,6 +16,9 @@ BAD = [
     (dict(fisher_batch_size=0), "fisher_batch_size"),
     (dict(block_size=0), "block_size"),
     (dict(num_steps=0), "num_steps"),
+    # the message lists every accepted form (the CLI spells whole layers 'layer', the API None)
+    (dict(block_size="layer"), r"block_size must be an int >= 1 or 'auto' or None \(whole layers\), got 'layer'"),
+    (dict(num_steps=0.5), r"num_steps must be an int >= 1 or 'auto', got 0\.5"),
     (dict(method="hessian"), "method"),
     (dict(mode="joint"), "mode"),
     (dict(damp=-1.0), "damp"),

@@ -231,15 +231,23 @@ def check_loader(loader: Any) -> None:
                          f"got {type(loader).__name__}")
 
 
+def _shapes(tree) -> list:
+    return [f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+            + ("" if x.device.type == "cpu" else f" on {x.device}")
+            for x in pytree.tree_leaves(tree) if _is_tensor(x)]
+
+
 def describe(batch: Batch) -> str:
-    """The shapes and dtypes of a batch's tensors, for messages: ``"args (8, 7) float32; target (8,) int64"``."""
+    """The shapes and dtypes of a batch's tensors, for messages: ``"args (8, 7) float32; target (8,) int64"``;
+    keyword inputs by name: ``"kwargs input_ids=(8, 12) int64, labels=(8,) int64"``."""
     parts = []
     for label, tree in (("args", batch.args), ("kwargs", batch.kwargs), ("target", batch.target)):
-        leaves = [x for x in pytree.tree_leaves(tree) if _is_tensor(x)]
-        if leaves:
-            parts.append(label + " " + ", ".join(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
-                                                 + ("" if x.device.type == "cpu" else f" on {x.device}")
-                                                 for x in leaves))
+        if label == "kwargs":
+            shapes = [f"{key}={shape}" for key, value in tree.items() for shape in _shapes(value)]
+        else:
+            shapes = _shapes(tree)
+        if shapes:
+            parts.append(label + " " + ", ".join(shapes))
     return "; ".join(parts) or "no tensors"
 
 
@@ -256,8 +264,13 @@ def loader_errors(batch: Batch, name: str = "loader"):
     except torch.OutOfMemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the caller's model on the caller's data
+        hint = ""
+        if isinstance(err, TypeError) and "labels" in batch.kwargs and "'labels'" in str(err):
+            hint = ("; the model does not take labels= (dict batches are passed as keyword arguments): pass "
+                    "batch_adapter=lambda b: woodfisher.Batch(kwargs={k: v for k, v in b.items() if k != 'labels'}, "
+                    "target=b['labels'])")
         raise ValueError(f"{name}: the model or the loss failed on a batch with {describe(batch)}: "
-                         f"{type(err).__name__}: {err}") from err
+                         f"{type(err).__name__}: {err}{hint}") from err
 
 
 def is_single_pass(loader: Iterable) -> bool:

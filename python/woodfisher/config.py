@@ -23,7 +23,7 @@ from .masks import check_min_density, check_sparsity
 from .methods import METHODS
 
 __all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "SCHEDULES", "check_int", "auto_num_steps",
-           "AUTO_BLOCK_PER_GRAD", "AUTO_STEP_KEEP", "AUTO_STEP_GRADS"]
+           "pattern_fixed_sparsity", "AUTO_BLOCK_PER_GRAD", "AUTO_STEP_KEEP", "AUTO_STEP_GRADS"]
 
 MODES = ("global", "layerwise")
 FORMS = ("auto", "sequential", "lowrank", "stream", "offload")
@@ -58,11 +58,26 @@ def auto_num_steps(start: float, final: float, num_grads: int, keep: float = AUT
     return max(1, min(max(n, -(-num_grads // most)), num_grads // fewest))
 
 
+def pattern_fixed_sparsity(pattern: Any) -> float:
+    """The sparsity an omitted ``sparsity`` takes: 1 - N/M for ``pattern="N:M"``, else a ValueError (required)."""
+    parsed = st.parse_pattern(pattern)
+    fixed = st.pattern_sparsity(parsed) if parsed is not None else None
+    if fixed is None:
+        raise ValueError("sparsity is required (only pattern='N:M' fixes it, at 1 - N/M)")
+    return fixed
+
+
 def check_int(name: str, value: Any, low: int = 1) -> int:
     """``value`` must be an int (not a bool) >= ``low``; ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return value
+
+
+def _check_int_or(name: str, value: Any, others: str) -> None:
+    """``value`` must be an int >= 1 (the caller has accepted ``others``); the message lists both."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1 or {others}, got {value!r}")
 
 
 def _check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:
@@ -80,7 +95,8 @@ class PruneConfig:
     """Every option of a pruning run (field names = keyword arguments = CLI config keys).
 
     Attributes:
-        sparsity: target fraction of zeros over the pruned weights, in [0, 1).
+        sparsity: target fraction of zeros over the pruned weights, in [0, 1) (:meth:`from_options`,
+            hence ``prune_one_shot``, take 1 - N/M when it is omitted with ``pattern="N:M"``).
         method: a name of :data:`woodfisher.methods.METHODS`: "woodfisher" (OBS with the
             blockwise inverse empirical Fisher, paper Eqs. 2, 10, 11), "magnitude"
             (layerwise |w|), "global_magnitude", "diag_fisher" (OBS with a diagonal Fisher),
@@ -175,13 +191,13 @@ class PruneConfig:
         for name in ("num_grads", "fisher_batch_size"):
             check_int(name, getattr(self, name))
         if self.num_steps != "auto":
-            check_int("num_steps", self.num_steps)
+            _check_int_or("num_steps", self.num_steps, "'auto'")
             if self.num_steps > self.num_grads:
                 raise ValueError(f"num_steps={self.num_steps} needs num_grads >= num_steps (num_grads={self.num_grads} "
                                  "is the total over all steps)")
         _check_choice("step_schedule", self.step_schedule, SCHEDULES)
         if self.block_size is not None and self.block_size != "auto":
-            check_int("block_size", self.block_size)
+            _check_int_or("block_size", self.block_size, "'auto' or None (whole layers)")
         check_damp(self.damp)
         beta = self.beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
@@ -273,7 +289,7 @@ class PruneConfig:
         if unknown:
             raise ValueError(f"unknown option(s) {unknown}; options are the fields of PruneConfig")
         if "sparsity" not in options:
-            raise ValueError("sparsity is required")
+            options["sparsity"] = pattern_fixed_sparsity(options.get("pattern"))
         return cls(**options)
 
     def as_dict(self) -> Dict[str, Any]:

@@ -101,6 +101,17 @@ class Curvature:
             target.block_size = layout.block_size
         return targets
 
+    def __repr__(self) -> str:
+        """A summary (the inverses and gradients themselves are not printed)."""
+        forms: Dict[str, int] = {}
+        for form in self.forms.values():
+            forms[str(form)] = forms.get(str(form), 0) + 1
+        damp = "None" if self.damp is None else f"{self.damp:.3g}"
+        return (f"Curvature(kind={self.kind!r}, method={self.config.method!r}, weights={len(self.layouts)}, "
+                f"forms={forms}, damp={damp}, num_grads={self.config.num_grads}, "
+                f"block_size={self.config.block_size!r}, gradients {'kept' if self.grads is not None else 'not kept'}"
+                f"{'' if self.shard is None else ', sharded'})")
+
     def with_damp(self, damp: float) -> "Curvature":
         """The same gradients inverted with another lambda (blockwise curvature with kept gradients only)."""
         if self.kind != "blockwise" or self.grads is None:

@@ -30,7 +30,7 @@ from .distributed.group import active_group
 from .finetune import hold_target_masks
 from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
 from .methods import StepContext
-from .progress import display
+from .progress import display, step_label
 from .result import PruneResult, layer_rows
 from .state import Snapshot
 from .targets import PruneTarget, resolve_targets
@@ -85,12 +85,15 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
 
     ``model`` must hold the weights the curvature was estimated on (the same model, or a
     copy of it: a sweep prunes copies with one curvature). ``options`` override selection
-    options of the curvature's config (mode, min_density, obs_update, beta, ...).
+    options of the curvature's config (mode, min_density, obs_update, beta, pattern, ...);
+    the options the curvature fixed (:data:`FIXED_BY_CURVATURE`: method, block_size,
+    num_grads, damp, woodtaylor, modules, ...) can only be passed with the curvature's values.
 
     Returns:
         :class:`PruneResult`.
     Raises:
-        ValueError: bad options, a model whose weights do not match the curvature, or weights
+        ValueError: bad options, an option the curvature fixed with another value (naming it;
+            ``Curvature.with_damp`` changes the damp), a model whose weights do not match the curvature, or weights
             that cannot be pruned (:func:`woodfisher.checks.check_prunable`); the model is unchanged.
     """
     if not isinstance(curvature, Curvature):
@@ -100,8 +103,32 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
         return _prune_with(model, curvature, sparsity, options)
 
 
+#: Options a curvature was estimated with: :func:`prune_with` cannot change them (it would ignore them).
+FIXED_BY_CURVATURE = ("method", "block_size", "num_grads", "fisher_batch_size", "damp", "num_steps", "step_schedule",
+                      "woodtaylor", "modules", "sampled_fisher", "seed", "loss_fn", "batch_adapter", "inverse_form",
+                      "memory_budget", "group")
+
+
+def _check_fixed(curvature: Curvature, config: PruneConfig) -> None:
+    """ValueError naming an option of ``config`` that differs from one the curvature fixed."""
+    for name in FIXED_BY_CURVATURE:
+        value, fixed = getattr(config, name), getattr(curvature.config, name)
+        if value == fixed or (name == "damp" and value == curvature.damp) or (name == "num_steps" and value == 1):
+            continue
+        if name == "damp":
+            how = "curvature.with_damp(d) re-inverts it for another damp without new gradients"
+        elif name in ("num_steps", "step_schedule"):
+            how = ("prune_with is one step with the curvature it is given; prune_one_shot(model, loader, "
+                   f"{name}=...) recomputes the Fisher on the way")
+        else:
+            how = f"estimate a new curvature with estimate_curvature(model, loader, {name}=...)"
+        raise ValueError(f"{name}={value!r} cannot be changed by prune_with: the curvature was estimated with "
+                         f"{name}={fixed!r}; {how}")
+
+
 def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> PruneResult:
     config = curvature.config.replace(sparsity=sparsity, **options)
+    _check_fixed(curvature, config)
     targets = curvature.targets(model)
     config.method_impl.check_targets(targets, config)
     check_prunable(targets, config)
@@ -151,12 +178,13 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     damp, forms, kappa = None, {}, {}
     try:
         with display(config.progress):
-            for (target, _), step_config in zip(steps, configs):
-                targets = resolve_targets(model, config.modules, method.block_size(step_config))
-                curvature = _estimate(model, loader, targets, step_config)
-                for phase in ("gradients", "inverse"):
-                    timings[phase] += curvature.timings[phase]
-                _apply(targets, curvature, step_config, target, timings)
+            for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
+                with step_label(f"step {i + 1}/{len(steps)}" if len(steps) > 1 else None):
+                    targets = resolve_targets(model, config.modules, method.block_size(step_config))
+                    curvature = _estimate(model, loader, targets, step_config)
+                    for phase in ("gradients", "inverse"):
+                        timings[phase] += curvature.timings[phase]
+                    _apply(targets, curvature, step_config, target, timings)
                 damp, forms = curvature.damp, curvature.forms
                 kappa.update({n: max(k, kappa.get(n, 0.0)) for n, k in curvature.kappa.items()})
         # once per call, with the worst step of each layer

@@ -33,7 +33,7 @@ try:
 except ImportError:  # pragma: no cover - tqdm is a dependency, this only guards odd installs
     tqdm = None
 
-__all__ = ["Progress", "display", "current", "phase", "progress_bar", "write_line"]
+__all__ = ["Progress", "display", "current", "phase", "step_label", "progress_bar", "write_line"]
 
 _OPEN = "{desc} [{elapsed}]"
 _COUNTED = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}]"
@@ -86,6 +86,7 @@ class Progress:
         self.seconds: Dict[str, float] = {}
         self.stack: List[list] = []  # [phase, started (perf_counter), seconds of its nested phases]
         self.bar = None
+        self.suffix = ""  # after the phase name while a :func:`step_label` block runs, e.g. ", step 2/8"
         self.stream = sys.stderr  # tqdm's default file, read now as tqdm reads it
         if (enabled or force) and tqdm is not None:
             bar = tqdm(total=None, desc=desc, leave=False, dynamic_ncols=True, bar_format=_OPEN,
@@ -104,7 +105,7 @@ class Progress:
         if self.bar is None:
             return
         # label, unit and format first: reset() redraws, and must not show the new count under the old label
-        self.bar.set_description_str(f"{self.desc}: {handle.name}", refresh=False)
+        self.bar.set_description_str(f"{self.desc}: {handle.name}{self.suffix}", refresh=False)
         self.bar.unit = handle.unit
         self.bar.bar_format = _OPEN if handle.total is None else _COUNTED
         self.bar.total = handle.total
@@ -173,6 +174,21 @@ def phase(name: str, total: Optional[int] = None, unit: str = "it") -> Iterator[
         yield handle
     finally:
         handle.close()
+
+
+@contextlib.contextmanager
+def step_label(text: Optional[str]) -> Iterator[None]:
+    """Show ``text`` (e.g. ``"step 2/8"``) after the phase names of the active display during the block
+    (nothing without a display or with ``text=None``); the phases' timings are unchanged."""
+    active = _ACTIVE.get()
+    if active is None or text is None:
+        yield
+        return
+    previous, active.suffix = active.suffix, f", {text}"
+    try:
+        yield
+    finally:
+        active.suffix = previous
 
 
 def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True):

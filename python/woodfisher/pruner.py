@@ -37,7 +37,8 @@ def prune_one_shot(model: nn.Module, loader: Optional[Iterable], config: Optiona
         loader: iterable of batches for the Fisher: ``(inputs, targets)``, dicts (HF) or
             tensors (see :mod:`woodfisher.batches`); None for magnitude methods.
         config: a :class:`PruneConfig`; keyword ``options`` override its fields.
-        **options: the fields of :class:`PruneConfig` (``sparsity`` is required), e.g.
+        **options: the fields of :class:`PruneConfig` (``sparsity`` is required, except with an
+            N:M ``pattern``, which fixes it at 1 - N/M), e.g.
             ``sparsity=0.8, method="woodfisher", mode="global", block_size=1000,
             num_grads=1000, fisher_batch_size=1, damp="auto", num_steps=4``. The defaults
             (``block_size``, ``damp`` and ``num_steps`` "auto") give a real second-order mask:

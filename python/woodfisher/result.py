@@ -40,6 +40,17 @@ class PruneResult:
     collapsed: List[str] = field(default_factory=list)
     magnitude_overlap: Optional[float] = None
 
+    def __repr__(self) -> str:
+        """A summary (the masks themselves are not printed: a notebook cell showing a result stays short)."""
+        total = sum(row["numel"] for row in self.layers)
+        kept = sum(row["nnz"] for row in self.layers)
+        damp = "None" if self.damp is None else f"{self.damp:.3g}"
+        overlap = "None" if self.magnitude_overlap is None else f"{self.magnitude_overlap:.3f}"
+        return (f"PruneResult(sparsity={self.sparsity:.4f}, method={self.config.get('method')!r}, damp={damp}, "
+                f"weights={len(self.layers)} ({kept}/{total} entries kept), collapsed={self.collapsed}, "
+                f"magnitude_overlap={overlap}, seconds={self.timings.get('total', 0.0):.2f}; "
+                "see .masks, .layers, .timings)")
+
 
 def layer_rows(masks: Dict[str, torch.Tensor], forms: Optional[Dict[str, Optional[str]]] = None) -> List[dict]:
     """[{name, shape, numel, nnz, sparsity, inverse}] of keep-masks, in order."""

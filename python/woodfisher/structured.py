@@ -52,14 +52,19 @@ def pattern_sparsity(parsed: Pattern) -> Optional[float]:
 
 def check_pattern_layers(parsed: Pattern, layers: List[PruneTarget]) -> None:
     """Refuse layers whose rows / blocks do not fit the pattern (naming the layer)."""
+    if parsed[0] == "nm":
+        m = parsed[2]
+        unfit = [layer for layer in layers if layer.row_length % m or layer.block_size % m]
+        if unfit:
+            first, fit = unfit[0], len(layers) - len(unfit)
+            names = [layer.name for layer in unfit[:6]] + (["..."] if len(unfit) > 6 else [])
+            hint = f"; modules= naming the other {fit} weight(s) prunes those" if fit else ""
+            raise ValueError(f"pattern '{parsed[1]}:{m}': layer {first.name!r} has rows of {first.row_length} "
+                             f"entries and blocks of {first.block_size}; both must be multiples of {m} "
+                             f"(weights that do not fit: {names}){hint}")
+        return
     for layer in layers:
-        if parsed[0] == "nm":
-            m = parsed[2]
-            if layer.row_length % m or layer.block_size % m:
-                raise ValueError(f"pattern '{parsed[1]}:{m}': layer {layer.name!r} has rows of "
-                                 f"{layer.row_length} entries and blocks of {layer.block_size}; "
-                                 f"both must be multiples of {m}")
-        elif layer.block_size % layer.row_length:
+        if layer.block_size % layer.row_length:
             raise ValueError(f"pattern 'rows': block_size {layer.block_size} of layer {layer.name!r} "
                              f"must be a multiple of its row length {layer.row_length} (or None)")
 

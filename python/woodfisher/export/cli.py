@@ -21,12 +21,12 @@ message and writes nothing.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ..models import MODEL_SPECS
 
@@ -65,15 +65,18 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def _factory(spec: str) -> Tuple[Callable[[], nn.Module], Optional[Tuple[int, ...]]]:
+    """A built-in model or, as for ``woodfisher prune``, ``package.module:factory`` / ``file.py:factory``
+    (the current directory importable; the reason named when it cannot be loaded)."""
+    from ..cli._common import is_import_path, load_object  # late: woodfisher.cli imports this module
+
     if spec in MODEL_SPECS:
         return MODEL_SPECS[spec].factory, MODEL_SPECS[spec].input_shape
-    module_name, _, attr = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr) if attr else None
-    except (ImportError, AttributeError, ValueError):
-        factory = None
+    if not is_import_path(spec):
+        raise ValueError(f"--model must be one of {sorted(MODEL_SPECS)} or 'package.module:factory' / "
+                         f"'file.py:factory', got {spec!r}")
+    factory = load_object(spec, "--model")
     if not callable(factory):
-        raise ValueError(f"--model must be one of {sorted(MODEL_SPECS)} or 'package.module:factory', got {spec!r}")
+        raise ValueError(f"--model {spec!r} is a {type(factory).__name__}, not a function returning the nn.Module")
     return factory, None
 
 
@@ -88,8 +91,11 @@ def _load_masks(path: Optional[str]):
     return masks
 
 
-def _max_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.detach().double().cpu() - ref.detach().double().cpu()).abs().max())
+def _max_diff(got, ref) -> float:
+    """Largest ``|got - ref|`` over the tensors of two outputs: tensors, tuples or dicts (HF-style outputs)."""
+    pairs = zip(*(([x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]) for out in (got, ref)))
+    return max((float((a.detach().double().cpu() - b.detach().double().cpu()).abs().max()) for a, b in pairs),
+               default=0.0)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -171,11 +177,11 @@ def _converted(exported: nn.Module, dense: nn.Module, args: argparse.Namespace) 
     raise ValueError(f"--format {args.format} converted no layer, nothing written: " + "; ".join(why))
 
 
-def _onnx_diff(path: str, sample: torch.Tensor, ref: torch.Tensor) -> Optional[float]:
+def _onnx_diff(path: str, sample: torch.Tensor, ref) -> Optional[float]:
     try:
         import onnxruntime
     except ImportError:
         return None
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: sample.numpy()})[0]
-    return _max_diff(torch.from_numpy(got), ref)
+    got = session.run(None, {session.get_inputs()[0].name: sample.numpy()})
+    return _max_diff([torch.from_numpy(x) for x in got], ref)
