@@ -8,8 +8,7 @@ from _pruner_shared import same_state, state_copy, tiny_data
 from torch import nn
 
 import woodfisher.finetune as finetune
-from woodfisher import attach_masks, make_permanent, prune_one_shot, recalibrate_bn
-from woodfisher.state import clone_model
+from woodfisher import attach_masks, clone_model, make_permanent, prune_one_shot, recalibrate_bn
 
 
 class Net(nn.Module):

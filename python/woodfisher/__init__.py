@@ -12,7 +12,8 @@ Main entry points:
   masks kept with ``torch.nn.utils.prune``.
 - Fine-tuning after one-shot pruning: ``prune_one_shot(..., keep_masks=True)`` or
   :func:`attach_masks` (masks held with ``torch.nn.utils.prune``), :func:`make_permanent`,
-  :func:`recalibrate_bn` (BatchNorm statistics of the pruned model).
+  :func:`recalibrate_bn` (BatchNorm statistics of the pruned model), :func:`clone_model`
+  (a deep copy that also works while masks are attached, where ``copy.deepcopy`` fails).
 - :class:`FisherHook`: the Fisher fed from the training loop (running block inverses from
   the optimizer's gradients, :mod:`.hooks`), for gradual pruning without extra data passes.
 - Under a ``torch.distributed`` process group the pruning calls are collective and the
@@ -40,6 +41,7 @@ from .masks import check_sparsity, select_masks, sparsity_of
 from .methods import METHODS
 from .pruner import estimate_curvature, prune_one_shot, prune_with
 from .result import PruneResult
+from .state import clone_model
 from .targets import PruneTarget, resolve_targets
 from .tuning import search_damp
 
@@ -52,5 +54,6 @@ __all__ = [
     "GradualPruner", "make_permanent", "METHODS", "polynomial_sparsity", "PrunableLayer", "prune_one_shot",
     "prune_with", "PruneConfig", "PruneResult", "PruneTarget", "resolve_layers", "resolve_targets",
     "search_damp", "select_masks", "sparsity_of", "layer_flops_per_param", "attach_masks", "recalibrate_bn",
+    "clone_model",
 ]
 
