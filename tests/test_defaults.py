@@ -13,7 +13,7 @@ from torch import nn
 
 import woodfisher as wf
 from woodfisher.cli import parse_args
-from woodfisher.config import AUTO_BLOCK_PER_GRAD, AUTO_STEP_GRADS, AUTO_STEP_KEEP, auto_num_steps
+from woodfisher.config import AUTO_BLOCK_PER_GRAD, AUTO_MANY_STEPS, AUTO_STEP_GRADS, AUTO_STEP_KEEP, auto_num_steps
 from woodfisher.diagnostics import magnitude_overlap
 
 
@@ -135,3 +135,18 @@ def test_auto_steps_with_a_single_pass_loader_prune_in_one_step():
         got = wf.prune_one_shot(tiny_mlp(), iter(data), sparsity=0.8, num_grads=128, progress=False)
     assert got.config["steps"] == [[0.8, 128]]
     assert all(torch.equal(ref.masks[k], got.masks[k]) for k in ref.masks)
+
+
+def test_auto_steps_warn_when_a_large_num_grads_plans_many_recomputations():
+    """num_grads is the total over the call: a large one means many steps; say so before running any."""
+    most = AUTO_STEP_GRADS[1]
+    assert len(wf.PruneConfig(sparsity=0.8, num_grads=(AUTO_MANY_STEPS + 1) * most).steps()) == AUTO_MANY_STEPS + 1
+    with pytest.warns(UserWarning, match=f"{AUTO_MANY_STEPS + 1} Fisher recomputations.*num_steps="), \
+            pytest.raises(ValueError, match="loader is required"):    # warned up front, before the data is read
+        wf.prune_one_shot(tiny_mlp(), None, sparsity=0.8, num_grads=(AUTO_MANY_STEPS + 1) * most)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="loader is required"):
+            wf.prune_one_shot(tiny_mlp(), None, sparsity=0.8, num_grads=AUTO_MANY_STEPS * most)
+        with pytest.raises(ValueError, match="loader is required"):   # an explicit num_steps is the user's choice
+            wf.prune_one_shot(tiny_mlp(), None, sparsity=0.8, num_grads=10 ** 6, num_steps=2)

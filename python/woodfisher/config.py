@@ -22,7 +22,7 @@ from .distributed.group import check_group, describe_group
 from .masks import check_min_density, check_sparsity
 from .methods import METHODS
 
-__all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "SCHEDULES", "check_int", "auto_num_steps",
+__all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "SCHEDULES", "AUTO_MANY_STEPS", "check_int", "auto_num_steps",
            "pattern_fixed_sparsity", "AUTO_BLOCK_PER_GRAD", "AUTO_STEP_KEEP", "AUTO_STEP_GRADS"]
 
 MODES = ("global", "layerwise")
@@ -38,6 +38,9 @@ AUTO_STEP_KEEP = 0.8
 #: ... within (fewest, most) gradients per step when ``num_grads`` allows: no step holds more gradients
 #: than the most (the memory of a step), none has fewer than the fewest (the Fisher's noise).
 AUTO_STEP_GRADS = (64, 128)
+#: ``num_steps="auto"`` planning more Fisher recomputations than this warns (num_grads is the
+#: total over the call: a large one means many steps, each a full gradient collection + inversion).
+AUTO_MANY_STEPS = 16
 
 
 def auto_num_steps(start: float, final: float, num_grads: int, keep: float = AUTO_STEP_KEEP,

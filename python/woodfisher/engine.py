@@ -22,7 +22,7 @@ from torch import nn
 from .batches import is_single_pass
 from .checks import check_prunable
 from .conditioning import warn_ill_conditioned
-from .config import PruneConfig
+from .config import AUTO_MANY_STEPS, AUTO_STEP_GRADS, PruneConfig
 from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
 from .diagnostics import magnitude_overlap, warn_if_degenerate
 from .distributed.fsdp import full_parameters
@@ -160,6 +160,10 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                       "read only once (a generator?): pruning in one step; pass a list or a DataLoader to get "
                       "the recomputation", UserWarning, stacklevel=3)
         steps = config.replace(num_steps=1).steps(sparsity_of(before[1]))
+    if config.num_steps == "auto" and len(steps) > AUTO_MANY_STEPS:
+        warnings.warn(f"num_steps='auto' plans {len(steps)} Fisher recomputations for num_grads={config.num_grads} "
+                      f"(num_grads is the total over the call, at most {AUTO_STEP_GRADS[1]} per step); pass "
+                      f"num_steps=<fewer> for fewer, larger steps", UserWarning, stacklevel=3)
     configs = [config.replace(num_grads=m, num_steps=1) for _, m in steps]
     targets = resolve_targets(model, config.modules, method.block_size(configs[0]))
     method.check_targets(targets, config)
