@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -185,3 +186,31 @@ def test_prune_one_shot_same_result_for_any_loader_batch():
             assert torch.equal(res.masks[n], results[0][0].masks[n])
         for p, q in zip(params, results[0][1]):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.emb, self.enc, self.head = nn.Linear(8, 64), nn.TransformerEncoder(layer, 1), nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+def test_attention_models_get_batched_per_sample_gradients_without_the_vmap_fallback():
+    """Scaled dot-product attention under vmap runs the math kernel (which has batching rules):
+    no 'performance drop' fallback loop, and the same gradients as one backward per sample."""
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    x, y = torch.randn(12, 5, 8), torch.randint(0, 3, (12,))
+    loader = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4)]
+    targets = resolve_targets(model, None)
+    with warnings.catch_warnings(record=True) as caught:   # (as errors they would only trigger the
+        warnings.simplefilter("always")                    # collector's autograd-loop fallback)
+        got = GradientCollector(model, loader, targets, num_grads=12, progress=False).collect()
+    assert not [w for w in caught if "performance drop" in str(w.message)]
+    names = [t.name for t in targets]
+    ref = per_sample_grads(model, loader, names, 12)
+    for t in targets:
+        torch.testing.assert_close(got[t.name].double(), ref[t.name].double(), rtol=1e-4, atol=1e-6)

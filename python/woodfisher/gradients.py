@@ -49,6 +49,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 import woodfisher_kernels as wk
@@ -277,8 +278,11 @@ class GradientCollector:
             groups = flat.map_batched(lambda x: x.reshape(count, 1, *x.shape[1:]))
             dims = pytree.tree_map(lambda f: 0 if f else None, groups.batched())
             try:
-                return vmap(grad(group_loss), in_dims=(None, *dims), randomness="different")(
-                    sub, groups.args, groups.kwargs, groups.target)
+                # the math attention kernel has vmap batching rules (flash / efficient SDPA fall
+                # back to a per-sample loop under vmap, with a warning): same gradients, batched
+                with sdpa_kernel([SDPBackend.MATH]):
+                    return vmap(grad(group_loss), in_dims=(None, *dims), randomness="different")(
+                        sub, groups.args, groups.kwargs, groups.target)
             except Exception:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
                 self._use_vmap = False
         out = {k: [] for k in self._keys}
