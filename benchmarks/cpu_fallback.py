@@ -1,9 +1,11 @@
 """CPU fallback speed (issue 10), side by side with the machine's sgemm peak of the same run.
 
-Part 1, blockwise build: ``fisher_inverse(backend="torch")`` against the previous torch
-fallback (:mod:`benchmarks.previous`) for c in {64, 128, 256}, m = c, at two sizes:
-2^27 bytes of inverses (8192 / 2048 / 512 blocks: the build streams its gradients in and
-its inverses out of main memory) and 2 MiB (the L2 cache of one core: the kernel's own
+Part 1, blockwise build: ``fisher_inverse`` with the C kernel (``backend="cpu"``, where built)
+and the torch fallback (``backend="torch"``) against the previous torch fallback
+(:mod:`benchmarks.previous`) for c in {64, 128, 256}, m = c, at two sizes: 2^27 bytes of
+inverses (8192 / 2048 / 512 blocks: the build streams its gradients in and its inverses out
+of main memory; the public op) and 2 MiB (the L2 cache of one core, the backends' raw
+implementations timed right after an untimed call on the same inputs: the kernel's own
 speed). Every repeat times a 2048^3 sgemm right before the call, so each "% of peak" is a
 ratio of two measurements seconds apart, both in CPU time of this process (a shared host's
 other jobs do not count); medians over the repeats. Flop rate = nominal 4 m c^2 flops per
@@ -24,6 +26,7 @@ MLPNet, ResNet-20 and a MobileNet-like net, C kernel against torch fallback.
 
 Usage (repository root):
     OMP_NUM_THREADS=1 python -m benchmarks.cpu_fallback --data-root ../shared/data --out benchmarks/results
+    ... --parts cache step                              # re-measure some parts, keep the others
     python -m benchmarks.cpu_fallback --quick            # tiny synthetic shapes (CI smoke)
 Writes ``<out>/cpu_fallback.json`` and ``.md`` (``cpu_fallback_quick.*`` with --quick).
 """
@@ -45,6 +48,7 @@ from woodfisher_kernels import testing
 
 SPARSITIES = (0.5, 0.7, 0.8)
 CPU_KERNEL = "C kernel (backend cpu)"
+PARTS = ("build", "cache", "lowrank", "step")
 
 
 def _timed(fn) -> Tuple[float, float]:
@@ -55,7 +59,7 @@ def _timed(fn) -> Tuple[float, float]:
 
 
 def _side_by_side(calls: Dict[str, Callable], flops: float, repeats: int, peak_n: int,
-                  moved_bytes: int = 0) -> Dict[str, Dict]:
+                  moved_bytes: int = 0, warm: bool = False) -> Dict[str, Dict]:
     """Per method: median wall and CPU seconds, GFLOP/s, and % of the sgemm peak timed just before each call.
 
     Methods are interleaved within every repeat (sgemm, method 1, sgemm, method 2, ...), and
@@ -64,7 +68,9 @@ def _side_by_side(calls: Dict[str, Callable], flops: float, repeats: int, peak_n
     speed-up of method 1 over method k is the median over repeats of their CPU-time ratio.
     With ``moved_bytes`` > 0 every call is also preceded by a copy of ``moved_bytes / 2``
     bytes (``moved_bytes`` moved): the memory floor of the call, and its roofline ceiling
-    ``min(1, flops / floor / peak)`` as a % of the same repeat's peak.
+    ``min(1, flops / floor / peak)`` as a % of the same repeat's peak. ``warm``: call the
+    method once, untimed, right before the timed call (its inputs then sit in cache: the
+    sgemm and the copy evict them otherwise).
     """
     a = torch.randn(peak_n, peak_n)
     peak_flops = 2.0 * peak_n ** 3
@@ -83,6 +89,8 @@ def _side_by_side(calls: Dict[str, Callable], flops: float, repeats: int, peak_n
         for name, fn in calls.items():
             peak_cpu = _timed(sgemm)[1]
             floor_cpu = _timed(copy)[1] if moved_bytes else 0.0
+            if warm:
+                fn()
             wall, cpu = _timed(fn)
             log[name]["wall"].append(wall)
             log[name]["cpu"].append(cpu)
@@ -128,17 +136,21 @@ def _build_methods(damp: float, num_samples: float, raw: bool = False) -> Dict[s
 
 
 def run_build(sizes: List[int], inverse_bytes: int, repeats: int, peak_n: int, damp: float = 1e-3,
-              raw: bool = False) -> List[Dict]:
-    """One row per c: every method at m = c with ``inverse_bytes`` of float32 inverses (``raw``: see
-    :func:`_build_methods`)."""
+              in_cache: bool = False) -> List[Dict]:
+    """One row per c: every method at m = c with ``inverse_bytes`` of float32 inverses.
+
+    ``in_cache``: the backends' raw implementations (:func:`_build_methods`), each timed right
+    after an untimed call on the same inputs (warm caches), no memory floor; else the public op
+    with the memory floor of the bytes it moves."""
     rows = []
     for c in sizes:
         blocks = max(1, inverse_bytes // (4 * c * c))
         grads = torch.randn(blocks, c, c, generator=torch.Generator().manual_seed(c))
         flops = 4.0 * c * c * c * blocks
-        methods = _build_methods(damp, float(c), raw)
+        methods = _build_methods(damp, float(c), in_cache)
         res = _side_by_side({name: (lambda fn=fn: fn(grads)) for name, fn in methods.items()},
-                            flops, repeats, peak_n, moved_bytes=2 * 4 * c * c * blocks)
+                            flops, repeats, peak_n, moved_bytes=0 if in_cache else 2 * 4 * c * c * blocks,
+                            warm=in_cache)
         idx = torch.arange(min(4, blocks))
         ref = testing.svd_inverse(grads[idx], damp)
         for name, fn in methods.items():
@@ -254,7 +266,8 @@ def markdown(result: Dict) -> str:
              "every call; ceiling: the % of peak of a build that ran at that floor, min(1, flops / floor / peak).",
              ""]
     for key, title in (("build", "inverses in main memory, the public op"),
-                       ("build_in_cache", "inverses in L2, the backends' implementations (the kernel's own speed)")):
+                       ("build_in_cache", "inverses in L2 (warm), the backends' implementations "
+                                          "(the kernel's own speed)")):
         if not result.get(key):
             continue
         lines += [f"### {title}", "",
@@ -307,27 +320,34 @@ def main(argv=None) -> Dict:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--out", default=None, help="directory for cpu_fallback[_quick].json / .md")
     p.add_argument("--note", default="", help="free text for the report (e.g. 'host shared with other jobs')")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="measure only these parts; the others are kept from an existing JSON in --out")
     args = p.parse_args(argv)
     device = torch.device("cpu")
     repeats = args.repeats or (2 if args.quick else 5)
     peak_n = 512 if args.quick else 2048
     result = {"device": cm.device_info(device), "note": args.note, "repeats": repeats}
+    base = os.path.join(args.out or ".", "cpu_fallback" + ("_quick" if args.quick else ""))
+    if set(args.parts) != set(PARTS) and args.out and os.path.exists(base + ".json"):
+        with open(base + ".json") as f:
+            result = dict(json.load(f), note=args.note or result["note"])
     sizes = [16, 32] if args.quick else [64, 128, 256]
-    result["build"] = run_build(sizes, 2 ** 18 if args.quick else 2 ** 27, repeats, peak_n)
-    if not args.quick:      # the kernel's own speed: inverses in L2, short calls, more repeats
-        result["build_in_cache"] = run_build(sizes, 2 ** 21, 4 * repeats, peak_n, raw=True)
-    if args.quick:
-        gen = torch.Generator().manual_seed(0)
-        grads = {f"l{i}": torch.randn(40, 300 * (i + 1), generator=gen) * 0.05 for i in range(2)}
-        weights = {n: torch.randn(g.shape[1], generator=gen) for n, g in grads.items()}
-    else:
-        grads, weights = resnet20_gradients(args.data_root, 1000)
-    result["lowrank"] = run_lowrank(grads, weights, 1e-5, max(1, repeats // 2 + 1), peak_n)
-    if not args.quick:
+    if "build" in args.parts:
+        result["build"] = run_build(sizes, 2 ** 18 if args.quick else 2 ** 27, repeats, peak_n)
+    if "cache" in args.parts and not args.quick:  # the kernel's own speed: warm L2, short calls, more repeats
+        result["build_in_cache"] = run_build(sizes, 2 ** 21, 4 * repeats, peak_n, in_cache=True)
+    if "lowrank" in args.parts:
+        if args.quick:
+            gen = torch.Generator().manual_seed(0)
+            grads = {f"l{i}": torch.randn(40, 300 * (i + 1), generator=gen) * 0.05 for i in range(2)}
+            weights = {n: torch.randn(g.shape[1], generator=gen) for n, g in grads.items()}
+        else:
+            grads, weights = resnet20_gradients(args.data_root, 1000)
+        result["lowrank"] = run_lowrank(grads, weights, 1e-5, max(1, repeats // 2 + 1), peak_n)
+    if "step" in args.parts and not args.quick:
         result["step"] = run_step(["mlpnet", "resnet20", "mobilenet"], 512, max(1, repeats // 2 + 1))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        base = os.path.join(args.out, "cpu_fallback" + ("_quick" if args.quick else ""))
         with open(base + ".json", "w") as f:
             json.dump(result, f, indent=1)
         with open(base + ".md", "w") as f:
