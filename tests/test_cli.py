@@ -141,3 +141,16 @@ def test_export_subcommand_through_main(digits_ckpt, tmp_path):
                  "--out", str(target), "--min-sparsity", "0.5", "--device", "cpu"]) == 0
     state = torch.load(target, weights_only=True)
     assert any(v.layout == torch.sparse_csr for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def test_an_nm_pattern_gives_the_sparsity_on_the_command_line_and_in_a_config(tmp_path, capsys):
+    base = ["prune", "--model", "mlpnet", "--checkpoint", "w.pt"]
+    assert parse_args(base + ["--pattern", "2:4"]).sparsity == 0.5
+    assert parse_args(base + ["--pattern", "1:4"]).sparsity == 0.75
+    cfg = tmp_path / "nm.json"
+    cfg.write_text(json.dumps({"pattern": "2:4"}))
+    assert parse_args(base + ["--config", str(cfg)]).sparsity == 0.5
+    for rest in ([], ["--pattern", "rows"]):        # nothing fixes it: still required
+        with pytest.raises(SystemExit) as exc:
+            parse_args(base + rest)
+        assert exc.value.code == 2 and "required: --sparsity" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
+from ..config import pattern_fixed_sparsity
 from . import demo, export, pai, prune, report
 from ._common import Parser, one_line
 from ._config import config_defaults, load_config
@@ -47,17 +48,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse ``argv``; a ``--config`` file sets the subcommand's defaults, flags override.
 
     Required flags are required by argparse (shown so in ``--help`` and the usage line),
-    unless the config file gives them.
+    unless the config file gives them; ``--pattern N:M`` gives ``--sparsity`` (1 - N/M).
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = Parser(prog="woodfisher", add_help=False)
     pre.add_argument("--config")
+    pre.add_argument("--pattern")
     known, _ = pre.parse_known_args(argv)
     command = next((a for a in argv if a in {c.__name__.rsplit(".", 1)[1] for c in COMMANDS}), None)
-    if known.config and command is not None:
+    if command is not None:
         sub = _subparser(parser, command)
-        defaults = config_defaults(sub, load_config(known.config))
+        defaults = config_defaults(sub, load_config(known.config)) if known.config else {}
+        pattern = known.pattern or defaults.get("pattern")
+        if "sparsity" not in defaults and any(a.dest == "sparsity" for a in sub._actions):
+            try:
+                defaults["sparsity"] = pattern_fixed_sparsity(pattern)
+            except ValueError:
+                pass                    # no N:M pattern (or a bad one, refused when the flags are parsed)
         sub.set_defaults(**defaults)
         for action in sub._actions:
             if action.dest in defaults:
