@@ -71,7 +71,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="apply the OBS weight update (--no-obs-update: only zero the pruned weights)")
     p.add_argument("--woodtaylor", action="store_true", help="use the WoodTaylor statistic (first-order term)")
     p.add_argument("--beta", type=float, default=0.0, help="FLOPs-aware exponent (0 = off)")
-    p.add_argument("--pattern", default=None, help="semi-structured N:M pattern (e.g. 2:4) or 'rows'")
+    p.add_argument("--pattern", default=None, help="semi-structured N:M pattern (e.g. 2:4; gives --sparsity 1 - N/M) "
+                   "or 'rows'")
     p.add_argument("--modules", nargs="+", default=None,
                    help="module or weight names to prune (default: the model's standard set)")
     p.add_argument("--group-exact", action=argparse.BooleanOptionalAction, default=True,
