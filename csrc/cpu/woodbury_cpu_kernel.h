@@ -51,10 +51,13 @@ static inline void WF_FN(gemm_ut)(const float *g, const float *o, float *ut, int
   }
 }
 
-/* o (cp x cp) -= w^T w, w (kp x cp): a 4 x 64 (then 4 x 16) tile of w^T w in registers per pass over k. */
-static inline void WF_FN(syrk_sub)(const float *w, float *o, int kp, int cp) {
+/* o (cp x cp) -= w^T w, w (kp x cp): a 4 x 64 (then 4 x 16) tile of w^T w in registers per pass over k.
+   init: o = -w^T w (o is not read: the first chunk of a build, before the diagonal I / damp is added). */
+static inline void WF_FN(syrk_sub)(const float *w, float *o, int kp, int cp, int init) {
   /* the products are summed over k in registers first and subtracted from o once per chunk:
      one rounding at o's magnitude, as the torch fallback's baddbmm (not one per gradient) */
+  const vf zero = WF_FN(bc)(0);
+#define SUB(p, acc) WF_FN(st)(p, (init ? zero : WF_FN(ld)(p)) - (acc))
   for (int i = 0; i < cp; i += 4) {
     int j = 0;
     for (; j + 64 <= cp; j += 64) {
@@ -71,14 +74,10 @@ static inline void WF_FN(syrk_sub)(const float *w, float *o, int kp, int cp) {
         a20 += b2 * w0; a21 += b2 * w1; a22 += b2 * w2; a23 += b2 * w3;
         a30 += b3 * w0; a31 += b3 * w1; a32 += b3 * w2; a33 += b3 * w3;
       }
-      WF_FN(st)(r0, WF_FN(ld)(r0) - a00); WF_FN(st)(r0 + 16, WF_FN(ld)(r0 + 16) - a01);
-      WF_FN(st)(r0 + 32, WF_FN(ld)(r0 + 32) - a02); WF_FN(st)(r0 + 48, WF_FN(ld)(r0 + 48) - a03);
-      WF_FN(st)(r1, WF_FN(ld)(r1) - a10); WF_FN(st)(r1 + 16, WF_FN(ld)(r1 + 16) - a11);
-      WF_FN(st)(r1 + 32, WF_FN(ld)(r1 + 32) - a12); WF_FN(st)(r1 + 48, WF_FN(ld)(r1 + 48) - a13);
-      WF_FN(st)(r2, WF_FN(ld)(r2) - a20); WF_FN(st)(r2 + 16, WF_FN(ld)(r2 + 16) - a21);
-      WF_FN(st)(r2 + 32, WF_FN(ld)(r2 + 32) - a22); WF_FN(st)(r2 + 48, WF_FN(ld)(r2 + 48) - a23);
-      WF_FN(st)(r3, WF_FN(ld)(r3) - a30); WF_FN(st)(r3 + 16, WF_FN(ld)(r3 + 16) - a31);
-      WF_FN(st)(r3 + 32, WF_FN(ld)(r3 + 32) - a32); WF_FN(st)(r3 + 48, WF_FN(ld)(r3 + 48) - a33);
+      SUB(r0, a00); SUB(r0 + 16, a01); SUB(r0 + 32, a02); SUB(r0 + 48, a03);
+      SUB(r1, a10); SUB(r1 + 16, a11); SUB(r1 + 32, a12); SUB(r1 + 48, a13);
+      SUB(r2, a20); SUB(r2 + 16, a21); SUB(r2 + 32, a22); SUB(r2 + 48, a23);
+      SUB(r3, a30); SUB(r3 + 16, a31); SUB(r3 + 32, a32); SUB(r3 + 48, a33);
     }
     for (; j < cp; j += 16) {
       float *r0 = o + (size_t)i * cp + j;
@@ -89,32 +88,45 @@ static inline void WF_FN(syrk_sub)(const float *w, float *o, int kp, int cp) {
         a0 += WF_FN(bc)(wk[i]) * wv; a1 += WF_FN(bc)(wk[i + 1]) * wv;
         a2 += WF_FN(bc)(wk[i + 2]) * wv; a3 += WF_FN(bc)(wk[i + 3]) * wv;
       }
-      WF_FN(st)(r0, WF_FN(ld)(r0) - a0); WF_FN(st)(r0 + cp, WF_FN(ld)(r0 + cp) - a1);
-      WF_FN(st)(r0 + 2 * cp, WF_FN(ld)(r0 + 2 * cp) - a2); WF_FN(st)(r0 + 3 * cp, WF_FN(ld)(r0 + 3 * cp) - a3);
+      SUB(r0, a0); SUB(r0 + cp, a1); SUB(r0 + 2 * cp, a2); SUB(r0 + 3 * cp, a3);
     }
   }
 }
+#undef SUB
 
 /* One block. grads: m x c (row-major); inv_in: c x c, or NULL to start from I / damp; out: c x c.
-   Scratch (64-byte aligned): o cp x cp, gk / ut / w kmax8 x cp floats, linv kmax8^2 floats,
+   Scratch (64-byte aligned): o cp x cp (unused when c = cp: the output block is used), pad / ut / w
+   kmax8 x cp floats, linv kmax8^2 floats,
    s / l kmax8^2 doubles (kmax8 = kmax rounded up to 8). Returns 1 when the block failed. */
 static inline int WF_FN(one_block)(const float *grads, int m, int c, const float *inv_in, float damp, double num_samples,
-                        int kmax, float *out, float *o, float *gk, float *ut, float *w, double *s, double *l,
+                        int kmax, float *out, float *o, float *pad, float *ut, float *w, double *s, double *l,
                         float *linv) {
   int cp = (c + VL - 1) / VL * VL;
   int failed = 0;
-  memset(o, 0, sizeof(float) * cp * cp);
-  if (inv_in) {
-    for (int i = 0; i < c; i++) memcpy(o + (size_t)i * cp, inv_in + (size_t)i * c, sizeof(float) * c);
-    for (int i = c; i < cp; i++) o[(size_t)i * cp + i] = 1.0f;
-  } else {
-    for (int i = 0; i < cp; i++) o[(size_t)i * cp + i] = 1.0f / damp;
-  }
+  int direct = (cp == c);   /* no padding: work in the output block and read full chunks in place */
+  if (direct) o = out;
+  if (inv_in && direct) {
+    memcpy(o, inv_in, sizeof(float) * (size_t)c * c);
+  } else if (inv_in || m == 0) {
+    memset(o, 0, sizeof(float) * cp * cp);
+    if (inv_in) {
+      for (int i = 0; i < c; i++) memcpy(o + (size_t)i * cp, inv_in + (size_t)i * c, sizeof(float) * c);
+      for (int i = c; i < cp; i++) o[(size_t)i * cp + i] = 1.0f;
+    } else {
+      for (int i = 0; i < cp; i++) o[(size_t)i * cp + i] = 1.0f / damp;
+    }
+  }   /* else (a build): the first chunk writes o = -W^T W, then I / damp is added to its diagonal */
+  /* pad: the zero-padded chunk buffer (tail chunks, or c not a multiple of 16) */
   for (int j0 = 0; j0 < m; j0 += kmax) {
     int k = m - j0 < kmax ? m - j0 : kmax;
     int kp = (k + 7) / 8 * 8;
-    memset(gk, 0, sizeof(float) * kp * cp);
-    for (int r = 0; r < k; r++) memcpy(gk + (size_t)r * cp, grads + (size_t)(j0 + r) * c, sizeof(float) * c);
+    const float *gk = pad;
+    if (direct && k == kp) {
+      gk = grads + (size_t)j0 * c;
+    } else {
+      memset(pad, 0, sizeof(float) * kp * cp);
+      for (int r = 0; r < k; r++) memcpy(pad + (size_t)r * cp, grads + (size_t)(j0 + r) * c, sizeof(float) * c);
+    }
     int first = (j0 == 0 && !inv_in);
     if (first) {
       float inv_d = 1.0f / damp;
@@ -168,12 +180,14 @@ static inline int WF_FN(one_block)(const float *grads, int m, int c, const float
         WF_FN(st)(wa + j, acc);
       }
     }
-    WF_FN(syrk_sub)(w, o, kp, cp);
+    WF_FN(syrk_sub)(w, o, kp, cp, first);
+    if (first)
+      for (int i = 0; i < cp; i++) o[(size_t)i * cp + i] += 1.0f / damp;
   }
   vf acc = WF_FN(bc)(0);
   for (int i = 0; i < c; i++) {
     const float *oi = o + (size_t)i * cp;
-    memcpy(out + (size_t)i * c, oi, sizeof(float) * c);
+    if (!direct) memcpy(out + (size_t)i * c, oi, sizeof(float) * c);
     if (!(oi[i] > 0)) failed = 1;
     for (int j = 0; j < cp; j += 16) acc += WF_FN(ld)(oi + j);
   }
