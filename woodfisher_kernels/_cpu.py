@@ -15,6 +15,7 @@ Float32 CPU tensors only; blocks are split across ``torch.get_num_threads()`` th
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Optional, Tuple
@@ -32,29 +33,30 @@ CHUNK_SMALL, CHUNK, CHUNK_LARGE = 8, 16, 32
 #: Largest block size the kernel takes: one block's inverse must stay in a core's L2 cache
 #: (c = 512: 1 MiB). Larger blocks go to the torch fallback (tiles of blocks over MKL).
 MAX_BLOCK_SIZE = 512
-_LIB: Optional[ctypes.CDLL] = None
-_LOADED = False
 
 
+@functools.lru_cache(maxsize=None)
 def _library() -> Optional[ctypes.CDLL]:
     """The compiled kernel, or None when it was not built (loaded once)."""
-    global _LIB, _LOADED
-    if not _LOADED:
-        _LOADED = True
-        spec = importlib.util.find_spec(f"{__package__}._cpu_kernels")
-        if spec is not None and spec.origin:
-            try:
-                lib = ctypes.CDLL(spec.origin)
-            except OSError:
-                lib = None
-            if lib is not None:
-                fn = lib.wf_woodbury_blocks
-                fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_int, ctypes.c_int,
-                                                                         ctypes.c_float, ctypes.c_double, ctypes.c_int]
-                fn.restype = ctypes.c_int
-                lib.wf_best_isa.restype = ctypes.c_int
-                _LIB = lib
-    return _LIB
+    spec = importlib.util.find_spec(f"{__package__}._cpu_kernels")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    lib.wf_woodbury_blocks.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [
+        ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_double, ctypes.c_int]
+    lib.wf_woodbury_blocks.restype = ctypes.c_int
+    lib.wf_best_isa.restype = ctypes.c_int
+    return lib
+
+
+def _built() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU kernel woodfisher_kernels._cpu_kernels is not built")
+    return lib
 
 
 def available() -> bool:
@@ -68,10 +70,7 @@ ISAS = ("baseline", "x86-64-v3", "x86-64-v4")
 
 def best_isa() -> str:
     """The instruction set the kernel runs with on this CPU (one of :data:`ISAS`)."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the CPU kernel woodfisher_kernels._cpu_kernels is not built")
-    return ISAS[lib.wf_best_isa()]
+    return ISAS[_built().wf_best_isa()]
 
 
 def max_block_size(op: str = "fisher_inverse") -> Optional[int]:
@@ -99,12 +98,10 @@ def woodbury_blocks(grads: torch.Tensor, num_samples: float, inv: Optional[torch
     Returns:
         out (B, c, c) new inverses, bad (B,) bool failure flags.
     Raises:
-        RuntimeError: the library is not built, could not allocate its scratch, or the CPU
-            lacks the forced ``isa``.
+        RuntimeError: the library is not built, K is outside 1..64, the scratch could not be
+            allocated, or the CPU lacks the forced ``isa``.
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the CPU kernel woodfisher_kernels._cpu_kernels is not built")
+    lib = _built()
     grads = grads.contiguous()
     inv = None if inv is None else inv.contiguous()
     num_blocks, m, c = grads.shape
@@ -130,7 +127,8 @@ def woodbury_blocks(grads: torch.Tensor, num_samples: float, inv: Optional[torch
     if any(rc == -2 for rc in codes):
         raise RuntimeError(f"this CPU does not support isa={isa!r} (best: {best_isa()!r})")
     if any(rc != 0 for rc in codes):
-        raise RuntimeError(f"the CPU kernel could not allocate its scratch (c = {c}, K = {k})")
+        raise RuntimeError(f"the CPU kernel refused the sizes or could not allocate its scratch (c = {c}, K = {k}, "
+                           "K must be in 1..64)")
     return out, bad.bool()
 
 
