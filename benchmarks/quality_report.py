@@ -102,20 +102,30 @@ def goal_lines(curves: Curves, dense: float) -> List[str]:
     return lines
 
 
+def _cell(a: List[float]) -> str:
+    """One seed: the accuracy; several: mean ± std (n = seeds)."""
+    if len(a) == 1:
+        return f"{a[0]:.2f}"
+    m, sd = _mean_std(a)
+    return f"{m:.2f} ± {sd:.2f} (n={len(a)})"
+
+
 def search_report(out: str, model: str) -> None:
-    """``quality_search_<model>.md``: the held-out accuracy of every searched setting (CSV order)."""
+    """``quality_search_<model>.md``: the held-out accuracy of every searched setting (CSV order; mean ± std
+    over seeds where a setting ran with several)."""
     path = os.path.join(out, f"quality_search_{model}.csv")
     if not os.path.exists(path):
         return
     rows = read_rows(path)
     table_ = curves_of(rows)
     sparsities = sorted({s for v in table_.values() for s in v})
-    lines = [f"Held-out accuracy % ({rows[0]['eval']}; seeds: {sorted({r['seed'] for r in rows})})", "",
+    lines = [f"Held-out accuracy % ({rows[0]['eval']}; seeds: {sorted({r['seed'] for r in rows})}; one seed (0) "
+             "unless a cell says n)", "",
              "| setting | options | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |",
              "|---|---|" + "---:|" * len(sparsities)]
     options = {r["setting"]: r["options"] for r in rows}
     for name, by_s in table_.items():
-        cells = [f"{mean(by_s[s]):.2f}" if s in by_s else "" for s in sparsities]
+        cells = [_cell(by_s[s]) if s in by_s else "" for s in sparsities]
         lines.append(f"| {name} | `{options[name]}` | " + " | ".join(cells) + " |")
     with open(os.path.join(out, f"quality_search_{model}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -22,6 +22,18 @@ def test_auto_damp_is_alpha_times_mean_fisher_diagonal():
     assert res.damp == pytest.approx(float(expect), rel=1e-12)
 
 
+def test_auto_damp_carries_a_fixed_share_of_the_fisher_trace():
+    """The rule's property: lambda I holds alpha / (1 + alpha) of trace(lambda I + G^T G / N), whatever the
+    model's size, the gradients' scale or N (reference: float64 per-sample gradients by an autograd loop)."""
+    for seed, n, scale in ((5, 12, 1.0), (6, 30, 1e3)):
+        model, loader = tiny_mlp(seed=seed).double(), [(x.double() * scale, y) for x, y in tiny_data(seed=seed)]
+        grads = per_sample_grads(copy.deepcopy(model), loader, NAMES, n)
+        g = torch.cat(list(grads.values()), dim=1)                    # (N, d), float64
+        curv = wf.estimate_curvature(model, loader, num_grads=n, progress=False)
+        trace = curv.damp * g.shape[1] + float(g.square().sum()) / n  # trace(lambda I + G^T G / N)
+        assert curv.damp * g.shape[1] / trace == pytest.approx(AUTO_ALPHA / (1 + AUTO_ALPHA), rel=1e-9)
+
+
 def test_auto_damp_is_scale_equivariant():
     """loss x s -> gradients x s -> damp x s^2, and the same masks and weights."""
     base, loader = tiny_mlp(seed=1), tiny_data(seed=1)

@@ -23,6 +23,8 @@ import torch
 
 import woodfisher_kernels as wk
 
+from .damping import AUTO_ALPHA
+
 __all__ = ["EPS32", "WARN_LEVEL", "ill_conditioned", "layer_inverse", "warn_ill_conditioned"]
 
 EPS32 = torch.finfo(torch.float32).eps  # 2^-23, as in woodfisher_kernels.error_bound
@@ -70,9 +72,9 @@ def warn_ill_conditioned(kappa: Dict[str, float], forms: Dict[str, Optional[str]
     bound = float(wk.error_bound(worst[0][1]))
     needed = damp * worst[0][1] * EPS32 / WARN_LEVEL
     if auto:
-        advice = (f"damp='auto' is one value for the whole model (1e-2 x the mean Fisher diagonal over every pruned "
-                  f"weight) and these layers' Fisher is larger than that mean; pass damp >= {needed:.2g} to bring "
-                  f"them under the level, or prune them in float64 (a float64 model)")
+        advice = (f"damp='auto' is one value for the whole model ({AUTO_ALPHA:g} x the mean Fisher diagonal over "
+                  f"every pruned weight) and these layers' Fisher is larger than that mean; pass damp >= "
+                  f"{needed:.2g} to bring them under the level, or prune them in float64 (a float64 model)")
     else:
         advice = f"pass damp='auto' (relative to the Fisher's scale) or damp >= {needed:.2g}"
     warnings.warn(f"Fisher blocks too ill-conditioned for float32 at damp={damp:.3g}: {listed}; the dense "

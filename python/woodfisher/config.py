@@ -117,7 +117,7 @@ class PruneConfig:
             (the first ``num_grads % steps`` steps one more), so the samples read stay the same.
         fisher_batch_size: samples averaged per gradient ("fisher mini-batch size").
         damp: lambda > 0 of ``F = lambda I + G^T G / N``, or "auto" (default): lambda =
-            1e-2 times the mean diagonal of the empirical Fisher
+            0.1 times the mean diagonal of the empirical Fisher (:data:`woodfisher.damping.AUTO_ALPHA`)
             (:func:`woodfisher.damping.auto_damp`); the paper's absolute value is ``damp=1e-5``.
         num_steps: steps from the current to the target sparsity, the gradients and
             inverses recomputed before each (the paper's recomputation); "auto" (default):
