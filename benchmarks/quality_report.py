@@ -95,6 +95,12 @@ def goal_lines(curves: Curves, dense: float) -> List[str]:
         verdict = "**met**" if g >= points else "**missed**" if headroom >= points else \
             f"**missed, out of reach here** ({ref} is only {headroom:.2f} points below the dense model)"
         lines.append(f"- goal {better} >= {ref} + {points:g} points at {100 * s:g}%: {g:+.2f} points, {verdict}")
+    floor = [(s, gap(curves, "defaults", "global magnitude", s)) for s in sparsities]
+    floor = [(s, g) for s, g in floor if g is not None]
+    if floor:
+        s, g = min(floor, key=lambda sg: sg[1])
+        lines.append(f"- goal defaults >= global magnitude at every sparsity measured: the least difference is "
+                     f"{g:+.2f} points (at {100 * s:g}%), " + ("**met**" if g >= 0 else "**missed**"))
     for s in REPORTED:
         g = gap(curves, "best multi-step", "paper (1 step)", s)
         if g is not None:

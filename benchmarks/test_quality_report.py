@@ -45,6 +45,7 @@ def test_report_means_and_goals(sweep_dir):
     assert f"at 80%: {best_gap:+.2f} points, **missed**" in text        # paper: 28 points below dense, reachable
     gap90 = 100 * (statistics.mean(ACC["best multi-step"][0.9]) - statistics.mean(ACC["paper (1 step)"][0.9]))
     assert f"best multi-step − paper (1 step) at 90%: {gap90:+.2f} points" in text
+    assert f"every sparsity measured: the least difference is {defaults_gap:+.2f} points (at 80%), **met**" in text
     assert "python -m benchmarks.quality_sweep --model tiny --sweep" in text
     assert "global magnitude 0.0, paper (1 step) 1.0, defaults 1.0, best multi-step 1.0." in text   # seeds 0 1 2
 
@@ -59,3 +60,16 @@ def test_goal_out_of_reach_is_named(sweep_dir):
         writer.writerows(rows)
     assert "**missed, out of reach here** (paper (1 step) is only 3.00 points below the dense model)" in \
         report(str(sweep_dir), "tiny")
+
+
+def test_defaults_below_global_magnitude_is_missed(sweep_dir):
+    rows = list(csv.DictReader(open(sweep_dir / "quality_tiny.csv")))
+    for r in rows:
+        if r["setting"] == "global magnitude":
+            r["accuracy"] = 0.80          # above the defaults' mean 0.72 at 80%
+    with open(sweep_dir / "quality_tiny.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    gap = 100 * (statistics.mean(ACC["defaults"][0.8]) - 0.80)
+    assert f"the least difference is {gap:+.2f} points (at 80%), **missed**" in report(str(sweep_dir), "tiny")
