@@ -127,6 +127,9 @@ def search_report(out: str, model: str) -> None:
     sparsities = sorted({s for v in table_.values() for s in v})
     lines = [f"Held-out accuracy % ({rows[0]['eval']}; seeds: {sorted({r['seed'] for r in rows})}; one seed (0) "
              "unless a cell says n)", "",
+             "Rows whose options have no `damp` ran with the package's `damp=\"auto\"` of their time: 1e-2 x the mean "
+             "Fisher diagonal before commit e8e2eda (every row of the first search), 0.1 x after it (rows named "
+             "'alpha 0.1'); `benchmarks/results/damp_alpha_<model>.md` measures the factor.", "",
              "| setting | options | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |",
              "|---|---|" + "---:|" * len(sparsities)]
     options = {r["setting"]: r["options"] for r in rows}
