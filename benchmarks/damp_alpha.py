@@ -9,11 +9,13 @@ each pruned weight's density, the collapsed layers and the overlap with global m
 
     OMP_NUM_THREADS=1 python -m benchmarks.damp_alpha --model mlpnet --sparsities 0.95 --seeds 0 1 2 3 4
     OMP_NUM_THREADS=1 python -m benchmarks.damp_alpha --model resnet20 --sparsities 0.8 --alphas 0.01 0.1
+    OMP_NUM_THREADS=1 python -m benchmarks.damp_alpha --model resnet20 --alphas --per-layer-alphas 0.01
     python -m benchmarks.damp_alpha --model mlpnet --report      # the table only (every run writes it)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -26,17 +28,32 @@ from unittest import mock
 
 from benchmarks.quality_report import _cell, read_rows
 from benchmarks.quality_sweep import HELDOUT, SETUP, default_data_root, device_name, load
-from woodfisher import damping, prune_one_shot
+from woodfisher import curvature, damping, prune_one_shot
 from woodfisher.data import evaluate, make_loader
 from woodfisher.models import MODEL_SPECS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: a candidate rule not in the package: lambda = alpha x the mean over the pruned weights of each weight's
+#: own mean Fisher diagonal (every layer counts once, so a large layer of small gradients, such as MNIST's
+#: fc1, does not set the damp of the small layers). Applied by patching the kept-gradients path of
+#: woodfisher.curvature (the one the defaults take on these models); "alpha" is this rule's alpha.
+PER_LAYER = "defaults, per-layer-mean rule"
 FIELDS = ["model", "setting", "alpha", "sparsity", "seed", "accuracy", "densities", "collapsed", "magnitude_overlap",
           "damp_last_step", "steps", "seconds", "options", "device"]
 #: other single-option variations of the defaults (alpha as in the package), for the mechanism
 VARIATIONS = {"global magnitude": dict(method="global_magnitude"), "whole-layer blocks": dict(block_size=None),
               "1 step": dict(num_steps=1), "num_grads 1024": dict(num_grads=1024),
               "fisher_batch_size 50": dict(fisher_batch_size=50), "no OBS update": dict(obs_update=False)}
+
+
+def _per_layer(alpha: float):
+    """curvature._blockwise_from_grads with the damp of :data:`PER_LAYER` from the kept (B, m, c) gradients."""
+    inner = curvature._blockwise_from_grads
+
+    def patched(grads, layouts, damp, count, config):
+        means = [float(g.double().square().sum()) / (count * g.shape[0] * g.shape[2]) for g in grads.values()]
+        return inner(grads, layouts, alpha * sum(means) / len(means), count, config)
+    return patched
 
 
 def run(args) -> None:
@@ -48,6 +65,7 @@ def run(args) -> None:
     setup, spec = SETUP[args.model], MODEL_SPECS[args.model]
     runs = [(f"defaults, alpha {a:g}", a, {}) for a in args.alphas]
     runs += [(name, damping.AUTO_ALPHA, VARIATIONS[name]) for name in args.variations]
+    runs += [(PER_LAYER, a, {}) for a in args.per_layer_alphas]
     for name, alpha, options in runs:
         for s in args.sparsities:
             for seed in args.seeds:
@@ -58,7 +76,9 @@ def run(args) -> None:
                 loader = None if options.get("method") == "global_magnitude" else \
                     make_loader(pool, max(fbs, 250 // fbs * fbs), shuffle=True, seed=seed)
                 t0 = time.perf_counter()
-                with mock.patch.object(damping, "AUTO_ALPHA", alpha), warnings.catch_warnings():
+                patch = mock.patch.object(curvature, "_blockwise_from_grads", _per_layer(alpha)) \
+                    if name == PER_LAYER else contextlib.nullcontext()
+                with mock.patch.object(damping, "AUTO_ALPHA", alpha), patch, warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     res = prune_one_shot(model, loader, sparsity=s, modules=list(setup["modules"]),
                                          loss_fn=spec.loss_fn, seed=seed, progress=False, **options)
@@ -115,6 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--alphas", type=float, nargs="*", default=[1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
     p.add_argument("--variations", nargs="*", default=[], choices=sorted(VARIATIONS))
+    p.add_argument("--per-layer-alphas", type=float, nargs="*", default=[], help=f"alphas of {PER_LAYER!r}")
     p.add_argument("--report", action="store_true", help="only the report of the CSV (no runs)")
     args = p.parse_args(argv)
     if not args.report:
