@@ -44,7 +44,7 @@ def cpu_extensions():
     if os.environ.get("WOODFISHER_NO_CPU_KERNELS", "0") == "1":
         return []
     return [Extension("woodfisher_kernels._cpu_kernels", sources=["csrc/cpu/woodbury_cpu.c"],
-                      depends=["csrc/cpu/woodbury_cpu_kernel.h"], extra_compile_args=["-O3", "-Wno-psabi"],
+                      depends=["csrc/cpu/woodbury_cpu_kernel.h", "csrc/cpu/lowrank_cpu_kernel.h"], extra_compile_args=["-O3", "-Wno-psabi"],
                       libraries=["m"], optional=True)]
 
 

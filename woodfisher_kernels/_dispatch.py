@@ -27,7 +27,7 @@ import torch
 
 from . import _cost
 
-OPS = ("woodbury_update_", "fisher_inverse", "obs_saliency", "obs_update")
+OPS = ("woodbury_update_", "fisher_inverse", "obs_saliency", "obs_update", "lowrank_factor")
 BACKENDS: Dict[str, str] = {  # name -> module, in order of preference
     "cuda": "woodfisher_kernels._cuda",
     "triton": "woodfisher_kernels._triton",
