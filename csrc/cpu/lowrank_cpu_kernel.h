@@ -1,19 +1,22 @@
 /* Body of the CPU low-rank factor kernel, included by woodbury_cpu.c once per instruction set after
    woodbury_cpu_kernel.h (it uses that file's vector helpers and chol_linv). See the .c file for the
    mathematics; per block (G: m x c gradients, m < c):
-     S = N damp I + G G^T (m x m: float32 products, float64 from the sum on),  S = L L^T,
+     S = N damp I + G G^T (m x m: float32 products summed over column panels, the panels' sums in float64),
+     S = L L^T,
      A = L^-1 G (m x c, L^-1 computed in float64 and rounded to float32),
      diag(F^-1) = (1 - sum_a A[a, :]^2) / damp (squares summed in float32 over 32 rows, then float64). */
 
-/* s (mp x mp, both triangles) = g g^T for the rows of g (mp x cp): 4 x 4 tiles of dot products. */
-static inline void WF_FN(gram)(const float *g, double *s, int mp, int cp) {
+/* s (mp x mp, both triangles) += g g^T over the columns 0..width-1 of g (mp rows, row stride ld):
+   4 x 4 tiles of dot products, each summed in float32 over the panel (as the torch path's bmm) and
+   added to s in float64. */
+static inline void WF_FN(gram_add)(const float *g, double *s, int mp, int ld, int width) {
   for (int a = 0; a < mp; a += 4) {
-    const float *x0 = g + (size_t)a * cp, *x1 = x0 + cp, *x2 = x1 + cp, *x3 = x2 + cp;
+    const float *x0 = g + (size_t)a * ld, *x1 = x0 + ld, *x2 = x1 + ld, *x3 = x2 + ld;
     for (int b = 0; b <= a; b += 4) {
-      const float *y0 = g + (size_t)b * cp, *y1 = y0 + cp, *y2 = y1 + cp, *y3 = y2 + cp;
+      const float *y0 = g + (size_t)b * ld, *y1 = y0 + ld, *y2 = y1 + ld, *y3 = y2 + ld;
       vf t[16];
       for (int i = 0; i < 16; i++) t[i] = WF_FN(bc)(0);
-      for (int j = 0; j < cp; j += 16) {
+      for (int j = 0; j < width; j += 16) {
         vf p0 = WF_FN(ld)(x0 + j), p1 = WF_FN(ld)(x1 + j), p2 = WF_FN(ld)(x2 + j), p3 = WF_FN(ld)(x3 + j);
         vf q0 = WF_FN(ld)(y0 + j), q1 = WF_FN(ld)(y1 + j), q2 = WF_FN(ld)(y2 + j), q3 = WF_FN(ld)(y3 + j);
         t[0] += p0 * q0; t[1] += p0 * q1; t[2] += p0 * q2; t[3] += p0 * q3;
@@ -23,24 +26,25 @@ static inline void WF_FN(gram)(const float *g, double *s, int mp, int cp) {
       }
       for (int i = 0; i < 4; i++)
         for (int k = 0; k < 4; k++) {
-          double v = (double)WF_FN(hsum)(t[4 * i + k]);   /* a float32 sum, as the torch path's bmm */
-          s[(size_t)(a + i) * mp + b + k] = v;
-          s[(size_t)(b + k) * mp + a + i] = v;
+          double v = (double)WF_FN(hsum)(t[4 * i + k]);
+          s[(size_t)(a + i) * mp + b + k] += v;
+          if (b < a) s[(size_t)(b + k) * mp + a + i] += v;   /* a diagonal tile holds both (i, k) and (k, i) */
         }
     }
   }
 }
 
-/* a (mp x cp) = linv (mp x mp, lower, zeros above) . g (mp x cp): 4 rows x 64 (then 16) columns in registers. */
-static inline void WF_FN(trmm)(const float *linv, const float *g, float *a, int mp, int cp) {
+/* a = linv (mp x mp, lower, zeros above) . g over the columns 0..width-1 of g and a (mp rows, row stride ld):
+   4 rows x 64 (then 16) columns in registers. */
+static inline void WF_FN(trmm)(const float *linv, const float *g, float *a, int mp, int ld, int width) {
   for (int r = 0; r < mp; r += 4) {
     const float *l0 = linv + (size_t)r * mp, *l1 = l0 + mp, *l2 = l1 + mp, *l3 = l2 + mp;
     int j = 0;
-    for (; j + 64 <= cp; j += 64) {
+    for (; j + 64 <= width; j += 64) {
       vf t[16];
       for (int i = 0; i < 16; i++) t[i] = WF_FN(bc)(0);
       for (int q = 0; q < r + 4; q++) {
-        const float *gq = g + (size_t)q * cp + j;
+        const float *gq = g + (size_t)q * ld + j;
         vf g0 = WF_FN(ld)(gq), g1 = WF_FN(ld)(gq + 16), g2 = WF_FN(ld)(gq + 32), g3 = WF_FN(ld)(gq + 48);
         vf b0 = WF_FN(bc)(l0[q]), b1 = WF_FN(bc)(l1[q]), b2 = WF_FN(bc)(l2[q]), b3 = WF_FN(bc)(l3[q]);
         t[0] += b0 * g0; t[1] += b0 * g1; t[2] += b0 * g2; t[3] += b0 * g3;
@@ -49,17 +53,17 @@ static inline void WF_FN(trmm)(const float *linv, const float *g, float *a, int 
         t[12] += b3 * g0; t[13] += b3 * g1; t[14] += b3 * g2; t[15] += b3 * g3;
       }
       for (int i = 0; i < 4; i++)
-        for (int k = 0; k < 4; k++) WF_FN(st)(a + (size_t)(r + i) * cp + j + 16 * k, t[4 * i + k]);
+        for (int k = 0; k < 4; k++) WF_FN(st)(a + (size_t)(r + i) * ld + j + 16 * k, t[4 * i + k]);
     }
-    for (; j < cp; j += 16) {
+    for (; j < width; j += 16) {
       vf t0 = WF_FN(bc)(0), t1 = t0, t2 = t0, t3 = t0;
       for (int q = 0; q < r + 4; q++) {
-        vf gv = WF_FN(ld)(g + (size_t)q * cp + j);
+        vf gv = WF_FN(ld)(g + (size_t)q * ld + j);
         t0 += WF_FN(bc)(l0[q]) * gv; t1 += WF_FN(bc)(l1[q]) * gv;
         t2 += WF_FN(bc)(l2[q]) * gv; t3 += WF_FN(bc)(l3[q]) * gv;
       }
-      float *ar = a + (size_t)r * cp + j;
-      WF_FN(st)(ar, t0); WF_FN(st)(ar + cp, t1); WF_FN(st)(ar + 2 * cp, t2); WF_FN(st)(ar + 3 * cp, t3);
+      float *ar = a + (size_t)r * ld + j;
+      WF_FN(st)(ar, t0); WF_FN(st)(ar + ld, t1); WF_FN(st)(ar + 2 * ld, t2); WF_FN(st)(ar + 3 * ld, t3);
     }
   }
 }
@@ -79,27 +83,35 @@ static inline int WF_FN(lowrank_block)(const float *g, int m, int c, float damp,
     gg = gp;
     a = ap;
   }
-  WF_FN(gram)(gg, s, mp, cp);
+  /* column panels of about 256 KiB of G: each stays in L2 while it is used (blocks wider than that) */
+  int panel = 65536 / mp / 64 * 64;
+  if (panel < 64) panel = 64;
+  memset(s, 0, sizeof(double) * (size_t)mp * mp);
+  for (int p0 = 0; p0 < cp; p0 += panel)
+    WF_FN(gram_add)(gg + p0, s, mp, cp, cp - p0 < panel ? cp - p0 : panel);
   double nd = num_samples * (double)damp;
   for (int r = 0; r < mp; r++) s[(size_t)r * mp + r] += nd;   /* padded rows: N damp alone (decoupled) */
   int failed = WF_FN(chol_linv)(s, l, linv, mp);
-  WF_FN(trmm)(linv, gg, a, mp, cp);
-  for (int j = 0; j < cp; j += 16) {
-    vd lo = {0}, hi = lo;
-    for (int r0 = 0; r0 < mp; r0 += 32) {
-      vf acc = WF_FN(bc)(0);
-      int r1 = r0 + 32 < mp ? r0 + 32 : mp;
-      for (int r = r0; r < r1; r++) {
-        vf v = WF_FN(ld)(a + (size_t)r * cp + j);
-        acc += v * v;
+  for (int p0 = 0; p0 < cp; p0 += panel) {
+    int width = cp - p0 < panel ? cp - p0 : panel;
+    WF_FN(trmm)(linv, gg + p0, a + p0, mp, cp, width);
+    for (int j = p0; j < p0 + width; j += 16) {   /* the panel's diagonal entries, while A is in cache */
+      vd lo = {0}, hi = lo;
+      for (int r0 = 0; r0 < mp; r0 += 32) {
+        vf acc = WF_FN(bc)(0);
+        int r1 = r0 + 32 < mp ? r0 + 32 : mp;
+        for (int r = r0; r < r1; r++) {
+          vf v = WF_FN(ld)(a + (size_t)r * cp + j);
+          acc += v * v;
+        }
+        lo += __builtin_convertvector(__builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7), vd);
+        hi += __builtin_convertvector(__builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15), vd);
       }
-      lo += __builtin_convertvector(__builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7), vd);
-      hi += __builtin_convertvector(__builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15), vd);
-    }
-    for (int k = 0; k < 16 && j + k < c; k++) {
-      float d = (float)((1.0 - (k < 8 ? lo[k] : hi[k - 8])) / (double)damp);
-      out_diag[j + k] = d;
-      if (!(d > 0) || !isfinite(d)) failed = 1;
+      for (int k = 0; k < 16 && j + k < c; k++) {
+        float d = (float)((1.0 - (k < 8 ? lo[k] : hi[k - 8])) / (double)damp);
+        out_diag[j + k] = d;
+        if (!(d > 0) || !isfinite(d)) failed = 1;
+      }
     }
   }
   if (!direct)
