@@ -111,6 +111,17 @@ def test_lowrank_factor_matches_float64(m, c, damp):
     assert float((factor.double() - a64).abs().max() / a64.abs().max()) < 1e-5   # A's entries are <= 1
 
 
+@pytest.mark.parametrize("m,c", [(40, 3300), (64, 4096)])
+def test_lowrank_factor_of_wide_blocks_in_column_panels(m, c):
+    """Blocks wider than one ~256 KiB panel (whole layers) are summed panel by panel: same result."""
+    grads = _grads(2, m, c, seed=12)
+    factor, diag, bad = _cpu.lowrank_factor(grads, 1e-1, float(m))
+    a64, d64, _ = reference.lowrank_factor(grads.double(), 1e-1, float(m))
+    assert not bad.any()
+    assert float(((diag.double() - d64) / d64).abs().max()) < 1e-5
+    assert float((factor.double() - a64).abs().max() / a64.abs().max()) < 1e-5
+
+
 def test_lowrank_factor_is_the_torch_one_and_independent_of_threads():
     grads = _grads(9, 40, 96, seed=7)
     one = _cpu.lowrank_factor(grads, 1e-3, 40.0, threads=1)
