@@ -175,3 +175,13 @@ def test_public_lowrank_inverse_runs_the_kernel_on_cpu_float32():
         wk.lowrank_inverse(grads.double(), 1e-2, backend="cpu")
     with pytest.raises(ValueError, match="backend"):
         wk.lowrank_inverse(grads, 1e-2, backend="gpu")
+
+
+def test_raw_kernels_refuse_other_dtypes_instead_of_reading_garbage():
+    grads = _grads(2, 4, 32, seed=13)
+    with pytest.raises(ValueError, match="float32"):
+        _cpu.lowrank_factor(grads.double(), 1e-2, 4.0)
+    with pytest.raises(ValueError, match="float32"):
+        _cpu.woodbury_blocks(grads.half(), 4.0, None, 1e-2)
+    with pytest.raises(ValueError, match="float32"):
+        _cpu.woodbury_blocks(grads, 4.0, torch.eye(32, dtype=torch.float64).repeat(2, 1, 1))

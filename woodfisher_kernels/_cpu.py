@@ -106,9 +106,11 @@ def woodbury_blocks(grads: torch.Tensor, num_samples: float, inv: Optional[torch
     Returns:
         out (B, c, c) new inverses, bad (B,) bool failure flags.
     Raises:
+        ValueError: tensors that are not float32 on the CPU.
         RuntimeError: the library is not built, K is outside 1..64, the scratch could not be
             allocated, or the CPU lacks the forced ``isa``.
     """
+    _check_float32_cpu(grads, inv)
     grads = grads.contiguous()
     inv = None if inv is None else inv.contiguous()
     num_blocks, m, c = grads.shape
@@ -139,8 +141,10 @@ def lowrank_factor(grads: torch.Tensor, damp: float, num_samples: float, threads
         Blocks the kernel does not fit (m = 0 or m > :data:`MAX_LOWRANK_GRADS`) go to the
         torch implementation.
     Raises:
+        ValueError: tensors that are not float32 on the CPU.
         RuntimeError: as :func:`woodbury_blocks`.
     """
+    _check_float32_cpu(grads)
     grads = grads.contiguous()
     num_blocks, m, c = grads.shape
     if m == 0 or m > MAX_LOWRANK_GRADS:
@@ -156,6 +160,13 @@ def lowrank_factor(grads: torch.Tensor, damp: float, num_samples: float, threads
 
     _split(part, num_blocks, threads, isa, f"m = {m}, c = {c}")
     return factor, diag, bad.bool()
+
+
+def _check_float32_cpu(*tensors: Optional[torch.Tensor]) -> None:
+    """The kernel reads raw float32 memory: anything else would be read as garbage (or out of bounds)."""
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise ValueError(f"the CPU kernel takes float32 CPU tensors, got {t.dtype} on {t.device}")
 
 
 def _split(part: Callable, num_blocks: int, threads: Optional[int], isa: Optional[str], sizes: str) -> None:
