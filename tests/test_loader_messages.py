@@ -73,3 +73,25 @@ def test_model_that_only_fails_on_groups_says_so():
 
     msg = _refused(FixedBatch(), _data())
     assert "each item alone runs" in msg and "fisher_batch_size" in msg, msg
+
+
+@pytest.mark.parametrize("key", ["target", "label", "y"])
+@pytest.mark.parametrize("method", ["woodfisher", "kfac"])
+def test_dict_batch_with_a_target_under_another_name_gets_the_exact_adapter(key, method):
+    data = [{"x": x, key: y} for x, y in _data()]
+    model = _model()
+
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x)
+
+    msg = _refused(Keywords(), data, method=method)
+    assert f"keys ['x', {key!r}] have no target" in msg, msg
+    adapter_src = msg.split("batch_adapter=")[1].split(" to make")[0]
+    adapter = eval(adapter_src, {"woodfisher": wf})  # noqa: S307 - the message's own code, as a user pastes it
+    res = wf.prune_one_shot(Keywords(), data, batch_adapter=adapter, method=method, **OPTS)
+    assert 0.49 <= res.sparsity <= 0.51

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 __all__ = ["Batch", "default_adapter", "to_batch", "is_single_pass", "peek", "default_loss", "logits_of",
-           "model_loss", "compute_loss", "sample_targets", "check_loss_fn", "check_loader", "describe",
-           "loader_errors"]
+           "model_loss", "compute_loss", "check_labelled", "sample_targets", "check_loss_fn", "check_loader",
+           "describe", "loader_errors"]
 
 ADAPTER_HINT = ("pass batch_adapter=lambda b: woodfisher.Batch(args=(inputs,), kwargs={}, target=targets) "
                 "to say which part is which")
@@ -337,6 +337,33 @@ def model_loss(outputs: Any) -> Optional[torch.Tensor]:
     if isinstance(outputs, collections.abc.Mapping):
         return outputs.get("loss")
     return None
+
+
+#: dict keys that look like a target under another name than HuggingFace's ``labels``
+TARGET_LIKE_KEYS = ("target", "targets", "label", "y", "class", "classes", "class_labels")
+
+
+def check_labelled(batch: Batch) -> None:
+    """Refuse a batch without a target (and without a ``labels`` keyword for the model's own loss).
+
+    Raises:
+        ValueError: naming a dict batch's keys and, when one looks like a target (``target``,
+            ``label``, ``y``, ...), the adapter that makes it the target.
+    """
+    if batch.target is not None or "labels" in batch.kwargs:
+        return
+    if batch.kwargs and not batch.args:
+        keys = list(batch.kwargs)
+        guess = next((k for k in keys if k.lower() in TARGET_LIKE_KEYS), None)
+        fix = (f"pass batch_adapter=lambda b: woodfisher.Batch(kwargs={{k: v for k, v in b.items() "
+               f"if k != {guess!r}}}, target=b[{guess!r}]) to make {guess!r} the target" if guess is not None else
+               "pass batch_adapter=lambda b: woodfisher.Batch(kwargs={...inputs...}, target=b[<key>]) to say which "
+               "key is the target")
+        raise ValueError(f"dict batches with keys {keys} have no target: the default reading passes every key to "
+                         f"the model as a keyword and takes the target from 'labels' only (HuggingFace's name); "
+                         f"{fix}, or name it 'labels' if the model computes its own loss, or pass "
+                         "sampled_fisher=True to draw targets from the model")
+    compute_loss(None, None, None)  # raises: no targets and no model loss
 
 
 def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torch.Tensor:

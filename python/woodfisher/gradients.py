@@ -54,7 +54,7 @@ from torch.utils import _pytree as pytree
 
 import woodfisher_kernels as wk
 
-from .batches import Batch, compute_loss, describe, loader_errors, logits_of, sample_targets, to_batch
+from .batches import Batch, check_labelled, compute_loss, describe, loader_errors, logits_of, sample_targets, to_batch
 from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
@@ -227,8 +227,8 @@ class GradientCollector:
         self.sources: List[tuple] = []
         for index, item in enumerate(self.loader):
             batch = to_batch(item, self.adapter)
-            if batch.target is None and not self.sampled and "labels" not in batch.kwargs:
-                compute_loss(None, None, self.loss_fn)  # raises: no targets and no model loss
+            if not self.sampled:
+                check_labelled(batch)  # raises: no targets and no model loss
             this = _signature(batch)
             if pending and have % self.fbs == 0 and this != sig:
                 for piece in self._split(_cat(pending), min(have, left)):
