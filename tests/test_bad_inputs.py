@@ -259,3 +259,28 @@ def test_prune_with_refuses_options_the_curvature_fixed():
     assert masks.keys() == reference.keys() and all(torch.equal(masks[n], reference[n]) for n in masks)
     layerwise = wf.prune_with(tiny_mlp(), curvature, 0.5, mode="layerwise")
     assert all(abs(row["sparsity"] - 0.5) <= 1 / row["numel"] for row in layerwise.layers)
+
+
+def test_no_prunable_module_names_the_parameters_that_could_be_named():
+    class Raw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+            self.scale = nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+        def forward(self, x):
+            return (x @ self.w) * self.scale
+
+    refused(Raw(), tiny_data(), r"modules: the model has no prunable module .* modules=\['w'\]", sparsity=0.5)
+    res = wf.prune_one_shot(Raw(), tiny_data(), sparsity=0.5, modules=["w"], **OPTS)  # the hint works
+    assert set(res.masks) == {"w"}
+
+
+def test_sparsity_below_the_zeros_already_there_warns_and_prunes_nothing_more():
+    model = tiny_mlp()
+    wf.prune_one_shot(model, tiny_data(), sparsity=0.7, method="magnitude", **OPTS)
+    before = snapshot(model)
+    with pytest.warns(UserWarning, match=r"sparsity=0.5 is below the 0.7 of zeros .* never revives"):
+        res = wf.prune_one_shot(model, tiny_data(), sparsity=0.5, method="magnitude", **OPTS)
+    assert res.sparsity == pytest.approx(0.7, abs=1e-3)
+    assert_unchanged(before, snapshot(model))

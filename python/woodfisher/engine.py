@@ -154,7 +154,12 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     method = config.method_impl
     targets = resolve_targets(model, config.modules, None)
     before = _start(targets)
-    steps = config.steps(sparsity_of(before[1]))
+    start_sparsity = sparsity_of(before[1])
+    if config.final_sparsity < start_sparsity - 1e-6:
+        warnings.warn(f"sparsity={config.final_sparsity:g} is below the {start_sparsity:.4g} of zeros the pruned "
+                      "weights already hold: pruning never revives weights, so the result keeps that sparsity "
+                      f"(pass sparsity >= {start_sparsity:.4g} to prune further)", UserWarning, stacklevel=3)
+    steps = config.steps(start_sparsity)
     if len(steps) > 1 and config.num_steps == "auto" and is_single_pass(loader):
         warnings.warn(f"num_steps='auto' would recompute the Fisher in {len(steps)} steps, but the loader can be "
                       "read only once (a generator?): pruning in one step; pass a list or a DataLoader to get "
