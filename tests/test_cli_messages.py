@@ -144,6 +144,21 @@ def test_library_call_in_a_log_prints_lines_like_the_cli(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_search_damp_shows_progress_by_default_labelled_with_each_candidate(monkeypatch, capsys):
+    """The slowest entry point (one pruning per candidate) has the same default as prune_one_shot."""
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
+    wf.search_damp(model, data, data[:1], sparsity=0.5, grid=[1e-3, 1e-1], num_grads=16, num_steps=1)
+    err = capsys.readouterr().err
+    for label in ("damp 0.001 (1/2)", "damp 0.1 (2/2)"):
+        assert f"woodfisher search_damp: held-out loss, {label} [" in err, err
+    wf.search_damp(model, data, data[:1], sparsity=0.5, grid=[1e-3], num_grads=16, num_steps=1, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_write_line_is_a_line_of_its_own_while_a_display_runs(capsys):
     with display(True, "test", force=True):
         with phase("work"):
