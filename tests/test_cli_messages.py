@@ -130,13 +130,18 @@ def test_notebook_gets_the_widget_though_its_stderr_is_no_terminal(monkeypatch):
     assert output_mode(True) == "live"
 
 
-def test_library_call_in_a_log_prints_lines_like_the_cli(monkeypatch, capsys):
-    """prune_one_shot's default (progress=True) and the CLI without a flag follow the same rule."""
+def _logged_run(monkeypatch):
+    """A log (stderr captured) that shows every phase, and a small model with its data."""
     monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
+    return model, [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
+
+
+def test_library_call_in_a_log_prints_lines_like_the_cli(monkeypatch, capsys):
+    """prune_one_shot's default (progress=True) and the CLI without a flag follow the same rule."""
+    model, data = _logged_run(monkeypatch)
     wf.prune_one_shot(model, data, sparsity=0.5, num_grads=32, num_steps=1)
     err = capsys.readouterr().err
     assert "woodfisher: Fisher gradients: 32/32 grad [" in err and "\r" not in err
@@ -146,11 +151,7 @@ def test_library_call_in_a_log_prints_lines_like_the_cli(monkeypatch, capsys):
 
 def test_search_damp_shows_progress_by_default_labelled_with_each_candidate(monkeypatch, capsys):
     """The slowest entry point (one pruning per candidate) has the same default as prune_one_shot."""
-    monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
+    model, data = _logged_run(monkeypatch)
     wf.search_damp(model, data, data[:1], sparsity=0.5, grid=[1e-3, 1e-1], num_grads=16, num_steps=1)
     err = capsys.readouterr().err
     for label in ("damp 0.001 (1/2)", "damp 0.1 (2/2)"):
