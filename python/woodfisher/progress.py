@@ -271,10 +271,9 @@ def output_mode(enabled: bool = True, force: bool = False) -> Optional[str]:
 
 
 def _in_notebook() -> bool:
-    """True inside a Jupyter kernel (where tqdm.auto draws its widget; the kernel's stderr is no terminal)."""
-    ipython = sys.modules.get("IPython")
-    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
-    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+    """True inside a Jupyter kernel (notebook, lab, VS Code, Colab, qtconsole), whose stderr is no terminal but
+    renders tqdm: its widget where ipywidgets exists (``tqdm.auto``), else the text line (carriage returns work)."""
+    return "ipykernel" in sys.modules
 
 
 def write_line(text: str) -> None:
