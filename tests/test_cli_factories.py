@@ -169,7 +169,7 @@ def test_export_of_a_factory_model_says_whether_it_was_checked(user_pkg, capsys)
             "--min-sparsity", "0.3"]
     assert main([*base, "--out", str(user_pkg / "a.pt")]) == 0
     out = capsys.readouterr().out
-    assert "outputs not compared with the dense model: pass --input-shape" in out, out
+    assert "outputs not compared with the dense model: no example input" in out and "--input-shape" in out, out
     assert main([*base, "--out", str(user_pkg / "b.pt"), "--input-shape", "6"]) == 0
     out = capsys.readouterr().out
     assert "max |output - dense output| = " in out, out

@@ -151,7 +151,8 @@ def run_export(args: argparse.Namespace) -> int:
         if args.format in ("csr", "bsr"):
             load_sparse(factory(), args.out)              # the file loads back
     note = (f"max |output - dense output| = {diff:.3g} on a random batch of 2" if diff is not None else
-            "outputs not compared with the dense model: pass --input-shape (one sample's shape) to compare them")
+            "outputs not compared with the dense model: no example input; for a model of float inputs, "
+            "--input-shape (one sample's shape) gives one")
     print(f"wrote {args.out} (format {args.format}; {note})")
     return 0
 
