@@ -140,8 +140,8 @@ class PruneConfig:
             host memory when neither fits (:mod:`woodfisher.offload`).
         sampled_fisher: targets drawn from the model's predictive distribution (paper Sec. 6.3).
         seed: seeds the target sampling.
-        progress: one tqdm progress line over the phases, drawn when stderr is a terminal (tqdm's rule;
-            see :mod:`woodfisher.progress`); False: none.
+        progress: progress over the phases: a live tqdm line on a terminal, tqdm's widget in a notebook,
+            plain lines in a log or pipe (off with ``TQDM_DISABLE=1``; see :mod:`woodfisher.progress`); False: none.
         backend: kernel backend of :mod:`woodfisher_kernels` ("auto" | "cuda" | "triton" | "cpu" | "torch").
         inverse_form: "auto" | "sequential" | "lowrank" | "stream" | "offload" (force a form;
             "offload" keeps gradients and inverses in host memory, streamed through the kernels

@@ -154,12 +154,13 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     method = config.method_impl
     targets = resolve_targets(model, config.modules, None)
     before = _start(targets)
-    steps = config.steps(sparsity_of(before[1]))
+    start_sparsity = sparsity_of(before[1])
+    steps = config.steps(start_sparsity)
     if len(steps) > 1 and config.num_steps == "auto" and is_single_pass(loader):
         warnings.warn(f"num_steps='auto' would recompute the Fisher in {len(steps)} steps, but the loader can be "
                       "read only once (a generator?): pruning in one step; pass a list or a DataLoader to get "
                       "the recomputation", UserWarning, stacklevel=3)
-        steps = config.replace(num_steps=1).steps(sparsity_of(before[1]))
+        steps = config.replace(num_steps=1).steps(start_sparsity)
     if config.num_steps == "auto" and len(steps) > AUTO_MANY_STEPS:
         warnings.warn(f"num_steps='auto' plans {len(steps)} Fisher recomputations for num_grads={config.num_grads} "
                       f"(num_grads is the total over the call, at most {AUTO_STEP_GRADS[1]} per step); pass "
@@ -177,6 +178,10 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
         # refuse an impossible memory budget up front (a sharded run checks its own shard)
         plan_memory(targets, configs[0].num_grads, stat_itemsize(targets), config.memory_budget,
                     config.damp == "auto", config.inverse_form)
+    if config.final_sparsity < start_sparsity - 1e-6:
+        warnings.warn(f"sparsity={config.final_sparsity:g} is below the {start_sparsity:.4g} of zeros the pruned "
+                      "weights already hold: pruning never revives weights, so the result keeps that sparsity "
+                      f"(pass sparsity >= {start_sparsity:.4g} to prune further)", UserWarning, stacklevel=3)
     timings = _timings()
     snapshot = Snapshot(targets, model)
     damp, forms, kappa = None, {}, {}
