@@ -22,12 +22,13 @@ from torch import nn
 from .batches import is_single_pass
 from .checks import check_prunable
 from .conditioning import warn_ill_conditioned
-from .config import AUTO_MANY_STEPS, AUTO_STEP_GRADS, PruneConfig
+from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig
 from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
 from .diagnostics import magnitude_overlap, warn_if_degenerate
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
 from .finetune import hold_target_masks
+from .gradients import LoaderExhausted
 from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
 from .methods import StepContext
 from .progress import display, step_label
@@ -148,6 +149,19 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
         raise
 
 
+def _estimate_step(model, loader, targets, step_config: PruneConfig, config: PruneConfig, num_steps: int):
+    """:func:`_estimate` of one step; a loader that runs out is reported against the call's num_grads."""
+    try:
+        return _estimate(model, loader, targets, step_config)
+    except LoaderExhausted as exc:
+        if num_steps == 1:
+            raise
+        raise ValueError(f"num_grads={config.num_grads} is the total over the call: {num_steps} steps of about "
+                         f"{exc.needed} gradients, each read from the start of the loader, which ran out after "
+                         f"{exc.got}; pass num_grads <= {exc.got * num_steps} ({exc.got} per step), fewer "
+                         "num_steps, or more data") from exc
+
+
 def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> PruneResult:
     """Every step of :func:`woodfisher.prune_one_shot` (see there); transactional."""
     start = time.perf_counter()
@@ -162,9 +176,10 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                       "the recomputation", UserWarning, stacklevel=3)
         steps = config.replace(num_steps=1).steps(start_sparsity)
     if config.num_steps == "auto" and len(steps) > AUTO_MANY_STEPS:
-        warnings.warn(f"num_steps='auto' plans {len(steps)} Fisher recomputations for num_grads={config.num_grads} "
-                      f"(num_grads is the total over the call, at most {AUTO_STEP_GRADS[1]} per step); pass "
-                      f"num_steps=<fewer> for fewer, larger steps", UserWarning, stacklevel=3)
+        warnings.warn(f"num_steps='auto' plans {len(steps)} Fisher recomputations to reach sparsity "
+                      f"{config.final_sparsity:g} (each step keeps >= {AUTO_STEP_KEEP:.0%} of the weights still "
+                      f"unpruned; each is a full gradient collection and inversion); pass num_steps=<fewer> for "
+                      "fewer, larger steps", UserWarning, stacklevel=3)
     configs = [config.replace(num_grads=m, num_steps=1) for _, m in steps]
     targets = resolve_targets(model, config.modules, method.block_size(configs[0]))
     method.check_targets(targets, config)
@@ -190,7 +205,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
             for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
                 with step_label(f"step {i + 1}/{len(steps)}" if len(steps) > 1 else None):
                     targets = resolve_targets(model, config.modules, method.block_size(step_config))
-                    curvature = _estimate(model, loader, targets, step_config)
+                    curvature = _estimate_step(model, loader, targets, step_config, config, len(steps))
                     for phase in ("gradients", "inverse"):
                         timings[phase] += curvature.timings[phase]
                     _apply(targets, curvature, step_config, target, timings)

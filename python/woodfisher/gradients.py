@@ -59,14 +59,22 @@ from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
 
-__all__ = ["GradientCollector", "compute_dtype", "compute_state", "prepare_batch", "chunk_samples", "CHUNK_BYTES",
-           "MAX_CHUNK_SAMPLES"]
+__all__ = ["GradientCollector", "LoaderExhausted", "compute_dtype", "compute_state", "prepare_batch", "chunk_samples",
+           "CHUNK_BYTES", "MAX_CHUNK_SAMPLES"]
 
 HALF = (torch.float16, torch.bfloat16)
 #: Default memory (bytes) for the gradients of one chunk.
 CHUNK_BYTES = 256 * 2 ** 20
 #: At most this many samples per chunk (bounds the activations a ``vmap`` call keeps, and the buffered inputs).
 MAX_CHUNK_SAMPLES = 256
+
+
+class LoaderExhausted(ValueError):
+    """The loader ran out before ``num_grads`` gradients: ``needed`` gradients asked, ``got`` produced."""
+
+    def __init__(self, message: str, needed: int, got: int):
+        super().__init__(message)
+        self.needed, self.got = needed, got
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -388,9 +396,10 @@ class GradientCollector:
             raise ValueError(f"loader yielded fewer than fisher_batch_size={self.fbs} samples: "
                              "no gradient could be computed (empty data loader?)")
         if self.num_grads is not None and self.count < self.num_grads:
-            raise ValueError(f"num_grads={self.num_grads} with fisher_batch_size={self.fbs} needs "
-                             f"{self.num_grads * self.fbs} samples, but the loader ran out after {self.count} "
-                             f"gradients ({self.samples} samples); pass num_grads <= {self.count} or more data")
+            raise LoaderExhausted(f"num_grads={self.num_grads} with fisher_batch_size={self.fbs} needs "
+                                  f"{self.num_grads * self.fbs} samples, but the loader ran out after {self.count} "
+                                  f"gradients ({self.samples} samples); pass num_grads <= {self.count} or more data",
+                                  self.num_grads, self.count)
         if loss_sum is not None:
             self.loss_grad = {k: v / self.count for k, v in loss_sum.items()}
 
