@@ -38,13 +38,14 @@ def cuda_extensions():
 
 
 def cpu_extensions():
-    """The fused CPU Woodbury kernel (csrc/cpu, plain C, loaded with ctypes by
-    woodfisher_kernels/_cpu.py). Optional: without a C compiler the package installs
+    """The fused CPU kernels: Woodbury build / update and the low-rank factor (csrc/cpu, plain C,
+    loaded with ctypes by woodfisher_kernels/_cpu.py). Optional: without a C compiler the package installs
     without it and the CPU uses the torch fallback."""
     if os.environ.get("WOODFISHER_NO_CPU_KERNELS", "0") == "1":
         return []
     return [Extension("woodfisher_kernels._cpu_kernels", sources=["csrc/cpu/woodbury_cpu.c"],
-                      depends=["csrc/cpu/woodbury_cpu_kernel.h"], extra_compile_args=["-O3", "-Wno-psabi"],
+                      depends=["csrc/cpu/woodbury_cpu_kernel.h", "csrc/cpu/lowrank_cpu_kernel.h"],
+                      extra_compile_args=["-O3", "-Wno-psabi"],
                       libraries=["m"], optional=True)]
 
 

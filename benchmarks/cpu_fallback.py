@@ -207,7 +207,24 @@ def run_lowrank(grads: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor]
     print(f"[lowrank] m={m}: {speedup:.2f}x, diag rel. error {diag_err:.2e}, mask differences {masks}", flush=True)
     return {"m": m, "damp": damp, "layers": len(blocks), "numel": sum(g.shape[-1] for g in blocks.values()),
             "methods": res, "speedup": speedup, "diag_max_rel_err_vs_float64": diag_err,
-            "mask_entries_differing": masks}
+            "mask_entries_differing": masks,
+            "default_shape": run_lowrank_backends(grads, damp, repeats, peak_n)}
+
+
+def run_lowrank_backends(grads: Dict[str, torch.Tensor], damp: float, repeats: int, peak_n: int,
+                         m: int = 64, c: int = 256) -> Dict:
+    """The low-rank factor at the shape of a default step (m = 64 gradients, blocks of c = 4 m = 256)
+    on every backend that has one (raw implementations: C kernel against torch)."""
+    m = min(m, next(iter(grads.values())).shape[0])
+    blocks = [wk.to_blocks(g[:m], c).transpose(0, 1).contiguous() for g in grads.values()]
+    found = [b for b in ("cpu", "torch") if b in testing.backends("lowrank_factor")]
+    impls = {b: testing.implementation("lowrank_factor", b) for b in found}
+    flops = sum(g.shape[0] * (2.0 * m * m * c + m ** 3 / 3.0) for g in blocks)
+    res = _side_by_side({b: (lambda f=f: [f(g, damp, float(m)) for g in blocks]) for b, f in impls.items()},
+                        flops, repeats, peak_n)
+    print(f"[lowrank] default shape m={m} c={c}: " + ", ".join(f"{b} {r['gflops']:.1f} GFLOP/s"
+                                                               for b, r in res.items()), flush=True)
+    return {"m": m, "c": c, "blocks": sum(g.shape[0] for g in blocks), "methods": res}
 
 
 def _goal_lines(result: Dict, goal: float = 40.0) -> List[str]:
@@ -299,6 +316,15 @@ def markdown(result: Dict) -> str:
         lines += ["", f"Speed-up {lr['speedup']:.2f}x; diagonal: largest relative error vs float64 "
                   f"{lr['diag_max_rel_err_vs_float64']:.1e}; global masks, entries that differ: "
                   + ", ".join(f"{float(s):.0%}: {d}" for s, d in lr["mask_entries_differing"].items()) + "."]
+        ds = lr.get("default_shape")
+        if ds:
+            lines += ["", f"At the shape of a default step ({ds['blocks']} blocks, m = {ds['m']}, c = {ds['c']}; "
+                      "raw implementations of the factor, 2 m^2 c + m^3 / 3 flops per block):", "",
+                      "| backend | CPU time | wall time | GFLOP/s | % of sgemm peak | speed-up of the first |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            for name, r in ds["methods"].items():
+                lines.append(f"| {name} | {cm.human_time(r['median_cpu_s'])} | {cm.human_time(r['median_s'])} | "
+                             f"{r['gflops']:.1f} | {r['pct_of_peak']:.0f}% | {r['speedup_of_first']:.2f}x |")
     if result.get("step"):
         lines += ["", "## The inverse phase of a pruning step", "",
                   "`prune_one_shot(model, loader, sparsity=0.8, num_grads=512)` with the package defaults "

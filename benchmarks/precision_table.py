@@ -50,7 +50,7 @@ def run(device: torch.device, backends: List[str], num_blocks: int, block_sizes=
         row = {"c": c, "m": m, "damp": damp, "scale": scale, "rank1": rank1, "kappa": kappa,
                "bound": float(wk.error_bound(kappa)), "results": {}}
         for backend in backends:
-            forms = testing.FORMS if backend == "torch" else ("build", "stream")
+            forms = testing.FORMS if backend in testing.LOWRANK_BACKENDS else ("build", "stream")
             for form in forms:
                 row["results"][f"{form}/{backend}"] = _one(form, backend, grads.to(device), damp, ref)
         rows.append(row)

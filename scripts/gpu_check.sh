@@ -24,6 +24,9 @@
 #             (64,64) (128,128) (256,256) (64,16) (128,16) (256,64); streaming k in 1,16,128 for
 #             c in 64,128,256; OBS ops; CUDA shared vs tiled kernel)       [sbs.log]
 #   r50       ResNet-50 one-shot step, paper setting 1000x80 (benchmarks/resnet50_step.py)
+#   step      the whole step by phase and per-sample gradients against the batched fwd+bwd, MLPNet /
+#             ResNet-20 / MobileNet-like (benchmarks/step_cpu.py --device cuda: step_cuda.json / .md,
+#             in all.tar.gz), with what time is left
 #   summary   summary.txt (names the device), printed last
 # Test results also stream to junit_*.jsonl as they arrive, so a run cut short still counts.
 # Output under $OUT (default ./gpu_check_out), 7 files at most: summary.txt, all.tar.gz (every log
@@ -287,10 +290,14 @@ if [ "$DRY" = "1" ]; then
     $(( T_SBS / 2 ))
   publish
   run r50 240 10 "$W/r50.log" "$PY" -m benchmarks.resnet50_step --model smoke --device cpu --out "$W"
+  publish
+  run step 240 10 "$W/step.log" "$PY" -m benchmarks.step_cpu --quick --device cpu --out "$W"
 else
   run sbs 120 90 "$W/sbs.log" "$PY" "$HELP/sbs_profile.py" "$W" $(( T_SBS - 15 ))
   publish
   run r50 110 30 "$W/r50.log" "$PY" -m benchmarks.resnet50_step --setting 1000x80 --out "$W"
+  publish
+  run step 75 10 "$W/step.log" "$PY" -m benchmarks.step_cpu --device cuda --repeats 1 --out "$W"
 fi
 publish
 

@@ -110,7 +110,8 @@ def test_loader_with_wrong_shapes_midway_is_named(options):
     data = tiny_data(n=32, batch=8)
     data[2] = (torch.randn(8, 7, dtype=torch.float64), data[2][1])  # third batch: 7 features instead of 6
     first = [data[2]] + data[:2] if options.get("beta") else data  # beta reads the first batch
-    refused(tiny_mlp(), first, r"loader: the model or the loss failed on a batch with args \(8, 7\) float64",
+    refused(tiny_mlp(), first,
+            r"loader: the model or the loss failed on (item 2 of the loader,|a batch with) args \(8, 7\) float64",
             sparsity=0.5, **{**options, "num_grads": 32})
 
 
@@ -258,3 +259,28 @@ def test_prune_with_refuses_options_the_curvature_fixed():
     assert masks.keys() == reference.keys() and all(torch.equal(masks[n], reference[n]) for n in masks)
     layerwise = wf.prune_with(tiny_mlp(), curvature, 0.5, mode="layerwise")
     assert all(abs(row["sparsity"] - 0.5) <= 1 / row["numel"] for row in layerwise.layers)
+
+
+def test_no_prunable_module_names_the_parameters_that_could_be_named():
+    class Raw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+            self.scale = nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+        def forward(self, x):
+            return (x @ self.w) * self.scale
+
+    refused(Raw(), tiny_data(), r"modules: the model has no prunable module .* modules=\['w'\]", sparsity=0.5)
+    res = wf.prune_one_shot(Raw(), tiny_data(), sparsity=0.5, modules=["w"], **OPTS)  # the hint works
+    assert set(res.masks) == {"w"}
+
+
+def test_sparsity_below_the_zeros_already_there_warns_and_prunes_nothing_more():
+    model = tiny_mlp()
+    wf.prune_one_shot(model, tiny_data(), sparsity=0.7, method="magnitude", **OPTS)
+    before = snapshot(model)
+    with pytest.warns(UserWarning, match=r"sparsity=0.5 is below the 0.7 of zeros .* never revives"):
+        res = wf.prune_one_shot(model, tiny_data(), sparsity=0.5, method="magnitude", **OPTS)
+    assert res.sparsity == pytest.approx(0.7, abs=1e-3)
+    assert_unchanged(before, snapshot(model))

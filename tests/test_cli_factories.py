@@ -155,3 +155,21 @@ def test_export_loads_the_same_factories_as_prune(user_pkg, capsys):
     assert main(["export", "--model", "mypkg.stuff:nothere", "--checkpoint", str(out / "pruned.pt"),
                  "--format", "dense", "--out", str(user_pkg / "x.pt")]) == 2
     assert "module 'mypkg.stuff' has no attribute 'nothere'" in capsys.readouterr().err
+
+
+def test_export_of_a_factory_model_says_whether_it_was_checked(user_pkg, capsys):
+    from mypkg.stuff import build
+
+    model = build()
+    with torch.no_grad():
+        model.fc1.weight[:, :3] = 0  # 50% zeros: csr-worthy
+    ckpt = user_pkg / "pruned.pt"
+    torch.save(model.state_dict(), ckpt)
+    base = ["export", "--model", "mypkg.stuff:build", "--checkpoint", str(ckpt), "--format", "csr",
+            "--min-sparsity", "0.3"]
+    assert main([*base, "--out", str(user_pkg / "a.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "outputs not compared with the dense model: no example input" in out and "--input-shape" in out, out
+    assert main([*base, "--out", str(user_pkg / "b.pt"), "--input-shape", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "max |output - dense output| = " in out, out

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import woodfisher as wf
-from woodfisher import diagnostics
+from woodfisher import diagnostics, progress
 from woodfisher.checkpoint import save_state_dict
 from woodfisher.cli import build_parser, main, parse_args
 from woodfisher.config import AUTO_BLOCK_PER_GRAD
 from woodfisher.data import load_digits
 from woodfisher.demo import train_digits_mlp
 from woodfisher.models import MODEL_SPECS
-from woodfisher.progress import Progress, display, phase, write_line
+from woodfisher.progress import Progress, display, output_mode, phase, write_line
 
 
 @pytest.fixture(scope="module")
@@ -86,28 +86,85 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_progress_follows_the_terminal_unless_forced(monkeypatch, capsys):
+def test_progress_is_live_on_a_terminal_and_plain_lines_in_a_log(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
     with display(True, "test") as shown, phase("work", total=2, unit="step") as bar:
         bar.update(2)
-    assert shown.bar is None and capsys.readouterr().err == ""     # stderr is no terminal: nothing drawn
-    with display(True, "test", force=True), phase("work", total=2, unit="step") as bar:
-        bar.update(2)
     err = capsys.readouterr().err
-    assert re.search(r"test: work: \d/2 step", err) and err.endswith("\n")  # forced: drawn, its line ended
+    assert shown.mode == "lines" and shown.bar is None          # stderr captured (a log): plain lines
+    assert "test: work: 2/2 step [" in err and "\r" not in err and err.endswith("\n")
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     with display(True, "test") as shown, phase("work", total=2, unit="step") as bar:
         bar.update(2)
-        assert shown.bar is not None
+        assert shown.mode == "live" and shown.bar is not None
     assert re.search(r"test: work: \d/2 step", terminal.getvalue())
 
 
-def test_write_line_starts_on_a_fresh_line_while_a_forced_line_is_drawn(capsys):
+def test_log_lines_skip_short_phases_unless_forced_and_beat_during_long_ones(monkeypatch, capsys):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    with display(True, "test"), phase("quick", total=1) as bar:  # well under LINE_SECONDS
+        bar.update(1)
+    assert capsys.readouterr().err == ""
+    with display(True, "test", force=True), phase("quick", total=1) as bar:
+        bar.update(1)
+    assert "test: quick: 1/1 it [" in capsys.readouterr().err
+    monkeypatch.setattr(progress, "HEARTBEAT_SECONDS", 0.0)
+    with display(True, "test"), phase("long", total=3, unit="grad") as bar:
+        bar.update(1)
+        assert "test: long: 1/3 grad [0 s so far]" in capsys.readouterr().err
+
+
+def test_tqdm_disable_and_progress_false_show_nothing_unless_forced(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert output_mode(True) is None and output_mode(True, force=True) == "lines"
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    assert output_mode(True) == "lines" and output_mode(False) is None
+
+
+def test_notebook_gets_the_widget_though_its_stderr_is_no_terminal(monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setattr(progress, "_in_notebook", lambda: True)
+    assert output_mode(True) == "live"
+
+
+def _logged_run(monkeypatch):
+    """A log (stderr captured) that shows every phase, and a small model with its data."""
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    return model, [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
+
+
+def test_library_call_in_a_log_prints_lines_like_the_cli(monkeypatch, capsys):
+    """prune_one_shot's default (progress=True) and the CLI without a flag follow the same rule."""
+    model, data = _logged_run(monkeypatch)
+    wf.prune_one_shot(model, data, sparsity=0.5, num_grads=32, num_steps=1)
+    err = capsys.readouterr().err
+    assert "woodfisher: Fisher gradients: 32/32 grad [" in err and "\r" not in err
+    wf.prune_one_shot(model, data, sparsity=0.6, num_grads=32, num_steps=1, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_search_damp_shows_progress_by_default_labelled_with_each_candidate(monkeypatch, capsys):
+    """The slowest entry point (one pruning per candidate) has the same default as prune_one_shot."""
+    model, data = _logged_run(monkeypatch)
+    wf.search_damp(model, data, data[:1], sparsity=0.5, grid=[1e-3, 1e-1], num_grads=16, num_steps=1)
+    err = capsys.readouterr().err
+    for label in ("damp 0.001 (1/2)", "damp 0.1 (2/2)"):
+        assert f"woodfisher search_damp: held-out loss, {label} [" in err, err
+    wf.search_damp(model, data, data[:1], sparsity=0.5, grid=[1e-3], num_grads=16, num_steps=1, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_write_line_is_a_line_of_its_own_while_a_display_runs(capsys):
     with display(True, "test", force=True):
         with phase("work"):
             write_line("note: hello")
-    err = capsys.readouterr().err
-    assert "\nnote: hello\n" in err
+    assert "note: hello" in capsys.readouterr().err.split("\n")
 
 
 def _counted(err):
@@ -129,12 +186,12 @@ def test_phase_labels_name_what_they_count(capsys):
     assert _counted(capsys.readouterr().err) == {("Fisher gradients", 5, "grad"), ("inverses", 2, "weight")}
 
 
-def test_cli_progress_default_off_forced_labels_right_and_errors_on_a_fresh_line(digits_ckpt, tmp_path, capsys):
+def test_cli_progress_in_a_log_labels_right_and_errors_on_a_fresh_line(digits_ckpt, tmp_path, capsys):
     base = ["prune", "--model", "digits_mlp", "--checkpoint", digits_ckpt, "--sparsity", "0.8",
             "--num-grads", "32", "--num-steps", "1"]
     assert parse_args(base).progress is None
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
-    assert "\r" not in capsys.readouterr().err                     # stderr captured, not a terminal: no line
+    assert "\r" not in capsys.readouterr().err                     # stderr captured, a log: plain lines only
     assert main([*base, "--out", str(tmp_path / "b"), "--progress"]) == 0
     err = capsys.readouterr().err
     weights = len(torch.load(tmp_path / "b" / "masks.pt", weights_only=True))
@@ -143,7 +200,7 @@ def test_cli_progress_default_off_forced_labels_right_and_errors_on_a_fresh_line
     blocker.write_text("")
     assert main([*base, "--out", str(blocker / "sub"), "--progress"]) == 2  # fails after the line was drawn
     err = capsys.readouterr().err
-    assert "\r" in err and err.split("\n")[-2].startswith("woodfisher: error: ")
+    assert err.split("\n")[-2].startswith("woodfisher: error: ")
 
 
 # ---- 4. export ---------------------------------------------------------------------------

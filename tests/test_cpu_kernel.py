@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import woodfisher_kernels as wk
-from woodfisher_kernels import _cpu, _woodbury, testing
+from woodfisher_kernels import _cpu, _woodbury, reference, testing
 
 pytestmark = pytest.mark.skipif(not _cpu.available(), reason="the C kernel is not built here (no C compiler)")
 
@@ -94,3 +94,94 @@ def test_every_instruction_set_instance_is_correct(isa):
     ref = testing.svd_inverse(grads, 1e-2, 21.0)
     assert not bad.any()
     assert (testing.spectral_error(out, ref.inverse) <= wk.error_bound(ref.kappa)).all()
+
+
+# ---- the low-rank factor (csrc/cpu/lowrank_cpu_kernel.h) ---------------------------------------------------
+
+@pytest.mark.parametrize("m,c", [(1, 16), (7, 17), (8, 16), (33, 100), (64, 256), (100, 130)])
+@pytest.mark.parametrize("damp", [1e-1, 1e-5])
+def test_lowrank_factor_matches_float64(m, c, damp):
+    """A = L^-1 G and diag(F^-1) against float64; padding of m to 8 and c to 16 is exact."""
+    grads = _grads(3, m, c, seed=m * 1000 + c)
+    factor, diag, bad = _cpu.lowrank_factor(grads, damp, float(m))
+    a64, d64, _ = reference.lowrank_factor(grads.double(), damp, float(m))
+    ref = testing.svd_inverse(grads, damp, float(m))
+    assert not bad.any()
+    assert (testing.diag_error(torch.diag_embed(diag), ref.diag) <= wk.error_bound(ref.kappa)).all()
+    assert float((factor.double() - a64).abs().max() / a64.abs().max()) < 1e-5   # A's entries are <= 1
+
+
+@pytest.mark.parametrize("m,c", [(40, 3300), (64, 4096)])
+def test_lowrank_factor_of_wide_blocks_in_column_panels(m, c):
+    """Blocks wider than one ~256 KiB panel (whole layers) are summed panel by panel: same result."""
+    grads = _grads(2, m, c, seed=12)
+    factor, diag, bad = _cpu.lowrank_factor(grads, 1e-1, float(m))
+    a64, d64, _ = reference.lowrank_factor(grads.double(), 1e-1, float(m))
+    assert not bad.any()
+    assert float(((diag.double() - d64) / d64).abs().max()) < 1e-5
+    assert float((factor.double() - a64).abs().max() / a64.abs().max()) < 1e-5
+
+
+def test_lowrank_factor_is_the_torch_one_and_independent_of_threads():
+    grads = _grads(9, 40, 96, seed=7)
+    one = _cpu.lowrank_factor(grads, 1e-3, 40.0, threads=1)
+    split = _cpu.lowrank_factor(grads, 1e-3, 40.0, threads=4)
+    assert all(torch.equal(x, y) for x, y in zip(one, split))
+    torch_factor, torch_diag, _ = reference.lowrank_factor(grads, 1e-3, 40.0)
+    torch.testing.assert_close(one[0], torch_factor, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(one[1], torch_diag, rtol=1e-4, atol=0)
+
+
+def test_lowrank_failure_flags_match_the_torch_implementation():
+    """NaN, Inf and float32 overflow in a block's gradients flag that block only, as in torch."""
+    grads = _grads(5, 12, 32, seed=8)
+    grads[1, 3, 4] = float("nan")
+    grads[2, 0, 0] = float("inf")
+    grads[3] *= 1e25                                   # squares overflow float32: the Gram is Inf
+    bad = _cpu.lowrank_factor(grads, 1e-2, 12.0)[2]
+    bad_torch = reference.lowrank_factor(grads, 1e-2, 12.0)[2]
+    assert bad.tolist() == bad_torch.tolist() == [False, True, True, True, False]
+
+
+@pytest.mark.parametrize("isa", _cpu.ISAS)
+def test_lowrank_every_instruction_set_instance(isa):
+    grads = _grads(2, 24, 80, seed=9)
+    if _cpu.ISAS.index(isa) > _cpu.ISAS.index(_cpu.best_isa()):
+        with pytest.raises(RuntimeError, match="does not support"):
+            _cpu.lowrank_factor(grads, 1e-2, 24.0, isa=isa)
+        return
+    diag = _cpu.lowrank_factor(grads, 1e-2, 24.0, isa=isa)[1]
+    ref = testing.svd_inverse(grads, 1e-2, 24.0)
+    assert (testing.diag_error(torch.diag_embed(diag), ref.diag) <= wk.error_bound(ref.kappa)).all()
+
+
+def test_lowrank_beyond_the_kernel_limit_uses_torch(monkeypatch):
+    grads = _grads(2, 20, 64, seed=10)
+    monkeypatch.setattr(_cpu, "MAX_LOWRANK_GRADS", 16)
+    assert all(torch.equal(x, y) for x, y in zip(_cpu.lowrank_factor(grads, 1e-2, 20.0),
+                                                 reference.lowrank_factor(grads, 1e-2, 20.0)))
+
+
+def test_public_lowrank_inverse_runs_the_kernel_on_cpu_float32():
+    grads = _grads(4, 16, 48, seed=11)
+    expected = _cpu.lowrank_factor(grads, 1e-2, 16.0)
+    for backend in ("auto", "cpu"):
+        inv = wk.lowrank_inverse(grads, 1e-2, backend=backend)
+        assert torch.equal(inv.factor, expected[0]) and torch.equal(inv.diag(), expected[1])
+    assert torch.equal(wk.lowrank_inverse(grads, 1e-2, backend="torch").factor,
+                       reference.lowrank_factor(grads, 1e-2, 16.0)[0])
+    assert torch.equal(wk.blockwise_inverse(grads, 1e-2, form="lowrank", backend="cpu").factor, expected[0])
+    with pytest.raises(ValueError, match="backend"):
+        wk.lowrank_inverse(grads.double(), 1e-2, backend="cpu")
+    with pytest.raises(ValueError, match="backend"):
+        wk.lowrank_inverse(grads, 1e-2, backend="gpu")
+
+
+def test_raw_kernels_refuse_other_dtypes_instead_of_reading_garbage():
+    grads = _grads(2, 4, 32, seed=13)
+    with pytest.raises(ValueError, match="float32"):
+        _cpu.lowrank_factor(grads.double(), 1e-2, 4.0)
+    with pytest.raises(ValueError, match="float32"):
+        _cpu.woodbury_blocks(grads.half(), 4.0, None, 1e-2)
+    with pytest.raises(ValueError, match="float32"):
+        _cpu.woodbury_blocks(grads, 4.0, torch.eye(32, dtype=torch.float64).repeat(2, 1, 1))

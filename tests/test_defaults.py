@@ -137,16 +137,34 @@ def test_auto_steps_with_a_single_pass_loader_prune_in_one_step():
     assert all(torch.equal(ref.masks[k], got.masks[k]) for k in ref.masks)
 
 
-def test_auto_steps_warn_when_a_large_num_grads_plans_many_recomputations():
-    """num_grads is the total over the call: a large one means many steps; say so before running any."""
+def test_a_large_num_grads_alone_never_plans_more_than_the_many_steps_limit():
+    """num_grads is the total over the call: a large one gives larger steps, not hundreds of them."""
     most = AUTO_STEP_GRADS[1]
-    assert len(wf.PruneConfig(sparsity=0.8, num_grads=(AUTO_MANY_STEPS + 1) * most).steps()) == AUTO_MANY_STEPS + 1
-    with pytest.warns(UserWarning, match=f"{AUTO_MANY_STEPS + 1} Fisher recomputations.*num_steps="), \
+    for num_grads in ((AUTO_MANY_STEPS + 1) * most, 100000):
+        plan = wf.PruneConfig(sparsity=0.8, num_grads=num_grads).steps()
+        assert len(plan) == AUTO_MANY_STEPS and sum(m for _, m in plan) == num_grads
+
+
+def test_auto_steps_warn_when_the_sparsity_needs_many_recomputations():
+    """Many steps come only from a very high sparsity (each step keeps >= AUTO_STEP_KEEP): warned before any."""
+    plan = wf.PruneConfig(sparsity=0.98, num_grads=4096).steps()
+    assert len(plan) > AUTO_MANY_STEPS
+    with pytest.warns(UserWarning, match=f"{len(plan)} Fisher recomputations.*num_steps="), \
             pytest.raises(ValueError, match="loader is required"):    # warned up front, before the data is read
-        wf.prune_one_shot(tiny_mlp(), None, sparsity=0.8, num_grads=(AUTO_MANY_STEPS + 1) * most)
+        wf.prune_one_shot(tiny_mlp(), None, sparsity=0.98, num_grads=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="loader is required"):
-            wf.prune_one_shot(tiny_mlp(), None, sparsity=0.8, num_grads=AUTO_MANY_STEPS * most)
+            wf.prune_one_shot(tiny_mlp(), None, sparsity=0.8, num_grads=10 ** 6)
         with pytest.raises(ValueError, match="loader is required"):   # an explicit num_steps is the user's choice
-            wf.prune_one_shot(tiny_mlp(), None, sparsity=0.8, num_grads=10 ** 6, num_steps=2)
+            wf.prune_one_shot(tiny_mlp(), None, sparsity=0.98, num_grads=4096, num_steps=2)
+
+
+def test_a_loader_too_short_for_the_steps_is_reported_against_the_calls_num_grads():
+    model, loader = tiny_mlp(), tiny_data()
+    samples = sum(len(y) for _, y in loader)
+    before = state_copy(model)
+    with pytest.raises(ValueError, match=rf"num_grads=100000 is the total over the call: {AUTO_MANY_STEPS} steps.*"
+                                         rf"ran out after {samples}; pass num_grads <= {samples * AUTO_MANY_STEPS}"):
+        wf.prune_one_shot(model, loader, sparsity=0.8, num_grads=100000, progress=False)
+    assert same_state(model, before)

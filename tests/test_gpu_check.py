@@ -12,7 +12,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("env", "t_triton", "drvbuild", "build", "sanitize", "t_gpu_ops", "t_gpu", "sbs", "r50")
+STAGES = ("env", "t_triton", "drvbuild", "build", "sanitize", "t_gpu_ops", "t_gpu", "sbs", "r50", "step")
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ a dense float64 inverse is itself wrong at these condition numbers), over the ta
 c in {64, 257}, m in {c/2, 2c+1}, damp in {1e-8, 1e-5, 1e-1}, gradient scale in
 {1e-6, 1, 1e6}, Gaussian and rank-1 gradients, for the one-shot build (``fisher_inverse``),
 the streaming build (``woodbury_update_`` in chunks of 64 from I/damp) and the low-rank
-form (``lowrank_inverse``, forced also for m > c). Contract (woodfisher_kernels._numerics):
+form (``lowrank_inverse``, forced also for m > c; on the backends with a low-rank factor,
+torch and the C kernel). Contract (woodfisher_kernels._numerics):
 
 - a returned inverse is finite, has a positive diagonal, and its per-block relative
   errors (largest diagonal entry; spectral norm) are <= ``error_bound(kappa)``
@@ -37,7 +38,7 @@ def _cases():
                                                                            testing.precision_cases()):
         if (backend, device) == ("torch", "cuda"):
             continue                                    # same code as torch on the CPU
-        forms = testing.FORMS if backend == "torch" else ("build", "stream")
+        forms = testing.FORMS if backend in testing.LOWRANK_BACKENDS else ("build", "stream")
         if is_interpreted(backend, device):
             small = c == 64 and (damp, scale) in TRITON_SUBSET
             one_big = (c, m, damp, scale, rank1) == (257, 128, 1e-5, 1.0, False)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -25,8 +26,11 @@ def test_quick_start_snippets_run():
     x, y = torch.randn(1024, 20, generator=g), torch.randint(0, 4, (1024,), generator=g)
     loader = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 1024, 64)]  # enough for the snippets' num_grads
     namespace = {"model": model, "train_loader": loader, "loader": loader}
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the README's own code
+    with warnings.catch_warnings(record=True) as rec:  # the README's own code runs without a warning
+        warnings.simplefilter("always")
+        for block in blocks:
+            exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the README's own code
+    assert not [str(w.message) for w in rec if issubclass(w.category, UserWarning)]
     res = namespace["res"]
     assert 0.79 <= res.sparsity <= 0.81
     assert all(float((p == 0).float().mean()) > 0.5 for n, p in model.named_parameters() if n.endswith("weight")

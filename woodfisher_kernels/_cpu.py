@@ -1,12 +1,14 @@
-"""Fused CPU backend ``"cpu"``: the blockwise Woodbury build / update in C (csrc/cpu).
+"""Fused CPU backend ``"cpu"``: the blockwise Woodbury build / update and the low-rank factor in C (csrc/cpu).
 
 The kernel (``woodfisher_kernels._cpu_kernels``, a plain C shared library built by setup.py
 wherever a C compiler is found and loaded here with ctypes) computes exactly what the torch
 fallback :func:`woodfisher_kernels._woodbury.woodbury_blocks` computes (same K-gradient
 Woodbury chunks, float32 products, float64 K x K factorisation, same failure flags), one
 block at a time with the block's inverse kept in cache and the products in register tiles,
-instead of batched library calls on small matrices. The OBS statistics and update are the
-torch reference's (they are a few matrix-vector products per block).
+instead of batched library calls on small matrices. The low-rank factor of
+:mod:`woodfisher_kernels.lowrank` (m < c) is fused the same way (:func:`lowrank_factor`).
+The OBS statistics and update are the torch reference's (they are a few matrix-vector
+products per block).
 
 Float32 CPU tensors only; blocks are split across ``torch.get_num_threads()`` threads
 (ctypes releases the GIL during the call). Without the library ``available()`` is False and
@@ -33,6 +35,9 @@ CHUNK_SMALL, CHUNK, CHUNK_LARGE = 8, 16, 32
 #: Largest block size the kernel takes: one block's inverse must stay in a core's L2 cache
 #: (c = 512: 1 MiB). Larger blocks go to the torch fallback (tiles of blocks over MKL).
 MAX_BLOCK_SIZE = 512
+#: Most gradients per block the low-rank kernel takes (its m x m factorisation is unblocked); more go
+#: to the torch implementation (LAPACK).
+MAX_LOWRANK_GRADS = 256
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,6 +53,9 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.wf_woodbury_blocks.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [
         ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_double, ctypes.c_int]
     lib.wf_woodbury_blocks.restype = ctypes.c_int
+    lib.wf_lowrank_blocks.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [
+        ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_double]
+    lib.wf_lowrank_blocks.restype = ctypes.c_int
     lib.wf_best_isa.restype = ctypes.c_int
     return lib
 
@@ -98,10 +106,11 @@ def woodbury_blocks(grads: torch.Tensor, num_samples: float, inv: Optional[torch
     Returns:
         out (B, c, c) new inverses, bad (B,) bool failure flags.
     Raises:
+        ValueError: tensors that are not float32 on the CPU.
         RuntimeError: the library is not built, K is outside 1..64, the scratch could not be
             allocated, or the CPU lacks the forced ``isa``.
     """
-    lib = _built()
+    _check_float32_cpu(grads, inv)
     grads = grads.contiguous()
     inv = None if inv is None else inv.contiguous()
     num_blocks, m, c = grads.shape
@@ -109,27 +118,72 @@ def woodbury_blocks(grads: torch.Tensor, num_samples: float, inv: Optional[torch
     out = torch.empty(num_blocks, c, c, dtype=torch.float32)
     bad = torch.zeros(num_blocks, dtype=torch.uint8)
     lam = 1.0 if damp is None else float(damp)
-    code = -1 if isa is None else ISAS.index(isa)
 
-    def part(lo: int, hi: int) -> int:
+    def part(lib, code, lo, hi):
         def at(t, per_block):
             return None if t is None else t.data_ptr() + lo * per_block * t.element_size()
         return lib.wf_woodbury_blocks(code, at(grads, m * c), at(inv, c * c), at(out, c * c), at(bad, 1),
                                       hi - lo, m, c, lam, float(num_samples), k)
 
+    _split(part, num_blocks, threads, isa, f"c = {c}, K = {k}, K must be in 1..64")
+    return out, bad.bool()
+
+
+def lowrank_factor(grads: torch.Tensor, damp: float, num_samples: float, threads: Optional[int] = None,
+                   isa: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, diag, bad)`` as :func:`woodfisher_kernels.reference.lowrank_factor`, in C.
+
+    Args:
+        grads: (B, m, c) float32 CPU gradients. damp, num_samples: lambda > 0 and N > 0.
+        threads, isa: as :func:`woodbury_blocks`.
+    Returns:
+        A (B, m, c) = L^-1 G, diag (B, c) of F^-1 (float32), bad (B,) bool failure flags.
+        Blocks the kernel does not fit (m = 0 or m > :data:`MAX_LOWRANK_GRADS`) go to the
+        torch implementation.
+    Raises:
+        ValueError: tensors that are not float32 on the CPU.
+        RuntimeError: as :func:`woodbury_blocks`.
+    """
+    _check_float32_cpu(grads)
+    grads = grads.contiguous()
+    num_blocks, m, c = grads.shape
+    if m == 0 or m > MAX_LOWRANK_GRADS:
+        return reference.lowrank_factor(grads, damp, num_samples)
+    factor = torch.empty(num_blocks, m, c, dtype=torch.float32)
+    diag = torch.empty(num_blocks, c, dtype=torch.float32)
+    bad = torch.zeros(num_blocks, dtype=torch.uint8)
+
+    def part(lib, code, lo, hi):
+        return lib.wf_lowrank_blocks(code, grads.data_ptr() + 4 * lo * m * c, factor.data_ptr() + 4 * lo * m * c,
+                                     diag.data_ptr() + 4 * lo * c, bad.data_ptr() + lo, hi - lo, m, c,
+                                     float(damp), float(num_samples))
+
+    _split(part, num_blocks, threads, isa, f"m = {m}, c = {c}")
+    return factor, diag, bad.bool()
+
+
+def _check_float32_cpu(*tensors: Optional[torch.Tensor]) -> None:
+    """The kernel reads raw float32 memory: anything else would be read as garbage (or out of bounds)."""
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise ValueError(f"the CPU kernel takes float32 CPU tensors, got {t.dtype} on {t.device}")
+
+
+def _split(part: Callable, num_blocks: int, threads: Optional[int], isa: Optional[str], sizes: str) -> None:
+    """Runs ``part(lib, isa code, lo, hi)`` over the blocks split across threads; RuntimeError on a refusal."""
+    lib = _built()
+    code = -1 if isa is None else ISAS.index(isa)
     threads = max(1, min(threads or torch.get_num_threads(), num_blocks))
     bounds = [num_blocks * i // threads for i in range(threads + 1)]
     if threads == 1:
-        codes = [part(0, num_blocks)]
+        codes = [part(lib, code, 0, num_blocks)]
     else:
         with ThreadPoolExecutor(threads) as pool:
-            codes = list(pool.map(part, bounds[:-1], bounds[1:]))
+            codes = list(pool.map(lambda lo, hi: part(lib, code, lo, hi), bounds[:-1], bounds[1:]))
     if any(rc == -2 for rc in codes):
         raise RuntimeError(f"this CPU does not support isa={isa!r} (best: {best_isa()!r})")
     if any(rc != 0 for rc in codes):
-        raise RuntimeError(f"the CPU kernel refused the sizes or could not allocate its scratch (c = {c}, K = {k}, "
-                           "K must be in 1..64)")
-    return out, bad.bool()
+        raise RuntimeError(f"the CPU kernel refused the sizes or could not allocate its scratch ({sizes})")
 
 
 woodbury_update_, fisher_inverse = woodbury_ops(woodbury_blocks)
@@ -139,4 +193,5 @@ IMPLS: Dict[str, Callable] = {
     "fisher_inverse": fisher_inverse,
     "obs_saliency": reference.obs_saliency,
     "obs_update": reference.obs_update,
+    "lowrank_factor": lowrank_factor,
 }

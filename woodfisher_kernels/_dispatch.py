@@ -27,7 +27,7 @@ import torch
 
 from . import _cost
 
-OPS = ("woodbury_update_", "fisher_inverse", "obs_saliency", "obs_update")
+OPS = ("woodbury_update_", "fisher_inverse", "obs_saliency", "obs_update", "lowrank_factor")
 BACKENDS: Dict[str, str] = {  # name -> module, in order of preference
     "cuda": "woodfisher_kernels._cuda",
     "triton": "woodfisher_kernels._triton",
@@ -87,16 +87,19 @@ def select(op: str, backend: str, x: torch.Tensor, num_grads: Optional[int] = No
     """
     if backend not in CHOICES:
         raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
-    impls = implementations(op)
     if backend == "auto":
         if x.is_cuda and x.dtype == torch.float32:
+            impls = implementations(op)
             fitting = [name for name in impls if _fits(op, name, x)]
             ranked = _cost.rank(op, tuple(x.shape), num_grads, x.device, fitting)
             if ranked:
                 return impls[ranked[0]]
-        elif x.device.type == "cpu" and x.dtype == torch.float32 and "cpu" in impls and _fits(op, "cpu", x):
-            return impls["cpu"]
-        return impls["torch"]
+        elif x.device.type == "cpu" and x.dtype == torch.float32:
+            cpu = backend_module("cpu")            # only the CPU backends are imported (not Triton: ~1 s)
+            if cpu is not None and op in cpu.IMPLS and _fits(op, "cpu", x):
+                return cpu.IMPLS[op]
+        return backend_module("torch").IMPLS[op]
+    impls = implementations(op)
     if backend not in impls:
         raise ValueError(
             f"backend={backend!r} is not available for {op} in this installation "

@@ -10,12 +10,18 @@ Precision and speed: the Gram matrix ``G G^T`` is a float32 product (~1.25 m^2 c
 only its lower block-triangle, in 4 row blocks); only the m x m Cholesky factorisation of
 K (~m^3 / 3 flops) runs in float64; ``A = L^-1 G`` is one float32 triangular solve (m^2 c
 flops) with that factor rounded to float32, solved from the right on the transposed views
-(``A^T = G^T L^-T``) so that G is not copied; the diagonal sums the squares of each row
-block of A in float32 and the blocks in float64. This keeps the diagonal within 1e-6 of
+(``A^T = G^T L^-T``) so that G is not copied; the diagonal sums the squares of A in
+float32 over 32 rows at a time and those sums in float64. This keeps the diagonal within 1e-6 of
 a float64 computation on ResNet-20 gradients at damp 1e-5
 (benchmarks/results/cpu_fallback.md). The stated bound of :mod:`._numerics` holds;
 blocks that fail (non-finite factor, diagonal <= 0, K not positive definite in float64)
 are recomputed in float64 or refused (``on_failure``).
+
+Backends: the torch implementation above (:func:`woodfisher_kernels.reference.lowrank_factor`,
+any dtype and device) or, for float32 CPU gradients, the fused C kernel (backend "cpu",
+csrc/cpu/lowrank_cpu_kernel.h: the same steps one block at a time in cache, the triangular
+solve replaced by the product with L^-1 computed in float64 and rounded to float32, as the
+C Woodbury kernel does). CUDA tensors use the torch implementation (cuBLAS / cuSOLVER calls).
 
 For m >= c the low-rank form has no memory advantage (m c >= c^2) and its float32
 factor loses everything to the cancellation in I - A^T A, so :class:`LowRankInverse`
@@ -24,47 +30,19 @@ interface, ``factor`` is None).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
+from . import _dispatch, reference
 from . import _numerics as num
-from . import reference
-
-ROW_STEP_MIN = 128        # rows of the Gram per product (block-triangular products)
-ROW_BLOCKS = 4            # about m / 4 rows per product: 1.25 m^2 c flops each, still large products
 
 
-def _row_steps(m: int):
-    step = max(ROW_STEP_MIN, -(-m // ROW_BLOCKS))
-    return [(r0, min(m, r0 + step)) for r0 in range(0, m, step)]
-
-
-def lowrank_factor(grads: torch.Tensor, damp: float, num_samples: float
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(A, diag, bad)``: A = L^-1 G (B, m, c) and diag(F^-1) (B, c) in the grads' dtype,
-    bad (B,) bool flags of failed blocks (see module docstring for the precision)."""
-    num_blocks, m, c = grads.shape
-    steps = _row_steps(m)
-    gram = torch.zeros(num_blocks, m, m, dtype=grads.dtype, device=grads.device)
-    for r0, r1 in steps:                                         # lower block-triangle of G G^T
-        gram[:, r0:r1, :r1] = torch.bmm(grads[:, r0:r1], grads[:, :r1].transpose(1, 2))
-    low = torch.tril(gram.to(torch.float64), -1)
-    k64 = low + low.transpose(1, 2)
-    k64.diagonal(dim1=1, dim2=2).copy_(gram.diagonal(dim1=1, dim2=2)).add_(num_samples * damp)
-    chol, info = torch.linalg.cholesky_ex(k64)
-    # A^T = G^T L^-T: a right-side solve on the transposed views needs no copy of G (column-major
-    # as LAPACK wants it) and returns A^T column-major, i.e. A row-major (a left solve copies G).
-    factor = torch.linalg.solve_triangular(chol.to(grads.dtype).transpose(1, 2), grads.transpose(1, 2),
-                                           upper=True, left=False).transpose(1, 2)
-    sq = torch.zeros(num_blocks, c, dtype=torch.float64, device=grads.device)
-    for r0, r1 in steps:                                         # partial sums of <= m / 4 squares
-        rows = factor[:, r0:r1]
-        sq += torch.einsum("bmc,bmc->bc", rows, rows)            # one read of A, no squared copy
-    diag = ((1.0 - sq) / damp).to(grads.dtype)
-    # a NaN / Inf (or an overflowing entry) in A gives a NaN / -Inf diagonal entry: one check covers both
-    bad = (info != 0) | ~(torch.isfinite(diag) & (diag > 0)).all(dim=1)
-    return factor, diag, bad
+def _factor_impl(backend: str, grads: torch.Tensor):
+    """The lowrank_factor implementation for ``backend`` (ValueError naming it when it cannot run)."""
+    if backend in ("cuda", "triton"):                  # no low-rank kernel: library calls on the device
+        backend = "torch"
+    return _dispatch.select("lowrank_factor", backend, grads)
 
 
 class LowRankInverse:
@@ -74,6 +52,8 @@ class LowRankInverse:
         grads: (B, m, c) gradients (float32 or float64).
         damp, num_samples: the scalars of F (> 0).
         on_failure: "recompute" (float64 for failed blocks) or "raise" (ValueError).
+        backend: "auto" (the C kernel for float32 CPU gradients when built, else torch),
+            "cpu" or "torch"; "cuda" / "triton" have no low-rank kernel and use torch.
     Attributes:
         factor: (B, m, c) ``A = L^-1 G`` in the gradients' dtype (None when m >= c).
         damp, num_samples: the scalars of F.
@@ -82,7 +62,8 @@ class LowRankInverse:
         ValueError: failed blocks that float64 cannot fix, or any with on_failure="raise".
     """
 
-    def __init__(self, grads: torch.Tensor, damp: float, num_samples: float, on_failure: str = "recompute"):
+    def __init__(self, grads: torch.Tensor, damp: float, num_samples: float, on_failure: str = "recompute",
+                 backend: str = "auto"):
         self.damp = float(damp)
         self.num_samples = float(num_samples)
         num_blocks, m, c = grads.shape
@@ -94,10 +75,10 @@ class LowRankInverse:
                                                      self.num_samples, on_failure)
             self.diag_cached = torch.diagonal(self._dense, dim1=1, dim2=2)
             return
-        factor, diag, bad = lowrank_factor(grads, self.damp, self.num_samples)
+        factor, diag, bad = _factor_impl(backend, grads)(grads, self.damp, self.num_samples)
 
         def recompute64(idx):
-            a64, d64, bad64 = lowrank_factor(grads[idx].double(), self.damp, self.num_samples)
+            a64, d64, bad64 = reference.lowrank_factor(grads[idx].double(), self.damp, self.num_samples)
             return (a64, d64), bad64
 
         def check(fixed):

@@ -101,19 +101,23 @@ def fisher_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float
 
 
 def lowrank_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None,
-                    *, check_finite: bool = True, on_failure: str = "recompute") -> LowRankInverse:
+                    *, check_finite: bool = True, on_failure: str = "recompute",
+                    backend: str = "auto") -> LowRankInverse:
     """Low-rank representation of ``(damp I + G^T G / N)^-1`` for grads (B, m, c), m < c.
 
     For m >= c the returned object holds the dense inverse instead (see :mod:`.lowrank`).
+    ``backend``: "auto" (the C kernel for float32 CPU gradients when built, else torch),
+    "cpu" or "torch"; "cuda" / "triton" have no low-rank kernel and use torch.
     Raises ValueError as :func:`fisher_inverse`.
     """
     chk.check_tensor("grads", grads, 3)
     d = chk.check_positive("damp", damp)
     n = _num_samples(num_samples, grads)
+    _check_choice("backend", backend, CHOICES)
     _check_choice("on_failure", on_failure, ON_FAILURE)
     if check_finite:
         chk.check_finite("grads", grads)
-    return LowRankInverse(grads.contiguous(), d, n, on_failure)
+    return LowRankInverse(grads.contiguous(), d, n, on_failure, backend)
 
 
 def blockwise_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None, *,
@@ -133,7 +137,7 @@ def blockwise_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[fl
         b, m, c = grads.shape
         form = choose_form(m, c, b, memory_budget, grads.element_size())
     if form == "lowrank":
-        return lowrank_inverse(grads, damp, num_samples, check_finite=False, on_failure=on_failure)
+        return lowrank_inverse(grads, damp, num_samples, check_finite=False, on_failure=on_failure, backend=backend)
     return fisher_inverse(grads, damp, num_samples, backend=backend, check_finite=False, on_failure=on_failure)
 
 

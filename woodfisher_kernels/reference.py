@@ -11,6 +11,8 @@ to keep ``woodbury_update_`` transactional without an extra copy.
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 from ._woodbury import woodbury_blocks, woodbury_ops
@@ -108,5 +110,43 @@ def group_obs_update(rows, weights, groups, prune, exact: bool = True) -> torch.
     return new.masked_fill(mask, 0.0)
 
 
+ROW_STEP_MIN = 128        # rows of the Gram per product (block-triangular products)
+ROW_BLOCKS = 4            # about m / 4 rows per product: 1.25 m^2 c flops each, still large products
+SQUARES_ROWS = 32         # rows of A whose squares are summed in float32 (as the C kernel)
+
+
+def _row_steps(m: int):
+    step = max(ROW_STEP_MIN, -(-m // ROW_BLOCKS))
+    return [(r0, min(m, r0 + step)) for r0 in range(0, m, step)]
+
+
+def lowrank_factor(grads: torch.Tensor, damp: float, num_samples: float
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, diag, bad)`` of the low-rank inverse (:mod:`woodfisher_kernels.lowrank`, which states
+    the formula and the precision): A = L^-1 G (B, m, c) and diag(F^-1) (B, c) in the grads'
+    dtype, bad (B,) bool flags of failed blocks; grads (B, m, c), m >= 1."""
+    num_blocks, m, c = grads.shape
+    steps = _row_steps(m)
+    gram = torch.zeros(num_blocks, m, m, dtype=grads.dtype, device=grads.device)
+    for r0, r1 in steps:                                         # lower block-triangle of G G^T
+        gram[:, r0:r1, :r1] = torch.bmm(grads[:, r0:r1], grads[:, :r1].transpose(1, 2))
+    low = torch.tril(gram.to(torch.float64), -1)
+    k64 = low + low.transpose(1, 2)
+    k64.diagonal(dim1=1, dim2=2).copy_(gram.diagonal(dim1=1, dim2=2)).add_(num_samples * damp)
+    chol, info = torch.linalg.cholesky_ex(k64)
+    # A^T = G^T L^-T: a right-side solve on the transposed views needs no copy of G (column-major
+    # as LAPACK wants it) and returns A^T column-major, i.e. A row-major (a left solve copies G).
+    factor = torch.linalg.solve_triangular(chol.to(grads.dtype).transpose(1, 2), grads.transpose(1, 2),
+                                           upper=True, left=False).transpose(1, 2)
+    sq = torch.zeros(num_blocks, c, dtype=torch.float64, device=grads.device)
+    for r0 in range(0, m, SQUARES_ROWS):                         # float32 partial sums, added in float64
+        sq += factor[:, r0:r0 + SQUARES_ROWS].square().sum(1)    # (an einsum is 10x slower on CPU)
+    diag = ((1.0 - sq) / damp).to(grads.dtype)
+    # a NaN / Inf (or an overflowing entry) in A gives a NaN / -Inf diagonal entry: one check covers both
+    bad = (info != 0) | ~(torch.isfinite(diag) & (diag > 0)).all(dim=1)
+    return factor, diag, bad
+
+
 IMPLS = {"woodbury_update_": woodbury_update_, "fisher_inverse": fisher_inverse,
-         "obs_saliency": obs_saliency, "obs_update": obs_update}
+         "obs_saliency": obs_saliency, "obs_update": obs_update,
+         "lowrank_factor": lowrank_factor}

@@ -27,7 +27,11 @@ import torch
 from . import _dispatch
 from .ops import fisher_inverse, lowrank_inverse, woodbury_update_
 
-__all__ = ["implementation", "backends", "dense_fisher", "dense_inverse", "SvdReference", "svd_inverse",
+#: Backends with their own low-rank factor (the others build the low-rank form with torch).
+LOWRANK_BACKENDS = ("torch", "cpu")
+
+__all__ = ["LOWRANK_BACKENDS", "implementation", "backends",
+            "dense_fisher", "dense_inverse", "SvdReference", "svd_inverse",
            "diag_error", "spectral_error", "precision_cases", "synthetic_grads", "build_inverse", "FORMS"]
 
 FORMS = ("build", "stream", "lowrank")
@@ -131,12 +135,12 @@ def synthetic_grads(num_blocks: int, m: int, c: int, scale: float = 1.0, rank1: 
 def build_inverse(form: str, grads: torch.Tensor, damp: float, backend: str = "auto", *,
                   on_failure: str = "recompute", stream_chunk: int = 64) -> torch.Tensor:
     """Dense (B, c, c) inverse by ``form``: "build" (``fisher_inverse``), "stream" (``woodbury_update_``
-    from I/damp, ``stream_chunk`` gradients at a time, N = m) or "lowrank" (``lowrank_inverse``, torch)."""
+    from I/damp, ``stream_chunk`` gradients at a time, N = m) or "lowrank" (``lowrank_inverse``: torch or cpu)."""
     b, m, c = grads.shape
     if form == "build":
         return fisher_inverse(grads, damp, backend=backend, on_failure=on_failure)
     if form == "lowrank":
-        return lowrank_inverse(grads, damp, on_failure=on_failure).dense()
+        return lowrank_inverse(grads, damp, on_failure=on_failure, backend=backend).dense()
     if form != "stream":
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     inv = torch.eye(c, device=grads.device, dtype=grads.dtype).div(damp).expand(b, c, c).contiguous()

@@ -20,7 +20,11 @@
    chosen at run time (__builtin_cpu_supports). Elsewhere the compiler lowers the vectors to what the
    target has. Blocks are independent: the caller splits them across threads.
    Padding: c is padded to a multiple of 16 and K to a multiple of 8 with zero gradient entries,
-   which leave the padded part of the inverse decoupled (exact, not an approximation). */
+   which leave the padded part of the inverse decoupled (exact, not an approximation).
+
+   The low-rank factor (woodfisher_kernels/lowrank.py, m < c) is the same computation with one
+   chunk of all m gradients and the inverse never formed: S = N damp I + G G^T, S = L L^T,
+   A = L^-1 G and diag(F^-1) = (1 - ||A[:, q]||^2) / damp (lowrank_cpu_kernel.h). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,17 +43,20 @@ typedef double vdu __attribute__((vector_size(64), aligned(8)));
 #pragma GCC target("arch=x86-64-v4")
 #define WF_FN(name) name##_v4
 #include "woodbury_cpu_kernel.h"
+#include "lowrank_cpu_kernel.h"
 #undef WF_FN
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 #define WF_FN(name) name##_v3
 #include "woodbury_cpu_kernel.h"
+#include "lowrank_cpu_kernel.h"
 #undef WF_FN
 #pragma GCC pop_options
 #endif
 #define WF_FN(name) name##_base
 #include "woodbury_cpu_kernel.h"
+#include "lowrank_cpu_kernel.h"
 #undef WF_FN
 
 /* Instruction sets: 0 = baseline, 1 = x86-64-v3 (AVX2 + FMA), 2 = x86-64-v4 (AVX-512). */
@@ -80,4 +87,22 @@ int wf_woodbury_blocks(int isa, const float *grads, const float *inv, float *out
   if (isa == 1) return blocks_v3(grads, inv, out, bad, nblocks, m, c, damp, num_samples, kmax);
 #endif
   return blocks_base(grads, inv, out, bad, nblocks, m, c, damp, num_samples, kmax);
+}
+
+/* Entry point of the low-rank factor (ctypes, woodfisher_kernels/_cpu.py). grads: (nblocks, m, c) float32,
+   contiguous; factor: (nblocks, m, c) float32 (A = L^-1 G); diag: (nblocks, c) float32; bad: (nblocks,)
+   uint8 failure flags (a pivot of S not > 0 in float64, a diagonal entry not > 0 or not finite).
+   Returns 0; -1 on bad sizes or when the scratch could not be allocated; -2 when the CPU lacks the
+   requested instruction set. Scratch: 2 mp cp + mp^2 floats and 2 mp^2 doubles per call. */
+int wf_lowrank_blocks(int isa, const float *grads, float *factor, float *diag, unsigned char *bad, long nblocks,
+                      int m, int c, float damp, double num_samples) {
+  int best = wf_best_isa();
+  if (isa < 0) isa = best;
+  if (isa > best) return -2;
+  if (m < 1 || c < 1 || nblocks < 0) return -1;
+#ifdef WF_MULTIVERSION
+  if (isa == 2) return lowrank_blocks_v4(grads, factor, diag, bad, nblocks, m, c, damp, num_samples);
+  if (isa == 1) return lowrank_blocks_v3(grads, factor, diag, bad, nblocks, m, c, damp, num_samples);
+#endif
+  return lowrank_blocks_base(grads, factor, diag, bad, nblocks, m, c, damp, num_samples);
 }

@@ -94,6 +94,39 @@ static inline void WF_FN(syrk_sub)(const float *w, float *o, int kp, int cp, int
 }
 #undef SUB
 
+/* Cholesky S = U^T U (kp x kp, float64, kp a multiple of 8) and l = L^-1 = U^-T (lower, float64;
+   zeros above the diagonal), rounded to float32 in linv. s is overwritten by U from the diagonal
+   on (right-looking; the entries left of the diagonal are never read). Returns 1 when a pivot is
+   not > 0 (or not finite); it is then replaced by 1 so that the arithmetic stays finite. */
+static inline int WF_FN(chol_linv)(double *s, double *l, float *linv, int kp) {
+  int failed = 0, nv = kp / 8;
+  for (int j = 0; j < kp; j++) {
+    double piv = s[j * kp + j];
+    if (!(piv > 0) || !isfinite(piv)) { failed = 1; piv = 1.0; }
+    vd rd = {0}; rd += 1.0 / sqrt(piv);
+    vdu *uj = (vdu *)(s + j * kp);
+    for (int v = 0; v < nv; v++) uj[v] *= rd;
+    for (int a = j + 1; a < kp; a++) {
+      vd f = {0}; f += s[j * kp + a];
+      vdu *sa = (vdu *)(s + a * kp);
+      for (int v = 0; v < nv; v++) sa[v] -= f * uj[v];
+    }
+  }
+  /* by rows: l[a] = (e_a - sum_{q<a} U[q][a] l[q]) / U[a][a] */
+  for (int a = 0; a < kp; a++) {
+    double rd = 1.0 / s[a * kp + a];
+    for (int v = 0; v < nv; v++) {          /* one 8-wide slice of row a, kept in a register */
+      vd acc = {0};
+      if (v == a / 8) acc[a % 8] = 1.0;
+      for (int q = 8 * v; q < a; q++) acc -= s[q * kp + a] * *(const vdu *)(l + q * kp + 8 * v);
+      acc *= rd;
+      *(vdu *)(l + a * kp + 8 * v) = acc;
+      for (int r = 0; r < 8; r++) linv[a * kp + 8 * v + r] = (float)acc[r];
+    }
+  }
+  return failed;
+}
+
 /* One block. grads: m x c (row-major); inv_in: c x c, or NULL to start from I / damp; out: c x c.
    Scratch (64-byte aligned): o cp x cp (unused when c = cp: the output block is used), pad / ut / w
    kmax8 x cp floats, linv kmax8^2 floats,
@@ -144,33 +177,7 @@ static inline int WF_FN(one_block)(const float *grads, int m, int c, const float
       }
       s[a * kp + a] += num_samples;
     }
-    /* right-looking Cholesky S = U^T U in float64; row j of U overwrites row j of s from the
-       diagonal on (whole rows are updated: the entries left of the diagonal are never read) */
-    int nv = kp / 8;
-    for (int j = 0; j < kp; j++) {
-      double piv = s[j * kp + j];
-      if (!(piv > 0) || !isfinite(piv)) { failed = 1; piv = 1.0; }
-      vd rd = {0}; rd += 1.0 / sqrt(piv);
-      vdu *uj = (vdu *)(s + j * kp);
-      for (int v = 0; v < nv; v++) uj[v] *= rd;
-      for (int a = j + 1; a < kp; a++) {
-        vd f = {0}; f += s[j * kp + a];
-        vdu *sa = (vdu *)(s + a * kp);
-        for (int v = 0; v < nv; v++) sa[v] -= f * uj[v];
-      }
-    }
-    /* l <- L^-1 = U^-T (lower), by rows: l[a] = (e_a - sum_{q<a} U[q][a] l[q]) / U[a][a] */
-    for (int a = 0; a < kp; a++) {
-      double rd = 1.0 / s[a * kp + a];
-      for (int v = 0; v < nv; v++) {          /* one 8-wide slice of row a, kept in a register */
-        vd acc = {0};
-        if (v == a / 8) acc[a % 8] = 1.0;
-        for (int q = 8 * v; q < a; q++) acc -= s[q * kp + a] * *(const vdu *)(l + q * kp + 8 * v);
-        acc *= rd;
-        *(vdu *)(l + a * kp + 8 * v) = acc;
-        for (int r = 0; r < 8; r++) linv[a * kp + 8 * v + r] = (float)acc[r];
-      }
-    }
+    if (WF_FN(chol_linv)(s, l, linv, kp)) failed = 1;
     /* W = linv ut (kp x cp) */
     for (int a = 0; a < kp; a++) {
       float *wa = w + (size_t)a * cp;

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 __all__ = ["Batch", "default_adapter", "to_batch", "is_single_pass", "peek", "default_loss", "logits_of",
-           "model_loss", "compute_loss", "sample_targets", "check_loss_fn", "check_loader", "describe",
-           "loader_errors"]
+           "model_loss", "compute_loss", "check_labelled", "sample_targets", "check_loss_fn", "check_loader",
+           "describe", "loader_errors"]
 
 ADAPTER_HINT = ("pass batch_adapter=lambda b: woodfisher.Batch(args=(inputs,), kwargs={}, target=targets) "
                 "to say which part is which")
@@ -241,7 +241,8 @@ def describe(batch: Batch) -> str:
     """The shapes and dtypes of a batch's tensors, for messages: ``"args (8, 7) float32; target (8,) int64"``;
     keyword inputs by name: ``"kwargs input_ids=(8, 12) int64, labels=(8,) int64"``."""
     parts = []
-    for label, tree in (("args", batch.args), ("kwargs", batch.kwargs), ("target", batch.target)):
+    target = None if batch.target is batch.kwargs.get("labels") else batch.target  # dict labels: named once
+    for label, tree in (("args", batch.args), ("kwargs", batch.kwargs), ("target", target)):
         if label == "kwargs":
             shapes = [f"{key}={shape}" for key, value in tree.items() for shape in _shapes(value)]
         else:
@@ -252,25 +253,43 @@ def describe(batch: Batch) -> str:
 
 
 @contextlib.contextmanager
-def loader_errors(batch: Batch, name: str = "loader"):
+def loader_errors(batch: Batch, name: str = "loader",
+                  replay: Optional[Callable[[], Optional[Tuple[int, Batch, Exception]]]] = None):
     """Re-raise an error of the model or the loss on ``batch`` as a ValueError naming ``name`` (the loader).
 
     Wrong input shapes or dtypes, out-of-range class targets, inputs on a device the model
-    cannot use: the message gives the batch's shapes (:func:`describe`) and the original
-    error (chained). Running out of memory is not a bad input and passes through.
+    cannot use: the message gives the shapes (:func:`describe`) and the original error
+    (chained). When ``batch`` is not what the loader yielded (the gradient collector
+    concatenates loader items into chunks and calls the model per sample), ``replay()``
+    runs the items of the chunk one by one as the loader yielded them and returns
+    ``(loader index, item, its error)`` for the first that fails (None: each runs alone);
+    the message then names that item, its own shapes and its own error. Running out of
+    memory is not a bad input and passes through.
     """
     try:
         yield
     except torch.OutOfMemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the caller's model on the caller's data
-        hint = ""
-        if isinstance(err, TypeError) and "labels" in batch.kwargs and "'labels'" in str(err):
-            hint = ("; the model does not take labels= (dict batches are passed as keyword arguments): pass "
-                    "batch_adapter=lambda b: woodfisher.Batch(kwargs={k: v for k, v in b.items() if k != 'labels'}, "
-                    "target=b['labels'])")
-        raise ValueError(f"{name}: the model or the loss failed on a batch with {describe(batch)}: "
-                         f"{type(err).__name__}: {err}{hint}") from err
+        found = replay() if replay is not None else None
+        if found is not None:
+            index, item, own = found
+            raise ValueError(f"{name}: the model or the loss failed on item {index} of the loader, {describe(item)}: "
+                             f"{type(own).__name__}: {own}{_labels_hint(own, item)}") from own
+        what = f"a batch with {describe(batch)}"
+        if replay is not None:
+            what = (f"{describe(batch)} (the loader's items concatenated and called per gradient; each item alone "
+                    f"runs, so the model cannot be called on groups of fisher_batch_size samples)")
+        raise ValueError(f"{name}: the model or the loss failed on {what}: "
+                         f"{type(err).__name__}: {err}{_labels_hint(err, batch)}") from err
+
+
+def _labels_hint(err: Exception, batch: Batch) -> str:
+    if isinstance(err, TypeError) and "labels" in batch.kwargs and "'labels'" in str(err):
+        return ("; the model does not take labels= (dict batches are passed as keyword arguments): pass "
+                "batch_adapter=lambda b: woodfisher.Batch(kwargs={k: v for k, v in b.items() if k != 'labels'}, "
+                "target=b['labels'])")
+    return ""
 
 
 def is_single_pass(loader: Iterable) -> bool:
@@ -318,6 +337,33 @@ def model_loss(outputs: Any) -> Optional[torch.Tensor]:
     if isinstance(outputs, collections.abc.Mapping):
         return outputs.get("loss")
     return None
+
+
+#: dict keys that look like a target under another name than HuggingFace's ``labels``
+TARGET_LIKE_KEYS = ("target", "targets", "label", "y", "class", "classes", "class_labels")
+
+
+def check_labelled(batch: Batch) -> None:
+    """Refuse a batch without a target (and without a ``labels`` keyword for the model's own loss).
+
+    Raises:
+        ValueError: naming a dict batch's keys and, when one looks like a target (``target``,
+            ``label``, ``y``, ...), the adapter that makes it the target.
+    """
+    if batch.target is not None or "labels" in batch.kwargs:
+        return
+    if batch.kwargs and not batch.args:
+        keys = list(batch.kwargs)
+        guess = next((k for k in keys if k.lower() in TARGET_LIKE_KEYS), None)
+        fix = (f"pass batch_adapter=lambda b: woodfisher.Batch(kwargs={{k: v for k, v in b.items() "
+               f"if k != {guess!r}}}, target=b[{guess!r}]) to make {guess!r} the target" if guess is not None else
+               "pass batch_adapter=lambda b: woodfisher.Batch(kwargs={...inputs...}, target=b[<key>]) to say which "
+               "key is the target")
+        raise ValueError(f"dict batches with keys {keys} have no target: the default reading passes every key to "
+                         f"the model as a keyword and takes the target from 'labels' only (HuggingFace's name); "
+                         f"{fix}, or name it 'labels' if the model computes its own loss, or pass "
+                         "sampled_fisher=True to draw targets from the model")
+    compute_loss(None, None, None)  # raises: no targets and no model loss
 
 
 def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torch.Tensor:

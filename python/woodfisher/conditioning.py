@@ -1,14 +1,27 @@
-"""Conditioning of the Fisher blocks, as the pruner reports it (per layer, once per call).
+"""Conditioning of the Fisher blocks, as the pruner handles it (per layer, once per call).
 
 A block ``F = damp I + G^T G / N`` has ``cond(F) = 1 + kappa`` with
 ``kappa = lambda_max(G^T G / N) / damp`` (:func:`woodfisher_kernels.condition_estimate`).
 The kernels state their float32 accuracy as a function of kappa
 (:func:`woodfisher_kernels.error_bound`: relative error <= 8 eps32 (1 + kappa)), so a
-float32 dense inverse holds fewer than 3 correct digits once ``eps32 * kappa > 1e-3``
-(kappa >~ 8e3). The pruner then warns, once per call, naming the layers, their kappa and
-the damp. The low-rank form (m < c) is not warned about: its rounding only touches the
-directions the damp dominates, and it stays near eps32 even at kappa 1e8
-(``benchmarks/results/PRECISION.md``).
+dense float32 inverse is guaranteed fewer than 3 correct digits once
+``eps32 * kappa > 1e-3`` (:data:`WARN_LEVEL`, kappa >~ 8e3).
+
+That bound is a worst case, and kappa alone cannot tell whether a block is really lost:
+measured against float64, the dense float32 blocks of a random-config BERT classifier
+head at eps32 kappa = 0.2 had inverse diagonals within 2.2e-6 of float64 and the same
+masks, nearly rank-deficient Gaussian blocks at eps32 kappa = 14 had diagonals off by 17%,
+and a small MLP with inputs x100 at damp 1e-5 (eps32 kappa ~ 1-10) lost 8 of 384 mask
+entries (``tests/test_conditioning.py``). So the pruner does not warn on kappa: :func:`layer_inverse` recomputes the
+blocks beyond the level in float64 from the kept gradients (public
+:func:`woodfisher_kernels.fisher_inverse` on float64 input, chunked; the result is rounded
+to float32), which costs ``c^3`` float64 flops per such block -- usually a handful of
+blocks of an output or classifier layer, whose Fisher is far above the model's mean and
+so gets relatively less of ``damp="auto"``. Only blocks that stay float32 beyond the level
+(the float64 recompute refused them too, kappa >~ 5e14) are warned about, once per call,
+naming the layers, their kappa and the damp. The low-rank form (m < c) is not warned
+about: its rounding only touches the directions the damp dominates, and it stays near
+eps32 even at kappa 1e8 (``benchmarks/results/PRECISION.md``).
 
 A block that fails outright (NaN / Inf, or a diagonal entry <= 0, even after the kernels'
 float64 recompute) is a ValueError naming the layer, the damp and the measured kappa, and
@@ -25,16 +38,25 @@ import woodfisher_kernels as wk
 
 from .damping import AUTO_ALPHA
 
-__all__ = ["EPS32", "WARN_LEVEL", "ill_conditioned", "layer_inverse", "warn_ill_conditioned"]
+__all__ = ["EPS32", "REFINE_BYTES", "WARN_LEVEL", "ill_conditioned", "layer_inverse", "warn_ill_conditioned"]
 
 EPS32 = torch.finfo(torch.float32).eps  # 2^-23, as in woodfisher_kernels.error_bound
 #: warn when ``EPS32 * kappa`` exceeds this (fewer than 3 correct digits left).
 WARN_LEVEL = 1e-3
 
 
+#: float64 memory for one chunk of blocks recomputed by :func:`layer_inverse` (gradients + inverses).
+REFINE_BYTES = 64 * 2 ** 20
+
+
 def layer_inverse(name: str, grads: torch.Tensor, damp: float, count: int, form: str,
-                  memory_budget: Optional[int], backend: str) -> Tuple[object, Optional[float]]:
-    """(inverse of the layer's blocks, largest kappa of its blocks; None for float64 gradients or the low-rank form).
+                  memory_budget: Optional[int], backend: str) -> Tuple[object, Optional[float], int]:
+    """(inverse of the layer's blocks, largest kappa of its blocks left in float32, blocks recomputed in float64).
+
+    Dense float32 blocks with ``eps32 * kappa > WARN_LEVEL`` are recomputed in float64 from
+    ``grads`` and stored rounded to float32 (see the module doc); a block the float64
+    recompute refuses keeps its float32 result and its kappa is reported. The kappa is None
+    for float64 gradients, the low-rank form (never warned about) and when every block was recomputed.
 
     Args:
         name: the weight's name (for messages). grads: (B, m, c) gradient blocks.
@@ -47,8 +69,22 @@ def layer_inverse(name: str, grads: torch.Tensor, damp: float, count: int, form:
     except ValueError as err:
         raise ValueError(f"layer {name!r}, damp={damp:.3g}: {err}") from err
     if grads.dtype != torch.float32 or not grads.numel() or isinstance(inv, wk.LowRankInverse):
-        return inv, None  # only dense float32 blocks are ever warned about: no power iteration for the others
-    return inv, float(wk.condition_estimate(grads, damp, count).max())
+        return inv, None, 0  # only dense float32 blocks are checked: no power iteration for the others
+    kappa = wk.condition_estimate(grads, damp, count)
+    flagged = (EPS32 * kappa > WARN_LEVEL).nonzero().squeeze(1)
+    refined = torch.zeros_like(kappa, dtype=torch.bool)
+    m, c = grads.shape[1], grads.shape[2]
+    step = max(1, REFINE_BYTES // (8 * (m * c + c * c)))
+    for start in range(0, flagged.numel(), step):
+        idx = flagged[start:start + step].to(grads.device)
+        try:
+            exact = wk.fisher_inverse(grads[idx].double(), damp, count, backend="torch")
+        except ValueError:  # beyond float64 too (kappa >~ 5e14): keep the float32 blocks, warned about
+            continue
+        inv[idx] = exact.to(inv.dtype)
+        refined[idx.to(refined.device)] = True
+    left = kappa[~refined]
+    return inv, float(left.max()) if left.numel() else None, int(refined.sum())
 
 
 def ill_conditioned(kappa: Dict[str, float], forms: Dict[str, Optional[str]]) -> Dict[str, float]:
@@ -58,7 +94,8 @@ def ill_conditioned(kappa: Dict[str, float], forms: Dict[str, Optional[str]]) ->
 
 def warn_ill_conditioned(kappa: Dict[str, float], forms: Dict[str, Optional[str]], damp, auto: bool = False,
                          stacklevel: int = 2) -> None:
-    """One UserWarning naming every dense float32 layer with ``eps32 * kappa > 1e-3`` (none: no warning).
+    """One UserWarning naming every dense float32 layer with ``eps32 * kappa > 1e-3`` left after
+    :func:`layer_inverse`'s float64 recompute (none: no warning).
 
     The message gives the smallest damp that brings every listed layer under the level
     (``damp * kappa * eps32 / 1e-3``) and, when ``auto`` (the damp came from ``damp="auto"``),
@@ -74,10 +111,11 @@ def warn_ill_conditioned(kappa: Dict[str, float], forms: Dict[str, Optional[str]
     if auto:
         advice = (f"damp='auto' is one value for the whole model ({AUTO_ALPHA:g} x the mean Fisher diagonal over "
                   f"every pruned weight) and these layers' Fisher is larger than that mean; pass damp >= "
-                  f"{needed:.2g} to bring them under the level, or prune them in float64 (a float64 model)")
+                  f"{needed:.2g} to bring them under the level")
     else:
         advice = f"pass damp='auto' (relative to the Fisher's scale) or damp >= {needed:.2g}"
-    warnings.warn(f"Fisher blocks too ill-conditioned for float32 at damp={damp:.3g}: {listed}; the dense "
-                  f"float32 inverses of these layers may be off by up to {min(bound, 1.0):.1g} (relative; "
+    warnings.warn(f"Fisher blocks too ill-conditioned for float32 at damp={damp:.3g}: {listed}; even a float64 "
+                  f"recompute refused them, so their dense float32 inverses were kept and may be off by up to "
+                  f"{min(bound, 1.0):.1g} (relative; "
                   f"bound 8 eps32 (1 + kappa), eps32 kappa > {WARN_LEVEL:g}); {advice}",
                   UserWarning, stacklevel=stacklevel + 1)

@@ -48,17 +48,19 @@ def auto_num_steps(start: float, final: float, num_grads: int, keep: float = AUT
     """Steps for ``num_steps="auto"`` from sparsity ``start`` to ``final`` with ``num_grads`` gradients.
 
     n = ceil(log((1 - final) / (1 - start)) / log(keep)) (the fewest geometric steps that each
-    keep >= ``keep`` of the unpruned weights), then brought into [ceil(num_grads / most),
-    max(1, num_grads // fewest)] with (fewest, most) = ``grads_per_step``; 1 when nothing is
-    pruned. With the defaults (keep 0.8, 64-128 gradients, num_grads 512): 10% -> 4 steps,
-    50% -> 4, 70% -> 6, 80% and above -> 8.
+    keep >= ``keep`` of the unpruned weights), then brought into [min(ceil(num_grads / most),
+    AUTO_MANY_STEPS), max(1, num_grads // fewest)] with (fewest, most) = ``grads_per_step``; 1
+    when nothing is pruned. With the defaults (keep 0.8, 64-128 gradients, num_grads 512):
+    10% -> 4 steps, 50% -> 4, 70% -> 6, 80% and above -> 8. A large num_grads alone never
+    plans more than AUTO_MANY_STEPS steps (their steps get more than ``most`` gradients):
+    num_grads=100000 is 16 steps of 6250, not 782 steps of 128 re-reading the same samples.
     """
     if final <= start:
         return 1
     fewest, most = grads_per_step
     ratio = (1.0 - final) / max(1.0 - start, 1e-12)
     n = 1 if ratio >= keep else math.ceil(math.log(ratio) / math.log(keep) - 1e-9)
-    return max(1, min(max(n, -(-num_grads // most)), num_grads // fewest))
+    return max(1, min(max(n, min(-(-num_grads // most), AUTO_MANY_STEPS)), num_grads // fewest))
 
 
 def pattern_fixed_sparsity(pattern: Any) -> float:
@@ -140,8 +142,8 @@ class PruneConfig:
             host memory when neither fits (:mod:`woodfisher.offload`).
         sampled_fisher: targets drawn from the model's predictive distribution (paper Sec. 6.3).
         seed: seeds the target sampling.
-        progress: one tqdm progress line over the phases, drawn when stderr is a terminal (tqdm's rule;
-            see :mod:`woodfisher.progress`); False: none.
+        progress: progress over the phases: a live tqdm line on a terminal, tqdm's widget in a notebook,
+            plain lines in a log or pipe (off with ``TQDM_DISABLE=1``; see :mod:`woodfisher.progress`); False: none.
         backend: kernel backend of :mod:`woodfisher_kernels` ("auto" | "cuda" | "triton" | "cpu" | "torch").
         inverse_form: "auto" | "sequential" | "lowrank" | "stream" | "offload" (force a form;
             "offload" keeps gradients and inverses in host memory, streamed through the kernels

@@ -68,8 +68,10 @@ class Curvature:
         grads: {weight name: (B, m, c)} kept gradients in the blocks' layout (for :meth:`with_damp`),
             None when streamed.
         timings: seconds spent on gradients and inverses.
-        kappa: {weight name: largest ``kappa = lambda_max(G^T G / N) / damp`` of its blocks}
-            for kept float32 gradients inverted in the dense form (:mod:`woodfisher.conditioning`).
+        kappa: {weight name: largest ``kappa = lambda_max(G^T G / N) / damp`` of its blocks left in
+            float32} for kept float32 gradients inverted in the dense form (:mod:`woodfisher.conditioning`).
+        refined: {weight name: blocks whose dense inverse was recomputed in float64 because
+            ``eps32 * kappa > 1e-3``} (layers with none are absent).
         shard: None, or (estimated across the ranks of a process group) the blocks this rank
             holds: ``inverses`` and ``loss_grad`` then cover only those blocks
             (:mod:`woodfisher.distributed`).
@@ -89,6 +91,7 @@ class Curvature:
     timings: Dict[str, float] = field(default_factory=dict)
     shard: Optional[Any] = None
     kappa: Dict[str, float] = field(default_factory=dict)
+    refined: Dict[str, int] = field(default_factory=dict)
 
     def targets(self, model: nn.Module) -> List[PruneTarget]:
         """The weights of ``model`` this curvature is about (same names, shapes and blocks)."""
@@ -119,8 +122,8 @@ class Curvature:
                              "estimate the curvature again with the new damp")
         config = self.config.replace(damp=damp)
         value = resolve_damp(damp, self.stats)
-        invs, forms, kappa = _blockwise_from_grads(self.grads, self.layouts, value, self.stats.count, config)
-        return replace(self, config=config, inverses=invs, forms=forms, damp=value, kappa=kappa)
+        invs, forms, kappa, refined = _blockwise_from_grads(self.grads, self.layouts, value, self.stats.count, config)
+        return replace(self, config=config, inverses=invs, forms=forms, damp=value, kappa=kappa, refined=refined)
 
 
 def resolve_config(config: Optional[PruneConfig], options: dict, sparsity: float = 0.0) -> PruneConfig:
@@ -172,19 +175,22 @@ def stat_itemsize(targets: List[PruneTarget]) -> int:
 
 
 def _blockwise_from_grads(grads, layouts, damp, count, config):
-    """{name: inverse} (form by choose_form, or forced), {name: form}, {name: kappa} from kept (B, m, c) gradients."""
+    """{name: inverse} (form by choose_form, or forced), {name: form}, {name: kappa}, {name: blocks refined in
+    float64} from kept (B, m, c) gradients (:func:`woodfisher.conditioning.layer_inverse`)."""
     budget = None if config.memory_budget is None else config.memory_budget - sum(
         g.numel() * g.element_size() for g in grads.values())
     form = "auto" if config.inverse_form == "stream" else config.inverse_form
-    invs, forms, kappa = {}, {}, {}
+    invs, forms, kappa, refined = {}, {}, {}, {}
     with phase("inverses", total=len(grads), unit="weight") as bar:
         for name, g in grads.items():
-            invs[name], k = layer_inverse(name, g, damp, count, form, budget, config.backend)
+            invs[name], k, fixed = layer_inverse(name, g, damp, count, form, budget, config.backend)
             if k is not None:
                 kappa[name] = k
+            if fixed:
+                refined[name] = fixed
             forms[name] = "lowrank" if isinstance(invs[name], wk.LowRankInverse) else "sequential"
             bar.update(1)
-    return invs, forms, kappa
+    return invs, forms, kappa, refined
 
 
 def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Optional[PruneConfig] = None,
@@ -268,8 +274,8 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         t0 = time.perf_counter()
         curv.stats = FisherStats(collector.sum_sq, collector.count, sum(target.numel for target in targets))
         curv.damp = resolve_damp(config.damp, curv.stats)
-        curv.inverses, curv.forms, curv.kappa = _blockwise_from_grads(grads, curv.layouts, curv.damp,
-                                                                      collector.count, config)
+        curv.inverses, curv.forms, curv.kappa, curv.refined = _blockwise_from_grads(
+            grads, curv.layouts, curv.damp, collector.count, config)
         curv.grads = grads
         curv.timings["inverse"] += time.perf_counter() - t0
     elif plan == "offload":  # gradients and inverses in host memory (woodfisher.offload)

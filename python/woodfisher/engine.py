@@ -22,12 +22,13 @@ from torch import nn
 from .batches import is_single_pass
 from .checks import check_prunable
 from .conditioning import warn_ill_conditioned
-from .config import AUTO_MANY_STEPS, AUTO_STEP_GRADS, PruneConfig
+from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig
 from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
 from .diagnostics import magnitude_overlap, warn_if_degenerate
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
 from .finetune import hold_target_masks
+from .gradients import LoaderExhausted
 from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
 from .methods import StepContext
 from .progress import display, step_label
@@ -148,22 +149,37 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
         raise
 
 
+def _estimate_step(model, loader, targets, step_config: PruneConfig, config: PruneConfig, num_steps: int):
+    """:func:`_estimate` of one step; a loader that runs out is reported against the call's num_grads."""
+    try:
+        return _estimate(model, loader, targets, step_config)
+    except LoaderExhausted as exc:
+        if num_steps == 1:
+            raise
+        raise ValueError(f"num_grads={config.num_grads} is the total over the call: {num_steps} steps of about "
+                         f"{exc.needed} gradients, each read from the start of the loader, which ran out after "
+                         f"{exc.got}; pass num_grads <= {exc.got * num_steps} ({exc.got} per step), fewer "
+                         "num_steps, or more data") from exc
+
+
 def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> PruneResult:
     """Every step of :func:`woodfisher.prune_one_shot` (see there); transactional."""
     start = time.perf_counter()
     method = config.method_impl
     targets = resolve_targets(model, config.modules, None)
     before = _start(targets)
-    steps = config.steps(sparsity_of(before[1]))
+    start_sparsity = sparsity_of(before[1])
+    steps = config.steps(start_sparsity)
     if len(steps) > 1 and config.num_steps == "auto" and is_single_pass(loader):
         warnings.warn(f"num_steps='auto' would recompute the Fisher in {len(steps)} steps, but the loader can be "
                       "read only once (a generator?): pruning in one step; pass a list or a DataLoader to get "
                       "the recomputation", UserWarning, stacklevel=3)
-        steps = config.replace(num_steps=1).steps(sparsity_of(before[1]))
+        steps = config.replace(num_steps=1).steps(start_sparsity)
     if config.num_steps == "auto" and len(steps) > AUTO_MANY_STEPS:
-        warnings.warn(f"num_steps='auto' plans {len(steps)} Fisher recomputations for num_grads={config.num_grads} "
-                      f"(num_grads is the total over the call, at most {AUTO_STEP_GRADS[1]} per step); pass "
-                      f"num_steps=<fewer> for fewer, larger steps", UserWarning, stacklevel=3)
+        warnings.warn(f"num_steps='auto' plans {len(steps)} Fisher recomputations to reach sparsity "
+                      f"{config.final_sparsity:g} (each step keeps >= {AUTO_STEP_KEEP:.0%} of the weights still "
+                      f"unpruned; each is a full gradient collection and inversion); pass num_steps=<fewer> for "
+                      "fewer, larger steps", UserWarning, stacklevel=3)
     configs = [config.replace(num_grads=m, num_steps=1) for _, m in steps]
     targets = resolve_targets(model, config.modules, method.block_size(configs[0]))
     method.check_targets(targets, config)
@@ -177,6 +193,10 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
         # refuse an impossible memory budget up front (a sharded run checks its own shard)
         plan_memory(targets, configs[0].num_grads, stat_itemsize(targets), config.memory_budget,
                     config.damp == "auto", config.inverse_form)
+    if config.final_sparsity < start_sparsity - 1e-6:
+        warnings.warn(f"sparsity={config.final_sparsity:g} is below the {start_sparsity:.4g} of zeros the pruned "
+                      "weights already hold: pruning never revives weights, so the result keeps that sparsity "
+                      f"(pass sparsity >= {start_sparsity:.4g} to prune further)", UserWarning, stacklevel=3)
     timings = _timings()
     snapshot = Snapshot(targets, model)
     damp, forms, kappa = None, {}, {}
@@ -185,7 +205,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
             for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
                 with step_label(f"step {i + 1}/{len(steps)}" if len(steps) > 1 else None):
                     targets = resolve_targets(model, config.modules, method.block_size(step_config))
-                    curvature = _estimate(model, loader, targets, step_config)
+                    curvature = _estimate_step(model, loader, targets, step_config, config, len(steps))
                     for phase in ("gradients", "inverse"):
                         timings[phase] += curvature.timings[phase]
                     _apply(targets, curvature, step_config, target, timings)

@@ -54,19 +54,27 @@ from torch.utils import _pytree as pytree
 
 import woodfisher_kernels as wk
 
-from .batches import Batch, compute_loss, describe, loader_errors, logits_of, sample_targets, to_batch
+from .batches import Batch, check_labelled, compute_loss, describe, loader_errors, logits_of, sample_targets, to_batch
 from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
 
-__all__ = ["GradientCollector", "compute_dtype", "compute_state", "prepare_batch", "chunk_samples", "CHUNK_BYTES",
-           "MAX_CHUNK_SAMPLES"]
+__all__ = ["GradientCollector", "LoaderExhausted", "compute_dtype", "compute_state", "prepare_batch", "chunk_samples",
+           "CHUNK_BYTES", "MAX_CHUNK_SAMPLES"]
 
 HALF = (torch.float16, torch.bfloat16)
 #: Default memory (bytes) for the gradients of one chunk.
 CHUNK_BYTES = 256 * 2 ** 20
 #: At most this many samples per chunk (bounds the activations a ``vmap`` call keeps, and the buffered inputs).
 MAX_CHUNK_SAMPLES = 256
+
+
+class LoaderExhausted(ValueError):
+    """The loader ran out before ``num_grads`` gradients: ``needed`` gradients asked, ``got`` produced."""
+
+    def __init__(self, message: str, needed: int, got: int):
+        super().__init__(message)
+        self.needed, self.got = needed, got
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -218,25 +226,29 @@ class GradientCollector:
         Consecutive loader batches are concatenated; a batch whose samples have another
         shape (e.g. sequences padded to another length) starts a new chunk, unless a group
         is still incomplete (then :meth:`Batch.cat` says why it cannot be completed).
+        :attr:`sources` holds the (loader index, item as a Batch) the last yielded chunk
+        may hold samples of, for messages (:meth:`_replay`).
         """
         left = float("inf") if self.num_grads is None else self.num_grads * self.fbs
         pending: List[Batch] = []
         have, sig = 0, None
-        for item in self.loader:
+        self.sources: List[tuple] = []
+        for index, item in enumerate(self.loader):
             batch = to_batch(item, self.adapter)
-            if batch.target is None and not self.sampled and "labels" not in batch.kwargs:
-                compute_loss(None, None, self.loss_fn)  # raises: no targets and no model loss
+            if not self.sampled:
+                check_labelled(batch)  # raises: no targets and no model loss
             this = _signature(batch)
             if pending and have % self.fbs == 0 and this != sig:
                 for piece in self._split(_cat(pending), min(have, left)):
                     left -= piece.size
                     yield prepare_batch(piece, device, self.dtype)
-                pending, have = [], 0
+                pending, have, self.sources = [], 0, []
                 if left == 0:
                     return
             if not pending:
                 sig = this
             pending.append(batch)
+            self.sources.append((index, batch))
             have += _size(batch)
             if have >= min(self.chunk, left):
                 cat = _cat(pending)
@@ -246,6 +258,8 @@ class GradientCollector:
                     yield prepare_batch(piece, device, self.dtype)
                 pending = [cat.take(full, have)] if full < have else []
                 have -= full
+                self.sources = self.sources[-1:] if pending and have <= _size(batch) else \
+                    (self.sources if pending else [])
             if left == 0:
                 return
         whole = min(have // self.fbs * self.fbs, left)
@@ -324,6 +338,25 @@ class GradientCollector:
             self.sum_sq += s
         return flat
 
+    def _replay(self, params, buffers, device):
+        """(loader index, item, error) for the first item of the failed chunk on which the model or the loss
+        fails when called on the item exactly as the loader yielded it (no grouping, no ``vmap``); None when
+        every item runs on its own."""
+        for index, batch in self.sources:
+            try:
+                one = prepare_batch(batch, device, self.dtype)
+                with torch.no_grad():
+                    out = functional_call(self.inner, (params, buffers), one.args, one.kwargs)
+                    if self.sampled:
+                        logits_of(out)
+                    else:
+                        compute_loss(out, one.target, self.loss_fn)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - the caller's model on the caller's data, for the message
+                return index, batch, err
+        return None
+
     def _pieces(self) -> Iterator[Dict[str, torch.Tensor]]:
         """{name: (G, numel)} per chunk, masked and checked."""
         params, buffers = compute_state(self.inner, self.dtype)
@@ -339,7 +372,7 @@ class GradientCollector:
             with eval_mode(self.model):
                 for flat in self._sample_chunks(device):
                     count = flat.size // self.fbs
-                    with loader_errors(flat):
+                    with loader_errors(flat, replay=lambda: self._replay(params, buffers, device)):
                         labelled = self._sampled(params, buffers, flat, gen) if self.sampled else flat
                         grads = self._chunk_grads(params, buffers, labelled)
                         extra = self._chunk_grads(params, buffers, flat) \
@@ -363,9 +396,10 @@ class GradientCollector:
             raise ValueError(f"loader yielded fewer than fisher_batch_size={self.fbs} samples: "
                              "no gradient could be computed (empty data loader?)")
         if self.num_grads is not None and self.count < self.num_grads:
-            raise ValueError(f"num_grads={self.num_grads} with fisher_batch_size={self.fbs} needs "
-                             f"{self.num_grads * self.fbs} samples, but the loader ran out after {self.count} "
-                             f"gradients ({self.samples} samples); pass num_grads <= {self.count} or more data")
+            raise LoaderExhausted(f"num_grads={self.num_grads} with fisher_batch_size={self.fbs} needs "
+                                  f"{self.num_grads * self.fbs} samples, but the loader ran out after {self.count} "
+                                  f"gradients ({self.samples} samples); pass num_grads <= {self.count} or more data",
+                                  self.num_grads, self.count)
         if loss_sum is not None:
             self.loss_grad = {k: v / self.count for k, v in loss_sum.items()}
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .batches import compute_loss, loader_errors, logits_of, sample_targets, to_batch
+from .batches import check_labelled, compute_loss, loader_errors, logits_of, sample_targets, to_batch
 from .gradients import compute_dtype, compute_state, prepare_batch
 from .progress import progress_bar
 from .state import eval_mode
@@ -142,6 +142,8 @@ def kfac_factors(model: nn.Module, loader, layers: List[PruneTarget], *,
                     continue
                 if sampled_fisher:
                     batch = batch.without_target()
+                else:
+                    check_labelled(batch)
                 seen.clear()
                 # the unwrapped module on the weights as leaves of their own: outputs get gradients even
                 # when the caller froze the weights, and the caller's tensors get none

@@ -15,15 +15,27 @@ command, :func:`woodfisher.prune_one_shot` around a call when none is active):
   ``enabled`` is False).
 
 Without an active display, :func:`phase` does nothing, so library calls with
-``progress=False`` print nothing. ``progress=True`` (the API's default) draws only when
-stderr is a terminal (tqdm's ``disable=None``); ``force=True`` (the CLI's ``--progress``)
-draws anyway, and then ends its line on close so that what follows starts on a fresh one.
-:func:`write_line` prints a message (a CLI note) on a line of its own while a display runs.
+``progress=False`` print nothing. Where the display goes (:func:`output_mode`, the same
+rule for the API's ``progress=True`` -- its default -- and the CLI without a flag):
+
+- stderr is a terminal: one live tqdm line, removed when the run ends;
+- a Jupyter notebook (whose stderr is no terminal): tqdm's notebook widget (``tqdm.auto``);
+- anything else (a CI log, ``nohup``, ``2> file``, a pipe): plain newline-ended lines,
+  never carriage returns: one when a phase that took at least :data:`LINE_SECONDS` ends
+  (``woodfisher: Fisher gradients: 512/512 grad [12.3 s]``), and one every
+  :data:`HEARTBEAT_SECONDS` while a phase runs, so a long run in a log shows it is alive;
+- ``TQDM_DISABLE=1`` in the environment (tqdm's own switch, also honoured by HuggingFace's
+  bars) turns the default display off.
+
+``force=True`` (the CLI's ``--progress``) shows it despite ``TQDM_DISABLE`` and, in a log,
+writes a line for every phase however short. :func:`write_line` prints a message (a CLI
+note) on a line of its own while a display runs.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import sys
 import time
 from typing import Dict, Iterator, List, Optional
@@ -33,7 +45,13 @@ try:
 except ImportError:  # pragma: no cover - tqdm is a dependency, this only guards odd installs
     tqdm = None
 
-__all__ = ["Progress", "display", "current", "phase", "step_label", "progress_bar", "write_line"]
+__all__ = ["Progress", "display", "current", "phase", "step_label", "progress_bar", "write_line", "output_mode",
+           "LINE_SECONDS", "HEARTBEAT_SECONDS"]
+
+#: in a log (stderr no terminal), a phase that ends gets a line when it took at least this long (seconds).
+LINE_SECONDS = 1.0
+#: in a log, a running phase gets a line at least this often (seconds).
+HEARTBEAT_SECONDS = 30.0
 
 _OPEN = "{desc} [{elapsed}]"
 _COUNTED = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}]"
@@ -62,6 +80,8 @@ class _Phase:
         self.done += n
         if self.owner.bar is not None and self.owner.stack and self.owner.stack[-1][0] is self:
             self.owner.bar.update(n)
+        elif self.owner.mode == "lines":
+            self.owner._heartbeat(self)
 
     def close(self) -> None:
         if not self.closed:
@@ -73,12 +93,13 @@ class Progress:
     """One display for the phases of a run, and the seconds spent in each.
 
     Args:
-        enabled: draw the tqdm line when stderr is a terminal (False: only time the phases).
+        enabled: show it where :func:`output_mode` says (False: only time the phases).
         desc: prefix of the line, e.g. ``"woodfisher prune"``.
-        force: draw it even when stderr is not a terminal (a file, a pipe).
+        force: show it even with ``TQDM_DISABLE`` set, and in a log a line for every phase.
 
     Attributes:
         seconds: {phase name: seconds spent in it, nested phases excluded}, in first-seen order.
+        mode: None, "live" (a tqdm line or notebook widget) or "lines" (plain lines, a log).
     """
 
     def __init__(self, enabled: bool = True, desc: str = "woodfisher", force: bool = False):
@@ -88,10 +109,11 @@ class Progress:
         self.bar = None
         self.suffix = ""  # after the phase name while a :func:`step_label` block runs, e.g. ", step 2/8"
         self.stream = sys.stderr  # tqdm's default file, read now as tqdm reads it
-        if (enabled or force) and tqdm is not None:
-            bar = tqdm(total=None, desc=desc, leave=False, dynamic_ncols=True, bar_format=_OPEN,
-                       disable=False if force else None)  # None: tqdm's rule, off when stderr is no terminal
-            self.bar = None if bar.disable else bar
+        self.mode = output_mode(enabled, force)
+        self.min_seconds = 0.0 if force else LINE_SECONDS
+        self.last_line = time.perf_counter()
+        if self.mode == "live":
+            self.bar = tqdm(total=None, desc=desc, leave=False, dynamic_ncols=True, bar_format=_OPEN, disable=False)
 
     def start(self, name: str, total: Optional[int] = None, unit: str = "it") -> _Phase:
         """Begin phase ``name`` (``total`` steps of ``unit`` when known); close the handle to end it."""
@@ -121,9 +143,24 @@ class Progress:
                 self.seconds[handle.name] += spent - nested
                 if i > 0:
                     self.stack[i - 1][2] += spent
+                if self.mode == "lines" and spent - nested >= self.min_seconds:
+                    self._line(handle, f"{spent - nested:.1f} s")
                 break
         if self.stack:
             self._show(self.stack[-1][0])
+
+    def _line(self, handle: _Phase, when: str) -> None:
+        """One plain line about ``handle`` (log mode): ``"desc: name, step 2/8: 5/8 grad [1.2 s]"``."""
+        count = "" if handle.total is None else f": {handle.done}/{handle.total} {handle.unit}"
+        self.stream.write(f"{self.desc}: {handle.name}{self.suffix}{count} [{when}]\n")
+        self.stream.flush()
+        self.last_line = time.perf_counter()
+
+    def _heartbeat(self, handle: _Phase) -> None:
+        now = time.perf_counter()
+        if now - self.last_line >= HEARTBEAT_SECONDS:
+            started = next(item[1] for item in self.stack if item[0] is handle)
+            self._line(handle, f"{now - started:.0f} s so far")
 
     def close(self) -> None:
         """End every open phase and remove the line."""
@@ -132,9 +169,6 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-            if not _isatty(self.stream):  # a forced line in a file: end it, so the next output starts a line
-                self.stream.write("\n")
-                self.stream.flush()
 
     def summary(self) -> str:
         """``"data 1.2 s, gradients 3.4 s, ..."`` (phases in the order they first ran)."""
@@ -192,17 +226,54 @@ def step_label(text: Optional[str]) -> Iterator[None]:
 
 
 def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True):
-    """A counted loop: a phase of the active display, else its own tqdm bar when ``enabled``
-    (and stderr is a terminal).
+    """A counted loop: a phase of the active display, else (when ``enabled``) a display of its own
+    where :func:`output_mode` says.
 
     Returns a handle with ``update(n)`` and ``close()`` (call ``close`` when the loop ends).
     """
     active = _ACTIVE.get()
     if active is not None:
         return active.start(desc, total, unit)
-    if enabled and tqdm is not None:
-        return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None)
+    mode = output_mode(enabled)
+    if mode == "live":
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=False)
+    if mode == "lines":
+        return _Own(Progress(True), desc, total, unit)
     return _Null()
+
+
+class _Own:
+    """A phase of a display of its own: closing the phase closes the display."""
+
+    def __init__(self, owner: Progress, desc: str, total: Optional[int], unit: str):
+        self.owner, self.handle = owner, owner.start(desc, total, unit)
+
+    def update(self, n: int = 1) -> None:
+        self.handle.update(n)
+
+    def close(self) -> None:
+        self.owner.close()
+
+
+def output_mode(enabled: bool = True, force: bool = False) -> Optional[str]:
+    """Where a display goes: None (nothing), "live" (a terminal, or a notebook's widget) or "lines" (a log).
+
+    ``enabled`` False and not ``force``: None; ``TQDM_DISABLE`` set (not "0"/"false") and not ``force``:
+    None; stderr a terminal, or running in a Jupyter kernel: "live" (needs tqdm); otherwise "lines".
+    """
+    if not (enabled or force):
+        return None
+    if not force and os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no"):
+        return None
+    if _isatty(sys.stderr) or _in_notebook():
+        return "live" if tqdm is not None else "lines"
+    return "lines"
+
+
+def _in_notebook() -> bool:
+    """True inside a Jupyter kernel (notebook, lab, VS Code, Colab, qtconsole), whose stderr is no terminal but
+    renders tqdm: its widget where ipywidgets exists (``tqdm.auto``), else the text line (carriage returns work)."""
+    return "ipykernel" in sys.modules
 
 
 def write_line(text: str) -> None:
@@ -211,11 +282,8 @@ def write_line(text: str) -> None:
     bar = active.bar if active is not None else None
     if bar is None:
         print(text, file=sys.stderr, flush=True)
-    elif _isatty(sys.stderr):
-        tqdm.write(text, file=sys.stderr)  # clears the line, prints, redraws it
     else:
-        sys.stderr.write("\n" + text + "\n")  # a forced line in a file: the text on a line of its own
-        sys.stderr.flush()
+        tqdm.write(text, file=sys.stderr)  # clears the line, prints, redraws it
 
 
 def _isatty(stream) -> bool:

@@ -325,7 +325,11 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             stripped = raw[len(prefix):] if prefix and isinstance(raw, str) and raw.startswith(prefix) else raw
             chosen += [name for name in _lookup(entries, stripped, inner) if name not in chosen]
     if not chosen:
-        raise ValueError("the model has no prunable module (Linear / Conv1d/2d/3d or a named weight)")
+        candidates = [name for name, info in entries.items()
+                      if info["param"].is_floating_point() and info["param"].dim() >= 2][:5]
+        hint = (f"; its floating parameters of >= 2 dims can be named: modules={candidates}" if candidates else
+                "; it has no floating parameter of >= 2 dims either")
+        raise ValueError("modules: the model has no prunable module (Linear / Conv1d/2d/3d or a named weight)" + hint)
     targets = []
     for name in chosen:
         info = entries[name]

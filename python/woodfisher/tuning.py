@@ -19,6 +19,7 @@ from .damping import check_damp
 from .engine import prune_with
 from .gradients import prepare_batch
 from .masks import sparsity_of
+from .progress import display, phase, step_label
 from .pruner import prune_one_shot
 from .state import clone_model, eval_mode
 from .targets import resolve_targets
@@ -58,7 +59,9 @@ def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Seque
         sparsity: target sparsity of the search.
         grid: candidate lambdas (> 0); default ``auto * 10**k`` for k in -3..1, where ``auto``
             is the :func:`woodfisher.damping.auto_damp` value of the same gradients.
-        options: other :class:`woodfisher.PruneConfig` fields (``damp`` is not allowed).
+        options: other :class:`woodfisher.PruneConfig` fields (``damp`` is not allowed);
+            ``progress`` (default True, as for :func:`woodfisher.prune_one_shot`) shows one
+            display over the whole search, each phase labelled with its candidate damp.
     Returns:
         (best lambda, {lambda: held-out loss}).
     Raises:
@@ -70,30 +73,32 @@ def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Seque
         check_loader(heldout)
     except ValueError:
         raise ValueError(f"heldout must be an iterable of held-out batches, got {type(heldout).__name__}") from None
-    options.setdefault("progress", False)
     adapter = options.get("batch_adapter")
     config = resolve_config(None, {**options, "loss_fn": loss_fn}, sparsity)
     start = sparsity_of({target.name: target.keep_mask() for target in resolve_targets(model, config.modules, None)})
     reuse = len(config.steps(start)) == 1 and config.method == "woodfisher" and config.inverse_form != "stream"
-    curvature = None
-    if reuse or grid is None:
-        curvature = estimate_curvature(model, loader, sparsity=sparsity, damp="auto", loss_fn=loss_fn, **options)
-        reuse = reuse and curvature.grads is not None
-    if grid is None:
-        grid = [curvature.damp * 10.0 ** k for k in range(-3, 2)]
-    try:
-        grid = [check_damp(float(d)) for d in grid]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"grid must be a sequence of numbers > 0, got {grid!r}") from exc
-    if not grid:
-        raise ValueError("grid is empty")
-    losses = {}
-    for d in grid:
-        trial = clone_model(model)
-        if reuse:
-            prune_with(trial, curvature.with_damp(d), sparsity)
-        else:
-            prune_one_shot(trial, loader, sparsity=sparsity, damp=d, loss_fn=loss_fn, **options)
-        losses[d] = heldout_loss(trial, heldout, loss_fn, adapter)
+    with display(config.progress, "woodfisher search_damp"):
+        curvature = None
+        if reuse or grid is None:
+            curvature = estimate_curvature(model, loader, sparsity=sparsity, damp="auto", loss_fn=loss_fn, **options)
+            reuse = reuse and curvature.grads is not None
+        if grid is None:
+            grid = [curvature.damp * 10.0 ** k for k in range(-3, 2)]
+        try:
+            grid = [check_damp(float(d)) for d in grid]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"grid must be a sequence of numbers > 0, got {grid!r}") from exc
+        if not grid:
+            raise ValueError("grid is empty")
+        losses = {}
+        for i, d in enumerate(grid):
+            with step_label(f"damp {d:.3g} ({i + 1}/{len(grid)})"):
+                trial = clone_model(model)
+                if reuse:
+                    prune_with(trial, curvature.with_damp(d), sparsity)
+                else:
+                    prune_one_shot(trial, loader, sparsity=sparsity, damp=d, loss_fn=loss_fn, **options)
+                with phase("held-out loss"):
+                    losses[d] = heldout_loss(trial, heldout, loss_fn, adapter)
     best = min(losses, key=lambda d: (losses[d], d))
     return best, losses

@@ -168,11 +168,27 @@ def r50_section():
             f"(target < {run.get('target_s')} s); {phases}")
 
 
+def step_section():
+    say("Whole step by phase (benchmarks/step_cpu.py)")
+    files = sorted(glob.glob(os.path.join(W, "step_*.json")))
+    if not files:
+        tail = read("step.log").strip().splitlines()[-3:]
+        say("  no JSON;", " / ".join(t[:120] for t in tail))
+        return
+    with open(files[0]) as f:
+        rep = json.load(f)
+    for model, impls in rep["models"].items():
+        r = impls["after"]
+        ratios = ", ".join(f"loader batch {k[len('ratio_bs'):]}: {v:.2f}" for k, v in r.items()
+                           if k.startswith("ratio_bs"))
+        say(f"  {model}: per-sample gradients / batched fwd+bwd {ratios} (goal >= 0.5)")
+
+
 def main():
     say(f"gpu_check summary  (elapsed {sys.argv[2] if len(sys.argv) > 2 else '?'} s)")
     say("=" * 78)
     for section in (device_section, stages_section, build_section, tests_section, driver_section, sbs_section,
-                    r50_section):
+                    r50_section, step_section):
         try:
             section()
         except Exception as exc:  # one unreadable section must not hide the others

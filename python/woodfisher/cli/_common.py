@@ -18,6 +18,11 @@ import torch
 
 from ..models import MODEL_SPECS
 
+#: --progress / --no-progress of every subcommand (the rule: :func:`woodfisher.progress.output_mode`).
+PROGRESS_HELP = ("progress over every phase (default: a live line on a terminal, plain lines in a log or pipe for "
+                 "phases over 1 s and every 30 s, off with TQDM_DISABLE=1; --progress: a line for every phase, "
+                 "even with TQDM_DISABLE; --no-progress: none)")
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's help with each option's default appended, except where the help already says it

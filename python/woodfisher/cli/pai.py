@@ -18,6 +18,7 @@ import torch
 from ..models import MODEL_SPECS
 from ..pai.criteria import CRITERIA
 from ._common import (
+    PROGRESS_HELP,
     add_model_args,
     dataset_name,
     evaluator,
@@ -64,8 +65,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay of the training")
     p.add_argument("--seed", type=int, default=0, help="seed for the initialisation, probes and data order")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="one progress line over every phase (default: on when stderr is a terminal; --progress "
-                        "forces it)")
+                   help=PROGRESS_HELP)
     p.add_argument("--out", default="out/pai", help="output directory (default: out/pai)")
     p.set_defaults(func=run)
     return p
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if args.train_epochs < 0:
         raise ValueError(f"--train-epochs must be >= 0, got {args.train_epochs}")
     torch.manual_seed(args.seed)
-    progress = args.progress is not False  # None: when stderr is a terminal
+    progress = args.progress is not False  # None: where woodfisher.progress.output_mode says
     with display(progress, "woodfisher pai", force=args.progress is True) as shown:
         with phase("data"):
             spec, model = _initial_model(args)

@@ -25,6 +25,7 @@ from typing import Optional
 from ..config import AUTO_BLOCK_PER_GRAD
 from ..methods import METHODS
 from ._common import (
+    PROGRESS_HELP,
     add_model_args,
     block_size_type,
     call_factory,
@@ -84,8 +85,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="force a form of the block inverses")
     p.add_argument("--min-density", type=float, default=0.0, help="minimum fraction kept per layer")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="one progress line over every phase: data, gradients, inverses, selection, update, "
-                        "evaluation, writing (default: on when stderr is a terminal; --progress forces it)")
+                   help=PROGRESS_HELP)
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the data order for the Fisher gradients (and label sampling)")
     p.add_argument("--out", default="out/prune", help="output directory (default: out/prune)")
@@ -129,7 +129,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
     for name in ("num_grads", "fisher_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    shown_here = rank == 0 and args.progress is not False  # None: when stderr is a terminal
+    shown_here = rank == 0 and args.progress is not False  # None: where woodfisher.progress.output_mode says
     with display(shown_here, "woodfisher prune", force=shown_here and args.progress is True) as shown:
         with phase("data"):
             spec, model = load_model(args)

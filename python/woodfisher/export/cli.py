@@ -11,8 +11,11 @@ Formats (``--format``):
   ``to_semi_structured(model)``).
 - ``onnx``: a single ``.onnx`` file (zeros kept), batch dimension dynamic.
 
-Every format is checked before it is written: its outputs on a random batch of 2 are
-compared with the dense pruned model's (ONNX through onnxruntime when it is installed).
+Every format is checked before it is written when the input shape is known (a named
+model's, or ``--input-shape``): its outputs on a random batch of 2 are compared with the
+dense pruned model's (ONNX through onnxruntime when it is installed). For a factory model
+without ``--input-shape`` the file is written unchecked, and the closing line says so and
+how to check it.
 csr / bsr / 2:4 print the layers they converted; a conversion that converts no layer is
 refused (nothing sparse enough, or only convolutions, which need ``--conv``). Bad input
 (including an ``--out`` whose folder does not exist) raises ValueError with a one-line
@@ -147,7 +150,9 @@ def run_export(args: argparse.Namespace) -> int:
         save_state_dict(exported, args.out)
         if args.format in ("csr", "bsr"):
             load_sparse(factory(), args.out)              # the file loads back
-    note = "not checked" if diff is None else f"max |output - dense output| = {diff:.3g} on a random batch of 2"
+    note = (f"max |output - dense output| = {diff:.3g} on a random batch of 2" if diff is not None else
+            "outputs not compared with the dense model: no example input; for a model of float inputs, "
+            "--input-shape (one sample's shape) gives one")
     print(f"wrote {args.out} (format {args.format}; {note})")
     return 0
 
