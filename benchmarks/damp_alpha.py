@@ -57,6 +57,7 @@ def _per_layer(alpha: float):
 
 
 def run(args) -> None:
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"damp_alpha_{args.model}.csv")
     done = set()
     if os.path.exists(path):
