@@ -153,15 +153,22 @@ def sbs_section():
         say(f"    [{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['value']} (goal {t['goal']})")
 
 
+def _result_json(pattern: str, log: str):
+    """The first result file matching ``pattern`` in the work folder, or None (the log's tail said)."""
+    files = sorted(glob.glob(os.path.join(W, pattern)))
+    if not files:
+        tail = read(log).strip().splitlines()[-3:]
+        say("  no JSON;", " / ".join(t[:120] for t in tail))
+        return None
+    with open(files[0]) as f:
+        return json.load(f)
+
+
 def r50_section():
     say("ResNet-50 one-shot step")
-    files = sorted(glob.glob(os.path.join(W, "*_step_*.json")))   # resnet50_step_<device> / smoke_step_cpu
-    if not files:
-        tail = read("r50.log").strip().splitlines()[-3:]
-        say("  no JSON;", " / ".join(t[:120] for t in tail))
+    r50 = _result_json("*_step_*.json", "r50.log")   # resnet50_step_<device> / smoke_step_cpu
+    if r50 is None:
         return
-    with open(files[0]) as f:
-        r50 = json.load(f)
     for run in r50["runs"]:
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in run["phases_s"].items())
         say(f"  {run['setting']} ({run['api']}, {run['inverse_forms']}): total {run['total_s']:.1f} s "
@@ -170,13 +177,9 @@ def r50_section():
 
 def step_section():
     say("Whole step by phase (benchmarks/step_cpu.py)")
-    files = sorted(glob.glob(os.path.join(W, "step_*.json")))
-    if not files:
-        tail = read("step.log").strip().splitlines()[-3:]
-        say("  no JSON;", " / ".join(t[:120] for t in tail))
+    rep = _result_json("step_*.json", "step.log")
+    if rep is None:
         return
-    with open(files[0]) as f:
-        rep = json.load(f)
     for model, impls in rep["models"].items():
         r = impls["after"]
         ratios = ", ".join(f"loader batch {k[len('ratio_bs'):]}: {v:.2f}" for k, v in r.items()
