@@ -178,3 +178,19 @@ def test_hf_classifier_head_is_recomputed_not_warned():
     ref = torch.linalg.inv(gram + curv.damp * torch.eye(gram.shape[-1], dtype=torch.float64))
     got = curv.inverses["classifier.weight"].double()
     assert float(torch.linalg.matrix_norm(got - ref, ord=2).max() / torch.linalg.matrix_norm(ref, ord=2).max()) < 1e-5
+
+
+def test_the_frobenius_bound_certifies_blocks_and_every_ill_conditioned_one_is_estimated():
+    """Blocks whose cheap bound ||G||_F^2 / (N damp) is under the level skip the power iteration (0); every
+    block beyond the level, and the block of the largest bound, get a Rayleigh estimate of float64 kappa."""
+    gen = torch.Generator().manual_seed(3)
+    scales = torch.logspace(-2, 2, 24).reshape(24, 1, 1)
+    grads = torch.randn(24, 40, 16, generator=gen) * scales          # kappa over 8 orders of magnitude
+    damp, count = 1e-2, 40
+    exact = torch.linalg.eigvalsh(grads.double().transpose(1, 2) @ grads.double() / count)[:, -1] / damp
+    got = conditioning._kappa(grads, damp, count)
+    estimated = got > 0
+    assert bool((got <= exact * (1 + 1e-5)).all())
+    assert bool((got[estimated] >= 0.9 * exact[estimated]).all())
+    assert bool(estimated[EPS32 * exact > WARN_LEVEL].all())          # nothing ill-conditioned is missed
+    assert bool(estimated[int(exact.argmax())]) and int(estimated.sum()) < 24   # some blocks were certified
