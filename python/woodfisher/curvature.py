@@ -69,7 +69,9 @@ class Curvature:
             None when streamed.
         timings: seconds spent on gradients and inverses.
         kappa: {weight name: largest ``kappa = lambda_max(G^T G / N) / damp`` of its blocks left in
-            float32} for kept float32 gradients inverted in the dense form (:mod:`woodfisher.conditioning`).
+            float32} for kept float32 gradients inverted in the dense form (:mod:`woodfisher.conditioning`;
+            a power-iteration estimate, exact to ~10% beyond ``eps32 * kappa > 1e-3``; below that level only
+            the block of the largest Frobenius bound is estimated).
         refined: {weight name: blocks whose dense inverse was recomputed in float64 because
             ``eps32 * kappa > 1e-3``} (layers with none are absent).
         shard: None, or (estimated across the ranks of a process group) the blocks this rank
