@@ -64,6 +64,8 @@ def _power_lmax(apply: Callable[[torch.Tensor], torch.Tensor], start: torch.Tens
     return (v * apply(v)).sum(1).double().clamp_min(0.0)
 
 
+#: Relative margin of the Frobenius upper bound (its squares are summed in float32).
+UPPER_MARGIN = 1e-3
 #: The power iteration runs over tiles of Gram blocks of about this many bytes (CPU), so that each
 #: tile stays in L2 for all the steps.
 POWER_TILE_BYTES = 2 ** 20
@@ -100,7 +102,8 @@ def condition_estimate(grads: torch.Tensor, damp: float, num_samples: Optional[f
     m <= c, else G^T G, formed once: ~2 k^2 (max(m, c) + iters) flops per block, k = min(m, c))
     returns a Rayleigh quotient,
     a lower bound that converges to lambda_max. ``upper=True`` returns the cheap upper
-    bound ``||G||_F^2 / (N damp)`` instead (at most min(m, c) times too large).
+    bound ``(1 + 1e-3) ||G||_F^2 / (N damp)`` instead (one read of the gradients; at most
+    min(m, c) times too large).
 
     Use: float32 results lose about log10(eps32 * kappa) + 7 of their 7 digits; warn when
     ``2**-23 * kappa > 1e-3`` (see :func:`error_bound` for the stated guarantee).
@@ -121,9 +124,13 @@ def condition_estimate(grads: torch.Tensor, damp: float, num_samples: Optional[f
     n = float(grads.shape[1]) if num_samples is None else chk.check_positive("num_samples", num_samples)
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
+    if upper:  # one read of the gradients, no float64 copy; the margin covers the float32 sum's rounding
+        fro = torch.linalg.vector_norm(grads, dim=(1, 2)).double()
+        if not bool(torch.isfinite(fro).all()):
+            chk.check_finite("grads", grads)                            # NaN / Inf: the ValueError
+            fro = torch.linalg.vector_norm(grads.double(), dim=(1, 2))  # finite, but float32 squares overflowed
+        return fro.square() * (1.0 + UPPER_MARGIN) / (n * d)
     chk.check_finite("grads", grads)
-    if upper:
-        return grads.double().square().sum(dim=(1, 2)) / (n * d)
     return gram_lmax(grads, iters) / (n * d)
 
 

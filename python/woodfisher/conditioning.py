@@ -95,7 +95,7 @@ def _kappa(grads: torch.Tensor, damp: float, count: int) -> torch.Tensor:
     runs only on the others and on the block with the largest bound, so that the layer's reported
     kappa is an estimate. The certified blocks get 0 (below the level, never reported).
     """
-    upper = torch.linalg.vector_norm(grads, dim=(1, 2)).double().square().mul_(1.001 / (count * damp)).cpu()
+    upper = wk.condition_estimate(grads, damp, count, upper=True).cpu()
     check = EPS32 * upper > WARN_LEVEL
     check[int(upper.argmax())] = True
     idx = check.nonzero().squeeze(1)
