@@ -68,6 +68,16 @@ def test_search_damp_picks_the_grid_value_with_lowest_heldout_loss():
     assert losses[best] == min(losses.values())
 
 
+@pytest.mark.parametrize("grid", [[1e-3, -1.0], [], ["x"]])
+def test_search_damp_refuses_a_bad_grid_before_reading_the_loader(grid):
+    class Untouched:
+        def __iter__(self):
+            raise AssertionError("the loader was read before the grid was checked")
+
+    with pytest.raises(ValueError, match="grid"):
+        wf.search_damp(tiny_mlp(), Untouched(), tiny_data(seed=3), sparsity=0.6, grid=grid, num_grads=16)
+
+
 def test_search_damp_default_grid_is_relative_to_auto():
     model, loader = tiny_mlp(seed=4), tiny_data(seed=4)
     best, losses = wf.search_damp(model, loader, tiny_data(seed=5), sparsity=0.5, num_grads=12)

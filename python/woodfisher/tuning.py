@@ -47,6 +47,16 @@ def heldout_loss(model, loader, loss_fn: Optional[Callable] = None, batch_adapte
     return total / n
 
 
+def _check_grid(grid) -> list:
+    try:
+        checked = [check_damp(float(d)) for d in grid]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"grid must be a sequence of numbers > 0, got {grid!r}") from exc
+    if not checked:
+        raise ValueError("grid is empty")
+    return checked
+
+
 def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Sequence[float]] = None,
                 loss_fn: Optional[Callable] = None, **options) -> Tuple[float, Dict[float, float]]:
     """Choose lambda on a log grid by the held-out loss after pruning.
@@ -77,19 +87,15 @@ def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Seque
     config = resolve_config(None, {**options, "loss_fn": loss_fn}, sparsity)
     start = sparsity_of({target.name: target.keep_mask() for target in resolve_targets(model, config.modules, None)})
     reuse = len(config.steps(start)) == 1 and config.method == "woodfisher" and config.inverse_form != "stream"
+    if grid is not None:  # a bad grid is refused before any gradient is computed
+        grid = _check_grid(grid)
     with display(config.progress, "woodfisher search_damp"):
         curvature = None
         if reuse or grid is None:
             curvature = estimate_curvature(model, loader, sparsity=sparsity, damp="auto", loss_fn=loss_fn, **options)
             reuse = reuse and curvature.grads is not None
         if grid is None:
-            grid = [curvature.damp * 10.0 ** k for k in range(-3, 2)]
-        try:
-            grid = [check_damp(float(d)) for d in grid]
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"grid must be a sequence of numbers > 0, got {grid!r}") from exc
-        if not grid:
-            raise ValueError("grid is empty")
+            grid = _check_grid([curvature.damp * 10.0 ** k for k in range(-3, 2)])
         losses = {}
         for i, d in enumerate(grid):
             with step_label(f"damp {d:.3g} ({i + 1}/{len(grid)})"):
