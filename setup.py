@@ -11,6 +11,8 @@ import os
 
 from setuptools import Extension, find_packages, setup
 
+CPU_KERNELS = "woodfisher_kernels._cpu_kernels"
+
 
 def cuda_extensions():
     if os.environ.get("WOODFISHER_NO_CUDA", "0") == "1":
@@ -34,7 +36,24 @@ def cuda_extensions():
         include_dirs=[os.path.abspath("csrc")],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _plain_c_kernel(BuildExtension).with_options(use_ninja=True)}
+
+
+def _plain_c_kernel(build_extension_cls):
+    """torch's BuildExtension wraps the compiler so that every source is compiled as C++
+    (g++ -std=c++17), the CPU kernel's C file too; that kernel is built with setuptools' own
+    compiler methods instead, the CUDA extension with torch's."""
+    class BuildExtensions(build_extension_cls):
+        def build_extension(self, ext):
+            # torch sets its wrappers as instance attributes; without them the class's own apply
+            keep = ext.name == CPU_KERNELS
+            wrappers = {k: self.compiler.__dict__.pop(k) for k in ("compile", "_compile")
+                        if keep and k in self.compiler.__dict__}
+            try:
+                return super().build_extension(ext)
+            finally:
+                self.compiler.__dict__.update(wrappers)
+    return BuildExtensions
 
 
 def cpu_extensions():
@@ -43,7 +62,7 @@ def cpu_extensions():
     without it and the CPU uses the torch fallback."""
     if os.environ.get("WOODFISHER_NO_CPU_KERNELS", "0") == "1":
         return []
-    return [Extension("woodfisher_kernels._cpu_kernels", sources=["csrc/cpu/woodbury_cpu.c"],
+    return [Extension(CPU_KERNELS, sources=["csrc/cpu/woodbury_cpu.c"],
                       depends=["csrc/cpu/woodbury_cpu_kernel.h", "csrc/cpu/lowrank_cpu_kernel.h"],
                       extra_compile_args=["-O3", "-Wno-psabi"],
                       libraries=["m"], optional=True)]

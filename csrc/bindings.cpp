@@ -19,7 +19,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdio>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "woodfisher_kernels.h"
@@ -28,6 +30,25 @@ namespace {
 
 using woodfisher::WoodburyPath;
 
+// Error messages hold only strings: numbers, shapes, dtypes and devices are formatted here
+// (std::to_string / snprintf / c10's own to-string functions), never by an ostream of this
+// library. An extension linked with a second, static copy of libstdc++ (the g++ of some
+// toolchains does this; seen on the H200 image) loses or crashes on ostream number formatting,
+// which reads the locale facets of the other copy.
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+std::string shape(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + num(sizes[i]);
+  return out + ")";
+}
+
 void check_cuda(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "woodfisher_kernels.", op, ": CUDA error: ",
               cudaGetErrorString(err));
@@ -35,19 +56,21 @@ void check_cuda(cudaError_t err, const char* op) {
 
 void check_tensor(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype,
                   const at::Tensor* like = nullptr) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
-                    t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device().str());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " must have dtype ", c10::toString(dtype),
+                    ", got ", c10::toString(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must have ", num(dim), " dimensions, got shape ",
+                    shape(t.sizes()));
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
   if (like != nullptr) {
-    TORCH_CHECK_VALUE(t.device() == like->device(), name, " is on ", t.device(),
-                      " but inv is on ", like->device());
+    TORCH_CHECK_VALUE(t.device() == like->device(), name, " is on ", t.device().str(),
+                      " but inv is on ", like->device().str());
   }
 }
 
 void check_block_size(int64_t c, int64_t limit) {
-  TORCH_CHECK_VALUE(c <= limit, "block size ", c, " exceeds the CUDA backend's limit ", limit,
+  TORCH_CHECK_VALUE(c <= limit, "block size ", num(c), " exceeds the CUDA backend's limit ",
+                    num(limit),
                     " on this device; use backend='torch' or the low-rank form");
 }
 
@@ -57,8 +80,8 @@ WoodburyPath to_path(int64_t path, int64_t c) {
   const auto p = static_cast<WoodburyPath>(path);
   if (p == WoodburyPath::kShared) {
     const int64_t limit = woodfisher::woodbury_shared_max_block_size();
-    TORCH_CHECK_VALUE(c <= limit, "the shared-memory kernel holds blocks up to c=", limit,
-                      ", got c=", c);
+    TORCH_CHECK_VALUE(c <= limit, "the shared-memory kernel holds blocks up to c=", num(limit),
+                      ", got c=", num(c));
   }
   return p;
 }
@@ -68,10 +91,11 @@ void woodbury_update_path_(const at::Tensor& inv, const at::Tensor& grads, doubl
   check_tensor(inv, "inv", 3, at::kFloat);
   check_tensor(grads, "grads", 3, at::kFloat, &inv);
   const int64_t B = inv.size(0), c = inv.size(1), k = grads.size(1);
-  TORCH_CHECK_VALUE(inv.size(2) == c, "inv must hold square blocks, got ", inv.sizes());
-  TORCH_CHECK_VALUE(grads.size(0) == B && grads.size(2) == c, "grads must have shape (", B,
-                    ", k, ", c, "), got ", grads.sizes());
-  TORCH_CHECK_VALUE(num_samples > 0, "num_samples must be > 0, got ", num_samples);
+  TORCH_CHECK_VALUE(inv.size(2) == c, "inv must hold square blocks, got shape ",
+                    shape(inv.sizes()));
+  TORCH_CHECK_VALUE(grads.size(0) == B && grads.size(2) == c, "grads must have shape (", num(B),
+                    ", k, ", num(c), "), got ", shape(grads.sizes()));
+  TORCH_CHECK_VALUE(num_samples > 0, "num_samples must be > 0, got ", num(num_samples));
   const c10::cuda::CUDAGuard guard(inv.device());
   check_block_size(c, woodfisher::woodbury_max_block_size());
   const WoodburyPath kernel = to_path(path, c);
@@ -88,8 +112,8 @@ void woodbury_update_(const at::Tensor& inv, const at::Tensor& grads, double num
 at::Tensor fisher_inverse_path(const at::Tensor& grads, double damp, double num_samples,
                                int64_t path) {
   check_tensor(grads, "grads", 3, at::kFloat);
-  TORCH_CHECK_VALUE(damp > 0, "damp must be > 0, got ", damp);
-  TORCH_CHECK_VALUE(num_samples > 0, "num_samples must be > 0, got ", num_samples);
+  TORCH_CHECK_VALUE(damp > 0, "damp must be > 0, got ", num(damp));
+  TORCH_CHECK_VALUE(num_samples > 0, "num_samples must be > 0, got ", num(num_samples));
   const int64_t B = grads.size(0), k = grads.size(1), c = grads.size(2);
   const c10::cuda::CUDAGuard guard(grads.device());
   check_block_size(c, woodfisher::woodbury_max_block_size());
@@ -113,13 +137,14 @@ const float* check_obs(const at::Tensor& inv, const at::Tensor& weights,
   check_tensor(inv, "inv", 3, at::kFloat);
   check_tensor(weights, "weights", 2, at::kFloat, &inv);
   const int64_t B = inv.size(0), c = inv.size(1);
-  TORCH_CHECK_VALUE(inv.size(2) == c, "inv must hold square blocks, got ", inv.sizes());
+  TORCH_CHECK_VALUE(inv.size(2) == c, "inv must hold square blocks, got shape ",
+                    shape(inv.sizes()));
   TORCH_CHECK_VALUE(weights.size(0) == B && weights.size(1) == c, "weights must have shape (",
-                    B, ", ", c, "), got ", weights.sizes());
+                    num(B), ", ", num(c), "), got ", shape(weights.sizes()));
   if (!loss_grad.has_value()) return nullptr;
   check_tensor(*loss_grad, "loss_grad", 2, at::kFloat, &inv);
   TORCH_CHECK_VALUE(loss_grad->sizes() == weights.sizes(), "loss_grad must have shape ",
-                    weights.sizes(), ", got ", loss_grad->sizes());
+                    shape(weights.sizes()), ", got ", shape(loss_grad->sizes()));
   return loss_grad->data_ptr<float>();
 }
 
@@ -141,7 +166,7 @@ at::Tensor obs_update(const at::Tensor& inv, const at::Tensor& weights,
   const float* x = check_obs(inv, weights, loss_grad);
   check_tensor(prune_mask, "prune_mask", 2, at::kBool, &inv);
   TORCH_CHECK_VALUE(prune_mask.sizes() == weights.sizes(), "prune_mask must have shape ",
-                    weights.sizes(), ", got ", prune_mask.sizes());
+                    shape(weights.sizes()), ", got ", shape(prune_mask.sizes()));
   const c10::cuda::CUDAGuard guard(inv.device());
   check_block_size(inv.size(1), woodfisher::max_block_size());
   at::Tensor out = at::empty_like(weights);

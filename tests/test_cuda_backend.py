@@ -91,7 +91,8 @@ def test_woodbury_update_continues_an_inverse(ext, path, c, m, b):
     first, more = _grads(b, m, c, seed=1), _grads(b, m, c, seed=2)
     n = 2.0 * m
     inv64 = torch.linalg.inv(dense_fisher(first, DAMP, n))
-    inv = (0.5 * (inv64 + inv64.transpose(1, 2))).float()  # exactly symmetric input
+    # exactly symmetric input; contiguous (linalg.inv on CUDA returns column-major batches)
+    inv = (0.5 * (inv64 + inv64.transpose(1, 2))).float().contiguous()
     ext.woodbury_update_(inv, more, n, path)
     fisher = dense_fisher(torch.cat([first, more], dim=1), DAMP, n)
     assert rel_err(inv, torch.linalg.inv(fisher)) <= inverse_tolerance(fisher, torch.float32)
@@ -182,13 +183,22 @@ def test_limits_and_refusals(ext):
     assert 128 <= shared_max < woodbury_max <= obs_max
     assert ext.max_block_size("fisher_inverse") == woodbury_max and ext.max_block_size("obs_update") == obs_max
     grads = _grads(1, 1, shared_max + 1)
-    with pytest.raises(ValueError, match="shared-memory kernel"):
+    # the numbers in the message too: formatting them crashed once (bindings.cpp, num())
+    with pytest.raises(ValueError, match=f"shared-memory kernel holds blocks up to c={shared_max}, "
+                                         f"got c={shared_max + 1}"):
         ext.fisher_inverse(grads, DAMP, 1.0, "shared")
     assert ext.fisher_inverse(grads, DAMP, 1.0, "auto").shape == (1, shared_max + 1, shared_max + 1)
-    with pytest.raises(ValueError, match="exceeds the CUDA backend's limit"):
+    with pytest.raises(ValueError, match=f"block size {woodbury_max + 1} exceeds the CUDA backend's limit "
+                                         f"{woodbury_max} "):
         ext.fisher_inverse(_grads(1, 1, woodbury_max + 1), DAMP, 1.0)
     with pytest.raises(ValueError, match="handles block sizes up to"):
         wk.fisher_inverse(_grads(1, 1, woodbury_max + 1), DAMP, backend="cuda")
+    with pytest.raises(ValueError, match=r"grads must have 3 dimensions, got shape \(4, 5\)"):
+        ext.fisher_inverse(torch.ones(4, 5, device="cuda"), DAMP, 1.0)
+    with pytest.raises(ValueError, match="grads must have dtype Float, got Double"):
+        ext.fisher_inverse(torch.ones(1, 4, 5, device="cuda", dtype=torch.float64), DAMP, 1.0)
+    with pytest.raises(ValueError, match="num_samples must be > 0, got -2.5"):
+        ext.fisher_inverse(_grads(1, 1, 8), DAMP, -2.5)
 
 
 @pytest.mark.gpu

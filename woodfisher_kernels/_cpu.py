@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Optional, Tuple
 
@@ -48,8 +49,12 @@ def _library() -> Optional[ctypes.CDLL]:
         return None
     try:
         lib = ctypes.CDLL(spec.origin)
-    except OSError:
+        entries = (lib.wf_woodbury_blocks, lib.wf_lowrank_blocks, lib.wf_best_isa)
+    except (OSError, AttributeError) as err:  # unloadable, or built without the C entry points
+        warnings.warn(f"the CPU kernel {spec.origin} is unusable ({err}); the CPU runs the torch fallback. "
+                      "Reinstall woodfisher_kernels to rebuild it.", RuntimeWarning, stacklevel=2)
         return None
+    del entries
     lib.wf_woodbury_blocks.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [
         ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_double, ctypes.c_int]
     lib.wf_woodbury_blocks.restype = ctypes.c_int

@@ -59,6 +59,12 @@ typedef double vdu __attribute__((vector_size(64), aligned(8)));
 #include "lowrank_cpu_kernel.h"
 #undef WF_FN
 
+/* The entry points keep C names (ctypes looks them up by name) also when a build compiles this
+   file as C++, as torch's BuildExtension does with every source it is given. */
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* Instruction sets: 0 = baseline, 1 = x86-64-v3 (AVX2 + FMA), 2 = x86-64-v4 (AVX-512). */
 int wf_best_isa(void) {
 #ifdef WF_MULTIVERSION
@@ -106,3 +112,7 @@ int wf_lowrank_blocks(int isa, const float *grads, float *factor, float *diag, u
 #endif
   return lowrank_blocks_base(grads, factor, diag, bad, nblocks, m, c, damp, num_samples);
 }
+
+#ifdef __cplusplus
+}
+#endif
