@@ -185,3 +185,26 @@ def test_raw_kernels_refuse_other_dtypes_instead_of_reading_garbage():
         _cpu.woodbury_blocks(grads.half(), 4.0, None, 1e-2)
     with pytest.raises(ValueError, match="float32"):
         _cpu.woodbury_blocks(grads, 4.0, torch.eye(32, dtype=torch.float64).repeat(2, 1, 1))
+
+
+def test_a_kernel_built_without_its_c_entry_points_falls_back_to_torch(monkeypatch):
+    """A library that loads but lacks the wf_* symbols (the C file compiled as C++ by torch's
+    BuildExtension once did this) makes the backend unavailable with a warning, not an error."""
+    import ctypes.util
+    import importlib.util
+    import types
+
+    libm = ctypes.util.find_library("m")
+    if libm is None:
+        pytest.skip("no libm to stand in for a library without the entry points")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace(origin=libm)
+                        if name.endswith("._cpu_kernels") else real_find_spec(name, *a))
+    _cpu._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="unusable .*torch fallback"):
+            assert not _cpu.available()
+    finally:
+        monkeypatch.undo()
+        _cpu._library.cache_clear()
+    assert _cpu.available()
