@@ -7,7 +7,9 @@
 Paper settings: block 1000 with m = 80 gradients of fisher mini-batch 100, and block
 2000 with m = 160 (the paper reports 15 to 47 minutes per step on its hardware).
 Inputs are random (the timing does not depend on them). Phases timed: gradient
-collection, inverse, statistics + mask selection, OBS update. By default the public
+collection, inverse, statistics + mask selection, OBS update; beside them, the model's own
+forward + backward over the same number of batches (``batched_fwd_bwd_s``; ``gradients_ratio`` =
+that / the gradients phase, the ratio of issue 10). By default the public
 pruner ``woodfisher.prune_one_shot`` runs the step (its own phase timings); with
 ``--api ops`` (or when the pruner is missing) the public kernel ops run directly on
 gradients collected with plain autograd, each phase timed with a device synchronize.
@@ -126,6 +128,26 @@ def _one_step(model, loader, c, m, batch, args, api, device):
     return phases, forms, sum(int((p == 0).sum()) for p in ws) / sum(p.numel() for p in ws)
 
 
+def batched_fwd_bwd(model, loader, device) -> float:
+    """Seconds of the model's own forward + backward (cross-entropy, eval mode as the gradient
+    collection) over every batch of ``loader``: the yardstick of the gradients phase, which
+    runs the same samples in groups of fisher_batch_size (issue 10's ratio)."""
+    import torch.nn.functional as F
+
+    from woodfisher.state import eval_mode
+
+    with eval_mode(model):
+        cm.sync(device)
+        t0 = time.perf_counter()
+        for x, y in loader:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+        cm.sync(device)
+        secs = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return secs
+
+
 def run_setting(args, device, setting: str) -> dict:
     c, m = SETTINGS[setting] if args.model == "resnet50" else (args.block_size, args.num_grads)
     model, classes, image = build_model(args.model, device)
@@ -143,6 +165,7 @@ def run_setting(args, device, setting: str) -> dict:
                   device)
         del warm_model
         warm_s = time.perf_counter() - w0
+    yardstick = batched_fwd_bwd(model, random_loader(m, batch, image, classes, device, seed=2), device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -154,7 +177,8 @@ def run_setting(args, device, setting: str) -> dict:
     rec = {"model": args.model, "setting": f"block {c}, m = {m} x {batch}", "block_size": c, "num_grads": m,
            "fisher_batch_size": batch, "api": api, "backend": args.backend, "inverse_forms": forms,
            "params_pruned": sum(p.numel() for _, p in prunable(model)), "sparsity": sparsity,
-           "phases_s": phases, "total_s": total, "warmup_step_s": warm_s,
+           "phases_s": phases, "total_s": total, "warmup_step_s": warm_s, "batched_fwd_bwd_s": yardstick,
+           "gradients_ratio": yardstick / phases["gradients"] if phases.get("gradients") else None,
            "target_s": 60.0 if (c, m) == (1000, 80) else None, "paper_minutes": PAPER_MINUTES}
     if device.type == "cuda":
         rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -191,7 +215,8 @@ def main(argv=None):
         result["runs"].append(rec)
         phases = ", ".join(f"{k} {v:.2f} s" for k, v in rec["phases_s"].items())
         print(f"[resnet50_step] {rec['model']} {rec['setting']} ({rec['api']}, {rec['inverse_forms']}): "
-              f"total {rec['total_s']:.2f} s; {phases}", flush=True)
+              f"total {rec['total_s']:.2f} s; {phases}; the model's own fwd+bwd over the same samples "
+              f"{rec['batched_fwd_bwd_s']:.2f} s", flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"{args.model}_step_{device.type}.json")

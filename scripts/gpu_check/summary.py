@@ -173,6 +173,9 @@ def r50_section():
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in run["phases_s"].items())
         say(f"  {run['setting']} ({run['api']}, {run['inverse_forms']}): total {run['total_s']:.1f} s "
             f"(target < {run.get('target_s')} s); {phases}")
+        if run.get("batched_fwd_bwd_s") is not None:
+            say(f"    the model's own fwd+bwd over the same samples {run['batched_fwd_bwd_s']:.2f} s: "
+                f"ratio to the gradients phase {run.get('gradients_ratio') or 0:.2f} (goal >= 0.5)")
 
 
 def step_section():
