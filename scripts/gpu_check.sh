@@ -27,6 +27,8 @@
 #   step      the whole step by phase and per-sample gradients against the batched fwd+bwd, MLPNet /
 #             ResNet-20 / MobileNet-like (benchmarks/step_cpu.py --device cuda: step_cuda.json / .md,
 #             in all.tar.gz), with what time is left
+#   prof      Nsight Compute (ncu --clock-control none) on the CUDA build kernels at c = 64 / 128 / 512,
+#             shared and tiled (scripts/gpu_check/prof_case.py), if any time is left  [prof.csv]
 #   summary   summary.txt (names the device), printed last
 # Test results also stream to junit_*.jsonl as they arrive, so a run cut short still counts.
 # Output under $OUT (default ./gpu_check_out), 7 files at most: summary.txt, all.tar.gz (every log
@@ -298,6 +300,18 @@ else
   run r50 110 30 "$W/r50.log" "$PY" -m benchmarks.resnet50_step --setting 1000x80 --out "$W"
   publish
   run step 75 10 "$W/step.log" "$PY" -m benchmarks.step_cpu --device cuda --repeats 1 --out "$W"
+  publish
+  # Nsight Compute counters of the CUDA build kernels (scripts/gpu_check/prof_case.py: 4 shapes, a
+  # warm-up and a measured launch each); the summary prints the measured launches' key metrics.
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
+  if [ -n "$NCU" ] && [ "$BUILD_RC" != 3 ]; then
+    run prof 70 5 "$W/prof.log" bash -c "'$NCU' --clock-control none -k regex:woodbury \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --csv --page details '$PY' '$HELP/prof_case.py' > '$W/prof.csv'"
+  else
+    record prof SKIP - 0 "no ncu or no extension"
+  fi
 fi
 publish
 

@@ -178,6 +178,33 @@ def r50_section():
                 f"ratio to the gradients phase {run.get('gradients_ratio') or 0:.2f} (goal >= 0.5)")
 
 
+PROF_METRICS = ("Duration", "Compute (SM) Throughput", "Memory Throughput", "DRAM Throughput",
+                "Achieved Occupancy", "Theoretical Occupancy", "Registers Per Thread", "Issue Slots Busy",
+                "Warp Cycles Per Issued Instruction", "No Eligible", "Executed Ipc Active")
+
+
+def prof_section():
+    """Key Nsight Compute metrics of the measured launches (the 2nd, 4th, ... of prof.csv)."""
+    import csv
+    import io
+    say("Nsight Compute, CUDA build kernels (prof_case.py: c64 m64 shared, c128 m128 shared, "
+        "c128 m128 tiled, c512 m64 tiled)")
+    rows = [r for r in csv.reader(io.StringIO(read("prof.csv"))) if len(r) > 10]
+    if len(rows) < 2:
+        say("  no ncu results;", " / ".join(read("prof.log").strip().splitlines()[-3:])[:300])
+        return
+    head, launches = rows[0], {}
+    col = {name: head.index(name) for name in ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value")
+           if name in head}
+    for r in rows[1:]:
+        launches.setdefault(r[col["ID"]], (r[col["Kernel Name"]][:40], {}))[1][r[col["Metric Name"]]] = (
+            r[col["Metric Value"]] + " " + r[col["Metric Unit"]]).strip()
+    for i, (lid, (kernel, metrics)) in enumerate(launches.items()):
+        if i % 2 == 1:
+            shown = "; ".join(f"{k} {metrics[k]}" for k in PROF_METRICS if k in metrics)
+            say(f"  launch {lid} {kernel}: {shown}")
+
+
 def step_section():
     say("Whole step by phase (benchmarks/step_cpu.py)")
     rep = _result_json("step_*.json", "step.log")
@@ -194,7 +221,7 @@ def main():
     say(f"gpu_check summary  (elapsed {sys.argv[2] if len(sys.argv) > 2 else '?'} s)")
     say("=" * 78)
     for section in (device_section, stages_section, build_section, tests_section, driver_section, sbs_section,
-                    r50_section, step_section):
+                    r50_section, step_section, prof_section):
         try:
             section()
         except Exception as exc:  # one unreadable section must not hide the others
