@@ -2,10 +2,22 @@
 // (block resident on chip while it fits with this k's chunk width: c <= 207 for k >= 29 on
 // sm_90, larger for smaller k) and the tiled kernel (block in global memory / L2, any c up
 // to woodbury_max_block_size(), 1448 on sm_90). One launch per call.
+#include <cstdlib>
+#include <cstring>
+
 #include "wf_compat.cuh"
 #include "woodbury_internal.h"
 
 namespace woodfisher {
+
+namespace detail {
+
+bool block_chol_requested() {
+  const char* v = std::getenv("WOODFISHER_CUDA_CHOL");
+  return v != nullptr && std::strcmp(v, "block") == 0;
+}
+
+}  // namespace detail
 
 namespace {
 
@@ -22,6 +34,7 @@ cudaError_t run_woodbury(detail::WoodburyArgs a, int64_t block_size, int64_t num
   if (a.inv == nullptr || (num_grads > 0 && a.grads == nullptr)) return cudaErrorInvalidValue;
   a.block_size = static_cast<int>(block_size);
   a.num_grads = static_cast<int>(num_grads);
+  a.block_chol = detail::block_chol_requested();
   int limit = 0;
   cudaError_t err = detail::smem_optin_bytes(&limit);
   if (err != cudaSuccess) return err;

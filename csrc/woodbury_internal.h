@@ -26,7 +26,11 @@ struct WoodburyArgs {
   float num_samples;   // N > 0
   float init_diag;     // 1 / damp when init
   bool init;           // start from init_diag * I instead of reading inv
+  bool block_chol = false;  // experimental: the K x K Cholesky on the whole CTA (chol_phase_block)
 };
+
+// WOODFISHER_CUDA_CHOL=block in the environment, read at every launch (benchmarks switch it).
+bool block_chol_requested();
 
 // Shared-memory kernel, chunks of `chunk` gradients (a multiple of 4, <= kMaxChunk).
 size_t woodbury_shared_smem_bytes(int block_size, int chunk);

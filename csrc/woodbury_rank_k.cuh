@@ -156,6 +156,39 @@ __device__ __forceinline__ void chol_phase(float* S, int lds, double* A, float* 
   }
 }
 
+// chol_phase's factorisation with every thread of the CTA instead of warp 0 (experimental,
+// WOODFISHER_CUDA_CHOL=block; the same arithmetic in the same order per entry, so the same bits):
+// per pivot j each thread recomputes d = sqrt(pivot) and 1/d, and updates its entries (i, l),
+// j < l <= i < kc, of the trailing triangle over a fixed kMaxChunk x kMaxChunk grid with the
+// scaled column L[i][j] = A[i][j] / d recomputed where read; the scaled column goes straight to
+// Lt (S's upper half), A's column j is never written, so one barrier per pivot suffices.
+// All threads of the CTA must call it (it holds __syncthreads).
+__device__ __forceinline__ void chol_phase_block(float* S, int lds, double* A, float* rinv, int c, int kc,
+                                                 float num_samples, int tid) {
+  const double n = num_samples, tol = (c + kc) * 1.1920928955078125e-7;  // as chol_phase
+  const int lda = kc + 1;
+  for (int e = tid; e < kc * kc; e += kRkThreads) {
+    const int i = e / kc, l = e % kc;
+    if (l <= i) A[i * lda + l] = static_cast<double>(S[i * lds + l]) + (i == l ? n : 0.0);
+  }
+  __syncthreads();
+  for (int j = 0; j < kc; ++j) {
+    const double piv = A[j * lda + j], s_jj = fabs(static_cast<double>(S[j * lds + j]));
+    const double d = sqrt(piv >= n ? piv : (piv >= n - tol * (n + s_jj) ? n : -1.0));  // -1: NaN
+    const double rd = 1.0 / d;
+    for (int e = tid; e < kMaxChunk * kMaxChunk; e += kRkThreads) {
+      const int i = e / kMaxChunk, l = e % kMaxChunk;
+      if (l > j && l <= i && i < kc) {
+        const double lij = A[i * lda + j] * rd;
+        A[i * lda + l] = fma(-lij, A[l * lda + j] * rd, A[i * lda + l]);
+      }
+    }
+    if (tid > j && tid < kc) S[j * lds + tid] = static_cast<float>(A[tid * lda + j] * rd);
+    if (tid == j) rinv[j] = static_cast<float>(rd);
+    __syncthreads();
+  }
+}
+
 // V = U L^-T in place (Ut[i * ldu + r], i < kc): for each pair of rows r, r + 1, L v = u by
 // forward substitution (right-looking: x_l -= L[l][i] v_i, L's column i read as Lt's row i),
 // in two halves of kHalf gradients so that only kHalf x 2 values are live: the second half

@@ -143,7 +143,7 @@ __device__ void update_phase(float* F, const float* Vt, int ld, int c, int kc, i
 template <bool kVec>
 __global__ void __launch_bounds__(kRkThreads, 2)
 woodbury_shared_kernel(float* __restrict__ inv, const float* __restrict__ grads, int64_t num_blocks,
-                       int c, int k, int kk, float num_samples, float init_diag, bool init) {
+                       int c, int k, int kk, float num_samples, float init_diag, bool init, bool block_chol) {
   WF_DYNAMIC_SMEM(float, smem);
   const SharedLayout L(c, kk);
   float* F = smem + L.f();
@@ -178,7 +178,11 @@ woodbury_shared_kernel(float* __restrict__ inv, const float* __restrict__ grads,
         }
       });
       __syncthreads();
-      if (tid < kWarp) chol_phase(S, L.lds, reinterpret_cast<double*>(Gt), rinv, c, kc, num_samples, tid);
+      if (block_chol) {
+        chol_phase_block(S, L.lds, reinterpret_cast<double*>(Gt), rinv, c, kc, num_samples, tid);
+      } else if (tid < kWarp) {
+        chol_phase(S, L.lds, reinterpret_cast<double*>(Gt), rinv, c, kc, num_samples, tid);
+      }
       __syncthreads();
       v_phase(Ut, L.ld, c, kc, S, L.lds, rinv, tid);
       __syncthreads();
@@ -211,7 +215,7 @@ cudaError_t launch_woodbury_shared(const WoodburyArgs& a, int smem_limit, cudaSt
   cudaError_t err = allow_dynamic_smem(kernel, bytes);
   if (err != cudaSuccess) return err;
   WF_LAUNCH(kernel, dim3(grid_for(a.num_blocks)), dim3(kRkThreads), bytes, stream, a.inv, a.grads,
-            a.num_blocks, a.block_size, a.num_grads, kk, a.num_samples, a.init_diag, a.init);
+            a.num_blocks, a.block_size, a.num_grads, kk, a.num_samples, a.init_diag, a.init, a.block_chol);
   return cudaGetLastError();
 }
 

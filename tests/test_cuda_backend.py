@@ -178,6 +178,23 @@ def test_runs_on_the_current_stream(ext):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["shared", "tiled"])
+@pytest.mark.parametrize("c, m, b, damp", [(64, 64, 50, DAMP), (128, 130, 7, DAMP), (7, 33, 3, DAMP),
+                                           (68, 100, 2, 1e-9)])  # the last: NaN-poisoned blocks
+def test_block_wide_cholesky_gives_the_same_bits(ext, monkeypatch, path, c, m, b, damp):
+    """WOODFISHER_CUDA_CHOL=block (experimental: the K x K Cholesky on the whole CTA) computes
+    every entry with the same operations in the same order as the default one-warp factorisation."""
+    _skip_if_too_big_for_shared(ext, path, c)
+    grads = _grads(b, m, c, seed=5)
+    monkeypatch.delenv("WOODFISHER_CUDA_CHOL", raising=False)
+    warp = ext.fisher_inverse(grads, damp, float(m), path)
+    monkeypatch.setenv("WOODFISHER_CUDA_CHOL", "block")
+    block = ext.fisher_inverse(grads, damp, float(m), path)
+    both_nan = warp.isnan() & block.isnan()
+    assert torch.equal(torch.where(both_nan, 0.0, warp), torch.where(both_nan, 0.0, block))
+
+
+@pytest.mark.gpu
 def test_limits_and_refusals(ext):
     shared_max, woodbury_max, obs_max = ext.limits()
     assert 128 <= shared_max < woodbury_max <= obs_max

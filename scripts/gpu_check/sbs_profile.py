@@ -9,6 +9,7 @@ extension's shared-memory and tiled kernels at the same shapes. GFR_SBS_DEVICE=c
 same control flow on the CPU (dry runs).
 """
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -72,20 +73,26 @@ class Run:
         self.save()
 
     def cuda_paths(self, c, m):
-        """CUDA extension: shared-memory vs tiled kernel on the same build, TFLOP/s."""
+        """CUDA extension: shared-memory vs tiled kernel on the same build, TFLOP/s, each with the
+        default one-warp K x K Cholesky and the experimental block-wide one ("+blockchol":
+        WOODFISHER_CUDA_CHOL=block, read by the launcher at every call; the same bits)."""
         blocks = max(1, min(self.d // c, int(self.cfg["mem_bytes"] // (8 * (c * c + m * c)))))
         g = make_grads(blocks, m, c, self.device, self.cfg["grad_scale"])
         row = {"section": "path", "c": c, "m": m, "blocks": blocks}
-        for path in ("shared", "tiled"):
+        for path, chol in itertools.product(("shared", "tiled"), ("warp", "block")):
             if path == "shared" and c > _cuda.limits()[0]:
                 continue
+            key = path if chol == "warp" else f"{path}+blockchol"
+            os.environ["WOODFISHER_CUDA_CHOL"] = chol
             try:
                 t = cm.time_call(lambda p=path: _cuda.fisher_inverse(g, self.cfg["damp"], float(m), p), self.device,
                                  repeats=5, warmup=1)
-                row[path] = {"median_s": t["median_s"],
-                             "tflops": cm.seq_flops(m, c) * blocks / t["median_s"] / 1e12}
+                row[key] = {"median_s": t["median_s"],
+                            "tflops": cm.seq_flops(m, c) * blocks / t["median_s"] / 1e12}
             except Exception as exc:
-                row[path] = {"error": repr(exc)[:200]}
+                row[key] = {"error": repr(exc)[:200]}
+            finally:
+                os.environ.pop("WOODFISHER_CUDA_CHOL", None)
         print(f"  [path] c={c} m={m}: {row}", flush=True)
         return row
 
