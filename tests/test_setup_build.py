@@ -2,8 +2,8 @@
 
 torch's BuildExtension wraps the compiler so that every source becomes C++ (g++ -std=c++17); the
 C kernel's entry points then got C++ names and ctypes found none of them (seen on an H200 build).
-Here the same command class builds the C kernel alone, with no CUDA needed, into a temporary
-folder, and ctypes must find the three entry points in the result.
+Here the same command class (with ninja, as setup.py) builds the C kernel alone, with no CUDA
+needed, into a temporary folder, and ctypes must find the three entry points in the result.
 """
 from __future__ import annotations
 
@@ -20,7 +20,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _ninja() -> bool:
+    from torch.utils.cpp_extension import is_ninja_available
+    return is_ninja_available()
+
+
 @pytest.mark.skipif(shutil.which(os.environ.get("CC", "gcc")) is None, reason="no C compiler")
+@pytest.mark.skipif(not _ninja(), reason="no ninja: torch's BuildExtension then compiles C files as C anyway")
 def test_c_kernel_keeps_its_c_names_under_torchs_build_extension(tmp_path):
     shutil.copytree(os.path.join(ROOT, "csrc"), tmp_path / "csrc")
     shutil.copy(os.path.join(ROOT, "setup.py"), tmp_path / "setup.py")
@@ -34,7 +40,7 @@ def test_c_kernel_keeps_its_c_names_under_torchs_build_extension(tmp_path):
         sys.argv = ["setup.py", "-q", "build_ext", "--inplace"]
         setuptools.setup(name="probe", ext_modules=namespace["cpu_extensions"](),
                          cmdclass={"build_ext": namespace["_plain_c_kernel"](BuildExtension)
-                                   .with_options(use_ninja=False)})
+                                   .with_options(use_ninja=True)})
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
