@@ -44,6 +44,7 @@ from .kfac import kfac_factors, kfac_inverse
 from .offload import estimate_offloaded, offload_fits
 from .progress import display, phase
 from .state import derived_weights_kept
+from .streaming import estimate_streamed
 from .targets import Layout, PruneTarget, resolve_targets, unwrap_model
 
 __all__ = ["Curvature", "estimate_curvature", "plan_memory", "resolve_config", "stat_itemsize"]
@@ -283,7 +284,7 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
     elif plan == "offload":  # gradients and inverses in host memory (woodfisher.offload)
         estimate_offloaded(collector, targets, config, curv, max(1, min(m, groups)))
     else:
-        _stream(collector, targets, config, curv, k)
+        estimate_streamed(collector, targets, config, curv, k)
     if config.woodtaylor:
         curv.loss_grad = {target.name: target.blocks(collector.loss_grad[target.name]) for target in targets}
     return curv
@@ -300,45 +301,6 @@ def _diagonal(collector, targets, config, curv) -> None:
                      for target in targets}
     curv.forms = {target.name: "diagonal" for target in targets}
     curv.timings["gradients"] += time.perf_counter() - t0
-
-
-def _stream(collector, targets, config, curv, k) -> None:
-    """Gradients k at a time: Woodbury updates of dense inverses, or Gram blocks when damp is "auto"."""
-    t0 = time.perf_counter()
-    m, auto = config.num_grads, config.damp == "auto"
-    dtype = collector.dtype
-    curv.stats = FisherStats(numel=sum(target.numel for target in targets))
-    if not auto:
-        curv.damp = resolve_damp(config.damp, curv.stats)
-    acc = {}
-    for target in targets:  # Gram blocks in float64: their rounding would be amplified by cond(F) when inverted
-        eye = torch.eye(target.block_size, dtype=torch.float64 if auto else dtype, device=target.param.device)
-        acc[target.name] = (
-            (torch.zeros_like(eye) if auto else eye.div(curv.damp)).expand(target.num_blocks, -1, -1).contiguous()
-        )
-    for chunk in collector.chunks(k):
-        for target in targets:
-            blocks = target.grad_blocks(chunk[target.name])
-            if auto:  # G^T G of the chunk, summed
-                blocks = blocks.double()
-                acc[target.name].baddbmm_(blocks.transpose(1, 2), blocks)
-            else:
-                try:
-                    wk.woodbury_update_(acc[target.name], blocks, m, backend=config.backend, check_finite=False)
-                except ValueError as err:
-                    raise ValueError(f"layer {target.name!r}, damp={curv.damp:.3g}: {err}") from err
-    curv.stats.sum_sq, curv.stats.count = collector.sum_sq, collector.count
-    if auto:
-        curv.damp = resolve_damp("auto", curv.stats)
-        with phase("inverses"):
-            for target in targets:
-                gram = acc.pop(target.name).div_(m)
-                gram.diagonal(dim1=1, dim2=2).add_(curv.damp)
-                acc[target.name] = torch.cholesky_inverse(torch.linalg.cholesky(gram)).to(dtype)
-    curv.inverses = acc
-    curv.forms = {target.name: "stream" for target in targets}
-    elapsed = time.perf_counter() - t0
-    curv.timings["inverse"] += elapsed
 
 
 def _kfac(model, loader, targets, config, curv) -> Curvature:
