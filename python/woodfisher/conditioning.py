@@ -23,6 +23,16 @@ naming the layers, their kappa and the damp. The low-rank form (m < c) is not wa
 about: its rounding only touches the directions the damp dominates, and it stays near
 eps32 even at kappa 1e8 (``benchmarks/results/PRECISION.md``).
 
+Every blockwise path runs the same step (:func:`refine_dense`): in memory (:func:`layer_inverse`),
+offloaded (:mod:`woodfisher.offload`: bounds taken chunk by chunk on the device, flagged blocks
+recomputed from the host gradients), sharded (:mod:`woodfisher.distributed.estimate`: each rank its
+own blocks, the layer's largest bound found across ranks, the report reduced so every rank holds the
+single-process values) and streamed (:mod:`woodfisher.streaming`: the bound summed over the stream,
+the flagged blocks' gradients read again in a second pass, or float64 Gram blocks with
+``damp="auto"``). A block's estimate does not depend on the other blocks in the call
+(:func:`woodfisher_kernels.condition_estimate` starts every block from the same vector), so the
+paths report the same values on the same gradients.
+
 A block that fails outright (NaN / Inf, or a diagonal entry <= 0, even after the kernels'
 float64 recompute) is a ValueError naming the layer, the damp and the measured kappa, and
 suggesting ``damp="auto"``.

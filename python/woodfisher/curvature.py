@@ -9,7 +9,7 @@ of :mod:`woodfisher_kernels`:
   factors, paper Eq. 2 / Woodbury), or, when ``memory_budget`` cannot hold the gradients,
   "stream": gradients fed k at a time into dense inverses with ``woodbury_update_`` (with
   ``damp="auto"`` the streamed gradients are summed into ``G^T G`` blocks instead, and the
-  blocks inverted once lambda is known);
+  blocks inverted once lambda is known; :mod:`woodfisher.streaming`);
 - ``"diagonal"``: ``1 / (damp + mean g^2)`` per weight (blocks of size 1);
 - ``"kfac"``: Kronecker factors (:mod:`woodfisher.kfac`).
 
@@ -70,11 +70,15 @@ class Curvature:
             None when streamed.
         timings: seconds spent on gradients and inverses.
         kappa: {weight name: largest ``kappa = lambda_max(G^T G / N) / damp`` of its blocks left in
-            float32} for kept float32 gradients inverted in the dense form (:mod:`woodfisher.conditioning`;
+            float32} for float32 gradients inverted in a dense form -- in memory, offloaded, sharded (the
+            same on every rank) or streamed (:mod:`woodfisher.conditioning`, :mod:`woodfisher.streaming`):
             a power-iteration estimate, exact to ~10% beyond ``eps32 * kappa > 1e-3``; below that level only
-            the block of the largest Frobenius bound is estimated).
-        refined: {weight name: blocks whose dense inverse was recomputed in float64 because
-            ``eps32 * kappa > 1e-3``} (layers with none are absent).
+            the block of the largest Frobenius bound is estimated (0: every other block was certified by
+            the bound). Streamed with a fixed damp, a layer the bound certifies (or whose gradients could not
+            be read again) records the bound ``(1 + 1e-3) ||G||_F^2 / (N damp)`` itself; streamed with
+            ``damp="auto"``, the value is exact (``eigvalsh`` of the kept Gram block).
+        refined: {weight name: blocks whose dense inverse was recomputed (or, streamed with
+            ``damp="auto"``, built) in float64 because ``eps32 * kappa > 1e-3``} (layers with none are absent).
         shard: None, or (estimated across the ranks of a process group) the blocks this rank
             holds: ``inverses`` and ``loss_grad`` then cover only those blocks
             (:mod:`woodfisher.distributed`).
