@@ -149,3 +149,17 @@ def test_a_blocks_kappa_estimate_does_not_depend_on_the_other_blocks():
     parts = torch.cat([wk.condition_estimate(grads[i:i + 3], 1e-2) for i in range(0, 10, 3)])
     subset = wk.condition_estimate(grads[[7, 2]], 1e-2)
     assert torch.equal(whole, parts) and torch.equal(subset, whole[[7, 2]])
+
+
+def test_streamed_layer_beyond_float32_is_rebuilt_from_a_second_pass():
+    """At damp 1e-5 (kappa ~1e7) the float32 streaming update is refused: the layer is rebuilt from all its
+    gradients as in memory when the loader can be read again, else the refusal is the error (nothing changed)."""
+    memory = wf.estimate_curvature(_model(), _data(), damp=1e-5, **OPTS)
+    curv = wf.estimate_curvature(_model(), _data(), damp=1e-5, inverse_form="stream", **OPTS)
+    _assert_same_report(curv, memory)
+    _assert_within_bound(curv, memory)
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer '1.weight', damp=1e-05: woodbury_update_.*kappa"):
+        wf.prune_one_shot(model, iter(_data()), sparsity=0.5, damp=1e-5, inverse_form="stream", **OPTS)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -18,10 +18,13 @@ update, so the conditioning check of the in-memory path
   (estimates, float64 recompute), with the in-memory path's ``kappa`` / ``refined``. When the
   loader is single-pass, gives other gradients (shuffled), or the kept gradients would not fit
   ``memory_budget``, the float32 inverses stay, ``kappa`` records the bound ``U`` and
-  :func:`woodfisher.conditioning.warn_ill_conditioned` names the layers (an inverse of a
-  discarded Gram matrix cannot be recomputed honestly; estimating kappa from the float32
-  inverse itself is no better: its smallest eigenvalue, 1 / (damp (1 + kappa)), carries an
-  error of up to ``8 eps32 (1 + kappa)^2`` relative, more than itself at the level);
+  :func:`woodfisher.conditioning.warn_ill_conditioned` names the layers: an inverse whose Gram
+  matrix was discarded cannot be recomputed, and estimating kappa from the float32 inverse itself
+  is no better (its smallest eigenvalue, ``1 / (damp (1 + kappa))``, may be off by
+  ``8 eps32 (1 + kappa)^2`` relative: more than itself at the level). A layer whose float32 update
+  is refused outright (kappa beyond ~1e6: the running inverse holds no correct digit) stops being
+  updated and is rebuilt from all its gradients in the second pass as in memory
+  (:func:`woodfisher.conditioning.layer_inverse`), or its ValueError is raised when no pass can be made;
 - ``damp="auto"`` (float64 Gram blocks ``G^T G`` summed, inverted once lambda is known, by
   Cholesky): every block is built in float64, so each meets the float64 bound; kappa is
   ``lambda_max(G^T G / N) / damp`` from ``eigvalsh`` of the kept Gram block (exact, where the
@@ -37,7 +40,7 @@ import torch
 import woodfisher_kernels as wk
 
 from .batches import is_single_pass
-from .conditioning import EPS32, WARN_LEVEL, refine_dense, uncertified
+from .conditioning import EPS32, WARN_LEVEL, layer_inverse, refine_dense, uncertified
 from .damping import FisherStats, resolve_damp
 from .progress import phase
 
@@ -57,7 +60,7 @@ def estimate_streamed(collector, targets, config, curv, k: int) -> None:
     curv.stats = FisherStats(numel=sum(target.numel for target in targets))
     if not auto:
         curv.damp = resolve_damp(config.damp, curv.stats)
-    acc, frob = {}, {}
+    acc, frob, failed = {}, {}, {}
     for target in targets:  # Gram blocks in float64: their rounding would be amplified by cond(F) when inverted
         eye = torch.eye(target.block_size, dtype=torch.float64 if auto else dtype, device=target.param.device)
         acc[target.name] = (
@@ -72,11 +75,15 @@ def estimate_streamed(collector, targets, config, curv, k: int) -> None:
             if auto:  # G^T G of the chunk, summed
                 blocks = blocks.double()
                 acc[target.name].baddbmm_(blocks.transpose(1, 2), blocks)
-            else:
+            elif target.name not in failed:
                 try:
                     wk.woodbury_update_(acc[target.name], blocks, m, backend=config.backend, check_finite=False)
                 except ValueError as err:
-                    raise ValueError(f"layer {target.name!r}, damp={curv.damp:.3g}: {err}") from err
+                    error = ValueError(f"layer {target.name!r}, damp={curv.damp:.3g}: {err}")
+                    error.__cause__ = err
+                    if not check:
+                        raise error from err
+                    failed[target.name] = error   # rebuilt from a second pass, or raised (_conditioning)
     curv.stats.sum_sq, curv.stats.count = collector.sum_sq, collector.count
     if auto:
         curv.damp = resolve_damp("auto", curv.stats)
@@ -93,7 +100,7 @@ def estimate_streamed(collector, targets, config, curv, k: int) -> None:
     curv.forms = {target.name: "stream" for target in targets}
     curv.timings["inverse"] += time.perf_counter() - t0
     if check and not auto:
-        _conditioning(collector, targets, config, curv, upper, k)
+        _conditioning(collector, targets, config, curv, upper, k, failed)
 
 
 def _record(curv, name: str, kappa, fixed: int) -> None:
@@ -118,13 +125,20 @@ def _gram_conditioning(gram: torch.Tensor, damp: float, upper: torch.Tensor):
     return (float(left.max()) if left.numel() else None), int(beyond.sum())
 
 
-def _conditioning(collector, targets, config, curv, upper, k: int) -> None:
-    """Certify by the bound, else a second pass over the loader for the flagged blocks (module doc)."""
+def _conditioning(collector, targets, config, curv, upper, k: int, failed) -> None:
+    """Certify by the bound, else a second pass over the loader for the flagged blocks (module doc).
+
+    ``failed``: {name: ValueError} of layers whose float32 update was refused (kappa beyond ~1e6):
+    every block of theirs is read again and the layer built as in memory
+    (:func:`woodfisher.conditioning.layer_inverse`), or the error is raised when it cannot be.
+    """
     flagged = {}
     for target in targets:
         u = upper[target.name]
         idx = (EPS32 * u > WARN_LEVEL).nonzero().squeeze(1)
-        if idx.numel():
+        if target.name in failed:
+            flagged[target.name] = torch.arange(u.numel())
+        elif idx.numel():
             flagged[target.name] = idx
         elif u.numel():
             curv.kappa[target.name] = float(u.max())   # an upper bound, below the level
@@ -142,6 +156,13 @@ def _conditioning(collector, targets, config, curv, upper, k: int) -> None:
         curv.timings["gradients"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     for name, idx in flagged.items():
+        if name in failed and grads is None:
+            raise failed[name]
+        if name in failed:   # the whole layer, as in memory
+            curv.inverses[name], left, fixed = layer_inverse(name, grads[name], curv.damp, m, "sequential", None,
+                                                             config.backend)
+            _record(curv, name, left, fixed)
+            continue
         if grads is None:   # not recomputable: the bound is recorded and warned about
             curv.kappa[name] = float(upper[name][idx].max())
             continue
