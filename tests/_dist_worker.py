@@ -96,6 +96,17 @@ def _memory(rank, world, make, loaders, **opts):
     return out
 
 
+def _conditioning(rank, world, loaders, **opts):
+    """kappa / refined of a sharded curvature and this rank's inverses; rank 0: the single-process curvature."""
+    curv = estimate_curvature(_small(), loaders[rank], progress=False, **opts)
+    out = {"kappa": curv.kappa, "refined": curv.refined, "inverses": dict(curv.inverses),
+           "range": {n: curv.shard.plan.range(n) for n in curv.inverses}}
+    if rank == 0:
+        ref = estimate_curvature(_small(), [b for p in loaders for b in p], progress=False, group=None, **opts)
+        out.update(ref_kappa=ref.kappa, ref_refined=ref.refined, ref_grads=ref.grads, damp=ref.damp)
+    return out
+
+
 def _two_phase(rank, world, loaders, **opts):
     """estimate_curvature once, prune_with at two sparsities (layerwise override)."""
     curv = estimate_curvature(_mlp(), loaders[rank], progress=False, **opts)
@@ -177,6 +188,10 @@ def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
             "memory_mlp": lambda: _memory(rank, world, _mlp, mnist, num_grads=16 * world, damp=1e-4),
             "memory_small": lambda: _memory(rank, world, _small, small, num_grads=8 * world, damp=1e-3,
                                             block_size=None),
+            # inputs x100 at damp 0.1: some blocks beyond eps32 kappa > 1e-3 (recomputed), some not; x1: none
+            "cond_ill": lambda: _conditioning(rank, world, [[(x * 100, y) for x, y in p] for p in small],
+                                              num_grads=8 * world, block_size=4, damp=0.1),
+            "cond_well": lambda: _conditioning(rank, world, small, num_grads=8 * world, block_size=4, damp=1e-1),
             "two_phase": lambda: _two_phase(rank, world, mnist, num_grads=16 * world, block_size=40, damp=1e-4),
             "ties": lambda: _ties(rank, world),
             "failure": lambda: _failure(rank, world, mnist),

@@ -188,7 +188,7 @@ def test_the_frobenius_bound_certifies_blocks_and_every_ill_conditioned_one_is_e
     grads = torch.randn(24, 40, 16, generator=gen) * scales          # kappa over 8 orders of magnitude
     damp, count = 1e-2, 40
     exact = torch.linalg.eigvalsh(grads.double().transpose(1, 2) @ grads.double() / count)[:, -1] / damp
-    got = conditioning._kappa(grads, damp, count)
+    got = conditioning.block_kappa(grads, damp, count)
     estimated = got > 0
     assert bool((got <= exact * (1 + 1e-5)).all())
     assert bool((got[estimated] >= 0.9 * exact[estimated]).all())

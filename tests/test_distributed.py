@@ -18,12 +18,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import woodfisher_kernels as wk
+
 LIMIT = 420
 COMPARED = ["mlp_global", "mlp_layerwise", "mlp_whole_layers", "mlp_two_steps_diag", "r20", "ddp", "fsdp",
             "empty_shard"]
-SUITES = {2: COMPARED + ["mlp_woodtaylor", "memory_r20", "memory_mlp", "two_phase", "ties", "failure"],
+SUITES = {2: COMPARED + ["mlp_woodtaylor", "memory_r20", "memory_mlp", "two_phase", "ties", "failure", "cond_ill",
+                         "cond_well"],
           3: ["mlp_global", "mlp_whole_layers", "r20", "empty_shard", "memory_r20", "memory_mlp", "memory_small",
-              "ties"]}
+              "ties", "cond_ill", "cond_well"]}
 PREFIXES = ("_fsdp_wrapped_module.", "module.")
 
 
@@ -141,6 +144,33 @@ def test_nccl_on_gpus_runs_the_same_code(tmp_path):
         masks = {_strip(k): v for k, v in first["masks"].items()}
         for key, keep in first["ref_masks"].items():
             assert torch.equal(masks[key], keep), name
+
+
+@pytest.mark.parametrize("world,scenario", _cases("cond_ill", "cond_well"))
+def test_kappa_and_refined_are_the_same_on_every_rank_and_as_one_process(request, world, scenario):
+    """Each rank checks and recomputes its own blocks; the reduced report is the single-process one, and the
+    owned inverses are within the stated bound of float64 (the ill-conditioned blocks at float64 accuracy)."""
+    runs = _results(request, world, scenario)
+    first = runs[0]
+    for res in runs[1:]:
+        assert res["kappa"] == first["kappa"] and res["refined"] == first["refined"]
+    assert first["refined"] == first["ref_refined"] and bool(first["refined"]) == (scenario == "cond_ill")
+    assert set(first["kappa"]) == set(first["ref_kappa"])
+    for name, kappa in first["ref_kappa"].items():
+        assert first["kappa"][name] == pytest.approx(kappa, rel=1e-5), name
+    eps32 = torch.finfo(torch.float32).eps
+    for name, grads in first["ref_grads"].items():
+        g = grads.double()
+        gram = g.transpose(1, 2) @ g / g.shape[1]
+        kappa = torch.linalg.eigvalsh(gram)[:, -1] / first["damp"]
+        ref = torch.linalg.inv(gram + first["damp"] * torch.eye(gram.shape[-1], dtype=torch.float64))
+        got = torch.cat([res["inverses"][name] for res in runs]).double()   # the ranks' ranges, in rank order
+        assert [res["range"][name] for res in runs][-1][1] == ref.shape[0]
+        err = torch.linalg.matrix_norm(got - ref, ord=2) / torch.linalg.matrix_norm(ref, ord=2)
+        assert bool((err <= wk.error_bound(kappa)).all()), name
+        beyond = eps32 * kappa > 1.1e-3
+        assert bool(beyond.any()) == (scenario == "cond_ill")
+        assert not bool(beyond.any()) or float(err[beyond].max()) < 1e-5, name
 
 
 def test_woodtaylor_matches_single_process(request):

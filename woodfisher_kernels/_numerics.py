@@ -76,12 +76,14 @@ def gram_lmax(grads: torch.Tensor, iters: int = 20) -> torch.Tensor:
 
     The smaller Gram matrix (G G^T when m <= c, else G^T G; k = min(m, c)) is formed once (one
     batched product, 2 B k^2 max(m, c) flops), then ``iters`` power steps run on it (2 B k^2 each),
-    tile by tile on the CPU: a step reads k^2 entries per block instead of 2 m c.
+    tile by tile on the CPU: a step reads k^2 entries per block instead of 2 m c. Every block
+    starts from the same fixed pseudo-random vector, so a block's estimate does not depend on
+    which other blocks are in the call (a subset, a chunk or a rank's shard gives the same value).
     """
     num_blocks, m, c = grads.shape
     k = min(m, c)
     gen = torch.Generator(device=grads.device).manual_seed(0)
-    start = torch.randn(num_blocks, k, generator=gen, device=grads.device, dtype=grads.dtype)
+    start = torch.randn(k, generator=gen, device=grads.device, dtype=grads.dtype).expand(num_blocks, k)
     tile = num_blocks
     if grads.device.type == "cpu":
         tile = max(1, POWER_TILE_BYTES // max(1, k * k * grads.element_size()))
@@ -98,7 +100,7 @@ def condition_estimate(grads: torch.Tensor, damp: float, num_samples: Optional[f
                        iters: int = 20, upper: bool = False) -> torch.Tensor:
     """Estimate ``kappa = lambda_max(G^T G / N) / damp`` of every block (cond(F) = 1 + kappa).
 
-    Power iteration (``iters`` steps from a fixed pseudo-random start, on G G^T when
+    Power iteration (``iters`` steps from a fixed pseudo-random start, the same for every block, on G G^T when
     m <= c, else G^T G, formed once: ~2 k^2 (max(m, c) + iters) flops per block, k = min(m, c))
     returns a Rayleigh quotient,
     a lower bound that converges to lambda_max. ``upper=True`` returns the cheap upper

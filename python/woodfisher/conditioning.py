@@ -23,6 +23,16 @@ naming the layers, their kappa and the damp. The low-rank form (m < c) is not wa
 about: its rounding only touches the directions the damp dominates, and it stays near
 eps32 even at kappa 1e8 (``benchmarks/results/PRECISION.md``).
 
+Every blockwise path runs the same step (:func:`refine_dense`): in memory (:func:`layer_inverse`),
+offloaded (:mod:`woodfisher.offload`: bounds taken chunk by chunk on the device, flagged blocks
+recomputed from the host gradients), sharded (:mod:`woodfisher.distributed.estimate`: each rank its
+own blocks, the layer's largest bound found across ranks, the report reduced so every rank holds the
+single-process values) and streamed (:mod:`woodfisher.streaming`: the bound summed over the stream,
+the flagged blocks' gradients read again in a second pass, or float64 Gram blocks with
+``damp="auto"``). A block's estimate does not depend on the other blocks in the call
+(:func:`woodfisher_kernels.condition_estimate` starts every block from the same vector), so the
+paths report the same values on the same gradients.
+
 A block that fails outright (NaN / Inf, or a diagonal entry <= 0, even after the kernels'
 float64 recompute) is a ValueError naming the layer, the damp and the measured kappa, and
 suggesting ``damp="auto"``.
@@ -30,7 +40,7 @@ suggesting ``damp="auto"``.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -38,7 +48,8 @@ import woodfisher_kernels as wk
 
 from .damping import AUTO_ALPHA
 
-__all__ = ["EPS32", "REFINE_BYTES", "WARN_LEVEL", "ill_conditioned", "layer_inverse", "warn_ill_conditioned"]
+__all__ = ["EPS32", "REFINE_BYTES", "WARN_LEVEL", "block_kappa", "ill_conditioned", "layer_inverse", "refine_dense",
+           "uncertified", "warn_ill_conditioned"]
 
 EPS32 = torch.finfo(torch.float32).eps  # 2^-23, as in woodfisher_kernels.error_bound
 #: warn when ``EPS32 * kappa`` exceeds this (fewer than 3 correct digits left).
@@ -54,7 +65,7 @@ def layer_inverse(name: str, grads: torch.Tensor, damp: float, count: int, form:
     """(inverse of the layer's blocks, largest kappa of its blocks left in float32, blocks recomputed in float64).
 
     Dense float32 blocks with ``eps32 * kappa > WARN_LEVEL`` are recomputed in float64 from
-    ``grads`` and stored rounded to float32 (see the module doc); a block the float64
+    ``grads`` and stored rounded to float32 (:func:`refine_dense`); a block the float64
     recompute refuses keeps its float32 result and its kappa is reported. The kappa is None
     for float64 gradients, the low-rank form (never warned about) and when every block was recomputed.
 
@@ -70,43 +81,100 @@ def layer_inverse(name: str, grads: torch.Tensor, damp: float, count: int, form:
         raise ValueError(f"layer {name!r}, damp={damp:.3g}: {err}") from err
     if grads.dtype != torch.float32 or not grads.numel() or isinstance(inv, wk.LowRankInverse):
         return inv, None, 0  # only dense float32 blocks are checked: no power iteration for the others
-    kappa = _kappa(grads, damp, count)
+    return (inv, *refine_dense(grads, inv, damp, count))
+
+
+def refine_dense(grads: torch.Tensor, inv: torch.Tensor, damp: float, count: int, *,
+                 upper: Optional[torch.Tensor] = None, largest: Union[str, int, None] = "local",
+                 device: Optional[torch.device] = None) -> Tuple[Optional[float], int]:
+    """Estimate the kappa of dense float32 blocks and recompute, in place, those beyond :data:`WARN_LEVEL`.
+
+    The one conditioning step of every blockwise path (in memory, offloaded, sharded, streamed
+    with a second pass): :func:`block_kappa`, then the flagged blocks of ``inv`` are replaced by
+    :func:`woodfisher_kernels.fisher_inverse` of their float64 gradients (chunks of
+    :data:`REFINE_BYTES`), rounded to float32; a block float64 refuses too (kappa >~ 5e14) keeps
+    its float32 inverse.
+
+    Args:
+        grads: (B, m, c) float32 gradients ``inv`` was built from (may live in host memory).
+        inv: (B, c, c) their dense inverses, written in place (may live in host memory).
+        damp, count: lambda and N of ``F = damp I + G^T G / N``.
+        upper, largest, device: as :func:`block_kappa`.
+    Returns:
+        (largest kappa among the blocks left in float32 -- 0 for blocks the bound certified --, or
+        None when every block was recomputed; number of blocks recomputed).
+    """
+    kappa = block_kappa(grads, damp, count, upper=upper, largest=largest, device=device)
     flagged = (EPS32 * kappa > WARN_LEVEL).nonzero().squeeze(1)
     refined = torch.zeros_like(kappa, dtype=torch.bool)
-    m, c = grads.shape[1], grads.shape[2]
-    step = max(1, REFINE_BYTES // (8 * (m * c + c * c)))
+    dev = grads.device if device is None else device
+    step = _chunk_blocks(grads)
     for start in range(0, flagged.numel(), step):
-        idx = flagged[start:start + step].to(grads.device)
+        idx = flagged[start:start + step]
         try:
-            exact = wk.fisher_inverse(grads[idx].double(), damp, count, backend="torch")
+            exact = wk.fisher_inverse(grads[idx.to(grads.device)].to(dev).double(), damp, count, backend="torch")
         except ValueError:  # beyond float64 too (kappa >~ 5e14): keep the float32 blocks, warned about
             continue
-        inv[idx] = exact.to(inv.dtype)
-        refined[idx.to(refined.device)] = True
+        inv[idx.to(inv.device)] = exact.to(inv.device, inv.dtype)
+        refined[idx] = True
     left = kappa[~refined]
-    return inv, float(left.max()) if left.numel() else None, int(refined.sum())
+    return float(left.max()) if left.numel() else None, int(refined.sum())
 
 
-def _kappa(grads: torch.Tensor, damp: float, count: int) -> torch.Tensor:
-    """(B,) float64 kappa estimates (:func:`woodfisher_kernels.condition_estimate`) where they matter.
+def _chunk_blocks(grads: torch.Tensor) -> int:
+    """Blocks per float64 chunk of :data:`REFINE_BYTES` (gradients + inverses)."""
+    m, c = grads.shape[1], grads.shape[2]
+    return max(1, REFINE_BYTES // (8 * (m * c + c * c)))
+
+
+def block_kappa(grads: torch.Tensor, damp: float, count: int, *, upper: Optional[torch.Tensor] = None,
+                largest: Union[str, int, None] = "local", device: Optional[torch.device] = None) -> torch.Tensor:
+    """(B,) float64 CPU kappa estimates (:func:`woodfisher_kernels.condition_estimate`) where they matter.
 
     The Frobenius bound ``||G||_F^2 / (N damp)`` >= kappa (one read of the gradients) certifies
     most blocks below :data:`WARN_LEVEL`; the power iteration (1-3x the cost of the float32 build)
     runs only on the others and on the block with the largest bound, so that the layer's reported
-    kappa is an estimate. The certified blocks get 0 (below the level, never reported).
+    kappa is an estimate. The certified blocks get 0 (below the level, never reported). A
+    block's estimate does not depend on the other blocks (one start vector for all), so chunks,
+    subsets and shards of a layer give the values the whole layer gives.
+
+    Args:
+        grads: (B, m, c) gradient blocks (any device; host memory for the offload path).
+        damp, count: lambda and N.
+        upper: (B,) bounds already computed (chunk by chunk, or summed over a stream); None: computed here.
+        largest: the block estimated even when certified: "local" (the largest bound of ``grads``), a
+            block index (a shard holding the largest bound of the whole layer), or None.
+        device: where the power iteration runs (default: ``grads.device``), in chunks of
+            :data:`REFINE_BYTES`.
     """
-    upper = wk.condition_estimate(grads, damp, count, upper=True).cpu()
-    check = EPS32 * upper > WARN_LEVEL
-    check[int(upper.argmax())] = True
-    idx = check.nonzero().squeeze(1)
+    if upper is None:
+        upper = wk.condition_estimate(grads, damp, count, upper=True)
+    upper = upper.cpu()
+    idx = uncertified(upper, largest)
     kappa = torch.zeros_like(upper)
-    kappa[idx] = wk.condition_estimate(grads[idx.to(grads.device)], damp, count).cpu()
+    dev = grads.device if device is None else device
+    step = _chunk_blocks(grads)
+    for start in range(0, idx.numel(), step):
+        part = idx[start:start + step]
+        kappa[part] = wk.condition_estimate(grads[part.to(grads.device)].to(dev), damp, count).cpu()
     return kappa
+
+
+def uncertified(upper: torch.Tensor, largest: Union[str, int, None] = "local") -> torch.Tensor:
+    """Indices of the blocks whose kappa is estimated: bound ``upper`` (B,) beyond :data:`WARN_LEVEL`, and
+    ``largest`` (as :func:`block_kappa`)."""
+    check = EPS32 * upper > WARN_LEVEL
+    if largest == "local":
+        largest = int(upper.argmax()) if upper.numel() else None
+    if largest is not None:
+        check[largest] = True
+    return check.nonzero().squeeze(1)
 
 
 def ill_conditioned(kappa: Dict[str, float], forms: Dict[str, Optional[str]]) -> Dict[str, float]:
     """{name: kappa} of the dense (float32) inverses beyond :data:`WARN_LEVEL`."""
-    return {n: k for n, k in kappa.items() if forms.get(n) in ("sequential", "stream") and EPS32 * k > WARN_LEVEL}
+    return {n: k for n, k in kappa.items()
+            if forms.get(n) in ("sequential", "stream", "offload-sequential") and EPS32 * k > WARN_LEVEL}
 
 
 def warn_ill_conditioned(kappa: Dict[str, float], forms: Dict[str, Optional[str]], damp, auto: bool = False,
@@ -131,8 +199,15 @@ def warn_ill_conditioned(kappa: Dict[str, float], forms: Dict[str, Optional[str]
                   f"{needed:.2g} to bring them under the level")
     else:
         advice = f"pass damp='auto' (relative to the Fisher's scale) or damp >= {needed:.2g}"
-    warnings.warn(f"Fisher blocks too ill-conditioned for float32 at damp={damp:.3g}: {listed}; even a float64 "
-                  f"recompute refused them, so their dense float32 inverses were kept and may be off by up to "
+    streamed = [n for n, _ in worst if forms.get(n) == "stream"]
+    why = "even a float64 recompute refused them"
+    if streamed:  # conditioning.stream_conditioning could not read their gradients again
+        why += (f" or (streamed: {', '.join(map(repr, streamed[:8]))}) their gradients were not kept and the loader "
+                "did not give the same ones again (single pass, another order, or no memory for them), so their kappa "
+                "is the upper bound ||G||_F^2 / (N damp); a loader that can be read again in the same order gets "
+                "them recomputed")
+    warnings.warn(f"Fisher blocks too ill-conditioned for float32 at damp={damp:.3g}: {listed}; {why}, "
+                  f"so their dense float32 inverses were kept and may be off by up to "
                   f"{min(bound, 1.0):.1g} (relative; "
                   f"bound 8 eps32 (1 + kappa), eps32 kappa > {WARN_LEVEL:g}); {advice}",
                   UserWarning, stacklevel=stacklevel + 1)

@@ -9,7 +9,7 @@ of :mod:`woodfisher_kernels`:
   factors, paper Eq. 2 / Woodbury), or, when ``memory_budget`` cannot hold the gradients,
   "stream": gradients fed k at a time into dense inverses with ``woodbury_update_`` (with
   ``damp="auto"`` the streamed gradients are summed into ``G^T G`` blocks instead, and the
-  blocks inverted once lambda is known);
+  blocks inverted once lambda is known; :mod:`woodfisher.streaming`);
 - ``"diagonal"``: ``1 / (damp + mean g^2)`` per weight (blocks of size 1);
 - ``"kfac"``: Kronecker factors (:mod:`woodfisher.kfac`).
 
@@ -44,6 +44,7 @@ from .kfac import kfac_factors, kfac_inverse
 from .offload import estimate_offloaded, offload_fits
 from .progress import display, phase
 from .state import derived_weights_kept
+from .streaming import estimate_streamed
 from .targets import Layout, PruneTarget, resolve_targets, unwrap_model
 
 __all__ = ["Curvature", "estimate_curvature", "plan_memory", "resolve_config", "stat_itemsize"]
@@ -69,11 +70,15 @@ class Curvature:
             None when streamed.
         timings: seconds spent on gradients and inverses.
         kappa: {weight name: largest ``kappa = lambda_max(G^T G / N) / damp`` of its blocks left in
-            float32} for kept float32 gradients inverted in the dense form (:mod:`woodfisher.conditioning`;
+            float32} for float32 gradients inverted in a dense form -- in memory, offloaded, sharded (the
+            same on every rank) or streamed (:mod:`woodfisher.conditioning`, :mod:`woodfisher.streaming`):
             a power-iteration estimate, exact to ~10% beyond ``eps32 * kappa > 1e-3``; below that level only
-            the block of the largest Frobenius bound is estimated).
-        refined: {weight name: blocks whose dense inverse was recomputed in float64 because
-            ``eps32 * kappa > 1e-3``} (layers with none are absent).
+            the block of the largest Frobenius bound is estimated (0: every other block was certified by
+            the bound). Streamed with a fixed damp, a layer the bound certifies (or whose gradients could not
+            be read again) records the bound ``(1 + 1e-3) ||G||_F^2 / (N damp)`` itself; streamed with
+            ``damp="auto"``, the value is exact (``eigvalsh`` of the kept Gram block).
+        refined: {weight name: blocks whose dense inverse was recomputed (or, streamed with
+            ``damp="auto"``, built) in float64 because ``eps32 * kappa > 1e-3``} (layers with none are absent).
         shard: None, or (estimated across the ranks of a process group) the blocks this rank
             holds: ``inverses`` and ``loss_grad`` then cover only those blocks
             (:mod:`woodfisher.distributed`).
@@ -283,7 +288,7 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
     elif plan == "offload":  # gradients and inverses in host memory (woodfisher.offload)
         estimate_offloaded(collector, targets, config, curv, max(1, min(m, groups)))
     else:
-        _stream(collector, targets, config, curv, k)
+        estimate_streamed(collector, targets, config, curv, k)
     if config.woodtaylor:
         curv.loss_grad = {target.name: target.blocks(collector.loss_grad[target.name]) for target in targets}
     return curv
@@ -300,45 +305,6 @@ def _diagonal(collector, targets, config, curv) -> None:
                      for target in targets}
     curv.forms = {target.name: "diagonal" for target in targets}
     curv.timings["gradients"] += time.perf_counter() - t0
-
-
-def _stream(collector, targets, config, curv, k) -> None:
-    """Gradients k at a time: Woodbury updates of dense inverses, or Gram blocks when damp is "auto"."""
-    t0 = time.perf_counter()
-    m, auto = config.num_grads, config.damp == "auto"
-    dtype = collector.dtype
-    curv.stats = FisherStats(numel=sum(target.numel for target in targets))
-    if not auto:
-        curv.damp = resolve_damp(config.damp, curv.stats)
-    acc = {}
-    for target in targets:  # Gram blocks in float64: their rounding would be amplified by cond(F) when inverted
-        eye = torch.eye(target.block_size, dtype=torch.float64 if auto else dtype, device=target.param.device)
-        acc[target.name] = (
-            (torch.zeros_like(eye) if auto else eye.div(curv.damp)).expand(target.num_blocks, -1, -1).contiguous()
-        )
-    for chunk in collector.chunks(k):
-        for target in targets:
-            blocks = target.grad_blocks(chunk[target.name])
-            if auto:  # G^T G of the chunk, summed
-                blocks = blocks.double()
-                acc[target.name].baddbmm_(blocks.transpose(1, 2), blocks)
-            else:
-                try:
-                    wk.woodbury_update_(acc[target.name], blocks, m, backend=config.backend, check_finite=False)
-                except ValueError as err:
-                    raise ValueError(f"layer {target.name!r}, damp={curv.damp:.3g}: {err}") from err
-    curv.stats.sum_sq, curv.stats.count = collector.sum_sq, collector.count
-    if auto:
-        curv.damp = resolve_damp("auto", curv.stats)
-        with phase("inverses"):
-            for target in targets:
-                gram = acc.pop(target.name).div_(m)
-                gram.diagonal(dim1=1, dim2=2).add_(curv.damp)
-                acc[target.name] = torch.cholesky_inverse(torch.linalg.cholesky(gram)).to(dtype)
-    curv.inverses = acc
-    curv.forms = {target.name: "stream" for target in targets}
-    elapsed = time.perf_counter() - t0
-    curv.timings["inverse"] += elapsed
 
 
 def _kfac(model, loader, targets, config, curv) -> Curvature:

@@ -28,6 +28,7 @@ import torch
 
 import woodfisher_kernels as wk
 
+from .conditioning import refine_dense
 from .damping import FisherStats, resolve_damp
 from .memory import host_allocations
 
@@ -171,7 +172,15 @@ def _host_empty(shape, dtype, pinned: bool) -> torch.Tensor:
 
 
 def estimate_offloaded(collector, targets, config, curv, batch_groups: int) -> None:
-    """Fill ``curv``: gradients into host memory, dense inverses built chunk by chunk into host memory."""
+    """Fill ``curv``: gradients into host memory, dense inverses built chunk by chunk into host memory.
+
+    Conditioning as in memory (:func:`woodfisher.conditioning.refine_dense`): the Frobenius bound
+    of every block is taken while its chunk is on the device; the blocks it does not certify
+    are estimated, and those with ``eps32 * kappa > 1e-3`` recomputed in float64, from the
+    host gradients moved through the device (chunks of ``REFINE_BYTES``); ``curv.kappa`` and
+    ``curv.refined`` hold the same values as the in-memory path on the same gradients.
+    Low-rank layers (rebuilt on use) are not checked, as in memory.
+    """
     if config.pattern is not None:
         raise ValueError(f"pattern={config.pattern!r} needs the inverses on the device; raise memory_budget")
     t0 = time.perf_counter()
@@ -203,10 +212,22 @@ def estimate_offloaded(collector, targets, config, curv, batch_groups: int) -> N
         inv = None
         if spec["form"] == "sequential":
             inv = _host_empty((target.num_blocks, target.block_size, target.block_size), dtype, plan.pinned)
+            check = dtype == torch.float32 and target.num_blocks > 0
+            upper = []  # Frobenius bounds of kappa, taken while each chunk is on the device
             for start in range(0, target.num_blocks, spec["chunk"]):
                 g = host_grads[start:start + spec["chunk"]].to(device, non_blocking=True)
                 inv[start:start + g.shape[0]].copy_(wk.fisher_inverse(g, curv.damp, count, backend=config.backend,
                                                                       check_finite=False), non_blocking=True)
+                if check:
+                    upper.append(wk.condition_estimate(g, curv.damp, count, upper=True))
+            if check:  # as in memory: flagged blocks recomputed in float64 from the host gradients
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # the chunks' copies into ``inv`` are done
+                kappa, fixed = refine_dense(host_grads, inv, curv.damp, count, upper=torch.cat(upper), device=device)
+                if kappa is not None:
+                    curv.kappa[target.name] = kappa
+                if fixed:
+                    curv.refined[target.name] = fixed
             host_grads = None
         curv.inverses[target.name] = OffloadedInverse(spec["form"], inv, host_grads, curv.damp, count, spec["chunk"],
                                                  device, target.num_blocks, target.block_size, plan)

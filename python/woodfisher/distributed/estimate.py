@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 import woodfisher_kernels as wk
 
+from ..conditioning import refine_dense
 from ..damping import FisherStats, resolve_damp
 from ..gradients import GradientCollector, compute_dtype
 from .collect import route_gradients
@@ -124,11 +125,52 @@ def estimate_sharded(model, loader, targets, config, curv, group):
         curv.inverses = {target.name: _inverse(owned[target.name], forms[target.name], curv.damp, count, config.backend)
                          for target in targets}
     curv.forms = {n: ("lowrank" if isinstance(v, wk.LowRankInverse) else forms[n]) for n, v in curv.inverses.items()}
+    _conditioning(owned, curv, forms, count, plan, group)
     if config.woodtaylor:
         curv.loss_grad = _loss_grad(collector, targets, plan, group, count, dtype)
     curv.shard = Shard(plan, group)
     curv.timings["inverse"] += time.perf_counter() - t0
     return curv
+
+
+def _conditioning(owned, curv, forms, count: int, plan: ShardPlan, group) -> None:
+    """``curv.kappa`` / ``curv.refined`` of the dense float32 layers, the same on every rank (collective).
+
+    Each rank runs :func:`woodfisher.conditioning.refine_dense` on its own blocks (estimates,
+    float64 recompute of the flagged ones); the block of a layer's largest Frobenius bound,
+    which the single process estimates even when certified, is found across ranks (the
+    largest bound, then the first block holding it) and estimated by its owner. The per-layer
+    results are reduced (kappa: max, refined: sum), so every rank holds the single-process
+    values on the same gradients (a block's estimate does not depend on the other blocks).
+    """
+    names = [n for n in plan.names if forms[n] == "sequential" and owned[n].dtype == torch.float32]
+    if not names:
+        return
+    empty = torch.zeros(0, dtype=torch.float64)
+    with local_phase(group):
+        upper = {n: wk.condition_estimate(owned[n], curv.damp, count, upper=True).cpu() if plan.owned(n) else empty
+                 for n in names}
+    top = all_reduce_(torch.tensor([float(upper[n].max()) if upper[n].numel() else -1.0 for n in names],
+                                   dtype=torch.float64), group, dist.ReduceOp.MAX)
+    nowhere = sum(plan.num_blocks.values())
+    first = all_reduce_(torch.tensor([plan.range(n)[0] + int(upper[n].argmax())
+                                      if upper[n].numel() and float(upper[n].max()) == float(t) else nowhere
+                                      for n, t in zip(names, top)], dtype=torch.int64), group, dist.ReduceOp.MIN)
+    kappa = torch.full((len(names),), -1.0, dtype=torch.float64)   # -1: no block of the layer left in float32
+    refined = torch.zeros(len(names), dtype=torch.int64)
+    with local_phase(group):
+        for i, name in enumerate(names):
+            lo, hi = plan.range(name)
+            if lo == hi:
+                continue
+            largest = int(first[i]) - lo if lo <= int(first[i]) < hi else None
+            left, refined[i] = refine_dense(owned[name], curv.inverses[name], curv.damp, count, upper=upper[name],
+                                            largest=largest)
+            kappa[i] = -1.0 if left is None else left
+    all_reduce_(kappa, group, dist.ReduceOp.MAX)
+    all_reduce_(refined, group)
+    curv.kappa = {n: float(k) for n, k in zip(names, kappa) if k >= 0}
+    curv.refined = {n: int(r) for n, r in zip(names, refined) if r}
 
 
 def _loss_grad(collector, targets, plan, group, count, dtype):
