@@ -92,3 +92,16 @@ def test_gradual_pruner_refuses_bad_schedule():
         state = other.state_dict()
         state["schedule"]["final_sparsity"] = 0.6
         other.load_state_dict(state)
+
+
+def test_step_warnings_point_at_the_training_loop():
+    """A collapsing layer at a pruning step is reported at the caller's line (the loop calling step), once."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 5))
+    loader = [(torch.randn(8, 40), torch.randint(0, 5, (8,))) for _ in range(4)]
+    pruner = wf.GradualPruner(model, loader, final_sparsity=0.95, start_step=0, end_step=0, num_grads=16,
+                              damp=1e6, num_steps=1, progress=False)
+    with pytest.warns(UserWarning, match="layer collapse") as record:
+        pruner.step(0)
+    assert {w.filename for w in record} == {__file__}
+    assert len([w for w in record if "layer collapse" in str(w.message)]) == 1

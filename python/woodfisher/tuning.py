@@ -17,6 +17,7 @@ import torch
 from .batches import check_loader, compute_loss, loader_errors, to_batch
 from .curvature import estimate_curvature, resolve_config
 from .damping import check_damp
+from .diagnostics import reissue
 from .engine import prune_with
 from .gradients import prepare_batch
 from .masks import sparsity_of
@@ -113,6 +114,5 @@ def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Seque
                     losses[d] = heldout_loss(trial, heldout, loss_fn, adapter)
             notes[d] = caught
     best = min(losses, key=lambda d: (losses[d], d))
-    for text, category in dict.fromkeys((str(w.message), w.category) for w in notes[best]):
-        warnings.warn(text, category, stacklevel=2)  # the chosen candidate's, once each, at the caller's line
+    reissue(notes[best])  # the chosen candidate's warnings, once each, at the caller's line
     return best, losses
