@@ -85,6 +85,11 @@ def test_model_inputs():
         wf.prune_one_shot(lambda x: x, tiny_data(), sparsity=0.5)
     refused(nn.Sequential(), tiny_data(), "no prunable module", sparsity=0.5)
     refused(tiny_mlp().to("meta"), tiny_data(), "model:.*meta device", sparsity=0.5)
+    lazy = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.LazyLinear(3)).double()  # never called: no shape yet
+    for method in ("woodfisher", "global_magnitude"):
+        with pytest.raises(ValueError, match=r"model: \['2\.weight', '2\.bias'\] are uninitialized lazy parameters"):
+            wf.prune_one_shot(lazy, tiny_data(), sparsity=0.5, method=method, **OPTS)
+        assert isinstance(lazy[2].weight, nn.parameter.UninitializedParameter)  # still lazy: nothing ran
     ints = tiny_mlp()
     ints[0].weight = nn.Parameter(torch.ones(5, 6, dtype=torch.int32), requires_grad=False)
     for method in ("woodfisher", "magnitude"):
