@@ -218,6 +218,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                     _apply(targets, curvature, step_config, target, timings)
                 damp, forms = curvature.damp, curvature.forms
                 kappa.update({n: max(k, kappa.get(n, 0.0)) for n, k in curvature.kappa.items()})
+                curvature = None  # this step's gradients and inverses are freed before the next step's are built
         # once per call, with the worst step of each layer
         warn_ill_conditioned(kappa, forms, damp, config.damp == "auto", stacklevel=3)
         timings["total"] = time.perf_counter() - start
