@@ -138,10 +138,10 @@ class GradualPruner:
         except BaseException:
             snapshot.restore()
             raise
-        reissue(caught)  # at the training loop's line, not this one
         self.last_step = step
         self.history.append({"step": step, "target": target, "sparsity": result.sparsity,
                              "damp": result.damp})
+        reissue(caught)  # at the training loop's line, not this one; last, so the step is recorded either way
         return result
 
     def masks(self) -> Dict[str, torch.Tensor]:
