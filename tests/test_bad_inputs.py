@@ -85,6 +85,11 @@ def test_model_inputs():
         wf.prune_one_shot(lambda x: x, tiny_data(), sparsity=0.5)
     refused(nn.Sequential(), tiny_data(), "no prunable module", sparsity=0.5)
     refused(tiny_mlp().to("meta"), tiny_data(), "model:.*meta device", sparsity=0.5)
+    lazy = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.LazyLinear(3)).double()  # never called: no shape yet
+    for method in ("woodfisher", "global_magnitude"):
+        with pytest.raises(ValueError, match=r"model: \['2\.weight', '2\.bias'\] are uninitialized lazy parameters"):
+            wf.prune_one_shot(lazy, tiny_data(), sparsity=0.5, method=method, **OPTS)
+        assert isinstance(lazy[2].weight, nn.parameter.UninitializedParameter)  # still lazy: nothing ran
     ints = tiny_mlp()
     ints[0].weight = nn.Parameter(torch.ones(5, 6, dtype=torch.int32), requires_grad=False)
     for method in ("woodfisher", "magnitude"):
@@ -284,3 +289,19 @@ def test_sparsity_below_the_zeros_already_there_warns_and_prunes_nothing_more():
         res = wf.prune_one_shot(model, tiny_data(), sparsity=0.5, method="magnitude", **OPTS)
     assert res.sparsity == pytest.approx(0.7, abs=1e-3)
     assert_unchanged(before, snapshot(model))
+
+
+def test_prune_with_below_the_zeros_already_there_warns_at_the_callers_line_as_prune_one_shot_does():
+    """One rule for both entry points: the two-phase API warns like prune_one_shot, pointing at the call."""
+    model = tiny_mlp()
+    wf.prune_one_shot(model, tiny_data(), sparsity=0.7, method="magnitude", **OPTS)
+    curvature = wf.estimate_curvature(model, tiny_data(), num_grads=8, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"sparsity=0.5 is below the 0.7 of zeros .* never revives") as record:
+        res = wf.prune_with(model, curvature, 0.5)
+    assert res.sparsity == pytest.approx(0.7, abs=1e-3)
+    assert {w.filename for w in record if "never revives" in str(w.message)} == {__file__}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # values (an OBS step may sign 0)
+    with pytest.warns(UserWarning, match="never revives") as record:
+        wf.prune_one_shot(model, tiny_data(), sparsity=0.5, method="magnitude", **OPTS)
+    assert {w.filename for w in record if "never revives" in str(w.message)} == {__file__}

@@ -121,6 +121,22 @@ def test_demo_small_run(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["sparsities"] == [0.5, 0.9]
 
 
+def test_demo_shows_progress_over_training_and_every_pruning_run(tmp_path, capsys):
+    """The README's first command is not silent: the demo's display covers the training and counts the runs
+    (here in a log with --progress: a line for every phase); --no-progress shows none."""
+    methods = {"Global magnitude": dict(method="global_magnitude")}
+    argv = ["demo", "--out", str(tmp_path), "--sparsities", "50", "90"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("woodfisher.demo.DEMO_METHODS", methods)
+        mp.setattr("woodfisher.demo.DEMO_HIDDEN", (8,))
+        assert main([*argv, "--progress"]) == 0
+        err = capsys.readouterr().err
+        assert "woodfisher demo: training the digits MLP [" in err
+        assert "woodfisher demo: pruning runs: 2/2 run [" in err
+        assert main([*argv, "--no-progress"]) == 0
+        assert "woodfisher demo" not in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not (DATA / "checkpoints").is_dir(), reason=f"real data not found at {DATA}")
 def test_sweep_quick_mode(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")

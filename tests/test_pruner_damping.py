@@ -84,3 +84,17 @@ def test_search_damp_default_grid_is_relative_to_auto():
     auto = wf.prune_one_shot(copy.deepcopy(model), loader, sparsity=0.0, damp="auto", num_grads=12,
                              progress=False).damp
     assert sorted(losses) == pytest.approx([auto * 10.0 ** k for k in range(-3, 2)], rel=1e-12)
+
+
+def test_search_damp_warns_once_for_the_chosen_candidate_at_the_callers_line():
+    """Damps far above the Fisher make every candidate's mask magnitude's: the search says so once, for the
+    damp it returns, pointing at the caller's line (not once per candidate from inside the library)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 5))  # > MIN_WARN_COUNT weights pruned
+    loader = [(torch.randn(8, 40), torch.randint(0, 5, (8,))) for _ in range(4)]
+    with pytest.warns(UserWarning) as record:
+        best, losses = wf.search_damp(model, loader, loader[:1], sparsity=0.5, grid=[1e4, 1e6], num_grads=16,
+                                      num_steps=1, progress=False)
+    overlap = [w for w in record if "the same weights as magnitude pruning" in str(w.message)]
+    assert len(overlap) == 1 and f"damp={best}" in str(overlap[0].message)
+    assert {w.filename for w in record} == {__file__}

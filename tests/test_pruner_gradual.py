@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -92,3 +93,32 @@ def test_gradual_pruner_refuses_bad_schedule():
         state = other.state_dict()
         state["schedule"]["final_sparsity"] = 0.6
         other.load_state_dict(state)
+
+
+def _collapsing_pruner():
+    """One pruning step at 95% with a damp that makes the mask magnitude's: the output layer collapses (warned)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 5))
+    loader = [(torch.randn(8, 40), torch.randint(0, 5, (8,))) for _ in range(4)]
+    return wf.GradualPruner(model, loader, final_sparsity=0.95, start_step=0, end_step=0, num_grads=16,
+                            damp=1e6, num_steps=1, progress=False)
+
+
+def test_step_warnings_point_at_the_training_loop():
+    """A collapsing layer at a pruning step is reported at the caller's line (the loop calling step), once."""
+    pruner = _collapsing_pruner()
+    with pytest.warns(UserWarning, match="layer collapse") as record:
+        pruner.step(0)
+    assert {w.filename for w in record} == {__file__}
+    assert len([w for w in record if "layer collapse" in str(w.message)]) == 1
+
+
+def test_step_recorded_before_its_warnings_so_warnings_as_errors_leave_a_consistent_pruner():
+    pruner = _collapsing_pruner()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning):
+            pruner.step(0)
+    assert pruner.last_step == 0 and len(pruner.history) == 1
+    assert wf.sparsity_of(pruner.masks()) == pytest.approx(pruner.history[0]["sparsity"])
+    assert pruner.step(0) is None  # done: not pruned twice

@@ -28,6 +28,8 @@ BAD = [
     (dict(pattern="4:2"), "pattern"),
     (dict(pattern="two-four"), "pattern"),
     (dict(pattern="1:2", sparsity=0.7), "fixes the sparsity"),
+    # a block size that an N:M run would cross is the block size's fault, not the layers'
+    (dict(pattern="2:4", block_size=6), r"block_size=6 must be a multiple of M=4 for pattern '2:4'"),
     (dict(modules=["fc9"]), "fc9"),
     (dict(modules=["1"]), "ReLU"),
     (dict(method="kfac", woodtaylor=True), "woodtaylor"),

@@ -9,8 +9,11 @@ written by ``torch.save``) is reported as such, never as an unsafe pickle.
 The state dict found in the file is normalised before a strict load:
 
 - it is taken from ``state_dict`` / ``model_state_dict`` / ``model`` if the file holds
-  a training checkpoint dict, else the file itself must be a {name: tensor} dict;
-- a ``module.`` prefix common to all keys (DataParallel) is stripped;
+  a training checkpoint dict, else the file itself must be a {name: tensor} dict; a whole
+  pickled module (``torch.save(model)``, loadable only with ``trust_pickle=True``) gives
+  its ``state_dict()``;
+- wrapper prefixes common to all keys are stripped, outermost first: ``module.``
+  (DataParallel / DistributedDataParallel) and ``_orig_mod.`` (``torch.compile``);
 - masked-layer wrappers ``X._layer.<p>`` become ``X.<p>`` and a mask ``X._weight_mask``
   is multiplied into ``X.weight`` (an all-ones mask changes nothing).
 """
@@ -29,6 +32,8 @@ from torch import nn
 __all__ = ["load_checkpoint", "read_state_dict", "normalise_state_dict", "save_state_dict"]
 
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")
+#: prefixes a wrapper puts before every key of the model it wraps (DataParallel / DDP, torch.compile)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MASK_SUFFIX = "._weight_mask"
 _WRAPPER = "._layer."
 
@@ -100,10 +105,10 @@ def _corrupt(path: str, err: BaseException) -> ValueError:
 
 
 def normalise_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Strip ``module.``, unwrap ``X._layer.p`` -> ``X.p`` and fold ``X._weight_mask`` into ``X.weight``."""
-    keys = list(state)
-    if keys and all(k.startswith("module.") for k in keys):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    """Strip wrapper prefixes (``module.``, ``_orig_mod.``), unwrap ``X._layer.p`` -> ``X.p`` and fold
+    ``X._weight_mask`` into ``X.weight``."""
+    while state and (prefix := next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)):
+        state = {k[len(prefix):]: v for k, v in state.items()}
     out: Dict[str, torch.Tensor] = {}
     masks: Dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -128,12 +133,14 @@ def read_state_dict(path: Union[str, os.PathLike], trust_pickle: bool = False) -
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, Mapping):
         for key in _CONTAINER_KEYS:
-            if isinstance(obj.get(key), Mapping):
+            if isinstance(obj.get(key), (Mapping, nn.Module)):
                 obj = obj[key]
                 break
+    if isinstance(obj, nn.Module):  # torch.save(model): only reached with trust_pickle=True
+        obj = obj.state_dict()
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"checkpoint {path!r} holds no state dict (expected a {{name: tensor}} dict "
-                         f"or one under {', '.join(_CONTAINER_KEYS)})")
+        raise ValueError(f"checkpoint {path!r} holds no state dict (expected a {{name: tensor}} dict, "
+                         f"one under {', '.join(_CONTAINER_KEYS)}, or a whole nn.Module)")
     return normalise_state_dict(obj)
 
 

@@ -41,6 +41,7 @@ from .distributed.group import active_group
 from .flops import flops_per_param_of_batch
 from .gradients import CHUNK_BYTES, GradientCollector, compute_dtype
 from .kfac import kfac_factors, kfac_inverse
+from .memory import available_bytes
 from .offload import estimate_offloaded, offload_fits
 from .progress import display, phase
 from .state import derived_weights_kept
@@ -151,7 +152,9 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
     streaming costs the dense ``B c^2`` inverses (float64 Gram blocks with ``auto_damp``)
     plus a buffer of k gradients; offloading (:mod:`woodfisher.offload`: forced by
     ``inverse_form="offload"``, else only for weights on an accelerator) costs one chunk of
-    blocks on the device. Raises ValueError when nothing fits ``memory_budget`` (bytes).
+    blocks on the device. Raises ValueError when nothing fits ``memory_budget`` (bytes), or, with
+    ``memory_budget=None``, when keeping needs more than the device has available
+    (:func:`woodfisher.memory.available_bytes`): refused up front instead of killed by the OS mid-run.
     """
     if inverse_form == "offload":
         if memory_budget is not None and not offload_fits(targets, num_grads, itemsize, memory_budget):
@@ -164,7 +167,18 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
     seq = sum(target.num_blocks * target.block_size ** 2 for target in targets) * itemsize
     stream_seq = seq * (8 // itemsize if auto_damp else 1)
     low = sum(target.num_blocks * (m * target.block_size + m * m) for target in targets) * itemsize
-    if memory_budget is None or grad_bytes + min(seq, low) <= memory_budget:
+    if memory_budget is None:
+        device = targets[0].param.device
+        free = available_bytes(device)
+        if free is not None and grad_bytes + min(seq, low) > free:
+            raise ValueError(f"a step of {m} gradients of {d:,} pruned weights needs at least "
+                             f"{(grad_bytes + min(seq, low)) / 2**30:.2f} GiB (gradients + block inverses), more "
+                             f"than the {free / 2**30:.2f} GiB available on {device}: pass fewer gradients per step "
+                             "(a smaller num_grads, or more num_steps: num_grads is the total over the steps), a "
+                             "smaller block_size, or memory_budget=<bytes> (gradients streamed below this need; "
+                             "at or above it, the check is yours)")
+        return "keep", None
+    if grad_bytes + min(seq, low) <= memory_budget:
         return "keep", None
     if stream_seq + d * itemsize <= memory_budget:
         return "stream", max(1, min(m, (memory_budget - stream_seq) // (d * itemsize)))

@@ -20,6 +20,7 @@ from torch import nn
 
 from .data import evaluate, load_digits, make_loader
 from .models import digits_mlp
+from .progress import display, phase
 from .reports import plot_accuracy_vs_sparsity, plot_layer_sparsity, sparsity_table, write_json
 
 __all__ = ["DEMO_METHODS", "DEMO_SPARSITIES", "train_digits_mlp", "run_demo"]
@@ -80,7 +81,8 @@ DEMO_SPARSITIES = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
 
 def run_demo(out_dir: str = "out/demo", sparsities: Sequence[float] = DEMO_SPARSITIES,
              seed: int = 0, methods: Optional[Dict[str, dict]] = None, epochs: int = 30,
-             num_grads: int = 512, hidden: Sequence[int] = DEMO_HIDDEN, progress: bool = False) -> dict:
+             num_grads: int = 512, hidden: Sequence[int] = DEMO_HIDDEN, progress: bool = False,
+             force_progress: bool = False) -> dict:
     """Run the demo; returns the results dict also written to ``out_dir/results.json``.
 
     Args:
@@ -91,6 +93,9 @@ def run_demo(out_dir: str = "out/demo", sparsities: Sequence[float] = DEMO_SPARS
         epochs: training epochs of the MLP.
         num_grads: Fisher gradients m (one sample each).
         hidden: hidden widths of the MLP.
+        progress: one display over the training and the pruning runs (a live line on a terminal,
+            plain lines in a log; :mod:`woodfisher.progress`); False: none. ``force_progress``:
+            the CLI's ``--progress`` (shown despite ``TQDM_DISABLE``, a line for every phase in a log).
 
     Every op here is tiny: with OMP_NUM_THREADS=1 (what scripts/demo.sh sets) it runs
     faster than with several threads. The thread count is not changed in-process:
@@ -102,15 +107,17 @@ def run_demo(out_dir: str = "out/demo", sparsities: Sequence[float] = DEMO_SPARS
     for s in sparsities:
         if not 0.0 <= s < 1.0:
             raise ValueError(f"sparsities must lie in [0, 1) (fractions), got {s}")
-    return _run(out_dir, list(sparsities), seed, methods, epochs, num_grads, tuple(hidden), progress)
+    with display(progress, "woodfisher demo", force=force_progress):
+        return _run(out_dir, list(sparsities), seed, methods, epochs, num_grads, tuple(hidden), progress)
 
 
 def _run(out_dir, sparsities, seed, methods, epochs, num_grads, hidden, progress) -> dict:
     from .pruner import prune_one_shot
 
     t_start = time.perf_counter()
-    train, test = load_digits("train", seed=seed), load_digits("test", seed=seed)
-    model = train_digits_mlp(train, hidden=hidden, epochs=epochs, seed=seed)
+    with phase("training the digits MLP"):
+        train, test = load_digits("train", seed=seed), load_digits("test", seed=seed)
+        model = train_digits_mlp(train, hidden=hidden, epochs=epochs, seed=seed)
     t_train = time.perf_counter() - t_start
     dense = evaluate(model, test)
     arch = "-".join(str(h) for h in (64, *hidden, 10))
@@ -120,20 +127,23 @@ def _run(out_dir, sparsities, seed, methods, epochs, num_grads, hidden, progress
     damps: Dict[str, List[Optional[float]]] = {}
     overlaps: Dict[str, List[Optional[float]]] = {}
     tables: Dict[str, list] = {}
-    for label, kwargs in methods.items():
-        accs, damps[label], overlaps[label] = [], [], []
-        for s in sparsities:
-            pruned = copy.deepcopy(model)
-            loader = make_loader(train, 256, shuffle=True, seed=seed)  # same data order for every run
-            with warnings.catch_warnings():  # the overlap is printed below instead
-                warnings.filterwarnings("ignore", ".*the same weights as magnitude pruning", UserWarning)
-                res = prune_one_shot(pruned, loader, sparsity=s, num_grads=m, seed=seed, progress=progress, **kwargs)
-            accs.append(evaluate(pruned, test))
-            damps[label].append(res.damp)
-            overlaps[label].append(res.magnitude_overlap)
-            if s == max(sparsities):
-                tables[label] = sparsity_table(res, model=pruned, input_shape=(64,))
-        results[label] = accs
+    with phase("pruning runs", total=len(methods) * len(sparsities), unit="run") as runs:
+        for label, kwargs in methods.items():
+            accs, damps[label], overlaps[label] = [], [], []
+            for s in sparsities:
+                pruned = copy.deepcopy(model)
+                loader = make_loader(train, 256, shuffle=True, seed=seed)  # same data order for every run
+                with warnings.catch_warnings():  # the overlap is printed below instead
+                    warnings.filterwarnings("ignore", ".*the same weights as magnitude pruning", UserWarning)
+                    res = prune_one_shot(pruned, loader, sparsity=s, num_grads=m, seed=seed, progress=progress,
+                                         **kwargs)
+                accs.append(evaluate(pruned, test))
+                damps[label].append(res.damp)
+                overlaps[label].append(res.magnitude_overlap)
+                if s == max(sparsities):
+                    tables[label] = sparsity_table(res, model=pruned, input_shape=(64,))
+                runs.update(1)
+            results[label] = accs
     print()
     text = _print_table(sparsities, results, dense)
     used = [f"damp used by {label} (per sparsity): " + ", ".join("-" if d is None else f"{d:.3g}" for d in ds)

@@ -17,7 +17,7 @@ import torch
 
 from .masks import select_kept_masks
 
-__all__ = ["magnitude_overlap", "warn_if_degenerate", "DEGENERATE_OVERLAP", "MIN_WARN_COUNT"]
+__all__ = ["magnitude_overlap", "warn_if_degenerate", "reissue", "DEGENERATE_OVERLAP", "MIN_WARN_COUNT"]
 
 #: An overlap at or above this is reported as a mask that degenerated to magnitude pruning.
 DEGENERATE_OVERLAP = 0.99
@@ -78,3 +78,11 @@ def warn_if_degenerate(overlap: Optional[float], count: int, config, stacklevel:
                   f"num_steps={config.num_steps}): the Fisher barely changed the mask (only the weight update is "
                   f"second-order). {why}",
                   UserWarning, stacklevel=stacklevel + 1)
+
+
+def reissue(caught, stacklevel: int = 1) -> None:
+    """Warn again, once each (same text and category, first-seen order), the ``warnings.catch_warnings(record=True)``
+    list ``caught``, pointing ``stacklevel`` frames above the function that calls this (1: that function's
+    caller), so that a public entry point built on other public calls reports at its own caller's line."""
+    for text, category in dict.fromkeys((str(w.message), w.category) for w in caught):
+        warnings.warn(text, category, stacklevel=stacklevel + 2)

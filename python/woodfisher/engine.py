@@ -127,6 +127,15 @@ def _check_fixed(curvature: Curvature, config: PruneConfig) -> None:
                          f"{name}={fixed!r}; {how}")
 
 
+def _warn_below(config: PruneConfig, start_sparsity: float) -> None:
+    """Warn when the target sparsity is below the zeros the pruned weights already hold (never revived).
+    stacklevel 4: the user's call of prune_one_shot / prune_with (through their thin entry point)."""
+    if config.final_sparsity < start_sparsity - 1e-6:
+        warnings.warn(f"sparsity={config.final_sparsity:g} is below the {start_sparsity:.4g} of zeros the pruned "
+                      "weights already hold: pruning never revives weights, so the result keeps that sparsity "
+                      f"(pass sparsity >= {start_sparsity:.4g} to prune further)", UserWarning, stacklevel=4)
+
+
 def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> PruneResult:
     config = curvature.config.replace(sparsity=sparsity, **options)
     _check_fixed(curvature, config)
@@ -138,6 +147,7 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
     timings = dict(curvature.timings, select=0.0, update=0.0)
     start = time.perf_counter()
     before = _start(targets)
+    _warn_below(config, sparsity_of(before[1]))
     snapshot = Snapshot(targets, model)
     try:
         with display(config.progress):
@@ -193,10 +203,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
         # refuse an impossible memory budget up front (a sharded run checks its own shard)
         plan_memory(targets, configs[0].num_grads, stat_itemsize(targets), config.memory_budget,
                     config.damp == "auto", config.inverse_form)
-    if config.final_sparsity < start_sparsity - 1e-6:
-        warnings.warn(f"sparsity={config.final_sparsity:g} is below the {start_sparsity:.4g} of zeros the pruned "
-                      "weights already hold: pruning never revives weights, so the result keeps that sparsity "
-                      f"(pass sparsity >= {start_sparsity:.4g} to prune further)", UserWarning, stacklevel=3)
+    _warn_below(config, start_sparsity)
     timings = _timings()
     snapshot = Snapshot(targets, model)
     damp, forms, kappa = None, {}, {}
@@ -211,6 +218,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                     _apply(targets, curvature, step_config, target, timings)
                 damp, forms = curvature.damp, curvature.forms
                 kappa.update({n: max(k, kappa.get(n, 0.0)) for n, k in curvature.kappa.items()})
+                curvature = None  # this step's gradients and inverses are freed before the next step's are built
         # once per call, with the worst step of each layer
         warn_ill_conditioned(kappa, forms, damp, config.damp == "auto", stacklevel=3)
         timings["total"] = time.perf_counter() - start

@@ -22,6 +22,7 @@ masks and reparametrisations if anything fails later.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 
 from .checks import check_prunable
 from .config import PruneConfig, check_int
+from .diagnostics import reissue
 from .finetune import attach_masks, make_permanent
 from .masks import check_sparsity
 from .pruner import PruneResult, prune_one_shot
@@ -127,8 +129,10 @@ class GradualPruner:
             return None
         target = self.target_sparsity(step)
         snapshot = Snapshot(resolve_targets(self.model, self.config.modules), self.model)
-        result = prune_one_shot(self.model, loader if loader is not None else self.loader,
-                                self.config.replace(sparsity=target))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = prune_one_shot(self.model, loader if loader is not None else self.loader,
+                                    self.config.replace(sparsity=target))
         try:
             apply_masks(self.model, result.masks)  # undoes its own partial work when it fails
         except BaseException:
@@ -137,6 +141,7 @@ class GradualPruner:
         self.last_step = step
         self.history.append({"step": step, "target": target, "sparsity": result.sparsity,
                              "damp": result.damp})
+        reissue(caught)  # at the training loop's line, not this one; last, so the step is recorded either way
         return result
 
     def masks(self) -> Dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Measuring tensor memory: a CPU stand-in for ``torch.cuda.max_memory_allocated``.
+"""Measuring tensor memory: a CPU stand-in for ``torch.cuda.max_memory_allocated``; the memory a device has free.
 
 :class:`TensorMemoryMeter` is a ``TorchDispatchMode`` that sees every tensor an op returns
 while it is active, counts the bytes of each new storage until the last tensor that
@@ -10,17 +10,42 @@ the accelerator. On CUDA, ``torch.cuda.max_memory_allocated`` is the authoritati
 """
 from __future__ import annotations
 
+import os
 import weakref
 from contextlib import contextmanager
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["TensorMemoryMeter", "host_allocations"]
+__all__ = ["TensorMemoryMeter", "host_allocations", "available_bytes"]
 
 _HOST_DEPTH = [0]
+
+
+def available_bytes(device) -> Optional[int]:
+    """Bytes ``device`` can still allocate now, or None where unknown.
+
+    CUDA: the free memory ``torch.cuda.mem_get_info`` reports; CPU: ``MemAvailable`` of ``/proc/meminfo``
+    (Linux: free memory plus reclaimable caches), else the free physical pages ``os.sysconf`` reports.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 @contextmanager

@@ -54,14 +54,17 @@ def check_pattern_layers(parsed: Pattern, layers: List[PruneTarget]) -> None:
     """Refuse layers whose rows / blocks do not fit the pattern (naming the layer)."""
     if parsed[0] == "nm":
         m = parsed[2]
-        unfit = [layer for layer in layers if layer.row_length % m or layer.block_size % m]
+        unfit = [layer for layer in layers if layer.row_length % m]
         if unfit:
             first, fit = unfit[0], len(layers) - len(unfit)
             names = [layer.name for layer in unfit[:6]] + (["..."] if len(unfit) > 6 else [])
             hint = f"; modules= naming the other {fit} weight(s) prunes those" if fit else ""
             raise ValueError(f"pattern '{parsed[1]}:{m}': layer {first.name!r} has rows of {first.row_length} "
-                             f"entries and blocks of {first.block_size}; both must be multiples of {m} "
-                             f"(weights that do not fit: {names}){hint}")
+                             f"entries, not a multiple of {m} (weights that do not fit: {names}){hint}")
+        block = next((layer for layer in layers if layer.block_size % m), None)
+        if block is not None:
+            raise ValueError(f"pattern '{parsed[1]}:{m}': block_size {block.block_size} of layer {block.name!r} "
+                             f"must be a multiple of {m}")
         return
     for layer in layers:
         if layer.block_size % layer.row_length:

@@ -280,10 +280,16 @@ def _within(name: str, parent: str) -> bool:
 
 
 def check_model(model: nn.Module) -> None:
-    """``model`` must be an ``nn.Module`` whose parameters and buffers hold data (none on the meta device)."""
+    """``model`` must be an ``nn.Module`` whose parameters and buffers hold data (none on the meta device, no
+    uninitialized lazy parameter)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    tensors = (*model.named_parameters(), *model.named_buffers())
+    lazy = [n for n, t in tensors if isinstance(t, nn.parameter.UninitializedTensorMixin)]
+    if lazy:
+        raise ValueError(f"model: {lazy[:4]}{'...' if len(lazy) > 4 else ''} are uninitialized lazy parameters "
+                         "(LazyLinear / LazyConv...): run one forward pass on a sample batch first")
+    meta = [n for n, t in tensors if t.is_meta]
     if meta:
         raise ValueError(f"model: {meta[:4]}{'...' if len(meta) > 4 else ''} are on the meta device (no data); "
                          "materialise the model first (e.g. model.to_empty(device=...) and load its weights)")

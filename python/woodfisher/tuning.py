@@ -9,6 +9,7 @@ gradients, non-blockwise methods) prune each copy from scratch with
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from .batches import check_loader, compute_loss, loader_errors, to_batch
 from .curvature import estimate_curvature, resolve_config
 from .damping import check_damp
+from .diagnostics import reissue
 from .engine import prune_with
 from .gradients import prepare_batch
 from .masks import sparsity_of
@@ -74,6 +76,9 @@ def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Seque
             display over the whole search, each phase labelled with its candidate damp.
     Returns:
         (best lambda, {lambda: held-out loss}).
+    Warns:
+        the warnings of the candidate that was chosen (layer collapse, a mask that degenerated to
+        magnitude pruning, ...), once each and at the caller's line; the other candidates' are dropped.
     Raises:
         ValueError: ``damp`` among the options, an empty or bad grid, or any bad option.
     """
@@ -96,9 +101,10 @@ def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Seque
             reuse = reuse and curvature.grads is not None
         if grid is None:
             grid = _check_grid([curvature.damp * 10.0 ** k for k in range(-3, 2)])
-        losses = {}
+        losses, notes = {}, {}
         for i, d in enumerate(grid):
-            with step_label(f"damp {d:.3g} ({i + 1}/{len(grid)})"):
+            with step_label(f"damp {d:.3g} ({i + 1}/{len(grid)})"), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 trial = clone_model(model)
                 if reuse:
                     prune_with(trial, curvature.with_damp(d), sparsity)
@@ -106,5 +112,7 @@ def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Seque
                     prune_one_shot(trial, loader, sparsity=sparsity, damp=d, loss_fn=loss_fn, **options)
                 with phase("held-out loss"):
                     losses[d] = heldout_loss(trial, heldout, loss_fn, adapter)
+            notes[d] = caught
     best = min(losses, key=lambda d: (losses[d], d))
+    reissue(notes[best])  # the chosen candidate's warnings, once each, at the caller's line
     return best, losses

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ..config import MODES
 from ..models import MODEL_SPECS
 from ..pai.criteria import CRITERIA
 from ._common import (
@@ -44,7 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="saliency of a weight at initialization: hutchinson / obd_hutchinson / hutchinson_taylor "
                         "(Hessian diagonal by Hutchinson probes), fisher / fisher_taylor (empirical Fisher diagonal), "
                         "snip, grasp, synflow, magnitude or random (formulas: woodfisher.pai.criteria)")
-    p.add_argument("--mode", default="global", choices=["global", "layerwise"],
+    p.add_argument("--mode", default="global", choices=MODES,
                    help="global = one ranking across layers, layerwise = the same sparsity in every layer")
     p.add_argument("--num-probes", type=int, default=8, help="Hutchinson probes per scoring batch")
     p.add_argument("--score-samples", type=int, default=512,

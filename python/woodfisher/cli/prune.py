@@ -22,7 +22,7 @@ import argparse
 import time
 from typing import Optional
 
-from ..config import AUTO_BLOCK_PER_GRAD
+from ..config import AUTO_BLOCK_PER_GRAD, BACKENDS, FORMS, MODES, SCHEDULES
 from ..methods import METHODS
 from ._common import (
     PROGRESS_HELP,
@@ -54,7 +54,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    (("--sparsity",), dict(type=sparsity_type, help="target fraction of zeros in [0, 1)")))
     p.add_argument("--method", default="woodfisher", choices=list(METHODS),
                    help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()))
-    p.add_argument("--mode", default="global", choices=["global", "layerwise"],
+    p.add_argument("--mode", default="global", choices=MODES,
                    help="global = joint ranking across layers, layerwise = independent")
     p.add_argument("--block-size", type=block_size_type, default="auto",
                    help=f"Fisher block (chunk) size c: a number, 'layer' (whole layers) or 'auto' (default: c = "
@@ -66,7 +66,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="dampening lambda, or 'auto' (default: relative to the Fisher; the paper's is 1e-5)")
     p.add_argument("--num-steps", type=steps_type, default="auto",
                    help="pruning steps with Fisher recomputation, or 'auto' (default: more steps for higher sparsity)")
-    p.add_argument("--step-schedule", default="geometric", choices=["geometric", "linear"],
+    p.add_argument("--step-schedule", default="geometric", choices=SCHEDULES,
                    help="sparsities of the steps: geometric or linear")
     p.add_argument("--obs-update", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the OBS weight update (--no-obs-update: only zero the pruned weights)")
@@ -80,8 +80,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="exact group statistic for patterns (--no-group-exact: the paper's Eq. 18)")
     p.add_argument("--memory-budget", type=int, default=None, help="bytes for gradients + inverses")
     p.add_argument("--sampled-fisher", action="store_true", help="draw targets from the model's predictions")
-    p.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "torch"], help="kernel backend")
-    p.add_argument("--inverse-form", default="auto", choices=["auto", "sequential", "lowrank", "stream", "offload"],
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend")
+    p.add_argument("--inverse-form", default="auto", choices=FORMS,
                    help="force a form of the block inverses")
     p.add_argument("--min-density", type=float, default=0.0, help="minimum fraction kept per layer")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

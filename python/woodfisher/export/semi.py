@@ -79,7 +79,8 @@ def _validated(model: nn.Module, names, dtype) -> List[Tuple[str, nn.Linear]]:
     if names is None:
         layers = [(name, module) for name, module in layers if sparsity(module.weight) > 0]
     if not layers:
-        raise ValueError("names: no nn.Linear layer with exact zeros to convert to 2:4 (pass names=[...])")
+        raise ValueError("names: no nn.Linear layer with exact zeros to convert to 2:4 "
+                         "(pass names=[...]; CLI: --names)")
     tile_rows, tile_cols = min_tile(dtype)
     problems = []
     for name, module in layers:
@@ -95,7 +96,7 @@ def _validated(model: nn.Module, names, dtype) -> List[Tuple[str, nn.Linear]]:
                             f"{tile_rows} x {tile_cols} tile ({_backend().BACKEND} backend, {dtype})")
     if problems:
         raise ValueError("not 2:4 semi-structured: " + "; ".join(problems)
-                         + " (pass names=[...] to convert only the others)")
+                         + " (pass names=[...], CLI: --names, to convert only the others)")
     return layers
 
 

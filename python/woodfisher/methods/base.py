@@ -104,6 +104,10 @@ class PruningMethod:
                              f"(it supports {list(self.patterns) or 'no pattern'})")
         if config.num_steps not in (1, "auto") or config.woodtaylor:
             raise ValueError("pattern needs num_steps=1 (or 'auto') and woodtaylor=False")
+        block = config.block_size
+        if parsed[0] == "nm" and isinstance(block, int) and block % parsed[2]:
+            raise ValueError(f"block_size={block} must be a multiple of M={parsed[2]} for pattern "
+                             f"{config.pattern!r} (a run of M weights never crosses a block), or 'auto' / None")
         fixed = st.pattern_sparsity(parsed)
         if fixed is not None and abs(fixed - config.sparsity) > 1e-9 and config.sparsity != 0:
             raise ValueError(f"pattern {config.pattern!r} fixes the sparsity at {fixed}; "
