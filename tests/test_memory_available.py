@@ -1,4 +1,5 @@
-"""memory_budget=None: a step that cannot fit in the memory the device has available is refused before any
+"""memory_budget=None: the memory the device has available is the budget. A step whose kept gradients do
+not fit streams them (with a warning saying so); one that cannot fit even streamed is refused before any
 gradient is computed (a ValueError naming the options), instead of being killed by the OS mid-run."""
 from __future__ import annotations
 
@@ -31,10 +32,11 @@ class CountingLoader:
             yield torch.randn(8, 64), torch.randint(0, 10, (8,))
 
 
-def _need(model, num_grads):
+def _need(model, num_grads, block_size=None):
     """Bytes of a kept step by an independent count: m gradients of every pruned entry, plus per block the cheaper
     of the dense c x c inverse and the low-rank factors (m x c and m x m)."""
-    targets = resolve_targets(model, None, wf.PruneConfig(sparsity=0.5, num_grads=num_grads).fisher_block_size)
+    block_size = block_size or wf.PruneConfig(sparsity=0.5, num_grads=num_grads).fisher_block_size
+    targets = resolve_targets(model, None, block_size)
     d = sum(t.numel for t in targets)
     dense = sum(t.num_blocks * t.block_size ** 2 for t in targets)
     low = sum(t.num_blocks * (num_grads * t.block_size + num_grads ** 2) for t in targets)
@@ -49,20 +51,45 @@ def test_available_bytes_of_the_cpu_is_positive_and_at_most_the_physical_memory(
     assert available_bytes("meta") is None
 
 
-def test_a_step_larger_than_the_available_memory_is_refused_before_reading_the_loader(monkeypatch):
-    model = _model()
-    need, targets = _need(model, 16)
-    assert plan_memory(targets, 16, stat_itemsize(targets), None) == ("keep", None)  # this host has room
+def _stream_need(targets):
+    """Bytes of a streamed step (fixed damp) by an independent count: the dense c x c inverses and one gradient."""
+    d = sum(t.numel for t in targets)
+    return (sum(t.num_blocks * t.block_size ** 2 for t in targets) + d) * stat_itemsize(targets)
+
+
+# blocks of 8 and 32 gradients: keeping (32 gradients per weight) needs more than streaming (8 + 1 per weight)
+SMALL = dict(sparsity=0.5, num_grads=32, block_size=8, num_steps=1, damp=1e-2, progress=False)
+
+
+def test_a_step_larger_than_the_available_memory_streams_with_a_warning(monkeypatch):
+    model, ref = _model(), _model()
+    need, targets = _need(model, 32, 8)
+    assert plan_memory(targets, 32, stat_itemsize(targets), None) == ("keep", None)  # this host has room
+    assert _stream_need(targets) < need - 1
     monkeypatch.setattr(curvature_module, "available_bytes", lambda device: need - 1)
+    with pytest.warns(UserWarning, match=r"a step of 32 gradients .* more than the .* available on cpu: the "
+                                         r"gradients are streamed instead") as caught:
+        res = wf.prune_one_shot(model, CountingLoader(), **SMALL)
+    assert [w.filename for w in caught] == [__file__]  # once, at the caller's line
+    assert res.sparsity == pytest.approx(0.5, abs=1e-3)
+    monkeypatch.setattr(curvature_module, "available_bytes", lambda device: need)  # exactly enough: kept
+    kept = wf.prune_one_shot(ref, CountingLoader(), **SMALL)
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):  # the same pruning
+        assert torch.equal(a == 0, b == 0), name
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+    assert kept.sparsity == res.sparsity
+
+
+def test_a_step_that_cannot_fit_even_streamed_is_refused_before_reading_the_loader(monkeypatch):
+    model = _model()
+    _, targets = _need(model, 32, 8)
+    monkeypatch.setattr(curvature_module, "available_bytes", lambda device: _stream_need(targets) - 1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loader = CountingLoader()
-    with pytest.raises(ValueError, match=r"a step of 16 gradients .* more than the .* available on cpu: .*num_grads"
-                                         r".*num_steps.*block_size.*memory_budget"):
-        wf.prune_one_shot(model, loader, sparsity=0.5, num_grads=16, num_steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"a step of 32 gradients .* more than the .* available on cpu, and "
+                                         r"streaming needs .*num_grads.*num_steps.*block_size.*memory_budget"):
+        wf.prune_one_shot(model, loader, **SMALL)
     assert loader.items == 0 and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    monkeypatch.setattr(curvature_module, "available_bytes", lambda device: need)  # exactly enough: runs
-    assert wf.prune_one_shot(model, CountingLoader(), sparsity=0.5, num_grads=16, num_steps=1,
-                             progress=False).sparsity == pytest.approx(0.5, abs=1e-3)
 
 
 def test_an_explicit_memory_budget_is_the_callers_choice(monkeypatch):

@@ -139,9 +139,10 @@ class PruneConfig:
         group_exact: exact group statistic (True) or the paper's Eq. 18 relaxation.
         memory_budget: device bytes for gradients + inverses; gradients are streamed into dense
             inverses when keeping them does not fit, and on a GPU the inverses are offloaded to
-            host memory when neither fits (:mod:`woodfisher.offload`). None (default): kept, unless
-            a step needs more than the device has available (:func:`woodfisher.memory.available_bytes`):
-            then a ValueError before any gradient is computed.
+            host memory when neither fits (:mod:`woodfisher.offload`). None (default): the memory the device
+            has available (:func:`woodfisher.memory.available_bytes`) is the budget; a step that must
+            then stream or offload says so in a warning, one that cannot fit is a ValueError before any
+            gradient is computed.
         sampled_fisher: targets drawn from the model's predictive distribution (paper Sec. 6.3).
         seed: seeds the target sampling.
         progress: progress over the phases: a live tqdm line on a terminal, tqdm's widget in a notebook,

@@ -34,6 +34,7 @@ from .checks import check_prunable
 from .conditioning import layer_inverse, warn_ill_conditioned
 from .config import PruneConfig
 from .damping import FisherStats, resolve_damp
+from .diagnostics import warn_at_caller
 from .diagonal import empirical_fisher_diagonal
 from .distributed.estimate import estimate_sharded
 from .distributed.fsdp import full_parameters
@@ -152,9 +153,10 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
     streaming costs the dense ``B c^2`` inverses (float64 Gram blocks with ``auto_damp``)
     plus a buffer of k gradients; offloading (:mod:`woodfisher.offload`: forced by
     ``inverse_form="offload"``, else only for weights on an accelerator) costs one chunk of
-    blocks on the device. Raises ValueError when nothing fits ``memory_budget`` (bytes), or, with
-    ``memory_budget=None``, when keeping needs more than the device has available
-    (:func:`woodfisher.memory.available_bytes`): refused up front instead of killed by the OS mid-run.
+    blocks on the device. ``memory_budget=None``: the memory the device has available
+    (:func:`woodfisher.memory.available_bytes`) is the budget; a step that must then stream or
+    offload says so in a warning. Raises ValueError when nothing fits the budget: before any
+    gradient is computed, instead of the OS killing the process mid-run.
     """
     if inverse_form == "offload":
         if memory_budget is not None and not offload_fits(targets, num_grads, itemsize, memory_budget):
@@ -167,27 +169,38 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
     seq = sum(target.num_blocks * target.block_size ** 2 for target in targets) * itemsize
     stream_seq = seq * (8 // itemsize if auto_damp else 1)
     low = sum(target.num_blocks * (m * target.block_size + m * m) for target in targets) * itemsize
-    if memory_budget is None:
+    keep_bytes = grad_bytes + min(seq, low)
+    budget = memory_budget
+    if memory_budget is None:  # the device's available memory is the budget, for the step to fit
         device = targets[0].param.device
-        free = available_bytes(device)
-        if free is not None and grad_bytes + min(seq, low) > free:
-            raise ValueError(f"a step of {m} gradients of {d:,} pruned weights needs at least "
-                             f"{(grad_bytes + min(seq, low)) / 2**30:.2f} GiB (gradients + block inverses), more "
-                             f"than the {free / 2**30:.2f} GiB available on {device}: pass fewer gradients per step "
-                             "(a smaller num_grads, or more num_steps: num_grads is the total over the steps), a "
-                             "smaller block_size, or memory_budget=<bytes> (gradients streamed below this need; "
-                             "at or above it, the check is yours)")
+        budget = available_bytes(device)
+        if budget is None:
+            return "keep", None
+    if keep_bytes <= budget:
         return "keep", None
-    if grad_bytes + min(seq, low) <= memory_budget:
-        return "keep", None
-    if stream_seq + d * itemsize <= memory_budget:
-        return "stream", max(1, min(m, (memory_budget - stream_seq) // (d * itemsize)))
-    if targets[0].param.device.type != "cpu" and offload_fits(targets, m, itemsize, memory_budget):
-        return "offload", None
-    raise ValueError(f"memory_budget={memory_budget} bytes is too small: keeping the gradients needs "
-                     f"{grad_bytes + min(seq, low)}, streaming needs at least {stream_seq + d * itemsize}; "
-                     "use a smaller block_size or fewer num_grads (or inverse_form='offload': inverses in host "
-                     "memory, streamed through the device in chunks; automatic for weights on a GPU)")
+    plan = None
+    if stream_seq + d * itemsize <= budget:
+        plan = ("stream", max(1, min(m, (budget - stream_seq) // (d * itemsize))))
+    elif targets[0].param.device.type != "cpu" and offload_fits(targets, m, itemsize, budget):
+        plan = ("offload", None)
+    if memory_budget is not None:
+        if plan is not None:
+            return plan
+        raise ValueError(f"memory_budget={memory_budget} bytes is too small: keeping the gradients needs "
+                         f"{keep_bytes}, streaming needs at least {stream_seq + d * itemsize}; "
+                         "use a smaller block_size or fewer num_grads (or inverse_form='offload': inverses in host "
+                         "memory, streamed through the device in chunks; automatic for weights on a GPU)")
+    need = (f"a step of {m} gradients of {d:,} pruned weights needs {keep_bytes / 2**30:.2f} GiB kept (gradients + "
+            f"block inverses), more than the {budget / 2**30:.2f} GiB available on {device}")
+    if plan is not None:
+        warn_at_caller(f"{need}: the gradients are streamed instead ({'k = ' + str(plan[1]) if plan[1] else plan[0]}"
+                       "; slower, same result); pass memory_budget=<bytes> to choose, or fewer gradients per step "
+                       "(a smaller num_grads, or more num_steps)")
+        return plan
+    raise ValueError(f"{need}, and streaming needs at least {(stream_seq + d * itemsize) / 2**30:.2f} GiB: pass "
+                     "fewer gradients per step (a smaller num_grads, or more num_steps: num_grads is the total over "
+                     "the steps), a smaller block_size, or memory_budget=<bytes> (at or above the need, the check "
+                     "is yours)")
 
 
 def stat_itemsize(targets: List[PruneTarget]) -> int:

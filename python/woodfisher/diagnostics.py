@@ -10,6 +10,8 @@ second-order. :func:`magnitude_overlap` measures this for a call, and
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -17,7 +19,8 @@ import torch
 
 from .masks import select_kept_masks
 
-__all__ = ["magnitude_overlap", "warn_if_degenerate", "reissue", "DEGENERATE_OVERLAP", "MIN_WARN_COUNT"]
+__all__ = ["magnitude_overlap", "warn_if_degenerate", "reissue", "warn_at_caller", "DEGENERATE_OVERLAP",
+           "MIN_WARN_COUNT"]
 
 #: An overlap at or above this is reported as a mask that degenerated to magnitude pruning.
 DEGENERATE_OVERLAP = 0.99
@@ -86,3 +89,14 @@ def reissue(caught, stacklevel: int = 1) -> None:
     caller), so that a public entry point built on other public calls reports at its own caller's line."""
     for text, category in dict.fromkeys((str(w.message), w.category) for w in caught):
         warnings.warn(text, category, stacklevel=stacklevel + 2)
+
+
+def warn_at_caller(message: str, category=UserWarning) -> None:
+    """``warnings.warn`` pointing at the first frame outside woodfisher and woodfisher_kernels: the
+    user's line, whichever public entry point led here (``skip_file_prefixes`` from Python 3.12 on)."""
+    import woodfisher_kernels
+    dirs = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, woodfisher_kernels.__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(dirs):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)

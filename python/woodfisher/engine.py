@@ -200,9 +200,12 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
         raise ValueError(f"num_steps={config.num_steps} needs a loader that can be iterated once per step; got a "
                          "single-pass iterator (a generator?): pass a list or a DataLoader, or num_steps=1")
     if method.curvature in ("blockwise", "diagonal") and active_group(config.group) is None:
-        # refuse an impossible memory budget up front (a sharded run checks its own shard)
-        plan_memory(targets, configs[0].num_grads, stat_itemsize(targets), config.memory_budget,
-                    config.damp == "auto", config.inverse_form)
+        # refuse an impossible memory budget up front (a sharded run checks its own shard); the
+        # plan's own warning comes from the step that uses it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan_memory(targets, configs[0].num_grads, stat_itemsize(targets), config.memory_budget,
+                        config.damp == "auto", config.inverse_form)
     _warn_below(config, start_sparsity)
     timings = _timings()
     snapshot = Snapshot(targets, model)
