@@ -6,7 +6,7 @@ Public ops (B blocks of size c, k or m gradients, G groups of size q):
 - :func:`woodbury_update_` in place on (B, c, c) with (B, k, c)
 - :func:`lowrank_inverse`, :class:`LowRankInverse`, :func:`choose_form`,
   :func:`blockwise_inverse` (automatic choice of form)
-- :func:`obs_saliency`, :func:`obs_update` (plain OBS and WoodTaylor)
+- :func:`obs_saliency` (saliency, paper Eq. 11 / 23), :func:`obs_update` (OBS update, Eq. 10 / 21)
 - :func:`gather_rows`, :func:`gather_subblocks`, :func:`group_obs_saliency`,
   :func:`group_obs_update` (group OBS, N:M)
 - :func:`inverse_diagonal`; blocking helpers :func:`to_blocks`, :func:`from_blocks`

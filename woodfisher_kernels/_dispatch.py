@@ -74,7 +74,14 @@ def triton_interpret() -> bool:
 
 
 def available(op: str) -> tuple:
-    """Backends that have an implementation of ``op`` in this process."""
+    """Backends that have an implementation of ``op`` in this process.
+
+    Args:
+        op: "woodbury_update_" | "fisher_inverse" | "obs_saliency" | "obs_update" |
+            "lowrank_factor" (an unknown name has no backend).
+    Returns:
+        Tuple of backend names ("cuda", "triton", "cpu", "torch"), in order of preference.
+    """
     return tuple(implementations(op))
 
 

@@ -5,17 +5,34 @@ import torch
 
 
 def num_blocks(numel: int, block_size: int) -> int:
-    """Blocks needed for ``numel`` entries: ceil(numel / block_size)."""
+    """Blocks needed for ``numel`` entries: ceil(numel / block_size).
+
+    Args:
+        numel: number of entries d. block_size: c (>= 1).
+    Returns:
+        B, an int.
+    Raises:
+        ValueError: ``block_size`` < 1.
+    """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     return -(-int(numel) // int(block_size))
 
 
 def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(..., d) -> (..., B, c) with B = ceil(d / c); the padding is zeros.
+    """Cut the last dimension into blocks of ``block_size``, zero-padding the last block.
 
     Zero-padded gradient entries keep padded coordinates decoupled from real ones
-    in ``damp I + G^T G / N``, so padding never changes the real entries' inverse.
+    in ``damp I + G^T G / N``, so padding never changes the real entries' inverse
+    (the block-wise approximation of the WoodFisher paper, Sec. 3.2).
+
+    Args:
+        x: (..., d) tensor, any dtype and device.
+        block_size: c (>= 1).
+    Returns:
+        (..., B, c) with B = ceil(d / c); a view of ``x`` when d is a multiple of c.
+    Raises:
+        ValueError: ``block_size`` < 1 (from :func:`num_blocks`).
     """
     nb = num_blocks(x.shape[-1], block_size)
     pad = nb * block_size - x.shape[-1]
@@ -25,11 +42,25 @@ def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def from_blocks(xb: torch.Tensor, numel: int) -> torch.Tensor:
-    """(..., B, c) -> (..., numel), dropping the padding."""
+    """Undo :func:`to_blocks`, dropping the padding.
+
+    Args:
+        xb: (..., B, c) tensor. numel: the original d (<= B c).
+    Returns:
+        (..., numel).
+    """
     return xb.reshape(*xb.shape[:-2], -1)[..., :numel]
 
 
 def valid_mask(numel: int, block_size: int, device=None) -> torch.Tensor:
-    """(B, c) bool: True on real entries, False on padding (never prune those)."""
+    """Which blocked entries are real (never prune the padding).
+
+    Args:
+        numel: d. block_size: c (>= 1). device: of the result.
+    Returns:
+        (B, c) bool: True on real entries, False on padding.
+    Raises:
+        ValueError: ``block_size`` < 1 (from :func:`num_blocks`).
+    """
     nb = num_blocks(numel, block_size)
     return (torch.arange(nb * block_size, device=device) < numel).view(nb, block_size)

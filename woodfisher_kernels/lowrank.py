@@ -102,7 +102,13 @@ class LowRankInverse:
         return self.diag_cached.device
 
     def select(self, index: torch.Tensor) -> "LowRankInverse":
-        """The inverse of blocks ``index`` (1-D long tensor) only, sharing nothing."""
+        """The inverse of some blocks only, sharing nothing with this one.
+
+        Args:
+            index: 1-D int64 tensor (or bool mask of length B) of block indices.
+        Returns:
+            :class:`LowRankInverse` of shape (len(index), c, c).
+        """
         sub = LowRankInverse.__new__(LowRankInverse)
         sub.damp, sub.num_samples = self.damp, self.num_samples
         sub.factor = None if self.factor is None else self.factor[index]
@@ -111,22 +117,44 @@ class LowRankInverse:
         return sub
 
     def diag(self) -> torch.Tensor:
-        """Diagonal of F^-1, (B, c)."""
+        """Diagonal of F^-1 (cached at construction).
+
+        Returns:
+            (B, c) ``[F^-1]_qq = (1 - ||A[:, q]||^2) / damp``, dtype and device of the gradients.
+        """
         return self.diag_cached
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
-        """F^-1 v for v (B, c, r) -> (B, c, r)."""
+        """Products ``F^-1 v`` in O(m c r) per block, the c x c inverse never formed.
+
+        Args:
+            v: (B, c, r), dtype and device of the factor.
+        Returns:
+            (B, c, r).
+        """
         if self._dense is not None:
             return torch.bmm(self._dense, v)
         a = self.factor
         return (v - torch.bmm(a.transpose(1, 2), torch.bmm(a, v))) / self.damp
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """F^-1 v for v (B, c) -> (B, c)."""
+        """Product ``F^-1 v``.
+
+        Args:
+            v: (B, c), dtype and device of the factor.
+        Returns:
+            (B, c).
+        """
         return self.matmat(v.unsqueeze(-1)).squeeze(-1)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows F^-1[b, index[b, g, i], :] -> (B, G, q, c) (F^-1 is symmetric)."""
+        """Rows ``F^-1[b, index[b, g, i], :]`` (F^-1 is symmetric), for group OBS.
+
+        Args:
+            index: (B, G, q) integer indices in [0, c) (not checked here: see :func:`.ops.gather_rows`).
+        Returns:
+            (B, G, q, c).
+        """
         if self._dense is not None:
             return reference.gather_rows(self._dense, index)
         a = self.factor
@@ -136,7 +164,11 @@ class LowRankInverse:
         return ((rows + onehot) / self.damp).view(*index.shape, -1)
 
     def dense(self) -> torch.Tensor:
-        """The full (B, c, c) inverse (for tests and small blocks)."""
+        """The full inverse (for tests and small blocks).
+
+        Returns:
+            (B, c, c), dtype and device of the gradients.
+        """
         if self._dense is not None:
             return self._dense.clone()
         b, c = self.diag_cached.shape
@@ -144,9 +176,28 @@ class LowRankInverse:
         return self.matmat(eye.contiguous())
 
     def saliency(self, weights, loss_grad=None):
+        """OBS saliency from the factors (WoodFisher paper Eq. 11; Eq. 23 with ``loss_grad``).
+
+        Unchecked: the public entry point is :func:`woodfisher_kernels.obs_saliency`.
+
+        Args:
+            weights: (B, c) blocked weights. loss_grad: (B, c) or None (WoodTaylor).
+        Returns:
+            rho: (B, c).
+        """
         return reference.saliency_from(self.diag(), self.matvec, weights, loss_grad)
 
     def update(self, weights, prune_mask, loss_grad=None):
+        """OBS update from the factors (WoodFisher paper Eq. 10 summed over the pruned set; Eq. 21
+        with ``loss_grad``).
+
+        Unchecked: the public entry point is :func:`woodfisher_kernels.obs_update`.
+
+        Args:
+            weights: (B, c). prune_mask: (B, c) bool. loss_grad: (B, c) or None.
+        Returns:
+            (B, c) new weights, exactly 0 where ``prune_mask``.
+        """
         return reference.update_from(self.diag(), self.matvec, weights, prune_mask, loss_grad)
 
 
@@ -156,7 +207,19 @@ def choose_form(num_grads: int, block_size: int, num_blocks: int = 1,
 
     Flops per block: sequential ~4 m c^2, low-rank ~4 m^2 c + m^3 / 3; memory per
     block: c^2 against m c + m^2 entries. The cheaper form in flops is chosen unless
-    it does not fit ``memory_budget`` (bytes) and the other one does.
+    it does not fit ``memory_budget`` and the other one does.
+
+    Args:
+        num_grads: m, the fisher subsample size (>= 1).
+        block_size: c (>= 1).
+        num_blocks: B (>= 1).
+        memory_budget: bytes available for the representation, or None (unlimited).
+        itemsize: bytes per entry (4 for float32).
+    Returns:
+        "sequential" or "lowrank".
+    Raises:
+        ValueError: ``num_grads``, ``block_size`` or ``num_blocks`` < 1, or a
+            ``memory_budget`` that fits neither form.
     """
     m, c = int(num_grads), int(block_size)
     if m < 1:

@@ -36,9 +36,10 @@ def _check_choice(name: str, value, choices) -> None:
 def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float, *,
                      backend: str = "auto", check_finite: bool = True,
                      on_failure: str = "recompute") -> torch.Tensor:
-    """Apply k successive Sherman-Morrison updates to every block, in place (paper's Eq. 2).
+    """Apply k successive Sherman-Morrison updates to every block, in place.
 
-    For each block b and each gradient g = grads[b, i] in order::
+    Source: the WoodFisher paper (Singh & Alistarh, 2020), Sec. 3.2, Eq. 2. For each block b
+    and each gradient g = grads[b, i] in order::
 
         u = inv[b] g;  inv[b] <- inv[b] - u u^T / (num_samples + g^T u)
 
@@ -47,18 +48,23 @@ def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float,
     ``inv`` only when every block succeeded; on any error ``inv`` is left bit-for-bit as it was.
 
     Args:
-        inv: (B, c, c) symmetric positive definite inverses, float32 (float64 on torch).
-        grads: (B, k, c) gradient slices, same dtype and device.
-        num_samples: N > 0, the Fisher's normaliser (usually the total gradient count m).
+        inv: (B, c, c) symmetric positive definite inverses (B blocks of block size c),
+            float32 or float64 (float64 runs on the torch backend), any device.
+        grads: (B, k, c) gradient slices, same dtype and device as ``inv``.
+        num_samples: N > 0, the Fisher's normaliser (usually the fisher subsample size m
+            over the whole build, not k).
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch".
         check_finite: refuse NaN/Inf inputs (costs one pass over the inputs).
         on_failure: "recompute" (failed blocks, see :mod:`._numerics`, redone in float64)
             or "raise".
     Returns:
-        ``inv`` (modified in place).
+        ``inv`` (modified in place), (B, c, c).
     Raises:
-        ValueError: bad input, or blocks that failed (with ``on_failure="raise"``, or even
-            in float64), naming the inverse's damp and the measured kappa.
+        ValueError: ``inv`` not a 3-D float32/float64 tensor of square blocks, ``grads`` not
+            (B, k, c) on the same device and dtype, an empty dimension, ``num_samples`` not a
+            finite number > 0, an unknown ``backend`` / ``on_failure``, NaN/Inf inputs (with
+            ``check_finite``), or blocks that failed (with ``on_failure="raise"``, or even in
+            float64), naming the inverse's damp and the measured kappa.
     """
     chk.check_square_blocks("inv", inv)
     chk.check_tensor("grads", grads, 3)
@@ -77,20 +83,26 @@ def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float,
 
 def fisher_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None, *,
                    backend: str = "auto", check_finite: bool = True, on_failure: str = "recompute") -> torch.Tensor:
-    """Blockwise inverse empirical Fisher built from I/damp by m rank-one updates (Eq. 2).
+    """Blockwise inverse empirical Fisher built from I/damp by m rank-one updates.
 
-    ``out[b] = (damp I + grads[b]^T grads[b] / N)^-1``; the fused kernels start from
-    I/damp in registers and never read an initial inverse from memory.
+    Source: the WoodFisher paper, Sec. 3.2, Eq. 2 (recursion started at ``F_0^-1 = I / damp``)
+    with the block-wise approximation of the same section. ``out[b] = (damp I + grads[b]^T
+    grads[b] / N)^-1``; the fused kernels start from I/damp in registers and never read an
+    initial inverse from memory.
 
     Args:
-        grads: (B, m, c) gradient slices (zero-padded entries stay decoupled).
-        damp: lambda > 0.
+        grads: (B, m, c) gradient slices, float32 or float64, any device: B blocks of block
+            size c, m = fisher subsample size (zero-padded entries stay decoupled).
+        damp: lambda > 0 (absolute, in the units of the Fisher's diagonal).
         num_samples: N > 0; defaults to m.
         backend, check_finite, on_failure: as in :func:`woodbury_update_`.
     Returns:
-        (B, c, c) inverses, dtype of ``grads``.
+        (B, c, c) inverses, dtype and device of ``grads``.
     Raises:
-        ValueError: bad input, or failed blocks (see :func:`woodbury_update_`).
+        ValueError: ``grads`` not a 3-D float32/float64 tensor or with an empty dimension,
+            ``damp`` / ``num_samples`` not a finite number > 0, an unknown ``backend`` /
+            ``on_failure``, NaN/Inf gradients (with ``check_finite``), or failed blocks
+            (see :func:`woodbury_update_`).
     """
     chk.check_tensor("grads", grads, 3)
     d = chk.check_positive("damp", damp)
@@ -105,10 +117,22 @@ def lowrank_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[floa
                     backend: str = "auto") -> LowRankInverse:
     """Low-rank representation of ``(damp I + G^T G / N)^-1`` for grads (B, m, c), m < c.
 
-    For m >= c the returned object holds the dense inverse instead (see :mod:`.lowrank`).
-    ``backend``: "auto" (the C kernel for float32 CPU gradients when built, else torch),
-    "cpu" or "torch"; "cuda" / "triton" have no low-rank kernel and use torch.
-    Raises ValueError as :func:`fisher_inverse`.
+    Source: the Woodbury identity (WoodFisher paper, Sec. 3.2) applied to the whole
+    m-gradient update at once; see :mod:`.lowrank`. For m >= c the returned object holds the
+    dense inverse instead.
+
+    Args:
+        grads: (B, m, c) gradient slices, float32 or float64, any device.
+        damp: lambda > 0.
+        num_samples: N > 0; defaults to m.
+        check_finite, on_failure: as in :func:`woodbury_update_`.
+        backend: "auto" (the C kernel for float32 CPU gradients when built, else torch),
+            "cpu" or "torch"; "cuda" / "triton" have no low-rank kernel and use torch.
+    Returns:
+        :class:`LowRankInverse` with ``shape`` (B, c, c), factors (B, m, c).
+    Raises:
+        ValueError: as :func:`fisher_inverse` (bad ``grads`` / ``damp`` / ``num_samples`` /
+            ``backend`` / ``on_failure``, NaN/Inf gradients, failed blocks).
     """
     chk.check_tensor("grads", grads, 3)
     d = chk.check_positive("damp", damp)
@@ -125,10 +149,19 @@ def blockwise_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[fl
                       backend: str = "auto", on_failure: str = "recompute") -> Inverse:
     """Dense (B, c, c) inverse or :class:`LowRankInverse`, chosen by :func:`choose_form`.
 
+    Both forms represent ``(damp I + G^T G / N)^-1`` (WoodFisher paper, Sec. 3.2, Eq. 2).
+
     Args:
-        grads: (B, m, c). form: "auto" | "sequential" | "lowrank".
+        grads: (B, m, c) gradient slices, float32 or float64, any device.
+        damp: lambda > 0. num_samples: N > 0; defaults to m.
+        form: "auto" | "sequential" | "lowrank".
         memory_budget: bytes available for the representation (None = unlimited).
         backend, on_failure: as in :func:`fisher_inverse`.
+    Returns:
+        (B, c, c) tensor (form "sequential") or :class:`LowRankInverse` (form "lowrank").
+    Raises:
+        ValueError: an unknown ``form``, NaN/Inf gradients, a ``memory_budget`` that fits
+            neither form, and every case of :func:`fisher_inverse` / :func:`lowrank_inverse`.
     """
     if form not in ("auto", "sequential", "lowrank"):
         raise ValueError(f"form must be 'auto', 'sequential' or 'lowrank', got {form!r}")
@@ -143,12 +176,22 @@ def blockwise_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[fl
 
 def condition_estimate(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None, *,
                        iters: int = 20, upper: bool = False) -> torch.Tensor:
-    """Per-block ``kappa = lambda_max(G^T G / N) / damp``: (B, m, c) -> (B,) float64.
+    """Per-block ``kappa = lambda_max(G^T G / N) / damp``, so that cond(F) = 1 + kappa.
 
     Power iteration (a lower estimate) or, with ``upper=True``, ``||G||_F^2 / (N damp)``;
     details, cost and use in :func:`woodfisher_kernels._numerics.condition_estimate`.
     A float32 inverse is accurate to :func:`error_bound` ``(kappa)``; warn when
-    ``2**-23 * kappa > 1e-3``. Raises ValueError on bad input.
+    ``2**-23 * kappa > 1e-3``.
+
+    Args:
+        grads: (B, m, c) gradient slices, float32 or float64, any device.
+        damp: lambda > 0. num_samples: N > 0; defaults to m.
+        iters: power-iteration steps (>= 1). upper: return the Frobenius upper bound instead.
+    Returns:
+        (B,) float64 kappa, on the device of ``grads``.
+    Raises:
+        ValueError: bad ``grads``, ``damp`` or ``num_samples`` (as :func:`fisher_inverse`), or
+            ``iters`` not an integer >= 1.
     """
     chk.check_tensor("grads", grads, 3)
     d = chk.check_positive("damp", damp)
@@ -178,7 +221,15 @@ def _contig(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def inverse_diagonal(inv: Inverse) -> torch.Tensor:
-    """Diagonal of every block: (B, c, c) or LowRankInverse -> (B, c)."""
+    """Diagonal ``[F^-1]_qq`` of every block (the denominator of the saliency, paper's Eq. 11).
+
+    Args:
+        inv: (B, c, c) float32/float64 inverses or a :class:`LowRankInverse`.
+    Returns:
+        (B, c), dtype and device of ``inv``.
+    Raises:
+        ValueError: ``inv`` not a 3-D float32/float64 tensor of square blocks (or empty).
+    """
     _check_inverse(inv)
     if isinstance(inv, LowRankInverse):
         return inv.diag()
@@ -187,18 +238,25 @@ def inverse_diagonal(inv: Inverse) -> torch.Tensor:
 
 def obs_saliency(inv: Inverse, weights: torch.Tensor, loss_grad: Optional[torch.Tensor] = None,
                  *, backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
-    """OBS pruning statistic of every weight, fused with the diagonal extraction.
+    """OBS saliency (pruning statistic) of every weight, fused with the diagonal extraction.
 
-    Plain (Eq. 10): ``rho_q = w_q^2 / (2 [F^-1]_qq)``. WoodTaylor (Eq. 22), when
-    ``loss_grad`` is given: ``rho_q = (w_q - h_q)^2 / (2 [F^-1]_qq)``, ``h = F^-1 loss_grad``.
+    Source: the WoodFisher paper. Plain OBS (Sec. 4.1, Eq. 11): ``rho_q = w_q^2 / (2 [F^-1]_qq)``.
+    WoodTaylor (Sec. 6.2, Eq. 23), when ``loss_grad`` is given: ``rho_q = (w_q - h_q)^2 /
+    (2 [F^-1]_qq)`` with ``h = F^-1 loss_grad`` (Eq. 23 without its q-independent term).
 
     Args:
-        inv: (B, c, c) inverses or a LowRankInverse.
-        weights: (B, c) blocked weights. loss_grad: (B, c) or None.
+        inv: (B, c, c) inverses or a :class:`LowRankInverse`, float32 or float64.
+        weights: (B, c) blocked weights, same dtype and device as ``inv``.
+        loss_grad: (B, c) blocked loss gradient (WoodTaylor) or None.
+        backend: "auto" | "cuda" | "triton" | "cpu" | "torch".
         check_finite: refuse NaN/Inf inputs; this reads the whole inverse, which costs
             far more than the statistic itself (pass False for inverses you just built).
     Returns:
-        rho: (B, c).
+        rho: (B, c), in loss units (the increase of the quadratic model), dtype of ``weights``.
+    Raises:
+        ValueError: ``inv`` not square blocks, ``weights`` / ``loss_grad`` not (B, c) on the
+            device and dtype of ``inv``, an unknown ``backend``, or NaN/Inf inputs (with
+            ``check_finite``).
     """
     _check_inverse(inv)
     _check_weights(inv, weights, loss_grad)
@@ -212,15 +270,24 @@ def obs_saliency(inv: Inverse, weights: torch.Tensor, loss_grad: Optional[torch.
 def obs_update(inv: Inverse, weights: torch.Tensor, prune_mask: torch.Tensor,
                loss_grad: Optional[torch.Tensor] = None, *, backend: str = "auto",
                check_finite: bool = True) -> torch.Tensor:
-    """OBS weight update for all blocks at once (Eq. 11); returns new weights (B, c).
+    """OBS update of all blocks at once: the new weights after removing the pruned set.
 
-    ``w + dw`` with ``dw = -F^-1 v (- h)``, ``v_q = (w_q - h_q) / [F^-1]_qq`` on the
-    pruned set P (``prune_mask``), 0 elsewhere; entries in P are exactly 0 afterwards.
-    ``h = F^-1 loss_grad`` (WoodTaylor, Eq. 23) or 0.
+    Source: the WoodFisher paper. ``w + dw`` with ``dw = -F^-1 v - h``, ``v_q = (w_q - h_q) /
+    [F^-1]_qq`` on the pruned set P (``prune_mask``), 0 elsewhere: the single-weight update of
+    Sec. 4.1, Eq. 10, summed over P (the pruning direction of Sec. 4.3), with ``h = F^-1
+    loss_grad`` (WoodTaylor, Sec. 6.2, Eq. 21) or 0. Entries in P are exactly 0 afterwards.
 
     Args:
-        inv: (B, c, c) or LowRankInverse. weights: (B, c). prune_mask: (B, c) bool.
-        loss_grad: (B, c) or None. check_finite: as in :func:`obs_saliency`.
+        inv: (B, c, c) inverses or a :class:`LowRankInverse`, float32 or float64.
+        weights: (B, c) blocked weights, same dtype and device as ``inv``.
+        prune_mask: (B, c) bool, True on the weights to remove.
+        loss_grad: (B, c) or None (WoodTaylor).
+        backend, check_finite: as in :func:`obs_saliency`.
+    Returns:
+        (B, c) new weights (``weights`` is not modified).
+    Raises:
+        ValueError: as :func:`obs_saliency`, or ``prune_mask`` not a bool (B, c) tensor on
+            the device of ``weights``.
     """
     _check_inverse(inv)
     _check_weights(inv, weights, loss_grad)
@@ -239,7 +306,17 @@ def _check_index(name: str, inv: Inverse, index: torch.Tensor) -> None:
 
 
 def gather_rows(inv: Inverse, index: torch.Tensor) -> torch.Tensor:
-    """Rows of the inverse for each group: index (B, G, q) -> (B, G, q, c)."""
+    """Rows of the inverse for each group (used by group OBS, paper Sec. 6.1).
+
+    Args:
+        inv: (B, c, c) inverses or a :class:`LowRankInverse`.
+        index: (B, G, q) int64/int32 entries in [0, c), on the device of ``inv``.
+    Returns:
+        (B, G, q, c): ``out[b, g, i] = F^-1[b, index[b, g, i], :]``.
+    Raises:
+        ValueError: ``inv`` not square blocks, ``index`` not a 3-D integer tensor with B blocks
+            on the same device, or (LowRankInverse) entries outside [0, c).
+    """
     _check_index("index", inv, index)
     if isinstance(inv, LowRankInverse):
         chk.check_index_range("index", index, inv.shape[-1])
@@ -248,7 +325,16 @@ def gather_rows(inv: Inverse, index: torch.Tensor) -> torch.Tensor:
 
 
 def gather_subblocks(inv: Inverse, index: torch.Tensor) -> torch.Tensor:
-    """[F^-1]_QQ for each group Q = index[b, g]: (B, G, q) -> (B, G, q, q)."""
+    """``[F^-1]_QQ`` for each group Q = index[b, g] (the q x q system of group OBS, Sec. 6.1).
+
+    Args:
+        inv: (B, c, c) inverses or a :class:`LowRankInverse`.
+        index: (B, G, q) int64/int32 entries in [0, c), on the device of ``inv``.
+    Returns:
+        (B, G, q, q).
+    Raises:
+        ValueError: as :func:`gather_rows`.
+    """
     _check_index("index", inv, index)
     if isinstance(inv, LowRankInverse):
         return reference.subblocks_from_rows(gather_rows(inv, index), index)
@@ -257,10 +343,23 @@ def gather_subblocks(inv: Inverse, index: torch.Tensor) -> torch.Tensor:
 
 def group_obs_saliency(inv: Inverse, weights: torch.Tensor, groups: torch.Tensor,
                        *, exact: bool = True) -> torch.Tensor:
-    """Statistic for removing each group Q at once (Sec. 6.1): groups (B, G, q) -> rho (B, G).
+    """Saliency of removing each group Q at once (group OBS; N:M and row patterns).
 
-    exact: ``rho_Q = w_Q^T ([F^-1]_QQ)^-1 w_Q / 2``; otherwise the paper's Eq. 18
-    relaxation ``(1_Q^T w)^2 / (2 * 1_Q^T F^-1 1_Q)``.
+    Source: the WoodFisher paper. ``exact=True``: ``rho_Q = w_Q^T ([F^-1]_QQ)^-1 w_Q / 2``, the
+    optimum of the multi-weight problem of Sec. 4.2 (Eqs. 12-17, there for two weights,
+    here for |Q| = q); ``exact=False``: the Sec. 6.1 relaxation, Eq. 18,
+    ``(1_Q^T w)^2 / (2 * 1_Q^T F^-1 1_Q)``.
+
+    Args:
+        inv: (B, c, c) inverses or a :class:`LowRankInverse`, float32 or float64.
+        weights: (B, c) blocked weights, same dtype and device.
+        groups: (B, G, q) int64/int32 indices of each group's entries in [0, c).
+        exact: the exact statistic (True) or Eq. 18 (False).
+    Returns:
+        rho: (B, G), loss units.
+    Raises:
+        ValueError: ``weights`` not (B, c) on the device and dtype of ``inv``, or ``groups``
+            as ``index`` in :func:`gather_rows`.
     """
     _check_weights(inv, weights, None)
     _check_index("groups", inv, groups)
@@ -271,11 +370,25 @@ def group_obs_saliency(inv: Inverse, weights: torch.Tensor, groups: torch.Tensor
 
 def group_obs_update(inv: Inverse, weights: torch.Tensor, groups: torch.Tensor,
                      prune: torch.Tensor, *, exact: bool = True) -> torch.Tensor:
-    """Remove the groups where ``prune`` (B, G) is True; returns new weights (B, c).
+    """OBS update removing the groups where ``prune`` is True.
 
-    exact: ``dw = -F^-1[:, Q] ([F^-1]_QQ)^-1 w_Q`` per removed group, summed over groups;
-    otherwise Eq. 18's ``dw = -(1_Q^T w) F^-1 1_Q / (1_Q^T F^-1 1_Q)``. Entries of
-    removed groups are exactly 0 afterwards. Groups removed together should not overlap.
+    Source: the WoodFisher paper. ``exact=True``: ``dw = -F^-1[:, Q] ([F^-1]_QQ)^-1 w_Q`` per
+    removed group (the Sec. 4.2 optimum, Eqs. 12-17, for q weights), summed over groups;
+    ``exact=False``: the Sec. 6.1 update of Eq. 18's relaxation, ``dw = -(1_Q^T w) F^-1 1_Q /
+    (1_Q^T F^-1 1_Q)``. Entries of removed groups are exactly 0 afterwards. Groups removed
+    together should not overlap.
+
+    Args:
+        inv: (B, c, c) inverses or a :class:`LowRankInverse`, float32 or float64.
+        weights: (B, c) blocked weights, same dtype and device.
+        groups: (B, G, q) int64/int32 indices in [0, c).
+        prune: (B, G) bool, True on the groups to remove.
+        exact: as in :func:`group_obs_saliency`.
+    Returns:
+        (B, c) new weights (``weights`` is not modified).
+    Raises:
+        ValueError: as :func:`group_obs_saliency`, or ``prune`` not a bool (B, G) tensor on
+            the device of ``groups``.
     """
     _check_weights(inv, weights, None)
     _check_index("groups", inv, groups)

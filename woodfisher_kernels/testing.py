@@ -38,17 +38,34 @@ FORMS = ("build", "stream", "lowrank")
 
 
 def backends(op: str) -> Tuple[str, ...]:
-    """Backends ("cuda", "triton", "cpu", "torch") with an implementation of ``op`` in this process."""
+    """Backends with an implementation of ``op`` in this process.
+
+    Args:
+        op: one of ``_dispatch.OPS`` ("woodbury_update_", "fisher_inverse", "obs_saliency",
+            "obs_update", "lowrank_factor").
+    Returns:
+        Tuple of names among "cuda", "triton", "cpu", "torch".
+    Raises:
+        ValueError: an unknown ``op``.
+    """
     if op not in _dispatch.OPS:
         raise ValueError(f"op must be one of {_dispatch.OPS}, got {op!r}")
     return _dispatch.available(op)
 
 
 def implementation(op: str, backend: str) -> Callable:
-    """The raw implementation of ``op`` ("fisher_inverse", "woodbury_update_", "obs_saliency",
-    "obs_update") in ``backend`` ("cuda" | "triton" | "cpu" | "torch"), with the signature of
-    :mod:`woodfisher_kernels.reference`; inputs must be contiguous and valid (float32 for
-    cuda / triton). Raises ValueError when the backend has no implementation here."""
+    """The raw implementation of ``op`` in ``backend``, with the signature of :mod:`woodfisher_kernels.reference`.
+
+    Inputs must be contiguous and valid (float32 for cuda / triton): nothing is checked.
+
+    Args:
+        op: "fisher_inverse" | "woodbury_update_" | "obs_saliency" | "obs_update" | "lowrank_factor".
+        backend: "cuda" | "triton" | "cpu" | "torch".
+    Returns:
+        The callable.
+    Raises:
+        ValueError: an unknown ``op``, or a backend without an implementation here.
+    """
     found = _dispatch.implementations(op) if op in _dispatch.OPS else {}
     if op not in _dispatch.OPS or backend not in found:
         raise ValueError(f"no implementation of op={op!r} for backend={backend!r} here "
@@ -61,14 +78,26 @@ def _samples(grads: torch.Tensor, num_samples: Optional[float]) -> float:
 
 
 def dense_fisher(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None) -> torch.Tensor:
-    """float64 ``F = damp I + G^T G / N`` per block: grads (B, m, c) -> (B, c, c)."""
+    """float64 ``F = damp I + G^T G / N`` per block (the damped empirical Fisher, WoodFisher paper Sec. 3.2).
+
+    Args:
+        grads: (B, m, c), any float dtype and device. damp: lambda > 0. num_samples: N (default m).
+    Returns:
+        (B, c, c) float64.
+    """
     g = grads.double()
     eye = torch.eye(g.shape[-1], dtype=torch.float64, device=g.device)
     return damp * eye + g.transpose(1, 2) @ g / _samples(grads, num_samples)
 
 
 def dense_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None) -> torch.Tensor:
-    """float64 ``torch.linalg.inv`` of :func:`dense_fisher` (relative error ~eps64 * kappa)."""
+    """float64 ``torch.linalg.inv`` of :func:`dense_fisher` (relative error ~eps64 * kappa).
+
+    Args:
+        grads: (B, m, c). damp: lambda > 0. num_samples: N (default m).
+    Returns:
+        (B, c, c) float64.
+    """
     return torch.linalg.inv(dense_fisher(grads, damp, num_samples))
 
 
@@ -88,6 +117,11 @@ def svd_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] =
     has no cancellation and stays accurate where a dense inverse or the Woodbury form
     ``(I - A^T A) / damp`` lose digits; ``kappa = s_max^2 / (N damp)`` exactly.
     Cost O(c^3 + m c^2) per block: for tests, not for large blocks.
+
+    Args:
+        grads: (B, m, c), any float dtype and device. damp: lambda > 0. num_samples: N (default m).
+    Returns:
+        :class:`SvdReference`: inverse (B, c, c), diag (B, c), kappa (B,), all float64.
     """
     g = grads.double()
     num_blocks, m, c = g.shape
@@ -103,26 +137,51 @@ def svd_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] =
 
 
 def diag_error(inv: torch.Tensor, ref_diag: torch.Tensor) -> torch.Tensor:
-    """Largest relative error of the diagonal per block: inv (B, c, c) or diag (B, c) -> (B,)."""
+    """Largest relative error of the diagonal per block.
+
+    Args:
+        inv: (B, c, c) inverses or their diagonal (B, c). ref_diag: (B, c) float64 reference.
+    Returns:
+        (B,) float64.
+    """
     d = torch.diagonal(inv, dim1=1, dim2=2) if inv.dim() == 3 else inv
     return ((d.double() - ref_diag) / ref_diag).abs().amax(dim=1)
 
 
 def spectral_error(inv: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Relative error in the spectral norm per block: ``||inv - ref||_2 / ||ref||_2`` -> (B,)."""
+    """Relative error in the spectral norm per block: ``||inv - ref||_2 / ||ref||_2``.
+
+    Args:
+        inv: (B, c, c). ref: (B, c, c) float64 reference.
+    Returns:
+        (B,) float64.
+    """
     return torch.linalg.matrix_norm(inv.double() - ref, 2) / torch.linalg.matrix_norm(ref, 2)
 
 
 def precision_cases(block_sizes=(64, 257), damps=(1e-8, 1e-5, 1e-1), scales=(1e-6, 1.0, 1e6)
                     ) -> Iterator[Tuple[int, int, float, float, bool]]:
-    """The precision table: (c, m, damp, scale, rank1) for m in {c // 2, 2c + 1}, Gaussian and rank-1."""
+    """The precision table: every (c, m, damp, scale, rank1) with m in {c // 2, 2c + 1}.
+
+    Args:
+        block_sizes: values of c. damps: values of lambda. scales: gradient scales.
+    Returns:
+        Iterator (generator) of ``(c, m, damp, scale, rank1)`` tuples, Gaussian and rank-1.
+    """
     for c, half, damp, scale, rank1 in itertools.product(block_sizes, (True, False), damps, scales, (False, True)):
         yield c, (c // 2 if half else 2 * c + 1), damp, scale, rank1
 
 
 def synthetic_grads(num_blocks: int, m: int, c: int, scale: float = 1.0, rank1: bool = False,
                     seed: int = 0) -> torch.Tensor:
-    """float32 (B, m, c) gradients: i.i.d. Gaussian, or rank-1 ``a_i v^T`` per block, times ``scale``."""
+    """Deterministic gradients: i.i.d. Gaussian, or rank-1 ``a_i v^T`` per block, times ``scale``.
+
+    Args:
+        num_blocks: B. m: gradients per block. c: block size. scale: multiplier.
+        rank1: rank-1 blocks instead of Gaussian. seed: base seed (combined with m and c).
+    Returns:
+        (B, m, c) float32 on the CPU.
+    """
     gen = torch.Generator().manual_seed(seed + 7 * c + m)
     if rank1:
         g = torch.randn(num_blocks, m, 1, generator=gen, dtype=torch.float64) * \
@@ -134,8 +193,18 @@ def synthetic_grads(num_blocks: int, m: int, c: int, scale: float = 1.0, rank1: 
 
 def build_inverse(form: str, grads: torch.Tensor, damp: float, backend: str = "auto", *,
                   on_failure: str = "recompute", stream_chunk: int = 64) -> torch.Tensor:
-    """Dense (B, c, c) inverse by ``form``: "build" (``fisher_inverse``), "stream" (``woodbury_update_``
-    from I/damp, ``stream_chunk`` gradients at a time, N = m) or "lowrank" (``lowrank_inverse``: torch or cpu)."""
+    """Dense inverse ``(damp I + G^T G / m)^-1`` by one of the three paths.
+
+    Args:
+        form: "build" (:func:`fisher_inverse`), "stream" (:func:`woodbury_update_` from I/damp,
+            ``stream_chunk`` gradients at a time, N = m) or "lowrank" (:func:`lowrank_inverse`).
+        grads: (B, m, c). damp: lambda > 0. backend: as the op takes it.
+        on_failure: "recompute" | "raise". stream_chunk: gradients per update for "stream".
+    Returns:
+        (B, c, c), dtype of ``grads``.
+    Raises:
+        ValueError: an unknown ``form``, or any ValueError of the op used.
+    """
     b, m, c = grads.shape
     if form == "build":
         return fisher_inverse(grads, damp, backend=backend, on_failure=on_failure)
