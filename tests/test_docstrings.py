@@ -4,7 +4,8 @@ Walks every name a user reaches by the documented imports (``woodfisher_kernels.
 ``testing`` helpers, ``woodfisher.__all__`` and the submodules README.md imports from) and checks,
 by introspection, that each function, class and public method has:
 
-- an ``Args:`` section when it takes arguments (besides ``self`` / ``cls``);
+- an ``Args:`` section when it takes arguments (besides ``self`` / ``cls``); a dataclass or
+  NamedTuple may document its fields (its constructor's arguments) as ``Attributes:`` instead;
 - a ``Returns:`` (or ``Yields:``) section when its body returns a value;
 - a ``Raises:`` section when its body raises, or calls one of the argument checks
   (``check_*`` / ``_check_*`` helpers, whose every failure is a ValueError).
@@ -115,6 +116,10 @@ def _needs(func):
     return needs
 
 
+def _is_record(obj) -> bool:
+    return inspect.isclass(obj) and (hasattr(obj, "__dataclass_fields__") or hasattr(obj, "_fields"))
+
+
 def _cases():
     for qual, obj in _public_objects():
         if inspect.isclass(obj):
@@ -157,6 +162,8 @@ def test_public_docstring_sections(qual, obj, needs):
         if section == exempt:
             continue
         heads = SECTIONS_RETURN if section == "Returns" else (f"{section}:",)
+        if section == "Args" and _is_record(obj):
+            heads = ("Args:", "Attributes:")
         if not any(h in doc for h in heads):
             missing.append(section)
     assert not missing, f"{qual}: docstring lacks {', '.join(s + ':' for s in missing)}"

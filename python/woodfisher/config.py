@@ -249,6 +249,12 @@ class PruneConfig:
         ``num_steps`` ("auto": :func:`auto_num_steps`, 1 with a pattern or for a method
         without curvature) steps on ``step_schedule``; ``num_grads`` split over them. A
         step never lowers the sparsity below ``start``.
+
+        Args:
+            start: the model's current sparsity, a fraction in [0, 1).
+        Returns:
+            List of ``(sparsity in [0, 1), number of gradients)``, one per step; the last
+            sparsity is :attr:`final_sparsity` and the gradients sum to ``num_grads``.
         """
         final = self.final_sparsity
         n = self.num_steps
@@ -283,7 +289,15 @@ class PruneConfig:
         return self.sparsity if fixed is None else fixed
 
     def replace(self, **changes) -> "PruneConfig":
-        """A validated copy with ``changes`` (unknown names are a ValueError)."""
+        """A validated copy with ``changes``.
+
+        Args:
+            **changes: field names of :class:`PruneConfig` and their new values.
+        Returns:
+            A new :class:`PruneConfig`.
+        Raises:
+            ValueError: unknown names (listing them), or a value ``__post_init__`` refuses (naming the field).
+        """
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise ValueError(f"unknown option(s) {unknown}; options are the fields of PruneConfig")
@@ -291,7 +305,16 @@ class PruneConfig:
 
     @classmethod
     def from_options(cls, **options) -> "PruneConfig":
-        """Build from keyword options, refusing unknown names with a ValueError naming them."""
+        """Build from keyword options; an omitted ``sparsity`` is the one an N:M ``pattern`` fixes.
+
+        Args:
+            **options: field names of :class:`PruneConfig` and their values.
+        Returns:
+            A validated :class:`PruneConfig`.
+        Raises:
+            ValueError: unknown names (listing them), ``sparsity`` omitted without an N:M pattern,
+                or a value ``__post_init__`` refuses (naming the field).
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - names)
         if unknown:
@@ -301,7 +324,11 @@ class PruneConfig:
         return cls(**options)
 
     def as_dict(self) -> Dict[str, Any]:
-        """Plain values for reports: callables by name, tuples as lists."""
+        """Plain values for reports: callables by name, tuples as lists.
+
+        Returns:
+            {field name: JSON-friendly value}.
+        """
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)

@@ -103,7 +103,15 @@ class Curvature:
     refined: Dict[str, int] = field(default_factory=dict)
 
     def targets(self, model: nn.Module) -> List[PruneTarget]:
-        """The weights of ``model`` this curvature is about (same names, shapes and blocks)."""
+        """The weights of ``model`` this curvature is about (same names, shapes and blocks).
+
+        Args:
+            model: the network the curvature was estimated on, or a copy of it.
+        Returns:
+            One :class:`PruneTarget` per weight of :attr:`layouts`, with its block size set.
+        Raises:
+            ValueError: a weight missing from ``model`` or of another shape than estimated.
+        """
         targets = resolve_targets(model, list(self.layouts), None)
         for target in targets:
             layout = self.layouts[target.name]
@@ -125,7 +133,16 @@ class Curvature:
                 f"{'' if self.shard is None else ', sharded'})")
 
     def with_damp(self, damp: float) -> "Curvature":
-        """The same gradients inverted with another lambda (blockwise curvature with kept gradients only)."""
+        """The same gradients inverted with another damp, no new gradients (WoodFisher paper, Eq. 2).
+
+        Args:
+            damp: lambda > 0 (absolute) or "auto", as the ``damp`` field of :class:`PruneConfig`.
+        Returns:
+            A new :class:`Curvature` (this one is unchanged).
+        Raises:
+            ValueError: not a blockwise curvature with kept gradients (streamed or another kind), a
+                damp :class:`PruneConfig` refuses, or inverses that fail (see :func:`woodfisher_kernels.fisher_inverse`).
+        """
         if self.kind != "blockwise" or self.grads is None:
             raise ValueError("with_damp needs a blockwise curvature whose gradients were kept (not streamed); "
                              "estimate the curvature again with the new damp")

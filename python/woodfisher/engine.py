@@ -89,7 +89,15 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
     options of the curvature's config (mode, min_density, obs_update, beta, pattern, ...);
     the options the curvature fixed (:data:`FIXED_BY_CURVATURE`: method, block_size,
     num_grads, damp, woodtaylor, modules, ...) can only be passed with the curvature's values.
+    The statistic and OBS update are those of :func:`woodfisher_kernels.obs_saliency` /
+    :func:`woodfisher_kernels.obs_update` (WoodFisher paper, Eqs. 10-11; Eqs. 21, 23 with WoodTaylor).
 
+    Args:
+        model: the network the curvature was estimated on (or a copy); pruned in place.
+        curvature: a :class:`Curvature` from :func:`estimate_curvature`.
+        sparsity: target fraction of pruned weights in [0, 1) (ignored with an N:M ``pattern``).
+        **options: selection fields of :class:`PruneConfig` (mode, min_density, obs_update, beta,
+            pattern, keep_masks, ...).
     Returns:
         :class:`PruneResult`.
     Raises:

@@ -161,6 +161,10 @@ def make_permanent(model: nn.Module) -> nn.Module:
     Each ``<attr>_orig`` Parameter becomes ``<attr>`` again, at its place in
     ``named_parameters()``; any parameter name (``in_proj_weight`` too) and tied weights are handled.
 
+    Args:
+        model: the network (wrappers seen through); modified in place.
+    Returns:
+        ``model``.
     Raises:
         ValueError: an ``<attr>_mask`` whose shape differs from its ``<attr>_orig`` (checked for
             every module first: nothing is changed).

@@ -176,8 +176,22 @@ def flops_per_param_of_batch(model: nn.Module, batch, targets) -> Dict[str, floa
 
 
 def layer_flops_per_param(model: nn.Module, loader, targets, batch_adapter=None) -> Dict[str, float]:
-    """:func:`flops_per_param_of_batch` on the first batch of ``loader`` (a re-iterable loader is not
-    consumed; a single-pass iterator loses that batch)."""
+    """FLOPs per weight entry and sample of each target, for the FLOPs-aware statistic.
+
+    :func:`flops_per_param_of_batch` on the first batch of ``loader`` (a re-iterable loader is not
+    consumed; a single-pass iterator loses that batch). The statistic ``rho_q / flops^beta`` is the
+    WoodFisher paper's FLOPs-aware pruning statistic (Sec. 5.4).
+
+    Args:
+        model: the network. loader: batches in any format :func:`woodfisher.batches.to_batch` reads.
+        targets: the :class:`woodfisher.PruneTarget` weights to measure.
+        batch_adapter: loader item -> :class:`woodfisher.Batch`, or None for the default reading.
+    Returns:
+        {target name: FLOPs per weight entry and sample (one multiply-accumulate = one FLOP: the
+        entry's uses in one sample's forward pass, see the module docstring)}.
+    Raises:
+        ValueError: an empty loader, and every case of :func:`flops_per_param_of_batch`.
+    """
     first, _ = peek(loader)
     if first is None:
         raise ValueError("loader is empty: cannot measure FLOPs per parameter")

@@ -49,7 +49,17 @@ def polynomial_sparsity(step: int, *, final_sparsity: float, start_step: int, en
                         frequency: int = 1, initial_sparsity: float = 0.05) -> float:
     """Target sparsity at ``step``: 0 before ``start_step``, the cubic ramp, then ``final_sparsity``.
 
-    The ramp is evaluated at the last scheduled pruning step <= ``step``.
+    Source: the polynomial schedule of Zhu & Gupta (2017, "To prune, or not to prune", Eq. 1),
+    ``s_t = s_f + (s_i - s_f) (1 - (t - t_0) / (t_n - t_0))^3``, used by the WoodFisher paper
+    (Sec. 5.2 and S1.1). The ramp is evaluated at the last scheduled pruning step <= ``step``.
+    Nothing is validated here (:class:`GradualPruner` validates its schedule).
+
+    Args:
+        step: the current step (epoch or iteration; any unit, the same as the others).
+        final_sparsity: s_f, a fraction in [0, 1). initial_sparsity: s_i, the fraction at ``start_step``.
+        start_step, end_step: t_0 and t_n. frequency: steps between pruning steps (>= 1).
+    Returns:
+        The target sparsity, a fraction in [0, 1).
     """
     if step < start_step:
         return 0.0
@@ -71,6 +81,12 @@ class GradualPruner:
             end_step (``end_step - start_step`` must be a multiple of ``frequency``).
         prune_kwargs: the other :class:`woodfisher.PruneConfig` fields (method, mode, block_size, ...),
             validated here.
+
+    Raises:
+        ValueError: a sparsity outside [0, 1), ``start_step`` / ``end_step`` not ints >= 0 or
+            ``frequency`` not an int >= 1, ``end_step - start_step`` not a non-negative multiple of
+            ``frequency``, ``initial_sparsity > final_sparsity``, ``sparsity`` passed, a bad
+            :class:`PruneConfig` option, or weights that cannot be pruned.
 
     Typical loop::
 
@@ -109,16 +125,35 @@ class GradualPruner:
         self.history: List[dict] = []
 
     def is_pruning_step(self, step: int) -> bool:
+        """Whether ``step`` is a scheduled pruning step.
+
+        Args:
+            step: the current step.
+        Returns:
+            True for ``start_step + k * frequency <= end_step``.
+        """
         return self.start_step <= step <= self.end_step and (step - self.start_step) % self.frequency == 0
 
     def target_sparsity(self, step: int) -> float:
+        """The schedule's sparsity at ``step`` (:func:`polynomial_sparsity`).
+
+        Args:
+            step: the current step.
+        Returns:
+            A fraction in [0, 1).
+        """
         return polynomial_sparsity(step, final_sparsity=self.final_sparsity, start_step=self.start_step,
                                    end_step=self.end_step, frequency=self.frequency,
                                    initial_sparsity=self.initial_sparsity)
 
     def step(self, step: int, loader: Optional[Iterable] = None) -> Optional[PruneResult]:
-        """Prune if ``step`` is scheduled and not done yet; returns the result or None.
+        """Prune if ``step`` is scheduled and not done yet.
 
+        Args:
+            step: the current step (an int, in the unit of the schedule).
+            loader: batches for the Fisher at this step; None = the constructor's loader.
+        Returns:
+            The step's :class:`PruneResult`, or None when nothing was pruned.
         Raises:
             ValueError: ``step`` not an int, or anything :func:`woodfisher.prune_one_shot`
                 refuses; the model, its masks and the pruner's progress are then unchanged.
@@ -145,11 +180,19 @@ class GradualPruner:
         return result
 
     def masks(self) -> Dict[str, torch.Tensor]:
-        """Current keep-masks {"<module>.weight": bool} of the pruned layers."""
+        """Current keep-masks of the pruned weights.
+
+        Returns:
+            {weight name: bool keep-mask of the weight's shape}.
+        """
         return {target.name: target.keep_mask() for target in resolve_targets(self.model, self.config.modules)}
 
     def state_dict(self) -> dict:
-        """Schedule, progress and masks (save it next to ``model.state_dict()``)."""
+        """Schedule, progress and masks (save it next to ``model.state_dict()``).
+
+        Returns:
+            dict with keys "schedule", "last_step", "history", "masks" (CPU bool tensors).
+        """
         return {"schedule": {"final_sparsity": self.final_sparsity, "initial_sparsity": self.initial_sparsity,
                              "start_step": self.start_step, "end_step": self.end_step,
                              "frequency": self.frequency},
@@ -158,6 +201,9 @@ class GradualPruner:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore progress and re-apply the masks (call before ``model.load_state_dict``).
+
+        Args:
+            state: a dict from :meth:`state_dict`.
 
         The model then has the ``weight_orig`` / ``weight_mask`` entries that a
         checkpoint of a model under pruning holds, in the order of its parameters, so an

@@ -26,7 +26,15 @@ def _is_real(value) -> bool:
 
 
 def check_sparsity(sparsity: float) -> float:
-    """Sparsity must be a real number in [0, 1) (numpy scalars accepted); returns it as a float."""
+    """Validate a sparsity.
+
+    Args:
+        sparsity: fraction of pruned weights; a real number in [0, 1) (numpy scalars accepted).
+    Returns:
+        ``sparsity`` as a float.
+    Raises:
+        ValueError: not a real number, or outside [0, 1).
+    """
     if not _is_real(sparsity):
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(sparsity) < 1.0:
@@ -77,6 +85,9 @@ def select_masks(scores: Scores, sparsity: float, mode: str = "global",
     Returns:
         {name: bool keep-mask}. Ties are broken toward the lower index in the order of
         ``scores`` (layer after layer, each flattened row-major), see :func:`_keep_top`.
+    Raises:
+        ValueError: ``sparsity`` not in [0, 1), an unknown ``mode``, ``min_density`` not in
+            [0, 1], empty ``scores``, or NaN scores (naming the parameter).
     """
     sparsity = check_sparsity(sparsity)
     if mode not in ("global", "layerwise"):
@@ -159,7 +170,13 @@ def check_keeps_weights(sparsity: float, sizes: Mapping[str, int], mode: str = "
 
 
 def sparsity_of(masks: Dict[str, torch.Tensor]) -> float:
-    """Overall fraction of pruned entries."""
+    """Overall fraction of pruned entries.
+
+    Args:
+        masks: {name: bool keep-mask} (True = kept), any shapes.
+    Returns:
+        Fraction in [0, 1] of False entries over all masks (0.0 for no entries).
+    """
     total = sum(m.numel() for m in masks.values())
     return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)
 

@@ -98,6 +98,11 @@ def clone_model(model: nn.Module) -> nn.Module:
     The derived ``weight`` of a pruned module (recomputed from ``weight_orig * weight_mask``
     by a forward pre-hook) is a non-leaf tensor after a forward pass with gradients; it is
     detached for the copy and put back on the original afterwards.
+
+    Args:
+        model: any ``nn.Module`` (masked or not); left as it was.
+    Returns:
+        An independent deep copy (masks, hooks and buffers included).
     """
     with derived_weights_kept(model):
         for module, attr, value in _derived(model):
