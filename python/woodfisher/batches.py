@@ -71,13 +71,23 @@ class Batch:
         raise ValueError("a batch must hold at least one input tensor with a batch dimension")
 
     def batched(self) -> Any:
-        """Pytree of (args, kwargs, target) with True where a leaf is a tensor with the batch dim."""
+        """Which leaves carry the batch dimension.
+
+        Returns:
+            Pytree of (args, kwargs, target) with True where a leaf is a tensor whose dim 0 is :attr:`size`.
+        """
         n = self.size
         return pytree.tree_map(lambda x: isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == n,
                                (self.args, self.kwargs, self.target))
 
     def map_batched(self, fn: Callable[[torch.Tensor], Any]) -> "Batch":
-        """Apply ``fn`` to every batched leaf (others are kept)."""
+        """Apply ``fn`` to every batched leaf (others are kept).
+
+        Args:
+            fn: tensor (n, ...) -> tensor.
+        Returns:
+            A new :class:`Batch`.
+        """
         flags = pytree.tree_leaves(self.batched())
         leaves, spec = self._leaves()
         out = [fn(x) if f else x for x, f in zip(leaves, flags)]
@@ -85,18 +95,39 @@ class Batch:
         return Batch(tuple(args), dict(kwargs), target)
 
     def to(self, device) -> "Batch":
+        """Move every tensor leaf to ``device``.
+
+        Args:
+            device: a ``torch.device`` or its name.
+        Returns:
+            A new :class:`Batch`.
+        """
         leaves, spec = self._leaves()
         out = [x.to(device) if isinstance(x, torch.Tensor) else x for x in leaves]
         args, kwargs, target = pytree.tree_unflatten(out, spec)
         return Batch(tuple(args), dict(kwargs), target)
 
     def take(self, start: int, stop: int) -> "Batch":
-        """Samples ``start:stop``."""
+        """Samples ``start:stop`` of every batched leaf.
+
+        Args:
+            start, stop: sample indices (Python slice semantics).
+        Returns:
+            A new :class:`Batch` of ``stop - start`` samples (fewer at the end).
+        """
         return self.map_batched(lambda x: x[start:stop])
 
     @staticmethod
     def cat(batches: "list[Batch]") -> "Batch":
-        """Concatenate batches of the same structure along the batch dim (ValueError if they differ)."""
+        """Concatenate batches of the same structure along the batch dim.
+
+        Args:
+            batches: non-empty list of :class:`Batch` with the same pytree structure and per-sample shapes.
+        Returns:
+            One :class:`Batch` (the only one when the list has one).
+        Raises:
+            ValueError: batches of different structures or per-sample shapes.
+        """
         if len(batches) == 1:
             return batches[0]
         first_leaves, spec = batches[0]._leaves()
@@ -123,7 +154,11 @@ class Batch:
         return Batch(tuple(args), dict(kwargs), target)
 
     def without_target(self) -> "Batch":
-        """The same inputs with the target (and a dict's ``labels``) removed."""
+        """The same inputs with the target (and a dict's ``labels``) removed.
+
+        Returns:
+            A new :class:`Batch` with ``target=None``.
+        """
         kwargs = {k: v for k, v in self.kwargs.items() if k != "labels"}
         return Batch(self.args, kwargs, None)
 

@@ -404,7 +404,13 @@ class GradientCollector:
             self.loss_grad = {k: v / self.count for k, v in loss_sum.items()}
 
     def chunks(self, k: int) -> Iterator[Dict[str, torch.Tensor]]:
-        """Yields {name: (k_i, numel)} with k_i = k except maybe the last."""
+        """Stream the gradients ``k`` at a time (one pass over the loader).
+
+        Args:
+            k: gradients per chunk (>= 1).
+        Yields:
+            {weight name: (k_i, numel)} with k_i = k except maybe the last, in the gradients' dtype.
+        """
         pending: List[Dict[str, torch.Tensor]] = []
         have = 0
         for piece in self._pieces():
@@ -420,10 +426,16 @@ class GradientCollector:
             yield {n: torch.cat([p[n] for p in pending]) for n in pending[0]}
 
     def collect(self, blocked: bool = False) -> Dict[str, torch.Tensor]:
-        """All gradients at once: {name: (m, numel)}, or with ``blocked`` {name: (B, m, c)}.
+        """All gradients at once (one pass over the loader).
 
         The blocked form is :meth:`woodfisher.targets.BlockLayout.grad_blocks` of the flat
         one (canonical order, zero padded), written chunk by chunk into one buffer.
+
+        Args:
+            blocked: return the blocked form (B, m, c) instead of the flat (m, numel).
+        Returns:
+            {weight name: (m, numel)} or, with ``blocked``, {weight name: (B, m, c)}; m = the fisher
+            subsample size collected.
         """
         by_name = {target.name: target for target in self.targets}
 

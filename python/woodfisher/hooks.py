@@ -106,7 +106,13 @@ class FisherHook:
 
     # ---- feeding --------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> "FisherHook":
-        """Read the gradients before every ``optimizer.step()``; returns self."""
+        """Read the gradients before every ``optimizer.step()`` (replacing an earlier attachment).
+
+        Args:
+            optimizer: the training loop's ``torch.optim.Optimizer``.
+        Returns:
+            ``self``.
+        """
         self.detach()
         self._handle = optimizer.register_step_pre_hook(self._before_step)
         return self
@@ -122,7 +128,16 @@ class FisherHook:
 
     @torch.no_grad()
     def observe(self) -> bool:
-        """Take the current ``.grad`` of the tracked weights (one optimizer step); True if used."""
+        """Take the current ``.grad`` of the tracked weights (one optimizer step).
+
+        Every ``every``-th call is used until N gradients are in; they are folded into the inverses
+        by Sherman-Morrison updates (WoodFisher paper, Eq. 2) every ``buffer`` gradients.
+
+        Returns:
+            True if this step's gradients were used.
+        Raises:
+            ValueError: a gradient with NaN or Inf (naming the weight; the step is not used).
+        """
         self.steps += 1
         if self.ready or (self.steps - 1) % self.every:
             return False
@@ -164,6 +179,9 @@ class FisherHook:
 
         The inverses are the hook's own tensors (not copies): prune, then :meth:`reset`.
         Before N gradients the Fisher term is scaled by ``count / N`` (the normaliser is N).
+
+        Returns:
+            A blockwise :class:`Curvature` (forms "stream").
         Raises:
             ValueError: no gradient observed yet.
         """

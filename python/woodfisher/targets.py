@@ -146,22 +146,42 @@ class PruneTarget(BlockLayout):
         return self.param.shape
 
     def layout(self) -> Layout:
+        """The weight's name, shape, kind and block size, without the tensors.
+
+        Returns:
+            :class:`Layout` (what a :class:`woodfisher.Curvature` keeps per weight).
+        """
         return Layout(self.name, self.shape, self.kind, self.block_size)
 
     def effective_weight(self) -> torch.Tensor:
-        """The weight the model computes with (storage times every mask)."""
+        """The weight the model computes with (storage times every mask).
+
+        Returns:
+            Detached tensor of the weight's shape, dtype and device.
+        """
         w = self.param.detach()
         for mask in self._mask_buffers():
             w = w * mask
         return w
 
     def keep_mask(self) -> torch.Tensor:
-        """Current keep-mask: ``effective weight != 0`` (exact zeros count as pruned and stay pruned)."""
+        """Current keep-mask: ``effective weight != 0`` (exact zeros count as pruned and stay pruned).
+
+        Returns:
+            Bool tensor of the weight's shape.
+        """
         return self.effective_weight() != 0
 
     @torch.no_grad()
     def write(self, weight: torch.Tensor, keep: torch.Tensor) -> None:
-        """Store new weights (pruned entries forced to exactly 0) and the keep-mask."""
+        """Store new weights (pruned entries forced to exactly 0) and the keep-mask.
+
+        Unchecked (the engine validates before writing).
+
+        Args:
+            weight: new values, any shape with the weight's number of entries (cast to its dtype).
+            keep: bool keep-mask with the weight's number of entries.
+        """
         keep = keep.reshape(self.shape)
         param = self.param
         param.copy_(weight.reshape(self.shape).to(param.dtype) * keep)
