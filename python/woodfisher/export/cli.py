@@ -38,7 +38,13 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options of ``woodfisher export`` to ``parser`` (and ``func=run_export``)."""
+    """Add the options of ``woodfisher export`` to ``parser`` (and ``func=run_export``).
+
+    Args:
+        parser: an ``argparse.ArgumentParser`` (the subcommand's).
+    Returns:
+        ``parser``.
+    """
     parser.add_argument("--model", required=True,
                         help=f"architecture: a built-in one ({', '.join(sorted(MODEL_SPECS))}) or the import path "
                              "'package.module:factory' of a function that returns the nn.Module")
@@ -102,7 +108,19 @@ def _max_diff(got, ref) -> float:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """Run ``woodfisher export`` (see the module docstring); returns 0, raises ValueError on bad input."""
+    """Run ``woodfisher export`` (see the module docstring).
+
+    Args:
+        args: the namespace :func:`add_export_arguments` parses (model, checkpoint, masks, format,
+            out, names, min_sparsity, conv, blocksize, dtype, device, input_shape, trust_pickle).
+    Returns:
+        0 (the exit status).
+    Raises:
+        ValueError: bad input: ``--blocksize`` without bsr, onnx without its dependencies or
+            without an input shape, an ``--out`` folder that does not exist, an unreadable checkpoint
+        or masks, no layer to convert, and
+            every error of the export called.
+    """
     from ..checkpoint import load_checkpoint, save_state_dict
     from ._common import to_dense
     from .onnx_export import ONNX_HINT, onnx_available, to_onnx

@@ -22,7 +22,11 @@ ONNX_HINT = "the ONNX export needs the onnx and onnxscript packages: pip install
 
 
 def onnx_available() -> bool:
-    """True when ``onnx`` and ``onnxscript`` (the exporter's dependencies) are importable."""
+    """Whether :func:`to_onnx` can run here.
+
+    Returns:
+        True when ``onnx`` and ``onnxscript`` (the exporter's dependencies) are importable.
+    """
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401

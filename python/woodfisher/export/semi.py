@@ -43,8 +43,14 @@ def min_tile(dtype: torch.dtype) -> Tuple[int, int]:
 
 
 def pattern_violations(weight: torch.Tensor, n: int = 2, m: int = 4) -> int:
-    """Number of runs of ``m`` consecutive entries of a row of ``weight`` (out, in) with more than
-    ``n`` non-zeros (``in`` must be a multiple of ``m``)."""
+    """Count the runs of ``m`` consecutive entries of a row with more than ``n`` non-zeros (N:M check).
+
+    Args:
+        weight: (out, in) tensor, ``in`` a multiple of ``m`` (not checked here).
+        n, m: the N:M pattern (default 2:4).
+    Returns:
+        The number of violating runs (0: the weight fits N:M).
+    """
     runs = (weight.detach() != 0).reshape(weight.shape[0], -1, m)
     return int((runs.sum(-1) > n).sum())
 
@@ -101,7 +107,16 @@ def _validated(model: nn.Module, names, dtype) -> List[Tuple[str, nn.Linear]]:
 
 
 def check_device(device) -> torch.device:
-    """The CUDA ``device`` if it has 2:4 sparse tensor cores; else a ValueError naming ``device``."""
+    """The CUDA device, if it has 2:4 sparse tensor cores (compute capability >= 8.0).
+
+    Args:
+        device: a ``torch.device`` or its name, e.g. "cuda" or "cuda:1".
+    Returns:
+        The ``torch.device``.
+    Raises:
+        ValueError: not a device, not CUDA, CUDA not available here, or a compute capability
+            below 8.0 (naming ``device``).
+    """
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):

@@ -89,14 +89,37 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_dense(cls, linear: nn.Linear, layout: str = "csr", blocksize: Optional[int] = None,
                    name: str = "linear") -> "SparseLinear":
-        """The sparse twin of ``linear`` (its exact zeros are not stored)."""
+        """The sparse twin of ``linear`` (its exact zeros are not stored).
+
+        Args:
+            linear: an ``nn.Linear`` with float32 or float64 weights (out, in).
+            layout: "csr" or "bsr". blocksize: BSR square block size (default 4; must divide out and in).
+            name: the layer's name, for error messages.
+        Returns:
+            :class:`SparseLinear` on the device of ``linear``.
+        Raises:
+            ValueError: a weight dtype other than float32/float64, or a ``blocksize`` that does not
+                divide both dimensions (naming the layer).
+        """
         return cls(_sparse_weight(linear.weight, layout, blocksize or DEFAULT_BLOCKSIZE, name), linear.bias)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs @ weight^T + bias`` with the sparse weight.
+
+        Args:
+            inputs: (..., in_features), the weight's dtype and device.
+        Returns:
+            (..., out_features).
+        """
         product = _sparse_mm(self.weight, self.bias, inputs.reshape(-1, self.in_features))
         return product.reshape(*inputs.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
+        """The module's repr line.
+
+        Returns:
+            Sizes, layout, number of stored entries (nnz) and whether there is a bias.
+        """
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"layout={self.weight.layout}, nnz={self.weight.values().numel()}, bias={self.bias is not None}")
 
@@ -125,7 +148,19 @@ class SparseConv2d(nn.Module):
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, layout: str = "csr", blocksize: Optional[int] = None,
                    name: str = "conv") -> "SparseConv2d":
-        """The sparse twin of ``conv``; ValueError naming ``name`` for groups > 1 or non-numeric padding."""
+        """The sparse twin of ``conv`` (its exact zeros are not stored).
+
+        Args:
+            conv: an ``nn.Conv2d`` with groups=1, numeric zero padding, float32 or float64 weights.
+            layout: "csr" or "bsr". blocksize: BSR square block size (default 4; must divide
+                out_channels and in_channels * kh * kw).
+            name: the layer's name, for error messages.
+        Returns:
+            :class:`SparseConv2d` on the device of ``conv``.
+        Raises:
+            ValueError: groups > 1, non-numeric or non-zero padding mode, a weight dtype other than
+                float32/float64, or a ``blocksize`` that does not divide the weight matrix (naming ``name``).
+        """
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"layer {name!r}: sparse convolution supports groups=1 and numeric zero padding "
                              f"only (got groups={conv.groups}, padding={conv.padding!r}, "
@@ -134,6 +169,13 @@ class SparseConv2d(nn.Module):
         return cls(weight, conv.bias, conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The convolution as im2col + one sparse GEMM.
+
+        Args:
+            inputs: (N, in_channels, H, W) or (in_channels, H, W), the weight's dtype and device.
+        Returns:
+            (N, out_channels, H', W') (or without N), H' and W' as in the class docstring.
+        """
         if inputs.dim() == 3:
             return self.forward(inputs.unsqueeze(0)).squeeze(0)
         batch, _, height, width = inputs.shape
@@ -150,6 +192,11 @@ class SparseConv2d(nn.Module):
         return product.view(self.out_channels, batch, out_h, out_w).transpose(0, 1)
 
     def extra_repr(self) -> str:
+        """The module's repr line.
+
+        Returns:
+            Channels, kernel size, stride, padding, dilation, layout and number of stored entries (nnz).
+        """
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, layout={self.weight.layout}, "
                 f"nnz={self.weight.values().numel()}")
