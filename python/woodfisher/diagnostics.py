@@ -54,12 +54,18 @@ def magnitude_overlap(weights: Dict[str, torch.Tensor], keep_before: Dict[str, t
 
 
 def warn_if_degenerate(overlap: Optional[float], count: int, config, stacklevel: int = 2) -> None:
-    """A UserWarning when a curvature method's mask overlaps magnitude's by >= :data:`DEGENERATE_OVERLAP`
-    (only when at least :data:`MIN_WARN_COUNT` weights were pruned: on tiny layers equal masks are common).
+    """A UserWarning when a curvature method's mask overlaps magnitude's by >= :data:`DEGENERATE_OVERLAP`.
 
-    ``config`` is the call's :class:`woodfisher.PruneConfig`: the warning names only the causes its
-    options can have (a block size or a damp set by hand; at their defaults, which already fit the
-    blocks and the damp to the gradients, only more gradients per step or more steps help).
+    Only when at least :data:`MIN_WARN_COUNT` weights were pruned (on tiny layers equal masks are common).
+    The warning names only the causes the call's options can have (a block size or a damp set by
+    hand; at their defaults, which already fit the blocks and the damp to the gradients, only more
+    gradients per step or more steps help).
+
+    Args:
+        overlap: the fraction in [0, 1] from :func:`magnitude_overlap`, or None.
+        count: the number of weights magnitude pruning pruned (:func:`magnitude_overlap`'s count).
+        config: the call's :class:`woodfisher.PruneConfig`.
+        stacklevel: frames above the caller the warning points at.
     """
     if overlap is None or overlap < DEGENERATE_OVERLAP or count < MIN_WARN_COUNT:
         return
@@ -84,16 +90,28 @@ def warn_if_degenerate(overlap: Optional[float], count: int, config, stacklevel:
 
 
 def reissue(caught, stacklevel: int = 1) -> None:
-    """Warn again, once each (same text and category, first-seen order), the ``warnings.catch_warnings(record=True)``
-    list ``caught``, pointing ``stacklevel`` frames above the function that calls this (1: that function's
-    caller), so that a public entry point built on other public calls reports at its own caller's line."""
+    """Warn again, once each (same text and category, first-seen order), the recorded warnings.
+
+    Pointing ``stacklevel`` frames above the function that calls this (1: that function's caller),
+    so that a public entry point built on other public calls reports at its own caller's line.
+
+    Args:
+        caught: the list a ``warnings.catch_warnings(record=True)`` block recorded.
+        stacklevel: frames above the calling function (>= 1).
+    """
     for text, category in dict.fromkeys((str(w.message), w.category) for w in caught):
         warnings.warn(text, category, stacklevel=stacklevel + 2)
 
 
 def warn_at_caller(message: str, category=UserWarning) -> None:
-    """``warnings.warn`` pointing at the first frame outside woodfisher and woodfisher_kernels: the
-    user's line, whichever public entry point led here (``skip_file_prefixes`` from Python 3.12 on)."""
+    """``warnings.warn`` pointing at the first frame outside woodfisher and woodfisher_kernels.
+
+    That is the user's line, whichever public entry point led here (``skip_file_prefixes`` does
+    the same from Python 3.12 on).
+
+    Args:
+        message: the warning text. category: a ``Warning`` subclass (default UserWarning).
+    """
     import woodfisher_kernels
     dirs = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, woodfisher_kernels.__file__))
     level, frame = 1, sys._getframe(1)

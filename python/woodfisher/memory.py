@@ -29,6 +29,11 @@ def available_bytes(device) -> Optional[int]:
 
     CUDA: the free memory ``torch.cuda.mem_get_info`` reports; CPU: ``MemAvailable`` of ``/proc/meminfo``
     (Linux: free memory plus reclaimable caches), else the free physical pages ``os.sysconf`` reports.
+
+    Args:
+        device: a ``torch.device`` or its name ("cpu", "cuda:0", ...).
+    Returns:
+        Bytes (int), or None for other device types or where the OS does not tell.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -50,7 +55,11 @@ def available_bytes(device) -> Optional[int]:
 
 @contextmanager
 def host_allocations():
-    """Context: tensors created inside are host memory (not counted by a :class:`TensorMemoryMeter`)."""
+    """Context: tensors created inside are host memory (not counted by a :class:`TensorMemoryMeter`).
+
+    Yields:
+        None; nesting is allowed.
+    """
     _HOST_DEPTH[0] += 1
     try:
         yield

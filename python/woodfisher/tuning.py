@@ -32,8 +32,20 @@ __all__ = ["search_damp", "heldout_loss"]
 @torch.no_grad()
 def heldout_loss(model, loader, loss_fn: Optional[Callable] = None, batch_adapter: Optional[Callable] = None
                  ) -> float:
-    """Sample-weighted mean loss over ``loader`` (eval mode; every module's flag restored); floating
-    inputs are cast to the model's dtype. A batch the model fails on is a ValueError naming heldout."""
+    """Sample-weighted mean loss over ``loader`` (eval mode; every module's flag restored).
+
+    Floating inputs are cast to the model's dtype.
+
+    Args:
+        model: the network (not modified). loader: a re-iterable or single-pass iterable of batches.
+        loss_fn: (outputs, target) -> mean loss, or None for the default loss (a model's own ``loss``
+            output when present). batch_adapter: loader item -> :class:`woodfisher.Batch`.
+    Returns:
+        The mean loss per sample (float, the loss's units).
+    Raises:
+        ValueError: a loader that is None or not iterable, an empty loader, or a batch the model or
+            the loss fails on (naming heldout and the batch's shapes).
+    """
     check_loader(loader)
     param = next(p for p in model.parameters() if p.is_floating_point())
     total, n = 0.0, 0

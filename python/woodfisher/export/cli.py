@@ -117,9 +117,8 @@ def run_export(args: argparse.Namespace) -> int:
         0 (the exit status).
     Raises:
         ValueError: bad input: ``--blocksize`` without bsr, onnx without its dependencies or
-            without an input shape, an ``--out`` folder that does not exist, an unreadable checkpoint
-        or masks, no layer to convert, and
-            every error of the export called.
+            without an input shape, an ``--out`` folder that does not exist, an unreadable
+            checkpoint or masks, no layer to convert, and every error of the export called.
     """
     from ..checkpoint import load_checkpoint, save_state_dict
     from ._common import to_dense

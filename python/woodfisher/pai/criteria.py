@@ -86,10 +86,17 @@ def synflow_scores(model: nn.Module, input_shape: Optional[Sequence[int]] = None
                    _linearized: Optional[nn.Module] = None) -> Scores:
     """SynFlow scores |w * dR/dw| of a sign-linearised float64 copy of ``model`` (:func:`linearize`).
 
-    The copy runs in eval mode on an all-ones input (:func:`synflow_input`); R is the sum of
-    the output of the last Linear/Conv layer executed (the logits, so a final (log-)softmax
-    is ignored), or of the model's predictions when no such layer runs. ``masks``
-    {name: bool keep} zero pruned weights of the copy first (cumulative on ``_linearized``).
+    Source: Tanaka et al. 2020 ("Pruning neural networks without any data by iteratively
+    conserving synaptic flow"). The copy runs in eval mode on an all-ones input (:func:`synflow_input`);
+    R is the sum of the output of the last Linear/Conv layer executed (the logits, so a final
+    (log-)softmax is ignored), or of the model's predictions when no such layer runs.
+
+    Args:
+        model: the network (not modified).
+        input_shape: one sample's input shape, e.g. (3, 32, 32), when ``example`` is None.
+        params: module or parameter names to score (None = the default targets) or PruneTargets.
+        masks: {name: bool keep} zeroing pruned weights of the copy first (cumulative on ``_linearized``).
+        example: a :class:`woodfisher.Batch` whose input structure the all-ones input copies.
     Returns:
         {name: (shape)} float32 scores.
     """
@@ -121,12 +128,23 @@ def compute_scores(model: nn.Module, loader: Optional[Iterable], criterion: str,
                    hvp: str = "autograd", generator: Optional[torch.Generator] = None,
                    input_shape: Optional[Sequence[int]] = None, progress: bool = False,
                    batch_adapter: Optional[Callable] = None) -> Scores:
-    """One-shot scores {name: (shape)} for ``criterion`` (synflow: one iteration).
+    """One-shot scores for ``criterion`` (synflow: one iteration); higher = keep.
 
     The model is used in its current train/eval mode (the Fisher criteria take per-sample
     gradients in eval mode); callers set it (prune_at_init scores in eval mode so that
     warmed-up BatchNorm statistics are used). GraSP reads the loader twice: a single-pass
-    loader's first ``num_batches`` batches are kept in memory for it.
+    loader's first ``num_batches`` batches are kept in memory for it. Formulas and sources:
+    the module docstring (OBD, LeCun et al. 1990, Eq. 6, on a diagonal estimate; SNIP, GraSP, SynFlow).
+
+    Args:
+        model: the network. loader: batches, or None for a data-free criterion.
+        criterion: one of :data:`CRITERIA`.
+        params, loss_fn, batch_adapter: as in :func:`woodfisher.pai.fisher_diagonal`.
+        num_probes: Hutchinson probes per batch. num_batches: batches to read (None = all).
+        hvp: "autograd" | "func". generator: the probes' / random scores' CPU generator.
+        input_shape: synflow's sample shape (when no loader gives one). progress: show progress.
+    Returns:
+        {weight name: (weight shape)} scores.
     Raises:
         ValueError: unknown criterion, bad names, no / empty loader for a data criterion.
     """

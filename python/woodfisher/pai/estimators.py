@@ -42,7 +42,14 @@ Params = Optional[Sequence]  # parameter / module names, or PruneTargets
 
 @dataclass
 class DiagonalEstimate:
-    """diag: {name: (shape) diagonal estimate}; grad: {name: (shape) mean loss gradient}."""
+    """A diagonal curvature estimate and the mean loss gradient (the inputs of the PaI criteria).
+
+    Attributes:
+        diag: {weight name: (weight shape) estimate of diag(H) or of the empirical Fisher diagonal}.
+        grad: {weight name: (weight shape) gradient of the mean loss}.
+        num_samples: samples seen.
+        num_probes: Rademacher probes per batch (0 for the Fisher diagonal).
+    """
     diag: Dict[str, torch.Tensor]
     grad: Dict[str, torch.Tensor]
     num_samples: int
@@ -51,7 +58,14 @@ class DiagonalEstimate:
 
 def rademacher(shape, generator: Optional[torch.Generator] = None, device=None,
                dtype=torch.float32) -> torch.Tensor:
-    """Tensor of i.i.d. +-1 entries (drawn on the CPU generator, then moved)."""
+    """Tensor of i.i.d. +-1 entries (Hutchinson probes; drawn on the CPU generator, then moved).
+
+    Args:
+        shape: the tensor's shape. generator: a CPU ``torch.Generator`` or None.
+        device, dtype: of the result.
+    Returns:
+        Tensor of ``shape`` with entries -1 or +1.
+    """
     z = torch.randint(0, 2, tuple(shape), generator=generator, dtype=torch.int8)
     return (2 * z - 1).to(device=device, dtype=dtype)
 
@@ -224,10 +238,17 @@ def fisher_diagonal(model: nn.Module, loader: Iterable, *, params: Params = None
                     batch_adapter: Optional[Callable] = None) -> DiagonalEstimate:
     """Empirical Fisher diagonal (1/N) sum_i (grad loss_i)^2 over every sample seen.
 
+    The diagonal of the empirical Fisher of the WoodFisher paper (Sec. 2), i.e. its block size 1.
     Per-sample gradients come from :class:`woodfisher.gradients.GradientCollector`, which
     takes them in eval mode whatever the model's mode (BatchNorm batch statistics would
     couple the samples; every module's flag is restored), in float32 for half models.
-    ``chunk_size`` gradients are summed at a time (memory only).
+
+    Args:
+        model: the network. loader: batches (see :mod:`woodfisher.batches`).
+        params: module or parameter names (None = the default targets) or PruneTargets.
+        loss_fn: (outputs, target) -> mean loss, or None for the default loss.
+        num_batches: batches to read (None = all). chunk_size: gradients summed at a time (memory only).
+        progress: show progress. batch_adapter: loader item -> :class:`woodfisher.Batch`.
     Returns:
         DiagonalEstimate with diag {name: (shape)} and the mean gradient {name: (shape)}.
     Raises:
@@ -253,7 +274,16 @@ def fisher_diagonal(model: nn.Module, loader: Iterable, *, params: Params = None
 def loss_gradient(model: nn.Module, loader: Iterable, *, params: Params = None,
                   loss_fn: Optional[Callable] = None, num_batches: Optional[int] = None,
                   progress: bool = False, batch_adapter: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
-    """Gradient of the mean loss over the samples seen: {name: (shape)}."""
+    """Gradient of the mean loss over the samples seen (SNIP's and GraSP's g).
+
+    Args:
+        model: the network (used in its current mode). loader: batches.
+        params, loss_fn, num_batches, progress, batch_adapter: as in :func:`fisher_diagonal`.
+    Returns:
+        {weight name: (weight shape)} in the weights' compute dtype.
+    Raises:
+        ValueError: ``num_batches`` not an int >= 1, bad ``params`` names, an empty loader.
+    """
     check_num_batches(num_batches)
     f = BatchLoss(model, pai_targets(model, params), loss_fn, batch_adapter)
 
@@ -269,7 +299,17 @@ def hessian_gradient_product(model: nn.Module, loader: Iterable, vector: Dict[st
                              params: Params = None, loss_fn: Optional[Callable] = None,
                              num_batches: Optional[int] = None, progress: bool = False,
                              batch_adapter: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
-    """H v of the mean loss for a fixed ``vector`` {name: (shape)} (GraSP uses v = g)."""
+    """``H v`` of the mean loss for a fixed ``vector`` (GraSP, Wang et al. 2020, uses v = g).
+
+    Args:
+        model: the network (used in its current mode). loader: batches.
+        vector: {weight name: (weight shape)} v, one entry per scored weight.
+        params, loss_fn, num_batches, progress, batch_adapter: as in :func:`fisher_diagonal`.
+    Returns:
+        {weight name: (weight shape)} H v.
+    Raises:
+        ValueError: ``num_batches`` not an int >= 1, bad ``params`` names, an empty loader.
+    """
     check_num_batches(num_batches)
     f = BatchLoss(model, pai_targets(model, params), loss_fn, batch_adapter)
     v = [vector[t.name].detach().to(f.dtype).reshape(w.shape) for t, w in zip(f.targets, f.weights)]

@@ -32,9 +32,12 @@ from .warmup import (
 
 @dataclass
 class PaIResult(PruneResult):
-    """woodfisher's PruneResult (masks, layers, sparsity, damp=None, config, timings) plus
-    ``collapsed``: names of layers left with no weight or a density below
-    ``collapse_density``. timings: seconds for warmup, scoring, masking.
+    """woodfisher's PruneResult (masks, layers, sparsity, damp=None, config, timings) plus ``collapsed``.
+
+    Attributes:
+        collapsed: names of layers left with no weight or a density below ``collapse_density``.
+        timings: seconds for warmup, scoring, masking.
+        (the others: as :class:`woodfisher.PruneResult`).
     """
     collapsed: List[str] = field(default_factory=list)
 

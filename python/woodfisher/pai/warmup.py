@@ -43,10 +43,14 @@ def as_in_training(ctx: eval_mode) -> None:
 
 def warmup_batchnorm(model: nn.Module, loader: Iterable, num_batches: int, *,
                      batch_adapter: Optional[Callable] = None) -> int:
-    """Re-estimate the BatchNorm running statistics on the first ``num_batches`` batches of ``loader``
-    (:func:`woodfisher.recalibrate_bn`; a single-pass loader loses the batches read here, and one more:
-    :func:`woodfisher.pai.prune_at_init` hands it a list of them).
+    """Re-estimate the BatchNorm running statistics on the first ``num_batches`` batches of ``loader``.
 
+    :func:`woodfisher.recalibrate_bn`; a single-pass loader loses the batches read here, and one more
+    (:func:`woodfisher.pai.prune_at_init` hands it a list of them).
+
+    Args:
+        model: the network (its BN buffers are modified). loader: batches (inputs only used).
+        num_batches: batches to use (int >= 1). batch_adapter: loader item -> :class:`woodfisher.Batch`.
     Returns:
         the number of samples seen (0 when the model has no BatchNorm: nothing is run).
     Raises:
@@ -71,7 +75,13 @@ def restore_batchnorm_state(saved: list) -> None:
 
 @contextlib.contextmanager
 def preserved_batchnorm_state(model: nn.Module) -> Iterator[None]:
-    """Restore every BatchNorm buffer on exit (train-mode scoring passes update them)."""
+    """Context manager restoring every BatchNorm buffer on exit (train-mode scoring passes update them).
+
+    Args:
+        model: the network.
+    Yields:
+        None; on exit (also after an exception) the running statistics and batch counters are restored.
+    """
     saved = batchnorm_state(model)
     try:
         yield
