@@ -141,7 +141,8 @@ class Curvature:
             A new :class:`Curvature` (this one is unchanged).
         Raises:
             ValueError: not a blockwise curvature with kept gradients (streamed or another kind), a
-                damp :class:`PruneConfig` refuses, or inverses that fail (see :func:`woodfisher_kernels.fisher_inverse`).
+                damp :class:`PruneConfig` refuses, or inverses that fail
+                (see :func:`woodfisher_kernels.fisher_inverse`).
         """
         if self.kind != "blockwise" or self.grads is None:
             raise ValueError("with_damp needs a blockwise curvature whose gradients were kept (not streamed); "
@@ -248,6 +249,11 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
                        **options) -> Curvature:
     """Gradients and block inverses of the pruned weights of ``model`` (phase one of a step).
 
+    For WoodFisher: per weight, ``(damp I + G^T G / m)^-1`` per block of block size c from m
+    per-sample gradients (the fisher subsample size), WoodFisher paper Sec. 3.2, Eq. 2 and its
+    block-wise approximation; ``damp="auto"`` resolves lambda once from the Fisher diagonal
+    (:func:`woodfisher.damping.auto_damp`).
+
     Args:
         model: the network (not modified; its current zeros count as pruned).
         loader: batches for the Fisher (see :mod:`woodfisher.batches`); may be None for
@@ -255,7 +261,7 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
         config: a :class:`PruneConfig`; keyword ``options`` (its field names) override it,
             or build one (``sparsity`` defaults to 0 here: it is used by :func:`prune_with`).
     Returns:
-        :class:`Curvature`.
+        :class:`Curvature` (inverses (B, c, c) or low-rank per weight, see its attributes).
     Raises:
         ValueError: bad options, no loader where one is needed, an empty loader, NaN/Inf
             gradients (naming the weight), or a ``memory_budget`` that fits nothing.

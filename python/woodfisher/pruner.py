@@ -29,6 +29,12 @@ def prune_one_shot(model: nn.Module, loader: Optional[Iterable], config: Optiona
                    **options) -> PruneResult:
     """Prune ``model`` in place to ``sparsity`` over its prunable weights.
 
+    WoodFisher (the default method), after the WoodFisher paper (Singh & Alistarh, 2020): blockwise
+    inverse empirical Fisher (Sec. 3.2, Eq. 2), saliency ``rho_q = w_q^2 / (2 [F^-1]_qq)`` (Eq. 11),
+    OBS update (Eq. 10, summed over the pruned set), global (joint) or layerwise (independent)
+    masks (Sec. 4.3); WoodTaylor Eqs. 21 and 23; FLOPs-aware statistic with ``beta`` (Sec. 5.4);
+    group OBS for N:M and rows (Sec. 4.2 / 6.1).
+
     Args:
         model: the network; wrappers (DataParallel, DDP, FSDP, torch.compile) are seen through,
             tied weights are pruned once. Pruned entries become exact zeros. Under a

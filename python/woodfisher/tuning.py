@@ -73,21 +73,22 @@ def _check_grid(grid) -> list:
 
 def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Sequence[float]] = None,
                 loss_fn: Optional[Callable] = None, **options) -> Tuple[float, Dict[float, float]]:
-    """Choose lambda on a log grid by the held-out loss after pruning.
+    """Choose lambda (the damp of ``F = lambda I + G^T G / N``, WoodFisher paper Sec. 3.2) on a log grid
+    by the held-out loss after pruning.
 
     Every candidate prunes a copy of ``model`` (the model itself is unchanged; models
     holding ``torch.nn.utils.prune`` masks are copied too).
 
     Args:
         model, loader: as for :func:`woodfisher.prune_one_shot`. heldout: held-out batches.
-        sparsity: target sparsity of the search.
+        sparsity: target sparsity of the search, a fraction in [0, 1).
         grid: candidate lambdas (> 0); default ``auto * 10**k`` for k in -3..1, where ``auto``
             is the :func:`woodfisher.damping.auto_damp` value of the same gradients.
         options: other :class:`woodfisher.PruneConfig` fields (``damp`` is not allowed);
             ``progress`` (default True, as for :func:`woodfisher.prune_one_shot`) shows one
             display over the whole search, each phase labelled with its candidate damp.
     Returns:
-        (best lambda, {lambda: held-out loss}).
+        (best lambda, {lambda: held-out loss per sample, as :func:`heldout_loss`}).
     Warns:
         the warnings of the candidate that was chosen (layer collapse, a mask that degenerated to
         magnitude pruning, ...), once each and at the caller's line; the other candidates' are dropped.
