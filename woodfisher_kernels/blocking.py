@@ -30,7 +30,7 @@ def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
         x: (..., d) tensor, any dtype and device.
         block_size: c (>= 1).
     Returns:
-        (..., B, c) with B = ceil(d / c); a view of ``x`` when d is a multiple of c.
+        (..., B, c) with B = ceil(d / c) (a view of a contiguous ``x`` when c divides d).
     Raises:
         ValueError: ``block_size`` < 1 (from :func:`num_blocks`).
     """

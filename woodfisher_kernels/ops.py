@@ -314,8 +314,8 @@ def gather_rows(inv: Inverse, index: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, G, q, c): ``out[b, g, i] = F^-1[b, index[b, g, i], :]``.
     Raises:
-        ValueError: ``inv`` not square blocks, ``index`` not a 3-D integer tensor with B blocks
-            on the same device, or (LowRankInverse) entries outside [0, c).
+        ValueError: ``inv`` not square blocks, ``index`` not a 3-D int64/int32 tensor with B
+            blocks on the device of ``inv``, or entries outside [0, c).
     """
     _check_index("index", inv, index)
     if isinstance(inv, LowRankInverse):

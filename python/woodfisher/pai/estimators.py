@@ -238,7 +238,7 @@ def fisher_diagonal(model: nn.Module, loader: Iterable, *, params: Params = None
                     batch_adapter: Optional[Callable] = None) -> DiagonalEstimate:
     """Empirical Fisher diagonal (1/N) sum_i (grad loss_i)^2 over every sample seen.
 
-    The diagonal of the empirical Fisher of the WoodFisher paper (Sec. 2), i.e. its block size 1.
+    The diagonal of the (undamped) empirical Fisher of the WoodFisher paper, Sec. 2.
     Per-sample gradients come from :class:`woodfisher.gradients.GradientCollector`, which
     takes them in eval mode whatever the model's mode (BatchNorm batch statistics would
     couple the samples; every module's flag is restored), in float32 for half models.
@@ -280,7 +280,7 @@ def loss_gradient(model: nn.Module, loader: Iterable, *, params: Params = None,
         model: the network (used in its current mode). loader: batches.
         params, loss_fn, num_batches, progress, batch_adapter: as in :func:`fisher_diagonal`.
     Returns:
-        {weight name: (weight shape)} in the weights' compute dtype.
+        {weight name: (weight shape)}.
     Raises:
         ValueError: ``num_batches`` not an int >= 1, bad ``params`` names, an empty loader.
     """
