@@ -2,7 +2,7 @@
 
 With whole-layer Fisher blocks much larger than the number of gradients (c >> m) and a
 small damp, the diagonal of ``F^-1`` is almost constant over a block, so the WoodFisher
-statistic ``rho_q = w_q^2 / (2 [F^-1]_qq)`` (paper Eq. 10) ranks weights almost exactly
+statistic ``rho_q = w_q^2 / (2 [F^-1]_qq)`` (paper Eq. 11) ranks weights almost exactly
 as ``|w_q|`` does: the mask degenerates to magnitude pruning and only the OBS update is
 second-order. :func:`magnitude_overlap` measures this for a call, and
 :func:`warn_if_degenerate` says so.

@@ -1,9 +1,9 @@
 """WoodFisher: OBS with the blockwise inverse empirical Fisher (paper Secs. 3-4).
 
-Statistic ``rho_q = w_q^2 / (2 [F^-1]_qq)`` (Eq. 10; WoodTaylor ``(w_q - h_q)^2 / ...`` with
+Statistic ``rho_q = w_q^2 / (2 [F^-1]_qq)`` (Eq. 11; WoodTaylor ``(w_q - h_q)^2 / ...`` with
 ``h = F^-1 g``, Eqs. 21-23), masks by :meth:`StepContext.select` (joint = "global",
 independent = "layerwise"), then the OBS update ``dw = -F^-1 v``, ``v_q = w_q / [F^-1]_qq``
-for every pruned q at once (Eq. 11 with the simultaneous-removal approximation), pruned
+for every pruned q at once (Eq. 10 summed over the pruned set, the pruning direction of Sec. 4.3), pruned
 entries exactly 0. Group patterns ("N:M", "rows") use the group statistic and update of
 :mod:`woodfisher.structured`.
 
