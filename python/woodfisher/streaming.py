@@ -176,10 +176,12 @@ def _conditioning(collector, targets, config, curv, upper, k: int, failed) -> No
 
 
 def _second_pass(collector, by_name, flagged, upper, damp: float, k: int):
-    """{name: (flagged blocks, m, c)} gradients read again, or None when the loader gave other gradients."""
+    """{name: (flagged blocks, m, c)} gradients read again, or None when the loader gave other gradients.
+    Only the flagged layers' per-sample gradients are formed (the collector's targets narrowed for the pass)."""
     saved = (collector.count, collector.samples, collector.sum_sq, collector.loss_grad, collector.want_loss_grad,
-             collector.desc)
+             collector.desc, collector.targets)
     collector.want_loss_grad, collector.desc = False, "Fisher gradients again (ill-conditioned blocks)"
+    collector.targets = [target for target in collector.targets if target.name in flagged]
     kept = {name: [] for name in flagged}
     try:
         for chunk in collector.chunks(k):
@@ -190,7 +192,7 @@ def _second_pass(collector, by_name, flagged, upper, damp: float, k: int):
         return None
     finally:
         (collector.count, collector.samples, collector.sum_sq, collector.loss_grad, collector.want_loss_grad,
-         collector.desc) = saved
+         collector.desc, collector.targets) = saved
     grads = {name: torch.cat(parts, dim=1) for name, parts in kept.items()}
     for name, g in grads.items():   # the same gradients? (a shuffling loader gives others)
         if g.shape[1] != collector.count:
