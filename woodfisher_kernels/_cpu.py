@@ -49,12 +49,12 @@ def _library() -> Optional[ctypes.CDLL]:
         return None
     try:
         lib = ctypes.CDLL(spec.origin)
-        entries = (lib.wf_woodbury_blocks, lib.wf_lowrank_blocks, lib.wf_best_isa)
+        for name in ("wf_woodbury_blocks", "wf_lowrank_blocks", "wf_best_isa"):
+            getattr(lib, name)  # AttributeError when the library lacks the C entry point
     except (OSError, AttributeError) as err:  # unloadable, or built without the C entry points
         warnings.warn(f"the CPU kernel {spec.origin} is unusable ({err}); the CPU runs the torch fallback. "
                       "Reinstall woodfisher_kernels to rebuild it.", RuntimeWarning, stacklevel=2)
         return None
-    del entries
     lib.wf_woodbury_blocks.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [
         ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_double, ctypes.c_int]
     lib.wf_woodbury_blocks.restype = ctypes.c_int

@@ -24,7 +24,7 @@ from .checks import check_prunable
 from .conditioning import warn_ill_conditioned
 from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig
 from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
-from .diagnostics import magnitude_overlap, warn_if_degenerate
+from .diagnostics import magnitude_overlap, warn_at_caller, warn_if_degenerate
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
 from .finetune import hold_target_masks
@@ -136,12 +136,12 @@ def _check_fixed(curvature: Curvature, config: PruneConfig) -> None:
 
 
 def _warn_below(config: PruneConfig, start_sparsity: float) -> None:
-    """Warn when the target sparsity is below the zeros the pruned weights already hold (never revived).
-    stacklevel 4: the user's call of prune_one_shot / prune_with (through their thin entry point)."""
+    """Warn, at the user's line, when the target sparsity is below the zeros the pruned weights already
+    hold (never revived)."""
     if config.final_sparsity < start_sparsity - 1e-6:
-        warnings.warn(f"sparsity={config.final_sparsity:g} is below the {start_sparsity:.4g} of zeros the pruned "
-                      "weights already hold: pruning never revives weights, so the result keeps that sparsity "
-                      f"(pass sparsity >= {start_sparsity:.4g} to prune further)", UserWarning, stacklevel=4)
+        warn_at_caller(f"sparsity={config.final_sparsity:g} is below the {start_sparsity:.4g} of zeros the pruned "
+                       "weights already hold: pruning never revives weights, so the result keeps that sparsity "
+                       f"(pass sparsity >= {start_sparsity:.4g} to prune further)")
 
 
 def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> PruneResult:
