@@ -201,7 +201,7 @@ def warn_ill_conditioned(kappa: Dict[str, float], forms: Dict[str, Optional[str]
         advice = f"pass damp='auto' (relative to the Fisher's scale) or damp >= {needed:.2g}"
     streamed = [n for n, _ in worst if forms.get(n) == "stream"]
     why = "even a float64 recompute refused them"
-    if streamed:  # conditioning.stream_conditioning could not read their gradients again
+    if streamed:  # woodfisher.streaming could not read their gradients again (its _conditioning)
         why += (f" or (streamed: {', '.join(map(repr, streamed[:8]))}) their gradients were not kept and the loader "
                 "did not give the same ones again (single pass, another order, or no memory for them), so their kappa "
                 "is the upper bound ||G||_F^2 / (N damp); a loader that can be read again in the same order gets "
