@@ -132,3 +132,33 @@ def test_huge_finite_inputs_are_not_mistaken_for_inf():
     with pytest.raises(ValueError, match="weights contains NaN or Inf"):
         wk.obs_update(inv, torch.cat([huge[:, :4], torch.full((2, 1), float("inf"))], 1),
                       torch.zeros(2, 5, dtype=torch.bool))
+
+
+# The NaN / Inf check of fisher_inverse and woodbury_update_ reads only the blocks the kernel flags
+# (woodfisher_kernels._numerics.repair): this holds only if a non-finite entry anywhere in a block's
+# inputs always fails that block, on every backend. Planted at random places, in one block of many.
+@pytest.mark.parametrize("backend,device", __import__("_shared").marked_backend_params())
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_a_non_finite_entry_anywhere_is_named_on_every_backend(backend, device, value):
+    gen = torch.Generator().manual_seed(0)
+    trials = 4 if __import__("_shared").is_interpreted(backend, device) else 12
+    for trial in range(trials):
+        b, m, c = 5, int(torch.randint(1, 20, (), generator=gen)), int(torch.randint(2, 40, (), generator=gen))
+        grads = torch.randn(b, m, c, generator=gen)
+        where = tuple(int(torch.randint(0, s, (), generator=gen)) for s in (b, m, c))
+        bad = grads.clone()
+        bad[where] = value
+        _assert_refused(lambda: wk.fisher_inverse(bad.to(device), 1e-2, backend=backend),
+                        "grads contains NaN or Inf", bad)
+        inv = wk.fisher_inverse(grads.to(device), 1e-2, backend=backend)
+        bad_d = bad.to(device)
+        _assert_refused(lambda: wk.woodbury_update_(inv, bad_d, float(m), backend=backend),
+                        "grads contains NaN or Inf", inv)
+        spoiled = inv.clone()
+        i, j = (int(torch.randint(0, c, (), generator=gen)) for _ in range(2))
+        spoiled[where[0], i, j] = value
+        _assert_refused(lambda: wk.woodbury_update_(spoiled, grads.to(device), float(m), backend=backend),
+                        "inv contains NaN or Inf", spoiled)
+        for on_failure in ("raise", "recompute"):  # a failed block is explained by its input, not by kappa
+            _assert_refused(lambda: wk.fisher_inverse(bad.to(device), 1e-2, backend=backend, on_failure=on_failure),
+                            "grads contains NaN or Inf", bad)

@@ -35,10 +35,8 @@ def _op(name: str, mutates=()):
 @_op("fisher_inverse")
 def fisher_inverse(grads: Tensor, damp: float, num_samples: float, backend: str, on_failure: str,
                    check_finite: bool) -> Tensor:
-    if check_finite:
-        chk.check_finite("grads", grads)
     impl = select("fisher_inverse", backend, grads)
-    return num.guarded_fisher_inverse(impl, grads, damp, num_samples, on_failure)
+    return num.guarded_fisher_inverse(impl, grads, damp, num_samples, on_failure, check_finite)
 
 
 @fisher_inverse.register_fake
@@ -50,11 +48,8 @@ def _(grads, damp, num_samples, backend, on_failure, check_finite):
 @_op("woodbury_update_", mutates=("inv",))
 def woodbury_update_(inv: Tensor, grads: Tensor, num_samples: float, backend: str, on_failure: str,
                      check_finite: bool) -> None:
-    if check_finite:
-        chk.check_finite("inv", inv)
-        chk.check_finite("grads", grads)
     impl = select("woodbury_update_", backend, inv, grads.shape[1])
-    num.guarded_woodbury_update_(impl, inv, grads, num_samples, on_failure)
+    num.guarded_woodbury_update_(impl, inv, grads, num_samples, on_failure, check_finite)
 
 
 @woodbury_update_.register_fake

@@ -31,7 +31,7 @@ new blocks go to scratch memory and are committed once all succeeded, so on any 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -155,16 +155,24 @@ def _failure_message(op: str, dtype, idx: torch.Tensor, total: int, kappa: torch
 def repair(op: str, outs: Tuple[torch.Tensor, ...], bad: torch.Tensor, on_failure: str,
            recompute64: Callable[[torch.Tensor], Tuple[Tuple[torch.Tensor, ...], torch.Tensor]],
            kappa_of: Callable[[torch.Tensor], torch.Tensor], damp_text: str,
-           check: Callable[[Tuple[torch.Tensor, ...]], torch.Tensor] = lambda t: bad_blocks(t[0])) -> None:
+           check: Callable[[Tuple[torch.Tensor, ...]], torch.Tensor] = lambda t: bad_blocks(t[0]),
+           inputs: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Fix the failed blocks (``bad``, (B,) bool) of ``outs`` in place, or raise ValueError.
 
     ``outs`` are per-block results (dim 0 = block); ``recompute64(idx) -> (results64, bad64)``
     recomputes blocks ``idx`` in float64; ``check(results)`` flags blocks still failed after
-    rounding back; ``kappa_of(idx)`` estimates their kappa for the message.
+    rounding back; ``kappa_of(idx)`` estimates their kappa for the message. ``inputs``
+    ({argument name: per-block tensor}): the lazy NaN / Inf check. A non-finite input entry
+    always fails its block (it reaches the block's result through a product, and NaN / Inf
+    stays non-finite or makes a pivot fail; tests/test_bad_inputs.py plants them on every
+    backend), so only the failed blocks' inputs are read, and a NaN / Inf there is the
+    ValueError naming the argument, as an eager check before the op would raise.
     """
     if not bool(bad.any()):
         return
     idx = bad.nonzero().squeeze(1)
+    for name, x in (inputs or {}).items():
+        chk.check_finite(name, x[idx])
     dtype = outs[0].dtype
     if on_failure == "raise" or dtype == torch.float64:
         raise ValueError(_failure_message(op, dtype, idx, bad.numel(), kappa_of(idx), damp_text, False))
@@ -184,8 +192,9 @@ def _wrap(result):
 
 
 def guarded_fisher_inverse(impl, grads: torch.Tensor, damp: float, num_samples: float,
-                           on_failure: str) -> torch.Tensor:
-    """``impl(grads, damp, N)`` with failed blocks recomputed in float64 or refused."""
+                           on_failure: str, check_finite: bool = False) -> torch.Tensor:
+    """``impl(grads, damp, N)`` with failed blocks recomputed in float64 or refused; ``check_finite``:
+    NaN / Inf gradients are the ValueError (read in the failed blocks only, see :func:`repair`)."""
     checked = getattr(impl, "checked", None)
     if checked is not None:
         out, bad = checked(grads, damp, num_samples)
@@ -195,13 +204,14 @@ def guarded_fisher_inverse(impl, grads: torch.Tensor, damp: float, num_samples: 
     repair("fisher_inverse", (out,), bad, on_failure,
            lambda idx: _wrap(woodbury_blocks(grads[idx].double(), num_samples, None, damp)),
            lambda idx: gram_lmax(grads[idx]) / (num_samples * damp),
-           f"damp={damp:g} (kappa = lambda_max(G^T G / N) / damp)")
+           f"damp={damp:g} (kappa = lambda_max(G^T G / N) / damp)", inputs={"grads": grads} if check_finite else None)
     return out
 
 
 def guarded_woodbury_update_(impl, inv: torch.Tensor, grads: torch.Tensor, num_samples: float,
-                             on_failure: str) -> None:
-    """``impl`` on scratch, failed blocks recomputed in float64 or refused, then one commit to ``inv``.
+                             on_failure: str, check_finite: bool = False) -> None:
+    """``impl`` on scratch, failed blocks recomputed in float64 or refused, then one commit to ``inv``
+    (``check_finite``: as :func:`guarded_fisher_inverse`, for ``inv`` and ``grads``).
 
     For the message, an update's kappa is ``lambda_max(inv) * lambda_max(G^T G / N)``: the
     inverse's smallest curvature ``1 / lambda_max(inv)`` plays the role of damp.
@@ -221,5 +231,6 @@ def guarded_woodbury_update_(impl, inv: torch.Tensor, grads: torch.Tensor, num_s
 
     repair("woodbury_update_", (new,), bad, on_failure,
            lambda idx: _wrap(woodbury_blocks(grads[idx].double(), num_samples, inv[idx].double())),
-           kappa_of, "the damp of the inverse, 1 / lambda_max(inv) (kappa = lambda_max(inv) lambda_max(G^T G / N))")
+           kappa_of, "the damp of the inverse, 1 / lambda_max(inv) (kappa = lambda_max(inv) lambda_max(G^T G / N))",
+           inputs={"inv": inv, "grads": grads} if check_finite else None)
     inv.copy_(new)

@@ -25,9 +25,16 @@
    The low-rank factor (woodfisher_kernels/lowrank.py, m < c) is the same computation with one
    chunk of all m gradients and the inverse never formed: S = N damp I + G G^T, S = L L^T,
    A = L^-1 G and diag(F^-1) = (1 - ||A[:, q]||^2) / damp (lowrank_cpu_kernel.h). */
+#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
+#define _DEFAULT_SOURCE /* madvise under -std=c11 */
+#endif
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #define VL 16 /* floats per vector */
 
@@ -65,6 +72,22 @@ typedef double vdu __attribute__((vector_size(64), aligned(8)));
 extern "C" {
 #endif
 
+/* Outputs are fresh memory, mapped on their first write one 4 KiB page fault at a time; on hosts where a
+   fault is slow (virtual machines) that costs as much as the arithmetic at c = 64 (benchmarks/results/
+   cpu_fallback.md). Asking for transparent huge pages on the output's whole 2 MiB pages first makes that
+   512x fewer faults. Only advice: where THP is off ("never") or the call fails nothing changes, and the
+   memory is the caller's (torch's allocator frees it as before). */
+static void advise_huge_pages(void *p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = (uintptr_t)2 << 20;
+  uintptr_t lo = ((uintptr_t)p + huge - 1) & ~(huge - 1), hi = ((uintptr_t)p + bytes) & ~(huge - 1);
+  if (hi > lo) (void)madvise((void *)lo, (size_t)(hi - lo), MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 /* Instruction sets: 0 = baseline, 1 = x86-64-v3 (AVX2 + FMA), 2 = x86-64-v4 (AVX-512). */
 int wf_best_isa(void) {
 #ifdef WF_MULTIVERSION
@@ -88,6 +111,7 @@ int wf_woodbury_blocks(int isa, const float *grads, const float *inv, float *out
   if (isa < 0) isa = best;
   if (isa > best) return -2;
   if (kmax < 1 || kmax > 64 || c < 1 || m < 0 || nblocks < 0) return -1;
+  advise_huge_pages(out, (size_t)nblocks * c * c * sizeof(float));
 #ifdef WF_MULTIVERSION
   if (isa == 2) return blocks_v4(grads, inv, out, bad, nblocks, m, c, damp, num_samples, kmax);
   if (isa == 1) return blocks_v3(grads, inv, out, bad, nblocks, m, c, damp, num_samples, kmax);
@@ -106,6 +130,7 @@ int wf_lowrank_blocks(int isa, const float *grads, float *factor, float *diag, u
   if (isa < 0) isa = best;
   if (isa > best) return -2;
   if (m < 1 || c < 1 || nblocks < 0) return -1;
+  advise_huge_pages(factor, (size_t)nblocks * m * c * sizeof(float));
 #ifdef WF_MULTIVERSION
   if (isa == 2) return lowrank_blocks_v4(grads, factor, diag, bad, nblocks, m, c, damp, num_samples);
   if (isa == 1) return lowrank_blocks_v3(grads, factor, diag, bad, nblocks, m, c, damp, num_samples);
