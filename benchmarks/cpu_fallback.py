@@ -114,7 +114,7 @@ def _side_by_side(calls: Dict[str, Callable], flops: float, repeats: int, peak_n
                      "median_sys_s": statistics.median(rec["sys"]),
                      # the same without the system time (page faults): the arithmetic's own speed
                      "pct_of_peak_user": 100 * statistics.median(
-                         flops / max(cpu - s, 1e-9) / peak for cpu, s, peak in zip(rec["cpu"], rec["sys"], rec["peak"])),
+                         flops / max(cpu - sy, 1e-9) / pk for cpu, sy, pk in zip(rec["cpu"], rec["sys"], rec["peak"])),
                      "peak_gflops_median": statistics.median(rec["peak"]) / 1e9,
                      "speedup_of_first": statistics.median(c / f for c, f in zip(rec["cpu"], first))}
         if moved_bytes:
