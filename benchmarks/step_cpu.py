@@ -3,9 +3,11 @@
 For MLPNet (MNIST shapes), ResNet-20 (CIFAR shapes) and a MobileNet-like CIFAR net
 (depthwise-separable convs), in one run:
 
-- yardstick: one batched forward+backward over the same N samples (``N = num_grads``);
+- yardstick: one batched forward+backward over the same N samples (``N = num_grads``); it and
+  the gradient collections below are the median of up to 5 calls (fewer past 2 s);
 - per-sample gradients: :class:`woodfisher.GradientCollector` (``fisher_batch_size=1``,
-  all N gradients kept) fed by a loader of batch 1 and one of batch 64; the ratio is
+  all N gradients kept) fed by a loader of batch 1 and one of batch 64 (and again with the
+  experimental ``WOODFISHER_PER_SAMPLE=expanded`` path); the ratio is
   yardstick time / collection time (1.0 = as fast as the batched pass; the goal is >= 0.5);
   "memory floor": writing the N gradients once into fresh memory, the least any method that
   keeps them must spend;
@@ -116,9 +118,22 @@ def worker(args) -> dict:
         return buf
 
     batched(), collect(64)  # warm-up: allocator, vmap tracing
-    out = {"numel": numel, "yardstick_s": timed(batched)[0], "floor_s": timed(floor)[0]}
+    def median_of(fn, calls: int = 5, budget_s: float = 2.0) -> float:
+        """Median wall time of up to ``calls`` calls, fewer once ``budget_s`` is spent (short calls are noisy)."""
+        times = []
+        while len(times) < calls and (not times or sum(times) < budget_s):
+            times.append(timed(fn)[0])
+        return statistics.median(times)
+
+    out = {"numel": numel, "yardstick_s": median_of(batched), "floor_s": median_of(floor)}
     for bs in args.loader_batches:
-        out[f"grads_bs{bs}_s"] = timed(lambda: collect(bs))[0]
+        out[f"grads_bs{bs}_s"] = median_of(lambda: collect(bs))
+    if args.impl == "after":  # the experimental per-sample path (woodfisher.gradients), read per collector
+        os.environ["WOODFISHER_PER_SAMPLE"] = "expanded"
+        collect(64)  # warm-up
+        for bs in args.loader_batches:
+            out[f"grads_bs{bs}_expanded_s"] = median_of(lambda: collect(bs))
+        del os.environ["WOODFISHER_PER_SAMPLE"]
     steps = {"old defaults": (OLD_DEFAULTS, args.loader_batches)}
     if args.impl == "after":
         steps["new defaults"] = ({}, [max(args.loader_batches)])
@@ -170,6 +185,9 @@ def summarise(runs: list, loader_batches, num_grads: int) -> dict:
     for bs in loader_batches:
         out[f"ratio_bs{bs}"] = statistics.median(r["yardstick_s"] / r[f"grads_bs{bs}_s"] for r in runs)
         out[f"floor_ratio_bs{bs}"] = statistics.median(r["floor_s"] / r[f"grads_bs{bs}_s"] for r in runs)
+        if f"grads_bs{bs}_expanded_s" in runs[0]:
+            out[f"ratio_expanded_bs{bs}"] = statistics.median(
+                r["yardstick_s"] / r[f"grads_bs{bs}_expanded_s"] for r in runs)
     out["yardstick_samples_per_s"] = num_grads / out["yardstick_s"]
     return out
 
@@ -220,6 +238,16 @@ def markdown(report: dict) -> str:
     lines += ["", "ratio = batched fwd+bwd time / gradient collection time (goal >= 0.5). Memory floor: "
               "writing the N x weights gradient entries once into fresh memory. Ratio bound = batched fwd+bwd / "
               "memory floor: no method that materialises the N per-sample gradients can reach a higher ratio.", ""]
+    expanded = [(model, r) for model, by_impl in report["models"].items() for impl, r in by_impl.items()
+                if "ratio_expanded_bs1" in r]
+    if expanded:
+        lines += ["Experimental per-sample path, `WOODFISHER_PER_SAMPLE=expanded` (torch's expanded weights; "
+                  "off by default until measured on a GPU), same samples:", "",
+                  "| model | grads, loader batch 1 (s) | ratio | grads, loader batch 64 (s) | ratio |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {model} | {r['grads_bs1_expanded_s']:.3f} | **{r['ratio_expanded_bs1']:.2f}** | "
+                  f"{r['grads_bs64_expanded_s']:.3f} | **{r['ratio_expanded_bs64']:.2f}** |" for model, r in expanded]
+        lines.append("")
     lines += below_goal(report) + [
               f"## Phase split of one prune_one_shot call ({100 * SPARSITY:.0f}% sparsity), seconds", "",
               "| model | code | setting | loader batch | gradients | inverse | statistics | update | total | "

@@ -14,6 +14,14 @@ allows, :func:`chunk_samples`), and each chunk is one call:
 - models or losses that ``vmap`` cannot trace fall back to the per-group autograd loop
   (same numbers, slower).
 
+Experimental, off until a GPU has timed it: ``WOODFISHER_PER_SAMPLE=expanded`` (read when a
+collector is made) computes the ``fisher_batch_size=1`` chunks with torch's expanded weights
+(``torch.nn.utils._expanded_weights``: one batched forward and backward whose linear / conv
+weight gradients are formed per sample from the saved inputs and output gradients, instead of
+``vmap``'s batched operators); the same numbers (tests/test_gradients_expanded.py). A model or
+loss it does not cover (a weight read by an operator it has no rule for, e.g.
+``nn.MultiheadAttention``'s ``in_proj_weight``) uses ``vmap`` as before.
+
 Masking and the NaN/Inf check stay off the critical path: the keep-masks are applied in
 place, and the finiteness of a chunk is read from the per-weight sums of squares that the
 Fisher statistics need anyway (one host synchronisation per chunk).
@@ -44,6 +52,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -218,6 +227,7 @@ class GradientCollector:
         self.chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes)
         self.count, self.samples, self.sum_sq, self.loss_grad = 0, 0, 0.0, None
         self._use_vmap = True
+        self._use_expanded = os.environ.get("WOODFISHER_PER_SAMPLE", "vmap") == "expanded"
 
     # ---- data -------------------------------------------------------------------
     def _sample_chunks(self, device) -> Iterator[Batch]:
@@ -288,6 +298,11 @@ class GradientCollector:
         group_loss = self._loss_fn(params, buffers)
         sub = {k: params[k] for k in self._keys}
         count = flat.size // self.fbs
+        if self._use_expanded and self.fbs == 1 and self._expandable(flat):
+            try:
+                return self._expanded_grads(group_loss, sub, flat)
+            except Exception:  # noqa: BLE001 - an operator expanded weights has no rule for: vmap
+                self._use_expanded = False
         if self._use_vmap and self.fbs == 1:
             groups = flat.map_batched(lambda x: x.reshape(count, 1, *x.shape[1:]))
             dims = pytree.tree_map(lambda f: 0 if f else None, groups.batched())
@@ -309,6 +324,26 @@ class GradientCollector:
             for k, gk in zip(self._keys, gs):
                 out[k].append(torch.zeros_like(s[k]) if gk is None else gk)
         return {k: torch.stack(v) for k, v in out.items()}
+
+    def _expandable(self, flat: Batch) -> bool:
+        """Expanded weights undo a mean over the chunk's samples: right for the default loss on one label per
+        sample (plain batch, 1-D target), not for a token-level mean whose counts differ between samples."""
+        t = flat.target
+        return self.loss_fn is None and _plain(flat) is not None and isinstance(t, torch.Tensor) and t.dim() == 1
+
+    def _expanded_grads(self, group_loss, sub, flat: Batch) -> Dict[str, torch.Tensor]:
+        """{key: (n, *shape)} per-sample gradients of the chunk's n samples by expanded weights (one batched
+        forward + backward; the loss is the mean over the chunk, which the expanded weights undo)."""
+        from torch.nn.utils._expanded_weights import ExpandedWeight
+        leaves = {k: v.detach().requires_grad_(True) for k, v in sub.items()}
+        expanded = {k: ExpandedWeight(v, flat.size, "mean") for k, v in leaves.items()}
+        with torch.enable_grad():
+            group_loss(expanded, flat.args, flat.kwargs, flat.target).backward()
+        out = {}
+        for k, v in leaves.items():
+            g = getattr(v, "grad_sample", None)
+            out[k] = torch.zeros(flat.size, *v.shape, dtype=v.dtype, device=v.device) if g is None else g
+        return out
 
     def _sampled(self, params, buffers, flat: Batch, gen) -> Batch:
         """The samples with targets drawn from the model's predictions (dict ``labels`` dropped)."""
