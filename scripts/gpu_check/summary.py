@@ -215,6 +215,10 @@ def step_section():
         ratios = ", ".join(f"loader batch {k[len('ratio_bs'):]}: {v:.2f}" for k, v in r.items()
                            if k.startswith("ratio_bs"))
         say(f"  {model}: per-sample gradients / batched fwd+bwd {ratios} (goal >= 0.5)")
+        expanded = ", ".join(f"loader batch {k[len('ratio_expanded_bs'):]}: {v:.2f}" for k, v in r.items()
+                             if k.startswith("ratio_expanded_bs"))
+        if expanded:
+            say(f"  {model}: the same with WOODFISHER_PER_SAMPLE=expanded {expanded}")
 
 
 def main():
