@@ -192,6 +192,8 @@ def _ambiguous(x, y: torch.Tensor, rest: list) -> bool:
     reading ambiguous when ``y`` is float and the extra is integer (``(x, mask, labels)``)
     or when ``y`` has the shape of the first input (``(input_ids, attention_mask, labels)``).
     """
+    if not rest:  # (inputs, target): nothing else could be the target (and no pytree walk per item)
+        return False
     first = _first_tensor(x)
     if first is None:
         return False

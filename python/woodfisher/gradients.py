@@ -148,14 +148,16 @@ def _plain(batch: Batch) -> Optional[int]:
     return n
 
 
-def _size(batch: Batch) -> int:
-    n = _plain(batch)
+def _size(batch: Batch, n: Optional[int] = None) -> int:
+    """Samples of ``batch`` (``n``: its :func:`_plain` count when already known)."""
+    n = _plain(batch) if n is None else n
     return batch.size if n is None else n
 
 
-def _signature(batch: Batch):
-    """Structure and per-sample shapes of a batch: batches with equal signatures can be concatenated."""
-    if _plain(batch) is not None:  # fast path (no pytree walk): loaders of batch 1 yield many of these
+def _signature(batch: Batch, plain: Optional[bool] = None):
+    """Structure and per-sample shapes of a batch: batches with equal signatures can be concatenated
+    (``plain``: whether :func:`_plain` counts it, when already known)."""
+    if plain if plain is not None else _plain(batch) is not None:  # fast path (no pytree walk): batch-1 loaders
         t = batch.target
         return ("plain", tuple((a.shape[1:], a.dtype) for a in batch.args),
                 None if t is None else (t.shape[1:], t.dtype))
@@ -164,10 +166,12 @@ def _signature(batch: Batch):
     return spec, tuple(tuple(x.shape[1:]) if f else None for x, f in zip(leaves, flags))
 
 
-def _cat(batches: List[Batch]) -> Batch:
-    """:meth:`Batch.cat`, with a fast path for plain batches of equal signatures."""
-    if len(batches) > 1 and all(_plain(b) is not None for b in batches) \
-            and len({_signature(b) for b in batches}) == 1:
+def _cat(batches: List[Batch], uniform: Optional[bool] = None) -> Batch:
+    """:meth:`Batch.cat`, with a fast path for plain batches of equal signatures (``uniform``: whether they
+    are, when the caller already knows)."""
+    if uniform is None:
+        uniform = all(_plain(b) is not None for b in batches) and len({_signature(b) for b in batches}) == 1
+    if len(batches) > 1 and uniform:
         args = tuple(torch.cat([b.args[i] for b in batches]) for i in range(len(batches[0].args)))
         target = None if batches[0].target is None else torch.cat([b.target for b in batches])
         return Batch(args, {}, target)
@@ -241,40 +245,44 @@ class GradientCollector:
         """
         left = float("inf") if self.num_grads is None else self.num_grads * self.fbs
         pending: List[Batch] = []
-        have, sig = 0, None
+        have, sig, uniform = 0, None, True  # uniform: every pending batch plain, with signature sig
         self.sources: List[tuple] = []
         for index, item in enumerate(self.loader):
             batch = to_batch(item, self.adapter)
             if not self.sampled:
                 check_labelled(batch)  # raises: no targets and no model loss
-            this = _signature(batch)
+            n = _plain(batch)          # once per item: batch-1 loaders yield many
+            this = _signature(batch, n is not None)
             if pending and have % self.fbs == 0 and this != sig:
-                for piece in self._split(_cat(pending), min(have, left)):
+                for piece in self._split(_cat(pending, uniform), min(have, left)):
                     left -= piece.size
                     yield prepare_batch(piece, device, self.dtype)
                 pending, have, self.sources = [], 0, []
                 if left == 0:
                     return
             if not pending:
-                sig = this
+                sig, uniform = this, True
+            uniform = uniform and n is not None and this == sig
             pending.append(batch)
             self.sources.append((index, batch))
-            have += _size(batch)
+            size = _size(batch, n)
+            have += size
             if have >= min(self.chunk, left):
-                cat = _cat(pending)
+                cat = _cat(pending, uniform)
                 full = min(have // self.chunk * self.chunk, left) if have < left else left
                 for piece in self._split(cat, full):
                     left -= piece.size
                     yield prepare_batch(piece, device, self.dtype)
                 pending = [cat.take(full, have)] if full < have else []
+                uniform = uniform and bool(pending)  # the rest of a uniform concatenation is plain, same signature
                 have -= full
-                self.sources = self.sources[-1:] if pending and have <= _size(batch) else \
+                self.sources = self.sources[-1:] if pending and have <= size else \
                     (self.sources if pending else [])
             if left == 0:
                 return
         whole = min(have // self.fbs * self.fbs, left)
         if whole:
-            for piece in self._split(_cat(pending), whole):
+            for piece in self._split(_cat(pending, uniform), whole):
                 yield prepare_batch(piece, device, self.dtype)
 
     def _split(self, batch: Batch, n: int) -> Iterator[Batch]:
