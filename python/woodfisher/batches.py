@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 __all__ = ["Batch", "default_adapter", "to_batch", "is_single_pass", "peek", "default_loss", "logits_of",
-           "model_loss", "compute_loss", "check_labelled", "sample_targets", "check_loss_fn", "check_loader",
-           "describe", "loader_errors"]
+           "model_loss", "compute_loss", "check_labelled", "check_probabilities", "sample_targets", "check_loss_fn",
+           "check_loader", "describe", "loader_errors"]
 
 ADAPTER_HINT = ("pass batch_adapter=lambda b: woodfisher.Batch(args=(inputs,), kwargs={}, target=targets) "
                 "to say which part is which")
@@ -361,10 +361,53 @@ def default_loss(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Returns:
         scalar loss (mean over samples / positions).
     """
-    if not target.is_floating_point() and outputs.dim() == target.dim() + 1 and outputs.dim() > 2 \
-            and outputs.shape[:-1] == target.shape:
+    last = not target.is_floating_point() and outputs.dim() == target.dim() + 1 and outputs.dim() > 2 \
+        and outputs.shape[:-1] == target.shape
+    _check_cross_entropy_shapes(outputs, target, -1 if last else 1)
+    if last:
         return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), target.reshape(-1))
     return F.cross_entropy(outputs, target)
+
+
+#: how a loss other than the default cross-entropy is passed, for messages
+_LOSS_HINT = ("pass loss_fn=(your loss), e.g. loss_fn=torch.nn.functional.mse_loss for a regression or "
+              "torch.nn.functional.binary_cross_entropy_with_logits for one logit per sample")
+
+
+def _check_cross_entropy_shapes(outputs: torch.Tensor, target: torch.Tensor, class_dim: int) -> None:
+    """Refuse outputs / targets the default cross-entropy does not fit (shapes only: runs under ``vmap``).
+
+    Cross-entropy over one class is 0 whatever the weights (every gradient would be zero), and
+    floating targets are class probabilities of the outputs' shape.
+    """
+    if outputs.dim() < 2 or outputs.shape[class_dim] < 2:
+        raise ValueError(f"loss_fn: the default loss is cross-entropy over the class dim, but the outputs have "
+                         f"shape {tuple(outputs.shape)} (fewer than 2 classes: the loss would be 0 and every "
+                         f"gradient zero); {_LOSS_HINT}")
+    if target.is_floating_point() and target.shape != outputs.shape:
+        raise ValueError(f"loss_fn: the default loss is cross-entropy; floating-point targets must be class "
+                         f"probabilities of the outputs' shape {tuple(outputs.shape)}, got {tuple(target.shape)}; "
+                         f"{_LOSS_HINT}")
+
+
+def check_probabilities(target: Any) -> None:
+    """Floating-point targets of the default cross-entropy must be class probabilities (not under ``vmap``).
+
+    Args:
+        target: a batch's target; integer class indices and non-tensors pass.
+    Raises:
+        ValueError: naming ``loss_fn``, for floating targets with fewer than 2 dims, a negative entry, or
+            a row along dim 1 (the class dim) that does not sum to 1 (within 1e-2).
+    """
+    if not _is_tensor(target) or not target.is_floating_point():
+        return
+    sums = target.double().sum(1) if target.dim() >= 2 else None
+    if sums is None or bool((target < 0).any()) or not bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-2)):
+        got = "fewer than 2 dims" if sums is None else \
+            f"entries in [{float(target.min()):.3g}, {float(target.max()):.3g}], sums over dim 1 in " \
+            f"[{float(sums.min()):.3g}, {float(sums.max()):.3g}]"
+        raise ValueError(f"loss_fn: the targets are floating point of shape {tuple(target.shape)} but not class "
+                         f"probabilities ({got}), and the default loss is cross-entropy; {_LOSS_HINT}")
 
 
 def model_loss(outputs: Any) -> Optional[torch.Tensor]:
@@ -378,14 +421,21 @@ def model_loss(outputs: Any) -> Optional[torch.Tensor]:
 TARGET_LIKE_KEYS = ("target", "targets", "label", "y", "class", "classes", "class_labels")
 
 
-def check_labelled(batch: Batch) -> None:
-    """Refuse a batch without a target (and without a ``labels`` keyword for the model's own loss).
+def check_labelled(batch: Batch, loss_fn: Optional[Callable] = None) -> None:
+    """Refuse a batch without a target (and without a ``labels`` keyword for the model's own loss), or
+    whose target the default loss does not fit.
 
+    Args:
+        batch: one loader item as a :class:`Batch`.
+        loss_fn: the caller's loss; None = the default cross-entropy, whose floating-point targets
+            must be class probabilities (:func:`check_probabilities`).
     Raises:
         ValueError: naming a dict batch's keys and, when one looks like a target (``target``,
-            ``label``, ``y``, ...), the adapter that makes it the target.
+            ``label``, ``y``, ...), the adapter that makes it the target; or naming ``loss_fn``.
     """
     if batch.target is not None or "labels" in batch.kwargs:
+        if loss_fn is None:
+            check_probabilities(batch.target)
         return
     if batch.kwargs and not batch.args:
         keys = list(batch.kwargs)

@@ -281,7 +281,13 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
 def _estimate(model, loader, targets: List[PruneTarget], config: PruneConfig) -> Curvature:
     """Phase one for resolved ``targets``; the model's prune-derived weights are left as they were."""
     with derived_weights_kept(unwrap_model(model)[0]):
-        return _estimate_steps(model, loader, targets, config)
+        curv = _estimate_steps(model, loader, targets, config)
+    if curv.stats is not None and curv.stats.all_zero:
+        warn_at_caller(f"every one of the {curv.stats.count} gradients of the loss with respect to the weights "
+                       "being pruned is exactly zero: the Fisher carries no curvature and the mask is magnitude "
+                       "pruning's. Check loss_fn (does the loss depend on the model's outputs? the default "
+                       "cross-entropy needs >= 2 classes) and that the pruned weights reach the output")
+    return curv
 
 
 def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConfig) -> Curvature:

@@ -72,6 +72,11 @@ class FisherStats:
         return cls(sum_sq, count, sum(g.shape[1] for g in grads.values()))
 
     @property
+    def all_zero(self) -> bool:
+        """True when N >= 1 gradients were taken and every entry is exactly 0 (a Fisher without curvature)."""
+        return self.count >= 1 and self.sum_sq == 0.0
+
+    @property
     def mean_diag(self) -> float:
         """Mean diagonal entry of ``G^T G / N``."""
         if self.count < 1 or self.numel < 1:

@@ -236,7 +236,7 @@ class GradientCollector:
         for index, item in enumerate(self.loader):
             batch = to_batch(item, self.adapter)
             if not self.sampled:
-                check_labelled(batch)  # raises: no targets and no model loss
+                check_labelled(batch, self.loss_fn)  # raises: no target and no model loss, or a target the loss refuses
             this = _signature(batch)
             if pending and have % self.fbs == 0 and this != sig:
                 for piece in self._split(_cat(pending), min(have, left)):

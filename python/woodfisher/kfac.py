@@ -143,7 +143,7 @@ def kfac_factors(model: nn.Module, loader, layers: List[PruneTarget], *,
                 if sampled_fisher:
                     batch = batch.without_target()
                 else:
-                    check_labelled(batch)
+                    check_labelled(batch, loss_fn)
                 seen.clear()
                 # the unwrapped module on the weights as leaves of their own: outputs get gradients even
                 # when the caller froze the weights, and the caller's tensors get none
