@@ -290,8 +290,12 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module) -> List[str]:
     inside = [name for name in default_target_names(model)
               if any(_within(owner, raw) for owner, _ in entries[name]["owners"])]
     if not inside:
-        raise ValueError(f"modules: {raw!r} is a {type(modules[raw]).__name__} without a weight to prune "
-                         "(and holds no Linear / Conv / attention projection weight)")
+        named = [name for name, info in entries.items() if _within(name.rpartition(".")[0], raw)
+                 and info["param"].is_floating_point() and info["param"].dim() >= 2]
+        hint = (f"; its weights are not pruned by default, name them to prune them: modules={named[:6]}"
+                if named else " (and has no floating parameter of >= 2 dims either)")
+        raise ValueError(f"modules: {raw!r} is a {type(modules[raw]).__name__}, which holds no Linear / Conv / "
+                         f"attention projection weight{hint}")
     return inside
 
 
