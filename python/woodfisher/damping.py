@@ -24,6 +24,8 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from .masks import is_real
+
 __all__ = ["DEFAULT_DAMP", "AUTO_ALPHA", "FisherStats", "check_damp", "auto_damp", "resolve_damp"]
 
 DEFAULT_DAMP = 1e-5
@@ -44,7 +46,7 @@ def check_damp(damp) -> Union[float, str]:
         if damp != "auto":
             raise ValueError(f"damp must be a number > 0 or 'auto', got {damp!r}")
         return damp
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
+    if not is_real(damp) or not math.isfinite(damp) or damp <= 0:
         raise ValueError(f"damp must be a finite number > 0 or 'auto', got {damp!r}")
     return float(damp)
 

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .layout import BlockLayout, Layout
+from .masks import is_int
 
 __all__ = ["PRUNABLE_TYPES", "BlockLayout", "Layout", "PruneTarget", "resolve_targets", "unwrap_model",
            "default_target_names", "check_model"]
@@ -339,9 +340,9 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             tensor of >= 2 dims, a weight of a non-floating dtype, no prunable weight, or a bad
             ``block_size``.
     """
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                   or block_size < 1):
+    if block_size is not None and (not is_int(block_size) or block_size < 1):
         raise ValueError(f"block_size must be None (whole layers) or an int >= 1, got {block_size!r}")
+    block_size = None if block_size is None else int(block_size)
     check_model(model)
     inner, prefix = unwrap_model(model)
     entries = _entries(inner)

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..batches import check_loss_fn, is_single_pass, peek, to_batch
 from ..config import check_int
-from ..masks import check_min_density, check_sparsity, select_kept_masks, sparsity_of
+from ..masks import check_collapse_density, check_min_density, check_sparsity, select_kept_masks, sparsity_of
 from ..progress import display, phase
 from ..result import PruneResult, layer_rows
 from ..state import Snapshot, eval_mode
@@ -63,9 +63,7 @@ def _check_args(sparsity, criterion, mode, num_probes, num_batches, warmup_batch
         raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
     if not isinstance(train_mode, bool):
         raise ValueError(f"train_mode must be True or False, got {train_mode!r}")
-    if isinstance(collapse_density, bool) or not isinstance(collapse_density, (int, float)) \
-            or not 0.0 <= collapse_density < 1.0:
-        raise ValueError(f"collapse_density must lie in [0, 1), got {collapse_density!r}")
+    check_collapse_density(collapse_density)
     check_loss_fn(loss_fn)
 
 
