@@ -189,8 +189,9 @@ def _ambiguous(x, y: torch.Tensor, rest: list) -> bool:
     """Whether a later element of ``(x, y, *rest)`` could be the target as well as ``y``.
 
     Extras that are not tensors with the batch dim never are. A batched extra makes the
-    reading ambiguous when ``y`` is float and the extra is integer (``(x, mask, labels)``)
-    or when ``y`` has the shape of the first input (``(input_ids, attention_mask, labels)``).
+    reading ambiguous when ``y`` is float or bool (never class indices) and the extra is not
+    float (``(x, mask, labels)``) or when ``y`` has the shape of the first input
+    (``(input_ids, attention_mask, labels)``).
     """
     first = _first_tensor(x)
     if first is None:
@@ -201,7 +202,7 @@ def _ambiguous(x, y: torch.Tensor, rest: list) -> bool:
         return False
     if y.shape == first.shape:
         return True
-    return y.is_floating_point() and any(not r.is_floating_point() for r in extras)
+    return (y.is_floating_point() or y.dtype == torch.bool) and any(not r.is_floating_point() for r in extras)
 
 
 def default_adapter(item: Any) -> Batch:
