@@ -102,8 +102,10 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
         :class:`PruneResult`.
     Raises:
         ValueError: bad options, an option the curvature fixed with another value (naming it;
-            ``Curvature.with_damp`` changes the damp), a model whose weights do not match the curvature, or weights
-            that cannot be pruned (:func:`woodfisher.checks.check_prunable`); the model is unchanged.
+            ``Curvature.with_damp`` changes the damp), a model missing a weight of the curvature or holding it
+            with another shape, or weights that cannot be pruned (:func:`woodfisher.checks.check_prunable`); the
+            model is unchanged. Names and shapes are checked, not values: another model of the same
+            architecture (or other weights loaded after estimating) is pruned with this Fisher without notice.
     """
     if not isinstance(curvature, Curvature):
         raise ValueError(f"curvature must be a woodfisher.Curvature (from estimate_curvature), got "
