@@ -55,6 +55,7 @@ from torch.utils import _pytree as pytree
 import woodfisher_kernels as wk
 
 from .batches import Batch, check_labelled, compute_loss, describe, loader_errors, logits_of, sample_targets, to_batch
+from .diagnostics import warn_at_caller
 from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
@@ -217,7 +218,7 @@ class GradientCollector:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         self.chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes)
         self.count, self.samples, self.sum_sq, self.loss_grad = 0, 0, 0.0, None
-        self._use_vmap = True
+        self._use_vmap, self._vmap_error = True, None
 
     # ---- data -------------------------------------------------------------------
     def _sample_chunks(self, device) -> Iterator[Batch]:
@@ -297,8 +298,8 @@ class GradientCollector:
                 with sdpa_kernel([SDPBackend.MATH]):
                     return vmap(grad(group_loss), in_dims=(None, *dims), randomness="different")(
                         sub, groups.args, groups.kwargs, groups.target)
-            except Exception:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
-                self._use_vmap = False
+            except Exception as err:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
+                self._use_vmap, self._vmap_error = False, err
         out = {k: [] for k in self._keys}
         for g in range(count):  # one batched backward per group
             one = flat.take(g * self.fbs, (g + 1) * self.fbs)
@@ -308,6 +309,13 @@ class GradientCollector:
                                          allow_unused=True)
             for k, gk in zip(self._keys, gs):
                 out[k].append(torch.zeros_like(s[k]) if gk is None else gk)
+        if self._vmap_error is not None:  # the loop ran where vmap could not: say so once, at the user's line
+            reason = str(self._vmap_error).strip().splitlines()[0][:200] if str(self._vmap_error).strip() else ""
+            warn_at_caller(f"per-sample gradients: torch.func.vmap cannot run the model or the loss "
+                           f"({type(self._vmap_error).__name__}: {reason}), so they are computed one sample at a "
+                           "time (the same values, slower); data-dependent Python control flow "
+                           "(.item(), `if` on a tensor value) in forward or loss_fn is the usual cause")
+            self._vmap_error = None
         return {k: torch.stack(v) for k, v in out.items()}
 
     def _sampled(self, params, buffers, flat: Batch, gen) -> Batch:
