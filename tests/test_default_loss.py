@@ -92,3 +92,35 @@ def test_all_zero_gradients_warn_at_the_callers_line_and_give_magnitude_pruning(
     assert "loss_fn" in str(notes[0].message)
     mag = wf.prune_one_shot(ref, data, sparsity=0.5, method="global_magnitude", progress=False)
     assert all(torch.equal(res.masks[k], mag.masks[k]) for k in res.masks)
+
+
+class _AuxHead(nn.Module):
+    """Returns (logits, aux): the loss (of the first output) never reaches ``aux``."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.head(h), self.aux(h)
+
+
+@pytest.mark.parametrize("method", ["woodfisher", "diag_fisher"])
+def test_weights_the_loss_never_reaches_are_named_in_a_warning_at_the_callers_line(method):
+    torch.manual_seed(0)
+    model = _AuxHead().double()
+    data = _data(lambda x: (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        curv = wf.estimate_curvature(model, data, method=method, block_size=8, **OPTS)
+    notes = [w for w in caught if "exactly zero gradient" in str(w.message)]
+    assert len(notes) == 1 and notes[0].filename == __file__ and "['aux.weight']" in str(notes[0].message)
+    assert curv.stats.zero_layers == ("aux.weight",)
+    inv = curv.inverses["aux.weight"]  # damp * I alone: its inverse is I / damp (float64)
+    eye = torch.eye(inv.shape[-1], dtype=torch.float64).expand_as(inv) / curv.damp
+    torch.testing.assert_close(inv.double(), eye, rtol=1e-12, atol=0.0)
+    with warnings.catch_warnings(record=True) as caught:  # named out: no warning
+        warnings.simplefilter("always")
+        wf.estimate_curvature(model, data, method=method, modules=["body", "head"], **OPTS)
+    assert not [w for w in caught if "exactly zero" in str(w.message)]

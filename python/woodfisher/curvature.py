@@ -282,12 +282,25 @@ def _estimate(model, loader, targets: List[PruneTarget], config: PruneConfig) ->
     """Phase one for resolved ``targets``; the model's prune-derived weights are left as they were."""
     with derived_weights_kept(unwrap_model(model)[0]):
         curv = _estimate_steps(model, loader, targets, config)
-    if curv.stats is not None and curv.stats.all_zero:
-        warn_at_caller(f"every one of the {curv.stats.count} gradients of the loss with respect to the weights "
+    if curv.stats is not None:
+        _warn_zero_gradients(curv.stats)
+    return curv
+
+
+def _warn_zero_gradients(stats: FisherStats) -> None:
+    """Warn at the caller's line when the loss gives exactly zero gradients: for every pruned weight (the
+    mask is then magnitude pruning's), or for some of them (ranked least important, pruned first)."""
+    if stats.all_zero:
+        warn_at_caller(f"every one of the {stats.count} gradients of the loss with respect to the weights "
                        "being pruned is exactly zero: the Fisher carries no curvature and the mask is magnitude "
                        "pruning's. Check loss_fn (does the loss depend on the model's outputs? the default "
                        "cross-entropy needs >= 2 classes) and that the pruned weights reach the output")
-    return curv
+    elif stats.zero_layers:
+        warn_at_caller(f"the loss has exactly zero gradient with respect to {list(stats.zero_layers)} over every "
+                       "sample: the loss does not reach them (an auxiliary head or an unused branch? loss_fn sees "
+                       "only the first output of a tuple), so their Fisher is damp * I alone and they rank as the "
+                       "least important weights (pruned first in mode='global'); leave them out with modules=[the "
+                       "other weights], or make the model's first output depend on them")
 
 
 def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConfig) -> Curvature:
@@ -347,6 +360,8 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         estimate_streamed(collector, targets, config, curv, k)
     if config.woodtaylor:
         curv.loss_grad = {target.name: target.blocks(collector.loss_grad[target.name]) for target in targets}
+    curv.stats.zero_layers = tuple(target.name for target in targets
+                                   if not collector.nonzero.get(target.name, True) and bool(keep[target.name].any()))
     return curv
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -60,11 +60,14 @@ class FisherStats:
             i.e. N times the trace of ``G^T G / N``.
         count: N, the number of gradients.
         numel: coordinates (entries of all pruned weights).
+        zero_layers: weights (with entries left to prune) whose every gradient was exactly zero: the loss
+            does not reach them (an auxiliary head, an unused branch); filled where per-weight sums are known.
     """
 
     sum_sq: float = 0.0
     count: int = 0
     numel: int = 0
+    zero_layers: Tuple[str, ...] = ()
 
     @classmethod
     def from_grads(cls, grads: Dict[str, torch.Tensor]) -> "FisherStats":

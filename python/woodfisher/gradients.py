@@ -218,6 +218,7 @@ class GradientCollector:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         self.chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes)
         self.count, self.samples, self.sum_sq, self.loss_grad = 0, 0, 0.0, None
+        self.nonzero: Dict[str, bool] = {}  # weight name -> whether any of its (masked) gradients was non-zero
         self._use_vmap, self._vmap_error = True, None
 
     # ---- data -------------------------------------------------------------------
@@ -344,6 +345,7 @@ class GradientCollector:
                                      "check the model, the data and the loss")
                 s = float(g.double().square().sum())  # finite entries whose float32 squares overflowed
             self.sum_sq += s
+            self.nonzero[name] = self.nonzero.get(name, False) or s != 0.0
         return flat
 
     def _replay(self, params, buffers, device):
