@@ -244,3 +244,20 @@ def test_the_vmap_fallback_is_warned_once_at_the_callers_line_with_the_same_grad
         GradientCollector(model, loader_of(x, y, 8), resolve_targets(model, NAMES), num_grads=30,
                           progress=False).collect()
     assert not [w for w in caught if "vmap" in str(w.message)]
+
+
+def test_a_one_entry_loss_is_the_scalar_loss_on_the_vmap_path():
+    """reduction='none' on one sample (a (1,) loss) gives the scalar loss's gradients, batched (no fallback)."""
+    model, x, y = setup(seed=6)
+    targets = resolve_targets(model, NAMES)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = GradientCollector(model, loader_of(x, y, 8), targets, num_grads=20, progress=False,
+                                loss_fn=nn.CrossEntropyLoss(reduction="none")).collect()
+    assert not [w for w in caught if "vmap" in str(w.message)]
+    ref = reference(model, x, y, 20, 1)
+    for n in NAMES:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"scalar tensor, got \(8,\).*reduction='none'"):
+        GradientCollector(model, loader_of(x, y, 8), targets, num_grads=20, fisher_batch_size=3, progress=False,
+                          loss_fn=nn.CrossEntropyLoss(reduction="none")).collect()

@@ -475,7 +475,7 @@ def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torc
         shape = tuple(loss.shape) if _is_tensor(loss) else type(loss).__name__
         raise ValueError(f"loss_fn must return the mean loss as a scalar tensor, got {shape} "
                          "(reduction='none'? use the mean)")
-    return loss
+    return loss.reshape(())  # a one-entry (1,) loss is the scalar (torch.func.grad takes scalars only)
 
 
 def sample_targets(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
