@@ -2,6 +2,7 @@
 HF Conv1D's transposed layout, wrappers and reparametrised weights (woodfisher.targets)."""
 import os
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -175,9 +176,19 @@ def test_recurrent_weights_are_pruned_when_named_and_the_message_names_them(cell
     ref = per_sample_grads(model, loader, names, 8)
     for name in names:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-12)
-    res = prune_one_shot(model, loader, sparsity=0.5, modules=names, num_grads=8, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = prune_one_shot(model, loader, sparsity=0.5, modules=names, num_grads=8, progress=False)
+    assert not [w for w in caught if "recurrent" in str(w.message)]
     assert sorted(res.masks) == sorted(names) and abs(res.sparsity - 0.5) <= 1 / 135
     assert model(loader[0][0]).isfinite().all()
+    with warnings.catch_warnings(record=True) as caught:  # the defaults leave them out, and say so
+        warnings.simplefilter("always")
+        res = prune_one_shot(model, loader, sparsity=0.5, num_grads=8, progress=False)
+    notes = [w for w in caught if "recurrent" in str(w.message)]
+    assert len(notes) == 1 and notes[0].filename == __file__ and list(res.masks) == ["head.weight"]
+    assert f"['rnn ({cell.__name__})'] are not pruned by default" in str(notes[0].message)
+    assert "modules=[..., 'rnn.weight_ih_l0']" in str(notes[0].message)
 
 
 # ---- nn.MultiheadAttention: weights read without a module call ---------------------------------

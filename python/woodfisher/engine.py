@@ -34,7 +34,7 @@ from .methods import StepContext
 from .progress import display, step_label
 from .result import PruneResult, layer_rows
 from .state import Snapshot
-from .targets import PruneTarget, resolve_targets
+from .targets import PruneTarget, resolve_targets, warn_recurrent_left_out
 
 __all__ = ["prune_with", "run"]
 
@@ -217,6 +217,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
             plan_memory(targets, configs[0].num_grads, stat_itemsize(targets), config.memory_budget,
                         config.damp == "auto", config.inverse_form)
     _warn_below(config, start_sparsity)
+    warn_recurrent_left_out(model, config.modules)
     timings = _timings()
     snapshot = Snapshot(targets, model)
     damp, forms, kappa = None, {}, {}

@@ -314,8 +314,9 @@ class GradientCollector:
             reason = str(self._vmap_error).strip().splitlines()[0][:200] if str(self._vmap_error).strip() else ""
             warn_at_caller(f"per-sample gradients: torch.func.vmap cannot run the model or the loss "
                            f"({type(self._vmap_error).__name__}: {reason}), so they are computed one sample at a "
-                           "time (the same values, slower); data-dependent Python control flow "
-                           "(.item(), `if` on a tensor value) in forward or loss_fn is the usual cause")
+                           "time (the same values, slower); the usual causes are data-dependent Python "
+                           "control flow (.item(), `if` on a tensor value) and in-place writes into tensors created in "
+                           "forward or loss_fn (the initial state of nn.GRU / nn.RNN)")
             self._vmap_error = None
         return {k: torch.stack(v) for k, v in out.items()}
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .diagnostics import warn_at_caller
 from .layout import BlockLayout, Layout
 from .masks import is_int
 
@@ -263,6 +264,22 @@ def default_target_names(model: nn.Module) -> List[str]:
             continue  # tied LM head: prune the embedding only when named
         names.append(name)
     return names
+
+
+def warn_recurrent_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
+    """Warn at the caller's line when the default targets (``modules`` None) leave out the weights of recurrent
+    layers (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``), which are pruned only when named."""
+    if modules is not None:
+        return
+    inner, prefix = unwrap_model(model)
+    left = {name: mod for name, mod in inner.named_modules() if isinstance(mod, nn.RNNBase)}
+    if left:
+        name, mod = next(iter(left.items()))
+        example = prefix + _join(name, next(k for k, p in mod.named_parameters() if p.dim() >= 2))
+        layers = [f"{prefix}{n} ({type(m).__name__})" for n, m in left.items()][:4]
+        warn_at_caller(f"the weights of the recurrent layers {layers} are not pruned by default (Linear / Conv / "
+                       "attention projection weights are), and the sparsity counts the other weights only; name "
+                       f"them to prune them, e.g. modules=[..., {example!r}]")
 
 
 def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module) -> List[str]:
