@@ -125,6 +125,26 @@ def test_gpt2_sampled_fisher_on_unlabelled_batches_and_nm_pattern():
         assert torch.all(kept == 2), name
 
 
+def test_bert_regression_head_is_differentiated_through_its_own_loss():
+    """Float labels= (num_labels=1: the model's MSE) are not the default cross-entropy's targets: no refusal,
+    and the gradients are those of the model's own loss (float64 autograd)."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16, num_labels=1)
+    model = BertForSequenceClassification(cfg).double().eval()
+    loader = _lm_batches(n=8, labels=False)
+    g = torch.Generator().manual_seed(3)
+    for item in loader:
+        item["labels"] = torch.randn(4, generator=g, dtype=torch.float64)
+    targets = [t for t in resolve_targets(model) if t.name == "classifier.weight"]
+    got = GradientCollector(model, loader, targets, num_grads=8, progress=False).collect()["classifier.weight"]
+    for i in range(8):
+        one = {k: v[i % 4:i % 4 + 1] for k, v in loader[i // 4].items()}
+        ref = torch.autograd.grad(model(**one).loss, targets[0].param)[0]
+        torch.testing.assert_close(got[i], ref.flatten(), rtol=1e-9, atol=1e-12)
+    assert prune_one_shot(model, loader, sparsity=0.5, num_grads=8, progress=False).sparsity == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize("method", ["woodfisher", "global_magnitude", "kfac"])
 def test_bert_one_shot_and_masks_survive_save_pretrained(method, tmp_path):
     model = _bert()

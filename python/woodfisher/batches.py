@@ -429,13 +429,14 @@ def check_labelled(batch: Batch, loss_fn: Optional[Callable] = None) -> None:
     Args:
         batch: one loader item as a :class:`Batch`.
         loss_fn: the caller's loss; None = the default cross-entropy, whose floating-point targets
-            must be class probabilities (:func:`check_probabilities`).
+            must be class probabilities (:func:`check_probabilities`), unless the model is given them
+            as ``labels=`` (HuggingFace: it computes its own loss, e.g. MSE for a regression head).
     Raises:
         ValueError: naming a dict batch's keys and, when one looks like a target (``target``,
             ``label``, ``y``, ...), the adapter that makes it the target; or naming ``loss_fn``.
     """
     if batch.target is not None or "labels" in batch.kwargs:
-        if loss_fn is None:
+        if loss_fn is None and "labels" not in batch.kwargs:  # labels= : the model computes its own loss (HF)
             check_probabilities(batch.target)
         return
     if batch.kwargs and not batch.args:
