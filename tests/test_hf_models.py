@@ -6,6 +6,7 @@ stored (in, out)); its loss is its own ``outputs.loss`` (labels shifted inside t
 installs it); these tests skip with a reason where it is absent.
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -123,6 +124,25 @@ def test_gpt2_sampled_fisher_on_unlabelled_batches_and_nm_pattern():
     for name in names:  # N:M along the input axis of each output feature: rows of the stored (in, out) weight
         kept = result.masks[name].T.reshape(-1, 4).sum(1)
         assert torch.all(kept == 2), name
+
+
+def test_padding_masks_fall_back_from_vmap_with_a_note_and_eager_attention_stays_batched():
+    """sdpa attention's padding-mask check cannot run under vmap: the note names attn_implementation='eager',
+    which runs batched, with the same gradients (float64)."""
+    loader = _lm_batches(n=8)
+    got = {}
+    for impl in ("sdpa", "eager"):
+        model = _gpt2()
+        model.config._attn_implementation = impl
+        targets = [t for t in resolve_targets(model) if t.name.endswith("h.0.attn.c_attn.weight")]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got[impl] = GradientCollector(model, loader, targets, num_grads=8, progress=False).collect()
+        notes = [str(w.message) for w in caught if "vmap cannot run" in str(w.message)]
+        assert (len(notes), "attn_implementation='eager'" in "".join(notes)) == ((1, True) if impl == "sdpa" else
+                                                                                 (0, False))
+    for name, g in got["sdpa"].items():
+        torch.testing.assert_close(got["eager"][name], g, rtol=1e-9, atol=1e-12)
 
 
 def test_bert_regression_head_is_differentiated_through_its_own_loss():

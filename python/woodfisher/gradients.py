@@ -312,11 +312,14 @@ class GradientCollector:
                 out[k].append(torch.zeros_like(s[k]) if gk is None else gk)
         if self._vmap_error is not None:  # the loop ran where vmap could not: say so once, at the user's line
             reason = str(self._vmap_error).strip().splitlines()[0][:200] if str(self._vmap_error).strip() else ""
+            hf = type(self.inner).__module__.startswith("transformers.")
             warn_at_caller(f"per-sample gradients: torch.func.vmap cannot run the model or the loss "
                            f"({type(self._vmap_error).__name__}: {reason}), so they are computed one sample at a "
                            "time (the same values, slower); the usual causes are data-dependent Python "
                            "control flow (.item(), `if` on a tensor value) and in-place writes into tensors created in "
-                           "forward or loss_fn (the initial state of nn.GRU / nn.RNN)")
+                           "forward or loss_fn (the initial state of nn.GRU / nn.RNN)" + (
+                               "; a HuggingFace model's padding-mask checks are one: load it with "
+                               "attn_implementation='eager' to keep the batched path" if hf else ""))
             self._vmap_error = None
         return {k: torch.stack(v) for k, v in out.items()}
 
