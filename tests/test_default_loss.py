@@ -12,7 +12,7 @@ from _snapshots import assert_unchanged, snapshot
 from torch import nn
 
 import woodfisher as wf
-from woodfisher.batches import check_probabilities, default_loss
+from woodfisher.losses import check_probabilities, default_loss
 
 OPTS = dict(num_grads=32, num_steps=1, progress=False)
 

@@ -1,4 +1,4 @@
-"""From what a loader yields to a model call and a loss: batch adapters and the default loss.
+"""From what a loader yields to a model call: batch adapters, loader checks and messages.
 
 A loader item becomes a :class:`Batch` ``(args, kwargs, target)``: the model is called as
 ``model(*args, **kwargs)`` and the loss is ``loss_fn(outputs, target)``. The default
@@ -18,12 +18,9 @@ one, ``(x, mask, y)``, or a second element shaped like the inputs, ``(input_ids,
 attention_mask, labels)``) or not a tensor is refused with a ValueError that shows the
 adapter to pass, e.g. ``batch_adapter=lambda b: Batch((b[0], b[1]), {}, b[2])``.
 
-Outputs may be a tensor, a dict or a HuggingFace ``ModelOutput``: the loss is then
-``outputs.loss`` when the model computed one (labels in the batch) and no ``loss_fn`` is
-given, else ``loss_fn(logits, target)``. The default loss (:func:`default_loss`) is the mean
-cross-entropy over the class dimension (last dimension for sequence outputs (N, T, V)
-with targets (N, T); dimension 1 otherwise), which is also right for log-probability
-outputs since log_softmax is idempotent.
+Outputs may be a tensor, a dict or a HuggingFace ``ModelOutput``; the loss of a batch is
+:func:`woodfisher.losses.compute_loss` (the model's own, ``loss_fn``, or the default cross-entropy;
+re-exported here with the other loss functions).
 """
 from __future__ import annotations
 
@@ -34,15 +31,24 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils import _pytree as pytree
+
+# the loss functions live in .losses; re-exported here, where they were first documented
+from .losses import (
+    ADAPTER_HINT,
+    check_loss_fn,
+    check_probabilities,
+    compute_loss,
+    default_loss,
+    logits_of,
+    model_loss,
+    sample_targets,
+)
 
 __all__ = ["Batch", "default_adapter", "to_batch", "is_single_pass", "peek", "default_loss", "logits_of",
            "model_loss", "compute_loss", "check_labelled", "check_probabilities", "sample_targets", "check_loss_fn",
            "check_loader", "describe", "loader_errors"]
 
-ADAPTER_HINT = ("pass batch_adapter=lambda b: woodfisher.Batch(args=(inputs,), kwargs={}, target=targets) "
-                "to say which part is which")
 
 
 @dataclass
@@ -341,84 +347,6 @@ def peek(loader: Iterable) -> Tuple[Any, Iterable]:
     return first, (loader if first is None else itertools.chain([first], loader))
 
 
-def logits_of(outputs: Any) -> torch.Tensor:
-    """The prediction tensor of a model's outputs (tensor, dict / ModelOutput ``logits``, or tuple[0])."""
-    if _is_tensor(outputs):
-        return outputs
-    if isinstance(outputs, collections.abc.Mapping) and "logits" in outputs:
-        return outputs["logits"]
-    if isinstance(outputs, (tuple, list)) and outputs and _is_tensor(outputs[0]):
-        return outputs[0]
-    raise ValueError(f"cannot find the predictions in the model's outputs ({type(outputs).__name__}); "
-                     "return a tensor, or a dict / ModelOutput with 'logits', or pass loss_fn")
-
-
-def default_loss(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy; class dim last for (N, T, V) outputs with (N, T) targets, else dim 1.
-
-    Args:
-        outputs: logits or log-probabilities, (N, C) or (N, C, d1, ...) or (N, T, V).
-        target: class indices (N,) / (N, d1, ...) / (N, T), or class probabilities of the outputs' shape.
-    Returns:
-        scalar loss (mean over samples / positions).
-    """
-    last = not target.is_floating_point() and outputs.dim() == target.dim() + 1 and outputs.dim() > 2 \
-        and outputs.shape[:-1] == target.shape
-    _check_cross_entropy_shapes(outputs, target, -1 if last else 1)
-    if last:
-        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), target.reshape(-1))
-    return F.cross_entropy(outputs, target)
-
-
-#: how a loss other than the default cross-entropy is passed, for messages
-_LOSS_HINT = ("pass loss_fn=(your loss), e.g. loss_fn=torch.nn.functional.mse_loss for a regression or "
-              "torch.nn.functional.binary_cross_entropy_with_logits for one logit per sample")
-
-
-def _check_cross_entropy_shapes(outputs: torch.Tensor, target: torch.Tensor, class_dim: int) -> None:
-    """Refuse outputs / targets the default cross-entropy does not fit (shapes only: runs under ``vmap``).
-
-    Cross-entropy over one class is 0 whatever the weights (every gradient would be zero), and
-    floating targets are class probabilities of the outputs' shape.
-    """
-    if outputs.dim() < 2 or outputs.shape[class_dim] < 2:
-        raise ValueError(f"loss_fn: the default loss is cross-entropy over the class dim, but the outputs have "
-                         f"shape {tuple(outputs.shape)} (fewer than 2 classes: the loss would be 0 and every "
-                         f"gradient zero); {_LOSS_HINT}")
-    if target.is_floating_point() and target.shape != outputs.shape:
-        raise ValueError(f"loss_fn: the default loss is cross-entropy; floating-point targets must be class "
-                         f"probabilities of the outputs' shape {tuple(outputs.shape)}, got {tuple(target.shape)}; "
-                         f"{_LOSS_HINT}")
-
-
-def check_probabilities(target: Any) -> None:
-    """Floating-point targets of the default cross-entropy must be class probabilities (not under ``vmap``).
-
-    Args:
-        target: a batch's target; integer class indices and non-tensors pass.
-    Raises:
-        ValueError: naming ``loss_fn``, for floating targets with fewer than 2 dims, a negative entry, or
-            a row along dim 1 (the class dim) that does not sum to 1 (within 1e-2).
-    """
-    if not _is_tensor(target) or not target.is_floating_point():
-        return
-    sums = target.double().sum(1) if target.dim() >= 2 else None
-    if sums is None or bool((target < 0).any()) or not bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-2)):
-        got = "fewer than 2 dims" if sums is None else \
-            f"entries in [{float(target.min()):.3g}, {float(target.max()):.3g}], sums over dim 1 in " \
-            f"[{float(sums.min()):.3g}, {float(sums.max()):.3g}]"
-        raise ValueError(f"loss_fn: the targets are floating point of shape {tuple(target.shape)} but not class "
-                         f"probabilities ({got}), and the default loss is cross-entropy; {_LOSS_HINT}")
-
-
-def model_loss(outputs: Any) -> Optional[torch.Tensor]:
-    """The loss a model returned itself (dict / ModelOutput ``loss``, e.g. HF with ``labels``), or None."""
-    if isinstance(outputs, collections.abc.Mapping):
-        return outputs.get("loss")
-    return None
-
-
-#: dict keys that look like a target under another name than HuggingFace's ``labels``
 TARGET_LIKE_KEYS = ("target", "targets", "label", "y", "class", "classes", "class_labels")
 
 
@@ -453,44 +381,3 @@ def check_labelled(batch: Batch, loss_fn: Optional[Callable] = None) -> None:
     compute_loss(None, None, None)  # raises: no targets and no model loss
 
 
-def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torch.Tensor:
-    """The scalar loss of one batch.
-
-    Without ``loss_fn``: the model's own ``outputs.loss`` when it computed one (HF models
-    given ``labels``: shifted for causal LMs, as the model defines it), else
-    :func:`default_loss` (predictions, target). With ``loss_fn``: ``loss_fn(predictions,
-    target)``. The predictions are the outputs, or their ``logits`` (:func:`logits_of`).
-
-    Raises:
-        ValueError: no target and no model loss (unlabelled data needs ``sampled_fisher``).
-    """
-    own = model_loss(outputs) if loss_fn is None else None
-    if own is not None:
-        return own
-    if target is None:
-        raise ValueError("the batch has no targets and the model returned no loss: yield (inputs, targets) "
-                         "batches, include 'labels' in dict batches, pass sampled_fisher=True to draw "
-                         f"targets from the model, or {ADAPTER_HINT}")
-    loss = (default_loss if loss_fn is None else loss_fn)(logits_of(outputs), target)
-    if not _is_tensor(loss) or loss.numel() != 1:
-        shape = tuple(loss.shape) if _is_tensor(loss) else type(loss).__name__
-        raise ValueError(f"loss_fn must return the mean loss as a scalar tensor, got {shape} "
-                         "(reduction='none'? use the mean)")
-    return loss.reshape(())  # a one-entry (1,) loss is the scalar (torch.func.grad takes scalars only)
-
-
-def sample_targets(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Class indices drawn from ``softmax(logits)`` over the last dim: (..., K) -> (...) int64.
-
-    Classification outputs (N, K) give (N,); sequence outputs (N, T, V) give (N, T). The
-    draw runs on the CPU generator (reproducible across devices) in float64.
-    """
-    probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
-    flat = probs.reshape(-1, probs.shape[-1])
-    labels = torch.multinomial(flat, 1, generator=generator).squeeze(1)
-    return labels.reshape(probs.shape[:-1]).to(logits.device)
-
-
-def check_loss_fn(loss_fn: Any) -> None:
-    if loss_fn is not None and not callable(loss_fn):
-        raise ValueError("loss_fn must be callable(outputs, targets) or None")

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from . import structured as st
-from .batches import check_loss_fn
 from .damping import check_damp
 from .distributed.group import check_group, describe_group
+from .losses import check_loss_fn
 from .masks import check_min_density, check_sparsity, is_int, is_real
 from .methods import METHODS
 
@@ -115,7 +115,7 @@ class PruneConfig:
             "kfac" (K-FAC OBS).
         mode: "global" (joint ranking across weights) or "layerwise" (independent).
         loss_fn: ``loss_fn(predictions, targets)`` -> mean loss; None = the model's own
-            ``outputs.loss`` when it returns one, else :func:`woodfisher.batches.default_loss`.
+            ``outputs.loss`` when it returns one, else :func:`woodfisher.losses.default_loss`.
         block_size: Fisher block size c (entries); "auto" (default): c = 4 times the number
             of gradients of a step (:data:`AUTO_BLOCK_PER_GRAD`; blocks a few times larger
             than m, where ``F^-1`` is neither noisy nor nearly diagonal; rounded up to a

@@ -54,8 +54,9 @@ from torch.utils import _pytree as pytree
 
 import woodfisher_kernels as wk
 
-from .batches import Batch, check_labelled, compute_loss, describe, loader_errors, logits_of, sample_targets, to_batch
+from .batches import Batch, check_labelled, describe, loader_errors, to_batch
 from .diagnostics import warn_at_caller
+from .losses import compute_loss, logits_of, sample_targets
 from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
