@@ -124,3 +124,24 @@ def test_weights_the_loss_never_reaches_are_named_in_a_warning_at_the_callers_li
         warnings.simplefilter("always")
         wf.estimate_curvature(model, data, method=method, modules=["body", "head"], **OPTS)
     assert not [w for w in caught if "exactly zero" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:  # several steps: one warning for the call
+        warnings.simplefilter("always")
+        wf.prune_one_shot(model, data, sparsity=0.6, method=method, **{**OPTS, "num_steps": 3})
+    notes = [w for w in caught if "exactly zero gradient" in str(w.message)]
+    assert len(notes) == 1 and notes[0].filename == __file__
+
+
+def test_a_weight_the_loss_never_reaches_that_already_holds_zeros_is_collected():
+    """vmap returns a broadcast zero gradient for it; masking it in place raised a RuntimeError."""
+    torch.manual_seed(0)
+    model = _AuxHead().double()
+    with torch.no_grad():
+        model.aux.weight[0].zero_()
+    data = _data(lambda x: (x[:, 0] > 0).long())
+    targets = wf.resolve_targets(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grads = wf.GradientCollector(model, data, targets, num_grads=32, progress=False,
+                                     keep_masks={t.name: t.keep_mask() for t in targets}).collect()
+    assert torch.equal(grads["aux.weight"], torch.zeros(32, 24, dtype=torch.float64))
+    assert grads["head.weight"].abs().sum() > 0

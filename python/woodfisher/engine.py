@@ -23,7 +23,7 @@ from .batches import is_single_pass
 from .checks import check_prunable
 from .conditioning import warn_ill_conditioned
 from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig
-from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
+from .curvature import Curvature, _estimate, plan_memory, stat_itemsize, warn_zero_gradients
 from .diagnostics import magnitude_overlap, warn_at_caller, warn_if_degenerate
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
@@ -220,7 +220,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     warn_recurrent_left_out(model, config.modules)
     timings = _timings()
     snapshot = Snapshot(targets, model)
-    damp, forms, kappa = None, {}, {}
+    damp, forms, kappa, stats = None, {}, {}, []
     try:
         with display(config.progress):
             for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
@@ -232,9 +232,11 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                     _apply(targets, curvature, step_config, target, timings)
                 damp, forms = curvature.damp, curvature.forms
                 kappa.update({n: max(k, kappa.get(n, 0.0)) for n, k in curvature.kappa.items()})
+                stats.append(curvature.stats)
                 curvature = None  # this step's gradients and inverses are freed before the next step's are built
         # once per call, with the worst step of each layer
         warn_ill_conditioned(kappa, forms, damp, config.damp == "auto", stacklevel=3)
+        warn_zero_gradients(stats)
         timings["total"] = time.perf_counter() - start
         extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": method.block_size(configs[0])}
         return _result(model, targets, config, damp, forms, timings, before, extra, stacklevel=4)
