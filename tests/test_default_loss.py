@@ -144,4 +144,5 @@ def test_a_weight_the_loss_never_reaches_that_already_holds_zeros_is_collected()
         grads = wf.GradientCollector(model, data, targets, num_grads=32, progress=False,
                                      keep_masks={t.name: t.keep_mask() for t in targets}).collect()
     assert torch.equal(grads["aux.weight"], torch.zeros(32, 24, dtype=torch.float64))
+    assert all(g.is_contiguous() for g in grads.values())
     assert grads["head.weight"].abs().sum() > 0

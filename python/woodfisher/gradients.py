@@ -335,10 +335,11 @@ class GradientCollector:
         """{name: (G, numel)} masked in place; one fused finiteness check, the sum of squares added up."""
         flat = {}
         for target in self.targets:
-            g = grads[target.key].detach().reshape(count, target.numel)
+            # contiguous: vmap returns a broadcast zero for a weight the loss never reaches (not writable in place)
+            g = grads[target.key].detach().reshape(count, target.numel).contiguous()
             keep = self._keep_flat.get(target.name)
-            if keep is not None:  # in place, unless vmap returned a broadcast zero (a weight the loss never reaches)
-                g = g.mul_(keep) if g.is_contiguous() else g * keep
+            if keep is not None:
+                g.mul_(keep)
             flat[target.name] = g
         # per-gradient norms in the compute dtype, their squares summed in float64: one sync per chunk
         sums = torch.stack([torch.linalg.vector_norm(g, dim=1).double().square().sum() for g in flat.values()])
