@@ -65,13 +65,20 @@ def test_class_probabilities_are_targets_of_the_default_loss():
 
 
 def test_probability_and_shape_rules():
+    logits = torch.randn(4, 7, 11, dtype=torch.float64)
+    tokens = torch.randint(0, 11, (4, 7))
     check_probabilities(torch.tensor([1, 2]))  # class indices
     check_probabilities(torch.softmax(torch.randn(4, 3, 5), dim=1))  # per-position probabilities, class dim 1
     for bad in (torch.rand(4), torch.rand(4, 3) + 1, torch.tensor([[1.5, -0.5]])):
         with pytest.raises(ValueError, match="loss_fn.*not class probabilities"):
             check_probabilities(bad)
-    logits = torch.randn(4, 7, 11, dtype=torch.float64)
-    tokens = torch.randint(0, 11, (4, 7))
+    per_token = torch.softmax(torch.randn(4, 7, 11, dtype=torch.float64), dim=-1)  # (N, T, V) distillation targets
+    with pytest.raises(ValueError, match=r"probabilities over the last dim.*classes on dim 1") as err:
+        check_probabilities(per_token)
+    hint = err.value.args[0].split("loss_fn=", 1)[1]
+    loss_fn = eval(hint, {"torch": torch})  # the loss the message shows: class dim last
+    ref = -(per_token * torch.log_softmax(logits, -1)).sum(-1).mean()
+    torch.testing.assert_close(loss_fn(logits, per_token), ref)
     ref = F.cross_entropy(logits.reshape(-1, 11), tokens.reshape(-1))
     torch.testing.assert_close(default_loss(logits, tokens), ref)  # (N, T, V) with (N, T): class dim last
     with pytest.raises(ValueError, match=r"loss_fn.*\(4, 1\).*fewer than 2 classes"):

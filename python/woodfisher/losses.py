@@ -80,12 +80,22 @@ def check_probabilities(target: Any) -> None:
         target: a batch's target; integer class indices and non-tensors pass.
     Raises:
         ValueError: naming ``loss_fn``, for floating targets with fewer than 2 dims, a negative entry, or
-            a row along dim 1 (the class dim) that does not sum to 1 (within 1e-2).
+            a row along dim 1 (the class dim) that does not sum to 1 (within 1e-2); sequence probabilities
+            over the last dim get the ``loss_fn`` that reads them so.
     """
     if not isinstance(target, torch.Tensor) or not target.is_floating_point():
         return
-    sums = target.double().sum(1) if target.dim() >= 2 else None
-    if sums is None or bool((target < 0).any()) or not bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-2)):
+    def sums_to_one(dim: int) -> bool:
+        sums = target.double().sum(dim)
+        return bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-2))
+
+    if target.dim() < 2 or bool((target < 0).any()) or not sums_to_one(1):
+        if target.dim() > 2 and not bool((target < 0).any()) and sums_to_one(-1):
+            raise ValueError(f"loss_fn: the targets of shape {tuple(target.shape)} are probabilities over the last "
+                             "dim, but the default cross-entropy of floating targets takes the classes on dim 1 "
+                             "(as torch.nn.functional.cross_entropy); pass loss_fn=lambda out, p: "
+                             "torch.nn.functional.cross_entropy(out.flatten(0, -2), p.flatten(0, -2))")
+        sums = target.double().sum(1) if target.dim() >= 2 else None
         got = "fewer than 2 dims" if sums is None else \
             f"entries in [{float(target.min()):.3g}, {float(target.max()):.3g}], sums over dim 1 in " \
             f"[{float(sums.min()):.3g}, {float(sums.max()):.3g}]"
