@@ -312,7 +312,8 @@ class GradientCollector:
             for k, gk in zip(self._keys, gs):
                 out[k].append(torch.zeros_like(s[k]) if gk is None else gk)
         if self._vmap_error is not None:  # the loop ran where vmap could not: say so once, at the user's line
-            reason = str(self._vmap_error).strip().splitlines()[0][:200] if str(self._vmap_error).strip() else ""
+            text = str(self._vmap_error).strip()
+            reason = text.splitlines()[0].split(". ")[0][:200] if text else ""  # its first sentence
             hf = type(self.inner).__module__.startswith("transformers.")
             warn_at_caller(f"per-sample gradients: torch.func.vmap cannot run the model or the loss "
                            f"({type(self._vmap_error).__name__}: {reason}), so they are computed one sample at a "
