@@ -147,7 +147,7 @@ def attach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
     """
     if not isinstance(masks, dict) or not masks:
         raise ValueError("masks must be a non-empty dict {weight name: bool keep-mask}")
-    targets = resolve_targets(model, list(masks))
+    targets = resolve_targets(model, list(masks), arg="masks")
     if len(targets) != len(masks) or any(target.name not in masks for target in targets):
         named = [n for n in masks if n not in {target.name for target in targets}]
         raise ValueError(f"masks: {named} name the same weight as another entry (or a module holding "
