@@ -12,7 +12,7 @@ allows, :func:`chunk_samples`), and each chunk is one call:
 - ``fisher_batch_size > 1``: one plain batched backward per group of samples (no
   ``vmap``: a group is a mini-batch, and autograd reduces it at full speed);
 - models or losses that ``vmap`` cannot trace fall back to the per-group autograd loop
-  (same numbers, slower).
+  (same numbers, slower), with one warning at the caller's line giving vmap's reason.
 
 Masking and the NaN/Inf check stay off the critical path: the keep-masks are applied in
 place, and the finiteness of a chunk is read from the per-weight sums of squares that the
@@ -192,11 +192,12 @@ class GradientCollector:
 
     After a pass (:meth:`collect` or :meth:`chunks` exhausted): ``count`` (gradients
     produced), ``samples`` (samples used), ``sum_sq`` (float64 sum of the squared masked
-    gradient entries, for :class:`woodfisher.damping.FisherStats`) and ``loss_grad``
-    ({name: (numel,)} or None). Gradients are flat (k, numel) in the weight's storage
-    order, in :attr:`dtype`.
+    gradient entries, for :class:`woodfisher.damping.FisherStats`), ``nonzero`` ({name: whether
+    any of its masked gradients was non-zero}) and ``loss_grad`` ({name: (numel,)} or None).
+    Gradients are flat (k, numel), contiguous, in the weight's storage order, in :attr:`dtype`.
     Raises (during the pass): ValueError for an empty loader, unlabelled batches without a
-    model loss, or NaN/Inf gradients (naming the weight).
+    model loss, floating targets the default loss cannot take (naming ``loss_fn``), or NaN/Inf
+    gradients (naming the weight).
     """
 
     def __init__(self, model: nn.Module, loader, targets: List[PruneTarget], *,
