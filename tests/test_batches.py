@@ -35,9 +35,10 @@ def test_default_readings():
 
 @pytest.mark.parametrize("item", [
     (torch.randn(4, 6), torch.rand(4, 6), torch.arange(4)),                       # (x, float mask, labels)
+    (torch.randn(4, 5, 6), torch.rand(4, 5) > 0.5, torch.arange(4)),              # (x, padding mask, labels)
     (torch.randint(0, 9, (4, 5)), torch.ones(4, 5, dtype=torch.long), torch.randint(0, 9, (4, 5))),  # ids, mask, labels
     (torch.randint(0, 9, (4, 5)), torch.randint(0, 9, (4, 5)), torch.ones(4, 5, dtype=torch.long)),  # ids, labels, mask
-], ids=["x-mask-y", "ids-mask-labels", "ids-labels-mask"])
+], ids=["x-mask-y", "x-boolmask-y", "ids-mask-labels", "ids-labels-mask"])
 def test_ambiguous_batches_are_refused_with_an_adapter_that_works(item):
     with pytest.raises(ValueError, match="ambiguous") as err:
         default_adapter(item)

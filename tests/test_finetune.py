@@ -90,8 +90,10 @@ def test_attach_masks_on_a_wrapped_model_and_refusals_change_nothing():
     before = state_copy(model)
     with pytest.raises(ValueError, match="shape"):
         attach_masks(model, {"module.2.weight": torch.ones(3, 3, dtype=torch.bool)})
-    with pytest.raises(ValueError, match="no module or parameter"):
+    with pytest.raises(ValueError, match="^masks: no module or parameter named '9.weight'"):  # the argument named
         attach_masks(model, {"module.9.weight": keep})
+    with pytest.raises(ValueError, match=r"^masks: '1' is a ReLU"):
+        attach_masks(model, {"module.1": keep})
     assert same_state(model, before) and not hasattr(model.module[2], "weight_mask")
 
 

@@ -214,3 +214,50 @@ def test_attention_models_get_batched_per_sample_gradients_without_the_vmap_fall
     ref = per_sample_grads(model, loader, names, 12)
     for t in targets:
         torch.testing.assert_close(got[t.name].double(), ref[t.name].double(), rtol=1e-4, atol=1e-6)
+
+
+class _ItemNet(ConvNet):
+    """ConvNet whose forward reads a tensor value in Python (vmap cannot trace it)."""
+
+    def forward(self, x):
+        h = self.conv(x)
+        if float(h.abs().max()) > 1e6:  # data-dependent Python control flow
+            h = h / 2
+        return self.fc(torch.relu(self.bn(h)).flatten(1))
+
+
+def test_the_vmap_fallback_is_warned_once_at_the_callers_line_with_the_same_gradients():
+    model, x, y = setup(seed=5)
+    item = _ItemNet().double()
+    item.load_state_dict(model.state_dict())
+    targets = resolve_targets(item, NAMES)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = GradientCollector(item, loader_of(x, y, 8), targets, num_grads=30, progress=False).collect()
+    notes = [w for w in caught if "vmap cannot run the model" in str(w.message)]
+    assert len(notes) == 1 and notes[0].filename == __file__ and ".item()" in str(notes[0].message)
+    ref = reference(model, x, y, 30, 1)
+    for n in NAMES:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-14)
+    with warnings.catch_warnings(record=True) as caught:  # a traceable model: no note
+        warnings.simplefilter("always")
+        GradientCollector(model, loader_of(x, y, 8), resolve_targets(model, NAMES), num_grads=30,
+                          progress=False).collect()
+    assert not [w for w in caught if "vmap" in str(w.message)]
+
+
+def test_a_one_entry_loss_is_the_scalar_loss_on_the_vmap_path():
+    """reduction='none' on one sample (a (1,) loss) gives the scalar loss's gradients, batched (no fallback)."""
+    model, x, y = setup(seed=6)
+    targets = resolve_targets(model, NAMES)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = GradientCollector(model, loader_of(x, y, 8), targets, num_grads=20, progress=False,
+                                loss_fn=nn.CrossEntropyLoss(reduction="none")).collect()
+    assert not [w for w in caught if "vmap" in str(w.message)]
+    ref = reference(model, x, y, 20, 1)
+    for n in NAMES:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"scalar tensor, got \(8,\).*reduction='none'"):
+        GradientCollector(model, loader_of(x, y, 8), targets, num_grads=20, fisher_batch_size=3, progress=False,
+                          loss_fn=nn.CrossEntropyLoss(reduction="none")).collect()

@@ -6,6 +6,7 @@ stored (in, out)); its loss is its own ``outputs.loss`` (labels shifted inside t
 installs it); these tests skip with a reason where it is absent.
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -123,6 +124,45 @@ def test_gpt2_sampled_fisher_on_unlabelled_batches_and_nm_pattern():
     for name in names:  # N:M along the input axis of each output feature: rows of the stored (in, out) weight
         kept = result.masks[name].T.reshape(-1, 4).sum(1)
         assert torch.all(kept == 2), name
+
+
+def test_padding_masks_fall_back_from_vmap_with_a_note_and_eager_attention_stays_batched():
+    """sdpa attention's padding-mask check cannot run under vmap: the note names attn_implementation='eager',
+    which runs batched, with the same gradients (float64)."""
+    loader = _lm_batches(n=8)
+    got = {}
+    for impl in ("sdpa", "eager"):
+        model = _gpt2()
+        model.config._attn_implementation = impl
+        targets = [t for t in resolve_targets(model) if t.name.endswith("h.0.attn.c_attn.weight")]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got[impl] = GradientCollector(model, loader, targets, num_grads=8, progress=False).collect()
+        notes = [str(w.message) for w in caught if "vmap cannot run" in str(w.message)]
+        assert (len(notes), "attn_implementation='eager'" in "".join(notes)) == ((1, True) if impl == "sdpa" else
+                                                                                 (0, False))
+    for name, g in got["sdpa"].items():
+        torch.testing.assert_close(got["eager"][name], g, rtol=1e-9, atol=1e-12)
+
+
+def test_bert_regression_head_is_differentiated_through_its_own_loss():
+    """Float labels= (num_labels=1: the model's MSE) are not the default cross-entropy's targets: no refusal,
+    and the gradients are those of the model's own loss (float64 autograd)."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16, num_labels=1)
+    model = BertForSequenceClassification(cfg).double().eval()
+    loader = _lm_batches(n=8, labels=False)
+    g = torch.Generator().manual_seed(3)
+    for item in loader:
+        item["labels"] = torch.randn(4, generator=g, dtype=torch.float64)
+    targets = [t for t in resolve_targets(model) if t.name == "classifier.weight"]
+    got = GradientCollector(model, loader, targets, num_grads=8, progress=False).collect()["classifier.weight"]
+    for i in range(8):
+        one = {k: v[i % 4:i % 4 + 1] for k, v in loader[i // 4].items()}
+        ref = torch.autograd.grad(model(**one).loss, targets[0].param)[0]
+        torch.testing.assert_close(got[i], ref.flatten(), rtol=1e-9, atol=1e-12)
+    assert prune_one_shot(model, loader, sparsity=0.5, num_grads=8, progress=False).sparsity == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("method", ["woodfisher", "global_magnitude", "kfac"])

@@ -105,3 +105,28 @@ def test_bad_loader_items():
     model = tiny_mlp()
     with pytest.raises(ValueError, match="inputs, targets"):
         wf.prune_one_shot(model, [torch.randn(4, 6)], sparsity=0.5, progress=False)
+
+
+def test_numpy_scalars_are_accepted_as_numbers_and_stored_as_python_numbers():
+    """Options computed with numpy (a sweep, a config library) prune exactly as Python numbers do, and the
+    reports stay JSON; numpy floats where an int is needed are still refused."""
+    import json
+
+    import numpy as np
+
+    opts = dict(sparsity=0.5, num_grads=8, block_size=16, damp=1e-4, num_steps=2, seed=1, progress=False)
+    as_numpy = dict(opts, sparsity=np.float32(0.5), num_grads=np.int64(8), block_size=np.int32(16),
+                    damp=np.float32(1e-4), num_steps=np.int64(2), seed=np.uint8(1), beta=np.float64(0.0))
+    ref, got = tiny_mlp(), tiny_mlp()
+    a = wf.prune_one_shot(ref, tiny_data(), **opts)
+    b = wf.prune_one_shot(got, tiny_data(), **as_numpy)
+    assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+    json.dumps(b.config)
+    config = wf.PruneConfig(**{k: v for k, v in as_numpy.items() if k != "progress"})
+    assert all(type(getattr(config, k)) is type(opts[k]) for k in ("num_grads", "block_size", "num_steps", "seed"))
+    assert type(config.sparsity) is float
+    with pytest.raises(ValueError, match=r"num_grads must be an int >= 1, got np.float64\(8.0\)"):
+        wf.PruneConfig(sparsity=0.5, num_grads=np.float64(8))
+    pruner = wf.GradualPruner(tiny_mlp(), tiny_data(), final_sparsity=0.5, start_step=np.int64(0),
+                              end_step=np.int64(2), frequency=np.int64(1), num_grads=8, progress=False)
+    assert pruner.step(np.int64(0)) is not None and pruner.last_step == 0 and type(pruner.last_step) is int

@@ -2,6 +2,7 @@
 HF Conv1D's transposed layout, wrappers and reparametrised weights (woodfisher.targets)."""
 import os
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -145,10 +146,49 @@ def test_modules_accepts_parameter_names_aliases_and_modules_holding_weights():
     assert [t.name for t in resolve_targets(tied, ["b"])] == ["a.weight"]
     with pytest.raises(ValueError, match="no module or parameter named 'nope'"):
         resolve_targets(model, ["nope"])
-    with pytest.raises(ValueError, match="without a weight to prune"):
+    with pytest.raises(ValueError, match="is a ReLU, which holds no Linear.*no floating parameter of >= 2 dims"):
         resolve_targets(nn.Sequential(nn.ReLU(), nn.Linear(2, 2)), ["0"])
     with pytest.raises(ValueError, match="only weights with >= 2 dims"):
         resolve_targets(model, ["layers.0.norm1"])
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn, self.head = cell(4, 5, batch_first=True), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
+def test_recurrent_weights_are_pruned_when_named_and_the_message_names_them(cell):
+    torch.manual_seed(0)
+    model = Recurrent(cell).double()
+    assert [t.name for t in resolve_targets(model)] == ["head.weight"]  # not a default target
+    with pytest.raises(ValueError, match=rf"'rnn' is a {cell.__name__}.*name them to prune them: "
+                                         r"modules=\['rnn.weight_ih_l0', 'rnn.weight_hh_l0'\]"):
+        resolve_targets(model, ["rnn"])
+    names = ["rnn.weight_ih_l0", "rnn.weight_hh_l0"]
+    loader = [(torch.randn(4, 3, 4, dtype=torch.float64), torch.randint(0, 3, (4,))) for _ in range(2)]
+    targets = resolve_targets(model, names)
+    got = GradientCollector(model, loader, targets, num_grads=8, progress=False).collect()
+    ref = per_sample_grads(model, loader, names, 8)
+    for name in names:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = prune_one_shot(model, loader, sparsity=0.5, modules=names, num_grads=8, progress=False)
+    assert not [w for w in caught if "recurrent" in str(w.message)]
+    assert sorted(res.masks) == sorted(names) and abs(res.sparsity - 0.5) <= 1 / 135
+    assert model(loader[0][0]).isfinite().all()
+    with warnings.catch_warnings(record=True) as caught:  # the defaults leave them out, and say so
+        warnings.simplefilter("always")
+        res = prune_one_shot(model, loader, sparsity=0.5, num_grads=8, progress=False)
+    notes = [w for w in caught if "recurrent" in str(w.message)]
+    assert len(notes) == 1 and notes[0].filename == __file__ and list(res.masks) == ["head.weight"]
+    assert f"['rnn ({cell.__name__})'] are not pruned by default" in str(notes[0].message)
+    assert "modules=[..., 'rnn.weight_ih_l0']" in str(notes[0].message)
 
 
 # ---- nn.MultiheadAttention: weights read without a module call ---------------------------------

@@ -1,4 +1,4 @@
-"""From what a loader yields to a model call and a loss: batch adapters and the default loss.
+"""From what a loader yields to a model call: batch adapters, loader checks and messages.
 
 A loader item becomes a :class:`Batch` ``(args, kwargs, target)``: the model is called as
 ``model(*args, **kwargs)`` and the loss is ``loss_fn(outputs, target)``. The default
@@ -18,12 +18,9 @@ one, ``(x, mask, y)``, or a second element shaped like the inputs, ``(input_ids,
 attention_mask, labels)``) or not a tensor is refused with a ValueError that shows the
 adapter to pass, e.g. ``batch_adapter=lambda b: Batch((b[0], b[1]), {}, b[2])``.
 
-Outputs may be a tensor, a dict or a HuggingFace ``ModelOutput``: the loss is then
-``outputs.loss`` when the model computed one (labels in the batch) and no ``loss_fn`` is
-given, else ``loss_fn(logits, target)``. The default loss (:func:`default_loss`) is the mean
-cross-entropy over the class dimension (last dimension for sequence outputs (N, T, V)
-with targets (N, T); dimension 1 otherwise), which is also right for log-probability
-outputs since log_softmax is idempotent.
+Outputs may be a tensor, a dict or a HuggingFace ``ModelOutput``; the loss of a batch is
+:func:`woodfisher.losses.compute_loss` (the model's own, ``loss_fn``, or the default cross-entropy;
+re-exported here with the other loss functions).
 """
 from __future__ import annotations
 
@@ -34,15 +31,24 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-__all__ = ["Batch", "default_adapter", "to_batch", "is_single_pass", "peek", "default_loss", "logits_of",
-           "model_loss", "compute_loss", "check_labelled", "sample_targets", "check_loss_fn", "check_loader",
-           "describe", "loader_errors"]
+# the loss functions live in .losses; re-exported here, where they were first documented
+from .losses import (
+    ADAPTER_HINT,
+    check_loss_fn,
+    check_probabilities,
+    compute_loss,
+    default_loss,
+    logits_of,
+    model_loss,
+    sample_targets,
+)
 
-ADAPTER_HINT = ("pass batch_adapter=lambda b: woodfisher.Batch(args=(inputs,), kwargs={}, target=targets) "
-                "to say which part is which")
+__all__ = ["Batch", "default_adapter", "to_batch", "is_single_pass", "peek", "default_loss", "logits_of",
+           "model_loss", "compute_loss", "check_labelled", "check_probabilities", "sample_targets", "check_loss_fn",
+           "check_loader", "describe", "loader_errors"]
+
 
 
 @dataclass
@@ -189,8 +195,9 @@ def _ambiguous(x, y: torch.Tensor, rest: list) -> bool:
     """Whether a later element of ``(x, y, *rest)`` could be the target as well as ``y``.
 
     Extras that are not tensors with the batch dim never are. A batched extra makes the
-    reading ambiguous when ``y`` is float and the extra is integer (``(x, mask, labels)``)
-    or when ``y`` has the shape of the first input (``(input_ids, attention_mask, labels)``).
+    reading ambiguous when ``y`` is float or bool (never class indices) and the extra is not
+    float (``(x, mask, labels)``) or when ``y`` has the shape of the first input
+    (``(input_ids, attention_mask, labels)``).
     """
     if not rest:  # (inputs, target): nothing else could be the target (and no pytree walk per item)
         return False
@@ -203,7 +210,7 @@ def _ambiguous(x, y: torch.Tensor, rest: list) -> bool:
         return False
     if y.shape == first.shape:
         return True
-    return y.is_floating_point() and any(not r.is_floating_point() for r in extras)
+    return (y.is_floating_point() or y.dtype == torch.bool) and any(not r.is_floating_point() for r in extras)
 
 
 def default_adapter(item: Any) -> Batch:
@@ -342,52 +349,25 @@ def peek(loader: Iterable) -> Tuple[Any, Iterable]:
     return first, (loader if first is None else itertools.chain([first], loader))
 
 
-def logits_of(outputs: Any) -> torch.Tensor:
-    """The prediction tensor of a model's outputs (tensor, dict / ModelOutput ``logits``, or tuple[0])."""
-    if _is_tensor(outputs):
-        return outputs
-    if isinstance(outputs, collections.abc.Mapping) and "logits" in outputs:
-        return outputs["logits"]
-    if isinstance(outputs, (tuple, list)) and outputs and _is_tensor(outputs[0]):
-        return outputs[0]
-    raise ValueError(f"cannot find the predictions in the model's outputs ({type(outputs).__name__}); "
-                     "return a tensor, or a dict / ModelOutput with 'logits', or pass loss_fn")
-
-
-def default_loss(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy; class dim last for (N, T, V) outputs with (N, T) targets, else dim 1.
-
-    Args:
-        outputs: logits or log-probabilities, (N, C) or (N, C, d1, ...) or (N, T, V).
-        target: class indices (N,) / (N, d1, ...) / (N, T), or class probabilities of the outputs' shape.
-    Returns:
-        scalar loss (mean over samples / positions).
-    """
-    if not target.is_floating_point() and outputs.dim() == target.dim() + 1 and outputs.dim() > 2 \
-            and outputs.shape[:-1] == target.shape:
-        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), target.reshape(-1))
-    return F.cross_entropy(outputs, target)
-
-
-def model_loss(outputs: Any) -> Optional[torch.Tensor]:
-    """The loss a model returned itself (dict / ModelOutput ``loss``, e.g. HF with ``labels``), or None."""
-    if isinstance(outputs, collections.abc.Mapping):
-        return outputs.get("loss")
-    return None
-
-
-#: dict keys that look like a target under another name than HuggingFace's ``labels``
 TARGET_LIKE_KEYS = ("target", "targets", "label", "y", "class", "classes", "class_labels")
 
 
-def check_labelled(batch: Batch) -> None:
-    """Refuse a batch without a target (and without a ``labels`` keyword for the model's own loss).
+def check_labelled(batch: Batch, loss_fn: Optional[Callable] = None) -> None:
+    """Refuse a batch without a target (and without a ``labels`` keyword for the model's own loss), or
+    whose target the default loss does not fit.
 
+    Args:
+        batch: one loader item as a :class:`Batch`.
+        loss_fn: the caller's loss; None = the default cross-entropy, whose floating-point targets
+            must be class probabilities (:func:`check_probabilities`), unless the model is given them
+            as ``labels=`` (HuggingFace: it computes its own loss, e.g. MSE for a regression head).
     Raises:
         ValueError: naming a dict batch's keys and, when one looks like a target (``target``,
-            ``label``, ``y``, ...), the adapter that makes it the target.
+            ``label``, ``y``, ...), the adapter that makes it the target; or naming ``loss_fn``.
     """
     if batch.target is not None or "labels" in batch.kwargs:
+        if loss_fn is None and "labels" not in batch.kwargs:  # labels= : the model computes its own loss (HF)
+            check_probabilities(batch.target)
         return
     if batch.kwargs and not batch.args:
         keys = list(batch.kwargs)
@@ -403,44 +383,3 @@ def check_labelled(batch: Batch) -> None:
     compute_loss(None, None, None)  # raises: no targets and no model loss
 
 
-def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torch.Tensor:
-    """The scalar loss of one batch.
-
-    Without ``loss_fn``: the model's own ``outputs.loss`` when it computed one (HF models
-    given ``labels``: shifted for causal LMs, as the model defines it), else
-    :func:`default_loss` (predictions, target). With ``loss_fn``: ``loss_fn(predictions,
-    target)``. The predictions are the outputs, or their ``logits`` (:func:`logits_of`).
-
-    Raises:
-        ValueError: no target and no model loss (unlabelled data needs ``sampled_fisher``).
-    """
-    own = model_loss(outputs) if loss_fn is None else None
-    if own is not None:
-        return own
-    if target is None:
-        raise ValueError("the batch has no targets and the model returned no loss: yield (inputs, targets) "
-                         "batches, include 'labels' in dict batches, pass sampled_fisher=True to draw "
-                         f"targets from the model, or {ADAPTER_HINT}")
-    loss = (default_loss if loss_fn is None else loss_fn)(logits_of(outputs), target)
-    if not _is_tensor(loss) or loss.numel() != 1:
-        shape = tuple(loss.shape) if _is_tensor(loss) else type(loss).__name__
-        raise ValueError(f"loss_fn must return the mean loss as a scalar tensor, got {shape} "
-                         "(reduction='none'? use the mean)")
-    return loss
-
-
-def sample_targets(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Class indices drawn from ``softmax(logits)`` over the last dim: (..., K) -> (...) int64.
-
-    Classification outputs (N, K) give (N,); sequence outputs (N, T, V) give (N, T). The
-    draw runs on the CPU generator (reproducible across devices) in float64.
-    """
-    probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
-    flat = probs.reshape(-1, probs.shape[-1])
-    labels = torch.multinomial(flat, 1, generator=generator).squeeze(1)
-    return labels.reshape(probs.shape[:-1]).to(logits.device)
-
-
-def check_loss_fn(loss_fn: Any) -> None:
-    if loss_fn is not None and not callable(loss_fn):
-        raise ValueError("loss_fn must be callable(outputs, targets) or None")

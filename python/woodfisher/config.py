@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from . import structured as st
-from .batches import check_loss_fn
 from .damping import check_damp
 from .distributed.group import check_group, describe_group
-from .masks import check_min_density, check_sparsity
+from .losses import check_loss_fn
+from .masks import check_min_density, check_sparsity, is_int, is_real
 from .methods import METHODS
 
 __all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "SCHEDULES", "AUTO_MANY_STEPS", "check_int", "auto_num_steps",
@@ -73,16 +73,23 @@ def pattern_fixed_sparsity(pattern: Any) -> float:
 
 
 def check_int(name: str, value: Any, low: int = 1) -> int:
-    """``value`` must be an int (not a bool) >= ``low``; ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """``value`` must be an integer (not a bool; numpy integers accepted) >= ``low``; ValueError naming ``name``
+    otherwise. Returns it as a Python int."""
+    if not is_int(value) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_int_or(name: str, value: Any, others: str) -> None:
     """``value`` must be an int >= 1 (the caller has accepted ``others``); the message lists both."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be an int >= 1 or {others}, got {value!r}")
+
+
+#: Fields stored as Python numbers whatever numeric type was passed (numpy scalars from a sweep, ...): reports
+#: and configs serialise them as JSON, and the arithmetic of the steps stays in Python numbers.
+_INT_FIELDS = ("num_grads", "fisher_batch_size", "num_steps", "block_size", "memory_budget", "seed")
+_FLOAT_FIELDS = ("sparsity", "beta", "min_density", "damp")
 
 
 def _check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:
@@ -108,7 +115,7 @@ class PruneConfig:
             "kfac" (K-FAC OBS).
         mode: "global" (joint ranking across weights) or "layerwise" (independent).
         loss_fn: ``loss_fn(predictions, targets)`` -> mean loss; None = the model's own
-            ``outputs.loss`` when it returns one, else :func:`woodfisher.batches.default_loss`.
+            ``outputs.loss`` when it returns one, else :func:`woodfisher.losses.default_loss`.
         block_size: Fisher block size c (entries); "auto" (default): c = 4 times the number
             of gradients of a step (:data:`AUTO_BLOCK_PER_GRAD`; blocks a few times larger
             than m, where ``F^-1`` is neither noisy nor nearly diagonal; rounded up to a
@@ -208,7 +215,7 @@ class PruneConfig:
             _check_int_or("block_size", self.block_size, "'auto' or None (whole layers)")
         check_damp(self.damp)
         beta = self.beta
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
+        if not is_real(beta) or not 0 <= beta < math.inf:
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         if self.memory_budget is not None:
             check_int("memory_budget", self.memory_budget)
@@ -230,6 +237,10 @@ class PruneConfig:
             object.__setattr__(self, "modules", modules)
         st.parse_pattern(self.pattern)
         check_group(self.group)
+        for name, kind in [(n, int) for n in _INT_FIELDS] + [(n, float) for n in _FLOAT_FIELDS]:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, kind(value))
         METHODS[self.method].check(self)
 
     # ---- derived -------------------------------------------------------------------

@@ -47,7 +47,7 @@ from .offload import estimate_offloaded, offload_fits
 from .progress import display, phase
 from .state import derived_weights_kept
 from .streaming import estimate_streamed
-from .targets import Layout, PruneTarget, resolve_targets, unwrap_model
+from .targets import Layout, PruneTarget, resolve_targets, unwrap_model, warn_recurrent_left_out
 
 __all__ = ["Curvature", "estimate_curvature", "plan_memory", "resolve_config", "stat_itemsize"]
 
@@ -272,9 +272,11 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
         targets = resolve_targets(model, config.modules, method.block_size(config))
         method.check_targets(targets, config)
         check_prunable(targets, config)
+        warn_recurrent_left_out(model, config.modules)
         with display(config.progress):
             curv = _estimate(model, loader, targets, config)
     warn_ill_conditioned(curv.kappa, curv.forms, curv.damp, config.damp == "auto")
+    warn_zero_gradients([curv.stats])
     return curv
 
 
@@ -282,6 +284,30 @@ def _estimate(model, loader, targets: List[PruneTarget], config: PruneConfig) ->
     """Phase one for resolved ``targets``; the model's prune-derived weights are left as they were."""
     with derived_weights_kept(unwrap_model(model)[0]):
         return _estimate_steps(model, loader, targets, config)
+
+
+def warn_zero_gradients(stats: List[Optional[FisherStats]]) -> None:
+    """Warn once, at the caller's line, when the loss gave exactly zero gradients in the steps of a call: for
+    every pruned weight (the mask is then magnitude pruning's), or for some of them (ranked least important,
+    pruned first).
+
+    Args:
+        stats: the :class:`FisherStats` of each step (None for a step without curvature).
+    """
+    stats = [s for s in stats if s is not None]
+    if any(s.all_zero for s in stats):
+        warn_at_caller("every gradient of the loss with respect to the weights being pruned is exactly zero: the "
+                       "Fisher carries no curvature and the mask is magnitude pruning's. Check loss_fn (does the "
+                       "loss depend on the model's outputs? the default cross-entropy needs >= 2 classes) and that "
+                       "the pruned weights reach the output")
+        return
+    zero = list(dict.fromkeys(name for s in stats for name in s.zero_layers))
+    if zero:
+        warn_at_caller(f"the loss has exactly zero gradient with respect to {zero} over every sample: nothing "
+                       "connects them to the loss (an auxiliary head, an unused branch, or the weights after them "
+                       "pruned away; loss_fn sees only the first output of a tuple), so their Fisher is damp * I "
+                       "alone and they rank as the least important weights (pruned first in mode='global'); leave "
+                       "them out with modules=[the other weights], or make the model's first output depend on them")
 
 
 def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConfig) -> Curvature:
@@ -341,6 +367,8 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         estimate_streamed(collector, targets, config, curv, k)
     if config.woodtaylor:
         curv.loss_grad = {target.name: target.blocks(collector.loss_grad[target.name]) for target in targets}
+    curv.stats.zero_layers = tuple(target.name for target in targets
+                                   if not collector.nonzero.get(target.name, True) and bool(keep[target.name].any()))
     return curv
 
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
+
+from .masks import is_real
 
 __all__ = ["DEFAULT_DAMP", "AUTO_ALPHA", "FisherStats", "check_damp", "auto_damp", "resolve_damp"]
 
@@ -44,7 +46,7 @@ def check_damp(damp) -> Union[float, str]:
         if damp != "auto":
             raise ValueError(f"damp must be a number > 0 or 'auto', got {damp!r}")
         return damp
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
+    if not is_real(damp) or not math.isfinite(damp) or damp <= 0:
         raise ValueError(f"damp must be a finite number > 0 or 'auto', got {damp!r}")
     return float(damp)
 
@@ -58,11 +60,14 @@ class FisherStats:
             i.e. N times the trace of ``G^T G / N``.
         count: N, the number of gradients.
         numel: coordinates (entries of all pruned weights).
+        zero_layers: weights (with entries left to prune) whose every gradient was exactly zero: the loss
+            does not reach them (an auxiliary head, an unused branch); filled where per-weight sums are known.
     """
 
     sum_sq: float = 0.0
     count: int = 0
     numel: int = 0
+    zero_layers: Tuple[str, ...] = ()
 
     @classmethod
     def from_grads(cls, grads: Dict[str, torch.Tensor]) -> "FisherStats":
@@ -70,6 +75,11 @@ class FisherStats:
         sum_sq = sum(float(g.double().square().sum()) for g in grads.values())
         count = next(iter(grads.values())).shape[0]
         return cls(sum_sq, count, sum(g.shape[1] for g in grads.values()))
+
+    @property
+    def all_zero(self) -> bool:
+        """True when N >= 1 gradients were taken and every entry is exactly 0 (a Fisher without curvature)."""
+        return self.count >= 1 and self.sum_sq == 0.0
 
     @property
     def mean_diag(self) -> float:

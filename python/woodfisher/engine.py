@@ -23,7 +23,7 @@ from .batches import is_single_pass
 from .checks import check_prunable
 from .conditioning import warn_ill_conditioned
 from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig
-from .curvature import Curvature, _estimate, plan_memory, stat_itemsize
+from .curvature import Curvature, _estimate, plan_memory, stat_itemsize, warn_zero_gradients
 from .diagnostics import magnitude_overlap, warn_at_caller, warn_if_degenerate
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
@@ -34,7 +34,7 @@ from .methods import StepContext
 from .progress import display, step_label
 from .result import PruneResult, layer_rows
 from .state import Snapshot
-from .targets import PruneTarget, resolve_targets
+from .targets import PruneTarget, resolve_targets, warn_recurrent_left_out
 
 __all__ = ["prune_with", "run"]
 
@@ -102,8 +102,10 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
         :class:`PruneResult`.
     Raises:
         ValueError: bad options, an option the curvature fixed with another value (naming it;
-            ``Curvature.with_damp`` changes the damp), a model whose weights do not match the curvature, or weights
-            that cannot be pruned (:func:`woodfisher.checks.check_prunable`); the model is unchanged.
+            ``Curvature.with_damp`` changes the damp), a model missing a weight of the curvature or holding it
+            with another shape, or weights that cannot be pruned (:func:`woodfisher.checks.check_prunable`); the
+            model is unchanged. Names and shapes are checked, not values: another model of the same
+            architecture (or other weights loaded after estimating) is pruned with this Fisher without notice.
     """
     if not isinstance(curvature, Curvature):
         raise ValueError(f"curvature must be a woodfisher.Curvature (from estimate_curvature), got "
@@ -215,9 +217,10 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
             plan_memory(targets, configs[0].num_grads, stat_itemsize(targets), config.memory_budget,
                         config.damp == "auto", config.inverse_form)
     _warn_below(config, start_sparsity)
+    warn_recurrent_left_out(model, config.modules)
     timings = _timings()
     snapshot = Snapshot(targets, model)
-    damp, forms, kappa = None, {}, {}
+    damp, forms, kappa, stats = None, {}, {}, []
     try:
         with display(config.progress):
             for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
@@ -229,9 +232,11 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                     _apply(targets, curvature, step_config, target, timings)
                 damp, forms = curvature.damp, curvature.forms
                 kappa.update({n: max(k, kappa.get(n, 0.0)) for n, k in curvature.kappa.items()})
+                stats.append(curvature.stats)
                 curvature = None  # this step's gradients and inverses are freed before the next step's are built
         # once per call, with the worst step of each layer
         warn_ill_conditioned(kappa, forms, damp, config.damp == "auto", stacklevel=3)
+        warn_zero_gradients(stats)
         timings["total"] = time.perf_counter() - start
         extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": method.block_size(configs[0])}
         return _result(model, targets, config, damp, forms, timings, before, extra, stacklevel=4)

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .batches import to_batch
+from .masks import is_int
 from .progress import phase
 from .state import Snapshot, eval_mode
 from .targets import PruneTarget, resolve_targets, unwrap_model
@@ -146,7 +147,7 @@ def attach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
     """
     if not isinstance(masks, dict) or not masks:
         raise ValueError("masks must be a non-empty dict {weight name: bool keep-mask}")
-    targets = resolve_targets(model, list(masks))
+    targets = resolve_targets(model, list(masks), arg="masks")
     if len(targets) != len(masks) or any(target.name not in masks for target in targets):
         named = [n for n in masks if n not in {target.name for target in targets}]
         raise ValueError(f"masks: {named} name the same weight as another entry (or a module holding "
@@ -214,7 +215,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: int = 50, *,
         ValueError: a bad ``num_batches`` or an empty loader (the statistics are then left
             as they were, as after any failure).
     """
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+    if not is_int(num_batches) or num_batches < 1:
         raise ValueError(f"num_batches must be an int >= 1, got {num_batches!r}")
     inner = unwrap_model(model)[0]
     bns = _bn_layers(inner)

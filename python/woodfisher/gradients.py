@@ -12,7 +12,7 @@ allows, :func:`chunk_samples`), and each chunk is one call:
 - ``fisher_batch_size > 1``: one plain batched backward per group of samples (no
   ``vmap``: a group is a mini-batch, and autograd reduces it at full speed);
 - models or losses that ``vmap`` cannot trace fall back to the per-group autograd loop
-  (same numbers, slower).
+  (same numbers, slower), with one warning at the caller's line giving vmap's reason.
 
 Experimental, off until a GPU has timed it: ``WOODFISHER_PER_SAMPLE=expanded`` (read when a
 collector is made) computes the ``fisher_batch_size=1`` chunks with torch's expanded weights
@@ -63,7 +63,9 @@ from torch.utils import _pytree as pytree
 
 import woodfisher_kernels as wk
 
-from .batches import Batch, check_labelled, compute_loss, describe, loader_errors, logits_of, sample_targets, to_batch
+from .batches import Batch, check_labelled, describe, loader_errors, to_batch
+from .diagnostics import warn_at_caller
+from .losses import compute_loss, logits_of, sample_targets
 from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
@@ -203,11 +205,12 @@ class GradientCollector:
 
     After a pass (:meth:`collect` or :meth:`chunks` exhausted): ``count`` (gradients
     produced), ``samples`` (samples used), ``sum_sq`` (float64 sum of the squared masked
-    gradient entries, for :class:`woodfisher.damping.FisherStats`) and ``loss_grad``
-    ({name: (numel,)} or None). Gradients are flat (k, numel) in the weight's storage
-    order, in :attr:`dtype`.
+    gradient entries, for :class:`woodfisher.damping.FisherStats`), ``nonzero`` ({name: whether
+    any of its masked gradients was non-zero}) and ``loss_grad`` ({name: (numel,)} or None).
+    Gradients are flat (k, numel), contiguous, in the weight's storage order, in :attr:`dtype`.
     Raises (during the pass): ValueError for an empty loader, unlabelled batches without a
-    model loss, or NaN/Inf gradients (naming the weight).
+    model loss, floating targets the default loss cannot take (naming ``loss_fn``), or NaN/Inf
+    gradients (naming the weight).
     """
 
     def __init__(self, model: nn.Module, loader, targets: List[PruneTarget], *,
@@ -230,7 +233,8 @@ class GradientCollector:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         self.chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes)
         self.count, self.samples, self.sum_sq, self.loss_grad = 0, 0, 0.0, None
-        self._use_vmap = True
+        self.nonzero: Dict[str, bool] = {}  # weight name -> whether any of its (masked) gradients was non-zero
+        self._use_vmap, self._vmap_error = True, None
         self._use_expanded = os.environ.get("WOODFISHER_PER_SAMPLE", "vmap") == "expanded"
 
     # ---- data -------------------------------------------------------------------
@@ -250,7 +254,7 @@ class GradientCollector:
         for index, item in enumerate(self.loader):
             batch = to_batch(item, self.adapter)
             if not self.sampled:
-                check_labelled(batch)  # raises: no targets and no model loss
+                check_labelled(batch, self.loss_fn)  # raises: no target and no model loss, or a target the loss refuses
             n = _plain(batch)          # once per item: batch-1 loaders yield many
             this = _signature(batch, n is not None)
             if pending and have % self.fbs == 0 and this != sig:
@@ -320,8 +324,8 @@ class GradientCollector:
                 with sdpa_kernel([SDPBackend.MATH]):
                     return vmap(grad(group_loss), in_dims=(None, *dims), randomness="different")(
                         sub, groups.args, groups.kwargs, groups.target)
-            except Exception:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
-                self._use_vmap = False
+            except Exception as err:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
+                self._use_vmap, self._vmap_error = False, err
         out = {k: [] for k in self._keys}
         for g in range(count):  # one batched backward per group
             one = flat.take(g * self.fbs, (g + 1) * self.fbs)
@@ -331,6 +335,18 @@ class GradientCollector:
                                          allow_unused=True)
             for k, gk in zip(self._keys, gs):
                 out[k].append(torch.zeros_like(s[k]) if gk is None else gk)
+        if self._vmap_error is not None:  # the loop ran where vmap could not: say so once, at the user's line
+            text = str(self._vmap_error).strip()
+            reason = text.splitlines()[0].split(". ")[0][:200] if text else ""  # its first sentence
+            hf = type(self.inner).__module__.startswith("transformers.")
+            warn_at_caller(f"per-sample gradients: torch.func.vmap cannot run the model or the loss "
+                           f"({type(self._vmap_error).__name__}: {reason}), so they are computed one sample at a "
+                           "time (the same values, slower); the usual causes are data-dependent Python "
+                           "control flow (.item(), `if` on a tensor value) and in-place writes into tensors created in "
+                           "forward or loss_fn (the initial state of nn.GRU / nn.RNN)" + (
+                               "; a HuggingFace model's padding-mask checks are one: load it with "
+                               "attn_implementation='eager' to keep the batched path" if hf else ""))
+            self._vmap_error = None
         return {k: torch.stack(v) for k, v in out.items()}
 
     def _expandable(self, flat: Batch) -> bool:
@@ -364,7 +380,8 @@ class GradientCollector:
         """{name: (G, numel)} masked in place; one fused finiteness check, the sum of squares added up."""
         flat = {}
         for target in self.targets:
-            g = grads[target.key].detach().reshape(count, target.numel)
+            # contiguous: vmap returns a broadcast zero for a weight the loss never reaches (not writable in place)
+            g = grads[target.key].detach().reshape(count, target.numel).contiguous()
             keep = self._keep_flat.get(target.name)
             if keep is not None:
                 g.mul_(keep)
@@ -379,6 +396,7 @@ class GradientCollector:
                                      "check the model, the data and the loss")
                 s = float(g.double().square().sum())  # finite entries whose float32 squares overflowed
             self.sum_sq += s
+            self.nonzero[name] = self.nonzero.get(name, False) or s != 0.0
         return flat
 
     def _replay(self, params, buffers, device):

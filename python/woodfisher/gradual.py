@@ -32,7 +32,7 @@ from .checks import check_prunable
 from .config import PruneConfig, check_int
 from .diagnostics import reissue
 from .finetune import attach_masks, make_permanent
-from .masks import check_sparsity
+from .masks import check_sparsity, is_int, is_real
 from .pruner import PruneResult, prune_one_shot
 from .state import Snapshot
 from .targets import resolve_targets
@@ -103,9 +103,8 @@ class GradualPruner:
                  initial_sparsity: float = 0.05, **prune_kwargs):
         check_sparsity(final_sparsity)
         check_sparsity(initial_sparsity)
-        for name, v in (("start_step", start_step), ("end_step", end_step), ("frequency", frequency)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "frequency" else 0):
-                raise ValueError(f"{name} must be an int >= {1 if name == 'frequency' else 0}, got {v!r}")
+        start_step, end_step = check_int("start_step", start_step, 0), check_int("end_step", end_step, 0)
+        frequency = check_int("frequency", frequency)
         if end_step < start_step or (end_step - start_step) % frequency:
             raise ValueError(f"end_step - start_step must be a non-negative multiple of frequency, got "
                              f"start_step={start_step}, end_step={end_step}, frequency={frequency}")
@@ -158,8 +157,9 @@ class GradualPruner:
             ValueError: ``step`` not an int, or anything :func:`woodfisher.prune_one_shot`
                 refuses; the model, its masks and the pruner's progress are then unchanged.
         """
-        if isinstance(step, bool) or not isinstance(step, int):
+        if not is_int(step):
             raise ValueError(f"step must be an int, got {step!r}")
+        step = int(step)
         if not self.is_pruning_step(step) or (self.last_step is not None and step <= self.last_step):
             return None
         target = self.target_sparsity(step)
@@ -240,4 +240,4 @@ class GradualPruner:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return is_real(v) and math.isfinite(v)

@@ -44,8 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .batches import check_labelled, compute_loss, loader_errors, logits_of, sample_targets, to_batch
+from .batches import check_labelled, loader_errors, to_batch
 from .gradients import compute_dtype, compute_state, prepare_batch
+from .losses import compute_loss, logits_of, sample_targets
 from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
@@ -143,7 +144,7 @@ def kfac_factors(model: nn.Module, loader, layers: List[PruneTarget], *,
                 if sampled_fisher:
                     batch = batch.without_target()
                 else:
-                    check_labelled(batch)
+                    check_labelled(batch, loss_fn)
                 seen.clear()
                 # the unwrapped module on the weights as leaves of their own: outputs get gradients even
                 # when the caller froze the weights, and the caller's tensors get none

@@ -20,9 +20,21 @@ Scores = Dict[str, torch.Tensor]
 COLLAPSE_DENSITY = 1e-3
 
 
-def _is_real(value) -> bool:
+def is_real(value) -> bool:
     """A real number (int, float, numpy scalar), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_int(value) -> bool:
+    """An integer (Python or numpy: ``numbers.Integral``), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_collapse_density(collapse_density) -> float:
+    """``collapse_density`` must be a real number in [0, 1); returned as a float."""
+    if not is_real(collapse_density) or not 0.0 <= collapse_density < 1.0:
+        raise ValueError(f"collapse_density must lie in [0, 1), got {collapse_density!r}")
+    return float(collapse_density)
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -35,7 +47,7 @@ def check_sparsity(sparsity: float) -> float:
     Raises:
         ValueError: not a real number, or outside [0, 1).
     """
-    if not _is_real(sparsity):
+    if not is_real(sparsity):
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
@@ -44,7 +56,7 @@ def check_sparsity(sparsity: float) -> float:
 
 def check_min_density(min_density, sparsity: float = 0.0) -> float:
     """``min_density`` must lie in [0, 1] and be keepable at ``sparsity`` (min_density <= 1 - sparsity)."""
-    if not _is_real(min_density) or not 0.0 <= float(min_density) <= 1.0:
+    if not is_real(min_density) or not 0.0 <= float(min_density) <= 1.0:
         raise ValueError(f"min_density must lie in [0, 1], got {min_density!r}")
     if float(min_density) > 1.0 - float(sparsity) + 1e-12:
         raise ValueError(f"min_density={min_density} cannot be kept at sparsity={sparsity}: every weight would "
@@ -131,9 +143,7 @@ def collapsed(masks: Mapping[str, torch.Tensor], collapse_density: float = COLLA
     Returns:
         names in the order of ``masks``.
     """
-    if isinstance(collapse_density, bool) or not isinstance(collapse_density, (int, float)) \
-            or not 0.0 <= collapse_density < 1.0:
-        raise ValueError(f"collapse_density must lie in [0, 1), got {collapse_density!r}")
+    check_collapse_density(collapse_density)
     out = []
     for name, keep in masks.items():
         nnz = int(keep.sum())

@@ -19,7 +19,8 @@ class PruneResult:
             ``inverse`` (the Fisher form used: "sequential", "lowrank", "stream",
             "diagonal", "kfac" or None for magnitude).
         sparsity: overall fraction of zeros over the pruned weights (unique tensors).
-        damp: the dampening used (None for magnitude baselines).
+        damp: the dampening lambda of the last step (with ``num_steps`` > 1 and ``damp="auto"`` each step
+            resolves its own from its gradients); None for magnitude baselines.
         config: the options of the call (callables by name).
         timings: seconds per phase: gradients, inverse, select, update, total.
         collapsed: names of the pruned weights left with no entry, or with a kept fraction

@@ -36,7 +36,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .diagnostics import warn_at_caller
 from .layout import BlockLayout, Layout
+from .masks import is_int
 
 __all__ = ["PRUNABLE_TYPES", "BlockLayout", "Layout", "PruneTarget", "resolve_targets", "unwrap_model",
            "default_target_names", "check_model"]
@@ -264,7 +266,23 @@ def default_target_names(model: nn.Module) -> List[str]:
     return names
 
 
-def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module) -> List[str]:
+def warn_recurrent_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
+    """Warn at the caller's line when the default targets (``modules`` None) leave out the weights of recurrent
+    layers (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``), which are pruned only when named."""
+    if modules is not None:
+        return
+    inner, prefix = unwrap_model(model)
+    left = {name: mod for name, mod in inner.named_modules() if isinstance(mod, nn.RNNBase)}
+    if left:
+        name, mod = next(iter(left.items()))
+        example = prefix + _join(name, next(k for k, p in mod.named_parameters() if p.dim() >= 2))
+        layers = [f"{prefix}{n} ({type(m).__name__})" for n, m in left.items()][:4]
+        warn_at_caller(f"the weights of the recurrent layers {layers} are not pruned by default (Linear / Conv / "
+                       "attention projection weights are), and the sparsity counts the other weights only; name "
+                       f"them to prune them, e.g. modules=[..., {example!r}]")
+
+
+def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "modules") -> List[str]:
     """Logical parameter names for a user-given name.
 
     A parameter name (any name of a tied Parameter) or a module with a ``weight`` gives
@@ -272,7 +290,7 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module) -> List[str]:
     (``"enc.layers.0.self_attn"``: ``in_proj_weight`` and ``out_proj.weight``).
     """
     if not isinstance(raw, str):
-        raise ValueError(f"modules must hold module or parameter names (str), got {raw!r}")
+        raise ValueError(f"{arg} must hold module or parameter names (str), got {raw!r}")
     by_id = {id(info["param"]): name for name, info in entries.items()}
     aliases = {}
     for key, p in model.named_parameters(remove_duplicate=False):
@@ -286,12 +304,16 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module) -> List[str]:
             return [aliases[cand]]
     modules = dict(model.named_modules(remove_duplicate=False))
     if raw not in modules:
-        raise ValueError(f"modules: no module or parameter named {raw!r} in the model")
+        raise ValueError(f"{arg}: no module or parameter named {raw!r} in the model")
     inside = [name for name in default_target_names(model)
               if any(_within(owner, raw) for owner, _ in entries[name]["owners"])]
     if not inside:
-        raise ValueError(f"modules: {raw!r} is a {type(modules[raw]).__name__} without a weight to prune "
-                         "(and holds no Linear / Conv / attention projection weight)")
+        named = [name for name, info in entries.items() if _within(name.rpartition(".")[0], raw)
+                 and info["param"].is_floating_point() and info["param"].dim() >= 2]
+        hint = (f"; its weights are not pruned by default, name them to prune them: modules={named[:6]}"
+                if named else " (and has no floating parameter of >= 2 dims either)")
+        raise ValueError(f"{arg}: {raw!r} is a {type(modules[raw]).__name__}, which holds no Linear / Conv / "
+                         f"attention projection weight{hint}")
     return inside
 
 
@@ -316,7 +338,7 @@ def check_model(model: nn.Module) -> None:
 
 
 def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
-                    block_size: Optional[int] = None) -> List[PruneTarget]:
+                    block_size: Optional[int] = None, arg: str = "modules") -> List[PruneTarget]:
     """The pruned weights of ``model``, each once, in registration order.
 
     Args:
@@ -327,6 +349,8 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             the wrapper prefix (``"module.fc1"``); None = the default targets.
         block_size: entries per Fisher block (int >= 1), or None for whole-weight blocks; a weight
             smaller than ``block_size`` is one whole-weight block (blocks never span two weights).
+        arg: the caller's argument that holds the names, for messages (``"masks"`` for
+            :func:`woodfisher.attach_masks`).
     Returns:
         list of :class:`PruneTarget`.
     Raises:
@@ -335,9 +359,9 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             tensor of >= 2 dims, a weight of a non-floating dtype, no prunable weight, or a bad
             ``block_size``.
     """
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                   or block_size < 1):
+    if block_size is not None and (not is_int(block_size) or block_size < 1):
         raise ValueError(f"block_size must be None (whole layers) or an int >= 1, got {block_size!r}")
+    block_size = None if block_size is None else int(block_size)
     check_model(model)
     inner, prefix = unwrap_model(model)
     entries = _entries(inner)
@@ -349,7 +373,7 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
         chosen = []
         for raw in modules:
             stripped = raw[len(prefix):] if prefix and isinstance(raw, str) and raw.startswith(prefix) else raw
-            chosen += [name for name in _lookup(entries, stripped, inner) if name not in chosen]
+            chosen += [name for name in _lookup(entries, stripped, inner, arg) if name not in chosen]
     if not chosen:
         candidates = [name for name, info in entries.items()
                       if info["param"].is_floating_point() and info["param"].dim() >= 2][:5]
@@ -363,11 +387,11 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
         kind = _kind(info["module"], info["attr"])
         if kind is None:
             if not p.is_floating_point() or p.dim() < 2:
-                raise ValueError(f"modules: {name!r} has shape {tuple(p.shape)}; only weights with >= 2 dims "
+                raise ValueError(f"{arg}: {name!r} has shape {tuple(p.shape)}; only weights with >= 2 dims "
                                  f"(rows = dim 0) can be pruned")
             kind = "linear" if p.dim() == 2 else "conv"
         if not _mask_reparam_ok(info):
-            raise ValueError(f"modules: {name!r} is reparametrised by torch.nn.utils.parametrize without a "
+            raise ValueError(f"{arg}: {name!r} is reparametrised by torch.nn.utils.parametrize without a "
                              "'mask' (only mask parametrizations such as torch.ao.pruning's FakeSparsity can "
                              "be pruned); remove the parametrization first")
         if not p.is_floating_point():

@@ -14,12 +14,13 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .batches import check_loader, compute_loss, loader_errors, to_batch
+from .batches import check_loader, loader_errors, to_batch
 from .curvature import estimate_curvature, resolve_config
 from .damping import check_damp
 from .diagnostics import reissue
 from .engine import prune_with
 from .gradients import prepare_batch
+from .losses import compute_loss
 from .masks import sparsity_of
 from .progress import display, phase, step_label
 from .pruner import prune_one_shot

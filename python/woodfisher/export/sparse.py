@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..masks import is_int
 from ._common import Masks, select_layers, swap, to_dense
 
 LAYOUTS = {"csr": torch.sparse_csr, "bsr": torch.sparse_bsr}
@@ -208,7 +209,7 @@ def _check_layout(layout: str, blocksize: Optional[int]) -> None:
     if blocksize is not None:
         if layout != "bsr":
             raise ValueError(f"blocksize applies to layout='bsr' only, got blocksize={blocksize!r}")
-        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        if not is_int(blocksize) or blocksize < 1:
             raise ValueError(f"blocksize must be an int >= 1 (square blocks), got {blocksize!r}")
 
 

@@ -27,8 +27,9 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..batches import Batch, is_single_pass, logits_of, peek, to_batch
+from ..batches import Batch, is_single_pass, peek, to_batch
 from ..gradients import compute_dtype
+from ..losses import logits_of
 from ..state import clone_model
 from ..targets import PRUNABLE_TYPES, resolve_targets, unwrap_model
 from . import estimators as est

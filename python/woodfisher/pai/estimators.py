@@ -29,10 +29,11 @@ import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..batches import Batch, compute_loss, to_batch
+from ..batches import Batch, to_batch
 from ..config import check_int
 from ..diagonal import empirical_fisher_diagonal
 from ..gradients import GradientCollector, compute_dtype
+from ..losses import compute_loss
 from ..progress import progress_bar
 from ..targets import PruneTarget, resolve_targets, unwrap_model
 

@@ -11,9 +11,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..batches import check_loss_fn, is_single_pass, peek, to_batch
+from ..batches import is_single_pass, peek, to_batch
 from ..config import check_int
-from ..masks import check_min_density, check_sparsity, select_kept_masks, sparsity_of
+from ..losses import check_loss_fn
+from ..masks import check_collapse_density, check_min_density, check_sparsity, select_kept_masks, sparsity_of
 from ..progress import display, phase
 from ..result import PruneResult, layer_rows
 from ..state import Snapshot, eval_mode
@@ -63,9 +64,7 @@ def _check_args(sparsity, criterion, mode, num_probes, num_batches, warmup_batch
         raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
     if not isinstance(train_mode, bool):
         raise ValueError(f"train_mode must be True or False, got {train_mode!r}")
-    if isinstance(collapse_density, bool) or not isinstance(collapse_density, (int, float)) \
-            or not 0.0 <= collapse_density < 1.0:
-        raise ValueError(f"collapse_density must lie in [0, 1), got {collapse_density!r}")
+    check_collapse_density(collapse_density)
     check_loss_fn(loss_fn)
 
 
@@ -96,7 +95,7 @@ def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsi
         sparsity: target fraction of zeros over the scored weights, in [0, 1).
         criterion: one of CRITERIA (see :mod:`woodfisher.pai.criteria`).
         mode: "global" (one threshold) or "layerwise" (each layer at ``sparsity``).
-        loss_fn: ``loss_fn(predictions, targets)`` (default: :func:`woodfisher.batches.default_loss`,
+        loss_fn: ``loss_fn(predictions, targets)`` (default: :func:`woodfisher.losses.default_loss`,
             or the model's ``outputs.loss``).
         params: names of the weights / modules to prune (default: the package's default targets).
         num_probes: Hutchinson probes per batch; num_batches: scoring batches (None = all).

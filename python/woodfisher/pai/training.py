@@ -15,9 +15,10 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from ..batches import check_loss_fn, compute_loss, to_batch
+from ..batches import to_batch
 from ..config import check_int
 from ..finetune import attach_masks, make_permanent  # noqa: F401  (re-exported: torch prune convention)
+from ..losses import check_loss_fn, compute_loss
 from ..progress import progress_bar
 from ..state import eval_mode
 from .warmup import as_in_training

@@ -1,0 +1,154 @@
+"""The loss of a batch: the model's own, the caller's ``loss_fn``, or the default cross-entropy.
+
+:func:`compute_loss` is the one rule: the model's own ``outputs.loss`` when it computed one
+(HuggingFace models given ``labels``) and no ``loss_fn`` is passed, else ``loss_fn(predictions,
+target)`` with ``predictions = logits_of(outputs)``. The default loss (:func:`default_loss`) is
+the mean cross-entropy over the class dimension (the last one for sequence outputs (N, T, V) with
+targets (N, T); dimension 1 otherwise), which is also right for log-probability outputs since
+log_softmax is idempotent. Data it does not fit (regression targets, a single output) is refused
+with a ValueError naming ``loss_fn``, never turned into a zero or meaningless Fisher.
+"""
+from __future__ import annotations
+
+import collections.abc
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ADAPTER_HINT", "logits_of", "default_loss", "check_probabilities", "model_loss", "compute_loss",
+           "sample_targets", "check_loss_fn"]
+
+ADAPTER_HINT = ("pass batch_adapter=lambda b: woodfisher.Batch(args=(inputs,), kwargs={}, target=targets) "
+                "to say which part is which")
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The prediction tensor of a model's outputs (tensor, dict / ModelOutput ``logits``, or tuple[0])."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, collections.abc.Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise ValueError(f"cannot find the predictions in the model's outputs ({type(outputs).__name__}); "
+                     "return a tensor, or a dict / ModelOutput with 'logits', or pass loss_fn")
+
+
+def default_loss(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy; class dim last for (N, T, V) outputs with (N, T) targets, else dim 1.
+
+    Args:
+        outputs: logits or log-probabilities, (N, C) or (N, C, d1, ...) or (N, T, V).
+        target: class indices (N,) / (N, d1, ...) / (N, T), or class probabilities of the outputs' shape.
+    Returns:
+        scalar loss (mean over samples / positions).
+    """
+    last = not target.is_floating_point() and outputs.dim() == target.dim() + 1 and outputs.dim() > 2 \
+        and outputs.shape[:-1] == target.shape
+    _check_cross_entropy_shapes(outputs, target, -1 if last else 1)
+    if last:
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), target.reshape(-1))
+    return F.cross_entropy(outputs, target)
+
+
+#: how a loss other than the default cross-entropy is passed, for messages
+_LOSS_HINT = ("pass loss_fn=(your loss), e.g. loss_fn=torch.nn.functional.mse_loss for a regression or "
+              "torch.nn.functional.binary_cross_entropy_with_logits for one logit per sample")
+
+
+def _check_cross_entropy_shapes(outputs: torch.Tensor, target: torch.Tensor, class_dim: int) -> None:
+    """Refuse outputs / targets the default cross-entropy does not fit (shapes only: runs under ``vmap``).
+
+    Cross-entropy over one class is 0 whatever the weights (every gradient would be zero), and
+    floating targets are class probabilities of the outputs' shape.
+    """
+    if outputs.dim() < 2 or outputs.shape[class_dim] < 2:
+        raise ValueError(f"loss_fn: the default loss is cross-entropy over the class dim, but the outputs have "
+                         f"shape {tuple(outputs.shape)} (fewer than 2 classes: the loss would be 0 and every "
+                         f"gradient zero); {_LOSS_HINT}")
+    if target.is_floating_point() and target.shape != outputs.shape:
+        raise ValueError(f"loss_fn: the default loss is cross-entropy; floating-point targets must be class "
+                         f"probabilities of the outputs' shape {tuple(outputs.shape)}, got {tuple(target.shape)}; "
+                         f"{_LOSS_HINT}")
+
+
+def check_probabilities(target: Any) -> None:
+    """Floating-point targets of the default cross-entropy must be class probabilities (not under ``vmap``).
+
+    Args:
+        target: a batch's target; integer class indices and non-tensors pass.
+    Raises:
+        ValueError: naming ``loss_fn``, for floating targets with fewer than 2 dims, a negative entry, or
+            a row along dim 1 (the class dim) that does not sum to 1 (within 1e-2); sequence probabilities
+            over the last dim get the ``loss_fn`` that reads them so.
+    """
+    if not isinstance(target, torch.Tensor) or not target.is_floating_point():
+        return
+    def sums_to_one(dim: int) -> bool:
+        sums = target.double().sum(dim)
+        return bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-2))
+
+    if target.dim() < 2 or bool((target < 0).any()) or not sums_to_one(1):
+        if target.dim() > 2 and not bool((target < 0).any()) and sums_to_one(-1):
+            raise ValueError(f"loss_fn: the targets of shape {tuple(target.shape)} are probabilities over the last "
+                             "dim, but the default cross-entropy of floating targets takes the classes on dim 1 "
+                             "(as torch.nn.functional.cross_entropy); pass loss_fn=lambda out, p: "
+                             "torch.nn.functional.cross_entropy(out.flatten(0, -2), p.flatten(0, -2))")
+        sums = target.double().sum(1) if target.dim() >= 2 else None
+        got = "fewer than 2 dims" if sums is None else \
+            f"entries in [{float(target.min()):.3g}, {float(target.max()):.3g}], sums over dim 1 in " \
+            f"[{float(sums.min()):.3g}, {float(sums.max()):.3g}]"
+        raise ValueError(f"loss_fn: the targets are floating point of shape {tuple(target.shape)} but not class "
+                         f"probabilities ({got}), and the default loss is cross-entropy; {_LOSS_HINT}")
+
+
+def model_loss(outputs: Any) -> Optional[torch.Tensor]:
+    """The loss a model returned itself (dict / ModelOutput ``loss``, e.g. HF with ``labels``), or None."""
+    if isinstance(outputs, collections.abc.Mapping):
+        return outputs.get("loss")
+    return None
+
+
+#: dict keys that look like a target under another name than HuggingFace's ``labels``
+def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torch.Tensor:
+    """The scalar loss of one batch.
+
+    Without ``loss_fn``: the model's own ``outputs.loss`` when it computed one (HF models
+    given ``labels``: shifted for causal LMs, as the model defines it), else
+    :func:`default_loss` (predictions, target). With ``loss_fn``: ``loss_fn(predictions,
+    target)``. The predictions are the outputs, or their ``logits`` (:func:`logits_of`).
+
+    Raises:
+        ValueError: no target and no model loss (unlabelled data needs ``sampled_fisher``).
+    """
+    own = model_loss(outputs) if loss_fn is None else None
+    if own is not None:
+        return own
+    if target is None:
+        raise ValueError("the batch has no targets and the model returned no loss: yield (inputs, targets) "
+                         "batches, include 'labels' in dict batches, pass sampled_fisher=True to draw "
+                         f"targets from the model, or {ADAPTER_HINT}")
+    loss = (default_loss if loss_fn is None else loss_fn)(logits_of(outputs), target)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return the mean loss as a scalar tensor, got {shape} "
+                         "(reduction='none'? use the mean)")
+    return loss.reshape(())  # a one-entry (1,) loss is the scalar (torch.func.grad takes scalars only)
+
+
+def sample_targets(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Class indices drawn from ``softmax(logits)`` over the last dim: (..., K) -> (...) int64.
+
+    Classification outputs (N, K) give (N,); sequence outputs (N, T, V) give (N, T). The
+    draw runs on the CPU generator (reproducible across devices) in float64.
+    """
+    probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
+    flat = probs.reshape(-1, probs.shape[-1])
+    labels = torch.multinomial(flat, 1, generator=generator).squeeze(1)
+    return labels.reshape(probs.shape[:-1]).to(logits.device)
+
+
+def check_loss_fn(loss_fn: Any) -> None:
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError("loss_fn must be callable(outputs, targets) or None")
