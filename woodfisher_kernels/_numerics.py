@@ -164,7 +164,7 @@ def repair(op: str, outs: Tuple[torch.Tensor, ...], bad: torch.Tensor, on_failur
     rounding back; ``kappa_of(idx)`` estimates their kappa for the message. ``inputs``
     ({argument name: per-block tensor}): the lazy NaN / Inf check. A non-finite input entry
     always fails its block (it reaches the block's result through a product, and NaN / Inf
-    stays non-finite or makes a pivot fail; tests/test_bad_inputs.py plants them on every
+    stays non-finite or makes a pivot fail; tests/test_validation.py plants them on every
     backend), so only the failed blocks' inputs are read, and a NaN / Inf there is the
     ValueError naming the argument, as an eager check before the op would raise.
     """
