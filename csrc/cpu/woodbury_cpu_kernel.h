@@ -96,35 +96,36 @@ static inline void WF_FN(syrk_sub)(const float *w, float *o, int kp, int cp, int
 #undef SUB
 
 /* Cholesky S = U^T U (kp x kp, float64, kp a multiple of 8) and l = L^-1 = U^-T (lower, float64;
-   zeros above the diagonal), rounded to float32 in linv. s is overwritten by U from the diagonal
-   on (right-looking; the entries left of the diagonal are never read). Returns 1 when a pivot is
-   not > 0 (or not finite); it is then replaced by 1 so that the arithmetic stays finite. */
+   zeros above the diagonal), rounded to float32 in linv. Both in one right-looking elimination on
+   [S | I]: step j scales row j by 1 / sqrt(pivot) and subtracts U[j][a] times it from every row a > j,
+   so S becomes U and I becomes the product of the row operations, M with M S = U, i.e. M = U^-T.
+   Every update of a step is independent of the others (no chain of dependent multiply-adds, which
+   made a forward substitution by rows half of a 64 x 64 low-rank block's time); only the live part
+   of each row is touched (row a of S from column a on, row a of l up to column j). s is overwritten
+   by U from the diagonal on (the entries left of the diagonal are never read). Returns 1 when a pivot
+   is not > 0 (or not finite); it is then replaced by 1 so that the arithmetic stays finite. */
 static inline int WF_FN(chol_linv)(double *s, double *l, float *linv, int kp) {
+  typedef float v8f __attribute__((vector_size(32), aligned(4)));
   int failed = 0, nv = kp / 8;
+  memset(l, 0, sizeof(double) * (size_t)kp * kp);
+  for (int a = 0; a < kp; a++) l[a * kp + a] = 1.0;
   for (int j = 0; j < kp; j++) {
     double piv = s[j * kp + j];
     if (!(piv > 0) || !isfinite(piv)) { failed = 1; piv = 1.0; }
     vd rd = {0}; rd += 1.0 / sqrt(piv);
-    vdu *uj = (vdu *)(s + j * kp);
-    for (int v = 0; v < nv; v++) uj[v] *= rd;
+    vdu *uj = (vdu *)(s + j * kp), *lj = (vdu *)(l + j * kp);
+    int live = j / 8 + 1;   /* l row j: slices 0 .. j / 8 */
+    for (int v = j / 8; v < nv; v++) uj[v] *= rd;
+    for (int v = 0; v < live; v++) lj[v] *= rd;
     for (int a = j + 1; a < kp; a++) {
       vd f = {0}; f += s[j * kp + a];
-      vdu *sa = (vdu *)(s + a * kp);
-      for (int v = 0; v < nv; v++) sa[v] -= f * uj[v];
+      vdu *sa = (vdu *)(s + a * kp), *la = (vdu *)(l + a * kp);
+      for (int v = a / 8; v < nv; v++) sa[v] -= f * uj[v];
+      for (int v = 0; v < live; v++) la[v] -= f * lj[v];
     }
   }
-  /* by rows: l[a] = (e_a - sum_{q<a} U[q][a] l[q]) / U[a][a] */
-  for (int a = 0; a < kp; a++) {
-    double rd = 1.0 / s[a * kp + a];
-    for (int v = 0; v < nv; v++) {          /* one 8-wide slice of row a, kept in a register */
-      vd acc = {0};
-      if (v == a / 8) acc[a % 8] = 1.0;
-      for (int q = 8 * v; q < a; q++) acc -= s[q * kp + a] * *(const vdu *)(l + q * kp + 8 * v);
-      acc *= rd;
-      *(vdu *)(l + a * kp + 8 * v) = acc;
-      for (int r = 0; r < 8; r++) linv[a * kp + 8 * v + r] = (float)acc[r];
-    }
-  }
+  for (size_t q = 0; q < (size_t)kp * kp; q += 8)
+    *(v8f *)(linv + q) = __builtin_convertvector(*(const vdu *)(l + q), v8f);
   return failed;
 }
 
