@@ -98,7 +98,7 @@ def test_every_instruction_set_instance_is_correct(isa):
 
 # ---- the low-rank factor (csrc/cpu/lowrank_cpu_kernel.h) ---------------------------------------------------
 
-@pytest.mark.parametrize("m,c", [(1, 16), (7, 17), (8, 16), (33, 100), (64, 256), (100, 130)])
+@pytest.mark.parametrize("m,c", [(1, 16), (7, 17), (8, 16), (33, 100), (64, 256), (100, 130), (256, 272)])
 @pytest.mark.parametrize("damp", [1e-1, 1e-5])
 def test_lowrank_factor_matches_float64(m, c, damp):
     """A = L^-1 G and diag(F^-1) against float64; padding of m to 8 and c to 16 is exact."""
