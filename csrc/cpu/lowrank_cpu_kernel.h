@@ -24,9 +24,10 @@ static inline void WF_FN(gram_add)(const float *g, double *s, int mp, int ld, in
         t[8] += p2 * q0; t[9] += p2 * q1; t[10] += p2 * q2; t[11] += p2 * q3;
         t[12] += p3 * q0; t[13] += p3 * q1; t[14] += p3 * q2; t[15] += p3 * q3;
       }
+      vf sum = WF_FN(hsum16)(t);
       for (int i = 0; i < 4; i++)
         for (int k = 0; k < 4; k++) {
-          double v = (double)WF_FN(hsum)(t[4 * i + k]);
+          double v = (double)sum[HSUM16_LANE(4 * i + k)];
           s[(size_t)(a + i) * mp + b + k] += v;
           if (b < a) s[(size_t)(b + k) * mp + a + i] += v;   /* a diagonal tile holds both (i, k) and (k, i) */
         }

@@ -15,6 +15,27 @@ static inline float WF_FN(hsum)(vf v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+/* The 16 sums of t[0..15] in one vector, by a tree of shuffles (15 adds instead of 16 horizontal sums);
+   lane HSUM16_LANE(q) holds the sum of t[q]. */
+#ifndef HSUM16_LANE
+#define HSUM16_LANE(q) ((((q) & 1) << 3) | (((q) & 2) << 1) | (((q) & 4) >> 1) | (((q) & 8) >> 3))
+#endif
+static inline vf WF_FN(hsum16)(const vf *t) {
+  vf u[8], v[4], w[2];
+  for (int q = 0; q < 8; q++)   /* lanes 0-7: halves of t[2q], 8-15: of t[2q + 1] */
+    u[q] = __builtin_shufflevector(t[2 * q], t[2 * q + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(t[2 * q], t[2 * q + 1],
+                                   8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int q = 0; q < 4; q++)
+    v[q] = __builtin_shufflevector(u[2 * q], u[2 * q + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(u[2 * q], u[2 * q + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int q = 0; q < 2; q++)
+    w[q] = __builtin_shufflevector(v[2 * q], v[2 * q + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(v[2 * q], v[2 * q + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  return __builtin_shufflevector(w[0], w[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(w[0], w[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
 /* ut (kp x cp) = g (kp x cp) . o (cp x cp): rows of g four at a time, 64 (then 16) columns of o
    in 16 vector registers. ut = (o g^T)^T as o is symmetric. */
 static inline void WF_FN(gemm_ut)(const float *g, const float *o, float *ut, int kp, int cp) {
@@ -187,16 +208,29 @@ static inline int WF_FN(one_block)(const float *grads, int m, int c, const float
     } else {
       WF_FN(gemm_ut)(gk, o, ut, kp, cp);
     }
-    /* S = N I + gk ut^T (kp x kp): float products, float64 from here on */
-    for (int a = 0; a < kp; a++) {
-      for (int b = 0; b <= a; b++) {
-        vf acc = WF_FN(bc)(0);
-        const float *x = gk + (size_t)a * cp, *y = ut + (size_t)b * cp;
-        for (int j = 0; j < cp; j += 16) acc += WF_FN(ld)(x + j) * WF_FN(ld)(y + j);
-        s[a * kp + b] = s[b * kp + a] = WF_FN(hsum)(acc);
+    /* S = N I + gk ut^T (kp x kp): float products, float64 from here on; 4 x 4 tiles of dot products
+       at and below the diagonal, entry (a, b <= a) mirrored to (b, a) */
+    for (int a = 0; a < kp; a += 4) {
+      const float *x0 = gk + (size_t)a * cp, *x1 = x0 + cp, *x2 = x1 + cp, *x3 = x2 + cp;
+      for (int b = 0; b <= a; b += 4) {
+        const float *y0 = ut + (size_t)b * cp, *y1 = y0 + cp, *y2 = y1 + cp, *y3 = y2 + cp;
+        vf t[16];
+        for (int q = 0; q < 16; q++) t[q] = WF_FN(bc)(0);
+        for (int j = 0; j < cp; j += 16) {
+          vf p0 = WF_FN(ld)(x0 + j), p1 = WF_FN(ld)(x1 + j), p2 = WF_FN(ld)(x2 + j), p3 = WF_FN(ld)(x3 + j);
+          vf q0 = WF_FN(ld)(y0 + j), q1 = WF_FN(ld)(y1 + j), q2 = WF_FN(ld)(y2 + j), q3 = WF_FN(ld)(y3 + j);
+          t[0] += p0 * q0; t[1] += p0 * q1; t[2] += p0 * q2; t[3] += p0 * q3;
+          t[4] += p1 * q0; t[5] += p1 * q1; t[6] += p1 * q2; t[7] += p1 * q3;
+          t[8] += p2 * q0; t[9] += p2 * q1; t[10] += p2 * q2; t[11] += p2 * q3;
+          t[12] += p3 * q0; t[13] += p3 * q1; t[14] += p3 * q2; t[15] += p3 * q3;
+        }
+        vf sum = WF_FN(hsum16)(t);
+        for (int i = 0; i < 4; i++)
+          for (int k = 0; k < 4 && b + k <= a + i; k++)
+            s[(a + i) * kp + b + k] = s[(b + k) * kp + a + i] = sum[HSUM16_LANE(4 * i + k)];
       }
-      s[a * kp + a] += num_samples;
     }
+    for (int a = 0; a < kp; a++) s[a * kp + a] += num_samples;
     if (WF_FN(chol_linv)(s, l, linv, kp)) failed = 1;
     /* W = linv ut (kp x cp) */
     for (int a = 0; a < kp; a++) {
