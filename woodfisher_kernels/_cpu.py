@@ -36,8 +36,8 @@ CHUNK_SMALL, CHUNK, CHUNK_LARGE = 8, 16, 32
 #: Largest block size the kernel takes: one block's inverse must stay in a core's L2 cache
 #: (c = 512: 1 MiB). Larger blocks go to the torch fallback (tiles of blocks over MKL).
 MAX_BLOCK_SIZE = 512
-#: Most gradients per block the low-rank kernel takes (its m x m factorisation is unblocked); more go
-#: to the torch implementation (LAPACK).
+#: Most gradients per block the low-rank kernel takes (its m x m factorisation works on the whole matrix
+#: in cache, blocked only by 8 rows); more go to the torch implementation (LAPACK).
 MAX_LOWRANK_GRADS = 256
 
 
