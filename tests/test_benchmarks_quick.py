@@ -110,3 +110,22 @@ def test_precision_table_quick_runs(tmp_path):
         for res in row["results"].values():
             assert res["outcome"] == "ValueError" or res["error"] <= row["bound"]
     assert "| c | m | damp |" in (tmp_path / "PRECISION_quick.md").read_text()
+
+
+def test_cpu_kernel_ab_runs_and_both_kernels_agree(tmp_path):
+    """The paired-run harness compiles the kernel of a git revision next to this checkout's and runs both."""
+    import shutil
+    import subprocess
+
+    from benchmarks import cpu_kernel_ab
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("needs a git checkout (the harness reads csrc/cpu of a revision with git show)")
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler (cc)")
+    report = cpu_kernel_ab.main(["--before", "HEAD", "--quick", "--out", str(tmp_path)])
+    assert len(report["rows"]) == 8
+    for row in report["rows"]:
+        assert row["before_s"] > 0 and row["after_s"] > 0
+        assert row["max_rel_difference"] < 1e-5   # the same maths (bitwise equal unless csrc/cpu was edited)
+    saved = json.loads((tmp_path / "cpu_kernel_ab_quick.json").read_text())
+    assert saved["before"] == "HEAD" and (tmp_path / "cpu_kernel_ab_quick.md").exists()
