@@ -129,3 +129,16 @@ def test_cpu_kernel_ab_runs_and_both_kernels_agree(tmp_path):
         assert row["max_rel_difference"] < 1e-5   # the same maths (bitwise equal unless csrc/cpu was edited)
     saved = json.loads((tmp_path / "cpu_kernel_ab_quick.json").read_text())
     assert saved["before"] == "HEAD" and (tmp_path / "cpu_kernel_ab_quick.md").exists()
+
+
+def test_thp_step_runs_both_settings(tmp_path):
+    """The huge-page benchmark runs a default step in a worker process per allocation setting."""
+    from benchmarks import thp_step
+    report = thp_step.main(["--models", "mlpnet", "--num-samples", "64", "--calls", "1", "--repeats", "1",
+                            "--out", str(tmp_path)])
+    rows = report["models"]["mlpnet"]
+    assert list(rows) == list(thp_step.SETTINGS)
+    for r in rows.values():
+        assert r["wall"] > 0 and r["minor_faults"] >= 0
+        assert all(0 <= r[k] <= r["total"] for k in ("gradients", "inverse", "select", "update"))
+    assert "THP_MEM_ALLOC_ENABLE=1" in (tmp_path / "thp_step.md").read_text()
