@@ -215,7 +215,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             plan_memory(targets, configs[0].num_grads, stat_itemsize(targets), config.memory_budget,
-                        config.damp == "auto", config.inverse_form)
+                        config.damp == "auto", config.inverse_form, config.fisher_batch_size)
     _warn_below(config, start_sparsity)
     warn_recurrent_left_out(model, config.modules)
     timings = _timings()
