@@ -146,6 +146,13 @@ def _warn_below(config: PruneConfig, start_sparsity: float) -> None:
                        f"(pass sparsity >= {start_sparsity:.4g} to prune further)")
 
 
+def _prunes_nothing(config: PruneConfig) -> bool:
+    """Whether a call with ``config`` leaves every weight as it is, so that it needs no gradients: sparsity 0 (no
+    N:M pattern fixing another), except WoodTaylor with the OBS update, whose update also takes the Newton step
+    ``-F^-1 g`` (WoodFisher paper, Eqs. 21-23) and so moves the weights even when nothing is pruned."""
+    return config.final_sparsity == 0 and not (config.woodtaylor and config.obs_update)
+
+
 def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> PruneResult:
     config = curvature.config.replace(sparsity=sparsity, **options)
     _check_fixed(curvature, config)
@@ -201,7 +208,8 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                       f"unpruned; each is a full gradient collection and inversion); pass num_steps=<fewer> for "
                       "fewer, larger steps", UserWarning, stacklevel=3)
     configs = [config.replace(num_grads=m, num_steps=1) for _, m in steps]
-    targets = resolve_targets(model, config.modules, method.block_size(configs[0]))
+    block_size = method.block_size(configs[0])
+    targets = resolve_targets(model, config.modules, block_size)
     method.check_targets(targets, config)
     check_prunable(targets, config)
     if config.needs_data and loader is None:
@@ -209,14 +217,19 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     if len(steps) > 1 and config.needs_data and is_single_pass(loader):
         raise ValueError(f"num_steps={config.num_steps} needs a loader that can be iterated once per step; got a "
                          "single-pass iterator (a generator?): pass a list or a DataLoader, or num_steps=1")
-    if method.curvature in ("blockwise", "diagonal") and active_group(config.group) is None:
+    if _prunes_nothing(config):
+        warn_at_caller("sparsity=0 prunes nothing: no gradients were computed and the weights are unchanged (the "
+                       "result holds the current keep-masks); pass sparsity > 0 to prune")
+        steps, configs = [], []
+    if steps and method.curvature in ("blockwise", "diagonal") and active_group(config.group) is None:
         # refuse an impossible memory budget up front (a sharded run checks its own shard); the
         # plan's own warning comes from the step that uses it
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             plan_memory(targets, configs[0].num_grads, stat_itemsize(targets), config.memory_budget,
                         config.damp == "auto", config.inverse_form, config.fisher_batch_size)
-    _warn_below(config, start_sparsity)
+    if steps:  # else the note above says it all
+        _warn_below(config, start_sparsity)
     warn_recurrent_left_out(model, config.modules)
     timings = _timings()
     snapshot = Snapshot(targets, model)
@@ -238,7 +251,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
         warn_ill_conditioned(kappa, forms, damp, config.damp == "auto", stacklevel=3)
         warn_zero_gradients(stats)
         timings["total"] = time.perf_counter() - start
-        extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": method.block_size(configs[0])}
+        extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": block_size}
         return _result(model, targets, config, damp, forms, timings, before, extra, stacklevel=4)
     except BaseException:
         snapshot.restore()
