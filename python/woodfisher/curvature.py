@@ -45,7 +45,7 @@ from .kfac import kfac_factors, kfac_inverse
 from .memory import available_bytes
 from .offload import estimate_offloaded, offload_fits
 from .progress import display, phase
-from .state import derived_weights_kept
+from .state import derived_weights_kept, fingerprint
 from .streaming import estimate_streamed
 from .targets import Layout, PruneTarget, resolve_targets, unwrap_model, warn_recurrent_left_out
 
@@ -84,6 +84,9 @@ class Curvature:
         shard: None, or (estimated across the ranks of a process group) the blocks this rank
             holds: ``inverses`` and ``loss_grad`` then cover only those blocks
             (:mod:`woodfisher.distributed`).
+        fingerprint: {weight name: (sum, sum of squares)} of the weights it was estimated on
+            (:func:`woodfisher.state.fingerprint`), which :func:`woodfisher.prune_with` checks; empty where
+            not checked (kind "none", and a :class:`woodfisher.FisherHook` window, taken while the weights train).
     """
 
     kind: str
@@ -101,6 +104,7 @@ class Curvature:
     shard: Optional[Any] = None
     kappa: Dict[str, float] = field(default_factory=dict)
     refined: Dict[str, int] = field(default_factory=dict)
+    fingerprint: Dict[str, Tuple[float, float]] = field(default_factory=dict)
 
     def targets(self, model: nn.Module) -> List[PruneTarget]:
         """The weights of ``model`` this curvature is about (same names, shapes and blocks).
@@ -366,6 +370,7 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         curv.flops = flops_per_param_of_batch(model, to_batch(first, config.batch_adapter), targets)
     if kind == "none":
         return curv
+    curv.fingerprint = fingerprint(targets)
     group = active_group(config.group)
     if group is not None:  # sharded across the ranks of a process group
         return estimate_sharded(model, loader, targets, config, curv, group)

@@ -33,7 +33,7 @@ from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
 from .methods import StepContext
 from .progress import display, step_label
 from .result import PruneResult, layer_rows
-from .state import Snapshot
+from .state import Snapshot, changed_weights, fingerprint
 from .targets import PruneTarget, resolve_targets, warn_recurrent_left_out
 
 __all__ = ["prune_with", "run"]
@@ -85,8 +85,9 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
     """Prune ``model`` in place to ``sparsity`` with a curvature estimated before (phase two).
 
     ``model`` must hold the weights the curvature was estimated on (the same model, or a
-    copy of it: a sweep prunes copies with one curvature). ``options`` override selection
-    options of the curvature's config (mode, min_density, obs_update, beta, pattern, ...);
+    copy of it made before pruning: a sweep prunes copies with one curvature); that is checked.
+    ``options`` override selection options of the curvature's config (mode, min_density, obs_update,
+    beta, pattern, ...);
     the options the curvature fixed (:data:`FIXED_BY_CURVATURE`: method, block_size,
     num_grads, damp, woodtaylor, modules, ...) can only be passed with the curvature's values.
     The statistic and OBS update are those of :func:`woodfisher_kernels.obs_saliency` /
@@ -104,8 +105,10 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
         ValueError: bad options, an option the curvature fixed with another value (naming it;
             ``Curvature.with_damp`` changes the damp), a model missing a weight of the curvature or holding it
             with another shape, or weights that cannot be pruned (:func:`woodfisher.checks.check_prunable`); the
-            model is unchanged. Names and shapes are checked, not values: another model of the same
-            architecture (or other weights loaded after estimating) is pruned with this Fisher without notice.
+            model is unchanged. ``curvature`` holding other weights than the model's (another instance of the
+            architecture, other weights loaded or the model pruned or trained since estimating; compared by
+            :func:`woodfisher.state.fingerprint`, so copies pass): a ValueError naming ``curvature``. A
+            :class:`woodfisher.FisherHook` curvature is not compared (its window spans training steps).
     """
     if not isinstance(curvature, Curvature):
         raise ValueError(f"curvature must be a woodfisher.Curvature (from estimate_curvature), got "
@@ -146,6 +149,20 @@ def _warn_below(config: PruneConfig, start_sparsity: float) -> None:
                        f"(pass sparsity >= {start_sparsity:.4g} to prune further)")
 
 
+def _check_same_weights(curvature: Curvature, targets: List[PruneTarget]) -> None:
+    """ValueError naming ``curvature`` when ``targets`` do not hold the weights it was estimated on."""
+    if not curvature.fingerprint:
+        return
+    changed = changed_weights(curvature.fingerprint, fingerprint(targets), {t.name: t.numel for t in targets})
+    if changed:
+        raise ValueError(f"curvature was estimated on other weights than the model holds now ({changed[:3]}"
+                         f"{' and more' if len(changed) > 3 else ''} differ): another instance, other weights "
+                         "loaded, or weights pruned or trained since. Its scores and OBS update are only right for "
+                         "the weights it was estimated on: pass the model it was estimated on, or a copy of it "
+                         "(copy.deepcopy or wf.clone_model, before pruning), or estimate_curvature(model, loader) "
+                         "again")
+
+
 def _prunes_nothing(config: PruneConfig) -> bool:
     """Whether a call with ``config`` leaves every weight as it is, so that it needs no gradients: sparsity 0 (no
     N:M pattern fixing another), except WoodTaylor with the OBS update, whose update also takes the Newton step
@@ -157,6 +174,7 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
     config = curvature.config.replace(sparsity=sparsity, **options)
     _check_fixed(curvature, config)
     targets = curvature.targets(model)
+    _check_same_weights(curvature, targets)
     config.method_impl.check_targets(targets, config)
     check_prunable(targets, config)
     if config.beta > 0 and not curvature.flops:
