@@ -47,7 +47,7 @@ from .offload import estimate_offloaded, offload_fits
 from .progress import display, phase
 from .state import derived_weights_kept, fingerprint
 from .streaming import estimate_streamed
-from .targets import Layout, PruneTarget, resolve_targets, unwrap_model, warn_recurrent_left_out
+from .targets import Layout, PruneTarget, resolve_targets, unwrap_model, warn_left_out
 
 __all__ = ["Curvature", "estimate_curvature", "keep_step_bytes", "plan_memory", "resolve_config", "stat_itemsize"]
 
@@ -316,7 +316,7 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
         targets = resolve_targets(model, config.modules, method.block_size(config))
         method.check_targets(targets, config)
         check_prunable(targets, config)
-        warn_recurrent_left_out(model, config.modules)
+        warn_left_out(model, config.modules)
         with display(config.progress):
             curv = _estimate(model, loader, targets, config)
     warn_ill_conditioned(curv.kappa, curv.forms, curv.damp, config.damp == "auto")

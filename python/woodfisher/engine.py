@@ -34,7 +34,7 @@ from .methods import StepContext
 from .progress import display, step_label
 from .result import PruneResult, layer_rows
 from .state import Snapshot, changed_weights, fingerprint
-from .targets import PruneTarget, resolve_targets, warn_recurrent_left_out
+from .targets import PruneTarget, resolve_targets, warn_left_out
 
 __all__ = ["prune_with", "run"]
 
@@ -248,7 +248,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                         config.damp == "auto", config.inverse_form, config.fisher_batch_size)
     if steps:  # else the note above says it all
         _warn_below(config, start_sparsity)
-    warn_recurrent_left_out(model, config.modules)
+    warn_left_out(model, config.modules)
     timings = _timings()
     snapshot = Snapshot(targets, model)
     damp, forms, kappa, stats = None, {}, {}, []
