@@ -137,8 +137,8 @@ def attach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
     Args:
         model: the network (wrappers seen through).
         masks: {weight name as :func:`woodfisher.prune_one_shot` reports it (e.g. ``"fc1.weight"``,
-            ``"module.fc1.weight"``, ``"attn.in_proj_weight"``): bool keep-mask of the weight's shape}
-            (``PruneResult.masks``).
+            ``"module.fc1.weight"``, ``"attn.in_proj_weight"``; the wrapper's prefix may be left out):
+            bool keep-mask of the weight's shape} (``PruneResult.masks``).
     Returns:
         ``model``; weights are zeroed where the mask is False.
     Raises:
@@ -147,12 +147,16 @@ def attach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
     """
     if not isinstance(masks, dict) or not masks:
         raise ValueError("masks must be a non-empty dict {weight name: bool keep-mask}")
-    targets = resolve_targets(model, list(masks), arg="masks")
-    if len(targets) != len(masks) or any(target.name not in masks for target in targets):
-        named = [n for n in masks if n not in {target.name for target in targets}]
-        raise ValueError(f"masks: {named} name the same weight as another entry (or a module holding "
-                         f"several weights); give one entry per weight, as PruneResult.masks does")
-    hold_target_masks(targets, masks, model)
+    targets, given = [], {}  # given: target name -> the caller's key (with or without the wrapper's prefix)
+    for raw in masks:
+        found = resolve_targets(model, [raw], arg="masks")
+        if len(found) != 1 or found[0].name in given:
+            named = [raw] if len(found) != 1 else [given[found[0].name], raw]
+            raise ValueError(f"masks: {named} name the same weight as another entry (or a module holding "
+                             f"several weights); give one entry per weight, as PruneResult.masks does")
+        given[found[0].name] = raw
+        targets.append(found[0])
+    hold_target_masks(targets, {name: masks[raw] for name, raw in given.items()}, model)
     return model
 
 
