@@ -158,7 +158,7 @@ class LowRankInverse:
         if self._dense is not None:
             return reference.gather_rows(self._dense, index)
         a = self.factor
-        cols = torch.gather(a, 2, index.long().flatten(1).unsqueeze(1).expand(-1, a.shape[1], -1))
+        cols = self._columns(index).transpose(1, 2).flatten(2)        # (B, m, G*q)
         rows = -torch.bmm(cols.transpose(1, 2), a)                    # (B, G*q, c)
         onehot = torch.zeros_like(rows).scatter_(2, index.long().flatten(1).unsqueeze(-1), 1.0)
         return ((rows + onehot) / self.damp).view(*index.shape, -1)
@@ -174,12 +174,16 @@ class LowRankInverse:
         """
         if self._dense is not None:
             return reference.gather_subblocks(self._dense, index)
+        cols = self._columns(index)                                          # (B, G, m, q)
+        eye = (index.unsqueeze(-1) == index.unsqueeze(-2)).to(cols.dtype)    # I_QQ (repeated indices too)
+        return (eye - torch.matmul(cols.transpose(-1, -2), cols)) / self.damp
+
+    def _columns(self, index: torch.Tensor) -> torch.Tensor:
+        """A_Q: the factor's columns of each group, (B, G, m, q)."""
         a = self.factor
         b, g, q = index.shape
         cols = torch.gather(a, 2, index.long().flatten(1).unsqueeze(1).expand(-1, a.shape[1], -1))
-        cols = cols.view(b, a.shape[1], g, q).transpose(1, 2)                # (B, G, m, q)
-        eye = (index.unsqueeze(-1) == index.unsqueeze(-2)).to(a.dtype)       # I_QQ (repeated indices too)
-        return (eye - torch.matmul(cols.transpose(-1, -2), cols)) / self.damp
+        return cols.view(b, a.shape[1], g, q).transpose(1, 2)
 
     def group_coefficients(self, index: torch.Tensor, weights: torch.Tensor, exact: bool = True):
         """Group OBS coefficients ``a_Q = ([F^-1]_QQ)^-1 w_Q`` and statistics ``rho_Q = w_Q^T a_Q / 2`` (WoodFisher
@@ -200,10 +204,8 @@ class LowRankInverse:
         if self._dense is not None or q <= self.factor.shape[1]:
             return reference.group_coefficients(self.subblocks(index), weights, index, exact)
         a = self.factor
-        b, g, _ = index.shape
         m = a.shape[1]
-        cols = torch.gather(a, 2, index.long().flatten(1).unsqueeze(1).expand(-1, m, -1))
-        cols = cols.view(b, m, g, q).transpose(1, 2)                          # A_Q: (B, G, m, q)
+        cols = self._columns(index)                                           # A_Q: (B, G, m, q)
         w_q = reference.group_weights(weights, index)
         if not exact:
             s = index.sort(dim=-1).values                                     # 1^T I_QQ 1 = sum of count^2
