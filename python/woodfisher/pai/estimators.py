@@ -127,8 +127,8 @@ class BatchLoss:
             if batch.size == 0:
                 raise ValueError("loader yielded an empty batch")
             if self.dtype != self.model_dtype:
+                self._check_runs(batch)  # may switch self.dtype to the model's own
                 batch = batch.map_batched(lambda x: x.to(self.dtype) if x.is_floating_point() else x)
-                self._check_runs(batch)
             yield batch
 
     def _check_runs(self, batch: Batch) -> None:
@@ -136,7 +136,7 @@ class BatchLoss:
         if self._probed:
             return
         self._probed = True
-        one = batch.take(0, 1)
+        one = batch.take(0, 1).map_batched(lambda x: x.to(self.dtype) if x.is_floating_point() else x)
         try:
             with torch.no_grad():
                 self(self.weights, one)
