@@ -151,9 +151,10 @@ def _warn_below(config: PruneConfig, start_sparsity: float) -> None:
 
 def _check_same_weights(curvature: Curvature, targets: List[PruneTarget]) -> None:
     """ValueError naming ``curvature`` when ``targets`` do not hold the weights it was estimated on."""
-    if not curvature.fingerprint:
+    saved = getattr(curvature, "fingerprint", None)  # None: a curvature pickled before it was recorded
+    if not saved:
         return
-    changed = changed_weights(curvature.fingerprint, fingerprint(targets), {t.name: t.numel for t in targets})
+    changed = changed_weights(saved, fingerprint(targets), {t.name: t.numel for t in targets})
     if changed:
         raise ValueError(f"curvature was estimated on other weights than the model holds now ({changed[:3]}"
                          f"{' and more' if len(changed) > 3 else ''} differ): another instance, other weights "
