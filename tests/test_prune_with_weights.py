@@ -90,3 +90,21 @@ def test_a_fisher_hook_curvature_is_not_compared():
         opt.step()
     assert hook.ready and not hook.curvature().fingerprint
     assert wf.prune_with(model, hook.curvature(), 0.5).sparsity == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_model_wrapped_otherwise_or_of_other_shapes_is_refused_naming_curvature():
+    """It used to be a KeyError ('module.0.weight') from inside prune_with."""
+    model = _model()
+    curvature = wf.estimate_curvature(model, _data(), **OPTS)
+    wrapped = nn.DataParallel(copy.deepcopy(model))
+    before = snapshot(wrapped)
+    with pytest.raises(ValueError, match=r"^curvature: estimated for \['0.weight', '2.weight'\].*'module.0.weight'"):
+        wf.prune_with(wrapped, curvature, 0.5)
+    assert_unchanged(before, snapshot(wrapped))
+    wider = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4))
+    with pytest.raises(ValueError, match=r"^curvature: weight '0.weight' has shape \(12, 6\)"):
+        wf.prune_with(wider, curvature, 0.5)
+    on_wrapped = wf.estimate_curvature(nn.DataParallel(_model()), _data(), **OPTS)  # wrapped the same way: fine
+    masks = wf.prune_with(copy.deepcopy(wrapped), on_wrapped, 0.5).masks
+    plain = wf.prune_with(copy.deepcopy(model), curvature, 0.5).masks
+    assert all(torch.equal(masks["module." + n], m) for n, m in plain.items())

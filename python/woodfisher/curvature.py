@@ -114,14 +114,20 @@ class Curvature:
         Returns:
             One :class:`PruneTarget` per weight of :attr:`layouts`, with its block size set.
         Raises:
-            ValueError: a weight missing from ``model`` or of another shape than estimated.
+            ValueError: naming ``curvature``: a weight missing from ``model``, of another shape than estimated, or
+                named otherwise (the model wrapped differently: DataParallel, torch.compile, ...).
         """
-        targets = resolve_targets(model, list(self.layouts), None)
+        targets = resolve_targets(model, list(self.layouts), None, arg="curvature")
         for target in targets:
-            layout = self.layouts[target.name]
+            layout = self.layouts.get(target.name)
+            if layout is None:
+                raise ValueError(f"curvature: estimated for {list(self.layouts)[:3]}, the model names its weights "
+                                 f"{[t.name for t in targets][:3]}: it is wrapped otherwise than the model the "
+                                 "curvature was estimated on (DataParallel / DDP / torch.compile add a prefix); pass "
+                                 "it wrapped the same way, or its inner module (model.module / model._orig_mod)")
             if tuple(target.shape) != tuple(layout.shape):
-                raise ValueError(f"weight {target.name!r} has shape {tuple(target.shape)}, the curvature was estimated "
-                                 f"for {tuple(layout.shape)}")
+                raise ValueError(f"curvature: weight {target.name!r} has shape {tuple(target.shape)}, the curvature "
+                                 f"was estimated for {tuple(layout.shape)}")
             target.block_size = layout.block_size
         return targets
 

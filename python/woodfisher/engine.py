@@ -154,7 +154,9 @@ def _check_same_weights(curvature: Curvature, targets: List[PruneTarget]) -> Non
     saved = getattr(curvature, "fingerprint", None)  # None: a curvature pickled before it was recorded
     if not saved:
         return
-    changed = changed_weights(saved, fingerprint(targets), {t.name: t.numel for t in targets})
+    names = dict(zip(curvature.layouts, targets))  # the curvature's names (a wrapped copy adds its prefix)
+    now = fingerprint(targets)
+    changed = changed_weights(saved, {n: now[t.name] for n, t in names.items()}, {n: t.numel for n, t in names.items()})
     if changed:
         raise ValueError(f"curvature was estimated on other weights than the model holds now ({changed[:3]}"
                          f"{' and more' if len(changed) > 3 else ''} differ): another instance, other weights "
