@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from .batches import to_batch
+from .batches import check_loader, to_batch
 from .masks import is_int
 from .progress import phase
 from .state import Snapshot, eval_mode
-from .targets import PruneTarget, resolve_targets, unwrap_model
+from .targets import PruneTarget, check_module, resolve_targets, unwrap_model
 
 __all__ = ["attach_masks", "make_permanent", "recalibrate_bn"]
 
@@ -171,9 +171,10 @@ def make_permanent(model: nn.Module) -> nn.Module:
     Returns:
         ``model``.
     Raises:
-        ValueError: an ``<attr>_mask`` whose shape differs from its ``<attr>_orig`` (checked for
-            every module first: nothing is changed).
+        ValueError: ``model`` not an ``nn.Module``; an ``<attr>_mask`` whose shape differs from its
+            ``<attr>_orig`` (checked for every module first: nothing is changed).
     """
+    check_module(model)
     modules = list(unwrap_model(model)[0].modules())
     for mname, module in unwrap_model(model)[0].named_modules():
         for key, orig in module._parameters.items():
@@ -216,9 +217,11 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: int = 50, *,
     Returns:
         the number of samples seen (0 when the model has no BatchNorm layer: nothing is run).
     Raises:
-        ValueError: a bad ``num_batches`` or an empty loader (the statistics are then left
-            as they were, as after any failure).
+        ValueError: ``model`` not an ``nn.Module``, ``loader`` not iterable, a bad ``num_batches`` or an
+            empty loader (the statistics are then left as they were, as after any failure).
     """
+    check_module(model)
+    check_loader(loader)
     if not is_int(num_batches) or num_batches < 1:
         raise ValueError(f"num_batches must be an int >= 1, got {num_batches!r}")
     inner = unwrap_model(model)[0]

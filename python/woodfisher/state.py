@@ -23,7 +23,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .targets import PruneTarget, unwrap_model
+from .targets import PruneTarget, check_module, unwrap_model
 
 __all__ = ["eval_mode", "Snapshot", "clone_model", "derived_weights_kept", "fingerprint", "changed_weights",
            "FINGERPRINT_CHUNK", "FINGERPRINT_RTOL"]
@@ -114,7 +114,10 @@ def clone_model(model: nn.Module) -> nn.Module:
         model: any ``nn.Module`` (masked or not); left as it was.
     Returns:
         An independent deep copy (masks, hooks and buffers included).
+    Raises:
+        ValueError: ``model`` not an ``nn.Module``.
     """
+    check_module(model)
     with derived_weights_kept(model):
         for module, attr, value in _derived(model):
             setattr(module, attr, value.detach())

@@ -340,11 +340,16 @@ def _within(name: str, parent: str) -> bool:
     return not parent or name == parent or name.startswith(parent + ".")
 
 
+def check_module(model: nn.Module) -> None:
+    """ValueError naming ``model`` unless it is an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def check_model(model: nn.Module) -> None:
     """``model`` must be an ``nn.Module`` whose parameters and buffers hold data (none on the meta device, no
     uninitialized lazy parameter)."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
     tensors = (*model.named_parameters(), *model.named_buffers())
     lazy = [n for n, t in tensors if isinstance(t, nn.parameter.UninitializedTensorMixin)]
     if lazy:
