@@ -138,3 +138,14 @@ def test_the_plan_counts_the_gradient_chunk_and_the_float64_refinement_chunk(mak
     stream = _stream_need(targets)
     below = plan_memory(targets, num_grads, size, need - 1, fisher_batch_size=fbs)
     assert stream <= need - 1 and below == ("stream", min(num_grads, (need - 1 - stream) // (d * size)))
+
+
+def test_just_below_the_need_where_streaming_cannot_fit_either_is_refused_naming_memory_budget():
+    model = _stack(32, 5)                     # blocks of 64 > 16 gradients: low-rank kept, dense streamed
+    need, targets = _need(model, 16, 64)
+    size = stat_itemsize(targets)
+    assert _stream_need(targets) > need - 1
+    assert plan_memory(targets, 16, size, need) == ("keep", None)
+    with pytest.raises(ValueError, match=rf"^memory_budget={need - 1} bytes is too small: keeping the gradients "
+                                         rf"needs {need}"):
+        plan_memory(targets, 16, size, need - 1)
