@@ -325,6 +325,8 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
         warn_left_out(model, config.modules)
         with display(config.progress):
             curv = _estimate(model, loader, targets, config)
+        if curv.kind != "none":  # what prune_with checks (prune_one_shot uses its curvature at once: not needed)
+            curv.fingerprint = fingerprint(targets)
     warn_ill_conditioned(curv.kappa, curv.forms, curv.damp, config.damp == "auto")
     warn_zero_gradients([curv.stats])
     return curv
@@ -376,7 +378,6 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         curv.flops = flops_per_param_of_batch(model, to_batch(first, config.batch_adapter), targets)
     if kind == "none":
         return curv
-    curv.fingerprint = fingerprint(targets)
     group = active_group(config.group)
     if group is not None:  # sharded across the ranks of a process group
         return estimate_sharded(model, loader, targets, config, curv, group)
