@@ -12,6 +12,7 @@ from torch import nn
 
 import woodfisher as wf
 from woodfisher.masks import COLLAPSE_DENSITY, check_keeps_weights, collapsed
+from woodfisher.pai import prune_at_init
 
 OPTS = dict(num_grads=8, progress=False)
 
@@ -305,3 +306,20 @@ def test_prune_with_below_the_zeros_already_there_warns_at_the_callers_line_as_p
     with pytest.warns(UserWarning, match="never revives") as record:
         wf.prune_one_shot(model, tiny_data(), sparsity=0.5, method="magnitude", **OPTS)
     assert {w.filename for w in record if "never revives" in str(w.message)} == {__file__}
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: wf.recalibrate_bn(m, None), "^loader must be an iterable of batches .*got NoneType"),
+    (lambda m: wf.recalibrate_bn(m, 5), "^loader must be an iterable of batches .*got int"),  # no BN: still checked
+    (lambda m: wf.make_permanent(None), "^model must be a torch.nn.Module, got NoneType"),
+    (lambda m: wf.clone_model("net"), "^model must be a torch.nn.Module, got str"),
+    (lambda m: wf.FisherHook(m, num_grads=4, damp=0.1).attach(None), "^optimizer must be a torch.optim.Optimizer"),
+    (lambda m: prune_at_init(m, 5, sparsity=0.5, criterion="snip"), "^loader must be an iterable"),
+])
+def test_the_helpers_name_their_bad_argument_and_change_nothing(call, match):
+    """They raised TypeError / AttributeError from inside (``'NoneType' object is not iterable``)."""
+    model = tiny_mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        call(model)
+    assert_unchanged(before, snapshot(model))

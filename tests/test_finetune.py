@@ -97,6 +97,25 @@ def test_attach_masks_on_a_wrapped_model_and_refusals_change_nothing():
     assert same_state(model, before) and not hasattr(model.module[2], "weight_mask")
 
 
+@pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile])
+def test_attach_masks_takes_names_with_or_without_the_wrappers_prefix(wrap):
+    """resolve_targets accepts a wrapped model's names without the prefix; attach_masks used to refuse them as
+    "the same weight as another entry"."""
+    torch.manual_seed(0)
+    model = wrap(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)))
+    inner = model.module if isinstance(model, nn.DataParallel) else model._orig_mod
+    keep = {"0.weight": torch.rand(5, 6) > 0.5, "2.weight": torch.rand(4, 5) > 0.5}
+    weights = {n: inner[int(n[0])].weight.detach().clone() for n in keep}
+    attach_masks(model, keep)
+    for name, k in keep.items():
+        layer = inner[int(name[0])]
+        assert torch.equal(layer.weight_mask.bool(), k) and torch.equal(layer.weight, weights[name] * k)
+    before = state_copy(model)
+    with pytest.raises(ValueError, match=r"^masks: \['0', '0.weight'\] name the same weight"):
+        attach_masks(model, {"0": keep["0.weight"], "0.weight": keep["0.weight"]})
+    assert same_state(model, before)
+
+
 def test_a_failure_half_way_leaves_no_mask_behind(monkeypatch):
     torch.manual_seed(0)
     model = Net().double()

@@ -81,8 +81,7 @@ def test_search_damp_refuses_a_bad_grid_before_reading_the_loader(grid):
 def test_search_damp_default_grid_is_relative_to_auto():
     model, loader = tiny_mlp(seed=4), tiny_data(seed=4)
     best, losses = wf.search_damp(model, loader, tiny_data(seed=5), sparsity=0.5, num_grads=12)
-    auto = wf.prune_one_shot(copy.deepcopy(model), loader, sparsity=0.0, damp="auto", num_grads=12,
-                             progress=False).damp
+    auto = wf.estimate_curvature(copy.deepcopy(model), loader, damp="auto", num_grads=12, progress=False).damp
     assert sorted(losses) == pytest.approx([auto * 10.0 ** k for k in range(-3, 2)], rel=1e-12)
 
 

@@ -108,7 +108,7 @@ def _(inv, index):
 def gather_subblocks(inv: Tensor, index: Tensor) -> Tensor:
     chk.check_all_finite(True, inv=inv)
     chk.check_index_range("index", index, inv.shape[-1])
-    return reference.subblocks_from_rows(reference.gather_rows(inv, index), index)
+    return reference.gather_subblocks(inv, index)
 
 
 @gather_subblocks.register_fake
@@ -120,7 +120,7 @@ def _(inv, index):
 def group_obs_saliency(inv: Tensor, weights: Tensor, groups: Tensor, exact: bool) -> Tensor:
     chk.check_all_finite(True, inv=inv, weights=weights)
     chk.check_index_range("groups", groups, inv.shape[-1])
-    return reference.group_obs_saliency(reference.gather_rows(inv, groups), weights, groups, exact)
+    return reference.group_obs_saliency(inv, weights, groups, exact)
 
 
 @group_obs_saliency.register_fake
@@ -132,7 +132,7 @@ def _(inv, weights, groups, exact):
 def group_obs_update(inv: Tensor, weights: Tensor, groups: Tensor, prune: Tensor, exact: bool) -> Tensor:
     chk.check_all_finite(True, inv=inv, weights=weights)
     chk.check_index_range("groups", groups, inv.shape[-1])
-    return reference.group_obs_update(reference.gather_rows(inv, groups), weights, groups, prune, exact)
+    return reference.group_obs_update(inv, weights, groups, prune, exact)
 
 
 @group_obs_update.register_fake

@@ -158,10 +158,68 @@ class LowRankInverse:
         if self._dense is not None:
             return reference.gather_rows(self._dense, index)
         a = self.factor
-        cols = torch.gather(a, 2, index.long().flatten(1).unsqueeze(1).expand(-1, a.shape[1], -1))
+        cols = self._columns(index).transpose(1, 2).flatten(2)        # (B, m, G*q)
         rows = -torch.bmm(cols.transpose(1, 2), a)                    # (B, G*q, c)
         onehot = torch.zeros_like(rows).scatter_(2, index.long().flatten(1).unsqueeze(-1), 1.0)
         return ((rows + onehot) / self.damp).view(*index.shape, -1)
+
+    def subblocks(self, index: torch.Tensor) -> torch.Tensor:
+        """``[F^-1]_QQ = (I_QQ - A_Q^T A_Q) / damp`` for each group Q = index[b, g], for group OBS: O(m q^2)
+        flops and q^2 entries per group, no row of F^-1 formed.
+
+        Args:
+            index: (B, G, q) integer indices in [0, c) (not checked here: see :func:`.ops.gather_subblocks`).
+        Returns:
+            (B, G, q, q).
+        """
+        if self._dense is not None:
+            return reference.gather_subblocks(self._dense, index)
+        cols = self._columns(index)                                          # (B, G, m, q)
+        eye = (index.unsqueeze(-1) == index.unsqueeze(-2)).to(cols.dtype)    # I_QQ (repeated indices too)
+        return (eye - torch.matmul(cols.transpose(-1, -2), cols)) / self.damp
+
+    def _columns(self, index: torch.Tensor) -> torch.Tensor:
+        """A_Q: the factor's columns of each group, (B, G, m, q)."""
+        a = self.factor
+        b, g, q = index.shape
+        cols = torch.gather(a, 2, index.long().flatten(1).unsqueeze(1).expand(-1, a.shape[1], -1))
+        return cols.view(b, a.shape[1], g, q).transpose(1, 2)
+
+    def group_coefficients(self, index: torch.Tensor, weights: torch.Tensor, exact: bool = True):
+        """Group OBS coefficients ``a_Q = ([F^-1]_QQ)^-1 w_Q`` and statistics ``rho_Q = w_Q^T a_Q / 2`` (WoodFisher
+        paper Sec. 4.2; ``exact=False``: the Eq. 18 relaxation), for :func:`.ops.group_obs_saliency` / ``_update``.
+
+        Groups wider than the factor (q > m, e.g. whole rows of a layer) never form a q x q matrix: by the
+        Woodbury identity ``([F^-1]_QQ)^-1 = damp (I + A_Q^T (I_m - A_Q A_Q^T)^-1 A_Q)``, one m x m system per group
+        (float64), and Eq. 18's ``1^T [F^-1]_QQ 1 = (1^T I_QQ 1 - ||A_Q 1||^2) / damp``. Narrower groups use the
+        q x q subblocks (:meth:`subblocks`).
+
+        Args:
+            index: (B, G, q) integer indices in [0, c) (not checked here). weights: (B, c) blocked weights.
+            exact: the exact statistic (True) or Eq. 18 (False).
+        Returns:
+            (a (B, G, q), rho (B, G)), the dtype of the factor.
+        """
+        q = index.shape[-1]
+        if self._dense is not None or q <= self.factor.shape[1]:
+            return reference.group_coefficients(self.subblocks(index), weights, index, exact)
+        a = self.factor
+        m = a.shape[1]
+        cols = self._columns(index)                                           # A_Q: (B, G, m, q)
+        w_q = reference.group_weights(weights, index)
+        if not exact:
+            s = index.sort(dim=-1).values                                     # 1^T I_QQ 1 = sum of count^2
+            ones = (torch.searchsorted(s, s, right=True) - torch.searchsorted(s, s)).sum(-1).to(a.dtype)
+            denom = (ones - cols.sum(-1).square().sum(-1)) / self.damp
+            total = w_q.sum(-1)
+            return (total / denom).unsqueeze(-1).expand_as(w_q), total.square() / (2.0 * denom)
+        c64 = cols.double()
+        eye = torch.eye(m, dtype=torch.float64, device=a.device)
+        chol = torch.linalg.cholesky(eye - torch.matmul(c64, c64.transpose(-1, -2)))
+        u = torch.matmul(c64, w_q.double().unsqueeze(-1))                     # A_Q w_Q: (B, G, m, 1)
+        z = torch.cholesky_solve(u, chol)
+        coef = (self.damp * (w_q.double() + torch.matmul(c64.transpose(-1, -2), z).squeeze(-1))).to(a.dtype)
+        return coef, 0.5 * (w_q * coef).sum(-1)
 
     def dense(self) -> torch.Tensor:
         """The full inverse (for tests and small blocks).

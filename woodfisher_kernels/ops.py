@@ -337,7 +337,8 @@ def gather_subblocks(inv: Inverse, index: torch.Tensor) -> torch.Tensor:
     """
     _check_index("index", inv, index)
     if isinstance(inv, LowRankInverse):
-        return reference.subblocks_from_rows(gather_rows(inv, index), index)
+        chk.check_index_range("index", index, inv.shape[-1])
+        return inv.subblocks(index)
     return lib.gather_subblocks(inv.contiguous(), index.contiguous())
 
 
@@ -363,8 +364,9 @@ def group_obs_saliency(inv: Inverse, weights: torch.Tensor, groups: torch.Tensor
     """
     _check_weights(inv, weights, None)
     _check_index("groups", inv, groups)
-    if isinstance(inv, LowRankInverse):
-        return reference.group_obs_saliency(gather_rows(inv, groups), weights, groups, exact)
+    if isinstance(inv, LowRankInverse):  # from the factor: no row of F^-1 formed
+        chk.check_index_range("groups", groups, inv.shape[-1])
+        return inv.group_coefficients(groups, weights, exact)[1]
     return lib.group_obs_saliency(inv.contiguous(), weights.contiguous(), groups.contiguous(), bool(exact))
 
 
@@ -393,7 +395,9 @@ def group_obs_update(inv: Inverse, weights: torch.Tensor, groups: torch.Tensor,
     _check_weights(inv, weights, None)
     _check_index("groups", inv, groups)
     chk.check_mask("prune", prune, "groups[..., 0]", groups[..., 0])
-    if isinstance(inv, LowRankInverse):
-        return reference.group_obs_update(gather_rows(inv, groups), weights, groups, prune, exact)
+    if isinstance(inv, LowRankInverse):  # from the factor and one product F^-1 v per block
+        chk.check_index_range("groups", groups, inv.shape[-1])
+        coef = inv.group_coefficients(groups, weights, exact)[0]
+        return reference.group_update_with(coef, inv.matvec, weights, groups, prune)
     return lib.group_obs_update(inv.contiguous(), weights.contiguous(), groups.contiguous(), prune.contiguous(),
                                 bool(exact))

@@ -69,6 +69,13 @@ def subblocks_from_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor
     return torch.gather(rows, 3, cols)
 
 
+def gather_subblocks(inv: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``inv[b, index[b, g, i], index[b, g, j]]`` -> (B, G, q, q), without forming the groups' rows."""
+    idx = index.long()
+    batch = torch.arange(inv.shape[0], device=inv.device).view(-1, 1, 1, 1)
+    return inv[batch, idx.unsqueeze(-1), idx.unsqueeze(-2)]
+
+
 def _group_coefficients(sub, w_q, exact: bool):
     """Per-group coefficients a (B, G, q) with dw = -rows^T a, and rho (B, G)."""
     if exact:
@@ -84,30 +91,37 @@ def _group_coefficients(sub, w_q, exact: bool):
     return coef, rho
 
 
-def _group_inputs(rows, weights, groups):
-    sub = subblocks_from_rows(rows, groups)
-    w_q = torch.gather(weights, 1, groups.long().flatten(1)).view(groups.shape)
-    return rows, sub, w_q
+def group_weights(weights, groups):
+    """w_Q (B, G, q) of each group of ``groups`` (B, G, q) from blocked ``weights`` (B, c)."""
+    return torch.gather(weights, 1, groups.long().flatten(1)).view(groups.shape)
 
 
-def group_obs_saliency(rows, weights, groups, exact: bool = True) -> torch.Tensor:
-    """rho (B, G) for removing each group of ``groups`` (B, G, q) at once.
-
-    ``rows`` (B, G, q, c) are the inverse's rows of each group (:func:`gather_rows`).
-    """
-    _, sub, w_q = _group_inputs(rows, weights, groups)
-    return _group_coefficients(sub, w_q, exact)[1]
+def group_coefficients(sub, weights, groups, exact: bool = True):
+    """(a (B, G, q), rho (B, G)) of group OBS from the groups' subblocks ``[F^-1]_QQ`` (B, G, q, q)
+    (:func:`gather_subblocks`): ``rho_Q = w_Q^T a_Q / 2``, ``dw = -F^-1 E_Q a_Q`` per removed group."""
+    return _group_coefficients(sub, group_weights(weights, groups), exact)
 
 
-def group_obs_update(rows, weights, groups, prune, exact: bool = True) -> torch.Tensor:
-    """New weights (B, c) after removing the groups where ``prune`` (B, G) is True."""
-    rows, sub, w_q = _group_inputs(rows, weights, groups)
-    coef, _ = _group_coefficients(sub, w_q, exact)
+def group_update_with(coef, matvec, weights, groups, prune) -> torch.Tensor:
+    """New weights (B, c) after removing the groups where ``prune`` (B, G) is True, from their coefficients
+    (:func:`group_coefficients`) and ``matvec(v) = F^-1 v``: ``dw = -F^-1 sum_Q E_Q a_Q`` is one product per block,
+    whatever the number of groups (no row of F^-1 is formed)."""
     coef = coef * prune.unsqueeze(-1).to(coef.dtype)
-    new = weights - torch.einsum("bgqc,bgq->bc", rows, coef)
+    v = torch.zeros_like(weights).scatter_add_(1, groups.long().flatten(1), coef.flatten(1))
     mask = torch.zeros_like(weights, dtype=torch.bool)
     mask.scatter_(1, groups.long().flatten(1), prune.unsqueeze(-1).expand(groups.shape).flatten(1))
-    return new.masked_fill(mask, 0.0)
+    return (weights - matvec(v)).masked_fill(mask, 0.0)
+
+
+def group_obs_saliency(inv, weights, groups, exact: bool = True) -> torch.Tensor:
+    """rho (B, G) for removing each group of ``groups`` (B, G, q) at once; ``inv`` (B, c, c)."""
+    return group_coefficients(gather_subblocks(inv, groups), weights, groups, exact)[1]
+
+
+def group_obs_update(inv, weights, groups, prune, exact: bool = True) -> torch.Tensor:
+    """New weights (B, c) after removing the groups where ``prune`` (B, G) is True; ``inv`` (B, c, c)."""
+    coef = group_coefficients(gather_subblocks(inv, groups), weights, groups, exact)[0]
+    return group_update_with(coef, lambda v: _matvec(inv, v), weights, groups, prune)
 
 
 ROW_STEP_MIN = 128        # rows of the Gram per product (block-triangular products)

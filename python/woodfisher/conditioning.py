@@ -48,8 +48,8 @@ import woodfisher_kernels as wk
 
 from .damping import AUTO_ALPHA
 
-__all__ = ["EPS32", "REFINE_BYTES", "WARN_LEVEL", "block_kappa", "ill_conditioned", "layer_inverse", "refine_dense",
-           "uncertified", "warn_ill_conditioned"]
+__all__ = ["EPS32", "REFINE_BYTES", "WARN_LEVEL", "block_kappa", "ill_conditioned", "layer_inverse", "refine_bytes",
+           "refine_dense", "uncertified", "warn_ill_conditioned"]
 
 EPS32 = torch.finfo(torch.float32).eps  # 2^-23, as in woodfisher_kernels.error_bound
 #: warn when ``EPS32 * kappa`` exceeds this (fewer than 3 correct digits left).
@@ -108,7 +108,7 @@ def refine_dense(grads: torch.Tensor, inv: torch.Tensor, damp: float, count: int
     flagged = (EPS32 * kappa > WARN_LEVEL).nonzero().squeeze(1)
     refined = torch.zeros_like(kappa, dtype=torch.bool)
     dev = grads.device if device is None else device
-    step = _chunk_blocks(grads)
+    step = _chunk_blocks(grads.shape[1], grads.shape[2])
     for start in range(0, flagged.numel(), step):
         idx = flagged[start:start + step]
         try:
@@ -121,10 +121,21 @@ def refine_dense(grads: torch.Tensor, inv: torch.Tensor, damp: float, count: int
     return float(left.max()) if left.numel() else None, int(refined.sum())
 
 
-def _chunk_blocks(grads: torch.Tensor) -> int:
-    """Blocks per float64 chunk of :data:`REFINE_BYTES` (gradients + inverses)."""
-    m, c = grads.shape[1], grads.shape[2]
+def _chunk_blocks(m: int, c: int) -> int:
+    """Blocks (of m gradients, size c) per float64 chunk of :data:`REFINE_BYTES` (gradients + inverses)."""
     return max(1, REFINE_BYTES // (8 * (m * c + c * c)))
+
+
+def refine_bytes(num_blocks: int, m: int, c: int) -> int:
+    """Bytes of the largest float64 chunk :func:`refine_dense` holds for one layer (gradients + inverses).
+
+    Args:
+        num_blocks: the layer's blocks B. m: gradients per block. c: block size.
+    Returns:
+        ``min(B, blocks per chunk) * 8 (m c + c^2)``: at most :data:`REFINE_BYTES`, or one block's worth when a
+        single block is larger.
+    """
+    return min(num_blocks, _chunk_blocks(m, c)) * 8 * (m * c + c * c)
 
 
 def block_kappa(grads: torch.Tensor, damp: float, count: int, *, upper: Optional[torch.Tensor] = None,
@@ -153,7 +164,7 @@ def block_kappa(grads: torch.Tensor, damp: float, count: int, *, upper: Optional
     idx = uncertified(upper, largest)
     kappa = torch.zeros_like(upper)
     dev = grads.device if device is None else device
-    step = _chunk_blocks(grads)
+    step = _chunk_blocks(grads.shape[1], grads.shape[2])
     for start in range(0, idx.numel(), step):
         part = idx[start:start + step]
         kappa[part] = wk.condition_estimate(grads[part.to(grads.device)].to(dev), damp, count).cpu()

@@ -33,8 +33,8 @@ from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
 from .methods import StepContext
 from .progress import display, step_label
 from .result import PruneResult, layer_rows
-from .state import Snapshot
-from .targets import PruneTarget, resolve_targets, warn_recurrent_left_out
+from .state import Snapshot, changed_weights, fingerprint
+from .targets import PruneTarget, resolve_targets, warn_left_out
 
 __all__ = ["prune_with", "run"]
 
@@ -85,8 +85,9 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
     """Prune ``model`` in place to ``sparsity`` with a curvature estimated before (phase two).
 
     ``model`` must hold the weights the curvature was estimated on (the same model, or a
-    copy of it: a sweep prunes copies with one curvature). ``options`` override selection
-    options of the curvature's config (mode, min_density, obs_update, beta, pattern, ...);
+    copy of it made before pruning: a sweep prunes copies with one curvature); that is checked.
+    ``options`` override selection options of the curvature's config (mode, min_density, obs_update,
+    beta, pattern, ...);
     the options the curvature fixed (:data:`FIXED_BY_CURVATURE`: method, block_size,
     num_grads, damp, woodtaylor, modules, ...) can only be passed with the curvature's values.
     The statistic and OBS update are those of :func:`woodfisher_kernels.obs_saliency` /
@@ -104,8 +105,10 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
         ValueError: bad options, an option the curvature fixed with another value (naming it;
             ``Curvature.with_damp`` changes the damp), a model missing a weight of the curvature or holding it
             with another shape, or weights that cannot be pruned (:func:`woodfisher.checks.check_prunable`); the
-            model is unchanged. Names and shapes are checked, not values: another model of the same
-            architecture (or other weights loaded after estimating) is pruned with this Fisher without notice.
+            model is unchanged. ``curvature`` holding other weights than the model's (another instance of the
+            architecture, other weights loaded or the model pruned or trained since estimating; compared by
+            :func:`woodfisher.state.fingerprint`, so copies pass): a ValueError naming ``curvature``. A
+            :class:`woodfisher.FisherHook` curvature is not compared (its window spans training steps).
     """
     if not isinstance(curvature, Curvature):
         raise ValueError(f"curvature must be a woodfisher.Curvature (from estimate_curvature), got "
@@ -146,10 +149,35 @@ def _warn_below(config: PruneConfig, start_sparsity: float) -> None:
                        f"(pass sparsity >= {start_sparsity:.4g} to prune further)")
 
 
+def _check_same_weights(curvature: Curvature, targets: List[PruneTarget]) -> None:
+    """ValueError naming ``curvature`` when ``targets`` do not hold the weights it was estimated on."""
+    saved = getattr(curvature, "fingerprint", None)  # None: a curvature pickled before it was recorded
+    if not saved:
+        return
+    names = dict(zip(curvature.layouts, targets))  # the curvature's names (a wrapped copy adds its prefix)
+    now = fingerprint(targets)
+    changed = changed_weights(saved, {n: now[t.name] for n, t in names.items()}, {n: t.numel for n, t in names.items()})
+    if changed:
+        raise ValueError(f"curvature was estimated on other weights than the model holds now ({changed[:3]}"
+                         f"{' and more' if len(changed) > 3 else ''} differ): another instance, other weights "
+                         "loaded, or weights pruned or trained since. Its scores and OBS update are only right for "
+                         "the weights it was estimated on: pass the model it was estimated on, or a copy of it "
+                         "(copy.deepcopy or wf.clone_model, before pruning), or estimate_curvature(model, loader) "
+                         "again")
+
+
+def _prunes_nothing(config: PruneConfig) -> bool:
+    """Whether a call with ``config`` leaves every weight as it is, so that it needs no gradients: sparsity 0 (no
+    N:M pattern fixing another), except WoodTaylor with the OBS update, whose update also takes the Newton step
+    ``-F^-1 g`` (WoodFisher paper, Eqs. 21-23) and so moves the weights even when nothing is pruned."""
+    return config.final_sparsity == 0 and not (config.woodtaylor and config.obs_update)
+
+
 def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> PruneResult:
     config = curvature.config.replace(sparsity=sparsity, **options)
     _check_fixed(curvature, config)
     targets = curvature.targets(model)
+    _check_same_weights(curvature, targets)
     config.method_impl.check_targets(targets, config)
     check_prunable(targets, config)
     if config.beta > 0 and not curvature.flops:
@@ -201,7 +229,8 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                       f"unpruned; each is a full gradient collection and inversion); pass num_steps=<fewer> for "
                       "fewer, larger steps", UserWarning, stacklevel=3)
     configs = [config.replace(num_grads=m, num_steps=1) for _, m in steps]
-    targets = resolve_targets(model, config.modules, method.block_size(configs[0]))
+    block_size = method.block_size(configs[0])
+    targets = resolve_targets(model, config.modules, block_size)
     method.check_targets(targets, config)
     check_prunable(targets, config)
     if config.needs_data and loader is None:
@@ -209,15 +238,20 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     if len(steps) > 1 and config.needs_data and is_single_pass(loader):
         raise ValueError(f"num_steps={config.num_steps} needs a loader that can be iterated once per step; got a "
                          "single-pass iterator (a generator?): pass a list or a DataLoader, or num_steps=1")
-    if method.curvature in ("blockwise", "diagonal") and active_group(config.group) is None:
+    if _prunes_nothing(config):
+        warn_at_caller("sparsity=0 prunes nothing: no gradients were computed and the weights are unchanged (the "
+                       "result holds the current keep-masks); pass sparsity > 0 to prune")
+        steps, configs = [], []
+    if steps and method.curvature in ("blockwise", "diagonal") and active_group(config.group) is None:
         # refuse an impossible memory budget up front (a sharded run checks its own shard); the
         # plan's own warning comes from the step that uses it
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             plan_memory(targets, configs[0].num_grads, stat_itemsize(targets), config.memory_budget,
-                        config.damp == "auto", config.inverse_form)
-    _warn_below(config, start_sparsity)
-    warn_recurrent_left_out(model, config.modules)
+                        config.damp == "auto", config.inverse_form, config.fisher_batch_size)
+    if steps:  # else the note above says it all
+        _warn_below(config, start_sparsity)
+    warn_left_out(model, config.modules)
     timings = _timings()
     snapshot = Snapshot(targets, model)
     damp, forms, kappa, stats = None, {}, {}, []
@@ -238,7 +272,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
         warn_ill_conditioned(kappa, forms, damp, config.damp == "auto", stacklevel=3)
         warn_zero_gradients(stats)
         timings["total"] = time.perf_counter() - start
-        extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": method.block_size(configs[0])}
+        extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": block_size}
         return _result(model, targets, config, damp, forms, timings, before, extra, stacklevel=4)
     except BaseException:
         snapshot.restore()

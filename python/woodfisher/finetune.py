@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from .batches import to_batch
+from .batches import check_loader, to_batch
 from .masks import is_int
 from .progress import phase
 from .state import Snapshot, eval_mode
-from .targets import PruneTarget, resolve_targets, unwrap_model
+from .targets import PruneTarget, check_module, resolve_targets, unwrap_model
 
 __all__ = ["attach_masks", "make_permanent", "recalibrate_bn"]
 
@@ -137,8 +137,8 @@ def attach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
     Args:
         model: the network (wrappers seen through).
         masks: {weight name as :func:`woodfisher.prune_one_shot` reports it (e.g. ``"fc1.weight"``,
-            ``"module.fc1.weight"``, ``"attn.in_proj_weight"``): bool keep-mask of the weight's shape}
-            (``PruneResult.masks``).
+            ``"module.fc1.weight"``, ``"attn.in_proj_weight"``; the wrapper's prefix may be left out):
+            bool keep-mask of the weight's shape} (``PruneResult.masks``).
     Returns:
         ``model``; weights are zeroed where the mask is False.
     Raises:
@@ -147,12 +147,16 @@ def attach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
     """
     if not isinstance(masks, dict) or not masks:
         raise ValueError("masks must be a non-empty dict {weight name: bool keep-mask}")
-    targets = resolve_targets(model, list(masks), arg="masks")
-    if len(targets) != len(masks) or any(target.name not in masks for target in targets):
-        named = [n for n in masks if n not in {target.name for target in targets}]
-        raise ValueError(f"masks: {named} name the same weight as another entry (or a module holding "
-                         f"several weights); give one entry per weight, as PruneResult.masks does")
-    hold_target_masks(targets, masks, model)
+    targets, given = [], {}  # given: target name -> the caller's key (with or without the wrapper's prefix)
+    for raw in masks:
+        found = resolve_targets(model, [raw], arg="masks")
+        if len(found) != 1 or found[0].name in given:
+            named = [raw] if len(found) != 1 else [given[found[0].name], raw]
+            raise ValueError(f"masks: {named} name the same weight as another entry (or a module holding "
+                             f"several weights); give one entry per weight, as PruneResult.masks does")
+        given[found[0].name] = raw
+        targets.append(found[0])
+    hold_target_masks(targets, {name: masks[raw] for name, raw in given.items()}, model)
     return model
 
 
@@ -167,9 +171,10 @@ def make_permanent(model: nn.Module) -> nn.Module:
     Returns:
         ``model``.
     Raises:
-        ValueError: an ``<attr>_mask`` whose shape differs from its ``<attr>_orig`` (checked for
-            every module first: nothing is changed).
+        ValueError: ``model`` not an ``nn.Module``; an ``<attr>_mask`` whose shape differs from its
+            ``<attr>_orig`` (checked for every module first: nothing is changed).
     """
+    check_module(model)
     modules = list(unwrap_model(model)[0].modules())
     for mname, module in unwrap_model(model)[0].named_modules():
         for key, orig in module._parameters.items():
@@ -212,9 +217,11 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: int = 50, *,
     Returns:
         the number of samples seen (0 when the model has no BatchNorm layer: nothing is run).
     Raises:
-        ValueError: a bad ``num_batches`` or an empty loader (the statistics are then left
-            as they were, as after any failure).
+        ValueError: ``model`` not an ``nn.Module``, ``loader`` not iterable, a bad ``num_batches`` or an
+            empty loader (the statistics are then left as they were, as after any failure).
     """
+    check_module(model)
+    check_loader(loader)
     if not is_int(num_batches) or num_batches < 1:
         raise ValueError(f"num_batches must be an int >= 1, got {num_batches!r}")
     inner = unwrap_model(model)[0]

@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .batches import loader_errors, peek, to_batch
-from .gradients import compute_dtype, compute_state, prepare_batch
+from .gradients import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
 from .state import eval_mode
 from .targets import is_hf_conv1d, unwrap_model
 
@@ -163,7 +163,14 @@ def flops_per_param_of_batch(model: nn.Module, batch, targets) -> Dict[str, floa
         handles.append(target.module.register_forward_hook(hook))
     try:
         with eval_mode(model), loader_errors(batch):
-            functional_call(inner, (params, buffers), one.args, one.kwargs)
+            try:
+                functional_call(inner, (params, buffers), one.args, one.kwargs)
+            except RuntimeError as err:  # a half model that runs in its own dtype only (native_state)
+                state = native_state(inner, half_dtype(targets[0].param), one, err, warn=False)  # counts only
+                if state is None:
+                    raise
+                uses.clear()
+                functional_call(inner, state[:2], state[2].args, state[2].kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -39,7 +39,9 @@ gradient depends on that sample only, and dropout is off. Half-precision models
 (float16 / bfloat16) are differentiated in float32: the parameters, buffers and floating
 inputs are upcast for the computation (:func:`compute_state`, :func:`prepare_batch`), so
 the statistics never underflow; floating inputs of another dtype than the model's are
-cast to it too (float32 data for a float64 model).
+cast to it too (float32 data for a float64 model). A half-precision model that fails in float32
+but runs in its own dtype (a forward that casts to ``torch.bfloat16`` itself) is differentiated in
+its own dtype instead, its gradients upcast to float32 as they are collected, with one warning.
 
 An error of the model or the loss on a batch is a ValueError naming the loader
 (:func:`woodfisher.batches.loader_errors`); a loader that runs out before ``num_grads``
@@ -71,7 +73,7 @@ from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
 
 __all__ = ["GradientCollector", "LoaderExhausted", "compute_dtype", "compute_state", "prepare_batch", "chunk_samples",
-           "CHUNK_BYTES", "MAX_CHUNK_SAMPLES"]
+           "native_state", "half_dtype", "CHUNK_BYTES", "MAX_CHUNK_SAMPLES"]
 
 HALF = (torch.float16, torch.bfloat16)
 #: Default memory (bytes) for the gradients of one chunk.
@@ -117,6 +119,41 @@ def prepare_batch(batch: Batch, device, dtype: torch.dtype) -> Batch:
     if any(isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype for x in leaves):
         batch = batch.map_batched(lambda x: x.to(dtype) if x.is_floating_point() else x)
     return batch
+
+
+def native_state(inner: nn.Module, native: Optional[torch.dtype], batch: Batch, err: Exception, warn: bool = True):
+    """(params, buffers, batch) of ``inner`` in its own half dtype ``native``, for a model that failed with ``err``
+    when run in float32 (:func:`compute_state`) but runs in ``native`` on the first sample of ``batch`` (a forward
+    that casts to ``torch.bfloat16`` itself); None when ``native`` is None or the model fails there too (the
+    caller raises ``err``). Said once, at the caller's line: the statistics then come from half-precision
+    gradients, upcast to float32 by the caller.
+
+    Args:
+        inner: the unwrapped model. native: its half dtype, or None (no fallback). batch: the batch it failed on.
+        err: the float32 error (quoted in the warning). warn: False where the dtype changes no result (FLOPs).
+    """
+    if native is None:
+        return None
+    params, buffers = compute_state(inner, native)
+    batch = prepare_batch(batch, next(iter(params.values())).device, native)
+    one = batch.take(0, 1)
+    try:
+        with torch.no_grad():
+            functional_call(inner, (params, buffers), one.args, one.kwargs)
+    except Exception:  # noqa: BLE001 - not a dtype problem: the caller reports the original error
+        return None
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    if warn:
+        warn_at_caller(f"the {str(native).replace('torch.', '')} model fails when run in float32 ({reason}), so its "
+                       "gradients are computed in its own dtype and upcast to float32 (less precise Fisher "
+                       "statistics); a forward that casts to the parameters' dtype (x.to(self.weight.dtype)) "
+                       "instead of a fixed one keeps the float32 computation")
+    return params, buffers, batch
+
+
+def half_dtype(param: torch.Tensor) -> Optional[torch.dtype]:
+    """The parameter's dtype when it is computed in another one (float16 / bfloat16), else None."""
+    return param.dtype if compute_dtype(param.dtype) != param.dtype else None
 
 
 def chunk_samples(numel: int, itemsize: int, fisher_batch_size: int, chunk_bytes: int = CHUNK_BYTES,
@@ -236,6 +273,7 @@ class GradientCollector:
         self.nonzero: Dict[str, bool] = {}  # weight name -> whether any of its (masked) gradients was non-zero
         self._use_vmap, self._vmap_error = True, None
         self._use_expanded = os.environ.get("WOODFISHER_PER_SAMPLE", "vmap") == "expanded"
+        self._native = half_dtype(targets[0].param)  # the fallback dtype (:func:`native_state`)
 
     # ---- data -------------------------------------------------------------------
     def _sample_chunks(self, device) -> Iterator[Batch]:
@@ -376,12 +414,22 @@ class GradientCollector:
             out = functional_call(self.inner, (params, buffers), bare.args, bare.kwargs)
         return Batch(bare.args, bare.kwargs, sample_targets(logits_of(out), gen))
 
+    def _native_state(self, flat: Batch, err: RuntimeError):
+        """((params, buffers), flat) in the half model's own dtype (:func:`native_state`), at most once; None
+        otherwise. The gradients are upcast by :meth:`_masked`."""
+        state = native_state(self.inner, self._native, flat, err)
+        self._native = None
+        if state is None:
+            return None
+        self._use_vmap, self._vmap_error = True, None  # vmap failed on the float32 error, not on the model
+        return state[:2], state[2]
+
     def _masked(self, grads: Dict[str, torch.Tensor], count: int) -> Dict[str, torch.Tensor]:
         """{name: (G, numel)} masked in place; one fused finiteness check, the sum of squares added up."""
         flat = {}
         for target in self.targets:
             # contiguous: vmap returns a broadcast zero for a weight the loss never reaches (not writable in place)
-            g = grads[target.key].detach().reshape(count, target.numel).contiguous()
+            g = grads[target.key].detach().reshape(count, target.numel).to(self.dtype).contiguous()
             keep = self._keep_flat.get(target.name)
             if keep is not None:
                 g.mul_(keep)
@@ -434,8 +482,16 @@ class GradientCollector:
                 for flat in self._sample_chunks(device):
                     count = flat.size // self.fbs
                     with loader_errors(flat, replay=lambda: self._replay(params, buffers, device)):
-                        labelled = self._sampled(params, buffers, flat, gen) if self.sampled else flat
-                        grads = self._chunk_grads(params, buffers, labelled)
+                        try:
+                            labelled = self._sampled(params, buffers, flat, gen) if self.sampled else flat
+                            grads = self._chunk_grads(params, buffers, labelled)
+                        except RuntimeError as err:  # a half model that fails in float32: its own dtype?
+                            state = self._native_state(flat, err)
+                            if state is None:
+                                raise
+                            (params, buffers), flat = state
+                            labelled = self._sampled(params, buffers, flat, gen) if self.sampled else flat
+                            grads = self._chunk_grads(params, buffers, labelled)
                         extra = self._chunk_grads(params, buffers, flat) \
                             if self.want_loss_grad and self.sampled else None
                     piece = self._masked(grads, count)

@@ -112,7 +112,11 @@ class FisherHook:
             optimizer: the training loop's ``torch.optim.Optimizer``.
         Returns:
             ``self``.
+        Raises:
+            ValueError: ``optimizer`` not a ``torch.optim.Optimizer`` (the earlier attachment is kept).
         """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.detach()
         self._handle = optimizer.register_step_pre_hook(self._before_step)
         return self

@@ -45,7 +45,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .batches import check_labelled, loader_errors, to_batch
-from .gradients import compute_dtype, compute_state, prepare_batch
+from .gradients import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
 from .losses import compute_loss, logits_of, sample_targets
 from .progress import progress_bar
 from .state import eval_mode
@@ -118,6 +118,7 @@ def kfac_factors(model: nn.Module, loader, layers: List[PruneTarget], *,
     inner = unwrap_model(model)[0]
     dtype = compute_dtype(layers[0].param.dtype)
     params, buffers = compute_state(inner, dtype)  # detached; float32 copies for half-precision models
+    native = half_dtype(layers[0].param)  # its own dtype, should it fail in float32 (native_state)
     device = layers[0].param.device
     gen = torch.Generator().manual_seed(int(seed))
     sums = {layer.name: [0.0, 0.0, 0] for layer in layers}
@@ -150,7 +151,17 @@ def kfac_factors(model: nn.Module, loader, layers: List[PruneTarget], *,
                 # when the caller froze the weights, and the caller's tensors get none
                 leaves = {layer.key: params[layer.key].detach().requires_grad_(True) for layer in layers}
                 with loader_errors(batch):
-                    out = functional_call(inner, ({**params, **leaves}, buffers), batch.args, batch.kwargs)
+                    try:
+                        out = functional_call(inner, ({**params, **leaves}, buffers), batch.args, batch.kwargs)
+                    except RuntimeError as err:
+                        state, native = native_state(inner, native, batch, err), None
+                        if state is None:
+                            raise
+                        params, buffers, batch = state
+                        dtype = params[layers[0].key].dtype  # later batches in it too
+                        leaves = {layer.key: params[layer.key].detach().requires_grad_(True) for layer in layers}
+                        seen.clear()
+                        out = functional_call(inner, ({**params, **leaves}, buffers), batch.args, batch.kwargs)
                     target = sample_targets(logits_of(out), gen) if sampled_fisher else batch.target
                     loss = compute_loss(out, target, loss_fn)
                 missing = [layer.name for layer in layers if layer.name not in seen]

@@ -53,7 +53,12 @@ def prune_one_shot(model: nn.Module, loader: Optional[Iterable], config: Optiona
             paper's one-shot setting is ``block_size=None, damp=1e-5, num_steps=1``.
     Returns:
         :class:`PruneResult` (masks, per-weight table, sparsity, damp, timings, collapsed);
-        weights left (nearly) empty are listed in ``collapsed`` and warned about.
+        weights left (nearly) empty are listed in ``collapsed`` and warned about. ``sparsity=0``
+        prunes nothing: the options and weights are checked, then the result (the current keep-masks,
+        ``damp`` None, no steps) is returned with a warning, without reading the loader or computing
+        gradients, the weights bit for bit unchanged -- except with ``woodtaylor=True`` (and
+        ``obs_update``), whose update also takes the Newton step ``-F^-1 g`` (Eqs. 21-23) and so
+        changes the weights at sparsity 0 too.
     Raises:
         ValueError: any bad option (naming it and quoting the value), a sparsity that would
             prune every weight, a model that is not a module, on the meta device, of a

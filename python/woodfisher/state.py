@@ -10,19 +10,30 @@
   which deepcopy refuses).
 - :func:`derived_weights_kept`: those derived weights restored after passes that run the
   model on substituted parameters (gradient collection, K-FAC factors, FLOPs counting).
+- :func:`fingerprint` / :func:`changed_weights`: a cheap summary of weight values, to tell whether a
+  model holds the weights a curvature was estimated on (or a copy of them).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, List, Optional, Tuple
+import math
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .targets import PruneTarget, unwrap_model
+from .targets import PruneTarget, check_module, unwrap_model
 
-__all__ = ["eval_mode", "Snapshot", "clone_model", "derived_weights_kept"]
+__all__ = ["eval_mode", "Snapshot", "clone_model", "derived_weights_kept", "fingerprint", "changed_weights",
+           "FINGERPRINT_CHUNK", "FINGERPRINT_RTOL"]
+
+#: Entries per float64 chunk of :func:`fingerprint` (bounds its scratch memory to 8 MiB per chunk).
+FINGERPRINT_CHUNK = 2 ** 20
+#: Relative difference beyond which two fingerprints are of other weights: the float64 sums of the same values
+#: (a copy, on another device) agree to ~1e-15; weights drawn independently differ by ~1 / sqrt(numel), one
+#: step of training by far more than this.
+FINGERPRINT_RTOL = 1e-10
 
 
 class eval_mode:
@@ -103,8 +114,53 @@ def clone_model(model: nn.Module) -> nn.Module:
         model: any ``nn.Module`` (masked or not); left as it was.
     Returns:
         An independent deep copy (masks, hooks and buffers included).
+    Raises:
+        ValueError: ``model`` not an ``nn.Module``.
     """
+    check_module(model)
     with derived_weights_kept(model):
         for module, attr, value in _derived(model):
             setattr(module, attr, value.detach())
         return copy.deepcopy(model)
+
+
+@torch.no_grad()
+def fingerprint(targets: List[PruneTarget]) -> Dict[str, Tuple[float, float]]:
+    """{weight name: (sum, sum of squares)} of each target's effective weight, accumulated in float64.
+
+    Args:
+        targets: the pruned weights.
+    Returns:
+        Two floats per weight (units of the weights, and their square); the same for a copy of the weights.
+    """
+    out = {}
+    for target in targets:
+        w = target.effective_weight().reshape(-1)
+        total = squares = 0.0
+        for start in range(0, w.numel(), FINGERPRINT_CHUNK):
+            part = w[start:start + FINGERPRINT_CHUNK].double()
+            total += float(part.sum())
+            squares += float(part.square().sum())
+        out[target.name] = (total, squares)
+    return out
+
+
+def changed_weights(before: Dict[str, Tuple[float, float]], now: Dict[str, Tuple[float, float]],
+                    numel: Dict[str, int]) -> List[str]:
+    """Names whose fingerprint (:func:`fingerprint`) differs beyond :data:`FINGERPRINT_RTOL`.
+
+    The sums compare against ``sqrt(numel * squares)`` (their largest possible size), the squares against themselves.
+
+    Args:
+        before, now: fingerprints of the same names. numel: entries per weight.
+    Returns:
+        The weight names that differ (in ``before``'s order).
+    """
+    changed = []
+    for name, (total, squares) in before.items():
+        total2, squares2 = now[name]
+        scale = max(squares, squares2)
+        if abs(squares - squares2) > FINGERPRINT_RTOL * scale or \
+                abs(total - total2) > FINGERPRINT_RTOL * math.sqrt(numel[name] * scale):
+            changed.append(name)
+    return changed

@@ -266,9 +266,11 @@ def default_target_names(model: nn.Module) -> List[str]:
     return names
 
 
-def warn_recurrent_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
-    """Warn at the caller's line when the default targets (``modules`` None) leave out the weights of recurrent
-    layers (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``), which are pruned only when named."""
+def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
+    """Warn at the caller's line when the default targets (``modules`` None) leave out weights of the model: those
+    of recurrent layers (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``, pruned only when named), and Linear / Conv weights
+    recomputed from other parameters on every forward (weight_norm / spectral_norm, as hooks or parametrizations),
+    which are not pruned at all."""
     if modules is not None:
         return
     inner, prefix = unwrap_model(model)
@@ -280,6 +282,23 @@ def warn_recurrent_left_out(model: nn.Module, modules: Optional[Iterable[str]]) 
         warn_at_caller(f"the weights of the recurrent layers {layers} are not pruned by default (Linear / Conv / "
                        "attention projection weights are), and the sparsity counts the other weights only; name "
                        f"them to prune them, e.g. modules=[..., {example!r}]")
+    chosen = set(default_target_names(inner))
+    derived = [f"{prefix}{_join(name, 'weight')} ({type(mod).__name__})" for name, mod in inner.named_modules()
+               if _kind(mod, "weight") is not None and _join(name, "weight") not in chosen and _recomputed(mod)]
+    if derived:
+        warn_at_caller(f"the weights {derived[:4]}{' and more' if len(derived) > 4 else ''} are not pruned: each is "
+                       "recomputed from other parameters on every forward (weight_norm / spectral_norm), so zeros "
+                       "written to it would not last, and the sparsity counts the other weights only; to prune them, "
+                       "remove the reparametrisation first (torch.nn.utils.parametrize.remove_parametrizations("
+                       "module, 'weight'), or torch.nn.utils.remove_weight_norm / remove_spectral_norm)")
+
+
+def _recomputed(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is computed from other parameters (a non-mask parametrization, or a plain tensor
+    that a forward pre-hook writes, as the hook-based weight_norm / spectral_norm do)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return not all(hasattr(f, "mask") for f in module.parametrizations["weight"])
+    return "weight" not in module._parameters and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "modules") -> List[str]:
@@ -321,11 +340,16 @@ def _within(name: str, parent: str) -> bool:
     return not parent or name == parent or name.startswith(parent + ".")
 
 
+def check_module(model: nn.Module) -> None:
+    """ValueError naming ``model`` unless it is an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def check_model(model: nn.Module) -> None:
     """``model`` must be an ``nn.Module`` whose parameters and buffers hold data (none on the meta device, no
     uninitialized lazy parameter)."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
     tensors = (*model.named_parameters(), *model.named_buffers())
     lazy = [n for n, t in tensors if isinstance(t, nn.parameter.UninitializedTensorMixin)]
     if lazy:

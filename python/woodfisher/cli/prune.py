@@ -171,7 +171,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
         print(f"accuracy before: {100 * before:.2f}%  after: {100 * after:.2f}%  (test set, {samples} samples)")
     elif metric == "loss":
         print(f"held-out loss before: {before:.4f}  after: {after:.4f}")
-    steps = len(result.config.get("steps") or [1])
+    steps = len(result.config.get("steps", [1]))
     overlap = "" if result.magnitude_overlap is None or args.method in ("magnitude", "global_magnitude") else \
         f"; mask overlap with {args.mode} magnitude pruning {100 * result.magnitude_overlap:.1f}%"
     print(f"sparsity {100 * result.sparsity:.2f}% of the pruned weights; {damp}{steps} step(s); "

@@ -100,6 +100,8 @@ def synflow_scores(model: nn.Module, input_shape: Optional[Sequence[int]] = None
         example: a :class:`woodfisher.Batch` whose input structure the all-ones input copies.
     Returns:
         {name: (shape)} float32 scores.
+    Raises:
+        ValueError: naming ``criterion``, for a model that fails in float64 (a forward casting to a fixed dtype).
     """
     targets = pai_targets(model, params)
     net = _linearized if _linearized is not None else linearize(model)
@@ -115,7 +117,14 @@ def synflow_scores(model: nn.Module, input_shape: Optional[Sequence[int]] = None
     try:
         batch = synflow_input(example, input_shape).to(plist[0].device)
         with torch.enable_grad():
-            out = net(*batch.args, **batch.kwargs)
+            try:
+                out = net(*batch.args, **batch.kwargs)
+            except RuntimeError as err:
+                raise ValueError(f"criterion='synflow' runs a float64 copy of the model (products of |w| over the "
+                                 f"layers overflow float32 in deep networks), and the model fails in float64 "
+                                 f"({type(err).__name__}: {str(err).strip()[:200]}); a forward that casts to its "
+                                 "parameters' dtype (x.to(self.weight.dtype)) instead of a fixed one runs there, "
+                                 "or choose another criterion") from err
             r = (outputs[-1] if outputs else logits_of(out)).sum()
             grads = torch.autograd.grad(r, plist)
     finally:

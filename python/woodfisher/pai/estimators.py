@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..batches import Batch, to_batch
 from ..config import check_int
 from ..diagonal import empirical_fisher_diagonal
-from ..gradients import GradientCollector, compute_dtype
+from ..gradients import GradientCollector, compute_dtype, native_state
 from ..losses import compute_loss
 from ..progress import progress_bar
 from ..targets import PruneTarget, resolve_targets, unwrap_model
@@ -114,19 +114,40 @@ class BatchLoss:
         self.weights = [params.pop(k) for k in self.keys]
         self.fixed = params
         self.device = self.weights[0].device
+        self._probed = False
 
     def _cast(self, v: torch.Tensor) -> torch.Tensor:
         return v.detach().to(self.dtype) if v.is_floating_point() else v.detach()
 
     def batches(self, loader: Iterable, num_batches: Optional[int]) -> Iterator[Batch]:
-        """The first ``num_batches`` loader items (all if None) as Batches on the device, floats upcast."""
+        """The first ``num_batches`` loader items (all if None) as Batches on the device, floats upcast (or in the
+        model's own dtype, for a half model that fails in float32: :func:`woodfisher.gradients.native_state`)."""
         for item in itertools.islice(loader, num_batches):
             batch = to_batch(item, self.adapter).to(self.device)
             if batch.size == 0:
                 raise ValueError("loader yielded an empty batch")
             if self.dtype != self.model_dtype:
+                self._check_runs(batch)  # may switch self.dtype to the model's own
                 batch = batch.map_batched(lambda x: x.to(self.dtype) if x.is_floating_point() else x)
             yield batch
+
+    def _check_runs(self, batch: Batch) -> None:
+        """Once: run the first sample in the compute dtype; where only the model's own dtype runs, switch to it."""
+        if self._probed:
+            return
+        self._probed = True
+        one = batch.take(0, 1).map_batched(lambda x: x.to(self.dtype) if x.is_floating_point() else x)
+        try:
+            with torch.no_grad():
+                self(self.weights, one)
+        except RuntimeError as err:
+            state = native_state(self.inner, self.model_dtype, one, err)
+            if state is not None:
+                self.dtype = self.model_dtype
+                params = {k: self._cast(v) for k, v in self.inner.named_parameters()}
+                self.buffers = {k: self._cast(v) for k, v in self.inner.named_buffers()}
+                self.weights = [params.pop(k) for k in self.keys]
+                self.fixed = params
 
     def __call__(self, weights: Sequence[torch.Tensor], batch: Batch) -> torch.Tensor:
         state = {**self.fixed, **dict(zip(self.keys, weights))}

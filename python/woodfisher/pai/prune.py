@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..batches import is_single_pass, peek, to_batch
+from ..batches import check_loader, is_single_pass, peek, to_batch
 from ..config import check_int
 from ..losses import check_loss_fn
 from ..masks import check_collapse_density, check_min_density, check_sparsity, select_kept_masks, sparsity_of
@@ -122,6 +122,7 @@ def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsi
     needs_data = criterion not in DATA_FREE or (criterion == "synflow" and input_shape is None)
     example = None
     if loader is not None and (needs_data or warm):  # a loader the call does not read is not touched
+        check_loader(loader)
         first, loader = peek(loader)
         if first is None:
             raise ValueError("loader is empty: it yielded no batch")
