@@ -122,3 +122,18 @@ def test_step_recorded_before_its_warnings_so_warnings_as_errors_leave_a_consist
     assert pruner.last_step == 0 and len(pruner.history) == 1
     assert wf.sparsity_of(pruner.masks()) == pytest.approx(pruner.history[0]["sparsity"])
     assert pruner.step(0) is None  # done: not pruned twice
+
+
+def test_a_schedule_starting_at_zero_sparsity_does_not_warn_that_it_prunes_nothing():
+    """initial_sparsity=0: the first scheduled step prunes nothing by design (no gradient pass, no warning)."""
+    model, data = tiny_mlp(), tiny_data()
+    pruner = wf.GradualPruner(model, data, **dict(SCHEDULE, initial_sparsity=0.0), method="woodfisher",
+                              num_grads=8, damp=1e-2, progress=False)
+    weights = lambda: [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.Linear)]  # noqa: E731
+    before = weights()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = pruner.step(2)
+    assert result.sparsity == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, weights()))
+    assert pruner.step(4).sparsity > 0

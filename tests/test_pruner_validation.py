@@ -34,8 +34,16 @@ BAD = [
     (dict(modules=["1"]), "ReLU"),
     (dict(method="kfac", woodtaylor=True), "woodtaylor"),
     (dict(memory_budget=100), "memory_budget"),
+    (dict(memory_budget=1.5), r"memory_budget must be an int >= 1, got 1\.5"),
+    (dict(memory_budget=float("inf")), "memory_budget"),
     (dict(inverse_form="cholesky"), "inverse_form"),
 ]
+
+
+def test_memory_budget_in_float_notation_is_bytes():
+    """2e9 (and a JSON config's 2e9) is a whole number of bytes: taken as the int."""
+    config = wf.PruneConfig(sparsity=0.5, memory_budget=2e9)
+    assert config.memory_budget == 2_000_000_000 and isinstance(config.memory_budget, int)
 
 
 @pytest.mark.parametrize("kwargs,match", BAD, ids=[str(k) for k, _ in BAD])

@@ -218,6 +218,9 @@ class PruneConfig:
         if not is_real(beta) or not 0 <= beta < math.inf:
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         if self.memory_budget is not None:
+            budget = self.memory_budget
+            if is_real(budget) and not is_int(budget) and math.isfinite(budget) and float(budget).is_integer():
+                object.__setattr__(self, "memory_budget", int(budget))   # 2e9 bytes, a JSON config's 2e9
             check_int("memory_budget", self.memory_budget)
         check_loss_fn(self.loss_fn)
         if self.batch_adapter is not None and not callable(self.batch_adapter):
