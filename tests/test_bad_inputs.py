@@ -218,7 +218,7 @@ def test_adapter_and_loss_failures_are_named():
             batch_adapter=lambda item: item[5])
     per_sample = lambda out, y: nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
     for options in (dict(method="kfac"), dict(fisher_batch_size=2)):
-        refused(tiny_mlp(), tiny_data(), r"loss_fn must return the mean loss as a scalar tensor, got \(", sparsity=0.5,
+        refused(tiny_mlp(), tiny_data(), r"^loss_fn must return the mean loss as a scalar tensor, got \(", sparsity=0.5,
                 loss_fn=per_sample, **options)
 
 

@@ -36,6 +36,7 @@ from torch.utils import _pytree as pytree
 # the loss functions live in .losses; re-exported here, where they were first documented
 from .losses import (
     ADAPTER_HINT,
+    LossFnError,
     check_loss_fn,
     check_probabilities,
     compute_loss,
@@ -312,7 +313,7 @@ def loader_errors(batch: Batch, name: str = "loader",
     """
     try:
         yield
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, LossFnError):   # not the data's fault: passes through as it is
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the caller's model on the caller's data
         found = replay() if replay is not None else None

@@ -111,6 +111,11 @@ def model_loss(outputs: Any) -> Optional[torch.Tensor]:
 
 
 #: dict keys that look like a target under another name than HuggingFace's ``labels``
+class LossFnError(ValueError):
+    """A ``loss_fn`` that returned something other than the scalar loss: the argument at fault is ``loss_fn``,
+    not the loader's data, so :func:`woodfisher.batches.loader_errors` lets it through as it is."""
+
+
 def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torch.Tensor:
     """The scalar loss of one batch.
 
@@ -132,7 +137,7 @@ def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torc
     loss = (default_loss if loss_fn is None else loss_fn)(logits_of(outputs), target)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(f"loss_fn must return the mean loss as a scalar tensor, got {shape} "
+        raise LossFnError(f"loss_fn must return the mean loss as a scalar tensor, got {shape} "
                          "(reduction='none'? use the mean)")
     return loss.reshape(())  # a one-entry (1,) loss is the scalar (torch.func.grad takes scalars only)
 
