@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import shutil
 import statistics
@@ -150,12 +149,7 @@ def main(argv=None) -> Dict:
             del case["outs"]
     report = {"before": args.before, "device": cm.device_info(torch.device("cpu")), "note": args.note, "rows": rows}
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        base = os.path.join(args.out, "cpu_kernel_ab" + ("_quick" if args.quick else ""))
-        with open(base + ".json", "w") as f:
-            json.dump(report, f, indent=1)
-        with open(base + ".md", "w") as f:
-            f.write(markdown(report))
+        cm.write_results(args.out, "cpu_kernel_ab" + ("_quick" if args.quick else ""), report, markdown(report))
     return report
 
 

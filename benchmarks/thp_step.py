@@ -121,11 +121,7 @@ def main(argv=None) -> dict:
     text = markdown(report)
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "thp_step.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        with open(os.path.join(args.out, "thp_step.md"), "w") as f:
-            f.write(text)
+        cm.write_results(args.out, "thp_step", report, text)
     return report
 
 

@@ -7,24 +7,12 @@
      diag(F^-1) = (1 - sum_a A[a, :]^2) / damp (squares summed in float32 over 32 rows, then float64). */
 
 /* s (mp x mp, both triangles) += g g^T over the columns 0..width-1 of g (mp rows, row stride ld):
-   4 x 4 tiles of dot products, each summed in float32 over the panel (as the torch path's bmm) and
-   added to s in float64. */
+   4 x 4 tiles of dot products (dots4x4), each summed in float32 over the panel (as the torch path's bmm)
+   and added to s in float64. */
 static inline void WF_FN(gram_add)(const float *g, double *s, int mp, int ld, int width) {
   for (int a = 0; a < mp; a += 4) {
-    const float *x0 = g + (size_t)a * ld, *x1 = x0 + ld, *x2 = x1 + ld, *x3 = x2 + ld;
     for (int b = 0; b <= a; b += 4) {
-      const float *y0 = g + (size_t)b * ld, *y1 = y0 + ld, *y2 = y1 + ld, *y3 = y2 + ld;
-      vf t[16];
-      for (int i = 0; i < 16; i++) t[i] = WF_FN(bc)(0);
-      for (int j = 0; j < width; j += 16) {
-        vf p0 = WF_FN(ld)(x0 + j), p1 = WF_FN(ld)(x1 + j), p2 = WF_FN(ld)(x2 + j), p3 = WF_FN(ld)(x3 + j);
-        vf q0 = WF_FN(ld)(y0 + j), q1 = WF_FN(ld)(y1 + j), q2 = WF_FN(ld)(y2 + j), q3 = WF_FN(ld)(y3 + j);
-        t[0] += p0 * q0; t[1] += p0 * q1; t[2] += p0 * q2; t[3] += p0 * q3;
-        t[4] += p1 * q0; t[5] += p1 * q1; t[6] += p1 * q2; t[7] += p1 * q3;
-        t[8] += p2 * q0; t[9] += p2 * q1; t[10] += p2 * q2; t[11] += p2 * q3;
-        t[12] += p3 * q0; t[13] += p3 * q1; t[14] += p3 * q2; t[15] += p3 * q3;
-      }
-      vf sum = WF_FN(hsum16)(t);
+      vf sum = WF_FN(dots4x4)(g + (size_t)a * ld, g + (size_t)b * ld, ld, width);
       for (int i = 0; i < 4; i++)
         for (int k = 0; k < 4; k++) {
           double v = (double)sum[HSUM16_LANE(4 * i + k)];

@@ -36,6 +36,25 @@ static inline vf WF_FN(hsum16)(const vf *t) {
          __builtin_shufflevector(w[0], w[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
 }
 
+/* The 4 x 4 dot products x[i] . y[k] of rows x[0..3] and y[0..3] (row stride ld, width a multiple of 16),
+   each summed in float32: a 4 x 4 register tile over the width, then one shuffle tree; lane
+   HSUM16_LANE(4 i + k) of the result holds x[i] . y[k]. */
+static inline __attribute__((always_inline)) vf WF_FN(dots4x4)(const float *x, const float *y, int ld, int width) {
+  const float *x0 = x, *x1 = x0 + ld, *x2 = x1 + ld, *x3 = x2 + ld;
+  const float *y0 = y, *y1 = y0 + ld, *y2 = y1 + ld, *y3 = y2 + ld;
+  vf t[16];
+  for (int q = 0; q < 16; q++) t[q] = WF_FN(bc)(0);
+  for (int j = 0; j < width; j += 16) {
+    vf p0 = WF_FN(ld)(x0 + j), p1 = WF_FN(ld)(x1 + j), p2 = WF_FN(ld)(x2 + j), p3 = WF_FN(ld)(x3 + j);
+    vf q0 = WF_FN(ld)(y0 + j), q1 = WF_FN(ld)(y1 + j), q2 = WF_FN(ld)(y2 + j), q3 = WF_FN(ld)(y3 + j);
+    t[0] += p0 * q0; t[1] += p0 * q1; t[2] += p0 * q2; t[3] += p0 * q3;
+    t[4] += p1 * q0; t[5] += p1 * q1; t[6] += p1 * q2; t[7] += p1 * q3;
+    t[8] += p2 * q0; t[9] += p2 * q1; t[10] += p2 * q2; t[11] += p2 * q3;
+    t[12] += p3 * q0; t[13] += p3 * q1; t[14] += p3 * q2; t[15] += p3 * q3;
+  }
+  return WF_FN(hsum16)(t);
+}
+
 /* ut (kp x cp) = g (kp x cp) . o (cp x cp): rows of g four at a time, 64 (then 16) columns of o
    in 16 vector registers. ut = (o g^T)^T as o is symmetric. */
 static inline void WF_FN(gemm_ut)(const float *g, const float *o, float *ut, int kp, int cp) {
@@ -211,20 +230,8 @@ static inline int WF_FN(one_block)(const float *grads, int m, int c, const float
     /* S = N I + gk ut^T (kp x kp): float products, float64 from here on; 4 x 4 tiles of dot products
        at and below the diagonal, entry (a, b <= a) mirrored to (b, a) */
     for (int a = 0; a < kp; a += 4) {
-      const float *x0 = gk + (size_t)a * cp, *x1 = x0 + cp, *x2 = x1 + cp, *x3 = x2 + cp;
       for (int b = 0; b <= a; b += 4) {
-        const float *y0 = ut + (size_t)b * cp, *y1 = y0 + cp, *y2 = y1 + cp, *y3 = y2 + cp;
-        vf t[16];
-        for (int q = 0; q < 16; q++) t[q] = WF_FN(bc)(0);
-        for (int j = 0; j < cp; j += 16) {
-          vf p0 = WF_FN(ld)(x0 + j), p1 = WF_FN(ld)(x1 + j), p2 = WF_FN(ld)(x2 + j), p3 = WF_FN(ld)(x3 + j);
-          vf q0 = WF_FN(ld)(y0 + j), q1 = WF_FN(ld)(y1 + j), q2 = WF_FN(ld)(y2 + j), q3 = WF_FN(ld)(y3 + j);
-          t[0] += p0 * q0; t[1] += p0 * q1; t[2] += p0 * q2; t[3] += p0 * q3;
-          t[4] += p1 * q0; t[5] += p1 * q1; t[6] += p1 * q2; t[7] += p1 * q3;
-          t[8] += p2 * q0; t[9] += p2 * q1; t[10] += p2 * q2; t[11] += p2 * q3;
-          t[12] += p3 * q0; t[13] += p3 * q1; t[14] += p3 * q2; t[15] += p3 * q3;
-        }
-        vf sum = WF_FN(hsum16)(t);
+        vf sum = WF_FN(dots4x4)(gk + (size_t)a * cp, ut + (size_t)b * cp, cp, cp);
         for (int i = 0; i < 4; i++)
           for (int k = 0; k < 4 && b + k <= a + i; k++)
             s[(a + i) * kp + b + k] = s[(b + k) * kp + a + i] = sum[HSUM16_LANE(4 * i + k)];
