@@ -40,10 +40,11 @@ from .distributed.estimate import estimate_sharded
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
 from .flops import flops_per_param_of_batch
-from .gradients import CHUNK_BYTES, GradientCollector, chunk_samples, compute_dtype
+from .gradients import CHUNK_BYTES, GradientCollector, chunk_samples
 from .kfac import kfac_factors, kfac_inverse
 from .memory import available_bytes
 from .offload import estimate_offloaded, offload_fits
+from .precision import compute_dtype
 from .progress import display, phase
 from .state import derived_weights_kept, fingerprint
 from .streaming import estimate_streamed
@@ -179,7 +180,7 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
 
     Keeping costs (:func:`keep_step_bytes`) the ``m * D`` kept gradient entries plus the larger of
     two phases: while they are collected, the chunk of gradients the collector is computing
-    (:func:`woodfisher.gradients.chunk_samples`, up to :data:`woodfisher.gradients.CHUNK_BYTES`);
+    (:func:`woodfisher.chunking.chunk_samples`, up to :data:`woodfisher.chunking.CHUNK_BYTES`);
     while they are inverted, each weight's cheaper inverse form plus, for float32 gradients of
     weights whose blocks may be built dense, the float64 chunk of blocks recomputed when their
     float32 inverse is not accurate enough (:func:`woodfisher.conditioning.refine_bytes`, up to
@@ -249,7 +250,7 @@ def keep_step_bytes(targets: List[PruneTarget], num_grads: int, itemsize: int, f
     """Peak bytes of a step that keeps its gradients (plan "keep" of :func:`plan_memory`).
 
     ``m D`` kept gradients + the larger of the collection phase (the collector's chunk of gradients,
-    :func:`woodfisher.gradients.chunk_samples`) and the inversion phase (each weight's cheaper inverse
+    :func:`woodfisher.chunking.chunk_samples`) and the inversion phase (each weight's cheaper inverse
     form, summed, + the largest float64 refinement chunk, :func:`woodfisher.conditioning.refine_bytes`,
     of a float32 weight whose blocks may be built dense: ``c^2 <= m c + m^2``, or ``inverse_form="sequential"``).
 

@@ -6,7 +6,7 @@ per-sample gradients); its diagonal is (1/m) sum_i g_i * g_i, which is all the d
 OBD / OBS saliencies need (LeCun et al. 1990, "Optimal Brain Damage", Eq. 6).
 
 The squares are summed in the collector's compute dtype (float32 for float16 / bfloat16
-models, see :func:`woodfisher.gradients.compute_dtype`), so they never underflow in
+models, see :func:`woodfisher.precision.compute_dtype`), so they never underflow in
 half precision.
 """
 from __future__ import annotations

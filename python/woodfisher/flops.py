@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .batches import loader_errors, peek, to_batch
-from .gradients import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
+from .precision import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
 from .state import eval_mode
 from .targets import is_hf_conv1d, unwrap_model
 

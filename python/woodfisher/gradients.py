@@ -4,7 +4,7 @@ Each of the ``num_grads`` gradients ("fisher subsample size", m) is the gradient
 mean loss over ``fisher_batch_size`` samples ("fisher mini-batch size"). How fast they come
 depends on the work, not on the loader's batch size: the samples the loader yields are
 buffered into *chunks* (as many samples as a memory budget for the chunk's gradients
-allows, :func:`chunk_samples`), and each chunk is one call:
+allows, :func:`woodfisher.chunking.chunk_samples`), and each chunk is one call:
 
 - ``fisher_batch_size=1``: exact per-sample gradients with ``torch.func``
   (``functional_call`` + ``vmap`` + ``grad``) over the whole chunk, so a loader of
@@ -35,13 +35,8 @@ gradient.
 
 The model is put in eval mode while gradients are collected (every submodule's own flag
 restored afterwards): BatchNorm then uses its running statistics, so every sample's
-gradient depends on that sample only, and dropout is off. Half-precision models
-(float16 / bfloat16) are differentiated in float32: the parameters, buffers and floating
-inputs are upcast for the computation (:func:`compute_state`, :func:`prepare_batch`), so
-the statistics never underflow; floating inputs of another dtype than the model's are
-cast to it too (float32 data for a float64 model). A half-precision model that fails in float32
-but runs in its own dtype (a forward that casts to ``torch.bfloat16`` itself) is differentiated in
-its own dtype instead, its gradients upcast to float32 as they are collected, with one warning.
+gradient depends on that sample only, and dropout is off. Half-precision models are
+differentiated in float32 (:mod:`woodfisher.precision`).
 
 An error of the model or the loss on a batch is a ValueError naming the loader
 (:func:`woodfisher.batches.loader_errors`); a loader that runs out before ``num_grads``
@@ -65,22 +60,16 @@ from torch.utils import _pytree as pytree
 
 import woodfisher_kernels as wk
 
-from .batches import Batch, check_labelled, describe, loader_errors, to_batch
+from .batches import Batch, check_labelled, loader_errors, to_batch
+from .chunking import CHUNK_BYTES, MAX_CHUNK_SAMPLES, batch_size, cat_batches, chunk_samples, plain_size, signature
 from .diagnostics import warn_at_caller
 from .losses import compute_loss, logits_of, sample_targets
+from .precision import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
 from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
 
-__all__ = ["GradientCollector", "LoaderExhausted", "compute_dtype", "compute_state", "prepare_batch", "chunk_samples",
-           "native_state", "half_dtype", "CHUNK_BYTES", "MAX_CHUNK_SAMPLES"]
-
-HALF = (torch.float16, torch.bfloat16)
-#: Default memory (bytes) for the gradients of one chunk.
-CHUNK_BYTES = 256 * 2 ** 20
-#: At most this many samples per chunk (bounds the activations a ``vmap`` call keeps, and the buffered inputs).
-MAX_CHUNK_SAMPLES = 256
-
+__all__ = ["GradientCollector", "LoaderExhausted", "chunk_samples", "CHUNK_BYTES", "MAX_CHUNK_SAMPLES"]
 
 class LoaderExhausted(ValueError):
     """The loader ran out before ``num_grads`` gradients: ``needed`` gradients asked, ``got`` produced."""
@@ -88,133 +77,6 @@ class LoaderExhausted(ValueError):
     def __init__(self, message: str, needed: int, got: int):
         super().__init__(message)
         self.needed, self.got = needed, got
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics are computed in: float32 for half-precision weights, else the weights' dtype."""
-    return torch.float32 if dtype in HALF else dtype
-
-
-def compute_state(module: nn.Module, dtype: torch.dtype):
-    """({name: parameter}, {name: buffer}) of ``module`` for ``torch.func.functional_call``: detached,
-    floating ones in ``dtype`` (the same storage where the dtype already matches)."""
-    def cast(v):
-        v = v.detach()
-        return v.to(dtype) if v.is_floating_point() else v
-
-    return ({k: cast(v) for k, v in module.named_parameters()}, {k: cast(v) for k, v in module.named_buffers()})
-
-
-def prepare_batch(batch: Batch, device, dtype: torch.dtype) -> Batch:
-    """``batch`` on ``device`` with its floating tensors in ``dtype`` (the model's compute dtype).
-
-    Raises:
-        ValueError: naming the loader, for tensors without data (meta device).
-    """
-    leaves = [x for x in batch._leaves()[0] if isinstance(x, torch.Tensor)]
-    if any(x.is_meta for x in leaves):
-        raise ValueError(f"loader yields tensors on the meta device (no data): {describe(batch)}")
-    batch = batch.to(device)
-    leaves, spec = batch._leaves()
-    if any(isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype for x in leaves):
-        batch = batch.map_batched(lambda x: x.to(dtype) if x.is_floating_point() else x)
-    return batch
-
-
-def native_state(inner: nn.Module, native: Optional[torch.dtype], batch: Batch, err: Exception, warn: bool = True):
-    """(params, buffers, batch) of ``inner`` in its own half dtype ``native``, for a model that failed with ``err``
-    when run in float32 (:func:`compute_state`) but runs in ``native`` on the first sample of ``batch`` (a forward
-    that casts to ``torch.bfloat16`` itself); None when ``native`` is None or the model fails there too (the
-    caller raises ``err``). Said once, at the caller's line: the statistics then come from half-precision
-    gradients, upcast to float32 by the caller.
-
-    Args:
-        inner: the unwrapped model. native: its half dtype, or None (no fallback). batch: the batch it failed on.
-        err: the float32 error (quoted in the warning). warn: False where the dtype changes no result (FLOPs).
-    """
-    if native is None:
-        return None
-    params, buffers = compute_state(inner, native)
-    batch = prepare_batch(batch, next(iter(params.values())).device, native)
-    one = batch.take(0, 1)
-    try:
-        with torch.no_grad():
-            functional_call(inner, (params, buffers), one.args, one.kwargs)
-    except Exception:  # noqa: BLE001 - not a dtype problem: the caller reports the original error
-        return None
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-    if warn:
-        warn_at_caller(f"the {str(native).replace('torch.', '')} model fails when run in float32 ({reason}), so its "
-                       "gradients are computed in its own dtype and upcast to float32 (less precise Fisher "
-                       "statistics); a forward that casts to the parameters' dtype (x.to(self.weight.dtype)) "
-                       "instead of a fixed one keeps the float32 computation")
-    return params, buffers, batch
-
-
-def half_dtype(param: torch.Tensor) -> Optional[torch.dtype]:
-    """The parameter's dtype when it is computed in another one (float16 / bfloat16), else None."""
-    return param.dtype if compute_dtype(param.dtype) != param.dtype else None
-
-
-def chunk_samples(numel: int, itemsize: int, fisher_batch_size: int, chunk_bytes: int = CHUNK_BYTES,
-                  max_samples: int = MAX_CHUNK_SAMPLES) -> int:
-    """Samples per chunk: whole groups of ``fisher_batch_size``, as many as ``chunk_bytes`` holds.
-
-    Args:
-        numel: entries of all pruned weights (one gradient is ``numel * itemsize`` bytes).
-        itemsize: bytes per entry of the compute dtype.
-        fisher_batch_size: samples per gradient (a chunk holds whole groups).
-        chunk_bytes: memory for the chunk's gradients, one per group.
-        max_samples: cap on the samples of a chunk (at least one group is always taken).
-    Returns:
-        a multiple of ``fisher_batch_size``, >= ``fisher_batch_size``.
-    """
-    groups = max(1, int(chunk_bytes) // max(1, numel * itemsize))
-    groups = max(1, min(groups, max_samples // fisher_batch_size))
-    return groups * fisher_batch_size
-
-
-def _plain(batch: Batch) -> Optional[int]:
-    """Samples of a plain batch (positional tensors and a tensor target or None, one batch dim), else None."""
-    if batch.kwargs or not batch.args or not all(isinstance(a, torch.Tensor) and a.dim() >= 1 for a in batch.args):
-        return None
-    n = batch.args[0].shape[0]
-    if any(a.shape[0] != n for a in batch.args):
-        return None
-    t = batch.target
-    if t is not None and not (isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n):
-        return None
-    return n
-
-
-def _size(batch: Batch, n: Optional[int] = None) -> int:
-    """Samples of ``batch`` (``n``: its :func:`_plain` count when already known)."""
-    n = _plain(batch) if n is None else n
-    return batch.size if n is None else n
-
-
-def _signature(batch: Batch, plain: Optional[bool] = None):
-    """Structure and per-sample shapes of a batch: batches with equal signatures can be concatenated
-    (``plain``: whether :func:`_plain` counts it, when already known)."""
-    if plain if plain is not None else _plain(batch) is not None:  # fast path (no pytree walk): batch-1 loaders
-        t = batch.target
-        return ("plain", tuple((a.shape[1:], a.dtype) for a in batch.args),
-                None if t is None else (t.shape[1:], t.dtype))
-    leaves, spec = pytree.tree_flatten((batch.args, batch.kwargs, batch.target))
-    flags = pytree.tree_leaves(batch.batched())
-    return spec, tuple(tuple(x.shape[1:]) if f else None for x, f in zip(leaves, flags))
-
-
-def _cat(batches: List[Batch], uniform: Optional[bool] = None) -> Batch:
-    """:meth:`Batch.cat`, with a fast path for plain batches of equal signatures (``uniform``: whether they
-    are, when the caller already knows)."""
-    if uniform is None:
-        uniform = all(_plain(b) is not None for b in batches) and len({_signature(b) for b in batches}) == 1
-    if len(batches) > 1 and uniform:
-        args = tuple(torch.cat([b.args[i] for b in batches]) for i in range(len(batches[0].args)))
-        target = None if batches[0].target is None else torch.cat([b.target for b in batches])
-        return Batch(args, {}, target)
-    return Batch.cat(batches)
 
 
 class GradientCollector:
@@ -293,10 +155,10 @@ class GradientCollector:
             batch = to_batch(item, self.adapter)
             if not self.sampled:
                 check_labelled(batch, self.loss_fn)  # raises: no target and no model loss, or a target the loss refuses
-            n = _plain(batch)          # once per item: batch-1 loaders yield many
-            this = _signature(batch, n is not None)
+            n = plain_size(batch)          # once per item: batch-1 loaders yield many
+            this = signature(batch, n is not None)
             if pending and have % self.fbs == 0 and this != sig:
-                for piece in self._split(_cat(pending, uniform), min(have, left)):
+                for piece in self._split(cat_batches(pending, uniform), min(have, left)):
                     left -= piece.size
                     yield prepare_batch(piece, device, self.dtype)
                 pending, have, self.sources = [], 0, []
@@ -307,10 +169,10 @@ class GradientCollector:
             uniform = uniform and n is not None and this == sig
             pending.append(batch)
             self.sources.append((index, batch))
-            size = _size(batch, n)
+            size = batch_size(batch, n)
             have += size
             if have >= min(self.chunk, left):
-                cat = _cat(pending, uniform)
+                cat = cat_batches(pending, uniform)
                 full = min(have // self.chunk * self.chunk, left) if have < left else left
                 for piece in self._split(cat, full):
                     left -= piece.size
@@ -324,7 +186,7 @@ class GradientCollector:
                 return
         whole = min(have // self.fbs * self.fbs, left)
         if whole:
-            for piece in self._split(_cat(pending, uniform), whole):
+            for piece in self._split(cat_batches(pending, uniform), whole):
                 yield prepare_batch(piece, device, self.dtype)
 
     def _split(self, batch: Batch, n: int) -> Iterator[Batch]:
@@ -391,7 +253,8 @@ class GradientCollector:
         """Expanded weights undo a mean over the chunk's samples: right for the default loss on one label per
         sample (plain batch, 1-D target), not for a token-level mean whose counts differ between samples."""
         t = flat.target
-        return self.loss_fn is None and _plain(flat) is not None and isinstance(t, torch.Tensor) and t.dim() == 1
+        return (self.loss_fn is None and plain_size(flat) is not None and isinstance(t, torch.Tensor)
+                and t.dim() == 1)
 
     def _expanded_grads(self, group_loss, sub, flat: Batch) -> Dict[str, torch.Tensor]:
         """{key: (n, *shape)} per-sample gradients of the chunk's n samples by expanded weights (one batched

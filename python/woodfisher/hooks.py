@@ -33,7 +33,7 @@ import woodfisher_kernels as wk
 from .config import PruneConfig, check_int
 from .curvature import Curvature
 from .damping import FisherStats, check_damp
-from .gradients import compute_dtype
+from .precision import compute_dtype
 from .targets import resolve_targets
 
 __all__ = ["FisherHook"]

@@ -45,8 +45,8 @@ from torch import nn
 from torch.func import functional_call
 
 from .batches import check_labelled, loader_errors, to_batch
-from .gradients import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
 from .losses import compute_loss, logits_of, sample_targets
+from .precision import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
 from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model

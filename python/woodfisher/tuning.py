@@ -19,9 +19,9 @@ from .curvature import estimate_curvature, resolve_config
 from .damping import check_damp
 from .diagnostics import reissue
 from .engine import prune_with
-from .gradients import prepare_batch
 from .losses import compute_loss
 from .masks import sparsity_of
+from .precision import prepare_batch
 from .progress import display, phase, step_label
 from .pruner import prune_one_shot
 from .state import clone_model, eval_mode

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 
 from ..batches import Batch, is_single_pass, peek, to_batch
-from ..gradients import compute_dtype
 from ..losses import logits_of
+from ..precision import compute_dtype
 from ..state import clone_model
 from ..targets import PRUNABLE_TYPES, resolve_targets, unwrap_model
 from . import estimators as est

@@ -14,7 +14,7 @@ N weighs b / N. Weights are the package's prune targets (:func:`woodfisher.targe
 wrappers seen through, names as the caller's model names them, tied weights once,
 ``torch.nn.utils.prune`` / parametrize storage); results are dicts {name: (weight shape)}.
 Batches go through the batch adapter (:mod:`woodfisher.batches`). Half-precision models
-(float16 / bfloat16) are differentiated in float32 (:func:`woodfisher.gradients.compute_dtype`):
+(float16 / bfloat16) are differentiated in float32 (:func:`woodfisher.precision.compute_dtype`):
 results are float32. Hessian-vector products run attention through the math kernel of
 ``scaled_dot_product_attention`` (the fused kernels have no double backward).
 """
@@ -32,8 +32,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..batches import Batch, to_batch
 from ..config import check_int
 from ..diagonal import empirical_fisher_diagonal
-from ..gradients import GradientCollector, compute_dtype, native_state
+from ..gradients import GradientCollector
 from ..losses import compute_loss
+from ..precision import compute_dtype, native_state
 from ..progress import progress_bar
 from ..targets import PruneTarget, resolve_targets, unwrap_model
 
@@ -121,7 +122,7 @@ class BatchLoss:
 
     def batches(self, loader: Iterable, num_batches: Optional[int]) -> Iterator[Batch]:
         """The first ``num_batches`` loader items (all if None) as Batches on the device, floats upcast (or in the
-        model's own dtype, for a half model that fails in float32: :func:`woodfisher.gradients.native_state`)."""
+        model's own dtype, for a half model that fails in float32: :func:`woodfisher.precision.native_state`)."""
         for item in itertools.islice(loader, num_batches):
             batch = to_batch(item, self.adapter).to(self.device)
             if batch.size == 0:
