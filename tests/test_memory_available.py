@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 import woodfisher as wf
-import woodfisher.curvature as curvature_module
+import woodfisher.plan as plan_module
 from woodfisher.conditioning import REFINE_BYTES
-from woodfisher.curvature import plan_memory, stat_itemsize
 from woodfisher.gradients import CHUNK_BYTES, MAX_CHUNK_SAMPLES
 from woodfisher.memory import available_bytes
+from woodfisher.plan import plan_memory, stat_itemsize
 from woodfisher.targets import resolve_targets
 
 
@@ -77,13 +77,13 @@ def test_a_step_larger_than_the_available_memory_streams_with_a_warning(monkeypa
     need, targets = _need(model, 32, 8)
     assert plan_memory(targets, 32, stat_itemsize(targets), None) == ("keep", None)  # this host has room
     assert _stream_need(targets) < need - 1
-    monkeypatch.setattr(curvature_module, "available_bytes", lambda device: need - 1)
+    monkeypatch.setattr(plan_module, "available_bytes", lambda device: need - 1)
     with pytest.warns(UserWarning, match=r"a step of 32 gradients .* more than the .* available on cpu: the "
                                          r"gradients are streamed instead") as caught:
         res = wf.prune_one_shot(model, CountingLoader(), **SMALL)
     assert [w.filename for w in caught] == [__file__]  # once, at the caller's line
     assert res.sparsity == pytest.approx(0.5, abs=1e-3)
-    monkeypatch.setattr(curvature_module, "available_bytes", lambda device: need)  # exactly enough: kept
+    monkeypatch.setattr(plan_module, "available_bytes", lambda device: need)  # exactly enough: kept
     kept = wf.prune_one_shot(ref, CountingLoader(), **SMALL)
     for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):  # the same pruning
         assert torch.equal(a == 0, b == 0), name
@@ -94,7 +94,7 @@ def test_a_step_larger_than_the_available_memory_streams_with_a_warning(monkeypa
 def test_a_step_that_cannot_fit_even_streamed_is_refused_before_reading_the_loader(monkeypatch):
     model = _model()
     _, targets = _need(model, 32, 8)
-    monkeypatch.setattr(curvature_module, "available_bytes", lambda device: _stream_need(targets) - 1)
+    monkeypatch.setattr(plan_module, "available_bytes", lambda device: _stream_need(targets) - 1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loader = CountingLoader()
     with pytest.raises(ValueError, match=r"a step of 32 gradients .* more than the .* available on cpu, and "
@@ -104,7 +104,7 @@ def test_a_step_that_cannot_fit_even_streamed_is_refused_before_reading_the_load
 
 
 def test_an_explicit_memory_budget_is_the_callers_choice(monkeypatch):
-    monkeypatch.setattr(curvature_module, "available_bytes", lambda device: 1)
+    monkeypatch.setattr(plan_module, "available_bytes", lambda device: 1)
     model = _model()
     need, _ = _need(model, 16)
     res = wf.prune_one_shot(model, CountingLoader(), sparsity=0.5, num_grads=16, num_steps=1, memory_budget=need,

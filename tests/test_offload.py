@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from woodfisher import PruneConfig, estimate_curvature, prune_one_shot, prune_with
-from woodfisher.curvature import plan_memory
 from woodfisher.memory import TensorMemoryMeter, host_allocations
 from woodfisher.models import MLPNet
 from woodfisher.offload import OffloadedInverse, plan_offload
+from woodfisher.plan import plan_memory
 from woodfisher.targets import resolve_targets
 
 M = 32

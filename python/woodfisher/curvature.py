@@ -31,7 +31,7 @@ import woodfisher_kernels as wk
 
 from .batches import check_loader, peek, to_batch
 from .checks import check_prunable
-from .conditioning import layer_inverse, refine_bytes, warn_ill_conditioned
+from .conditioning import layer_inverse, warn_ill_conditioned
 from .config import PruneConfig
 from .damping import FisherStats, resolve_damp
 from .diagnostics import warn_at_caller
@@ -40,17 +40,16 @@ from .distributed.estimate import estimate_sharded
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
 from .flops import flops_per_param_of_batch
-from .gradients import CHUNK_BYTES, GradientCollector, chunk_samples
+from .gradients import CHUNK_BYTES, GradientCollector
 from .kfac import kfac_factors, kfac_inverse
-from .memory import available_bytes
-from .offload import estimate_offloaded, offload_fits
-from .precision import compute_dtype
+from .offload import estimate_offloaded
+from .plan import plan_memory, stat_itemsize
 from .progress import display, phase
 from .state import derived_weights_kept, fingerprint
 from .streaming import estimate_streamed
 from .targets import Layout, PruneTarget, resolve_targets, unwrap_model, warn_left_out
 
-__all__ = ["Curvature", "estimate_curvature", "keep_step_bytes", "plan_memory", "resolve_config", "stat_itemsize"]
+__all__ = ["Curvature", "estimate_curvature", "resolve_config"]
 
 
 @dataclass
@@ -171,110 +170,6 @@ def resolve_config(config: Optional[PruneConfig], options: dict, sparsity: float
     if not isinstance(config, PruneConfig):
         raise ValueError(f"config must be a woodfisher.PruneConfig, got {type(config).__name__}")
     return config.replace(**options) if options else config
-
-
-def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
-                memory_budget: Optional[int], auto_damp: bool = False,
-                inverse_form: str = "auto", fisher_batch_size: int = 1) -> Tuple[str, Optional[int]]:
-    """("keep", None) to keep all gradients, ("stream", k) to stream k at a time, or ("offload", None).
-
-    Keeping costs (:func:`keep_step_bytes`) the ``m * D`` kept gradient entries plus the larger of
-    two phases: while they are collected, the chunk of gradients the collector is computing
-    (:func:`woodfisher.chunking.chunk_samples`, up to :data:`woodfisher.chunking.CHUNK_BYTES`);
-    while they are inverted, each weight's cheaper inverse form plus, for float32 gradients of
-    weights whose blocks may be built dense, the float64 chunk of blocks recomputed when their
-    float32 inverse is not accurate enough (:func:`woodfisher.conditioning.refine_bytes`, up to
-    :data:`woodfisher.conditioning.REFINE_BYTES`).
-    Streaming costs the dense ``B c^2`` inverses (float64 Gram blocks with ``auto_damp``)
-    plus a buffer of k gradients; offloading (:mod:`woodfisher.offload`: forced by
-    ``inverse_form="offload"``, else only for weights on an accelerator) costs one chunk of
-    blocks on the device. ``memory_budget=None``: the memory the device has available
-    (:func:`woodfisher.memory.available_bytes`) is the budget; a step that must then stream or
-    offload says so in a warning.
-
-    Args:
-        targets: the pruned weights (block sizes set). num_grads: m, gradients of the step.
-        itemsize: bytes per entry of gradients and inverses (:func:`stat_itemsize`).
-        memory_budget: bytes, or None (the device's available memory).
-        auto_damp: ``damp="auto"`` (a stream sums float64 Gram blocks). inverse_form: the config's.
-        fisher_batch_size: samples per gradient (sets the collector's chunk).
-    Raises:
-        ValueError: naming ``memory_budget`` (or the options to change) when nothing fits the budget:
-            before any gradient is computed, instead of the OS killing the process mid-run.
-    """
-    if inverse_form == "offload":
-        if memory_budget is not None and not offload_fits(targets, num_grads, itemsize, memory_budget):
-            raise ValueError(f"memory_budget={memory_budget} bytes cannot hold one block of every weight on the "
-                             "device, even offloaded; use a smaller block_size or fewer num_grads")
-        return "offload", None
-    d = sum(target.numel for target in targets)
-    m = num_grads
-    seq = sum(target.num_blocks * target.block_size ** 2 for target in targets) * itemsize
-    stream_seq = seq * (8 // itemsize if auto_damp else 1)
-    keep_bytes = keep_step_bytes(targets, m, itemsize, fisher_batch_size, inverse_form)
-    budget = memory_budget
-    if memory_budget is None:  # the device's available memory is the budget, for the step to fit
-        device = targets[0].param.device
-        budget = available_bytes(device)
-        if budget is None:
-            return "keep", None
-    if keep_bytes <= budget:
-        return "keep", None
-    plan = None
-    if stream_seq + d * itemsize <= budget:
-        plan = ("stream", max(1, min(m, (budget - stream_seq) // (d * itemsize))))
-    elif targets[0].param.device.type != "cpu" and offload_fits(targets, m, itemsize, budget):
-        plan = ("offload", None)
-    if memory_budget is not None:
-        if plan is not None:
-            return plan
-        raise ValueError(f"memory_budget={memory_budget} bytes is too small: keeping the gradients needs "
-                         f"{keep_bytes}, streaming needs at least {stream_seq + d * itemsize}; "
-                         "use a smaller block_size or fewer num_grads (or inverse_form='offload': inverses in host "
-                         "memory, streamed through the device in chunks; automatic for weights on a GPU)")
-    need = (f"a step of {m} gradients of {d:,} pruned weights needs {keep_bytes / 2**30:.2f} GiB kept (gradients, "
-            f"block inverses and their working chunks), more than the {budget / 2**30:.2f} GiB available on {device}")
-    if plan is not None:
-        warn_at_caller(f"{need}: the gradients are streamed instead ({'k = ' + str(plan[1]) if plan[1] else plan[0]}"
-                       "; slower, same result); pass memory_budget=<bytes> to choose, or fewer gradients per step "
-                       "(a smaller num_grads, or more num_steps)")
-        return plan
-    raise ValueError(f"{need}, and streaming needs at least {(stream_seq + d * itemsize) / 2**30:.2f} GiB: pass "
-                     "fewer gradients per step (a smaller num_grads, or more num_steps: num_grads is the total over "
-                     "the steps), a smaller block_size, or memory_budget=<bytes> (at or above the need, the check "
-                     "is yours)")
-
-
-def keep_step_bytes(targets: List[PruneTarget], num_grads: int, itemsize: int, fisher_batch_size: int = 1,
-                    inverse_form: str = "auto") -> int:
-    """Peak bytes of a step that keeps its gradients (plan "keep" of :func:`plan_memory`).
-
-    ``m D`` kept gradients + the larger of the collection phase (the collector's chunk of gradients,
-    :func:`woodfisher.chunking.chunk_samples`) and the inversion phase (each weight's cheaper inverse
-    form, summed, + the largest float64 refinement chunk, :func:`woodfisher.conditioning.refine_bytes`,
-    of a float32 weight whose blocks may be built dense: ``c^2 <= m c + m^2``, or ``inverse_form="sequential"``).
-
-    Args:
-        targets: the pruned weights (block sizes set). num_grads: m. itemsize: bytes per entry.
-        fisher_batch_size: samples per gradient. inverse_form: the config's.
-    Returns:
-        Bytes (int).
-    """
-    d, m = sum(target.numel for target in targets), num_grads
-    grads = m * d * itemsize
-    chunk = min(m, chunk_samples(d, itemsize, fisher_batch_size) // fisher_batch_size) * d * itemsize
-    seq = sum(target.num_blocks * target.block_size ** 2 for target in targets) * itemsize
-    low = sum(target.num_blocks * (m * target.block_size + m * m) for target in targets) * itemsize
-    dense = [target for target in targets if inverse_form == "sequential" or (
-        inverse_form != "lowrank" and target.block_size ** 2 <= m * target.block_size + m * m)]
-    refine = max((refine_bytes(target.num_blocks, m, target.block_size) for target in dense), default=0) \
-        if itemsize == torch.float32.itemsize else 0  # only dense float32 blocks are recomputed in float64
-    return grads + max(chunk, min(seq, low) + refine)
-
-
-def stat_itemsize(targets: List[PruneTarget]) -> int:
-    """Bytes per entry of gradients and inverses (float32 for half-precision weights)."""
-    return torch.empty((), dtype=compute_dtype(targets[0].param.dtype)).element_size()
 
 
 def _blockwise_from_grads(grads, layouts, damp, count, config):

@@ -23,7 +23,7 @@ from .batches import is_single_pass
 from .checks import check_prunable
 from .conditioning import warn_ill_conditioned
 from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig
-from .curvature import Curvature, _estimate, plan_memory, stat_itemsize, warn_zero_gradients
+from .curvature import Curvature, _estimate, warn_zero_gradients
 from .diagnostics import magnitude_overlap, warn_at_caller, warn_if_degenerate
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
@@ -31,6 +31,7 @@ from .finetune import hold_target_masks
 from .gradients import LoaderExhausted
 from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
 from .methods import StepContext
+from .plan import plan_memory, stat_itemsize
 from .progress import display, step_label
 from .result import PruneResult, layer_rows
 from .state import Snapshot, changed_weights, fingerprint

@@ -1,6 +1,6 @@
 """Phase one with streamed gradients (plan "stream"): dense inverses updated k gradients at a time.
 
-Chosen by :func:`woodfisher.curvature.plan_memory` when ``memory_budget`` cannot hold the
+Chosen by :func:`woodfisher.plan.plan_memory` when ``memory_budget`` cannot hold the
 gradients (or forced with ``inverse_form="stream"``). Gradients are discarded after each
 update, so the conditioning check of the in-memory path
 (:func:`woodfisher.conditioning.refine_dense`, which needs them) is done in two steps:
