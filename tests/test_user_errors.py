@@ -14,6 +14,7 @@ from _snapshots import assert_unchanged, snapshot
 from torch import nn
 
 import woodfisher as wf
+from woodfisher.cli import main
 
 OPTS = dict(num_grads=8, progress=False)
 
@@ -116,3 +117,20 @@ def test_schedule_errors_name_the_argument(options, match):
     with pytest.raises(ValueError, match=match):
         wf.GradualPruner(model, tiny_data(), **schedule, **OPTS)
     assert_unchanged(before, snapshot(model))
+
+
+@pytest.mark.parametrize("command", [
+    ["prune", "--model", "digits_mlp", "--checkpoint", "missing.pt", "--sparsity", "0.5"],
+    ["pai", "--model", "digits_mlp", "--sparsity", "0.5"],
+    ["report", "--model", "digits_mlp", "--checkpoint", "missing.pt"],
+])
+def test_cli_out_that_cannot_be_a_folder_fails_before_any_work(tmp_path, capsys, command):
+    """--out is checked first (before the checkpoint, the data and the pruning or training): exit 2 naming it."""
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    assert main(command + ["--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"woodfisher: error: --out {str(taken)!r} is a file") and "missing.pt" not in err
+    assert taken.read_text() == "a file"
+    assert main(command + ["--out", str(taken / "sub")]) == 2  # below a file: cannot be created
+    assert f"--out {str(taken / 'sub')!r}: the folder cannot be created" in capsys.readouterr().err

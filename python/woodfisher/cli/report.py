@@ -10,7 +10,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from ._common import add_model_args, dataset_name, evaluator, load_model, user_functions, write_outputs
+from ._common import (
+    add_model_args,
+    dataset_name,
+    evaluator,
+    load_model,
+    make_out_dir,
+    user_functions,
+    write_outputs,
+)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -25,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from ..reports import format_table, sparsity_table, table_totals
     from ..targets import resolve_targets
 
+    if args.out:
+        make_out_dir(args.out)
     spec, model = load_model(args)
     data = dataset_name(args, spec)
     metric, measure, samples = evaluator(args, data, user_functions(args, spec))
