@@ -14,6 +14,7 @@ from ._common import (
     add_model_args,
     dataset_name,
     evaluator,
+    is_import_path,
     load_model,
     make_out_dir,
     user_functions,
@@ -33,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from ..reports import format_table, sparsity_table, table_totals
     from ..targets import resolve_targets
 
+    if is_import_path(args.data):  # report reads no calibration data: a factory here would be silently unused
+        raise ValueError(f"--data {args.data!r}: report does not read calibration data; pass held-out batches "
+                         f"as --eval-data {args.data} for their mean loss")
     if args.out:
         make_out_dir(args.out)
     spec, model = load_model(args)
