@@ -85,7 +85,7 @@ setup(
                     # hf: only the tests use transformers (tiny BERT / GPT-2 from configs); the package never imports it
                     "hf": ["transformers>=4.40,<6"],
                     "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff==0.17.6"]},
-    entry_points={"console_scripts": ["woodfisher=woodfisher.cli:main"]},
+    entry_points={"console_scripts": ["woodfisher=woodfisher.cli:console_main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

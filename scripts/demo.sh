@@ -5,6 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "demo: setting up .venv (first run: torch, triton and the package, a few minutes; later: ~20 s)" >&2
 bash scripts/setup_env.sh >/dev/null
-# huge pages for torch's large CPU buffers (fewer page faults; README, Performance)
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} THP_MEM_ALLOC_ENABLE=${THP_MEM_ALLOC_ENABLE:-1} \
-  .venv/bin/python -m woodfisher demo --out out/demo "$@"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/python -m woodfisher demo --out out/demo "$@"

@@ -3,6 +3,7 @@
 library warnings as ``note:`` lines."""
 import argparse
 import io
+import os
 import re
 import sys
 import warnings
@@ -307,3 +308,21 @@ def test_a_multi_step_run_shows_which_step_each_phase_belongs_to(capsys):
         wf.prune_one_shot(model, loader, sparsity=0.8, num_grads=24, num_steps=1)
     err = capsys.readouterr().err
     assert "run: Fisher gradients: " in err and ", step" not in err
+
+
+def test_the_command_line_programs_turn_on_torchs_huge_page_allocation(monkeypatch):
+    """``woodfisher`` / ``python -m woodfisher`` (console_main) set THP_MEM_ALLOC_ENABLE=1 unless the environment
+    already says otherwise; a library call (main) leaves the caller's environment alone. (The speed-up it buys:
+    benchmarks/results/thp_step.md.)"""
+    from woodfisher.cli import HUGE_PAGES_VARIABLE, console_main
+    monkeypatch.delenv(HUGE_PAGES_VARIABLE, raising=False)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert HUGE_PAGES_VARIABLE not in os.environ
+    with pytest.raises(SystemExit):
+        console_main(["--help"])
+    assert os.environ[HUGE_PAGES_VARIABLE] == "1"
+    monkeypatch.setenv(HUGE_PAGES_VARIABLE, "0")   # the user's choice wins
+    with pytest.raises(SystemExit):
+        console_main(["--help"])
+    assert os.environ[HUGE_PAGES_VARIABLE] == "0"

@@ -12,6 +12,7 @@ one line ``note: ...`` each.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import Optional, Sequence
@@ -71,6 +72,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             if action.dest in defaults:
                 action.required = False
     return parser.parse_args(argv)
+
+
+#: torch's CPU allocator asks for transparent huge pages on buffers of 2 MiB or more when this is "1" at its first
+#: such allocation (it reads the variable once); a pruning step's fresh gradients then cost a fraction of the page
+#: faults (benchmarks/results/thp_step.md: default steps 1.09-1.22x faster on a Linux VM). Set by the command-line
+#: programs only, before they load anything; a library call leaves the caller's process as it is.
+HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+
+
+def console_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``woodfisher ...`` / ``python -m woodfisher ...``: :func:`main` in a process of its own, with torch's huge-page
+    allocation on (:data:`HUGE_PAGES_VARIABLE`) unless the environment already says otherwise."""
+    os.environ.setdefault(HUGE_PAGES_VARIABLE, "1")
+    return main(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
