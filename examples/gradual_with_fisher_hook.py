@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     hook.attach(opt)                     # reads .grad before every opt.step()
     x, y = train.tensors
     g = torch.Generator().manual_seed(0)
-    last = args.epochs - args.prune_every
+    last = (args.epochs - args.prune_every) // args.prune_every * args.prune_every  # a multiple of the frequency
     history = []
     for epoch in range(args.epochs):
         for idx in torch.randperm(len(y), generator=g).split(32):

@@ -67,6 +67,7 @@ def test_config_file_and_flag_override(digits_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("cfg,match", [({"sparsity": 0.5, "bogus": 1}, "bogus"),
+                                       ({"sparsity": 0.5, "num_grad": 8}, "'num_grad' (did you mean 'num_grads'?)"),
                                        ({"method": "random"}, "method"),
                                        ({"num-grads": 2.5}, "num-grads"),
                                        ({"woodtaylor": "yes"}, "true or false")])

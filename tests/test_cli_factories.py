@@ -105,6 +105,10 @@ def test_a_config_file_names_the_factories_and_a_file_path_works(user_pkg, capsy
     assert main(["report", "--model", "models.py:build", "--eval-data", "mypkg.stuff:val_loader"]) == 0
     printed = capsys.readouterr().out
     assert "| fc1.weight |" in printed and "held-out loss" in printed
+    # report reads no calibration data: a --data factory is refused (it was silently unused), pointing at --eval-data
+    assert main(["report", "--model", "models.py:build", "--data", "mypkg.stuff:val_loader"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("woodfisher: error: --data 'mypkg.stuff:val_loader'") and "--eval-data" in err
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -303,3 +303,21 @@ def test_cli_pai_on_a_user_factory_model_and_loader(tmp_path, monkeypatch):
                  "--sparsity", "0.5", "--criterion", "snip", "--train-epochs", "0.5", "--batch-size", "8",
                  "--no-progress", "--out", str(out)])
     assert code == 2  # training needs a loader with a length: the single-pass factory is refused clearly
+
+
+def test_pai_result_prints_as_a_short_summary():
+    """``print(prune_at_init(...))`` is the one-line summary of a PruneResult (no mask printed), naming the
+    criterion; its length does not grow with the model."""
+    lines = []
+    for width in (8, 256):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, 4))
+        loader = [(torch.randn(8, 6), torch.randint(0, 4, (8,))) for _ in range(2)]
+        result = prune_at_init(model, loader, sparsity=0.5, criterion="snip")
+        kept = sum(int(m.sum()) for m in result.masks.values())
+        text = repr(result)
+        assert text.startswith("PaIResult(sparsity=0.5") and "criterion='snip'" in text
+        assert f"({kept}/{6 * width + width * 4} entries kept)" in text
+        assert "tensor(" not in text and "\n" not in text
+        lines.append(text)
+    assert abs(len(lines[0]) - len(lines[1])) <= 8

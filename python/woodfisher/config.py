@@ -21,6 +21,7 @@ from .distributed.group import check_group, describe_group
 from .losses import check_loss_fn
 from .masks import check_min_density, check_sparsity, is_int, is_real
 from .methods import METHODS
+from .names import unknown_names
 
 __all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "SCHEDULES", "AUTO_MANY_STEPS", "check_int", "auto_num_steps",
            "pattern_fixed_sparsity", "AUTO_BLOCK_PER_GRAD", "AUTO_STEP_KEEP", "AUTO_STEP_GRADS"]
@@ -102,6 +103,14 @@ def _check_bool(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
+def _check_names(options: Dict[str, Any]) -> None:
+    """Refuse keyword names that are not fields of :class:`PruneConfig` (a ValueError naming them)."""
+    fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    unknown = set(options) - fields
+    if unknown:
+        raise ValueError(f"{unknown_names(unknown, fields, 'option')}; options are the fields of PruneConfig")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Every option of a pruning run (field names = keyword arguments = CLI config keys).
@@ -169,7 +178,7 @@ class PruneConfig:
             prunes on its own) or a ProcessGroup; see :mod:`woodfisher.distributed`.
     Raises:
         ValueError: naming the field, for any value outside its domain or a combination
-            the method does not support.
+            the method does not support; a keyword that is no field (naming it and the closest field).
     """
 
     sparsity: float
@@ -198,6 +207,11 @@ class PruneConfig:
     batch_adapter: Optional[Callable] = None
     keep_masks: bool = False
     group: Any = "auto"
+
+    def __new__(cls, *args, **kwargs):
+        # a misspelt keyword is a ValueError naming it (the generated __init__ would raise a TypeError)
+        _check_names(kwargs)
+        return super().__new__(cls)
 
     def __post_init__(self):
         check_sparsity(self.sparsity)
@@ -312,9 +326,7 @@ class PruneConfig:
         Raises:
             ValueError: unknown names (listing them), or a value ``__post_init__`` refuses (naming the field).
         """
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown}; options are the fields of PruneConfig")
+        _check_names(changes)
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -329,10 +341,7 @@ class PruneConfig:
             ValueError: unknown names (listing them), ``sparsity`` omitted without an N:M pattern,
                 or a value ``__post_init__`` refuses (naming the field).
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown}; options are the fields of PruneConfig")
+        _check_names(options)
         if "sparsity" not in options:
             options["sparsity"] = pattern_fixed_sparsity(options.get("pattern"))
         return cls(**options)

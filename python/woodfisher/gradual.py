@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -45,6 +45,21 @@ apply_masks = attach_masks
 _SCHEDULE = ("final_sparsity", "initial_sparsity", "start_step", "end_step", "frequency")
 
 
+def _check_schedule(final_sparsity, start_step, end_step, frequency, initial_sparsity) -> Tuple[int, int, int]:
+    """(start_step, end_step, frequency) as ints; a ValueError naming the argument for a schedule outside its
+    domain (see :class:`GradualPruner`)."""
+    check_sparsity(final_sparsity, "final_sparsity")
+    check_sparsity(initial_sparsity, "initial_sparsity")
+    start_step, end_step = check_int("start_step", start_step, 0), check_int("end_step", end_step, 0)
+    frequency = check_int("frequency", frequency)
+    if end_step < start_step or (end_step - start_step) % frequency:
+        raise ValueError(f"end_step - start_step must be a non-negative multiple of frequency, got "
+                         f"start_step={start_step}, end_step={end_step}, frequency={frequency}")
+    if initial_sparsity > final_sparsity:
+        raise ValueError(f"initial_sparsity ({initial_sparsity}) must not exceed final_sparsity ({final_sparsity})")
+    return start_step, end_step, frequency
+
+
 def polynomial_sparsity(step: int, *, final_sparsity: float, start_step: int, end_step: int,
                         frequency: int = 1, initial_sparsity: float = 0.05) -> float:
     """Target sparsity at ``step``: 0 before ``start_step``, the cubic ramp, then ``final_sparsity``.
@@ -52,7 +67,6 @@ def polynomial_sparsity(step: int, *, final_sparsity: float, start_step: int, en
     Source: the polynomial schedule of Zhu & Gupta (2017, "To prune, or not to prune", Eq. 1),
     ``s_t = s_f + (s_i - s_f) (1 - (t - t_0) / (t_n - t_0))^3``, used by the WoodFisher paper
     (Sec. 5.2 and S1.1). The ramp is evaluated at the last scheduled pruning step <= ``step``.
-    Nothing is validated here (:class:`GradualPruner` validates its schedule).
 
     Args:
         step: the current step (epoch or iteration; any unit, the same as the others).
@@ -60,7 +74,10 @@ def polynomial_sparsity(step: int, *, final_sparsity: float, start_step: int, en
         start_step, end_step: t_0 and t_n. frequency: steps between pruning steps (>= 1).
     Returns:
         The target sparsity, a fraction in [0, 1).
+    Raises:
+        ValueError: a schedule :class:`GradualPruner` refuses (naming the argument).
     """
+    _check_schedule(final_sparsity, start_step, end_step, frequency, initial_sparsity)
     if step < start_step:
         return 0.0
     if end_step == start_step:
@@ -101,16 +118,8 @@ class GradualPruner:
     def __init__(self, model: nn.Module, loader: Optional[Iterable] = None, *, final_sparsity: float,
                  start_step: int = 0, end_step: int = 0, frequency: int = 1,
                  initial_sparsity: float = 0.05, **prune_kwargs):
-        check_sparsity(final_sparsity)
-        check_sparsity(initial_sparsity)
-        start_step, end_step = check_int("start_step", start_step, 0), check_int("end_step", end_step, 0)
-        frequency = check_int("frequency", frequency)
-        if end_step < start_step or (end_step - start_step) % frequency:
-            raise ValueError(f"end_step - start_step must be a non-negative multiple of frequency, got "
-                             f"start_step={start_step}, end_step={end_step}, frequency={frequency}")
-        if initial_sparsity > final_sparsity:
-            raise ValueError(f"initial_sparsity ({initial_sparsity}) must not exceed final_sparsity "
-                             f"({final_sparsity})")
+        start_step, end_step, frequency = _check_schedule(final_sparsity, start_step, end_step, frequency,
+                                                          initial_sparsity)
         if "sparsity" in prune_kwargs:
             raise ValueError("pass final_sparsity, not sparsity, to GradualPruner")
         self.config = PruneConfig.from_options(sparsity=float(final_sparsity), **prune_kwargs)

@@ -55,7 +55,7 @@ class FisherHook:
         count: gradients folded in or buffered in the current window (at most N).
         inverses: {weight name: (B, c, c)} running inverses (the buffer is not yet in them).
     Raises:
-        ValueError: bad arguments (naming them).
+        ValueError: bad arguments (naming them); a tracked weight with ``requires_grad=False`` (``modules``).
 
     Example::
 
@@ -86,8 +86,19 @@ class FisherHook:
 
     # ---- window ---------------------------------------------------------------------
     def reset(self) -> None:
-        """Start a new window: inverses back to I / damp, weights and masks read again."""
-        self.targets = resolve_targets(self.model, self.config.modules, self.config.block_size)
+        """Start a new window: inverses back to I / damp, weights and masks read again.
+
+        Raises:
+            ValueError: a tracked weight with ``requires_grad=False`` (naming ``modules``; nothing is reset).
+        """
+        targets = resolve_targets(self.model, self.config.modules, self.config.block_size)
+        frozen = [target.name for target in targets if not target.param.requires_grad]
+        if frozen:
+            trainable = [target.name for target in targets if target.param.requires_grad]
+            raise ValueError(f"modules: {frozen} have requires_grad=False: the training loop gives them no .grad, "
+                             "so their Fisher would stay damp * I and rank them least important; name the trained "
+                             f"weights, modules={trainable}")
+        self.targets = targets
         self.dtype = compute_dtype(self.targets[0].param.dtype)
         self.keep = {target.name: target.keep_mask() for target in self.targets}
         self.inverses: Dict[str, torch.Tensor] = {}

@@ -37,20 +37,21 @@ def check_collapse_density(collapse_density) -> float:
     return float(collapse_density)
 
 
-def check_sparsity(sparsity: float) -> float:
+def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     """Validate a sparsity.
 
     Args:
         sparsity: fraction of pruned weights; a real number in [0, 1) (numpy scalars accepted).
+        name: the caller's name of the argument, for the message (``"final_sparsity"``).
     Returns:
         ``sparsity`` as a float.
     Raises:
-        ValueError: not a real number, or outside [0, 1).
+        ValueError: not a real number, or outside [0, 1) (naming ``name``).
     """
     if not is_real(sparsity):
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+        raise ValueError(f"{name} must lie in [0, 1), got {sparsity}")
     return float(sparsity)
 
 

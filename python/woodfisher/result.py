@@ -47,10 +47,11 @@ class PruneResult:
         kept = sum(row["nnz"] for row in self.layers)
         damp = "None" if self.damp is None else f"{self.damp:.3g}"
         overlap = "None" if self.magnitude_overlap is None else f"{self.magnitude_overlap:.3f}"
-        return (f"PruneResult(sparsity={self.sparsity:.4f}, method={self.config.get('method')!r}, damp={damp}, "
+        how = "criterion" if "criterion" in self.config else "method"  # a PaI result names its criterion
+        seconds = self.timings.get("total", sum(self.timings.values()))
+        return (f"{type(self).__name__}(sparsity={self.sparsity:.4f}, {how}={self.config.get(how)!r}, damp={damp}, "
                 f"weights={len(self.layers)} ({kept}/{total} entries kept), collapsed={self.collapsed}, "
-                f"magnitude_overlap={overlap}, seconds={self.timings.get('total', 0.0):.2f}; "
-                "see .masks, .layers, .timings)")
+                f"magnitude_overlap={overlap}, seconds={seconds:.2f}; see .masks, .layers, .timings)")
 
 
 def layer_rows(masks: Dict[str, torch.Tensor], forms: Optional[Dict[str, Optional[str]]] = None) -> List[dict]:

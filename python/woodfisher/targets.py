@@ -39,6 +39,7 @@ from torch.nn.utils import parametrize
 from .diagnostics import warn_at_caller
 from .layout import BlockLayout, Layout
 from .masks import is_int
+from .names import closest
 
 __all__ = ["PRUNABLE_TYPES", "BlockLayout", "Layout", "PruneTarget", "resolve_targets", "unwrap_model",
            "default_target_names", "check_model"]
@@ -323,7 +324,11 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
             return [aliases[cand]]
     modules = dict(model.named_modules(remove_duplicate=False))
     if raw not in modules:
-        raise ValueError(f"{arg}: no module or parameter named {raw!r} in the model")
+        if raw in dict(model.named_buffers()):
+            raise ValueError(f"{arg}: {raw!r} is a buffer, not a Parameter; only parameters are pruned")
+        match = closest(raw, list(modules) + [key for key, _ in model.named_parameters()])
+        hint = f" (did you mean {match!r}?)" if match else ""
+        raise ValueError(f"{arg}: no module or parameter named {raw!r} in the model{hint}")
     inside = [name for name in default_target_names(model)
               if any(_within(owner, raw) for owner, _ in entries[name]["owners"])]
     if not inside:

@@ -278,6 +278,21 @@ def test_set(args: argparse.Namespace, data: str):
     return subset(load_dataset(data, args.data_dir, "test"), args.eval_samples, seed=0)
 
 
+def make_out_dir(out: str) -> None:
+    """Create the ``--out`` folder before any work, so that a path that cannot be one fails in a second,
+    not after the pruning or training.
+
+    Raises:
+        ValueError: ``out`` names a file, or the folder cannot be created (naming ``--out`` and why).
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file; it must be a folder (created if missing)")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out!r}: the folder cannot be created ({err.strerror or err})") from None
+
+
 def write_outputs(out: str, rows, report: Dict, title: str, model=None, masks=None) -> List[str]:
     """Write sparsity.md, report.json, layer_sparsity.png (and pruned.pt / masks.pt when given)."""
     from ..checkpoint import save_state_dict

@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any, Dict, Union
 
+from ..names import unknown_names
+
 __all__ = ["load_config", "config_defaults"]
 
 
@@ -79,7 +81,8 @@ def config_defaults(parser: argparse.ArgumentParser, cfg: Dict[str, Any]) -> Dic
         norm = str(key).lstrip("-").replace("-", "_")
         if norm not in actions:
             known = sorted({a.option_strings[0].lstrip("-") for a in actions.values() if a.option_strings})
-            raise ValueError(f"config key {key!r} is not an option of this command; known: {known}")
+            raise ValueError(f"{unknown_names([key], actions, 'config key')}: not an option of this command; "
+                             f"known: {known}")
         action = actions[norm]
         out[action.dest] = _convert(action, str(key), value)
     return out

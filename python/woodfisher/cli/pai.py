@@ -26,6 +26,7 @@ from ._common import (
     factory_loader,
     is_import_path,
     load_model,
+    make_out_dir,
     sparsity_type,
     user_functions,
     write_outputs,
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     check_int("--warmup-batches", args.warmup_batches, low=0)
     if args.train_epochs < 0:
         raise ValueError(f"--train-epochs must be >= 0, got {args.train_epochs}")
+    make_out_dir(args.out)
     torch.manual_seed(args.seed)
     progress = args.progress is not False  # None: where woodfisher.progress.output_mode says
     with display(progress, "woodfisher pai", force=args.progress is True) as shown:

@@ -34,6 +34,7 @@ from ._common import (
     evaluator,
     is_import_path,
     load_model,
+    make_out_dir,
     require,
     sparsity_type,
     steps_type,
@@ -126,6 +127,8 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
     from ..reports import format_table, sparsity_table, table_totals
 
     require(args, "sparsity")
+    if rank == 0:
+        make_out_dir(args.out)
     for name in ("num_grads", "fisher_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

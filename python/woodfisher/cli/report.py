@@ -10,7 +10,16 @@ from __future__ import annotations
 import argparse
 import os
 
-from ._common import add_model_args, dataset_name, evaluator, load_model, user_functions, write_outputs
+from ._common import (
+    add_model_args,
+    dataset_name,
+    evaluator,
+    is_import_path,
+    load_model,
+    make_out_dir,
+    user_functions,
+    write_outputs,
+)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -25,6 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from ..reports import format_table, sparsity_table, table_totals
     from ..targets import resolve_targets
 
+    if is_import_path(args.data):  # report reads no calibration data: a factory here would be silently unused
+        raise ValueError(f"--data {args.data!r}: report does not read calibration data; pass held-out batches "
+                         f"as --eval-data {args.data} for their mean loss")
+    if args.out:
+        make_out_dir(args.out)
     spec, model = load_model(args)
     data = dataset_name(args, spec)
     metric, measure, samples = evaluator(args, data, user_functions(args, spec))

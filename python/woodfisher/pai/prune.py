@@ -31,7 +31,7 @@ from .warmup import (
 )
 
 
-@dataclass
+@dataclass(repr=False)  # PruneResult's summary, not a dump of every mask
 class PaIResult(PruneResult):
     """woodfisher's PruneResult (masks, layers, sparsity, damp=None, config, timings) plus ``collapsed``.
 
