@@ -55,6 +55,14 @@ def test_fisher_hook_refuses_a_frozen_weight():
     assert_unchanged(before, snapshot(model))
 
 
+def test_fisher_hook_on_a_fully_frozen_model_says_to_unfreeze():
+    model = tiny_mlp().requires_grad_(False)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"^modules: .*none of the tracked weights is trained: set requires_grad=True"):
+        wf.FisherHook(model, num_grads=4, damp=1e-3, block_size=5)
+    assert_unchanged(before, snapshot(model))
+
+
 def test_fisher_hook_on_the_trained_weights_of_a_partly_frozen_model():
     """Named as the error suggests, the hook's Fisher of 2.weight is the one of its .grad (not damp * I)."""
     model = _frozen_first_layer()
@@ -134,3 +142,12 @@ def test_cli_out_that_cannot_be_a_folder_fails_before_any_work(tmp_path, capsys,
     assert taken.read_text() == "a file"
     assert main(command + ["--out", str(taken / "sub")]) == 2  # below a file: cannot be created
     assert f"--out {str(taken / 'sub')!r}: the folder cannot be created" in capsys.readouterr().err
+
+
+def test_a_layer_index_that_does_not_exist_gets_no_other_layer_suggested():
+    """'9.weight' is not a misspelling of '2.weight' (another layer); 'fc1.wieght' is one of 'fc1.weight'."""
+    from woodfisher.names import closest
+    assert closest("9.weight", ["0.weight", "2.weight"]) is None
+    assert closest("layer4.0.conv1.weight", ["layer1.0.conv1.weight"]) is None
+    assert closest("fc1.wieght", ["fc1.weight", "fc2.weight"]) == "fc1.weight"
+    assert closest("num_grad", ["num_grads", "num_steps"]) == "num_grads"

@@ -95,9 +95,10 @@ class FisherHook:
         frozen = [target.name for target in targets if not target.param.requires_grad]
         if frozen:
             trainable = [target.name for target in targets if target.param.requires_grad]
+            fix = (f"name the trained weights, modules={trainable}" if trainable else
+                   "none of the tracked weights is trained: set requires_grad=True on the ones to prune")
             raise ValueError(f"modules: {frozen} have requires_grad=False: the training loop gives them no .grad, "
-                             "so their Fisher would stay damp * I and rank them least important; name the trained "
-                             f"weights, modules={trainable}")
+                             f"so their Fisher would stay damp * I and rank them least important; {fix}")
         self.targets = targets
         self.dtype = compute_dtype(self.targets[0].param.dtype)
         self.keep = {target.name: target.keep_mask() for target in self.targets}

@@ -2,15 +2,23 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Iterable, List, Optional
 
 __all__ = ["closest", "unknown_names"]
 
+_DIGITS = re.compile(r"\d+")
+
 
 def closest(name: str, known: Iterable[str]) -> Optional[str]:
-    """The name of ``known`` closest to ``name`` (difflib ratio >= 0.75: a typo, a dash for an underscore), or None."""
+    """The name of ``known`` closest to ``name`` (difflib ratio >= 0.75: a typo, a dash for an underscore), or None.
+
+    A name that differs from its match only in its numbers (``"9.weight"`` for ``"2.weight"``, ``"layer4"`` for
+    ``"layer1"``) gets no suggestion: that is another layer, not a misspelling of this one."""
     close = difflib.get_close_matches(str(name), sorted(set(map(str, known))), n=1, cutoff=0.75)
-    return close[0] if close else None
+    if not close or _DIGITS.sub("#", close[0]) == _DIGITS.sub("#", str(name)):
+        return None
+    return close[0]
 
 
 def unknown_names(given: Iterable[str], known: Iterable[str], what: str) -> str:
