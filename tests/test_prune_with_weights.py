@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from _pruner_shared import tiny_data, tiny_mlp
 from _snapshots import assert_unchanged, snapshot
 from torch import nn
 
@@ -22,14 +23,11 @@ OPTS = dict(num_grads=16, block_size=8, damp=1e-2, progress=False)
 
 
 def _model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4))
+    return tiny_mlp(seed, sizes=(6, 10, 4))
 
 
 def _data():
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(32, 6, generator=g), torch.randint(0, 4, (32,), generator=g)
-    return [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
+    return tiny_data()
 
 
 @pytest.mark.parametrize("method", ["woodfisher", "diag_fisher", "kfac"])
