@@ -105,7 +105,7 @@ static inline void WF_FN(syrk_sub)(const float *w, float *o, int kp, int cp, int
       vf a00 = WF_FN(bc)(0), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
       vf a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
       /* two pointers walking down the rows of w (not w + k cp recomputed): fewer live integer registers,
-         no loop counter spilled to the stack (3-4% of a whole build, benchmarks/results/cpu_fallback.md) */
+         no loop counter spilled to the stack (3-4% of a whole build in paired runs of the kernel alone) */
       const float *pj = w + j, *pi = w + i;
       for (int k = 0; k < kp; k++, pj += cp, pi += cp) {
         vf w0 = WF_FN(ld)(pj), w1 = WF_FN(ld)(pj + 16), w2 = WF_FN(ld)(pj + 32), w3 = WF_FN(ld)(pj + 48);
