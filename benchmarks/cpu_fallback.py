@@ -28,7 +28,8 @@ Usage (repository root):
     OMP_NUM_THREADS=1 python -m benchmarks.cpu_fallback --data-root ../shared/data --out benchmarks/results
     ... --parts cache step                              # re-measure some parts, keep the others
     python -m benchmarks.cpu_fallback --quick            # tiny synthetic shapes (CI smoke)
-Writes ``<out>/cpu_fallback.json`` and ``.md`` (``cpu_fallback_quick.*`` with --quick).
+    python -m benchmarks.cpu_fallback --plot benchmarks/results/cpu_fallback.json   # only redraw the plot
+Writes ``<out>/cpu_fallback.json``, ``.md`` and ``.png`` (``cpu_fallback_quick.*`` with --quick).
 """
 from __future__ import annotations
 
@@ -370,6 +371,42 @@ def markdown(result: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: Dict, path: str, goal: float = 40.0) -> str:
+    """Bar chart of the blockwise build's % of the same-run sgemm peak (median, with the best repeat as a tick)
+    per block size, main memory and warm caches side by side, one bar per method; the goal as a dashed line.
+    Writes ``path`` (PNG) and returns it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(key, title) for key, title in (("build", "inverses in main memory (the public op)"),
+                                              ("build_in_cache", "inverses in L2 (the kernel's own speed)"))
+              if result.get(key)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharey=True, squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        rows = result[key]
+        methods = list(rows[0]["methods"])
+        width = 0.8 / len(methods)
+        for i, name in enumerate(methods):
+            xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(rows))]
+            med = [r["methods"][name]["pct_of_peak"] for r in rows]
+            best = [r["methods"][name].get("pct_of_peak_best", m) for r, m in zip(rows, med)]
+            ax.bar(xs, med, width, label=name)
+            ax.scatter(xs, best, marker="_", color="black", s=120, zorder=3)
+        ax.axhline(goal, color="gray", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(rows)), [f"c = {r['c']}" for r in rows])
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, 100)
+    axes[0][0].set_ylabel("% of sgemm peak, same run\n(bar: median; tick: best repeat)")
+    axes[0][0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"CPU blockwise build, m = c, one thread ({result['device'].get('host_cpu', 'CPU')}); "
+                 f"dashed: the {goal:g}% goal", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny synthetic shapes (seconds)")
@@ -377,9 +414,13 @@ def main(argv=None) -> Dict:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--out", default=None, help="directory for cpu_fallback[_quick].json / .md")
     p.add_argument("--note", default="", help="free text for the report (e.g. 'host shared with other jobs')")
+    p.add_argument("--plot", metavar="JSON", help="only draw <JSON without .json>.png from a cpu_fallback JSON")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                    help="measure only these parts; the others are kept from an existing JSON in --out")
     args = p.parse_args(argv)
+    if args.plot:
+        with open(args.plot) as f:
+            return {"plot": plot(json.load(f), os.path.splitext(args.plot)[0] + ".png")}
     device = torch.device("cpu")
     repeats = args.repeats or (2 if args.quick else 5)
     peak_n = 512 if args.quick else 2048
@@ -409,6 +450,8 @@ def main(argv=None) -> Dict:
             json.dump(result, f, indent=1)
         with open(base + ".md", "w") as f:
             f.write(markdown(result))
+        if result.get("build"):
+            plot(result, base + ".png")
     return result
 
 

@@ -102,6 +102,11 @@ def test_cpu_fallback_quick_runs(tmp_path):
             assert r["gflops"] > 0 and 0 < r["pct_of_peak"] and r["rel_err_vs_float64"] <= r["bound"]
     assert res["lowrank"]["diag_max_rel_err_vs_float64"] < 1e-5
     assert (tmp_path / "cpu_fallback_quick.md").read_text().startswith("# CPU fallback")
+    png = tmp_path / "cpu_fallback_quick.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    assert cpu_fallback.main(["--plot", str(tmp_path / "cpu_fallback_quick.json")])["plot"] == str(png)
+    assert png.exists()
 
 
 def test_precision_table_quick_runs(tmp_path):
