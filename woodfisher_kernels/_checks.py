@@ -6,6 +6,8 @@ any output (or in-place target) is touched, so a refused call changes nothing.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 
@@ -68,12 +70,46 @@ def check_positive(name: str, value) -> float:
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):   # numpy scalars included
         raise ValueError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
+
+
+def check_int(name: str, value, minimum: int = 0) -> int:
+    """Check an integer >= ``minimum`` (Python, numpy or a one-element integer tensor; not a bool
+    or a float) and return it as an int."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    value = operator.index(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def check_flag(name: str, value) -> bool:
+    """Check a bool flag (``"no"`` or 0 would silently read as a truth value) and return it."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_writable(name: str, x: torch.Tensor) -> None:
+    """Refuse an in-place target whose entries share memory (an ``expand``-ed tensor, stride 0).
+
+    Sufficient test: the dimensions of size > 1, sorted by stride, must each step past the
+    largest offset the previous ones reach.
+    """
+    span = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz > 1):
+        if stride < span:
+            raise ValueError(f"{name} is written in place but its entries share memory (strides {x.stride()} "
+                             f"for shape {tuple(x.shape)}, e.g. an expand()-ed tensor): pass {name}.clone()")
+        span += stride * (size - 1)
 
 
 def check_square_blocks(name: str, inv: torch.Tensor) -> None:

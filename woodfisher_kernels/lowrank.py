@@ -36,6 +36,7 @@ import torch
 
 from . import _dispatch, reference
 from . import _numerics as num
+from ._checks import check_int, check_positive
 
 
 def _factor_impl(backend: str, grads: torch.Tensor):
@@ -276,16 +277,14 @@ def choose_form(num_grads: int, block_size: int, num_blocks: int = 1,
     Returns:
         "sequential" or "lowrank".
     Raises:
-        ValueError: ``num_grads``, ``block_size`` or ``num_blocks`` < 1, or a
+        ValueError: ``num_grads``, ``block_size``, ``num_blocks`` or ``itemsize`` not an
+            integer >= 1, ``memory_budget`` not None or a finite number > 0, or a
             ``memory_budget`` that fits neither form.
     """
-    m, c = int(num_grads), int(block_size)
-    if m < 1:
-        raise ValueError(f"num_grads must be >= 1, got {num_grads}")
-    if c < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if num_blocks < 1:
-        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    m, c = check_int("num_grads", num_grads, 1), check_int("block_size", block_size, 1)
+    num_blocks, itemsize = check_int("num_blocks", num_blocks, 1), check_int("itemsize", itemsize, 1)
+    if memory_budget is not None:
+        memory_budget = check_positive("memory_budget", memory_budget)
     seq_flops, lr_flops = 4.0 * m * c * c, 4.0 * m * m * c + m ** 3 / 3.0
     seq_bytes = num_blocks * c * c * itemsize
     lr_bytes = num_blocks * (m * c + m * m) * itemsize
