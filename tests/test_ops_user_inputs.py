@@ -145,3 +145,28 @@ def test_error_bound_inputs():
                         (1.0, "dtype")]:
         with pytest.raises(ValueError, match=name):
             wk.error_bound(kappa, torch.int32 if name == "dtype" else torch.float32)
+
+
+def test_lowrank_inverse_class_used_directly():
+    """The public constructor validates like lowrank_inverse; select / matvec refuse bad input and match float64."""
+    g = _grads(m=3)
+    for args, name in [((g[0], DAMP, 3), "grads"), ((g.half(), DAMP, 3), "grads"), ((g, -1.0, 3), "damp"),
+                       ((g, DAMP, 0), "num_samples"), ((g, DAMP, 3, "x"), "on_failure"),
+                       ((g, DAMP, 3, "recompute", "gpu"), "backend")]:
+        with pytest.raises(ValueError, match=name):
+            wk.LowRankInverse(*args)
+    inv = wk.LowRankInverse(g.transpose(1, 2).contiguous().transpose(1, 2), np.float32(DAMP), np.int64(3))
+    ref = testing.svd_inverse(g, DAMP)
+    v = torch.randn(B, C)
+    want = (ref.inverse @ v.double().unsqueeze(-1)).squeeze(-1)
+    bound = wk.error_bound(ref.kappa).max().item()
+    assert ((inv.matvec(v).double() - want).norm(dim=1) <= bound * want.norm(dim=1) * 4).all()
+    sub = inv.select(torch.tensor([2, 0]))
+    assert (testing.spectral_error(sub.dense(), ref.inverse[[2, 0]]) <= wk.error_bound(ref.kappa[[2, 0]])).all()
+    for call in (lambda: inv.select(torch.tensor([B])), lambda: inv.select(torch.tensor([True])),
+                 lambda: inv.select(torch.tensor([0.0]))):
+        with pytest.raises(ValueError, match="index"):
+            call()
+    for bad in (torch.randn(B, C - 1), torch.randn(B, C).double(), torch.randn(C)):
+        with pytest.raises(ValueError, match="v must"):
+            inv.matvec(bad)
