@@ -91,6 +91,12 @@ def check_int(name: str, value, minimum: int = 0) -> int:
     return value
 
 
+def check_choice(name: str, value, choices) -> None:
+    """Check that ``value`` is one of ``choices`` (a tuple of names)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def check_flag(name: str, value) -> bool:
     """Check a bool flag (``"no"`` or 0 would silently read as a truth value) and return it."""
     if not isinstance(value, bool):

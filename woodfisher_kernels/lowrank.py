@@ -36,7 +36,7 @@ import torch
 
 from . import _dispatch, reference
 from . import _numerics as num
-from ._checks import check_int, check_positive, check_tensor
+from ._checks import check_choice, check_int, check_positive, check_tensor
 
 
 def _factor_impl(backend: str, grads: torch.Tensor):
@@ -71,9 +71,8 @@ class LowRankInverse:
         check_tensor("grads", grads, 3)
         self.damp = check_positive("damp", damp)
         self.num_samples = check_positive("num_samples", num_samples)
-        for name, value, choices in (("on_failure", on_failure, num.ON_FAILURE), ("backend", backend, _dispatch.CHOICES)):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        check_choice("on_failure", on_failure, num.ON_FAILURE)
+        check_choice("backend", backend, _dispatch.CHOICES)
         grads = grads.detach().contiguous()
         num_blocks, m, c = grads.shape
         self._dense: Optional[torch.Tensor] = None

@@ -36,11 +36,6 @@ def _num_samples(num_samples, grads):
     return float(grads.shape[1]) if num_samples is None else chk.check_positive("num_samples", num_samples)
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
 def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float, *,
                      backend: str = "auto", check_finite: bool = True,
                      on_failure: str = "recompute") -> torch.Tensor:
@@ -81,8 +76,8 @@ def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float,
     if grads.shape[0] != inv.shape[0] or grads.shape[2] != inv.shape[2]:
         raise ValueError(f"grads must have shape ({inv.shape[0]}, k, {inv.shape[2]}), got {tuple(grads.shape)}")
     n = chk.check_positive("num_samples", num_samples)
-    _check_choice("backend", backend, CHOICES)
-    _check_choice("on_failure", on_failure, ON_FAILURE)
+    chk.check_choice("backend", backend, CHOICES)
+    chk.check_choice("on_failure", on_failure, ON_FAILURE)
     chk.check_writable("inv", inv)
     inv_const = inv.detach()
     target = inv_const if inv.is_contiguous() else inv_const.contiguous()
@@ -118,8 +113,8 @@ def fisher_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float
     chk.check_tensor("grads", grads, 3)
     d = chk.check_positive("damp", damp)
     n = _num_samples(num_samples, grads)
-    _check_choice("backend", backend, CHOICES)
-    _check_choice("on_failure", on_failure, ON_FAILURE)
+    chk.check_choice("backend", backend, CHOICES)
+    chk.check_choice("on_failure", on_failure, ON_FAILURE)
     return lib.fisher_inverse(_contig(grads), d, n, backend, on_failure, check_finite)
 
 
@@ -148,8 +143,8 @@ def lowrank_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[floa
     chk.check_tensor("grads", grads, 3)
     d = chk.check_positive("damp", damp)
     n = _num_samples(num_samples, grads)
-    _check_choice("backend", backend, CHOICES)
-    _check_choice("on_failure", on_failure, ON_FAILURE)
+    chk.check_choice("backend", backend, CHOICES)
+    chk.check_choice("on_failure", on_failure, ON_FAILURE)
     if check_finite:
         chk.check_finite("grads", grads)
     return LowRankInverse(_contig(grads), d, n, on_failure, backend)
@@ -266,7 +261,7 @@ def obs_saliency(inv: Inverse, weights: torch.Tensor, loss_grad: Optional[torch.
     """
     _check_inverse(inv)
     _check_weights(inv, weights, loss_grad)
-    _check_choice("backend", backend, CHOICES)
+    chk.check_choice("backend", backend, CHOICES)
     if isinstance(inv, LowRankInverse):
         chk.check_all_finite(check_finite, weights=weights, loss_grad=loss_grad)
         return inv.saliency(_contig(weights), _contig(loss_grad))
@@ -298,7 +293,7 @@ def obs_update(inv: Inverse, weights: torch.Tensor, prune_mask: torch.Tensor,
     _check_inverse(inv)
     _check_weights(inv, weights, loss_grad)
     chk.check_mask("prune_mask", prune_mask, "weights", weights)
-    _check_choice("backend", backend, CHOICES)
+    chk.check_choice("backend", backend, CHOICES)
     if isinstance(inv, LowRankInverse):
         chk.check_all_finite(check_finite, weights=weights, loss_grad=loss_grad)
         return inv.update(_contig(weights), prune_mask, _contig(loss_grad))
