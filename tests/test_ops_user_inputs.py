@@ -170,3 +170,4 @@ def test_lowrank_inverse_class_used_directly():
     for bad in (torch.randn(B, C - 1), torch.randn(B, C).double(), torch.randn(C)):
         with pytest.raises(ValueError, match="v must"):
             inv.matvec(bad)
+

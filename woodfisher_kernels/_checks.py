@@ -64,13 +64,18 @@ def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, sha
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
 
 
+def _is_number(value, kind) -> bool:
+    """An instance of ``kind`` (``numbers.Real`` / ``numbers.Integral``: Python and numpy scalars), not a bool."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
 def check_positive(name: str, value) -> float:
     """Check a finite, strictly positive scalar and return it as a float."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):   # numpy scalars included
+    if not _is_number(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
@@ -83,7 +88,7 @@ def check_int(name: str, value, minimum: int = 0) -> int:
     or a float) and return it as an int."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not _is_number(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     value = operator.index(value)
     if value < minimum:

@@ -8,7 +8,8 @@ Inverses built in float32 follow the accuracy guarantee of :mod:`._numerics`
 (:func:`error_bound`); blocks that fail are recomputed in float64 or refused
 (``on_failure="recompute" | "raise"``). The ops are not differentiable: inputs that require
 grad are read as constants (``detach()``) and no output requires grad. Scalars may be Python or
-numpy numbers or one-element tensors.
+numpy numbers or one-element tensors; under ``torch.compile(fullgraph=True)`` pass Python numbers
+(the compiler traces numpy scalars and tensors as data whose value it cannot check).
 """
 from __future__ import annotations
 
