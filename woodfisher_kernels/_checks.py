@@ -6,6 +6,8 @@ any output (or in-place target) is touched, so a refused call changes nothing.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 
@@ -62,18 +64,63 @@ def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, sha
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
 
 
+def _is_number(value, kind) -> bool:
+    """An instance of ``kind`` (``numbers.Real`` / ``numbers.Integral``: Python and numpy scalars), not a bool."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
 def check_positive(name: str, value) -> float:
     """Check a finite, strictly positive scalar and return it as a float."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_number(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
+
+
+def check_int(name: str, value, minimum: int = 0) -> int:
+    """Check an integer >= ``minimum`` (Python, numpy or a one-element integer tensor; not a bool
+    or a float) and return it as an int."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if not _is_number(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    value = operator.index(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Check that ``value`` is one of ``choices`` (a tuple of names)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_flag(name: str, value) -> bool:
+    """Check a bool flag (``"no"`` or 0 would silently read as a truth value) and return it."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_writable(name: str, x: torch.Tensor) -> None:
+    """Refuse an in-place target whose entries share memory (an ``expand``-ed tensor, stride 0).
+
+    Sufficient test: the dimensions of size > 1, sorted by stride, must each step past the
+    largest offset the previous ones reach.
+    """
+    span = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz > 1):
+        if stride < span:
+            raise ValueError(f"{name} is written in place but its entries share memory (strides {x.stride()} "
+                             f"for shape {tuple(x.shape)}, e.g. an expand()-ed tensor): pass {name}.clone()")
+        span += stride * (size - 1)
 
 
 def check_square_blocks(name: str, inv: torch.Tensor) -> None:

@@ -31,6 +31,7 @@ new blocks go to scratch memory and are committed once all succeeded, so on any 
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -51,7 +52,17 @@ def error_bound(kappa, dtype: torch.dtype = torch.float32):
         dtype: the dtype the inverse was computed in.
     Returns:
         The bound, same type as ``kappa``.
+    Raises:
+        ValueError: ``kappa`` not a number or floating tensor with every entry >= 0 (NaN
+            refused; +inf gives an infinite bound), or ``dtype`` not a floating torch dtype.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if isinstance(kappa, torch.Tensor):
+        if not kappa.is_floating_point() or not bool((kappa >= 0).all()):
+            raise ValueError(f"kappa must be a floating tensor with entries >= 0, got {kappa}")
+    elif isinstance(kappa, bool) or not isinstance(kappa, numbers.Real) or not kappa >= 0:
+        raise ValueError(f"kappa must be a number >= 0, got {kappa!r}")
     return ERROR_FACTOR * torch.finfo(dtype).eps * (1.0 + kappa)
 
 

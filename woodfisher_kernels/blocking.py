@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_int
+
 
 def num_blocks(numel: int, block_size: int) -> int:
     """Blocks needed for ``numel`` entries: ceil(numel / block_size).
@@ -12,11 +14,11 @@ def num_blocks(numel: int, block_size: int) -> int:
     Returns:
         B, an int.
     Raises:
-        ValueError: ``block_size`` < 1.
+        ValueError: ``numel`` not an integer >= 0 or ``block_size`` not an integer >= 1
+            (Python, numpy or one-element integer tensors; floats and bools are refused).
     """
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    return -(-int(numel) // int(block_size))
+    numel, block_size = check_int("numel", numel, 0), check_int("block_size", block_size, 1)
+    return -(-numel // block_size)
 
 
 def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -32,8 +34,13 @@ def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     Returns:
         (..., B, c) with B = ceil(d / c) (a view of a contiguous ``x`` when c divides d).
     Raises:
-        ValueError: ``block_size`` < 1 (from :func:`num_blocks`).
+        ValueError: ``x`` not a tensor with at least one dimension, or ``block_size`` not an
+            integer >= 1 (from :func:`num_blocks`).
     """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"x must be a tensor with at least one dimension (..., d), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    block_size = check_int("block_size", block_size, 1)
     nb = num_blocks(x.shape[-1], block_size)
     pad = nb * block_size - x.shape[-1]
     if pad:
@@ -48,7 +55,17 @@ def from_blocks(xb: torch.Tensor, numel: int) -> torch.Tensor:
         xb: (..., B, c) tensor. numel: the original d (<= B c).
     Returns:
         (..., numel).
+    Raises:
+        ValueError: ``xb`` not a tensor with at least two dimensions, or ``numel`` not an
+            integer in [0, B c].
     """
+    if not isinstance(xb, torch.Tensor) or xb.dim() < 2:
+        raise ValueError(f"xb must be a blocked tensor (..., B, c), got "
+                         f"{tuple(xb.shape) if isinstance(xb, torch.Tensor) else type(xb).__name__}")
+    total = xb.shape[-2] * xb.shape[-1]
+    numel = check_int("numel", numel, 0)
+    if numel > total:
+        raise ValueError(f"numel must be <= B * c = {total} for xb of shape {tuple(xb.shape)}, got {numel}")
     return xb.reshape(*xb.shape[:-2], -1)[..., :numel]
 
 
@@ -60,7 +77,9 @@ def valid_mask(numel: int, block_size: int, device=None) -> torch.Tensor:
     Returns:
         (B, c) bool: True on real entries, False on padding.
     Raises:
-        ValueError: ``block_size`` < 1 (from :func:`num_blocks`).
+        ValueError: ``numel`` not an integer >= 0 or ``block_size`` not an integer >= 1
+            (from :func:`num_blocks`).
     """
     nb = num_blocks(numel, block_size)
+    numel, block_size = int(numel), int(block_size)
     return (torch.arange(nb * block_size, device=device) < numel).view(nb, block_size)

@@ -36,6 +36,7 @@ import torch
 
 from . import _dispatch, reference
 from . import _numerics as num
+from ._checks import check_choice, check_int, check_positive, check_tensor
 
 
 def _factor_impl(backend: str, grads: torch.Tensor):
@@ -59,13 +60,20 @@ class LowRankInverse:
         damp, num_samples: the scalars of F.
         diag_cached: (B, c) the inverse's diagonal.
     Raises:
-        ValueError: failed blocks that float64 cannot fix, or any with on_failure="raise".
+        ValueError: ``grads`` not a 3-D float32/float64 tensor without empty dimensions, ``damp`` /
+            ``num_samples`` not a finite number > 0, an unknown ``on_failure`` / ``backend`` (or one
+            that cannot run here), failed blocks that float64 cannot fix, or any with on_failure="raise".
+            NaN / Inf gradients are refused by :func:`woodfisher_kernels.lowrank_inverse` (one read).
     """
 
     def __init__(self, grads: torch.Tensor, damp: float, num_samples: float, on_failure: str = "recompute",
                  backend: str = "auto"):
-        self.damp = float(damp)
-        self.num_samples = float(num_samples)
+        check_tensor("grads", grads, 3)
+        self.damp = check_positive("damp", damp)
+        self.num_samples = check_positive("num_samples", num_samples)
+        check_choice("on_failure", on_failure, num.ON_FAILURE)
+        check_choice("backend", backend, _dispatch.CHOICES)
+        grads = grads.detach().contiguous()
         num_blocks, m, c = grads.shape
         self._dense: Optional[torch.Tensor] = None
         kappa_of = lambda idx: num.gram_lmax(grads[idx]) / (self.num_samples * self.damp)  # noqa: E731
@@ -108,7 +116,16 @@ class LowRankInverse:
             index: 1-D int64 tensor (or bool mask of length B) of block indices.
         Returns:
             :class:`LowRankInverse` of shape (len(index), c, c).
+        Raises:
+            ValueError: ``index`` not a 1-D integer tensor with entries in [0, B) or a bool mask of length B.
         """
+        b = self.shape[0]
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.is_floating_point():
+            raise ValueError(f"index must be a 1-D integer or bool tensor, got {index!r}"[:200])
+        if index.dtype == torch.bool and index.numel() != b:
+            raise ValueError(f"index as a bool mask must have length B = {b}, got {index.numel()}")
+        if index.dtype != torch.bool and index.numel() and not (0 <= int(index.min()) and int(index.max()) < b):
+            raise ValueError(f"index entries must lie in [0, {b}), got range [{int(index.min())}, {int(index.max())}]")
         sub = LowRankInverse.__new__(LowRankInverse)
         sub.damp, sub.num_samples = self.damp, self.num_samples
         sub.factor = None if self.factor is None else self.factor[index]
@@ -131,7 +148,14 @@ class LowRankInverse:
             v: (B, c, r), dtype and device of the factor.
         Returns:
             (B, c, r).
+        Raises:
+            ValueError: ``v`` not a (B, c, r) tensor of the factor's dtype and device.
         """
+        b, c, _ = self.shape
+        if (not isinstance(v, torch.Tensor) or v.dim() != 3 or tuple(v.shape[:2]) != (b, c)
+                or v.dtype != self.dtype or v.device != self.device):
+            got = f"{tuple(v.shape)} {v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"v must be ({b}, {c}, r) {self.dtype} on {self.device}, got {got}")
         if self._dense is not None:
             return torch.bmm(self._dense, v)
         a = self.factor
@@ -144,7 +168,11 @@ class LowRankInverse:
             v: (B, c), dtype and device of the factor.
         Returns:
             (B, c).
+        Raises:
+            ValueError: ``v`` not (B, c) of the factor's dtype and device (as in :meth:`matmat`).
         """
+        if not isinstance(v, torch.Tensor) or v.dim() != 2:
+            raise ValueError(f"v must be a (B, c) tensor, got {tuple(v.shape) if isinstance(v, torch.Tensor) else v!r}")
         return self.matmat(v.unsqueeze(-1)).squeeze(-1)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
@@ -276,16 +304,14 @@ def choose_form(num_grads: int, block_size: int, num_blocks: int = 1,
     Returns:
         "sequential" or "lowrank".
     Raises:
-        ValueError: ``num_grads``, ``block_size`` or ``num_blocks`` < 1, or a
+        ValueError: ``num_grads``, ``block_size``, ``num_blocks`` or ``itemsize`` not an
+            integer >= 1, ``memory_budget`` not None or a finite number > 0, or a
             ``memory_budget`` that fits neither form.
     """
-    m, c = int(num_grads), int(block_size)
-    if m < 1:
-        raise ValueError(f"num_grads must be >= 1, got {num_grads}")
-    if c < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if num_blocks < 1:
-        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    m, c = check_int("num_grads", num_grads, 1), check_int("block_size", block_size, 1)
+    num_blocks, itemsize = check_int("num_blocks", num_blocks, 1), check_int("itemsize", itemsize, 1)
+    if memory_budget is not None:
+        memory_budget = check_positive("memory_budget", memory_budget)
     seq_flops, lr_flops = 4.0 * m * c * c, 4.0 * m * m * c + m ** 3 / 3.0
     seq_bytes = num_blocks * c * c * itemsize
     lr_bytes = num_blocks * (m * c + m * m) * itemsize

@@ -6,7 +6,10 @@ Every op refuses bad input with a ValueError naming the argument, before anythin
 is written, and every op has exactly one torch reference in :mod:`.reference`.
 Inverses built in float32 follow the accuracy guarantee of :mod:`._numerics`
 (:func:`error_bound`); blocks that fail are recomputed in float64 or refused
-(``on_failure="recompute" | "raise"``).
+(``on_failure="recompute" | "raise"``). The ops are not differentiable: inputs that require
+grad are read as constants (``detach()``) and no output requires grad. Scalars may be Python or
+numpy numbers or one-element tensors; under ``torch.compile(fullgraph=True)`` pass Python numbers
+(the compiler traces numpy scalars and tensors as data whose value it cannot check).
 """
 from __future__ import annotations
 
@@ -24,13 +27,14 @@ from .lowrank import LowRankInverse, choose_form
 Inverse = Union[torch.Tensor, LowRankInverse]
 
 
+def _contig(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``x`` as a contiguous constant: the ops are not differentiable (no autograd formula), so an
+    input that requires grad is read through ``detach()`` and no output requires grad."""
+    return None if x is None else x.detach().contiguous()
+
+
 def _num_samples(num_samples, grads):
     return float(grads.shape[1]) if num_samples is None else chk.check_positive("num_samples", num_samples)
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float, *,
@@ -63,8 +67,9 @@ def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float,
         ValueError: ``inv`` not a 3-D float32/float64 tensor of square blocks, ``grads`` not
             (B, k, c) on the same device and dtype, an empty dimension, ``num_samples`` not a
             finite number > 0, an unknown ``backend`` / ``on_failure``, NaN/Inf inputs (with
-            ``check_finite``), or blocks that failed (with ``on_failure="raise"``, or even in
-            float64), naming the inverse's damp and the measured kappa.
+            ``check_finite``), ``inv`` whose entries share memory (``expand``; it is written in
+            place), or blocks that failed (with ``on_failure="raise"``, or even in float64),
+            naming the inverse's damp and the measured kappa.
     """
     chk.check_square_blocks("inv", inv)
     chk.check_tensor("grads", grads, 3)
@@ -72,12 +77,14 @@ def woodbury_update_(inv: torch.Tensor, grads: torch.Tensor, num_samples: float,
     if grads.shape[0] != inv.shape[0] or grads.shape[2] != inv.shape[2]:
         raise ValueError(f"grads must have shape ({inv.shape[0]}, k, {inv.shape[2]}), got {tuple(grads.shape)}")
     n = chk.check_positive("num_samples", num_samples)
-    _check_choice("backend", backend, CHOICES)
-    _check_choice("on_failure", on_failure, ON_FAILURE)
-    target = inv if inv.is_contiguous() else inv.contiguous()
-    lib.woodbury_update_(target, grads.contiguous(), n, backend, on_failure, check_finite)
-    if target is not inv:
-        inv.copy_(target)
+    chk.check_choice("backend", backend, CHOICES)
+    chk.check_choice("on_failure", on_failure, ON_FAILURE)
+    chk.check_writable("inv", inv)
+    inv_const = inv.detach()
+    target = inv_const if inv.is_contiguous() else inv_const.contiguous()
+    lib.woodbury_update_(target, _contig(grads), n, backend, on_failure, check_finite)
+    if not inv.is_contiguous():
+        inv_const.copy_(target)
     return inv
 
 
@@ -107,9 +114,9 @@ def fisher_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float
     chk.check_tensor("grads", grads, 3)
     d = chk.check_positive("damp", damp)
     n = _num_samples(num_samples, grads)
-    _check_choice("backend", backend, CHOICES)
-    _check_choice("on_failure", on_failure, ON_FAILURE)
-    return lib.fisher_inverse(grads.contiguous(), d, n, backend, on_failure, check_finite)
+    chk.check_choice("backend", backend, CHOICES)
+    chk.check_choice("on_failure", on_failure, ON_FAILURE)
+    return lib.fisher_inverse(_contig(grads), d, n, backend, on_failure, check_finite)
 
 
 def lowrank_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None,
@@ -137,11 +144,11 @@ def lowrank_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[floa
     chk.check_tensor("grads", grads, 3)
     d = chk.check_positive("damp", damp)
     n = _num_samples(num_samples, grads)
-    _check_choice("backend", backend, CHOICES)
-    _check_choice("on_failure", on_failure, ON_FAILURE)
+    chk.check_choice("backend", backend, CHOICES)
+    chk.check_choice("on_failure", on_failure, ON_FAILURE)
     if check_finite:
         chk.check_finite("grads", grads)
-    return LowRankInverse(grads.contiguous(), d, n, on_failure, backend)
+    return LowRankInverse(_contig(grads), d, n, on_failure, backend)
 
 
 def blockwise_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None, *,
@@ -190,15 +197,14 @@ def condition_estimate(grads: torch.Tensor, damp: float, num_samples: Optional[f
     Returns:
         (B,) float64 kappa, on the device of ``grads``.
     Raises:
-        ValueError: bad ``grads``, ``damp`` or ``num_samples`` (as :func:`fisher_inverse`), or
-            ``iters`` not an integer >= 1.
+        ValueError: bad ``grads``, ``damp`` or ``num_samples`` (as :func:`fisher_inverse`),
+            ``iters`` not an integer >= 1, or ``upper`` not a bool.
     """
     chk.check_tensor("grads", grads, 3)
     d = chk.check_positive("damp", damp)
     n = _num_samples(num_samples, grads)
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
-    return lib.condition_estimate(grads.contiguous(), d, n, iters, bool(upper))
+    iters = chk.check_int("iters", iters, 1)
+    return lib.condition_estimate(_contig(grads), d, n, iters, chk.check_flag("upper", upper))
 
 
 def _check_inverse(inv: Inverse) -> None:
@@ -216,10 +222,6 @@ def _check_weights(inv: Inverse, weights, loss_grad):
         chk.check_same("loss_grad", loss_grad, "weights", weights, shape=(b, c))
 
 
-def _contig(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if x is None else x.contiguous()
-
-
 def inverse_diagonal(inv: Inverse) -> torch.Tensor:
     """Diagonal ``[F^-1]_qq`` of every block (the denominator of the saliency, paper's Eq. 11).
 
@@ -233,7 +235,7 @@ def inverse_diagonal(inv: Inverse) -> torch.Tensor:
     _check_inverse(inv)
     if isinstance(inv, LowRankInverse):
         return inv.diag()
-    return lib.inverse_diagonal(inv, True)
+    return lib.inverse_diagonal(_contig(inv), True)
 
 
 def obs_saliency(inv: Inverse, weights: torch.Tensor, loss_grad: Optional[torch.Tensor] = None,
@@ -260,11 +262,11 @@ def obs_saliency(inv: Inverse, weights: torch.Tensor, loss_grad: Optional[torch.
     """
     _check_inverse(inv)
     _check_weights(inv, weights, loss_grad)
-    _check_choice("backend", backend, CHOICES)
+    chk.check_choice("backend", backend, CHOICES)
     if isinstance(inv, LowRankInverse):
         chk.check_all_finite(check_finite, weights=weights, loss_grad=loss_grad)
-        return inv.saliency(weights, loss_grad)
-    return lib.obs_saliency(inv.contiguous(), weights.contiguous(), _contig(loss_grad), backend, check_finite)
+        return inv.saliency(_contig(weights), _contig(loss_grad))
+    return lib.obs_saliency(_contig(inv), _contig(weights), _contig(loss_grad), backend, check_finite)
 
 
 def obs_update(inv: Inverse, weights: torch.Tensor, prune_mask: torch.Tensor,
@@ -292,11 +294,11 @@ def obs_update(inv: Inverse, weights: torch.Tensor, prune_mask: torch.Tensor,
     _check_inverse(inv)
     _check_weights(inv, weights, loss_grad)
     chk.check_mask("prune_mask", prune_mask, "weights", weights)
-    _check_choice("backend", backend, CHOICES)
+    chk.check_choice("backend", backend, CHOICES)
     if isinstance(inv, LowRankInverse):
         chk.check_all_finite(check_finite, weights=weights, loss_grad=loss_grad)
-        return inv.update(weights, prune_mask, loss_grad)
-    return lib.obs_update(inv.contiguous(), weights.contiguous(), prune_mask.contiguous(), _contig(loss_grad),
+        return inv.update(_contig(weights), prune_mask, _contig(loss_grad))
+    return lib.obs_update(_contig(inv), _contig(weights), prune_mask.contiguous(), _contig(loss_grad),
                           backend, check_finite)
 
 
@@ -321,7 +323,7 @@ def gather_rows(inv: Inverse, index: torch.Tensor) -> torch.Tensor:
     if isinstance(inv, LowRankInverse):
         chk.check_index_range("index", index, inv.shape[-1])
         return inv.rows(index)
-    return lib.gather_rows(inv.contiguous(), index.contiguous())
+    return lib.gather_rows(_contig(inv), index.contiguous())
 
 
 def gather_subblocks(inv: Inverse, index: torch.Tensor) -> torch.Tensor:
@@ -339,7 +341,7 @@ def gather_subblocks(inv: Inverse, index: torch.Tensor) -> torch.Tensor:
     if isinstance(inv, LowRankInverse):
         chk.check_index_range("index", index, inv.shape[-1])
         return inv.subblocks(index)
-    return lib.gather_subblocks(inv.contiguous(), index.contiguous())
+    return lib.gather_subblocks(_contig(inv), index.contiguous())
 
 
 def group_obs_saliency(inv: Inverse, weights: torch.Tensor, groups: torch.Tensor,
@@ -359,15 +361,16 @@ def group_obs_saliency(inv: Inverse, weights: torch.Tensor, groups: torch.Tensor
     Returns:
         rho: (B, G), loss units.
     Raises:
-        ValueError: ``weights`` not (B, c) on the device and dtype of ``inv``, or ``groups``
-            as ``index`` in :func:`gather_rows`.
+        ValueError: ``weights`` not (B, c) on the device and dtype of ``inv``, ``groups``
+            as ``index`` in :func:`gather_rows`, or ``exact`` not a bool.
     """
     _check_weights(inv, weights, None)
     _check_index("groups", inv, groups)
+    exact = chk.check_flag("exact", exact)
     if isinstance(inv, LowRankInverse):  # from the factor: no row of F^-1 formed
         chk.check_index_range("groups", groups, inv.shape[-1])
-        return inv.group_coefficients(groups, weights, exact)[1]
-    return lib.group_obs_saliency(inv.contiguous(), weights.contiguous(), groups.contiguous(), bool(exact))
+        return inv.group_coefficients(groups, _contig(weights), exact)[1]
+    return lib.group_obs_saliency(_contig(inv), _contig(weights), groups.contiguous(), exact)
 
 
 def group_obs_update(inv: Inverse, weights: torch.Tensor, groups: torch.Tensor,
@@ -395,9 +398,10 @@ def group_obs_update(inv: Inverse, weights: torch.Tensor, groups: torch.Tensor,
     _check_weights(inv, weights, None)
     _check_index("groups", inv, groups)
     chk.check_mask("prune", prune, "groups[..., 0]", groups[..., 0])
+    exact = chk.check_flag("exact", exact)
+    weights = _contig(weights)
     if isinstance(inv, LowRankInverse):  # from the factor and one product F^-1 v per block
         chk.check_index_range("groups", groups, inv.shape[-1])
         coef = inv.group_coefficients(groups, weights, exact)[0]
         return reference.group_update_with(coef, inv.matvec, weights, groups, prune)
-    return lib.group_obs_update(inv.contiguous(), weights.contiguous(), groups.contiguous(), prune.contiguous(),
-                                bool(exact))
+    return lib.group_obs_update(_contig(inv), weights, groups.contiguous(), prune.contiguous(), exact)

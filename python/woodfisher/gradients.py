@@ -239,13 +239,16 @@ class GradientCollector:
             text = str(self._vmap_error).strip()
             reason = text.splitlines()[0].split(". ")[0][:200] if text else ""  # its first sentence
             hf = type(self.inner).__module__.startswith("transformers.")
+            eager = getattr(getattr(self.inner, "config", None), "_attn_implementation", None) == "eager"
             warn_at_caller(f"per-sample gradients: torch.func.vmap cannot run the model or the loss "
                            f"({type(self._vmap_error).__name__}: {reason}), so they are computed one sample at a "
                            "time (the same values, slower); the usual causes are data-dependent Python "
                            "control flow (.item(), `if` on a tensor value) and in-place writes into tensors created in "
                            "forward or loss_fn (the initial state of nn.GRU / nn.RNN)" + (
-                               "; a HuggingFace model's padding-mask checks are one: load it with "
-                               "attn_implementation='eager' to keep the batched path" if hf else ""))
+                               "" if not hf else "; a HuggingFace model's padding-mask checks are one: load it with "
+                               "attn_implementation='eager' to keep the batched path" if not eager else
+                               "; a HuggingFace encoder's padding-mask check is one even with eager attention "
+                               "(BERT): only batches without an attention_mask stay batched"))
             self._vmap_error = None
         return {k: torch.stack(v) for k, v in out.items()}
 
