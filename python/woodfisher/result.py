@@ -49,9 +49,18 @@ class PruneResult:
         overlap = "None" if self.magnitude_overlap is None else f"{self.magnitude_overlap:.3f}"
         how = "criterion" if "criterion" in self.config else "method"  # a PaI result names its criterion
         seconds = self.timings.get("total", sum(self.timings.values()))
+        collapsed = _short_list(self.collapsed)
         return (f"{type(self).__name__}(sparsity={self.sparsity:.4f}, {how}={self.config.get(how)!r}, damp={damp}, "
-                f"weights={len(self.layers)} ({kept}/{total} entries kept), collapsed={self.collapsed}, "
+                f"weights={len(self.layers)} ({kept}/{total} entries kept), collapsed={collapsed}, "
                 f"magnitude_overlap={overlap}, seconds={seconds:.2f}; see .masks, .layers, .timings)")
+
+
+def _short_list(names: List[str], shown: int = 3) -> str:
+    """``names`` as a list literal, cut after ``shown`` with a count of the rest (a summary line stays short
+    when hundreds of weights collapse)."""
+    if len(names) <= shown:
+        return repr(list(names))
+    return "[" + ", ".join(repr(n) for n in names[:shown]) + f", ... +{len(names) - shown} more]"
 
 
 def layer_rows(masks: Dict[str, torch.Tensor], forms: Optional[Dict[str, Optional[str]]] = None) -> List[dict]:
