@@ -100,3 +100,11 @@ def test_json_and_plots(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):
         plot_accuracy_vs_sparsity({}, tmp_path / "x.png")
+
+
+def test_layer_sparsity_plot_labels_both_axes(tmp_path):
+    """Both axes of the per-layer plot say what they show (SVG keeps each text as a comment)."""
+    rows = [{"layer": "enc.0.weight", "sparsity": 40.0}, {"layer": "head.weight", "sparsity": 90.0}]
+    svg = open(plot_layer_sparsity({"woodfisher": rows}, tmp_path / "layers.svg", title="T")).read()
+    for text in ("layer (weight name without .weight)", "sparsity (%)", "enc.0", "head", "T"):
+        assert f"<!-- {text} -->" in svg

@@ -211,6 +211,7 @@ def plot_layer_sparsity(tables: Mapping[str, Sequence[Row]], path: Union[str, os
         ax.bar(xs, [by_layer.get(n, 0.0) for n in layers], width=width, label=label)
     ax.set_xticks(range(len(layers)))
     ax.set_xticklabels([n.removesuffix(".weight") for n in layers], rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel("layer (weight name without .weight)")
     ax.set_ylabel("sparsity (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title)
