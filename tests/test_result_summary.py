@@ -34,3 +34,25 @@ def test_summary_of_many_collapsed_weights_stays_short_and_the_list_stays_whole(
         assert all(repr(name) in text for name in expected[:3]) and repr(expected[3]) not in text
         lengths.append(len(text))
     assert abs(lengths[0] - lengths[1]) <= 8
+
+
+def _phases(result) -> float:
+    return sum(seconds for phase, seconds in result.timings.items() if phase != "total")
+
+
+def test_timings_total_covers_the_phases_one_shot_and_prune_with():
+    """``total`` is at least the sum of the phases it reports, also from ``prune_with``, whose gradients and
+    inverse were spent in ``estimate_curvature`` (before: its total counted only selection and update)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    loader = [(torch.randn(8, 12), torch.randint(0, 3, (8,))) for _ in range(4)]
+    result = wf.prune_one_shot(wf.clone_model(model), loader, sparsity=0.6, num_grads=32, num_steps=2,
+                               progress=False)
+    assert set(result.timings) == {"gradients", "inverse", "select", "update", "total"}
+    assert result.timings["total"] >= _phases(result)
+    curvature = wf.estimate_curvature(model, loader, num_grads=32, progress=False)
+    for sparsity in (0.5, 0.7):
+        swept = wf.prune_with(wf.clone_model(model), curvature, sparsity)
+        assert swept.timings["gradients"] == curvature.timings["gradients"] > 0
+        assert swept.timings["inverse"] == curvature.timings["inverse"]
+        assert swept.timings["total"] >= _phases(swept)

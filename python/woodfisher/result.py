@@ -22,7 +22,10 @@ class PruneResult:
         damp: the dampening lambda of the last step (with ``num_steps`` > 1 and ``damp="auto"`` each step
             resolves its own from its gradients); None for magnitude baselines.
         config: the options of the call (callables by name).
-        timings: seconds per phase: gradients, inverse, select, update, total.
+        timings: seconds per phase: gradients, inverse, select, update, and total (>= the sum of the phases;
+            from :func:`woodfisher.prune_with`, gradients and inverse are the curvature's, spent once in
+            :func:`woodfisher.estimate_curvature` and shared by every ``prune_with`` of a sweep, and total
+            includes them).
         collapsed: names of the pruned weights left with no entry, or with a kept fraction
             below :data:`woodfisher.masks.COLLAPSE_DENSITY` (layer collapse; a warning is
             issued too); empty when none.
