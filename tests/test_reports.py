@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import woodfisher as wf
 from woodfisher.flops import count_flops, flops_per_param, layer_flops
 from woodfisher.reports import (
     format_table,
@@ -108,3 +109,21 @@ def test_layer_sparsity_plot_labels_both_axes(tmp_path):
     svg = open(plot_layer_sparsity({"woodfisher": rows}, tmp_path / "layers.svg", title="T")).read()
     for text in ("layer (weight name without .weight)", "sparsity (%)", "enc.0", "head", "T"):
         assert f"<!-- {text} -->" in svg
+
+
+def test_to_jsonable_turns_a_prune_result_and_its_config_into_their_fields():
+    """``to_jsonable`` / ``write_json`` of a PruneResult give its fields (not its summary string), and the JSON
+    read back holds the same masks, per-weight table, sparsity and config."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    loader = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(2)]
+    result = wf.prune_one_shot(model, loader, sparsity=0.5, num_grads=16, progress=False,
+                               loss_fn=torch.nn.functional.cross_entropy)
+    back = json.loads(json.dumps(to_jsonable(result)))
+    assert back["sparsity"] == result.sparsity and back["damp"] == result.damp
+    assert back["config"]["loss_fn"] == "cross_entropy" and back["config"]["sparsity"] == 0.5
+    assert back["masks"].keys() == result.masks.keys()
+    assert all(torch.equal(torch.tensor(back["masks"][n]), m) for n, m in result.masks.items())
+    assert [row["nnz"] for row in back["layers"]] == [row["nnz"] for row in result.layers]
+    config = to_jsonable(wf.PruneConfig(sparsity=0.3, block_size=None))
+    assert config["sparsity"] == 0.3 and config["block_size"] is None and config["method"] == "woodfisher"

@@ -7,6 +7,7 @@ Plots use matplotlib's Agg backend (files only, no display needed).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -115,7 +116,13 @@ def format_table(rows: Sequence[Row], title: Optional[str] = None) -> str:
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Convert tensors / numpy / tuples / dataclass-like objects to JSON-serialisable values."""
+    """Convert tensors / numpy / tuples / dataclasses to JSON-serialisable values.
+
+    A dataclass instance (a :class:`woodfisher.PruneResult`, a :class:`woodfisher.PruneConfig`) becomes a dict of
+    its fields (masks as nested lists of booleans); callables become their names.
+    """
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, torch.Tensor):
         return obj.item() if obj.numel() == 1 else obj.tolist()
     if isinstance(obj, Mapping):
