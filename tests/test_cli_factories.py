@@ -177,3 +177,26 @@ def test_export_of_a_factory_model_says_whether_it_was_checked(user_pkg, capsys)
     assert main([*base, "--out", str(user_pkg / "b.pt"), "--input-shape", "6"]) == 0
     out = capsys.readouterr().out
     assert "max |output - dense output| = " in out, out
+
+
+def test_prune_report_json_names_real_metrics_and_the_magnitude_overlap(user_pkg):
+    """Without evaluation data report.json has no ``None_before`` / ``None_after`` keys; it holds the overlap
+    with global magnitude (recounted here from the factory's weights and the masks), and ``woodfisher report``
+    of the pruned checkpoint gives the same per-layer table."""
+    from mypkg.stuff import build
+
+    out = user_pkg / "run3"
+    assert main(["prune", "--model", "mypkg.stuff:build", "--data", "mypkg.stuff:calibration_loader",
+                 "--sparsity", "0.6", "--num-grads", "32", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["metric"] is None and not any(key.startswith("None") for key in report)
+    dense, masks = build(), torch.load(out / "masks.pt", weights_only=True)
+    weights = {name: dense.get_parameter(name).detach().abs() for name in masks}
+    pruned = sum(int((~keep).sum()) for keep in masks.values())
+    threshold = torch.cat([w.flatten() for w in weights.values()]).kthvalue(pruned).values
+    both = sum(int(((weights[n] <= threshold) & ~keep).sum()) for n, keep in masks.items())
+    assert report["magnitude_overlap"] == pytest.approx(both / pruned)
+    assert main(["report", "--model", "mypkg.stuff:build", "--checkpoint", str(out / "pruned.pt"),
+                 "--out", str(user_pkg / "rep")]) == 0
+    inspected = json.loads((user_pkg / "rep" / "report.json").read_text())
+    assert inspected["layers"] == report["layers"] and inspected["totals"] == report["totals"]

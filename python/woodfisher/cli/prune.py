@@ -162,9 +162,10 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
             title = f"{args.model} {args.method} ({args.mode}) at {100 * args.sparsity:.1f}% target sparsity" + (
                 f", damp {result.damp:.3g}" if result.damp is not None else "")
             report = {"model": args.model, "data": data or args.data, "checkpoint": args.checkpoint,
-                      "world_size": world, "metric": metric, f"{metric}_before": before, f"{metric}_after": after,
+                      "world_size": world, "metric": metric,
+                      **({f"{metric}_before": before, f"{metric}_after": after} if metric else {}),
                       "eval_samples": samples, "sparsity": result.sparsity, "damp": result.damp,
-                      "collapsed": result.collapsed,
+                      "magnitude_overlap": result.magnitude_overlap, "collapsed": result.collapsed,
                       "seconds": seconds, "timings": result.timings, "phases": dict(shown.seconds),
                       "config": result.config, "layers": rows, "totals": table_totals(rows)}
             files = write_outputs(args.out, rows, report, title, model=model, masks=result.masks)
