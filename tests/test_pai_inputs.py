@@ -303,6 +303,10 @@ def test_cli_pai_on_a_user_factory_model_and_loader(tmp_path, monkeypatch):
                  "--sparsity", "0.5", "--criterion", "snip", "--train-epochs", "0.5", "--batch-size", "8",
                  "--no-progress", "--out", str(out)])
     assert code == 2  # training needs a loader with a length: the single-pass factory is refused clearly
+    assert main(["pai", "--model", f"{path}:build", "--data", f"{path}:loader", "--batch-adapter", f"{path}:adapter",
+                 "--sparsity", "0.5", "--criterion", "snip", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())  # no evaluation data: no "None_at_init" keys
+    assert report["metric"] is None and not any(key.startswith("None") for key in report)
 
 
 def test_pai_result_prints_as_a_short_summary():

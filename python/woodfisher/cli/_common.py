@@ -293,6 +293,11 @@ def make_out_dir(out: str) -> None:
         raise ValueError(f"--out {out!r}: the folder cannot be created ({err.strerror or err})") from None
 
 
+def metric_values(metric: Optional[str], **values) -> dict:
+    """``{"<metric>_<when>": value}`` for report.json; empty without a metric (no ``None_before`` keys)."""
+    return {f"{metric}_{when}": value for when, value in values.items()} if metric else {}
+
+
 def write_outputs(out: str, rows, report: Dict, title: str, model=None, masks=None) -> List[str]:
     """Write sparsity.md, report.json, layer_sparsity.png (and pruned.pt / masks.pt when given)."""
     from ..checkpoint import save_state_dict

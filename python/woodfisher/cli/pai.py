@@ -27,6 +27,7 @@ from ._common import (
     is_import_path,
     load_model,
     make_out_dir,
+    metric_values,
     sparsity_type,
     user_functions,
     write_outputs,
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             rows = sparsity_table(result, model=model, input_shape=spec.input_shape if spec is not None else None)
             title = f"{args.model} PaI {args.criterion} ({args.mode}) at {100 * args.sparsity:.1f}% target sparsity"
             report = {"model": args.model, "data": data or args.data, "checkpoint": args.checkpoint,
-                      "metric": metric, f"{metric}_at_init": at_init, f"{metric}_after_training": after,
+                      "metric": metric, **metric_values(metric, at_init=at_init, after_training=after),
                       "eval_samples": samples, "sparsity": result.sparsity, "criterion": args.criterion,
                       "collapsed": result.collapsed, "train": train_stats, "seconds": seconds,
                       "timings": result.timings, "phases": dict(shown.seconds), "config": result.config,

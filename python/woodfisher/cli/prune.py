@@ -35,6 +35,7 @@ from ._common import (
     is_import_path,
     load_model,
     make_out_dir,
+    metric_values,
     require,
     sparsity_type,
     steps_type,
@@ -163,7 +164,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
                 f", damp {result.damp:.3g}" if result.damp is not None else "")
             report = {"model": args.model, "data": data or args.data, "checkpoint": args.checkpoint,
                       "world_size": world, "metric": metric,
-                      **({f"{metric}_before": before, f"{metric}_after": after} if metric else {}),
+                      **metric_values(metric, before=before, after=after),
                       "eval_samples": samples, "sparsity": result.sparsity, "damp": result.damp,
                       "magnitude_overlap": result.magnitude_overlap, "collapsed": result.collapsed,
                       "seconds": seconds, "timings": result.timings, "phases": dict(shown.seconds),
