@@ -65,3 +65,31 @@ def test_cli_report_reads_a_compiled_models_checkpoint(tmp_path, capsys):
     assert main(["report", "--model", "digits_mlp", "--checkpoint", str(tmp_path / "c.pt"),
                  "--out", str(tmp_path / "o")]) == 0
     assert "| total |" in capsys.readouterr().out
+
+
+
+def test_a_checkpoint_saved_with_masks_attached_loads_as_the_masked_weights(tmp_path, capsys):
+    """A state dict saved while ``torch.nn.utils.prune`` masks are attached (``keep_masks=True``, mid fine-tuning)
+    holds ``weight_orig`` / ``weight_mask``: it loads into the bare model as ``weight_orig * weight_mask`` (also
+    under a wrapper's prefix), and ``woodfisher report`` counts those zeros."""
+    import woodfisher as wf
+
+    torch.manual_seed(0)
+    masked = digits_mlp()
+    masks = {name: torch.rand_like(p) < 0.4 for name, p in masked.named_parameters() if name.endswith("weight")}
+    wf.attach_masks(masked, masks)
+    with torch.no_grad():  # fine-tuning moves the hidden originals, pruned entries included
+        for name in masks:
+            masked.get_parameter(name + "_orig").add_(0.5)
+    state = masked.state_dict()
+    assert {name + "_orig" for name in masks} | {name + "_mask" for name in masks} <= set(state)
+    torch.save({"module." + key: value for key, value in state.items()}, tmp_path / "masked.pt")
+    torch.manual_seed(1)
+    loaded = load_checkpoint(digits_mlp(), tmp_path / "masked.pt")
+    wf.make_permanent(masked)
+    assert loaded.state_dict().keys() == masked.state_dict().keys()
+    for name, value in masked.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    assert main(["report", "--model", "digits_mlp", "--checkpoint", str(tmp_path / "masked.pt")]) == 0
+    kept = sum(int(keep.sum()) for keep in masks.values())
+    assert f"| {kept:,} |" in capsys.readouterr().out.split("| total |")[1]

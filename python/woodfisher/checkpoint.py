@@ -104,9 +104,26 @@ def _corrupt(path: str, err: BaseException) -> ValueError:
                       f"({os.path.getsize(path)} bytes; {_detail(err)})")
 
 
+def _fold_prune_pairs(state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``{X.p_orig, X.p_mask}`` -> ``{X.p: p_orig * p_mask}`` wherever both are present with one shape."""
+    pairs = [key[:-len("_orig")] for key in state if key.endswith("_orig") and
+             isinstance(state.get(key[:-len("_orig")] + "_mask"), torch.Tensor) and
+             state[key[:-len("_orig")] + "_mask"].shape == state[key].shape]
+    if not pairs:
+        return state
+    dropped = {f"{name}_{end}" for name in pairs for end in ("orig", "mask")}
+    out = {key: value for key, value in state.items() if key not in dropped}
+    for name in pairs:
+        orig = state[name + "_orig"]
+        out[name] = orig * state[name + "_mask"].to(orig.dtype)
+    return out
+
+
 def normalise_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Strip wrapper prefixes (``module.``, ``_orig_mod.``), unwrap ``X._layer.p`` -> ``X.p`` and fold
-    ``X._weight_mask`` into ``X.weight``."""
+    """Strip wrapper prefixes (``module.``, ``_orig_mod.``), unwrap ``X._layer.p`` -> ``X.p``, fold
+    ``X._weight_mask`` into ``X.weight`` and ``torch.nn.utils.prune``'s ``X.p_orig`` / ``X.p_mask`` pair (a model
+    saved with masks attached: ``keep_masks=True``, ``attach_masks``, ``GradualPruner``) into ``X.p``."""
+    state = _fold_prune_pairs(state)
     while state and (prefix := next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)):
         state = {k[len(prefix):]: v for k, v in state.items()}
     out: Dict[str, torch.Tensor] = {}
