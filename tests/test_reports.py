@@ -127,3 +127,40 @@ def test_to_jsonable_turns_a_prune_result_and_its_config_into_their_fields():
     assert [row["nnz"] for row in back["layers"]] == [row["nnz"] for row in result.layers]
     config = to_jsonable(wf.PruneConfig(sparsity=0.3, block_size=None))
     assert config["sparsity"] == 0.3 and config["block_size"] is None and config["method"] == "woodfisher"
+
+
+class _CrossAttention(nn.Module):
+    """Self-attention over the input (L_q = 5 tokens), then attention to a fixed memory of L_k = 7 tokens."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.cross = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.register_buffer("memory", torch.randn(1, 7, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.self_attn(x, x, x, need_weights=False)[0]
+        x = self.cross(x, self.memory, self.memory, need_weights=False)[0]
+        return self.head(x.mean(1))
+
+
+def test_attention_projections_are_counted_in_flops_and_the_report_table():
+    """``nn.MultiheadAttention`` reads its projections without calling a submodule: their FLOPs are counted
+    from the query / key lengths (E x E per token and projection: q over L_q, k and v over L_k, out over L_q),
+    sparse FLOPs from their zeros, so a transformer's report table keeps its FLOPs columns."""
+    torch.manual_seed(0)
+    model, dim, lq, lk = _CrossAttention(), 8, 5, 7
+    with torch.no_grad():
+        model.cross.in_proj_weight[:dim].zero_()  # the query rows: used L_q times each
+    stats = layer_flops(model, (lq, dim))
+    assert stats["self_attn.in_proj"]["flops_dense"] == 3 * dim * dim * lq
+    assert stats["self_attn.out_proj"]["flops_dense"] == dim * dim * lq
+    assert stats["cross.in_proj"]["flops_dense"] == dim * dim * (lq + 2 * lk)
+    assert stats["cross.in_proj"]["flops_sparse"] == dim * dim * 2 * lk
+    assert stats["cross.out_proj"]["weight"] == "cross.out_proj.weight" and stats["head"]["flops_dense"] == 3 * dim
+    rows = sparsity_table(model, input_shape=(lq, dim), names=["self_attn.in_proj_weight", "cross.in_proj_weight",
+                                                              "cross.out_proj.weight", "head.weight"])
+    assert [row["flops_dense"] for row in rows] == [3 * dim * dim * lq, dim * dim * (lq + 2 * lk), dim * dim * lq,
+                                                    3 * dim]
+    assert "FLOPs dense" in format_table(rows)

@@ -40,7 +40,11 @@ def layer_flops(model: nn.Module, input_shape: Sequence[int],
 
     Returns:
         {module name: {"weight": param name, "shape": tuple, "params": numel, "nnz": int,
-         "uses": int, "flops_dense": int, "flops_sparse": int}} in forward order.
+         "uses": int, "flops_dense": int, "flops_sparse": int}} in forward order. An
+        ``nn.MultiheadAttention`` ``attn`` adds ``attn.in_proj`` (or ``attn.q_proj`` / ``k_proj`` / ``v_proj``,
+        weight ``attn.in_proj_weight`` ...) and ``attn.out_proj``, counted from its query / key lengths
+        (``uses`` of ``in_proj_weight`` is (L_q + 2 L_k) / 3, a float when they differ; its FLOPs count its query
+        rows L_q times and its key / value rows L_k times).
     """
     if not input_shape or any(int(s) <= 0 for s in input_shape):
         raise ValueError(f"input_shape must be a non-empty sequence of positive ints, got {input_shape!r}")
@@ -60,8 +64,30 @@ def layer_flops(model: nn.Module, input_shape: Sequence[int],
                                         "nnz": int(torch.count_nonzero(w)), "uses": 0})
         entry["uses"] = int(entry["uses"]) + int(uses)  # a module called twice counts twice
 
+    def attention_hook(module: nn.MultiheadAttention, args, kwargs, _output) -> None:
+        # it reads its projections' weights without calling a submodule: counted from its query / key lengths
+        per = _projection_uses(module, args, kwargs)
+        lq, lk = per["q_proj_weight"], per["k_proj_weight"]
+        for attr, uses in per.items():
+            owner, param = (module.out_proj, "weight") if attr == "out_proj" else (module, attr)
+            w = getattr(owner, param, None)
+            if not isinstance(w, torch.Tensor):
+                continue
+            name = names[owner] + ("" if attr == "out_proj" else "." + attr.removesuffix("_weight"))
+            entry = stats.setdefault(name, {"weight": f"{names[owner]}.{param}", "shape": tuple(w.shape),
+                                            "params": w.numel(), "nnz": int(torch.count_nonzero(w)), "uses": 0,
+                                            "flops_dense": 0, "flops_sparse": 0})
+            entry["uses"] = entry["uses"] + uses
+            # in_proj_weight's rows are [q; k; v], each third used over its own length: exact dense / sparse FLOPs
+            parts = zip(w.chunk(3), (lq, lk, lk)) if attr == "in_proj_weight" else [(w, uses)]
+            for rows, length in parts:
+                entry["flops_dense"] += int(rows.numel() * length)
+                entry["flops_sparse"] += int(torch.count_nonzero(rows)) * int(length)
+
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, FLOP_MODULES) or is_hf_conv1d(m)]
+    handles += [m.register_forward_hook(attention_hook, with_kwargs=True) for m in model.modules()
+                if isinstance(m, nn.MultiheadAttention)]
     try:
         with eval_mode(model):
             model(torch.zeros((1, *[int(s) for s in input_shape]), dtype=first.dtype, device=device))
@@ -69,8 +95,10 @@ def layer_flops(model: nn.Module, input_shape: Sequence[int],
         for h in handles:
             h.remove()
     for entry in stats.values():
-        entry["flops_dense"] = int(entry["params"]) * int(entry["uses"])
-        entry["flops_sparse"] = int(entry["nnz"]) * int(entry["uses"])
+        if "flops_dense" not in entry:  # attention projections counted theirs in attention_hook
+            entry["flops_dense"] = int(entry["params"]) * int(entry["uses"])
+            entry["flops_sparse"] = int(entry["nnz"]) * int(entry["uses"])
+        entry["uses"] = int(entry["uses"]) if float(entry["uses"]).is_integer() else entry["uses"]
     return stats
 
 
@@ -98,6 +126,16 @@ def _seq_len(x: torch.Tensor, batch_first: bool) -> int:
     return int(x.shape[1] if (x.dim() == 3 and batch_first) else x.shape[0])
 
 
+def _projection_uses(mha: nn.MultiheadAttention, args, kwargs) -> Dict[str, float]:
+    """{projection: uses per entry} of one call of ``mha`` (its query / key lengths; see
+    :func:`_attention_hooks`); keys ``in_proj_weight``, ``q/k/v_proj_weight`` and ``out_proj``."""
+    query = args[0] if args else kwargs["query"]
+    key = args[1] if len(args) > 1 else kwargs.get("key", query)
+    lq, lk = _seq_len(query, mha.batch_first), _seq_len(key, mha.batch_first)
+    return {"in_proj_weight": (lq + 2 * lk) / 3, "q_proj_weight": lq, "k_proj_weight": lk, "v_proj_weight": lk,
+            "out_proj": lq}
+
+
 def _attention_hooks(inner: nn.Module, targets, uses: Dict[str, float]) -> Tuple[list, set]:
     """Hooks on every nn.MultiheadAttention whose projections are targets (it reads them without calling
     a submodule): ``in_proj_weight`` rows serve the query (L_q uses) and key / value (L_k uses each),
@@ -121,11 +159,7 @@ def _attention_hooks(inner: nn.Module, targets, uses: Dict[str, float]) -> Tuple
         covered |= set(mine)
 
         def hook(module, args, kwargs, _output, mine=mine):
-            query = args[0] if args else kwargs["query"]
-            key = args[1] if len(args) > 1 else kwargs.get("key", query)
-            lq, lk = _seq_len(query, module.batch_first), _seq_len(key, module.batch_first)
-            per = {"in_proj_weight": (lq + 2 * lk) / 3, "q_proj_weight": lq, "k_proj_weight": lk,
-                   "v_proj_weight": lk, "out_proj": lq}
+            per = _projection_uses(module, args, kwargs)
             for name, attr in mine.items():
                 uses[name] = uses.get(name, 0) + per[attr]
         handles.append(mha.register_forward_hook(hook, with_kwargs=True))

@@ -74,9 +74,10 @@ def sparsity_table(result_or_model: Any, *, model: Optional[nn.Module] = None,
         by_weight = {str(s["weight"]): s for s in layer_flops(model, input_shape).values()}
         for row in rows:
             s = by_weight.get(row["layer"])
-            if s is not None:
-                row["flops_dense"] = int(s["params"]) * int(s["uses"])
-                row["flops_sparse"] = int(row["nnz"]) * int(s["uses"])
+            if s is not None:  # the model's own count when it holds these zeros (exact for attention projections)
+                same = int(s["nnz"]) == int(row["nnz"])
+                row["flops_dense"] = int(s["flops_dense"])
+                row["flops_sparse"] = int(s["flops_sparse"]) if same else round(int(row["nnz"]) * s["uses"])
     return rows
 
 
