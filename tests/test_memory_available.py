@@ -63,9 +63,11 @@ def test_available_bytes_of_the_cpu_is_positive_and_at_most_the_physical_memory(
 
 
 def _stream_need(targets):
-    """Bytes of a streamed step (fixed damp) by an independent count: the dense c x c inverses and one gradient."""
+    """Bytes of a streamed step (fixed damp) by an independent count: the dense c x c inverses, one gradient and
+    the blocked copy of the widest weight's share of it."""
     d = sum(t.numel for t in targets)
-    return (sum(t.num_blocks * t.block_size ** 2 for t in targets) + d) * stat_itemsize(targets)
+    widest = max(t.num_blocks * t.block_size for t in targets)
+    return (sum(t.num_blocks * t.block_size ** 2 for t in targets) + d + widest) * stat_itemsize(targets)
 
 
 # blocks of 8 and 32 gradients: keeping (32 gradients per weight) needs more than streaming (8 + 1 per weight)
@@ -137,7 +139,8 @@ def test_the_plan_counts_the_gradient_chunk_and_the_float64_refinement_chunk(mak
     assert plan_memory(targets, num_grads, size, need, fisher_batch_size=fbs) == ("keep", None)
     stream = _stream_need(targets)
     below = plan_memory(targets, num_grads, size, need - 1, fisher_batch_size=fbs)
-    assert stream <= need - 1 and below == ("stream", min(num_grads, (need - 1 - stream) // (d * size)))
+    per_grad = (d + max(t.num_blocks * t.block_size for t in targets)) * size  # a gradient + its blocked copy
+    assert stream <= need - 1 and below == ("stream", min(num_grads, 1 + (need - 1 - stream) // per_grad))
 
 
 def test_just_below_the_need_where_streaming_cannot_fit_either_is_refused_naming_memory_budget():
@@ -146,6 +149,6 @@ def test_just_below_the_need_where_streaming_cannot_fit_either_is_refused_naming
     size = stat_itemsize(targets)
     assert _stream_need(targets) > need - 1
     assert plan_memory(targets, 16, size, need) == ("keep", None)
-    with pytest.raises(ValueError, match=rf"^memory_budget={need - 1} bytes is too small: keeping the gradients "
-                                         rf"needs {need}"):
+    with pytest.raises(ValueError, match=rf"^memory_budget={need - 1} bytes \(720.0 KiB\) is too small: keeping "
+                                         rf"the gradients needs {need} \(720.0 KiB\).* at most 15 gradients per step fit"):
         plan_memory(targets, 16, size, need - 1)

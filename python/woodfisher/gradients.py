@@ -372,7 +372,11 @@ class GradientCollector:
                     self.count += count
                     self.samples += count * self.fbs
                     bar.update(count)
+                    # drop this frame's references before the next chunk is computed: the consumer holds the
+                    # piece as long as it needs it, and a generator's locals live on across the yield
+                    del grads, labelled, extra
                     yield piece
+                    del piece
         finally:
             bar.close()
         if self.count == 0:
@@ -396,15 +400,20 @@ class GradientCollector:
         """
         pending: List[Dict[str, torch.Tensor]] = []
         have = 0
-        for piece in self._pieces():
+        for piece in self._pieces():  # no reference is kept across a yield but the pending rows (memory plan)
             pending.append(piece)
             have += next(iter(piece.values())).shape[0]
+            del piece
             while have >= k:
-                cat = {n: torch.cat([p[n] for p in pending]) for n in piece}
-                yield {n: v[:k] for n, v in cat.items()}
-                rest = {n: v[k:] for n, v in cat.items()}
+                cat = pending[0] if len(pending) == 1 else {n: torch.cat([p[n] for p in pending]) for n in pending[0]}
+                pending.clear()
                 have -= k
-                pending = [rest] if have else []
+                if have:
+                    pending.append({n: v[k:].clone() for n, v in cat.items()})
+                chunk = {n: v[:k] for n, v in cat.items()}
+                del cat
+                yield chunk
+                del chunk
         if have:
             yield {n: torch.cat([p[n] for p in pending]) for n in pending[0]}
 
@@ -442,7 +451,8 @@ class GradientCollector:
                 pass
             return finished(first)
         out: Dict[str, torch.Tensor] = {}
-        for piece in itertools.chain([first] if first is not None else [], pieces):
+        piece, first = first, None  # no chunk outlives its copy into the buffer (the memory plan counts one)
+        while piece is not None:
             start, stop = self.count - next(iter(piece.values())).shape[0], self.count
             for name, g in piece.items():
                 target = by_name[name]
@@ -455,4 +465,7 @@ class GradientCollector:
                     out[name][:, start:stop].copy_(blocks.transpose(0, 1))
                 else:
                     out[name][start:stop].copy_(g)
+            del g
+            piece = None
+            piece = next(pieces, None)
         return out

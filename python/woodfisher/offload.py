@@ -201,6 +201,7 @@ def estimate_offloaded(collector, targets, config, curv, batch_groups: int) -> N
                 target.grad_blocks(chunk[target.name]), non_blocking=True
             )
         stats.count += k
+        del chunk   # released before the next chunk is computed (the plan counts one chunk on the device)
     curv.timings["gradients"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     curv.stats, count = stats, stats.count

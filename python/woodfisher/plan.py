@@ -20,7 +20,7 @@ from .offload import offload_fits
 from .precision import compute_dtype
 from .targets import PruneTarget
 
-__all__ = ["plan_memory", "keep_step_bytes", "stat_itemsize"]
+__all__ = ["plan_memory", "keep_step_bytes", "stream_step_bytes", "stat_itemsize"]
 
 
 def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
@@ -35,12 +35,15 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
     weights whose blocks may be built dense, the float64 chunk of blocks recomputed when their
     float32 inverse is not accurate enough (:func:`woodfisher.conditioning.refine_bytes`, up to
     :data:`woodfisher.conditioning.REFINE_BYTES`).
-    Streaming costs the dense ``B c^2`` inverses (float64 Gram blocks with ``auto_damp``)
-    plus a buffer of k gradients; offloading (:mod:`woodfisher.offload`: forced by
+    Streaming (:func:`stream_step_bytes`) costs the dense ``B c^2`` inverses (float64 Gram blocks with
+    ``auto_damp``) plus a buffer of k gradients and the blocked copy of one weight's share of them (and,
+    with ``auto_damp``, the float64 Cholesky factor and inverse of one weight's blocks); offloading (:mod:`woodfisher.offload`: forced by
     ``inverse_form="offload"``, else only for weights on an accelerator) costs one chunk of
     blocks on the device. ``memory_budget=None``: the memory the device has available
     (:func:`woodfisher.memory.available_bytes`) is the budget; a step that must then stream or
-    offload says so in a warning.
+    offload says so in a warning. Not counted: the model's weights and the activations of the
+    samples in flight (``vmap`` over a chunk of samples holds every sample's activations: for a
+    language model, ``seq x vocab`` logits per sample and their gradient).
 
     Args:
         targets: the pruned weights (block sizes set). num_grads: m, gradients of the step.
@@ -59,8 +62,7 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
         return "offload", None
     d = sum(target.numel for target in targets)
     m = num_grads
-    seq = sum(target.num_blocks * target.block_size ** 2 for target in targets) * itemsize
-    stream_seq = seq * (8 // itemsize if auto_damp else 1)
+    stream_min = stream_step_bytes(targets, 1, itemsize, auto_damp)
     keep_bytes = keep_step_bytes(targets, m, itemsize, fisher_batch_size, inverse_form)
     budget = memory_budget
     if memory_budget is None:  # the device's available memory is the budget, for the step to fit
@@ -71,16 +73,17 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
     if keep_bytes <= budget:
         return "keep", None
     plan = None
-    if stream_seq + d * itemsize <= budget:
-        plan = ("stream", max(1, min(m, (budget - stream_seq) // (d * itemsize))))
+    if stream_min <= budget:
+        plan = ("stream", _stream_k(targets, m, itemsize, auto_damp, budget))
     elif targets[0].param.device.type != "cpu" and offload_fits(targets, m, itemsize, budget):
         plan = ("offload", None)
     if memory_budget is not None:
         if plan is not None:
             return plan
-        raise ValueError(f"memory_budget={memory_budget} bytes is too small: keeping the gradients needs "
-                         f"{keep_bytes}, streaming needs at least {stream_seq + d * itemsize}; "
-                         "use a smaller block_size or fewer num_grads (or inverse_form='offload': inverses in host "
+        raise ValueError(f"memory_budget={memory_budget} bytes ({_gib(memory_budget)}) is too small: keeping the "
+                         f"gradients needs {keep_bytes} ({_gib(keep_bytes)}), streaming needs at least {stream_min} "
+                         f"({_gib(stream_min)}); {_what_fits(targets, m, itemsize, memory_budget, fisher_batch_size, inverse_form, auto_damp)}, or "
+                         "a smaller block_size (or inverse_form='offload': inverses in host "
                          "memory, streamed through the device in chunks; automatic for weights on a GPU)")
     need = (f"a step of {m} gradients of {d:,} pruned weights needs {keep_bytes / 2**30:.2f} GiB kept (gradients, "
             f"block inverses and their working chunks), more than the {budget / 2**30:.2f} GiB available on {device}")
@@ -89,10 +92,71 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
                        "; slower, same result); pass memory_budget=<bytes> to choose, or fewer gradients per step "
                        "(a smaller num_grads, or more num_steps)")
         return plan
-    raise ValueError(f"{need}, and streaming needs at least {(stream_seq + d * itemsize) / 2**30:.2f} GiB: pass "
-                     "fewer gradients per step (a smaller num_grads, or more num_steps: num_grads is the total over "
+    raise ValueError(f"{need}, and streaming needs at least {stream_min / 2**30:.2f} GiB: "
+                     f"{_what_fits(targets, m, itemsize, budget, fisher_batch_size, inverse_form, auto_damp)} "
+                     "(a smaller num_grads, or more num_steps: num_grads is the total over "
                      "the steps), a smaller block_size, or memory_budget=<bytes> (at or above the need, the check "
                      "is yours)")
+
+
+def _stream_k(targets, m: int, itemsize: int, auto_damp: bool, budget: int) -> int:
+    """The most gradients per streamed chunk (1 to m) within ``budget`` (:func:`stream_step_bytes`)."""
+    acc, per_grad, _ = _stream_parts(targets, itemsize, auto_damp)
+    return max(1, min(m, (budget - acc) // per_grad))
+
+
+def _gib(nbytes: int) -> str:
+    """``nbytes`` in the largest binary unit that leaves a number >= 1 (GiB, MiB or KiB)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes / 2**10:.1f} KiB"
+
+
+def _what_fits(targets, m: int, itemsize: int, budget: int, fisher_batch_size: int, inverse_form: str,
+               auto_damp: bool) -> str:
+    """What would fit ``budget`` with these blocks: the most gradients per step kept, else the damp to fix."""
+    lo, hi = 0, m   # keep_step_bytes grows with the number of gradients: the largest count that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if keep_step_bytes(targets, mid, itemsize, fisher_batch_size, inverse_form) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo:
+        return f"at most {lo} gradients per step fit with these blocks: pass fewer gradients per step"
+    if auto_damp and stream_step_bytes(targets, 1, itemsize, False) <= budget:
+        return ("with a fixed damp (damp=<number>, float32 inverses streamed instead of float64 Gram blocks) "
+                "streaming would fit; or pass fewer gradients per step")
+    return "not even one gradient per step fits with these blocks: pass fewer gradients per step"
+
+
+def stream_step_bytes(targets: List[PruneTarget], k: int, itemsize: int, auto_damp: bool = False) -> int:
+    """Peak bytes of a step that streams its gradients ``k`` at a time (plan "stream" of :func:`plan_memory`).
+
+    The dense ``B c^2`` inverses (float64 Gram blocks with ``auto_damp``, :mod:`woodfisher.streaming`) plus the
+    larger of: the chunk of ``k`` gradients with the blocked copy (and its float64 copy with ``auto_damp``) of one
+    weight's share; with ``auto_damp``, one weight's float64 Cholesky factor and inverse and its float32 result.
+
+    Args:
+        targets: the pruned weights (block sizes set). k: gradients per chunk. itemsize: bytes per entry.
+        auto_damp: ``damp="auto"``.
+    Returns:
+        Bytes (int).
+    """
+    acc, per_grad, final = _stream_parts(targets, itemsize, auto_damp)
+    return acc + max(k * per_grad, final)
+
+
+def _stream_parts(targets, itemsize: int, auto_damp: bool) -> Tuple[int, int, int]:
+    """(bytes of the accumulated blocks, bytes per gradient of a chunk, bytes of the last inversion's buffers)."""
+    d = sum(target.numel for target in targets)
+    width = max((target.num_blocks * target.block_size for target in targets), default=0)  # padded numel
+    dense = [target.num_blocks * target.block_size ** 2 for target in targets]
+    acc = sum(dense) * (8 if auto_damp else itemsize)
+    per_grad = d * itemsize + width * (itemsize + (8 if auto_damp else 0))
+    final = max(dense, default=0) * (2 * 8 + itemsize) if auto_damp else 0
+    return acc, per_grad, final
 
 
 def keep_step_bytes(targets: List[PruneTarget], num_grads: int, itemsize: int, fisher_batch_size: int = 1,

@@ -66,7 +66,13 @@ def estimate_streamed(collector, targets, config, curv, k: int) -> None:
         acc[target.name] = (
             (torch.zeros_like(eye) if auto else eye.div(curv.damp)).expand(target.num_blocks, -1, -1).contiguous()
         )
-    for chunk in collector.chunks(k):
+    chunks, collecting = collector.chunks(k), 0.0
+    while True:
+        t1 = time.perf_counter()   # time spent computing the gradients (the rest of the loop updates inverses)
+        chunk = next(chunks, None)
+        collecting += time.perf_counter() - t1
+        if chunk is None:
+            break
         for target in targets:
             blocks = target.grad_blocks(chunk[target.name])
             if check:  # (1 + 1e-3) ||G_chunk||_F^2 per block (the bound at N = damp = 1, summed over chunks)
@@ -84,21 +90,26 @@ def estimate_streamed(collector, targets, config, curv, k: int) -> None:
                     if not check:
                         raise error from err
                     failed[target.name] = error   # rebuilt from a second pass, or raised (_conditioning)
+            del blocks
+        chunk = None   # released before the next chunk is computed (the memory plan counts one chunk)
     curv.stats.sum_sq, curv.stats.count = collector.sum_sq, collector.count
     if auto:
         curv.damp = resolve_damp("auto", curv.stats)
     upper = {name: f.cpu() / (m * curv.damp) for name, f in frob.items()}   # (B,) bounds of kappa
     if auto:
-        with phase("inverses"):
+        with phase("inverses", total=len(targets), unit="weight") as bar:
             for target in targets:
                 gram = acc.pop(target.name).div_(m)
                 if check and target.num_blocks:
                     _record(curv, target.name, *_gram_conditioning(gram, curv.damp, upper[target.name]))
                 gram.diagonal(dim1=1, dim2=2).add_(curv.damp)
                 acc[target.name] = torch.cholesky_inverse(torch.linalg.cholesky(gram)).to(dtype)
+                del gram
+                bar.update(1)
     curv.inverses = acc
     curv.forms = {target.name: "stream" for target in targets}
-    curv.timings["inverse"] += time.perf_counter() - t0
+    curv.timings["gradients"] += collecting
+    curv.timings["inverse"] += time.perf_counter() - t0 - collecting
     if check and not auto:
         _conditioning(collector, targets, config, curv, upper, k, failed)
 
@@ -188,6 +199,8 @@ def _second_pass(collector, by_name, flagged, upper, damp: float, k: int):
             for name, idx in flagged.items():
                 blocks = by_name[name].grad_blocks(chunk[name])
                 kept[name].append(blocks[idx.to(blocks.device)])
+                del blocks
+            del chunk   # released before the next chunk is computed
     except ValueError:  # the loader ran out (or failed) this time: the first pass's inverses stand
         return None
     finally:
