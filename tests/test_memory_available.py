@@ -150,5 +150,6 @@ def test_just_below_the_need_where_streaming_cannot_fit_either_is_refused_naming
     assert _stream_need(targets) > need - 1
     assert plan_memory(targets, 16, size, need) == ("keep", None)
     with pytest.raises(ValueError, match=rf"^memory_budget={need - 1} bytes \(720.0 KiB\) is too small: keeping "
-                                         rf"the gradients needs {need} \(720.0 KiB\).* at most 15 gradients per step fit"):
+                                         rf"the gradients needs {need} \(720.0 KiB\).* at most 15 gradients "
+                                         "per step fit"):
         plan_memory(targets, 16, size, need - 1)

@@ -47,7 +47,6 @@ decoupled from the rest of the Fisher and are never revived.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from typing import Callable, Dict, Iterator, List, Optional

@@ -82,7 +82,9 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
             return plan
         raise ValueError(f"memory_budget={memory_budget} bytes ({_gib(memory_budget)}) is too small: keeping the "
                          f"gradients needs {keep_bytes} ({_gib(keep_bytes)}), streaming needs at least {stream_min} "
-                         f"({_gib(stream_min)}); {_what_fits(targets, m, itemsize, memory_budget, fisher_batch_size, inverse_form, auto_damp)}, or "
+                         f"({_gib(stream_min)}); "
+                         f"{_what_fits(targets, m, itemsize, memory_budget, fisher_batch_size, inverse_form, auto_damp)}"
+                         ", or "
                          "a smaller block_size (or inverse_form='offload': inverses in host "
                          "memory, streamed through the device in chunks; automatic for weights on a GPU)")
     need = (f"a step of {m} gradients of {d:,} pruned weights needs {keep_bytes / 2**30:.2f} GiB kept (gradients, "
