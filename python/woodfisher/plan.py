@@ -37,9 +37,9 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
     :data:`woodfisher.conditioning.REFINE_BYTES`).
     Streaming (:func:`stream_step_bytes`) costs the dense ``B c^2`` inverses (float64 Gram blocks with
     ``auto_damp``) plus a buffer of k gradients and the blocked copy of one weight's share of them (and,
-    with ``auto_damp``, the float64 Cholesky factor and inverse of one weight's blocks); offloading (:mod:`woodfisher.offload`: forced by
-    ``inverse_form="offload"``, else only for weights on an accelerator) costs one chunk of
-    blocks on the device. ``memory_budget=None``: the memory the device has available
+    with ``auto_damp``, the float64 Cholesky factor and inverse of one weight's blocks); offloading
+    (:mod:`woodfisher.offload`: forced by ``inverse_form="offload"``, else only for weights on an
+    accelerator) costs one chunk of blocks on the device. ``memory_budget=None``: the memory the device has available
     (:func:`woodfisher.memory.available_bytes`) is the budget; a step that must then stream or
     offload says so in a warning. Not counted: the model's weights and the activations of the
     samples in flight (``vmap`` over a chunk of samples holds every sample's activations: for a
@@ -80,10 +80,11 @@ def plan_memory(targets: List[PruneTarget], num_grads: int, itemsize: int,
     if memory_budget is not None:
         if plan is not None:
             return plan
+        fits = _what_fits(targets, m, itemsize, memory_budget, fisher_batch_size, inverse_form, auto_damp)
         raise ValueError(f"memory_budget={memory_budget} bytes ({_gib(memory_budget)}) is too small: keeping the "
                          f"gradients needs {keep_bytes} ({_gib(keep_bytes)}), streaming needs at least {stream_min} "
                          f"({_gib(stream_min)}); "
-                         f"{_what_fits(targets, m, itemsize, memory_budget, fisher_batch_size, inverse_form, auto_damp)}"
+                         f"{fits}"
                          ", or "
                          "a smaller block_size (or inverse_form='offload': inverses in host "
                          "memory, streamed through the device in chunks; automatic for weights on a GPU)")
