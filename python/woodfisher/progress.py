@@ -22,8 +22,9 @@ rule for the API's ``progress=True`` -- its default -- and the CLI without a fla
 - a Jupyter notebook (whose stderr is no terminal): tqdm's notebook widget (``tqdm.auto``);
 - anything else (a CI log, ``nohup``, ``2> file``, a pipe): plain newline-ended lines,
   never carriage returns: one when a phase that took at least :data:`LINE_SECONDS` ends
-  (``woodfisher: Fisher gradients: 512/512 grad [12.3 s]``), and one every
-  :data:`HEARTBEAT_SECONDS` while a phase runs, so a long run in a log shows it is alive;
+  (``woodfisher: Fisher gradients: 512/512 grad [12.3 s, 41.63 grad/s]``), and one every
+  :data:`HEARTBEAT_SECONDS` while a phase runs, with the time left and the rate of a counted phase
+  (``[30 s so far, ~12 s left, 2.10 grad/s]``), so a long run in a log shows it is alive and when it ends;
 - ``TQDM_DISABLE=1`` in the environment (tqdm's own switch, also honoured by HuggingFace's
   bars) turns the default display off.
 
@@ -144,7 +145,7 @@ class Progress:
                 if i > 0:
                     self.stack[i - 1][2] += spent
                 if self.mode == "lines" and spent - nested >= self.min_seconds:
-                    self._line(handle, f"{spent - nested:.1f} s")
+                    self._line(handle, f"{spent - nested:.1f} s" + _rate(handle, spent - nested))
                 break
         if self.stack:
             self._show(self.stack[-1][0])
@@ -160,7 +161,11 @@ class Progress:
         now = time.perf_counter()
         if now - self.last_line >= HEARTBEAT_SECONDS:
             started = next(item[1] for item in self.stack if item[0] is handle)
-            self._line(handle, f"{now - started:.0f} s so far")
+            spent = now - started
+            left = ""
+            if handle.total is not None and 0 < handle.done < handle.total:
+                left = f", ~{spent * (handle.total - handle.done) / handle.done:.0f} s left"
+            self._line(handle, f"{spent:.0f} s so far{left}" + _rate(handle, spent))
 
     def close(self) -> None:
         """End every open phase and remove the line."""
@@ -173,6 +178,14 @@ class Progress:
     def summary(self) -> str:
         """``"data 1.2 s, gradients 3.4 s, ..."`` (phases in the order they first ran)."""
         return ", ".join(f"{name} {secs:.1f} s" for name, secs in self.seconds.items())
+
+
+def _rate(handle: _Phase, seconds: float) -> str:
+    """``", 2.50 grad/s"`` (or ``", 4.00 s/grad"`` when slower than one per second) of a counted phase; else ""."""
+    if handle.total is None or handle.done <= 0 or seconds <= 0:
+        return ""
+    rate = handle.done / seconds
+    return f", {rate:.2f} {handle.unit}/s" if rate >= 1 else f", {1 / rate:.2f} s/{handle.unit}"
 
 
 def current() -> Optional[Progress]:

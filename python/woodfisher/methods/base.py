@@ -58,13 +58,14 @@ class StepContext:
         return fixed if fixed is not None else self.config.mode
 
     @contextlib.contextmanager
-    def timed(self, name: str) -> Iterator[None]:
+    def timed(self, name: str, total: Optional[int] = None, unit: str = "weight") -> Iterator[Any]:
         """Time a block as phase ``name`` ("select" or "update"): added to :attr:`timings` and shown
-        on the active :mod:`woodfisher.progress` display."""
+        on the active :mod:`woodfisher.progress` display; yields its handle (``update(n)`` advances a
+        phase with a ``total``: count, rate and time left)."""
         start = time.perf_counter()
         try:
-            with phase(_PHASES.get(name, name)):
-                yield
+            with phase(_PHASES.get(name, name), total, unit) as handle:
+                yield handle
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 

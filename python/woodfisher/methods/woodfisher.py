@@ -48,10 +48,10 @@ class WoodFisher(PruningMethod):
         curv, cfg = ctx.curvature, ctx.config
         invs, lg = curv.inverses, curv.loss_grad or {}
         parsed = st.parse_pattern(cfg.pattern)
+        if parsed is not None:
+            return self._group_step(ctx, parsed, invs)
         with ctx.timed("select"):
             w = ctx.blocked_weights()
-            if parsed is not None:
-                return self._group_step(ctx, parsed, invs, w)
             scores = {
                 target.name: target.unblock(
                     _saliency(invs[target.name], w[target.name], lg.get(target.name), cfg.backend)
@@ -60,40 +60,51 @@ class WoodFisher(PruningMethod):
             }
             masks = ctx.select(scores)
         new = {}
-        with ctx.timed("update"):
+        with ctx.timed("update", total=len(ctx.targets)) as bar:
             for target in ctx.targets:
                 n = target.name
                 if cfg.obs_update:
                     new[n] = target.unblock(_update(invs[n], w[n], ~target.blocks(masks[n]), lg.get(n), cfg.backend))
                 else:
                     new[n] = target.effective_weight() * masks[n]
+                bar.update(1)
         return new, masks
 
-    def _group_step(self, ctx, parsed, invs, w):
+    def _group_step(self, ctx, parsed, invs):
+        """N:M or rows: the groups of every weight chosen ("selection", counted per weight: the N:M search over
+        all subsets of each run is the long part), then their group OBS updates ("update", per weight)."""
         cfg, keep = ctx.config, dict(ctx.keep)
         exact = cfg.group_exact
-        rows = None
-        if parsed[0] == "rows":
-            scores = {
-                target.name: st.row_saliency(invs[target.name], w[target.name], target, exact) for target in ctx.targets
-            }
-            if ctx.curvature.flops:
-                scores = {n: s / ctx.curvature.flops[n] ** cfg.beta for n, s in scores.items()}
-            rows = st.select_rows(
-                scores, {target.name: target.row_length for target in ctx.targets}, ctx.sparsity, ctx.mode
-            )
+        chosen = {}
+        with ctx.timed("select", total=len(ctx.targets)) as bar:
+            w = ctx.blocked_weights()
+            rows = None
+            if parsed[0] == "rows":
+                scores = {target.name: st.row_saliency(invs[target.name], w[target.name], target, exact)
+                          for target in ctx.targets}
+                if ctx.curvature.flops:
+                    scores = {n: s / ctx.curvature.flops[n] ** cfg.beta for n, s in scores.items()}
+                rows = st.select_rows(
+                    scores, {target.name: target.row_length for target in ctx.targets}, ctx.sparsity, ctx.mode
+                )
+            for target in ctx.targets:
+                n = target.name
+                if parsed[0] == "nm":
+                    groups = st.nm_choose(invs[n], w[n], target, parsed[1], parsed[2], exact=exact)
+                    chosen[n] = (groups, groups.new_ones(groups.shape[:2], dtype=torch.bool))
+                else:
+                    chosen[n] = st.rows_to_groups(target, rows[n], w[n].device)
+                bar.update(1)
         new = {}
-        for target in ctx.targets:
-            n = target.name
-            if parsed[0] == "nm":
-                groups = st.nm_choose(invs[n], w[n], target, parsed[1], parsed[2], exact=exact)
-                flags = groups.new_ones(groups.shape[:2], dtype=torch.bool)
-            else:
-                groups, flags = st.rows_to_groups(target, rows[n], w[n].device)
-            prune = st.groups_to_mask(groups, flags, target.block_size)
-            new[n] = (target.unblock(wk.group_obs_update(invs[n], w[n], groups, flags, exact=exact))
-                      if cfg.obs_update else target.unblock(w[n].masked_fill(prune, 0.0)))
-            keep[n] = keep[n] & ~target.unblock(prune)
+        with ctx.timed("update", total=len(ctx.targets)) as bar:
+            for target in ctx.targets:
+                n = target.name
+                groups, flags = chosen.pop(n)
+                prune = st.groups_to_mask(groups, flags, target.block_size)
+                new[n] = (target.unblock(wk.group_obs_update(invs[n], w[n], groups, flags, exact=exact))
+                          if cfg.obs_update else target.unblock(w[n].masked_fill(prune, 0.0)))
+                keep[n] = keep[n] & ~target.unblock(prune)
+                bar.update(1)
         return new, keep
 
 
