@@ -54,3 +54,20 @@ def test_nm_selection_and_update_are_counted_per_weight_and_timed_apart(monkeypa
     assert res.timings["update"] > 0.0 and res.timings["select"] > 0.0
     for weight in (model[0].weight, model[2].weight, model[4].weight):   # 2 of every 4 consecutive entries kept
         assert torch.equal((weight.detach().view(-1, 4) != 0).sum(1), torch.full((weight.numel() // 4,), 2))
+
+
+def test_a_name_relative_to_each_block_gets_the_full_names_and_a_comprehension_that_works():
+    torch.manual_seed(0)
+    block = lambda: nn.ModuleDict({"mlp": nn.ModuleDict({"fc": nn.Linear(4, 4), "proj": nn.Linear(4, 4)})})  # noqa: E731
+    model = nn.ModuleDict({"h": nn.ModuleList([block() for _ in range(5)])})
+    try:
+        wf.resolve_targets(model, ["mlp.fc"])
+    except ValueError as err:
+        text = str(err)
+    else:
+        raise AssertionError("a relative name was accepted")
+    assert text.startswith("modules: no module or parameter is named 'mlp.fc'; 5 end with it ('h.0.mlp.fc', "
+                           "'h.1.mlp.fc', 'h.2.mlp.fc' and 2 more)")
+    suggested = re.search(r"modules=(\[.*\])$", text).group(1)
+    names = eval(suggested, {"model": model})  # noqa: S307 - the message's own example, run as a user would
+    assert [t.name for t in wf.resolve_targets(model, names)] == [f"h.{i}.mlp.fc.weight" for i in range(5)]

@@ -330,8 +330,8 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
         ends = [name for name in names if name.endswith("." + raw)]
         if ends:  # a name relative to each block ("mlp.c_fc"): every full name is needed
             shown = ", ".join(repr(name) for name in ends[:3]) + (f" and {len(ends) - 3} more" if len(ends) > 3 else "")
-            raise ValueError(f"{arg}: no module or parameter is named {raw!r}; {len(ends)} end with it ({shown}): names "
-                             f"are full names, e.g. {arg}=[name for name, _ in model.named_modules() "
+            raise ValueError(f"{arg}: no module or parameter is named {raw!r}; {len(ends)} end with it ({shown}): "
+                             f"names are full names, e.g. {arg}=[name for name, _ in model.named_modules() "
                              f"if name.endswith({'.' + raw!r})]")
         match = closest(raw, names)
         hint = f" (did you mean {match!r}?)" if match else ""
