@@ -30,6 +30,7 @@ from .distributed.group import active_group
 from .finetune import hold_target_masks
 from .gradients import LoaderExhausted
 from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
+from .memory import note_out_of_memory
 from .methods import StepContext
 from .plan import plan_memory, stat_itemsize
 from .progress import display, step_label
@@ -194,8 +195,9 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
         # the curvature's gradients and inverses are part of what this result cost: total covers them too
         timings["total"] = time.perf_counter() - start + timings.get("gradients", 0.0) + timings.get("inverse", 0.0)
         return _result(model, targets, config, curvature.damp, curvature.forms, timings, before, stacklevel=4)
-    except BaseException:
+    except BaseException as err:
         snapshot.restore()
+        note_out_of_memory(err, "prune_with (selection and OBS update)")
         raise
 
 
@@ -257,6 +259,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     timings = _timings()
     snapshot = Snapshot(targets, model)
     damp, forms, kappa, stats = None, {}, {}, []
+    i = 0
     try:
         with display(config.progress):
             for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
@@ -276,6 +279,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
         timings["total"] = time.perf_counter() - start
         extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": block_size}
         return _result(model, targets, config, damp, forms, timings, before, extra, stacklevel=4)
-    except BaseException:
+    except BaseException as err:
         snapshot.restore()
+        note_out_of_memory(err, f"step {i + 1}/{len(steps)}")
         raise

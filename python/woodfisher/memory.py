@@ -19,7 +19,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["TensorMemoryMeter", "host_allocations", "available_bytes"]
+__all__ = ["TensorMemoryMeter", "host_allocations", "available_bytes", "is_out_of_memory", "note_out_of_memory"]
 
 _HOST_DEPTH = [0]
 
@@ -51,6 +51,31 @@ def available_bytes(device) -> Optional[int]:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure: ``MemoryError``, ``torch.OutOfMemoryError`` (CUDA) or the CPU
+    allocator's ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(err, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in str(err) or "out of memory" in str(err))
+
+
+def note_out_of_memory(err: BaseException, where: str) -> None:
+    """Add to an allocation failure (:func:`is_out_of_memory`) a note saying where it happened, that the model is
+    unchanged, and what to change; the exception keeps its type (code that catches it still does). Python < 3.11
+    (no ``add_note``): nothing is added.
+
+    Args:
+        err: the exception being raised. where: e.g. ``"step 2/4"``.
+    """
+    if not is_out_of_memory(err) or not hasattr(err, "add_note"):
+        return
+    err.add_note(f"woodfisher: out of memory in {where}; the model is unchanged (weights restored). The memory "
+                 "plan (woodfisher.plan.plan_memory) counts gradients, inverses and their working buffers but not "
+                 "the model's activations for the samples in flight, nor other programs' memory: pass "
+                 "memory_budget=<bytes> below the free memory (the gradients are then streamed), fewer gradients "
+                 "per step (a smaller num_grads, or more num_steps) or a smaller block_size")
 
 
 @contextmanager
