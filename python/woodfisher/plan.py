@@ -113,7 +113,7 @@ def _gib(nbytes: int) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
         if nbytes >= size:
             return f"{nbytes / size:.2f} {unit}"
-    return f"{nbytes / 2**10:.1f} KiB"
+    return f"{nbytes / 2**10:.1f} KiB" if nbytes >= 2**10 else f"{nbytes} B"
 
 
 def _what_fits(targets, m: int, itemsize: int, budget: int, fisher_batch_size: int, inverse_form: str,
