@@ -55,7 +55,13 @@ def available_bytes(device) -> Optional[int]:
 
 def is_out_of_memory(err: BaseException) -> bool:
     """Whether ``err`` is an allocation failure: ``MemoryError``, ``torch.OutOfMemoryError`` (CUDA) or the CPU
-    allocator's ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory")."""
+    allocator's ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory").
+
+    Args:
+        err: any exception.
+    Returns:
+        bool.
+    """
     if isinstance(err, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
         return True
     return isinstance(err, RuntimeError) and ("can't allocate memory" in str(err) or "out of memory" in str(err))
