@@ -69,24 +69,29 @@ def test_a_streamed_step_reports_gradient_and_inverse_time_apart():
     assert res.timings["gradients"] + res.timings["inverse"] <= res.timings["total"]
 
 
-def test_the_collector_keeps_no_chunk_across_a_yield():
+@pytest.mark.parametrize("fbs", [1, 4])   # vmap over samples; one batched backward per group of 4
+def test_the_collector_holds_one_chunk_at_a_time(fbs):
     model = _model()
     targets = resolve_targets(model, None, BLOCK)
-    d = sum(t.numel for t in targets)
-    collector = GradientCollector(model, _loader(), targets, num_grads=M, chunk_bytes=8 * d * 4, progress=False)
-    chunks = collector.chunks(8)
+    d, m = sum(t.numel for t in targets), M // fbs
+    collector = GradientCollector(model, _loader(), targets, num_grads=m, fisher_batch_size=fbs,
+                                  chunk_bytes=4 * d * 4, progress=False)
+    chunks = collector.chunks(4)
     with TensorMemoryMeter() as meter:
         count = 0
         for chunk in chunks:
             count += next(iter(chunk.values())).shape[0]
             del chunk
-    assert count == M
-    assert meter.peak <= 8 * d * 4 + 64 * 1024, (meter.peak, 8 * d * 4)   # one chunk, not two or three
-    collector = GradientCollector(model, _loader(), targets, num_grads=M, chunk_bytes=8 * d * 4, progress=False)
+    assert count == m
+    # one chunk (not two or three), plus with groups the one group's gradient being written into it
+    one = 4 * d * 4 + (d * 4 if fbs > 1 else 0) + 64 * 1024
+    assert meter.peak <= one, (meter.peak, one)
+    collector = GradientCollector(model, _loader(), targets, num_grads=m, fisher_batch_size=fbs,
+                                  chunk_bytes=4 * d * 4, progress=False)
     with TensorMemoryMeter() as meter:
         grads = collector.collect(blocked=True)
-    assert sum(g.numel() for g in grads.values()) * 4 == M * d * 4       # blocks of 8 divide every width
-    assert meter.peak <= (M + 8) * d * 4 + 64 * 1024, (meter.peak, (M + 8) * d * 4)
+    assert sum(g.numel() for g in grads.values()) == m * d       # blocks of 16 divide every width
+    assert meter.peak <= m * d * 4 + one, (meter.peak, m * d * 4 + one)
 
 
 def test_a_refused_budget_names_the_most_gradients_per_step_that_fit_and_that_count_runs():

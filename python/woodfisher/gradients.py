@@ -225,15 +225,18 @@ class GradientCollector:
                         sub, groups.args, groups.kwargs, groups.target)
             except Exception as err:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
                 self._use_vmap, self._vmap_error = False, err
-        out = {k: [] for k in self._keys}
-        for g in range(count):  # one batched backward per group
+        # one batched backward per group, written into the chunk's buffer (a list then stack held it twice)
+        out = {k: sub[k].new_zeros((count, *sub[k].shape)) for k in self._keys}
+        for g in range(count):
             one = flat.take(g * self.fbs, (g + 1) * self.fbs)
             s = {k: v.detach().requires_grad_(True) for k, v in sub.items()}
             with torch.enable_grad():
                 gs = torch.autograd.grad(group_loss(s, one.args, one.kwargs, one.target), [s[k] for k in self._keys],
                                          allow_unused=True)
             for k, gk in zip(self._keys, gs):
-                out[k].append(torch.zeros_like(s[k]) if gk is None else gk)
+                if gk is not None:   # a weight the loss never reaches keeps its zeros
+                    out[k][g].copy_(gk)
+            del gs
         if self._vmap_error is not None:  # the loop ran where vmap could not: say so once, at the user's line
             text = str(self._vmap_error).strip()
             reason = text.splitlines()[0].split(". ")[0][:200] if text else ""  # its first sentence
@@ -249,7 +252,7 @@ class GradientCollector:
                                "; a HuggingFace encoder's padding-mask check is one even with eager attention "
                                "(BERT): only batches without an attention_mask stay batched"))
             self._vmap_error = None
-        return {k: torch.stack(v) for k, v in out.items()}
+        return out
 
     def _expandable(self, flat: Batch) -> bool:
         """Expanded weights undo a mean over the chunk's samples: right for the default loss on one label per
