@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import woodfisher as wf
+from woodfisher import progress
 from woodfisher.gradients import GradientCollector
 from woodfisher.memory import TensorMemoryMeter
 from woodfisher.plan import keep_step_bytes, plan_memory, stat_itemsize, stream_step_bytes
@@ -62,9 +63,12 @@ def test_a_streamed_step_stays_within_memory_budget(damp):
     assert meter.peak <= 1.15 * budget, (meter.peak, budget)
 
 
-def test_a_streamed_step_reports_gradient_and_inverse_time_apart():
+def test_a_streamed_step_reports_gradient_and_inverse_time_apart(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
     res = wf.prune_one_shot(_model(), _loader(), sparsity=0.5, num_grads=M, block_size=BLOCK, num_steps=1,
-                            damp=1e-3, inverse_form="stream", progress=False)
+                            damp=1e-3, inverse_form="stream", progress=True)
+    assert f"Fisher gradients + inverse updates: {M}/{M} grad [" in capsys.readouterr().err   # one line, both
     assert res.timings["gradients"] > 0.0 and res.timings["inverse"] > 0.0
     assert res.timings["gradients"] + res.timings["inverse"] <= res.timings["total"]
 

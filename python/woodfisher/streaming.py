@@ -66,6 +66,8 @@ def estimate_streamed(collector, targets, config, curv, k: int) -> None:
         acc[target.name] = (
             (torch.zeros_like(eye) if auto else eye.div(curv.damp)).expand(target.num_blocks, -1, -1).contiguous()
         )
+    # the display's line spans both (the updates run between chunks); timings["gradients"] counts the gradients only
+    collector.desc = "Fisher gradients + Gram sums" if auto else "Fisher gradients + inverse updates"
     chunks, collecting = collector.chunks(k), 0.0
     while True:
         t1 = time.perf_counter()   # time spent computing the gradients (the rest of the loop updates inverses)
