@@ -29,6 +29,7 @@ OBS statistics and updates are computed by the public ops of :mod:`woodfisher_ke
 """
 from . import export as export  # deployment: dense / CSR / BSR / 2:4 / ONNX exports
 from .batches import Batch
+from .budget import estimate_memory
 from .config import PruneConfig
 from .curvature import Curvature
 from .damping import auto_damp
@@ -54,6 +55,6 @@ __all__ = [
     "GradualPruner", "make_permanent", "METHODS", "polynomial_sparsity", "PrunableLayer", "prune_one_shot",
     "prune_with", "PruneConfig", "PruneResult", "PruneTarget", "resolve_layers", "resolve_targets",
     "search_damp", "select_masks", "sparsity_of", "layer_flops_per_param", "attach_masks", "recalibrate_bn",
-    "clone_model",
+    "clone_model", "estimate_memory",
 ]
 

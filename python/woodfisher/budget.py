@@ -1,0 +1,64 @@
+"""What a pruning call will need in memory, before running it: :func:`estimate_memory`.
+
+The numbers are those :func:`woodfisher.plan.plan_memory` decides with when the call runs (its first step:
+the gradients per step and the Fisher block size of ``num_steps`` / ``block_size`` resolved as
+:func:`woodfisher.prune_one_shot` resolves them), so a caller can size ``memory_budget``, ``num_grads`` or
+``block_size`` without computing a gradient.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+from torch import nn
+
+from .config import PruneConfig
+from .curvature import resolve_config
+from .masks import sparsity_of
+from .plan import keep_step_bytes, plan_memory, stat_itemsize, stream_step_bytes
+from .targets import resolve_targets
+
+__all__ = ["estimate_memory"]
+
+
+def estimate_memory(model: nn.Module, config: Optional[PruneConfig] = None, **options) -> dict:
+    """Bytes a :func:`woodfisher.prune_one_shot` call with these options needs for its gradients and inverses.
+
+    Args:
+        model: the network (nothing is computed on it; its current zeros set the starting sparsity).
+        config: a :class:`woodfisher.PruneConfig`; ``**options`` are its fields (as for ``prune_one_shot``).
+    Returns:
+        dict with ``num_steps``; ``grads_per_step`` (m of the first step); ``block_size`` (c; None: whole
+        layers); ``pruned_weights`` (D); ``keep_bytes`` (m D gradients kept + the larger of the collector's
+        chunk and the inverses with their working buffers, :func:`woodfisher.plan.keep_step_bytes`);
+        ``stream_min_bytes`` (streaming one gradient at a time, :func:`woodfisher.plan.stream_step_bytes`);
+        ``plan`` ("keep", "stream", "offload" or "diag"; None when the call would be refused) and ``stream_k``
+        (gradients per streamed chunk, or None) under ``memory_budget`` (None: the memory the device has
+        available); ``refused`` (None, or the ValueError message the call would raise, with what fits).
+        Not counted: the model itself and its activations for the samples in flight.
+    Raises:
+        ValueError: naming the field, for a bad option.
+    """
+    config = resolve_config(config, options)
+    method = config.method_impl
+    targets = resolve_targets(model, config.modules, None)
+    steps = config.steps(sparsity_of({t.name: t.keep_mask() for t in targets}))
+    first = config.replace(num_grads=steps[0][1] if steps else config.num_grads, num_steps=1)
+    block = method.block_size(first)
+    targets = resolve_targets(model, config.modules, block)
+    itemsize = stat_itemsize(targets)
+    m, auto = first.num_grads, config.damp == "auto"
+    plan, k, refused = "diag", None, None
+    if method.curvature == "blockwise":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the call's own warning says so when it runs
+            try:
+                plan, k = plan_memory(targets, m, itemsize, config.memory_budget, auto, config.inverse_form,
+                                      config.fisher_batch_size)
+            except ValueError as err:   # the call would be refused: say why, and what fits
+                plan, refused = None, str(err)
+    return dict(num_steps=len(steps), grads_per_step=m, block_size=block,
+                pruned_weights=sum(t.numel for t in targets),
+                keep_bytes=keep_step_bytes(targets, m, itemsize, config.fisher_batch_size, config.inverse_form),
+                stream_min_bytes=stream_step_bytes(targets, 1, itemsize, auto), plan=plan, stream_k=k,
+                refused=refused)
