@@ -1,10 +1,12 @@
 """wf.estimate_memory: the plan a call will make, before any gradient; the call stays within its keep_bytes."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import woodfisher as wf
+from woodfisher.cli import parse_args
 from woodfisher.memory import TensorMemoryMeter
 from woodfisher.plan import keep_step_bytes, stream_step_bytes
 from woodfisher.targets import resolve_targets
@@ -50,3 +52,17 @@ def test_a_budget_the_call_would_refuse_is_reported_with_what_fits_and_a_streame
                              memory_budget=budget)
     assert (est["plan"], est["stream_k"]) == ("stream", 5)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))   # nothing computed on the model
+
+
+@pytest.mark.parametrize("text,expected", [("4GiB", 4 * 2**30), ("1.5 GB", 1_500_000_000), ("2e9", 2 * 10**9),
+                                           ("512mib", 512 * 2**20), ("100", 100), ("3 KB", 3000)])
+def test_memory_budget_takes_sizes_with_units(text, expected):
+    assert wf.PruneConfig(sparsity=0.5, memory_budget=text).memory_budget == expected
+    args = parse_args(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--memory-budget", text])
+    assert wf.PruneConfig(sparsity=0.5, memory_budget=args.memory_budget).memory_budget == expected
+
+
+@pytest.mark.parametrize("text", ["4G", "4 bananas", "", "GiB", "-1GiB"])
+def test_a_size_that_is_not_one_is_a_value_error_naming_memory_budget_and_the_units(text):
+    with pytest.raises(ValueError, match=r"^memory_budget: .* is not a size: .*KiB, MiB, GiB"):
+        wf.PruneConfig(sparsity=0.5, memory_budget=text)

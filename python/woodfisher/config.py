@@ -20,6 +20,7 @@ from .damping import check_damp
 from .distributed.group import check_group, describe_group
 from .losses import check_loss_fn
 from .masks import check_min_density, check_sparsity, is_int, is_real
+from .memory import parse_bytes
 from .methods import METHODS
 from .names import unknown_names
 
@@ -153,7 +154,8 @@ class PruneConfig:
             :mod:`woodfisher.targets`); stored as a tuple.
         pattern: None, "N:M" (e.g. "2:4"; fixes the sparsity at 1 - N/M) or "rows".
         group_exact: exact group statistic (True) or the paper's Eq. 18 relaxation.
-        memory_budget: device bytes for gradients + inverses; gradients are streamed into dense
+        memory_budget: device bytes for gradients + inverses (an int, or a size such as "4GiB" / "1.5 GB",
+            :func:`woodfisher.memory.parse_bytes`); gradients are streamed into dense
             inverses when keeping them does not fit, and on a GPU the inverses are offloaded to
             host memory when neither fits (:mod:`woodfisher.offload`). None (default): the memory the device
             has available (:func:`woodfisher.memory.available_bytes`) is the budget; a step that must
@@ -233,6 +235,12 @@ class PruneConfig:
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         if self.memory_budget is not None:
             budget = self.memory_budget
+            if isinstance(budget, str):   # "4GiB", "1.5e9"
+                try:
+                    budget = parse_bytes(budget)
+                except ValueError as err:
+                    raise ValueError(f"memory_budget: {err}") from None
+                object.__setattr__(self, "memory_budget", budget)
             if is_real(budget) and not is_int(budget) and math.isfinite(budget) and float(budget).is_integer():
                 object.__setattr__(self, "memory_budget", int(budget))   # 2e9 bytes, a JSON config's 2e9
             check_int("memory_budget", self.memory_budget)

@@ -80,7 +80,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="module or weight names to prune (default: the model's standard set)")
     p.add_argument("--group-exact", action=argparse.BooleanOptionalAction, default=True,
                    help="exact group statistic for patterns (--no-group-exact: the paper's Eq. 18)")
-    p.add_argument("--memory-budget", type=int, default=None, help="bytes for gradients + inverses")
+    p.add_argument("--memory-budget", type=str, default=None,
+                   help="bytes for gradients + inverses: an int or a size such as 4GiB or 1.5GB")
     p.add_argument("--sampled-fisher", action="store_true", help="draw targets from the model's predictions")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend")
     p.add_argument("--inverse-form", default="auto", choices=FORMS,
