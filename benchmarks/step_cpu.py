@@ -7,7 +7,7 @@ For MLPNet (MNIST shapes), ResNet-20 (CIFAR shapes) and a MobileNet-like CIFAR n
   the gradient collections below are the median of up to 5 calls (fewer past 2 s);
 - per-sample gradients: :class:`woodfisher.GradientCollector` (``fisher_batch_size=1``,
   all N gradients kept) fed by a loader of batch 1 and one of batch 64 (and again with the
-  experimental ``WOODFISHER_PER_SAMPLE=expanded`` path); the ratio is
+  ``per_sample="expanded"`` path, the config's ``per_sample_grads``); the ratio is
   yardstick time / collection time (1.0 = as fast as the batched pass; the goal is >= 0.5);
   "memory floor": writing the N gradients once into memory already mapped, the least any method that
   keeps them must spend;
@@ -109,8 +109,8 @@ def worker(args) -> dict:
     def loader(bs):
         return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
 
-    def collect(bs):
-        return wf.GradientCollector(model, loader(bs), targets, num_grads=n, progress=False).collect()
+    def collect(bs, **kw):
+        return wf.GradientCollector(model, loader(bs), targets, num_grads=n, progress=False, **kw).collect()
 
     def floor_s() -> float:
         buf = torch.empty(n, numel, device=device).fill_(0.0)   # mapped once: the floor is the write alone
@@ -127,12 +127,10 @@ def worker(args) -> dict:
     out = {"numel": numel, "yardstick_s": median_of(batched), "floor_s": floor_s()}
     for bs in args.loader_batches:
         out[f"grads_bs{bs}_s"] = median_of(lambda: collect(bs))
-    if args.impl == "after":  # the experimental per-sample path (woodfisher.gradients), read per collector
-        os.environ["WOODFISHER_PER_SAMPLE"] = "expanded"
-        collect(64)  # warm-up
+    if args.impl == "after":  # the second per-sample path (woodfisher.gradients)
+        collect(64, per_sample="expanded")  # warm-up
         for bs in args.loader_batches:
-            out[f"grads_bs{bs}_expanded_s"] = median_of(lambda: collect(bs))
-        del os.environ["WOODFISHER_PER_SAMPLE"]
+            out[f"grads_bs{bs}_expanded_s"] = median_of(lambda: collect(bs, per_sample="expanded"))
     steps = {"old defaults": (OLD_DEFAULTS, args.loader_batches)}
     if args.impl == "after":
         steps["new defaults"] = ({}, [max(args.loader_batches)])
@@ -241,8 +239,8 @@ def markdown(report: dict) -> str:
     expanded = [(model, r) for model, by_impl in report["models"].items() for impl, r in by_impl.items()
                 if "ratio_expanded_bs1" in r]
     if expanded:
-        lines += ["Experimental per-sample path, `WOODFISHER_PER_SAMPLE=expanded` (torch's expanded weights; "
-                  "off by default until measured on a GPU), same samples:", "",
+        lines += ["Second per-sample path, `per_sample_grads=\"expanded\"` (torch's expanded weights; "
+                  "not the default until measured on a GPU), same samples:", "",
                   "| model | grads, loader batch 1 (s) | ratio | grads, loader batch 64 (s) | ratio |",
                   "|---|---:|---:|---:|---:|"]
         lines += [f"| {model} | {r['grads_bs1_expanded_s']:.3f} | **{r['ratio_expanded_bs1']:.2f}** | "

@@ -295,7 +295,8 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
     collector = GradientCollector(model, loader, targets, want_loss_grad=config.woodtaylor, keep_masks=keep,
                                   loss_fn=config.loss_fn, num_grads=m, fisher_batch_size=config.fisher_batch_size,
                                   sampled_fisher=config.sampled_fisher, seed=config.seed, progress=config.progress,
-                                  batch_adapter=config.batch_adapter, chunk_bytes=chunk_bytes)
+                                  batch_adapter=config.batch_adapter, chunk_bytes=chunk_bytes,
+                                  per_sample=config.per_sample_grads)
     if plan == "diag":
         _diagonal(collector, targets, config, curv)
     elif plan == "keep":

@@ -218,7 +218,7 @@ def step_section():
         expanded = ", ".join(f"loader batch {k[len('ratio_expanded_bs'):]}: {v:.2f}" for k, v in r.items()
                              if k.startswith("ratio_expanded_bs"))
         if expanded:
-            say(f"  {model}: the same with WOODFISHER_PER_SAMPLE=expanded {expanded}")
+            say(f"  {model}: the same with per_sample_grads='expanded' {expanded}")
 
 
 def main():

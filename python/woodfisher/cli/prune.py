@@ -23,6 +23,7 @@ import time
 from typing import Optional
 
 from ..config import AUTO_BLOCK_PER_GRAD, BACKENDS, FORMS, MODES, SCHEDULES
+from ..gradients import PER_SAMPLE_PATHS
 from ..methods import METHODS
 from ._common import (
     PROGRESS_HELP,
@@ -47,7 +48,7 @@ from ._common import (
 CONFIG_FIELDS = ("sparsity", "method", "mode", "block_size", "num_grads", "fisher_batch_size", "damp", "num_steps",
                  "step_schedule",
                  "obs_update", "woodtaylor", "beta", "pattern", "modules", "seed", "group_exact", "memory_budget",
-                 "sampled_fisher", "backend", "inverse_form", "min_density", "progress")
+                 "sampled_fisher", "backend", "inverse_form", "per_sample_grads", "min_density", "progress")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -85,6 +86,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend")
     p.add_argument("--inverse-form", default="auto", choices=FORMS,
                    help="force a form of the block inverses")
+    p.add_argument("--per-sample-grads", default="vmap", choices=PER_SAMPLE_PATHS,
+                   help="how per-sample gradients are formed: torch.func vmap or torch's expanded weights")
     p.add_argument("--min-density", type=float, default=0.0, help="minimum fraction kept per layer")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help=PROGRESS_HELP)

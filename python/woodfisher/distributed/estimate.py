@@ -111,7 +111,7 @@ def estimate_sharded(model, loader, targets, config, curv, group):
                                   loss_fn=config.loss_fn, num_grads=max(1, shares[rank]),
                                   fisher_batch_size=config.fisher_batch_size, sampled_fisher=config.sampled_fisher,
                                   seed=config.seed + rank, progress=config.progress and rank == 0,
-                                  batch_adapter=config.batch_adapter)
+                                  batch_adapter=config.batch_adapter, per_sample=config.per_sample_grads)
     chunk = max(1, min(CHUNK, -(-max(shares) // 4)))
     chunks = collector.chunks(chunk) if shares[rank] else None
     owned, per_rank = route_gradients(chunks, targets, plan, shares, chunk, group, dtype, targets[0].param.device)
