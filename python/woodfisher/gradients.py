@@ -308,8 +308,9 @@ class GradientCollector:
             if keep is not None:
                 g.mul_(keep)
             flat[target.name] = g
-        # per-gradient norms in the compute dtype, their squares summed in float64: one sync per chunk
-        sums = torch.stack([torch.linalg.vector_norm(g, dim=1).double().square().sum() for g in flat.values()])
+        # each weight's norm over the chunk in the compute dtype (one fused foreach kernel on a GPU, not four
+        # operators per weight), squared in float64: one sync per chunk; an overflow is redone below
+        sums = torch.stack(torch._foreach_norm(list(flat.values()))).double().square()
         for (name, g), s in zip(flat.items(), sums.tolist()):
             if not math.isfinite(s):
                 if not bool(torch.isfinite(g).all()):
