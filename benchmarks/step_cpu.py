@@ -62,6 +62,32 @@ def mobilenet_like(num_classes: int = 10):
     return nn.Sequential(*layers)
 
 
+def operator_counts(fn) -> dict:
+    """{"kernels": n, "views": n}: aten operators one call of ``fn`` dispatches (below autograd and vmap, so what
+    runs), split into views / bare allocations (no kernel) and the rest (a kernel launch each on a GPU). Device-
+    independent: on a GPU whose host thread is the bottleneck (small models), time follows these counts."""
+    import collections
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {torch.ops.aten._unsafe_view.default, torch.ops.aten.empty.memory_format, torch.ops.aten.new_empty.default,
+            torch.ops.aten.empty_strided.default}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen["views" if func.is_view or func in free else "kernels"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        fn()
+    return {"kernels": count.seen["kernels"], "views": count.seen["views"]}
+
+
 def build(name: str, n: int, device):
     """(model in eval mode, inputs (n, ...), labels (n,), pruned weight names or None)."""
     import torch
@@ -131,6 +157,10 @@ def worker(args) -> dict:
         collect(64, per_sample="expanded")  # warm-up
         for bs in args.loader_batches:
             out[f"grads_bs{bs}_expanded_s"] = median_of(lambda: collect(bs, per_sample="expanded"))
+        for label, fn in (("batched", batched), ("vmap", lambda: collect(64)),
+                          ("expanded", lambda: collect(64, per_sample="expanded"))):
+            for kind, count in operator_counts(fn).items():
+                out[f"ops_{label}_{kind}"] = count
     steps = {"old defaults": (OLD_DEFAULTS, args.loader_batches)}
     if args.impl == "after":
         steps["new defaults"] = ({}, [max(args.loader_batches)])
@@ -245,6 +275,20 @@ def markdown(report: dict) -> str:
                   "|---|---:|---:|---:|---:|"]
         lines += [f"| {model} | {r['grads_bs1_expanded_s']:.3f} | **{r['ratio_expanded_bs1']:.2f}** | "
                   f"{r['grads_bs64_expanded_s']:.3f} | **{r['ratio_expanded_bs64']:.2f}** |" for model, r in expanded]
+        lines.append("")
+    counted = [(model, r) for model, by_impl in report["models"].items() for r in by_impl.values()
+               if "ops_batched_kernels" in r]
+    if counted:
+        lines += ["Operators dispatched for the N samples (loader batch 64; kernels = operators that launch one on a "
+                  "GPU, views and bare allocations apart). On a GPU whose host thread is the bottleneck (small "
+                  "models: launch-bound) collection time follows the kernel count:", "",
+                  "| model | batched fwd+bwd | vmap | expanded | vmap / batched | expanded / batched | "
+                  "views: batched / vmap / expanded |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for model, r in counted:
+            b, v, e = (r[f"ops_{k}_kernels"] for k in ("batched", "vmap", "expanded"))
+            views = "/".join(str(int(r[f"ops_{k}_views"])) for k in ("batched", "vmap", "expanded"))
+            lines.append(f"| {model} | {int(b)} | {int(v)} | {int(e)} | {v / b:.2f} | {e / b:.2f} | {views} |")
         lines.append("")
     lines += below_goal(report) + [
               f"## Phase split of one prune_one_shot call ({100 * SPARSITY:.0f}% sparsity), seconds", "",
