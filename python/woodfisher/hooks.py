@@ -34,6 +34,7 @@ from .config import PruneConfig, check_int
 from .curvature import Curvature
 from .damping import FisherStats, check_damp
 from .precision import compute_dtype
+from .state import caller_modes_off
 from .targets import resolve_targets
 
 __all__ = ["FisherHook"]
@@ -53,6 +54,8 @@ class FisherHook:
         backend: kernel backend.
     Attributes:
         count: gradients folded in or buffered in the current window (at most N).
+        params: the tracked Parameter objects (read at :meth:`reset`; masks attached later keep them, so
+            their gradients are still read; pruned entries then get zero gradients).
         inverses: {weight name: (B, c, c)} running inverses (the buffer is not yet in them).
     Raises:
         ValueError: bad arguments (naming them); a tracked weight with ``requires_grad=False`` (``modules``).
@@ -100,12 +103,16 @@ class FisherHook:
             raise ValueError(f"modules: {frozen} have requires_grad=False: the training loop gives them no .grad, "
                              f"so their Fisher would stay damp * I and rank them least important; {fix}")
         self.targets = targets
+        # The Parameter objects themselves: masks attached later (attach_masks, GradualPruner) keep them (as
+        # ``weight_orig``) while ``module.weight`` becomes a derived tensor without ``.grad``.
+        self.params = [target.param for target in targets]
         self.dtype = compute_dtype(self.targets[0].param.dtype)
-        self.keep = {target.name: target.keep_mask() for target in self.targets}
-        self.inverses: Dict[str, torch.Tensor] = {}
-        for target in self.targets:
-            eye = torch.eye(target.block_size, dtype=self.dtype, device=target.param.device) / self.config.damp
-            self.inverses[target.name] = eye.expand(target.num_blocks, -1, -1).contiguous()
+        with caller_modes_off():  # inverses made under inference_mode could not be updated in place later
+            self.keep = {target.name: target.keep_mask() for target in self.targets}
+            self.inverses: Dict[str, torch.Tensor] = {}
+            for target in self.targets:
+                eye = torch.eye(target.block_size, dtype=self.dtype, device=target.param.device) / self.config.damp
+                self.inverses[target.name] = eye.expand(target.num_blocks, -1, -1).contiguous()
         self.count = 0
         self.stats = FisherStats(numel=sum(target.numel for target in self.targets))
         self.seconds = 0.0
@@ -158,10 +165,10 @@ class FisherHook:
         if self.ready or (self.steps - 1) % self.every:
             return False
         grads = {}
-        for target in self.targets:
-            g = target.param.grad
+        for target, param in zip(self.targets, self.params):
+            g = param.grad
             g = (
-                torch.zeros(target.shape, dtype=self.dtype, device=target.param.device)
+                torch.zeros(param.shape, dtype=self.dtype, device=param.device)
                 if g is None
                 else g.to(self.dtype)
             )

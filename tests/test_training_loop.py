@@ -1,0 +1,176 @@
+"""Pruning inside a training loop: the caller's autocast / inference_mode, copies of masked models (EMA)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _pruner_shared import tiny_data, tiny_mlp
+from test_finetune import Net
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import woodfisher as wf
+import woodfisher_kernels as wk
+from woodfisher.state import DeepcopyDetached
+
+OPTIONS = dict(num_grads=16, block_size=8, num_steps=2, progress=False)
+
+
+def _float_setup(seed=0):
+    model = tiny_mlp(seed, sizes=(6, 8, 4)).float()
+    loader = [(x.float(), y) for x, y in tiny_data(n=32)]
+    return model, loader
+
+
+def _masks_equal(a, b):
+    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("context", ["autocast", "inference_mode", "no_grad"])
+def test_prune_one_shot_inside_a_loop_context_equals_outside(context):
+    """A call made inside the loop's ``torch.autocast`` / ``inference_mode`` / ``no_grad`` gives the masks and
+    weights of the same call outside it (autocast would take the Fisher from bfloat16 forwards)."""
+    ref, loader = _float_setup()
+    res_ref = wf.prune_one_shot(ref, loader, sparsity=0.6, **OPTIONS)
+    model, _ = _float_setup()
+    enter = {"autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16), "inference_mode": torch.inference_mode,
+             "no_grad": torch.no_grad}[context]
+    with enter():
+        res = wf.prune_one_shot(model, loader, sparsity=0.6, keep_masks=True, **OPTIONS)
+    assert _masks_equal(res.masks, res_ref.masks)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p.detach(), q.detach()), name
+    assert not any(b.is_inference() for b in model.buffers())  # masks usable by autograd
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for x, y in loader:  # trains afterwards (an inference-tensor mask raised here), masks held
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    wf.make_permanent(model)
+    for name, keep in res.masks.items():
+        assert not dict(model.named_parameters())[name][~keep].any()
+
+
+def test_curvature_and_prune_with_under_autocast_equal_outside():
+    ref, loader = _float_setup()
+    res_ref = wf.prune_with(ref, wf.estimate_curvature(ref, loader, **OPTIONS), 0.5)
+    model, _ = _float_setup()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        curv = wf.estimate_curvature(model, loader, **OPTIONS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = wf.prune_with(model, curv, 0.5)
+    assert _masks_equal(res.masks, res_ref.masks)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+
+
+def test_gradual_pruner_and_hook_under_inference_mode_then_train():
+    """Steps taken (and a FisherHook built) under ``inference_mode``: training goes on, the masks hold."""
+    model, loader = _float_setup()
+    pruner = wf.GradualPruner(model, loader, final_sparsity=0.7, start_step=0, end_step=2, frequency=1, **OPTIONS)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    with torch.inference_mode():
+        hook = wf.FisherHook(model, num_grads=4, damp=1e-3, block_size=8, buffer=2).attach(opt)
+    for step in range(3):
+        with torch.inference_mode():
+            pruner.step(step)
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert hook.ready and not any(v.is_inference() for v in hook.inverses.values())
+    masks = pruner.masks()
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int((~m).sum()) for m in masks.values()) == round(0.7 * total)
+    with torch.inference_mode():
+        wf.make_permanent(model)
+    assert not any(p.is_inference() for p in model.parameters())
+    params = dict(model.named_parameters())
+    for name, keep in masks.items():
+        assert not params[name][~keep].any() and params[name][keep].all()
+
+
+def test_deepcopy_of_a_masked_model_after_forward():
+    """``copy.deepcopy`` works after a forward pass with gradients; the copy is independent and keeps its masks."""
+    model = Net().double()
+    loader = tiny_data(n=16)
+    wf.prune_one_shot(model, loader, sparsity=0.5, keep_masks=True, num_grads=16, progress=False)
+    F.cross_entropy(model(loader[0][0]), loader[0][1]).backward()
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        copier = module.__dict__.get("__deepcopy__")
+        assert copier is None or (isinstance(copier, DeepcopyDetached) and copier.module is module)
+    x = loader[1][0]
+    assert torch.equal(twin(x), model(x))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(twin.parameters(), lr=0.5, momentum=0.9)
+    for xb, yb in loader:
+        opt.zero_grad()
+        F.cross_entropy(twin(xb), yb).backward()
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # the original is untouched
+    twin(x)
+    for (name, mod), (_, mod2) in zip(model.named_modules(), twin.named_modules()):
+        if hasattr(mod, "weight_mask"):
+            assert torch.equal(mod.weight_mask, mod2.weight_mask) and not mod2.weight[mod2.weight_mask == 0].any()
+    wf.make_permanent(twin)
+    assert not any("__deepcopy__" in m.__dict__ for m in twin.modules())
+    copy.deepcopy(model)  # the original still copies
+
+
+def test_ema_of_a_gradually_pruned_model():
+    """The EMA (AveragedModel) of a model under gradual pruning: built once the masks are attached, its
+    parameters are the running average of the model's (float64 reference by hand) and its zeros the masks'."""
+    model, loader = tiny_mlp(0, sizes=(6, 8, 4)), tiny_data(n=32)
+    pruner = wf.GradualPruner(model, loader, final_sparsity=0.6, start_step=1, end_step=3, frequency=2, **OPTIONS)
+    wf.attach_masks(model, pruner.masks())  # the masks' buffers exist from here on, as the EMA copies them
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    F.cross_entropy(model(loader[0][0]), loader[0][1]).backward()  # a forward with gradients before the copy
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.8))
+    ref = None
+    for step in range(5):
+        pruner.step(step)
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        ema.update_parameters(model)
+        params = [p.detach().clone() for p in model.parameters()]  # the first update copies them
+        ref = params if ref is None else [0.8 * r + 0.2 * p for r, p in zip(ref, params)]
+    for p, r in zip(ema.module.parameters(), ref):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-12, atol=1e-12)
+    x = loader[0][0]
+    ema(x)
+    masks = pruner.masks()
+    assert 1 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()) == pytest.approx(
+        0.6, abs=0.02)
+    wf.make_permanent(ema.module)
+    params = dict(ema.module.named_parameters())
+    for name, keep in masks.items():
+        assert not params[name][~keep].any()
+
+
+def test_fisher_hook_reads_gradients_after_masks_are_attached_mid_window():
+    """Masks attached while a window is open (no reset): the hook still reads the weights' gradients (the
+    Parameter is now ``weight_orig``; ``module.weight`` a derived tensor with no ``.grad``), not zeros."""
+    model, loader = tiny_mlp(0, sizes=(6, 8, 4)), tiny_data(n=32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    hook = wf.FisherHook(model, num_grads=8, damp=1e-2, block_size=8, buffer=3).attach(opt)
+    params = dict(model.named_parameters())
+    names = [t.name for t in hook.targets]
+    seen = {name: [] for name in names}
+    for step in range(8):
+        if step == 3:
+            wf.attach_masks(model, {name: params[name].detach().abs() > 0.2 for name in names})
+        x, y = loader[step % len(loader)]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for name in names:
+            seen[name].append((params[name].grad * hook.keep[name]).reshape(-1).clone())
+        opt.step()
+    assert hook.ready
+    curv = hook.curvature()
+    for target in hook.targets:
+        grads = torch.stack(seen[target.name])
+        assert grads[3:].abs().sum() > 0
+        ref = wk.fisher_inverse(target.grad_blocks(grads.double()), 1e-2, 8, backend="torch")
+        err = (curv.inverses[target.name].double() - ref).abs().max() / ref.abs().max()
+        assert err < 1e-5, (target.name, float(err))
