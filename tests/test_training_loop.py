@@ -174,3 +174,44 @@ def test_fisher_hook_reads_gradients_after_masks_are_attached_mid_window():
         ref = wk.fisher_inverse(target.grad_blocks(grads.double()), 1e-2, 8, backend="torch")
         err = (curv.inverses[target.name].double() - ref).abs().max() / ref.abs().max()
         assert err < 1e-5, (target.name, float(err))
+
+
+@pytest.mark.parametrize("saved,resumed", [("dp", "plain"), ("plain", "compile"), ("compile", "dp")])
+def test_gradual_state_resumes_through_another_wrapper(saved, resumed):
+    """A pruner state saved from a DataParallel / torch.compile / plain model resumes on the same weights wrapped
+    otherwise (its ``module.`` / ``_orig_mod.`` names matched to this model's): same masks, same schedule."""
+    wrap = {"plain": lambda m: m, "dp": torch.nn.DataParallel,
+            "compile": lambda m: torch.compile(m, backend="eager")}
+    loader = tiny_data(n=32)
+    first = wrap[saved](tiny_mlp(0, sizes=(6, 8, 4)))
+    pruner = wf.GradualPruner(first, loader, final_sparsity=0.7, start_step=0, end_step=2, frequency=1, **OPTIONS)
+    pruner.step(0)
+    pruner.step(1)
+    state = pruner.state_dict()
+    inner = tiny_mlp(1, sizes=(6, 8, 4))
+    again = wf.GradualPruner(wrap[resumed](inner), loader, final_sparsity=0.7, start_step=0, end_step=2, frequency=1,
+                             **OPTIONS)
+    again.load_state_dict(state)
+    assert again.last_step == 1 and again.step(1) is None
+    saved_masks = {strip: state["masks"][name]
+                   for name, strip in wf.targets.strip_wrapper_prefixes(state["masks"]).items()}
+    ours = again.masks()
+    assert {strip: ours[name] for name, strip in wf.targets.strip_wrapper_prefixes(ours).items()}.keys() == \
+        saved_masks.keys()
+    for name, strip in wf.targets.strip_wrapper_prefixes(ours).items():
+        assert torch.equal(ours[name], saved_masks[strip])
+    assert again.step(2).sparsity == pytest.approx(0.7, abs=0.02)
+
+
+def test_gradual_state_of_other_weights_is_still_refused():
+    loader = tiny_data(n=32)
+    pruner = wf.GradualPruner(tiny_mlp(0, sizes=(6, 8, 4)), loader, final_sparsity=0.7, start_step=0, end_step=2,
+                              frequency=1, **OPTIONS)
+    pruner.step(0)
+    state = pruner.state_dict()
+    state["masks"] = {"module." + k.replace("0.", "9."): v for k, v in state["masks"].items()}
+    other = wf.GradualPruner(tiny_mlp(0, sizes=(6, 8, 4)), loader, final_sparsity=0.7, start_step=0, end_step=2,
+                             frequency=1, **OPTIONS)
+    with pytest.raises(ValueError, match="state holds masks for"):
+        other.load_state_dict(state)
+    assert other.last_step is None and not any(hasattr(m, "weight_mask") for m in other.model.modules())

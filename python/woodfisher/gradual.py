@@ -35,7 +35,7 @@ from .finetune import attach_masks, make_permanent
 from .masks import check_sparsity, is_int, is_real
 from .pruner import PruneResult, prune_one_shot
 from .state import Snapshot
-from .targets import resolve_targets
+from .targets import resolve_targets, strip_wrapper_prefixes
 
 __all__ = ["polynomial_sparsity", "GradualPruner", "apply_masks", "make_permanent"]
 
@@ -223,7 +223,9 @@ class GradualPruner:
         Raises:
             ValueError: a state that is not a GradualPruner state_dict, a different schedule,
                 or masks that do not fit this pruner's weights (names, shapes, values); all of it
-                is checked before the model is touched, which is unchanged then.
+                is checked before the model is touched, which is unchanged then. A state saved through
+                another wrapper (DataParallel / DDP, torch.compile, or none) names the same weights: its
+                ``module.`` / ``_orig_mod.`` prefixes are matched to this model's.
         """
         if not isinstance(state, Mapping) or any(k not in state for k in ("schedule", "last_step", "history",
                                                                           "masks")):
@@ -242,12 +244,21 @@ class GradualPruner:
         if not isinstance(masks, Mapping) or (last is None) != (len(masks) == 0):
             raise ValueError("state['masks'] must be a dict of keep-masks, empty exactly when no step was done")
         if masks:
-            expected = [target.name for target in resolve_targets(self.model, self.config.modules)]
-            if sorted(masks) != sorted(expected):
-                raise ValueError(f"state holds masks for {sorted(masks)}, this pruner prunes {sorted(expected)}")
-            apply_masks(self.model, masks)  # checks every mask before it touches the model
+            apply_masks(self.model, self._own_names(masks))  # checks every mask before it touches the model
         self.last_step = last
         self.history = [dict(h) for h in history]
+
+    def _own_names(self, masks: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``masks`` under this pruner's weight names: a state saved through another wrapper (DataParallel / DDP,
+        torch.compile, or none: the ``module.`` / ``_orig_mod.`` prefixes) names the same weights."""
+        expected = [target.name for target in resolve_targets(self.model, self.config.modules)]
+        if sorted(masks) == sorted(expected):
+            return dict(masks)
+        theirs, mine = strip_wrapper_prefixes(masks), strip_wrapper_prefixes(expected)
+        by_inner = {inner: name for name, inner in mine.items()}
+        if sorted(theirs.values()) != sorted(by_inner):
+            raise ValueError(f"state holds masks for {sorted(masks)}, this pruner prunes {sorted(expected)}")
+        return {by_inner[theirs[name]]: keep for name, keep in masks.items()}
 
 
 def _is_number(v) -> bool:
