@@ -12,7 +12,10 @@
   ``torch.ao.pruning`` parametrization) have that mask updated instead.
 - :func:`make_permanent` removes every such reparametrisation (the zeros stay, the
   Parameter gets its name and place back): call it before ``save_pretrained`` /
-  ``state_dict`` for a file a model without masks can load.
+  ``state_dict`` for a file a model without masks can load, after the last training step
+  (training after it revives the pruned weights: gradients and momentum reach them again).
+- A module holding a mask gets an instance ``__deepcopy__`` (:class:`woodfisher.state.DeepcopyDetached`),
+  so ``copy.deepcopy`` and ``AveragedModel`` work after a forward pass too.
 - :func:`recalibrate_bn`: after pruning, the BatchNorm running statistics no longer match
   the activations; this re-estimates them with ``num_batches`` forward passes (no
   gradients, BatchNorm layers in train mode with a cumulative average, every other module

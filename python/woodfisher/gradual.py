@@ -13,7 +13,14 @@ working whenever it was built: the same Parameter objects stay in the same order
 ``model.parameters()`` (:func:`woodfisher.attach_masks`), so resuming a run with an optimizer's
 ``state_dict`` works whether the optimizer is built before or after
 :meth:`GradualPruner.load_state_dict`. :func:`make_permanent` removes the
-reparametrisation (pruned entries stay 0, the parameters' order is kept).
+reparametrisation (pruned entries stay 0, the parameters' order is kept) and ends the masks:
+training after it revives pruned weights (their gradients and the optimizer's momentum are not 0).
+
+An EMA of the weights (``torch.optim.swa_utils.AveragedModel``) pairs the model's buffers with
+its copy's, so build it once the masks' buffers exist: ``attach_masks(model, pruner.masks())``
+right after the pruner (all-ones masks before the first step), then ``AveragedModel(model)``;
+its masks then follow the model's at every ``update_parameters``. Pruning calls switch off the
+caller's ``torch.autocast`` and ``torch.inference_mode`` (:func:`woodfisher.state.caller_modes_off`).
 
 Every method is failure-atomic: :meth:`GradualPruner.step` and
 :meth:`GradualPruner.load_state_dict` check everything first and restore the weights,
