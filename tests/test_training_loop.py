@@ -215,3 +215,32 @@ def test_gradual_state_of_other_weights_is_still_refused():
     with pytest.raises(ValueError, match="state holds masks for"):
         other.load_state_dict(state)
     assert other.last_step is None and not any(hasattr(m, "weight_mask") for m in other.model.modules())
+
+
+def test_schedule_starts_exactly_at_initial_sparsity():
+    """s_f + (s_i - s_f) * 1 rounds (0.5 + (0.05 - 0.5) = 0.04999999999999999): the first step's target is s_i."""
+    for final, initial in [(0.5, 0.05), (0.8, 0.3), (0.9, 0.1)]:
+        assert wf.polynomial_sparsity(4, final_sparsity=final, start_step=4, end_step=10, frequency=2,
+                                      initial_sparsity=initial) == initial
+        assert wf.polynomial_sparsity(11, final_sparsity=final, start_step=4, end_step=10, frequency=2,
+                                      initial_sparsity=initial) == final
+
+
+def test_gradual_nm_pattern_is_checked_at_construction():
+    """An N:M pattern fixes every step's sparsity: a ramp, or weights whose rows it does not fit, are refused by
+    the constructor (naming the pattern), not at the first step in the middle of training."""
+    model, loader = tiny_mlp(0, sizes=(8, 8, 4)), tiny_data(n=32, features=8)
+    with pytest.raises(ValueError, match=r"pattern='2:4' fixes the sparsity of every pruning step at 0.5.*"
+                                         r"initial_sparsity=0.05"):
+        wf.GradualPruner(model, loader, final_sparsity=0.5, pattern="2:4", start_step=0, end_step=4, frequency=2)
+    odd = tiny_mlp(0, sizes=(6, 8, 4))
+    with pytest.raises(ValueError, match="rows of 6 entries, not a multiple of 4"):
+        wf.GradualPruner(odd, loader, final_sparsity=0.5, pattern="2:4", start_step=1, end_step=1)
+    assert not any(hasattr(m, "weight_mask") for m in model.modules())
+    for kw in (dict(start_step=1, end_step=1), dict(initial_sparsity=0.5, start_step=0, end_step=2, frequency=1)):
+        net = tiny_mlp(0, sizes=(8, 8, 4))
+        pruner = wf.GradualPruner(net, loader, final_sparsity=0.5, pattern="2:4", **kw, num_grads=16, progress=False)
+        for step in range(3):
+            pruner.step(step)
+        for name, keep in pruner.masks().items():
+            assert (keep.reshape(-1, 4).sum(1) == 2).all(), name

@@ -42,6 +42,7 @@ from .finetune import attach_masks, make_permanent
 from .masks import check_sparsity, is_int, is_real
 from .pruner import PruneResult, prune_one_shot
 from .state import Snapshot
+from .structured import parse_pattern, pattern_sparsity
 from .targets import resolve_targets, strip_wrapper_prefixes
 
 __all__ = ["polynomial_sparsity", "GradualPruner", "apply_masks", "make_permanent"]
@@ -67,6 +68,19 @@ def _check_schedule(final_sparsity, start_step, end_step, frequency, initial_spa
     return start_step, end_step, frequency
 
 
+def _check_pattern_schedule(config: PruneConfig, initial_sparsity: float, num_steps: int) -> None:
+    """An N:M pattern fixes every step's sparsity at 1 - N/M: a schedule with other targets (the cubic ramp from
+    ``initial_sparsity``) is refused here, naming ``pattern``, not at its first step."""
+    parsed = parse_pattern(config.pattern)
+    fixed = pattern_sparsity(parsed) if parsed is not None else None
+    if fixed is None or num_steps == 0 or math.isclose(initial_sparsity, fixed):
+        return
+    raise ValueError(f"pattern={config.pattern!r} fixes the sparsity of every pruning step at {fixed:g}, but the "
+                     f"schedule ramps from initial_sparsity={initial_sparsity:g} over {num_steps} steps; an N:M mask "
+                     f"is reached in one step: pass start_step == end_step, or initial_sparsity={fixed:g} (later "
+                     "steps keep that mask)")
+
+
 def polynomial_sparsity(step: int, *, final_sparsity: float, start_step: int, end_step: int,
                         frequency: int = 1, initial_sparsity: float = 0.05) -> float:
     """Target sparsity at ``step``: 0 before ``start_step``, the cubic ramp, then ``final_sparsity``.
@@ -90,6 +104,8 @@ def polynomial_sparsity(step: int, *, final_sparsity: float, start_step: int, en
     if end_step == start_step:
         return float(final_sparsity)
     last = start_step + ((min(step, end_step) - start_step) // frequency) * frequency
+    if last == start_step:  # exactly s_i (s_f + (s_i - s_f) rounds: 0.5 + (0.05 - 0.5) = 0.04999999999999999)
+        return float(initial_sparsity)
     frac = (last - start_step) / (end_step - start_step)
     return float(final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - frac) ** 3)
 
@@ -110,7 +126,9 @@ class GradualPruner:
         ValueError: a sparsity outside [0, 1), ``start_step`` / ``end_step`` not ints >= 0 or
             ``frequency`` not an int >= 1, ``end_step - start_step`` not a non-negative multiple of
             ``frequency``, ``initial_sparsity > final_sparsity``, ``sparsity`` passed, a bad
-            :class:`PruneConfig` option, or weights that cannot be pruned.
+            :class:`PruneConfig` option, weights that cannot be pruned or that a ``pattern`` does not fit,
+            or an N:M ``pattern`` (which fixes every step at 1 - N/M) with a ramp: it needs
+            ``start_step == end_step`` or ``initial_sparsity = 1 - N/M``.
 
     Typical loop::
 
@@ -130,8 +148,10 @@ class GradualPruner:
         if "sparsity" in prune_kwargs:
             raise ValueError("pass final_sparsity, not sparsity, to GradualPruner")
         self.config = PruneConfig.from_options(sparsity=float(final_sparsity), **prune_kwargs)
-        check_prunable(resolve_targets(model, self.config.modules, self.config.method_impl.block_size(self.config)),
-                       self.config, final_sparsity, "final_sparsity")
+        _check_pattern_schedule(self.config, float(initial_sparsity), (end_step - start_step) // frequency)
+        targets = resolve_targets(model, self.config.modules, self.config.method_impl.block_size(self.config))
+        self.config.method_impl.check_targets(targets, self.config)  # e.g. rows an N:M pattern does not fit
+        check_prunable(targets, self.config, final_sparsity, "final_sparsity")
         self.model, self.loader = model, loader
         self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
