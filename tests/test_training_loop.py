@@ -244,3 +244,59 @@ def test_gradual_nm_pattern_is_checked_at_construction():
             pruner.step(step)
         for name, keep in pruner.masks().items():
             assert (keep.reshape(-1, 4).sum(1) == 2).all(), name
+
+
+def _hook_run(model, loader, hook, opt, steps):
+    for step in steps:
+        x, y = loader[step % len(loader)]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_fisher_hook_state_resumes_mid_window_in_a_fresh_hook():
+    """A window saved mid-way (inverses, buffered gradients, counts) and loaded into a new model / optimizer /
+    hook continues exactly as the uninterrupted run: same inverses, same curvature, same pruning."""
+    loader = tiny_data(n=32)
+
+    def setup():
+        model = tiny_mlp(0, sizes=(6, 8, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, opt, wf.FisherHook(model, num_grads=10, damp=1e-2, block_size=8, buffer=4).attach(opt)
+
+    model, opt, hook = setup()
+    _hook_run(model, loader, hook, opt, range(10))
+    full_inverses = {k: v.clone() for k, v in hook.curvature().inverses.items()}
+    full = wf.prune_with(model, hook.curvature(), 0.5)
+    full_params = [p.detach().clone() for p in model.parameters()]
+    model, opt, hook = setup()
+    _hook_run(model, loader, hook, opt, range(6))  # 4 folded, 2 buffered
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "hook": hook.state_dict()})
+    _hook_run(model, loader, hook, opt, range(6, 8))  # the saved state is a copy, not the live window
+    assert saved["hook"]["count"] == 6 and len(saved["hook"]["pending"]) == 2
+    model, opt, hook = setup()
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    hook.load_state_dict(saved["hook"])
+    _hook_run(model, loader, hook, opt, range(6, 10))
+    assert hook.count == 10 and hook.steps == 10
+    for name, inv in hook.curvature().inverses.items():
+        assert torch.equal(inv, full_inverses[name]), name
+    resumed = wf.prune_with(model, hook.curvature(), 0.5)
+    assert _masks_equal(resumed.masks, full.masks)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), full_params))
+
+
+def test_fisher_hook_state_of_other_settings_or_weights_is_refused():
+    model = tiny_mlp(0, sizes=(6, 8, 4))
+    state = wf.FisherHook(model, num_grads=10, damp=1e-2, block_size=8).state_dict()
+    other = wf.FisherHook(model, num_grads=10, damp=1e-3, block_size=8)
+    with pytest.raises(ValueError, match="other settings.*damp"):
+        other.load_state_dict(state)
+    bigger = wf.FisherHook(tiny_mlp(0, sizes=(6, 9, 4)), num_grads=10, damp=1e-2, block_size=8)
+    before = {k: v.clone() for k, v in bigger.inverses.items()}
+    with pytest.raises(ValueError, match=r"state\['inverses'\] holds"):
+        bigger.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in bigger.inverses.items()) and bigger.count == 0
+    with pytest.raises(ValueError, match="not a FisherHook state_dict"):
+        other.load_state_dict({"settings": 1})
