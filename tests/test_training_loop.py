@@ -300,3 +300,26 @@ def test_fisher_hook_state_of_other_settings_or_weights_is_refused():
     assert all(torch.equal(before[k], v) for k, v in bigger.inverses.items()) and bigger.count == 0
     with pytest.raises(ValueError, match="not a FisherHook state_dict"):
         other.load_state_dict({"settings": 1})
+
+
+def test_ema_with_averaged_buffers_is_made_sparse_again_by_attach_masks():
+    """``AveragedModel(use_buffers=True)`` averages the masks too (fractions: a dense EMA); re-attaching the
+    model's masks gives the EMA exactly those zeros and leaves its kept weights as averaged."""
+    model, loader = tiny_mlp(0, sizes=(6, 8, 4)), tiny_data(n=32)
+    pruner = wf.GradualPruner(model, loader, final_sparsity=0.6, start_step=1, end_step=3, frequency=2, **OPTIONS)
+    wf.attach_masks(model, pruner.masks())
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.8), use_buffers=True)
+    for step in range(5):
+        pruner.step(step)
+        _hook_run(model, loader, None, opt, range(4))
+        ema.update_parameters(model)
+    masks = pruner.masks()
+    inner = dict(ema.module.named_modules())
+    assert any(((inner[n.rsplit(".", 1)[0]].weight_mask > 0) & ~m).any() for n, m in masks.items())  # averaged
+    kept = {n: (dict(ema.module.named_parameters())[n + "_orig"].detach() * m) for n, m in masks.items()}
+    wf.attach_masks(ema.module, masks)
+    ema(loader[0][0])
+    for name, keep in masks.items():
+        module = inner[name.rsplit(".", 1)[0]]
+        assert torch.equal(module.weight_mask.bool(), keep) and torch.equal(module.weight, kept[name])

@@ -19,7 +19,9 @@ training after it revives pruned weights (their gradients and the optimizer's mo
 An EMA of the weights (``torch.optim.swa_utils.AveragedModel``) pairs the model's buffers with
 its copy's, so build it once the masks' buffers exist: ``attach_masks(model, pruner.masks())``
 right after the pruner (all-ones masks before the first step), then ``AveragedModel(model)``;
-its masks then follow the model's at every ``update_parameters``. Pruning calls switch off the
+with its default ``use_buffers=False`` its masks are copied from the model's at every
+``update_parameters``. ``use_buffers=True`` averages the (float) masks into fractions, a dense
+EMA: re-attach them with ``attach_masks(ema.module, pruner.masks())`` before using the EMA. Pruning calls switch off the
 caller's ``torch.autocast`` and ``torch.inference_mode`` (:func:`woodfisher.state.caller_modes_off`).
 
 Every method is failure-atomic: :meth:`GradualPruner.step` and
