@@ -323,3 +323,19 @@ def test_ema_with_averaged_buffers_is_made_sparse_again_by_attach_masks():
     for name, keep in masks.items():
         module = inner[name.rsplit(".", 1)[0]]
         assert torch.equal(module.weight_mask.bool(), keep) and torch.equal(module.weight, kept[name])
+
+
+def test_gradual_loader_checked_at_construction():
+    """A loader the steps could not read (not iterable; single-pass with several pruning steps) is refused when
+    the pruner is built, naming ``loader``, not at a pruning step hours into training."""
+    loader = tiny_data(n=32)
+    with pytest.raises(ValueError, match="loader must be an iterable"):
+        wf.GradualPruner(tiny_mlp(0), 5, final_sparsity=0.5)
+    with pytest.raises(ValueError, match="loader: a single-pass iterable"):
+        wf.GradualPruner(tiny_mlp(0), iter(loader), final_sparsity=0.5, start_step=0, end_step=2)
+    model = tiny_mlp(0)
+    pruner = wf.GradualPruner(model, iter(loader), final_sparsity=0.5, start_step=3, end_step=3, num_grads=16,
+                              progress=False)  # one step: one pass is enough
+    assert pruner.step(3).sparsity == pytest.approx(0.5, abs=0.03)
+    pruner = wf.GradualPruner(tiny_mlp(0), None, final_sparsity=0.5, start_step=0, end_step=1, **OPTIONS)
+    assert pruner.step(0, loader).sparsity == pytest.approx(0.05, abs=0.03)  # a loader per step

@@ -37,6 +37,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .batches import check_loader, is_single_pass
 from .checks import check_prunable
 from .config import PruneConfig, check_int
 from .diagnostics import reissue
@@ -127,7 +128,8 @@ class GradualPruner:
     Raises:
         ValueError: a sparsity outside [0, 1), ``start_step`` / ``end_step`` not ints >= 0 or
             ``frequency`` not an int >= 1, ``end_step - start_step`` not a non-negative multiple of
-            ``frequency``, ``initial_sparsity > final_sparsity``, ``sparsity`` passed, a bad
+            ``frequency``, ``initial_sparsity > final_sparsity``, ``sparsity`` passed, a ``loader`` that is not
+            iterable (or single-pass, with more than one pruning step), a bad
             :class:`PruneConfig` option, weights that cannot be pruned or that a ``pattern`` does not fit,
             or an N:M ``pattern`` (which fixes every step at 1 - N/M) with a ramp: it needs
             ``start_step == end_step`` or ``initial_sparsity = 1 - N/M``.
@@ -149,6 +151,12 @@ class GradualPruner:
                                                           initial_sparsity)
         if "sparsity" in prune_kwargs:
             raise ValueError("pass final_sparsity, not sparsity, to GradualPruner")
+        if loader is not None:  # read at every pruning step, maybe hours into training: checked now
+            check_loader(loader)
+            if is_single_pass(loader) and end_step > start_step:
+                raise ValueError(f"loader: a single-pass iterable ({type(loader).__name__}) is read up at the first "
+                                 "pruning step, and the schedule has more; pass a re-iterable loader (a DataLoader, a "
+                                 "list) or one per step: pruner.step(step, loader)")
         self.config = PruneConfig.from_options(sparsity=float(final_sparsity), **prune_kwargs)
         _check_pattern_schedule(self.config, float(initial_sparsity), (end_step - start_step) // frequency)
         targets = resolve_targets(model, self.config.modules, self.config.method_impl.block_size(self.config))
