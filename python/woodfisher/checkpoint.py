@@ -29,11 +29,11 @@ from typing import Dict, Mapping, Union
 import torch
 from torch import nn
 
+from .targets import strip_wrapper_prefixes
+
 __all__ = ["load_checkpoint", "read_state_dict", "normalise_state_dict", "save_state_dict"]
 
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")
-#: prefixes a wrapper puts before every key of the model it wraps (DataParallel / DDP, torch.compile)
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MASK_SUFFIX = "._weight_mask"
 _WRAPPER = "._layer."
 
@@ -124,8 +124,7 @@ def normalise_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.T
     ``X._weight_mask`` into ``X.weight`` and ``torch.nn.utils.prune``'s ``X.p_orig`` / ``X.p_mask`` pair (a model
     saved with masks attached: ``keep_masks=True``, ``attach_masks``, ``GradualPruner``) into ``X.p``."""
     state = _fold_prune_pairs(state)
-    while state and (prefix := next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)):
-        state = {k[len(prefix):]: v for k, v in state.items()}
+    state = {new: state[old] for old, new in strip_wrapper_prefixes(state).items()}
     out: Dict[str, torch.Tensor] = {}
     masks: Dict[str, torch.Tensor] = {}
     for key, value in state.items():

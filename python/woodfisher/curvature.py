@@ -45,7 +45,7 @@ from .kfac import kfac_factors, kfac_inverse
 from .offload import estimate_offloaded
 from .plan import plan_memory, stat_itemsize
 from .progress import display, phase
-from .state import derived_weights_kept, fingerprint
+from .state import caller_modes_off, derived_weights_kept, fingerprint
 from .streaming import estimate_streamed
 from .targets import Layout, PruneTarget, resolve_targets, unwrap_model, warn_left_out
 
@@ -214,7 +214,7 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
     """
     config = resolve_config(config, options)
     method = config.method_impl
-    with full_parameters(model):  # FSDP: the full weights for the call
+    with full_parameters(model), caller_modes_off():  # FSDP: the full weights for the call
         targets = resolve_targets(model, config.modules, method.block_size(config))
         method.check_targets(targets, config)
         check_prunable(targets, config)

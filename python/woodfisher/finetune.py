@@ -12,7 +12,10 @@
   ``torch.ao.pruning`` parametrization) have that mask updated instead.
 - :func:`make_permanent` removes every such reparametrisation (the zeros stay, the
   Parameter gets its name and place back): call it before ``save_pretrained`` /
-  ``state_dict`` for a file a model without masks can load.
+  ``state_dict`` for a file a model without masks can load, after the last training step
+  (training after it revives the pruned weights: gradients and momentum reach them again).
+- A module holding a mask gets an instance ``__deepcopy__`` (:class:`woodfisher.state.DeepcopyDetached`),
+  so ``copy.deepcopy`` and ``AveragedModel`` work after a forward pass too.
 - :func:`recalibrate_bn`: after pruning, the BatchNorm running statistics no longer match
   the activations; this re-estimates them with ``num_batches`` forward passes (no
   gradients, BatchNorm layers in train mode with a cumulative average, every other module
@@ -29,7 +32,7 @@ from torch.nn.utils import prune as torch_prune
 from .batches import check_loader, to_batch
 from .masks import is_int
 from .progress import phase
-from .state import Snapshot, eval_mode
+from .state import Snapshot, caller_modes_off, eval_mode, install_deepcopy, remove_deepcopy
 from .targets import PruneTarget, check_module, resolve_targets, unwrap_model
 
 __all__ = ["attach_masks", "make_permanent", "recalibrate_bn"]
@@ -51,6 +54,7 @@ def _hold(module: nn.Module, attr: str, keep: torch.Tensor) -> None:
     index = list(module._parameters).index(attr)
     torch_prune.custom_from_mask(module, attr, keep)
     _move(module, attr + "_orig", index)
+    install_deepcopy(module)  # copy.deepcopy / AveragedModel work after a forward pass too
 
 
 def _release(module: nn.Module, attr: str) -> None:
@@ -58,6 +62,7 @@ def _release(module: nn.Module, attr: str) -> None:
     index = list(module._parameters).index(attr + "_orig")
     torch_prune.remove(module, attr)
     _move(module, attr, index)
+    remove_deepcopy(module)
 
 
 class _RefreshFrom:
@@ -104,7 +109,11 @@ def hold_target_masks(targets: List[PruneTarget], masks: Dict[str, torch.Tensor]
                       model: Optional[nn.Module] = None) -> None:
     """:func:`attach_masks` on resolved targets of ``model``; all or nothing (a failure undoes what was
     attached)."""
-    masks = _checked(targets, masks)
+    with caller_modes_off():  # masks made under inference_mode would break the next training step
+        _hold_checked(targets, _checked(targets, masks), model)
+
+
+def _hold_checked(targets: List[PruneTarget], masks: Dict[str, torch.Tensor], model: Optional[nn.Module]) -> None:
     readers = _readers(model)
     snapshot = Snapshot(targets)
     attached: List[Tuple[nn.Module, str]] = []
@@ -175,6 +184,12 @@ def make_permanent(model: nn.Module) -> nn.Module:
             ``<attr>_orig`` (checked for every module first: nothing is changed).
     """
     check_module(model)
+    with caller_modes_off():  # under inference_mode the weights would become inference tensors
+        _make_permanent(model)
+    return model
+
+
+def _make_permanent(model: nn.Module) -> None:
     modules = list(unwrap_model(model)[0].modules())
     for mname, module in unwrap_model(model)[0].named_modules():
         for key, orig in module._parameters.items():
@@ -191,7 +206,6 @@ def make_permanent(model: nn.Module) -> nn.Module:
         for attr in names:
             if attr is not None and attr + "_orig" in module._parameters:
                 _release(module, attr)
-    return model
 
 
 def _bn_layers(model: nn.Module) -> List[nn.Module]:

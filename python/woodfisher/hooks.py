@@ -16,12 +16,16 @@ training batch). :meth:`FisherHook.curvature` hands the inverses to
 :func:`woodfisher.prune_with`; call :meth:`FisherHook.reset` after pruning (or whenever the
 masks or the weights' parametrisation change) to start a new window.
 
+:meth:`FisherHook.state_dict` / :meth:`FisherHook.load_state_dict` carry an open window
+across a checkpoint (a resumed run folds in the same gradients as an uninterrupted one).
+
 With DDP the gradients are already averaged over ranks, so every rank holds the same
 inverses. Weights already pruned when the window starts get zero gradients (they stay out
 of the Fisher, as in :mod:`woodfisher.gradients`).
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Dict, List, Optional
 
@@ -34,6 +38,7 @@ from .config import PruneConfig, check_int
 from .curvature import Curvature
 from .damping import FisherStats, check_damp
 from .precision import compute_dtype
+from .state import caller_modes_off
 from .targets import resolve_targets
 
 __all__ = ["FisherHook"]
@@ -53,6 +58,8 @@ class FisherHook:
         backend: kernel backend.
     Attributes:
         count: gradients folded in or buffered in the current window (at most N).
+        params: the tracked Parameter objects (read at :meth:`reset`; masks attached later keep them, so
+            their gradients are still read; pruned entries then get zero gradients).
         inverses: {weight name: (B, c, c)} running inverses (the buffer is not yet in them).
     Raises:
         ValueError: bad arguments (naming them); a tracked weight with ``requires_grad=False`` (``modules``).
@@ -100,12 +107,16 @@ class FisherHook:
             raise ValueError(f"modules: {frozen} have requires_grad=False: the training loop gives them no .grad, "
                              f"so their Fisher would stay damp * I and rank them least important; {fix}")
         self.targets = targets
+        # The Parameter objects themselves: masks attached later (attach_masks, GradualPruner) keep them (as
+        # ``weight_orig``) while ``module.weight`` becomes a derived tensor without ``.grad``.
+        self.params = [target.param for target in targets]
         self.dtype = compute_dtype(self.targets[0].param.dtype)
-        self.keep = {target.name: target.keep_mask() for target in self.targets}
-        self.inverses: Dict[str, torch.Tensor] = {}
-        for target in self.targets:
-            eye = torch.eye(target.block_size, dtype=self.dtype, device=target.param.device) / self.config.damp
-            self.inverses[target.name] = eye.expand(target.num_blocks, -1, -1).contiguous()
+        with caller_modes_off():  # inverses made under inference_mode could not be updated in place later
+            self.keep = {target.name: target.keep_mask() for target in self.targets}
+            self.inverses: Dict[str, torch.Tensor] = {}
+            for target in self.targets:
+                eye = torch.eye(target.block_size, dtype=self.dtype, device=target.param.device) / self.config.damp
+                self.inverses[target.name] = eye.expand(target.num_blocks, -1, -1).contiguous()
         self.count = 0
         self.stats = FisherStats(numel=sum(target.numel for target in self.targets))
         self.seconds = 0.0
@@ -158,10 +169,10 @@ class FisherHook:
         if self.ready or (self.steps - 1) % self.every:
             return False
         grads = {}
-        for target in self.targets:
-            g = target.param.grad
+        for target, param in zip(self.targets, self.params):
+            g = param.grad
             g = (
-                torch.zeros(target.shape, dtype=self.dtype, device=target.param.device)
+                torch.zeros(param.shape, dtype=self.dtype, device=param.device)
                 if g is None
                 else g.to(self.dtype)
             )
@@ -189,6 +200,55 @@ class FisherHook:
         self._pending = []
         self.seconds += time.perf_counter() - start
 
+    # ---- checkpoints ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The current window, to save next to the model's and optimizer's state (resume mid-window).
+
+        Returns:
+            dict: "settings" (num_grads, damp, block_size, buffer, every), "steps" (optimizer steps seen),
+            "count", "inverses" and "keep" ({weight name: CPU tensor}), "pending" (buffered gradients, a list of
+            such dicts), "sum_sq" (float64 sum of the squared gradients folded in) and "folded" (their count).
+        """
+        cpu = lambda d: {k: v.detach().to("cpu", copy=True) for k, v in d.items()}  # noqa: E731  (not the live ones)
+        return {"settings": self._settings(), "steps": self.steps, "count": self.count,
+                "inverses": cpu(self.inverses), "keep": cpu(self.keep), "pending": [cpu(p) for p in self._pending],
+                "sum_sq": self.stats.sum_sq, "folded": self.stats.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the window saved by :meth:`state_dict` (same settings and weights; checked first).
+
+        Args:
+            state: a dict from :meth:`state_dict`.
+        Raises:
+            ValueError: not a FisherHook state, other settings (naming them), or inverses / masks whose weight names
+                or shapes differ from this hook's; the hook is unchanged then.
+        """
+        keys = ("settings", "steps", "count", "inverses", "keep", "pending", "sum_sq", "folded")
+        if (not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["settings"], dict)
+                or not isinstance(state["pending"], (list, tuple))):
+            raise ValueError(f"state is not a FisherHook state_dict (keys {list(keys)})")
+        diff = {k: (v, state["settings"].get(k)) for k, v in self._settings().items()
+                if state["settings"].get(k) != v}
+        if diff:
+            raise ValueError(f"state has other settings (this hook's value, the state's): {diff}")
+        weights = {t.name: tuple(param.shape) for t, param in zip(self.targets, self.params)}
+        _check_part(state["inverses"], {k: tuple(v.shape) for k, v in self.inverses.items()}, "inverses")
+        _check_part(state["keep"], weights, "keep")
+        for pending in state["pending"]:
+            _check_part(pending, {k: (math.prod(shape),) for k, shape in weights.items()}, "pending")
+        devices = {target.name: param.device for target, param in zip(self.targets, self.params)}
+        to = lambda d, dtype: {k: v.to(devices[k], dtype, copy=True) for k, v in d.items()}  # noqa: E731
+        with caller_modes_off():
+            self.inverses = to(state["inverses"], self.dtype)
+            self.keep = to(state["keep"], torch.bool)
+            self._pending = [to(p, self.dtype) for p in state["pending"]]
+        self.steps, self.count = int(state["steps"]), int(state["count"])
+        self.stats.sum_sq, self.stats.count = float(state["sum_sq"]), int(state["folded"])
+
+    def _settings(self) -> dict:
+        return {"num_grads": self.config.num_grads, "damp": self.config.damp, "block_size": self.config.block_size,
+                "buffer": self.buffer_size, "every": self.every}
+
     # ---- pruning --------------------------------------------------------------------
     def curvature(self) -> Curvature:
         """The current window as a :class:`woodfisher.curvature.Curvature` for :func:`woodfisher.prune_with`.
@@ -209,3 +269,10 @@ class FisherHook:
                          inverses=dict(self.inverses), forms={target.name: "stream" for target in self.targets},
                          damp=self.config.damp, stats=self.stats, keep=dict(self.keep),
                          timings={"gradients": 0.0, "inverse": self.seconds})
+
+
+def _check_part(part, shapes: Dict[str, tuple], what: str) -> None:
+    """``part`` ({weight name: tensor}) must hold exactly the weights of ``shapes``, with those shapes."""
+    theirs = {k: tuple(v.shape) for k, v in part.items()} if isinstance(part, dict) else None
+    if theirs != shapes:
+        raise ValueError(f"state[{what!r}] holds {theirs}, this hook tracks {shapes}")

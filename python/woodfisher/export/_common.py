@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..gradual import make_permanent
+from ..state import detached_memo
 
 Masks = Optional[Dict[str, torch.Tensor]]
 
@@ -71,9 +72,7 @@ def to_dense(model: nn.Module, masks: Masks = None) -> nn.Module:
 def _copy(model: nn.Module) -> nn.Module:
     """``copy.deepcopy`` that also copies modules held by ``torch.nn.utils.prune``: their ``weight``
     attribute (``weight_orig * weight_mask``, a non-leaf tensor that deepcopy refuses) is copied detached."""
-    memo = {id(value): value.detach().clone() for module in model.modules() for value in vars(module).values()
-            if isinstance(value, torch.Tensor) and not value.is_leaf}
-    return copy.deepcopy(model, memo)
+    return copy.deepcopy(model, detached_memo(model))
 
 
 def sparsity(weight: torch.Tensor) -> float:
