@@ -13,7 +13,9 @@ flops) with that factor rounded to float32, solved from the right on the transpo
 (``A^T = G^T L^-T``) so that G is not copied; the diagonal sums the squares of A in
 float32 over 32 rows at a time and those sums in float64. This keeps the diagonal within 1e-6 of
 a float64 computation on ResNet-20 gradients at damp 1e-5
-(benchmarks/results/cpu_fallback.md). The stated bound of :mod:`._numerics` holds;
+(benchmarks/results/cpu_fallback.md). Products ``F^-1 v`` cancel in the gradients' span (relative error
+eps32 * kappa there), so layers with blocks beyond ``eps32 * kappa > 1e-3`` keep their factor in float64
+(:func:`._numerics.refine_lowrank`, ``refined``). The stated bound of :mod:`._numerics` holds;
 blocks that fail (non-finite factor, diagonal <= 0, K not positive definite in float64)
 are recomputed in float64 or refused (``on_failure``).
 
@@ -56,7 +58,11 @@ class LowRankInverse:
         backend: "auto" (the C kernel for float32 CPU gradients when built, else torch),
             "cpu" or "torch"; "cuda" / "triton" have no low-rank kernel and use torch.
     Attributes:
-        factor: (B, m, c) ``A = L^-1 G`` in the gradients' dtype (None when m >= c).
+        factor: (B, m, c) ``A = L^-1 G`` in the gradients' dtype (None when m >= c), or in float64 when
+            float32 blocks had ``eps32 * kappa > 1e-3`` (``refined`` of them recomputed in float64, see
+            :func:`._numerics.refine_lowrank`): every product then runs in float64 and returns the dtype of
+            the gradients.
+        refined: blocks whose factor was recomputed in float64 for accuracy (0: none).
         damp, num_samples: the scalars of F.
         diag_cached: (B, c) the inverse's diagonal.
     Raises:
@@ -76,6 +82,7 @@ class LowRankInverse:
         grads = grads.detach().contiguous()
         num_blocks, m, c = grads.shape
         self._dense: Optional[torch.Tensor] = None
+        self.refined = 0
         kappa_of = lambda idx: num.gram_lmax(grads[idx]) / (self.num_samples * self.damp)  # noqa: E731
         if m >= c:
             self.factor = None
@@ -94,7 +101,9 @@ class LowRankInverse:
 
         num.repair("lowrank_inverse", (factor, diag), bad, on_failure, recompute64, kappa_of,
                    f"damp={self.damp:g} (kappa = lambda_max(G^T G / N) / damp)", check)
-        self.factor, self.diag_cached = factor, diag
+        self.factor, self.diag_cached, self.refined = num.refine_lowrank(
+            grads, factor, diag, self.damp, self.num_samples,
+            lambda idx: reference.lowrank_factor(grads[idx].double(), self.damp, self.num_samples))
 
     @property
     def shape(self):
@@ -131,6 +140,7 @@ class LowRankInverse:
         sub.factor = None if self.factor is None else self.factor[index]
         sub._dense = None if self._dense is None else self._dense[index]
         sub.diag_cached = self.diag_cached[index]
+        sub.refined = self.refined
         return sub
 
     def diag(self) -> torch.Tensor:
@@ -159,7 +169,8 @@ class LowRankInverse:
         if self._dense is not None:
             return torch.bmm(self._dense, v)
         a = self.factor
-        return (v - torch.bmm(a.transpose(1, 2), torch.bmm(a, v))) / self.damp
+        x = v.to(a.dtype)  # a float64 factor (blocks refined, see Attributes): the product in float64
+        return ((x - torch.bmm(a.transpose(1, 2), torch.bmm(a, x))) / self.damp).to(v.dtype)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """Product ``F^-1 v``.
@@ -189,7 +200,7 @@ class LowRankInverse:
         cols = self._columns(index).transpose(1, 2).flatten(2)        # (B, m, G*q)
         rows = -torch.bmm(cols.transpose(1, 2), a)                    # (B, G*q, c)
         onehot = torch.zeros_like(rows).scatter_(2, index.long().flatten(1).unsqueeze(-1), 1.0)
-        return ((rows + onehot) / self.damp).view(*index.shape, -1)
+        return ((rows + onehot) / self.damp).view(*index.shape, -1).to(self.dtype)
 
     def subblocks(self, index: torch.Tensor) -> torch.Tensor:
         """``[F^-1]_QQ = (I_QQ - A_Q^T A_Q) / damp`` for each group Q = index[b, g], for group OBS: O(m q^2)
@@ -204,7 +215,7 @@ class LowRankInverse:
             return reference.gather_subblocks(self._dense, index)
         cols = self._columns(index)                                          # (B, G, m, q)
         eye = (index.unsqueeze(-1) == index.unsqueeze(-2)).to(cols.dtype)    # I_QQ (repeated indices too)
-        return (eye - torch.matmul(cols.transpose(-1, -2), cols)) / self.damp
+        return ((eye - torch.matmul(cols.transpose(-1, -2), cols)) / self.damp).to(self.dtype)
 
     def _columns(self, index: torch.Tensor) -> torch.Tensor:
         """A_Q: the factor's columns of each group, (B, G, m, q)."""
@@ -240,13 +251,15 @@ class LowRankInverse:
             ones = (torch.searchsorted(s, s, right=True) - torch.searchsorted(s, s)).sum(-1).to(a.dtype)
             denom = (ones - cols.sum(-1).square().sum(-1)) / self.damp
             total = w_q.sum(-1)
-            return (total / denom).unsqueeze(-1).expand_as(w_q), total.square() / (2.0 * denom)
+            total = total.to(a.dtype)
+            return ((total / denom).unsqueeze(-1).expand_as(w_q).to(self.dtype),
+                    (total.square() / (2.0 * denom)).to(self.dtype))
         c64 = cols.double()
         eye = torch.eye(m, dtype=torch.float64, device=a.device)
         chol = torch.linalg.cholesky(eye - torch.matmul(c64, c64.transpose(-1, -2)))
         u = torch.matmul(c64, w_q.double().unsqueeze(-1))                     # A_Q w_Q: (B, G, m, 1)
         z = torch.cholesky_solve(u, chol)
-        coef = (self.damp * (w_q.double() + torch.matmul(c64.transpose(-1, -2), z).squeeze(-1))).to(a.dtype)
+        coef = (self.damp * (w_q.double() + torch.matmul(c64.transpose(-1, -2), z).squeeze(-1))).to(self.dtype)
         return coef, 0.5 * (w_q * coef).sum(-1)
 
     def dense(self) -> torch.Tensor:
