@@ -4,7 +4,7 @@
 float32 factor gives them a relative error of about eps32 * kappa. Coordinates that carry no
 gradient (weights pruned earlier, padding, dead inputs) leave the live ones wholly in that span;
 at damp 1e-8 the float32 factor put the OBS update 79% off there while the dense form was exact.
-:class:`woodfisher_kernels.LowRankInverse` now keeps such layers' factors in float64.
+:class:`woodfisher_kernels.LowRankInverse` now keeps a float64 factor for such blocks.
 """
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _support_grads(seed: int = 0) -> torch.Tensor:
-    """(2, 16, 64): block 0 has gradient on 8 coordinates only, block 1 everywhere."""
+    """(2, 16, 64): block 0 has gradient on 8 coordinates only; block 1 everywhere, small (kappa below the level)."""
     gen = torch.Generator().manual_seed(seed)
     grads = torch.randn(2, 16, 64, generator=gen)
     grads[0, :, 8:] = 0.0
+    grads[1] *= 1e-5
     return grads
 
 
@@ -47,7 +48,7 @@ def test_lowrank_ops_match_float64_when_gradients_span_the_live_coordinates(back
     ref = _dense64(grads, damp)
     diag = torch.diagonal(ref, dim1=1, dim2=2)
     inv = wk.lowrank_inverse(grads, damp, backend=backend)
-    assert inv.refined >= 1 and inv.dtype == torch.float32
+    assert inv.refined == 1 and inv.dtype == torch.float32  # block 0 only
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(2, 64, generator=gen)
     lg = 0.1 * torch.randn(2, 64, generator=gen)
@@ -73,12 +74,19 @@ def test_lowrank_ops_match_float64_when_gradients_span_the_live_coordinates(back
     new = wk.group_obs_update(inv, w, groups, torch.ones(2, 1, dtype=torch.bool))
     assert new.dtype == torch.float32 and _rel(new, expected) < 1e-5
     assert _rel(wk.gather_rows(inv, groups), ref[:, :2].unsqueeze(1)) < 1e-5
+    swapped = inv.select(torch.tensor([1, 0]))  # the float64 factor follows its block
+    expected = torch.einsum("bij,bj->bi", ref, w.double()).flip(0)
+    assert swapped.refined == 1 and _rel(swapped.matvec(w.flip(0)), expected) < 1e-5
+    wide = torch.arange(0, 40).view(1, 1, 40).expand(2, 1, 40).contiguous()  # q = 40 > m: the Woodbury route
+    sub = ref[:, :40, :40]
+    coef = torch.linalg.solve(sub, w.double()[:, :40].unsqueeze(-1)).squeeze(-1)
+    assert _rel(wk.group_obs_saliency(inv, w, wide), 0.5 * (w.double()[:, :40] * coef).sum(-1, keepdim=True)) < 1e-4
 
 
 def test_lowrank_well_conditioned_blocks_stay_float32():
     grads = _support_grads()
     inv = wk.lowrank_inverse(grads, 1.0)
-    assert inv.refined == 0 and inv.factor.dtype == torch.float32
+    assert inv.refined == 0 and inv.factor.dtype == torch.float32 and inv._exact is None
 
 
 def _masked_grads(model, x, y, keep):

@@ -15,8 +15,8 @@ benchmarks/results/PRECISION.md): at most 2.3 eps32 (1 + kappa), reached at kapp
 about 0.1-0.2 eps32 kappa for Gaussian gradients with m > c (3e-3..6e-3 at kappa 3e5); near eps32
 when m < c or the gradients have low rank, even at kappa 1e8, for the diagonal and norms. Products
 ``F^-1 v`` with v in the gradients' span are another matter for the low-rank form (its cancellation
-costs them eps32 * kappa, all of a block whose other coordinates carry no gradient): its factors are
-kept in float64 beyond ``eps32 * kappa > 1e-3`` (:func:`refine_lowrank`).
+costs them eps32 * kappa, all of a block whose other coordinates carry no gradient): blocks beyond
+``eps32 * kappa > 1e-3`` keep a float64 factor (:func:`refine_lowrank`).
 
 Failed blocks: a result holding NaN / Inf or a diagonal entry <= 0, or (torch path) a
 K x K system not positive definite in float64. ``on_failure="recompute"`` (default)
@@ -149,25 +149,24 @@ def condition_estimate(grads: torch.Tensor, damp: float, num_samples: Optional[f
     return gram_lmax(grads, iters) / (n * d)
 
 
-def refine_lowrank(grads: torch.Tensor, factor: torch.Tensor, diag: torch.Tensor, damp: float, num_samples: float,
-                   recompute64: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-                   ) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Low-rank factors ``A = L^-1 G`` of float32 blocks with ``eps32 * kappa > WARN_LEVEL``, recomputed in float64.
+def refine_lowrank(grads: torch.Tensor, damp: float, num_samples: float,
+                   recompute64: Callable[[torch.Tensor], Tuple[Tuple[torch.Tensor, ...], torch.Tensor]]
+                   ) -> Optional[Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]]:
+    """The float32 low-rank blocks with ``eps32 * kappa > WARN_LEVEL``, their factor recomputed in float64.
 
     ``F^-1 v = (v - A^T A v) / damp`` cancels for the components of v in the gradients' span: a float32 factor
-    gives them a relative error of about eps32 * kappa. Where some coordinates carry no gradient (weights
-    pruned in an earlier step, padding, dead inputs) the kept ones can lie wholly in that span, and the
-    OBS update went wrong by 79% at kappa ~ 1e8 (the dense form is exact there). The flagged blocks
-    (Frobenius bound ``||G||_F^2 / (N damp)`` first, the power iteration only on the blocks it does not
-    certify) are recomputed by ``recompute64(idx) -> (A, diag, bad)`` in float64; the factor is then kept in
-    float64 for the whole layer (the diagonal rounded to float32), so products run at eps64 * kappa.
-    Blocks float64 refuses keep their float32 factor (they passed the float32 checks).
+    ``A = L^-1 G`` gives them a relative error of about eps32 * kappa. Where some coordinates carry no gradient
+    (weights pruned in an earlier step, padding, dead inputs) the live ones can lie wholly in that span, and
+    the OBS update went 79% wrong at kappa ~ 1e8 (the dense form is exact there). Blocks are flagged by the
+    Frobenius bound ``||G||_F^2 / (N damp)``, then the power iteration on those it does not certify, and
+    ``recompute64(idx) -> ((A, diag), bad)`` rebuilds them in float64 (the level and the estimates of
+    the dense path, :mod:`woodfisher.conditioning`). Blocks float64 refuses keep their float32 factor.
 
     Returns:
-        (factor, diag, number of blocks recomputed).
+        None (no block flagged), or (block indices, (float64 factor, float64 diagonal) of those blocks).
     """
-    if grads.dtype != torch.float32 or factor is None or not grads.numel():
-        return factor, diag, 0
+    if grads.dtype != torch.float32 or not grads.numel():
+        return None
     scale = num_samples * damp
     eps = torch.finfo(torch.float32).eps
     bound = torch.linalg.vector_norm(grads, dim=(1, 2), dtype=torch.float64).square() / scale
@@ -175,14 +174,12 @@ def refine_lowrank(grads: torch.Tensor, factor: torch.Tensor, diag: torch.Tensor
     if idx.numel():
         idx = idx[(eps * gram_lmax(grads[idx]) / scale > WARN_LEVEL).to(idx.device)]
     if not idx.numel():
-        return factor, diag, 0
-    a64, d64, bad64 = recompute64(idx)
-    good = ~bad64.to(idx.device)
-    idx = idx[good]
-    factor = factor.double()
-    factor[idx] = a64[good]
-    diag[idx] = d64[good].to(diag.dtype)
-    return factor, diag, int(idx.numel())
+        return None
+    results, bad = recompute64(idx)
+    good = ~bad.to(idx.device)
+    if not bool(good.any()):
+        return None
+    return idx[good], tuple(r[good] for r in results)
 
 
 def _failure_message(op: str, dtype, idx: torch.Tensor, total: int, kappa: torch.Tensor, damp_text: str,
