@@ -20,8 +20,8 @@ blocks of an output or classifier layer, whose Fisher is far above the model's m
 so gets relatively less of ``damp="auto"``. Only blocks that stay float32 beyond the level
 (the float64 recompute refused them too, kappa >~ 5e14) are warned about, once per call,
 naming the layers, their kappa and the damp. The low-rank form (m < c) applies the same level itself
-(:class:`woodfisher_kernels.LowRankInverse` keeps the factors of a layer with such blocks in float64, its
-``refined`` count is reported here): its float32 products lose eps32 * kappa in the directions the
+(:class:`woodfisher_kernels.LowRankInverse` keeps a float64 factor for such blocks, its ``refined`` count
+is reported here): its float32 products lose eps32 * kappa in the directions the
 gradients span, which is all of a block whose other coordinates carry no gradient (weights pruned in an
 earlier step: at damp 1e-8 a float32 factor put the OBS update of such a block 79% off).
 
