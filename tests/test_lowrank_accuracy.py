@@ -142,6 +142,8 @@ def test_prune_with_zero_gradient_coordinates_matches_float64_reference():
     expected = torch.cat(expected)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        curv = wf.estimate_curvature(model, loader, block_size=c, damp=damp, num_grads=16, progress=False)
+        assert curv.forms["0.weight"] == "lowrank" and curv.refined.get("0.weight", 0) >= 1  # reported
         res = wf.prune_one_shot(model, loader, sparsity=sparsity, block_size=c, damp=damp, num_grads=16,
                                 num_steps=1, mode="layerwise", progress=False)
     assert wk.choose_form(16, c) == "lowrank"
