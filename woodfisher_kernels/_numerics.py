@@ -167,12 +167,12 @@ def refine_lowrank(grads: torch.Tensor, damp: float, num_samples: float,
     """
     if grads.dtype != torch.float32 or not grads.numel():
         return None
-    scale = num_samples * damp
     eps = torch.finfo(torch.float32).eps
-    bound = torch.linalg.vector_norm(grads, dim=(1, 2), dtype=torch.float64).square() / scale
+    bound = condition_estimate(grads, damp, num_samples, upper=True)
     idx = (eps * bound > WARN_LEVEL).nonzero().squeeze(1)
     if idx.numel():
-        idx = idx[(eps * gram_lmax(grads[idx]) / scale > WARN_LEVEL).to(idx.device)]
+        kappa = condition_estimate(grads[idx], damp, num_samples)
+        idx = idx[(eps * kappa > WARN_LEVEL).to(idx.device)]
     if not idx.numel():
         return None
     results, bad = recompute64(idx)
