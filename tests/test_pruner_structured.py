@@ -9,6 +9,7 @@ import torch
 from _pruner_shared import per_sample_grads, tiny_data, tiny_mlp
 
 import woodfisher as wf
+import woodfisher.structured as st
 
 NAMES = ["0.weight", "2.weight"]
 DAMP = 1e-2
@@ -148,11 +149,14 @@ def _pad(x, c):
     return torch.nn.functional.pad(x, (0, -d % c)).view(*x.shape[:-1], -1, c)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("num_grads", [24, 4])  # 24 >= c: dense blocks; 4 < c = 18: the low-rank form
-def test_rows_update_is_the_joint_obs_optimum_of_each_block(num_grads):
+def test_rows_update_is_the_joint_obs_optimum_of_each_block(num_grads, chunked, monkeypatch):
     """Blocks of three rows (the last one padded); blocks remove 0-3 rows: each block's update is
     ``-F^-1 E_Q ([F^-1]_QQ)^-1 w_Q`` with Q every entry it removes (paper Sec. 4.2, Eqs. 12-17 for |Q|
     weights), not the sum of the rows' own updates."""
+    if chunked:  # one block per chunk of joint systems
+        monkeypatch.setattr(st, "JOINT_BYTES", 1)
     model, loader = tiny_mlp(seed=3, sizes=(6, 6, 4)), tiny_data(seed=3)
     ref = copy.deepcopy(model)
     c = 18

@@ -28,6 +28,8 @@ import woodfisher_kernels as wk
 from .targets import PruneTarget
 
 Pattern = Tuple  # ("nm", n, m) or ("rows",)
+#: :func:`group_update`: float64 memory for the joint q x q systems of one chunk of blocks.
+JOINT_BYTES = 64 * 2 ** 20
 
 
 def parse_pattern(pattern) -> Optional[Pattern]:
@@ -128,12 +130,15 @@ def group_update(inv, weights: torch.Tensor, groups: torch.Tensor, flags: torch.
     for q in counts.unique().tolist():
         if q == 0:  # nothing removed in these blocks: unchanged
             continue
-        idx = (counts == q).nonzero().squeeze(1)
-        every = idx.numel() == prune.shape[0]
-        part = inv if every else (inv.select(idx) if isinstance(inv, wk.LowRankInverse) else inv[idx])
-        joint = prune[idx].nonzero()[:, 1].view(idx.numel(), 1, q)
-        ones = torch.ones(idx.numel(), 1, dtype=torch.bool, device=weights.device)
-        new[idx] = wk.group_obs_update(part, weights[idx], joint, ones, exact=True)
+        same = (counts == q).nonzero().squeeze(1)
+        step = max(1, JOINT_BYTES // (8 * q * q))  # the q x q systems (float64) of a chunk of blocks
+        for start in range(0, same.numel(), step):
+            idx = same[start:start + step]
+            every = idx.numel() == prune.shape[0]
+            part = inv if every else (inv.select(idx) if isinstance(inv, wk.LowRankInverse) else inv[idx])
+            joint = prune[idx].nonzero()[:, 1].view(idx.numel(), 1, q)
+            ones = torch.ones(idx.numel(), 1, dtype=torch.bool, device=weights.device)
+            new[idx] = wk.group_obs_update(part, weights[idx], joint, ones, exact=True)
     return new
 
 
