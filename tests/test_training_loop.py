@@ -267,6 +267,7 @@ def test_fisher_hook_state_resumes_mid_window_in_a_fresh_hook():
     model, opt, hook = setup()
     _hook_run(model, loader, hook, opt, range(10))
     full_inverses = {k: v.clone() for k, v in hook.curvature().inverses.items()}
+    full_kappa = dict(hook.curvature().kappa)
     full = wf.prune_with(model, hook.curvature(), 0.5)
     full_params = [p.detach().clone() for p in model.parameters()]
     model, opt, hook = setup()
@@ -282,6 +283,7 @@ def test_fisher_hook_state_resumes_mid_window_in_a_fresh_hook():
     assert hook.count == 10 and hook.steps == 10
     for name, inv in hook.curvature().inverses.items():
         assert torch.equal(inv, full_inverses[name]), name
+    assert hook.curvature().kappa == full_kappa  # the conditioning bound continues too
     resumed = wf.prune_with(model, hook.curvature(), 0.5)
     assert _masks_equal(resumed.masks, full.masks)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), full_params))

@@ -80,7 +80,8 @@ class Curvature:
             be read again) records the bound ``(1 + 1e-3) ||G||_F^2 / (N damp)`` itself; streamed with
             ``damp="auto"``, the value is exact (``eigvalsh`` of the kept Gram block).
         refined: {weight name: blocks whose dense inverse was recomputed (or, streamed with
-            ``damp="auto"``, built) in float64 because ``eps32 * kappa > 1e-3``} (layers with none are absent).
+            ``damp="auto"``, built) in float64, or whose low-rank factor is kept in float64, because
+            ``eps32 * kappa > 1e-3``} (layers with none are absent).
         shard: None, or (estimated across the ranks of a process group) the blocks this rank
             holds: ``inverses`` and ``loss_grad`` then cover only those blocks
             (:mod:`woodfisher.distributed`).

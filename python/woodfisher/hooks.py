@@ -34,9 +34,11 @@ from torch import nn
 
 import woodfisher_kernels as wk
 
+from .conditioning import EPS32, WARN_LEVEL
 from .config import PruneConfig, check_int
 from .curvature import Curvature
 from .damping import FisherStats, check_damp
+from .diagnostics import warn_at_caller
 from .precision import compute_dtype
 from .state import caller_modes_off
 from .targets import resolve_targets
@@ -117,6 +119,8 @@ class FisherHook:
             for target in self.targets:
                 eye = torch.eye(target.block_size, dtype=self.dtype, device=target.param.device) / self.config.damp
                 self.inverses[target.name] = eye.expand(target.num_blocks, -1, -1).contiguous()
+            # per block (1 + 1e-3) ||G||_F^2 of the window so far: N damp times an upper bound of its kappa
+            self._frob = {target.name: torch.zeros(target.num_blocks, dtype=torch.float64) for target in self.targets}
         self.count = 0
         self.stats = FisherStats(numel=sum(target.numel for target in self.targets))
         self.seconds = 0.0
@@ -194,7 +198,9 @@ class FisherHook:
         for target in self.targets:
             g = torch.stack([p[target.name] for p in self._pending])
             self.stats.sum_sq += float(g.double().square().sum())
-            wk.woodbury_update_(self.inverses[target.name], target.grad_blocks(g), self.config.num_grads,
+            blocks = target.grad_blocks(g)
+            self._frob[target.name] += wk.condition_estimate(blocks, 1.0, 1.0, upper=True).cpu()
+            wk.woodbury_update_(self.inverses[target.name], blocks, self.config.num_grads,
                                 backend=self.config.backend, check_finite=False)
         self.stats.count += len(self._pending)
         self._pending = []
@@ -207,12 +213,13 @@ class FisherHook:
         Returns:
             dict: "settings" (num_grads, damp, block_size, buffer, every), "steps" (optimizer steps seen),
             "count", "inverses" and "keep" ({weight name: CPU tensor}), "pending" (buffered gradients, a list of
-            such dicts), "sum_sq" (float64 sum of the squared gradients folded in) and "folded" (their count).
+            such dicts), "sum_sq" (float64 sum of the squared gradients folded in), "folded" (their count) and
+            "frob" ({weight name: (num_blocks,) float64}, the per-block bound behind :meth:`curvature`'s ``kappa``).
         """
         cpu = lambda d: {k: v.detach().to("cpu", copy=True) for k, v in d.items()}  # noqa: E731  (not the live ones)
         return {"settings": self._settings(), "steps": self.steps, "count": self.count,
                 "inverses": cpu(self.inverses), "keep": cpu(self.keep), "pending": [cpu(p) for p in self._pending],
-                "sum_sq": self.stats.sum_sq, "folded": self.stats.count}
+                "sum_sq": self.stats.sum_sq, "folded": self.stats.count, "frob": cpu(self._frob)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the window saved by :meth:`state_dict` (same settings and weights; checked first).
@@ -223,7 +230,7 @@ class FisherHook:
             ValueError: not a FisherHook state, other settings (naming them), or inverses / masks whose weight names
                 or shapes differ from this hook's; the hook is unchanged then.
         """
-        keys = ("settings", "steps", "count", "inverses", "keep", "pending", "sum_sq", "folded")
+        keys = ("settings", "steps", "count", "inverses", "keep", "pending", "sum_sq", "folded", "frob")
         if (not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["settings"], dict)
                 or not isinstance(state["pending"], (list, tuple))):
             raise ValueError(f"state is not a FisherHook state_dict (keys {list(keys)})")
@@ -234,6 +241,7 @@ class FisherHook:
         weights = {t.name: tuple(param.shape) for t, param in zip(self.targets, self.params)}
         _check_part(state["inverses"], {k: tuple(v.shape) for k, v in self.inverses.items()}, "inverses")
         _check_part(state["keep"], weights, "keep")
+        _check_part(state["frob"], {k: tuple(v.shape) for k, v in self._frob.items()}, "frob")
         for pending in state["pending"]:
             _check_part(pending, {k: (math.prod(shape),) for k, shape in weights.items()}, "pending")
         devices = {target.name: param.device for target, param in zip(self.targets, self.params)}
@@ -242,6 +250,7 @@ class FisherHook:
             self.inverses = to(state["inverses"], self.dtype)
             self.keep = to(state["keep"], torch.bool)
             self._pending = [to(p, self.dtype) for p in state["pending"]]
+            self._frob = {k: v.to("cpu", torch.float64, copy=True) for k, v in state["frob"].items()}
         self.steps, self.count = int(state["steps"]), int(state["count"])
         self.stats.sum_sq, self.stats.count = float(state["sum_sq"]), int(state["folded"])
 
@@ -255,6 +264,11 @@ class FisherHook:
 
         The inverses are the hook's own tensors (not copies): prune, then :meth:`reset`.
         Before N gradients the Fisher term is scaled by ``count / N`` (the normaliser is N).
+        The running inverses are float32 and the gradients are not kept, so no block can be recomputed in
+        float64 (as :func:`woodfisher.estimate_curvature` does): ``kappa`` records each weight's largest
+        upper bound ``(1 + 1e-3) ||G||_F^2 / (N damp)`` of its blocks' kappa, and a UserWarning names the
+        weights with ``eps32 * kappa > 1e-3`` (fewer than 3 correct digits guaranteed; at kappa 9e4 a
+        diagonal was 1.5e-3 off float64) and the damp that brings them under the level.
 
         Returns:
             A blockwise :class:`Curvature` (forms "stream").
@@ -265,11 +279,27 @@ class FisherHook:
             raise ValueError("FisherHook has observed no gradient yet: run optimizer steps first")
         self.flush()
         config = self.config.replace(modules=tuple(target.name for target in self.targets))
+        damp = self.config.damp
+        kappa = {n: float(f.max()) / (self.config.num_grads * damp) for n, f in self._frob.items() if f.numel()}
+        self._warn_conditioning(kappa)
         return Curvature("blockwise", config, {target.name: target.layout() for target in self.targets},
                          inverses=dict(self.inverses), forms={target.name: "stream" for target in self.targets},
-                         damp=self.config.damp, stats=self.stats, keep=dict(self.keep),
+                         damp=damp, stats=self.stats, keep=dict(self.keep), kappa=kappa,
                          timings={"gradients": 0.0, "inverse": self.seconds})
 
+    def _warn_conditioning(self, kappa: Dict[str, float]) -> None:
+        """One UserWarning naming the float32 running inverses with ``eps32 * kappa > 1e-3`` (upper bounds)."""
+        if self.dtype != torch.float32:
+            return
+        bad = sorted(((k, n) for n, k in kappa.items() if EPS32 * k > WARN_LEVEL), reverse=True)
+        if not bad:
+            return
+        listed = ", ".join(f"{n!r} (kappa <= {k:.2g})" for k, n in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        needed = self.config.damp * bad[0][0] * EPS32 / WARN_LEVEL
+        warn_at_caller(f"FisherHook: the float32 running inverses of {listed} may hold fewer than 3 correct digits "
+                       f"(eps32 * kappa > {WARN_LEVEL:g}, kappa bounded by ||G||_F^2 / (N damp); the gradients are "
+                       f"not kept, so they cannot be recomputed in float64): pass damp >= {needed:.2g}, or prune "
+                       "with woodfisher.estimate_curvature, which recomputes such blocks in float64")
 
 def _check_part(part, shapes: Dict[str, tuple], what: str) -> None:
     """``part`` ({weight name: tensor}) must hold exactly the weights of ``shapes``, with those shapes."""

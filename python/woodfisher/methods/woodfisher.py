@@ -91,7 +91,7 @@ class WoodFisher(PruningMethod):
             else:
                 groups, flags = st.rows_to_groups(target, rows[n], w[n].device)
             prune = st.groups_to_mask(groups, flags, target.block_size)
-            new[n] = (target.unblock(wk.group_obs_update(invs[n], w[n], groups, flags, exact=exact))
+            new[n] = (target.unblock(st.group_update(invs[n], w[n], groups, flags, target.block_size, exact))
                       if cfg.obs_update else target.unblock(w[n].masked_fill(prune, 0.0)))
             keep[n] = keep[n] & ~target.unblock(prune)
         return new, keep
