@@ -2,8 +2,9 @@
 and the choice of the layers that a format converts.
 
 Masks are ``{"<module>.weight": bool keep-mask}`` (the ``PruneResult.masks`` convention);
-a module held by ``torch.nn.utils.prune`` (``weight_orig`` * ``weight_mask``) is folded
-too. The caller's model is never modified: everything happens on ``copy.deepcopy``.
+a module held by ``torch.nn.utils.prune`` (``weight_orig`` * ``weight_mask``) or by a
+``torch.ao.pruning`` mask parametrization is folded too. The caller's model is never modified:
+everything happens on ``copy.deepcopy``.
 """
 from __future__ import annotations
 
@@ -39,15 +40,17 @@ def to_dense(model: nn.Module, masks: Masks = None) -> nn.Module:
     """The dense export (today's ``pruned.pt`` format): a copy with exact zeros and no masks left.
 
     Args:
-        model: the pruned model (plain weights with zeros, or held by ``torch.nn.utils.prune``).
+        model: the pruned model (plain weights with zeros, or held by ``torch.nn.utils.prune`` or a
+            ``torch.ao.pruning`` mask parametrization).
         masks: optional ``{"<module>.weight": bool keep-mask of the weight's shape}``; the copy's
             weights are multiplied by them (entries outside a mask become exact zeros). Masks only
             zero entries: WoodFisher's OBS update also changed the kept weights, so export the
             pruned model itself (or its ``pruned.pt``), not the dense weights plus its masks.
     Returns:
-        a new model (``copy.deepcopy``), every ``weight_orig``/``weight_mask`` pair folded into a
-        plain ``weight``; same dtype, device and training mode as ``model``. Its ``state_dict()``
-        has the keys of the unpruned architecture.
+        a new model (``copy.deepcopy``), every ``weight_orig``/``weight_mask`` pair and mask
+        parametrization folded into a plain ``weight`` (:func:`woodfisher.make_permanent`); same
+        dtype, device and training mode as ``model``. Its ``state_dict()`` has the keys of the
+        unpruned architecture.
     Raises:
         ValueError naming ``masks`` for a key that is no module weight, a non-bool mask or a
         shape mismatch (checked before anything is copied).

@@ -13,10 +13,13 @@
 The sparse weights are buffers named ``weight`` (and ``bias``), so a swapped model's
 ``state_dict()`` keeps the architecture's keys (``fc1.weight`` is a CSR tensor of the
 dense shape; a conv weight is 2-D). :func:`load_sparse` rebuilds the swapped model from
-such a state dict. Inference only: no gradient reaches the sparse weights.
+such a state dict. Inference only: no gradient reaches the sparse weights. Both modules
+support ``copy.deepcopy``, ``torch.jit.trace`` and ``torch.export.export``; ``torch.jit.script``
+is not supported.
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -74,7 +77,21 @@ def _sparse_mm(weight: torch.Tensor, bias: Optional[torch.Tensor], rows: torch.T
     return torch.addmm(bias.unsqueeze(1), weight, rows.t()).t()
 
 
-class SparseLinear(nn.Module):
+class _SparseModule(nn.Module):
+    """What both sparse modules share: ``copy.deepcopy`` (torch cannot deep-copy a CSR / BSR tensor,
+    so the sparse buffers are cloned first; the copy owns its storage)."""
+
+    def __deepcopy__(self, memo):
+        for value in self._buffers.values():
+            if value is not None and value.layout in LAYOUTS.values() and id(value) not in memo:
+                memo[id(value)] = value.clone()
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return twin
+
+
+class SparseLinear(_SparseModule):
     """``nn.Linear`` with a sparse weight: ``(..., in_features) -> (..., out_features)``.
 
     Args:
@@ -125,7 +142,7 @@ class SparseLinear(nn.Module):
                 f"layout={self.weight.layout}, nnz={self.weight.values().numel()}, bias={self.bias is not None}")
 
 
-class SparseConv2d(nn.Module):
+class SparseConv2d(_SparseModule):
     """``nn.Conv2d`` (groups=1, zero padding) with a sparse weight, computed as im2col + sparse GEMM.
 
     Args:

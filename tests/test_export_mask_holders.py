@@ -1,0 +1,96 @@
+"""After pruning: exports and deployment steps for models whose masks are still attached as
+``torch.ao.pruning`` mask parametrizations, and for the exported sparse models themselves.
+
+Values are checked against float64 references computed independently (weight * mask).
+"""
+import copy
+
+import torch
+from torch import nn
+from torch.ao.pruning.sparsifier.utils import FakeSparsity
+from torch.nn.utils import parametrize
+
+from woodfisher import make_permanent
+from woodfisher.export import check_semi_structured, to_dense, to_sparse
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _fake_sparse_mlp():
+    """A float64 MLP whose Linear weights (no zeros of their own) are held by FakeSparsity masks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).double().eval()
+    masks = {}
+    for name in ("0", "2"):
+        layer = model.get_submodule(name)
+        keep = torch.rand(layer.weight.shape, generator=_gen(int(name))) >= 0.75
+        masks[f"{name}.weight"] = keep
+        parametrize.register_parametrization(layer, "weight", FakeSparsity(keep.double()))
+    return model, masks
+
+
+def _reference(model, masks, inputs):
+    """float64 forward with weight * mask, computed without the parametrizations."""
+    hidden = torch.relu(inputs @ (model[0].parametrizations.weight.original * masks["0.weight"]).T + model[0].bias)
+    return hidden @ (model[2].parametrizations.weight.original * masks["2.weight"]).T + model[2].bias
+
+
+def test_make_permanent_folds_mask_parametrizations_keeping_the_parameter():
+    model, masks = _fake_sparse_mlp()
+    original = model[0].parametrizations.weight.original
+    expected = original.detach() * masks["0.weight"]
+    make_permanent(model)
+    assert not parametrize.is_parametrized(model[0]) and type(model[0]) is nn.Linear
+    assert model[0].weight is original                              # same Parameter: optimizers keep working
+    assert torch.equal(model[0].weight.detach(), expected)
+    assert set(model.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_make_permanent_leaves_weight_norm_alone():
+    layer = nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))
+    make_permanent(layer)
+    assert parametrize.is_parametrized(layer, "weight")
+
+
+def test_exports_fold_mask_parametrizations():
+    model, masks = _fake_sparse_mlp()
+    inputs = torch.randn(5, 16, dtype=torch.float64, generator=_gen(3))
+    expected = _reference(model, masks, inputs).detach()
+    dense = to_dense(model)
+    assert set(dense.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    for name, keep in masks.items():
+        assert torch.equal(dense.get_parameter(name).detach() != 0, keep), name
+    torch.testing.assert_close(dense(inputs), expected, rtol=1e-12, atol=1e-12)
+    sparse = to_sparse(model, min_sparsity=0.5)
+    assert all(sparse.get_submodule(name).weight.layout == torch.sparse_csr for name in ("0", "2"))
+    assert sparse[0].weight.values().numel() == int(masks["0.weight"].sum())
+    torch.testing.assert_close(sparse(inputs), expected, rtol=1e-12, atol=1e-12)
+    assert parametrize.is_parametrized(model[0], "weight")          # the caller's model is untouched
+    torch.testing.assert_close(model(inputs), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_semi_structured_check_sees_through_mask_parametrizations():
+    model = nn.Sequential(nn.Linear(64, 32))
+    keep = torch.zeros(32, 64, dtype=torch.bool)
+    keep[:, 0::4] = keep[:, 1::4] = True                            # exactly 2:4
+    parametrize.register_parametrization(model[0], "weight", FakeSparsity(keep.float()))
+    assert check_semi_structured(model) == ["0"]
+
+
+def test_sparse_export_deep_copies():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight[layer.weight.abs() < 0.3] = 0
+    inputs = torch.randn(3, 8, dtype=torch.float64, generator=_gen(1))
+    for layout, blocksize in (("csr", None), ("bsr", 2)):
+        sparse = to_sparse(model, layout=layout, blocksize=blocksize, min_sparsity=0.0)
+        twin = copy.deepcopy(sparse)
+        assert twin[0].weight is not sparse[0].weight and twin[0].weight.layout == sparse[0].weight.layout
+        torch.testing.assert_close(twin(inputs), model(inputs).detach(), rtol=1e-12, atol=1e-12)
+        with torch.no_grad():
+            twin[0].weight.values().zero_()                          # the copy owns its storage
+        torch.testing.assert_close(sparse(inputs), model(inputs).detach(), rtol=1e-12, atol=1e-12)
