@@ -1,17 +1,18 @@
-"""After pruning: exports and deployment steps for models whose masks are still attached as
-``torch.ao.pruning`` mask parametrizations, and for the exported sparse models themselves.
+"""After pruning: exports of models whose masks are still attached as ``torch.ao.pruning`` mask
+parametrizations, copies of the exported sparse models, and example inputs a user has at hand.
 
 Values are checked against float64 references computed independently (weight * mask).
 """
 import copy
 
+import pytest
 import torch
 from torch import nn
 from torch.ao.pruning.sparsifier.utils import FakeSparsity
 from torch.nn.utils import parametrize
 
 from woodfisher import make_permanent
-from woodfisher.export import check_semi_structured, to_dense, to_sparse
+from woodfisher.export import check_semi_structured, onnx_available, to_dense, to_onnx, to_sparse
 
 
 def _gen(seed):
@@ -94,3 +95,17 @@ def test_sparse_export_deep_copies():
         with torch.no_grad():
             twin[0].weight.values().zero_()                          # the copy owns its storage
         torch.testing.assert_close(sparse(inputs), model(inputs).detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not onnx_available(), reason="onnx / onnxscript not installed")
+def test_onnx_takes_an_example_input_that_carries_a_grad(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[:, ::2] = 0
+    inputs = torch.randn(2, 8, requires_grad=True)
+    model(inputs).sum().backward()                                  # a batch that went through training
+    path = to_onnx(model, inputs, tmp_path / "m.onnx")
+    weights = [onnx.numpy_helper.to_array(init) for init in onnx.load(path).graph.initializer]
+    matrix = next(w for w in weights if w.shape in ((4, 8), (8, 4)))
+    assert int((matrix == 0).sum()) == int((model[0].weight == 0).sum())
