@@ -72,6 +72,12 @@ def test_exports_fold_mask_parametrizations():
     torch.testing.assert_close(model(inputs), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_a_named_layer_under_weight_norm_is_refused_saying_why():
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 4)))
+    with pytest.raises(ValueError, match=r"names: '0' is a Linear whose weight is recomputed .* weight_norm"):
+        to_sparse(model, names=["0"])
+
+
 def test_semi_structured_check_sees_through_mask_parametrizations():
     model = nn.Sequential(nn.Linear(64, 32))
     keep = torch.zeros(32, 64, dtype=torch.bool)

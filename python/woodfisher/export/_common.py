@@ -13,6 +13,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..gradual import make_permanent
 
@@ -110,6 +111,11 @@ def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple
         if name in inside_attention:
             raise ValueError(f"names: {name!r} belongs to an nn.MultiheadAttention, which reads its weight "
                              f"directly; it cannot be swapped")
+        if name in modules and parametrize.type_before_parametrizations(modules[name]) in types \
+                and type(modules[name]) not in types:
+            raise ValueError(f"names: {name!r} is a {kinds} whose weight is recomputed by a torch.nn.utils.parametrize "
+                             f"parametrization that is not a mask (e.g. weight_norm); remove it first: "
+                             f"torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')")
         if name not in modules or type(modules[name]) not in types:
             raise ValueError(f"names: {name!r} is not a {kinds} module of {type(model).__name__}")
         chosen.append((name, modules[name]))
