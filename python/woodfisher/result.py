@@ -62,7 +62,8 @@ class PruneResult:
                 f"magnitude_overlap={overlap}, seconds={seconds:.2f}; see .masks, .layers, .timings)")
 
 
-torch.serialization.add_safe_globals([PruneResult])  # torch.load(weights_only=True) of a saved result
+if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
+    torch.serialization.add_safe_globals([PruneResult])  # torch.load(weights_only=True) of a saved result
 
 
 def _short_list(names: List[str], shown: int = 3) -> str:

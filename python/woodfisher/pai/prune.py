@@ -43,7 +43,8 @@ class PaIResult(PruneResult):
     collapsed: List[str] = field(default_factory=list)
 
 
-torch.serialization.add_safe_globals([PaIResult])  # torch.load(weights_only=True), as PruneResult
+if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
+    torch.serialization.add_safe_globals([PaIResult])  # torch.load(weights_only=True) of a saved result
 
 
 def collapsed_layers(layers: List[dict], collapse_density: float) -> List[str]:
