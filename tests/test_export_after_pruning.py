@@ -12,7 +12,7 @@ from torch.ao.pruning.sparsifier.utils import FakeSparsity
 from torch.nn.utils import parametrize
 
 from woodfisher import make_permanent
-from woodfisher.export import check_semi_structured, onnx_available, to_dense, to_onnx, to_sparse
+from woodfisher.export import check_semi_structured, load_sparse, onnx_available, to_dense, to_onnx, to_sparse
 
 
 def _gen(seed):
@@ -115,3 +115,29 @@ def test_onnx_takes_an_example_input_that_carries_a_grad(tmp_path):
     weights = [onnx.numpy_helper.to_array(init) for init in onnx.load(path).graph.initializer]
     matrix = next(w for w in weights if w.shape in ((4, 8), (8, 4)))
     assert int((matrix == 0).sum()) == int((model[0].weight == 0).sum())
+
+
+def test_gpt2_conv1d_layers_become_sparse_and_load_back(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=8,
+                                     attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"]
+    assert len(conv1d) == 4
+    with torch.no_grad():
+        for index, name in enumerate(conv1d):
+            weight = model.get_submodule(name).weight                    # (in, out)
+            weight.mul_(torch.rand(weight.shape, generator=_gen(index), dtype=torch.float64) >= 0.8)
+    ids = torch.randint(0, 32, (2, 8), generator=_gen(9))
+    expected = model(ids).logits.detach()
+    sparse = to_sparse(model, min_sparsity=0.5)
+    for name in conv1d:
+        layer, weight = sparse.get_submodule(name), model.get_submodule(name).weight
+        assert layer.weight.layout == torch.sparse_csr and tuple(layer.weight.shape) == tuple(weight.shape[::-1])
+        assert torch.equal(layer.weight.to_dense(), weight.detach().t())
+    torch.testing.assert_close(sparse(ids).logits, expected, rtol=1e-12, atol=1e-12)
+    torch.save(sparse.state_dict(), tmp_path / "gpt2_csr.pt")
+    fresh = transformers.GPT2LMHeadModel(config).double().eval()
+    loaded = load_sparse(fresh, tmp_path / "gpt2_csr.pt")
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-12, atol=1e-12)

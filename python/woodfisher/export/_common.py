@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..gradual import make_permanent
+from ..targets import is_hf_conv1d
 
 Masks = Optional[Dict[str, torch.Tensor]]
 
@@ -86,13 +87,14 @@ def sparsity(weight: torch.Tensor) -> float:
 
 
 def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple[Type[nn.Module], ...],
-                  min_sparsity: float) -> List[Tuple[str, nn.Module]]:
+                  min_sparsity: float, conv1d: bool = False) -> List[Tuple[str, nn.Module]]:
     """``[(module name, module)]`` to convert.
 
     ``names`` (module or ``"<module>.weight"`` names) must each be a module of ``types`` that is
     called through its own ``forward``; ``None`` picks every such module whose weight has at
-    least ``min_sparsity`` exact zeros. Linear layers inside ``nn.MultiheadAttention`` are
-    never picked: attention reads their weights directly, never calling them.
+    least ``min_sparsity`` exact zeros. HuggingFace's ``Conv1D`` (GPT-2) counts as an
+    ``nn.Linear`` when ``types`` holds ``nn.Linear`` and ``conv1d`` is True. Linear layers inside
+    ``nn.MultiheadAttention`` are never picked: attention reads their weights directly, never calling them.
     """
     if not 0.0 <= float(min_sparsity) <= 1.0:
         raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity!r}")
@@ -100,8 +102,12 @@ def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple
                         for parent, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
                         for child, _ in module.named_children()}
     modules = dict(model.named_modules())
+
+    def fits(module: nn.Module) -> bool:
+        return type(module) in types or (conv1d and nn.Linear in types and is_hf_conv1d(module))
+
     if names is None:
-        return [(name, module) for name, module in modules.items() if type(module) in types
+        return [(name, module) for name, module in modules.items() if fits(module)
                 and name not in inside_attention and sparsity(module.weight) >= min_sparsity]
     if isinstance(names, str):
         raise ValueError(f"names must be a list of module names, got the string {names!r}")
@@ -112,11 +118,11 @@ def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple
             raise ValueError(f"names: {name!r} belongs to an nn.MultiheadAttention, which reads its weight "
                              f"directly; it cannot be swapped")
         if name in modules and parametrize.type_before_parametrizations(modules[name]) in types \
-                and type(modules[name]) not in types:
+                and not fits(modules[name]):
             raise ValueError(f"names: {name!r} is a {kinds} whose weight is recomputed by a torch.nn.utils.parametrize "
                              f"parametrization that is not a mask (e.g. weight_norm); remove it first: "
                              f"torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')")
-        if name not in modules or type(modules[name]) not in types:
+        if name not in modules or not fits(modules[name]):
             raise ValueError(f"names: {name!r} is not a {kinds} module of {type(model).__name__}")
         chosen.append((name, modules[name]))
     return chosen

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..masks import is_int
+from ..targets import is_hf_conv1d
 from ._common import Masks, select_layers, swap, to_dense
 
 LAYOUTS = {"csr": torch.sparse_csr, "bsr": torch.sparse_bsr}
@@ -105,12 +106,13 @@ class SparseLinear(_SparseModule):
         _register_weights(self, weight, bias, (self.out_features, self.in_features))
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, layout: str = "csr", blocksize: Optional[int] = None,
+    def from_dense(cls, linear: nn.Module, layout: str = "csr", blocksize: Optional[int] = None,
                    name: str = "linear") -> "SparseLinear":
         """The sparse twin of ``linear`` (its exact zeros are not stored).
 
         Args:
-            linear: an ``nn.Linear`` with float32 or float64 weights (out, in).
+            linear: an ``nn.Linear`` with float32 or float64 weights (out, in), or a HuggingFace
+                ``Conv1D`` (GPT-2; weight (in, out), stored transposed as the (out, in) sparse weight).
             layout: "csr" or "bsr". blocksize: BSR square block size (default 4; must divide out and in).
             name: the layer's name, for error messages.
         Returns:
@@ -119,7 +121,8 @@ class SparseLinear(_SparseModule):
             ValueError: a weight dtype other than float32/float64, or a ``blocksize`` that does not
                 divide both dimensions (naming the layer).
         """
-        return cls(_sparse_weight(linear.weight, layout, blocksize or DEFAULT_BLOCKSIZE, name), linear.bias)
+        weight = linear.weight.t().contiguous() if is_hf_conv1d(linear) else linear.weight
+        return cls(_sparse_weight(weight, layout, blocksize or DEFAULT_BLOCKSIZE, name), linear.bias)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inputs @ weight^T + bias`` with the sparse weight.
@@ -240,8 +243,9 @@ def to_sparse(model: nn.Module, masks: Masks = None, *, layout: str = "csr", blo
         masks: optional ``{"<module>.weight": bool keep-mask}`` folded in first (see :func:`to_dense`).
         layout: ``"csr"`` (every non-zero stored) or ``"bsr"`` (square ``blocksize`` blocks that hold
             a non-zero are stored whole; default 4 x 4; both weight dimensions must be multiples).
-        names: modules (or ``"<module>.weight"``) to convert; default every ``nn.Linear`` (and
-            ``nn.Conv2d`` with ``conv=True``) whose weight has at least ``min_sparsity`` zeros
+        names: modules (or ``"<module>.weight"``) to convert; default every ``nn.Linear`` and
+            HuggingFace ``Conv1D`` (GPT-2; and ``nn.Conv2d`` with ``conv=True``) whose weight has at
+            least ``min_sparsity`` zeros
             (for ``"bsr"``, and whose dimensions the blocks divide: a 10-class head stays dense).
             Linear layers inside ``nn.MultiheadAttention`` stay dense (attention reads them directly).
         min_sparsity: fraction of zeros in [0, 1] below which a layer stays dense when ``names``
@@ -258,7 +262,7 @@ def to_sparse(model: nn.Module, masks: Masks = None, *, layout: str = "csr", blo
     _check_layout(layout, blocksize)
     out = to_dense(model, masks)
     types = (nn.Linear, nn.Conv2d) if conv else (nn.Linear,)
-    layers = select_layers(out, names, types, min_sparsity)
+    layers = select_layers(out, names, types, min_sparsity, conv1d=True)
     if layout == "bsr" and names is None:  # chosen by default: skip the layers the blocks cannot tile
         size = blocksize or DEFAULT_BLOCKSIZE
         layers = [(name, module) for name, module in layers
@@ -295,13 +299,13 @@ def load_sparse(model: nn.Module, state: Union[str, os.PathLike, Mapping[str, to
         name = key[: -len(".weight")]
         module = modules.get(name) if key.endswith(".weight") else None
         bias = state.get(f"{name}.bias")
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear or is_hf_conv1d(module):
             swapped[name] = SparseLinear(state[key], bias)
         elif type(module) is nn.Conv2d:
             swapped[name] = SparseConv2d(state[key], bias, module.in_channels, module.kernel_size,
                                          module.stride, module.padding, module.dilation)
         else:
-            raise ValueError(f"state: sparse tensor {key!r} is not the weight of an nn.Linear or nn.Conv2d")
+            raise ValueError(f"state: sparse tensor {key!r} is not the weight of an nn.Linear, Conv1D or nn.Conv2d")
     dense = {key: value for key, value in state.items() if key.rsplit(".", 1)[0] not in swapped}
     for name, module in swapped.items():
         swap(out, name, module)
