@@ -141,3 +141,12 @@ def test_gpt2_conv1d_layers_become_sparse_and_load_back(tmp_path):
     fresh = transformers.GPT2LMHeadModel(config).double().eval()
     loaded = load_sparse(fresh, tmp_path / "gpt2_csr.pt")
     torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_semi_structured_says_gpt2_conv1d_layers_are_not_converted():
+    transformers = pytest.importorskip("transformers")
+    model = nn.Sequential(transformers.pytorch_utils.Conv1D(8, 16))
+    with torch.no_grad():
+        model[0].weight[::2] = 0
+    with pytest.raises(ValueError, match=r"no nn\.Linear layer .*HuggingFace Conv1D layers \('0', \.\.\.\) are not"):
+        check_semi_structured(model)

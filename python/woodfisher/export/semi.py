@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..targets import is_hf_conv1d
 from ._common import Masks, select_layers, sparsity, swap, to_dense
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -85,8 +86,11 @@ def _validated(model: nn.Module, names, dtype) -> List[Tuple[str, nn.Linear]]:
     if names is None:
         layers = [(name, module) for name, module in layers if sparsity(module.weight) > 0]
     if not layers:
+        conv1d = [name for name, module in model.named_modules() if is_hf_conv1d(module)]
+        hint = (f"; HuggingFace Conv1D layers ({conv1d[0]!r}, ...) are not converted to 2:4 (to_sparse converts "
+                f"them to CSR / BSR)" if conv1d else "")
         raise ValueError("names: no nn.Linear layer with exact zeros to convert to 2:4 "
-                         "(pass names=[...]; CLI: --names)")
+                         f"(pass names=[...]; CLI: --names){hint}")
     tile_rows, tile_cols = min_tile(dtype)
     problems = []
     for name, module in layers:
