@@ -150,3 +150,22 @@ def test_semi_structured_says_gpt2_conv1d_layers_are_not_converted():
         model[0].weight[::2] = 0
     with pytest.raises(ValueError, match=r"no nn\.Linear layer .*HuggingFace Conv1D layers \('0', \.\.\.\) are not"):
         check_semi_structured(model)
+
+
+@pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile])
+def test_wrapped_models_export_the_model_they_wrap(wrap, tmp_path):
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).double().eval()
+    model = wrap(inner)
+    prefix = "module." if wrap is nn.DataParallel else "_orig_mod."
+    masks = {f"{prefix}{i}.weight": torch.rand(inner[i].weight.shape, generator=_gen(i)) >= 0.75 for i in (0, 2)}
+    inputs = torch.randn(3, 8, dtype=torch.float64, generator=_gen(5))
+    hidden = torch.relu(inputs @ (inner[0].weight * masks[f"{prefix}0.weight"]).T + inner[0].bias)
+    expected = (hidden @ (inner[2].weight * masks[f"{prefix}2.weight"]).T + inner[2].bias).detach()
+    dense = to_dense(model, masks)
+    assert type(dense) is nn.Sequential and set(dense.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    torch.testing.assert_close(dense(inputs), expected, rtol=1e-12, atol=1e-12)
+    sparse = to_sparse(model, masks, names=[f"{prefix}0"])
+    assert type(sparse) is nn.Sequential and sparse[0].weight.layout == torch.sparse_csr
+    torch.testing.assert_close(sparse(inputs), expected, rtol=1e-12, atol=1e-12)
+    assert all(type(layer) is nn.Linear for layer in (inner[0], inner[2]))    # the caller's model is untouched

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..gradual import make_permanent
-from ..targets import is_hf_conv1d
+from ..targets import is_hf_conv1d, unwrap_model
 
 Masks = Optional[Dict[str, torch.Tensor]]
 
@@ -51,14 +51,17 @@ def to_dense(model: nn.Module, masks: Masks = None) -> nn.Module:
     Returns:
         a new model (``copy.deepcopy``), every ``weight_orig``/``weight_mask`` pair and mask
         parametrization folded into a plain ``weight`` (:func:`woodfisher.make_permanent`); same
-        dtype, device and training mode as ``model``. Its ``state_dict()`` has the keys of the
-        unpruned architecture.
+        dtype, device and training mode as ``model``. A ``torch.compile`` / ``nn.DataParallel`` /
+        ``DistributedDataParallel`` wrapper is left out (the copy is the model it wraps; mask names
+        may keep the wrapper's prefix, ``"module.fc1.weight"``). Its ``state_dict()`` has the keys
+        of the unpruned, unwrapped architecture.
     Raises:
         ValueError naming ``masks`` for a key that is no module weight, a non-bool mask or a
         shape mismatch (checked before anything is copied).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model, masks = _unwrapped(model, masks)
     for pname, keep in (masks or {}).items():
         module = _module_of(model, pname, "masks")
         weight = getattr(module, "weight_orig", module.weight)
@@ -71,6 +74,31 @@ def to_dense(model: nn.Module, masks: Masks = None) -> nn.Module:
             weight = _module_of(out, pname, "masks").weight
             weight.mul_(keep.to(device=weight.device, dtype=weight.dtype))
     return out
+
+
+def _unwrapped(model: nn.Module, masks: Masks) -> Tuple[nn.Module, Masks]:
+    """The model a compile / DataParallel / DDP wrapper holds, and the masks renamed to its names (an export is
+    for deployment: the wrapper is a training-time runtime that torch.export / ONNX cannot take)."""
+    inner, prefix = _wrapper(model)
+    if not prefix:
+        return model, masks
+    return inner, None if masks is None else dict(zip(unwrapped_names(model, list(masks)), masks.values()))
+
+
+def _wrapper(model: nn.Module) -> Tuple[nn.Module, str]:
+    inner, prefix = unwrap_model(model)
+    if "_fsdp_wrapped_module." in prefix:  # FSDP weights are sharded: not unwrapped here
+        return model, ""
+    return inner, prefix
+
+
+def unwrapped_names(model: nn.Module, names):
+    """``names`` of ``model``'s modules / weights as the exported (unwrapped) copy names them: a
+    ``torch.compile`` / DataParallel / DDP prefix (``"module."``) dropped; other values as they are."""
+    prefix = _wrapper(model)[1]
+    if not prefix or names is None or isinstance(names, str):
+        return names
+    return [name[len(prefix):] if isinstance(name, str) and name.startswith(prefix) else name for name in names]
 
 
 def _copy(model: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..targets import is_hf_conv1d
-from ._common import Masks, select_layers, sparsity, swap, to_dense
+from ._common import Masks, select_layers, sparsity, swap, to_dense, unwrapped_names
 
 DTYPES = (torch.float16, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)
@@ -72,7 +72,7 @@ def check_semi_structured(model: nn.Module, masks: Masks = None, *, names: Optio
         (with the count of runs of 4 holding more than 2 non-zeros) or torch's minimum tile.
     """
     _check_dtype(dtype)
-    return [name for name, _ in _validated(to_dense(model, masks), names, dtype)]
+    return [name for name, _ in _validated(to_dense(model, masks), unwrapped_names(model, names), dtype)]
 
 
 def _check_dtype(dtype) -> None:
@@ -160,7 +160,7 @@ def to_semi_structured(model: nn.Module, masks: Masks = None, *, names: Optional
     """
     _check_dtype(dtype)
     out = to_dense(model, masks)
-    layers = _validated(out, names, dtype)
+    layers = _validated(out, unwrapped_names(model, names), dtype)
     device = check_device(device)
     out = out.to(device=device, dtype=dtype)
     backend = _backend()

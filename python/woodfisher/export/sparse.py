@@ -30,7 +30,7 @@ from torch import nn
 
 from ..masks import is_int
 from ..targets import is_hf_conv1d
-from ._common import Masks, select_layers, swap, to_dense
+from ._common import Masks, select_layers, swap, to_dense, unwrapped_names
 
 LAYOUTS = {"csr": torch.sparse_csr, "bsr": torch.sparse_bsr}
 DEFAULT_BLOCKSIZE = 4
@@ -262,7 +262,7 @@ def to_sparse(model: nn.Module, masks: Masks = None, *, layout: str = "csr", blo
     _check_layout(layout, blocksize)
     out = to_dense(model, masks)
     types = (nn.Linear, nn.Conv2d) if conv else (nn.Linear,)
-    layers = select_layers(out, names, types, min_sparsity, conv1d=True)
+    layers = select_layers(out, unwrapped_names(model, names), types, min_sparsity, conv1d=True)
     if layout == "bsr" and names is None:  # chosen by default: skip the layers the blocks cannot tile
         size = blocksize or DEFAULT_BLOCKSIZE
         layers = [(name, module) for name, module in layers
