@@ -72,6 +72,12 @@ def test_exports_fold_mask_parametrizations():
     torch.testing.assert_close(model(inputs), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("masks", [[torch.ones(4, 8, dtype=torch.bool)], torch.ones(4, 8, dtype=torch.bool)])
+def test_masks_that_are_not_a_dict_are_a_value_error(masks):
+    with pytest.raises(ValueError, match="masks must be a dict"):
+        to_dense(nn.Sequential(nn.Linear(8, 4)), masks)
+
+
 def test_a_named_layer_under_weight_norm_is_refused_saying_why():
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 4)))
     with pytest.raises(ValueError, match=r"names: '0' is a Linear whose weight is recomputed .* weight_norm"):

@@ -56,11 +56,14 @@ def to_dense(model: nn.Module, masks: Masks = None) -> nn.Module:
         may keep the wrapper's prefix, ``"module.fc1.weight"``). Its ``state_dict()`` has the keys
         of the unpruned, unwrapped architecture.
     Raises:
-        ValueError naming ``masks`` for a key that is no module weight, a non-bool mask or a
-        shape mismatch (checked before anything is copied).
+        ValueError naming ``masks`` for a value that is not a dict, a key that is no module weight,
+        a non-bool mask or a shape mismatch (checked before anything is copied).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if masks is not None and not isinstance(masks, dict):
+        raise ValueError(f"masks must be a dict {{'<module>.weight': bool keep-mask}} or None, "
+                         f"got {type(masks).__name__}")
     model, masks = _unwrapped(model, masks)
     for pname, keep in (masks or {}).items():
         module = _module_of(model, pname, "masks")
