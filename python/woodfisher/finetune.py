@@ -10,9 +10,9 @@
   reads without calling ``out_proj``, is recomputed by a pre-hook of the attention module);
   a tied Parameter gets the mask on every module that holds it; weights already under a mask (torch.nn.utils.prune, or a
   ``torch.ao.pruning`` parametrization) have that mask updated instead.
-- :func:`make_permanent` removes every such reparametrisation (the zeros stay, the
-  Parameter gets its name and place back): call it before ``save_pretrained`` /
-  ``state_dict`` for a file a model without masks can load, after the last training step
+- :func:`make_permanent` removes every such reparametrisation, ``torch.ao.pruning`` mask
+  parametrizations included (the zeros stay, the Parameter gets its name and place back): call it before
+  ``save_pretrained`` / ``state_dict`` for a file a model without masks can load, after the last training step
   (training after it revives the pruned weights: gradients and momentum reach them again).
 - A module holding a mask gets an instance ``__deepcopy__`` (:class:`woodfisher.state.DeepcopyDetached`),
   so ``copy.deepcopy`` and ``AveragedModel`` work after a forward pass too.
@@ -27,6 +27,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from .batches import check_loader, to_batch
@@ -170,10 +171,14 @@ def attach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
-    """Remove every ``torch.nn.utils.prune`` reparametrisation of ``model`` (pruned entries stay 0).
+    """Remove every mask reparametrisation of ``model`` (pruned entries stay 0).
 
-    Each ``<attr>_orig`` Parameter becomes ``<attr>`` again, at its place in
+    Each ``torch.nn.utils.prune`` ``<attr>_orig`` Parameter becomes ``<attr>`` again, at its place in
     ``named_parameters()``; any parameter name (``in_proj_weight`` too) and tied weights are handled.
+    A ``torch.nn.utils.parametrize`` chain made only of masks (``torch.ao.pruning``'s ``FakeSparsity``:
+    every parametrization has a ``mask``) is folded too: ``<attr>.parametrizations.<attr>.original``
+    becomes ``<attr>`` holding the masked values (the same Parameter object, registered last among the
+    module's parameters). Other parametrizations (``weight_norm``, ``spectral_norm``) are left alone.
 
     Args:
         model: the network (wrappers seen through); modified in place.
@@ -206,6 +211,28 @@ def _make_permanent(model: nn.Module) -> None:
         for attr in names:
             if attr is not None and attr + "_orig" in module._parameters:
                 _release(module, attr)
+    for module in modules:
+        attrs = _mask_parametrizations(module)
+        if attrs:
+            _own_class(module)
+        for attr in attrs:
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give ``module`` a private copy of its ``Parametrized<Cls>`` class: ``copy.deepcopy`` shares that class
+    between a module and its copies, and ``remove_parametrizations`` deletes the property from the class,
+    which would break every other copy (the caller's model when an export folds a copy)."""
+    cls = type(module)
+    body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, body)
+
+
+def _mask_parametrizations(module: nn.Module) -> List[str]:
+    """Attributes of ``module`` reparametrised by ``torch.nn.utils.parametrize`` with masks only."""
+    if not parametrize.is_parametrized(module):
+        return []
+    return [attr for attr, chain in module.parametrizations.items() if all(hasattr(f, "mask") for f in chain)]
 
 
 def _bn_layers(model: nn.Module) -> List[nn.Module]:
