@@ -7,7 +7,7 @@ For MLPNet (MNIST shapes), ResNet-20 (CIFAR shapes) and a MobileNet-like CIFAR n
   the gradient collections below are the median of up to 5 calls (fewer past 2 s);
 - per-sample gradients: :class:`woodfisher.GradientCollector` (``fisher_batch_size=1``,
   all N gradients kept) fed by a loader of batch 1 and one of batch 64 (and again with the
-  experimental ``WOODFISHER_PER_SAMPLE=expanded`` path); the ratio is
+  ``per_sample="expanded"`` path, the config's ``per_sample_grads``); the ratio is
   yardstick time / collection time (1.0 = as fast as the batched pass; the goal is >= 0.5);
   "memory floor": writing the N gradients once into memory already mapped, the least any method that
   keeps them must spend;
@@ -62,6 +62,32 @@ def mobilenet_like(num_classes: int = 10):
     return nn.Sequential(*layers)
 
 
+def operator_counts(fn) -> dict:
+    """{"kernels": n, "views": n}: aten operators one call of ``fn`` dispatches (below autograd and vmap, so what
+    runs), split into views / bare allocations (no kernel) and the rest (a kernel launch each on a GPU). Device-
+    independent: on a GPU whose host thread is the bottleneck (small models), time follows these counts."""
+    import collections
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {torch.ops.aten._unsafe_view.default, torch.ops.aten.empty.memory_format, torch.ops.aten.new_empty.default,
+            torch.ops.aten.empty_strided.default}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen["views" if func.is_view or func in free else "kernels"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        fn()
+    return {"kernels": count.seen["kernels"], "views": count.seen["views"]}
+
+
 def build(name: str, n: int, device):
     """(model in eval mode, inputs (n, ...), labels (n,), pruned weight names or None)."""
     import torch
@@ -109,8 +135,8 @@ def worker(args) -> dict:
     def loader(bs):
         return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
 
-    def collect(bs):
-        return wf.GradientCollector(model, loader(bs), targets, num_grads=n, progress=False).collect()
+    def collect(bs, **kw):
+        return wf.GradientCollector(model, loader(bs), targets, num_grads=n, progress=False, **kw).collect()
 
     def floor_s() -> float:
         buf = torch.empty(n, numel, device=device).fill_(0.0)   # mapped once: the floor is the write alone
@@ -127,12 +153,14 @@ def worker(args) -> dict:
     out = {"numel": numel, "yardstick_s": median_of(batched), "floor_s": floor_s()}
     for bs in args.loader_batches:
         out[f"grads_bs{bs}_s"] = median_of(lambda: collect(bs))
-    if args.impl == "after":  # the experimental per-sample path (woodfisher.gradients), read per collector
-        os.environ["WOODFISHER_PER_SAMPLE"] = "expanded"
-        collect(64)  # warm-up
+    if args.impl == "after":  # the second per-sample path (woodfisher.gradients)
+        collect(64, per_sample="expanded")  # warm-up
         for bs in args.loader_batches:
-            out[f"grads_bs{bs}_expanded_s"] = median_of(lambda: collect(bs))
-        del os.environ["WOODFISHER_PER_SAMPLE"]
+            out[f"grads_bs{bs}_expanded_s"] = median_of(lambda: collect(bs, per_sample="expanded"))
+        for label, fn in (("batched", batched), ("vmap", lambda: collect(64)),
+                          ("expanded", lambda: collect(64, per_sample="expanded"))):
+            for kind, count in operator_counts(fn).items():
+                out[f"ops_{label}_{kind}"] = count
     steps = {"old defaults": (OLD_DEFAULTS, args.loader_batches)}
     if args.impl == "after":
         steps["new defaults"] = ({}, [max(args.loader_batches)])
@@ -241,12 +269,26 @@ def markdown(report: dict) -> str:
     expanded = [(model, r) for model, by_impl in report["models"].items() for impl, r in by_impl.items()
                 if "ratio_expanded_bs1" in r]
     if expanded:
-        lines += ["Experimental per-sample path, `WOODFISHER_PER_SAMPLE=expanded` (torch's expanded weights; "
-                  "off by default until measured on a GPU), same samples:", "",
+        lines += ["Second per-sample path, `per_sample_grads=\"expanded\"` (torch's expanded weights; "
+                  "not the default until measured on a GPU), same samples:", "",
                   "| model | grads, loader batch 1 (s) | ratio | grads, loader batch 64 (s) | ratio |",
                   "|---|---:|---:|---:|---:|"]
         lines += [f"| {model} | {r['grads_bs1_expanded_s']:.3f} | **{r['ratio_expanded_bs1']:.2f}** | "
                   f"{r['grads_bs64_expanded_s']:.3f} | **{r['ratio_expanded_bs64']:.2f}** |" for model, r in expanded]
+        lines.append("")
+    counted = [(model, r) for model, by_impl in report["models"].items() for r in by_impl.values()
+               if "ops_batched_kernels" in r]
+    if counted:
+        lines += ["Operators dispatched for the N samples (loader batch 64; kernels = operators that launch one on a "
+                  "GPU, views and bare allocations apart). On a GPU whose host thread is the bottleneck (small "
+                  "models: launch-bound) collection time follows the kernel count:", "",
+                  "| model | batched fwd+bwd | vmap | expanded | vmap / batched | expanded / batched | "
+                  "views: batched / vmap / expanded |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for model, r in counted:
+            b, v, e = (r[f"ops_{k}_kernels"] for k in ("batched", "vmap", "expanded"))
+            views = "/".join(str(int(r[f"ops_{k}_views"])) for k in ("batched", "vmap", "expanded"))
+            lines.append(f"| {model} | {int(b)} | {int(v)} | {int(e)} | {v / b:.2f} | {e / b:.2f} | {views} |")
         lines.append("")
     lines += below_goal(report) + [
               f"## Phase split of one prune_one_shot call ({100 * SPARSITY:.0f}% sparsity), seconds", "",

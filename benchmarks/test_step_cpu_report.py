@@ -1,5 +1,7 @@
 """step_cpu's Markdown on a synthetic report: the ratio bound and the below-goal explanation."""
-from benchmarks.step_cpu import markdown
+import torch
+
+from benchmarks.step_cpu import markdown, operator_counts
 
 
 def entry(yardstick, floor, bs1, bs64):
@@ -19,3 +21,17 @@ def test_bound_and_goal_lines():
     assert "- slow: ratio 0.25 / 0.40 (loader batch 1 / 64) is below 0.5 (the memory floor bounds it at 10.00)." \
         in text
     assert "- meet the 0.5 goal with both loaders: big." in text
+
+
+def test_operator_counts_split_kernels_from_views():
+    x = torch.ones(4, 3)
+    counts = operator_counts(lambda: (x + 1).reshape(12).mul(2).view(3, 4).t())  # add, mul; views: view x2, t
+    assert counts["kernels"] == 2 and counts["views"] >= 2
+
+
+def test_operator_table():
+    row = dict(entry(0.1, 0.4, 1.0, 0.5), ops_batched_kernels=100, ops_vmap_kernels=250, ops_expanded_kernels=150,
+               ops_batched_views=10, ops_vmap_views=900, ops_expanded_views=40)
+    report = {"device": {"device_name": "test cpu"}, "note": "synthetic", "num_grads": 8, "repeats": 1,
+              "models": {"net": {"after": row}}}
+    assert "| net | 100 | 250 | 150 | 2.50 | 1.50 | 10/900/40 |" in markdown(report)

@@ -93,3 +93,44 @@ def test_a_checkpoint_saved_with_masks_attached_loads_as_the_masked_weights(tmp_
     assert main(["report", "--model", "digits_mlp", "--checkpoint", str(tmp_path / "masked.pt")]) == 0
     kept = sum(int(keep.sum()) for keep in masks.values())
     assert f"| {kept:,} |" in capsys.readouterr().out.split("| total |")[1]
+
+
+class _KeepMask(nn.Module):
+    """A mask parametrization whose mask is a (persistent) buffer of the state dict."""
+
+    def __init__(self, keep):
+        super().__init__()
+        self.register_buffer("mask", keep)
+
+    def forward(self, weight):
+        return weight * self.mask
+
+
+def test_parametrized_mask_checkpoints_load_as_the_masked_weights(tmp_path):
+    from torch.ao.pruning.sparsifier.utils import FakeSparsity
+    from torch.nn.utils import parametrize
+
+    source = _model(0)
+    linear = next(m for m in source.modules() if isinstance(m, nn.Linear))
+    keep = torch.rand(linear.weight.shape, generator=torch.Generator().manual_seed(1)) >= 0.6
+    expected = linear.weight.detach() * keep
+    parametrize.register_parametrization(linear, "weight", _KeepMask(keep.float()))
+    torch.save(source.state_dict(), tmp_path / "masked.pt")
+    loaded = load_checkpoint(_model(5), tmp_path / "masked.pt")
+    weight = next(m for m in loaded.modules() if isinstance(m, nn.Linear)).weight
+    assert torch.equal(weight.detach(), expected)                   # zeros where the mask is False, exactly
+    parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(linear.weight.shape) + 5)   # nowhere zero: the saved mask is all there is
+    parametrize.register_parametrization(linear, "weight", FakeSparsity(keep.float()))
+    torch.save(source.state_dict(), tmp_path / "fake_sparsity.pt")
+    with pytest.raises(ValueError, match=r"parametrizations\.weight\.original.*no mask for it.*make_permanent"):
+        load_checkpoint(_model(5), tmp_path / "fake_sparsity.pt")
+
+
+def test_another_architecture_names_the_shapes_too(tmp_path):
+    torch.save(nn.Sequential(nn.Linear(3, 5)).state_dict(), tmp_path / "other.pt")
+    expected = (r"missing keys \['1\.bias', '1\.weight'\], unexpected keys \[\]; "
+                r"shapes that differ \(file vs model\): \['0\.weight: \(5, 3\) vs \(5, 5\)'\]")
+    with pytest.raises(ValueError, match=expected):
+        load_checkpoint(nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 2)), tmp_path / "other.pt")

@@ -24,7 +24,7 @@ LIMIT = 420
 COMPARED = ["mlp_global", "mlp_layerwise", "mlp_whole_layers", "mlp_two_steps_diag", "r20", "ddp", "fsdp",
             "empty_shard"]
 SUITES = {2: COMPARED + ["mlp_woodtaylor", "memory_r20", "memory_mlp", "two_phase", "ties", "failure", "cond_ill",
-                         "cond_well"],
+                         "cond_well", "cond_lowrank"],
           3: ["mlp_global", "mlp_whole_layers", "r20", "empty_shard", "memory_r20", "memory_mlp", "memory_small",
               "ties", "cond_ill", "cond_well"]}
 PREFIXES = ("_fsdp_wrapped_module.", "module.")
@@ -144,6 +144,16 @@ def test_nccl_on_gpus_runs_the_same_code(tmp_path):
         masks = {_strip(k): v for k, v in first["masks"].items()}
         for key, keep in first["ref_masks"].items():
             assert torch.equal(masks[key], keep), name
+
+
+@pytest.mark.parametrize("world,scenario", _cases("cond_lowrank"))
+def test_lowrank_refined_blocks_are_counted_as_in_one_process(request, world, scenario):
+    """Low-rank blocks whose factor is kept in float64 (woodfisher_kernels.LowRankInverse.refined): the reduced
+    count is the single-process one on the same gradients, on every rank."""
+    runs = _results(request, world, scenario)
+    first = runs[0]
+    assert first["refined"] and first["refined"] == first["ref_refined"]
+    assert all(res["refined"] == first["refined"] for res in runs[1:])
 
 
 @pytest.mark.parametrize("world,scenario", _cases("cond_ill", "cond_well"))

@@ -32,6 +32,7 @@ def test_dry_run_runs_every_stage_and_writes_the_summary(tmp_path):
     assert "driver: woodfisher_driver: passed" in summary
     assert "side-by-side benchmark" in summary and "measured peaks" in summary
     assert re.search(r"ResNet-50 one-shot step\n  .*: total [0-9.]+ s", summary), summary
+    assert "per_sample_grads='expanded'" in summary and "kernels dispatched: batched fwd+bwd" in summary, summary
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"summary.txt", "all.tar.gz", "junit_triton.xml", "junit_gpu.xml", "kernels_cuda.json"} <= files
 

@@ -133,3 +133,25 @@ def test_fine_tuning_example_reaches_its_sparsity():
     assert len(sparsities) == 2 and sparsities[0] < sparsities[1]
     assert abs(sparsities[-1] - 0.8) < 1e-3
     assert out["final"] > 0.5   # far above chance (0.1) after fine-tuning at 80% sparsity
+
+
+@pytest.mark.parametrize("damp,warns", [(1e-2, False), (1e-6, True)])
+def test_hook_reports_kappa_bound_and_warns_beyond_the_float32_level(damp, warns):
+    """The running inverses stay float32 (no kept gradients to recompute them from): ``curv.kappa`` is an upper
+    bound of the float64 kappa of every block, and eps32 * kappa > 1e-3 is a warning naming the weights."""
+    import warnings
+
+    model, data = _setup()
+    hook = FisherHook(model, num_grads=12, damp=damp, block_size=16, buffer=5)
+    grads = _train(model, data, hook, steps=12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        curv = hook.curvature()
+    messages = [str(w.message) for w in caught if "FisherHook" in str(w.message)]
+    assert bool(messages) == warns
+    for target in hook.targets:
+        g = target.grad_blocks(grads[target.name].double())
+        exact = torch.linalg.eigvalsh(g.transpose(1, 2) @ g / 12)[:, -1].max() / damp   # float64 kappa
+        assert exact <= curv.kappa[target.name] <= exact * 12 * 1.01      # a bound, within rank(G) of it
+        level = torch.finfo(torch.float32).eps * curv.kappa[target.name] > 1e-3
+        assert (repr(target.name) in messages[0]) == level if warns else not level

@@ -9,6 +9,7 @@ import torch
 from _pruner_shared import per_sample_grads, tiny_data, tiny_mlp
 
 import woodfisher as wf
+import woodfisher.structured as st
 
 NAMES = ["0.weight", "2.weight"]
 DAMP = 1e-2
@@ -39,17 +40,23 @@ def test_two_four_pattern_is_exact_and_minimises_group_statistic(exact):
         keep = res.masks[n].flatten()
         assert torch.all(keep.view(-1, 4).sum(1) == 2)  # every run of 4 keeps exactly 2
         w, inv = params[n].detach().flatten(), invs[n]
-        dw = torch.zeros_like(w)
+        dw, summed, chosen = torch.zeros_like(w), torch.zeros_like(w), []
         for start in range(0, w.numel(), 4):
             pairs = [torch.tensor([start + a, start + b]) for a, b in itertools.combinations(range(4), 2)]
             stats = torch.stack([_group_stat(inv, w, q, exact) for q in pairs])
             best = pairs[int(stats.argmin())]
             assert set((~keep).nonzero().flatten().tolist()) >= set(best.tolist())
-            if exact:
-                dw -= inv[:, best] @ torch.linalg.solve(inv[best][:, best], w[best])
-            else:
+            chosen.append(best)
+            summed -= inv[:, best] @ torch.linalg.solve(inv[best][:, best], w[best])
+            if not exact:
                 e = inv[:, best].sum(1)
                 dw -= w[best].sum() * e / inv[best][:, best].sum()
+        if exact:  # every removed entry of the (whole-layer) block at once: Sec. 4.2 for |Q| weights
+            q = torch.cat(chosen)
+            dw = -inv[:, q] @ torch.linalg.solve(inv[q][:, q], w[q])
+            fisher = torch.linalg.inv(inv)
+            summed = (w + summed).masked_fill(~keep, 0.0) - w  # the groups' updates summed, then masked
+            assert dw @ fisher @ dw <= summed @ fisher @ summed * (1 + 1e-12)  # the joint update is the optimum
         expect = (w + dw).masked_fill(~keep, 0.0)
         torch.testing.assert_close(new_params[n].detach().flatten(), expect, rtol=1e-7, atol=1e-10)
 
@@ -134,3 +141,42 @@ def test_nm_refusal_names_every_unfit_weight_and_the_way_out():
     assert sorted(res.masks) == ["2.weight", "4.weight"] and res.sparsity == 0.5
     assert all(torch.all(keep.reshape(-1, 4).sum(1) == 2) for keep in res.masks.values())
     assert torch.equal(model[0].weight, before["0.weight"]) and torch.equal(model[5].weight, before["5.weight"])
+
+
+def _pad(x, c):
+    """(..., d) -> (..., B, c), zero-padded (padded entries carry no gradient: decoupled in F)."""
+    d = x.shape[-1]
+    return torch.nn.functional.pad(x, (0, -d % c)).view(*x.shape[:-1], -1, c)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("num_grads", [24, 4])  # 24 >= c: dense blocks; 4 < c = 18: the low-rank form
+def test_rows_update_is_the_joint_obs_optimum_of_each_block(num_grads, chunked, monkeypatch):
+    """Blocks of three rows (the last one padded); blocks remove 0-3 rows: each block's update is
+    ``-F^-1 E_Q ([F^-1]_QQ)^-1 w_Q`` with Q every entry it removes (paper Sec. 4.2, Eqs. 12-17 for |Q|
+    weights), not the sum of the rows' own updates."""
+    if chunked:  # one block per chunk of joint systems
+        monkeypatch.setattr(st, "JOINT_BYTES", 1)
+    model, loader = tiny_mlp(seed=3, sizes=(6, 6, 4)), tiny_data(seed=3)
+    ref = copy.deepcopy(model)
+    c = 18
+    res = wf.prune_one_shot(model, loader, sparsity=0.5, pattern="rows", mode="layerwise", num_grads=num_grads,
+                            damp=DAMP, block_size=c, num_steps=1, progress=False)
+    grads = per_sample_grads(ref, loader, NAMES, num_grads)
+    params, new_params = dict(ref.named_parameters()), dict(model.named_parameters())
+    counts = set()
+    for n in NAMES:
+        gb = _pad(grads[n], c).transpose(0, 1)
+        invs = torch.linalg.inv(DAMP * torch.eye(c, dtype=torch.float64) + gb.transpose(1, 2) @ gb / num_grads)
+        w = _pad(params[n].detach().flatten(), c)
+        prune = ~_pad(res.masks[n].flatten(), c).bool() & _pad(torch.ones(w.numel()), c)[0].bool()
+        expect = w.clone()
+        for b in range(w.shape[0]):
+            q = prune[b].nonzero().flatten()
+            counts.add(q.numel())
+            if q.numel():
+                inv = invs[b]
+                expect[b] = (w[b] - inv[:, q] @ torch.linalg.solve(inv[q][:, q], w[b, q])).masked_fill(prune[b], 0.0)
+        got = _pad(new_params[n].detach().flatten(), c)
+        torch.testing.assert_close(got, expect, rtol=1e-7, atol=1e-9)
+    assert 12 in counts and len(counts) > 1, counts  # a block removing 2 of its 3 rows; blocks batched by count

@@ -13,8 +13,10 @@ SVD reference over c in {64, 257}, m in {c/2, 2c+1}, damp in {1e-8, 1e-5, 1e-1},
 gradient scales 1e-6..1e6, Gaussian and rank-1 gradients (tests/test_precision_table.py,
 benchmarks/results/PRECISION.md): at most 2.3 eps32 (1 + kappa), reached at kappa ~ 0;
 about 0.1-0.2 eps32 kappa for Gaussian gradients with m > c (3e-3..6e-3 at kappa 3e5); near eps32
-when m < c or the gradients have low rank, even at kappa 1e8 (rounding then only
-touches directions that damp dominates).
+when m < c or the gradients have low rank, even at kappa 1e8, for the diagonal and norms. Products
+``F^-1 v`` with v in the gradients' span are another matter for the low-rank form (its cancellation
+costs them eps32 * kappa, all of a block whose other coordinates carry no gradient): blocks beyond
+``eps32 * kappa > 1e-3`` keep a float64 factor (:func:`refine_lowrank`).
 
 Failed blocks: a result holding NaN / Inf or a diagonal entry <= 0, or (torch path) a
 K x K system not positive definite in float64. ``on_failure="recompute"`` (default)
@@ -145,6 +147,39 @@ def condition_estimate(grads: torch.Tensor, damp: float, num_samples: Optional[f
         return fro.square() * (1.0 + UPPER_MARGIN) / (n * d)
     chk.check_finite("grads", grads)
     return gram_lmax(grads, iters) / (n * d)
+
+
+def refine_lowrank(grads: torch.Tensor, damp: float, num_samples: float,
+                   recompute64: Callable[[torch.Tensor], Tuple[Tuple[torch.Tensor, ...], torch.Tensor]]
+                   ) -> Optional[Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]]:
+    """The float32 low-rank blocks with ``eps32 * kappa > WARN_LEVEL``, their factor recomputed in float64.
+
+    ``F^-1 v = (v - A^T A v) / damp`` cancels for the components of v in the gradients' span: a float32 factor
+    ``A = L^-1 G`` gives them a relative error of about eps32 * kappa. Where some coordinates carry no gradient
+    (weights pruned in an earlier step, padding, dead inputs) the live ones can lie wholly in that span, and
+    the OBS update went 79% wrong at kappa ~ 1e8 (the dense form is exact there). Blocks are flagged by the
+    Frobenius bound ``||G||_F^2 / (N damp)``, then the power iteration on those it does not certify, and
+    ``recompute64(idx) -> ((A, diag), bad)`` rebuilds them in float64 (the level and the estimates of
+    the dense path, :mod:`woodfisher.conditioning`). Blocks float64 refuses keep their float32 factor.
+
+    Returns:
+        None (no block flagged), or (block indices, (float64 factor, float64 diagonal) of those blocks).
+    """
+    if grads.dtype != torch.float32 or not grads.numel():
+        return None
+    eps = torch.finfo(torch.float32).eps
+    bound = condition_estimate(grads, damp, num_samples, upper=True)
+    idx = (eps * bound > WARN_LEVEL).nonzero().squeeze(1)
+    if idx.numel():
+        kappa = condition_estimate(grads[idx], damp, num_samples)
+        idx = idx[(eps * kappa > WARN_LEVEL).to(idx.device)]
+    if not idx.numel():
+        return None
+    results, bad = recompute64(idx)
+    good = ~bad.to(idx.device)
+    if not bool(good.any()):
+        return None
+    return idx[good], tuple(r[good] for r in results)
 
 
 def _failure_message(op: str, dtype, idx: torch.Tensor, total: int, kappa: torch.Tensor, damp_text: str,

@@ -13,7 +13,9 @@ flops) with that factor rounded to float32, solved from the right on the transpo
 (``A^T = G^T L^-T``) so that G is not copied; the diagonal sums the squares of A in
 float32 over 32 rows at a time and those sums in float64. This keeps the diagonal within 1e-6 of
 a float64 computation on ResNet-20 gradients at damp 1e-5
-(benchmarks/results/cpu_fallback.md). The stated bound of :mod:`._numerics` holds;
+(benchmarks/results/cpu_fallback.md). Products ``F^-1 v`` cancel in the gradients' span (relative error
+eps32 * kappa there), so blocks beyond ``eps32 * kappa > 1e-3`` keep a float64 factor apart
+(:func:`._numerics.refine_lowrank`, ``refined``). The stated bound of :mod:`._numerics` holds;
 blocks that fail (non-finite factor, diagonal <= 0, K not positive definite in float64)
 are recomputed in float64 or refused (``on_failure``).
 
@@ -56,7 +58,10 @@ class LowRankInverse:
         backend: "auto" (the C kernel for float32 CPU gradients when built, else torch),
             "cpu" or "torch"; "cuda" / "triton" have no low-rank kernel and use torch.
     Attributes:
-        factor: (B, m, c) ``A = L^-1 G`` in the gradients' dtype (None when m >= c).
+        factor: (B, m, c) ``A = L^-1 G`` in the gradients' dtype (None when m >= c); zero for refined blocks.
+        refined: float32 blocks with ``eps32 * kappa > 1e-3`` whose factor is kept in float64 (apart, for those
+            blocks only; every product and diagonal entry of theirs comes from it), see
+            :func:`._numerics.refine_lowrank`. 0: none.
         damp, num_samples: the scalars of F.
         diag_cached: (B, c) the inverse's diagonal.
     Raises:
@@ -76,6 +81,8 @@ class LowRankInverse:
         grads = grads.detach().contiguous()
         num_blocks, m, c = grads.shape
         self._dense: Optional[torch.Tensor] = None
+        self._exact = None  # (block indices, LowRankInverse of their float64 factor): see ``refined``
+        self.refined = 0
         kappa_of = lambda idx: num.gram_lmax(grads[idx]) / (self.num_samples * self.damp)  # noqa: E731
         if m >= c:
             self.factor = None
@@ -95,6 +102,36 @@ class LowRankInverse:
         num.repair("lowrank_inverse", (factor, diag), bad, on_failure, recompute64, kappa_of,
                    f"damp={self.damp:g} (kappa = lambda_max(G^T G / N) / damp)", check)
         self.factor, self.diag_cached = factor, diag
+        exact = num.refine_lowrank(grads, self.damp, self.num_samples, recompute64)
+        if exact is not None:  # their float32 factor zeroed (no failure there); results from the float64 one
+            idx, (a64, d64) = exact
+            factor[idx] = 0.0
+            diag[idx] = d64.to(diag.dtype)
+            self._exact = (idx, LowRankInverse._of_factor(a64, d64, self.damp, self.num_samples))
+            self.refined = int(idx.numel())
+
+    @classmethod
+    def _of_factor(cls, factor: torch.Tensor, diag: torch.Tensor, damp: float, num_samples: float) -> "LowRankInverse":
+        out = cls.__new__(cls)
+        out.factor, out.diag_cached, out.damp, out.num_samples = factor, diag, damp, num_samples
+        out._dense, out._exact, out.refined = None, None, 0
+        return out
+
+    def _patch(self, out, method: str, *args):
+        """``out`` (a tensor or tuple of per-block tensors) with the refined blocks' entries from the float64
+        factor's ``method(*args)`` (per-block tensor arguments taken at those blocks, floats in float64)."""
+        if self._exact is None:
+            return out
+        idx, exact = self._exact
+        taken = [a if not isinstance(a, torch.Tensor) else a[idx].double() if a.is_floating_point() else a[idx]
+                 for a in args]
+        part = getattr(exact, method)(*taken)
+        fixed = []
+        for o, p in zip(out if isinstance(out, tuple) else (out,), part if isinstance(part, tuple) else (part,)):
+            o = o.contiguous()
+            o[idx] = p.to(o.dtype)
+            fixed.append(o)
+        return tuple(fixed) if isinstance(out, tuple) else fixed[0]
 
     @property
     def shape(self):
@@ -131,6 +168,16 @@ class LowRankInverse:
         sub.factor = None if self.factor is None else self.factor[index]
         sub._dense = None if self._dense is None else self._dense[index]
         sub.diag_cached = self.diag_cached[index]
+        sub._exact, sub.refined = None, 0
+        if self._exact is not None:  # the refined blocks among the selected ones
+            idx, exact = self._exact
+            where = torch.full((b,), -1, dtype=torch.long, device=idx.device)
+            where[idx] = torch.arange(idx.numel(), device=idx.device)
+            picked = where[torch.arange(b, device=idx.device)[index.to(idx.device)]]
+            inside = (picked >= 0).nonzero().squeeze(1)
+            if inside.numel():
+                sub._exact = (inside, exact.select(picked[inside]))
+                sub.refined = int(inside.numel())
         return sub
 
     def diag(self) -> torch.Tensor:
@@ -159,7 +206,7 @@ class LowRankInverse:
         if self._dense is not None:
             return torch.bmm(self._dense, v)
         a = self.factor
-        return (v - torch.bmm(a.transpose(1, 2), torch.bmm(a, v))) / self.damp
+        return self._patch((v - torch.bmm(a.transpose(1, 2), torch.bmm(a, v))) / self.damp, "matmat", v)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """Product ``F^-1 v``.
@@ -189,7 +236,7 @@ class LowRankInverse:
         cols = self._columns(index).transpose(1, 2).flatten(2)        # (B, m, G*q)
         rows = -torch.bmm(cols.transpose(1, 2), a)                    # (B, G*q, c)
         onehot = torch.zeros_like(rows).scatter_(2, index.long().flatten(1).unsqueeze(-1), 1.0)
-        return ((rows + onehot) / self.damp).view(*index.shape, -1)
+        return self._patch(((rows + onehot) / self.damp).view(*index.shape, -1), "rows", index)
 
     def subblocks(self, index: torch.Tensor) -> torch.Tensor:
         """``[F^-1]_QQ = (I_QQ - A_Q^T A_Q) / damp`` for each group Q = index[b, g], for group OBS: O(m q^2)
@@ -204,7 +251,7 @@ class LowRankInverse:
             return reference.gather_subblocks(self._dense, index)
         cols = self._columns(index)                                          # (B, G, m, q)
         eye = (index.unsqueeze(-1) == index.unsqueeze(-2)).to(cols.dtype)    # I_QQ (repeated indices too)
-        return (eye - torch.matmul(cols.transpose(-1, -2), cols)) / self.damp
+        return self._patch((eye - torch.matmul(cols.transpose(-1, -2), cols)) / self.damp, "subblocks", index)
 
     def _columns(self, index: torch.Tensor) -> torch.Tensor:
         """A_Q: the factor's columns of each group, (B, G, m, q)."""
@@ -231,6 +278,11 @@ class LowRankInverse:
         q = index.shape[-1]
         if self._dense is not None or q <= self.factor.shape[1]:
             return reference.group_coefficients(self.subblocks(index), weights, index, exact)
+        return self._patch(self._wide_group_coefficients(index, weights, exact), "group_coefficients", index,
+                           weights, exact)
+
+    def _wide_group_coefficients(self, index: torch.Tensor, weights: torch.Tensor, exact: bool):
+        """:meth:`group_coefficients` of groups wider than the factor (q > m), from the factor alone."""
         a = self.factor
         m = a.shape[1]
         cols = self._columns(index)                                           # A_Q: (B, G, m, q)

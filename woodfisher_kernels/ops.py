@@ -244,7 +244,8 @@ def obs_saliency(inv: Inverse, weights: torch.Tensor, loss_grad: Optional[torch.
 
     Source: the WoodFisher paper. Plain OBS (Sec. 4.1, Eq. 11): ``rho_q = w_q^2 / (2 [F^-1]_qq)``.
     WoodTaylor (Sec. 6.2, Eq. 23), when ``loss_grad`` is given: ``rho_q = (w_q - h_q)^2 /
-    (2 [F^-1]_qq)`` with ``h = F^-1 loss_grad`` (Eq. 23 without its q-independent term).
+    (2 [F^-1]_qq)`` with ``h = F^-1 loss_grad`` (Eq. 23 written as one square; it is the loss change
+    of Eq. 22 without that equation's q-independent term ``-loss_grad^T h / 2``).
 
     Args:
         inv: (B, c, c) inverses or a :class:`LowRankInverse`, float32 or float64.
@@ -254,7 +255,8 @@ def obs_saliency(inv: Inverse, weights: torch.Tensor, loss_grad: Optional[torch.
         check_finite: refuse NaN/Inf inputs; this reads the whole inverse, which costs
             far more than the statistic itself (pass False for inverses you just built).
     Returns:
-        rho: (B, c), in loss units (the increase of the quadratic model), dtype of ``weights``.
+        rho: (B, c), in loss units (the increase of the quadratic model; with ``loss_grad``, that increase
+        plus ``loss_grad^T h / 2``, the same for every q), dtype of ``weights``.
     Raises:
         ValueError: ``inv`` not square blocks, ``weights`` / ``loss_grad`` not (B, c) on the
             device and dtype of ``inv``, an unknown ``backend``, or NaN/Inf inputs (with

@@ -78,10 +78,10 @@ def gather_subblocks(inv: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _group_coefficients(sub, w_q, exact: bool):
     """Per-group coefficients a (B, G, q) with dw = -rows^T a, and rho (B, G)."""
-    if exact:
-        sub = 0.5 * (sub + sub.transpose(-1, -2))
-        chol = torch.linalg.cholesky(sub)
-        coef = torch.cholesky_solve(w_q.unsqueeze(-1), chol).squeeze(-1)
+    if exact:  # the q x q system in float64: its condition number reaches cond(F) for wide groups
+        sub64 = sub.double()
+        chol = torch.linalg.cholesky(0.5 * (sub64 + sub64.transpose(-1, -2)))
+        coef = torch.cholesky_solve(w_q.double().unsqueeze(-1), chol).squeeze(-1).to(w_q.dtype)
         rho = 0.5 * (w_q * coef).sum(-1)
     else:  # the paper's Eq. 18: one combined constraint 1_Q^T (w + dw) = 0
         denom = sub.sum(dim=(-1, -2))

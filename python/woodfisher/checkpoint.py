@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import pickle
 import pickletools
+import re
 import warnings
 import zipfile
 from typing import Dict, Mapping, Union
@@ -29,11 +30,11 @@ from typing import Dict, Mapping, Union
 import torch
 from torch import nn
 
+from .targets import strip_wrapper_prefixes
+
 __all__ = ["load_checkpoint", "read_state_dict", "normalise_state_dict", "save_state_dict"]
 
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")
-#: prefixes a wrapper puts before every key of the model it wraps (DataParallel / DDP, torch.compile)
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MASK_SUFFIX = "._weight_mask"
 _WRAPPER = "._layer."
 
@@ -119,13 +120,46 @@ def _fold_prune_pairs(state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.T
     return out
 
 
+_PARAMETRIZED = re.compile(r"^((?:.*\.)?)parametrizations\.([^.]+)\.(original|\d+\.mask)$")
+
+
+def _fold_mask_parametrizations(state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``{X.parametrizations.p.original, X.parametrizations.p.<i>.mask}`` -> ``{X.p: original * masks}``: a model
+    saved with ``torch.nn.utils.parametrize`` masks attached. A parametrization whose masks are not in the file
+    (``torch.ao.pruning``'s ``FakeSparsity`` keeps its mask out of the state dict) is refused: its zeros are lost."""
+    chains: Dict[str, Dict[str, list]] = {}
+    for key in state:
+        match = _PARAMETRIZED.match(key)
+        if match:
+            chain = chains.setdefault(match.group(1) + match.group(2), {"original": [], "masks": []})
+            chain["original" if match.group(3) == "original" else "masks"].append(key)
+    chains = {name: chain for name, chain in chains.items() if chain["original"]}
+    if not chains:
+        return state
+    folded = {key for chain in chains.values() for key in chain["original"] + chain["masks"]}
+    out = {key: value for key, value in state.items() if key not in folded}
+    for name, chain in chains.items():
+        original = state[chain["original"][0]]
+        if not chain["masks"]:
+            raise ValueError(
+                f"checkpoint holds {chain['original'][0]!r} (saved while a torch.nn.utils.parametrize "
+                f"parametrization was attached) but no mask for it, so {name!r} cannot be rebuilt (torch.ao.pruning's "
+                f"FakeSparsity keeps its mask out of the state dict: the pruned zeros are not in the file); save the "
+                f"state dict after woodfisher.make_permanent(model) (or the sparsifier's squash_mask())")
+        for key in sorted(chain["masks"]):
+            original = original * state[key].to(original.dtype)
+        out[name] = original
+    return out
+
+
 def normalise_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Strip wrapper prefixes (``module.``, ``_orig_mod.``), unwrap ``X._layer.p`` -> ``X.p``, fold
     ``X._weight_mask`` into ``X.weight`` and ``torch.nn.utils.prune``'s ``X.p_orig`` / ``X.p_mask`` pair (a model
-    saved with masks attached: ``keep_masks=True``, ``attach_masks``, ``GradualPruner``) into ``X.p``."""
-    state = _fold_prune_pairs(state)
-    while state and (prefix := next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)):
-        state = {k[len(prefix):]: v for k, v in state.items()}
+    saved with masks attached: ``keep_masks=True``, ``attach_masks``, ``GradualPruner``) into ``X.p``, and a mask
+    parametrization's ``X.parametrizations.p.original`` / ``X.parametrizations.p.<i>.mask`` into ``X.p`` (one whose
+    mask is not in the file is a ValueError)."""
+    state = _fold_mask_parametrizations(_fold_prune_pairs(state))
+    state = {new: state[old] for old, new in strip_wrapper_prefixes(state).items()}
     out: Dict[str, torch.Tensor] = {}
     masks: Dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -179,12 +213,13 @@ def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], trust_pickl
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+           if k in state and state[k].shape != v.shape]
     if missing or unexpected:
+        shapes = f"; shapes that differ (file vs model): {bad[:6]}" if bad else ""
         raise ValueError(f"checkpoint {os.fspath(path)!r} does not match {type(model).__name__}: "
                          f"missing keys {missing[:6]}{'...' if len(missing) > 6 else ''}, "
-                         f"unexpected keys {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}")
-    bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-           if state[k].shape != v.shape]
+                         f"unexpected keys {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}{shapes}")
     if bad:
         raise ValueError(f"checkpoint {os.fspath(path)!r} has shapes that do not match "
                          f"{type(model).__name__} (file vs model): {bad[:6]}")

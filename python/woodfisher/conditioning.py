@@ -19,9 +19,11 @@ to float32), which costs ``c^3`` float64 flops per such block -- usually a handf
 blocks of an output or classifier layer, whose Fisher is far above the model's mean and
 so gets relatively less of ``damp="auto"``. Only blocks that stay float32 beyond the level
 (the float64 recompute refused them too, kappa >~ 5e14) are warned about, once per call,
-naming the layers, their kappa and the damp. The low-rank form (m < c) is not warned
-about: its rounding only touches the directions the damp dominates, and it stays near
-eps32 even at kappa 1e8 (``benchmarks/results/PRECISION.md``).
+naming the layers, their kappa and the damp. The low-rank form (m < c) applies the same level itself
+(:class:`woodfisher_kernels.LowRankInverse` keeps a float64 factor for such blocks, its ``refined`` count
+is reported here): its float32 products lose eps32 * kappa in the directions the
+gradients span, which is all of a block whose other coordinates carry no gradient (weights pruned in an
+earlier step: at damp 1e-8 a float32 factor put the OBS update of such a block 79% off).
 
 Every blockwise path runs the same step (:func:`refine_dense`): in memory (:func:`layer_inverse`),
 offloaded (:mod:`woodfisher.offload`: bounds taken chunk by chunk on the device, flagged blocks
@@ -67,7 +69,9 @@ def layer_inverse(name: str, grads: torch.Tensor, damp: float, count: int, form:
     Dense float32 blocks with ``eps32 * kappa > WARN_LEVEL`` are recomputed in float64 from
     ``grads`` and stored rounded to float32 (:func:`refine_dense`); a block the float64
     recompute refuses keeps its float32 result and its kappa is reported. The kappa is None
-    for float64 gradients, the low-rank form (never warned about) and when every block was recomputed.
+    for float64 gradients, the low-rank form (the kernel library refines its factors at the same level,
+    :attr:`woodfisher_kernels.LowRankInverse.refined`: that count is returned) and when every block was
+    recomputed.
 
     Args:
         name: the weight's name (for messages). grads: (B, m, c) gradient blocks.
@@ -79,8 +83,10 @@ def layer_inverse(name: str, grads: torch.Tensor, damp: float, count: int, form:
         inv = wk.blockwise_inverse(grads, damp, count, form=form, memory_budget=memory_budget, backend=backend)
     except ValueError as err:
         raise ValueError(f"layer {name!r}, damp={damp:.3g}: {err}") from err
-    if grads.dtype != torch.float32 or not grads.numel() or isinstance(inv, wk.LowRankInverse):
-        return inv, None, 0  # only dense float32 blocks are checked: no power iteration for the others
+    if isinstance(inv, wk.LowRankInverse):  # its own float64 refinement (woodfisher_kernels.LowRankInverse.refined)
+        return inv, None, inv.refined
+    if grads.dtype != torch.float32 or not grads.numel():
+        return inv, None, 0  # only float32 blocks are checked
     return (inv, *refine_dense(grads, inv, damp, count))
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from . import structured as st
 from .damping import check_damp
 from .distributed.group import check_group, describe_group
+from .gradients import PER_SAMPLE_PATHS
 from .losses import check_loss_fn
 from .masks import check_min_density, check_sparsity, is_int, is_real
 from .memory import parse_bytes
@@ -169,6 +170,11 @@ class PruneConfig:
         inverse_form: "auto" | "sequential" | "lowrank" | "stream" | "offload" (force a form;
             "offload" keeps gradients and inverses in host memory, streamed through the kernels
             in chunks that fit ``memory_budget``, on any device).
+        per_sample_grads: how the per-sample gradients (``fisher_batch_size=1``) are formed: "vmap"
+            (``torch.func``, the default) or "expanded" (torch's expanded weights: one batched forward and
+            backward, per-sample linear / conv weight gradients from the saved activations; ``vmap`` where it
+            has no rule); equal to 1e-10 in float64, speed depends on the device and model
+            (``benchmarks/step_cpu.py`` times both; :mod:`woodfisher.gradients`).
         min_density: every weight keeps at least this fraction of its entries.
         batch_adapter: ``adapter(loader item) -> woodfisher.Batch`` (see :mod:`woodfisher.batches`);
             None = the default reading of (inputs, targets) tuples, dicts and tensors.
@@ -205,6 +211,7 @@ class PruneConfig:
     progress: bool = True
     backend: str = "auto"
     inverse_form: str = "auto"
+    per_sample_grads: str = "vmap"
     min_density: float = 0.0
     batch_adapter: Optional[Callable] = None
     keep_masks: bool = False
@@ -249,6 +256,7 @@ class PruneConfig:
             raise ValueError("batch_adapter must be callable(loader item) -> woodfisher.Batch, or None")
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("inverse_form", self.inverse_form, FORMS)
+        _check_choice("per_sample_grads", self.per_sample_grads, PER_SAMPLE_PATHS)
         if self.inverse_form == "offload" and self.memory_budget is None:
             raise ValueError("inverse_form='offload' needs memory_budget (device bytes) to size its chunks")
         check_min_density(self.min_density, self.sparsity)

@@ -45,7 +45,7 @@ from .kfac import kfac_factors, kfac_inverse
 from .offload import estimate_offloaded
 from .plan import plan_memory, stat_itemsize
 from .progress import display, phase
-from .state import derived_weights_kept, fingerprint
+from .state import caller_modes_off, derived_weights_kept, fingerprint
 from .streaming import estimate_streamed
 from .targets import Layout, PruneTarget, resolve_targets, unwrap_model, warn_left_out
 
@@ -80,7 +80,8 @@ class Curvature:
             be read again) records the bound ``(1 + 1e-3) ||G||_F^2 / (N damp)`` itself; streamed with
             ``damp="auto"``, the value is exact (``eigvalsh`` of the kept Gram block).
         refined: {weight name: blocks whose dense inverse was recomputed (or, streamed with
-            ``damp="auto"``, built) in float64 because ``eps32 * kappa > 1e-3``} (layers with none are absent).
+            ``damp="auto"``, built) in float64, or whose low-rank factor is kept in float64, because
+            ``eps32 * kappa > 1e-3``} (layers with none are absent).
         shard: None, or (estimated across the ranks of a process group) the blocks this rank
             holds: ``inverses`` and ``loss_grad`` then cover only those blocks
             (:mod:`woodfisher.distributed`).
@@ -214,7 +215,7 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
     """
     config = resolve_config(config, options)
     method = config.method_impl
-    with full_parameters(model):  # FSDP: the full weights for the call
+    with full_parameters(model), caller_modes_off():  # FSDP: the full weights for the call
         targets = resolve_targets(model, config.modules, method.block_size(config))
         method.check_targets(targets, config)
         check_prunable(targets, config)
@@ -295,7 +296,8 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
     collector = GradientCollector(model, loader, targets, want_loss_grad=config.woodtaylor, keep_masks=keep,
                                   loss_fn=config.loss_fn, num_grads=m, fisher_batch_size=config.fisher_batch_size,
                                   sampled_fisher=config.sampled_fisher, seed=config.seed, progress=config.progress,
-                                  batch_adapter=config.batch_adapter, chunk_bytes=chunk_bytes)
+                                  batch_adapter=config.batch_adapter, chunk_bytes=chunk_bytes,
+                                  per_sample=config.per_sample_grads)
     if plan == "diag":
         _diagonal(collector, targets, config, curv)
     elif plan == "keep":

@@ -1,9 +1,10 @@
 """The diagonal of the empirical Fisher, shared by ``method="diag_fisher"`` and pruning at init.
 
 The empirical Fisher of m gradients g_1..g_m (each the gradient of the mean loss over
-``fisher_batch_size`` samples) is F = (1/m) sum_i g_i g_i^T (WoodFisher paper, Eq. 1 with
-per-sample gradients); its diagonal is (1/m) sum_i g_i * g_i, which is all the diagonal
-OBD / OBS saliencies need (LeCun et al. 1990, "Optimal Brain Damage", Eq. 6).
+``fisher_batch_size`` samples) is F = (1/m) sum_i g_i g_i^T (WoodFisher paper, Sec. 2: the empirical
+Fisher, Eq. 1 with the data's labels in place of the model's); its diagonal is
+(1/m) sum_i g_i * g_i, which is all the diagonal OBD / OBS saliencies need (LeCun et al. 1990,
+"Optimal Brain Damage", Eq. 6).
 
 The squares are summed in the collector's compute dtype (float32 for float16 / bfloat16
 models, see :func:`woodfisher.precision.compute_dtype`), so they never underflow in

@@ -35,7 +35,7 @@ from .methods import StepContext
 from .plan import plan_memory, stat_itemsize
 from .progress import display, step_label
 from .result import PruneResult, layer_rows
-from .state import Snapshot, changed_weights, fingerprint
+from .state import Snapshot, caller_modes_off, changed_weights, fingerprint
 from .targets import PruneTarget, resolve_targets, warn_left_out
 
 __all__ = ["prune_with", "run"]
@@ -115,7 +115,7 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
     if not isinstance(curvature, Curvature):
         raise ValueError(f"curvature must be a woodfisher.Curvature (from estimate_curvature), got "
                          f"{type(curvature).__name__}")
-    with full_parameters(model):  # FSDP: the full weights for the call, re-sharded after
+    with full_parameters(model), caller_modes_off():  # FSDP: the full weights, re-sharded after
         return _prune_with(model, curvature, sparsity, options)
 
 

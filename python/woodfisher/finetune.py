@@ -10,9 +10,12 @@
   reads without calling ``out_proj``, is recomputed by a pre-hook of the attention module);
   a tied Parameter gets the mask on every module that holds it; weights already under a mask (torch.nn.utils.prune, or a
   ``torch.ao.pruning`` parametrization) have that mask updated instead.
-- :func:`make_permanent` removes every such reparametrisation (the zeros stay, the
-  Parameter gets its name and place back): call it before ``save_pretrained`` /
-  ``state_dict`` for a file a model without masks can load.
+- :func:`make_permanent` removes every such reparametrisation, ``torch.ao.pruning`` mask
+  parametrizations included (the zeros stay, the Parameter gets its name and place back): call it before
+  ``save_pretrained`` / ``state_dict`` for a file a model without masks can load, after the last training step
+  (training after it revives the pruned weights: gradients and momentum reach them again).
+- A module holding a mask gets an instance ``__deepcopy__`` (:class:`woodfisher.state.DeepcopyDetached`),
+  so ``copy.deepcopy`` and ``AveragedModel`` work after a forward pass too.
 - :func:`recalibrate_bn`: after pruning, the BatchNorm running statistics no longer match
   the activations; this re-estimates them with ``num_batches`` forward passes (no
   gradients, BatchNorm layers in train mode with a cumulative average, every other module
@@ -24,12 +27,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from .batches import check_loader, to_batch
 from .masks import is_int
 from .progress import phase
-from .state import Snapshot, eval_mode
+from .state import Snapshot, caller_modes_off, eval_mode, install_deepcopy, remove_deepcopy
 from .targets import PruneTarget, check_module, resolve_targets, unwrap_model
 
 __all__ = ["attach_masks", "make_permanent", "recalibrate_bn"]
@@ -51,6 +55,7 @@ def _hold(module: nn.Module, attr: str, keep: torch.Tensor) -> None:
     index = list(module._parameters).index(attr)
     torch_prune.custom_from_mask(module, attr, keep)
     _move(module, attr + "_orig", index)
+    install_deepcopy(module)  # copy.deepcopy / AveragedModel work after a forward pass too
 
 
 def _release(module: nn.Module, attr: str) -> None:
@@ -58,6 +63,7 @@ def _release(module: nn.Module, attr: str) -> None:
     index = list(module._parameters).index(attr + "_orig")
     torch_prune.remove(module, attr)
     _move(module, attr, index)
+    remove_deepcopy(module)
 
 
 class _RefreshFrom:
@@ -104,7 +110,11 @@ def hold_target_masks(targets: List[PruneTarget], masks: Dict[str, torch.Tensor]
                       model: Optional[nn.Module] = None) -> None:
     """:func:`attach_masks` on resolved targets of ``model``; all or nothing (a failure undoes what was
     attached)."""
-    masks = _checked(targets, masks)
+    with caller_modes_off():  # masks made under inference_mode would break the next training step
+        _hold_checked(targets, _checked(targets, masks), model)
+
+
+def _hold_checked(targets: List[PruneTarget], masks: Dict[str, torch.Tensor], model: Optional[nn.Module]) -> None:
     readers = _readers(model)
     snapshot = Snapshot(targets)
     attached: List[Tuple[nn.Module, str]] = []
@@ -161,10 +171,14 @@ def attach_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.Module:
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
-    """Remove every ``torch.nn.utils.prune`` reparametrisation of ``model`` (pruned entries stay 0).
+    """Remove every mask reparametrisation of ``model`` (pruned entries stay 0).
 
-    Each ``<attr>_orig`` Parameter becomes ``<attr>`` again, at its place in
+    Each ``torch.nn.utils.prune`` ``<attr>_orig`` Parameter becomes ``<attr>`` again, at its place in
     ``named_parameters()``; any parameter name (``in_proj_weight`` too) and tied weights are handled.
+    A ``torch.nn.utils.parametrize`` chain made only of masks (``torch.ao.pruning``'s ``FakeSparsity``:
+    every parametrization has a ``mask``) is folded too: ``<attr>.parametrizations.<attr>.original``
+    becomes ``<attr>`` holding the masked values (the same Parameter object, registered last among the
+    module's parameters). Other parametrizations (``weight_norm``, ``spectral_norm``) are left alone.
 
     Args:
         model: the network (wrappers seen through); modified in place.
@@ -175,6 +189,12 @@ def make_permanent(model: nn.Module) -> nn.Module:
             ``<attr>_orig`` (checked for every module first: nothing is changed).
     """
     check_module(model)
+    with caller_modes_off():  # under inference_mode the weights would become inference tensors
+        _make_permanent(model)
+    return model
+
+
+def _make_permanent(model: nn.Module) -> None:
     modules = list(unwrap_model(model)[0].modules())
     for mname, module in unwrap_model(model)[0].named_modules():
         for key, orig in module._parameters.items():
@@ -191,7 +211,28 @@ def make_permanent(model: nn.Module) -> nn.Module:
         for attr in names:
             if attr is not None and attr + "_orig" in module._parameters:
                 _release(module, attr)
-    return model
+    for module in modules:
+        attrs = _mask_parametrizations(module)
+        if attrs:
+            _own_class(module)
+        for attr in attrs:
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give ``module`` a private copy of its ``Parametrized<Cls>`` class: ``copy.deepcopy`` shares that class
+    between a module and its copies, and ``remove_parametrizations`` deletes the property from the class,
+    which would break every other copy (the caller's model when an export folds a copy)."""
+    cls = type(module)
+    body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, body)
+
+
+def _mask_parametrizations(module: nn.Module) -> List[str]:
+    """Attributes of ``module`` reparametrised by ``torch.nn.utils.parametrize`` with masks only."""
+    if not parametrize.is_parametrized(module):
+        return []
+    return [attr for attr, chain in module.parametrizations.items() if all(hasattr(f, "mask") for f in chain)]
 
 
 def _bn_layers(model: nn.Module) -> List[nn.Module]:

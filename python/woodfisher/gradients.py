@@ -14,13 +14,14 @@ allows, :func:`woodfisher.chunking.chunk_samples`), and each chunk is one call:
 - models or losses that ``vmap`` cannot trace fall back to the per-group autograd loop
   (same numbers, slower), with one warning at the caller's line giving vmap's reason.
 
-Experimental, off until a GPU has timed it: ``WOODFISHER_PER_SAMPLE=expanded`` (read when a
-collector is made) computes the ``fisher_batch_size=1`` chunks with torch's expanded weights
+``per_sample="expanded"`` (``PruneConfig.per_sample_grads``; default ``"vmap"`` until a GPU has
+timed both) computes the ``fisher_batch_size=1`` chunks with torch's expanded weights
 (``torch.nn.utils._expanded_weights``: one batched forward and backward whose linear / conv
 weight gradients are formed per sample from the saved inputs and output gradients, instead of
 ``vmap``'s batched operators); the same numbers (tests/test_gradients_expanded.py). A model or
 loss it does not cover (a weight read by an operator it has no rule for, e.g.
-``nn.MultiheadAttention``'s ``in_proj_weight``) uses ``vmap`` as before.
+``nn.MultiheadAttention``'s ``in_proj_weight``; a caller's ``loss_fn``; token-level targets) uses
+``vmap`` as before.
 
 Masking and the NaN/Inf check stay off the critical path: the keep-masks are applied in
 place, and the finiteness of a chunk is read from the per-weight sums of squares that the
@@ -48,7 +49,6 @@ decoupled from the rest of the Fisher and are never revived.
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -68,7 +68,11 @@ from .progress import progress_bar
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
 
-__all__ = ["GradientCollector", "LoaderExhausted", "chunk_samples", "CHUNK_BYTES", "MAX_CHUNK_SAMPLES"]
+__all__ = ["GradientCollector", "LoaderExhausted", "chunk_samples", "CHUNK_BYTES", "MAX_CHUNK_SAMPLES",
+           "PER_SAMPLE_PATHS"]
+
+#: How per-sample gradients (``fisher_batch_size=1``) are formed: ``torch.func.vmap`` or torch's expanded weights.
+PER_SAMPLE_PATHS = ("vmap", "expanded")
 
 class LoaderExhausted(ValueError):
     """The loader ran out before ``num_grads`` gradients: ``needed`` gradients asked, ``got`` produced."""
@@ -100,13 +104,15 @@ class GradientCollector:
             :mod:`woodfisher.progress` display, else a tqdm bar of its own.
         batch_adapter: loader item -> :class:`woodfisher.Batch` (None: the default reading).
         chunk_bytes: memory for one chunk's gradients (see :func:`chunk_samples`).
+        per_sample: "vmap" | "expanded": how ``fisher_batch_size=1`` gradients are formed (module docstring).
 
     After a pass (:meth:`collect` or :meth:`chunks` exhausted): ``count`` (gradients
     produced), ``samples`` (samples used), ``sum_sq`` (float64 sum of the squared masked
     gradient entries, for :class:`woodfisher.damping.FisherStats`), ``nonzero`` ({name: whether
     any of its masked gradients was non-zero}) and ``loss_grad`` ({name: (numel,)} or None).
     Gradients are flat (k, numel), contiguous, in the weight's storage order, in :attr:`dtype`.
-    Raises (during the pass): ValueError for an empty loader, unlabelled batches without a
+    Raises: ValueError for a ``per_sample`` outside :data:`PER_SAMPLE_PATHS` (at construction); during the
+    pass, ValueError for an empty loader, unlabelled batches without a
     model loss, floating targets the default loss cannot take (naming ``loss_fn``), or NaN/Inf
     gradients (naming the weight).
     """
@@ -117,7 +123,9 @@ class GradientCollector:
                  keep_masks: Optional[Dict[str, torch.Tensor]] = None,
                  want_loss_grad: bool = False, progress: bool = True,
                  desc: str = "Fisher gradients", batch_adapter: Optional[Callable] = None,
-                 chunk_bytes: int = CHUNK_BYTES):
+                 chunk_bytes: int = CHUNK_BYTES, per_sample: str = "vmap"):
+        if per_sample not in PER_SAMPLE_PATHS:
+            raise ValueError(f"per_sample must be one of {PER_SAMPLE_PATHS}, got {per_sample!r}")
         self.model, self.loader, self.targets = model, loader, targets
         self.inner = unwrap_model(model)[0]
         self.loss_fn = loss_fn
@@ -133,7 +141,7 @@ class GradientCollector:
         self.count, self.samples, self.sum_sq, self.loss_grad = 0, 0, 0.0, None
         self.nonzero: Dict[str, bool] = {}  # weight name -> whether any of its (masked) gradients was non-zero
         self._use_vmap, self._vmap_error = True, None
-        self._use_expanded = os.environ.get("WOODFISHER_PER_SAMPLE", "vmap") == "expanded"
+        self._use_expanded = per_sample == "expanded"
         self._native = half_dtype(targets[0].param)  # the fallback dtype (:func:`native_state`)
 
     # ---- data -------------------------------------------------------------------
@@ -302,8 +310,9 @@ class GradientCollector:
             if keep is not None:
                 g.mul_(keep)
             flat[target.name] = g
-        # per-gradient norms in the compute dtype, their squares summed in float64: one sync per chunk
-        sums = torch.stack([torch.linalg.vector_norm(g, dim=1).double().square().sum() for g in flat.values()])
+        # each weight's norm over the chunk in the compute dtype (one fused foreach kernel on a GPU, not four
+        # operators per weight), squared in float64: one sync per chunk; an overflow is redone below
+        sums = torch.stack(torch._foreach_norm(list(flat.values()))).double().square()
         for (name, g), s in zip(flat.items(), sums.tolist()):
             if not math.isfinite(s):
                 if not bool(torch.isfinite(g).all()):

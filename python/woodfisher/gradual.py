@@ -13,7 +13,16 @@ working whenever it was built: the same Parameter objects stay in the same order
 ``model.parameters()`` (:func:`woodfisher.attach_masks`), so resuming a run with an optimizer's
 ``state_dict`` works whether the optimizer is built before or after
 :meth:`GradualPruner.load_state_dict`. :func:`make_permanent` removes the
-reparametrisation (pruned entries stay 0, the parameters' order is kept).
+reparametrisation (pruned entries stay 0, the parameters' order is kept) and ends the masks:
+training after it revives pruned weights (their gradients and the optimizer's momentum are not 0).
+
+An EMA of the weights (``torch.optim.swa_utils.AveragedModel``) pairs the model's buffers with
+its copy's, so build it once the masks' buffers exist: ``attach_masks(model, pruner.masks())``
+right after the pruner (all-ones masks before the first step), then ``AveragedModel(model)``;
+with its default ``use_buffers=False`` its masks are copied from the model's at every
+``update_parameters``. ``use_buffers=True`` averages the (float) masks into fractions, a dense
+EMA: re-attach them with ``attach_masks(ema.module, pruner.masks())`` before using the EMA. Pruning calls switch off the
+caller's ``torch.autocast`` and ``torch.inference_mode`` (:func:`woodfisher.state.caller_modes_off`).
 
 Every method is failure-atomic: :meth:`GradualPruner.step` and
 :meth:`GradualPruner.load_state_dict` check everything first and restore the weights,
@@ -28,6 +37,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .batches import check_loader, is_single_pass
 from .checks import check_prunable
 from .config import PruneConfig, check_int
 from .diagnostics import reissue
@@ -35,7 +45,8 @@ from .finetune import attach_masks, make_permanent
 from .masks import check_sparsity, is_int, is_real
 from .pruner import PruneResult, prune_one_shot
 from .state import Snapshot
-from .targets import resolve_targets
+from .structured import parse_pattern, pattern_sparsity
+from .targets import resolve_targets, strip_wrapper_prefixes
 
 __all__ = ["polynomial_sparsity", "GradualPruner", "apply_masks", "make_permanent"]
 
@@ -58,6 +69,19 @@ def _check_schedule(final_sparsity, start_step, end_step, frequency, initial_spa
     if initial_sparsity > final_sparsity:
         raise ValueError(f"initial_sparsity ({initial_sparsity}) must not exceed final_sparsity ({final_sparsity})")
     return start_step, end_step, frequency
+
+
+def _check_pattern_schedule(config: PruneConfig, initial_sparsity: float, num_steps: int) -> None:
+    """An N:M pattern fixes every step's sparsity at 1 - N/M: a schedule with other targets (the cubic ramp from
+    ``initial_sparsity``) is refused here, naming ``pattern``, not at its first step."""
+    parsed = parse_pattern(config.pattern)
+    fixed = pattern_sparsity(parsed) if parsed is not None else None
+    if fixed is None or num_steps == 0 or math.isclose(initial_sparsity, fixed):
+        return
+    raise ValueError(f"pattern={config.pattern!r} fixes the sparsity of every pruning step at {fixed:g}, but the "
+                     f"schedule ramps from initial_sparsity={initial_sparsity:g} over {num_steps} steps; an N:M mask "
+                     f"is reached in one step: pass start_step == end_step, or initial_sparsity={fixed:g} (later "
+                     "steps keep that mask)")
 
 
 def polynomial_sparsity(step: int, *, final_sparsity: float, start_step: int, end_step: int,
@@ -83,6 +107,8 @@ def polynomial_sparsity(step: int, *, final_sparsity: float, start_step: int, en
     if end_step == start_step:
         return float(final_sparsity)
     last = start_step + ((min(step, end_step) - start_step) // frequency) * frequency
+    if last == start_step:  # exactly s_i (s_f + (s_i - s_f) rounds: 0.5 + (0.05 - 0.5) = 0.04999999999999999)
+        return float(initial_sparsity)
     frac = (last - start_step) / (end_step - start_step)
     return float(final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - frac) ** 3)
 
@@ -102,8 +128,11 @@ class GradualPruner:
     Raises:
         ValueError: a sparsity outside [0, 1), ``start_step`` / ``end_step`` not ints >= 0 or
             ``frequency`` not an int >= 1, ``end_step - start_step`` not a non-negative multiple of
-            ``frequency``, ``initial_sparsity > final_sparsity``, ``sparsity`` passed, a bad
-            :class:`PruneConfig` option, or weights that cannot be pruned.
+            ``frequency``, ``initial_sparsity > final_sparsity``, ``sparsity`` passed, a ``loader`` that is not
+            iterable (or single-pass, with more than one pruning step), a bad
+            :class:`PruneConfig` option, weights that cannot be pruned or that a ``pattern`` does not fit,
+            or an N:M ``pattern`` (which fixes every step at 1 - N/M) with a ramp: it needs
+            ``start_step == end_step`` or ``initial_sparsity = 1 - N/M``.
 
     Typical loop::
 
@@ -122,9 +151,17 @@ class GradualPruner:
                                                           initial_sparsity)
         if "sparsity" in prune_kwargs:
             raise ValueError("pass final_sparsity, not sparsity, to GradualPruner")
+        if loader is not None:  # read at every pruning step, maybe hours into training: checked now
+            check_loader(loader)
+            if is_single_pass(loader) and end_step > start_step:
+                raise ValueError(f"loader: a single-pass iterable ({type(loader).__name__}) is read up at the first "
+                                 "pruning step, and the schedule has more; pass a re-iterable loader (a DataLoader, a "
+                                 "list) or one per step: pruner.step(step, loader)")
         self.config = PruneConfig.from_options(sparsity=float(final_sparsity), **prune_kwargs)
-        check_prunable(resolve_targets(model, self.config.modules, self.config.method_impl.block_size(self.config)),
-                       self.config, final_sparsity, "final_sparsity")
+        _check_pattern_schedule(self.config, float(initial_sparsity), (end_step - start_step) // frequency)
+        targets = resolve_targets(model, self.config.modules, self.config.method_impl.block_size(self.config))
+        self.config.method_impl.check_targets(targets, self.config)  # e.g. rows an N:M pattern does not fit
+        check_prunable(targets, self.config, final_sparsity, "final_sparsity")
         self.model, self.loader = model, loader
         self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
@@ -223,7 +260,9 @@ class GradualPruner:
         Raises:
             ValueError: a state that is not a GradualPruner state_dict, a different schedule,
                 or masks that do not fit this pruner's weights (names, shapes, values); all of it
-                is checked before the model is touched, which is unchanged then.
+                is checked before the model is touched, which is unchanged then. A state saved through
+                another wrapper (DataParallel / DDP, torch.compile, or none) names the same weights: its
+                ``module.`` / ``_orig_mod.`` prefixes are matched to this model's.
         """
         if not isinstance(state, Mapping) or any(k not in state for k in ("schedule", "last_step", "history",
                                                                           "masks")):
@@ -242,12 +281,21 @@ class GradualPruner:
         if not isinstance(masks, Mapping) or (last is None) != (len(masks) == 0):
             raise ValueError("state['masks'] must be a dict of keep-masks, empty exactly when no step was done")
         if masks:
-            expected = [target.name for target in resolve_targets(self.model, self.config.modules)]
-            if sorted(masks) != sorted(expected):
-                raise ValueError(f"state holds masks for {sorted(masks)}, this pruner prunes {sorted(expected)}")
-            apply_masks(self.model, masks)  # checks every mask before it touches the model
+            apply_masks(self.model, self._own_names(masks))  # checks every mask before it touches the model
         self.last_step = last
         self.history = [dict(h) for h in history]
+
+    def _own_names(self, masks: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``masks`` under this pruner's weight names: a state saved through another wrapper (DataParallel / DDP,
+        torch.compile, or none: the ``module.`` / ``_orig_mod.`` prefixes) names the same weights."""
+        expected = [target.name for target in resolve_targets(self.model, self.config.modules)]
+        if sorted(masks) == sorted(expected):
+            return dict(masks)
+        theirs, mine = strip_wrapper_prefixes(masks), strip_wrapper_prefixes(expected)
+        by_inner = {inner: name for name, inner in mine.items()}
+        if sorted(theirs.values()) != sorted(by_inner):
+            raise ValueError(f"state holds masks for {sorted(masks)}, this pruner prunes {sorted(expected)}")
+        return {by_inner[theirs[name]]: keep for name, keep in masks.items()}
 
 
 def _is_number(v) -> bool:

@@ -16,12 +16,16 @@ training batch). :meth:`FisherHook.curvature` hands the inverses to
 :func:`woodfisher.prune_with`; call :meth:`FisherHook.reset` after pruning (or whenever the
 masks or the weights' parametrisation change) to start a new window.
 
+:meth:`FisherHook.state_dict` / :meth:`FisherHook.load_state_dict` carry an open window
+across a checkpoint (a resumed run folds in the same gradients as an uninterrupted one).
+
 With DDP the gradients are already averaged over ranks, so every rank holds the same
 inverses. Weights already pruned when the window starts get zero gradients (they stay out
 of the Fisher, as in :mod:`woodfisher.gradients`).
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Dict, List, Optional
 
@@ -30,10 +34,13 @@ from torch import nn
 
 import woodfisher_kernels as wk
 
+from .conditioning import EPS32, WARN_LEVEL
 from .config import PruneConfig, check_int
 from .curvature import Curvature
 from .damping import FisherStats, check_damp
+from .diagnostics import warn_at_caller
 from .precision import compute_dtype
+from .state import caller_modes_off
 from .targets import resolve_targets
 
 __all__ = ["FisherHook"]
@@ -53,6 +60,8 @@ class FisherHook:
         backend: kernel backend.
     Attributes:
         count: gradients folded in or buffered in the current window (at most N).
+        params: the tracked Parameter objects (read at :meth:`reset`; masks attached later keep them, so
+            their gradients are still read; pruned entries then get zero gradients).
         inverses: {weight name: (B, c, c)} running inverses (the buffer is not yet in them).
     Raises:
         ValueError: bad arguments (naming them); a tracked weight with ``requires_grad=False`` (``modules``).
@@ -100,12 +109,18 @@ class FisherHook:
             raise ValueError(f"modules: {frozen} have requires_grad=False: the training loop gives them no .grad, "
                              f"so their Fisher would stay damp * I and rank them least important; {fix}")
         self.targets = targets
+        # The Parameter objects themselves: masks attached later (attach_masks, GradualPruner) keep them (as
+        # ``weight_orig``) while ``module.weight`` becomes a derived tensor without ``.grad``.
+        self.params = [target.param for target in targets]
         self.dtype = compute_dtype(self.targets[0].param.dtype)
-        self.keep = {target.name: target.keep_mask() for target in self.targets}
-        self.inverses: Dict[str, torch.Tensor] = {}
-        for target in self.targets:
-            eye = torch.eye(target.block_size, dtype=self.dtype, device=target.param.device) / self.config.damp
-            self.inverses[target.name] = eye.expand(target.num_blocks, -1, -1).contiguous()
+        with caller_modes_off():  # inverses made under inference_mode could not be updated in place later
+            self.keep = {target.name: target.keep_mask() for target in self.targets}
+            self.inverses: Dict[str, torch.Tensor] = {}
+            for target in self.targets:
+                eye = torch.eye(target.block_size, dtype=self.dtype, device=target.param.device) / self.config.damp
+                self.inverses[target.name] = eye.expand(target.num_blocks, -1, -1).contiguous()
+            # per block (1 + 1e-3) ||G||_F^2 of the window so far: N damp times an upper bound of its kappa
+            self._frob = {target.name: torch.zeros(target.num_blocks, dtype=torch.float64) for target in self.targets}
         self.count = 0
         self.stats = FisherStats(numel=sum(target.numel for target in self.targets))
         self.seconds = 0.0
@@ -158,10 +173,10 @@ class FisherHook:
         if self.ready or (self.steps - 1) % self.every:
             return False
         grads = {}
-        for target in self.targets:
-            g = target.param.grad
+        for target, param in zip(self.targets, self.params):
+            g = param.grad
             g = (
-                torch.zeros(target.shape, dtype=self.dtype, device=target.param.device)
+                torch.zeros(param.shape, dtype=self.dtype, device=param.device)
                 if g is None
                 else g.to(self.dtype)
             )
@@ -183,11 +198,65 @@ class FisherHook:
         for target in self.targets:
             g = torch.stack([p[target.name] for p in self._pending])
             self.stats.sum_sq += float(g.double().square().sum())
-            wk.woodbury_update_(self.inverses[target.name], target.grad_blocks(g), self.config.num_grads,
+            blocks = target.grad_blocks(g)
+            self._frob[target.name] += wk.condition_estimate(blocks, 1.0, 1.0, upper=True).cpu()
+            wk.woodbury_update_(self.inverses[target.name], blocks, self.config.num_grads,
                                 backend=self.config.backend, check_finite=False)
         self.stats.count += len(self._pending)
         self._pending = []
         self.seconds += time.perf_counter() - start
+
+    # ---- checkpoints ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The current window, to save next to the model's and optimizer's state (resume mid-window).
+
+        Returns:
+            dict: "settings" (num_grads, damp, block_size, buffer, every), "steps" (optimizer steps seen),
+            "count", "inverses" and "keep" ({weight name: CPU tensor}), "pending" (buffered gradients, a list of
+            such dicts), "sum_sq" (float64 sum of the squared gradients folded in), "folded" (their count) and
+            "frob" ({weight name: (num_blocks,) float64}, the per-block bound behind :meth:`curvature`'s ``kappa``).
+        """
+        cpu = lambda d: {k: v.detach().to("cpu", copy=True) for k, v in d.items()}  # noqa: E731  (not the live ones)
+        return {"settings": self._settings(), "steps": self.steps, "count": self.count,
+                "inverses": cpu(self.inverses), "keep": cpu(self.keep), "pending": [cpu(p) for p in self._pending],
+                "sum_sq": self.stats.sum_sq, "folded": self.stats.count, "frob": cpu(self._frob)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the window saved by :meth:`state_dict` (same settings and weights; checked first).
+
+        Args:
+            state: a dict from :meth:`state_dict`.
+        Raises:
+            ValueError: not a FisherHook state, other settings (naming them), or inverses / masks whose weight names
+                or shapes differ from this hook's; the hook is unchanged then.
+        """
+        keys = ("settings", "steps", "count", "inverses", "keep", "pending", "sum_sq", "folded", "frob")
+        if (not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["settings"], dict)
+                or not isinstance(state["pending"], (list, tuple))):
+            raise ValueError(f"state is not a FisherHook state_dict (keys {list(keys)})")
+        diff = {k: (v, state["settings"].get(k)) for k, v in self._settings().items()
+                if state["settings"].get(k) != v}
+        if diff:
+            raise ValueError(f"state has other settings (this hook's value, the state's): {diff}")
+        weights = {t.name: tuple(param.shape) for t, param in zip(self.targets, self.params)}
+        _check_part(state["inverses"], {k: tuple(v.shape) for k, v in self.inverses.items()}, "inverses")
+        _check_part(state["keep"], weights, "keep")
+        _check_part(state["frob"], {k: tuple(v.shape) for k, v in self._frob.items()}, "frob")
+        for pending in state["pending"]:
+            _check_part(pending, {k: (math.prod(shape),) for k, shape in weights.items()}, "pending")
+        devices = {target.name: param.device for target, param in zip(self.targets, self.params)}
+        to = lambda d, dtype: {k: v.to(devices[k], dtype, copy=True) for k, v in d.items()}  # noqa: E731
+        with caller_modes_off():
+            self.inverses = to(state["inverses"], self.dtype)
+            self.keep = to(state["keep"], torch.bool)
+            self._pending = [to(p, self.dtype) for p in state["pending"]]
+            self._frob = {k: v.to("cpu", torch.float64, copy=True) for k, v in state["frob"].items()}
+        self.steps, self.count = int(state["steps"]), int(state["count"])
+        self.stats.sum_sq, self.stats.count = float(state["sum_sq"]), int(state["folded"])
+
+    def _settings(self) -> dict:
+        return {"num_grads": self.config.num_grads, "damp": self.config.damp, "block_size": self.config.block_size,
+                "buffer": self.buffer_size, "every": self.every}
 
     # ---- pruning --------------------------------------------------------------------
     def curvature(self) -> Curvature:
@@ -195,6 +264,11 @@ class FisherHook:
 
         The inverses are the hook's own tensors (not copies): prune, then :meth:`reset`.
         Before N gradients the Fisher term is scaled by ``count / N`` (the normaliser is N).
+        The running inverses are float32 and the gradients are not kept, so no block can be recomputed in
+        float64 (as :func:`woodfisher.estimate_curvature` does): ``kappa`` records each weight's largest
+        upper bound ``(1 + 1e-3) ||G||_F^2 / (N damp)`` of its blocks' kappa, and a UserWarning names the
+        weights with ``eps32 * kappa > 1e-3`` (fewer than 3 correct digits guaranteed; at kappa 9e4 a
+        diagonal was 1.5e-3 off float64) and the damp that brings them under the level.
 
         Returns:
             A blockwise :class:`Curvature` (forms "stream").
@@ -205,7 +279,30 @@ class FisherHook:
             raise ValueError("FisherHook has observed no gradient yet: run optimizer steps first")
         self.flush()
         config = self.config.replace(modules=tuple(target.name for target in self.targets))
+        damp = self.config.damp
+        kappa = {n: float(f.max()) / (self.config.num_grads * damp) for n, f in self._frob.items() if f.numel()}
+        self._warn_conditioning(kappa)
         return Curvature("blockwise", config, {target.name: target.layout() for target in self.targets},
                          inverses=dict(self.inverses), forms={target.name: "stream" for target in self.targets},
-                         damp=self.config.damp, stats=self.stats, keep=dict(self.keep),
+                         damp=damp, stats=self.stats, keep=dict(self.keep), kappa=kappa,
                          timings={"gradients": 0.0, "inverse": self.seconds})
+
+    def _warn_conditioning(self, kappa: Dict[str, float]) -> None:
+        """One UserWarning naming the float32 running inverses with ``eps32 * kappa > 1e-3`` (upper bounds)."""
+        if self.dtype != torch.float32:
+            return
+        bad = sorted(((k, n) for n, k in kappa.items() if EPS32 * k > WARN_LEVEL), reverse=True)
+        if not bad:
+            return
+        listed = ", ".join(f"{n!r} (kappa <= {k:.2g})" for k, n in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        needed = self.config.damp * bad[0][0] * EPS32 / WARN_LEVEL
+        warn_at_caller(f"FisherHook: the float32 running inverses of {listed} may hold fewer than 3 correct digits "
+                       f"(eps32 * kappa > {WARN_LEVEL:g}, kappa bounded by ||G||_F^2 / (N damp); the gradients are "
+                       f"not kept, so they cannot be recomputed in float64): pass damp >= {needed:.2g}, or prune "
+                       "with woodfisher.estimate_curvature, which recomputes such blocks in float64")
+
+def _check_part(part, shapes: Dict[str, tuple], what: str) -> None:
+    """``part`` ({weight name: tensor}) must hold exactly the weights of ``shapes``, with those shapes."""
+    theirs = {k: tuple(v.shape) for k, v in part.items()} if isinstance(part, dict) else None
+    if theirs != shapes:
+        raise ValueError(f"state[{what!r}] holds {theirs}, this hook tracks {shapes}")

@@ -21,6 +21,7 @@ from .curvature import Curvature, estimate_curvature, resolve_config
 from .distributed.fsdp import full_parameters
 from .engine import prune_with
 from .result import PruneResult
+from .state import caller_modes_off
 
 __all__ = ["prune_one_shot", "estimate_curvature", "prune_with", "PruneResult", "Curvature"]
 
@@ -72,5 +73,5 @@ def prune_one_shot(model: nn.Module, loader: Optional[Iterable], config: Optiona
     if config is None and "sparsity" not in options:
         PruneConfig.from_options(**options)  # raises: unknown option names first, else "sparsity is required"
     config = resolve_config(config, options)
-    with full_parameters(model):  # FSDP: the full weights for the call, re-sharded after
+    with full_parameters(model), caller_modes_off():  # FSDP: the full weights, re-sharded after
         return engine.run(model, loader, config)

@@ -33,6 +33,10 @@ class PruneResult:
             (global or layerwise, as ``mode``) of the starting weights would also have pruned
             at the same sparsity (:func:`woodfisher.diagnostics.magnitude_overlap`); near 1 means
             the mask degenerated to magnitude pruning. None for patterns or when nothing was pruned.
+
+    Saving: ``torch.save(res, path)`` and ``torch.load(path)`` (``weights_only=True``, torch's default)
+    work once :mod:`woodfisher` is imported (the class is registered with
+    ``torch.serialization.add_safe_globals``; it holds only tensors, numbers, strings, lists and dicts).
     """
 
     masks: Dict[str, torch.Tensor]
@@ -56,6 +60,10 @@ class PruneResult:
         return (f"{type(self).__name__}(sparsity={self.sparsity:.4f}, {how}={self.config.get(how)!r}, damp={damp}, "
                 f"weights={len(self.layers)} ({kept}/{total} entries kept), collapsed={collapsed}, "
                 f"magnitude_overlap={overlap}, seconds={seconds:.2f}; see .masks, .layers, .timings)")
+
+
+if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
+    torch.serialization.add_safe_globals([PruneResult])  # torch.load(weights_only=True) of a saved result
 
 
 def _short_list(names: List[str], shown: int = 3) -> str:

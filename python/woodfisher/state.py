@@ -10,6 +10,10 @@
   which deepcopy refuses).
 - :func:`derived_weights_kept`: those derived weights restored after passes that run the
   model on substituted parameters (gradient collection, K-FAC factors, FLOPs counting).
+- :class:`DeepcopyDetached`: the ``__deepcopy__`` of a module holding a mask, so ``copy.deepcopy``
+  (and what uses it: ``torch.optim.swa_utils.AveragedModel``, EMA copies) works after a forward pass.
+- :func:`caller_modes_off`: the caller's ``torch.autocast`` and ``torch.inference_mode`` off for a
+  pruning call made inside a training or evaluation loop.
 - :func:`fingerprint` / :func:`changed_weights`: a cheap summary of weight values, to tell whether a
   model holds the weights a curvature was estimated on (or a copy of them).
 """
@@ -26,7 +30,8 @@ from torch import nn
 from .targets import PruneTarget, check_module, unwrap_model
 
 __all__ = ["eval_mode", "Snapshot", "clone_model", "derived_weights_kept", "fingerprint", "changed_weights",
-           "FINGERPRINT_CHUNK", "FINGERPRINT_RTOL"]
+           "FINGERPRINT_CHUNK", "FINGERPRINT_RTOL", "detached_memo", "DeepcopyDetached", "caller_modes_off",
+           "AUTOCAST_DEVICES"]
 
 #: Entries per float64 chunk of :func:`fingerprint` (bounds its scratch memory to 8 MiB per chunk).
 FINGERPRINT_CHUNK = 2 ** 20
@@ -103,12 +108,65 @@ def derived_weights_kept(model: nn.Module) -> Iterator[None]:
             setattr(module, attr, value)
 
 
+def detached_memo(model: nn.Module, recurse: bool = True) -> Dict[int, torch.Tensor]:
+    """A ``copy.deepcopy`` memo: every non-leaf tensor attribute of ``model``'s modules (the derived
+    ``weight = weight_orig * weight_mask`` of a ``torch.nn.utils.prune`` mask after a forward pass, which
+    deepcopy refuses) mapped to a detached copy of it.
+
+    Args:
+        model: any ``nn.Module``. recurse: False = ``model``'s own attributes only.
+    Returns:
+        {id(tensor): detached clone}, to pass as ``copy.deepcopy(model, memo)``.
+    """
+    modules = model.modules() if recurse else (model,)
+    return {id(value): value.detach().clone() for module in modules for value in vars(module).values()
+            if isinstance(value, torch.Tensor) and not value.is_leaf}
+
+
+class DeepcopyDetached:
+    """``module.__deepcopy__`` (an instance attribute, which ``copy.deepcopy`` looks up first) of a module
+    holding a mask: the module is copied with its derived weight detached, and the copy gets its own.
+
+    Without it ``copy.deepcopy(model)`` fails once a masked module ran a forward pass with gradients
+    (its ``weight`` is then a non-leaf tensor), and so does ``torch.optim.swa_utils.AveragedModel(model)``.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, memo: Optional[dict] = None) -> nn.Module:
+        module, memo = self.module, ({} if memo is None else memo)
+        for key, value in detached_memo(module, recurse=False).items():
+            memo.setdefault(key, value)
+        del module.__dict__["__deepcopy__"]  # the default copy below, not this one again
+        try:
+            copied = copy.deepcopy(module, memo)
+        finally:
+            module.__dict__["__deepcopy__"] = self
+        install_deepcopy(copied)
+        return copied
+
+
+def install_deepcopy(module: nn.Module) -> None:
+    """Give ``module`` (which holds a mask) a :class:`DeepcopyDetached` unless it has one."""
+    if "__deepcopy__" not in module.__dict__:
+        module.__dict__["__deepcopy__"] = DeepcopyDetached(module)
+
+
+def remove_deepcopy(module: nn.Module) -> None:
+    """Drop ``module``'s :class:`DeepcopyDetached` once it holds no ``torch.nn.utils.prune`` mask."""
+    masked = any(key.endswith("_orig") and key[:-5] + "_mask" in module._buffers for key in module._parameters)
+    if not masked and isinstance(module.__dict__.get("__deepcopy__"), DeepcopyDetached):
+        del module.__dict__["__deepcopy__"]
+
+
 def clone_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model``, also under ``torch.nn.utils.prune`` masks.
 
     The derived ``weight`` of a pruned module (recomputed from ``weight_orig * weight_mask``
-    by a forward pre-hook) is a non-leaf tensor after a forward pass with gradients; it is
-    detached for the copy and put back on the original afterwards.
+    by a forward pre-hook) is a non-leaf tensor after a forward pass with gradients; the copy
+    gets it detached (the original is not touched). Masks attached by this package also make
+    plain ``copy.deepcopy`` work (:class:`DeepcopyDetached`); this covers masks attached otherwise.
 
     Args:
         model: any ``nn.Module`` (masked or not); left as it was.
@@ -118,10 +176,35 @@ def clone_model(model: nn.Module) -> nn.Module:
         ValueError: ``model`` not an ``nn.Module``.
     """
     check_module(model)
-    with derived_weights_kept(model):
-        for module, attr, value in _derived(model):
-            setattr(module, attr, value.detach())
-        return copy.deepcopy(model)
+    return copy.deepcopy(model, detached_memo(model))
+
+
+#: Device types whose ``torch.autocast`` :func:`caller_modes_off` switches off where it is on.
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def _autocast_on(device: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device))
+    except (RuntimeError, TypeError):  # a device type this torch build does not know
+        return False
+
+
+@contextlib.contextmanager
+def caller_modes_off() -> Iterator[None]:
+    """The caller's ``torch.autocast`` (every device type) and ``torch.inference_mode`` off inside.
+
+    A pruning call made inside a training loop's ``with torch.autocast(...)`` would otherwise take its
+    Fisher from low-precision forwards (other masks than the same call outside it), and one made under
+    ``torch.inference_mode`` would create masks and weights as inference tensors, which autograd refuses
+    at the next training step. (``torch.no_grad`` needs nothing: gradients are enabled where computed.)
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        for device in AUTOCAST_DEVICES:
+            if _autocast_on(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 @torch.no_grad()

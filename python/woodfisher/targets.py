@@ -42,7 +42,7 @@ from .masks import is_int
 from .names import closest
 
 __all__ = ["PRUNABLE_TYPES", "BlockLayout", "Layout", "PruneTarget", "resolve_targets", "unwrap_model",
-           "default_target_names", "check_model"]
+           "default_target_names", "check_model", "WRAPPER_PREFIXES", "strip_wrapper_prefixes"]
 
 #: Module types whose ``weight`` is pruned by default (plus HF ``Conv1D`` and MHA projections).
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -52,6 +52,24 @@ _MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weig
 def is_hf_conv1d(module: nn.Module) -> bool:
     """transformers.pytorch_utils.Conv1D (no import of transformers needed)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+#: Prefixes a wrapper puts before every name of the model it wraps (DataParallel / DDP, torch.compile).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(names: Iterable[str]) -> Dict[str, str]:
+    """{name: name without the wrapper prefixes (:data:`WRAPPER_PREFIXES`) that every name starts with}.
+
+    A prefix is dropped only when all names share it (a model's own submodule called ``module`` keeps its name
+    next to others), repeatedly (``module._orig_mod.``).
+    """
+    names = list(names)
+    out = {name: name for name in names}
+    while out and (prefix := next((p for p in WRAPPER_PREFIXES if all(v.startswith(p) for v in out.values())),
+                                  None)):
+        out = {k: v[len(prefix):] for k, v in out.items()}
+    return out
 
 
 def unwrap_model(model: nn.Module) -> Tuple[nn.Module, str]:

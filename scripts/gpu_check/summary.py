@@ -218,7 +218,11 @@ def step_section():
         expanded = ", ".join(f"loader batch {k[len('ratio_expanded_bs'):]}: {v:.2f}" for k, v in r.items()
                              if k.startswith("ratio_expanded_bs"))
         if expanded:
-            say(f"  {model}: the same with WOODFISHER_PER_SAMPLE=expanded {expanded}")
+            say(f"  {model}: the same with per_sample_grads='expanded' {expanded}")
+        if "ops_batched_kernels" in r:
+            b, v, e = (int(r[f"ops_{k}_kernels"]) for k in ("batched", "vmap", "expanded"))
+            say(f"  {model}: kernels dispatched: batched fwd+bwd {b}, vmap {v} ({v / b:.2f}x), expanded {e} "
+                f"({e / b:.2f}x)")
 
 
 def main():

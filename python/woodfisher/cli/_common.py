@@ -144,6 +144,9 @@ def add_model_args(p: argparse.ArgumentParser, checkpoint_help: str, *required_f
     p.add_argument("--eval-samples", type=int, default=None,
                    help="evaluate on a fixed random subset of this many test samples (default: all)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--input-shape", type=int, nargs="+", default=None, metavar="N",
+                   help="one sample's shape, e.g. 3 32 32: the FLOPs columns of the sparsity table for your own "
+                        "model (a built-in model's is known)")
     p.add_argument("--config", help="JSON file of option values (flags override it); it may name --model, "
                    "--data, ... too")
 
@@ -279,18 +282,23 @@ def test_set(args: argparse.Namespace, data: str):
 
 
 def make_out_dir(out: str) -> None:
-    """Create the ``--out`` folder before any work, so that a path that cannot be one fails in a second,
-    not after the pruning or training.
+    """Check the ``--out`` folder before any work, so that a path that cannot be one fails in a second,
+    not after the pruning or training. Nothing is created here: the folder is made when the outputs are
+    written, so a run that fails (a wrong checkpoint, a bad option) leaves no empty folder behind.
 
     Raises:
-        ValueError: ``out`` names a file, or the folder cannot be created (naming ``--out`` and why).
+        ValueError: ``out`` names a file, a parent of it is a file, or the nearest existing parent is not
+            writable (naming ``--out`` and why).
     """
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file; it must be a folder (created if missing)")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--out {out!r}: the folder cannot be created ({err.strerror or err})") from None
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out!r}: the folder cannot be created ({parent!r} is a file)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out!r}: the folder cannot be written ({parent!r} is not writable)")
 
 
 def metric_values(metric: Optional[str], **values) -> dict:

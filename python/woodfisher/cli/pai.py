@@ -32,6 +32,7 @@ from ._common import (
     user_functions,
     write_outputs,
 )
+from ._shapes import flops_note, input_shape
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     with display(progress, "woodfisher pai", force=args.progress is True) as shown:
         with phase("data"):
             spec, model = _initial_model(args)
+            shape = input_shape(args, spec, model)
             data = dataset_name(args, spec)
             functions = user_functions(args, spec)
             metric, measure, samples = evaluator(args, data, functions)
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
                                mode=args.mode, params=modules, num_probes=args.num_probes,
                                warmup_batches=0 if args.no_warmup else args.warmup_batches,
                                min_density=args.min_density, synflow_iterations=args.synflow_iterations,
-                               input_shape=spec.input_shape if spec is not None else None, seed=args.seed,
+                               input_shape=shape, seed=args.seed,
                                progress=progress, **functions)
         seconds = time.perf_counter() - t0
         at_init, after, train_stats = _evaluate(measure, model), None, None
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             make_permanent(model)
             after = _evaluate(measure, model)
         with phase("writing"):
-            rows = sparsity_table(result, model=model, input_shape=spec.input_shape if spec is not None else None)
+            rows = sparsity_table(result, model=model, input_shape=shape)
             title = f"{args.model} PaI {args.criterion} ({args.mode}) at {100 * args.sparsity:.1f}% target sparsity"
             report = {"model": args.model, "data": data or args.data, "checkpoint": args.checkpoint,
                       "metric": metric, **metric_values(metric, at_init=at_init, after_training=after),
@@ -159,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
                       "layers": rows, "totals": table_totals(rows)}
             files = write_outputs(args.out, rows, report, title, model=model, masks=result.masks)
     print(format_table(rows, title=title))
+    flops_note(shape)
     if result.collapsed:
         print(f"LAYER COLLAPSE: {', '.join(result.collapsed)} pruned to (near) 100% (try --min-density)")
     msg = f"sparsity {100 * result.sparsity:.2f}%; scoring took {seconds:.1f} s"

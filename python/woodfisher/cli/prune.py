@@ -23,6 +23,7 @@ import time
 from typing import Optional
 
 from ..config import AUTO_BLOCK_PER_GRAD, BACKENDS, FORMS, MODES, SCHEDULES
+from ..gradients import PER_SAMPLE_PATHS
 from ..methods import METHODS
 from ._common import (
     PROGRESS_HELP,
@@ -42,12 +43,13 @@ from ._common import (
     user_functions,
     write_outputs,
 )
+from ._shapes import flops_note, input_shape
 
 #: PruneConfig fields that are flags of this command (same names as the API).
 CONFIG_FIELDS = ("sparsity", "method", "mode", "block_size", "num_grads", "fisher_batch_size", "damp", "num_steps",
                  "step_schedule",
                  "obs_update", "woodtaylor", "beta", "pattern", "modules", "seed", "group_exact", "memory_budget",
-                 "sampled_fisher", "backend", "inverse_form", "min_density", "progress")
+                 "sampled_fisher", "backend", "inverse_form", "per_sample_grads", "min_density", "progress")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -86,6 +88,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend")
     p.add_argument("--inverse-form", default="auto", choices=FORMS,
                    help="force a form of the block inverses")
+    p.add_argument("--per-sample-grads", default="vmap", choices=PER_SAMPLE_PATHS,
+                   help="how per-sample gradients are formed: torch.func vmap or torch's expanded weights")
     p.add_argument("--min-density", type=float, default=0.0, help="minimum fraction kept per layer")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help=PROGRESS_HELP)
@@ -138,6 +142,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
     with display(shown_here, "woodfisher prune", force=shown_here and args.progress is True) as shown:
         with phase("data"):
             spec, model = load_model(args)
+            shape = input_shape(args, spec, model) if rank == 0 else None
             data = dataset_name(args, spec)
             options = {f: getattr(args, f) for f in CONFIG_FIELDS}
             options["progress"] = shown_here  # one progress line under torchrun
@@ -160,7 +165,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
             with phase("evaluation"):
                 after = measure(model)
         with phase("writing"):
-            rows = sparsity_table(result, model=model, input_shape=spec.input_shape if spec is not None else None)
+            rows = sparsity_table(result, model=model, input_shape=shape)
             title = f"{args.model} {args.method} ({args.mode}) at {100 * args.sparsity:.1f}% target sparsity" + (
                 f", damp {result.damp:.3g}" if result.damp is not None else "")
             report = {"model": args.model, "data": data or args.data, "checkpoint": args.checkpoint,
@@ -172,6 +177,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
                       "config": result.config, "layers": rows, "totals": table_totals(rows)}
             files = write_outputs(args.out, rows, report, title, model=model, masks=result.masks)
     print(format_table(rows, title=title))
+    flops_note(shape)
     damp = f"damp {result.damp:.3g}; " if result.damp is not None else ""
     if metric == "accuracy":
         print(f"accuracy before: {100 * before:.2f}%  after: {100 * after:.2f}%  (test set, {samples} samples)")

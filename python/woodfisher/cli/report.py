@@ -20,6 +20,7 @@ from ._common import (
     user_functions,
     write_outputs,
 )
+from ._shapes import flops_note, input_shape
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         make_out_dir(args.out)
     spec, model = load_model(args)
+    shape = input_shape(args, spec, model)
     data = dataset_name(args, spec)
     metric, measure, samples = evaluator(args, data, user_functions(args, spec))
     value = measure(model) if measure is not None else None
@@ -47,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
         names = list(spec.prunable) if spec.prunable else None
     else:
         names = [target.key for target in resolve_targets(model)]
-    rows = sparsity_table(model, input_shape=spec.input_shape if spec is not None else None, names=names)
+    rows = sparsity_table(model, input_shape=shape, names=names)
     title = f"{args.model}: {os.path.basename(args.checkpoint) if args.checkpoint else 'factory weights'}"
     print(format_table(rows, title=title))
+    flops_note(shape)
     if metric == "accuracy":
         print(f"accuracy: {100 * value:.2f}% (test set, {samples} samples)")
     elif metric == "loss":

@@ -111,7 +111,7 @@ def estimate_sharded(model, loader, targets, config, curv, group):
                                   loss_fn=config.loss_fn, num_grads=max(1, shares[rank]),
                                   fisher_batch_size=config.fisher_batch_size, sampled_fisher=config.sampled_fisher,
                                   seed=config.seed + rank, progress=config.progress and rank == 0,
-                                  batch_adapter=config.batch_adapter)
+                                  batch_adapter=config.batch_adapter, per_sample=config.per_sample_grads)
     chunk = max(1, min(CHUNK, -(-max(shares) // 4)))
     chunks = collector.chunks(chunk) if shares[rank] else None
     owned, per_rank = route_gradients(chunks, targets, plan, shares, chunk, group, dtype, targets[0].param.device)
@@ -126,6 +126,7 @@ def estimate_sharded(model, loader, targets, config, curv, group):
                          for target in targets}
     curv.forms = {n: ("lowrank" if isinstance(v, wk.LowRankInverse) else forms[n]) for n, v in curv.inverses.items()}
     _conditioning(owned, curv, forms, count, plan, group)
+    _lowrank_refined(curv, forms, plan, group)
     if config.woodtaylor:
         curv.loss_grad = _loss_grad(collector, targets, plan, group, count, dtype)
     curv.shard = Shard(plan, group)
@@ -171,6 +172,18 @@ def _conditioning(owned, curv, forms, count: int, plan: ShardPlan, group) -> Non
     all_reduce_(refined, group)
     curv.kappa = {n: float(k) for n, k in zip(names, kappa) if k >= 0}
     curv.refined = {n: int(r) for n, r in zip(names, refined) if r}
+
+
+def _lowrank_refined(curv, forms, plan: ShardPlan, group) -> None:
+    """``curv.refined`` of the low-rank layers: blocks whose factor each rank's
+    :class:`woodfisher_kernels.LowRankInverse` keeps in float64 (``refined``), summed over the ranks
+    (collective; the single-process count on the same gradients)."""
+    names = [n for n in plan.names if forms[n] == "lowrank"]
+    if not names:
+        return
+    counts = torch.tensor([getattr(curv.inverses[n], "refined", 0) for n in names], dtype=torch.int64)
+    all_reduce_(counts, group)
+    curv.refined.update({n: int(r) for n, r in zip(names, counts) if r})
 
 
 def _loss_grad(collector, targets, plan, group, count, dtype):

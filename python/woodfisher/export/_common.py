@@ -2,8 +2,9 @@
 and the choice of the layers that a format converts.
 
 Masks are ``{"<module>.weight": bool keep-mask}`` (the ``PruneResult.masks`` convention);
-a module held by ``torch.nn.utils.prune`` (``weight_orig`` * ``weight_mask``) is folded
-too. The caller's model is never modified: everything happens on ``copy.deepcopy``.
+a module held by ``torch.nn.utils.prune`` (``weight_orig`` * ``weight_mask``) or by a
+``torch.ao.pruning`` mask parametrization is folded too. The caller's model is never modified:
+everything happens on ``copy.deepcopy``.
 """
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..gradual import make_permanent
+from ..state import detached_memo
+from ..targets import is_hf_conv1d, unwrap_model
 
 Masks = Optional[Dict[str, torch.Tensor]]
 
@@ -39,21 +43,29 @@ def to_dense(model: nn.Module, masks: Masks = None) -> nn.Module:
     """The dense export (today's ``pruned.pt`` format): a copy with exact zeros and no masks left.
 
     Args:
-        model: the pruned model (plain weights with zeros, or held by ``torch.nn.utils.prune``).
+        model: the pruned model (plain weights with zeros, or held by ``torch.nn.utils.prune`` or a
+            ``torch.ao.pruning`` mask parametrization).
         masks: optional ``{"<module>.weight": bool keep-mask of the weight's shape}``; the copy's
             weights are multiplied by them (entries outside a mask become exact zeros). Masks only
             zero entries: WoodFisher's OBS update also changed the kept weights, so export the
             pruned model itself (or its ``pruned.pt``), not the dense weights plus its masks.
     Returns:
-        a new model (``copy.deepcopy``), every ``weight_orig``/``weight_mask`` pair folded into a
-        plain ``weight``; same dtype, device and training mode as ``model``. Its ``state_dict()``
-        has the keys of the unpruned architecture.
+        a new model (``copy.deepcopy``), every ``weight_orig``/``weight_mask`` pair and mask
+        parametrization folded into a plain ``weight`` (:func:`woodfisher.make_permanent`); same
+        dtype, device and training mode as ``model``. A ``torch.compile`` / ``nn.DataParallel`` /
+        ``DistributedDataParallel`` wrapper is left out (the copy is the model it wraps; mask names
+        may keep the wrapper's prefix, ``"module.fc1.weight"``). Its ``state_dict()`` has the keys
+        of the unpruned, unwrapped architecture.
     Raises:
-        ValueError naming ``masks`` for a key that is no module weight, a non-bool mask or a
-        shape mismatch (checked before anything is copied).
+        ValueError naming ``masks`` for a value that is not a dict, a key that is no module weight,
+        a non-bool mask or a shape mismatch (checked before anything is copied).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if masks is not None and not isinstance(masks, dict):
+        raise ValueError(f"masks must be a dict {{'<module>.weight': bool keep-mask}} or None, "
+                         f"got {type(masks).__name__}")
+    model, masks = _unwrapped(model, masks)
     for pname, keep in (masks or {}).items():
         module = _module_of(model, pname, "masks")
         weight = getattr(module, "weight_orig", module.weight)
@@ -68,12 +80,35 @@ def to_dense(model: nn.Module, masks: Masks = None) -> nn.Module:
     return out
 
 
+def _unwrapped(model: nn.Module, masks: Masks) -> Tuple[nn.Module, Masks]:
+    """The model a compile / DataParallel / DDP wrapper holds, and the masks renamed to its names (an export is
+    for deployment: the wrapper is a training-time runtime that torch.export / ONNX cannot take)."""
+    inner, prefix = _wrapper(model)
+    if not prefix:
+        return model, masks
+    return inner, None if masks is None else dict(zip(unwrapped_names(model, list(masks)), masks.values()))
+
+
+def _wrapper(model: nn.Module) -> Tuple[nn.Module, str]:
+    inner, prefix = unwrap_model(model)
+    if "_fsdp_wrapped_module." in prefix:  # FSDP weights are sharded: not unwrapped here
+        return model, ""
+    return inner, prefix
+
+
+def unwrapped_names(model: nn.Module, names):
+    """``names`` of ``model``'s modules / weights as the exported (unwrapped) copy names them: a
+    ``torch.compile`` / DataParallel / DDP prefix (``"module."``) dropped; other values as they are."""
+    prefix = _wrapper(model)[1]
+    if not prefix or names is None or isinstance(names, str):
+        return names
+    return [name[len(prefix):] if isinstance(name, str) and name.startswith(prefix) else name for name in names]
+
+
 def _copy(model: nn.Module) -> nn.Module:
     """``copy.deepcopy`` that also copies modules held by ``torch.nn.utils.prune``: their ``weight``
     attribute (``weight_orig * weight_mask``, a non-leaf tensor that deepcopy refuses) is copied detached."""
-    memo = {id(value): value.detach().clone() for module in model.modules() for value in vars(module).values()
-            if isinstance(value, torch.Tensor) and not value.is_leaf}
-    return copy.deepcopy(model, memo)
+    return copy.deepcopy(model, detached_memo(model))
 
 
 def sparsity(weight: torch.Tensor) -> float:
@@ -82,13 +117,14 @@ def sparsity(weight: torch.Tensor) -> float:
 
 
 def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple[Type[nn.Module], ...],
-                  min_sparsity: float) -> List[Tuple[str, nn.Module]]:
+                  min_sparsity: float, conv1d: bool = False) -> List[Tuple[str, nn.Module]]:
     """``[(module name, module)]`` to convert.
 
     ``names`` (module or ``"<module>.weight"`` names) must each be a module of ``types`` that is
     called through its own ``forward``; ``None`` picks every such module whose weight has at
-    least ``min_sparsity`` exact zeros. Linear layers inside ``nn.MultiheadAttention`` are
-    never picked: attention reads their weights directly, never calling them.
+    least ``min_sparsity`` exact zeros. HuggingFace's ``Conv1D`` (GPT-2) counts as an
+    ``nn.Linear`` when ``types`` holds ``nn.Linear`` and ``conv1d`` is True. Linear layers inside
+    ``nn.MultiheadAttention`` are never picked: attention reads their weights directly, never calling them.
     """
     if not 0.0 <= float(min_sparsity) <= 1.0:
         raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity!r}")
@@ -96,8 +132,12 @@ def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple
                         for parent, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
                         for child, _ in module.named_children()}
     modules = dict(model.named_modules())
+
+    def fits(module: nn.Module) -> bool:
+        return type(module) in types or (conv1d and nn.Linear in types and is_hf_conv1d(module))
+
     if names is None:
-        return [(name, module) for name, module in modules.items() if type(module) in types
+        return [(name, module) for name, module in modules.items() if fits(module)
                 and name not in inside_attention and sparsity(module.weight) >= min_sparsity]
     if isinstance(names, str):
         raise ValueError(f"names must be a list of module names, got the string {names!r}")
@@ -107,7 +147,12 @@ def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple
         if name in inside_attention:
             raise ValueError(f"names: {name!r} belongs to an nn.MultiheadAttention, which reads its weight "
                              f"directly; it cannot be swapped")
-        if name not in modules or type(modules[name]) not in types:
+        if name in modules and parametrize.type_before_parametrizations(modules[name]) in types \
+                and not fits(modules[name]):
+            raise ValueError(f"names: {name!r} is a {kinds} whose weight is recomputed by a torch.nn.utils.parametrize "
+                             f"parametrization that is not a mask (e.g. weight_norm); remove it first: "
+                             f"torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')")
+        if name not in modules or not fits(modules[name]):
             raise ValueError(f"names: {name!r} is not a {kinds} module of {type(model).__name__}")
         chosen.append((name, modules[name]))
     return chosen

@@ -18,7 +18,8 @@ without ``--input-shape`` the file is written unchecked, and the closing line sa
 how to check it.
 csr / bsr / 2:4 print the layers they converted; a conversion that converts no layer is
 refused (nothing sparse enough, or only convolutions, which need ``--conv``). Bad input
-(including an ``--out`` whose folder does not exist) raises ValueError with a one-line
+(including an ``--out`` that is a folder or whose folder does not exist, and an ``--input-shape``
+the model cannot run) raises ValueError with a one-line
 message and writes nothing.
 """
 from __future__ import annotations
@@ -117,7 +118,8 @@ def run_export(args: argparse.Namespace) -> int:
         0 (the exit status).
     Raises:
         ValueError: bad input: ``--blocksize`` without bsr, onnx without its dependencies or
-            without an input shape, an ``--out`` folder that does not exist, an unreadable
+            without an input shape, an ``--out`` that is a folder or whose folder does not exist, an
+            ``--input-shape`` the model cannot run, an unreadable
             checkpoint or masks, no layer to convert, and every error of the export called.
     """
     from ..checkpoint import load_checkpoint, save_state_dict
@@ -126,6 +128,9 @@ def run_export(args: argparse.Namespace) -> int:
     from .semi import to_semi_structured
     from .sparse import load_sparse, to_sparse
 
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a folder; give the file to write, "
+                         f"e.g. {os.path.join(args.out, 'model.pt')!r}")
     factory, shape = _factory(args.model)
     shape = tuple(args.input_shape) if args.input_shape else shape
     if args.blocksize is not None and args.format != "bsr":
@@ -139,7 +144,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.format == "onnx" and sample is None:
         raise ValueError("--format onnx needs --input-shape for a model that is not in MODEL_SPECS")
     with torch.no_grad():
-        ref = dense(sample) if sample is not None else None
+        ref = _reference(dense, sample, args.input_shape)
         if args.format == "dense":
             exported, diff = dense, 0.0
         elif args.format in ("csr", "bsr"):
@@ -174,8 +179,25 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference(dense: nn.Module, sample: Optional[torch.Tensor], input_shape) -> Optional[torch.Tensor]:
+    """The dense model's output on ``sample`` (None without one); a model that cannot take a batch of the
+    ``--input-shape`` given is a ValueError naming it, not the model's own traceback."""
+    from ..cli._shapes import first_line  # late: woodfisher.cli imports this module
+
+    if sample is None:
+        return None
+    try:
+        return dense(sample)
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        if input_shape is None:
+            raise
+        raise ValueError(f"--input-shape {' '.join(map(str, input_shape))}: the model cannot run a batch "
+                         f"of shape {tuple(sample.shape)} ({first_line(err)})") from None
+
+
 def _converted(exported: nn.Module, dense: nn.Module, args: argparse.Namespace) -> str:
     """``"converted to csr: fc1 (91.2% zeros), ..."``; ValueError saying why when no layer was converted."""
+    from ..targets import is_hf_conv1d
     from ._common import sparsity
     from .sparse import SparseConv2d, SparseLinear
 
@@ -186,7 +208,8 @@ def _converted(exported: nn.Module, dense: nn.Module, args: argparse.Namespace) 
     if names:
         return f"converted to {args.format}: " + ", ".join(
             f"{name} ({100 * sparsity(modules[name].weight):.1f}% zeros)" for name in names)
-    linears = [(sparsity(m.weight), name) for name, m in modules.items() if isinstance(m, nn.Linear)]
+    linears = [(sparsity(m.weight), name) for name, m in modules.items()
+               if isinstance(m, nn.Linear) or (args.format != "2:4" and is_hf_conv1d(m))]
     convs = [(sparsity(m.weight), name) for name, m in modules.items() if isinstance(m, nn.Conv2d)]
     kinds = linears + (convs if args.conv else [])
     why = [f"no {'Linear or Conv2d' if args.conv else 'Linear'} layer has >= {args.min_sparsity:g} zeros "

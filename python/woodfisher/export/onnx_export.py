@@ -42,8 +42,9 @@ def to_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch
 
     Args:
         model: the pruned model (never modified; a copy is exported in eval mode).
-        example_inputs: one input tensor or a tuple of them, e.g. ``torch.randn(2, 3, 32, 32)``;
-            the graph's input names are ``input`` (``input0, input1, ...`` for several).
+        example_inputs: one input tensor or a tuple of them, e.g. ``torch.randn(2, 3, 32, 32)``
+            (used detached: a tensor that requires grad or holds a ``.grad`` is fine); the graph's
+            input names are ``input`` (``input0, input1, ...`` for several).
         path: the ``.onnx`` file to write (weights inside the file, so below ONNX's 2 GB limit).
         masks: optional ``{"<module>.weight": bool keep-mask}`` folded in first.
         dynamic_batch: make dimension 0 of every input dynamic (default True).
@@ -57,6 +58,7 @@ def to_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
     if not inputs or not all(isinstance(tensor, torch.Tensor) for tensor in inputs):
         raise ValueError("example_inputs must be a tensor or a non-empty sequence of tensors")
+    inputs = tuple(tensor.detach() for tensor in inputs)  # a .grad or autograd history breaks torch.export's guards
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):

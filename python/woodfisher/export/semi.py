@@ -19,7 +19,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._common import Masks, select_layers, sparsity, swap, to_dense
+from ..targets import is_hf_conv1d
+from ._common import Masks, select_layers, sparsity, swap, to_dense, unwrapped_names
 
 DTYPES = (torch.float16, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)
@@ -71,7 +72,7 @@ def check_semi_structured(model: nn.Module, masks: Masks = None, *, names: Optio
         (with the count of runs of 4 holding more than 2 non-zeros) or torch's minimum tile.
     """
     _check_dtype(dtype)
-    return [name for name, _ in _validated(to_dense(model, masks), names, dtype)]
+    return [name for name, _ in _validated(to_dense(model, masks), unwrapped_names(model, names), dtype)]
 
 
 def _check_dtype(dtype) -> None:
@@ -85,8 +86,11 @@ def _validated(model: nn.Module, names, dtype) -> List[Tuple[str, nn.Linear]]:
     if names is None:
         layers = [(name, module) for name, module in layers if sparsity(module.weight) > 0]
     if not layers:
+        conv1d = [name for name, module in model.named_modules() if is_hf_conv1d(module)]
+        hint = (f"; HuggingFace Conv1D layers ({conv1d[0]!r}, ...) are not converted to 2:4 (to_sparse converts "
+                f"them to CSR / BSR)" if conv1d else "")
         raise ValueError("names: no nn.Linear layer with exact zeros to convert to 2:4 "
-                         "(pass names=[...]; CLI: --names)")
+                         f"(pass names=[...]; CLI: --names){hint}")
     tile_rows, tile_cols = min_tile(dtype)
     problems = []
     for name, module in layers:
@@ -156,7 +160,7 @@ def to_semi_structured(model: nn.Module, masks: Masks = None, *, names: Optional
     """
     _check_dtype(dtype)
     out = to_dense(model, masks)
-    layers = _validated(out, names, dtype)
+    layers = _validated(out, unwrapped_names(model, names), dtype)
     device = check_device(device)
     out = out.to(device=device, dtype=dtype)
     backend = _backend()

@@ -13,10 +13,13 @@
 The sparse weights are buffers named ``weight`` (and ``bias``), so a swapped model's
 ``state_dict()`` keeps the architecture's keys (``fc1.weight`` is a CSR tensor of the
 dense shape; a conv weight is 2-D). :func:`load_sparse` rebuilds the swapped model from
-such a state dict. Inference only: no gradient reaches the sparse weights.
+such a state dict. Inference only: no gradient reaches the sparse weights. Both modules
+support ``copy.deepcopy``, ``torch.jit.trace`` and ``torch.export.export``; ``torch.jit.script``
+is not supported.
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -26,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..masks import is_int
-from ._common import Masks, select_layers, swap, to_dense
+from ..targets import is_hf_conv1d
+from ._common import Masks, select_layers, swap, to_dense, unwrapped_names
 
 LAYOUTS = {"csr": torch.sparse_csr, "bsr": torch.sparse_bsr}
 DEFAULT_BLOCKSIZE = 4
@@ -74,7 +78,21 @@ def _sparse_mm(weight: torch.Tensor, bias: Optional[torch.Tensor], rows: torch.T
     return torch.addmm(bias.unsqueeze(1), weight, rows.t()).t()
 
 
-class SparseLinear(nn.Module):
+class _SparseModule(nn.Module):
+    """What both sparse modules share: ``copy.deepcopy`` (torch cannot deep-copy a CSR / BSR tensor,
+    so the sparse buffers are cloned first; the copy owns its storage)."""
+
+    def __deepcopy__(self, memo):
+        for value in self._buffers.values():
+            if value is not None and value.layout in LAYOUTS.values() and id(value) not in memo:
+                memo[id(value)] = value.clone()
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return twin
+
+
+class SparseLinear(_SparseModule):
     """``nn.Linear`` with a sparse weight: ``(..., in_features) -> (..., out_features)``.
 
     Args:
@@ -88,12 +106,13 @@ class SparseLinear(nn.Module):
         _register_weights(self, weight, bias, (self.out_features, self.in_features))
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, layout: str = "csr", blocksize: Optional[int] = None,
+    def from_dense(cls, linear: nn.Module, layout: str = "csr", blocksize: Optional[int] = None,
                    name: str = "linear") -> "SparseLinear":
         """The sparse twin of ``linear`` (its exact zeros are not stored).
 
         Args:
-            linear: an ``nn.Linear`` with float32 or float64 weights (out, in).
+            linear: an ``nn.Linear`` with float32 or float64 weights (out, in), or a HuggingFace
+                ``Conv1D`` (GPT-2; weight (in, out), stored transposed as the (out, in) sparse weight).
             layout: "csr" or "bsr". blocksize: BSR square block size (default 4; must divide out and in).
             name: the layer's name, for error messages.
         Returns:
@@ -102,7 +121,8 @@ class SparseLinear(nn.Module):
             ValueError: a weight dtype other than float32/float64, or a ``blocksize`` that does not
                 divide both dimensions (naming the layer).
         """
-        return cls(_sparse_weight(linear.weight, layout, blocksize or DEFAULT_BLOCKSIZE, name), linear.bias)
+        weight = linear.weight.t().contiguous() if is_hf_conv1d(linear) else linear.weight
+        return cls(_sparse_weight(weight, layout, blocksize or DEFAULT_BLOCKSIZE, name), linear.bias)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inputs @ weight^T + bias`` with the sparse weight.
@@ -125,7 +145,7 @@ class SparseLinear(nn.Module):
                 f"layout={self.weight.layout}, nnz={self.weight.values().numel()}, bias={self.bias is not None}")
 
 
-class SparseConv2d(nn.Module):
+class SparseConv2d(_SparseModule):
     """``nn.Conv2d`` (groups=1, zero padding) with a sparse weight, computed as im2col + sparse GEMM.
 
     Args:
@@ -223,8 +243,9 @@ def to_sparse(model: nn.Module, masks: Masks = None, *, layout: str = "csr", blo
         masks: optional ``{"<module>.weight": bool keep-mask}`` folded in first (see :func:`to_dense`).
         layout: ``"csr"`` (every non-zero stored) or ``"bsr"`` (square ``blocksize`` blocks that hold
             a non-zero are stored whole; default 4 x 4; both weight dimensions must be multiples).
-        names: modules (or ``"<module>.weight"``) to convert; default every ``nn.Linear`` (and
-            ``nn.Conv2d`` with ``conv=True``) whose weight has at least ``min_sparsity`` zeros
+        names: modules (or ``"<module>.weight"``) to convert; default every ``nn.Linear`` and
+            HuggingFace ``Conv1D`` (GPT-2; and ``nn.Conv2d`` with ``conv=True``) whose weight has at
+            least ``min_sparsity`` zeros
             (for ``"bsr"``, and whose dimensions the blocks divide: a 10-class head stays dense).
             Linear layers inside ``nn.MultiheadAttention`` stay dense (attention reads them directly).
         min_sparsity: fraction of zeros in [0, 1] below which a layer stays dense when ``names``
@@ -241,7 +262,7 @@ def to_sparse(model: nn.Module, masks: Masks = None, *, layout: str = "csr", blo
     _check_layout(layout, blocksize)
     out = to_dense(model, masks)
     types = (nn.Linear, nn.Conv2d) if conv else (nn.Linear,)
-    layers = select_layers(out, names, types, min_sparsity)
+    layers = select_layers(out, unwrapped_names(model, names), types, min_sparsity, conv1d=True)
     if layout == "bsr" and names is None:  # chosen by default: skip the layers the blocks cannot tile
         size = blocksize or DEFAULT_BLOCKSIZE
         layers = [(name, module) for name, module in layers
@@ -278,13 +299,13 @@ def load_sparse(model: nn.Module, state: Union[str, os.PathLike, Mapping[str, to
         name = key[: -len(".weight")]
         module = modules.get(name) if key.endswith(".weight") else None
         bias = state.get(f"{name}.bias")
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear or is_hf_conv1d(module):
             swapped[name] = SparseLinear(state[key], bias)
         elif type(module) is nn.Conv2d:
             swapped[name] = SparseConv2d(state[key], bias, module.in_channels, module.kernel_size,
                                          module.stride, module.padding, module.dilation)
         else:
-            raise ValueError(f"state: sparse tensor {key!r} is not the weight of an nn.Linear or nn.Conv2d")
+            raise ValueError(f"state: sparse tensor {key!r} is not the weight of an nn.Linear, Conv1D or nn.Conv2d")
     dense = {key: value for key, value in state.items() if key.rsplit(".", 1)[0] not in swapped}
     for name, module in swapped.items():
         swap(out, name, module)

@@ -101,7 +101,7 @@ class WoodFisher(PruningMethod):
                 n = target.name
                 groups, flags = chosen.pop(n)
                 prune = st.groups_to_mask(groups, flags, target.block_size)
-                new[n] = (target.unblock(wk.group_obs_update(invs[n], w[n], groups, flags, exact=exact))
+                new[n] = (target.unblock(st.group_update(invs[n], w[n], groups, flags, target.block_size, exact))
                           if cfg.obs_update else target.unblock(w[n].masked_fill(prune, 0.0)))
                 keep[n] = keep[n] & ~target.unblock(prune)
                 bar.update(1)

@@ -43,6 +43,10 @@ class PaIResult(PruneResult):
     collapsed: List[str] = field(default_factory=list)
 
 
+if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
+    torch.serialization.add_safe_globals([PaIResult])  # torch.load(weights_only=True) of a saved result
+
+
 def collapsed_layers(layers: List[dict], collapse_density: float) -> List[str]:
     """Layers with no weight left or a density below ``collapse_density``."""
     return [r["name"] for r in layers if r["nnz"] == 0 or r["nnz"] / r["numel"] < collapse_density]
