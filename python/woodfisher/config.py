@@ -18,12 +18,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from . import structured as st
 from .damping import check_damp
 from .distributed.group import check_group, describe_group
-from .gradients import PER_SAMPLE_PATHS
 from .losses import check_loss_fn
 from .masks import check_min_density, check_sparsity, is_int, is_real
 from .memory import parse_bytes
 from .methods import METHODS
 from .names import unknown_names
+from .per_sample import PER_SAMPLE_PATHS
 
 __all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "SCHEDULES", "AUTO_MANY_STEPS", "check_int", "auto_num_steps",
            "pattern_fixed_sparsity", "AUTO_BLOCK_PER_GRAD", "AUTO_STEP_KEEP", "AUTO_STEP_GRADS"]

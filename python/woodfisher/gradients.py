@@ -6,22 +6,14 @@ depends on the work, not on the loader's batch size: the samples the loader yiel
 buffered into *chunks* (as many samples as a memory budget for the chunk's gradients
 allows, :func:`woodfisher.chunking.chunk_samples`), and each chunk is one call:
 
-- ``fisher_batch_size=1``: exact per-sample gradients with ``torch.func``
-  (``functional_call`` + ``vmap`` + ``grad``) over the whole chunk, so a loader of
-  batch 1 costs what a loader of batch 256 costs;
-- ``fisher_batch_size > 1``: one plain batched backward per group of samples (no
-  ``vmap``: a group is a mini-batch, and autograd reduces it at full speed);
+- ``fisher_batch_size=1``: exact per-sample gradients over the whole chunk in one call
+  (``vmap``, or expanded weights with ``per_sample="expanded"``), so a loader of batch 1 costs
+  what a loader of batch 256 costs;
+- ``fisher_batch_size > 1``: one plain batched backward per group of samples;
 - models or losses that ``vmap`` cannot trace fall back to the per-group autograd loop
   (same numbers, slower), with one warning at the caller's line giving vmap's reason.
 
-``per_sample="expanded"`` (``PruneConfig.per_sample_grads``; default ``"vmap"`` until a GPU has
-timed both) computes the ``fisher_batch_size=1`` chunks with torch's expanded weights
-(``torch.nn.utils._expanded_weights``: one batched forward and backward whose linear / conv
-weight gradients are formed per sample from the saved inputs and output gradients, instead of
-``vmap``'s batched operators); the same numbers (tests/test_gradients_expanded.py). A model or
-loss it does not cover (a weight read by an operator it has no rule for, e.g.
-``nn.MultiheadAttention``'s ``in_proj_weight``; a caller's ``loss_fn``; token-level targets) uses
-``vmap`` as before.
+The three ways are in :mod:`woodfisher.per_sample`.
 
 Masking and the NaN/Inf check stay off the critical path: the keep-masks are applied in
 place, and the finiteness of a chunk is read from the per-weight sums of squares that the
@@ -53,16 +45,15 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils import _pytree as pytree
+from torch.func import functional_call
 
 import woodfisher_kernels as wk
 
+from . import per_sample
 from .batches import Batch, check_labelled, loader_errors, to_batch
 from .chunking import CHUNK_BYTES, MAX_CHUNK_SAMPLES, batch_size, cat_batches, chunk_samples, plain_size, signature
-from .diagnostics import warn_at_caller
 from .losses import compute_loss, logits_of, sample_targets
+from .per_sample import PER_SAMPLE_PATHS
 from .precision import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
 from .progress import progress_bar
 from .state import eval_mode
@@ -70,9 +61,6 @@ from .targets import PruneTarget, unwrap_model
 
 __all__ = ["GradientCollector", "LoaderExhausted", "chunk_samples", "CHUNK_BYTES", "MAX_CHUNK_SAMPLES",
            "PER_SAMPLE_PATHS"]
-
-#: How per-sample gradients (``fisher_batch_size=1``) are formed: ``torch.func.vmap`` or torch's expanded weights.
-PER_SAMPLE_PATHS = ("vmap", "expanded")
 
 class LoaderExhausted(ValueError):
     """The loader ran out before ``num_grads`` gradients: ``needed`` gradients asked, ``got`` produced."""
@@ -213,74 +201,23 @@ class GradientCollector:
         return group_loss
 
     def _chunk_grads(self, params, buffers, flat: Batch) -> Dict[str, torch.Tensor]:
-        """{key: (G, *shape)} gradients of the mean loss of each of the chunk's G groups."""
+        """{key: (G, *shape)} gradients of the mean loss of each of the chunk's G groups (:mod:`.per_sample`)."""
         group_loss = self._loss_fn(params, buffers)
         sub = {k: params[k] for k in self._keys}
-        count = flat.size // self.fbs
-        if self._use_expanded and self.fbs == 1 and self._expandable(flat):
+        if self._use_expanded and self.fbs == 1 and per_sample.expandable(flat, self.loss_fn):
             try:
-                return self._expanded_grads(group_loss, sub, flat)
+                return per_sample.expanded_grads(group_loss, sub, flat)
             except Exception:  # noqa: BLE001 - an operator expanded weights has no rule for: vmap
                 self._use_expanded = False
         if self._use_vmap and self.fbs == 1:
-            groups = flat.map_batched(lambda x: x.reshape(count, 1, *x.shape[1:]))
-            dims = pytree.tree_map(lambda f: 0 if f else None, groups.batched())
             try:
-                # the math attention kernel has vmap batching rules (flash / efficient SDPA fall
-                # back to a per-sample loop under vmap, with a warning): same gradients, batched
-                with sdpa_kernel([SDPBackend.MATH]):
-                    return vmap(grad(group_loss), in_dims=(None, *dims), randomness="different")(
-                        sub, groups.args, groups.kwargs, groups.target)
+                return per_sample.vmap_grads(group_loss, sub, flat)
             except Exception as err:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
                 self._use_vmap, self._vmap_error = False, err
-        # one batched backward per group, written into the chunk's buffer (a list then stack held it twice)
-        out = {k: sub[k].new_zeros((count, *sub[k].shape)) for k in self._keys}
-        for g in range(count):
-            one = flat.take(g * self.fbs, (g + 1) * self.fbs)
-            s = {k: v.detach().requires_grad_(True) for k, v in sub.items()}
-            with torch.enable_grad():
-                gs = torch.autograd.grad(group_loss(s, one.args, one.kwargs, one.target), [s[k] for k in self._keys],
-                                         allow_unused=True)
-            for k, gk in zip(self._keys, gs):
-                if gk is not None:   # a weight the loss never reaches keeps its zeros
-                    out[k][g].copy_(gk)
-            del gs
+        out = per_sample.loop_grads(group_loss, sub, self._keys, flat, self.fbs)
         if self._vmap_error is not None:  # the loop ran where vmap could not: say so once, at the user's line
-            text = str(self._vmap_error).strip()
-            reason = text.splitlines()[0].split(". ")[0][:200] if text else ""  # its first sentence
-            hf = type(self.inner).__module__.startswith("transformers.")
-            eager = getattr(getattr(self.inner, "config", None), "_attn_implementation", None) == "eager"
-            warn_at_caller(f"per-sample gradients: torch.func.vmap cannot run the model or the loss "
-                           f"({type(self._vmap_error).__name__}: {reason}), so they are computed one sample at a "
-                           "time (the same values, slower); the usual causes are data-dependent Python "
-                           "control flow (.item(), `if` on a tensor value) and in-place writes into tensors created in "
-                           "forward or loss_fn (the initial state of nn.GRU / nn.RNN)" + (
-                               "" if not hf else "; a HuggingFace model's padding-mask checks are one: load it with "
-                               "attn_implementation='eager' to keep the batched path" if not eager else
-                               "; a HuggingFace encoder's padding-mask check is one even with eager attention "
-                               "(BERT): only batches without an attention_mask stay batched"))
+            per_sample.warn_vmap_fallback(self._vmap_error, self.inner)
             self._vmap_error = None
-        return out
-
-    def _expandable(self, flat: Batch) -> bool:
-        """Expanded weights undo a mean over the chunk's samples: right for the default loss on one label per
-        sample (plain batch, 1-D target), not for a token-level mean whose counts differ between samples."""
-        t = flat.target
-        return (self.loss_fn is None and plain_size(flat) is not None and isinstance(t, torch.Tensor)
-                and t.dim() == 1)
-
-    def _expanded_grads(self, group_loss, sub, flat: Batch) -> Dict[str, torch.Tensor]:
-        """{key: (n, *shape)} per-sample gradients of the chunk's n samples by expanded weights (one batched
-        forward + backward; the loss is the mean over the chunk, which the expanded weights undo)."""
-        from torch.nn.utils._expanded_weights import ExpandedWeight
-        leaves = {k: v.detach().requires_grad_(True) for k, v in sub.items()}
-        expanded = {k: ExpandedWeight(v, flat.size, "mean") for k, v in leaves.items()}
-        with torch.enable_grad():
-            group_loss(expanded, flat.args, flat.kwargs, flat.target).backward()
-        out = {}
-        for k, v in leaves.items():
-            g = getattr(v, "grad_sample", None)
-            out[k] = torch.zeros(flat.size, *v.shape, dtype=v.dtype, device=v.device) if g is None else g
         return out
 
     def _sampled(self, params, buffers, flat: Batch, gen) -> Batch:

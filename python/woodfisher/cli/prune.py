@@ -23,8 +23,8 @@ import time
 from typing import Optional
 
 from ..config import AUTO_BLOCK_PER_GRAD, BACKENDS, FORMS, MODES, SCHEDULES
-from ..gradients import PER_SAMPLE_PATHS
 from ..methods import METHODS
+from ..per_sample import PER_SAMPLE_PATHS
 from ._common import (
     PROGRESS_HELP,
     add_model_args,

@@ -1,0 +1,113 @@
+"""How one chunk's gradients are formed: ``vmap``, expanded weights, or one backward per group.
+
+Every function takes ``group_loss(sub, args, kwargs, target) -> scalar`` (the mean loss of the
+samples given, with ``sub`` = {key: pruned Parameter} substituted into the model) and returns
+{key: (G, *shape)}, the gradient of each of the chunk's G groups:
+
+- :func:`vmap_grads`: ``fisher_batch_size=1``, exact per-sample gradients with ``torch.func``
+  (``functional_call`` + ``vmap`` + ``grad``) over the whole chunk in one call;
+- :func:`expanded_grads`: the same numbers from torch's expanded weights
+  (``torch.nn.utils._expanded_weights``): one batched forward and backward whose linear / conv
+  weight gradients are formed per sample from the saved inputs and output gradients, instead of
+  ``vmap``'s batched operators (``per_sample="expanded"``, ``PruneConfig.per_sample_grads``;
+  ``"vmap"`` stays the default until a GPU has timed both; tests/test_gradients_expanded.py). It
+  applies where :func:`expandable` says so, and a weight read by an operator it has no rule for
+  (``nn.MultiheadAttention``'s ``in_proj_weight``) raises, so the caller uses ``vmap``;
+- :func:`loop_grads`: one plain batched backward per group (``fisher_batch_size > 1``: a group is
+  a mini-batch, which autograd reduces at full speed; and the fallback for models or losses that
+  ``vmap`` cannot trace, with :func:`warn_vmap_fallback` once).
+
+Operator counts per chunk (``benchmarks/step_cpu.py``; ResNet-20, 256 samples): the batched
+forward+backward dispatches 172 kernels, ``vmap`` 456, expanded weights 244.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+from torch.func import grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils import _pytree as pytree
+
+from .batches import Batch
+from .chunking import plain_size
+from .diagnostics import warn_at_caller
+
+__all__ = ["PER_SAMPLE_PATHS", "vmap_grads", "expanded_grads", "expandable", "loop_grads", "warn_vmap_fallback"]
+
+#: How per-sample gradients (``fisher_batch_size=1``) are formed: ``torch.func.vmap`` or torch's expanded weights.
+PER_SAMPLE_PATHS = ("vmap", "expanded")
+
+Grads = Dict[str, torch.Tensor]
+
+
+def vmap_grads(group_loss: Callable, sub: Grads, flat: Batch) -> Grads:
+    """{key: (n, *shape)} per-sample gradients of the chunk's n samples, one ``vmap`` call (raises what ``vmap``
+    raises on a model or loss it cannot trace)."""
+    count = flat.size
+    groups = flat.map_batched(lambda x: x.reshape(count, 1, *x.shape[1:]))
+    dims = pytree.tree_map(lambda f: 0 if f else None, groups.batched())
+    # the math attention kernel has vmap batching rules (flash / efficient SDPA fall back to a
+    # per-sample loop under vmap, with a warning): same gradients, batched
+    with sdpa_kernel([SDPBackend.MATH]):
+        return vmap(grad(group_loss), in_dims=(None, *dims), randomness="different")(
+            sub, groups.args, groups.kwargs, groups.target)
+
+
+def expandable(flat: Batch, loss_fn) -> bool:
+    """Expanded weights undo a mean over the chunk's samples: right for the default loss (``loss_fn`` None) on
+    one label per sample (plain batch, 1-D target), not for a token-level mean whose counts differ between
+    samples."""
+    t = flat.target
+    return loss_fn is None and plain_size(flat) is not None and isinstance(t, torch.Tensor) and t.dim() == 1
+
+
+def expanded_grads(group_loss: Callable, sub: Grads, flat: Batch) -> Grads:
+    """{key: (n, *shape)} per-sample gradients of the chunk's n samples by expanded weights (one batched
+    forward + backward; the loss is the mean over the chunk, which the expanded weights undo)."""
+    from torch.nn.utils._expanded_weights import ExpandedWeight
+    leaves = {k: v.detach().requires_grad_(True) for k, v in sub.items()}
+    expanded = {k: ExpandedWeight(v, flat.size, "mean") for k, v in leaves.items()}
+    with torch.enable_grad():
+        group_loss(expanded, flat.args, flat.kwargs, flat.target).backward()
+    out = {}
+    for k, v in leaves.items():
+        g = getattr(v, "grad_sample", None)
+        out[k] = torch.zeros(flat.size, *v.shape, dtype=v.dtype, device=v.device) if g is None else g
+    return out
+
+
+def loop_grads(group_loss: Callable, sub: Grads, keys: List[str], flat: Batch, fisher_batch_size: int) -> Grads:
+    """{key: (G, *shape)}: one batched backward per group of ``fisher_batch_size`` samples, each written into the
+    chunk's buffer (a weight the loss never reaches keeps its zeros)."""
+    count = flat.size // fisher_batch_size
+    out = {k: sub[k].new_zeros((count, *sub[k].shape)) for k in keys}
+    for g in range(count):
+        one = flat.take(g * fisher_batch_size, (g + 1) * fisher_batch_size)
+        s = {k: v.detach().requires_grad_(True) for k, v in sub.items()}
+        with torch.enable_grad():
+            gs = torch.autograd.grad(group_loss(s, one.args, one.kwargs, one.target), [s[k] for k in keys],
+                                     allow_unused=True)
+        for k, gk in zip(keys, gs):
+            if gk is not None:
+                out[k][g].copy_(gk)
+        del gs
+    return out
+
+
+def warn_vmap_fallback(err: Exception, model: nn.Module) -> None:
+    """Say once, at the caller's line, that ``vmap`` could not run ``model`` (``err``) and why it usually is."""
+    text = str(err).strip()
+    reason = text.splitlines()[0].split(". ")[0][:200] if text else ""  # its first sentence
+    hf = type(model).__module__.startswith("transformers.")
+    eager = getattr(getattr(model, "config", None), "_attn_implementation", None) == "eager"
+    warn_at_caller(f"per-sample gradients: torch.func.vmap cannot run the model or the loss "
+                   f"({type(err).__name__}: {reason}), so they are computed one sample at a "
+                   "time (the same values, slower); the usual causes are data-dependent Python "
+                   "control flow (.item(), `if` on a tensor value) and in-place writes into tensors created in "
+                   "forward or loss_fn (the initial state of nn.GRU / nn.RNN)" + (
+                       "" if not hf else "; a HuggingFace model's padding-mask checks are one: load it with "
+                       "attn_implementation='eager' to keep the batched path" if not eager else
+                       "; a HuggingFace encoder's padding-mask check is one even with eager attention "
+                       "(BERT): only batches without an attention_mask stay batched"))
