@@ -193,7 +193,7 @@ def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
                                               num_grads=8 * world, block_size=4, damp=0.1),
             "cond_well": lambda: _conditioning(rank, world, small, num_grads=8 * world, block_size=4, damp=1e-1),
             "cond_lowrank": lambda: _conditioning(rank, world, [[(x * 100, y) for x, y in p] for p in small],
-                                                  num_grads=8 * world, block_size=36, damp=1e-5),
+                                                  num_grads=8 * world, block_size=24, damp=1e-5),
             "two_phase": lambda: _two_phase(rank, world, mnist, num_grads=16 * world, block_size=40, damp=1e-4),
             "ties": lambda: _ties(rank, world),
             "failure": lambda: _failure(rank, world, mnist),

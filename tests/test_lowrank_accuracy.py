@@ -150,3 +150,19 @@ def test_prune_with_zero_gradient_coordinates_matches_float64_reference():
     got = torch.cat([params[n].detach().double().flatten() for n in names])
     assert torch.equal(torch.cat([res.masks[n].flatten() for n in names]), kept)
     assert float((got - expected).abs().max()) < 1e-5 * float(expected.abs().max())
+
+
+def test_blocks_with_many_live_coordinates_keep_their_float32_factor_and_its_accuracy():
+    """kappa alone flags every block here (damp 1e-6), but each has 4 m live coordinates: most of every
+    ``1 - ||a_q||^2`` lies outside the gradients' span, where nothing cancels. The float32 factor is kept
+    (no float64 cost) and is within float32 accuracy of float64 for the diagonal and for F^-1 e_q."""
+    gen = torch.Generator().manual_seed(3)
+    grads = torch.randn(3, 16, 64, generator=gen)
+    damp = 1e-6
+    assert float(wk.condition_estimate(grads, damp).min()) * 2 ** -23 > 1e-3  # flagged by kappa
+    inv = wk.lowrank_inverse(grads, damp)
+    assert inv.refined == 0
+    ref = _dense64(grads, damp)
+    assert _rel(inv.diag(), torch.diagonal(ref, dim1=1, dim2=2)) < 1e-5
+    eye = torch.eye(64).expand(3, -1, -1).contiguous()
+    assert _rel(inv.matmat(eye), ref) < 1e-4
