@@ -136,6 +136,19 @@ def report(out: str) -> str:
                 lines.append(f"| {model} | {setting} | {100 * s:g} | {_mean(a)} | {_mean(b)} | "
                              f"{'-' if not diff else f'{sum(diff) / len(diff):+.2f}'} | {len(seeds)} | "
                              f"{_mean(col[0])} | {_mean(col[1])} | {_mean(col[2])} | {_mean(col[3])} |")
+    lines += ["", "Notes:", "",
+              "- n = seeds per cell, paired (the same seed, loader and curvature code both ways): compare joint "
+              "with summed within this file. The summed rows are made as `quality_<model>.md`'s \"defaults\" "
+              "and \"paper (1 step)\" columns (same seeds, loaders and options), but the package may have "
+              "changed since that sweep, so they need not repeat its numbers.",
+              "- \"paper (1 step)\": the masks are identical both ways (one curvature, the selection does not "
+              "depend on the update); \"defaults\": the first step's masks are identical, later steps prune "
+              "weights that differ, so their masks may differ.",
+              "- The joint update solves one float64 system per Fisher block: q x q (q = entries the block "
+              "prunes) or, for a low-rank inverse with q > m, m x m by Woodbury (`woodfisher.structured."
+              "joint_update`); update seconds grow with q, i.e. with the sparsity and the block size.",
+              "- Not measured here: the local quadratic model's loss itself (the tests check joint <= summed "
+              "against a float64 dense reference), other damps and block sizes, fine-tuning after pruning."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "joint_update.md"), "w") as f:
         f.write(text)
