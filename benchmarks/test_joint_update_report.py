@@ -21,8 +21,9 @@ def test_report_pairs_seeds_and_writes_the_table(tmp_path):
     text = report(str(tmp_path))
     assert (tmp_path / "joint_update.md").read_text() == text
     summed, joint = ACC[("mlpnet", "paper (1 step)", 0.9)][False], ACC[("mlpnet", "paper (1 step)", 0.9)][True]
-    diff = statistics.mean(100 * (y - x) for x, y in zip(summed, joint))
+    diffs = [100 * (y - x) for x, y in zip(summed, joint)]
     row = (f"| mlpnet | paper (1 step) | 90 | {100 * statistics.mean(summed):.2f} | "
-           f"{100 * statistics.mean(joint):.2f} | {diff:+.2f} | 2 | 1.00 | 2.00 | 3.00 | 3.00 |")
+           f"{100 * statistics.mean(joint):.2f} | {statistics.mean(diffs):+.2f} | {min(diffs):+.2f} to "
+           f"{max(diffs):+.2f} | 2 | 1.00 | 2.00 | 3.00 | 3.00 |")
     assert row in text
-    assert "| resnet20 | defaults | 80 | 70.00 | 75.00 | +5.00 | 1 |" in text
+    assert "| resnet20 | defaults | 80 | 70.00 | 75.00 | +5.00 | +5.00 to +5.00 | 1 |" in text
