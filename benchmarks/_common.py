@@ -10,7 +10,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -218,3 +218,15 @@ def write_results(out_dir: str, stem: str, result: Dict, markdown: str) -> str:
     with open(path + ".md", "w") as f:
         f.write(markdown)
     return path
+
+
+def append_row(path: str, fields: Sequence[str], row: Dict) -> None:
+    """Append ``row`` to the CSV ``path`` (columns ``fields``), writing the header when the file is new: a
+    resumable sweep's one row per finished run."""
+    import csv
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import json
 import os
 import sys
@@ -26,6 +25,7 @@ import warnings
 from typing import Dict, List
 from unittest import mock
 
+from benchmarks._common import append_row
 from benchmarks.quality_report import _cell, read_rows
 from benchmarks.quality_sweep import HELDOUT, SETUP, default_data_root, device_name, load
 from woodfisher import curvature, damping, prune_one_shot
@@ -91,12 +91,7 @@ def run(args) -> None:
                            collapsed=json.dumps(res.collapsed), magnitude_overlap=res.magnitude_overlap,
                            damp_last_step=res.damp, steps=len(res.config.get("steps") or [1]),
                            seconds=round(secs, 2), options=json.dumps(options, sort_keys=True), device=device_name())
-                new = not os.path.exists(path)
-                with open(path, "a", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=FIELDS)
-                    if new:
-                        writer.writeheader()
-                    writer.writerow(row)
+                append_row(path, FIELDS, row)
                 print(f"  {name:26s} s={s:.2f} seed={seed} acc={100 * acc:6.2f}% collapsed={res.collapsed} "
                       f"{secs:.0f}s", flush=True)
 

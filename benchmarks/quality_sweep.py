@@ -39,6 +39,7 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils.data import Subset
 
+from benchmarks._common import append_row
 from benchmarks.oneshot_sweep import SETUP
 from benchmarks.quality_report import report
 from woodfisher import estimate_curvature, prune_one_shot, prune_with
@@ -109,12 +110,7 @@ class Runner:
                    magnitude_overlap="" if result.magnitude_overlap is None else round(result.magnitude_overlap, 6),
                    steps=len(result.config.get("steps") or [1]), seconds=round(seconds, 2),
                    options=json.dumps(options, sort_keys=True), device=device_name())
-        new = not os.path.exists(self.csv_path)
-        with open(self.csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_row(self.csv_path, FIELDS, row)
         self.done.add((setting, s, seed))
         print(f"  {setting:28s} s={s:.2f} seed={seed} acc={100 * acc:6.2f}% overlap={row['magnitude_overlap']} "
               f"steps={row['steps']} {seconds:.0f}s", flush=True)

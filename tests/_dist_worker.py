@@ -168,6 +168,8 @@ def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
                                            block_size=50, damp=1e-4),
             "mlp_layerwise": lambda: _compare("mlp", rank, world, _mlp, mnist, sparsity=0.8, num_grads=16 * world,
                                               block_size=33, mode="layerwise", min_density=0.1, damp="auto"),
+            "mlp_joint": lambda: _compare("mlp", rank, world, _mlp, mnist, sparsity=0.7, num_grads=16 * world,
+                                          block_size=50, damp=1e-4, joint_update=True),
             "mlp_whole_layers": lambda: _compare("mlp", rank, world, _mlp, mnist, sparsity=0.6,
                                                  num_grads=16 * world, damp=1e-4, block_size=None),
             "mlp_woodtaylor": lambda: _compare("mlp", rank, world, _mlp, mnist, sparsity=0.6, num_grads=16 * world,

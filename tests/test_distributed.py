@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 import woodfisher_kernels as wk
 
 LIMIT = 420
-COMPARED = ["mlp_global", "mlp_layerwise", "mlp_whole_layers", "mlp_two_steps_diag", "r20", "ddp", "fsdp",
+COMPARED = ["mlp_global", "mlp_joint", "mlp_layerwise", "mlp_whole_layers", "mlp_two_steps_diag", "r20", "ddp", "fsdp",
             "empty_shard"]
 SUITES = {2: COMPARED + ["mlp_woodtaylor", "memory_r20", "memory_mlp", "two_phase", "ties", "failure", "cond_ill",
                          "cond_well", "cond_lowrank"],

@@ -113,6 +113,21 @@ def _check_names(options: Dict[str, Any]) -> None:
         raise ValueError(f"{unknown_names(unknown, fields, 'option')}; options are the fields of PruneConfig")
 
 
+def _check_joint(config: "PruneConfig") -> None:
+    """``joint_update=True`` needs the OBS update, no pattern (its update is already joint with
+    ``group_exact=True``) and no WoodTaylor term (a ValueError naming joint_update)."""
+    if not config.joint_update:
+        return
+    if not config.obs_update:
+        raise ValueError("joint_update=True needs obs_update=True (it is a form of the OBS update)")
+    if config.pattern is not None:
+        raise ValueError(f"joint_update=True is for unstructured pruning, got pattern={config.pattern!r}: a "
+                         "pattern's update is already joint per block with group_exact=True")
+    if config.woodtaylor:
+        raise ValueError("joint_update=True does not support woodtaylor=True (its update holds the first-order "
+                         "term of Eqs. 21-23); pass one of them")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Every option of a pruning run (field names = keyword arguments = CLI config keys).
@@ -149,6 +164,15 @@ class PruneConfig:
             the same fraction of the weights still unpruned) or "linear" (equal increments
             of sparsity).
         obs_update: apply the OBS weight update (False: prune by mask only, OBD-style).
+        joint_update: unstructured pruning (``pattern=None``) only: the OBS update of each Fisher block is the
+            optimum of the quadratic model under all its pruned weights' constraints at once,
+            ``dw = -F^-1 E_Q ([F^-1]_QQ)^-1 w_Q`` (WoodFisher paper Sec. 4.2, Eqs. 12-17, for |Q| weights;
+            :func:`woodfisher.structured.joint_update`), instead of the sum of the single-weight updates
+            (Eq. 10 summed, the paper's Sec. 4.3 default). False (default): the summed update. Same masks
+            (the selection of a step does not depend on it); costs one q x q float64 solve per block
+            (q = pruned entries of the block; an m x m one with a low-rank inverse when q > m). Needs
+            ``obs_update=True`` and ``woodtaylor=False``; methods "woodfisher" and "diag_fisher" (where it
+            equals the summed update: blocks of one entry).
         woodtaylor: add the first-order term (WoodTaylor, paper Eqs. 21-23).
         beta: FLOPs-aware statistic ``rho / flops_per_param ** beta`` (paper Sec. 5.4).
         modules: module or parameter names to prune (None = every Linear / Conv weight, see
@@ -200,6 +224,7 @@ class PruneConfig:
     num_steps: Union[int, str] = "auto"
     step_schedule: str = "geometric"
     obs_update: bool = True
+    joint_update: bool = False
     woodtaylor: bool = False
     beta: float = 0.0
     modules: Optional[Tuple[str, ...]] = None
@@ -260,8 +285,10 @@ class PruneConfig:
         if self.inverse_form == "offload" and self.memory_budget is None:
             raise ValueError("inverse_form='offload' needs memory_budget (device bytes) to size its chunks")
         check_min_density(self.min_density, self.sparsity)
-        for name in ("obs_update", "woodtaylor", "group_exact", "sampled_fisher", "progress", "keep_masks"):
+        for name in ("obs_update", "joint_update", "woodtaylor", "group_exact", "sampled_fisher", "progress",
+                     "keep_masks"):
             _check_bool(name, getattr(self, name))
+        _check_joint(self)
         check_int("seed", self.seed, low=0)
         if self.modules is not None:
             modules = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)

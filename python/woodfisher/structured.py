@@ -142,6 +142,21 @@ def group_update(inv, weights: torch.Tensor, groups: torch.Tensor, flags: torch.
     return new
 
 
+def joint_update(inv, weights: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
+    """Unstructured joint OBS update: new blocked weights (B, c) removing every entry where ``prune`` (B, c) bool.
+
+    Each block's pruned set Q is one group of :func:`group_update` (``exact=True``): ``dw = -F^-1 E_Q
+    ([F^-1]_QQ)^-1 w_Q`` (WoodFisher paper Sec. 4.2, Eqs. 12-17, for |Q| weights), the optimum of the
+    quadratic model under all the constraints ``(w + dw)_Q = 0`` of the block, where the paper's update
+    (:func:`woodfisher_kernels.obs_update`) sums the single-weight ones (Eq. 10). ``inv``: (B, c, c) or a
+    :class:`woodfisher_kernels.LowRankInverse` (q > m solved through the m x m Woodbury system).
+    Pruned entries are exactly 0 afterwards. Raises what :func:`group_update` raises.
+    """
+    b, c = weights.shape
+    singles = torch.arange(c, device=weights.device).view(1, c, 1).expand(b, c, 1)   # every entry a group of 1
+    return group_update(inv, weights, singles, prune, c, exact=True)
+
+
 def row_saliency(inv, weights: torch.Tensor, layer: PruneTarget, exact: bool = True) -> torch.Tensor:
     """Group statistic of every output row / filter: (B, c // row) -> rows (out,)."""
     groups = consecutive_groups(layer, layer.row_length, weights.device)

@@ -47,8 +47,8 @@ from ._shapes import flops_note, input_shape
 
 #: PruneConfig fields that are flags of this command (same names as the API).
 CONFIG_FIELDS = ("sparsity", "method", "mode", "block_size", "num_grads", "fisher_batch_size", "damp", "num_steps",
-                 "step_schedule",
-                 "obs_update", "woodtaylor", "beta", "pattern", "modules", "seed", "group_exact", "memory_budget",
+                 "step_schedule", "obs_update", "joint_update", "woodtaylor", "beta", "pattern", "modules", "seed",
+                 "group_exact", "memory_budget",
                  "sampled_fisher", "backend", "inverse_form", "per_sample_grads", "min_density", "progress")
 
 
@@ -74,6 +74,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="sparsities of the steps: geometric or linear")
     p.add_argument("--obs-update", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the OBS weight update (--no-obs-update: only zero the pruned weights)")
+    p.add_argument("--joint-update", action=argparse.BooleanOptionalAction, default=False,
+                   help="unstructured: the joint OBS update of each block's pruned weights (paper Sec. 4.2) instead "
+                        "of the sum of single-weight updates (default: off)")
     p.add_argument("--woodtaylor", action="store_true", help="use the WoodTaylor statistic (first-order term)")
     p.add_argument("--beta", type=float, default=0.0, help="FLOPs-aware exponent (0 = off)")
     p.add_argument("--pattern", default=None, help="semi-structured N:M pattern (e.g. 2:4; gives --sparsity 1 - N/M) "

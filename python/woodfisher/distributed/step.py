@@ -8,7 +8,8 @@ WoodTaylor Eqs. 21-23), each rank on the blocks it owns:
    single-process step ranks;
 2. keep-masks by :func:`woodfisher.distributed.select.select_sharded`, equal to
    :func:`woodfisher.masks.select_masks` of the whole model (same k-th value, same ties);
-3. ``obs_update`` of the owned blocks (or zeroing only, ``obs_update=False``);
+3. ``obs_update`` of the owned blocks (``joint_update=True``: :func:`woodfisher.structured.joint_update`;
+   zeroing only with ``obs_update=False``);
 4. the new blocks and masks of every rank are all-gathered, so every rank writes the same
    weights (the caller, :func:`woodfisher.prune_with`, writes them).
 """
@@ -20,6 +21,7 @@ import torch
 
 import woodfisher_kernels as wk
 
+from ..structured import joint_update
 from .group import all_gather_flat, local_phase
 from .select import select_sharded
 
@@ -103,6 +105,6 @@ def sharded_step(ctx) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]
                 if w.shape[0] == 0 or not cfg.obs_update:
                     new_own[t.name] = w * kept
                 else:  # padding is "pruned" as in the single-process step: its weights are 0 and decoupled
-                    new_own[t.name] = wk.obs_update(curv.inverses[t.name], w, ~kept, lg, backend=cfg.backend,
-                                                    check_finite=False)
+                    new_own[t.name] = joint_update(curv.inverses[t.name], w, ~kept) if cfg.joint_update else \
+                        wk.obs_update(curv.inverses[t.name], w, ~kept, lg, backend=cfg.backend, check_finite=False)
         return _gather(ctx.targets, plan, group, new_own, keep_own, dtype)

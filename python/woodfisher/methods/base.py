@@ -6,7 +6,8 @@ A method is one small object (see :mod:`woodfisher.methods` for the registry):
 - ``curvature``: what :func:`woodfisher.estimate_curvature` must build for it: "none",
   "blockwise", "diagonal" or "kfac";
 - ``patterns``: the group patterns it supports ("nm", "rows"); ``woodtaylor``: whether it
-  supports the first-order term; ``fixed_mode``: a mode it always uses (or None);
+  supports the first-order term; ``joint_update``: whether it supports ``joint_update=True``;
+  ``fixed_mode``: a mode it always uses (or None);
 - ``check(config)`` / ``check_targets(targets, config)``: refuse what it cannot do;
 - ``block_size(config)``: the Fisher block size it needs;
 - ``step(ctx) -> (new weights, keep-masks)``: one pruning step given the curvature.
@@ -90,6 +91,7 @@ class PruningMethod:
     curvature: ClassVar[str] = "none"
     patterns: ClassVar[Tuple[str, ...]] = ()
     woodtaylor: ClassVar[bool] = False
+    joint_update: ClassVar[bool] = False
     fixed_mode: ClassVar[Optional[str]] = None
     summary: ClassVar[str] = ""
 
@@ -97,6 +99,9 @@ class PruningMethod:
         """Refuse option combinations this method does not support (ValueError naming them)."""
         if config.woodtaylor and not self.woodtaylor:
             raise ValueError(f"woodtaylor=True is not supported by method {self.name!r}")
+        if config.joint_update and not self.joint_update:
+            raise ValueError(f"joint_update=True is not supported by method {self.name!r} (only by the blockwise "
+                             "OBS methods 'woodfisher' and 'diag_fisher')")
         parsed = st.parse_pattern(config.pattern)
         if parsed is None:
             return

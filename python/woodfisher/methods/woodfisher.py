@@ -3,9 +3,9 @@
 Statistic ``rho_q = w_q^2 / (2 [F^-1]_qq)`` (Eq. 11; WoodTaylor ``(w_q - h_q)^2 / ...`` with
 ``h = F^-1 g``, Eqs. 21-23), masks by :meth:`StepContext.select` (joint = "global",
 independent = "layerwise"), then the OBS update ``dw = -F^-1 v``, ``v_q = w_q / [F^-1]_qq``
-for every pruned q at once (Eq. 10 summed over the pruned set, the pruning direction of Sec. 4.3), pruned
-entries exactly 0. Group patterns ("N:M", "rows") use the group statistic and update of
-:mod:`woodfisher.structured`.
+for every pruned q at once (Eq. 10 summed over the pruned set, the pruning direction of Sec. 4.3), or with
+``joint_update=True`` the joint optimum of each block's pruned set (Sec. 4.2), pruned entries exactly 0.
+Group patterns ("N:M", "rows") use the group statistic and update of :mod:`woodfisher.structured`.
 
 :class:`DiagFisher` is the same method with a diagonal Fisher (blocks of size 1).
 """
@@ -28,8 +28,12 @@ def _saliency(inv, w, lg, backend):
     return wk.obs_saliency(inv, w, lg, backend=backend, check_finite=False)
 
 
-def _update(inv, w, prune, lg, backend):
-    """obs_update, as :func:`_saliency`."""
+def _update(inv, w, prune, lg, backend, joint=False):
+    """obs_update (``joint``: :func:`woodfisher.structured.joint_update`), as :func:`_saliency`."""
+    if joint and isinstance(inv, OffloadedInverse):
+        return torch.cat([st.joint_update(part, w[a:b], prune[a:b]) for a, b, part in inv.chunks()])
+    if joint:
+        return st.joint_update(inv, w, prune)
     if isinstance(inv, OffloadedInverse):
         return inv.update(w, prune, lg, backend)
     return wk.obs_update(inv, w, prune, lg, backend=backend, check_finite=False)
@@ -40,6 +44,7 @@ class WoodFisher(PruningMethod):
     curvature = "blockwise"
     patterns = ("nm", "rows")
     woodtaylor = True
+    joint_update = True
     summary = "OBS with the blockwise inverse empirical Fisher (WoodFisher)"
 
     def step(self, ctx):
@@ -64,7 +69,8 @@ class WoodFisher(PruningMethod):
             for target in ctx.targets:
                 n = target.name
                 if cfg.obs_update:
-                    new[n] = target.unblock(_update(invs[n], w[n], ~target.blocks(masks[n]), lg.get(n), cfg.backend))
+                    prune = ~target.blocks(masks[n])
+                    new[n] = target.unblock(_update(invs[n], w[n], prune, lg.get(n), cfg.backend, cfg.joint_update))
                 else:
                     new[n] = target.effective_weight() * masks[n]
                 bar.update(1)
