@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from woodfisher import PruneConfig, estimate_curvature, prune_one_shot, prune_with
+from woodfisher.gradients import GradientCollector
 from woodfisher.memory import TensorMemoryMeter, host_allocations
 from woodfisher.models import MLPNet
 from woodfisher.offload import OffloadedInverse, plan_offload
@@ -126,3 +127,29 @@ def test_offload_is_chosen_on_a_gpu_when_the_budget_requires_it():
     assert all(row["inverse"].startswith("offload") for row in res.layers)
     assert torch.cuda.max_memory_allocated() - base <= 4_000_000
     assert all(torch.equal(res.masks[k], ref_res.masks[k]) for k in res.masks)
+
+
+@pytest.mark.parametrize("block_size", [16, 96])  # sequential (c <= m) and low-rank (c > m) blocks
+def test_offload_of_a_float64_model_builds_the_float64_reference_inverse(block_size):
+    """Offload squared a float64 model's gradients in place while summing their squares (``.double()`` of a
+    float64 row is the row itself): its inverses were off by up to 690 on entries of 900. They now equal the
+    dense float64 inverse of the gradients the collector gives, as the in-memory path's do."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 12, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (64,), generator=g)
+    loader = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 64, 8)]
+    opts = dict(sparsity=0.5, num_grads=M, block_size=block_size, damp=1e-3, num_steps=1, progress=False)
+    mem = estimate_curvature(model, loader, **opts)
+    off = estimate_curvature(model, loader, inverse_form="offload", memory_budget=10 ** 7, **opts)
+    assert off.stats.sum_sq == pytest.approx(mem.stats.sum_sq, rel=1e-12)
+    grads = GradientCollector(model, loader, resolve_targets(model, None, block_size), num_grads=M,
+                              progress=False).collect()
+    for target in resolve_targets(model, None, block_size):
+        blocks = target.grad_blocks(grads[target.name])
+        eye = torch.eye(target.block_size, dtype=torch.float64)
+        ref = torch.linalg.inv(1e-3 * eye + blocks.transpose(1, 2) @ blocks / M)
+        got = torch.cat([inv.dense() if hasattr(inv, "dense") else inv
+                         for _, _, inv in off.inverses[target.name].chunks()])
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))

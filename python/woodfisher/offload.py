@@ -195,7 +195,8 @@ def estimate_offloaded(collector, targets, config, curv, batch_groups: int) -> N
     stats = FisherStats(numel=sum(target.numel for target in targets))
     for chunk in collector.chunks(max(1, batch_groups)):
         k = next(iter(chunk.values())).shape[0]
-        stats.sum_sq += sum(float(row.double().pow_(2).sum()) for g in chunk.values() for row in g)  # 1 row in f64
+        # one row at a time in float64, not in place: .double() of a float64 row is the row itself
+        stats.sum_sq += sum(float(row.double().square().sum()) for g in chunk.values() for row in g)
         for target in targets:
             grads[target.name][:, stats.count : stats.count + k].copy_(
                 target.grad_blocks(chunk[target.name]), non_blocking=True
