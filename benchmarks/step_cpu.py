@@ -157,6 +157,9 @@ def worker(args) -> dict:
         collect(64, per_sample="expanded")  # warm-up
         for bs in args.loader_batches:
             out[f"grads_bs{bs}_expanded_s"] = median_of(lambda: collect(bs, per_sample="expanded"))
+        # all N in one chunk (one vmap call) against the default chunk budget: fewer launches, larger working set
+        one = max(1, n * numel * 4)
+        out["grads_bs64_onechunk_s"] = median_of(lambda: collect(64, chunk_bytes=one))
         for label, fn in (("batched", batched), ("vmap", lambda: collect(64)),
                           ("expanded", lambda: collect(64, per_sample="expanded"))):
             for kind, count in operator_counts(fn).items():
@@ -275,6 +278,15 @@ def markdown(report: dict) -> str:
                   "|---|---:|---:|---:|---:|"]
         lines += [f"| {model} | {r['grads_bs1_expanded_s']:.3f} | **{r['ratio_expanded_bs1']:.2f}** | "
                   f"{r['grads_bs64_expanded_s']:.3f} | **{r['ratio_expanded_bs64']:.2f}** |" for model, r in expanded]
+        lines.append("")
+    whole = [(model, r) for model, by_impl in report["models"].items() for r in by_impl.values()
+             if "grads_bs64_onechunk_s" in r]
+    if whole:
+        lines += ["The N gradients in one chunk (one `vmap` call; `chunk_bytes` = their size) against the default "
+                  "chunk budget (`woodfisher.chunking.CHUNK_BYTES`), loader batch 64:", "",
+                  "| model | default chunks (s) | one chunk (s) | one chunk / default |", "|---|---:|---:|---:|"]
+        lines += [f"| {model} | {r['grads_bs64_s']:.3f} | {r['grads_bs64_onechunk_s']:.3f} | "
+                  f"{r['grads_bs64_onechunk_s'] / r['grads_bs64_s']:.2f} |" for model, r in whole]
         lines.append("")
     counted = [(model, r) for model, by_impl in report["models"].items() for r in by_impl.values()
                if "ops_batched_kernels" in r]

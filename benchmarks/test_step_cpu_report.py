@@ -31,7 +31,9 @@ def test_operator_counts_split_kernels_from_views():
 
 def test_operator_table():
     row = dict(entry(0.1, 0.4, 1.0, 0.5), ops_batched_kernels=100, ops_vmap_kernels=250, ops_expanded_kernels=150,
-               ops_batched_views=10, ops_vmap_views=900, ops_expanded_views=40)
+               ops_batched_views=10, ops_vmap_views=900, ops_expanded_views=40, grads_bs64_onechunk_s=0.4)
     report = {"device": {"device_name": "test cpu"}, "note": "synthetic", "num_grads": 8, "repeats": 1,
               "models": {"net": {"after": row}}}
-    assert "| net | 100 | 250 | 150 | 2.50 | 1.50 | 10/900/40 |" in markdown(report)
+    text = markdown(report)
+    assert "| net | 100 | 250 | 150 | 2.50 | 1.50 | 10/900/40 |" in text
+    assert "| net | 0.500 | 0.400 | 0.80 |" in text

@@ -219,6 +219,9 @@ def step_section():
                              if k.startswith("ratio_expanded_bs"))
         if expanded:
             say(f"  {model}: the same with per_sample_grads='expanded' {expanded}")
+        if "grads_bs64_onechunk_s" in r:
+            say(f"  {model}: all N gradients in one vmap call {r['grads_bs64_onechunk_s']:.3f} s against "
+                f"{r['grads_bs64_s']:.3f} s in default chunks (loader batch 64)")
         if "ops_batched_kernels" in r:
             b, v, e = (int(r[f"ops_{k}_kernels"]) for k in ("batched", "vmap", "expanded"))
             say(f"  {model}: kernels dispatched: batched fwd+bwd {b}, vmap {v} ({v / b:.2f}x), expanded {e} "
