@@ -250,6 +250,21 @@ def below_goal(report: dict, goal: float = 0.5) -> list:
     return lines + [""] if lines else []
 
 
+def _having(report: dict, key: str) -> list:
+    """(model, result) of every measured code whose result has ``key``."""
+    return [(model, r) for model, by_impl in report["models"].items() for r in by_impl.values() if key in r]
+
+
+def _table(report: dict, key: str, title: str, header: str, cells) -> list:
+    """Markdown lines of a table with one row per result holding ``key`` (``cells(result)``: its cells after
+    the model's), or none."""
+    rows = _having(report, key)
+    if not rows:
+        return []
+    rule = "|---|" + "---:|" * (header.count("|") - 2)
+    return [title, "", header, rule] + [f"| {model} | {cells(r)} |" for model, r in rows] + [""]
+
+
 def markdown(report: dict) -> str:
     dev = report["device"]
     lines = [f"# The whole pruning step by phase ({dev.get('device_name', dev.get('host_cpu'))})", "",
@@ -269,27 +284,19 @@ def markdown(report: dict) -> str:
               "writing the N x weights gradient entries once into memory already mapped (fresh memory adds the "
               "operating system's page faults: more). Ratio bound = batched fwd+bwd / "
               "memory floor: no method that materialises the N per-sample gradients can reach a higher ratio.", ""]
-    expanded = [(model, r) for model, by_impl in report["models"].items() for impl, r in by_impl.items()
-                if "ratio_expanded_bs1" in r]
-    if expanded:
-        lines += ["Second per-sample path, `per_sample_grads=\"expanded\"` (torch's expanded weights; "
-                  "not the default until measured on a GPU), same samples:", "",
-                  "| model | grads, loader batch 1 (s) | ratio | grads, loader batch 64 (s) | ratio |",
-                  "|---|---:|---:|---:|---:|"]
-        lines += [f"| {model} | {r['grads_bs1_expanded_s']:.3f} | **{r['ratio_expanded_bs1']:.2f}** | "
-                  f"{r['grads_bs64_expanded_s']:.3f} | **{r['ratio_expanded_bs64']:.2f}** |" for model, r in expanded]
-        lines.append("")
-    whole = [(model, r) for model, by_impl in report["models"].items() for r in by_impl.values()
-             if "grads_bs64_onechunk_s" in r]
-    if whole:
-        lines += ["The N gradients in one chunk (one `vmap` call; `chunk_bytes` = their size) against the default "
-                  "chunk budget (`woodfisher.chunking.CHUNK_BYTES`), loader batch 64:", "",
-                  "| model | default chunks (s) | one chunk (s) | one chunk / default |", "|---|---:|---:|---:|"]
-        lines += [f"| {model} | {r['grads_bs64_s']:.3f} | {r['grads_bs64_onechunk_s']:.3f} | "
-                  f"{r['grads_bs64_onechunk_s'] / r['grads_bs64_s']:.2f} |" for model, r in whole]
-        lines.append("")
-    counted = [(model, r) for model, by_impl in report["models"].items() for r in by_impl.values()
-               if "ops_batched_kernels" in r]
+    lines += _table(report, "ratio_expanded_bs1",
+                    "Second per-sample path, `per_sample_grads=\"expanded\"` (torch's expanded weights; not the "
+                    "default until measured on a GPU), same samples:",
+                    "| model | grads, loader batch 1 (s) | ratio | grads, loader batch 64 (s) | ratio |",
+                    lambda r: f"{r['grads_bs1_expanded_s']:.3f} | **{r['ratio_expanded_bs1']:.2f}** | "
+                              f"{r['grads_bs64_expanded_s']:.3f} | **{r['ratio_expanded_bs64']:.2f}**")
+    lines += _table(report, "grads_bs64_onechunk_s",
+                    "The N gradients in one chunk (one `vmap` call; `chunk_bytes` = their size) against the default "
+                    "chunk budget (`woodfisher.chunking.CHUNK_BYTES`), loader batch 64:",
+                    "| model | default chunks (s) | one chunk (s) | one chunk / default |",
+                    lambda r: f"{r['grads_bs64_s']:.3f} | {r['grads_bs64_onechunk_s']:.3f} | "
+                              f"{r['grads_bs64_onechunk_s'] / r['grads_bs64_s']:.2f}")
+    counted = _having(report, "ops_batched_kernels")
     if counted:
         lines += ["Operators dispatched for the N samples (loader batch 64; kernels = operators that launch one on a "
                   "GPU, views and bare allocations apart). On a GPU whose host thread is the bottleneck (small "
