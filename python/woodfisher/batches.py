@@ -330,11 +330,22 @@ def loader_errors(batch: Batch, name: str = "loader",
 
 
 def _labels_hint(err: Exception, batch: Batch) -> str:
-    if isinstance(err, TypeError) and "labels" in batch.kwargs and "'labels'" in str(err):
+    """For a model that refused one of a dict batch's keys as a keyword: the ``batch_adapter`` to paste."""
+    if not isinstance(err, TypeError) or not batch.kwargs or batch.args:
+        return ""
+    refused = next((key for key in batch.kwargs if f"'{key}'" in str(err)), None)
+    if refused is None:
+        return ""
+    if refused == "labels":
         return ("; the model does not take labels= (dict batches are passed as keyword arguments): pass "
                 "batch_adapter=lambda b: woodfisher.Batch(kwargs={k: v for k, v in b.items() if k != 'labels'}, "
                 "target=b['labels'])")
-    return ""
+    inputs = [key for key in batch.kwargs if key != "labels"]
+    args = ", ".join(f"b[{key!r}]" for key in inputs) + ","
+    target = "b['labels']" if "labels" in batch.kwargs else "None"
+    return (f"; the model does not take {refused}= (dict batches are passed as keyword arguments): to pass "
+            f"{', '.join(inputs)} positionally, batch_adapter=lambda b: woodfisher.Batch(args=({args}), "
+            f"target={target})")
 
 
 def is_single_pass(loader: Iterable) -> bool:

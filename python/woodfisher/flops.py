@@ -88,9 +88,10 @@ def layer_flops(model: nn.Module, input_shape: Sequence[int],
                if isinstance(m, FLOP_MODULES) or is_hf_conv1d(m)]
     handles += [m.register_forward_hook(attention_hook, with_kwargs=True) for m in model.modules()
                 if isinstance(m, nn.MultiheadAttention)]
-    try:
+    inner = unwrap_model(model)[0]  # torch.compile would trace the hooks: run the module it wraps (names keep
+    try:                              # the caller's prefix: they come from model.named_modules())
         with eval_mode(model):
-            model(torch.zeros((1, *[int(s) for s in input_shape]), dtype=first.dtype, device=device))
+            inner(torch.zeros((1, *[int(s) for s in input_shape]), dtype=first.dtype, device=device))
     finally:
         for h in handles:
             h.remove()

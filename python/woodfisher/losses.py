@@ -16,23 +16,60 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ADAPTER_HINT", "logits_of", "default_loss", "check_probabilities", "model_loss", "compute_loss",
-           "sample_targets", "check_loss_fn"]
+__all__ = ["ADAPTER_HINT", "find_logits", "logits_of", "default_loss", "check_probabilities", "model_loss",
+           "compute_loss", "sample_targets", "check_loss_fn"]
 
 ADAPTER_HINT = ("pass batch_adapter=lambda b: woodfisher.Batch(args=(inputs,), kwargs={}, target=targets) "
                 "to say which part is which")
 
 
-def logits_of(outputs: Any) -> torch.Tensor:
-    """The prediction tensor of a model's outputs (tensor, dict / ModelOutput ``logits``, or tuple[0])."""
+def _field(outputs: Any, name: str) -> Optional[torch.Tensor]:
+    """The tensor ``name`` of structured outputs (dict / ModelOutput key, namedtuple / dataclass field or any
+    other object's attribute), or None when there is none."""
+    if isinstance(outputs, torch.Tensor):
+        return None
+    if isinstance(outputs, collections.abc.Mapping):
+        value = outputs.get(name)
+    elif isinstance(outputs, (tuple, list)) and name not in getattr(outputs, "_fields", ()):
+        value = None  # a plain tuple / list has no names (a namedtuple's are its _fields)
+    else:
+        value = getattr(outputs, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def find_logits(outputs: Any) -> Optional[torch.Tensor]:
+    """The prediction tensor of a model's outputs, or None when they hold none the pruner can name.
+
+    Args:
+        outputs: what the model returned: a tensor; a dict / ModelOutput, namedtuple, dataclass or other
+            object with a ``logits`` tensor (taken by name wherever it is); or a tuple / list whose first
+            entry is a tensor (timm / torchvision style ``(logits, aux...)``).
+    Returns:
+        the predictions tensor, or None.
+    """
     if isinstance(outputs, torch.Tensor):
         return outputs
-    if isinstance(outputs, collections.abc.Mapping) and "logits" in outputs:
-        return outputs["logits"]
+    named = _field(outputs, "logits")
+    if named is not None:
+        return named
     if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
         return outputs[0]
-    raise ValueError(f"cannot find the predictions in the model's outputs ({type(outputs).__name__}); "
-                     "return a tensor, or a dict / ModelOutput with 'logits', or pass loss_fn")
+    return None
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The prediction tensor of a model's outputs (:func:`find_logits`).
+
+    Raises:
+        ValueError: outputs without a tensor, a ``logits`` field or a tensor first entry.
+    """
+    found = find_logits(outputs)
+    if found is None:
+        raise ValueError(f"cannot find the predictions in the model's outputs ({type(outputs).__name__}); "
+                         "return a tensor, a tuple whose first entry is the predictions, or a dict / ModelOutput / "
+                         "namedtuple / dataclass with a 'logits' field; or pass loss_fn, which then receives the "
+                         "outputs as the model returned them")
+    return found
 
 
 def default_loss(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -104,10 +141,9 @@ def check_probabilities(target: Any) -> None:
 
 
 def model_loss(outputs: Any) -> Optional[torch.Tensor]:
-    """The loss a model returned itself (dict / ModelOutput ``loss``, e.g. HF with ``labels``), or None."""
-    if isinstance(outputs, collections.abc.Mapping):
-        return outputs.get("loss")
-    return None
+    """The loss a model returned itself (a ``loss`` tensor of a dict / ModelOutput, namedtuple or dataclass,
+    e.g. HF given ``labels``), or None."""
+    return _field(outputs, "loss")
 
 
 #: dict keys that look like a target under another name than HuggingFace's ``labels``
@@ -122,7 +158,8 @@ def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torc
     Without ``loss_fn``: the model's own ``outputs.loss`` when it computed one (HF models
     given ``labels``: shifted for causal LMs, as the model defines it), else
     :func:`default_loss` (predictions, target). With ``loss_fn``: ``loss_fn(predictions,
-    target)``. The predictions are the outputs, or their ``logits`` (:func:`logits_of`).
+    target)``. The predictions are the outputs' ``logits`` (:func:`find_logits`); ``loss_fn`` gets the
+    outputs as the model returned them when they hold no such tensor (e.g. torchvision's ``{"out", "aux"}``).
 
     Raises:
         ValueError: no target and no model loss (unlabelled data needs ``sampled_fisher``).
@@ -134,7 +171,11 @@ def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torc
         raise ValueError("the batch has no targets and the model returned no loss: yield (inputs, targets) "
                          "batches, include 'labels' in dict batches, pass sampled_fisher=True to draw "
                          f"targets from the model, or {ADAPTER_HINT}")
-    loss = (default_loss if loss_fn is None else loss_fn)(logits_of(outputs), target)
+    if loss_fn is None:
+        loss = default_loss(logits_of(outputs), target)
+    else:
+        found = find_logits(outputs)
+        loss = loss_fn(outputs if found is None else found, target)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise LossFnError(f"loss_fn must return the mean loss as a scalar tensor, got {shape} "

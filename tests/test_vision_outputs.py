@@ -1,0 +1,125 @@
+"""Vision-style models and batches: structured outputs (dataclass, namedtuple, torchvision's ``{"out", "aux"}``),
+dict batches for a model whose forward takes a positional image, and FLOPs of a ``torch.compile`` model.
+
+The reference for every structured output is the same network returning its logits tensor: the masks and
+the pruned weights must be identical (the loss and hence every gradient is the same)."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+
+import pytest
+import torch
+from _snapshots import assert_unchanged, snapshot
+from torch import nn
+
+import woodfisher as wf
+from woodfisher.flops import layer_flops
+
+OPTS = dict(sparsity=0.6, num_grads=32, progress=False)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 5))
+
+
+def _data(n=4, batch=8):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(batch, 3, 6, 6, generator=g), torch.randint(0, 5, (batch,), generator=g)) for _ in range(n)]
+
+
+@dataclasses.dataclass
+class _Out:
+    features: torch.Tensor
+    logits: torch.Tensor
+
+
+_Pair = collections.namedtuple("_Pair", "features logits")  # logits not first: found by name, not position
+
+
+class _Wrap(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.net, self.kind = _net(), kind
+
+    def forward(self, x):
+        logits = self.net(x)
+        features = x.mean((1, 2, 3))
+        if self.kind == "dataclass":
+            return _Out(features, logits)
+        if self.kind == "namedtuple":
+            return _Pair(features, logits)
+        return {"out": logits, "aux": features}  # torchvision segmentation style: no 'logits' key
+
+
+def _reference():
+    model = _net()
+    res = wf.prune_one_shot(model, _data(), **OPTS)
+    return model, res
+
+
+def _assert_same(wrapped, res, ref_model, ref_res):
+    assert {k.removeprefix("net."): v for k, v in res.masks.items()}.keys() == ref_res.masks.keys()
+    for name, keep in res.masks.items():
+        assert torch.equal(keep, ref_res.masks[name.removeprefix("net.")]), name
+    ref = dict(ref_model.named_parameters())
+    for name, p in wrapped.net.named_parameters():
+        assert torch.equal(p, ref[name]), name
+
+
+@pytest.mark.parametrize("kind", ["dataclass", "namedtuple"])
+def test_logits_found_by_name_in_dataclass_and_namedtuple_outputs(kind):
+    ref_model, ref_res = _reference()
+    model = _Wrap(kind)
+    res = wf.prune_one_shot(model, _data(), **OPTS)
+    _assert_same(model, res, ref_model, ref_res)
+
+
+def test_loss_fn_receives_outputs_without_logits_as_returned():
+    ref_model, ref_res = _reference()
+    model = _Wrap("dict")
+    seen = []
+
+    def loss_fn(outputs, target):
+        seen.append(type(outputs))
+        return nn.functional.cross_entropy(outputs["out"], target)
+
+    res = wf.prune_one_shot(model, _data(), loss_fn=loss_fn, **OPTS)
+    assert seen and all(issubclass(t, dict) for t in seen)
+    _assert_same(model, res, ref_model, ref_res)
+
+
+def test_outputs_without_predictions_and_no_loss_fn_are_refused_naming_loss_fn():
+    model = _Wrap("dict")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="pass loss_fn, which then receives the outputs"):
+        wf.prune_one_shot(model, _data(), **OPTS)
+    assert_unchanged(before, snapshot(model))
+
+
+def test_dict_batch_for_a_positional_forward_gets_an_adapter_that_works():
+    ref_model, ref_res = _reference()
+    loader = [{"pixel_values": x, "labels": y} for x, y in _data()]
+    model = _net()
+    with pytest.raises(ValueError) as info:
+        wf.prune_one_shot(model, loader, **OPTS)
+    found = re.search(r"batch_adapter=(lambda b: woodfisher\.Batch\(.*\))$", str(info.value))
+    assert found, str(info.value)
+    adapter = eval(found.group(1), {"woodfisher": wf})  # the text the message asks the user to paste
+    res = wf.prune_one_shot(model, loader, batch_adapter=adapter, **OPTS)
+    for name, keep in res.masks.items():
+        assert torch.equal(keep, ref_res.masks[name]), name
+
+
+def test_flops_of_a_compiled_model_are_those_of_the_model_it_wraps():
+    model = _net()
+    compiled = torch.compile(model)
+    stats = layer_flops(compiled, (3, 6, 6))
+    assert set(stats) == {"_orig_mod.0", "_orig_mod.4"}
+    # by hand: a 3x3 'same' conv on 6x6 uses each of its 4*3*3*3 weights at 36 positions; the Linear once
+    assert stats["_orig_mod.0"]["flops_dense"] == 4 * 3 * 3 * 3 * 36
+    assert stats["_orig_mod.4"]["flops_dense"] == 4 * 5
+    assert stats["_orig_mod.0"]["weight"] == "_orig_mod.0.weight"
