@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
+import warnings
 
 import pytest
 import torch
@@ -123,3 +124,31 @@ def test_flops_of_a_compiled_model_are_those_of_the_model_it_wraps():
     assert stats["_orig_mod.0"]["flops_dense"] == 4 * 3 * 3 * 3 * 36
     assert stats["_orig_mod.4"]["flops_dense"] == 4 * 5
     assert stats["_orig_mod.0"]["weight"] == "_orig_mod.0.weight"
+
+
+FROZEN = "are frozen (requires_grad=False"
+
+
+def test_frozen_backbone_named_in_a_warning_whose_modules_prune_the_head_only():
+    model = _net()
+    model[0].requires_grad_(False)  # frozen backbone, trainable head
+    with pytest.warns(UserWarning, match=re.escape(FROZEN)) as record:
+        wf.prune_one_shot(model, _data(), **OPTS)
+    msg = next(str(w.message) for w in record if FROZEN in str(w.message))
+    assert "['0.weight']" in msg and "modules=['4.weight']" in msg, msg
+    model = _net()
+    model[0].requires_grad_(False)
+    backbone = model[0].weight.detach().clone()
+    res = wf.prune_one_shot(model, _data(), modules=["4.weight"], **OPTS)  # the fix the warning gives
+    assert list(res.masks) == ["4.weight"]
+    assert torch.equal(model[0].weight, backbone)  # the frozen weight is left bit for bit
+
+
+@pytest.mark.parametrize("frozen", ["none", "all"])
+def test_no_frozen_warning_unless_frozen_and_trainable_weights_mix(frozen):
+    model = _net()
+    model.requires_grad_(frozen == "none")  # a model frozen for deployment: every weight pruned, no warning
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        wf.prune_one_shot(model, _data(), **OPTS)
+    assert not [w for w in record if FROZEN in str(w.message)]

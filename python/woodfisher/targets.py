@@ -301,7 +301,9 @@ def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
         warn_at_caller(f"the weights of the recurrent layers {layers} are not pruned by default (Linear / Conv / "
                        "attention projection weights are), and the sparsity counts the other weights only; name "
                        f"them to prune them, e.g. modules=[..., {example!r}]")
-    chosen = set(default_target_names(inner))
+    chosen = default_target_names(inner)
+    _warn_frozen(inner, prefix, chosen)
+    chosen = set(chosen)
     derived = [f"{prefix}{_join(name, 'weight')} ({type(mod).__name__})" for name, mod in inner.named_modules()
                if _kind(mod, "weight") is not None and _join(name, "weight") not in chosen and _recomputed(mod)]
     if derived:
@@ -310,6 +312,22 @@ def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
                        "written to it would not last, and the sparsity counts the other weights only; to prune them, "
                        "remove the reparametrisation first (torch.nn.utils.parametrize.remove_parametrizations("
                        "module, 'weight'), or torch.nn.utils.remove_weight_norm / remove_spectral_norm)")
+
+
+def _warn_frozen(inner: nn.Module, prefix: str, chosen: List[str]) -> None:
+    """Warn when the default targets mix frozen (``requires_grad=False``) and trainable weights: the frozen ones
+    are pruned and OBS-updated like the others, which a caller who froze a backbone rarely means."""
+    entries = _entries(inner)  # logical names: "fc.weight" also under torch.nn.utils.prune ("fc.weight_orig")
+    frozen = [prefix + n for n in chosen if not entries[n]["param"].requires_grad]
+    trainable = [prefix + n for n in chosen if entries[n]["param"].requires_grad]
+    if not frozen or not trainable:  # all frozen (a model frozen for deployment) or none: nothing mixed
+        return
+    fix = (f"modules={trainable!r}" if len(trainable) <= 4 else
+           "modules=[n for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]")
+    warn_at_caller(f"{len(frozen)} of the {len(chosen)} weights pruned by default are frozen (requires_grad=False: "
+                   f"{frozen[:3]}{' and more' if len(frozen) > 3 else ''}): they are pruned and their kept entries "
+                   f"moved by the OBS update like the trainable ones; to prune the trainable weights only, pass "
+                   f"{fix}")
 
 
 def _recomputed(module: nn.Module) -> bool:
