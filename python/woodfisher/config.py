@@ -175,8 +175,9 @@ class PruneConfig:
             equals the summed update: blocks of one entry).
         woodtaylor: add the first-order term (WoodTaylor, paper Eqs. 21-23).
         beta: FLOPs-aware statistic ``rho / flops_per_param ** beta`` (paper Sec. 5.4).
-        modules: module or parameter names to prune (None = every Linear / Conv weight, see
-            :mod:`woodfisher.targets`); stored as a tuple.
+        modules: module or parameter names to prune, or shell-style patterns over full names
+            (``"blocks.*.mlp.*"``: the default targets in the modules they match); None = every Linear /
+            Conv weight, see :mod:`woodfisher.targets`; stored as a tuple.
         pattern: None, "N:M" (e.g. "2:4"; fixes the sparsity at 1 - N/M) or "rows".
         group_exact: exact group statistic (True) or the paper's Eq. 18 relaxation.
         memory_budget: device bytes for gradients + inverses (an int, or a size such as "4GiB" / "1.5 GB",

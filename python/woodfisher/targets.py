@@ -8,7 +8,9 @@ module reads without calling a submodule. ``modules=`` accepts parameter names
 (``"attn.in_proj_weight"``, any name of a tied Parameter), names of modules with a
 ``weight`` (meaning that weight, e.g. an ``nn.Embedding`` named on purpose) and names of
 any other module (meaning the default targets inside it: ``"encoder.layers.0"``, or an
-``nn.MultiheadAttention``'s projections). Biases and normalisation layers are never
+``nn.MultiheadAttention``'s projections), and shell-style patterns (``fnmatch``: ``*``, ``?``,
+``[...]``; ``"blocks.*.mlp.*"``, ``"*.attn"``) over full names, meaning the default targets whose
+name, or the name of a module holding them, matches. Biases and normalisation layers are never
 pruned by default.
 
 Rules (one place for all of them, the pruner, pruning at initialisation and reports):
@@ -29,6 +31,7 @@ Blocks: see :mod:`woodfisher.layout` (canonical (out, in, ...) order, HF ``Conv1
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -339,7 +342,7 @@ def _recomputed(module: nn.Module) -> bool:
 
 
 def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "modules") -> List[str]:
-    """Logical parameter names for a user-given name.
+    """Logical parameter names for a user-given name or pattern (:func:`_glob`).
 
     A parameter name (any name of a tied Parameter) or a module with a ``weight`` gives
     that weight; any other module gives the default targets held by it or its submodules
@@ -347,6 +350,8 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
     """
     if not isinstance(raw, str):
         raise ValueError(f"{arg} must hold module or parameter names (str), got {raw!r}")
+    if any(c in raw for c in "*?["):  # no module or parameter name holds these: a pattern
+        return _glob(entries, raw, model, arg)
     by_id = {id(info["param"]): name for name, info in entries.items()}
     aliases = {}
     for key, p in model.named_parameters(remove_duplicate=False):
@@ -382,6 +387,23 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
         raise ValueError(f"{arg}: {raw!r} is a {type(modules[raw]).__name__}, which holds no Linear / Conv / "
                          f"attention projection weight{hint}")
     return inside
+
+
+def _glob(entries: Dict[str, dict], pattern: str, model: nn.Module, arg: str) -> List[str]:
+    """The default targets whose full name, or the name of a module holding them or of one of its parents,
+    matches the shell-style ``pattern`` (``fnmatch``: ``*`` also matches dots)."""
+    chosen = []
+    for name in default_target_names(model):
+        paths = {name} | {owner[:i] for owner, _ in entries[name]["owners"]
+                          for i in range(len(owner) + 1) if i == len(owner) or owner[i] == "."}
+        if any(fnmatch.fnmatchcase(path, pattern) for path in paths):
+            chosen.append(name)
+    if not chosen:
+        raise ValueError(f"{arg}: the pattern {pattern!r} matches no weight pruned by default (Linear / Conv / "
+                         "attention projection) nor a module holding one; patterns are shell-style (fnmatch: * ? "
+                         "[...]) over full names, e.g. 'blocks.*.mlp.*'; other weights are pruned only when named "
+                         "exactly")
+    return chosen
 
 
 def _within(name: str, parent: str) -> bool:

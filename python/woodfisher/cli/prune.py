@@ -82,7 +82,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--pattern", default=None, help="semi-structured N:M pattern (e.g. 2:4; gives --sparsity 1 - N/M) "
                    "or 'rows'")
     p.add_argument("--modules", nargs="+", default=None,
-                   help="module or weight names to prune (default: the model's standard set)")
+                   help="module or weight names to prune, or shell-style patterns over full names "
+                        "(quoted: 'blocks.*.mlp.*'; default: the model's standard set)")
     p.add_argument("--group-exact", action=argparse.BooleanOptionalAction, default=True,
                    help="exact group statistic for patterns (--no-group-exact: the paper's Eq. 18)")
     p.add_argument("--memory-budget", type=str, default=None,

@@ -1,0 +1,82 @@
+"""``modules=`` with shell-style patterns (fnmatch) over full names: the default targets whose name, or the name of
+a module holding them (or of one of its parents), matches; checked against the same selection spelt out name by
+name, through a wrapper's prefix, and refused (ValueError naming ``modules``) when nothing matches."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import woodfisher as wf
+
+
+class _Block(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        y = self.norm(x)
+        return x + self.attn(y, y, y, need_weights=False)[0] + self.mlp(y)
+
+
+class _ViT(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 4, 4)
+        self.pos = nn.Parameter(torch.zeros(1, 4, d))
+        self.blocks = nn.Sequential(_Block(d), _Block(d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.blocks(x).mean(1))
+
+
+def _names(model, modules):
+    return [t.name for t in wf.resolve_targets(model, modules)]
+
+
+@pytest.mark.parametrize("pattern, expected", [
+    ("blocks.*.mlp.*", ["blocks.0.mlp.0.weight", "blocks.0.mlp.2.weight", "blocks.1.mlp.0.weight",
+                        "blocks.1.mlp.2.weight"]),
+    ("*.attn", ["blocks.0.attn.in_proj_weight", "blocks.0.attn.out_proj.weight", "blocks.1.attn.in_proj_weight",
+                "blocks.1.attn.out_proj.weight"]),
+    ("blocks.[1].mlp.?", ["blocks.1.mlp.0.weight", "blocks.1.mlp.2.weight"]),
+    ("*weight", ["patch.weight"] + [f"blocks.{i}.{w}" for i in range(2) for w in (
+        "attn.in_proj_weight", "attn.out_proj.weight", "mlp.0.weight", "mlp.2.weight")] + ["head.weight"]),
+])
+def test_a_pattern_selects_the_default_targets_it_matches(pattern, expected):
+    model = _ViT()
+    assert _names(model, [pattern]) == expected
+    assert _names(model, [pattern]) == _names(model, expected)  # the same as naming each one
+    wrapped = nn.DataParallel(model)
+    prefixed = ["module." + name for name in expected]
+    assert _names(wrapped, [pattern]) == prefixed and _names(wrapped, ["module." + pattern]) == prefixed
+
+
+def test_patterns_and_names_mix_without_repeats():
+    model = _ViT()
+    assert _names(model, ["head", "blocks.*.mlp.2", "blocks.0.mlp.2"]) == [
+        "head.weight", "blocks.0.mlp.2.weight", "blocks.1.mlp.2.weight"]
+
+
+@pytest.mark.parametrize("pattern", ["*.bias", "pos*", r"blocks\.\d+\.mlp\..*"])
+def test_a_pattern_matching_no_default_target_is_refused_naming_modules(pattern):
+    with pytest.raises(ValueError, match=r"^modules: the pattern .* matches no weight pruned by default.*fnmatch"):
+        _names(_ViT(), [pattern])
+
+
+def test_prune_one_shot_with_a_pattern_prunes_those_weights_only():
+    torch.manual_seed(0)
+    model = _ViT()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
+    res = wf.prune_one_shot(model, data, sparsity=0.5, modules=["blocks.*.mlp.*"], num_grads=32, progress=False)
+    assert sorted(res.masks) == sorted(_names(model, ["blocks.*.mlp.*"]))
+    for name, p in model.named_parameters():
+        if name not in res.masks:
+            assert torch.equal(p, before[name]), name
