@@ -152,3 +152,59 @@ def test_no_frozen_warning_unless_frozen_and_trainable_weights_mix(frozen):
         warnings.simplefilter("always")
         wf.prune_one_shot(model, _data(), **OPTS)
     assert not [w for w in record if FROZEN in str(w.message)]
+
+
+def _pasted(message: str, name: str):
+    """The ``name=...`` expression a message asks the user to paste (up to its balanced closing parenthesis),
+    evaluated."""
+    start = message.index(name + "=") + len(name) + 1
+    depth, end = 0, start
+    for end in range(start, len(message)):
+        depth += {"(": 1, ")": -1}.get(message[end], 0)
+        if message[end] == ")" and depth == 0:
+            break
+    return eval(message[start:end + 1], {"woodfisher": wf, "torch": torch})
+
+
+@pytest.mark.parametrize("keys", [("pixel_values", "label"), ("image", "target")])
+def test_dict_batch_with_a_target_key_gets_an_adapter_that_works_for_a_positional_forward(keys):
+    ref_model, ref_res = _reference()
+    loader = [{keys[0]: x, keys[1]: y} for x, y in _data()]
+    with pytest.raises(ValueError) as info:
+        wf.prune_one_shot(_net(), loader, **OPTS)
+    model = _net()
+    res = wf.prune_one_shot(model, loader, batch_adapter=_pasted(str(info.value), "batch_adapter"), **OPTS)
+    for name, keep in res.masks.items():
+        assert torch.equal(keep, ref_res.masks[name]), name
+
+
+class _Seg(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.cls = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.cls(torch.relu(self.conv(x)))
+
+
+def test_segmentation_ignore_label_gets_the_loss_that_skips_it():
+    g = torch.Generator().manual_seed(2)
+    loader = []
+    for _ in range(4):
+        x, t = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 4, (8, 6, 6), generator=g)
+        loader.append((x, torch.where(torch.rand(t.shape, generator=g) < 0.2, 255, t)))
+    model = _Seg()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="ignore_index=255") as info:
+        wf.prune_one_shot(model, loader, **OPTS)
+    assert_unchanged(before, snapshot(model))
+    loss_fn = _pasted(str(info.value), "loss_fn")
+    res = wf.prune_one_shot(model, loader, loss_fn=loss_fn, **OPTS)
+    # reference: the same loss written out (mean over the labelled pixels only)
+    ref = _Seg()
+    ref_res = wf.prune_one_shot(ref, loader, loss_fn=lambda out, t: nn.functional.cross_entropy(
+        out.permute(0, 2, 3, 1)[t != 255], t[t != 255]), **OPTS)
+    for name, keep in res.masks.items():
+        assert torch.equal(keep, ref_res.masks[name]), name

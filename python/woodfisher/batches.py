@@ -320,13 +320,27 @@ def loader_errors(batch: Batch, name: str = "loader",
         if found is not None:
             index, item, own = found
             raise ValueError(f"{name}: the model or the loss failed on item {index} of the loader, {describe(item)}: "
-                             f"{type(own).__name__}: {own}{_labels_hint(own, item)}") from own
+                             f"{type(own).__name__}: {own}{_hint(own, item)}") from own
         what = f"a batch with {describe(batch)}"
         if replay is not None:
             what = (f"{describe(batch)} (the loader's items concatenated and called per gradient; each item alone "
                     f"runs, so the model cannot be called on groups of fisher_batch_size samples)")
         raise ValueError(f"{name}: the model or the loss failed on {what}: "
-                         f"{type(err).__name__}: {err}{_labels_hint(err, batch)}") from err
+                         f"{type(err).__name__}: {err}{_hint(err, batch)}") from err
+
+
+def _hint(err: Exception, batch: Batch) -> str:
+    """What to pass for a model or default loss that refused the batch: :func:`_labels_hint`, or, for class
+    targets out of the outputs' range (segmentation's 255 'ignore' label), the loss that skips them."""
+    hint = _labels_hint(err, batch)
+    target = batch.target
+    if hint or not isinstance(err, IndexError) or "out of bounds" not in str(err) \
+            or not isinstance(target, torch.Tensor) or target.is_floating_point() or target.numel() == 0:
+        return hint
+    top = int(target.max())
+    return (f"; the class targets run up to {top} (an 'ignore' label such as 255?): the default cross-entropy "
+            f"takes classes 0..C-1 only; pass loss_fn=torch.nn.CrossEntropyLoss(ignore_index={top}) to skip "
+            "them, or remap the targets")
 
 
 def _labels_hint(err: Exception, batch: Batch) -> str:
@@ -342,7 +356,8 @@ def _labels_hint(err: Exception, batch: Batch) -> str:
                 "target=b['labels'])")
     inputs = [key for key in batch.kwargs if key != "labels"]
     args = ", ".join(f"b[{key!r}]" for key in inputs) + ","
-    target = "b['labels']" if "labels" in batch.kwargs else "None"
+    target = ("b['labels']" if "labels" in batch.kwargs else "None" if batch.target is None else
+              "(your target, as now)")
     return (f"; the model does not take {refused}= (dict batches are passed as keyword arguments): to pass "
             f"{', '.join(inputs)} positionally, batch_adapter=lambda b: woodfisher.Batch(args=({args}), "
             f"target={target})")
@@ -384,10 +399,16 @@ def check_labelled(batch: Batch, loss_fn: Optional[Callable] = None) -> None:
     if batch.kwargs and not batch.args:
         keys = list(batch.kwargs)
         guess = next((k for k in keys if k.lower() in TARGET_LIKE_KEYS), None)
-        fix = (f"pass batch_adapter=lambda b: woodfisher.Batch(kwargs={{k: v for k, v in b.items() "
-               f"if k != {guess!r}}}, target=b[{guess!r}]) to make {guess!r} the target" if guess is not None else
-               "pass batch_adapter=lambda b: woodfisher.Batch(kwargs={...inputs...}, target=b[<key>]) to say which "
-               "key is the target")
+        inputs = [k for k in keys if k != guess]
+        if guess is not None and len(inputs) == 1:  # one input: positional suits forward(x) and forward(<key>=)
+            fix = (f"pass batch_adapter=lambda b: woodfisher.Batch(args=(b[{inputs[0]!r}],), target=b[{guess!r}]) "
+                   f"to make {guess!r} the target")
+        elif guess is not None:
+            fix = (f"pass batch_adapter=lambda b: woodfisher.Batch(kwargs={{k: v for k, v in b.items() "
+                   f"if k != {guess!r}}}, target=b[{guess!r}]) to make {guess!r} the target")
+        else:
+            fix = ("pass batch_adapter=lambda b: woodfisher.Batch(kwargs={...inputs...}, target=b[<key>]) to say "
+                   "which key is the target")
         raise ValueError(f"dict batches with keys {keys} have no target: the default reading passes every key to "
                          f"the model as a keyword and takes the target from 'labels' only (HuggingFace's name); "
                          f"{fix}, or name it 'labels' if the model computes its own loss, or pass "
