@@ -91,3 +91,23 @@ def test_estimate_curvature_warns_the_same():
     with pytest.warns(UserWarning, match=NOTE):
         curv = wf.estimate_curvature(model, _data(), num_grads=32, progress=False)
     assert list(curv.layouts) == ["3.weight"]
+
+
+def test_a_transposed_convolution_is_named_in_one_warning_and_pruned_when_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(), nn.ConvTranspose2d(4, 2, 2, stride=2),
+                          nn.Flatten(), nn.Linear(32, 3))
+    up = model[2].weight.detach().clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = wf.prune_one_shot(model, _data(), sparsity=0.5, num_grads=32, num_steps=1, progress=False)
+    notes = [w for w in caught if "are not pruned by default" in str(w.message)]
+    assert len(notes) == 1 and notes[0].filename == __file__
+    assert "transposed-convolution layers ['2 (ConvTranspose2d)']" in str(notes[0].message)
+    assert "modules=[..., '2.weight']" in str(notes[0].message)
+    assert sorted(res.masks) == ["0.weight", "4.weight"] and torch.equal(model[2].weight, up)
+    res = wf.prune_one_shot(model, _data(), sparsity=0.6, modules=["0", "2.weight", "4"], num_grads=32, num_steps=1,
+                            progress=False)
+    assert sorted(res.masks) == ["0.weight", "2.weight", "4.weight"]
+    zeros = sum(int((p == 0).sum()) for p in (model[0].weight, model[2].weight, model[4].weight))
+    assert res.sparsity == pytest.approx(zeros / (72 + 32 + 96))

@@ -290,20 +290,26 @@ def default_target_names(model: nn.Module) -> List[str]:
 
 def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
     """Warn at the caller's line when the default targets (``modules`` None) leave out weights of the model: those
-    of recurrent layers (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``, pruned only when named), and Linear / Conv weights
+    of recurrent layers (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``) and transposed convolutions (``nn.ConvTranspose*``),
+    pruned only when named, and Linear / Conv weights
     recomputed from other parameters on every forward (weight_norm / spectral_norm, as hooks or parametrizations),
     which are not pruned at all."""
     if modules is not None:
         return
     inner, prefix = unwrap_model(model)
-    left = {name: mod for name, mod in inner.named_modules() if isinstance(mod, nn.RNNBase)}
+    left = {name: mod for name, mod in inner.named_modules()
+            if isinstance(mod, (nn.RNNBase, nn.modules.conv._ConvTransposeNd))
+            and any(p.dim() >= 2 for p in mod.parameters(recurse=False))}
     if left:
         name, mod = next(iter(left.items()))
         example = prefix + _join(name, next(k for k, p in mod.named_parameters() if p.dim() >= 2))
         layers = [f"{prefix}{n} ({type(m).__name__})" for n, m in left.items()][:4]
-        warn_at_caller(f"the weights of the recurrent layers {layers} are not pruned by default (Linear / Conv / "
-                       "attention projection weights are), and the sparsity counts the other weights only; name "
-                       f"them to prune them, e.g. modules=[..., {example!r}]")
+        kinds = " / ".join(k for k, t in (("recurrent", nn.RNNBase), ("transposed-convolution",
+                                                                       nn.modules.conv._ConvTransposeNd))
+                           if any(isinstance(m, t) for m in left.values()))
+        warn_at_caller(f"the weights of the {kinds} layers {layers}{' and more' if len(left) > 4 else ''} are not "
+                       "pruned by default (Linear / Conv / attention projection weights are), and the sparsity counts "
+                       f"the other weights only; name them to prune them, e.g. modules=[..., {example!r}]")
     chosen = default_target_names(inner)
     _warn_frozen(inner, prefix, chosen)
     chosen = set(chosen)
