@@ -80,3 +80,21 @@ def test_prune_one_shot_with_a_pattern_prunes_those_weights_only():
     for name, p in model.named_parameters():
         if name not in res.masks:
             assert torch.equal(p, before[name]), name
+
+
+def test_global_magnitude_refuses_mode_layerwise_naming_magnitude():
+    with pytest.raises(ValueError, match=r"^mode='layerwise' does not apply to method 'global_magnitude'.*"
+                                         r"method='magnitude' is its layerwise form"):
+        wf.PruneConfig(sparsity=0.5, method="global_magnitude", mode="layerwise")
+    wf.PruneConfig(sparsity=0.5, method="magnitude")  # its own mode under the default mode="global": accepted
+
+
+def test_collapse_warning_names_the_mode_the_method_ranked_by():
+    torch.manual_seed(0)
+    model = _ViT()  # the patch conv's weights are the smallest: global magnitude empties it
+    with torch.no_grad():
+        model.patch.weight.mul_(1e-3)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g))]
+    with pytest.warns(UserWarning, match=r"layer collapse: \['patch.weight'\].*\(mode='global'\)"):
+        wf.prune_one_shot(model, data, sparsity=0.5, method="global_magnitude", progress=False)

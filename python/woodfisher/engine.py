@@ -71,8 +71,9 @@ def _result(model, targets, config, damp, forms, timings, start, extra=None, sta
         hold_target_masks(targets, masks, model)
     empty = collapsed(masks)
     if empty:
+        mode = config.method_impl.fixed_mode or config.mode  # the mode the method ranked by
         warnings.warn(f"layer collapse: {empty} keep less than {COLLAPSE_DENSITY:g} of their entries at "
-                      f"sparsity={config.sparsity!r} (mode={config.mode!r}); pass min_density > 0 to keep a "
+                      f"sparsity={config.sparsity!r} (mode={mode!r}); pass min_density > 0 to keep a "
                       "floor in every layer", stacklevel=stacklevel)
     return PruneResult(masks=masks, layers=layer_rows(masks, forms), sparsity=sparsity, damp=damp,
                        config={**config.as_dict(), "modules": [target.name for target in targets], **(extra or {})},

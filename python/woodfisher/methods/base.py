@@ -7,7 +7,8 @@ A method is one small object (see :mod:`woodfisher.methods` for the registry):
   "blockwise", "diagonal" or "kfac";
 - ``patterns``: the group patterns it supports ("nm", "rows"); ``woodtaylor``: whether it
   supports the first-order term; ``joint_update``: whether it supports ``joint_update=True``;
-  ``fixed_mode``: a mode it always uses (or None);
+  ``fixed_mode``: a mode it always uses (or None; another explicit ``mode`` than the default "global" is
+  refused, naming ``other_mode``, the method that ranks the other way);
 - ``check(config)`` / ``check_targets(targets, config)``: refuse what it cannot do;
 - ``block_size(config)``: the Fisher block size it needs;
 - ``step(ctx) -> (new weights, keep-masks)``: one pruning step given the curvature.
@@ -93,12 +94,18 @@ class PruningMethod:
     woodtaylor: ClassVar[bool] = False
     joint_update: ClassVar[bool] = False
     fixed_mode: ClassVar[Optional[str]] = None
+    other_mode: ClassVar[Optional[str]] = None  # the method that ranks as the other mode (messages)
     summary: ClassVar[str] = ""
 
     def check(self, config) -> None:
         """Refuse option combinations this method does not support (ValueError naming them)."""
         if config.woodtaylor and not self.woodtaylor:
             raise ValueError(f"woodtaylor=True is not supported by method {self.name!r}")
+        if self.fixed_mode is not None and config.mode not in (self.fixed_mode, "global"):
+            # "global" is the default mode, which a method of its own mode reads as "not chosen"
+            other = f"; method={self.other_mode!r} is its {config.mode} form" if self.other_mode else ""
+            raise ValueError(f"mode={config.mode!r} does not apply to method {self.name!r}, which always ranks "
+                             f"{self.fixed_mode}{other}")
         if config.joint_update and not self.joint_update:
             raise ValueError(f"joint_update=True is not supported by method {self.name!r} (only by the blockwise "
                              "OBS methods 'woodfisher' and 'diag_fisher')")

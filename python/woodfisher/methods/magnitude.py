@@ -11,6 +11,7 @@ from .base import ScoreMethod
 class GlobalMagnitude(ScoreMethod):
     name = "global_magnitude"
     fixed_mode = "global"
+    other_mode = "magnitude"
     summary = "|w| ranked across all pruned weights"
 
     def scores(self, ctx):
