@@ -1,0 +1,63 @@
+"""``backend=`` other than "auto" is checked against the weights' device and compute dtype before any gradient is
+read: it used to be ignored where a step used low-rank blocks (no kernel) and refused only at the first blockwise
+inverse otherwise, after the gradient pass."""
+from __future__ import annotations
+
+import pytest
+import torch
+from _snapshots import assert_unchanged, snapshot
+from torch import nn
+
+import woodfisher as wf
+
+
+class _Counted:
+    """A re-iterable loader that counts the items it hands out."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.items = [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
+        self.read = 0
+
+    def __iter__(self):
+        for item in self.items:
+            self.read += 1
+            yield item
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(dtype)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("block_size", [8, "auto"], ids=["blockwise", "low-rank"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_a_backend_the_weights_cannot_use_is_refused_before_reading_the_loader(backend, block_size, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model, loader = _model(), _Counted()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"^backend='{backend}' cannot prune weights of torch.float32 on cpu"):
+        wf.prune_one_shot(model, loader, sparsity=0.5, num_grads=16, block_size=block_size, backend=backend,
+                          progress=False)
+    assert loader.read == 0
+    assert_unchanged(before, snapshot(model))
+    with pytest.raises(ValueError, match=rf"^backend='{backend}'"):
+        wf.estimate_curvature(model, loader, num_grads=16, backend=backend, progress=False)
+    assert loader.read == 0
+
+
+def test_the_cpu_kernel_refuses_float64_weights_up_front_and_torch_takes_them():
+    loader = _Counted()
+    with pytest.raises(ValueError, match=r"^backend='cpu' cannot prune weights of torch.float64.*float32 only"):
+        wf.prune_one_shot(_model(torch.float64), loader, sparsity=0.5, num_grads=16, backend="cpu", progress=False)
+    assert loader.read == 0
+    ref = wf.prune_one_shot(_model(torch.float64), loader, sparsity=0.5, num_grads=16, progress=False)
+    res = wf.prune_one_shot(_model(torch.float64), loader, sparsity=0.5, num_grads=16, backend="torch",
+                            progress=False)
+    assert all(torch.equal(res.masks[name], ref.masks[name]) for name in ref.masks)
+
+
+def test_magnitude_methods_use_no_kernel_and_accept_any_backend():
+    res = wf.prune_one_shot(_model(), None, sparsity=0.5, method="global_magnitude", backend="cuda", progress=False)
+    assert res.sparsity == pytest.approx(0.5, abs=1 / 144)
