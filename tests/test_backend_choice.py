@@ -61,3 +61,13 @@ def test_the_cpu_kernel_refuses_float64_weights_up_front_and_torch_takes_them():
 def test_magnitude_methods_use_no_kernel_and_accept_any_backend():
     res = wf.prune_one_shot(_model(), None, sparsity=0.5, method="global_magnitude", backend="cuda", progress=False)
     assert res.sparsity == pytest.approx(0.5, abs=1 / 144)
+
+
+def test_a_dataset_given_as_the_loader_is_refused_with_the_dataloader_to_wrap_it():
+    data = torch.utils.data.TensorDataset(torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    with pytest.raises(ValueError, match=r"^loader must be an iterable.*got TensorDataset; a Dataset yields single "
+                                         r"samples: pass torch\.utils\.data\.DataLoader\(dataset, batch_size=\.\.\.\)"):
+        wf.prune_one_shot(_model(), data, sparsity=0.5, num_grads=16, progress=False)
+    res = wf.prune_one_shot(_model(), torch.utils.data.DataLoader(data, batch_size=8), sparsity=0.5, num_grads=16,
+                            progress=False)
+    assert res.sparsity == pytest.approx(0.5, abs=1 / 144)

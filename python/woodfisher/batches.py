@@ -272,8 +272,11 @@ def to_batch(item: Any, adapter: Optional[Callable[[Any], Any]] = None) -> Batch
 def check_loader(loader: Any) -> None:
     """``loader`` must be an iterable of batches (a DataLoader, a list, a generator...)."""
     if not isinstance(loader, collections.abc.Iterable) or isinstance(loader, (str, bytes)):
+        dataset = hasattr(loader, "__getitem__") and hasattr(loader, "__len__")  # a map-style Dataset: samples
         raise ValueError(f"loader must be an iterable of batches (a DataLoader, a list, a generator), "
-                         f"got {type(loader).__name__}")
+                         f"got {type(loader).__name__}" + ("; a Dataset yields single samples: pass "
+                                                           "torch.utils.data.DataLoader(dataset, batch_size=...)"
+                                                           if dataset else ""))
 
 
 def _shapes(tree) -> list:
