@@ -98,3 +98,14 @@ def test_collapse_warning_names_the_mode_the_method_ranked_by():
     data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g))]
     with pytest.warns(UserWarning, match=r"layer collapse: \['patch.weight'\].*\(mode='global'\)"):
         wf.prune_one_shot(model, data, sparsity=0.5, method="global_magnitude", progress=False)
+
+
+@pytest.mark.parametrize("regex", [r"blocks\.0", "blocks.(0|1).mlp", "^head$"])
+def test_a_regular_expression_is_refused_with_the_resolve_targets_recipe(regex):
+    with pytest.raises(ValueError, match=r"^modules: .* looks like a regular expression.*woodfisher\.resolve_targets"):
+        _names(_ViT(), [regex])
+
+
+def test_a_module_whose_name_holds_pattern_characters_is_found_by_its_name():
+    model = nn.ModuleDict({"conv[0]": nn.Conv2d(3, 4, 1), "head": nn.Linear(4, 2)})
+    assert _names(model, ["conv[0]"]) == ["conv[0].weight"]

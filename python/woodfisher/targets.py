@@ -356,8 +356,6 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
     """
     if not isinstance(raw, str):
         raise ValueError(f"{arg} must hold module or parameter names (str), got {raw!r}")
-    if any(c in raw for c in "*?["):  # no module or parameter name holds these: a pattern
-        return _glob(entries, raw, model, arg)
     by_id = {id(info["param"]): name for name, info in entries.items()}
     aliases = {}
     for key, p in model.named_parameters(remove_duplicate=False):
@@ -371,6 +369,8 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
             return [aliases[cand]]
     modules = dict(model.named_modules(remove_duplicate=False))
     if raw not in modules:
+        if any(c in raw for c in "*?["):  # not a name: a shell-style pattern
+            return _glob(entries, raw, model, arg)
         if raw in dict(model.named_buffers()):
             raise ValueError(f"{arg}: {raw!r} is a buffer, not a Parameter; only parameters are pruned")
         names = list(modules) + [key for key, _ in model.named_parameters()]
@@ -380,6 +380,9 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
             raise ValueError(f"{arg}: no module or parameter is named {raw!r}; {len(ends)} end with it ({shown}): "
                              f"names are full names, e.g. {arg}=[name for name, _ in model.named_modules() "
                              f"if name.endswith({'.' + raw!r})]")
+        if _regex_like(raw):  # say what names are, not a near name
+            raise ValueError(f"{arg}: {raw!r} looks like a regular expression; names are exact, or shell-style "
+                             f"patterns (fnmatch: * ? [...]) such as 'blocks.*.mlp.*'{_regex_hint(arg)}")
         match = closest(raw, names)
         hint = f" (did you mean {match!r}?)" if match else ""
         raise ValueError(f"{arg}: no module or parameter named {raw!r} in the model{hint}")
@@ -408,8 +411,18 @@ def _glob(entries: Dict[str, dict], pattern: str, model: nn.Module, arg: str) ->
         raise ValueError(f"{arg}: the pattern {pattern!r} matches no weight pruned by default (Linear / Conv / "
                          "attention projection) nor a module holding one; patterns are shell-style (fnmatch: * ? "
                          "[...]) over full names, e.g. 'blocks.*.mlp.*'; other weights are pruned only when named "
-                         "exactly")
+                         f"exactly{_regex_hint(arg) if _regex_like(pattern) else ''}")
     return chosen
+
+
+def _regex_like(name: str) -> bool:
+    """Whether a name holds characters of regular expressions that neither names nor shell patterns use."""
+    return any(c in name for c in "\\^$+|()")
+
+
+def _regex_hint(arg: str) -> str:
+    return (f"; for a regular expression, {arg}=[t.name for t in woodfisher.resolve_targets(model) "
+            "if re.fullmatch(<regex>, t.name)]")
 
 
 def _within(name: str, parent: str) -> bool:
