@@ -109,3 +109,20 @@ def test_a_regular_expression_is_refused_with_the_resolve_targets_recipe(regex):
 def test_a_module_whose_name_holds_pattern_characters_is_found_by_its_name():
     model = nn.ModuleDict({"conv[0]": nn.Conv2d(3, 4, 1), "head": nn.Linear(4, 2)})
     assert _names(model, ["conv[0]"]) == ["conv[0].weight"]
+
+
+def test_the_sparsity_table_of_a_model_lists_the_weights_the_pruner_prunes_masked_or_compiled():
+    from woodfisher.reports import sparsity_table
+    torch.manual_seed(0)
+    model = _ViT()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
+    res = wf.prune_one_shot(model, data, sparsity=0.5, num_grads=32, keep_masks=True, progress=False)
+    rows = sparsity_table(model)  # masks attached: weight_orig / weight_mask, read as the masked weights
+    assert [r["layer"] for r in rows] == list(res.masks)  # in_proj_weight included, as pruned
+    for row in rows:
+        assert row["nnz"] == int(res.masks[row["layer"]].sum()), row["layer"]
+    compiled = sparsity_table(torch.compile(model), input_shape=(3, 8, 8))
+    assert [r["layer"] for r in compiled] == ["_orig_mod." + name for name in res.masks]
+    in_proj = next(r for r in compiled if r["layer"].endswith("blocks.0.attn.in_proj_weight"))
+    assert in_proj["flops_dense"] == 24 * 8 * 4  # 3 x 8 rows x 8 inputs, each used by the 4 patch tokens

@@ -74,7 +74,7 @@ def test_sparsity_table_from_model_and_totals():
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(lines) == 1 + 3 + 1  # header, rows, total
     assert lines[-1].split("|")[1].strip() == "total" and "46.97" in lines[-1]
-    with pytest.raises(ValueError, match="no such parameter"):
+    with pytest.raises(ValueError, match="^names: no module or parameter named .nope.weight."):
         sparsity_table(model, names=["nope.weight"])
 
 
@@ -109,6 +109,15 @@ def test_layer_sparsity_plot_labels_both_axes(tmp_path):
     svg = open(plot_layer_sparsity({"woodfisher": rows}, tmp_path / "layers.svg", title="T")).read()
     for text in ("layer (weight name without .weight)", "sparsity (%)", "enc.0", "head", "T"):
         assert f"<!-- {text} -->" in svg
+
+
+def test_layer_sparsity_plot_shows_the_layers_of_every_table(tmp_path):
+    """Tables of different layer selections (a head-only run beside a full one): every layer gets its group, whatever
+    the order of the tables (the first table's layers only were drawn)."""
+    head = [{"layer": "head.weight", "sparsity": 60.0}]
+    full = [{"layer": "enc.0.weight", "sparsity": 40.0}, {"layer": "head.weight", "sparsity": 90.0}]
+    svg = open(plot_layer_sparsity({"head only": head, "all": full}, tmp_path / "mixed.svg")).read()
+    assert "<!-- enc.0 -->" in svg and "<!-- head -->" in svg
 
 
 def test_to_jsonable_turns_a_prune_result_and_its_config_into_their_fields():

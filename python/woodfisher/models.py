@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .targets import resolve_targets
+
 __all__ = ["MLPNet", "BasicBlock", "CifarResNet", "resnet20", "digits_mlp", "DigitsMLP",
            "RESNET20_PRUNABLE", "MLPNET_PRUNABLE", "ModelSpec", "MODEL_SPECS", "build_model",
            "prunable_weights"]
@@ -128,9 +130,9 @@ def digits_mlp(hidden: Sequence[int] = (64, 32)) -> DigitsMLP:
 
 
 def prunable_weights(model: nn.Module) -> List[str]:
-    """Names of the weights of every Linear and Conv layer of ``model`` (no biases, no BN)."""
-    return [f"{name}.weight" if name else "weight" for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    """Names of the weights the pruner prunes by default (:func:`woodfisher.resolve_targets`: Linear / Conv /
+    attention projection weights, each tied Parameter once; no biases, no BN)."""
+    return [target.name for target in resolve_targets(model)]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .flops import layer_flops
-from .models import prunable_weights
+from .targets import resolve_targets
 
 __all__ = ["sparsity_table", "table_totals", "format_table", "to_jsonable", "write_json",
            "plot_accuracy_vs_sparsity", "plot_layer_sparsity"]
@@ -26,16 +26,13 @@ Row = Dict[str, Any]
 
 
 def _rows_from_model(model: nn.Module, names: Optional[Sequence[str]]) -> List[Row]:
-    params = dict(model.named_parameters())
-    names = list(names) if names is not None else prunable_weights(model)
-    unknown = [n for n in names if n not in params]
-    if unknown:
-        raise ValueError(f"names: no such parameter(s) {unknown}")
+    """Rows of the weights :func:`woodfisher.resolve_targets` gives for ``names`` (None: the pruner's default
+    targets, attention projections and masked weights included), their zeros counted in the effective weight."""
     rows = []
-    for n in names:
-        w = params[n].detach()
+    for target in resolve_targets(model, None if names is None else list(names), arg="names"):
+        w = target.effective_weight().detach()
         nnz = int(torch.count_nonzero(w))
-        rows.append({"layer": n, "shape": tuple(w.shape), "params": w.numel(), "nnz": nnz,
+        rows.append({"layer": target.name, "shape": tuple(w.shape), "params": w.numel(), "nnz": nnz,
                      "sparsity": 100.0 * (1.0 - nnz / max(w.numel(), 1))})
     return rows
 
@@ -56,11 +53,14 @@ def sparsity_table(result_or_model: Any, *, model: Optional[nn.Module] = None,
 
     Args:
         result_or_model: a PruneResult (uses its ``layers``) or an ``nn.Module`` (counts
-            the zeros of ``names``, default every Linear/Conv weight).
+            the zeros of ``names``, default the weights the pruner prunes by default: Linear / Conv and
+            attention projection weights, see :func:`woodfisher.resolve_targets`; masked weights as masked).
         model: the model, for FLOPs when the first argument is a PruneResult.
         input_shape: one sample's shape; when given (and a model is known) adds
             ``flops_dense`` / ``flops_sparse`` per layer (see :mod:`woodfisher.flops`).
-        names: parameter names to list (module case only).
+        names: module or parameter names or patterns to list, as ``modules=`` takes them (module case only).
+    Raises:
+        ValueError: ``result_or_model`` of another type, or ``names`` naming nothing prunable.
     """
     if isinstance(result_or_model, nn.Module):
         model = result_or_model
@@ -205,18 +205,19 @@ def plot_accuracy_vs_sparsity(curves: Mapping[str, Curve], path: Union[str, os.P
 
 def plot_layer_sparsity(tables: Mapping[str, Sequence[Row]], path: Union[str, os.PathLike],
                         title: str = "Per-layer sparsity") -> str:
-    """Grouped bars of per-layer sparsity (%), one group per layer, one bar per table (method)."""
+    """Grouped bars of per-layer sparsity (%), one group per layer (of any table, in first-seen order), one bar per
+    table (method); a layer a table does not list has no bar in its colour."""
     if not tables or not all(tables.values()):
         raise ValueError("tables must be a non-empty {label: rows} mapping with non-empty rows")
     plt = _pyplot()
-    layers = [r["layer"] for r in next(iter(tables.values()))]
+    layers = list(dict.fromkeys(r["layer"] for rows in tables.values() for r in rows))  # every table's, in order
     width = 0.8 / len(tables)
     extra = 2.5 if len(tables) > 1 else 0.0  # room for the legend on the right
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers) + 2) + extra, 4.5), dpi=120)
     for i, (label, rows) in enumerate(tables.items()):
         by_layer = {r["layer"]: r["sparsity"] for r in rows}
         xs = [j + (i - (len(tables) - 1) / 2) * width for j in range(len(layers))]
-        ax.bar(xs, [by_layer.get(n, 0.0) for n in layers], width=width, label=label)
+        ax.bar(xs, [by_layer.get(n, math.nan) for n in layers], width=width, label=label)  # NaN: no bar
     ax.set_xticks(range(len(layers)))
     ax.set_xticklabels([n.removesuffix(".weight") for n in layers], rotation=60, ha="right", fontsize=7)
     ax.set_xlabel("layer (weight name without .weight)")
