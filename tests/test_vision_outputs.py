@@ -208,3 +208,27 @@ def test_segmentation_ignore_label_gets_the_loss_that_skips_it():
         out.permute(0, 2, 3, 1)[t != 255], t[t != 255]), **OPTS)
     for name, keep in res.masks.items():
         assert torch.equal(keep, ref_res.masks[name]), name
+
+
+def test_recalibrate_bn_names_the_loader_and_the_adapter_and_restores_the_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 5))
+    loader = [{"pixel_values": x, "labels": y} for x, y in _data()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^loader: the model or the loss failed .*batch_adapter=") as info:
+        wf.recalibrate_bn(model, loader, num_batches=2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    seen = wf.recalibrate_bn(model, loader, num_batches=2, batch_adapter=_pasted(str(info.value), "batch_adapter"))
+    assert seen == 16
+    # reference: the running mean of the conv outputs over the 16 samples (momentum None: the plain mean)
+    with torch.no_grad():
+        feats = torch.cat([model[0](x) for x, _ in _data()[:2]])
+    torch.testing.assert_close(model[1].running_mean, feats.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+
+
+def test_recalibrate_bn_casts_the_inputs_to_a_half_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(torch.bfloat16)
+    assert wf.recalibrate_bn(model, _data(), num_batches=1) == 8  # float32 images, bfloat16 weights
+    assert model[1].running_mean.dtype == torch.bfloat16 and bool(model[1].running_mean.ne(0).any())

@@ -30,8 +30,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
-from .batches import check_loader, to_batch
+from .batches import check_loader, loader_errors, to_batch
 from .masks import is_int
+from .precision import prepare_batch
 from .progress import phase
 from .state import Snapshot, caller_modes_off, eval_mode, install_deepcopy, remove_deepcopy
 from .targets import PruneTarget, check_module, resolve_targets, unwrap_model
@@ -258,8 +259,9 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: int = 50, *,
     Returns:
         the number of samples seen (0 when the model has no BatchNorm layer: nothing is run).
     Raises:
-        ValueError: ``model`` not an ``nn.Module``, ``loader`` not iterable, a bad ``num_batches`` or an
-            empty loader (the statistics are then left as they were, as after any failure).
+        ValueError: ``model`` not an ``nn.Module``, ``loader`` not iterable, a bad ``num_batches``, an
+            empty loader, or a batch the model fails on (naming the loader and the batch's shapes); the
+            statistics are then left as they were, as after any failure.
     """
     check_module(model)
     check_loader(loader)
@@ -270,7 +272,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: int = 50, *,
     if not bns:
         return 0
     saved = [(m, m.momentum, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in bns]
-    device = next(inner.parameters()).device
+    # the model's device and dtype (the running statistics' when no parameter is floating: affine=False BN only)
+    param = next(t for t in (*inner.parameters(), *inner.buffers()) if t.is_floating_point())
     seen = 0
     try:
         with eval_mode(inner), phase("BN recalibration", total=num_batches, unit="batch") as bar:
@@ -281,8 +284,9 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: int = 50, *,
             for i, item in enumerate(loader):
                 if i == num_batches:
                     break
-                batch = to_batch(item, batch_adapter).to(device)
-                inner(*batch.args, **batch.kwargs)
+                batch = prepare_batch(to_batch(item, batch_adapter), param.device, param.dtype)
+                with loader_errors(batch):  # the model's error on the loader's item: a ValueError naming it
+                    inner(*batch.args, **batch.kwargs)
                 seen += batch.size
                 bar.update(1)
         if seen == 0:
