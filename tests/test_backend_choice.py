@@ -71,3 +71,12 @@ def test_a_dataset_given_as_the_loader_is_refused_with_the_dataloader_to_wrap_it
     res = wf.prune_one_shot(_model(), torch.utils.data.DataLoader(data, batch_size=8), sparsity=0.5, num_grads=16,
                             progress=False)
     assert res.sparsity == pytest.approx(0.5, abs=1 / 144)
+
+
+@pytest.mark.parametrize("convert", ["script", "trace"])
+def test_a_torchscript_model_is_refused_saying_to_prune_before_scripting(convert):
+    model = _model()
+    scripted = torch.jit.script(model) if convert == "script" else torch.jit.trace(model, torch.randn(2, 6))
+    for options in (dict(), dict(modules=["0.weight"])):
+        with pytest.raises(ValueError, match=r"^model: a TorchScript module .* prune the nn\.Module, then script"):
+            wf.prune_one_shot(scripted, _Counted(), sparsity=0.5, num_grads=16, progress=False, **options)

@@ -436,9 +436,13 @@ def check_module(model: nn.Module) -> None:
 
 
 def check_model(model: nn.Module) -> None:
-    """``model`` must be an ``nn.Module`` whose parameters and buffers hold data (none on the meta device, no
-    uninitialized lazy parameter)."""
+    """``model`` must be an ``nn.Module``, not TorchScript, whose parameters and buffers hold data (none on the meta
+    device, no uninitialized lazy parameter)."""
     check_module(model)
+    if isinstance(unwrap_model(model)[0], torch.jit.ScriptModule):  # functional_call cannot run it
+        raise ValueError("model: a TorchScript module (torch.jit.script / torch.jit.trace) cannot be pruned: its "
+                         "forward cannot run on other weights (torch.func); prune the nn.Module, then script or "
+                         "trace the pruned one")
     tensors = (*model.named_parameters(), *model.named_buffers())
     lazy = [n for n, t in tensors if isinstance(t, nn.parameter.UninitializedTensorMixin)]
     if lazy:
