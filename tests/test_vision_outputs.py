@@ -232,3 +232,14 @@ def test_recalibrate_bn_casts_the_inputs_to_a_half_model():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(torch.bfloat16)
     assert wf.recalibrate_bn(model, _data(), num_batches=1) == 8  # float32 images, bfloat16 weights
     assert model[1].running_mean.dtype == torch.bfloat16 and bool(model[1].running_mean.ne(0).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+@pytest.mark.parametrize("options", [dict(), dict(fisher_batch_size=2, num_grads=16)], ids=["per-sample", "groups"])
+def test_integer_class_targets_of_any_dtype_give_the_int64_masks(dtype, options):
+    options = {**OPTS, **options}
+    ref_res = wf.prune_one_shot(_net(), _data(), **options)
+    model = _net()
+    res = wf.prune_one_shot(model, [(x, y.to(dtype)) for x, y in _data()], **options)
+    for name, keep in res.masks.items():
+        assert torch.equal(keep, ref_res.masks[name]), name

@@ -77,10 +77,13 @@ def default_loss(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
     Args:
         outputs: logits or log-probabilities, (N, C) or (N, C, d1, ...) or (N, T, V).
-        target: class indices (N,) / (N, d1, ...) / (N, T), or class probabilities of the outputs' shape.
+        target: class indices (N,) / (N, d1, ...) / (N, T) of any integer dtype, or class probabilities of the
+            outputs' shape.
     Returns:
         scalar loss (mean over samples / positions).
     """
+    if not target.is_floating_point() and target.dtype not in (torch.int64, torch.uint8):
+        target = target.long()  # int32 / int16 class indices (numpy's default on some platforms) as cross_entropy takes
     last = not target.is_floating_point() and outputs.dim() == target.dim() + 1 and outputs.dim() > 2 \
         and outputs.shape[:-1] == target.shape
     _check_cross_entropy_shapes(outputs, target, -1 if last else 1)
