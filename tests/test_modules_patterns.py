@@ -126,3 +126,23 @@ def test_the_sparsity_table_of_a_model_lists_the_weights_the_pruner_prunes_maske
     assert [r["layer"] for r in compiled] == ["_orig_mod." + name for name in res.masks]
     in_proj = next(r for r in compiled if r["layer"].endswith("blocks.0.attn.in_proj_weight"))
     assert in_proj["flops_dense"] == 24 * 8 * 4  # 3 x 8 rows x 8 inputs, each used by the 4 patch tokens
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_kfac_names_every_weight_it_cannot_model_and_the_modules_that_prune_the_rest(depthwise):
+    import re
+    torch.manual_seed(0)
+    model = _ViT()
+    if depthwise:  # a ConvNeXt-style depthwise conv in front: refused too
+        model.patch = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3), nn.Conv2d(3, 8, 4, 4))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
+    with pytest.raises(ValueError, match=r"^method='kfac'") as info:
+        wf.prune_one_shot(model, data, sparsity=0.5, method="kfac", num_grads=32, progress=False)
+    refused = re.search(r"weights it cannot model: (\[.*?\])", str(info.value)).group(1)
+    attention = [f"blocks.{i}.attn.{w}" for i in range(2) for w in ("in_proj_weight", "out_proj.weight")]
+    assert eval(refused) == (["patch.0.weight"] if depthwise else []) + attention
+    found = re.search(r"modules=(\[.*?\]) prunes the others", str(info.value))
+    others = eval(found.group(1)) if found else [n for n in _names(model, None) if n not in eval(refused)]
+    res = wf.prune_one_shot(model, data, sparsity=0.5, method="kfac", modules=others, num_grads=32, progress=False)
+    assert sorted(res.masks) == sorted(others)

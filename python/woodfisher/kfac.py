@@ -70,6 +70,9 @@ def check_kfac_layer(layer: PruneTarget) -> None:
     if len(layer.owners) > 1:
         raise ValueError(f"method='kfac' models one layer per weight; {layer.label!r} is shared by modules "
                          f"{list(layer.owners)} (tied weights): use method='woodfisher'")
+    if isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear):  # nn.MultiheadAttention's out_proj
+        raise ValueError(f"method='kfac' needs the inputs and outputs of a module call; {layer.label!r} is the "
+                         "out_proj of an nn.MultiheadAttention, which reads the weight without calling the module")
     if isinstance(m, nn.Linear) or layer.kind == "conv1d_hf":
         return
     if isinstance(m, nn.Conv2d):

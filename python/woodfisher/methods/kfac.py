@@ -15,8 +15,18 @@ class KFAC(PruningMethod):
 
     def check_targets(self, targets, config):
         super().check_targets(targets, config)
+        refused = {}
         for target in targets:
-            check_kfac_layer(target)
+            try:
+                check_kfac_layer(target)
+            except ValueError as err:
+                refused.setdefault(target.name, err)
+        if refused:  # the first reason, every weight concerned, and the call that prunes the others
+            first = next(iter(refused.values()))
+            others = [target.name for target in targets if target.name not in refused]
+            fix = f"; modules={others!r} prunes the others" if 0 < len(others) <= 6 else (
+                f"; modules= naming the other {len(others)} weight(s) prunes those" if others else "")
+            raise ValueError(f"{first} (weights it cannot model: {list(refused)}){fix}") from None
 
     def step(self, ctx):
         invs = ctx.curvature.inverses
