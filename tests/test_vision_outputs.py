@@ -243,3 +243,13 @@ def test_integer_class_targets_of_any_dtype_give_the_int64_masks(dtype, options)
     res = wf.prune_one_shot(model, [(x, y.to(dtype)) for x, y in _data()], **options)
     for name, keep in res.masks.items():
         assert torch.equal(keep, ref_res.masks[name]), name
+
+
+def test_uint8_images_the_model_refuses_get_the_conversion_to_float_and_change_nothing():
+    model = _net()
+    before = snapshot(model)
+    loader = [((x.clamp(-2, 2) * 60 + 128).to(torch.uint8), y) for x, y in _data()]
+    with pytest.raises(ValueError, match=r"the inputs hold uint8 images \['uint8\(8, 3, 6, 6\)'\]: convert them to "
+                                         r"float before the model"):
+        wf.prune_one_shot(model, loader, **OPTS)
+    assert_unchanged(before, snapshot(model))

@@ -333,9 +333,15 @@ def loader_errors(batch: Batch, name: str = "loader",
 
 
 def _hint(err: Exception, batch: Batch) -> str:
-    """What to pass for a model or default loss that refused the batch: :func:`_labels_hint`, or, for class
-    targets out of the outputs' range (segmentation's 255 'ignore' label), the loss that skips them."""
+    """What to pass for a model or default loss that refused the batch: :func:`_labels_hint`; for uint8 images,
+    the conversion to float; for class targets out of the outputs' range (segmentation's 255 'ignore' label), the
+    loss that skips them."""
     hint = _labels_hint(err, batch)
+    raw = [_describe(x) for x in pytree.tree_leaves((batch.args, batch.kwargs))
+           if _is_tensor(x) and x.dtype == torch.uint8 and x.dim() >= 3]
+    if not hint and raw and isinstance(err, RuntimeError):  # images still in bytes: the model's dtype error
+        return (f"; the inputs hold uint8 images {raw}: convert them to float before the model (torchvision: "
+                "transforms.ToTensor(), or v2.ToDtype(torch.float32, scale=True), then Normalize)")
     target = batch.target
     if hint or not isinstance(err, IndexError) or "out of bounds" not in str(err) \
             or not isinstance(target, torch.Tensor) or target.is_floating_point() or target.numel() == 0:
