@@ -1,0 +1,53 @@
+"""What to pass when the caller's model or the default loss refuses a loader's batch: the text that
+:func:`woodfisher.batches.loader_errors` appends to its message (a ``batch_adapter`` to paste for dict
+batches the model does not take as keywords, the conversion of uint8 images to float, the loss that
+skips an 'ignore' class label). Each hint reads the batch (a :class:`woodfisher.Batch`) and the error only.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = ["fix_hint"]
+
+
+def fix_hint(err: Exception, batch: Any) -> str:
+    """What to pass for a model or default loss that refused the batch: :func:`_labels_hint`; for uint8 images,
+    the conversion to float; for class targets out of the outputs' range (segmentation's 255 'ignore' label), the
+    loss that skips them."""
+    hint = _labels_hint(err, batch)
+    raw = [f"uint8{tuple(x.shape)}" for x in pytree.tree_leaves((batch.args, batch.kwargs))
+           if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() >= 3]
+    if not hint and raw and isinstance(err, RuntimeError):  # images still in bytes: the model's dtype error
+        return (f"; the inputs hold uint8 images {raw}: convert them to float before the model (torchvision: "
+                "transforms.ToTensor(), or v2.ToDtype(torch.float32, scale=True), then Normalize)")
+    target = batch.target
+    if hint or not isinstance(err, IndexError) or "out of bounds" not in str(err) \
+            or not isinstance(target, torch.Tensor) or target.is_floating_point() or target.numel() == 0:
+        return hint
+    top = int(target.max())
+    return (f"; the class targets run up to {top} (an 'ignore' label such as 255?): the default cross-entropy "
+            f"takes classes 0..C-1 only; pass loss_fn=torch.nn.CrossEntropyLoss(ignore_index={top}) to skip "
+            "them, or remap the targets")
+
+
+def _labels_hint(err: Exception, batch: Any) -> str:
+    """For a model that refused one of a dict batch's keys as a keyword: the ``batch_adapter`` to paste."""
+    if not isinstance(err, TypeError) or not batch.kwargs or batch.args:
+        return ""
+    refused = next((key for key in batch.kwargs if f"'{key}'" in str(err)), None)
+    if refused is None:
+        return ""
+    if refused == "labels":
+        return ("; the model does not take labels= (dict batches are passed as keyword arguments): pass "
+                "batch_adapter=lambda b: woodfisher.Batch(kwargs={k: v for k, v in b.items() if k != 'labels'}, "
+                "target=b['labels'])")
+    inputs = [key for key in batch.kwargs if key != "labels"]
+    args = ", ".join(f"b[{key!r}]" for key in inputs) + ","
+    target = ("b['labels']" if "labels" in batch.kwargs else "None" if batch.target is None else
+              "(your target, as now)")
+    return (f"; the model does not take {refused}= (dict batches are passed as keyword arguments): to pass "
+            f"{', '.join(inputs)} positionally, batch_adapter=lambda b: woodfisher.Batch(args=({args}), "
+            f"target={target})")
