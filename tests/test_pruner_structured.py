@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import pytest
 import torch
 from _pruner_shared import per_sample_grads, tiny_data, tiny_mlp
+from torch import nn
 
 import woodfisher as wf
 import woodfisher.structured as st
@@ -180,3 +182,35 @@ def test_rows_update_is_the_joint_obs_optimum_of_each_block(num_grads, chunked, 
         got = _pad(new_params[n].detach().flatten(), c)
         torch.testing.assert_close(got, expect, rtol=1e-7, atol=1e-9)
     assert 12 in counts and len(counts) > 1, counts  # a block removing 2 of its 3 rows; blocks batched by count
+
+
+def test_select_rows_keeps_the_min_density_floor_by_hand():
+    """Two layers: a with 4 rows of 2 entries (statistics 1..4), b with 2 rows of 4 (10, 20); per entry a: 0.5, 1,
+    1.5, 2 and b: 2.5, 5. Global 50% of 16 entries without a floor prunes all of a (collapse); with
+    min_density=0.5, a keeps its 2 best rows and b its best, and the budget goes to a0, a1, b0."""
+    from woodfisher.structured import select_rows
+    scores = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([10.0, 20.0])}
+    sizes = {"a": 2, "b": 4}
+    bare = select_rows(scores, sizes, 0.5, "global")
+    assert bare["a"].tolist() == [True] * 4 and bare["b"].tolist() == [False, False]
+    floor = select_rows(scores, sizes, 0.5, "global", min_density=0.5)
+    assert floor["a"].tolist() == [True, True, False, False] and floor["b"].tolist() == [True, False]
+    layerwise = select_rows(scores, sizes, 0.5, "layerwise", min_density=0.75)  # a keeps 3 rows, b both
+    assert layerwise["a"].tolist() == [True, False, False, False] and layerwise["b"].tolist() == [False, False]
+
+
+@pytest.mark.parametrize("mode", ["global", "layerwise"])
+def test_rows_with_min_density_keep_that_fraction_of_every_layer(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-3)  # the smallest rows by far: global rows prune this layer whole without a floor
+    g = torch.Generator().manual_seed(1)
+    loader = [(torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
+    res = wf.prune_one_shot(model, loader, sparsity=0.5, pattern="rows", mode=mode, min_density=0.25, num_grads=32,
+                            progress=False)
+    for name, keep in res.masks.items():
+        rows = keep.all(1)
+        assert bool((keep == rows[:, None]).all()), name  # whole rows
+        assert int(rows.sum()) >= math.ceil(0.25 * rows.numel()), name
+    assert not res.collapsed

@@ -18,6 +18,7 @@ all of them, not the sum of the groups' updates); with Eq. 18, the sum of the gr
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from typing import Dict, List, Optional, Tuple
 
@@ -165,17 +166,20 @@ def row_saliency(inv, weights: torch.Tensor, layer: PruneTarget, exact: bool = T
 
 
 def select_rows(scores: Dict[str, torch.Tensor], sizes: Dict[str, int], sparsity: float,
-                mode: str) -> Dict[str, torch.Tensor]:
+                mode: str, min_density: float = 0.0) -> Dict[str, torch.Tensor]:
     """{name: (out,) bool rows to prune} reaching ``sparsity`` of entries.
 
     layerwise: ``round(sparsity * out)`` cheapest rows of each layer; global: rows of
     all layers ranked by statistic per entry (``rho_Q / |Q|``), pruned cheapest first
-    while the pruned entries stay within ``sparsity`` of the total.
+    while the pruned entries stay within ``sparsity`` of the total. Either way every layer keeps
+    its ``ceil(min_density * out)`` most salient rows (a layer's rows are of one size, so that is
+    at least ``min_density`` of its entries): the floor against layer collapse.
     """
+    floors = {n: min(s.numel(), math.ceil(min_density * s.numel() - 1e-9)) for n, s in scores.items()}
     if mode == "layerwise":
         out = {}
         for name, s in scores.items():
-            k = int(round(sparsity * s.numel()))
+            k = min(int(round(sparsity * s.numel())), s.numel() - floors[name])
             mask = torch.zeros_like(s, dtype=torch.bool)
             mask[torch.argsort(s.double(), stable=True)[:k]] = True
             out[name] = mask
@@ -183,8 +187,10 @@ def select_rows(scores: Dict[str, torch.Tensor], sizes: Dict[str, int], sparsity
     names = list(scores)
     per_entry = torch.cat([scores[n].double().cpu() / sizes[n] for n in names])
     size = torch.cat([torch.full((scores[n].numel(),), sizes[n], dtype=torch.float64) for n in names])
+    protected = torch.cat([_top(scores[n].double().cpu(), floors[n]) for n in names])
     total = float(size.sum())
     order = torch.argsort(per_entry, stable=True)
+    order = order[~protected[order]]  # the floor rows are never candidates
     within = torch.cumsum(size[order], 0) <= sparsity * total + 0.5
     flags = torch.zeros_like(per_entry, dtype=torch.bool)
     flags[order[within]] = True
@@ -194,6 +200,14 @@ def select_rows(scores: Dict[str, torch.Tensor], sizes: Dict[str, int], sparsity
         out[n] = flags[start:start + k].to(scores[n].device)
         start += k
     return out
+
+
+def _top(score: torch.Tensor, k: int) -> torch.Tensor:
+    """(n,) bool: the ``k`` largest entries of ``score`` (ties: the later ones, as the ascending stable sort)."""
+    flags = torch.zeros_like(score, dtype=torch.bool)
+    if k > 0:
+        flags[torch.argsort(score, stable=True)[-k:]] = True
+    return flags
 
 
 def rows_to_groups(layer: PruneTarget, rows: torch.Tensor, device=None):

@@ -91,7 +91,8 @@ class WoodFisher(PruningMethod):
                 if ctx.curvature.flops:
                     scores = {n: s / ctx.curvature.flops[n] ** cfg.beta for n, s in scores.items()}
                 rows = st.select_rows(
-                    scores, {target.name: target.row_length for target in ctx.targets}, ctx.sparsity, ctx.mode
+                    scores, {target.name: target.row_length for target in ctx.targets}, ctx.sparsity, ctx.mode,
+                    cfg.min_density,
                 )
             for target in ctx.targets:
                 n = target.name
