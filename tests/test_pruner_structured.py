@@ -214,3 +214,14 @@ def test_rows_with_min_density_keep_that_fraction_of_every_layer(mode):
         assert bool((keep == rows[:, None]).all()), name  # whole rows
         assert int(rows.sum()) >= math.ceil(0.25 * rows.numel()), name
     assert not res.collapsed
+
+
+@pytest.mark.parametrize("mode", ["global", "layerwise"])
+def test_min_density_is_at_least_that_fraction_not_rounded_below(mode):
+    """0.2 of 512 entries is 102.4: the floor keeps 103 (102 would be 0.199, below the promise)."""
+    from woodfisher.masks import select_masks
+    g = torch.Generator().manual_seed(0)
+    scores = {"small": torch.rand(512, generator=g) * 1e-6, "large": torch.rand(2048, generator=g) + 1}
+    masks = select_masks(scores, 0.9, mode, min_density=0.2)
+    assert int(masks["small"].sum()) == 103
+    assert float(masks["small"].float().mean()) >= 0.2

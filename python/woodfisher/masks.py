@@ -9,6 +9,7 @@ all (:func:`check_keeps_weights`).
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Dict, List, Mapping, Optional
 
@@ -116,7 +117,7 @@ def select_masks(scores: Scores, sparsity: float, mode: str = "global",
         if pruned is not None and name in pruned:
             s = s.masked_fill(~pruned[name].to(s.device), float("-inf"))
         prepared[name] = s
-    floors = {n: int(round(min_density * s.numel())) for n, s in prepared.items()}
+    floors = {n: density_floor(min_density, s.numel()) for n, s in prepared.items()}
     if mode == "layerwise":
         return {n: _keep_top(s, max(floors[n], s.numel() - int(round(sparsity * s.numel()))))
                 for n, s in prepared.items()}
@@ -153,6 +154,12 @@ def collapsed(masks: Mapping[str, torch.Tensor], collapse_density: float = COLLA
     return out
 
 
+def density_floor(min_density: float, numel: int) -> int:
+    """The entries (or rows) a weight of ``numel`` keeps at least under ``min_density``: ``ceil(min_density *
+    numel)`` (not rounded: "at least this fraction"), at most ``numel``; a 1e-9 slack absorbs float error."""
+    return min(int(numel), math.ceil(float(min_density) * numel - 1e-9))
+
+
 def check_keeps_weights(sparsity: float, sizes: Mapping[str, int], mode: str = "global",
                         min_density: float = 0.0, name: str = "sparsity") -> None:
     """Refuse a ``sparsity`` that would prune every entry of ``sizes`` ({name: numel}).
@@ -165,7 +172,7 @@ def check_keeps_weights(sparsity: float, sizes: Mapping[str, int], mode: str = "
         ValueError: naming ``sparsity`` (as ``name``, with the value passed) and the largest value
             that keeps a weight.
     """
-    floors = sum(int(round(min_density * n)) for n in sizes.values())
+    floors = sum(density_floor(min_density, n) for n in sizes.values())
     total = sum(sizes.values())
     if mode == "layerwise":
         kept = sum(n - int(round(sparsity * n)) for n in sizes.values())

@@ -18,7 +18,6 @@ all of them, not the sum of the groups' updates); with Eq. 18, the sum of the gr
 from __future__ import annotations
 
 import itertools
-import math
 import re
 from typing import Dict, List, Optional, Tuple
 
@@ -26,6 +25,7 @@ import torch
 
 import woodfisher_kernels as wk
 
+from .masks import density_floor
 from .targets import PruneTarget
 
 Pattern = Tuple  # ("nm", n, m) or ("rows",)
@@ -175,7 +175,7 @@ def select_rows(scores: Dict[str, torch.Tensor], sizes: Dict[str, int], sparsity
     its ``ceil(min_density * out)`` most salient rows (a layer's rows are of one size, so that is
     at least ``min_density`` of its entries): the floor against layer collapse.
     """
-    floors = {n: min(s.numel(), math.ceil(min_density * s.numel() - 1e-9)) for n, s in scores.items()}
+    floors = {n: density_floor(min_density, s.numel()) for n, s in scores.items()}
     if mode == "layerwise":
         out = {}
         for name, s in scores.items():

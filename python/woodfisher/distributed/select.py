@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ..masks import check_min_density, check_sparsity
+from ..masks import check_min_density, check_sparsity, density_floor
 from .group import all_reduce_
 
 __all__ = ["order_keys", "top_entries", "select_sharded"]
@@ -114,7 +114,7 @@ def select_sharded(scores: List[torch.Tensor], index: List[torch.Tensor], numels
     layer = torch.cat([torch.full((n,), i, dtype=torch.int64, device=device) for i, n in enumerate(sizes)]) \
         if scores else torch.zeros(0, dtype=torch.int64, device=device)
     local = torch.cat(index) if scores else torch.zeros(0, dtype=torch.int64, device=device)
-    floors = [int(round(min_density * n)) for n in numels]
+    floors = [density_floor(min_density, n) for n in numels]
     if mode == "layerwise":
         need = [max(f, n - int(round(sparsity * n))) for f, n in zip(floors, numels)]
         return list(top_entries(values, local, layer, need, max(numels), reduce).split(sizes))
