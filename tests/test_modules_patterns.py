@@ -3,6 +3,8 @@ a module holding them (or of one of its parents), matches; checked against the s
 name, through a wrapper's prefix, and refused (ValueError naming ``modules``) when nothing matches."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -146,3 +148,23 @@ def test_kfac_names_every_weight_it_cannot_model_and_the_modules_that_prune_the_
     others = eval(found.group(1)) if found else [n for n in _names(model, None) if n not in eval(refused)]
     res = wf.prune_one_shot(model, data, sparsity=0.5, method="kfac", modules=others, num_grads=32, progress=False)
     assert sorted(res.masks) == sorted(others)
+
+
+@pytest.mark.parametrize("target", ["plain", "compiled"])
+def test_masks_and_names_from_a_model_wrapped_otherwise_resolve(target):
+    torch.manual_seed(0)
+    base = _ViT()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
+    wrapped = nn.DataParallel(copy.deepcopy(base))
+    res = wf.prune_one_shot(wrapped, data, sparsity=0.5, num_grads=32, progress=False)
+    assert all(name.startswith("module.") for name in res.masks)
+    model = copy.deepcopy(base)
+    other = model if target == "plain" else torch.compile(model)
+    wf.attach_masks(other, res.masks)  # 'module.x' names the plain model's 'x'
+    masked = dict(model.named_buffers())
+    for name, keep in res.masks.items():
+        assert torch.equal(masked[name.removeprefix("module.") + "_mask"].bool(), keep), name
+    assert _names(base, ["module.blocks.0.mlp"]) == ["blocks.0.mlp.0.weight", "blocks.0.mlp.2.weight"]
+    with pytest.raises(ValueError, match="no module or parameter named 'module.nope'"):
+        _names(base, ["module.nope"])

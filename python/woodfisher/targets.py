@@ -31,7 +31,6 @@ Blocks: see :mod:`woodfisher.layout` (canonical (out, in, ...) order, HF ``Conv1
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -42,6 +41,7 @@ from torch.nn.utils import parametrize
 from .diagnostics import warn_at_caller
 from .layout import BlockLayout, Layout
 from .masks import is_int
+from .name_patterns import match_pattern, regex_hint, regex_like
 from .names import closest
 
 __all__ = ["PRUNABLE_TYPES", "BlockLayout", "Layout", "PruneTarget", "resolve_targets", "unwrap_model",
@@ -348,7 +348,8 @@ def _recomputed(module: nn.Module) -> bool:
 
 
 def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "modules") -> List[str]:
-    """Logical parameter names for a user-given name or pattern (:func:`_glob`).
+    """Logical parameter names for a user-given name or pattern (:func:`_glob`); a name with a wrapper's prefix
+    (:data:`WRAPPER_PREFIXES`) the model does not have is read without it.
 
     A parameter name (any name of a tied Parameter) or a module with a ``weight`` gives
     that weight; any other module gives the default targets held by it or its submodules
@@ -369,8 +370,15 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
             return [aliases[cand]]
     modules = dict(model.named_modules(remove_duplicate=False))
     if raw not in modules:
+        for wrapper in WRAPPER_PREFIXES:  # a name from the model wrapped otherwise (DataParallel, torch.compile)
+            if raw.startswith(wrapper):
+                try:
+                    return _lookup(entries, raw[len(wrapper):], model, arg)
+                except ValueError:
+                    break  # the message below names what was given
         if any(c in raw for c in "*?["):  # not a name: a shell-style pattern
-            return _glob(entries, raw, model, arg)
+            return match_pattern(raw, {name: [owner for owner, _ in entries[name]["owners"]]
+                                       for name in default_target_names(model)}, arg)
         if raw in dict(model.named_buffers()):
             raise ValueError(f"{arg}: {raw!r} is a buffer, not a Parameter; only parameters are pruned")
         names = list(modules) + [key for key, _ in model.named_parameters()]
@@ -380,9 +388,9 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
             raise ValueError(f"{arg}: no module or parameter is named {raw!r}; {len(ends)} end with it ({shown}): "
                              f"names are full names, e.g. {arg}=[name for name, _ in model.named_modules() "
                              f"if name.endswith({'.' + raw!r})]")
-        if _regex_like(raw):  # say what names are, not a near name
+        if regex_like(raw):  # say what names are, not a near name
             raise ValueError(f"{arg}: {raw!r} looks like a regular expression; names are exact, or shell-style "
-                             f"patterns (fnmatch: * ? [...]) such as 'blocks.*.mlp.*'{_regex_hint(arg)}")
+                             f"patterns (fnmatch: * ? [...]) such as 'blocks.*.mlp.*'{regex_hint(arg)}")
         match = closest(raw, names)
         hint = f" (did you mean {match!r}?)" if match else ""
         raise ValueError(f"{arg}: no module or parameter named {raw!r} in the model{hint}")
@@ -396,33 +404,6 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
         raise ValueError(f"{arg}: {raw!r} is a {type(modules[raw]).__name__}, which holds no Linear / Conv / "
                          f"attention projection weight{hint}")
     return inside
-
-
-def _glob(entries: Dict[str, dict], pattern: str, model: nn.Module, arg: str) -> List[str]:
-    """The default targets whose full name, or the name of a module holding them or of one of its parents,
-    matches the shell-style ``pattern`` (``fnmatch``: ``*`` also matches dots)."""
-    chosen = []
-    for name in default_target_names(model):
-        paths = {name} | {owner[:i] for owner, _ in entries[name]["owners"]
-                          for i in range(len(owner) + 1) if i == len(owner) or owner[i] == "."}
-        if any(fnmatch.fnmatchcase(path, pattern) for path in paths):
-            chosen.append(name)
-    if not chosen:
-        raise ValueError(f"{arg}: the pattern {pattern!r} matches no weight pruned by default (Linear / Conv / "
-                         "attention projection) nor a module holding one; patterns are shell-style (fnmatch: * ? "
-                         "[...]) over full names, e.g. 'blocks.*.mlp.*'; other weights are pruned only when named "
-                         f"exactly{_regex_hint(arg) if _regex_like(pattern) else ''}")
-    return chosen
-
-
-def _regex_like(name: str) -> bool:
-    """Whether a name holds characters of regular expressions that neither names nor shell patterns use."""
-    return any(c in name for c in "\\^$+|()")
-
-
-def _regex_hint(arg: str) -> str:
-    return (f"; for a regular expression, {arg}=[t.name for t in woodfisher.resolve_targets(model) "
-            "if re.fullmatch(<regex>, t.name)]")
 
 
 def _within(name: str, parent: str) -> bool:

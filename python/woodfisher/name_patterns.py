@@ -1,0 +1,48 @@
+"""Shell-style patterns in ``modules=`` (and every argument that names weights the same way): which of the
+default targets a pattern selects, and what to say for a regular expression, which names never are.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Dict, List
+
+__all__ = ["match_pattern", "regex_like", "regex_hint"]
+
+
+def match_pattern(pattern: str, owners: Dict[str, List[str]], arg: str = "modules") -> List[str]:
+    """The weights whose full name, or the name of a module holding them or of one of its parents, matches
+    ``pattern`` (``fnmatch.fnmatchcase``: ``*`` also matches dots).
+
+    Args:
+        pattern: e.g. ``"blocks.*.mlp.*"``, ``"*.attn"``.
+        owners: {weight name: names of the modules that hold it}, in the order to return them (the default
+            targets, registration order).
+        arg: the caller's argument, for the message.
+    Returns:
+        the matching weight names, in the order of ``owners``.
+    Raises:
+        ValueError: naming ``arg``, when nothing matches.
+    """
+    chosen = []
+    for name, holders in owners.items():
+        paths = {name} | {owner[:i] for owner in holders
+                          for i in range(len(owner) + 1) if i == len(owner) or owner[i] == "."}
+        if any(fnmatch.fnmatchcase(path, pattern) for path in paths):
+            chosen.append(name)
+    if not chosen:
+        raise ValueError(f"{arg}: the pattern {pattern!r} matches no weight pruned by default (Linear / Conv / "
+                         "attention projection) nor a module holding one; patterns are shell-style (fnmatch: * ? "
+                         "[...]) over full names, e.g. 'blocks.*.mlp.*'; other weights are pruned only when named "
+                         f"exactly{regex_hint(arg) if regex_like(pattern) else ''}")
+    return chosen
+
+
+def regex_like(name: str) -> bool:
+    """Whether ``name`` holds characters of regular expressions that neither names nor shell patterns use."""
+    return any(c in name for c in "\\^$+|()")
+
+
+def regex_hint(arg: str) -> str:
+    """The recipe for selecting weights by a regular expression, for messages about ``arg``."""
+    return (f"; for a regular expression, {arg}=[t.name for t in woodfisher.resolve_targets(model) "
+            "if re.fullmatch(<regex>, t.name)]")
