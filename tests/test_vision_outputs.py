@@ -253,3 +253,25 @@ def test_uint8_images_the_model_refuses_get_the_conversion_to_float_and_change_n
                                          r"float before the model"):
         wf.prune_one_shot(model, loader, **OPTS)
     assert_unchanged(before, snapshot(model))
+
+
+class _Squeezed(nn.Module):
+    def __init__(self, fixed=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc, self.fixed = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 5), fixed
+
+    def forward(self, x):
+        pooled = torch.relu(self.conv(x)).mean((2, 3), keepdim=True)
+        return self.fc(pooled.flatten(1) if self.fixed else pooled.squeeze())  # squeeze() drops a batch of one
+
+
+def test_a_forward_that_squeezes_the_batch_of_one_is_named_with_the_fix():
+    model = _Squeezed()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"on a batch of one sample it returns outputs of shape \(5,\), without the "
+                                         r"batch dimension \(a \.squeeze\(\) in forward\?\)"):
+        wf.prune_one_shot(model, _data(), **OPTS)
+    assert_unchanged(before, snapshot(model))
+    res = wf.prune_one_shot(_Squeezed(fixed=True), _data(), **OPTS)
+    assert res.sparsity == pytest.approx(0.6, abs=1 / 128)

@@ -103,6 +103,12 @@ def _check_cross_entropy_shapes(outputs: torch.Tensor, target: torch.Tensor, cla
     Cross-entropy over one class is 0 whatever the weights (every gradient would be zero), and
     floating targets are class probabilities of the outputs' shape.
     """
+    if outputs.dim() == 1 and outputs.numel() >= 2 and not target.is_floating_point() and target.dim() == 1 \
+            and target.numel() == 1:  # one sample's logits without the batch dim
+        raise ValueError(f"model: on a batch of one sample it returns outputs of shape {tuple(outputs.shape)}, "
+                         f"without the batch dimension (a .squeeze() in forward?), while the target has shape "
+                         f"{tuple(target.shape)}; per-sample gradients call the model on one sample at a time: "
+                         "squeeze only the dims meant (x.flatten(1), or x.squeeze(-1).squeeze(-1))")
     if outputs.dim() < 2 or outputs.shape[class_dim] < 2:
         raise ValueError(f"loss_fn: the default loss is cross-entropy over the class dim, but the outputs have "
                          f"shape {tuple(outputs.shape)} (fewer than 2 classes: the loss would be 0 and every "
