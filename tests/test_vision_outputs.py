@@ -275,3 +275,16 @@ def test_a_forward_that_squeezes_the_batch_of_one_is_named_with_the_fix():
     assert_unchanged(before, snapshot(model))
     res = wf.prune_one_shot(_Squeezed(fixed=True), _data(), **OPTS)
     assert res.sparsity == pytest.approx(0.6, abs=1 / 128)
+
+
+def test_transposed_convolution_flops_count_input_positions_by_hand():
+    """A stride-2 ConvTranspose2d(8, 4, 2) on 8 x 8 inputs: each of its 128 weights multiplies each input pixel
+    once (64 uses; its 16 x 16 outputs would say 256)."""
+    from woodfisher.flops import flops_per_param_of_batch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.ConvTranspose2d(8, 4, 2, 2), nn.Conv2d(4, 4, 1))
+    targets = wf.resolve_targets(model, ["0", "2.weight", "3"])
+    batch = wf.Batch((torch.randn(2, 3, 16, 16),), {}, None)
+    assert flops_per_param_of_batch(model, batch, targets) == {"0.weight": 64.0, "2.weight": 64.0, "3.weight": 256.0}
+    stats = layer_flops(model, (3, 16, 16))
+    assert stats["2"]["flops_dense"] == 128 * 64 and stats["3"]["flops_dense"] == 16 * 256

@@ -4,7 +4,7 @@ Convention: one multiply-accumulate = one FLOP (the convention under which ResNe
 has ~4.1 GFLOPs, as in the pruning literature); biases, BN, activations and pooling
 are not counted. For a layer whose weight has ``numel`` entries, every entry is used
 ``uses`` times per sample (``uses`` = output positions: H_out*W_out for a 2-d conv, 1
-for a Linear on a vector), so
+for a Linear on a vector; input positions H_in*W_in for a transposed conv, pruned when named), so
 
     dense FLOPs = numel * uses,   sparse FLOPs = nnz(weight) * uses.
 
@@ -30,7 +30,7 @@ from .targets import is_hf_conv1d, unwrap_model
 __all__ = ["FLOP_MODULES", "layer_flops", "count_flops", "flops_per_param", "flops_per_param_of_batch",
            "layer_flops_per_param"]
 
-FLOP_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+FLOP_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @torch.no_grad()
@@ -55,9 +55,9 @@ def layer_flops(model: nn.Module, input_shape: Sequence[int],
     names = {m: n for n, m in model.named_modules()}
     stats: Dict[str, Dict[str, object]] = {}
 
-    def hook(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+    def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
         name = names[module]
-        uses = output.numel() // _out_channels(module)  # batch of one sample
+        uses = _positions(module, inputs, output)  # batch of one sample
         w = module.weight
         entry = stats.setdefault(name, {"weight": f"{name}.weight" if name else "weight",
                                         "shape": tuple(w.shape), "params": w.numel(),
@@ -112,6 +112,15 @@ def count_flops(model: nn.Module, input_shape: Sequence[int], sparse: bool = Fal
 def flops_per_param(model: nn.Module, input_shape: Sequence[int]) -> Dict[str, int]:
     """{weight param name: FLOPs each of its entries costs per sample} (``uses`` above)."""
     return {str(s["weight"]): int(s["uses"]) for s in layer_flops(model, input_shape).values()}
+
+
+def _positions(module: nn.Module, inputs, output: torch.Tensor) -> int:
+    """How often one call uses each weight entry (one sample): the output positions of a Linear / conv (each
+    output entry reads every weight of its row once); the *input* positions of a transposed convolution (each
+    input entry is multiplied by every weight of its input channel once: stride^2 fewer than its outputs)."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return inputs[0].numel() // module.in_channels
+    return output.numel() // _out_channels(module)
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -193,8 +202,8 @@ def flops_per_param_of_batch(model: nn.Module, batch, targets) -> Dict[str, floa
         if target.name in covered or target.attr != "weight" or target.kind not in ("linear", "conv", "conv1d_hf"):
             continue
 
-        def hook(module, _inputs, output, name=target.name):
-            uses[name] = uses.get(name, 0) + output.numel() // _out_channels(module)
+        def hook(module, inputs, output, name=target.name):
+            uses[name] = uses.get(name, 0) + _positions(module, inputs, output)
         handles.append(target.module.register_forward_hook(hook))
     try:
         with eval_mode(model), loader_errors(batch):
