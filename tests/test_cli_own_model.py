@@ -86,6 +86,19 @@ def test_own_model_gets_flops_columns_from_input_shape(files, capsys):
     assert "note: no FLOPs columns in the sparsity table: pass --input-shape" in capsys.readouterr().err
 
 
+def test_own_model_on_a_builtin_dataset_gets_flops_columns_from_the_dataset(files, capsys):
+    import json
+
+    out = files / "run_digits"
+    assert main(["prune", "--model", "woodfisher.models:digits_mlp", "--checkpoint", str(files / "dense.pt"),
+                 "--data", "digits", "--sparsity", "0.7", "--num-grads", "8", "--num-steps", "1", "--eval-samples",
+                 "16", "--no-progress", "--out", str(out)]) == 0  # no --input-shape: digits samples are (64,)
+    assert "no FLOPs columns" not in capsys.readouterr().err
+    dense, sparse = _hand_flops(torch.load(out / "pruned.pt", weights_only=True), (64,))
+    totals = json.loads((out / "report.json").read_text())["totals"]
+    assert (totals["flops_dense"], totals["flops_sparse"]) == (dense, sparse)
+
+
 @pytest.mark.parametrize("command", [
     ["prune", "--sparsity", "0.5", "--data", "digits", "--no-progress"],
     ["report"],

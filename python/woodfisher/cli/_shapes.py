@@ -7,16 +7,26 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..data import DATA_SHAPES
 from ..flops import layer_flops
 
 
 def input_shape(args: argparse.Namespace, spec, model: torch.nn.Module) -> Optional[Tuple[int, ...]]:
-    """One sample's shape for the FLOPs columns: ``--input-shape``, else the built-in model's, else None
+    """One sample's shape for the FLOPs columns: ``--input-shape``, else the built-in model's, else the built-in
+    dataset's (``--data cifar10``) when the model runs on it, else None
     (:func:`flops_note` then says how to get them). A shape given is tried at once on one sample (before any
     pruning or training), so one the model cannot run is a ValueError naming ``--input-shape``, not a
     traceback after the work."""
     if args.input_shape is None:
-        return spec.input_shape if spec is not None else None
+        if spec is not None:
+            return spec.input_shape
+        shape = DATA_SHAPES.get(getattr(args, "data", None))  # your model on a built-in dataset: its samples' shape
+        if shape is not None:
+            try:
+                layer_flops(model, shape)
+            except Exception:  # noqa: BLE001 - the model takes another input: no FLOPs columns, the note says so
+                return None
+        return shape
     shape = tuple(args.input_shape)
     try:
         layer_flops(model, shape)
