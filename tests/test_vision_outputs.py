@@ -288,3 +288,21 @@ def test_transposed_convolution_flops_count_input_positions_by_hand():
     assert flops_per_param_of_batch(model, batch, targets) == {"0.weight": 64.0, "2.weight": 64.0, "3.weight": 256.0}
     stats = layer_flops(model, (3, 16, 16))
     assert stats["2"]["flops_dense"] == 128 * 64 and stats["3"]["flops_dense"] == 16 * 256
+
+
+def test_torch_batching_rule_notes_do_not_reach_the_caller():
+    """HuggingFace's Swin runs an operator without a vmap batching rule: torch warns 'There is a performance
+    drop ... file us an issue' from inside the gradient pass, which the caller cannot act on."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(image_size=16, patch_size=4, embed_dim=8, depths=[1], num_heads=[1],
+                                     window_size=2, num_labels=3)
+    model = transformers.SwinForImageClassification(config)
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(4, 3, 16, 16, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+            for _ in range(2)]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        res = wf.prune_one_shot(model, data, sparsity=0.5, num_grads=8, progress=False)
+    assert not [w for w in record if "batching rule" in str(w.message)]
+    assert res.sparsity == pytest.approx(0.5, abs=0.01)

@@ -22,6 +22,7 @@ forward+backward dispatches 172 kernels, ``vmap`` 456, expanded weights 244.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List
 
 import torch
@@ -50,7 +51,11 @@ def vmap_grads(group_loss: Callable, sub: Grads, flat: Batch) -> Grads:
     dims = pytree.tree_map(lambda f: 0 if f else None, groups.batched())
     # the math attention kernel has vmap batching rules (flash / efficient SDPA fall back to a
     # per-sample loop under vmap, with a warning): same gradients, batched
-    with sdpa_kernel([SDPBackend.MATH]):
+    with sdpa_kernel([SDPBackend.MATH]), warnings.catch_warnings():
+        # torch's note that an operator without a batching rule runs per sample ("file us an issue"): the
+        # gradients are right, and the caller cannot act on it (it named torch internals from our call)
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
+                                "the batching rule")
         return vmap(grad(group_loss), in_dims=(None, *dims), randomness="different")(
             sub, groups.args, groups.kwargs, groups.target)
 
