@@ -42,12 +42,13 @@ from .distributed.group import active_group
 from .flops import flops_per_param_of_batch
 from .gradients import CHUNK_BYTES, GradientCollector
 from .kfac import kfac_factors, kfac_inverse
+from .left_out import warn_left_out
 from .offload import estimate_offloaded
 from .plan import plan_memory, stat_itemsize
 from .progress import display, phase
 from .state import caller_modes_off, derived_weights_kept, fingerprint
 from .streaming import estimate_streamed
-from .targets import Layout, PruneTarget, resolve_targets, unwrap_model, warn_left_out
+from .targets import Layout, PruneTarget, resolve_targets, unwrap_model
 
 __all__ = ["Curvature", "estimate_curvature", "resolve_config"]
 

@@ -29,6 +29,7 @@ from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
 from .finetune import hold_target_masks
 from .gradients import LoaderExhausted
+from .left_out import warn_left_out
 from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
 from .memory import note_out_of_memory
 from .methods import StepContext
@@ -36,7 +37,7 @@ from .plan import plan_memory, stat_itemsize
 from .progress import display, step_label
 from .result import PruneResult, layer_rows
 from .state import Snapshot, caller_modes_off, changed_weights, fingerprint
-from .targets import PruneTarget, resolve_targets, warn_left_out
+from .targets import PruneTarget, resolve_targets
 
 __all__ = ["prune_with", "run"]
 

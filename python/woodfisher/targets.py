@@ -38,7 +38,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .diagnostics import warn_at_caller
 from .layout import BlockLayout, Layout
 from .masks import is_int
 from .name_patterns import match_pattern, regex_hint, regex_like
@@ -286,65 +285,6 @@ def default_target_names(model: nn.Module) -> List[str]:
             continue  # tied LM head: prune the embedding only when named
         names.append(name)
     return names
-
-
-def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
-    """Warn at the caller's line when the default targets (``modules`` None) leave out weights of the model: those
-    of recurrent layers (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``) and transposed convolutions (``nn.ConvTranspose*``),
-    pruned only when named, and Linear / Conv weights
-    recomputed from other parameters on every forward (weight_norm / spectral_norm, as hooks or parametrizations),
-    which are not pruned at all."""
-    if modules is not None:
-        return
-    inner, prefix = unwrap_model(model)
-    left = {name: mod for name, mod in inner.named_modules()
-            if isinstance(mod, (nn.RNNBase, nn.modules.conv._ConvTransposeNd))
-            and any(p.dim() >= 2 for p in mod.parameters(recurse=False))}
-    if left:
-        name, mod = next(iter(left.items()))
-        example = prefix + _join(name, next(k for k, p in mod.named_parameters() if p.dim() >= 2))
-        layers = [f"{prefix}{n} ({type(m).__name__})" for n, m in left.items()][:4]
-        kinds = " / ".join(k for k, t in (("recurrent", nn.RNNBase), ("transposed-convolution",
-                                                                       nn.modules.conv._ConvTransposeNd))
-                           if any(isinstance(m, t) for m in left.values()))
-        warn_at_caller(f"the weights of the {kinds} layers {layers}{' and more' if len(left) > 4 else ''} are not "
-                       "pruned by default (Linear / Conv / attention projection weights are), and the sparsity counts "
-                       f"the other weights only; name them to prune them, e.g. modules=[..., {example!r}]")
-    chosen = default_target_names(inner)
-    _warn_frozen(inner, prefix, chosen)
-    chosen = set(chosen)
-    derived = [f"{prefix}{_join(name, 'weight')} ({type(mod).__name__})" for name, mod in inner.named_modules()
-               if _kind(mod, "weight") is not None and _join(name, "weight") not in chosen and _recomputed(mod)]
-    if derived:
-        warn_at_caller(f"the weights {derived[:4]}{' and more' if len(derived) > 4 else ''} are not pruned: each is "
-                       "recomputed from other parameters on every forward (weight_norm / spectral_norm), so zeros "
-                       "written to it would not last, and the sparsity counts the other weights only; to prune them, "
-                       "remove the reparametrisation first (torch.nn.utils.parametrize.remove_parametrizations("
-                       "module, 'weight'), or torch.nn.utils.remove_weight_norm / remove_spectral_norm)")
-
-
-def _warn_frozen(inner: nn.Module, prefix: str, chosen: List[str]) -> None:
-    """Warn when the default targets mix frozen (``requires_grad=False``) and trainable weights: the frozen ones
-    are pruned and OBS-updated like the others, which a caller who froze a backbone rarely means."""
-    entries = _entries(inner)  # logical names: "fc.weight" also under torch.nn.utils.prune ("fc.weight_orig")
-    frozen = [prefix + n for n in chosen if not entries[n]["param"].requires_grad]
-    trainable = [prefix + n for n in chosen if entries[n]["param"].requires_grad]
-    if not frozen or not trainable:  # all frozen (a model frozen for deployment) or none: nothing mixed
-        return
-    fix = (f"modules={trainable!r}" if len(trainable) <= 4 else
-           "modules=[n for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]")
-    warn_at_caller(f"{len(frozen)} of the {len(chosen)} weights pruned by default are frozen (requires_grad=False: "
-                   f"{frozen[:3]}{' and more' if len(frozen) > 3 else ''}): they are pruned and their kept entries "
-                   f"moved by the OBS update like the trainable ones; to prune the trainable weights only, pass "
-                   f"{fix}")
-
-
-def _recomputed(module: nn.Module) -> bool:
-    """Whether ``module.weight`` is computed from other parameters (a non-mask parametrization, or a plain tensor
-    that a forward pre-hook writes, as the hook-based weight_norm / spectral_norm do)."""
-    if parametrize.is_parametrized(module, "weight"):
-        return not all(hasattr(f, "mask") for f in module.parametrizations["weight"])
-    return "weight" not in module._parameters and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "modules") -> List[str]:
