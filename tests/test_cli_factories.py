@@ -200,3 +200,36 @@ def test_prune_report_json_names_real_metrics_and_the_magnitude_overlap(user_pkg
                  "--out", str(user_pkg / "rep")]) == 0
     inspected = json.loads((user_pkg / "rep" / "report.json").read_text())
     assert inspected["layers"] == report["layers"] and inspected["totals"] == report["totals"]
+
+
+VISION = """
+import torch
+from torch import nn
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+def dict_batches():
+    g = torch.Generator().manual_seed(0)
+    return [{"pixel_values": torch.randn(8, 3, 8, 8, generator=g), "labels": torch.randint(0, 3, (8,), generator=g)}
+            for _ in range(2)]
+
+def adapter(b):
+    import woodfisher
+    return woodfisher.Batch(args=(b["pixel_values"],), target=b["labels"])
+"""
+
+
+def test_a_suggested_batch_adapter_says_how_the_command_line_takes_it(tmp_path, monkeypatch, capsys):
+    (tmp_path / "vision_user.py").write_text(VISION)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["prune", "--model", "vision_user:net", "--data", "vision_user:dict_batches", "--sparsity", "0.5",
+              "--num-grads", "16", "--no-progress", "--out", str(tmp_path / "out")]
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("woodfisher: error: loader:") and "batch_adapter=lambda b:" in err
+    assert "(on the command line: write it as a function in a module of yours and pass --batch-adapter " \
+           "MODULE:FUNCTION)" in err
+    assert main(common + ["--batch-adapter", "vision_user:adapter"]) == 0

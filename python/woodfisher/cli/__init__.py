@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from ..config import pattern_fixed_sparsity
 from . import demo, export, pai, prune, report
-from ._common import Parser, one_line
+from ._common import Parser, cli_spelling, one_line
 from ._config import config_defaults, load_config
 
 __all__ = ["build_parser", "parse_args", "main", "COMMANDS"]
@@ -97,7 +97,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args = parse_args(argv)
             return int(args.func(args) or 0)
         except (ValueError, OSError) as err:  # OSError: FileNotFoundError, PermissionError, IsADirectoryError...
-            print(f"woodfisher: error: {one_line(err)}", file=sys.stderr)
+            message = one_line(err)
+            print(f"woodfisher: error: {message}{cli_spelling(message)}", file=sys.stderr)
             return 2
 
 
@@ -110,5 +111,6 @@ def _notes(show_other):
             return
         from ..progress import write_line
 
-        write_line(f"note: {one_line(message)}")
+        text = one_line(message)
+        write_line(f"note: {text}{cli_spelling(text)}")
     return show

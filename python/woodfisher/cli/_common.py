@@ -55,6 +55,20 @@ def one_line(err) -> str:
     return text if text else type(err).__name__
 
 
+#: the library's function-valued options and the command line's flags that take them as import paths
+FUNCTION_FLAGS = (("batch_adapter=", "--batch-adapter"), ("loss_fn=", "--loss"))
+
+
+def cli_spelling(message: str) -> str:
+    """What a message that suggests ``batch_adapter=...`` / ``loss_fn=...`` means on the command line ('' when it
+    suggests neither): the function goes in a module of yours and the flag takes its import path."""
+    flags = [flag for option, flag in FUNCTION_FLAGS if option in message]
+    if not flags:
+        return ""
+    return (f" (on the command line: write it as a function in a module of yours and pass "
+            f"{' / '.join(flag + ' MODULE:FUNCTION' for flag in flags)})")
+
+
 def sparsity_type(text: str) -> float:
     try:
         value = float(text)
