@@ -111,3 +111,30 @@ def test_a_transposed_convolution_is_named_in_one_warning_and_pruned_when_named(
     assert sorted(res.masks) == ["0.weight", "2.weight", "4.weight"]
     zeros = sum(int((p == 0).sum()) for p in (model[0].weight, model[2].weight, model[4].weight))
     assert res.sparsity == pytest.approx(zeros / (72 + 32 + 96))
+
+
+class _MyConv(nn.Module):
+    """A layer of its own type calling F.conv2d on its weight (not a default target)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 2, 3, 3) * 0.3)
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight, padding=1)
+
+
+def test_a_custom_layer_weight_is_named_in_one_warning_and_pruned_when_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(_MyConv(), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3), nn.LayerNorm(3))
+    custom = model[0].weight.detach().clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = wf.prune_one_shot(model, _data(), sparsity=0.5, num_grads=32, num_steps=1, progress=False)
+    notes = [w for w in caught if "are not pruned by default" in str(w.message)]
+    assert len(notes) == 1 and "custom layers ['0 (_MyConv)']" in str(notes[0].message)
+    assert "modules=[..., '0.weight']" in str(notes[0].message)
+    assert list(res.masks) == ["3.weight"] and torch.equal(model[0].weight, custom)
+    res = wf.prune_one_shot(model, _data(), sparsity=0.6, modules=["0.weight", "3"], num_grads=32, num_steps=1,
+                            progress=False)
+    assert sorted(res.masks) == ["0.weight", "3.weight"] and bool((model[0].weight == 0).any())

@@ -19,23 +19,19 @@ __all__ = ["warn_left_out"]
 
 def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
     """Warn at the caller's line when the default targets (``modules`` None) leave out weights of the model: those
-    of recurrent layers (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``) and transposed convolutions (``nn.ConvTranspose*``),
-    pruned only when named, and Linear / Conv weights
+    of recurrent layers (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``), transposed convolutions (``nn.ConvTranspose*``) and
+    custom layers holding a ``weight`` of >= 2 dims, pruned only when named, and Linear / Conv weights
     recomputed from other parameters on every forward (weight_norm / spectral_norm, as hooks or parametrizations),
     which are not pruned at all."""
     if modules is not None:
         return
     inner, prefix = unwrap_model(model)
-    left = {name: mod for name, mod in inner.named_modules()
-            if isinstance(mod, (nn.RNNBase, nn.modules.conv._ConvTransposeNd))
-            and any(p.dim() >= 2 for p in mod.parameters(recurse=False))}
+    left = {name: (kind, mod) for name, mod in inner.named_modules() if (kind := _left_kind(mod)) is not None}
     if left:
-        name, mod = next(iter(left.items()))
-        example = prefix + _join(name, next(k for k, p in mod.named_parameters() if p.dim() >= 2))
-        layers = [f"{prefix}{n} ({type(m).__name__})" for n, m in left.items()][:4]
-        kinds = " / ".join(k for k, t in (("recurrent", nn.RNNBase), ("transposed-convolution",
-                                                                       nn.modules.conv._ConvTransposeNd))
-                           if any(isinstance(m, t) for m in left.values()))
+        name, (_, mod) = next(iter(left.items()))
+        example = prefix + _join(name, next(k for k, p in mod.named_parameters(recurse=False) if p.dim() >= 2))
+        layers = [f"{prefix}{n} ({type(m).__name__})" for n, (_, m) in left.items()][:4]
+        kinds = " / ".join(dict.fromkeys(kind for kind, _ in left.values()))
         warn_at_caller(f"the weights of the {kinds} layers {layers}{' and more' if len(left) > 4 else ''} are not "
                        "pruned by default (Linear / Conv / attention projection weights are), and the sparsity counts "
                        f"the other weights only; name them to prune them, e.g. modules=[..., {example!r}]")
@@ -50,6 +46,25 @@ def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
                        "written to it would not last, and the sparsity counts the other weights only; to prune them, "
                        "remove the reparametrisation first (torch.nn.utils.parametrize.remove_parametrizations("
                        "module, 'weight'), or torch.nn.utils.remove_weight_norm / remove_spectral_norm)")
+
+
+def _left_kind(module: nn.Module) -> Optional[str]:
+    """What kind of layer ``module`` is when it holds weights of >= 2 dims that no default target covers: recurrent,
+    transposed-convolution, or custom (a module of its own type with a ``weight`` Parameter, e.g. one calling
+    ``F.conv2d(x, self.weight)``); None otherwise (embeddings are left out by design, and said so in the docs)."""
+    if isinstance(module, nn.RNNBase):
+        kind = "recurrent"
+    elif isinstance(module, nn.modules.conv._ConvTransposeNd):
+        kind = "transposed-convolution"
+    elif _kind(module, "weight") is None and not isinstance(module, (nn.Embedding, nn.EmbeddingBag,
+                                                                       nn.MultiheadAttention)):
+        weight = module._parameters.get("weight")
+        kind = "custom" if weight is not None and weight.is_floating_point() and weight.dim() >= 2 else None
+    else:
+        kind = None
+    if kind is None or not any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+        return None
+    return kind
 
 
 def _warn_frozen(inner: nn.Module, prefix: str, chosen: List[str]) -> None:
