@@ -306,3 +306,22 @@ def test_torch_batching_rule_notes_do_not_reach_the_caller():
         res = wf.prune_one_shot(model, data, sparsity=0.5, num_grads=8, progress=False)
     assert not [w for w in record if "batching rule" in str(w.message)]
     assert res.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+class _FromBytes(nn.Module):
+    """Converts uint8 images itself, then fails for another reason (a wrong feature count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 5)
+
+    def forward(self, x):
+        return self.fc(x.float().flatten(1) / 255)
+
+
+def test_the_uint8_hint_is_given_for_dtype_errors_only():
+    loader = [((x.clamp(-2, 2) * 60 + 128).to(torch.uint8), y) for x, y in _data()]
+    with pytest.raises(ValueError) as info:
+        wf.prune_one_shot(_FromBytes(), loader, **OPTS)
+    assert "mat1 and mat2 shapes cannot be multiplied" in str(info.value)
+    assert "uint8 images" not in str(info.value)

@@ -20,7 +20,9 @@ def fix_hint(err: Exception, batch: Any) -> str:
     hint = _labels_hint(err, batch)
     raw = [f"uint8{tuple(x.shape)}" for x in pytree.tree_leaves((batch.args, batch.kwargs))
            if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() >= 3]
-    if not hint and raw and isinstance(err, RuntimeError):  # images still in bytes: the model's dtype error
+    dtype_error = isinstance(err, RuntimeError) and any(word in str(err) for word in (
+        "dtype", "scalar type", "Byte", "unsigned char", "Input type"))
+    if not hint and raw and dtype_error:  # images still in bytes: the model's dtype error
         return (f"; the inputs hold uint8 images {raw}: convert them to float before the model (torchvision: "
                 "transforms.ToTensor(), or v2.ToDtype(torch.float32, scale=True), then Normalize)")
     target = batch.target
