@@ -168,3 +168,10 @@ def test_masks_and_names_from_a_model_wrapped_otherwise_resolve(target):
     assert _names(base, ["module.blocks.0.mlp"]) == ["blocks.0.mlp.0.weight", "blocks.0.mlp.2.weight"]
     with pytest.raises(ValueError, match="no module or parameter named 'module.nope'"):
         _names(base, ["module.nope"])
+
+
+def test_the_papers_resnet20_selection_is_one_pattern():
+    """The WoodFisher paper prunes ResNet-20's 18 3x3 convs of the residual blocks (not the stem, the 1x1 shortcut
+    convs or the fc): 'layer*.conv*' names exactly the built-in list."""
+    from woodfisher.models import RESNET20_PRUNABLE, resnet20
+    assert _names(resnet20(), ["layer*.conv*"]) == list(RESNET20_PRUNABLE)
