@@ -150,9 +150,9 @@ def check_probabilities(target: Any) -> None:
 
 
 def model_loss(outputs: Any) -> Optional[torch.Tensor]:
-    """The loss a model returned itself (a ``loss`` tensor of a dict / ModelOutput, namedtuple or dataclass,
-    e.g. HF given ``labels``), or None."""
-    return _field(outputs, "loss")
+    """The loss a model returned itself (dict / ModelOutput ``loss``, e.g. HF with ``labels``), or None; not read
+    from other outputs (a dataclass's ``loss`` may be an auxiliary term, not the loss to differentiate)."""
+    return _field(outputs, "loss") if isinstance(outputs, collections.abc.Mapping) else None
 
 
 #: dict keys that look like a target under another name than HuggingFace's ``labels``
