@@ -53,8 +53,8 @@ from torch.func import functional_call
 import woodfisher_kernels as wk
 
 from . import per_sample
-from .batches import Batch, check_labelled, loader_errors, to_batch
-from .chunking import CHUNK_BYTES, MAX_CHUNK_SAMPLES, batch_size, cat_batches, chunk_samples, plain_size, signature
+from .batches import Batch, check_labelled, loader_errors
+from .chunking import CHUNK_BYTES, MAX_CHUNK_SAMPLES, SampleChunks, chunk_samples
 from .diagnostics import warn_at_caller
 from .losses import compute_loss, logits_of, sample_targets
 from .memory import is_out_of_memory
@@ -130,70 +130,20 @@ class GradientCollector:
         self.adapter = batch_adapter
         self.dtype = compute_dtype(targets[0].param.dtype)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        self.chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes)
+        check = None if self.sampled else (lambda batch: check_labelled(batch, loss_fn))  # no target, no model loss
+        self._source = SampleChunks(loader, batch_adapter, self.fbs, self.num_grads, chunk_samples(
+            sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes), check)
         self.count, self.samples, self.sum_sq, self.loss_grad = 0, 0, 0.0, None
         self.nonzero: Dict[str, bool] = {}  # weight name -> whether any of its (masked) gradients was non-zero
         self._use_vmap, self._vmap_error, self._shrunk = True, None, False
         self._use_expanded = per_sample == "expanded"
         self._native = half_dtype(targets[0].param)  # the fallback dtype (:func:`native_state`)
 
-    # ---- data -------------------------------------------------------------------
-    def _sample_chunks(self, device) -> Iterator[Batch]:
-        """Flat batches of whole groups (at most :attr:`chunk` samples each) until num_grads groups.
-
-        Consecutive loader batches are concatenated; a batch whose samples have another
-        shape (e.g. sequences padded to another length) starts a new chunk, unless a group
-        is still incomplete (then :meth:`Batch.cat` says why it cannot be completed).
-        :attr:`sources` holds the (loader index, item as a Batch) the last yielded chunk
-        may hold samples of, for messages (:meth:`_replay`).
-        """
-        left = float("inf") if self.num_grads is None else self.num_grads * self.fbs
-        pending: List[Batch] = []
-        have, sig, uniform = 0, None, True  # uniform: every pending batch plain, with signature sig
-        self.sources: List[tuple] = []
-        for index, item in enumerate(self.loader):
-            batch = to_batch(item, self.adapter)
-            if not self.sampled:
-                check_labelled(batch, self.loss_fn)  # raises: no target and no model loss, or a target the loss refuses
-            n = plain_size(batch)          # once per item: batch-1 loaders yield many
-            this = signature(batch, n is not None)
-            if pending and have % self.fbs == 0 and this != sig:
-                for piece in self._split(cat_batches(pending, uniform), min(have, left)):
-                    left -= piece.size
-                    yield prepare_batch(piece, device, self.dtype)
-                pending, have, self.sources = [], 0, []
-                if left == 0:
-                    return
-            if not pending:
-                sig, uniform = this, True
-            uniform = uniform and n is not None and this == sig
-            pending.append(batch)
-            self.sources.append((index, batch))
-            size = batch_size(batch, n)
-            have += size
-            if have >= min(self.chunk, left):
-                cat = cat_batches(pending, uniform)
-                full = min(have // self.chunk * self.chunk, left) if have < left else left
-                for piece in self._split(cat, full):
-                    left -= piece.size
-                    yield prepare_batch(piece, device, self.dtype)
-                pending = [cat.take(full, have)] if full < have else []
-                uniform = uniform and bool(pending)  # the rest of a uniform concatenation is plain, same signature
-                have -= full
-                self.sources = self.sources[-1:] if pending and have <= size else \
-                    (self.sources if pending else [])
-            if left == 0:
-                return
-        whole = min(have // self.fbs * self.fbs, left)
-        if whole:
-            for piece in self._split(cat_batches(pending, uniform), whole):
-                yield prepare_batch(piece, device, self.dtype)
-
-    def _split(self, batch: Batch, n: int) -> Iterator[Batch]:
-        """The first ``n`` samples of ``batch`` (a multiple of fisher_batch_size) in chunks."""
-        n = n // self.fbs * self.fbs
-        for start in range(0, n, self.chunk):
-            yield batch.take(start, min(start + self.chunk, n))
+    @property
+    def chunk(self) -> int:
+        """Samples per ``vmap`` call (whole groups): from the gradients' memory budget, lowered by a chunk that ran out
+        of memory."""
+        return self._source.chunk
 
     # ---- gradients --------------------------------------------------------------
     def _loss_fn(self, params, buffers):
@@ -292,20 +242,20 @@ class GradientCollector:
         """``flat`` in two halves of whole groups after it ran out of memory (the activations of its samples, which
         the memory plan does not count); later chunks take at most half as many samples, said once."""
         half = flat.size // self.fbs // 2 * self.fbs
-        if half < self.chunk:
+        if half < self._source.chunk:
             if not self._shrunk:
                 warn_at_caller(
                     f"per-sample gradients: {flat.size} samples at a time ran out of memory (the model's activations "
                     f"for the samples in flight); computing them {half} at a time from here on (the same "
                     "gradients, more calls)")
-            self.chunk, self._shrunk = half, True
+            self._source.chunk, self._shrunk = half, True
         return [flat.take(0, half), flat.take(half, flat.size)]
 
     def _replay(self, params, buffers, device):
         """(loader index, item, error) for the first item of the failed chunk on which the model or the loss
         fails when called on the item exactly as the loader yielded it (no grouping, no ``vmap``); None when
         every item runs on its own."""
-        for index, batch in self.sources:
+        for index, batch in self._source.sources:
             try:
                 one = prepare_batch(batch, device, self.dtype)
                 with torch.no_grad():
@@ -333,12 +283,12 @@ class GradientCollector:
         bar = progress_bar(self.num_grads, self.desc, "grad", enabled=self.progress)
         try:
             with eval_mode(self.model):
-                for flat in self._sample_chunks(device):
+                for flat in self._source(device, self.dtype):
                     parts = [flat]
                     while parts:
                         flat = parts.pop()
-                        if flat.size > self.chunk:  # cut before this chunk ran out of memory: at the size that fits
-                            parts.extend(reversed(list(self._split(flat, flat.size))))
+                        if flat.size > self._source.chunk:  # cut before a chunk ran out of memory: the size that fits
+                            parts.extend(reversed(list(self._source.split(flat, flat.size))))
                             continue
                         drawn = gen.get_state()
                         try:
