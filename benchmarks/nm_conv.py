@@ -73,7 +73,7 @@ def run(args) -> List[dict]:
             options = dict(method=method, modules=list(RESNET20_PRUNABLE), pattern="2:4", progress=False)
             if method == "woodfisher":
                 options.update(num_grads=args.num_grads, fisher_batch_size=1, damp=args.damp, seed=seed,
-                               block_size=args.block_size)
+                               block_size=args.block_size or None)
             loader = make_loader(train, 250, shuffle=True, seed=seed) if method == "woodfisher" else None
             start = time.perf_counter()
             result = prune_one_shot(model, loader, **options)
@@ -84,7 +84,7 @@ def run(args) -> List[dict]:
                              channel_violations=bad, channel_runs=total,
                              num_grads=args.num_grads if method == "woodfisher" else "",
                              damp=args.damp if method == "woodfisher" else "",
-                             block_size=args.block_size if method == "woodfisher" else "",
+                             block_size=(args.block_size or "layer") if method == "woodfisher" else "",
                              seconds=round(seconds, 1), host=platform.processor() or platform.machine(),
                              torch=torch.__version__))
             print(rows[-1], flush=True)
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--num-grads", type=int, default=1000)
     parser.add_argument("--damp", type=float, default=1e-5)
-    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=128, help="Fisher block size (0: whole layers)")
     parser.add_argument("--report", action="store_true", help="print the Markdown table of nm_conv.csv")
     args = parser.parse_args(argv)
     if args.report:

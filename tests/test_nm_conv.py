@@ -258,3 +258,16 @@ def test_every_resnet20_conv_past_the_stem_gets_a_valid_nm_block(block_size):
         with pytest.raises(ValueError, match=r"layer 'conv1\.weight' has 3 input channels per group"):
             config.method_impl.check_targets(wf.resolve_targets(model, None, config.fisher_block_size,
                                                                 channels_last=True), config)
+
+
+def test_pattern_violations_checks_input_channel_runs_of_a_conv():
+    """A conv weight 2:4 along kw (the old grouping) but not along input channels is reported, and one 2:4 along
+    input channels passes; a Linear weight's runs stay along its rows."""
+    keep_kw = torch.zeros(2, 4, 1, 4, dtype=torch.bool)
+    keep_kw[..., :2] = True                                  # every run of 4 along kw keeps 2 ...
+    w = keep_kw.double()
+    assert pattern_violations(w.flatten(1).view(2, 16)) == 0  # ... as row-major runs of the flattening
+    assert pattern_violations(w) == 2 * 2                    # channel runs at kw 0, 1 of both filters keep 4
+    assert pattern_violations(w.movedim(3, 1)) == 0          # (out, 4 channels, 1, 4): 2 of 4 channels each
+    linear = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]])
+    assert pattern_violations(linear) == 1
