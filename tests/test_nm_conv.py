@@ -271,3 +271,16 @@ def test_pattern_violations_checks_input_channel_runs_of_a_conv():
     assert pattern_violations(w.movedim(3, 1)) == 0          # (out, 4 channels, 1, 4): 2 of 4 channels each
     linear = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]])
     assert pattern_violations(linear) == 1
+
+
+def test_a_channels_last_curvature_still_prunes_unstructured():
+    """Blocks in (out, *kernel, in) order are other Fisher blocks, not another model: prune_with(pattern=None) on
+    a curvature estimated for 2:4 prunes unstructured to the sparsity asked, the mask back in storage order
+    (the zeros written are exactly the pruned entries)."""
+    model, loader = _case("conv2d")
+    curv = wf.estimate_curvature(model, loader, pattern="2:4", num_grads=16, damp=DAMP, block_size=8,
+                                 progress=False, modules=["0.weight"])
+    res = wf.prune_with(model, curv, 0.3, pattern=None, mode="layerwise")
+    keep = res.masks["0.weight"]
+    assert torch.equal(model[0].weight != 0, keep)
+    assert abs(1 - keep.double().mean().item() - 0.3) < 1.0 / keep.numel()
