@@ -198,17 +198,22 @@ def test_linear_and_hf_conv1d_runs_stay_along_in():
 
 @pytest.mark.parametrize("method", ["woodfisher", "magnitude"])
 def test_depthwise_conv_is_refused_naming_layer_and_pattern(method):
-    """One input channel per group cannot hold a run of 4 input channels: a ValueError like other weights that
-    do not fit (naming the layer, the pattern and the way out), raised before anything is modified."""
+    """One input channel per group cannot hold a run of 4 input channels: named explicitly, a ValueError like other
+    weights that do not fit (naming the layer, the pattern and the way out), raised before anything is modified;
+    among the default targets, left dense with a warning (tests/test_nm_default_targets.py)."""
     model = _conv_net(nn.Conv2d(8, 8, 3, groups=8), 8 * 2 * 2)
     loader = _data((8, 4, 4))
     before = copy.deepcopy(model.state_dict())
+    names = [t.name for t in wf.resolve_targets(model)]
     with pytest.raises(ValueError, match=r"pattern '2:4': layer '0\.weight' has 1 input channels per group .* not "
                                          r"a multiple of 4 .*modules= naming the other 1 weight"):
-        wf.prune_one_shot(model, loader, pattern="2:4", method=method, num_grads=16, progress=False)
+        wf.prune_one_shot(model, loader, pattern="2:4", method=method, num_grads=16, progress=False, modules=names)
     with pytest.raises(ValueError, match=r"layer '0\.weight' has 1 input channels per group"):
-        wf.estimate_curvature(model, loader, pattern="2:4", num_grads=16, progress=False)
+        wf.estimate_curvature(model, loader, pattern="2:4", num_grads=16, progress=False, modules=names)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match=r"1 of the 2 weights pruned by default are left dense: '0\.weight' \(1 input"):
+        res = wf.prune_one_shot(model, loader, pattern="2:4", method=method, num_grads=16, progress=False)
+    assert list(res.masks) == names[1:] and torch.equal(model[0].weight, before["0.weight"])
 
 
 def test_prune_with_refuses_conv_nm_on_a_curvature_blocked_without_it():

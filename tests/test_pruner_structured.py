@@ -138,10 +138,12 @@ def test_nm_refusal_names_every_unfit_weight_and_the_way_out():
                                          r"the input channels .*\), not a multiple of 4 "
                                          r"\(weights that do not fit: \['0\.weight', '5\.weight'\]\); "
                                          r"modules= naming the other 2"):
-        wf.prune_one_shot(model, loader, pattern="2:4", num_grads=16, progress=False)
+        wf.prune_one_shot(model, loader, pattern="2:4", num_grads=16, progress=False,
+                          modules=["0.weight", "2.weight", "4.weight", "5.weight"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    res = wf.prune_one_shot(model, loader, pattern="2:4", num_grads=16, progress=False,
-                            modules=["2.weight", "4.weight"])
+    with pytest.warns(UserWarning, match=r"2 of the 4 weights pruned by default are left dense: '0\.weight' \(3 "
+                                         r"input channels per group\), '5\.weight' \(5 entries per row\)"):
+        res = wf.prune_one_shot(model, loader, pattern="2:4", num_grads=16, progress=False)
     assert sorted(res.masks) == ["2.weight", "4.weight"] and res.sparsity == 0.5
     assert all(torch.all(keep.movedim(1, -1).reshape(-1, 4).sum(1) == 2) for keep in res.masks.values())
     assert torch.equal(model[0].weight, before["0.weight"]) and torch.equal(model[5].weight, before["5.weight"])

@@ -235,7 +235,8 @@ def test_gradual_nm_pattern_is_checked_at_construction():
         wf.GradualPruner(model, loader, final_sparsity=0.5, pattern="2:4", start_step=0, end_step=4, frequency=2)
     odd = tiny_mlp(0, sizes=(6, 8, 4))
     with pytest.raises(ValueError, match="rows of 6 entries, not a multiple of 4"):
-        wf.GradualPruner(odd, loader, final_sparsity=0.5, pattern="2:4", start_step=1, end_step=1)
+        wf.GradualPruner(odd, loader, final_sparsity=0.5, pattern="2:4", start_step=1, end_step=1,
+                         modules=[t.name for t in wf.resolve_targets(odd)])
     assert not any(hasattr(m, "weight_mask") for m in model.modules())
     for kw in (dict(start_step=1, end_step=1), dict(initial_sparsity=0.5, start_step=0, end_step=2, frequency=1)):
         net = tiny_mlp(0, sizes=(8, 8, 4))

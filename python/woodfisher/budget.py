@@ -16,6 +16,7 @@ from .config import PruneConfig
 from .curvature import resolve_config
 from .masks import sparsity_of
 from .plan import keep_step_bytes, plan_memory, stat_itemsize, stream_step_bytes
+from .structured import fit_pattern
 from .targets import resolve_targets
 
 __all__ = ["estimate_memory"]
@@ -39,7 +40,7 @@ def estimate_memory(model: nn.Module, config: Optional[PruneConfig] = None, **op
     Raises:
         ValueError: naming the field, for a bad option.
     """
-    config = resolve_config(config, options)
+    config = fit_pattern(model, resolve_config(config, options))
     method = config.method_impl
     targets = resolve_targets(model, config.modules, None)
     steps = config.steps(sparsity_of({t.name: t.keep_mask() for t in targets}))

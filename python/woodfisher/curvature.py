@@ -48,6 +48,7 @@ from .plan import plan_memory, stat_itemsize
 from .progress import display, phase
 from .state import caller_modes_off, derived_weights_kept, fingerprint
 from .streaming import estimate_streamed
+from .structured import fit_pattern
 from .targets import Layout, PruneTarget, resolve_targets, unwrap_model
 
 __all__ = ["Curvature", "estimate_curvature", "resolve_config"]
@@ -214,7 +215,7 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
         ValueError: bad options, no loader where one is needed, an empty loader, NaN/Inf
             gradients (naming the weight), or a ``memory_budget`` that fits nothing.
     """
-    config = resolve_config(config, options)
+    config = fit_pattern(model, resolve_config(config, options))  # N:M on the default targets: those it fits
     method = config.method_impl
     with full_parameters(model), caller_modes_off():  # FSDP: the full weights for the call
         targets = resolve_targets(model, config.modules, method.block_size(config), channels_last=config.channels_last)

@@ -37,6 +37,7 @@ from .plan import plan_memory, stat_itemsize
 from .progress import display, step_label
 from .result import PruneResult, layer_rows
 from .state import Snapshot, caller_modes_off, changed_weights, fingerprint
+from .structured import fit_pattern
 from .targets import PruneTarget, resolve_targets
 
 __all__ = ["prune_with", "run"]
@@ -222,6 +223,7 @@ def _estimate_step(model, loader, targets, step_config: PruneConfig, config: Pru
 def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> PruneResult:
     """Every step of :func:`woodfisher.prune_one_shot` (see there); transactional."""
     start = time.perf_counter()
+    config = fit_pattern(model, config)  # N:M on the default targets: the weights it fits
     method = config.method_impl
     targets = resolve_targets(model, config.modules, None)
     before = _start(targets)

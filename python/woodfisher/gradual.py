@@ -45,7 +45,7 @@ from .finetune import attach_masks, make_permanent
 from .masks import check_sparsity, is_int, is_real
 from .pruner import PruneResult, prune_one_shot
 from .state import Snapshot
-from .structured import parse_pattern, pattern_sparsity
+from .structured import fit_pattern, parse_pattern, pattern_sparsity
 from .targets import resolve_targets, strip_wrapper_prefixes
 
 __all__ = ["polynomial_sparsity", "GradualPruner", "apply_masks", "make_permanent"]
@@ -157,7 +157,10 @@ class GradualPruner:
                 raise ValueError(f"loader: a single-pass iterable ({type(loader).__name__}) is read up at the first "
                                  "pruning step, and the schedule has more; pass a re-iterable loader (a DataLoader, a "
                                  "list) or one per step: pruner.step(step, loader)")
-        self.config = PruneConfig.from_options(sparsity=float(final_sparsity), **prune_kwargs)
+        asked = PruneConfig.from_options(sparsity=float(final_sparsity), **prune_kwargs)
+        self.config = fit_pattern(model, asked)  # N:M on the default targets: those it fits, said once here
+        if self.config.modules != asked.modules:
+            prune_kwargs = dict(prune_kwargs, modules=list(self.config.modules))
         _check_pattern_schedule(self.config, float(initial_sparsity), (end_step - start_step) // frequency)
         targets = resolve_targets(model, self.config.modules, self.config.method_impl.block_size(self.config),
                                   channels_last=self.config.channels_last)

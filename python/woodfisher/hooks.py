@@ -41,6 +41,7 @@ from .damping import FisherStats, check_damp
 from .diagnostics import warn_at_caller
 from .precision import compute_dtype
 from .state import caller_modes_off
+from .structured import fit_pattern
 from .targets import resolve_targets
 
 __all__ = ["FisherHook"]
@@ -90,8 +91,9 @@ class FisherHook:
         check_int("every", every)
         if buffer > num_grads:
             raise ValueError(f"buffer must be <= num_grads ({num_grads}), got {buffer}")
-        self.config = PruneConfig(sparsity=0.0, block_size=block_size, num_grads=num_grads, damp=float(damp),
-                                  modules=modules, backend=backend, progress=False, group=None, pattern=pattern)
+        self.config = fit_pattern(model, PruneConfig(
+            sparsity=0.0, block_size=block_size, num_grads=num_grads, damp=float(damp), modules=modules,
+            backend=backend, progress=False, group=None, pattern=pattern))  # N:M by default: the weights it fits
         self.model, self.buffer_size, self.every = model, buffer, every
         self.steps = 0
         self._handle = None

@@ -28,8 +28,9 @@ import torch
 
 import woodfisher_kernels as wk
 
+from .diagnostics import warn_at_caller
 from .masks import density_floor
-from .targets import PruneTarget
+from .targets import PruneTarget, resolve_targets
 
 Pattern = Tuple  # ("nm", n, m) or ("rows",)
 #: :func:`group_update`: float64 memory for the joint q x q systems of one chunk of blocks.
@@ -60,6 +61,34 @@ def nm_run_length(layer: PruneTarget) -> int:
     """Entries an N:M run must fit in: the input channels (per group) of a conv weight (its runs go along them at
     each (out, kernel position)), the row length of other weights."""
     return layer.shape[1] if layer.kind == "conv" else layer.row_length
+
+
+def fit_pattern(model, config):
+    """``config`` itself, or, for an N:M ``pattern`` with the default targets (``modules`` None), a copy whose
+    ``modules`` are the default weights the pattern fits, with one warning naming those it leaves dense (a
+    3-channel stem conv, a depthwise conv: their runs of M input channels do not exist). Explicit ``modules``
+    and the other patterns are checked as they are (:func:`check_pattern_layers`).
+
+    Args:
+        model: the network. config: a :class:`woodfisher.PruneConfig`.
+    Returns:
+        a :class:`woodfisher.PruneConfig`.
+    """
+    parsed = parse_pattern(config.pattern)
+    if parsed is None or parsed[0] != "nm" or config.modules is not None:
+        return config
+    targets = resolve_targets(model, None)
+    unfit = [target for target in targets if nm_run_length(target) % parsed[2]]
+    if not unfit or len(unfit) == len(targets):  # every weight fits, or none does (check_pattern_layers says why)
+        return config
+    shown = ", ".join(f"{target.name!r} ({nm_run_length(target)} "
+                      f"{'input channels per group' if target.kind == 'conv' else 'entries per row'})"
+                      for target in unfit[:4]) + (f" and {len(unfit) - 4} more" if len(unfit) > 4 else "")
+    warn_at_caller(f"pattern '{config.pattern}': {len(unfit)} of the {len(targets)} weights pruned by default are "
+                   f"left dense: {shown}; N:M needs a multiple of {parsed[2]} input channels per group (conv) or "
+                   f"entries per row (Linear); pass modules= to choose the weights yourself")
+    left = {target.name for target in unfit}
+    return config.replace(modules=tuple(target.name for target in targets if target.name not in left))
 
 
 def check_pattern_layers(parsed: Pattern, layers: List[PruneTarget]) -> None:
