@@ -5,11 +5,18 @@ multiplied by s multiplies every gradient by s and the Fisher by s^2, so a fixed
 means a different amount of regularisation for every model and loss.
 ``damp="auto"`` uses the relative rule common in OBS-type pruners:
 
-    lambda = alpha * mean_j (1/N) sum_i g_ij^2 ,   alpha = 0.1 (:data:`AUTO_ALPHA`),
+    lambda = alpha * mean_{j live} (1/N) sum_i g_ij^2 ,   alpha = 0.1 (:data:`AUTO_ALPHA`),
 
-alpha times the mean diagonal of the empirical Fisher over all pruned weights, i.e. the
-damping carries alpha / (1 + alpha) of the trace of ``F``. It is scale-equivariant
+alpha times the mean diagonal of the empirical Fisher over the *live* coordinates j of the
+pruned weights (keep-mask True: the entries not pruned yet), i.e. the damping carries
+alpha / (1 + alpha) of the trace of ``F`` restricted to the live coordinates. Entries pruned in
+an earlier step have zero gradients (masked, :mod:`woodfisher.gradients`); counting them would
+shrink lambda relative to the curvature of the weights still being ranked as sparsity grows.
+It is scale-equivariant
 (gradients x s -> lambda x s^2), so pruning decisions do not depend on the scale of the loss.
+The number of live coordinates is counted in one place, :func:`live_coordinates`, used by every
+producer of :class:`FisherStats` (kept, streamed, offloaded, sharded, diagonal, K-FAC,
+:class:`woodfisher.FisherHook`).
 
 :func:`resolve_damp` turns the option into a number from :class:`FisherStats`, which the
 curvature stage accumulates while the gradients stream past (kept, streamed, diagonal or
@@ -26,7 +33,8 @@ import torch
 
 from .masks import is_real
 
-__all__ = ["DEFAULT_DAMP", "AUTO_ALPHA", "FisherStats", "check_damp", "auto_damp", "resolve_damp"]
+__all__ = ["DEFAULT_DAMP", "AUTO_ALPHA", "FisherStats", "check_damp", "auto_damp", "live_coordinates",
+           "resolve_damp"]
 
 DEFAULT_DAMP = 1e-5
 #: ``damp="auto"``: lambda = AUTO_ALPHA x the mean diagonal of the empirical Fisher. Chosen on the held-out
@@ -51,15 +59,26 @@ def check_damp(damp) -> Union[float, str]:
     return float(damp)
 
 
+def live_coordinates(keep: Dict[str, torch.Tensor]) -> int:
+    """The live coordinates of the pruned weights: entries whose keep-mask is True.
+
+    Args:
+        keep: {weight name: bool keep-mask} (any shapes; the masks the gradients were taken with).
+    Returns:
+        The number of True entries over all masks (0 when every entry is pruned).
+    """
+    return sum(int(mask.sum()) for mask in keep.values())
+
+
 @dataclass
 class FisherStats:
-    """Scale of the empirical Fisher over all pruned weights.
+    """Scale of the empirical Fisher over the live coordinates of the pruned weights.
 
     Attributes:
-        sum_sq: sum over the N gradients and all ``numel`` coordinates of g^2 (float64),
-            i.e. N times the trace of ``G^T G / N``.
+        sum_sq: sum over the N gradients and the live coordinates of g^2 (float64), i.e. N times the
+            trace of ``G^T G / N`` (pruned coordinates have zero, masked gradients and add nothing).
         count: N, the number of gradients.
-        numel: coordinates (entries of all pruned weights).
+        numel: live coordinates (:func:`live_coordinates` of the keep-masks the gradients were taken with).
         zero_layers: weights (with entries left to prune) whose every gradient was exactly zero: the loss
             does not reach them (an auxiliary head, an unused branch); filled where per-weight sums are known.
     """
@@ -70,11 +89,10 @@ class FisherStats:
     zero_layers: Tuple[str, ...] = ()
 
     @classmethod
-    def from_grads(cls, grads: Dict[str, torch.Tensor]) -> "FisherStats":
-        """Statistics of kept gradients {name: (N, numel)}."""
-        sum_sq = sum(float(g.double().square().sum()) for g in grads.values())
-        count = next(iter(grads.values())).shape[0]
-        return cls(sum_sq, count, sum(g.shape[1] for g in grads.values()))
+    def live(cls, keep: Dict[str, torch.Tensor], sum_sq: float = 0.0, count: int = 0) -> "FisherStats":
+        """Statistics over the live coordinates of ``keep`` ({weight name: bool keep-mask}); ``sum_sq`` and
+        ``count`` as the attributes (0 for a producer that accumulates them later)."""
+        return cls(float(sum_sq), int(count), live_coordinates(keep))
 
     @property
     def all_zero(self) -> bool:
@@ -83,23 +101,23 @@ class FisherStats:
 
     @property
     def mean_diag(self) -> float:
-        """Mean diagonal entry of ``G^T G / N``."""
-        if self.count < 1 or self.numel < 1:
-            raise ValueError(f"Fisher statistics need count >= 1 and numel >= 1, got {self.count}, {self.numel}")
-        return self.sum_sq / (self.count * self.numel)
+        """Mean diagonal entry of ``G^T G / N`` over the live coordinates (0.0 when none is live)."""
+        if self.count < 1 or self.numel < 0:
+            raise ValueError(f"Fisher statistics need count >= 1 and numel >= 0, got {self.count}, {self.numel}")
+        return self.sum_sq / (self.count * self.numel) if self.numel else 0.0
 
 
 def auto_damp(sum_sq: float, count: int, numel: int, alpha: Optional[float] = None) -> float:
-    """lambda = alpha * mean diagonal of ``G^T G / N``.
+    """lambda = alpha * mean diagonal of ``G^T G / N`` over the live coordinates (module docstring).
 
     Args:
-        sum_sq: sum over the N gradients and all ``numel`` pruned coordinates of g^2.
-        count: N, the number of gradients. numel: coordinates (all pruned weights).
+        sum_sq: sum over the N gradients and the ``numel`` live coordinates of g^2.
+        count: N, the number of gradients. numel: live coordinates (:func:`live_coordinates`).
         alpha: relative strength (> 0); None: :data:`AUTO_ALPHA` as it is at the call (a benchmark may patch it).
     Returns:
-        lambda > 0; the paper's 1e-5 when every gradient is zero.
+        lambda > 0; the paper's 1e-5 when every gradient is zero (or no coordinate is live).
     Raises:
-        ValueError: count or numel < 1, or a non-finite Fisher diagonal.
+        ValueError: count < 1 or numel < 0, or a non-finite Fisher diagonal.
     """
     mean_diag = FisherStats(float(sum_sq), int(count), int(numel)).mean_diag
     if not math.isfinite(mean_diag):
