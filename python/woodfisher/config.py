@@ -177,7 +177,8 @@ class PruneConfig:
         beta: FLOPs-aware statistic ``rho / flops_per_param ** beta`` (paper Sec. 5.4).
         modules: module or parameter names to prune (None = every Linear / Conv weight, see
             :mod:`woodfisher.targets`); stored as a tuple.
-        pattern: None, "N:M" (e.g. "2:4"; fixes the sparsity at 1 - N/M) or "rows".
+        pattern: None, "N:M" (e.g. "2:4"; fixes the sparsity at 1 - N/M) or "rows" (whole rows, as many pruned
+            entries as ``sparsity`` allows and never more: :func:`woodfisher.structured.select_rows`).
         group_exact: exact group statistic (True) or the paper's Eq. 18 relaxation.
         memory_budget: device bytes for gradients + inverses (an int, or a size such as "4GiB" / "1.5 GB",
             :func:`woodfisher.memory.parse_bytes`); gradients are streamed into dense
