@@ -15,6 +15,7 @@ already in the file are skipped); every run rewrites the Markdown table.
     OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model mlpnet --sparsities 0.9 0.95
     OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model resnet20 --sparsities 0.8 0.9
     OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model mlpnet --eval heldout --alphas 0.01 0.03 0.3
+    OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model mlpnet --eval heldout --num-steps 1 --alphas 0.01
     python -m benchmarks.damp_live --report
 """
 from __future__ import annotations
@@ -56,8 +57,10 @@ def run(args) -> None:
     test = heldout if args.eval == "heldout" else test
     dense_acc = evaluate(dense, test)
     setup, spec = SETUP[args.model], MODEL_SPECS[args.model]
-    runs = [(OLD, damping.AUTO_ALPHA), (NEW, damping.AUTO_ALPHA)] if not args.alphas else \
-        [(NEW, a) for a in args.alphas]
+    suffix, options = ("", {}) if args.num_steps is None else \
+        (f", num_steps={args.num_steps}", {"num_steps": args.num_steps})
+    runs = [(OLD + suffix, damping.AUTO_ALPHA), (NEW + suffix, damping.AUTO_ALPHA)] if not args.alphas else \
+        [(NEW + suffix, a) for a in args.alphas]
     for s in args.sparsities:
         for seed in args.seeds:
             for rule, alpha in runs:
@@ -65,13 +68,13 @@ def run(args) -> None:
                     continue
                 model = copy.deepcopy(dense)
                 loader = make_loader(pool, 250, shuffle=True, seed=seed)   # quality_sweep's loader for fbs 1
-                patch = mock.patch.object(damping, "live_coordinates", _all_coordinates) if rule == OLD else \
-                    contextlib.nullcontext()
+                patch = mock.patch.object(damping, "live_coordinates", _all_coordinates) if rule.startswith(OLD) \
+                    else contextlib.nullcontext()
                 t0 = time.perf_counter()
                 with patch, mock.patch.object(damping, "AUTO_ALPHA", alpha), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     res = prune_one_shot(model, loader, sparsity=s, modules=list(setup["modules"]),
-                                         loss_fn=spec.loss_fn, seed=seed, progress=False)
+                                         loss_fn=spec.loss_fn, seed=seed, progress=False, **options)
                 secs = time.perf_counter() - t0
                 acc = evaluate(model, test)
                 append_row(path, FIELDS, dict(model=args.model, rule=rule, alpha=f"{alpha:g}", sparsity=s, seed=seed,
@@ -81,6 +84,12 @@ def run(args) -> None:
                                               device=device_name()))
                 print(f"  {args.model} {rule:24s} alpha={alpha:g} s={s:.2f} seed={seed} acc={100 * acc:6.2f}% "
                       f"damp={res.damp:.3g} {secs:.0f}s", flush=True)
+
+
+def _split(rule: str):
+    """(the options suffix, False for the old rule): a rule's baseline is the old rule with the same suffix."""
+    base = OLD if rule.startswith(OLD) else NEW
+    return rule[len(base):], base != OLD
 
 
 def report(out: str, evaluation: str = "test") -> str:
@@ -97,13 +106,14 @@ def report(out: str, evaluation: str = "test") -> str:
              "shared CPU host, other jobs running).", "",
              "| model | sparsity % | rule | alpha | steps | accuracy % | new − old, paired (points) | "
              "lambda new / old, last step |", "|---|---:|---|---:|---:|---:|---:|---:|"]
-    for (model, s, rule, alpha), seeds in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != OLD,
+    for (model, s, rule, alpha), seeds in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], _split(kv[0][2]),
                                                                             float(kv[0][3]))):
         accs = [100 * float(r["accuracy"]) for r in seeds.values()]
         diff = ratio = "-"
-        old = next((v for k, v in by.items() if k[:3] == (model, s, OLD)), {})
+        suffix, is_new = _split(rule)
+        old = next((v for k, v in by.items() if k[:3] == (model, s, OLD + suffix)), {})
         paired = sorted(set(seeds) & set(old))
-        if rule != OLD and paired:
+        if is_new and paired:
             d: List[float] = [100 * (float(seeds[i]["accuracy"]) - float(old[i]["accuracy"])) for i in paired]
             diff = f"{statistics.mean(d):+.2f}" + (f" ± {statistics.stdev(d):.2f}" if len(d) > 1 else "") + \
                 f" (n={len(d)})"
@@ -120,6 +130,7 @@ def report(out: str, evaluation: str = "test") -> str:
 def main(argv=None) -> int:
     p = sweep_parser(__doc__, SETUP, default_data_root(), [0.9, 0.95], [0, 1, 2])
     p.add_argument("--alphas", type=float, nargs="*", default=[], help="live rule only, AUTO_ALPHA patched")
+    p.add_argument("--num-steps", type=int, default=None, help="num_steps (default: the package's)")
     p.add_argument("--eval", choices=sorted(EVALS), default="test", help="evaluation set (heldout: choose alpha)")
     args = p.parse_args(argv)
     if not args.report:
