@@ -5,7 +5,9 @@ set), ``prune_one_shot`` with the package's defaults except ``woodfisher.damping
 (patched for the call: lambda = alpha x the mean Fisher diagonal) and, for comparison, other
 single-option variations. One CSV row per (setting, sparsity, seed) with the held-out accuracy,
 each pruned weight's density, the collapsed layers and the overlap with global magnitude
-(resumable: rows already in the file are skipped).
+(resumable: rows already in the file are skipped). The committed damp_alpha_*.csv / .md were made when
+damp="auto" averaged the Fisher diagonal over ALL coordinates of the pruned weights; the package now
+averages over the live ones (``benchmarks.damp_live`` compares the two rules and sweeps alpha for the new one).
 
     OMP_NUM_THREADS=1 python -m benchmarks.damp_alpha --model mlpnet --sparsities 0.95 --seeds 0 1 2 3 4
     OMP_NUM_THREADS=1 python -m benchmarks.damp_alpha --model resnet20 --sparsities 0.8 --alphas 0.01 0.1

@@ -6,17 +6,28 @@ gradients are zero), so lambda shrank relative to the live weights' curvature as
 Now it runs over the live entries. This measures what that does to the package's defaults
 (``prune_one_shot(model, loader, sparsity=s)`` with only the pruned weights, the loss and the seed given, as
 ``quality_sweep``'s "defaults" row) on the FULL test set; the old rule is the package's code with
-``woodfisher.damping.live_coordinates`` patched to count every entry. ``--alphas`` reruns the live rule with
+``woodfisher.damping.live_coordinates`` patched to count every entry, with its alpha of then (0.1,
+:data:`OLD_ALPHA`); the new rule runs with the package's ``AUTO_ALPHA``. ``--alphas`` runs the live rule with
 ``AUTO_ALPHA`` patched (a sweep when the live rule loses), which is chosen with ``--eval heldout``: the
 held-out split of the TRAIN set that ``quality_sweep --search`` and ``damp_alpha`` use (never the test set),
 in ``damp_live_heldout.csv`` / ``.md``. One CSV row per (rule, alpha, model, sparsity, seed), resumable (rows
 already in the file are skipped); every run rewrites the Markdown table.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model mlpnet --sparsities 0.9 0.95
-    OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model resnet20 --sparsities 0.8 0.9
-    OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model mlpnet --eval heldout --alphas 0.01 0.03 0.3
-    OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model mlpnet --eval heldout --num-steps 1 --alphas 0.01
+    OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model mlpnet --sparsities 0.9 0.95 --seeds 0 1 2 3 4 5 6 7 8 9
+    OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model mlpnet --sparsities 0.9 0.95 --seeds 0 1 2 3 4 5 6 7 8 9 \
+        --alphas 0.03 0.1
+    OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model resnet20 --sparsities 0.8 0.9 --alphas 0.1
+    OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model mlpnet --eval heldout --sparsities 0.7 0.8 0.9 0.95 \
+        --seeds 0 1 2 3 4 5 6 7 8 9 --alphas 0.003 0.03 0.1 0.3
+    OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model resnet20 --eval heldout --sparsities 0.7 0.8 0.9 \
+        --seeds 0 1 2 3 4 --alphas 0.03 0.1       # 0.03: 80 and 90% seeds 0-2 only; 70%: seeds 0-2
+    OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model mlpnet --eval heldout --num-steps 1 \
+        --seeds 0 1 2 3 4 5 6 7 8 9 --alphas 0.1
+    OMP_NUM_THREADS=1 python -m benchmarks.damp_live --model resnet20 --eval heldout --num-steps 1 \
+        --sparsities 0.8 0.9 --alphas 0.1
     python -m benchmarks.damp_live --report
+
+(The committed tables ran subsets of these grids: the n of each row says which seeds.)
 """
 from __future__ import annotations
 
@@ -41,6 +52,8 @@ EVALS = {"test": "damp_live", "heldout": "damp_live_heldout"}   # evaluation set
 FIELDS = ["model", "rule", "alpha", "sparsity", "seed", "accuracy", "dense_accuracy", "eval_samples", "damp_last_step",
           "steps", "seconds", "device"]
 OLD, NEW = "all coordinates (old)", "live coordinates (new)"
+#: the package's AUTO_ALPHA while the old rule was its rule (the old rule always runs with it)
+OLD_ALPHA = 0.1
 
 
 def _all_coordinates(keep) -> int:
@@ -59,7 +72,7 @@ def run(args) -> None:
     setup, spec = SETUP[args.model], MODEL_SPECS[args.model]
     suffix, options = ("", {}) if args.num_steps is None else \
         (f", num_steps={args.num_steps}", {"num_steps": args.num_steps})
-    runs = [(OLD + suffix, damping.AUTO_ALPHA), (NEW + suffix, damping.AUTO_ALPHA)] if not args.alphas else \
+    runs = [(OLD + suffix, OLD_ALPHA), (NEW + suffix, damping.AUTO_ALPHA)] if not args.alphas else \
         [(NEW + suffix, a) for a in args.alphas]
     for s in args.sparsities:
         for seed in args.seeds:

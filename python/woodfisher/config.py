@@ -152,7 +152,8 @@ class PruneConfig:
             (the first ``num_grads % steps`` steps one more), so the samples read stay the same.
         fisher_batch_size: samples averaged per gradient ("fisher mini-batch size").
         damp: lambda > 0 of ``F = lambda I + G^T G / N``, or "auto" (default): lambda =
-            0.1 times the mean diagonal of the empirical Fisher (:data:`woodfisher.damping.AUTO_ALPHA`)
+            0.01 times the mean diagonal of the empirical Fisher over the entries not pruned yet
+            (:data:`woodfisher.damping.AUTO_ALPHA`)
             (:func:`woodfisher.damping.auto_damp`); the paper's absolute value is ``damp=1e-5``.
         num_steps: steps from the current to the target sparsity, the gradients and
             inverses recomputed before each (the paper's recomputation); "auto" (default):
