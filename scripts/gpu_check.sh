@@ -30,9 +30,9 @@
 #             (64,64) (128,128) (256,256) (64,16) (128,16) (256,64); streaming k in 1,16,128 for
 #             c in 64,128,256; OBS ops; CUDA shared vs tiled kernel)       [sbs.log]
 #   r50       ResNet-50 one-shot step, paper setting 1000x80 (benchmarks/resnet50_step.py)
-#   step      the whole step by phase and per-sample gradients against the batched fwd+bwd, MLPNet /
-#             ResNet-20 / MobileNet-like (benchmarks/step_cpu.py --device cuda: step_cuda.json / .md,
-#             in all.tar.gz), with what time is left
+#   step      (before sbs and r50 on a GPU) the whole step by phase and per-sample gradients against
+#             the batched fwd+bwd, MLPNet / ResNet-20 / MobileNet-like (benchmarks/step_cpu.py
+#             --device cuda: step_cuda.json / .md, in all.tar.gz)
 #   prof      Nsight Compute (ncu --clock-control none) on the CUDA build kernels at c = 64 / 128 / 512,
 #             shared and tiled (scripts/gpu_check/prof_case.py), if any time is left  [prof.csv]
 #   summary   summary.txt (names the device), printed last
@@ -304,11 +304,13 @@ if [ "$DRY" = "1" ]; then
   publish
   run step 240 10 "$W/step.log" "$PY" -m benchmarks.step_cpu --quick --device cpu --out "$W"
 else
+  # the step first: issue 10's open figure (per-sample gradients against the batched pass on a GPU)
+  run step 75 15 "$W/step.log" "$PY" -m benchmarks.step_cpu --device cuda --repeats 1 --out "$W"
+  publish
+  T_SBS=$(stage_timeout 120 90)
   run sbs 120 90 "$W/sbs.log" "$PY" "$HELP/sbs_profile.py" "$W" $(( T_SBS - 15 ))
   publish
   run r50 110 30 "$W/r50.log" "$PY" -m benchmarks.resnet50_step --setting 1000x80 --out "$W"
-  publish
-  run step 75 10 "$W/step.log" "$PY" -m benchmarks.step_cpu --device cuda --repeats 1 --out "$W"
   publish
   # Nsight Compute counters of the CUDA build kernels (scripts/gpu_check/prof_case.py: 4 shapes, a
   # warm-up and a measured launch each); the summary prints the measured launches' key metrics.

@@ -124,14 +124,16 @@ def test_nm_pattern_fixes_the_sparsity_when_it_is_omitted():
 
 
 def test_nm_refusal_names_every_unfit_weight_and_the_way_out():
-    """A CNN stem (3 x 3 x 3 = 27 entries per filter) does not fit 2:4: the error names every weight that
-    does not fit, and pruning the others through ``modules=`` (as it says) gives exact 2:4 rows there."""
+    """A CNN stem (3 input channels; conv runs go along them) does not fit 2:4: the error names every weight that
+    does not fit, and pruning the others through ``modules=`` (as it says) gives exact 2:4 runs there (a conv's
+    along its input channels at each (out, kernel position))."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
                                 torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5), torch.nn.Linear(5, 4)).double()
     loader = [(torch.randn(8, 3, 6, 6, dtype=torch.float64), torch.randint(0, 4, (8,))) for _ in range(4)]
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"layer '0\.weight' has rows of 27 entries, not a multiple of 4 "
+    with pytest.raises(ValueError, match=r"layer '0\.weight' has 3 input channels per group \(N:M runs go along "
+                                         r"the input channels .*\), not a multiple of 4 "
                                          r"\(weights that do not fit: \['0\.weight', '5\.weight'\]\); "
                                          r"modules= naming the other 2"):
         wf.prune_one_shot(model, loader, pattern="2:4", num_grads=16, progress=False)
@@ -139,7 +141,7 @@ def test_nm_refusal_names_every_unfit_weight_and_the_way_out():
     res = wf.prune_one_shot(model, loader, pattern="2:4", num_grads=16, progress=False,
                             modules=["2.weight", "4.weight"])
     assert sorted(res.masks) == ["2.weight", "4.weight"] and res.sparsity == 0.5
-    assert all(torch.all(keep.reshape(-1, 4).sum(1) == 2) for keep in res.masks.values())
+    assert all(torch.all(keep.movedim(1, -1).reshape(-1, 4).sum(1) == 2) for keep in res.masks.values())
     assert torch.equal(model[0].weight, before["0.weight"]) and torch.equal(model[5].weight, before["5.weight"])
 
 

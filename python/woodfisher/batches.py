@@ -45,6 +45,7 @@ from .losses import (
     model_loss,
     sample_targets,
 )
+from .memory import is_out_of_memory
 
 __all__ = ["Batch", "default_adapter", "to_batch", "is_single_pass", "peek", "default_loss", "logits_of",
            "model_loss", "compute_loss", "check_labelled", "check_probabilities", "sample_targets", "check_loss_fn",
@@ -316,6 +317,8 @@ def loader_errors(batch: Batch, name: str = "loader",
     except (torch.OutOfMemoryError, LossFnError):   # not the data's fault: passes through as it is
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the caller's model on the caller's data
+        if is_out_of_memory(err):  # the CPU allocator's RuntimeError
+            raise
         found = replay() if replay is not None else None
         if found is not None:
             index, item, own = found

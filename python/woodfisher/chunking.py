@@ -7,14 +7,16 @@ fast path for plain batches (positional tensors and a tensor target: a batch-1 l
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, Iterable, Iterator, List, Optional
 
 import torch
 from torch.utils import _pytree as pytree
 
-from .batches import Batch
+from .batches import Batch, to_batch
+from .precision import prepare_batch
 
-__all__ = ["CHUNK_BYTES", "MAX_CHUNK_SAMPLES", "chunk_samples", "plain_size", "batch_size", "signature", "cat_batches"]
+__all__ = ["CHUNK_BYTES", "MAX_CHUNK_SAMPLES", "SampleChunks", "chunk_samples", "plain_size", "batch_size", "signature",
+           "cat_batches"]
 
 #: Default memory (bytes) for the gradients of one chunk. Every chunk is one ``vmap`` call whose operator count
 #: does not depend on its samples (1.7k operators for ResNet-20, 256 samples): a ResNet-20-sized model's 256
@@ -85,3 +87,77 @@ def cat_batches(batches: List[Batch], uniform: Optional[bool] = None) -> Batch:
         target = None if batches[0].target is None else torch.cat([b.target for b in batches])
         return Batch(args, {}, target)
     return Batch.cat(batches)
+
+
+class SampleChunks:
+    """The loader's items as flat batches of whole groups, at most :attr:`chunk` samples each, until ``num_grads``
+    groups (:class:`woodfisher.gradients.GradientCollector`).
+
+    Consecutive loader items are concatenated; an item whose samples have another shape (e.g. sequences padded
+    to another length) starts a new chunk, unless a group is still incomplete (then :meth:`Batch.cat` says why it
+    cannot be completed). :attr:`sources` holds the (loader index, item as a Batch) the last chunk yielded may
+    hold samples of, for messages. :attr:`chunk` may be lowered while chunks are drawn (a chunk that ran out of
+    memory); the items already concatenated are then cut at the new size by the caller (:meth:`split`).
+
+    Args:
+        loader: iterable of batches in any format the ``adapter`` takes (:func:`woodfisher.batches.to_batch`).
+        adapter: the batch adapter or None. fisher_batch_size: samples per group.
+        num_grads: groups to draw (None: until the loader ends). chunk: samples per chunk (whole groups).
+        check: called on each item as a Batch (raises on an unusable one), or None.
+    """
+
+    def __init__(self, loader: Iterable, adapter: Optional[Callable], fisher_batch_size: int,
+                 num_grads: Optional[int], chunk: int, check: Optional[Callable[[Batch], None]] = None):
+        self.loader, self.adapter, self.fbs, self.num_grads = loader, adapter, fisher_batch_size, num_grads
+        self.chunk, self.check = chunk, check
+        self.sources: List[tuple] = []
+
+    def __call__(self, device, dtype) -> Iterator[Batch]:
+        """Yields the chunks on ``device``, floating inputs in ``dtype`` (:func:`.prepare_batch`)."""
+        left = float("inf") if self.num_grads is None else self.num_grads * self.fbs
+        pending: List[Batch] = []
+        have, sig, uniform = 0, None, True  # uniform: every pending batch plain, with signature sig
+        self.sources = []
+        for index, item in enumerate(self.loader):
+            batch = to_batch(item, self.adapter)
+            if self.check is not None:
+                self.check(batch)
+            n = plain_size(batch)          # once per item: batch-1 loaders yield many
+            this = signature(batch, n is not None)
+            if pending and have % self.fbs == 0 and this != sig:
+                for piece in self.split(cat_batches(pending, uniform), min(have, left)):
+                    left -= piece.size
+                    yield prepare_batch(piece, device, dtype)
+                pending, have, self.sources = [], 0, []
+                if left == 0:
+                    return
+            if not pending:
+                sig, uniform = this, True
+            uniform = uniform and n is not None and this == sig
+            pending.append(batch)
+            self.sources.append((index, batch))
+            size = batch_size(batch, n)
+            have += size
+            if have >= min(self.chunk, left):
+                cat = cat_batches(pending, uniform)
+                full = min(have // self.chunk * self.chunk, left) if have < left else left
+                for piece in self.split(cat, full):
+                    left -= piece.size
+                    yield prepare_batch(piece, device, dtype)
+                pending = [cat.take(full, have)] if full < have else []
+                uniform = uniform and bool(pending)  # the rest of a uniform concatenation is plain, same signature
+                have -= full
+                self.sources = self.sources[-1:] if pending and have <= size else \
+                    (self.sources if pending else [])
+            if left == 0:
+                return
+        whole = min(have // self.fbs * self.fbs, left)
+        if whole:
+            for piece in self.split(cat_batches(pending, uniform), whole):
+                yield prepare_batch(piece, device, dtype)
+
+    def split(self, batch: Batch, n: int) -> Iterator[Batch]:
+        """The first ``n`` samples of ``batch`` (rounded down to whole groups) in chunks of :attr:`chunk`."""
+        n = n // self.fbs * self.fbs
+        for start in range(0, n, self.chunk):
+            yield batch.take(start, min(start + self.chunk, n))

@@ -178,8 +178,10 @@ class PruneConfig:
         beta: FLOPs-aware statistic ``rho / flops_per_param ** beta`` (paper Sec. 5.4).
         modules: module or parameter names to prune (None = every Linear / Conv weight, see
             :mod:`woodfisher.targets`); stored as a tuple.
-        pattern: None, "N:M" (e.g. "2:4"; fixes the sparsity at 1 - N/M) or "rows" (whole rows, as many pruned
-            entries as ``sparsity`` allows and never more: :func:`woodfisher.structured.select_rows`).
+        pattern: None, "N:M" (e.g. "2:4"; fixes the sparsity at 1 - N/M; N of every M consecutive input
+            features of a Linear row, of every M consecutive input channels at each (out, kernel position) of a
+            conv: the 2:4 sparse tensor core layout) or "rows" (whole rows, as many pruned entries as ``sparsity``
+            allows and never more: :func:`woodfisher.structured.select_rows`).
         group_exact: exact group statistic (True) or the paper's Eq. 18 relaxation.
         memory_budget: device bytes for gradients + inverses (an int, or a size such as "4GiB" / "1.5 GB",
             :func:`woodfisher.memory.parse_bytes`); gradients are streamed into dense
@@ -353,6 +355,14 @@ class PruneConfig:
             c = max(1, AUTO_BLOCK_PER_GRAD * self.num_grads)
             return c if parsed is None else -(-c // parsed[2]) * parsed[2]  # N:M: a multiple of M
         return self.block_size
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether conv weights are blocked in (out, *kernel, in) order: with an N:M ``pattern``, whose runs of M
+        are then M consecutive input channels at one (out, kernel position), as 2:4 sparse tensor cores need
+        (see :mod:`woodfisher.layout`)."""
+        parsed = st.parse_pattern(self.pattern)
+        return parsed is not None and parsed[0] == "nm"
 
     @property
     def final_sparsity(self) -> float:

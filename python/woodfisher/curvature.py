@@ -129,7 +129,7 @@ class Curvature:
             if tuple(target.shape) != tuple(layout.shape):
                 raise ValueError(f"curvature: weight {target.name!r} has shape {tuple(target.shape)}, the curvature "
                                  f"was estimated for {tuple(layout.shape)}")
-            target.block_size = layout.block_size
+            target.block_size, target.channels_last = layout.block_size, layout.channels_last
         return targets
 
     def __repr__(self) -> str:
@@ -216,7 +216,7 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
     config = resolve_config(config, options)
     method = config.method_impl
     with full_parameters(model), caller_modes_off():  # FSDP: the full weights for the call
-        targets = resolve_targets(model, config.modules, method.block_size(config))
+        targets = resolve_targets(model, config.modules, method.block_size(config), channels_last=config.channels_last)
         method.check_targets(targets, config)
         check_prunable(targets, config)
         warn_left_out(model, config.modules)

@@ -179,6 +179,9 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
     config = curvature.config.replace(sparsity=sparsity, **options)
     _check_fixed(curvature, config)
     targets = curvature.targets(model)
+    if curvature.kind == "none":  # no Fisher blocks were built: the blocks' order follows this call's pattern
+        for target in targets:
+            target.channels_last = config.channels_last and target.kind == "conv"
     _check_same_weights(curvature, targets)
     config.method_impl.check_targets(targets, config)
     check_prunable(targets, config)
@@ -234,7 +237,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                       "fewer, larger steps", UserWarning, stacklevel=3)
     configs = [config.replace(num_grads=m, num_steps=1) for _, m in steps]
     block_size = method.block_size(configs[0])
-    targets = resolve_targets(model, config.modules, block_size)
+    targets = resolve_targets(model, config.modules, block_size, channels_last=config.channels_last)
     method.check_targets(targets, config)
     check_prunable(targets, config)
     if config.needs_data and loader is None:
@@ -264,7 +267,8 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
         with display(config.progress):
             for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
                 with step_label(f"step {i + 1}/{len(steps)}" if len(steps) > 1 else None):
-                    targets = resolve_targets(model, config.modules, method.block_size(step_config))
+                    targets = resolve_targets(model, config.modules, method.block_size(step_config),
+                                              channels_last=config.channels_last)
                     curvature = _estimate_step(model, loader, targets, step_config, config, len(steps))
                     for phase in ("gradients", "inverse"):
                         timings[phase] += curvature.timings[phase]

@@ -13,7 +13,10 @@ allows, :func:`woodfisher.chunking.chunk_samples`), and each chunk is one call:
 - models or losses that ``vmap`` cannot trace fall back to the per-group autograd loop
   (same numbers, slower), with one warning at the caller's line giving vmap's reason.
 
-The three ways are in :mod:`woodfisher.per_sample`.
+The three ways are in :mod:`woodfisher.per_sample`. A chunk that runs out of memory (the
+activations of its samples in flight, which the memory plan does not count) is computed in
+halves, and the rest at the size that fitted, with one warning: the same gradients, more calls;
+only a single group that does not fit raises (the allocator's own error).
 
 Masking and the NaN/Inf check stay off the critical path: the keep-masks are applied in
 place, and the finiteness of a chunk is read from the per-weight sums of squares that the
@@ -50,9 +53,11 @@ from torch.func import functional_call
 import woodfisher_kernels as wk
 
 from . import per_sample
-from .batches import Batch, check_labelled, loader_errors, to_batch
-from .chunking import CHUNK_BYTES, MAX_CHUNK_SAMPLES, batch_size, cat_batches, chunk_samples, plain_size, signature
+from .batches import Batch, check_labelled, loader_errors
+from .chunking import CHUNK_BYTES, MAX_CHUNK_SAMPLES, SampleChunks, chunk_samples
+from .diagnostics import warn_at_caller
 from .losses import compute_loss, logits_of, sample_targets
+from .memory import is_out_of_memory
 from .per_sample import PER_SAMPLE_PATHS
 from .precision import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
 from .progress import progress_bar
@@ -125,70 +130,20 @@ class GradientCollector:
         self.adapter = batch_adapter
         self.dtype = compute_dtype(targets[0].param.dtype)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        self.chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes)
+        check = None if self.sampled else (lambda batch: check_labelled(batch, loss_fn))  # no target, no model loss
+        self._source = SampleChunks(loader, batch_adapter, self.fbs, self.num_grads, chunk_samples(
+            sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes), check)
         self.count, self.samples, self.sum_sq, self.loss_grad = 0, 0, 0.0, None
         self.nonzero: Dict[str, bool] = {}  # weight name -> whether any of its (masked) gradients was non-zero
-        self._use_vmap, self._vmap_error = True, None
+        self._use_vmap, self._vmap_error, self._shrunk = True, None, False
         self._use_expanded = per_sample == "expanded"
         self._native = half_dtype(targets[0].param)  # the fallback dtype (:func:`native_state`)
 
-    # ---- data -------------------------------------------------------------------
-    def _sample_chunks(self, device) -> Iterator[Batch]:
-        """Flat batches of whole groups (at most :attr:`chunk` samples each) until num_grads groups.
-
-        Consecutive loader batches are concatenated; a batch whose samples have another
-        shape (e.g. sequences padded to another length) starts a new chunk, unless a group
-        is still incomplete (then :meth:`Batch.cat` says why it cannot be completed).
-        :attr:`sources` holds the (loader index, item as a Batch) the last yielded chunk
-        may hold samples of, for messages (:meth:`_replay`).
-        """
-        left = float("inf") if self.num_grads is None else self.num_grads * self.fbs
-        pending: List[Batch] = []
-        have, sig, uniform = 0, None, True  # uniform: every pending batch plain, with signature sig
-        self.sources: List[tuple] = []
-        for index, item in enumerate(self.loader):
-            batch = to_batch(item, self.adapter)
-            if not self.sampled:
-                check_labelled(batch, self.loss_fn)  # raises: no target and no model loss, or a target the loss refuses
-            n = plain_size(batch)          # once per item: batch-1 loaders yield many
-            this = signature(batch, n is not None)
-            if pending and have % self.fbs == 0 and this != sig:
-                for piece in self._split(cat_batches(pending, uniform), min(have, left)):
-                    left -= piece.size
-                    yield prepare_batch(piece, device, self.dtype)
-                pending, have, self.sources = [], 0, []
-                if left == 0:
-                    return
-            if not pending:
-                sig, uniform = this, True
-            uniform = uniform and n is not None and this == sig
-            pending.append(batch)
-            self.sources.append((index, batch))
-            size = batch_size(batch, n)
-            have += size
-            if have >= min(self.chunk, left):
-                cat = cat_batches(pending, uniform)
-                full = min(have // self.chunk * self.chunk, left) if have < left else left
-                for piece in self._split(cat, full):
-                    left -= piece.size
-                    yield prepare_batch(piece, device, self.dtype)
-                pending = [cat.take(full, have)] if full < have else []
-                uniform = uniform and bool(pending)  # the rest of a uniform concatenation is plain, same signature
-                have -= full
-                self.sources = self.sources[-1:] if pending and have <= size else \
-                    (self.sources if pending else [])
-            if left == 0:
-                return
-        whole = min(have // self.fbs * self.fbs, left)
-        if whole:
-            for piece in self._split(cat_batches(pending, uniform), whole):
-                yield prepare_batch(piece, device, self.dtype)
-
-    def _split(self, batch: Batch, n: int) -> Iterator[Batch]:
-        """The first ``n`` samples of ``batch`` (a multiple of fisher_batch_size) in chunks."""
-        n = n // self.fbs * self.fbs
-        for start in range(0, n, self.chunk):
-            yield batch.take(start, min(start + self.chunk, n))
+    @property
+    def chunk(self) -> int:
+        """Samples per ``vmap`` call (whole groups): from the gradients' memory budget, lowered by a chunk that ran out
+        of memory."""
+        return self._source.chunk
 
     # ---- gradients --------------------------------------------------------------
     def _loss_fn(self, params, buffers):
@@ -207,12 +162,16 @@ class GradientCollector:
         if self._use_expanded and self.fbs == 1 and per_sample.expandable(flat, self.loss_fn):
             try:
                 return per_sample.expanded_grads(group_loss, sub, flat)
-            except Exception:  # noqa: BLE001 - an operator expanded weights has no rule for: vmap
+            except Exception as err:  # noqa: BLE001 - an operator expanded weights has no rule for: vmap
+                if is_out_of_memory(err):
+                    raise  # too many samples in flight, not an unsupported model (:meth:`_pieces` halves the chunk)
                 self._use_expanded = False
         if self._use_vmap and self.fbs == 1:
             try:
                 return per_sample.vmap_grads(group_loss, sub, flat)
             except Exception as err:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
+                if is_out_of_memory(err):
+                    raise
                 self._use_vmap, self._vmap_error = False, err
         out = per_sample.loop_grads(group_loss, sub, self._keys, flat, self.fbs)
         if self._vmap_error is not None:  # the loop ran where vmap could not: say so once, at the user's line
@@ -261,11 +220,42 @@ class GradientCollector:
             self.nonzero[name] = self.nonzero.get(name, False) or s != 0.0
         return flat
 
+    def _computed(self, params, buffers, flat: Batch, gen, device):
+        """(params, buffers, {key: (G, *shape)} gradients, loss gradients or None) of one chunk; params and buffers
+        change only for a half model that fails in float32 (:meth:`_native_state`)."""
+        with loader_errors(flat, replay=lambda: self._replay(params, buffers, device)):
+            try:
+                labelled = self._sampled(params, buffers, flat, gen) if self.sampled else flat
+                grads = self._chunk_grads(params, buffers, labelled)
+            except RuntimeError as err:  # a half model that fails in float32: its own dtype?
+                state = None if is_out_of_memory(err) else self._native_state(flat, err)
+                if state is None:
+                    raise
+                (params, buffers), flat = state
+                labelled = self._sampled(params, buffers, flat, gen) if self.sampled else flat
+                grads = self._chunk_grads(params, buffers, labelled)
+            del labelled
+            extra = self._chunk_grads(params, buffers, flat) if self.want_loss_grad and self.sampled else None
+        return params, buffers, grads, extra
+
+    def _halves(self, flat: Batch) -> List[Batch]:
+        """``flat`` in two halves of whole groups after it ran out of memory (the activations of its samples, which
+        the memory plan does not count); later chunks take at most half as many samples, said once."""
+        half = flat.size // self.fbs // 2 * self.fbs
+        if half < self._source.chunk:
+            if not self._shrunk:
+                warn_at_caller(
+                    f"per-sample gradients: {flat.size} samples at a time ran out of memory (the model's activations "
+                    f"for the samples in flight); computing them {half} at a time from here on (the same "
+                    "gradients, more calls)")
+            self._source.chunk, self._shrunk = half, True
+        return [flat.take(0, half), flat.take(half, flat.size)]
+
     def _replay(self, params, buffers, device):
         """(loader index, item, error) for the first item of the failed chunk on which the model or the loss
         fails when called on the item exactly as the loader yielded it (no grouping, no ``vmap``); None when
         every item runs on its own."""
-        for index, batch in self.sources:
+        for index, batch in self._source.sources:
             try:
                 one = prepare_batch(batch, device, self.dtype)
                 with torch.no_grad():
@@ -293,38 +283,42 @@ class GradientCollector:
         bar = progress_bar(self.num_grads, self.desc, "grad", enabled=self.progress)
         try:
             with eval_mode(self.model):
-                for flat in self._sample_chunks(device):
-                    count = flat.size // self.fbs
-                    with loader_errors(flat, replay=lambda: self._replay(params, buffers, device)):
+                for flat in self._source(device, self.dtype):
+                    parts = [flat]
+                    while parts:
+                        flat = parts.pop()
+                        if flat.size > self._source.chunk:  # cut before a chunk ran out of memory: the size that fits
+                            parts.extend(reversed(list(self._source.split(flat, flat.size))))
+                            continue
+                        drawn = gen.get_state()
                         try:
-                            labelled = self._sampled(params, buffers, flat, gen) if self.sampled else flat
-                            grads = self._chunk_grads(params, buffers, labelled)
-                        except RuntimeError as err:  # a half model that fails in float32: its own dtype?
-                            state = self._native_state(flat, err)
-                            if state is None:
+                            params, buffers, grads, extra = self._computed(params, buffers, flat, gen, device)
+                        except Exception as err:  # noqa: BLE001 - only running out of memory is retried
+                            if flat.size <= self.fbs or not is_out_of_memory(err):
                                 raise
-                            (params, buffers), flat = state
-                            labelled = self._sampled(params, buffers, flat, gen) if self.sampled else flat
-                            grads = self._chunk_grads(params, buffers, labelled)
-                        extra = self._chunk_grads(params, buffers, flat) \
-                            if self.want_loss_grad and self.sampled else None
-                    piece = self._masked(grads, count)
-                    if self.want_loss_grad:
-                        lg = piece
-                        if extra is not None:
-                            saved = self.sum_sq  # the loss-gradient pass is not part of the Fisher
-                            lg = self._masked(extra, count)
-                            self.sum_sq = saved
-                        part = {k: v.sum(0) for k, v in lg.items()}
-                        loss_sum = part if loss_sum is None else {k: loss_sum[k] + part[k] for k in part}
-                    self.count += count
-                    self.samples += count * self.fbs
-                    bar.update(count)
-                    # drop this frame's references before the next chunk is computed: the consumer holds the
-                    # piece as long as it needs it, and a generator's locals live on across the yield
-                    del grads, labelled, extra
-                    yield piece
-                    del piece
+                            grads = None  # (retried below, once the failed call's tensors are freed)
+                        if grads is None:  # the same samples in two halves (the same sampled targets)
+                            gen.set_state(drawn)
+                            parts.extend(reversed(self._halves(flat)))
+                            continue
+                        count = flat.size // self.fbs
+                        piece = self._masked(grads, count)
+                        if self.want_loss_grad:
+                            lg = piece
+                            if extra is not None:
+                                saved = self.sum_sq  # the loss-gradient pass is not part of the Fisher
+                                lg = self._masked(extra, count)
+                                self.sum_sq = saved
+                            part = {k: v.sum(0) for k, v in lg.items()}
+                            loss_sum = part if loss_sum is None else {k: loss_sum[k] + part[k] for k in part}
+                        self.count += count
+                        self.samples += count * self.fbs
+                        bar.update(count)
+                        # drop this frame's references before the next chunk is computed: the consumer holds the
+                        # piece as long as it needs it, and a generator's locals live on across the yield
+                        del grads, extra
+                        yield piece
+                        del piece
         finally:
             bar.close()
         if self.count == 0:

@@ -159,7 +159,8 @@ class GradualPruner:
                                  "list) or one per step: pruner.step(step, loader)")
         self.config = PruneConfig.from_options(sparsity=float(final_sparsity), **prune_kwargs)
         _check_pattern_schedule(self.config, float(initial_sparsity), (end_step - start_step) // frequency)
-        targets = resolve_targets(model, self.config.modules, self.config.method_impl.block_size(self.config))
+        targets = resolve_targets(model, self.config.modules, self.config.method_impl.block_size(self.config),
+                                  channels_last=self.config.channels_last)
         self.config.method_impl.check_targets(targets, self.config)  # e.g. rows an N:M pattern does not fit
         check_prunable(targets, self.config, final_sparsity, "final_sparsity")
         self.model, self.loader = model, loader

@@ -58,6 +58,9 @@ class FisherHook:
         every: use the gradients of one optimizer step in ``every``.
         modules: weights to track, as :class:`woodfisher.PruneConfig` ``modules``.
         backend: kernel backend.
+        pattern: the N:M pattern the curvature will prune with (``"2:4"``), or None: an N:M pattern lays conv
+            weights' blocks out along their input channels (:mod:`woodfisher.layout`), so :func:`woodfisher.prune_with`
+            refuses ``pattern="N:M"`` on conv weights of a hook made without it. It also fixes prune_with's sparsity.
     Attributes:
         count: gradients folded in or buffered in the current window (at most N).
         params: the tracked Parameter objects (read at :meth:`reset`; masks attached later keep them, so
@@ -77,7 +80,8 @@ class FisherHook:
     """
 
     def __init__(self, model: nn.Module, *, num_grads: int, damp: float, block_size: Optional[int] = None,
-                 buffer: Optional[int] = None, every: int = 1, modules=None, backend: str = "auto"):
+                 buffer: Optional[int] = None, every: int = 1, modules=None, backend: str = "auto",
+                 pattern: Optional[str] = None):
         check_int("num_grads", num_grads)
         if isinstance(check_damp(damp), str):
             raise ValueError("damp must be a number > 0 for a running inverse (it starts at I / damp), got 'auto'")
@@ -87,7 +91,7 @@ class FisherHook:
         if buffer > num_grads:
             raise ValueError(f"buffer must be <= num_grads ({num_grads}), got {buffer}")
         self.config = PruneConfig(sparsity=0.0, block_size=block_size, num_grads=num_grads, damp=float(damp),
-                                  modules=modules, backend=backend, progress=False, group=None)
+                                  modules=modules, backend=backend, progress=False, group=None, pattern=pattern)
         self.model, self.buffer_size, self.every = model, buffer, every
         self.steps = 0
         self._handle = None
@@ -100,7 +104,8 @@ class FisherHook:
         Raises:
             ValueError: a tracked weight with ``requires_grad=False`` (naming ``modules``; nothing is reset).
         """
-        targets = resolve_targets(self.model, self.config.modules, self.config.block_size)
+        targets = resolve_targets(self.model, self.config.modules, self.config.block_size,
+                                  channels_last=self.config.channels_last)
         frozen = [target.name for target in targets if not target.param.requires_grad]
         if frozen:
             trainable = [target.name for target in targets if target.param.requires_grad]
@@ -257,7 +262,7 @@ class FisherHook:
 
     def _settings(self) -> dict:
         return {"num_grads": self.config.num_grads, "damp": self.config.damp, "block_size": self.config.block_size,
-                "buffer": self.buffer_size, "every": self.every}
+                "buffer": self.buffer_size, "every": self.every, "pattern": self.config.pattern}
 
     # ---- pruning --------------------------------------------------------------------
     def curvature(self) -> Curvature:

@@ -6,11 +6,14 @@ Eq. 18 relaxation (``group_exact=False``), and remove the chosen groups together
 (:func:`group_update`): exact, all removed entries of a block as one set (the OBS optimum for
 all of them, not the sum of the groups' updates); with Eq. 18, the sum of the groups' updates.
 
-* ``pattern="N:M"`` (e.g. ``"2:4"``): in every run of M consecutive weights of a row
-  (the row-major flattening of the weight, so for a conv ``in * kh * kw`` per filter)
-  keep N. For each run all ``C(M, M-N)`` subsets of M-N weights are scored with the
-  group statistic and the cheapest one is pruned. Needs the row length and the block
-  size to be multiples of M, so that a run never crosses a row or a block.
+* ``pattern="N:M"`` (e.g. ``"2:4"``): in every run of M consecutive weights keep N: along
+  the input features of a row for Linear / ``Conv1D``, along the input channels at each
+  (out, kernel position) for a conv (its blocks are laid out (out, *kernel, in),
+  :mod:`woodfisher.layout`: the layout of 2:4 sparse tensor cores). For each run all
+  ``C(M, M-N)`` subsets of M-N weights are scored with the group statistic and the cheapest
+  one is pruned. Needs the run length (row length; a conv's input channels per group) and
+  the block size to be multiples of M, so that a run never crosses a row or a block; a
+  depthwise conv (1 input channel per group) is refused, naming it.
 * ``pattern="rows"``: remove whole output rows (Linear) / filters (Conv) as groups.
   Needs whole-layer blocks or a block size that is a multiple of the row length.
   Exact statistics solve one ``q x q`` system per row (q = row length). The count follows
@@ -54,21 +57,37 @@ def pattern_sparsity(parsed: Pattern) -> Optional[float]:
     return 1.0 - parsed[1] / parsed[2] if parsed[0] == "nm" else None
 
 
+def nm_run_length(layer: PruneTarget) -> int:
+    """Entries an N:M run must fit in: the input channels (per group) of a conv weight (its runs go along them at
+    each (out, kernel position)), the row length of other weights."""
+    return layer.shape[1] if layer.kind == "conv" else layer.row_length
+
+
 def check_pattern_layers(parsed: Pattern, layers: List[PruneTarget]) -> None:
-    """Refuse layers whose rows / blocks do not fit the pattern (naming the layer)."""
+    """Refuse layers whose rows / input channels / blocks do not fit the pattern (naming the layer)."""
     if parsed[0] == "nm":
-        m = parsed[2]
-        unfit = [layer for layer in layers if layer.row_length % m]
+        n, m = parsed[1], parsed[2]
+        unfit = [layer for layer in layers if nm_run_length(layer) % m]
         if unfit:
             first, fit = unfit[0], len(layers) - len(unfit)
             names = [layer.name for layer in unfit[:6]] + (["..."] if len(unfit) > 6 else [])
             hint = f"; modules= naming the other {fit} weight(s) prunes those" if fit else ""
-            raise ValueError(f"pattern '{parsed[1]}:{m}': layer {first.name!r} has rows of {first.row_length} "
-                             f"entries, not a multiple of {m} (weights that do not fit: {names}){hint}")
+            what = (f"{first.shape[1]} input channels per group (N:M runs go along the input channels at each "
+                    "output channel and kernel position, as 2:4 sparse tensor cores need)" if first.kind == "conv"
+                    else f"rows of {first.row_length} entries")
+            raise ValueError(f"pattern '{n}:{m}': layer {first.name!r} has {what}, not a multiple of {m} "
+                             f"(weights that do not fit: {names}){hint}")
         block = next((layer for layer in layers if layer.block_size % m), None)
         if block is not None:
-            raise ValueError(f"pattern '{parsed[1]}:{m}': block_size {block.block_size} of layer {block.name!r} "
+            raise ValueError(f"pattern '{n}:{m}': block_size {block.block_size} of layer {block.name!r} "
                              f"must be a multiple of {m}")
+        order = next((layer for layer in layers if layer.kind == "conv" and not layer.channels_last), None)
+        if order is not None:
+            raise ValueError(f"pattern '{n}:{m}': the Fisher blocks of conv weight {order.name!r} were built in "
+                             "(out, in, *kernel) order, by a curvature estimated without an N:M pattern, and its N:M "
+                             "runs go along the input channels; estimate the curvature with "
+                             f"pattern='{n}:{m}' (estimate_curvature(..., pattern='{n}:{m}'), "
+                             f"FisherHook(..., pattern='{n}:{m}'))")
         return
     for layer in layers:
         if layer.block_size % layer.row_length:

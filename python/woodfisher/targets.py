@@ -104,6 +104,8 @@ class PruneTarget(BlockLayout):
         owners: names of every module that holds this Parameter (several when tied).
         holders: (module, logical attribute) of every module that holds it (masks of
             tied weights are kept on each of them).
+        channels_last: blocks in (out, *kernel, in) order (conv weights under an N:M pattern,
+            see :mod:`woodfisher.layout`).
     """
 
     name: str
@@ -115,6 +117,7 @@ class PruneTarget(BlockLayout):
     reparam: Optional[str] = None
     owners: Tuple[str, ...] = ()
     holders: Tuple[Tuple[nn.Module, str], ...] = ()
+    channels_last: bool = False
 
     @property
     def param_name(self) -> str:
@@ -172,7 +175,7 @@ class PruneTarget(BlockLayout):
         Returns:
             :class:`Layout` (what a :class:`woodfisher.Curvature` keeps per weight).
         """
-        return Layout(self.name, self.shape, self.kind, self.block_size)
+        return Layout(self.name, self.shape, self.kind, self.block_size, self.channels_last)
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the model computes with (storage times every mask).
@@ -392,7 +395,8 @@ def check_model(model: nn.Module) -> None:
 
 
 def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
-                    block_size: Optional[int] = None, arg: str = "modules") -> List[PruneTarget]:
+                    block_size: Optional[int] = None, arg: str = "modules",
+                    channels_last: bool = False) -> List[PruneTarget]:
     """The pruned weights of ``model``, each once, in registration order.
 
     Args:
@@ -405,6 +409,8 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             smaller than ``block_size`` is one whole-weight block (blocks never span two weights).
         arg: the caller's argument that holds the names, for messages (``"masks"`` for
             :func:`woodfisher.attach_masks`).
+        channels_last: lay conv weights out in (out, *kernel, in) order (for N:M patterns:
+            :attr:`woodfisher.PruneConfig.channels_last`); other kinds keep theirs.
     Returns:
         list of :class:`PruneTarget`.
     Raises:
@@ -454,5 +460,5 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
         c = p.numel() if block_size is None else min(block_size, p.numel())
         targets.append(PruneTarget(prefix + name, info["key"], info["module"], info["attr"], kind, c,
                                    info["reparam"], tuple(prefix + n for n, _ in info["owners"]),
-                                   tuple(info["holders"])))
+                                   tuple(info["holders"]), channels_last and kind == "conv"))
     return targets

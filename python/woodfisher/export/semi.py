@@ -44,15 +44,20 @@ def min_tile(dtype: torch.dtype) -> Tuple[int, int]:
 
 
 def pattern_violations(weight: torch.Tensor, n: int = 2, m: int = 4) -> int:
-    """Count the runs of ``m`` consecutive entries of a row with more than ``n`` non-zeros (N:M check).
+    """Count the runs of ``m`` consecutive input features / channels with more than ``n`` non-zeros (N:M check).
+
+    A Linear weight's runs go along ``in`` in each row; a conv weight's along the input channels at each (out,
+    kernel position), the order of 2:4 sparse tensor cores (a conv as an implicit GEMM with K = (*kernel, in)).
 
     Args:
-        weight: (out, in) tensor, ``in`` a multiple of ``m`` (not checked here).
+        weight: (out, in) or conv (out, in / groups, *kernel) tensor, ``in`` (per group) a multiple of ``m``
+            (not checked here).
         n, m: the N:M pattern (default 2:4).
     Returns:
         The number of violating runs (0: the weight fits N:M).
     """
-    runs = (weight.detach() != 0).reshape(weight.shape[0], -1, m)
+    nonzero = (weight.detach() != 0).movedim(1, -1)
+    runs = nonzero.reshape(weight.shape[0], -1, m)
     return int((runs.sum(-1) > n).sum())
 
 

@@ -1,0 +1,108 @@
+"""Running out of memory on a chunk's per-sample gradients (the activations of the samples in flight, which the
+memory plan does not count) halves the chunk and retries: the same gradients, one warning, and never the
+"vmap cannot run the model" fallback."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import woodfisher as wf
+from woodfisher import per_sample
+from woodfisher.batches import Batch, loader_errors
+from woodfisher.memory import is_out_of_memory
+from woodfisher.targets import resolve_targets
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 12582912000 bytes. Error code 12 (Cannot allocate memory)")
+ERRORS = {"cuda": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB"),
+          "cpu": lambda: RuntimeError(CPU_OOM)}
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double()
+
+
+def _data(n=16, bs=8):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 2, 5, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
+
+
+def _fits_only(monkeypatch, at_most: int, error, calls: list):
+    """vmap runs out of memory on more than ``at_most`` samples (``calls``: the sizes it was given)."""
+    real = per_sample.vmap_grads
+
+    def limited(group_loss, sub, flat: Batch):
+        calls.append(flat.size)
+        if flat.size > at_most:
+            raise error()
+        return real(group_loss, sub, flat)
+
+    monkeypatch.setattr(per_sample, "vmap_grads", limited)
+
+
+def _collect(model, **kw):
+    targets = resolve_targets(model, None)
+    collector = wf.GradientCollector(model, _data(), targets, num_grads=16, progress=False, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grads = collector.collect()
+    return collector, grads, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("kind", sorted(ERRORS))
+@pytest.mark.parametrize("sampled", [False, True])
+def test_out_of_memory_halves_the_chunk_and_gives_the_same_gradients(monkeypatch, kind, sampled):
+    model = _model()
+    numel = sum(t.numel for t in resolve_targets(model, None))
+    # reference: chunks of 4 samples from the start (a memory budget for 4 gradients), nothing runs out
+    _, want, quiet = _collect(model, sampled_fisher=sampled, chunk_bytes=4 * numel * 8)
+    assert not quiet
+    calls = []
+    _fits_only(monkeypatch, 4, ERRORS[kind], calls)
+    collector, got, messages = _collect(model, sampled_fisher=sampled)
+    assert calls == [16, 8, 4, 4, 4, 4]    # halved until it fits; the rest cut at the size that fitted
+    assert collector.chunk == 4 and collector.count == 16
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-12)
+    oom = [m for m in messages if "ran out of memory" in m]
+    assert len(oom) == 1 and "16 samples at a time" in oom[0] and "8 at a time" in oom[0]
+    assert not any("vmap cannot run" in m for m in messages)   # not mistaken for an untraceable model
+
+
+def test_later_chunks_start_at_the_size_that_fitted(monkeypatch):
+    model = _model()
+    calls = []
+    _fits_only(monkeypatch, 8, ERRORS["cuda"], calls)
+    targets = resolve_targets(model, None)
+    loader = _data(48, 8)
+    collector = wf.GradientCollector(model, loader, targets, num_grads=48, progress=False, chunk_bytes=2 ** 30)
+    with pytest.warns(UserWarning, match="ran out of memory"):
+        collector.collect()
+    assert calls == [48, 24, 12] + [6] * 8 and collector.chunk == 6 and collector.count == 48
+
+
+@pytest.mark.parametrize("kind", sorted(ERRORS))
+def test_out_of_memory_on_one_sample_is_raised_as_it_is_and_the_model_is_unchanged(monkeypatch, kind):
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    _fits_only(monkeypatch, 0, ERRORS[kind], [])
+    with pytest.warns(UserWarning, match="ran out of memory"), pytest.raises(type(ERRORS[kind]())) as info:
+        wf.prune_one_shot(model, _data(), sparsity=0.5, num_grads=16, block_size=4, progress=False)
+    assert is_out_of_memory(info.value)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_loader_errors_passes_the_cpu_allocator_failure_through():
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        with loader_errors(Batch((torch.zeros(2, 3),), {}, None), replay=lambda: None):
+            raise RuntimeError(CPU_OOM)
+    with pytest.raises(ValueError, match="loader"):   # a real failure of the model on the data still is a ValueError
+        with loader_errors(Batch((torch.zeros(2, 3),), {}, None)):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
