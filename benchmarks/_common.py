@@ -230,3 +230,18 @@ def append_row(path: str, fields: Sequence[str], row: Dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def sweep_parser(doc: str, models: Sequence[str], data_root: str, sparsities: Sequence[float],
+                 seeds: Sequence[int]):
+    """The arguments of an accuracy sweep over (sparsity, seed) on one model: ``--model``, ``--data-root``,
+    ``--out`` (benchmarks/results), ``--sparsities``, ``--seeds`` and ``--report``; the caller adds its own."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--model", choices=sorted(models), default="mlpnet")
+    p.add_argument("--data-root", default=data_root)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--sparsities", type=float, nargs="+", default=list(sparsities))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    p.add_argument("--report", action="store_true", help="only the report of the CSV (no runs)")
+    return p

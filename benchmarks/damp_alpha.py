@@ -5,7 +5,9 @@ set), ``prune_one_shot`` with the package's defaults except ``woodfisher.damping
 (patched for the call: lambda = alpha x the mean Fisher diagonal) and, for comparison, other
 single-option variations. One CSV row per (setting, sparsity, seed) with the held-out accuracy,
 each pruned weight's density, the collapsed layers and the overlap with global magnitude
-(resumable: rows already in the file are skipped).
+(resumable: rows already in the file are skipped). The committed damp_alpha_*.csv / .md were made when
+damp="auto" averaged the Fisher diagonal over ALL coordinates of the pruned weights; the package now
+averages over the live ones (``benchmarks.damp_live`` compares the two rules and sweeps alpha for the new one).
 
     OMP_NUM_THREADS=1 python -m benchmarks.damp_alpha --model mlpnet --sparsities 0.95 --seeds 0 1 2 3 4
     OMP_NUM_THREADS=1 python -m benchmarks.damp_alpha --model resnet20 --sparsities 0.8 --alphas 0.01 0.1
@@ -14,7 +16,6 @@ each pruned weight's density, the collapsed layers and the overlap with global m
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -25,7 +26,7 @@ import warnings
 from typing import Dict, List
 from unittest import mock
 
-from benchmarks._common import append_row
+from benchmarks._common import append_row, sweep_parser
 from benchmarks.quality_report import _cell, read_rows
 from benchmarks.quality_sweep import HELDOUT, SETUP, default_data_root, device_name, load
 from woodfisher import curvature, damping, prune_one_shot
@@ -123,16 +124,10 @@ def report(out: str, model: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=sorted(SETUP), default="mlpnet")
-    p.add_argument("--data-root", default=default_data_root())
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.95])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p = sweep_parser(__doc__, SETUP, default_data_root(), [0.95], [0, 1, 2, 3, 4])
     p.add_argument("--alphas", type=float, nargs="*", default=[1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
     p.add_argument("--variations", nargs="*", default=[], choices=sorted(VARIATIONS))
     p.add_argument("--per-layer-alphas", type=float, nargs="*", default=[], help=f"alphas of {PER_LAYER!r}")
-    p.add_argument("--report", action="store_true", help="only the report of the CSV (no runs)")
     args = p.parse_args(argv)
     if not args.report:
         run(args)

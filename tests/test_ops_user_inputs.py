@@ -126,9 +126,9 @@ def test_blocking_sizes():
 
 def test_choose_form_sizes_and_budget():
     assert wk.choose_form(np.int64(10), 100, 1) == wk.choose_form(10, 100, 1) == "lowrank"
-    assert wk.choose_form(10, 100, 1, memory_budget=1e9) == "lowrank"
+    assert wk.choose_form(10, 100, 1, memory_budget=1e9) == wk.choose_form(10, 100, 1, memory_budget="1GB") == "lowrank"
     for kwargs, name in [({"num_grads": "10"}, "num_grads"), ({"num_grads": 10.5}, "num_grads"),
-                         ({"itemsize": 0}, "itemsize"), ({"memory_budget": "1GB"}, "memory_budget")]:
+                         ({"itemsize": 0}, "itemsize"), ({"memory_budget": "1 GX"}, "memory_budget")]:
         args = {"num_grads": 10, "block_size": 100, **kwargs}
         with pytest.raises(ValueError, match=name):
             wk.choose_form(**args)

@@ -38,6 +38,7 @@ from .ops import (
     obs_update,
     woodbury_update_,
 )
+from .sizes import parse_bytes
 
 __version__ = "0.1.0"
 
@@ -46,5 +47,5 @@ __all__ = [
     "fisher_inverse", "from_blocks",
     "gather_rows", "gather_subblocks", "group_obs_saliency", "group_obs_update",
     "inverse_diagonal", "LowRankInverse", "lowrank_inverse", "num_blocks", "obs_saliency",
-    "obs_update", "to_blocks", "valid_mask", "woodbury_update_",
+    "obs_update", "parse_bytes", "to_blocks", "valid_mask", "woodbury_update_",
 ]

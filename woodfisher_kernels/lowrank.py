@@ -39,6 +39,7 @@ import torch
 from . import _dispatch, reference
 from . import _numerics as num
 from ._checks import check_choice, check_int, check_positive, check_tensor
+from .sizes import check_bytes
 
 
 def _factor_impl(backend: str, grads: torch.Tensor):
@@ -340,7 +341,7 @@ class LowRankInverse:
 
 
 def choose_form(num_grads: int, block_size: int, num_blocks: int = 1,
-                memory_budget: int | None = None, itemsize: int = 4) -> str:
+                memory_budget: int | str | None = None, itemsize: int = 4) -> str:
     """Pick ``"sequential"`` (dense c x c inverses) or ``"lowrank"`` (factors, m x c).
 
     Flops per block: sequential ~4 m c^2, low-rank ~4 m^2 c + m^3 / 3; memory per
@@ -351,19 +352,20 @@ def choose_form(num_grads: int, block_size: int, num_blocks: int = 1,
         num_grads: m, the fisher subsample size (>= 1).
         block_size: c (>= 1).
         num_blocks: B (>= 1).
-        memory_budget: bytes available for the representation, or None (unlimited).
+        memory_budget: bytes available for the representation: a number, a size string of
+            :func:`woodfisher_kernels.parse_bytes` ("1GB", "512MiB"), or None (unlimited).
         itemsize: bytes per entry (4 for float32).
     Returns:
         "sequential" or "lowrank".
     Raises:
         ValueError: ``num_grads``, ``block_size``, ``num_blocks`` or ``itemsize`` not an
-            integer >= 1, ``memory_budget`` not None or a finite number > 0, or a
+            integer >= 1, ``memory_budget`` not None, a size string or a finite number > 0, or a
             ``memory_budget`` that fits neither form.
     """
     m, c = check_int("num_grads", num_grads, 1), check_int("block_size", block_size, 1)
     num_blocks, itemsize = check_int("num_blocks", num_blocks, 1), check_int("itemsize", itemsize, 1)
     if memory_budget is not None:
-        memory_budget = check_positive("memory_budget", memory_budget)
+        memory_budget = check_bytes("memory_budget", memory_budget)
     seq_flops, lr_flops = 4.0 * m * c * c, 4.0 * m * m * c + m ** 3 / 3.0
     seq_bytes = num_blocks * c * c * itemsize
     lr_bytes = num_blocks * (m * c + m * m) * itemsize

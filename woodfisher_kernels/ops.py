@@ -23,6 +23,7 @@ from . import reference
 from ._dispatch import CHOICES
 from ._numerics import ON_FAILURE
 from .lowrank import LowRankInverse, choose_form
+from .sizes import check_bytes
 
 Inverse = Union[torch.Tensor, LowRankInverse]
 
@@ -152,7 +153,7 @@ def lowrank_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[floa
 
 
 def blockwise_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[float] = None, *,
-                      form: str = "auto", memory_budget: Optional[int] = None,
+                      form: str = "auto", memory_budget: Union[int, str, None] = None,
                       backend: str = "auto", on_failure: str = "recompute") -> Inverse:
     """Dense (B, c, c) inverse or :class:`LowRankInverse`, chosen by :func:`choose_form`.
 
@@ -162,16 +163,19 @@ def blockwise_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[fl
         grads: (B, m, c) gradient slices, float32 or float64, any device.
         damp: lambda > 0. num_samples: N > 0; defaults to m.
         form: "auto" | "sequential" | "lowrank".
-        memory_budget: bytes available for the representation (None = unlimited).
+        memory_budget: bytes available for the representation: a number, a size string ("1GB",
+            "512MiB", :func:`woodfisher_kernels.parse_bytes`) or None (unlimited); checked for every ``form``.
         backend, on_failure: as in :func:`fisher_inverse`.
     Returns:
         (B, c, c) tensor (form "sequential") or :class:`LowRankInverse` (form "lowrank").
     Raises:
-        ValueError: an unknown ``form``, NaN/Inf gradients, a ``memory_budget`` that fits
-            neither form, and every case of :func:`fisher_inverse` / :func:`lowrank_inverse`.
+        ValueError: an unknown ``form``, NaN/Inf gradients, a bad ``memory_budget`` (naming it) or one
+            that fits neither form, and every case of :func:`fisher_inverse` / :func:`lowrank_inverse`.
     """
     if form not in ("auto", "sequential", "lowrank"):
         raise ValueError(f"form must be 'auto', 'sequential' or 'lowrank', got {form!r}")
+    if memory_budget is not None:
+        memory_budget = check_bytes("memory_budget", memory_budget)
     chk.check_tensor("grads", grads, 3, finite=True)
     if form == "auto":
         b, m, c = grads.shape

@@ -212,8 +212,8 @@ def warn_ill_conditioned(kappa: Dict[str, float], forms: Dict[str, Optional[str]
     needed = damp * worst[0][1] * EPS32 / WARN_LEVEL
     if auto:
         advice = (f"damp='auto' is one value for the whole model ({AUTO_ALPHA:g} x the mean Fisher diagonal over "
-                  f"every pruned weight) and these layers' Fisher is larger than that mean; pass damp >= "
-                  f"{needed:.2g} to bring them under the level")
+                  f"the live entries of the pruned weights) and these layers' Fisher is larger than that mean; pass "
+                  f"damp >= {needed:.2g} to bring them under the level")
     else:
         advice = f"pass damp='auto' (relative to the Fisher's scale) or damp >= {needed:.2g}"
     streamed = [n for n, _ in worst if forms.get(n) == "stream"]

@@ -152,7 +152,8 @@ class PruneConfig:
             (the first ``num_grads % steps`` steps one more), so the samples read stay the same.
         fisher_batch_size: samples averaged per gradient ("fisher mini-batch size").
         damp: lambda > 0 of ``F = lambda I + G^T G / N``, or "auto" (default): lambda =
-            0.1 times the mean diagonal of the empirical Fisher (:data:`woodfisher.damping.AUTO_ALPHA`)
+            0.01 times the mean diagonal of the empirical Fisher over the entries not pruned yet
+            (:data:`woodfisher.damping.AUTO_ALPHA`)
             (:func:`woodfisher.damping.auto_damp`); the paper's absolute value is ``damp=1e-5``.
         num_steps: steps from the current to the target sparsity, the gradients and
             inverses recomputed before each (the paper's recomputation); "auto" (default):
@@ -180,7 +181,8 @@ class PruneConfig:
             Conv weight, see :mod:`woodfisher.targets`; stored as a tuple.
         pattern: None, "N:M" (e.g. "2:4"; fixes the sparsity at 1 - N/M; N of every M consecutive input
             features of a Linear row, of every M consecutive input channels at each (out, kernel position) of a
-            conv: the 2:4 sparse tensor core layout) or "rows".
+            conv: the 2:4 sparse tensor core layout) or "rows" (whole rows, as many pruned entries as ``sparsity``
+            allows and never more: :func:`woodfisher.structured.select_rows`).
         group_exact: exact group statistic (True) or the paper's Eq. 18 relaxation.
         memory_budget: device bytes for gradients + inverses (an int, or a size such as "4GiB" / "1.5 GB",
             :func:`woodfisher.memory.parse_bytes`); gradients are streamed into dense

@@ -307,7 +307,7 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         grads = collector.collect(blocked=True)
         curv.timings["gradients"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        curv.stats = FisherStats(collector.sum_sq, collector.count, sum(target.numel for target in targets))
+        curv.stats = FisherStats.live(curv.keep, collector.sum_sq, collector.count)
         curv.damp = resolve_damp(config.damp, curv.stats)
         curv.inverses, curv.forms, curv.kappa, curv.refined = _blockwise_from_grads(
             grads, curv.layouts, curv.damp, collector.count, config)
@@ -329,7 +329,7 @@ def _diagonal(collector, targets, config, curv) -> None:
     t0 = time.perf_counter()
     fd = empirical_fisher_diagonal(collector, min(config.num_grads, 256))
     sq, count = fd.sum_sq, fd.count
-    curv.stats = FisherStats(fd.total(), count, sum(target.numel for target in targets))
+    curv.stats = FisherStats.live(curv.keep, fd.total(), count)
     curv.damp = resolve_damp(config.damp, curv.stats)
     curv.inverses = {target.name: target.canonical((1.0 / (curv.damp + sq[target.name] / count))).view(-1, 1, 1)
                      for target in targets}
@@ -345,9 +345,14 @@ def _kfac(model, loader, targets, config, curv) -> Curvature:
                            batch_adapter=config.batch_adapter)
     curv.timings["gradients"] += time.perf_counter() - t0
     t0 = time.perf_counter()
-    # mean diagonal of S (x) A is mean(diag S) * mean(diag A): one "gradient" of that scale
-    total = sum(float(torch.diagonal(f.S).sum() * torch.diagonal(f.A).sum()) for f in factors.values())
-    curv.stats = FisherStats(total, 1, sum(target.numel for target in targets))
+    # the diagonal of S (x) A at entry (i, j) of the canonical (out, in') weight is S_ii A_jj: summed over the
+    # live entries, it is one "gradient" of that scale
+    total = 0.0
+    for target in targets:
+        f = factors[target.name]
+        live = target.canonical(curv.keep[target.name]).view(f.S.shape[0], -1).to(f.S.dtype)
+        total += float(torch.diagonal(f.S) @ live @ torch.diagonal(f.A))
+    curv.stats = FisherStats.live(curv.keep, total, 1)
     curv.damp = resolve_damp(config.damp, curv.stats)
     with phase("inverses"):
         curv.inverses = {n: kfac_inverse(f, curv.damp) for n, f in factors.items()}

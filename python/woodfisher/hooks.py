@@ -37,7 +37,7 @@ import woodfisher_kernels as wk
 from .conditioning import EPS32, WARN_LEVEL
 from .config import PruneConfig, check_int
 from .curvature import Curvature
-from .damping import FisherStats, check_damp
+from .damping import FisherStats, check_damp, live_coordinates
 from .diagnostics import warn_at_caller
 from .precision import compute_dtype
 from .state import caller_modes_off
@@ -129,7 +129,7 @@ class FisherHook:
             # per block (1 + 1e-3) ||G||_F^2 of the window so far: N damp times an upper bound of its kappa
             self._frob = {target.name: torch.zeros(target.num_blocks, dtype=torch.float64) for target in self.targets}
         self.count = 0
-        self.stats = FisherStats(numel=sum(target.numel for target in self.targets))
+        self.stats = FisherStats.live(self.keep)
         self.seconds = 0.0
         self._pending: List[Dict[str, torch.Tensor]] = []
 
@@ -256,6 +256,7 @@ class FisherHook:
         with caller_modes_off():
             self.inverses = to(state["inverses"], self.dtype)
             self.keep = to(state["keep"], torch.bool)
+            self.stats.numel = live_coordinates(self.keep)
             self._pending = [to(p, self.dtype) for p in state["pending"]]
             self._frob = {k: v.to("cpu", torch.float64, copy=True) for k, v in state["frob"].items()}
         self.steps, self.count = int(state["steps"]), int(state["count"])

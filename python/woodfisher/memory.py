@@ -11,7 +11,6 @@ the accelerator. On CUDA, ``torch.cuda.max_memory_allocated`` is the authoritati
 from __future__ import annotations
 
 import os
-import re
 import weakref
 from contextlib import contextmanager
 from typing import Dict, List, Optional
@@ -19,6 +18,8 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from woodfisher_kernels.sizes import parse_bytes  # the one parser of sizes ("4GiB"), re-exported
 
 __all__ = ["TensorMemoryMeter", "host_allocations", "available_bytes", "is_out_of_memory", "note_out_of_memory",
            "parse_bytes"]
@@ -53,29 +54,6 @@ def available_bytes(device) -> Optional[int]:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (AttributeError, ValueError, OSError):
         return None
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """``"4GiB"`` -> 4294967296, ``"1.5 GB"`` -> 1500000000, ``"512MiB"``, ``"2e9"``: a size in bytes.
-
-    Args:
-        text: a number with an optional unit: B, KB / MB / GB / TB (powers of 1000) or KiB / MiB / GiB / TiB
-            (powers of 1024), case-insensitive, spaces allowed.
-    Returns:
-        Bytes (int, rounded down).
-    Raises:
-        ValueError: for anything else (the message lists the units).
-    """
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if unit not in _UNITS:
-        raise ValueError(f"{text!r} is not a size: a number of bytes, optionally with a unit (B, KB, MB, GB, TB or "
-                         "KiB, MiB, GiB, TiB), e.g. '4GiB' or '1.5e9'")
-    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def is_out_of_memory(err: BaseException) -> bool:

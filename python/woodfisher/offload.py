@@ -192,7 +192,7 @@ def estimate_offloaded(collector, targets, config, curv, batch_groups: int) -> N
     grads = {
         target.name: _host_empty((target.num_blocks, m, target.block_size), dtype, plan.pinned) for target in targets
     }
-    stats = FisherStats(numel=sum(target.numel for target in targets))
+    stats = FisherStats.live(curv.keep)
     for chunk in collector.chunks(max(1, batch_groups)):
         k = next(iter(chunk.values())).shape[0]
         # one row at a time in float64, not in place: .double() of a float64 row is the row itself

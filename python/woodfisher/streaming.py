@@ -57,7 +57,7 @@ def estimate_streamed(collector, targets, config, curv, k: int) -> None:
     m, auto = config.num_grads, config.damp == "auto"
     dtype = collector.dtype
     check = dtype == torch.float32
-    curv.stats = FisherStats(numel=sum(target.numel for target in targets))
+    curv.stats = FisherStats.live(curv.keep)
     if not auto:
         curv.damp = resolve_damp(config.damp, curv.stats)
     acc, frob, failed = {}, {}, {}

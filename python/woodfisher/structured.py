@@ -16,7 +16,9 @@ all of them, not the sum of the groups' updates); with Eq. 18, the sum of the gr
   depthwise conv (1 input channel per group) is refused, naming it.
 * ``pattern="rows"``: remove whole output rows (Linear) / filters (Conv) as groups.
   Needs whole-layer blocks or a block size that is a multiple of the row length.
-  Exact statistics solve one ``q x q`` system per row (q = row length).
+  Exact statistics solve one ``q x q`` system per row (q = row length). The count follows
+  unstructured pruning's rounding: at most ``round(sparsity * n)`` entries, and no row left
+  unpruned would still fit (:func:`select_rows`).
 """
 from __future__ import annotations
 
@@ -215,38 +217,39 @@ def row_saliency(inv, weights: torch.Tensor, layer: PruneTarget, exact: bool = T
 
 def select_rows(scores: Dict[str, torch.Tensor], sizes: Dict[str, int], sparsity: float,
                 mode: str, min_density: float = 0.0) -> Dict[str, torch.Tensor]:
-    """{name: (out,) bool rows to prune} reaching ``sparsity`` of entries.
+    """{name: (out,) bool rows to prune}: as many pruned entries as ``sparsity`` allows, never more.
 
-    layerwise: ``round(sparsity * out)`` cheapest rows of each layer; global: rows of
-    all layers ranked by statistic per entry (``rho_Q / |Q|``), pruned cheapest first
-    while the pruned entries stay within ``sparsity`` of the total. Either way every layer keeps
-    its ``ceil(min_density * out)`` most salient rows (a layer's rows are of one size, so that is
-    at least ``min_density`` of its entries): the floor against layer collapse.
+    The target is unstructured pruning's (:func:`woodfisher.masks.select_masks`): ``round(sparsity * n)``
+    entries, n the entries of each weight (layerwise) or of all the weights (global). Rows are ranked cheapest
+    first, by the group statistic ``rho_Q`` within a weight (layerwise) or by the statistic per entry
+    ``rho_Q / |Q|`` across weights (global), and taken in that order; a row that would take the pruned entries
+    beyond the target is skipped and the ranking goes on, so when it ends no row left fits in what remains of
+    the target. Layerwise (equal rows) that is the ``round(sparsity * out * row) // row`` cheapest rows. Every
+    weight keeps its ``ceil(min_density * out)`` most salient rows (its rows are of one size, so that is at least
+    ``min_density`` of its entries): the floor against layer collapse; they are never candidates.
+
+    Args:
+        scores: {name: (out,) group statistic of every row} (smaller: cheaper to remove).
+        sizes: {name: entries per row}.
+        sparsity: target fraction of entries, in [0, 1). mode: "layerwise" | "global".
+        min_density: fraction of every weight's rows always kept, in [0, 1].
+    Returns:
+        {name: (out,) bool, True for the rows to prune}, on the device of the scores.
     """
     floors = {n: density_floor(min_density, s.numel()) for n, s in scores.items()}
-    if mode == "layerwise":
-        out = {}
-        for name, s in scores.items():
-            k = min(int(round(sparsity * s.numel())), s.numel() - floors[name])
-            mask = torch.zeros_like(s, dtype=torch.bool)
-            mask[torch.argsort(s.double(), stable=True)[:k]] = True
-            out[name] = mask
-        return out
-    names = list(scores)
-    per_entry = torch.cat([scores[n].double().cpu() / sizes[n] for n in names])
-    size = torch.cat([torch.full((scores[n].numel(),), sizes[n], dtype=torch.float64) for n in names])
-    protected = torch.cat([_top(scores[n].double().cpu(), floors[n]) for n in names])
-    total = float(size.sum())
-    order = torch.argsort(per_entry, stable=True)
-    order = order[~protected[order]]  # the floor rows are never candidates
-    within = torch.cumsum(size[order], 0) <= sparsity * total + 0.5
-    flags = torch.zeros_like(per_entry, dtype=torch.bool)
-    flags[order[within]] = True
-    out, start = {}, 0
-    for n in names:
-        k = scores[n].numel()
-        out[n] = flags[start:start + k].to(scores[n].device)
-        start += k
+    groups = [[n] for n in scores] if mode == "layerwise" else [list(scores)]
+    out = {}
+    for names in groups:
+        per_entry = torch.cat([scores[n].double().cpu() / sizes[n] for n in names])
+        size = [sizes[n] for n in names for _ in range(scores[n].numel())]
+        protected = torch.cat([_top(scores[n].double().cpu(), floors[n]) for n in names]).tolist()
+        order = [i for i in torch.argsort(per_entry, stable=True).tolist() if not protected[i]]
+        flags = _cheapest_within(order, size, int(round(sparsity * sum(size))))
+        start = 0
+        for n in names:
+            k = scores[n].numel()
+            out[n] = flags[start:start + k].to(scores[n].device)
+            start += k
     return out
 
 
@@ -255,6 +258,20 @@ def _top(score: torch.Tensor, k: int) -> torch.Tensor:
     flags = torch.zeros_like(score, dtype=torch.bool)
     if k > 0:
         flags[torch.argsort(score, stable=True)[-k:]] = True
+    return flags
+
+
+def _cheapest_within(order: List[int], size: List[int], target: int) -> torch.Tensor:
+    """(len(size),) bool: the groups of ``order`` (cheapest first) taken while they fit in ``target`` entries,
+    skipping any that does not (first fit in rank order)."""
+    flags = torch.zeros(len(size), dtype=torch.bool)
+    room, smallest = target, min(size, default=0)
+    for i in order:
+        if room < smallest:
+            break
+        if size[i] <= room:
+            flags[i] = True
+            room -= size[i]
     return flags
 
 

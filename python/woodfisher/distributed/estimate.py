@@ -119,7 +119,7 @@ def estimate_sharded(model, loader, targets, config, curv, group):
     curv.timings["gradients"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     sum_sq = torch.tensor([sum(float(g.double().square().sum()) for g in owned.values())], dtype=torch.float64)
-    curv.stats = FisherStats(float(all_reduce_(sum_sq, group)), count, sum(target.numel for target in targets))
+    curv.stats = FisherStats.live(curv.keep, float(all_reduce_(sum_sq, group)), count)
     curv.damp = resolve_damp(config.damp, curv.stats)
     with local_phase(group):
         curv.inverses = {target.name: _inverse(owned[target.name], forms[target.name], curv.damp, count, config.backend)
