@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional
 
 from torch import nn
 
-from .batches import is_single_pass
+from .batches import check_loader, is_single_pass
 from .checks import check_prunable
 from .conditioning import warn_ill_conditioned
 from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig
@@ -223,6 +223,8 @@ def _estimate_step(model, loader, targets, step_config: PruneConfig, config: Pru
 def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> PruneResult:
     """Every step of :func:`woodfisher.prune_one_shot` (see there); transactional."""
     start = time.perf_counter()
+    if loader is not None:  # refused before any notice (fit_pattern's) is printed
+        check_loader(loader)
     config = fit_pattern(model, config)  # N:M on the default targets: the weights it fits
     method = config.method_impl
     targets = resolve_targets(model, config.modules, None)

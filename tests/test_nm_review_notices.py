@@ -1,0 +1,152 @@
+"""N:M checks and the notices around them, as a new user meets them: ``pattern_violations`` on any weight,
+``estimate_memory`` of a call the pattern refuses, ``prune_with`` on a curvature estimated without the pattern,
+the frozen-weight hint, custom layers named, and refusals that print no notice first."""
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import woodfisher as wf
+import woodfisher_kernels as wk
+from woodfisher.export import pattern_violations
+
+
+def _violations_reference(weight: torch.Tensor, n: int, m: int) -> int:
+    """Loop over every (out, kernel position, group of m input channels) run; independent of the reshape."""
+    w = weight if weight.dim() > 2 else weight.unsqueeze(-1)
+    count = 0
+    for o in range(w.shape[0]):
+        for pos in itertools.product(*(range(k) for k in w.shape[2:])):
+            for start in range(0, w.shape[1], m):
+                run = [w[(o, start + i) + pos] for i in range(m)]
+                count += sum(bool(v != 0) for v in run) > n
+    return count
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (4, 8, 3, 3), (2, 12, 3), (2, 4, 2, 1, 2)])
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (1, 2)])
+def test_pattern_violations_counts_the_input_channel_runs(shape, n, m):
+    torch.manual_seed(0)
+    weight = torch.randn(shape) * (torch.rand(shape) < 0.6)
+    assert pattern_violations(weight, n, m) == _violations_reference(weight, n, m)
+    assert pattern_violations(weight, f"{n}:{m}") == _violations_reference(weight, n, m)
+
+
+def test_pattern_violations_refuses_runs_that_do_not_exist_and_bad_patterns():
+    # 6 input channels, 2x2 kernel: 24 entries per filter, whose reshape into runs of 4 used to succeed silently
+    with pytest.raises(ValueError, match=r"weight of shape \(4, 6, 2, 2\) has 6 input channels per group"):
+        pattern_violations(torch.randn(4, 6, 2, 2))
+    with pytest.raises(ValueError, match=r"3 input channels per group"):
+        pattern_violations(torch.randn(8, 3, 3, 3))          # a stem conv (was a RuntimeError of reshape)
+    with pytest.raises(ValueError, match=r"6 entries per row"):
+        pattern_violations(torch.randn(5, 6))
+    with pytest.raises(ValueError, match=r"^weight must be"):
+        pattern_violations(torch.randn(8))
+    for args in [(3, 2), (2, 0), (0, 4), (True, 4), (2.0, 4)]:
+        with pytest.raises(ValueError, match=r"^n and m must be integers with 0 < n < m"):
+            pattern_violations(torch.randn(4, 8), *args)
+    for text in ("rows", "2-4", "4:2"):
+        with pytest.raises(ValueError, match=r"^(n must be|pattern)"):
+            pattern_violations(torch.randn(4, 8), text)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(torch.relu(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 6, 6, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+    return [(x[i:i + 8], y[i:i + 8]) for i in (0, 8)]
+
+
+def test_estimate_memory_reports_the_refusal_of_named_weights_the_pattern_does_not_fit():
+    torch.manual_seed(0)
+    model = _Net()
+    with pytest.raises(ValueError) as refused:
+        wf.prune_one_shot(model, _data(), pattern="2:4", modules=["stem"], num_grads=16, progress=False)
+    est = wf.estimate_memory(model, pattern="2:4", modules=["stem"], num_grads=16)
+    assert est["plan"] is None and est["refused"] == str(refused.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the stem left dense: said by the call
+        est = wf.estimate_memory(model, pattern="2:4", num_grads=16)
+    assert est["refused"] is None and est["plan"] == "keep"
+    assert est["pruned_weights"] == model.conv.weight.numel() + model.fc.weight.numel()
+
+
+def test_prune_with_on_a_curvature_without_the_pattern_says_to_estimate_with_it():
+    torch.manual_seed(0)
+    model = _Net()
+    curv = wf.estimate_curvature(model, _data(), num_grads=16, progress=False)  # the stem included, (out, in, k)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"estimate the curvature with pattern='2:4'"):
+        wf.prune_with(model, curv, 0.5, pattern="2:4", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8) * 0.3)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.w)
+
+
+class _Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e = (nn.Linear(8, 8) for _ in range(5))
+        self.frozen = nn.Linear(8, 8).requires_grad_(False)
+        self.custom = _Custom()
+        self.up = nn.ConvTranspose1d(1, 1, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        for layer in (self.a, self.b, self.c, self.d, self.e, self.frozen, self.custom):
+            x = torch.tanh(layer(x))
+        return self.head(x + self.up(x.unsqueeze(1)).squeeze(1))
+
+
+def test_the_frozen_weight_hint_selects_the_trainable_default_targets_only():
+    torch.manual_seed(0)
+    model = _Mixed()
+    data = [(torch.randn(8, 8), torch.randint(0, 4, (8,))) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wf.prune_one_shot(model, data, sparsity=0.5, num_grads=16, num_steps=1, progress=False)
+    frozen = [str(w.message) for w in caught if "are frozen" in str(w.message)]
+    assert len(frozen) == 1
+    hint = frozen[0].split("pass modules=", 1)[1]
+    chosen = eval(hint, {"woodfisher": wf, "model": model})  # the hint is code the user pastes
+    assert sorted(chosen) == sorted(f"{n}.weight" for n in ("a", "b", "c", "d", "e", "head"))
+    # the custom layer's `w` (a leaf module's matrix under another name than `weight`) is named as left out
+    left = [str(w.message) for w in caught if "not pruned by default" in str(w.message)]
+    assert len(left) == 1 and "'custom (_Custom)'" in left[0] and "'up (ConvTranspose1d)'" in left[0]
+
+
+def test_refused_calls_print_no_pattern_notice_first():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any notice before the refusal fails the test
+        with pytest.raises(ValueError, match="^loader must be an iterable"):
+            wf.prune_one_shot(_Net(), 5, pattern="2:4", progress=False)
+        with pytest.raises(ValueError, match="^loader must be an iterable"):
+            wf.estimate_curvature(_Net(), 5, pattern="2:4", progress=False)
+        with pytest.raises(ValueError, match="fixes the sparsity of every pruning step"):
+            wf.GradualPruner(_Net(), _data(), final_sparsity=0.5, pattern="2:4", end_step=2)
+
+
+@pytest.mark.parametrize("text", ["0GB", "0.4B"])
+def test_a_size_string_of_zero_bytes_is_refused_naming_the_string(text):
+    with pytest.raises(ValueError, match=rf"memory_budget must be at least 1 byte, got '{text}'"):
+        wk.choose_form(8, 16, memory_budget=text)
