@@ -150,3 +150,11 @@ def test_refused_calls_print_no_pattern_notice_first():
 def test_a_size_string_of_zero_bytes_is_refused_naming_the_string(text):
     with pytest.raises(ValueError, match=rf"memory_budget must be at least 1 byte, got '{text}'"):
         wk.choose_form(8, 16, memory_budget=text)
+
+
+def test_fisher_hook_refuses_named_weights_the_pattern_does_not_fit():
+    model = _Net()
+    with pytest.raises(ValueError, match=r"pattern '2:4': layer 'stem\.weight' has 3 input channels per group"):
+        wf.FisherHook(model, num_grads=4, damp=1e-3, pattern="2:4", modules=["stem"])
+    hook = wf.FisherHook(model, num_grads=4, damp=1e-3, pattern="2:4", modules=["conv"])
+    assert [t.name for t in hook.targets] == ["conv.weight"]
