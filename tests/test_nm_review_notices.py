@@ -1,6 +1,7 @@
 """N:M checks and the notices around them, as a new user meets them: ``pattern_violations`` on any weight,
 ``estimate_memory`` of a call the pattern refuses, ``prune_with`` on a curvature estimated without the pattern,
 the frozen-weight hint, custom layers named, and refusals that print no notice first."""
+import copy
 import itertools
 import warnings
 
@@ -158,3 +159,26 @@ def test_fisher_hook_refuses_named_weights_the_pattern_does_not_fit():
         wf.FisherHook(model, num_grads=4, damp=1e-3, pattern="2:4", modules=["stem"])
     hook = wf.FisherHook(model, num_grads=4, damp=1e-3, pattern="2:4", modules=["conv"])
     assert [t.name for t in hook.targets] == ["conv.weight"]
+
+
+def test_prune_with_names_the_pattern_a_curvature_carries_and_pattern_none_leaves_it():
+    torch.manual_seed(0)
+    model = _Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the stem left dense
+        curv = wf.estimate_curvature(model, _data(), pattern="2:4", num_grads=16, damp=1e-3, block_size=None,
+                                     progress=False)  # whole-weight blocks: the same Fisher in another order
+    with pytest.raises(ValueError, match=r"^sparsity=0\.7: the curvature was estimated with pattern='2:4'.*"
+                                         r"pass pattern=None"):
+        wf.prune_with(model, curv, 0.7, progress=False)
+    nm = wf.prune_with(copy.deepcopy(model), curv, 0.5, progress=False)          # the curvature's 2:4
+    assert pattern_violations(nm.masks["conv.weight"].float(), 2, 4) == 0
+    plain = copy.deepcopy(model)
+    res = wf.prune_with(plain, curv, 0.7, pattern=None, progress=False)         # unstructured, same blocks
+    reference = copy.deepcopy(model)
+    ref_curv = wf.estimate_curvature(reference, _data(), modules=["conv", "fc"], num_grads=16, damp=1e-3,
+                                     block_size=None, progress=False)
+    ref = wf.prune_with(reference, ref_curv, 0.7, progress=False)
+    assert res.masks.keys() == ref.masks.keys()
+    assert all(torch.equal(res.masks[n], ref.masks[n]) for n in ref.masks)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain.parameters(), reference.parameters()))
