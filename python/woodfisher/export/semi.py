@@ -52,7 +52,8 @@ def pattern_violations(weight: torch.Tensor, n=2, m: int = 4) -> int:
     kernel position), the order of 2:4 sparse tensor cores (a conv as an implicit GEMM with K = (*kernel, in)).
 
     Args:
-        weight: (out, in) or conv (out, in / groups, *kernel) tensor, ``in`` (per group) a multiple of ``m``.
+        weight: (out, in) or conv (out, in / groups, *kernel) tensor, ``in`` (per group) a multiple of ``m``
+            (a HuggingFace ``Conv1D`` stores (in, out): pass ``weight.T``).
         n, m: the N:M pattern (default 2:4), integers with 0 < n < m; or ``n`` the pattern string
             (``pattern_violations(w, "2:4")``, as ``pattern=`` of the pruning calls).
     Returns:
