@@ -151,6 +151,9 @@ def test_refused_calls_print_no_pattern_notice_first():
 def test_a_size_string_of_zero_bytes_is_refused_naming_the_string(text):
     with pytest.raises(ValueError, match=rf"memory_budget must be at least 1 byte, got '{text}'"):
         wk.choose_form(8, 16, memory_budget=text)
+    with pytest.raises(ValueError, match=rf"memory_budget must be at least 1 byte, got '{text}'"):
+        wf.PruneConfig(sparsity=0.5, memory_budget=text)   # the pruner's field, the same message
+    assert wf.PruneConfig(sparsity=0.5, memory_budget="1.5 KiB").memory_budget == 1536
 
 
 def test_fisher_hook_refuses_named_weights_the_pattern_does_not_fit():

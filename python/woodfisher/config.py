@@ -15,12 +15,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from woodfisher_kernels.sizes import check_bytes
+
 from . import structured as st
 from .damping import check_damp
 from .distributed.group import check_group, describe_group
 from .losses import check_loss_fn
 from .masks import check_min_density, check_sparsity, is_int, is_real
-from .memory import parse_bytes
 from .methods import METHODS
 from .names import unknown_names
 from .per_sample import PER_SAMPLE_PATHS
@@ -272,11 +273,8 @@ class PruneConfig:
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         if self.memory_budget is not None:
             budget = self.memory_budget
-            if isinstance(budget, str):   # "4GiB", "1.5e9"
-                try:
-                    budget = parse_bytes(budget)
-                except ValueError as err:
-                    raise ValueError(f"memory_budget: {err}") from None
+            if isinstance(budget, str):   # "4GiB", "1.5e9"; "0GB" refused naming the string
+                budget = int(check_bytes("memory_budget", budget))
                 object.__setattr__(self, "memory_budget", budget)
             if is_real(budget) and not is_int(budget) and math.isfinite(budget) and float(budget).is_integer():
                 object.__setattr__(self, "memory_budget", int(budget))   # 2e9 bytes, a JSON config's 2e9
