@@ -185,3 +185,15 @@ def test_prune_with_names_the_pattern_a_curvature_carries_and_pattern_none_leave
     assert res.masks.keys() == ref.masks.keys()
     assert all(torch.equal(res.masks[n], ref.masks[n]) for n in ref.masks)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain.parameters(), reference.parameters()))
+
+
+def test_search_damp_takes_the_sparsity_an_nm_pattern_fixes_as_prune_one_shot_does():
+    torch.manual_seed(0)
+    model = _Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the stem left dense
+        best, losses = wf.search_damp(model, _data(), _data(), pattern="2:4", modules=["conv", "fc"], num_grads=16,
+                                      grid=[1e-4, 1e-2], progress=False)
+    assert best in losses and sorted(losses) == [1e-4, 1e-2]
+    with pytest.raises(ValueError, match=r"^sparsity is required"):
+        wf.search_damp(model, _data(), _data(), num_grads=16, progress=False)
