@@ -197,3 +197,8 @@ def test_search_damp_takes_the_sparsity_an_nm_pattern_fixes_as_prune_one_shot_do
     assert best in losses and sorted(losses) == [1e-4, 1e-2]
     with pytest.raises(ValueError, match=r"^sparsity is required"):
         wf.search_damp(model, _data(), _data(), num_grads=16, progress=False)
+
+
+def test_a_budget_that_fits_neither_form_is_said_in_whole_bytes():
+    with pytest.raises(ValueError, match=r"^memory_budget=2048 bytes fits neither form: sequential needs 4096"):
+        wk.choose_form(64, 32, memory_budget="2 KiB")

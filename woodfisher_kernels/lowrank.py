@@ -378,7 +378,7 @@ def choose_form(num_grads: int, block_size: int, num_blocks: int = 1,
                 form = other
             else:
                 raise ValueError(
-                    f"memory_budget={memory_budget} bytes fits neither form: sequential needs "
+                    f"memory_budget={memory_budget:.0f} bytes fits neither form: sequential needs "
                     f"{seq_bytes}, lowrank needs {lr_bytes}; use smaller blocks or fewer gradients"
                 )
     return form
