@@ -202,3 +202,34 @@ def test_search_damp_takes_the_sparsity_an_nm_pattern_fixes_as_prune_one_shot_do
 def test_a_budget_that_fits_neither_form_is_said_in_whole_bytes():
     with pytest.raises(ValueError, match=r"^memory_budget=2048 bytes fits neither form: sequential needs 4096"):
         wk.choose_form(64, 32, memory_budget="2 KiB")
+
+
+class _TakesInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, inp, mask=None):
+        return self.fc(inp) if mask is None else self.fc(inp) * mask[:, None]
+
+
+class _TakesOnlyInput(_TakesInput):
+    def forward(self, inp):
+        return self.fc(inp)
+
+
+@pytest.mark.parametrize("model_type, placed", [
+    (_TakesInput, "args=(b['pixel_values'],), kwargs={'mask': b['mask']}, target=b['labels'])"),
+    (_TakesOnlyInput, "args=(b['pixel_values'],), target=b['labels']) (mask left out: forward takes no more")])
+def test_the_batch_adapter_hint_of_a_dict_batch_follows_the_forward_signature(model_type, placed):
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+    loader = [dict(pixel_values=x[i:i + 8], mask=torch.rand(8, generator=gen), labels=y[i:i + 8]) for i in (0, 8)]
+    with pytest.raises(ValueError, match="does not take pixel_values=") as info:
+        wf.prune_one_shot(model_type(), loader, sparsity=0.5, num_grads=16, progress=False)
+    hint = str(info.value).split("batch_adapter=", 1)[1]
+    assert hint.startswith("lambda b: woodfisher.Batch(" + placed)
+    adapter = eval(hint.split(" (")[0] if "left out" in hint else hint, {"woodfisher": wf})  # pasted as it is
+    model = model_type()
+    res = wf.prune_one_shot(model, loader, sparsity=0.5, num_grads=16, progress=False, batch_adapter=adapter)
+    assert res.sparsity == pytest.approx(0.5, abs=0.01)
