@@ -233,3 +233,16 @@ def test_the_batch_adapter_hint_of_a_dict_batch_follows_the_forward_signature(mo
     model = model_type()
     res = wf.prune_one_shot(model, loader, sparsity=0.5, num_grads=16, progress=False, batch_adapter=adapter)
     assert res.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_pattern_with_steps_or_woodtaylor_names_the_option():
+    with pytest.raises(ValueError, match=r"^num_steps=3 with pattern='2:4'"):
+        wf.PruneConfig(pattern="2:4", num_steps=3)
+    with pytest.raises(ValueError, match=r"^woodtaylor=True with pattern='rows'"):
+        wf.PruneConfig(sparsity=0.5, pattern="rows", woodtaylor=True)
+
+
+def test_prune_config_takes_the_sparsity_a_pattern_fixes_and_names_a_missing_one():
+    assert wf.PruneConfig(pattern="1:4").sparsity == 0.75
+    with pytest.raises(ValueError, match=r"^sparsity is required"):   # was a TypeError of the dataclass
+        wf.PruneConfig(method="magnitude")

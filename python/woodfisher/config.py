@@ -134,8 +134,8 @@ class PruneConfig:
     """Every option of a pruning run (field names = keyword arguments = CLI config keys).
 
     Attributes:
-        sparsity: target fraction of zeros over the pruned weights, in [0, 1) (:meth:`from_options`,
-            hence ``prune_one_shot``, take 1 - N/M when it is omitted with ``pattern="N:M"``).
+        sparsity: target fraction of zeros over the pruned weights, in [0, 1) (omitted, here, in
+            :meth:`from_options` and hence ``prune_one_shot``: 1 - N/M with ``pattern="N:M"``, else a ValueError).
         method: a name of :data:`woodfisher.methods.METHODS`: "woodfisher" (OBS with the
             blockwise inverse empirical Fisher, paper Eqs. 2, 10, 11), "magnitude"
             (layerwise |w|), "global_magnitude", "diag_fisher" (OBS with a diagonal Fisher),
@@ -219,7 +219,7 @@ class PruneConfig:
             the method does not support; a keyword that is no field (naming it and the closest field).
     """
 
-    sparsity: float
+    sparsity: Optional[float] = None   # omitted: the one an N:M pattern fixes, else a ValueError (not a TypeError)
     method: str = "woodfisher"
     mode: str = "global"
     loss_fn: Optional[Callable] = None
@@ -254,6 +254,8 @@ class PruneConfig:
         return super().__new__(cls)
 
     def __post_init__(self):
+        if self.sparsity is None:
+            object.__setattr__(self, "sparsity", pattern_fixed_sparsity(self.pattern))
         check_sparsity(self.sparsity)
         _check_choice("method", self.method, tuple(METHODS))
         _check_choice("mode", self.mode, MODES)
