@@ -246,3 +246,16 @@ def test_prune_config_takes_the_sparsity_a_pattern_fixes_and_names_a_missing_one
     assert wf.PruneConfig(pattern="1:4").sparsity == 0.75
     with pytest.raises(ValueError, match=r"^sparsity is required"):   # was a TypeError of the dataclass
         wf.PruneConfig(method="magnitude")
+
+
+@pytest.mark.parametrize("form", ["sequential", "lowrank"])
+def test_a_forced_inverse_form_is_held_to_the_memory_budget(form):
+    grads = torch.randn(2, 16, 64, dtype=torch.float64)
+    need = {"sequential": 2 * 64 * 64 * 8, "lowrank": 2 * (16 * 64 + 16 * 16) * 8}   # B c^2 and B (m c + m^2)
+    with pytest.raises(ValueError, match=rf"^memory_budget={need[form] - 1} bytes: form='{form}' needs {need[form]}"):
+        wk.blockwise_inverse(grads, 1e-3, form=form, memory_budget=need[form] - 1)   # was: silently over it
+    inv = wk.blockwise_inverse(grads, 1e-3, form=form, memory_budget=f"{need[form]}B")
+    dense = inv if form == "sequential" else inv.dense()
+    eye = torch.eye(64, dtype=torch.float64)
+    fisher = 1e-3 * eye + grads.transpose(1, 2) @ grads / 16
+    torch.testing.assert_close(dense @ fisher, eye.expand(2, -1, -1), atol=1e-8, rtol=0)
