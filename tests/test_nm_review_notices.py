@@ -259,3 +259,10 @@ def test_a_forced_inverse_form_is_held_to_the_memory_budget(form):
     eye = torch.eye(64, dtype=torch.float64)
     fisher = 1e-3 * eye + grads.transpose(1, 2) @ grads / 16
     torch.testing.assert_close(dense @ fisher, eye.expand(2, -1, -1), atol=1e-8, rtol=0)
+
+
+def test_beta_with_an_nm_pattern_is_refused_as_it_changes_nothing():
+    with pytest.raises(ValueError, match=r"^beta=1 has no effect with pattern='2:4'"):
+        wf.PruneConfig(pattern="2:4", beta=1.0)
+    assert wf.PruneConfig(pattern="2:4", beta=0.0).beta == 0.0
+    assert wf.PruneConfig(sparsity=0.5, pattern="rows", beta=1.0).beta == 1.0   # rows are weighed by FLOPs

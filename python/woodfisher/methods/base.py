@@ -121,6 +121,10 @@ class PruningMethod:
         if config.woodtaylor:
             raise ValueError(f"woodtaylor=True with pattern={config.pattern!r}: patterns use the WoodFisher "
                              "statistic; pass woodtaylor=False")
+        if parsed[0] == "nm" and config.beta > 0:  # a silent no-op otherwise (and a FLOPs pass for nothing)
+            raise ValueError(f"beta={config.beta:g} has no effect with pattern={config.pattern!r}: every run of "
+                             f"{parsed[2]} keeps {parsed[1]} whatever its layer's FLOPs; pass beta=0 (pattern='rows' "
+                             "and unstructured pruning weigh layers by FLOPs)")
         block = config.block_size
         if parsed[0] == "nm" and isinstance(block, int) and block % parsed[2]:
             raise ValueError(f"block_size={block} must be a multiple of M={parsed[2]} for pattern "
