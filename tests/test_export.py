@@ -371,6 +371,9 @@ def test_cli_bad_input_writes_nothing(pruned_files, monkeypatch):
         _cli("--model", "vgg16", "--format", "csr", *common)
     with pytest.raises(ValueError, match="--blocksize applies"):
         _cli("--model", "digits_mlp", "--format", "csr", "--blocksize", "4", *common)
+    for fmt in ("dense", "2:4", "onnx"):  # a flag of other formats: refused, not ignored
+        with pytest.raises(ValueError, match=r"^--conv applies to --format csr / bsr only"):
+            _cli("--model", "digits_mlp", "--format", fmt, "--conv", *common)
     with pytest.raises(ValueError, match="masks"):
         torch.save({"layers.0.weight": torch.ones(2, 2, dtype=torch.bool)}, folder / "bad.pt")
         _cli("--model", "digits_mlp", "--format", "dense", "--masks", folder / "bad.pt", *common)

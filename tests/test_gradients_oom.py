@@ -97,6 +97,11 @@ def test_out_of_memory_on_one_sample_is_raised_as_it_is_and_the_model_is_unchang
         wf.prune_one_shot(model, _data(), sparsity=0.5, num_grads=16, block_size=4, progress=False)
     assert is_out_of_memory(info.value)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    # the note says what is true of one sample: no memory plan option helps (not "pass memory_budget=...")
+    notes = getattr(info.value, "__notes__", [])
+    assert len(notes) == 2 and "single gradient (1 sample(s)) ran out of memory" in notes[0]
+    assert "do not change that" in notes[0] and "memory_budget=<bytes>" not in " ".join(notes)
+    assert notes[1] == "woodfisher: out of memory in step 1/1; the model is unchanged (weights restored)"
 
 
 def test_loader_errors_passes_the_cpu_allocator_failure_through():

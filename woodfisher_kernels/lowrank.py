@@ -340,6 +340,12 @@ class LowRankInverse:
         return reference.update_from(self.diag(), self.matvec, weights, prune_mask, loss_grad)
 
 
+def form_bytes(num_grads: int, block_size: int, num_blocks: int = 1, itemsize: int = 4) -> dict:
+    """Bytes of each form's representation: {"sequential": B c^2, "lowrank": B (m c + m^2)} entries x itemsize."""
+    m, c = num_grads, block_size
+    return {"sequential": num_blocks * c * c * itemsize, "lowrank": num_blocks * (m * c + m * m) * itemsize}
+
+
 def choose_form(num_grads: int, block_size: int, num_blocks: int = 1,
                 memory_budget: int | str | None = None, itemsize: int = 4) -> str:
     """Pick ``"sequential"`` (dense c x c inverses) or ``"lowrank"`` (factors, m x c).
@@ -367,8 +373,7 @@ def choose_form(num_grads: int, block_size: int, num_blocks: int = 1,
     if memory_budget is not None:
         memory_budget = check_bytes("memory_budget", memory_budget)
     seq_flops, lr_flops = 4.0 * m * c * c, 4.0 * m * m * c + m ** 3 / 3.0
-    seq_bytes = num_blocks * c * c * itemsize
-    lr_bytes = num_blocks * (m * c + m * m) * itemsize
+    seq_bytes, lr_bytes = form_bytes(m, c, num_blocks, itemsize).values()
     form = "sequential" if seq_flops <= lr_flops else "lowrank"
     if memory_budget is not None:
         fits = {"sequential": seq_bytes <= memory_budget, "lowrank": lr_bytes <= memory_budget}
@@ -378,7 +383,7 @@ def choose_form(num_grads: int, block_size: int, num_blocks: int = 1,
                 form = other
             else:
                 raise ValueError(
-                    f"memory_budget={memory_budget} bytes fits neither form: sequential needs "
+                    f"memory_budget={memory_budget:.0f} bytes fits neither form: sequential needs "
                     f"{seq_bytes}, lowrank needs {lr_bytes}; use smaller blocks or fewer gradients"
                 )
     return form

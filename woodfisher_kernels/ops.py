@@ -22,7 +22,7 @@ from . import _library as lib
 from . import reference
 from ._dispatch import CHOICES
 from ._numerics import ON_FAILURE
-from .lowrank import LowRankInverse, choose_form
+from .lowrank import LowRankInverse, choose_form, form_bytes
 from .sizes import check_bytes
 
 Inverse = Union[torch.Tensor, LowRankInverse]
@@ -164,22 +164,29 @@ def blockwise_inverse(grads: torch.Tensor, damp: float, num_samples: Optional[fl
         damp: lambda > 0. num_samples: N > 0; defaults to m.
         form: "auto" | "sequential" | "lowrank".
         memory_budget: bytes available for the representation: a number, a size string ("1GB",
-            "512MiB", :func:`woodfisher_kernels.parse_bytes`) or None (unlimited); checked for every ``form``.
+            "512MiB", :func:`woodfisher_kernels.parse_bytes`) or None (unlimited); a forced ``form`` must fit it too.
         backend, on_failure: as in :func:`fisher_inverse`.
     Returns:
         (B, c, c) tensor (form "sequential") or :class:`LowRankInverse` (form "lowrank").
     Raises:
         ValueError: an unknown ``form``, NaN/Inf gradients, a bad ``memory_budget`` (naming it) or one
-            that fits neither form, and every case of :func:`fisher_inverse` / :func:`lowrank_inverse`.
+            that fits neither form (or not the forced ``form``), and every case of :func:`fisher_inverse` /
+            :func:`lowrank_inverse`.
     """
     if form not in ("auto", "sequential", "lowrank"):
         raise ValueError(f"form must be 'auto', 'sequential' or 'lowrank', got {form!r}")
     if memory_budget is not None:
         memory_budget = check_bytes("memory_budget", memory_budget)
     chk.check_tensor("grads", grads, 3, finite=True)
+    b, m, c = grads.shape
     if form == "auto":
-        b, m, c = grads.shape
         form = choose_form(m, c, b, memory_budget, grads.element_size())
+    elif memory_budget is not None:  # a forced form is held to the budget too (not silently over it)
+        need = form_bytes(m, c, b, grads.element_size())
+        if need[form] > memory_budget:
+            other = "lowrank" if form == "sequential" else "sequential"
+            raise ValueError(f"memory_budget={memory_budget:.0f} bytes: form={form!r} needs {need[form]} "
+                             f"({other} {need[other]}); pass a larger memory_budget, form='auto' or None")
     if form == "lowrank":
         return lowrank_inverse(grads, damp, num_samples, check_finite=False, on_failure=on_failure, backend=backend)
     return fisher_inverse(grads, damp, num_samples, backend=backend, check_finite=False, on_failure=on_failure)

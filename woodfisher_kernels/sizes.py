@@ -51,7 +51,10 @@ def check_bytes(name: str, value) -> float:
     """
     if isinstance(value, str):
         try:
-            value = parse_bytes(value)
+            size = parse_bytes(value)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
+        if size <= 0:  # "0GB", "0.4B": say what was given, not the 0 it became
+            raise ValueError(f"{name} must be at least 1 byte, got {value!r} ({size} bytes)")
+        return float(size)
     return check_positive(name, value)

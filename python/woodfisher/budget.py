@@ -12,6 +12,7 @@ from typing import Optional
 
 from torch import nn
 
+from .checks import check_prunable
 from .config import PruneConfig
 from .curvature import resolve_config
 from .masks import sparsity_of
@@ -46,11 +47,16 @@ def estimate_memory(model: nn.Module, config: Optional[PruneConfig] = None, **op
     steps = config.steps(sparsity_of({t.name: t.keep_mask() for t in targets}))
     first = config.replace(num_grads=steps[0][1] if steps else config.num_grads, num_steps=1)
     block = method.block_size(first)
-    targets = resolve_targets(model, config.modules, block)
+    targets = resolve_targets(model, config.modules, block, channels_last=config.channels_last)
     itemsize = stat_itemsize(targets)
     m, auto = first.num_grads, config.damp == "auto"
     plan, k, refused = "diag", None, None
-    if method.curvature == "blockwise":
+    try:  # weights the call would refuse (an N:M pattern its rows / input channels do not fit, ...)
+        method.check_targets(targets, config)
+        check_prunable(targets, config)
+    except ValueError as err:
+        plan, refused = None, str(err)
+    if method.curvature == "blockwise" and refused is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # the call's own warning says so when it runs
             try:

@@ -15,12 +15,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from woodfisher_kernels.sizes import check_bytes
+
 from . import structured as st
 from .damping import check_damp
 from .distributed.group import check_group, describe_group
 from .losses import check_loss_fn
 from .masks import check_min_density, check_sparsity, is_int, is_real
-from .memory import parse_bytes
 from .methods import METHODS
 from .names import unknown_names
 from .per_sample import PER_SAMPLE_PATHS
@@ -133,8 +134,8 @@ class PruneConfig:
     """Every option of a pruning run (field names = keyword arguments = CLI config keys).
 
     Attributes:
-        sparsity: target fraction of zeros over the pruned weights, in [0, 1) (:meth:`from_options`,
-            hence ``prune_one_shot``, take 1 - N/M when it is omitted with ``pattern="N:M"``).
+        sparsity: target fraction of zeros over the pruned weights, in [0, 1) (omitted, here, in
+            :meth:`from_options` and hence ``prune_one_shot``: 1 - N/M with ``pattern="N:M"``, else a ValueError).
         method: a name of :data:`woodfisher.methods.METHODS`: "woodfisher" (OBS with the
             blockwise inverse empirical Fisher, paper Eqs. 2, 10, 11), "magnitude"
             (layerwise |w|), "global_magnitude", "diag_fisher" (OBS with a diagonal Fisher),
@@ -218,7 +219,7 @@ class PruneConfig:
             the method does not support; a keyword that is no field (naming it and the closest field).
     """
 
-    sparsity: float
+    sparsity: Optional[float] = None   # omitted: the one an N:M pattern fixes, else a ValueError (not a TypeError)
     method: str = "woodfisher"
     mode: str = "global"
     loss_fn: Optional[Callable] = None
@@ -253,6 +254,8 @@ class PruneConfig:
         return super().__new__(cls)
 
     def __post_init__(self):
+        if self.sparsity is None:
+            object.__setattr__(self, "sparsity", pattern_fixed_sparsity(self.pattern))
         check_sparsity(self.sparsity)
         _check_choice("method", self.method, tuple(METHODS))
         _check_choice("mode", self.mode, MODES)
@@ -272,11 +275,8 @@ class PruneConfig:
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         if self.memory_budget is not None:
             budget = self.memory_budget
-            if isinstance(budget, str):   # "4GiB", "1.5e9"
-                try:
-                    budget = parse_bytes(budget)
-                except ValueError as err:
-                    raise ValueError(f"memory_budget: {err}") from None
+            if isinstance(budget, str):   # "4GiB", "1.5e9"; "0GB" refused naming the string
+                budget = int(check_bytes("memory_budget", budget))
                 object.__setattr__(self, "memory_budget", budget)
             if is_real(budget) and not is_int(budget) and math.isfinite(budget) and float(budget).is_integer():
                 object.__setattr__(self, "memory_budget", int(budget))   # 2e9 bytes, a JSON config's 2e9

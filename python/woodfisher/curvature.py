@@ -215,7 +215,10 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
         ValueError: bad options, no loader where one is needed, an empty loader, NaN/Inf
             gradients (naming the weight), or a ``memory_budget`` that fits nothing.
     """
-    config = fit_pattern(model, resolve_config(config, options))  # N:M on the default targets: those it fits
+    config = resolve_config(config, options)
+    if loader is not None:  # refused before any notice (fit_pattern's) is printed
+        check_loader(loader)
+    config = fit_pattern(model, config)  # N:M on the default targets: those it fits
     method = config.method_impl
     with full_parameters(model), caller_modes_off():  # FSDP: the full weights for the call
         targets = resolve_targets(model, config.modules, method.block_size(config), channels_last=config.channels_last)

@@ -13,13 +13,15 @@ it. Layers left (nearly) empty are reported in ``PruneResult.collapsed`` with a 
 """
 from __future__ import annotations
 
+import math
+import numbers
 import time
 import warnings
 from typing import Dict, Iterable, List, Optional
 
 from torch import nn
 
-from .batches import is_single_pass
+from .batches import check_loader, is_single_pass
 from .checks import check_prunable
 from .conditioning import warn_ill_conditioned
 from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig
@@ -37,7 +39,7 @@ from .plan import plan_memory, stat_itemsize
 from .progress import display, step_label
 from .result import PruneResult, layer_rows
 from .state import Snapshot, caller_modes_off, changed_weights, fingerprint
-from .structured import fit_pattern
+from .structured import fit_pattern, parse_pattern, pattern_sparsity
 from .targets import PruneTarget, resolve_targets
 
 __all__ = ["prune_with", "run"]
@@ -101,9 +103,10 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
     Args:
         model: the network the curvature was estimated on (or a copy); pruned in place.
         curvature: a :class:`Curvature` from :func:`estimate_curvature`.
-        sparsity: target fraction of pruned weights in [0, 1) (ignored with an N:M ``pattern``).
+        sparsity: target fraction of pruned weights in [0, 1); with an N:M ``pattern`` it must be 1 - N/M (or 0).
         **options: selection fields of :class:`PruneConfig` (mode, min_density, obs_update, beta,
-            pattern, keep_masks, ...).
+            pattern, keep_masks, ...). ``pattern`` defaults to the curvature's: a curvature estimated with
+            ``pattern="2:4"`` prunes 2:4 unless ``pattern=None`` is passed (unstructured masks from the same blocks).
     Returns:
         :class:`PruneResult`.
     Raises:
@@ -171,6 +174,18 @@ def _check_same_weights(curvature: Curvature, targets: List[PruneTarget]) -> Non
                          "again")
 
 
+def _check_inherited_pattern(curvature: Curvature, sparsity, options: dict) -> None:
+    """A sparsity other than the one the curvature's N:M pattern fixes, with no ``pattern`` passed: a ValueError
+    that says the pattern came from the curvature and how to leave it (the config's own message names neither)."""
+    pattern = curvature.config.pattern
+    fixed = pattern_sparsity(parse_pattern(pattern)) if pattern is not None and "pattern" not in options else None
+    if fixed is None or not isinstance(sparsity, numbers.Real) or sparsity == 0 or math.isclose(sparsity, fixed):
+        return
+    raise ValueError(f"sparsity={sparsity:g}: the curvature was estimated with pattern={pattern!r}, which prune_with "
+                     f"keeps unless told otherwise and which fixes the sparsity at {fixed:g}; pass pattern=None for "
+                     f"unstructured masks at sparsity={sparsity:g} (the same Fisher blocks serve both)")
+
+
 def _prunes_nothing(config: PruneConfig) -> bool:
     """Whether a call with ``config`` leaves every weight as it is, so that it needs no gradients: sparsity 0 (no
     N:M pattern fixing another), except WoodTaylor with the OBS update, whose update also takes the Newton step
@@ -179,6 +194,7 @@ def _prunes_nothing(config: PruneConfig) -> bool:
 
 
 def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> PruneResult:
+    _check_inherited_pattern(curvature, sparsity, options)
     config = curvature.config.replace(sparsity=sparsity, **options)
     _check_fixed(curvature, config)
     targets = curvature.targets(model)
@@ -223,6 +239,8 @@ def _estimate_step(model, loader, targets, step_config: PruneConfig, config: Pru
 def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> PruneResult:
     """Every step of :func:`woodfisher.prune_one_shot` (see there); transactional."""
     start = time.perf_counter()
+    if loader is not None:  # refused before any notice (fit_pattern's) is printed
+        check_loader(loader)
     config = fit_pattern(model, config)  # N:M on the default targets: the weights it fits
     method = config.method_impl
     targets = resolve_targets(model, config.modules, None)

@@ -57,7 +57,7 @@ from .batches import Batch, check_labelled, loader_errors
 from .chunking import CHUNK_BYTES, MAX_CHUNK_SAMPLES, SampleChunks, chunk_samples
 from .diagnostics import warn_at_caller
 from .losses import compute_loss, logits_of, sample_targets
-from .memory import is_out_of_memory
+from .memory import is_out_of_memory, note_activations_too_large
 from .per_sample import PER_SAMPLE_PATHS
 from .precision import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
 from .progress import progress_bar
@@ -295,6 +295,8 @@ class GradientCollector:
                             params, buffers, grads, extra = self._computed(params, buffers, flat, gen, device)
                         except Exception as err:  # noqa: BLE001 - only running out of memory is retried
                             if flat.size <= self.fbs or not is_out_of_memory(err):
+                                if flat.size <= self.fbs:  # halved down to one gradient: nothing left to cut
+                                    note_activations_too_large(err, self.fbs)
                                 raise
                             grads = None  # (retried below, once the failed call's tensors are freed)
                         if grads is None:  # the same samples in two halves (the same sampled targets)

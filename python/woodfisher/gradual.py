@@ -158,10 +158,10 @@ class GradualPruner:
                                  "pruning step, and the schedule has more; pass a re-iterable loader (a DataLoader, a "
                                  "list) or one per step: pruner.step(step, loader)")
         asked = PruneConfig.from_options(sparsity=float(final_sparsity), **prune_kwargs)
+        _check_pattern_schedule(asked, float(initial_sparsity), (end_step - start_step) // frequency)
         self.config = fit_pattern(model, asked)  # N:M on the default targets: those it fits, said once here
         if self.config.modules != asked.modules:
             prune_kwargs = dict(prune_kwargs, modules=list(self.config.modules))
-        _check_pattern_schedule(self.config, float(initial_sparsity), (end_step - start_step) // frequency)
         targets = resolve_targets(model, self.config.modules, self.config.method_impl.block_size(self.config),
                                   channels_last=self.config.channels_last)
         self.config.method_impl.check_targets(targets, self.config)  # e.g. rows an N:M pattern does not fit

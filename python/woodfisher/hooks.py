@@ -68,7 +68,9 @@ class FisherHook:
             their gradients are still read; pruned entries then get zero gradients).
         inverses: {weight name: (B, c, c)} running inverses (the buffer is not yet in them).
     Raises:
-        ValueError: bad arguments (naming them); a tracked weight with ``requires_grad=False`` (``modules``).
+        ValueError: bad arguments (naming them); a tracked weight with ``requires_grad=False`` (``modules``); with
+            an N:M ``pattern``, a weight named in ``modules`` whose input channels per group / row length are not a
+            multiple of M (the default targets leave such weights dense, with one warning).
 
     Example::
 
@@ -109,6 +111,7 @@ class FisherHook:
         targets = resolve_targets(self.model, self.config.modules, self.config.block_size,
                                   channels_last=self.config.channels_last)
         frozen = [target.name for target in targets if not target.param.requires_grad]
+        self.config.method_impl.check_targets(targets, self.config)  # weights an N:M pattern does not fit
         if frozen:
             trainable = [target.name for target in targets if target.param.requires_grad]
             fix = (f"name the trained weights, modules={trainable}" if trainable else

@@ -51,7 +51,8 @@ def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
 def _left_kind(module: nn.Module) -> Optional[str]:
     """What kind of layer ``module`` is when it holds weights of >= 2 dims that no default target covers: recurrent,
     transposed-convolution, or custom (a module of its own type with a ``weight`` Parameter, e.g. one calling
-    ``F.conv2d(x, self.weight)``); None otherwise (embeddings are left out by design, and said so in the docs)."""
+    ``F.conv2d(x, self.weight)``, or a leaf module holding a Parameter of >= 2 dims under any name); None otherwise
+    (embeddings are left out by design, and said so in the docs)."""
     if isinstance(module, nn.RNNBase):
         kind = "recurrent"
     elif isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -59,12 +60,19 @@ def _left_kind(module: nn.Module) -> Optional[str]:
     elif _kind(module, "weight") is None and not isinstance(module, (nn.Embedding, nn.EmbeddingBag,
                                                                        nn.MultiheadAttention)):
         weight = module._parameters.get("weight")
-        kind = "custom" if weight is not None and weight.is_floating_point() and weight.dim() >= 2 else None
+        # a `weight` of its own, or any matrix of a leaf module (`self.w`, `self.kernel`: a layer calling F.linear /
+        # F.conv2d on it); matrices of a module with children (a ViT's pos_embed / cls_token) are not layers
+        leaf = next(module.children(), None) is None and any(_matrix(p) for p in module._parameters.values())
+        kind = "custom" if _matrix(weight) or leaf else None
     else:
         kind = None
     if kind is None or not any(p.dim() >= 2 for p in module.parameters(recurse=False)):
         return None
     return kind
+
+
+def _matrix(param) -> bool:
+    return param is not None and param.is_floating_point() and param.dim() >= 2
 
 
 def _warn_frozen(inner: nn.Module, prefix: str, chosen: List[str]) -> None:
@@ -76,7 +84,7 @@ def _warn_frozen(inner: nn.Module, prefix: str, chosen: List[str]) -> None:
     if not frozen or not trainable:  # all frozen (a model frozen for deployment) or none: nothing mixed
         return
     fix = (f"modules={trainable!r}" if len(trainable) <= 4 else
-           "modules=[n for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]")
+           "modules=[t.name for t in woodfisher.resolve_targets(model) if t.param.requires_grad]")
     warn_at_caller(f"{len(frozen)} of the {len(chosen)} weights pruned by default are frozen (requires_grad=False: "
                    f"{frozen[:3]}{' and more' if len(frozen) > 3 else ''}): they are pruned and their kept entries "
                    f"moved by the OBS update like the trainable ones; to prune the trainable weights only, pass "

@@ -1,11 +1,13 @@
 """What to pass when the caller's model or the default loss refuses a loader's batch: the text that
 :func:`woodfisher.batches.loader_errors` appends to its message (a ``batch_adapter`` to paste for dict
 batches the model does not take as keywords, the conversion of uint8 images to float, the loss that
-skips an 'ignore' class label). Each hint reads the batch (a :class:`woodfisher.Batch`) and the error only.
+skips an 'ignore' class label). Each hint reads the batch (a :class:`woodfisher.Batch`) and the error only (the
+batch_adapter hint also the signature of the ``forward`` the error's traceback shows was called).
 """
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, List, Tuple
 
 import torch
 from torch.utils import _pytree as pytree
@@ -46,10 +48,47 @@ def _labels_hint(err: Exception, batch: Any) -> str:
         return ("; the model does not take labels= (dict batches are passed as keyword arguments): pass "
                 "batch_adapter=lambda b: woodfisher.Batch(kwargs={k: v for k, v in b.items() if k != 'labels'}, "
                 "target=b['labels'])")
-    inputs = [key for key in batch.kwargs if key != "labels"]
+    inputs, keywords, dropped = _placed([key for key in batch.kwargs if key != "labels"], refused, _forward_of(err))
     args = ", ".join(f"b[{key!r}]" for key in inputs) + ","
+    kwargs = (", kwargs={" + ", ".join(f"{key!r}: b[{key!r}]" for key in keywords) + "}") if keywords else ""
     target = ("b['labels']" if "labels" in batch.kwargs else "None" if batch.target is None else
               "(your target, as now)")
+    left = f" ({', '.join(dropped)} left out: forward takes no more arguments)" if dropped else ""
     return (f"; the model does not take {refused}= (dict batches are passed as keyword arguments): to pass "
-            f"{', '.join(inputs)} positionally, batch_adapter=lambda b: woodfisher.Batch(args=({args}), "
-            f"target={target})")
+            f"{', '.join(inputs)} positionally, batch_adapter=lambda b: woodfisher.Batch(args=({args}){kwargs}, "
+            f"target={target}){left}")
+
+
+def _forward_of(err: Exception):
+    """The ``forward`` the failed call bound its arguments to (``nn.Module.__call__``'s ``forward_call``, the
+    deepest frame of the TypeError's traceback that holds one), or None."""
+    tb, found = err.__traceback__, None
+    while tb is not None:
+        found = tb.tb_frame.f_locals.get("forward_call", found)
+        tb = tb.tb_next
+    return found if callable(found) else None
+
+
+def _placed(keys: List[str], refused: str, forward) -> Tuple[List[str], List[str], List[str]]:
+    """(positional, keyword, left-out) batch keys for ``forward``: keys named by its parameters stay keywords,
+    the others fill its free positional slots in the batch's order, the refused key first; without a signature,
+    every key positionally (the batch's order)."""
+    try:
+        params = list(inspect.signature(forward).parameters.values()) if forward is not None else None
+    except (TypeError, ValueError):
+        params = None
+    if params is None:
+        return keys, [], []
+    kinds = inspect.Parameter
+    named = {p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
+    keywords = [key for key in keys if key in named]
+    slots = 0  # positional arguments fill the leading parameters, up to the first one a key names
+    for p in params:
+        if p.kind == kinds.VAR_POSITIONAL:
+            slots = len(keys)
+        if p.name in keywords or p.kind not in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD):
+            break
+        slots += 1
+    rest = [refused] + [key for key in keys if key not in named and key != refused]
+    var_kw = any(p.kind == kinds.VAR_KEYWORD for p in params)
+    return rest[:max(slots, 1)], keywords, [] if var_kw else rest[max(slots, 1):]

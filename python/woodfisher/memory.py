@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from woodfisher_kernels.sizes import parse_bytes  # the one parser of sizes ("4GiB"), re-exported
 
 __all__ = ["TensorMemoryMeter", "host_allocations", "available_bytes", "is_out_of_memory", "note_out_of_memory",
+           "note_activations_too_large",
            "parse_bytes"]
 
 _HOST_DEPTH = [0]
@@ -80,11 +81,33 @@ def note_out_of_memory(err: BaseException, where: str) -> None:
     """
     if not is_out_of_memory(err) or not hasattr(err, "add_note"):
         return
+    if any(note.startswith(_ACTIVATIONS) for note in getattr(err, "__notes__", ())):  # the advice is said there
+        err.add_note(f"woodfisher: out of memory in {where}; the model is unchanged (weights restored)")
+        return
     err.add_note(f"woodfisher: out of memory in {where}; the model is unchanged (weights restored). The memory "
                  "plan (woodfisher.plan.plan_memory) counts gradients, inverses and their working buffers but not "
                  "the model's activations for the samples in flight, nor other programs' memory: pass "
                  "memory_budget=<bytes> below the free memory (the gradients are then streamed), fewer gradients "
                  "per step (a smaller num_grads, or more num_steps) or a smaller block_size")
+
+
+_ACTIVATIONS = "woodfisher: the per-sample gradients of a single"
+
+
+def note_activations_too_large(err: BaseException, samples: int) -> None:
+    """Add to an allocation failure of the per-sample gradients of one gradient's ``samples`` (the smallest chunk
+    the collector can compute) a note that no option of the memory plan helps: one sample's activations do not fit.
+
+    Args:
+        err: the exception being raised. samples: the samples of one gradient (``fisher_batch_size``).
+    """
+    if not is_out_of_memory(err) or not hasattr(err, "add_note"):
+        return
+    fewer = f"; fisher_batch_size=1 (now {samples}) computes one sample at a time" if samples > 1 else ""
+    err.add_note(f"{_ACTIVATIONS} gradient ({samples} sample(s)) ran out of memory, the smallest chunk the "
+                 "collector computes: the model's forward and backward on one gradient's samples do not fit, "
+                 "and memory_budget, num_grads or block_size do not change that; use smaller inputs, free memory "
+                 f"held elsewhere, or a device with more memory{fewer}")
 
 
 @contextmanager

@@ -97,11 +97,20 @@ def check_pattern_layers(parsed: Pattern, layers: List[PruneTarget]) -> None:
     """Refuse layers whose rows / input channels / blocks do not fit the pattern (naming the layer)."""
     if parsed[0] == "nm":
         n, m = parsed[1], parsed[2]
+        # first the order: re-estimating with the pattern also leaves the default weights it does not fit dense
+        order = next((layer for layer in layers if layer.kind == "conv" and not layer.channels_last), None)
+        if order is not None:
+            raise ValueError(f"pattern '{n}:{m}': the Fisher blocks of conv weight {order.name!r} were built in "
+                             "(out, in, *kernel) order, by a curvature estimated without an N:M pattern, and its N:M "
+                             "runs go along the input channels; estimate the curvature with "
+                             f"pattern='{n}:{m}' (estimate_curvature(..., pattern='{n}:{m}'), "
+                             f"FisherHook(..., pattern='{n}:{m}'))")
         unfit = [layer for layer in layers if nm_run_length(layer) % m]
         if unfit:
             first, fit = unfit[0], len(layers) - len(unfit)
             names = [layer.name for layer in unfit[:6]] + (["..."] if len(unfit) > 6 else [])
-            hint = f"; modules= naming the other {fit} weight(s) prunes those" if fit else ""
+            hint = (f"; modules= naming the other {fit} weight(s) prunes those (for prune_with: in estimate_curvature "
+                    "/ FisherHook), and the default modules leave such weights dense" if fit else "")
             what = (f"{first.shape[1]} input channels per group (N:M runs go along the input channels at each "
                     "output channel and kernel position, as 2:4 sparse tensor cores need)" if first.kind == "conv"
                     else f"rows of {first.row_length} entries")
@@ -111,13 +120,6 @@ def check_pattern_layers(parsed: Pattern, layers: List[PruneTarget]) -> None:
         if block is not None:
             raise ValueError(f"pattern '{n}:{m}': block_size {block.block_size} of layer {block.name!r} "
                              f"must be a multiple of {m}")
-        order = next((layer for layer in layers if layer.kind == "conv" and not layer.channels_last), None)
-        if order is not None:
-            raise ValueError(f"pattern '{n}:{m}': the Fisher blocks of conv weight {order.name!r} were built in "
-                             "(out, in, *kernel) order, by a curvature estimated without an N:M pattern, and its N:M "
-                             "runs go along the input channels; estimate the curvature with "
-                             f"pattern='{n}:{m}' (estimate_curvature(..., pattern='{n}:{m}'), "
-                             f"FisherHook(..., pattern='{n}:{m}'))")
         return
     for layer in layers:
         if layer.block_size % layer.row_length:

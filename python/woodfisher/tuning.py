@@ -15,6 +15,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from .batches import check_loader, loader_errors, to_batch
+from .config import pattern_fixed_sparsity
 from .curvature import estimate_curvature, resolve_config
 from .damping import check_damp
 from .diagnostics import reissue
@@ -72,7 +73,7 @@ def _check_grid(grid) -> list:
     return checked
 
 
-def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Sequence[float]] = None,
+def search_damp(model, loader, heldout, *, sparsity: Optional[float] = None, grid: Optional[Sequence[float]] = None,
                 loss_fn: Optional[Callable] = None, **options) -> Tuple[float, Dict[float, float]]:
     """Choose lambda (the damp of ``F = lambda I + G^T G / N``, WoodFisher paper Sec. 3.2) on a log grid
     by the held-out loss after pruning.
@@ -82,7 +83,8 @@ def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Seque
 
     Args:
         model, loader: as for :func:`woodfisher.prune_one_shot`. heldout: held-out batches.
-        sparsity: target sparsity of the search, a fraction in [0, 1).
+        sparsity: target sparsity of the search, a fraction in [0, 1); may be omitted with an N:M ``pattern``
+            (1 - N/M, as for :func:`woodfisher.prune_one_shot`).
         grid: candidate lambdas (> 0); default ``auto * 10**k`` for k in -3..1, where ``auto``
             is the :func:`woodfisher.damping.auto_damp` value of the same gradients.
         options: other :class:`woodfisher.PruneConfig` fields (``damp`` is not allowed);
@@ -94,10 +96,13 @@ def search_damp(model, loader, heldout, *, sparsity: float, grid: Optional[Seque
         the warnings of the candidate that was chosen (layer collapse, a mask that degenerated to
         magnitude pruning, ...), once each and at the caller's line; the other candidates' are dropped.
     Raises:
-        ValueError: ``damp`` among the options, an empty or bad grid, or any bad option.
+        ValueError: ``damp`` among the options, an empty or bad grid, ``sparsity`` omitted without an N:M
+            ``pattern``, or any bad option.
     """
     if "damp" in options:
         raise ValueError("search_damp chooses damp itself; do not pass damp")
+    if sparsity is None:
+        sparsity = pattern_fixed_sparsity(options.get("pattern"))
     try:
         check_loader(heldout)
     except ValueError:

@@ -55,7 +55,8 @@ CONFIG_FIELDS = ("sparsity", "method", "mode", "block_size", "num_grads", "fishe
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="one-shot prune a model and write the pruned weights and reports")
     add_model_args(p, "checkpoint of the dense model",
-                   (("--sparsity",), dict(type=sparsity_type, help="target fraction of zeros in [0, 1)")))
+                   (("--sparsity",), dict(type=sparsity_type, help="target fraction of zeros in [0, 1) (with "
+                                                                   "--pattern N:M it may be omitted: 1 - N/M)")))
     p.add_argument("--method", default="woodfisher", choices=list(METHODS),
                    help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()))
     p.add_argument("--mode", default="global", choices=MODES,

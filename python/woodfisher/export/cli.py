@@ -135,6 +135,10 @@ def run_export(args: argparse.Namespace) -> int:
     shape = tuple(args.input_shape) if args.input_shape else shape
     if args.blocksize is not None and args.format != "bsr":
         raise ValueError("--blocksize applies to --format bsr only")
+    if args.conv and args.format not in ("csr", "bsr"):
+        raise ValueError("--conv applies to --format csr / bsr only" + (
+            " (2:4 semi-structured weights are nn.Linear ones: torch's SparseSemiStructuredTensor serves F.linear; "
+            "2:4-pruned convolutions stay dense with exact zeros)" if args.format == "2:4" else ""))
     if args.format == "onnx" and not onnx_available():
         raise ValueError(ONNX_HINT)
     model = load_checkpoint(factory(), args.checkpoint, trust_pickle=args.trust_pickle).eval()

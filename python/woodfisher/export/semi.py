@@ -14,11 +14,13 @@ machine can still check that a model is ready for a GPU.
 """
 from __future__ import annotations
 
+import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ..structured import parse_pattern
 from ..targets import is_hf_conv1d
 from ._common import Masks, select_layers, sparsity, swap, to_dense, unwrapped_names
 
@@ -43,7 +45,7 @@ def min_tile(dtype: torch.dtype) -> Tuple[int, int]:
     return (constraints.sparse_min_rows, constraints.sparse_min_cols)
 
 
-def pattern_violations(weight: torch.Tensor, n: int = 2, m: int = 4) -> int:
+def pattern_violations(weight: torch.Tensor, n=2, m: int = 4) -> int:
     """Count the runs of ``m`` consecutive input features / channels with more than ``n`` non-zeros (N:M check).
 
     A Linear weight's runs go along ``in`` in each row; a conv weight's along the input channels at each (out,
@@ -51,14 +53,38 @@ def pattern_violations(weight: torch.Tensor, n: int = 2, m: int = 4) -> int:
 
     Args:
         weight: (out, in) or conv (out, in / groups, *kernel) tensor, ``in`` (per group) a multiple of ``m``
-            (not checked here).
-        n, m: the N:M pattern (default 2:4).
+            (a HuggingFace ``Conv1D`` stores (in, out): pass ``weight.T``).
+        n, m: the N:M pattern (default 2:4), integers with 0 < n < m; or ``n`` the pattern string
+            (``pattern_violations(w, "2:4")``, as ``pattern=`` of the pruning calls).
     Returns:
         The number of violating runs (0: the weight fits N:M).
+    Raises:
+        ValueError: naming ``weight`` (not a tensor of >= 2 dims, or ``in`` per group not a multiple of ``m``: its
+            runs do not exist) or ``n`` / ``m`` (not integers with 0 < n < m, or not an "N:M" string).
     """
+    n, m = _pattern_nm(n, m)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        raise ValueError(f"weight must be an (out, in) or conv (out, in / groups, *kernel) tensor, got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if weight.shape[1] % m:
+        what = "input channels per group" if weight.dim() > 2 else "entries per row"
+        raise ValueError(f"weight of shape {tuple(weight.shape)} has {weight.shape[1]} {what}, not a multiple of "
+                         f"{m}: its {n}:{m} runs do not exist (a pruning call leaves such weights dense)")
     nonzero = (weight.detach() != 0).movedim(1, -1)
     runs = nonzero.reshape(weight.shape[0], -1, m)
     return int((runs.sum(-1) > n).sum())
+
+
+def _pattern_nm(n, m) -> Tuple[int, int]:
+    """(n, m) from ``pattern_violations``'s arguments: two integers, or an "N:M" string as ``n``."""
+    if isinstance(n, str):
+        parsed = parse_pattern(n) if ":" in n else None
+        if parsed is None:
+            raise ValueError(f"n must be an integer or an 'N:M' pattern string such as '2:4', got {n!r}")
+        return parsed[1], parsed[2]
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (n, m)) or not 0 < n < m:
+        raise ValueError(f"n and m must be integers with 0 < n < m (the N:M pattern), got n={n!r}, m={m!r}")
+    return int(n), int(m)
 
 
 def check_semi_structured(model: nn.Module, masks: Masks = None, *, names: Optional[Sequence[str]] = None,

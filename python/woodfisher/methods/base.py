@@ -115,8 +115,16 @@ class PruningMethod:
         if parsed[0] not in self.patterns:
             raise ValueError(f"pattern={config.pattern!r} is not supported by method {self.name!r} "
                              f"(it supports {list(self.patterns) or 'no pattern'})")
-        if config.num_steps not in (1, "auto") or config.woodtaylor:
-            raise ValueError("pattern needs num_steps=1 (or 'auto') and woodtaylor=False")
+        if config.num_steps not in (1, "auto"):  # a pattern's mask is reached in one step
+            raise ValueError(f"num_steps={config.num_steps!r} with pattern={config.pattern!r}: a pattern is pruned "
+                             "in one step; pass num_steps=1 (or 'auto')")
+        if config.woodtaylor:
+            raise ValueError(f"woodtaylor=True with pattern={config.pattern!r}: patterns use the WoodFisher "
+                             "statistic; pass woodtaylor=False")
+        if parsed[0] == "nm" and config.beta > 0:  # a silent no-op otherwise (and a FLOPs pass for nothing)
+            raise ValueError(f"beta={config.beta:g} has no effect with pattern={config.pattern!r}: every run of "
+                             f"{parsed[2]} keeps {parsed[1]} whatever its layer's FLOPs; pass beta=0 (pattern='rows' "
+                             "and unstructured pruning weigh layers by FLOPs)")
         block = config.block_size
         if parsed[0] == "nm" and isinstance(block, int) and block % parsed[2]:
             raise ValueError(f"block_size={block} must be a multiple of M={parsed[2]} for pattern "
