@@ -111,3 +111,22 @@ def test_loader_errors_passes_the_cpu_allocator_failure_through():
     with pytest.raises(ValueError, match="loader"):   # a real failure of the model on the data still is a ValueError
         with loader_errors(Batch((torch.zeros(2, 3),), {}, None)):
             raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
+
+
+def test_the_later_steps_of_one_call_start_at_the_size_that_fitted(monkeypatch):
+    """A multi-step prune_one_shot learns the size once (the first step), not again in every step; the next call
+    starts from the memory budget again."""
+    calls = []
+    _fits_only(monkeypatch, 4, ERRORS["cuda"], calls)
+    model = _model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = wf.prune_one_shot(model, _data(), sparsity=0.6, num_grads=48, num_steps=3, block_size=4,
+                                progress=False)
+    assert len(res.config["steps"]) == 3
+    assert calls == [16, 8] + [4] * 4 + [4] * 4 + [4] * 4   # 16 gradients per step; only the first step halves
+    assert sum("ran out of memory" in str(w.message) for w in caught) == 1
+    calls.clear()
+    with pytest.warns(UserWarning, match="ran out of memory"):
+        wf.prune_one_shot(_model(), _data(), sparsity=0.5, num_grads=16, block_size=4, progress=False)
+    assert calls[0] == 16   # a new call: the memory budget's size first

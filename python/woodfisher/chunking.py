@@ -7,6 +7,8 @@ fast path for plain batches (positional tensors and a tensor target: a batch-1 l
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable, Iterable, Iterator, List, Optional
 
 import torch
@@ -15,8 +17,8 @@ from torch.utils import _pytree as pytree
 from .batches import Batch, to_batch
 from .precision import prepare_batch
 
-__all__ = ["CHUNK_BYTES", "MAX_CHUNK_SAMPLES", "SampleChunks", "chunk_samples", "plain_size", "batch_size", "signature",
-           "cat_batches"]
+__all__ = ["CHUNK_BYTES", "MAX_CHUNK_SAMPLES", "SampleChunks", "fitted_chunks", "fitted_chunk", "remember_chunk",
+           "chunk_samples", "plain_size", "batch_size", "signature", "cat_batches"]
 
 #: Default memory (bytes) for the gradients of one chunk. Every chunk is one ``vmap`` call whose operator count
 #: does not depend on its samples (1.7k operators for ResNet-20, 256 samples): a ResNet-20-sized model's 256
@@ -44,6 +46,38 @@ def chunk_samples(numel: int, itemsize: int, fisher_batch_size: int, chunk_bytes
     groups = max(1, int(chunk_bytes) // max(1, numel * itemsize))
     groups = max(1, min(groups, max_samples // fisher_batch_size))
     return groups * fisher_batch_size
+
+#: Samples per call that fitted after a chunk ran out of memory, inside :func:`fitted_chunks` (else None).
+_FITTED: ContextVar[Optional[dict]] = ContextVar("woodfisher_fitted_chunks", default=None)
+
+
+@contextmanager
+def fitted_chunks():
+    """Context: once a collector inside lowers its chunk after running out of memory, the later collectors
+    inside (the steps of one ``prune_one_shot`` call) start at that size instead of running out again.
+
+    Yields:
+        None; the sizes are forgotten at the exit.
+    """
+    token = _FITTED.set({})
+    try:
+        yield
+    finally:
+        _FITTED.reset(token)
+
+
+def fitted_chunk(chunk: int, fisher_batch_size: int) -> int:
+    """``chunk`` samples, or fewer: the size :func:`remember_chunk` recorded inside :func:`fitted_chunks`."""
+    sizes = _FITTED.get()
+    return chunk if sizes is None else min(chunk, sizes.get(fisher_batch_size, chunk))
+
+
+def remember_chunk(samples: int, fisher_batch_size: int) -> None:
+    """Record that chunks of ``samples`` (whole groups of ``fisher_batch_size``) are the most that fit, for the
+    later collectors inside :func:`fitted_chunks` (outside it: nothing)."""
+    sizes = _FITTED.get()
+    if sizes is not None:
+        sizes[fisher_batch_size] = min(samples, sizes.get(fisher_batch_size, samples))
 
 
 def plain_size(batch: Batch) -> Optional[int]:

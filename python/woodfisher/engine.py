@@ -23,6 +23,7 @@ from torch import nn
 
 from .batches import check_loader, is_single_pass
 from .checks import check_prunable
+from .chunking import fitted_chunks
 from .conditioning import warn_ill_conditioned
 from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig
 from .curvature import Curvature, _estimate, warn_zero_gradients
@@ -286,7 +287,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     damp, forms, kappa, stats = None, {}, {}, []
     i = 0
     try:
-        with display(config.progress):
+        with display(config.progress), fitted_chunks():  # a chunk size lowered by running out of memory: kept
             for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
                 with step_label(f"step {i + 1}/{len(steps)}" if len(steps) > 1 else None):
                     targets = resolve_targets(model, config.modules, method.block_size(step_config),

@@ -15,7 +15,9 @@ allows, :func:`woodfisher.chunking.chunk_samples`), and each chunk is one call:
 
 The three ways are in :mod:`woodfisher.per_sample`. A chunk that runs out of memory (the
 activations of its samples in flight, which the memory plan does not count) is computed in
-halves, and the rest at the size that fitted, with one warning: the same gradients, more calls;
+halves, and the rest at the size that fitted, with one warning (the later steps of one
+``prune_one_shot`` call start at that size: :func:`woodfisher.chunking.fitted_chunks`): the same
+gradients, more calls;
 only a single group that does not fit raises (the allocator's own error).
 
 Masking and the NaN/Inf check stay off the critical path: the keep-masks are applied in
@@ -54,7 +56,7 @@ import woodfisher_kernels as wk
 
 from . import per_sample
 from .batches import Batch, check_labelled, loader_errors
-from .chunking import CHUNK_BYTES, MAX_CHUNK_SAMPLES, SampleChunks, chunk_samples
+from .chunking import CHUNK_BYTES, MAX_CHUNK_SAMPLES, SampleChunks, chunk_samples, fitted_chunk, remember_chunk
 from .diagnostics import warn_at_caller
 from .losses import compute_loss, logits_of, sample_targets
 from .memory import is_out_of_memory, note_activations_too_large
@@ -131,8 +133,10 @@ class GradientCollector:
         self.dtype = compute_dtype(targets[0].param.dtype)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         check = None if self.sampled else (lambda batch: check_labelled(batch, loss_fn))  # no target, no model loss
-        self._source = SampleChunks(loader, batch_adapter, self.fbs, self.num_grads, chunk_samples(
-            sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes), check)
+        chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes)
+        # an earlier step of the same call ran out of memory: its size (chunking.fitted_chunks)
+        self._source = SampleChunks(loader, batch_adapter, self.fbs, self.num_grads,
+                                    fitted_chunk(chunk, self.fbs), check)
         self.count, self.samples, self.sum_sq, self.loss_grad = 0, 0, 0.0, None
         self.nonzero: Dict[str, bool] = {}  # weight name -> whether any of its (masked) gradients was non-zero
         self._use_vmap, self._vmap_error, self._shrunk = True, None, False
@@ -249,6 +253,7 @@ class GradientCollector:
                     f"for the samples in flight); computing them {half} at a time from here on (the same "
                     "gradients, more calls)")
             self._source.chunk, self._shrunk = half, True
+            remember_chunk(half, self.fbs)
         return [flat.take(0, half), flat.take(half, flat.size)]
 
     def _replay(self, params, buffers, device):
