@@ -50,7 +50,7 @@ from .memory import is_out_of_memory
 
 __all__ = ["Batch", "default_adapter", "to_batch", "is_single_pass", "peek", "default_loss", "logits_of",
            "model_loss", "compute_loss", "check_labelled", "check_probabilities", "sample_targets", "check_loss_fn",
-           "check_loader", "describe", "loader_errors"]
+           "check_loader", "describe", "loader_errors", "check_batch_dims"]
 
 
 
@@ -149,8 +149,10 @@ class Batch:
             for col, x in zip(columns, leaves):
                 col.append(x)
         out = []
-        for col, batched in zip(columns, flags):
+        for index, (col, batched) in enumerate(zip(columns, flags)):
             if not batched:
+                if any(not _same_leaf(x, col[0]) for x in col[1:]):
+                    raise ValueError(_unbatched_message(batches[0], index, col))
                 out.append(col[0])
                 continue
             if any(x.shape[1:] != col[0].shape[1:] for x in col):
@@ -174,6 +176,66 @@ class Batch:
 
 def _is_tensor(x) -> bool:
     return isinstance(x, torch.Tensor)
+
+
+def _same_leaf(x, first) -> bool:
+    """Whether a leaf of a later loader item equals the first item's (a leaf shared by every sample)."""
+    if x is first:
+        return True
+    if _is_tensor(x) and _is_tensor(first):
+        return x.shape == first.shape and x.dtype == first.dtype and bool(torch.equal(x, first.to(x.device)))
+    try:
+        return bool(x == first)
+    except Exception:  # noqa: BLE001 - objects without a plain equality: not provably the same
+        return False
+
+
+_BATCH_DIM_FIX = ("every per-sample tensor must hold its samples on dim 0, the batch dim read from the first input "
+                  "(dim 0 of a time-major (T, B, C) sequence or of an RNN's (layers, B, H) initial state is not): "
+                  "give the model batch-first tensors (e.g. a wrapper whose forward transposes them back)")
+
+
+def _leaf_label(batch: "Batch", index: int) -> str:
+    paths = pytree.tree_flatten_with_path((batch.args, batch.kwargs, batch.target))[0]
+    path, leaf = paths[index]
+    where = ("args", "kwargs", "target")[path[0].idx]
+    rest = "".join(str(k) for k in path[1:])
+    shape = f" {_describe(leaf)}" if _is_tensor(leaf) else ""
+    return f"{where}{rest}{shape}"
+
+
+def _unbatched_message(first: "Batch", index: int, column: list) -> str:
+    return (f"loader: {_leaf_label(first, index)} has no dim 0 of the batch size ({first.size} samples, dim 0 of "
+            f"the first input), so it would be passed whole to every sample, but it differs between loader items "
+            f"(a per-sample tensor whose batch dim is not dim 0, or a target that cannot be split per sample, "
+            f"such as CTC targets concatenated over the batch: pad them to (B, S)); {_BATCH_DIM_FIX}")
+
+
+def check_batch_dims(batch: "Batch") -> None:
+    """Refuse a batch whose target cannot be split into its samples along dim 0.
+
+    Per-sample gradients take sample i of every input and of the target at index i of dim 0; a target
+    tensor (or a tensor inside a target tuple / dict) with another leading size would give every sample
+    the whole batch's target, silently (a time-major ``(T, B, C)`` input with a ``(B,)`` target reads
+    the T time steps as the samples).
+
+    Args:
+        batch: one loader item as a :class:`Batch`.
+    Raises:
+        ValueError: naming the loader, the tensor and the batch size read from the inputs.
+    """
+    if batch.target is None:
+        return
+    n = batch.size
+    leaves = pytree.tree_leaves(batch.target)
+    if all(not _is_tensor(t) or t.dim() == 0 or t.shape[0] == n for t in leaves):
+        return
+    bad = next(t for t in leaves if _is_tensor(t) and t.dim() >= 1 and t.shape[0] != n)
+    first = _first_tensor((batch.args, batch.kwargs))
+    raise ValueError(f"loader: the target holds {_describe(bad)}, whose dim 0 is not the batch size {n} (dim 0 of "
+                     f"the first input {_describe(first)}), so it cannot be split into per-sample targets; "
+                     f"{_BATCH_DIM_FIX}; CTC targets concatenated over the batch: pad them to (B, S) and pass "
+                     f"their lengths beside them")
 
 
 def _inputs(x) -> Tuple[tuple, dict]:

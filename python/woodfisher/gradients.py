@@ -55,7 +55,7 @@ from torch.func import functional_call
 import woodfisher_kernels as wk
 
 from . import per_sample
-from .batches import Batch, check_labelled, loader_errors
+from .batches import Batch, check_batch_dims, check_labelled, loader_errors
 from .chunking import CHUNK_BYTES, MAX_CHUNK_SAMPLES, SampleChunks, chunk_samples, fitted_chunk, remember_chunk
 from .diagnostics import warn_at_caller
 from .losses import compute_loss, logits_of, sample_targets
@@ -132,7 +132,8 @@ class GradientCollector:
         self.adapter = batch_adapter
         self.dtype = compute_dtype(targets[0].param.dtype)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        check = None if self.sampled else (lambda batch: check_labelled(batch, loss_fn))  # no target, no model loss
+        # no target, no model loss; a target that cannot be split into per-sample targets along dim 0
+        check = None if self.sampled else (lambda batch: check_labelled(batch, loss_fn) or check_batch_dims(batch))
         chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes)
         # an earlier step of the same call ran out of memory: its size (chunking.fitted_chunks)
         self._source = SampleChunks(loader, batch_adapter, self.fbs, self.num_grads,

@@ -1,0 +1,111 @@
+"""Sequence models whose tensors do not hold the batch on dim 0: refused, not misread.
+
+Per-sample gradients split every input and the target along dim 0. A time-major ``(T, B, C)`` input with a
+``(B,)`` target used to be read as T samples (each time step of the whole batch, every one with the whole
+target); a per-sample tensor with its batch elsewhere (an RNN's ``(layers, B, H)`` initial state) or CTC
+targets concatenated over the batch were taken from the first loader item for every chunk.
+"""
+import pytest
+import torch
+from torch import nn
+
+import woodfisher as wf
+from woodfisher.batches import Batch, check_batch_dims
+
+
+class _GRU(nn.Module):
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = nn.GRU(5, 6, batch_first=batch_first)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1] if self.batch_first else out[-1])
+
+
+class _BatchFirst(nn.Module):
+    """The fix the message proposes: batch-first tensors in, transposed for the time-major model."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.transpose(0, 1))
+
+
+def _data(time_major: bool):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 7, 5, generator=gen)
+    y = torch.randint(0, 3, (16,), generator=gen)
+    return [((x[i:i + 4].transpose(0, 1) if time_major else x[i:i + 4]), y[i:i + 4]) for i in range(0, 16, 4)]
+
+
+MODULES = ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "head"]
+
+
+def test_time_major_input_with_batch_target_is_refused_and_changes_nothing():
+    torch.manual_seed(0)
+    model = _GRU(batch_first=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"loader: the target holds int64\(4,\), whose dim 0 is not the batch "
+                                         r"size 7 .*batch-first"):
+        wf.prune_one_shot(model, _data(time_major=True), sparsity=0.5, num_grads=16, modules=MODULES,
+                          progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_batch_first_wrapper_gives_the_batch_first_models_masks_and_weights():
+    torch.manual_seed(0)
+    first = _GRU(batch_first=True).double()
+    major = _GRU(batch_first=False).double()
+    major.load_state_dict(first.state_dict())
+    wrapped = _BatchFirst(major)
+    data = [(x.double(), y) for x, y in _data(time_major=False)]
+    options = dict(sparsity=0.5, num_grads=16, num_steps=1, damp=1e-3, progress=False)
+    ref = wf.prune_one_shot(first, data, modules=MODULES, **options)
+    got = wf.prune_one_shot(wrapped, data, modules=["inner." + m for m in MODULES], **options)
+    for name, mask in ref.masks.items():
+        assert torch.equal(got.masks["inner." + name], mask)
+    for name, value in first.state_dict().items():
+        torch.testing.assert_close(major.state_dict()[name], value, rtol=1e-9, atol=1e-12)
+
+
+def test_concatenated_ctc_targets_are_refused():
+    x = torch.randn(4, 9, 5)
+    target = (torch.randint(1, 3, (11,)), torch.full((4,), 9), torch.tensor([2, 3, 3, 3]))
+    with pytest.raises(ValueError, match=r"int64\(11,\).*pad them to \(B, S\)"):
+        check_batch_dims(Batch((x,), {}, target))
+    check_batch_dims(Batch((x,), {}, (torch.zeros(4, 3, dtype=torch.long), target[1], target[2])))  # padded: fine
+    check_batch_dims(Batch((x,), {}, torch.tensor(1.0)))  # a 0-dim target is shared by every sample
+
+
+def test_unbatched_leaf_that_differs_between_items_is_refused_and_a_shared_one_kept():
+    shared = torch.randn(1, 3, 6)
+    items = [Batch((torch.randn(3, 7, 5), shared.clone()), {}, torch.zeros(3, dtype=torch.long)) for _ in range(2)]
+    out = Batch.cat(items)  # equal values in every item: a shared input, kept once
+    assert out.size == 6 and torch.equal(out.args[1], shared)
+    items[1] = Batch((items[1].args[0], torch.randn(1, 3, 6)), {}, items[1].target)
+    with pytest.raises(ValueError, match=r"args\[1\] float32\(1, 3, 6\) has no dim 0 of the batch size .* differs "
+                                         r"between loader items"):
+        Batch.cat(items)
+
+
+def test_hidden_state_with_batch_on_dim_one_is_refused_across_items():
+    class WithState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(5, 6, batch_first=True)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x, h0):
+            return self.head(self.rnn(x, h0)[0][:, -1])
+
+    gen = torch.Generator().manual_seed(1)
+    loader = [Batch((torch.randn(4, 7, 5, generator=gen), torch.randn(1, 4, 6, generator=gen)), {},
+                    torch.randint(0, 3, (4,), generator=gen)) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"args\[1\].*differs between loader items"):
+        wf.prune_one_shot(WithState(), loader, sparsity=0.5, num_grads=12, modules=["rnn.weight_ih_l0", "head"],
+                          progress=False)
