@@ -22,6 +22,7 @@ forward+backward dispatches 172 kernels, ``vmap`` 456, expanded weights 244.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Dict, List
 
@@ -43,6 +44,23 @@ PER_SAMPLE_PATHS = ("vmap", "expanded")
 Grads = Dict[str, torch.Tensor]
 
 
+@contextlib.contextmanager
+def _no_mha_fast_path():
+    """PyTorch's fused inference path of ``nn.TransformerEncoder`` / ``nn.MultiheadAttention`` off for the block.
+
+    In eval mode with a ``src_key_padding_mask`` the encoder turns its input into a nested tensor when no
+    parameter it sees requires grad, which is the case under ``torch.func.grad``; ``vmap`` has no batching rule
+    for that conversion, so every sample went through the one-at-a-time loop. Without the fast path the same
+    layers run their plain operators (the values the loop's autograd pass computes).
+    """
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def vmap_grads(group_loss: Callable, sub: Grads, flat: Batch) -> Grads:
     """{key: (n, *shape)} per-sample gradients of the chunk's n samples, one ``vmap`` call (raises what ``vmap``
     raises on a model or loss it cannot trace)."""
@@ -51,7 +69,7 @@ def vmap_grads(group_loss: Callable, sub: Grads, flat: Batch) -> Grads:
     dims = pytree.tree_map(lambda f: 0 if f else None, groups.batched())
     # the math attention kernel has vmap batching rules (flash / efficient SDPA fall back to a
     # per-sample loop under vmap, with a warning): same gradients, batched
-    with sdpa_kernel([SDPBackend.MATH]), warnings.catch_warnings():
+    with sdpa_kernel([SDPBackend.MATH]), _no_mha_fast_path(), warnings.catch_warnings():
         # torch's note that an operator without a batching rule runs per sample ("file us an issue"): the
         # gradients are right, and the caller cannot act on it (it named torch internals from our call)
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
