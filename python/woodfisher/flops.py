@@ -10,7 +10,9 @@ for a Linear on a vector; input positions H_in*W_in for a transposed conv, prune
 
 ``uses`` is also the FLOPs-per-parameter factor of the FLOPs-aware statistic
 rho / flops_per_param^beta (paper Sec. 5.4). HuggingFace's ``Conv1D`` is a Linear layer
-(``uses`` = positions of its output, whose last dim is ``nf``); the projections an
+(``uses`` = positions of its output, whose last dim is ``nf``); the matrices of an ``nn.RNN`` / ``nn.LSTM`` /
+``nn.GRU`` (``weight_ih_l0``, ``weight_hh_l0``, ...) are used once per time step (``uses`` = T, the real
+steps of a ``PackedSequence``); the projections an
 ``nn.MultiheadAttention`` reads directly are counted from its query / key lengths
 (:func:`flops_per_param_of_batch`).
 """
@@ -84,8 +86,18 @@ def layer_flops(model: nn.Module, input_shape: Sequence[int],
                 entry["flops_dense"] += int(rows.numel() * length)
                 entry["flops_sparse"] += int(torch.count_nonzero(rows)) * int(length)
 
+    def rnn_hook(module: nn.RNNBase, inputs, _output) -> None:
+        steps = _rnn_steps(module, inputs)
+        for attr in _rnn_weights(module):
+            w = getattr(module, attr)
+            name = f"{names[module]}.{attr}" if names[module] else attr
+            entry = stats.setdefault(name, {"weight": name, "shape": tuple(w.shape), "params": w.numel(),
+                                            "nnz": int(torch.count_nonzero(w)), "uses": 0})
+            entry["uses"] = int(entry["uses"]) + steps
+
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, FLOP_MODULES) or is_hf_conv1d(m)]
+    handles += [m.register_forward_hook(rnn_hook) for m in model.modules() if isinstance(m, nn.RNNBase)]
     handles += [m.register_forward_hook(attention_hook, with_kwargs=True) for m in model.modules()
                 if isinstance(m, nn.MultiheadAttention)]
     inner = unwrap_model(model)[0]  # torch.compile would trace the hooks: run the module it wraps (names keep
@@ -129,6 +141,22 @@ def _out_channels(module: nn.Module) -> int:
     if is_hf_conv1d(module):  # HuggingFace Conv1D: (in, out) weight, outputs (..., nf)
         return int(module.nf)
     return module.out_channels
+
+
+def _rnn_weights(module: nn.RNNBase) -> list:
+    """The matrices of an ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``: ``weight_ih_l{k}``, ``weight_hh_l{k}`` (and
+    ``weight_hr_l{k}`` with ``proj_size``), ``_reverse`` ones when bidirectional; not the biases."""
+    return [attr for attr in module._flat_weights_names if attr.startswith("weight_")]
+
+
+def _rnn_steps(module: nn.RNNBase, inputs) -> int:
+    """Time steps of one call of a recurrent layer (one sample): every entry of each of its matrices is used
+    once per step (each step multiplies the layer's input and its hidden state by them). A
+    ``PackedSequence`` counts its real steps (the sum of the lengths), a padded tensor its padded length."""
+    x = inputs[0]
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        return int(x.data.shape[0])
+    return int(x.shape[1] if (x.dim() == 3 and module.batch_first) else x.shape[0])
 
 
 def _seq_len(x: torch.Tensor, batch_first: bool) -> int:
@@ -199,6 +227,11 @@ def flops_per_param_of_batch(model: nn.Module, batch, targets) -> Dict[str, floa
     uses: Dict[str, float] = {}
     handles, covered = _attention_hooks(inner, targets, uses)
     for target in targets:
+        if isinstance(target.module, nn.RNNBase) and target.attr in _rnn_weights(target.module):
+            def rnn_hook(module, inputs, output, name=target.name):
+                uses[name] = uses.get(name, 0) + _rnn_steps(module, inputs)
+            handles.append(target.module.register_forward_hook(rnn_hook))
+            continue
         if target.name in covered or target.attr != "weight" or target.kind not in ("linear", "conv", "conv1d_hf"):
             continue
 
@@ -222,7 +255,7 @@ def flops_per_param_of_batch(model: nn.Module, batch, targets) -> Dict[str, floa
     if missing:
         raise ValueError(f"layers {missing} were not called in the forward pass; cannot count their FLOPs "
                          "(beta > 0 needs every pruned weight to belong to a Linear / Conv / HF Conv1D module "
-                         "that runs, or to an nn.MultiheadAttention)")
+                         "that runs, to an nn.MultiheadAttention or to an nn.RNN / LSTM / GRU)")
     return {target.name: float(uses[target.name]) for target in targets}
 
 

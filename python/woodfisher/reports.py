@@ -101,7 +101,7 @@ def format_table(rows: Sequence[Row], title: Optional[str] = None) -> str:
     """Markdown table of ``rows`` plus a total row (readable as plain text too)."""
     if not rows:
         raise ValueError("rows is empty")
-    has_flops = all("flops_dense" in r for r in rows)
+    has_flops = any("flops_dense" in r for r in rows)  # a layer without a count (an embedding): "-" in its cells
     head = ["layer", "shape", "params", "nnz", "sparsity %"]
     if has_flops:
         head += ["FLOPs dense", "FLOPs sparse"]
@@ -111,7 +111,7 @@ def format_table(rows: Sequence[Row], title: Optional[str] = None) -> str:
         shape = "x".join(str(s) for s in r["shape"]) if r["shape"] != "" else ""
         cells = [str(r["layer"]), shape, _fmt_int(r["params"]), _fmt_int(r["nnz"]), f"{r['sparsity']:.2f}"]
         if has_flops:
-            cells += [_fmt_int(r["flops_dense"]), _fmt_int(r["flops_sparse"])]
+            cells += [_fmt_int(r[key]) if key in r else "-" for key in ("flops_dense", "flops_sparse")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
