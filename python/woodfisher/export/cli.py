@@ -199,6 +199,13 @@ def _reference(dense: nn.Module, sample: Optional[torch.Tensor], input_shape) ->
                          f"of shape {tuple(sample.shape)} ({first_line(err)})") from None
 
 
+def _zeros(module: nn.Module) -> float:
+    """Fraction of zeros of a layer's weight (of all the matrices of a recurrent layer)."""
+    mats = [p for n, p in module.named_parameters(recurse=False) if n.startswith("weight")]
+    total = sum(p.numel() for p in mats)
+    return sum(int((p == 0).sum()) for p in mats) / max(total, 1)
+
+
 def _converted(exported: nn.Module, dense: nn.Module, args: argparse.Namespace) -> str:
     """``"converted to csr: fc1 (91.2% zeros), ..."``; ValueError saying why when no layer was converted."""
     from ..targets import is_hf_conv1d
@@ -209,9 +216,17 @@ def _converted(exported: nn.Module, dense: nn.Module, args: argparse.Namespace) 
     modules = dict(dense.named_modules())
     names = [name for name, module in exported.named_modules() if isinstance(module, (SparseLinear, SparseConv2d))
              or isinstance(getattr(module, "weight", None), semi)]
+    # Conv1d / Conv3d / transposed convolutions and recurrent layers have no sparse module: named, not left dense
+    # silently
+    zeros = {name: _zeros(m) for name, m in modules.items() if type(m) is not nn.Conv2d
+             and isinstance(m, (nn.modules.conv._ConvNd, nn.RNNBase))}
+    others = [f"{name} ({type(modules[name]).__name__}, {100 * value:.1f}% zeros)" for name, value in zeros.items()
+              if value >= args.min_sparsity]
+    left = (f"; left dense (--format {args.format} converts Linear" + (" and Conv2d" if args.conv else "")
+            + " layers only): " + ", ".join(others)) if others and args.format != "2:4" else ""
     if names:
         return f"converted to {args.format}: " + ", ".join(
-            f"{name} ({100 * sparsity(modules[name].weight):.1f}% zeros)" for name in names)
+            f"{name} ({100 * sparsity(modules[name].weight):.1f}% zeros)" for name in names) + left
     linears = [(sparsity(m.weight), name) for name, m in modules.items()
                if isinstance(m, nn.Linear) or (args.format != "2:4" and is_hf_conv1d(m))]
     convs = [(sparsity(m.weight), name) for name, m in modules.items() if isinstance(m, nn.Conv2d)]
@@ -223,7 +238,7 @@ def _converted(exported: nn.Module, dense: nn.Module, args: argparse.Namespace) 
     if convs and not args.conv:
         why.append(f"its {len(convs)} Conv2d layers ({len(sparse_convs)} sparse enough) are converted only with "
                    "--conv (im2col; slower than dense on CPU)")
-    raise ValueError(f"--format {args.format} converted no layer, nothing written: " + "; ".join(why))
+    raise ValueError(f"--format {args.format} converted no layer, nothing written: " + "; ".join(why) + left)
 
 
 def _onnx_diff(path: str, sample: torch.Tensor, ref) -> Optional[float]:
