@@ -124,7 +124,9 @@ def check_pattern_layers(parsed: Pattern, layers: List[PruneTarget]) -> None:
     for layer in layers:
         if layer.block_size % layer.row_length:
             raise ValueError(f"pattern 'rows': block_size {layer.block_size} of layer {layer.name!r} "
-                             f"must be a multiple of its row length {layer.row_length} (or None)")
+                             f"must be a multiple of its row length {layer.row_length} (or None); for prune_with, "
+                             "estimate the curvature with pattern='rows' (estimate_curvature(..., pattern='rows'), "
+                             "whose block_size='auto' follows the rows)")
 
 
 def consecutive_groups(layer: PruneTarget, size: int, device=None) -> torch.Tensor:
