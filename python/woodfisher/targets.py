@@ -342,7 +342,9 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
     if not inside:
         named = [name for name, info in entries.items() if _within(name.rpartition(".")[0], raw)
                  and info["param"].is_floating_point() and info["param"].dim() >= 2]
-        hint = (f"; its weights are not pruned by default, name them to prune them: modules={named[:6]}"
+        every = (named if len(named) <= 12 else  # all of them (a 2-layer bidirectional LSTM has 8 or 12)
+                 f"[name for name, p in model.named_parameters() if name.startswith({raw + '.'!r}) and p.dim() >= 2]")
+        hint = (f"; its weights are not pruned by default, name them to prune them: modules={every}"
                 if named else " (and has no floating parameter of >= 2 dims either)")
         raise ValueError(f"{arg}: {raw!r} is a {type(modules[raw]).__name__}, which holds no Linear / Conv / "
                          f"attention projection weight{hint}")
