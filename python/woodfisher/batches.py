@@ -14,8 +14,9 @@ adapter (:func:`default_adapter`) understands
 
 It never guesses: a tuple whose target position is ambiguous (a later element with the
 batch dim that could be the target as well: a float second element followed by an integer
-one, ``(x, mask, y)``, or a second element shaped like the inputs, ``(input_ids,
-attention_mask, labels)``) or not a tensor is refused with a ValueError that shows the
+one, ``(x, mask, y)``, a second element shaped like the inputs, ``(input_ids,
+attention_mask, labels)``, or integer lengths of padded sequences followed by integer labels,
+``(x, lengths, y)``) or not a tensor is refused with a ValueError that shows the
 adapter to pass, e.g. ``batch_adapter=lambda b: Batch((b[0], b[1]), {}, b[2])``.
 
 Outputs may be a tensor, a dict or a HuggingFace ``ModelOutput``; the loss of a batch is
@@ -261,8 +262,9 @@ def _ambiguous(x, y: torch.Tensor, rest: list) -> bool:
 
     Extras that are not tensors with the batch dim never are. A batched extra makes the
     reading ambiguous when ``y`` is float or bool (never class indices) and the extra is not
-    float (``(x, mask, labels)``) or when ``y`` has the shape of the first input
-    (``(input_ids, attention_mask, labels)``).
+    float (``(x, mask, labels)``), when ``y`` has the shape of the first input
+    (``(input_ids, attention_mask, labels)``), or when integer ``y`` reads as the lengths of the
+    padded sequences (:func:`_lengths_like`) and an integer extra has its shape (``(x, lengths, labels)``).
     """
     if not rest:  # (inputs, target): nothing else could be the target (and no pytree walk per item)
         return False
@@ -275,7 +277,17 @@ def _ambiguous(x, y: torch.Tensor, rest: list) -> bool:
         return False
     if y.shape == first.shape:
         return True
+    if _lengths_like(y, first) and any(not r.is_floating_point() and r.shape == y.shape for r in extras):
+        return True  # (x, lengths, y): a speech collate's padded sequences, their lengths, then the labels
     return (y.is_floating_point() or y.dtype == torch.bool) and any(not r.is_floating_point() for r in extras)
+
+
+def _lengths_like(y: torch.Tensor, first: torch.Tensor) -> bool:
+    """Whether integer ``y`` (B,) reads as the lengths of the padded sequences ``first``: all >= 1, the longest
+    equal to one of its non-batch dims (padding to the longest in the batch)."""
+    if y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1 or not y.numel() or first.dim() < 2:
+        return False
+    return int(y.min()) >= 1 and int(y.max()) in tuple(first.shape[1:])
 
 
 def default_adapter(item: Any) -> Batch:
