@@ -173,7 +173,8 @@ class GradientCollector:
                 self._use_expanded = False
         if self._use_vmap and self.fbs == 1:
             try:
-                return per_sample.vmap_grads(group_loss, sub, flat)
+                with per_sample.batched_rnn_states(self.inner):
+                    return per_sample.vmap_grads(group_loss, sub, flat)
             except Exception as err:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
                 if is_out_of_memory(err):
                     raise

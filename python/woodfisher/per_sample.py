@@ -5,7 +5,8 @@ samples given, with ``sub`` = {key: pruned Parameter} substituted into the model
 {key: (G, *shape)}, the gradient of each of the chunk's G groups:
 
 - :func:`vmap_grads`: ``fisher_batch_size=1``, exact per-sample gradients with ``torch.func``
-  (``functional_call`` + ``vmap`` + ``grad``) over the whole chunk in one call;
+  (``functional_call`` + ``vmap`` + ``grad``) over the whole chunk in one call (recurrent layers called
+  without an initial state get batched zeros: :func:`batched_rnn_states`);
 - :func:`expanded_grads`: the same numbers from torch's expanded weights
   (``torch.nn.utils._expanded_weights``): one batched forward and backward whose linear / conv
   weight gradients are formed per sample from the saved inputs and output gradients, instead of
@@ -36,7 +37,8 @@ from .batches import Batch
 from .chunking import plain_size
 from .diagnostics import warn_at_caller
 
-__all__ = ["PER_SAMPLE_PATHS", "vmap_grads", "expanded_grads", "expandable", "loop_grads", "warn_vmap_fallback"]
+__all__ = ["PER_SAMPLE_PATHS", "vmap_grads", "batched_rnn_states", "expanded_grads", "expandable", "loop_grads",
+           "warn_vmap_fallback"]
 
 #: How per-sample gradients (``fisher_batch_size=1``) are formed: ``torch.func.vmap`` or torch's expanded weights.
 PER_SAMPLE_PATHS = ("vmap", "expanded")
@@ -59,6 +61,39 @@ def _no_mha_fast_path():
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def _zero_state(module: nn.RNNBase, args, kwargs):
+    """Forward pre-hook: the zero initial state a recurrent layer would create, made from its input so that it is
+    batched under ``vmap`` (``torch.zeros_like`` keeps the vmap level). ``nn.GRU`` / ``nn.RNN`` write their output
+    state into the unbatched zeros they create themselves, which ``vmap`` refuses; the values are the same zeros."""
+    given = args[1] if len(args) > 1 else kwargs.get("hx")
+    if given is not None or len(args) > 2 or not args or not isinstance(args[0], torch.Tensor) \
+            or args[0].dim() not in (2, 3):  # a state given, or a PackedSequence (never batched by vmap)
+        return None
+    inp = args[0]
+    layers = module.num_layers * (2 if module.bidirectional else 1)
+    lead = (layers,) if inp.dim() == 2 else (layers, inp.shape[0 if module.batch_first else 1])
+    zero = torch.zeros_like(inp.reshape(-1)[:1]).reshape((1,) * len(lead) + (1,))
+    out = getattr(module, "proj_size", 0) or module.hidden_size
+    state = zero.expand(*lead, out).clone()
+    if isinstance(module, nn.LSTM):
+        state = (state, zero.expand(*lead, module.hidden_size).clone())
+    return (inp, state), {k: v for k, v in kwargs.items() if k != "hx"}
+
+
+@contextlib.contextmanager
+def batched_rnn_states(model: nn.Module):
+    """For the block, every ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` of ``model`` called without an initial state gets
+    zeros batched like its input (:func:`_zero_state`): GRU / RNN models then run under ``vmap`` instead of the
+    one-at-a-time loop (tests/test_rnn_vmap.py)."""
+    handles = [m.register_forward_pre_hook(_zero_state, with_kwargs=True) for m in model.modules()
+               if isinstance(m, nn.RNNBase)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def vmap_grads(group_loss: Callable, sub: Grads, flat: Batch) -> Grads:
@@ -129,7 +164,7 @@ def warn_vmap_fallback(err: Exception, model: nn.Module) -> None:
                    f"({type(err).__name__}: {reason}), so they are computed one sample at a "
                    "time (the same values, slower); the usual causes are data-dependent Python "
                    "control flow (.item(), `if` on a tensor value) and in-place writes into tensors created in "
-                   "forward or loss_fn (the initial state of nn.GRU / nn.RNN)" + (
+                   "forward or loss_fn" + (
                        "" if not hf else "; a HuggingFace model's padding-mask checks are one: load it with "
                        "attn_implementation='eager' to keep the batched path" if not eager else
                        "; a HuggingFace encoder's padding-mask check is one even with eager attention "
