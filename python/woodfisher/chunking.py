@@ -18,6 +18,7 @@ from .batches import Batch, to_batch
 from .precision import prepare_batch
 
 __all__ = ["CHUNK_BYTES", "MAX_CHUNK_SAMPLES", "SampleChunks", "fitted_chunks", "fitted_chunk", "remember_chunk",
+           "vmap_refused", "remember_vmap_refused",
            "chunk_samples", "plain_size", "batch_size", "signature", "cat_batches"]
 
 #: Default memory (bytes) for the gradients of one chunk. Every chunk is one ``vmap`` call whose operator count
@@ -70,6 +71,21 @@ def fitted_chunk(chunk: int, fisher_batch_size: int) -> int:
     """``chunk`` samples, or fewer: the size :func:`remember_chunk` recorded inside :func:`fitted_chunks`."""
     sizes = _FITTED.get()
     return chunk if sizes is None else min(chunk, sizes.get(fisher_batch_size, chunk))
+
+
+def vmap_refused() -> bool:
+    """Whether a collector earlier inside :func:`fitted_chunks` (an earlier step of the same call) found that
+    ``vmap`` cannot run the model and said so: the later ones go straight to the per-sample loop, without a
+    second attempt or a second warning."""
+    sizes = _FITTED.get()
+    return bool(sizes and sizes.get("vmap refused"))
+
+
+def remember_vmap_refused() -> None:
+    """Record, inside :func:`fitted_chunks`, that ``vmap`` cannot run the model (:func:`vmap_refused`)."""
+    sizes = _FITTED.get()
+    if sizes is not None:
+        sizes["vmap refused"] = True
 
 
 def remember_chunk(samples: int, fisher_batch_size: int) -> None:

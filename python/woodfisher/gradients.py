@@ -56,7 +56,16 @@ import woodfisher_kernels as wk
 
 from . import per_sample
 from .batches import Batch, check_batch_dims, check_labelled, loader_errors
-from .chunking import CHUNK_BYTES, MAX_CHUNK_SAMPLES, SampleChunks, chunk_samples, fitted_chunk, remember_chunk
+from .chunking import (
+    CHUNK_BYTES,
+    MAX_CHUNK_SAMPLES,
+    SampleChunks,
+    chunk_samples,
+    fitted_chunk,
+    remember_chunk,
+    remember_vmap_refused,
+    vmap_refused,
+)
 from .diagnostics import warn_at_caller
 from .losses import compute_loss, logits_of, sample_targets
 from .memory import is_out_of_memory, note_activations_too_large
@@ -140,7 +149,7 @@ class GradientCollector:
                                     fitted_chunk(chunk, self.fbs), check)
         self.count, self.samples, self.sum_sq, self.loss_grad = 0, 0, 0.0, None
         self.nonzero: Dict[str, bool] = {}  # weight name -> whether any of its (masked) gradients was non-zero
-        self._use_vmap, self._vmap_error, self._shrunk = True, None, False
+        self._use_vmap, self._vmap_error, self._shrunk = not vmap_refused(), None, False
         self._use_expanded = per_sample == "expanded"
         self._native = half_dtype(targets[0].param)  # the fallback dtype (:func:`native_state`)
 
@@ -183,6 +192,7 @@ class GradientCollector:
         if self._vmap_error is not None:  # the loop ran where vmap could not: say so once, at the user's line
             per_sample.warn_vmap_fallback(self._vmap_error, self.inner)
             self._vmap_error = None
+            remember_vmap_refused()  # the later steps of the call: the loop at once, no second warning
         return out
 
     def _sampled(self, params, buffers, flat: Batch, gen) -> Batch:
