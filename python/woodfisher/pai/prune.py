@@ -78,7 +78,7 @@ def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsi
                   warmup_batches: int = 10, min_density: float = 0.0, synflow_iterations: int = 100,
                   hvp: str = "autograd", train_mode: bool = False, input_shape: Optional[Sequence[int]] = None,
                   collapse_density: float = 1e-3, seed: int = 0, progress: bool = True,
-                  batch_adapter: Optional[Callable] = None) -> PaIResult:
+                  batch_adapter: Optional[Callable] = None, modules: Params = None) -> PaIResult:
     """Prune ``model`` before training; its pruned weights are set to exactly 0 in place.
 
     The weights are the package's prune targets (:func:`woodfisher.targets.resolve_targets`):
@@ -102,6 +102,8 @@ def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsi
         loss_fn: ``loss_fn(predictions, targets)`` (default: :func:`woodfisher.losses.default_loss`,
             or the model's ``outputs.loss``).
         params: names of the weights / modules to prune (default: the package's default targets).
+        modules: the same as ``params``, under the name every other pruning call and the CLI give it
+            (``modules=`` of :func:`woodfisher.prune_one_shot`); pass one of the two.
         num_probes: Hutchinson probes per batch; num_batches: scoring batches (None = all).
         warmup_batches: BatchNorm warm-up passes before scoring (0 = off; no-op without BN).
         min_density: each layer keeps at least this fraction of its weights.
@@ -120,7 +122,10 @@ def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsi
     """
     _check_args(sparsity, criterion, mode, num_probes, num_batches, warmup_batches, min_density, hvp,
                 synflow_iterations, train_mode, collapse_density, loss_fn)
-    targets = pai_targets(model, params)
+    if params is not None and modules is not None:
+        raise ValueError(f"params and modules name the same thing (the weights to prune); pass one of them, got "
+                         f"params={params!r} and modules={modules!r}")
+    targets = pai_targets(model, params if modules is None else modules)
     inner = unwrap_model(model)[0]
     warm = warmup_batches > 0 and bool(batchnorm_modules(inner))
     needs_data = criterion not in DATA_FREE or (criterion == "synflow" and input_shape is None)
