@@ -27,6 +27,7 @@ import re
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
 
 import woodfisher_kernels as wk
 
@@ -97,6 +98,13 @@ def check_pattern_layers(parsed: Pattern, layers: List[PruneTarget]) -> None:
     """Refuse layers whose rows / input channels / blocks do not fit the pattern (naming the layer)."""
     if parsed[0] == "nm":
         n, m = parsed[1], parsed[2]
+        transposed = [layer.name for layer in layers
+                      if isinstance(getattr(layer, "module", None), nn.modules.conv._ConvTransposeNd)]
+        if transposed:  # (in, out, *kernel): runs along dim 1 would be output channels, not the reduction
+            raise ValueError(f"pattern '{n}:{m}': {transposed} are transposed-convolution weights, (in, out, *kernel), "
+                             "whose sums run over their input channels (dim 0); N:M runs are laid out along dim 1 of "
+                             "conv weights, here the output channels, which 2:4 sparse tensor cores cannot use; leave "
+                             "them out of modules= (they are not pruned by default) or prune them without a pattern")
         # first the order: re-estimating with the pattern also leaves the default weights it does not fit dense
         order = next((layer for layer in layers if layer.kind == "conv" and not layer.channels_last), None)
         if order is not None:
