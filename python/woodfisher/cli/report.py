@@ -31,6 +31,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return r
 
 
+def _other_sparse(model) -> list:
+    """Weights outside the default targets that hold exact zeros and can be pruned when named (recurrent
+    matrices, transposed convolutions, embeddings: ``prune --modules`` prunes them): listed too, so that a
+    report of such a checkpoint does not leave them out of the table and its total."""
+    from ..targets import resolve_targets
+
+    default = {target.name for target in resolve_targets(model)}
+    found = []
+    for name, param in model.named_parameters():
+        if name in default or param.dim() < 2 or not param.is_floating_point() or not bool((param == 0).any()):
+            continue
+        try:
+            found += [target.key for target in resolve_targets(model, [name])]
+        except ValueError:  # not prunable even when named (a weight_norm's direction, ...): not listed
+            continue
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     from ..reports import format_table, sparsity_table, table_totals
     from ..targets import resolve_targets
@@ -48,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     if spec is not None:
         names = list(spec.prunable) if spec.prunable else None
     else:
-        names = [target.key for target in resolve_targets(model)]
+        order = {name: i for i, (name, _) in enumerate(model.named_parameters())}  # the model's order
+        names = sorted([target.key for target in resolve_targets(model)] + _other_sparse(model),
+                       key=lambda name: order.get(name, len(order)))
     rows = sparsity_table(model, input_shape=shape, names=names)
     title = f"{args.model}: {os.path.basename(args.checkpoint) if args.checkpoint else 'factory weights'}"
     print(format_table(rows, title=title))

@@ -1,5 +1,8 @@
-"""``woodfisher export --format csr`` on a speech model: the sparse Conv1d and recurrent layers it leaves dense
-are named (they were left dense without a word, and a refusal named only the dense Linear head)."""
+"""The CLI on a speech model (Conv1d, GRU, Linear).
+
+``woodfisher export --format csr``: the sparse Conv1d and recurrent layers it leaves dense are named (they were
+left dense without a word, and a refusal named only the dense Linear head). ``woodfisher report``: recurrent
+weights pruned with ``prune --modules`` are in the table and its total (they were left out)."""
 import textwrap
 
 import torch
@@ -67,3 +70,16 @@ def test_refusal_names_the_sparse_layers_left_dense(tmp_path, capsys, monkeypatc
     assert err.count("\n") == 1 and "converted no layer" in err
     assert err.rstrip().endswith("left dense (--format csr converts Linear layers only): conv (Conv1d, 66.7% zeros)")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_report_lists_pruned_weights_outside_the_default_targets(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = _checkpoint(tmp_path, fc_zeros=True)
+    assert main(["report", "--model", "speech_net.py:build", "--checkpoint", ckpt]) == 0
+    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    table = {row[0]: row for row in rows}
+    # the model's order; weight_hh_l0 (no zeros: not pruned) and the dense head stay as they were listed before
+    assert list(table) == ["conv.weight", "rnn.weight_ih_l0", "fc.weight", "head.weight", "total"]
+    assert table["rnn.weight_ih_l0"][1:5] == ["24x8", "192", "96", "50.00"]
+    conv, fc, head = 8 * 4 * 3, 8 * 8, 3 * 8
+    assert table["total"][2:4] == [f"{conv + 192 + fc + head}", f"{conv // 3 + 96 + fc // 4 + head}"]
