@@ -35,6 +35,15 @@ import torch
 from torch.utils import _pytree as pytree
 
 # the loss functions live in .losses; re-exported here, where they were first documented
+from .batch_dims import (
+    BATCH_DIM_FIX,
+    check_batch_dims,
+    describe_leaf,
+    lengths_like,
+    same_leaf,
+    unbatched_message,
+    unsplit_inputs,
+)
 from .loader_hints import fix_hint
 from .losses import (
     ADAPTER_HINT,
@@ -152,8 +161,8 @@ class Batch:
         out = []
         for index, (col, batched) in enumerate(zip(columns, flags)):
             if not batched:
-                if any(not _same_leaf(x, col[0]) for x in col[1:]):
-                    raise ValueError(_unbatched_message(batches[0], index, col))
+                if any(not same_leaf(x, col[0]) for x in col[1:]):
+                    raise ValueError(unbatched_message(batches[0], index))
                 out.append(col[0])
                 continue
             if any(x.shape[1:] != col[0].shape[1:] for x in col):
@@ -177,66 +186,6 @@ class Batch:
 
 def _is_tensor(x) -> bool:
     return isinstance(x, torch.Tensor)
-
-
-def _same_leaf(x, first) -> bool:
-    """Whether a leaf of a later loader item equals the first item's (a leaf shared by every sample)."""
-    if x is first:
-        return True
-    if _is_tensor(x) and _is_tensor(first):
-        return x.shape == first.shape and x.dtype == first.dtype and bool(torch.equal(x, first.to(x.device)))
-    try:
-        return bool(x == first)
-    except Exception:  # noqa: BLE001 - objects without a plain equality: not provably the same
-        return False
-
-
-_BATCH_DIM_FIX = ("every per-sample tensor must hold its samples on dim 0, the batch dim read from the first input "
-                  "(dim 0 of a time-major (T, B, C) sequence or of an RNN's (layers, B, H) initial state is not): "
-                  "give the model batch-first tensors (e.g. a wrapper whose forward transposes them back)")
-
-
-def _leaf_label(batch: "Batch", index: int) -> str:
-    paths = pytree.tree_flatten_with_path((batch.args, batch.kwargs, batch.target))[0]
-    path, leaf = paths[index]
-    where = ("args", "kwargs", "target")[path[0].idx]
-    rest = "".join(str(k) for k in path[1:])
-    shape = f" {_describe(leaf)}" if _is_tensor(leaf) else ""
-    return f"{where}{rest}{shape}"
-
-
-def _unbatched_message(first: "Batch", index: int, column: list) -> str:
-    return (f"loader: {_leaf_label(first, index)} has no dim 0 of the batch size ({first.size} samples, dim 0 of "
-            f"the first input), so it would be passed whole to every sample, but it differs between loader items "
-            f"(a per-sample tensor whose batch dim is not dim 0, or a target that cannot be split per sample, "
-            f"such as CTC targets concatenated over the batch: pad them to (B, S)); {_BATCH_DIM_FIX}")
-
-
-def check_batch_dims(batch: "Batch") -> None:
-    """Refuse a batch whose target cannot be split into its samples along dim 0.
-
-    Per-sample gradients take sample i of every input and of the target at index i of dim 0; a target
-    tensor (or a tensor inside a target tuple / dict) with another leading size would give every sample
-    the whole batch's target, silently (a time-major ``(T, B, C)`` input with a ``(B,)`` target reads
-    the T time steps as the samples).
-
-    Args:
-        batch: one loader item as a :class:`Batch`.
-    Raises:
-        ValueError: naming the loader, the tensor and the batch size read from the inputs.
-    """
-    if batch.target is None:
-        return
-    n = batch.size
-    leaves = pytree.tree_leaves(batch.target)
-    if all(not _is_tensor(t) or t.dim() == 0 or t.shape[0] == n for t in leaves):
-        return
-    bad = next(t for t in leaves if _is_tensor(t) and t.dim() >= 1 and t.shape[0] != n)
-    first = _first_tensor((batch.args, batch.kwargs))
-    raise ValueError(f"loader: the target holds {_describe(bad)}, whose dim 0 is not the batch size {n} (dim 0 of "
-                     f"the first input {_describe(first)}), so it cannot be split into per-sample targets; "
-                     f"{_BATCH_DIM_FIX}; CTC targets concatenated over the batch: pad them to (B, S) and pass "
-                     f"their lengths beside them")
 
 
 def _inputs(x) -> Tuple[tuple, dict]:
@@ -264,7 +213,8 @@ def _ambiguous(x, y: torch.Tensor, rest: list) -> bool:
     reading ambiguous when ``y`` is float or bool (never class indices) and the extra is not
     float (``(x, mask, labels)``), when ``y`` has the shape of the first input
     (``(input_ids, attention_mask, labels)``), or when integer ``y`` reads as the lengths of the
-    padded sequences (:func:`_lengths_like`) and an integer extra has its shape (``(x, lengths, labels)``).
+    padded sequences (:func:`woodfisher.batch_dims.lengths_like`) and an integer extra has its shape
+    (``(x, lengths, labels)``).
     """
     if not rest:  # (inputs, target): nothing else could be the target (and no pytree walk per item)
         return False
@@ -277,17 +227,9 @@ def _ambiguous(x, y: torch.Tensor, rest: list) -> bool:
         return False
     if y.shape == first.shape:
         return True
-    if _lengths_like(y, first) and any(not r.is_floating_point() and r.shape == y.shape for r in extras):
+    if lengths_like(y, first) and any(not r.is_floating_point() and r.shape == y.shape for r in extras):
         return True  # (x, lengths, y): a speech collate's padded sequences, their lengths, then the labels
     return (y.is_floating_point() or y.dtype == torch.bool) and any(not r.is_floating_point() for r in extras)
-
-
-def _lengths_like(y: torch.Tensor, first: torch.Tensor) -> bool:
-    """Whether integer ``y`` (B,) reads as the lengths of the padded sequences ``first``: all >= 1, the longest
-    equal to one of its non-batch dims (padding to the longest in the batch)."""
-    if y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1 or not y.numel() or first.dim() < 2:
-        return False
-    return int(y.min()) >= 1 and int(y.max()) in tuple(first.shape[1:])
 
 
 def default_adapter(item: Any) -> Batch:
@@ -312,19 +254,13 @@ def default_adapter(item: Any) -> Batch:
             raise ValueError(f"loader items should be (inputs, targets) batches; the second element is a "
                              f"{type(y).__name__}, not a target tensor; {_adapter_example(len(item), 1)}")
         if _ambiguous(x, y, rest):
-            raise ValueError(f"ambiguous batch of {len(item)} tensors {[_describe(t) for t in item]}: more than "
+            raise ValueError(f"ambiguous batch of {len(item)} tensors {[describe_leaf(t) for t in item]}: more than "
                              f"one element after the inputs could be the target, and the pruner does not guess; "
                              f"say which is which, {_adapter_example(len(item), len(item) - 1)}")
         args, kwargs = _inputs(x)
         return Batch(args, kwargs, y)
     raise ValueError(f"loader must yield (inputs, targets) batches, a dict of tensors or a tensor, got "
                      f"{type(item).__name__}; {ADAPTER_HINT}")
-
-
-def _describe(x) -> str:
-    if _is_tensor(x):
-        return f"{str(x.dtype).replace('torch.', '')}{tuple(x.shape)}"
-    return type(x).__name__
 
 
 def to_batch(item: Any, adapter: Optional[Callable[[Any], Any]] = None) -> Batch:
@@ -403,7 +339,12 @@ def loader_errors(batch: Batch, name: str = "loader",
             raise ValueError(f"{name}: the model or the loss failed on item {index} of the loader, {describe(item)}: "
                              f"{type(own).__name__}: {own}{fix_hint(own, item)}") from own
         what = f"a batch with {describe(batch)}"
-        if replay is not None:
+        unsplit = unsplit_inputs(batch) if replay is not None else []
+        if unsplit:  # the usual cause: a per-sample tensor with its batch on another dim, passed whole
+            what = (f"{describe(batch)} (samples taken along dim 0 of every tensor whose dim 0 is the batch size, "
+                    f"and called per gradient; each loader item alone runs); {', '.join(unsplit)} has no dim 0 "
+                    f"of the batch size {batch.size}, so every sample got it whole; {BATCH_DIM_FIX}")
+        elif replay is not None:
             what = (f"{describe(batch)} (the loader's items concatenated and called per gradient; each item alone "
                     f"runs, so the model cannot be called on groups of fisher_batch_size samples)")
         raise ValueError(f"{name}: the model or the loss failed on {what}: "
