@@ -93,39 +93,33 @@ def test_unbatched_leaf_that_differs_between_items_is_refused_and_a_shared_one_k
         Batch.cat(items)
 
 
+class _WithState(nn.Module):
+    """A GRU given its initial state (layers, B, H): its batch on dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(5, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x, h0):
+        return self.head(self.rnn(x, h0)[0][:, -1])
+
+
 def test_hidden_state_with_batch_on_dim_one_is_refused_across_items():
-    class WithState(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = nn.GRU(5, 6, batch_first=True)
-            self.head = nn.Linear(6, 3)
-
-        def forward(self, x, h0):
-            return self.head(self.rnn(x, h0)[0][:, -1])
-
     gen = torch.Generator().manual_seed(1)
     loader = [Batch((torch.randn(4, 7, 5, generator=gen), torch.randn(1, 4, 6, generator=gen)), {},
                     torch.randint(0, 3, (4,), generator=gen)) for _ in range(3)]
     with pytest.raises(ValueError, match=r"args\[1\].*differs between loader items"):
-        wf.prune_one_shot(WithState(), loader, sparsity=0.5, num_grads=12, modules=["rnn.weight_ih_l0", "head"],
+        wf.prune_one_shot(_WithState(), loader, sparsity=0.5, num_grads=12, modules=["rnn.weight_ih_l0", "head"],
                           progress=False)
 
 
 def test_a_shared_hidden_state_that_the_model_refuses_per_sample_is_named():
-    class WithState(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = nn.GRU(5, 6, batch_first=True)
-            self.head = nn.Linear(6, 3)
-
-        def forward(self, x, h0):
-            return self.head(self.rnn(x, h0)[0][:, -1])
-
     gen = torch.Generator().manual_seed(1)
     zeros = torch.zeros(1, 4, 6)   # the same in every item: passed whole, then refused by the GRU per sample
     loader = [Batch((torch.randn(4, 7, 5, generator=gen), zeros), {}, torch.randint(0, 3, (4,), generator=gen))
               for _ in range(3)]
     with pytest.raises(ValueError, match=r"args\[1\] float32\(1, 4, 6\) has no dim 0 of the batch size 12, so "
                                          r"every sample got it whole; every per-sample tensor must hold its samples"):
-        wf.prune_one_shot(WithState(), loader, sparsity=0.5, num_grads=12, modules=["rnn.weight_ih_l0", "head"],
+        wf.prune_one_shot(_WithState(), loader, sparsity=0.5, num_grads=12, modules=["rnn.weight_ih_l0", "head"],
                           progress=False)
