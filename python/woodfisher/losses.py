@@ -75,17 +75,28 @@ def logits_of(outputs: Any) -> torch.Tensor:
 def default_loss(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy; class dim last for (N, T, V) outputs with (N, T) targets, else dim 1.
 
+    Outputs whose two readings both fit (``(N, T, T)`` with ``(N, T)`` class targets: T classes, or T
+    steps of a Conv1d's ``(N, C, T)``) are refused: a loader of variable lengths would switch between them.
+
     Args:
         outputs: logits or log-probabilities, (N, C) or (N, C, d1, ...) or (N, T, V).
         target: class indices (N,) / (N, d1, ...) / (N, T) of any integer dtype, or class probabilities of the
             outputs' shape.
     Returns:
         scalar loss (mean over samples / positions).
+    Raises:
+        ValueError: naming ``loss_fn``, for outputs the default cross-entropy does not fit or fits two ways.
     """
     if not target.is_floating_point() and target.dtype not in (torch.int64, torch.uint8):
         target = target.long()  # int32 / int16 class indices (numpy's default on some platforms) as cross_entropy takes
     last = not target.is_floating_point() and outputs.dim() == target.dim() + 1 and outputs.dim() > 2 \
         and outputs.shape[:-1] == target.shape
+    if last and outputs.shape[2:] == target.shape[1:]:  # (N, T, T) with (N, T): both readings fit
+        raise ValueError(f"loss_fn: the outputs {tuple(outputs.shape)} and class targets {tuple(target.shape)} fit "
+                         "the default cross-entropy with the classes on the last dim (a sequence model's (N, T, V) "
+                         "logits) and on dim 1 (PyTorch's (N, C, T): a Conv1d's output) alike, and the pruner does "
+                         "not guess; pass loss_fn=lambda out, y: torch.nn.functional.cross_entropy(out.flatten(0, -2), "
+                         "y.flatten()) for the first or loss_fn=torch.nn.functional.cross_entropy for the second")
     _check_cross_entropy_shapes(outputs, target, -1 if last else 1)
     if last:
         return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), target.reshape(-1))
