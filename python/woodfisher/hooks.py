@@ -78,8 +78,11 @@ class FisherHook:
         for step, (x, y) in enumerate(loader):
             optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
             if hook.ready and step in prune_steps:
-                woodfisher.prune_with(model, hook.curvature(), sparsity_at(step))
+                woodfisher.prune_with(model, hook.curvature(), sparsity_at(step), keep_masks=True)
                 hook.reset()
+
+    ``keep_masks=True`` holds the zeros through the training steps that follow (without it the next
+    optimizer steps revive them: their gradients and the optimizer's momentum are not zero).
     """
 
     def __init__(self, model: nn.Module, *, num_grads: int, damp: float, block_size: Optional[int] = None,
