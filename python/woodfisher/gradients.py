@@ -150,6 +150,7 @@ class GradientCollector:
         self.count, self.samples, self.sum_sq, self.loss_grad = 0, 0, 0.0, None
         self.nonzero: Dict[str, bool] = {}  # weight name -> whether any of its (masked) gradients was non-zero
         self._use_vmap, self._vmap_error, self._shrunk = not vmap_refused(), None, False
+        self._bar, self._ticked = None, 0  # the progress display while collect() runs; groups the loop showed
         self._use_expanded = per_sample == "expanded"
         self._native = half_dtype(targets[0].param)  # the fallback dtype (:func:`native_state`)
 
@@ -169,8 +170,16 @@ class GradientCollector:
             return compute_loss(out, target, loss_fn)
         return group_loss
 
-    def _chunk_grads(self, params, buffers, flat: Batch) -> Dict[str, torch.Tensor]:
-        """{key: (G, *shape)} gradients of the mean loss of each of the chunk's G groups (:mod:`.per_sample`)."""
+    def _tick(self, n: int) -> None:
+        """Advance the progress display by ``n`` groups done inside a chunk (the per-sample loop: a slow chunk shows
+        its progress); :meth:`collect` counts them off the chunk's own update."""
+        if self._bar is not None:
+            self._ticked += n
+            self._bar.update(n)
+
+    def _chunk_grads(self, params, buffers, flat: Batch, tick: bool = True) -> Dict[str, torch.Tensor]:
+        """{key: (G, *shape)} gradients of the mean loss of each of the chunk's G groups (:mod:`.per_sample`);
+        ``tick``: the per-sample loop advances the progress display group by group."""
         group_loss = self._loss_fn(params, buffers)
         sub = {k: params[k] for k in self._keys}
         if self._use_expanded and self.fbs == 1 and per_sample.expandable(flat, self.loss_fn):
@@ -188,7 +197,7 @@ class GradientCollector:
                 if is_out_of_memory(err):
                     raise
                 self._use_vmap, self._vmap_error = False, err
-        out = per_sample.loop_grads(group_loss, sub, self._keys, flat, self.fbs)
+        out = per_sample.loop_grads(group_loss, sub, self._keys, flat, self.fbs, self._tick if tick else None)
         if self._vmap_error is not None:  # the loop ran where vmap could not: say so once, at the user's line
             per_sample.warn_vmap_fallback(self._vmap_error, self.inner)
             self._vmap_error = None
@@ -251,7 +260,8 @@ class GradientCollector:
                 labelled = self._sampled(params, buffers, flat, gen) if self.sampled else flat
                 grads = self._chunk_grads(params, buffers, labelled)
             del labelled
-            extra = self._chunk_grads(params, buffers, flat) if self.want_loss_grad and self.sampled else None
+            extra = self._chunk_grads(params, buffers, flat, tick=False) if self.want_loss_grad and self.sampled \
+                else None
         return params, buffers, grads, extra
 
     def _halves(self, flat: Batch) -> List[Batch]:
@@ -298,6 +308,7 @@ class GradientCollector:
         self.count, self.samples, self.sum_sq = 0, 0, 0.0
         loss_sum = None
         bar = progress_bar(self.num_grads, self.desc, "grad", enabled=self.progress)
+        self._bar, self._ticked = bar, 0
         try:
             with eval_mode(self.model):
                 for flat in self._source(device, self.dtype):
@@ -317,6 +328,8 @@ class GradientCollector:
                                 raise
                             grads = None  # (retried below, once the failed call's tensors are freed)
                         if grads is None:  # the same samples in two halves (the same sampled targets)
+                            bar.update(-self._ticked)  # groups the per-sample loop showed before it failed
+                            self._ticked = 0
                             gen.set_state(drawn)
                             parts.extend(reversed(self._halves(flat)))
                             continue
@@ -332,7 +345,8 @@ class GradientCollector:
                             loss_sum = part if loss_sum is None else {k: loss_sum[k] + part[k] for k in part}
                         self.count += count
                         self.samples += count * self.fbs
-                        bar.update(count)
+                        bar.update(count - self._ticked)  # the per-sample loop showed _ticked of them already
+                        self._ticked = 0
                         # drop this frame's references before the next chunk is computed: the consumer holds the
                         # piece as long as it needs it, and a generator's locals live on across the yield
                         del grads, extra
@@ -340,6 +354,7 @@ class GradientCollector:
                         del piece
         finally:
             bar.close()
+            self._bar = None
         if self.count == 0:
             raise ValueError(f"loader yielded fewer than fisher_batch_size={self.fbs} samples: "
                              "no gradient could be computed (empty data loader?)")

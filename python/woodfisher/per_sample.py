@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -136,9 +136,10 @@ def expanded_grads(group_loss: Callable, sub: Grads, flat: Batch) -> Grads:
     return out
 
 
-def loop_grads(group_loss: Callable, sub: Grads, keys: List[str], flat: Batch, fisher_batch_size: int) -> Grads:
+def loop_grads(group_loss: Callable, sub: Grads, keys: List[str], flat: Batch, fisher_batch_size: int,
+               tick: Optional[Callable[[int], None]] = None) -> Grads:
     """{key: (G, *shape)}: one batched backward per group of ``fisher_batch_size`` samples, each written into the
-    chunk's buffer (a weight the loss never reaches keeps its zeros)."""
+    chunk's buffer (a weight the loss never reaches keeps its zeros); ``tick(1)`` after each group (progress)."""
     count = flat.size // fisher_batch_size
     out = {k: sub[k].new_zeros((count, *sub[k].shape)) for k in keys}
     for g in range(count):
@@ -151,6 +152,8 @@ def loop_grads(group_loss: Callable, sub: Grads, keys: List[str], flat: Batch, f
             if gk is not None:
                 out[k][g].copy_(gk)
         del gs
+        if tick is not None:
+            tick(1)
     return out
 
 
