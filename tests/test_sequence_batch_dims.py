@@ -5,6 +5,8 @@ Per-sample gradients split every input and the target along dim 0. A time-major 
 target); a per-sample tensor with its batch elsewhere (an RNN's ``(layers, B, H)`` initial state) or CTC
 targets concatenated over the batch were taken from the first loader item for every chunk.
 """
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -123,3 +125,49 @@ def test_a_shared_hidden_state_that_the_model_refuses_per_sample_is_named():
                                          r"every sample got it whole; every per-sample tensor must hold its samples"):
         wf.prune_one_shot(_WithState(), loader, sparsity=0.5, num_grads=12, modules=["rnn.weight_ih_l0", "head"],
                           progress=False)
+
+
+class _TimeMajor(nn.Module):
+    """Time-major throughout: x (T, B, C), per-step targets (T, B); a GRU or an encoder with batch_first=False."""
+
+    def __init__(self, attention: bool):
+        super().__init__()
+        self.attention = attention
+        if attention:
+            self.body = nn.TransformerEncoder(nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0), 1,
+                                              enable_nested_tensor=False)
+        else:
+            self.body = nn.GRU(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x) if self.attention else self.body(x)[0])
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_time_major_inputs_and_targets_are_refused_naming_the_layer(attention):
+    torch.manual_seed(0)
+    model = _TimeMajor(attention)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 8, 6, generator=gen), torch.randint(0, 3, (5, 8), generator=gen)
+    loader = [(x[:, i:i + 4], y[:, i:i + 4]) for i in (0, 4)]   # dim 0 is time: 5 "samples" per item
+    before = [p.clone() for p in model.parameters()]
+    layer = "'body.layers.0.self_attn' (MultiheadAttention" if attention else "'body' (GRU"
+    with pytest.raises(ValueError, match=rf"^loader: {re.escape(layer)}, batch_first=False\) got 4 sequences on dim 1 "
+                                         r"of its input in a call of 1 sample\(s\)"):
+        wf.prune_one_shot(model, loader, sparsity=0.5, num_grads=10, progress=False, modules=["head"])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    batch_first = [(xi.transpose(0, 1), yi.transpose(0, 1)) for xi, yi in loader]  # the fix: batch-first tensors
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x.transpose(0, 1)).transpose(0, 1)
+
+    for fbs in (1, 2):
+        res = wf.prune_one_shot(Wrapped(model), batch_first, sparsity=0.5, num_grads=8 // fbs, fisher_batch_size=fbs,
+                                progress=False, modules=["inner.head"])
+        assert res.sparsity == pytest.approx(0.5, abs=0.05)

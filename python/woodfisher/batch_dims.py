@@ -13,13 +13,18 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["BATCH_DIM_FIX", "check_batch_dims", "describe_leaf", "lengths_like", "leaf_label", "same_leaf",
-           "unbatched_message", "unsplit_inputs"]
+__all__ = ["BatchDimError", "BATCH_DIM_FIX", "check_batch_dims", "describe_leaf", "lengths_like", "leaf_label",
+           "same_leaf", "unbatched_message", "unsplit_inputs"]
 
 #: What to do about a tensor that does not hold its samples on dim 0 (the end of the messages below).
 BATCH_DIM_FIX = ("every per-sample tensor must hold its samples on dim 0, the batch dim read from the first input "
                  "(dim 0 of a time-major (T, B, C) sequence or of an RNN's (layers, B, H) initial state is not): "
                  "give the model batch-first tensors (e.g. a wrapper whose forward transposes them back)")
+
+
+class BatchDimError(ValueError):
+    """A batch whose samples are not on dim 0 (raised as it is through the loader-error wrapping: the message
+    already names the tensor or layer and the fix)."""
 
 
 def _is_tensor(x) -> bool:
@@ -80,7 +85,7 @@ def check_batch_dims(batch: Any) -> None:
     Args:
         batch: one loader item as a :class:`woodfisher.Batch`.
     Raises:
-        ValueError: naming the loader, the tensor and the batch size read from the inputs.
+        BatchDimError (a ValueError): naming the loader, the tensor and the batch size read from the inputs.
     """
     if batch.target is None:
         return
@@ -90,10 +95,10 @@ def check_batch_dims(batch: Any) -> None:
         return
     bad = next(t for t in leaves if _is_tensor(t) and t.dim() >= 1 and t.shape[0] != n)
     first = _first_input(batch)
-    raise ValueError(f"loader: the target holds {describe_leaf(bad)}, whose dim 0 is not the batch size {n} (dim 0 of "
-                     f"the first input {describe_leaf(first)}), so it cannot be split into per-sample targets; "
-                     f"{BATCH_DIM_FIX}; CTC targets concatenated over the batch: pad them to (B, S) and pass "
-                     f"their lengths beside them")
+    raise BatchDimError(f"loader: the target holds {describe_leaf(bad)}, whose dim 0 is not the batch size {n} "
+                        f"(dim 0 of the first input {describe_leaf(first)}), so it cannot be split into per-sample "
+                        f"targets; {BATCH_DIM_FIX}; CTC targets concatenated over the batch: pad them to (B, S) and "
+                        f"pass their lengths beside them")
 
 
 def unsplit_inputs(batch: Any) -> list:

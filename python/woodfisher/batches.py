@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 # the loss functions live in .losses; re-exported here, where they were first documented
 from .batch_dims import (
     BATCH_DIM_FIX,
+    BatchDimError,
     check_batch_dims,
     describe_leaf,
     lengths_like,
@@ -162,7 +163,7 @@ class Batch:
         for index, (col, batched) in enumerate(zip(columns, flags)):
             if not batched:
                 if any(not same_leaf(x, col[0]) for x in col[1:]):
-                    raise ValueError(unbatched_message(batches[0], index))
+                    raise BatchDimError(unbatched_message(batches[0], index))
                 out.append(col[0])
                 continue
             if any(x.shape[1:] != col[0].shape[1:] for x in col):
@@ -328,7 +329,8 @@ def loader_errors(batch: Batch, name: str = "loader",
     """
     try:
         yield
-    except (torch.OutOfMemoryError, LossFnError):   # not the data's fault: passes through as it is
+    except (torch.OutOfMemoryError, LossFnError, BatchDimError):   # passes through as it is (not the data's
+        # fault, or a message that already names the tensor and the fix)
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the caller's model on the caller's data
         if is_out_of_memory(err):  # the CPU allocator's RuntimeError

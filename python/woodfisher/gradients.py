@@ -191,13 +191,14 @@ class GradientCollector:
                 self._use_expanded = False
         if self._use_vmap and self.fbs == 1:
             try:
-                with per_sample.batched_rnn_states(self.inner):
+                with per_sample.batched_rnn_states(self.inner), per_sample.time_major_guard(self.inner, 1):
                     return per_sample.vmap_grads(group_loss, sub, flat)
             except Exception as err:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
                 if is_out_of_memory(err):
                     raise
                 self._use_vmap, self._vmap_error = False, err
-        out = per_sample.loop_grads(group_loss, sub, self._keys, flat, self.fbs, self._tick if tick else None)
+        with per_sample.time_major_guard(self.inner, self.fbs):
+            out = per_sample.loop_grads(group_loss, sub, self._keys, flat, self.fbs, self._tick if tick else None)
         if self._vmap_error is not None:  # the loop ran where vmap could not: say so once, at the user's line
             per_sample.warn_vmap_fallback(self._vmap_error, self.inner)
             self._vmap_error = None

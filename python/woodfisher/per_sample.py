@@ -33,12 +33,13 @@ from torch.func import grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
+from .batch_dims import BATCH_DIM_FIX, BatchDimError
 from .batches import Batch
 from .chunking import plain_size
 from .diagnostics import warn_at_caller
 
-__all__ = ["PER_SAMPLE_PATHS", "vmap_grads", "batched_rnn_states", "expanded_grads", "expandable", "loop_grads",
-           "warn_vmap_fallback"]
+__all__ = ["PER_SAMPLE_PATHS", "vmap_grads", "batched_rnn_states", "time_major_guard", "expanded_grads",
+           "expandable", "loop_grads", "warn_vmap_fallback"]
 
 #: How per-sample gradients (``fisher_batch_size=1``) are formed: ``torch.func.vmap`` or torch's expanded weights.
 PER_SAMPLE_PATHS = ("vmap", "expanded")
@@ -89,6 +90,44 @@ def batched_rnn_states(model: nn.Module):
     one-at-a-time loop (tests/test_rnn_vmap.py)."""
     handles = [m.register_forward_pre_hook(_zero_state, with_kwargs=True) for m in model.modules()
                if isinstance(m, nn.RNNBase)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _time_major_batch(module: nn.Module, args, kwargs) -> int:
+    """The batch size a time-major recurrent / attention layer reads from its first input (dim 1 of a 3-D
+    ``(T, N, C)`` input), or 0 where it has none (batch-first, unbatched, a PackedSequence)."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("query"))
+    if getattr(module, "batch_first", True) or not isinstance(x, torch.Tensor) or x.dim() != 3:
+        return 0
+    return int(x.shape[1])
+
+
+@contextlib.contextmanager
+def time_major_guard(model: nn.Module, group: int):
+    """For the block (per-sample calls of ``group`` samples each), refuse a time-major layer (``nn.RNN`` /
+    ``nn.LSTM`` / ``nn.GRU`` / ``nn.MultiheadAttention`` with ``batch_first=False``) that receives more than
+    ``group`` sequences: the loader's tensors then hold time on dim 0, which the pruner read as the samples
+    (each "sample" a time step of the whole batch, silently).
+
+    Raises:
+        BatchDimError (a ValueError): naming the layer, the batch it got and what to do.
+    """
+    names = {m: n for n, m in model.named_modules()}
+
+    def check(module, args, kwargs):
+        got = _time_major_batch(module, args, kwargs)
+        if got > group:
+            raise BatchDimError(f"loader: {names.get(module, '?')!r} ({type(module).__name__}, batch_first=False) "
+                                f"got {got} sequences on dim 1 of its input in a call of {group} sample(s): the "
+                                f"loader's tensors hold time steps on dim 0, which the pruner reads as the samples; "
+                                f"{BATCH_DIM_FIX}")
+        return None
+    handles = [m.register_forward_pre_hook(check, with_kwargs=True) for m in model.modules()
+               if isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) and not getattr(m, "batch_first", True)]
     try:
         yield
     finally:
