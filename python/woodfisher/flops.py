@@ -40,6 +40,9 @@ def layer_flops(model: nn.Module, input_shape: Sequence[int],
                 device: Optional[Union[str, torch.device]] = None) -> Dict[str, Dict[str, object]]:
     """Per-layer FLOPs for ONE sample of shape ``input_shape`` (without the batch dim).
 
+    The sample is zeros in the weights' dtype, or token ids (int64 zeros) for a model with an ``nn.Embedding``
+    that refuses floating inputs.
+
     Returns:
         {module name: {"weight": param name, "shape": tuple, "params": numel, "nnz": int,
          "uses": int, "flops_dense": int, "flops_sparse": int}} in forward order. An
@@ -103,7 +106,14 @@ def layer_flops(model: nn.Module, input_shape: Sequence[int],
     inner = unwrap_model(model)[0]  # torch.compile would trace the hooks: run the module it wraps (names keep
     try:                              # the caller's prefix: they come from model.named_modules())
         with eval_mode(model):
-            inner(torch.zeros((1, *[int(s) for s in input_shape]), dtype=first.dtype, device=device))
+            shape = (1, *[int(s) for s in input_shape])
+            try:
+                inner(torch.zeros(shape, dtype=first.dtype, device=device))
+            except (RuntimeError, TypeError, IndexError):
+                if not any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in inner.modules()):
+                    raise
+                stats.clear()  # token ids in: id 0 of every embedding (what the float call counted is dropped)
+                inner(torch.zeros(shape, dtype=torch.long, device=device))
     finally:
         for h in handles:
             h.remove()

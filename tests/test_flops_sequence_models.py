@@ -1,7 +1,9 @@
-"""FLOPs of recurrent layers: each matrix of an nn.RNN / LSTM / GRU is used once per time step.
+"""FLOPs of sequence models.
 
-They were not counted at all: a report with a pruned ``rnn.weight_ih_l0`` lost its FLOPs columns for every
-layer without a word, and ``beta > 0`` refused the weights as "not called in the forward pass".
+Recurrent layers: each matrix of an nn.RNN / LSTM / GRU is used once per time step. They were not counted at
+all: a report with a pruned ``rnn.weight_ih_l0`` lost its FLOPs columns for every layer without a word, and
+``beta > 0`` refused the weights as "not called in the forward pass". Token inputs: a model that starts with an
+``nn.Embedding`` could not be counted (the example sample was float zeros; ``--input-shape`` refused it).
 """
 import torch
 from torch import nn
@@ -82,3 +84,21 @@ def test_report_keeps_flops_columns_when_a_layer_has_no_count():
     assert "| emb.weight | 5x4 | 20 | 10 | 50.00 | - | - |" in table
     assert "| head.weight | 3x4 | 12 | 6 | 50.00 | 12 | 6 |" in table
     assert "| total |  | 32 | 16 | 50.00 | - | - |" in table
+
+
+def test_token_models_are_counted_from_token_ids():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.conv = nn.Conv1d(8, 8, 3)
+            self.rnn = nn.GRU(8, 4, batch_first=True)
+
+        def forward(self, tokens):
+            h = self.conv(self.emb(tokens).transpose(1, 2)).transpose(1, 2)
+            return self.rnn(h)[0][:, -1]
+
+    stats = layer_flops(Tokens(), (12,))   # 12 token ids: conv output 10 steps, the GRU runs 10 steps
+    assert stats["conv"]["uses"] == 10 and stats["conv"]["flops_dense"] == 8 * 8 * 3 * 10
+    assert stats["rnn.weight_ih_l0"]["uses"] == 10 and stats["rnn.weight_hh_l0"]["flops_dense"] == 12 * 4 * 10
+    assert set(stats) == {"conv", "rnn.weight_ih_l0", "rnn.weight_hh_l0"}   # counted once (the float try dropped)
