@@ -17,6 +17,7 @@ MODEL = textwrap.dedent("""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
+            self.emb = nn.Embedding(5, 4, padding_idx=0)    # its padding row: zeros, never pruned
             self.conv = nn.Conv1d(4, 8, 3)
             self.rnn = nn.GRU(8, 8, batch_first=True)
             self.fc = nn.Linear(8, 8)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 
+import torch
+from torch import nn
+
 from ._common import (
     add_model_args,
     dataset_name,
@@ -38,9 +41,16 @@ def _other_sparse(model) -> list:
     from ..targets import resolve_targets
 
     default = {target.name for target in resolve_targets(model)}
+    padding = {f"{name}.weight": module.padding_idx for name, module in model.named_modules()
+               if isinstance(module, nn.Embedding) and module.padding_idx is not None}
     found = []
     for name, param in model.named_parameters():
-        if name in default or param.dim() < 2 or not param.is_floating_point() or not bool((param == 0).any()):
+        if name in default or param.dim() < 2 or not param.is_floating_point():
+            continue
+        rows = torch.ones(param.shape[0], dtype=torch.bool)
+        if name in padding:
+            rows[padding[name]] = False  # an embedding's padding row is zeros from the start: not pruned
+        if not bool((param.detach()[rows] == 0).any()):
             continue
         try:
             found += [target.key for target in resolve_targets(model, [name])]
