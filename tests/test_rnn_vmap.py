@@ -88,36 +88,3 @@ def test_a_given_initial_state_is_left_alone():
     for name in names:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-12)
 
-
-def test_a_model_vmap_cannot_run_is_said_once_per_call_not_once_per_step(monkeypatch):
-    from torch.nn.utils.rnn import pack_padded_sequence
-
-    import woodfisher as wf
-    from woodfisher import chunking
-
-    class Packed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = nn.GRU(4, 5, batch_first=True)
-            self.head = nn.Linear(5, 3)
-
-        def forward(self, x, lengths):
-            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-            return self.head(self.rnn(packed)[1][-1])
-
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(3)
-    loader = [wf.Batch((torch.randn(4, 6, 4, generator=gen), torch.randint(1, 7, (4,), generator=gen)), {},
-                       torch.randint(0, 3, (4,), generator=gen)) for _ in range(6)]
-    import woodfisher.gradients as gradients
-    calls = []
-    real = chunking.vmap_refused
-    monkeypatch.setattr(gradients, "vmap_refused", lambda: calls.append(real()) or calls[-1])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        res = wf.prune_one_shot(Packed(), loader, sparsity=0.6, num_steps=3, num_grads=24,
-                                modules=["rnn.weight_ih_l0", "rnn.weight_hh_l0", "head"], progress=False)
-    assert len([w for w in caught if "vmap cannot run" in str(w.message)]) == 1
-    assert calls == [False, True, True]  # steps 2 and 3 went straight to the loop
-    assert abs(res.sparsity - 0.6) < 0.01
-    assert not chunking.vmap_refused()  # forgotten after the call
