@@ -153,8 +153,8 @@ def test_time_major_inputs_and_targets_are_refused_naming_the_layer(attention):
     loader = [(x[:, i:i + 4], y[:, i:i + 4]) for i in (0, 4)]   # dim 0 is time: 5 "samples" per item
     before = [p.clone() for p in model.parameters()]
     layer = "'body.layers.0.self_attn' (MultiheadAttention" if attention else "'body' (GRU"
-    with pytest.raises(ValueError, match=rf"^loader: {re.escape(layer)}, batch_first=False\) got 4 sequences on dim 1 "
-                                         r"of its input in a call of 1 sample\(s\)"):
+    with pytest.raises(ValueError, match=rf"^loader: {re.escape(layer)}, batch_first=False\) got 4 sequences of 1 "
+                                         r"step\(s\) in a call of 1 sample\(s\)"):
         wf.prune_one_shot(model, loader, sparsity=0.5, num_grads=10, progress=False, modules=["head"])
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     batch_first = [(xi.transpose(0, 1), yi.transpose(0, 1)) for xi, yi in loader]  # the fix: batch-first tensors
@@ -171,3 +171,25 @@ def test_time_major_inputs_and_targets_are_refused_naming_the_layer(attention):
         res = wf.prune_one_shot(Wrapped(model), batch_first, sparsity=0.5, num_grads=8 // fbs, fisher_batch_size=fbs,
                                 progress=False, modules=["inner.head"])
         assert res.sparsity == pytest.approx(0.5, abs=0.05)
+
+
+def test_a_sample_cut_into_chunks_for_a_time_major_layer_is_not_refused():
+    class Chunked(nn.Module):
+        """Batch-first in; each sample's 12 steps cut into 3 chunks of 4 for a time-major attention."""
+
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(6, 2)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            n = x.shape[0]
+            chunks = x.reshape(n * 3, 4, 6).transpose(0, 1)          # (4 steps, 3n chunks, 6)
+            out = self.attn(chunks, chunks, chunks, need_weights=False)[0]
+            return self.head(out.mean(0).reshape(n, 3, 6).mean(1))
+
+    gen = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(4, 12, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)) for _ in range(2)]
+    torch.manual_seed(0)
+    res = wf.prune_one_shot(Chunked(), loader, sparsity=0.5, num_grads=8, progress=False)
+    assert res.sparsity == pytest.approx(0.5, abs=0.01)

@@ -97,21 +97,22 @@ def batched_rnn_states(model: nn.Module):
             handle.remove()
 
 
-def _time_major_batch(module: nn.Module, args, kwargs) -> int:
-    """The batch size a time-major recurrent / attention layer reads from its first input (dim 1 of a 3-D
-    ``(T, N, C)`` input), or 0 where it has none (batch-first, unbatched, a PackedSequence)."""
+def _time_major_shape(module: nn.Module, args, kwargs) -> tuple:
+    """(steps, sequences) a time-major recurrent / attention layer reads from its first input (a 3-D ``(T, N, C)``
+    input), or (0, 0) where it has none (batch-first, unbatched, a PackedSequence)."""
     x = args[0] if args else kwargs.get("input", kwargs.get("query"))
     if getattr(module, "batch_first", True) or not isinstance(x, torch.Tensor) or x.dim() != 3:
-        return 0
-    return int(x.shape[1])
+        return 0, 0
+    return int(x.shape[0]), int(x.shape[1])
 
 
 @contextlib.contextmanager
 def time_major_guard(model: nn.Module, group: int):
     """For the block (per-sample calls of ``group`` samples each), refuse a time-major layer (``nn.RNN`` /
     ``nn.LSTM`` / ``nn.GRU`` / ``nn.MultiheadAttention`` with ``batch_first=False``) that receives more than
-    ``group`` sequences: the loader's tensors then hold time on dim 0, which the pruner read as the samples
-    (each "sample" a time step of the whole batch, silently).
+    ``group`` sequences of at most ``group`` steps: the loader's tensors then hold time on dim 0, which the
+    pruner read as the samples (each "sample" ``group`` time steps of the whole batch, silently). Longer
+    sequences pass: a model may cut one sample into several chunks (chunked attention).
 
     Raises:
         BatchDimError (a ValueError): naming the layer, the batch it got and what to do.
@@ -119,10 +120,10 @@ def time_major_guard(model: nn.Module, group: int):
     names = {m: n for n, m in model.named_modules()}
 
     def check(module, args, kwargs):
-        got = _time_major_batch(module, args, kwargs)
-        if got > group:
+        steps, got = _time_major_shape(module, args, kwargs)
+        if got > group and steps <= group:
             raise BatchDimError(f"loader: {names.get(module, '?')!r} ({type(module).__name__}, batch_first=False) "
-                                f"got {got} sequences on dim 1 of its input in a call of {group} sample(s): the "
+                                f"got {got} sequences of {steps} step(s) in a call of {group} sample(s): the "
                                 f"loader's tensors hold time steps on dim 0, which the pruner reads as the samples; "
                                 f"{BATCH_DIM_FIX}")
         return None
