@@ -138,6 +138,12 @@ def search_report(out: str, model: str) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def ran_at(rows: List[dict]) -> str:
+    """" Package commit: X." naming the commits of the rows (the CSV's ``commit`` column); "" when none has one."""
+    commits = sorted({r.get("commit") or "" for r in rows} - {""})
+    return f" Package commit: {', '.join(commits)}." if commits else ""
+
+
 def damp_note(rows: List[dict]) -> str:
     """Which ``damp="auto"`` the rows without a ``damp`` option ran with: the commits of the CSV's ``commit``
     column, or (rows written before that column existed) the rule of the time they ran."""
@@ -164,7 +170,8 @@ def report(out: str, model: str, made_by: Optional[List[str]] = None) -> str:
     lines = [f"# Quality, {model}: defaults vs the paper's setting vs the best multi-step setting", "",
              f"Top-1 accuracy % on the {rows[0]['eval']} ({rows[0]['eval_samples']} images), one-shot pruning "
              f"without fine-tuning, mean ± std over seeds {seeds} (n = runs per cell; global magnitude is "
-             f"deterministic: one run). Dense: {dense:.2f}%. Device: {rows[0]['device']} (shared machine).", "",
+             f"deterministic: one run). Dense: {dense:.2f}%. Device: {rows[0]['device']} (shared machine)."
+             + ran_at(rows), "",
              "- global magnitude: `method='global_magnitude'`.",
              "- paper (1 step): `" + rows_options(rows, "paper (1 step)") + "` (one curvature per seed, pruned to "
              "every sparsity).",

@@ -91,3 +91,13 @@ def test_search_note_names_the_commits_only_when_every_row_has_one():
     assert "commit abc1234, def5678;" in damp_note([{"commit": "def5678"}, {"commit": "abc1234"}])
     old = damp_note([{"commit": "abc1234"}, {}])          # a row from before the column: the rule of its time
     assert "of their time" in old and "abc1234" not in old
+
+
+def test_report_names_the_package_commit_of_its_rows(sweep_dir):
+    assert "Package commit" not in report(str(sweep_dir), "tiny")     # rows from before the commit column
+    rows = list(csv.DictReader(open(sweep_dir / "quality_tiny.csv")))
+    with open(sweep_dir / "quality_tiny.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(dict(r, commit="abc1234") for r in rows)
+    assert "Package commit: abc1234." in report(str(sweep_dir), "tiny")
