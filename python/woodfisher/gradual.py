@@ -39,6 +39,7 @@ from torch import nn
 
 from .batches import check_loader, is_single_pass
 from .checks import check_prunable
+from .chunking import fitted_chunks
 from .config import PruneConfig, check_int
 from .diagnostics import reissue
 from .finetune import attach_masks, make_permanent
@@ -172,6 +173,9 @@ class GradualPruner:
         self.prune_kwargs = prune_kwargs
         self.last_step: Optional[int] = None
         self.history: List[dict] = []
+        # samples per gradient call that fitted after running out of memory, kept across the pruning steps
+        # ({fisher_batch_size: samples}; :func:`woodfisher.chunking.fitted_chunks`): later steps start there
+        self.fitted_chunks: Dict[int, int] = {}
 
     def is_pruning_step(self, step: int) -> bool:
         """Whether ``step`` is a scheduled pruning step.
@@ -216,8 +220,9 @@ class GradualPruner:
         snapshot = Snapshot(resolve_targets(self.model, self.config.modules), self.model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = prune_one_shot(self.model, loader if loader is not None else self.loader,
-                                    self.config.replace(sparsity=target))
+            with fitted_chunks(self.fitted_chunks):
+                result = prune_one_shot(self.model, loader if loader is not None else self.loader,
+                                        self.config.replace(sparsity=target))
         try:
             apply_masks(self.model, result.masks)  # undoes its own partial work when it fails
         except BaseException:
