@@ -44,11 +44,22 @@ from .name_patterns import match_pattern, regex_hint, regex_like
 from .names import closest
 
 __all__ = ["PRUNABLE_TYPES", "BlockLayout", "Layout", "PruneTarget", "resolve_targets", "unwrap_model",
-           "default_target_names", "check_model", "WRAPPER_PREFIXES", "strip_wrapper_prefixes"]
+           "default_target_names", "check_model", "WRAPPER_PREFIXES", "strip_wrapper_prefixes",
+           "own_forward"]
 
 #: Module types whose ``weight`` is pruned by default (plus HF ``Conv1D`` and MHA projections).
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def own_forward(module: nn.Module) -> bool:
+    """Whether ``module`` is a subclass of a :data:`PRUNABLE_TYPES` type with a ``forward`` of its own (timm's
+    ``StdConv2d``, weight standardization, fake quantization): such a forward may compute with a transform of
+    ``self.weight`` (``F.conv2d(x, standardize(self.weight))``), where a pruned zero does not stay zero, so the
+    OBS maths on ``weight`` would not hold. Parametrized modules are judged by their class before parametrization."""
+    cls = parametrize.type_before_parametrizations(module)
+    base = next((t for t in PRUNABLE_TYPES if issubclass(cls, t)), None)
+    return base is not None and cls is not base and cls.forward is not base.forward
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -284,6 +295,8 @@ def default_target_names(model: nn.Module) -> List[str]:
     for name, info in _entries(unwrap_model(model)[0]).items():
         if _kind(info["module"], info["attr"]) is None or not _mask_reparam_ok(info):
             continue
+        if info["attr"] == "weight" and own_forward(info["module"]):
+            continue  # its forward may transform the weight: said by left_out.warn_left_out, refused when named
         if any(isinstance(o, nn.Embedding) for _, o in info["owners"]):
             continue  # tied LM head: prune the embedding only when named
         names.append(name)
@@ -340,6 +353,13 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
     inside = [name for name in default_target_names(model)
               if any(_within(owner, raw) for owner, _ in entries[name]["owners"])]
     if not inside:
+        held = modules[raw]
+        if parametrize.is_parametrized(held) and not all(hasattr(f, "mask") for chain in held.parametrizations.values()
+                                                         for f in chain):  # weight_norm / spectral_norm
+            raise ValueError(f"{arg}: {raw!r} is reparametrised by torch.nn.utils.parametrize without a 'mask' "
+                             f"({', '.join(held.parametrizations)} recomputed on every forward, e.g. by weight_norm): "
+                             "a pruned zero would not last; remove the parametrization first "
+                             "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))")
         named = [name for name, info in entries.items() if _within(name.rpartition(".")[0], raw)
                  and info["param"].is_floating_point() and info["param"].dim() >= 2]
         hint = (f"; its weights are not pruned by default, name them to prune them: modules={named[:6]}"
@@ -434,6 +454,13 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
                 raise ValueError(f"{arg}: {name!r} has shape {tuple(p.shape)}; only weights with >= 2 dims "
                                  f"(rows = dim 0) can be pruned")
             kind = "linear" if p.dim() == 2 else "conv"
+        if info["attr"] == "weight" and own_forward(info["module"]):
+            cls = parametrize.type_before_parametrizations(info["module"])
+            raise ValueError(f"{arg}: {name!r} belongs to a {cls.__name__}, a subclass of "
+                             f"{next(t for t in PRUNABLE_TYPES if issubclass(cls, t)).__name__} with a forward of "
+                             "its own, which may compute with a transform of the weight (weight standardization as "
+                             "in timm's StdConv2d, fake quantization): a pruned zero would not stay zero there, so it "
+                             "cannot be pruned; prune a plain layer (or fold the transform into the weight first)")
         if not _mask_reparam_ok(info):
             raise ValueError(f"{arg}: {name!r} is reparametrised by torch.nn.utils.parametrize without a "
                              "'mask' (only mask parametrizations such as torch.ao.pruning's FakeSparsity can "
