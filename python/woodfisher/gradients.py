@@ -60,7 +60,7 @@ from .chunking import CHUNK_BYTES, MAX_CHUNK_SAMPLES, SampleChunks, chunk_sample
 from .diagnostics import warn_at_caller
 from .losses import compute_loss, logits_of, sample_targets
 from .memory import is_out_of_memory, note_activations_too_large
-from .per_sample import PER_SAMPLE_PATHS
+from .per_sample import PER_SAMPLE_PATHS, check_batch_statistics
 from .precision import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
 from .progress import progress_bar
 from .state import eval_mode
@@ -106,10 +106,10 @@ class GradientCollector:
     gradient entries, for :class:`woodfisher.damping.FisherStats`), ``nonzero`` ({name: whether
     any of its masked gradients was non-zero}) and ``loss_grad`` ({name: (numel,)} or None).
     Gradients are flat (k, numel), contiguous, in the weight's storage order, in :attr:`dtype`.
-    Raises: ValueError for a ``per_sample`` outside :data:`PER_SAMPLE_PATHS` (at construction); during the
-    pass, ValueError for an empty loader, unlabelled batches without a
-    model loss, floating targets the default loss cannot take (naming ``loss_fn``), or NaN/Inf
-    gradients (naming the weight).
+    Raises: ValueError for a ``per_sample`` outside :data:`PER_SAMPLE_PATHS` or, with ``fisher_batch_size=1``, a
+    BatchNorm without running statistics (:func:`woodfisher.per_sample.check_batch_statistics`), at
+    construction; during the pass, ValueError for an empty loader, unlabelled batches without a model loss,
+    floating targets the default loss cannot take (naming ``loss_fn``), or NaN/Inf gradients (naming the weight).
     """
 
     def __init__(self, model: nn.Module, loader, targets: List[PruneTarget], *,
@@ -123,6 +123,7 @@ class GradientCollector:
             raise ValueError(f"per_sample must be one of {PER_SAMPLE_PATHS}, got {per_sample!r}")
         self.model, self.loader, self.targets = model, loader, targets
         self.inner = unwrap_model(model)[0]
+        check_batch_statistics(self.inner, int(fisher_batch_size))  # BatchNorm without running statistics
         self.loss_fn = loss_fn
         self.num_grads = None if num_grads is None else int(num_grads)
         self.fbs = int(fisher_batch_size)

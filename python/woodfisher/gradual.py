@@ -44,10 +44,11 @@ from .config import PruneConfig, check_int
 from .diagnostics import reissue
 from .finetune import attach_masks, make_permanent
 from .masks import check_sparsity, is_int, is_real
+from .per_sample import check_batch_statistics
 from .pruner import PruneResult, prune_one_shot
 from .state import Snapshot
 from .structured import fit_pattern, parse_pattern, pattern_sparsity
-from .targets import resolve_targets, strip_wrapper_prefixes
+from .targets import resolve_targets, strip_wrapper_prefixes, unwrap_model
 
 __all__ = ["polynomial_sparsity", "GradualPruner", "apply_masks", "make_permanent"]
 
@@ -166,6 +167,8 @@ class GradualPruner:
         targets = resolve_targets(model, self.config.modules, self.config.method_impl.block_size(self.config),
                                   channels_last=self.config.channels_last)
         self.config.method_impl.check_targets(targets, self.config)  # e.g. rows an N:M pattern does not fit
+        if self.config.method_impl.curvature in ("blockwise", "diagonal"):  # per-sample gradients at every step
+            check_batch_statistics(unwrap_model(model)[0], self.config.fisher_batch_size)
         check_prunable(targets, self.config, final_sparsity, "final_sparsity")
         self.model, self.loader = model, loader
         self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
