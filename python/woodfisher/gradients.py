@@ -10,6 +10,9 @@ allows, :func:`woodfisher.chunking.chunk_samples`), and each chunk is one call:
   (``vmap``, or expanded weights with ``per_sample="expanded"``), so a loader of batch 1 costs
   what a loader of batch 256 costs;
 - ``fisher_batch_size > 1``: one plain batched backward per group of samples;
+- activation checkpointing (``torch.utils.checkpoint``, HuggingFace's ``gradient_checkpointing_enable``) is
+  switched off while a chunk is computed (:mod:`woodfisher.recompute`: ``vmap`` cannot trace it; the chunk's
+  activations are then held, and a chunk that runs out of memory is halved as below);
 - models or losses that ``vmap`` cannot trace fall back to the per-group autograd loop
   (same numbers, slower), with one warning at the caller's line giving vmap's reason.
 
@@ -63,6 +66,7 @@ from .memory import is_out_of_memory, note_activations_too_large
 from .per_sample import PER_SAMPLE_PATHS, check_batch_statistics
 from .precision import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
 from .progress import progress_bar
+from .recompute import checkpointing_off
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
 
@@ -228,7 +232,9 @@ class GradientCollector:
     def _computed(self, params, buffers, flat: Batch, gen, device):
         """(params, buffers, {key: (G, *shape)} gradients, loss gradients or None) of one chunk; params and buffers
         change only for a half model that fails in float32 (:meth:`_native_state`)."""
-        with loader_errors(flat, replay=lambda: self._replay(params, buffers, device)):
+        # activation checkpointing off: torch.func cannot trace its recomputation (woodfisher.recompute)
+        with loader_errors(flat, replay=lambda: self._replay(params, buffers, device)), \
+                checkpointing_off(self.inner):
             try:
                 labelled = self._sampled(params, buffers, flat, gen) if self.sampled else flat
                 grads = self._chunk_grads(params, buffers, labelled)
