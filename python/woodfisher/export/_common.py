@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..diagnostics import warn_at_caller
 from ..gradual import make_permanent
 from ..state import detached_memo
 from ..targets import is_hf_conv1d, unwrap_model
@@ -156,6 +157,32 @@ def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple
             raise ValueError(f"names: {name!r} is not a {kinds} module of {type(model).__name__}")
         chosen.append((name, modules[name]))
     return chosen
+
+
+def dense_attention(model: nn.Module, min_sparsity: float) -> List[str]:
+    """``["attn (in_proj_weight 80.0% zeros, out_proj.weight 93.8% zeros)", ...]``: the ``nn.MultiheadAttention``
+    modules of ``model`` with a projection weight holding at least ``min_sparsity`` exact zeros (> 0 when
+    ``min_sparsity`` is 0), which no export swaps (attention reads those weights directly)."""
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        weights = {key: sparsity(p) for key, p in module.named_parameters() if p.dim() >= 2}
+        if any(value >= min_sparsity and value > 0 for value in weights.values()):
+            out.append(f"{name} (" + ", ".join(f"{key} {100 * value:.1f}% zeros" for key, value in weights.items())
+                       + ")")
+    return out
+
+
+def warn_dense_attention(model: nn.Module, min_sparsity: float, export: str) -> None:
+    """One warning at the caller's line naming the sparse ``nn.MultiheadAttention`` modules that ``export``
+    leaves dense (:func:`dense_attention`)."""
+    left = dense_attention(model, min_sparsity)
+    if left:
+        warn_at_caller(f"{export}: the nn.MultiheadAttention modules {left[:4]}{' and more' if len(left) > 4 else ''} "
+                       "stay dense: attention reads its projection weights directly (F.multi_head_attention_forward), "
+                       "not through a swappable layer, so their zeros are exact but computed densely; an attention "
+                       "built from nn.Linear layers (q/k/v/out projections called as modules) is converted")
 
 
 def _unique(items: Iterable[str]) -> List[str]:
