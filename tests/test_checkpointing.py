@@ -150,3 +150,19 @@ def test_pruning_a_checkpointed_model_equals_pruning_it_without_checkpointing(me
         weights.append([p.detach() for p in model.parameters()])
     for got, want in zip(*weights):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("criterion", ["hutchinson", "snip", "grasp"])
+def test_pruning_at_init_of_a_reentrant_checkpointed_model(criterion):
+    """autograd.grad through reentrant checkpointing raised torch's RuntimeError in woodfisher.pai."""
+    weights = []
+    for cls in (Checkpointed, Plain):
+        torch.manual_seed(0)
+        model = cls(True).double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wf.pai.prune_at_init(model, _data(16), sparsity=0.5, criterion=criterion, warmup_batches=0,
+                                 progress=False)
+        weights.append([p.detach() for p in model.parameters()])
+    for got, want in zip(*weights):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

@@ -36,6 +36,7 @@ from ..gradients import GradientCollector
 from ..losses import compute_loss
 from ..precision import compute_dtype, native_state
 from ..progress import progress_bar
+from ..recompute import checkpointing_off
 from ..targets import PruneTarget, resolve_targets, unwrap_model
 
 HVP_METHODS = ("autograd", "func")
@@ -152,7 +153,8 @@ class BatchLoss:
 
     def __call__(self, weights: Sequence[torch.Tensor], batch: Batch) -> torch.Tensor:
         state = {**self.fixed, **dict(zip(self.keys, weights))}
-        out = functional_call(self.inner, (state, self.buffers), tuple(batch.args), dict(batch.kwargs))
+        with checkpointing_off(self.inner):  # no recomputation to run in the backward: autograd.grad works
+            out = functional_call(self.inner, (state, self.buffers), tuple(batch.args), dict(batch.kwargs))
         return compute_loss(out, batch.target, self.loss_fn)
 
     def leaves(self) -> List[torch.Tensor]:
