@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import woodfisher as wf
-from woodfisher import per_sample
+from woodfisher import pai, per_sample
 from woodfisher.recompute import checkpointing_off
 
 
@@ -161,8 +161,8 @@ def test_pruning_at_init_of_a_reentrant_checkpointed_model(criterion):
         model = cls(True).double()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            wf.pai.prune_at_init(model, _data(16), sparsity=0.5, criterion=criterion, warmup_batches=0,
-                                 progress=False)
+            pai.prune_at_init(model, _data(16), sparsity=0.5, criterion=criterion, warmup_batches=0,
+                              progress=False)
         weights.append([p.detach() for p in model.parameters()])
     for got, want in zip(*weights):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
