@@ -155,3 +155,17 @@ def test_a_gradual_pruner_keeps_the_size_that_fitted_across_its_steps(monkeypatc
     with pytest.warns(UserWarning, match="ran out of memory"):
         other.step(0)
     assert calls[0] == 16
+
+
+def test_separate_calls_inside_one_fitted_chunks_context_share_the_size(monkeypatch):
+    """A caller's own ``with fitted_chunks():`` around several calls (prune_one_shot, estimate_curvature): the
+    later calls start at the size the first one learned (each call's own context joins the caller's)."""
+    from woodfisher.chunking import fitted_chunks
+    calls = []
+    _fits_only(monkeypatch, 4, ERRORS["cuda"], calls)
+    with fitted_chunks(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wf.prune_one_shot(_model(), _data(), sparsity=0.5, num_grads=16, block_size=4, progress=False)
+        wf.estimate_curvature(_model(), _data(), num_grads=16, block_size=4, progress=False)
+    assert calls == [16, 8] + [4] * 4 + [4] * 4
+    assert sum("ran out of memory" in str(w.message) for w in caught) == 1
