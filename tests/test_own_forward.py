@@ -27,6 +27,20 @@ class PlainSubclass(nn.Linear):
     """A subclass with the base class's forward (a type tag): its weight is used as it is."""
 
 
+class MatmulLinear(nn.Linear):
+    """A forward of its own that uses the weight as it is (HuggingFace's FalconLinear): an ordinary layer."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class FakeQuantLinear(nn.Linear):
+    """Computes with the weight rounded to a grid of 0.05: a pruned zero stays zero, but other entries move."""
+
+    def forward(self, x):
+        return F.linear(x, torch.round(self.weight / 0.05) * 0.05, self.bias)
+
+
 def _model(conv=StdConv):
     torch.manual_seed(0)
     return nn.Sequential(conv(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), PlainSubclass(4 * 25, 6), nn.ReLU(),
@@ -57,7 +71,7 @@ def test_default_targets_leave_out_a_layer_whose_forward_transforms_its_weight()
     assert torch.equal(model[0].weight, std)   # untouched: no zero written where it would not last
     zeros = sum(int((model[i].weight == 0).sum()) for i in (3, 5))
     assert res.sparsity == pytest.approx(zeros / (model[3].weight.numel() + model[5].weight.numel()))
-    said = [m for m in messages if "forward of its own" in m]
+    said = [m for m in messages if "computes with a transform of the weight" in m]
     assert len(said) == 1 and "'0.weight (StdConv)'" in said[0] and "3.weight" not in said[0]
 
 
@@ -65,7 +79,8 @@ def test_default_targets_leave_out_a_layer_whose_forward_transforms_its_weight()
 def test_naming_it_is_refused_before_anything_changes(named):
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"modules: '0.weight' belongs to a StdConv, a subclass of Conv2d"):
+    with pytest.raises(ValueError, match=r"modules: '0.weight' belongs to a StdConv, a subclass of Conv2d whose "
+                                         r"forward computes with a transform"):
         wf.prune_one_shot(model, _data(), sparsity=0.5, num_grads=16, modules=named, progress=False)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
@@ -75,12 +90,35 @@ def test_weight_norm_parametrization_is_left_out_and_refused_when_named():
     nn.utils.parametrizations.weight_norm(model[0])
     assert [t.name for t in wf.resolve_targets(model)] == ["3.weight", "5.weight"]
     _, messages = _messages(lambda: wf.prune_one_shot(model, _data(), sparsity=0.5, num_grads=16, progress=False))
-    assert sum("weight_norm" in m for m in messages) == 1 and not any("forward of its own" in m for m in messages)
+    assert sum("weight_norm" in m for m in messages) == 1
+    assert not any("computes with a transform of the weight" in m for m in messages)
     with pytest.raises(ValueError, match=r"modules: '0' is reparametrised by torch.nn.utils.parametrize without a "
                                          r"'mask' \(weight recomputed"):
         wf.resolve_targets(model, ["0"])
 
 
-def test_a_plain_conv_and_a_subclass_with_the_base_forward_are_pruned():
+def test_a_plain_conv_and_subclasses_that_use_the_weight_as_it_is_are_pruned():
     assert [t.name for t in wf.resolve_targets(_model(nn.Conv2d))] == ["0.weight", "3.weight", "5.weight"]
-    assert not wf.targets.own_forward(PlainSubclass(2, 2)) and wf.targets.own_forward(StdConv(1, 1, 1))
+    own = wf.targets.own_forward
+    assert not own(PlainSubclass(2, 2)) and not own(MatmulLinear(3, 2)) and not own(MatmulLinear(5, 4).double())
+    assert own(StdConv(1, 1, 1)) and own(StdConv(3, 2, (3, 1), dilation=2)) and own(FakeQuantLinear(8, 4))
+    torch.manual_seed(0)
+    model = nn.Sequential(MatmulLinear(6, 8), nn.ReLU(), FakeQuantLinear(8, 3)).double()
+    assert [t.name for t in wf.resolve_targets(model)] == ["0.weight"]
+
+
+def test_huggingface_subclasses():
+    """BiT's WeightStandardizedConv2d is left out; Falcon's FalconLinear (x @ weight.T + bias) is pruned."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    falcon = transformers.FalconForCausalLM(transformers.FalconConfig(vocab_size=32, hidden_size=16,
+                                                                      num_hidden_layers=1, num_attention_heads=2))
+    assert [t.name for t in wf.resolve_targets(falcon)] == [
+        "transformer.h.0.self_attention.query_key_value.weight", "transformer.h.0.self_attention.dense.weight",
+        "transformer.h.0.mlp.dense_h_to_4h.weight", "transformer.h.0.mlp.dense_4h_to_h.weight"]
+    bit = transformers.BitForImageClassification(transformers.BitConfig(
+        embedding_size=32, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8, num_labels=3,
+        layer_type="preactivation"))
+    assert [t.name for t in wf.resolve_targets(bit)] == ["classifier.1.weight"]
+    with pytest.raises(ValueError, match="WeightStandardizedConv2d, a subclass of Conv2d"):
+        wf.resolve_targets(bit, ["bit.embedder.convolution"])

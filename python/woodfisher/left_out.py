@@ -22,7 +22,7 @@ def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
     of recurrent layers (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``), transposed convolutions (``nn.ConvTranspose*``) and
     custom layers holding a ``weight`` of >= 2 dims, pruned only when named, and Linear / Conv weights
     recomputed from other parameters on every forward (weight_norm / spectral_norm, as hooks or parametrizations),
-    and weights of Linear / Conv subclasses with a forward of their own (:func:`woodfisher.targets.own_forward`),
+    and weights of Linear / Conv subclasses whose forward transforms them (:func:`woodfisher.targets.own_forward`),
     which are not pruned at all."""
     if modules is not None:
         return
@@ -51,15 +51,15 @@ def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
 
 
 def _warn_own_forward(inner: nn.Module, prefix: str) -> None:
-    """One warning naming the Linear / Conv subclasses with a forward of their own (:func:`.own_forward`), which
-    the default targets leave out: their forward may transform the weight (weight standardization)."""
+    """One warning naming the Linear / Conv subclasses whose forward transforms the weight (weight
+    standardization; :func:`.own_forward`), which the default targets leave out."""
     own = [f"{prefix}{_join(name, 'weight')} ({parametrize.type_before_parametrizations(mod).__name__})"
            for name, mod in inner.named_modules() if own_forward(mod) and not _recomputed(mod)]
     if own:
         warn_at_caller(f"the weights {own[:4]}{' and more' if len(own) > 4 else ''} are not pruned: each belongs to a "
-                       "subclass of nn.Linear / nn.Conv* with a forward of its own, which may compute with a "
-                       "transform of the weight (weight standardization as in timm's StdConv2d, fake quantization), "
-                       "where a pruned zero would not stay zero; the sparsity counts the other weights only")
+                       "subclass of nn.Linear / nn.Conv* whose forward computes with a transform of the weight "
+                       "(weight standardization as in timm's StdConv2d, fake quantization), where a pruned zero "
+                       "would not stay zero; the sparsity counts the other weights only")
 
 
 def _left_kind(module: nn.Module) -> Optional[str]:

@@ -42,6 +42,7 @@ from .layout import BlockLayout, Layout
 from .masks import is_int
 from .name_patterns import match_pattern, regex_hint, regex_like
 from .names import closest
+from .weight_transform import base_type, transforms_weight
 
 __all__ = ["PRUNABLE_TYPES", "BlockLayout", "Layout", "PruneTarget", "resolve_targets", "unwrap_model",
            "default_target_names", "check_model", "WRAPPER_PREFIXES", "strip_wrapper_prefixes",
@@ -53,13 +54,11 @@ _MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weig
 
 
 def own_forward(module: nn.Module) -> bool:
-    """Whether ``module`` is a subclass of a :data:`PRUNABLE_TYPES` type with a ``forward`` of its own (timm's
-    ``StdConv2d``, weight standardization, fake quantization): such a forward may compute with a transform of
-    ``self.weight`` (``F.conv2d(x, standardize(self.weight))``), where a pruned zero does not stay zero, so the
-    OBS maths on ``weight`` would not hold. Parametrized modules are judged by their class before parametrization."""
-    cls = parametrize.type_before_parametrizations(module)
-    base = next((t for t in PRUNABLE_TYPES if issubclass(cls, t)), None)
-    return base is not None and cls is not base and cls.forward is not base.forward
+    """Whether ``module`` is a subclass of a :data:`PRUNABLE_TYPES` type whose own ``forward`` computes with a
+    transform of ``self.weight`` (timm's ``StdConv2d``: weight standardization; fake quantization), where a pruned
+    zero does not stay zero, so the OBS maths on ``weight`` would not hold. A subclass whose forward uses the weight
+    as it is (HuggingFace's ``FalconLinear``) is not one (one probe: :mod:`woodfisher.weight_transform`)."""
+    return transforms_weight(module, PRUNABLE_TYPES)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -457,10 +456,10 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
         if info["attr"] == "weight" and own_forward(info["module"]):
             cls = parametrize.type_before_parametrizations(info["module"])
             raise ValueError(f"{arg}: {name!r} belongs to a {cls.__name__}, a subclass of "
-                             f"{next(t for t in PRUNABLE_TYPES if issubclass(cls, t)).__name__} with a forward of "
-                             "its own, which may compute with a transform of the weight (weight standardization as "
-                             "in timm's StdConv2d, fake quantization): a pruned zero would not stay zero there, so it "
-                             "cannot be pruned; prune a plain layer (or fold the transform into the weight first)")
+                             f"{base_type(info['module'], PRUNABLE_TYPES).__name__} whose forward computes with a "
+                             "transform of the weight (weight standardization as in timm's StdConv2d, fake "
+                             "quantization): a pruned zero would not stay zero there, so it cannot be pruned; prune a "
+                             "plain layer (or fold the transform into the weight first)")
         if not _mask_reparam_ok(info):
             raise ValueError(f"{arg}: {name!r} is reparametrised by torch.nn.utils.parametrize without a "
                              "'mask' (only mask parametrizations such as torch.ao.pruning's FakeSparsity can "

@@ -1,0 +1,65 @@
+"""Whether a Linear / Conv subclass computes with a transform of its weight.
+
+A subclass with a ``forward`` of its own may compute with something other than ``self.weight``: timm's
+``StdConv2d`` / HuggingFace BiT's ``WeightStandardizedConv2d`` standardize every filter, fake-quantized layers round
+it. A zero written to such a weight is not a zero of the weight the layer computes with, and the OBS maths on
+``weight`` does not hold. Other subclasses override ``forward`` and use the weight as it is (HuggingFace's
+``FalconLinear``: ``x @ weight.T + bias``): those are ordinary layers.
+
+:func:`transforms_weight` tells them apart by one probe: the subclass's ``forward`` and the base class's on two
+random inputs (a fixed seed), without hooks and gradients. Outputs that differ (beyond round-off: relative 1e-3),
+a non-tensor output, or a forward that fails on the probe count as a transform. A transform ``T`` with
+``T(W) x = W x`` on two random inputs ``x`` while ``T(W) != W`` has probability zero. The answer is cached per
+module (one probe per module and process).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Tuple, Type
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["transforms_weight", "base_type"]
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def base_type(module: nn.Module, types: Tuple[Type[nn.Module], ...]) -> Optional[Type[nn.Module]]:
+    """The type of ``types`` that ``module``'s class (before parametrizations) derives from, or None."""
+    cls = parametrize.type_before_parametrizations(module)
+    return next((t for t in types if issubclass(cls, t)), None)
+
+
+def transforms_weight(module: nn.Module, types: Tuple[Type[nn.Module], ...]) -> bool:
+    """Whether ``module``, a strict subclass of one of ``types`` (``nn.Linear`` / ``nn.Conv1d/2d/3d``) with a
+    ``forward`` of its own, computes something other than its base class's forward on its current weight
+    (the module docstring). False for the base classes themselves and subclasses keeping their forward."""
+    cls = parametrize.type_before_parametrizations(module)
+    base = base_type(module, types)
+    if base is None or cls is base or cls.forward is base.forward:
+        return False
+    if module not in _CACHE:
+        _CACHE[module] = not _same_as_base(module, cls, base)
+    return _CACHE[module]
+
+
+def _same_as_base(module: nn.Module, cls: Type[nn.Module], base: Type[nn.Module]) -> bool:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.is_meta:
+        return False
+    if base is nn.Linear:
+        shape = (2, weight.shape[-1])
+    else:  # the smallest input every kernel position fits, plus two
+        shape = (2, module.in_channels, *((k - 1) * d + 3 for k, d in zip(module.kernel_size, module.dilation)))
+    probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            got, want = cls.forward(module, probe), base.forward(module, probe)
+    except Exception:  # noqa: BLE001 - a forward that needs more than one input tensor: not a plain layer
+        return False
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return False
+    got, want = got.double(), want.double()
+    return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-12))
