@@ -74,3 +74,10 @@ def test_cli_summary_counts_the_attention_as_left_dense():
     with pytest.raises(ValueError, match=r"converted no layer.*MultiheadAttention weights stay dense .*att "
                                          r"\(in_proj_weight 75.0% zeros"):
         _converted(dense, dense, argparse.Namespace(format="csr", min_sparsity=0.8, conv=False))
+
+
+@pytest.mark.parametrize("name", ["att", "att.in_proj_weight", "att.out_proj", "att.out_proj.weight"])
+def test_naming_the_attention_or_its_projections_says_why_it_stays_dense(name):
+    shown = name.removesuffix(".weight")   # a module's weight is named by its module
+    with pytest.raises(ValueError, match=rf"names: '{shown}' belongs to an nn.MultiheadAttention, which reads"):
+        wf.export.to_sparse(_model(), names=[name])

@@ -134,6 +134,11 @@ def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple
                         for child, _ in module.named_children()}
     modules = dict(model.named_modules())
 
+    def attention_of(name: str) -> Optional[str]:
+        """The nn.MultiheadAttention that ``name`` is, or whose parameter it is (``attn.in_proj_weight``)."""
+        owner = name if name in modules else name.rpartition(".")[0]
+        return owner if isinstance(modules.get(owner), nn.MultiheadAttention) else None
+
     def fits(module: nn.Module) -> bool:
         return type(module) in types or (conv1d and nn.Linear in types and is_hf_conv1d(module))
 
@@ -145,7 +150,7 @@ def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple
     chosen = []
     kinds = " or ".join(kind.__name__ for kind in types)
     for name in _unique(entry[: -len(".weight")] if entry.endswith(".weight") else entry for entry in names):
-        if name in inside_attention:
+        if name in inside_attention or attention_of(name) is not None:  # its projections, or the attention itself
             raise ValueError(f"names: {name!r} belongs to an nn.MultiheadAttention, which reads its weight "
                              f"directly; it cannot be swapped")
         if name in modules and parametrize.type_before_parametrizations(modules[name]) in types \
