@@ -64,3 +64,12 @@ def test_running_statistics_and_magnitude_pruning_are_unaffected():
     wf.prune_one_shot(_model(track=True), _data(), sparsity=0.5, num_grads=16, progress=False)
     res = wf.prune_one_shot(_model(), None, sparsity=0.5, method="magnitude", progress=False)
     assert res.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_pruning_at_init_offers_its_own_alternatives():
+    """woodfisher.pai has no fisher_batch_size: the Fisher criteria name the batched criteria instead; those run."""
+    from woodfisher import pai
+    with pytest.raises(ValueError, match=r"BatchNorm layers \['1'\].*use a criterion of batched gradients"):
+        pai.prune_at_init(_model(), _data(), sparsity=0.5, criterion="fisher", warmup_batches=0, progress=False)
+    res = pai.prune_at_init(_model(), _data(), sparsity=0.5, criterion="snip", warmup_batches=0, progress=False)
+    assert res.sparsity == pytest.approx(0.5, abs=0.01)

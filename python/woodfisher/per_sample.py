@@ -28,7 +28,7 @@ forward+backward dispatches 172 kernels, ``vmap`` 456, expanded weights 244.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -131,18 +131,20 @@ def batch_statistics_layers(model: nn.Module) -> List[str]:
             and (module.running_mean is None or module.running_var is None)]
 
 
-def check_batch_statistics(model: nn.Module, fisher_batch_size: int) -> None:
+def check_batch_statistics(model: nn.Module, fisher_batch_size: int, alternative: Optional[str] = None) -> None:
     """ValueError naming the layers when per-sample gradients (``fisher_batch_size=1``) of ``model`` are undefined:
     a BatchNorm without running statistics couples the samples of a batch, so a sample's gradient depends on
     which samples share its batch (alone, a BatchNorm1d cannot even run: one value per channel). With
     ``fisher_batch_size`` = g > 1 each gradient is that of a group's mean loss, normalized with the group's batch
-    statistics, as in training at batch size g (well defined)."""
+    statistics, as in training at batch size g (well defined). ``alternative``: what the message offers besides
+    running statistics (default: ``fisher_batch_size`` = the training batch size)."""
     layers = batch_statistics_layers(model)
     if layers and fisher_batch_size == 1:
+        alternative = alternative or ("pass fisher_batch_size=<your training batch size> (each gradient is then a "
+                                      "group's, normalized with the group's statistics, as in training)")
         raise ValueError(f"model: the BatchNorm layers {layers[:4]}{' and more' if len(layers) > 4 else ''} have no "
                          "running statistics (track_running_stats=False) and normalize every batch with its own "
                          "statistics, in eval mode too, so one sample's loss depends on the other samples of its "
                          "batch and per-sample gradients (fisher_batch_size=1) are undefined; give them running "
-                         "statistics (track_running_stats=True, then forward passes in train mode over the data), or "
-                         "pass fisher_batch_size=<your training batch size> (each gradient is then a group's, "
-                         "normalized with the group's statistics, as in training)")
+                         f"statistics (track_running_stats=True, then forward passes in train mode over the data), or "
+                         f"{alternative}")

@@ -34,6 +34,7 @@ from ..config import check_int
 from ..diagonal import empirical_fisher_diagonal
 from ..gradients import GradientCollector
 from ..losses import compute_loss
+from ..per_sample import check_batch_statistics
 from ..precision import compute_dtype, native_state
 from ..progress import progress_bar
 from ..recompute import checkpointing_off
@@ -277,11 +278,13 @@ def fisher_diagonal(model: nn.Module, loader: Iterable, *, params: Params = None
     Returns:
         DiagonalEstimate with diag {name: (shape)} and the mean gradient {name: (shape)}.
     Raises:
-        ValueError: an empty loader, NaN / Inf gradients (naming the weight), bad arguments.
+        ValueError: an empty loader, NaN / Inf gradients (naming the weight), bad arguments, a BatchNorm without
+            running statistics (per-sample gradients undefined: :func:`woodfisher.per_sample.check_batch_statistics`).
     """
     check_int("chunk_size", chunk_size)
     check_num_batches(num_batches)
     targets = pai_targets(model, params)
+    check_batch_statistics(unwrap_model(model)[0], 1, "use a criterion of batched gradients (hutchinson, snip, grasp)")
     if num_batches is not None:
         loader = itertools.islice(loader, num_batches)
     collector = GradientCollector(model, loader, targets, loss_fn=loss_fn, num_grads=None, want_loss_grad=True,
