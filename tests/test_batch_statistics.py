@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _snapshots import assert_unchanged, snapshot
 from torch import nn
 
 import woodfisher as wf
@@ -38,11 +39,11 @@ def test_single_sample_gradients_differ_from_the_batched_ones():
 @pytest.mark.parametrize("method", ["woodfisher", "diag_fisher"])
 def test_per_sample_gradients_are_refused_naming_the_layers(method):
     model = _model()
-    before = [p.detach().clone() for p in model.parameters()]
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"model: the BatchNorm layers \['1'\] have no running statistics .*"
                                          r"fisher_batch_size=<your training batch size>"):
         wf.prune_one_shot(model, _data(), sparsity=0.5, num_grads=16, method=method, progress=False)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert_unchanged(before, snapshot(model))
     with pytest.raises(ValueError, match="BatchNorm layers"):   # up front, not at the first pruning step
         wf.GradualPruner(model, _data(), final_sparsity=0.5, num_grads=16, method=method, progress=False)
 

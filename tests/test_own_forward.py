@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _snapshots import assert_unchanged, snapshot
 from torch import nn
 
 import woodfisher as wf
@@ -78,11 +79,11 @@ def test_default_targets_leave_out_a_layer_whose_forward_transforms_its_weight()
 @pytest.mark.parametrize("named", ["0", "0.weight", ["0", "3"]])
 def test_naming_it_is_refused_before_anything_changes(named):
     model = _model()
-    before = [p.detach().clone() for p in model.parameters()]
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"modules: '0.weight' belongs to a StdConv, a subclass of Conv2d whose "
                                          r"forward computes with a transform"):
         wf.prune_one_shot(model, _data(), sparsity=0.5, num_grads=16, modules=named, progress=False)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert_unchanged(before, snapshot(model))
 
 
 def test_weight_norm_parametrization_is_left_out_and_refused_when_named():
