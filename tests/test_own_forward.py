@@ -123,3 +123,16 @@ def test_huggingface_subclasses():
     assert [t.name for t in wf.resolve_targets(bit)] == ["classifier.1.weight"]
     with pytest.raises(ValueError, match="WeightStandardizedConv2d, a subclass of Conv2d"):
         wf.resolve_targets(bit, ["bit.embedder.convolution"])
+
+
+@pytest.mark.parametrize("named", ["0", "0.weight"])
+def test_naming_a_hook_based_weight_norm_layer_says_why(named):
+    """The hook-based torch.nn.utils.weight_norm: the Conv2d was called 'a module without a Conv weight' and
+    '0.weight' 'no parameter' (did you mean '0.weight_v'?)."""
+    model = _model(nn.Conv2d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch's deprecation of the hook-based weight_norm
+        nn.utils.weight_norm(model[0])
+    with pytest.raises(ValueError, match=rf"modules: '{named}': the weight of this Conv2d is recomputed from "
+                                         r"\['weight_g', 'weight_v'\] .*remove_weight_norm"):
+        wf.resolve_targets(model, [named])
