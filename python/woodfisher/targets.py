@@ -42,7 +42,7 @@ from .layout import BlockLayout, Layout
 from .masks import is_int
 from .name_patterns import match_pattern, regex_hint, regex_like
 from .names import closest
-from .weight_transform import base_type, transforms_weight
+from .weight_transform import base_type, refuse_recomputed, transforms_weight
 
 __all__ = ["PRUNABLE_TYPES", "BlockLayout", "Layout", "PruneTarget", "resolve_targets", "unwrap_model",
            "default_target_names", "check_model", "WRAPPER_PREFIXES", "strip_wrapper_prefixes",
@@ -324,7 +324,7 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
         if aliases.get(cand) is not None:
             return [aliases[cand]]
     modules = dict(model.named_modules(remove_duplicate=False))
-    _refuse_hook_weight(modules.get(raw.removesuffix(".weight") if raw not in modules else raw), raw, arg)
+    refuse_recomputed(modules.get(raw.removesuffix(".weight") if raw not in modules else raw), raw, arg)
     if raw not in modules:
         for wrapper in WRAPPER_PREFIXES:  # a name from the model wrapped otherwise (DataParallel, torch.compile)
             if raw.startswith(wrapper):
@@ -353,13 +353,6 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
     inside = [name for name in default_target_names(model)
               if any(_within(owner, raw) for owner, _ in entries[name]["owners"])]
     if not inside:
-        held = modules[raw]
-        if parametrize.is_parametrized(held) and not all(hasattr(f, "mask") for chain in held.parametrizations.values()
-                                                         for f in chain):  # weight_norm / spectral_norm
-            raise ValueError(f"{arg}: {raw!r} is reparametrised by torch.nn.utils.parametrize without a 'mask' "
-                             f"({', '.join(held.parametrizations)} recomputed on every forward, e.g. by weight_norm): "
-                             "a pruned zero would not last; remove the parametrization first "
-                             "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))")
         named = [name for name, info in entries.items() if _within(name.rpartition(".")[0], raw)
                  and info["param"].is_floating_point() and info["param"].dim() >= 2]
         hint = (f"; its weights are not pruned by default, name them to prune them: modules={named[:6]}"
@@ -367,21 +360,6 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
         raise ValueError(f"{arg}: {raw!r} is a {type(modules[raw]).__name__}, which holds no Linear / Conv / "
                          f"attention projection weight{hint}")
     return inside
-
-
-def _refuse_hook_weight(module: Optional[nn.Module], raw: str, arg: str) -> None:
-    """ValueError when ``module`` has a ``weight`` that a forward pre-hook recomputes from other parameters on every
-    forward (the hook-based ``torch.nn.utils.weight_norm``: ``weight_g`` / ``weight_v``; a module under
-    ``torch.nn.utils.prune`` or the hook-based spectral_norm never gets here: its ``weight_orig`` is found first)."""
-    if module is None or "weight" in module._parameters or "weight" in module._buffers or \
-            parametrize.is_parametrized(module) or not isinstance(getattr(module, "weight", None), torch.Tensor):
-        return
-    own = [name for name in module._parameters if name.startswith("weight")]
-    if not own:  # a plain tensor attribute computed from nothing of its own: not this hook
-        return
-    raise ValueError(f"{arg}: {raw!r}: the weight of this {type(module).__name__} is recomputed from {own} on every "
-                     "forward by a forward pre-hook (torch.nn.utils.weight_norm), so a zero written to it would not "
-                     "last; remove the hook first: torch.nn.utils.remove_weight_norm(module)")
 
 
 def _within(name: str, parent: str) -> bool:

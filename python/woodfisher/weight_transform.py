@@ -11,6 +11,9 @@ random inputs (a fixed seed), without hooks and gradients. Outputs that differ (
 a non-tensor output, or a forward that fails on the probe count as a transform. A transform ``T`` with
 ``T(W) x = W x`` on two random inputs ``x`` while ``T(W) != W`` has probability zero. The answer is cached per
 module (one probe per module and process).
+
+:func:`refuse_recomputed` is the ValueError for a module named in ``modules=`` whose weight is recomputed from other
+parameters on every forward (weight_norm / spectral_norm, as a parametrization or as the older forward pre-hook).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["transforms_weight", "base_type"]
+__all__ = ["transforms_weight", "base_type", "refuse_recomputed"]
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
@@ -63,3 +66,28 @@ def _same_as_base(module: nn.Module, cls: Type[nn.Module], base: Type[nn.Module]
         return False
     got, want = got.double(), want.double()
     return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-12))
+
+
+def refuse_recomputed(module: Optional[nn.Module], raw: str, arg: str) -> None:
+    """ValueError naming ``arg`` and ``raw`` (the name given) when ``module``'s weight is recomputed from other
+    parameters on every forward, so a zero written to it would not last: a ``torch.nn.utils.parametrize`` chain
+    that is not made of masks (weight_norm / spectral_norm parametrizations), or the hook-based
+    ``torch.nn.utils.weight_norm`` (``weight_g`` / ``weight_v``; a module under ``torch.nn.utils.prune`` or the
+    hook-based spectral_norm is resolved to its ``weight_orig`` before this is asked). None: nothing to check."""
+    if module is None:
+        return
+    if parametrize.is_parametrized(module):
+        if not all(hasattr(f, "mask") for chain in module.parametrizations.values() for f in chain):
+            raise ValueError(f"{arg}: {raw!r} is reparametrised by torch.nn.utils.parametrize without a 'mask' "
+                             f"({', '.join(module.parametrizations)} recomputed on every forward, e.g. by "
+                             "weight_norm): a pruned zero would not last; remove the parametrization first "
+                             "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))")
+        return
+    if "weight" in module._parameters or "weight" in module._buffers or \
+            not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return
+    own = [name for name in module._parameters if name.startswith("weight")]
+    if own:  # else a plain tensor attribute computed from nothing of its own: not this hook
+        raise ValueError(f"{arg}: {raw!r}: the weight of this {type(module).__name__} is recomputed from {own} on "
+                         "every forward by a forward pre-hook (torch.nn.utils.weight_norm), so a zero written to it "
+                         "would not last; remove the hook first: torch.nn.utils.remove_weight_norm(module)")
