@@ -40,12 +40,16 @@ def test_single_sample_gradients_differ_from_the_batched_ones():
 def test_per_sample_gradients_are_refused_naming_the_layers(method):
     model = _model()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"model: the BatchNorm layers \['1'\] have no running statistics .*"
-                                         r"fisher_batch_size=<your training batch size>"):
-        wf.prune_one_shot(model, _data(), sparsity=0.5, num_grads=16, method=method, progress=False)
-    assert_unchanged(before, snapshot(model))
-    with pytest.raises(ValueError, match="BatchNorm layers"):   # up front, not at the first pruning step
-        wf.GradualPruner(model, _data(), final_sparsity=0.5, num_grads=16, method=method, progress=False)
+    options = dict(num_grads=16, method=method, progress=False)
+    calls = {"prune_one_shot": lambda: wf.prune_one_shot(model, _data(), sparsity=0.5, **options),
+             "estimate_curvature": lambda: wf.estimate_curvature(model, _data(), **options),
+             # up front, not at the first pruning step
+             "GradualPruner": lambda: wf.GradualPruner(model, _data(), final_sparsity=0.5, **options)}
+    for call in calls.values():
+        with pytest.raises(ValueError, match=r"model: the BatchNorm layers \['1'\] have no running statistics .*"
+                                             r"fisher_batch_size=<your training batch size>"):
+            call()
+        assert_unchanged(before, snapshot(model))
 
 
 def test_group_gradients_use_the_group_statistics():
