@@ -9,7 +9,7 @@ everything happens on ``copy.deepcopy``.
 from __future__ import annotations
 
 import copy
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
 
 import torch
 from torch import nn
@@ -117,6 +117,14 @@ def sparsity(weight: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
 
 
+def attention_children(model: nn.Module) -> Set[str]:
+    """Names of the submodules of every ``nn.MultiheadAttention`` of ``model`` (``attn.out_proj``): attention reads
+    their weights directly, so no export swaps them."""
+    return {f"{parent}.{child}" if parent else child
+            for parent, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
+            for child, _ in module.named_children()}
+
+
 def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple[Type[nn.Module], ...],
                   min_sparsity: float, conv1d: bool = False) -> List[Tuple[str, nn.Module]]:
     """``[(module name, module)]`` to convert.
@@ -129,9 +137,7 @@ def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple
     """
     if not 0.0 <= float(min_sparsity) <= 1.0:
         raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity!r}")
-    inside_attention = {f"{parent}.{child}" if parent else child
-                        for parent, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
-                        for child, _ in module.named_children()}
+    inside_attention = attention_children(model)
     modules = dict(model.named_modules())
 
     def attention_of(name: str) -> Optional[str]:

@@ -202,7 +202,7 @@ def _reference(dense: nn.Module, sample: Optional[torch.Tensor], input_shape) ->
 def _converted(exported: nn.Module, dense: nn.Module, args: argparse.Namespace) -> str:
     """``"converted to csr: fc1 (91.2% zeros), ..."``; ValueError saying why when no layer was converted."""
     from ..targets import is_hf_conv1d
-    from ._common import dense_attention, sparsity
+    from ._common import attention_children, dense_attention, sparsity
     from .sparse import SparseConv2d, SparseLinear
 
     semi = getattr(torch.sparse, "SparseSemiStructuredTensor", ())
@@ -215,8 +215,9 @@ def _converted(exported: nn.Module, dense: nn.Module, args: argparse.Namespace) 
     if names:
         return f"converted to {args.format}: " + ", ".join(
             f"{name} ({100 * sparsity(modules[name].weight):.1f}% zeros)" for name in names) + left
-    linears = [(sparsity(m.weight), name) for name, m in modules.items()
-               if isinstance(m, nn.Linear) or (args.format != "2:4" and is_hf_conv1d(m))]
+    inside = attention_children(dense)   # never converted: not counted as candidates either
+    linears = [(sparsity(m.weight), name) for name, m in modules.items() if name not in inside and (
+               isinstance(m, nn.Linear) or (args.format != "2:4" and is_hf_conv1d(m)))]
     convs = [(sparsity(m.weight), name) for name, m in modules.items() if isinstance(m, nn.Conv2d)]
     kinds = linears + (convs if args.conv else [])
     why = [f"no {'Linear or Conv2d' if args.conv else 'Linear'} layer has >= {args.min_sparsity:g} zeros "
