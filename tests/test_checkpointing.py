@@ -108,7 +108,8 @@ def test_the_switch_restores_checkpointing_on_errors():
     assert (tuc.CheckpointFunction, tuc._checkpoint_without_reentrant_generator) == before
 
 
-def test_huggingface_gradient_checkpointing_stays_batched(monkeypatch):
+@pytest.mark.parametrize("kwargs", [None, {"use_reentrant": False}, {"use_reentrant": True}])
+def test_huggingface_gradient_checkpointing_stays_batched(monkeypatch, kwargs):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -116,7 +117,7 @@ def test_huggingface_gradient_checkpointing_stays_batched(monkeypatch):
                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     cfg._attn_implementation = "eager"
     model = transformers.BertForSequenceClassification(cfg).double()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     g = torch.Generator().manual_seed(2)
     ids, labels = torch.randint(1, 20, (16, 6), generator=g), torch.randint(0, 3, (16,), generator=g)

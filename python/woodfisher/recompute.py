@@ -19,7 +19,9 @@ fits one sample's activations without checkpointing is served; one that does not
 Scope: the switch replaces the two entry points of ``torch.utils.checkpoint`` that its ``checkpoint`` function
 looks up when called (so ``from torch.utils.checkpoint import checkpoint`` in the caller's code is covered too),
 for the duration of one chunk's computation, in every thread of the process; outside it, checkpointing works as
-before. On a torch without those entry points it does nothing (the per-sample loop then serves such a model).
+before. On a torch without those entry points it does nothing (the per-sample loop then serves such a model), and
+checkpointing of other libraries (DeepSpeed's, fairscale's) is not switched off: the loop (or its own error) serves
+those.
 """
 from __future__ import annotations
 
