@@ -132,7 +132,8 @@ class GradualPruner:
             ``frequency`` not an int >= 1, ``end_step - start_step`` not a non-negative multiple of
             ``frequency``, ``initial_sparsity > final_sparsity``, ``sparsity`` passed, a ``loader`` that is not
             iterable (or single-pass, with more than one pruning step), a bad
-            :class:`PruneConfig` option, weights that cannot be pruned or that a ``pattern`` does not fit,
+            :class:`PruneConfig` option, weights that cannot be pruned or that a ``pattern`` does not fit, a
+            BatchNorm without running statistics with ``fisher_batch_size=1`` (per-sample gradients undefined),
             or an N:M ``pattern`` (which fixes every step at 1 - N/M) with a ramp: it needs
             ``start_step == end_step`` or ``initial_sparsity = 1 - N/M``.
 
