@@ -136,3 +136,15 @@ def test_naming_a_hook_based_weight_norm_layer_says_why(named):
     with pytest.raises(ValueError, match=rf"modules: '{named}': the weight of this Conv2d is recomputed from "
                                          r"\['weight_g', 'weight_v'\] .*remove_weight_norm"):
         wf.resolve_targets(model, [named])
+
+
+def test_the_probe_leaves_a_qat_layer_as_it_was():
+    """torch.ao's QAT Linear fake-quantizes its weight (left out), and its observers, which every forward updates
+    (and resizes), are as they were after the probe."""
+    import torch.ao.nn.qat as qat
+    import torch.ao.quantization as tq
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), qat.Linear(8, 3, qconfig=tq.get_default_qat_qconfig("fbgemm")))
+    before = snapshot(model)
+    assert [t.name for t in wf.resolve_targets(model)] == ["0.weight"]
+    assert_unchanged(before, snapshot(model))

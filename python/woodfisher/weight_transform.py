@@ -7,7 +7,8 @@ it. A zero written to such a weight is not a zero of the weight the layer comput
 ``FalconLinear``: ``x @ weight.T + bias``): those are ordinary layers.
 
 :func:`transforms_weight` tells them apart by one probe: the subclass's ``forward`` and the base class's on two
-random inputs (a fixed seed), without hooks and gradients. Outputs that differ (beyond round-off: relative 1e-3),
+random inputs (a fixed seed), without the module's own hooks and without gradients; the module's buffers (which
+a forward may update: QAT observers) are restored after. Outputs that differ (beyond round-off: relative 1e-3),
 a non-tensor output, or a forward that fails on the probe count as a transform. A transform ``T`` with
 ``T(W) x = W x`` on two random inputs ``x`` while ``T(W) != W`` has probability zero. The answer is cached per
 module (one probe per module and process).
@@ -57,11 +58,19 @@ def _same_as_base(module: nn.Module, cls: Type[nn.Module], base: Type[nn.Module]
     else:  # the smallest input every kernel position fits, plus two
         shape = (2, module.in_channels, *((k - 1) * d + 3 for k, d in zip(module.kernel_size, module.dilation)))
     probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    # a forward may update (and resize) buffers, e.g. QAT observers: every one put back as it was after the probe
+    saved = [(owner, name, b, b.detach().clone()) for owner in module.modules()
+             for name, b in owner._buffers.items() if b is not None]
     try:
         with torch.no_grad():
             got, want = cls.forward(module, probe), base.forward(module, probe)
     except Exception:  # noqa: BLE001 - a forward that needs more than one input tensor: not a plain layer
         return False
+    finally:
+        with torch.no_grad():
+            for owner, name, buffer, value in saved:
+                buffer.resize_(value.shape).copy_(value)
+                owner._buffers[name] = buffer
     if not isinstance(got, torch.Tensor) or got.shape != want.shape:
         return False
     got, want = got.double(), want.double()
