@@ -148,3 +148,15 @@ def test_the_probe_leaves_a_qat_layer_as_it_was():
     before = snapshot(model)
     assert [t.name for t in wf.resolve_targets(model)] == ["0.weight"]
     assert_unchanged(before, snapshot(model))
+
+
+def test_the_probe_leaves_the_global_random_state():
+    class DropConnect(nn.Linear):
+        def forward(self, x):
+            return F.linear(x, F.dropout(self.weight, 0.5, training=True), self.bias)
+
+    model = nn.Sequential(DropConnect(4, 4), nn.Linear(4, 2))
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    assert [t.name for t in wf.resolve_targets(model)] == ["1.weight"]
+    assert torch.equal(torch.get_rng_state(), state)

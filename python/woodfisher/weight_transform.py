@@ -62,7 +62,8 @@ def _same_as_base(module: nn.Module, cls: Type[nn.Module], base: Type[nn.Module]
     saved = [(owner, name, b, b.detach().clone()) for owner in module.modules()
              for name, b in owner._buffers.items() if b is not None]
     try:
-        with torch.no_grad():
+        devices = [weight.device] if weight.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):  # a random forward leaves the caller's RNG
             got, want = cls.forward(module, probe), base.forward(module, probe)
     except Exception:  # noqa: BLE001 - a forward that needs more than one input tensor: not a plain layer
         return False
