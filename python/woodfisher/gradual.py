@@ -39,14 +39,16 @@ from torch import nn
 
 from .batches import check_loader, is_single_pass
 from .checks import check_prunable
+from .chunking import fitted_chunks
 from .config import PruneConfig, check_int
 from .diagnostics import reissue
 from .finetune import attach_masks, make_permanent
 from .masks import check_sparsity, is_int, is_real
+from .per_sample import check_batch_statistics
 from .pruner import PruneResult, prune_one_shot
 from .state import Snapshot
 from .structured import fit_pattern, parse_pattern, pattern_sparsity
-from .targets import resolve_targets, strip_wrapper_prefixes
+from .targets import resolve_targets, strip_wrapper_prefixes, unwrap_model
 
 __all__ = ["polynomial_sparsity", "GradualPruner", "apply_masks", "make_permanent"]
 
@@ -130,7 +132,8 @@ class GradualPruner:
             ``frequency`` not an int >= 1, ``end_step - start_step`` not a non-negative multiple of
             ``frequency``, ``initial_sparsity > final_sparsity``, ``sparsity`` passed, a ``loader`` that is not
             iterable (or single-pass, with more than one pruning step), a bad
-            :class:`PruneConfig` option, weights that cannot be pruned or that a ``pattern`` does not fit,
+            :class:`PruneConfig` option, weights that cannot be pruned or that a ``pattern`` does not fit, a
+            BatchNorm without running statistics with ``fisher_batch_size=1`` (per-sample gradients undefined),
             or an N:M ``pattern`` (which fixes every step at 1 - N/M) with a ramp: it needs
             ``start_step == end_step`` or ``initial_sparsity = 1 - N/M``.
 
@@ -165,6 +168,8 @@ class GradualPruner:
         targets = resolve_targets(model, self.config.modules, self.config.method_impl.block_size(self.config),
                                   channels_last=self.config.channels_last)
         self.config.method_impl.check_targets(targets, self.config)  # e.g. rows an N:M pattern does not fit
+        if self.config.method_impl.curvature in ("blockwise", "diagonal"):  # per-sample gradients at every step
+            check_batch_statistics(unwrap_model(model)[0], self.config.fisher_batch_size)
         check_prunable(targets, self.config, final_sparsity, "final_sparsity")
         self.model, self.loader = model, loader
         self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
@@ -172,6 +177,9 @@ class GradualPruner:
         self.prune_kwargs = prune_kwargs
         self.last_step: Optional[int] = None
         self.history: List[dict] = []
+        # samples per gradient call that fitted after running out of memory, kept across the pruning steps
+        # ({fisher_batch_size: samples}; :func:`woodfisher.chunking.fitted_chunks`): later steps start there
+        self.fitted_chunks: Dict[int, int] = {}
 
     def is_pruning_step(self, step: int) -> bool:
         """Whether ``step`` is a scheduled pruning step.
@@ -216,8 +224,9 @@ class GradualPruner:
         snapshot = Snapshot(resolve_targets(self.model, self.config.modules), self.model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = prune_one_shot(self.model, loader if loader is not None else self.loader,
-                                    self.config.replace(sparsity=target))
+            with fitted_chunks(self.fitted_chunks):
+                result = prune_one_shot(self.model, loader if loader is not None else self.loader,
+                                        self.config.replace(sparsity=target))
         try:
             apply_masks(self.model, result.masks)  # undoes its own partial work when it fails
         except BaseException:
