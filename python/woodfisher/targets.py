@@ -302,6 +302,40 @@ def default_target_names(model: nn.Module) -> List[str]:
     return names
 
 
+def _refuse_left_out_match(entries: Dict[str, dict], pattern: str, model: nn.Module, arg: str,
+                           error: ValueError) -> None:
+    """A pattern that matches no default target but weights left out of the defaults: a ValueError saying which
+    of those can be pruned when named (the list to paste) and which cannot (why); returns when it matches none."""
+    others = {name: [owner for owner, _ in info["owners"]] for name, info in entries.items()
+              if info["param"].dim() >= 2 and name not in default_target_names(model)}
+    try:
+        matched = match_pattern(pattern, others, arg)
+    except ValueError:
+        return
+    modules = dict(model.named_modules(remove_duplicate=False))
+    named, refused = [], []
+    for name in matched:
+        info = entries[name]
+        path = name.split(".parametrizations.")[0] if ".parametrizations." in name else name.rpartition(".")[0]
+        try:
+            refuse_recomputed(modules.get(path), name, arg)
+        except ValueError:
+            refused.append(f"{name!r} (recomputed on every forward, e.g. by weight_norm)")
+            continue
+        if info["attr"] == "weight" and own_forward(info["module"]):
+            refused.append(f"{name!r} (its layer's forward transforms the weight)")
+        elif not _mask_reparam_ok(info):
+            refused.append(f"{name!r} (reparametrised by torch.nn.utils.parametrize without a mask)")
+        else:
+            named.append(name)
+    parts = [f"{arg}: the pattern {pattern!r} matches only weights left out of the defaults"]
+    if named:
+        parts.append(f"these are pruned when named exactly: {arg}={named!r}")
+    if refused:
+        parts.append("these cannot be pruned: " + ", ".join(refused))
+    raise ValueError("; ".join(parts)) from error
+
+
 def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "modules") -> List[str]:
     """Logical parameter names for a user-given name or pattern (:func:`_glob`); a name with a wrapper's prefix
     (:data:`WRAPPER_PREFIXES`) the model does not have is read without it.
@@ -333,8 +367,12 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
                 except ValueError:
                     break  # the message below names what was given
         if any(c in raw for c in "*?["):  # not a name: a shell-style pattern
-            return match_pattern(raw, {name: [owner for owner, _ in entries[name]["owners"]]
-                                       for name in default_target_names(model)}, arg)
+            try:
+                return match_pattern(raw, {name: [owner for owner, _ in entries[name]["owners"]]
+                                           for name in default_target_names(model)}, arg)
+            except ValueError as error:
+                _refuse_left_out_match(entries, raw, model, arg, error)
+                raise
         if raw in dict(model.named_buffers()):
             raise ValueError(f"{arg}: {raw!r} is a buffer, not a Parameter; only parameters are pruned")
         names = list(modules) + [key for key, _ in model.named_parameters()]
