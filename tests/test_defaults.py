@@ -146,14 +146,17 @@ def test_a_large_num_grads_alone_never_plans_more_than_the_many_steps_limit():
 
 
 def test_auto_steps_warn_when_the_sparsity_needs_many_recomputations():
-    """Many steps come only from a very high sparsity (each step keeps >= AUTO_STEP_KEEP): warned before any."""
+    """Many steps come only from a very high sparsity (each step keeps >= AUTO_STEP_KEEP): warned before any (a call
+    refused by its checks warns nothing)."""
     plan = wf.PruneConfig(sparsity=0.98, num_grads=4096).steps()
     assert len(plan) > AUTO_MANY_STEPS
     with pytest.warns(UserWarning, match=f"{len(plan)} Fisher recomputations.*num_steps="), \
-            pytest.raises(ValueError, match="loader is required"):    # warned up front, before the data is read
-        wf.prune_one_shot(tiny_mlp(), None, sparsity=0.98, num_grads=4096)
+            pytest.raises(ValueError, match="ran out after"):    # warned up front, before the data ran out
+        wf.prune_one_shot(tiny_mlp(), tiny_data(), sparsity=0.98, num_grads=4096, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="loader is required"):   # refused: no notice of its steps
+            wf.prune_one_shot(tiny_mlp(), None, sparsity=0.98, num_grads=4096)
         with pytest.raises(ValueError, match="loader is required"):
             wf.prune_one_shot(tiny_mlp(), None, sparsity=0.8, num_grads=10 ** 6)
         with pytest.raises(ValueError, match="loader is required"):   # an explicit num_steps is the user's choice

@@ -9,18 +9,19 @@ second-order. :func:`magnitude_overlap` measures this for a call, and
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
 from .masks import select_kept_masks
 
-__all__ = ["magnitude_overlap", "warn_if_degenerate", "reissue", "warn_at_caller", "DEGENERATE_OVERLAP",
-           "MIN_WARN_COUNT"]
+__all__ = ["magnitude_overlap", "warn_if_degenerate", "reissue", "warn_at_caller", "warnings_held",
+           "DEGENERATE_OVERLAP", "MIN_WARN_COUNT"]
 
 #: An overlap at or above this is reported as a mask that degenerated to magnitude pruning.
 DEGENERATE_OVERLAP = 0.99
@@ -118,3 +119,30 @@ def warn_at_caller(message: str, category=UserWarning) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(dirs):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level + 1)
+
+
+@contextlib.contextmanager
+def warnings_held() -> Iterator[list]:
+    """Hold the warnings of the block (an entry point's checks) until it completes: a call refused by a check after a
+    notice (a weight left dense, frozen weights, a planned number of steps) prints no notice, only its ValueError.
+    The block gets the list of held records: what it removes from it is dropped (a report of a refused call).
+
+    On a clean exit each held warning is issued again, in order, at the line it pointed to (the caller's frame,
+    found on the current stack; else as recorded with ``warnings.warn_explicit``), so the caller's filters
+    (``error``, ``ignore``, ``once``) and ``pytest.warns`` see it as before. On an exception they are dropped.
+
+    Returns:
+        A context manager; ``with warnings_held() as held:`` binds the list of held ``warnings.WarningMessage``.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+    for record in caught:
+        level, frame = 1, sys._getframe(0)  # stacklevel 1: this frame
+        while frame is not None and not (frame.f_code.co_filename == record.filename
+                                         and frame.f_lineno == record.lineno):
+            frame, level = frame.f_back, level + 1
+        if frame is None:
+            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
+        else:  # the frame the warning pointed at: its module's registry and filters apply, as for a direct warning
+            warnings.warn(record.message, record.category, stacklevel=level)
