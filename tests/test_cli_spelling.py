@@ -56,3 +56,10 @@ def test_calls_and_function_options_keep_the_apis_words():
                            "batch_adapter=lambda b: b; no --woodtaylor, \"block_size\": 4, --sampled-fisher"), text
     assert "--batch-adapter MODULE:FUNCTION" in text   # what the command line takes instead of a lambda
     assert cli_text("num_grads=8", None) == "num_grads=8"
+
+
+def test_an_api_name_that_differs_from_the_flag_is_named_as_the_flag():
+    sub = build_parser()._subparsers._group_actions[0].choices["pai"]   # prune_at_init(params=) is --modules
+    spellings = user_spellings(sub, ["pai", "--modules", "fc"], None)
+    assert cli_text("params=['fc']: no module named 'fc'; num_probes=0 must be >= 1", spellings) == \
+        "--modules ['fc']: no module named 'fc'; --num-probes 0 must be >= 1"

@@ -67,6 +67,8 @@ def test_equal_or_omitted_sparsity_is_the_patterns_and_gives_the_same_masks():
     assert pruner.final_sparsity == 0.5
     with pytest.raises(ValueError, match="final_sparsity is required"):
         wf.GradualPruner(_model(), loader)
+    with pytest.raises(ValueError, match="sparsity is required"):   # an explicit None without a pattern: not 0
+        wf.prune_one_shot(_model(), loader, sparsity=None, progress=False)
     hook = wf.FisherHook(_model(), num_grads=4, damp=1e-3, pattern="2:4")
     assert hook.config.sparsity == 0.5
 

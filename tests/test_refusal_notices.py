@@ -94,3 +94,24 @@ def test_estimate_memory_of_a_refused_call_warns_nothing_and_of_a_call_that_runs
     assert report["plan"] is None and report["refused"].startswith("memory_budget=10 bytes") and not caught
     with pytest.warns(UserWarning, match=r"left dense: '0\.weight'"):
         assert wf.estimate_memory(model, pattern="2:4")["refused"] is None
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, data: wf.prune_one_shot(m, data, sparsity=0.5, num_grads=8, progress=False),
+    lambda m, data: wf.estimate_curvature(m, data, num_grads=8, progress=False),
+], ids=["prune_one_shot", "estimate_curvature"])
+def test_data_the_model_refuses_drops_the_notices_of_the_call(call):
+    """The frozen-weights notice (default targets mixing frozen and trainable weights) was printed, then the model
+    refused the first batch: a ValueError naming the loader, and now no notice."""
+    model = _model(frozen=True)
+    before = copy.deepcopy(model.state_dict())
+    bad = [(torch.randn(4, 5, 8, 8), torch.randint(0, 4, (4,)))] * 2   # 5 channels for a 3-channel stem
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="^loader: the model or the loss failed on item 0"):
+            call(model, bad)
+    assert [str(w.message) for w in caught] == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match="frozen") as shown:   # the same call on good data: the notice, once
+        call(model, _loader()[:1] * 2)
+    assert [w.filename for w in shown if "frozen" in str(w.message)] == [__file__]

@@ -168,13 +168,14 @@ class Curvature:
 
 
 def resolve_config(config: Optional[PruneConfig], options: dict, sparsity: Optional[float] = None) -> PruneConfig:
-    """A PruneConfig from ``config`` and/or keyword options (options override). ``sparsity`` (from the options, else
-    the argument) omitted: the one an N:M ``pattern`` fixes, else 0 (phase one does not use it). A ``pattern``
-    option over a ``config`` brings its own fixed sparsity unless ``sparsity`` is passed too."""
+    """A PruneConfig from ``config`` and/or keyword options (options override). ``sparsity`` not among the options:
+    the argument, else the one an N:M ``pattern`` fixes, else 0 (phase one does not use it); ``sparsity=None`` among
+    them is PruneConfig's to refuse or fill. A ``pattern`` option over a ``config`` brings its own fixed sparsity
+    unless ``sparsity`` is passed too."""
     if config is None:
-        options = {"sparsity": sparsity, **options}
-        if options["sparsity"] is None:
-            options["sparsity"] = pattern_fixed_sparsity(options.get("pattern"), 0.0)
+        if "sparsity" not in options:
+            fixed = pattern_fixed_sparsity(options.get("pattern"), 0.0)
+            options = {**options, "sparsity": fixed if sparsity is None else sparsity}
         return PruneConfig.from_options(**options)
     if not isinstance(config, PruneConfig):
         raise ValueError(f"config must be a woodfisher.PruneConfig, got {type(config).__name__}")
@@ -227,17 +228,17 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
     config = resolve_config(config, options)
     if loader is not None:  # refused before any notice (fit_pattern's) is printed
         check_loader(loader)
-    with full_parameters(model), caller_modes_off():  # FSDP: the full weights for the call
-        with warnings_held():  # the notices (fit_pattern's, warn_left_out's) only for a call that goes ahead
-            config = fit_pattern(model, config)  # N:M on the default targets: those it fits
-            method = config.method_impl
-            targets = resolve_targets(model, config.modules, method.block_size(config),
-                                      channels_last=config.channels_last)
-            method.check_targets(targets, config)
-            check_prunable(targets, config)
-            require_loader(config, loader)
-            check_memory_plan(targets, config, config.num_grads)
-            warn_left_out(model, config.modules)
+    # the notices (fit_pattern's, warn_left_out's) only for a call that goes ahead: not refused by a check, nor by
+    # its loader and model on the data
+    with full_parameters(model), caller_modes_off(), warnings_held():  # FSDP: the full weights for the call
+        config = fit_pattern(model, config)  # N:M on the default targets: those it fits
+        method = config.method_impl
+        targets = resolve_targets(model, config.modules, method.block_size(config), channels_last=config.channels_last)
+        method.check_targets(targets, config)
+        check_prunable(targets, config)
+        require_loader(config, loader)
+        check_memory_plan(targets, config, config.num_grads)
+        warn_left_out(model, config.modules)
         with display(config.progress):
             curv = _estimate(model, loader, targets, config)
         if curv.kind != "none":  # what prune_with checks (prune_one_shot uses its curvature at once: not needed)

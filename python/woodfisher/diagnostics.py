@@ -10,6 +10,7 @@ second-order. :func:`magnitude_overlap` measures this for a call, and
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import os
 import sys
@@ -20,7 +21,7 @@ import torch
 
 from .masks import select_kept_masks
 
-__all__ = ["magnitude_overlap", "warn_if_degenerate", "reissue", "warn_at_caller", "warnings_held",
+__all__ = ["magnitude_overlap", "warn_if_degenerate", "reissue", "warn_at_caller", "warnings_held", "release_notices",
            "DEGENERATE_OVERLAP", "MIN_WARN_COUNT"]
 
 #: An overlap at or above this is reported as a mask that degenerated to magnitude pruning.
@@ -108,41 +109,68 @@ def warn_at_caller(message: str, category=UserWarning) -> None:
     """``warnings.warn`` pointing at the first frame outside woodfisher and woodfisher_kernels.
 
     That is the user's line, whichever public entry point led here (``skip_file_prefixes`` does
-    the same from Python 3.12 on).
+    the same from Python 3.12 on). Inside a :func:`warnings_held` block the notice is held by it.
 
     Args:
         message: the warning text. category: a ``Warning`` subclass (default UserWarning).
     """
+    held = _HELD.get()
+    if held is not None:
+        held.append((message, category))
+        return
     import woodfisher_kernels
     dirs = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, woodfisher_kernels.__file__))
     level, frame = 1, sys._getframe(1)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(dirs):
+    while frame is not None and (os.path.abspath(frame.f_code.co_filename).startswith(dirs)
+                                 or frame.f_code.co_filename == contextlib.__file__):  # a held notice's release
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level + 1)
 
 
+class _Held(list):
+    """The (message, category) notices of a :func:`warnings_held` block; ``outer``: the enclosing block's."""
+    outer: Optional["_Held"] = None
+
+
+#: The notices held by the innermost :func:`warnings_held` block (None: none is active).
+_HELD: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("woodfisher_held_notices", default=None)
+
+
 @contextlib.contextmanager
 def warnings_held() -> Iterator[list]:
-    """Hold the warnings of the block (an entry point's checks) until it completes: a call refused by a check after a
-    notice (a weight left dense, frozen weights, a planned number of steps) prints no notice, only its ValueError.
-    The block gets the list of held records: what it removes from it is dropped (a report of a refused call).
+    """Hold the notices of the block (:func:`warn_at_caller`'s) until it completes: a call refused after a notice
+    (by a check, or by its loader and model on the data: a weight left dense, frozen weights, a planned number of
+    steps, then a ValueError) prints no notice, only its error.
 
-    On a clean exit each held warning is issued again, in order, at the line it pointed to (the caller's frame,
-    found on the current stack; else as recorded with ``warnings.warn_explicit``), so the caller's filters
-    (``error``, ``ignore``, ``once``) and ``pytest.warns`` see it as before. On an exception they are dropped.
+    On a clean exit (or at :func:`release_notices`) each held notice is issued, in order, at the caller's line, so
+    the caller's filters (``error``, ``ignore``, ``once``) and ``pytest.warns`` see it as before; on an exception they
+    are dropped. Inside another block they pass to it. Warnings issued with ``warnings.warn`` directly (torch's) are
+    not held.
 
     Returns:
-        A context manager; ``with warnings_held() as held:`` binds the list of held ``warnings.WarningMessage``.
+        A context manager; ``with warnings_held() as held:`` binds the list of held (message, category): what the
+        block removes from it is dropped (the report of a refused call).
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield caught
-    for record in caught:
-        level, frame = 1, sys._getframe(0)  # stacklevel 1: this frame
-        while frame is not None and not (frame.f_code.co_filename == record.filename
-                                         and frame.f_lineno == record.lineno):
-            frame, level = frame.f_back, level + 1
-        if frame is None:
-            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
-        else:  # the frame the warning pointed at: its module's registry and filters apply, as for a direct warning
-            warnings.warn(record.message, record.category, stacklevel=level)
+    held = _Held()
+    held.outer = _HELD.get()
+    token = _HELD.set(held)
+    try:
+        yield held
+    finally:
+        now = _HELD.get()
+        _HELD.reset(token)
+    if now is held:  # not released yet
+        for message, category in held:
+            warn_at_caller(message, category)
+
+
+def release_notices() -> None:
+    """Issue the notices the innermost :func:`warnings_held` block holds now (the call has passed the point where
+    it could still be refused for its input, e.g. the first step's gradients) and let the later ones through."""
+    held = _HELD.get()
+    if held is None:
+        return
+    _HELD.set(held.outer)  # to the enclosing block, if any, else issued
+    for message, category in held:
+        warn_at_caller(message, category)
+    held.clear()

@@ -27,7 +27,7 @@ from .chunking import fitted_chunks
 from .conditioning import warn_ill_conditioned
 from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig, pattern_fixed_sparsity
 from .curvature import Curvature, _estimate, check_memory_plan, require_loader, warn_zero_gradients
-from .diagnostics import magnitude_overlap, warn_at_caller, warn_if_degenerate, warnings_held
+from .diagnostics import magnitude_overlap, release_notices, warn_at_caller, warn_if_degenerate, warnings_held
 from .distributed.fsdp import full_parameters
 from .finetune import hold_target_masks
 from .gradients import LoaderExhausted
@@ -286,34 +286,36 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     start = time.perf_counter()
     if loader is not None:  # refused before any notice (fit_pattern's) is printed
         check_loader(loader)
-    with warnings_held():  # a refused call prints no notice
+    # a call refused by its checks, or by its loader and model on the first step's data, prints no notice
+    with warnings_held():
         config, targets, before, start_sparsity, steps, configs, block_size = _plan(model, loader, config)
-    method = config.method_impl
-    timings = _timings()
-    snapshot = Snapshot(targets, model)
-    damp, forms, kappa, stats = None, {}, {}, []
-    i = 0
-    try:
-        with display(config.progress), fitted_chunks():  # a chunk size lowered by running out of memory: kept
-            for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
-                with step_label(f"step {i + 1}/{len(steps)}" if len(steps) > 1 else None):
-                    targets = resolve_targets(model, config.modules, method.block_size(step_config),
-                                              channels_last=config.channels_last)
-                    curvature = _estimate_step(model, loader, targets, step_config, config, len(steps))
-                    for phase in ("gradients", "inverse"):
-                        timings[phase] += curvature.timings[phase]
-                    _apply(targets, curvature, step_config, target, timings)
-                damp, forms = curvature.damp, curvature.forms
-                kappa.update({n: max(k, kappa.get(n, 0.0)) for n, k in curvature.kappa.items()})
-                stats.append(curvature.stats)
-                curvature = None  # this step's gradients and inverses are freed before the next step's are built
-        # once per call, with the worst step of each layer
-        warn_ill_conditioned(kappa, forms, damp, config.damp == "auto", stacklevel=3)
-        warn_zero_gradients(stats)
-        timings["total"] = time.perf_counter() - start
-        extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": block_size}
-        return _result(model, targets, config, damp, forms, timings, before, extra, stacklevel=4)
-    except BaseException as err:
-        snapshot.restore()
-        note_out_of_memory(err, f"step {i + 1}/{len(steps)}")
-        raise
+        method = config.method_impl
+        timings = _timings()
+        snapshot = Snapshot(targets, model)
+        damp, forms, kappa, stats = None, {}, {}, []
+        i = 0
+        try:
+            with display(config.progress), fitted_chunks():  # a chunk size lowered by running out of memory: kept
+                for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
+                    with step_label(f"step {i + 1}/{len(steps)}" if len(steps) > 1 else None):
+                        targets = resolve_targets(model, config.modules, method.block_size(step_config),
+                                                  channels_last=config.channels_last)
+                        curvature = _estimate_step(model, loader, targets, step_config, config, len(steps))
+                        release_notices()  # the loader and the model took the data: the call goes ahead
+                        for phase in ("gradients", "inverse"):
+                            timings[phase] += curvature.timings[phase]
+                        _apply(targets, curvature, step_config, target, timings)
+                    damp, forms = curvature.damp, curvature.forms
+                    kappa.update({n: max(k, kappa.get(n, 0.0)) for n, k in curvature.kappa.items()})
+                    stats.append(curvature.stats)
+                    curvature = None  # this step's gradients and inverses are freed before the next step's are built
+            # once per call, with the worst step of each layer
+            warn_ill_conditioned(kappa, forms, damp, config.damp == "auto", stacklevel=3)
+            warn_zero_gradients(stats)
+            timings["total"] = time.perf_counter() - start
+            extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": block_size}
+            return _result(model, targets, config, damp, forms, timings, before, extra, stacklevel=4)
+        except BaseException as err:
+            snapshot.restore()
+            note_out_of_memory(err, f"step {i + 1}/{len(steps)}")
+            raise

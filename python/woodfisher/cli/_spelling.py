@@ -34,8 +34,9 @@ def _normal(text: str) -> str:
 
 def user_spellings(parser: argparse.ArgumentParser, argv: Sequence[str],
                    config: Optional[Mapping[str, Any]] = None) -> Spellings:
-    """{API name (a destination of ``parser``): (what the user wrote for it, kind)}: the flag of ``argv``, else the
-    key of the ``--config`` file, else the option's first long flag.
+    """{API name (a destination of ``parser``, or a name of its ``api_names`` {API name: destination}): (what the user
+    wrote for it, kind)}: the flag of ``argv``, else the key of the ``--config`` file, else the option's first long
+    flag.
 
     Args:
         parser: a subcommand's parser. argv: the command line. config: the ``--config`` file's object, if any.
@@ -60,6 +61,9 @@ def user_spellings(parser: argparse.ArgumentParser, argv: Sequence[str],
         else:
             kind = "switch" if switch else "bool" if on_off else "flag"
             out[action.dest] = (positive if on_off else (written or longs[0]), kind)
+    for api, dest in getattr(parser, "api_names", {}).items():  # the API's own name of an option, where it differs
+        if dest in out:
+            out[api] = out[dest]
     return out
 
 
