@@ -7,7 +7,6 @@ the gradients per step and the Fisher block size of ``num_steps`` / ``block_size
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 from torch import nn
@@ -15,7 +14,7 @@ from torch import nn
 from .checks import check_prunable
 from .config import PruneConfig
 from .curvature import resolve_config
-from .diagnostics import warnings_held
+from .diagnostics import notices_dropped, warnings_held
 from .masks import sparsity_of
 from .plan import keep_step_bytes, plan_memory, stat_itemsize, stream_step_bytes
 from .structured import fit_pattern
@@ -68,8 +67,7 @@ def _estimate(model: nn.Module, config: PruneConfig):
     except ValueError as err:
         plan, refused = None, str(err)
     if method.curvature == "blockwise" and refused is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # the call's own warning says so when it runs
+        with notices_dropped():   # the call's own warning says so when it runs
             try:
                 plan, k = plan_memory(targets, m, itemsize, config.memory_budget, auto, config.inverse_form,
                                       config.fisher_batch_size)

@@ -21,7 +21,6 @@ once), and re-damped without new gradients (:meth:`Curvature.with_damp`).
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -35,7 +34,7 @@ from .checks import check_prunable
 from .conditioning import layer_inverse, warn_ill_conditioned
 from .config import PruneConfig, pattern_fixed_sparsity
 from .damping import FisherStats, resolve_damp
-from .diagnostics import warn_at_caller, warnings_held
+from .diagnostics import notices_dropped, warn_at_caller, warnings_held
 from .diagonal import empirical_fisher_diagonal
 from .distributed.estimate import estimate_sharded
 from .distributed.fsdp import full_parameters
@@ -290,8 +289,7 @@ def check_memory_plan(targets: List[PruneTarget], config: PruneConfig, num_grads
     plan's own notice comes from the step that uses it."""
     if config.method_impl.curvature not in ("blockwise", "diagonal") or active_group(config.group) is not None:
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with notices_dropped():
         plan_memory(targets, num_grads, stat_itemsize(targets), config.memory_budget, config.damp == "auto",
                     config.inverse_form, config.fisher_batch_size)
 

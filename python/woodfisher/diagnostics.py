@@ -22,6 +22,7 @@ import torch
 from .masks import select_kept_masks
 
 __all__ = ["magnitude_overlap", "warn_if_degenerate", "reissue", "warn_at_caller", "warnings_held", "release_notices",
+           "notices_dropped",
            "DEGENERATE_OVERLAP", "MIN_WARN_COUNT"]
 
 #: An overlap at or above this is reported as a mask that degenerated to magnitude pruning.
@@ -143,9 +144,9 @@ def warnings_held() -> Iterator[list]:
     steps, then a ValueError) prints no notice, only its error.
 
     On a clean exit (or at :func:`release_notices`) each held notice is issued, in order, at the caller's line, so
-    the caller's filters (``error``, ``ignore``, ``once``) and ``pytest.warns`` see it as before; on an exception they
-    are dropped. Inside another block they pass to it. Warnings issued with ``warnings.warn`` directly (torch's) are
-    not held.
+    the caller's filters (``error``, ``ignore``, ``once``) and ``pytest.warns`` see it as before; on a ValueError
+    (the call refused) they are dropped, on another exception (out of memory, an interrupt) issued. Inside another
+    block they pass to it. Warnings issued with ``warnings.warn`` directly (torch's) are not held.
 
     Returns:
         A context manager; ``with warnings_held() as held:`` binds the list of held (message, category): what the
@@ -156,12 +157,35 @@ def warnings_held() -> Iterator[list]:
     token = _HELD.set(held)
     try:
         yield held
-    finally:
-        now = _HELD.get()
+    except ValueError:  # a refused call: its notices are dropped
         _HELD.reset(token)
+        raise
+    except BaseException:  # out of memory, an interrupt: what the call said so far is issued
+        _release(held, token)
+        raise
+    _release(held, token)
+
+
+def _release(held: "_Held", token) -> None:
+    now = _HELD.get()
+    _HELD.reset(token)
     if now is held:  # not released yet
         for message, category in held:
             warn_at_caller(message, category)
+
+
+@contextlib.contextmanager
+def notices_dropped() -> Iterator[None]:
+    """Drop the notices of the block, held or not (a check that runs what a later step runs again, with its notice:
+    ``warnings.catch_warnings`` alone would not drop a notice held by an enclosing :func:`warnings_held`).
+
+    Returns:
+        A context manager.
+    """
+    with warnings.catch_warnings(), warnings_held() as held:
+        warnings.simplefilter("ignore")
+        yield
+        held.clear()
 
 
 def release_notices() -> None:
