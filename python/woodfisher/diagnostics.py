@@ -151,6 +151,8 @@ def warnings_held() -> Iterator[list]:
     Returns:
         A context manager; ``with warnings_held() as held:`` binds the list of held (message, category): what the
         block removes from it is dropped (the report of a refused call).
+    Raises:
+        whatever the block raises, unchanged.
     """
     held = _Held()
     held.outer = _HELD.get()
