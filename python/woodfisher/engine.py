@@ -122,7 +122,8 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: Optional[float]
     if not isinstance(curvature, Curvature):
         raise ValueError(f"curvature must be a woodfisher.Curvature (from estimate_curvature), got "
                          f"{type(curvature).__name__}")
-    with full_parameters(model), caller_modes_off():  # FSDP: the full weights, re-sharded after
+    # FSDP: the full weights, re-sharded after; a refused call prints no notice
+    with full_parameters(model), caller_modes_off(), warnings_held():
         return _prune_with(model, curvature, sparsity, options)
 
 
