@@ -12,7 +12,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["fix_hint"]
+__all__ = ["fix_hint", "positional_adapter", "takes_as_keywords"]
 
 
 def fix_hint(err: Exception, batch: Any) -> str:
@@ -48,16 +48,45 @@ def _labels_hint(err: Exception, batch: Any) -> str:
         return ("; the model does not take labels= (dict batches are passed as keyword arguments): pass "
                 "batch_adapter=lambda b: woodfisher.Batch(kwargs={k: v for k, v in b.items() if k != 'labels'}, "
                 "target=b['labels'])")
-    forward = _forward_of(err)
-    inputs, keywords, dropped, slots = _placed([key for key in batch.kwargs if key != "labels"], refused, forward)
-    args = ", ".join(f"b[{key!r}]" for key in inputs) + ","
-    kwargs = (", kwargs={" + ", ".join(f"{key!r}: b[{key!r}]" for key in keywords) + "}") if keywords else ""
     target = ("b['labels']" if "labels" in batch.kwargs else "None" if batch.target is None else
               "(your target, as now)")
+    guessed, inputs, adapter = positional_adapter([key for key in batch.kwargs if key != "labels"], refused,
+                                                  _forward_of(err), target)
+    return (f"; the model does not take {refused}= (dict batches are passed as keyword arguments){guessed}: to pass "
+            f"{', '.join(inputs)} positionally, batch_adapter={adapter}")
+
+
+def positional_adapter(keys: List[str], first: str, forward, target: str) -> Tuple[str, List[str], str]:
+    """The ``batch_adapter`` for dict batches whose input ``keys`` ``forward`` does not all take as keywords: keys
+    named after its parameters stay keywords, the others fill its leading parameters in the batch's order
+    (``first`` first).
+
+    Args:
+        keys: the batch's input keys. first: the key to put first (the refused one). forward: the model's forward
+            (None: unknown). target: the adapter's target expression, e.g. ``"b['label']"``.
+    Returns:
+        (what the placement guessed, '; ...' (:func:`_guessed`); the keys passed positionally; the adapter's text,
+        ``lambda b: woodfisher.Batch(...)`` followed by the keys left out, if any).
+    """
+    inputs, keywords, dropped, slots = _placed(keys, first, forward)
+    args = ", ".join(f"b[{key!r}]" for key in inputs) + ","
+    kwargs = (", kwargs={" + ", ".join(f"{key!r}: b[{key!r}]" for key in keywords) + "}") if keywords else ""
     left = f" ({', '.join(dropped)} left out: forward takes no more arguments)" if dropped else ""
-    return (f"; the model does not take {refused}= (dict batches are passed as keyword arguments)"
-            f"{_guessed(inputs, slots, forward)}: to pass {', '.join(inputs)} positionally, batch_adapter=lambda b: "
-            f"woodfisher.Batch(args=({args}){kwargs}, target={target}){left}")
+    return (_guessed(inputs, slots, forward), inputs,
+            f"lambda b: woodfisher.Batch(args=({args}){kwargs}, target={target}){left}")
+
+
+def takes_as_keywords(forward, keys: List[str]) -> bool:
+    """Whether ``forward`` (None: unknown, taken as yes) accepts every one of ``keys`` as a keyword argument."""
+    try:
+        params = inspect.signature(forward).parameters.values() if forward is not None else None
+    except (TypeError, ValueError):
+        params = None
+    if params is None:
+        return True
+    kinds = inspect.Parameter
+    named = {p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
+    return any(p.kind == kinds.VAR_KEYWORD for p in params) or set(keys) <= named
 
 
 def _guessed(inputs: List[str], slots: Optional[List[str]], forward) -> str:
