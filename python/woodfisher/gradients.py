@@ -137,7 +137,8 @@ class GradientCollector:
         self.adapter = batch_adapter
         self.dtype = compute_dtype(targets[0].param.dtype)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        check = None if self.sampled else (lambda batch: check_labelled(batch, loss_fn))  # no target, no model loss
+        forward = getattr(self.inner, "forward", None)  # the adapter a dict batch without a target is told fits it
+        check = None if self.sampled else (lambda batch: check_labelled(batch, loss_fn, forward))  # no target
         chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes)
         # an earlier step of the same call ran out of memory: its size (chunking.fitted_chunks)
         self._source = SampleChunks(loader, batch_adapter, self.fbs, self.num_grads,

@@ -40,8 +40,8 @@ from torch import nn
 from .batches import check_loader, is_single_pass
 from .checks import check_prunable
 from .chunking import fitted_chunks
-from .config import PruneConfig, check_int
-from .diagnostics import reissue
+from .config import PruneConfig, check_int, check_pattern_sparsity, pattern_fixed_sparsity
+from .diagnostics import reissue, warnings_held
 from .finetune import attach_masks, make_permanent
 from .masks import check_sparsity, is_int, is_real
 from .per_sample import check_batch_statistics
@@ -121,7 +121,8 @@ class GradualPruner:
     Args:
         model: network to prune (modified in place).
         loader: default ``(inputs, targets)`` loader for the Fisher (``step`` may override).
-        final_sparsity: s_f in [0, 1). initial_sparsity: s_i (default 0.05).
+        final_sparsity: s_f in [0, 1); with an N:M ``pattern`` it may be omitted (1 - N/M), and another value is a
+            ValueError naming it. initial_sparsity: s_i (default 0.05).
         start_step, end_step, frequency: pruning at start_step + k * frequency up to
             end_step (``end_step - start_step`` must be a multiple of ``frequency``).
         prune_kwargs: the other :class:`woodfisher.PruneConfig` fields (method, mode, block_size, ...),
@@ -147,13 +148,19 @@ class GradualPruner:
         make_permanent(model)
     """
 
-    def __init__(self, model: nn.Module, loader: Optional[Iterable] = None, *, final_sparsity: float,
+    def __init__(self, model: nn.Module, loader: Optional[Iterable] = None, *, final_sparsity: Optional[float] = None,
                  start_step: int = 0, end_step: int = 0, frequency: int = 1,
                  initial_sparsity: float = 0.05, **prune_kwargs):
-        start_step, end_step, frequency = _check_schedule(final_sparsity, start_step, end_step, frequency,
-                                                          initial_sparsity)
         if "sparsity" in prune_kwargs:
             raise ValueError("pass final_sparsity, not sparsity, to GradualPruner")
+        if final_sparsity is None:  # the one an N:M pattern fixes, else required
+            try:
+                final_sparsity = pattern_fixed_sparsity(prune_kwargs.get("pattern"))
+            except ValueError:
+                raise ValueError("final_sparsity is required (only pattern='N:M' fixes it, at 1 - N/M)") from None
+        check_pattern_sparsity(final_sparsity, prune_kwargs.get("pattern"), "final_sparsity")
+        start_step, end_step, frequency = _check_schedule(final_sparsity, start_step, end_step, frequency,
+                                                          initial_sparsity)
         if loader is not None:  # read at every pruning step, maybe hours into training: checked now
             check_loader(loader)
             if is_single_pass(loader) and end_step > start_step:
@@ -162,15 +169,17 @@ class GradualPruner:
                                  "list) or one per step: pruner.step(step, loader)")
         asked = PruneConfig.from_options(sparsity=float(final_sparsity), **prune_kwargs)
         _check_pattern_schedule(asked, float(initial_sparsity), (end_step - start_step) // frequency)
-        self.config = fit_pattern(model, asked)  # N:M on the default targets: those it fits, said once here
-        if self.config.modules != asked.modules:
-            prune_kwargs = dict(prune_kwargs, modules=list(self.config.modules))
-        targets = resolve_targets(model, self.config.modules, self.config.method_impl.block_size(self.config),
-                                  channels_last=self.config.channels_last)
-        self.config.method_impl.check_targets(targets, self.config)  # e.g. rows an N:M pattern does not fit
-        if self.config.method_impl.curvature in ("blockwise", "diagonal"):  # per-sample gradients at every step
-            check_batch_statistics(unwrap_model(model)[0], self.config.fisher_batch_size)
-        check_prunable(targets, self.config, final_sparsity, "final_sparsity")
+        with warnings_held():  # the pattern's notice only for a pruner that is made
+            config = fit_pattern(model, asked)  # N:M on the default targets: those it fits, said once here
+            targets = resolve_targets(model, config.modules, config.method_impl.block_size(config),
+                                      channels_last=config.channels_last)
+            config.method_impl.check_targets(targets, config)  # e.g. rows an N:M pattern does not fit
+            if config.method_impl.curvature in ("blockwise", "diagonal"):  # per-sample gradients at every step
+                check_batch_statistics(unwrap_model(model)[0], config.fisher_batch_size)
+            check_prunable(targets, config, final_sparsity, "final_sparsity")
+        self.config = config
+        if config.modules != asked.modules:
+            prune_kwargs = dict(prune_kwargs, modules=list(config.modules))
         self.model, self.loader = model, loader
         self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
