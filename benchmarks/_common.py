@@ -222,14 +222,40 @@ def write_results(out_dir: str, stem: str, result: Dict, markdown: str) -> str:
 
 def append_row(path: str, fields: Sequence[str], row: Dict) -> None:
     """Append ``row`` to the CSV ``path`` (columns ``fields``), writing the header when the file is new: a
-    resumable sweep's one row per finished run."""
+    resumable sweep's one row per finished run. A file written before a column was added is rewritten once
+    with the wider header (its old rows get that column empty), so rows never shift under the header."""
     import csv
-    new = not os.path.exists(path)
+    old_fields, rows = None, []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = list(reader.fieldnames or [])
+            if old_fields and old_fields != list(fields):
+                rows = list(reader)
+    if old_fields and old_fields != list(fields):
+        fields = old_fields + [k for k in fields if k not in old_fields]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        if not old_fields:
             writer.writeheader()
         writer.writerow(row)
+
+
+def git_commit(root: Optional[str] = None) -> str:
+    """Short commit of the checkout at ``root`` (default: this repository) the figures were made with, with
+    "+changes" when tracked files differ from it; "" outside a git checkout."""
+    import subprocess
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return ""
+    dirty = subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD", "--", "python", "woodfisher_kernels"],
+                           capture_output=True).returncode != 0
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 def sweep_parser(doc: str, models: Sequence[str], data_root: str, sparsities: Sequence[float],

@@ -127,9 +127,7 @@ def search_report(out: str, model: str) -> None:
     sparsities = sorted({s for v in table_.values() for s in v})
     lines = [f"Held-out accuracy % ({rows[0]['eval']}; seeds: {sorted({r['seed'] for r in rows})}; one seed (0) "
              "unless a cell says n)", "",
-             "Rows whose options have no `damp` ran with the package's `damp=\"auto\"` of their time: 1e-2 x the mean "
-             "Fisher diagonal before commit e8e2eda (every row of the first search), 0.1 x after it (rows named "
-             "'alpha 0.1'); `benchmarks/results/damp_alpha_<model>.md` measures the factor.", "",
+             damp_note(rows), "",
              "| setting | options | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |",
              "|---|---|" + "---:|" * len(sparsities)]
     options = {r["setting"]: r["options"] for r in rows}
@@ -138,6 +136,25 @@ def search_report(out: str, model: str) -> None:
         lines.append(f"| {name} | `{options[name]}` | " + " | ".join(cells) + " |")
     with open(os.path.join(out, f"quality_search_{model}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def ran_at(rows: List[dict]) -> str:
+    """" Package commit: X." naming the commits of the rows (the CSV's ``commit`` column); "" when none has one."""
+    commits = sorted({r.get("commit") or "" for r in rows} - {""})
+    return f" Package commit: {', '.join(commits)}." if commits else ""
+
+
+def damp_note(rows: List[dict]) -> str:
+    """Which ``damp="auto"`` the rows without a ``damp`` option ran with: the commits of the CSV's ``commit``
+    column, or (rows written before that column existed) the rule of the time they ran."""
+    commits = sorted({r.get("commit") or "" for r in rows})
+    if "" not in commits:
+        return (f"Every row ran at commit {', '.join(commits)}; rows whose options have no `damp` ran with that "
+                "version's `damp=\"auto\"` (README, \"Defaults, recomputation and quality\"; `damp_live.md` "
+                "measures the rule).")
+    return ("Rows whose options have no `damp` ran with the package's `damp=\"auto\"` of their time: 1e-2 x the mean "
+            "Fisher diagonal before commit e8e2eda (every row of the first search), 0.1 x after it (rows named "
+            "'alpha 0.1'); `benchmarks/results/damp_alpha_<model>.md` measures the factor.")
 
 
 def report(out: str, model: str, made_by: Optional[List[str]] = None) -> str:
@@ -153,7 +170,8 @@ def report(out: str, model: str, made_by: Optional[List[str]] = None) -> str:
     lines = [f"# Quality, {model}: defaults vs the paper's setting vs the best multi-step setting", "",
              f"Top-1 accuracy % on the {rows[0]['eval']} ({rows[0]['eval_samples']} images), one-shot pruning "
              f"without fine-tuning, mean ± std over seeds {seeds} (n = runs per cell; global magnitude is "
-             f"deterministic: one run). Dense: {dense:.2f}%. Device: {rows[0]['device']} (shared machine).", "",
+             f"deterministic: one run). Dense: {dense:.2f}%. Device: {rows[0]['device']} (shared machine)."
+             + ran_at(rows), "",
              "- global magnitude: `method='global_magnitude'`.",
              "- paper (1 step): `" + rows_options(rows, "paper (1 step)") + "` (one curvature per seed, pruned to "
              "every sparsity).",

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils.data import Subset
 
-from benchmarks._common import append_row
+from benchmarks._common import append_row, git_commit
 from benchmarks.oneshot_sweep import SETUP
 from benchmarks.quality_report import report
 from woodfisher import estimate_curvature, prune_one_shot, prune_with
@@ -49,7 +49,7 @@ from woodfisher.models import MODEL_SPECS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ["model", "setting", "sparsity", "seed", "accuracy", "dense_accuracy", "eval", "eval_samples",
-          "sparsity_actual", "magnitude_overlap", "steps", "seconds", "options", "device"]
+          "sparsity_actual", "magnitude_overlap", "steps", "seconds", "options", "device", "commit"]
 HELDOUT = 5000          # train images held out for the search (fixed split, seed 0)
 PAPER_M = 1000
 #: the paper's one-shot settings (appendix S1): whole-layer blocks, damp 1e-5, one step
@@ -93,6 +93,7 @@ class Runner:
             with open(csv_path) as f:
                 self.done = {(r["setting"], float(r["sparsity"]), int(r["seed"])) for r in csv.DictReader(f)}
         self.dense_acc = None
+        self.commit = git_commit()
 
     def common(self, seed: int) -> dict:
         return dict(modules=list(self.setup["modules"]), loss_fn=self.spec.loss_fn, seed=seed, progress=False)
@@ -109,7 +110,7 @@ class Runner:
                    sparsity_actual=round(result.sparsity, 6),
                    magnitude_overlap="" if result.magnitude_overlap is None else round(result.magnitude_overlap, 6),
                    steps=len(result.config.get("steps") or [1]), seconds=round(seconds, 2),
-                   options=json.dumps(options, sort_keys=True), device=device_name())
+                   options=json.dumps(options, sort_keys=True), device=device_name(), commit=self.commit)
         append_row(self.csv_path, FIELDS, row)
         self.done.add((setting, s, seed))
         print(f"  {setting:28s} s={s:.2f} seed={seed} acc={100 * acc:6.2f}% overlap={row['magnitude_overlap']} "

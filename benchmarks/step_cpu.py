@@ -363,10 +363,9 @@ def main(argv=None) -> int:
     impls = {"after": ""}
     if args.before:
         impls = {f"before ({args.before})": extract(args.before), "after": ""}
-    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     load0 = os.getloadavg()
     report = {"device": cm.device_info(torch.device(args.device)), "num_grads": args.num_grads,
-              "repeats": args.repeats, "commit": head.stdout.strip(), "sparsity": SPARSITY,
+              "repeats": args.repeats, "commit": cm.git_commit(ROOT), "sparsity": SPARSITY,
               "old_defaults": OLD_DEFAULTS, "models": {}}
     for model in args.models:
         runs = {impl: [] for impl in impls}

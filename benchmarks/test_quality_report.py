@@ -73,3 +73,31 @@ def test_defaults_below_global_magnitude_is_missed(sweep_dir):
         writer.writerows(rows)
     gap = 100 * (statistics.mean(ACC["defaults"][0.8]) - 0.80)
     assert f"the least difference is {gap:+.2f} points (at 80%), **missed**" in report(str(sweep_dir), "tiny")
+
+
+def test_append_row_widens_an_older_header_without_shifting_rows(tmp_path):
+    from benchmarks._common import append_row
+    path = str(tmp_path / "rows.csv")
+    append_row(path, ["a", "b"], {"a": 1, "b": 2})
+    append_row(path, ["a", "b", "commit"], {"a": 3, "b": 4, "commit": "abc1234"})
+    append_row(path, ["a", "b", "commit"], {"a": 5, "b": 6, "commit": "abc1234"})
+    rows = list(csv.DictReader(open(path)))
+    assert [(r["a"], r["b"], r["commit"]) for r in rows] == [("1", "2", ""), ("3", "4", "abc1234"),
+                                                             ("5", "6", "abc1234")]
+
+
+def test_search_note_names_the_commits_only_when_every_row_has_one():
+    from benchmarks.quality_report import damp_note
+    assert "commit abc1234, def5678;" in damp_note([{"commit": "def5678"}, {"commit": "abc1234"}])
+    old = damp_note([{"commit": "abc1234"}, {}])          # a row from before the column: the rule of its time
+    assert "of their time" in old and "abc1234" not in old
+
+
+def test_report_names_the_package_commit_of_its_rows(sweep_dir):
+    assert "Package commit" not in report(str(sweep_dir), "tiny")     # rows from before the commit column
+    rows = list(csv.DictReader(open(sweep_dir / "quality_tiny.csv")))
+    with open(sweep_dir / "quality_tiny.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(dict(r, commit="abc1234") for r in rows)
+    assert "Package commit: abc1234." in report(str(sweep_dir), "tiny")

@@ -281,7 +281,7 @@ def test_cli_prints_library_warnings_as_note_lines(digits_ckpt, tmp_path, capsys
     assert main(["prune", "--model", "digits_mlp", "--checkpoint", digits_ckpt, "--sparsity", "0.8",
                  "--num-grads", "32", "--num-steps", "1", "--out", str(tmp_path / "o")]) == 0
     lines = capsys.readouterr().err.splitlines()
-    notes = [line for line in lines if line.startswith("note: method='woodfisher' pruned")]
+    notes = [line for line in lines if line.startswith("note: --method woodfisher pruned")]
     assert len(notes) == 1 and "(the defaults)" in notes[0]
     assert not any("UserWarning" in line or "warnings.warn" in line for line in lines)
     with warnings.catch_warnings(record=True) as record:             # the library still warns

@@ -146,14 +146,19 @@ def test_a_large_num_grads_alone_never_plans_more_than_the_many_steps_limit():
 
 
 def test_auto_steps_warn_when_the_sparsity_needs_many_recomputations():
-    """Many steps come only from a very high sparsity (each step keeps >= AUTO_STEP_KEEP): warned before any."""
-    plan = wf.PruneConfig(sparsity=0.98, num_grads=4096).steps()
+    """Many steps come only from a very high sparsity (each step keeps >= AUTO_STEP_KEEP): warned once the first
+    step's data went through (a call refused by its checks or its data warns nothing)."""
+    plan = wf.PruneConfig(sparsity=0.98, num_grads=18 * 64).steps()
     assert len(plan) > AUTO_MANY_STEPS
-    with pytest.warns(UserWarning, match=f"{len(plan)} Fisher recomputations.*num_steps="), \
-            pytest.raises(ValueError, match="loader is required"):    # warned up front, before the data is read
-        wf.prune_one_shot(tiny_mlp(), None, sparsity=0.98, num_grads=4096)
+    with pytest.warns(UserWarning, match=f"{len(plan)} Fisher recomputations.*num_steps="):
+        res = wf.prune_one_shot(tiny_mlp(), tiny_data(n=64), sparsity=0.98, num_grads=18 * 64, progress=False)
+    assert len(res.config["steps"]) == len(plan)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="ran out after"):   # refused by its data: no notice of its steps
+            wf.prune_one_shot(tiny_mlp(), tiny_data(), sparsity=0.98, num_grads=4096, progress=False)
+        with pytest.raises(ValueError, match="loader is required"):   # refused by its checks: no notice either
+            wf.prune_one_shot(tiny_mlp(), None, sparsity=0.98, num_grads=4096)
         with pytest.raises(ValueError, match="loader is required"):
             wf.prune_one_shot(tiny_mlp(), None, sparsity=0.8, num_grads=10 ** 6)
         with pytest.raises(ValueError, match="loader is required"):   # an explicit num_steps is the user's choice

@@ -130,3 +130,42 @@ def test_the_later_steps_of_one_call_start_at_the_size_that_fitted(monkeypatch):
     with pytest.warns(UserWarning, match="ran out of memory"):
         wf.prune_one_shot(_model(), _data(), sparsity=0.5, num_grads=16, block_size=4, progress=False)
     assert calls[0] == 16   # a new call: the memory budget's size first
+
+
+def test_a_gradual_pruner_keeps_the_size_that_fitted_across_its_steps(monkeypatch):
+    """The size learned at the first pruning step of a GradualPruner (a fake torch.OutOfMemoryError above 4
+    samples) is where the second step starts: one halving, one warning, for the pruner's whole schedule."""
+    calls = []
+    _fits_only(monkeypatch, 4, ERRORS["cuda"], calls)
+    model = _model()
+    pruner = wf.GradualPruner(model, _data(), final_sparsity=0.6, initial_sparsity=0.3, start_step=0, end_step=1,
+                              num_grads=16, block_size=4, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pruner.step(0) is not None
+        first = list(calls)
+        assert pruner.step(1) is not None
+    assert first == [16, 8] + [4] * 4            # the first step halves twice, then runs at 4
+    assert calls[len(first):] == [4] * 4         # the second step starts at 4: no out-of-memory attempt
+    assert pruner.fitted_chunks == {1: 4}
+    assert sum("ran out of memory" in str(w.message) for w in caught) == 1
+    # another pruner (another schedule) starts from the memory budget again
+    calls.clear()
+    other = wf.GradualPruner(_model(), _data(), final_sparsity=0.5, num_grads=16, block_size=4, progress=False)
+    with pytest.warns(UserWarning, match="ran out of memory"):
+        other.step(0)
+    assert calls[0] == 16
+
+
+def test_separate_calls_inside_one_fitted_chunks_context_share_the_size(monkeypatch):
+    """A caller's own ``with fitted_chunks():`` around several calls (prune_one_shot, estimate_curvature): the
+    later calls start at the size the first one learned (each call's own context joins the caller's)."""
+    from woodfisher.chunking import fitted_chunks
+    calls = []
+    _fits_only(monkeypatch, 4, ERRORS["cuda"], calls)
+    with fitted_chunks(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wf.prune_one_shot(_model(), _data(), sparsity=0.5, num_grads=16, block_size=4, progress=False)
+        wf.estimate_curvature(_model(), _data(), num_grads=16, block_size=4, progress=False)
+    assert calls == [16, 8] + [4] * 4 + [4] * 4
+    assert sum("ran out of memory" in str(w.message) for w in caught) == 1

@@ -118,7 +118,7 @@ def test_gpt2_one_shot(method):
 def test_gpt2_sampled_fisher_on_unlabelled_batches_and_nm_pattern():
     model = _gpt2()
     names = [t.name for t in resolve_targets(model)]
-    result = prune_one_shot(model, _lm_batches(labels=False), sparsity=0.0, pattern="2:4", sampled_fisher=True,
+    result = prune_one_shot(model, _lm_batches(labels=False), pattern="2:4", sampled_fisher=True,
                             num_grads=16, block_size=64, progress=False)
     assert _unique_sparsity(model, names) == pytest.approx(0.5) == result.sparsity
     for name in names:  # N:M along the input axis of each output feature: rows of the stored (in, out) weight

@@ -65,10 +65,17 @@ def test_patterns_and_names_mix_without_repeats():
         "head.weight", "blocks.0.mlp.2.weight", "blocks.1.mlp.2.weight"]
 
 
-@pytest.mark.parametrize("pattern", ["*.bias", "pos*", r"blocks\.\d+\.mlp\..*"])
+@pytest.mark.parametrize("pattern", ["*.bias", r"blocks\.\d+\.mlp\..*"])
 def test_a_pattern_matching_no_default_target_is_refused_naming_modules(pattern):
     with pytest.raises(ValueError, match=r"^modules: the pattern .* matches no weight pruned by default.*fnmatch"):
         _names(_ViT(), [pattern])
+
+
+def test_a_pattern_matching_only_a_free_table_names_it_to_paste():
+    with pytest.raises(ValueError, match=r"^modules: the pattern 'pos\*' matches only weights left out of the "
+                                         r"defaults; these are pruned when named exactly: modules=\['pos'\]$"):
+        _names(_ViT(), ["pos*"])
+    assert _names(_ViT(), ["pos"]) == ["pos"]
 
 
 def test_prune_one_shot_with_a_pattern_prunes_those_weights_only():

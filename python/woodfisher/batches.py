@@ -45,7 +45,7 @@ from .batch_dims import (
     unbatched_message,
     unsplit_inputs,
 )
-from .loader_hints import fix_hint
+from .loader_hints import fix_hint, positional_adapter, takes_as_keywords
 from .losses import (
     ADAPTER_HINT,
     LossFnError,
@@ -369,7 +369,7 @@ def peek(loader: Iterable) -> Tuple[Any, Iterable]:
 TARGET_LIKE_KEYS = ("target", "targets", "label", "y", "class", "classes", "class_labels")
 
 
-def check_labelled(batch: Batch, loss_fn: Optional[Callable] = None) -> None:
+def check_labelled(batch: Batch, loss_fn: Optional[Callable] = None, forward: Optional[Callable] = None) -> None:
     """Refuse a batch without a target (and without a ``labels`` keyword for the model's own loss), or
     whose target the default loss does not fit.
 
@@ -378,6 +378,8 @@ def check_labelled(batch: Batch, loss_fn: Optional[Callable] = None) -> None:
         loss_fn: the caller's loss; None = the default cross-entropy, whose floating-point targets
             must be class probabilities (:func:`check_probabilities`), unless the model is given them
             as ``labels=`` (HuggingFace: it computes its own loss, e.g. MSE for a regression head).
+        forward: the model's ``forward`` (None: unknown): the adapter suggested for a dict batch fits its signature
+            (:func:`woodfisher.loader_hints.positional_adapter` when it does not take every key as a keyword).
     Raises:
         ValueError: naming a dict batch's keys and, when one looks like a target (``target``,
             ``label``, ``y``, ...), the adapter that makes it the target; or naming ``loss_fn``.
@@ -389,10 +391,14 @@ def check_labelled(batch: Batch, loss_fn: Optional[Callable] = None) -> None:
     if batch.kwargs and not batch.args:
         keys = list(batch.kwargs)
         guess = next((k for k in keys if k.lower() in TARGET_LIKE_KEYS), None)
-        inputs = [k for k in keys if k != guess]
+        inputs, guessed = [k for k in keys if k != guess], ""
         if guess is not None and len(inputs) == 1:  # one input: positional suits forward(x) and forward(<key>=)
             fix = (f"pass batch_adapter=lambda b: woodfisher.Batch(args=(b[{inputs[0]!r}],), target=b[{guess!r}]) "
                    f"to make {guess!r} the target")
+        elif guess is not None and not takes_as_keywords(forward, inputs):
+            guessed, _, adapter = positional_adapter(inputs, next(k for k in inputs if not takes_as_keywords(
+                forward, [k])), forward, f"b[{guess!r}]")
+            fix = f"pass batch_adapter={adapter} to make {guess!r} the target"
         elif guess is not None:
             fix = (f"pass batch_adapter=lambda b: woodfisher.Batch(kwargs={{k: v for k, v in b.items() "
                    f"if k != {guess!r}}}, target=b[{guess!r}]) to make {guess!r} the target")
@@ -402,7 +408,7 @@ def check_labelled(batch: Batch, loss_fn: Optional[Callable] = None) -> None:
         raise ValueError(f"dict batches with keys {keys} have no target: the default reading passes every key to "
                          f"the model as a keyword and takes the target from 'labels' only (HuggingFace's name); "
                          f"{fix}, or name it 'labels' if the model computes its own loss, or pass "
-                         "sampled_fisher=True to draw targets from the model")
+                         f"sampled_fisher=True to draw targets from the model{guessed}")
     compute_loss(None, None, None)  # raises: no targets and no model loss
 
 

@@ -7,7 +7,6 @@ the gradients per step and the Fisher block size of ``num_steps`` / ``block_size
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 from torch import nn
@@ -15,6 +14,7 @@ from torch import nn
 from .checks import check_prunable
 from .config import PruneConfig
 from .curvature import resolve_config
+from .diagnostics import notices_dropped, warnings_held
 from .masks import sparsity_of
 from .plan import keep_step_bytes, plan_memory, stat_itemsize, stream_step_bytes
 from .structured import fit_pattern
@@ -41,7 +41,17 @@ def estimate_memory(model: nn.Module, config: Optional[PruneConfig] = None, **op
     Raises:
         ValueError: naming the field, for a bad option.
     """
-    config = fit_pattern(model, resolve_config(config, options))
+    config = resolve_config(config, options)
+    with warnings_held() as held:  # the notices of the call it estimates, only when that call would go ahead
+        config, report = _estimate(model, config)
+        if report["refused"] is not None:
+            held.clear()
+    return report
+
+
+def _estimate(model: nn.Module, config: PruneConfig):
+    """(config fitted to its pattern, :func:`estimate_memory`'s report)."""
+    config = fit_pattern(model, config)
     method = config.method_impl
     targets = resolve_targets(model, config.modules, None)
     steps = config.steps(sparsity_of({t.name: t.keep_mask() for t in targets}))
@@ -57,14 +67,13 @@ def estimate_memory(model: nn.Module, config: Optional[PruneConfig] = None, **op
     except ValueError as err:
         plan, refused = None, str(err)
     if method.curvature == "blockwise" and refused is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # the call's own warning says so when it runs
+        with notices_dropped():   # the call's own warning says so when it runs
             try:
                 plan, k = plan_memory(targets, m, itemsize, config.memory_budget, auto, config.inverse_form,
                                       config.fisher_batch_size)
             except ValueError as err:   # the call would be refused: say why, and what fits
                 plan, refused = None, str(err)
-    return dict(num_steps=len(steps), grads_per_step=m, block_size=block,
+    return config, dict(num_steps=len(steps), grads_per_step=m, block_size=block,
                 pruned_weights=sum(t.numel for t in targets),
                 keep_bytes=keep_step_bytes(targets, m, itemsize, config.fisher_batch_size, config.inverse_form),
                 stream_min_bytes=stream_step_bytes(targets, 1, itemsize, auto), plan=plan, stream_k=k,

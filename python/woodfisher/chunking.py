@@ -53,14 +53,21 @@ _FITTED: ContextVar[Optional[dict]] = ContextVar("woodfisher_fitted_chunks", def
 
 
 @contextmanager
-def fitted_chunks():
+def fitted_chunks(sizes: Optional[dict] = None):
     """Context: once a collector inside lowers its chunk after running out of memory, the later collectors
     inside (the steps of one ``prune_one_shot`` call) start at that size instead of running out again.
 
+    Args:
+        sizes: the dict that keeps the sizes ({fisher_batch_size: samples}), for an owner that outlives the
+            context (:class:`woodfisher.GradualPruner` keeps one across its pruning steps); None: the sizes of
+            an enclosing :func:`fitted_chunks` when there is one (a ``prune_one_shot`` call inside a
+            GradualPruner step), else a fresh dict.
     Yields:
-        None; the sizes are forgotten at the exit.
+        None; a fresh dict is forgotten at the exit (a dict passed in keeps what was recorded).
     """
-    token = _FITTED.set({})
+    if sizes is None:
+        sizes = _FITTED.get()
+    token = _FITTED.set({} if sizes is None else sizes)
     try:
         yield
     finally:

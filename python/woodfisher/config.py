@@ -27,7 +27,8 @@ from .names import unknown_names
 from .per_sample import PER_SAMPLE_PATHS
 
 __all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "SCHEDULES", "AUTO_MANY_STEPS", "check_int", "auto_num_steps",
-           "pattern_fixed_sparsity", "AUTO_BLOCK_PER_GRAD", "AUTO_STEP_KEEP", "AUTO_STEP_GRADS"]
+           "pattern_fixed_sparsity", "check_pattern_sparsity", "AUTO_BLOCK_PER_GRAD", "AUTO_STEP_KEEP",
+           "AUTO_STEP_GRADS"]
 
 MODES = ("global", "layerwise")
 FORMS = ("auto", "sequential", "lowrank", "stream", "offload")
@@ -67,13 +68,33 @@ def auto_num_steps(start: float, final: float, num_grads: int, keep: float = AUT
     return max(1, min(max(n, min(-(-num_grads // most), AUTO_MANY_STEPS)), num_grads // fewest))
 
 
-def pattern_fixed_sparsity(pattern: Any) -> float:
-    """The sparsity an omitted ``sparsity`` takes: 1 - N/M for ``pattern="N:M"``, else a ValueError (required)."""
+_REQUIRED = object()
+
+
+def pattern_fixed_sparsity(pattern: Any, default: Any = _REQUIRED) -> float:
+    """The sparsity an omitted ``sparsity`` takes: 1 - N/M for ``pattern="N:M"``, else ``default`` (when given) or a
+    ValueError (``sparsity`` is required)."""
     parsed = st.parse_pattern(pattern)
     fixed = st.pattern_sparsity(parsed) if parsed is not None else None
-    if fixed is None:
+    if fixed is not None:
+        return fixed
+    if default is _REQUIRED:
         raise ValueError("sparsity is required (only pattern='N:M' fixes it, at 1 - N/M)")
-    return fixed
+    return default
+
+
+def check_pattern_sparsity(sparsity: Any, pattern: Any, name: str = "sparsity") -> None:
+    """An explicit ``sparsity`` that an N:M ``pattern`` contradicts (it fixes the sparsity at 1 - N/M): a ValueError
+    naming ``name`` that says the value the pattern fixes and that it may be omitted. An equal value (to 1e-6:
+    0.666667 for 1:3) passes, and so does any value without an N:M pattern (:func:`check_sparsity` checks the rest).
+    """
+    parsed = st.parse_pattern(pattern)
+    fixed = st.pattern_sparsity(parsed) if parsed is not None else None
+    if fixed is None or not is_real(sparsity) or math.isclose(float(sparsity), fixed, rel_tol=0.0, abs_tol=1e-6):
+        return
+    raise ValueError(f"{name}={float(sparsity):g} contradicts pattern={pattern!r}, which fixes the sparsity at "
+                     f"{fixed:g} (1 - N/M: N of every M weights kept); pass {name}={fixed:g} or leave it out (it then "
+                     "defaults to the pattern's)")
 
 
 def check_int(name: str, value: Any, low: int = 1) -> int:
@@ -257,6 +278,8 @@ class PruneConfig:
         if self.sparsity is None:
             object.__setattr__(self, "sparsity", pattern_fixed_sparsity(self.pattern))
         check_sparsity(self.sparsity)
+        check_pattern_sparsity(self.sparsity, self.pattern)
+        object.__setattr__(self, "sparsity", pattern_fixed_sparsity(self.pattern, self.sparsity))  # 0.667 -> 2/3
         _check_choice("method", self.method, tuple(METHODS))
         _check_choice("mode", self.mode, MODES)
         for name in ("num_grads", "fisher_batch_size"):

@@ -32,9 +32,9 @@ import woodfisher_kernels as wk
 from .batches import check_loader, peek, to_batch
 from .checks import check_prunable
 from .conditioning import layer_inverse, warn_ill_conditioned
-from .config import PruneConfig
+from .config import PruneConfig, pattern_fixed_sparsity
 from .damping import FisherStats, resolve_damp
-from .diagnostics import warn_at_caller
+from .diagnostics import notices_dropped, warn_at_caller, warnings_held
 from .diagonal import empirical_fisher_diagonal
 from .distributed.estimate import estimate_sharded
 from .distributed.fsdp import full_parameters
@@ -51,7 +51,7 @@ from .streaming import estimate_streamed
 from .structured import fit_pattern
 from .targets import Layout, PruneTarget, resolve_targets, unwrap_model
 
-__all__ = ["Curvature", "estimate_curvature", "resolve_config"]
+__all__ = ["Curvature", "estimate_curvature", "resolve_config", "require_loader", "check_memory_plan"]
 
 
 @dataclass
@@ -166,12 +166,20 @@ class Curvature:
         return replace(self, config=config, inverses=invs, forms=forms, damp=value, kappa=kappa, refined=refined)
 
 
-def resolve_config(config: Optional[PruneConfig], options: dict, sparsity: float = 0.0) -> PruneConfig:
-    """A PruneConfig from ``config`` and/or keyword options (options override)."""
+def resolve_config(config: Optional[PruneConfig], options: dict, sparsity: Optional[float] = None) -> PruneConfig:
+    """A PruneConfig from ``config`` and/or keyword options (options override). ``sparsity`` not among the options:
+    the argument, else the one an N:M ``pattern`` fixes, else 0 (phase one does not use it); ``sparsity=None`` among
+    them is PruneConfig's to refuse or fill. A ``pattern`` option over a ``config`` brings its own fixed sparsity
+    unless ``sparsity`` is passed too."""
     if config is None:
-        return PruneConfig.from_options(**{"sparsity": sparsity, **options})
+        if "sparsity" not in options:
+            fixed = pattern_fixed_sparsity(options.get("pattern"), 0.0)
+            options = {**options, "sparsity": fixed if sparsity is None else sparsity}
+        return PruneConfig.from_options(**options)
     if not isinstance(config, PruneConfig):
         raise ValueError(f"config must be a woodfisher.PruneConfig, got {type(config).__name__}")
+    if "pattern" in options and "sparsity" not in options:
+        options = {**options, "sparsity": pattern_fixed_sparsity(options["pattern"], config.sparsity)}
     return config.replace(**options) if options else config
 
 
@@ -208,7 +216,8 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
         loader: batches for the Fisher (see :mod:`woodfisher.batches`); may be None for
             magnitude methods without ``beta``.
         config: a :class:`PruneConfig`; keyword ``options`` (its field names) override it,
-            or build one (``sparsity`` defaults to 0 here: it is used by :func:`prune_with`).
+            or build one (``sparsity`` defaults to the one an N:M ``pattern`` fixes, else 0 here: it is used by
+            :func:`prune_with`; a sparsity that contradicts an N:M pattern is a ValueError naming ``sparsity``).
     Returns:
         :class:`Curvature` (inverses (B, c, c) or low-rank per weight, see its attributes).
     Raises:
@@ -218,12 +227,16 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
     config = resolve_config(config, options)
     if loader is not None:  # refused before any notice (fit_pattern's) is printed
         check_loader(loader)
-    config = fit_pattern(model, config)  # N:M on the default targets: those it fits
-    method = config.method_impl
-    with full_parameters(model), caller_modes_off():  # FSDP: the full weights for the call
+    # the notices (fit_pattern's, warn_left_out's) only for a call that goes ahead: not refused by a check, nor by
+    # its loader and model on the data
+    with full_parameters(model), caller_modes_off(), warnings_held():  # FSDP: the full weights for the call
+        config = fit_pattern(model, config)  # N:M on the default targets: those it fits
+        method = config.method_impl
         targets = resolve_targets(model, config.modules, method.block_size(config), channels_last=config.channels_last)
         method.check_targets(targets, config)
         check_prunable(targets, config)
+        require_loader(config, loader)
+        check_memory_plan(targets, config, config.num_grads)
         warn_left_out(model, config.modules)
         with display(config.progress):
             curv = _estimate(model, loader, targets, config)
@@ -264,9 +277,25 @@ def warn_zero_gradients(stats: List[Optional[FisherStats]]) -> None:
                        "them out with modules=[the other weights], or make the model's first output depend on them")
 
 
-def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConfig) -> Curvature:
+def require_loader(config: PruneConfig, loader: Optional[Iterable]) -> None:
+    """A ValueError naming ``loader`` when it is None and ``config`` needs data (curvature, or ``beta > 0``)."""
     if config.needs_data and loader is None:
         raise ValueError(f"loader is required for method={config.method!r} (and for beta > 0)")
+
+
+def check_memory_plan(targets: List[PruneTarget], config: PruneConfig, num_grads: int) -> None:
+    """Refuse, up front, a ``memory_budget`` that no plan fits for a step of ``num_grads`` gradients (a ValueError
+    naming ``memory_budget``, from :func:`woodfisher.plan.plan_memory`); a sharded call checks its own shard, and the
+    plan's own notice comes from the step that uses it."""
+    if config.method_impl.curvature not in ("blockwise", "diagonal") or active_group(config.group) is not None:
+        return
+    with notices_dropped():
+        plan_memory(targets, num_grads, stat_itemsize(targets), config.memory_budget, config.damp == "auto",
+                    config.inverse_form, config.fisher_batch_size)
+
+
+def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConfig) -> Curvature:
+    require_loader(config, loader)
     if config.needs_data:
         check_loader(loader)
     kind = config.method_impl.curvature

@@ -9,18 +9,21 @@ second-order. :func:`magnitude_overlap` measures this for a call, and
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import os
 import sys
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
 from .masks import select_kept_masks
 
-__all__ = ["magnitude_overlap", "warn_if_degenerate", "reissue", "warn_at_caller", "DEGENERATE_OVERLAP",
-           "MIN_WARN_COUNT"]
+__all__ = ["magnitude_overlap", "warn_if_degenerate", "reissue", "warn_at_caller", "warnings_held", "release_notices",
+           "notices_dropped",
+           "DEGENERATE_OVERLAP", "MIN_WARN_COUNT"]
 
 #: An overlap at or above this is reported as a mask that degenerated to magnitude pruning.
 DEGENERATE_OVERLAP = 0.99
@@ -107,14 +110,93 @@ def warn_at_caller(message: str, category=UserWarning) -> None:
     """``warnings.warn`` pointing at the first frame outside woodfisher and woodfisher_kernels.
 
     That is the user's line, whichever public entry point led here (``skip_file_prefixes`` does
-    the same from Python 3.12 on).
+    the same from Python 3.12 on). Inside a :func:`warnings_held` block the notice is held by it.
 
     Args:
         message: the warning text. category: a ``Warning`` subclass (default UserWarning).
     """
+    held = _HELD.get()
+    if held is not None:
+        held.append((message, category))
+        return
     import woodfisher_kernels
     dirs = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, woodfisher_kernels.__file__))
     level, frame = 1, sys._getframe(1)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(dirs):
+    while frame is not None and (os.path.abspath(frame.f_code.co_filename).startswith(dirs)
+                                 or frame.f_code.co_filename == contextlib.__file__):  # a held notice's release
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level + 1)
+
+
+class _Held(list):
+    """The (message, category) notices of a :func:`warnings_held` block; ``outer``: the enclosing block's."""
+    outer: Optional["_Held"] = None
+
+
+#: The notices held by the innermost :func:`warnings_held` block (None: none is active).
+_HELD: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("woodfisher_held_notices", default=None)
+
+
+@contextlib.contextmanager
+def warnings_held() -> Iterator[list]:
+    """Hold the notices of the block (:func:`warn_at_caller`'s) until it completes: a call refused after a notice
+    (by a check, or by its loader and model on the data: a weight left dense, frozen weights, a planned number of
+    steps, then a ValueError) prints no notice, only its error.
+
+    On a clean exit (or at :func:`release_notices`) each held notice is issued, in order, at the caller's line, so
+    the caller's filters (``error``, ``ignore``, ``once``) and ``pytest.warns`` see it as before; on a ValueError
+    (the call refused) they are dropped, on another exception (out of memory, an interrupt) issued. Inside another
+    block they pass to it. Warnings issued with ``warnings.warn`` directly (torch's) are not held.
+
+    Returns:
+        A context manager; ``with warnings_held() as held:`` binds the list of held (message, category): what the
+        block removes from it is dropped (the report of a refused call).
+    Raises:
+        whatever the block raises, unchanged.
+    """
+    held = _Held()
+    held.outer = _HELD.get()
+    token = _HELD.set(held)
+    try:
+        yield held
+    except ValueError:  # a refused call: its notices are dropped
+        _HELD.reset(token)
+        raise
+    except BaseException:  # out of memory, an interrupt: what the call said so far is issued
+        _release(held, token)
+        raise
+    _release(held, token)
+
+
+def _release(held: "_Held", token) -> None:
+    now = _HELD.get()
+    _HELD.reset(token)
+    if now is held:  # not released yet
+        for message, category in held:
+            warn_at_caller(message, category)
+
+
+@contextlib.contextmanager
+def notices_dropped() -> Iterator[None]:
+    """Drop the notices of the block, held or not (a check that runs what a later step runs again, with its notice:
+    ``warnings.catch_warnings`` alone would not drop a notice held by an enclosing :func:`warnings_held`).
+
+    Returns:
+        A context manager.
+    """
+    with warnings.catch_warnings(), warnings_held() as held:
+        warnings.simplefilter("ignore")
+        yield
+        held.clear()
+
+
+def release_notices() -> None:
+    """Issue the notices the innermost :func:`warnings_held` block holds now (the call has passed the point where
+    it could still be refused for its input, e.g. the first step's gradients) and let the later ones through."""
+    held = _HELD.get()
+    if held is None:
+        return
+    _HELD.set(held.outer)  # to the enclosing block, if any, else issued
+    for message, category in held:
+        warn_at_caller(message, category)
+    held.clear()

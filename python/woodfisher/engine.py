@@ -25,18 +25,16 @@ from .batches import check_loader, is_single_pass
 from .checks import check_prunable
 from .chunking import fitted_chunks
 from .conditioning import warn_ill_conditioned
-from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig
-from .curvature import Curvature, _estimate, warn_zero_gradients
-from .diagnostics import magnitude_overlap, warn_at_caller, warn_if_degenerate
+from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig, pattern_fixed_sparsity
+from .curvature import Curvature, _estimate, check_memory_plan, require_loader, warn_zero_gradients
+from .diagnostics import magnitude_overlap, release_notices, warn_at_caller, warn_if_degenerate, warnings_held
 from .distributed.fsdp import full_parameters
-from .distributed.group import active_group
 from .finetune import hold_target_masks
 from .gradients import LoaderExhausted
 from .left_out import warn_left_out
 from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
 from .memory import note_out_of_memory
 from .methods import StepContext
-from .plan import plan_memory, stat_itemsize
 from .progress import display, step_label
 from .result import PruneResult, layer_rows
 from .state import Snapshot, caller_modes_off, changed_weights, fingerprint
@@ -89,7 +87,7 @@ def _timings() -> Dict[str, float]:
     return {"gradients": 0.0, "inverse": 0.0, "select": 0.0, "update": 0.0}
 
 
-def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **options) -> PruneResult:
+def prune_with(model: nn.Module, curvature: Curvature, sparsity: Optional[float] = None, **options) -> PruneResult:
     """Prune ``model`` in place to ``sparsity`` with a curvature estimated before (phase two).
 
     ``model`` must hold the weights the curvature was estimated on (the same model, or a
@@ -104,25 +102,28 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: float, **option
     Args:
         model: the network the curvature was estimated on (or a copy); pruned in place.
         curvature: a :class:`Curvature` from :func:`estimate_curvature`.
-        sparsity: target fraction of pruned weights in [0, 1); with an N:M ``pattern`` it must be 1 - N/M (or 0).
+        sparsity: target fraction of pruned weights in [0, 1); with an N:M ``pattern`` (this call's, else the
+            curvature's) it may be omitted and is then 1 - N/M; another value is a ValueError naming ``sparsity``.
         **options: selection fields of :class:`PruneConfig` (mode, min_density, obs_update, beta,
             pattern, keep_masks, ...). ``pattern`` defaults to the curvature's: a curvature estimated with
             ``pattern="2:4"`` prunes 2:4 unless ``pattern=None`` is passed (unstructured masks from the same blocks).
     Returns:
         :class:`PruneResult`.
     Raises:
-        ValueError: bad options, an option the curvature fixed with another value (naming it;
-            ``Curvature.with_damp`` changes the damp), a model missing a weight of the curvature or holding it
-            with another shape, or weights that cannot be pruned (:func:`woodfisher.checks.check_prunable`); the
-            model is unchanged. ``curvature`` holding other weights than the model's (another instance of the
-            architecture, other weights loaded or the model pruned or trained since estimating; compared by
-            :func:`woodfisher.state.fingerprint`, so copies pass): a ValueError naming ``curvature``. A
-            :class:`woodfisher.FisherHook` curvature is not compared (its window spans training steps).
+        ValueError: bad options (``sparsity`` omitted without an N:M pattern), an option the curvature fixed
+            with another value (naming it; ``Curvature.with_damp`` changes the damp), a model missing a weight of
+            the curvature or holding it with another shape, or weights that cannot be pruned
+            (:func:`woodfisher.checks.check_prunable`); the model is unchanged. ``curvature`` holding other weights
+            than the model's (another instance of the architecture, other weights loaded or the model pruned or
+            trained since estimating; compared by :func:`woodfisher.state.fingerprint`, so copies pass): a
+            ValueError naming ``curvature``. A :class:`woodfisher.FisherHook` curvature is not compared (its window
+            spans training steps).
     """
     if not isinstance(curvature, Curvature):
         raise ValueError(f"curvature must be a woodfisher.Curvature (from estimate_curvature), got "
                          f"{type(curvature).__name__}")
-    with full_parameters(model), caller_modes_off():  # FSDP: the full weights, re-sharded after
+    # FSDP: the full weights, re-sharded after; a refused call prints no notice
+    with full_parameters(model), caller_modes_off(), warnings_held():
         return _prune_with(model, curvature, sparsity, options)
 
 
@@ -180,11 +181,12 @@ def _check_inherited_pattern(curvature: Curvature, sparsity, options: dict) -> N
     that says the pattern came from the curvature and how to leave it (the config's own message names neither)."""
     pattern = curvature.config.pattern
     fixed = pattern_sparsity(parse_pattern(pattern)) if pattern is not None and "pattern" not in options else None
-    if fixed is None or not isinstance(sparsity, numbers.Real) or sparsity == 0 or math.isclose(sparsity, fixed):
+    if fixed is None or not isinstance(sparsity, numbers.Real) or math.isclose(sparsity, fixed, abs_tol=1e-6):
         return
     raise ValueError(f"sparsity={sparsity:g}: the curvature was estimated with pattern={pattern!r}, which prune_with "
                      f"keeps unless told otherwise and which fixes the sparsity at {fixed:g}; pass pattern=None for "
-                     f"unstructured masks at sparsity={sparsity:g} (the same Fisher blocks serve both)")
+                     f"unstructured masks at sparsity={sparsity:g} (the same Fisher blocks serve both), or omit "
+                     f"sparsity (it is then {fixed:g})")
 
 
 def _prunes_nothing(config: PruneConfig) -> bool:
@@ -196,6 +198,8 @@ def _prunes_nothing(config: PruneConfig) -> bool:
 
 def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> PruneResult:
     _check_inherited_pattern(curvature, sparsity, options)
+    if sparsity is None:  # the one an N:M pattern fixes (this call's, else the curvature's), else required
+        sparsity = pattern_fixed_sparsity(options.get("pattern", curvature.config.pattern))
     config = curvature.config.replace(sparsity=sparsity, **options)
     _check_fixed(curvature, config)
     targets = curvature.targets(model)
@@ -237,11 +241,10 @@ def _estimate_step(model, loader, targets, step_config: PruneConfig, config: Pru
                          "num_steps, or more data") from exc
 
 
-def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> PruneResult:
-    """Every step of :func:`woodfisher.prune_one_shot` (see there); transactional."""
-    start = time.perf_counter()
-    if loader is not None:  # refused before any notice (fit_pattern's) is printed
-        check_loader(loader)
+def _plan(model: nn.Module, loader: Optional[Iterable], config: PruneConfig):
+    """Every check of :func:`run` and its plan: (config fitted to the pattern, targets, keep-masks and weights
+    before, starting sparsity, steps, the steps' configs, block size). Its notices are issued by the caller once
+    every check has passed (:func:`woodfisher.diagnostics.warnings_held`)."""
     config = fit_pattern(model, config)  # N:M on the default targets: the weights it fits
     method = config.method_impl
     targets = resolve_targets(model, config.modules, None)
@@ -249,22 +252,21 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     start_sparsity = sparsity_of(before[1])
     steps = config.steps(start_sparsity)
     if len(steps) > 1 and config.num_steps == "auto" and is_single_pass(loader):
-        warnings.warn(f"num_steps='auto' would recompute the Fisher in {len(steps)} steps, but the loader can be "
-                      "read only once (a generator?): pruning in one step; pass a list or a DataLoader to get "
-                      "the recomputation", UserWarning, stacklevel=3)
+        warn_at_caller(f"num_steps='auto' would recompute the Fisher in {len(steps)} steps, but the loader can be "
+                       "read only once (a generator?): pruning in one step; pass a list or a DataLoader to get "
+                       "the recomputation")
         steps = config.replace(num_steps=1).steps(start_sparsity)
     if config.num_steps == "auto" and len(steps) > AUTO_MANY_STEPS:
-        warnings.warn(f"num_steps='auto' plans {len(steps)} Fisher recomputations to reach sparsity "
-                      f"{config.final_sparsity:g} (each step keeps >= {AUTO_STEP_KEEP:.0%} of the weights still "
-                      f"unpruned; each is a full gradient collection and inversion); pass num_steps=<fewer> for "
-                      "fewer, larger steps", UserWarning, stacklevel=3)
+        warn_at_caller(f"num_steps='auto' plans {len(steps)} Fisher recomputations to reach sparsity "
+                       f"{config.final_sparsity:g} (each step keeps >= {AUTO_STEP_KEEP:.0%} of the weights still "
+                       f"unpruned; each is a full gradient collection and inversion); pass num_steps=<fewer> for "
+                       "fewer, larger steps")
     configs = [config.replace(num_grads=m, num_steps=1) for _, m in steps]
     block_size = method.block_size(configs[0])
     targets = resolve_targets(model, config.modules, block_size, channels_last=config.channels_last)
     method.check_targets(targets, config)
     check_prunable(targets, config)
-    if config.needs_data and loader is None:
-        raise ValueError(f"loader is required for method={config.method!r} (and for beta > 0)")
+    require_loader(config, loader)
     if len(steps) > 1 and config.needs_data and is_single_pass(loader):
         raise ValueError(f"num_steps={config.num_steps} needs a loader that can be iterated once per step; got a "
                          "single-pass iterator (a generator?): pass a list or a DataLoader, or num_steps=1")
@@ -272,41 +274,49 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
         warn_at_caller("sparsity=0 prunes nothing: no gradients were computed and the weights are unchanged (the "
                        "result holds the current keep-masks); pass sparsity > 0 to prune")
         steps, configs = [], []
-    if steps and method.curvature in ("blockwise", "diagonal") and active_group(config.group) is None:
-        # refuse an impossible memory budget up front (a sharded run checks its own shard); the
-        # plan's own warning comes from the step that uses it
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            plan_memory(targets, configs[0].num_grads, stat_itemsize(targets), config.memory_budget,
-                        config.damp == "auto", config.inverse_form, config.fisher_batch_size)
+    if steps:
+        check_memory_plan(targets, config, configs[0].num_grads)
     if steps:  # else the note above says it all
         _warn_below(config, start_sparsity)
     warn_left_out(model, config.modules)
-    timings = _timings()
-    snapshot = Snapshot(targets, model)
-    damp, forms, kappa, stats = None, {}, {}, []
-    i = 0
-    try:
-        with display(config.progress), fitted_chunks():  # a chunk size lowered by running out of memory: kept
-            for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
-                with step_label(f"step {i + 1}/{len(steps)}" if len(steps) > 1 else None):
-                    targets = resolve_targets(model, config.modules, method.block_size(step_config),
-                                              channels_last=config.channels_last)
-                    curvature = _estimate_step(model, loader, targets, step_config, config, len(steps))
-                    for phase in ("gradients", "inverse"):
-                        timings[phase] += curvature.timings[phase]
-                    _apply(targets, curvature, step_config, target, timings)
-                damp, forms = curvature.damp, curvature.forms
-                kappa.update({n: max(k, kappa.get(n, 0.0)) for n, k in curvature.kappa.items()})
-                stats.append(curvature.stats)
-                curvature = None  # this step's gradients and inverses are freed before the next step's are built
-        # once per call, with the worst step of each layer
-        warn_ill_conditioned(kappa, forms, damp, config.damp == "auto", stacklevel=3)
-        warn_zero_gradients(stats)
-        timings["total"] = time.perf_counter() - start
-        extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": block_size}
-        return _result(model, targets, config, damp, forms, timings, before, extra, stacklevel=4)
-    except BaseException as err:
-        snapshot.restore()
-        note_out_of_memory(err, f"step {i + 1}/{len(steps)}")
-        raise
+    return config, targets, before, start_sparsity, steps, configs, block_size
+
+
+def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> PruneResult:
+    """Every step of :func:`woodfisher.prune_one_shot` (see there); transactional."""
+    start = time.perf_counter()
+    if loader is not None:  # refused before any notice (fit_pattern's) is printed
+        check_loader(loader)
+    # a call refused by its checks, or by its loader and model on the first step's data, prints no notice
+    with warnings_held():
+        config, targets, before, start_sparsity, steps, configs, block_size = _plan(model, loader, config)
+        method = config.method_impl
+        timings = _timings()
+        snapshot = Snapshot(targets, model)
+        damp, forms, kappa, stats = None, {}, {}, []
+        i = 0
+        try:
+            with display(config.progress), fitted_chunks():  # a chunk size lowered by running out of memory: kept
+                for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
+                    with step_label(f"step {i + 1}/{len(steps)}" if len(steps) > 1 else None):
+                        targets = resolve_targets(model, config.modules, method.block_size(step_config),
+                                                  channels_last=config.channels_last)
+                        curvature = _estimate_step(model, loader, targets, step_config, config, len(steps))
+                        release_notices()  # the loader and the model took the data: the call goes ahead
+                        for phase in ("gradients", "inverse"):
+                            timings[phase] += curvature.timings[phase]
+                        _apply(targets, curvature, step_config, target, timings)
+                    damp, forms = curvature.damp, curvature.forms
+                    kappa.update({n: max(k, kappa.get(n, 0.0)) for n, k in curvature.kappa.items()})
+                    stats.append(curvature.stats)
+                    curvature = None  # this step's gradients and inverses are freed before the next step's are built
+            # once per call, with the worst step of each layer
+            warn_ill_conditioned(kappa, forms, damp, config.damp == "auto", stacklevel=3)
+            warn_zero_gradients(stats)
+            timings["total"] = time.perf_counter() - start
+            extra = {"steps": [[s, m] for s, m in steps], "fisher_block_size": block_size}
+            return _result(model, targets, config, damp, forms, timings, before, extra, stacklevel=4)
+        except BaseException as err:
+            snapshot.restore()
+            note_out_of_memory(err, f"step {i + 1}/{len(steps)}")
+            raise

@@ -10,6 +10,9 @@ allows, :func:`woodfisher.chunking.chunk_samples`), and each chunk is one call:
   (``vmap``, or expanded weights with ``per_sample="expanded"``), so a loader of batch 1 costs
   what a loader of batch 256 costs;
 - ``fisher_batch_size > 1``: one plain batched backward per group of samples;
+- activation checkpointing (``torch.utils.checkpoint``, HuggingFace's ``gradient_checkpointing_enable``) is
+  switched off while a chunk is computed (:mod:`woodfisher.recompute`: ``vmap`` cannot trace it; the chunk's
+  activations are then held, and a chunk that runs out of memory is halved as below);
 - models or losses that ``vmap`` cannot trace fall back to the per-group autograd loop
   (same numbers, slower), with one warning at the caller's line giving vmap's reason.
 
@@ -69,9 +72,10 @@ from .chunking import (
 from .diagnostics import warn_at_caller
 from .losses import compute_loss, logits_of, sample_targets
 from .memory import is_out_of_memory, note_activations_too_large
-from .per_sample import PER_SAMPLE_PATHS
+from .per_sample import PER_SAMPLE_PATHS, check_batch_statistics
 from .precision import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
 from .progress import progress_bar
+from .recompute import checkpointing_off
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
 
@@ -115,10 +119,10 @@ class GradientCollector:
     gradient entries, for :class:`woodfisher.damping.FisherStats`), ``nonzero`` ({name: whether
     any of its masked gradients was non-zero}) and ``loss_grad`` ({name: (numel,)} or None).
     Gradients are flat (k, numel), contiguous, in the weight's storage order, in :attr:`dtype`.
-    Raises: ValueError for a ``per_sample`` outside :data:`PER_SAMPLE_PATHS` (at construction); during the
-    pass, ValueError for an empty loader, unlabelled batches without a
-    model loss, floating targets the default loss cannot take (naming ``loss_fn``), or NaN/Inf
-    gradients (naming the weight).
+    Raises: ValueError for a ``per_sample`` outside :data:`PER_SAMPLE_PATHS` or, with ``fisher_batch_size=1``, a
+    BatchNorm without running statistics (:func:`woodfisher.per_sample.check_batch_statistics`), at
+    construction; during the pass, ValueError for an empty loader, unlabelled batches without a model loss,
+    floating targets the default loss cannot take (naming ``loss_fn``), or NaN/Inf gradients (naming the weight).
     """
 
     def __init__(self, model: nn.Module, loader, targets: List[PruneTarget], *,
@@ -132,6 +136,7 @@ class GradientCollector:
             raise ValueError(f"per_sample must be one of {PER_SAMPLE_PATHS}, got {per_sample!r}")
         self.model, self.loader, self.targets = model, loader, targets
         self.inner = unwrap_model(model)[0]
+        check_batch_statistics(self.inner, int(fisher_batch_size))  # BatchNorm without running statistics
         self.loss_fn = loss_fn
         self.num_grads = None if num_grads is None else int(num_grads)
         self.fbs = int(fisher_batch_size)
@@ -141,8 +146,10 @@ class GradientCollector:
         self.adapter = batch_adapter
         self.dtype = compute_dtype(targets[0].param.dtype)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
+        forward = getattr(self.inner, "forward", None)  # the adapter a dict batch without a target is told fits it
         # no target, no model loss; a target that cannot be split into per-sample targets along dim 0
-        check = None if self.sampled else (lambda batch: check_labelled(batch, loss_fn) or check_batch_dims(batch))
+        check = None if self.sampled else (
+            lambda batch: check_labelled(batch, loss_fn, forward) or check_batch_dims(batch))
         chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes)
         # an earlier step of the same call ran out of memory: its size (chunking.fitted_chunks)
         self._source = SampleChunks(loader, batch_adapter, self.fbs, self.num_grads,
@@ -249,7 +256,9 @@ class GradientCollector:
     def _computed(self, params, buffers, flat: Batch, gen, device):
         """(params, buffers, {key: (G, *shape)} gradients, loss gradients or None) of one chunk; params and buffers
         change only for a half model that fails in float32 (:meth:`_native_state`)."""
-        with loader_errors(flat, replay=lambda: self._replay(params, buffers, device)):
+        # activation checkpointing off: torch.func cannot trace its recomputation (woodfisher.recompute)
+        with loader_errors(flat, replay=lambda: self._replay(params, buffers, device)), \
+                checkpointing_off(self.inner):
             try:
                 labelled = self._sampled(params, buffers, flat, gen) if self.sampled else flat
                 grads = self._chunk_grads(params, buffers, labelled)

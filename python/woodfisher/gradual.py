@@ -39,14 +39,16 @@ from torch import nn
 
 from .batches import check_loader, is_single_pass
 from .checks import check_prunable
-from .config import PruneConfig, check_int
-from .diagnostics import reissue
+from .chunking import fitted_chunks
+from .config import PruneConfig, check_int, check_pattern_sparsity, pattern_fixed_sparsity
+from .diagnostics import reissue, warnings_held
 from .finetune import attach_masks, make_permanent
 from .masks import check_sparsity, is_int, is_real
+from .per_sample import check_batch_statistics
 from .pruner import PruneResult, prune_one_shot
 from .state import Snapshot
 from .structured import fit_pattern, parse_pattern, pattern_sparsity
-from .targets import resolve_targets, strip_wrapper_prefixes
+from .targets import resolve_targets, strip_wrapper_prefixes, unwrap_model
 
 __all__ = ["polynomial_sparsity", "GradualPruner", "apply_masks", "make_permanent"]
 
@@ -119,7 +121,8 @@ class GradualPruner:
     Args:
         model: network to prune (modified in place).
         loader: default ``(inputs, targets)`` loader for the Fisher (``step`` may override).
-        final_sparsity: s_f in [0, 1). initial_sparsity: s_i (default 0.05).
+        final_sparsity: s_f in [0, 1); with an N:M ``pattern`` it may be omitted (1 - N/M), and another value is a
+            ValueError naming it. initial_sparsity: s_i (default 0.05).
         start_step, end_step, frequency: pruning at start_step + k * frequency up to
             end_step (``end_step - start_step`` must be a multiple of ``frequency``).
         prune_kwargs: the other :class:`woodfisher.PruneConfig` fields (method, mode, block_size, ...),
@@ -130,7 +133,8 @@ class GradualPruner:
             ``frequency`` not an int >= 1, ``end_step - start_step`` not a non-negative multiple of
             ``frequency``, ``initial_sparsity > final_sparsity``, ``sparsity`` passed, a ``loader`` that is not
             iterable (or single-pass, with more than one pruning step), a bad
-            :class:`PruneConfig` option, weights that cannot be pruned or that a ``pattern`` does not fit,
+            :class:`PruneConfig` option, weights that cannot be pruned or that a ``pattern`` does not fit, a
+            BatchNorm without running statistics with ``fisher_batch_size=1`` (per-sample gradients undefined),
             or an N:M ``pattern`` (which fixes every step at 1 - N/M) with a ramp: it needs
             ``start_step == end_step`` or ``initial_sparsity = 1 - N/M``.
 
@@ -144,13 +148,19 @@ class GradualPruner:
         make_permanent(model)
     """
 
-    def __init__(self, model: nn.Module, loader: Optional[Iterable] = None, *, final_sparsity: float,
+    def __init__(self, model: nn.Module, loader: Optional[Iterable] = None, *, final_sparsity: Optional[float] = None,
                  start_step: int = 0, end_step: int = 0, frequency: int = 1,
                  initial_sparsity: float = 0.05, **prune_kwargs):
-        start_step, end_step, frequency = _check_schedule(final_sparsity, start_step, end_step, frequency,
-                                                          initial_sparsity)
         if "sparsity" in prune_kwargs:
             raise ValueError("pass final_sparsity, not sparsity, to GradualPruner")
+        if final_sparsity is None:  # the one an N:M pattern fixes, else required
+            try:
+                final_sparsity = pattern_fixed_sparsity(prune_kwargs.get("pattern"))
+            except ValueError:
+                raise ValueError("final_sparsity is required (only pattern='N:M' fixes it, at 1 - N/M)") from None
+        check_pattern_sparsity(final_sparsity, prune_kwargs.get("pattern"), "final_sparsity")
+        start_step, end_step, frequency = _check_schedule(final_sparsity, start_step, end_step, frequency,
+                                                          initial_sparsity)
         if loader is not None:  # read at every pruning step, maybe hours into training: checked now
             check_loader(loader)
             if is_single_pass(loader) and end_step > start_step:
@@ -159,19 +169,26 @@ class GradualPruner:
                                  "list) or one per step: pruner.step(step, loader)")
         asked = PruneConfig.from_options(sparsity=float(final_sparsity), **prune_kwargs)
         _check_pattern_schedule(asked, float(initial_sparsity), (end_step - start_step) // frequency)
-        self.config = fit_pattern(model, asked)  # N:M on the default targets: those it fits, said once here
-        if self.config.modules != asked.modules:
-            prune_kwargs = dict(prune_kwargs, modules=list(self.config.modules))
-        targets = resolve_targets(model, self.config.modules, self.config.method_impl.block_size(self.config),
-                                  channels_last=self.config.channels_last)
-        self.config.method_impl.check_targets(targets, self.config)  # e.g. rows an N:M pattern does not fit
-        check_prunable(targets, self.config, final_sparsity, "final_sparsity")
+        with warnings_held():  # the pattern's notice only for a pruner that is made
+            config = fit_pattern(model, asked)  # N:M on the default targets: those it fits, said once here
+            targets = resolve_targets(model, config.modules, config.method_impl.block_size(config),
+                                      channels_last=config.channels_last)
+            config.method_impl.check_targets(targets, config)  # e.g. rows an N:M pattern does not fit
+            if config.method_impl.curvature in ("blockwise", "diagonal"):  # per-sample gradients at every step
+                check_batch_statistics(unwrap_model(model)[0], config.fisher_batch_size)
+            check_prunable(targets, config, final_sparsity, "final_sparsity")
+        self.config = config
+        if config.modules != asked.modules:
+            prune_kwargs = dict(prune_kwargs, modules=list(config.modules))
         self.model, self.loader = model, loader
         self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
         self.prune_kwargs = prune_kwargs
         self.last_step: Optional[int] = None
         self.history: List[dict] = []
+        # samples per gradient call that fitted after running out of memory, kept across the pruning steps
+        # ({fisher_batch_size: samples}; :func:`woodfisher.chunking.fitted_chunks`): later steps start there
+        self.fitted_chunks: Dict[int, int] = {}
 
     def is_pruning_step(self, step: int) -> bool:
         """Whether ``step`` is a scheduled pruning step.
@@ -216,8 +233,9 @@ class GradualPruner:
         snapshot = Snapshot(resolve_targets(self.model, self.config.modules), self.model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = prune_one_shot(self.model, loader if loader is not None else self.loader,
-                                    self.config.replace(sparsity=target))
+            with fitted_chunks(self.fitted_chunks):
+                result = prune_one_shot(self.model, loader if loader is not None else self.loader,
+                                        self.config.replace(sparsity=target))
         try:
             apply_masks(self.model, result.masks)  # undoes its own partial work when it fails
         except BaseException:

@@ -35,10 +35,10 @@ from torch import nn
 import woodfisher_kernels as wk
 
 from .conditioning import EPS32, WARN_LEVEL
-from .config import PruneConfig, check_int
+from .config import PruneConfig, check_int, pattern_fixed_sparsity
 from .curvature import Curvature
 from .damping import FisherStats, check_damp, live_coordinates
-from .diagnostics import warn_at_caller
+from .diagnostics import warn_at_caller, warnings_held
 from .precision import compute_dtype
 from .state import caller_modes_off
 from .structured import fit_pattern
@@ -96,13 +96,15 @@ class FisherHook:
         check_int("every", every)
         if buffer > num_grads:
             raise ValueError(f"buffer must be <= num_grads ({num_grads}), got {buffer}")
-        self.config = fit_pattern(model, PruneConfig(
-            sparsity=0.0, block_size=block_size, num_grads=num_grads, damp=float(damp), modules=modules,
-            backend=backend, progress=False, group=None, pattern=pattern))  # N:M by default: the weights it fits
+        config = PruneConfig(sparsity=pattern_fixed_sparsity(pattern, 0.0), block_size=block_size, num_grads=num_grads,
+                             damp=float(damp), modules=modules, backend=backend, progress=False, group=None,
+                             pattern=pattern)
         self.model, self.buffer_size, self.every = model, buffer, every
         self.steps = 0
         self._handle = None
-        self.reset()
+        with warnings_held():  # the pattern's notice only for a hook that is made (reset checks the weights)
+            self.config = fit_pattern(model, config)  # N:M by default: the weights it fits
+            self.reset()
 
     # ---- window ---------------------------------------------------------------------
     def reset(self) -> None:

@@ -48,6 +48,7 @@ from .batches import check_labelled, loader_errors, to_batch
 from .losses import compute_loss, logits_of, sample_targets
 from .precision import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
 from .progress import progress_bar
+from .recompute import checkpointing_off
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
 
@@ -136,7 +137,8 @@ def kfac_factors(model: nn.Module, loader, layers: List[PruneTarget], *,
     left = int(num_samples)
     bar = progress_bar(left, "K-FAC factors", "sample", enabled=progress)
     try:
-        with eval_mode(model), torch.enable_grad():
+        # activation checkpointing off: the reentrant variant refuses autograd.grad (woodfisher.recompute)
+        with eval_mode(model), torch.enable_grad(), checkpointing_off(inner):
             for item in loader:
                 if left <= 0:
                     break

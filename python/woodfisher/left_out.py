@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .diagnostics import warn_at_caller
-from .targets import _entries, _join, _kind, default_target_names, unwrap_model
+from .targets import _entries, _join, _kind, default_target_names, own_forward, unwrap_model
 
 __all__ = ["warn_left_out"]
 
@@ -22,6 +22,7 @@ def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
     of recurrent layers (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``), transposed convolutions (``nn.ConvTranspose*``) and
     custom layers holding a ``weight`` of >= 2 dims, pruned only when named, and Linear / Conv weights
     recomputed from other parameters on every forward (weight_norm / spectral_norm, as hooks or parametrizations),
+    and weights of Linear / Conv subclasses whose forward transforms them (:func:`woodfisher.targets.own_forward`),
     which are not pruned at all."""
     if modules is not None:
         return
@@ -46,6 +47,19 @@ def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
                        "written to it would not last, and the sparsity counts the other weights only; to prune them, "
                        "remove the reparametrisation first (torch.nn.utils.parametrize.remove_parametrizations("
                        "module, 'weight'), or torch.nn.utils.remove_weight_norm / remove_spectral_norm)")
+    _warn_own_forward(inner, prefix)
+
+
+def _warn_own_forward(inner: nn.Module, prefix: str) -> None:
+    """One warning naming the Linear / Conv subclasses whose forward transforms the weight (weight
+    standardization; :func:`.own_forward`), which the default targets leave out."""
+    own = [f"{prefix}{_join(name, 'weight')} ({parametrize.type_before_parametrizations(mod).__name__})"
+           for name, mod in inner.named_modules() if own_forward(mod) and not _recomputed(mod)]
+    if own:
+        warn_at_caller(f"the weights {own[:4]}{' and more' if len(own) > 4 else ''} are not pruned: each belongs to a "
+                       "subclass of nn.Linear / nn.Conv* whose forward computes with a transform of the weight "
+                       "(weight standardization as in timm's StdConv2d, fake quantization), where a pruned zero "
+                       "would not stay zero; the sparsity counts the other weights only")
 
 
 def _left_kind(module: nn.Module) -> Optional[str]:

@@ -18,6 +18,11 @@ samples given, with ``sub`` = {key: pruned Parameter} substituted into the model
   a mini-batch, which autograd reduces at full speed; and the fallback for models or losses that
   ``vmap`` cannot trace, with :func:`warn_vmap_fallback` once).
 
+A model whose BatchNorm layers normalize with the statistics of the batch even in eval mode
+(``track_running_stats=False``) has no per-sample gradients: one sample's loss depends on the other samples of
+its batch, and ``vmap`` over single samples gives other numbers than any batched pass
+(:func:`check_batch_statistics` refuses it for ``fisher_batch_size=1``).
+
 Operator counts per chunk (``benchmarks/step_cpu.py``; ResNet-20, 256 samples): the batched
 forward+backward dispatches 172 kernels, ``vmap`` 456, expanded weights 244.
 """
@@ -39,7 +44,7 @@ from .chunking import plain_size
 from .diagnostics import warn_at_caller
 
 __all__ = ["PER_SAMPLE_PATHS", "vmap_grads", "batched_rnn_states", "time_major_guard", "expanded_grads",
-           "expandable", "loop_grads", "warn_vmap_fallback"]
+           "expandable", "loop_grads", "warn_vmap_fallback", "batch_statistics_layers", "check_batch_statistics"]
 
 #: How per-sample gradients (``fisher_batch_size=1``) are formed: ``torch.func.vmap`` or torch's expanded weights.
 PER_SAMPLE_PATHS = ("vmap", "expanded")
@@ -212,3 +217,29 @@ def warn_vmap_fallback(err: Exception, model: nn.Module) -> None:
                        "attn_implementation='eager' to keep the batched path" if not eager else
                        "; a HuggingFace encoder's padding-mask check is one even with eager attention "
                        "(BERT): only batches without an attention_mask stay batched"))
+
+
+def batch_statistics_layers(model: nn.Module) -> List[str]:
+    """Names of the BatchNorm layers of ``model`` that normalize with the statistics of the batch in eval mode too
+    (``track_running_stats=False``: no running statistics)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and (module.running_mean is None or module.running_var is None)]
+
+
+def check_batch_statistics(model: nn.Module, fisher_batch_size: int, alternative: Optional[str] = None) -> None:
+    """ValueError naming the layers when per-sample gradients (``fisher_batch_size=1``) of ``model`` are undefined:
+    a BatchNorm without running statistics couples the samples of a batch, so a sample's gradient depends on
+    which samples share its batch (alone, a BatchNorm1d cannot even run: one value per channel). With
+    ``fisher_batch_size`` = g > 1 each gradient is that of a group's mean loss, normalized with the group's batch
+    statistics, as in training at batch size g (well defined). ``alternative``: what the message offers besides
+    running statistics (default: ``fisher_batch_size`` = the training batch size)."""
+    layers = batch_statistics_layers(model)
+    if layers and fisher_batch_size == 1:
+        alternative = alternative or ("pass fisher_batch_size=<your training batch size> (each gradient is then a "
+                                      "group's, normalized with the group's statistics, as in training)")
+        raise ValueError(f"model: the BatchNorm layers {layers[:4]}{' and more' if len(layers) > 4 else ''} have no "
+                         "running statistics (track_running_stats=False) and normalize every batch with its own "
+                         "statistics, in eval mode too, so one sample's loss depends on the other samples of its "
+                         "batch and per-sample gradients (fisher_batch_size=1) are undefined; give them running "
+                         f"statistics (track_running_stats=True, then forward passes in train mode over the data), or "
+                         f"{alternative}")

@@ -66,7 +66,10 @@ def prune_one_shot(model: nn.Module, loader: Optional[Iterable], config: Optiona
             non-floating dtype, with NaN/Inf or all-zero weights; a missing, non-iterable or
             empty loader, one that runs out before ``num_grads`` gradients, a single-pass
             loader with ``num_steps > 1``, a batch the model or the loss fails on (naming the
-            loader, with the batch's shapes), NaN/Inf gradients (naming the weight). Every
+            loader, with the batch's shapes), NaN/Inf gradients (naming the weight), a BatchNorm
+            without running statistics when per-sample gradients are needed (``fisher_batch_size=1``:
+            they are undefined, :func:`woodfisher.per_sample.check_batch_statistics`), a named weight
+            that the layer's forward transforms or recomputes (:mod:`woodfisher.weight_transform`). Every
             check runs before anything is written; whatever fails later (any exception,
             KeyboardInterrupt included), the model is restored bit for bit.
     """

@@ -42,13 +42,23 @@ from .layout import BlockLayout, Layout
 from .masks import is_int
 from .name_patterns import match_pattern, regex_hint, regex_like
 from .names import closest
+from .weight_transform import base_type, refuse_recomputed, transforms_weight
 
 __all__ = ["PRUNABLE_TYPES", "BlockLayout", "Layout", "PruneTarget", "resolve_targets", "unwrap_model",
-           "default_target_names", "check_model", "WRAPPER_PREFIXES", "strip_wrapper_prefixes"]
+           "default_target_names", "check_model", "WRAPPER_PREFIXES", "strip_wrapper_prefixes",
+           "own_forward"]
 
 #: Module types whose ``weight`` is pruned by default (plus HF ``Conv1D`` and MHA projections).
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def own_forward(module: nn.Module) -> bool:
+    """Whether ``module`` is a subclass of a :data:`PRUNABLE_TYPES` type whose own ``forward`` computes with a
+    transform of ``self.weight`` (timm's ``StdConv2d``: weight standardization; fake quantization), where a pruned
+    zero does not stay zero, so the OBS maths on ``weight`` would not hold. A subclass whose forward uses the weight
+    as it is (HuggingFace's ``FalconLinear``) is not one (one probe: :mod:`woodfisher.weight_transform`)."""
+    return transforms_weight(module, PRUNABLE_TYPES)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -284,10 +294,46 @@ def default_target_names(model: nn.Module) -> List[str]:
     for name, info in _entries(unwrap_model(model)[0]).items():
         if _kind(info["module"], info["attr"]) is None or not _mask_reparam_ok(info):
             continue
+        if info["attr"] == "weight" and own_forward(info["module"]):
+            continue  # its forward may transform the weight: said by left_out.warn_left_out, refused when named
         if any(isinstance(o, nn.Embedding) for _, o in info["owners"]):
             continue  # tied LM head: prune the embedding only when named
         names.append(name)
     return names
+
+
+def _refuse_left_out_match(entries: Dict[str, dict], pattern: str, model: nn.Module, arg: str,
+                           error: ValueError) -> None:
+    """A pattern that matches no default target but weights left out of the defaults: a ValueError saying which
+    of those can be pruned when named (the list to paste) and which cannot (why); returns when it matches none."""
+    others = {name: [owner for owner, _ in info["owners"]] for name, info in entries.items()
+              if info["param"].dim() >= 2 and name not in default_target_names(model)}
+    try:
+        matched = match_pattern(pattern, others, arg)
+    except ValueError:
+        return
+    modules = dict(model.named_modules(remove_duplicate=False))
+    named, refused = [], []
+    for name in matched:
+        info = entries[name]
+        path = name.split(".parametrizations.")[0] if ".parametrizations." in name else name.rpartition(".")[0]
+        try:
+            refuse_recomputed(modules.get(path), name, arg)
+        except ValueError:
+            refused.append(f"{name!r} (recomputed on every forward, e.g. by weight_norm)")
+            continue
+        if info["attr"] == "weight" and own_forward(info["module"]):
+            refused.append(f"{name!r} (its layer's forward transforms the weight)")
+        elif not _mask_reparam_ok(info):
+            refused.append(f"{name!r} (reparametrised by torch.nn.utils.parametrize without a mask)")
+        else:
+            named.append(name)
+    parts = [f"{arg}: the pattern {pattern!r} matches only weights left out of the defaults"]
+    if named:
+        parts.append(f"these are pruned when named exactly: {arg}={named!r}")
+    if refused:
+        parts.append("these cannot be pruned: " + ", ".join(refused))
+    raise ValueError("; ".join(parts)) from error
 
 
 def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "modules") -> List[str]:
@@ -312,6 +358,7 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
         if aliases.get(cand) is not None:
             return [aliases[cand]]
     modules = dict(model.named_modules(remove_duplicate=False))
+    refuse_recomputed(modules.get(raw.removesuffix(".weight") if raw not in modules else raw), raw, arg)
     if raw not in modules:
         for wrapper in WRAPPER_PREFIXES:  # a name from the model wrapped otherwise (DataParallel, torch.compile)
             if raw.startswith(wrapper):
@@ -320,8 +367,12 @@ def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "mo
                 except ValueError:
                     break  # the message below names what was given
         if any(c in raw for c in "*?["):  # not a name: a shell-style pattern
-            return match_pattern(raw, {name: [owner for owner, _ in entries[name]["owners"]]
-                                       for name in default_target_names(model)}, arg)
+            try:
+                return match_pattern(raw, {name: [owner for owner, _ in entries[name]["owners"]]
+                                           for name in default_target_names(model)}, arg)
+            except ValueError as error:
+                _refuse_left_out_match(entries, raw, model, arg, error)
+                raise
         if raw in dict(model.named_buffers()):
             raise ValueError(f"{arg}: {raw!r} is a buffer, not a Parameter; only parameters are pruned")
         names = list(modules) + [key for key, _ in model.named_parameters()]
@@ -436,6 +487,13 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
                 raise ValueError(f"{arg}: {name!r} has shape {tuple(p.shape)}; only weights with >= 2 dims "
                                  f"(rows = dim 0) can be pruned")
             kind = "linear" if p.dim() == 2 else "conv"
+        if info["attr"] == "weight" and own_forward(info["module"]):
+            cls = parametrize.type_before_parametrizations(info["module"])
+            raise ValueError(f"{arg}: {name!r} belongs to a {cls.__name__}, a subclass of "
+                             f"{base_type(info['module'], PRUNABLE_TYPES).__name__} whose forward computes with a "
+                             "transform of the weight (weight standardization as in timm's StdConv2d, fake "
+                             "quantization): a pruned zero would not stay zero there, so it cannot be pruned; prune a "
+                             "plain layer (or fold the transform into the weight first)")
         if not _mask_reparam_ok(info):
             raise ValueError(f"{arg}: {name!r} is reparametrised by torch.nn.utils.parametrize without a "
                              "'mask' (only mask parametrizations such as torch.ao.pruning's FakeSparsity can "

@@ -15,12 +15,13 @@ import argparse
 import os
 import sys
 import warnings
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from ..config import pattern_fixed_sparsity
 from . import demo, export, pai, prune, report
-from ._common import Parser, cli_spelling, one_line
+from ._common import Parser, one_line
 from ._config import config_defaults, load_config
+from ._spelling import cli_text, user_spellings
 
 __all__ = ["build_parser", "parse_args", "main", "COMMANDS"]
 
@@ -51,6 +52,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     Required flags are required by argparse (shown so in ``--help`` and the usage line),
     unless the config file gives them; ``--pattern N:M`` gives ``--sparsity`` (1 - N/M).
     """
+    return _parse(argv)[0]
+
+
+def _parse(argv: Optional[Sequence[str]],
+           spellings: Optional[dict] = None) -> Tuple[argparse.Namespace, Optional[dict]]:
+    """:func:`parse_args`; ``spellings`` (a dict) is filled with the subcommand's :func:`._spelling.user_spellings`
+    once the command and the config file are known."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = Parser(prog="woodfisher", add_help=False)
@@ -60,7 +68,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     command = next((a for a in argv if a in {c.__name__.rsplit(".", 1)[1] for c in COMMANDS}), None)
     if command is not None:
         sub = _subparser(parser, command)
-        defaults = config_defaults(sub, load_config(known.config)) if known.config else {}
+        cfg = load_config(known.config) if known.config else {}
+        if spellings is not None:
+            spellings.update(user_spellings(sub, argv, cfg))
+        defaults = config_defaults(sub, cfg) if known.config else {}
         pattern = known.pattern or defaults.get("pattern")
         if "sparsity" not in defaults and any(a.dest == "sparsity" for a in sub._actions):
             try:
@@ -71,7 +82,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         for action in sub._actions:
             if action.dest in defaults:
                 action.required = False
-    return parser.parse_args(argv)
+    return parser.parse_args(argv), spellings
 
 
 #: torch's CPU allocator asks for transparent huge pages on buffers of 2 MiB or more when this is "1" at its first
@@ -91,18 +102,18 @@ def console_main(argv: Optional[Sequence[str]] = None) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit code (2 on bad input or an unreadable / unwritable path, with a
     one-line message). Warnings of the library (UserWarning) are printed as one line ``note: ...``."""
+    spellings: dict = {}  # the options as the user wrote them (:mod:`._spelling`), once the command is known
     with warnings.catch_warnings():  # restores warnings.showwarning afterwards
-        warnings.showwarning = _notes(warnings.showwarning)
+        warnings.showwarning = _notes(warnings.showwarning, spellings)
         try:
-            args = parse_args(argv)
+            args, _ = _parse(argv, spellings)
             return int(args.func(args) or 0)
         except (ValueError, OSError) as err:  # OSError: FileNotFoundError, PermissionError, IsADirectoryError...
-            message = one_line(err)
-            print(f"woodfisher: error: {message}{cli_spelling(message)}", file=sys.stderr)
+            print(f"woodfisher: error: {cli_text(one_line(err), spellings)}", file=sys.stderr)
             return 2
 
 
-def _notes(show_other):
+def _notes(show_other, spellings: dict):
     """A ``warnings.showwarning`` that prints a UserWarning as one line ``note: ...`` on a line of its own
     (no source line) and passes any other category to ``show_other``."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
@@ -111,6 +122,5 @@ def _notes(show_other):
             return
         from ..progress import write_line
 
-        text = one_line(message)
-        write_line(f"note: {text}{cli_spelling(text)}")
+        write_line(f"note: {cli_text(one_line(message), spellings)}")
     return show

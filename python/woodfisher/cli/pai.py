@@ -72,6 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=PROGRESS_HELP)
     p.add_argument("--out", default="out/pai", help="output directory (default: out/pai)")
     p.set_defaults(func=run)
+    p.api_names = {"params": "modules"}  # prune_at_init's name of --modules, for the messages (see _spelling)
     return p
 
 

@@ -9,12 +9,13 @@ everything happens on ``copy.deepcopy``.
 from __future__ import annotations
 
 import copy
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..diagnostics import warn_at_caller
 from ..gradual import make_permanent
 from ..state import detached_memo
 from ..targets import is_hf_conv1d, unwrap_model
@@ -116,6 +117,14 @@ def sparsity(weight: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
 
 
+def attention_children(model: nn.Module) -> Set[str]:
+    """Names of the submodules of every ``nn.MultiheadAttention`` of ``model`` (``attn.out_proj``): attention reads
+    their weights directly, so no export swaps them."""
+    return {f"{parent}.{child}" if parent else child
+            for parent, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
+            for child, _ in module.named_children()}
+
+
 def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple[Type[nn.Module], ...],
                   min_sparsity: float, conv1d: bool = False) -> List[Tuple[str, nn.Module]]:
     """``[(module name, module)]`` to convert.
@@ -128,10 +137,13 @@ def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple
     """
     if not 0.0 <= float(min_sparsity) <= 1.0:
         raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity!r}")
-    inside_attention = {f"{parent}.{child}" if parent else child
-                        for parent, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
-                        for child, _ in module.named_children()}
+    inside_attention = attention_children(model)
     modules = dict(model.named_modules())
+
+    def attention_of(name: str) -> Optional[str]:
+        """The nn.MultiheadAttention that ``name`` is, or whose parameter it is (``attn.in_proj_weight``)."""
+        owner = name if name in modules else name.rpartition(".")[0]
+        return owner if isinstance(modules.get(owner), nn.MultiheadAttention) else None
 
     def fits(module: nn.Module) -> bool:
         return type(module) in types or (conv1d and nn.Linear in types and is_hf_conv1d(module))
@@ -144,7 +156,7 @@ def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple
     chosen = []
     kinds = " or ".join(kind.__name__ for kind in types)
     for name in _unique(entry[: -len(".weight")] if entry.endswith(".weight") else entry for entry in names):
-        if name in inside_attention:
+        if name in inside_attention or attention_of(name) is not None:  # its projections, or the attention itself
             raise ValueError(f"names: {name!r} belongs to an nn.MultiheadAttention, which reads its weight "
                              f"directly; it cannot be swapped")
         if name in modules and parametrize.type_before_parametrizations(modules[name]) in types \
@@ -156,6 +168,32 @@ def select_layers(model: nn.Module, names: Optional[Sequence[str]], types: Tuple
             raise ValueError(f"names: {name!r} is not a {kinds} module of {type(model).__name__}")
         chosen.append((name, modules[name]))
     return chosen
+
+
+def dense_attention(model: nn.Module, min_sparsity: float) -> List[str]:
+    """``["attn (in_proj_weight 80.0% zeros, out_proj.weight 93.8% zeros)", ...]``: the ``nn.MultiheadAttention``
+    modules of ``model`` with a projection weight holding at least ``min_sparsity`` exact zeros (> 0 when
+    ``min_sparsity`` is 0), which no export swaps (attention reads those weights directly)."""
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        weights = {key: sparsity(p) for key, p in module.named_parameters() if p.dim() >= 2}
+        if any(value >= min_sparsity and value > 0 for value in weights.values()):
+            out.append(f"{name} (" + ", ".join(f"{key} {100 * value:.1f}% zeros" for key, value in weights.items())
+                       + ")")
+    return out
+
+
+def warn_dense_attention(model: nn.Module, min_sparsity: float, export: str) -> None:
+    """One warning at the caller's line naming the sparse ``nn.MultiheadAttention`` modules that ``export``
+    leaves dense (:func:`dense_attention`)."""
+    left = dense_attention(model, min_sparsity)
+    if left:
+        warn_at_caller(f"{export}: the nn.MultiheadAttention modules {left[:4]}{' and more' if len(left) > 4 else ''} "
+                       "stay dense: attention reads its projection weights directly (F.multi_head_attention_forward), "
+                       "not through a swappable layer, so their zeros are exact but computed densely; an attention "
+                       "built from nn.Linear layers (q/k/v/out projections called as modules) is converted")
 
 
 def _unique(items: Iterable[str]) -> List[str]:

@@ -209,7 +209,7 @@ def _zeros(module: nn.Module) -> float:
 def _converted(exported: nn.Module, dense: nn.Module, args: argparse.Namespace) -> str:
     """``"converted to csr: fc1 (91.2% zeros), ..."``; ValueError saying why when no layer was converted."""
     from ..targets import is_hf_conv1d
-    from ._common import sparsity
+    from ._common import attention_children, dense_attention, sparsity
     from .sparse import SparseConv2d, SparseLinear
 
     semi = getattr(torch.sparse, "SparseSemiStructuredTensor", ())
@@ -222,23 +222,29 @@ def _converted(exported: nn.Module, dense: nn.Module, args: argparse.Namespace) 
              and isinstance(m, (nn.modules.conv._ConvNd, nn.RNNBase))}
     others = [f"{name} ({type(modules[name]).__name__}, {100 * value:.1f}% zeros)" for name, value in zeros.items()
               if value >= args.min_sparsity]
-    left = (f"; left dense (--format {args.format} converts Linear" + (" and Conv2d" if args.conv else "")
-            + " layers only): " + ", ".join(others)) if others and args.format != "2:4" else ""
+    no_module = (f"; left dense (--format {args.format} converts Linear" + (" and Conv2d" if args.conv else "")
+                 + " layers only): " + ", ".join(others)) if others and args.format != "2:4" else ""
+    attention = dense_attention(dense, args.min_sparsity if args.format != "2:4" else 0.0)
+    left = (f"; left dense (nn.MultiheadAttention reads its weights directly): {', '.join(attention)}"
+            if attention else "")
     if names:
         return f"converted to {args.format}: " + ", ".join(
-            f"{name} ({100 * sparsity(modules[name].weight):.1f}% zeros)" for name in names) + left
-    linears = [(sparsity(m.weight), name) for name, m in modules.items()
-               if isinstance(m, nn.Linear) or (args.format != "2:4" and is_hf_conv1d(m))]
+            f"{name} ({100 * sparsity(modules[name].weight):.1f}% zeros)" for name in names) + left + no_module
+    inside = attention_children(dense)   # never converted: not counted as candidates either
+    linears = [(sparsity(m.weight), name) for name, m in modules.items() if name not in inside and (
+               isinstance(m, nn.Linear) or (args.format != "2:4" and is_hf_conv1d(m)))]
     convs = [(sparsity(m.weight), name) for name, m in modules.items() if isinstance(m, nn.Conv2d)]
     kinds = linears + (convs if args.conv else [])
     why = [f"no {'Linear or Conv2d' if args.conv else 'Linear'} layer has >= {args.min_sparsity:g} zeros "
            f"(--min-sparsity; the sparsest: {max(kinds)[1]}, {100 * max(kinds)[0]:.1f}%)" if kinds else
            f"the model has no {'Linear or Conv2d' if args.conv else 'Linear'} layer"]
+    if attention:
+        why.append(f"nn.MultiheadAttention weights stay dense (read directly by attention): {', '.join(attention)}")
     sparse_convs = [name for value, name in convs if value >= args.min_sparsity]
     if convs and not args.conv:
         why.append(f"its {len(convs)} Conv2d layers ({len(sparse_convs)} sparse enough) are converted only with "
                    "--conv (im2col; slower than dense on CPU)")
-    raise ValueError(f"--format {args.format} converted no layer, nothing written: " + "; ".join(why) + left)
+    raise ValueError(f"--format {args.format} converted no layer, nothing written: " + "; ".join(why) + no_module)
 
 
 def _onnx_diff(path: str, sample: torch.Tensor, ref) -> Optional[float]:

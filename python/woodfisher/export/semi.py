@@ -22,7 +22,7 @@ from torch import nn
 
 from ..structured import parse_pattern
 from ..targets import is_hf_conv1d
-from ._common import Masks, select_layers, sparsity, swap, to_dense, unwrapped_names
+from ._common import Masks, select_layers, sparsity, swap, to_dense, unwrapped_names, warn_dense_attention
 
 DTYPES = (torch.float16, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)
@@ -116,6 +116,7 @@ def _validated(model: nn.Module, names, dtype) -> List[Tuple[str, nn.Linear]]:
     layers = select_layers(model, names, (nn.Linear,), 0.0)
     if names is None:
         layers = [(name, module) for name, module in layers if sparsity(module.weight) > 0]
+        warn_dense_attention(model, 0.0, "2:4 semi-structured")
     if not layers:
         conv1d = [name for name, module in model.named_modules() if is_hf_conv1d(module)]
         hint = (f"; HuggingFace Conv1D layers ({conv1d[0]!r}, ...) are not converted to 2:4 (to_sparse converts "

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..masks import is_int
 from ..targets import is_hf_conv1d
-from ._common import Masks, select_layers, swap, to_dense, unwrapped_names
+from ._common import Masks, select_layers, swap, to_dense, unwrapped_names, warn_dense_attention
 
 LAYOUTS = {"csr": torch.sparse_csr, "bsr": torch.sparse_bsr}
 DEFAULT_BLOCKSIZE = 4
@@ -247,7 +247,8 @@ def to_sparse(model: nn.Module, masks: Masks = None, *, layout: str = "csr", blo
             HuggingFace ``Conv1D`` (GPT-2; and ``nn.Conv2d`` with ``conv=True``) whose weight has at
             least ``min_sparsity`` zeros
             (for ``"bsr"``, and whose dimensions the blocks divide: a 10-class head stays dense).
-            Linear layers inside ``nn.MultiheadAttention`` stay dense (attention reads them directly).
+            ``nn.MultiheadAttention`` weights stay dense (attention reads them directly), with one warning naming
+            the modules whose weights have at least ``min_sparsity`` zeros.
         min_sparsity: fraction of zeros in [0, 1] below which a layer stays dense when ``names``
             is None (default 0.7: at 50% CSR was slower than dense in every configuration of
             ``benchmarks/results/inference_cpu.md``; from 70% on some configurations pay).
@@ -271,6 +272,8 @@ def to_sparse(model: nn.Module, masks: Masks = None, *, layout: str = "csr", blo
         module, layout, blocksize, name) for name, module in layers}
     for name, module in swapped.items():
         swap(out, name, module)
+    if names is None:
+        warn_dense_attention(out, min_sparsity, "to_sparse")
     return out
 
 

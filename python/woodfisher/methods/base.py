@@ -129,10 +129,7 @@ class PruningMethod:
         if parsed[0] == "nm" and isinstance(block, int) and block % parsed[2]:
             raise ValueError(f"block_size={block} must be a multiple of M={parsed[2]} for pattern "
                              f"{config.pattern!r} (a run of M weights never crosses a block), or 'auto' / None")
-        fixed = st.pattern_sparsity(parsed)
-        if fixed is not None and abs(fixed - config.sparsity) > 1e-9 and config.sparsity != 0:
-            raise ValueError(f"pattern {config.pattern!r} fixes the sparsity at {fixed}; "
-                             f"got sparsity={config.sparsity}")
+        # a sparsity other than the one N:M fixes: PruneConfig's own check (config.check_pattern_sparsity)
 
     def check_targets(self, targets, config) -> None:
         """Refuse weights this method cannot prune (e.g. a pattern that does not fit a row)."""

@@ -34,8 +34,10 @@ from ..config import check_int
 from ..diagonal import empirical_fisher_diagonal
 from ..gradients import GradientCollector
 from ..losses import compute_loss
+from ..per_sample import check_batch_statistics
 from ..precision import compute_dtype, native_state
 from ..progress import progress_bar
+from ..recompute import checkpointing_off
 from ..targets import PruneTarget, resolve_targets, unwrap_model
 
 HVP_METHODS = ("autograd", "func")
@@ -152,7 +154,8 @@ class BatchLoss:
 
     def __call__(self, weights: Sequence[torch.Tensor], batch: Batch) -> torch.Tensor:
         state = {**self.fixed, **dict(zip(self.keys, weights))}
-        out = functional_call(self.inner, (state, self.buffers), tuple(batch.args), dict(batch.kwargs))
+        with checkpointing_off(self.inner):  # no recomputation to run in the backward: autograd.grad works
+            out = functional_call(self.inner, (state, self.buffers), tuple(batch.args), dict(batch.kwargs))
         return compute_loss(out, batch.target, self.loss_fn)
 
     def leaves(self) -> List[torch.Tensor]:
@@ -275,11 +278,13 @@ def fisher_diagonal(model: nn.Module, loader: Iterable, *, params: Params = None
     Returns:
         DiagonalEstimate with diag {name: (shape)} and the mean gradient {name: (shape)}.
     Raises:
-        ValueError: an empty loader, NaN / Inf gradients (naming the weight), bad arguments.
+        ValueError: an empty loader, NaN / Inf gradients (naming the weight), bad arguments, a BatchNorm without
+            running statistics (per-sample gradients undefined: :func:`woodfisher.per_sample.check_batch_statistics`).
     """
     check_int("chunk_size", chunk_size)
     check_num_batches(num_batches)
     targets = pai_targets(model, params)
+    check_batch_statistics(unwrap_model(model)[0], 1, "use a criterion of batched gradients (hutchinson, snip, grasp)")
     if num_batches is not None:
         loader = itertools.islice(loader, num_batches)
     collector = GradientCollector(model, loader, targets, loss_fn=loss_fn, num_grads=None, want_loss_grad=True,
