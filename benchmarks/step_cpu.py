@@ -376,8 +376,8 @@ def main(argv=None) -> int:
         report["models"][model] = {impl: summarise(r, args.loader_batches, args.num_grads)
                                    for impl, r in runs.items()}
     load1 = os.getloadavg()
-    report["note"] = (f"2-core CPU shared with up to 7 other jobs; load average {load0[0]:.1f} at the start and "
-                      f"{load1[0]:.1f} at the end; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    report["note"] = (f"{os.cpu_count()}-core CPU (other jobs may share it); load average {load0[0]:.1f} at the "
+                      f"start and {load1[0]:.1f} at the end; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     text = markdown(report)
     print(text)
     if args.out:
