@@ -61,6 +61,11 @@ def _small():
     return nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 4))
 
 
+def _small_other_init():
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 4))
+
+
 def _r20():
     torch.manual_seed(2)
     return resnet20()
@@ -156,6 +161,37 @@ def _failure(rank, world, loaders):
     return {"error": error, "unchanged": all(torch.equal(before[k], v) for k, v in _weights(model).items())}
 
 
+def _refused(rank, world, loaders):
+    """Calls that differ between the ranks (an option, the model, the data): {case: (error, model unchanged)}."""
+    opts = dict(sparsity=0.5, num_grads=8 * world, block_size=6, damp=1e-3, progress=False)
+    other = lambda: nn.Sequential(nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 4))  # noqa: E731
+    cases = {  # (model, call) on this rank
+        "sparsity": (_small, lambda m: prune_one_shot(m, loaders[rank], **dict(opts, sparsity=0.5 + 0.1 * rank))),
+        "seed": (_small, lambda m: prune_one_shot(m, loaders[rank], **dict(opts, seed=rank))),
+        "architecture": (other if rank else _small, lambda m: prune_one_shot(m, loaders[rank], **opts)),
+        "weights": (_small if not rank else _small_other_init, lambda m: prune_one_shot(m, loaders[rank], **opts)),
+        "bad_option_one_rank": (_small, lambda m: prune_one_shot(m, loaders[rank], **dict(opts, sparsity=1.5 if rank
+                                                                                           else 0.5))),
+        "fsdp_bad_option_one_rank": (lambda: _fsdp(_small()), lambda m: prune_one_shot(
+            m, loaders[rank], **dict(opts, sparsity=1.5 if rank else 0.5))),
+        "no_loader_one_rank": (_small, lambda m: prune_one_shot(m, None if rank else loaders[rank], **opts)),
+        "short_loader": (_small, lambda m: prune_one_shot(m, loaders[rank][:1] if rank else loaders[rank], **opts)),
+        "prune_with_sparsity": (_small, lambda m: prune_with(
+            m, estimate_curvature(m, loaders[rank], **dict(opts, sparsity=0)), 0.5 + 0.1 * rank)),
+    }
+    out = {}
+    for name, (make, call) in cases.items():
+        model = make()
+        before = _weights(model)
+        try:
+            call(model)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - recorded for the test
+            error = (isinstance(exc, ValueError), str(exc))
+        out[name] = (error, all(torch.equal(before[k], v) for k, v in _weights(model).items()))
+    return out
+
+
 def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
     warnings.simplefilter("ignore")
     _init(rank, world, port, timeout=120, backend=backend)
@@ -199,6 +235,7 @@ def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
             "two_phase": lambda: _two_phase(rank, world, mnist, num_grads=16 * world, block_size=40, damp=1e-4),
             "ties": lambda: _ties(rank, world),
             "failure": lambda: _failure(rank, world, mnist),
+            "refused": lambda: _refused(rank, world, small),
         }
         for name in scenarios:
             start = time.perf_counter()

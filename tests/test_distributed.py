@@ -23,8 +23,8 @@ import woodfisher_kernels as wk
 LIMIT = 420
 COMPARED = ["mlp_global", "mlp_joint", "mlp_layerwise", "mlp_whole_layers", "mlp_two_steps_diag", "r20", "ddp", "fsdp",
             "empty_shard"]
-SUITES = {2: COMPARED + ["mlp_woodtaylor", "memory_r20", "memory_mlp", "two_phase", "ties", "failure", "cond_ill",
-                         "cond_well", "cond_lowrank"],
+SUITES = {2: COMPARED + ["mlp_woodtaylor", "memory_r20", "memory_mlp", "two_phase", "ties", "failure", "refused",
+                         "cond_ill", "cond_well", "cond_lowrank"],
           3: ["mlp_global", "mlp_whole_layers", "r20", "empty_shard", "memory_r20", "memory_mlp", "memory_small",
               "ties", "cond_ill", "cond_well"]}
 PREFIXES = ("_fsdp_wrapped_module.", "module.")
@@ -233,6 +233,30 @@ def test_failure_on_one_rank_raises_on_every_rank(request):
         assert "NaN" in res["error"][1]
         assert res["unchanged"], f"rank {r} changed its model in a failed call"
     assert "rank 1" in runs[0]["error"][1]
+
+
+# what every rank's message must hold when the ranks' calls differ (scenario "refused" of _dist_worker)
+REFUSED = {"sparsity": ["sparsity differs between the ranks", "rank 0: 0.5", "rank 1: 0.6"],
+           "seed": ["seed differs between the ranks"],
+           "architecture": ["model differs between the ranks", "(9, 12)", "(7, 12)"],
+           "weights": ["model differs between the ranks", "'0.weight'"],
+           "bad_option_one_rank": ["rank 1", "sparsity must lie in [0, 1), got 1.5"],
+           "fsdp_bad_option_one_rank": ["rank 1", "sparsity must lie in [0, 1), got 1.5"],
+           "no_loader_one_rank": ["rank 1", "loader is required"],
+           "short_loader": ["rank 1", "num_grads=16 over 2 ranks asks rank 1 for 8 gradients", "num_grads <= 8"],
+           "prune_with_sparsity": ["sparsity differs between the ranks", "rank 1: 0.6"]}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_calls_that_differ_between_ranks_raise_valueerror_on_every_rank(request, case):
+    """Another option, model or too little data on one rank: a ValueError on every rank naming the argument and
+    the rank (not a gloo abort, a hang, or a per-rank share passed off as the call's num_grads); nothing changed."""
+    for r, res in enumerate(_results(request, 2, "refused")):
+        error, unchanged = res[case]
+        assert error is not None and error[0], f"rank {r}: {error}"
+        for part in REFUSED[case]:
+            assert part in error[1], f"rank {r}: {part!r} not in {error[1]!r}"
+        assert unchanged, f"rank {r} changed its model in a refused call"
 
 
 def test_a_dying_rank_is_an_error_not_a_hang(tmp_path):

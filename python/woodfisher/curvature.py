@@ -36,6 +36,7 @@ from .config import PruneConfig, pattern_fixed_sparsity
 from .damping import FisherStats, resolve_damp
 from .diagnostics import notices_dropped, warn_at_caller, warnings_held
 from .diagonal import empirical_fisher_diagonal
+from .distributed.consistent import check_same_call, collective_entry, entry_group
 from .distributed.estimate import estimate_sharded
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
@@ -224,7 +225,12 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
         ValueError: bad options, no loader where one is needed, an empty loader, NaN/Inf
             gradients (naming the weight), or a ``memory_budget`` that fits nothing.
     """
-    config = resolve_config(config, options)
+    with collective_entry(entry_group(config, options)):  # a check failing on one rank: every rank raises
+        return _estimate_curvature(model, loader, resolve_config(config, options))
+
+
+def _estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Curvature:
+    """:func:`estimate_curvature` with its options resolved."""
     if loader is not None:  # refused before any notice (fit_pattern's) is printed
         check_loader(loader)
     # the notices (fit_pattern's, warn_left_out's) only for a call that goes ahead: not refused by a check, nor by
@@ -307,9 +313,11 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         if first is None:
             raise ValueError("loader is empty: cannot measure FLOPs per parameter")
         curv.flops = flops_per_param_of_batch(model, to_batch(first, config.batch_adapter), targets)
+    group = active_group(config.group)
+    if group is not None:  # every rank makes the same call (any method): ValueError on every rank otherwise
+        check_same_call(group, config, targets)
     if kind == "none":
         return curv
-    group = active_group(config.group)
     if group is not None:  # sharded across the ranks of a process group
         return estimate_sharded(model, loader, targets, config, curv, group)
     if kind == "kfac":

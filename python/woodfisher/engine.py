@@ -28,6 +28,7 @@ from .conditioning import warn_ill_conditioned
 from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig, pattern_fixed_sparsity
 from .curvature import Curvature, _estimate, check_memory_plan, require_loader, warn_zero_gradients
 from .diagnostics import magnitude_overlap, release_notices, warn_at_caller, warn_if_degenerate, warnings_held
+from .distributed.consistent import collective_entry
 from .distributed.fsdp import full_parameters
 from .finetune import hold_target_masks
 from .gradients import LoaderExhausted
@@ -122,8 +123,10 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: Optional[float]
     if not isinstance(curvature, Curvature):
         raise ValueError(f"curvature must be a woodfisher.Curvature (from estimate_curvature), got "
                          f"{type(curvature).__name__}")
+    shard = curvature.shard  # sharded (woodfisher.distributed): collective; a check failing on one rank stops all
     # FSDP: the full weights, re-sharded after; a refused call prints no notice
-    with full_parameters(model), caller_modes_off(), warnings_held():
+    with collective_entry(None if shard is None else shard.group), full_parameters(model), caller_modes_off(), \
+            warnings_held():
         return _prune_with(model, curvature, sparsity, options)
 
 

@@ -26,7 +26,7 @@ import woodfisher_kernels as wk
 
 from ..conditioning import refine_dense
 from ..damping import FisherStats, resolve_damp
-from ..gradients import GradientCollector, compute_dtype
+from ..gradients import GradientCollector, LoaderExhausted, compute_dtype
 from .collect import route_gradients
 from .group import all_reduce_, local_phase, share
 from .sharding import ShardPlan, block_cost, plan_shards
@@ -96,6 +96,28 @@ def _inverse(g: torch.Tensor, form: str, damp: float, count: int, backend: str):
     return wk.blockwise_inverse(g, damp, count, form=form, backend=backend)
 
 
+def _rank_chunks(collector, k: int, config, world: int, rank: int):
+    """``collector.chunks(k)``, a loader that runs out reported against the call's ``num_grads`` (the total over
+    the ranks), not this rank's share of it."""
+    m, fbs = config.num_grads, config.fisher_batch_size
+    try:
+        yield from collector.chunks(k)
+    except LoaderExhausted as exc:
+        raise LoaderExhausted(f"num_grads={m} over {world} ranks asks rank {rank} for {exc.needed} gradients "
+                              f"({exc.needed * fbs} samples at fisher_batch_size={fbs}), but its loader ran out after "
+                              f"{exc.got} gradients; give every rank its share of the data (a DistributedSampler "
+                              f"splits a dataset evenly) or pass num_grads <= {exc.got * world}",
+                              exc.needed * world, exc.got * world) from exc
+    except ValueError as exc:
+        if collector.count or "no gradient could be computed" not in str(exc):
+            raise
+        raise ValueError(f"loader: rank {rank}'s loader gave no gradient (empty, or fewer than fisher_batch_size="
+                         f"{fbs} samples), but num_grads={m} over {world} ranks asks it for "
+                         f"{collector.num_grads}: every rank of the group must read its share of the data (a "
+                         "DistributedSampler gives each rank one), or pass group=None to prune on each process "
+                         "alone") from exc
+
+
 def estimate_sharded(model, loader, targets, config, curv, group):
     """Fill ``curv`` (a Curvature with layouts and keep-masks) with this rank's share (collective)."""
     check_sharded(config)
@@ -113,7 +135,7 @@ def estimate_sharded(model, loader, targets, config, curv, group):
                                   seed=config.seed + rank, progress=config.progress and rank == 0,
                                   batch_adapter=config.batch_adapter, per_sample=config.per_sample_grads)
     chunk = max(1, min(CHUNK, -(-max(shares) // 4)))
-    chunks = collector.chunks(chunk) if shares[rank] else None
+    chunks = _rank_chunks(collector, chunk, config, world, rank) if shares[rank] else None
     owned, per_rank = route_gradients(chunks, targets, plan, shares, chunk, group, dtype, targets[0].param.device)
     count = sum(per_rank)
     curv.timings["gradients"] += time.perf_counter() - t0

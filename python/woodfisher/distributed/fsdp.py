@@ -18,6 +18,8 @@ from contextlib import contextmanager, nullcontext
 
 from torch import nn
 
+from .consistent import entry_checks_passed
+
 __all__ = ["full_parameters", "is_fsdp"]
 
 
@@ -61,5 +63,6 @@ def full_parameters(model: nn.Module):
         return
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    entry_checks_passed()  # every rank's checks so far passed, before summon_full_params' all-gather
     with FSDP.summon_full_params(model, writeback=True):
         yield model

@@ -21,7 +21,7 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["active_group", "check_group", "describe_group", "comm_device", "agree", "local_phase",
+__all__ = ["active_group", "check_group", "describe_group", "comm_device", "agree", "agreed", "local_phase",
            "all_gather_flat", "all_reduce_", "share"]
 
 
@@ -68,8 +68,9 @@ def share(total: int, world: int, rank: int) -> int:
 def agree(group, error: Optional[BaseException]) -> None:
     """Collective: raise on every rank if ``error`` is not None on any rank.
 
-    The failing rank re-raises its own exception; the others raise ValueError (when the
-    first failing rank raised a ValueError) or RuntimeError naming that rank and its message.
+    The failing rank re-raises its own exception, its message prefixed with "rank r of world: ";
+    the others raise ValueError (when the first failing rank raised a ValueError) or RuntimeError
+    naming that rank and its message.
     """
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=comm_device(group))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
@@ -79,9 +80,25 @@ def agree(group, error: Optional[BaseException]) -> None:
     every: List[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(every, mine, group=group)
     if error is not None:
-        raise error
+        raise _named(error, dist.get_rank(group), len(every))
     rank, (is_value, message) = next((r, e) for r, e in enumerate(every) if e is not None)
-    raise (ValueError if is_value else RuntimeError)(f"rank {rank} failed, so this rank stops too: {message}")
+    raise _named((ValueError if is_value else RuntimeError)(f"rank {rank} failed, so this rank stops too: {message}"),
+                 None, len(every))
+
+
+def _named(error: BaseException, rank: Optional[int], world: int) -> BaseException:
+    """``error`` marked as agreed by every rank (:func:`agreed`), its message prefixed by the rank that raised it
+    (``rank``; None: a message that names it already); the type is kept."""
+    prefix = f"rank {rank} of {world}: "
+    if rank is not None and error.args and isinstance(error.args[0], str) and not error.args[0].startswith(prefix):
+        error.args = (prefix + error.args[0],) + tuple(error.args[1:])
+    error._woodfisher_agreed = True
+    return error
+
+
+def agreed(error: BaseException) -> bool:
+    """True for an exception :func:`agree` raised: every rank of the group raises too."""
+    return getattr(error, "_woodfisher_agreed", False)
 
 
 @contextmanager

@@ -22,6 +22,7 @@ import torch
 import woodfisher_kernels as wk
 
 from ..structured import joint_update
+from .consistent import check_same_call
 from .group import all_gather_flat, local_phase
 from .select import select_sharded
 
@@ -79,6 +80,8 @@ def sharded_step(ctx) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]
     """One pruning step of a sharded curvature (collective): ({name: new weights}, {name: keep-mask})."""
     curv, cfg = ctx.curvature, ctx.config
     plan, group = curv.shard.plan, curv.shard.group
+    check_same_call(group, None, ctx.targets, sparsity=ctx.sparsity, mode=ctx.mode, min_density=cfg.min_density,
+                    obs_update=cfg.obs_update, joint_update=cfg.joint_update, beta=cfg.beta)
     dtype = ctx._dtype()
     lg_all = curv.loss_grad or {}
     owned: List[tuple] = []
