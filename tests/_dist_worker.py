@@ -125,6 +125,19 @@ def _two_phase(rank, world, loaders, **opts):
     return out
 
 
+def _with_damp(rank, world, loaders, **opts):
+    """Sharded estimate at damp 1e-4, ``with_damp(1e-2)``, prune_with; rank 0: one process estimating at 1e-2."""
+    curv = estimate_curvature(_mlp(), loaders[rank], progress=False, damp=1e-4, **opts).with_damp(1e-2)
+    model = _mlp()
+    out = {"masks": prune_with(model, curv, 0.7).masks, "weights": _weights(model)}
+    if rank == 0:
+        ref_curv = estimate_curvature(_mlp(), [b for p in loaders for b in p], progress=False, group=None, damp=1e-2,
+                                      **opts)
+        ref = _mlp()
+        out["ref_masks"], out["ref_weights"] = prune_with(ref, ref_curv, 0.7).masks, _weights(ref)
+    return out
+
+
 def _ties(rank, world):
     """select_sharded on integer scores (many exact ties) split unevenly across ranks."""
     g = torch.Generator().manual_seed(7)
@@ -176,6 +189,8 @@ def _refused(rank, world, loaders):
             m, loaders[rank], **dict(opts, sparsity=1.5 if rank else 0.5))),
         "no_loader_one_rank": (_small, lambda m: prune_one_shot(m, None if rank else loaders[rank], **opts)),
         "short_loader": (_small, lambda m: prune_one_shot(m, loaders[rank][:1] if rank else loaders[rank], **opts)),
+        "with_damp": (_small, lambda m: estimate_curvature(m, loaders[rank], **dict(opts, sparsity=0)).with_damp(
+            0.01 * (1 + rank))),
         "prune_with_sparsity": (_small, lambda m: prune_with(
             m, estimate_curvature(m, loaders[rank], **dict(opts, sparsity=0)), 0.5 + 0.1 * rank)),
     }
@@ -190,6 +205,17 @@ def _refused(rank, world, loaders):
             error = (isinstance(exc, ValueError), str(exc))
         out[name] = (error, all(torch.equal(before[k], v) for k, v in _weights(model).items()))
     return out
+
+
+def _non_member(rank, world, loaders):
+    """group=new_group([0]): rank 0 prunes alone, the others are told they are not in the group."""
+    group = dist.new_group([0])
+    try:
+        prune_one_shot(_small(), loaders[rank], sparsity=0.5, num_grads=8, block_size=6, damp=1e-3, progress=False,
+                       group=group)
+        return {"error": None}
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        return {"error": (isinstance(exc, ValueError), str(exc))}
 
 
 def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
@@ -234,8 +260,12 @@ def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
                                                   num_grads=8 * world, block_size=24, damp=1e-5),
             "two_phase": lambda: _two_phase(rank, world, mnist, num_grads=16 * world, block_size=40, damp=1e-4),
             "ties": lambda: _ties(rank, world),
+            "with_damp": lambda: _with_damp(rank, world, mnist, num_grads=16 * world, block_size=50),
+            "with_damp_lowrank": lambda: _with_damp(rank, world, mnist, num_grads=16 * world, block_size=50,
+                                                    inverse_form="lowrank"),
             "failure": lambda: _failure(rank, world, mnist),
             "refused": lambda: _refused(rank, world, small),
+            "non_member": lambda: _non_member(rank, world, small),
         }
         for name in scenarios:
             start = time.perf_counter()

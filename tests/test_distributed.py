@@ -22,9 +22,9 @@ import woodfisher_kernels as wk
 
 LIMIT = 420
 COMPARED = ["mlp_global", "mlp_joint", "mlp_layerwise", "mlp_whole_layers", "mlp_two_steps_diag", "r20", "ddp", "fsdp",
-            "empty_shard"]
+            "empty_shard", "with_damp", "with_damp_lowrank"]
 SUITES = {2: COMPARED + ["mlp_woodtaylor", "memory_r20", "memory_mlp", "two_phase", "ties", "failure", "refused",
-                         "cond_ill", "cond_well", "cond_lowrank"],
+                         "non_member", "cond_ill", "cond_well", "cond_lowrank"],
           3: ["mlp_global", "mlp_whole_layers", "r20", "empty_shard", "memory_r20", "memory_mlp", "memory_small",
               "ties", "cond_ill", "cond_well"]}
 PREFIXES = ("_fsdp_wrapped_module.", "module.")
@@ -244,7 +244,8 @@ REFUSED = {"sparsity": ["sparsity differs between the ranks", "rank 0: 0.5", "ra
            "fsdp_bad_option_one_rank": ["rank 1", "sparsity must lie in [0, 1), got 1.5"],
            "no_loader_one_rank": ["rank 1", "loader is required"],
            "short_loader": ["rank 1", "num_grads=16 over 2 ranks asks rank 1 for 8 gradients", "num_grads <= 8"],
-           "prune_with_sparsity": ["sparsity differs between the ranks", "rank 1: 0.6"]}
+           "prune_with_sparsity": ["sparsity differs between the ranks", "rank 1: 0.6"],
+           "with_damp": ["damp differs between the ranks", "rank 0: 0.01", "rank 1: 0.02"]}
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
@@ -257,6 +258,15 @@ def test_calls_that_differ_between_ranks_raise_valueerror_on_every_rank(request,
         for part in REFUSED[case]:
             assert part in error[1], f"rank {r}: {part!r} not in {error[1]!r}"
         assert unchanged, f"rank {r} changed its model in a refused call"
+
+
+def test_a_rank_outside_a_new_group_is_told_so(request):
+    """new_group([0]) gives the other ranks GroupMember.NON_GROUP_MEMBER: a ValueError naming group and the rank
+    (was: "group must be ... got -100"); rank 0, the group's one member, prunes alone."""
+    runs = _results(request, 2, "non_member")
+    assert runs[0]["error"] is None
+    error = runs[1]["error"]
+    assert error is not None and error[0] and "not a member" in error[1] and "rank 1" in error[1], error
 
 
 def test_a_dying_rank_is_an_error_not_a_hang(tmp_path):

@@ -37,7 +37,7 @@ from .damping import FisherStats, resolve_damp
 from .diagnostics import notices_dropped, warn_at_caller, warnings_held
 from .diagonal import empirical_fisher_diagonal
 from .distributed.consistent import check_same_call, collective_entry, entry_group
-from .distributed.estimate import estimate_sharded
+from .distributed.estimate import estimate_sharded, invert_sharded
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group
 from .flops import flops_per_param_of_batch
@@ -152,15 +152,25 @@ class Curvature:
         Args:
             damp: lambda > 0 (absolute) or "auto", as the ``damp`` field of :class:`PruneConfig`.
         Returns:
-            A new :class:`Curvature` (this one is unchanged).
+            A new :class:`Curvature` (this one is unchanged). A sharded curvature (estimated under a
+            process group, :mod:`woodfisher.distributed`) keeps each rank's gradient slices and is
+            re-inverted block by block on its owner: call it on every rank of the group, with the same damp.
         Raises:
             ValueError: not a blockwise curvature with kept gradients (streamed or another kind), a
-                damp :class:`PruneConfig` refuses, or inverses that fail
+                damp :class:`PruneConfig` refuses, another damp on another rank (sharded), or inverses that fail
                 (see :func:`woodfisher_kernels.fisher_inverse`).
         """
         if self.kind != "blockwise" or self.grads is None:
             raise ValueError("with_damp needs a blockwise curvature whose gradients were kept (not streamed); "
                              "estimate the curvature again with the new damp")
+        if self.shard is not None:  # collective: each rank re-inverts the blocks it owns
+            with collective_entry(self.shard.group):
+                config = self.config.replace(damp=damp)
+                value = resolve_damp(damp, self.stats)
+                check_same_call(self.shard.group, None, [], damp=value)
+            new = replace(self, config=config, damp=value)
+            invert_sharded(new, self.grads, self.stats.count, config.backend)
+            return new
         config = self.config.replace(damp=damp)
         value = resolve_damp(damp, self.stats)
         invs, forms, kappa, refined = _blockwise_from_grads(self.grads, self.layouts, value, self.stats.count, config)

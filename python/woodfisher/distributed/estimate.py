@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,7 @@ from .collect import route_gradients
 from .group import all_reduce_, local_phase, share
 from .sharding import ShardPlan, block_cost, plan_shards
 
-__all__ = ["Shard", "estimate_sharded", "check_sharded", "plan_for"]
+__all__ = ["Shard", "estimate_sharded", "check_sharded", "plan_for", "invert_sharded"]
 
 #: At most this many gradients per rank and exchange round (a rank holds a few copies of one
 #: round's full gradients while it cuts them into blocks: the rounds are sized to ~1/4 of its share).
@@ -40,10 +40,11 @@ CHUNK = 64
 
 @dataclass
 class Shard:
-    """Which blocks this rank's curvature holds: the plan and the process group."""
+    """Which blocks this rank's curvature holds: the plan, the process group and each weight's inverse form."""
 
     plan: ShardPlan
     group: Any
+    forms: Optional[Dict[str, str]] = None
 
 
 def check_sharded(config) -> None:
@@ -143,17 +144,27 @@ def estimate_sharded(model, loader, targets, config, curv, group):
     sum_sq = torch.tensor([sum(float(g.double().square().sum()) for g in owned.values())], dtype=torch.float64)
     curv.stats = FisherStats.live(curv.keep, float(all_reduce_(sum_sq, group)), count)
     curv.damp = resolve_damp(config.damp, curv.stats)
-    with local_phase(group):
-        curv.inverses = {target.name: _inverse(owned[target.name], forms[target.name], curv.damp, count, config.backend)
-                         for target in targets}
-    curv.forms = {n: ("lowrank" if isinstance(v, wk.LowRankInverse) else forms[n]) for n, v in curv.inverses.items()}
-    _conditioning(owned, curv, forms, count, plan, group)
-    _lowrank_refined(curv, forms, plan, group)
+    curv.shard = Shard(plan, group, forms)
+    invert_sharded(curv, owned, count, config.backend)
+    if curv.kind == "blockwise":  # kept for Curvature.with_damp: this rank's slices, m * D / world entries
+        curv.grads = owned
     if config.woodtaylor:
         curv.loss_grad = _loss_grad(collector, targets, plan, group, count, dtype)
-    curv.shard = Shard(plan, group)
     curv.timings["inverse"] += time.perf_counter() - t0
     return curv
+
+
+def invert_sharded(curv, owned, count: int, backend: str) -> None:
+    """Collective: ``curv.inverses`` / ``forms`` / ``kappa`` / ``refined`` of this rank's blocks ``owned``
+    ({name: (owned blocks, m, c)} gradients) at ``curv.damp``, on every rank of ``curv.shard.group``
+    (phase one, and :meth:`woodfisher.curvature.Curvature.with_damp` of a sharded curvature)."""
+    plan, group, forms = curv.shard.plan, curv.shard.group, curv.shard.forms
+    with local_phase(group):
+        curv.inverses = {n: _inverse(owned[n], forms[n], curv.damp, count, backend) for n in plan.names}
+    curv.forms = {n: ("lowrank" if isinstance(v, wk.LowRankInverse) else forms[n]) for n, v in curv.inverses.items()}
+    curv.kappa, curv.refined = {}, {}
+    _conditioning(owned, curv, forms, count, plan, group)
+    _lowrank_refined(curv, forms, plan, group)
 
 
 def _conditioning(owned, curv, forms, count: int, plan: ShardPlan, group) -> None:

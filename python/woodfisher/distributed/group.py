@@ -26,11 +26,17 @@ __all__ = ["active_group", "check_group", "describe_group", "comm_device", "agre
 
 
 def check_group(value: Any) -> Any:
-    """``group`` must be "auto", None or a ``torch.distributed.ProcessGroup``; ValueError otherwise."""
+    """``group`` must be "auto", None or a ``torch.distributed.ProcessGroup``; ValueError otherwise (one
+    naming the rank for the ``GroupMember.NON_GROUP_MEMBER`` that ``new_group`` returns outside the group)."""
     if value is None or (isinstance(value, str) and value == "auto"):
         return value
     if dist.is_available() and isinstance(value, dist.ProcessGroup):
         return value
+    if dist.is_available() and value is dist.GroupMember.NON_GROUP_MEMBER and dist.is_initialized():
+        raise ValueError(f"group: this process (rank {dist.get_rank()} of the default group) is not a member of the "
+                         "group passed (torch.distributed.new_group returns GroupMember.NON_GROUP_MEMBER, "
+                         f"{value!r}, on the ranks it leaves out): prune only on the group's ranks, or pass "
+                         "group=None to prune on this process alone")
     raise ValueError(f"group must be 'auto', None or a torch.distributed.ProcessGroup, got {value!r}")
 
 
