@@ -218,6 +218,26 @@ def _non_member(rank, world, loaders):
         return {"error": (isinstance(exc, ValueError), str(exc))}
 
 
+def _progress(rank, world, loaders):
+    """What each rank writes to stderr with progress=True: prune_one_shot, estimate_curvature + prune_with."""
+    import contextlib
+    import io
+
+    import woodfisher.progress as progress
+
+    text, seconds = io.StringIO(), progress.LINE_SECONDS
+    opts = dict(num_grads=8 * world, block_size=6, damp=1e-3, progress=True)
+    progress.LINE_SECONDS = 0.0  # a line for every phase, however short
+    try:
+        with contextlib.redirect_stderr(text):
+            os.environ.pop("TQDM_DISABLE", None)
+            prune_one_shot(_small(), loaders[rank], sparsity=0.5, **opts)
+            prune_with(_small(), estimate_curvature(_small(), loaders[rank], **opts), 0.5)
+    finally:
+        progress.LINE_SECONDS = seconds
+    return {"stderr": text.getvalue()}
+
+
 def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
     warnings.simplefilter("ignore")
     _init(rank, world, port, timeout=120, backend=backend)
@@ -266,6 +286,7 @@ def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
             "failure": lambda: _failure(rank, world, mnist),
             "refused": lambda: _refused(rank, world, small),
             "non_member": lambda: _non_member(rank, world, small),
+            "progress": lambda: _progress(rank, world, small),
         }
         for name in scenarios:
             start = time.perf_counter()

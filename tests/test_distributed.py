@@ -24,7 +24,7 @@ LIMIT = 420
 COMPARED = ["mlp_global", "mlp_joint", "mlp_layerwise", "mlp_whole_layers", "mlp_two_steps_diag", "r20", "ddp", "fsdp",
             "empty_shard", "with_damp", "with_damp_lowrank"]
 SUITES = {2: COMPARED + ["mlp_woodtaylor", "memory_r20", "memory_mlp", "two_phase", "ties", "failure", "refused",
-                         "non_member", "cond_ill", "cond_well", "cond_lowrank"],
+                         "non_member", "progress", "cond_ill", "cond_well", "cond_lowrank"],
           3: ["mlp_global", "mlp_whole_layers", "r20", "empty_shard", "memory_r20", "memory_mlp", "memory_small",
               "ties", "cond_ill", "cond_well"]}
 PREFIXES = ("_fsdp_wrapped_module.", "module.")
@@ -267,6 +267,14 @@ def test_a_rank_outside_a_new_group_is_told_so(request):
     assert runs[0]["error"] is None
     error = runs[1]["error"]
     assert error is not None and error[0] and "not a member" in error[1] and "rank 1" in error[1], error
+
+
+def test_one_progress_display_across_ranks(request):
+    """progress=True on every rank: rank 0 shows the call's progress, the other ranks nothing (was: one display
+    per rank, interleaved, each counting its own share as if it were the call's)."""
+    lead, other = (res["stderr"] for res in _results(request, 2, "progress"))
+    assert "Fisher gradients (rank 0's 8 of 16)" in lead, lead
+    assert other == "", other
 
 
 def test_a_dying_rank_is_an_error_not_a_hang(tmp_path):

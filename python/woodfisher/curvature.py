@@ -39,7 +39,7 @@ from .diagonal import empirical_fisher_diagonal
 from .distributed.consistent import check_same_call, collective_entry, entry_group
 from .distributed.estimate import estimate_sharded, invert_sharded
 from .distributed.fsdp import full_parameters
-from .distributed.group import active_group
+from .distributed.group import active_group, shows_progress
 from .flops import flops_per_param_of_batch
 from .gradients import CHUNK_BYTES, GradientCollector
 from .kfac import kfac_factors, kfac_inverse
@@ -254,7 +254,7 @@ def _estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Pr
         require_loader(config, loader)
         check_memory_plan(targets, config, config.num_grads)
         warn_left_out(model, config.modules)
-        with display(config.progress):
+        with display(config.progress and shows_progress(config.group)):
             curv = _estimate(model, loader, targets, config)
         if curv.kind != "none":  # what prune_with checks (prune_one_shot uses its curvature at once: not needed)
             curv.fingerprint = fingerprint(targets)

@@ -30,6 +30,7 @@ from .curvature import Curvature, _estimate, check_memory_plan, require_loader, 
 from .diagnostics import magnitude_overlap, release_notices, warn_at_caller, warn_if_degenerate, warnings_held
 from .distributed.consistent import collective_entry
 from .distributed.fsdp import full_parameters
+from .distributed.group import shows_progress
 from .finetune import hold_target_masks
 from .gradients import LoaderExhausted
 from .left_out import warn_left_out
@@ -220,7 +221,7 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
     _warn_below(config, sparsity_of(before[1]))
     snapshot = Snapshot(targets, model)
     try:
-        with display(config.progress):
+        with display(config.progress and shows_progress(config.group)):
             _apply(targets, curvature, config, config.final_sparsity, timings)
         # the curvature's gradients and inverses are part of what this result cost: total covers them too
         timings["total"] = time.perf_counter() - start + timings.get("gradients", 0.0) + timings.get("inverse", 0.0)
@@ -299,7 +300,8 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
         damp, forms, kappa, stats = None, {}, {}, []
         i = 0
         try:
-            with display(config.progress), fitted_chunks():  # a chunk size lowered by running out of memory: kept
+            # a chunk size lowered by running out of memory: kept; one display under torchrun (rank 0's)
+            with display(config.progress and shows_progress(config.group)), fitted_chunks():
                 for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
                     with step_label(f"step {i + 1}/{len(steps)}" if len(steps) > 1 else None):
                         targets = resolve_targets(model, config.modules, method.block_size(step_config),

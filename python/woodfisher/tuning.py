@@ -19,6 +19,7 @@ from .config import pattern_fixed_sparsity
 from .curvature import estimate_curvature, resolve_config
 from .damping import check_damp
 from .diagnostics import reissue
+from .distributed.group import shows_progress
 from .engine import prune_with
 from .losses import compute_loss
 from .masks import sparsity_of
@@ -113,7 +114,7 @@ def search_damp(model, loader, heldout, *, sparsity: Optional[float] = None, gri
     reuse = len(config.steps(start)) == 1 and config.method == "woodfisher" and config.inverse_form != "stream"
     if grid is not None:  # a bad grid is refused before any gradient is computed
         grid = _check_grid(grid)
-    with display(config.progress, "woodfisher search_damp"):
+    with display(config.progress and shows_progress(config.group), "woodfisher search_damp"):
         curvature = None
         if reuse or grid is None:
             curvature = estimate_curvature(model, loader, sparsity=sparsity, damp="auto", loss_fn=loss_fn, **options)

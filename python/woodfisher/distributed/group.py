@@ -21,8 +21,8 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["active_group", "check_group", "describe_group", "comm_device", "agree", "agreed", "local_phase",
-           "all_gather_flat", "all_reduce_", "share"]
+__all__ = ["active_group", "shows_progress", "check_group", "describe_group", "comm_device", "agree", "agreed",
+           "local_phase", "all_gather_flat", "all_reduce_", "share"]
 
 
 def check_group(value: Any) -> Any:
@@ -57,6 +57,13 @@ def active_group(value: Any) -> Optional["dist.ProcessGroup"]:
         return None
     group = dist.group.WORLD if isinstance(value, str) else value
     return group if dist.get_world_size(group) > 1 else None
+
+
+def shows_progress(value: Any) -> bool:
+    """Whether this process shows the progress of a call with ``group=value``: always for a single-process
+    call, only on the group's rank 0 for a collective one (one display under ``torchrun``, not one per rank)."""
+    group = active_group(value)
+    return group is None or dist.get_rank(group) == 0
 
 
 def comm_device(group) -> torch.device:
