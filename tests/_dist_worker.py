@@ -238,6 +238,19 @@ def _progress(rank, world, loaders):
     return {"stderr": text.getvalue()}
 
 
+def _search(rank, world, loaders, heldout):
+    """search_damp in float64 on every rank (own calibration and held-out batches); rank 0: one process on all."""
+    from woodfisher import search_damp
+
+    opts = dict(sparsity=0.6, num_grads=8 * world, block_size=6, progress=False, grid=[1e-4, 1e-2, 1.0])
+    dbl = lambda parts: [(x.double(), y) for x, y in parts]  # noqa: E731
+    out = {"losses": search_damp(_small().double(), dbl(loaders[rank]), dbl(heldout[rank]), **opts)[1]}
+    if rank == 0:
+        out["ref"] = search_damp(_small().double(), dbl([b for p in loaders for b in p]),
+                                 dbl([b for p in heldout for b in p]), group=None, **opts)[1]
+    return out
+
+
 def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
     warnings.simplefilter("ignore")
     _init(rank, world, port, timeout=120, backend=backend)
@@ -287,6 +300,7 @@ def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
             "refused": lambda: _refused(rank, world, small),
             "non_member": lambda: _non_member(rank, world, small),
             "progress": lambda: _progress(rank, world, small),
+            "search_damp": lambda: _search(rank, world, small, _loaders(world, 8, (12,), 4, 4, seed=5)),
         }
         for name in scenarios:
             start = time.perf_counter()

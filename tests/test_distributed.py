@@ -24,7 +24,7 @@ LIMIT = 420
 COMPARED = ["mlp_global", "mlp_joint", "mlp_layerwise", "mlp_whole_layers", "mlp_two_steps_diag", "r20", "ddp", "fsdp",
             "empty_shard", "with_damp", "with_damp_lowrank"]
 SUITES = {2: COMPARED + ["mlp_woodtaylor", "memory_r20", "memory_mlp", "two_phase", "ties", "failure", "refused",
-                         "non_member", "progress", "cond_ill", "cond_well", "cond_lowrank"],
+                         "non_member", "progress", "search_damp", "cond_ill", "cond_well", "cond_lowrank"],
           3: ["mlp_global", "mlp_whole_layers", "r20", "empty_shard", "memory_r20", "memory_mlp", "memory_small",
               "ties", "cond_ill", "cond_well"]}
 PREFIXES = ("_fsdp_wrapped_module.", "module.")
@@ -275,6 +275,17 @@ def test_one_progress_display_across_ranks(request):
     lead, other = (res["stderr"] for res in _results(request, 2, "progress"))
     assert "Fisher gradients (rank 0's 8 of 16)" in lead, lead
     assert other == "", other
+
+
+def test_search_damp_scores_every_ranks_heldout_batches(request):
+    """Every rank's held-out loss per damp is the one of a single process on all ranks' batches (float64), so
+    every rank chooses the same damp (was: each rank its own held-out loss and its own best damp)."""
+    runs = _results(request, 2, "search_damp")
+    ref = runs[0]["ref"]
+    for r, res in enumerate(runs):
+        assert res["losses"].keys() == ref.keys()
+        for d, loss in ref.items():
+            assert abs(res["losses"][d] - loss) <= 1e-12 * abs(loss), f"rank {r}, damp {d}: {res['losses'][d]} {loss}"
 
 
 def test_a_dying_rank_is_an_error_not_a_hang(tmp_path):

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .group import active_group, agree, agreed, local_phase
+from .group import active_group, agree, agreed, local_phase, mark_agreed
 
 __all__ = ["check_same_call", "collective_entry", "entry_checks_passed", "entry_group", "PER_RANK_OPTIONS"]
 
@@ -87,10 +87,10 @@ def check_same_call(group, config, targets, **extra: Any) -> None:
     for key, value in every[0].items():
         values = [fp.get(key) for fp in every]
         if any(v != value for v in values):
-            raise ValueError(_describe(key, values))
+            raise mark_agreed(ValueError(_describe(key, values)))
     extra_keys = [k for fp in every for k in fp if k not in every[0]]
     if extra_keys:
-        raise ValueError(_describe(extra_keys[0], [fp.get(extra_keys[0]) for fp in every]))
+        raise mark_agreed(ValueError(_describe(extra_keys[0], [fp.get(extra_keys[0]) for fp in every])))
 
 
 @contextmanager

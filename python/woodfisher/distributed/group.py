@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["active_group", "shows_progress", "check_group", "describe_group", "comm_device", "agree", "agreed",
-           "local_phase", "all_gather_flat", "all_reduce_", "share"]
+           "mark_agreed", "local_phase", "all_gather_flat", "all_reduce_", "share"]
 
 
 def check_group(value: Any) -> Any:
@@ -105,6 +105,11 @@ def _named(error: BaseException, rank: Optional[int], world: int) -> BaseExcepti
     prefix = f"rank {rank} of {world}: "
     if rank is not None and error.args and isinstance(error.args[0], str) and not error.args[0].startswith(prefix):
         error.args = (prefix + error.args[0],) + tuple(error.args[1:])
+    return mark_agreed(error)
+
+
+def mark_agreed(error: BaseException) -> BaseException:
+    """``error``, marked as raised on every rank of the group at once (:func:`agreed` is then True)."""
     error._woodfisher_agreed = True
     return error
 
