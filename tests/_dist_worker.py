@@ -189,6 +189,8 @@ def _refused(rank, world, loaders):
             m, loaders[rank], **dict(opts, sparsity=1.5 if rank else 0.5))),
         "no_loader_one_rank": (_small, lambda m: prune_one_shot(m, None if rank else loaders[rank], **opts)),
         "short_loader": (_small, lambda m: prune_one_shot(m, loaders[rank][:1] if rank else loaders[rank], **opts)),
+        "short_loader_two_steps": (_small, lambda m: prune_one_shot(
+            m, loaders[rank][:1] if rank else loaders[rank], **dict(opts, num_steps=2, num_grads=32))),
         "with_damp": (_small, lambda m: estimate_curvature(m, loaders[rank], **dict(opts, sparsity=0)).with_damp(
             0.01 * (1 + rank))),
         "prune_with_sparsity": (_small, lambda m: prune_with(

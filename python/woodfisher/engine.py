@@ -239,9 +239,10 @@ def _estimate_step(model, loader, targets, step_config: PruneConfig, config: Pru
     except LoaderExhausted as exc:
         if num_steps == 1:
             raise
+        ranks = f" (over the ranks of the process group: {exc.detail})" if getattr(exc, "detail", None) else ""
         raise ValueError(f"num_grads={config.num_grads} is the total over the call: {num_steps} steps of about "
                          f"{exc.needed} gradients, each read from the start of the loader, which ran out after "
-                         f"{exc.got}; pass num_grads <= {exc.got * num_steps} ({exc.got} per step), fewer "
+                         f"{exc.got}{ranks}; pass num_grads <= {exc.got * num_steps} ({exc.got} per step), fewer "
                          "num_steps, or more data") from exc
 
 

@@ -104,11 +104,15 @@ def _rank_chunks(collector, k: int, config, world: int, rank: int):
     try:
         yield from collector.chunks(k)
     except LoaderExhausted as exc:
-        raise LoaderExhausted(f"num_grads={m} over {world} ranks asks rank {rank} for {exc.needed} gradients "
-                              f"({exc.needed * fbs} samples at fisher_batch_size={fbs}), but its loader ran out after "
-                              f"{exc.got} gradients; give every rank its share of the data (a DistributedSampler "
-                              f"splits a dataset evenly) or pass num_grads <= {exc.got * world}",
-                              exc.needed * world, exc.got * world) from exc
+        detail = f"rank {rank}'s loader gave {exc.got} of the {exc.needed} gradients asked of it"
+        error = LoaderExhausted(f"num_grads={m} over {world} ranks asks rank {rank} for {exc.needed} gradients "
+                                f"({exc.needed * fbs} samples at fisher_batch_size={fbs}; with num_steps > 1, "
+                                "num_grads here is one step's part), but its loader ran out after "
+                                f"{exc.got} gradients; give every rank its share of the data (a DistributedSampler "
+                                f"splits a dataset evenly) or pass num_grads <= {exc.got * world}",
+                                exc.needed * world, exc.got * world)
+        error.detail = detail  # for the message of a call of several steps (woodfisher.engine)
+        raise error from exc
     except ValueError as exc:
         if collector.count or "no gradient could be computed" not in str(exc):
             raise
