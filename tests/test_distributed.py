@@ -22,11 +22,11 @@ import woodfisher_kernels as wk
 
 LIMIT = 420
 COMPARED = ["mlp_global", "mlp_joint", "mlp_layerwise", "mlp_whole_layers", "mlp_two_steps_diag", "r20", "ddp", "fsdp",
-            "empty_shard", "with_damp", "with_damp_lowrank"]
+            "empty_shard", "with_damp", "with_damp_lowrank", "nm", "rows", "rows_layerwise"]
 SUITES = {2: COMPARED + ["mlp_woodtaylor", "memory_r20", "memory_mlp", "two_phase", "ties", "failure", "refused",
                          "non_member", "progress", "search_damp", "cond_ill", "cond_well", "cond_lowrank"],
           3: ["mlp_global", "mlp_whole_layers", "r20", "empty_shard", "memory_r20", "memory_mlp", "memory_small",
-              "ties", "cond_ill", "cond_well"]}
+              "ties", "cond_ill", "cond_well", "rows"]}
 PREFIXES = ("_fsdp_wrapped_module.", "module.")
 
 

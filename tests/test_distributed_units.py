@@ -155,6 +155,6 @@ def test_group_option_is_validated_and_reported():
 def test_methods_without_a_distributed_path_are_refused():
     with pytest.raises(ValueError, match="kfac"):
         check_sharded(PruneConfig(sparsity=0.5, method="kfac"))
-    with pytest.raises(ValueError, match="pattern"):
-        check_sharded(PruneConfig(sparsity=0.5, pattern="2:4", block_size=8))
+    check_sharded(PruneConfig(sparsity=0.5, pattern="2:4", block_size=8))   # N:M and rows: group_step
+    check_sharded(PruneConfig(sparsity=0.5, pattern="rows"))
     check_sharded(PruneConfig(sparsity=0.5, method="diag_fisher"))

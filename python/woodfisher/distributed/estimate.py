@@ -11,7 +11,7 @@ blocks (``inverses[name]`` is ``(owned blocks, c, c)``, a LowRankInverse of them
 The damp is resolved from Fisher statistics summed over ranks; WoodTaylor's mean loss
 gradient is summed over ranks too. Supported: methods "woodfisher" and "diag_fisher",
 global or layerwise masks, min_density, beta, WoodTaylor, sampled Fisher (rank r draws with
-seed ``seed + r``). Refused with a ValueError: "kfac" and group patterns (N:M, rows).
+seed ``seed + r``), N:M and rows patterns (:mod:`.group_step`). Refused with a ValueError: "kfac".
 """
 from __future__ import annotations
 
@@ -53,8 +53,6 @@ def check_sharded(config) -> None:
         raise ValueError(f"method={config.method!r} has no distributed implementation; with a process group "
                          "use method='woodfisher' or 'diag_fisher' (or a magnitude method), or pass group=None "
                          "to prune on each process independently")
-    if config.pattern is not None:
-        raise ValueError(f"pattern={config.pattern!r} is not supported across processes; pass group=None")
 
 
 def _form(t, m: int, config, kind: str) -> str:
