@@ -52,7 +52,7 @@ def check_sharded(config) -> None:
     if config.method_impl.curvature not in ("blockwise", "diagonal"):
         raise ValueError(f"method={config.method!r} has no distributed implementation; with a process group "
                          "use method='woodfisher' or 'diag_fisher' (or a magnitude method), or pass group=None "
-                         "to prune on each process independently")
+                         "to prune on each process independently (woodfisher prune: run it without torchrun)")
 
 
 def _form(t, m: int, config, kind: str) -> str:
@@ -136,7 +136,6 @@ def estimate_sharded(model, loader, targets, config, curv, group):
                                   loss_fn=config.loss_fn, num_grads=max(1, shares[rank]),
                                   fisher_batch_size=config.fisher_batch_size, sampled_fisher=config.sampled_fisher,
                                   seed=config.seed + rank, progress=config.progress and rank == 0,
-                                  desc=f"Fisher gradients (rank 0's {shares[rank]} of {m})",
                                   batch_adapter=config.batch_adapter, per_sample=config.per_sample_grads)
     chunk = max(1, min(CHUNK, -(-max(shares) // 4)))
     chunks = _rank_chunks(collector, chunk, config, world, rank) if shares[rank] else None
