@@ -253,6 +253,24 @@ def _search(rank, world, loaders, heldout):
     return out
 
 
+def _estimate_memory(rank, world, loaders):
+    """estimate_memory under the group, then the call at budgets just below / at the rank's estimate."""
+    from woodfisher import estimate_memory
+
+    opts = dict(sparsity=0.5, num_grads=8 * world, block_size=6, damp=1e-3)
+    out = {"plain": estimate_memory(_small(), **opts)}
+    for name, delta in (("below", -1), ("at", 0)):
+        budget = out["plain"]["rank_bytes"] + delta
+        report = estimate_memory(_small(), memory_budget=budget, **opts)
+        try:
+            prune_one_shot(_small(), loaders[rank], memory_budget=budget, progress=False, **opts)
+            ran = True
+        except ValueError:
+            ran = False
+        out[name] = (report, ran)
+    return out
+
+
 def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
     warnings.simplefilter("ignore")
     _init(rank, world, port, timeout=120, backend=backend)
@@ -308,6 +326,7 @@ def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
             "refused": lambda: _refused(rank, world, small),
             "non_member": lambda: _non_member(rank, world, small),
             "progress": lambda: _progress(rank, world, small),
+            "estimate_memory": lambda: _estimate_memory(rank, world, small),
             "search_damp": lambda: _search(rank, world, small, _loaders(world, 8, (12,), 4, 4, seed=5)),
         }
         for name in scenarios:

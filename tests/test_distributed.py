@@ -24,7 +24,8 @@ LIMIT = 420
 COMPARED = ["mlp_global", "mlp_joint", "mlp_layerwise", "mlp_whole_layers", "mlp_two_steps_diag", "r20", "ddp", "fsdp",
             "empty_shard", "with_damp", "with_damp_lowrank", "nm", "rows", "rows_layerwise"]
 SUITES = {2: COMPARED + ["mlp_woodtaylor", "memory_r20", "memory_mlp", "two_phase", "ties", "failure", "refused",
-                         "non_member", "progress", "search_damp", "cond_ill", "cond_well", "cond_lowrank"],
+                         "non_member", "progress", "search_damp", "estimate_memory", "cond_ill", "cond_well",
+                         "cond_lowrank"],
           3: ["mlp_global", "mlp_whole_layers", "r20", "empty_shard", "memory_r20", "memory_mlp", "memory_small",
               "ties", "cond_ill", "cond_well", "rows"]}
 PREFIXES = ("_fsdp_wrapped_module.", "module.")
@@ -287,6 +288,19 @@ def test_search_damp_scores_every_ranks_heldout_batches(request):
         assert res["losses"].keys() == ref.keys()
         for d, loss in ref.items():
             assert abs(res["losses"][d] - loss) <= 1e-12 * abs(loss), f"rank {r}, damp {d}: {res['losses'][d]} {loss}"
+
+
+def test_estimate_memory_plans_this_ranks_shard(request):
+    """Under a group estimate_memory gives the rank's share and refuses exactly what the call refuses (was: the
+    single-process plan, which the sharded call does not follow)."""
+    for res in _results(request, 2, "estimate_memory"):
+        plain = res["plain"]
+        assert plain["plan"] == "sharded" and plain["world_size"] == 2 and plain["refused"] is None
+        assert 0 < plain["rank_bytes"] < plain["keep_bytes"]
+        below, ran_below = res["below"]
+        at, ran_at = res["at"]
+        assert below["refused"] is not None and "memory_budget" in below["refused"] and not ran_below
+        assert at["refused"] is None and ran_at
 
 
 def test_a_dying_rank_is_an_error_not_a_hang(tmp_path):

@@ -31,7 +31,8 @@ from .collect import route_gradients
 from .group import all_reduce_, local_phase, share
 from .sharding import ShardPlan, block_cost, plan_shards
 
-__all__ = ["Shard", "estimate_sharded", "check_sharded", "plan_for", "invert_sharded"]
+__all__ = ["Shard", "estimate_sharded", "check_sharded", "plan_for", "invert_sharded", "shard_bytes",
+           "check_shard_budget"]
 
 #: At most this many gradients per rank and exchange round (a rank holds a few copies of one
 #: round's full gradients while it cuts them into blocks: the rounds are sized to ~1/4 of its share).
@@ -74,11 +75,19 @@ def plan_for(targets, config, world: int, rank: int):
     )
 
 
-def _check_budget(plan: ShardPlan, targets, m: int, itemsize: int, budget) -> None:
+def shard_bytes(plan: ShardPlan, targets, m: int, itemsize: int) -> int:
+    """Bytes this rank holds in a sharded step of ``m`` gradients: its gradient slices (m x its coordinates),
+    the inverses of its blocks and a buffer of a few chunks of full gradients."""
+    chunk = min(CHUNK, -(-share(m, plan.world, 0) // 4))
+    return itemsize * (m * plan.coordinates() + plan.load() + 3 * chunk * sum(target.numel for target in targets))
+
+
+def check_shard_budget(plan: ShardPlan, targets, m: int, itemsize: int, budget) -> None:
+    """ValueError naming ``memory_budget`` when this rank's shard (:func:`shard_bytes`) exceeds it."""
     if budget is None:
         return
     chunk = min(CHUNK, -(-share(m, plan.world, 0) // 4))
-    need = itemsize * (m * plan.coordinates() + plan.load() + 3 * chunk * sum(target.numel for target in targets))
+    need = shard_bytes(plan, targets, m, itemsize)
     if need > budget:
         raise ValueError(f"memory_budget={budget} bytes is too small for this rank's shard: it needs {need} "
                          f"(gradient slices, inverses of its blocks and a buffer of {chunk} gradients); "
@@ -129,7 +138,7 @@ def estimate_sharded(model, loader, targets, config, curv, group):
     dtype = compute_dtype(targets[0].param.dtype)
     forms, plan = plan_for(targets, config, world, rank)
     with local_phase(group):
-        _check_budget(plan, targets, m, torch.empty((), dtype=dtype).element_size(), config.memory_budget)
+        check_shard_budget(plan, targets, m, torch.empty((), dtype=dtype).element_size(), config.memory_budget)
     shares = [share(m, world, r) for r in range(world)]
     t0 = time.perf_counter()
     collector = GradientCollector(model, loader, targets, want_loss_grad=config.woodtaylor, keep_masks=curv.keep,
