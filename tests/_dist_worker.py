@@ -178,6 +178,8 @@ def _refused(rank, world, loaders):
     """Calls that differ between the ranks (an option, the model, the data): {case: (error, model unchanged)}."""
     opts = dict(sparsity=0.5, num_grads=8 * world, block_size=6, damp=1e-3, progress=False)
     other = lambda: nn.Sequential(nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 4))  # noqa: E731
+    many = _loaders(world, 128, (12,), 4, 32, seed=6)[rank]   # enough for num_steps="auto" to plan several steps
+    once = (lambda: iter(many)) if rank else (lambda: many)  # noqa: E731 - rank 1: a single-pass loader
     cases = {  # (model, call) on this rank
         "sparsity": (_small, lambda m: prune_one_shot(m, loaders[rank], **dict(opts, sparsity=0.5 + 0.1 * rank))),
         "seed": (_small, lambda m: prune_one_shot(m, loaders[rank], **dict(opts, seed=rank))),
@@ -191,6 +193,8 @@ def _refused(rank, world, loaders):
         "short_loader": (_small, lambda m: prune_one_shot(m, loaders[rank][:1] if rank else loaders[rank], **opts)),
         "short_loader_two_steps": (_small, lambda m: prune_one_shot(
             m, loaders[rank][:1] if rank else loaders[rank], **dict(opts, num_steps=2, num_grads=32))),
+        "single_pass_one_rank": (_small, lambda m: prune_one_shot(
+            m, once(), **dict(opts, sparsity=0.9, num_grads=128 * world))),
         "with_damp": (_small, lambda m: estimate_curvature(m, loaders[rank], **dict(opts, sparsity=0)).with_damp(
             0.01 * (1 + rank))),
         "prune_with_sparsity": (_small, lambda m: prune_with(

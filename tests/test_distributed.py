@@ -246,6 +246,7 @@ REFUSED = {"sparsity": ["sparsity differs between the ranks", "rank 0: 0.5", "ra
            "no_loader_one_rank": ["rank 1", "loader is required"],
            "short_loader": ["rank 1", "num_grads=16 over 2 ranks asks rank 1 for 8 gradients", "num_grads <= 8"],
            "short_loader_two_steps": ["rank 1", "8 gradients"],
+           "single_pass_one_rank": ["the steps planned", "single-pass loader", "rank 1: [[0.9, 256]]"],
            "prune_with_sparsity": ["sparsity differs between the ranks", "rank 1: 0.6"],
            "with_damp": ["damp differs between the ranks", "rank 0: 0.01", "rank 1: 0.02"]}
 

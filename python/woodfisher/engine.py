@@ -28,9 +28,9 @@ from .conditioning import warn_ill_conditioned
 from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig, pattern_fixed_sparsity
 from .curvature import Curvature, _estimate, check_memory_plan, require_loader, warn_zero_gradients
 from .diagnostics import magnitude_overlap, release_notices, warn_at_caller, warn_if_degenerate, warnings_held
-from .distributed.consistent import collective_entry
+from .distributed.consistent import check_same_call, collective_entry
 from .distributed.fsdp import full_parameters
-from .distributed.group import shows_progress
+from .distributed.group import active_group, shows_progress
 from .finetune import hold_target_masks
 from .gradients import LoaderExhausted
 from .left_out import warn_left_out
@@ -246,6 +246,11 @@ def _estimate_step(model, loader, targets, step_config: PruneConfig, config: Pru
                          "num_steps, or more data") from exc
 
 
+#: How a difference in the planned steps between ranks is named (num_steps="auto" plans one step for a single-pass
+#: loader, several for a list or a DataLoader).
+STEPS_PLANNED = "the steps planned ([sparsity, gradients] each; num_steps='auto' plans one for a single-pass loader)"
+
+
 def _plan(model: nn.Module, loader: Optional[Iterable], config: PruneConfig):
     """Every check of :func:`run` and its plan: (config fitted to the pattern, targets, keep-masks and weights
     before, starting sparsity, steps, the steps' configs, block size). Its notices are issued by the caller once
@@ -295,6 +300,9 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     # a call refused by its checks, or by its loader and model on the first step's data, prints no notice
     with warnings_held():
         config, targets, before, start_sparsity, steps, configs, block_size = _plan(model, loader, config)
+        group = active_group(config.group)
+        if group is not None:  # the same call on every rank, the same steps planned (ValueError on every rank)
+            check_same_call(group, config, targets, **{STEPS_PLANNED: [list(s) for s in steps]})
         method = config.method_impl
         timings = _timings()
         snapshot = Snapshot(targets, model)
