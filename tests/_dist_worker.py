@@ -275,6 +275,18 @@ def _estimate_memory(rank, world, loaders):
     return out
 
 
+def _same_samples(rank, world, loaders):
+    """Warnings of a call where every rank reads rank 0's batches, then of one where each reads its own."""
+    out = {}
+    for name, loader in (("same", loaders[0]), ("own", loaders[rank])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prune_one_shot(_small(), loader, sparsity=0.5, num_grads=8 * world, block_size=6, damp=1e-3,
+                           progress=False)
+        out[name] = [str(w.message) for w in caught if "same samples" in str(w.message)]
+    return out
+
+
 def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
     warnings.simplefilter("ignore")
     _init(rank, world, port, timeout=120, backend=backend)
@@ -330,6 +342,7 @@ def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
             "refused": lambda: _refused(rank, world, small),
             "non_member": lambda: _non_member(rank, world, small),
             "progress": lambda: _progress(rank, world, small),
+            "same_samples": lambda: _same_samples(rank, world, small),
             "estimate_memory": lambda: _estimate_memory(rank, world, small),
             "search_damp": lambda: _search(rank, world, small, _loaders(world, 8, (12,), 4, 4, seed=5)),
         }

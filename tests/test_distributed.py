@@ -24,8 +24,8 @@ LIMIT = 420
 COMPARED = ["mlp_global", "mlp_joint", "mlp_layerwise", "mlp_whole_layers", "mlp_two_steps_diag", "r20", "ddp", "fsdp",
             "empty_shard", "with_damp", "with_damp_lowrank", "nm", "rows", "rows_layerwise"]
 SUITES = {2: COMPARED + ["mlp_woodtaylor", "memory_r20", "memory_mlp", "two_phase", "ties", "failure", "refused",
-                         "non_member", "progress", "search_damp", "estimate_memory", "cond_ill", "cond_well",
-                         "cond_lowrank"],
+                         "non_member", "progress", "search_damp", "estimate_memory", "same_samples", "cond_ill",
+                         "cond_well", "cond_lowrank"],
           3: ["mlp_global", "mlp_whole_layers", "r20", "empty_shard", "memory_r20", "memory_mlp", "memory_small",
               "ties", "cond_ill", "cond_well", "rows"]}
 PREFIXES = ("_fsdp_wrapped_module.", "module.")
@@ -302,6 +302,13 @@ def test_estimate_memory_plans_this_ranks_shard(request):
         at, ran_at = res["at"]
         assert below["refused"] is not None and "memory_budget" in below["refused"] and not ran_below
         assert at["refused"] is None and ran_at
+
+
+def test_every_rank_reading_the_same_samples_is_warned_once(request):
+    """Identical loaders on every rank: the Fisher holds each gradient world times; rank 0 warns (was: silent)."""
+    lead, other = _results(request, 2, "same_samples")
+    assert len(lead["same"]) == 1 and "8 distinct gradients, each 2 times" in lead["same"][0], lead["same"]
+    assert lead["own"] == [] and other["same"] == [] and other["own"] == []
 
 
 def test_a_dying_rank_is_an_error_not_a_hang(tmp_path):

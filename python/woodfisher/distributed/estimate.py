@@ -26,6 +26,7 @@ import woodfisher_kernels as wk
 
 from ..conditioning import refine_dense
 from ..damping import FisherStats, resolve_damp
+from ..diagnostics import warn_at_caller
 from ..gradients import GradientCollector, LoaderExhausted, compute_dtype
 from .collect import route_gradients
 from .group import all_reduce_, local_phase, share
@@ -150,6 +151,7 @@ def estimate_sharded(model, loader, targets, config, curv, group):
     chunks = _rank_chunks(collector, chunk, config, world, rank) if shares[rank] else None
     owned, per_rank = route_gradients(chunks, targets, plan, shares, chunk, group, dtype, targets[0].param.device)
     count = sum(per_rank)
+    _warn_same_samples(owned, per_rank, group)
     curv.timings["gradients"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     sum_sq = torch.tensor([sum(float(g.double().square().sum()) for g in owned.values())], dtype=torch.float64)
@@ -163,6 +165,25 @@ def estimate_sharded(model, loader, targets, config, curv, group):
         curv.loss_grad = _loss_grad(collector, targets, plan, group, count, dtype)
     curv.timings["inverse"] += time.perf_counter() - t0
     return curv
+
+
+def _warn_same_samples(owned, per_rank, group) -> None:
+    """Collective: warn (rank 0) when every rank computed exactly the gradients of rank 0, i.e. every rank read
+    the same samples: the Fisher then holds ``count / world`` distinct gradients, each ``world`` times."""
+    world = len(per_rank)
+    same = len(set(per_rank)) == 1 and per_rank[0] > 0
+    if same:
+        n = per_rank[0]
+        for g in owned.values():  # (owned blocks, m, c), rank-major: rank r's gradients at [r n, (r + 1) n)
+            if g.shape[0] and not all(torch.equal(g[:, r * n:(r + 1) * n], g[:, :n]) for r in range(1, world)):
+                same = False
+                break
+    flag = all_reduce_(torch.tensor([int(same)], dtype=torch.int64), group, dist.ReduceOp.MIN)
+    if int(flag) and dist.get_rank(group) == 0:
+        warn_at_caller(f"every rank of the process group read the same samples: the Fisher holds {per_rank[0]} "
+                       f"distinct gradients, each {world} times, not num_grads={sum(per_rank)}; give each rank its "
+                       "share of the data (torch.utils.data.DistributedSampler, or a loader that reads every "
+                       "WORLD_SIZE-th sample)")
 
 
 def invert_sharded(curv, owned, count: int, backend: str) -> None:
