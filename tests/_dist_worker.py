@@ -393,3 +393,20 @@ def run_cli(rank, world, port, out_dir, checkpoint):
     code = main(["prune", "--model", "digits_mlp", "--checkpoint", checkpoint, "--num-grads", "64",
                  "--block-size", "50", "--sparsity", "0.8", "--no-progress", "--out", out_dir])
     torch.save({"code": code, "initialised_after": dist.is_initialized()}, os.path.join(out_dir, f"cli.rank{rank}.pt"))
+
+
+def run_cli_error(rank, world, port, out_dir, checkpoint):
+    """``woodfisher prune`` under torchrun with an option every rank refuses: its stderr and exit code."""
+    import contextlib
+    import io
+
+    warnings.simplefilter("ignore")
+    from woodfisher.cli import main
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    text = io.StringIO()
+    with contextlib.redirect_stderr(text):
+        code = main(["prune", "--model", "digits_mlp", "--checkpoint", checkpoint, "--num-grads", "16",
+                     "--sparsity", "0.5", "--method", "kfac", "--no-progress", "--out", out_dir])
+    torch.save({"code": code, "stderr": text.getvalue()}, os.path.join(out_dir, f"cli_error.rank{rank}.pt"))

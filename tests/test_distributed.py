@@ -340,3 +340,16 @@ def test_cli_prune_under_torchrun_environment(tmp_path):
     state = torch.load(out / "pruned.pt", weights_only=True)
     for name, keep in masks.items():
         assert torch.all(state[name][~keep] == 0)
+
+
+def test_cli_error_under_torchrun_is_printed_once(tmp_path):
+    """An option every rank refuses: exit code 2 on every rank, one error line (rank 0's), not one per rank."""
+    from woodfisher.checkpoint import save_state_dict
+    from woodfisher.models import build_model
+
+    ckpt = str(save_state_dict(build_model("digits_mlp"), tmp_path / "digits.pt"))
+    assert _spawn(worker.run_cli_error, 2, (str(tmp_path), ckpt), LIMIT) == [0, 0]
+    lead, other = (torch.load(tmp_path / f"cli_error.rank{r}.pt", weights_only=False) for r in range(2))
+    assert lead["code"] == other["code"] == 2
+    assert lead["stderr"].count("woodfisher: error:") == 1 and "kfac" in lead["stderr"], lead["stderr"]
+    assert other["stderr"] == "", other["stderr"]

@@ -18,6 +18,7 @@ import warnings
 from typing import Optional, Sequence, Tuple
 
 from ..config import pattern_fixed_sparsity
+from ..distributed.group import agreed
 from . import demo, export, pai, prune, report
 from ._common import Parser, one_line
 from ._config import config_defaults, load_config
@@ -109,7 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args, _ = _parse(argv, spellings)
             return int(args.func(args) or 0)
         except (ValueError, OSError) as err:  # OSError: FileNotFoundError, PermissionError, IsADirectoryError...
-            print(f"woodfisher: error: {cli_text(one_line(err), spellings)}", file=sys.stderr)
+            # under torchrun an error every rank raised (naming the rank it came from) is printed once, by rank 0
+            if not agreed(err) or os.environ.get("RANK", "0") == "0":
+                print(f"woodfisher: error: {cli_text(one_line(err), spellings)}", file=sys.stderr)
             return 2
 
 

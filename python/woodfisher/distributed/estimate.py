@@ -29,7 +29,7 @@ from ..damping import FisherStats, resolve_damp
 from ..diagnostics import warn_at_caller
 from ..gradients import GradientCollector, LoaderExhausted, compute_dtype
 from .collect import route_gradients
-from .group import all_reduce_, local_phase, share
+from .group import all_reduce_, local_phase, mark_agreed, share
 from .sharding import ShardPlan, block_cost, plan_shards
 
 __all__ = ["Shard", "estimate_sharded", "check_sharded", "plan_for", "invert_sharded", "shard_bytes",
@@ -133,7 +133,10 @@ def _rank_chunks(collector, k: int, config, world: int, rank: int):
 
 def estimate_sharded(model, loader, targets, config, curv, group):
     """Fill ``curv`` (a Curvature with layouts and keep-masks) with this rank's share (collective)."""
-    check_sharded(config)
+    try:
+        check_sharded(config)
+    except ValueError as exc:  # the same options on every rank (check_same_call): every rank raises it
+        raise mark_agreed(exc) from None
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     m = config.num_grads
     dtype = compute_dtype(targets[0].param.dtype)
