@@ -118,10 +118,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _notes(show_other, spellings: dict):
     """A ``warnings.showwarning`` that prints a UserWarning as one line ``note: ...`` on a line of its own
-    (no source line) and passes any other category to ``show_other``."""
+    (no source line) and passes any other category to ``show_other``. Under ``torchrun`` only rank 0 prints
+    the notes: every rank holds the same model and result, so the others would print the same lines."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         if not issubclass(category, UserWarning):
             show_other(message, category, filename, lineno, file, line)
+            return
+        if os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
             return
         from ..progress import write_line
 
