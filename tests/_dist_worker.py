@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 import woodfisher_kernels as wk
-from woodfisher import estimate_curvature, prune_one_shot, prune_with
+from woodfisher import GradualPruner, estimate_curvature, prune_one_shot, prune_with
 from woodfisher.distributed import select_sharded
 from woodfisher.masks import select_masks
 from woodfisher.models import MLPNet, resnet20
@@ -189,6 +189,9 @@ def _refused(rank, world, loaders):
                                                                                            else 0.5))),
         "fsdp_bad_option_one_rank": (lambda: _fsdp(_small()), lambda m: prune_one_shot(
             m, loaders[rank], **dict(opts, sparsity=1.5 if rank else 0.5))),
+        "fsdp_keep_masks": (lambda: _fsdp(_small()), lambda m: prune_one_shot(m, loaders[rank], keep_masks=True,
+                                                                               **opts)),
+        "fsdp_gradual": (lambda: _fsdp(_small()), lambda m: GradualPruner(m, loaders[rank], final_sparsity=0.5)),
         "no_loader_one_rank": (_small, lambda m: prune_one_shot(m, None if rank else loaders[rank], **opts)),
         "short_loader": (_small, lambda m: prune_one_shot(m, loaders[rank][:1] if rank else loaders[rank], **opts)),
         "short_loader_two_steps": (_small, lambda m: prune_one_shot(

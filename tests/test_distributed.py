@@ -244,6 +244,8 @@ REFUSED = {"sparsity": ["sparsity differs between the ranks", "rank 0: 0.5", "ra
            "bad_option_one_rank": ["rank 1", "sparsity must lie in [0, 1), got 1.5"],
            "fsdp_bad_option_one_rank": ["rank 1", "sparsity must lie in [0, 1), got 1.5"],
            "no_loader_one_rank": ["rank 1", "loader is required"],
+           "fsdp_keep_masks": ["keep_masks=True", "FullyShardedDataParallel"],
+           "fsdp_gradual": ["GradualPruner", "FullyShardedDataParallel"],
            "short_loader": ["rank 1", "num_grads=16 over 2 ranks asks rank 1 for 8 gradients", "num_grads <= 8"],
            "short_loader_two_steps": ["rank 1", "8 gradients"],
            "single_pass_one_rank": ["the steps planned", "single-pass loader", "rank 1: [[0.9, 256]]"],

@@ -29,7 +29,7 @@ from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig, pattern_fixed_
 from .curvature import Curvature, _estimate, check_memory_plan, require_loader, warn_zero_gradients
 from .diagnostics import magnitude_overlap, release_notices, warn_at_caller, warn_if_degenerate, warnings_held
 from .distributed.consistent import check_same_call, collective_entry
-from .distributed.fsdp import full_parameters
+from .distributed.fsdp import full_parameters, refuse_held_masks
 from .distributed.group import active_group, shows_progress
 from .finetune import hold_target_masks
 from .gradients import LoaderExhausted
@@ -256,6 +256,8 @@ def _plan(model: nn.Module, loader: Optional[Iterable], config: PruneConfig):
     before, starting sparsity, steps, the steps' configs, block size). Its notices are issued by the caller once
     every check has passed (:func:`woodfisher.diagnostics.warnings_held`)."""
     config = fit_pattern(model, config)  # N:M on the default targets: the weights it fits
+    if config.keep_masks:
+        refuse_held_masks(model, "keep_masks=True")
     method = config.method_impl
     targets = resolve_targets(model, config.modules, None)
     before = _start(targets)

@@ -42,6 +42,7 @@ from .checks import check_prunable
 from .chunking import fitted_chunks
 from .config import PruneConfig, check_int, check_pattern_sparsity, pattern_fixed_sparsity
 from .diagnostics import reissue, warnings_held
+from .distributed.fsdp import refuse_held_masks
 from .finetune import attach_masks, make_permanent
 from .masks import check_sparsity, is_int, is_real
 from .per_sample import check_batch_statistics
@@ -151,6 +152,7 @@ class GradualPruner:
     def __init__(self, model: nn.Module, loader: Optional[Iterable] = None, *, final_sparsity: Optional[float] = None,
                  start_step: int = 0, end_step: int = 0, frequency: int = 1,
                  initial_sparsity: float = 0.05, **prune_kwargs):
+        refuse_held_masks(model, "GradualPruner")  # it holds the masks between steps
         if "sparsity" in prune_kwargs:
             raise ValueError("pass final_sparsity, not sparsity, to GradualPruner")
         if final_sparsity is None:  # the one an N:M pattern fixes, else required

@@ -20,12 +20,22 @@ from torch import nn
 
 from .consistent import entry_checks_passed
 
-__all__ = ["full_parameters", "is_fsdp"]
+__all__ = ["full_parameters", "is_fsdp", "refuse_held_masks"]
 
 
 def is_fsdp(module: nn.Module) -> bool:
     """True for a ``torch.distributed.fsdp.FullyShardedDataParallel`` instance (no import needed)."""
     return type(module).__name__ == "FullyShardedDataParallel" and hasattr(module, "_fsdp_wrapped_module")
+
+
+def refuse_held_masks(model, what: str) -> None:
+    """ValueError naming ``what`` when ``model`` is FSDP-wrapped: masks held by ``torch.nn.utils.prune`` replace
+    the weights FSDP flattened into its shards, and the next forward fails on the shard's shape."""
+    if isinstance(model, nn.Module) and is_fsdp(model):
+        raise ValueError(f"{what}: masks held by torch.nn.utils.prune cannot live on a FullyShardedDataParallel "
+                         "model (they replace the weights FSDP keeps in its flat shards: the next forward fails); "
+                         "prune with keep_masks=False and zero the pruned entries again after each optimizer step, "
+                         "or prune and hold the masks on the model before wrapping it")
 
 
 def _check(model: nn.Module) -> None:
