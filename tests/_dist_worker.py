@@ -192,6 +192,7 @@ def _refused(rank, world, loaders):
         "fsdp_keep_masks": (lambda: _fsdp(_small()), lambda m: prune_one_shot(m, loaders[rank], keep_masks=True,
                                                                                **opts)),
         "fsdp_gradual": (lambda: _fsdp(_small()), lambda m: GradualPruner(m, loaders[rank], final_sparsity=0.5)),
+        "same_bad_option": (_small, lambda m: prune_one_shot(m, loaders[rank], inverse_form="offload", **opts)),
         "no_loader_one_rank": (_small, lambda m: prune_one_shot(m, None if rank else loaders[rank], **opts)),
         "short_loader": (_small, lambda m: prune_one_shot(m, loaders[rank][:1] if rank else loaders[rank], **opts)),
         "short_loader_two_steps": (_small, lambda m: prune_one_shot(

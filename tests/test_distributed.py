@@ -244,6 +244,7 @@ REFUSED = {"sparsity": ["sparsity differs between the ranks", "rank 0: 0.5", "ra
            "bad_option_one_rank": ["rank 1", "sparsity must lie in [0, 1), got 1.5"],
            "fsdp_bad_option_one_rank": ["rank 1", "sparsity must lie in [0, 1), got 1.5"],
            "no_loader_one_rank": ["rank 1", "loader is required"],
+           "same_bad_option": ["inverse_form='offload' needs memory_budget"],
            "fsdp_keep_masks": ["keep_masks=True", "FullyShardedDataParallel"],
            "fsdp_gradual": ["GradualPruner", "FullyShardedDataParallel"],
            "short_loader": ["rank 1", "num_grads=16 over 2 ranks asks rank 1 for 8 gradients", "num_grads <= 8"],
@@ -262,6 +263,8 @@ def test_calls_that_differ_between_ranks_raise_valueerror_on_every_rank(request,
         assert error is not None and error[0], f"rank {r}: {error}"
         for part in REFUSED[case]:
             assert part in error[1], f"rank {r}: {part!r} not in {error[1]!r}"
+        if case == "same_bad_option":  # every rank failed alike: no rank singled out
+            assert error[1].startswith("inverse_form="), error[1]
         assert unchanged, f"rank {r} changed its model in a refused call"
 
 

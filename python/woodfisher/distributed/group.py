@@ -81,7 +81,8 @@ def share(total: int, world: int, rank: int) -> int:
 def agree(group, error: Optional[BaseException]) -> None:
     """Collective: raise on every rank if ``error`` is not None on any rank.
 
-    The failing rank re-raises its own exception, its message prefixed with "rank r of world: ";
+    The failing rank re-raises its own exception, its message prefixed with "rank r of world: " (unless
+    every rank failed with the same message);
     the others raise ValueError (when the first failing rank raised a ValueError) or RuntimeError
     naming that rank and its message.
     """
@@ -92,8 +93,9 @@ def agree(group, error: Optional[BaseException]) -> None:
     mine = None if error is None else (isinstance(error, ValueError), f"{type(error).__name__}: {error}")
     every: List[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(every, mine, group=group)
-    if error is not None:
-        raise _named(error, dist.get_rank(group), len(every))
+    if error is not None:  # the same failure on every rank (the same bad option): no rank to single out
+        same = all(e is not None and e[1] == every[0][1] for e in every)
+        raise _named(error, None if same else dist.get_rank(group), len(every))
     rank, (is_value, message) = next((r, e) for r, e in enumerate(every) if e is not None)
     raise _named((ValueError if is_value else RuntimeError)(f"rank {rank} failed, so this rank stops too: {message}"),
                  None, len(every))
