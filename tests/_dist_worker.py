@@ -174,6 +174,12 @@ def _failure(rank, world, loaders):
     return {"error": error, "unchanged": all(torch.equal(before[k], v) for k, v in _weights(model).items())}
 
 
+def _gradual(model, loader, opts):
+    kwargs = {k: v for k, v in opts.items() if k != "sparsity"}
+    return GradualPruner(model, loader, final_sparsity=0.6, start_step=0, end_step=2, frequency=2,
+                         initial_sparsity=0.3, **kwargs)
+
+
 def _refused(rank, world, loaders):
     """Calls that differ between the ranks (an option, the model, the data): {case: (error, model unchanged)}."""
     opts = dict(sparsity=0.5, num_grads=8 * world, block_size=6, damp=1e-3, progress=False)
@@ -193,6 +199,8 @@ def _refused(rank, world, loaders):
                                                                                **opts)),
         "fsdp_gradual": (lambda: _fsdp(_small()), lambda m: GradualPruner(m, loaders[rank], final_sparsity=0.5)),
         "same_bad_option": (_small, lambda m: prune_one_shot(m, loaders[rank], inverse_form="offload", **opts)),
+        "gradual_step": (_small, lambda m: _gradual(m, loaders[rank], opts).step(rank)),
+        "gradual_bad_step_one_rank": (_small, lambda m: _gradual(m, loaders[rank], opts).step("1" if rank else 0)),
         "no_loader_one_rank": (_small, lambda m: prune_one_shot(m, None if rank else loaders[rank], **opts)),
         "short_loader": (_small, lambda m: prune_one_shot(m, loaders[rank][:1] if rank else loaders[rank], **opts)),
         "short_loader_two_steps": (_small, lambda m: prune_one_shot(

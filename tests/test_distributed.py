@@ -244,6 +244,8 @@ REFUSED = {"sparsity": ["sparsity differs between the ranks", "rank 0: 0.5", "ra
            "bad_option_one_rank": ["rank 1", "sparsity must lie in [0, 1), got 1.5"],
            "fsdp_bad_option_one_rank": ["rank 1", "sparsity must lie in [0, 1), got 1.5"],
            "no_loader_one_rank": ["rank 1", "loader is required"],
+           "gradual_step": ["step differs between the ranks (from 0 to 1)"],
+           "gradual_bad_step_one_rank": ["rank 1", "step must be an int"],
            "same_bad_option": ["inverse_form='offload' needs memory_budget"],
            "fsdp_keep_masks": ["keep_masks=True", "FullyShardedDataParallel"],
            "fsdp_gradual": ["GradualPruner", "FullyShardedDataParallel"],

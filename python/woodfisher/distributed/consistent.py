@@ -23,9 +23,10 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .group import active_group, agree, agreed, local_phase, mark_agreed
+from .group import active_group, agree, agreed, all_reduce_, local_phase, mark_agreed
 
-__all__ = ["check_same_call", "collective_entry", "entry_checks_passed", "entry_group", "PER_RANK_OPTIONS"]
+__all__ = ["check_same_call", "check_same_numbers", "collective_entry", "entry_checks_passed", "entry_group",
+           "PER_RANK_OPTIONS"]
 
 #: True once this rank's current call has reached :func:`check_same_call` (its first collective).
 _joined: contextvars.ContextVar = contextvars.ContextVar("woodfisher_joined", default=True)
@@ -140,3 +141,18 @@ def entry_group(config, options: Dict[str, Any]):
         return active_group(value)
     except Exception:  # noqa: BLE001 - not a group: the option's own check names it
         return None
+
+
+def check_same_numbers(group, what: str, **values: Optional[float]) -> None:
+    """Collective (one all-reduce): ValueError on every rank naming the first of ``values`` that differs.
+
+    For decisions each rank takes alone before a collective call (``GradualPruner.step``: whether this
+    step prunes): a rank that decided otherwise would leave the others waiting in that call. None counts as -1.
+    """
+    keys = list(values)
+    numbers = [-1.0 if values[k] is None else float(values[k]) for k in keys]
+    both = all_reduce_(torch.tensor(numbers + [-x for x in numbers], dtype=torch.float64), group, dist.ReduceOp.MAX)
+    for i, key in enumerate(keys):
+        low, high = -float(both[len(keys) + i]), float(both[i])
+        if low != high:
+            raise mark_agreed(ValueError(f"{key} differs between the ranks (from {low:g} to {high:g}): {what}"))
