@@ -61,6 +61,8 @@ def _small():
     return nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 4))
 
 
+
+
 def _r20():
     torch.manual_seed(2)
     return resnet20()
@@ -120,6 +122,8 @@ def _two_phase(rank, world, loaders, **opts):
     return out
 
 
+
+
 def _ties(rank, world):
     """select_sharded on integer scores (many exact ties) split unevenly across ranks."""
     g = torch.Generator().manual_seed(7)
@@ -156,7 +160,23 @@ def _failure(rank, world, loaders):
     return {"error": error, "unchanged": all(torch.equal(before[k], v) for k, v in _weights(model).items())}
 
 
+
+
+
+
+
+
+
+
+
+
+
+
+
+
 def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
+    import _dist_cases as cases  # the scenarios of test_distributed_calls (it imports this module)
+
     warnings.simplefilter("ignore")
     _init(rank, world, port, timeout=120, backend=backend)
     try:
@@ -198,7 +218,22 @@ def run_suite(rank, world, port, out_dir, scenarios, backend="gloo"):
                                                   num_grads=8 * world, block_size=24, damp=1e-5),
             "two_phase": lambda: _two_phase(rank, world, mnist, num_grads=16 * world, block_size=40, damp=1e-4),
             "ties": lambda: _ties(rank, world),
+            "nm": lambda: _compare("small", rank, world, _small, small, pattern="2:4", num_grads=8 * world,
+                                   block_size=12, damp=1e-3),
+            "rows": lambda: _compare("small", rank, world, _small, small, pattern="rows", sparsity=0.5,
+                                     num_grads=8 * world, block_size=None, damp=1e-3, min_density=0.2),
+            "rows_layerwise": lambda: _compare("small", rank, world, _small, small, pattern="rows", sparsity=0.4,
+                                               mode="layerwise", num_grads=8 * world, damp=1e-3),
+            "with_damp": lambda: cases._with_damp(rank, world, mnist, num_grads=16 * world, block_size=50),
+            "with_damp_lowrank": lambda: cases._with_damp(rank, world, mnist, num_grads=16 * world, block_size=50,
+                                                    inverse_form="lowrank"),
             "failure": lambda: _failure(rank, world, mnist),
+            "refused": lambda: cases._refused(rank, world, small),
+            "non_member": lambda: cases._non_member(rank, world, small),
+            "progress": lambda: cases._progress(rank, world, small),
+            "same_samples": lambda: cases._same_samples(rank, world, small),
+            "estimate_memory": lambda: cases._estimate_memory(rank, world, small),
+            "search_damp": lambda: cases._search(rank, world, small, _loaders(world, 8, (12,), 4, 4, seed=5)),
         }
         for name in scenarios:
             start = time.perf_counter()
@@ -247,3 +282,4 @@ def run_cli(rank, world, port, out_dir, checkpoint):
     code = main(["prune", "--model", "digits_mlp", "--checkpoint", checkpoint, "--num-grads", "64",
                  "--block-size", "50", "--sparsity", "0.8", "--no-progress", "--out", out_dir])
     torch.save({"code": code, "initialised_after": dist.is_initialized()}, os.path.join(out_dir, f"cli.rank{rank}.pt"))
+

@@ -26,3 +26,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# the gloo runs of the distributed tests: one spawn per world size and session (tests/_dist_harness.py)
+@pytest.fixture(scope="session")
+def suite2(tmp_path_factory):
+    import _dist_harness
+
+    return _dist_harness._run_suite(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def suite3(tmp_path_factory):
+    import _dist_harness
+
+    return _dist_harness._run_suite(3, tmp_path_factory)

@@ -155,6 +155,19 @@ def test_group_option_is_validated_and_reported():
 def test_methods_without_a_distributed_path_are_refused():
     with pytest.raises(ValueError, match="kfac"):
         check_sharded(PruneConfig(sparsity=0.5, method="kfac"))
-    with pytest.raises(ValueError, match="pattern"):
-        check_sharded(PruneConfig(sparsity=0.5, pattern="2:4", block_size=8))
+    check_sharded(PruneConfig(sparsity=0.5, pattern="2:4", block_size=8))   # N:M and rows: group_step
+    check_sharded(PruneConfig(sparsity=0.5, pattern="rows"))
     check_sharded(PruneConfig(sparsity=0.5, method="diag_fisher"))
+
+
+@pytest.mark.parametrize("rank,shown", [("0", True), ("1", False)])
+def test_notes_under_torchrun_are_printed_by_rank_0_only(monkeypatch, capsys, rank, shown):
+    """Every rank holds the same model and result: rank 0 prints the notes, the others would repeat them."""
+    import warnings
+
+    from woodfisher.cli import _notes
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    _notes(warnings.showwarning, {})("layer collapse: ['fc.weight']", UserWarning, __file__, 1)
+    assert ("note: layer collapse" in capsys.readouterr().err) == shown

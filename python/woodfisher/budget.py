@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch.distributed as dist
 from torch import nn
 
 from .checks import check_prunable
 from .config import PruneConfig
 from .curvature import resolve_config
 from .diagnostics import notices_dropped, warnings_held
+from .distributed.estimate import check_shard_budget, check_sharded, plan_for, shard_bytes
+from .distributed.group import active_group
 from .masks import sparsity_of
 from .plan import keep_step_bytes, plan_memory, stat_itemsize, stream_step_bytes
 from .structured import fit_pattern
@@ -37,6 +40,10 @@ def estimate_memory(model: nn.Module, config: Optional[PruneConfig] = None, **op
         ``plan`` ("keep", "stream", "offload" or "diag"; None when the call would be refused) and ``stream_k``
         (gradients per streamed chunk, or None) under ``memory_budget`` (None: the memory the device has
         available); ``refused`` (None, or the ValueError message the call would raise, with what fits).
+        Under a process group (option ``group``, :mod:`woodfisher.distributed`): ``plan`` "sharded",
+        ``world_size`` and ``rank_bytes`` (this rank's gradient slices, inverses of its blocks and
+        gradient buffer, :func:`woodfisher.distributed.estimate.shard_bytes`), the share ``memory_budget``
+        is checked against; ``keep_bytes`` / ``stream_min_bytes`` stay the single-process figures.
         Not counted: the model itself and its activations for the samples in flight.
     Raises:
         ValueError: naming the field, for a bad option.
@@ -66,7 +73,20 @@ def _estimate(model: nn.Module, config: PruneConfig):
         check_prunable(targets, config)
     except ValueError as err:
         plan, refused = None, str(err)
-    if method.curvature == "blockwise" and refused is None:
+    group = active_group(config.group)
+    sharded = {}
+    if group is not None and method.curvature in ("blockwise", "diagonal") and refused is None:
+        # each rank of the process group holds its shard (woodfisher.distributed): what this rank needs
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        shard = plan_for(targets, first, world, rank)[1]
+        sharded = dict(world_size=world, rank_bytes=shard_bytes(shard, targets, m, itemsize))
+        plan = "sharded"
+        try:
+            check_sharded(first)
+            check_shard_budget(shard, targets, m, itemsize, config.memory_budget)
+        except ValueError as err:
+            plan, refused = None, str(err)
+    elif method.curvature == "blockwise" and refused is None:
         with notices_dropped():   # the call's own warning says so when it runs
             try:
                 plan, k = plan_memory(targets, m, itemsize, config.memory_budget, auto, config.inverse_form,
@@ -77,4 +97,4 @@ def _estimate(model: nn.Module, config: PruneConfig):
                 pruned_weights=sum(t.numel for t in targets),
                 keep_bytes=keep_step_bytes(targets, m, itemsize, config.fisher_batch_size, config.inverse_form),
                 stream_min_bytes=stream_step_bytes(targets, 1, itemsize, auto), plan=plan, stream_k=k,
-                refused=refused)
+                refused=refused, **sharded)

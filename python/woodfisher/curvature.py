@@ -36,9 +36,10 @@ from .config import PruneConfig, pattern_fixed_sparsity
 from .damping import FisherStats, resolve_damp
 from .diagnostics import notices_dropped, warn_at_caller, warnings_held
 from .diagonal import empirical_fisher_diagonal
-from .distributed.estimate import estimate_sharded
+from .distributed.consistent import check_same_call, collective_entry, entry_group
+from .distributed.estimate import estimate_sharded, invert_sharded
 from .distributed.fsdp import full_parameters
-from .distributed.group import active_group
+from .distributed.group import active_group, shows_progress
 from .flops import flops_per_param_of_batch
 from .gradients import CHUNK_BYTES, GradientCollector
 from .kfac import kfac_factors, kfac_inverse
@@ -151,15 +152,25 @@ class Curvature:
         Args:
             damp: lambda > 0 (absolute) or "auto", as the ``damp`` field of :class:`PruneConfig`.
         Returns:
-            A new :class:`Curvature` (this one is unchanged).
+            A new :class:`Curvature` (this one is unchanged). A sharded curvature (estimated under a
+            process group, :mod:`woodfisher.distributed`) keeps each rank's gradient slices and is
+            re-inverted block by block on its owner: call it on every rank of the group, with the same damp.
         Raises:
             ValueError: not a blockwise curvature with kept gradients (streamed or another kind), a
-                damp :class:`PruneConfig` refuses, or inverses that fail
+                damp :class:`PruneConfig` refuses, another damp on another rank (sharded), or inverses that fail
                 (see :func:`woodfisher_kernels.fisher_inverse`).
         """
         if self.kind != "blockwise" or self.grads is None:
             raise ValueError("with_damp needs a blockwise curvature whose gradients were kept (not streamed); "
                              "estimate the curvature again with the new damp")
+        if self.shard is not None:  # collective: each rank re-inverts the blocks it owns
+            with collective_entry(self.shard.group):
+                config = self.config.replace(damp=damp)
+                value = resolve_damp(damp, self.stats)
+                check_same_call(self.shard.group, None, [], damp=value)
+            new = replace(self, config=config, damp=value)
+            invert_sharded(new, self.grads, self.stats.count, config.backend)
+            return new
         config = self.config.replace(damp=damp)
         value = resolve_damp(damp, self.stats)
         invs, forms, kappa, refined = _blockwise_from_grads(self.grads, self.layouts, value, self.stats.count, config)
@@ -224,7 +235,12 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
         ValueError: bad options, no loader where one is needed, an empty loader, NaN/Inf
             gradients (naming the weight), or a ``memory_budget`` that fits nothing.
     """
-    config = resolve_config(config, options)
+    with collective_entry(entry_group(config, options)):  # a check failing on one rank: every rank raises
+        return _estimate_curvature(model, loader, resolve_config(config, options))
+
+
+def _estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Curvature:
+    """:func:`estimate_curvature` with its options resolved."""
     if loader is not None:  # refused before any notice (fit_pattern's) is printed
         check_loader(loader)
     # the notices (fit_pattern's, warn_left_out's) only for a call that goes ahead: not refused by a check, nor by
@@ -238,7 +254,7 @@ def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Opt
         require_loader(config, loader)
         check_memory_plan(targets, config, config.num_grads)
         warn_left_out(model, config.modules)
-        with display(config.progress):
+        with display(config.progress and shows_progress(config.group)):
             curv = _estimate(model, loader, targets, config)
         if curv.kind != "none":  # what prune_with checks (prune_one_shot uses its curvature at once: not needed)
             curv.fingerprint = fingerprint(targets)
@@ -307,9 +323,11 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         if first is None:
             raise ValueError("loader is empty: cannot measure FLOPs per parameter")
         curv.flops = flops_per_param_of_batch(model, to_batch(first, config.batch_adapter), targets)
+    group = active_group(config.group)
+    if group is not None:  # every rank makes the same call (any method): ValueError on every rank otherwise
+        check_same_call(group, config, targets)
     if kind == "none":
         return curv
-    group = active_group(config.group)
     if group is not None:  # sharded across the ranks of a process group
         return estimate_sharded(model, loader, targets, config, curv, group)
     if kind == "kfac":

@@ -28,7 +28,9 @@ from .conditioning import warn_ill_conditioned
 from .config import AUTO_MANY_STEPS, AUTO_STEP_KEEP, PruneConfig, pattern_fixed_sparsity
 from .curvature import Curvature, _estimate, check_memory_plan, require_loader, warn_zero_gradients
 from .diagnostics import magnitude_overlap, release_notices, warn_at_caller, warn_if_degenerate, warnings_held
-from .distributed.fsdp import full_parameters
+from .distributed.consistent import check_same_call, collective_entry
+from .distributed.fsdp import full_parameters, refuse_held_masks
+from .distributed.group import active_group, shows_progress
 from .finetune import hold_target_masks
 from .gradients import LoaderExhausted
 from .left_out import warn_left_out
@@ -122,8 +124,10 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: Optional[float]
     if not isinstance(curvature, Curvature):
         raise ValueError(f"curvature must be a woodfisher.Curvature (from estimate_curvature), got "
                          f"{type(curvature).__name__}")
+    shard = curvature.shard  # sharded (woodfisher.distributed): collective; a check failing on one rank stops all
     # FSDP: the full weights, re-sharded after; a refused call prints no notice
-    with full_parameters(model), caller_modes_off(), warnings_held():
+    with collective_entry(None if shard is None else shard.group), full_parameters(model), caller_modes_off(), \
+            warnings_held():
         return _prune_with(model, curvature, sparsity, options)
 
 
@@ -217,7 +221,7 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
     _warn_below(config, sparsity_of(before[1]))
     snapshot = Snapshot(targets, model)
     try:
-        with display(config.progress):
+        with display(config.progress and shows_progress(config.group)):
             _apply(targets, curvature, config, config.final_sparsity, timings)
         # the curvature's gradients and inverses are part of what this result cost: total covers them too
         timings["total"] = time.perf_counter() - start + timings.get("gradients", 0.0) + timings.get("inverse", 0.0)
@@ -235,10 +239,16 @@ def _estimate_step(model, loader, targets, step_config: PruneConfig, config: Pru
     except LoaderExhausted as exc:
         if num_steps == 1:
             raise
+        ranks = f" (over the ranks of the process group: {exc.detail})" if getattr(exc, "detail", None) else ""
         raise ValueError(f"num_grads={config.num_grads} is the total over the call: {num_steps} steps of about "
                          f"{exc.needed} gradients, each read from the start of the loader, which ran out after "
-                         f"{exc.got}; pass num_grads <= {exc.got * num_steps} ({exc.got} per step), fewer "
+                         f"{exc.got}{ranks}; pass num_grads <= {exc.got * num_steps} ({exc.got} per step), fewer "
                          "num_steps, or more data") from exc
+
+
+#: How a difference in the planned steps between ranks is named (num_steps="auto" plans one step for a single-pass
+#: loader, several for a list or a DataLoader).
+STEPS_PLANNED = "the steps planned ([sparsity, gradients] each; num_steps='auto' plans one for a single-pass loader)"
 
 
 def _plan(model: nn.Module, loader: Optional[Iterable], config: PruneConfig):
@@ -246,6 +256,8 @@ def _plan(model: nn.Module, loader: Optional[Iterable], config: PruneConfig):
     before, starting sparsity, steps, the steps' configs, block size). Its notices are issued by the caller once
     every check has passed (:func:`woodfisher.diagnostics.warnings_held`)."""
     config = fit_pattern(model, config)  # N:M on the default targets: the weights it fits
+    if config.keep_masks:
+        refuse_held_masks(model, "keep_masks=True")
     method = config.method_impl
     targets = resolve_targets(model, config.modules, None)
     before = _start(targets)
@@ -290,13 +302,17 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
     # a call refused by its checks, or by its loader and model on the first step's data, prints no notice
     with warnings_held():
         config, targets, before, start_sparsity, steps, configs, block_size = _plan(model, loader, config)
+        group = active_group(config.group)
+        if group is not None:  # the same call on every rank, the same steps planned (ValueError on every rank)
+            check_same_call(group, config, targets, **{STEPS_PLANNED: [list(s) for s in steps]})
         method = config.method_impl
         timings = _timings()
         snapshot = Snapshot(targets, model)
         damp, forms, kappa, stats = None, {}, {}, []
         i = 0
         try:
-            with display(config.progress), fitted_chunks():  # a chunk size lowered by running out of memory: kept
+            # a chunk size lowered by running out of memory: kept; one display under torchrun (rank 0's)
+            with display(config.progress and shows_progress(config.group)), fitted_chunks():
                 for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
                     with step_label(f"step {i + 1}/{len(steps)}" if len(steps) > 1 else None):
                         targets = resolve_targets(model, config.modules, method.block_size(step_config),

@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from .batches import check_loader, loader_errors, to_batch
+from .distributed.fsdp import refuse_held_masks
 from .masks import is_int
 from .precision import prepare_batch
 from .progress import phase
@@ -111,6 +112,7 @@ def hold_target_masks(targets: List[PruneTarget], masks: Dict[str, torch.Tensor]
                       model: Optional[nn.Module] = None) -> None:
     """:func:`attach_masks` on resolved targets of ``model``; all or nothing (a failure undoes what was
     attached)."""
+    refuse_held_masks(model, "masks")
     with caller_modes_off():  # masks made under inference_mode would break the next training step
         _hold_checked(targets, _checked(targets, masks), model)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
@@ -42,6 +43,9 @@ from .checks import check_prunable
 from .chunking import fitted_chunks
 from .config import PruneConfig, check_int, check_pattern_sparsity, pattern_fixed_sparsity
 from .diagnostics import reissue, warnings_held
+from .distributed.consistent import check_same_numbers
+from .distributed.fsdp import refuse_held_masks
+from .distributed.group import active_group, local_phase
 from .finetune import attach_masks, make_permanent
 from .masks import check_sparsity, is_int, is_real
 from .per_sample import check_batch_statistics
@@ -151,6 +155,7 @@ class GradualPruner:
     def __init__(self, model: nn.Module, loader: Optional[Iterable] = None, *, final_sparsity: Optional[float] = None,
                  start_step: int = 0, end_step: int = 0, frequency: int = 1,
                  initial_sparsity: float = 0.05, **prune_kwargs):
+        refuse_held_masks(model, "GradualPruner")  # it holds the masks between steps
         if "sparsity" in prune_kwargs:
             raise ValueError("pass final_sparsity, not sparsity, to GradualPruner")
         if final_sparsity is None:  # the one an N:M pattern fixes, else required
@@ -221,12 +226,21 @@ class GradualPruner:
         Returns:
             The step's :class:`PruneResult`, or None when nothing was pruned.
         Raises:
-            ValueError: ``step`` not an int, or anything :func:`woodfisher.prune_one_shot`
+            ValueError: ``step`` not an int; under a process group, another ``step``, schedule or progress on
+                another rank (on every rank: pruning is collective, and a rank that skipped it would leave the
+                others waiting); or anything :func:`woodfisher.prune_one_shot`
                 refuses; the model, its masks and the pruner's progress are then unchanged.
         """
-        if not is_int(step):
-            raise ValueError(f"step must be an int, got {step!r}")
+        group = active_group(self.config.group)
+        with nullcontext() if group is None else local_phase(group):  # a bad step on one rank: every rank raises
+            if not is_int(step):
+                raise ValueError(f"step must be an int, got {step!r}")
         step = int(step)
+        if group is not None:  # every rank must take the same decision: pruning is a collective call
+            check_same_numbers(group, "every rank must call step() with the same step, on pruners with the same "
+                               "schedule and progress (state_dict)", step=step, last_step=self.last_step,
+                               start_step=self.start_step, end_step=self.end_step, frequency=self.frequency,
+                               initial_sparsity=self.initial_sparsity, final_sparsity=self.final_sparsity)
         if not self.is_pruning_step(step) or (self.last_step is not None and step <= self.last_step):
             return None
         target = self.target_sparsity(step)

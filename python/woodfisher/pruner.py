@@ -18,6 +18,7 @@ from torch import nn
 from . import engine
 from .config import PruneConfig
 from .curvature import Curvature, estimate_curvature, resolve_config
+from .distributed.consistent import collective_entry, entry_group
 from .distributed.fsdp import full_parameters
 from .engine import prune_with
 from .result import PruneResult
@@ -73,8 +74,9 @@ def prune_one_shot(model: nn.Module, loader: Optional[Iterable], config: Optiona
             check runs before anything is written; whatever fails later (any exception,
             KeyboardInterrupt included), the model is restored bit for bit.
     """
-    if config is None and "sparsity" not in options:
-        PruneConfig.from_options(**options)  # raises: unknown option names first, else "sparsity is required"
-    config = resolve_config(config, options)
-    with full_parameters(model), caller_modes_off():  # FSDP: the full weights, re-sharded after
-        return engine.run(model, loader, config)
+    with collective_entry(entry_group(config, options)):  # a check failing on one rank: every rank raises
+        if config is None and "sparsity" not in options:
+            PruneConfig.from_options(**options)  # raises: unknown option names first, else "sparsity is required"
+        config = resolve_config(config, options)
+        with full_parameters(model), caller_modes_off():  # FSDP: the full weights, re-sharded after
+            return engine.run(model, loader, config)

@@ -19,6 +19,8 @@ from .config import pattern_fixed_sparsity
 from .curvature import estimate_curvature, resolve_config
 from .damping import check_damp
 from .diagnostics import reissue
+from .distributed.consistent import collective_entry, entry_group
+from .distributed.group import active_group, all_reduce_, local_phase, shows_progress
 from .engine import prune_with
 from .losses import compute_loss
 from .masks import sparsity_of
@@ -48,6 +50,14 @@ def heldout_loss(model, loader, loss_fn: Optional[Callable] = None, batch_adapte
         ValueError: a loader that is None or not iterable, an empty loader, or a batch the model or
             the loss fails on (naming heldout and the batch's shapes).
     """
+    total, n = _heldout_sums(model, loader, loss_fn, batch_adapter)
+    if n == 0:
+        raise ValueError("heldout loader is empty")
+    return total / n
+
+
+def _heldout_sums(model, loader, loss_fn, batch_adapter) -> Tuple[float, int]:
+    """(sum of the per-sample losses, samples) over ``loader``: :func:`heldout_loss` before the division."""
     check_loader(loader)
     param = next(p for p in model.parameters() if p.is_floating_point())
     total, n = 0.0, 0
@@ -58,8 +68,19 @@ def heldout_loss(model, loader, loss_fn: Optional[Callable] = None, batch_adapte
                 out = model(*batch.args, **batch.kwargs)
                 total += float(compute_loss(out, batch.target, loss_fn)) * batch.size
             n += batch.size
+    return total, n
+
+
+def _shared_heldout_loss(model, heldout, loss_fn, adapter, group) -> float:
+    """:func:`heldout_loss` over every rank's ``heldout`` of ``group`` (collective; None: this process's)."""
+    if group is None:
+        return heldout_loss(model, heldout, loss_fn, adapter)
+    sums = torch.zeros(2, dtype=torch.float64)
+    with local_phase(group):  # a batch failing on one rank stops every rank
+        sums[0], sums[1] = _heldout_sums(model, heldout, loss_fn, adapter)
+    total, n = all_reduce_(sums, group).tolist()
     if n == 0:
-        raise ValueError("heldout loader is empty")
+        raise ValueError("heldout loader is empty on every rank")
     return total / n
 
 
@@ -91,7 +112,8 @@ def search_damp(model, loader, heldout, *, sparsity: Optional[float] = None, gri
             ``progress`` (default True, as for :func:`woodfisher.prune_one_shot`) shows one
             display over the whole search, each phase labelled with its candidate damp.
     Returns:
-        (best lambda, {lambda: held-out loss per sample, as :func:`heldout_loss`}).
+        (best lambda, {lambda: held-out loss per sample, as :func:`heldout_loss`}); under a process group
+        (option ``group``) the loss over every rank's ``heldout`` batches, so every rank returns the same.
     Warns:
         the warnings of the candidate that was chosen (layer collapse, a mask that degenerated to
         magnitude pruning, ...), once each and at the caller's line; the other candidates' are dropped.
@@ -99,6 +121,16 @@ def search_damp(model, loader, heldout, *, sparsity: Optional[float] = None, gri
         ValueError: ``damp`` among the options, an empty or bad grid, ``sparsity`` omitted without an N:M
             ``pattern``, or any bad option.
     """
+    # under a process group every rank runs the same search (collective) on its own held-out batches; the losses
+    # are the sample-weighted means over every rank's batches, so every rank chooses the same damp
+    with collective_entry(entry_group(None, options)):
+        best, losses, caught = _search(model, loader, heldout, sparsity, grid, loss_fn, options)
+    reissue(caught)  # the chosen candidate's warnings, once each, at the caller's line
+    return best, losses
+
+
+def _search(model, loader, heldout, sparsity, grid, loss_fn, options):
+    """:func:`search_damp`'s body: (best damp, {damp: loss}, the chosen candidate's warnings)."""
     if "damp" in options:
         raise ValueError("search_damp chooses damp itself; do not pass damp")
     if sparsity is None:
@@ -113,7 +145,7 @@ def search_damp(model, loader, heldout, *, sparsity: Optional[float] = None, gri
     reuse = len(config.steps(start)) == 1 and config.method == "woodfisher" and config.inverse_form != "stream"
     if grid is not None:  # a bad grid is refused before any gradient is computed
         grid = _check_grid(grid)
-    with display(config.progress, "woodfisher search_damp"):
+    with display(config.progress and shows_progress(config.group), "woodfisher search_damp"):
         curvature = None
         if reuse or grid is None:
             curvature = estimate_curvature(model, loader, sparsity=sparsity, damp="auto", loss_fn=loss_fn, **options)
@@ -130,8 +162,7 @@ def search_damp(model, loader, heldout, *, sparsity: Optional[float] = None, gri
                 else:
                     prune_one_shot(trial, loader, sparsity=sparsity, damp=d, loss_fn=loss_fn, **options)
                 with phase("held-out loss"):
-                    losses[d] = heldout_loss(trial, heldout, loss_fn, adapter)
+                    losses[d] = _shared_heldout_loss(trial, heldout, loss_fn, adapter, active_group(config.group))
             notes[d] = caught
     best = min(losses, key=lambda d: (losses[d], d))
-    reissue(notes[best])  # the chosen candidate's warnings, once each, at the caller's line
-    return best, losses
+    return best, losses, notes[best]

@@ -18,6 +18,7 @@ import warnings
 from typing import Optional, Sequence, Tuple
 
 from ..config import pattern_fixed_sparsity
+from ..distributed.group import agreed
 from . import demo, export, pai, prune, report
 from ._common import Parser, one_line
 from ._config import config_defaults, load_config
@@ -109,16 +110,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args, _ = _parse(argv, spellings)
             return int(args.func(args) or 0)
         except (ValueError, OSError) as err:  # OSError: FileNotFoundError, PermissionError, IsADirectoryError...
-            print(f"woodfisher: error: {cli_text(one_line(err), spellings)}", file=sys.stderr)
+            # under torchrun an error every rank raised (naming the rank it came from) is printed once, by rank 0
+            if not agreed(err) or os.environ.get("RANK", "0") == "0":
+                print(f"woodfisher: error: {cli_text(one_line(err), spellings)}", file=sys.stderr)
             return 2
 
 
 def _notes(show_other, spellings: dict):
     """A ``warnings.showwarning`` that prints a UserWarning as one line ``note: ...`` on a line of its own
-    (no source line) and passes any other category to ``show_other``."""
+    (no source line) and passes any other category to ``show_other``. Under ``torchrun`` only rank 0 prints
+    the notes: every rank holds the same model and result, so the others would print the same lines."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         if not issubclass(category, UserWarning):
             show_other(message, category, filename, lineno, file, line)
+            return
+        if os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
             return
         from ..progress import write_line
 

@@ -18,12 +18,24 @@ from contextlib import contextmanager, nullcontext
 
 from torch import nn
 
-__all__ = ["full_parameters", "is_fsdp"]
+from .consistent import entry_checks_passed
+
+__all__ = ["full_parameters", "is_fsdp", "refuse_held_masks"]
 
 
 def is_fsdp(module: nn.Module) -> bool:
     """True for a ``torch.distributed.fsdp.FullyShardedDataParallel`` instance (no import needed)."""
     return type(module).__name__ == "FullyShardedDataParallel" and hasattr(module, "_fsdp_wrapped_module")
+
+
+def refuse_held_masks(model, what: str) -> None:
+    """ValueError naming ``what`` when ``model`` is FSDP-wrapped: masks held by ``torch.nn.utils.prune`` replace
+    the weights FSDP flattened into its shards, and the next forward fails on the shard's shape."""
+    if isinstance(model, nn.Module) and is_fsdp(model):
+        raise ValueError(f"{what}: masks held by torch.nn.utils.prune cannot live on a FullyShardedDataParallel "
+                         "model (they replace the weights FSDP keeps in its flat shards: the next forward fails); "
+                         "prune with keep_masks=False and zero the pruned entries again after each optimizer step, "
+                         "or prune and hold the masks on the model before wrapping it")
 
 
 def _check(model: nn.Module) -> None:
@@ -61,5 +73,6 @@ def full_parameters(model: nn.Module):
         return
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    entry_checks_passed()  # every rank's checks so far passed, before summon_full_params' all-gather
     with FSDP.summon_full_params(model, writeback=True):
         yield model

@@ -21,16 +21,22 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["active_group", "check_group", "describe_group", "comm_device", "agree", "local_phase",
-           "all_gather_flat", "all_reduce_", "share"]
+__all__ = ["active_group", "shows_progress", "check_group", "describe_group", "comm_device", "agree", "agreed",
+           "mark_agreed", "local_phase", "all_gather_flat", "all_reduce_", "share"]
 
 
 def check_group(value: Any) -> Any:
-    """``group`` must be "auto", None or a ``torch.distributed.ProcessGroup``; ValueError otherwise."""
+    """``group`` must be "auto", None or a ``torch.distributed.ProcessGroup``; ValueError otherwise (one
+    naming the rank for the ``GroupMember.NON_GROUP_MEMBER`` that ``new_group`` returns outside the group)."""
     if value is None or (isinstance(value, str) and value == "auto"):
         return value
     if dist.is_available() and isinstance(value, dist.ProcessGroup):
         return value
+    if dist.is_available() and value is dist.GroupMember.NON_GROUP_MEMBER and dist.is_initialized():
+        raise ValueError(f"group: this process (rank {dist.get_rank()} of the default group) is not a member of the "
+                         "group passed (torch.distributed.new_group returns GroupMember.NON_GROUP_MEMBER, "
+                         f"{value!r}, on the ranks it leaves out): prune only on the group's ranks, or pass "
+                         "group=None to prune on this process alone")
     raise ValueError(f"group must be 'auto', None or a torch.distributed.ProcessGroup, got {value!r}")
 
 
@@ -53,6 +59,13 @@ def active_group(value: Any) -> Optional["dist.ProcessGroup"]:
     return group if dist.get_world_size(group) > 1 else None
 
 
+def shows_progress(value: Any) -> bool:
+    """Whether this process shows the progress of a call with ``group=value``: always for a single-process
+    call, only on the group's rank 0 for a collective one (one display under ``torchrun``, not one per rank)."""
+    group = active_group(value)
+    return group is None or dist.get_rank(group) == 0
+
+
 def comm_device(group) -> torch.device:
     """Where collective buffers must live: the current CUDA device for NCCL, else the CPU."""
     if "nccl" in str(dist.get_backend(group)).lower():
@@ -68,8 +81,10 @@ def share(total: int, world: int, rank: int) -> int:
 def agree(group, error: Optional[BaseException]) -> None:
     """Collective: raise on every rank if ``error`` is not None on any rank.
 
-    The failing rank re-raises its own exception; the others raise ValueError (when the
-    first failing rank raised a ValueError) or RuntimeError naming that rank and its message.
+    The failing rank re-raises its own exception, its message prefixed with "rank r of world: " (unless
+    every rank failed with the same message);
+    the others raise ValueError (when the first failing rank raised a ValueError) or RuntimeError
+    naming that rank and its message.
     """
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=comm_device(group))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
@@ -78,10 +93,32 @@ def agree(group, error: Optional[BaseException]) -> None:
     mine = None if error is None else (isinstance(error, ValueError), f"{type(error).__name__}: {error}")
     every: List[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(every, mine, group=group)
-    if error is not None:
-        raise error
+    if error is not None:  # the same failure on every rank (the same bad option): no rank to single out
+        same = all(e is not None and e[1] == every[0][1] for e in every)
+        raise _named(error, None if same else dist.get_rank(group), len(every))
     rank, (is_value, message) = next((r, e) for r, e in enumerate(every) if e is not None)
-    raise (ValueError if is_value else RuntimeError)(f"rank {rank} failed, so this rank stops too: {message}")
+    raise _named((ValueError if is_value else RuntimeError)(f"rank {rank} failed, so this rank stops too: {message}"),
+                 None, len(every))
+
+
+def _named(error: BaseException, rank: Optional[int], world: int) -> BaseException:
+    """``error`` marked as agreed by every rank (:func:`agreed`), its message prefixed by the rank that raised it
+    (``rank``; None: a message that names it already); the type is kept."""
+    prefix = f"rank {rank} of {world}: "
+    if rank is not None and error.args and isinstance(error.args[0], str) and not error.args[0].startswith(prefix):
+        error.args = (prefix + error.args[0],) + tuple(error.args[1:])
+    return mark_agreed(error)
+
+
+def mark_agreed(error: BaseException) -> BaseException:
+    """``error``, marked as raised on every rank of the group at once (:func:`agreed` is then True)."""
+    error._woodfisher_agreed = True
+    return error
+
+
+def agreed(error: BaseException) -> bool:
+    """True for an exception :func:`agree` raised: every rank of the group raises too."""
+    return getattr(error, "_woodfisher_agreed", False)
 
 
 @contextmanager

@@ -21,8 +21,10 @@ import torch
 
 import woodfisher_kernels as wk
 
-from ..structured import joint_update
+from ..structured import joint_update, parse_pattern
+from .consistent import check_same_call
 from .group import all_gather_flat, local_phase
+from .group_step import sharded_group_step
 from .select import select_sharded
 
 __all__ = ["sharded_step"]
@@ -79,7 +81,14 @@ def sharded_step(ctx) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]
     """One pruning step of a sharded curvature (collective): ({name: new weights}, {name: keep-mask})."""
     curv, cfg = ctx.curvature, ctx.config
     plan, group = curv.shard.plan, curv.shard.group
+    check_same_call(group, None, ctx.targets, sparsity=ctx.sparsity, mode=ctx.mode, min_density=cfg.min_density,
+                    obs_update=cfg.obs_update, joint_update=cfg.joint_update, beta=cfg.beta, pattern=cfg.pattern,
+                    group_exact=cfg.group_exact)
     dtype = ctx._dtype()
+    parsed = parse_pattern(cfg.pattern)
+    if parsed is not None:  # N:M or rows: woodfisher.distributed.group_step
+        new_own, keep_own = sharded_group_step(ctx, parsed, plan, group, dtype)
+        return _gather(ctx.targets, plan, group, new_own, keep_own, dtype)
     lg_all = curv.loss_grad or {}
     owned: List[tuple] = []
     with ctx.timed("select"):
