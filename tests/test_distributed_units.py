@@ -171,3 +171,27 @@ def test_notes_under_torchrun_are_printed_by_rank_0_only(monkeypatch, capsys, ra
     monkeypatch.setenv("RANK", rank)
     _notes(warnings.showwarning, {})("layer collapse: ['fc.weight']", UserWarning, __file__, 1)
     assert ("note: layer collapse" in capsys.readouterr().err) == shown
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_weight_digest_tells_apart_changed_moved_and_sliced_weights(dtype, monkeypatch):
+    from woodfisher.distributed import consistent
+    w = torch.randn(40, 9, generator=torch.Generator().manual_seed(0)).to(dtype)
+    whole = consistent._word_sums(w)
+    assert whole == consistent._word_sums(w.clone()) == consistent._word_sums(w.t().contiguous().t())
+    nudged = w.clone()
+    bits = nudged.view(-1).view(consistent._WORDS[nudged.element_size()])
+    bits[123] ^= 1                                         # one ulp: the lowest bit of one entry
+    swapped = w.clone()
+    swapped[[0, 1]] = w[[1, 0]]
+    assert consistent._word_sums(nudged) != whole and consistent._word_sums(swapped) != whole
+    monkeypatch.setattr(consistent, "_SLICE", 7)           # the same sums over many slices (wrapping int64)
+    assert consistent._word_sums(w) == whole
+
+
+def test_mask_digest_sees_where_the_kept_entries_are():
+    from woodfisher.distributed.consistent import _word_sums
+    keep = torch.ones(13, dtype=torch.bool)
+    one, other = keep.clone(), keep.clone()
+    one[2], other[7] = False, False
+    assert len({_word_sums(keep), _word_sums(one), _word_sums(other)}) == 3
