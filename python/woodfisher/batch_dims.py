@@ -90,7 +90,10 @@ def check_batch_dims(batch: Any) -> None:
     if batch.target is None:
         return
     n = batch.size
-    leaves = pytree.tree_leaves(batch.target)
+    target = batch.target
+    if isinstance(target, torch.Tensor) and (target.dim() == 0 or target.shape[0] == n):  # without a tree walk
+        return
+    leaves = pytree.tree_leaves(target)
     if all(not _is_tensor(t) or t.dim() == 0 or t.shape[0] == n for t in leaves):
         return
     bad = next(t for t in leaves if _is_tensor(t) and t.dim() >= 1 and t.shape[0] != n)

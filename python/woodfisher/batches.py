@@ -85,6 +85,9 @@ class Batch:
     @property
     def size(self) -> int:
         """Samples in the batch: the leading dim of the first tensor input."""
+        first = self.args[0] if self.args else None
+        if isinstance(first, torch.Tensor) and first.dim() >= 1:  # the common case, without a tree walk
+            return int(first.shape[0])
         for leaf in pytree.tree_leaves((self.args, self.kwargs)):
             if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
                 return int(leaf.shape[0])
