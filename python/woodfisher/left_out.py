@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .diagnostics import warn_at_caller
-from .targets import _entries, _join, _kind, default_target_names, own_forward, unwrap_model
+from .model_entries import default_target_names, join_name, own_forward, param_entries, unwrap_model, weight_kind
 
 __all__ = ["warn_left_out"]
 
@@ -30,7 +30,7 @@ def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
     left = {name: (kind, mod) for name, mod in inner.named_modules() if (kind := _left_kind(mod)) is not None}
     if left:
         name, (_, mod) = next(iter(left.items()))
-        example = prefix + _join(name, next(k for k, p in mod.named_parameters(recurse=False) if p.dim() >= 2))
+        example = prefix + join_name(name, next(k for k, p in mod.named_parameters(recurse=False) if p.dim() >= 2))
         layers = [f"{prefix}{n} ({type(m).__name__})" for n, (_, m) in left.items()][:4]
         kinds = " / ".join(dict.fromkeys(kind for kind, _ in left.values()))
         warn_at_caller(f"the weights of the {kinds} layers {layers}{' and more' if len(left) > 4 else ''} are not "
@@ -39,8 +39,9 @@ def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
     chosen = default_target_names(inner)
     _warn_frozen(inner, prefix, chosen)
     chosen = set(chosen)
-    derived = [f"{prefix}{_join(name, 'weight')} ({type(mod).__name__})" for name, mod in inner.named_modules()
-               if _kind(mod, "weight") is not None and _join(name, "weight") not in chosen and _recomputed(mod)]
+    derived = [f"{prefix}{join_name(name, 'weight')} ({type(mod).__name__})" for name, mod in inner.named_modules()
+               if weight_kind(mod, "weight") is not None and join_name(name, "weight") not in chosen
+               and _recomputed(mod)]
     if derived:
         warn_at_caller(f"the weights {derived[:4]}{' and more' if len(derived) > 4 else ''} are not pruned: each is "
                        "recomputed from other parameters on every forward (weight_norm / spectral_norm), so zeros "
@@ -53,7 +54,7 @@ def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
 def _warn_own_forward(inner: nn.Module, prefix: str) -> None:
     """One warning naming the Linear / Conv subclasses whose forward transforms the weight (weight
     standardization; :func:`.own_forward`), which the default targets leave out."""
-    own = [f"{prefix}{_join(name, 'weight')} ({parametrize.type_before_parametrizations(mod).__name__})"
+    own = [f"{prefix}{join_name(name, 'weight')} ({parametrize.type_before_parametrizations(mod).__name__})"
            for name, mod in inner.named_modules() if own_forward(mod) and not _recomputed(mod)]
     if own:
         warn_at_caller(f"the weights {own[:4]}{' and more' if len(own) > 4 else ''} are not pruned: each belongs to a "
@@ -71,7 +72,7 @@ def _left_kind(module: nn.Module) -> Optional[str]:
         kind = "recurrent"
     elif isinstance(module, nn.modules.conv._ConvTransposeNd):
         kind = "transposed-convolution"
-    elif _kind(module, "weight") is None and not isinstance(module, (nn.Embedding, nn.EmbeddingBag,
+    elif weight_kind(module, "weight") is None and not isinstance(module, (nn.Embedding, nn.EmbeddingBag,
                                                                        nn.MultiheadAttention)):
         weight = module._parameters.get("weight")
         # a `weight` of its own, or any matrix of a leaf module (`self.w`, `self.kernel`: a layer calling F.linear /
@@ -92,7 +93,7 @@ def _matrix(param) -> bool:
 def _warn_frozen(inner: nn.Module, prefix: str, chosen: List[str]) -> None:
     """Warn when the default targets mix frozen (``requires_grad=False``) and trainable weights: the frozen ones
     are pruned and OBS-updated like the others, which a caller who froze a backbone rarely means."""
-    entries = _entries(inner)  # logical names: "fc.weight" also under torch.nn.utils.prune ("fc.weight_orig")
+    entries = param_entries(inner)  # logical names: "fc.weight" also under torch.nn.utils.prune ("fc.weight_orig")
     frozen = [prefix + n for n in chosen if not entries[n]["param"].requires_grad]
     trainable = [prefix + n for n in chosen if entries[n]["param"].requires_grad]
     if not frozen or not trainable:  # all frozen (a model frozen for deployment) or none: nothing mixed

@@ -32,7 +32,7 @@ Blocks: see :mod:`woodfisher.layout` (canonical (out, in, ...) order, HF ``Conv1
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -40,63 +40,24 @@ from torch.nn.utils import parametrize
 
 from .layout import BlockLayout, Layout
 from .masks import is_int
-from .name_patterns import match_pattern, regex_hint, regex_like
-from .names import closest
-from .weight_transform import base_type, refuse_recomputed, transforms_weight
+from .model_entries import (
+    PRUNABLE_TYPES,
+    WRAPPER_PREFIXES,
+    default_target_names,
+    is_hf_conv1d,
+    mask_reparam_ok,
+    own_forward,
+    param_entries,
+    strip_wrapper_prefixes,
+    unwrap_model,
+    weight_kind,
+)
+from .target_lookup import lookup_names
+from .weight_transform import base_type
 
 __all__ = ["PRUNABLE_TYPES", "BlockLayout", "Layout", "PruneTarget", "resolve_targets", "unwrap_model",
            "default_target_names", "check_model", "WRAPPER_PREFIXES", "strip_wrapper_prefixes",
-           "own_forward"]
-
-#: Module types whose ``weight`` is pruned by default (plus HF ``Conv1D`` and MHA projections).
-PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-
-
-def own_forward(module: nn.Module) -> bool:
-    """Whether ``module`` is a subclass of a :data:`PRUNABLE_TYPES` type whose own ``forward`` computes with a
-    transform of ``self.weight`` (timm's ``StdConv2d``: weight standardization; fake quantization), where a pruned
-    zero does not stay zero, so the OBS maths on ``weight`` would not hold. A subclass whose forward uses the weight
-    as it is (HuggingFace's ``FalconLinear``) is not one (one probe: :mod:`woodfisher.weight_transform`)."""
-    return transforms_weight(module, PRUNABLE_TYPES)
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers.pytorch_utils.Conv1D (no import of transformers needed)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
-#: Prefixes a wrapper puts before every name of the model it wraps (DataParallel / DDP, torch.compile).
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def strip_wrapper_prefixes(names: Iterable[str]) -> Dict[str, str]:
-    """{name: name without the wrapper prefixes (:data:`WRAPPER_PREFIXES`) that every name starts with}.
-
-    A prefix is dropped only when all names share it (a model's own submodule called ``module`` keeps its name
-    next to others), repeatedly (``module._orig_mod.``).
-    """
-    names = list(names)
-    out = {name: name for name in names}
-    while out and (prefix := next((p for p in WRAPPER_PREFIXES if all(v.startswith(p) for v in out.values())),
-                                  None)):
-        out = {k: v[len(prefix):] for k, v in out.items()}
-    return out
-
-
-def unwrap_model(model: nn.Module) -> Tuple[nn.Module, str]:
-    """(wrapped module, name prefix) through DataParallel / DDP / torch.compile wrappers."""
-    prefix = ""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model, prefix = model.module, prefix + "module."
-        elif type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "_fsdp_wrapped_module"):
-            # FSDP1: only meaningful inside summon_full_params (woodfisher.distributed.full_parameters)
-            model, prefix = model._fsdp_wrapped_module, prefix + "_fsdp_wrapped_module."
-        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
-            model, prefix = model._orig_mod, prefix + "_orig_mod."
-        else:
-            return model, prefix
+           "own_forward", "is_hf_conv1d", "check_module"]
 
 
 @dataclass
@@ -226,186 +187,6 @@ class PruneTarget(BlockLayout):
         self.refresh()
 
 
-def _logical(module_name: str, param_attr: str) -> Tuple[str, str, Optional[str]]:
-    """(owner module path, logical attribute, reparam) of a named_parameters entry."""
-    parts = module_name.split(".") if module_name else []
-    if len(parts) >= 2 and parts[-2] == "parametrizations" and param_attr == "original":
-        return ".".join(parts[:-2]), parts[-1], "parametrize"
-    if param_attr.endswith("_orig"):
-        return module_name, param_attr[: -len("_orig")], "prune"
-    return module_name, param_attr, None
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
-def _entries(model: nn.Module) -> Dict[str, dict]:
-    """{logical param name: info} for every unique Parameter of the (unwrapped) model.
-
-    ``holders`` lists (module name, module, logical attribute) of every module holding the
-    Parameter, once per module object (a shared submodule is listed once).
-    """
-    modules = dict(model.named_modules(remove_duplicate=False))
-    holders: Dict[int, List[Tuple[str, nn.Module, str]]] = {}
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod.named_parameters(recurse=False):
-            owner_name, logical, _ = _logical(mod_name, pname)
-            owner = modules[owner_name]
-            if all(m is not owner for _, m, _ in holders.get(id(p), [])):
-                holders.setdefault(id(p), []).append((owner_name, owner, logical))
-    out: Dict[str, dict] = {}
-    for key, p in model.named_parameters():
-        mod_name, _, attr = key.rpartition(".")
-        owner_name, logical, reparam = _logical(mod_name, attr)
-        owner = modules[owner_name]
-        if reparam == "prune" and not hasattr(owner, logical + "_mask"):
-            reparam, logical = None, attr
-        out[_join(owner_name, logical)] = dict(key=key, module=owner, attr=logical, reparam=reparam, param=p,
-                                               owners=[(n, m) for n, m, _ in holders.get(id(p), [])],
-                                               holders=[(m, a) for _, m, a in holders.get(id(p), [])])
-    return out
-
-
-def _kind(module: nn.Module, attr: str) -> Optional[str]:
-    """Kind of a prunable weight, or None when this (module, attribute) is not a prunable weight."""
-    if attr == "weight":
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return "conv"
-        if isinstance(module, nn.Linear):
-            return "linear"
-        if is_hf_conv1d(module):
-            return "conv1d_hf"
-    if isinstance(module, nn.MultiheadAttention) and attr in _MHA_WEIGHTS:
-        return "linear"
-    return None
-
-
-def _mask_reparam_ok(info: dict) -> bool:
-    """False for a torch.nn.utils.parametrize chain that is not made of masks (e.g. weight norm)."""
-    if info["reparam"] != "parametrize":
-        return True
-    return all(hasattr(f, "mask") for f in info["module"].parametrizations[info["attr"]])
-
-
-def default_target_names(model: nn.Module) -> List[str]:
-    """Logical names of the default targets of ``model`` (unwrapped), in registration order."""
-    names = []
-    for name, info in _entries(unwrap_model(model)[0]).items():
-        if _kind(info["module"], info["attr"]) is None or not _mask_reparam_ok(info):
-            continue
-        if info["attr"] == "weight" and own_forward(info["module"]):
-            continue  # its forward may transform the weight: said by left_out.warn_left_out, refused when named
-        if any(isinstance(o, nn.Embedding) for _, o in info["owners"]):
-            continue  # tied LM head: prune the embedding only when named
-        names.append(name)
-    return names
-
-
-def _refuse_left_out_match(entries: Dict[str, dict], pattern: str, model: nn.Module, arg: str,
-                           error: ValueError) -> None:
-    """A pattern that matches no default target but weights left out of the defaults: a ValueError saying which
-    of those can be pruned when named (the list to paste) and which cannot (why); returns when it matches none."""
-    others = {name: [owner for owner, _ in info["owners"]] for name, info in entries.items()
-              if info["param"].dim() >= 2 and name not in default_target_names(model)}
-    try:
-        matched = match_pattern(pattern, others, arg)
-    except ValueError:
-        return
-    modules = dict(model.named_modules(remove_duplicate=False))
-    named, refused = [], []
-    for name in matched:
-        info = entries[name]
-        path = name.split(".parametrizations.")[0] if ".parametrizations." in name else name.rpartition(".")[0]
-        try:
-            refuse_recomputed(modules.get(path), name, arg)
-        except ValueError:
-            refused.append(f"{name!r} (recomputed on every forward, e.g. by weight_norm)")
-            continue
-        if info["attr"] == "weight" and own_forward(info["module"]):
-            refused.append(f"{name!r} (its layer's forward transforms the weight)")
-        elif not _mask_reparam_ok(info):
-            refused.append(f"{name!r} (reparametrised by torch.nn.utils.parametrize without a mask)")
-        else:
-            named.append(name)
-    parts = [f"{arg}: the pattern {pattern!r} matches only weights left out of the defaults"]
-    if named:
-        parts.append(f"these are pruned when named exactly: {arg}={named!r}")
-    if refused:
-        parts.append("these cannot be pruned: " + ", ".join(refused))
-    raise ValueError("; ".join(parts)) from error
-
-
-def _lookup(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str = "modules") -> List[str]:
-    """Logical parameter names for a user-given name or pattern (:func:`_glob`); a name with a wrapper's prefix
-    (:data:`WRAPPER_PREFIXES`) the model does not have is read without it.
-
-    A parameter name (any name of a tied Parameter) or a module with a ``weight`` gives
-    that weight; any other module gives the default targets held by it or its submodules
-    (``"enc.layers.0.self_attn"``: ``in_proj_weight`` and ``out_proj.weight``).
-    """
-    if not isinstance(raw, str):
-        raise ValueError(f"{arg} must hold module or parameter names (str), got {raw!r}")
-    by_id = {id(info["param"]): name for name, info in entries.items()}
-    aliases = {}
-    for key, p in model.named_parameters(remove_duplicate=False):
-        mod_name, _, attr = key.rpartition(".")
-        owner_name, logical, _ = _logical(mod_name, attr)
-        aliases.setdefault(_join(owner_name, logical), by_id.get(id(p)))
-    for cand in (raw, _join(raw, "weight")):
-        if cand in entries:
-            return [cand]
-        if aliases.get(cand) is not None:
-            return [aliases[cand]]
-    modules = dict(model.named_modules(remove_duplicate=False))
-    refuse_recomputed(modules.get(raw.removesuffix(".weight") if raw not in modules else raw), raw, arg)
-    if raw not in modules:
-        for wrapper in WRAPPER_PREFIXES:  # a name from the model wrapped otherwise (DataParallel, torch.compile)
-            if raw.startswith(wrapper):
-                try:
-                    return _lookup(entries, raw[len(wrapper):], model, arg)
-                except ValueError:
-                    break  # the message below names what was given
-        if any(c in raw for c in "*?["):  # not a name: a shell-style pattern
-            try:
-                return match_pattern(raw, {name: [owner for owner, _ in entries[name]["owners"]]
-                                           for name in default_target_names(model)}, arg)
-            except ValueError as error:
-                _refuse_left_out_match(entries, raw, model, arg, error)
-                raise
-        if raw in dict(model.named_buffers()):
-            raise ValueError(f"{arg}: {raw!r} is a buffer, not a Parameter; only parameters are pruned")
-        names = list(modules) + [key for key, _ in model.named_parameters()]
-        ends = [name for name in names if name.endswith("." + raw)]
-        if ends:  # a name relative to each block ("mlp.c_fc"): every full name is needed
-            shown = ", ".join(repr(name) for name in ends[:3]) + (f" and {len(ends) - 3} more" if len(ends) > 3 else "")
-            raise ValueError(f"{arg}: no module or parameter is named {raw!r}; {len(ends)} end with it ({shown}): "
-                             f"names are full names, e.g. {arg}=[name for name, _ in model.named_modules() "
-                             f"if name.endswith({'.' + raw!r})]")
-        if regex_like(raw):  # say what names are, not a near name
-            raise ValueError(f"{arg}: {raw!r} looks like a regular expression; names are exact, or shell-style "
-                             f"patterns (fnmatch: * ? [...]) such as 'blocks.*.mlp.*'{regex_hint(arg)}")
-        match = closest(raw, names)
-        hint = f" (did you mean {match!r}?)" if match else ""
-        raise ValueError(f"{arg}: no module or parameter named {raw!r} in the model{hint}")
-    inside = [name for name in default_target_names(model)
-              if any(_within(owner, raw) for owner, _ in entries[name]["owners"])]
-    if not inside:
-        named = [name for name, info in entries.items() if _within(name.rpartition(".")[0], raw)
-                 and info["param"].is_floating_point() and info["param"].dim() >= 2]
-        every = (named if len(named) <= 12 else  # all of them (a 2-layer bidirectional LSTM has 8 or 12)
-                 f"[name for name, p in model.named_parameters() if name.startswith({raw + '.'!r}) and p.dim() >= 2]")
-        hint = (f"; its weights are not pruned by default, name them to prune them: modules={every}"
-                if named else " (and has no floating parameter of >= 2 dims either)")
-        raise ValueError(f"{arg}: {raw!r} is a {type(modules[raw]).__name__}, which holds no Linear / Conv / "
-                         f"attention projection weight{hint}")
-    return inside
-
-
-def _within(name: str, parent: str) -> bool:
-    return not parent or name == parent or name.startswith(parent + ".")
-
-
 def check_module(model: nn.Module) -> None:
     """ValueError naming ``model`` unless it is an ``nn.Module``."""
     if not isinstance(model, nn.Module):
@@ -461,7 +242,7 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
     block_size = None if block_size is None else int(block_size)
     check_model(model)
     inner, prefix = unwrap_model(model)
-    entries = _entries(inner)
+    entries = param_entries(inner)
     if modules is None:
         chosen = default_target_names(inner)
     else:
@@ -470,7 +251,7 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
         chosen = []
         for raw in modules:
             stripped = raw[len(prefix):] if prefix and isinstance(raw, str) and raw.startswith(prefix) else raw
-            chosen += [name for name in _lookup(entries, stripped, inner, arg) if name not in chosen]
+            chosen += [name for name in lookup_names(entries, stripped, inner, arg) if name not in chosen]
     if not chosen:
         candidates = [name for name, info in entries.items()
                       if info["param"].is_floating_point() and info["param"].dim() >= 2][:5]
@@ -481,7 +262,7 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
     for name in chosen:
         info = entries[name]
         p = info["param"]
-        kind = _kind(info["module"], info["attr"])
+        kind = weight_kind(info["module"], info["attr"])
         if kind is None:
             if not p.is_floating_point() or p.dim() < 2:
                 raise ValueError(f"{arg}: {name!r} has shape {tuple(p.shape)}; only weights with >= 2 dims "
@@ -494,7 +275,7 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
                              "transform of the weight (weight standardization as in timm's StdConv2d, fake "
                              "quantization): a pruned zero would not stay zero there, so it cannot be pruned; prune a "
                              "plain layer (or fold the transform into the weight first)")
-        if not _mask_reparam_ok(info):
+        if not mask_reparam_ok(info):
             raise ValueError(f"{arg}: {name!r} is reparametrised by torch.nn.utils.parametrize without a "
                              "'mask' (only mask parametrizations such as torch.ao.pruning's FakeSparsity can "
                              "be pruned); remove the parametrization first")
