@@ -18,12 +18,21 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from woodfisher_kernels.sizes import check_bytes
 
 from . import structured as st
+from .auto_rules import AUTO_BLOCK_PER_GRAD, AUTO_MANY_STEPS, AUTO_STEP_GRADS, AUTO_STEP_KEEP, auto_num_steps
 from .damping import check_damp
 from .distributed.group import check_group, describe_group
 from .losses import check_loss_fn
 from .masks import check_min_density, check_sparsity, is_int, is_real
 from .methods import METHODS
 from .names import unknown_names
+from .option_checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_or,
+    check_pattern_sparsity,
+    pattern_fixed_sparsity,
+)
 from .per_sample import PER_SAMPLE_PATHS
 
 __all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "SCHEDULES", "AUTO_MANY_STEPS", "check_int", "auto_num_steps",
@@ -34,97 +43,11 @@ MODES = ("global", "layerwise")
 FORMS = ("auto", "sequential", "lowrank", "stream", "offload")
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 SCHEDULES = ("geometric", "linear")
-#: ``block_size="auto"``: c = AUTO_BLOCK_PER_GRAD * (gradients of the step). Measured on held-out
-#: training data (benchmarks/results/ONESHOT.md): c = m makes F^-1 noisy, c >> m (whole layers)
-#: makes its diagonal nearly constant (the mask degenerates to magnitude); 2m-8m is best.
-AUTO_BLOCK_PER_GRAD = 4
-#: ``num_steps="auto"``: every step keeps at least this fraction of the weights still unpruned ...
-AUTO_STEP_KEEP = 0.8
-#: ... within (fewest, most) gradients per step when ``num_grads`` allows: no step holds more gradients
-#: than the most (the memory of a step), none has fewer than the fewest (the Fisher's noise).
-AUTO_STEP_GRADS = (64, 128)
-#: ``num_steps="auto"`` planning more Fisher recomputations than this warns (num_grads is the
-#: total over the call: a large one means many steps, each a full gradient collection + inversion).
-AUTO_MANY_STEPS = 16
-
-
-def auto_num_steps(start: float, final: float, num_grads: int, keep: float = AUTO_STEP_KEEP,
-                   grads_per_step: Tuple[int, int] = AUTO_STEP_GRADS) -> int:
-    """Steps for ``num_steps="auto"`` from sparsity ``start`` to ``final`` with ``num_grads`` gradients.
-
-    n = ceil(log((1 - final) / (1 - start)) / log(keep)) (the fewest geometric steps that each
-    keep >= ``keep`` of the unpruned weights), then brought into [min(ceil(num_grads / most),
-    AUTO_MANY_STEPS), max(1, num_grads // fewest)] with (fewest, most) = ``grads_per_step``; 1
-    when nothing is pruned. With the defaults (keep 0.8, 64-128 gradients, num_grads 512):
-    10% -> 4 steps, 50% -> 4, 70% -> 6, 80% and above -> 8. A large num_grads alone never
-    plans more than AUTO_MANY_STEPS steps (their steps get more than ``most`` gradients):
-    num_grads=100000 is 16 steps of 6250, not 782 steps of 128 re-reading the same samples.
-    """
-    if final <= start:
-        return 1
-    fewest, most = grads_per_step
-    ratio = (1.0 - final) / max(1.0 - start, 1e-12)
-    n = 1 if ratio >= keep else math.ceil(math.log(ratio) / math.log(keep) - 1e-9)
-    return max(1, min(max(n, min(-(-num_grads // most), AUTO_MANY_STEPS)), num_grads // fewest))
-
-
-_REQUIRED = object()
-
-
-def pattern_fixed_sparsity(pattern: Any, default: Any = _REQUIRED) -> float:
-    """The sparsity an omitted ``sparsity`` takes: 1 - N/M for ``pattern="N:M"``, else ``default`` (when given) or a
-    ValueError (``sparsity`` is required)."""
-    parsed = st.parse_pattern(pattern)
-    fixed = st.pattern_sparsity(parsed) if parsed is not None else None
-    if fixed is not None:
-        return fixed
-    if default is _REQUIRED:
-        raise ValueError("sparsity is required (only pattern='N:M' fixes it, at 1 - N/M)")
-    return default
-
-
-def check_pattern_sparsity(sparsity: Any, pattern: Any, name: str = "sparsity") -> None:
-    """An explicit ``sparsity`` that an N:M ``pattern`` contradicts (it fixes the sparsity at 1 - N/M): a ValueError
-    naming ``name`` that says the value the pattern fixes and that it may be omitted. An equal value (to 1e-6:
-    0.666667 for 1:3) passes, and so does any value without an N:M pattern (:func:`check_sparsity` checks the rest).
-    """
-    parsed = st.parse_pattern(pattern)
-    fixed = st.pattern_sparsity(parsed) if parsed is not None else None
-    if fixed is None or not is_real(sparsity) or math.isclose(float(sparsity), fixed, rel_tol=0.0, abs_tol=1e-6):
-        return
-    raise ValueError(f"{name}={float(sparsity):g} contradicts pattern={pattern!r}, which fixes the sparsity at "
-                     f"{fixed:g} (1 - N/M: N of every M weights kept); pass {name}={fixed:g} or leave it out (it then "
-                     "defaults to the pattern's)")
-
-
-def check_int(name: str, value: Any, low: int = 1) -> int:
-    """``value`` must be an integer (not a bool; numpy integers accepted) >= ``low``; ValueError naming ``name``
-    otherwise. Returns it as a Python int."""
-    if not is_int(value) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
-def _check_int_or(name: str, value: Any, others: str) -> None:
-    """``value`` must be an int >= 1 (the caller has accepted ``others``); the message lists both."""
-    if not is_int(value) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1 or {others}, got {value!r}")
-
 
 #: Fields stored as Python numbers whatever numeric type was passed (numpy scalars from a sweep, ...): reports
 #: and configs serialise them as JSON, and the arithmetic of the steps stays in Python numbers.
 _INT_FIELDS = ("num_grads", "fisher_batch_size", "num_steps", "block_size", "memory_budget", "seed")
 _FLOAT_FIELDS = ("sparsity", "beta", "min_density", "damp")
-
-
-def _check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_names(options: Dict[str, Any]) -> None:
@@ -280,18 +203,18 @@ class PruneConfig:
         check_sparsity(self.sparsity)
         check_pattern_sparsity(self.sparsity, self.pattern)
         object.__setattr__(self, "sparsity", pattern_fixed_sparsity(self.pattern, self.sparsity))  # 0.667 -> 2/3
-        _check_choice("method", self.method, tuple(METHODS))
-        _check_choice("mode", self.mode, MODES)
+        check_choice("method", self.method, tuple(METHODS))
+        check_choice("mode", self.mode, MODES)
         for name in ("num_grads", "fisher_batch_size"):
             check_int(name, getattr(self, name))
         if self.num_steps != "auto":
-            _check_int_or("num_steps", self.num_steps, "'auto'")
+            check_int_or("num_steps", self.num_steps, "'auto'")
             if self.num_steps > self.num_grads:
                 raise ValueError(f"num_steps={self.num_steps} needs num_grads >= num_steps (num_grads={self.num_grads} "
                                  "is the total over all steps)")
-        _check_choice("step_schedule", self.step_schedule, SCHEDULES)
+        check_choice("step_schedule", self.step_schedule, SCHEDULES)
         if self.block_size is not None and self.block_size != "auto":
-            _check_int_or("block_size", self.block_size, "'auto' or None (whole layers)")
+            check_int_or("block_size", self.block_size, "'auto' or None (whole layers)")
         check_damp(self.damp)
         beta = self.beta
         if not is_real(beta) or not 0 <= beta < math.inf:
@@ -307,15 +230,15 @@ class PruneConfig:
         check_loss_fn(self.loss_fn)
         if self.batch_adapter is not None and not callable(self.batch_adapter):
             raise ValueError("batch_adapter must be callable(loader item) -> woodfisher.Batch, or None")
-        _check_choice("backend", self.backend, BACKENDS)
-        _check_choice("inverse_form", self.inverse_form, FORMS)
-        _check_choice("per_sample_grads", self.per_sample_grads, PER_SAMPLE_PATHS)
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("inverse_form", self.inverse_form, FORMS)
+        check_choice("per_sample_grads", self.per_sample_grads, PER_SAMPLE_PATHS)
         if self.inverse_form == "offload" and self.memory_budget is None:
             raise ValueError("inverse_form='offload' needs memory_budget (device bytes) to size its chunks")
         check_min_density(self.min_density, self.sparsity)
         for name in ("obs_update", "joint_update", "woodtaylor", "group_exact", "sampled_fisher", "progress",
                      "keep_masks"):
-            _check_bool(name, getattr(self, name))
+            check_bool(name, getattr(self, name))
         _check_joint(self)
         check_int("seed", self.seed, low=0)
         if self.modules is not None:
