@@ -1,4 +1,4 @@
-"""K-FAC OBS pruning baseline (Linear, HF Conv1D and Conv2d layers, whole-layer Kronecker blocks).
+"""K-FAC OBS pruning baseline (Linear, HF Conv1D and Conv1d/2d/3d layers, whole-layer Kronecker blocks).
 
 For a Linear layer ``s = W a`` with W of shape (out, in), one sample's weight gradient
 is ``g a^T`` (g = dL/ds). Flattening W row-major, ``vec_row(g a^T) = g (x) a`` (Kronecker
@@ -18,11 +18,11 @@ The model is run unwrapped (``torch.compile`` / DataParallel wrappers are not ca
 ``torch.func.functional_call`` on detached copies of the pruned weights, so frozen weights
 (``requires_grad=False``) work and the caller's parameters receive no gradient.
 
-Conv2d uses the standard unfolding (KFC, Grosse & Martens 2016): a are the
-``in * kh * kw`` input patches at each of the T output positions (``F.unfold``, the
-same order as the row-major flattening of the (out, in, kh, kw) weight), g the output
-gradients at those positions, ``A = E_{n,t}[a a^T]`` and ``S = T * E_{n,t}[g g^T]``.
-Conv1d/Conv3d, grouped or non-zero-padded convolutions, weights shared by several modules
+Convolutions (1-, 2- and 3-D) use the standard unfolding (KFC, Grosse & Martens 2016): a are the
+``in * prod(kernel)`` input patches at each of the T output positions (the same order as the row-major
+flattening of the (out, in, *kernel) weight), g the output gradients at those positions,
+``A = E_{n,t}[a a^T]`` and ``S = T * E_{n,t}[g g^T]``.
+Grouped or non-zero-padded convolutions, weights shared by several modules
 (tied) and weights whose module forward never runs (``nn.MultiheadAttention`` reads
 ``out_proj.weight`` directly) are refused with a ValueError naming the weight.
 
@@ -52,6 +52,8 @@ from .recompute import checkpointing_off
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 
 @dataclass
 class KFACFactors:
@@ -66,7 +68,7 @@ def check_kfac_layer(layer: PruneTarget) -> None:
     """Refuse weights the K-FAC baseline does not model, naming them."""
     m = layer.module
     if layer.attr != "weight" or layer.kind not in ("linear", "conv", "conv1d_hf"):
-        raise ValueError(f"method='kfac' supports the weights of Linear, HF Conv1D and Conv2d modules only; "
+        raise ValueError(f"method='kfac' supports the weights of Linear, HF Conv1D and Conv1d/2d/3d modules only; "
                          f"{layer.label!r} is not one")
     if len(layer.owners) > 1:
         raise ValueError(f"method='kfac' models one layer per weight; {layer.label!r} is shared by modules "
@@ -76,28 +78,43 @@ def check_kfac_layer(layer: PruneTarget) -> None:
                          "out_proj of an nn.MultiheadAttention, which reads the weight without calling the module")
     if isinstance(m, nn.Linear) or layer.kind == "conv1d_hf":
         return
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, _CONVS):
         if m.groups != 1 or isinstance(m.padding, str) or m.padding_mode != "zeros":
-            raise ValueError(f"method='kfac' supports Conv2d with groups=1, numeric zero padding only; "
+            raise ValueError(f"method='kfac' supports Conv1d/2d/3d with groups=1, numeric zero padding only; "
                              f"layer {layer.label!r} is {m}")
         return
-    raise ValueError(f"method='kfac' supports Linear and Conv2d layers only; layer {layer.label!r} "
+    raise ValueError(f"method='kfac' supports Linear and Conv1d/2d/3d layers only; layer {layer.label!r} "
                      f"is a {type(m).__name__}")
 
 
+def _batched(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A conv's input or output gradient with its batch dim (an unbatched call: one sample)."""
+    return t.unsqueeze(0) if t.dim() == len(m.kernel_size) + 1 else t
+
+
 def _patches(layer: PruneTarget, x: torch.Tensor) -> torch.Tensor:
-    """Inputs -> (rows, in') with one row per (sample, position)."""
+    """Inputs -> (rows, in') with one row per (sample, position).
+
+    A conv's rows are its receptive fields, ``in * prod(kernel)`` entries in the order of the row-major flattening of
+    its (out, in, *kernel) weight, at each output position in row-major order (the unfolding of KFC, Grosse & Martens
+    2016, for any number of spatial dims: zero padding, then one strided window per dim, every ``dilation``-th entry).
+    """
     m = layer.module
-    if not isinstance(m, nn.Conv2d):  # Linear, HF Conv1D: one row per position of the last dim
+    if not isinstance(m, _CONVS):  # Linear, HF Conv1D: one row per position of the last dim
         return x.reshape(-1, x.shape[-1])
-    cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    x, nd = _batched(m, x), len(m.kernel_size)
+    x = F.pad(x, [p for pad in reversed(m.padding) for p in (pad, pad)])
+    for i, (k, s, d) in enumerate(zip(m.kernel_size, m.stride, m.dilation)):
+        x = x.unfold(2 + i, (k - 1) * d + 1, s)[..., ::d]  # (N, C, positions..., kernel...)
+    x = x.permute(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))  # (N, positions..., C, kernel...)
+    return x.reshape(-1, m.in_channels * math.prod(m.kernel_size))
 
 
 def _out_grads(layer: PruneTarget, g: torch.Tensor) -> torch.Tensor:
     """Output gradients -> (rows, out), rows in the order of :func:`_patches`."""
-    if not isinstance(layer.module, nn.Conv2d):
+    if not isinstance(layer.module, _CONVS):
         return g.reshape(-1, g.shape[-1])
+    g = _batched(layer.module, g)
     return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
 
 

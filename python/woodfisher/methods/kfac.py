@@ -1,4 +1,4 @@
-"""K-FAC OBS baseline (Linear, HF Conv1D and Conv2d weights, whole-layer Kronecker blocks; :mod:`woodfisher.kfac`)."""
+"""K-FAC OBS baseline (Linear, HF Conv1D, Conv1d/2d/3d; whole-layer Kronecker blocks: :mod:`woodfisher.kfac`)."""
 from __future__ import annotations
 
 from ..kfac import check_kfac_layer, kfac_saliency, kfac_update
