@@ -39,7 +39,7 @@ from .gradients import GradientCollector
 from .gradual import GradualPruner, polynomial_sparsity
 from .hooks import FisherHook
 from .masks import check_sparsity, select_masks, sparsity_of
-from .methods import METHODS
+from .methods import METHODS, register_method
 from .pruner import estimate_curvature, prune_one_shot, prune_with
 from .result import PruneResult
 from .state import clone_model
@@ -55,6 +55,6 @@ __all__ = [
     "GradualPruner", "make_permanent", "METHODS", "polynomial_sparsity", "PrunableLayer", "prune_one_shot",
     "prune_with", "PruneConfig", "PruneResult", "PruneTarget", "resolve_layers", "resolve_targets",
     "search_damp", "select_masks", "sparsity_of", "layer_flops_per_param", "attach_masks", "recalibrate_bn",
-    "clone_model", "estimate_memory",
+    "clone_model", "estimate_memory", "register_method",
 ]
 

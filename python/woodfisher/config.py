@@ -23,7 +23,7 @@ from .damping import check_damp
 from .distributed.group import check_group, describe_group
 from .losses import check_loss_fn
 from .masks import check_min_density, check_sparsity, is_int, is_real
-from .methods import METHODS
+from .methods import METHODS, check_method
 from .names import unknown_names
 from .option_checks import (
     check_bool,
@@ -203,7 +203,7 @@ class PruneConfig:
         check_sparsity(self.sparsity)
         check_pattern_sparsity(self.sparsity, self.pattern)
         object.__setattr__(self, "sparsity", pattern_fixed_sparsity(self.pattern, self.sparsity))  # 0.667 -> 2/3
-        check_choice("method", self.method, tuple(METHODS))
+        check_method(self.method)
         check_choice("mode", self.mode, MODES)
         for name in ("num_grads", "fisher_batch_size"):
             check_int(name, getattr(self, name))

@@ -37,6 +37,7 @@ from .left_out import warn_left_out
 from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
 from .memory import note_out_of_memory
 from .methods import StepContext
+from .methods.outputs import check_step_output
 from .progress import display, step_label
 from .result import PruneResult, layer_rows
 from .state import Snapshot, caller_modes_off, changed_weights, fingerprint
@@ -50,7 +51,7 @@ def _apply(targets: List[PruneTarget], curvature: Curvature, config: PruneConfig
            timings: Dict[str, float]) -> None:
     keep = {target.name: target.keep_mask() for target in targets}
     ctx = StepContext(targets, curvature, config, sparsity, keep, timings)
-    new, keep = config.method_impl.step(ctx)
+    new, keep = check_step_output(ctx, config.method_impl.step(ctx))
     with ctx.timed("update"):
         for target in targets:
             target.write(new[target.name], keep[target.name])
@@ -97,7 +98,9 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: Optional[float]
     ``options`` override selection options of the curvature's config (mode, min_density, obs_update,
     beta, pattern, ...);
     the options the curvature fixed (:data:`FIXED_BY_CURVATURE`: method, block_size,
-    num_grads, damp, woodtaylor, modules, ...) can only be passed with the curvature's values.
+    num_grads, damp, woodtaylor, modules, ...) can only be passed with the curvature's values, except ``method``,
+    which may name another method of the same curvature kind and block size (your own next to "woodfisher", on
+    the same inverses; not on a curvature sharded across ranks).
     The statistic and OBS update are those of :func:`woodfisher_kernels.obs_saliency` /
     :func:`woodfisher_kernels.obs_update` (WoodFisher paper, Eqs. 10-11; Eqs. 21, 23 with WoodTaylor).
 
@@ -143,7 +146,12 @@ def _check_fixed(curvature: Curvature, config: PruneConfig) -> None:
         value, fixed = getattr(config, name), getattr(curvature.config, name)
         if value == fixed or (name == "damp" and value == curvature.damp) or (name == "num_steps" and value == 1):
             continue
-        if name == "damp":
+        if name == "method" and _same_curvature(curvature, config):
+            continue
+        if name == "method":
+            how = (f"it may only become another method of the same curvature kind ({curvature.kind!r}) and block "
+                   f"size, unsharded; estimate a new curvature with estimate_curvature(model, loader, method=...)")
+        elif name == "damp":
             how = "curvature.with_damp(d) re-inverts it for another damp without new gradients"
         elif name in ("num_steps", "step_schedule"):
             how = ("prune_with is one step with the curvature it is given; prune_one_shot(model, loader, "
@@ -152,6 +160,14 @@ def _check_fixed(curvature: Curvature, config: PruneConfig) -> None:
             how = f"estimate a new curvature with estimate_curvature(model, loader, {name}=...)"
         raise ValueError(f"{name}={value!r} cannot be changed by prune_with: the curvature was estimated with "
                          f"{name}={fixed!r}; {how}")
+
+
+def _same_curvature(curvature: Curvature, config: PruneConfig) -> bool:
+    """Whether ``config.method`` reads ``curvature`` as it is: the same kind of curvature and block size (e.g. a
+    method of one's own next to "woodfisher" on one set of inverses), not sharded across ranks."""
+    new, old = config.method_impl, curvature.config.method_impl
+    return (curvature.shard is None and new.curvature == curvature.kind
+            and new.block_size(config) == old.block_size(curvature.config))
 
 
 def _warn_below(config: PruneConfig, start_sparsity: float) -> None:

@@ -70,7 +70,7 @@ from .chunking import (
     vmap_refused,
 )
 from .diagnostics import warn_at_caller
-from .losses import compute_loss, logits_of, sample_targets
+from .losses import compute_loss, logits_of, sample_targets, warn_loss_beyond_outputs
 from .memory import is_out_of_memory, note_activations_too_large
 from .per_sample import PER_SAMPLE_PATHS, check_batch_statistics
 from .precision import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
@@ -261,6 +261,10 @@ class GradientCollector:
                 checkpointing_off(self.inner):
             try:
                 labelled = self._sampled(params, buffers, flat, gen) if self.sampled else flat
+                if self.loss_fn is not None and not self.count:  # the first chunk: a regulariser in loss_fn?
+                    warn_loss_beyond_outputs(lambda b: functional_call(self.inner, (params, buffers), tuple(b.args),
+                                                                       dict(b.kwargs)), self.loss_fn,
+                                             labelled.take(0, self.fbs))
                 grads = self._chunk_grads(params, buffers, labelled)
             except RuntimeError as err:  # a half model that fails in float32: its own dtype?
                 state = None if is_out_of_memory(err) else self._native_state(flat, err)

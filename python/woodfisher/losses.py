@@ -16,8 +16,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .diagnostics import warn_at_caller
+
 __all__ = ["ADAPTER_HINT", "find_logits", "logits_of", "default_loss", "check_probabilities", "model_loss",
-           "compute_loss", "sample_targets", "check_loss_fn"]
+           "compute_loss", "sample_targets", "check_loss_fn", "warn_loss_beyond_outputs"]
 
 ADAPTER_HINT = ("pass batch_adapter=lambda b: woodfisher.Batch(args=(inputs,), kwargs={}, target=targets) "
                 "to say which part is which")
@@ -218,3 +220,30 @@ def sample_targets(logits: torch.Tensor, generator: torch.Generator) -> torch.Te
 def check_loss_fn(loss_fn: Any) -> None:
     if loss_fn is not None and not callable(loss_fn):
         raise ValueError("loss_fn must be callable(outputs, targets) or None")
+
+
+def warn_loss_beyond_outputs(forward: Callable[[Any], Any], loss_fn: Callable, batch: Any) -> None:
+    """Warn when ``loss_fn`` reaches tensors that require grad other than the model's outputs.
+
+    The Fisher's per-sample gradients are taken through the outputs only (``torch.func`` on the
+    pruned weights), so a term of ``loss_fn`` that reads the model's parameters itself (a weight
+    regulariser ``lam * sum(p ** 2 for p in model.parameters())``) is left out of them, as it is of
+    the empirical Fisher (the Hessian of an L2 term, ``2 lam I``, adds to the damp instead). This
+    runs the model once without gradients on ``batch`` and the loss with them: a loss that still
+    requires grad reached such a tensor.
+
+    Args:
+        forward: batch -> the model's outputs (called under ``torch.no_grad()``).
+        loss_fn: the caller's ``loss_fn(outputs, target)``.
+        batch: a :class:`woodfisher.Batch` (one group of samples is enough).
+    """
+    with torch.no_grad():
+        out = forward(batch)
+    with torch.enable_grad():
+        found = find_logits(out)
+        loss = loss_fn(out if found is None else found, batch.target)
+    if isinstance(loss, torch.Tensor) and loss.requires_grad:
+        warn_at_caller("loss_fn depends on tensors that require grad besides the model's outputs (a weight "
+                       "regulariser reading model.parameters()?): the Fisher's per-sample gradients are taken "
+                       "through the outputs only, so that term is left out of the Fisher (an L2 term's curvature "
+                       "2*lam*I acts like the damp: add it to damp=...); return the data loss only to silence this")

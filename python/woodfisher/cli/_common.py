@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ..methods import METHODS, register_method
 from ..models import MODEL_SPECS
 
 #: --progress / --no-progress of every subcommand (the rule: :func:`woodfisher.progress.output_mode`).
@@ -120,6 +121,18 @@ def model_type(text: str) -> str:
         return text
     raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (built-in models: {', '.join(sorted(MODEL_SPECS))}; "
                                      "or your own as an import path 'package.module:factory' or 'file.py:factory')")
+
+
+def method_type(text: str) -> str:
+    """A registered method name, or the import path ``package.module:Class`` / ``file.py:Class`` of a
+    :class:`woodfisher.methods.PruningMethod` (class or instance), registered by
+    :func:`woodfisher.methods.register_method` and returned by its name."""
+    if text in METHODS or not is_import_path(text):
+        return text  # an unknown name: argparse's "invalid choice" lists the registered ones
+    try:
+        return register_method(load_object(text, "--method"), replace=True).name
+    except (ValueError, FileNotFoundError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def is_import_path(text: Optional[str]) -> bool:

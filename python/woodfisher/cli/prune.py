@@ -36,6 +36,7 @@ from ._common import (
     is_import_path,
     load_model,
     make_out_dir,
+    method_type,
     metric_values,
     require,
     sparsity_type,
@@ -57,8 +58,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_model_args(p, "checkpoint of the dense model",
                    (("--sparsity",), dict(type=sparsity_type, help="target fraction of zeros in [0, 1) (with "
                                                                    "--pattern N:M it may be omitted: 1 - N/M)")))
-    p.add_argument("--method", default="woodfisher", choices=list(METHODS),
-                   help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()))
+    p.add_argument("--method", default="woodfisher", type=method_type, choices=METHODS.keys(),
+                   help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()) + "; or your own: the "
+                        "import path of a woodfisher.methods.PruningMethod class, e.g. mypkg.methods:SNIP or "
+                        "methods.py:SNIP (registered under its name)")
     p.add_argument("--mode", default="global", choices=MODES,
                    help="global = joint ranking across layers, layerwise = independent")
     p.add_argument("--block-size", type=block_size_type, default="auto",

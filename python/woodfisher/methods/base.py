@@ -29,6 +29,7 @@ from .. import structured as st
 from ..gradients import compute_dtype
 from ..masks import select_kept_masks
 from ..progress import phase
+from .outputs import check_scores
 
 Tensors = Dict[str, torch.Tensor]
 _PHASES = {"select": "selection", "update": "update"}
@@ -72,7 +73,11 @@ class StepContext:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     def select(self, scores: Tensors) -> Tensors:
-        """Keep-masks from ``scores`` (higher = keep): FLOPs-aware when beta > 0, pruned stay pruned."""
+        """Keep-masks from ``scores`` (higher = keep): FLOPs-aware when beta > 0, pruned stay pruned.
+
+        ``scores`` is checked first (:func:`woodfisher.methods.outputs.check_scores`: a ValueError naming the
+        method and the weight for a missing / extra weight, another shape, NaN)."""
+        scores = check_scores(self, scores)
         return select_kept_masks(scores, self.sparsity, self.mode, self.config.min_density, self.keep,
                                  self.curvature.flops, self.config.beta)
 
@@ -138,8 +143,9 @@ class PruningMethod:
             st.check_pattern_layers(parsed, targets)
 
     def block_size(self, config) -> Optional[int]:
-        """The Fisher block size this method needs (None = whole weights)."""
-        return config.fisher_block_size
+        """The Fisher block size this method needs (None = whole weights; 1 for a "diagonal" curvature, whose
+        inverses are one (1, 1) block per entry)."""
+        return 1 if self.curvature == "diagonal" else config.fisher_block_size
 
     def step(self, ctx: StepContext) -> Tuple[Tensors, Tensors]:
         """One pruning step: ({name: new weights}, {name: keep-mask}); pruned entries are zeroed by the caller."""
