@@ -236,3 +236,20 @@ def test_cli_method_takes_the_import_path_of_a_method(registry, tmp_path):
     with pytest.raises(SystemExit):  # argparse's usage error (exit 2), naming --method and what is missing
         build_parser().parse_args(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--method", f"{path}:NoScores"])
     assert "test_cli_none" not in METHODS
+
+
+def test_search_damp_with_a_method_of_ones_own(registry):
+    """A blockwise method of one's own is searched on one gradient collection (re-inverted per damp): each loss is
+    that of prune_one_shot at that damp; a method without curvature is refused (the damp changes nothing)."""
+    from woodfisher.tuning import heldout_loss
+    wf.register_method(MyOBS)
+    model, loader, heldout = _mlp(), _loader(), _loader(32)
+    opts = dict(method="test_obs", num_grads=64, num_steps=1, block_size=10, progress=False)
+    best, losses = wf.search_damp(model, loader, heldout, sparsity=0.7, grid=[1e-4, 1e-1], **opts)
+    for damp, loss in losses.items():
+        pruned = copy.deepcopy(model)
+        wf.prune_one_shot(pruned, loader, sparsity=0.7, damp=damp, **opts)
+        assert loss == pytest.approx(heldout_loss(pruned, heldout), rel=1e-5)
+    assert best == min(losses, key=losses.get)
+    with pytest.raises(ValueError, match="uses no curvature"):
+        wf.search_damp(model, loader, heldout, sparsity=0.5, method="magnitude")

@@ -83,10 +83,12 @@ class PruneConfig:
         method: a name of :data:`woodfisher.methods.METHODS`: "woodfisher" (OBS with the
             blockwise inverse empirical Fisher, paper Eqs. 2, 10, 11), "magnitude"
             (layerwise |w|), "global_magnitude", "diag_fisher" (OBS with a diagonal Fisher),
-            "kfac" (K-FAC OBS).
+            "kfac" (K-FAC OBS), or one of your own added by :func:`woodfisher.register_method`.
         mode: "global" (joint ranking across weights) or "layerwise" (independent).
         loss_fn: ``loss_fn(predictions, targets)`` -> mean loss; None = the model's own
-            ``outputs.loss`` when it returns one, else :func:`woodfisher.losses.default_loss`.
+            ``outputs.loss`` when it returns one, else :func:`woodfisher.losses.default_loss`. Per-sample
+            gradients are taken through the predictions only: a term reading the model's parameters itself
+            (a weight regulariser) is left out of the Fisher, with a warning.
         block_size: Fisher block size c (entries); "auto" (default): c = 4 times the number
             of gradients of a step (:data:`AUTO_BLOCK_PER_GRAD`; blocks a few times larger
             than m, where ``F^-1`` is neither noisy nor nearly diagonal; rounded up to a

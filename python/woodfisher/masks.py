@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
@@ -85,6 +85,28 @@ def _keep_top(score: torch.Tensor, num_keep: int) -> torch.Tensor:
     return keep.view_as(score)
 
 
+def _check_inputs(scores: Any, pruned: Any) -> None:
+    """ValueError naming ``scores`` / ``pruned`` unless they are dicts of tensors, ``pruned``'s bool and shaped as
+    the scores of the same name."""
+    if not isinstance(scores, Mapping) or not all(isinstance(s, torch.Tensor) for s in scores.values()):
+        got = type(scores).__name__ if not isinstance(scores, Mapping) else \
+            {n: type(s).__name__ for n, s in scores.items() if not isinstance(s, torch.Tensor)}
+        raise ValueError(f"scores must be a dict {{name: tensor}}, got {got}")
+    if not scores:
+        raise ValueError("scores is empty: no prunable parameter")
+    if pruned is None:
+        return
+    if not isinstance(pruned, Mapping):
+        raise ValueError(f"pruned must be a dict {{name: bool keep-mask}} or None, got {type(pruned).__name__}")
+    for name, mask in pruned.items():
+        if name not in scores:
+            continue
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != scores[name].shape:
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"pruned[{name!r}] must be a bool keep-mask of its scores' shape "
+                             f"{tuple(scores[name].shape)}, got {got}")
+
+
 def select_masks(scores: Scores, sparsity: float, mode: str = "global",
                  min_density: float = 0.0, pruned: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """Keep-masks reaching ``sparsity`` over all scored parameters.
@@ -101,14 +123,14 @@ def select_masks(scores: Scores, sparsity: float, mode: str = "global",
         ``scores`` (layer after layer, each flattened row-major), see :func:`_keep_top`.
     Raises:
         ValueError: ``sparsity`` not in [0, 1), an unknown ``mode``, ``min_density`` not in
-            [0, 1], empty ``scores``, or NaN scores (naming the parameter).
+            [0, 1], ``scores`` not a non-empty dict of tensors, NaN scores (naming the parameter), or ``pruned``
+            not a dict of bool masks of the scores' shapes (naming the entry).
     """
     sparsity = check_sparsity(sparsity)
     if mode not in ("global", "layerwise"):
         raise ValueError(f"mode must be 'global' or 'layerwise', got {mode!r}")
     check_min_density(min_density)
-    if not scores:
-        raise ValueError("scores is empty: no prunable parameter")
+    _check_inputs(scores, pruned)
     prepared = {}
     for name, s in scores.items():
         if torch.isnan(s).any():
@@ -196,7 +218,9 @@ def sparsity_of(masks: Dict[str, torch.Tensor]) -> float:
         Fraction in [0, 1] of False entries over all masks (0.0 for no entries).
     """
     total = sum(m.numel() for m in masks.values())
-    return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+    if not total:
+        return 0.0
+    return 1.0 - sum(int(m.count_nonzero()) for m in masks.values()) / total
 
 
 def select_kept_masks(scores: Scores, sparsity: float, mode: str, min_density: float,

@@ -119,7 +119,7 @@ def search_damp(model, loader, heldout, *, sparsity: Optional[float] = None, gri
         magnitude pruning, ...), once each and at the caller's line; the other candidates' are dropped.
     Raises:
         ValueError: ``damp`` among the options, an empty or bad grid, ``sparsity`` omitted without an N:M
-            ``pattern``, or any bad option.
+            ``pattern``, a ``method`` without curvature (magnitude: the damp changes nothing), or any bad option.
     """
     # under a process group every rank runs the same search (collective) on its own held-out batches; the losses
     # are the sample-weighted means over every rank's batches, so every rank chooses the same damp
@@ -142,7 +142,12 @@ def _search(model, loader, heldout, sparsity, grid, loss_fn, options):
     adapter = options.get("batch_adapter")
     config = resolve_config(None, {**options, "loss_fn": loss_fn}, sparsity)
     start = sparsity_of({target.name: target.keep_mask() for target in resolve_targets(model, config.modules, None)})
-    reuse = len(config.steps(start)) == 1 and config.method == "woodfisher" and config.inverse_form != "stream"
+    if config.method_impl.curvature == "none":
+        raise ValueError(f"method={config.method!r} uses no curvature, so its masks do not depend on the damp: "
+                         "search_damp needs a method with a Fisher (e.g. 'woodfisher', 'diag_fisher', 'kfac')")
+    # one gradient collection re-inverted per candidate: any blockwise method (a caller's own included)
+    reuse = len(config.steps(start)) == 1 and config.method_impl.curvature == "blockwise" and \
+        config.inverse_form != "stream"
     if grid is not None:  # a bad grid is refused before any gradient is computed
         grid = _check_grid(grid)
     with display(config.progress and shows_progress(config.group), "woodfisher search_damp"):

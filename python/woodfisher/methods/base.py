@@ -148,15 +148,19 @@ class PruningMethod:
         return 1 if self.curvature == "diagonal" else config.fisher_block_size
 
     def step(self, ctx: StepContext) -> Tuple[Tensors, Tensors]:
-        """One pruning step: ({name: new weights}, {name: keep-mask}); pruned entries are zeroed by the caller."""
-        raise NotImplementedError
+        """One pruning step: ({name: new weights}, {name: bool keep-mask}), each with the weight's number of
+        entries; pruned entries are zeroed by the caller. Checked before anything is written
+        (:func:`woodfisher.methods.outputs.check_step_output`)."""
+        raise NotImplementedError(f"{type(self).__name__}.step(ctx) is not implemented")
 
 
 class ScoreMethod(PruningMethod):
     """A method that only scores weights (higher = keep); selection and zeroing are shared."""
 
     def scores(self, ctx: StepContext) -> Tensors:
-        raise NotImplementedError
+        """{weight name (``target.name`` of ``ctx.targets``): scores of the weight's shape}, higher = keep; any
+        real dtype and device (moved to the weight's); NaN is refused, +-inf means keep / prune first."""
+        raise NotImplementedError(f"{type(self).__name__}.scores(ctx) is not implemented")
 
     def step(self, ctx: StepContext) -> Tuple[Tensors, Tensors]:
         with ctx.timed("select"):

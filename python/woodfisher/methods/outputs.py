@@ -92,7 +92,7 @@ def check_step_output(ctx, output: Any) -> Tuple[Tensors, Tensors]:
             value without the weight's number of entries; keep-masks that are not bool; a mask that keeps an
             entry pruned before the step (pruned entries stay pruned); non-finite new values at kept entries;
             masks whose sparsity over the step's weights is off the step's target (``ctx.sparsity``, or the
-            sparsity before the step when that is higher) by more than 1% plus one row (patterns).
+            sparsity before the step when that is higher) by more than 1% (plus a row per weight with a pattern).
     """
     if not (isinstance(output, tuple) and len(output) == 2):
         raise ValueError(f"{_who(ctx)}: step(ctx) must return a pair ({{name: new weight}}, {{name: bool "
@@ -116,7 +116,8 @@ def check_step_output(ctx, output: Any) -> Tuple[Tensors, Tensors]:
         if bad:
             raise ValueError(f"{_who(ctx)}: new weights of {n!r} have {bad} NaN / Inf values at kept entries")
     total = sum(t.numel for t in ctx.targets)
-    grain = (max(t.row_length for t in ctx.targets) if ctx.config.pattern is not None else 1) / total
+    # a pattern prunes whole rows / groups: up to one row per weight short of the target (layerwise)
+    grain = (sum(t.row_length for t in ctx.targets) if ctx.config.pattern is not None else 1) / total
     reached, before = _sparsity(keep, ctx.targets), _sparsity(ctx.keep, ctx.targets)
     low, high = ctx.sparsity - 0.01 - grain, max(ctx.sparsity, before) + 0.01 + grain
     if not low <= reached <= (high if ctx.config.pattern is None else 1.0):
