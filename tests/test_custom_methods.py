@@ -253,3 +253,40 @@ def test_search_damp_with_a_method_of_ones_own(registry):
     assert best == min(losses, key=losses.get)
     with pytest.raises(ValueError, match="uses no curvature"):
         wf.search_damp(model, loader, heldout, sparsity=0.5, method="magnitude")
+
+
+class AbsScore(ScoreMethod):
+    name = "test_abs"
+    patterns = ("nm", "rows")
+
+    def scores(self, ctx):
+        return {t.name: t.effective_weight().abs() for t in ctx.targets}
+
+
+def _wide_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+
+
+def _wide_loader():
+    gen = torch.Generator().manual_seed(2)
+    return [(torch.randn(16, 16, generator=gen), torch.randint(0, 4, (16,), generator=gen))]
+
+
+def test_score_method_with_a_pattern_prunes_that_pattern(registry):
+    """A ScoreMethod listing "nm" / "rows" used to get an unstructured mask (the pattern silently ignored)."""
+    wf.register_method(AbsScore)
+    model, loader = _wide_mlp(), _wide_loader()
+    mine = wf.prune_one_shot(copy.deepcopy(model), loader, method="test_abs", pattern="2:4", progress=False)
+    ref = wf.prune_one_shot(copy.deepcopy(model), loader, method="magnitude", pattern="2:4", progress=False)
+    for name, mask in mine.masks.items():
+        assert (mask.reshape(-1, 4).sum(1) == 2).all()
+        assert torch.equal(mask, ref.masks[name])  # |w| scores: the magnitude N:M mask
+    rows = wf.prune_one_shot(copy.deepcopy(model), loader, method="test_abs", pattern="rows", sparsity=0.5,
+                             mode="layerwise", progress=False)
+    for name, weight in model.named_parameters():
+        if name.endswith("weight"):
+            norms = weight.detach().abs().sum(1)  # a row's cost: its L1 norm
+            pruned = torch.zeros_like(norms, dtype=torch.bool)
+            pruned[norms.argsort()[: norms.numel() // 2]] = True
+            assert torch.equal(rows.masks[name], ~pruned[:, None].expand_as(weight))

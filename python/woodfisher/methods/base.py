@@ -30,6 +30,7 @@ from ..gradients import compute_dtype
 from ..masks import select_kept_masks
 from ..progress import phase
 from .outputs import check_scores
+from .score_patterns import pattern_keep
 
 Tensors = Dict[str, torch.Tensor]
 _PHASES = {"select": "selection", "update": "update"}
@@ -163,6 +164,10 @@ class ScoreMethod(PruningMethod):
         raise NotImplementedError(f"{type(self).__name__}.scores(ctx) is not implemented")
 
     def step(self, ctx: StepContext) -> Tuple[Tensors, Tensors]:
+        """Masks from :meth:`scores`: unstructured by :meth:`StepContext.select`, or with a ``pattern`` this
+        method lists in ``patterns`` by :func:`woodfisher.methods.score_patterns.pattern_keep`."""
+        parsed = st.parse_pattern(ctx.config.pattern)
         with ctx.timed("select"):
-            keep = ctx.select(self.scores(ctx))
+            scores = self.scores(ctx)
+            keep = ctx.select(scores) if parsed is None else pattern_keep(ctx, check_scores(ctx, scores), parsed)
         return {target.name: target.effective_weight() for target in ctx.targets}, keep
