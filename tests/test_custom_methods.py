@@ -1,7 +1,6 @@
 """A caller's own pruning method, outside the package: registration, use everywhere a built-in name works,
 and the checks of what it returns (a ValueError naming the method, the model unchanged)."""
 import copy
-import warnings
 
 import pytest
 import torch
@@ -179,21 +178,6 @@ def test_register_method_refuses_a_broken_method(bad, match, registry):
 def test_unregistered_method_object_gets_the_register_call(registry):
     with pytest.raises(ValueError, match=r"register_method\(RandomScore\(\)\), then pass method='test_random'"):
         wf.PruneConfig(sparsity=0.5, method=RandomScore())
-
-
-def test_a_weight_regulariser_in_loss_fn_is_named_in_a_warning():
-    model = _mlp()
-
-    def regularised(out, target):
-        return nn.functional.cross_entropy(out, target) + 1e-2 * sum(p.pow(2).sum() for p in model.parameters())
-    with pytest.warns(UserWarning, match="left out of the Fisher"):
-        with_reg = wf.estimate_curvature(model, _loader(), loss_fn=regularised, num_grads=64, block_size=10,
-                                         damp=1e-3, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a loss of the outputs only: no notice
-        plain = wf.estimate_curvature(model, _loader(), loss_fn=nn.functional.cross_entropy, num_grads=64,
-                                      block_size=10, damp=1e-3, progress=False)
-    assert all(torch.equal(with_reg.grads[n], plain.grads[n]) for n in plain.grads)  # the term is not in them
 
 
 class MyOBS(ScoreMethod):

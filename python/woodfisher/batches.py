@@ -217,7 +217,8 @@ def loader_errors(batch: Batch, name: str = "loader",
         if found is not None:
             index, item, own = found
             raise ValueError(f"{name}: the model or the loss failed on item {index} of the loader, {describe(item)}: "
-                             f"{type(own).__name__}: {own}{fix_hint(own, item)}") from own
+                             f"{type(own).__name__}: {own}{fix_hint(own, item)}"
+                             f"{''.join('; ' + note for note in getattr(own, '__notes__', ()))}") from own
         what = f"a batch with {describe(batch)}"
         unsplit = unsplit_inputs(batch) if replay is not None else []
         if unsplit:  # the usual cause: a per-sample tensor with its batch on another dim, passed whole
@@ -228,7 +229,8 @@ def loader_errors(batch: Batch, name: str = "loader",
             what = (f"{describe(batch)} (the loader's items concatenated and called per gradient; each item alone "
                     f"runs, so the model cannot be called on groups of fisher_batch_size samples)")
         raise ValueError(f"{name}: the model or the loss failed on {what}: "
-                         f"{type(err).__name__}: {err}{fix_hint(err, batch)}") from err
+                         f"{type(err).__name__}: {err}{fix_hint(err, batch)}"
+                         f"{''.join('; ' + note for note in getattr(err, '__notes__', ()))}") from err
 
 
 def is_single_pass(loader: Iterable) -> bool:

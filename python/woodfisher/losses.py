@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from .diagnostics import warn_at_caller
 
 __all__ = ["ADAPTER_HINT", "find_logits", "logits_of", "default_loss", "check_probabilities", "model_loss",
-           "compute_loss", "sample_targets", "check_loss_fn", "warn_loss_beyond_outputs"]
+           "compute_loss", "sample_targets", "check_loss_fn", "warn_loss_beyond_outputs",
+           "whole_outputs"]
 
 ADAPTER_HINT = ("pass batch_adapter=lambda b: woodfisher.Batch(args=(inputs,), kwargs={}, target=targets) "
                 "to say which part is which")
@@ -196,13 +197,53 @@ def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torc
     if loss_fn is None:
         loss = default_loss(logits_of(outputs), target)
     else:
-        found = find_logits(outputs)
-        loss = loss_fn(outputs if found is None else found, target)
+        given = loss_input(outputs, loss_fn)
+        try:
+            loss = loss_fn(given, target)
+        except Exception as err:
+            if given is not outputs and hasattr(err, "add_note"):  # the caller may expect the whole outputs
+                err.add_note(f"loss_fn received the predictions only (a {tuple(given.shape)} tensor taken from "
+                             f"the model's {type(outputs).__name__}: its 'logits' or first entry); pass "
+                             "loss_fn=woodfisher.losses.whole_outputs(loss_fn) to receive the outputs as returned")
+            raise
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise LossFnError(f"loss_fn must return the mean loss as a scalar tensor, got {shape} "
                          "(reduction='none'? use the mean)")
     return loss.reshape(())  # a one-entry (1,) loss is the scalar (torch.func.grad takes scalars only)
+
+
+def loss_input(outputs: Any, loss_fn: Callable) -> Any:
+    """What ``loss_fn`` receives: the predictions (:func:`find_logits`), or the outputs as returned when they hold
+    none or ``loss_fn`` is marked by :func:`whole_outputs`."""
+    found = None if getattr(loss_fn, "whole_outputs", False) else find_logits(outputs)
+    return outputs if found is None else found
+
+
+def whole_outputs(loss_fn: Callable) -> Callable:
+    """Mark ``loss_fn`` to receive the model's outputs as returned.
+
+    By default a ``loss_fn`` receives the predictions (:func:`find_logits`: a tuple's first entry, a dict's /
+    ModelOutput's ``logits``). A loss that needs the rest -- an auxiliary head ``(logits, aux)``, deep
+    supervision, a dict of several heads -- is wrapped with this; everything else is unchanged (per-sample
+    gradients, K-FAC, held-out losses).
+
+    Args:
+        loss_fn: ``loss_fn(outputs, target) -> scalar loss``, outputs as the model's forward returns them.
+    Returns:
+        A callable computing the same as ``loss_fn``, marked with ``whole_outputs = True``.
+    Raises:
+        ValueError: ``loss_fn`` not callable.
+    """
+    check_loss_fn(loss_fn)
+    if loss_fn is None:
+        raise ValueError("loss_fn must be callable(outputs, targets), got None")
+
+    def wrapped(outputs, target):
+        return loss_fn(outputs, target)
+    wrapped.whole_outputs = True
+    wrapped.__wrapped__ = loss_fn
+    return wrapped
 
 
 def sample_targets(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -240,8 +281,7 @@ def warn_loss_beyond_outputs(forward: Callable[[Any], Any], loss_fn: Callable, b
     with torch.no_grad():
         out = forward(batch)
     with torch.enable_grad():
-        found = find_logits(out)
-        loss = loss_fn(out if found is None else found, batch.target)
+        loss = loss_fn(loss_input(out, loss_fn), batch.target)
     if isinstance(loss, torch.Tensor) and loss.requires_grad:
         warn_at_caller("loss_fn depends on tensors that require grad besides the model's outputs (a weight "
                        "regulariser reading model.parameters()?): the Fisher's per-sample gradients are taken "
