@@ -290,8 +290,8 @@ def warn_zero_gradients(stats: List[Optional[FisherStats]]) -> None:
                        "connects them to the loss (an auxiliary head, an unused branch, or the weights after them "
                        "pruned away; loss_fn sees only the first output of a tuple), so their Fisher is damp * I "
                        "alone and they rank as the least important weights (pruned first in mode='global'); leave "
-                       "them out with modules=[the other weights], or make the model's first output depend on them (or give "
-                       "loss_fn the whole outputs: loss_fn=woodfisher.losses.whole_outputs(your_loss))")
+                       "them out with modules=[the other weights], or make the model's first output depend on them "
+                       "(or give loss_fn the whole outputs: loss_fn=woodfisher.losses.whole_outputs(your_loss))")
 
 
 def require_loader(config: PruneConfig, loader: Optional[Iterable]) -> None:
