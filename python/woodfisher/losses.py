@@ -11,6 +11,7 @@ with a ValueError naming ``loss_fn``, never turned into a zero or meaningless Fi
 from __future__ import annotations
 
 import collections.abc
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -182,10 +183,12 @@ def compute_loss(outputs: Any, target: Any, loss_fn: Optional[Callable]) -> torc
     given ``labels``: shifted for causal LMs, as the model defines it), else
     :func:`default_loss` (predictions, target). With ``loss_fn``: ``loss_fn(predictions,
     target)``. The predictions are the outputs' ``logits`` (:func:`find_logits`); ``loss_fn`` gets the
-    outputs as the model returned them when they hold no such tensor (e.g. torchvision's ``{"out", "aux"}``).
+    outputs as the model returned them when they hold no such tensor (e.g. torchvision's ``{"out", "aux"}``)
+    or is marked by :func:`whole_outputs`.
 
     Raises:
-        ValueError: no target and no model loss (unlabelled data needs ``sampled_fisher``).
+        ValueError: no target and no model loss (unlabelled data needs ``sampled_fisher``); a ``loss_fn`` result
+            that is not a scalar (one entry) (:class:`LossFnError`, naming ``loss_fn``).
     """
     own = model_loss(outputs) if loss_fn is None else None
     if own is not None:
@@ -241,8 +244,11 @@ def whole_outputs(loss_fn: Callable) -> Callable:
 
     def wrapped(outputs, target):
         return loss_fn(outputs, target)
+    if hasattr(loss_fn, "__name__"):  # reports name the caller's loss
+        functools.update_wrapper(wrapped, loss_fn)
+    else:  # e.g. an nn.CrossEntropyLoss instance
+        wrapped.__name__ = wrapped.__qualname__ = type(loss_fn).__name__
     wrapped.whole_outputs = True
-    wrapped.__wrapped__ = loss_fn
     return wrapped
 
 
