@@ -29,6 +29,7 @@ from .. import structured as st
 from ..gradients import compute_dtype
 from ..masks import select_kept_masks
 from ..progress import phase
+from .obs import diagonal_of, saliency_of, update_of
 from .outputs import check_scores
 from .score_patterns import pattern_keep
 
@@ -81,6 +82,28 @@ class StepContext:
         scores = check_scores(self, scores)
         return select_kept_masks(scores, self.sparsity, self.mode, self.config.min_density, self.keep,
                                  self.curvature.flops, self.config.beta)
+
+    def obs_saliency(self, target) -> torch.Tensor:
+        """The OBS statistic ``rho_q = w_q^2 / (2 [F^-1]_qq)`` (WoodFisher paper, Eq. 11; WoodTaylor's Eq. 23 when
+        the curvature holds a loss gradient) of one weight, from a blockwise or diagonal curvature in any form
+        (dense, low-rank, offloaded): a tensor of the weight's shape, loss units."""
+        w = target.blocks(target.effective_weight().to(self._dtype()))
+        lg = (self.curvature.loss_grad or {}).get(target.name)
+        return target.unblock(saliency_of(self.curvature.inverses[target.name], w, lg, self.config.backend))
+
+    def obs_update(self, target, keep: torch.Tensor) -> torch.Tensor:
+        """The weight after the OBS update that removes the entries ``keep`` marks False (paper Eq. 10 summed over
+        them; ``joint_update=True``: their joint optimum per block): a tensor of the weight's shape, those entries
+        exactly 0. ``keep``: bool of the weight's shape."""
+        w = target.blocks(target.effective_weight().to(self._dtype()))
+        lg = (self.curvature.loss_grad or {}).get(target.name)
+        return target.unblock(update_of(self.curvature.inverses[target.name], w, ~target.blocks(keep), lg,
+                                        self.config.backend, self.config.joint_update))
+
+    def inverse_diagonal(self, target) -> torch.Tensor:
+        """``[F^-1]_qq`` of every entry of one weight (any form of a blockwise or diagonal curvature): a tensor of
+        the weight's shape."""
+        return target.unblock(diagonal_of(self.curvature.inverses[target.name]))
 
     def blocked_weights(self) -> Tensors:
         """{name: (B, c)} effective weights in the curvature's dtype."""

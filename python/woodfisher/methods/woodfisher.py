@@ -13,30 +13,10 @@ from __future__ import annotations
 
 import torch
 
-import woodfisher_kernels as wk
-
 from .. import structured as st
 from ..distributed.step import sharded_step
-from ..offload import OffloadedInverse
 from .base import PruningMethod
-
-
-def _saliency(inv, w, lg, backend):
-    """obs_saliency of a (B, c, c) / LowRankInverse, or chunk by chunk of an offloaded inverse."""
-    if isinstance(inv, OffloadedInverse):
-        return inv.saliency(w, lg, backend)
-    return wk.obs_saliency(inv, w, lg, backend=backend, check_finite=False)
-
-
-def _update(inv, w, prune, lg, backend, joint=False):
-    """obs_update (``joint``: :func:`woodfisher.structured.joint_update`), as :func:`_saliency`."""
-    if joint and isinstance(inv, OffloadedInverse):
-        return torch.cat([st.joint_update(part, w[a:b], prune[a:b]) for a, b, part in inv.chunks()])
-    if joint:
-        return st.joint_update(inv, w, prune)
-    if isinstance(inv, OffloadedInverse):
-        return inv.update(w, prune, lg, backend)
-    return wk.obs_update(inv, w, prune, lg, backend=backend, check_finite=False)
+from .obs import saliency_of, update_of
 
 
 class WoodFisher(PruningMethod):
@@ -59,7 +39,7 @@ class WoodFisher(PruningMethod):
             w = ctx.blocked_weights()
             scores = {
                 target.name: target.unblock(
-                    _saliency(invs[target.name], w[target.name], lg.get(target.name), cfg.backend)
+                    saliency_of(invs[target.name], w[target.name], lg.get(target.name), cfg.backend)
                 )
                 for target in ctx.targets
             }
@@ -70,7 +50,7 @@ class WoodFisher(PruningMethod):
                 n = target.name
                 if cfg.obs_update:
                     prune = ~target.blocks(masks[n])
-                    new[n] = target.unblock(_update(invs[n], w[n], prune, lg.get(n), cfg.backend, cfg.joint_update))
+                    new[n] = target.unblock(update_of(invs[n], w[n], prune, lg.get(n), cfg.backend, cfg.joint_update))
                 else:
                     new[n] = target.effective_weight() * masks[n]
                 bar.update(1)
