@@ -55,8 +55,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-import woodfisher_kernels as wk
-
 from . import per_sample
 from .batches import Batch, check_batch_dims, check_labelled, loader_errors
 from .chunking import (
@@ -70,6 +68,7 @@ from .chunking import (
     vmap_refused,
 )
 from .diagnostics import warn_at_caller
+from .grad_pieces import assemble, regroup
 from .losses import compute_loss, logits_of, sample_targets
 from .memory import is_out_of_memory, note_activations_too_large
 from .per_sample import PER_SAMPLE_PATHS, check_batch_statistics
@@ -384,24 +383,7 @@ class GradientCollector:
         Yields:
             {weight name: (k_i, numel)} with k_i = k except maybe the last, in the gradients' dtype.
         """
-        pending: List[Dict[str, torch.Tensor]] = []
-        have = 0
-        for piece in self._pieces():  # no reference is kept across a yield but the pending rows (memory plan)
-            pending.append(piece)
-            have += next(iter(piece.values())).shape[0]
-            del piece
-            while have >= k:
-                cat = pending[0] if len(pending) == 1 else {n: torch.cat([p[n] for p in pending]) for n in pending[0]}
-                pending.clear()
-                have -= k
-                if have:
-                    pending.append({n: v[k:].clone() for n, v in cat.items()})
-                chunk = {n: v[:k] for n, v in cat.items()}
-                del cat
-                yield chunk
-                del chunk
-        if have:
-            yield {n: torch.cat([p[n] for p in pending]) for n in pending[0]}
+        yield from regroup(self._pieces(), k)
 
     def collect(self, blocked: bool = False) -> Dict[str, torch.Tensor]:
         """All gradients at once (one pass over the loader).
@@ -415,43 +397,4 @@ class GradientCollector:
             {weight name: (m, numel)} or, with ``blocked``, {weight name: (B, m, c)}; m = the fisher
             subsample size collected.
         """
-        by_name = {target.name: target for target in self.targets}
-
-        def finished(flat: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-            """{name: (m, numel)} in the requested form."""
-            if not blocked:
-                return flat
-            return {name: wk.to_blocks(by_name[name].canonical(g, batch_dims=1), by_name[name].block_size)
-                    .transpose(0, 1).contiguous() for name, g in flat.items()}
-
-        pieces = self._pieces()
-        if self.num_grads is None:  # length unknown until the loader ends: concatenate
-            parts: Dict[str, List[torch.Tensor]] = {}
-            for piece in pieces:
-                for name, g in piece.items():
-                    parts.setdefault(name, []).append(g)
-            return finished({name: torch.cat(gs) for name, gs in parts.items()})
-        first = next(pieces, None)
-        if first is not None and self.count == self.num_grads:  # one chunk: no buffer, no copy for B = 1
-            for _ in pieces:  # finishes the pass (statistics, warnings)
-                pass
-            return finished(first)
-        out: Dict[str, torch.Tensor] = {}
-        piece, first = first, None  # no chunk outlives its copy into the buffer (the memory plan counts one)
-        while piece is not None:
-            start, stop = self.count - next(iter(piece.values())).shape[0], self.count
-            for name, g in piece.items():
-                target = by_name[name]
-                if name not in out:
-                    shape = (target.num_blocks, self.num_grads, target.block_size) if blocked else \
-                        (self.num_grads, target.numel)
-                    out[name] = g.new_empty(shape)  # every entry is written (the blocks' padding as zeros)
-                if blocked:  # (G, B, c) view of the canonical gradients, written transposed
-                    blocks = wk.to_blocks(target.canonical(g, batch_dims=1), target.block_size)
-                    out[name][:, start:stop].copy_(blocks.transpose(0, 1))
-                else:
-                    out[name][start:stop].copy_(g)
-            del g
-            piece = None
-            piece = next(pieces, None)
-        return out
+        return assemble(self._pieces(), self.targets, self.num_grads, blocked)
