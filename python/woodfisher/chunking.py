@@ -22,10 +22,11 @@ __all__ = ["CHUNK_BYTES", "MAX_CHUNK_SAMPLES", "SampleChunks", "fitted_chunks", 
            "chunk_samples", "plain_size", "batch_size", "signature", "cat_batches"]
 
 #: Default memory (bytes) for the gradients of one chunk. Every chunk is one ``vmap`` call whose operator count
-#: does not depend on its samples (1.7k operators for ResNet-20, 256 samples): a ResNet-20-sized model's 256
-#: gradients come in 251 + 5. One call (512 MiB) halves the operators, but on the CPU it was 5% faster on
-#: ResNet-20 and 14% slower on a MobileNet-like net (larger working set; paired runs, idle host), so the CPU
-#: keeps 256 MiB; ``benchmarks/step_cpu.py`` times one chunk beside it for a GPU, where launches dominate.
+#: does not depend on its samples (296 kernels for ResNet-20): a ResNet-20-sized model's 256 gradients are one
+#: call (251 fit, the other 5 are spread: :func:`chunk_samples`'s ``total``). A larger budget only helps models
+#: whose gradients are larger; on the CPU one 512 MiB call was 5% faster on ResNet-20 and 14% slower on a
+#: MobileNet-like net (larger working set; paired runs, idle host), so the CPU keeps 256 MiB;
+#: ``benchmarks/step_cpu.py`` times one chunk beside it for a GPU, where launches dominate.
 CHUNK_BYTES = 256 * 2 ** 20
 #: At most this many samples per chunk (bounds the activations a ``vmap`` call keeps, and the buffered inputs).
 MAX_CHUNK_SAMPLES = 256
