@@ -48,8 +48,8 @@ VARIATIONS = {"global magnitude": dict(method="global_magnitude"), "whole-layer 
 
 
 def _per_layer(alpha: float):
-    """curvature._blockwise_from_grads with the damp of :data:`PER_LAYER` from the kept (B, m, c) gradients."""
-    inner = curvature._blockwise_from_grads
+    """curvature.blockwise_from_grads with the damp of :data:`PER_LAYER` from the kept (B, m, c) gradients."""
+    inner = curvature.blockwise_from_grads
 
     def patched(grads, layouts, damp, count, config):
         means = [float(g.double().square().sum()) / (count * g.shape[0] * g.shape[2]) for g in grads.values()]
@@ -78,7 +78,7 @@ def run(args) -> None:
                 loader = None if options.get("method") == "global_magnitude" else \
                     make_loader(pool, max(fbs, 250 // fbs * fbs), shuffle=True, seed=seed)
                 t0 = time.perf_counter()
-                patch = mock.patch.object(curvature, "_blockwise_from_grads", _per_layer(alpha)) \
+                patch = mock.patch.object(curvature, "blockwise_from_grads", _per_layer(alpha)) \
                     if name == PER_LAYER else contextlib.nullcontext()
                 with mock.patch.object(damping, "AUTO_ALPHA", alpha), patch, warnings.catch_warnings():
                     warnings.simplefilter("ignore")

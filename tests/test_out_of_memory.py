@@ -32,7 +32,7 @@ def test_out_of_memory_in_the_second_step_restores_the_first_and_says_what_to_ch
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
     data = [(torch.randn(8, 12), torch.randint(0, 4, (8,))) for _ in range(4)]
     before = [p.detach().clone() for p in model.parameters()]
-    real, calls = curvature_module._blockwise_from_grads, []
+    real, calls = curvature_module.blockwise_from_grads, []
 
     def failing_in_step_two(*args, **kwargs):
         calls.append(1)
@@ -40,7 +40,7 @@ def test_out_of_memory_in_the_second_step_restores_the_first_and_says_what_to_ch
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(curvature_module, "_blockwise_from_grads", failing_in_step_two)
+    monkeypatch.setattr(curvature_module, "blockwise_from_grads", failing_in_step_two)
     with pytest.raises(type(error)) as info:
         wf.prune_one_shot(model, data, sparsity=0.8, num_grads=32, num_steps=2, block_size=8, progress=False)
     assert len(calls) == 2                                          # step 1 had pruned and updated the weights

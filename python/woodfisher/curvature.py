@@ -21,27 +21,25 @@ once), and re-damped without new gradients (:meth:`Curvature.with_damp`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional
 
 import torch
 from torch import nn
 
-import woodfisher_kernels as wk
-
 from .batches import check_loader, peek, to_batch
 from .checks import check_prunable
-from .conditioning import layer_inverse, warn_ill_conditioned
+from .conditioning import warn_ill_conditioned
 from .config import PruneConfig, pattern_fixed_sparsity
+from .curvature_result import Curvature, blockwise_from_grads
 from .damping import FisherStats, resolve_damp
 from .diagnostics import notices_dropped, warn_at_caller, warnings_held
 from .diagonal import empirical_fisher_diagonal
 from .distributed.consistent import check_same_call, collective_entry, entry_group
-from .distributed.estimate import estimate_sharded, invert_sharded
+from .distributed.estimate import estimate_sharded
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group, shows_progress
 from .flops import flops_per_param_of_batch
-from .gradients import CHUNK_BYTES, GradientCollector
+from .gradients import GradientCollector
 from .kfac import kfac_factors, kfac_inverse
 from .left_out import warn_left_out
 from .offload import estimate_offloaded
@@ -50,131 +48,9 @@ from .progress import display, phase
 from .state import caller_modes_off, derived_weights_kept, fingerprint
 from .streaming import estimate_streamed
 from .structured import fit_pattern
-from .targets import Layout, PruneTarget, resolve_targets, unwrap_model
+from .targets import PruneTarget, resolve_targets, unwrap_model
 
 __all__ = ["Curvature", "estimate_curvature", "resolve_config", "require_loader", "check_memory_plan"]
-
-
-@dataclass
-class Curvature:
-    """The curvature of one pruning step, reusable for several sparsities.
-
-    Attributes:
-        kind: "none" (magnitude), "blockwise", "diagonal" or "kfac".
-        config: the options it was estimated with.
-        layouts: {weight name: :class:`woodfisher.targets.Layout`} (shape, kind, block size).
-        inverses: {weight name: (B, c, c) tensor | LowRankInverse | (B, 1, 1) diagonal |
-            (S^-1, A^-1) K-FAC factors}; empty for "none".
-        forms: {weight name: "sequential" | "lowrank" | "stream" | "diagonal" | "kfac"}.
-        damp: the lambda used (None for "none").
-        stats: the Fisher statistics the damp was resolved from.
-        loss_grad: {weight name: (B, c) mean loss gradient} (WoodTaylor) or None.
-        keep: {weight name: bool keep-mask} when the gradients were taken (masked there).
-        flops: {weight name: FLOPs per entry and sample} when ``config.beta > 0``.
-        grads: {weight name: (B, m, c)} kept gradients in the blocks' layout (for :meth:`with_damp`),
-            None when streamed.
-        timings: seconds spent on gradients and inverses.
-        kappa: {weight name: largest ``kappa = lambda_max(G^T G / N) / damp`` of its blocks left in
-            float32} for float32 gradients inverted in a dense form -- in memory, offloaded, sharded (the
-            same on every rank) or streamed (:mod:`woodfisher.conditioning`, :mod:`woodfisher.streaming`):
-            a power-iteration estimate, exact to ~10% beyond ``eps32 * kappa > 1e-3``; below that level only
-            the block of the largest Frobenius bound is estimated (0: every other block was certified by
-            the bound). Streamed with a fixed damp, a layer the bound certifies (or whose gradients could not
-            be read again) records the bound ``(1 + 1e-3) ||G||_F^2 / (N damp)`` itself; streamed with
-            ``damp="auto"``, the value is exact (``eigvalsh`` of the kept Gram block).
-        refined: {weight name: blocks whose dense inverse was recomputed (or, streamed with
-            ``damp="auto"``, built) in float64, or whose low-rank factor is kept in float64, because
-            ``eps32 * kappa > 1e-3``} (layers with none are absent).
-        shard: None, or (estimated across the ranks of a process group) the blocks this rank
-            holds: ``inverses`` and ``loss_grad`` then cover only those blocks
-            (:mod:`woodfisher.distributed`).
-        fingerprint: {weight name: (sum, sum of squares)} of the weights it was estimated on
-            (:func:`woodfisher.state.fingerprint`), which :func:`woodfisher.prune_with` checks; empty where
-            not checked (kind "none", and a :class:`woodfisher.FisherHook` window, taken while the weights train).
-    """
-
-    kind: str
-    config: PruneConfig
-    layouts: Dict[str, Layout]
-    inverses: Dict[str, Any] = field(default_factory=dict)
-    forms: Dict[str, Optional[str]] = field(default_factory=dict)
-    damp: Optional[float] = None
-    stats: Optional[FisherStats] = None
-    loss_grad: Optional[Dict[str, torch.Tensor]] = None
-    keep: Dict[str, torch.Tensor] = field(default_factory=dict)
-    flops: Optional[Dict[str, float]] = None
-    grads: Optional[Dict[str, torch.Tensor]] = None
-    timings: Dict[str, float] = field(default_factory=dict)
-    shard: Optional[Any] = None
-    kappa: Dict[str, float] = field(default_factory=dict)
-    refined: Dict[str, int] = field(default_factory=dict)
-    fingerprint: Dict[str, Tuple[float, float]] = field(default_factory=dict)
-
-    def targets(self, model: nn.Module) -> List[PruneTarget]:
-        """The weights of ``model`` this curvature is about (same names, shapes and blocks).
-
-        Args:
-            model: the network the curvature was estimated on, or a copy of it.
-        Returns:
-            One :class:`PruneTarget` per weight of :attr:`layouts`, with its block size set.
-        Raises:
-            ValueError: naming ``curvature``: a weight missing from ``model``, of another shape than estimated, or
-                named otherwise (the model wrapped differently: DataParallel, torch.compile, ...).
-        """
-        targets = resolve_targets(model, list(self.layouts), None, arg="curvature")
-        for target in targets:
-            layout = self.layouts.get(target.name)
-            if layout is None:
-                raise ValueError(f"curvature: estimated for {list(self.layouts)[:3]}, the model names its weights "
-                                 f"{[t.name for t in targets][:3]}: it is wrapped otherwise than the model the "
-                                 "curvature was estimated on (DataParallel / DDP / torch.compile add a prefix); pass "
-                                 "it wrapped the same way, or its inner module (model.module / model._orig_mod)")
-            if tuple(target.shape) != tuple(layout.shape):
-                raise ValueError(f"curvature: weight {target.name!r} has shape {tuple(target.shape)}, the curvature "
-                                 f"was estimated for {tuple(layout.shape)}")
-            target.block_size, target.channels_last = layout.block_size, layout.channels_last
-        return targets
-
-    def __repr__(self) -> str:
-        """A summary (the inverses and gradients themselves are not printed)."""
-        forms: Dict[str, int] = {}
-        for form in self.forms.values():
-            forms[str(form)] = forms.get(str(form), 0) + 1
-        damp = "None" if self.damp is None else f"{self.damp:.3g}"
-        return (f"Curvature(kind={self.kind!r}, method={self.config.method!r}, weights={len(self.layouts)}, "
-                f"forms={forms}, damp={damp}, num_grads={self.config.num_grads}, "
-                f"block_size={self.config.block_size!r}, gradients {'kept' if self.grads is not None else 'not kept'}"
-                f"{'' if self.shard is None else ', sharded'})")
-
-    def with_damp(self, damp: float) -> "Curvature":
-        """The same gradients inverted with another damp, no new gradients (WoodFisher paper, Eq. 2).
-
-        Args:
-            damp: lambda > 0 (absolute) or "auto", as the ``damp`` field of :class:`PruneConfig`.
-        Returns:
-            A new :class:`Curvature` (this one is unchanged). A sharded curvature (estimated under a
-            process group, :mod:`woodfisher.distributed`) keeps each rank's gradient slices and is
-            re-inverted block by block on its owner: call it on every rank of the group, with the same damp.
-        Raises:
-            ValueError: not a blockwise curvature with kept gradients (streamed or another kind), a
-                damp :class:`PruneConfig` refuses, another damp on another rank (sharded), or inverses that fail
-                (see :func:`woodfisher_kernels.fisher_inverse`).
-        """
-        if self.kind != "blockwise" or self.grads is None:
-            raise ValueError("with_damp needs a blockwise curvature whose gradients were kept (not streamed); "
-                             "estimate the curvature again with the new damp")
-        if self.shard is not None:  # collective: each rank re-inverts the blocks it owns
-            with collective_entry(self.shard.group):
-                config = self.config.replace(damp=damp)
-                value = resolve_damp(damp, self.stats)
-                check_same_call(self.shard.group, None, [], damp=value)
-            new = replace(self, config=config, damp=value)
-            invert_sharded(new, self.grads, self.stats.count, config.backend)
-            return new
-        config = self.config.replace(damp=damp)
-        value = resolve_damp(damp, self.stats)
-        invs, forms, kappa, refined = _blockwise_from_grads(self.grads, self.layouts, value, self.stats.count, config)
-        return replace(self, config=config, inverses=invs, forms=forms, damp=value, kappa=kappa, refined=refined)
 
 
 def resolve_config(config: Optional[PruneConfig], options: dict, sparsity: Optional[float] = None) -> PruneConfig:
@@ -192,25 +68,6 @@ def resolve_config(config: Optional[PruneConfig], options: dict, sparsity: Optio
     if "pattern" in options and "sparsity" not in options:
         options = {**options, "sparsity": pattern_fixed_sparsity(options["pattern"], config.sparsity)}
     return config.replace(**options) if options else config
-
-
-def _blockwise_from_grads(grads, layouts, damp, count, config):
-    """{name: inverse} (form by choose_form, or forced), {name: form}, {name: kappa}, {name: blocks refined in
-    float64} from kept (B, m, c) gradients (:func:`woodfisher.conditioning.layer_inverse`)."""
-    budget = None if config.memory_budget is None else config.memory_budget - sum(
-        g.numel() * g.element_size() for g in grads.values())
-    form = "auto" if config.inverse_form == "stream" else config.inverse_form
-    invs, forms, kappa, refined = {}, {}, {}, {}
-    with phase("inverses", total=len(grads), unit="weight") as bar:
-        for name, g in grads.items():
-            invs[name], k, fixed = layer_inverse(name, g, damp, count, form, budget, config.backend)
-            if k is not None:
-                kappa[name] = k
-            if fixed:
-                refined[name] = fixed
-            forms[name] = "lowrank" if isinstance(invs[name], wk.LowRankInverse) else "sequential"
-            bar.update(1)
-    return invs, forms, kappa, refined
 
 
 def estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Optional[PruneConfig] = None,
@@ -342,7 +199,7 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         groups = 0 if first is None else to_batch(first, config.batch_adapter).size // config.fisher_batch_size
     if config.inverse_form == "stream" and kind == "blockwise":
         plan, k = "stream", k or min(m, 32)
-    chunk_bytes = CHUNK_BYTES  # gradients buffered per chunk; under a memory budget, what the plan reserved
+    chunk_bytes = None  # gradients buffered per chunk: the soft default; under a memory budget, the plan's
     if config.memory_budget is not None and plan in ("offload", "stream"):
         per_grad = sum(target.numel for target in targets) * itemsize
         chunk_bytes = per_grad * max(1, groups if plan == "offload" else k)
@@ -360,7 +217,7 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         t0 = time.perf_counter()
         curv.stats = FisherStats.live(curv.keep, collector.sum_sq, collector.count)
         curv.damp = resolve_damp(config.damp, curv.stats)
-        curv.inverses, curv.forms, curv.kappa, curv.refined = _blockwise_from_grads(
+        curv.inverses, curv.forms, curv.kappa, curv.refined = blockwise_from_grads(
             grads, curv.layouts, curv.damp, collector.count, config)
         curv.grads = grads
         curv.timings["inverse"] += time.perf_counter() - t0

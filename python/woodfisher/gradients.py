@@ -55,8 +55,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-import woodfisher_kernels as wk
-
 from . import per_sample
 from .batches import Batch, check_batch_dims, check_labelled, loader_errors
 from .chunking import (
@@ -70,6 +68,7 @@ from .chunking import (
     vmap_refused,
 )
 from .diagnostics import warn_at_caller
+from .grad_pieces import assemble, regroup
 from .losses import compute_loss, logits_of, sample_targets, warn_loss_beyond_outputs
 from .memory import is_out_of_memory, note_activations_too_large
 from .per_sample import PER_SAMPLE_PATHS, check_batch_statistics
@@ -78,6 +77,7 @@ from .progress import progress_bar
 from .recompute import checkpointing_off
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
+from .vmap_modules import batch_norm_as_affine
 
 __all__ = ["GradientCollector", "LoaderExhausted", "chunk_samples", "CHUNK_BYTES", "MAX_CHUNK_SAMPLES",
            "PER_SAMPLE_PATHS"]
@@ -111,7 +111,8 @@ class GradientCollector:
         progress: show a progress bar (rate and ETA): a phase of the active
             :mod:`woodfisher.progress` display, else a tqdm bar of its own.
         batch_adapter: loader item -> :class:`woodfisher.Batch` (None: the default reading).
-        chunk_bytes: memory for one chunk's gradients (see :func:`chunk_samples`).
+        chunk_bytes: memory for one chunk's gradients (see :func:`chunk_samples`); None: :data:`CHUNK_BYTES`, as
+            a soft budget (a small last chunk is spread over the others).
         per_sample: "vmap" | "expanded": how ``fisher_batch_size=1`` gradients are formed (module docstring).
 
     After a pass (:meth:`collect` or :meth:`chunks` exhausted): ``count`` (gradients
@@ -131,7 +132,7 @@ class GradientCollector:
                  keep_masks: Optional[Dict[str, torch.Tensor]] = None,
                  want_loss_grad: bool = False, progress: bool = True,
                  desc: str = "Fisher gradients", batch_adapter: Optional[Callable] = None,
-                 chunk_bytes: int = CHUNK_BYTES, per_sample: str = "vmap"):
+                 chunk_bytes: Optional[int] = None, per_sample: str = "vmap"):
         if per_sample not in PER_SAMPLE_PATHS:
             raise ValueError(f"per_sample must be one of {PER_SAMPLE_PATHS}, got {per_sample!r}")
         self.model, self.loader, self.targets = model, loader, targets
@@ -150,7 +151,9 @@ class GradientCollector:
         # no target, no model loss; a target that cannot be split into per-sample targets along dim 0
         check = None if self.sampled else (
             lambda batch: check_labelled(batch, loss_fn, forward) or check_batch_dims(batch))
-        chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes)
+        soft = None if chunk_bytes is not None or self.num_grads is None else self.num_grads * self.fbs
+        chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs,
+                              CHUNK_BYTES if chunk_bytes is None else chunk_bytes, total=soft)
         # an earlier step of the same call ran out of memory: its size (chunking.fitted_chunks)
         self._source = SampleChunks(loader, batch_adapter, self.fbs, self.num_grads,
                                     fitted_chunk(chunk, self.fbs), check)
@@ -198,7 +201,8 @@ class GradientCollector:
                 self._use_expanded = False
         if self._use_vmap and self.fbs == 1:
             try:
-                with per_sample.batched_rnn_states(self.inner), per_sample.time_major_guard(self.inner, 1):
+                with per_sample.batched_rnn_states(self.inner), per_sample.time_major_guard(self.inner, 1), \
+                        batch_norm_as_affine(self.inner):
                     return per_sample.vmap_grads(group_loss, sub, flat)
             except Exception as err:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
                 if is_out_of_memory(err):
@@ -388,24 +392,7 @@ class GradientCollector:
         Yields:
             {weight name: (k_i, numel)} with k_i = k except maybe the last, in the gradients' dtype.
         """
-        pending: List[Dict[str, torch.Tensor]] = []
-        have = 0
-        for piece in self._pieces():  # no reference is kept across a yield but the pending rows (memory plan)
-            pending.append(piece)
-            have += next(iter(piece.values())).shape[0]
-            del piece
-            while have >= k:
-                cat = pending[0] if len(pending) == 1 else {n: torch.cat([p[n] for p in pending]) for n in pending[0]}
-                pending.clear()
-                have -= k
-                if have:
-                    pending.append({n: v[k:].clone() for n, v in cat.items()})
-                chunk = {n: v[:k] for n, v in cat.items()}
-                del cat
-                yield chunk
-                del chunk
-        if have:
-            yield {n: torch.cat([p[n] for p in pending]) for n in pending[0]}
+        yield from regroup(self._pieces(), k)
 
     def collect(self, blocked: bool = False) -> Dict[str, torch.Tensor]:
         """All gradients at once (one pass over the loader).
@@ -419,43 +406,4 @@ class GradientCollector:
             {weight name: (m, numel)} or, with ``blocked``, {weight name: (B, m, c)}; m = the fisher
             subsample size collected.
         """
-        by_name = {target.name: target for target in self.targets}
-
-        def finished(flat: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-            """{name: (m, numel)} in the requested form."""
-            if not blocked:
-                return flat
-            return {name: wk.to_blocks(by_name[name].canonical(g, batch_dims=1), by_name[name].block_size)
-                    .transpose(0, 1).contiguous() for name, g in flat.items()}
-
-        pieces = self._pieces()
-        if self.num_grads is None:  # length unknown until the loader ends: concatenate
-            parts: Dict[str, List[torch.Tensor]] = {}
-            for piece in pieces:
-                for name, g in piece.items():
-                    parts.setdefault(name, []).append(g)
-            return finished({name: torch.cat(gs) for name, gs in parts.items()})
-        first = next(pieces, None)
-        if first is not None and self.count == self.num_grads:  # one chunk: no buffer, no copy for B = 1
-            for _ in pieces:  # finishes the pass (statistics, warnings)
-                pass
-            return finished(first)
-        out: Dict[str, torch.Tensor] = {}
-        piece, first = first, None  # no chunk outlives its copy into the buffer (the memory plan counts one)
-        while piece is not None:
-            start, stop = self.count - next(iter(piece.values())).shape[0], self.count
-            for name, g in piece.items():
-                target = by_name[name]
-                if name not in out:
-                    shape = (target.num_blocks, self.num_grads, target.block_size) if blocked else \
-                        (self.num_grads, target.numel)
-                    out[name] = g.new_empty(shape)  # every entry is written (the blocks' padding as zeros)
-                if blocked:  # (G, B, c) view of the canonical gradients, written transposed
-                    blocks = wk.to_blocks(target.canonical(g, batch_dims=1), target.block_size)
-                    out[name][:, start:stop].copy_(blocks.transpose(0, 1))
-                else:
-                    out[name][start:stop].copy_(g)
-            del g
-            piece = None
-            piece = next(pieces, None)
-        return out
+        return assemble(self._pieces(), self.targets, self.num_grads, blocked)
