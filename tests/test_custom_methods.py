@@ -274,3 +274,14 @@ def test_score_method_with_a_pattern_prunes_that_pattern(registry):
             pruned = torch.zeros_like(norms, dtype=torch.bool)
             pruned[norms.argsort()[: norms.numel() // 2]] = True
             assert torch.equal(rows.masks[name], ~pruned[:, None].expand_as(weight))
+
+
+def test_a_method_put_into_methods_directly_is_checked_when_named(registry):
+    """The in-package way (one line in METHODS) is checked too, when a call names it: not at a later step."""
+    METHODS["test_bad"] = type("M", (ScoreMethod,), {"name": "test_bad", "curvature": "hessian",
+                                                     "scores": lambda s, c: {}})()
+    with pytest.raises(ValueError, match="curvature must be one of"):
+        wf.PruneConfig(sparsity=0.5, method="test_bad")
+    METHODS["test_other"] = RandomScore()
+    with pytest.raises(ValueError, match="named 'test_random'"):
+        wf.PruneConfig(sparsity=0.5, method="test_other")

@@ -27,6 +27,27 @@ METHODS = {m.name: m for m in (
 CURVATURE_KINDS = ("none", "blockwise", "diagonal", "kfac")
 
 
+def _check_protocol(method: PruningMethod) -> None:
+    """ValueError naming ``method`` for a method object that breaks the protocol of :class:`PruningMethod`."""
+    kind = type(method)
+    name = method.name
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"method: {kind.__name__}.name must be a non-empty identifier (the method=... key), got "
+                         f"{name!r}")
+    if method.curvature not in CURVATURE_KINDS:
+        raise ValueError(f"method: {kind.__name__}.curvature must be one of {CURVATURE_KINDS}, got "
+                         f"{method.curvature!r}")
+    if not set(method.patterns) <= {"nm", "rows"}:
+        raise ValueError(f"method: {kind.__name__}.patterns may hold 'nm' and 'rows', got {method.patterns!r}")
+    if method.fixed_mode not in (None, "global", "layerwise"):
+        raise ValueError(f"method: {kind.__name__}.fixed_mode must be None, 'global' or 'layerwise', got "
+                         f"{method.fixed_mode!r}")
+    if isinstance(method, ScoreMethod) and kind.step is ScoreMethod.step and kind.scores is ScoreMethod.scores:
+        raise ValueError(f"method: {kind.__name__} is a ScoreMethod without scores(ctx); implement it")
+    if not isinstance(method, ScoreMethod) and kind.step is PruningMethod.step:
+        raise ValueError(f"method: {kind.__name__} does not implement step(ctx)")
+
+
 def register_method(method, replace: bool = False) -> PruningMethod:
     """Check a pruning method and add it to :data:`METHODS` under ``method.name``.
 
@@ -47,34 +68,27 @@ def register_method(method, replace: bool = False) -> PruningMethod:
     if not isinstance(method, PruningMethod):
         raise ValueError(f"method must be a woodfisher.methods.PruningMethod (or ScoreMethod) instance, got "
                          f"{type(method).__name__}")
-    kind = type(method)
     name = method.name
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"method: {kind.__name__}.name must be a non-empty identifier (the method=... key), got "
-                         f"{name!r}")
+    _check_protocol(method)
     if name in METHODS and not replace and METHODS[name] is not method:
         raise ValueError(f"method: the name {name!r} is taken by {type(METHODS[name]).__name__}; choose another name "
                          "or pass replace=True")
-    if method.curvature not in CURVATURE_KINDS:
-        raise ValueError(f"method: {kind.__name__}.curvature must be one of {CURVATURE_KINDS}, got "
-                         f"{method.curvature!r}")
-    if not set(method.patterns) <= {"nm", "rows"}:
-        raise ValueError(f"method: {kind.__name__}.patterns may hold 'nm' and 'rows', got {method.patterns!r}")
-    if method.fixed_mode not in (None, "global", "layerwise"):
-        raise ValueError(f"method: {kind.__name__}.fixed_mode must be None, 'global' or 'layerwise', got "
-                         f"{method.fixed_mode!r}")
-    if isinstance(method, ScoreMethod) and kind.step is ScoreMethod.step and kind.scores is ScoreMethod.scores:
-        raise ValueError(f"method: {kind.__name__} is a ScoreMethod without scores(ctx); implement it")
-    if not isinstance(method, ScoreMethod) and kind.step is PruningMethod.step:
-        raise ValueError(f"method: {kind.__name__} does not implement step(ctx)")
     METHODS[name] = method
     return method
 
 
 def check_method(value) -> None:
-    """``value`` must be a key of :data:`METHODS`; ValueError naming ``method`` otherwise (an unregistered
-    :class:`PruningMethod` gets the :func:`register_method` call that adds it)."""
+    """``value`` must be a key of :data:`METHODS` holding a method that keeps the protocol (checked as by
+    :func:`register_method`, also for one put into ``METHODS`` directly); ValueError naming ``method`` otherwise (an
+    unregistered :class:`PruningMethod` gets the :func:`register_method` call that adds it)."""
     if isinstance(value, str) and value in METHODS:
+        if not isinstance(METHODS[value], PruningMethod):
+            raise ValueError(f"method: METHODS[{value!r}] is a {type(METHODS[value]).__name__}, not a "
+                             "woodfisher.methods.PruningMethod; add methods with woodfisher.register_method")
+        _check_protocol(METHODS[value])  # also a method put into METHODS directly
+        if METHODS[value].name != value:
+            raise ValueError(f"method: METHODS[{value!r}] holds a method named {METHODS[value].name!r}; register it "
+                             "under its own name (woodfisher.register_method)")
         return
     hint = ""
     if isinstance(value, PruningMethod) or (isinstance(value, type) and issubclass(value, PruningMethod)):
