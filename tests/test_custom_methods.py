@@ -285,3 +285,17 @@ def test_a_method_put_into_methods_directly_is_checked_when_named(registry):
     METHODS["test_other"] = RandomScore()
     with pytest.raises(ValueError, match="named 'test_random'"):
         wf.PruneConfig(sparsity=0.5, method="test_other")
+
+
+def test_custom_method_example_runs_and_its_obs_method_equals_woodfisher(registry):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "custom_method.py"
+    spec = importlib.util.spec_from_file_location("custom_method", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    table = example.main(["--sparsities", "0.5", "0.8", "--epochs", "8", "--num-grads", "64"])
+    for sparsity in (0.5, 0.8):  # |w| / sqrt([F^-1]_qq) ranks as the OBS saliency; the same update
+        assert table[("obs_abs", sparsity)] == table[("woodfisher", sparsity)]
+    assert table["dense"] > 0.8 and "snip" in METHODS
