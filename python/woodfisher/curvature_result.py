@@ -32,8 +32,10 @@ class Curvature:
         kind: "none" (magnitude), "blockwise", "diagonal" or "kfac".
         config: the options it was estimated with.
         layouts: {weight name: :class:`woodfisher.targets.Layout`} (shape, kind, block size).
-        inverses: {weight name: (B, c, c) tensor | LowRankInverse | (B, 1, 1) diagonal |
-            (S^-1, A^-1) K-FAC factors}; empty for "none".
+        inverses: {weight name: (B, c, c) tensor | LowRankInverse | OffloadedInverse (``inverse_form="offload"``)
+            | (numel, 1, 1) diagonal ``1 / (damp + mean g^2)`` | (S^-1, A^-1) K-FAC factors}; empty for "none".
+            A method of one's own reads the blockwise and diagonal forms through
+            :meth:`woodfisher.methods.StepContext.obs_saliency` / ``obs_update`` / ``inverse_diagonal``.
         forms: {weight name: "sequential" | "lowrank" | "stream" | "diagonal" | "kfac"}.
         damp: the lambda used (None for "none").
         stats: the Fisher statistics the damp was resolved from.
