@@ -94,6 +94,8 @@ def check_method(value) -> None:
     if isinstance(value, PruningMethod) or (isinstance(value, type) and issubclass(value, PruningMethod)):
         shown = value.__name__ if isinstance(value, type) else f"{type(value).__name__}()"
         hint = f"; register your method first, woodfisher.register_method({shown}), then pass method={value.name!r}"
+    elif isinstance(value, str):  # e.g. a resumed run in a process that has not registered its own method yet
+        hint = "; a method of your own is registered first, in every process: woodfisher.register_method(YourMethod)"
     raise ValueError(f"method must be one of {tuple(METHODS)}, got {value!r}{hint}")
 
 
