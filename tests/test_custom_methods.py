@@ -167,7 +167,10 @@ def test_a_mask_reviving_pruned_entries_is_refused(registry):
     (type("M", (PruningMethod,), {"name": "test_m"})(), "step"),
     (type("M", (ScoreMethod,), {"name": "test_m", "curvature": "hessian", "scores": lambda s, c: {}})(), "curvature"),
     (type("M", (ScoreMethod,), {"name": "test_m", "patterns": ("2:4",), "scores": lambda s, c: {}})(), "patterns"),
-], ids=["not-a-method", "no-name", "taken", "no-scores", "no-step", "unknown-curvature", "bad-patterns"])
+    (type("M", (ScoreMethod,), {"name": "test_m", "curvature": "diagonal", "patterns": ("nm",),
+                                "scores": lambda s, c: {}})(), "blocks hold one entry"),
+], ids=["not-a-method", "no-name", "taken", "no-scores", "no-step", "unknown-curvature", "bad-patterns",
+        "diagonal-patterns"])
 def test_register_method_refuses_a_broken_method(bad, match, registry):
     before = dict(METHODS)
     with pytest.raises(ValueError, match=match):

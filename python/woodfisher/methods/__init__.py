@@ -39,6 +39,10 @@ def _check_protocol(method: PruningMethod) -> None:
                          f"{method.curvature!r}")
     if not set(method.patterns) <= {"nm", "rows"}:
         raise ValueError(f"method: {kind.__name__}.patterns may hold 'nm' and 'rows', got {method.patterns!r}")
+    if method.patterns and method.curvature == "diagonal":
+        raise ValueError(f"method: {kind.__name__}.patterns={method.patterns!r} with curvature 'diagonal', whose blocks "
+                         "hold one entry each: a group pattern needs blocks of whole groups; use curvature "
+                         "'blockwise' (or 'none' for a score-only method)")
     if method.fixed_mode not in (None, "global", "layerwise"):
         raise ValueError(f"method: {kind.__name__}.fixed_mode must be None, 'global' or 'layerwise', got "
                          f"{method.fixed_mode!r}")
@@ -60,8 +64,8 @@ def register_method(method, replace: bool = False) -> PruningMethod:
     Raises:
         ValueError: naming ``method``: not a PruningMethod, an empty or non-identifier ``name``, a name already
             registered (without ``replace=True``), a ``curvature`` not in :data:`CURVATURE_KINDS`, ``patterns``
-            other than "nm" / "rows", a ``fixed_mode`` other than None / "global" / "layerwise", or neither
-            ``step`` nor (for a ScoreMethod) ``scores`` implemented.
+            other than "nm" / "rows" (none with a "diagonal" curvature), a ``fixed_mode`` other than None /
+            "global" / "layerwise", or neither ``step`` nor (for a ScoreMethod) ``scores`` implemented.
     """
     if isinstance(method, type) and issubclass(method, PruningMethod):
         method = method()
