@@ -40,8 +40,8 @@ def _check_protocol(method: PruningMethod) -> None:
     if not set(method.patterns) <= {"nm", "rows"}:
         raise ValueError(f"method: {kind.__name__}.patterns may hold 'nm' and 'rows', got {method.patterns!r}")
     if method.patterns and method.curvature == "diagonal":
-        raise ValueError(f"method: {kind.__name__}.patterns={method.patterns!r} with curvature 'diagonal', whose blocks "
-                         "hold one entry each: a group pattern needs blocks of whole groups; use curvature "
+        raise ValueError(f"method: {kind.__name__}.patterns={method.patterns!r} with curvature 'diagonal', whose "
+                         "blocks hold one entry each: a group pattern needs blocks of whole groups; use curvature "
                          "'blockwise' (or 'none' for a score-only method)")
     if method.fixed_mode not in (None, "global", "layerwise"):
         raise ValueError(f"method: {kind.__name__}.fixed_mode must be None, 'global' or 'layerwise', got "
