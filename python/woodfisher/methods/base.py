@@ -48,6 +48,11 @@ class StepContext:
         sparsity: the step's target sparsity over all targets.
         keep: {name: bool keep-mask} before the step (pruned entries stay pruned).
         timings: seconds per phase, updated in place ("select", "update"; see :meth:`timed`).
+
+    Building blocks for a method of one's own: :meth:`select` (masks from scores), :meth:`obs_saliency`,
+    :meth:`obs_update` and :meth:`inverse_diagonal` (any form of a blockwise or diagonal curvature),
+    :meth:`blocked_weights`; ``curvature.grads`` holds the kept per-sample gradients ((B, m, c), blockwise, None
+    when streamed). What a method returns is checked (:mod:`woodfisher.methods.outputs`).
     """
 
     targets: List[Any]
