@@ -184,15 +184,14 @@ def test_unregistered_method_object_gets_the_register_call(registry):
 
 
 class MyOBS(ScoreMethod):
-    """The WoodFisher statistic from the public op, for prune_with on a curvature estimated for "woodfisher"."""
+    """The WoodFisher statistic (StepContext.obs_saliency), for prune_with on a curvature estimated for
+    "woodfisher"."""
     name = "test_obs"
     curvature = "blockwise"
     summary = "OBS saliency, no update"
 
     def scores(self, ctx):
-        import woodfisher_kernels as wk
-        w = ctx.blocked_weights()
-        return {t.name: t.unblock(wk.obs_saliency(ctx.curvature.inverses[t.name], w[t.name])) for t in ctx.targets}
+        return {t.name: ctx.obs_saliency(t) for t in ctx.targets}
 
 
 def test_prune_with_takes_another_method_of_the_same_curvature(registry):
