@@ -244,7 +244,9 @@ class PruneConfig:
         if self.modules is not None:
             modules = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
             if not modules or not all(isinstance(m, str) for m in modules):
-                raise ValueError(f"modules must be None or a non-empty list of names, got {self.modules!r}")
+                objects = " (module objects: their names are [name for name, mod in model.named_modules() if mod is " \
+                    "layer])" if any(hasattr(m, "named_modules") for m in modules) else ""
+                raise ValueError(f"modules must be None or a non-empty list of names, got {self.modules!r}{objects}")
             object.__setattr__(self, "modules", modules)
         st.parse_pattern(self.pattern)
         check_group(self.group)

@@ -42,7 +42,7 @@ from .batches import check_loader, is_single_pass
 from .checks import check_prunable
 from .chunking import fitted_chunks
 from .config import PruneConfig, check_int, check_pattern_sparsity, pattern_fixed_sparsity
-from .diagnostics import reissue, warnings_held
+from .diagnostics import reissue, warn_at_caller, warnings_held
 from .distributed.consistent import check_same_numbers
 from .distributed.fsdp import refuse_held_masks
 from .distributed.group import active_group, local_phase
@@ -218,7 +218,8 @@ class GradualPruner:
                                    initial_sparsity=self.initial_sparsity)
 
     def step(self, step: int, loader: Optional[Iterable] = None) -> Optional[PruneResult]:
-        """Prune if ``step`` is scheduled and not done yet.
+        """Prune if ``step`` is scheduled and not done yet; a ``step`` past a scheduled step that was not called
+        (a loop whose steps skip it, or a run resumed past it) prunes to that step's sparsity, with a warning.
 
         Args:
             step: the current step (an int, in the unit of the schedule).
@@ -241,9 +242,10 @@ class GradualPruner:
                                "schedule and progress (state_dict)", step=step, last_step=self.last_step,
                                start_step=self.start_step, end_step=self.end_step, frequency=self.frequency,
                                initial_sparsity=self.initial_sparsity, final_sparsity=self.final_sparsity)
-        if not self.is_pruning_step(step) or (self.last_step is not None and step <= self.last_step):
+        due = self._due(step)
+        if due is None:
             return None
-        target = self.target_sparsity(step)
+        target = self.target_sparsity(due)
         snapshot = Snapshot(resolve_targets(self.model, self.config.modules), self.model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -261,7 +263,19 @@ class GradualPruner:
         if target == 0:  # a schedule's first step at initial_sparsity=0: expected, not the caller's slip
             caught = [w for w in caught if not str(w.message).startswith("sparsity=0 prunes nothing")]
         reissue(caught)  # at the training loop's line, not this one; last, so the step is recorded either way
+        if due != step:  # the loop's steps passed a scheduled one: caught up here, said at the loop's line
+            warn_at_caller(f"step({step}) is past the scheduled pruning step {due}, which was not called: pruned now to "
+                           f"its sparsity {target:.4g}; call step() at every step of the schedule's unit "
+                           f"(start_step={self.start_step}, frequency={self.frequency}) to prune on the schedule")
         return result
+
+    def _due(self, step: int) -> Optional[int]:
+        """The latest scheduled step ``<= step`` not done yet (a loop whose steps skip a scheduled one prunes to its
+        sparsity at the next call), or None."""
+        if step < self.start_step:
+            return None
+        due = self.start_step + (min(step, self.end_step) - self.start_step) // self.frequency * self.frequency
+        return None if self.last_step is not None and due <= self.last_step else due
 
     def masks(self) -> Dict[str, torch.Tensor]:
         """Current keep-masks of the pruned weights.

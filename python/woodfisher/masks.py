@@ -49,6 +49,11 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     Raises:
         ValueError: not a real number, or outside [0, 1) (naming ``name``).
     """
+    if isinstance(sparsity, Mapping):  # per-layer sparsities, as other pruning tools take them
+        raise ValueError(f"{name} must be a number in [0, 1), got a dict {dict(sparsity)!r}: per-weight sparsities "
+                         "are one call per group, each counting only the weights it names, e.g. "
+                         "prune_one_shot(model, loader, sparsity=0.9, modules=['fc1']); the same sparsity in every "
+                         "weight is mode='layerwise'")
     if not is_real(sparsity):
         raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(sparsity) < 1.0:

@@ -212,6 +212,12 @@ def check_model(model: nn.Module) -> None:
                          "materialise the model first (e.g. model.to_empty(device=...) and load its weights)")
 
 
+def _refused(info: dict) -> bool:
+    """Whether a parameter entry is refused when named: a Linear / Conv weight its forward transforms
+    (:func:`own_forward`), or one under a parametrization that is not a mask."""
+    return (info["attr"] == "weight" and own_forward(info["module"])) or not mask_reparam_ok(info)
+
+
 def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
                     block_size: Optional[int] = None, arg: str = "modules",
                     channels_last: bool = False) -> List[PruneTarget]:
@@ -253,10 +259,17 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             stripped = raw[len(prefix):] if prefix and isinstance(raw, str) and raw.startswith(prefix) else raw
             chosen += [name for name in lookup_names(entries, stripped, inner, arg) if name not in chosen]
     if not chosen:
-        candidates = [name for name, info in entries.items()
-                      if info["param"].is_floating_point() and info["param"].dim() >= 2][:5]
+        floating = [name for name, info in entries.items()
+                    if info["param"].is_floating_point() and info["param"].dim() >= 2]
+        refused = [name for name in floating if _refused(entries[name])]  # naming these would fail too
+        candidates = [name for name in floating if name not in refused][:5]
         hint = (f"; its floating parameters of >= 2 dims can be named: modules={candidates}" if candidates else
+                "; it has no other floating parameter of >= 2 dims" if refused else
                 "; it has no floating parameter of >= 2 dims either")
+        if refused:
+            hint += (f"; {refused[:4]}{' and more' if len(refused) > 4 else ''} cannot be pruned: a forward that "
+                     "transforms the weight (QAT fake quantization, weight standardization) or a parametrization that "
+                     "is not a mask; prune the float model before torch.ao.quantization.prepare_qat")
         raise ValueError("modules: the model has no prunable module (Linear / Conv1d/2d/3d or a named weight)" + hint)
     targets = []
     for name in chosen:
@@ -273,8 +286,10 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             raise ValueError(f"{arg}: {name!r} belongs to a {cls.__name__}, a subclass of "
                              f"{base_type(info['module'], PRUNABLE_TYPES).__name__} whose forward computes with a "
                              "transform of the weight (weight standardization as in timm's StdConv2d, fake "
-                             "quantization): a pruned zero would not stay zero there, so it cannot be pruned; prune a "
-                             "plain layer (or fold the transform into the weight first)")
+                             "quantization): the layer computes with a transform of the weight, not the weight itself (a "
+                             "standardized zero is no zero; fake quantization rounds the kept entries), so it cannot be "
+                             "pruned; prune the plain layer (for QAT: before torch.ao.quantization.prepare_qat) or "
+                             "fold the transform into the weight first")
         if not mask_reparam_ok(info):
             raise ValueError(f"{arg}: {name!r} is reparametrised by torch.nn.utils.parametrize without a "
                              "'mask' (only mask parametrizations such as torch.ao.pruning's FakeSparsity can "

@@ -1,0 +1,99 @@
+"""Models as users bring them from other pruning tools: already pruned by ``torch.nn.utils.prune`` (global then
+layerwise masks on top, ``prune.remove`` on some layers), sparse by plain zeros, or with a mask parametrization;
+re-pruned to a higher sparsity. The existing zeros count toward the target and stay zero, and the reported sparsity
+is the fraction of zeros counted independently (float64) over the pruned weights."""
+import torch
+import torch.nn.utils.parametrize as parametrize
+import torch.nn.utils.prune as prune
+from torch import nn
+
+import woodfisher as wf
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 12), nn.ReLU(),
+                         nn.Linear(12, 5))
+
+
+def _loader(n=32):
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 1, 6, 6, generator=gen), torch.randint(0, 5, (n,), generator=gen)
+    return [(x[i:i + 8], y[i:i + 8]) for i in range(0, n, 8)]
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def _zero_fraction(model):
+    """Zeros of the weights the forward uses (``weight`` after the masks' hooks / parametrizations), in float64."""
+    weights = [m.weight.detach().double() for m in _layers(model)]
+    return sum(float((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def test_torch_prune_masks_global_then_layerwise_count_and_stay_pruned():
+    model = _model()
+    conv, fc1, fc2 = _layers(model)
+    prune.global_unstructured([(conv, "weight"), (fc1, "weight"), (fc2, "weight")],
+                              pruning_method=prune.L1Unstructured, amount=0.3)
+    prune.l1_unstructured(fc1, "weight", amount=0.5)  # a PruningContainer on fc1
+    prune.remove(conv, "weight")  # conv: plain zeros now, fc1 / fc2: hooks
+    before = [(m.weight == 0).clone() for m in _layers(model)]
+    start = _zero_fraction(model)
+    res = wf.prune_one_shot(model, _loader(), sparsity=0.7, num_grads=32, num_steps=1, progress=False)
+    assert start > 0.3  # the existing masks count toward the target: no more than 0.7 - start is pruned anew
+    assert abs(res.sparsity - _zero_fraction(model)) < 1e-12
+    assert abs(res.sparsity - 0.7) < 1.0 / sum(m.weight.numel() for m in _layers(model))
+    for layer, old in zip(_layers(model), before):
+        assert not (old & (layer.weight != 0)).any()  # never revived
+    assert prune.is_pruned(model) and not hasattr(conv, "weight_mask")
+    for layer in (fc1, fc2):  # the masks the hooks apply are the result's
+        assert torch.equal(layer.weight_mask.bool(), layer.weight != 0)
+
+
+def test_plain_zeros_and_a_mask_parametrization_count_and_stay_pruned():
+    class Mask(nn.Module):
+        def __init__(self, mask):
+            super().__init__()
+            self.register_buffer("mask", mask)
+
+        def forward(self, w):
+            return w * self.mask
+
+    model = _model()
+    conv, fc1, fc2 = _layers(model)
+    with torch.no_grad():
+        conv.weight[:, :, 0] = 0
+    parametrize.register_parametrization(fc1, "weight", Mask((torch.rand(fc1.weight.shape) > 0.5).float()))
+    before = [(m.weight == 0).clone() for m in _layers(model)]
+    res = wf.prune_one_shot(model, _loader(), sparsity=0.75, num_grads=32, num_steps=1, progress=False)
+    assert abs(res.sparsity - _zero_fraction(model)) < 1e-12
+    for layer, old in zip(_layers(model), before):
+        assert not (old & (layer.weight != 0)).any()
+    assert torch.equal(fc1.parametrizations.weight[0].mask.bool(), fc1.weight != 0)
+
+
+def test_a_state_dict_of_a_pruned_model_loaded_into_a_fresh_instance_prunes_further():
+    model = _model()
+    wf.prune_one_shot(model, _loader(), sparsity=0.5, num_grads=32, num_steps=1, progress=False)
+    fresh = _model(seed=3)
+    fresh.load_state_dict(model.state_dict())
+    before = [(m.weight == 0).clone() for m in _layers(fresh)]
+    res = wf.prune_one_shot(fresh, _loader(), sparsity=0.8, num_grads=32, num_steps=1, progress=False)
+    assert abs(res.sparsity - _zero_fraction(fresh)) < 1e-12
+    for layer, old in zip(_layers(fresh), before):
+        assert not (old & (layer.weight != 0)).any()
+
+
+def test_per_weight_sparsities_are_one_call_per_group():
+    """What the dict refusal says to do gives each named weight its sparsity and leaves the others alone."""
+    model = _model()
+    conv, fc1, fc2 = _layers(model)
+    wf.prune_one_shot(model, _loader(), sparsity=0.9, modules=["3"], num_grads=32, num_steps=1, progress=False)
+    kept_fc1 = fc1.weight.detach().clone()
+    wf.prune_one_shot(model, _loader(), sparsity=0.5, modules=["0"], num_grads=32, num_steps=1, progress=False)
+    assert torch.equal(fc1.weight, kept_fc1)
+    for layer, want in ((fc1, 0.9), (conv, 0.5)):
+        assert abs(float((layer.weight == 0).double().mean()) - want) <= 1.0 / layer.weight.numel()
+    assert not (fc2.weight == 0).any()

@@ -1,0 +1,116 @@
+"""A training loop whose steps pass a scheduled pruning step, buffers a forward writes, and the messages for inputs
+in other pruning tools' forms (per-weight sparsity dicts, module objects, a QAT model)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from _pruner_shared import tiny_data, tiny_mlp
+from torch import nn
+
+import woodfisher as wf
+
+SCHEDULE = dict(final_sparsity=0.8, start_step=0, end_step=4, frequency=1, initial_sparsity=0.2)
+
+
+def _pruner(model, data):
+    return wf.GradualPruner(model, data, **SCHEDULE, num_grads=8, damp=1e-2, progress=False)
+
+
+def _zeros(model):
+    weights = [model[0].weight.detach().double(), model[2].weight.detach().double()]
+    return sum(float((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def test_a_loop_that_passes_scheduled_steps_catches_up_with_a_warning():
+    model, data = tiny_mlp(seed=0), tiny_data(seed=0)
+    pruner = _pruner(model, data)
+    assert pruner.step(0) is not None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = pruner.step(3)  # 1 and 2 were never called, 3 is scheduled: pruned to its sparsity, no notice
+    assert res is not None and not any("past the scheduled" in str(w.message) for w in caught)
+    assert pruner.history[-1]["target"] == pytest.approx(wf.polynomial_sparsity(3, **SCHEDULE))
+    with pytest.warns(UserWarning, match=r"step\(7\) is past the scheduled pruning step 4"):
+        res = pruner.step(7)  # past the end, with step 4 not called: the final sparsity
+    want = wf.polynomial_sparsity(4, **SCHEDULE)
+    assert want == pytest.approx(0.8)
+    assert pruner.history[-1]["target"] == pytest.approx(want)
+    assert res.sparsity == pytest.approx(_zeros(model), abs=1e-12)
+    assert abs(_zeros(model) - 0.8) <= 1.0 / (model[0].weight.numel() + model[2].weight.numel())
+    assert pruner.step(4) is None and pruner.step(8) is None  # done: nothing more, also for an earlier step
+
+
+def test_a_run_resumed_past_the_last_scheduled_step_reaches_the_final_sparsity():
+    model, data = tiny_mlp(seed=0), tiny_data(seed=0)
+    pruner = _pruner(model, data)
+    pruner.step(0)
+    pruner.step(1)
+    other = tiny_mlp(seed=5)
+    resumed = _pruner(other, data)
+    resumed.load_state_dict(pruner.state_dict())
+    other.load_state_dict(model.state_dict())
+    with pytest.warns(UserWarning, match=r"step\(6\) is past the scheduled pruning step 4"):
+        assert resumed.step(6) is not None  # the checkpoint's run stopped at 1, this one resumes at 6
+    assert resumed.history[-1]["target"] == pytest.approx(0.8)
+    assert abs(_zeros(other) - 0.8) <= 1.0 / (other[0].weight.numel() + other[2].weight.numel())
+    assert resumed.step(2) is None
+
+
+class _Counting(nn.Module):
+    """Writes its buffers on every forward, in place and by assignment, whatever the train/eval flag."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("last", torch.zeros(width))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.calls += 1
+            self.mean.mul_(0.9).add_(0.1 * x.detach().mean(0))
+            self.last = x.detach()[0].clone()
+        return x
+
+
+@pytest.mark.parametrize("method", ["woodfisher", "diag_fisher", "kfac"])
+def test_buffers_a_forward_writes_are_as_they_were_after_pruning(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), _Counting(8), nn.ReLU(), nn.Linear(8, 3))
+    model(torch.randn(4, 6))
+    counting = model[1]
+    before = {name: (buf, buf.clone()) for name, buf in counting.named_buffers()}
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap cannot trace the in-place writes: the one-sample loop, with a notice
+        wf.prune_one_shot(model, data, sparsity=0.5, method=method, num_grads=16, progress=False)
+        wf.estimate_curvature(model, data, method=method, num_grads=16, progress=False)
+    for name, (buf, value) in before.items():
+        assert getattr(counting, name) is buf and torch.equal(buf, value), name
+
+
+def test_a_per_weight_sparsity_dict_says_how_and_module_objects_say_their_names():
+    model, data = tiny_mlp(seed=0), tiny_data(seed=0)
+    with pytest.raises(ValueError, match=r"sparsity .*dict.*modules=\['fc1'\]"):
+        wf.prune_one_shot(model, data, sparsity={"0": 0.9, "2": 0.5})
+    with pytest.raises(ValueError, match=r"modules .*named_modules\(\) if mod is layer"):
+        wf.prune_one_shot(model, data, sparsity=0.5, modules=[model[0]])
+
+
+def test_a_qat_model_refusal_does_not_suggest_the_weights_it_refuses():
+    import torch.ao.quantization as tq
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).train()
+    model.qconfig = tq.get_default_qat_qconfig("fbgemm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tq.prepare_qat(model, inplace=True)
+    with pytest.raises(ValueError, match="no prunable module") as info:
+        wf.prune_one_shot(model, tiny_data(seed=0), sparsity=0.5, progress=False)
+    message = str(info.value)
+    assert "can be named" not in message and "['0.weight', '2.weight'] cannot be pruned" in message
+    assert "prepare_qat" in message
+    with pytest.raises(ValueError, match="prepare_qat"):
+        wf.prune_one_shot(model, tiny_data(seed=0), sparsity=0.5, modules=["0"], progress=False)
