@@ -264,8 +264,8 @@ class GradualPruner:
             caught = [w for w in caught if not str(w.message).startswith("sparsity=0 prunes nothing")]
         reissue(caught)  # at the training loop's line, not this one; last, so the step is recorded either way
         if due != step:  # the loop's steps passed a scheduled one: caught up here, said at the loop's line
-            warn_at_caller(f"step({step}) is past the scheduled pruning step {due}, which was not called: pruned now to "
-                           f"its sparsity {target:.4g}; call step() at every step of the schedule's unit "
+            warn_at_caller(f"step({step}) is past the scheduled pruning step {due}, which was not called: pruned now "
+                           f"to its sparsity {target:.4g}; call step() at every step of the schedule's unit "
                            f"(start_step={self.start_step}, frequency={self.frequency}) to prune on the schedule")
         return result
 

@@ -285,11 +285,10 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             cls = parametrize.type_before_parametrizations(info["module"])
             raise ValueError(f"{arg}: {name!r} belongs to a {cls.__name__}, a subclass of "
                              f"{base_type(info['module'], PRUNABLE_TYPES).__name__} whose forward computes with a "
-                             "transform of the weight (weight standardization as in timm's StdConv2d, fake "
-                             "quantization): the layer computes with a transform of the weight, not the weight itself (a "
-                             "standardized zero is no zero; fake quantization rounds the kept entries), so it cannot be "
-                             "pruned; prune the plain layer (for QAT: before torch.ao.quantization.prepare_qat) or "
-                             "fold the transform into the weight first")
+                             "transform of the weight, not the weight itself (weight standardization as in timm's "
+                             "StdConv2d: a standardized zero is no zero; QAT fake quantization), so it cannot be "
+                             "pruned; prune the plain layer (for QAT: before torch.ao.quantization.prepare_qat) or fold the "
+                             "transform into the weight first")
         if not mask_reparam_ok(info):
             raise ValueError(f"{arg}: {name!r} is reparametrised by torch.nn.utils.parametrize without a "
                              "'mask' (only mask parametrizations such as torch.ao.pruning's FakeSparsity can "
