@@ -287,8 +287,8 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
                              f"{base_type(info['module'], PRUNABLE_TYPES).__name__} whose forward computes with a "
                              "transform of the weight, not the weight itself (weight standardization as in timm's "
                              "StdConv2d: a standardized zero is no zero; QAT fake quantization), so it cannot be "
-                             "pruned; prune the plain layer (for QAT: before torch.ao.quantization.prepare_qat) or fold the "
-                             "transform into the weight first")
+                             "pruned; prune the plain layer (for QAT: before torch.ao.quantization.prepare_qat) or "
+                             "fold the transform into the weight first")
         if not mask_reparam_ok(info):
             raise ValueError(f"{arg}: {name!r} is reparametrised by torch.nn.utils.parametrize without a "
                              "'mask' (only mask parametrizations such as torch.ao.pruning's FakeSparsity can "
