@@ -114,3 +114,20 @@ def test_a_qat_model_refusal_does_not_suggest_the_weights_it_refuses():
     assert "prepare_qat" in message
     with pytest.raises(ValueError, match="prepare_qat"):
         wf.prune_one_shot(model, tiny_data(seed=0), sparsity=0.5, modules=["0"], progress=False)
+
+
+def test_a_schedule_below_the_zeros_a_model_brings_says_so_in_the_schedules_terms():
+    import torch.nn.utils.prune as prune
+
+    model, data = tiny_mlp(seed=0), tiny_data(seed=0)
+    prune.global_unstructured([(model[0], "weight"), (model[2], "weight")], pruning_method=prune.L1Unstructured,
+                              amount=0.5)
+    pruner = _pruner(model, data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = pruner.step(0)  # the schedule starts at 0.2, the model holds 0.5
+    messages = [str(w.message) for w in caught]
+    assert res.sparsity == pytest.approx(_zeros(model), abs=1e-12) and res.sparsity == pytest.approx(0.5, abs=0.03)
+    assert any(m.startswith("step(0): the schedule's sparsity 0.2 is below") and "initial_sparsity=" in m
+               for m in messages)
+    assert not any("pass sparsity >=" in m for m in messages)

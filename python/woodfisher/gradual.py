@@ -262,6 +262,13 @@ class GradualPruner:
                              "damp": result.damp})
         if target == 0:  # a schedule's first step at initial_sparsity=0: expected, not the caller's slip
             caught = [w for w in caught if not str(w.message).startswith("sparsity=0 prunes nothing")]
+        below = [w for w in caught if str(w.message).startswith(f"sparsity={target:g} is below the ")]
+        if below:  # zeros from before the pruner (another tool, a checkpoint): said in the schedule's terms
+            caught = [w for w in caught if w not in below]
+            warn_at_caller(f"step({step}): the schedule's sparsity {target:.4g} is below the {result.sparsity:.4g} of "
+                           "zeros the pruned weights already hold (never revived), so it keeps that sparsity; the "
+                           f"schedule prunes further once it passes it (initial_sparsity={result.sparsity:.4g} "
+                           "starts the ramp there)")
         reissue(caught)  # at the training loop's line, not this one; last, so the step is recorded either way
         if due != step:  # the loop's steps passed a scheduled one: caught up here, said at the loop's line
             warn_at_caller(f"step({step}) is past the scheduled pruning step {due}, which was not called: pruned now "
