@@ -131,3 +131,11 @@ def test_a_schedule_below_the_zeros_a_model_brings_says_so_in_the_schedules_term
     assert any(m.startswith("step(0): the schedule's sparsity 0.2 is below") and "initial_sparsity=" in m
                for m in messages)
     assert not any("pass sparsity >=" in m for m in messages)
+
+
+def test_a_percentage_sparsity_is_refused_with_the_fraction():
+    model, data = tiny_mlp(seed=0), tiny_data(seed=0)
+    with pytest.raises(ValueError, match=r"sparsity must lie in \[0, 1\), got 80 \(a fraction: sparsity=0.8 for 80%\)"):
+        wf.prune_one_shot(model, data, sparsity=80)
+    with pytest.raises(ValueError, match=r"final_sparsity must lie in \[0, 1\), got 90 \(a fraction: final_sparsity=0.9"):
+        wf.GradualPruner(model, data, final_sparsity=90)

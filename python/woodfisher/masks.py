@@ -57,7 +57,9 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     if not is_real(sparsity):
         raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {sparsity}")
+        percent = f" (a fraction: {name}={float(sparsity) / 100:g} for {float(sparsity):g}%)" \
+            if 5.0 <= float(sparsity) < 100.0 else ""
+        raise ValueError(f"{name} must lie in [0, 1), got {sparsity}{percent}")
     return float(sparsity)
 
 
