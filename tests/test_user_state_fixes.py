@@ -139,3 +139,12 @@ def test_a_percentage_sparsity_is_refused_with_the_fraction():
         wf.prune_one_shot(model, data, sparsity=80)
     with pytest.raises(ValueError, match=r"final_sparsity must lie in \[0, 1\), got 90 \(a fraction: final_sparsity"):
         wf.GradualPruner(model, data, final_sparsity=90)
+
+
+def test_gradual_pruner_refuses_keep_masks_false_which_it_could_not_honour():
+    model, data = tiny_mlp(seed=0), tiny_data(seed=0)
+    with pytest.raises(ValueError, match=r"keep_masks=False: GradualPruner always holds the masks.*make_permanent"):
+        wf.GradualPruner(model, data, final_sparsity=0.5, keep_masks=False)
+    assert not hasattr(model[0], "weight_mask")
+    wf.GradualPruner(model, data, final_sparsity=0.5, keep_masks=True, num_grads=8, progress=False).step(0)
+    assert hasattr(model[0], "weight_mask")

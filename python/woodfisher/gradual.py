@@ -133,8 +133,8 @@ class GradualPruner:
             validated here.
 
     Raises:
-        ValueError: a sparsity outside [0, 1), ``start_step`` / ``end_step`` not ints >= 0 or
-            ``frequency`` not an int >= 1, ``end_step - start_step`` not a non-negative multiple of
+        ValueError: a sparsity outside [0, 1), ``keep_masks`` other than True, ``start_step`` / ``end_step`` not
+            ints >= 0 or ``frequency`` not an int >= 1, ``end_step - start_step`` not a non-negative multiple of
             ``frequency``, ``initial_sparsity > final_sparsity``, ``sparsity`` passed, a ``loader`` that is not
             iterable (or single-pass, with more than one pruning step), a bad
             :class:`PruneConfig` option, weights that cannot be pruned or that a ``pattern`` does not fit, a
@@ -158,6 +158,9 @@ class GradualPruner:
         refuse_held_masks(model, "GradualPruner")  # it holds the masks between steps
         if "sparsity" in prune_kwargs:
             raise ValueError("pass final_sparsity, not sparsity, to GradualPruner")
+        if prune_kwargs.get("keep_masks", True) is not True:  # would be a silent no-op: the masks are held anyway
+            raise ValueError(f"keep_masks={prune_kwargs['keep_masks']!r}: GradualPruner always holds the masks "
+                             "between steps (torch.nn.utils.prune); drop them after the last step with wf.make_permanent(model)")
         if final_sparsity is None:  # the one an N:M pattern fixes, else required
             try:
                 final_sparsity = pattern_fixed_sparsity(prune_kwargs.get("pattern"))
