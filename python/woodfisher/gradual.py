@@ -160,7 +160,8 @@ class GradualPruner:
             raise ValueError("pass final_sparsity, not sparsity, to GradualPruner")
         if prune_kwargs.get("keep_masks", True) is not True:  # would be a silent no-op: the masks are held anyway
             raise ValueError(f"keep_masks={prune_kwargs['keep_masks']!r}: GradualPruner always holds the masks "
-                             "between steps (torch.nn.utils.prune); drop them after the last step with wf.make_permanent(model)")
+                             "between steps (torch.nn.utils.prune); drop them after the last step with "
+                             "wf.make_permanent(model)")
         if final_sparsity is None:  # the one an N:M pattern fixes, else required
             try:
                 final_sparsity = pattern_fixed_sparsity(prune_kwargs.get("pattern"))
