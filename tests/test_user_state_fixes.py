@@ -91,6 +91,25 @@ def test_buffers_a_forward_writes_are_as_they_were_after_pruning(method):
         assert getattr(counting, name) is buf and torch.equal(buf, value), name
 
 
+@pytest.mark.parametrize("criterion,train_mode", [("snip", False), ("snip", True), ("hutchinson", False),
+                                                   ("fisher", False)])
+def test_pai_scoring_passes_leave_the_buffers_a_forward_writes(criterion, train_mode):
+    from woodfisher.pai import prune_at_init
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), _Counting(8), nn.ReLU(), nn.Linear(8, 3))
+    model(torch.randn(4, 6))
+    counting = model[1]
+    before = {name: (buf, buf.clone()) for name, buf in counting.named_buffers()}
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune_at_init(model, data, sparsity=0.5, criterion=criterion, train_mode=train_mode, num_probes=2,
+                      progress=False)
+    for name, (buf, value) in before.items():
+        assert getattr(counting, name) is buf and torch.equal(buf, value), name
+
+
 def test_a_per_weight_sparsity_dict_says_how_and_module_objects_say_their_names():
     model, data = tiny_mlp(seed=0), tiny_data(seed=0)
     with pytest.raises(ValueError, match=r"sparsity .*dict.*modules=\['fc1'\]"):
