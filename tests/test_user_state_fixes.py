@@ -167,3 +167,21 @@ def test_gradual_pruner_refuses_keep_masks_false_which_it_could_not_honour():
     assert not hasattr(model[0], "weight_mask")
     wf.GradualPruner(model, data, final_sparsity=0.5, keep_masks=True, num_grads=8, progress=False).step(0)
     assert hasattr(model[0], "weight_mask")
+
+
+def test_flops_counting_passes_leave_the_buffers_a_forward_writes():
+    from woodfisher.flops import count_flops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), _Counting(8), nn.ReLU(), nn.Linear(8, 3))
+    model(torch.randn(4, 6))
+    counting = model[1]
+    before = {name: (buf, buf.clone()) for name, buf in counting.named_buffers()}
+    count_flops(model, (6,))
+    wf.layer_flops_per_param(model, tiny_data(seed=0, classes=3), wf.resolve_targets(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wf.prune_one_shot(model, [(x.float(), y) for x, y in tiny_data(seed=0, classes=3)], sparsity=0.5, beta=1.0,
+                          num_grads=16, progress=False)
+    for name, (buf, value) in before.items():
+        assert getattr(counting, name) is buf and torch.equal(buf, value), name
