@@ -261,3 +261,19 @@ def test_a_one_entry_loss_is_the_scalar_loss_on_the_vmap_path():
     with pytest.raises(ValueError, match=r"^loss_fn must return .*scalar tensor, got \(3,\).*reduction='none'"):
         GradientCollector(model, loader_of(x, y, 8), targets, num_grads=20, fisher_batch_size=3, progress=False,
                           loss_fn=nn.CrossEntropyLoss(reduction="none")).collect()
+
+
+@pytest.mark.parametrize("total, expect", [(256, 256), (251, 251), (282, 282), (283, 251), (502, 251), (520, 260),
+                                           (2000, 251)])
+def test_a_small_last_chunk_is_spread_over_the_others(total, expect):
+    """ResNet-20-sized gradients (1.07 MB each): 251 fit the default budget. A remainder of at most 1/8 of a chunk
+    goes to the other chunks (one vmap call fewer), never past MAX_CHUNK_SAMPLES; larger remainders keep the budget."""
+    numel = 267_264
+    assert chunk_samples(numel, 4, 1) == 251
+    got = chunk_samples(numel, 4, 1, total=total, max_samples=1024)
+    assert got == expect
+    calls = -(-total // got)
+    assert got <= 251 * 9 // 8 and (calls == -(-total // 251) - 1 or got == 251)
+    assert chunk_samples(numel, 4, 1, total=256) == 256  # the default cap (256) allows it
+    assert chunk_samples(numel, 4, 1, total=260) == 251  # 260 > MAX_CHUNK_SAMPLES: two calls
+    assert chunk_samples(numel, 4, 2, total=300) == 256  # groups of 2: 128 groups (MAX_CHUNK_SAMPLES) a call

@@ -22,17 +22,18 @@ __all__ = ["CHUNK_BYTES", "MAX_CHUNK_SAMPLES", "SampleChunks", "fitted_chunks", 
            "chunk_samples", "plain_size", "batch_size", "signature", "cat_batches"]
 
 #: Default memory (bytes) for the gradients of one chunk. Every chunk is one ``vmap`` call whose operator count
-#: does not depend on its samples (1.7k operators for ResNet-20, 256 samples): a ResNet-20-sized model's 256
-#: gradients come in 251 + 5. One call (512 MiB) halves the operators, but on the CPU it was 5% faster on
-#: ResNet-20 and 14% slower on a MobileNet-like net (larger working set; paired runs, idle host), so the CPU
-#: keeps 256 MiB; ``benchmarks/step_cpu.py`` times one chunk beside it for a GPU, where launches dominate.
+#: does not depend on its samples (296 kernels for ResNet-20): a ResNet-20-sized model's 256 gradients are one
+#: call (251 fit, the other 5 are spread: :func:`chunk_samples`'s ``total``). A larger budget only helps models
+#: whose gradients are larger; on the CPU one 512 MiB call was 5% faster on ResNet-20 and 14% slower on a
+#: MobileNet-like net (larger working set; paired runs, idle host), so the CPU keeps 256 MiB;
+#: ``benchmarks/step_cpu.py`` times one chunk beside it for a GPU, where launches dominate.
 CHUNK_BYTES = 256 * 2 ** 20
 #: At most this many samples per chunk (bounds the activations a ``vmap`` call keeps, and the buffered inputs).
 MAX_CHUNK_SAMPLES = 256
 
 
 def chunk_samples(numel: int, itemsize: int, fisher_batch_size: int, chunk_bytes: int = CHUNK_BYTES,
-                  max_samples: int = MAX_CHUNK_SAMPLES) -> int:
+                  max_samples: int = MAX_CHUNK_SAMPLES, total: Optional[int] = None) -> int:
     """Samples per chunk: whole groups of ``fisher_batch_size``, as many as ``chunk_bytes`` holds.
 
     Args:
@@ -41,12 +42,24 @@ def chunk_samples(numel: int, itemsize: int, fisher_batch_size: int, chunk_bytes
         fisher_batch_size: samples per gradient (a chunk holds whole groups).
         chunk_bytes: memory for the chunk's gradients, one per group.
         max_samples: cap on the samples of a chunk (at least one group is always taken).
+        total: the samples of the whole pass, when known and ``chunk_bytes`` is a soft budget (the default one,
+            not a memory plan's): a last chunk of at most 1/8 of the others is spread over them instead (each
+            then up to 12.5% over ``chunk_bytes``, never over ``max_samples``), saving a ``vmap`` call whose
+            operators cost what a full one's do (ResNet-20's 256 gradients: one call of 256, not 251 + 5).
     Returns:
         a multiple of ``fisher_batch_size``, >= ``fisher_batch_size``.
     """
     groups = max(1, int(chunk_bytes) // max(1, numel * itemsize))
     groups = max(1, min(groups, max_samples // fisher_batch_size))
+    if total is not None:
+        total_groups = -(-int(total) // fisher_batch_size)
+        calls = -(-total_groups // groups)
+        if calls > 1 and total_groups * 8 <= (calls - 1) * groups * 9:
+            spread = -(-total_groups // (calls - 1))
+            if spread * fisher_batch_size <= max_samples:
+                groups = spread
     return groups * fisher_batch_size
+
 
 #: Samples per call that fitted after a chunk ran out of memory, inside :func:`fitted_chunks` (else None).
 _FITTED: ContextVar[Optional[dict]] = ContextVar("woodfisher_fitted_chunks", default=None)

@@ -39,7 +39,7 @@ from .distributed.estimate import estimate_sharded
 from .distributed.fsdp import full_parameters
 from .distributed.group import active_group, shows_progress
 from .flops import flops_per_param_of_batch
-from .gradients import CHUNK_BYTES, GradientCollector
+from .gradients import GradientCollector
 from .kfac import kfac_factors, kfac_inverse
 from .left_out import warn_left_out
 from .offload import estimate_offloaded
@@ -198,7 +198,7 @@ def _estimate_steps(model, loader, targets: List[PruneTarget], config: PruneConf
         groups = 0 if first is None else to_batch(first, config.batch_adapter).size // config.fisher_batch_size
     if config.inverse_form == "stream" and kind == "blockwise":
         plan, k = "stream", k or min(m, 32)
-    chunk_bytes = CHUNK_BYTES  # gradients buffered per chunk; under a memory budget, what the plan reserved
+    chunk_bytes = None  # gradients buffered per chunk: the soft default; under a memory budget, the plan's
     if config.memory_budget is not None and plan in ("offload", "stream"):
         per_grad = sum(target.numel for target in targets) * itemsize
         chunk_bytes = per_grad * max(1, groups if plan == "offload" else k)

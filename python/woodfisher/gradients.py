@@ -77,6 +77,7 @@ from .progress import progress_bar
 from .recompute import checkpointing_off
 from .state import eval_mode
 from .targets import PruneTarget, unwrap_model
+from .vmap_modules import batch_norm_as_affine
 
 __all__ = ["GradientCollector", "LoaderExhausted", "chunk_samples", "CHUNK_BYTES", "MAX_CHUNK_SAMPLES",
            "PER_SAMPLE_PATHS"]
@@ -110,7 +111,8 @@ class GradientCollector:
         progress: show a progress bar (rate and ETA): a phase of the active
             :mod:`woodfisher.progress` display, else a tqdm bar of its own.
         batch_adapter: loader item -> :class:`woodfisher.Batch` (None: the default reading).
-        chunk_bytes: memory for one chunk's gradients (see :func:`chunk_samples`).
+        chunk_bytes: memory for one chunk's gradients (see :func:`chunk_samples`); None: :data:`CHUNK_BYTES`, as
+            a soft budget (a small last chunk is spread over the others).
         per_sample: "vmap" | "expanded": how ``fisher_batch_size=1`` gradients are formed (module docstring).
 
     After a pass (:meth:`collect` or :meth:`chunks` exhausted): ``count`` (gradients
@@ -130,7 +132,7 @@ class GradientCollector:
                  keep_masks: Optional[Dict[str, torch.Tensor]] = None,
                  want_loss_grad: bool = False, progress: bool = True,
                  desc: str = "Fisher gradients", batch_adapter: Optional[Callable] = None,
-                 chunk_bytes: int = CHUNK_BYTES, per_sample: str = "vmap"):
+                 chunk_bytes: Optional[int] = None, per_sample: str = "vmap"):
         if per_sample not in PER_SAMPLE_PATHS:
             raise ValueError(f"per_sample must be one of {PER_SAMPLE_PATHS}, got {per_sample!r}")
         self.model, self.loader, self.targets = model, loader, targets
@@ -149,7 +151,9 @@ class GradientCollector:
         # no target, no model loss; a target that cannot be split into per-sample targets along dim 0
         check = None if self.sampled else (
             lambda batch: check_labelled(batch, loss_fn, forward) or check_batch_dims(batch))
-        chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs, chunk_bytes)
+        soft = None if chunk_bytes is not None or self.num_grads is None else self.num_grads * self.fbs
+        chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs,
+                              CHUNK_BYTES if chunk_bytes is None else chunk_bytes, total=soft)
         # an earlier step of the same call ran out of memory: its size (chunking.fitted_chunks)
         self._source = SampleChunks(loader, batch_adapter, self.fbs, self.num_grads,
                                     fitted_chunk(chunk, self.fbs), check)
@@ -197,7 +201,8 @@ class GradientCollector:
                 self._use_expanded = False
         if self._use_vmap and self.fbs == 1:
             try:
-                with per_sample.batched_rnn_states(self.inner), per_sample.time_major_guard(self.inner, 1):
+                with per_sample.batched_rnn_states(self.inner), per_sample.time_major_guard(self.inner, 1), \
+                        batch_norm_as_affine(self.inner):
                     return per_sample.vmap_grads(group_loss, sub, flat)
             except Exception as err:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
                 if is_out_of_memory(err):

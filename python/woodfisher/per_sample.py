@@ -23,12 +23,12 @@ A model whose BatchNorm layers normalize with the statistics of the batch even i
 its batch, and ``vmap`` over single samples gives other numbers than any batched pass
 (:func:`check_batch_statistics` refuses it for ``fisher_batch_size=1``).
 
-Operator counts per chunk (``benchmarks/step_cpu.py``; ResNet-20, 256 samples): the batched
-forward+backward dispatches 172 kernels, ``vmap`` 456, expanded weights 244.
+Kernels dispatched for ResNet-20's 256 per-sample gradients (the count of ``benchmarks/step_cpu.py``, one
+chunk): the batched forward+backward 151, ``vmap`` 296 (BatchNorm as plain operators:
+:mod:`woodfisher.vmap_modules`), expanded weights 442.
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Callable, Dict, List, Optional
 
@@ -38,10 +38,10 @@ from torch.func import grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
-from .batch_dims import BATCH_DIM_FIX, BatchDimError
 from .batches import Batch
 from .chunking import plain_size
 from .diagnostics import warn_at_caller
+from .vmap_modules import batched_rnn_states, no_mha_fast_path, time_major_guard
 
 __all__ = ["PER_SAMPLE_PATHS", "vmap_grads", "batched_rnn_states", "time_major_guard", "expanded_grads",
            "expandable", "loop_grads", "warn_vmap_fallback", "batch_statistics_layers", "check_batch_statistics"]
@@ -52,95 +52,6 @@ PER_SAMPLE_PATHS = ("vmap", "expanded")
 Grads = Dict[str, torch.Tensor]
 
 
-@contextlib.contextmanager
-def _no_mha_fast_path():
-    """PyTorch's fused inference path of ``nn.TransformerEncoder`` / ``nn.MultiheadAttention`` off for the block.
-
-    In eval mode with a ``src_key_padding_mask`` the encoder turns its input into a nested tensor when no
-    parameter it sees requires grad, which is the case under ``torch.func.grad``; ``vmap`` has no batching rule
-    for that conversion, so every sample went through the one-at-a-time loop. Without the fast path the same
-    layers run their plain operators (the values the loop's autograd pass computes).
-    """
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
-
-
-def _zero_state(module: nn.RNNBase, args, kwargs):
-    """Forward pre-hook: the zero initial state a recurrent layer would create, made from its input so that it is
-    batched under ``vmap`` (``torch.zeros_like`` keeps the vmap level). ``nn.GRU`` / ``nn.RNN`` write their output
-    state into the unbatched zeros they create themselves, which ``vmap`` refuses; the values are the same zeros."""
-    given = args[1] if len(args) > 1 else kwargs.get("hx")
-    if given is not None or len(args) > 2 or not args or not isinstance(args[0], torch.Tensor) \
-            or args[0].dim() not in (2, 3):  # a state given, or a PackedSequence (never batched by vmap)
-        return None
-    inp = args[0]
-    layers = module.num_layers * (2 if module.bidirectional else 1)
-    lead = (layers,) if inp.dim() == 2 else (layers, inp.shape[0 if module.batch_first else 1])
-    zero = torch.zeros_like(inp.reshape(-1)[:1]).reshape((1,) * len(lead) + (1,))
-    out = getattr(module, "proj_size", 0) or module.hidden_size
-    state = zero.expand(*lead, out).clone()
-    if isinstance(module, nn.LSTM):
-        state = (state, zero.expand(*lead, module.hidden_size).clone())
-    return (inp, state), {k: v for k, v in kwargs.items() if k != "hx"}
-
-
-@contextlib.contextmanager
-def batched_rnn_states(model: nn.Module):
-    """For the block, every ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` of ``model`` called without an initial state gets
-    zeros batched like its input (:func:`_zero_state`): GRU / RNN models then run under ``vmap`` instead of the
-    one-at-a-time loop (tests/test_rnn_vmap.py)."""
-    handles = [m.register_forward_pre_hook(_zero_state, with_kwargs=True) for m in model.modules()
-               if isinstance(m, nn.RNNBase)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _time_major_shape(module: nn.Module, args, kwargs) -> tuple:
-    """(steps, sequences) a time-major recurrent / attention layer reads from its first input (a 3-D ``(T, N, C)``
-    input), or (0, 0) where it has none (batch-first, unbatched, a PackedSequence)."""
-    x = args[0] if args else kwargs.get("input", kwargs.get("query"))
-    if getattr(module, "batch_first", True) or not isinstance(x, torch.Tensor) or x.dim() != 3:
-        return 0, 0
-    return int(x.shape[0]), int(x.shape[1])
-
-
-@contextlib.contextmanager
-def time_major_guard(model: nn.Module, group: int):
-    """For the block (per-sample calls of ``group`` samples each), refuse a time-major layer (``nn.RNN`` /
-    ``nn.LSTM`` / ``nn.GRU`` / ``nn.MultiheadAttention`` with ``batch_first=False``) that receives more than
-    ``group`` sequences of at most ``group`` steps: the loader's tensors then hold time on dim 0, which the
-    pruner read as the samples (each "sample" ``group`` time steps of the whole batch, silently). Longer
-    sequences pass: a model may cut one sample into several chunks (chunked attention).
-
-    Raises:
-        BatchDimError (a ValueError): naming the layer, the batch it got and what to do.
-    """
-    names = {m: n for n, m in model.named_modules()}
-
-    def check(module, args, kwargs):
-        steps, got = _time_major_shape(module, args, kwargs)
-        if got > group and steps <= group:
-            raise BatchDimError(f"loader: {names.get(module, '?')!r} ({type(module).__name__}, batch_first=False) "
-                                f"got {got} sequences of {steps} step(s) in a call of {group} sample(s): the "
-                                f"loader's tensors hold time steps on dim 0, which the pruner reads as the samples; "
-                                f"{BATCH_DIM_FIX}")
-        return None
-    handles = [m.register_forward_pre_hook(check, with_kwargs=True) for m in model.modules()
-               if isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) and not getattr(m, "batch_first", True)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def vmap_grads(group_loss: Callable, sub: Grads, flat: Batch) -> Grads:
     """{key: (n, *shape)} per-sample gradients of the chunk's n samples, one ``vmap`` call (raises what ``vmap``
     raises on a model or loss it cannot trace)."""
@@ -149,7 +60,7 @@ def vmap_grads(group_loss: Callable, sub: Grads, flat: Batch) -> Grads:
     dims = pytree.tree_map(lambda f: 0 if f else None, groups.batched())
     # the math attention kernel has vmap batching rules (flash / efficient SDPA fall back to a
     # per-sample loop under vmap, with a warning): same gradients, batched
-    with sdpa_kernel([SDPBackend.MATH]), _no_mha_fast_path(), warnings.catch_warnings():
+    with sdpa_kernel([SDPBackend.MATH]), no_mha_fast_path(), warnings.catch_warnings():
         # torch's note that an operator without a batching rule runs per sample ("file us an issue"): the
         # gradients are right, and the caller cannot act on it (it named torch internals from our call)
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "

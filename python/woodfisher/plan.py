@@ -179,7 +179,8 @@ def keep_step_bytes(targets: List[PruneTarget], num_grads: int, itemsize: int, f
     """
     d, m = sum(target.numel for target in targets), num_grads
     grads = m * d * itemsize
-    chunk = min(m, chunk_samples(d, itemsize, fisher_batch_size) // fisher_batch_size) * d * itemsize
+    chunk = min(m, chunk_samples(d, itemsize, fisher_batch_size, total=m * fisher_batch_size) // fisher_batch_size) \
+        * d * itemsize
     seq = sum(target.num_blocks * target.block_size ** 2 for target in targets) * itemsize
     low = sum(target.num_blocks * (m * target.block_size + m * m) for target in targets) * itemsize
     dense = [target for target in targets if inverse_form == "sequential" or (

@@ -1,0 +1,109 @@
+"""BatchNorm as a per-channel affine map under vmap (woodfisher.vmap_modules): the same per-sample gradients as a
+float64 autograd loop over single samples, fewer dispatched operators, and the model left as it was."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import woodfisher as wf
+from woodfisher.targets import resolve_targets
+from woodfisher.vmap_modules import batch_norm_as_affine
+
+
+def _with_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random running statistics and affine parameters (not the identity a fresh layer has)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g, dtype=m.running_mean.dtype))
+            m.running_var.copy_(torch.rand(c, generator=g, dtype=m.running_var.dtype) + 0.5)
+            if m.affine:
+                with torch.no_grad():
+                    m.weight.copy_(torch.randn(c, generator=g, dtype=m.weight.dtype))
+                    m.bias.copy_(torch.randn(c, generator=g, dtype=m.bias.dtype))
+    return model.eval()
+
+
+MODELS = {
+    "bn1d_flat": lambda: nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)),
+    "bn1d_seq": lambda: nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(),
+                                      nn.Linear(4 * 4, 3)),
+    "bn2d_no_affine": lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, affine=False), nn.ReLU(),
+                                            nn.Flatten(), nn.Linear(4 * 9, 3)),
+    "bn3d": lambda: nn.Sequential(nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2), nn.Flatten(), nn.Linear(2 * 8, 3)),
+}
+SHAPES = {"bn1d_flat": (6,), "bn1d_seq": (2, 6), "bn2d_no_affine": (2, 5, 5), "bn3d": (1, 3, 3, 3)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_per_sample_gradients_through_batch_norm_equal_a_float64_loop(name):
+    torch.manual_seed(0)
+    model = _with_stats(MODELS[name]().double())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, *SHAPES[name], generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=g)
+    targets = resolve_targets(model)
+    got = wf.GradientCollector(model, [(x, y)], targets, num_grads=6, progress=False).collect()
+    for i in range(6):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for t in targets:
+            torch.testing.assert_close(got[t.name][i], t.param.grad.flatten(), rtol=1e-10, atol=1e-12)
+    assert not any("forward" in vars(m) for m in model.modules())  # the model's own forward is back
+
+
+def test_float32_gradients_match_native_batch_norm_and_the_model_is_restored():
+    """float32 ResNet-like block: the affine form and native_batch_norm (the model's own forward, a loop) agree to
+    float32 rounding; train mode and a caller-replaced forward are left alone."""
+    torch.manual_seed(2)
+    model = _with_stats(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)))
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 4, (8,))
+    targets = resolve_targets(model)
+    got = wf.GradientCollector(model, [(x, y)], targets, num_grads=8, progress=False).collect()
+    loop = wf.GradientCollector(model, [(x, y)], targets, num_grads=8, progress=False, fisher_batch_size=1)
+    loop._use_vmap = False  # the autograd loop: the model's own forward, native_batch_norm
+    ref = loop.collect()
+    for name in got:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
+    bn = model[1]
+    with batch_norm_as_affine(model):
+        assert "forward" in vars(bn)
+        bn.train()
+        out_train = bn(torch.randn(4, 8, 2, 2))  # batch statistics in train mode: the layer's own forward
+        assert torch.allclose(out_train.mean((0, 2, 3)), bn.bias, atol=1e-5)
+        bn.eval()
+    assert "forward" not in vars(bn)
+    replaced = model[4]
+    replaced.forward = lambda inp: inp  # the caller's own replacement stays in place
+    with batch_norm_as_affine(model):
+        assert replaced.forward(torch.ones(1)) == 1
+    assert "forward" in vars(replaced)
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_native_batch_norm_under_vmap():
+    torch.manual_seed(3)
+    model = _with_stats(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                      nn.Linear(4 * 9, 3)))
+    x, y = torch.randn(4, 2, 5, 5), torch.randint(0, 3, (4,))
+    collector = wf.GradientCollector(model, [(x, y)], resolve_targets(model), num_grads=4, progress=False)
+    with _Count() as count:
+        collector.collect()
+    assert torch.ops.aten.native_batch_norm.default not in count.seen
+    assert torch.ops.aten.clone.default not in count.seen  # the batching rule's per-sample copies
