@@ -185,3 +185,18 @@ def test_flops_counting_passes_leave_the_buffers_a_forward_writes():
                           num_grads=16, progress=False)
     for name, (buf, value) in before.items():
         assert getattr(counting, name) is buf and torch.equal(buf, value), name
+
+
+def test_bn_recalibration_changes_the_batchnorm_statistics_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), _Counting(8), nn.ReLU(), nn.Linear(8, 3))
+    model(torch.randn(4, 6))
+    counting, bn = model[2], model[1]
+    before = {name: (buf, buf.clone()) for name, buf in counting.named_buffers()}
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(3)]
+    assert wf.recalibrate_bn(model, data, num_batches=3) == 24
+    for name, (buf, value) in before.items():
+        assert getattr(counting, name) is buf and torch.equal(buf, value), name
+    hidden = torch.cat([model[0](x) for x, _ in data]).detach().double()  # the cumulative average of the batches
+    assert torch.allclose(bn.running_mean.double(), hidden.mean(0), atol=1e-6)
+    assert int(bn.num_batches_tracked) == 3

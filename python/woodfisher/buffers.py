@@ -9,7 +9,7 @@ object under the same name, with the values it held (a buffer written in place, 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -18,13 +18,15 @@ __all__ = ["buffers_kept"]
 
 
 @contextlib.contextmanager
-def buffers_kept(model: nn.Module) -> Iterator[None]:
+def buffers_kept(model: nn.Module, exclude: Iterable[nn.Module] = ()) -> Iterator[None]:
     """Every buffer of ``model`` (and its submodules) as it was on entry, on exit (also when the body raises).
 
     Args:
         model: any ``nn.Module``. Costs one copy of each buffer for the duration of the block.
+        exclude: submodules whose own buffers the block may change (BatchNorm layers being recalibrated).
     """
-    saved = [(owner, name, buf, buf.detach().clone()) for owner in model.modules()
+    skip = {id(m) for m in exclude}
+    saved = [(owner, name, buf, buf.detach().clone()) for owner in model.modules() if id(owner) not in skip
              for name, buf in owner._buffers.items() if buf is not None]
     try:
         yield
