@@ -200,3 +200,16 @@ def test_bn_recalibration_changes_the_batchnorm_statistics_only():
     hidden = torch.cat([model[0](x) for x, _ in data]).detach().double()  # the cumulative average of the batches
     assert torch.allclose(bn.running_mean.double(), hidden.mean(0), atol=1e-6)
     assert int(bn.num_batches_tracked) == 3
+
+
+def test_torch_export_programs_and_their_modules_are_refused_with_the_order_to_follow():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    program = torch.export.export(model, (torch.randn(2, 6),))
+    data = [(x.float(), y) for x, y in tiny_data(seed=0, classes=3)]
+    with pytest.raises(ValueError, match="got ExportedProgram: prune the nn.Module before torch.export"):
+        wf.prune_one_shot(program, data, sparsity=0.5)
+    exported = program.module()
+    with pytest.raises(ValueError, match=r"torch.export module .*prune the nn.Module, then export"):
+        wf.prune_one_shot(exported, data, sparsity=0.5, modules=["0.weight"])
+    with pytest.raises(ValueError, match=r"torch.export module"):
+        wf.GradualPruner(exported, data, final_sparsity=0.5)

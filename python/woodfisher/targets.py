@@ -190,7 +190,8 @@ class PruneTarget(BlockLayout):
 def check_module(model: nn.Module) -> None:
     """ValueError naming ``model`` unless it is an ``nn.Module``."""
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        hint = ": prune the nn.Module before torch.export" if type(model).__name__ == "ExportedProgram" else ""
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
 
 
 def check_model(model: nn.Module) -> None:
@@ -201,6 +202,9 @@ def check_model(model: nn.Module) -> None:
         raise ValueError("model: a TorchScript module (torch.jit.script / torch.jit.trace) cannot be pruned: its "
                          "forward cannot run on other weights (torch.func); prune the nn.Module, then script or "
                          "trace the pruned one")
+    if any(cls.__name__ == "_StatefulGraphModule" for cls in type(unwrap_model(model)[0]).__mro__):
+        raise ValueError("model: a torch.export module (ExportedProgram.module()) cannot be pruned: it refuses eval() "
+                         "and train(); prune the nn.Module, then export the pruned one")
     tensors = (*model.named_parameters(), *model.named_buffers())
     lazy = [n for n, t in tensors if isinstance(t, nn.parameter.UninitializedTensorMixin)]
     if lazy:
