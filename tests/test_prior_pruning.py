@@ -97,3 +97,54 @@ def test_per_weight_sparsities_are_one_call_per_group():
     for layer, want in ((fc1, 0.9), (conv, 0.5)):
         assert abs(float((layer.weight == 0).double().mean()) - want) <= 1.0 / layer.weight.numel()
     assert not (fc2.weight == 0).any()
+
+
+def test_min_density_counts_live_entries_of_a_weight_pruned_below_the_floor_before():
+    """fc2 came at 90%; min_density=0.3 cannot refill it: the call still reaches the sparsity exactly (the floor
+    does not spend the budget on entries already pruned), the others keep their floor, and a warning says so."""
+    import pytest
+
+    for method in ("global_magnitude", "woodfisher"):
+        model = _model()
+        conv, fc1, fc2 = _layers(model)
+        with torch.no_grad():
+            fc2.weight[:, :11] = 0  # 55 of 60 entries
+        total = sum(m.weight.numel() for m in _layers(model))
+        with pytest.warns(UserWarning, match=r"min_density=0.3 cannot be kept in \['5.weight'\]"):
+            res = wf.prune_one_shot(model, _loader(), sparsity=0.6, min_density=0.3, method=method, num_grads=32,
+                                    num_steps=1, progress=False)
+        assert abs(res.sparsity - _zero_fraction(model)) < 1e-12
+        assert int(round(res.sparsity * total)) == int(round(0.6 * total))  # the target, not more
+        assert int((fc2.weight != 0).sum()) == 5
+        for layer in (conv, fc1):
+            assert int((layer.weight != 0).sum()) >= 0.3 * layer.weight.numel()
+
+
+def test_the_floor_is_exact_against_an_independent_selection():
+    """select_masks with a floor and prior masks equals a float64 reference built by hand."""
+    torch.manual_seed(0)
+    scores = {"a": torch.rand(40, dtype=torch.float64), "b": torch.rand(20, dtype=torch.float64)}
+    pruned = {"a": torch.ones(40, dtype=torch.bool), "b": torch.arange(20) < 2}  # b keeps 2 of 20
+    masks = wf.select_masks(scores, 0.5, "global", min_density=0.25, pruned=pruned)
+    # reference: b keeps its 2 live entries (floor 5 capped at 2), a keeps its 10 best, then 18 more by score
+    a_floor = set(scores["a"].argsort(descending=True)[:10].tolist())
+    rest = sorted([(float(scores["a"][i]), "a", i) for i in range(40) if i not in a_floor], reverse=True)[:18]
+    want_a = a_floor | {i for _, _, i in rest}
+    assert set(masks["a"].nonzero().flatten().tolist()) == want_a
+    assert masks["b"].nonzero().flatten().tolist() == [0, 1]
+    assert int(masks["a"].sum()) + int((masks["b"] & pruned["b"]).sum()) == 30
+
+
+def test_a_weight_empty_before_the_call_is_not_told_to_use_min_density():
+    import warnings
+
+    model = _model()
+    conv = _layers(model)[0]
+    prune.l1_unstructured(conv, "weight", amount=1.0)  # collapsed by an earlier run
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = wf.prune_one_shot(model, None, method="global_magnitude", sparsity=0.6, progress=False)
+    said = [str(w.message) for w in caught if str(w.message).startswith("layer collapse")]
+    assert res.collapsed == ["0.weight"] and len(said) == 1
+    assert "['0.weight'] were so before this call (zeros are never revived)" in said[0]
+    assert "min_density" not in said[0]

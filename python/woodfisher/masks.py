@@ -124,7 +124,10 @@ def select_masks(scores: Scores, sparsity: float, mode: str = "global",
         if pruned is not None and name in pruned:
             s = s.masked_fill(~pruned[name].to(s.device), float("-inf"))
         prepared[name] = s
-    floors = {n: density_floor(min_density, s.numel()) for n, s in prepared.items()}
+    # a floor counts live entries only: entries pruned before stay pruned, so they cannot fill it (nor the budget)
+    floors = {n: min(density_floor(min_density, s.numel()),
+                     s.numel() if pruned is None or n not in pruned else int(pruned[n].sum()))
+              for n, s in prepared.items()}
     if mode == "layerwise":
         return {n: _keep_top(s, max(floors[n], s.numel() - int(round(sparsity * s.numel()))))
                 for n, s in prepared.items()}
@@ -159,6 +162,12 @@ def collapsed(masks: Mapping[str, torch.Tensor], collapse_density: float = COLLA
         if nnz == 0 or nnz < collapse_density * keep.numel():
             out.append(name)
     return out
+
+
+def floor_shortfall(keep: Mapping[str, torch.Tensor], min_density: float) -> List[str]:
+    """Names of the keep-masks holding fewer entries than ``min_density`` asks (:func:`density_floor`): weights
+    pruned below the floor before the call, which no call revives."""
+    return [n for n, k in keep.items() if int(k.sum()) < density_floor(min_density, k.numel())]
 
 
 def density_floor(min_density: float, numel: int) -> int:
