@@ -148,3 +148,17 @@ def test_a_weight_empty_before_the_call_is_not_told_to_use_min_density():
     assert res.collapsed == ["0.weight"] and len(said) == 1
     assert "['0.weight'] were so before this call (zeros are never revived)" in said[0]
     assert "min_density" not in said[0]
+
+
+def test_the_sharded_selection_counts_the_floor_over_live_entries_too():
+    """select_sharded (one process, no group) equals select_masks on weights pruned below the floor before."""
+    from woodfisher.distributed.select import select_sharded
+
+    torch.manual_seed(1)
+    scores = {"a": torch.rand(40, dtype=torch.float64), "b": torch.rand(20, dtype=torch.float64)}
+    pruned = {"a": torch.rand(40) > 0.2, "b": torch.arange(20) < 3}
+    want = wf.select_masks(scores, 0.6, "global", min_density=0.3, pruned=pruned)
+    masked = [scores[n].masked_fill(~pruned[n], float("-inf")) for n in scores]
+    got = select_sharded(masked, [torch.arange(s.numel()) for s in masked], [40, 20], 0.6, "global", 0.3)
+    for name, flags in zip(scores, got):
+        assert torch.equal(flags & pruned[name], want[name] & pruned[name]), name
