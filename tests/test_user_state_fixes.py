@@ -213,3 +213,12 @@ def test_torch_export_programs_and_their_modules_are_refused_with_the_order_to_f
         wf.prune_one_shot(exported, data, sparsity=0.5, modules=["0.weight"])
     with pytest.raises(ValueError, match=r"torch.export module"):
         wf.GradualPruner(exported, data, final_sparsity=0.5)
+
+
+def test_a_quantized_model_is_told_to_prune_before_quantizing():
+    import torch.ao.quantization as tq
+
+    model = tq.quantize_dynamic(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), {nn.Linear},
+                                dtype=torch.qint8)
+    with pytest.raises(ValueError, match="no prunable module.*prune the float model before quantizing it"):
+        wf.prune_one_shot(model, tiny_data(seed=0), sparsity=0.5, progress=False)

@@ -52,6 +52,7 @@ from .model_entries import (
     unwrap_model,
     weight_kind,
 )
+from .no_targets import no_targets_error
 from .target_lookup import lookup_names
 from .weight_transform import base_type
 
@@ -216,12 +217,6 @@ def check_model(model: nn.Module) -> None:
                          "materialise the model first (e.g. model.to_empty(device=...) and load its weights)")
 
 
-def _refused(info: dict) -> bool:
-    """Whether a parameter entry is refused when named: a Linear / Conv weight its forward transforms
-    (:func:`own_forward`), or one under a parametrization that is not a mask."""
-    return (info["attr"] == "weight" and own_forward(info["module"])) or not mask_reparam_ok(info)
-
-
 def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
                     block_size: Optional[int] = None, arg: str = "modules",
                     channels_last: bool = False) -> List[PruneTarget]:
@@ -263,18 +258,7 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             stripped = raw[len(prefix):] if prefix and isinstance(raw, str) and raw.startswith(prefix) else raw
             chosen += [name for name in lookup_names(entries, stripped, inner, arg) if name not in chosen]
     if not chosen:
-        floating = [name for name, info in entries.items()
-                    if info["param"].is_floating_point() and info["param"].dim() >= 2]
-        refused = [name for name in floating if _refused(entries[name])]  # naming these would fail too
-        candidates = [name for name in floating if name not in refused][:5]
-        hint = (f"; its floating parameters of >= 2 dims can be named: modules={candidates}" if candidates else
-                "; it has no other floating parameter of >= 2 dims" if refused else
-                "; it has no floating parameter of >= 2 dims either")
-        if refused:
-            hint += (f"; {refused[:4]}{' and more' if len(refused) > 4 else ''} cannot be pruned: a forward that "
-                     "transforms the weight (QAT fake quantization, weight standardization) or a parametrization that "
-                     "is not a mask; prune the float model before torch.ao.quantization.prepare_qat")
-        raise ValueError("modules: the model has no prunable module (Linear / Conv1d/2d/3d or a named weight)" + hint)
+        raise no_targets_error(entries, inner)
     targets = []
     for name in chosen:
         info = entries[name]
