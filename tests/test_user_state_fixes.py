@@ -75,20 +75,28 @@ class _Counting(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("method", ["woodfisher", "diag_fisher", "kfac"])
-def test_buffers_a_forward_writes_are_as_they_were_after_pruning(method):
+def _counting_model():
+    """A small MLP with a :class:`_Counting` layer after one forward, and its buffers (object, value) as they are."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), _Counting(8), nn.ReLU(), nn.Linear(8, 3))
     model(torch.randn(4, 6))
-    counting = model[1]
-    before = {name: (buf, buf.clone()) for name, buf in counting.named_buffers()}
+    return model, {name: (buf, buf.clone()) for name, buf in model[1].named_buffers()}
+
+
+def _assert_kept(counting, before):
+    for name, (buf, value) in before.items():
+        assert getattr(counting, name) is buf and torch.equal(buf, value), name
+
+
+@pytest.mark.parametrize("method", ["woodfisher", "diag_fisher", "kfac"])
+def test_buffers_a_forward_writes_are_as_they_were_after_pruning(method):
+    model, before = _counting_model()
     data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # vmap cannot trace the in-place writes: the one-sample loop, with a notice
         wf.prune_one_shot(model, data, sparsity=0.5, method=method, num_grads=16, progress=False)
         wf.estimate_curvature(model, data, method=method, num_grads=16, progress=False)
-    for name, (buf, value) in before.items():
-        assert getattr(counting, name) is buf and torch.equal(buf, value), name
+    _assert_kept(model[1], before)
 
 
 @pytest.mark.parametrize("criterion,train_mode", [("snip", False), ("snip", True), ("hutchinson", False),
@@ -96,18 +104,13 @@ def test_buffers_a_forward_writes_are_as_they_were_after_pruning(method):
 def test_pai_scoring_passes_leave_the_buffers_a_forward_writes(criterion, train_mode):
     from woodfisher.pai import prune_at_init
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), _Counting(8), nn.ReLU(), nn.Linear(8, 3))
-    model(torch.randn(4, 6))
-    counting = model[1]
-    before = {name: (buf, buf.clone()) for name, buf in counting.named_buffers()}
+    model, before = _counting_model()
     data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(2)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prune_at_init(model, data, sparsity=0.5, criterion=criterion, train_mode=train_mode, num_probes=2,
                       progress=False)
-    for name, (buf, value) in before.items():
-        assert getattr(counting, name) is buf and torch.equal(buf, value), name
+    _assert_kept(model[1], before)
 
 
 def test_a_per_weight_sparsity_dict_says_how_and_module_objects_say_their_names():
@@ -172,19 +175,14 @@ def test_gradual_pruner_refuses_keep_masks_false_which_it_could_not_honour():
 def test_flops_counting_passes_leave_the_buffers_a_forward_writes():
     from woodfisher.flops import count_flops
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), _Counting(8), nn.ReLU(), nn.Linear(8, 3))
-    model(torch.randn(4, 6))
-    counting = model[1]
-    before = {name: (buf, buf.clone()) for name, buf in counting.named_buffers()}
+    model, before = _counting_model()
     count_flops(model, (6,))
     wf.layer_flops_per_param(model, tiny_data(seed=0, classes=3), wf.resolve_targets(model))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wf.prune_one_shot(model, [(x.float(), y) for x, y in tiny_data(seed=0, classes=3)], sparsity=0.5, beta=1.0,
                           num_grads=16, progress=False)
-    for name, (buf, value) in before.items():
-        assert getattr(counting, name) is buf and torch.equal(buf, value), name
+    _assert_kept(model[1], before)
 
 
 def test_bn_recalibration_changes_the_batchnorm_statistics_only():
@@ -195,8 +193,7 @@ def test_bn_recalibration_changes_the_batchnorm_statistics_only():
     before = {name: (buf, buf.clone()) for name, buf in counting.named_buffers()}
     data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(3)]
     assert wf.recalibrate_bn(model, data, num_batches=3) == 24
-    for name, (buf, value) in before.items():
-        assert getattr(counting, name) is buf and torch.equal(buf, value), name
+    _assert_kept(counting, before)
     hidden = torch.cat([model[0](x) for x, _ in data]).detach().double()  # the cumulative average of the batches
     assert torch.allclose(bn.running_mean.double(), hidden.mean(0), atol=1e-6)
     assert int(bn.num_batches_tracked) == 3
