@@ -265,6 +265,17 @@ def _table(report: dict, key: str, title: str, header: str, cells) -> list:
     return [title, "", header, rule] + [f"| {model} | {cells(r)} |" for model, r in rows] + [""]
 
 
+# How the memory floor was measured: "mapped" (since 618b5f4) rewrites a buffer already written once; reports
+# without the key were written by the code before it, which timed the first write into fresh memory.
+FLOOR_TEXT = {"mapped": "memory already mapped (fresh memory adds the operating system's page faults: more)",
+              "fresh": "fresh memory"}
+
+
+def floor_kind(report: dict) -> str:
+    """``report["memory_floor"]`` ("mapped" or "fresh"); "fresh" for reports written before the key existed."""
+    return report.get("memory_floor", "fresh")
+
+
 def markdown(report: dict) -> str:
     dev = report["device"]
     lines = [f"# The whole pruning step by phase ({dev.get('device_name', dev.get('host_cpu'))})", "",
@@ -281,9 +292,9 @@ def markdown(report: dict) -> str:
                          f"**{r['ratio_bs1']:.2f}** | {r['grads_bs64_s']:.3f} | **{r['ratio_bs64']:.2f}** | "
                          f"{r['floor_s']:.3f} | {r['yardstick_s'] / r['floor_s']:.2f} |")
     lines += ["", "ratio = batched fwd+bwd time / gradient collection time (goal >= 0.5). Memory floor: "
-              "writing the N x weights gradient entries once into memory already mapped (fresh memory adds the "
-              "operating system's page faults: more). Ratio bound = batched fwd+bwd / "
-              "memory floor: no method that materialises the N per-sample gradients can reach a higher ratio.", ""]
+              f"writing the N x weights gradient entries once into {FLOOR_TEXT[floor_kind(report)]}. Ratio bound = "
+              "batched fwd+bwd / memory floor: no method that materialises the N per-sample gradients can reach a "
+              "higher ratio.", ""]
     lines += _table(report, "ratio_expanded_bs1",
                     "Second per-sample path, `per_sample_grads=\"expanded\"` (torch's expanded weights; not the "
                     "default until measured on a GPU), same samples:",
@@ -365,8 +376,8 @@ def main(argv=None) -> int:
         impls = {f"before ({args.before})": extract(args.before), "after": ""}
     load0 = os.getloadavg()
     report = {"device": cm.device_info(torch.device(args.device)), "num_grads": args.num_grads,
-              "repeats": args.repeats, "commit": cm.git_commit(ROOT), "sparsity": SPARSITY,
-              "old_defaults": OLD_DEFAULTS, "models": {}}
+              "repeats": args.repeats, "commit": cm.git_commit(ROOT), "memory_floor": "mapped",
+              "sparsity": SPARSITY, "old_defaults": OLD_DEFAULTS, "models": {}}
     for model in args.models:
         runs = {impl: [] for impl in impls}
         for rep in range(args.repeats):

@@ -1,7 +1,14 @@
-"""step_cpu's Markdown on a synthetic report: the ratio bound and the below-goal explanation."""
+"""step_cpu's Markdown on a synthetic report (the ratio bound, the below-goal explanation, the memory floor's
+meaning) and on the committed reports (each JSON renders to its committed Markdown)."""
+import json
+import os
+
+import pytest
 import torch
 
 from benchmarks.step_cpu import markdown, operator_counts
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def entry(yardstick, floor, bs1, bs64):
@@ -37,3 +44,21 @@ def test_operator_table():
     text = markdown(report)
     assert "| net | 100 | 250 | 150 | 2.50 | 1.50 | 10/900/40 |" in text
     assert "| net | 0.500 | 0.400 | 0.80 |" in text
+
+
+def test_floor_text_follows_how_the_report_measured_it():
+    report = {"device": {"device_name": "test cpu"}, "note": "synthetic", "num_grads": 8, "repeats": 1,
+              "models": {"net": {"after": entry(0.1, 0.4, 1.0, 0.5)}}}
+    legacy = markdown(report)   # written before the key existed: the floor was the first write into fresh memory
+    assert "gradient entries once into fresh memory. Ratio bound" in legacy
+    assert "already mapped" not in legacy
+    mapped = markdown(dict(report, memory_floor="mapped"))
+    assert "gradient entries once into memory already mapped (fresh memory adds" in mapped
+
+
+@pytest.mark.parametrize("name", ["step_cpu", "step_cpu_vs_1c3245b", "step_cpu_mlpnet_main", "step_cuda"])
+def test_committed_reports_render_to_their_markdown(name):
+    with open(os.path.join(RESULTS, f"{name}.json")) as f:
+        report = json.load(f)
+    with open(os.path.join(RESULTS, f"{name}.md")) as f:
+        assert markdown(report) == f.read()
