@@ -115,8 +115,12 @@ def test_pai_scoring_passes_leave_the_buffers_a_forward_writes(criterion, train_
 
 def test_a_per_weight_sparsity_dict_says_how_and_module_objects_say_their_names():
     model, data = tiny_mlp(seed=0), tiny_data(seed=0)
-    with pytest.raises(ValueError, match=r"sparsity .*dict.*modules=\['fc1'\]"):
+    with pytest.raises(ValueError, match=r"sparsity .*dict.*sparsity=0.9, modules=\['fc1'\]"):
         wf.prune_one_shot(model, data, sparsity={"0": 0.9, "2": 0.5})
+    with pytest.raises(ValueError, match=r"final_sparsity .*dict.*final_sparsity=0.9, modules=\['fc1'\]"):
+        wf.GradualPruner(model, data, final_sparsity={"0": 0.9})
+    with pytest.raises(ValueError, match=r"got tensor\(0.5000\) \(a tensor: pass float"):
+        wf.prune_one_shot(model, data, sparsity=torch.tensor(0.5))
     with pytest.raises(ValueError, match=r"modules .*named_modules\(\) if mod is layer"):
         wf.prune_one_shot(model, data, sparsity=0.5, modules=[model[0]])
 

@@ -51,11 +51,13 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     """
     if isinstance(sparsity, Mapping):  # per-layer sparsities, as other pruning tools take them
         raise ValueError(f"{name} must be a number in [0, 1), got a dict {dict(sparsity)!r}: per-weight sparsities "
-                         "are one call per group, each counting only the weights it names, e.g. "
-                         "prune_one_shot(model, loader, sparsity=0.9, modules=['fc1']); the same sparsity in every "
-                         "weight is mode='layerwise'")
+                         "are one call (or GradualPruner) per group of weights, each counting only the weights it "
+                         f"names, e.g. {name}=0.9, modules=['fc1']; the same sparsity in every weight is "
+                         "mode='layerwise'")
     if not is_real(sparsity):
-        raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}")
+        tensor = " (a tensor: pass float(...) of it)" if isinstance(sparsity, torch.Tensor) and sparsity.numel() == 1 \
+            else ""
+        raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}{tensor}")
     if not 0.0 <= float(sparsity) < 1.0:
         percent = f" (a fraction: {name}={float(sparsity) / 100:g} for {float(sparsity):g}%)" \
             if 5.0 <= float(sparsity) < 100.0 else ""
