@@ -162,3 +162,23 @@ def test_the_sharded_selection_counts_the_floor_over_live_entries_too():
     got = select_sharded(masked, [torch.arange(s.numel()) for s in masked], [40, 20], 0.6, "global", 0.3)
     for name, flags in zip(scores, got):
         assert torch.equal(flags & pruned[name], want[name] & pruned[name]), name
+
+
+def test_layerwise_prunes_each_weight_to_the_target_when_the_overall_start_is_above_it():
+    """fc1 came at 90% (the overall sparsity is then above 0.6): layerwise 0.6 prunes every other weight to 0.6
+    (the overall start sparsity is no per-weight floor: it used to prune each to ~0.8), fc1 keeps its zeros."""
+    import pytest
+
+    for method, options in (("magnitude", {}), ("woodfisher", {"mode": "layerwise", "num_steps": 3})):
+        model = _model()
+        conv, fc1, fc2 = _layers(model)
+        with torch.no_grad():
+            fc1.weight[:, :130] = 0  # 130 of 144 columns
+        zeros_fc1 = int((fc1.weight == 0).sum())
+        with pytest.warns(UserWarning, match=r"sparsity=0.6 \(mode='layerwise'\) is below the zeros \['3.weight'\]"):
+            res = wf.prune_one_shot(model, _loader(), sparsity=0.6, method=method, num_grads=32, progress=False,
+                                    **options)
+        assert abs(res.sparsity - _zero_fraction(model)) < 1e-12
+        assert int((fc1.weight == 0).sum()) == zeros_fc1
+        for layer in (conv, fc2):
+            assert int((layer.weight == 0).sum()) == round(0.6 * layer.weight.numel())

@@ -272,7 +272,8 @@ class PruneConfig:
 
         ``num_steps`` ("auto": :func:`auto_num_steps`, 1 with a pattern or for a method
         without curvature) steps on ``step_schedule``; ``num_grads`` split over them. A
-        step never lowers the sparsity below ``start``.
+        step never lowers the sparsity below ``start``; layerwise (each weight to its own target) a ``start`` at or
+        above the final sparsity gives one step at the final sparsity.
 
         Args:
             start: the model's current sparsity, a fraction in [0, 1).
@@ -281,6 +282,8 @@ class PruneConfig:
             sparsity is :attr:`final_sparsity` and the gradients sum to ``num_grads``.
         """
         final = self.final_sparsity
+        if final <= start and (self.method_impl.fixed_mode or self.mode) == "layerwise":
+            return [(final, self.num_grads)]  # each weight to final (those above keep theirs): start is no floor
         n = self.num_steps
         if n == "auto":
             n = 1 if self.pattern is not None or self.method_impl.curvature == "none" else \

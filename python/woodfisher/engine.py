@@ -175,9 +175,18 @@ def _warn_floor(config: PruneConfig, keep: Dict[str, torch.Tensor]) -> None:
                        "sparsity")
 
 
-def _warn_below(config: PruneConfig, start_sparsity: float) -> None:
+def _warn_below(config: PruneConfig, keep: Dict[str, torch.Tensor]) -> None:
     """Warn, at the user's line, when the target sparsity is below the zeros the pruned weights already
-    hold (never revived)."""
+    hold (never revived): over all of them, or layerwise, in some of them (which keep theirs)."""
+    if (config.method_impl.fixed_mode or config.mode) == "layerwise":
+        above = [n for n, k in keep.items() if 1.0 - float(k.double().mean()) > config.final_sparsity + 1e-6]
+        if above and len(above) < len(keep):  # all above: nothing is pruned, said below as for global masks
+            warn_at_caller(f"sparsity={config.final_sparsity:g} (mode='layerwise') is below the zeros {above[:4]}"
+                           f"{' and more' if len(above) > 4 else ''} already hold: they keep theirs (pruning never "
+                           "revives weights), the other weights are pruned to it")
+        if len(above) < len(keep):
+            return
+    start_sparsity = sparsity_of(keep)
     if config.final_sparsity < start_sparsity - 1e-6:
         warn_at_caller(f"sparsity={config.final_sparsity:g} is below the {start_sparsity:.4g} of zeros the pruned "
                        "weights already hold: pruning never revives weights, so the result keeps that sparsity "
@@ -239,7 +248,7 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
     timings = dict(curvature.timings, select=0.0, update=0.0)
     start = time.perf_counter()
     before = _start(targets)
-    _warn_below(config, sparsity_of(before[1]))
+    _warn_below(config, before[1])
     _warn_floor(config, before[1])
     snapshot = Snapshot(targets, model)
     try:
@@ -311,7 +320,7 @@ def _plan(model: nn.Module, loader: Optional[Iterable], config: PruneConfig):
     if steps:
         check_memory_plan(targets, config, configs[0].num_grads)
     if steps:  # else the note above says it all
-        _warn_below(config, start_sparsity)
+        _warn_below(config, before[1])
         _warn_floor(config, before[1])
     warn_left_out(model, config.modules)
     return config, targets, before, start_sparsity, steps, configs, block_size
