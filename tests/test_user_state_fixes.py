@@ -223,3 +223,11 @@ def test_a_quantized_model_is_told_to_prune_before_quantizing():
                                 dtype=torch.qint8)
     with pytest.raises(ValueError, match="no prunable module.*prune the float model before quantizing it"):
         wf.prune_one_shot(model, tiny_data(seed=0), sparsity=0.5, progress=False)
+
+
+def test_sparseml_style_names_are_answered_in_this_packages_terms():
+    model = tiny_mlp(seed=0)
+    with pytest.raises(ValueError, match=r"'re:.\*0.\*' .*regular expression.*re.fullmatch"):
+        wf.prune_one_shot(model, None, method="global_magnitude", sparsity=0.5, modules=["re:.*0.*"])
+    with pytest.raises(ValueError, match=r"'__ALL_PRUNABLE__' is no name here: every prunable weight is modules=None"):
+        wf.prune_one_shot(model, None, method="global_magnitude", sparsity=0.5, modules=["__ALL_PRUNABLE__"])
