@@ -246,7 +246,9 @@ class PruneConfig:
         if self.modules is not None:
             modules = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
             if not modules or not all(isinstance(m, str) for m in modules):
-                raise ValueError(f"modules must be None or a non-empty list of names, got {self.modules!r}")
+                objects = " (module objects: their names are [name for name, mod in model.named_modules() if mod is " \
+                    "layer])" if any(hasattr(m, "named_modules") for m in modules) else ""
+                raise ValueError(f"modules must be None or a non-empty list of names, got {self.modules!r}{objects}")
             object.__setattr__(self, "modules", modules)
         st.parse_pattern(self.pattern)
         check_group(self.group)
@@ -272,7 +274,8 @@ class PruneConfig:
 
         ``num_steps`` ("auto": :func:`auto_num_steps`, 1 with a pattern or for a method
         without curvature) steps on ``step_schedule``; ``num_grads`` split over them. A
-        step never lowers the sparsity below ``start``.
+        step never lowers the sparsity below ``start``; layerwise (each weight to its own target) a ``start`` at or
+        above the final sparsity gives one step at the final sparsity.
 
         Args:
             start: the model's current sparsity, a fraction in [0, 1).
@@ -281,6 +284,8 @@ class PruneConfig:
             sparsity is :attr:`final_sparsity` and the gradients sum to ``num_grads``.
         """
         final = self.final_sparsity
+        if final <= start and (self.method_impl.fixed_mode or self.mode) == "layerwise":
+            return [(final, self.num_grads)]  # each weight to final (those above keep theirs): start is no floor
         n = self.num_steps
         if n == "auto":
             n = 1 if self.pattern is not None or self.method_impl.curvature == "none" else \

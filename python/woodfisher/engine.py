@@ -19,6 +19,7 @@ import time
 import warnings
 from typing import Dict, Iterable, List, Optional
 
+import torch
 from torch import nn
 
 from .batches import check_loader, is_single_pass
@@ -34,7 +35,7 @@ from .distributed.group import active_group, shows_progress
 from .finetune import hold_target_masks
 from .gradients import LoaderExhausted
 from .left_out import warn_left_out
-from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
+from .masks import COLLAPSE_DENSITY, collapsed, floor_shortfall, sparsity_of
 from .memory import note_out_of_memory
 from .methods import StepContext
 from .methods.outputs import check_step_output
@@ -79,11 +80,20 @@ def _result(model, targets, config, damp, forms, timings, start, extra=None, sta
     if empty:
         mode = config.method_impl.fixed_mode or config.mode  # the mode the method ranked by
         warnings.warn(f"layer collapse: {empty} keep less than {COLLAPSE_DENSITY:g} of their entries at "
-                      f"sparsity={config.sparsity!r} (mode={mode!r}); pass min_density > 0 to keep a "
-                      "floor in every layer", stacklevel=stacklevel)
+                      f"sparsity={config.sparsity!r} (mode={mode!r}); {_collapse_advice(empty, start[1])}",
+                      stacklevel=stacklevel)
     return PruneResult(masks=masks, layers=layer_rows(masks, forms), sparsity=sparsity, damp=damp,
                        config={**config.as_dict(), "modules": [target.name for target in targets], **(extra or {})},
                        timings=timings, collapsed=empty, magnitude_overlap=overlap)
+
+
+def _collapse_advice(empty: List[str], keep_before: Dict[str, torch.Tensor]) -> str:
+    """What to do about the collapsed weights ``empty``: a floor for those this call emptied; those already empty
+    before it stay so (no floor refills them: zeros are never revived)."""
+    before = set(collapsed({name: keep_before[name] for name in empty}))
+    new, old = [n for n in empty if n not in before], [n for n in empty if n in before]
+    advice = [f"pass min_density > 0 to keep a floor in every layer{f' (for {new})' if old else ''}"] if new else []
+    return "; ".join(advice + ([f"{old} were so before this call (zeros are never revived)"] if old else []))
 
 
 def _timings() -> Dict[str, float]:
@@ -170,9 +180,29 @@ def _same_curvature(curvature: Curvature, config: PruneConfig) -> bool:
             and new.block_size(config) == old.block_size(curvature.config))
 
 
-def _warn_below(config: PruneConfig, start_sparsity: float) -> None:
+def _warn_floor(config: PruneConfig, keep: Dict[str, torch.Tensor]) -> None:
+    """Warn, at the user's line, when weights already hold fewer entries than ``min_density`` keeps (never
+    revived): their floor is what they have left, and the other weights carry the sparsity."""
+    short = floor_shortfall(keep, config.min_density) if config.min_density > 0 else []
+    if short:
+        warn_at_caller(f"min_density={config.min_density:g} cannot be kept in {short[:4]}"
+                       f"{' and more' if len(short) > 4 else ''}: they already hold fewer entries (pruned before "
+                       "this call, never revived), so they keep what they have and the other weights reach the "
+                       "sparsity")
+
+
+def _warn_below(config: PruneConfig, keep: Dict[str, torch.Tensor]) -> None:
     """Warn, at the user's line, when the target sparsity is below the zeros the pruned weights already
-    hold (never revived)."""
+    hold (never revived): over all of them, or layerwise, in some of them (which keep theirs)."""
+    if (config.method_impl.fixed_mode or config.mode) == "layerwise":
+        above = [n for n, k in keep.items() if 1.0 - float(k.double().mean()) > config.final_sparsity + 1e-6]
+        if above and len(above) < len(keep):  # all above: nothing is pruned, said below as for global masks
+            warn_at_caller(f"sparsity={config.final_sparsity:g} (mode='layerwise') is below the zeros {above[:4]}"
+                           f"{' and more' if len(above) > 4 else ''} already hold: they keep theirs (pruning never "
+                           "revives weights), the other weights are pruned to it")
+        if len(above) < len(keep):
+            return
+    start_sparsity = sparsity_of(keep)
     if config.final_sparsity < start_sparsity - 1e-6:
         warn_at_caller(f"sparsity={config.final_sparsity:g} is below the {start_sparsity:.4g} of zeros the pruned "
                        "weights already hold: pruning never revives weights, so the result keeps that sparsity "
@@ -234,7 +264,8 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
     timings = dict(curvature.timings, select=0.0, update=0.0)
     start = time.perf_counter()
     before = _start(targets)
-    _warn_below(config, sparsity_of(before[1]))
+    _warn_below(config, before[1])
+    _warn_floor(config, before[1])
     snapshot = Snapshot(targets, model)
     try:
         with display(config.progress and shows_progress(config.group)):
@@ -305,7 +336,8 @@ def _plan(model: nn.Module, loader: Optional[Iterable], config: PruneConfig):
     if steps:
         check_memory_plan(targets, config, configs[0].num_grads)
     if steps:  # else the note above says it all
-        _warn_below(config, start_sparsity)
+        _warn_below(config, before[1])
+        _warn_floor(config, before[1])
     warn_left_out(model, config.modules)
     return config, targets, before, start_sparsity, steps, configs, block_size
 

@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from .batches import check_loader, loader_errors, to_batch
+from .buffers import buffers_kept
 from .distributed.fsdp import refuse_held_masks
 from .masks import is_int
 from .precision import prepare_batch
@@ -278,7 +279,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: int = 50, *,
     param = next(t for t in (*inner.parameters(), *inner.buffers()) if t.is_floating_point())
     seen = 0
     try:
-        with eval_mode(inner), phase("BN recalibration", total=num_batches, unit="batch") as bar:
+        with eval_mode(inner), buffers_kept(inner, exclude=bns), \
+                phase("BN recalibration", total=num_batches, unit="batch") as bar:
             for m in bns:
                 m.train()
                 m.reset_running_stats()

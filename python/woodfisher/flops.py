@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .batches import loader_errors, peek, to_batch
+from .buffers import buffers_kept
 from .precision import compute_dtype, compute_state, half_dtype, native_state, prepare_batch
 from .state import eval_mode
 from .targets import is_hf_conv1d, unwrap_model
@@ -105,7 +106,7 @@ def layer_flops(model: nn.Module, input_shape: Sequence[int],
                 if isinstance(m, nn.MultiheadAttention)]
     inner = unwrap_model(model)[0]  # torch.compile would trace the hooks: run the module it wraps (names keep
     try:                              # the caller's prefix: they come from model.named_modules())
-        with eval_mode(model):
+        with eval_mode(model), buffers_kept(inner):
             shape = (1, *[int(s) for s in input_shape])
             try:
                 inner(torch.zeros(shape, dtype=first.dtype, device=device))
@@ -249,7 +250,7 @@ def flops_per_param_of_batch(model: nn.Module, batch, targets) -> Dict[str, floa
             uses[name] = uses.get(name, 0) + _positions(module, inputs, output)
         handles.append(target.module.register_forward_hook(hook))
     try:
-        with eval_mode(model), loader_errors(batch):
+        with eval_mode(model), buffers_kept(inner), loader_errors(batch):
             try:
                 functional_call(inner, (params, buffers), one.args, one.kwargs)
             except RuntimeError as err:  # a half model that runs in its own dtype only (native_state)

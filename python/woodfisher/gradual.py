@@ -42,7 +42,7 @@ from .batches import check_loader, is_single_pass
 from .checks import check_prunable
 from .chunking import fitted_chunks
 from .config import PruneConfig, check_int, check_pattern_sparsity, pattern_fixed_sparsity
-from .diagnostics import reissue, warnings_held
+from .diagnostics import reissue, warn_at_caller, warnings_held
 from .distributed.consistent import check_same_numbers
 from .distributed.fsdp import refuse_held_masks
 from .distributed.group import active_group, local_phase
@@ -133,8 +133,8 @@ class GradualPruner:
             validated here.
 
     Raises:
-        ValueError: a sparsity outside [0, 1), ``start_step`` / ``end_step`` not ints >= 0 or
-            ``frequency`` not an int >= 1, ``end_step - start_step`` not a non-negative multiple of
+        ValueError: a sparsity outside [0, 1), ``keep_masks`` other than True, ``start_step`` / ``end_step`` not
+            ints >= 0 or ``frequency`` not an int >= 1, ``end_step - start_step`` not a non-negative multiple of
             ``frequency``, ``initial_sparsity > final_sparsity``, ``sparsity`` passed, a ``loader`` that is not
             iterable (or single-pass, with more than one pruning step), a bad
             :class:`PruneConfig` option, weights that cannot be pruned or that a ``pattern`` does not fit, a
@@ -158,6 +158,10 @@ class GradualPruner:
         refuse_held_masks(model, "GradualPruner")  # it holds the masks between steps
         if "sparsity" in prune_kwargs:
             raise ValueError("pass final_sparsity, not sparsity, to GradualPruner")
+        if prune_kwargs.get("keep_masks", True) is not True:  # would be a silent no-op: the masks are held anyway
+            raise ValueError(f"keep_masks={prune_kwargs['keep_masks']!r}: GradualPruner always holds the masks "
+                             "between steps (torch.nn.utils.prune); drop them after the last step with "
+                             "wf.make_permanent(model)")
         if final_sparsity is None:  # the one an N:M pattern fixes, else required
             try:
                 final_sparsity = pattern_fixed_sparsity(prune_kwargs.get("pattern"))
@@ -218,7 +222,8 @@ class GradualPruner:
                                    initial_sparsity=self.initial_sparsity)
 
     def step(self, step: int, loader: Optional[Iterable] = None) -> Optional[PruneResult]:
-        """Prune if ``step`` is scheduled and not done yet.
+        """Prune if ``step`` is scheduled and not done yet; a ``step`` past a scheduled step that was not called
+        (a loop whose steps skip it, or a run resumed past it) prunes to that step's sparsity, with a warning.
 
         Args:
             step: the current step (an int, in the unit of the schedule).
@@ -241,9 +246,10 @@ class GradualPruner:
                                "schedule and progress (state_dict)", step=step, last_step=self.last_step,
                                start_step=self.start_step, end_step=self.end_step, frequency=self.frequency,
                                initial_sparsity=self.initial_sparsity, final_sparsity=self.final_sparsity)
-        if not self.is_pruning_step(step) or (self.last_step is not None and step <= self.last_step):
+        due = self._due(step)
+        if due is None:
             return None
-        target = self.target_sparsity(step)
+        target = self.target_sparsity(due)
         snapshot = Snapshot(resolve_targets(self.model, self.config.modules), self.model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -260,8 +266,27 @@ class GradualPruner:
                              "damp": result.damp})
         if target == 0:  # a schedule's first step at initial_sparsity=0: expected, not the caller's slip
             caught = [w for w in caught if not str(w.message).startswith("sparsity=0 prunes nothing")]
+        below = [w for w in caught if str(w.message).startswith(f"sparsity={target:g} is below the ")]
+        if below:  # zeros from before the pruner (another tool, a checkpoint): said in the schedule's terms
+            caught = [w for w in caught if w not in below]
+            warn_at_caller(f"step({step}): the schedule's sparsity {target:.4g} is below the {result.sparsity:.4g} of "
+                           "zeros the pruned weights already hold (never revived), so it keeps that sparsity; the "
+                           f"schedule prunes further once it passes it (initial_sparsity={result.sparsity:.4g} "
+                           "starts the ramp there)")
         reissue(caught)  # at the training loop's line, not this one; last, so the step is recorded either way
+        if due != step:  # the loop's steps passed a scheduled one: caught up here, said at the loop's line
+            warn_at_caller(f"step({step}) is past the scheduled pruning step {due}, which was not called: pruned now "
+                           f"to its sparsity {target:.4g}; call step() at every step of the schedule's unit "
+                           f"(start_step={self.start_step}, frequency={self.frequency}) to prune on the schedule")
         return result
+
+    def _due(self, step: int) -> Optional[int]:
+        """The latest scheduled step ``<= step`` not done yet (a loop whose steps skip a scheduled one prunes to its
+        sparsity at the next call), or None."""
+        if step < self.start_step:
+            return None
+        due = self.start_step + (min(step, self.end_step) - self.start_step) // self.frequency * self.frequency
+        return None if self.last_step is not None and due <= self.last_step else due
 
     def masks(self) -> Dict[str, torch.Tensor]:
         """Current keep-masks of the pruned weights.

@@ -44,7 +44,8 @@ def warn_left_out(model: nn.Module, modules: Optional[Iterable[str]]) -> None:
                and _recomputed(mod)]
     if derived:
         warn_at_caller(f"the weights {derived[:4]}{' and more' if len(derived) > 4 else ''} are not pruned: each is "
-                       "recomputed from other parameters on every forward (weight_norm / spectral_norm), so zeros "
+                       "recomputed from other parameters on every forward (weight_norm / spectral_norm / orthogonal: a "
+                       "parametrization that is not a mask), so zeros "
                        "written to it would not last, and the sparsity counts the other weights only; to prune them, "
                        "remove the reparametrisation first (torch.nn.utils.parametrize.remove_parametrizations("
                        "module, 'weight'), or torch.nn.utils.remove_weight_norm / remove_spectral_norm)")
@@ -59,8 +60,9 @@ def _warn_own_forward(inner: nn.Module, prefix: str) -> None:
     if own:
         warn_at_caller(f"the weights {own[:4]}{' and more' if len(own) > 4 else ''} are not pruned: each belongs to a "
                        "subclass of nn.Linear / nn.Conv* whose forward computes with a transform of the weight "
-                       "(weight standardization as in timm's StdConv2d, fake quantization), where a pruned zero "
-                       "would not stay zero; the sparsity counts the other weights only")
+                       "(weight standardization as in timm's StdConv2d, QAT fake quantization), not the weight "
+                       "itself; the sparsity counts the other weights only (for QAT: prune the float model before "
+                       "torch.ao.quantization.prepare_qat)")
 
 
 def _left_kind(module: nn.Module) -> Optional[str]:

@@ -49,10 +49,19 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     Raises:
         ValueError: not a real number, or outside [0, 1) (naming ``name``).
     """
+    if isinstance(sparsity, Mapping):  # per-layer sparsities, as other pruning tools take them
+        raise ValueError(f"{name} must be a number in [0, 1), got a dict {dict(sparsity)!r}: per-weight sparsities "
+                         "are one call (or GradualPruner) per group of weights, each counting only the weights it "
+                         f"names, e.g. {name}=0.9, modules=['fc1']; the same sparsity in every weight is "
+                         "mode='layerwise'")
     if not is_real(sparsity):
-        raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}")
+        tensor = " (a tensor: pass float(...) of it)" if isinstance(sparsity, torch.Tensor) and sparsity.numel() == 1 \
+            else ""
+        raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}{tensor}")
     if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {sparsity}")
+        percent = f" (a fraction: {name}={float(sparsity) / 100:g} for {float(sparsity):g}%)" \
+            if 5.0 <= float(sparsity) < 100.0 else ""
+        raise ValueError(f"{name} must lie in [0, 1), got {sparsity}{percent}")
     return float(sparsity)
 
 
@@ -139,7 +148,10 @@ def select_masks(scores: Scores, sparsity: float, mode: str = "global",
         if pruned is not None and name in pruned:
             s = s.masked_fill(~pruned[name].to(s.device), float("-inf"))
         prepared[name] = s
-    floors = {n: density_floor(min_density, s.numel()) for n, s in prepared.items()}
+    # a floor counts live entries only: entries pruned before stay pruned, so they cannot fill it (nor the budget)
+    floors = {n: min(density_floor(min_density, s.numel()),
+                     s.numel() if pruned is None or n not in pruned else int(pruned[n].sum()))
+              for n, s in prepared.items()}
     if mode == "layerwise":
         return {n: _keep_top(s, max(floors[n], s.numel() - int(round(sparsity * s.numel()))))
                 for n, s in prepared.items()}
@@ -174,6 +186,12 @@ def collapsed(masks: Mapping[str, torch.Tensor], collapse_density: float = COLLA
         if nnz == 0 or nnz < collapse_density * keep.numel():
             out.append(name)
     return out
+
+
+def floor_shortfall(keep: Mapping[str, torch.Tensor], min_density: float) -> List[str]:
+    """Names of the keep-masks holding fewer entries than ``min_density`` asks (:func:`density_floor`): weights
+    pruned below the floor before the call, which no call revives."""
+    return [n for n, k in keep.items() if int(k.sum()) < density_floor(min_density, k.numel())]
 
 
 def density_floor(min_density: float, numel: int) -> int:

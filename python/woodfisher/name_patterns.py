@@ -38,8 +38,9 @@ def match_pattern(pattern: str, owners: Dict[str, List[str]], arg: str = "module
 
 
 def regex_like(name: str) -> bool:
-    """Whether ``name`` holds characters of regular expressions that neither names nor shell patterns use."""
-    return any(c in name for c in "\\^$+|()")
+    """Whether ``name`` holds characters of regular expressions that neither names nor shell patterns use, or has
+    SparseML's ``re:`` prefix."""
+    return name.startswith("re:") or any(c in name for c in "\\^$+|()")
 
 
 def regex_hint(arg: str) -> str:

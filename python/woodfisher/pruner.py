@@ -41,7 +41,10 @@ def prune_one_shot(model: nn.Module, loader: Optional[Iterable], config: Optiona
         model: the network; wrappers (DataParallel, DDP, FSDP, torch.compile) are seen through,
             tied weights are pruned once. Pruned entries become exact zeros. Under a
             ``torch.distributed`` process group (option ``group``) the call is collective:
-            see :mod:`woodfisher.distributed`.
+            see :mod:`woodfisher.distributed`. The Fisher's gradients are computed in eval mode (dropout
+            off, BatchNorm on its running statistics) whatever the model's mode; every submodule's
+            train/eval flag and every buffer but the masks (running statistics, counters a forward
+            writes) are as they were afterwards.
         loader: iterable of batches for the Fisher: ``(inputs, targets)``, dicts (HF) or
             tensors (see :mod:`woodfisher.batches`); None for magnitude methods.
         config: a :class:`PruneConfig`; keyword ``options`` override its fields.

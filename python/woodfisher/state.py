@@ -27,6 +27,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .buffers import buffers_kept
 from .targets import PruneTarget, check_module, unwrap_model
 
 __all__ = ["eval_mode", "Snapshot", "clone_model", "derived_weights_kept", "fingerprint", "changed_weights",
@@ -93,7 +94,8 @@ def _derived(model: nn.Module) -> List[Tuple[nn.Module, str, torch.Tensor]]:
 
 @contextlib.contextmanager
 def derived_weights_kept(model: nn.Module) -> Iterator[None]:
-    """Restore the ``torch.nn.utils.prune``-derived weights on exit.
+    """Restore the ``torch.nn.utils.prune``-derived weights and every buffer (:func:`woodfisher.buffers.buffers_kept`)
+    on exit.
 
     Forward passes with substituted parameters (``torch.func.functional_call``) leave the
     derived ``weight`` attribute computed from the substitutes (a non-leaf tensor, which
@@ -102,7 +104,8 @@ def derived_weights_kept(model: nn.Module) -> Iterator[None]:
     """
     saved = _derived(model)
     try:
-        yield
+        with buffers_kept(model):
+            yield
     finally:
         for module, attr, value in saved:
             setattr(module, attr, value)

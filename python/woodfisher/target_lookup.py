@@ -101,6 +101,8 @@ def lookup_names(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str 
         if regex_like(raw):  # say what names are, not a near name
             raise ValueError(f"{arg}: {raw!r} looks like a regular expression; names are exact, or shell-style "
                              f"patterns (fnmatch: * ? [...]) such as 'blocks.*.mlp.*'{regex_hint(arg)}")
+        if raw in ("__ALL__", "__ALL_PRUNABLE__"):  # SparseML's tokens
+            raise ValueError(f"{arg}: {raw!r} is no name here: every prunable weight is {arg}=None (the default)")
         match = closest(raw, names)
         hint = f" (did you mean {match!r}?)" if match else ""
         raise ValueError(f"{arg}: no module or parameter named {raw!r} in the model{hint}")

@@ -52,6 +52,7 @@ from .model_entries import (
     unwrap_model,
     weight_kind,
 )
+from .no_targets import no_targets_error
 from .target_lookup import lookup_names
 from .weight_transform import base_type
 
@@ -190,7 +191,8 @@ class PruneTarget(BlockLayout):
 def check_module(model: nn.Module) -> None:
     """ValueError naming ``model`` unless it is an ``nn.Module``."""
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        hint = ": prune the nn.Module before torch.export" if type(model).__name__ == "ExportedProgram" else ""
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
 
 
 def check_model(model: nn.Module) -> None:
@@ -201,6 +203,9 @@ def check_model(model: nn.Module) -> None:
         raise ValueError("model: a TorchScript module (torch.jit.script / torch.jit.trace) cannot be pruned: its "
                          "forward cannot run on other weights (torch.func); prune the nn.Module, then script or "
                          "trace the pruned one")
+    if any(cls.__name__ == "_StatefulGraphModule" for cls in type(unwrap_model(model)[0]).__mro__):
+        raise ValueError("model: a torch.export module (ExportedProgram.module()) cannot be pruned: it refuses eval() "
+                         "and train(); prune the nn.Module, then export the pruned one")
     tensors = (*model.named_parameters(), *model.named_buffers())
     lazy = [n for n, t in tensors if isinstance(t, nn.parameter.UninitializedTensorMixin)]
     if lazy:
@@ -253,11 +258,7 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             stripped = raw[len(prefix):] if prefix and isinstance(raw, str) and raw.startswith(prefix) else raw
             chosen += [name for name in lookup_names(entries, stripped, inner, arg) if name not in chosen]
     if not chosen:
-        candidates = [name for name, info in entries.items()
-                      if info["param"].is_floating_point() and info["param"].dim() >= 2][:5]
-        hint = (f"; its floating parameters of >= 2 dims can be named: modules={candidates}" if candidates else
-                "; it has no floating parameter of >= 2 dims either")
-        raise ValueError("modules: the model has no prunable module (Linear / Conv1d/2d/3d or a named weight)" + hint)
+        raise no_targets_error(entries, inner)
     targets = []
     for name in chosen:
         info = entries[name]
@@ -272,9 +273,10 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             cls = parametrize.type_before_parametrizations(info["module"])
             raise ValueError(f"{arg}: {name!r} belongs to a {cls.__name__}, a subclass of "
                              f"{base_type(info['module'], PRUNABLE_TYPES).__name__} whose forward computes with a "
-                             "transform of the weight (weight standardization as in timm's StdConv2d, fake "
-                             "quantization): a pruned zero would not stay zero there, so it cannot be pruned; prune a "
-                             "plain layer (or fold the transform into the weight first)")
+                             "transform of the weight, not the weight itself (weight standardization as in timm's "
+                             "StdConv2d: a standardized zero is no zero; QAT fake quantization), so it cannot be "
+                             "pruned; prune the plain layer (for QAT: before torch.ao.quantization.prepare_qat) or "
+                             "fold the transform into the weight first")
         if not mask_reparam_ok(info):
             raise ValueError(f"{arg}: {name!r} is reparametrised by torch.nn.utils.parametrize without a "
                              "'mask' (only mask parametrizations such as torch.ao.pruning's FakeSparsity can "

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .buffers import buffers_kept
+
 __all__ = ["transforms_weight", "base_type", "refuse_recomputed"]
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
@@ -59,19 +61,12 @@ def _same_as_base(module: nn.Module, cls: Type[nn.Module], base: Type[nn.Module]
         shape = (2, module.in_channels, *((k - 1) * d + 3 for k, d in zip(module.kernel_size, module.dilation)))
     probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     # a forward may update (and resize) buffers, e.g. QAT observers: every one put back as it was after the probe
-    saved = [(owner, name, b, b.detach().clone()) for owner in module.modules()
-             for name, b in owner._buffers.items() if b is not None]
     try:
         devices = [weight.device] if weight.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):  # a random forward leaves the caller's RNG
+        with buffers_kept(module), torch.no_grad(), torch.random.fork_rng(devices=devices):  # the caller's RNG kept
             got, want = cls.forward(module, probe), base.forward(module, probe)
     except Exception:  # noqa: BLE001 - a forward that needs more than one input tensor: not a plain layer
         return False
-    finally:
-        with torch.no_grad():
-            for owner, name, buffer, value in saved:
-                buffer.resize_(value.shape).copy_(value)
-                owner._buffers[name] = buffer
     if not isinstance(got, torch.Tensor) or got.shape != want.shape:
         return False
     got, want = got.double(), want.double()

@@ -115,6 +115,10 @@ def select_sharded(scores: List[torch.Tensor], index: List[torch.Tensor], numels
         if scores else torch.zeros(0, dtype=torch.int64, device=device)
     local = torch.cat(index) if scores else torch.zeros(0, dtype=torch.int64, device=device)
     floors = [density_floor(min_density, n) for n in numels]
+    if any(floors):  # a floor counts live entries only (pruned ones are -inf), as in select_masks
+        live = torch.tensor([int((s > float("-inf")).sum()) for s in scores] if scores else [0] * len(numels),
+                            dtype=torch.int64, device=device)
+        floors = [min(f, int(n)) for f, n in zip(floors, reduce(live).tolist())]
     if mode == "layerwise":
         need = [max(f, n - int(round(sparsity * n))) for f, n in zip(floors, numels)]
         return list(top_entries(values, local, layer, need, max(numels), reduce).split(sizes))

@@ -1,7 +1,6 @@
 """prune_at_init: score a freshly initialised model and prune it before training."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 import warnings
@@ -12,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..batches import check_loader, is_single_pass, peek, to_batch
+from ..buffers import buffers_kept
 from ..config import check_int
 from ..losses import check_loss_fn
 from ..masks import check_collapse_density, check_min_density, check_sparsity, select_kept_masks, sparsity_of
@@ -25,7 +25,6 @@ from .warmup import (
     as_in_training,
     batchnorm_modules,
     batchnorm_state,
-    preserved_batchnorm_state,
     restore_batchnorm_state,
     warmup_batchnorm,
 )
@@ -160,7 +159,7 @@ def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsi
             timings["warmup"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             ctx = eval_mode(inner)
-            with ctx, (preserved_batchnorm_state(inner) if train_mode else contextlib.nullcontext()):
+            with ctx, buffers_kept(inner):  # scoring passes leave the buffers (warm-up statistics included)
                 if train_mode:
                     as_in_training(ctx)
                 if criterion == "synflow":
