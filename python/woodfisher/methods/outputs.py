@@ -92,7 +92,8 @@ def check_step_output(ctx, output: Any) -> Tuple[Tensors, Tensors]:
             value without the weight's number of entries; keep-masks that are not bool; a mask that keeps an
             entry pruned before the step (pruned entries stay pruned); non-finite new values at kept entries;
             masks whose sparsity over the step's weights is off the step's target (``ctx.sparsity``, or the
-            sparsity before the step when that is higher) by more than 1% (plus a row per weight with a pattern).
+            sparsity before the step when that is higher; layerwise: each weight's) by more than 1% (plus a row
+            per weight with a pattern).
     """
     if not (isinstance(output, tuple) and len(output) == 2):
         raise ValueError(f"{_who(ctx)}: step(ctx) must return a pair ({{name: new weight}}, {{name: bool "
@@ -119,7 +120,12 @@ def check_step_output(ctx, output: Any) -> Tuple[Tensors, Tensors]:
     # a pattern prunes whole rows / groups: up to one row per weight short of the target (layerwise)
     grain = (sum(t.row_length for t in ctx.targets) if ctx.config.pattern is not None else 1) / total
     reached, before = _sparsity(keep, ctx.targets), _sparsity(ctx.keep, ctx.targets)
-    low, high = ctx.sparsity - 0.01 - grain, max(ctx.sparsity, before) + 0.01 + grain
+    if (ctx.config.method_impl.fixed_mode or ctx.config.mode) == "layerwise":  # each weight to max(target, its own)
+        most = sum(t.numel * max(ctx.sparsity, 1.0 - float(ctx.keep[t.name].double().mean()))
+                   for t in ctx.targets) / total
+    else:
+        most = max(ctx.sparsity, before)
+    low, high = ctx.sparsity - 0.01 - grain, most + 0.01 + grain
     if not low <= reached <= (high if ctx.config.pattern is None else 1.0):
         raise ValueError(f"{_who(ctx)}: the step's keep-masks have sparsity {reached:.4f} over its weights, the "
                          f"step asked for {ctx.sparsity:.4f} (ctx.sparsity; {before:.4f} before the step)")
