@@ -277,3 +277,10 @@ def test_a_small_last_chunk_is_spread_over_the_others(total, expect):
     assert chunk_samples(numel, 4, 1, total=256) == 256  # the default cap (256) allows it
     assert chunk_samples(numel, 4, 1, total=260) == 251  # 260 > MAX_CHUNK_SAMPLES: two calls
     assert chunk_samples(numel, 4, 2, total=300) == 256  # groups of 2: 128 groups (MAX_CHUNK_SAMPLES) a call
+
+
+def test_the_last_chunk_is_spread_off_the_cpu_only():
+    from woodfisher.chunking import spread_total
+    assert spread_total(256, 1, torch.device("cpu")) is None      # one larger call can be slower there
+    assert spread_total(256, 2, torch.device("cuda")) == 512     # launches dominate: one call fewer
+    assert spread_total(None, 1, torch.device("cuda")) is None   # the pass's length is unknown

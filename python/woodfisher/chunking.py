@@ -19,11 +19,11 @@ from .precision import prepare_batch
 
 __all__ = ["CHUNK_BYTES", "MAX_CHUNK_SAMPLES", "SampleChunks", "fitted_chunks", "fitted_chunk", "remember_chunk",
            "vmap_refused", "remember_vmap_refused",
-           "chunk_samples", "plain_size", "batch_size", "signature", "cat_batches"]
+           "chunk_samples", "spread_total", "plain_size", "batch_size", "signature", "cat_batches"]
 
 #: Default memory (bytes) for the gradients of one chunk. Every chunk is one ``vmap`` call whose operator count
-#: does not depend on its samples (296 kernels for ResNet-20): a ResNet-20-sized model's 256 gradients are one
-#: call (251 fit, the other 5 are spread: :func:`chunk_samples`'s ``total``). A larger budget only helps models
+#: does not depend on its samples (296 kernels for ResNet-20): off the CPU a ResNet-20-sized model's 256 gradients
+#: are one call (251 fit, the other 5 are spread: :func:`spread_total`). A larger budget only helps models
 #: whose gradients are larger; on the CPU one 512 MiB call was 5% faster on ResNet-20 and 14% slower on a
 #: MobileNet-like net (larger working set; paired runs, idle host), so the CPU keeps 256 MiB;
 #: ``benchmarks/step_cpu.py`` times one chunk beside it for a GPU, where launches dominate.
@@ -43,9 +43,10 @@ def chunk_samples(numel: int, itemsize: int, fisher_batch_size: int, chunk_bytes
         chunk_bytes: memory for the chunk's gradients, one per group.
         max_samples: cap on the samples of a chunk (at least one group is always taken).
         total: the samples of the whole pass, when known and ``chunk_bytes`` is a soft budget (the default one,
-            not a memory plan's): a last chunk of at most 1/8 of the others is spread over them instead (each
-            then up to 12.5% over ``chunk_bytes``, never over ``max_samples``), saving a ``vmap`` call whose
-            operators cost what a full one's do (ResNet-20's 256 gradients: one call of 256, not 251 + 5).
+            not a memory plan's) on a device where launches dominate (:func:`spread_total`): a last chunk of at
+            most 1/8 of the others is spread over them instead (each then up to 12.5% over ``chunk_bytes``,
+            never over ``max_samples``), saving a ``vmap`` call whose operators cost what a full one's do
+            (ResNet-20's 256 gradients: one call of 256, 296 kernels, not 251 + 5, 626 kernels).
     Returns:
         a multiple of ``fisher_batch_size``, >= ``fisher_batch_size``.
     """
@@ -59,6 +60,16 @@ def chunk_samples(numel: int, itemsize: int, fisher_batch_size: int, chunk_bytes
             if spread * fisher_batch_size <= max_samples:
                 groups = spread
     return groups * fisher_batch_size
+
+
+def spread_total(num_grads: Optional[int], fisher_batch_size: int, device: torch.device) -> Optional[int]:
+    """The ``total`` of :func:`chunk_samples` for a pass of ``num_grads`` groups on ``device``: None (no spreading)
+    on the CPU, where the call's cost is not its launches and one larger call can be slower (a MobileNet-like
+    net's 256 samples in one call took 2.1 s, 248 + 8 took 1.6 s; ResNet-20 5% faster in one call), or when the
+    length of the pass is unknown."""
+    if num_grads is None or torch.device(device).type == "cpu":
+        return None
+    return int(num_grads) * int(fisher_batch_size)
 
 
 #: Samples per call that fitted after a chunk ran out of memory, inside :func:`fitted_chunks` (else None).

@@ -65,6 +65,7 @@ from .chunking import (
     fitted_chunk,
     remember_chunk,
     remember_vmap_refused,
+    spread_total,
     vmap_refused,
 )
 from .diagnostics import warn_at_caller
@@ -112,7 +113,7 @@ class GradientCollector:
             :mod:`woodfisher.progress` display, else a tqdm bar of its own.
         batch_adapter: loader item -> :class:`woodfisher.Batch` (None: the default reading).
         chunk_bytes: memory for one chunk's gradients (see :func:`chunk_samples`); None: :data:`CHUNK_BYTES`, as
-            a soft budget (a small last chunk is spread over the others).
+            a soft budget (off the CPU, a small last chunk is spread over the others: :func:`spread_total`).
         per_sample: "vmap" | "expanded": how ``fisher_batch_size=1`` gradients are formed (module docstring).
 
     After a pass (:meth:`collect` or :meth:`chunks` exhausted): ``count`` (gradients
@@ -151,7 +152,7 @@ class GradientCollector:
         # no target, no model loss; a target that cannot be split into per-sample targets along dim 0
         check = None if self.sampled else (
             lambda batch: check_labelled(batch, loss_fn, forward) or check_batch_dims(batch))
-        soft = None if chunk_bytes is not None or self.num_grads is None else self.num_grads * self.fbs
+        soft = None if chunk_bytes is not None else spread_total(self.num_grads, self.fbs, targets[0].param.device)
         chunk = chunk_samples(sum(target.numel for target in targets), itemsize, self.fbs,
                               CHUNK_BYTES if chunk_bytes is None else chunk_bytes, total=soft)
         # an earlier step of the same call ran out of memory: its size (chunking.fitted_chunks)

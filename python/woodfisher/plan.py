@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .chunking import chunk_samples
+from .chunking import chunk_samples, spread_total
 from .conditioning import refine_bytes
 from .diagnostics import warn_at_caller
 from .memory import available_bytes
@@ -179,8 +179,8 @@ def keep_step_bytes(targets: List[PruneTarget], num_grads: int, itemsize: int, f
     """
     d, m = sum(target.numel for target in targets), num_grads
     grads = m * d * itemsize
-    chunk = min(m, chunk_samples(d, itemsize, fisher_batch_size, total=m * fisher_batch_size) // fisher_batch_size) \
-        * d * itemsize
+    total = spread_total(m, fisher_batch_size, targets[0].param.device)
+    chunk = min(m, chunk_samples(d, itemsize, fisher_batch_size, total=total) // fisher_batch_size) * d * itemsize
     seq = sum(target.num_blocks * target.block_size ** 2 for target in targets) * itemsize
     low = sum(target.num_blocks * (m * target.block_size + m * m) for target in targets) * itemsize
     dense = [target for target in targets if inverse_form == "sequential" or (
