@@ -56,7 +56,8 @@ def test_floor_text_follows_how_the_report_measured_it():
     assert "gradient entries once into memory already mapped (fresh memory adds" in mapped
 
 
-@pytest.mark.parametrize("name", ["step_cpu", "step_cpu_b925bb6_vs_7637a2b", "step_cpu_vs_1c3245b", "step_cpu_mlpnet_main", "step_cuda"])
+@pytest.mark.parametrize("name", ["step_cpu", "step_cpu_b925bb6_vs_7637a2b", "step_cpu_vs_1c3245b",
+                                  "step_cpu_mlpnet_main", "step_cuda"])
 def test_committed_reports_render_to_their_markdown(name):
     with open(os.path.join(RESULTS, f"{name}.json")) as f:
         report = json.load(f)
