@@ -284,3 +284,37 @@ def test_the_last_chunk_is_spread_off_the_cpu_only():
     assert spread_total(256, 1, torch.device("cpu")) is None      # one larger call can be slower there
     assert spread_total(256, 2, torch.device("cuda")) == 512     # launches dominate: one call fewer
     assert spread_total(None, 1, torch.device("cuda")) is None   # the pass's length is unknown
+
+
+def test_a_spread_chunk_is_one_vmap_call_with_the_same_gradients(monkeypatch):
+    """The path a GPU takes (spread_total gives the pass's length off the CPU), forced here: a pass whose last chunk
+    would be small is one vmap call, with the gradients of the unspread calls."""
+    import woodfisher.gradients as gradients_module
+    from woodfisher import per_sample
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+    targets = resolve_targets(model)
+    numel = sum(t.numel for t in targets)
+    x, y = torch.randn(36, 10, dtype=torch.float64), torch.randint(0, 3, (36,))
+    loader = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 36, 4)]
+    budget = 32 * numel * 8  # 32 gradients per call: 36 = 32 + 4 unspread
+    calls, real = [], per_sample.vmap_grads
+
+    def counted(*args):
+        calls.append(args[2].size)
+        return real(*args)
+    monkeypatch.setattr(per_sample, "vmap_grads", counted)
+    monkeypatch.setattr(gradients_module, "CHUNK_BYTES", budget)
+    plain = GradientCollector(model, loader, targets, num_grads=36, progress=False).collect()
+    assert calls == [32, 4]
+    calls.clear()
+    monkeypatch.setattr(gradients_module, "spread_total", lambda m, fbs, device: m * fbs)
+    spread = GradientCollector(model, loader, targets, num_grads=36, progress=False).collect()
+    assert calls == [36]
+    for name in plain:
+        torch.testing.assert_close(spread[name], plain[name], rtol=1e-12, atol=1e-14)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x[35:36]), y[35:36]).backward()  # the last sample, in the spread part
+    for t in targets:
+        torch.testing.assert_close(spread[t.name][35], t.param.grad.flatten(), rtol=1e-10, atol=1e-12)
