@@ -107,3 +107,40 @@ def test_no_native_batch_norm_under_vmap():
         collector.collect()
     assert torch.ops.aten.native_batch_norm.default not in count.seen
     assert torch.ops.aten.clone.default not in count.seen  # the batching rule's per-sample copies
+    # the per-channel scale and shift are computed once, before the call, for all layers (foreach kernels)
+    assert torch.ops.aten.rsqrt.default not in count.seen
+    assert torch.ops.aten.sub.Tensor not in count.seen
+    assert count.seen[torch.ops.aten._foreach_rsqrt_.default] == 1
+
+
+def test_a_differentiated_batch_norm_weight_is_not_taken_from_before_the_transform():
+    """A layer whose weight is differentiated (``torch.func.grad`` over it) computes its scale inside the transform:
+    the gradient is the native layer's (float64 autograd as the reference), not the one of a constant scale."""
+    torch.manual_seed(4)
+    bn = _with_stats(nn.BatchNorm2d(3).double())
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    weight = bn.weight.detach().clone()
+
+    def loss(w):
+        return torch.func.functional_call(bn, {"weight": w}, (x,)).square().sum()
+
+    with batch_norm_as_affine(bn):  # scale and shift computed from the layer's own tensors
+        got = torch.func.grad(loss)(weight)
+    want = torch.autograd.grad(bn(x).square().sum(), bn.weight)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_folded_output_equals_the_layer_own_eval_output(affine):
+    """``x * scale + shift`` with the scale and shift computed before the block is the layer's eval-mode output
+    (float64), for the model's own tensors (``state=None``)."""
+    torch.manual_seed(6)
+    model = _with_stats(nn.Sequential(nn.BatchNorm2d(3, affine=affine), nn.BatchNorm1d(4, eps=1e-3)).double())
+    x2, x1 = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    want = model[0](x2), model[1](x1)
+    with batch_norm_as_affine(model), _Count() as count:
+        got = model[0](x2), model[1](x1)
+    assert torch.ops.aten.native_batch_norm.default not in count.seen
+    assert torch.ops.aten.rsqrt.default not in count.seen
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

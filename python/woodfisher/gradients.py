@@ -203,7 +203,7 @@ class GradientCollector:
         if self._use_vmap and self.fbs == 1:
             try:
                 with per_sample.batched_rnn_states(self.inner), per_sample.time_major_guard(self.inner, 1), \
-                        batch_norm_as_affine(self.inner):
+                        batch_norm_as_affine(self.inner, {**params, **buffers}):
                     return per_sample.vmap_grads(group_loss, sub, flat)
             except Exception as err:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
                 if is_out_of_memory(err):
