@@ -23,9 +23,9 @@ A model whose BatchNorm layers normalize with the statistics of the batch even i
 its batch, and ``vmap`` over single samples gives other numbers than any batched pass
 (:func:`check_batch_statistics` refuses it for ``fisher_batch_size=1``).
 
-Kernels dispatched for ResNet-20's 256 per-sample gradients (the count of ``benchmarks/step_cpu.py``, one
-chunk): the batched forward+backward 151, ``vmap`` 296 (BatchNorm as plain operators:
-:mod:`woodfisher.vmap_modules`), expanded weights 442.
+Kernels dispatched for ResNet-20's 256 per-sample gradients (``benchmarks/step_ops.py``, one chunk): the batched
+forward+backward 151, ``vmap`` 218 (BatchNorm as a per-channel multiply and add: :mod:`woodfisher.vmap_modules`),
+expanded weights 442.
 """
 from __future__ import annotations
 
