@@ -172,13 +172,15 @@ class GradientCollector:
         return self._source.chunk
 
     # ---- gradients --------------------------------------------------------------
-    def _loss_fn(self, params, buffers):
+    def _loss_fn(self, params, buffers, gathered: bool = False):
+        """``group_loss(sub, args, kwargs, target)``: the loss with the weights ``sub`` in place; ``gathered``: the
+        default cross-entropy in the form ``vmap`` batches with fewer operators (:func:`.losses.default_loss`)."""
         model, loss_fn = self.inner, self.loss_fn
         fixed = {k: v for k, v in params.items() if k not in self._keys}
 
         def group_loss(sub, args, kwargs, target):
             out = functional_call(model, ({**fixed, **sub}, buffers), tuple(args), dict(kwargs))
-            return compute_loss(out, target, loss_fn)
+            return compute_loss(out, target, loss_fn, gathered)
         return group_loss
 
     def _tick(self, n: int) -> None:
@@ -204,7 +206,7 @@ class GradientCollector:
             try:
                 with per_sample.batched_rnn_states(self.inner), per_sample.time_major_guard(self.inner, 1), \
                         batch_norm_as_affine(self.inner, {**params, **buffers}):
-                    return per_sample.vmap_grads(group_loss, sub, flat)
+                    return per_sample.vmap_grads(self._loss_fn(params, buffers, gathered=True), sub, flat)
             except Exception as err:  # noqa: BLE001 - untraceable model/loss: use the autograd loop
                 if is_out_of_memory(err):
                     raise
