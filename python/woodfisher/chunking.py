@@ -22,7 +22,7 @@ __all__ = ["CHUNK_BYTES", "MAX_CHUNK_SAMPLES", "SampleChunks", "fitted_chunks", 
            "chunk_samples", "spread_total", "plain_size", "batch_size", "signature", "cat_batches"]
 
 #: Default memory (bytes) for the gradients of one chunk. Every chunk is one ``vmap`` call whose operator count
-#: does not depend on its samples (218 kernels for ResNet-20): off the CPU a ResNet-20-sized model's 256 gradients
+#: does not depend on its samples (209 kernels for ResNet-20): off the CPU a ResNet-20-sized model's 256 gradients
 #: are one call (251 fit, the other 5 are spread: :func:`spread_total`). A larger budget only helps models
 #: whose gradients are larger; on the CPU one 512 MiB call was 5% faster on ResNet-20 and 14% slower on a
 #: MobileNet-like net (larger working set; paired runs, idle host), so the CPU keeps 256 MiB;
@@ -46,7 +46,7 @@ def chunk_samples(numel: int, itemsize: int, fisher_batch_size: int, chunk_bytes
             not a memory plan's) on a device where launches dominate (:func:`spread_total`): a last chunk of at
             most 1/8 of the others is spread over them instead (each then up to 12.5% over ``chunk_bytes``,
             never over ``max_samples``), saving a ``vmap`` call whose operators cost what a full one's do
-            (ResNet-20's 256 gradients: one call of 256, 218 kernels, not 251 + 5, 470 kernels).
+            (ResNet-20's 256 gradients: one call of 256, 209 kernels, not 251 + 5, 452 kernels).
     Returns:
         a multiple of ``fisher_batch_size``, >= ``fisher_batch_size``.
     """

@@ -24,7 +24,8 @@ its batch, and ``vmap`` over single samples gives other numbers than any batched
 (:func:`check_batch_statistics` refuses it for ``fisher_batch_size=1``).
 
 Kernels dispatched for ResNet-20's 256 per-sample gradients (``benchmarks/step_ops.py``, one chunk): the batched
-forward+backward 151, ``vmap`` 218 (BatchNorm as a per-channel multiply and add: :mod:`woodfisher.vmap_modules`),
+forward+backward 151, ``vmap`` 209 (BatchNorm as a per-channel multiply and add: :mod:`woodfisher.vmap_modules`;
+the default cross-entropy as ``log_softmax`` + ``gather``: :func:`woodfisher.losses.default_loss`),
 expanded weights 442.
 """
 from __future__ import annotations

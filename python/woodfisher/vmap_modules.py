@@ -5,7 +5,7 @@
   form). ``native_batch_norm``'s batching rule copies the statistics and parameters for every sample (17 operators
   per layer and ``vmap`` call); written as plain operators the layer takes 7, and with ``scale`` and ``shift``
   computed before the call for all layers at once (a few foreach kernels) 3 (a multiply and an add, and the
-  multiply of the backward pass). ResNet-20's 256 per-sample gradients in one call dispatch 218 kernels against 151
+  multiply of the backward pass). ResNet-20's 256 per-sample gradients in one call dispatch 209 kernels against 151
   for the model's own batched forward+backward (``benchmarks/step_cpu.py``'s count; 828 in two calls before the
   rewrite), which is what a launch-bound GPU pays for;
 - :func:`batched_rnn_states`: recurrent layers called without an initial state get zeros batched like their input;
