@@ -60,11 +60,12 @@ def _estimate(model: nn.Module, config: PruneConfig):
     """(config fitted to its pattern, :func:`estimate_memory`'s report)."""
     config = fit_pattern(model, config)
     method = config.method_impl
-    targets = resolve_targets(model, config.modules, None)
+    targets = resolve_targets(model, config.modules, None, exclude=config.exclude)
     steps = config.steps(sparsity_of({t.name: t.keep_mask() for t in targets}))
     first = config.replace(num_grads=steps[0][1] if steps else config.num_grads, num_steps=1)
     block = method.block_size(first)
-    targets = resolve_targets(model, config.modules, block, channels_last=config.channels_last)
+    targets = resolve_targets(model, config.modules, block, channels_last=config.channels_last,
+                              exclude=config.exclude)
     itemsize = stat_itemsize(targets)
     m, auto = first.num_grads, config.damp == "auto"
     plan, k, refused = "diag", None, None

@@ -30,6 +30,7 @@ from .option_checks import (
     check_choice,
     check_int,
     check_int_or,
+    check_names,
     check_pattern_sparsity,
     pattern_fixed_sparsity,
 )
@@ -126,6 +127,11 @@ class PruneConfig:
         modules: module or parameter names to prune, or shell-style patterns over full names
             (``"blocks.*.mlp.*"``: the default targets in the modules they match); None = every Linear /
             Conv weight, see :mod:`woodfisher.targets`; stored as a tuple.
+        exclude: names or shell-style patterns of weights not to prune, read as ``modules`` reads its entries
+            (exact names, tied aliases, wrapper prefixes; a module name means every target it holds; a pattern
+            matches the targets by their names or their modules' names): removed from the targets (the default
+            ones, or those ``modules`` picked); every entry must remove at least one target and at least one
+            target must be left (ValueErrors naming ``exclude``); None = nothing excluded; stored as a tuple.
         pattern: None, "N:M" (e.g. "2:4"; fixes the sparsity at 1 - N/M; N of every M consecutive input
             features of a Linear row, of every M consecutive input channels at each (out, kernel position) of a
             conv: the 2:4 sparse tensor core layout) or "rows" (whole rows, as many pruned entries as ``sparsity``
@@ -180,6 +186,7 @@ class PruneConfig:
     woodtaylor: bool = False
     beta: float = 0.0
     modules: Optional[Tuple[str, ...]] = None
+    exclude: Optional[Tuple[str, ...]] = None
     pattern: Optional[str] = None
     group_exact: bool = True
     memory_budget: Optional[int] = None
@@ -243,13 +250,8 @@ class PruneConfig:
             check_bool(name, getattr(self, name))
         _check_joint(self)
         check_int("seed", self.seed, low=0)
-        if self.modules is not None:
-            modules = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
-            if not modules or not all(isinstance(m, str) for m in modules):
-                objects = " (module objects: their names are [name for name, mod in model.named_modules() if mod is " \
-                    "layer])" if any(hasattr(m, "named_modules") for m in modules) else ""
-                raise ValueError(f"modules must be None or a non-empty list of names, got {self.modules!r}{objects}")
-            object.__setattr__(self, "modules", modules)
+        for name in ("modules", "exclude"):
+            object.__setattr__(self, name, check_names(name, getattr(self, name)))
         st.parse_pattern(self.pattern)
         check_group(self.group)
         for name, kind in [(n, int) for n in _INT_FIELDS] + [(n, float) for n in _FLOAT_FIELDS]:

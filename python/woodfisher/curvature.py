@@ -105,7 +105,8 @@ def _estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Pr
     with full_parameters(model), caller_modes_off(), warnings_held():  # FSDP: the full weights for the call
         config = fit_pattern(model, config)  # N:M on the default targets: those it fits
         method = config.method_impl
-        targets = resolve_targets(model, config.modules, method.block_size(config), channels_last=config.channels_last)
+        targets = resolve_targets(model, config.modules, method.block_size(config), channels_last=config.channels_last,
+                                  exclude=config.exclude)
         method.check_targets(targets, config)
         check_prunable(targets, config)
         require_loader(config, loader)

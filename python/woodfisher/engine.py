@@ -146,8 +146,8 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: Optional[float]
 
 #: Options a curvature was estimated with: :func:`prune_with` cannot change them (it would ignore them).
 FIXED_BY_CURVATURE = ("method", "block_size", "num_grads", "fisher_batch_size", "damp", "num_steps", "step_schedule",
-                      "woodtaylor", "modules", "sampled_fisher", "seed", "loss_fn", "batch_adapter", "inverse_form",
-                      "memory_budget", "group")
+                      "woodtaylor", "modules", "exclude", "sampled_fisher", "seed", "loss_fn", "batch_adapter",
+                      "inverse_form", "memory_budget", "group")
 
 
 def _check_fixed(curvature: Curvature, config: PruneConfig) -> None:
@@ -306,7 +306,7 @@ def _plan(model: nn.Module, loader: Optional[Iterable], config: PruneConfig):
     if config.keep_masks:
         refuse_held_masks(model, "keep_masks=True")
     method = config.method_impl
-    targets = resolve_targets(model, config.modules, None)
+    targets = resolve_targets(model, config.modules, None, exclude=config.exclude)
     before = _start(targets)
     start_sparsity = sparsity_of(before[1])
     steps = config.steps(start_sparsity)
@@ -322,7 +322,8 @@ def _plan(model: nn.Module, loader: Optional[Iterable], config: PruneConfig):
                        "fewer, larger steps")
     configs = [config.replace(num_grads=m, num_steps=1) for _, m in steps]
     block_size = method.block_size(configs[0])
-    targets = resolve_targets(model, config.modules, block_size, channels_last=config.channels_last)
+    targets = resolve_targets(model, config.modules, block_size, channels_last=config.channels_last,
+                              exclude=config.exclude)
     method.check_targets(targets, config)
     check_prunable(targets, config)
     require_loader(config, loader)
@@ -364,7 +365,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                 for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
                     with step_label(f"step {i + 1}/{len(steps)}" if len(steps) > 1 else None):
                         targets = resolve_targets(model, config.modules, method.block_size(step_config),
-                                                  channels_last=config.channels_last)
+                                                  channels_last=config.channels_last, exclude=config.exclude)
                         curvature = _estimate_step(model, loader, targets, step_config, config, len(steps))
                         release_notices()  # the loader and the model took the data: the call goes ahead
                         for phase in ("gradients", "inverse"):

@@ -181,14 +181,14 @@ class GradualPruner:
         with warnings_held():  # the pattern's notice only for a pruner that is made
             config = fit_pattern(model, asked)  # N:M on the default targets: those it fits, said once here
             targets = resolve_targets(model, config.modules, config.method_impl.block_size(config),
-                                      channels_last=config.channels_last)
+                                      channels_last=config.channels_last, exclude=config.exclude)
             config.method_impl.check_targets(targets, config)  # e.g. rows an N:M pattern does not fit
             if config.method_impl.curvature in ("blockwise", "diagonal"):  # per-sample gradients at every step
                 check_batch_statistics(unwrap_model(model)[0], config.fisher_batch_size)
             check_prunable(targets, config, final_sparsity, "final_sparsity")
         self.config = config
-        if config.modules != asked.modules:
-            prune_kwargs = dict(prune_kwargs, modules=list(config.modules))
+        if config.modules != asked.modules:  # fit_pattern's weights, the exclusions already taken out
+            prune_kwargs = dict(prune_kwargs, modules=list(config.modules), exclude=config.exclude)
         self.model, self.loader = model, loader
         self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
@@ -250,7 +250,7 @@ class GradualPruner:
         if due is None:
             return None
         target = self.target_sparsity(due)
-        snapshot = Snapshot(resolve_targets(self.model, self.config.modules), self.model)
+        snapshot = Snapshot(self._targets(), self.model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with fitted_chunks(self.fitted_chunks):
@@ -288,13 +288,17 @@ class GradualPruner:
         due = self.start_step + (min(step, self.end_step) - self.start_step) // self.frequency * self.frequency
         return None if self.last_step is not None and due <= self.last_step else due
 
+    def _targets(self):
+        """The pruned weights (``modules`` minus ``exclude``), whole-weight blocks."""
+        return resolve_targets(self.model, self.config.modules, exclude=self.config.exclude)
+
     def masks(self) -> Dict[str, torch.Tensor]:
         """Current keep-masks of the pruned weights.
 
         Returns:
             {weight name: bool keep-mask of the weight's shape}.
         """
-        return {target.name: target.keep_mask() for target in resolve_targets(self.model, self.config.modules)}
+        return {target.name: target.keep_mask() for target in self._targets()}
 
     def state_dict(self) -> dict:
         """Schedule, progress and masks (save it next to ``model.state_dict()``).
@@ -349,7 +353,7 @@ class GradualPruner:
     def _own_names(self, masks: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """``masks`` under this pruner's weight names: a state saved through another wrapper (DataParallel / DDP,
         torch.compile, or none: the ``module.`` / ``_orig_mod.`` prefixes) names the same weights."""
-        expected = [target.name for target in resolve_targets(self.model, self.config.modules)]
+        expected = [target.name for target in self._targets()]
         if sorted(masks) == sorted(expected):
             return dict(masks)
         theirs, mine = strip_wrapper_prefixes(masks), strip_wrapper_prefixes(expected)

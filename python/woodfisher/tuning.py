@@ -141,7 +141,8 @@ def _search(model, loader, heldout, sparsity, grid, loss_fn, options):
         raise ValueError(f"heldout must be an iterable of held-out batches, got {type(heldout).__name__}") from None
     adapter = options.get("batch_adapter")
     config = resolve_config(None, {**options, "loss_fn": loss_fn}, sparsity)
-    start = sparsity_of({target.name: target.keep_mask() for target in resolve_targets(model, config.modules, None)})
+    weights = resolve_targets(model, config.modules, None, exclude=config.exclude)
+    start = sparsity_of({target.name: target.keep_mask() for target in weights})
     if config.method_impl.curvature == "none":
         raise ValueError(f"method={config.method!r} uses no curvature, so its masks do not depend on the damp: "
                          "search_damp needs a method with a Fisher (e.g. 'woodfisher', 'diag_fisher', 'kfac')")

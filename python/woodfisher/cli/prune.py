@@ -48,7 +48,8 @@ from ._shapes import flops_note, input_shape
 
 #: PruneConfig fields that are flags of this command (same names as the API).
 CONFIG_FIELDS = ("sparsity", "method", "mode", "block_size", "num_grads", "fisher_batch_size", "damp", "num_steps",
-                 "step_schedule", "obs_update", "joint_update", "woodtaylor", "beta", "pattern", "modules", "seed",
+                 "step_schedule", "obs_update", "joint_update", "woodtaylor", "beta", "pattern", "modules", "exclude",
+                 "seed",
                  "group_exact", "memory_budget",
                  "sampled_fisher", "backend", "inverse_form", "per_sample_grads", "min_density", "progress")
 
@@ -88,6 +89,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--modules", nargs="+", default=None,
                    help="module or weight names to prune, or shell-style patterns over full names "
                         "(quoted: 'blocks.*.mlp.*'; default: the model's standard set)")
+    p.add_argument("--exclude", nargs="+", default=None,
+                   help="weights not to prune, taken out of the --modules ones: names, module names (all the weights "
+                        "they hold) or shell-style patterns (quoted: 'fc*'; e.g. --exclude conv1 fc)")
     p.add_argument("--group-exact", action=argparse.BooleanOptionalAction, default=True,
                    help="exact group statistic for patterns (--no-group-exact: the paper's Eq. 18)")
     p.add_argument("--memory-budget", type=str, default=None,
