@@ -29,10 +29,10 @@ def _zeros(t: torch.Tensor) -> int:
     return int((t == 0).sum())
 
 
-def _check_counts(model, fractions):
-    state = model.state_dict()
+def _check_counts(tensors, fractions):
+    """Each weight (or keep-mask: False counts as zero) holds exactly round(fraction * numel) zeros."""
     for name, s in fractions.items():
-        assert _zeros(state[name]) == round(s * state[name].numel()), name
+        assert _zeros(tensors[name]) == round(s * tensors[name].numel()), name
 
 
 @pytest.mark.parametrize("num_steps", [1, 2])
@@ -42,7 +42,7 @@ def test_each_weight_reaches_its_own_count(num_steps):
     result = wf.prune_one_shot(model, data, sparsity=sparsity, num_steps=num_steps, **FAST)
     expected = {"conv1.weight": 0.3, "block.0.weight": 0.7, "block.2.weight": 0.25, "head.fc1.weight": 0.9}
     assert list(result.masks) == list(expected) and result.config["sparsity"] == expected
-    _check_counts(model, expected)
+    _check_counts(model.state_dict(), expected)
     assert [row["target"] for row in result.layers] == list(expected.values())
     assert len(result.config["steps"]) == num_steps
     total = sum(result.masks[n].numel() for n in expected)
@@ -90,7 +90,7 @@ def test_a_weight_already_sparser_than_its_target_keeps_its_mask():
     with pytest.warns(UserWarning, match="already hold more zeros"):
         wf.prune_one_shot(model, data, sparsity={"conv1": 0.5, "block": 0.5}, **FAST)
     assert torch.equal((model.conv1.weight == 0), (before == 0))
-    _check_counts(model, {"block.0.weight": 0.5, "block.2.weight": 0.5})
+    _check_counts(model.state_dict(), {"block.0.weight": 0.5, "block.2.weight": 0.5})
 
 
 def test_precedence_of_keys_and_mode_global():
@@ -104,7 +104,7 @@ def test_precedence_of_keys_and_mode_global():
         model = _Net()
         result = wf.prune_one_shot(model, _data(), sparsity=sparsity, **config)
         assert result.config["sparsity"] == {n: expected[n] for n in ALL if n in expected}
-        _check_counts(model, expected)
+        _check_counts(model.state_dict(), expected)
 
 
 def test_modules_and_exclude_narrow_the_keys():
@@ -171,16 +171,40 @@ def test_prune_with_a_dict_prunes_the_weights_its_keys_select():
     pruned = copy.deepcopy(model)
     result = wf.prune_with(pruned, curvature, {"block": 0.5, "head.fc1": 0.75})
     assert list(result.masks) == ["block.0.weight", "block.2.weight", "head.fc1.weight"]
-    _check_counts(pruned, {"block.0.weight": 0.5, "block.2.weight": 0.5, "head.fc1.weight": 0.75})
+    _check_counts(pruned.state_dict(), {"block.0.weight": 0.5, "block.2.weight": 0.5, "head.fc1.weight": 0.75})
     for name in ("conv1.weight", "head.fc2.weight"):
         assert torch.equal(pruned.state_dict()[name], dense[name])
     with pytest.raises(ValueError, match=r"sparsity\['nope'\]"):
         wf.prune_with(copy.deepcopy(model), curvature, {"nope": 0.5})
 
 
-def test_gradual_pruner_refuses_a_dict():
-    with pytest.raises(ValueError, match="final_sparsity must be a number"):
-        wf.GradualPruner(_Net(), _data(), final_sparsity={"conv1": 0.5}, end_step=2)
+def test_gradual_pruner_ramps_every_weight_to_its_own_fraction_and_resumes():
+    data = _data()
+    final = {"conv1": 0.3, "block": 0.6, "head.fc1": 0.9}
+    schedule = dict(final_sparsity=final, start_step=0, end_step=4, frequency=2, initial_sparsity=0.4)
+    model = _Net()
+    pruner = wf.GradualPruner(model, data, num_grads=16, progress=False, **schedule)
+    names = {"conv1.weight": 0.3, "block.0.weight": 0.6, "block.2.weight": 0.6, "head.fc1.weight": 0.9}
+    assert pruner.final_sparsity == names
+    for step in (0, 2):
+        pruner.step(step)
+        for name, f in names.items():  # each weight's own ramp, from min(initial_sparsity, its fraction)
+            s = wf.polynomial_sparsity(step, final_sparsity=f, start_step=0, end_step=4, frequency=2,
+                                       initial_sparsity=min(0.4, f))
+            keep = pruner.masks()[name]
+            assert int((~keep).sum()) == round(s * keep.numel()), (step, name)
+    state = pruner.state_dict()
+    other = _Net()
+    resumed = wf.GradualPruner(other, data, num_grads=16, progress=False, **schedule)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.masks()[n], pruner.masks()[n]) for n in names)
+    resumed.step(4)
+    _check_counts(resumed.masks(), names)
+    changed = wf.GradualPruner(_Net(), data, num_grads=16, progress=False, **dict(schedule, final_sparsity=0.5))
+    with pytest.raises(ValueError, match="different schedule"):
+        changed.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"final_sparsity\['block'\] must lie in \[0, 1\)"):
+        wf.GradualPruner(_Net(), data, final_sparsity={"block": 1.0}, end_step=2)
 
 
 @pytest.fixture(scope="module")
@@ -204,15 +228,10 @@ def test_the_cli_takes_per_weight_sparsities(mlp_ckpt, tmp_path, capsys, spellin
     assert "target %" in capsys.readouterr().out
     state = torch.load(out / "pruned.pt", weights_only=True)
     expected = {"layers.0.weight": 0.5, "layers.1.weight": 0.8, "layers.2.weight": 0.8}
-    _check_counts_state(state, expected)
+    _check_counts(state, expected)
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["sparsity"] == expected
     assert [row["target"] for row in report["layers"]] == pytest.approx([50.0, 80.0, 80.0])
-
-
-def _check_counts_state(state, fractions):
-    for name, s in fractions.items():
-        assert _zeros(state[name]) == round(s * state[name].numel()), name
 
 
 @pytest.mark.parametrize("value, match", [("layers.0=1.5", r"sparsity\['layers.0'\] must lie in \[0, 1\)"),

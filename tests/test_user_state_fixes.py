@@ -117,10 +117,11 @@ def test_a_per_weight_sparsity_dict_prunes_each_weight_and_module_objects_say_th
     model, data = tiny_mlp(seed=0), tiny_data(seed=0)
     result = wf.prune_one_shot(model, data, sparsity={"0": 0.9, "2": 0.5}, num_grads=16, progress=False)
     assert [round(row["sparsity"] * row["numel"]) for row in result.layers] == [round(0.9 * 30), round(0.5 * 20)]
+    from woodfisher.pai import prune_at_init
     model = tiny_mlp(seed=0)
-    with pytest.raises(ValueError, match=r"final_sparsity must be a number .*dict.*are the sparsity of "
-                                         r"prune_one_shot.*final_sparsity takes one number"):
-        wf.GradualPruner(model, data, final_sparsity={"0": 0.9})
+    with pytest.raises(ValueError, match=r"sparsity must be a number .*dict.*are the sparsity of "
+                                         r"prune_one_shot.*sparsity takes one number"):
+        prune_at_init(model, data, sparsity={"0": 0.9}, criterion="magnitude", progress=False)
     with pytest.raises(ValueError, match=r"got tensor\(0.5000\) \(a tensor: pass float"):
         wf.prune_one_shot(model, data, sparsity=torch.tensor(0.5))
     with pytest.raises(ValueError, match=r"modules .*named_modules\(\) if mod is layer"):

@@ -39,26 +39,27 @@ def is_per_weight(sparsity: Any) -> bool:
     return isinstance(sparsity, Mapping)
 
 
-def check_sparsity_map(sparsity: Mapping) -> Dict[str, float]:
+def check_sparsity_map(sparsity: Mapping, name: str = "sparsity") -> Dict[str, float]:
     """Validate ``sparsity={name or pattern: fraction}``.
 
     Args:
         sparsity: a non-empty mapping of str keys to real numbers in [0, 1).
+        name: the caller's name of the argument (``"final_sparsity"`` for :class:`woodfisher.GradualPruner`).
     Returns:
         a plain dict of the same keys, values as floats.
     Raises:
-        ValueError: an empty mapping or a key that is not a non-empty str (naming ``sparsity``), a value that is not
-            a number in [0, 1) (naming ``sparsity[key]``).
+        ValueError: an empty mapping or a key that is not a non-empty str (naming ``name``), a value that is not
+            a number in [0, 1) (naming ``name[key]``).
     """
     if not sparsity:
-        raise ValueError("sparsity: an empty dict selects no weight; pass {name or pattern: fraction}, e.g. "
-                         "sparsity={'features.*': 0.9, 'classifier': 0.5}")
+        raise ValueError(f"{name}: an empty dict selects no weight; pass {{name or pattern: fraction}}, e.g. "
+                         f"{name}={{'features.*': 0.9, 'classifier': 0.5}}")
     out = {}
     for key, value in sparsity.items():
         if not isinstance(key, str) or not key:
-            raise ValueError(f"sparsity: keys are weight or module names or shell-style patterns (non-empty str), "
+            raise ValueError(f"{name}: keys are weight or module names or shell-style patterns (non-empty str), "
                              f"got {key!r}")
-        out[key] = check_sparsity(value, f"sparsity[{key!r}]")
+        out[key] = check_sparsity(value, f"{name}[{key!r}]")
     return out
 
 
