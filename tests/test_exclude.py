@@ -232,3 +232,10 @@ def test_exclude_with_an_nm_pattern_on_the_default_targets(exclude, pruned, dens
     assert list(result.masks) == pruned
     for name in set(ALL) - set(pruned):
         assert torch.equal(model.state_dict()[name], before[name])
+
+
+def test_the_pai_command_takes_exclude(tmp_path):
+    out = tmp_path / "pai"
+    assert main(["pai", "--model", "digits_mlp", "--sparsity", "0.5", "--criterion", "magnitude", "--score-samples",
+                 "32", "--exclude", "layers.2", "--no-progress", "--out", str(out)]) == 0
+    assert list(torch.load(out / "masks.pt", weights_only=True)) == ["layers.0.weight", "layers.1.weight"]

@@ -133,7 +133,8 @@ def select_masks(scores: Scores, sparsity: Union[float, Mapping[str, float]], mo
     Raises:
         ValueError: ``sparsity`` not in [0, 1), an unknown ``mode``, ``min_density`` not in
             [0, 1], ``scores`` not a non-empty dict of tensors, NaN scores (naming the parameter), or ``pruned``
-            not a dict of bool masks of the scores' shapes (naming the entry).
+            not a dict of bool masks of the scores' shapes (naming the entry); a ``sparsity`` dict without a scored
+            name (naming ``sparsity``) or with a value outside [0, 1) (naming ``sparsity[name]``).
     """
     if not isinstance(sparsity, Mapping):
         sparsity = check_sparsity(sparsity)

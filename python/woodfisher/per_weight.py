@@ -149,8 +149,13 @@ def weight_steps(config, start: Union[float, Mapping[str, float]]) -> List[Tuple
         start: {name: current sparsity}, or one number for every weight.
     Returns:
         [({name: sparsity of the step}, gradients of the step)], the gradients summing to ``num_grads``.
+    Raises:
+        ValueError: a ``start`` dict without a key of ``sparsity`` (naming ``start``).
     """
     finals = config.sparsity
+    if isinstance(start, Mapping) and any(name not in start for name in finals):
+        raise ValueError(f"start: per-weight starts must name every key of sparsity ({list(finals)}), got "
+                         f"{list(start)}")
     starts = {name: float(start[name] if isinstance(start, Mapping) else start) for name in finals}
     live = [name for name, final in finals.items() if final > starts[name]]
     n = max((step_count(config, starts[name], finals[name]) for name in live), default=1)
