@@ -113,12 +113,15 @@ def test_pai_scoring_passes_leave_the_buffers_a_forward_writes(criterion, train_
     _assert_kept(model[1], before)
 
 
-def test_a_per_weight_sparsity_dict_says_how_and_module_objects_say_their_names():
+def test_a_per_weight_sparsity_dict_prunes_each_weight_and_module_objects_say_their_names():
     model, data = tiny_mlp(seed=0), tiny_data(seed=0)
-    with pytest.raises(ValueError, match=r"sparsity .*dict.*sparsity=0.9, modules=\['fc1'\]"):
-        wf.prune_one_shot(model, data, sparsity={"0": 0.9, "2": 0.5})
-    with pytest.raises(ValueError, match=r"final_sparsity .*dict.*final_sparsity=0.9, modules=\['fc1'\]"):
-        wf.GradualPruner(model, data, final_sparsity={"0": 0.9})
+    result = wf.prune_one_shot(model, data, sparsity={"0": 0.9, "2": 0.5}, num_grads=16, progress=False)
+    assert [round(row["sparsity"] * row["numel"]) for row in result.layers] == [round(0.9 * 30), round(0.5 * 20)]
+    from woodfisher.pai import prune_at_init
+    model = tiny_mlp(seed=0)
+    with pytest.raises(ValueError, match=r"sparsity must be a number .*dict.*are the sparsity of "
+                                         r"prune_one_shot.*sparsity takes one number"):
+        prune_at_init(model, data, sparsity={"0": 0.9}, criterion="magnitude", progress=False)
     with pytest.raises(ValueError, match=r"got tensor\(0.5000\) \(a tensor: pass float"):
         wf.prune_one_shot(model, data, sparsity=torch.tensor(0.5))
     with pytest.raises(ValueError, match=r"modules .*named_modules\(\) if mod is layer"):

@@ -18,7 +18,7 @@ from .curvature import resolve_config
 from .diagnostics import notices_dropped, warnings_held
 from .distributed.estimate import check_shard_budget, check_sharded, plan_for, shard_bytes
 from .distributed.group import active_group
-from .masks import sparsity_of
+from .per_weight import fit_sparsities, weight_starts
 from .plan import keep_step_bytes, plan_memory, stat_itemsize, stream_step_bytes
 from .structured import fit_pattern
 from .targets import resolve_targets
@@ -58,13 +58,14 @@ def estimate_memory(model: nn.Module, config: Optional[PruneConfig] = None, **op
 
 def _estimate(model: nn.Module, config: PruneConfig):
     """(config fitted to its pattern, :func:`estimate_memory`'s report)."""
-    config = fit_pattern(model, config)
+    config = fit_sparsities(model, fit_pattern(model, config))
     method = config.method_impl
-    targets = resolve_targets(model, config.modules, None)
-    steps = config.steps(sparsity_of({t.name: t.keep_mask() for t in targets}))
+    targets = resolve_targets(model, config.modules, None, exclude=config.exclude)
+    steps = config.steps(weight_starts(config, {t.name: t.keep_mask() for t in targets}))
     first = config.replace(num_grads=steps[0][1] if steps else config.num_grads, num_steps=1)
     block = method.block_size(first)
-    targets = resolve_targets(model, config.modules, block, channels_last=config.channels_last)
+    targets = resolve_targets(model, config.modules, block, channels_last=config.channels_last,
+                              exclude=config.exclude)
     itemsize = stat_itemsize(targets)
     m, auto = first.num_grads, config.damp == "auto"
     plan, k, refused = "diag", None, None

@@ -18,7 +18,16 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from woodfisher_kernels.sizes import check_bytes
 
 from . import structured as st
-from .auto_rules import AUTO_BLOCK_PER_GRAD, AUTO_MANY_STEPS, AUTO_STEP_GRADS, AUTO_STEP_KEEP, auto_num_steps
+from .auto_rules import (
+    AUTO_BLOCK_PER_GRAD,
+    AUTO_MANY_STEPS,
+    AUTO_STEP_GRADS,
+    AUTO_STEP_KEEP,
+    auto_num_steps,
+    split_grads,
+    step_count,
+    step_sparsities,
+)
 from .damping import check_damp
 from .distributed.group import check_group, describe_group
 from .losses import check_loss_fn
@@ -30,10 +39,12 @@ from .option_checks import (
     check_choice,
     check_int,
     check_int_or,
+    check_names,
     check_pattern_sparsity,
     pattern_fixed_sparsity,
 )
 from .per_sample import PER_SAMPLE_PATHS
+from .per_weight import check_sparsity_map, is_per_weight, weight_steps
 
 __all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "SCHEDULES", "AUTO_MANY_STEPS", "check_int", "auto_num_steps",
            "pattern_fixed_sparsity", "check_pattern_sparsity", "AUTO_BLOCK_PER_GRAD", "AUTO_STEP_KEEP",
@@ -79,12 +90,19 @@ class PruneConfig:
 
     Attributes:
         sparsity: target fraction of zeros over the pruned weights, in [0, 1) (omitted, here, in
-            :meth:`from_options` and hence ``prune_one_shot``: 1 - N/M with ``pattern="N:M"``, else a ValueError).
+            :meth:`from_options` and hence ``prune_one_shot``: 1 - N/M with ``pattern="N:M"``, else a ValueError);
+            or a dict {weight / module name or shell-style pattern: fraction in [0, 1)}: the pruned weights are those
+            its keys select (within ``modules``, less ``exclude``), each pruned to its own fraction, ranked within
+            the weight as ``mode="layerwise"`` ranks (``mode`` is then not read: a dict means per-weight targets;
+            :mod:`woodfisher.per_weight` has the rules, e.g. a weight's own name wins over a pattern); stored as a
+            dict. Not with a ``pattern`` (ValueError naming ``pattern``); a bad value is a ValueError naming
+            ``sparsity[key]``.
         method: a name of :data:`woodfisher.methods.METHODS`: "woodfisher" (OBS with the
             blockwise inverse empirical Fisher, paper Eqs. 2, 10, 11), "magnitude"
             (layerwise |w|), "global_magnitude", "diag_fisher" (OBS with a diagonal Fisher),
             "kfac" (K-FAC OBS), or one of your own added by :func:`woodfisher.register_method`.
-        mode: "global" (joint ranking across weights) or "layerwise" (independent).
+        mode: "global" (joint ranking across weights) or "layerwise" (independent); a per-weight ``sparsity``
+            dict ranks each weight on its own whatever the mode.
         loss_fn: ``loss_fn(predictions, targets)`` -> mean loss; None = the model's own
             ``outputs.loss`` when it returns one, else :func:`woodfisher.losses.default_loss`. Per-sample
             gradients are taken through the predictions only: a term reading the model's parameters itself
@@ -126,6 +144,11 @@ class PruneConfig:
         modules: module or parameter names to prune, or shell-style patterns over full names
             (``"blocks.*.mlp.*"``: the default targets in the modules they match); None = every Linear /
             Conv weight, see :mod:`woodfisher.targets`; stored as a tuple.
+        exclude: names or shell-style patterns of weights not to prune, read as ``modules`` reads its entries
+            (exact names, tied aliases, wrapper prefixes; a module name means every target it holds; a pattern
+            matches the targets by their names or their modules' names): removed from the targets (the default
+            ones, or those ``modules`` picked); every entry must remove at least one target and at least one
+            target must be left (ValueErrors naming ``exclude``); None = nothing excluded; stored as a tuple.
         pattern: None, "N:M" (e.g. "2:4"; fixes the sparsity at 1 - N/M; N of every M consecutive input
             features of a Linear row, of every M consecutive input channels at each (out, kernel position) of a
             conv: the 2:4 sparse tensor core layout) or "rows" (whole rows, as many pruned entries as ``sparsity``
@@ -165,7 +188,8 @@ class PruneConfig:
             the method does not support; a keyword that is no field (naming it and the closest field).
     """
 
-    sparsity: Optional[float] = None   # omitted: the one an N:M pattern fixes, else a ValueError (not a TypeError)
+    # omitted: the one an N:M pattern fixes, else a ValueError (not a TypeError)
+    sparsity: Union[float, Dict[str, float], None] = None
     method: str = "woodfisher"
     mode: str = "global"
     loss_fn: Optional[Callable] = None
@@ -180,6 +204,7 @@ class PruneConfig:
     woodtaylor: bool = False
     beta: float = 0.0
     modules: Optional[Tuple[str, ...]] = None
+    exclude: Optional[Tuple[str, ...]] = None
     pattern: Optional[str] = None
     group_exact: bool = True
     memory_budget: Optional[int] = None
@@ -200,11 +225,17 @@ class PruneConfig:
         return super().__new__(cls)
 
     def __post_init__(self):
-        if self.sparsity is None:
-            object.__setattr__(self, "sparsity", pattern_fixed_sparsity(self.pattern))
-        check_sparsity(self.sparsity)
-        check_pattern_sparsity(self.sparsity, self.pattern)
-        object.__setattr__(self, "sparsity", pattern_fixed_sparsity(self.pattern, self.sparsity))  # 0.667 -> 2/3
+        if is_per_weight(self.sparsity):
+            object.__setattr__(self, "sparsity", check_sparsity_map(self.sparsity))
+            if self.pattern is not None:
+                raise ValueError(f"pattern={self.pattern!r} fixes one sparsity for every weight; sparsity as a dict "
+                                 "(per-weight fractions) is for unstructured pruning (pattern=None)")
+        else:
+            if self.sparsity is None:
+                object.__setattr__(self, "sparsity", pattern_fixed_sparsity(self.pattern))
+            check_sparsity(self.sparsity)
+            check_pattern_sparsity(self.sparsity, self.pattern)
+            object.__setattr__(self, "sparsity", pattern_fixed_sparsity(self.pattern, self.sparsity))  # 0.667 -> 2/3
         check_method(self.method)
         check_choice("mode", self.mode, MODES)
         for name in ("num_grads", "fisher_batch_size"):
@@ -237,24 +268,20 @@ class PruneConfig:
         check_choice("per_sample_grads", self.per_sample_grads, PER_SAMPLE_PATHS)
         if self.inverse_form == "offload" and self.memory_budget is None:
             raise ValueError("inverse_form='offload' needs memory_budget (device bytes) to size its chunks")
-        check_min_density(self.min_density, self.sparsity)
+        check_min_density(self.min_density, max(self.sparsity.values()) if is_per_weight(self.sparsity) else
+                          self.sparsity)
         for name in ("obs_update", "joint_update", "woodtaylor", "group_exact", "sampled_fisher", "progress",
                      "keep_masks"):
             check_bool(name, getattr(self, name))
         _check_joint(self)
         check_int("seed", self.seed, low=0)
-        if self.modules is not None:
-            modules = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
-            if not modules or not all(isinstance(m, str) for m in modules):
-                objects = " (module objects: their names are [name for name, mod in model.named_modules() if mod is " \
-                    "layer])" if any(hasattr(m, "named_modules") for m in modules) else ""
-                raise ValueError(f"modules must be None or a non-empty list of names, got {self.modules!r}{objects}")
-            object.__setattr__(self, "modules", modules)
+        for name in ("modules", "exclude"):
+            object.__setattr__(self, name, check_names(name, getattr(self, name)))
         st.parse_pattern(self.pattern)
         check_group(self.group)
         for name, kind in [(n, int) for n in _INT_FIELDS] + [(n, float) for n in _FLOAT_FIELDS]:
             value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
+            if value is not None and not isinstance(value, (str, dict)):
                 object.__setattr__(self, name, kind(value))
         METHODS[self.method].check(self)
 
@@ -269,35 +296,31 @@ class PruneConfig:
         """Whether a loader is required (curvature or FLOPs-aware statistic)."""
         return self.method_impl.curvature != "none" or self.beta > 0
 
-    def steps(self, start: float = 0.0) -> List[Tuple[float, int]]:
+    def steps(self, start: Union[float, Dict[str, float]] = 0.0) -> List[Tuple[Any, int]]:
         """The steps of a call from sparsity ``start``: [(target sparsity, gradients of the step)].
 
         ``num_steps`` ("auto": :func:`auto_num_steps`, 1 with a pattern or for a method
-        without curvature) steps on ``step_schedule``; ``num_grads`` split over them. A
-        step never lowers the sparsity below ``start``; layerwise (each weight to its own target) a ``start`` at or
-        above the final sparsity gives one step at the final sparsity.
+        without curvature) steps on ``step_schedule`` (:func:`woodfisher.auto_rules.step_sparsities`); ``num_grads``
+        split over them. A step never lowers the sparsity below ``start``; layerwise (each weight to its own
+        target) a ``start`` at or above the final sparsity gives one step at the final sparsity. A per-weight
+        ``sparsity`` (keys: the target names, :func:`woodfisher.per_weight.fit_sparsities`) schedules every weight
+        from its own start to its own target on the same rule, in the steps the weight needing most of them
+        plans (:func:`woodfisher.per_weight.weight_steps`).
 
         Args:
-            start: the model's current sparsity, a fraction in [0, 1).
+            start: the model's current sparsity, a fraction in [0, 1); per weight, {name: fraction} (one number:
+                every weight's).
         Returns:
-            List of ``(sparsity in [0, 1), number of gradients)``, one per step; the last
-            sparsity is :attr:`final_sparsity` and the gradients sum to ``num_grads``.
+            List of ``(sparsity in [0, 1), number of gradients)`` ({name: sparsity} per weight), one per step; the
+            last sparsity is :attr:`final_sparsity` and the gradients sum to ``num_grads``.
         """
+        if is_per_weight(self.sparsity):
+            return weight_steps(self, start)
         final = self.final_sparsity
         if final <= start and (self.method_impl.fixed_mode or self.mode) == "layerwise":
             return [(final, self.num_grads)]  # each weight to final (those above keep theirs): start is no floor
-        n = self.num_steps
-        if n == "auto":
-            n = 1 if self.pattern is not None or self.method_impl.curvature == "none" else \
-                auto_num_steps(start, final, self.num_grads)
-        if self.step_schedule == "linear" or final <= start:
-            targets = [start + (final - start) * (i + 1) / n for i in range(n)]
-        else:
-            d0, d1 = 1.0 - start, 1.0 - final
-            targets = [1.0 - d0 * (d1 / d0) ** ((i + 1) / n) for i in range(n)]
-        targets[-1] = final
-        base, extra = divmod(self.num_grads, n)
-        return [(max(start, s), base + (i < extra)) for i, s in enumerate(targets)]
+        n = step_count(self, start, final)
+        return list(zip(step_sparsities(start, final, n, self.step_schedule), split_grads(self.num_grads, n)))
 
     @property
     def fisher_block_size(self) -> Optional[int]:
@@ -319,8 +342,9 @@ class PruneConfig:
         return parsed is not None and parsed[0] == "nm"
 
     @property
-    def final_sparsity(self) -> float:
-        """The sparsity reached at the end: ``sparsity``, or the one an N:M pattern fixes."""
+    def final_sparsity(self) -> Union[float, Dict[str, float]]:
+        """The sparsity reached at the end: ``sparsity`` (a dict for per-weight fractions), or the one an N:M
+        pattern fixes."""
         parsed = st.parse_pattern(self.pattern)
         fixed = st.pattern_sparsity(parsed) if parsed is not None else None
         return self.sparsity if fixed is None else fixed

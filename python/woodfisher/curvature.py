@@ -43,6 +43,7 @@ from .gradients import GradientCollector
 from .kfac import kfac_factors, kfac_inverse
 from .left_out import warn_left_out
 from .offload import estimate_offloaded
+from .per_weight import fit_sparsities
 from .plan import plan_memory, stat_itemsize
 from .progress import display, phase
 from .state import caller_modes_off, derived_weights_kept, fingerprint
@@ -104,8 +105,10 @@ def _estimate_curvature(model: nn.Module, loader: Optional[Iterable], config: Pr
     # its loader and model on the data
     with full_parameters(model), caller_modes_off(), warnings_held():  # FSDP: the full weights for the call
         config = fit_pattern(model, config)  # N:M on the default targets: those it fits
+        config = fit_sparsities(model, config)  # a per-weight dict: the weights its keys select
         method = config.method_impl
-        targets = resolve_targets(model, config.modules, method.block_size(config), channels_last=config.channels_last)
+        targets = resolve_targets(model, config.modules, method.block_size(config), channels_last=config.channels_last,
+                                  exclude=config.exclude)
         method.check_targets(targets, config)
         check_prunable(targets, config)
         require_loader(config, loader)

@@ -35,12 +35,14 @@ from .distributed.group import active_group, shows_progress
 from .finetune import hold_target_masks
 from .gradients import LoaderExhausted
 from .left_out import warn_left_out
-from .masks import COLLAPSE_DENSITY, collapsed, floor_shortfall, sparsity_of
+from .masks import COLLAPSE_DENSITY, collapsed, sparsity_of
 from .memory import note_out_of_memory
 from .methods import StepContext
 from .methods.outputs import check_step_output
+from .per_weight import fit_sparsities, is_per_weight, resolve_sparsities, weight_starts
 from .progress import display, step_label
 from .result import PruneResult, layer_rows
+from .start_notices import warn_below, warn_floor
 from .state import Snapshot, caller_modes_off, changed_weights, fingerprint
 from .structured import fit_pattern, parse_pattern, pattern_sparsity
 from .targets import PruneTarget, resolve_targets
@@ -70,8 +72,10 @@ def _result(model, targets, config, damp, forms, timings, start, extra=None, sta
     sparsity = sparsity_of(masks)
     overlap = None
     if config.pattern is None:
-        overlap, count = magnitude_overlap(start[0], start[1], masks, sparsity,
-                                           config.method_impl.fixed_mode or config.mode, config.min_density)
+        per = is_per_weight(config.sparsity)  # magnitude pruning asked for each weight's sparsity reached
+        overlap, count = magnitude_overlap(start[0], start[1], masks, weight_starts(config, masks) if per else sparsity,
+                                           "layerwise" if per else config.method_impl.fixed_mode or config.mode,
+                                           config.min_density)
         if config.method_impl.curvature != "none":
             warn_if_degenerate(overlap, count, config, stacklevel)
     if config.keep_masks:  # last: a failure here is undone by hold_target_masks, then by the snapshot
@@ -82,7 +86,8 @@ def _result(model, targets, config, damp, forms, timings, start, extra=None, sta
         warnings.warn(f"layer collapse: {empty} keep less than {COLLAPSE_DENSITY:g} of their entries at "
                       f"sparsity={config.sparsity!r} (mode={mode!r}); {_collapse_advice(empty, start[1])}",
                       stacklevel=stacklevel)
-    return PruneResult(masks=masks, layers=layer_rows(masks, forms), sparsity=sparsity, damp=damp,
+    return PruneResult(masks=masks, layers=layer_rows(masks, forms, config.sparsity),
+                       sparsity=sparsity, damp=damp,
                        config={**config.as_dict(), "modules": [target.name for target in targets], **(extra or {})},
                        timings=timings, collapsed=empty, magnitude_overlap=overlap)
 
@@ -146,8 +151,8 @@ def prune_with(model: nn.Module, curvature: Curvature, sparsity: Optional[float]
 
 #: Options a curvature was estimated with: :func:`prune_with` cannot change them (it would ignore them).
 FIXED_BY_CURVATURE = ("method", "block_size", "num_grads", "fisher_batch_size", "damp", "num_steps", "step_schedule",
-                      "woodtaylor", "modules", "sampled_fisher", "seed", "loss_fn", "batch_adapter", "inverse_form",
-                      "memory_budget", "group")
+                      "woodtaylor", "modules", "exclude", "sampled_fisher", "seed", "loss_fn", "batch_adapter",
+                      "inverse_form", "memory_budget", "group")
 
 
 def _check_fixed(curvature: Curvature, config: PruneConfig) -> None:
@@ -178,35 +183,6 @@ def _same_curvature(curvature: Curvature, config: PruneConfig) -> bool:
     new, old = config.method_impl, curvature.config.method_impl
     return (curvature.shard is None and new.curvature == curvature.kind
             and new.block_size(config) == old.block_size(curvature.config))
-
-
-def _warn_floor(config: PruneConfig, keep: Dict[str, torch.Tensor]) -> None:
-    """Warn, at the user's line, when weights already hold fewer entries than ``min_density`` keeps (never
-    revived): their floor is what they have left, and the other weights carry the sparsity."""
-    short = floor_shortfall(keep, config.min_density) if config.min_density > 0 else []
-    if short:
-        warn_at_caller(f"min_density={config.min_density:g} cannot be kept in {short[:4]}"
-                       f"{' and more' if len(short) > 4 else ''}: they already hold fewer entries (pruned before "
-                       "this call, never revived), so they keep what they have and the other weights reach the "
-                       "sparsity")
-
-
-def _warn_below(config: PruneConfig, keep: Dict[str, torch.Tensor]) -> None:
-    """Warn, at the user's line, when the target sparsity is below the zeros the pruned weights already
-    hold (never revived): over all of them, or layerwise, in some of them (which keep theirs)."""
-    if (config.method_impl.fixed_mode or config.mode) == "layerwise":
-        above = [n for n, k in keep.items() if 1.0 - float(k.double().mean()) > config.final_sparsity + 1e-6]
-        if above and len(above) < len(keep):  # all above: nothing is pruned, said below as for global masks
-            warn_at_caller(f"sparsity={config.final_sparsity:g} (mode='layerwise') is below the zeros {above[:4]}"
-                           f"{' and more' if len(above) > 4 else ''} already hold: they keep theirs (pruning never "
-                           "revives weights), the other weights are pruned to it")
-        if len(above) < len(keep):
-            return
-    start_sparsity = sparsity_of(keep)
-    if config.final_sparsity < start_sparsity - 1e-6:
-        warn_at_caller(f"sparsity={config.final_sparsity:g} is below the {start_sparsity:.4g} of zeros the pruned "
-                       "weights already hold: pruning never revives weights, so the result keeps that sparsity "
-                       f"(pass sparsity >= {start_sparsity:.4g} to prune further)")
 
 
 def _check_same_weights(curvature: Curvature, targets: List[PruneTarget]) -> None:
@@ -243,7 +219,9 @@ def _prunes_nothing(config: PruneConfig) -> bool:
     """Whether a call with ``config`` leaves every weight as it is, so that it needs no gradients: sparsity 0 (no
     N:M pattern fixing another), except WoodTaylor with the OBS update, whose update also takes the Newton step
     ``-F^-1 g`` (WoodFisher paper, Eqs. 21-23) and so moves the weights even when nothing is pruned."""
-    return config.final_sparsity == 0 and not (config.woodtaylor and config.obs_update)
+    final = config.final_sparsity
+    nothing = not any(final.values()) if is_per_weight(final) else final == 0
+    return nothing and not (config.woodtaylor and config.obs_update)
 
 
 def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> PruneResult:
@@ -257,6 +235,12 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
         for target in targets:
             target.channels_last = config.channels_last and target.kind == "conv"
     _check_same_weights(curvature, targets)
+    if is_per_weight(config.sparsity):  # the curvature's weights its keys select, each to its own fraction
+        if curvature.shard is not None:
+            raise ValueError("sparsity: per-weight fractions (a dict) are not supported on a curvature sharded over a "
+                             "process group; pass one number")
+        config = config.replace(sparsity=resolve_sparsities(model, config.sparsity, [t.name for t in targets]))
+        targets = [t for t in targets if t.name in config.sparsity]
     config.method_impl.check_targets(targets, config)
     check_prunable(targets, config)
     if config.beta > 0 and not curvature.flops:
@@ -264,8 +248,8 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
     timings = dict(curvature.timings, select=0.0, update=0.0)
     start = time.perf_counter()
     before = _start(targets)
-    _warn_below(config, before[1])
-    _warn_floor(config, before[1])
+    warn_below(config, before[1])
+    warn_floor(config, before[1])
     snapshot = Snapshot(targets, model)
     try:
         with display(config.progress and shows_progress(config.group)):
@@ -303,26 +287,33 @@ def _plan(model: nn.Module, loader: Optional[Iterable], config: PruneConfig):
     before, starting sparsity, steps, the steps' configs, block size). Its notices are issued by the caller once
     every check has passed (:func:`woodfisher.diagnostics.warnings_held`)."""
     config = fit_pattern(model, config)  # N:M on the default targets: the weights it fits
+    config = fit_sparsities(model, config)  # a per-weight dict: keyed by the targets it selects
+    if is_per_weight(config.sparsity) and active_group(config.group) is not None:
+        raise ValueError("sparsity: per-weight fractions (a dict) are not supported over a process group; pass one "
+                         "number, or group=None to prune on each process by itself")
     if config.keep_masks:
         refuse_held_masks(model, "keep_masks=True")
     method = config.method_impl
-    targets = resolve_targets(model, config.modules, None)
+    targets = resolve_targets(model, config.modules, None, exclude=config.exclude)
     before = _start(targets)
     start_sparsity = sparsity_of(before[1])
-    steps = config.steps(start_sparsity)
+    steps = config.steps(weight_starts(config, before[1]))
     if len(steps) > 1 and config.num_steps == "auto" and is_single_pass(loader):
         warn_at_caller(f"num_steps='auto' would recompute the Fisher in {len(steps)} steps, but the loader can be "
                        "read only once (a generator?): pruning in one step; pass a list or a DataLoader to get "
                        "the recomputation")
-        steps = config.replace(num_steps=1).steps(start_sparsity)
+        steps = config.replace(num_steps=1).steps(weight_starts(config, before[1]))
     if config.num_steps == "auto" and len(steps) > AUTO_MANY_STEPS:
+        final = config.final_sparsity
+        final = max(final.values()) if is_per_weight(final) else final
         warn_at_caller(f"num_steps='auto' plans {len(steps)} Fisher recomputations to reach sparsity "
-                       f"{config.final_sparsity:g} (each step keeps >= {AUTO_STEP_KEEP:.0%} of the weights still "
+                       f"{final:g} (each step keeps >= {AUTO_STEP_KEEP:.0%} of the weights still "
                        f"unpruned; each is a full gradient collection and inversion); pass num_steps=<fewer> for "
                        "fewer, larger steps")
     configs = [config.replace(num_grads=m, num_steps=1) for _, m in steps]
     block_size = method.block_size(configs[0])
-    targets = resolve_targets(model, config.modules, block_size, channels_last=config.channels_last)
+    targets = resolve_targets(model, config.modules, block_size, channels_last=config.channels_last,
+                              exclude=config.exclude)
     method.check_targets(targets, config)
     check_prunable(targets, config)
     require_loader(config, loader)
@@ -336,8 +327,8 @@ def _plan(model: nn.Module, loader: Optional[Iterable], config: PruneConfig):
     if steps:
         check_memory_plan(targets, config, configs[0].num_grads)
     if steps:  # else the note above says it all
-        _warn_below(config, before[1])
-        _warn_floor(config, before[1])
+        warn_below(config, before[1])
+        warn_floor(config, before[1])
     warn_left_out(model, config.modules)
     return config, targets, before, start_sparsity, steps, configs, block_size
 
@@ -364,7 +355,7 @@ def run(model: nn.Module, loader: Optional[Iterable], config: PruneConfig) -> Pr
                 for i, ((target, _), step_config) in enumerate(zip(steps, configs)):
                     with step_label(f"step {i + 1}/{len(steps)}" if len(steps) > 1 else None):
                         targets = resolve_targets(model, config.modules, method.block_size(step_config),
-                                                  channels_last=config.channels_last)
+                                                  channels_last=config.channels_last, exclude=config.exclude)
                         curvature = _estimate_step(model, loader, targets, step_config, config, len(steps))
                         release_notices()  # the loader and the model took the data: the call goes ahead
                         for phase in ("gradients", "inverse"):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import nullcontext
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ from .distributed.group import active_group, local_phase
 from .finetune import attach_masks, make_permanent
 from .masks import check_sparsity, is_int, is_real
 from .per_sample import check_batch_statistics
+from .per_weight import check_sparsity_map, fit_sparsities, is_per_weight
 from .pruner import PruneResult, prune_one_shot
 from .state import Snapshot
 from .structured import fit_pattern, parse_pattern, pattern_sparsity
@@ -126,7 +127,9 @@ class GradualPruner:
         model: network to prune (modified in place).
         loader: default ``(inputs, targets)`` loader for the Fisher (``step`` may override).
         final_sparsity: s_f in [0, 1); with an N:M ``pattern`` it may be omitted (1 - N/M), and another value is a
-            ValueError naming it. initial_sparsity: s_i (default 0.05).
+            ValueError naming it; or per weight, {name or pattern: fraction} as ``prune_one_shot``'s ``sparsity`` dict
+            (:mod:`woodfisher.per_weight`): each weight on its own ramp, from ``min(s_i, its fraction)``.
+            initial_sparsity: s_i (default 0.05).
         start_step, end_step, frequency: pruning at start_step + k * frequency up to
             end_step (``end_step - start_step`` must be a multiple of ``frequency``).
         prune_kwargs: the other :class:`woodfisher.PruneConfig` fields (method, mode, block_size, ...),
@@ -168,29 +171,38 @@ class GradualPruner:
             except ValueError:
                 raise ValueError("final_sparsity is required (only pattern='N:M' fixes it, at 1 - N/M)") from None
         check_pattern_sparsity(final_sparsity, prune_kwargs.get("pattern"), "final_sparsity")
-        start_step, end_step, frequency = _check_schedule(final_sparsity, start_step, end_step, frequency,
-                                                          initial_sparsity)
+        per = is_per_weight(final_sparsity)  # each weight on its own ramp, from min(initial_sparsity, its own)
+        if per:
+            final_sparsity = check_sparsity_map(final_sparsity, "final_sparsity")
+            check_sparsity(initial_sparsity, "initial_sparsity")
+        most = max(final_sparsity.values()) if per else final_sparsity
+        start_step, end_step, frequency = _check_schedule(most, start_step, end_step, frequency,
+                                                          min(initial_sparsity, most) if per else initial_sparsity)
         if loader is not None:  # read at every pruning step, maybe hours into training: checked now
             check_loader(loader)
             if is_single_pass(loader) and end_step > start_step:
                 raise ValueError(f"loader: a single-pass iterable ({type(loader).__name__}) is read up at the first "
                                  "pruning step, and the schedule has more; pass a re-iterable loader (a DataLoader, a "
                                  "list) or one per step: pruner.step(step, loader)")
-        asked = PruneConfig.from_options(sparsity=float(final_sparsity), **prune_kwargs)
+        asked = PruneConfig.from_options(sparsity=final_sparsity if per else float(final_sparsity), **prune_kwargs)
         _check_pattern_schedule(asked, float(initial_sparsity), (end_step - start_step) // frequency)
         with warnings_held():  # the pattern's notice only for a pruner that is made
-            config = fit_pattern(model, asked)  # N:M on the default targets: those it fits, said once here
+            config = fit_sparsities(model, fit_pattern(model, asked))  # N:M: the weights it fits; a dict: its own
             targets = resolve_targets(model, config.modules, config.method_impl.block_size(config),
-                                      channels_last=config.channels_last)
+                                      channels_last=config.channels_last, exclude=config.exclude)
             config.method_impl.check_targets(targets, config)  # e.g. rows an N:M pattern does not fit
             if config.method_impl.curvature in ("blockwise", "diagonal"):  # per-sample gradients at every step
                 check_batch_statistics(unwrap_model(model)[0], config.fisher_batch_size)
-            check_prunable(targets, config, final_sparsity, "final_sparsity")
+            check_prunable(targets, config, config.sparsity if per else final_sparsity, "final_sparsity")
+            if per and active_group(config.group) is not None:
+                raise ValueError("final_sparsity: per-weight fractions (a dict) are not supported over a process "
+                                 "group; pass one number, or group=None to prune on each process by itself")
         self.config = config
-        if config.modules != asked.modules:
-            prune_kwargs = dict(prune_kwargs, modules=list(config.modules))
+        if config.modules != asked.modules:  # fit_pattern's weights, the exclusions already taken out
+            prune_kwargs = dict(prune_kwargs, modules=list(config.modules), exclude=config.exclude)
         self.model, self.loader = model, loader
-        self.final_sparsity, self.initial_sparsity = float(final_sparsity), float(initial_sparsity)
+        self.final_sparsity = dict(config.sparsity) if per else float(final_sparsity)
+        self.initial_sparsity = float(initial_sparsity)
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
         self.prune_kwargs = prune_kwargs
         self.last_step: Optional[int] = None
@@ -209,14 +221,20 @@ class GradualPruner:
         """
         return self.start_step <= step <= self.end_step and (step - self.start_step) % self.frequency == 0
 
-    def target_sparsity(self, step: int) -> float:
+    def target_sparsity(self, step: int) -> Union[float, Dict[str, float]]:
         """The schedule's sparsity at ``step`` (:func:`polynomial_sparsity`).
 
         Args:
             step: the current step.
         Returns:
-            A fraction in [0, 1).
+            A fraction in [0, 1); per weight ({weight name: fraction}) for a dict ``final_sparsity``, each weight's
+            ramp from ``min(initial_sparsity, its final fraction)`` to its final fraction.
         """
+        if isinstance(self.final_sparsity, dict):
+            return {name: polynomial_sparsity(step, final_sparsity=final, start_step=self.start_step,
+                                              end_step=self.end_step, frequency=self.frequency,
+                                              initial_sparsity=min(self.initial_sparsity, final))
+                    for name, final in self.final_sparsity.items()}
         return polynomial_sparsity(step, final_sparsity=self.final_sparsity, start_step=self.start_step,
                                    end_step=self.end_step, frequency=self.frequency,
                                    initial_sparsity=self.initial_sparsity)
@@ -250,7 +268,7 @@ class GradualPruner:
         if due is None:
             return None
         target = self.target_sparsity(due)
-        snapshot = Snapshot(resolve_targets(self.model, self.config.modules), self.model)
+        snapshot = Snapshot(self._targets(), self.model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with fitted_chunks(self.fitted_chunks):
@@ -264,9 +282,10 @@ class GradualPruner:
         self.last_step = step
         self.history.append({"step": step, "target": target, "sparsity": result.sparsity,
                              "damp": result.damp})
-        if target == 0:  # a schedule's first step at initial_sparsity=0: expected, not the caller's slip
+        per = isinstance(target, dict)
+        if not (any(target.values()) if per else target):  # a first step at initial_sparsity=0: expected
             caught = [w for w in caught if not str(w.message).startswith("sparsity=0 prunes nothing")]
-        below = [w for w in caught if str(w.message).startswith(f"sparsity={target:g} is below the ")]
+        below = [] if per else [w for w in caught if str(w.message).startswith(f"sparsity={target:g} is below the ")]
         if below:  # zeros from before the pruner (another tool, a checkpoint): said in the schedule's terms
             caught = [w for w in caught if w not in below]
             warn_at_caller(f"step({step}): the schedule's sparsity {target:.4g} is below the {result.sparsity:.4g} of "
@@ -275,8 +294,9 @@ class GradualPruner:
                            "starts the ramp there)")
         reissue(caught)  # at the training loop's line, not this one; last, so the step is recorded either way
         if due != step:  # the loop's steps passed a scheduled one: caught up here, said at the loop's line
+            reached = "per-weight sparsities" if per else f"sparsity {target:.4g}"
             warn_at_caller(f"step({step}) is past the scheduled pruning step {due}, which was not called: pruned now "
-                           f"to its sparsity {target:.4g}; call step() at every step of the schedule's unit "
+                           f"to its {reached}; call step() at every step of the schedule's unit "
                            f"(start_step={self.start_step}, frequency={self.frequency}) to prune on the schedule")
         return result
 
@@ -288,13 +308,17 @@ class GradualPruner:
         due = self.start_step + (min(step, self.end_step) - self.start_step) // self.frequency * self.frequency
         return None if self.last_step is not None and due <= self.last_step else due
 
+    def _targets(self):
+        """The pruned weights (``modules`` minus ``exclude``), whole-weight blocks."""
+        return resolve_targets(self.model, self.config.modules, exclude=self.config.exclude)
+
     def masks(self) -> Dict[str, torch.Tensor]:
         """Current keep-masks of the pruned weights.
 
         Returns:
             {weight name: bool keep-mask of the weight's shape}.
         """
-        return {target.name: target.keep_mask() for target in resolve_targets(self.model, self.config.modules)}
+        return {target.name: target.keep_mask() for target in self._targets()}
 
     def state_dict(self) -> dict:
         """Schedule, progress and masks (save it next to ``model.state_dict()``).
@@ -329,9 +353,10 @@ class GradualPruner:
                                                                           "masks")):
             raise ValueError("state is not a GradualPruner state_dict (keys schedule, last_step, history, masks)")
         theirs, mine = state["schedule"], self.state_dict()["schedule"]
-        if not isinstance(theirs, Mapping) or any(not _is_number(theirs.get(k)) for k in _SCHEDULE):
+        per = isinstance(theirs, Mapping) and isinstance(theirs.get("final_sparsity"), Mapping)
+        if not isinstance(theirs, Mapping) or any(not _is_number(theirs.get(k)) for k in _SCHEDULE[per:]):
             raise ValueError(f"state['schedule'] must hold the numbers {list(_SCHEDULE)}, got {theirs!r}")
-        diff = {k: (v, theirs[k]) for k, v in mine.items() if not math.isclose(float(v), float(theirs[k]))}
+        diff = {k: (v, theirs[k]) for k, v in mine.items() if not _same_number(v, theirs[k])}
         if diff:
             raise ValueError(f"state has a different schedule (this pruner's value, the state's): {diff}")
         last, history, masks = state["last_step"], state["history"], state["masks"]
@@ -349,7 +374,7 @@ class GradualPruner:
     def _own_names(self, masks: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """``masks`` under this pruner's weight names: a state saved through another wrapper (DataParallel / DDP,
         torch.compile, or none: the ``module.`` / ``_orig_mod.`` prefixes) names the same weights."""
-        expected = [target.name for target in resolve_targets(self.model, self.config.modules)]
+        expected = [target.name for target in self._targets()]
         if sorted(masks) == sorted(expected):
             return dict(masks)
         theirs, mine = strip_wrapper_prefixes(masks), strip_wrapper_prefixes(expected)
@@ -361,3 +386,15 @@ class GradualPruner:
 
 def _is_number(v) -> bool:
     return is_real(v) and math.isfinite(v)
+
+
+def _same_number(mine, theirs) -> bool:
+    """Equal schedule values: numbers to rounding, per-weight fractions over the same names (wrapper prefixes
+    aside) to rounding."""
+    if isinstance(mine, Mapping) or isinstance(theirs, Mapping):
+        if not (isinstance(mine, Mapping) and isinstance(theirs, Mapping)):
+            return False
+        mine, theirs = ({inner: d[name] for name, inner in strip_wrapper_prefixes(d).items()} for d in (mine, theirs))
+        return mine.keys() == theirs.keys() and all(_is_number(theirs[k]) and math.isclose(v, float(theirs[k]))
+                                                    for k, v in mine.items())
+    return math.isclose(float(mine), float(theirs))

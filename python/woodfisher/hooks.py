@@ -58,6 +58,7 @@ class FisherHook:
         buffer: k, gradients per ``woodbury_update_`` launch (1 <= k <= N; default min(16, N)).
         every: use the gradients of one optimizer step in ``every``.
         modules: weights to track, as :class:`woodfisher.PruneConfig` ``modules``.
+        exclude: weights not to track, as :class:`woodfisher.PruneConfig` ``exclude``.
         backend: kernel backend.
         pattern: the N:M pattern the curvature will prune with (``"2:4"``), or None: an N:M pattern lays conv
             weights' blocks out along their input channels (:mod:`woodfisher.layout`), so :func:`woodfisher.prune_with`
@@ -87,7 +88,7 @@ class FisherHook:
 
     def __init__(self, model: nn.Module, *, num_grads: int, damp: float, block_size: Optional[int] = None,
                  buffer: Optional[int] = None, every: int = 1, modules=None, backend: str = "auto",
-                 pattern: Optional[str] = None):
+                 pattern: Optional[str] = None, exclude=None):
         check_int("num_grads", num_grads)
         if isinstance(check_damp(damp), str):
             raise ValueError("damp must be a number > 0 for a running inverse (it starts at I / damp), got 'auto'")
@@ -97,7 +98,8 @@ class FisherHook:
         if buffer > num_grads:
             raise ValueError(f"buffer must be <= num_grads ({num_grads}), got {buffer}")
         config = PruneConfig(sparsity=pattern_fixed_sparsity(pattern, 0.0), block_size=block_size, num_grads=num_grads,
-                             damp=float(damp), modules=modules, backend=backend, progress=False, group=None,
+                             damp=float(damp), modules=modules, exclude=exclude, backend=backend, progress=False,
+                             group=None,
                              pattern=pattern)
         self.model, self.buffer_size, self.every = model, buffer, every
         self.steps = 0
@@ -114,7 +116,7 @@ class FisherHook:
             ValueError: a tracked weight with ``requires_grad=False`` (naming ``modules``; nothing is reset).
         """
         targets = resolve_targets(self.model, self.config.modules, self.config.block_size,
-                                  channels_last=self.config.channels_last)
+                                  channels_last=self.config.channels_last, exclude=self.config.exclude)
         frozen = [target.name for target in targets if not target.param.requires_grad]
         self.config.method_impl.check_targets(targets, self.config)  # weights an N:M pattern does not fit
         if frozen:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -49,11 +49,10 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     Raises:
         ValueError: not a real number, or outside [0, 1) (naming ``name``).
     """
-    if isinstance(sparsity, Mapping):  # per-layer sparsities, as other pruning tools take them
-        raise ValueError(f"{name} must be a number in [0, 1), got a dict {dict(sparsity)!r}: per-weight sparsities "
-                         "are one call (or GradualPruner) per group of weights, each counting only the weights it "
-                         f"names, e.g. {name}=0.9, modules=['fc1']; the same sparsity in every weight is "
-                         "mode='layerwise'")
+    if isinstance(sparsity, Mapping):  # where one number is needed (a dict's own values, a schedule's end)
+        raise ValueError(f"{name} must be a number in [0, 1), got a dict {dict(sparsity)!r}: per-weight fractions "
+                         "{name or pattern: fraction} are the sparsity of prune_one_shot, prune_with and search_damp; "
+                         f"{name} takes one number")
     if not is_real(sparsity):
         tensor = " (a tensor: pass float(...) of it)" if isinstance(sparsity, torch.Tensor) and sparsity.numel() == 1 \
             else ""
@@ -116,13 +115,14 @@ def _check_inputs(scores: Any, pruned: Any) -> None:
                              f"{tuple(scores[name].shape)}, got {got}")
 
 
-def select_masks(scores: Scores, sparsity: float, mode: str = "global",
+def select_masks(scores: Scores, sparsity: Union[float, Mapping[str, float]], mode: str = "global",
                  min_density: float = 0.0, pruned: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """Keep-masks reaching ``sparsity`` over all scored parameters.
 
     Args:
         scores: {name: (shape) scores}; NaN scores are refused.
-        sparsity: target fraction of zeros in [0, 1), counted over all entries.
+        sparsity: target fraction of zeros in [0, 1), counted over all entries; or {name: fraction} for every
+            scored name, each weight to its own (ranked within the weight, as "layerwise"; ``mode`` is not read).
         mode: "global" (one threshold across layers, the paper's joint mode) or
             "layerwise" (every layer at ``sparsity``, the independent mode).
         min_density: every layer keeps at least this fraction (guards layer collapse).
@@ -133,13 +133,16 @@ def select_masks(scores: Scores, sparsity: float, mode: str = "global",
     Raises:
         ValueError: ``sparsity`` not in [0, 1), an unknown ``mode``, ``min_density`` not in
             [0, 1], ``scores`` not a non-empty dict of tensors, NaN scores (naming the parameter), or ``pruned``
-            not a dict of bool masks of the scores' shapes (naming the entry).
+            not a dict of bool masks of the scores' shapes (naming the entry); a ``sparsity`` dict without a scored
+            name (naming ``sparsity``) or with a value outside [0, 1) (naming ``sparsity[name]``).
     """
-    sparsity = check_sparsity(sparsity)
+    if not isinstance(sparsity, Mapping):
+        sparsity = check_sparsity(sparsity)
     if mode not in ("global", "layerwise"):
         raise ValueError(f"mode must be 'global' or 'layerwise', got {mode!r}")
     check_min_density(min_density)
     _check_inputs(scores, pruned)
+    per = _per_weight(sparsity, scores)
     prepared = {}
     for name, s in scores.items():
         if torch.isnan(s).any():
@@ -152,8 +155,8 @@ def select_masks(scores: Scores, sparsity: float, mode: str = "global",
     floors = {n: min(density_floor(min_density, s.numel()),
                      s.numel() if pruned is None or n not in pruned else int(pruned[n].sum()))
               for n, s in prepared.items()}
-    if mode == "layerwise":
-        return {n: _keep_top(s, max(floors[n], s.numel() - int(round(sparsity * s.numel()))))
+    if mode == "layerwise" or per:
+        return {n: _keep_top(s, max(floors[n], s.numel() - int(round((per[n] if per else sparsity) * s.numel()))))
                 for n, s in prepared.items()}
     total = sum(s.numel() for s in prepared.values())
     num_keep = total - int(round(sparsity * total))
@@ -168,6 +171,17 @@ def select_masks(scores: Scores, sparsity: float, mode: str = "global",
         masks[n] = masks[n] | chosen[offset:offset + s.numel()].view_as(s)
         offset += s.numel()
     return masks
+
+
+def _per_weight(sparsity: Any, scores: Scores) -> Optional[Dict[str, float]]:
+    """None for one number; {name: fraction} of a mapping that gives every scored name a fraction in [0, 1) (a
+    ValueError naming ``sparsity`` / ``sparsity[name]`` otherwise)."""
+    if not isinstance(sparsity, Mapping):
+        return None
+    missing = [n for n in scores if n not in sparsity]
+    if missing:
+        raise ValueError(f"sparsity: a dict must give every scored weight a fraction; {missing[:4]} have none")
+    return {n: check_sparsity(sparsity[n], f"sparsity[{n!r}]") for n in scores}
 
 
 def collapsed(masks: Mapping[str, torch.Tensor], collapse_density: float = COLLAPSE_DENSITY) -> List[str]:
@@ -200,12 +214,12 @@ def density_floor(min_density: float, numel: int) -> int:
     return min(int(numel), math.ceil(float(min_density) * numel - 1e-9))
 
 
-def check_keeps_weights(sparsity: float, sizes: Mapping[str, int], mode: str = "global",
+def check_keeps_weights(sparsity: Union[float, Mapping[str, float]], sizes: Mapping[str, int], mode: str = "global",
                         min_density: float = 0.0, name: str = "sparsity") -> None:
     """Refuse a ``sparsity`` that would prune every entry of ``sizes`` ({name: numel}).
 
     :func:`select_masks` keeps ``total - round(sparsity * total)`` entries (global mode) or
-    ``numel - round(sparsity * numel)`` per weight (layerwise), at least the
+    ``numel - round(sparsity * numel)`` per weight (layerwise, or ``sparsity`` {name: fraction}), at least the
     ``min_density`` floors; when that is 0 everywhere the model would be emptied.
 
     Raises:
@@ -214,6 +228,11 @@ def check_keeps_weights(sparsity: float, sizes: Mapping[str, int], mode: str = "
     """
     floors = sum(density_floor(min_density, n) for n in sizes.values())
     total = sum(sizes.values())
+    if isinstance(sparsity, Mapping):  # per weight: one that keeps an entry is enough
+        if max(floors, sum(n - int(round(sparsity[k] * n)) for k, n in sizes.items())) <= 0:
+            raise ValueError(f"{name}={dict(sparsity)!r} would prune every entry of the {len(sizes)} weights; lower "
+                             "a fraction")
+        return
     if mode == "layerwise":
         kept = sum(n - int(round(sparsity * n)) for n in sizes.values())
         count = max(sizes.values())
@@ -241,7 +260,7 @@ def sparsity_of(masks: Dict[str, torch.Tensor]) -> float:
     return 1.0 - sum(int(m.count_nonzero()) for m in masks.values()) / total
 
 
-def select_kept_masks(scores: Scores, sparsity: float, mode: str, min_density: float,
+def select_kept_masks(scores: Scores, sparsity: Union[float, Mapping[str, float]], mode: str, min_density: float,
                       keep: Dict[str, torch.Tensor], flops: Optional[Dict[str, float]] = None,
                       beta: float = 0.0) -> Dict[str, torch.Tensor]:
     """:func:`select_masks` for a pruning step: scores divided by ``flops[name] ** beta``

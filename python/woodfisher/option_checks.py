@@ -4,13 +4,13 @@ pruning at initialisation: each raises a ValueError naming the option, before an
 from __future__ import annotations
 
 import math
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 from . import structured as st
 from .masks import is_int, is_real
 
 __all__ = ["check_int", "check_int_or", "check_choice", "check_bool", "pattern_fixed_sparsity",
-           "check_pattern_sparsity"]
+           "check_pattern_sparsity", "check_names"]
 
 _REQUIRED = object()
 
@@ -54,6 +54,19 @@ def check_int_or(name: str, value: Any, others: str) -> None:
     if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be an int >= 1 or {others}, got {value!r}")
 
+
+def check_names(name: str, value: Any) -> Optional[Tuple[str, ...]]:
+    """``modules`` / ``exclude``: None, one name, or a non-empty list of module / parameter names or shell-style
+    patterns; returned as a tuple (None stays None). A ValueError naming ``name`` otherwise (module objects: the
+    recipe for their names)."""
+    if value is None:
+        return None
+    names = (value,) if isinstance(value, str) else tuple(value) if hasattr(value, "__iter__") else (value,)
+    if not names or not all(isinstance(m, str) for m in names):
+        objects = " (module objects: their names are [name for name, mod in model.named_modules() if mod is " \
+            "layer])" if any(hasattr(m, "named_modules") for m in names) else ""
+        raise ValueError(f"{name} must be None or a non-empty list of names, got {value!r}{objects}")
+    return names
 
 
 def check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:

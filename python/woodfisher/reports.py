@@ -43,13 +43,16 @@ def _rows_from_result(result: Any) -> List[Row]:
         numel = int(layer["numel"])
         rows.append({"layer": layer["name"], "shape": tuple(layer["shape"]), "params": numel,
                      "nnz": int(layer["nnz"]), "sparsity": 100.0 * float(layer["sparsity"])})
+        if layer.get("target") is not None:  # a per-weight sparsity: each weight's own target (%)
+            rows[-1]["target"] = 100.0 * float(layer["target"])
     return rows
 
 
 def sparsity_table(result_or_model: Any, *, model: Optional[nn.Module] = None,
                    input_shape: Optional[Sequence[int]] = None,
                    names: Optional[Sequence[str]] = None) -> List[Row]:
-    """Per-layer rows: layer, shape, params, nnz, sparsity (%), and FLOPs when possible.
+    """Per-layer rows: layer, shape, params, nnz, sparsity (%), the weight's target (%) of a per-weight ``sparsity``
+    dict, and FLOPs when possible.
 
     Args:
         result_or_model: a PruneResult (uses its ``layers``) or an ``nn.Module`` (counts
@@ -102,7 +105,8 @@ def format_table(rows: Sequence[Row], title: Optional[str] = None) -> str:
     if not rows:
         raise ValueError("rows is empty")
     has_flops = any("flops_dense" in r for r in rows)  # a layer without a count (an embedding): "-" in its cells
-    head = ["layer", "shape", "params", "nnz", "sparsity %"]
+    has_target = any("target" in r for r in rows)  # per-weight targets: beside what each weight reached
+    head = ["layer", "shape", "params", "nnz", "sparsity %"] + (["target %"] if has_target else [])
     if has_flops:
         head += ["FLOPs dense", "FLOPs sparse"]
     lines = [f"**{title}**", ""] if title else []
@@ -110,6 +114,8 @@ def format_table(rows: Sequence[Row], title: Optional[str] = None) -> str:
     for r in [*rows, table_totals(rows)]:
         shape = "x".join(str(s) for s in r["shape"]) if r["shape"] != "" else ""
         cells = [str(r["layer"]), shape, _fmt_int(r["params"]), _fmt_int(r["nnz"]), f"{r['sparsity']:.2f}"]
+        if has_target:
+            cells.append(f"{r['target']:.2f}" if "target" in r else "")
         if has_flops:
             cells += [_fmt_int(r[key]) if key in r else "-" for key in ("flops_dense", "flops_sparse")]
         lines.append("| " + " | ".join(cells) + " |")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
@@ -17,7 +17,8 @@ class PruneResult:
         masks: {weight name (e.g. "fc1.weight"): bool keep-mask of the weight's shape}.
         layers: one dict per pruned weight: name, shape, numel, nnz, sparsity, and
             ``inverse`` (the Fisher form used: "sequential", "lowrank", "stream",
-            "diagonal", "kfac" or None for magnitude).
+            "diagonal", "kfac" or None for magnitude); with a per-weight ``sparsity`` dict also ``target``, the
+            weight's fraction asked for.
         sparsity: overall fraction of zeros over the pruned weights (unique tensors).
         damp: the dampening lambda of the last step (with ``num_steps`` > 1 and ``damp="auto"`` each step
             resolves its own from its gradients); None for magnitude baselines.
@@ -74,11 +75,15 @@ def _short_list(names: List[str], shown: int = 3) -> str:
     return "[" + ", ".join(repr(n) for n in names[:shown]) + f", ... +{len(names) - shown} more]"
 
 
-def layer_rows(masks: Dict[str, torch.Tensor], forms: Optional[Dict[str, Optional[str]]] = None) -> List[dict]:
-    """[{name, shape, numel, nnz, sparsity, inverse}] of keep-masks, in order."""
+def layer_rows(masks: Dict[str, torch.Tensor], forms: Optional[Dict[str, Optional[str]]] = None,
+               sparsity: Any = None) -> List[dict]:
+    """[{name, shape, numel, nnz, sparsity, inverse}] of keep-masks, in order; with ``sparsity`` a per-weight
+    {name: fraction} dict, each row also holds its weight's ``target``."""
     rows = []
     for name, keep in masks.items():
         nnz = int(keep.sum())
         rows.append(dict(name=name, shape=tuple(keep.shape), numel=keep.numel(), nnz=nnz,
                          sparsity=1.0 - nnz / keep.numel(), inverse=(forms or {}).get(name)))
+        if isinstance(sparsity, Mapping):
+            rows[-1]["target"] = sparsity.get(name)
     return rows

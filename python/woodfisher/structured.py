@@ -68,8 +68,9 @@ def nm_run_length(layer: PruneTarget) -> int:
 
 def fit_pattern(model, config):
     """``config`` itself, or, for an N:M ``pattern`` with the default targets (``modules`` None), a copy whose
-    ``modules`` are the default weights the pattern fits, with one warning naming those it leaves dense (a
-    3-channel stem conv, a depthwise conv: their runs of M input channels do not exist). Explicit ``modules``
+    ``modules`` are the default weights the pattern fits less ``exclude`` (then None), with one warning naming those
+    it leaves dense (a 3-channel stem conv, a depthwise conv: their runs of M input channels do not exist). Explicit
+    ``modules``
     and the other patterns are checked as they are (:func:`check_pattern_layers`).
 
     Args:
@@ -80,7 +81,7 @@ def fit_pattern(model, config):
     parsed = parse_pattern(config.pattern)
     if parsed is None or parsed[0] != "nm" or config.modules is not None:
         return config
-    targets = resolve_targets(model, None)
+    targets = resolve_targets(model, None, exclude=config.exclude)
     unfit = [target for target in targets if nm_run_length(target) % parsed[2]]
     if not unfit or len(unfit) == len(targets):  # every weight fits, or none does (check_pattern_layers says why)
         return config
@@ -91,7 +92,7 @@ def fit_pattern(model, config):
                    f"left dense: {shown}; N:M needs a multiple of {parsed[2]} input channels per group (conv) or "
                    f"entries per row (Linear); pass modules= to choose the weights yourself")
     left = {target.name for target in unfit}
-    return config.replace(modules=tuple(target.name for target in targets if target.name not in left))
+    return config.replace(modules=tuple(target.name for target in targets if target.name not in left), exclude=None)
 
 
 def check_pattern_layers(parsed: Pattern, layers: List[PruneTarget]) -> None:

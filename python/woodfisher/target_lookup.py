@@ -6,7 +6,7 @@ matched that the defaults leave out (:func:`refuse_left_out_match`).
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, Iterable, List
 
 from torch import nn
 
@@ -15,7 +15,7 @@ from .name_patterns import match_pattern, regex_hint, regex_like
 from .names import closest
 from .weight_transform import refuse_recomputed
 
-__all__ = ["lookup_names", "refuse_left_out_match", "within"]
+__all__ = ["lookup_names", "refuse_left_out_match", "within", "remove_excluded"]
 
 
 def refuse_left_out_match(entries: Dict[str, dict], pattern: str, model: nn.Module, arg: str,
@@ -123,3 +123,50 @@ def lookup_names(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str 
 def within(name: str, parent: str) -> bool:
     return not parent or name == parent or name.startswith(parent + ".")
 
+
+
+def remove_excluded(entries: Dict[str, dict], chosen: List[str], exclude: Iterable[str], model: nn.Module,
+                    prefix: str = "") -> List[str]:
+    """``chosen`` (logical names of the targets) without the weights ``exclude`` selects (``exclude=`` of
+    :class:`woodfisher.PruneConfig`; the rules: :mod:`woodfisher.targets`).
+
+    An entry is read as a ``modules=`` entry: a parameter name (any name of a tied Parameter, with or without a
+    wrapper's prefix) means that weight; a module name every target it or its submodules hold; a shell-style pattern
+    (``"*.fc*"``) the targets whose name, or a holding module's name, matches (:func:`match_pattern`).
+
+    Args:
+        entries: the unwrapped model's parameter entries. chosen: the targets before exclusion, in order.
+        exclude: the entries. model: the unwrapped model. prefix: the wrapper prefix the caller's names may carry.
+    Returns:
+        the names of ``chosen`` left, in order.
+    Raises:
+        ValueError: naming ``exclude``: an entry that is no name of the model, one that selects none of ``chosen``,
+            or nothing left to prune.
+    """
+    owners = {name: [owner for owner, _ in entries[name]["owners"]] for name in chosen}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    removed = set()
+    for raw in exclude:
+        if not isinstance(raw, str):
+            raise ValueError(f"exclude must hold module or parameter names (str), got {raw!r}")
+        name = raw[len(prefix):] if prefix and raw.startswith(prefix) else raw
+        if any(c in name for c in "*?[") and name not in modules and name not in entries:
+            try:
+                hit = match_pattern(name, owners, "exclude")
+            except ValueError:
+                hit = []
+        elif name in modules:
+            hit = [n for n in chosen if any(within(owner, name) for owner in owners[n])]
+        else:
+            hit = [n for n in lookup_names(entries, name, model, "exclude") if n in owners]
+        if not hit:
+            shown = ", ".join(repr(prefix + n) for n in chosen[:6]) + (" ..." if len(chosen) > 6 else "")
+            raise ValueError(f"exclude: {raw!r} matches none of the weights to prune ({shown}); exclude names "
+                             "weights that would be pruned, by their full names, modules or shell-style patterns "
+                             "(fnmatch: * ? [...])")
+        removed.update(hit)
+    left = [n for n in chosen if n not in removed]
+    if not left:
+        raise ValueError(f"exclude={list(exclude)!r} leaves no weight to prune: it removes all {len(chosen)} targets "
+                         "(the default ones, or those modules= named); exclude fewer or name others in modules=")
+    return left

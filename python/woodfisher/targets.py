@@ -53,7 +53,7 @@ from .model_entries import (
     weight_kind,
 )
 from .no_targets import no_targets_error
-from .target_lookup import lookup_names
+from .target_lookup import lookup_names, remove_excluded
 from .weight_transform import base_type
 
 __all__ = ["PRUNABLE_TYPES", "BlockLayout", "Layout", "PruneTarget", "resolve_targets", "unwrap_model",
@@ -219,7 +219,7 @@ def check_model(model: nn.Module) -> None:
 
 def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
                     block_size: Optional[int] = None, arg: str = "modules",
-                    channels_last: bool = False) -> List[PruneTarget]:
+                    channels_last: bool = False, exclude: Optional[Iterable[str]] = None) -> List[PruneTarget]:
     """The pruned weights of ``model``, each once, in registration order.
 
     Args:
@@ -234,13 +234,16 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             :func:`woodfisher.attach_masks`).
         channels_last: lay conv weights out in (out, *kernel, in) order (for N:M patterns:
             :attr:`woodfisher.PruneConfig.channels_last`); other kinds keep theirs.
+        exclude: names, module names or shell-style patterns of weights removed from the targets (the default ones,
+            or those of ``modules``), read as ``modules`` reads its entries
+            (:func:`woodfisher.target_lookup.remove_excluded`); None = none.
     Returns:
         list of :class:`PruneTarget`.
     Raises:
         ValueError: ``model`` not an ``nn.Module`` or on the meta device, unknown name (named), a
             named module without any prunable weight, a named parameter that is not a floating
             tensor of >= 2 dims, a weight of a non-floating dtype, no prunable weight, or a bad
-            ``block_size``.
+            ``block_size``; an ``exclude`` entry that selects no target, or that leaves none (naming ``exclude``).
     """
     if block_size is not None and (not is_int(block_size) or block_size < 1):
         raise ValueError(f"block_size must be None (whole layers) or an int >= 1, got {block_size!r}")
@@ -259,6 +262,8 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None,
             chosen += [name for name in lookup_names(entries, stripped, inner, arg) if name not in chosen]
     if not chosen:
         raise no_targets_error(entries, inner)
+    if exclude is not None:
+        chosen = remove_excluded(entries, chosen, [exclude] if isinstance(exclude, str) else exclude, inner, prefix)
     targets = []
     for name in chosen:
         info = entries[name]

@@ -23,7 +23,7 @@ from .distributed.consistent import collective_entry, entry_group
 from .distributed.group import active_group, all_reduce_, local_phase, shows_progress
 from .engine import prune_with
 from .losses import compute_loss
-from .masks import sparsity_of
+from .per_weight import fit_sparsities, weight_starts
 from .precision import prepare_batch
 from .progress import display, phase, step_label
 from .pruner import prune_one_shot
@@ -140,8 +140,9 @@ def _search(model, loader, heldout, sparsity, grid, loss_fn, options):
     except ValueError:
         raise ValueError(f"heldout must be an iterable of held-out batches, got {type(heldout).__name__}") from None
     adapter = options.get("batch_adapter")
-    config = resolve_config(None, {**options, "loss_fn": loss_fn}, sparsity)
-    start = sparsity_of({target.name: target.keep_mask() for target in resolve_targets(model, config.modules, None)})
+    config = fit_sparsities(model, resolve_config(None, {**options, "loss_fn": loss_fn}, sparsity))
+    weights = resolve_targets(model, config.modules, None, exclude=config.exclude)
+    start = weight_starts(config, {target.name: target.keep_mask() for target in weights})
     if config.method_impl.curvature == "none":
         raise ValueError(f"method={config.method!r} uses no curvature, so its masks do not depend on the damp: "
                          "search_damp needs a method with a Fisher (e.g. 'woodfisher', 'diag_fisher', 'kfac')")

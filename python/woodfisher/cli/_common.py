@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -78,6 +79,42 @@ def sparsity_type(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"sparsity must lie in [0, 1) (a fraction, e.g. 0.9), got {text}")
     return value
+
+
+def sparsities_type(text: str) -> Union[float, Dict[str, float]]:
+    """``prune --sparsity``: one fraction (``0.9``), or per-weight fractions as a JSON object
+    (``'{"features.*": 0.9, "classifier": 0.5}'``) or ``name=fraction`` pairs joined by commas
+    (``features.*=0.9,classifier=0.5``); keys as ``--modules`` takes names, values in [0, 1) (the API's
+    ``sparsity`` dict, checked there)."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"sparsity: {text!r} is not a JSON object ({err})") from None
+    elif "=" in text:
+        value = {}
+        for pair in text.split(","):
+            key, sep, number = pair.partition("=")
+            if not sep or not key.strip():
+                raise argparse.ArgumentTypeError(f"sparsity: {pair!r} in {text!r} is not name=fraction")
+            value[key.strip()] = number.strip()
+    else:
+        return sparsity_type(text)
+    if not isinstance(value, dict) or not value:
+        raise argparse.ArgumentTypeError(f"sparsity: {text!r} is no {{name: fraction}} object")
+    out = {}
+    for key, number in value.items():
+        try:
+            out[key] = float(number)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"sparsity[{key!r}] must be a number in [0, 1), got {number!r}") from None
+        if not 0.0 <= out[key] < 1.0:
+            raise argparse.ArgumentTypeError(f"sparsity[{key!r}] must lie in [0, 1) (a fraction), got {number}")
+    return out
+
+
+sparsities_type.takes_json_object = True  # a --config file may give the object itself
 
 
 def _auto_or_positive(convert, what: str):

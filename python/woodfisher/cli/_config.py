@@ -50,7 +50,9 @@ def _convert(action: argparse.Action, key: str, value: Any) -> Any:
         return None
 
     def one(v: Any) -> Any:
-        if isinstance(v, (dict, list)):
+        if isinstance(v, dict) and getattr(action.type, "takes_json_object", False):
+            v = json.dumps(v)  # e.g. "sparsity": {"fc1": 0.5}, read as on the command line
+        elif isinstance(v, (dict, list)):
             raise ValueError(f"config key {key!r} ({flag}) got a nested value {v!r}")
         if action.type is not None:
             try:

@@ -63,6 +63,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="synflow: rounds of scoring and pruning (exponential schedule to --sparsity)")
     p.add_argument("--modules", nargs="+", default=None,
                    help="weights to prune (default: the model's standard set; 'all' = every default target)")
+    p.add_argument("--exclude", nargs="+", default=None,
+                   help="weights not to prune, taken out of --modules' (names, module names or quoted shell-style "
+                        "patterns: 'fc*')")
     p.add_argument("--train-epochs", type=float, default=0.0, help="train the pruned model (0 = no training)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (cosine to 0)")
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         modules = None if args.modules == ["all"] else (args.modules or default)
         t0 = time.perf_counter()
         result = prune_at_init(model, score_loader, sparsity=args.sparsity, criterion=args.criterion,
-                               mode=args.mode, params=modules, num_probes=args.num_probes,
+                               mode=args.mode, params=modules, exclude=args.exclude, num_probes=args.num_probes,
                                warmup_batches=0 if args.no_warmup else args.warmup_batches,
                                min_density=args.min_density, synflow_iterations=args.synflow_iterations,
                                input_shape=shape, seed=args.seed,

@@ -39,7 +39,7 @@ from ._common import (
     method_type,
     metric_values,
     require,
-    sparsity_type,
+    sparsities_type,
     steps_type,
     user_functions,
     write_outputs,
@@ -48,7 +48,8 @@ from ._shapes import flops_note, input_shape
 
 #: PruneConfig fields that are flags of this command (same names as the API).
 CONFIG_FIELDS = ("sparsity", "method", "mode", "block_size", "num_grads", "fisher_batch_size", "damp", "num_steps",
-                 "step_schedule", "obs_update", "joint_update", "woodtaylor", "beta", "pattern", "modules", "seed",
+                 "step_schedule", "obs_update", "joint_update", "woodtaylor", "beta", "pattern", "modules", "exclude",
+                 "seed",
                  "group_exact", "memory_budget",
                  "sampled_fisher", "backend", "inverse_form", "per_sample_grads", "min_density", "progress")
 
@@ -56,8 +57,10 @@ CONFIG_FIELDS = ("sparsity", "method", "mode", "block_size", "num_grads", "fishe
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="one-shot prune a model and write the pruned weights and reports")
     add_model_args(p, "checkpoint of the dense model",
-                   (("--sparsity",), dict(type=sparsity_type, help="target fraction of zeros in [0, 1) (with "
-                                                                   "--pattern N:M it may be omitted: 1 - N/M)")))
+                   (("--sparsity",), dict(type=sparsities_type, help="target fraction of zeros in [0, 1) (with "
+                                          "--pattern N:M it may be omitted: 1 - N/M), or per weight: a JSON object "
+                                          "'{\"features.*\": 0.9, \"fc\": 0.5}' or 'features.*=0.9,fc=0.5' (names "
+                                          "or patterns as --modules takes them; each weight pruned to its own)")))
     p.add_argument("--method", default="woodfisher", type=method_type, choices=METHODS.keys(),
                    help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()) + "; or your own: the "
                         "import path of a woodfisher.methods.PruningMethod class, e.g. mypkg.methods:SNIP or "
@@ -88,6 +91,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--modules", nargs="+", default=None,
                    help="module or weight names to prune, or shell-style patterns over full names "
                         "(quoted: 'blocks.*.mlp.*'; default: the model's standard set)")
+    p.add_argument("--exclude", nargs="+", default=None,
+                   help="weights not to prune, taken out of the --modules ones: names, module names (all the weights "
+                        "they hold) or shell-style patterns (quoted: 'fc*'; e.g. --exclude conv1 fc)")
     p.add_argument("--group-exact", action=argparse.BooleanOptionalAction, default=True,
                    help="exact group statistic for patterns (--no-group-exact: the paper's Eq. 18)")
     p.add_argument("--memory-budget", type=str, default=None,
@@ -141,6 +147,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
     from ..reports import format_table, sparsity_table, table_totals
 
     require(args, "sparsity")
+    per_weight = isinstance(args.sparsity, dict)
     if rank == 0:
         make_out_dir(args.out)
     for name in ("num_grads", "fisher_batch_size"):
@@ -174,7 +181,9 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
                 after = measure(model)
         with phase("writing"):
             rows = sparsity_table(result, model=model, input_shape=shape)
-            title = f"{args.model} {args.method} ({args.mode}) at {100 * args.sparsity:.1f}% target sparsity" + (
+            target = "at per-weight target sparsities" if per_weight else \
+                f"({args.mode}) at {100 * args.sparsity:.1f}% target sparsity"
+            title = f"{args.model} {args.method} {target}" + (
                 f", damp {result.damp:.3g}" if result.damp is not None else "")
             report = {"model": args.model, "data": data or args.data, "checkpoint": args.checkpoint,
                       "world_size": world, "metric": metric,
@@ -192,8 +201,9 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> int:
     elif metric == "loss":
         print(f"held-out loss before: {before:.4f}  after: {after:.4f}")
     steps = len(result.config.get("steps", [1]))
+    mode = "layerwise" if per_weight else args.mode
     overlap = "" if result.magnitude_overlap is None or args.method in ("magnitude", "global_magnitude") else \
-        f"; mask overlap with {args.mode} magnitude pruning {100 * result.magnitude_overlap:.1f}%"
+        f"; mask overlap with {mode} magnitude pruning {100 * result.magnitude_overlap:.1f}%"
     print(f"sparsity {100 * result.sparsity:.2f}% of the pruned weights; {damp}{steps} step(s); "
           f"pruning took {seconds:.1f} s{overlap}")
     print("time per phase: " + shown.summary())

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Iterator, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -45,7 +45,8 @@ class StepContext:
         targets: the pruned weights (:class:`woodfisher.targets.PruneTarget`).
         curvature: the :class:`woodfisher.curvature.Curvature` of this step.
         config: the :class:`woodfisher.PruneConfig`.
-        sparsity: the step's target sparsity over all targets.
+        sparsity: the step's target sparsity over all targets, or {name: fraction} of each target (a per-weight
+            ``sparsity``: :mod:`woodfisher.per_weight`).
         keep: {name: bool keep-mask} before the step (pruned entries stay pruned).
         timings: seconds per phase, updated in place ("select", "update"; see :meth:`timed`).
 
@@ -58,12 +59,16 @@ class StepContext:
     targets: List[Any]
     curvature: Any
     config: Any
-    sparsity: float
+    sparsity: Union[float, Dict[str, float]]
     keep: Tensors
     timings: Dict[str, float]
 
     @property
     def mode(self) -> str:
+        """The ranking of the step: "layerwise" for per-weight targets (``sparsity`` a dict), else the method's
+        fixed mode or the config's."""
+        if isinstance(self.sparsity, Mapping):
+            return "layerwise"
         fixed = self.config.method_impl.fixed_mode
         return fixed if fixed is not None else self.config.mode
 

@@ -120,13 +120,15 @@ def check_step_output(ctx, output: Any) -> Tuple[Tensors, Tensors]:
     # a pattern prunes whole rows / groups: up to one row per weight short of the target (layerwise)
     grain = (sum(t.row_length for t in ctx.targets) if ctx.config.pattern is not None else 1) / total
     reached, before = _sparsity(keep, ctx.targets), _sparsity(ctx.keep, ctx.targets)
-    if (ctx.config.method_impl.fixed_mode or ctx.config.mode) == "layerwise":  # each weight to max(target, its own)
-        most = sum(t.numel * max(ctx.sparsity, 1.0 - float(ctx.keep[t.name].double().mean()))
+    per = ctx.sparsity if isinstance(ctx.sparsity, Mapping) else None
+    asked = sum(t.numel * per[t.name] for t in ctx.targets) / total if per else ctx.sparsity
+    if per or (ctx.config.method_impl.fixed_mode or ctx.config.mode) == "layerwise":  # each to max(target, its own)
+        most = sum(t.numel * max(per[t.name] if per else ctx.sparsity, 1.0 - float(ctx.keep[t.name].double().mean()))
                    for t in ctx.targets) / total
     else:
         most = max(ctx.sparsity, before)
-    low, high = ctx.sparsity - 0.01 - grain, most + 0.01 + grain
+    low, high = asked - 0.01 - grain, most + 0.01 + grain
     if not low <= reached <= (high if ctx.config.pattern is None else 1.0):
         raise ValueError(f"{_who(ctx)}: the step's keep-masks have sparsity {reached:.4f} over its weights, the "
-                         f"step asked for {ctx.sparsity:.4f} (ctx.sparsity; {before:.4f} before the step)")
+                         f"step asked for {asked:.4f} (ctx.sparsity; {before:.4f} before the step)")
     return new, keep

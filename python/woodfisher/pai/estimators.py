@@ -74,16 +74,19 @@ def rademacher(shape, generator: Optional[torch.Generator] = None, device=None,
     return (2 * z - 1).to(device=device, dtype=dtype)
 
 
-def pai_targets(model: nn.Module, params: Params) -> List[PruneTarget]:
+def pai_targets(model: nn.Module, params: Params, exclude: Optional[Sequence[str]] = None) -> List[PruneTarget]:
     """The scored weights: ``params`` names (module or parameter names; None = the default
-    targets) resolved by :func:`woodfisher.targets.resolve_targets`, or PruneTargets as they are."""
+    targets) resolved by :func:`woodfisher.targets.resolve_targets`, or PruneTargets as they are; less ``exclude``."""
     if params is not None and not isinstance(params, str) and len(params) \
             and all(isinstance(p, PruneTarget) for p in params):
-        return list(params)
+        if exclude is None:
+            return list(params)
+        params = [p.name for p in params]
     try:
-        return resolve_targets(model, params)
+        targets = resolve_targets(model, params)
     except ValueError as err:
         raise ValueError(f"params={params!r}: {err}") from None
+    return targets if exclude is None else resolve_targets(model, params, exclude=exclude)  # errors name exclude
 
 
 def check_num_batches(num_batches: Optional[int]) -> None:

@@ -15,6 +15,7 @@ from ..buffers import buffers_kept
 from ..config import check_int
 from ..losses import check_loss_fn
 from ..masks import check_collapse_density, check_min_density, check_sparsity, select_kept_masks, sparsity_of
+from ..option_checks import check_names
 from ..progress import display, phase
 from ..result import PruneResult, layer_rows
 from ..state import Snapshot, eval_mode
@@ -77,7 +78,8 @@ def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsi
                   warmup_batches: int = 10, min_density: float = 0.0, synflow_iterations: int = 100,
                   hvp: str = "autograd", train_mode: bool = False, input_shape: Optional[Sequence[int]] = None,
                   collapse_density: float = 1e-3, seed: int = 0, progress: bool = True,
-                  batch_adapter: Optional[Callable] = None, modules: Params = None) -> PaIResult:
+                  batch_adapter: Optional[Callable] = None, modules: Params = None,
+                  exclude: Optional[Sequence[str]] = None) -> PaIResult:
     """Prune ``model`` before training; its pruned weights are set to exactly 0 in place.
 
     The weights are the package's prune targets (:func:`woodfisher.targets.resolve_targets`):
@@ -103,6 +105,8 @@ def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsi
         params: names of the weights / modules to prune (default: the package's default targets).
         modules: the same as ``params``, under the name every other pruning call and the CLI give it
             (``modules=`` of :func:`woodfisher.prune_one_shot`); pass one of the two.
+        exclude: names, module names or shell-style patterns of weights left out of those (``exclude=`` of
+            :func:`woodfisher.prune_one_shot`: :func:`woodfisher.target_lookup.remove_excluded`).
         num_probes: Hutchinson probes per batch; num_batches: scoring batches (None = all).
         warmup_batches: BatchNorm warm-up passes before scoring (0 = off; no-op without BN).
         min_density: each layer keeps at least this fraction of its weights.
@@ -124,7 +128,8 @@ def prune_at_init(model: nn.Module, loader: Optional[Iterable] = None, *, sparsi
     if params is not None and modules is not None:
         raise ValueError(f"params and modules name the same thing (the weights to prune); pass one of them, got "
                          f"params={params!r} and modules={modules!r}")
-    targets = pai_targets(model, params if modules is None else modules)
+    exclude = check_names("exclude", exclude)
+    targets = pai_targets(model, params if modules is None else modules, exclude)
     inner = unwrap_model(model)[0]
     warm = warmup_batches > 0 and bool(batchnorm_modules(inner))
     needs_data = criterion not in DATA_FREE or (criterion == "synflow" and input_shape is None)

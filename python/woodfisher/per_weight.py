@@ -1,0 +1,164 @@
+"""Per-weight sparsities: ``sparsity={name or pattern: fraction}`` (as SparseML recipes and Torch-Pruning's
+``pruning_ratio_dict`` take them).
+
+The keys are read as ``modules=`` reads its entries (:mod:`woodfisher.targets`: parameter names, tied aliases, wrapper
+prefixes, module names meaning the targets they hold, shell-style patterns over the default targets). The pruned
+weights are the ones the keys select (within ``modules=`` when it is given, less ``exclude=``); each is pruned to its
+own fraction, its entries ranked within the weight (as ``mode="layerwise"`` ranks them for one shared number:
+:func:`woodfisher.masks.select_masks`). A key naming the weight itself (its parameter name, or the module it is the
+``weight`` of) wins over a module holding it, which wins over a pattern; two keys of the same kind giving one weight
+different values are a ValueError naming ``sparsity`` and both keys.
+
+:func:`fit_sparsities` turns a config's dict into its canonical form once, before anything runs: ``modules`` the
+target names, ``exclude`` None and ``sparsity`` {target name: fraction}, so that every later step reads a weight's
+target by its name. :func:`weight_starts` gives the per-weight starting sparsities that
+:meth:`woodfisher.PruneConfig.steps` schedules each weight from.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Tuple, Union
+
+import torch
+from torch import nn
+
+from .auto_rules import split_grads, step_count, step_sparsities
+from .masks import check_sparsity, sparsity_of
+from .model_entries import param_entries
+from .targets import PruneTarget, resolve_targets, unwrap_model
+
+__all__ = ["check_sparsity_map", "is_per_weight", "fit_sparsities", "weight_starts", "resolve_sparsities",
+           "weight_steps"]
+
+#: The precedence of a key over a weight: its own name, then a module holding it, then a pattern.
+_OWN, _HOLDER, _PATTERN = 0, 1, 2
+_KINDS = {_OWN: "names", _HOLDER: "module names", _PATTERN: "patterns"}
+
+
+def is_per_weight(sparsity: Any) -> bool:
+    """Whether ``sparsity`` is a per-weight mapping (not one number)."""
+    return isinstance(sparsity, Mapping)
+
+
+def check_sparsity_map(sparsity: Mapping, name: str = "sparsity") -> Dict[str, float]:
+    """Validate ``sparsity={name or pattern: fraction}``.
+
+    Args:
+        sparsity: a non-empty mapping of str keys to real numbers in [0, 1).
+        name: the caller's name of the argument (``"final_sparsity"`` for :class:`woodfisher.GradualPruner`).
+    Returns:
+        a plain dict of the same keys, values as floats.
+    Raises:
+        ValueError: an empty mapping or a key that is not a non-empty str (naming ``name``), a value that is not
+            a number in [0, 1) (naming ``name[key]``).
+    """
+    if not sparsity:
+        raise ValueError(f"{name}: an empty dict selects no weight; pass {{name or pattern: fraction}}, e.g. "
+                         f"{name}={{'features.*': 0.9, 'classifier': 0.5}}")
+    out = {}
+    for key, value in sparsity.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{name}: keys are weight or module names or shell-style patterns (non-empty str), "
+                             f"got {key!r}")
+        out[key] = check_sparsity(value, f"{name}[{key!r}]")
+    return out
+
+
+def _precedence(key: str, target: PruneTarget, prefix: str) -> int:
+    if any(c in key for c in "*?["):
+        return _PATTERN
+    full = key if key.startswith(prefix) else prefix + key
+    own = {target.name} | {o for o in target.owners} | {f"{o}.{target.attr}" if o else target.attr
+                                                        for o in target.owners}
+    return _OWN if full in own or key in own else _HOLDER
+
+
+def resolve_sparsities(model: nn.Module, sparsity: Mapping[str, float], modules=None, exclude=None) -> Dict[str, float]:
+    """{target name: fraction} of a per-weight ``sparsity`` (the rules: the module docstring).
+
+    Args:
+        model: the network (wrappers seen through; names as the caller's ``named_parameters()`` gives them).
+        sparsity: {name or pattern: fraction in [0, 1)}, validated (:func:`check_sparsity_map`).
+        modules, exclude: as :class:`woodfisher.PruneConfig` takes them.
+    Returns:
+        the targets' fractions, in the targets' (registration) order.
+    Raises:
+        ValueError: a key that names nothing in the model (naming ``sparsity[key]``), one that selects none of the
+            weights ``modules`` / ``exclude`` leave (naming ``sparsity[key]``), two keys giving one weight different
+            values (naming ``sparsity`` and both keys), and the errors of ``modules`` / ``exclude``.
+    """
+    prefix = unwrap_model(model)[1]
+    allowed = None if modules is None else {t.name for t in resolve_targets(model, modules)}
+    chosen: Dict[str, Tuple[int, str, float]] = {}
+    targets: Dict[str, PruneTarget] = {}
+    for key, value in sparsity.items():
+        found = [t for t in resolve_targets(model, [key], arg=f"sparsity[{key!r}]")
+                 if allowed is None or t.name in allowed]
+        if not found:
+            raise ValueError(f"sparsity[{key!r}] selects none of the weights modules={list(modules)!r} prunes; keys "
+                             "select weights within modules= (or leave modules out: the keys then choose them)")
+        for target in found:
+            rank = _precedence(key, target, prefix)
+            held = chosen.get(target.name)
+            if held is not None and held[0] == rank and held[2] != value:
+                raise ValueError(f"sparsity: the {_KINDS[rank]} {held[1]!r} and {key!r} both select "
+                                 f"{target.name!r}, with {held[2]:g} and {value:g}; give it one value (a weight's "
+                                 "own name wins over a module holding it, which wins over a pattern)")
+            if held is None or rank < held[0]:
+                chosen[target.name] = (rank, key, value)
+            targets.setdefault(target.name, target)
+    order = {prefix + name: i for i, name in enumerate(param_entries(unwrap_model(model)[0]))}
+    names = sorted((t.name for t in resolve_targets(model, list(targets), exclude=exclude)), key=order.__getitem__)
+    return {name: chosen[name][2] for name in names}
+
+
+def fit_sparsities(model: nn.Module, config):
+    """``config`` itself for one number, else its canonical per-weight copy: ``modules`` the target names the keys
+    select (within ``modules``, less ``exclude``), ``exclude`` None, ``sparsity`` {target name: fraction}.
+
+    Args:
+        model: the network. config: a :class:`woodfisher.PruneConfig`.
+    Returns:
+        a :class:`woodfisher.PruneConfig`.
+    Raises:
+        ValueError: as :func:`resolve_sparsities`.
+    """
+    if not is_per_weight(config.sparsity):
+        return config
+    fractions = resolve_sparsities(model, config.sparsity, config.modules, config.exclude)
+    if config.modules == tuple(fractions) and config.exclude is None and dict(config.sparsity) == fractions:
+        return config
+    return config.replace(sparsity=fractions, modules=tuple(fractions), exclude=None)
+
+
+def weight_starts(config, keep: Mapping[str, torch.Tensor]) -> Union[float, Dict[str, float]]:
+    """Where :meth:`woodfisher.PruneConfig.steps` starts: the sparsity of the keep-masks ``keep`` over all of them
+    for one number, each weight's own for a per-weight ``sparsity`` ({name: fraction of False entries})."""
+    if not is_per_weight(config.sparsity):
+        return sparsity_of(dict(keep))
+    return {name: 1.0 - float(mask.double().mean()) for name, mask in keep.items()}
+
+
+def weight_steps(config, start: Union[float, Mapping[str, float]]) -> List[Tuple[Dict[str, float], int]]:
+    """:meth:`woodfisher.PruneConfig.steps` of a per-weight ``sparsity``: every weight from its own start to its own
+    target on the config's schedule (:func:`woodfisher.auto_rules.step_sparsities`), a weight already at or above
+    its target held there (pruning never revives), in the most steps any weight plans
+    (:func:`woodfisher.auto_rules.step_count`; 1 when none is below its target).
+
+    Args:
+        config: a :class:`woodfisher.PruneConfig` whose ``sparsity`` is {name: fraction}.
+        start: {name: current sparsity}, or one number for every weight.
+    Returns:
+        [({name: sparsity of the step}, gradients of the step)], the gradients summing to ``num_grads``.
+    Raises:
+        ValueError: a ``start`` dict without a key of ``sparsity`` (naming ``start``).
+    """
+    finals = config.sparsity
+    if isinstance(start, Mapping) and any(name not in start for name in finals):
+        raise ValueError(f"start: per-weight starts must name every key of sparsity ({list(finals)}), got "
+                         f"{list(start)}")
+    starts = {name: float(start[name] if isinstance(start, Mapping) else start) for name in finals}
+    live = [name for name, final in finals.items() if final > starts[name]]
+    n = max((step_count(config, starts[name], finals[name]) for name in live), default=1)
+    per = {name: step_sparsities(starts[name], final, n, config.step_schedule) if name in live else [final] * n
+           for name, final in finals.items()}
+    return [({name: per[name][i] for name in finals}, m) for i, m in enumerate(split_grads(config.num_grads, n))]
