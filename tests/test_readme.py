@@ -72,3 +72,34 @@ def test_readme_section_snippets_run_as_written(section, tmp_path):
     if section == "## Quick start":  # `print(res)`: the one-line summary the README promises
         summary = [ln for ln in run.stdout.splitlines() if ln.startswith("PruneResult(")]
         assert len(summary) == 1 and "sparsity=0.8" in summary[0] and "method='woodfisher'" in summary[0]
+
+
+def _command_lines():
+    """Every `woodfisher ...` / `python -m woodfisher ...` command of the README's ```text / ```bash blocks, as argv."""
+    text = README.read_text()
+    commands = []
+    for block in re.findall(r"^```(?:text|bash)\n(.*?)^```", text, flags=re.S | re.M):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.split("  #")[0].strip()
+            words = line.split()
+            if "woodfisher" not in words or "..." in words:
+                continue
+            argv = words[words.index("woodfisher") + 1:]
+            if argv:
+                commands.append(argv)
+    return commands
+
+
+def test_readme_command_lines_parse(tmp_path, monkeypatch):
+    """The CLI accepts every command line the README shows (flags renamed or removed break this)."""
+    from woodfisher.cli import parse_args
+    commands = _command_lines()
+    assert {argv[0] for argv in commands} >= {"demo", "prune", "export", "pai"}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prune.json").write_text('{"model": "mlpnet"}')  # the README's `--config prune.json`
+    for argv in commands:
+        try:
+            args = parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"woodfisher {' '.join(argv)}: refused by the parser")
+        assert args.command == argv[0]
