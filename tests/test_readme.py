@@ -150,3 +150,30 @@ def test_huggingface_snippet_runs_offline_on_a_tiny_bert(tmp_path):
     run = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+
+
+def _resolve(dotted):
+    """The object a dotted name of the README names (``wf.`` = ``woodfisher.``), importing submodules on the way."""
+    import importlib
+    parts = dotted.split(".")
+    parts[0] = "woodfisher" if parts[0] == "wf" else parts[0]
+    obj = importlib.import_module(parts[0])
+    for i, part in enumerate(parts[1:], 1):
+        obj = getattr(obj, part) if hasattr(obj, part) else importlib.import_module(".".join(parts[:i + 1]))
+    return obj
+
+
+def test_readme_names_exist():
+    """Every `wf.X` / `woodfisher.X` / `woodfisher_kernels.X` the README's prose names, and every op of its kernel
+    table, exists under that name."""
+    import woodfisher_kernels as wk
+    text = README.read_text()
+    spans = " ".join(re.findall(r"`[^`\n]*`", text))
+    names = set(re.findall(r"\b((?:wf|woodfisher|woodfisher_kernels)(?:\.[A-Za-z_]\w*)+)", spans))
+    assert len(names) >= 20
+    for name in sorted(names):
+        assert _resolve(name) is not None, name
+    table = text[text.index("## The kernel library"):text.index("## Results")]
+    ops = re.findall(r"^\| `([a-z_]+)[(`]", table, flags=re.M) + re.findall(r"^\| `[a-z_]+`, `([a-z_]+)`", table,
+                                                                            flags=re.M)
+    assert len(ops) >= 12 and all(hasattr(wk, op) for op in ops), [op for op in ops if not hasattr(wk, op)]
