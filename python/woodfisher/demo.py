@@ -21,7 +21,14 @@ from torch import nn
 from .data import evaluate, load_digits, make_loader
 from .models import digits_mlp
 from .progress import display, phase
-from .reports import plot_accuracy_vs_sparsity, plot_layer_sparsity, sparsity_table, write_json
+from .reports import (
+    plot_accuracy_vs_sparsity,
+    plot_layer_sparsity,
+    plots_available,
+    skip_plots,
+    sparsity_table,
+    write_json,
+)
 
 __all__ = ["DEMO_METHODS", "DEMO_SPARSITIES", "train_digits_mlp", "run_demo"]
 
@@ -158,11 +165,15 @@ def _run(out_dir, sparsities, seed, methods, epochs, num_grads, hidden, progress
                                           if v is not None))
     os.makedirs(out_dir, exist_ok=True)
     curves = {k: [(100 * s, 100 * a, 0.0) for s, a in zip(sparsities, v)] for k, v in results.items()}
-    files = [plot_accuracy_vs_sparsity(curves, os.path.join(out_dir, "accuracy_vs_sparsity.png"),
-                                       title="One-shot pruning, MLP on scikit-learn digits",
-                                       dense_accuracy=100 * dense),
-             plot_layer_sparsity(tables, os.path.join(out_dir, "layer_sparsity.png"),
-                                 title=f"Per-layer sparsity at {100 * max(sparsities):.0f}% overall")]
+    if plots_available():
+        files = [plot_accuracy_vs_sparsity(curves, os.path.join(out_dir, "accuracy_vs_sparsity.png"),
+                                           title="One-shot pruning, MLP on scikit-learn digits",
+                                           dense_accuracy=100 * dense),
+                 plot_layer_sparsity(tables, os.path.join(out_dir, "layer_sparsity.png"),
+                                     title=f"Per-layer sparsity at {100 * max(sparsities):.0f}% overall")]
+    else:
+        skip_plots(["accuracy_vs_sparsity.png", "layer_sparsity.png"])
+        files = []
     summary = {"dataset": "scikit-learn digits", "train_samples": len(train), "test_samples": len(test),
                "model": f"digits_mlp{hidden}", "seed": seed, "num_grads": m, "dense_accuracy": dense,
                "sparsities": list(sparsities), "accuracy": results, "damp": damps,

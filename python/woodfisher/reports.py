@@ -3,7 +3,8 @@
 A table is a list of row dicts ``{"layer", "shape", "params", "nnz", "sparsity"
 (percent), "flops_dense", "flops_sparse"}`` (the FLOPs keys only when an input shape
 is given); :func:`format_table` renders it as markdown with a total row.
-Plots use matplotlib's Agg backend (files only, no display needed).
+Plots use matplotlib's Agg backend (files only, no display needed); matplotlib is optional (the
+extra ``plots``): :func:`plots_available` tells, and callers skip their plots with :func:`skip_plots`.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -20,7 +22,7 @@ from .flops import layer_flops
 from .targets import resolve_targets
 
 __all__ = ["sparsity_table", "table_totals", "format_table", "to_jsonable", "write_json",
-           "plot_accuracy_vs_sparsity", "plot_layer_sparsity"]
+           "plot_accuracy_vs_sparsity", "plot_layer_sparsity", "plots_available", "skip_plots"]
 
 Row = Dict[str, Any]
 
@@ -155,6 +157,27 @@ def write_json(path: Union[str, os.PathLike], obj: Any) -> str:
         json.dump(to_jsonable(obj), f, indent=2)
         f.write("\n")
     return path
+
+
+def plots_available() -> bool:
+    """Whether matplotlib can be imported (it is optional: ``pip install matplotlib`` or the extra ``plots``)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def skip_plots(names: Sequence[str]) -> None:
+    """Warn that the plot files ``names`` are not written because matplotlib is missing (the other outputs are).
+
+    Raises:
+        ValueError: ``names`` is empty.
+    """
+    if not names:
+        raise ValueError("names must list the plot files left out")
+    warnings.warn(f"{', '.join(names)} not written: matplotlib is not installed (pip install matplotlib)",
+                  UserWarning, stacklevel=2)
 
 
 def _pyplot():

@@ -101,8 +101,9 @@ def console_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit code (2 on bad input or an unreadable / unwritable path, with a
-    one-line message). Warnings of the library (UserWarning) are printed as one line ``note: ...``."""
+    """Entry point; returns the exit code (2 on bad input or an unreadable / unwritable path, 1 when an optional
+    dependency is missing, e.g. scikit-learn for the demo; each with a one-line message). Warnings of the library
+    (UserWarning) are printed as one line ``note: ...``."""
     spellings: dict = {}  # the options as the user wrote them (:mod:`._spelling`), once the command is known
     with warnings.catch_warnings():  # restores warnings.showwarning afterwards
         warnings.showwarning = _notes(warnings.showwarning, spellings)
@@ -114,6 +115,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not agreed(err) or os.environ.get("RANK", "0") == "0":
                 print(f"woodfisher: error: {cli_text(one_line(err), spellings)}", file=sys.stderr)
             return 2
+        except ImportError as err:  # an optional dependency the command needs (its message says what to install)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"woodfisher: error: {one_line(err)}", file=sys.stderr)
+            return 1
 
 
 def _notes(show_other, spellings: dict):

@@ -371,9 +371,10 @@ def metric_values(metric: Optional[str], **values) -> dict:
 
 
 def write_outputs(out: str, rows, report: Dict, title: str, model=None, masks=None) -> List[str]:
-    """Write sparsity.md, report.json, layer_sparsity.png (and pruned.pt / masks.pt when given)."""
+    """Write sparsity.md, report.json, layer_sparsity.png (without matplotlib: skipped with a note) and pruned.pt /
+    masks.pt when given."""
     from ..checkpoint import save_state_dict
-    from ..reports import format_table, plot_layer_sparsity, write_json
+    from ..reports import format_table, plot_layer_sparsity, plots_available, skip_plots, write_json
 
     os.makedirs(out, exist_ok=True)
     files = []
@@ -384,5 +385,8 @@ def write_outputs(out: str, rows, report: Dict, title: str, model=None, masks=No
         files.append(os.path.join(out, "masks.pt"))
     with open(os.path.join(out, "sparsity.md"), "w") as f:
         f.write(format_table(rows, title=title))
-    return files + [os.path.join(out, "sparsity.md"), write_json(os.path.join(out, "report.json"), report),
-                    plot_layer_sparsity({title: rows}, os.path.join(out, "layer_sparsity.png"), title=title)]
+    files += [os.path.join(out, "sparsity.md"), write_json(os.path.join(out, "report.json"), report)]
+    if not plots_available():
+        skip_plots(["layer_sparsity.png"])
+        return files
+    return files + [plot_layer_sparsity({title: rows}, os.path.join(out, "layer_sparsity.png"), title=title)]
