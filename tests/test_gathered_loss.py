@@ -3,15 +3,14 @@ for per-sample gradients): the value and gradient of ``F.cross_entropy`` in floa
 per-sample gradients through it equal a float64 autograd loop."""
 from __future__ import annotations
 
-import collections
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _dispatch import OperatorCount
 from torch import nn
 from torch.func import grad, vmap
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import woodfisher as wf
 from woodfisher.losses import default_loss
@@ -58,23 +57,13 @@ def test_probability_targets_keep_cross_entropy():
     assert float(default_loss(out, probs, gathered=True)) == float(F.cross_entropy(out, probs))
 
 
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen[func] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_fewer_operators_under_vmap():
     """The reason for the form: a sample's forward and backward through the loss dispatch fewer operators."""
     out, target = torch.randn(8, 1, 5), torch.randint(0, 5, (8, 1))
     counts = {}
     for gathered in (False, True):
         per_sample = vmap(grad(lambda o, t: default_loss(o, t, gathered)), in_dims=(0, 0))
-        with _Count() as count:
+        with OperatorCount() as count:
             per_sample(out, target)
         counts[gathered] = sum(count.seen.values())
     assert counts[True] < counts[False]

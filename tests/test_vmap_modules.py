@@ -2,12 +2,10 @@
 float64 autograd loop over single samples, fewer dispatched operators, and the model left as it was."""
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
+from _dispatch import OperatorCount
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import woodfisher as wf
 from woodfisher.targets import resolve_targets
@@ -87,23 +85,13 @@ def test_float32_gradients_match_native_batch_norm_and_the_model_is_restored():
     assert "forward" in vars(replaced)
 
 
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen[func] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_no_native_batch_norm_under_vmap():
     torch.manual_seed(3)
     model = _with_stats(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                                       nn.Linear(4 * 9, 3)))
     x, y = torch.randn(4, 2, 5, 5), torch.randint(0, 3, (4,))
     collector = wf.GradientCollector(model, [(x, y)], resolve_targets(model), num_grads=4, progress=False)
-    with _Count() as count:
+    with OperatorCount() as count:
         collector.collect()
     assert torch.ops.aten.native_batch_norm.default not in count.seen
     assert torch.ops.aten.clone.default not in count.seen  # the batching rule's per-sample copies
@@ -138,7 +126,7 @@ def test_folded_output_equals_the_layer_own_eval_output(affine):
     model = _with_stats(nn.Sequential(nn.BatchNorm2d(3, affine=affine), nn.BatchNorm1d(4, eps=1e-3)).double())
     x2, x1 = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     want = model[0](x2), model[1](x1)
-    with batch_norm_as_affine(model), _Count() as count:
+    with batch_norm_as_affine(model), OperatorCount() as count:
         got = model[0](x2), model[1](x1)
     assert torch.ops.aten.native_batch_norm.default not in count.seen
     assert torch.ops.aten.rsqrt.default not in count.seen
