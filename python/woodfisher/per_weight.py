@@ -7,7 +7,9 @@ weights are the ones the keys select (within ``modules=`` when it is given, less
 own fraction, its entries ranked within the weight (as ``mode="layerwise"`` ranks them for one shared number:
 :func:`woodfisher.masks.select_masks`). A key naming the weight itself (its parameter name, or the module it is the
 ``weight`` of) wins over a module holding it, which wins over a pattern; two keys of the same kind giving one weight
-different values are a ValueError naming ``sparsity`` and both keys.
+different values are a ValueError naming ``sparsity`` and both keys, and so is a key whose fraction reaches no weight
+(all it selects excluded, or given other values by keys of higher precedence: ``{"blocks": 0.5, "*.mlp.*": 0.9}``
+would otherwise prune the MLPs to 0.5 without a word). A dict is stored with ``mode="layerwise"``, the ranking it means.
 
 :func:`fit_sparsities` turns a config's dict into its canonical form once, before anything runs: ``modules`` the
 target names, ``exclude`` None and ``sparsity`` {target name: fraction}, so that every later step reads a weight's
@@ -22,12 +24,12 @@ import torch
 from torch import nn
 
 from .auto_rules import split_grads, step_count, step_sparsities
-from .masks import check_sparsity, sparsity_of
+from .masks import check_min_density, check_sparsity, sparsity_of
 from .model_entries import param_entries
 from .targets import PruneTarget, resolve_targets, unwrap_model
 
-__all__ = ["check_sparsity_map", "is_per_weight", "fit_sparsities", "weight_starts", "resolve_sparsities",
-           "weight_steps"]
+__all__ = ["check_sparsity_map", "check_map_floor", "is_per_weight", "fit_sparsities", "weight_starts",
+           "resolve_sparsities", "weight_steps"]
 
 #: The precedence of a key over a weight: its own name, then a module holding it, then a pattern.
 _OWN, _HOLDER, _PATTERN = 0, 1, 2
@@ -63,6 +65,27 @@ def check_sparsity_map(sparsity: Mapping, name: str = "sparsity") -> Dict[str, f
     return out
 
 
+def check_map_floor(min_density, sparsity: Mapping[str, float]) -> float:
+    """``min_density`` beside a per-weight ``sparsity``: every key's weights must be able to keep that floor.
+
+    Args:
+        min_density: the floor, a fraction in [0, 1]. sparsity: {key: fraction}, validated.
+    Returns:
+        ``min_density`` as a float.
+    Raises:
+        ValueError: ``min_density`` outside [0, 1], or above ``1 - fraction`` of some key (naming ``min_density``
+            and those keys of ``sparsity``: their weights are pruned to exactly their fraction).
+    """
+    floor = check_min_density(min_density)
+    over = {key: value for key, value in sparsity.items() if floor > 1.0 - value + 1e-12}
+    if over:
+        shown = ", ".join(f"sparsity[{key!r}]={value:g}" for key, value in over.items())
+        raise ValueError(f"min_density={min_density} cannot be kept at {shown}: a weight pruned to a fraction s "
+                         f"keeps only 1 - s of its entries; lower min_density to at most "
+                         f"{1.0 - max(over.values()):g}, or those fractions to at most {1.0 - floor:g}")
+    return floor
+
+
 def _precedence(key: str, target: PruneTarget, prefix: str) -> int:
     if any(c in key for c in "*?["):
         return _PATTERN
@@ -83,12 +106,15 @@ def resolve_sparsities(model: nn.Module, sparsity: Mapping[str, float], modules=
         the targets' fractions, in the targets' (registration) order.
     Raises:
         ValueError: a key that names nothing in the model (naming ``sparsity[key]``), one that selects none of the
-            weights ``modules`` / ``exclude`` leave (naming ``sparsity[key]``), two keys giving one weight different
-            values (naming ``sparsity`` and both keys), and the errors of ``modules`` / ``exclude``.
+            weights ``modules`` / ``exclude`` leave (naming ``sparsity[key]``), one whose fraction reaches no weight
+            because keys of higher precedence give every weight it selects another value (naming ``sparsity[key]``
+            and those keys), two keys giving one weight different values (naming ``sparsity`` and both keys), and the
+            errors of ``modules`` / ``exclude``.
     """
     prefix = unwrap_model(model)[1]
     allowed = None if modules is None else {t.name for t in resolve_targets(model, modules)}
     chosen: Dict[str, Tuple[int, str, float]] = {}
+    selected: Dict[str, List[str]] = {}
     targets: Dict[str, PruneTarget] = {}
     for key, value in sparsity.items():
         found = [t for t in resolve_targets(model, [key], arg=f"sparsity[{key!r}]")
@@ -96,6 +122,7 @@ def resolve_sparsities(model: nn.Module, sparsity: Mapping[str, float], modules=
         if not found:
             raise ValueError(f"sparsity[{key!r}] selects none of the weights modules={list(modules)!r} prunes; keys "
                              "select weights within modules= (or leave modules out: the keys then choose them)")
+        selected[key] = [target.name for target in found]
         for target in found:
             rank = _precedence(key, target, prefix)
             held = chosen.get(target.name)
@@ -108,7 +135,29 @@ def resolve_sparsities(model: nn.Module, sparsity: Mapping[str, float], modules=
             targets.setdefault(target.name, target)
     order = {prefix + name: i for i, name in enumerate(param_entries(unwrap_model(model)[0]))}
     names = sorted((t.name for t in resolve_targets(model, list(targets), exclude=exclude)), key=order.__getitem__)
+    _refuse_idle_keys(sparsity, selected, chosen, set(names))
     return {name: chosen[name][2] for name in names}
+
+
+def _refuse_idle_keys(sparsity: Mapping[str, float], selected: Dict[str, List[str]],
+                      chosen: Dict[str, Tuple[int, str, float]], pruned: set) -> None:
+    """A ValueError naming ``sparsity[key]`` for a key whose fraction reaches no weight: all it selects is left
+    dense by ``exclude=``, or given another value by keys of higher precedence (a silently ignored fraction)."""
+    for key, value in sparsity.items():
+        live = [name for name in selected[key] if name in pruned]
+        if not live:
+            shown = selected[key][:3] + (["..."] if len(selected[key]) > 3 else [])
+            raise ValueError(f"sparsity[{key!r}] selects only weights exclude= leaves dense ({', '.join(shown)}); "
+                             "drop the key or the exclude entry")
+        if any(chosen[name][1] == key or chosen[name][2] == value for name in live):
+            continue
+        winners = list(dict.fromkeys(f"{chosen[name][1]!r} ({_KINDS[chosen[name][0]][:-1]}, "
+                                     f"{chosen[name][2]:g})" for name in live))
+        raise ValueError(f"sparsity[{key!r}]={value:g} reaches no weight: every weight it selects ({len(live)}) takes "
+                         f"its value from a key of higher precedence: {', '.join(winners[:4])}"
+                         f"{' ...' if len(winners) > 4 else ''} (a weight's own name wins over a module holding it, "
+                         "which wins over a pattern, however many weights each selects); give those weights "
+                         "their fractions by their own names, or drop the key")
 
 
 def fit_sparsities(model: nn.Module, config):

@@ -1,0 +1,126 @@
+"""Per-weight ``sparsity={...}`` and ``exclude=`` as a user coming from SparseML / Torch-Pruning writes them: a key
+whose fraction reaches no weight (every weight it selects excluded, or given another value by a key of higher
+precedence) is refused instead of silently ignored; a dict is reported as the layerwise ranking it is; the
+``min_density`` refusal names the keys it cannot be kept at; an ``exclude`` entry naming a real weight that is not
+pruned says why; the hints for regular expressions and relative names fit a dict key (all ValueErrors before
+anything is modified)."""
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from _pruner_shared import same_state, state_copy
+from test_exclude import _data, _Net
+from torch import nn
+
+import woodfisher as wf
+
+FAST = dict(num_grads=16, progress=False)
+
+
+def _refused(match: str, model=None, **kwargs) -> str:
+    model = model if model is not None else _Net()
+    before = state_copy(model)
+    with pytest.raises(ValueError, match=match) as info:
+        wf.prune_one_shot(model, _data(), **FAST, **kwargs)
+    assert same_state(model, before)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("sparsity, key, winners", [
+    ({"block": 0.5, "*.2": 0.9}, "*.2", ["'block' (module name, 0.5)"]),  # a module beats a narrower pattern
+    ({"*": 0.8, "conv1": 0.1, "block": 0.2, "head": 0.3}, "*", ["'conv1' (name, 0.1)", "'block' (module name, 0.2)"]),
+    ({"head": 0.5, "head.fc1": 0.6, "head.fc2": 0.7}, "head", ["'head.fc1' (name, 0.6)", "'head.fc2' (name, 0.7)"]),
+])
+def test_a_key_given_another_value_on_every_weight_it_selects_is_refused(sparsity, key, winners):
+    text = _refused(rf"^sparsity\[{re.escape(repr(key))}\]={sparsity[key]:g} reaches no weight", sparsity=sparsity)
+    assert all(w in text for w in winners), text
+    with pytest.raises(ValueError, match=r"reaches no weight"):  # the same rule in every entry point
+        wf.GradualPruner(_Net(), _data(), final_sparsity=sparsity, end_step=2, **FAST)
+
+
+def test_keys_overridden_with_their_own_value_or_deciding_some_weight_are_kept():
+    model = _Net()
+    sparsity = {"*": 0.5, "block": 0.5, "head": 0.7, "head.fc2": 0.25}  # "*" decides conv1; "block" agrees
+    result = wf.prune_one_shot(model, _data(), sparsity=sparsity, **FAST)
+    assert result.config["sparsity"] == {"conv1.weight": 0.5, "block.0.weight": 0.5, "block.2.weight": 0.5,
+                                         "head.fc1.weight": 0.7, "head.fc2.weight": 0.25}
+    for name, s in result.config["sparsity"].items():
+        assert int((~result.masks[name]).sum()) == round(s * result.masks[name].numel())
+
+
+def test_a_key_whose_weights_are_all_excluded_is_refused():
+    text = _refused(r"^sparsity\['head.fc2'\] selects only weights exclude= leaves dense",
+                    sparsity={"block": 0.5, "head.fc2": 0.3}, exclude=["head.fc2"])
+    assert "head.fc2.weight" in text
+    # a key that still reaches a weight beside the excluded ones is fine
+    result = wf.prune_one_shot(_Net(), _data(), sparsity={"block": 0.5, "head": 0.3}, exclude=["head.fc2"], **FAST)
+    assert list(result.masks) == ["block.0.weight", "block.2.weight", "head.fc1.weight"]
+
+
+def test_a_dict_is_stored_and_reported_as_layerwise():
+    assert wf.PruneConfig(sparsity={"block": 0.5}, mode="global").mode == "layerwise"
+    model = _Net()
+    result = wf.prune_one_shot(model, _data(), sparsity={"block": 0.5, "head": 0.8}, mode="global", **FAST)
+    assert result.config["mode"] == "layerwise"
+    curvature = wf.estimate_curvature(copy.deepcopy(_Net()), _data(), **FAST)
+    again = wf.prune_with(copy.deepcopy(_Net()), curvature, {"block": 0.5}, mode="global")
+    assert again.config["mode"] == "layerwise"
+
+
+def test_min_density_with_a_dict_names_the_keys_it_cannot_be_kept_at():
+    text = _refused(r"^min_density=0.2 cannot be kept at sparsity\['block'\]=0.9",
+                    sparsity={"conv1": 0.5, "block": 0.9}, min_density=0.2)
+    assert "conv1" not in text and "at most 0.1" in text and "at most 0.8" in text
+    model = _Net()
+    result = wf.prune_one_shot(model, _data(), sparsity={"conv1": 0.5, "block": 0.9}, min_density=0.05, **FAST)
+    for name, s in result.config["sparsity"].items():  # the floor is below every target: the counts are exact
+        assert int((~result.masks[name]).sum()) == round(s * result.masks[name].numel())
+
+
+class _Tied(nn.Module):
+    """An embedding whose weight the output layer shares (a tied LM head), and a hidden Linear."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 10, bias=False)
+        self.lm_head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.lm_head(torch.relu(self.fc(self.emb(x)))).mean(1)
+
+
+def test_exclude_of_a_weight_that_is_not_pruned_says_why():
+    tied, data = _Tied(), [(torch.randint(0, 10, (4, 5)), torch.randint(0, 10, (4,))) for _ in range(4)]
+    before = state_copy(tied)
+    with pytest.raises(ValueError, match=r"^exclude: 'lm_head' matches none") as info:
+        wf.prune_one_shot(tied, data, sparsity=0.5, exclude=["lm_head"], **FAST)
+    assert same_state(tied, before)
+    text = str(info.value)
+    assert "'emb.weight' (the same Parameter: tied)" in text and "not pruned by default" in text, text
+    assert "drop the entry" in text
+    text = _refused(r"^exclude: 'conv1' matches none", sparsity={"block": 0.5}, exclude=["conv1"])
+    assert "'conv1.weight'" in text and "keys of a sparsity dict" in text and "drop the entry" in text, text
+    text = _refused(r"^exclude: 'head.\*' matches none", modules=["block"], sparsity=0.5, exclude=["head.*"])
+    assert "'head.fc1.weight', 'head.fc2.weight'" in text and "not selected by modules=" in text, text
+
+
+@pytest.mark.parametrize("key", ["re:.*fc.*", ".*fc.*"])
+def test_a_regular_expression_key_gets_the_dict_to_build(key):
+    text = _refused(r"for a regular expression, sparsity=\{name: <fraction> for name in \[t.name for t in "
+                    r"woodfisher.resolve_targets\(model\) if re.fullmatch", sparsity={key: 0.5})
+    assert f"sparsity[{key!r}]=[" not in text
+
+
+def test_a_relative_name_gets_the_pattern_that_selects_it():
+    text = _refused(r"^sparsity\['fc1'\]: no module or parameter is named 'fc1'; 1 end with it \('head.fc1'\): "
+                    r"names are full names; the shell-style pattern '\*.fc1' selects them all$", sparsity={"fc1": 0.5})
+    assert "=[name" not in text
+    _refused(r"'\*.fc1' selects them all, or modules=\[name for name, _ in model.named_modules\(\) "
+             r"if name.endswith\('.fc1'\)\]$", modules=["fc1"], sparsity=0.5)
+    result = wf.prune_one_shot(_Net(), _data(), sparsity={"*.fc1": 0.5}, **FAST)  # the pattern it suggests works
+    assert list(result.masks) == ["head.fc1.weight"]
