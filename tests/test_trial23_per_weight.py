@@ -52,7 +52,7 @@ def test_keys_overridden_with_their_own_value_or_deciding_some_weight_are_kept()
 
 
 def test_a_key_whose_weights_are_all_excluded_is_refused():
-    text = _refused(r"^sparsity\['head.fc2'\] selects only weights exclude= leaves dense",
+    text = _refused(r"^sparsity\['head.fc2'\] selects only weights that exclude leaves dense",
                     sparsity={"block": 0.5, "head.fc2": 0.3}, exclude=["head.fc2"])
     assert "head.fc2.weight" in text
     # a key that still reaches a weight beside the excluded ones is fine
@@ -106,7 +106,7 @@ def test_exclude_of_a_weight_that_is_not_pruned_says_why():
     text = _refused(r"^exclude: 'conv1' matches none", sparsity={"block": 0.5}, exclude=["conv1"])
     assert "'conv1.weight'" in text and "keys of a sparsity dict" in text and "drop the entry" in text, text
     text = _refused(r"^exclude: 'head.\*' matches none", modules=["block"], sparsity=0.5, exclude=["head.*"])
-    assert "'head.fc1.weight', 'head.fc2.weight'" in text and "not selected by modules=" in text, text
+    assert "'head.fc1.weight', 'head.fc2.weight'" in text and "not selected by the modules option" in text, text
 
 
 @pytest.mark.parametrize("key", ["re:.*fc.*", ".*fc.*"])

@@ -147,7 +147,7 @@ def _refuse_idle_keys(sparsity: Mapping[str, float], selected: Dict[str, List[st
         live = [name for name in selected[key] if name in pruned]
         if not live:
             shown = selected[key][:3] + (["..."] if len(selected[key]) > 3 else [])
-            raise ValueError(f"sparsity[{key!r}] selects only weights exclude= leaves dense ({', '.join(shown)}); "
+            raise ValueError(f"sparsity[{key!r}] selects only weights that exclude leaves dense ({', '.join(shown)}); "
                              "drop the key or the exclude entry")
         if any(chosen[name][1] == key or chosen[name][2] == value for name in live):
             continue

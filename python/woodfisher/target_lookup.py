@@ -170,8 +170,8 @@ def remove_excluded(entries: Dict[str, dict], chosen: List[str], exclude: Iterab
     left = [n for n in chosen if n not in removed]
     if not left:
         raise ValueError(f"exclude={list(exclude)!r} leaves no weight to prune: it removes all {len(chosen)} targets "
-                         "(the default ones, or those modules= or the keys of a sparsity dict select); exclude fewer "
-                         "or select others")
+                         "(the default ones, or those the modules option or the keys of a sparsity dict select); "
+                         "exclude fewer or select others")
     return left
 
 
@@ -198,5 +198,6 @@ def _why_not_pruned(entries: Dict[str, dict], name: str, model: nn.Module, prefi
         shown += " (the same Parameter: tied)"
     reason = ("not pruned by default (embeddings, tied LM heads, RNN and transposed-conv weights are pruned only "
               "when named)" if not any(n in defaults for n in real) else
-              "not selected by modules= nor by the keys of a sparsity dict, which alone choose the weights to prune")
+              "not selected by the modules option nor by the keys of a sparsity dict, which alone choose the "
+              "weights to prune")
     return f": it names {shown}, {reason}, so it stays dense without exclude: drop the entry"
