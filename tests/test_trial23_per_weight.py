@@ -124,3 +124,12 @@ def test_a_relative_name_gets_the_pattern_that_selects_it():
              r"if name.endswith\('.fc1'\)\]$", modules=["fc1"], sparsity=0.5)
     result = wf.prune_one_shot(_Net(), _data(), sparsity={"*.fc1": 0.5}, **FAST)  # the pattern it suggests works
     assert list(result.masks) == ["head.fc1.weight"]
+
+
+def test_a_dict_of_zeros_says_so_and_changes_nothing():
+    model = _Net()
+    before = state_copy(model)
+    with pytest.warns(UserWarning, match=r"^sparsity=0 prunes nothing \(every fraction of the sparsity dict is 0\)"):
+        result = wf.prune_one_shot(model, _data(), sparsity={"block": 0.0, "head": 0.0}, **FAST)
+    assert same_state(model, before) and result.config["sparsity"] == {
+        "block.0.weight": 0.0, "block.2.weight": 0.0, "head.fc1.weight": 0.0, "head.fc2.weight": 0.0}

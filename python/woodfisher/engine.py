@@ -321,8 +321,9 @@ def _plan(model: nn.Module, loader: Optional[Iterable], config: PruneConfig):
         raise ValueError(f"num_steps={config.num_steps} needs a loader that can be iterated once per step; got a "
                          "single-pass iterator (a generator?): pass a list or a DataLoader, or num_steps=1")
     if _prunes_nothing(config):
-        warn_at_caller("sparsity=0 prunes nothing: no gradients were computed and the weights are unchanged (the "
-                       "result holds the current keep-masks); pass sparsity > 0 to prune")
+        every = " (every fraction of the sparsity dict is 0)" if is_per_weight(config.sparsity) else ""
+        warn_at_caller(f"sparsity=0 prunes nothing{every}: no gradients were computed and the weights are unchanged "
+                       "(the result holds the current keep-masks); pass sparsity > 0 to prune")
         steps, configs = [], []
     if steps:
         check_memory_plan(targets, config, configs[0].num_grads)
