@@ -133,3 +133,36 @@ def test_a_dict_of_zeros_says_so_and_changes_nothing():
         result = wf.prune_one_shot(model, _data(), sparsity={"block": 0.0, "head": 0.0}, **FAST)
     assert same_state(model, before) and result.config["sparsity"] == {
         "block.0.weight": 0.0, "block.2.weight": 0.0, "head.fc1.weight": 0.0, "head.fc2.weight": 0.0}
+
+
+def test_gradual_pruner_names_final_sparsity_in_key_errors():
+    for final, match in [({"blok": 0.5}, r"^final_sparsity\['blok'\]: no module or parameter named 'blok' in the model "
+                                         r"\(did you mean 'block'\?\)"),
+                         ({"block": 0.5, "*.2": 0.9}, r"^final_sparsity\['\*.2'\]=0.9 reaches no weight"),
+                         ({"head.*": 0.5, "*.fc1": 0.7}, r"^final_sparsity: the patterns 'head.\*' and '\*.fc1'")]:
+        model = _Net()
+        before = state_copy(model)
+        with pytest.raises(ValueError, match=match):
+            wf.GradualPruner(model, _data(), final_sparsity=final, end_step=2, **FAST)
+        assert same_state(model, before)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__()
+        self.rnn, self.fc = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("key", ["rnn", "rnn.*"])
+def test_a_key_over_weights_left_out_of_the_defaults_gets_the_dict_that_names_them(key):
+    data = [(torch.randn(4, 5, 3), torch.randint(0, 3, (4,))) for _ in range(4)]
+    wanted = "sparsity={'rnn.weight_ih_l0': <fraction>, 'rnn.weight_hh_l0': <fraction>}"
+    text = _refused(re.escape(wanted) + "$", model=_Recurrent(), sparsity={key: 0.5, "fc": 0.3})
+    assert "modules=" not in text and f"sparsity[{key!r}]=[" not in text, text
+    result = wf.prune_one_shot(_Recurrent(), data, sparsity={"rnn.weight_ih_l0": 0.5, "rnn.weight_hh_l0": 0.5},
+                               **FAST)  # the dict it suggests works
+    assert list(result.masks) == ["rnn.weight_ih_l0", "rnn.weight_hh_l0"]

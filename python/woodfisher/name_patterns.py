@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Dict, List
 
-__all__ = ["match_pattern", "regex_like", "regex_hint", "is_dict_key"]
+__all__ = ["match_pattern", "regex_like", "regex_hint", "is_dict_key", "naming"]
 
 
 def match_pattern(pattern: str, owners: Dict[str, List[str]], arg: str = "modules") -> List[str]:
@@ -55,3 +55,15 @@ def regex_hint(arg: str) -> str:
 def is_dict_key(arg: str) -> bool:
     """Whether the argument named in a message is a key of a dict (``"sparsity['fc*']"``), not a list of names."""
     return arg.endswith("]") and "[" in arg
+
+
+def naming(arg: str, names) -> str:
+    """How to pass ``names`` (a list of full names, or the source of an expression giving them) to the argument
+    named ``arg`` in a message: ``modules=[...]``, or for a key of a sparsity dict (``"sparsity['rnn.*']"``) the
+    dict ``sparsity={name: <fraction>, ...}``."""
+    if not is_dict_key(arg):
+        return f"{arg}={names!r}" if not isinstance(names, str) else f"{arg}={names}"
+    base = arg.split("[")[0]
+    if isinstance(names, str):
+        return f"{base}={{name: <fraction> for name in {names}}}"
+    return f"{base}={{" + ", ".join(f"{name!r}: <fraction>" for name in names) + "}"

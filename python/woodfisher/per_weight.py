@@ -95,13 +95,15 @@ def _precedence(key: str, target: PruneTarget, prefix: str) -> int:
     return _OWN if full in own or key in own else _HOLDER
 
 
-def resolve_sparsities(model: nn.Module, sparsity: Mapping[str, float], modules=None, exclude=None) -> Dict[str, float]:
+def resolve_sparsities(model: nn.Module, sparsity: Mapping[str, float], modules=None, exclude=None,
+                       arg: str = "sparsity") -> Dict[str, float]:
     """{target name: fraction} of a per-weight ``sparsity`` (the rules: the module docstring).
 
     Args:
         model: the network (wrappers seen through; names as the caller's ``named_parameters()`` gives them).
         sparsity: {name or pattern: fraction in [0, 1)}, validated (:func:`check_sparsity_map`).
         modules, exclude: as :class:`woodfisher.PruneConfig` takes them.
+        arg: the caller's name of the dict in messages (``"final_sparsity"`` for :class:`woodfisher.GradualPruner`).
     Returns:
         the targets' fractions, in the targets' (registration) order.
     Raises:
@@ -117,17 +119,17 @@ def resolve_sparsities(model: nn.Module, sparsity: Mapping[str, float], modules=
     selected: Dict[str, List[str]] = {}
     targets: Dict[str, PruneTarget] = {}
     for key, value in sparsity.items():
-        found = [t for t in resolve_targets(model, [key], arg=f"sparsity[{key!r}]")
+        found = [t for t in resolve_targets(model, [key], arg=f"{arg}[{key!r}]")
                  if allowed is None or t.name in allowed]
         if not found:
-            raise ValueError(f"sparsity[{key!r}] selects none of the weights modules={list(modules)!r} prunes; keys "
+            raise ValueError(f"{arg}[{key!r}] selects none of the weights modules={list(modules)!r} prunes; keys "
                              "select weights within modules= (or leave modules out: the keys then choose them)")
         selected[key] = [target.name for target in found]
         for target in found:
             rank = _precedence(key, target, prefix)
             held = chosen.get(target.name)
             if held is not None and held[0] == rank and held[2] != value:
-                raise ValueError(f"sparsity: the {_KINDS[rank]} {held[1]!r} and {key!r} both select "
+                raise ValueError(f"{arg}: the {_KINDS[rank]} {held[1]!r} and {key!r} both select "
                                  f"{target.name!r}, with {held[2]:g} and {value:g}; give it one value (a weight's "
                                  "own name wins over a module holding it, which wins over a pattern)")
             if held is None or rank < held[0]:
@@ -135,37 +137,37 @@ def resolve_sparsities(model: nn.Module, sparsity: Mapping[str, float], modules=
             targets.setdefault(target.name, target)
     order = {prefix + name: i for i, name in enumerate(param_entries(unwrap_model(model)[0]))}
     names = sorted((t.name for t in resolve_targets(model, list(targets), exclude=exclude)), key=order.__getitem__)
-    _refuse_idle_keys(sparsity, selected, chosen, set(names))
+    _refuse_idle_keys(sparsity, selected, chosen, set(names), arg)
     return {name: chosen[name][2] for name in names}
 
 
 def _refuse_idle_keys(sparsity: Mapping[str, float], selected: Dict[str, List[str]],
-                      chosen: Dict[str, Tuple[int, str, float]], pruned: set) -> None:
+                      chosen: Dict[str, Tuple[int, str, float]], pruned: set, arg: str) -> None:
     """A ValueError naming ``sparsity[key]`` for a key whose fraction reaches no weight: all it selects is left
     dense by ``exclude=``, or given another value by keys of higher precedence (a silently ignored fraction)."""
     for key, value in sparsity.items():
         live = [name for name in selected[key] if name in pruned]
         if not live:
             shown = selected[key][:3] + (["..."] if len(selected[key]) > 3 else [])
-            raise ValueError(f"sparsity[{key!r}] selects only weights that exclude leaves dense ({', '.join(shown)}); "
+            raise ValueError(f"{arg}[{key!r}] selects only weights that exclude leaves dense ({', '.join(shown)}); "
                              "drop the key or the exclude entry")
         if any(chosen[name][1] == key or chosen[name][2] == value for name in live):
             continue
         winners = list(dict.fromkeys(f"{chosen[name][1]!r} ({_KINDS[chosen[name][0]][:-1]}, "
                                      f"{chosen[name][2]:g})" for name in live))
-        raise ValueError(f"sparsity[{key!r}]={value:g} reaches no weight: every weight it selects ({len(live)}) takes "
+        raise ValueError(f"{arg}[{key!r}]={value:g} reaches no weight: every weight it selects ({len(live)}) takes "
                          f"its value from a key of higher precedence: {', '.join(winners[:4])}"
                          f"{' ...' if len(winners) > 4 else ''} (a weight's own name wins over a module holding it, "
                          "which wins over a pattern, however many weights each selects); give those weights "
                          "their fractions by their own names, or drop the key")
 
 
-def fit_sparsities(model: nn.Module, config):
+def fit_sparsities(model: nn.Module, config, arg: str = "sparsity"):
     """``config`` itself for one number, else its canonical per-weight copy: ``modules`` the target names the keys
     select (within ``modules``, less ``exclude``), ``exclude`` None, ``sparsity`` {target name: fraction}.
 
     Args:
-        model: the network. config: a :class:`woodfisher.PruneConfig`.
+        model: the network. config: a :class:`woodfisher.PruneConfig`. arg: the dict's name in messages.
     Returns:
         a :class:`woodfisher.PruneConfig`.
     Raises:
@@ -173,7 +175,7 @@ def fit_sparsities(model: nn.Module, config):
     """
     if not is_per_weight(config.sparsity):
         return config
-    fractions = resolve_sparsities(model, config.sparsity, config.modules, config.exclude)
+    fractions = resolve_sparsities(model, config.sparsity, config.modules, config.exclude, arg)
     if config.modules == tuple(fractions) and config.exclude is None and dict(config.sparsity) == fractions:
         return config
     return config.replace(sparsity=fractions, modules=tuple(fractions), exclude=None)

@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List
 from torch import nn
 
 from .model_entries import WRAPPER_PREFIXES, default_target_names, join_name, logical_name, mask_reparam_ok, own_forward
-from .name_patterns import is_dict_key, match_pattern, regex_hint, regex_like
+from .name_patterns import is_dict_key, match_pattern, naming, regex_hint, regex_like
 from .names import closest
 from .weight_transform import refuse_recomputed
 
@@ -46,7 +46,7 @@ def refuse_left_out_match(entries: Dict[str, dict], pattern: str, model: nn.Modu
             named.append(name)
     parts = [f"{arg}: the pattern {pattern!r} matches only weights left out of the defaults"]
     if named:
-        parts.append(f"these are pruned when named exactly: {arg}={named!r}")
+        parts.append(f"these are pruned when named exactly: {naming(arg, named)}")
     if refused:
         parts.append("these cannot be pruned: " + ", ".join(refused))
     raise ValueError("; ".join(parts)) from error
@@ -114,7 +114,8 @@ def lookup_names(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str 
                  and info["param"].is_floating_point() and info["param"].dim() >= 2]
         every = (named if len(named) <= 12 else  # all of them (a 2-layer bidirectional LSTM has 8 or 12)
                  f"[name for name, p in model.named_parameters() if name.startswith({raw + '.'!r}) and p.dim() >= 2]")
-        hint = (f"; its weights are not pruned by default, name them to prune them: modules={every}"
+        hint = (f"; its weights are not pruned by default, name them to prune them: "
+                f"{naming(arg if is_dict_key(arg) else 'modules', every)}"
                 if named else " (and has no floating parameter of >= 2 dims either)")
         raise ValueError(f"{arg}: {raw!r} is a {type(modules[raw]).__name__}, which holds no Linear / Conv / "
                          f"attention projection weight{hint}")
