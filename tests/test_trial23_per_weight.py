@@ -166,3 +166,19 @@ def test_a_key_over_weights_left_out_of_the_defaults_gets_the_dict_that_names_th
     result = wf.prune_one_shot(_Recurrent(), data, sparsity={"rnn.weight_ih_l0": 0.5, "rnn.weight_hh_l0": 0.5},
                                **FAST)  # the dict it suggests works
     assert list(result.masks) == ["rnn.weight_ih_l0", "rnn.weight_hh_l0"]
+
+
+def test_the_layer_plot_marks_each_per_weight_target(tmp_path):
+    """The CLI's layer_sparsity.png showed what each weight reached but not the target it was given."""
+    from woodfisher.reports import plot_layer_sparsity, sparsity_table
+    model = _Net()
+    result = wf.prune_one_shot(model, _data(), sparsity={"block": 0.5, "head": 0.8}, **FAST)
+    rows = sparsity_table(result, model=model)
+    assert [r["target"] for r in rows] == pytest.approx([50.0, 50.0, 80.0, 80.0])
+    svg = open(plot_layer_sparsity({"woodfisher": rows}, tmp_path / "t.svg")).read()
+    assert 'id="targets-0"' in svg and "<!-- target -->" in svg
+    group = svg.split('id="targets-0"')[1].split("</g>")[0]
+    assert group.count("<path ") == len(rows)  # one mark per weight
+    plain = open(plot_layer_sparsity({"woodfisher": [{k: v for k, v in r.items() if k != "target"} for r in rows]},
+                                     tmp_path / "p.svg")).read()
+    assert "targets-0" not in plain and "<!-- target -->" not in plain
