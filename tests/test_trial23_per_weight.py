@@ -60,14 +60,24 @@ def test_a_key_whose_weights_are_all_excluded_is_refused():
     assert list(result.masks) == ["block.0.weight", "block.2.weight", "head.fc1.weight"]
 
 
-def test_a_dict_is_stored_and_reported_as_layerwise():
-    assert wf.PruneConfig(sparsity={"block": 0.5}, mode="global").mode == "layerwise"
+def test_a_dict_is_reported_as_layerwise():
     model = _Net()
     result = wf.prune_one_shot(model, _data(), sparsity={"block": 0.5, "head": 0.8}, mode="global", **FAST)
     assert result.config["mode"] == "layerwise"
     curvature = wf.estimate_curvature(copy.deepcopy(_Net()), _data(), **FAST)
     again = wf.prune_with(copy.deepcopy(_Net()), curvature, {"block": 0.5}, mode="global")
     assert again.config["mode"] == "layerwise"
+
+
+def test_a_scalar_prune_with_on_a_curvature_estimated_with_a_dict_keeps_the_callers_mode():
+    dense = _Net()
+    curvature = wf.estimate_curvature(dense, _data(), sparsity={"block": 0.2, "head": 0.2}, **FAST)
+    a, b = copy.deepcopy(dense), copy.deepcopy(dense)
+    ra = wf.prune_with(a, curvature, 0.6)  # the default mode, global, as for a curvature estimated without a dict
+    rb = wf.prune_with(b, wf.estimate_curvature(copy.deepcopy(dense), _data(), modules=list(ra.masks), **FAST), 0.6)
+    assert ra.config["mode"] == rb.config["mode"] == "global"
+    assert all(torch.equal(ra.masks[n], rb.masks[n]) for n in ra.masks)
+    assert any(abs(row["sparsity"] - 0.6) > 0.01 for row in ra.layers)  # ranked globally, not each weight to 0.6
 
 
 def test_min_density_with_a_dict_names_the_keys_it_cannot_be_kept_at():

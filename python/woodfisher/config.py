@@ -93,8 +93,8 @@ class PruneConfig:
             :meth:`from_options` and hence ``prune_one_shot``: 1 - N/M with ``pattern="N:M"``, else a ValueError);
             or a dict {weight / module name or shell-style pattern: fraction in [0, 1)}: the pruned weights are those
             its keys select (within ``modules``, less ``exclude``), each pruned to its own fraction, ranked within
-            the weight as ``mode="layerwise"`` ranks (``mode`` is then not read and stored as "layerwise": a dict means
-            per-weight targets;
+            the weight as ``mode="layerwise"`` ranks (``mode`` is then not read, and a result reports "layerwise": a
+            dict means per-weight targets;
             :mod:`woodfisher.per_weight` has the rules, e.g. a weight's own name wins over a pattern); stored as a
             dict. Not with a ``pattern`` (ValueError naming ``pattern``); a bad value is a ValueError naming
             ``sparsity[key]``.
@@ -103,7 +103,7 @@ class PruneConfig:
             (layerwise |w|), "global_magnitude", "diag_fisher" (OBS with a diagonal Fisher),
             "kfac" (K-FAC OBS), or one of your own added by :func:`woodfisher.register_method`.
         mode: "global" (joint ranking across weights) or "layerwise" (independent); a per-weight ``sparsity``
-            dict ranks each weight on its own whatever the mode (stored as "layerwise").
+            dict ranks each weight on its own whatever the mode (a result reports "layerwise").
         loss_fn: ``loss_fn(predictions, targets)`` -> mean loss; None = the model's own
             ``outputs.loss`` when it returns one, else :func:`woodfisher.losses.default_loss`. Per-sample
             gradients are taken through the predictions only: a term reading the model's parameters itself
@@ -228,7 +228,6 @@ class PruneConfig:
     def __post_init__(self):
         if is_per_weight(self.sparsity):
             object.__setattr__(self, "sparsity", check_sparsity_map(self.sparsity))
-            object.__setattr__(self, "mode", "layerwise")  # what a dict means: reports and as_dict() say so
             if self.pattern is not None:
                 raise ValueError(f"pattern={self.pattern!r} fixes one sparsity for every weight; sparsity as a dict "
                                  "(per-weight fractions) is for unstructured pruning (pattern=None)")

@@ -80,15 +80,17 @@ def _result(model, targets, config, damp, forms, timings, start, extra=None, sta
             warn_if_degenerate(overlap, count, config, stacklevel)
     if config.keep_masks:  # last: a failure here is undone by hold_target_masks, then by the snapshot
         hold_target_masks(targets, masks, model)
+    per = is_per_weight(config.sparsity)  # each weight ranked on its own, whatever config.mode says
     empty = collapsed(masks)
     if empty:
-        mode = config.method_impl.fixed_mode or config.mode  # the mode the method ranked by
+        mode = "layerwise" if per else config.method_impl.fixed_mode or config.mode  # the mode the method ranked by
         warnings.warn(f"layer collapse: {empty} keep less than {COLLAPSE_DENSITY:g} of their entries at "
                       f"sparsity={config.sparsity!r} (mode={mode!r}); {_collapse_advice(empty, start[1])}",
                       stacklevel=stacklevel)
     return PruneResult(masks=masks, layers=layer_rows(masks, forms, config.sparsity),
                        sparsity=sparsity, damp=damp,
-                       config={**config.as_dict(), "modules": [target.name for target in targets], **(extra or {})},
+                       config={**config.as_dict(), "modules": [target.name for target in targets],
+                               **({"mode": "layerwise"} if per else {}), **(extra or {})},
                        timings=timings, collapsed=empty, magnitude_overlap=overlap)
 
 

@@ -9,7 +9,8 @@ own fraction, its entries ranked within the weight (as ``mode="layerwise"`` rank
 ``weight`` of) wins over a module holding it, which wins over a pattern; two keys of the same kind giving one weight
 different values are a ValueError naming ``sparsity`` and both keys, and so is a key whose fraction reaches no weight
 (all it selects excluded, or given other values by keys of higher precedence: ``{"blocks": 0.5, "*.mlp.*": 0.9}``
-would otherwise prune the MLPs to 0.5 without a word). A dict is stored with ``mode="layerwise"``, the ranking it means.
+would otherwise prune the MLPs to 0.5 without a word). A result of a dict reports ``mode="layerwise"``, the ranking
+it means (the config keeps the caller's ``mode`` for a later scalar :func:`woodfisher.prune_with`).
 
 :func:`fit_sparsities` turns a config's dict into its canonical form once, before anything runs: ``modules`` the
 target names, ``exclude`` None and ``sparsity`` {target name: fraction}, so that every later step reads a weight's
