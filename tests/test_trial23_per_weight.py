@@ -192,3 +192,13 @@ def test_the_layer_plot_marks_each_per_weight_target(tmp_path):
     plain = open(plot_layer_sparsity({"woodfisher": [{k: v for k, v in r.items() if k != "target"} for r in rows]},
                                      tmp_path / "p.svg")).read()
     assert "targets-0" not in plain and "<!-- target -->" not in plain
+
+
+def test_prune_with_names_the_curvatures_weights_for_a_key_outside_them():
+    model = _Net()
+    curvature = wf.estimate_curvature(model, _data(), modules=["block"], **FAST)
+    before = state_copy(model)
+    with pytest.raises(ValueError, match=r"^sparsity\['head'\] selects none of the weights the curvature was estimated "
+                                         r"on \(block.0.weight, block.2.weight\)") as info:
+        wf.prune_with(model, curvature, {"block": 0.5, "head": 0.5})
+    assert "modules=" not in str(info.value).split("estimate_curvature")[0] and same_state(model, before)

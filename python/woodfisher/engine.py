@@ -241,7 +241,10 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
         if curvature.shard is not None:
             raise ValueError("sparsity: per-weight fractions (a dict) are not supported on a curvature sharded over a "
                              "process group; pass one number")
-        config = config.replace(sparsity=resolve_sparsities(model, config.sparsity, [t.name for t in targets]))
+        names = [t.name for t in targets]
+        pool = (f"the curvature was estimated on ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}); "
+                "estimate one on the weights to prune: estimate_curvature(model, loader, modules=[...])")
+        config = config.replace(sparsity=resolve_sparsities(model, config.sparsity, names, pool=pool))
         targets = [t for t in targets if t.name in config.sparsity]
     config.method_impl.check_targets(targets, config)
     check_prunable(targets, config)

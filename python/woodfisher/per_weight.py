@@ -19,7 +19,7 @@ target by its name. :func:`weight_starts` gives the per-weight starting sparsiti
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -97,7 +97,7 @@ def _precedence(key: str, target: PruneTarget, prefix: str) -> int:
 
 
 def resolve_sparsities(model: nn.Module, sparsity: Mapping[str, float], modules=None, exclude=None,
-                       arg: str = "sparsity") -> Dict[str, float]:
+                       arg: str = "sparsity", pool: Optional[str] = None) -> Dict[str, float]:
     """{target name: fraction} of a per-weight ``sparsity`` (the rules: the module docstring).
 
     Args:
@@ -105,6 +105,8 @@ def resolve_sparsities(model: nn.Module, sparsity: Mapping[str, float], modules=
         sparsity: {name or pattern: fraction in [0, 1)}, validated (:func:`check_sparsity_map`).
         modules, exclude: as :class:`woodfisher.PruneConfig` takes them.
         arg: the caller's name of the dict in messages (``"final_sparsity"`` for :class:`woodfisher.GradualPruner`).
+        pool: what ``modules`` is, for the message of a key selecting none of them (:func:`woodfisher.prune_with`:
+            the curvature's weights); None: the caller's ``modules=``.
     Returns:
         the targets' fractions, in the targets' (registration) order.
     Raises:
@@ -123,8 +125,9 @@ def resolve_sparsities(model: nn.Module, sparsity: Mapping[str, float], modules=
         found = [t for t in resolve_targets(model, [key], arg=f"{arg}[{key!r}]")
                  if allowed is None or t.name in allowed]
         if not found:
-            raise ValueError(f"{arg}[{key!r}] selects none of the weights modules={list(modules)!r} prunes; keys "
-                             "select weights within modules= (or leave modules out: the keys then choose them)")
+            raise ValueError(f"{arg}[{key!r}] selects none of the weights " + (pool or (
+                f"modules={list(modules)!r} prunes; keys select weights within modules= (or leave modules out: the "
+                "keys then choose them)")))
         selected[key] = [target.name for target in found]
         for target in found:
             rank = _precedence(key, target, prefix)
