@@ -202,3 +202,23 @@ def test_prune_with_names_the_curvatures_weights_for_a_key_outside_them():
                                          r"on \(block.0.weight, block.2.weight\)") as info:
         wf.prune_with(model, curvature, {"block": 0.5, "head": 0.5})
     assert "modules=" not in str(info.value).split("estimate_curvature")[0] and same_state(model, before)
+
+
+def test_module_and_weight_objects_as_keys_get_the_dict_of_their_names():
+    """Torch-Pruning's pruning_ratio_dict and ignored_layers hold module objects; the message shows a short stand-in
+    (a Parameter's repr printed every value) and the recipe for the names."""
+    model = _Net()
+    text = _refused(r"^sparsity: keys are .* got <Conv2d module>; for modules as keys \(Torch-Pruning's "
+                    r"pruning_ratio_dict\), pass their names: sparsity=\{n: fraction for n, mod in "
+                    r"model.named_modules\(\) for layer, fraction in ratios.items\(\) if mod is layer\}$",
+                    model=model, sparsity={model.conv1: 0.5})
+    text = _refused(r"got <Parameter of shape \(4, 2, 3, 3\)>; for weights as keys, pass their names", model=model,
+                    sparsity={model.conv1.weight: 0.5})
+    assert "tensor(" not in text
+    text = _refused(r"^exclude must be None or a non-empty list of names, got \[<Parameter of shape \(4, 2, 3, 3\)>\] "
+                    r"\(tensors: their names are", model=model, sparsity=0.5, exclude=[model.conv1.weight])
+    assert "tensor(" not in text
+    ratios = {model.conv1: 0.3, model.head: 0.7}  # the recipe, as the message writes it, works
+    sparsity = {n: fraction for n, mod in model.named_modules() for layer, fraction in ratios.items() if mod is layer}
+    result = wf.prune_one_shot(model, _data(), sparsity=sparsity, **FAST)
+    assert result.config["sparsity"] == {"conv1.weight": 0.3, "head.fc1.weight": 0.7, "head.fc2.weight": 0.7}

@@ -27,6 +27,7 @@ from torch import nn
 from .auto_rules import split_grads, step_count, step_sparsities
 from .masks import check_min_density, check_sparsity, sparsity_of
 from .model_entries import param_entries
+from .option_checks import describe
 from .targets import PruneTarget, resolve_targets, unwrap_model
 
 __all__ = ["check_sparsity_map", "check_map_floor", "is_per_weight", "fit_sparsities", "weight_starts",
@@ -60,8 +61,14 @@ def check_sparsity_map(sparsity: Mapping, name: str = "sparsity") -> Dict[str, f
     out = {}
     for key, value in sparsity.items():
         if not isinstance(key, str) or not key:
+            hint = (f"; for modules as keys (Torch-Pruning's pruning_ratio_dict), pass their names: {name}={{n: "
+                    "fraction for n, mod in model.named_modules() for layer, fraction in ratios.items() if mod is "
+                    "layer}" if hasattr(key, "named_modules") else
+                    f"; for weights as keys, pass their names: {name}={{n: fraction for n, p in "
+                    "model.named_parameters() for weight, fraction in ratios.items() if p is weight}"
+                    if isinstance(key, torch.Tensor) else "")
             raise ValueError(f"{name}: keys are weight or module names or shell-style patterns (non-empty str), "
-                             f"got {key!r}")
+                             f"got {describe(key)!r}{hint}")
         out[key] = check_sparsity(value, f"{name}[{key!r}]")
     return out
 
