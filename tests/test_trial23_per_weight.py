@@ -222,3 +222,14 @@ def test_module_and_weight_objects_as_keys_get_the_dict_of_their_names():
     sparsity = {n: fraction for n, mod in model.named_modules() for layer, fraction in ratios.items() if mod is layer}
     result = wf.prune_one_shot(model, _data(), sparsity=sparsity, **FAST)
     assert result.config["sparsity"] == {"conv1.weight": 0.3, "head.fc1.weight": 0.7, "head.fc2.weight": 0.7}
+
+
+def test_the_cli_refuses_a_dict_with_a_pattern_in_its_own_words(tmp_path, capsys):
+    from test_per_layer_sparsity import digits_mlp, save_state_dict
+    from woodfisher.cli import main
+    ckpt = str(save_state_dict(digits_mlp(), tmp_path / "digits.pt"))
+    code = main(["prune", "--model", "digits_mlp", "--checkpoint", ckpt, "--sparsity", "layers.0=0.5",
+                 "--pattern", "2:4", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--pattern 2:4 fixes one sparsity" in err and "(leave pattern out)" in err, err
+    assert "--pattern None" not in err and not (tmp_path / "bad").exists()

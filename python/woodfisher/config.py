@@ -230,7 +230,7 @@ class PruneConfig:
             object.__setattr__(self, "sparsity", check_sparsity_map(self.sparsity))
             if self.pattern is not None:
                 raise ValueError(f"pattern={self.pattern!r} fixes one sparsity for every weight; sparsity as a dict "
-                                 "(per-weight fractions) is for unstructured pruning (pattern=None)")
+                                 "(per-weight fractions) is for unstructured pruning (leave pattern out)")
         else:
             if self.sparsity is None:
                 object.__setattr__(self, "sparsity", pattern_fixed_sparsity(self.pattern))
