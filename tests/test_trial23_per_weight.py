@@ -16,6 +16,10 @@ from test_exclude import _data, _Net
 from torch import nn
 
 import woodfisher as wf
+from woodfisher.checkpoint import save_state_dict
+from woodfisher.cli import main
+from woodfisher.models import digits_mlp
+from woodfisher.reports import plot_layer_sparsity, sparsity_table
 
 FAST = dict(num_grads=16, progress=False)
 
@@ -180,7 +184,6 @@ def test_a_key_over_weights_left_out_of_the_defaults_gets_the_dict_that_names_th
 
 def test_the_layer_plot_marks_each_per_weight_target(tmp_path):
     """The CLI's layer_sparsity.png showed what each weight reached but not the target it was given."""
-    from woodfisher.reports import plot_layer_sparsity, sparsity_table
     model = _Net()
     result = wf.prune_one_shot(model, _data(), sparsity={"block": 0.5, "head": 0.8}, **FAST)
     rows = sparsity_table(result, model=model)
@@ -225,8 +228,6 @@ def test_module_and_weight_objects_as_keys_get_the_dict_of_their_names():
 
 
 def test_the_cli_refuses_a_dict_with_a_pattern_in_its_own_words(tmp_path, capsys):
-    from test_per_layer_sparsity import digits_mlp, save_state_dict
-    from woodfisher.cli import main
     ckpt = str(save_state_dict(digits_mlp(), tmp_path / "digits.pt"))
     code = main(["prune", "--model", "digits_mlp", "--checkpoint", ckpt, "--sparsity", "layers.0=0.5",
                  "--pattern", "2:4", "--out", str(tmp_path / "bad")])
