@@ -234,3 +234,17 @@ def test_the_cli_refuses_a_dict_with_a_pattern_in_its_own_words(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and "--pattern 2:4 fixes one sparsity" in err and "(leave pattern out)" in err, err
     assert "--pattern None" not in err and not (tmp_path / "bad").exists()
+
+
+def test_magnitude_overlap_of_a_dict_compares_with_magnitude_at_the_same_per_weight_targets():
+    from woodfisher.masks import select_masks
+    sparsity = {"conv1": 0.2, "block": 0.5, "head": 0.9}
+    plain = wf.prune_one_shot(_Net(), _data(), sparsity=sparsity, method="magnitude", **FAST)
+    assert plain.magnitude_overlap == 1.0  # fair: magnitude compared with itself at the same targets
+    model = _Net()
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = wf.prune_one_shot(model, _data(), sparsity=sparsity, num_steps=1, **FAST)
+    mag = select_masks({n: dense[n].abs() for n in result.masks}, result.config["sparsity"])
+    pruned = [(~mag[n]).sum() for n in mag]
+    both = [(~mag[n] & ~result.masks[n]).sum() for n in mag]
+    assert result.magnitude_overlap == pytest.approx(float(sum(both)) / float(sum(pruned)), abs=1e-12)
