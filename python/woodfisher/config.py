@@ -44,7 +44,7 @@ from .option_checks import (
     pattern_fixed_sparsity,
 )
 from .per_sample import PER_SAMPLE_PATHS
-from .per_weight import check_sparsity_map, is_per_weight, weight_steps
+from .per_weight import check_map_floor, check_sparsity_map, is_per_weight, weight_steps
 
 __all__ = ["PruneConfig", "MODES", "FORMS", "BACKENDS", "SCHEDULES", "AUTO_MANY_STEPS", "check_int", "auto_num_steps",
            "pattern_fixed_sparsity", "check_pattern_sparsity", "AUTO_BLOCK_PER_GRAD", "AUTO_STEP_KEEP",
@@ -93,7 +93,8 @@ class PruneConfig:
             :meth:`from_options` and hence ``prune_one_shot``: 1 - N/M with ``pattern="N:M"``, else a ValueError);
             or a dict {weight / module name or shell-style pattern: fraction in [0, 1)}: the pruned weights are those
             its keys select (within ``modules``, less ``exclude``), each pruned to its own fraction, ranked within
-            the weight as ``mode="layerwise"`` ranks (``mode`` is then not read: a dict means per-weight targets;
+            the weight as ``mode="layerwise"`` ranks (``mode`` is then not read, and a result reports "layerwise": a
+            dict means per-weight targets;
             :mod:`woodfisher.per_weight` has the rules, e.g. a weight's own name wins over a pattern); stored as a
             dict. Not with a ``pattern`` (ValueError naming ``pattern``); a bad value is a ValueError naming
             ``sparsity[key]``.
@@ -102,7 +103,7 @@ class PruneConfig:
             (layerwise |w|), "global_magnitude", "diag_fisher" (OBS with a diagonal Fisher),
             "kfac" (K-FAC OBS), or one of your own added by :func:`woodfisher.register_method`.
         mode: "global" (joint ranking across weights) or "layerwise" (independent); a per-weight ``sparsity``
-            dict ranks each weight on its own whatever the mode.
+            dict ranks each weight on its own whatever the mode (a result reports "layerwise").
         loss_fn: ``loss_fn(predictions, targets)`` -> mean loss; None = the model's own
             ``outputs.loss`` when it returns one, else :func:`woodfisher.losses.default_loss`. Per-sample
             gradients are taken through the predictions only: a term reading the model's parameters itself
@@ -229,7 +230,7 @@ class PruneConfig:
             object.__setattr__(self, "sparsity", check_sparsity_map(self.sparsity))
             if self.pattern is not None:
                 raise ValueError(f"pattern={self.pattern!r} fixes one sparsity for every weight; sparsity as a dict "
-                                 "(per-weight fractions) is for unstructured pruning (pattern=None)")
+                                 "(per-weight fractions) is for unstructured pruning (leave pattern out)")
         else:
             if self.sparsity is None:
                 object.__setattr__(self, "sparsity", pattern_fixed_sparsity(self.pattern))
@@ -268,8 +269,10 @@ class PruneConfig:
         check_choice("per_sample_grads", self.per_sample_grads, PER_SAMPLE_PATHS)
         if self.inverse_form == "offload" and self.memory_budget is None:
             raise ValueError("inverse_form='offload' needs memory_budget (device bytes) to size its chunks")
-        check_min_density(self.min_density, max(self.sparsity.values()) if is_per_weight(self.sparsity) else
-                          self.sparsity)
+        if is_per_weight(self.sparsity):
+            check_map_floor(self.min_density, self.sparsity)
+        else:
+            check_min_density(self.min_density, self.sparsity)
         for name in ("obs_update", "joint_update", "woodtaylor", "group_exact", "sampled_fisher", "progress",
                      "keep_masks"):
             check_bool(name, getattr(self, name))

@@ -80,15 +80,17 @@ def _result(model, targets, config, damp, forms, timings, start, extra=None, sta
             warn_if_degenerate(overlap, count, config, stacklevel)
     if config.keep_masks:  # last: a failure here is undone by hold_target_masks, then by the snapshot
         hold_target_masks(targets, masks, model)
+    per = is_per_weight(config.sparsity)  # each weight ranked on its own, whatever config.mode says
     empty = collapsed(masks)
     if empty:
-        mode = config.method_impl.fixed_mode or config.mode  # the mode the method ranked by
+        mode = "layerwise" if per else config.method_impl.fixed_mode or config.mode  # the mode the method ranked by
         warnings.warn(f"layer collapse: {empty} keep less than {COLLAPSE_DENSITY:g} of their entries at "
                       f"sparsity={config.sparsity!r} (mode={mode!r}); {_collapse_advice(empty, start[1])}",
                       stacklevel=stacklevel)
     return PruneResult(masks=masks, layers=layer_rows(masks, forms, config.sparsity),
                        sparsity=sparsity, damp=damp,
-                       config={**config.as_dict(), "modules": [target.name for target in targets], **(extra or {})},
+                       config={**config.as_dict(), "modules": [target.name for target in targets],
+                               **({"mode": "layerwise"} if per else {}), **(extra or {})},
                        timings=timings, collapsed=empty, magnitude_overlap=overlap)
 
 
@@ -239,7 +241,10 @@ def _prune_with(model, curvature: Curvature, sparsity: float, options: dict) -> 
         if curvature.shard is not None:
             raise ValueError("sparsity: per-weight fractions (a dict) are not supported on a curvature sharded over a "
                              "process group; pass one number")
-        config = config.replace(sparsity=resolve_sparsities(model, config.sparsity, [t.name for t in targets]))
+        names = [t.name for t in targets]
+        pool = (f"the curvature was estimated on ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}); "
+                "estimate one on the weights to prune: estimate_curvature(model, loader, modules=[...])")
+        config = config.replace(sparsity=resolve_sparsities(model, config.sparsity, names, pool=pool))
         targets = [t for t in targets if t.name in config.sparsity]
     config.method_impl.check_targets(targets, config)
     check_prunable(targets, config)
@@ -321,8 +326,9 @@ def _plan(model: nn.Module, loader: Optional[Iterable], config: PruneConfig):
         raise ValueError(f"num_steps={config.num_steps} needs a loader that can be iterated once per step; got a "
                          "single-pass iterator (a generator?): pass a list or a DataLoader, or num_steps=1")
     if _prunes_nothing(config):
-        warn_at_caller("sparsity=0 prunes nothing: no gradients were computed and the weights are unchanged (the "
-                       "result holds the current keep-masks); pass sparsity > 0 to prune")
+        every = " (every fraction of the sparsity dict is 0)" if is_per_weight(config.sparsity) else ""
+        warn_at_caller(f"sparsity=0 prunes nothing{every}: no gradients were computed and the weights are unchanged "
+                       "(the result holds the current keep-masks); pass sparsity > 0 to prune")
         steps, configs = [], []
     if steps:
         check_memory_plan(targets, config, configs[0].num_grads)

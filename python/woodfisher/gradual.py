@@ -187,7 +187,8 @@ class GradualPruner:
         asked = PruneConfig.from_options(sparsity=final_sparsity if per else float(final_sparsity), **prune_kwargs)
         _check_pattern_schedule(asked, float(initial_sparsity), (end_step - start_step) // frequency)
         with warnings_held():  # the pattern's notice only for a pruner that is made
-            config = fit_sparsities(model, fit_pattern(model, asked))  # N:M: the weights it fits; a dict: its own
+            # N:M: the weights it fits; a dict: its own
+            config = fit_sparsities(model, fit_pattern(model, asked), "final_sparsity")
             targets = resolve_targets(model, config.modules, config.method_impl.block_size(config),
                                       channels_last=config.channels_last, exclude=config.exclude)
             config.method_impl.check_targets(targets, config)  # e.g. rows an N:M pattern does not fit

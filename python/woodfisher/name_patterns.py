@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Dict, List
 
-__all__ = ["match_pattern", "regex_like", "regex_hint"]
+__all__ = ["match_pattern", "regex_like", "regex_hint", "is_dict_key", "naming"]
 
 
 def match_pattern(pattern: str, owners: Dict[str, List[str]], arg: str = "modules") -> List[str]:
@@ -40,10 +40,30 @@ def match_pattern(pattern: str, owners: Dict[str, List[str]], arg: str = "module
 def regex_like(name: str) -> bool:
     """Whether ``name`` holds characters of regular expressions that neither names nor shell patterns use, or has
     SparseML's ``re:`` prefix."""
-    return name.startswith("re:") or any(c in name for c in "\\^$+|()")
+    return name.startswith(("re:", ".")) or any(c in name for c in "\\^$+|()")  # no name starts with "."
 
 
 def regex_hint(arg: str) -> str:
-    """The recipe for selecting weights by a regular expression, for messages about ``arg``."""
-    return (f"; for a regular expression, {arg}=[t.name for t in woodfisher.resolve_targets(model) "
-            "if re.fullmatch(<regex>, t.name)]")
+    """The recipe for selecting weights by a regular expression, for messages about ``arg`` (a key of a per-weight
+    sparsity dict, ``"sparsity['re:.*']"``: the dict built from the names)."""
+    names = "[t.name for t in woodfisher.resolve_targets(model) if re.fullmatch(<regex>, t.name)]"
+    if is_dict_key(arg):
+        return f"; for a regular expression, {arg.split('[')[0]}={{name: <fraction> for name in {names}}}"
+    return f"; for a regular expression, {arg}={names}"
+
+
+def is_dict_key(arg: str) -> bool:
+    """Whether the argument named in a message is a key of a dict (``"sparsity['fc*']"``), not a list of names."""
+    return arg.endswith("]") and "[" in arg
+
+
+def naming(arg: str, names) -> str:
+    """How to pass ``names`` (a list of full names, or the source of an expression giving them) to the argument
+    named ``arg`` in a message: ``modules=[...]``, or for a key of a sparsity dict (``"sparsity['rnn.*']"``) the
+    dict ``sparsity={name: <fraction>, ...}``."""
+    if not is_dict_key(arg):
+        return f"{arg}={names!r}" if not isinstance(names, str) else f"{arg}={names}"
+    base = arg.split("[")[0]
+    if isinstance(names, str):
+        return f"{base}={{name: <fraction> for name in {names}}}"
+    return f"{base}={{" + ", ".join(f"{name!r}: <fraction>" for name in names) + "}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Tuple
 
+import torch
+
 from . import structured as st
 from .masks import is_int, is_real
 
@@ -64,9 +66,28 @@ def check_names(name: str, value: Any) -> Optional[Tuple[str, ...]]:
     names = (value,) if isinstance(value, str) else tuple(value) if hasattr(value, "__iter__") else (value,)
     if not names or not all(isinstance(m, str) for m in names):
         objects = " (module objects: their names are [name for name, mod in model.named_modules() if mod is " \
-            "layer])" if any(hasattr(m, "named_modules") for m in names) else ""
-        raise ValueError(f"{name} must be None or a non-empty list of names, got {value!r}{objects}")
+            "layer])" if any(hasattr(m, "named_modules") for m in names) else \
+            " (tensors: their names are [name for name, p in model.named_parameters() if p is weight])" \
+            if any(isinstance(m, torch.Tensor) for m in names) else ""
+        shown = value if isinstance(value, str) else [describe(m) for m in names]
+        raise ValueError(f"{name} must be None or a non-empty list of names, got {shown!r}{objects}")
     return names
+
+
+class _Shown(str):
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def describe(obj: Any) -> str:
+    """A short stand-in for an object given where a name was expected: a module's class, a tensor's kind and shape
+    (their repr prints every value); others as repr, cut at 80 characters."""
+    if isinstance(obj, torch.Tensor):
+        return _Shown(f"<{type(obj).__name__} of shape {tuple(obj.shape)}>")
+    if hasattr(obj, "named_modules"):
+        return _Shown(f"<{type(obj).__name__} module>")
+    text = repr(obj)
+    return _Shown(text if len(text) <= 80 else text[:77] + "...")
 
 
 def check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:

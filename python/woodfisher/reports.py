@@ -235,18 +235,27 @@ def plot_accuracy_vs_sparsity(curves: Mapping[str, Curve], path: Union[str, os.P
 def plot_layer_sparsity(tables: Mapping[str, Sequence[Row]], path: Union[str, os.PathLike],
                         title: str = "Per-layer sparsity") -> str:
     """Grouped bars of per-layer sparsity (%), one group per layer (of any table, in first-seen order), one bar per
-    table (method); a layer a table does not list has no bar in its colour."""
+    table (method); a layer a table does not list has no bar in its colour; rows with a ``target`` (a per-weight
+    sparsity, :func:`sparsity_table`) get a black mark at it on their bar, in the legend as "target"."""
     if not tables or not all(tables.values()):
         raise ValueError("tables must be a non-empty {label: rows} mapping with non-empty rows")
     plt = _pyplot()
     layers = list(dict.fromkeys(r["layer"] for rows in tables.values() for r in rows))  # every table's, in order
     width = 0.8 / len(tables)
-    extra = 2.5 if len(tables) > 1 else 0.0  # room for the legend on the right
+    extra = 2.5 if len(tables) > 1 else 1.0 if any(r.get("target") is not None for rows in tables.values()
+                                                   for r in rows) else 0.0  # room for the legend on the right
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers) + 2) + extra, 4.5), dpi=120)
+    targeted = False
     for i, (label, rows) in enumerate(tables.items()):
         by_layer = {r["layer"]: r["sparsity"] for r in rows}
         xs = [j + (i - (len(tables) - 1) / 2) * width for j in range(len(layers))]
         ax.bar(xs, [by_layer.get(n, math.nan) for n in layers], width=width, label=label)  # NaN: no bar
+        goals = {r["layer"]: r["target"] for r in rows if r.get("target") is not None}
+        if goals:
+            marks = [(x, goals[n]) for x, n in zip(xs, layers) if n in goals]
+            ax.hlines([t for _, t in marks], [x - width / 2 for x, _ in marks], [x + width / 2 for x, _ in marks],
+                      colors="black", linewidths=2, zorder=3, gid=f"targets-{i}", label=None if targeted else "target")
+            targeted = True
     ax.set_xticks(range(len(layers)))
     ax.set_xticklabels([n.removesuffix(".weight") for n in layers], rotation=60, ha="right", fontsize=7)
     ax.set_xlabel("layer (weight name without .weight)")
@@ -254,6 +263,9 @@ def plot_layer_sparsity(tables: Mapping[str, Sequence[Row]], path: Union[str, os
     ax.set_ylim(0, 100)
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
-    if len(tables) > 1:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    if len(tables) > 1 or targeted:
+        handles, names = ax.get_legend_handles_labels()
+        if len(tables) == 1:  # one table: its name is the title; the legend says what the marks are
+            handles, names = [h for h, n in zip(handles, names) if n == "target"], ["target"]
+        ax.legend(handles, names, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(plt, fig, path)

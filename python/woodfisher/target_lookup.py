@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List
 from torch import nn
 
 from .model_entries import WRAPPER_PREFIXES, default_target_names, join_name, logical_name, mask_reparam_ok, own_forward
-from .name_patterns import match_pattern, regex_hint, regex_like
+from .name_patterns import is_dict_key, match_pattern, naming, regex_hint, regex_like
 from .names import closest
 from .weight_transform import refuse_recomputed
 
@@ -46,7 +46,7 @@ def refuse_left_out_match(entries: Dict[str, dict], pattern: str, model: nn.Modu
             named.append(name)
     parts = [f"{arg}: the pattern {pattern!r} matches only weights left out of the defaults"]
     if named:
-        parts.append(f"these are pruned when named exactly: {arg}={named!r}")
+        parts.append(f"these are pruned when named exactly: {naming(arg, named)}")
     if refused:
         parts.append("these cannot be pruned: " + ", ".join(refused))
     raise ValueError("; ".join(parts)) from error
@@ -95,9 +95,10 @@ def lookup_names(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str 
         ends = [name for name in names if name.endswith("." + raw)]
         if ends:  # a name relative to each block ("mlp.c_fc"): every full name is needed
             shown = ", ".join(repr(name) for name in ends[:3]) + (f" and {len(ends) - 3} more" if len(ends) > 3 else "")
+            listed = "" if is_dict_key(arg) else (f", or {arg}=[name for name, _ in model.named_modules() "
+                                                 f"if name.endswith({'.' + raw!r})]")
             raise ValueError(f"{arg}: no module or parameter is named {raw!r}; {len(ends)} end with it ({shown}): "
-                             f"names are full names, e.g. {arg}=[name for name, _ in model.named_modules() "
-                             f"if name.endswith({'.' + raw!r})]")
+                             f"names are full names; the shell-style pattern {'*.' + raw!r} selects them all{listed}")
         if regex_like(raw):  # say what names are, not a near name
             raise ValueError(f"{arg}: {raw!r} looks like a regular expression; names are exact, or shell-style "
                              f"patterns (fnmatch: * ? [...]) such as 'blocks.*.mlp.*'{regex_hint(arg)}")
@@ -113,7 +114,8 @@ def lookup_names(entries: Dict[str, dict], raw: str, model: nn.Module, arg: str 
                  and info["param"].is_floating_point() and info["param"].dim() >= 2]
         every = (named if len(named) <= 12 else  # all of them (a 2-layer bidirectional LSTM has 8 or 12)
                  f"[name for name, p in model.named_parameters() if name.startswith({raw + '.'!r}) and p.dim() >= 2]")
-        hint = (f"; its weights are not pruned by default, name them to prune them: modules={every}"
+        hint = (f"; its weights are not pruned by default, name them to prune them: "
+                f"{naming(arg if is_dict_key(arg) else 'modules', every)}"
                 if named else " (and has no floating parameter of >= 2 dims either)")
         raise ValueError(f"{arg}: {raw!r} is a {type(modules[raw]).__name__}, which holds no Linear / Conv / "
                          f"attention projection weight{hint}")
@@ -161,12 +163,42 @@ def remove_excluded(entries: Dict[str, dict], chosen: List[str], exclude: Iterab
             hit = [n for n in lookup_names(entries, name, model, "exclude") if n in owners]
         if not hit:
             shown = ", ".join(repr(prefix + n) for n in chosen[:6]) + (" ..." if len(chosen) > 6 else "")
-            raise ValueError(f"exclude: {raw!r} matches none of the weights to prune ({shown}); exclude names "
-                             "weights that would be pruned, by their full names, modules or shell-style patterns "
-                             "(fnmatch: * ? [...])")
+            why = _why_not_pruned(entries, name, model, prefix) or (
+                "; exclude names weights that would be pruned, by their full names, modules or shell-style patterns "
+                "(fnmatch: * ? [...])")
+            raise ValueError(f"exclude: {raw!r} matches none of the weights to prune ({shown}){why}")
         removed.update(hit)
     left = [n for n in chosen if n not in removed]
     if not left:
         raise ValueError(f"exclude={list(exclude)!r} leaves no weight to prune: it removes all {len(chosen)} targets "
-                         "(the default ones, or those modules= named); exclude fewer or name others in modules=")
+                         "(the default ones, or those the modules option or the keys of a sparsity dict select); "
+                         "exclude fewer or select others")
     return left
+
+
+def _why_not_pruned(entries: Dict[str, dict], name: str, model: nn.Module, prefix: str) -> str:
+    """For an ``exclude`` entry that removes no target: the model's weights it names and why none is pruned (not
+    a default target, or not selected by ``modules=`` / a sparsity dict), so that the entry can simply go."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    owners = {n: [owner for owner, _ in info["owners"]] for n, info in entries.items()
+              if info["param"].is_floating_point() and info["param"].dim() >= 2}
+    try:
+        if name in modules and name not in entries:
+            real = [n for n, held in owners.items() if any(within(owner, name) for owner in held)]
+        elif any(c in name for c in "*?[") and name not in entries:
+            real = match_pattern(name, owners, "exclude")
+        else:
+            real = lookup_names(entries, name, model, "exclude")
+    except ValueError:
+        return ""
+    if not real:
+        return ""
+    defaults = set(default_target_names(model))
+    shown = ", ".join(repr(prefix + n) for n in real[:3]) + (" ..." if len(real) > 3 else "")
+    if len(real) == 1 and name.removesuffix(".weight") not in real[0]:
+        shown += " (the same Parameter: tied)"
+    reason = ("not pruned by default (embeddings, tied LM heads, RNN and transposed-conv weights are pruned only "
+              "when named)" if not any(n in defaults for n in real) else
+              "not selected by the modules option nor by the keys of a sparsity dict, which alone choose the "
+              "weights to prune")
+    return f": it names {shown}, {reason}, so it stays dense without exclude: drop the entry"

@@ -92,7 +92,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="module or weight names to prune, or shell-style patterns over full names "
                         "(quoted: 'blocks.*.mlp.*'; default: the model's standard set)")
     p.add_argument("--exclude", nargs="+", default=None,
-                   help="weights not to prune, taken out of the --modules ones: names, module names (all the weights "
+                   help="weights not to prune, taken out of the --modules ones (or those a per-weight --sparsity "
+                        "selects; each entry must remove one of them): names, module names (all the weights "
                         "they hold) or shell-style patterns (quoted: 'fc*'; e.g. --exclude conv1 fc)")
     p.add_argument("--group-exact", action=argparse.BooleanOptionalAction, default=True,
                    help="exact group statistic for patterns (--no-group-exact: the paper's Eq. 18)")
