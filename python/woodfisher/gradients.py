@@ -193,11 +193,10 @@ class GradientCollector:
     def _chunk_grads(self, params, buffers, flat: Batch, tick: bool = True) -> Dict[str, torch.Tensor]:
         """{key: (G, *shape)} gradients of the mean loss of each of the chunk's G groups (:mod:`.per_sample`);
         ``tick``: the per-sample loop advances the progress display group by group."""
-        group_loss = self._loss_fn(params, buffers)
         sub = {k: params[k] for k in self._keys}
         if self._use_expanded and self.fbs == 1 and per_sample.expandable(flat, self.loss_fn):
             try:
-                return per_sample.expanded_grads(group_loss, sub, flat)
+                return per_sample.expanded_grads(self._loss_fn(params, buffers), sub, flat)
             except Exception as err:  # noqa: BLE001 - an operator expanded weights has no rule for: vmap
                 if is_out_of_memory(err):
                     raise  # too many samples in flight, not an unsupported model (:meth:`_pieces` halves the chunk)
@@ -212,7 +211,8 @@ class GradientCollector:
                     raise
                 self._use_vmap, self._vmap_error = False, err
         with per_sample.time_major_guard(self.inner, self.fbs):
-            out = per_sample.loop_grads(group_loss, sub, self._keys, flat, self.fbs, self._tick if tick else None)
+            out = per_sample.loop_grads(self._loss_fn(params, buffers), sub, self._keys, flat, self.fbs,
+                                        self._tick if tick else None)
         if self._vmap_error is not None:  # the loop ran where vmap could not: say so once, at the user's line
             per_sample.warn_vmap_fallback(self._vmap_error, self.inner)
             self._vmap_error = None
